@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch goes in first: on a machine with no torch, a bare `torch` requirement would pull a
+# multi-GB CUDA build from PyPI. torchvision (needed by timm) must match it exactly.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: $(STAMP)
+	$(BIN)/radjepa config validate -c configs/tiny_cpu.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check radjepa pipelines serve bench tests
+	$(BIN)/ruff format --check radjepa pipelines serve bench tests
+
+clean:
+	rm -rf $(VENV) runs demo-output .pytest_cache

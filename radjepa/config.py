@@ -1,0 +1,497 @@
+"""The one configuration schema shared by the CLI, Ray jobs, Tune sweeps and Serve.
+
+Every job receives the same :class:`Config` object. It is loaded from YAML (``configs/*.yaml``)
+and overridden with dotted keys (``masks.num_targets=4``), the same keys a Tune search space
+addresses. Validation happens here, before any cluster work starts, and every error names the
+offending dotted key so a typo in a 300-trial sweep fails in a second, not after an hour.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "apply_overrides",
+    "parse_override",
+    "config_to_yaml",
+    "flatten",
+    "MODEL_WIDTHS",
+]
+
+# Encoder sizes (embed dim, depth, heads) as in the ViT/I-JEPA papers; "tiny" is for CPU tests.
+MODEL_WIDTHS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_huge": (1280, 32, 16),
+}
+
+Range = tuple[float, float]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always phrased with the dotted key it concerns."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _ordered(r: Range, name: str) -> Range:
+    if r[0] > r[1]:
+        raise ValueError(f"{name} must be (low, high) with low <= high, got {r}")
+    return r
+
+
+class IngestConfig(_Section):
+    """How raw archives become training shards (see ``radjepa.imaging`` for the value contract)."""
+
+    image_size: int = Field(256, ge=32, le=4096, description="stored square size in pixels")
+    dtype: Literal["uint8", "uint16"] = "uint8"
+    window_percentiles: Range = Field(
+        (0.5, 99.5), description="robust window used when a DICOM has no VOI LUT/window"
+    )
+    shard_rows: int = Field(2048, ge=1, description="images per Parquet shard")
+    max_file_mb: float = Field(512.0, gt=0, description="larger inputs are quarantined")
+    secret_env: str = Field(
+        "RADJEPA_DEID_SECRET", description="env var holding the pseudonymisation HMAC key"
+    )
+    keep_source_paths: bool = Field(
+        False, description="store raw source paths (PHI risk); otherwise only a keyed hash"
+    )
+    decode_actors: int = Field(0, ge=0, description="decoder actor-pool size; 0 = one per CPU")
+
+    @model_validator(mode="after")
+    def _check(self) -> IngestConfig:
+        lo, hi = _ordered(self.window_percentiles, "window_percentiles")
+        if not (0.0 <= lo < hi <= 100.0):
+            raise ValueError("window_percentiles must satisfy 0 <= low < high <= 100")
+        return self
+
+
+class DataConfig(_Section):
+    """Where training images come from and how they are augmented."""
+
+    shards: str | None = Field(None, description="ingest output folder (its images/ subfolder)")
+    crop_size: int = Field(224, ge=16, description="training crop fed to the encoder")
+    crop_scale: Range = Field((0.3, 1.0), description="RandomResizedCrop area range")
+    crop_ratio: Range = Field((0.75, 4.0 / 3.0), description="RandomResizedCrop aspect range")
+    holdout_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="images held out for label-free quality metrics"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        _ordered(self.crop_scale, "crop_scale")
+        _ordered(self.crop_ratio, "crop_ratio")
+        if not (0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0):
+            raise ValueError("crop_scale must lie in (0, 1]")
+        return self
+
+
+class ModelConfig(_Section):
+    """Encoder and predictor architecture."""
+
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"] = "vit_base"
+    patch_size: int = Field(16, ge=2, le=64)
+    img_size: int = Field(224, ge=16)
+    in_chans: int = Field(1, ge=1, le=3)
+    depth: int | None = Field(None, ge=1, description="encoder depth; default from arch")
+    pred_width: int = Field(384, ge=16)
+    pred_depth: int | None = Field(
+        None, ge=1, description="predictor depth; default 6 for tiny/small/base, 12 for large/huge"
+    )
+    pred_heads: int | None = Field(None, ge=1, description="default: pred_width // 64 (min 1)")
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    attention: Literal["sdpa", "manual"] = Field(
+        "sdpa", description="'manual' is the reference's q@k^T path, for benchmarks only"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.pred_width % self.resolved_pred_heads:
+            raise ValueError("pred_width must be divisible by pred_heads")
+        return self
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return MODEL_WIDTHS[self.arch][0]
+
+    @property
+    def resolved_depth(self) -> int:
+        return self.depth if self.depth is not None else MODEL_WIDTHS[self.arch][1]
+
+    @property
+    def num_heads(self) -> int:
+        return MODEL_WIDTHS[self.arch][2]
+
+    @property
+    def resolved_pred_depth(self) -> int:
+        if self.pred_depth is not None:
+            return self.pred_depth
+        return 12 if self.arch in ("vit_large", "vit_huge") else 6
+
+    @property
+    def resolved_pred_heads(self) -> int:
+        return self.pred_heads if self.pred_heads is not None else max(1, self.pred_width // 64)
+
+
+class MasksConfig(_Section):
+    """Multi-block masking (I-JEPA semantics).
+
+    ``masking_ratio`` is the one sweepable knob that maps onto scales: when set, each of the
+    ``num_targets`` blocks gets a scale range centred on ``masking_ratio / num_targets`` with
+    the method's relative spread (+-1/7), so the default 0.7 with 4 targets gives exactly the
+    method's (0.15, 0.2). Leave it unset to give ``target_scale`` directly.
+    """
+
+    num_targets: int = Field(4, ge=1, le=16)
+    target_scale: Range = (0.15, 0.2)
+    target_aspect: Range = (0.75, 1.5)
+    context_scale: Range = (0.85, 1.0)
+    context_aspect: Range = (1.0, 1.0)
+    min_keep: int = Field(10, ge=1)
+    allow_overlap: bool = False
+    masking_ratio: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> MasksConfig:
+        # masking_ratio, when set, wins over an explicit target_scale (one knob for sweeps).
+        if self.masking_ratio is not None:
+            centre = self.masking_ratio / self.num_targets
+            scale = (centre * 6 / 7, centre * 8 / 7)
+            # object.__setattr__ avoids re-entering validation on assignment
+            object.__setattr__(self, "target_scale", scale)
+        for name in ("target_scale", "context_scale"):
+            lo, hi = _ordered(getattr(self, name), name)
+            if not (0.0 < lo <= hi <= 1.0):
+                raise ValueError(f"{name} must lie in (0, 1], got {(lo, hi)}")
+        for name in ("target_aspect", "context_aspect"):
+            lo, _ = _ordered(getattr(self, name), name)
+            if lo <= 0:
+                raise ValueError(f"{name} must be positive")
+        return self
+
+
+class EmaConfig(_Section):
+    """Target-encoder momentum, rising linearly from start to end over the whole run."""
+
+    start: float = Field(0.996, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> EmaConfig:
+        if self.start > self.end:
+            raise ValueError("ema.start must be <= ema.end")
+        return self
+
+
+class OptimConfig(_Section):
+    """AdamW with warmup-cosine LR and cosine weight decay, as in the method."""
+
+    lr: float = Field(1e-3, gt=0)
+    start_lr: float = Field(2e-4, ge=0)
+    final_lr: float = Field(1e-6, ge=0)
+    warmup_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="share of total steps spent warming up"
+    )
+    weight_decay: float = Field(0.04, ge=0)
+    final_weight_decay: float = Field(0.4, ge=0)
+    betas: Range = (0.9, 0.999)
+    grad_clip: float | None = Field(None, gt=0)
+    loss: Literal["smooth_l1", "mse"] = "smooth_l1"
+
+
+class TrainConfig(_Section):
+    """The Ray Train job: scale, precision, checkpoints, fault tolerance."""
+
+    run_name: str = Field("radjepa", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    output_dir: str = Field("runs", description="root of run folders (local path or URI)")
+    steps: int = Field(1000, ge=1, description="total optimizer steps; schedules span these")
+    batch_size: int = Field(64, ge=1, description="per-worker batch size")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: Literal["auto", "true", "false"] = Field(
+        "auto", description="'auto' uses GPUs only when the cluster has them"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU")
+    compile: bool = Field(False, description="torch.compile the step (GPU)")
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    fail_at_step: int | None = Field(
+        None, ge=1, description="test switch: rank 0 raises once at this step (off by default)"
+    )
+    data_loader_threads: int = Field(2, ge=0)
+
+
+class SearchDim(_Section):
+    """One dimension of a sweep, addressing a dotted config key."""
+
+    type: Literal["choice", "grid", "uniform", "loguniform", "randint"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchDim:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"'{self.type}' needs a non-empty 'values' list")
+        elif self.low is None or self.high is None or self.low >= self.high:
+            raise ValueError(f"'{self.type}' needs low < high")
+        return self
+
+
+class TuneConfig(_Section):
+    """A Ray Tune sweep over dotted config keys."""
+
+    name: str = Field("radjepa-sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    search_space: dict[str, SearchDim] = Field(default_factory=dict)
+    search_alg: Literal["grid", "random", "optuna"] = "random"
+    num_samples: int = Field(4, ge=1)
+    metric: Literal["rankme", "knn_auroc", "probe_auroc"] = "rankme"
+    labels_csv: str | None = Field(None, description="labels for the supervised metrics")
+    label_column: str | None = None
+    max_concurrent: int = Field(0, ge=0, description="0: as many as resources allow")
+    asha: bool = True
+    grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial can be stopped")
+    collapse_rankme: float = Field(
+        1.5, ge=0, description="a trial whose RankMe falls below this is stopped as collapsed"
+    )
+
+
+class TrackingConfig(_Section):
+    """MLflow. ``uri`` None means sqlite in the run folder; MLFLOW_TRACKING_URI overrides."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "radjepa"
+    registered_model: str = "radjepa-encoder"
+    register_model: bool = True
+
+
+class ProbeConfig(_Section):
+    """Frozen-encoder evaluation."""
+
+    encoder: Literal["target", "context"] = "target"
+    folds: int = Field(5, ge=2)
+    bootstrap: int = Field(1000, ge=0)
+    knn_k: int = Field(10, ge=1)
+    pixel_baseline_size: int = Field(32, ge=4)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+
+
+class ServeConfig(_Section):
+    """The HTTP API and its Ray Serve deployment."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model: str | None = Field(
+        None, description="checkpoint folder, or models:/<name>@<alias> in the MLflow registry"
+    )
+    head: str | None = Field(None, description="probe head folder for /v1/classify")
+    index: str | None = Field(None, description="embeddings Parquet for /v1/similar")
+    api_keys_env: str = "RADJEPA_API_KEYS"
+    api_keys_file: str | None = None
+    insecure_local: bool = Field(False, description="allow running with no API keys (local only)")
+    max_body_mb: float = Field(64.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    num_replicas: int | Literal["auto"] = 1
+    max_replicas: int = Field(4, ge=1)
+    max_ongoing_requests: int = Field(32, ge=1)
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+
+
+class Config(_Section):
+    """Everything a RadJEPA job needs, in one validated object."""
+
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    masks: MasksConfig = Field(default_factory=MasksConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Config:
+        if self.data.crop_size != self.model.img_size:
+            raise ValueError(
+                f"data.crop_size ({self.data.crop_size}) must equal model.img_size "
+                f"({self.model.img_size}): the encoder is trained on the crops"
+            )
+        if self.data.crop_size > self.ingest.image_size:
+            raise ValueError(
+                f"data.crop_size ({self.data.crop_size}) exceeds the stored "
+                f"ingest.image_size ({self.ingest.image_size})"
+            )
+        return self
+
+    def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str]) -> Config:
+        """A new validated Config with dotted-key overrides applied (dict or ``k=v`` strings)."""
+        return apply_overrides(self, overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overriding, dumping
+
+
+def _format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("__root__",))
+        key = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "<config>")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _validate(data: Mapping[str, Any]) -> Config:
+    try:
+        return Config.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``a.b=value`` and parse the value as a YAML scalar/list (``0.5``, ``[1,2]``, ``null``)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = {}
+            node[part] = nxt
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -> Config:
+    """Apply dotted-key overrides to ``cfg`` and re-validate the whole tree."""
+    items: list[tuple[str, Any]]
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = [parse_override(s) for s in overrides]
+    tree = cfg.model_dump(mode="python", exclude_defaults=False)
+    for key, value in items:
+        if key.startswith("tune.search_space."):
+            # search-space keys are themselves dotted: tune.search_space.<dotted.key>.<field>
+            rest = key[len("tune.search_space.") :]
+            dim_key, _, field = rest.rpartition(".")
+            if not dim_key:
+                tree["tune"]["search_space"][rest] = value
+            else:
+                tree["tune"]["search_space"].setdefault(dim_key, {})[field] = value
+            continue
+        _set_dotted(tree, key, value)
+    return _validate(tree)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    base = data.pop("extends", None)
+    if base is not None:
+        parent = _read_yaml((path.parent / str(base)).resolve())
+        data = _deep_merge(parent, data)
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict) and k != "search_space":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | Iterable[str] = (),
+) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides.
+
+    A YAML file may say ``extends: other.yaml`` (relative to itself) to inherit and refine.
+    """
+    tree: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
+    cfg = _validate(tree)
+    items = overrides.items() if isinstance(overrides, Mapping) else list(overrides)
+    if items:
+        cfg = apply_overrides(cfg, dict(items) if isinstance(overrides, Mapping) else overrides)
+    return cfg
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """YAML that ``load_config`` reads back to an equal Config."""
+    data = cfg.model_dump(mode="json")
+    if cfg.masks.masking_ratio is not None:
+        data["masks"].pop("target_scale", None)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def flatten(cfg: Config | Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view (``{"masks.num_targets": 4, ...}``), e.g. for MLflow params."""
+    data = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else dict(cfg)
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "search_space":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -1,0 +1,52 @@
+"""Shared fixtures: one local Ray instance per test session, real sample data, GPU marker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NIH_DIR = REPO.parent / "shared" / "data" / "nih-cxr14-621"
+BUNDLED_SAMPLE = REPO / "data" / "sample"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def nih_dir() -> Path:
+    """The 621-image NIH ChestX-ray14 sample shipped beside the checkout (read-only)."""
+    if not (NIH_DIR / "labels.csv").exists():
+        pytest.skip(f"NIH sample not found at {NIH_DIR}")
+    return NIH_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session: bounded object store, no dashboard, and more
+    logical CPUs than cores so Ray Data is not starved by Train workers on a 2-core box."""
+    import ray
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=8,
+            num_gpus=0,
+            object_store_memory=512 * 1024**2,
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,137 @@
+"""The config schema is the contract between CLI, jobs, sweeps and serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from radjepa.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_to_yaml,
+    flatten,
+    load_config,
+    parse_override,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_mirror_the_method():
+    cfg = load_config()
+    assert cfg.masks.num_targets == 4
+    assert cfg.masks.target_scale == (0.15, 0.2)
+    assert cfg.masks.target_aspect == (0.75, 1.5)
+    assert cfg.masks.context_scale == (0.85, 1.0)
+    assert cfg.ema.start == 0.996 and cfg.ema.end == 1.0
+    assert cfg.model.pred_width == 384 and cfg.model.resolved_pred_depth == 6
+    assert cfg.optim.weight_decay == 0.04 and cfg.optim.final_weight_decay == 0.4
+    assert cfg.data.crop_scale == (0.3, 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, Config)
+
+
+def test_shipped_base_configs_match_the_published_shapes():
+    b14 = load_config(CONFIGS / "vit_base_p14.yaml")
+    assert (b14.model.arch, b14.model.patch_size, b14.model.img_size) == ("vit_base", 14, 224)
+    assert b14.model.grid == 16  # 256 patch tokens, as RadJEPA
+    b16 = load_config(CONFIGS / "vit_base_p16.yaml")
+    assert b16.model.grid == 14
+    huge = load_config(CONFIGS / "vit_huge_p14.yaml")
+    assert huge.model.resolved_pred_depth == 12
+
+
+def test_overrides_apply_with_yaml_typed_values():
+    cfg = load_config(
+        CONFIGS / "tiny_cpu.yaml",
+        ["masks.num_targets=3", "ema.start=0.99", "masks.target_scale=[0.1, 0.12]",
+         "train.fail_at_step=null", "tracking.enabled=false"],
+    )
+    assert cfg.masks.num_targets == 3
+    assert cfg.ema.start == 0.99
+    assert cfg.masks.target_scale == (0.1, 0.12)
+    assert cfg.tracking.enabled is False
+
+
+def test_dict_overrides_match_string_overrides():
+    base = load_config(CONFIGS / "tiny_cpu.yaml")
+    a = apply_overrides(base, {"masks.num_targets": 2, "optim.lr": 0.01})
+    b = apply_overrides(base, ["masks.num_targets=2", "optim.lr=0.01"])
+    assert a == b
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("masks.num_target=3", "masks.num_target"),  # typo'd key
+        ("bogus.section=1", "bogus"),
+        ("masks.num_targets=many", "masks.num_targets"),  # wrong type
+        ("ema.start=1.5", "ema.start"),  # out of range
+        ("model.arch=vit_gigantic", "model.arch"),
+        ("optim.loss=l3", "optim.loss"),
+    ],
+)
+def test_bad_keys_and_values_fail_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "tiny_cpu.yaml", [override])
+    assert key in str(info.value)
+
+
+def test_cross_section_check_names_both_keys():
+    with pytest.raises(ConfigError, match="model.img_size"):
+        load_config(None, ["model.img_size=160"])  # data.crop_size stays 224
+    with pytest.raises(ConfigError, match="patch_size"):
+        load_config(None, ["model.img_size=230", "data.crop_size=230"])
+
+
+def test_override_syntax_errors_are_clear():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("masks.num_targets")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("masks..x=1")
+
+
+def test_masking_ratio_maps_to_target_scales():
+    cfg = load_config(None, ["masks.masking_ratio=0.7"])
+    assert cfg.masks.target_scale == pytest.approx((0.15, 0.2))
+    cfg = load_config(None, ["masks.masking_ratio=0.4", "masks.num_targets=2"])
+    assert cfg.masks.target_scale == pytest.approx((0.2 * 6 / 7, 0.2 * 8 / 7))
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml", ["masks.masking_ratio=0.5", "train.steps=7"])
+    path = tmp_path / "best.yaml"
+    path.write_text(config_to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_search_space_keys_are_dotted_config_keys():
+    cfg = load_config(
+        None,
+        {"tune.search_space": {"masks.target_scale": {"type": "choice",
+                                                      "values": [[0.1, 0.15], [0.15, 0.2]]}}},
+    )
+    assert "masks.target_scale" in cfg.tune.search_space
+    with pytest.raises(ConfigError, match="tune.search_space"):
+        load_config(None, {"tune.search_space": {"ema.start": {"type": "uniform", "low": 1}}})
+
+
+def test_flatten_gives_dotted_params():
+    flat = flatten(load_config())
+    assert flat["masks.num_targets"] == 4
+    assert flat["model.arch"] == "vit_base"
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
