@@ -50,3 +50,21 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def nih_shards(tmp_path_factory, ray_session, nih_dir) -> Path:
+    """80 real NIH radiographs ingested once by the real ingest job (shared by the Ray tests)."""
+    import shutil
+
+    from pipelines.ingest import run_ingest
+    from radjepa.config import load_config
+
+    src = tmp_path_factory.mktemp("archive")
+    for p in sorted((nih_dir / "images").glob("*.png"))[:80]:
+        shutil.copy(p, src / p.name)
+    dst = tmp_path_factory.mktemp("shards")
+    run_ingest(
+        [str(src)], str(dst), load_config(REPO / "configs" / "tiny_cpu.yaml"), progress=False
+    )
+    return dst

@@ -50,8 +50,13 @@ def test_shipped_base_configs_match_the_published_shapes():
 def test_overrides_apply_with_yaml_typed_values():
     cfg = load_config(
         CONFIGS / "tiny_cpu.yaml",
-        ["masks.num_targets=3", "ema.start=0.99", "masks.target_scale=[0.1, 0.12]",
-         "train.fail_at_step=null", "tracking.enabled=false"],
+        [
+            "masks.num_targets=3",
+            "ema.start=0.99",
+            "masks.target_scale=[0.1, 0.12]",
+            "train.fail_at_step=null",
+            "tracking.enabled=false",
+        ],
     )
     assert cfg.masks.num_targets == 3
     assert cfg.ema.start == 0.99
@@ -114,8 +119,11 @@ def test_yaml_round_trip(tmp_path):
 def test_search_space_keys_are_dotted_config_keys():
     cfg = load_config(
         None,
-        {"tune.search_space": {"masks.target_scale": {"type": "choice",
-                                                      "values": [[0.1, 0.15], [0.15, 0.2]]}}},
+        {
+            "tune.search_space": {
+                "masks.target_scale": {"type": "choice", "values": [[0.1, 0.15], [0.15, 0.2]]}
+            }
+        },
     )
     assert "masks.target_scale" in cfg.tune.search_space
     with pytest.raises(ConfigError, match="tune.search_space"):

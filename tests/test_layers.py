@@ -46,7 +46,9 @@ def test_library_imports_without_ray_installed_behaviour():
 
 def test_cli_help_is_instant():
     exe = Path(sys.executable).with_name("radjepa")
-    cmd = [str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "pipelines.cli", "--help"]
+    cmd = (
+        [str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "pipelines.cli", "--help"]
+    )
     subprocess.run(cmd, check=True, capture_output=True)  # warm the bytecode cache
     start = time.perf_counter()
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)

@@ -1,0 +1,51 @@
+"""Connecting to Ray the same way from every job: a cluster when one is named, else local.
+
+Inside a Ray Job (``radjepa submit``) RAY_ADDRESS is set and we join that cluster. On a laptop we
+start a local instance with more logical CPUs than cores: Ray Train workers reserve CPUs that Ray
+Data then cannot use, and on a 2-core machine the data pipeline would otherwise starve.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(min_logical_cpus: int = 4) -> None:
+    """Initialise Ray once per process (idempotent)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    cores = os.cpu_count() or 1
+    num_cpus = max(min_logical_cpus, 2 * cores)
+    log.info("starting local Ray with %d logical CPUs on %d cores", num_cpus, cores)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+
+
+def cluster_has_gpus() -> bool:
+    """Whether the connected cluster advertises any GPU (never request one that is absent)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0)) > 0.0
+
+
+def resolve_use_gpu(setting: str) -> bool:
+    """Map a config's ``use_gpu`` ('auto'|'true'|'false') onto the cluster in hand."""
+    if setting == "true":
+        if not cluster_has_gpus():
+            raise RuntimeError(
+                "use_gpu=true but the Ray cluster has no GPUs: the job would wait forever. "
+                "Use --set train.use_gpu=auto or add GPU workers."
+            )
+        return True
+    if setting == "false":
+        return False
+    return cluster_has_gpus()
