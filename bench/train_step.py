@@ -1,0 +1,136 @@
+"""Training-step benchmark: our JEPA step vs the reference's slow choices, side by side.
+
+    python bench/train_step.py --model vit_tiny --patch 16 --batch 8 --img 224 --device cpu \
+        --steps 3 [--reference-mode | --ours-only] [--compile] [--peak-tflops 989]
+
+By default both paths run in one process on the same random batch and one JSON line reports
+img/s, step ms, peak memory, FLOPs per step (FlopCounterMode over one step) and, on CUDA, MFU
+against ``--peak-tflops`` (989 = H100 SXM dense bf16), plus ours/reference speedup.
+``--reference-mode`` measures only the reference path (manual q@k^T attention, unfused AdamW +
+GradScaler on CUDA, python-loop EMA, no compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from radjepa.config import load_config  # noqa: E402
+from radjepa.engine import Pretrainer  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(cfg, device: torch.device, reference: bool, steps: int, warmup: int, peak: float):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = Pretrainer(cfg, device, reference_mode=reference)
+    g = torch.Generator(device=device).manual_seed(0)
+    s = cfg.model.img_size
+    images = torch.randn(cfg.train.batch_size, 1, s, s, device=device, generator=g)
+    for _ in range(warmup):
+        trainer.train_step(images)
+    _sync(device)
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(images)
+    flops = counter.get_total_flops()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = trainer.train_step(images)
+    _sync(device)
+    step_s = (time.perf_counter() - t0) / steps
+    loss = float(out["loss"])
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
+        mfu = flops / step_s / (peak * 1e12)
+    else:
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process RSS
+        mfu = None
+    del trainer
+    gc.collect()
+    return {
+        "img_per_s": round(cfg.train.batch_size / step_s, 2),
+        "step_ms": round(step_s * 1e3, 2),
+        "peak_mem_gib": round(peak_mem, 3),
+        "flops_per_step": int(flops),
+        "mfu": round(mfu, 4) if mfu is not None else None,
+        "loss": round(loss, 5),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_tiny")
+    ap.add_argument("--patch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--compile", action="store_true", help="torch.compile our path (CUDA)")
+    ap.add_argument("--pred-depth", type=int, default=None)
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--reference-mode", action="store_true", help="measure the reference only")
+    mode.add_argument("--ours-only", action="store_true")
+    mode.add_argument("--compare", action="store_true", help="both (the default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    overrides = {
+        "model.arch": args.model,
+        "model.patch_size": args.patch,
+        "model.img_size": args.img,
+        "data.crop_size": args.img,
+        "ingest.image_size": max(256, args.img),
+        "train.batch_size": args.batch,
+        "train.steps": 10_000,
+        "train.compile": args.compile,
+        "train.precision": "auto",
+        "model.pred_depth": args.pred_depth,
+    }
+    cfg = load_config(None, overrides)
+    result = {
+        "bench": "train_step",
+        "model": args.model,
+        "patch": args.patch,
+        "img": args.img,
+        "batch": args.batch,
+        "pred": f"{cfg.model.resolved_pred_depth}x{cfg.model.pred_width}",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu {platform.machine()} x{torch.get_num_threads()} threads",
+        "precision": "bf16" if device.type == "cuda" else "fp32",
+        "steps": args.steps,
+        "torch": torch.__version__,
+    }
+    run = lambda ref: measure(cfg, device, ref, args.steps, args.warmup, args.peak_tflops)  # noqa: E731
+    if not args.reference_mode:
+        result["ours"] = run(False)
+    if not args.ours_only:
+        result["reference"] = run(True)
+    if "ours" in result and "reference" in result:
+        result["speedup"] = round(result["ours"]["img_per_s"] / result["reference"]["img_per_s"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""Checkpoints as folders of safetensors + JSON: nothing is ever unpickled on load.
+
+A checkpoint folder holds:
+
+- ``weights.safetensors``: ``encoder.*``, ``target_encoder.*`` and (training checkpoints)
+  ``predictor.*`` tensors (the fixed sin-cos position tables are not stored: they are recomputed);
+- ``optimizer.safetensors`` + ``optimizer.json`` (training checkpoints only): AdamW state
+  tensors as ``state.<param>.<name>``, and the JSON-able rest (scalar state, param groups);
+- ``meta.json``: ``format_version``, ``step``, the full ``config`` (JSON), the ``model`` spec,
+  the ``value_contract`` the encoder expects, the ``parts`` present, and any ``extra`` keys
+  (also copied to the top level, e.g. ``run_name``).
+
+Saving writes a sibling temp folder and renames it into place, so a crash never leaves a
+half-written checkpoint under the final name. Loading is strict: a missing or unexpected key is
+a :class:`CheckpointError`.
+
+Export for timm: :func:`export_timm` writes ``model.safetensors`` (timm key names, the sin-cos
+table stored as the ``pos_embed`` parameter) and ``timm_config.json`` holding the exact call::
+
+    timm.create_model("vit_base_patch16_224", pretrained=True,
+        pretrained_cfg_overlay={"file": "<out_dir>/model.safetensors"},
+        img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+        in_chans=1, num_classes=0, class_token=False, global_pool="avg", fc_norm=False,
+        qkv_bias=True, pos_embed="learn")
+
+(the numbers are the checkpoint's own; :func:`create_timm_model` runs it). The timm model's
+``forward_features(x)`` equals ``VisionEncoder(x)`` and ``forward(x)`` equals ``.embed(x)``, at
+the trained image size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from radjepa.config import Config
+from radjepa.models.encoder import VisionEncoder, build_encoder
+from radjepa.transforms import MEAN, STD
+
+if TYPE_CHECKING:
+    from radjepa.engine import Pretrainer
+    from radjepa.jepa import JEPA
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "Checkpoint",
+    "build_encoder",
+    "save",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_encoder",
+    "read_meta",
+    "export_timm",
+    "create_timm_model",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS, OPTIM, OPTIM_JSON, META = (
+    "weights.safetensors",
+    "optimizer.safetensors",
+    "optimizer.json",
+    "meta.json",
+)
+PARTS = ("encoder", "target_encoder", "predictor")
+_RESERVED = {"format_version", "step", "config", "model", "value_contract", "parts", "extra"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, malformed or does not match the model."""
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` read: per-part state dicts, optimizer state, metadata."""
+
+    path: Path
+    meta: dict[str, Any]
+    config: Config
+    weights: dict[str, dict[str, torch.Tensor]]
+    optimizer: dict[str, Any] | None
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+
+# ---------------------------------------------------------------------------------------------
+# saving
+
+
+def _model_spec(cfg: Config) -> dict[str, Any]:
+    m = cfg.model
+    return {
+        "arch": m.arch,
+        "patch_size": m.patch_size,
+        "img_size": m.img_size,
+        "in_chans": m.in_chans,
+        "embed_dim": m.embed_dim,
+        "depth": m.resolved_depth,
+        "num_heads": m.num_heads,
+        "grid": m.grid,
+        "pred_width": m.pred_width,
+        "pred_depth": m.resolved_pred_depth,
+        "pred_heads": m.resolved_pred_heads,
+        "pos_embed": "sincos-2d (fixed, recomputed per grid)",
+        "pooling": "mean of final patch tokens",
+    }
+
+
+def _value_contract(cfg: Config) -> dict[str, Any]:
+    return {
+        "input": f"float32 [B, {cfg.model.in_chans}, {cfg.model.img_size}, {cfg.model.img_size}]",
+        "formula": "x = (v / vmax - mean) / std",
+        "mean": MEAN,
+        "std": STD,
+        "vmax": {"uint8": 255, "uint16": 65535},
+        "polarity": "MONOCHROME2 (0 = black)",
+        "resize": "whole stored image, antialiased bilinear (radjepa.transforms.prepare_images)",
+    }
+
+
+def _flat(parts: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors sharing storage (e.g. one encoder saved as two parts)
+    return {
+        f"{part}.{k}": v.detach().to("cpu").contiguous().clone()
+        for part, sd in parts.items()
+        for k, v in sd.items()
+    }
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in state["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = v.detach().to("cpu").contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[name] = v
+    groups = []
+    for g in state["param_groups"]:
+        gg = {}
+        for k, v in g.items():
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            gg[k] = list(v) if isinstance(v, tuple) else v
+        groups.append(gg)
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _write_folder(path: Path, files: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for name, content in files.items():
+            if name.endswith(".safetensors"):
+                save_file(content, str(tmp / name))
+            else:
+                (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True))
+        if path.exists():  # replace: move the old one aside, swap in, then delete it
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _meta(cfg: Config, step: int, parts: list[str], extra: dict | None, has_opt: bool) -> dict:
+    extra = dict(extra or {})
+    meta: dict[str, Any] = {k: v for k, v in extra.items() if k not in _RESERVED}
+    meta.update(
+        format_version=FORMAT_VERSION,
+        step=int(step),
+        config=cfg.model_dump(mode="json"),
+        model=_model_spec(cfg),
+        value_contract=_value_contract(cfg),
+        parts=parts,
+        has_optimizer=has_opt,
+        extra=extra,
+    )
+    return meta
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    source: Pretrainer | JEPA,
+    *,
+    cfg: Config | None = None,
+    step: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Save a training checkpoint folder from a :class:`Pretrainer` (all state) or a
+    :class:`JEPA` (weights only; then ``cfg`` is required). Returns the folder."""
+    from radjepa.engine import Pretrainer
+
+    files: dict[str, Any] = {}
+    if isinstance(source, Pretrainer):
+        state = source.state_dict()
+        cfg = source.cfg if cfg is None else cfg
+        step = source.step if step is None else step
+        parts = {p: state[p] for p in PARTS}
+        tensors, rest = _split_optimizer(state["optimizer"])
+        rest["mask_sampler"] = state["mask_sampler"]
+        files[OPTIM], files[OPTIM_JSON] = tensors, rest
+    else:
+        if cfg is None:
+            raise ValueError("save_checkpoint(JEPA) needs cfg=")
+        parts = {p: getattr(source, p).state_dict() for p in PARTS}
+    files[WEIGHTS] = _flat(parts)
+    files[META] = _meta(cfg, step or 0, list(parts), extra, OPTIM in files)
+    return _write_folder(Path(path), files)
+
+
+def save(
+    path: str | os.PathLike[str],
+    encoder: VisionEncoder,
+    cfg: Config,
+    step: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """An encoder-only checkpoint (the encoder stands for both context and target)."""
+    sd = encoder.state_dict()
+    files = {
+        WEIGHTS: _flat({"encoder": sd, "target_encoder": sd}),
+        META: _meta(cfg, step, ["encoder", "target_encoder"], extra, False),
+    }
+    return _write_folder(Path(path), files)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint folder, checked for a supported format version."""
+    p = Path(path)
+    meta_path = p / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{p} is not a checkpoint folder (no {META})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{meta_path}: not valid JSON: {err}") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p}: checkpoint format_version {version!r}, this code reads {FORMAT_VERSION}"
+        )
+    return meta
+
+
+def _read_weights(p: Path, map_location: str | torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    if not (p / WEIGHTS).is_file():
+        raise CheckpointError(f"{p}: missing {WEIGHTS}")
+    flat = load_file(str(p / WEIGHTS), device=str(map_location))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        part, _, name = key.partition(".")
+        if part not in PARTS or not name:
+            raise CheckpointError(f"{p}/{WEIGHTS}: unexpected tensor {key!r}")
+        parts.setdefault(part, {})[name] = v
+    return parts
+
+
+def _read_optimizer(p: Path) -> dict[str, Any] | None:
+    if not (p / OPTIM).is_file():
+        return None
+    if not (p / OPTIM_JSON).is_file():
+        raise CheckpointError(f"{p}: {OPTIM} without {OPTIM_JSON}")
+    tensors = load_file(str(p / OPTIM))
+    try:
+        rest = json.loads((p / OPTIM_JSON).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{p}/{OPTIM_JSON}: not valid JSON: {err}") from None
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = v
+    for pid, sc in rest.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(sc)
+    groups = []
+    for g in rest["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {
+        "state": state,
+        "param_groups": groups,
+        "mask_sampler": rest.get("mask_sampler"),
+    }
+
+
+def _load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{what} does not match the model: {err}") from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    into: Pretrainer | JEPA | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Read a checkpoint folder; with ``into`` restore it (strictly) into a Pretrainer (weights,
+    optimizer, step, mask seed) or a JEPA (weights)."""
+    from radjepa.engine import Pretrainer
+
+    p = Path(path)
+    meta = read_meta(p)
+    cfg = Config.model_validate(meta["config"])
+    weights = _read_weights(p, map_location)
+    missing = [part for part in meta.get("parts", []) if part not in weights]
+    if missing:
+        raise CheckpointError(f"{p}: weights for {missing} are missing")
+    opt = _read_optimizer(p)
+    ckpt = Checkpoint(path=p, meta=meta, config=cfg, weights=weights, optimizer=opt)
+    if into is None:
+        return ckpt
+    model = into.model if isinstance(into, Pretrainer) else into
+    if isinstance(into, Pretrainer):
+        # attention is a kernel choice, not part of the weights
+        theirs = cfg.model.model_dump(exclude={"attention"})
+        ours = into.cfg.model.model_dump(exclude={"attention"})
+        if theirs != ours:
+            raise CheckpointError(
+                f"{p}: checkpoint model {theirs} differs from the trainer's {ours}"
+            )
+    for part in PARTS:
+        if part not in weights:
+            raise CheckpointError(f"{p}: no {part} weights (an encoder-only checkpoint?)")
+        _load_strict(getattr(model, part), weights[part], f"{p}: {part}")
+    if isinstance(into, Pretrainer):
+        if opt is None:
+            raise CheckpointError(f"{p}: no optimizer state, cannot resume training from it")
+        into.optimizer.load_state_dict({"state": opt["state"], "param_groups": opt["param_groups"]})
+        into.step = ckpt.step
+        if opt.get("mask_sampler"):
+            into.sampler.load_state_dict(opt["mask_sampler"])
+    return ckpt
+
+
+def load_encoder(
+    path: str | os.PathLike[str],
+    which: Literal["target", "context"] = "target",
+    map_location: str | torch.device = "cpu",
+) -> tuple[VisionEncoder, Config]:
+    """The target (default: what the method evaluates) or context encoder, in eval mode."""
+    if which not in ("target", "context"):
+        raise ValueError(f"which must be 'target' or 'context', got {which!r}")
+    p = Path(path)
+    meta = read_meta(p)
+    cfg = Config.model_validate(meta["config"])
+    part = "target_encoder" if which == "target" else "encoder"
+    weights = _read_weights(p, map_location)
+    if part not in weights:
+        raise CheckpointError(f"{p}: no {part} weights")
+    encoder = build_encoder(cfg.model)
+    _load_strict(encoder, weights[part], f"{p}: {part}")
+    return encoder.to(map_location).eval(), cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# timm export
+
+
+def _timm_call(cfg: Config) -> tuple[str, dict[str, Any]]:
+    m = cfg.model
+    name = f"vit_base_patch{m.patch_size}_224"  # a registered ViT; the kwargs define the shape
+    kwargs = {
+        "img_size": m.img_size,
+        "patch_size": m.patch_size,
+        "embed_dim": m.embed_dim,
+        "depth": m.resolved_depth,
+        "num_heads": m.num_heads,
+        "mlp_ratio": 4.0,
+        "in_chans": m.in_chans,
+        "num_classes": 0,
+        "class_token": False,
+        "global_pool": "avg",
+        "fc_norm": False,
+        "qkv_bias": True,
+        "pos_embed": "learn",
+    }
+    return name, kwargs
+
+
+def export_timm(
+    path_ckpt: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    which: Literal["target", "context"] = "target",
+) -> Path:
+    """Write ``model.safetensors`` + ``timm_config.json`` that ``timm.create_model`` loads
+    (the exact call is in the JSON's ``call`` and in this module's docstring)."""
+    encoder, cfg = load_encoder(path_ckpt, which=which)
+    sd = {k: v.contiguous().clone() for k, v in encoder.state_dict().items()}
+    sd["pos_embed"] = encoder.pos_embed.detach().clone()  # [1, N, D], as timm's parameter
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "model.safetensors"))
+    name, kwargs = _timm_call(cfg)
+    weights = str((out / "model.safetensors").resolve())
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    call = (
+        f"timm.create_model({name!r}, pretrained=True, "
+        f"pretrained_cfg_overlay={{'file': {weights!r}}}, {args})"
+    )
+    info = {
+        "model_name": name,
+        "kwargs": kwargs,
+        "weights": "model.safetensors",
+        "call": call,
+        "source_checkpoint": str(Path(path_ckpt).resolve()),
+        "encoder": which,
+        "value_contract": _value_contract(cfg),
+        "outputs": "forward_features: [B, N, D] patch tokens; forward: [B, D] mean-pooled",
+    }
+    (out / "timm_config.json").write_text(json.dumps(info, indent=2))
+    log.info("exported %s encoder of %s to %s", which, path_ckpt, out)
+    return out
+
+
+def create_timm_model(export_dir: str | os.PathLike[str]) -> torch.nn.Module:
+    """Build the exported encoder with ``timm.create_model`` exactly as documented."""
+    import timm
+
+    d = Path(export_dir)
+    info = json.loads((d / "timm_config.json").read_text())
+    return timm.create_model(
+        info["model_name"],
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str((d / info["weights"]).resolve())},
+        **info["kwargs"],
+    ).eval()

@@ -1,0 +1,176 @@
+"""``Pretrainer``: one JEPA training step in a plain loop (used by the Ray Train job and bench).
+
+One step = schedules at ``step`` -> masks for ``(seed, step, rank)`` -> loss (bf16 autocast on
+CUDA, fp32 on CPU) -> AdamW step -> EMA update of the target encoder -> ``step += 1``.
+Nothing in :meth:`Pretrainer.train_step` waits for the device: the returned metrics are 0-d
+tensors and the caller decides when to read them.
+
+Masks are drawn by the vectorised sampler on the CPU (``mask_device``) and copied to the images'
+device from pinned memory without blocking: the equal-length context cut needs the batch minimum
+as a host integer, which on the GPU would be a device sync every step.
+
+``reference_mode=True`` reproduces the reference's slow choices for benchmarks: manual q@k^T
+attention, unfused per-tensor AdamW, GradScaler (CUDA), python-loop EMA, no compile.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from radjepa.config import Config
+from radjepa.ema import ema_update, ema_update_loop
+from radjepa.jepa import JEPA
+from radjepa.masks import MaskSampler
+from radjepa.optim import build_optimizer, set_hparams
+from radjepa.schedules import schedule_at
+
+__all__ = ["Pretrainer"]
+
+log = logging.getLogger(__name__)
+
+
+class Pretrainer:
+    """Owns the JEPA model, optimizer, mask sampler and step counter on one device/rank."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        device: torch.device | str,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        reference_mode: bool = False,
+        mask_device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.reference_mode = reference_mode
+        if reference_mode:
+            cfg = cfg.with_overrides({"model.attention": "manual", "train.compile": False})
+        self.cfg = cfg
+        self.mask_device = torch.device(mask_device)
+        cuda = self.device.type == "cuda"
+        self.amp_dtype = (
+            torch.bfloat16 if cuda and cfg.train.precision in ("auto", "bf16") else None
+        )
+
+        # init from train.seed (identical on every rank) without touching the caller's RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            model = JEPA(cfg)
+        self.model = model.to(self.device)
+        self.model.train()
+        self.sampler = MaskSampler(cfg.masks, cfg.model.grid, seed=cfg.train.seed)
+        self.optimizer = build_optimizer(
+            [self.model.encoder, self.model.predictor],
+            cfg.optim,
+            self.device,
+            fast=not reference_mode,
+        )
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if reference_mode and self.amp_dtype is not None else None
+        )
+        self._target_params = list(self.model.target_encoder.parameters())
+        self._online_params = list(self.model.encoder.parameters())
+        self._encoder: nn.Module = self.model.encoder
+        self._predictor: nn.Module = self.model.predictor
+        if (
+            world_size > 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if cuda else None
+            self._encoder = DDP(self.model.encoder, device_ids=ids)
+            self._predictor = DDP(self.model.predictor, device_ids=ids)
+        if cfg.train.compile and cuda and not reference_mode:
+            self._encoder = torch.compile(self._encoder)
+            self._predictor = torch.compile(self._predictor)
+        self.step = 0
+
+    # -----------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``images [B, 1, S, S]`` (model input, on ``device``)."""
+        if images.ndim != 4 or images.shape[-1] != self.cfg.model.img_size:
+            raise ValueError(
+                f"train_step expects [B, 1, {self.cfg.model.img_size}, "
+                f"{self.cfg.model.img_size}] crops, got {tuple(images.shape)}"
+            )
+        sched = schedule_at(self.step, self.cfg)
+        set_hparams(self.optimizer, sched.lr, sched.weight_decay)
+        masks = self.sampler.sample(images.shape[0], self.step, self.rank, self.mask_device)
+        if self.mask_device != self.device:
+            if self.device.type == "cuda":
+                masks = masks.pin_memory()
+            masks = masks.to(self.device, non_blocking=True)
+
+        with self._autocast():
+            loss = self.model.loss(images, masks, self._encoder, self._predictor)
+        self.optimizer.zero_grad(set_to_none=True)
+        clip = self.cfg.optim.grad_clip
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if clip is not None:
+                self.scaler.unscale_(self.optimizer)
+                self._clip(clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if clip is not None:
+                self._clip(clip)
+            self.optimizer.step()
+        update = ema_update_loop if self.reference_mode else ema_update
+        update(self._target_params, self._online_params, sched.momentum)
+        self.step += 1
+        return {
+            "loss": loss.detach(),
+            "lr": torch.tensor(sched.lr),
+            "wd": torch.tensor(sched.weight_decay),
+            "momentum": torch.tensor(sched.momentum),
+        }
+
+    def _clip(self, max_norm: float) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    @torch.no_grad()
+    def target_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Average-pooled TARGET-encoder embeddings ``[B, D]`` (what the method evaluates)."""
+        with self._autocast():
+            return self.model.target_encoder.embed(images.to(self.device)).float()
+
+    # -----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit: weights, optimizer, step, mask seed."""
+        return {
+            "encoder": self.model.encoder.state_dict(),
+            "target_encoder": self.model.target_encoder.state_dict(),
+            "predictor": self.model.predictor.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "mask_sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Strict restore (a missing or unexpected key is an error)."""
+        self.model.encoder.load_state_dict(state["encoder"], strict=True)
+        self.model.target_encoder.load_state_dict(state["target_encoder"], strict=True)
+        self.model.predictor.load_state_dict(state["predictor"], strict=True)
+        if state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        if "mask_sampler" in state:
+            self.sampler.load_state_dict(state["mask_sampler"])

@@ -1,0 +1,165 @@
+"""Checkpoint folders: bit-exact round trip, exact resume, strictness, no pickle, timm export."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+
+from radjepa.checkpoint import (
+    CheckpointError,
+    create_timm_model,
+    export_timm,
+    load_checkpoint,
+    load_encoder,
+    read_meta,
+    save,
+    save_checkpoint,
+)
+from radjepa.config import load_config
+from radjepa.engine import Pretrainer
+from radjepa.models import build_encoder
+
+TINY = "configs/tiny_cpu.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _batch(i: int) -> torch.Tensor:
+    return torch.randn(4, 1, 96, 96, generator=torch.Generator().manual_seed(100 + i))
+
+
+@pytest.fixture
+def trained(tmp_path):
+    p = Pretrainer(load_config(TINY), "cpu")
+    for i in range(2):
+        p.train_step(_batch(i))
+    path = save_checkpoint(tmp_path / "ckpt", p, extra={"run_name": "unit"})
+    return p, path
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    for part in ("encoder", "target_encoder", "predictor"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    oa, ob = a["optimizer"], b["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for pid in oa["state"]:
+        for name, v in oa["state"][pid].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(ob["state"][pid][name]))
+    assert a["step"] == b["step"] and a["mask_sampler"] == b["mask_sampler"]
+
+
+def test_folder_layout_and_meta(trained):
+    _, path = trained
+    names = sorted(p.name for p in path.iterdir())
+    assert names == ["meta.json", "optimizer.json", "optimizer.safetensors", "weights.safetensors"]
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp left
+    meta = read_meta(path)
+    assert meta["step"] == 2 and meta["run_name"] == "unit" and meta["format_version"] == 1
+    assert meta["model"]["embed_dim"] == 192 and meta["value_contract"]["std"] == 0.25
+    assert load_config(TINY).model_dump(mode="json") == meta["config"]
+
+
+def test_round_trip_is_bit_exact_and_never_unpickles(trained, monkeypatch):
+    p, path = trained
+
+    def refuse(*a, **k):
+        raise AssertionError("checkpoint loading must not unpickle")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    q = Pretrainer(load_config(TINY), "cpu")
+    load_checkpoint(path, q)
+    _assert_same_state(p.state_dict(), q.state_dict())
+
+
+def test_resumed_run_continues_exactly(trained):
+    p, path = trained
+    q = Pretrainer(load_config(TINY, ["train.seed=123"]), "cpu")  # different init and mask seed
+    load_checkpoint(path, q)
+    for i in (2, 3):
+        lp, lq = p.train_step(_batch(i)), q.train_step(_batch(i))
+        assert torch.equal(lp["loss"], lq["loss"])
+    _assert_same_state(p.state_dict(), q.state_dict())
+
+
+def test_saving_again_replaces_atomically(trained):
+    p, path = trained
+    p.train_step(_batch(5))
+    save_checkpoint(path, p)
+    assert read_meta(path)["step"] == 3
+    assert [x.name for x in path.parent.iterdir()] == ["ckpt"]
+
+
+def test_strict_loading_errors(trained, tmp_path):
+    _, path = trained
+    weights = load_file(str(path / "weights.safetensors"))
+    weights.pop("encoder.norm.weight")
+    save_file(weights, str(path / "weights.safetensors"))
+    with pytest.raises(CheckpointError, match="encoder"):
+        load_checkpoint(path, Pretrainer(load_config(TINY), "cpu"))
+    with pytest.raises(CheckpointError, match="encoder"):
+        load_encoder(path, which="context")
+    other = Pretrainer(load_config(TINY, ["model.depth=2"]), "cpu")
+    with pytest.raises(CheckpointError, match="differs"):
+        load_checkpoint(path, other)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        read_meta(tmp_path / "nothing")
+    meta = json.loads((path / "meta.json").read_text())
+    meta["format_version"] = 99
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format_version"):
+        read_meta(path)
+
+
+def test_load_encoder_target_and_context(trained):
+    p, path = trained
+    target, cfg = load_encoder(path)
+    context, _ = load_encoder(path, which="context")
+    assert cfg.model == p.cfg.model and not target.training
+    x = _batch(9)
+    with torch.no_grad():
+        assert torch.equal(target(x), p.model.target_encoder(x))
+        assert torch.equal(context(x), p.model.encoder(x))
+        assert not torch.equal(target(x), context(x))
+
+
+def test_encoder_only_checkpoint(tmp_path):
+    cfg = load_config(TINY)
+    enc = build_encoder(cfg)
+    path = save(tmp_path / "enc", enc, cfg, step=7)
+    loaded, _ = load_encoder(path)
+    x = _batch(0)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), enc.eval()(x))
+    assert read_meta(path)["step"] == 7
+    with pytest.raises(CheckpointError, match="predictor"):
+        load_checkpoint(path, Pretrainer(cfg, "cpu"))
+
+
+def test_exported_encoder_loads_in_timm_with_identical_outputs(trained, tmp_path):
+    _, path = trained
+    out = export_timm(path, tmp_path / "timm")
+    info = json.loads((out / "timm_config.json").read_text())
+    encoder, _ = load_encoder(path)
+    x = _batch(11)
+    # the documented call string itself, evaluated
+    model = eval(info["call"], {"timm": timm}).eval()  # noqa: S307 - our own generated call
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), encoder(x))
+        assert torch.equal(model(x), encoder.embed(x))
+        assert torch.equal(create_timm_model(out)(x), encoder.embed(x))

@@ -1,0 +1,138 @@
+"""Multi-block masks: method semantics, no positional bias, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radjepa.config import MasksConfig, load_config
+from radjepa.masks import MaskSampler, block_size, derive_seed
+
+GRID = 14  # ViT-B/16 at 224
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: threads only add contention on a shared box
+    yield
+    torch.set_num_threads(prev)
+
+
+def _draws(sampler: MaskSampler, steps: int, batch: int = 256):
+    return [sampler.sample(batch, step) for step in range(steps)]
+
+
+def test_shapes_ranges_and_rectangular_targets():
+    cfg = MasksConfig()
+    m = MaskSampler(cfg, GRID, seed=0).sample(32, step=0)
+    b, t, kt = m.targets.shape
+    assert (b, t) == (32, 4) and m.context.shape[0] == 32
+    assert m.context.dtype == m.targets.dtype == torch.int64
+    n = GRID * GRID
+    assert 0 <= int(m.context.min()) and int(m.context.max()) < n
+    assert 0 <= int(m.targets.min()) and int(m.targets.max()) < n
+    assert 0.1 <= kt / n <= 0.25  # scale (0.15, 0.2) up to rounding
+    rows, cols = m.targets // GRID, m.targets % GRID  # [B, T, Kt]
+    h = int(rows[0, 0].max() - rows[0, 0].min() + 1)
+    w = int(cols[0, 0].max() - cols[0, 0].min() + 1)
+    assert h * w == kt  # a full h x w block, every image and target alike
+    assert torch.equal(rows.amax(-1) - rows.amin(-1) + 1, torch.full((b, t), h))
+    assert torch.all(m.context[:, 1:] > m.context[:, :-1])  # sorted, no duplicates
+
+
+def test_no_target_context_overlap_and_min_keep():
+    cfg = load_config().masks
+    sampler = MaskSampler(cfg, GRID, seed=1)
+    for m in _draws(sampler, 10, 128):
+        b = m.context.shape[0]
+        tgt = torch.zeros(b, GRID * GRID, dtype=torch.bool)
+        tgt.scatter_(1, m.targets.reshape(b, -1), True)
+        assert not torch.gather(tgt, 1, m.context).any()
+        assert m.context.shape[1] >= cfg.min_keep
+
+
+def test_tiny_grid_respects_min_keep():
+    cfg = load_config("configs/tiny_cpu.yaml")
+    m = MaskSampler(cfg.masks, cfg.model.grid, seed=0).sample(64, step=5)
+    assert m.context.shape[1] >= cfg.masks.min_keep
+
+
+def test_every_position_is_a_target_with_near_uniform_frequency():
+    sampler = MaskSampler(MasksConfig(), GRID, seed=2)
+    counts = torch.zeros(GRID * GRID)
+    for m in _draws(sampler, 40):
+        counts += torch.bincount(m.targets.flatten(), minlength=GRID * GRID)
+    freq = (counts / counts.mean()).reshape(GRID, GRID)
+    assert freq.min() > 0.4  # every position reachable, last row/column included
+    corners = freq[[0, 0, -1, -1], [0, -1, 0, -1]]
+    edges = torch.cat([freq[0], freq[-1], freq[:, 0], freq[:, -1]])
+    centre = freq[GRID // 2 - 1 : GRID // 2 + 1, GRID // 2 - 1 : GRID // 2 + 1].mean()
+    # a uniform top-left start gives corners ~0.03x the centre and max/min ~35x
+    assert 0.5 < float(corners.mean() / centre) < 1.5
+    assert 0.7 < float(edges.mean() / centre) < 1.5
+    assert float(freq.max() / freq.min()) < 3.5
+    # symmetric: no side of the image is favoured (the reference's off-by-one was)
+    assert 0.95 < float(freq[:, -1].sum() / freq[:, 0].sum()) < 1.05
+    assert 0.95 < float(freq[-1].sum() / freq[0].sum()) < 1.05
+
+
+def test_context_has_no_raster_order_bias():
+    # the reference kept the first k context indices: the bottom rows starved
+    sampler = MaskSampler(MasksConfig(), GRID, seed=3)
+    counts = torch.zeros(GRID * GRID)
+    for m in _draws(sampler, 20):
+        counts += torch.bincount(m.context.flatten(), minlength=GRID * GRID)
+    grid = counts.reshape(GRID, GRID)
+    assert grid.min() > 0
+    top, bottom = grid[:3].mean(), grid[-3:].mean()
+    left, right = grid[:, :3].mean(), grid[:, -3:].mean()
+    assert 0.85 < float(bottom / top) < 1.15
+    assert 0.85 < float(right / left) < 1.15
+
+
+def test_deterministic_per_seed_step_rank():
+    cfg = MasksConfig()
+    a = MaskSampler(cfg, GRID, seed=7).sample(16, step=3, rank=1)
+    b = MaskSampler(cfg, GRID, seed=7).sample(16, step=3, rank=1)
+    assert torch.equal(a.context, b.context) and torch.equal(a.targets, b.targets)
+    for other in (
+        MaskSampler(cfg, GRID, seed=7).sample(16, step=4, rank=1),
+        MaskSampler(cfg, GRID, seed=7).sample(16, step=3, rank=0),
+        MaskSampler(cfg, GRID, seed=8).sample(16, step=3, rank=1),
+    ):
+        assert not torch.equal(a.targets, other.targets)
+    assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(1, 3, 2)
+
+
+def test_allow_overlap_keeps_targets_in_context():
+    sampler = MaskSampler(MasksConfig(allow_overlap=True), GRID, seed=4)
+    m = sampler.sample(64, step=0)
+    b = m.context.shape[0]
+    tgt = torch.zeros(b, GRID * GRID, dtype=torch.bool)
+    tgt.scatter_(1, m.targets.reshape(b, -1), True)
+    assert torch.gather(tgt, 1, m.context).any()
+
+
+def test_masking_ratio_maps_to_total_target_area():
+    cfg = MasksConfig(masking_ratio=0.7)
+    assert cfg.target_scale == pytest.approx((0.15, 0.2))  # the method's default
+    cfg = MasksConfig(masking_ratio=0.4, num_targets=4)
+    fracs = [
+        m.targets.shape[1] * m.targets.shape[2] / GRID**2
+        for m in _draws(MaskSampler(cfg, GRID, seed=5), 60, 1)
+    ]
+    assert sum(fracs) / len(fracs) == pytest.approx(0.4, abs=0.05)
+
+
+def test_impossible_min_keep_fails_clearly():
+    cfg = MasksConfig(min_keep=36, context_scale=(0.5, 0.5))
+    with pytest.raises(RuntimeError, match="min_keep"):
+        MaskSampler(cfg, 6, seed=0, max_tries=3).sample(8, step=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        MaskSampler(MasksConfig(min_keep=50), 6)
+
+
+def test_block_size_clips_to_grid():
+    assert block_size(1.0, 1.0, 6, 6) == (6, 6)
+    assert block_size(0.2, 1.5, 14, 14) == (8, 5)
