@@ -1,0 +1,153 @@
+"""``radjepa embed``: a Ray Data batch job turning ingest shards into an embeddings index.
+
+Shards (``DST/images/*.parquet``) -> an actor pool holding the TARGET encoder (loaded once per
+actor, GPU when the cluster has one) -> Parquet with ``image_id``, the pseudonymised ids and a
+fixed-size-list ``embedding`` column. ``serve.index.EmbeddingIndex`` reads that output for
+``/v1/similar``. The encoder sees exactly what the served model sees: stored pixels ->
+``radjepa.transforms.prepare_images`` -> ``encoder.embed`` (average-pooled patch tokens).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radjepa.config import Config
+
+__all__ = ["EmbedError", "EmbedResult", "run_embed", "OUTPUT_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+PID_COLUMNS = ("patient_pid", "study_pid", "series_pid", "instance_pid")
+OUTPUT_COLUMNS = ("image_id", *PID_COLUMNS, "model", "embedding")
+
+
+class EmbedError(RuntimeError):
+    """A problem the user can fix: missing shards, unreadable model, occupied output folder."""
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    out: Path
+    rows: int
+    dim: int
+    model: str
+
+
+class _EmbedActor:
+    """Holds the encoder; one ``__call__`` = one forward over a batch of stored images."""
+
+    def __init__(self, model_path: str, model_label: str | None, device: str) -> None:
+        from radjepa.checkpoint import load_encoder, read_meta
+
+        encoder, cfg = load_encoder(model_path, which="target", map_location="cpu")
+        self.encoder = encoder.to(device).eval()
+        self.device = device
+        self.img_size = cfg.model.img_size
+        if model_label is None:  # same naming as the served model (serve.embedder)
+            meta = read_meta(model_path)
+            name = meta.get("run_name") or cfg.train.run_name
+            step = meta.get("step")
+            model_label = f"{name}:step-{step}" if step is not None else str(name)
+        self.label = model_label
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        import pyarrow as pa
+        import torch
+
+        from radjepa.shards import pixels_from_bytes
+        from radjepa.transforms import prepare_images
+
+        images = [
+            pixels_from_bytes(b, int(h), int(w), str(dt))
+            for b, h, w, dt in zip(
+                batch["pixels"], batch["height"], batch["width"], batch["dtype"], strict=True
+            )
+        ]
+        x = prepare_images(images, self.img_size).to(self.device)  # [B, 1, S, S]
+        with torch.inference_mode():
+            emb = self.encoder.embed(x).float().cpu().numpy()  # [B, D]
+        n, dim = emb.shape
+        cols: dict[str, Any] = {"image_id": pa.array(batch["image_id"].tolist(), pa.string())}
+        for c in PID_COLUMNS:
+            values = batch[c].tolist() if c in batch else [None] * n
+            cols[c] = pa.array(values, pa.string())
+        cols["model"] = pa.array([self.label] * n, pa.string())
+        cols["embedding"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(emb.reshape(-1), pa.float32()), dim
+        )
+        return pa.table(cols)
+
+
+def run_embed(
+    cfg: Config,
+    shards_dir: str | Path,
+    out: str | Path,
+    *,
+    model: str | Path,
+    model_label: str | None = None,
+    batch_size: int | None = None,
+    actors: int | None = None,
+) -> EmbedResult:
+    """Embed every stored image under ``shards_dir`` into Parquet under ``out``.
+
+    ``model`` is a local checkpoint folder (the CLI resolves ``models:/`` URIs first).
+    """
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipelines.runtime import ensure_ray, resolve_use_gpu
+    from radjepa.shards import ShardError, list_shards
+
+    try:
+        shards = [str(p) for p in list_shards(shards_dir)]
+    except ShardError as err:
+        raise EmbedError(str(err)) from None
+    model = str(model)
+    if not Path(model).exists():
+        raise EmbedError(f"model checkpoint not found: {model}")
+    out = Path(out)
+    if out.exists() and any(out.rglob("*.parquet")):
+        raise EmbedError(f"{out} already holds Parquet files: choose a new folder or remove it")
+
+    ensure_ray()
+    use_gpu = resolve_use_gpu(cfg.serve.use_gpu)
+    present = set(pq.read_schema(shards[0]).names)
+    wanted = ["image_id", "pixels", "height", "width", "dtype", *PID_COLUMNS]
+    columns = [c for c in wanted if c in present]
+    missing = {"image_id", "pixels", "height", "width", "dtype"} - present
+    if missing:
+        raise EmbedError(f"{shards[0]} is not an ingest shard: missing {sorted(missing)}")
+
+    free_cpus = int(ray.available_resources().get("CPU", 1))
+    n_actors = actors or (1 if use_gpu else max(1, min(4, free_cpus // 2)))
+    ds = ray.data.read_parquet(shards, columns=columns)
+    ds = ds.map_batches(
+        _EmbedActor,
+        fn_constructor_kwargs={
+            "model_path": model,
+            "model_label": model_label,
+            "device": "cuda" if use_gpu else "cpu",
+        },
+        batch_size=batch_size or cfg.probe.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_cpus=1,
+        num_gpus=1 if use_gpu else 0,
+        udf_modifying_row_count=False,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    ds.write_parquet(str(out))
+    files = sorted(out.rglob("*.parquet"))
+    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    dim, label = 0, model_label or ""
+    if files:
+        field = pq.read_schema(files[0]).field("embedding").type
+        dim = int(getattr(field, "list_size", 0))
+        label = str(pq.read_table(files[0], columns=["model"]).column("model")[0])
+    log.info("embedded %d images (dim %d) with %s into %s", rows, dim, label, out)
+    return EmbedResult(out=out, rows=rows, dim=dim, model=label)

@@ -1,0 +1,499 @@
+"""The FastAPI service: an app factory that RECEIVES its model.
+
+``create_app(embedder, settings=...)`` builds the routes around any :class:`Embedder` (an
+in-process encoder in tests and benchmarks, a Ray Serve handle in production), so every route
+is testable without Ray and the Serve deployment stays a thin wrapper.
+
+Request path: size guard (413) -> auth (401) -> media type (415) -> read body -> decode with
+``radjepa.imaging.decode.decode_image`` (the exact function ingest uses; 422 with its reason)
+-> embedder (batched in Serve) -> head / index. The whole request runs under a deadline (504).
+Bad input never yields a 500; an unexpected failure yields a generic 500 body while the
+traceback goes to the server log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.embedder import Embedder, ImageEmbedding
+from serve.index import EmbeddingIndex
+from serve.schemas import (
+    ClassificationOut,
+    ClassifyResponse,
+    EmbeddingOut,
+    EmbedResponse,
+    ErrorOut,
+    Health,
+    ModelInfoOut,
+    ModelsResponse,
+    Neighbour,
+    Readiness,
+    SimilarOut,
+    SimilarResponse,
+)
+from serve.security import ApiSettings, require_api_key
+
+__all__ = ["create_app", "ApiError", "IMAGE_MEDIA_TYPES"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_MEDIA_TYPES = ("application/dicom", "image/png", "image/jpeg")
+# multipart parts from `curl -F file=@x.dcm` arrive as octet-stream: the decoder sniffs them
+PART_MEDIA_TYPES = (*IMAGE_MEDIA_TYPES, "application/octet-stream")
+MULTIPART = "multipart/form-data"
+
+
+class ApiError(Exception):
+    """A client-facing error: status, message, optional machine reason and file name."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        reason: str | None = None,
+        *,
+        filename: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.reason = reason
+        self.filename = filename
+        self.headers = headers
+
+
+def _error(
+    status: int,
+    detail: str,
+    reason: str | None = None,
+    filename: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorOut(detail=detail, reason=reason, filename=filename).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Outermost guard: body size (declared AND streamed) and a detail-free 500 fallback.
+
+    Content-Length alone is not enough (chunked uploads have none, and it can lie), so the
+    receive channel is wrapped and counts the bytes that actually arrive.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_body_bytes
+        too_large = _error(413, f"request body exceeds the {limit} byte limit", "too_large")
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await _error(400, "invalid Content-Length header")(scope, receive, send)
+                    return
+                if declared > limit:
+                    await too_large(scope, receive, send)
+                    return
+        seen = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await too_large(scope, receive, send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await _error(500, "internal server error")(scope, receive, send)
+
+
+@dataclass
+class _Upload:
+    data: bytes
+    filename: str | None
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload]:
+    """Raw image body or multipart files -> bytes; 415 for anything else."""
+    media = _media_type(request)
+    if media in IMAGE_MEDIA_TYPES:
+        data = await request.body()
+        if not data:
+            raise ApiError(422, "empty request body", reason="empty")
+        return [_Upload(data, None)]
+    if media != MULTIPART:
+        raise ApiError(
+            415,
+            f"unsupported media type {media or '(none)'!r}: send one of "
+            f"{', '.join(IMAGE_MEDIA_TYPES)} or {MULTIPART}",
+            reason="unsupported_media_type",
+        )
+    form = await request.form(
+        max_files=settings.max_images_per_request,
+        max_fields=settings.max_images_per_request,
+        max_part_size=settings.max_body_bytes,
+    )
+    uploads: list[_Upload] = []
+    try:
+        for _, value in form.multi_items():
+            if not isinstance(value, UploadFile):
+                continue
+            part = (value.content_type or "application/octet-stream").split(";")[0].lower()
+            if part not in PART_MEDIA_TYPES:
+                raise ApiError(
+                    415,
+                    f"file part has unsupported media type {part!r}: use one of "
+                    f"{', '.join(PART_MEDIA_TYPES)}",
+                    reason="unsupported_media_type",
+                    filename=value.filename,
+                )
+            data = await value.read()
+            if not data:
+                raise ApiError(422, "empty file part", reason="empty", filename=value.filename)
+            uploads.append(_Upload(data, value.filename))
+    finally:
+        await form.close()
+    if not uploads:
+        raise ApiError(422, "multipart body holds no files", reason="no_files")
+    return uploads
+
+
+def _decode_all(uploads: list[_Upload], app_state: Any) -> list[np.ndarray]:
+    """Decode every upload with the ingest decoder; the first rejection becomes a 422."""
+    from radjepa.imaging.decode import ImageRejected, decode_image
+
+    pre = app_state.embedder.preprocess
+    out = []
+    for up in uploads:
+        try:
+            decoded = decode_image(
+                up.data,
+                size=pre.image_size,
+                dtype=pre.dtype,
+                window_percentiles=pre.window_percentiles,
+                secret=app_state.decode_secret,
+                source_name=up.filename,
+                max_bytes=app_state.settings.max_body_bytes,
+            )
+        except ImageRejected as err:
+            raise ApiError(422, err.message, reason=err.reason, filename=up.filename) from None
+        except Exception:  # a decoder crash on hostile bytes is still bad input, not a 500
+            log.exception("decoder failed on an upload (%d bytes)", len(up.data))
+            raise ApiError(
+                422, "the image could not be decoded", reason="decode_error", filename=up.filename
+            ) from None
+        out.append(decoded.pixels)
+    return out
+
+
+def _resolve_decode_secret(env_name: str) -> bytes:
+    """The HMAC key the decoder pseudonymises metadata with (the API never returns that
+    metadata, but decoding needs a key; ingest's resolver applies its own fallback)."""
+    from radjepa.imaging.decode import resolve_secret
+
+    return resolve_secret(env_name)
+
+
+def create_app(
+    embedder: Embedder,
+    *,
+    settings: ApiSettings,
+    head: Any | None = None,
+    index: EmbeddingIndex | None = None,
+    head_source: str | None = None,
+) -> FastAPI:
+    """Build the API around ``embedder``; ``head`` enables /v1/classify, ``index`` /v1/similar.
+
+    Refuses (SecurityConfigError) to build an unprotected app unless ``insecure_local``; raises
+    ValueError when the head or index does not fit the model's embedding size.
+    """
+    settings.check_startable()
+    info = embedder.info
+    labels: list[str] = []
+    if head is not None:
+        labels = [str(x) for x in head.label_names]
+        head_dim = getattr(head, "feature_dim", info.embed_dim)
+        if head_dim != info.embed_dim:
+            raise ValueError(
+                f"probe head expects {head_dim}-dim features but the model produces "
+                f"{info.embed_dim}: train a head on this encoder (`radjepa probe`)"
+            )
+        probe = np.asarray(head.predict_proba(np.zeros((1, info.embed_dim), np.float32)))
+        if probe.shape != (1, len(labels)):
+            raise ValueError(
+                f"probe head output {probe.shape} does not match its {len(labels)} labels"
+            )
+    if index is not None and index.dim != info.embed_dim:
+        raise ValueError(
+            f"index {index.source} holds {index.dim}-dim embeddings but the model "
+            f"produces {info.embed_dim}: rebuild it with `radjepa embed` for this model"
+        )
+
+    app = FastAPI(
+        title="RadJEPA API",
+        version="1",
+        description="Chest X-ray embeddings, probe classification and similar-case search. "
+        "Send `Authorization: Bearer <key>` on every /v1 route.",
+    )
+    app.state.settings = settings
+    app.state.embedder = embedder
+    app.state.head = head
+    app.state.index = index
+    app.state.decode_secret = _resolve_decode_secret(settings.secret_env)
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.detail, exc.reason, exc.filename, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
+            for e in exc.errors()
+        ]
+        return _error(422, "; ".join(parts) or "invalid request", "invalid_parameter")
+
+    model_out = ModelInfoOut(**info.as_dict())
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorOut, "description": text}
+        for code, text in {
+            401: "missing or invalid API key",
+            413: "body too large",
+            415: "unsupported media type",
+            422: "undecodable image or invalid parameter",
+            503: "feature not configured or service overloaded",
+            504: "request timed out",
+        }.items()
+    }
+    image_body = {
+        "requestBody": {
+            "required": True,
+            "description": "one image as the raw body, or several as multipart files",
+            "content": {
+                **{
+                    m: {"schema": {"type": "string", "format": "binary"}} for m in IMAGE_MEDIA_TYPES
+                },
+                MULTIPART: {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "files": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                            }
+                        },
+                    }
+                },
+            },
+        }
+    }
+    auth = [Depends(require_api_key)]
+
+    async def images_and_embeddings(
+        request: Request, patch_tokens: bool = False
+    ) -> tuple[list[_Upload], list[ImageEmbedding]]:
+        uploads = await _read_uploads(request, settings)
+        pixels = await asyncio.to_thread(_decode_all, uploads, request.app.state)
+        return uploads, await embedder.embed(pixels, patch_tokens=patch_tokens)
+
+    async def deadline(coro: Any) -> Any:
+        try:
+            async with asyncio.timeout(settings.request_timeout_s):
+                return await coro
+        except TimeoutError:
+            raise ApiError(
+                504, f"request exceeded the {settings.request_timeout_s:g} s limit", "timeout"
+            ) from None
+
+    @app.get("/healthz", response_model=Health, tags=["ops"])
+    async def healthz() -> Health:
+        """Liveness: the process answers (no auth, no model call)."""
+        return Health()
+
+    @app.get(
+        "/readyz", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}}
+    )
+    async def readyz() -> Readiness | JSONResponse:
+        """Readiness: the model answers within a few seconds."""
+        try:
+            async with asyncio.timeout(5.0):
+                ok = await embedder.ready()
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            log.warning("readiness check failed", exc_info=True)
+            ok = False
+        out = Readiness(ready=ok, model=f"{info.name}:{info.version}" if ok else None)
+        return out if ok else JSONResponse(out.model_dump(), status_code=503)
+
+    @app.get(
+        "/v1/models",
+        response_model=ModelsResponse,
+        tags=["v1"],
+        responses=errors,
+        dependencies=auth,
+    )
+    async def models() -> ModelsResponse:
+        """The served model, probe head labels and index size."""
+        return ModelsResponse(
+            model=model_out,
+            head=head_source if head is not None else None,
+            labels=labels,
+            index=index.source if index is not None else None,
+            index_size=len(index) if index is not None else 0,
+        )
+
+    @app.post(
+        "/v1/embed",
+        response_model=EmbedResponse,
+        tags=["v1"],
+        responses=errors,
+        openapi_extra=image_body,
+        dependencies=auth,
+    )
+    async def embed(
+        request: Request,
+        patch_tokens: Annotated[bool, Query(description="also return patch tokens")] = False,
+    ) -> EmbedResponse:
+        """Pooled embedding per image (DICOM, PNG or JPEG)."""
+
+        async def work() -> EmbedResponse:
+            uploads, results = await images_and_embeddings(request, patch_tokens)
+            return EmbedResponse(
+                model=model_out,
+                results=[
+                    EmbeddingOut(
+                        image_id=hashlib.sha256(up.data).hexdigest(),
+                        filename=up.filename,
+                        dim=int(r.embedding.shape[0]),
+                        embedding=r.embedding.tolist(),
+                        patch_tokens=r.patch_tokens.tolist()
+                        if r.patch_tokens is not None
+                        else None,
+                        batch_size=r.batch_size,
+                    )
+                    for up, r in zip(uploads, results, strict=True)
+                ],
+            )
+
+        return await deadline(work())
+
+    @app.post(
+        "/v1/classify",
+        response_model=ClassifyResponse,
+        tags=["v1"],
+        responses=errors,
+        openapi_extra=image_body,
+        dependencies=auth,
+    )
+    async def classify(request: Request) -> ClassifyResponse:
+        """Per-label probabilities from the configured probe head."""
+        if head is None:
+            raise ApiError(
+                503, "no probe head is configured on this server (serve.head)", "no_head"
+            )
+
+        async def work() -> ClassifyResponse:
+            uploads, results = await images_and_embeddings(request)
+            feats = np.stack([r.embedding for r in results]).astype(np.float32)  # [B, D]
+            probs = np.asarray(head.predict_proba(feats))  # [B, L]
+            return ClassifyResponse(
+                model=model_out,
+                head=head_source or type(head).__name__,
+                results=[
+                    ClassificationOut(
+                        image_id=hashlib.sha256(up.data).hexdigest(),
+                        filename=up.filename,
+                        probabilities={lab: float(p) for lab, p in zip(labels, row, strict=True)},
+                    )
+                    for up, row in zip(uploads, probs, strict=True)
+                ],
+            )
+
+        return await deadline(work())
+
+    @app.post(
+        "/v1/similar",
+        response_model=SimilarResponse,
+        tags=["v1"],
+        responses=errors,
+        openapi_extra=image_body,
+        dependencies=auth,
+    )
+    async def similar(
+        request: Request,
+        k: Annotated[int, Query(ge=1, le=100, description="neighbours per image")] = 5,
+    ) -> SimilarResponse:
+        """Top-k archive images by cosine similarity, with pseudonymised identifiers."""
+        if index is None:
+            raise ApiError(
+                503, "no similar-case index is configured on this server (serve.index)", "no_index"
+            )
+
+        async def work() -> SimilarResponse:
+            uploads, results = await images_and_embeddings(request)
+            return SimilarResponse(
+                model=model_out,
+                index_size=len(index),
+                results=[
+                    SimilarOut(
+                        image_id=hashlib.sha256(up.data).hexdigest(),
+                        filename=up.filename,
+                        neighbours=[
+                            Neighbour(image_id=h.image_id, score=h.score, **h.pids)
+                            for h in index.search(r.embedding, k)
+                        ],
+                    )
+                    for up, r in zip(uploads, results, strict=True)
+                ],
+            )
+
+        return await deadline(work())
+
+    return app

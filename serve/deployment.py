@@ -1,0 +1,210 @@
+"""Ray Serve wiring: a batched encoder deployment behind a FastAPI ingress deployment.
+
+Thin by design: the encoder deployment wraps :class:`serve.embedder.EncoderRunner` and adds
+``@serve.batch`` (concurrent requests share one forward pass, on GPU when present); the ingress
+builds the app from :func:`serve.app.create_app` at replica start and decodes uploads itself,
+sending decoded pixel arrays (never UploadFile objects) to the encoder handle.
+
+``build_app(args)`` is the import path that ``serve run``/``serve deploy`` and a KubeRay
+RayService use (``serve.deployment:build_app``); ``radjepa serve`` calls the same builder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from serve.embedder import EncoderRunner, ImageEmbedding, ModelInfo, Preprocess, pick_device
+from serve.security import ApiSettings, settings_from_config
+
+__all__ = ["EncoderDeployment", "ApiIngress", "RemoteEmbedder", "build_app", "app_from_config"]
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="RadjepaEncoder")
+class EncoderDeployment:
+    """The model replica: loads the checkpoint once and runs batched forwards."""
+
+    def __init__(
+        self,
+        model_ref: str,
+        *,
+        use_gpu: str = "auto",
+        tracking_uri: str | None = None,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.01,
+    ) -> None:
+        from serve.registry import resolve_model
+
+        resolved = resolve_model(model_ref, tracking_uri=tracking_uri)
+        device = pick_device(use_gpu)
+        if device == "cpu":
+            # Ray pins actors to OMP_NUM_THREADS=num_cpus (1): a CPU forward would use one core
+            # while batching exists precisely to feed a wide forward. Use the node's cores.
+            import os
+
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+        self.runner = EncoderRunner.from_checkpoint(
+            resolved.path,
+            device=device,
+            name=resolved.name,
+            version=resolved.version,
+            source=resolved.source,
+        )
+        self.embed_batch.set_max_batch_size(max_batch_size)
+        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def describe(self) -> tuple[ModelInfo, Preprocess]:
+        return self.runner.info, self.runner.preprocess
+
+    def ready(self) -> bool:
+        return True
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def embed_batch(self, items: list[tuple[np.ndarray, bool]]) -> list[ImageEmbedding]:
+        images = [img for img, _ in items]
+        want = [w for _, w in items]
+        # the forward runs in a thread so the replica keeps accepting (and batching) requests
+        return await asyncio.to_thread(self.runner.run, images, want)
+
+    async def embed_one(self, image: np.ndarray, want_tokens: bool = False) -> ImageEmbedding:
+        return await self.embed_batch((image, want_tokens))
+
+
+class RemoteEmbedder:
+    """The :class:`serve.embedder.Embedder` protocol over an encoder deployment handle.
+
+    Each image is its own batched call, so the files of one multipart request and images from
+    concurrent requests all merge into the same forward passes.
+    """
+
+    def __init__(self, handle: DeploymentHandle, info: ModelInfo, preprocess: Preprocess) -> None:
+        self.handle = handle
+        self.info = info
+        self.preprocess = preprocess
+
+    async def embed(
+        self, images: list[np.ndarray], *, patch_tokens: bool = False
+    ) -> list[ImageEmbedding]:
+        calls = [self.handle.embed_one.remote(img, patch_tokens) for img in images]
+        return list(await asyncio.gather(*calls))
+
+    async def ready(self) -> bool:
+        return bool(await self.handle.ready.remote())
+
+
+@serve.deployment(name="RadjepaAPI")
+@serve.ingress()
+class ApiIngress:
+    """HTTP ingress: auth, limits and decoding happen here; the forward happens in the encoder."""
+
+    def __init__(
+        self,
+        encoder: DeploymentHandle,
+        settings: dict[str, Any],
+        head: str | None = None,
+        index: str | None = None,
+    ) -> None:
+        self._encoder = encoder
+        self._settings = ApiSettings.model_validate(settings)
+        self._head = head
+        self._index = index
+
+    async def __serve_build_asgi_app__(self):  # noqa: N807 - Ray Serve's hook name
+        from serve.app import create_app
+        from serve.index import EmbeddingIndex
+
+        info, preprocess = await self._encoder.describe.remote()
+        head = None
+        if self._head:
+            from radjepa.eval.heads import load_head
+
+            head = load_head(self._head)
+        index = EmbeddingIndex.from_parquet(self._index) if self._index else None
+        return create_app(
+            RemoteEmbedder(self._encoder, info, preprocess),
+            settings=self._settings,
+            head=head,
+            index=index,
+            head_source=self._head,
+        )
+
+
+def _scaling(cfg_serve: Any) -> dict[str, Any]:
+    if cfg_serve.num_replicas == "auto":
+        return {
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": cfg_serve.max_replicas,
+                "target_ongoing_requests": max(2, cfg_serve.max_batch_size // 2),
+            }
+        }
+    return {"num_replicas": int(cfg_serve.num_replicas)}
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.is_initialized() and float(ray.cluster_resources().get("GPU", 0.0)) > 0.0
+
+
+def app_from_config(cfg: Any, *, settings: ApiSettings | None = None) -> Application:
+    """Bind the two deployments from a validated Config (``cfg.serve`` says what to serve)."""
+    sc = cfg.serve
+    if not sc.model:
+        raise ValueError(
+            "no model to serve: set serve.model (or --model) to a checkpoint "
+            "folder or models:/<name>@<alias>"
+        )
+    if not sc.model.startswith("models:/"):
+        from radjepa.checkpoint import read_meta
+
+        read_meta(sc.model)  # fail here, readably, instead of inside a replica
+    settings = settings or settings_from_config(sc, secret_env=cfg.ingest.secret_env)
+    gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and _cluster_has_gpus())
+    if sc.use_gpu == "true" and not _cluster_has_gpus():
+        raise ValueError("serve.use_gpu=true but the Ray cluster has no GPUs")
+    encoder = EncoderDeployment.options(
+        ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
+        # the encoder must admit a whole batch at once, or @serve.batch never fills
+        max_ongoing_requests=max(sc.max_ongoing_requests, 2 * sc.max_batch_size),
+        **_scaling(sc),
+    ).bind(
+        sc.model,
+        use_gpu="true" if gpu else "false",
+        tracking_uri=cfg.tracking.uri,
+        max_batch_size=sc.max_batch_size,
+        batch_wait_timeout_s=sc.batch_wait_timeout_s,
+    )
+    return ApiIngress.options(
+        ray_actor_options={"num_cpus": 1},
+        max_ongoing_requests=sc.max_ongoing_requests,
+        **_scaling(sc),
+    ).bind(encoder, settings.model_dump(), sc.head, sc.index)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """``serve deploy`` / RayService entry: ``args`` = {config, set, model, head, index,
+    insecure_local, api_keys_file} (all optional except a model from args or config)."""
+    from radjepa.config import load_config
+
+    direct: dict[str, Any] = {
+        f"serve.{key}": args[key]
+        for key in ("model", "head", "index", "api_keys_file")
+        if args.get(key) is not None
+    }
+    if args.get("insecure_local"):
+        direct["serve.insecure_local"] = True
+    cfg = load_config(args.get("config"), list(args.get("set") or []))
+    if direct:  # values given as-is (no YAML parsing of paths or models:/ URIs)
+        cfg = cfg.with_overrides(direct)
+    return app_from_config(cfg)

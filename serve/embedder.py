@@ -1,0 +1,186 @@
+"""The model side of the service: checkpoint -> encoder forward on a batch of decoded images.
+
+``EncoderRunner`` is plain torch (no Ray, no HTTP) and is shared by three callers: the Ray
+Serve encoder deployment (batched across requests), the in-process ``LocalEmbedder`` used by
+tests and by the naive baseline in ``bench/serve.py``, and the ``radjepa embed`` batch job.
+The HTTP app only sees the :class:`Embedder` protocol, so it never knows whether the forward
+runs in-process or behind a Ray Serve handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+__all__ = [
+    "ModelInfo",
+    "Preprocess",
+    "ImageEmbedding",
+    "EncoderRunner",
+    "Embedder",
+    "LocalEmbedder",
+    "pick_device",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the served weights, echoed in every response."""
+
+    name: str
+    version: str
+    step: int | None
+    arch: str
+    patch_size: int
+    img_size: int
+    embed_dim: int
+    source: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Decode settings the checkpoint was trained with (they travel with the weights)."""
+
+    image_size: int
+    dtype: str
+    window_percentiles: tuple[float, float]
+
+
+@dataclass
+class ImageEmbedding:
+    """One image's result; ``batch_size`` is how many images shared its forward pass."""
+
+    embedding: np.ndarray  # [D] float32
+    patch_tokens: np.ndarray | None  # [N, D] float32, only when asked for
+    batch_size: int
+
+
+def pick_device(use_gpu: str | bool = "auto") -> str:
+    """'cuda' when asked for (or 'auto' and present), else 'cpu'."""
+    import torch
+
+    if use_gpu in (True, "true"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("use_gpu=true but no CUDA device is visible to this process")
+        return "cuda"
+    if use_gpu in ("auto",) and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+class EncoderRunner:
+    """A loaded target encoder plus the preprocessing contract it was trained with."""
+
+    def __init__(self, encoder, cfg, *, info: ModelInfo, device: str = "cpu") -> None:
+        self.encoder = encoder.to(device).eval()
+        self.device = device
+        self.info = info
+        self.preprocess = Preprocess(
+            image_size=cfg.ingest.image_size,
+            dtype=cfg.ingest.dtype,
+            window_percentiles=tuple(cfg.ingest.window_percentiles),
+        )
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        name: str | None = None,
+        version: str | None = None,
+        source: str | None = None,
+    ) -> EncoderRunner:
+        """Load the TARGET encoder (the one the method evaluates) strictly from a checkpoint."""
+        from radjepa.checkpoint import load_encoder, read_meta
+
+        encoder, cfg = load_encoder(str(path), which="target", map_location="cpu")
+        meta = read_meta(str(path))
+        step = meta.get("step")
+        step = int(step) if step is not None else None
+        info = ModelInfo(
+            name=name or str(meta.get("run_name") or cfg.train.run_name),
+            version=version or (f"step-{step}" if step is not None else "unversioned"),
+            step=step,
+            arch=cfg.model.arch,
+            patch_size=cfg.model.patch_size,
+            img_size=cfg.model.img_size,
+            embed_dim=int(encoder.embed_dim),
+            source=source or str(path),
+        )
+        log.info(
+            "loaded encoder %s %s (%s, dim %d) on %s",
+            info.name,
+            info.version,
+            info.arch,
+            info.embed_dim,
+            device,
+        )
+        return cls(encoder, cfg, info=info, device=device)
+
+    def run(self, images: list[np.ndarray], want_tokens: list[bool]) -> list[ImageEmbedding]:
+        """One forward over ``images`` (each [S, S] stored pixels) -> one result per image."""
+        import torch
+
+        from radjepa.transforms import prepare_images
+
+        if not images:
+            return []
+        x = prepare_images(images, self.info.img_size).to(self.device)  # [B, 1, S, S]
+        with torch.inference_mode():
+            pooled = self.encoder.embed(x).float().cpu().numpy()  # [B, D]
+            tokens = None
+            if any(want_tokens):
+                tokens = self.encoder(x).float().cpu().numpy()  # [B, N, D]
+        n = len(images)
+        return [
+            ImageEmbedding(
+                embedding=pooled[i],
+                patch_tokens=tokens[i] if tokens is not None and want_tokens[i] else None,
+                batch_size=n,
+            )
+            for i in range(n)
+        ]
+
+
+class Embedder(Protocol):
+    """What the HTTP app needs from the model side."""
+
+    info: ModelInfo
+    preprocess: Preprocess
+
+    async def embed(
+        self, images: list[np.ndarray], *, patch_tokens: bool = False
+    ) -> list[ImageEmbedding]: ...
+
+    async def ready(self) -> bool: ...
+
+
+class LocalEmbedder:
+    """In-process embedder: one forward per request, in a worker thread (no batching).
+
+    Used where Ray is not wanted: route tests, and the naive baseline in the benchmark.
+    """
+
+    def __init__(self, runner: EncoderRunner) -> None:
+        self.runner = runner
+        self.info = runner.info
+        self.preprocess = runner.preprocess
+
+    async def embed(
+        self, images: list[np.ndarray], *, patch_tokens: bool = False
+    ) -> list[ImageEmbedding]:
+        return await asyncio.to_thread(self.runner.run, images, [patch_tokens] * len(images))
+
+    async def ready(self) -> bool:
+        return True

@@ -1,0 +1,62 @@
+"""``radjepa serve``: the same two deployments, started in-process on a local Ray.
+
+Kept apart from the CLI so the foreground loop and the Ray Serve start/stop are plain
+functions; ``build_app`` remains the entry point for ``serve deploy`` and RayService.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from radjepa.config import Config
+from serve.security import settings_from_config
+
+__all__ = ["start_local", "stop_local", "curl_example"]
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "radjepa"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start_local(cfg: Config) -> str:
+    """Deploy the API on the connected Ray and return its base URL (port 0 = any free port).
+
+    Raises SecurityConfigError before anything starts when no API key is configured and
+    insecure local mode was not asked for.
+    """
+    from ray import serve
+
+    from serve.deployment import app_from_config
+
+    settings = settings_from_config(cfg.serve, secret_env=cfg.ingest.secret_env)
+    port = cfg.serve.port or _free_port(cfg.serve.host)
+    serve.start(
+        http_options={
+            "host": cfg.serve.host,
+            "port": port,
+            "request_timeout_s": cfg.serve.request_timeout_s + 5.0,
+        }
+    )
+    serve.run(app_from_config(cfg, settings=settings), name=APP_NAME, route_prefix="/")
+    return f"http://{cfg.serve.host}:{port}"
+
+
+def stop_local() -> None:
+    from ray import serve
+
+    serve.shutdown()
+
+
+def curl_example(url: str, *, with_key: bool) -> str:
+    auth = '-H "Authorization: Bearer $RADJEPA_API_KEY" ' if with_key else ""
+    return (
+        f"curl -s {auth}-H 'Content-Type: application/dicom' "
+        f"--data-binary @image.dcm {url}/v1/embed"
+    )

@@ -1,0 +1,118 @@
+"""Request/response models of the HTTP API: one pydantic class per resource.
+
+Every route declares ``response_model=`` with these, so the OpenAPI document at
+``/openapi.json`` is the exact contract callers (and schemathesis) check against.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "ModelInfoOut",
+    "EmbeddingOut",
+    "EmbedResponse",
+    "ClassificationOut",
+    "ClassifyResponse",
+    "Neighbour",
+    "SimilarOut",
+    "SimilarResponse",
+    "ModelsResponse",
+    "Health",
+    "Readiness",
+    "ErrorOut",
+]
+
+
+class ModelInfoOut(BaseModel):
+    """Which weights produced an answer: enough to reproduce it later."""
+
+    name: str = Field(description="model name (registry name or training run name)")
+    version: str = Field(description="registry version, or 'step-N' for a checkpoint folder")
+    step: int | None = Field(None, description="training step of the checkpoint")
+    arch: str = Field(description="encoder architecture, e.g. vit_base")
+    patch_size: int
+    img_size: int = Field(description="model input size in pixels")
+    embed_dim: int
+    source: str = Field(description="checkpoint path or models:/ URI the weights came from")
+
+
+class EmbeddingOut(BaseModel):
+    """The pooled embedding of one image (and optionally its patch tokens)."""
+
+    image_id: str = Field(description="sha256 hex of the uploaded bytes")
+    filename: str | None = Field(None, description="multipart file name, when given")
+    dim: int
+    embedding: list[float] = Field(description="target encoder, average-pooled over patches")
+    patch_tokens: list[list[float]] | None = Field(
+        None, description="[num_patches][dim] token embeddings, only with ?patch_tokens=true"
+    )
+    batch_size: int = Field(
+        description="images in the encoder forward pass that computed this embedding "
+        "(> 1 when concurrent requests were batched together)"
+    )
+
+
+class EmbedResponse(BaseModel):
+    model: ModelInfoOut
+    results: list[EmbeddingOut]
+
+
+class ClassificationOut(BaseModel):
+    image_id: str
+    filename: str | None = None
+    probabilities: dict[str, float] = Field(description="label -> probability from the probe head")
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelInfoOut
+    head: str = Field(description="probe head the probabilities came from")
+    results: list[ClassificationOut]
+
+
+class Neighbour(BaseModel):
+    """One archive image; identifiers are keyed pseudonyms, never raw DICOM identifiers."""
+
+    image_id: str
+    score: float = Field(description="cosine similarity in [-1, 1]")
+    patient_pid: str | None = None
+    study_pid: str | None = None
+    series_pid: str | None = None
+    instance_pid: str | None = None
+
+
+class SimilarOut(BaseModel):
+    image_id: str
+    filename: str | None = None
+    neighbours: list[Neighbour]
+
+
+class SimilarResponse(BaseModel):
+    model: ModelInfoOut
+    index_size: int
+    results: list[SimilarOut]
+
+
+class ModelsResponse(BaseModel):
+    model: ModelInfoOut
+    head: str | None = Field(None, description="probe head path, when /v1/classify is enabled")
+    labels: list[str] = Field(default_factory=list)
+    index: str | None = Field(None, description="index path, when /v1/similar is enabled")
+    index_size: int = 0
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model: str | None = None
+
+
+class ErrorOut(BaseModel):
+    """Every error body: a human-readable message and, for rejected images, a machine reason."""
+
+    detail: str
+    reason: str | None = Field(None, description="machine-readable cause, e.g. 'not_dicom'")
+    filename: str | None = None

@@ -1,0 +1,114 @@
+"""Builders shared by the serve/embed tests: a tiny checkpoint, real DICOM bytes, a probe head,
+an index in the ``radjepa embed`` output format, and a free loopback port."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
+API_KEY = "test-key-0123456789abcdef"
+OTHER_KEY = "wrong-key-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_checkpoint(folder: Path, step: int = 7) -> Path:
+    """A randomly initialised tiny ViT saved with the core's own build/save functions."""
+    from radjepa.checkpoint import save
+    from radjepa.config import load_config
+    from radjepa.models.encoder import build_encoder
+
+    cfg = load_config(TINY_CONFIG)
+    save(folder, build_encoder(cfg), cfg, step=step)
+    return folder
+
+
+def nih_pngs(nih_dir: Path, n: int) -> list[Path]:
+    return sorted((nih_dir / "images").glob("*.png"))[:n]
+
+
+def dicom_from_png(png: Path) -> bytes:
+    """Real DICOM bytes (DX, MONOCHROME2, 8-bit, explicit VR LE) holding the PNG's pixels."""
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        DigitalXRayImageStorageForPresentation,
+        ExplicitVRLittleEndian,
+        generate_uid,
+    )
+
+    arr = np.asarray(Image.open(png).convert("L"), dtype=np.uint8)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "TEST-PATIENT"
+    ds.PatientName = "Test^Patient"
+    ds.Modality = "DX"
+    ds.ViewPosition = "PA"
+    ds.Rows, ds.Columns = arr.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = arr.tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def make_head(folder: Path, dim: int, labels: tuple[str, ...] = ("Effusion", "Cardiomegaly")):
+    """A fitted probe head (eval module's own fit/save path) on random features."""
+    from radjepa.eval.heads import ProbeHead, save_head
+
+    rng = np.random.default_rng(0)
+    head = ProbeHead(rng.normal(size=(dim, len(labels))) * 0.1, np.zeros(len(labels)), labels)
+    save_head(folder, head)
+    return folder
+
+
+def write_index(path: Path, embeddings: np.ndarray, image_ids: list[str]) -> Path:
+    """Parquet in the exact layout ``pipelines.embed`` writes."""
+    n, dim = embeddings.shape
+    pid = [hashlib.sha256(f"p{i}".encode()).hexdigest()[:32] for i in range(n)]
+    table = pa.table(
+        {
+            "image_id": pa.array(image_ids, pa.string()),
+            "patient_pid": pa.array(pid, pa.string()),
+            "study_pid": pa.array(pid, pa.string()),
+            "series_pid": pa.array([None] * n, pa.string()),
+            "instance_pid": pa.array(pid, pa.string()),
+            "model": pa.array(["tiny:step-7"] * n, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(embeddings.astype(np.float32).reshape(-1)), dim
+            ),
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

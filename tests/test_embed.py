@@ -1,0 +1,146 @@
+"""``radjepa embed``: ingest shards -> Ray Data actor pool -> embeddings Parquet -> index."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from serve_helpers import TINY_CONFIG, make_checkpoint, nih_pngs
+
+from pipelines.embed import OUTPUT_COLUMNS
+
+pytestmark = pytest.mark.ray
+
+N_IMAGES = 10
+
+
+def _write_shards(dst, nih_dir):
+    """Two shards in the ingest schema (radjepa.shards.SHARD_SCHEMA), via the ingest decoder."""
+    from radjepa.imaging.decode import decode_image
+    from radjepa.shards import IMAGES_DIR, SHARD_SCHEMA, pixels_to_bytes
+
+    rows = []
+    for i, png in enumerate(nih_pngs(nih_dir, N_IMAGES)):
+        decoded = decode_image(png.read_bytes(), size=256, dtype="uint8", secret=b"s" * 32)
+        pid = hashlib.sha256(f"patient{i // 2}".encode()).hexdigest()[:32]
+        row = dict.fromkeys(SHARD_SCHEMA.names)
+        row.update(decoded.meta)
+        row.update(
+            pixels=pixels_to_bytes(decoded.pixels),
+            height=256,
+            width=256,
+            dtype="uint8",
+            patient_pid=pid,
+            study_pid=pid,
+            series_pid=None,
+            instance_pid=pid[::-1],
+        )
+        rows.append(row)
+    (dst / IMAGES_DIR).mkdir(parents=True)
+    half = N_IMAGES // 2
+    for k, part in enumerate((rows[:half], rows[half:])):
+        table = pa.Table.from_pylist(part, SHARD_SCHEMA)
+        pq.write_table(table, dst / IMAGES_DIR / f"part-{k:05d}.parquet")
+    return rows
+
+
+@pytest.fixture(scope="module")
+def embedded(ray_session, tmp_path_factory, nih_dir):
+    """One run of the real command line: `radjepa embed SHARDS OUT --model CKPT`."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from radjepa.config import load_config
+
+    root = tmp_path_factory.mktemp("embed")
+    rows = _write_shards(root / "ingest", nih_dir)
+    ckpt = make_checkpoint(root / "ckpt")
+    out = root / "index"
+    args = [
+        "embed",
+        str(root / "ingest"),
+        str(out),
+        "--model",
+        str(ckpt),
+        "--config",
+        str(TINY_CONFIG),
+        "--batch-size",
+        "4",
+        "--actors",
+        "1",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {
+        "root": root,
+        "rows": rows,
+        "ckpt": ckpt,
+        "out": out,
+        "output": result.output,
+        "cfg": load_config(TINY_CONFIG),
+    }
+
+
+def test_every_image_is_embedded_with_its_ids(embedded):
+    assert f"embedded {N_IMAGES} images (dim 192, model tiny:step-7)" in embedded["output"]
+    table = pq.read_table(embedded["out"])
+    assert table.column_names == list(OUTPUT_COLUMNS)
+    assert sorted(table.column("image_id").to_pylist()) == sorted(
+        r["image_id"] for r in embedded["rows"]
+    )
+    by_id = {r["image_id"]: r for r in embedded["rows"]}
+    for row in table.select(["image_id", "patient_pid", "series_pid"]).to_pylist():
+        assert row["patient_pid"] == by_id[row["image_id"]]["patient_pid"]
+        assert row["series_pid"] is None
+    assert "pixels" not in table.column_names  # the index carries no image data
+
+
+def test_batch_embeddings_equal_the_served_model_on_the_same_pixels(embedded):
+    from radjepa.shards import pixels_from_bytes
+    from serve.embedder import EncoderRunner
+
+    runner = EncoderRunner.from_checkpoint(embedded["ckpt"])
+    table = pq.read_table(embedded["out"])
+    got = {
+        i: np.asarray(e, np.float32)
+        for i, e in zip(
+            table.column("image_id").to_pylist(), table.column("embedding").to_pylist(), strict=True
+        )
+    }
+    rows = embedded["rows"][:3]
+    pixels = [pixels_from_bytes(r["pixels"], 256, 256, "uint8") for r in rows]
+    for r, out in zip(rows, runner.run(pixels, [False] * 3), strict=True):
+        np.testing.assert_allclose(got[r["image_id"]], out.embedding, rtol=1e-4, atol=1e-4)
+
+
+def test_output_loads_as_the_similar_case_index(embedded):
+    from serve.index import EmbeddingIndex
+
+    index = EmbeddingIndex.from_parquet(embedded["out"])
+    assert len(index) == N_IMAGES and index.dim == 192
+    first = embedded["rows"][4]["image_id"]
+    query = index.matrix[index.image_ids.index(first)]
+    hits = index.search(query, 3)
+    assert hits[0].image_id == first and hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].pids["patient_pid"] == embedded["rows"][4]["patient_pid"]
+
+
+def test_user_errors_are_named(embedded, tmp_path):
+    from pipelines.embed import EmbedError, run_embed
+
+    with pytest.raises(EmbedError, match="no Parquet shards"):
+        run_embed(embedded["cfg"], tmp_path, tmp_path / "o", model=embedded["ckpt"])
+    with pytest.raises(EmbedError, match="already holds Parquet"):
+        run_embed(
+            embedded["cfg"],
+            embedded["root"] / "ingest",
+            embedded["out"],
+            model=embedded["ckpt"],
+        )
+    with pytest.raises(EmbedError, match="checkpoint not found"):
+        run_embed(
+            embedded["cfg"], embedded["root"] / "ingest", tmp_path / "o", model=tmp_path / "nope"
+        )

@@ -1,0 +1,394 @@
+"""The FastAPI app from ``create_app`` with an in-process encoder: routes, limits and errors.
+
+No Ray here: the factory receives its model, so every route is exercised directly. The same
+app runs behind Ray Serve in tests/test_serve_ray.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from serve_helpers import (
+    API_KEY,
+    OTHER_KEY,
+    REPO,
+    cosine,
+    dicom_from_png,
+    make_checkpoint,
+    make_head,
+    nih_pngs,
+    write_index,
+)
+
+from serve.app import create_app
+from serve.embedder import EncoderRunner, LocalEmbedder
+from serve.index import EmbeddingIndex
+from serve.security import (
+    ApiSettings,
+    SecurityConfigError,
+    key_digest,
+    load_api_keys,
+    settings_from_config,
+)
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+MAX_BODY = 2 * 1024**2
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, nih_dir):
+    """Checkpoint, runner, head, an index of 6 NIH images, and their PNG bytes."""
+    from radjepa.eval.heads import load_head
+
+    root = tmp_path_factory.mktemp("serve_app")
+    runner = EncoderRunner.from_checkpoint(make_checkpoint(root / "ckpt"))
+    pngs = [p.read_bytes() for p in nih_pngs(nih_dir, 6)]
+    embedder = LocalEmbedder(runner)
+    head_dir = make_head(root / "head", runner.info.embed_dim)
+
+    from radjepa.imaging.decode import decode_image
+
+    pre = runner.preprocess
+    pixels = [
+        decode_image(
+            b,
+            size=pre.image_size,
+            dtype=pre.dtype,
+            window_percentiles=pre.window_percentiles,
+            secret=b"k" * 32,
+        ).pixels
+        for b in pngs
+    ]
+    emb = np.stack([r.embedding for r in runner.run(pixels, [False] * len(pixels))])
+    ids = [hashlib.sha256(b).hexdigest() for b in pngs]
+    index = EmbeddingIndex.from_parquet(write_index(root / "index" / "part-0.parquet", emb, ids))
+    return {
+        "root": root,
+        "runner": runner,
+        "embedder": embedder,
+        "head": load_head(head_dir),
+        "head_dir": head_dir,
+        "index": index,
+        "pngs": pngs,
+        "png_paths": nih_pngs(nih_dir, 6),
+        "emb": emb,
+    }
+
+
+def _settings(**kw) -> ApiSettings:
+    base = {"key_digests": (key_digest(API_KEY),), "max_body_bytes": MAX_BODY}
+    return ApiSettings(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def client(world) -> TestClient:
+    app = create_app(
+        world["embedder"],
+        settings=_settings(),
+        head=world["head"],
+        index=world["index"],
+        head_source=str(world["head_dir"]),
+    )
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def _post(client, path, data, media="image/png", headers=AUTH, **kw):
+    return client.post(path, content=data, headers={**headers, "content-type": media}, **kw)
+
+
+def test_embed_png_returns_pooled_embedding_model_and_sha256_id(client, world):
+    r = _post(client, "/v1/embed", world["pngs"][0])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["name"] == "tiny" and body["model"]["version"] == "step-7"
+    (res,) = body["results"]
+    assert res["image_id"] == hashlib.sha256(world["pngs"][0]).hexdigest()
+    assert res["dim"] == world["runner"].info.embed_dim == len(res["embedding"])
+    assert res["patch_tokens"] is None
+    np.testing.assert_allclose(res["embedding"], world["emb"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_dicom_and_png_of_the_same_image_embed_alike(client, world):
+    dcm = dicom_from_png(world["png_paths"][1])
+    a = _post(client, "/v1/embed", dcm, "application/dicom").json()["results"][0]
+    b = _post(client, "/v1/embed", world["pngs"][1]).json()["results"][0]
+    assert a["image_id"] != b["image_id"]  # different bytes ...
+    assert cosine(a["embedding"], b["embedding"]) > 0.99  # ... same picture
+
+
+def test_multipart_embeds_each_file_and_returns_patch_tokens(client, world):
+    files = [("files", (f"x{i}.png", world["pngs"][i], "image/png")) for i in range(3)]
+    files.append(
+        ("more", ("y.dcm", dicom_from_png(world["png_paths"][0]), "application/octet-stream"))
+    )
+    r = client.post("/v1/embed", files=files, params={"patch_tokens": "true"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["filename"] for x in res] == ["x0.png", "x1.png", "x2.png", "y.dcm"]
+    info = world["runner"].info
+    n_patches = (info.img_size // info.patch_size) ** 2
+    for x in res:
+        assert np.asarray(x["patch_tokens"]).shape == (n_patches, info.embed_dim)
+        assert x["batch_size"] == 4  # the in-process embedder runs one forward per request
+    assert cosine(res[0]["embedding"], res[3]["embedding"]) > 0.99
+
+
+def test_classify_returns_head_probabilities_per_label(client, world):
+    r = _post(client, "/v1/classify", world["pngs"][2])
+    assert r.status_code == 200, r.text
+    probs = r.json()["results"][0]["probabilities"]
+    head = world["head"]
+    assert list(probs) == list(head.label_names)
+    expected = head.predict_proba(world["emb"][2][None])[0]
+    np.testing.assert_allclose(list(probs.values()), expected, rtol=1e-4, atol=1e-5)
+    assert all(0.0 <= p <= 1.0 for p in probs.values())
+
+
+def test_similar_ranks_the_query_image_first_with_pseudonymised_ids(client, world):
+    r = _post(client, "/v1/similar", world["pngs"][3], params={"k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["index_size"] == 6
+    hits = body["results"][0]["neighbours"]
+    assert len(hits) == 3
+    assert hits[0]["image_id"] == hashlib.sha256(world["pngs"][3]).hexdigest()
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert len(hits[0]["patient_pid"]) == 32 and hits[0]["series_pid"] is None
+
+
+def test_models_lists_model_head_and_index(client, world):
+    body = client.get("/v1/models", headers=AUTH).json()
+    assert body["model"]["embed_dim"] == world["runner"].info.embed_dim
+    assert body["labels"] == list(world["head"].label_names)
+    assert body["index_size"] == 6
+
+
+def test_probes_and_docs_need_no_key(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json()["ready"] is True
+    assert client.get("/docs").status_code == 200
+    assert "/v1/similar" in client.get("/openapi.json").json()["paths"]
+
+
+def test_classify_and_similar_answer_503_when_not_configured(world):
+    bare = TestClient(create_app(world["embedder"], settings=_settings()))
+    for path in ("/v1/classify", "/v1/similar"):
+        r = _post(bare, path, world["pngs"][0])
+        assert r.status_code == 503
+        assert "configured" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "why"),
+    [
+        ({}, "missing"),
+        ({"Authorization": f"Bearer {OTHER_KEY}"}, "invalid"),
+        ({"Authorization": f"Basic {API_KEY}"}, "missing"),
+    ],
+)
+def test_missing_or_wrong_key_is_401_with_challenge(client, world, headers, why):
+    r = _post(client, "/v1/embed", world["pngs"][0], headers=headers)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert why in r.json()["detail"]
+    assert client.get("/v1/models", headers=headers).status_code == 401
+
+
+def _truncated_dicom(world) -> bytes:
+    full = dicom_from_png(world["png_paths"][0])
+    return full[: len(full) // 2]
+
+
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [
+        ("text_plain", 415),
+        ("no_content_type", 415),
+        ("multipart_text_part", 415),
+        ("declared_too_large", 413),
+        ("streamed_too_large", 413),
+        ("truncated_dicom", 422),
+        ("junk_bytes", 422),
+        ("empty_body", 422),
+        ("multipart_without_files", 422),
+        ("bad_k", 422),
+    ],
+)
+def test_bad_input_gets_its_4xx_never_a_500(client, world, case, status):
+    png = world["pngs"][0]
+    if case == "text_plain":
+        r = _post(client, "/v1/embed", b"hello", "text/plain")
+    elif case == "no_content_type":
+        r = client.post("/v1/embed", content=png, headers=AUTH)
+    elif case == "multipart_text_part":
+        r = client.post("/v1/embed", files={"f": ("a.txt", b"hi", "text/plain")}, headers=AUTH)
+    elif case == "declared_too_large":
+        r = _post(
+            client, "/v1/embed", b"x" * 16, headers={**AUTH, "content-length": str(MAX_BODY + 1)}
+        )
+    elif case == "streamed_too_large":
+        chunks = (b"\0" * 65536 for _ in range(MAX_BODY // 65536 + 2))  # chunked: no length
+        r = _post(client, "/v1/embed", chunks, "application/dicom")
+    elif case == "truncated_dicom":
+        r = _post(client, "/v1/embed", _truncated_dicom(world), "application/dicom")
+    elif case == "junk_bytes":
+        r = _post(client, "/v1/embed", np.random.default_rng(1).bytes(4096), "image/jpeg")
+    elif case == "empty_body":
+        r = _post(client, "/v1/embed", b"")
+    elif case == "multipart_without_files":
+        body = b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\nb\r\n--B--\r\n'
+        r = _post(client, "/v1/embed", body, "multipart/form-data; boundary=B")
+    else:
+        r = _post(client, "/v1/similar", png, params={"k": 0})
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["detail"] and "Traceback" not in r.text
+    if status == 422 and case not in ("bad_k",):
+        assert body["reason"]
+
+
+def test_unexpected_failure_is_a_generic_500_without_details(world):
+    runner = EncoderRunner.from_checkpoint(Path(world["runner"].info.source))
+    app = create_app(LocalEmbedder(runner), settings=_settings())
+    runner.encoder = None  # the model vanished under the service: a server fault
+    r = _post(TestClient(app, raise_server_exceptions=False), "/v1/embed", world["pngs"][0])
+    assert r.status_code == 500
+    assert r.json()["detail"] == "internal server error" and "NoneType" not in r.text
+
+
+def test_request_deadline_gives_504(world):
+    app = create_app(world["embedder"], settings=_settings(request_timeout_s=1e-4))
+    r = _post(TestClient(app), "/v1/embed", world["pngs"][0])
+    assert r.status_code == 504 and r.json()["reason"] == "timeout"
+
+
+def test_refuses_to_start_without_keys_unless_insecure_local(world, monkeypatch, tmp_path):
+    from radjepa.config import ServeConfig
+
+    monkeypatch.delenv("RADJEPA_API_KEYS", raising=False)
+    with pytest.raises(SecurityConfigError, match="no API keys"):
+        create_app(world["embedder"], settings=ApiSettings())
+    with pytest.raises(SecurityConfigError, match="insecure-local"):
+        settings_from_config(ServeConfig(), secret_env="X")
+    local = TestClient(create_app(world["embedder"], settings=ApiSettings(insecure_local=True)))
+    assert _post(local, "/v1/embed", world["pngs"][0], headers={}).status_code == 200
+
+    keyfile = tmp_path / "keys"
+    keyfile.write_text(f"# service keys\n{API_KEY}\n\n")
+    monkeypatch.setenv("RADJEPA_API_KEYS", f" {OTHER_KEY} ,")
+    assert load_api_keys("RADJEPA_API_KEYS", keyfile) == [OTHER_KEY, API_KEY]
+    s = settings_from_config(ServeConfig(api_keys_file=str(keyfile)), secret_env="X")
+    assert set(s.key_digests) == {key_digest(API_KEY), key_digest(OTHER_KEY)}
+    assert API_KEY not in s.model_dump_json()  # only digests travel
+    monkeypatch.setenv("RADJEPA_API_KEYS", "short")
+    with pytest.raises(SecurityConfigError, match="shorter than 16"):
+        load_api_keys("RADJEPA_API_KEYS", None)
+
+
+def test_head_or_index_of_the_wrong_size_is_refused(world):
+    small = EmbeddingIndex(np.ones((2, 3), np.float32), ["a", "b"])
+    with pytest.raises(ValueError, match="rebuild it"):
+        create_app(world["embedder"], settings=_settings(), index=small)
+
+
+def test_openapi_fuzz_finds_no_server_error(client):
+    """schemathesis generates requests from /openapi.json for every operation (bounded)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    api = schemathesis.openapi.from_asgi("/openapi.json", client.app)
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/embed", "/v1/classify", "/v1/similar"}
+    for op in operations:
+
+        @given(case=op.as_strategy())
+        @settings(
+            max_examples=6,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+        def fuzz(case):
+            for headers in ({}, AUTH):  # unauthenticated and authenticated traffic
+                case.call_and_validate(headers=headers, checks=[not_a_server_error])
+
+        fuzz()
+
+
+def test_head_for_another_encoder_is_refused(world, tmp_path):
+    from radjepa.eval.heads import load_head
+
+    other = load_head(make_head(tmp_path / "h", world["runner"].info.embed_dim + 1))
+    with pytest.raises(ValueError, match="train a head on this encoder"):
+        create_app(world["embedder"], settings=_settings(), head=other)
+
+
+def test_deploy_yaml_is_a_valid_serve_config_whose_builder_binds(world, monkeypatch):
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.deployment import build_app
+
+    spec = ServeDeploySchema.model_validate(
+        yaml.safe_load((REPO / "serve" / "deploy.yaml").read_text())
+    )
+    (application,) = spec.applications
+    assert application.import_path == "serve.deployment:build_app"
+    args = dict(
+        application.args,
+        config=str(REPO / application.args["config"]),
+        model=world["runner"].info.source,
+    )
+    monkeypatch.delenv("RADJEPA_API_KEYS", raising=False)
+    with pytest.raises(SecurityConfigError):  # production config: no keys, no start
+        build_app(args)
+    monkeypatch.setenv("RADJEPA_API_KEYS", API_KEY)
+    assert isinstance(build_app(args), Application)
+
+
+def test_registry_alias_resolves_to_the_checkpoint_folder(world, tmp_path):
+    import mlflow
+
+    from pipelines.tracking import register_artifact_dir
+    from serve.registry import ModelNotFound, resolve_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("serve-test", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    ckpt = Path(world["runner"].info.source)
+    client.log_artifacts(run.info.run_id, str(ckpt), "checkpoint")
+    version = register_artifact_dir(
+        uri, run.info.run_id, "checkpoint", "tiny-enc", alias="champion"
+    )
+
+    resolved = resolve_model("models:/tiny-enc@champion", tracking_uri=uri)
+    assert (resolved.name, resolved.version) == ("tiny-enc", version)
+    runner = EncoderRunner.from_checkpoint(
+        resolved.path, name=resolved.name, version=resolved.version, source=resolved.source
+    )
+    assert runner.info.version == version and runner.info.source == "models:/tiny-enc@champion"
+    assert sorted(p.name for p in resolved.path.iterdir()) == sorted(p.name for p in ckpt.iterdir())
+    with pytest.raises(ModelNotFound, match="models:/tiny-enc@nope"):
+        resolve_model("models:/tiny-enc@nope", tracking_uri=uri)
+    with pytest.raises(ModelNotFound, match="not found"):
+        resolve_model(str(tmp_path / "missing"))
+
+
+def test_jpeg_of_the_same_image_embeds_alike(client, world):
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.open(world["png_paths"][2]).convert("L").save(buf, format="JPEG", quality=95)
+    a = _post(client, "/v1/embed", buf.getvalue(), "image/jpeg").json()["results"][0]
+    assert cosine(a["embedding"], world["emb"][2]) > 0.98

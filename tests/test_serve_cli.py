@@ -1,0 +1,82 @@
+"""`radjepa serve` as a user runs it: a foreground process on a loopback port, Ctrl-C to stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_helpers import REPO, TINY_CONFIG, free_port, make_checkpoint, nih_pngs
+
+
+def _radjepa(*args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("radjepa")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipelines.cli"]
+    return subprocess.Popen(
+        [*cmd, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RADJEPA_API_KEYS", "RAY_ADDRESS")}
+    return env | extra
+
+
+def test_serve_refuses_to_start_without_keys(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    proc = _radjepa("serve", "--model", str(ckpt), env=_env())
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "no API keys configured" in out and "--insecure-local" in out
+
+
+@pytest.mark.slow
+def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir):
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    port = free_port()
+    proc = _radjepa(
+        "serve",
+        "--config",
+        str(TINY_CONFIG),
+        "--model",
+        str(ckpt),
+        "--port",
+        str(port),
+        "--insecure-local",
+        env=_env(),
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("curl "):
+                break
+        url = f"http://127.0.0.1:{port}"
+        assert any(f"RadJEPA API at {url}" in x for x in lines), "".join(lines)
+        assert "/v1/embed" in lines[-1]
+        png = nih_pngs(nih_dir, 1)[0].read_bytes()
+        r = httpx.post(
+            f"{url}/v1/embed", content=png, headers={"content-type": "image/png"}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["results"][0]["dim"] == 192
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-2000:]
+    assert "shutting down" in out
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/healthz", timeout=2)

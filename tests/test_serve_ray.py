@@ -1,0 +1,164 @@
+"""The deployed service: Ray Serve + FastAPI on a free loopback port, real HTTP (httpx).
+
+One application for the module, built through ``serve.deployment.build_app`` (the same import
+path ``serve deploy`` and a RayService use), with keys, a probe head and an index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import httpx
+import numpy as np
+import pytest
+from serve_helpers import (
+    API_KEY,
+    OTHER_KEY,
+    TINY_CONFIG,
+    cosine,
+    dicom_from_png,
+    free_port,
+    make_checkpoint,
+    make_head,
+    nih_pngs,
+    write_index,
+)
+
+pytestmark = pytest.mark.ray
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory, nih_dir):
+    from ray import serve
+
+    from serve.deployment import build_app
+    from serve.embedder import EncoderRunner
+
+    root = tmp_path_factory.mktemp("serve_ray")
+    ckpt = make_checkpoint(root / "ckpt")
+    runner = EncoderRunner.from_checkpoint(ckpt)
+    head = make_head(root / "head", runner.info.embed_dim)
+    pngs = [p.read_bytes() for p in nih_pngs(nih_dir, 4)]
+    # index rows: random vectors plus one known image id whose vector we control below
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(4, runner.info.embed_dim)).astype(np.float32)
+    index = write_index(root / "index" / "part-0.parquet", emb, [f"id{i}" for i in range(4)])
+    keys = root / "keys.txt"
+    keys.write_text(API_KEY + "\n")
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app(
+        {
+            "config": str(TINY_CONFIG),
+            "model": str(ckpt),
+            "head": str(head),
+            "index": str(index),
+            "api_keys_file": str(keys),
+            # a generous batch window so that concurrent requests visibly share a forward
+            "set": [
+                "serve.max_batch_size=8",
+                "serve.batch_wait_timeout_s=0.2",
+                "serve.max_body_mb=2",
+            ],
+        }
+    )
+    serve.run(app, name="radjepa-test", route_prefix="/")
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "pngs": pngs, "png_paths": nih_pngs(nih_dir, 4)}
+    finally:
+        serve.shutdown()
+
+
+def _client(service) -> httpx.Client:
+    return httpx.Client(base_url=service["url"], timeout=60)
+
+
+def test_dicom_and_png_of_the_same_image_embed_alike_over_http(service):
+    with _client(service) as c:
+        dcm = dicom_from_png(service["png_paths"][0])
+        a = c.post("/v1/embed", content=dcm, headers={**AUTH, "content-type": "application/dicom"})
+        b = c.post(
+            "/v1/embed", content=service["pngs"][0], headers={**AUTH, "content-type": "image/png"}
+        )
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    ra, rb = a.json()["results"][0], b.json()["results"][0]
+    assert rb["image_id"] == hashlib.sha256(service["pngs"][0]).hexdigest()
+    assert cosine(ra["embedding"], rb["embedding"]) > 0.99
+    assert a.json()["model"]["version"] == "step-7"
+
+
+def test_concurrent_requests_are_batched_into_one_forward(service):
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=service["url"], timeout=60) as c:
+            return await asyncio.gather(
+                *[
+                    c.post(
+                        "/v1/embed",
+                        content=service["pngs"][i % 4],
+                        headers={**AUTH, "content-type": "image/png"},
+                    )
+                    for i in range(12)
+                ]
+            )
+
+    responses = asyncio.run(burst())
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    sizes = [r.json()["results"][0]["batch_size"] for r in responses]
+    assert max(sizes) > 1, sizes
+    assert max(sizes) <= 8  # serve.max_batch_size from the config
+
+
+def test_missing_and_wrong_key_get_401_but_probes_stay_open(service):
+    with _client(service) as c:
+        for headers in ({}, {"Authorization": f"Bearer {OTHER_KEY}"}):
+            r = c.post(
+                "/v1/embed",
+                content=service["pngs"][0],
+                headers={**headers, "content-type": "image/png"},
+            )
+            assert r.status_code == 401, r.text
+            assert r.headers["www-authenticate"].startswith("Bearer")
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/readyz").json()["ready"] is True
+        assert c.get("/openapi.json").status_code == 200
+
+
+def test_bad_input_over_http_gets_4xx(service):
+    with _client(service) as c:
+        r415 = c.post("/v1/embed", content=b"x", headers={**AUTH, "content-type": "text/csv"})
+        r413 = c.post(
+            "/v1/embed",
+            content=b"\0" * (2 * 1024**2 + 1),
+            headers={**AUTH, "content-type": "application/dicom"},
+        )
+        dcm = dicom_from_png(service["png_paths"][1])
+        r422 = c.post(
+            "/v1/embed",
+            content=dcm[: len(dcm) // 3],
+            headers={**AUTH, "content-type": "application/dicom"},
+        )
+    assert (r415.status_code, r413.status_code, r422.status_code) == (415, 413, 422)
+    assert r422.json()["reason"]
+
+
+def test_classify_and_similar_answer_over_http(service):
+    with _client(service) as c:
+        files = [("files", (f"{i}.png", service["pngs"][i], "image/png")) for i in range(2)]
+        cl = c.post("/v1/classify", files=files, headers=AUTH)
+        si = c.post(
+            "/v1/similar",
+            params={"k": 2},
+            content=service["pngs"][0],
+            headers={**AUTH, "content-type": "image/png"},
+        )
+        models = c.get("/v1/models", headers=AUTH).json()
+    assert cl.status_code == 200, cl.text
+    assert [len(r["probabilities"]) for r in cl.json()["results"]] == [2, 2]
+    assert si.status_code == 200, si.text
+    hits = si.json()["results"][0]["neighbours"]
+    assert len(hits) == 2 and {h["image_id"] for h in hits} <= {f"id{i}" for i in range(4)}
+    assert models["index_size"] == 4 and models["labels"] == ["Effusion", "Cardiomegaly"]
