@@ -295,7 +295,16 @@ class ProbeConfig(_Section):
     """Frozen-encoder evaluation."""
 
     encoder: Literal["target", "context"] = "target"
+    split: Literal["kfold", "holdout"] = Field(
+        "kfold", description="grouped k-fold by patient, or one patient-level train/test split"
+    )
     folds: int = Field(5, ge=2)
+    test_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="share of patients held out when split=holdout"
+    )
+    logreg_c: float = Field(
+        0.1, gt=0.0, description="inverse L2 strength of the standardised logistic regression"
+    )
     bootstrap: int = Field(1000, ge=0)
     knn_k: int = Field(10, ge=1)
     pixel_baseline_size: int = Field(32, ge=4)

@@ -1,0 +1,110 @@
+"""MLflow for ``radjepa probe``: one run per probe with its metrics, report, plots and head.
+
+The library (``radjepa.eval``) writes plain files; this layer ships them to MLflow and, on
+request, registers the head folder as a model version the classification endpoint can name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipelines.tracking import ensure_experiment, log_metrics, register_artifact_dir, tracking_uri
+from radjepa.config import Config, flatten
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ProbeTracking", "log_probe_run"]
+
+
+@dataclass(frozen=True)
+class ProbeTracking:
+    run_id: str
+    uri: str
+    head_model: str | None = None
+    head_version: str | None = None
+
+
+def log_probe_run(
+    report: dict[str, Any],
+    out_dir: str | os.PathLike[str],
+    cfg: Config,
+    *,
+    register_head: bool = False,
+    head_model_name: str = "radjepa-probe-head",
+) -> ProbeTracking:
+    """Log a finished probe (the dict ``run_probe`` returned) as one MLflow run.
+
+    Artifacts: ``report.json``, ``report.md``, ``plots/`` and ``head/``. Metrics: every AUROC,
+    AUPRC (+ CI bounds), precision@k and kNN AUROC, named ``<method>/<label>/<metric>``.
+    """
+    import mlflow
+    from mlflow.entities import Param
+
+    from radjepa.eval.report import flat_metrics
+
+    out = Path(out_dir).resolve()
+    uri = tracking_uri(cfg.tracking, out)
+    exp_id = ensure_experiment(uri, cfg.tracking.experiment, out)
+    client = mlflow.MlflowClient(uri)
+    enc = report.get("encoder", {})
+    run = client.create_run(
+        exp_id,
+        run_name=f"probe-{Path(str(report['checkpoint'])).name}",
+        tags={
+            "radjepa.job": "probe",
+            "radjepa.checkpoint": str(enc.get("checkpoint", report["checkpoint"])),
+            "radjepa.checkpoint_sha256": str(enc.get("sha256", "")),
+            "radjepa.encoder": str(enc.get("which", "")),
+        },
+    )
+    run_id = run.info.run_id
+    try:
+        params = {k: v for k, v in flatten(cfg).items() if k.startswith(("probe.", "ingest."))}
+        params.update(
+            {
+                "checkpoint": report["checkpoint"],
+                "checkpoint_step": enc.get("step"),
+                "labels_csv": report["data"]["csv"],
+                "labels": ",".join(lab["name"] for lab in report["data"]["labels"]),
+                "n_images": report["data"]["n_images"],
+                "n_patients": report["data"]["n_patients"],
+            }
+        )
+        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        metrics = flat_metrics(report)
+        if metrics:
+            log_metrics(run_id, uri, metrics, step=int(enc.get("step") or 0))
+        for name in ("report.json", "report.md"):
+            if (out / name).is_file():
+                client.log_artifact(run_id, str(out / name))
+        if (out / "plots").is_dir():
+            client.log_artifacts(run_id, str(out / "plots"), "plots")
+        version = None
+        if report.get("head"):
+            client.log_artifacts(run_id, str(report["head"]), "head")
+            if register_head:
+                version = register_artifact_dir(
+                    uri,
+                    run_id,
+                    "head",
+                    head_model_name,
+                    tags={
+                        "radjepa.kind": "probe-head",
+                        "radjepa.checkpoint_sha256": enc.get("sha256", ""),
+                        "radjepa.labels": ",".join(lab["name"] for lab in report["data"]["labels"]),
+                    },
+                )
+                log.info("registered probe head as %s version %s", head_model_name, version)
+        elif register_head:
+            raise ValueError(
+                "no probe head was fitted (every label was skipped); nothing to register"
+            )
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    return ProbeTracking(run_id, uri, head_model_name if version else None, version)

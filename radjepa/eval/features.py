@@ -1,0 +1,272 @@
+"""Evaluation inputs: labelled images from a CSV (decoded exactly as ingest does) and features.
+
+Label columns become 0/1 targets. A column already holding 0/1 is used as is; a categorical
+column with two values (``sex`` M/F, ``view`` AP/PA) takes the second value in sorted order as
+the positive class (``sex`` F/M -> M, ``view`` AP/PA -> PA), unless the spec names it:
+``view=AP``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LabelSpec",
+    "Dataset",
+    "DatasetError",
+    "parse_label_spec",
+    "binarise",
+    "load_csv_dataset",
+    "load_shard_dataset",
+    "extract_features",
+    "resolve_device",
+]
+
+
+class DatasetError(ValueError):
+    """A labels CSV that cannot be turned into an evaluation set (names the column/row/file)."""
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """A label column and, optionally, which of its values counts as positive."""
+
+    column: str
+    positive: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.column if self.positive is None else f"{self.column}={self.positive}"
+
+
+@dataclass
+class Dataset:
+    """Images [N, S, S] (stored contract), 0/1 labels [N, L], patient ids [N], and provenance."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    label_names: list[str]
+    positive: list[str | None]
+    groups: np.ndarray
+    paths: list[str]
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+
+def parse_label_spec(spec: str | LabelSpec) -> LabelSpec:
+    """``"view=AP"`` -> LabelSpec("view", "AP"); ``"Effusion"`` -> LabelSpec("Effusion")."""
+    if isinstance(spec, LabelSpec):
+        return spec
+    col, sep, pos = str(spec).partition("=")
+    col, pos = col.strip(), pos.strip()
+    if not col or (sep and not pos):
+        raise DatasetError(f"label spec {spec!r} must be COLUMN or COLUMN=POSITIVE_VALUE")
+    return LabelSpec(col, pos if sep else None)
+
+
+def binarise(values: Sequence[str], spec: LabelSpec) -> tuple[np.ndarray, str | None]:
+    """0/1 targets for one column and the positive class used (None when already 0/1)."""
+    vals = [v.strip() for v in values]
+    missing = [i for i, v in enumerate(vals) if v == ""]
+    if missing:
+        raise DatasetError(
+            f"label column {spec.column!r} is empty in {len(missing)} rows "
+            f"(first data row {missing[0] + 1}); fill or drop them"
+        )
+    distinct = sorted(set(vals))
+    if spec.positive is not None:
+        if spec.positive not in distinct:
+            raise DatasetError(
+                f"label {spec.name!r}: value {spec.positive!r} never occurs in column "
+                f"{spec.column!r} (values: {distinct[:10]})"
+            )
+        return np.array([v == spec.positive for v in vals], dtype=np.int8), spec.positive
+    if set(distinct) <= {"0", "1", "0.0", "1.0"}:
+        return np.array([float(v) for v in vals], dtype=np.int8), None
+    if len(distinct) == 2:
+        return np.array([v == distinct[1] for v in vals], dtype=np.int8), distinct[1]
+    raise DatasetError(
+        f"label column {spec.column!r} has {len(distinct)} values {distinct[:10]}; name the "
+        f"positive class, e.g. --label {spec.column}={distinct[0]}"
+    )
+
+
+def _read_csv(csv_path: Path) -> list[dict[str, str]]:
+    if not csv_path.is_file():
+        raise DatasetError(f"labels CSV not found: {csv_path}")
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise DatasetError(f"{csv_path}: no data rows")
+    return rows
+
+
+def load_csv_dataset(
+    csv_path: str | os.PathLike[str],
+    image_col: str = "image",
+    label_cols: Sequence[str | LabelSpec] = (),
+    group_col: str | None = "patient_id",
+    size: int = 256,
+    *,
+    dtype: str = "uint8",
+    window_percentiles: tuple[float, float] = (0.5, 99.5),
+    limit: int | None = None,
+    secret: bytes | None = None,
+) -> Dataset:
+    """Images listed in a CSV (paths relative to it), decoded with ingest's ``decode_image``.
+
+    Undecodable images are left out and listed in ``Dataset.rejected`` with the decoder's
+    reason; a missing file or column is an error. Without ``group_col`` each image is its own
+    patient. ``secret`` only keys metadata pseudonyms, which evaluation does not use.
+    """
+    from radjepa.imaging.decode import decode_image
+    from radjepa.imaging.errors import ImageRejected
+
+    path = Path(csv_path)
+    rows = _read_csv(path)
+    if limit is not None:
+        rows = rows[:limit]
+    specs = [parse_label_spec(s) for s in label_cols]
+    needed = [image_col, *(s.column for s in specs)] + ([group_col] if group_col else [])
+    absent = [c for c in needed if c not in rows[0]]
+    if absent:
+        raise DatasetError(f"{path}: missing column(s) {absent}; has {list(rows[0])}")
+    key = secret if secret is not None else os.urandom(32)
+    images, kept, rejected = [], [], []
+    for i, row in enumerate(rows):
+        img_path = (path.parent / row[image_col]).resolve()
+        if not img_path.is_file():
+            raise DatasetError(f"{path} row {i + 1}: image not found: {img_path}")
+        try:
+            dec = decode_image(
+                img_path.read_bytes(),
+                size=size,
+                dtype=dtype,
+                window_percentiles=tuple(window_percentiles),
+                secret=key,
+                source_name=img_path.name,
+            )
+        except ImageRejected as err:
+            rejected.append({"path": row[image_col], "reason": err.reason, "message": str(err)})
+            log.warning("skipping %s: %s", row[image_col], err)
+            continue
+        images.append(dec.pixels)
+        kept.append(row)
+    if not kept:
+        raise DatasetError(f"{path}: no image could be decoded ({len(rejected)} rejected)")
+    labels, positive, names = _labels_for(kept, specs)
+    groups = (
+        np.array([r[group_col] for r in kept])
+        if group_col
+        else np.array([str(i) for i in range(len(kept))])
+    )
+    return Dataset(
+        images=np.stack(images),
+        labels=labels,
+        label_names=names,
+        positive=positive,
+        groups=groups,
+        paths=[r[image_col] for r in kept],
+        rejected=rejected,
+    )
+
+
+def _labels_for(
+    rows: Sequence[dict[str, str]], specs: Sequence[LabelSpec]
+) -> tuple[np.ndarray, list[str | None], list[str]]:
+    labels, positive = [], []
+    for spec in specs:
+        y, pos = binarise([r[spec.column] for r in rows], spec)
+        labels.append(y)
+        positive.append(pos)
+    arr = np.stack(labels, axis=1) if labels else np.zeros((len(rows), 0), np.int8)
+    return arr, positive, [s.name if s.positive else s.column for s in specs]
+
+
+def load_shard_dataset(
+    dst: str | os.PathLike[str],
+    label_cols: Sequence[str | LabelSpec] = (),
+    group_col: str | None = "patient_pid",
+    *,
+    limit: int | None = None,
+) -> Dataset:
+    """Ingested shards as an evaluation set; labels come from metadata (``sex``,
+    ``view_position=AP``). Images without a patient pseudonym count as their own patient."""
+    from radjepa.shards import read_images
+
+    images, meta = read_images(dst, limit=limit)
+    specs = [parse_label_spec(s) for s in label_cols]
+    cols = meta.column_names
+    absent = [c for c in [*(s.column for s in specs), group_col] if c and c not in cols]
+    if absent:
+        raise DatasetError(f"shards under {dst}: missing column(s) {absent}; has {cols}")
+    table = meta.to_pylist()
+    rows = [{k: "" if v is None else str(v) for k, v in r.items()} for r in table]
+    labels, positive, names = _labels_for(rows, specs)
+    ids = [r["image_id"] for r in rows]
+    groups = [(r[group_col] or i) if group_col else i for r, i in zip(rows, ids, strict=True)]
+    return Dataset(images, labels, names, positive, np.array(groups), ids)
+
+
+def resolve_device(device: str | None = None) -> Any:
+    """``None``/"auto" -> CUDA when present, else CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def extract_features(
+    encoder: Any,
+    images: Iterable[np.ndarray] | np.ndarray,
+    *,
+    batch_size: int = 32,
+    device: Any = None,
+    patch_tokens: bool = False,
+) -> np.ndarray:
+    """Frozen features: mean-pooled [N, D], or patch tokens [N, T, D] with ``patch_tokens``.
+
+    Images follow the stored contract and go through ``prepare_images`` (the one model-input
+    path) at the encoder's input size. Runs in eval mode without gradients and restores the
+    encoder's previous mode.
+    """
+    import torch
+
+    from radjepa.transforms import prepare_images
+
+    dev = resolve_device(device) if not isinstance(device, torch.device) else device
+    was_training = encoder.training
+    encoder.eval()
+    encoder.to(dev)
+    out: list[np.ndarray] = []
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        x = prepare_images(batch, encoder.img_size).to(dev)  # [B, 1, S, S]
+        y = encoder(x) if patch_tokens else encoder.embed(x)  # [B, T, D] | [B, D]
+        out.append(y.float().cpu().numpy())
+        batch.clear()
+
+    try:
+        with torch.no_grad():
+            for img in images:
+                batch.append(np.asarray(img))
+                if len(batch) == batch_size:
+                    flush()
+            if batch:
+                flush()
+    finally:
+        encoder.train(was_training)
+    if not out:
+        raise ValueError("no images to extract features from")
+    return np.concatenate(out)

@@ -1,0 +1,178 @@
+"""Trained probe heads as portable folders: ``head.safetensors`` + ``head.json``, no pickle.
+
+A head is standardisation (mean/scale) followed by one logistic regression per label. It
+records the encoder checkpoint it was trained on (path, step, content hash) because a head is
+meaningless on any other encoder's features; the server checks the feature size at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ProbeHead", "HeadError", "save_head", "load_head", "checkpoint_fingerprint"]
+
+FORMAT = "radjepa-probe-head"
+VERSION = 1
+_TENSORS = ("weight", "bias", "mean", "scale")
+
+
+class HeadError(ValueError):
+    """A head folder that is missing, malformed, or inconsistent."""
+
+
+@dataclass
+class ProbeHead:
+    """Linear probe over frozen embeddings: ``sigmoid(((f - mean) / scale) @ weight + bias)``.
+
+    ``weight`` is [D, L], ``bias`` [L]; mean/scale default to the identity standardisation.
+    Kept in float64 so a reloaded head gives bit-identical probabilities.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    label_names: Sequence[str]
+    mean: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    positive: Sequence[str | None] | None = None
+    encoder: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.weight = np.asarray(self.weight, dtype=np.float64)
+        if self.weight.ndim == 1:
+            self.weight = self.weight[:, None]
+        d, n_labels = self.weight.shape
+        self.bias = np.asarray(self.bias, dtype=np.float64).reshape(-1)
+        self.label_names = [str(x) for x in self.label_names]
+        self.mean = np.zeros(d) if self.mean is None else np.asarray(self.mean, np.float64)
+        self.scale = np.ones(d) if self.scale is None else np.asarray(self.scale, np.float64)
+        if self.positive is None:
+            self.positive = [None] * n_labels
+        self.positive = [None if p is None else str(p) for p in self.positive]
+        problems = []
+        if self.bias.shape != (n_labels,):
+            problems.append(f"bias has shape {self.bias.shape}, expected ({n_labels},)")
+        if len(self.label_names) != n_labels:
+            problems.append(f"{len(self.label_names)} label names for {n_labels} outputs")
+        if len(self.positive) != n_labels:
+            problems.append(f"{len(self.positive)} positive classes for {n_labels} outputs")
+        for name in ("mean", "scale"):
+            if getattr(self, name).shape != (d,):
+                problems.append(f"{name} has shape {getattr(self, name).shape}, expected ({d},)")
+        if np.any(self.scale == 0):
+            problems.append("scale has zeros")
+        if problems:
+            raise HeadError("invalid probe head: " + "; ".join(problems))
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.weight.shape[0])
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """Per-label probabilities [N, L] for embeddings [N, D]."""
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2 or f.shape[1] != self.feature_dim:
+            raise HeadError(
+                f"features of shape {f.shape} do not fit this head: expected [N, {self.feature_dim}]"
+            )
+        logits = ((f - self.mean) / self.scale) @ self.weight + self.bias  # [N, L]
+        return 1.0 / (1.0 + np.exp(-logits))
+
+
+def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
+    """sha256 over a checkpoint's weights and metadata (file names + bytes, sorted).
+
+    For a folder only ``*.safetensors`` and ``*.json`` count (optimizer state may be absent on
+    an exported copy yet the encoder is the same).
+    """
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        files = sorted(
+            f for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".json")
+        )
+    else:
+        files = [p]
+    if not files:
+        raise HeadError(f"no checkpoint files to fingerprint under {p}")
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def save_head(folder: str | os.PathLike[str], head: ProbeHead) -> Path:
+    """Write ``folder/head.safetensors`` and ``folder/head.json``; returns the folder."""
+    from safetensors.numpy import save_file
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: np.ascontiguousarray(getattr(head, name)) for name in _TENSORS}
+    save_file(tensors, str(out / "head.safetensors"))
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "label_names": list(head.label_names),
+        "positive": list(head.positive or []),
+        "feature_dim": head.feature_dim,
+        "encoder": dict(head.encoder),
+    }
+    (out / "head.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    log.info(
+        "saved probe head (%d labels, dim %d) to %s",
+        len(meta["label_names"]),
+        head.feature_dim,
+        out,
+    )
+    return out
+
+
+def load_head(path: str | os.PathLike[str]) -> ProbeHead:
+    """Read a head folder written by :func:`save_head`; strict about keys and shapes."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    folder = Path(path)
+    meta_path, weights_path = folder / "head.json", folder / "head.safetensors"
+    for f in (meta_path, weights_path):
+        if not f.is_file():
+            raise HeadError(f"not a probe head folder: {f} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise HeadError(f"{meta_path}: not valid JSON ({err})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise HeadError(
+            f"{meta_path}: format {meta.get('format')!r} v{meta.get('version')!r} is not "
+            f"{FORMAT!r} v{VERSION}"
+        )
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise HeadError(f"{weights_path}: cannot read ({err})") from None
+    if set(tensors) != set(_TENSORS):
+        raise HeadError(f"{weights_path}: tensors {sorted(tensors)}, expected {list(_TENSORS)}")
+    head = ProbeHead(
+        label_names=meta["label_names"],
+        positive=meta.get("positive") or None,
+        encoder=meta.get("encoder") or {},
+        **{name: tensors[name] for name in _TENSORS},
+    )
+    if head.feature_dim != meta.get("feature_dim"):
+        raise HeadError(
+            f"{folder}: weights are for dim {head.feature_dim}, head.json says "
+            f"{meta.get('feature_dim')}"
+        )
+    return head

@@ -1,0 +1,221 @@
+"""Linear probes: standardised logistic regression on frozen features, grouped by patient.
+
+Every label gets its own out-of-fold predictions from folds that never split a patient
+(``StratifiedGroupKFold``), or one patient-level train/test split. Images of one patient are
+near-duplicates for a probe; letting them straddle train and test inflates AUROC.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from radjepa.eval.heads import ProbeHead
+from radjepa.eval.metrics import Interval, bootstrap_ci
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LabelResult", "ProbeResult", "grouped_folds", "cross_val_probe", "fit_head"]
+
+Split = Literal["kfold", "holdout"]
+
+
+@dataclass
+class LabelResult:
+    """One label's probe outcome; ``skipped`` holds the reason when it could not be probed."""
+
+    name: str
+    n: int
+    n_pos: int
+    n_patients: int
+    auroc: Interval | None = None
+    auprc: Interval | None = None
+    folds: int = 0
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "n": self.n,
+            "n_pos": self.n_pos,
+            "n_patients": self.n_patients,
+            "prevalence": self.n_pos / self.n if self.n else float("nan"),
+            "folds": self.folds,
+            "auroc": None if self.auroc is None else self.auroc.to_dict(),
+            "auprc": None if self.auprc is None else self.auprc.to_dict(),
+            "skipped": self.skipped,
+        }
+
+
+@dataclass
+class ProbeResult:
+    """Per-label results plus the scores they came from ([N, L], NaN where not predicted)."""
+
+    labels: list[LabelResult]
+    scores: np.ndarray
+    split: Split
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "labels": [r.to_dict() for r in self.labels], **self.extra}
+
+
+def _logreg(c: float, seed: int) -> Any:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    )
+
+
+def _class_groups(y: np.ndarray, groups: np.ndarray) -> tuple[int, int]:
+    """Patients with at least one positive / at least one negative image."""
+    return len(np.unique(groups[y == 1])), len(np.unique(groups[y == 0]))
+
+
+def grouped_folds(
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    folds: int = 5,
+    split: Split = "kfold",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, test) index pairs that never put one patient on both sides.
+
+    k-fold uses as many folds as the rarer class has patients (at most ``folds``) so every test
+    fold can hold both classes. Raises ValueError when fewer than 2 patients carry a class.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(y).astype(int)
+    groups = np.asarray(groups).astype(str)
+    pos_g, neg_g = _class_groups(y, groups)
+    if min(pos_g, neg_g) < 2:
+        raise ValueError(
+            f"needs at least 2 patients in each class, has {pos_g} positive and {neg_g} negative"
+        )
+    idx = np.arange(len(y))
+    if split == "holdout":
+        # pick whole patients for the test side, stratified by whether a patient has a positive
+        uniq = np.unique(groups)
+        pos_pat = set(groups[y == 1])
+        strat = np.array([g in pos_pat for g in uniq])
+        rng = np.random.default_rng(seed)
+        test_pat: list[str] = []
+        for cls in (True, False):
+            members = uniq[strat == cls]
+            n_test = min(len(members) - 1, max(1, round(test_fraction * len(members))))
+            test_pat.extend(rng.choice(members, size=n_test, replace=False).tolist())
+        test = np.isin(groups, test_pat)
+        return [(idx[~test], idx[test])]
+    k = min(folds, pos_g, neg_g)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(tr, te) for tr, te in splitter.split(idx, y, groups)]
+
+
+def cross_val_probe(
+    features: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    *,
+    label_names: Sequence[str],
+    c: float = 0.1,
+    folds: int = 5,
+    split: Split = "kfold",
+    test_fraction: float = 0.2,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> ProbeResult:
+    """Out-of-fold (or held-out) probabilities per label, then AUROC/AUPRC with patient CIs.
+
+    ``labels`` is [N] or [N, L] of 0/1. A label that cannot be probed (one class, too few
+    patients) is reported with ``skipped`` and NaN scores instead of failing the run.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y_all = np.asarray(labels)
+    if y_all.ndim == 1:
+        y_all = y_all[:, None]
+    groups = np.asarray(groups).astype(str)
+    if not (len(x) == len(y_all) == len(groups)):
+        raise ValueError(
+            f"features ({len(x)}), labels ({len(y_all)}) and groups ({len(groups)}) differ in length"
+        )
+    if y_all.shape[1] != len(label_names):
+        raise ValueError(f"{y_all.shape[1]} label columns but {len(label_names)} names")
+    if not np.isin(y_all, (0, 1)).all():
+        raise ValueError("labels must be 0/1 (binarise categorical columns first)")
+    scores = np.full(y_all.shape, np.nan)
+    results = []
+    for j, name in enumerate(label_names):
+        y = y_all[:, j].astype(int)
+        res = LabelResult(str(name), len(y), int(y.sum()), len(np.unique(groups)))
+        results.append(res)
+        try:
+            pairs = grouped_folds(
+                y, groups, folds=folds, split=split, test_fraction=test_fraction, seed=seed
+            )
+        except ValueError as err:
+            res.skipped = str(err)
+            log.warning("label %s skipped: %s", name, err)
+            continue
+        for train, test in pairs:
+            if len(np.unique(y[train])) < 2:  # cannot fit; a constant score is the honest guess
+                scores[test, j] = y[train].mean()
+                continue
+            model = _logreg(c, seed).fit(x[train], y[train])
+            scores[test, j] = model.predict_proba(x[test])[:, 1]
+        res.folds = len(pairs)
+        evaluated = np.isfinite(scores[:, j])
+        ye, se, ge = y[evaluated], scores[evaluated, j], groups[evaluated]
+        if len(np.unique(ye)) < 2:
+            res.skipped = "the evaluated images hold only one class"
+            continue
+        res.auroc, res.auprc = bootstrap_ci(ye, se, ge, draws=bootstrap, seed=seed)
+    return ProbeResult(results, scores, split)
+
+
+def fit_head(
+    features: np.ndarray,
+    labels: np.ndarray,
+    *,
+    label_names: Sequence[str],
+    positive: Sequence[str | None] | None = None,
+    c: float = 0.1,
+    seed: int = 0,
+    encoder: dict[str, Any] | None = None,
+) -> ProbeHead:
+    """Fit the deployable head on all images (labels with one class are rejected)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(features, dtype=np.float64)
+    y_all = np.asarray(labels)
+    if y_all.ndim == 1:
+        y_all = y_all[:, None]
+    scaler = StandardScaler().fit(x)
+    z = scaler.transform(x)
+    weights, biases = [], []
+    for j, name in enumerate(label_names):
+        y = y_all[:, j].astype(int)
+        if len(np.unique(y)) < 2:
+            raise ValueError(f"label {name!r} has one class only; a head cannot be fitted")
+        lr = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(z, y)
+        weights.append(lr.coef_[0])
+        biases.append(lr.intercept_[0])
+    return ProbeHead(
+        weight=np.stack(weights, axis=1),  # [D, L]
+        bias=np.asarray(biases),
+        label_names=list(label_names),
+        mean=scaler.mean_,
+        scale=scaler.scale_,
+        positive=positive,
+        encoder=encoder or {},
+    )

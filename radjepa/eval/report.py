@@ -1,0 +1,167 @@
+"""The probe report: ``report.json`` (machine-readable) and ``report.md`` (for people).
+
+One table per label compares the encoder with both baselines on the same folds, so a reader
+sees at a glance whether pretraining bought anything over random weights or raw pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+__all__ = ["METHOD_TITLES", "flat_metrics", "render_markdown", "write_report"]
+
+METHOD_TITLES = {
+    "ours": "encoder (frozen)",
+    "random_init": "same architecture, random init",
+    "pixels": "logistic regression on pixels",
+}
+
+
+def _safe(name: str) -> str:
+    """MLflow metric names allow [A-Za-z0-9_-. :/]; ``view=AP`` becomes ``view_AP``."""
+    return re.sub(r"[^A-Za-z0-9_.\- :/]", "_", name)
+
+
+def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """``{"ours/view_AP/auroc": 0.93, ...}``: every finite number worth a tracking metric."""
+    out: dict[str, float] = {}
+    for method, res in report.get("methods", {}).items():
+        for lab in res.get("labels", []):
+            key = f"{method}/{_safe(lab['name'])}"
+            for metric in ("auroc", "auprc"):
+                iv = lab.get(metric)
+                if iv is None:
+                    continue
+                for part, suffix in (("estimate", ""), ("low", "_ci_low"), ("high", "_ci_high")):
+                    v = iv.get(part)
+                    if v is not None and math.isfinite(v):
+                        out[f"{key}/{metric}{suffix}"] = float(v)
+        for kind in ("precision_at_k", "knn_auroc"):
+            for label, v in (res.get(kind) or {}).items():
+                if v is not None and math.isfinite(v):
+                    out[f"{method}/{_safe(label)}/{kind}"] = float(v)
+    seg = report.get("segmentation") or {}
+    for method, res in (seg.get("methods") or {}).items():
+        for name, v in res["dice"].items():
+            out[f"{method}/seg_{_safe(name)}/dice"] = float(v)
+    return out
+
+
+def _fmt(iv: dict[str, Any] | None) -> str:
+    if iv is None:
+        return "-"
+    est, lo, hi = iv["estimate"], iv["low"], iv["high"]
+    if lo is None or not math.isfinite(lo):
+        return f"{est:.3f}"
+    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.3f}"
+
+
+def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | None = None) -> str:
+    """The Markdown page; plot paths are made relative to ``out_dir`` so the folder can move."""
+    root = Path(out_dir) if out_dir is not None else None
+
+    def rel(p: str) -> str:
+        return os.path.relpath(p, root) if root is not None else p
+
+    proto, data, enc = report["protocol"], report["data"], report["encoder"]
+    lines = [
+        "# RadJEPA probe report",
+        "",
+        f"- checkpoint: `{report['checkpoint']}` ({enc.get('which')} encoder, step "
+        f"{enc.get('step')}, {enc.get('arch')}, dim {enc.get('embed_dim')}, sha256 "
+        f"`{str(enc.get('sha256', ''))[:12]}`)",
+        f"- data: `{data['csv'] or data['shards']}`: {data['n_images']} images, {data['n_patients']} patients, "
+        f"{len(data['rejected'])} rejected by the decoder",
+        f"- protocol: {proto['pooling']}; standardised logistic regression C={proto['C']}; "
+        f"{proto['split_text']}; {proto['bootstrap']} patient-level bootstrap draws, "
+        f"percentile 95% CI; kNN k={proto['knn_k']} (cosine, other patients only); pixel "
+        f"baseline {proto['pixel_size']}x{proto['pixel_size']}",
+        "",
+    ]
+    labels = [lab["name"] for lab in report["methods"]["ours"]["labels"]]
+    for i, name in enumerate(labels):
+        info = data["labels"][i]
+        pos = f" (positive: {info['positive']})" if info.get("positive") else ""
+        lines += [
+            f"## {name}{pos}",
+            "",
+            f"{info['n_pos']} positive of {data['n_images']} images.",
+            "",
+            "| features | AUROC [95% CI] | AUPRC [95% CI] | precision@k | kNN AUROC |",
+            "|---|---|---|---|---|",
+        ]
+        skipped = None
+        for method, res in report["methods"].items():
+            lab = res["labels"][i]
+            skipped = skipped or lab.get("skipped")
+            lines.append(
+                f"| {METHOD_TITLES.get(method, method)} | {_fmt(lab['auroc'])} | "
+                f"{_fmt(lab['auprc'])} | {_num(res['precision_at_k'].get(name))} | "
+                f"{_num(res['knn_auroc'].get(name))} |"
+            )
+        if skipped:
+            lines += ["", f"Not probed: {skipped}."]
+        roc = report.get("plots", {}).get("roc", {}).get(name)
+        if roc:
+            lines += ["", f"![ROC {name}]({rel(roc)})"]
+        lines.append("")
+    pca = report.get("plots", {}).get("pca")
+    if pca:
+        lines += ["## Patch features (PCA 1-3 as RGB)", "", f"![PCA map]({rel(pca)})", ""]
+    seg = report.get("segmentation")
+    if seg:
+        methods = seg["methods"]
+        first = next(iter(methods.values()))
+        lines += [
+            "## Segmentation probe (held-out Dice)",
+            "",
+            f"`{seg['csv']}`: {first['n_train']} training / {first['n_test']} held-out images; "
+            "1x1 conv on frozen patch tokens, bilinear upsampling.",
+            "",
+            "| structure | "
+            + " | ".join(METHOD_TITLES.get(m, m) for m in methods)
+            + " | all-foreground |",
+            "|---|" + "---|" * (len(methods) + 1),
+        ]
+        for st in seg["structures"]:
+            cells = " | ".join(f"{res['dice'][st]:.3f}" for res in methods.values())
+            lines.append(f"| {st} | {cells} | {first['trivial_dice'][st]:.3f} |")
+        lines.append("")
+    if report.get("head"):
+        lines += [f"Probe head (all images, encoder features): `{rel(report['head'])}`", ""]
+    if data["rejected"]:
+        lines += ["## Rejected images", ""]
+        lines += [f"- `{r['path']}`: {r['reason']}" for r in data["rejected"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf become null so report.json is strict JSON any reader accepts."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / "report.json"
+    js.write_text(json.dumps(_finite(report), indent=2, allow_nan=False, default=str) + "\n")
+    md = out / "report.md"
+    md.write_text(render_markdown(report, out))
+    return js, md

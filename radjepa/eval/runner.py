@@ -1,0 +1,270 @@
+"""``run_probe``: one call from a checkpoint and a labels CSV to a report, plots and a head.
+
+The encoder under test and both baselines are probed on the same images, the same patient
+folds and the same bootstrap draws, so their numbers differ only by the features.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radjepa.config import Config
+from radjepa.eval.baselines import pixel_features, random_init_encoder
+from radjepa.eval.features import (
+    Dataset,
+    DatasetError,
+    LabelSpec,
+    extract_features,
+    load_csv_dataset,
+    load_shard_dataset,
+    resolve_device,
+)
+from radjepa.eval.heads import checkpoint_fingerprint, save_head
+from radjepa.eval.linear_probe import cross_val_probe, fit_head
+from radjepa.eval.plots import plot_pca_map, plot_roc
+from radjepa.eval.report import write_report
+from radjepa.eval.retrieval import knn_auroc, precision_at_k
+from radjepa.eval.segmentation import load_seg_csv, seg_probe, tokens_to_grid
+
+log = logging.getLogger(__name__)
+
+__all__ = ["run_probe", "probe_features"]
+
+
+_LEGEND = {"ours": "encoder", "random_init": "random init", "pixels": "raw pixels"}
+
+
+def _file_stem(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def probe_features(
+    feats: np.ndarray, ds: Dataset, cfg: Config
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Linear probe + retrieval numbers for one feature set; returns (summary, scores [N, L])."""
+    p = cfg.probe
+    res = cross_val_probe(
+        feats,
+        ds.labels,
+        ds.groups,
+        label_names=ds.label_names,
+        c=p.logreg_c,
+        folds=p.folds,
+        split=p.split,
+        test_fraction=p.test_fraction,
+        bootstrap=p.bootstrap,
+        seed=p.seed,
+    )
+    prec, knn = {}, {}
+    for j, name in enumerate(ds.label_names):
+        y = ds.labels[:, j]
+        prec[name] = precision_at_k(feats, y, ds.groups, p.knn_k)
+        knn[name] = knn_auroc(feats, y, ds.groups, p.knn_k) if len(np.unique(y)) == 2 else None
+    return {**res.to_dict(), "precision_at_k": prec, "knn_auroc": knn}, res.scores
+
+
+def _segmentation(
+    seg_csv: str | os.PathLike[str],
+    structures: Sequence[str],
+    encoders: dict[str, Any],
+    cfg: Config,
+    device: Any,
+) -> dict[str, Any]:
+    """Held-out Dice per structure for each encoder, on the same split."""
+    images, masks = load_seg_csv(
+        seg_csv,
+        structures,
+        size=cfg.ingest.image_size,
+        dtype=cfg.ingest.dtype,
+        window_percentiles=cfg.ingest.window_percentiles,
+    )
+    methods = {}
+    for name, enc in encoders.items():
+        tokens = extract_features(
+            enc, images, batch_size=cfg.probe.batch_size, device=device, patch_tokens=True
+        )  # [N, T, D]
+        res = seg_probe(tokens_to_grid(tokens), masks, structures=structures, seed=cfg.probe.seed)
+        methods[name] = res.to_dict()
+        log.info("segmentation %s: %s", name, res.dice)
+    return {"csv": str(seg_csv), "structures": list(structures), "methods": methods}
+
+
+def run_probe(
+    checkpoint: str | os.PathLike[str],
+    csv: str | os.PathLike[str] | None,
+    labels: Sequence[str | LabelSpec],
+    out_dir: str | os.PathLike[str],
+    cfg: Config,
+    *,
+    shards: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    image_col: str = "image",
+    group_col: str | None = "patient_id",
+    limit: int | None = None,
+    pca_images: int = 4,
+    seg_csv: str | os.PathLike[str] | None = None,
+    structures: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Probe a checkpoint on a labels CSV; write report.json/.md, ROC/PCA PNGs and ``head/``.
+
+    Images come from ``csv`` or, with ``csv=None``, from ingested ``shards`` (labels from
+    their metadata columns, patients from ``patient_pid``). Returns the report dict (also
+    written as ``report.json``). The head is fitted on every image with the encoder's
+    features, for serving; the reported numbers are out-of-fold. With ``seg_csv`` (image +
+    one mask column per name in ``structures``) a segmentation probe runs on the encoder and
+    on the random-init baseline, and the report gains held-out Dice per structure.
+    """
+    from radjepa.checkpoint import load_encoder, read_meta
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    p = cfg.probe
+    dev = resolve_device(device)
+    if (csv is None) == (shards is None):
+        raise DatasetError("give exactly one source of labelled images: a CSV or shards")
+    if csv is not None:
+        ds = load_csv_dataset(
+            csv,
+            image_col=image_col,
+            label_cols=labels,
+            group_col=group_col,
+            size=cfg.ingest.image_size,
+            dtype=cfg.ingest.dtype,
+            window_percentiles=cfg.ingest.window_percentiles,
+            limit=limit,
+        )
+    else:
+        ds = load_shard_dataset(shards, labels, group_col or None, limit=limit)
+    log.info(
+        "probe set: %d images, %d patients, labels %s",
+        len(ds.images),
+        len(np.unique(ds.groups)),
+        ds.label_names,
+    )
+    encoder, enc_cfg = load_encoder(checkpoint, which=p.encoder, map_location="cpu")
+    meta = read_meta(checkpoint)
+    enc_info = {
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "which": p.encoder,
+        "step": meta.get("step"),
+        "sha256": checkpoint_fingerprint(checkpoint),
+        "arch": enc_cfg.model.arch,
+        "img_size": enc_cfg.model.img_size,
+        "patch_size": enc_cfg.model.patch_size,
+        "embed_dim": int(encoder.embed_dim),
+        # what serving needs to check a head against a model without re-reading the checkpoint
+        "meta": {k: meta.get(k) for k in ("format_version", "model", "value_contract", "extra")},
+    }
+
+    def embed(enc: Any) -> np.ndarray:
+        return extract_features(enc, ds.images, batch_size=p.batch_size, device=dev)
+
+    random_encoder = random_init_encoder(enc_cfg, seed=p.seed)
+    feature_sets = {
+        "ours": embed(encoder),
+        "random_init": embed(random_encoder),
+        "pixels": pixel_features(ds.images, p.pixel_baseline_size),
+    }
+    methods: dict[str, Any] = {}
+    scores: dict[str, np.ndarray] = {}
+    for name, feats in feature_sets.items():
+        methods[name], scores[name] = probe_features(feats, ds, cfg)
+        log.info(
+            "%s: %s",
+            name,
+            {lab["name"]: (lab["auroc"] or {}).get("estimate") for lab in methods[name]["labels"]},
+        )
+
+    plots: dict[str, Any] = {"roc": {}}
+    for j, name in enumerate(ds.label_names):
+        curves = {}
+        for method, s in scores.items():
+            lab = methods[method]["labels"][j]
+            ok = np.isfinite(s[:, j])
+            if lab["auroc"] is not None and ok.any():
+                curves[_LEGEND.get(method, method)] = (
+                    ds.labels[ok, j],
+                    s[ok, j],
+                    lab["auroc"]["estimate"],
+                )
+        if curves:
+            path = plot_roc(name, curves, out / "plots" / f"roc_{_file_stem(name)}.png")
+            plots["roc"][name] = str(path)
+    n_pca = min(pca_images, len(ds.images))
+    tokens = extract_features(
+        encoder, ds.images[:n_pca], batch_size=p.batch_size, device=dev, patch_tokens=True
+    )  # [n, T, D]
+    plots["pca"] = str(
+        plot_pca_map(
+            ds.images[:n_pca], tokens_to_grid(tokens), out / "plots" / "pca_patch_features.png"
+        )
+    )
+
+    head_dir = None
+    probeable = [j for j, lab in enumerate(methods["ours"]["labels"]) if lab["skipped"] is None]
+    if probeable:
+        head = fit_head(
+            feature_sets["ours"],
+            ds.labels[:, probeable],
+            label_names=[ds.label_names[j] for j in probeable],
+            positive=[ds.positive[j] for j in probeable],
+            c=p.logreg_c,
+            seed=p.seed,
+            encoder=enc_info,
+        )
+        head_dir = str(save_head(out / "head", head))
+    segmentation = None
+    if seg_csv is not None:
+        segmentation = _segmentation(
+            seg_csv, structures, {"ours": encoder, "random_init": random_encoder}, cfg, dev
+        )
+    split_text = (
+        f"{p.folds}-fold cross-validation grouped by patient (stratified)"
+        if p.split == "kfold"
+        else f"one patient-level split, {p.test_fraction:.0%} of patients held out"
+    )
+    report = {
+        "checkpoint": str(checkpoint),
+        "encoder": enc_info,
+        "data": {
+            "csv": str(csv) if csv is not None else None,
+            "shards": str(shards) if shards is not None else None,
+            "n_images": int(len(ds.images)),
+            "n_patients": int(len(np.unique(ds.groups))),
+            "rejected": ds.rejected,
+            "labels": [
+                {"name": n, "positive": pos, "n_pos": int(ds.labels[:, j].sum())}
+                for j, (n, pos) in enumerate(zip(ds.label_names, ds.positive, strict=True))
+            ],
+        },
+        "protocol": {
+            "pooling": f"{p.encoder} encoder, mean of patch tokens",
+            "C": p.logreg_c,
+            "split": p.split,
+            "folds": p.folds,
+            "test_fraction": p.test_fraction,
+            "split_text": split_text,
+            "bootstrap": p.bootstrap,
+            "seed": p.seed,
+            "knn_k": p.knn_k,
+            "pixel_size": p.pixel_baseline_size,
+        },
+        "methods": methods,
+        "plots": plots,
+        "head": head_dir,
+        "segmentation": segmentation,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    js, md = write_report(report, out)
+    report["files"] = {"json": str(js), "markdown": str(md)}
+    log.info("probe report written to %s", md)
+    return report

@@ -1,0 +1,241 @@
+"""Segmentation probe: a 1x1-conv head on frozen patch tokens, upsampled bilinearly.
+
+Frozen tokens are extracted once; only C x (D + 1) weights are trained, so the probe reads
+what the encoder already localises rather than learning a decoder of its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SegHead",
+    "SegResult",
+    "dice",
+    "fit_seg_head",
+    "load_seg_csv",
+    "predict_masks",
+    "seg_probe",
+    "tokens_to_grid",
+]
+
+
+class SegHead(nn.Module):
+    """Per-patch linear classifier (1x1 conv) + bilinear upsampling to the mask size."""
+
+    def __init__(self, dim: int, structures: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(dim, structures, kernel_size=1)
+
+    def forward(self, grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # grid: [B, D, g, g] -> logits [B, C, H, W]
+        return F.interpolate(self.proj(grid), size=size, mode="bilinear", align_corners=False)
+
+
+@dataclass
+class SegResult:
+    """Dice per structure on held-out images, and the trivial all-foreground Dice beside it."""
+
+    structures: list[str]
+    dice: dict[str, float]
+    trivial_dice: dict[str, float]
+    n_train: int
+    n_test: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "structures": self.structures,
+            "dice": self.dice,
+            "trivial_dice": self.trivial_dice,
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+        }
+
+
+def tokens_to_grid(tokens: np.ndarray) -> np.ndarray:
+    """Patch tokens [N, T, D] (row-major square grid) -> [N, g, g, D]."""
+    n, t, d = tokens.shape
+    g = int(round(t**0.5))
+    if g * g != t:
+        raise ValueError(f"{t} patch tokens do not form a square grid")
+    return tokens.reshape(n, g, g, d)
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Dice per structure over all images: pred/target [N, C, H, W] bool -> [C].
+
+    Pooled over images (sum of overlaps / sum of sizes) so tiny structures in single images do
+    not dominate; 1.0 when a structure is absent in both.
+    """
+    p, t = np.asarray(pred, bool), np.asarray(target, bool)
+    inter = (p & t).sum(axis=(0, 2, 3))
+    size = p.sum(axis=(0, 2, 3)) + t.sum(axis=(0, 2, 3))
+    return np.where(size > 0, 2 * inter / np.maximum(size, 1), 1.0)
+
+
+def _as_masks(masks: np.ndarray) -> np.ndarray:
+    m = np.asarray(masks)
+    if m.ndim == 3:
+        m = m[:, None]
+    if m.ndim != 4:
+        raise ValueError(f"masks must be [N, H, W] or [N, C, H, W], got shape {m.shape}")
+    return m.astype(bool)
+
+
+def fit_seg_head(
+    grid_tokens: np.ndarray,
+    masks: np.ndarray,
+    *,
+    epochs: int = 200,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> SegHead:
+    """Train the head with per-pixel BCE (full batch, Adam) on tokens [N, g, g, D]."""
+    m = _as_masks(masks)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.as_tensor(grid_tokens, dtype=torch.float32).permute(0, 3, 1, 2)  # [N, D, g, g]
+    # standardise channels so one learning rate fits encoders of any scale
+    mu = x.mean(dim=(0, 2, 3), keepdim=True)
+    sd = x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    y = torch.as_tensor(m, dtype=torch.float32)
+    # train against area-averaged (soft) targets at 4x the token grid: the head cannot
+    # resolve finer detail anyway, and full-size targets would only cost time
+    train_res = min(y.shape[-1], 4 * x.shape[-1])
+    y = F.adaptive_avg_pool2d(y, train_res)
+    head = SegHead(x.shape[1], y.shape[1])
+    with torch.no_grad():
+        head.proj.weight.normal_(0.0, 0.01, generator=gen)
+        head.proj.bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    z = (x - mu) / sd
+    pos = y.mean(dim=(0, 2, 3)).clamp(1e-3, 1 - 1e-3)
+    pos_weight = ((1 - pos) / pos).sqrt()[None, :, None, None]  # mild rebalancing
+    for _ in range(epochs):
+        opt.zero_grad()
+        logits = head(z, y.shape[-2:])
+        loss = F.binary_cross_entropy_with_logits(logits, y, pos_weight=pos_weight)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # fold standardisation in: w' = w / sd, b' = b - sum(w * mu / sd)
+        w = head.proj.weight / sd.view(1, -1, 1, 1)
+        head.proj.bias -= (w * mu.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
+        head.proj.weight.copy_(w)
+    log.debug("seg head trained %d epochs, final loss %.4f", epochs, float(loss.detach()))
+    return head
+
+
+def predict_masks(head: SegHead, grid_tokens: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Boolean masks [N, C, H, W] (logit > 0) for tokens [N, g, g, D]."""
+    x = torch.as_tensor(grid_tokens, dtype=torch.float32).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return (head(x, size) > 0).numpy()
+
+
+def seg_probe(
+    grid_tokens: np.ndarray,
+    masks: np.ndarray,
+    *,
+    structures: Sequence[str] | None = None,
+    test_fraction: float = 0.25,
+    epochs: int = 200,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> SegResult:
+    """Train on a seeded split of the images and report held-out Dice per structure."""
+    m = _as_masks(masks)
+    n, c = m.shape[:2]
+    if len(grid_tokens) != n:
+        raise ValueError(f"{len(grid_tokens)} token maps for {n} masks")
+    names = list(structures) if structures is not None else [f"structure_{i}" for i in range(c)]
+    if len(names) != c:
+        raise ValueError(f"{len(names)} structure names for {c} mask channels")
+    n_test = max(1, int(round(test_fraction * n)))
+    if n - n_test < 1:
+        raise ValueError(f"need at least 2 image/mask pairs, got {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    test, train = perm[:n_test], perm[n_test:]
+    head = fit_seg_head(grid_tokens[train], m[train], epochs=epochs, lr=lr, seed=seed)
+    pred = predict_masks(head, grid_tokens[test], m.shape[-2:])
+    d = dice(pred, m[test])
+    trivial = dice(np.ones_like(m[test]), m[test])
+    return SegResult(
+        names,
+        {k: float(v) for k, v in zip(names, d, strict=True)},
+        {k: float(v) for k, v in zip(names, trivial, strict=True)},
+        len(train),
+        len(test),
+    )
+
+
+def load_seg_csv(
+    csv_path: str | os.PathLike[str],
+    structures: Sequence[str],
+    *,
+    image_col: str = "image",
+    size: int = 256,
+    dtype: str = "uint8",
+    window_percentiles: tuple[float, float] = (0.5, 99.5),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N, S, S] and masks [N, C, S, S] from a CSV: ``image`` plus one mask-path column
+    per structure (paths relative to the CSV; mask pixels > 0 are foreground).
+
+    Images go through ingest's ``decode_image``; masks get the same shorter-side resize and
+    centre crop, so both stay aligned.
+    """
+    from PIL import Image
+
+    from radjepa.eval.features import DatasetError
+    from radjepa.imaging.decode import decode_image
+    from radjepa.imaging.errors import ImageRejected
+    from radjepa.imaging.resize import resize_center_crop
+
+    path = Path(csv_path)
+    if not path.is_file():
+        raise DatasetError(f"segmentation CSV not found: {path}")
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise DatasetError(f"{path}: no data rows")
+    absent = [c for c in [image_col, *structures] if c not in rows[0]]
+    if absent:
+        raise DatasetError(f"{path}: missing column(s) {absent}; has {list(rows[0])}")
+    if not structures:
+        raise DatasetError("name at least one structure (a mask column)")
+    key = os.urandom(32)  # pseudonyms are not used here
+    images, masks = [], []
+    for i, row in enumerate(rows):
+        files = [path.parent / row[c] for c in [image_col, *structures]]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DatasetError(f"{path} row {i + 1}: file(s) not found: {missing}")
+        try:
+            dec = decode_image(
+                files[0].read_bytes(),
+                size=size,
+                dtype=dtype,
+                window_percentiles=tuple(window_percentiles),
+                secret=key,
+            )
+        except ImageRejected as err:
+            raise DatasetError(f"{path} row {i + 1}: image rejected: {err}") from None
+        chans = []
+        for f in files[1:]:
+            with Image.open(f) as im:
+                fg = (np.asarray(im.convert("L")) > 0).astype(np.float32)
+            chans.append(resize_center_crop(fg, size) > 0.5)
+        images.append(dec.pixels)
+        masks.append(np.stack(chans))
+    return np.stack(images), np.stack(masks)

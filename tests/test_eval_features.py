@@ -1,0 +1,181 @@
+"""Evaluation inputs and frozen-feature probes: CSV labels, feature extraction, seg probe, plots."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radjepa.eval.features import (
+    DatasetError,
+    LabelSpec,
+    binarise,
+    extract_features,
+    load_csv_dataset,
+    parse_label_spec,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    from radjepa.config import load_config
+    from radjepa.eval.baselines import random_init_encoder
+
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", ["model.depth=2"])
+    return random_init_encoder(cfg, seed=0)
+
+
+def test_label_specs_and_binarisation_follow_the_documented_mapping():
+    assert parse_label_spec("view=AP") == LabelSpec("view", "AP")
+    assert parse_label_spec(" Effusion ") == LabelSpec("Effusion")
+    with pytest.raises(DatasetError, match="COLUMN=POSITIVE"):
+        parse_label_spec("view=")
+    y, pos = binarise(["F", "M", "M"], LabelSpec("sex"))  # second in sorted order
+    assert pos == "M" and y.tolist() == [0, 1, 1]
+    y, pos = binarise(["PA", "AP", "PA"], LabelSpec("view", "AP"))
+    assert pos == "AP" and y.tolist() == [0, 1, 0]
+    y, pos = binarise(["0", "1", "1"], LabelSpec("Effusion"))
+    assert pos is None and y.tolist() == [0, 1, 1]
+    with pytest.raises(DatasetError, match="never occurs"):
+        binarise(["PA", "AP"], LabelSpec("view", "LL"))
+    with pytest.raises(DatasetError, match="--label grade=a"):
+        binarise(["a", "b", "c"], LabelSpec("grade"))
+    with pytest.raises(DatasetError, match="empty in 1 rows"):
+        binarise(["F", "", "M"], LabelSpec("sex"))
+
+
+def test_csv_dataset_decodes_like_ingest_and_groups_by_patient(nih_dir):
+    from radjepa.imaging.decode import decode_image
+
+    ds = load_csv_dataset(
+        nih_dir / "labels.csv", label_cols=["view=AP", "sex", "Effusion"], size=128, limit=30
+    )
+    assert ds.images.shape == (30, 128, 128) and ds.images.dtype == np.uint8
+    assert ds.labels.shape == (30, 3) and set(np.unique(ds.labels)) <= {0, 1}
+    assert ds.label_names == ["view=AP", "sex", "Effusion"] and ds.positive == ["AP", "M", None]
+    rows = (nih_dir / "labels.csv").read_text().splitlines()[1:31]
+    assert [r.split(",")[1] for r in rows] == ds.groups.tolist()
+    assert [r.split(",")[3] == "M" for r in rows] == ds.labels[:, 1].astype(bool).tolist()
+    direct = decode_image((nih_dir / ds.paths[4]).read_bytes(), size=128, secret=b"k" * 32)
+    assert np.array_equal(direct.pixels, ds.images[4])
+
+
+def test_csv_dataset_reports_undecodable_images_and_refuses_missing_ones(tmp_path, nih_dir):
+    imgs = sorted((nih_dir / "images").glob("*.png"))[:4]
+    for p in imgs:
+        shutil.copy(p, tmp_path / p.name)
+    (tmp_path / "broken.png").write_bytes(b"this is not an image at all")
+    lines = ["image,patient_id,view"] + [
+        f"{p.name},{i},{'AP' if i % 2 else 'PA'}" for i, p in enumerate(imgs)
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join([*lines, "broken.png,9,AP"]) + "\n")
+    ds = load_csv_dataset(tmp_path / "labels.csv", label_cols=["view"], size=64)
+    assert len(ds.images) == 4 and ds.paths == [p.name for p in imgs]
+    assert len(ds.rejected) == 1 and ds.rejected[0]["path"] == "broken.png"
+    assert ds.rejected[0]["reason"]
+    (tmp_path / "bad.csv").write_text("\n".join([*lines, "missing.png,9,AP"]) + "\n")
+    with pytest.raises(DatasetError, match="missing.png"):
+        load_csv_dataset(tmp_path / "bad.csv", label_cols=["view"], size=64)
+    with pytest.raises(DatasetError, match="missing column"):
+        load_csv_dataset(tmp_path / "labels.csv", label_cols=["sex"], size=64)
+
+
+def test_extract_features_is_the_mean_pooled_embedding_in_eval_mode(tiny_encoder, nih_dir):
+    import torch
+
+    from radjepa.transforms import prepare_images
+
+    ds = load_csv_dataset(nih_dir / "labels.csv", label_cols=["sex"], size=256, limit=7)
+    tiny_encoder.train()
+    feats = extract_features(tiny_encoder, ds.images, batch_size=3, device="cpu")
+    assert tiny_encoder.training  # mode restored
+    assert feats.shape == (7, tiny_encoder.embed_dim) and feats.dtype == np.float32
+    tiny_encoder.eval()
+    with torch.no_grad():
+        ref = tiny_encoder.embed(prepare_images(list(ds.images), tiny_encoder.img_size)).numpy()
+    np.testing.assert_allclose(feats, ref, atol=1e-5)
+    tokens = extract_features(tiny_encoder, iter(ds.images), batch_size=4, patch_tokens=True)
+    assert tokens.shape == (7, tiny_encoder.grid**2, tiny_encoder.embed_dim)
+    np.testing.assert_allclose(tokens.mean(1), feats, atol=1e-5)
+
+
+def _disc_pairs(n: int, size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Noisy dark images with one bright disc each (random centre and radius) and its mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    imgs, masks = [], []
+    for _ in range(n):
+        r = rng.uniform(0.15, 0.3) * size
+        cy, cx = rng.uniform(r, size - r, 2)
+        m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+        img = rng.normal(60, 12, (size, size)) + 130 * m
+        imgs.append(np.clip(img, 0, 255).astype(np.uint8))
+        masks.append(m)
+    return np.stack(imgs), np.stack(masks)
+
+
+def test_segmentation_probe_learns_bright_discs_from_frozen_tokens(tiny_encoder):
+    from radjepa.eval.segmentation import dice, seg_probe, tokens_to_grid
+
+    images, masks = _disc_pairs(24)
+    tokens = extract_features(tiny_encoder, images, batch_size=12, patch_tokens=True)
+    res = seg_probe(tokens_to_grid(tokens), masks, structures=["disc"], epochs=150, seed=0)
+    assert res.n_train == 18 and res.n_test == 6
+    assert res.dice["disc"] > 0.7
+    assert res.dice["disc"] > res.trivial_dice["disc"] + 0.3
+    assert dice(masks[:, None], masks[:, None]).tolist() == [1.0]
+
+
+def test_plots_write_valid_pngs(tmp_path, tiny_encoder):
+    from radjepa.eval.plots import plot_pca_map, plot_roc, roc_curve_points
+    from radjepa.eval.segmentation import tokens_to_grid
+
+    y = np.array([0, 0, 1, 1])
+    fpr, tpr = roc_curve_points(y, np.array([0.1, 0.4, 0.35, 0.8]))
+    assert fpr.tolist() == [0, 0, 0.5, 0.5, 1] and tpr.tolist() == [0, 0.5, 0.5, 1, 1]
+    roc = plot_roc(
+        "view=AP", {"ours": (y, np.array([0.1, 0.4, 0.35, 0.8]), 0.75)}, tmp_path / "roc.png"
+    )
+    images, _ = _disc_pairs(3)
+    tokens = extract_features(tiny_encoder, images, batch_size=3, patch_tokens=True)
+    pca = plot_pca_map(images, tokens_to_grid(tokens), tmp_path / "sub" / "pca.png")
+    for p in (roc, pca):
+        data = p.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000
+
+
+def test_shard_dataset_takes_labels_from_metadata_and_patients_from_pseudonyms(tmp_path, nih_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from radjepa.eval.features import load_shard_dataset
+    from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
+
+    ds = load_csv_dataset(nih_dir / "labels.csv", label_cols=["sex"], size=64, limit=6)
+    rows = (nih_dir / "labels.csv").read_text().splitlines()[1:7]
+    pid = ["a", "a", "b", None, "c", "c"]
+    cols = {
+        "image_id": [f"id{i}" for i in range(6)],
+        "pixels": [pixels_to_bytes(im) for im in ds.images],
+        "height": [64] * 6,
+        "width": [64] * 6,
+        "dtype": ["uint8"] * 6,
+        "patient_pid": pid,
+        "sex": [r.split(",")[3] for r in rows],
+        "view_position": ["AP", "PA", "PA", "AP", "PA", "AP"],
+    }
+    table = pa.table({f.name: pa.array(cols.get(f.name, [None] * 6), f.type) for f in SHARD_SCHEMA})
+    (tmp_path / "images").mkdir()
+    pq.write_table(table, tmp_path / "images" / "part-0.parquet")
+    sd = load_shard_dataset(tmp_path, ["view_position=AP", "sex"])
+    assert np.array_equal(sd.images, ds.images)
+    assert sd.labels[:, 0].tolist() == [1, 0, 0, 1, 0, 1]
+    assert np.array_equal(sd.labels[:, 1], ds.labels[:, 0]) and sd.positive == ["AP", "M"]
+    assert sd.groups.tolist() == ["a", "a", "b", "id3", "c", "c"]
+    with pytest.raises(DatasetError, match="missing column"):
+        load_shard_dataset(tmp_path, ["Effusion"])

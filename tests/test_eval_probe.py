@@ -1,0 +1,141 @@
+"""Linear probes on arrays: patient-grouped folds, skipped labels, heads that round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from radjepa.eval.heads import HeadError, ProbeHead, load_head, save_head
+from radjepa.eval.linear_probe import cross_val_probe, fit_head, grouped_folds
+from radjepa.eval.retrieval import knn_auroc, precision_at_k
+
+
+def _world(n_pat=60, per=3, dim=16, signal=2.0, seed=0):
+    """Patients with a 0/1 label each, `per` images per patient, one informative feature."""
+    rng = np.random.default_rng(seed)
+    y_pat = np.arange(n_pat) % 2
+    groups = np.repeat([f"p{i}" for i in range(n_pat)], per)
+    y = np.repeat(y_pat, per)
+    x = rng.normal(size=(n_pat * per, dim))
+    x[:, 0] += signal * y
+    return x, y, groups
+
+
+@pytest.mark.parametrize("split", ["kfold", "holdout"])
+def test_folds_never_split_a_patient_and_cover_both_classes(split):
+    _, y, groups = _world()
+    pairs = grouped_folds(y, groups, folds=5, split=split, seed=1)
+    assert len(pairs) == (5 if split == "kfold" else 1)
+    for train, test in pairs:
+        assert not set(groups[train]) & set(groups[test])
+        assert set(y[test]) == {0, 1}
+    if split == "kfold":  # out-of-fold: every image is tested exactly once
+        tested = np.concatenate([te for _, te in pairs])
+        assert sorted(tested) == list(range(len(y)))
+
+
+def test_probe_finds_signal_and_not_noise():
+    x, y, groups = _world()
+    noise = np.random.default_rng(5).normal(size=x.shape)
+    labels = np.stack([y, y], axis=1)
+    res = cross_val_probe(
+        np.concatenate([x[:, :1], noise], axis=1),
+        labels,
+        groups,
+        label_names=["signal", "again"],
+        bootstrap=300,
+    )
+    sig = res.labels[0]
+    assert sig.auroc.estimate > 0.85 and sig.auroc.low <= sig.auroc.estimate <= sig.auroc.high
+    assert sig.folds == 5 and sig.n_patients == 60
+    res_noise = cross_val_probe(noise, y, groups, label_names=["noise"], bootstrap=300)
+    iv = res_noise.labels[0].auroc
+    assert iv.low < 0.5 + 0.15 and iv.low <= iv.estimate <= iv.high
+    assert abs(iv.estimate - 0.5) < 0.2
+    assert np.isfinite(res.scores).all()
+
+
+def test_single_class_and_single_patient_labels_are_skipped_with_reason():
+    x, y, groups = _world()
+    one_class = np.zeros_like(y)
+    one_patient = (groups == "p1").astype(int)
+    res = cross_val_probe(
+        x,
+        np.stack([y, one_class, one_patient], 1),
+        groups,
+        label_names=["ok", "none", "rare"],
+        bootstrap=50,
+    )
+    ok, none, rare = res.labels
+    assert ok.skipped is None and ok.auroc is not None
+    assert "0 positive" in none.skipped and none.auroc is None
+    assert "1 positive" in rare.skipped
+    assert np.isnan(res.scores[:, 1]).all()
+    d = res.to_dict()
+    json.dumps(d)
+    assert d["labels"][1]["skipped"] == none.skipped
+
+
+def test_non_binary_labels_are_refused():
+    x, y, groups = _world()
+    with pytest.raises(ValueError, match="0/1"):
+        cross_val_probe(x, y * 2, groups, label_names=["y"])
+
+
+def test_head_round_trip_reproduces_predictions_exactly(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y, groups = _world(dim=24)
+    y2 = (x[:, 1] > 0).astype(int)
+    labels = np.stack([y, y2], 1)
+    enc = {"checkpoint": "/ckpt", "step": 7, "sha256": "ab" * 32, "which": "target"}
+    head = fit_head(x, labels, label_names=["a", "b=yes"], positive=[None, "yes"], encoder=enc)
+    before = head.predict_proba(x)
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(x, y2)
+    np.testing.assert_allclose(before[:, 1], ref.predict_proba(x)[:, 1], atol=1e-6)
+    save_head(tmp_path / "head", head)
+    again = load_head(tmp_path / "head")
+    assert np.array_equal(again.predict_proba(x), before)
+    assert again.label_names == ["a", "b=yes"] and again.positive == [None, "yes"]
+    assert again.encoder["step"] == 7 and again.feature_dim == 24
+    meta = json.loads((tmp_path / "head" / "head.json").read_text())
+    assert meta["encoder"]["sha256"] == "ab" * 32
+    with pytest.raises(HeadError, match="expected \\[N, 24\\]"):
+        again.predict_proba(x[:, :10])
+
+
+def test_load_head_rejects_broken_folders(tmp_path):
+    with pytest.raises(HeadError, match="missing"):
+        load_head(tmp_path)
+    head = ProbeHead(np.ones((4, 1)), np.zeros(1), ["x"])
+    save_head(tmp_path, head)
+    meta = json.loads((tmp_path / "head.json").read_text())
+    meta["feature_dim"] = 5
+    (tmp_path / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(HeadError, match="dim 4"):
+        load_head(tmp_path)
+    with pytest.raises(HeadError, match="label names"):
+        ProbeHead(np.ones((4, 2)), np.zeros(2), ["only-one"])
+
+
+def test_retrieval_excludes_same_patient():
+    # every patient's images share one feature vector but carry random labels per image:
+    # counting same-patient neighbours would make precision@k look perfect on patient identity.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(50, 8))
+    groups = np.repeat(np.arange(50), 4)
+    feats = base[groups]
+    y_pat = np.arange(50) % 2
+    y = y_pat[groups]
+    assert precision_at_k(feats, y, groups, k=5) < 0.75
+    # separable classes (other patients carry the same class nearby) retrieve well
+    sep = feats + 6.0 * y[:, None]
+    assert precision_at_k(sep, y, groups, k=5) > 0.95
+    assert knn_auroc(sep, y, groups, k=5) > 0.98
+    assert 0.2 < knn_auroc(feats, y, groups, k=5) < 0.8
+    with pytest.raises(ValueError, match="both classes"):
+        knn_auroc(feats, np.zeros_like(y), groups, k=5)

@@ -1,0 +1,247 @@
+"""End to end on the real NIH sample: `run_probe` and the `radjepa probe` CLI with MLflow sqlite."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LABELS = ["view=AP", "sex=F"]
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    from radjepa.config import load_config
+
+    # train.seed != probe.seed: the untrained checkpoint must not equal the baseline's init
+    overrides = ["model.depth=2", "probe.bootstrap=200", "train.seed=1"]
+    return load_config(REPO / "configs" / "tiny_cpu.yaml", overrides)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_cfg) -> Path:
+    """A randomly initialised tiny JEPA saved with the core's own checkpoint writer."""
+    from radjepa.checkpoint import save_checkpoint
+    from radjepa.engine import Pretrainer
+
+    folder = tmp_path_factory.mktemp("ckpt") / "step-0"
+    save_checkpoint(folder, Pretrainer(tiny_cfg, "cpu"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def seg_csv(tmp_path_factory) -> Path:
+    """16 synthetic radiograph-sized PNGs with one bright disc each, and their mask PNGs."""
+    from PIL import Image
+    from test_eval_features import _disc_pairs
+
+    folder = tmp_path_factory.mktemp("seg")
+    images, masks = _disc_pairs(16, size=256, seed=3)
+    lines = ["image,disc"]
+    for i, (img, m) in enumerate(zip(images, masks, strict=True)):
+        Image.fromarray(img).save(folder / f"img{i}.png")
+        Image.fromarray(m.astype(np.uint8) * 255).save(folder / f"mask{i}.png")
+        lines.append(f"img{i}.png,mask{i}.png")
+    (folder / "masks.csv").write_text("\n".join(lines) + "\n")
+    return folder / "masks.csv"
+
+
+@pytest.fixture(scope="module")
+def probe_run(tmp_path_factory, checkpoint, tiny_cfg, nih_dir, seg_csv):
+    from radjepa.eval.runner import run_probe
+
+    out = tmp_path_factory.mktemp("probe")
+    report = run_probe(
+        checkpoint,
+        nih_dir / "labels.csv",
+        LABELS,
+        out,
+        tiny_cfg,
+        limit=160,
+        seg_csv=seg_csv,
+        structures=["disc"],
+    )
+    return report, out
+
+
+def _inside(iv: dict) -> bool:
+    return iv["low"] <= iv["estimate"] <= iv["high"]
+
+
+def test_probe_reports_view_and_sex_for_encoder_and_both_baselines(probe_run):
+    report, out = probe_run
+    assert set(report["methods"]) == {"ours", "random_init", "pixels"}
+    assert report["data"]["n_images"] == 160 and report["data"]["n_patients"] == 160
+    assert [lab["positive"] for lab in report["data"]["labels"]] == ["AP", "F"]
+    assert report["data"]["labels"][0]["n_pos"] == 32
+    for method, res in report["methods"].items():
+        assert [lab["name"] for lab in res["labels"]] == LABELS
+        for lab in res["labels"]:
+            assert lab["skipped"] is None and lab["folds"] == 5
+            for metric in ("auroc", "auprc"):
+                iv = lab[metric]
+                assert 0.0 <= iv["low"] <= iv["high"] <= 1.0, (method, lab["name"], iv)
+                assert _inside(iv), (method, lab["name"], metric, iv)
+                assert iv["draws"] > 190
+            assert 0.0 <= res["precision_at_k"][lab["name"]] <= 1.0
+            assert 0.0 <= res["knn_auroc"][lab["name"]] <= 1.0
+    ours, rand = report["methods"]["ours"], report["methods"]["random_init"]
+    assert ours["knn_auroc"] != rand["knn_auroc"]  # different weights, different features
+    # the view is visible in raw pixels: the baseline must find it (a sanity check of the probe)
+    assert report["methods"]["pixels"]["labels"][0]["auroc"]["estimate"] > 0.7
+    on_disk = json.loads((out / "report.json").read_text())  # strict JSON (no NaN tokens)
+    assert (
+        on_disk["methods"]["ours"]["labels"][1]["auroc"]
+        == report["methods"]["ours"]["labels"][1]["auroc"]
+    )
+
+
+def test_report_markdown_and_plots(probe_run):
+    report, out = probe_run
+    md = (out / "report.md").read_text()
+    for text in (
+        "## view=AP (positive: AP)",
+        "## sex=F (positive: F)",
+        "random init",
+        "pixels",
+        "AUROC [95% CI]",
+        "precision@k",
+        "plots/roc_view_AP.png",
+    ):
+        assert text in md, text
+    pngs = [*report["plots"]["roc"].values(), report["plots"]["pca"]]
+    assert len(pngs) == 3
+    for p in pngs:
+        data = Path(p).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000
+        assert Path(p).parent == out / "plots"
+
+
+def test_segmentation_probe_reports_dice_for_encoder_and_random_init(probe_run):
+    report, out = probe_run
+    seg = report["segmentation"]
+    assert set(seg["methods"]) == {"ours", "random_init"}
+    for res in seg["methods"].values():
+        assert res["n_train"] == 12 and res["n_test"] == 4
+        assert res["dice"]["disc"] > res["trivial_dice"]["disc"] + 0.3
+    md = (out / "report.md").read_text()
+    assert "## Segmentation probe (held-out Dice)" in md and "| disc |" in md
+
+
+def test_saved_head_reproduces_predictions_and_names_its_encoder(
+    probe_run, checkpoint, tiny_cfg, nih_dir
+):
+    from radjepa.checkpoint import load_encoder
+    from radjepa.eval.features import extract_features, load_csv_dataset
+    from radjepa.eval.heads import checkpoint_fingerprint, load_head
+    from radjepa.eval.linear_probe import fit_head
+
+    report, out = probe_run
+    head = load_head(out / "head")
+    assert head.label_names == LABELS and head.positive == ["AP", "F"]
+    assert head.encoder["sha256"] == checkpoint_fingerprint(checkpoint)
+    assert head.encoder["which"] == "target"
+    assert head.encoder["step"] == 0 and head.encoder["meta"]["model"]["arch"] == "vit_tiny"
+    encoder, _ = load_encoder(checkpoint, which="target")
+    assert head.feature_dim == encoder.embed_dim
+    ds = load_csv_dataset(nih_dir / "labels.csv", label_cols=LABELS, size=256, limit=160)
+    feats = extract_features(encoder, ds.images, batch_size=64)
+    refit = fit_head(feats, ds.labels, label_names=LABELS, c=tiny_cfg.probe.logreg_c)
+    probs = head.predict_proba(feats)
+    assert probs.shape == (160, 2) and np.all((probs > 0) & (probs < 1))
+    np.testing.assert_allclose(probs, refit.predict_proba(feats), rtol=0, atol=1e-9)
+
+
+def test_cli_probe_logs_metrics_artifacts_and_registers_head(
+    tmp_path, checkpoint, nih_dir, monkeypatch
+):
+    import mlflow
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from radjepa.eval.heads import load_head
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "probe-cli"
+    args = [
+        "probe",
+        str(checkpoint),
+        "--csv",
+        str(nih_dir / "labels.csv"),
+        "--label",
+        "view=AP",
+        "--label",
+        "sex=F",
+        "--out",
+        str(out),
+        "--limit",
+        "100",
+        "-c",
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        "--set",
+        "probe.bootstrap=50",
+        "--set",
+        "model.depth=2",
+        "--register-head",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "view=AP AUROC" in res.output and "models:/radjepa-probe-head/1" in res.output
+    uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("radjepa")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["radjepa.job"] == "probe"
+    metrics = run.data.metrics
+    for method in ("ours", "random_init", "pixels"):
+        for lab in ("view_AP", "sex_F"):
+            auc = metrics[f"{method}/{lab}/auroc"]
+            assert (
+                metrics[f"{method}/{lab}/auroc_ci_low"]
+                <= auc
+                <= metrics[f"{method}/{lab}/auroc_ci_high"]
+            )
+            assert not math.isnan(metrics[f"{method}/{lab}/precision_at_k"])
+    report = json.loads((out / "report.json").read_text())
+    assert (
+        metrics["ours/view_AP/auroc"] == report["methods"]["ours"]["labels"][0]["auroc"]["estimate"]
+    )
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.json", "report.md", "plots", "head"} <= top
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/pca_patch_features.png" in plots and "plots/roc_sex_F.png" in plots
+    (mv,) = client.search_model_versions("name='radjepa-probe-head'")
+    assert mv.run_id == run.info.run_id and mv.source.endswith("/head")
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id,
+        artifact_path="head",
+        dst_path=str(tmp_path / "dl"),
+        tracking_uri=uri,
+    )
+    fetched, saved = load_head(local), load_head(out / "head")
+    x = np.random.default_rng(0).normal(size=(5, saved.feature_dim))
+    assert np.array_equal(fetched.predict_proba(x), saved.predict_proba(x))
+
+
+def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_dir):
+    from pipelines.cli import UserError, probe_cmd
+
+    with pytest.raises(UserError, match="never occurs"):
+        probe_cmd(
+            checkpoint,
+            ["view=LATERAL"],
+            tmp_path / "x",
+            csv=nih_dir / "labels.csv",
+            mlflow=False,
+            limit=20,
+        )
+    with pytest.raises(UserError, match="exactly one of --csv or --shards"):
+        probe_cmd(checkpoint, ["sex"], tmp_path / "y", mlflow=False)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        probe_cmd(tmp_path / "nope", ["sex"], tmp_path / "z", csv=nih_dir / "labels.csv")
+    assert not (tmp_path / "x" / "report.json").exists()
