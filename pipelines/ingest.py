@@ -1,0 +1,637 @@
+"""Ray Data ingest: DICOM/PNG/JPEG archives -> de-identified, normalised Parquet shards.
+
+Flow: the driver lists every source (directories, .zip, .tar/.tar.gz, local or any pyarrow
+filesystem URI) into file references; Ray tasks read the bytes (archive members included);
+an actor pool runs :func:`radjepa.imaging.decode.decode_image` with errors caught per file;
+the driver streams the results, drops duplicate bytes, and writes fixed-size zstd Parquet
+shards to ``DST/images/``, rejects to ``DST/quarantine/`` and a reconciling
+``DST/manifest.json`` (input = ok + quarantined + duplicates).
+
+Idempotence: image ids (sha256 of the bytes) already in ``DST`` (images or quarantine) are
+skipped by the decoders and counted as duplicates, so a re-run writes nothing twice. Shards are
+written under a temporary name and renamed, so an interrupted run leaves no partial shard.
+The driver is the single writer: simple and exact, and fast enough for ~1k images/s of 256 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import tarfile
+import time
+import uuid
+import zipfile
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from radjepa.shards import IMAGES_DIR, QUARANTINE_DIR, QUARANTINE_SCHEMA, SHARD_SCHEMA
+
+if TYPE_CHECKING:
+    from radjepa.config import Config
+
+__all__ = ["IngestError", "IngestSummary", "list_inputs", "main", "run_ingest", "summary_table"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+_READ_CHUNK = 32  # rows per block emitted by the read tasks
+_DECODE_BATCH = 16  # files per decoder call
+_ARCHIVE_SUFFIXES = {
+    ".zip": "zip",
+    ".tar": "tar",
+    ".tgz": "tar",
+    ".tar.gz": "tar",
+    ".tar.bz2": "tar",
+    ".tar.xz": "tar",
+}
+
+_READ_SCHEMA = pa.schema(
+    [
+        pa.field("name", pa.string()),
+        pa.field("data", pa.binary()),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("read_error", pa.string()),
+    ]
+)
+# One decoder output row: a shard row (nullable) plus the outcome of that file.
+_RESULT_SCHEMA = pa.schema(
+    [f.with_nullable(True) for f in SHARD_SCHEMA]
+    + [
+        pa.field("status", pa.string()),  # ok | quarantined | existing
+        pa.field("reason", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("size_bytes", pa.int64()),
+    ]
+)
+
+
+class IngestError(RuntimeError):
+    """A problem with the sources or destination the user can fix."""
+
+
+@dataclass
+class IngestSummary:
+    """What one run did; ``input == ok + quarantined + duplicates`` always holds."""
+
+    dst: str
+    run_id: str
+    input: int = 0
+    ok: int = 0
+    quarantined: int = 0
+    duplicates: int = 0
+    duplicates_in_run: int = 0
+    already_ingested: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    shards: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    total_images: int = 0
+    total_quarantined: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing and reading
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _archive_kind(path: str) -> str | None:
+    low = path.lower()
+    for suffix, kind in _ARCHIVE_SUFFIXES.items():
+        if low.endswith(suffix):
+            return kind
+    return None
+
+
+def list_inputs(sources: list[str]) -> list[dict[str, str]]:
+    """File references for every source: ``{"source", "path", "kind"}`` (kind file/zip/tar)."""
+    refs: list[dict[str, str]] = []
+    for src in sources:
+        fs, root = _filesystem(src)
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise IngestError(f"source not found: {src}")
+        if info.type == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+        else:
+            paths = [root]
+        refs.extend({"source": src, "path": p, "kind": _archive_kind(p) or "file"} for p in paths)
+    return refs
+
+
+def _count_members(ref: dict[str, str]) -> int:
+    """Members of an archive (for the progress total only; unreadable archives count 1)."""
+    fs, _ = _filesystem(ref["source"])
+    try:
+        with fs.open_input_file(ref["path"]) as f:
+            if ref["kind"] == "zip":
+                with zipfile.ZipFile(f) as z:
+                    return sum(1 for i in z.infolist() if not i.is_dir())
+            with tarfile.open(fileobj=f, mode="r:*") as t:
+                return sum(1 for m in t if m.isfile())
+    except Exception:
+        return 1
+
+
+def _iter_ref(ref: dict[str, str], max_bytes: int) -> Iterator[dict[str, Any]]:
+    fs, _ = _filesystem(ref["source"])
+    path, kind = ref["path"], ref["kind"]
+
+    def row(name: str, data: bytes | None, size: int | None, err: str | None) -> dict[str, Any]:
+        return {"name": name, "data": data, "size_bytes": size, "read_error": err}
+
+    try:
+        if kind == "file":
+            size = fs.get_file_info(path).size
+            if size is not None and size > max_bytes:
+                yield row(path, None, size, "too_large")
+                return
+            with fs.open_input_stream(path, compression=None) as f:
+                data = f.read()
+            yield row(path, data, len(data), None)
+        elif kind == "zip":
+            with fs.open_input_file(path) as f, zipfile.ZipFile(f) as z:
+                for info in z.infolist():
+                    if info.is_dir():
+                        continue
+                    name = f"{path}!{info.filename}"
+                    if info.file_size > max_bytes:
+                        yield row(name, None, info.file_size, "too_large")
+                        continue
+                    try:
+                        data = z.read(info)
+                    except Exception as err:
+                        yield row(name, None, info.file_size, f"read_error:{type(err).__name__}")
+                        continue
+                    yield row(name, data, len(data), None)
+        else:
+            with (
+                fs.open_input_stream(path, compression=None) as f,
+                tarfile.open(fileobj=f, mode="r|*") as t,
+            ):
+                for member in t:
+                    if not member.isfile():
+                        continue
+                    name = f"{path}!{member.name}"
+                    if member.size > max_bytes:
+                        yield row(name, None, member.size, "too_large")
+                        continue
+                    fh = t.extractfile(member)
+                    data = fh.read() if fh is not None else b""
+                    yield row(name, data, len(data), None)
+    except Exception as err:  # an unreadable file or corrupt archive is one quarantined input
+        yield row(path, None, None, f"read_error:{type(err).__name__}")
+
+
+def _read_refs(batch: pa.Table, max_bytes: int) -> Iterator[pa.Table]:
+    """Ray Data UDF (tasks): file refs -> rows of raw bytes, in modest blocks."""
+    rows: list[dict[str, Any]] = []
+    for ref in batch.to_pylist():
+        for r in _iter_ref(ref, max_bytes):
+            rows.append(r)
+            if len(rows) >= _READ_CHUNK:
+                yield pa.Table.from_pylist(rows, schema=_READ_SCHEMA)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=_READ_SCHEMA)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (actor pool)
+
+
+class _Decoder:
+    """Ray Data actor: one ``decode_image`` per file; every failure becomes a quarantine row."""
+
+    def __init__(
+        self, settings: dict[str, Any], secret: bytes, known: Any, keep_paths: bool
+    ) -> None:
+        import ray
+
+        self.settings = settings
+        self.secret = secret
+        self.known = ray.get(known) if isinstance(known, ray.ObjectRef) else known
+        self.keep_paths = keep_paths
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist(
+            [self._one(r) for r in batch.to_pylist()], schema=_RESULT_SCHEMA
+        )
+
+    def _one(self, r: dict[str, Any]) -> dict[str, Any]:
+        from radjepa.imaging.decode import ImageRejected, decode_image
+        from radjepa.imaging.deid import keyed_hash
+        from radjepa.shards import pixels_to_bytes
+
+        name, data = r["name"], r["data"]
+        out: dict[str, Any] = {
+            "source_hash": keyed_hash(self.secret, "source", name),
+            "source_path": name if self.keep_paths else None,
+            "size_bytes": r["size_bytes"],
+        }
+        if data is None:
+            if f"path:{out['source_hash']}" in self.known:
+                return {**out, "status": "existing"}
+            err = r["read_error"] or "read_error"
+            reason = "too_large" if err == "too_large" else "read_error"
+            detail = err.partition(":")[2]
+            msg = (
+                f"{r['size_bytes']} bytes exceeds ingest.max_file_mb"
+                if reason == "too_large"
+                else f"could not read the file ({detail or 'unknown error'})"
+            )
+            return {**out, "status": "quarantined", "reason": reason, "message": msg}
+        sha = hashlib.sha256(data).hexdigest()
+        out["image_id"] = sha
+        if sha in self.known:
+            return {**out, "status": "existing"}
+        try:
+            img = decode_image(data, secret=self.secret, source_name=name, **self.settings)
+        except ImageRejected as err:
+            return {**out, "status": "quarantined", "reason": err.reason, "message": err.message}
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # a decoder bug (or codec panic) must not kill the run
+            log.warning("unexpected decoder failure on one file: %s", type(err).__name__)
+            return {
+                **out,
+                "status": "quarantined",
+                "reason": "decode_error",
+                "message": f"unexpected decoder failure ({type(err).__name__})",
+            }
+        h, w = img.pixels.shape
+        return {
+            **out,
+            **img.meta,
+            "status": "ok",
+            "pixels": pixels_to_bytes(img.pixels),
+            "height": h,
+            "width": w,
+            "dtype": img.pixels.dtype.name,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folder
+
+
+class _Dest:
+    """DST on any pyarrow filesystem: existing ids, atomic shard writes, the manifest."""
+
+    def __init__(self, dst: str) -> None:
+        self.uri = dst
+        self.fs, self.root = _filesystem(dst)
+        self.fs.create_dir(f"{self.root}/{IMAGES_DIR}", recursive=True)
+        self.fs.create_dir(f"{self.root}/{QUARANTINE_DIR}", recursive=True)
+
+    def _parquet(self, sub: str) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{sub}"))
+        return sorted(i.path for i in infos if i.path.endswith(".parquet"))
+
+    def _column(self, sub: str, column: str) -> list[Any]:
+        values: list[Any] = []
+        for path in self._parquet(sub):
+            values.extend(
+                pq.read_table(path, columns=[column], filesystem=self.fs).column(column).to_pylist()
+            )
+        return values
+
+    def known_ids(self) -> set[str]:
+        ids = set(self._column(IMAGES_DIR, "image_id"))
+        ids.update(x for x in self._column(QUARANTINE_DIR, "sha256") if x)
+        # files never read (too large, unreadable) have no sha256: remember them by path hash
+        ids.update(f"path:{h}" for h in self._column(QUARANTINE_DIR, "source_hash") if h)
+        return ids
+
+    def write(self, sub: str, name: str, table: pa.Table) -> str:
+        final = f"{self.root}/{sub}/{name}"
+        tmp = f"{self.root}/{sub}/.{name}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            pq.write_table(table, f, compression="zstd")
+        self.fs.move(tmp, final)
+        return f"{sub}/{name}"
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        path = f"{self.root}/{MANIFEST}"
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(path, compression=None) as f:
+            return json.loads(f.read().decode("utf-8"))
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        tmp, final = f"{self.root}/.{MANIFEST}.tmp", f"{self.root}/{MANIFEST}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+        self.fs.move(tmp, final)
+
+    def totals(self) -> tuple[int, int, dict[str, int]]:
+        images = sum(
+            pq.ParquetFile(self.fs.open_input_file(p)).metadata.num_rows
+            for p in self._parquet(IMAGES_DIR)
+        )
+        reasons = Counter(self._column(QUARANTINE_DIR, "reason"))
+        return images, sum(reasons.values()), dict(sorted(reasons.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def _check_compatible(previous: dict[str, Any] | None, settings: dict[str, Any]) -> None:
+    if not previous:
+        return
+    old = previous.get("image", {})
+    new = {"size": settings["size"], "dtype": settings["dtype"]}
+    if old and {k: old.get(k) for k in new} != new:
+        raise IngestError(
+            f"destination already holds images ingested with {old}; this run asks for {new}. "
+            "Use a new DST (shards in one folder must share size and dtype)."
+        )
+
+
+def run_ingest(
+    sources: list[str], dst: str, cfg: Config, *, progress: bool = True
+) -> IngestSummary:
+    """Ingest ``sources`` into ``dst`` (see module docstring); returns the run's summary."""
+    import ray
+
+    from radjepa.imaging.deid import resolve_secret
+
+    if not sources:
+        raise IngestError("no sources given")
+    started = time.perf_counter()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    ing = cfg.ingest
+    settings = {
+        "size": ing.image_size,
+        "dtype": ing.dtype,
+        "window_percentiles": tuple(ing.window_percentiles),
+        "max_bytes": int(ing.max_file_mb * 1024 * 1024),
+    }
+    # list first (a missing source fails before DST is touched); a DST inside a source folder
+    # must not ingest its own shards on the next run
+    dst_root = _filesystem(dst)[1].rstrip("/") + "/"
+    refs = [r for r in list_inputs(sources) if not r["path"].startswith(dst_root)]
+    dest = _Dest(dst)
+    previous = dest.read_manifest()
+    _check_compatible(previous, settings)
+    secret = resolve_secret(ing.secret_env)
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    summary = IngestSummary(dst=dst, run_id=run_id)
+    expected = sum(1 if r["kind"] == "file" else _count_members(r) for r in refs)
+
+    if not ray.is_initialized():
+        from pipelines.runtime import ensure_ray
+
+        ensure_ray()
+    known = dest.known_ids()
+    # decode_actors=0: one per cluster CPU, grown on demand (a small job starts few actors)
+    actors = ing.decode_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    actors = max(1, min(actors, -(-max(expected, 1) // _DECODE_BATCH)))
+    pool = (
+        ray.data.ActorPoolStrategy(size=actors)
+        if ing.decode_actors
+        else ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
+    )
+    log.info(
+        "ingest %d inputs (%d refs) into %s with %d decoders; %d ids already present",
+        expected,
+        len(refs),
+        dst,
+        actors,
+        len(known),
+    )
+
+    if refs:
+        ds = _build_dataset(refs, actors, pool, settings, secret, known, ing.keep_source_paths)
+        _consume(ds, dest, summary, ing.shard_rows, expected, progress, run_id)
+    else:
+        log.warning("no files found under the given sources; writing an empty run")
+
+    summary.seconds = round(time.perf_counter() - started, 3)
+    summary.total_images, summary.total_quarantined, reasons_total = dest.totals()
+    if summary.input != summary.ok + summary.quarantined + summary.duplicates:
+        raise IngestError(f"internal error: counts do not reconcile: {asdict(summary)}")
+    run = {
+        k: v
+        for k, v in asdict(summary).items()
+        if k not in ("dst", "total_images", "total_quarantined")
+    }
+    run.update(started_at=started_at, sources=len(sources), expected_inputs=expected)
+    runs = list((previous or {}).get("runs", [])) + [run]
+    dest.write_manifest(
+        {
+            "manifest_version": MANIFEST_VERSION,
+            "image": {
+                "size": settings["size"],
+                "dtype": settings["dtype"],
+                "window_percentiles": list(settings["window_percentiles"]),
+            },
+            "images": summary.total_images,
+            "quarantined": summary.total_quarantined,
+            "quarantine_reasons": reasons_total,
+            "inputs_seen": sum(r["input"] for r in runs),
+            "runs": runs,
+            "last_run": run,
+        }
+    )
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(summary_table(summary))
+    return summary
+
+
+def _build_dataset(
+    refs: list[dict[str, str]],
+    actors: int,
+    pool: Any,
+    settings: dict[str, Any],
+    secret: bytes,
+    known: set[str],
+    keep_paths: bool,
+) -> Any:
+    """The Ray Data pipeline: file refs -> read tasks -> decoder actor pool."""
+    import ray
+
+    return (
+        ray.data.from_items(refs, override_num_blocks=max(1, min(len(refs), 8 * actors)))
+        .map_batches(
+            _read_refs,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"max_bytes": settings["max_bytes"]},
+        )
+        .map_batches(
+            _Decoder,
+            batch_size=_DECODE_BATCH,
+            batch_format="pyarrow",
+            compute=pool,
+            num_cpus=1,
+            fn_constructor_kwargs={
+                "settings": dict(settings),
+                "secret": secret,
+                "known": ray.put(frozenset(known)),
+                "keep_paths": keep_paths,
+            },
+        )
+    )
+
+
+def _consume(
+    ds: Any,
+    dest: _Dest,
+    summary: IngestSummary,
+    shard_rows: int,
+    expected: int,
+    progress: bool,
+    run_id: str,
+) -> None:
+    """Stream decoder output on the driver: dedup, fill shards, collect quarantine rows."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    seen: set[str] = set()
+    pending: list[pa.Table] = []
+    pending_rows = 0
+    rejects: list[pa.Table] = []
+    reasons: Counter[str] = Counter()
+    shard_cols = SHARD_SCHEMA.names
+
+    def flush(final: bool) -> None:
+        nonlocal pending, pending_rows
+        while pending_rows >= shard_rows or (final and pending_rows):
+            table = pa.concat_tables(pending)
+            head, rest = table.slice(0, shard_rows), table.slice(shard_rows)
+            name = f"part-{run_id}-{len(summary.shards):05d}.parquet"
+            summary.shards.append(
+                dest.write(IMAGES_DIR, name, head.select(shard_cols).cast(SHARD_SCHEMA))
+            )
+            pending, pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=False,
+    )
+    with bar:
+        task = bar.add_task("ingest", total=expected or None)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            table = batch.select(_RESULT_SCHEMA.names).cast(_RESULT_SCHEMA)
+            keep_ok, keep_q = [], []
+            for i, (status, sha, reason) in enumerate(
+                zip(
+                    table["status"].to_pylist(),
+                    table["image_id"].to_pylist(),
+                    table["reason"].to_pylist(),
+                    strict=True,
+                )
+            ):
+                summary.input += 1
+                if status == "existing":
+                    summary.duplicates += 1
+                    summary.already_ingested += 1
+                    continue
+                if sha is not None and sha in seen:
+                    summary.duplicates += 1
+                    summary.duplicates_in_run += 1
+                    continue
+                if sha is not None:
+                    seen.add(sha)
+                if status == "ok":
+                    summary.ok += 1
+                    keep_ok.append(i)
+                else:
+                    summary.quarantined += 1
+                    reasons[reason] += 1
+                    keep_q.append(i)
+            if keep_ok:
+                pending.append(table.take(keep_ok))
+                pending_rows += len(keep_ok)
+                flush(final=False)
+            if keep_q:
+                rejects.append(table.take(keep_q))
+            bar.update(
+                task,
+                completed=summary.input,
+                description=f"ingest ok={summary.ok} quarantined={summary.quarantined}",
+            )
+        flush(final=True)
+    if rejects:
+        q = pa.concat_tables(rejects)
+        q = pa.table(
+            {
+                "sha256": q["image_id"],
+                "source_hash": q["source_hash"],
+                "source_path": q["source_path"],
+                "reason": q["reason"],
+                "message": q["message"],
+                "size_bytes": q["size_bytes"],
+                "run_id": pa.array([run_id] * q.num_rows, pa.string()),
+            }
+        ).cast(QUARANTINE_SCHEMA)
+        dest.write(QUARANTINE_DIR, f"quarantine-{run_id}.parquet", q)
+    summary.reasons = dict(sorted(reasons.items()))
+
+
+def summary_table(summary: IngestSummary) -> Any:
+    """A rich table of one run's counts (printed at the end of the job)."""
+    from rich.table import Table
+
+    table = Table(title=f"ingest {summary.run_id} -> {summary.dst}")
+    table.add_column("count")
+    table.add_column("value", justify="right")
+    rows = [
+        ("input files", summary.input),
+        ("stored (ok)", summary.ok),
+        ("quarantined", summary.quarantined),
+        ("duplicates", summary.duplicates),
+        ("  within this run", summary.duplicates_in_run),
+        ("  already in DST", summary.already_ingested),
+        *[(f"  reason: {k}", v) for k, v in summary.reasons.items()],
+        ("shards written", len(summary.shards)),
+        ("images in DST", summary.total_images),
+        ("seconds", f"{summary.seconds:.1f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.ingest SRC... DST [--config] [--set k=v]`` (e.g. in a Ray Job)."""
+    from radjepa.config import load_config
+
+    p = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__)
+    p.add_argument("paths", nargs="+", help="sources..., then the destination folder")
+    p.add_argument("--config", "-c", default=None)
+    p.add_argument("--set", "-s", dest="sets", action="append", default=[])
+    args = p.parse_args(argv)
+    if len(args.paths) < 2:
+        p.error("need at least one source and a destination")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.sets)
+    s = run_ingest(args.paths[:-1], args.paths[-1], cfg)
+    print(json.dumps(asdict(s), sort_keys=True))  # noqa: T201 - entry point output
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""The one public decoder: bytes of DICOM, PNG or JPEG -> contract image + de-identified meta.
+
+Ingest (one call per file inside Ray actors) and the HTTP API call exactly this function, so a
+training image and a served image are produced by the same code. The format is sniffed from the
+content (DICM magic, PNG and JPEG signatures, else a guarded forced DICOM read), never from the
+file name, which may be missing or lie.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from radjepa.imaging.contract import (
+    DEFAULT_SIZE,
+    DEFAULT_WINDOW_PERCENTILES,
+    META_FIELDS,
+    dtype_max,
+    to_stored,
+)
+from radjepa.imaging.deid import keyed_hash, resolve_secret
+from radjepa.imaging.errors import REASONS, ImageRejected
+from radjepa.imaging.resize import resize_center_crop
+
+__all__ = [
+    "REASONS",
+    "DecodedImage",
+    "ImageRejected",
+    "decode_image",
+    "resolve_secret",
+    "sniff_format",
+]
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+_JPEG = b"\xff\xd8\xff"
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A contract image ``pixels`` [size, size] and its allow-listed metadata (``META_FIELDS``)."""
+
+    pixels: np.ndarray
+    meta: dict[str, Any]
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'dicom', 'png', 'jpeg', or None when the bytes look like none of them."""
+    from radjepa.imaging.dicom import looks_like_raw_dataset
+
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data.startswith(_PNG):
+        return "png"
+    if data.startswith(_JPEG):
+        return "jpeg"
+    if looks_like_raw_dataset(data):
+        return "dicom"
+    return None
+
+
+def _empty_meta(image_id: str, source_hash: str | None, fmt: str) -> dict[str, Any]:
+    meta: dict[str, Any] = dict.fromkeys(META_FIELDS)
+    meta.update(image_id=image_id, source_hash=source_hash, format=fmt)
+    return meta
+
+
+def _decode_display(
+    data: bytes,
+    fmt: str,
+    window_percentiles: tuple[float, float],
+    secret: bytes,
+    meta: dict[str, Any],
+) -> np.ndarray:
+    """Display image in [0, 1] for sniffed bytes; fills the format-specific ``meta`` keys."""
+    if fmt == "dicom":
+        from radjepa.imaging.deid import dicom_meta
+        from radjepa.imaging.dicom import dicom_display, read_dataset
+
+        ds = read_dataset(data)
+        display = dicom_display(ds, window_percentiles)
+        meta.update(dicom_meta(ds, secret, ds.file_meta.get("TransferSyntaxUID")))
+        return display
+    from radjepa.imaging.raster import raster_display
+
+    display, photometric = raster_display(data)
+    meta["photometric"] = photometric
+    return display
+
+
+def decode_image(
+    data: bytes,
+    *,
+    size: int = DEFAULT_SIZE,
+    dtype: str = "uint8",
+    window_percentiles: tuple[float, float] = DEFAULT_WINDOW_PERCENTILES,
+    secret: bytes,
+    source_name: str | None = None,
+    max_bytes: int | None = None,
+) -> DecodedImage:
+    """Decode one file's bytes into the stored image contract (see ``imaging.contract``).
+
+    ``secret`` keys the pseudonyms and the hash of ``source_name`` (the raw name never appears
+    in the result). Raises :class:`ImageRejected` with a stable reason for unusable input.
+    """
+    dtype_max(dtype)  # validates dtype before any work
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise ImageRejected("empty", "zero-length input")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageRejected("too_large", f"{len(data)} bytes exceeds the limit of {max_bytes}")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageRejected("not_an_image", "not DICOM, PNG or JPEG")
+    image_id = hashlib.sha256(data).hexdigest()
+    source_hash = keyed_hash(secret, "source", source_name) if source_name is not None else None
+    meta = _empty_meta(image_id, source_hash, fmt)
+    try:
+        display = _decode_display(data, fmt, tuple(window_percentiles), secret, meta)
+    except (ImageRejected, KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
+        raise
+    except BaseException as err:  # pydicom parses lazily: corrupt elements fail on access
+        raise ImageRejected("decode_error", f"malformed {fmt} ({type(err).__name__})") from None
+    if display.ndim != 2 or min(display.shape) < 1:
+        raise ImageRejected("not_2d", f"decoded image has shape {display.shape}")
+    meta["orig_height"], meta["orig_width"] = int(display.shape[0]), int(display.shape[1])
+    pixels = to_stored(resize_center_crop(display, size), dtype)
+    return DecodedImage(pixels=pixels, meta=meta)

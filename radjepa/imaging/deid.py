@@ -1,0 +1,167 @@
+"""De-identification by allow-list: only the fields named here ever leave the decoder.
+
+Identifiers become keyed HMAC-SHA256 pseudonyms (stable for one secret, so studies still group
+by patient across runs, but not reversible or linkable without the key). Free-text fields are
+kept only when they come from a closed vocabulary; age comes from PatientAge, never from a birth
+date; names, dates, accession numbers, institutions and paths are never read into the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+from typing import Any
+
+from radjepa.imaging.contract import AGE_CAP_YEARS, PSEUDONYM_HEX_CHARS
+
+__all__ = [
+    "DEV_SECRET",
+    "age_years",
+    "dicom_meta",
+    "keyed_hash",
+    "pseudonym",
+    "resolve_secret",
+]
+
+log = logging.getLogger(__name__)
+
+# Documented, deliberately non-secret fallback key. Ingest must be stable across re-runs (the
+# same patient gets the same pseudonym, so idempotent re-runs and patient-grouped splits work),
+# so a per-run random key would be wrong; running without a real key is allowed for laptops and
+# tests but warned about loudly, because anyone holding this key can test guesses of IDs.
+DEV_SECRET = b"radjepa-development-key-NOT-A-SECRET"
+
+_VIEW_POSITIONS = frozenset(
+    {
+        "AP",
+        "PA",
+        "LL",
+        "RL",
+        "LAT",
+        "LATERAL",
+        "LLD",
+        "RLD",
+        "LPO",
+        "RPO",
+        "LAO",
+        "RAO",
+        "AP_SUPINE",
+    }
+)
+_MODALITIES = frozenset(
+    {"CR", "DX", "DR", "RG", "MG", "CT", "MR", "US", "XA", "RF", "PX", "IO", "NM", "PT", "OT", "SC"}
+)
+_PHOTOMETRIC = frozenset(
+    {
+        "MONOCHROME1",
+        "MONOCHROME2",
+        "RGB",
+        "PALETTE COLOR",
+        "YBR_FULL",
+        "YBR_FULL_422",
+        "YBR_ICT",
+        "YBR_RCT",
+        "YBR_PARTIAL_420",
+    }
+)
+_SEX = frozenset({"M", "F", "O"})
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_AGE = re.compile(r"^(\d{1,3})([DWMY])$")
+_MANUFACTURER_OK = re.compile(r"[^A-Za-z0-9 .,&()/_+-]")
+
+
+def resolve_secret(env_name: str = "RADJEPA_DEID_SECRET") -> bytes:
+    """The pseudonymisation key from ``env_name``; the documented dev key (with a warning) if unset."""
+    value = os.environ.get(env_name, "")
+    if value:
+        if len(value) < 16:
+            log.warning("%s is shorter than 16 characters: pseudonyms are weakly keyed", env_name)
+        return value.encode("utf-8")
+    log.warning(
+        "%s is not set: pseudonymising with the PUBLIC development key. Pseudonyms are stable "
+        "but NOT secret; set %s to a long random value for real patient data.",
+        env_name,
+        env_name,
+    )
+    return DEV_SECRET
+
+
+def keyed_hash(secret: bytes, domain: str, value: str) -> str:
+    """HMAC-SHA256 of ``value`` under ``secret``, domain-separated, as 32 hex characters."""
+    msg = domain.encode("utf-8") + b"\x00" + value.encode("utf-8", "surrogatepass")
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()[:PSEUDONYM_HEX_CHARS]
+
+
+def pseudonym(secret: bytes, domain: str, value: Any) -> str | None:
+    """Keyed pseudonym of an identifier, None when the identifier is absent or blank."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return keyed_hash(secret, domain, text) if text else None
+
+
+def age_years(patient_age: Any) -> int | None:
+    """Whole years from a DICOM AS string ('045Y', '006M', '010W', '003D'), capped at 90."""
+    if patient_age is None:
+        return None
+    m = _AGE.match(str(patient_age).strip().upper())
+    if not m:
+        return None
+    n, unit = int(m.group(1)), m.group(2)
+    days = {"D": 1.0, "W": 7.0, "M": 365.25 / 12.0, "Y": 365.25}[unit]
+    years = int(n * days // 365.25) if unit != "Y" else n
+    return min(years, AGE_CAP_YEARS)
+
+
+def _vocab(value: Any, allowed: frozenset[str]) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip().upper()
+    if not text:
+        return None
+    return text if text in allowed else "OTHER"
+
+
+def _manufacturer(value: Any) -> str | None:
+    # Manufacturer is free text by VR (LO) but names a vendor, not a person; keep it short and
+    # restricted to plain characters so it cannot smuggle arbitrary content.
+    if value is None:
+        return None
+    text = _MANUFACTURER_OK.sub("", str(value)).strip()[:64]
+    return text or None
+
+
+def _spacing(ds: Any) -> float | None:
+    for key in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(key)
+        if value is None:
+            continue
+        try:
+            row = float(value[0] if hasattr(value, "__len__") and len(value) else value)
+        except (TypeError, ValueError, IndexError):
+            continue
+        if 0.0 < row < 100.0:
+            return row
+    return None
+
+
+def dicom_meta(ds: Any, secret: bytes, transfer_syntax: str | None) -> dict[str, Any]:
+    """The allow-listed metadata of a pydicom dataset (identifiers pseudonymised)."""
+    ts = str(transfer_syntax) if transfer_syntax else None
+    return {
+        "patient_pid": pseudonym(secret, "patient", ds.get("PatientID")),
+        "study_pid": pseudonym(secret, "study", ds.get("StudyInstanceUID")),
+        "series_pid": pseudonym(secret, "series", ds.get("SeriesInstanceUID")),
+        "instance_pid": pseudonym(secret, "instance", ds.get("SOPInstanceUID")),
+        "sex": _vocab(ds.get("PatientSex"), _SEX),
+        "age_years": age_years(ds.get("PatientAge")),
+        "view_position": _vocab(ds.get("ViewPosition"), _VIEW_POSITIONS),
+        "modality": _vocab(ds.get("Modality"), _MODALITIES),
+        "manufacturer": _manufacturer(ds.get("Manufacturer")),
+        "photometric": _vocab(ds.get("PhotometricInterpretation"), _PHOTOMETRIC),
+        "transfer_syntax": ts if ts and _UID.match(ts) else None,
+        "pixel_spacing_mm": _spacing(ds),
+    }

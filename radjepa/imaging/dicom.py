@@ -1,0 +1,273 @@
+"""DICOM bytes -> display image in [0, 1] (MONOCHROME2) + the dataset, per the value contract.
+
+Order (DICOM PS3.3 C.11): stored values -> modality LUT (rescale or Modality LUT Sequence) ->
+VOI LUT (VOI LUT Sequence, else window centre/width, else a robust percentile window over the
+non-padding pixels) -> inversion for MONOCHROME1 / Presentation LUT Shape INVERSE. Compressed
+pixel data goes through pydicom 3's decoders (pylibjpeg plugins). Anything that is not one 2-D
+radiograph raises :class:`ImageRejected` with a named reason rather than guessing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+import struct
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
+from pydicom.pixels.processing import apply_color_lut
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from radjepa.imaging.contract import LUMA_WEIGHTS
+from radjepa.imaging.errors import ImageRejected
+
+__all__ = ["dicom_display", "looks_like_raw_dataset", "read_dataset"]
+
+log = logging.getLogger(__name__)
+
+# Groups a DICOM data set without preamble/meta plausibly starts with (file meta, identifying
+# / SOP common module, patient module). Other bytes are not force-read: junk stays junk.
+_FIRST_GROUPS = (0x0002, 0x0008, 0x0010)
+_PERCENTILE_SAMPLE = 1_000_000
+# Codec plugins written in Rust raise pyo3's PanicException, a BaseException, on corrupt
+# streams; those are bad input too. Only these genuinely fatal signals propagate.
+_FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError)
+# messages may quote DICOM code strings and UIDs, never free text that could carry PHI
+_CODE = re.compile(r"^[A-Z0-9 _.]{1,64}$")  # pixels; the window is estimated on a strided subsample
+
+
+def _safe(value: object) -> str:
+    """A file-supplied code (photometric, UID) for an error message, only if it looks like one."""
+    text = str(value)
+    return repr(text) if _CODE.match(text) else "<non-standard value>"
+
+
+def looks_like_raw_dataset(data: bytes) -> bool:
+    """Whether bytes without a DICM preamble start like a raw DICOM data set."""
+    if len(data) < 8:
+        return False
+    le, be = struct.unpack("<H", data[:2])[0], struct.unpack(">H", data[:2])[0]
+    return le in _FIRST_GROUPS or be in _FIRST_GROUPS
+
+
+def read_dataset(data: bytes) -> Dataset:
+    """Parse DICOM bytes (with or without preamble/file meta) and settle the transfer syntax."""
+    has_magic = len(data) >= 132 and data[128:132] == b"DICM"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_magic)
+    except (InvalidDicomError, EOFError, struct.error, OSError) as err:
+        raise ImageRejected(
+            "truncated" if _is_eof(err) else "not_an_image",
+            f"unreadable DICOM ({type(err).__name__})",
+        ) from None
+    except _FATAL:
+        raise
+    except BaseException as err:  # pydicom raises many types on hostile bytes
+        raise ImageRejected("decode_error", f"DICOM parse failed ({type(err).__name__})") from None
+    if len(ds) == 0:
+        # a DICM preamble followed by nothing usable is a cut-off transfer, not junk
+        raise ImageRejected(
+            "truncated" if has_magic else "not_an_image", "no DICOM data elements found"
+        )
+    _settle_transfer_syntax(ds)
+    return ds
+
+
+def _is_eof(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, EOFError) or "end of file" in text or "truncat" in text
+
+
+def _settle_transfer_syntax(ds: Dataset) -> None:
+    # Files without file meta carry no Transfer Syntax UID: derive it from how pydicom actually
+    # parsed the data set (implicit/explicit VR, endianness). Encapsulated pixel data cannot be
+    # guessed safely and is rejected later by the decoder check.
+    if getattr(ds, "file_meta", None) is None:
+        ds.file_meta = FileMetaDataset()
+    if ds.file_meta.get("TransferSyntaxUID"):
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        implicit, little = True, True
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _check_single_image(ds: Dataset) -> UID:
+    if "PixelData" not in ds:
+        other = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+        raise ImageRejected(
+            "no_pixel_data",
+            "float pixel data is not a radiograph"
+            if other
+            else "the DICOM holds no Pixel Data element",
+        )
+    for key in ("Rows", "Columns", "BitsAllocated"):
+        if ds.get(key) in (None, ""):
+            raise ImageRejected("missing_attribute", f"required attribute {key} is missing")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise ImageRejected("multi_frame", f"{frames} frames; only single 2-D images are used")
+    if int(ds.Rows) < 1 or int(ds.Columns) < 1:
+        raise ImageRejected("not_2d", "Rows or Columns is zero")
+    samples = int(ds.get("SamplesPerPixel") or 1)
+    if samples not in (1, 3):
+        raise ImageRejected("unsupported_photometric", f"{samples} samples per pixel")
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
+    grey = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")
+    if (samples == 1) != (photometric in grey):
+        raise ImageRejected(
+            "unsupported_photometric", f"photometric {_safe(photometric)} with {samples} sample(s)"
+        )
+    ts = UID(ds.file_meta.TransferSyntaxUID)
+    elem = ds["PixelData"]
+    if ts.is_compressed or elem.is_undefined_length:
+        if not ts.is_compressed:
+            raise ImageRejected(
+                "unsupported_transfer_syntax",
+                "encapsulated pixel data with no compressed transfer syntax",
+            )
+        try:
+            available = get_decoder(ts).is_available
+        except NotImplementedError:
+            available = False
+        if not available:
+            raise ImageRejected("unsupported_transfer_syntax", f"no decoder for {_safe(ts)}")
+    else:
+        bits = int(ds.BitsAllocated)
+        expected = int(ds.Rows) * int(ds.Columns) * samples * math.ceil(bits / 8)
+        if bits == 1:
+            expected = math.ceil(int(ds.Rows) * int(ds.Columns) * samples / 8)
+        if len(ds.PixelData) < expected:
+            raise ImageRejected(
+                "truncated", f"pixel data has {len(ds.PixelData)} of {expected} bytes"
+            )
+    return ts
+
+
+def _padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    pad = ds.get("PixelPaddingValue")
+    if pad is None:
+        return None
+    try:
+        lo = hi = int(pad)
+        limit = ds.get("PixelPaddingRangeLimit")
+        if limit is not None:
+            lo, hi = min(lo, int(limit)), max(lo, int(limit))
+    except (TypeError, ValueError):
+        return None
+    mask = (stored >= lo) & (stored <= hi)
+    return mask if mask.any() else None
+
+
+def _first(value: Any) -> float:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        value = value[0]
+    return float(value)
+
+
+def _window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """DICOM window centre/width (PS3.3 C.11.2.1.2) onto [0, 1]; None when absent or invalid."""
+    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
+        return None
+    try:
+        c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    except (TypeError, ValueError, IndexError):
+        return None
+    func = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
+    if func == "SIGMOID" and w > 0:
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+    if func == "LINEAR_EXACT" and w > 0:
+        return np.clip((values - c) / w + 0.5, 0.0, 1.0)
+    if func == "LINEAR" and w >= 1:
+        return np.clip((values - (c - 0.5)) / max(w - 1.0, 1.0) + 0.5, 0.0, 1.0)
+    return None
+
+
+def _voi_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """VOI LUT Sequence onto [0, 1], scaled by the LUT's own output range."""
+    if not ds.get("VOILUTSequence"):
+        return None
+    item = ds.VOILUTSequence[0]
+    entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+    if first >= 32768 and item["LUTDescriptor"].VR == "US":
+        first -= 65536  # first-mapped value is signed when pixel representation is signed
+    lut_out = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds).astype(np.float64)
+    lo, hi = float(lut_out.min()), float(lut_out.max())
+    mapped = apply_voi(np.rint(values).astype(np.int64), ds).astype(np.float64)
+    return (mapped - lo) / (hi - lo) if hi > lo else np.zeros_like(mapped)
+
+
+def _percentile_window(
+    values: np.ndarray, mask: np.ndarray | None, pct: tuple[float, float]
+) -> np.ndarray:
+    step = max(1, math.ceil(math.sqrt(values.size / _PERCENTILE_SAMPLE)))
+    sample = values[::step, ::step]
+    if mask is not None:
+        sample = sample[~mask[::step, ::step]]
+    if sample.size == 0:
+        return np.zeros(values.shape, dtype=np.float64)
+    lo, hi = np.percentile(sample, pct)
+    if hi <= lo:
+        return (
+            np.zeros(values.shape, dtype=np.float64)
+            if sample.max() <= lo
+            else ((values > lo).astype(np.float64))
+        )
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _grey_from_colour(rgb: np.ndarray, vmax: float) -> np.ndarray:
+    w = np.asarray(LUMA_WEIGHTS, dtype=np.float64)
+    return (rgb.astype(np.float64) @ w) / vmax
+
+
+def dicom_display(ds: Dataset, window_percentiles: tuple[float, float]) -> np.ndarray:
+    """Decoded, LUT-applied, MONOCHROME2 image of a single-frame dataset, float in [0, 1]."""
+    ts = _check_single_image(ds)
+    try:
+        stored = ds.pixel_array
+    except _FATAL:
+        raise
+    except BaseException as err:  # incl. Rust codec panics (pyo3 PanicException)
+        reason = "truncated" if _is_eof(err) or "less than expected" in str(err) else "decode_error"
+        log.debug("pixel decode failed (%s): %s", ts, err)
+        raise ImageRejected(
+            reason,
+            f"pixel data could not be decoded ({type(err).__name__}, transfer syntax {_safe(ts)})",
+        ) from None
+    photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
+    bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(stored, ds)
+        return _grey_from_colour(rgb, float(np.iinfo(rgb.dtype).max))
+    if stored.ndim == 3 and stored.shape[-1] == 3:
+        # pydicom returns RGB for YBR/RGB photometrics; colour images carry no LUT semantics
+        return _grey_from_colour(stored, float(2**bits - 1))
+    if stored.ndim != 2:
+        raise ImageRejected("not_2d", f"decoded pixel array has shape {stored.shape}")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageRejected(
+            "unsupported_photometric", f"photometric {_safe(photometric)} with 1 sample"
+        )
+    mask = _padding_mask(stored, ds)
+    values = apply_modality_lut(stored, ds).astype(np.float32, copy=False)  # ample for 16-bit
+    display = _voi_sequence(values, ds)
+    if display is None:
+        display = _window(values, ds)
+    if display is None:
+        display = _percentile_window(values, mask, window_percentiles)
+    inverse = str(ds.get("PresentationLUTShape") or "").strip().upper() == "INVERSE"
+    if photometric == "MONOCHROME1" or inverse:
+        display = 1.0 - display
+    if mask is not None:
+        display = np.where(mask, 0.0, display)
+    return display

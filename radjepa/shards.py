@@ -1,0 +1,135 @@
+"""The Parquet shard schema written by ingest, and plain (Ray-free) readers for it.
+
+One row per unique image (``image_id`` = sha256 of the source bytes). ``pixels`` holds the raw
+row-major array bytes of the value contract in ``radjepa.imaging.contract`` (little-endian for
+uint16), so readers need only numpy to rebuild an image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from radjepa.imaging.contract import DTYPES, META_FIELDS
+
+__all__ = [
+    "IMAGES_DIR",
+    "QUARANTINE_DIR",
+    "QUARANTINE_SCHEMA",
+    "SHARD_SCHEMA",
+    "ShardError",
+    "list_shards",
+    "pixels_from_bytes",
+    "pixels_to_bytes",
+    "read_images",
+]
+
+IMAGES_DIR = "images"
+QUARANTINE_DIR = "quarantine"
+
+_META_TYPES: dict[str, pa.DataType] = {
+    "age_years": pa.int16(),
+    "orig_height": pa.int32(),
+    "orig_width": pa.int32(),
+    "pixel_spacing_mm": pa.float32(),
+}
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("pixels", pa.binary(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("dtype", pa.string(), nullable=False),
+        *[
+            pa.field(name, _META_TYPES.get(name, pa.string()))
+            for name in META_FIELDS
+            if name != "image_id"
+        ],
+        # raw source path: null unless ingest.keep_source_paths (a PHI risk) is switched on
+        pa.field("source_path", pa.string()),
+    ]
+)
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("sha256", pa.string()),  # null when the bytes could not be read at all
+        pa.field("source_hash", pa.string()),
+        pa.field("source_path", pa.string()),  # null unless keep_source_paths
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+
+class ShardError(FileNotFoundError):
+    """No usable shards where some were expected."""
+
+
+def _images_dir(dst: str | Path) -> Path:
+    root = Path(dst)
+    return (
+        root if root.name == IMAGES_DIR and not (root / IMAGES_DIR).is_dir() else root / IMAGES_DIR
+    )
+
+
+def list_shards(dst: str | Path) -> list[Path]:
+    """Sorted shard files of an ingest output folder (``dst`` or ``dst/images``)."""
+    folder = _images_dir(dst)
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        raise ShardError(
+            f"no Parquet shards in {folder}: run `radjepa ingest SRC... {Path(dst)}` first"
+        )
+    return files
+
+
+def pixels_to_bytes(pixels: np.ndarray) -> bytes:
+    """Contract array -> shard bytes (row-major, little-endian)."""
+    if pixels.dtype.name not in DTYPES or pixels.ndim != 2:
+        raise ValueError(f"expected a 2-D uint8/uint16 array, got {pixels.dtype} {pixels.shape}")
+    return np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder("<")).tobytes()
+
+
+def pixels_from_bytes(b: bytes, h: int, w: int, dtype: str) -> np.ndarray:
+    """Shard ``pixels`` bytes -> array [h, w] in native byte order (a copy, writable)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown shard dtype {dtype!r}; expected one of {DTYPES}")
+    le = np.dtype(dtype).newbyteorder("<")
+    if len(b) != h * w * le.itemsize:
+        raise ValueError(f"pixel buffer of {len(b)} bytes does not hold {h}x{w} {dtype}")
+    return np.frombuffer(b, dtype=le).reshape(h, w).astype(dtype)
+
+
+def read_images(dst: str | Path, limit: int | None = None) -> tuple[np.ndarray, pa.Table]:
+    """All (or the first ``limit``) images as one array [N, H, W] plus their metadata table.
+
+    Shards must agree on size and dtype (one ingest config per output folder).
+    """
+    tables = []
+    rows = 0
+    for path in list_shards(dst):
+        if limit is not None and rows >= limit:
+            break
+        t = pq.read_table(path)
+        tables.append(t)
+        rows += t.num_rows
+    table = pa.concat_tables(tables)
+    if limit is not None:
+        table = table.slice(0, limit)
+    shapes = set(zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True))
+    dtypes = set(table["dtype"].to_pylist())
+    if len(shapes) > 1 or len(dtypes) > 1:
+        raise ShardError(f"shards under {dst} mix sizes {shapes} or dtypes {dtypes}")
+    if table.num_rows == 0:
+        raise ShardError(f"shards under {dst} hold no rows")
+    (h, w), dtype = shapes.pop(), dtypes.pop()
+    images = np.stack(
+        [pixels_from_bytes(b, h, w, dtype) for b in table["pixels"].to_pylist()]
+    )  # [N, H, W]
+    return images, table.drop_columns(["pixels"])

@@ -1,0 +1,406 @@
+"""The decoder against its value contract, with real DICOM bytes built by pydicom at test time."""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from dicom_factory import (
+    MARKER_STRINGS,
+    deflated,
+    gradient,
+    make_dicom,
+)
+from PIL import Image
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+)
+
+from radjepa.imaging.contract import META_FIELDS
+from radjepa.imaging.decode import DecodedImage, ImageRejected, decode_image
+from radjepa.imaging.deid import DEV_SECRET, age_years, resolve_secret
+from radjepa.imaging.errors import REASONS
+from radjepa.imaging.resize import resize_center_crop
+from radjepa.shards import SHARD_SCHEMA, pixels_from_bytes, pixels_to_bytes
+
+SECRET = b"test-secret-0123456789abcdef"
+N = 64  # square sources decoded at size N: no resampling, so values are checked exactly
+
+
+def decode(data: bytes, size: int = N, **kw) -> DecodedImage:
+    return decode_image(data, size=size, secret=SECRET, **kw)
+
+
+def stored(display: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(display, 0, 1) * 255).astype(np.uint8)
+
+
+def percentile_display(values: np.ndarray, pct=(0.5, 99.5)) -> np.ndarray:
+    lo, hi = np.percentile(values.astype(np.float64), pct)
+    return np.clip((values - lo) / (hi - lo), 0, 1)
+
+
+# --- the contract table: bit depth x LUT x MONOCHROME1/2 -----------------------------------
+
+
+def _case(bits: int, lut: str) -> tuple[dict, np.ndarray]:
+    """Factory kwargs and the expected MONOCHROME2 display (float [0, 1]) for one table cell."""
+    px = gradient(N, N, bits=bits, seed=bits)
+    v = px.astype(np.float64)
+    vmax = 2**bits - 1
+    if lut == "none":
+        return {}, percentile_display(v)
+    if lut == "rescale":  # a positive linear map does not change a percentile window
+        return {"rescale": (2.5, -1024.0)}, percentile_display(v * 2.5 - 1024)
+    if lut == "modality_lut_seq":  # a reversing modality LUT
+        table = np.arange(vmax + 1)[::-1]
+        return {"modality_lut": table}, percentile_display(table[px].astype(np.float64))
+    if lut == "window":
+        c, w = vmax * 0.4, vmax * 0.5
+        expected = np.clip((v - (c - 0.5)) / (w - 1) + 0.5, 0, 1)
+        return {"window": (c, w)}, expected
+    if lut == "voi_lut_seq":  # a square-root display curve with 16-bit output
+        table = np.rint(65535 * np.sqrt(np.arange(vmax + 1) / vmax)).astype(np.int64)
+        return {"voi_lut": table}, table[px] / 65535.0
+    raise AssertionError(lut)
+
+
+LUTS = ["none", "rescale", "modality_lut_seq", "window", "voi_lut_seq"]
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("lut", LUTS)
+@pytest.mark.parametrize("bits", [8, 12, 16])
+def test_contract_table(bits: int, lut: str, photometric: str) -> None:
+    kwargs, expected = _case(bits, lut)
+    px = gradient(N, N, bits=bits, seed=bits)
+    out = decode(make_dicom(px, bits=bits, photometric=photometric, **kwargs))
+    if photometric == "MONOCHROME1":
+        expected = 1.0 - expected
+    assert out.pixels.dtype == np.uint8 and out.pixels.shape == (N, N)
+    diff = np.abs(out.pixels.astype(int) - stored(expected).astype(int))
+    assert diff.max() <= 1, f"max error {diff.max()} for {bits}-bit {lut} {photometric}"
+    if lut in ("none", "rescale", "modality_lut_seq"):  # the robust window spans the range
+        assert out.pixels.min() == 0 and out.pixels.max() == 255
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
+@pytest.mark.parametrize("window", [False, True])
+def test_monochrome1_twin_decodes_identically(bits: int, window: bool) -> None:
+    """The same radiograph stored as MONOCHROME1 (inverted values) gives the same image."""
+    vmax = 2**bits - 1
+    px = gradient(N, N, bits=bits, seed=3)
+    twin = (vmax - px.astype(np.int64)).astype(px.dtype)
+    kw2 = {"window": (vmax * 0.45, vmax * 0.6)} if window else {}
+    # DICOM LINEAR windows centre on c - 0.5, so the mirrored centre is vmax + 1 - c
+    kw1 = {"window": (vmax + 1 - vmax * 0.45, vmax * 0.6)} if window else {}
+    m2 = decode(make_dicom(px, bits=bits, photometric="MONOCHROME2", **kw2))
+    m1 = decode(make_dicom(twin, bits=bits, photometric="MONOCHROME1", **kw1))
+    assert np.abs(m1.pixels.astype(int) - m2.pixels.astype(int)).max() <= 1
+
+
+def test_presentation_lut_inverse_inverts_once() -> None:
+    px = gradient(N, N, bits=12)
+    plain = decode(make_dicom(px)).pixels.astype(int)
+    inverse = decode(make_dicom(px, presentation_inverse=True)).pixels.astype(int)
+    both = decode(make_dicom(px, photometric="MONOCHROME1", presentation_inverse=True))
+    assert np.abs(inverse - (255 - plain)).max() <= 1
+    assert np.array_equal(both.pixels.astype(int), inverse)  # MONOCHROME1 + INVERSE = one flip
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_padding_excluded_from_window_and_shown_black(photometric: str) -> None:
+    px = (gradient(N, N, bits=12).astype(np.int64) // 2 + 1000).astype(np.uint16)
+    px[:, :8] = 4095  # collimator padding (the value is arbitrary; it is declared below)
+    out = decode(make_dicom(px, photometric=photometric, padding=4095)).pixels
+    assert (out[:, :8] == 0).all()
+    interior = percentile_display(px[:, 8:].astype(np.float64))
+    if photometric == "MONOCHROME1":
+        interior = 1 - interior
+    assert np.abs(out[:, 8:].astype(int) - stored(interior).astype(int)).max() <= 1
+    undeclared = decode(make_dicom(px, photometric=photometric)).pixels
+    assert not np.array_equal(undeclared, out)
+
+
+def test_padding_range_limit() -> None:
+    px = gradient(N, N, bits=12)
+    px[:4] = 5
+    px[4:8] = 10
+    out = decode(make_dicom(px, padding=0, padding_limit=12)).pixels
+    assert (out[:8] == 0).all() and out[8:].max() == 255
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [RLELossless, JPEG2000Lossless, ExplicitVRBigEndian, ImplicitVRLittleEndian, "deflate", "raw"],
+)
+@pytest.mark.parametrize("bits", [8, 16])
+def test_lossless_transfer_syntaxes_decode_identically(syntax: str, bits: int) -> None:
+    px = gradient(N, N, bits=bits, seed=7)
+    reference = decode(make_dicom(px, bits=bits)).pixels
+    if syntax == "deflate":
+        data = deflated(px, bits=bits)
+    elif syntax == "raw":  # no preamble, no file meta: forced read + transfer-syntax fallback
+        data = make_dicom(px, bits=bits, raw=True)
+        assert data[128:132] != b"DICM"
+    else:
+        data = make_dicom(px, bits=bits, transfer_syntax=syntax)
+    out = decode(data)
+    assert np.array_equal(out.pixels, reference)
+    assert out.meta["format"] == "dicom"
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000, JPEGBaseline8Bit])
+def test_lossy_transfer_syntaxes_decode_close(syntax: str) -> None:
+    px = gradient(N, N, bits=8, seed=9)
+    reference = decode(make_dicom(px, bits=8)).pixels.astype(int)
+    out = decode(make_dicom(px, bits=8, transfer_syntax=syntax))
+    assert out.meta["transfer_syntax"] == syntax
+    assert np.abs(out.pixels.astype(int) - reference).mean() < 4
+
+
+def test_rgb_secondary_capture_becomes_luma_grey() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, size=(N, N, 3), dtype=np.uint8)
+    out = decode(make_dicom(rgb, bits=8, photometric="RGB"))
+    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255
+    assert np.abs(out.pixels.astype(int) - stored(luma).astype(int)).max() <= 1
+    assert out.meta["photometric"] == "RGB"
+
+
+def test_uint16_output_and_shard_bytes_roundtrip() -> None:
+    px = gradient(N, N, bits=16, seed=1)
+    out = decode(make_dicom(px, bits=16), dtype="uint16")
+    assert out.pixels.dtype == np.uint16 and out.pixels.max() == 65535
+    back = pixels_from_bytes(pixels_to_bytes(out.pixels), N, N, "uint16")
+    assert np.array_equal(back, out.pixels)
+    assert pixels_to_bytes(out.pixels)[:2] == int(out.pixels[0, 0]).to_bytes(2, "little")
+
+
+# --- real images ---------------------------------------------------------------------------
+
+
+def test_real_nih_pngs(nih_dir) -> None:
+    paths = sorted((nih_dir / "images").glob("*.png"))[:6]
+    assert paths
+    for p in paths:
+        data = p.read_bytes()
+        src = np.asarray(Image.open(p).convert("L"))
+        same = decode(data, size=src.shape[0])
+        assert np.array_equal(same.pixels, src)  # 256 px 8-bit grey: stored unchanged
+        wide = decode(data, size=src.shape[0], dtype="uint16").pixels
+        assert np.array_equal(wide, src.astype(np.uint16) * 257)
+        small = decode(data, size=128).pixels
+        ref = np.asarray(Image.open(p).convert("L").resize((128, 128), Image.Resampling.LANCZOS))
+        assert np.abs(small.astype(int) - ref.astype(int)).mean() < 1.0
+        assert same.meta["format"] == "png" and same.meta["orig_height"] == src.shape[0]
+
+
+def test_real_png_as_jpeg_and_16bit_png(nih_dir, tmp_path) -> None:
+    p = sorted((nih_dir / "images").glob("*.png"))[0]
+    src = np.asarray(Image.open(p).convert("L"))
+    buf = io.BytesIO()
+    Image.fromarray(src).save(buf, format="JPEG", quality=95)
+    jpeg = decode(buf.getvalue(), size=src.shape[0])
+    assert jpeg.meta["format"] == "jpeg"
+    assert np.abs(jpeg.pixels.astype(int) - src.astype(int)).mean() < 3
+    buf = io.BytesIO()
+    Image.fromarray(src.astype(np.uint16) * 257).save(buf, format="PNG")
+    assert np.array_equal(decode(buf.getvalue(), size=src.shape[0]).pixels, src)
+
+
+def test_resize_keeps_the_centre_square() -> None:
+    img = np.zeros((100, 200), np.float32)
+    img[:, 100:] = 1.0  # right half bright; the centre square is x in [50, 150)
+    out = resize_center_crop(img, 50)
+    assert out.shape == (50, 50)
+    assert out[:, :20].max() < 0.05 and out[:, 30:].min() > 0.95
+    assert np.array_equal(out, resize_center_crop(img, 50))  # deterministic
+
+
+# --- rejections ----------------------------------------------------------------------------
+
+
+def _not_2d() -> bytes:
+    return make_dicom(gradient(N, N), extra={"Rows": 0})
+
+
+def _bad_j2k() -> bytes:
+    from pydicom.encaps import encapsulate
+
+    data = make_dicom(gradient(N, N), transfer_syntax=JPEG2000Lossless)
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+def _unsupported_syntax() -> bytes:
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(gradient(N, N))))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + b"\x00" * 60])
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+def _truncated_png(nih_dir) -> bytes:
+    data = sorted((nih_dir / "images").glob("*.png"))[0].read_bytes()
+    return data[: len(data) // 2]
+
+
+REJECTIONS = {
+    "empty": lambda nih: b"",
+    "too_large": lambda nih: make_dicom(gradient(N, N)),  # with max_bytes=100 below
+    "not_an_image": lambda nih: b"patient,finding\nDOE,none\n" * 20,
+    "truncated": lambda nih: make_dicom(gradient(N, N))[:-1000],
+    "multi_frame": lambda nih: make_dicom(gradient(N, N), frames=3),
+    "no_pixel_data": lambda nih: make_dicom(with_pixels=False),
+    "missing_attribute": lambda nih: make_dicom(gradient(N, N), drop=("Rows",)),
+    "unsupported_transfer_syntax": lambda nih: _unsupported_syntax(),
+    "unsupported_photometric": lambda nih: make_dicom(gradient(N, N), photometric="YBR_FULL"),
+    "not_2d": lambda nih: _not_2d(),
+    "decode_error": lambda nih: _bad_j2k(),
+}
+
+
+def test_every_reason_has_a_case() -> None:
+    assert set(REJECTIONS) == set(REASONS)
+
+
+@pytest.mark.parametrize("reason", sorted(REJECTIONS))
+def test_rejection_reasons(reason: str, nih_dir) -> None:
+    data = REJECTIONS[reason](nih_dir)
+    with pytest.raises(ImageRejected) as err:
+        decode(data, max_bytes=100 if reason == "too_large" else None)
+    assert err.value.reason == reason
+    for marker in MARKER_STRINGS:
+        assert marker not in err.value.message
+
+
+def test_truncated_png_and_junk(nih_dir) -> None:
+    with pytest.raises(ImageRejected) as err:
+        decode(_truncated_png(nih_dir))
+    assert err.value.reason in ("truncated", "decode_error")
+    for junk in (zlib.compress(b"x" * 1000), b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"\x08\x00"):
+        with pytest.raises(ImageRejected):
+            decode(junk)
+
+
+# --- de-identification ---------------------------------------------------------------------
+
+
+def test_meta_is_the_allow_list_and_holds_no_identifiers() -> None:
+    data = make_dicom(gradient(N, N))
+    meta = decode(data, source_name="/archive/DOE^JOHN_MARKER/1.dcm").meta
+    assert tuple(meta) == META_FIELDS
+    metadata_columns = [
+        n
+        for n in SHARD_SCHEMA.names
+        if n not in ("pixels", "height", "width", "dtype", "source_path")
+    ]
+    assert sorted(metadata_columns) == sorted(META_FIELDS)
+    text = repr(meta)
+    for marker in [*MARKER_STRINGS, "DOE", "JOHN", "1945"]:
+        assert marker not in text
+    assert meta["sex"] == "F" and meta["age_years"] == 45 and meta["view_position"] == "PA"
+    assert meta["modality"] == "DX" and meta["manufacturer"] == "ACME Imaging"
+    assert meta["pixel_spacing_mm"] == pytest.approx(0.143)
+    assert all(
+        len(meta[k]) == 32
+        for k in ("patient_pid", "study_pid", "series_pid", "instance_pid", "source_hash")
+    )
+    pa.Table.from_pylist([meta])  # arrow-compatible values
+
+
+def test_pseudonyms_are_keyed_and_stable() -> None:
+    data = make_dicom(gradient(N, N))
+    a = decode_image(data, size=N, secret=b"k1" * 16).meta
+    b = decode_image(data, size=N, secret=b"k1" * 16).meta
+    c = decode_image(data, size=N, secret=b"k2" * 16).meta
+    assert a["patient_pid"] == b["patient_pid"] != c["patient_pid"]
+    assert a["patient_pid"] != a["study_pid"]
+    other = decode(make_dicom(gradient(N, N))).meta  # same PatientID, new UIDs
+    assert other["patient_pid"] == decode(data).meta["patient_pid"]
+    assert other["study_pid"] != decode(data).meta["study_pid"]
+
+
+@pytest.mark.parametrize(
+    ("value", "years"),
+    [
+        ("045Y", 45),
+        ("006M", 0),
+        ("030M", 2),
+        ("010W", 0),
+        ("003D", 0),
+        ("095Y", 90),
+        ("120Y", 90),
+        ("45", None),
+        ("", None),
+        (None, None),
+        ("MARKER", None),
+    ],
+)
+def test_age_from_patient_age_only(value, years) -> None:
+    assert age_years(value) == years
+
+
+def test_no_age_from_birth_date() -> None:
+    data = make_dicom(gradient(N, N), drop=("PatientAge",))
+    assert decode(data).meta["age_years"] is None  # PatientBirthDate is present but never read
+
+
+def test_resolve_secret(monkeypatch) -> None:
+    monkeypatch.setenv("RADJEPA_TEST_SECRET", "a-long-enough-test-secret")
+    assert resolve_secret("RADJEPA_TEST_SECRET") == b"a-long-enough-test-secret"
+    monkeypatch.delenv("RADJEPA_TEST_SECRET")
+    assert resolve_secret("RADJEPA_TEST_SECRET") == DEV_SECRET
+
+
+def test_bad_arguments_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        decode_image(b"x", secret=SECRET, dtype="float32")
+    with pytest.raises(TypeError):
+        decode_image("not bytes", secret=SECRET)  # type: ignore[arg-type]
+
+
+def test_corrupted_bytes_only_ever_raise_image_rejected() -> None:
+    """Random byte flips and cuts (incl. ones that make Rust codecs panic) are bad input."""
+    rng = np.random.default_rng(0)
+    px = gradient(32, 32, bits=8)
+    bases = [
+        make_dicom(px, bits=8),
+        make_dicom(px, bits=8, transfer_syntax=RLELossless),
+        make_dicom(px, bits=8, transfer_syntax=JPEG2000Lossless),
+        make_dicom(px, bits=8, raw=True),
+        make_dicom(px, bits=8, transfer_syntax=JPEGBaseline8Bit),
+    ]
+    outcomes = Counter()
+    for i in range(400):
+        data = bytearray(bases[i % len(bases)])
+        for _ in range(int(rng.integers(1, 6))):
+            data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
+        if i % 5 == 0:
+            data = data[: int(rng.integers(1, len(data)))]
+        try:
+            decode_image(bytes(data), size=16, secret=SECRET)
+            outcomes["ok"] += 1
+        except ImageRejected as err:
+            outcomes[err.reason] += 1
+    assert set(outcomes) <= REASONS | {"ok"}
+    assert outcomes["ok"] > 0 and sum(outcomes.values()) == 400

@@ -1,0 +1,349 @@
+"""The Ray Data ingest job on a messy corpus: counts reconcile, re-runs are idempotent, no PHI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from dicom_factory import MARKER_STRINGS, deflated, gradient, make_dicom
+from pydicom.uid import ExplicitVRBigEndian, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
+
+from radjepa.config import load_config
+from radjepa.imaging.decode import decode_image
+from radjepa.imaging.deid import resolve_secret
+from radjepa.shards import QUARANTINE_SCHEMA, SHARD_SCHEMA, list_shards, read_images
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 96
+PHI_FOLDER = "DOE^JOHN_MARKER"
+FORBIDDEN = [*MARKER_STRINGS, "DOE^JOHN", "JOHN_MARKER", "19450317", "20190402"]
+
+
+def _cfg(*extra: str):
+    return load_config(
+        REPO / "configs" / "tiny_cpu.yaml",
+        [f"ingest.image_size={SIZE}", "ingest.decode_actors=2", "ingest.shard_rows=5", *extra],
+    )
+
+
+class Corpus:
+    """A source folder plus what ingest must make of it (computed while building it)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.inputs = 0
+        self.good: set[str] = set()  # sha256 of decodable unique bytes
+        self.bad: dict[str, str] = {}  # sha256 -> expected reason
+        self.duplicates = 0
+
+    def _account(self, data: bytes, reason: str | None) -> None:
+        sha = hashlib.sha256(data).hexdigest()
+        self.inputs += 1
+        if sha in self.good or sha in self.bad:
+            self.duplicates += 1
+        elif reason is None:
+            self.good.add(sha)
+        else:
+            self.bad[sha] = reason
+
+    def add(self, rel: str, data: bytes, reason: str | None = None) -> None:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self._account(data, reason)
+
+    def add_archive(self, rel: str, members: dict[str, tuple[bytes, str | None]]) -> None:
+        path = self.root / rel
+        if rel.endswith(".zip"):
+            with zipfile.ZipFile(path, "w") as z:
+                for name, (data, _) in members.items():
+                    z.writestr(name, data)
+        else:
+            with tarfile.open(path, "w:gz") as t:
+                for name, (data, _) in members.items():
+                    member = self.root / ".staging"
+                    member.write_bytes(data)
+                    t.add(member, arcname=name)
+                    member.unlink()
+        for data, reason in members.values():
+            self._account(data, reason)
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        return dict(Counter(self.bad.values()))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, nih_dir) -> Corpus:
+    c = Corpus(tmp_path_factory.mktemp("archive"))
+    pngs = sorted((nih_dir / "images").glob("*.png"))[:5]
+    for p in pngs:
+        c.add(f"nih/{p.name}", p.read_bytes())
+    c.add("nih/copy_of_first.png", pngs[0].read_bytes())  # duplicate bytes
+    px12 = gradient(120, 100, bits=12, seed=1)
+    plain = make_dicom(px12)
+    c.add(f"{PHI_FOLDER}/plain.dcm", plain)
+    c.add(f"{PHI_FOLDER}/MARKER_NAME_7f3a.dcm", make_dicom(4095 - px12, photometric="MONOCHROME1"))
+    c.add("dicom/rle.dcm", make_dicom(px12, transfer_syntax=RLELossless))
+    c.add("dicom/j2k.dcm", make_dicom(px12, transfer_syntax=JPEG2000Lossless))
+    c.add("dicom/big_endian.dcm", make_dicom(px12, transfer_syntax=ExplicitVRBigEndian))
+    c.add("dicom/deflate.dcm", deflated(px12))
+    c.add("dicom/no_preamble", make_dicom(px12, raw=True))
+    c.add("dicom/voi.dcm", make_dicom(px12, voi_lut=np.arange(4096) * 16))
+    c.add("dicom/rescale.dcm", make_dicom(px12, rescale=(2.0, -1024.0), window=(1500, 3000)))
+    rgb = np.stack([gradient(80, 80, bits=8, seed=s) for s in range(3)], axis=-1)
+    c.add("dicom/rgb_sc.dcm", make_dicom(rgb, bits=8, photometric="RGB"))
+    c.add("dicom/copy_of_plain.dcm", plain)  # duplicate bytes
+    c.add("dicom/truncated.dcm", plain[: len(plain) - 5000], "truncated")
+    c.add("dicom/multi.dcm", make_dicom(px12, frames=2), "multi_frame")
+    c.add("dicom/nopixels.dcm", make_dicom(with_pixels=False), "no_pixel_data")
+    c.add("junk/notes_MARKER_NAME_7f3a.txt", b"MARKER_NAME_7f3a saw DOE^JOHN\n" * 9, "not_an_image")
+    c.add("junk/empty.dcm", b"", "empty")
+    c.add_archive(
+        "batch.zip",
+        {
+            f"{PHI_FOLDER}/a.dcm": (make_dicom(gradient(90, 90, bits=16, seed=5), bits=16), None),
+            "b.dcm": (
+                make_dicom(
+                    gradient(64, 64, bits=8, seed=6), bits=8, transfer_syntax=JPEGBaseline8Bit
+                ),
+                None,
+            ),
+            "again.dcm": (plain, None),  # duplicate of a file outside the archive
+            "readme.txt": (b"exported by MARKER_INST_a8f0", "not_an_image"),
+        },
+    )
+    c.add_archive(
+        "batch.tar.gz",
+        {
+            "x/c.dcm": (make_dicom(gradient(70, 110, bits=10, seed=8), bits=10), None),
+            "x/d.png": (pngs[1].read_bytes(), None),  # duplicate of a loose PNG
+            "x/frames.dcm": (make_dicom(gradient(64, 64, seed=9), frames=3), "multi_frame"),
+        },
+    )
+    return c
+
+
+def _all_output_text(dst: Path) -> list[tuple[str, bytes]]:
+    """Every output file's raw bytes, plus the decoded text of every Parquet cell (zstd would
+    hide a leaked string from a raw byte search)."""
+    out = []
+    for path in sorted(p for p in dst.rglob("*") if p.is_file()):
+        out.append((str(path), path.read_bytes()))
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            cols = [c for c in table.column_names if c != "pixels"]
+            out.append((f"{path}[cells]", repr(table.select(cols).to_pylist()).encode()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ingested(corpus, ray_session, tmp_path_factory):
+    from pipelines.ingest import run_ingest
+
+    dst = tmp_path_factory.mktemp("shards")
+    first = run_ingest([str(corpus.root)], str(dst), _cfg(), progress=False)
+    return dst, first
+
+
+def test_counts_reconcile_with_reason_histogram(corpus, ingested) -> None:
+    dst, s = ingested
+    assert s.input == corpus.inputs == 29
+    assert s.ok == len(corpus.good)
+    assert s.quarantined == len(corpus.bad)
+    assert s.duplicates == s.duplicates_in_run == corpus.duplicates == 4
+    assert s.input == s.ok + s.quarantined + s.duplicates
+    assert s.reasons == corpus.reasons
+    manifest = json.loads((dst / "manifest.json").read_text())
+    last = manifest["last_run"]
+    assert (last["input"], last["ok"], last["quarantined"], last["duplicates"]) == (
+        s.input,
+        s.ok,
+        s.quarantined,
+        s.duplicates,
+    )
+    assert last["reasons"] == corpus.reasons == manifest["quarantine_reasons"]
+    assert manifest["images"] == s.ok and manifest["quarantined"] == s.quarantined
+    assert manifest["image"] == {"size": SIZE, "dtype": "uint8", "window_percentiles": [0.5, 99.5]}
+
+
+def test_shards_hold_each_unique_image_once(corpus, ingested) -> None:
+    dst, s = ingested
+    shards = list_shards(dst)
+    assert len(shards) == -(-s.ok // 5)  # shard_rows=5
+    assert all(pq.read_schema(p).equals(SHARD_SCHEMA) for p in shards)
+    images, meta = read_images(dst)
+    assert images.shape == (s.ok, SIZE, SIZE) and images.dtype == np.uint8
+    ids = meta.column("image_id").to_pylist()
+    assert sorted(ids) == sorted(corpus.good)
+    plain = (corpus.root / PHI_FOLDER / "plain.dcm").read_bytes()
+    row = ids.index(hashlib.sha256(plain).hexdigest())
+    expected = decode_image(plain, size=SIZE, secret=resolve_secret("RADJEPA_DEID_SECRET"))
+    assert np.array_equal(images[row], expected.pixels)  # the exact library decode
+    # the MONOCHROME1 twin in the same folder decodes to the same picture
+    twin = (corpus.root / PHI_FOLDER / "MARKER_NAME_7f3a.dcm").read_bytes()
+    twin_row = ids.index(hashlib.sha256(twin).hexdigest())
+    assert np.abs(images[twin_row].astype(int) - images[row].astype(int)).max() <= 1
+    assert set(meta.column("format").to_pylist()) == {"png", "dicom"}
+    assert meta.column("source_path").null_count == meta.num_rows
+
+
+def test_quarantine_rows(corpus, ingested) -> None:
+    dst, s = ingested
+    q = pq.read_table(dst / "quarantine")
+    assert q.schema.equals(QUARANTINE_SCHEMA)
+    assert q.num_rows == s.quarantined
+    assert (
+        dict(zip(q.column("sha256").to_pylist(), q.column("reason").to_pylist(), strict=True))
+        == corpus.bad
+    )
+    assert all(len(h) == 32 for h in q.column("source_hash").to_pylist())
+    assert q.column("source_path").null_count == q.num_rows
+
+
+def test_no_identifier_reaches_any_output_byte(corpus, ingested) -> None:
+    dst, _ = ingested
+    forbidden = [*FORBIDDEN, str(corpus.root)]
+    outputs = _all_output_text(dst)
+    assert len(outputs) >= 4
+    for name, data in outputs:
+        for marker in forbidden:
+            assert marker.encode() not in data, f"{marker!r} leaked into {name}"
+
+
+def test_rerun_is_idempotent_then_picks_up_new_files(corpus, ingested) -> None:
+    from pipelines.ingest import run_ingest
+
+    dst, first = ingested
+    shards_before = sorted(p.name for p in list_shards(dst))
+    again = run_ingest([str(corpus.root)], str(dst), _cfg(), progress=False)
+    assert (again.ok, again.quarantined, again.shards) == (0, 0, [])
+    assert again.duplicates == again.input == first.input
+    assert again.already_ingested == again.input  # copies included: their bytes are known
+    assert sorted(p.name for p in list_shards(dst)) == shards_before
+    assert pq.read_table(dst / "quarantine").num_rows == first.quarantined
+
+    extra = corpus.root.parent / (corpus.root.name + "_extra")
+    extra.mkdir()
+    (extra / "new.dcm").write_bytes(make_dicom(gradient(50, 60, seed=42)))
+    shutil.copy(corpus.root / "dicom" / "rle.dcm", extra / "rle_again.dcm")
+    third = run_ingest([str(corpus.root), str(extra)], str(dst), _cfg(), progress=False)
+    assert (third.ok, third.quarantined) == (1, 0)
+    assert third.duplicates == third.input - 1
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert len(manifest["runs"]) == 3 and manifest["last_run"]["run_id"] == third.run_id
+    assert manifest["images"] == first.ok + 1 == len(read_images(dst)[1])
+    assert manifest["inputs_seen"] == first.input + again.input + third.input
+
+
+def test_size_change_into_same_dst_is_refused(corpus, ingested) -> None:
+    from pipelines.ingest import IngestError, run_ingest
+
+    dst, _ = ingested
+    with pytest.raises(IngestError, match="size"):
+        run_ingest([str(corpus.root)], str(dst), _cfg("ingest.image_size=128"), progress=False)
+
+
+def test_keep_source_paths_too_large_and_dst_inside_source(ray_session, tmp_path) -> None:
+    from pipelines.ingest import run_ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small.dcm").write_bytes(make_dicom(gradient(40, 40, bits=8), bits=8, markers=False))
+    (src / "big.dcm").write_bytes(make_dicom(gradient(400, 400), markers=False))
+    dst = src / "out"  # inside the source: its shards must never be ingested back
+    cfg = _cfg("ingest.keep_source_paths=true", "ingest.max_file_mb=0.05")
+    s = run_ingest([str(src)], str(dst), cfg, progress=False)
+    assert (s.input, s.ok, s.quarantined, s.reasons) == (2, 1, 1, {"too_large": 1})
+    _, meta = read_images(dst)
+    assert meta.column("source_path").to_pylist() == [str(src / "small.dcm")]
+    q = pq.read_table(dst / "quarantine")
+    assert q.column("source_path").to_pylist() == [str(src / "big.dcm")]
+    assert q.column("sha256").to_pylist() == [None]  # never read, so never hashed
+    again = run_ingest([str(src)], str(dst), cfg, progress=False)
+    assert (again.input, again.ok, again.quarantined, again.already_ingested) == (2, 0, 0, 2)
+
+
+def test_missing_source_is_a_clear_error(ray_session, tmp_path) -> None:
+    from pipelines.ingest import IngestError, run_ingest
+
+    with pytest.raises(IngestError, match="source not found"):
+        run_ingest([str(tmp_path / "nope")], str(tmp_path / "dst"), _cfg(), progress=False)
+    assert not (tmp_path / "dst").exists()  # nothing written for a bad request
+    (tmp_path / "empty").mkdir()
+    s = run_ingest([str(tmp_path / "empty")], str(tmp_path / "dst"), _cfg(), progress=False)
+    assert (s.input, s.ok) == (0, 0)
+    assert json.loads((tmp_path / "dst" / "manifest.json").read_text())["images"] == 0
+
+
+def test_cli_ingest_two_hundred_files(ray_session, nih_dir, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    src = tmp_path / "export"
+    src.mkdir()
+    for p in sorted((nih_dir / "images").glob("*.png"))[:180]:
+        shutil.copy(p, src / p.name)
+    for i in range(15):
+        (src / f"im{i}.dcm").write_bytes(make_dicom(gradient(80, 80, seed=100 + i)))
+    for i in range(5):
+        (src / f"bad{i}.dcm").write_bytes(b"not a dicom " * (i + 1))
+    dst = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        [
+            "ingest",
+            str(src),
+            str(dst),
+            "-c",
+            str(REPO / "configs" / "tiny_cpu.yaml"),
+            "--set",
+            "ingest.decode_actors=2",
+            "--set",
+            f"ingest.image_size={SIZE}",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "195 stored, 5 quarantined, 0 duplicates" in result.output
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["images"] == 195 and manifest["quarantine_reasons"] == {"not_an_image": 5}
+    assert manifest["last_run"]["input"] == 200
+
+
+def test_cli_ingest_needs_a_destination() -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    result = CliRunner().invoke(app, ["ingest", "only-one-path"])
+    assert result.exit_code != 0
+
+
+def test_module_entry_point(ray_session, tmp_path, capsys) -> None:
+    from pipelines.ingest import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "one.dcm").write_bytes(make_dicom(gradient(40, 50), markers=False))
+    rc = main(
+        [
+            str(src),
+            str(tmp_path / "dst"),
+            "-c",
+            str(REPO / "configs" / "tiny_cpu.yaml"),
+            "--set",
+            "ingest.decode_actors=1",
+        ]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["input"], out["ok"]) == (1, 1)
