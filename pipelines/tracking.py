@@ -17,6 +17,27 @@ from radjepa.config import Config, TrackingConfig
 log = logging.getLogger(__name__)
 
 
+def client(uri: str, attempts: int = 5) -> Any:
+    """An MlflowClient, retried briefly: several Ray processes opening one sqlite store at the
+    same moment can collide on its schema check ("duplicate column", "database is locked")."""
+    import random
+    import time
+
+    import mlflow
+
+    for attempt in range(attempts):
+        try:
+            c = mlflow.MlflowClient(uri)
+            c.search_experiments(max_results=1)  # touch the store so a collision surfaces here
+            return c
+        except Exception as err:  # sqlalchemy OperationalError, wrapped by MLflow differently
+            text = str(err).lower()
+            if attempt == attempts - 1 or not ("duplicate column" in text or "locked" in text):
+                raise
+            time.sleep(0.5 + random.random() * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def tracking_uri(tracking: TrackingConfig, output_dir: str | os.PathLike[str]) -> str:
     """Where runs go: env MLFLOW_TRACKING_URI > config > sqlite in the output folder."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
@@ -41,38 +62,41 @@ def ensure_experiment(uri: str, name: str, output_dir: str | os.PathLike[str]) -
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
+    mc = client(uri)
+    exp = mc.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:"):
         artifact_location = (Path(output_dir).expanduser().resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    try:
+        return mc.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # another process created it first
+        exp = mc.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def log_params(run_id: str, uri: str, cfg: Config) -> None:
     """Log the config as flat dotted params (values truncated to MLflow's 6000-char limit)."""
-    import mlflow
     from mlflow.entities import Param
 
     from radjepa.config import flatten
 
-    client = mlflow.MlflowClient(uri)
     params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
     for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i : i + 100])
+        client(uri).log_batch(run_id, params=params[i : i + 100])
 
 
 def log_metrics(run_id: str, uri: str, metrics: dict[str, float], step: int) -> None:
     import time
 
-    import mlflow
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-    mlflow.MlflowClient(uri).log_batch(run_id, metrics=batch)
+    client(uri).log_batch(run_id, metrics=batch)
 
 
 def register_artifact_dir(
@@ -88,19 +112,18 @@ def register_artifact_dir(
     ``mlflow.register_model`` in MLflow 3 insists on a "logged model"; our checkpoint format is
     deliberately not an MLflow flavour (no pickle), so we create the version from its source URI.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(uri)
+    mc = client(uri)
     try:
-        client.create_registered_model(name)
+        mc.create_registered_model(name)
     except MlflowException as err:
         if "already exists" not in str(err).lower() and err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    mv = client.create_model_version(
+    source = f"{mc.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    mv = mc.create_model_version(
         name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
     )
     if alias:
-        client.set_registered_model_alias(name, alias, mv.version)
+        mc.set_registered_model_alias(name, alias, mv.version)
     return str(mv.version)

@@ -1,0 +1,484 @@
+"""The pretraining job: Parquet shards stream through Ray Data into a Ray Train JEPA run.
+
+Orchestration only: the step, schedules, masks and checkpoint format live in ``radjepa``. This
+module decides where things run (workers, GPUs, CPUs left for Ray Data), where they are stored
+(run folder, checkpoints, MLflow) and how a run survives failures (FailureConfig restarts from
+the latest reported checkpoint; re-running the same command with the same run name resumes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radjepa.config import Config, config_to_yaml
+
+log = logging.getLogger(__name__)
+
+FAILURE_MARKER = ".radjepa-injected-failure"
+MONITOR_IMAGES = 256  # images for RankMe / feature std; enough rows for a stable spectrum
+
+
+class PretrainError(RuntimeError):
+    """A problem with the inputs or the environment, phrased for the user."""
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    run_dir: str
+    checkpoint: str | None
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    model_version: str | None
+    metrics: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def _images_dir(data: str) -> Path:
+    root = Path(data).expanduser()
+    images = root / "images" if (root / "images").is_dir() else root
+    if not images.is_dir():
+        raise PretrainError(f"no shards at {data}: expected the output folder of `radjepa ingest`")
+    if not any(images.glob("*.parquet")):
+        raise PretrainError(f"{images} holds no .parquet shards; run `radjepa ingest` first")
+    return images
+
+
+def is_holdout(image_id: str, fraction: float) -> bool:
+    """Deterministic hold-out by content hash: the same image is held out on every run."""
+    if fraction <= 0:
+        return False
+    h = int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < fraction
+
+
+def inspect_shards(data: str, cfg: Config) -> dict[str, Any]:
+    """Read shard metadata (not pixels) to fail fast when the config does not fit the data."""
+    import pyarrow.dataset as pads
+
+    images = _images_dir(data)
+    ds = pads.dataset(str(images), format="parquet")
+    table = ds.to_table(columns=["image_id", "height", "width", "dtype"])
+    if table.num_rows == 0:
+        raise PretrainError(f"{images} has shards but no images (everything was quarantined?)")
+    heights = set(table.column("height").to_pylist())
+    widths = set(table.column("width").to_pylist())
+    dtypes = set(table.column("dtype").to_pylist())
+    if len(heights | widths) != 1 or len(dtypes) != 1:
+        raise PretrainError(
+            f"shards mix image sizes {sorted(heights | widths)} or dtypes {sorted(dtypes)}; "
+            "ingest each archive with one ingest.image_size/dtype"
+        )
+    size = heights.pop()
+    if cfg.data.crop_size > size:
+        raise PretrainError(
+            f"data.crop_size={cfg.data.crop_size} is larger than the stored images ({size} px); "
+            f"lower data.crop_size/model.img_size or re-ingest with ingest.image_size >= "
+            f"{cfg.data.crop_size}"
+        )
+    ids = table.column("image_id").to_pylist()
+    holdout = [i for i in ids if is_holdout(i, cfg.data.holdout_fraction)]
+    n_train = len(ids) - len(holdout)
+    global_batch = cfg.train.batch_size * cfg.train.num_workers
+    if n_train < global_batch:
+        raise PretrainError(
+            f"only {n_train} training images for a global batch of {global_batch} "
+            f"(train.batch_size={cfg.train.batch_size} x train.num_workers="
+            f"{cfg.train.num_workers}); lower the batch size or ingest more images"
+        )
+    return {
+        "images_dir": str(images),
+        "rows": len(ids),
+        "train_rows": n_train,
+        "holdout_rows": len(holdout),
+        "size": size,
+        "dtype": dtypes.pop(),
+    }
+
+
+def decode_pixel_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data UDF: shard rows -> one ``image`` array [B, H, W] (the only column training needs)."""
+    from radjepa.shards import pixels_from_bytes
+
+    images = [
+        pixels_from_bytes(b, int(h), int(w), str(d))
+        for b, h, w, d in zip(
+            batch["pixels"], batch["height"], batch["width"], batch["dtype"], strict=True
+        )
+    ]
+    return {"image": np.stack(images)}
+
+
+def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.ndarray:
+    """A fixed image set for label-free quality metrics: the hold-out, else the first images.
+
+    Hold-out images are preferred (they are never trained on); with a tiny archive there may be
+    too few, and the training images still give a meaningful collapse signal.
+    """
+    from radjepa.shards import read_images
+
+    arrays, meta = read_images(_images_dir(data).parent, limit=16 * limit)
+    ids = meta.column("image_id").to_pylist()
+    held = [i for i, x in enumerate(ids) if is_holdout(x, cfg.data.holdout_fraction)]
+    pick = held if len(held) >= 32 else list(range(len(ids)))
+    return np.ascontiguousarray(arrays[pick[:limit]])
+
+
+def build_train_dataset(data: str, cfg: Config):
+    """Ray Data pipeline: read shards, drop the hold-out, decode pixels, shuffle blocks."""
+    import ray.data
+
+    images = _images_dir(data)
+    frac = cfg.data.holdout_fraction
+    ds = ray.data.read_parquet(
+        str(images), columns=["image_id", "pixels", "height", "width", "dtype"]
+    )
+    if frac > 0:
+        ds = ds.filter(lambda row: not is_holdout(row["image_id"], frac))
+    ds = ds.randomize_block_order(seed=cfg.train.seed)
+    return ds.map_batches(decode_pixel_batch, batch_format="numpy", batch_size=256)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-worker training loop (runs inside Ray Train workers)
+
+
+def _embed(trainer: Any, images: np.ndarray, cfg: Config, device: Any):
+    import torch
+
+    from radjepa.transforms import prepare_images
+
+    embs = []
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            x = prepare_images(list(images[i : i + 64]), cfg.model.img_size).to(device)
+            embs.append(trainer.target_embeddings(x).float().cpu())
+    return torch.cat(embs)
+
+
+def _quality(
+    trainer: Any, images: np.ndarray, cfg: Config, device: Any, probe: dict[str, Any] | None
+) -> dict[str, float]:
+    """Label-free collapse signals on the monitor set (+ kNN AUROC when labels were given)."""
+    from radjepa.metrics import feature_std, rankme
+
+    emb = _embed(trainer, images, cfg, device)
+    out = {"rankme": rankme(emb), "feature_std": feature_std(emb)}
+    if probe:
+        from radjepa.eval.retrieval import knn_auroc
+
+        feats = _embed(trainer, probe["images"], cfg, device).numpy()
+        out["knn_auroc"] = float(
+            knn_auroc(feats, probe["labels"], probe["groups"], k=cfg.probe.knn_k)
+        )
+    return out
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry: resume if a checkpoint exists, then step until ``train.steps``."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from radjepa.checkpoint import load_checkpoint, save_checkpoint
+    from radjepa.engine import Pretrainer
+    from radjepa.transforms import random_resized_crop, to_model_input
+
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+
+    trainer = Pretrainer(cfg, device, rank=rank, world_size=world)
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as ckpt_dir:
+            load_checkpoint(ckpt_dir, trainer)
+        if rank == 0:
+            log.info("resumed from %s at step %d", restored.path, trainer.step)
+
+    tracking = loop_config.get("tracking") if rank == 0 else None
+    monitor = loop_config.get("monitor_images")
+    run_dir = Path(loop_config["run_dir"])
+    shard = ray.train.get_dataset_shard("train")
+    gen = torch.Generator(device=device)
+    steps, bs = cfg.train.steps, cfg.train.batch_size
+    t_last, n_since = time.perf_counter(), 0
+    last: dict[str, float] = {}
+
+    while trainer.step < steps:
+        seen = 0
+        # a fresh, step-derived crop stream per pass keeps resumed runs reproducible
+        gen.manual_seed(cfg.train.seed * 1_000_003 + rank * 7919 + trainer.step)
+        for batch in shard.iter_torch_batches(
+            batch_size=bs,
+            drop_last=True,
+            local_shuffle_buffer_size=min(4 * bs, 1024),
+            local_shuffle_seed=cfg.train.seed + trainer.step,
+        ):
+            seen += 1
+            x = to_model_input(batch["image"].to(device, non_blocking=True))
+            x = random_resized_crop(
+                x, cfg.data.crop_size, cfg.data.crop_scale, cfg.data.crop_ratio, generator=gen
+            )
+            out = trainer.train_step(x)
+            step = trainer.step
+            n_since += bs * world
+
+            if step % cfg.train.log_every == 0 or step == steps:
+                elapsed = time.perf_counter() - t_last
+                last = {k: float(v) for k, v in out.items()}  # one host sync per log interval
+                last["img_per_s"] = n_since / max(elapsed, 1e-9)
+                t_last, n_since = time.perf_counter(), 0
+                if not np.isfinite(last["loss"]):
+                    raise FloatingPointError(
+                        f"loss became {last['loss']} at step {step}; lower optim.lr or check "
+                        "the data (see README troubleshooting)"
+                    )
+                if tracking:
+                    _log_metrics(tracking, last, step)
+                if rank == 0:
+                    log.info(
+                        "step %d/%d loss %.4f lr %.2e momentum %.5f %.1f img/s",
+                        step,
+                        steps,
+                        last["loss"],
+                        last["lr"],
+                        last["momentum"],
+                        last["img_per_s"],
+                    )
+
+            if step % cfg.train.checkpoint_every == 0 or step == steps:
+                metrics = {"step": step, **last}
+                if rank == 0 and monitor is not None and len(monitor) >= 2:
+                    quality = _quality(trainer, monitor, cfg, device, loop_config.get("probe_set"))
+                    metrics.update(quality)
+                    if tracking:
+                        _log_metrics(tracking, quality, step)
+                with tempfile.TemporaryDirectory() as tmp:
+                    checkpoint = None
+                    if rank == 0:
+                        ckpt_dir = Path(tmp) / "ckpt"
+                        save_checkpoint(ckpt_dir, trainer, extra={"run_name": cfg.train.run_name})
+                        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+                    ray.train.report(metrics, checkpoint=checkpoint)
+            _maybe_inject_failure(cfg, rank, step, run_dir)
+            if step >= steps:
+                break
+        if seen == 0:
+            raise PretrainError(
+                f"worker {rank} received no full batch of {bs}: too few images per worker"
+            )
+
+
+def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: Path) -> None:
+    """Test switch (off by default): rank 0 dies once at ``train.fail_at_step``."""
+    if cfg.train.fail_at_step is None or rank != 0 or step != cfg.train.fail_at_step:
+        return
+    marker = run_dir / FAILURE_MARKER
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(step))
+    raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+
+
+def _log_metrics(tracking: dict[str, str], metrics: dict[str, float], step: int) -> None:
+    from pipelines.tracking import log_metrics
+
+    try:
+        log_metrics(tracking["run_id"], tracking["uri"], metrics, step)
+    except Exception as err:  # tracking must never kill a training run
+        log.warning("MLflow logging failed at step %d: %s", step, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+
+
+def storage_root(cfg: Config) -> str:
+    out = cfg.train.output_dir
+    return out if "://" in out else str(Path(out).expanduser().resolve())
+
+
+def build_trainer(
+    cfg: Config,
+    data: str,
+    *,
+    storage: str,
+    tracking: dict[str, str] | None,
+    callbacks: list[Any] | None = None,
+    extra_loop_config: dict[str, Any] | None = None,
+):
+    """The TorchTrainer for one run; ``run_pretrain`` and every sweep trial use this."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.runtime import resolve_use_gpu
+
+    run_dir = Path(storage) / cfg.train.run_name if "://" not in storage else None
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "tracking": tracking,
+            "monitor_images": monitor_images(data, cfg),
+            "run_dir": str(run_dir) if run_dir else "",
+            **(extra_loop_config or {}),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=resolve_use_gpu(cfg.train.use_gpu),
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.train.run_name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+        datasets={"train": build_train_dataset(data, cfg)},
+    )
+
+
+def run_pretrain(cfg: Config, data: str) -> PretrainResult:
+    """Run (or resume) ``cfg.train.run_name`` on the shards in ``data``."""
+    from pipelines.runtime import ensure_ray
+
+    info = inspect_shards(data, cfg)
+    log.info(
+        "%d images (%d for training, %d held out), %d px %s",
+        info["rows"],
+        info["train_rows"],
+        info["holdout_rows"],
+        info["size"],
+        info["dtype"],
+    )
+    ensure_ray()
+    storage = storage_root(cfg)
+    run_dir = Path(storage) / cfg.train.run_name if "://" not in storage else None
+
+    tracking, run_id, uri = None, None, None
+    if cfg.tracking.enabled:
+        run_id, uri = start_tracking(cfg, storage, run_dir)
+        tracking = {"run_id": run_id, "uri": uri}
+
+    trainer = build_trainer(cfg, data, storage=storage, tracking=tracking)
+    try:
+        result = trainer.fit()
+    except Exception as err:
+        raise PretrainError(_explain_failure(err)) from err
+    if result.error is not None:
+        raise PretrainError(_explain_failure(result.error))
+
+    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    metrics = dict(result.metrics or {})
+    version = None
+    if tracking and ckpt:
+        version = finish_tracking(cfg, uri, run_id, ckpt, metrics)
+    return PretrainResult(
+        str(run_dir or f"{storage}/{cfg.train.run_name}"), ckpt, run_id, uri, version, metrics
+    )
+
+
+def _explain_failure(err: BaseException) -> str:
+    text = str(err)
+    if "out of memory" in text.lower():
+        return (
+            "a worker ran out of memory. Lower train.batch_size, use a smaller model, or "
+            "add GPU memory (bf16 is on by default on GPU). Original error: " + text[-2000:]
+        )
+    return f"training failed: {text[-4000:]}"
+
+
+def start_tracking(
+    cfg: Config,
+    storage: str,
+    run_dir: Path | None,
+    *,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> tuple[str, str]:
+    """Create the MLflow run once per run name; a resumed run continues the same MLflow run."""
+    from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import ensure_experiment, log_params, tracking_uri
+
+    uri = tracking_uri(cfg.tracking, storage if "://" not in storage else ".")
+    exp_id = ensure_experiment(
+        uri, cfg.tracking.experiment, storage if "://" not in storage else "."
+    )
+    client = tracking_client(uri)
+    id_file = run_dir / "mlflow_run_id" if run_dir else None
+    if id_file and id_file.exists():
+        run_id = id_file.read_text().strip()
+        client.update_run(run_id, status="RUNNING")
+        log.info("resuming MLflow run %s", run_id)
+        return run_id, uri
+    all_tags = {"radjepa.job": "pretrain", **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(exp_id, run_name=cfg.train.run_name, tags=all_tags)
+    run_id = run.info.run_id
+    log_params(run_id, uri, cfg)
+    if id_file:
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id)
+    return run_id, uri
+
+
+def finish_tracking(
+    cfg: Config, uri: str, run_id: str, ckpt: str, metrics: dict[str, Any]
+) -> str | None:
+    from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import register_artifact_dir
+
+    client = tracking_client(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path = Path(tmp) / "config.yaml"
+        cfg_path.write_text(config_to_yaml(cfg))
+        client.log_artifact(run_id, str(cfg_path))
+    client.log_artifacts(run_id, ckpt, "checkpoint")
+    version = None
+    if cfg.tracking.register_model:
+        version = register_artifact_dir(
+            uri,
+            run_id,
+            "checkpoint",
+            cfg.tracking.registered_model,
+            tags={"run_name": cfg.train.run_name, "step": metrics.get("step", "")},
+        )
+    client.set_terminated(run_id, "FINISHED")
+    return version
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipelines.pretrain --config C --data DST [--set k=v ...]`` inside a Ray job."""
+    import argparse
+
+    from radjepa.config import load_config
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default=None)
+    p.add_argument("--data", required=True)
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    a = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("RADJEPA_LOG_LEVEL", "INFO"))
+    res = run_pretrain(load_config(a.config, a.sets), a.data)
+    log.info("checkpoint: %s", res.checkpoint)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""Ray Tune sweeps over dotted config keys, ranked by a metric that is comparable across trials.
+
+Imported lazily by the CLI (it pulls in Ray Tune). The JEPA loss cannot rank trials: its scale depends on the mask settings being swept. Trials are
+ranked instead by RankMe of target-encoder embeddings on a fixed image set (label-free), or by
+kNN AUROC on a labelled set when one is given. Each trial is a driver function that runs one
+TorchTrainer (the Ray Train V2 pattern); its reports reach Tune via TuneReportCallback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.tune.stopper import Stopper
+
+from radjepa.config import Config, SearchDim, config_to_yaml
+
+log = logging.getLogger(__name__)
+
+COLLAPSED = "collapsed"
+
+
+class SweepError(RuntimeError):
+    """A problem with the sweep's inputs, phrased for the user."""
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    trial_id: str
+    params: dict[str, Any]
+    metric: float | None
+    status: str
+    steps: int | None
+    checkpoint: str | None
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    sweep_dir: str
+    metric: str
+    trials: list[TrialRow]
+    best: TrialRow | None
+    best_config_path: str | None
+    parent_run_id: str | None
+    tracking_uri: str | None
+
+
+def search_space(dims: dict[str, SearchDim], alg: str) -> dict[str, Any]:
+    """Tune's param space keyed by dotted config keys (grid dims become grid_search)."""
+    from ray import tune
+
+    space: dict[str, Any] = {}
+    for key, dim in dims.items():
+        if dim.type == "grid" or (alg == "grid" and dim.type == "choice"):
+            space[key] = tune.grid_search(list(dim.values or []))
+        elif dim.type == "choice":
+            space[key] = tune.choice(list(dim.values or []))
+        elif dim.type == "uniform":
+            space[key] = tune.uniform(dim.low, dim.high)
+        elif dim.type == "loguniform":
+            space[key] = tune.loguniform(dim.low, dim.high)
+        else:
+            space[key] = tune.randint(int(dim.low), int(dim.high))
+    return space
+
+
+def _probe_set(cfg: Config) -> dict[str, Any] | None:
+    """The labelled images for the supervised objectives, decoded exactly as ingest does."""
+    if cfg.tune.metric == "rankme":
+        return None
+    if not cfg.tune.labels_csv or not cfg.tune.label_column:
+        raise SweepError(
+            f"tune.metric={cfg.tune.metric} needs tune.labels_csv and tune.label_column"
+        )
+    from radjepa.eval.features import load_csv_dataset
+
+    ds = load_csv_dataset(
+        cfg.tune.labels_csv, label_cols=[cfg.tune.label_column], size=cfg.ingest.image_size
+    )
+    labels = np.asarray(ds.labels[:, 0] if np.ndim(ds.labels) == 2 else ds.labels)
+    return {"images": ds.images, "labels": labels, "groups": np.asarray(ds.groups)}
+
+
+def _check_space(cfg: Config) -> None:
+    """Every swept key must exist and every candidate value must validate, before any trial."""
+    from radjepa.config import ConfigError
+
+    if not cfg.tune.search_space:
+        raise SweepError("tune.search_space is empty: nothing to sweep")
+    for key, dim in cfg.tune.search_space.items():
+        candidates = list(dim.values or []) if dim.values else [dim.low, dim.high]
+        for value in candidates:
+            if dim.type == "randint" and value is not None:
+                value = int(value)
+            try:
+                cfg.with_overrides({key: value})
+            except ConfigError as err:
+                raise SweepError(f"tune.search_space.{key} = {value!r}: {err}") from None
+
+
+def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One Tune trial: apply the sampled overrides, then run one TorchTrainer."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.pretrain import build_trainer, start_tracking
+
+    ctx = ray.tune.get_context()
+    trial_id = ctx.get_trial_id()
+    base = Config.model_validate(setup["config"])
+    cfg = base.with_overrides({**params, "train.run_name": f"trial-{trial_id}"})
+    storage = setup["trials_dir"]
+    tracking = None
+    if setup.get("parent_run_id"):
+        run_id, uri = start_tracking(
+            cfg,
+            setup["tracking_root"],
+            Path(storage) / cfg.train.run_name,
+            parent_run_id=setup["parent_run_id"],
+            tags={"radjepa.job": "sweep-trial", "radjepa.trial_id": trial_id},
+        )
+        tracking = {"run_id": run_id, "uri": uri}
+    trainer = build_trainer(
+        cfg,
+        setup["data"],
+        storage=storage,
+        tracking=tracking,
+        callbacks=[TuneReportCallback()],
+        extra_loop_config={"probe_set": setup.get("probe_set")},
+    )
+    result = trainer.fit()
+    if tracking:
+        from pipelines.tracking import client as tracking_client
+
+        client = tracking_client(tracking["uri"])
+        last = result.metrics or {}
+        rk = last.get("rankme")
+        collapsed = rk is not None and rk < base.tune.collapse_rankme
+        client.set_tag(tracking["run_id"], "radjepa.status", COLLAPSED if collapsed else "ok")
+        client.set_terminated(tracking["run_id"], "FINISHED")
+
+
+class CollapseStopper(Stopper):
+    """Stop a trial whose embeddings collapsed (RankMe under the threshold): more steps cannot
+    rescue it, and its slot is better spent on another configuration."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        rk = result.get("rankme")
+        return rk is not None and rk < self.threshold
+
+    def stop_all(self) -> bool:
+        return False
+
+
+def _searcher(cfg: Config, metric: str, mode: str):
+    if cfg.tune.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=metric, mode=mode, seed=cfg.train.seed)
+    return None
+
+
+def _rows(grid: Any, metric: str, threshold: float) -> list[TrialRow]:
+    rows = []
+    for res in grid:
+        m = res.metrics or {}
+        params = {k: v for k, v in (res.config or {}).items()}
+        value = m.get(metric)
+        if res.error is not None:
+            status = "error"
+        elif m.get("rankme") is not None and m["rankme"] < threshold:
+            status = COLLAPSED
+        else:
+            status = "ok"
+        ckpt = res.checkpoint.path if res.checkpoint is not None else m.get("checkpoint_path")
+        rows.append(
+            TrialRow(
+                trial_id=str(m.get("trial_id") or Path(res.path).name),
+                params=params,
+                metric=float(value) if value is not None and math.isfinite(value) else None,
+                status=status,
+                steps=m.get("step"),
+                checkpoint=ckpt,
+            )
+        )
+    return rows
+
+
+def run_sweep(
+    cfg: Config, data: str, *, num_samples: int | None = None, resume: bool = False
+) -> SweepResult:
+    """Run (or, with ``resume``, continue) the sweep named ``cfg.tune.name``."""
+    import ray.tune
+
+    from pipelines.pretrain import inspect_shards, storage_root
+    from pipelines.runtime import ensure_ray
+    from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import ensure_experiment, log_params, tracking_uri
+
+    _check_space(cfg)
+    inspect_shards(data, cfg)
+    if num_samples is not None:
+        cfg = cfg.with_overrides({"tune.num_samples": num_samples})
+    metric, mode = cfg.tune.metric, "max"
+    probe_set = _probe_set(cfg)
+    ensure_ray()
+
+    root = storage_root(cfg)
+    sweep_dir = Path(root) / cfg.tune.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    parent_run_id, uri = None, None
+    if cfg.tracking.enabled:
+        uri = tracking_uri(cfg.tracking, root)
+        exp = ensure_experiment(uri, cfg.tracking.experiment, root)
+        client = tracking_client(uri)
+        id_file = sweep_dir / "mlflow_parent_run_id"
+        if resume and id_file.exists():
+            parent_run_id = id_file.read_text().strip()
+            client.update_run(parent_run_id, status="RUNNING")
+        else:
+            parent_run_id = client.create_run(
+                exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep"}
+            ).info.run_id
+            log_params(parent_run_id, uri, cfg)
+            id_file.write_text(parent_run_id)
+
+    setup = {
+        "config": cfg.model_dump(mode="json"),
+        "data": str(Path(data).expanduser().resolve()),
+        "trials_dir": str(sweep_dir / "trials"),
+        "tracking_root": root,
+        "parent_run_id": parent_run_id,
+        "probe_set": probe_set,
+    }
+    trainable = ray.tune.with_parameters(_trial, setup=setup)
+    # the trial driver only waits on its TorchTrainer: a fraction of a CPU is enough
+    trainable = ray.tune.with_resources(trainable, {"CPU": 0.25})
+    tune_dir = sweep_dir / "tune"
+    if resume:
+        if not ray.tune.Tuner.can_restore(str(tune_dir)):
+            raise SweepError(f"nothing to resume at {tune_dir}: run the sweep without --resume")
+        tuner = ray.tune.Tuner.restore(
+            str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        if tune_dir.exists() and any(tune_dir.iterdir()):
+            raise SweepError(
+                f"sweep '{cfg.tune.name}' already exists at {sweep_dir}: pass --resume to "
+                "continue it, or choose another tune.name"
+            )
+        scheduler = None
+        if cfg.tune.asha:
+            from ray.tune.schedulers import ASHAScheduler
+
+            max_t = max(1, math.ceil(cfg.train.steps / cfg.train.checkpoint_every))
+            scheduler = ASHAScheduler(
+                metric=metric,
+                mode=mode,
+                max_t=max_t,
+                grace_period=min(cfg.tune.grace_period, max_t),
+            )
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=search_space(cfg.tune.search_space, cfg.tune.search_alg),
+            tune_config=ray.tune.TuneConfig(
+                num_samples=1 if cfg.tune.search_alg == "grid" else cfg.tune.num_samples,
+                search_alg=_searcher(cfg, metric, mode),
+                scheduler=scheduler,
+                max_concurrent_trials=cfg.tune.max_concurrent or None,
+                metric=None if scheduler else metric,
+                mode=None if scheduler else mode,
+            ),
+            run_config=ray.tune.RunConfig(
+                name="tune",
+                storage_path=str(sweep_dir),
+                stop=CollapseStopper(cfg.tune.collapse_rankme),
+            ),
+        )
+    grid = tuner.fit()
+    rows = _rows(grid, metric, cfg.tune.collapse_rankme)
+    ranked = sorted(
+        (r for r in rows if r.status == "ok" and r.metric is not None),
+        key=lambda r: r.metric,
+        reverse=True,
+    )
+    best = ranked[0] if ranked else None
+    best_path = None
+    if best is not None:
+        best_cfg = cfg.with_overrides(
+            {**best.params, "train.run_name": f"{cfg.tune.name}-best", "tune.search_space": {}}
+        )
+        best_path = str(sweep_dir / "best.yaml")
+        Path(best_path).write_text(
+            f"# best trial {best.trial_id} of sweep {cfg.tune.name}: {metric}={best.metric:.4f}\n"
+            f"# checkpoint: {best.checkpoint}\n" + config_to_yaml(best_cfg)
+        )
+    if parent_run_id:
+        client = tracking_client(uri)
+        if best is not None:
+            client.log_metric(parent_run_id, f"best_{metric}", best.metric)
+            client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
+            client.log_artifact(parent_run_id, best_path)
+        client.set_terminated(parent_run_id, "FINISHED")
+    return SweepResult(str(sweep_dir), metric, rows, best, best_path, parent_run_id, uri)

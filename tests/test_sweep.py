@@ -1,0 +1,106 @@
+"""Ray Tune sweeps: trials ranked by a comparable metric, MLflow parent/child runs, best config
+written for `radjepa pretrain`, and --resume that does not re-run finished trials."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from radjepa.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _cfg(out: Path, name: str, space: dict, **extra):
+    return load_config(
+        CONFIGS / "tiny_cpu.yaml",
+        {
+            "train.output_dir": str(out),
+            "train.batch_size": 8,
+            "train.steps": 8,
+            "train.log_every": 1,
+            "train.checkpoint_every": 4,
+            "train.max_failures": 0,
+            "data.holdout_fraction": 0.0,
+            "tune.name": name,
+            "tune.search_alg": "grid",
+            "tune.asha": False,
+            "tune.collapse_rankme": 0.0,
+            "tune.search_space": space,
+            **extra,
+        },
+    )
+
+
+def _child_runs(uri: str, parent: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("radjepa")
+    return client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+
+
+def test_two_trial_sweep_ranks_by_rankme_and_writes_best_config(nih_shards, tmp_path):
+    from pipelines.sweep import run_sweep
+
+    scales = [[0.1, 0.15], [0.2, 0.3]]
+    cfg = _cfg(tmp_path, "s2", {"masks.target_scale": {"type": "grid", "values": scales}})
+    res = run_sweep(cfg, str(nih_shards))
+
+    assert len(res.trials) == 2
+    assert all(t.status == "ok" and t.metric is not None and t.metric > 1 for t in res.trials)
+    assert res.best.metric == max(t.metric for t in res.trials)
+    assert {tuple(t.params["masks.target_scale"]) for t in res.trials} == {tuple(s) for s in scales}
+
+    children = _child_runs(res.tracking_uri, res.parent_run_id)
+    assert len(children) == 2
+    assert all("rankme" in c.data.metrics for c in children)
+
+    best = load_config(res.best_config_path)
+    assert list(best.masks.target_scale) == list(res.best.params["masks.target_scale"])
+    assert best.train.steps == 8  # the rest of the config is carried over
+    again = load_config(res.best_config_path, ["train.steps=99"])
+    assert again.train.steps == 99 and again.masks.target_scale == best.masks.target_scale
+
+
+def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
+    nih_shards, tmp_path
+):
+    from pipelines.sweep import run_sweep
+
+    # one trial dies once at step 6 (no retries allowed), the other finishes
+    space = {"train.fail_at_step": {"type": "grid", "values": [None, 6]}}
+    first = run_sweep(_cfg(tmp_path, "sr", space), str(nih_shards))
+    assert sorted(t.status for t in first.trials) == ["error", "ok"]
+    done_before = next(t for t in first.trials if t.status == "ok")
+
+    second = run_sweep(_cfg(tmp_path, "sr", space), str(nih_shards), resume=True)
+    assert [t.status for t in second.trials] == ["ok", "ok"]
+    assert second.parent_run_id == first.parent_run_id
+    # the finished trial kept its result and logged no step twice; the errored one continued
+    for child in _child_runs(second.tracking_uri, second.parent_run_id):
+        import mlflow
+
+        hist = mlflow.MlflowClient(second.tracking_uri).get_metric_history(
+            child.info.run_id, "loss"
+        )
+        counts = Counter(m.step for m in hist)
+        assert set(counts) == set(range(1, 9))
+        repeated = {s for s, c in counts.items() if c > 1}
+        assert repeated <= {5, 6}  # only steps after the step-4 checkpoint of the failed trial
+    assert done_before.trial_id in {t.trial_id for t in second.trials}
+
+
+def test_bad_search_space_fails_before_any_trial(nih_shards, tmp_path):
+    from pipelines.sweep import SweepError, run_sweep
+
+    bad = _cfg(tmp_path, "bad", {"masks.num_targetz": {"type": "choice", "values": [2, 4]}})
+    with pytest.raises(SweepError, match="masks.num_targetz"):
+        run_sweep(bad, str(nih_shards))
+    bad = _cfg(tmp_path, "bad2", {"ema.start": {"type": "choice", "values": [0.9, 1.5]}})
+    with pytest.raises(SweepError, match="ema.start"):
+        run_sweep(bad, str(nih_shards))
