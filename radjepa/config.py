@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
     "Config",
@@ -45,6 +45,13 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _gpu_setting(value: Any) -> Any:
+    """``--set train.use_gpu=true`` arrives as a YAML boolean; store the canonical string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
 
 
 def _ordered(r: Range, name: str) -> Range:
@@ -233,6 +240,7 @@ class TrainConfig(_Section):
         "auto", description="'auto' uses GPUs only when the cluster has them"
     )
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU")
+    _use_gpu = field_validator("use_gpu", mode="before")(_gpu_setting)
     compile: bool = Field(False, description="torch.compile the step (GPU)")
     seed: int = 0
     log_every: int = Field(10, ge=1)
@@ -333,6 +341,7 @@ class ServeConfig(_Section):
     max_replicas: int = Field(4, ge=1)
     max_ongoing_requests: int = Field(32, ge=1)
     use_gpu: Literal["auto", "true", "false"] = "auto"
+    _use_gpu = field_validator("use_gpu", mode="before")(_gpu_setting)
 
 
 class Config(_Section):

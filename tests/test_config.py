@@ -143,3 +143,9 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_gpu_switches_accept_yaml_booleans():
+    cfg = load_config(None, ["train.use_gpu=true", "serve.use_gpu=false"])
+    assert cfg.train.use_gpu == "true" and cfg.serve.use_gpu == "false"
+    assert load_config(None, ["train.use_gpu=auto"]).train.use_gpu == "auto"

@@ -1,0 +1,363 @@
+"""Running ``radjepa`` commands on a remote Ray cluster through the Ray Jobs API.
+
+``radjepa submit`` ships the local checkout to the cluster (runtime_env ``working_dir``) and runs
+``python -m pipelines.cli <command> ...`` there, so the code that runs is the code on the
+user's disk, not whatever the cluster image happened to be built from. The functions here are
+plain and typed so the CLI stays a thin shell and tests drive a real job server directly.
+
+Secrets: environment values are passed to the job but never logged or returned in summaries;
+only variable *names* are. The de-identification key is passed only when asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+log = logging.getLogger(__name__)
+
+ADDRESS_ENVS = ("RAY_JOB_ADDRESS", "RAY_ADDRESS")
+RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
+# Passed through when set locally: where the job should log its runs.
+PASSTHROUGH_ENVS = ("MLFLOW_TRACKING_URI",)
+DEID_SECRET_ENV = "RADJEPA_DEID_SECRET"
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+EXIT_STOPPED = 3
+
+# gitignore-style patterns relative to the working dir. Ray's working_dir upload is capped
+# (hundreds of MiB) and the venv alone is several GB; outputs and caches never belong on the
+# cluster either. Ray also honours .gitignore, but a checkout without one must still be safe.
+# No trailing '/': Ray tests a directory's own path without one, so 'x/' would still walk x.
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    ".venv",
+    "venv",
+    ".git",
+    "__pycache__",
+    "*.pyc",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    "runs",
+    "demo-output",
+    "mlruns",
+    "*.db",
+    "*.parquet",
+    "*.safetensors",
+    "*.pt",
+    "*.ckpt",
+    "*.dcm",
+    "*.zip",
+    "*.tar",
+    "*.tar.gz",
+    "/build",
+    "/dist",
+    "data/*",
+    "!data/sample",
+)
+
+
+class JobsError(Exception):
+    """A submission problem the user can fix (no address, unreachable server, bad file)."""
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job ended; ``exit_code`` is what ``radjepa submit`` exits with."""
+
+    job_id: str
+    status: str
+    message: str | None = None
+    error_type: str | None = None
+    driver_exit_code: int | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 on SUCCEEDED; the driver's own exit code on FAILED (2 = user error, as locally);
+        3 on STOPPED."""
+        if self.status == "SUCCEEDED":
+            return 0
+        if self.status == "STOPPED":
+            return EXIT_STOPPED
+        return self.driver_exit_code or 1
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One row of ``radjepa jobs list`` (no runtime env: it may hold secrets)."""
+
+    job_id: str
+    status: str
+    entrypoint: str
+    start_time: int | None = None
+    end_time: int | None = None
+    message: str | None = None
+
+
+@dataclass
+class Submission:
+    """What will be sent: the entrypoint and runtime env, plus printable names only."""
+
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    env_names: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """A log-safe one-paragraph description (env var names, never values)."""
+        wd = self.runtime_env.get("working_dir", "-")
+        names = ", ".join(sorted(self.env_names)) or "none"
+        return f"entrypoint: {self.entrypoint}\nworking_dir: {wd}\nenv vars: {names}"
+
+
+def resolve_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """The job server URL: the explicit one, else RAY_JOB_ADDRESS, else RAY_ADDRESS.
+
+    A bare ``host:port`` gets ``http://``; ``ray://`` (Ray Client) is refused because it is a
+    different protocol on a different port.
+    """
+    env = os.environ if environ is None else environ
+    value = address or next((env[k] for k in ADDRESS_ENVS if env.get(k)), None)
+    if not value:
+        raise JobsError(
+            "no Ray job server address: pass --address http://HEAD:8265 or set RAY_JOB_ADDRESS"
+        )
+    if value.startswith("ray://"):
+        raise JobsError(
+            f"{value} is a Ray Client address; job submission needs the dashboard URL, "
+            "e.g. http://HEAD:8265"
+        )
+    if "://" not in value:
+        value = f"http://{value}"
+    return value.rstrip("/")
+
+
+def build_entrypoint(args: Sequence[str], python: str = "python") -> str:
+    """The shell command run on the cluster: this package's CLI, quoted argument by argument.
+
+    ``python -m pipelines.cli`` (not the ``radjepa`` script) so the uploaded working dir, which
+    Ray puts first on the job's path, wins over any copy installed in the image.
+    """
+    if not args:
+        raise JobsError("nothing to run: give a radjepa command, e.g. `radjepa submit ingest ...`")
+    if args[0] in {"submit", "jobs"}:
+        raise JobsError(f"`radjepa {args[0]}` cannot itself be submitted as a job")
+    return shlex.join([python, "-m", "pipelines.cli", *args])
+
+
+def load_runtime_env_file(path: Path) -> dict[str, Any]:
+    """Read a runtime_env YAML (a mapping, e.g. env_vars/excludes/pip); errors name the file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise JobsError(f"runtime env file not found: {path}") from None
+    except yaml.YAMLError as err:
+        raise JobsError(f"runtime env file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise JobsError(f"runtime env file {path} must hold a mapping, got {type(data).__name__}")
+    env_vars = data.get("env_vars", {})
+    if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
+        raise JobsError(f"{path}: env_vars must map names to strings (quote numbers)")
+    return data
+
+
+def parse_env_assignments(items: Iterable[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings from ``--env`` into a dict; a missing '=' is an error."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise JobsError(f"--env expects KEY=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def build_submission(
+    args: Sequence[str],
+    *,
+    working_dir: Path,
+    runtime_env_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    pass_env: Sequence[str] = (),
+    pass_deid_secret: bool = False,
+    deid_secret_env: str = DEID_SECRET_ENV,
+    environ: Mapping[str, str] | None = None,
+) -> Submission:
+    """Assemble entrypoint + runtime env.
+
+    Precedence for env vars (later wins): the runtime env file, passthrough of local
+    MLFLOW_TRACKING_URI, ``pass_env`` names, the de-id secret (only if ``pass_deid_secret``),
+    explicit ``env``. The file's other keys (pip, excludes, ...) are kept; excludes are added
+    to the defaults and ``working_dir`` is always the local folder being uploaded.
+    """
+    local = os.environ if environ is None else environ
+    wd = working_dir.resolve()
+    if not wd.is_dir():
+        raise JobsError(f"working dir {wd} is not a directory")
+    if not (wd / "pipelines" / "cli.py").is_file():
+        log.warning(
+            "%s is not a radjepa checkout: the job will run the copy installed in the cluster "
+            "image, not your local code",
+            wd,
+        )
+    if runtime_env_file is None and (wd / RUNTIME_ENV_FILE).is_file():
+        runtime_env_file = wd / RUNTIME_ENV_FILE
+    base = load_runtime_env_file(runtime_env_file) if runtime_env_file else {}
+
+    env_vars: dict[str, str] = dict(base.get("env_vars") or {})
+    for name in PASSTHROUGH_ENVS:
+        if local.get(name):
+            env_vars[name] = local[name]
+    for name in pass_env:
+        if name not in local:
+            raise JobsError(f"--pass-env {name}: not set in this shell")
+        env_vars[name] = local[name]
+    if pass_deid_secret:
+        if not local.get(deid_secret_env):
+            raise JobsError(f"--pass-deid-secret: {deid_secret_env} is not set in this shell")
+        env_vars[deid_secret_env] = local[deid_secret_env]
+    env_vars.update(env or {})
+
+    runtime_env: dict[str, Any] = {k: v for k, v in base.items() if k not in {"env_vars"}}
+    runtime_env["working_dir"] = str(wd)
+    runtime_env["excludes"] = list(DEFAULT_EXCLUDES) + list(base.get("excludes") or [])
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    return Submission(build_entrypoint(args), runtime_env, list(env_vars))
+
+
+def connect(address: str | None) -> JobSubmissionClient:
+    """A client for the job server; an unreachable server becomes one readable JobsError."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    url = resolve_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except AuthenticationError:
+        # Ray 2.60 heads enable token auth when a token exists; the SDK sends it only in token mode
+        raise JobsError(
+            f"the job server at {url} requires a token: set RAY_AUTH_MODE=token and "
+            "RAY_AUTH_TOKEN (or put it in ~/.ray/auth_token); on the head, "
+            "`ray get-auth-token` prints it"
+        ) from None
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise JobsError(f"cannot reach the Ray job server at {url}: {err}") from None
+
+
+def submit(
+    client: JobSubmissionClient,
+    submission: Submission,
+    *,
+    job_id: str | None = None,
+    entrypoint_num_cpus: float | None = None,
+    entrypoint_num_gpus: float | None = None,
+) -> str:
+    """Submit and return the submission id (the working dir is zipped and uploaded here)."""
+    log.debug("submitting %s", submission.entrypoint)
+    try:
+        return client.submit_job(
+            entrypoint=submission.entrypoint,
+            runtime_env=submission.runtime_env,
+            submission_id=job_id,
+            entrypoint_num_cpus=entrypoint_num_cpus,
+            entrypoint_num_gpus=entrypoint_num_gpus,
+            metadata={"tool": "radjepa"},
+        )
+    except (RuntimeError, ValueError) as err:
+        raise JobsError(f"submission failed: {err}") from None
+
+
+def outcome(client: JobSubmissionClient, job_id: str) -> JobOutcome:
+    """The job's current status and, when it failed, Ray's message and the driver exit code."""
+    info = _info(client, job_id)
+    return JobOutcome(
+        job_id=job_id,
+        status=str(info.status.value if hasattr(info.status, "value") else info.status),
+        message=info.message,
+        error_type=info.error_type,
+        driver_exit_code=getattr(info, "driver_exit_code", None),
+    )
+
+
+def wait(
+    client: JobSubmissionClient, job_id: str, *, poll_s: float = 0.5, timeout_s: float | None = None
+) -> JobOutcome:
+    """Poll until the job is terminal (after the log stream ends, Ray may lag a moment)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        res = outcome(client, job_id)
+        if res.status in TERMINAL:
+            return res
+        if deadline is not None and time.monotonic() > deadline:
+            raise JobsError(f"job {job_id} still {res.status} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def follow(client: JobSubmissionClient, job_id: str, on_chunk: Callable[[str], None]) -> JobOutcome:
+    """Stream the job's logs to ``on_chunk`` as they are produced, then return its outcome.
+
+    The tail websocket closes when the job ends; if it drops early (proxy timeouts are common
+    behind port-forwards) we fall back to polling instead of reporting a false failure.
+    """
+
+    async def _tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            on_chunk(chunk)
+
+    try:
+        asyncio.run(_tail())
+    except (RuntimeError, OSError) as err:
+        log.warning(
+            "log stream for %s ended early (%s); waiting for the job to finish", job_id, err
+        )
+    return wait(client, job_id)
+
+
+def logs(client: JobSubmissionClient, job_id: str) -> str:
+    """All logs the job produced so far."""
+    _info(client, job_id)  # a clear "no such job" before asking for logs
+    return client.get_job_logs(job_id)
+
+
+def stop(client: JobSubmissionClient, job_id: str) -> bool:
+    """Ask the cluster to stop a job; False when it had already finished."""
+    _info(client, job_id)
+    return bool(client.stop_job(job_id))
+
+
+def list_jobs(client: JobSubmissionClient) -> list[JobSummary]:
+    """Submitted jobs, newest first."""
+    rows = [
+        JobSummary(
+            job_id=j.submission_id or j.job_id or "?",
+            status=str(j.status.value if hasattr(j.status, "value") else j.status),
+            entrypoint=j.entrypoint,
+            start_time=j.start_time,
+            end_time=j.end_time,
+            message=j.message,
+        )
+        for j in client.list_jobs()
+        if j.submission_id  # drivers started by hand (ray.init) are not ours to manage
+    ]
+    return sorted(rows, key=lambda r: r.start_time or 0, reverse=True)
+
+
+def _info(client: JobSubmissionClient, job_id: str) -> Any:
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError as err:
+        raise JobsError(f"job {job_id}: {err}") from None

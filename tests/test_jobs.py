@@ -1,0 +1,348 @@
+"""`radjepa submit` / `radjepa jobs` against a REAL Ray head with its job server on loopback.
+
+The head is a separate cluster from the session `ray_session` fixture: its own temp dir, free
+ports for every listener, token auth with a throwaway token. Teardown never uses `ray stop`
+(which kills every Ray on the machine, including other test sessions'): the head runs as
+`ray start --block` in its own session, and we signal exactly the process tree under it (Ray
+daemons, workers, job drivers), SIGTERM first, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import jobs
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+N_IMAGES = 4
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes]) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # 401 without a token still means it is up
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"job server at {url} did not come up (exit code {proc.poll()})")
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state) for every live process, from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        table[int(entry.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _tree(root: int) -> set[int]:
+    """The live, non-zombie processes descending from ``root`` (root included).
+
+    Ray puts job drivers (and may put workers) in sessions of their own, so the head's process
+    group alone would miss them; parentage does not change with setsid.
+    """
+    table = _proc_table()
+    found, frontier = set(), [root]
+    while frontier:
+        pid = frontier.pop()
+        if pid in table and table[pid][1] != "Z":
+            found.add(pid)
+        frontier += [c for c, (ppid, _) in table.items() if ppid == pid and c not in found]
+    return found
+
+
+def _signal_all(pids: set[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _stop_head(proc: subprocess.Popen[bytes], grace_s: float = 2.0) -> set[int]:
+    """Stop the head and everything it spawned, and nothing else; returns survivors (none).
+
+    `ray stop` is not an option: it kills every Ray process on the machine by name, including
+    other test sessions'. We signal exactly the process tree under our `ray start` (collected
+    before anything dies, so orphans re-parented to init are still ours): SIGTERM, then SIGKILL.
+    """
+    tree = _tree(proc.pid)
+    _signal_all(tree, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _alive(tree):
+        time.sleep(0.2)
+    for pid in list(_alive(tree)):
+        tree |= _tree(pid)  # anything spawned meanwhile
+    _signal_all(_alive(tree), signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(tree):
+        time.sleep(0.2)
+    return _alive(tree)
+
+
+def _alive(pids: set[int]) -> set[int]:
+    table = _proc_table()
+    return {p for p in pids if p in table and table[p][1] != "Z"}
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[dict[str, str]]:
+    """A real Ray head (2 CPUs) whose dashboard/job server listens on 127.0.0.1:<free port>.
+
+    Yields the env a client needs (address + token). AF_UNIX socket paths are short-limited,
+    so the temp dir is a short one under /tmp, not pytest's tmp_path.
+    """
+    temp_dir = tempfile.mkdtemp(prefix="rjh", dir="/tmp")
+    (gcs, dash, agent_http, agent_grpc, node_mgr, obj_mgr, renv, metrics, client) = _free_ports(9)
+    token = secrets.token_hex(32)
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_V2_ENABLED": "1",
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+        "--dashboard-agent-listen-port", str(agent_http),
+        "--dashboard-agent-grpc-port", str(agent_grpc),
+        "--node-manager-port", str(node_mgr), "--object-manager-port", str(obj_mgr),
+        "--runtime-env-agent-port", str(renv), "--metrics-export-port", str(metrics),
+        "--ray-client-server-port", str(client),
+        "--min-worker-port", "0", "--max-worker-port", "0",  # 0/0: OS-assigned worker ports
+        "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(200 * 1024**2),
+        "--temp-dir", temp_dir, "--disable-usage-stats",
+    ]  # fmt: skip
+    log_path = Path(temp_dir + ".log")
+    with log_path.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_http(url, 60, proc)
+        yield {"RAY_JOB_ADDRESS": url, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    except TimeoutError:
+        pytest.fail(f"ray head did not start:\n{log_path.read_text()[-3000:]}")
+    finally:
+        survivors = _stop_head(proc)
+        assert not survivors, f"Ray head processes survived teardown: {survivors}"
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        log_path.unlink(missing_ok=True)
+
+
+def _radjepa(
+    args: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _has_ingest() -> bool:
+    return (REPO / "pipelines" / "ingest.py").exists() and "ingest" in _cli_commands()
+
+
+def _cli_commands() -> set[str]:
+    import typer
+
+    from pipelines.cli import app
+
+    return set(typer.main.get_command(app).commands)
+
+
+@pytest.mark.slow
+def test_submit_runs_ingest_to_succeeded_and_jobs_commands_see_it(
+    ray_head: dict[str, str], nih_dir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in sorted((nih_dir / "images").glob("*.png"))[:N_IMAGES]:
+        shutil.copy(p, src / p.name)
+    dst = tmp_path / "dst"
+    job_id = f"rj-ok-{secrets.token_hex(4)}"
+    secret = secrets.token_hex(16)
+    env = {**ray_head, "RADJEPA_DEID_SECRET": secret}
+    if _has_ingest():
+        cmd = ["ingest", str(src), str(dst), "-c", "configs/tiny_cpu.yaml"]
+        cmd += ["--set", "ingest.image_size=128"]  # options after the command travel with it
+    else:  # ingest not merged yet: the same path with the cheapest real command
+        cmd = ["config", "validate", "-c", "configs/tiny_cpu.yaml"]
+
+    res = _radjepa(["submit", "--job-id", job_id, "--pass-deid-secret", *cmd], env)
+
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"job {job_id} SUCCEEDED" in res.stderr
+    assert secret not in res.stdout + res.stderr
+    if cmd[0] == "ingest":
+        from radjepa.imaging.deid import keyed_hash
+
+        assert f"{N_IMAGES} stored" in res.stdout  # the job's own summary, streamed back
+        table = pq.read_table(dst / "images")
+        assert table.num_rows == N_IMAGES
+        assert set(table.column("height").to_pylist()) == {128}
+        # pseudonyms were keyed with the secret we passed, not the public dev key
+        expected = {keyed_hash(secret.encode(), "source", str(src / p.name)) for p in src.iterdir()}
+        assert set(table.column("source_hash").to_pylist()) == expected
+    else:
+        assert "ok: configs/tiny_cpu.yaml" in res.stdout  # the streamed job log
+
+    listed = _radjepa(["jobs", "list"], ray_head)
+    assert listed.returncode == 0, listed.stderr
+    assert job_id in listed.stdout and "SUCCEEDED" in listed.stdout
+    logs = _radjepa(["jobs", "logs", job_id], ray_head)
+    assert logs.returncode == 0 and logs.stdout.strip()
+    assert logs.stdout.strip() in res.stdout or res.stdout.strip() in logs.stdout
+    stop = _radjepa(["jobs", "stop", job_id], ray_head)
+    assert stop.returncode == 0 and "already finished" in stop.stdout
+
+
+@pytest.mark.slow
+def test_failing_job_exits_nonzero_and_prints_its_error(ray_head: dict[str, str]) -> None:
+    res = _radjepa(["submit", "config", "validate", "--set", "bogus.key=1"], ray_head)
+
+    assert res.returncode == 2, res.stdout + res.stderr  # the driver's own user-error code
+    assert re.search(r"job \S+ FAILED", res.stderr)
+    assert "bogus" in res.stderr  # Ray's failure message carries the job's last log lines
+
+    missing = _radjepa(["jobs", "logs", "raysubmit_doesnotexist"], ray_head)
+    assert missing.returncode == 2 and "raysubmit_doesnotexist" in missing.stderr
+
+
+@pytest.mark.slow
+def test_no_wait_prints_the_id_and_logs_follow_picks_it_up(ray_head: dict[str, str]) -> None:
+    sub = _radjepa(["submit", "--no-wait", "--", "config", "show"], ray_head)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().splitlines()[-1]
+    assert job_id.startswith("raysubmit_")
+
+    follow = _radjepa(["jobs", "logs", job_id, "--follow"], ray_head)
+
+    assert follow.returncode == 0, follow.stdout + follow.stderr
+    assert "model:" in follow.stdout  # `config show` printed the resolved YAML on the cluster
+
+
+@pytest.mark.slow
+def test_jobs_stop_ends_a_running_job_and_follow_exits_stopped(ray_head: dict[str, str]) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    # a plain long-running entrypoint: what is under test is stop + follow, not the command
+    client = JobSubmissionClient(
+        ray_head["RAY_JOB_ADDRESS"],
+        headers={"Authorization": f"Bearer {ray_head['RAY_AUTH_TOKEN']}"},
+    )
+    job_id = client.submit_job(entrypoint="echo started; sleep 120")
+    deadline = time.monotonic() + 30
+    while jobs.outcome(client, job_id).status != "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.3)
+
+    stop = _radjepa(["jobs", "stop", job_id], ray_head)
+    assert stop.returncode == 0 and f"stop requested for {job_id}" in stop.stdout
+    follow = _radjepa(["jobs", "logs", job_id, "--follow"], ray_head, timeout=60)
+
+    assert follow.returncode == jobs.EXIT_STOPPED, follow.stdout + follow.stderr
+    assert f"job {job_id} STOPPED" in follow.stderr
+    assert "started" in follow.stdout
+
+
+def test_unreachable_server_and_missing_address_are_user_errors() -> None:
+    (port,) = _free_ports(1)
+    res = _radjepa(["submit", "--address", f"127.0.0.1:{port}", "config", "validate"], {})
+    assert res.returncode == 2
+    assert "cannot reach the Ray job server" in res.stderr
+    env = {k: "" for k in jobs.ADDRESS_ENVS}
+    res = _radjepa(["jobs", "list"], env)
+    assert res.returncode == 2 and "no Ray job server address" in res.stderr
+
+
+def test_submission_uploads_checkout_without_venv_and_passes_only_asked_secrets(
+    tmp_path: Path,
+) -> None:
+    environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "RADJEPA_DEID_SECRET": "s3cr3t"}
+    sub = jobs.build_submission(["pretrain", "--data", "/d"], working_dir=REPO, environ=environ)
+
+    assert sub.entrypoint == "python -m pipelines.cli pretrain --data /d"
+    assert sub.runtime_env["working_dir"] == str(REPO)
+    assert {".venv", ".git", "runs", "*.parquet"} <= set(sub.runtime_env["excludes"])
+    assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "RADJEPA_DEID_SECRET" not in sub.runtime_env["env_vars"]
+    assert "s3cr3t" not in sub.describe()
+
+    asked = jobs.build_submission(
+        ["ingest", "a", "b"], working_dir=REPO, environ=environ, pass_deid_secret=True
+    )
+    assert asked.runtime_env["env_vars"]["RADJEPA_DEID_SECRET"] == "s3cr3t"
+    assert "RADJEPA_DEID_SECRET" in asked.describe() and "s3cr3t" not in asked.describe()
+
+
+def test_runtime_env_file_merges_and_bad_input_is_named(tmp_path: Path) -> None:
+    f = tmp_path / "re.yaml"
+    f.write_text("env_vars:\n  A: '1'\nexcludes: ['bigdir']\npip: ['x']\n")
+    sub = jobs.build_submission(
+        ["config", "show"], working_dir=tmp_path, runtime_env_file=f, env={"A": "2"}, environ={}
+    )
+    assert sub.runtime_env["env_vars"] == {"A": "2"}  # --env wins over the file
+    assert "bigdir" in sub.runtime_env["excludes"] and ".venv" in sub.runtime_env["excludes"]
+    assert sub.runtime_env["pip"] == ["x"]
+
+    f.write_text("env_vars:\n  A: 1\n")
+    with pytest.raises(jobs.JobsError, match="quote numbers"):
+        jobs.build_submission(["version"], working_dir=tmp_path, runtime_env_file=f, environ={})
+    with pytest.raises(jobs.JobsError, match="cannot itself be submitted"):
+        jobs.build_entrypoint(["submit", "version"])
+    with pytest.raises(jobs.JobsError, match="KEY=VALUE"):
+        jobs.parse_env_assignments(["NOEQUALS"])
+    with pytest.raises(jobs.JobsError, match="Ray Client address"):
+        jobs.resolve_address("ray://head:10001", {})
+    assert jobs.resolve_address(None, {"RAY_ADDRESS": "h:8265"}) == "http://h:8265"
