@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean sample
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(BIN)/radjepa config validate -c configs/tiny_cpu.yaml
+	$(BIN)/radjepa demo --out demo-output
 
 lint: $(STAMP)
 	$(BIN)/ruff check radjepa pipelines serve bench tests
@@ -34,3 +34,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs demo-output .pytest_cache
+
+# Rebuild the bundled DICOM sample from the NIH images beside the checkout (already committed).
+sample: $(STAMP)
+	$(BIN)/python scripts/build_sample.py --nih ../shared/data/nih-cxr14-621 --out data/sample
