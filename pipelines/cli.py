@@ -98,6 +98,522 @@ def config_validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
                f"{cfg.model.img_size}px)")
 
 
+@app.command()
+def ingest(
+    paths: Annotated[
+        list[str], typer.Argument(help="Sources (dirs, .zip, .tar(.gz), URIs), then DST.")
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Ingest DICOM/PNG/JPEG archives into de-identified Parquet shards (re-runs are idempotent)."""
+    if len(paths) < 2:
+        raise UserError("give at least one source and the destination: radjepa ingest SRC... DST")
+    cfg = load(config, set_)
+    from pipelines.ingest import IngestError, run_ingest
+
+    try:
+        res = run_ingest(paths[:-1], paths[-1], cfg)
+    except IngestError as err:
+        raise UserError(str(err)) from None
+    typer.echo(
+        f"ingested {res.input} inputs: {res.ok} stored, {res.quarantined} quarantined, "
+        f"{res.duplicates} duplicates -> {paths[-1]} ({res.total_images} images in total)"
+    )
+
+
+@app.command()
+def pretrain(
+    data: Annotated[str, typer.Option("--data", "-d", help="Output folder of `radjepa ingest`.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Pretrain a JEPA encoder with Ray Train on ingested shards (re-run the same run name to resume)."""
+    cfg = load(config, set_)
+    from pipelines.pretrain import PretrainError, run_pretrain
+
+    try:
+        res = run_pretrain(cfg, data)
+    except PretrainError as err:
+        raise UserError(str(err)) from None
+    from pipelines.tracking import ui_command
+
+    typer.echo(f"run folder:  {res.run_dir}")
+    typer.echo(f"checkpoint:  {res.checkpoint}")
+    if res.mlflow_run_id:
+        typer.echo(f"mlflow run:  {res.mlflow_run_id} (model version {res.model_version})")
+        typer.echo(f"mlflow ui:   {ui_command(res.tracking_uri or '')}")
+    loss = res.metrics.get("loss")
+    if loss is not None:
+        typer.echo(f"final loss:  {loss:.4f} at step {res.metrics.get('step')}")
+
+
+@app.command()
+def sweep(
+    data: Annotated[str, typer.Option("--data", "-d", help="Output folder of `radjepa ingest`.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    num_samples: Annotated[
+        int | None, typer.Option("--num-samples", "-n", help="Override tune.num_samples.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue an interrupted sweep of the same name.")
+    ] = False,
+) -> None:
+    """Sweep masking and EMA settings with Ray Tune; ranks trials by RankMe or kNN AUROC."""
+    cfg = load(config, set_)
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.pretrain import PretrainError
+    from pipelines.sweep import SweepError, run_sweep
+
+    try:
+        res = run_sweep(cfg, data, num_samples=num_samples, resume=resume)
+    except (SweepError, PretrainError) as err:
+        raise UserError(str(err)) from None
+    table = Table(title=f"sweep {cfg.tune.name}: {res.metric} (higher is better)")
+    keys = sorted({k for t in res.trials for k in t.params})
+    for col in ["trial", *keys, res.metric, "steps", "status"]:
+        table.add_column(col)
+    for t in sorted(res.trials, key=lambda t: -(t.metric or float("-inf"))):
+        metric = "-" if t.metric is None else f"{t.metric:.4f}"
+        params = [str(t.params.get(k, "")) for k in keys]
+        table.add_row(t.trial_id, *params, metric, str(t.steps or "-"), t.status)
+    Console().print(table)
+    if res.best is None:
+        raise UserError("no trial finished without collapsing; see the table above")
+    typer.echo(f"best trial:      {res.best.trial_id} ({res.metric}={res.best.metric:.4f})")
+    typer.echo(f"best config:     {res.best_config_path}")
+    typer.echo(f"best checkpoint: {res.best.checkpoint}")
+    typer.echo(f"pretrain it:     radjepa pretrain -c {res.best_config_path} --data {data}")
+
+
+@app.command("serve")
+def serve_cmd(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Checkpoint folder or models:/<name>@<alias>.")
+    ] = None,
+    head: Annotated[str | None, typer.Option("--head", help="Probe head folder.")] = None,
+    index: Annotated[
+        str | None, typer.Option("--index", help="Embeddings Parquet from `radjepa embed`.")
+    ] = None,
+    port: Annotated[int | None, typer.Option("--port", help="HTTP port (0: any free).")] = None,
+    insecure_local: Annotated[
+        bool, typer.Option("--insecure-local", help="Allow running without API keys.")
+    ] = False,
+) -> None:
+    """Serve the embedding API with Ray Serve in the foreground (Ctrl-C stops it)."""
+    import time
+
+    from radjepa.config import ConfigError
+
+    cfg = load(config, set_)
+    direct: dict[str, object] = {
+        f"serve.{k}": v
+        for k, v in {"model": model, "head": head, "index": index, "port": port}.items()
+        if v is not None
+    }
+    if insecure_local:
+        direct["serve.insecure_local"] = True
+    try:
+        cfg = cfg.with_overrides(direct) if direct else cfg
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    if not cfg.serve.model:
+        raise UserError("no model to serve: pass --model PATH or models:/<name>@<alias>")
+
+    from pipelines.runtime import ensure_ray
+    from serve.local import curl_example, start_local, stop_local
+    from serve.security import SecurityConfigError, settings_from_config
+
+    try:  # refuse an unprotected service before paying for Ray
+        settings_from_config(cfg.serve, secret_env=cfg.ingest.secret_env)
+    except SecurityConfigError as err:
+        raise UserError(str(err)) from None
+    ensure_ray()
+    try:
+        url = start_local(cfg)
+    except (SecurityConfigError, FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")
+    typer.echo(curl_example(url, with_key=not cfg.serve.insecure_local))
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        typer.echo("shutting down")
+    finally:
+        stop_local()
+
+
+@app.command("embed")
+def embed_cmd(
+    shards: Annotated[Path, typer.Argument(help="Output folder of `radjepa ingest`.")],
+    out: Annotated[Path, typer.Argument(help="New folder for the embeddings Parquet.")],
+    model: Annotated[
+        str, typer.Option("--model", help="Checkpoint folder or models:/<name>@<alias>.")
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per forward.")] = None,
+    actors: Annotated[int | None, typer.Option(help="Encoder actors (default: by CPUs).")] = None,
+) -> None:
+    """Embed ingested shards into an archive index (Ray Data) for /v1/similar."""
+    cfg = load(config, set_)
+    from pipelines.embed import EmbedError, run_embed
+    from serve.registry import ModelNotFound, resolve_model
+
+    try:
+        resolved = resolve_model(model, tracking_uri=cfg.tracking.uri)
+        label = f"{resolved.name}:{resolved.version}" if resolved.name else None
+        res = run_embed(
+            cfg,
+            shards,
+            out,
+            model=resolved.path,
+            model_label=label,
+            batch_size=batch_size,
+            actors=actors,
+        )
+    except (EmbedError, ModelNotFound) as err:
+        raise UserError(str(err)) from None
+    typer.echo(f"embedded {res.rows} images (dim {res.dim}, model {res.model}) into {res.out}")
+
+
+# --- Ray Jobs: `radjepa submit` and `radjepa jobs` (logic in pipelines/jobs.py) -----------------
+jobs_app = typer.Typer(help="List, follow and stop jobs on a Ray cluster.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="Ray job server (dashboard) URL, e.g. http://HEAD:8265 "
+        "(default: $RAY_JOB_ADDRESS, then $RAY_ADDRESS).",
+    ),
+]
+
+
+def _jobs_client(address: str | None):
+    from pipelines.jobs import JobsError, connect
+
+    try:
+        return connect(address)
+    except JobsError as err:
+        raise UserError(str(err)) from None
+
+
+def _follow_and_exit(client, job_id: str) -> None:
+    """Stream a job's logs, then exit with its status (Ctrl-C detaches; the job keeps going)."""
+    from pipelines.jobs import JobsError, follow
+
+    try:
+        res = follow(client, job_id, lambda chunk: typer.echo(chunk, nl=False))
+    except KeyboardInterrupt:
+        typer.echo(
+            f"\ndetached; job {job_id} keeps running. Follow: radjepa jobs logs {job_id} "
+            f"--follow   stop: radjepa jobs stop {job_id}",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    except JobsError as err:
+        raise UserError(str(err)) from None
+    if res.status == "SUCCEEDED":
+        typer.echo(f"job {job_id} SUCCEEDED", err=True)
+        return
+    typer.secho(f"job {job_id} {res.status}: {res.message or 'no message'}", fg="red", err=True)
+    raise typer.Exit(res.exit_code)
+
+
+@app.command(
+    "submit",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def submit(
+    command: Annotated[
+        list[str],
+        typer.Argument(
+            help="The radjepa command to run on the cluster and its arguments, e.g. "
+            "`ingest /data/raw /data/shards -c configs/tiny_cpu.yaml` (put `--` before it "
+            "when its options could clash with submit's).",
+            metavar="COMMAND [ARGS]...",
+        ),
+    ],
+    address: AddressOpt = None,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Print the job id and return at once.")
+    ] = False,
+    working_dir: Annotated[
+        Path, typer.Option("--working-dir", help="Folder uploaded as the job's working dir.")
+    ] = Path("."),
+    runtime_env: Annotated[
+        Path | None,
+        typer.Option(
+            "--runtime-env",
+            help="Runtime env YAML merged in (default: <working-dir>/cluster/runtime_env.yaml).",
+        ),
+    ] = None,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", help="KEY=VALUE for the job (repeat).")
+    ] = None,
+    pass_env: Annotated[
+        list[str] | None,
+        typer.Option("--pass-env", help="Copy this local env var into the job (repeat)."),
+    ] = None,
+    pass_deid_secret: Annotated[
+        bool,
+        typer.Option(
+            "--pass-deid-secret",
+            help="Copy $RADJEPA_DEID_SECRET into the job (prefer a cluster Secret).",
+        ),
+    ] = False,
+    job_id: Annotated[
+        str | None, typer.Option("--job-id", help="Submission id (default: generated).")
+    ] = None,
+    entrypoint_num_cpus: Annotated[
+        float | None, typer.Option("--entrypoint-num-cpus", help="CPUs reserved for the driver.")
+    ] = None,
+    entrypoint_num_gpus: Annotated[
+        float | None, typer.Option("--entrypoint-num-gpus", help="GPUs reserved for the driver.")
+    ] = None,
+) -> None:
+    """Run a radjepa command as a Ray Job on a cluster; stream its logs and exit with its status."""
+    from pipelines.jobs import JobsError, build_submission
+    from pipelines.jobs import submit as submit_job
+
+    if command and command[0] not in typer.main.get_command(app).commands:
+        raise UserError(f"unknown radjepa command {command[0]!r}; see `radjepa --help`")
+    try:
+        sub = build_submission(
+            command,
+            working_dir=working_dir,
+            runtime_env_file=runtime_env,
+            env=_parse_env(env),
+            pass_env=pass_env or [],
+            pass_deid_secret=pass_deid_secret,
+        )
+        client = _jobs_client(address)
+        log.debug("%s", sub.describe())  # names only: values may be secrets
+        jid = submit_job(
+            client,
+            sub,
+            job_id=job_id,
+            entrypoint_num_cpus=entrypoint_num_cpus,
+            entrypoint_num_gpus=entrypoint_num_gpus,
+        )
+    except JobsError as err:
+        raise UserError(str(err)) from None
+    if no_wait:
+        typer.echo(jid)
+        return
+    typer.echo(f"submitted {jid}: {sub.entrypoint}", err=True)
+    _follow_and_exit(client, jid)
+
+
+def _parse_env(items: list[str] | None) -> dict[str, str]:
+    from pipelines.jobs import parse_env_assignments
+
+    return parse_env_assignments(items or [])
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOpt = None) -> None:
+    """List submitted jobs, newest first."""
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.jobs import list_jobs
+
+    table = Table()
+    for col in ("job id", "status", "started (UTC)", "entrypoint"):
+        table.add_column(col)
+    for j in list_jobs(_jobs_client(address)):
+        started = (
+            datetime.fromtimestamp(j.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            if j.start_time
+            else "-"
+        )
+        table.add_row(j.job_id, j.status, started, j.entrypoint)
+    Console(width=200).print(table)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: Annotated[str, typer.Argument(help="Submission id from `radjepa submit`.")],
+    address: AddressOpt = None,
+    follow_: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming; exit with the job's status.")
+    ] = False,
+) -> None:
+    """Print a job's logs (or follow them until it ends)."""
+    from pipelines.jobs import JobsError, logs
+
+    client = _jobs_client(address)
+    if follow_:
+        _follow_and_exit(client, job_id)
+        return
+    try:
+        typer.echo(logs(client, job_id), nl=False)
+    except JobsError as err:
+        raise UserError(str(err)) from None
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    job_id: Annotated[str, typer.Argument(help="Submission id from `radjepa submit`.")],
+    address: AddressOpt = None,
+) -> None:
+    """Ask the cluster to stop a job."""
+    from pipelines.jobs import JobsError, stop
+
+    try:
+        stopped = stop(_jobs_client(address), job_id)
+    except JobsError as err:
+        raise UserError(str(err)) from None
+    typer.echo(f"stop requested for {job_id}" if stopped else f"{job_id} had already finished")
+
+
+@app.command("probe")
+def probe_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder from `radjepa pretrain`.")],
+    label: Annotated[
+        list[str],
+        typer.Option(
+            "--label", "-l", help="Label column, or COLUMN=POSITIVE (e.g. view=AP); repeat."
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the report, plots and head.")
+    ],
+    csv: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Labels CSV: image paths (relative to it) + label columns."),
+    ] = None,
+    shards: Annotated[
+        Path | None,
+        typer.Option("--shards", help="Ingest output instead of --csv (labels from metadata)."),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    image_col: Annotated[str, typer.Option(help="CSV column with image paths.")] = "image",
+    group_col: Annotated[
+        str | None, typer.Option(help="Patient-id column (default: patient_id, or patient_pid).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
+    seg_csv: Annotated[
+        Path | None,
+        typer.Option("--seg-csv", help="Image + mask-path columns for a segmentation probe."),
+    ] = None,
+    structure: Annotated[
+        list[str] | None,
+        typer.Option("--structure", help="Mask column of --seg-csv (repeat per structure)."),
+    ] = None,
+    mlflow: Annotated[
+        bool, typer.Option("--mlflow/--no-mlflow", help="Log the run to MLflow.")
+    ] = True,
+    register_head: Annotated[
+        bool, typer.Option("--register-head", help="Register the head in the MLflow registry.")
+    ] = False,
+    head_name: Annotated[
+        str, typer.Option(help="Registered model name for --register-head.")
+    ] = "radjepa-probe-head",
+) -> None:
+    """Linear-probe a frozen encoder on labelled images; report AUROC/AUPRC vs two baselines."""
+    cfg = load(config, set_)
+    if register_head and not (mlflow and cfg.tracking.enabled):
+        raise UserError("--register-head needs MLflow tracking (drop --no-mlflow)")
+    if not checkpoint.exists():
+        raise UserError(f"checkpoint not found: {checkpoint}")
+    if (csv is None) == (shards is None):
+        raise UserError("give exactly one of --csv or --shards")
+    if seg_csv is not None and not structure:
+        raise UserError("--seg-csv needs at least one --structure (a mask column)")
+    from radjepa.checkpoint import CheckpointError
+    from radjepa.eval.features import DatasetError
+    from radjepa.eval.runner import run_probe
+
+    try:
+        report = run_probe(
+            checkpoint,
+            csv,
+            label,
+            out,
+            cfg,
+            shards=shards,
+            device=device,
+            image_col=image_col,
+            limit=limit,
+            seg_csv=seg_csv,
+            structures=structure or [],
+            group_col=group_col or ("patient_id" if csv is not None else "patient_pid"),
+        )
+    except (DatasetError, CheckpointError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
+    for lab in report["methods"]["ours"]["labels"]:
+        cells = []
+        for method, res in report["methods"].items():
+            lr = next(x for x in res["labels"] if x["name"] == lab["name"])
+            auc = lr["auroc"]
+            if auc is None:
+                cells.append(f"{method} skipped")
+            elif auc["draws"]:
+                cells.append(
+                    f"{method} {auc['estimate']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]"
+                )
+            else:
+                cells.append(f"{method} {auc['estimate']:.3f}")
+        typer.echo(f"{lab['name']:>16} AUROC  " + "  |  ".join(cells))
+    for method, res in ((report.get("segmentation") or {}).get("methods") or {}).items():
+        dice = ", ".join(f"{k} {v:.3f}" for k, v in res["dice"].items())
+        typer.echo(f"{'segmentation':>16} Dice   {method} {dice}")
+    typer.echo(f"report:      {report['files']['markdown']}")
+    if report.get("head"):
+        typer.echo(f"probe head:  {report['head']}")
+    if mlflow and cfg.tracking.enabled:
+        from pipelines.tracking import ui_command
+        from pipelines.tracking_probe import log_probe_run
+
+        tr = log_probe_run(report, out, cfg, register_head=register_head, head_model_name=head_name)
+        typer.echo(f"mlflow run:  {tr.run_id}")
+        if tr.head_version:
+            typer.echo(f"head model:  models:/{tr.head_model}/{tr.head_version}")
+        typer.echo(f"mlflow ui:   {ui_command(tr.uri)}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced if it holds "
+                                      "an earlier demo).")] = Path("demo-output"),
+    steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 60,
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="Skip the HTTP API stage.")] = False,
+) -> None:
+    """Run everything on the bundled sample: ingest, pretrain, sweep, probe, index, serve."""
+    import json
+
+    from rich.console import Console
+
+    from pipelines.demo import DemoError, run_demo
+
+    console = Console()
+    try:
+        summary = run_demo(
+            out, steps=steps, serve_api=not no_serve,
+            on_stage=lambda name: console.rule(f"[bold]{name}"),
+        )
+    except DemoError as err:
+        raise UserError(str(err)) from None
+    console.rule("[bold green]demo summary")
+    console.print_json(json.dumps(summary, default=str))
+    console.print(f"everything is in {summary['output']}")
+    console.print(f"look at the runs: {summary['mlflow_ui']}")
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
     try:
