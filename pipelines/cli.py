@@ -94,8 +94,10 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 def config_validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Validate a config; exit 0 when valid, 2 with the offending keys otherwise."""
     cfg = load(config, set_)
-    typer.echo(f"ok: {config or 'defaults'} ({cfg.model.arch}/{cfg.model.patch_size} @ "
-               f"{cfg.model.img_size}px)")
+    typer.echo(
+        f"ok: {config or 'defaults'} ({cfg.model.arch}/{cfg.model.patch_size} @ "
+        f"{cfg.model.img_size}px)"
+    )
 
 
 @app.command()
@@ -588,8 +590,10 @@ def probe_cmd(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (replaced if it holds "
-                                      "an earlier demo).")] = Path("demo-output"),
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="Output folder (replaced if it holds an earlier demo)."),
+    ] = Path("demo-output"),
     steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 60,
     no_serve: Annotated[bool, typer.Option("--no-serve", help="Skip the HTTP API stage.")] = False,
 ) -> None:
@@ -603,7 +607,9 @@ def demo(
     console = Console()
     try:
         summary = run_demo(
-            out, steps=steps, serve_api=not no_serve,
+            out,
+            steps=steps,
+            serve_api=not no_serve,
             on_stage=lambda name: console.rule(f"[bold]{name}"),
         )
     except DemoError as err:

@@ -27,12 +27,7 @@ from radjepa.models import build_encoder
 TINY = "configs/tiny_cpu.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(i: int) -> torch.Tensor:

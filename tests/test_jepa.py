@@ -20,12 +20,7 @@ from radjepa.transforms import random_resized_crop, to_model_input
 TINY = "configs/tiny_cpu.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

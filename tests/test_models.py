@@ -10,13 +10,7 @@ from radjepa.models import build_encoder, build_predictor
 from radjepa.models.encoder import VisionEncoder
 from radjepa.models.pos_embed import sincos_2d
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(patch: int, img: int) -> ModelConfig:
