@@ -141,6 +141,9 @@ def build_train_dataset(data: str, cfg: Config):
 
     images = _images_dir(data)
     frac = cfg.data.holdout_fraction
+    # the training stream is re-read every epoch: per-epoch progress bars would bury the
+    # step log, which already reports throughput
+    ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.read_parquet(
         str(images), columns=["image_id", "pixels", "height", "width", "dtype"]
     )
