@@ -414,12 +414,13 @@ def start_tracking(
     *,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    uri: str | None = None,
 ) -> tuple[str, str]:
     """Create the MLflow run once per run name; a resumed run continues the same MLflow run."""
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import ensure_experiment, log_params, tracking_uri
 
-    uri = tracking_uri(cfg.tracking, storage if "://" not in storage else ".")
+    uri = uri or tracking_uri(cfg.tracking, storage if "://" not in storage else ".")
     exp_id = ensure_experiment(
         uri, cfg.tracking.experiment, storage if "://" not in storage else "."
     )

@@ -121,6 +121,7 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             setup["tracking_root"],
             Path(storage) / cfg.train.run_name,
             parent_run_id=setup["parent_run_id"],
+            uri=setup["tracking_uri"],
             tags={"radjepa.job": "sweep-trial", "radjepa.trial_id": trial_id},
         )
         tracking = {"run_id": run_id, "uri": uri}
@@ -237,6 +238,7 @@ def run_sweep(
         "trials_dir": str(sweep_dir / "trials"),
         "tracking_root": root,
         "parent_run_id": parent_run_id,
+        "tracking_uri": uri,
         "probe_set": probe_set,
     }
     trainable = ray.tune.with_parameters(_trial, setup=setup)

@@ -59,9 +59,9 @@ def ui_command(uri: str) -> str:
 
 def ensure_experiment(uri: str, name: str, output_dir: str | os.PathLike[str]) -> str:
     """Create (or find) the experiment; local stores keep artifacts under the output folder."""
-    import mlflow
 
-    mlflow.set_tracking_uri(uri)
+    # never mlflow.set_tracking_uri(): it also exports MLFLOW_TRACKING_URI into this process's
+    # environment, which would silently redirect every later run in the process to this store
     mc = client(uri)
     exp = mc.get_experiment_by_name(name)
     if exp is not None:

@@ -85,7 +85,7 @@ def test_two_workers_learn_survive_a_failure_and_register(shards, tmp_path):
     arts = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
     assert {"config.yaml", "checkpoint"} <= arts
     versions = client.search_model_versions("name='radjepa-encoder'")
-    assert [v.version for v in versions] == [res.model_version]
+    assert [str(v.version) for v in versions] == [res.model_version]
     assert run.info.status == "FINISHED"
 
 
