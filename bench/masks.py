@@ -60,11 +60,18 @@ def loop_sampler(cfg: MasksConfig, grid: int, batch: int, g: torch.Generator):
     return torch.stack(contexts), torch.stack(targets)
 
 
-def _time(fn, reps: int) -> float:
-    fn(0)
+def _time(fn, reps: int, device: torch.device | None = None) -> float:
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for i in range(3):
+        fn(-1 - i)
+    sync()
     t0 = time.perf_counter()
     for i in range(reps):
         fn(i + 1)
+    sync()
     return (time.perf_counter() - t0) / reps * 1e3
 
 
@@ -74,11 +81,16 @@ def main() -> None:
     ap.add_argument("--grid", type=int, default=14)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where our sampler runs (cpu or cuda)")
+    ap.add_argument("--context-length", choices=["fixed", "batch_min"], default="fixed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = MasksConfig()
+    cfg = cfg.model_copy(update={"context_length": args.context_length})
+    device = torch.device(args.device)
     sampler = MaskSampler(cfg, args.grid, seed=0)
-    ours = _time(lambda step: sampler.sample(args.batch, step), args.reps)
+    keep = sampler.context_keep  # the one-off estimate of the fixed length: not per-batch
+    ours = _time(lambda step: sampler.sample(args.batch, abs(step), 0, device), args.reps, device)
     gen = torch.Generator().manual_seed(0)
     loop = _time(lambda step: loop_sampler(cfg, args.grid, args.batch, gen), max(3, args.reps // 4))
     print(
@@ -89,6 +101,9 @@ def main() -> None:
                 "grid": args.grid,
                 "num_targets": cfg.num_targets,
                 "threads": args.threads,
+                "device": args.device,
+                "context_length": args.context_length,
+                "context_keep": keep,
                 "machine": platform.machine(),
                 "ours_ms_per_batch": round(ours, 3),
                 "loop_ms_per_batch": round(loop, 3),

@@ -7,7 +7,9 @@ By default both paths run in one process on the same random batch and one JSON l
 img/s, step ms, peak memory, FLOPs per step (FlopCounterMode over one step) and, on CUDA, MFU
 against ``--peak-tflops`` (989 = H100 SXM dense bf16), plus ours/reference speedup.
 ``--reference-mode`` measures only the reference path (manual q@k^T attention, unfused AdamW +
-GradScaler on CUDA, python-loop EMA, no compile).
+GradScaler on CUDA, python-loop EMA, no compile). Both paths draw the same masks
+(``--context-length``); with ``--compile`` our path warms up until every target-block length
+has been compiled, so no compilation is timed.
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(cfg, device: torch.device, reference: bool, steps: int, warmup: int, peak: float):
+def measure(
+    cfg,
+    device: torch.device,
+    reference: bool,
+    steps: int,
+    warmup: int,
+    peak: float,
+    warmup_all: bool = False,
+):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -43,8 +53,15 @@ def measure(cfg, device: torch.device, reference: bool, steps: int, warmup: int,
     g = torch.Generator(device=device).manual_seed(0)
     s = cfg.model.img_size
     images = torch.randn(cfg.train.batch_size, 1, s, s, device=device, generator=g)
-    for _ in range(warmup):
+    # a compiled step builds one graph per target-block length (the context length is fixed):
+    # warm up until every length has been seen so no compilation is timed
+    lengths = set(trainer.sampler.target_lengths())
+    seen: set[int] = set()
+    done = 0
+    while done < warmup or (warmup_all and seen != lengths and done < 200):
+        seen.add(trainer.sampler.sample(1, trainer.step).targets.shape[-1])
         trainer.train_step(images)
+        done += 1
     _sync(device)
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(images)
@@ -71,6 +88,7 @@ def measure(cfg, device: torch.device, reference: bool, steps: int, warmup: int,
         "flops_per_step": int(flops),
         "mfu": round(mfu, 4) if mfu is not None else None,
         "loss": round(loss, 5),
+        "warmup_steps": done,
     }
 
 
@@ -85,6 +103,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="torch.compile our path (CUDA)")
     ap.add_argument("--pred-depth", type=int, default=None)
+    ap.add_argument(
+        "--context-length",
+        choices=["fixed", "batch_min"],
+        default="fixed",
+        help="masks.context_length for both paths (batch_min: the method's per-batch cut)",
+    )
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     mode = ap.add_mutually_exclusive_group()
@@ -106,6 +130,7 @@ def main() -> None:
         "train.compile": args.compile,
         "train.precision": "auto",
         "model.pred_depth": args.pred_depth,
+        "masks.context_length": args.context_length,
     }
     cfg = load_config(None, overrides)
     result = {
@@ -120,9 +145,15 @@ def main() -> None:
         else f"cpu {platform.machine()} x{torch.get_num_threads()} threads",
         "precision": "bf16" if device.type == "cuda" else "fp32",
         "steps": args.steps,
+        "context_length": cfg.masks.context_length,
         "torch": torch.__version__,
     }
-    run = lambda ref: measure(cfg, device, ref, args.steps, args.warmup, args.peak_tflops)  # noqa: E731
+
+    def run(ref: bool) -> dict:
+        # only our compiled path needs every graph built before timing
+        warm_all = args.compile and not ref and device.type == "cuda"
+        return measure(cfg, device, ref, args.steps, args.warmup, args.peak_tflops, warm_all)
+
     if not args.reference_mode:
         result["ours"] = run(False)
     if not args.ours_only:

@@ -230,6 +230,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             drop_last=True,
             local_shuffle_buffer_size=min(4 * bs, 1024),
             local_shuffle_seed=cfg.train.seed + trainer.step,
+            # pinned host batches copy to the GPU asynchronously; one more batch in flight
+            pin_memory=device.type == "cuda",
+            prefetch_batches=2,
         ):
             seen += 1
             x = to_model_input(batch["image"].to(device, non_blocking=True))

@@ -168,6 +168,12 @@ class MasksConfig(_Section):
     ``num_targets`` blocks gets a scale range centred on ``masking_ratio / num_targets`` with
     the method's relative spread (+-1/7), so the default 0.7 with 4 targets gives exactly the
     method's (0.15, 0.2). Leave it unset to give ``target_scale`` directly.
+
+    Context sets must have one length per batch. The method cuts them to the batch's smallest
+    context, so the length changes every step and a compiled GPU step recompiles or falls back
+    to dynamic shapes. ``context_length="fixed"`` keeps a length that depends only on this
+    section and the grid: the ``context_quantile`` quantile of the context size (estimated
+    once), images whose context is smaller are redrawn, exactly as ``min_keep`` does.
     """
 
     num_targets: int = Field(4, ge=1, le=16)
@@ -178,6 +184,10 @@ class MasksConfig(_Section):
     min_keep: int = Field(10, ge=1)
     allow_overlap: bool = False
     masking_ratio: float | None = Field(None, gt=0.0, lt=1.0)
+    # "fixed": every batch keeps the same number of context patches (static shapes, so a
+    # compiled step never recompiles for it); "batch_min": cut to the batch's smallest context.
+    context_length: Literal["fixed", "batch_min"] = "fixed"
+    context_quantile: float = Field(0.05, gt=0.0, lt=0.5)
 
     @model_validator(mode="after")
     def _check(self) -> MasksConfig:

@@ -22,7 +22,11 @@ def ema_update(
         raise ValueError(f"EMA needs matching parameter lists, got {len(target)} vs {len(online)}")
     if momentum >= 1.0:
         return
-    torch._foreach_lerp_(list(target), [p.detach() for p in online], 1.0 - momentum)
+    # under no_grad the online parameters need no detach; lists are passed through as-is so
+    # the per-step cost is one fused kernel launch, not hundreds of wrapper objects
+    tgt = target if isinstance(target, list) else list(target)
+    src = online if isinstance(online, list) else list(online)
+    torch._foreach_lerp_(tgt, src, 1.0 - momentum)
 
 
 @torch.no_grad()

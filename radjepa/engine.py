@@ -2,8 +2,8 @@
 
 One step = schedules at ``step`` -> masks for ``(seed, step, rank)`` -> loss (bf16 autocast on
 CUDA, fp32 on CPU) -> AdamW step -> EMA update of the target encoder -> ``step += 1``.
-Nothing in :meth:`Pretrainer.train_step` waits for the device: the returned metrics are 0-d
-tensors and the caller decides when to read them.
+Nothing in :meth:`Pretrainer.train_step` waits for the device: the loss comes back as a 0-d
+tensor (the caller decides when to read it) and the scheduled values as python floats.
 
 Masks are drawn by the vectorised sampler on the CPU (``mask_device``) and copied to the images'
 device from pinned memory without blocking: the equal-length context cut needs the batch minimum
@@ -16,6 +16,7 @@ attention, unfused per-tensor AdamW, GradScaler (CUDA), python-loop EMA, no comp
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,10 +89,32 @@ class Pretrainer:
             ids = [self.device.index] if cuda else None
             self._encoder = DDP(self.model.encoder, device_ids=ids)
             self._predictor = DDP(self.model.predictor, device_ids=ids)
+        self._target: nn.Module = self.model.target_encoder
         if cfg.train.compile and cuda and not reference_mode:
-            self._encoder = torch.compile(self._encoder)
-            self._predictor = torch.compile(self._predictor)
+            self.compile()
         self.step = 0
+
+    def compile(self, backend: str | Callable = "inductor") -> None:
+        """``torch.compile`` the online encoder, target encoder and predictor.
+
+        With ``masks.context_length="fixed"`` every tensor shape is a function of the config
+        except the target-block length, which takes a few known values
+        (:meth:`MaskSampler.target_lengths`): the modules are compiled with static shapes and
+        the recompile limit is raised to cover them, so after those few graphs the step never
+        recompiles and CUDA graphs stay possible. Under ``"batch_min"`` the context length
+        changes every step and torch's automatic dynamic shapes are used instead.
+        """
+        fixed = self.sampler.context_keep is not None
+        if fixed:
+            need = len(self.sampler.target_lengths()) + 2
+            dyn = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+                if hasattr(dyn, name):
+                    setattr(dyn, name, max(getattr(dyn, name), need))
+        kwargs: dict[str, Any] = {"backend": backend, "dynamic": False if fixed else None}
+        self._encoder = torch.compile(self._encoder, **kwargs)
+        self._predictor = torch.compile(self._predictor, **kwargs)
+        self._target = torch.compile(self._target, **kwargs)
 
     # -----------------------------------------------------------------------------------------
 
@@ -100,7 +123,7 @@ class Pretrainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def train_step(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, images: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """One optimizer step on ``images [B, 1, S, S]`` (model input, on ``device``)."""
         if images.ndim != 4 or images.shape[-1] != self.cfg.model.img_size:
             raise ValueError(
@@ -116,7 +139,7 @@ class Pretrainer:
             masks = masks.to(self.device, non_blocking=True)
 
         with self._autocast():
-            loss = self.model.loss(images, masks, self._encoder, self._predictor)
+            loss = self.model.loss(images, masks, self._encoder, self._predictor, self._target)
         self.optimizer.zero_grad(set_to_none=True)
         clip = self.cfg.optim.grad_clip
         if self.scaler is not None:
@@ -136,9 +159,9 @@ class Pretrainer:
         self.step += 1
         return {
             "loss": loss.detach(),
-            "lr": torch.tensor(sched.lr),
-            "wd": torch.tensor(sched.weight_decay),
-            "momentum": torch.tensor(sched.momentum),
+            "lr": sched.lr,
+            "wd": sched.weight_decay,
+            "momentum": sched.momentum,
         }
 
     def _clip(self, max_norm: float) -> None:

@@ -42,9 +42,12 @@ class JEPA(nn.Module):
         return self
 
     @torch.no_grad()
-    def targets(self, images: torch.Tensor, masks: MaskBatch) -> torch.Tensor:
+    def targets(
+        self, images: torch.Tensor, masks: MaskBatch, target_encoder: nn.Module | None = None
+    ) -> torch.Tensor:
         """Normalised target-encoder tokens at the target blocks, ``[B, T, Kt, D]``."""
-        h = self.target_encoder(images)  # [B, N, D]
+        net = target_encoder if target_encoder is not None else self.target_encoder
+        h = net(images)  # [B, N, D]
         h = F.layer_norm(h.float(), h.shape[-1:])
         b, t, kt = masks.targets.shape
         idx = masks.targets.reshape(b, t * kt, 1).expand(-1, -1, h.shape[-1])  # [B, T*Kt, D]
@@ -56,12 +59,13 @@ class JEPA(nn.Module):
         masks: MaskBatch,
         encoder: nn.Module | None = None,
         predictor: nn.Module | None = None,
+        target_encoder: nn.Module | None = None,
     ) -> torch.Tensor:
-        """The JEPA loss (0-d). ``encoder``/``predictor`` override the held modules, e.g. with
-        their DDP- or compile-wrapped versions (same parameters)."""
+        """The JEPA loss (0-d). ``encoder``/``predictor``/``target_encoder`` override the held
+        modules, e.g. with their DDP- or compile-wrapped versions (same parameters)."""
         enc = encoder if encoder is not None else self.encoder
         pred = predictor if predictor is not None else self.predictor
-        target = self.targets(images, masks)  # [B, T, Kt, D] fp32
+        target = self.targets(images, masks, target_encoder)  # [B, T, Kt, D] fp32
         z = enc(images, keep=masks.context)  # [B, Kc, D]
         p = pred(z, masks.context, masks.targets).float()  # [B, T, Kt, D]
         if self.loss_kind == "mse":

@@ -15,9 +15,11 @@ Differences from the reference collator, on purpose:
   centre's coverage, where a uniform top-left start gives 35x and 0.03x. (No placement of a
   non-wrapping block is exactly uniform; this one keeps positions spread, not concentrated.)
 - Equal lengths: all target blocks of a batch have the same size, so ``h*w`` indices each, no
-  trimming. Context sets differ in size and are cut to the batch minimum by a uniformly random
-  subset of each image's context (the reference kept the first k in raster order, which starved
-  the bottom/right of context).
+  trimming. Context sets differ in size and are cut to one length by a uniformly random subset
+  of each image's context (the reference kept the first k in raster order, which starved the
+  bottom/right of context). The length is fixed by the config (``context_length="fixed"``:
+  images with a smaller context are redrawn, so a compiled step sees static shapes) or, as in
+  the method, the batch minimum (``"batch_min"``).
 - Determinism without global state: each batch's generator is derived from ``(seed, step,
   rank)``, so a resumed run (same seed, same step) draws the same masks and DDP ranks differ.
 
@@ -28,6 +30,7 @@ Differences from the reference collator, on purpose:
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import dataclass
 
@@ -35,7 +38,9 @@ import torch
 
 from radjepa.config import MasksConfig
 
-__all__ = ["MaskBatch", "MaskSampler", "block_size", "derive_seed"]
+__all__ = ["MaskBatch", "MaskSampler", "block_size", "derive_seed", "fixed_context_length"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,61 @@ def _block_mask(
     return in_r[..., :, None] & in_c[..., None, :]
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """One batch's blocks: target corners ``[B, T]`` of size ``th x tw``, the context
+    ``[B, gh*gw]`` (bool, targets already removed) and its size per image ``[B]``."""
+
+    tops: torch.Tensor
+    lefts: torch.Tensor
+    th: int
+    tw: int
+    context: torch.Tensor
+    counts: torch.Tensor
+
+    def target_indices(self, gw: int) -> torch.Tensor:
+        """Row-major patch indices of every target block, ``[B, T, th*tw]``."""
+        r = torch.arange(self.th, device=self.tops.device)
+        q = torch.arange(self.tw, device=self.tops.device)
+        rows = self.tops[..., None, None] + r[:, None]  # [B, T, th, 1]
+        cols = self.lefts[..., None, None] + q[None, :]  # [B, T, 1, tw]
+        b, t = self.tops.shape
+        return (rows * gw + cols).reshape(b, t, self.th * self.tw)
+
+
+def _host_twin(g: torch.Generator) -> torch.Generator:
+    """A CPU generator seeded from a device generator's seed (no device round-trip)."""
+    h = torch.Generator()
+    h.manual_seed(g.initial_seed())
+    return h
+
+
+_FIXED_LENGTHS: dict[tuple[str, int, int], int] = {}
+
+
+def fixed_context_length(cfg: MasksConfig, grid: tuple[int, int]) -> int:
+    """The context length ``Kc`` kept by every batch under ``context_length="fixed"``.
+
+    A pure function of the mask section and the grid (so every rank, every resumed run and
+    every sweep trial with the same config agrees): the ``context_quantile`` quantile of the
+    per-image context size, estimated over 16384 images (128 batches, each with its own block
+    sizes) drawn with a fixed seed, and never below ``min_keep``. Cached per config.
+    """
+    gh, gw = grid
+    key = (cfg.model_dump_json(), gh, gw)
+    if key not in _FIXED_LENGTHS:
+        probe = MaskSampler(cfg.model_copy(update={"context_length": "batch_min"}), grid)
+        g = torch.Generator()
+        g.manual_seed(derive_seed(0, 0, 0))
+        counts = torch.cat(
+            [probe._layout(g, 128, torch.device("cpu"), cfg.min_keep).counts for _ in range(128)]
+        )
+        q = torch.quantile(counts.float(), cfg.context_quantile, interpolation="lower")
+        _FIXED_LENGTHS[key] = max(cfg.min_keep, int(q))
+        log.debug("fixed context length %d for %s on %dx%d", _FIXED_LENGTHS[key], cfg, gh, gw)
+    return _FIXED_LENGTHS[key]
+
+
 class MaskSampler:
     """Draws :class:`MaskBatch` es for a ``grid`` of patches under ``cfg`` (see module doc)."""
 
@@ -103,6 +163,7 @@ class MaskSampler:
         self.gh, self.gw = (grid, grid) if isinstance(grid, int) else grid
         self.seed = int(seed)
         self.max_tries = max_tries
+        self._context_keep: int | None = None
         if cfg.min_keep > self.gh * self.gw:
             raise ValueError(
                 f"masks.min_keep={cfg.min_keep} exceeds the {self.gh}x{self.gw} patch grid"
@@ -124,9 +185,54 @@ class MaskSampler:
             raise ValueError("batch_size must be >= 1")
         device = torch.device(device)
         g = self.generator(step, rank, device)
-        c, gh, gw, b, t = self.cfg, self.gh, self.gw, batch_size, self.cfg.num_targets
-        th, tw = block_size(_uniform(g, *c.target_scale), _uniform(g, *c.target_aspect), gh, gw)
-        ch, cw = block_size(_uniform(g, *c.context_scale), _uniform(g, *c.context_aspect), gh, gw)
+        fixed = self.context_keep
+        lay = self._layout(g, batch_size, device, need=fixed or self.cfg.min_keep)
+        keep = fixed if fixed is not None else int(lay.counts.min())
+
+        # uniform random subset of each image's context, cut to ``keep``
+        b, n = batch_size, self.gh * self.gw
+        keys = torch.rand(b, n, generator=g, device=device)
+        keys = keys.masked_fill(~lay.context, 2.0)  # outside the context sorts last
+        context = keys.topk(keep, dim=1, largest=False).indices.sort(dim=1).values  # [B, Kc]
+        return MaskBatch(context=context, targets=lay.target_indices(self.gw))
+
+    __call__ = sample
+
+    @property
+    def context_keep(self) -> int | None:
+        """The fixed context length ``Kc`` (``None`` when cut to each batch's minimum)."""
+        if self.cfg.context_length == "batch_min":
+            return None
+        if self._context_keep is None:
+            self._context_keep = fixed_context_length(self.cfg, (self.gh, self.gw))
+        return self._context_keep
+
+    def target_lengths(self) -> tuple[int, ...]:
+        """Every target-block length ``Kt = h * w`` this config can draw, ascending.
+
+        A compiled step sees one graph per distinct ``Kt`` (the context length is fixed), so
+        this is how many graphs it may need.
+        """
+        (s0, s1), (a0, a1) = self.cfg.target_scale, self.cfg.target_aspect
+        steps = torch.linspace(0.0, 1.0, 101).tolist()
+        return tuple(
+            sorted(
+                {
+                    math.prod(block_size(s0 + (s1 - s0) * u, a0 + (a1 - a0) * v, self.gh, self.gw))
+                    for u in steps
+                    for v in steps
+                }
+            )
+        )
+
+    def _layout(self, g: torch.Generator, b: int, device: torch.device, need: int) -> _Layout:
+        """Draw block sizes and positions for ``b`` images, redrawing any image whose context
+        keeps fewer than ``need`` patches."""
+        c, gh, gw, t = self.cfg, self.gh, self.gw, self.cfg.num_targets
+        # the four per-batch scalars come from the host: a device generator would need a sync
+        gs = g if g.device.type == "cpu" else _host_twin(g)
+        th, tw = block_size(_uniform(gs, *c.target_scale), _uniform(gs, *c.target_aspect), gh, gw)
+        ch, cw = block_size(_uniform(gs, *c.context_scale), _uniform(gs, *c.context_aspect), gh, gw)
 
         def draw(n: int) -> tuple[torch.Tensor, ...]:
             return (
@@ -144,39 +250,28 @@ class MaskSampler:
 
         tt, tl, ct, cl = draw(b)
         ctx = context_of(tt, tl, ct, cl)
-        for _ in range(self.max_tries):
-            bad = ctx.sum(1) < c.min_keep  # [B]
-            if not bool(bad.any()):
-                break
-            # redraw only the failing images (vectorised over the batch, then selected)
-            ntt, ntl, nct, ncl = draw(b)
-            tt = torch.where(bad[:, None], ntt, tt)
-            tl = torch.where(bad[:, None], ntl, tl)
-            ct = torch.where(bad, nct, ct)
-            cl = torch.where(bad, ncl, cl)
-            ctx = context_of(tt, tl, ct, cl)
         counts = ctx.sum(1)
-        keep = int(counts.min())
-        if keep < c.min_keep:
-            raise RuntimeError(
-                f"could not keep masks.min_keep={c.min_keep} context patches on a {gh}x{gw} grid "
-                f"with {t} targets of {th}x{tw} and context {ch}x{cw} after {self.max_tries} "
-                "tries: lower masks.min_keep, masks.target_scale or masks.num_targets"
+        for _ in range(self.max_tries):
+            bad = (counts < need).nonzero().squeeze(1)  # the images to redraw
+            if bad.numel() == 0:
+                break
+            # redraw only the failing images, all of them at once
+            ntt, ntl, nct, ncl = draw(bad.numel())
+            tt[bad], tl[bad], ct[bad], cl[bad] = ntt, ntl, nct, ncl
+            ctx[bad] = context_of(ntt, ntl, nct, ncl)
+            counts[bad] = ctx[bad].sum(1)
+        if bool((counts < need).any()):
+            what = (
+                f"masks.min_keep={c.min_keep}"
+                if need == c.min_keep
+                else f"the fixed context length {need} (masks.context_length=fixed)"
             )
-
-        # uniform random subset of each image's context, cut to the batch minimum
-        keys = torch.rand(b, gh * gw, generator=g, device=device)
-        keys = keys.masked_fill(~ctx, 2.0)  # outside the context sorts last
-        context = keys.topk(keep, dim=1, largest=False).indices.sort(dim=1).values  # [B, Kc]
-
-        r = torch.arange(th, device=device)
-        q = torch.arange(tw, device=device)
-        rows = tt[..., None, None] + r[:, None]  # [B, T, th, 1]
-        cols = tl[..., None, None] + q[None, :]  # [B, T, 1, tw]
-        targets = (rows * gw + cols).reshape(b, t, th * tw)  # [B, T, Kt]
-        return MaskBatch(context=context, targets=targets)
-
-    __call__ = sample
+            raise RuntimeError(
+                f"could not keep {what} context patches on a {gh}x{gw} grid with {t} targets "
+                f"of {th}x{tw} and context {ch}x{cw} after {self.max_tries} tries: lower "
+                "masks.min_keep, masks.target_scale or masks.num_targets"
+            )
+        return _Layout(tt, tl, th, tw, ctx, counts)
 
     def state_dict(self) -> dict[str, int]:
         """All the sampler needs to resume (the step comes from the trainer)."""

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo.testing import CompileCounter
 
 from radjepa.config import load_config
 from radjepa.ema import ema_update, ema_update_loop
@@ -94,11 +95,12 @@ def test_train_step_updates_target_by_the_scheduled_momentum():
         assert not t.requires_grad
 
 
-def test_train_step_outputs_are_zero_dim_tensors_and_input_is_checked():
+def test_train_step_outputs_and_input_is_checked():
     p = Pretrainer(load_config(TINY, ["optim.loss=mse"]), "cpu")
     out = p.train_step(torch.randn(2, 1, 96, 96))
     assert set(out) == {"loss", "lr", "wd", "momentum"}
-    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in out.values())
+    assert isinstance(out["loss"], torch.Tensor) and out["loss"].ndim == 0  # read when wanted
+    assert all(isinstance(out[k], float) for k in ("lr", "wd", "momentum"))  # host values
     assert p.target_embeddings(torch.randn(3, 1, 96, 96)).shape == (3, 192)
     with pytest.raises(ValueError, match="crops"):
         p.train_step(torch.randn(2, 1, 64, 64))
@@ -173,6 +175,42 @@ def test_ddp_ranks_stay_in_sync(tmp_path):
         moved |= not torch.equal(v, fresh.model.encoder.state_dict()[k])
     assert moved
     assert not torch.equal(r0["context_idx"], r1["context_idx"])  # masks differ per rank
+
+
+@pytest.mark.parametrize("context_length", ["fixed", "batch_min"])
+def test_compiled_step_graph_count(context_length):
+    """Static shapes: after one graph per target-block length, the compiled step never
+    recompiles under ``context_length=fixed``; the method's batch-minimum cut compiles a new
+    encoder graph for each new context length (so the count below can fail)."""
+    cfg = load_config(TINY, [f"masks.context_length={context_length}"])
+    p = Pretrainer(cfg, "cpu")
+    torch._dynamo.reset()
+    counters = {name: CompileCounter() for name in ("enc", "tgt", "pred")}
+    if context_length == "fixed":
+        p.compile(backend=counters["enc"])  # the public path: one backend for all three
+        counters = {"all": counters["enc"]}
+    else:  # what the method's variable context length costs a static-shape compile
+        torch._dynamo.config.recompile_limit = 64
+        p._encoder = torch.compile(p._encoder, backend=counters["enc"], dynamic=False)
+        p._target = torch.compile(p._target, backend=counters["tgt"], dynamic=False)
+        p._predictor = torch.compile(p._predictor, backend=counters["pred"], dynamic=False)
+    x = torch.randn(4, 1, 96, 96)
+    kt, kc = set(), set()
+    for _ in range(10):
+        m = p.sampler.sample(4, p.step)
+        kt.add(m.targets.shape[-1])
+        kc.add(m.context.shape[-1])
+        assert torch.isfinite(p.train_step(x)["loss"])
+    assert kt <= set(p.sampler.target_lengths())
+    if context_length == "fixed":
+        assert kc == {p.sampler.context_keep}
+        # online encoder once, target encoder once, predictor once per target length
+        assert counters["all"].frame_count == 2 + len(kt)
+    else:
+        assert len(kc) > 1
+        assert counters["enc"].frame_count == len(kc)
+        assert counters["tgt"].frame_count == 1
+    torch._dynamo.reset()
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from radjepa.config import MasksConfig, load_config
-from radjepa.masks import MaskSampler, block_size, derive_seed
+from radjepa.masks import MaskSampler, block_size, derive_seed, fixed_context_length
 
 GRID = 14  # ViT-B/16 at 224
 
@@ -136,3 +136,52 @@ def test_impossible_min_keep_fails_clearly():
 def test_block_size_clips_to_grid():
     assert block_size(1.0, 1.0, 6, 6) == (6, 6)
     assert block_size(0.2, 1.5, 14, 14) == (8, 5)
+
+
+def test_fixed_context_length_is_a_function_of_the_config_only():
+    cfg = MasksConfig()
+    kc = fixed_context_length(cfg, (GRID, GRID))
+    assert cfg.context_length == "fixed" and cfg.min_keep <= kc < GRID * GRID
+    for seed, batch in ((0, 256), (9, 7), (3, 1)):
+        sampler = MaskSampler(cfg, GRID, seed=seed)
+        assert sampler.context_keep == kc
+        for m in _draws(sampler, 5, batch):
+            assert m.context.shape == (batch, kc)
+            assert torch.all(m.context[:, 1:] > m.context[:, :-1])
+    # the batch-minimum cut of the method changes from step to step
+    loose = MaskSampler(cfg.model_copy(update={"context_length": "batch_min"}), GRID, seed=0)
+    lengths = {m.context.shape[1] for m in _draws(loose, 30)}
+    assert len(lengths) > 5 and loose.context_keep is None
+    # about the method's average amount of context: the batch minimum at 256 averages close by
+    assert abs(kc - sum(lengths) / len(lengths)) < 15
+    # more targets leave less context; a larger grid keeps more patches
+    assert fixed_context_length(MasksConfig(num_targets=6), (GRID, GRID)) < kc
+    assert fixed_context_length(cfg, (16, 16)) > kc
+
+
+def test_fixed_context_stays_inside_each_images_context_block():
+    # a 10x10 context block on the 14x14 grid: the kept patches never leave it, never hit a
+    # target, and (redrawn when short) every image keeps exactly the fixed length
+    cfg = MasksConfig(context_scale=(0.5, 0.5))
+    sampler = MaskSampler(cfg, GRID, seed=11)
+    assert cfg.min_keep <= sampler.context_keep < 100
+    for m in _draws(sampler, 5, 64):
+        rows, cols = m.context // GRID, m.context % GRID
+        assert int((rows.amax(1) - rows.amin(1)).max()) <= 9
+        assert int((cols.amax(1) - cols.amin(1)).max()) <= 9
+        tgt = torch.zeros(64, GRID * GRID, dtype=torch.bool)
+        tgt.scatter_(1, m.targets.reshape(64, -1), True)
+        assert not torch.gather(tgt, 1, m.context).any()
+        assert m.context.shape[1] == sampler.context_keep
+
+
+def test_target_lengths_cover_every_drawn_block():
+    for cfg, grid in (
+        (MasksConfig(), 14),
+        (MasksConfig(), 16),
+        (MasksConfig(masking_ratio=0.5), 14),
+    ):
+        sampler = MaskSampler(cfg, grid, seed=0)
+        seen = {m.targets.shape[2] for m in _draws(sampler, 80, 1)}
+        lengths = sampler.target_lengths()
+        assert seen <= set(lengths) and len(lengths) <= 10
