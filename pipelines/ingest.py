@@ -19,7 +19,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import tarfile
 import time
 import uuid
@@ -34,7 +33,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from radjepa.shards import IMAGES_DIR, QUARANTINE_DIR, QUARANTINE_SCHEMA, SHARD_SCHEMA
+from radjepa.shards import (
+    IMAGES_DIR,
+    QUARANTINE_DIR,
+    QUARANTINE_SCHEMA,
+    SHARD_SCHEMA,
+    filesystem,
+)
 
 if TYPE_CHECKING:
     from radjepa.config import Config
@@ -103,12 +108,6 @@ class IngestSummary:
 # Listing and reading
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
-
-
 def _archive_kind(path: str) -> str | None:
     low = path.lower()
     for suffix, kind in _ARCHIVE_SUFFIXES.items():
@@ -121,7 +120,7 @@ def list_inputs(sources: list[str]) -> list[dict[str, str]]:
     """File references for every source: ``{"source", "path", "kind"}`` (kind file/zip/tar)."""
     refs: list[dict[str, str]] = []
     for src in sources:
-        fs, root = _filesystem(src)
+        fs, root = filesystem(src)
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
             raise IngestError(f"source not found: {src}")
@@ -136,7 +135,7 @@ def list_inputs(sources: list[str]) -> list[dict[str, str]]:
 
 def _count_members(ref: dict[str, str]) -> int:
     """Members of an archive (for the progress total only; unreadable archives count 1)."""
-    fs, _ = _filesystem(ref["source"])
+    fs, _ = filesystem(ref["source"])
     try:
         with fs.open_input_file(ref["path"]) as f:
             if ref["kind"] == "zip":
@@ -149,7 +148,7 @@ def _count_members(ref: dict[str, str]) -> int:
 
 
 def _iter_ref(ref: dict[str, str], max_bytes: int) -> Iterator[dict[str, Any]]:
-    fs, _ = _filesystem(ref["source"])
+    fs, _ = filesystem(ref["source"])
     path, kind = ref["path"], ref["kind"]
 
     def row(name: str, data: bytes | None, size: int | None, err: str | None) -> dict[str, Any]:
@@ -295,7 +294,7 @@ class _Dest:
 
     def __init__(self, dst: str) -> None:
         self.uri = dst
-        self.fs, self.root = _filesystem(dst)
+        self.fs, self.root = filesystem(dst)
         self.fs.create_dir(f"{self.root}/{IMAGES_DIR}", recursive=True)
         self.fs.create_dir(f"{self.root}/{QUARANTINE_DIR}", recursive=True)
 
@@ -385,7 +384,7 @@ def run_ingest(
     }
     # list first (a missing source fails before DST is touched); a DST inside a source folder
     # must not ingest its own shards on the next run
-    dst_root = _filesystem(dst)[1].rstrip("/") + "/"
+    dst_root = filesystem(dst)[1].rstrip("/") + "/"
     refs = [r for r in list_inputs(sources) if not r["path"].startswith(dst_root)]
     dest = _Dest(dst)
     previous = dest.read_manifest()

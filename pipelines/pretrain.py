@@ -45,14 +45,17 @@ class PretrainResult:
 # Data
 
 
-def _images_dir(data: str) -> Path:
-    root = Path(data).expanduser()
-    images = root / "images" if (root / "images").is_dir() else root
-    if not images.is_dir():
-        raise PretrainError(f"no shards at {data}: expected the output folder of `radjepa ingest`")
-    if not any(images.glob("*.parquet")):
-        raise PretrainError(f"{images} holds no .parquet shards; run `radjepa ingest` first")
-    return images
+def _images_dir(data: str) -> str:
+    """The shard folder of an ingest output (local path or URI), checked to hold shards."""
+    from radjepa.shards import ShardError, list_shards, shard_folder
+
+    try:
+        list_shards(data)
+    except ShardError as exc:
+        raise PretrainError(f"no shards at {data}: {exc}") from None
+    except (OSError, ValueError) as exc:  # unknown URI scheme, unreachable bucket, ...
+        raise PretrainError(f"cannot read shards at {data}: {exc}") from None
+    return shard_folder(data)
 
 
 def is_holdout(image_id: str, fraction: float) -> bool:
@@ -68,7 +71,7 @@ def inspect_shards(data: str, cfg: Config) -> dict[str, Any]:
     import pyarrow.dataset as pads
 
     images = _images_dir(data)
-    ds = pads.dataset(str(images), format="parquet")
+    ds = pads.dataset(images, format="parquet")
     table = ds.to_table(columns=["image_id", "height", "width", "dtype"])
     if table.num_rows == 0:
         raise PretrainError(f"{images} has shards but no images (everything was quarantined?)")
@@ -98,7 +101,7 @@ def inspect_shards(data: str, cfg: Config) -> dict[str, Any]:
             f"{cfg.train.num_workers}); lower the batch size or ingest more images"
         )
     return {
-        "images_dir": str(images),
+        "images_dir": images,
         "rows": len(ids),
         "train_rows": n_train,
         "holdout_rows": len(holdout),
@@ -128,7 +131,7 @@ def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.nd
     """
     from radjepa.shards import read_images
 
-    arrays, meta = read_images(_images_dir(data).parent, limit=16 * limit)
+    arrays, meta = read_images(_images_dir(data), limit=16 * limit)
     ids = meta.column("image_id").to_pylist()
     held = [i for i, x in enumerate(ids) if is_holdout(x, cfg.data.holdout_fraction)]
     pick = held if len(held) >= 32 else list(range(len(ids)))
@@ -144,9 +147,7 @@ def build_train_dataset(data: str, cfg: Config):
     # the training stream is re-read every epoch: per-epoch progress bars would bury the
     # step log, which already reports throughput
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(
-        str(images), columns=["image_id", "pixels", "height", "width", "dtype"]
-    )
+    ds = ray.data.read_parquet(images, columns=["image_id", "pixels", "height", "width", "dtype"])
     if frac > 0:
         ds = ds.filter(lambda row: not is_holdout(row["image_id"], frac))
     ds = ds.randomize_block_order(seed=cfg.train.seed)
@@ -173,7 +174,8 @@ def _embed(trainer: Any, images: np.ndarray, cfg: Config, device: Any):
 def _quality(
     trainer: Any, images: np.ndarray, cfg: Config, device: Any, probe: dict[str, Any] | None
 ) -> dict[str, float]:
-    """Label-free collapse signals on the monitor set (+ kNN AUROC when labels were given)."""
+    """Label-free collapse signals on the monitor set, plus, when a sweep gave labels, kNN AUROC
+    and (``tune.metric=probe_auroc``) the patient-grouped cross-validated linear-probe AUROC."""
     from radjepa.metrics import feature_std, rankme
 
     emb = _embed(trainer, images, cfg, device)
@@ -185,6 +187,20 @@ def _quality(
         out["knn_auroc"] = float(
             knn_auroc(feats, probe["labels"], probe["groups"], k=cfg.probe.knn_k)
         )
+        if cfg.tune.metric == "probe_auroc":
+            from radjepa.eval.linear_probe import cross_val_probe
+
+            res = cross_val_probe(
+                feats,
+                probe["labels"],
+                probe["groups"],
+                label_names=[cfg.tune.label_column or "label"],
+                c=cfg.probe.logreg_c,
+                folds=cfg.probe.folds,
+                bootstrap=0,  # a ranking signal per report: the point estimate is enough
+                seed=cfg.probe.seed,
+            ).labels[0]
+            out["probe_auroc"] = float(res.auroc.estimate) if res.auroc else float("nan")
     return out
 
 

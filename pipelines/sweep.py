@@ -234,7 +234,7 @@ def run_sweep(
 
     setup = {
         "config": cfg.model_dump(mode="json"),
-        "data": str(Path(data).expanduser().resolve()),
+        "data": data if "://" in data else str(Path(data).expanduser().resolve()),
         "trials_dir": str(sweep_dir / "trials"),
         "tracking_root": root,
         "parent_run_id": parent_run_id,

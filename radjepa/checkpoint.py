@@ -386,7 +386,9 @@ def load_encoder(
 
 def _timm_call(cfg: Config) -> tuple[str, dict[str, Any]]:
     m = cfg.model
-    name = f"vit_base_patch{m.patch_size}_224"  # a registered ViT; the kwargs define the shape
+    # any registered ViT name works (the kwargs define the shape), but it must exist for every
+    # patch size: timm registers vit_base_patch16_224, not vit_base_patch14_224
+    name = "vit_base_patch16_224"
     kwargs = {
         "img_size": m.img_size,
         "patch_size": m.patch_size,

@@ -338,7 +338,9 @@ class ServeConfig(_Section):
     model: str | None = Field(
         None, description="checkpoint folder, or models:/<name>@<alias> in the MLflow registry"
     )
-    head: str | None = Field(None, description="probe head folder for /v1/classify")
+    head: str | None = Field(
+        None, description="probe head for /v1/classify: a folder or models:/<name>@<alias>"
+    )
     index: str | None = Field(None, description="embeddings Parquet for /v1/similar")
     api_keys_env: str = "RADJEPA_API_KEYS"
     api_keys_file: str | None = None

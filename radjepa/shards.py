@@ -7,10 +7,12 @@ uint16), so readers need only numpy to rebuild an image.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from radjepa.imaging.contract import DTYPES, META_FIELDS
@@ -21,10 +23,12 @@ __all__ = [
     "QUARANTINE_SCHEMA",
     "SHARD_SCHEMA",
     "ShardError",
+    "filesystem",
     "list_shards",
     "pixels_from_bytes",
     "pixels_to_bytes",
     "read_images",
+    "shard_folder",
 ]
 
 IMAGES_DIR = "images"
@@ -71,21 +75,49 @@ class ShardError(FileNotFoundError):
     """No usable shards where some were expected."""
 
 
-def _images_dir(dst: str | Path) -> Path:
-    root = Path(dst)
-    return (
-        root if root.name == IMAGES_DIR and not (root / IMAGES_DIR).is_dir() else root / IMAGES_DIR
-    )
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path for a local folder or a URI (``s3://``, ``gs://``,
+    ``file://``, ...), so shards can live on object storage on a cluster."""
+    text = str(location)
+    if "://" in text:
+        return pafs.FileSystem.from_uri(text)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
 
 
-def list_shards(dst: str | Path) -> list[Path]:
-    """Sorted shard files of an ingest output folder (``dst`` or ``dst/images``)."""
-    folder = _images_dir(dst)
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
-        raise ShardError(
-            f"no Parquet shards in {folder}: run `radjepa ingest SRC... {Path(dst)}` first"
+def _join(location: str | Path, fs_path: str) -> str:
+    """``fs_path`` spelled like ``location``: a URI stays a URI, a local path stays a path."""
+    text = str(location)
+    if "://" in text:
+        return f"{text.split('://', 1)[0]}://{fs_path}"
+    return fs_path
+
+
+def shard_folder(dst: str | Path) -> str:
+    """The folder of shard files of an ingest output: ``dst/images`` if it exists, else ``dst``
+    (spelled as ``dst`` is: path or URI)."""
+    fs, root = filesystem(dst)
+    root = root.rstrip("/")
+    sub = f"{root}/{IMAGES_DIR}"
+    if fs.get_file_info(sub).type == pafs.FileType.Directory:
+        return _join(dst, sub)
+    return _join(dst, root)
+
+
+def list_shards(dst: str | Path) -> list[str]:
+    """Sorted shard files (paths, or URIs when ``dst`` is one) of an ingest output folder."""
+    folder = shard_folder(dst)
+    fs, path = filesystem(folder)
+    info = fs.get_file_info(path)
+    files: list[str] = []
+    if info.type == pafs.FileType.Directory:
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        files = sorted(
+            _join(dst, e.path)
+            for e in entries
+            if e.type == pafs.FileType.File and e.path.endswith(".parquet")
         )
+    if not files:
+        raise ShardError(f"no Parquet shards in {folder}: run `radjepa ingest SRC... {dst}` first")
     return files
 
 

@@ -244,11 +244,13 @@ def create_app(
     head: Any | None = None,
     index: EmbeddingIndex | None = None,
     head_source: str | None = None,
+    encoder_fingerprint: str | None = None,
 ) -> FastAPI:
     """Build the API around ``embedder``; ``head`` enables /v1/classify, ``index`` /v1/similar.
 
     Refuses (SecurityConfigError) to build an unprotected app unless ``insecure_local``; raises
-    ValueError when the head or index does not fit the model's embedding size.
+    ValueError when the head or index does not fit the model's embedding size, or when the
+    head was fitted on another encoder (``encoder_fingerprint`` vs the head's record).
     """
     settings.check_startable()
     info = embedder.info
@@ -261,6 +263,9 @@ def create_app(
                 f"probe head expects {head_dim}-dim features but the model produces "
                 f"{info.embed_dim}: train a head on this encoder (`radjepa probe`)"
             )
+        from radjepa.eval.heads import check_encoder
+
+        check_encoder(head, encoder_fingerprint)
         probe = np.asarray(head.predict_proba(np.zeros((1, info.embed_dim), np.float32)))
         if probe.shape != (1, len(labels)):
             raise ValueError(

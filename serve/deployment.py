@@ -60,11 +60,20 @@ class EncoderDeployment:
             version=resolved.version,
             source=resolved.source,
         )
+        self._path, self._fingerprint = resolved.path, None
         self.embed_batch.set_max_batch_size(max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def describe(self) -> tuple[ModelInfo, Preprocess]:
         return self.runner.info, self.runner.preprocess
+
+    def fingerprint(self) -> str:
+        """The served checkpoint's fingerprint (what a probe head records of its encoder)."""
+        from radjepa.eval.heads import checkpoint_fingerprint
+
+        if self._fingerprint is None:
+            self._fingerprint = checkpoint_fingerprint(self._path)
+        return self._fingerprint
 
     def ready(self) -> bool:
         return True
@@ -113,22 +122,28 @@ class ApiIngress:
         settings: dict[str, Any],
         head: str | None = None,
         index: str | None = None,
+        tracking_uri: str | None = None,
     ) -> None:
         self._encoder = encoder
         self._settings = ApiSettings.model_validate(settings)
         self._head = head
         self._index = index
+        self._tracking_uri = tracking_uri
 
     async def __serve_build_asgi_app__(self):  # noqa: N807 - Ray Serve's hook name
         from serve.app import create_app
         from serve.index import EmbeddingIndex
 
         info, preprocess = await self._encoder.describe.remote()
-        head = None
+        head, fingerprint = None, None
         if self._head:
             from radjepa.eval.heads import load_head
+            from serve.registry import resolve_model
 
-            head = load_head(self._head)
+            # a head folder, or models:/<name>@<alias> as `radjepa probe --register-head` made
+            resolved = resolve_model(self._head, tracking_uri=self._tracking_uri)
+            head = load_head(resolved.path)
+            fingerprint = await self._encoder.fingerprint.remote()
         index = EmbeddingIndex.from_parquet(self._index) if self._index else None
         return create_app(
             RemoteEmbedder(self._encoder, info, preprocess),
@@ -136,6 +151,7 @@ class ApiIngress:
             head=head,
             index=index,
             head_source=self._head,
+            encoder_fingerprint=fingerprint,
         )
 
 
@@ -189,7 +205,7 @@ def app_from_config(cfg: Any, *, settings: ApiSettings | None = None) -> Applica
         ray_actor_options={"num_cpus": 1},
         max_ongoing_requests=sc.max_ongoing_requests,
         **_scaling(sc),
-    ).bind(encoder, settings.model_dump(), sc.head, sc.index)
+    ).bind(encoder, settings.model_dump(), sc.head, sc.index, cfg.tracking.uri)
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -55,7 +55,7 @@ def stop_local() -> None:
 
 
 def curl_example(url: str, *, with_key: bool) -> str:
-    auth = '-H "Authorization: Bearer $RADJEPA_API_KEY" ' if with_key else ""
+    auth = '-H "Authorization: Bearer ${RADJEPA_API_KEYS%%,*}" ' if with_key else ""
     return (
         f"curl -s {auth}-H 'Content-Type: application/dicom' "
         f"--data-binary @image.dcm {url}/v1/embed"

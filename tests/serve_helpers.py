@@ -77,12 +77,23 @@ def dicom_from_png(png: Path) -> bytes:
     return buf.getvalue()
 
 
-def make_head(folder: Path, dim: int, labels: tuple[str, ...] = ("Effusion", "Cardiomegaly")):
-    """A fitted probe head (eval module's own fit/save path) on random features."""
-    from radjepa.eval.heads import ProbeHead, save_head
+def make_head(
+    folder: Path,
+    dim: int,
+    labels: tuple[str, ...] = ("Effusion", "Cardiomegaly"),
+    encoder: Path | None = None,
+):
+    """A fitted probe head (eval module's own fit/save path) on random features; with
+    ``encoder``, it records that checkpoint's fingerprint as `radjepa probe` does."""
+    from radjepa.eval.heads import ProbeHead, checkpoint_fingerprint, save_head
 
     rng = np.random.default_rng(0)
-    head = ProbeHead(rng.normal(size=(dim, len(labels))) * 0.1, np.zeros(len(labels)), labels)
+    record = (
+        {"checkpoint": str(encoder), "sha256": checkpoint_fingerprint(encoder)} if encoder else {}
+    )
+    head = ProbeHead(
+        rng.normal(size=(dim, len(labels))) * 0.1, np.zeros(len(labels)), labels, encoder=record
+    )
     save_head(folder, head)
     return folder
 

@@ -158,3 +158,15 @@ def test_exported_encoder_loads_in_timm_with_identical_outputs(trained, tmp_path
         assert torch.equal(model.forward_features(x), encoder(x))
         assert torch.equal(model(x), encoder.embed(x))
         assert torch.equal(create_timm_model(out)(x), encoder.embed(x))
+
+
+@pytest.mark.parametrize("patch", [14, 16])
+def test_export_works_for_every_patch_size(tmp_path, patch):
+    # RadJEPA's own shape is ViT-B/14: timm has no "vit_base_patch14_224" to name
+    sets = [f"model.patch_size={patch}", "model.img_size=112", "data.crop_size=112"]
+    cfg = load_config(TINY, sets)
+    enc = build_encoder(cfg)
+    out = export_timm(save(tmp_path / "enc", enc, cfg, step=1), tmp_path / "timm")
+    x = torch.randn(2, 1, 112, 112)
+    with torch.no_grad():
+        assert torch.equal(create_timm_model(out)(x), enc.eval().embed(x))

@@ -223,12 +223,12 @@ def test_rerun_is_idempotent_then_picks_up_new_files(corpus, ingested) -> None:
     from pipelines.ingest import run_ingest
 
     dst, first = ingested
-    shards_before = sorted(p.name for p in list_shards(dst))
+    shards_before = sorted(Path(p).name for p in list_shards(dst))
     again = run_ingest([str(corpus.root)], str(dst), _cfg(), progress=False)
     assert (again.ok, again.quarantined, again.shards) == (0, 0, [])
     assert again.duplicates == again.input == first.input
     assert again.already_ingested == again.input  # copies included: their bytes are known
-    assert sorted(p.name for p in list_shards(dst)) == shards_before
+    assert sorted(Path(p).name for p in list_shards(dst)) == shards_before
     assert pq.read_table(dst / "quarantine").num_rows == first.quarantined
 
     extra = corpus.root.parent / (corpus.root.name + "_extra")

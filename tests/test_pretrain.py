@@ -107,10 +107,26 @@ def test_clear_errors_before_any_cluster_work(tmp_path, shards):
     with pytest.raises(PretrainError, match="no shards"):
         inspect_shards(str(tmp_path / "missing"), _cfg(tmp_path))
     (tmp_path / "empty" / "images").mkdir(parents=True)
-    with pytest.raises(PretrainError, match="run `radjepa ingest` first"):
+    with pytest.raises(PretrainError, match="no Parquet shards .*run `radjepa ingest"):
         inspect_shards(str(tmp_path / "empty"), _cfg(tmp_path))
+    with pytest.raises(PretrainError, match="cannot read shards at nosuch://"):
+        inspect_shards("nosuch://bucket/shards", _cfg(tmp_path))
     big = _cfg(tmp_path, **{"model.img_size": 512, "data.crop_size": 512, "ingest.image_size": 512})
     with pytest.raises(PretrainError, match="larger than the stored images"):
         inspect_shards(str(shards), big)
     with pytest.raises(PretrainError, match="global batch"):
         inspect_shards(str(shards), _cfg(tmp_path, **{"train.batch_size": 64}))
+
+
+def test_shards_are_read_from_a_uri(shards, tmp_path):
+    # cluster jobs pass object-store URIs (s3://, gs://): the same code path reads file:// here
+    from pipelines.pretrain import build_train_dataset, inspect_shards, monitor_images
+
+    cfg = _cfg(tmp_path)
+    uri = Path(shards).resolve().as_uri()
+    info = inspect_shards(uri, cfg)
+    assert info["images_dir"] == uri + "/images"
+    assert info["rows"] == inspect_shards(str(shards), cfg)["rows"] > 0
+    assert monitor_images(uri, cfg).shape[1:] == (info["size"], info["size"])
+    batch = build_train_dataset(uri, cfg).take_batch(4)
+    assert batch["image"].shape == (4, info["size"], info["size"])

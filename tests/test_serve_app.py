@@ -7,6 +7,7 @@ app runs behind Ray Serve in tests/test_serve_ray.py.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -323,11 +324,26 @@ def test_openapi_fuzz_finds_no_server_error(client):
 
 
 def test_head_for_another_encoder_is_refused(world, tmp_path):
-    from radjepa.eval.heads import load_head
+    from radjepa.eval.heads import checkpoint_fingerprint, load_head
 
-    other = load_head(make_head(tmp_path / "h", world["runner"].info.embed_dim + 1))
+    dim = world["runner"].info.embed_dim
+    other = load_head(make_head(tmp_path / "h", dim + 1))
     with pytest.raises(ValueError, match="train a head on this encoder"):
         create_app(world["embedder"], settings=_settings(), head=other)
+    # same size, another checkpoint: the head's recorded fingerprint gives it away
+    ckpt = Path(world["runner"].info.source)
+    own = load_head(make_head(tmp_path / "own", dim, encoder=ckpt))
+    mine = checkpoint_fingerprint(ckpt)
+    assert own.encoder["sha256"] == mine
+    create_app(world["embedder"], settings=_settings(), head=own, encoder_fingerprint=mine)
+    with pytest.raises(ValueError, match="fitted on encoder .* train a head on this encoder"):
+        create_app(world["embedder"], settings=_settings(), head=own, encoder_fingerprint="f" * 64)
+    # a registered copy of the same checkpoint (no optimizer state) is the same encoder
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("weights.safetensors", "meta.json"):
+        shutil.copy(ckpt / name, copy / name)
+    assert checkpoint_fingerprint(copy) == mine
 
 
 def test_deploy_yaml_is_a_valid_serve_config_whose_builder_binds(world, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serve_helpers import REPO, TINY_CONFIG, free_port, make_checkpoint, nih_pngs
+from serve_helpers import REPO, TINY_CONFIG, dicom_from_png, free_port, make_checkpoint, nih_pngs
+
+KEYS = "k1-" + "a" * 40 + ",k2-" + "b" * 40  # a comma-separated list, as documented
 
 
 def _radjepa(*args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
@@ -52,8 +55,7 @@ def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir)
         str(ckpt),
         "--port",
         str(port),
-        "--insecure-local",
-        env=_env(),
+        env=_env(RADJEPA_API_KEYS=KEYS),
     )
     lines: list[str] = []
     try:
@@ -68,11 +70,23 @@ def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir)
         url = f"http://127.0.0.1:{port}"
         assert any(f"RadJEPA API at {url}" in x for x in lines), "".join(lines)
         assert "/v1/embed" in lines[-1]
+        # the printed curl example, pasted into a shell that has the keys, works as printed
+        (tmp_path / "image.dcm").write_bytes(dicom_from_png(nih_pngs(nih_dir, 1)[0]))
+        shell = subprocess.run(
+            ["bash", "-c", lines[-1]],
+            cwd=tmp_path,
+            env=_env(RADJEPA_API_KEYS=KEYS),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        body = json.loads(shell.stdout)
+        assert body["results"][0]["dim"] == 192, shell.stdout + shell.stderr
         png = nih_pngs(nih_dir, 1)[0].read_bytes()
         r = httpx.post(
             f"{url}/v1/embed", content=png, headers={"content-type": "image/png"}, timeout=60
         )
-        assert r.status_code == 200 and r.json()["results"][0]["dim"] == 192
+        assert r.status_code == 401  # keys were configured: no bearer, no answer
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

@@ -40,7 +40,11 @@ def service(ray_session, tmp_path_factory, nih_dir):
     root = tmp_path_factory.mktemp("serve_ray")
     ckpt = make_checkpoint(root / "ckpt")
     runner = EncoderRunner.from_checkpoint(ckpt)
-    head = make_head(root / "head", runner.info.embed_dim)
+    # the head reaches the service through the MLflow registry, as `probe --register-head`
+    # leaves it, and records the served checkpoint's fingerprint (checked at start-up)
+    head = make_head(root / "head", runner.info.embed_dim, encoder=ckpt)
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    head_ref = _register_head(tracking, head, root)
     pngs = [p.read_bytes() for p in nih_pngs(nih_dir, 4)]
     # index rows: random vectors plus one known image id whose vector we control below
     rng = np.random.default_rng(0)
@@ -55,11 +59,12 @@ def service(ray_session, tmp_path_factory, nih_dir):
         {
             "config": str(TINY_CONFIG),
             "model": str(ckpt),
-            "head": str(head),
+            "head": head_ref,
             "index": str(index),
             "api_keys_file": str(keys),
             # a generous batch window so that concurrent requests visibly share a forward
             "set": [
+                f"tracking.uri={tracking}",
                 "serve.max_batch_size=8",
                 "serve.batch_wait_timeout_s=0.2",
                 "serve.max_body_mb=2",
@@ -71,6 +76,16 @@ def service(ray_session, tmp_path_factory, nih_dir):
         yield {"url": f"http://127.0.0.1:{port}", "pngs": pngs, "png_paths": nih_pngs(nih_dir, 4)}
     finally:
         serve.shutdown()
+
+
+def _register_head(uri: str, head, root) -> str:
+    from pipelines.tracking import client, ensure_experiment, register_artifact_dir
+
+    mc = client(uri)
+    run_id = mc.create_run(ensure_experiment(uri, "probe", root)).info.run_id
+    mc.log_artifacts(run_id, str(head), "head")
+    version = register_artifact_dir(uri, run_id, "head", "radjepa-probe-head")
+    return f"models:/radjepa-probe-head/{version}"
 
 
 def _client(service) -> httpx.Client:
@@ -162,3 +177,4 @@ def test_classify_and_similar_answer_over_http(service):
     hits = si.json()["results"][0]["neighbours"]
     assert len(hits) == 2 and {h["image_id"] for h in hits} <= {f"id{i}" for i in range(4)}
     assert models["index_size"] == 4 and models["labels"] == ["Effusion", "Cardiomegaly"]
+    assert models["head"] == "models:/radjepa-probe-head/1"  # served from the registry

@@ -2,7 +2,8 @@
 
 A head is standardisation (mean/scale) followed by one logistic regression per label. It
 records the encoder checkpoint it was trained on (path, step, content hash) because a head is
-meaningless on any other encoder's features; the server checks the feature size at start-up.
+meaningless on any other encoder's features; the server checks the feature size and, when
+both sides know it, the encoder fingerprint at start-up (:func:`check_encoder`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProbeHead", "HeadError", "save_head", "load_head", "checkpoint_fingerprint"]
+__all__ = [
+    "ProbeHead",
+    "HeadError",
+    "save_head",
+    "load_head",
+    "checkpoint_fingerprint",
+    "check_encoder",
+]
 
 FORMAT = "radjepa-probe-head"
 VERSION = 1
@@ -90,17 +98,24 @@ class ProbeHead:
 
 
 def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
-    """sha256 over a checkpoint's weights and metadata (file names + bytes, sorted).
+    """sha256 over what identifies a checkpoint's encoder: file names + bytes, sorted.
 
-    For a folder only ``*.safetensors`` and ``*.json`` count (optimizer state may be absent on
-    an exported copy yet the encoder is the same).
+    For a training checkpoint folder that is ``weights.safetensors`` and ``meta.json`` (a copy
+    registered in MLflow or stripped of optimizer state has the same encoder, hence the same
+    fingerprint); other folders (e.g. a timm export) count every ``*.safetensors``/``*.json``.
     """
     p = Path(path)
     h = hashlib.sha256()
     if p.is_dir():
-        files = sorted(
-            f for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".json")
+        core = [p / "weights.safetensors", p / "meta.json"]
+        files = (
+            core
+            if core[0].is_file()
+            else sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".json")
+            )
         )
+        files = [f for f in files if f.is_file()]
     else:
         files = [p]
     if not files:
@@ -111,6 +126,23 @@ def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def check_encoder(head: ProbeHead, fingerprint: str | None) -> None:
+    """Refuse a head fitted on another encoder's features.
+
+    A head only knows the embedding size for certain; a head trained on a different checkpoint
+    of the same architecture would run and return confident nonsense. Heads record the
+    fingerprint of their encoder (``radjepa probe``); when both sides know it, they must agree.
+    """
+    want = str(head.encoder.get("sha256") or "")
+    if not want or not fingerprint or want == fingerprint:
+        return
+    trained_on = head.encoder.get("checkpoint") or "another checkpoint"
+    raise HeadError(
+        f"probe head was fitted on encoder {want[:12]} ({trained_on}) but the served encoder is "
+        f"{fingerprint[:12]}: train a head on this encoder (`radjepa probe`)"
+    )
 
 
 def save_head(folder: str | os.PathLike[str], head: ProbeHead) -> Path:
