@@ -3,8 +3,10 @@ SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch goes in first: on a machine with no torch, a bare `torch` requirement would pull a
-# multi-GB CUDA build from PyPI. torchvision (needed by timm) must match it exactly.
+# torch goes in first and pinned: a bare `torch` requirement would download whatever build
+# PyPI has (several GB). These two lie on the local disk of our dev/CI machines (a CUDA build
+# that runs on the CPU) and torchvision (needed by timm) must match torch exactly; elsewhere pip
+# downloads them. Override TORCH_SPEC for another platform, e.g. a CPU-only wheel index.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 

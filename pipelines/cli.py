@@ -29,8 +29,14 @@ config_app = typer.Typer(help="Inspect and validate configuration.", no_args_is_
 app.add_typer(config_app, name="config")
 
 ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML config (default: built-in defaults)."),
+    str | None,
+    typer.Option("--config", "-c", help="YAML config, a path or URI (default: built-in defaults)."),
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data", "-d", help="Output of `radjepa ingest`, a path or URI (default: data.shards)."
+    ),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -57,7 +63,7 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
-def load(config: Path | None, sets: list[str] | None) -> Config:
+def load(config: str | None, sets: list[str] | None) -> Config:
     """Load and validate the config before any work starts; raises UserError naming the key."""
     from radjepa.config import ConfigError, load_config
 
@@ -65,6 +71,14 @@ def load(config: Path | None, sets: list[str] | None) -> Config:
         return load_config(config, sets or [])
     except ConfigError as err:
         raise UserError(str(err)) from None
+
+
+def shards_location(data: str | None, cfg: Config) -> str:
+    """``--data`` wins; else the config's ``data.shards`` (so a sweep's best.yaml is a whole job)."""
+    location = data or cfg.data.shards
+    if not location:
+        raise UserError("no shards given: pass --data <ingest output> or set data.shards")
+    return location
 
 
 @app.callback()
@@ -126,12 +140,13 @@ def ingest(
 
 @app.command()
 def pretrain(
-    data: Annotated[str, typer.Option("--data", "-d", help="Output folder of `radjepa ingest`.")],
+    data: DataOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Pretrain a JEPA encoder with Ray Train on ingested shards (re-run the same run name to resume)."""
     cfg = load(config, set_)
+    data = shards_location(data, cfg)
     from pipelines.pretrain import PretrainError, run_pretrain
 
     try:
@@ -152,7 +167,7 @@ def pretrain(
 
 @app.command()
 def sweep(
-    data: Annotated[str, typer.Option("--data", "-d", help="Output folder of `radjepa ingest`.")],
+    data: DataOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     num_samples: Annotated[
@@ -164,6 +179,7 @@ def sweep(
 ) -> None:
     """Sweep masking and EMA settings with Ray Tune; ranks trials by RankMe or kNN AUROC."""
     cfg = load(config, set_)
+    data = shards_location(data, cfg)
     from rich.console import Console
     from rich.table import Table
 
@@ -188,7 +204,7 @@ def sweep(
     typer.echo(f"best trial:      {res.best.trial_id} ({res.metric}={res.best.metric:.4f})")
     typer.echo(f"best config:     {res.best_config_path}")
     typer.echo(f"best checkpoint: {res.best.checkpoint}")
-    typer.echo(f"pretrain it:     radjepa pretrain -c {res.best_config_path} --data {data}")
+    typer.echo(f"pretrain it:     radjepa pretrain -c {res.best_config_path}")
 
 
 @app.command("serve")
@@ -622,9 +638,11 @@ def demo(
 
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
+    from pipelines.runtime import ClusterResourceError
+
     try:
         app()
-    except UserError as err:
+    except (UserError, ClusterResourceError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 

@@ -73,6 +73,10 @@ def _call_api(url: str, key: str, sample: Path) -> dict[str, Any]:
     calls: dict[str, Any] = {}
     with httpx.Client(base_url=url, timeout=60) as c:
         calls["healthz"] = c.get("/healthz").status_code
+        calls["readyz"] = c.get("/readyz").json()
+        spec = c.get("/openapi.json").json()
+        calls["openapi_paths"] = sorted(spec["paths"])
+        calls["docs"] = c.get("/docs").status_code  # the interactive docs a client team opens
         calls["models"] = c.get("/v1/models", headers=h).json()
         emb = c.post("/v1/embed", content=body, headers=dcm)
         calls["embed"] = {"status": emb.status_code, "dim": emb.json()["results"][0]["dim"]}

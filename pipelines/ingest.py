@@ -351,9 +351,18 @@ class _Dest:
 # The job
 
 
-def _check_compatible(previous: dict[str, Any] | None, settings: dict[str, Any]) -> None:
+def _check_compatible(
+    previous: dict[str, Any] | None, settings: dict[str, Any], key: dict[str, str], env: str
+) -> None:
     if not previous:
         return
+    old_key = previous.get("pseudonyms", {}).get("key_fingerprint")
+    if old_key and old_key != key["key_fingerprint"]:
+        raise IngestError(
+            f"destination was ingested with another pseudonymisation key (${env}): the same "
+            "patient would get a second pseudonym and patient-grouped splits would break. "
+            f"Set {env} to the key used before, or ingest into a new DST."
+        )
     old = previous.get("image", {})
     new = {"size": settings["size"], "dtype": settings["dtype"]}
     if old and {k: old.get(k) for k in new} != new:
@@ -369,7 +378,7 @@ def run_ingest(
     """Ingest ``sources`` into ``dst`` (see module docstring); returns the run's summary."""
     import ray
 
-    from radjepa.imaging.deid import resolve_secret
+    from radjepa.imaging.deid import DEV_SECRET, key_fingerprint, resolve_secret
 
     if not sources:
         raise IngestError("no sources given")
@@ -388,8 +397,12 @@ def run_ingest(
     refs = [r for r in list_inputs(sources) if not r["path"].startswith(dst_root)]
     dest = _Dest(dst)
     previous = dest.read_manifest()
-    _check_compatible(previous, settings)
     secret = resolve_secret(ing.secret_env)
+    key = {
+        "key": "development" if secret == DEV_SECRET else "secret",
+        "key_fingerprint": key_fingerprint(secret),
+    }
+    _check_compatible(previous, settings, key, ing.secret_env)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     summary = IngestSummary(dst=dst, run_id=run_id)
     expected = sum(1 if r["kind"] == "file" else _count_members(r) for r in refs)
@@ -441,6 +454,7 @@ def run_ingest(
                 "dtype": settings["dtype"],
                 "window_percentiles": list(settings["window_percentiles"]),
             },
+            "pseudonyms": key,
             "images": summary.total_images,
             "quarantined": summary.total_quarantined,
             "quarantine_reasons": reasons_total,

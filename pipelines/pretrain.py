@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines import storage as outputs
 from radjepa.config import Config, config_to_yaml
 
 log = logging.getLogger(__name__)
@@ -93,13 +94,7 @@ def inspect_shards(data: str, cfg: Config) -> dict[str, Any]:
     ids = table.column("image_id").to_pylist()
     holdout = [i for i in ids if is_holdout(i, cfg.data.holdout_fraction)]
     n_train = len(ids) - len(holdout)
-    global_batch = cfg.train.batch_size * cfg.train.num_workers
-    if n_train < global_batch:
-        raise PretrainError(
-            f"only {n_train} training images for a global batch of {global_batch} "
-            f"(train.batch_size={cfg.train.batch_size} x train.num_workers="
-            f"{cfg.train.num_workers}); lower the batch size or ingest more images"
-        )
+    check_global_batch(n_train, cfg)
     return {
         "images_dir": images,
         "rows": len(ids),
@@ -108,6 +103,19 @@ def inspect_shards(data: str, cfg: Config) -> dict[str, Any]:
         "size": size,
         "dtype": dtypes.pop(),
     }
+
+
+def check_global_batch(n_train: int, cfg: Config) -> None:
+    """Every worker needs at least one full batch per pass (0 workers = auto: checked once the
+    cluster has said how many, at least one)."""
+    workers = max(1, cfg.train.num_workers)
+    global_batch = cfg.train.batch_size * workers
+    if n_train < global_batch:
+        raise PretrainError(
+            f"only {n_train} training images for a global batch of {global_batch} "
+            f"(train.batch_size={cfg.train.batch_size} x train.num_workers={workers}); "
+            "lower the batch size or ingest more images"
+        )
 
 
 def decode_pixel_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -230,7 +238,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     tracking = loop_config.get("tracking") if rank == 0 else None
     monitor = loop_config.get("monitor_images")
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = loop_config["run_dir"]
     shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator(device=device)
     steps, bs = cfg.train.steps, cfg.train.batch_size
@@ -305,15 +313,14 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             )
 
 
-def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: Path) -> None:
+def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: str) -> None:
     """Test switch (off by default): rank 0 dies once at ``train.fail_at_step``."""
     if cfg.train.fail_at_step is None or rank != 0 or step != cfg.train.fail_at_step:
         return
-    marker = run_dir / FAILURE_MARKER
-    if marker.exists():
+    marker = outputs.join(run_dir, FAILURE_MARKER)
+    if outputs.read_text(marker) is not None:
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(step))
+    outputs.write_text(marker, str(step))
     raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
 
@@ -350,14 +357,13 @@ def build_trainer(
 
     from pipelines.runtime import resolve_use_gpu
 
-    run_dir = Path(storage) / cfg.train.run_name if "://" not in storage else None
     return TorchTrainer(
         train_loop,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "tracking": tracking,
             "monitor_images": monitor_images(data, cfg),
-            "run_dir": str(run_dir) if run_dir else "",
+            "run_dir": outputs.join(storage, cfg.train.run_name),
             **(extra_loop_config or {}),
         },
         scaling_config=ray.train.ScalingConfig(
@@ -389,36 +395,86 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         info["size"],
         info["dtype"],
     )
-    ensure_ray()
     storage = storage_root(cfg)
-    run_dir = Path(storage) / cfg.train.run_name if "://" not in storage else None
+    run_dir = outputs.join(storage, cfg.train.run_name)
+    check_tracking_store(cfg, storage)
+    ensure_ray()
+    if cfg.train.num_workers == 0:
+        from pipelines.runtime import ClusterResourceError, resolve_num_workers, resolve_use_gpu
+
+        try:
+            workers = resolve_num_workers(
+                resolve_use_gpu(cfg.train.use_gpu), cfg.train.cpus_per_worker
+            )
+        except ClusterResourceError as err:
+            raise PretrainError(str(err)) from None
+        log.info("train.num_workers=0: %d workers on this cluster", workers)
+        cfg = cfg.with_overrides({"train.num_workers": workers})
+        check_global_batch(info["train_rows"], cfg)
 
     tracking, run_id, uri = None, None, None
     if cfg.tracking.enabled:
         run_id, uri = start_tracking(cfg, storage, run_dir)
         tracking = {"run_id": run_id, "uri": uri}
 
-    trainer = build_trainer(cfg, data, storage=storage, tracking=tracking)
-    try:
-        result = trainer.fit()
-    except Exception as err:
-        raise PretrainError(_explain_failure(err)) from err
-    if result.error is not None:
-        raise PretrainError(_explain_failure(result.error))
+    from pipelines.runtime import ClusterResourceError
 
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    try:
+        trainer = build_trainer(cfg, data, storage=storage, tracking=tracking)
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as err:
+        if tracking:
+            _mark_failed(uri, run_id)
+        if isinstance(err, ClusterResourceError | PretrainError):
+            raise PretrainError(str(err)) from None
+        raise PretrainError(_explain_failure(err)) from err
+
     metrics = dict(result.metrics or {})
-    version = None
-    if tracking and ckpt:
-        version = finish_tracking(cfg, uri, run_id, ckpt, metrics)
-    return PretrainResult(
-        str(run_dir or f"{storage}/{cfg.train.run_name}"), ckpt, run_id, uri, version, metrics
-    )
+    ckpt, version = None, None
+    if result.checkpoint is not None:
+        ckpt = outputs.spelled_like(storage, result.checkpoint.path)
+        if tracking:
+            # as_directory() downloads a checkpoint that lives on object storage
+            with result.checkpoint.as_directory() as local_ckpt:
+                version = finish_tracking(cfg, uri, run_id, local_ckpt, metrics)
+    return PretrainResult(run_dir, ckpt, run_id, uri, version, metrics)
+
+
+def check_tracking_store(cfg: Config, storage: str) -> None:
+    """With outputs on object storage, the default sqlite store would land in the job's
+    temporary working folder and vanish with it: ask for a real store instead."""
+    import os
+
+    if (
+        cfg.tracking.enabled
+        and "://" in storage
+        and not cfg.tracking.uri
+        and not os.environ.get("MLFLOW_TRACKING_URI")
+    ):
+        raise PretrainError(
+            f"train.output_dir is {storage}, so there is no local folder for the MLflow store: "
+            "set tracking.uri (e.g. an MLflow server) or MLFLOW_TRACKING_URI, or "
+            "--set tracking.enabled=false"
+        )
+
+
+def _mark_failed(uri: str, run_id: str) -> None:
+    """A run that stopped on an error must not stay RUNNING in the UI."""
+    from pipelines.tracking import client as tracking_client
+
+    try:
+        tracking_client(uri).set_terminated(run_id, "FAILED")
+    except Exception:  # the store itself may be what failed; the training error matters more
+        log.warning("could not mark MLflow run %s as FAILED", run_id, exc_info=True)
 
 
 def _explain_failure(err: BaseException) -> str:
     text = str(err)
-    if "out of memory" in text.lower():
+    lower = text.lower()
+    # CUDA ("CUDA out of memory"), torch CPU allocator, and Ray's memory monitor killing a worker
+    if any(k in lower for k in ("out of memory", "outofmemoryerror", "running low on memory")):
         return (
             "a worker ran out of memory. Lower train.batch_size, use a smaller model, or "
             "add GPU memory (bf16 is on by default on GPU). Original error: " + text[-2000:]
@@ -429,24 +485,25 @@ def _explain_failure(err: BaseException) -> str:
 def start_tracking(
     cfg: Config,
     storage: str,
-    run_dir: Path | None,
+    run_dir: str,
     *,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     uri: str | None = None,
 ) -> tuple[str, str]:
-    """Create the MLflow run once per run name; a resumed run continues the same MLflow run."""
+    """Create the MLflow run once per run name; a resumed run continues the same MLflow run
+    (its id is kept in ``run_dir``, a local folder or a URI)."""
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import ensure_experiment, log_params, tracking_uri
 
-    uri = uri or tracking_uri(cfg.tracking, storage if "://" not in storage else ".")
-    exp_id = ensure_experiment(
-        uri, cfg.tracking.experiment, storage if "://" not in storage else "."
-    )
+    local_root = storage if "://" not in storage else "."
+    uri = uri or tracking_uri(cfg.tracking, local_root)
+    exp_id = ensure_experiment(uri, cfg.tracking.experiment)
     client = tracking_client(uri)
-    id_file = run_dir / "mlflow_run_id" if run_dir else None
-    if id_file and id_file.exists():
-        run_id = id_file.read_text().strip()
+    id_file = outputs.join(run_dir, "mlflow_run_id")
+    previous = outputs.read_text(id_file)
+    if previous:
+        run_id = previous.strip()
         client.update_run(run_id, status="RUNNING")
         log.info("resuming MLflow run %s", run_id)
         return run_id, uri
@@ -456,9 +513,7 @@ def start_tracking(
     run = client.create_run(exp_id, run_name=cfg.train.run_name, tags=all_tags)
     run_id = run.info.run_id
     log_params(run_id, uri, cfg)
-    if id_file:
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
+    outputs.write_text(id_file, run_id)
     return run_id, uri
 
 
@@ -473,18 +528,40 @@ def finish_tracking(
         cfg_path = Path(tmp) / "config.yaml"
         cfg_path.write_text(config_to_yaml(cfg))
         client.log_artifact(run_id, str(cfg_path))
-    client.log_artifacts(run_id, ckpt, "checkpoint")
+    # the model is the weights and their metadata; the optimizer state (as large again) only
+    # matters for resuming, and that reads the checkpoint in the run folder
+    from radjepa.checkpoint import META, WEIGHTS, read_meta
+
+    # from the checkpoint itself: a re-run of a finished run reports no new metrics
+    step = str(read_meta(ckpt)["step"])
+    artifact = f"checkpoint-step-{step}"
+    for name in (WEIGHTS, META):
+        client.log_artifact(run_id, str(Path(ckpt) / name), artifact)
     version = None
     if cfg.tracking.register_model:
-        version = register_artifact_dir(
-            uri,
-            run_id,
-            "checkpoint",
-            cfg.tracking.registered_model,
-            tags={"run_name": cfg.train.run_name, "step": metrics.get("step", "")},
-        )
+        name = cfg.tracking.registered_model
+        version = _registered_version(client, name, run_id, step)
+        if version is None:
+            version = register_artifact_dir(
+                uri, run_id, artifact, name, tags={"run_name": cfg.train.run_name, "step": step}
+            )
+        else:
+            log.info("%s version %s already holds step %s of this run", name, version, step)
     client.set_terminated(run_id, "FINISHED")
     return version
+
+
+def _registered_version(client: Any, name: str, run_id: str, step: str) -> str | None:
+    """A version of ``name`` this run already registered at ``step`` (a re-run of a finished
+    run has no new weights, so it must not add a duplicate version)."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except Exception:  # noqa: BLE001 - a store without a registry: register as usual
+        return None
+    for mv in versions:
+        if (mv.tags or {}).get("step") == step:
+            return str(mv.version)
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -495,11 +572,14 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default=None)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", default=None, help="ingest output (default: data.shards)")
     p.add_argument("--set", dest="sets", action="append", default=[])
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("RADJEPA_LOG_LEVEL", "INFO"))
-    res = run_pretrain(load_config(a.config, a.sets), a.data)
+    cfg = load_config(a.config, a.sets)
+    if not (a.data or cfg.data.shards):
+        p.error("no shards given: pass --data or set data.shards")
+    res = run_pretrain(cfg, a.data or cfg.data.shards)
     log.info("checkpoint: %s", res.checkpoint)
 
 

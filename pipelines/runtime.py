@@ -13,6 +13,10 @@ import os
 log = logging.getLogger(__name__)
 
 
+class ClusterResourceError(RuntimeError):
+    """The cluster can never provide what the job asks for (told to the user, no traceback)."""
+
+
 def ensure_ray(min_logical_cpus: int = 4) -> None:
     """Initialise Ray once per process (idempotent)."""
     import ray
@@ -41,7 +45,7 @@ def resolve_use_gpu(setting: str) -> bool:
     """Map a config's ``use_gpu`` ('auto'|'true'|'false') onto the cluster in hand."""
     if setting == "true":
         if not cluster_has_gpus():
-            raise RuntimeError(
+            raise ClusterResourceError(
                 "use_gpu=true but the Ray cluster has no GPUs: the job would wait forever. "
                 "Use --set train.use_gpu=auto or add GPU workers."
             )
@@ -49,3 +53,15 @@ def resolve_use_gpu(setting: str) -> bool:
     if setting == "false":
         return False
     return cluster_has_gpus()
+
+
+def resolve_num_workers(use_gpu: bool, cpus_per_worker: float) -> int:
+    """``train.num_workers=0``: one DDP rank per GPU of the cluster; on CPU, as many ranks as
+    fit in half the logical CPUs, because Ray Data's readers and decoders need the other half
+    (starved, they stall the ranks they feed)."""
+    import ray
+
+    res = ray.cluster_resources()
+    if use_gpu:
+        return max(1, int(res.get("GPU", 0.0)))
+    return max(1, int(float(res.get("CPU", 1.0)) / 2 // cpus_per_worker))

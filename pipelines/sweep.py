@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 from ray.tune.stopper import Stopper
 
+from pipelines import storage as outputs
 from radjepa.config import Config, SearchDim, config_to_yaml
 
 log = logging.getLogger(__name__)
 
 COLLAPSED = "collapsed"
+STOPPED = "stopped early"
 
 
 class SweepError(RuntimeError):
@@ -119,7 +121,7 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         run_id, uri = start_tracking(
             cfg,
             setup["tracking_root"],
-            Path(storage) / cfg.train.run_name,
+            outputs.join(storage, cfg.train.run_name),
             parent_run_id=setup["parent_run_id"],
             uri=setup["tracking_uri"],
             tags={"radjepa.job": "sweep-trial", "radjepa.trial_id": trial_id},
@@ -133,28 +135,29 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         callbacks=[TuneReportCallback()],
         extra_loop_config={"probe_set": setup.get("probe_set")},
     )
-    result = trainer.fit()
-    if tracking:
+    trainer.fit()
+    if tracking:  # its radjepa.status tag is set by the driver, which sees every trial
         from pipelines.tracking import client as tracking_client
 
-        client = tracking_client(tracking["uri"])
-        last = result.metrics or {}
-        rk = last.get("rankme")
-        collapsed = rk is not None and rk < base.tune.collapse_rankme
-        client.set_tag(tracking["run_id"], "radjepa.status", COLLAPSED if collapsed else "ok")
-        client.set_terminated(tracking["run_id"], "FINISHED")
+        tracking_client(tracking["uri"]).set_terminated(tracking["run_id"], "FINISHED")
+
+
+def is_collapsed(metrics: dict[str, Any], rankme_floor: float, std_floor: float) -> bool:
+    """Collapse as the monitors show it: effective rank near 1 (every image maps to a few
+    directions) or per-dimension spread near 0 (every image maps to one point)."""
+    rk, std = metrics.get("rankme"), metrics.get("feature_std")
+    return (rk is not None and rk < rankme_floor) or (std is not None and std < std_floor)
 
 
 class CollapseStopper(Stopper):
-    """Stop a trial whose embeddings collapsed (RankMe under the threshold): more steps cannot
-    rescue it, and its slot is better spent on another configuration."""
+    """Stop a trial whose embeddings collapsed: more steps cannot rescue it, and its slot is
+    better spent on another configuration."""
 
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
+    def __init__(self, rankme_floor: float, std_floor: float) -> None:
+        self.floors = (rankme_floor, std_floor)
 
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        rk = result.get("rankme")
-        return rk is not None and rk < self.threshold
+        return is_collapsed(result, *self.floors)
 
     def stop_all(self) -> bool:
         return False
@@ -168,7 +171,9 @@ def _searcher(cfg: Config, metric: str, mode: str):
     return None
 
 
-def _rows(grid: Any, metric: str, threshold: float) -> list[TrialRow]:
+def _rows(
+    grid: Any, metric: str, floors: tuple[float, float], root: str, steps: int
+) -> list[TrialRow]:
     rows = []
     for res in grid:
         m = res.metrics or {}
@@ -176,11 +181,15 @@ def _rows(grid: Any, metric: str, threshold: float) -> list[TrialRow]:
         value = m.get(metric)
         if res.error is not None:
             status = "error"
-        elif m.get("rankme") is not None and m["rankme"] < threshold:
+        elif is_collapsed(m, *floors):
             status = COLLAPSED
+        elif m.get("step") is not None and m["step"] < steps:
+            status = STOPPED  # ASHA cut it short: its metric is from fewer steps than the rest
         else:
             status = "ok"
-        ckpt = res.checkpoint.path if res.checkpoint is not None else m.get("checkpoint_path")
+        # TuneReportCallback reports the Train checkpoint as a filesystem path in the metrics
+        ckpt_path = res.checkpoint.path if res.checkpoint is not None else m.get("checkpoint_path")
+        ckpt = outputs.spelled_like(root, ckpt_path) if ckpt_path else None
         rows.append(
             TrialRow(
                 trial_id=str(m.get("trial_id") or Path(res.path).name),
@@ -194,48 +203,77 @@ def _rows(grid: Any, metric: str, threshold: float) -> list[TrialRow]:
     return rows
 
 
+def _best(rows: list[TrialRow]) -> TrialRow | None:
+    """The best trial that ran to the end; trials ASHA stopped early only when none did
+    (their metric comes from fewer steps, so it is not comparable with the finished ones)."""
+    for wanted in ("ok", STOPPED):
+        done = [r for r in rows if r.status == wanted and r.metric is not None]
+        if done:
+            return max(done, key=lambda r: r.metric)
+    return None
+
+
 def run_sweep(
     cfg: Config, data: str, *, num_samples: int | None = None, resume: bool = False
 ) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep named ``cfg.tune.name``."""
     import ray.tune
 
-    from pipelines.pretrain import inspect_shards, storage_root
-    from pipelines.runtime import ensure_ray
+    from pipelines.pretrain import (
+        PretrainError,
+        check_tracking_store,
+        inspect_shards,
+        storage_root,
+    )
+    from pipelines.runtime import ClusterResourceError, ensure_ray, resolve_use_gpu
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import ensure_experiment, log_params, tracking_uri
 
     _check_space(cfg)
     inspect_shards(data, cfg)
-    if num_samples is not None:
+    if cfg.train.num_workers == 0:
+        # trials run side by side, so the cluster is shared out by trials, not by ranks
+        log.info("train.num_workers=0 in a sweep: one worker per trial")
+        cfg = cfg.with_overrides({"train.num_workers": 1})
+    if num_samples is not None and resume:
+        log.warning("--num-samples is ignored with --resume: the sweep keeps its trials")
+    elif num_samples is not None:
         cfg = cfg.with_overrides({"tune.num_samples": num_samples})
     metric, mode = cfg.tune.metric, "max"
     probe_set = _probe_set(cfg)
-    ensure_ray()
-
     root = storage_root(cfg)
-    sweep_dir = Path(root) / cfg.tune.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        check_tracking_store(cfg, root)
+    except PretrainError as err:
+        raise SweepError(str(err)) from None
+    ensure_ray()
+    try:  # every trial would wait forever for GPUs the cluster does not have
+        resolve_use_gpu(cfg.train.use_gpu)
+    except ClusterResourceError as err:
+        raise SweepError(str(err)) from None
+
+    sweep_dir = outputs.join(root, cfg.tune.name)
     parent_run_id, uri = None, None
     if cfg.tracking.enabled:
         uri = tracking_uri(cfg.tracking, root)
-        exp = ensure_experiment(uri, cfg.tracking.experiment, root)
+        exp = ensure_experiment(uri, cfg.tracking.experiment)
         client = tracking_client(uri)
-        id_file = sweep_dir / "mlflow_parent_run_id"
-        if resume and id_file.exists():
-            parent_run_id = id_file.read_text().strip()
+        id_file = outputs.join(sweep_dir, "mlflow_parent_run_id")
+        previous = outputs.read_text(id_file) if resume else None
+        if previous:
+            parent_run_id = previous.strip()
             client.update_run(parent_run_id, status="RUNNING")
         else:
             parent_run_id = client.create_run(
                 exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep"}
             ).info.run_id
             log_params(parent_run_id, uri, cfg)
-            id_file.write_text(parent_run_id)
+            outputs.write_text(id_file, parent_run_id)
 
     setup = {
         "config": cfg.model_dump(mode="json"),
         "data": data if "://" in data else str(Path(data).expanduser().resolve()),
-        "trials_dir": str(sweep_dir / "trials"),
+        "trials_dir": outputs.join(sweep_dir, "trials"),
         "tracking_root": root,
         "parent_run_id": parent_run_id,
         "tracking_uri": uri,
@@ -244,15 +282,16 @@ def run_sweep(
     trainable = ray.tune.with_parameters(_trial, setup=setup)
     # the trial driver only waits on its TorchTrainer: a fraction of a CPU is enough
     trainable = ray.tune.with_resources(trainable, {"CPU": 0.25})
-    tune_dir = sweep_dir / "tune"
+    floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
+    tune_dir = outputs.join(sweep_dir, "tune")
     if resume:
-        if not ray.tune.Tuner.can_restore(str(tune_dir)):
+        if not ray.tune.Tuner.can_restore(tune_dir):
             raise SweepError(f"nothing to resume at {tune_dir}: run the sweep without --resume")
         tuner = ray.tune.Tuner.restore(
-            str(tune_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+            tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
     else:
-        if tune_dir.exists() and any(tune_dir.iterdir()):
+        if outputs.has_entries(tune_dir):
             raise SweepError(
                 f"sweep '{cfg.tune.name}' already exists at {sweep_dir}: pass --resume to "
                 "continue it, or choose another tune.name"
@@ -281,33 +320,65 @@ def run_sweep(
             ),
             run_config=ray.tune.RunConfig(
                 name="tune",
-                storage_path=str(sweep_dir),
-                stop=CollapseStopper(cfg.tune.collapse_rankme),
+                storage_path=sweep_dir,
+                stop=CollapseStopper(*floors),
             ),
         )
     grid = tuner.fit()
-    rows = _rows(grid, metric, cfg.tune.collapse_rankme)
-    ranked = sorted(
-        (r for r in rows if r.status == "ok" and r.metric is not None),
-        key=lambda r: r.metric,
-        reverse=True,
-    )
-    best = ranked[0] if ranked else None
+    rows = _rows(grid, metric, floors, root, cfg.train.steps)
+    best = _best(rows)
     best_path = None
     if best is not None:
         best_cfg = cfg.with_overrides(
-            {**best.params, "train.run_name": f"{cfg.tune.name}-best", "tune.search_space": {}}
+            {
+                **best.params,
+                "train.run_name": f"{cfg.tune.name}-best",
+                "tune.search_space": {},
+                "data.shards": setup["data"],  # `radjepa pretrain -c best.yaml` needs no --data
+            }
         )
-        best_path = str(sweep_dir / "best.yaml")
-        Path(best_path).write_text(
+        best_path = outputs.join(sweep_dir, "best.yaml")
+        outputs.write_text(
+            best_path,
             f"# best trial {best.trial_id} of sweep {cfg.tune.name}: {metric}={best.metric:.4f}\n"
-            f"# checkpoint: {best.checkpoint}\n" + config_to_yaml(best_cfg)
+            f"# checkpoint: {best.checkpoint}\n" + config_to_yaml(best_cfg),
         )
     if parent_run_id:
         client = tracking_client(uri)
+        _close_trial_runs(client, parent_run_id, rows)
         if best is not None:
             client.log_metric(parent_run_id, f"best_{metric}", best.metric)
             client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
-            client.log_artifact(parent_run_id, best_path)
+            _log_text_artifact(client, parent_run_id, best_path)
         client.set_terminated(parent_run_id, "FINISHED")
-    return SweepResult(str(sweep_dir), metric, rows, best, best_path, parent_run_id, uri)
+    return SweepResult(sweep_dir, metric, rows, best, best_path, parent_run_id, uri)
+
+
+def _log_text_artifact(client: Any, run_id: str, location: str) -> None:
+    """MLflow logs local files only: copy a (possibly remote) small file through a temp dir."""
+    import tempfile
+
+    name = location.rstrip("/").rsplit("/", 1)[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / name
+        local.write_text(outputs.read_text(location) or "")
+        client.log_artifact(run_id, str(local))
+
+
+def _close_trial_runs(client: Any, parent_run_id: str, rows: list[TrialRow]) -> None:
+    """Tag every child run with the status the table shows. A trial stopped by the scheduler
+    or the collapse stopper, or one that crashed, never reaches the end of ``_trial``: close
+    its run too, so the MLflow UI does not list it as RUNNING forever."""
+    by_trial = {r.trial_id: r for r in rows}
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs(
+        [exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=50000
+    )
+    for run in children:
+        row = by_trial.get(run.data.tags.get("radjepa.trial_id", ""))
+        if row is None:
+            continue
+        client.set_tag(run.info.run_id, "radjepa.status", row.status)
+        if run.info.status == "RUNNING":
+            state = "FAILED" if row.status == "error" else "FINISHED"
+            client.set_terminated(run.info.run_id, state)

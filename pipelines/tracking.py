@@ -57,8 +57,9 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def ensure_experiment(uri: str, name: str, output_dir: str | os.PathLike[str]) -> str:
-    """Create (or find) the experiment; local stores keep artifacts under the output folder."""
+def ensure_experiment(uri: str, name: str) -> str:
+    """Create (or find) the experiment; a sqlite store keeps artifacts in ``mlartifacts/`` beside
+    its database file, so the store is one self-contained folder wherever the outputs go."""
 
     # never mlflow.set_tracking_uri(): it also exports MLFLOW_TRACKING_URI into this process's
     # environment, which would silently redirect every later run in the process to this store
@@ -67,8 +68,10 @@ def ensure_experiment(uri: str, name: str, output_dir: str | os.PathLike[str]) -
     if exp is not None:
         return exp.experiment_id
     artifact_location = None
-    if uri.startswith("sqlite:"):
-        artifact_location = (Path(output_dir).expanduser().resolve() / "mlartifacts").as_uri()
+    if uri.startswith("sqlite:///"):
+        # sqlite:////abs/mlflow.db is absolute; sqlite:///mlflow.db is relative to the cwd
+        db = Path(uri[len("sqlite:///") :].split("?", 1)[0]).resolve()
+        artifact_location = (db.parent / "mlartifacts").as_uri()
     try:
         return mc.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # another process created it first

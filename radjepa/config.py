@@ -9,6 +9,7 @@ offending dotted key so a typo in a 300-trial sweep fails in a second, not after
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -244,7 +245,12 @@ class TrainConfig(_Section):
     output_dir: str = Field("runs", description="root of run folders (local path or URI)")
     steps: int = Field(1000, ge=1, description="total optimizer steps; schedules span these")
     batch_size: int = Field(64, ge=1, description="per-worker batch size")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
+    num_workers: int = Field(
+        1,
+        ge=0,
+        description="Ray Train workers (DDP ranks); 0 = from the cluster: one per GPU, or on "
+        "CPU one per cpus_per_worker in half the CPUs (the other half feeds Ray Data)",
+    )
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: Literal["auto", "true", "false"] = Field(
         "auto", description="'auto' uses GPUs only when the cluster has them"
@@ -296,6 +302,11 @@ class TuneConfig(_Section):
     grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial can be stopped")
     collapse_rankme: float = Field(
         1.5, ge=0, description="a trial whose RankMe falls below this is stopped as collapsed"
+    )
+    collapse_feature_std: float = Field(
+        1e-4,
+        ge=0,
+        description="... or whose mean per-dimension embedding std falls below this",
     )
 
 
@@ -383,6 +394,14 @@ class Config(_Section):
                 f"data.crop_size ({self.data.crop_size}) exceeds the stored "
                 f"ingest.image_size ({self.ingest.image_size})"
             )
+        if self.tune.search_space:
+            known = set(flatten(self))
+            for key in self.tune.search_space:
+                if key not in known or key.startswith("tune."):
+                    raise ValueError(
+                        f"tune.search_space.{key}: not a config key a trial can set "
+                        "(use dotted keys such as masks.masking_ratio or ema.start)"
+                    )
         return self
 
     def with_overrides(self, overrides: Mapping[str, Any] | Iterable[str]) -> Config:
@@ -464,19 +483,43 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -
     return _validate(tree)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
+def _read_text(location: str) -> str | None:
+    """A config file's text from a local path or a URI (a sweep on a cluster writes its
+    ``best.yaml`` to object storage); None when there is no such file."""
+    if "://" not in location:
+        path = Path(location)
+        return path.read_text() if path.is_file() else None
+    import pyarrow.fs as pafs
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        fs, fs_path = pafs.FileSystem.from_uri(location)
+        if fs.get_file_info(fs_path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(fs_path) as f:
+            return f.read().decode()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot read config {location}: {err}") from None
+
+
+def _read_yaml(location: str) -> dict[str, Any]:
+    text = _read_text(location)
+    if text is None:
+        raise ConfigError(f"config file not found: {location}")
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{location}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raise ConfigError(f"{location}: top level must be a mapping of sections")
     base = data.pop("extends", None)
     if base is not None:
-        parent = _read_yaml((path.parent / str(base)).resolve())
-        data = _deep_merge(parent, data)
+        if "://" in location:
+            scheme, rest = location.split("://", 1)
+            rest = posixpath.normpath(posixpath.join(posixpath.dirname(rest), str(base)))
+            parent_loc = f"{scheme}://{rest}"
+        else:
+            parent_loc = str((Path(location).parent / str(base)).resolve())
+        data = _deep_merge(_read_yaml(parent_loc), data)
     return data
 
 
@@ -498,7 +541,7 @@ def load_config(
 
     A YAML file may say ``extends: other.yaml`` (relative to itself) to inherit and refine.
     """
-    tree: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
+    tree: dict[str, Any] = {} if path is None else _read_yaml(os.fspath(path))
     cfg = _validate(tree)
     items = overrides.items() if isinstance(overrides, Mapping) else list(overrides)
     if items:

@@ -45,6 +45,9 @@ def test_shipped_base_configs_match_the_published_shapes():
     assert b16.model.grid == 14
     huge = load_config(CONFIGS / "vit_huge_p14.yaml")
     assert huge.model.resolved_pred_depth == 12
+    # the predictor depth follows the arch unless pinned: a larger encoder gets the deeper one
+    large = load_config(CONFIGS / "vit_base_p16.yaml", ["model.arch=vit_large"])
+    assert large.model.resolved_pred_depth == 12
 
 
 def test_overrides_apply_with_yaml_typed_values():
@@ -128,6 +131,9 @@ def test_search_space_keys_are_dotted_config_keys():
     assert "masks.target_scale" in cfg.tune.search_space
     with pytest.raises(ConfigError, match="tune.search_space"):
         load_config(None, {"tune.search_space": {"ema.start": {"type": "uniform", "low": 1}}})
+    for key in ("masks.num_targetz", "tune.num_samples"):  # typo, or a sweep setting itself
+        with pytest.raises(ConfigError, match=f"tune.search_space.{key}: not a config key"):
+            load_config(None, {"tune.search_space": {key: {"type": "choice", "values": [1, 2]}}})
 
 
 def test_flatten_gives_dotted_params():
@@ -149,3 +155,24 @@ def test_gpu_switches_accept_yaml_booleans():
     cfg = load_config(None, ["train.use_gpu=true", "serve.use_gpu=false"])
     assert cfg.train.use_gpu == "true" and cfg.serve.use_gpu == "false"
     assert load_config(None, ["train.use_gpu=auto"]).train.use_gpu == "auto"
+
+
+def test_configs_load_from_a_uri_with_relative_extends(tmp_path):
+    # a sweep on a cluster writes best.yaml to object storage; file:// takes the same path
+    sub = tmp_path / "cfgs"
+    sub.mkdir()
+    (tmp_path / "base.yaml").write_text("train:\n  steps: 11\n")
+    (sub / "child.yaml").write_text("extends: ../base.yaml\nmasks:\n  num_targets: 3\n")
+    cfg = load_config((sub / "child.yaml").as_uri())
+    assert cfg.train.steps == 11 and cfg.masks.num_targets == 3
+    with pytest.raises(ConfigError, match="not found: file://"):
+        load_config((tmp_path / "nope.yaml").as_uri())
+    with pytest.raises(ConfigError, match="cannot read config nosuch://"):
+        load_config("nosuch://bucket/best.yaml")
+
+
+def test_unknown_yaml_keys_fail_naming_the_key(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("masks:\n  num_targetz: 3\n")
+    with pytest.raises(ConfigError, match="masks.num_targetz"):
+        load_config(bad)

@@ -35,6 +35,8 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, ray_session):
     assert summary["index"]["rows"] == 64
     calls = summary["api"]["calls"]
     assert calls["healthz"] == 200 and calls["unauthorised"] == 401
+    assert calls["readyz"]["ready"] is True and calls["docs"] == 200
+    assert {"/v1/embed", "/v1/classify", "/v1/similar"} <= set(calls["openapi_paths"])
     assert calls["embed"]["status"] == 200 and calls["embed"]["dim"] == 192
     assert calls["classify"]["status"] == 200 and len(calls["classify"]["probabilities"]) == 2
     assert calls["similar"]["status"] == 200 and len(calls["similar"]["neighbours"]) == 3

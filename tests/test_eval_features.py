@@ -49,6 +49,21 @@ def test_label_specs_and_binarisation_follow_the_documented_mapping():
         binarise(["F", "", "M"], LabelSpec("sex"))
 
 
+def test_named_values_match_inside_multi_label_cells(nih_dir):
+    import csv
+
+    cells = ["Cardiomegaly", "Atelectasis|Effusion|Infiltration", "Effusion", "No Finding"]
+    y, pos = binarise(cells, LabelSpec("findings", "Effusion"))
+    assert pos == "Effusion" and y.tolist() == [0, 1, 1, 0]
+    with pytest.raises(DatasetError, match="never occurs.*'Atelectasis'"):
+        binarise(cells, LabelSpec("findings", "Hernia"))
+    # on the NIH labels the pipe-separated findings agree with the one-hot column
+    with open(nih_dir / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    y, _ = binarise([r["findings"] for r in rows], LabelSpec("findings", "Effusion"))
+    assert y.tolist() == [int(r["Effusion"]) for r in rows] and y.sum() > 10
+
+
 def test_csv_dataset_decodes_like_ingest_and_groups_by_patient(nih_dir):
     from radjepa.imaging.decode import decode_image
 

@@ -252,6 +252,25 @@ def test_size_change_into_same_dst_is_refused(corpus, ingested) -> None:
         run_ingest([str(corpus.root)], str(dst), _cfg("ingest.image_size=128"), progress=False)
 
 
+def test_another_pseudonymisation_key_into_same_dst_is_refused(
+    corpus, ingested, monkeypatch
+) -> None:
+    from pipelines.ingest import IngestError, run_ingest
+    from radjepa.imaging.deid import key_fingerprint, resolve_secret
+
+    dst, _ = ingested
+    manifest = json.loads((dst / "manifest.json").read_text())
+    used = resolve_secret("RADJEPA_DEID_SECRET")
+    assert manifest["pseudonyms"]["key_fingerprint"] == key_fingerprint(used)
+    before = (dst / "manifest.json").read_bytes()
+    other = "a-different-key-" + used.decode()[:8] + "-0123456789abcdef"
+    monkeypatch.setenv("RADJEPA_DEID_SECRET", other)
+    with pytest.raises(IngestError, match="another pseudonymisation key"):
+        run_ingest([str(corpus.root)], str(dst), _cfg(), progress=False)
+    assert (dst / "manifest.json").read_bytes() == before  # nothing written
+    assert other not in before.decode()
+
+
 def test_keep_source_paths_too_large_and_dst_inside_source(ray_session, tmp_path) -> None:
     from pipelines.ingest import run_ingest
 

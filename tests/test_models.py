@@ -50,6 +50,20 @@ def test_other_input_sizes_recompute_positions():
         enc(torch.randn(1, 3, 96, 96))
 
 
+def test_position_table_layout_matches_mae_and_ijepa():
+    # first half: column (x); second half: row (y); token t sits at row t // W, column t % W
+    from radjepa.models.pos_embed import sincos_1d
+
+    h, w, dim = 3, 5, 16
+    table = sincos_2d(dim, (h, w))
+    for t in range(h * w):
+        row, col = divmod(t, w)
+        x_half = sincos_1d(dim // 2, torch.tensor([float(col)]))[0].float()
+        y_half = sincos_1d(dim // 2, torch.tensor([float(row)]))[0].float()
+        assert torch.allclose(table[t, : dim // 2], x_half)
+        assert torch.allclose(table[t, dim // 2 :], y_half)
+
+
 def test_positions_are_fixed_not_learned_nor_saved():
     enc = build_encoder(_cfg(16, 96))
     names = {n for n, _ in enc.named_parameters()}

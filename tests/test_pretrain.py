@@ -83,20 +83,42 @@ def test_two_workers_learn_survive_a_failure_and_register(shards, tmp_path):
     for key in ("loss", "lr", "momentum", "img_per_s", "rankme", "feature_std"):
         assert key in run.data.metrics, key
     arts = {a.path for a in client.list_artifacts(res.mlflow_run_id)}
-    assert {"config.yaml", "checkpoint"} <= arts
+    assert {"config.yaml", "checkpoint-step-30"} <= arts
+    model_files = {a.path for a in client.list_artifacts(res.mlflow_run_id, "checkpoint-step-30")}
+    assert model_files == {"checkpoint-step-30/weights.safetensors", "checkpoint-step-30/meta.json"}
     versions = client.search_model_versions("name='radjepa-encoder'")
     assert [str(v.version) for v in versions] == [res.model_version]
+    assert versions[0].source.endswith("/checkpoint-step-30")
     assert run.info.status == "FINISHED"
 
 
 def test_rerunning_a_finished_run_continues_from_its_checkpoint(shards, tmp_path):
+    # outputs on a URI (s3:// on a cluster; file:// here, same pyarrow code path) with an
+    # explicit tracking store: the MLflow run id and checkpoints are found there on resume
     from pipelines.pretrain import run_pretrain
 
-    first = run_pretrain(_cfg(tmp_path, **{"train.steps": 12, "train.num_workers": 1}), str(shards))
+    out = (tmp_path / "out").as_uri()
+    sets = {"train.num_workers": 1, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    first = run_pretrain(_cfg(out, **sets, **{"train.steps": 12}), str(shards))
     assert first.metrics["step"] == 12
-    again = run_pretrain(_cfg(tmp_path, **{"train.steps": 18, "train.num_workers": 1}), str(shards))
+    assert first.checkpoint.startswith(out + "/t/checkpoint_")
+    assert first.run_dir == out + "/t"
+    assert (tmp_path / "out" / "t" / "mlflow_run_id").read_text() == first.mlflow_run_id
+    again = run_pretrain(_cfg(out, **sets, **{"train.steps": 18}), str(shards))
     assert again.metrics["step"] == 18
     assert again.mlflow_run_id == first.mlflow_run_id
+    assert again.model_version == "2"  # the registered model got the new weights
+    # ... and version 1 still points at the step-12 weights, not at the files of step 18
+    import mlflow
+
+    client = mlflow.MlflowClient(again.tracking_uri)
+    v1 = client.get_model_version("radjepa-encoder", "1")
+    assert v1.source.endswith("/checkpoint-step-12") and v1.tags["step"] == "12"
+    # running a finished run again has no new weights: no duplicate version
+    same = run_pretrain(_cfg(out, **sets, **{"train.steps": 18}), str(shards))
+    assert same.model_version == "2"
+    assert len(client.search_model_versions("name='radjepa-encoder'")) == 2
+    assert (tmp_path / "mlartifacts").is_dir()  # beside the sqlite store, not in the cwd
     steps = [s for s, _ in _history(again.tracking_uri, again.mlflow_run_id, "loss")]
     assert sorted(steps) == list(range(1, 19))  # continued at 13, nothing repeated
 
@@ -116,6 +138,33 @@ def test_clear_errors_before_any_cluster_work(tmp_path, shards):
         inspect_shards(str(shards), big)
     with pytest.raises(PretrainError, match="global batch"):
         inspect_shards(str(shards), _cfg(tmp_path, **{"train.batch_size": 64}))
+
+
+def test_impossible_requests_fail_in_one_line_and_mark_the_run_failed(shards, tmp_path):
+    import mlflow
+
+    from pipelines.pretrain import PretrainError, check_tracking_store, run_pretrain
+
+    with pytest.raises(PretrainError, match="no local folder for the MLflow store"):
+        check_tracking_store(_cfg(tmp_path), "s3://bucket/runs")
+    check_tracking_store(_cfg(tmp_path, **{"tracking.enabled": False}), "s3://bucket/runs")
+
+    cfg = _cfg(tmp_path, **{"train.use_gpu": "true", "train.run_name": "gpu"})
+    with pytest.raises(PretrainError, match="no GPUs") as err:
+        run_pretrain(cfg, str(shards))
+    assert "Traceback" not in str(err.value)
+    run_id = (tmp_path / "gpu" / "mlflow_run_id").read_text()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_worker_count_from_the_cluster(ray_session):
+    # the session's Ray has 8 logical CPUs and no GPU: half of them for DDP ranks
+    from pipelines.runtime import resolve_num_workers
+
+    assert resolve_num_workers(False, 1.0) == 4
+    assert resolve_num_workers(False, 3.0) == 1
+    assert resolve_num_workers(False, 8.0) == 1  # never zero
 
 
 def test_shards_are_read_from_a_uri(shards, tmp_path):

@@ -82,7 +82,7 @@ def _register_head(uri: str, head, root) -> str:
     from pipelines.tracking import client, ensure_experiment, register_artifact_dir
 
     mc = client(uri)
-    run_id = mc.create_run(ensure_experiment(uri, "probe", root)).info.run_id
+    run_id = mc.create_run(ensure_experiment(uri, "probe")).info.run_id
     mc.log_artifacts(run_id, str(head), "head")
     version = register_artifact_dir(uri, run_id, "head", "radjepa-probe-head")
     return f"models:/radjepa-probe-head/{version}"
@@ -178,3 +178,32 @@ def test_classify_and_similar_answer_over_http(service):
     assert len(hits) == 2 and {h["image_id"] for h in hits} <= {f"id{i}" for i in range(4)}
     assert models["index_size"] == 4 and models["labels"] == ["Effusion", "Cardiomegaly"]
     assert models["head"] == "models:/radjepa-probe-head/1"  # served from the registry
+
+
+def test_generated_requests_never_get_a_server_error_from_the_live_service(service):
+    """schemathesis against the deployed app's own /openapi.json over real HTTP (the in-process
+    variant in test_serve_app covers more examples; this one proves the proxy path agrees)."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    api = schemathesis.openapi.from_url(f"{service['url']}/openapi.json")
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/embed", "/v1/classify", "/v1/similar"}
+    for op in operations:
+
+        @given(case=op.as_strategy())
+        @settings(
+            max_examples=3,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+        def fuzz(case):
+            for headers in ({}, AUTH):
+                case.call_and_validate(
+                    base_url=service["url"], headers=headers, checks=[not_a_server_error]
+                )
+
+        fuzz()

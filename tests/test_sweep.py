@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _cfg(out: Path, name: str, space: dict, **extra):
+def _cfg(out: Path | str, name: str, space: dict, **extra):
     return load_config(
         CONFIGS / "tiny_cpu.yaml",
         {
@@ -47,9 +47,17 @@ def _child_runs(uri: str, parent: str):
 def test_two_trial_sweep_ranks_by_rankme_and_writes_best_config(nih_shards, tmp_path):
     from pipelines.sweep import run_sweep
 
+    # outputs on a URI (as s3:// on a cluster) with an explicit tracking store
     scales = [[0.1, 0.15], [0.2, 0.3]]
-    cfg = _cfg(tmp_path, "s2", {"masks.target_scale": {"type": "grid", "values": scales}})
+    cfg = _cfg(
+        tmp_path.as_uri(),
+        "s2",
+        {"masks.target_scale": {"type": "grid", "values": scales}},
+        **{"tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )
     res = run_sweep(cfg, str(nih_shards))
+    assert res.sweep_dir == tmp_path.as_uri() + "/s2"
+    assert res.best_config_path == res.sweep_dir + "/best.yaml"
 
     assert len(res.trials) == 2
     assert all(t.status == "ok" and t.metric is not None and t.metric > 1 for t in res.trials)
@@ -60,10 +68,16 @@ def test_two_trial_sweep_ranks_by_rankme_and_writes_best_config(nih_shards, tmp_
     assert len(children) == 2
     assert all("rankme" in c.data.metrics for c in children)
 
-    best = load_config(res.best_config_path)
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["radjepa.status"] for c in children} == {"ok"}
+    assert (tmp_path / "mlartifacts").is_dir()  # the store's artifacts sit beside its database
+    assert all(t.checkpoint.startswith(res.sweep_dir + "/trials/") for t in res.trials)
+
+    best = load_config(tmp_path / "s2" / "best.yaml")
     assert list(best.masks.target_scale) == list(res.best.params["masks.target_scale"])
     assert best.train.steps == 8  # the rest of the config is carried over
-    again = load_config(res.best_config_path, ["train.steps=99"])
+    assert best.data.shards == str(Path(nih_shards).resolve())
+    again = load_config(tmp_path / "s2" / "best.yaml", ["train.steps=99"])
     assert again.train.steps == 99 and again.masks.target_scale == best.masks.target_scale
 
 
@@ -76,11 +90,16 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
     space = {"train.fail_at_step": {"type": "grid", "values": [None, 6]}}
     first = run_sweep(_cfg(tmp_path, "sr", space), str(nih_shards))
     assert sorted(t.status for t in first.trials) == ["error", "ok"]
+    # the crashed trial's child run is closed as FAILED, not left RUNNING
+    states = sorted(c.info.status for c in _child_runs(first.tracking_uri, first.parent_run_id))
+    assert states == ["FAILED", "FINISHED"]
     done_before = next(t for t in first.trials if t.status == "ok")
 
     second = run_sweep(_cfg(tmp_path, "sr", space), str(nih_shards), resume=True)
     assert [t.status for t in second.trials] == ["ok", "ok"]
     assert second.parent_run_id == first.parent_run_id
+    states = {c.info.status for c in _child_runs(second.tracking_uri, second.parent_run_id)}
+    assert states == {"FINISHED"}
     # the finished trial kept its result and logged no step twice; the errored one continued
     for child in _child_runs(second.tracking_uri, second.parent_run_id):
         import mlflow
@@ -97,10 +116,56 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
 
 def test_bad_search_space_fails_before_any_trial(nih_shards, tmp_path):
     from pipelines.sweep import SweepError, run_sweep
+    from radjepa.config import ConfigError
 
-    bad = _cfg(tmp_path, "bad", {"masks.num_targetz": {"type": "choice", "values": [2, 4]}})
-    with pytest.raises(SweepError, match="masks.num_targetz"):
-        run_sweep(bad, str(nih_shards))
+    with pytest.raises(ConfigError, match="tune.search_space.masks.num_targetz"):
+        _cfg(tmp_path, "bad", {"masks.num_targetz": {"type": "choice", "values": [2, 4]}})
     bad = _cfg(tmp_path, "bad2", {"ema.start": {"type": "choice", "values": [0.9, 1.5]}})
     with pytest.raises(SweepError, match="ema.start"):
         run_sweep(bad, str(nih_shards))
+
+
+def test_optuna_with_asha_samples_the_declared_ranges_and_closes_every_run(nih_shards, tmp_path):
+    from pipelines.sweep import STOPPED, run_sweep
+
+    space = {
+        "ema.start": {"type": "uniform", "low": 0.99, "high": 0.999},
+        "masks.num_targets": {"type": "choice", "values": [2, 4]},
+    }
+    cfg = _cfg(
+        tmp_path,
+        "opt",
+        space,
+        **{
+            "tune.search_alg": "optuna",
+            "tune.num_samples": 3,
+            "tune.max_concurrent": 1,
+            "tune.asha": True,
+            "tune.grace_period": 1,
+            "train.checkpoint_every": 2,  # ASHA rungs at reports 1, 2 and 4 of 4
+        },
+    )
+    res = run_sweep(cfg, str(nih_shards))
+
+    assert len(res.trials) == 3
+    for t in res.trials:
+        assert 0.99 <= t.params["ema.start"] <= 0.999
+        assert t.params["masks.num_targets"] in (2, 4)
+        assert t.status in ("ok", STOPPED)
+        assert (t.steps < 8) == (t.status == STOPPED)
+    finished = [t for t in res.trials if t.status == "ok"]
+    assert finished and res.best.metric == max(t.metric for t in finished)
+    states = {c.info.status for c in _child_runs(res.tracking_uri, res.parent_run_id)}
+    assert states == {"FINISHED"}  # trials ASHA stopped are closed too
+
+
+def test_collapse_is_a_tiny_rank_or_a_vanishing_spread():
+    from pipelines.sweep import CollapseStopper, is_collapsed
+
+    healthy = {"rankme": 4.45, "feature_std": 0.0156}  # a tiny ViT after 8 steps
+    assert not is_collapsed(healthy, 1.5, 1e-4)
+    assert is_collapsed({**healthy, "rankme": 1.1}, 1.5, 1e-4)
+    assert is_collapsed({**healthy, "feature_std": 3e-6}, 1.5, 1e-4)
+    assert not is_collapsed({"loss": 0.3}, 1.5, 1e-4)  # a report without monitors
+    stop = CollapseStopper(1.5, 1e-4)
+    assert stop("t", {"rankme": 1.0}) and not stop("t", healthy) and not stop.stop_all()

@@ -3,7 +3,8 @@
 Label columns become 0/1 targets. A column already holding 0/1 is used as is; a categorical
 column with two values (``sex`` M/F, ``view`` AP/PA) takes the second value in sorted order as
 the positive class (``sex`` F/M -> M, ``view`` AP/PA -> PA), unless the spec names it:
-``view=AP``.
+``view=AP``. A named value also matches inside multi-label cells such as NIH ``findings``
+(``findings=Effusion`` is positive for ``Atelectasis|Effusion``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class Dataset:
     rejected: list[dict[str, str]] = field(default_factory=list)
 
 
+MULTI_SEP = "|"  # separator of multi-label cells
+
+
 def parse_label_spec(spec: str | LabelSpec) -> LabelSpec:
     """``"view=AP"`` -> LabelSpec("view", "AP"); ``"Effusion"`` -> LabelSpec("Effusion")."""
     if isinstance(spec, LabelSpec):
@@ -84,12 +88,15 @@ def binarise(values: Sequence[str], spec: LabelSpec) -> tuple[np.ndarray, str | 
         )
     distinct = sorted(set(vals))
     if spec.positive is not None:
-        if spec.positive not in distinct:
+        # multi-label cells ("Atelectasis|Effusion", as NIH `findings`) match on any member
+        members = [set(v.split(MULTI_SEP)) for v in vals]
+        if not any(spec.positive in m for m in members):
+            known = sorted(set().union(*members))
             raise DatasetError(
                 f"label {spec.name!r}: value {spec.positive!r} never occurs in column "
-                f"{spec.column!r} (values: {distinct[:10]})"
+                f"{spec.column!r} (values: {known[:10]})"
             )
-        return np.array([v == spec.positive for v in vals], dtype=np.int8), spec.positive
+        return np.array([spec.positive in m for m in members], dtype=np.int8), spec.positive
     if set(distinct) <= {"0", "1", "0.0", "1.0"}:
         return np.array([float(v) for v in vals], dtype=np.int8), None
     if len(distinct) == 2:

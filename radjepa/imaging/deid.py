@@ -24,6 +24,7 @@ __all__ = [
     "keyed_hash",
     "pseudonym",
     "resolve_secret",
+    "key_fingerprint",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,13 @@ def resolve_secret(env_name: str = "RADJEPA_DEID_SECRET") -> bytes:
         env_name,
     )
     return DEV_SECRET
+
+
+def key_fingerprint(secret: bytes) -> str:
+    """A short, non-reversible tag of the key, kept in an ingest manifest: a later run into the
+    same destination with another key would give the same patient a second pseudonym and
+    silently split patient-grouped evaluation, so ingest compares tags before writing."""
+    return keyed_hash(secret, "key-fingerprint", "radjepa")[:16]
 
 
 def keyed_hash(secret: bytes, domain: str, value: str) -> str:

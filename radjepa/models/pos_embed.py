@@ -28,13 +28,14 @@ def sincos_2d(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Position table [H*W, dim] for a row-major patch grid; first half encodes the row (y),
-    second half the column (x), matching the token order of a flattened conv patch embedding."""
+    """Position table [H*W, dim] for a row-major patch grid (the token order of a flattened
+    conv patch embedding). The first half encodes the column (x) and the second the row (y),
+    the layout of the MAE / I-JEPA tables, so weights trained with those tables line up."""
     gh, gw = (grid, grid) if isinstance(grid, int) else grid
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding dim must be a multiple of 4, got {dim}")
     ys = torch.arange(gh, dtype=torch.float64, device=device)
     xs = torch.arange(gw, dtype=torch.float64, device=device)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # [H, W] each
-    emb = torch.cat([sincos_1d(dim // 2, yy.flatten()), sincos_1d(dim // 2, xx.flatten())], dim=1)
+    emb = torch.cat([sincos_1d(dim // 2, xx.flatten()), sincos_1d(dim // 2, yy.flatten())], dim=1)
     return emb.to(dtype)  # [H*W, dim]
