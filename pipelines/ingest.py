@@ -49,6 +49,7 @@ __all__ = ["IngestError", "IngestSummary", "list_inputs", "main", "run_ingest", 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+KEY_RECORD = "pseudonyms.json"  # which key made the pseudonyms; written before any shard
 MANIFEST_VERSION = 1
 _READ_CHUNK = 32  # rows per block emitted by the read tasks
 _DECODE_BATCH = 16  # files per decoder call
@@ -325,18 +326,24 @@ class _Dest:
         self.fs.move(tmp, final)
         return f"{sub}/{name}"
 
-    def read_manifest(self) -> dict[str, Any] | None:
-        path = f"{self.root}/{MANIFEST}"
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        path = f"{self.root}/{name}"
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
         with self.fs.open_input_stream(path, compression=None) as f:
             return json.loads(f.read().decode("utf-8"))
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        tmp, final = f"{self.root}/.{MANIFEST}.tmp", f"{self.root}/{MANIFEST}"
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        tmp, final = f"{self.root}/.{name}.tmp", f"{self.root}/{name}"
         with self.fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8"))
+            f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
         self.fs.move(tmp, final)
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        return self.read_json(MANIFEST)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.write_json(MANIFEST, manifest)
 
     def totals(self) -> tuple[int, int, dict[str, int]]:
         images = sum(
@@ -351,18 +358,32 @@ class _Dest:
 # The job
 
 
-def _check_compatible(
-    previous: dict[str, Any] | None, settings: dict[str, Any], key: dict[str, str], env: str
-) -> None:
+def _check_key(dest: _Dest, previous: dict[str, Any] | None, key: dict[str, str], env: str) -> None:
+    """One pseudonymisation key per DST, recorded before the first shard is written (a run
+    that dies before its manifest must not let the next run switch keys unnoticed)."""
+    recorded = dest.read_json(KEY_RECORD) or (previous or {}).get("pseudonyms")
+    if recorded:
+        if recorded.get("key_fingerprint") != key["key_fingerprint"]:
+            raise IngestError(
+                f"destination was ingested with another pseudonymisation key (${env}): the "
+                "same patient would get a second pseudonym and patient-grouped splits would "
+                f"break. Set {env} to the key used before, or ingest into a new DST."
+            )
+        if dest.read_json(KEY_RECORD) is None:
+            dest.write_json(KEY_RECORD, key)
+        return
+    if dest.known_ids():
+        log.warning(
+            "%s holds images but no record of its pseudonymisation key (made by an older "
+            "version): the key cannot be checked; recording the current one",
+            dest.uri,
+        )
+    dest.write_json(KEY_RECORD, key)
+
+
+def _check_compatible(previous: dict[str, Any] | None, settings: dict[str, Any]) -> None:
     if not previous:
         return
-    old_key = previous.get("pseudonyms", {}).get("key_fingerprint")
-    if old_key and old_key != key["key_fingerprint"]:
-        raise IngestError(
-            f"destination was ingested with another pseudonymisation key (${env}): the same "
-            "patient would get a second pseudonym and patient-grouped splits would break. "
-            f"Set {env} to the key used before, or ingest into a new DST."
-        )
     old = previous.get("image", {})
     new = {"size": settings["size"], "dtype": settings["dtype"]}
     if old and {k: old.get(k) for k in new} != new:
@@ -402,7 +423,8 @@ def run_ingest(
         "key": "development" if secret == DEV_SECRET else "secret",
         "key_fingerprint": key_fingerprint(secret),
     }
-    _check_compatible(previous, settings, key, ing.secret_env)
+    _check_compatible(previous, settings)
+    _check_key(dest, previous, key, ing.secret_env)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     summary = IngestSummary(dst=dst, run_id=run_id)
     expected = sum(1 if r["kind"] == "file" else _count_members(r) for r in refs)

@@ -398,35 +398,38 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     storage = storage_root(cfg)
     run_dir = outputs.join(storage, cfg.train.run_name)
     check_tracking_store(cfg, storage)
+    try:
+        outputs.check_writable(storage)
+    except outputs.StorageError as err:
+        raise PretrainError(str(err)) from None
     ensure_ray()
-    if cfg.train.num_workers == 0:
-        from pipelines.runtime import ClusterResourceError, resolve_num_workers, resolve_use_gpu
-
-        try:
-            workers = resolve_num_workers(
-                resolve_use_gpu(cfg.train.use_gpu), cfg.train.cpus_per_worker
-            )
-        except ClusterResourceError as err:
-            raise PretrainError(str(err)) from None
-        log.info("train.num_workers=0: %d workers on this cluster", workers)
-        cfg = cfg.with_overrides({"train.num_workers": workers})
-        check_global_batch(info["train_rows"], cfg)
+    cfg = _resolve_workers(cfg, info["train_rows"])
 
     tracking, run_id, uri = None, None, None
     if cfg.tracking.enabled:
-        run_id, uri = start_tracking(cfg, storage, run_dir)
+        try:
+            run_id, uri = start_tracking(cfg, storage, run_dir)
+        except Exception as err:  # an unreachable server, a store without permission, ...
+            raise PretrainError(
+                f"cannot record the run in MLflow: {type(err).__name__}: {err}"
+            ) from None
         tracking = {"run_id": run_id, "uri": uri}
 
     from pipelines.runtime import ClusterResourceError
+    from pipelines.tracking import mark_run
 
     try:
         trainer = build_trainer(cfg, data, storage=storage, tracking=tracking)
         result = trainer.fit()
         if result.error is not None:
             raise result.error
+    except KeyboardInterrupt:
+        if tracking:  # re-running the same command resumes it
+            mark_run(uri, run_id, "KILLED")
+        raise
     except Exception as err:
         if tracking:
-            _mark_failed(uri, run_id)
+            mark_run(uri, run_id, "FAILED")
         if isinstance(err, ClusterResourceError | PretrainError):
             raise PretrainError(str(err)) from None
         raise PretrainError(_explain_failure(err)) from err
@@ -442,6 +445,22 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     return PretrainResult(run_dir, ckpt, run_id, uri, version, metrics)
 
 
+def _resolve_workers(cfg: Config, train_rows: int) -> Config:
+    """``train.num_workers=0``: as many ranks as the connected cluster offers."""
+    if cfg.train.num_workers != 0:
+        return cfg
+    from pipelines.runtime import ClusterResourceError, resolve_num_workers, resolve_use_gpu
+
+    try:
+        workers = resolve_num_workers(resolve_use_gpu(cfg.train.use_gpu), cfg.train.cpus_per_worker)
+    except ClusterResourceError as err:
+        raise PretrainError(str(err)) from None
+    log.info("train.num_workers=0: %d workers on this cluster", workers)
+    cfg = cfg.with_overrides({"train.num_workers": workers})
+    check_global_batch(train_rows, cfg)
+    return cfg
+
+
 def check_tracking_store(cfg: Config, storage: str) -> None:
     """With outputs on object storage, the default sqlite store would land in the job's
     temporary working folder and vanish with it: ask for a real store instead."""
@@ -449,7 +468,7 @@ def check_tracking_store(cfg: Config, storage: str) -> None:
 
     if (
         cfg.tracking.enabled
-        and "://" in storage
+        and outputs.local_path(storage) is None
         and not cfg.tracking.uri
         and not os.environ.get("MLFLOW_TRACKING_URI")
     ):
@@ -458,16 +477,6 @@ def check_tracking_store(cfg: Config, storage: str) -> None:
             "set tracking.uri (e.g. an MLflow server) or MLFLOW_TRACKING_URI, or "
             "--set tracking.enabled=false"
         )
-
-
-def _mark_failed(uri: str, run_id: str) -> None:
-    """A run that stopped on an error must not stay RUNNING in the UI."""
-    from pipelines.tracking import client as tracking_client
-
-    try:
-        tracking_client(uri).set_terminated(run_id, "FAILED")
-    except Exception:  # the store itself may be what failed; the training error matters more
-        log.warning("could not mark MLflow run %s as FAILED", run_id, exc_info=True)
 
 
 def _explain_failure(err: BaseException) -> str:
@@ -496,9 +505,9 @@ def start_tracking(
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import ensure_experiment, log_params, tracking_uri
 
-    local_root = storage if "://" not in storage else "."
-    uri = uri or tracking_uri(cfg.tracking, local_root)
-    exp_id = ensure_experiment(uri, cfg.tracking.experiment)
+    # with remote outputs check_tracking_store made sure a store URI is configured
+    uri = uri or tracking_uri(cfg.tracking, outputs.local_path(storage) or ".")
+    exp_id = ensure_experiment(uri, cfg.tracking.experiment, storage)
     client = tracking_client(uri)
     id_file = outputs.join(run_dir, "mlflow_run_id")
     previous = outputs.read_text(id_file)
@@ -554,12 +563,13 @@ def finish_tracking(
 def _registered_version(client: Any, name: str, run_id: str, step: str) -> str | None:
     """A version of ``name`` this run already registered at ``step`` (a re-run of a finished
     run has no new weights, so it must not add a duplicate version)."""
-    try:
-        versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    except Exception:  # noqa: BLE001 - a store without a registry: register as usual
+    try:  # filter on the run only (every registry accepts it; a name may hold quotes)
+        versions = client.search_model_versions(f"run_id = '{run_id}'")
+    except Exception as err:  # noqa: BLE001 - the check is a courtesy; registering is the job
+        log.warning("could not list the model versions of run %s: %s", run_id, err)
         return None
     for mv in versions:
-        if (mv.tags or {}).get("step") == step:
+        if mv.name == name and (mv.tags or {}).get("step") == step:
             return str(mv.version)
     return None
 

@@ -62,6 +62,16 @@ def resolve_num_workers(use_gpu: bool, cpus_per_worker: float) -> int:
     import ray
 
     res = ray.cluster_resources()
+    cpus = float(res.get("CPU", 0.0))
     if use_gpu:
-        return max(1, int(res.get("GPU", 0.0)))
-    return max(1, int(float(res.get("CPU", 1.0)) / 2 // cpus_per_worker))
+        # each rank also holds cpus_per_worker CPUs: count only the ranks that can all start
+        workers = min(int(res.get("GPU", 0.0)), int(cpus // cpus_per_worker))
+    else:
+        workers = int(cpus / 2 // cpus_per_worker)
+    if workers < 1:
+        raise ClusterResourceError(
+            f"the cluster cannot hold one training worker ({res.get('GPU', 0)} GPUs, {cpus:g} "
+            f"CPUs for train.cpus_per_worker={cpus_per_worker:g}); lower train.cpus_per_worker "
+            "or add nodes"
+        )
+    return workers

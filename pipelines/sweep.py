@@ -183,7 +183,7 @@ def _rows(
             status = "error"
         elif is_collapsed(m, *floors):
             status = COLLAPSED
-        elif m.get("step") is not None and m["step"] < steps:
+        elif m.get("step") is not None and m["step"] < params.get("train.steps", steps):
             status = STOPPED  # ASHA cut it short: its metric is from fewer steps than the rest
         else:
             status = "ok"
@@ -217,20 +217,12 @@ def run_sweep(
     cfg: Config, data: str, *, num_samples: int | None = None, resume: bool = False
 ) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep named ``cfg.tune.name``."""
-    import ray.tune
-
-    from pipelines.pretrain import (
-        PretrainError,
-        check_tracking_store,
-        inspect_shards,
-        storage_root,
-    )
+    from pipelines.pretrain import PretrainError, check_tracking_store, inspect_shards, storage_root
     from pipelines.runtime import ClusterResourceError, ensure_ray, resolve_use_gpu
-    from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import ensure_experiment, log_params, tracking_uri
 
     _check_space(cfg)
     inspect_shards(data, cfg)
+    given = cfg  # what best.yaml starts from (a trial's adjustments below are not the user's)
     if cfg.train.num_workers == 0:
         # trials run side by side, so the cluster is shared out by trials, not by ranks
         log.info("train.num_workers=0 in a sweep: one worker per trial")
@@ -239,12 +231,12 @@ def run_sweep(
         log.warning("--num-samples is ignored with --resume: the sweep keeps its trials")
     elif num_samples is not None:
         cfg = cfg.with_overrides({"tune.num_samples": num_samples})
-    metric, mode = cfg.tune.metric, "max"
     probe_set = _probe_set(cfg)
     root = storage_root(cfg)
     try:
         check_tracking_store(cfg, root)
-    except PretrainError as err:
+        outputs.check_writable(root)
+    except (PretrainError, outputs.StorageError) as err:
         raise SweepError(str(err)) from None
     ensure_ray()
     try:  # every trial would wait forever for GPUs the cluster does not have
@@ -253,23 +245,9 @@ def run_sweep(
         raise SweepError(str(err)) from None
 
     sweep_dir = outputs.join(root, cfg.tune.name)
-    parent_run_id, uri = None, None
-    if cfg.tracking.enabled:
-        uri = tracking_uri(cfg.tracking, root)
-        exp = ensure_experiment(uri, cfg.tracking.experiment)
-        client = tracking_client(uri)
-        id_file = outputs.join(sweep_dir, "mlflow_parent_run_id")
-        previous = outputs.read_text(id_file) if resume else None
-        if previous:
-            parent_run_id = previous.strip()
-            client.update_run(parent_run_id, status="RUNNING")
-        else:
-            parent_run_id = client.create_run(
-                exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep"}
-            ).info.run_id
-            log_params(parent_run_id, uri, cfg)
-            outputs.write_text(id_file, parent_run_id)
-
+    parent_run_id, uri = (
+        _parent_run(cfg, root, sweep_dir, resume) if cfg.tracking.enabled else (None, None)
+    )
     setup = {
         "config": cfg.model_dump(mode="json"),
         "data": data if "://" in data else str(Path(data).expanduser().resolve()),
@@ -279,79 +257,128 @@ def run_sweep(
         "tracking_uri": uri,
         "probe_set": probe_set,
     }
+    floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
+    try:
+        grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
+        rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
+        best = _best(rows)
+        best_path = _write_best(given, cfg, best, sweep_dir, setup["data"]) if best else None
+        if parent_run_id:
+            _finish_parent_run(uri, parent_run_id, rows, best, best_path, cfg.tune.metric)
+    except BaseException:
+        if parent_run_id:  # an interrupted sweep is resumable; its run must not look alive
+            from pipelines.tracking import mark_run
+
+            mark_run(uri, parent_run_id, "FAILED")
+        raise
+    return SweepResult(sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri)
+
+
+def _parent_run(cfg: Config, root: str, sweep_dir: str, resume: bool) -> tuple[str, str]:
+    """The sweep's MLflow parent run: created once, continued by ``--resume``."""
+    from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import ensure_experiment, log_params, tracking_uri
+
+    uri = tracking_uri(cfg.tracking, outputs.local_path(root) or ".")
+    exp = ensure_experiment(uri, cfg.tracking.experiment, root)
+    client = tracking_client(uri)
+    id_file = outputs.join(sweep_dir, "mlflow_parent_run_id")
+    previous = outputs.read_text(id_file) if resume else None
+    if previous:
+        client.update_run(previous.strip(), status="RUNNING")
+        return previous.strip(), uri
+    run_id = client.create_run(
+        exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep"}
+    ).info.run_id
+    log_params(run_id, uri, cfg)
+    outputs.write_text(id_file, run_id)
+    return run_id, uri
+
+
+def _tuner(
+    cfg: Config, sweep_dir: str, setup: dict[str, Any], floors: tuple[float, float], resume: bool
+) -> Any:
+    """A new Tuner, or with ``resume`` the one restored from ``sweep_dir/tune``."""
+    import ray.tune
+
+    metric, mode = cfg.tune.metric, "max"
     trainable = ray.tune.with_parameters(_trial, setup=setup)
     # the trial driver only waits on its TorchTrainer: a fraction of a CPU is enough
     trainable = ray.tune.with_resources(trainable, {"CPU": 0.25})
-    floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
     tune_dir = outputs.join(sweep_dir, "tune")
     if resume:
         if not ray.tune.Tuner.can_restore(tune_dir):
             raise SweepError(f"nothing to resume at {tune_dir}: run the sweep without --resume")
-        tuner = ray.tune.Tuner.restore(
+        return ray.tune.Tuner.restore(
             tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-    else:
-        if outputs.has_entries(tune_dir):
-            raise SweepError(
-                f"sweep '{cfg.tune.name}' already exists at {sweep_dir}: pass --resume to "
-                "continue it, or choose another tune.name"
-            )
-        scheduler = None
-        if cfg.tune.asha:
-            from ray.tune.schedulers import ASHAScheduler
+    if outputs.has_entries(tune_dir):
+        raise SweepError(
+            f"sweep '{cfg.tune.name}' already exists at {sweep_dir}: pass --resume to "
+            "continue it, or choose another tune.name"
+        )
+    scheduler = None
+    if cfg.tune.asha:
+        from ray.tune.schedulers import ASHAScheduler
 
-            max_t = max(1, math.ceil(cfg.train.steps / cfg.train.checkpoint_every))
-            scheduler = ASHAScheduler(
-                metric=metric,
-                mode=mode,
-                max_t=max_t,
-                grace_period=min(cfg.tune.grace_period, max_t),
-            )
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=search_space(cfg.tune.search_space, cfg.tune.search_alg),
-            tune_config=ray.tune.TuneConfig(
-                num_samples=1 if cfg.tune.search_alg == "grid" else cfg.tune.num_samples,
-                search_alg=_searcher(cfg, metric, mode),
-                scheduler=scheduler,
-                max_concurrent_trials=cfg.tune.max_concurrent or None,
-                metric=None if scheduler else metric,
-                mode=None if scheduler else mode,
-            ),
-            run_config=ray.tune.RunConfig(
-                name="tune",
-                storage_path=sweep_dir,
-                stop=CollapseStopper(*floors),
-            ),
+        max_t = max(1, math.ceil(cfg.train.steps / cfg.train.checkpoint_every))
+        scheduler = ASHAScheduler(
+            metric=metric, mode=mode, max_t=max_t, grace_period=min(cfg.tune.grace_period, max_t)
         )
-    grid = tuner.fit()
-    rows = _rows(grid, metric, floors, root, cfg.train.steps)
-    best = _best(rows)
-    best_path = None
-    if best is not None:
-        best_cfg = cfg.with_overrides(
-            {
-                **best.params,
-                "train.run_name": f"{cfg.tune.name}-best",
-                "tune.search_space": {},
-                "data.shards": setup["data"],  # `radjepa pretrain -c best.yaml` needs no --data
-            }
-        )
-        best_path = outputs.join(sweep_dir, "best.yaml")
-        outputs.write_text(
-            best_path,
-            f"# best trial {best.trial_id} of sweep {cfg.tune.name}: {metric}={best.metric:.4f}\n"
-            f"# checkpoint: {best.checkpoint}\n" + config_to_yaml(best_cfg),
-        )
-    if parent_run_id:
-        client = tracking_client(uri)
-        _close_trial_runs(client, parent_run_id, rows)
-        if best is not None:
-            client.log_metric(parent_run_id, f"best_{metric}", best.metric)
-            client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
-            _log_text_artifact(client, parent_run_id, best_path)
-        client.set_terminated(parent_run_id, "FINISHED")
-    return SweepResult(sweep_dir, metric, rows, best, best_path, parent_run_id, uri)
+    return ray.tune.Tuner(
+        trainable,
+        param_space=search_space(cfg.tune.search_space, cfg.tune.search_alg),
+        tune_config=ray.tune.TuneConfig(
+            num_samples=1 if cfg.tune.search_alg == "grid" else cfg.tune.num_samples,
+            search_alg=_searcher(cfg, metric, mode),
+            scheduler=scheduler,
+            max_concurrent_trials=cfg.tune.max_concurrent or None,
+            metric=None if scheduler else metric,
+            mode=None if scheduler else mode,
+        ),
+        run_config=ray.tune.RunConfig(
+            name="tune", storage_path=sweep_dir, stop=CollapseStopper(*floors)
+        ),
+    )
+
+
+def _write_best(given: Config, cfg: Config, best: TrialRow, sweep_dir: str, data: str) -> str:
+    """``best.yaml``: the user's config with the best trial's values, a whole pretrain job."""
+    best_cfg = given.with_overrides(
+        {
+            **best.params,
+            "train.run_name": f"{cfg.tune.name}-best",
+            "tune.search_space": {},
+            "data.shards": data,  # `radjepa pretrain -c best.yaml` needs no --data
+        }
+    )
+    best_path = outputs.join(sweep_dir, "best.yaml")
+    outputs.write_text(
+        best_path,
+        f"# best trial {best.trial_id} of sweep {cfg.tune.name}: "
+        f"{cfg.tune.metric}={best.metric:.4f}\n"
+        f"# checkpoint: {best.checkpoint}\n" + config_to_yaml(best_cfg),
+    )
+    return best_path
+
+
+def _finish_parent_run(
+    uri: str,
+    parent_run_id: str,
+    rows: list[TrialRow],
+    best: TrialRow | None,
+    best_path: str | None,
+    metric: str,
+) -> None:
+    from pipelines.tracking import client as tracking_client
+
+    client = tracking_client(uri)
+    _close_trial_runs(client, parent_run_id, rows)
+    if best is not None and best_path is not None:
+        client.log_metric(parent_run_id, f"best_{metric}", best.metric)
+        client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
+        _log_text_artifact(client, parent_run_id, best_path)
+    client.set_terminated(parent_run_id, "FINISHED")
 
 
 def _log_text_artifact(client: Any, run_id: str, location: str) -> None:

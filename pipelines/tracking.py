@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from radjepa.config import Config, TrackingConfig
+from radjepa.shards import join_location
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,12 @@ def ui_command(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}"
 
 
-def ensure_experiment(uri: str, name: str) -> str:
-    """Create (or find) the experiment; a sqlite store keeps artifacts in ``mlartifacts/`` beside
-    its database file, so the store is one self-contained folder wherever the outputs go."""
+def ensure_experiment(uri: str, name: str, artifact_root: str | None = None) -> str:
+    """Create (or find) the experiment. A sqlite store keeps artifacts in ``mlartifacts/``
+    beside its database file, so the store is one self-contained folder; another database
+    store (postgresql://, mysql://) without a server keeps them under ``artifact_root`` (the
+    job's output root, local or a bucket), because MLflow's default, ``./mlruns``, would land in
+    a Ray job's temporary working folder and vanish with it. A tracking server decides itself."""
 
     # never mlflow.set_tracking_uri(): it also exports MLFLOW_TRACKING_URI into this process's
     # environment, which would silently redirect every later run in the process to this store
@@ -68,10 +72,19 @@ def ensure_experiment(uri: str, name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     artifact_location = None
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
     if uri.startswith("sqlite:///"):
         # sqlite:////abs/mlflow.db is absolute; sqlite:///mlflow.db is relative to the cwd
         db = Path(uri[len("sqlite:///") :].split("?", 1)[0]).resolve()
         artifact_location = (db.parent / "mlartifacts").as_uri()
+    elif scheme in ("postgresql", "mysql", "mssql", "oracle"):
+        if artifact_root is None:
+            log.warning("MLflow store %s without an artifact root: MLflow uses ./mlruns", scheme)
+        else:
+            root = (
+                artifact_root if "://" in artifact_root else Path(artifact_root).resolve().as_uri()
+            )
+            artifact_location = join_location(root, "mlartifacts")
     try:
         return mc.create_experiment(name, artifact_location=artifact_location)
     except Exception:  # another process created it first
@@ -130,3 +143,13 @@ def register_artifact_dir(
     if alias:
         mc.set_registered_model_alias(name, alias, mv.version)
     return str(mv.version)
+
+
+def mark_run(uri: str, run_id: str, status: str) -> None:
+    """End a run that stopped on an error (or was interrupted) so it does not stay RUNNING in
+    the UI; never raises, because the store itself may be what failed and the original error
+    is the one to report."""
+    try:
+        client(uri).set_terminated(run_id, status)
+    except Exception:  # noqa: BLE001
+        log.warning("could not mark MLflow run %s as %s", run_id, status, exc_info=True)

@@ -48,7 +48,7 @@ def log_probe_run(
 
     out = Path(out_dir).resolve()
     uri = tracking_uri(cfg.tracking, out)
-    exp_id = ensure_experiment(uri, cfg.tracking.experiment)
+    exp_id = ensure_experiment(uri, cfg.tracking.experiment, str(out))
     client = mlflow.MlflowClient(uri)
     enc = report.get("encoder", {})
     run = client.create_run(

@@ -13,6 +13,7 @@ import posixpath
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -168,7 +169,9 @@ class MasksConfig(_Section):
     ``masking_ratio`` is the one sweepable knob that maps onto scales: when set, each of the
     ``num_targets`` blocks gets a scale range centred on ``masking_ratio / num_targets`` with
     the method's relative spread (+-1/7), so the default 0.7 with 4 targets gives exactly the
-    method's (0.15, 0.2). Leave it unset to give ``target_scale`` directly.
+    method's (0.15, 0.2). Leave it unset to give ``target_scale`` directly. Whichever of the two
+    a later layer sets (a YAML over the one it extends, ``--set`` over the file, a sweep trial
+    over its base) replaces the other; both in one layer is an error.
 
     Context sets must have one length per batch. The method cuts them to the batch's smallest
     context, so the length changes every step and a compiled GPU step recompiles or falls back
@@ -192,10 +195,19 @@ class MasksConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> MasksConfig:
-        # masking_ratio, when set, wins over an explicit target_scale (one knob for sweeps).
+        # masking_ratio derives target_scale; both given together is a contradiction (a later
+        # layer's masking_ratio replaces an earlier target_scale: see _layer_masks)
         if self.masking_ratio is not None:
             centre = self.masking_ratio / self.num_targets
             scale = (centre * 6 / 7, centre * 8 / 7)
+            if "target_scale" in self.model_fields_set and not all(
+                abs(a - b) < 1e-9 for a, b in zip(self.target_scale, scale, strict=True)
+            ):
+                raise ValueError(
+                    f"masking_ratio={self.masking_ratio} and target_scale="
+                    f"{tuple(self.target_scale)} are both set; masking_ratio derives the scale "
+                    "(set one, or masks.masking_ratio=null to use target_scale)"
+                )
             # object.__setattr__ avoids re-entering validation on assignment
             object.__setattr__(self, "target_scale", scale)
         for name in ("target_scale", "context_scale"):
@@ -469,6 +481,12 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -
     else:
         items = [parse_override(s) for s in overrides]
     tree = cfg.model_dump(mode="python", exclude_defaults=False)
+    if cfg.masks.masking_ratio is not None:
+        tree["masks"].pop("target_scale")  # derived, not given
+    else:
+        tree["masks"].pop("masking_ratio")
+    keys = {key for key, _ in items}
+    tree = _layer_masks(tree, {"masks": {k[6:]: None for k in keys if k.startswith("masks.")}})
     for key, value in items:
         if key.startswith("tune.search_space."):
             # search-space keys are themselves dotted: tune.search_space.<dotted.key>.<field>
@@ -501,7 +519,21 @@ def _read_text(location: str) -> str | None:
         raise ConfigError(f"cannot read config {location}: {err}") from None
 
 
-def _read_yaml(location: str) -> dict[str, Any]:
+def _parent_location(location: str, base: str) -> str:
+    """Where ``extends: base`` points from the config at ``location``: a URI as given, else
+    relative to the config's folder (inside the same bucket or filesystem for a URI config)."""
+    if "://" in base:
+        return base
+    if "://" not in location:
+        return str((Path(location).parent / base).resolve())
+    parts = urlsplit(location)
+    path = posixpath.normpath(posixpath.join(posixpath.dirname(parts.path), base))
+    return f"{parts.scheme}://{parts.netloc}{path}" + (f"?{parts.query}" if parts.query else "")
+
+
+def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    if location in seen:
+        raise ConfigError(f"config files extend each other in a loop: {' -> '.join(seen)}")
     text = _read_text(location)
     if text is None:
         raise ConfigError(f"config file not found: {location}")
@@ -513,17 +545,27 @@ def _read_yaml(location: str) -> dict[str, Any]:
         raise ConfigError(f"{location}: top level must be a mapping of sections")
     base = data.pop("extends", None)
     if base is not None:
-        if "://" in location:
-            scheme, rest = location.split("://", 1)
-            rest = posixpath.normpath(posixpath.join(posixpath.dirname(rest), str(base)))
-            parent_loc = f"{scheme}://{rest}"
-        else:
-            parent_loc = str((Path(location).parent / str(base)).resolve())
-        data = _deep_merge(_read_yaml(parent_loc), data)
+        parent = _read_yaml(_parent_location(location, str(base)), (*seen, location))
+        data = _deep_merge(parent, data)
     return data
 
 
+def _layer_masks(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """A layer (YAML file over its parent, or overrides over a config) that sets one of the two
+    ways of giving the target scale replaces the other one from the layers below."""
+    masks = over.get("masks")
+    if not isinstance(masks, Mapping) or not isinstance(base.get("masks"), dict):
+        return base
+    below = dict(base["masks"])
+    if "masking_ratio" in masks and "target_scale" not in masks:
+        below.pop("target_scale", None)
+    if "target_scale" in masks and "masking_ratio" not in masks:
+        below.pop("masking_ratio", None)
+    return {**base, "masks": below}
+
+
 def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    base = _layer_masks(base, over)
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), dict) and k != "search_space":

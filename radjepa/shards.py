@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -84,12 +85,42 @@ def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
 
 
-def _join(location: str | Path, fs_path: str) -> str:
-    """``fs_path`` spelled like ``location``: a URI stays a URI, a local path stays a path."""
+def spell_like(location: str | Path, fs_path: str) -> str:
+    """``fs_path`` (a path inside ``location``'s filesystem, as pyarrow and Ray report it)
+    spelled like ``location``: a local path stays a path; a URI keeps its scheme, its authority
+    where the filesystem's paths leave it out (``hdfs://host:port``) and its query
+    (``?endpoint_override=...`` of an S3-compatible store)."""
     text = str(location)
-    if "://" in text:
-        return f"{text.split('://', 1)[0]}://{fs_path}"
-    return fs_path
+    if "://" not in text or "://" in fs_path:
+        return fs_path
+    parts = urlsplit(text)
+    query = f"?{parts.query}" if parts.query else ""
+    if fs_path.startswith("/"):  # file://, hdfs://host:port: the path excludes the authority
+        return f"{parts.scheme}://{parts.netloc}{fs_path}{query}"
+    return f"{parts.scheme}://{fs_path}{query}"  # object stores: the bucket leads the path
+
+
+def join_location(root: str | Path, *names: str) -> str:
+    """``root/name/...`` for a path or a URI (``Path`` would fold ``s3://`` into ``s3:/``, and
+    a plain string join would put the names after a URI's query)."""
+    text = str(root)
+    tail = [n.strip("/") for n in names]
+    if "://" not in text:
+        return "/".join([text.rstrip("/"), *tail])
+    parts = urlsplit(text)
+    query = f"?{parts.query}" if parts.query else ""
+    path = "/".join([parts.path.rstrip("/"), *tail])
+    return f"{parts.scheme}://{parts.netloc}{path}{query}"
+
+
+def local_path(location: str | Path) -> str | None:
+    """The local folder behind ``location`` (a path or a ``file://`` URI); None for remote
+    storage, where nothing can be written with plain file APIs."""
+    text = str(location)
+    if "://" not in text:
+        return os.path.abspath(os.path.expanduser(text))
+    parts = urlsplit(text)
+    return unquote(parts.path) if parts.scheme == "file" else None
 
 
 def shard_folder(dst: str | Path) -> str:
@@ -99,8 +130,8 @@ def shard_folder(dst: str | Path) -> str:
     root = root.rstrip("/")
     sub = f"{root}/{IMAGES_DIR}"
     if fs.get_file_info(sub).type == pafs.FileType.Directory:
-        return _join(dst, sub)
-    return _join(dst, root)
+        return spell_like(dst, sub)
+    return spell_like(dst, root)
 
 
 def list_shards(dst: str | Path) -> list[str]:
@@ -112,7 +143,7 @@ def list_shards(dst: str | Path) -> list[str]:
     if info.type == pafs.FileType.Directory:
         entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
         files = sorted(
-            _join(dst, e.path)
+            spell_like(dst, e.path)
             for e in entries
             if e.type == pafs.FileType.File and e.path.endswith(".parquet")
         )

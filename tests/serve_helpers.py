@@ -123,3 +123,28 @@ def write_index(path: Path, embeddings: np.ndarray, image_ids: list[str]) -> Pat
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def fuzz_openapi(api, auth: dict[str, str], max_examples: int, **call_kwargs) -> None:
+    """schemathesis over every operation of ``api``, each case sent without and with a key:
+    bounded, derandomised, and failing on any 5xx."""
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/embed", "/v1/classify", "/v1/similar"}
+    for op in operations:
+
+        @given(case=op.as_strategy())
+        @settings(
+            max_examples=max_examples,
+            deadline=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        )
+        def fuzz(case):
+            for headers in ({}, auth):  # unauthenticated and authenticated traffic
+                case.call_and_validate(headers=headers, checks=[not_a_server_error], **call_kwargs)
+
+        fuzz()

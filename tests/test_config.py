@@ -112,6 +112,30 @@ def test_masking_ratio_maps_to_target_scales():
     assert cfg.masks.target_scale == pytest.approx((0.2 * 6 / 7, 0.2 * 8 / 7))
 
 
+def test_masking_ratio_and_target_scale_later_layer_wins_same_layer_conflicts(tmp_path):
+    # tiny_cpu.yaml inherits an explicit target_scale: an override of the ratio replaces it
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml", ["masks.masking_ratio=0.4"])
+    assert cfg.masks.target_scale == pytest.approx((0.1 * 6 / 7, 0.1 * 8 / 7))
+    # ... and a later target_scale replaces the ratio
+    back = cfg.with_overrides({"masks.target_scale": [0.1, 0.12]})
+    assert back.masks.masking_ratio is None and back.masks.target_scale == (0.1, 0.12)
+    # the ratio survives unrelated overrides
+    assert cfg.with_overrides({"train.steps": 3}).masks.masking_ratio == 0.4
+    # a YAML layer that sets the ratio over a parent's scale
+    (tmp_path / "child.yaml").write_text(
+        f"extends: {CONFIGS / 'tiny_cpu.yaml'}\nmasks:\n  masking_ratio: 0.4\n"
+    )
+    assert load_config(tmp_path / "child.yaml").masks.target_scale == cfg.masks.target_scale
+    # both in one layer contradict each other
+    with pytest.raises(ConfigError, match="masking_ratio=0.4 and target_scale=.*both set"):
+        load_config(None, ["masks.masking_ratio=0.4", "masks.target_scale=[0.1, 0.2]"])
+    (tmp_path / "both.yaml").write_text(
+        "masks:\n  masking_ratio: 0.4\n  target_scale: [0.1, 0.2]\n"
+    )
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(tmp_path / "both.yaml")
+
+
 def test_yaml_round_trip(tmp_path):
     cfg = load_config(CONFIGS / "tiny_cpu.yaml", ["masks.masking_ratio=0.5", "train.steps=7"])
     path = tmp_path / "best.yaml"
@@ -169,6 +193,16 @@ def test_configs_load_from_a_uri_with_relative_extends(tmp_path):
         load_config((tmp_path / "nope.yaml").as_uri())
     with pytest.raises(ConfigError, match="cannot read config nosuch://"):
         load_config("nosuch://bucket/best.yaml")
+    # extends may itself be a URI, from a local config or a URI one
+    (tmp_path / "uri_child.yaml").write_text(f"extends: {(tmp_path / 'base.yaml').as_uri()}\n")
+    assert load_config(tmp_path / "uri_child.yaml").train.steps == 11
+    # a loop is an error, not a RecursionError traceback
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extend each other in a loop"):
+        load_config((tmp_path / "a.yaml").as_uri())
+    with pytest.raises(ConfigError, match="extend each other in a loop"):
+        load_config(tmp_path / "a.yaml")
 
 
 def test_unknown_yaml_keys_fail_naming_the_key(tmp_path):

@@ -269,6 +269,16 @@ def test_another_pseudonymisation_key_into_same_dst_is_refused(
         run_ingest([str(corpus.root)], str(dst), _cfg(), progress=False)
     assert (dst / "manifest.json").read_bytes() == before  # nothing written
     assert other not in before.decode()
+    # the record is written before the first shard: a run that died before its manifest
+    # still pins the key
+    (dst / "manifest.json").rename(dst / "manifest.json.bak")
+    try:
+        with pytest.raises(IngestError, match="another pseudonymisation key"):
+            run_ingest([str(corpus.root)], str(dst), _cfg(), progress=False)
+    finally:
+        (dst / "manifest.json.bak").rename(dst / "manifest.json")
+    record = json.loads((dst / "pseudonyms.json").read_text())
+    assert record["key_fingerprint"] == key_fingerprint(used)
 
 
 def test_keep_source_paths_too_large_and_dst_inside_source(ray_session, tmp_path) -> None:

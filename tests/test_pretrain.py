@@ -160,11 +160,14 @@ def test_impossible_requests_fail_in_one_line_and_mark_the_run_failed(shards, tm
 
 def test_worker_count_from_the_cluster(ray_session):
     # the session's Ray has 8 logical CPUs and no GPU: half of them for DDP ranks
-    from pipelines.runtime import resolve_num_workers
+    from pipelines.runtime import ClusterResourceError, resolve_num_workers
 
     assert resolve_num_workers(False, 1.0) == 4
     assert resolve_num_workers(False, 3.0) == 1
-    assert resolve_num_workers(False, 8.0) == 1  # never zero
+    with pytest.raises(ClusterResourceError, match="cannot hold one training worker"):
+        resolve_num_workers(False, 8.0)  # 4 CPUs left for ranks, each asking for 8
+    with pytest.raises(ClusterResourceError, match="0 GPUs"):
+        resolve_num_workers(True, 1.0)
 
 
 def test_shards_are_read_from_a_uri(shards, tmp_path):

@@ -19,6 +19,7 @@ from serve_helpers import (
     REPO,
     cosine,
     dicom_from_png,
+    fuzz_openapi,
     make_checkpoint,
     make_head,
     nih_pngs,
@@ -300,27 +301,8 @@ def test_head_or_index_of_the_wrong_size_is_refused(world):
 def test_openapi_fuzz_finds_no_server_error(client):
     """schemathesis generates requests from /openapi.json for every operation (bounded)."""
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from schemathesis.checks import not_a_server_error
 
-    api = schemathesis.openapi.from_asgi("/openapi.json", client.app)
-    operations = [result.ok() for result in api.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/embed", "/v1/classify", "/v1/similar"}
-    for op in operations:
-
-        @given(case=op.as_strategy())
-        @settings(
-            max_examples=6,
-            deadline=None,
-            derandomize=True,
-            suppress_health_check=list(HealthCheck),
-            database=None,
-        )
-        def fuzz(case):
-            for headers in ({}, AUTH):  # unauthenticated and authenticated traffic
-                case.call_and_validate(headers=headers, checks=[not_a_server_error])
-
-        fuzz()
+    fuzz_openapi(schemathesis.openapi.from_asgi("/openapi.json", client.app), AUTH, 6)
 
 
 def test_head_for_another_encoder_is_refused(world, tmp_path):

@@ -19,6 +19,7 @@ from serve_helpers import (
     cosine,
     dicom_from_png,
     free_port,
+    fuzz_openapi,
     make_checkpoint,
     make_head,
     nih_pngs,
@@ -184,26 +185,6 @@ def test_generated_requests_never_get_a_server_error_from_the_live_service(servi
     """schemathesis against the deployed app's own /openapi.json over real HTTP (the in-process
     variant in test_serve_app covers more examples; this one proves the proxy path agrees)."""
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from schemathesis.checks import not_a_server_error
 
     api = schemathesis.openapi.from_url(f"{service['url']}/openapi.json")
-    operations = [result.ok() for result in api.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/embed", "/v1/classify", "/v1/similar"}
-    for op in operations:
-
-        @given(case=op.as_strategy())
-        @settings(
-            max_examples=3,
-            deadline=None,
-            derandomize=True,
-            suppress_health_check=list(HealthCheck),
-            database=None,
-        )
-        def fuzz(case):
-            for headers in ({}, AUTH):
-                case.call_and_validate(
-                    base_url=service["url"], headers=headers, checks=[not_a_server_error]
-                )
-
-        fuzz()
+    fuzz_openapi(api, AUTH, 3, base_url=service["url"])
