@@ -212,7 +212,8 @@ def serve_cmd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="Checkpoint folder or models:/<name>@<alias>.")
+        str | None,
+        typer.Option("--model", help="Checkpoint folder or URI, or models:/<name>@<alias>."),
     ] = None,
     head: Annotated[str | None, typer.Option("--head", help="Probe head folder.")] = None,
     index: Annotated[
@@ -272,7 +273,8 @@ def embed_cmd(
     shards: Annotated[Path, typer.Argument(help="Output folder of `radjepa ingest`.")],
     out: Annotated[Path, typer.Argument(help="New folder for the embeddings Parquet.")],
     model: Annotated[
-        str, typer.Option("--model", help="Checkpoint folder or models:/<name>@<alias>.")
+        str,
+        typer.Option("--model", help="Checkpoint folder or URI, or models:/<name>@<alias>."),
     ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -498,7 +500,10 @@ def jobs_stop(
 
 @app.command("probe")
 def probe_cmd(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint folder from `radjepa pretrain`.")],
+    checkpoint: Annotated[
+        str,
+        typer.Argument(help="Checkpoint folder or URI from `radjepa pretrain`, or models:/..."),
+    ],
     label: Annotated[
         list[str],
         typer.Option(
@@ -546,8 +551,6 @@ def probe_cmd(
     cfg = load(config, set_)
     if register_head and not (mlflow and cfg.tracking.enabled):
         raise UserError("--register-head needs MLflow tracking (drop --no-mlflow)")
-    if not checkpoint.exists():
-        raise UserError(f"checkpoint not found: {checkpoint}")
     if (csv is None) == (shards is None):
         raise UserError("give exactly one of --csv or --shards")
     if seg_csv is not None and not structure:
@@ -555,10 +558,15 @@ def probe_cmd(
     from radjepa.checkpoint import CheckpointError
     from radjepa.eval.features import DatasetError
     from radjepa.eval.runner import run_probe
+    from serve.registry import ModelNotFound, resolve_model
 
     try:
+        resolved = resolve_model(str(checkpoint), tracking_uri=cfg.tracking.uri)
+    except ModelNotFound as err:
+        raise UserError(str(err)) from None
+    try:
         report = run_probe(
-            checkpoint,
+            resolved.path,
             csv,
             label,
             out,

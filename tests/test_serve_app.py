@@ -381,6 +381,29 @@ def test_registry_alias_resolves_to_the_checkpoint_folder(world, tmp_path):
         resolve_model(str(tmp_path / "missing"))
 
 
+def test_checkpoint_uri_is_fetched_once_without_optimizer_state(world, tmp_path, monkeypatch):
+    # what `radjepa pretrain` prints for object-storage outputs; file:// takes the same path
+    from radjepa.eval.heads import checkpoint_fingerprint
+    from serve.registry import ModelNotFound, resolve_model
+
+    monkeypatch.setenv("RADJEPA_CACHE", str(tmp_path / "cache"))
+    ckpt = Path(world["runner"].info.source)
+    remote = tmp_path / "bucket" / "run" / "checkpoint_1"
+    shutil.copytree(ckpt, remote)
+    (remote / "optimizer.safetensors").write_bytes(b"large and not needed to serve")
+    first = resolve_model(remote.as_uri())
+    assert sorted(p.name for p in first.path.iterdir()) == ["meta.json", "weights.safetensors"]
+    assert checkpoint_fingerprint(first.path) == checkpoint_fingerprint(ckpt)
+    runner = EncoderRunner.from_checkpoint(first.path)
+    assert runner.info.embed_dim == world["runner"].info.embed_dim
+    (remote / "weights.safetensors").unlink()  # cached: not read again
+    assert resolve_model(remote.as_uri()).path == first.path
+    with pytest.raises(ModelNotFound, match=r"^model checkpoint not found: .*has no meta.json"):
+        resolve_model((tmp_path / "bucket" / "run").as_uri())
+    with pytest.raises(ModelNotFound, match="cannot read checkpoint nosuch://"):
+        resolve_model("nosuch://bucket/ckpt")
+
+
 def test_jpeg_of_the_same_image_embeds_alike(client, world):
     import io
 
