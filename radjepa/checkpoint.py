@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from radjepa.config import Config
@@ -317,6 +318,33 @@ def _load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str
         raise CheckpointError(f"{what} does not match the model: {err}") from None
 
 
+def _saved_config(p: Path, data: dict[str, Any]) -> Config:
+    """The config a checkpoint was trained with. Training and serving are upgraded apart, so a
+    key this version does not know is dropped with a warning, unless it is in ``model`` (an
+    unknown architecture switch would build a different network than the weights expect)."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        problems = err.errors()
+        unknown = [e["loc"] for e in problems if e["type"] == "extra_forbidden"]
+        if len(unknown) != len(problems) or any(loc[0] == "model" for loc in unknown):
+            raise CheckpointError(
+                f"{p}: its config does not fit this version of radjepa: {err}"
+            ) from None
+    cleaned = json.loads(json.dumps(data))
+    for loc in unknown:
+        node = cleaned
+        for key in loc[:-1]:
+            node = node[key]
+        node.pop(loc[-1], None)
+    log.warning(
+        "%s: ignoring config keys from a newer radjepa: %s",
+        p,
+        ", ".join(".".join(map(str, loc)) for loc in unknown),
+    )
+    return Config.model_validate(cleaned)
+
+
 def load_checkpoint(
     path: str | os.PathLike[str],
     into: Pretrainer | JEPA | None = None,
@@ -328,7 +356,7 @@ def load_checkpoint(
 
     p = Path(path)
     meta = read_meta(p)
-    cfg = Config.model_validate(meta["config"])
+    cfg = _saved_config(p, meta["config"])
     weights = _read_weights(p, map_location)
     missing = [part for part in meta.get("parts", []) if part not in weights]
     if missing:
@@ -370,7 +398,7 @@ def load_encoder(
         raise ValueError(f"which must be 'target' or 'context', got {which!r}")
     p = Path(path)
     meta = read_meta(p)
-    cfg = Config.model_validate(meta["config"])
+    cfg = _saved_config(p, meta["config"])
     part = "target_encoder" if which == "target" else "encoder"
     weights = _read_weights(p, map_location)
     if part not in weights:

@@ -133,6 +133,24 @@ def test_load_encoder_target_and_context(trained):
         assert not torch.equal(target(x), context(x))
 
 
+def test_config_keys_from_a_newer_version(trained, caplog):
+    # training and serving are upgraded apart: an unknown training knob is dropped with a
+    # warning, an unknown architecture switch is refused
+    p, path = trained
+    meta = json.loads((path / "meta.json").read_text())
+    meta["config"]["train"]["new_knob"] = 3
+    meta["config"]["newsection"] = {"x": 1}
+    (path / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING"):
+        target, cfg = load_encoder(path)
+    assert cfg.model == p.cfg.model
+    assert "train.new_knob" in caplog.text and "newsection" in caplog.text
+    meta["config"]["model"]["qk_norm"] = True
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not fit this version"):
+        load_encoder(path)
+
+
 def test_encoder_only_checkpoint(tmp_path):
     cfg = load_config(TINY)
     enc = build_encoder(cfg)
