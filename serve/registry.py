@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ResolvedModel", "ModelNotFound", "resolve_model"]
+__all__ = ["ResolvedModel", "ModelNotFound", "resolve_model", "latest_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,15 @@ def resolve_model(ref: str, *, tracking_uri: str | None = None) -> ResolvedModel
     """A local checkpoint folder for ``ref`` (downloads registry artifacts when needed)."""
     m = _REGISTRY.match(ref)
     if m is None and "://" in ref:
-        return ResolvedModel(path=_fetch(ref), name=None, version=None, source=ref)
+        return ResolvedModel(
+            path=_fetch(latest_checkpoint(ref)), name=None, version=None, source=ref
+        )
     if m is None:
         path = Path(ref).expanduser()
         if not path.exists():
             raise ModelNotFound(f"model checkpoint not found: {path}")
-        return ResolvedModel(path=path.resolve(), name=None, version=None, source=ref)
+        path = Path(latest_checkpoint(str(path.resolve())))
+        return ResolvedModel(path=path, name=None, version=None, source=ref)
 
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -65,6 +68,41 @@ def resolve_model(ref: str, *, tracking_uri: str | None = None) -> ResolvedModel
         raise ModelNotFound(f"cannot resolve {ref} in the MLflow registry: {err}") from None
     log.info("resolved %s -> version %s at %s", ref, mv.version, local)
     return ResolvedModel(path=Path(local), name=name, version=str(mv.version), source=ref)
+
+
+def latest_checkpoint(location: str) -> str:
+    """``location`` itself when it is a checkpoint folder; for a run folder (what
+    ``radjepa pretrain`` prints as "run folder"), its checkpoint with the highest step."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from radjepa.checkpoint import META
+    from radjepa.shards import filesystem, spell_like
+
+    try:
+        fs, root = filesystem(location)
+        root = root.rstrip("/")
+        if fs.get_file_info(f"{root}/{META}").type == pafs.FileType.File:
+            return location
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            return location  # _fetch / the loader say what is wrong with it
+        found = []
+        for entry in fs.get_file_info(pafs.FileSelector(root)):
+            name = entry.path.rstrip("/").rsplit("/", 1)[-1]
+            meta = f"{entry.path}/{META}"
+            if entry.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
+                continue
+            if fs.get_file_info(meta).type == pafs.FileType.File:
+                with fs.open_input_stream(meta) as f:
+                    found.append((int(json.loads(f.read()).get("step", 0)), name, entry.path))
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(f"cannot read checkpoint {location}: {err}") from None
+    if not found:
+        return location
+    step, _, path = max(found)
+    log.info("%s is a run folder: using its step-%d checkpoint %s", location, step, path)
+    return spell_like(location, path)
 
 
 def _fetch(uri: str) -> Path:

@@ -7,6 +7,7 @@ app runs behind Ray Serve in tests/test_serve_ray.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -398,8 +399,17 @@ def test_checkpoint_uri_is_fetched_once_without_optimizer_state(world, tmp_path,
     assert runner.info.embed_dim == world["runner"].info.embed_dim
     (remote / "weights.safetensors").unlink()  # cached: not read again
     assert resolve_model(remote.as_uri()).path == first.path
+    # a run folder (what pretrain prints as "run folder") resolves to its latest checkpoint,
+    # local or remote, past Ray's own files beside the checkpoints
+    run = tmp_path / "bucket" / "run2"
+    shutil.copytree(ckpt, run / "checkpoint_2026-12-01_10-00-00.000001")
+    make_checkpoint(run / "checkpoint_2026-12-01_10-05-00.000001", step=9)
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    for ref in (str(run), run.as_uri()):
+        assert json.loads((resolve_model(ref).path / "meta.json").read_text())["step"] == 9
+    (tmp_path / "bucket" / "empty").mkdir()
     with pytest.raises(ModelNotFound, match=r"^model checkpoint not found: .*has no meta.json"):
-        resolve_model((tmp_path / "bucket" / "run").as_uri())
+        resolve_model((tmp_path / "bucket" / "empty").as_uri())
     with pytest.raises(ModelNotFound, match="cannot read checkpoint nosuch://"):
         resolve_model("nosuch://bucket/ckpt")
 
