@@ -73,14 +73,6 @@ def load(config: str | None, sets: list[str] | None) -> Config:
         raise UserError(str(err)) from None
 
 
-def shards_location(data: str | None, cfg: Config) -> str:
-    """``--data`` wins; else the config's ``data.shards`` (so a sweep's best.yaml is a whole job)."""
-    location = data or cfg.data.shards
-    if not location:
-        raise UserError("no shards given: pass --data <ingest output> or set data.shards")
-    return location
-
-
 @app.callback()
 def _root(
     log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
@@ -146,11 +138,10 @@ def pretrain(
 ) -> None:
     """Pretrain a JEPA encoder with Ray Train on ingested shards (re-run the same run name to resume)."""
     cfg = load(config, set_)
-    data = shards_location(data, cfg)
-    from pipelines.pretrain import PretrainError, run_pretrain
+    from pipelines.pretrain import PretrainError, run_pretrain, shards_location
 
     try:
-        res = run_pretrain(cfg, data)
+        res = run_pretrain(cfg, shards_location(data, cfg))
     except PretrainError as err:
         raise UserError(str(err)) from None
     from pipelines.tracking import ui_command
@@ -179,11 +170,15 @@ def sweep(
 ) -> None:
     """Sweep masking and EMA settings with Ray Tune; ranks trials by RankMe or kNN AUROC."""
     cfg = load(config, set_)
-    data = shards_location(data, cfg)
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.pretrain import PretrainError
+    from pipelines.pretrain import PretrainError, shards_location
+
+    try:
+        data = shards_location(data, cfg)
+    except PretrainError as err:
+        raise UserError(str(err)) from None
     from pipelines.sweep import SweepError, run_sweep
 
     try:

@@ -33,12 +33,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from radjepa.locations import filesystem
 from radjepa.shards import (
     IMAGES_DIR,
     QUARANTINE_DIR,
     QUARANTINE_SCHEMA,
     SHARD_SCHEMA,
-    filesystem,
 )
 
 if TYPE_CHECKING:
@@ -361,7 +361,8 @@ class _Dest:
 def _check_key(dest: _Dest, previous: dict[str, Any] | None, key: dict[str, str], env: str) -> None:
     """One pseudonymisation key per DST, recorded before the first shard is written (a run
     that dies before its manifest must not let the next run switch keys unnoticed)."""
-    recorded = dest.read_json(KEY_RECORD) or (previous or {}).get("pseudonyms")
+    stored = dest.read_json(KEY_RECORD)
+    recorded = stored or (previous or {}).get("pseudonyms")
     if recorded:
         if recorded.get("key_fingerprint") != key["key_fingerprint"]:
             raise IngestError(
@@ -369,7 +370,7 @@ def _check_key(dest: _Dest, previous: dict[str, Any] | None, key: dict[str, str]
                 "same patient would get a second pseudonym and patient-grouped splits would "
                 f"break. Set {env} to the key used before, or ingest into a new DST."
             )
-        if dest.read_json(KEY_RECORD) is None:
+        if stored is None:
             dest.write_json(KEY_RECORD, key)
         return
     if dest.known_ids():

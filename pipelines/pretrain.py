@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import storage as outputs
+from radjepa import locations
 from radjepa.config import Config, config_to_yaml
 
 log = logging.getLogger(__name__)
@@ -317,10 +317,10 @@ def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: str) -> No
     """Test switch (off by default): rank 0 dies once at ``train.fail_at_step``."""
     if cfg.train.fail_at_step is None or rank != 0 or step != cfg.train.fail_at_step:
         return
-    marker = outputs.join(run_dir, FAILURE_MARKER)
-    if outputs.read_text(marker) is not None:
+    marker = locations.join_location(run_dir, FAILURE_MARKER)
+    if locations.read_text(marker) is not None:
         return
-    outputs.write_text(marker, str(step))
+    locations.write_text(marker, str(step))
     raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
 
@@ -363,7 +363,7 @@ def build_trainer(
             "config": cfg.model_dump(mode="json"),
             "tracking": tracking,
             "monitor_images": monitor_images(data, cfg),
-            "run_dir": outputs.join(storage, cfg.train.run_name),
+            "run_dir": locations.join_location(storage, cfg.train.run_name),
             **(extra_loop_config or {}),
         },
         scaling_config=ray.train.ScalingConfig(
@@ -395,13 +395,8 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         info["size"],
         info["dtype"],
     )
-    storage = storage_root(cfg)
-    run_dir = outputs.join(storage, cfg.train.run_name)
-    check_tracking_store(cfg, storage)
-    try:
-        outputs.check_writable(storage)
-    except outputs.StorageError as err:
-        raise PretrainError(str(err)) from None
+    storage = prepare_outputs(cfg)
+    run_dir = locations.join_location(storage, cfg.train.run_name)
     ensure_ray()
     cfg = _resolve_workers(cfg, info["train_rows"])
 
@@ -437,7 +432,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     metrics = dict(result.metrics or {})
     ckpt, version = None, None
     if result.checkpoint is not None:
-        ckpt = outputs.spelled_like(storage, result.checkpoint.path)
+        ckpt = locations.spell_like(storage, result.checkpoint.path)
         if tracking:
             # as_directory() downloads a checkpoint that lives on object storage
             with result.checkpoint.as_directory() as local_ckpt:
@@ -461,6 +456,26 @@ def _resolve_workers(cfg: Config, train_rows: int) -> Config:
     return cfg
 
 
+def prepare_outputs(cfg: Config) -> str:
+    """The output root (absolute path or URI), checked before any cluster work: it can be
+    written, and its runs can be tracked (pretrain and every sweep trial write there)."""
+    storage = storage_root(cfg)
+    check_tracking_store(cfg, storage)
+    try:
+        locations.check_writable(storage)
+    except locations.LocationError as err:
+        raise PretrainError(str(err)) from None
+    return storage
+
+
+def shards_location(data: str | None, cfg: Config) -> str:
+    """``--data`` wins; else the config's ``data.shards`` (so a sweep's best.yaml is a whole job)."""
+    location = data or cfg.data.shards
+    if not location:
+        raise PretrainError("no shards given: pass --data <ingest output> or set data.shards")
+    return location
+
+
 def check_tracking_store(cfg: Config, storage: str) -> None:
     """With outputs on object storage, the default sqlite store would land in the job's
     temporary working folder and vanish with it: ask for a real store instead."""
@@ -468,7 +483,7 @@ def check_tracking_store(cfg: Config, storage: str) -> None:
 
     if (
         cfg.tracking.enabled
-        and outputs.local_path(storage) is None
+        and locations.local_path(storage) is None
         and not cfg.tracking.uri
         and not os.environ.get("MLFLOW_TRACKING_URI")
     ):
@@ -506,11 +521,11 @@ def start_tracking(
     from pipelines.tracking import ensure_experiment, log_params, tracking_uri
 
     # with remote outputs check_tracking_store made sure a store URI is configured
-    uri = uri or tracking_uri(cfg.tracking, outputs.local_path(storage) or ".")
+    uri = uri or tracking_uri(cfg.tracking, locations.local_path(storage) or ".")
     exp_id = ensure_experiment(uri, cfg.tracking.experiment, storage)
     client = tracking_client(uri)
-    id_file = outputs.join(run_dir, "mlflow_run_id")
-    previous = outputs.read_text(id_file)
+    id_file = locations.join_location(run_dir, "mlflow_run_id")
+    previous = locations.read_text(id_file)
     if previous:
         run_id = previous.strip()
         client.update_run(run_id, status="RUNNING")
@@ -522,7 +537,7 @@ def start_tracking(
     run = client.create_run(exp_id, run_name=cfg.train.run_name, tags=all_tags)
     run_id = run.info.run_id
     log_params(run_id, uri, cfg)
-    outputs.write_text(id_file, run_id)
+    locations.write_text(id_file, run_id)
     return run_id, uri
 
 
@@ -587,9 +602,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("RADJEPA_LOG_LEVEL", "INFO"))
     cfg = load_config(a.config, a.sets)
-    if not (a.data or cfg.data.shards):
-        p.error("no shards given: pass --data or set data.shards")
-    res = run_pretrain(cfg, a.data or cfg.data.shards)
+    try:
+        data = shards_location(a.data, cfg)
+    except PretrainError as err:
+        p.error(str(err))
+    res = run_pretrain(cfg, data)
     log.info("checkpoint: %s", res.checkpoint)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from ray.tune.stopper import Stopper
 
-from pipelines import storage as outputs
+from radjepa import locations
 from radjepa.config import Config, SearchDim, config_to_yaml
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         run_id, uri = start_tracking(
             cfg,
             setup["tracking_root"],
-            outputs.join(storage, cfg.train.run_name),
+            locations.join_location(storage, cfg.train.run_name),
             parent_run_id=setup["parent_run_id"],
             uri=setup["tracking_uri"],
             tags={"radjepa.job": "sweep-trial", "radjepa.trial_id": trial_id},
@@ -189,7 +189,7 @@ def _rows(
             status = "ok"
         # TuneReportCallback reports the Train checkpoint as a filesystem path in the metrics
         ckpt_path = res.checkpoint.path if res.checkpoint is not None else m.get("checkpoint_path")
-        ckpt = outputs.spelled_like(root, ckpt_path) if ckpt_path else None
+        ckpt = locations.spell_like(root, ckpt_path) if ckpt_path else None
         rows.append(
             TrialRow(
                 trial_id=str(m.get("trial_id") or Path(res.path).name),
@@ -217,7 +217,7 @@ def run_sweep(
     cfg: Config, data: str, *, num_samples: int | None = None, resume: bool = False
 ) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep named ``cfg.tune.name``."""
-    from pipelines.pretrain import PretrainError, check_tracking_store, inspect_shards, storage_root
+    from pipelines.pretrain import PretrainError, inspect_shards, prepare_outputs
     from pipelines.runtime import ClusterResourceError, ensure_ray, resolve_use_gpu
 
     _check_space(cfg)
@@ -232,11 +232,9 @@ def run_sweep(
     elif num_samples is not None:
         cfg = cfg.with_overrides({"tune.num_samples": num_samples})
     probe_set = _probe_set(cfg)
-    root = storage_root(cfg)
     try:
-        check_tracking_store(cfg, root)
-        outputs.check_writable(root)
-    except (PretrainError, outputs.StorageError) as err:
+        root = prepare_outputs(cfg)
+    except PretrainError as err:
         raise SweepError(str(err)) from None
     ensure_ray()
     try:  # every trial would wait forever for GPUs the cluster does not have
@@ -244,14 +242,14 @@ def run_sweep(
     except ClusterResourceError as err:
         raise SweepError(str(err)) from None
 
-    sweep_dir = outputs.join(root, cfg.tune.name)
+    sweep_dir = locations.join_location(root, cfg.tune.name)
     parent_run_id, uri = (
         _parent_run(cfg, root, sweep_dir, resume) if cfg.tracking.enabled else (None, None)
     )
     setup = {
         "config": cfg.model_dump(mode="json"),
         "data": data if "://" in data else str(Path(data).expanduser().resolve()),
-        "trials_dir": outputs.join(sweep_dir, "trials"),
+        "trials_dir": locations.join_location(sweep_dir, "trials"),
         "tracking_root": root,
         "parent_run_id": parent_run_id,
         "tracking_uri": uri,
@@ -262,9 +260,11 @@ def run_sweep(
         grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
         rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
         best = _best(rows)
-        best_path = _write_best(given, cfg, best, sweep_dir, setup["data"]) if best else None
+        best_path, best_yaml = (
+            _write_best(given, cfg, best, sweep_dir, setup["data"]) if best else (None, None)
+        )
         if parent_run_id:
-            _finish_parent_run(uri, parent_run_id, rows, best, best_path, cfg.tune.metric)
+            _finish_parent_run(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
     except BaseException:
         if parent_run_id:  # an interrupted sweep is resumable; its run must not look alive
             from pipelines.tracking import mark_run
@@ -279,11 +279,11 @@ def _parent_run(cfg: Config, root: str, sweep_dir: str, resume: bool) -> tuple[s
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import ensure_experiment, log_params, tracking_uri
 
-    uri = tracking_uri(cfg.tracking, outputs.local_path(root) or ".")
+    uri = tracking_uri(cfg.tracking, locations.local_path(root) or ".")
     exp = ensure_experiment(uri, cfg.tracking.experiment, root)
     client = tracking_client(uri)
-    id_file = outputs.join(sweep_dir, "mlflow_parent_run_id")
-    previous = outputs.read_text(id_file) if resume else None
+    id_file = locations.join_location(sweep_dir, "mlflow_parent_run_id")
+    previous = locations.read_text(id_file) if resume else None
     if previous:
         client.update_run(previous.strip(), status="RUNNING")
         return previous.strip(), uri
@@ -291,7 +291,7 @@ def _parent_run(cfg: Config, root: str, sweep_dir: str, resume: bool) -> tuple[s
         exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep"}
     ).info.run_id
     log_params(run_id, uri, cfg)
-    outputs.write_text(id_file, run_id)
+    locations.write_text(id_file, run_id)
     return run_id, uri
 
 
@@ -305,14 +305,14 @@ def _tuner(
     trainable = ray.tune.with_parameters(_trial, setup=setup)
     # the trial driver only waits on its TorchTrainer: a fraction of a CPU is enough
     trainable = ray.tune.with_resources(trainable, {"CPU": 0.25})
-    tune_dir = outputs.join(sweep_dir, "tune")
+    tune_dir = locations.join_location(sweep_dir, "tune")
     if resume:
         if not ray.tune.Tuner.can_restore(tune_dir):
             raise SweepError(f"nothing to resume at {tune_dir}: run the sweep without --resume")
         return ray.tune.Tuner.restore(
             tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-    if outputs.has_entries(tune_dir):
+    if locations.has_entries(tune_dir):
         raise SweepError(
             f"sweep '{cfg.tune.name}' already exists at {sweep_dir}: pass --resume to "
             "continue it, or choose another tune.name"
@@ -342,7 +342,9 @@ def _tuner(
     )
 
 
-def _write_best(given: Config, cfg: Config, best: TrialRow, sweep_dir: str, data: str) -> str:
+def _write_best(
+    given: Config, cfg: Config, best: TrialRow, sweep_dir: str, data: str
+) -> tuple[str, str]:
     """``best.yaml``: the user's config with the best trial's values, a whole pretrain job."""
     best_cfg = given.with_overrides(
         {
@@ -352,14 +354,14 @@ def _write_best(given: Config, cfg: Config, best: TrialRow, sweep_dir: str, data
             "data.shards": data,  # `radjepa pretrain -c best.yaml` needs no --data
         }
     )
-    best_path = outputs.join(sweep_dir, "best.yaml")
-    outputs.write_text(
-        best_path,
+    best_path = locations.join_location(sweep_dir, "best.yaml")
+    text = (
         f"# best trial {best.trial_id} of sweep {cfg.tune.name}: "
         f"{cfg.tune.metric}={best.metric:.4f}\n"
-        f"# checkpoint: {best.checkpoint}\n" + config_to_yaml(best_cfg),
+        f"# checkpoint: {best.checkpoint}\n" + config_to_yaml(best_cfg)
     )
-    return best_path
+    locations.write_text(best_path, text)
+    return best_path, text
 
 
 def _finish_parent_run(
@@ -367,29 +369,18 @@ def _finish_parent_run(
     parent_run_id: str,
     rows: list[TrialRow],
     best: TrialRow | None,
-    best_path: str | None,
+    best_yaml: str | None,
     metric: str,
 ) -> None:
     from pipelines.tracking import client as tracking_client
 
     client = tracking_client(uri)
     _close_trial_runs(client, parent_run_id, rows)
-    if best is not None and best_path is not None:
+    if best is not None and best_yaml is not None:
         client.log_metric(parent_run_id, f"best_{metric}", best.metric)
         client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
-        _log_text_artifact(client, parent_run_id, best_path)
+        client.log_text(parent_run_id, best_yaml, "best.yaml")
     client.set_terminated(parent_run_id, "FINISHED")
-
-
-def _log_text_artifact(client: Any, run_id: str, location: str) -> None:
-    """MLflow logs local files only: copy a (possibly remote) small file through a temp dir."""
-    import tempfile
-
-    name = location.rstrip("/").rsplit("/", 1)[-1]
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / name
-        local.write_text(outputs.read_text(location) or "")
-        client.log_artifact(run_id, str(local))
 
 
 def _close_trial_runs(client: Any, parent_run_id: str, rows: list[TrialRow]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from radjepa.config import Config, TrackingConfig
-from radjepa.shards import join_location
+from radjepa.locations import join_location
 
 log = logging.getLogger(__name__)
 

@@ -504,17 +504,13 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -
 def _read_text(location: str) -> str | None:
     """A config file's text from a local path or a URI (a sweep on a cluster writes its
     ``best.yaml`` to object storage); None when there is no such file."""
-    if "://" not in location:
+    if "://" not in location:  # no pyarrow import for the common case (CLI start-up)
         path = Path(location)
         return path.read_text() if path.is_file() else None
-    import pyarrow.fs as pafs
+    from radjepa.locations import read_text
 
     try:
-        fs, fs_path = pafs.FileSystem.from_uri(location)
-        if fs.get_file_info(fs_path).type != pafs.FileType.File:
-            return None
-        with fs.open_input_stream(fs_path) as f:
-            return f.read().decode()
+        return read_text(location)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read config {location}: {err}") from None
 

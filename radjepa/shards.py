@@ -7,9 +7,7 @@ uint16), so readers need only numpy to rebuild an image.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from radjepa.imaging.contract import DTYPES, META_FIELDS
+from radjepa.locations import filesystem, spell_like
 
 __all__ = [
     "IMAGES_DIR",
@@ -24,7 +23,6 @@ __all__ = [
     "QUARANTINE_SCHEMA",
     "SHARD_SCHEMA",
     "ShardError",
-    "filesystem",
     "list_shards",
     "pixels_from_bytes",
     "pixels_to_bytes",
@@ -74,53 +72,6 @@ QUARANTINE_SCHEMA = pa.schema(
 
 class ShardError(FileNotFoundError):
     """No usable shards where some were expected."""
-
-
-def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and path for a local folder or a URI (``s3://``, ``gs://``,
-    ``file://``, ...), so shards can live on object storage on a cluster."""
-    text = str(location)
-    if "://" in text:
-        return pafs.FileSystem.from_uri(text)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
-
-
-def spell_like(location: str | Path, fs_path: str) -> str:
-    """``fs_path`` (a path inside ``location``'s filesystem, as pyarrow and Ray report it)
-    spelled like ``location``: a local path stays a path; a URI keeps its scheme, its authority
-    where the filesystem's paths leave it out (``hdfs://host:port``) and its query
-    (``?endpoint_override=...`` of an S3-compatible store)."""
-    text = str(location)
-    if "://" not in text or "://" in fs_path:
-        return fs_path
-    parts = urlsplit(text)
-    query = f"?{parts.query}" if parts.query else ""
-    if fs_path.startswith("/"):  # file://, hdfs://host:port: the path excludes the authority
-        return f"{parts.scheme}://{parts.netloc}{fs_path}{query}"
-    return f"{parts.scheme}://{fs_path}{query}"  # object stores: the bucket leads the path
-
-
-def join_location(root: str | Path, *names: str) -> str:
-    """``root/name/...`` for a path or a URI (``Path`` would fold ``s3://`` into ``s3:/``, and
-    a plain string join would put the names after a URI's query)."""
-    text = str(root)
-    tail = [n.strip("/") for n in names]
-    if "://" not in text:
-        return "/".join([text.rstrip("/"), *tail])
-    parts = urlsplit(text)
-    query = f"?{parts.query}" if parts.query else ""
-    path = "/".join([parts.path.rstrip("/"), *tail])
-    return f"{parts.scheme}://{parts.netloc}{path}{query}"
-
-
-def local_path(location: str | Path) -> str | None:
-    """The local folder behind ``location`` (a path or a ``file://`` URI); None for remote
-    storage, where nothing can be written with plain file APIs."""
-    text = str(location)
-    if "://" not in text:
-        return os.path.abspath(os.path.expanduser(text))
-    parts = urlsplit(text)
-    return unquote(parts.path) if parts.scheme == "file" else None
 
 
 def shard_folder(dst: str | Path) -> str:

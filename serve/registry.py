@@ -78,7 +78,7 @@ def latest_checkpoint(location: str) -> str:
     import pyarrow.fs as pafs
 
     from radjepa.checkpoint import META
-    from radjepa.shards import filesystem, spell_like
+    from radjepa.locations import filesystem, spell_like
 
     try:
         fs, root = filesystem(location)
@@ -117,7 +117,7 @@ def _fetch(uri: str) -> Path:
     import pyarrow.fs as pafs
 
     from radjepa.checkpoint import META, WEIGHTS
-    from radjepa.shards import filesystem
+    from radjepa.locations import filesystem
 
     cache = Path(os.environ.get("RADJEPA_CACHE", "~/.cache/radjepa")).expanduser()
     local = cache / "checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:24]

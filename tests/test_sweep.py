@@ -70,6 +70,11 @@ def test_two_trial_sweep_ranks_by_rankme_and_writes_best_config(nih_shards, tmp_
 
     assert {c.info.status for c in children} == {"FINISHED"}
     assert {c.data.tags["radjepa.status"] for c in children} == {"ok"}
+    import mlflow
+
+    parent = mlflow.MlflowClient(res.tracking_uri)
+    logged = parent.download_artifacts(res.parent_run_id, "best.yaml", str(tmp_path / "dl"))
+    assert Path(logged).read_text() == (tmp_path / "s2" / "best.yaml").read_text()
     assert (tmp_path / "mlartifacts").is_dir()  # the store's artifacts sit beside its database
     assert all(t.checkpoint.startswith(res.sweep_dir + "/trials/") for t in res.trials)
 

@@ -1,0 +1,111 @@
+"""Where outputs live: a local folder or any pyarrow filesystem URI (``s3://``, ``gs://``,
+``hdfs://``, ``file://``), spelled and read the same way everywhere, so ``train.output_dir:
+s3://...`` behaves like a local folder for shards, checkpoints, run ids and ``best.yaml``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "LocationError",
+    "check_writable",
+    "filesystem",
+    "has_entries",
+    "join_location",
+    "local_path",
+    "read_text",
+    "spell_like",
+    "write_text",
+]
+
+
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and path for a local folder or a URI (``s3://``, ``gs://``,
+    ``file://``, ...), so shards can live on object storage on a cluster."""
+    text = str(location)
+    if "://" in text:
+        return pafs.FileSystem.from_uri(text)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
+
+
+def spell_like(location: str | Path, fs_path: str) -> str:
+    """``fs_path`` (a path inside ``location``'s filesystem, as pyarrow and Ray report it)
+    spelled like ``location``: a local path stays a path; a URI keeps its scheme, its authority
+    where the filesystem's paths leave it out (``hdfs://host:port``) and its query
+    (``?endpoint_override=...`` of an S3-compatible store)."""
+    text = str(location)
+    if "://" not in text or "://" in fs_path:
+        return fs_path
+    parts = urlsplit(text)
+    query = f"?{parts.query}" if parts.query else ""
+    if fs_path.startswith("/"):  # file://, hdfs://host:port: the path excludes the authority
+        return f"{parts.scheme}://{parts.netloc}{fs_path}{query}"
+    return f"{parts.scheme}://{fs_path}{query}"  # object stores: the bucket leads the path
+
+
+def join_location(root: str | Path, *names: str) -> str:
+    """``root/name/...`` for a path or a URI (``Path`` would fold ``s3://`` into ``s3:/``, and
+    a plain string join would put the names after a URI's query)."""
+    text = str(root)
+    tail = [n.strip("/") for n in names]
+    if "://" not in text:
+        return "/".join([text.rstrip("/"), *tail])
+    parts = urlsplit(text)
+    query = f"?{parts.query}" if parts.query else ""
+    path = "/".join([parts.path.rstrip("/"), *tail])
+    return f"{parts.scheme}://{parts.netloc}{path}{query}"
+
+
+def local_path(location: str | Path) -> str | None:
+    """The local folder behind ``location`` (a path or a ``file://`` URI); None for remote
+    storage, where nothing can be written with plain file APIs."""
+    text = str(location)
+    if "://" not in text:
+        return os.path.abspath(os.path.expanduser(text))
+    parts = urlsplit(text)
+    return unquote(parts.path) if parts.scheme == "file" else None
+
+
+def read_text(location: str) -> str | None:
+    """The file's text, or None when there is no such file."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(location: str, text: str) -> None:
+    """Write (or replace) a small text file, creating its folder."""
+    fs, path = filesystem(location)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def has_entries(location: str) -> bool:
+    """True when ``location`` is a folder with something in it."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return False
+    return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+
+
+class LocationError(RuntimeError):
+    """An output location that cannot be used (unknown scheme, no permission, no bucket)."""
+
+
+def check_writable(root: str) -> None:
+    """Fail before any work when the output root cannot be reached or created (object stores
+    report most permission problems only at the first write, which this does not replace)."""
+    try:
+        fs, path = filesystem(root)
+        fs.create_dir(path, recursive=True)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise LocationError(f"cannot use {root} for outputs: {err}") from None
