@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint bench clean sample
+.PHONY: install demo test test-fast lint bench clean sample gpu-carry
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,3 +40,7 @@ clean:
 # Rebuild the bundled DICOM sample from the NIH images beside the checkout (already committed).
 sample: $(STAMP)
 	$(BIN)/python scripts/build_sample.py --nih ../shared/data/nih-cxr14-621 --out data/sample
+
+# What a lent GPU machine needs beside the checkout for bench/gpu_suite.py (docs/PERFORMANCE.md).
+gpu-carry: $(STAMP)
+	VENV_PY=$(BIN)/python bash scripts/gpu_carry.sh

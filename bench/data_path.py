@@ -11,7 +11,8 @@ number of images in the same run:
 
 - ours: ``--workers`` threads stream whole record batches of the ``pixels`` column out of the
   files (pyarrow decompresses and decodes with the GIL released); each batch becomes ONE numpy
-  view over the column's contiguous value buffer (no per-row Python), is copied into a
+  view over the column's contiguous value buffer (``radjepa.shards.pixel_batch``, the decoder
+  the training pipeline's Ray Data UDF uses; no per-row Python), is copied into a
   fixed-size staging tensor (pinned on CUDA, a ring of them so the copy of batch i+1 overlaps
   the transfer of batch i), sent to the device as uint8 (4x fewer bytes than float), then
   ``to_model_input`` and the batched ``random_resized_crop`` run there. Every batch has exactly
@@ -20,8 +21,13 @@ number of images in the same run:
   Pillow, torchvision ``RandomResizedCrop`` on the PIL image, to float tensor, normalise, stack
   (collate), pin on CUDA, copy to the device. It gets the same ``--workers`` threads.
 
-Prints ONE JSON line: both rates, their ratio, ours without the device stage, workers, batch,
-device, cores.
+It also times the decode step alone on one thread over the same record batches:
+``pixel_batch`` (plus one copy of the batch, as Ray makes when it stores the UDF's output) vs
+the row-by-row decode the training UDF used before (each row to ``bytes``,
+``pixels_from_bytes``, ``np.stack``).
+
+Prints ONE JSON line: both rates, their ratio, ours without the device stage, the decode-only
+rates and ratio, workers, batch, device, cores.
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -53,7 +58,7 @@ NIH = REPO.parent / "shared" / "data" / "nih-cxr14-621" / "images"
 
 sys.path.insert(0, str(REPO))
 
-from radjepa.shards import SHARD_SCHEMA  # noqa: E402
+from radjepa.shards import SHARD_SCHEMA, pixel_batch, pixels_from_bytes  # noqa: E402
 from radjepa.transforms import MEAN, STD, random_resized_crop, to_model_input  # noqa: E402
 
 READ_COLUMNS = ["pixels", "height", "width", "dtype"]
@@ -74,7 +79,7 @@ def build_shards(out: Path, pngs: Sequence[Path], rows: int, shard_rows: int = 2
     base = [np.asarray(Image.open(p).convert("L"), dtype=np.uint8) for p in pngs]
     h, w = base[0].shape
     if any(a.shape != (h, w) for a in base):
-        raise SystemExit(f"the PNGs under {NIH} differ in size; expected one stored size")
+        raise SystemExit("the PNGs differ in size; expected one stored size")
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for start in range(0, rows, shard_rows):
@@ -103,35 +108,6 @@ def build_shards(out: Path, pngs: Sequence[Path], rows: int, shard_rows: int = 2
 
 # ---------------------------------------------------------------------------------------------
 # Ours: shard bytes -> fixed-size uint8 batches -> device
-
-
-def pixels_view(rb: pa.RecordBatch) -> np.ndarray:
-    """``[n, H, W]`` view over a record batch's ``pixels`` values buffer (no copy, no row loop).
-
-    All rows must share one size and dtype (one ingest config per shard folder); anything else
-    is refused with the reason rather than silently reshaped.
-    """
-    n = rb.num_rows
-    sizes = [pc.min_max(rb.column(c)).as_py() for c in ("height", "width")]
-    dtypes = pc.unique(rb.column("dtype")).to_pylist()
-    if any(s["min"] != s["max"] for s in sizes) or len(dtypes) != 1:
-        raise ValueError(f"a shard batch mixes image sizes {sizes} or dtypes {dtypes}")
-    h, w, dtype = sizes[0]["min"], sizes[1]["min"], dtypes[0]
-    if dtype not in ("uint8", "uint16"):
-        raise ValueError(f"shard dtype {dtype!r} is not a stored-image dtype (uint8/uint16)")
-    le = np.dtype(dtype).newbyteorder("<")
-    col = rb.column("pixels")
-    if col.type != pa.binary():
-        raise ValueError(f"column 'pixels' is {col.type}, the shard schema says binary")
-    if col.null_count:
-        raise ValueError(f"{col.null_count} rows have no pixel bytes")
-    _, offsets_buf, data_buf = col.buffers()
-    offsets = np.frombuffer(offsets_buf, np.int32, count=n + 1, offset=col.offset * 4)
-    per_row = h * w * le.itemsize
-    if not np.all(np.diff(offsets) == per_row):
-        raise ValueError(f"pixel buffers are not all {h}x{w} {dtype} ({per_row} bytes)")
-    flat = np.frombuffer(data_buf, le, count=n * h * w, offset=int(offsets[0]))
-    return flat.reshape(n, h, w)  # [n, H, W], row-major as stored
 
 
 class ShardLoader:
@@ -168,7 +144,7 @@ class ShardLoader:
                 for rb in pf.iter_batches(
                     batch_size=self.batch, columns=READ_COLUMNS, use_threads=False
                 ):
-                    out.put(pixels_view(rb))
+                    out.put(pixel_batch(rb))
                     if stop.is_set():
                         return
         except BaseException as err:  # surfaced in the consumer, never swallowed
@@ -198,20 +174,21 @@ class ShardLoader:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                src = torch.from_numpy(item)  # [n, H, W] view, read-only memory
+                src = item  # [n, H, W] read-only view over the Arrow buffer
                 pos = 0
                 while pos < src.shape[0]:
                     if filled == 0:
                         if len(slots) < self.ring:
                             shape = (self.batch, *src.shape[1:])
-                            slots.append(torch.empty(shape, dtype=src.dtype, pin_memory=self.pin))
+                            dtype = torch.from_numpy(src[:0].copy()).dtype
+                            slots.append(torch.empty(shape, dtype=dtype, pin_memory=self.pin))
                         if (ev := self._held.pop(k % self.ring, None)) is not None:
                             ev.synchronize()
                     slot = slots[k % self.ring]
-                    if slot.shape[1:] != src.shape[1:] or slot.dtype != src.dtype:
+                    if slot.shape[1:] != src.shape[1:] or slot.numpy().dtype != src.dtype:
                         raise ValueError("shards under one folder must share size and dtype")
                     take = min(self.batch - filled, src.shape[0] - pos)
-                    slot[filled : filled + take].copy_(src[pos : pos + take])
+                    slot.numpy()[filled : filled + take] = src[pos : pos + take]
                     filled, pos = filled + take, pos + take
                     if filled == self.batch:
                         yield k % self.ring, slot
@@ -296,6 +273,28 @@ def run_baseline(
 # ---------------------------------------------------------------------------------------------
 
 
+def decode_rates(paths: Sequence[Path], batch: int) -> tuple[float, float]:
+    """(ours, per-row) images/s of the decode step alone, one thread, same record batches."""
+    batches = [
+        rb
+        for p in paths
+        for rb in pq.ParquetFile(p).iter_batches(batch_size=batch, columns=READ_COLUMNS)
+    ]
+    n = sum(rb.num_rows for rb in batches)
+
+    def per_row(rb: pa.RecordBatch) -> np.ndarray:
+        cols = [rb.column(c).to_pylist() for c in READ_COLUMNS]
+        return np.stack([pixels_from_bytes(b, h, w, d) for b, h, w, d in zip(*cols, strict=True)])
+
+    rates = []
+    for decode in (lambda rb: pixel_batch(rb).copy(), per_row):
+        t0 = time.perf_counter()
+        for rb in batches:
+            decode(rb)
+        rates.append(n / (time.perf_counter() - t0))
+    return rates[0], rates[1]
+
+
 def _timed(fn: Callable[[], tuple[int, float]]) -> float:
     n, seconds = fn()
     if n == 0:
@@ -313,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--shard-rows", type=int, default=2048, help="rows per shard file (ingest)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--images", type=Path, default=NIH, help="folder of same-size PNGs")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
@@ -321,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)  # torchvision's crop draws from the global generator
 
-    pngs = sorted(NIH.glob("*.png"))
+    pngs = sorted(args.images.glob("*.png"))
     if not pngs:
-        raise SystemExit(f"NIH sample not found under {NIH}")
+        raise SystemExit(f"no PNGs found under {args.images}")
     work = Path(tempfile.mkdtemp(prefix="radjepa-bench-data-"))
     try:
         t0 = time.perf_counter()
@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         base = _timed(
             lambda: run_baseline(pngs, args.rows, args.batch, args.workers, device, args.crop)
         )
+        decode_ours, decode_rows = decode_rates(paths, args.batch)
         shard_mb = sum(p.stat().st_size for p in paths) / 2**20
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -365,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                 "ours_host_only_img_per_s": round(host, 1),
                 "baseline_img_per_s": round(base, 1),
                 "speedup": round(ours / base, 2),
+                "decode_img_per_s": round(decode_ours, 1),
+                "decode_per_row_img_per_s": round(decode_rows, 1),
+                "decode_speedup": round(decode_ours / decode_rows, 2),
                 "shard_mb": round(shard_mb, 1),
                 "build_s": round(build_s, 2),
                 "torch": torch.__version__,

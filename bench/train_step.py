@@ -8,8 +8,8 @@ img/s, step ms, peak memory, FLOPs per step (FlopCounterMode over one step) and,
 against ``--peak-tflops`` (989 = H100 SXM dense bf16), plus ours/reference speedup.
 ``--reference-mode`` measures only the reference path (manual q@k^T attention, unfused AdamW +
 GradScaler on CUDA, python-loop EMA, no compile). Both paths draw the same masks
-(``--context-length``); with ``--compile`` our path warms up until every target-block length
-has been compiled, so no compilation is timed.
+(``--context-length``); with ``--compile`` our path first runs one step of each target-block
+length (``MaskSampler.steps_covering_target_lengths``), so every graph is built before timing.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import platform
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,6 +38,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def host_syncs(trainer: Pretrainer, images: torch.Tensor) -> dict | None:
+    """Count the host<->device synchronisations in one step (CUDA only) and say where they are.
+
+    torch's sync debug mode warns at every call that makes the host wait for the GPU; a step
+    that the host can queue ahead of the device shows none.
+    """
+    if images.device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step(images)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
+    return {"count": len(syncs), "where": where[:10]}
+
+
+def profile_table(trainer: Pretrainer, images: torch.Tensor, path: Path, steps: int = 3) -> None:
+    """torch.profiler over a few steps: the top ops by device (or CPU) time, as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = images.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.train_step(images)
+        _sync(images.device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"{steps} steps\n" + prof.key_averages().table(sort_by=key, row_limit=40) + "\n"
+    )
+
+
 def measure(
     cfg,
     device: torch.device,
@@ -45,6 +83,7 @@ def measure(
     warmup: int,
     peak: float,
     warmup_all: bool = False,
+    profile_to: Path | None = None,
 ):
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -54,18 +93,20 @@ def measure(
     s = cfg.model.img_size
     images = torch.randn(cfg.train.batch_size, 1, s, s, device=device, generator=g)
     # a compiled step builds one graph per target-block length (the context length is fixed):
-    # warm up until every length has been seen so no compilation is timed
-    lengths = set(trainer.sampler.target_lengths())
-    seen: set[int] = set()
-    done = 0
-    while done < warmup or (warmup_all and seen != lengths and done < 200):
-        seen.add(trainer.sampler.sample(1, trainer.step).targets.shape[-1])
+    # run one step of each length first, so no compilation is timed
+    first_steps = trainer.sampler.steps_covering_target_lengths() if warmup_all else []
+    for step in first_steps:
+        trainer.step = step
         trainer.train_step(images)
-        done += 1
+    trainer.step = 0
+    for _ in range(warmup):
+        trainer.train_step(images)
+    done = len(first_steps) + warmup
     _sync(device)
     with FlopCounterMode(display=False) as counter:
         trainer.train_step(images)
     flops = counter.get_total_flops()
+    syncs = host_syncs(trainer, images)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -73,6 +114,8 @@ def measure(
     _sync(device)
     step_s = (time.perf_counter() - t0) / steps
     loss = float(out["loss"])
+    if profile_to is not None:
+        profile_table(trainer, images, profile_to)
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**30
         mfu = flops / step_s / (peak * 1e12)
@@ -89,6 +132,7 @@ def measure(
         "mfu": round(mfu, 4) if mfu is not None else None,
         "loss": round(loss, 5),
         "warmup_steps": done,
+        "host_syncs_per_step": syncs,
     }
 
 
@@ -111,6 +155,12 @@ def main() -> None:
     )
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write a torch.profiler table of our step (after timing) to this file",
+    )
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--reference-mode", action="store_true", help="measure the reference only")
     mode.add_argument("--ours-only", action="store_true")
@@ -152,7 +202,8 @@ def main() -> None:
     def run(ref: bool) -> dict:
         # only our compiled path needs every graph built before timing
         warm_all = args.compile and not ref and device.type == "cuda"
-        return measure(cfg, device, ref, args.steps, args.warmup, args.peak_tflops, warm_all)
+        prof = None if ref else args.profile
+        return measure(cfg, device, ref, args.steps, args.warmup, args.peak_tflops, warm_all, prof)
 
     if not args.reference_mode:
         result["ours"] = run(False)

@@ -118,17 +118,21 @@ def check_global_batch(n_train: int, cfg: Config) -> None:
         )
 
 
-def decode_pixel_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data UDF: shard rows -> one ``image`` array [B, H, W] (the only column training needs)."""
-    from radjepa.shards import pixels_from_bytes
+def decode_pixel_batch(batch: Any, holdout_fraction: float = 0.0) -> dict[str, np.ndarray]:
+    """Ray Data UDF: shard rows (an Arrow table) -> ``image`` [B, H, W] without the hold-out.
 
-    images = [
-        pixels_from_bytes(b, int(h), int(w), str(d))
-        for b, h, w, d in zip(
-            batch["pixels"], batch["height"], batch["width"], batch["dtype"], strict=True
-        )
-    ]
-    return {"image": np.stack(images)}
+    The pixels come out of the Arrow buffer in one piece (``radjepa.shards.pixel_batch``); the
+    hold-out is dropped here rather than by a row-wise ``Dataset.filter``, which would turn
+    every row (pixel bytes included) into a Python dict first.
+    """
+    from radjepa.shards import pixel_batch
+
+    images = pixel_batch(batch)
+    if holdout_fraction > 0:
+        ids = batch.column("image_id").to_pylist()
+        keep = np.fromiter((not is_holdout(i, holdout_fraction) for i in ids), bool, len(ids))
+        images = images[keep]
+    return {"image": images}
 
 
 def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.ndarray:
@@ -147,19 +151,21 @@ def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.nd
 
 
 def build_train_dataset(data: str, cfg: Config):
-    """Ray Data pipeline: read shards, drop the hold-out, decode pixels, shuffle blocks."""
+    """Ray Data pipeline: read shards, shuffle blocks, decode pixels and drop the hold-out."""
     import ray.data
 
     images = _images_dir(data)
-    frac = cfg.data.holdout_fraction
     # the training stream is re-read every epoch: per-epoch progress bars would bury the
     # step log, which already reports throughput
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.read_parquet(images, columns=["image_id", "pixels", "height", "width", "dtype"])
-    if frac > 0:
-        ds = ds.filter(lambda row: not is_holdout(row["image_id"], frac))
     ds = ds.randomize_block_order(seed=cfg.train.seed)
-    return ds.map_batches(decode_pixel_batch, batch_format="numpy", batch_size=256)
+    return ds.map_batches(
+        decode_pixel_batch,
+        batch_format="pyarrow",
+        batch_size=256,
+        fn_kwargs={"holdout_fraction": cfg.data.holdout_fraction},
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -24,6 +25,7 @@ __all__ = [
     "SHARD_SCHEMA",
     "ShardError",
     "list_shards",
+    "pixel_batch",
     "pixels_from_bytes",
     "pixels_to_bytes",
     "read_images",
@@ -120,6 +122,56 @@ def pixels_from_bytes(b: bytes, h: int, w: int, dtype: str) -> np.ndarray:
     return np.frombuffer(b, dtype=le).reshape(h, w).astype(dtype)
 
 
+def pixel_batch(rows: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """Shard rows -> ``[n, H, W]`` images read straight from the ``pixels`` column's buffer.
+
+    Why not row by row: turning each row into a Python ``bytes`` object, decoding it and then
+    stacking costs several copies per image, and the training stream decodes every image of
+    every epoch. Here one record batch becomes one zero-copy (read-only) view; a table of
+    several chunks costs one concatenation. Rows must share one size and dtype (one ingest
+    config per folder); anything else is a :class:`ShardError` saying what differs.
+    """
+    batches = rows.to_batches() if isinstance(rows, pa.Table) else [rows]
+    views = [_pixel_view(rb) for rb in batches if rb.num_rows]
+    if not views:
+        raise ShardError("no shard rows to decode")
+    kinds = {(v.shape[1:], str(v.dtype)) for v in views}
+    if len(kinds) > 1:
+        raise ShardError(f"shard rows mix image sizes/dtypes: {sorted(kinds)}")
+    return views[0] if len(views) == 1 else np.concatenate(views)
+
+
+def _pixel_view(rb: pa.RecordBatch) -> np.ndarray:
+    n = rb.num_rows
+    sizes = [pc.min_max(rb.column(c)).as_py() for c in ("height", "width")]
+    dtypes = pc.unique(rb.column("dtype")).to_pylist()
+    if any(s["min"] != s["max"] for s in sizes) or len(dtypes) != 1:
+        raise ShardError(
+            f"shard rows mix image sizes (height {sizes[0]}, width {sizes[1]}) or dtypes {dtypes}"
+        )
+    h, w, dtype = sizes[0]["min"], sizes[1]["min"], dtypes[0]
+    if dtype not in DTYPES:
+        raise ShardError(f"unknown shard dtype {dtype!r}; expected one of {DTYPES}")
+    col = rb.column("pixels")
+    if col.type not in (pa.binary(), pa.large_binary()):  # int32 or (after a cast) int64 offsets
+        raise ShardError(f"column 'pixels' is {col.type}; the shard schema says binary")
+    if col.null_count:
+        raise ShardError(f"{col.null_count} shard rows have no pixel bytes")
+    le = np.dtype(dtype).newbyteorder("<")
+    _, offsets_buf, data_buf = col.buffers()
+    off = np.dtype("<i8" if col.type == pa.large_binary() else "<i4")
+    offsets = np.frombuffer(offsets_buf, off, count=n + 1, offset=col.offset * off.itemsize)
+    per_row = h * w * le.itemsize
+    if not np.all(np.diff(offsets) == per_row):
+        raise ShardError(f"pixel buffers are not all {h}x{w} {dtype} ({per_row} bytes each)")
+    flat = np.frombuffer(data_buf, le, count=n * h * w, offset=int(offsets[0]))
+    if not le.isnative:  # big-endian host: one converting copy
+        flat = flat.astype(le.newbyteorder("="))
+    else:
+        flat.flags.writeable = False  # Arrow memory is immutable: writes must not reach it
+    return flat.reshape(n, h, w)
+
+
 def read_images(dst: str | Path, limit: int | None = None) -> tuple[np.ndarray, pa.Table]:
     """All (or the first ``limit``) images as one array [N, H, W] plus their metadata table.
 
@@ -142,8 +194,7 @@ def read_images(dst: str | Path, limit: int | None = None) -> tuple[np.ndarray, 
         raise ShardError(f"shards under {dst} mix sizes {shapes} or dtypes {dtypes}")
     if table.num_rows == 0:
         raise ShardError(f"shards under {dst} hold no rows")
-    (h, w), dtype = shapes.pop(), dtypes.pop()
-    images = np.stack(
-        [pixels_from_bytes(b, h, w, dtype) for b in table["pixels"].to_pylist()]
-    )  # [N, H, W]
+    images = pixel_batch(table)  # [N, H, W]
+    if not images.flags.writeable:  # one chunk: a view over the table's buffer
+        images = images.copy()
     return images, table.drop_columns(["pixels"])

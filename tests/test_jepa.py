@@ -213,6 +213,28 @@ def test_compiled_step_graph_count(context_length):
     torch._dynamo.reset()
 
 
+def test_warm_up_at_one_step_per_target_length_builds_every_graph_up_front():
+    """What bench/train_step.py --compile does before timing: after one step at each
+    ``Kt``'s first step, no later step compiles anything."""
+    p = Pretrainer(load_config(TINY, ["model.depth=1", "model.pred_depth=1"]), "cpu")
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    p.compile(backend=counter)
+    firsts = p.sampler.steps_covering_target_lengths()
+    lengths = {p.sampler.target_length(s) for s in firsts}
+    assert lengths == set(p.sampler.target_lengths()) and len(firsts) == len(lengths) > 1
+    x = torch.randn(2, 1, 96, 96)
+    for step in firsts:
+        p.step = step
+        p.train_step(x)
+    assert counter.frame_count == 2 + len(lengths)
+    p.step = 0
+    for _ in range(40):
+        p.train_step(x)
+    assert counter.frame_count == 2 + len(lengths)
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_step_and_device_masks():
     cfg = load_config(TINY, ["train.precision=auto"])

@@ -175,6 +175,18 @@ def test_fixed_context_stays_inside_each_images_context_block():
         assert m.context.shape[1] == sampler.context_keep
 
 
+def test_target_length_of_a_step_matches_its_batch_without_drawing_it():
+    for grid in (14, 16):
+        sampler = MaskSampler(MasksConfig(), grid, seed=3)
+        seen = set()
+        for step in range(60):
+            for rank, b in ((0, 1), (1, 8)):
+                kt = sampler.target_length(step, rank)
+                assert kt == sampler.sample(b, step, rank).targets.shape[2]
+                seen.add(kt)
+        assert len(seen) > 2  # the lengths do vary, so the equality above is not vacuous
+
+
 def test_target_lengths_cover_every_drawn_block():
     for cfg, grid in (
         (MasksConfig(), 14),

@@ -170,6 +170,27 @@ def test_worker_count_from_the_cluster(ray_session):
         resolve_num_workers(True, 1.0)
 
 
+def test_training_stream_is_every_image_but_the_holdout(shards, tmp_path):
+    import hashlib
+
+    from pipelines.pretrain import build_train_dataset, inspect_shards, is_holdout
+    from radjepa.shards import read_images
+
+    cfg = _cfg(tmp_path, **{"data.holdout_fraction": 0.3})
+    info = inspect_shards(str(shards), cfg)
+    assert 0 < info["holdout_rows"] < info["rows"]
+    images, meta = read_images(shards)
+    ids = meta.column("image_id").to_pylist()
+
+    def digest(a):
+        return hashlib.sha256(a.tobytes()).hexdigest()
+
+    want = Counter(digest(a) for a, i in zip(images, ids, strict=True) if not is_holdout(i, 0.3))
+    batches = build_train_dataset(str(shards), cfg).iter_batches(batch_size=16)
+    got = Counter(digest(a) for b in batches for a in b["image"])
+    assert got == want and sum(got.values()) == info["train_rows"]
+
+
 def test_shards_are_read_from_a_uri(shards, tmp_path):
     # cluster jobs pass object-store URIs (s3://, gs://): the same code path reads file:// here
     from pipelines.pretrain import build_train_dataset, inspect_shards, monitor_images

@@ -1,0 +1,96 @@
+"""bench/gpu_suite.py: the one command a short GPU lease runs must work before the lease.
+
+The GPU plan itself needs CUDA; its smoke version runs the same machinery (subprocess per step,
+JSON capture, targets, budget, profile file) with tiny models on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "bench" / "gpu_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules["gpu_suite"] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def _records(out: Path) -> dict[str, dict]:
+    lines = (out / "gpu_suite.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_smoke_suite_runs_every_step_and_records_figures(nih_dir, tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "bench/gpu_suite.py", "--smoke", "--out", str(out),
+         "--images", str(nih_dir / "images"), "--budget", "400"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    records = _records(out)
+    assert records["environment"]["torch"] and records["environment"]["cpus"] >= 1
+    names = [s.name for s in _suite().smoke_steps(nih_dir / "images", out)]
+    assert set(names) <= set(records)
+    for name in names:
+        assert records[name]["rc"] == 0, records[name]
+    train = records["smoke_train_step"]["result"]
+    assert train["ours"]["img_per_s"] > 0 and train["reference"]["img_per_s"] > 0
+    assert train["ours"]["loss"] == pytest.approx(train["reference"]["loss"], rel=1e-4)
+    assert all(train and met for met in records["smoke_train_step"]["targets"].values())
+    assert records["smoke_data_path"]["result"]["ours_img_per_s"] > 0
+    assert "aten::" in (out / "profile_smoke.txt").read_text()
+    # the closing table names every step
+    assert all(name in res.stdout.split("\n\n")[-1] for name in names)
+
+
+def test_failing_and_hanging_steps_are_recorded_not_fatal(tmp_path):
+    suite = _suite()
+    log = (tmp_path / "log").open("w")
+    fails = suite.Step(
+        "fails",
+        [sys.executable, "-c", "import sys; print('{\"rate\": 2.0}'); sys.exit(3)"],
+        30,
+        (suite.Target("rate", 5.0), suite.Target("rate", 1.0), suite.Target("other", 1.0)),
+    )
+    rec = suite.run_step(fails, 30, log)
+    assert rec["rc"] == 3 and rec["result"] == {"rate": 2.0} and "rate" in rec["tail"]
+    assert rec["targets"] == {"rate >= 5": False, "rate >= 1": True, "other >= 1": None}
+    assert "NOT met" in suite.summary([rec]) and "no figure" in suite.summary([rec])
+
+    hangs = suite.Step("hangs", [sys.executable, "-c", "import time; time.sleep(60)"], 60)
+    rec = suite.run_step(hangs, 2, log)
+    assert rec["rc"] == "timeout" and rec["wall_s"] < 30
+
+    quiet = suite.Step("test_run", [sys.executable, "-c", "raise SystemExit('boom')"], 30,
+                       json_line=False)  # fmt: skip
+    rec = suite.run_step(quiet, 30, log)
+    assert rec["rc"] == 1 and "boom" in rec["tail"]
+    log.close()
+    assert "===== hangs" in (tmp_path / "log").read_text()
+
+
+def test_budget_skips_what_no_longer_fits_and_bad_arguments_are_refused(nih_dir, tmp_path):
+    suite = _suite()
+    images = str(nih_dir / "images")
+    assert suite.main(["--smoke", "--out", str(tmp_path), "--images", images, "--budget", "5"])
+    records = _records(tmp_path)
+    assert {r["rc"] for name, r in records.items() if name != "environment"} == {"skipped"}
+
+    with pytest.raises(SystemExit) as err:
+        suite.main(["--smoke", "--out", str(tmp_path), "--images", images, "--only", "nope"])
+    assert err.value.code == 2
+    with pytest.raises(SystemExit):
+        suite.main(["--smoke", "--out", str(tmp_path), "--images", str(tmp_path)])

@@ -1,0 +1,63 @@
+"""radjepa.shards.pixel_batch: shard rows -> one image array, straight from the Arrow buffer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from radjepa.shards import ShardError, pixel_batch, pixels_from_bytes, pixels_to_bytes
+
+
+def _rows(images: list[np.ndarray], dtype: str | None = None) -> pa.RecordBatch:
+    return pa.record_batch(
+        {
+            "pixels": pa.array([pixels_to_bytes(a) for a in images], pa.binary()),
+            "height": pa.array([a.shape[0] for a in images], pa.int32()),
+            "width": pa.array([a.shape[1] for a in images], pa.int32()),
+            "dtype": pa.array([dtype or a.dtype.name for a in images], pa.string()),
+        }
+    )
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_pixel_batch_matches_the_row_by_row_decode(dtype):
+    rng = np.random.default_rng(0)
+    top = np.iinfo(dtype).max
+    images = [rng.integers(0, top, (12, 10), dtype=dtype, endpoint=True) for _ in range(7)]
+    rb = _rows(images)
+    out = pixel_batch(rb)
+    assert out.shape == (7, 12, 10) and out.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(out, np.stack(images))
+    rows = [pixels_from_bytes(b, 12, 10, dtype) for b in rb.column("pixels").to_pylist()]
+    np.testing.assert_array_equal(out, np.stack(rows))
+    assert not out.flags.writeable  # one record batch: a view, no copy
+
+    # a slice (non-zero Arrow offset) and a table of several chunks
+    np.testing.assert_array_equal(pixel_batch(rb.slice(2, 3)), np.stack(images[2:5]))
+    large = rb.set_column(0, "pixels", rb.column("pixels").cast(pa.large_binary()))
+    np.testing.assert_array_equal(pixel_batch(large.slice(1)), np.stack(images[1:]))
+    table = pa.Table.from_batches([rb.slice(0, 4), rb.slice(4)])
+    assert table.column("pixels").num_chunks == 2
+    np.testing.assert_array_equal(pixel_batch(table), np.stack(images))
+
+
+def test_pixel_batch_refuses_rows_it_cannot_stack():
+    a, b = np.zeros((4, 4), np.uint8), np.zeros((4, 5), np.uint8)
+    with pytest.raises(ShardError, match="mix image sizes"):
+        pixel_batch(_rows([a, b]))
+    with pytest.raises(ShardError, match="mix image sizes"):
+        pixel_batch(pa.Table.from_batches([_rows([a]), _rows([b])]))
+    with pytest.raises(ShardError, match="unknown shard dtype"):
+        pixel_batch(_rows([a], dtype="float32"))
+    short = _rows([a]).set_column(0, "pixels", pa.array([b"\0" * 15], pa.binary()))
+    with pytest.raises(ShardError, match="not all 4x4 uint8"):
+        pixel_batch(short)
+    missing = _rows([a]).set_column(0, "pixels", pa.array([None], pa.binary()))
+    with pytest.raises(ShardError, match="no pixel bytes"):
+        pixel_batch(missing)
+    as_text = _rows([a]).set_column(0, "pixels", pa.array(["x" * 16], pa.string()))
+    with pytest.raises(ShardError, match="the shard schema says binary"):
+        pixel_batch(as_text)
+    with pytest.raises(ShardError, match="no shard rows"):
+        pixel_batch(_rows([a]).slice(0, 0))
