@@ -23,8 +23,10 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,13 +144,17 @@ def environment() -> dict:
         info["import_error"] = f"{type(exc).__name__}: {exc}"
     if shutil.which("nvidia-smi"):
         query = "name,memory.total,driver_version,clocks.max.sm,power.limit"
-        res = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        info["nvidia_smi"] = res.stdout.strip() or res.stderr.strip()
+        try:
+            res = subprocess.run(
+                ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=30,
+            )
+            info["nvidia_smi"] = res.stdout.strip() or res.stderr.strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            info["nvidia_smi"] = f"{type(exc).__name__}: {exc}"
     return info
 
 
@@ -164,6 +170,13 @@ def last_json(text: str) -> dict | None:
     return None
 
 
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):  # the group is already gone
+        pass
+
+
 def run_step(step: Step, limit_s: float, log) -> dict:
     """Run one step as a subprocess under ``limit_s``; never raises for the step's failure."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -172,15 +185,24 @@ def run_step(step: Step, limit_s: float, log) -> dict:
     log.write(f"\n===== {step.name}: {' '.join(step.argv)} (limit {limit_s:.0f} s)\n")
     log.flush()
     t0 = time.perf_counter()
-    try:
-        res = subprocess.run(
-            step.argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=limit_s
+    # output to files, not pipes, and the step in its own process group: a timed-out step's
+    # leftovers (inductor compile workers, say) are killed with it and cannot hold a pipe open
+    # or GPU memory for the steps after it
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        proc = subprocess.Popen(
+            step.argv, cwd=REPO, env=env, stdout=out_f, stderr=err_f, start_new_session=True
         )
-        rc, out, err = res.returncode, res.stdout, res.stderr
-    except subprocess.TimeoutExpired as exc:
-        rc = "timeout"
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        try:
+            rc: int | str = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        finally:
+            _kill_group(proc.pid)
+            proc.wait()
+        out_f.seek(0)
+        err_f.seek(0)
+        # a step cut off mid-character (or printing raw bytes) must not end the suite
+        out, err = (f.read().decode(errors="replace") for f in (out_f, err_f))
     wall = time.perf_counter() - t0
     log.write(out + err)
     log.flush()
@@ -240,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = smoke_steps if args.smoke else gpu_steps
     steps = plan(args.images, args.out)
     if args.only is not None:
+        if not args.only:
+            ap.error("--only needs at least one step name")
         unknown = set(args.only) - {s.name for s in steps}
         if unknown:
             ap.error(f"unknown step(s) {sorted(unknown)}; known: {[s.name for s in steps]}")
@@ -260,7 +284,11 @@ def main(argv: list[str] | None = None) -> int:
             if left < 20:
                 record = {"step": step.name, "rc": "skipped", "wall_s": 0.0, "argv": step.argv}
             else:
-                record = run_step(step, min(step.timeout_s, left), log)
+                try:
+                    record = run_step(step, min(step.timeout_s, left), log)
+                except Exception as exc:  # the suite's own fault: record it, run the rest
+                    record = {"step": step.name, "rc": "error", "wall_s": 0.0,
+                              "argv": step.argv, "tail": f"{type(exc).__name__}: {exc}"}  # fmt: skip
             records.append(record)
             jsonl.write(json.dumps(record) + "\n")
             jsonl.flush()

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,19 @@ def _suite():
     sys.modules["gpu_suite"] = module  # dataclasses look their module up while being built
     spec.loader.exec_module(module)
     return module
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a killed process waiting to be reaped counts as dead)."""
+    for _ in range(50):
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        if state in ("Z", "X"):
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _records(out: Path) -> dict[str, dict]:
@@ -70,9 +84,23 @@ def test_failing_and_hanging_steps_are_recorded_not_fatal(tmp_path):
     assert rec["targets"] == {"rate >= 5": False, "rate >= 1": True, "other >= 1": None}
     assert "NOT met" in suite.summary([rec]) and "no figure" in suite.summary([rec])
 
-    hangs = suite.Step("hangs", [sys.executable, "-c", "import time; time.sleep(60)"], 60)
-    rec = suite.run_step(hangs, 2, log)
-    assert rec["rc"] == "timeout" and rec["wall_s"] < 30
+    # a step that hangs, with a child of its own that would outlive it (a compile worker, say)
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); "
+        "time.sleep(120)"
+    )
+    hangs = suite.Step("hangs", [sys.executable, "-c", code], 120)
+    rec = suite.run_step(hangs, 3, log)
+    assert rec["rc"] == "timeout" and rec["wall_s"] < 30 and "started" in rec["tail"]
+    assert not _alive(int(pid_file.read_text()))
+
+    # raw bytes that are not UTF-8 (and a cut mid-character) are kept, not fatal
+    raw = "import sys; sys.stdout.buffer.write(b'\\xff\\xc3'); sys.stdout.flush()"
+    rec = suite.run_step(suite.Step("raw", [sys.executable, "-c", raw], 30), 30, log)
+    assert rec["rc"] == 0 and rec["result"] is None
 
     quiet = suite.Step("test_run", [sys.executable, "-c", "raise SystemExit('boom')"], 30,
                        json_line=False)  # fmt: skip
@@ -92,5 +120,7 @@ def test_budget_skips_what_no_longer_fits_and_bad_arguments_are_refused(nih_dir,
     with pytest.raises(SystemExit) as err:
         suite.main(["--smoke", "--out", str(tmp_path), "--images", images, "--only", "nope"])
     assert err.value.code == 2
+    with pytest.raises(SystemExit):
+        suite.main(["--smoke", "--out", str(tmp_path), "--images", images, "--only"])
     with pytest.raises(SystemExit):
         suite.main(["--smoke", "--out", str(tmp_path), "--images", str(tmp_path)])
