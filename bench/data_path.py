@@ -165,6 +165,7 @@ class ShardLoader:
         for t in threads:
             t.start()
         slots: list[torch.Tensor] = []
+        views: list[np.ndarray] = []  # the slots as numpy: the batches are read-only Arrow views
         done, filled, k = 0, 0, 0
         try:
             while done < len(threads):
@@ -180,18 +181,19 @@ class ShardLoader:
                     if filled == 0:
                         if len(slots) < self.ring:
                             shape = (self.batch, *src.shape[1:])
-                            dtype = torch.from_numpy(src[:0].copy()).dtype
+                            dtype = torch.from_numpy(np.empty(0, src.dtype)).dtype
                             slots.append(torch.empty(shape, dtype=dtype, pin_memory=self.pin))
+                            views.append(slots[-1].numpy())
                         if (ev := self._held.pop(k % self.ring, None)) is not None:
                             ev.synchronize()
-                    slot = slots[k % self.ring]
-                    if slot.shape[1:] != src.shape[1:] or slot.numpy().dtype != src.dtype:
+                    view = views[k % self.ring]
+                    if view.shape[1:] != src.shape[1:] or view.dtype != src.dtype:
                         raise ValueError("shards under one folder must share size and dtype")
                     take = min(self.batch - filled, src.shape[0] - pos)
-                    slot.numpy()[filled : filled + take] = src[pos : pos + take]
+                    view[filled : filled + take] = src[pos : pos + take]
                     filled, pos = filled + take, pos + take
                     if filled == self.batch:
-                        yield k % self.ring, slot
+                        yield k % self.ring, slots[k % self.ring]
                         filled, k = 0, k + 1
         finally:
             stop.set()

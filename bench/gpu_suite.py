@@ -294,8 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             jsonl.flush()
             print(summary([record]), flush=True)
     print("\n" + summary(records), flush=True)
-    failed = [r["step"] for r in records if r["rc"] != 0]
-    return 1 if failed else 0
+    return 1 if any(r["rc"] != 0 for r in records) else 0
 
 
 if __name__ == "__main__":

@@ -188,13 +188,12 @@ def read_images(dst: str | Path, limit: int | None = None) -> tuple[np.ndarray, 
     table = pa.concat_tables(tables)
     if limit is not None:
         table = table.slice(0, limit)
-    shapes = set(zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True))
-    dtypes = set(table["dtype"].to_pylist())
-    if len(shapes) > 1 or len(dtypes) > 1:
-        raise ShardError(f"shards under {dst} mix sizes {shapes} or dtypes {dtypes}")
     if table.num_rows == 0:
         raise ShardError(f"shards under {dst} hold no rows")
-    images = pixel_batch(table)  # [N, H, W]
+    try:
+        images = pixel_batch(table)  # [N, H, W]; refuses mixed sizes or dtypes
+    except ShardError as err:
+        raise ShardError(f"shards under {dst}: {err}") from None
     if not images.flags.writeable:  # one chunk: a view over the table's buffer
         images = images.copy()
     return images, table.drop_columns(["pixels"])

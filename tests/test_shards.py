@@ -61,3 +61,19 @@ def test_pixel_batch_refuses_rows_it_cannot_stack():
         pixel_batch(as_text)
     with pytest.raises(ShardError, match="no shard rows"):
         pixel_batch(_rows([a]).slice(0, 0))
+
+
+def test_read_images_refuses_a_folder_that_mixes_sizes(tmp_path):
+    import pyarrow.parquet as pq
+
+    from radjepa.shards import read_images
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, shape in enumerate([(4, 4), (4, 5)]):
+        rows = _rows([np.full(shape, i, np.uint8)] * 2)
+        pq.write_table(pa.Table.from_batches([rows]), images / f"part-{i}.parquet")
+    with pytest.raises(ShardError, match=r"shards under .* mix image sizes"):
+        read_images(tmp_path)
+    first, _ = read_images(tmp_path, limit=2)  # the first shard alone is fine
+    assert first.shape == (2, 4, 4) and first.flags.writeable
