@@ -304,18 +304,26 @@ def _timed(fn: Callable[[], tuple[int, float]]) -> float:
     return n / seconds
 
 
-def main(argv: list[str] | None = None) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's flags (the GPU suite's test parses its planned commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=4096, help="images in the temporary shards")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--workers", type=int, default=cores or 1, help="reader/decoder threads")
+    ap.add_argument("--workers", type=int, default=_cores(), help="reader/decoder threads")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--shard-rows", type=int, default=2048, help="rows per shard file (ingest)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=Path, default=NIH, help="folder of same-size PNGs")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
     if args.rows < args.batch:
@@ -362,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device": torch.cuda.get_device_name(device)
                 if device.type == "cuda"
                 else f"cpu {platform.machine()}",
-                "cores": cores,
+                "cores": _cores(),
                 "torch_threads": torch.get_num_threads(),
                 "ours_img_per_s": round(ours, 1),
                 "ours_host_only_img_per_s": round(host, 1),

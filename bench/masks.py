@@ -75,7 +75,8 @@ def _time(fn, reps: int, device: torch.device | None = None) -> float:
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's flags (the GPU suite's test parses its planned commands with it)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--grid", type=int, default=14)
@@ -83,7 +84,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="where our sampler runs (cpu or cuda)")
     ap.add_argument("--context-length", choices=["fixed", "batch_min"], default="fixed")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     cfg = MasksConfig()
     cfg = cfg.model_copy(update={"context_length": args.context_length})

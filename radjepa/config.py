@@ -270,6 +270,12 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU")
     _use_gpu = field_validator("use_gpu", mode="before")(_gpu_setting)
     compile: bool = Field(False, description="torch.compile the step (GPU)")
+    compile_scope: Literal["modules", "blocks"] = Field(
+        "modules",
+        description="what train.compile compiles: 'modules' = the online encoder, target "
+        "encoder and predictor whole (fusion across blocks); 'blocks' = each transformer block "
+        "in place, one graph shared by all blocks of a module per shape (minutes less to build)",
+    )
     seed: int = 0
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=1)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -29,9 +29,19 @@ from radjepa.masks import MaskSampler
 from radjepa.optim import build_optimizer, set_hparams
 from radjepa.schedules import schedule_at
 
-__all__ = ["Pretrainer"]
+__all__ = ["CompileScope", "Pretrainer"]
 
 log = logging.getLogger(__name__)
+
+CompileScope = Literal["modules", "blocks"]
+
+
+def _raise_recompile_limit(graphs: int) -> None:
+    """Let dynamo keep ``graphs`` graphs per code object (it falls back to eager beyond)."""
+    dyn = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(dyn, name):
+            setattr(dyn, name, max(getattr(dyn, name), graphs))
 
 
 class Pretrainer:
@@ -94,8 +104,10 @@ class Pretrainer:
             self.compile()
         self.step = 0
 
-    def compile(self, backend: str | Callable = "inductor") -> None:
-        """``torch.compile`` the online encoder, target encoder and predictor.
+    def compile(
+        self, backend: str | Callable = "inductor", scope: CompileScope | None = None
+    ) -> None:
+        """``torch.compile`` the step's three modules (``scope="modules"``) or their blocks.
 
         With ``masks.context_length="fixed"`` every tensor shape is a function of the config
         except the target-block length, which takes a few known values
@@ -103,18 +115,36 @@ class Pretrainer:
         the recompile limit is raised to cover them, so after those few graphs the step never
         recompiles and CUDA graphs stay possible. Under ``"batch_min"`` the context length
         changes every step and torch's automatic dynamic shapes are used instead.
+
+        ``scope="blocks"`` compiles each transformer block in place instead. The blocks of a
+        module are identical code over different weights, so one graph per shape serves all of
+        them and the build takes a fraction of the time (what a short GPU lease or a job that
+        restarts often cares about), at the price of no fusion across block boundaries. In
+        place means every other caller of the modules (evaluation, embeddings) runs the
+        compiled blocks too; their extra shapes get a few spare graphs before falling back
+        to eager. Default: ``train.compile_scope``.
         """
+        scope = scope or self.cfg.train.compile_scope
+        if scope not in ("modules", "blocks"):
+            raise ValueError(f"compile scope must be 'modules' or 'blocks', got {scope!r}")
         fixed = self.sampler.context_keep is not None
-        if fixed:
-            need = len(self.sampler.target_lengths()) + 2
-            dyn = torch._dynamo.config
-            for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
-                if hasattr(dyn, name):
-                    setattr(dyn, name, max(getattr(dyn, name), need))
         kwargs: dict[str, Any] = {"backend": backend, "dynamic": False if fixed else None}
-        self._encoder = torch.compile(self._encoder, **kwargs)
-        self._predictor = torch.compile(self._predictor, **kwargs)
-        self._target = torch.compile(self._target, **kwargs)
+        if scope == "modules":
+            if fixed:
+                _raise_recompile_limit(len(self.sampler.target_lengths()) + 2)
+            self._encoder = torch.compile(self._encoder, **kwargs)
+            self._predictor = torch.compile(self._predictor, **kwargs)
+            self._target = torch.compile(self._target, **kwargs)
+            return
+        modules = (self.model.encoder, self.model.target_encoder, self.model.predictor)
+        blocks = [blk for m in modules for blk in m.blocks]
+        # Block.forward is one code object, so its graphs for the online encoder (with grad),
+        # the target encoder (no grad) and the predictor (one per Kt) share one limit; dynamo
+        # also specialises on each block's drop-path rate, which multiplies them by the depth
+        per_rate = 1 if self.cfg.model.drop_path == 0 else len(blocks)
+        _raise_recompile_limit((len(self.sampler.target_lengths()) + 2) * per_rate + 4)
+        for blk in blocks:
+            blk.compile(**kwargs)
 
     # -----------------------------------------------------------------------------------------
 

@@ -154,7 +154,7 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
 
 
-def _gpu_cfg(precision: str, compile_: bool) -> Config:
+def _gpu_cfg(precision: str, compile_: bool, scope: str = "modules") -> Config:
     """ViT-tiny/16 at 224 (256 tokens, head dim 64: the flash-attention shapes of ViT-B)."""
     return load_config(
         "configs/vit_base_p16.yaml",
@@ -166,16 +166,21 @@ def _gpu_cfg(precision: str, compile_: bool) -> Config:
             "train.steps=20",
             f"train.precision={precision}",
             f"train.compile={str(compile_).lower()}",
+            f"train.compile_scope={scope}",
         ],
     )
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
-def test_optimised_step_matches_reference_step_bf16_cuda(compile_, no_tf32):
+@pytest.mark.parametrize(
+    ("compile_", "scope"),
+    [(False, "modules"), (True, "modules"), (True, "blocks")],
+    ids=["eager", "compiled", "compiled_blocks"],
+)
+def test_optimised_step_matches_reference_step_bf16_cuda(compile_, scope, no_tf32):
     g = torch.Generator().manual_seed(0)
     images = torch.randn(32, 1, 224, 224, generator=g)
-    ours = run_steps(_gpu_cfg("bf16", compile_), "cuda", images, reference=False)
+    ours = run_steps(_gpu_cfg("bf16", compile_, scope), "cuda", images, reference=False)
     ref = run_steps(_gpu_cfg("bf16", False), "cuda", images, reference=True)
     truth = run_steps(_gpu_cfg("fp32", False), "cuda", images, reference=True)
     assert_same_start(ours, ref)

@@ -70,6 +70,48 @@ def test_smoke_suite_runs_every_step_and_records_figures(nih_dir, tmp_path):
     assert all(name in res.stdout.split("\n\n")[-1] for name in names)
 
 
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_planned_gpu_command_is_accepted_by_its_script(tmp_path):
+    """A flag the bench does not know, or a test file with no GPU test, would only show on the
+    lent machine and cost the lease; here each planned bench command goes through its own
+    script's parser and the planned pytest run collects GPU tests."""
+    steps = _suite().gpu_steps(tmp_path / "images", tmp_path / "out")
+    assert len({s.name for s in steps}) == len(steps)
+    benches = 0
+    for step in steps:
+        script = Path(step.argv[1])
+        if script.suffix == ".py":
+            assert (REPO / script).is_file(), step.name
+            try:
+                _load(REPO / script).build_parser().parse_args(step.argv[2:])
+            except SystemExit as exc:  # argparse's way of refusing
+                pytest.fail(f"{step.name}: {script} refused {step.argv[2:]} ({exc})")
+            benches += 1
+            for flag, value in zip(step.argv, step.argv[1:], strict=False):
+                if flag == "--profile":
+                    assert Path(value).parent == tmp_path / "out", step.name
+        else:
+            assert step.argv[1:3] == ["-m", "pytest"] and not step.json_line, step.name
+            res = subprocess.run(
+                [sys.executable, *step.argv[1:], "--collect-only"],
+                cwd=REPO, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert res.returncode == 0, res.stdout + res.stderr
+            collected = [ln for ln in res.stdout.splitlines() if "::" in ln]
+            assert any("compiled_blocks" in ln for ln in collected), res.stdout
+            assert {ln.split("::")[0] for ln in collected} == {
+                a for a in step.argv if a.endswith(".py")
+            }, res.stdout
+    assert benches == len(steps) - 1
+
+
 def test_failing_and_hanging_steps_are_recorded_not_fatal(tmp_path):
     suite = _suite()
     log = (tmp_path / "log").open("w")

@@ -235,6 +235,69 @@ def test_warm_up_at_one_step_per_target_length_builds_every_graph_up_front():
     torch._dynamo.reset()
 
 
+def test_block_compile_shares_one_graph_per_shape_across_blocks():
+    """``train.compile_scope=blocks``: every block of the three modules is compiled in place,
+    and the blocks share graphs, so the count is the same 2 + #Kt as for whole modules (not
+    times the depth), the checkpoint keys are the plain ones, and a drop-path rate per block
+    (which dynamo specialises on) still fits under the raised recompile limit."""
+    cfg = load_config(TINY, ["train.compile_scope=blocks"])
+    p = Pretrainer(cfg, "cpu")
+    assert len(p.model.encoder.blocks) > 1 and len(p.model.predictor.blocks) > 1
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    p.compile(backend=counter)
+    assert p._encoder is p.model.encoder  # in place: nothing wrapped
+    x = torch.randn(4, 1, 96, 96)
+    kt = set()
+    for _ in range(10):
+        kt.add(p.sampler.target_length(p.step))
+        assert torch.isfinite(p.train_step(x)["loss"])
+    assert counter.frame_count == 2 + len(kt)
+    fresh = Pretrainer(cfg, "cpu")
+    fresh.load_state_dict(p.state_dict())  # strict: same keys as an uncompiled trainer
+    torch._dynamo.reset()
+
+    drop = Pretrainer(load_config(TINY, ["model.drop_path=0.1"]), "cpu")
+    counter = CompileCounter()
+    drop.compile(backend=counter, scope="blocks")
+    for _ in range(4):
+        drop.train_step(x)
+    blocks = [b for m in (drop.model.encoder, drop.model.predictor) for b in m.blocks]
+    assert counter.frame_count > 2 + len(kt)  # specialised per rate, still all compiled
+    limit = torch._dynamo.config.recompile_limit
+    assert limit >= (len(drop.sampler.target_lengths()) + 2) * len(blocks)
+    torch._dynamo.reset()
+
+
+def test_block_compiled_step_computes_the_eager_step():
+    """Compiling blocks changes how the step runs, not what it computes: through AOTAutograd
+    (the graph capture and autograd split inductor gets, minus code generation) three steps
+    give the eager trainer's losses and weights to fp32 rounding."""
+    cfg = load_config(TINY, ["train.compile_scope=blocks"])
+    x = torch.randn(4, 1, 96, 96, generator=torch.Generator().manual_seed(3))
+    eager = Pretrainer(cfg, "cpu")
+    torch._dynamo.reset()
+    compiled = Pretrainer(cfg, "cpu")
+    compiled.compile(backend="aot_eager")
+    init = eager.model.encoder.blocks[0].attn.qkv.weight.detach().clone()
+    for _ in range(3):
+        a, b = eager.train_step(x)["loss"], compiled.train_step(x)["loss"]
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for (k, v), w in zip(
+        eager.model.state_dict().items(), compiled.model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(w, v, rtol=1e-4, atol=1e-6, msg=k)
+    assert not torch.equal(eager.model.encoder.blocks[0].attn.qkv.weight, init)  # it trained
+    torch._dynamo.reset()
+
+
+def test_compile_scope_is_checked():
+    with pytest.raises(ValueError, match="compile_scope"):
+        load_config(TINY, ["train.compile_scope=layers"])
+    with pytest.raises(ValueError, match="'modules' or 'blocks'"):
+        Pretrainer(load_config(TINY, []), "cpu").compile(scope="layers")  # type: ignore[arg-type]
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_step_and_device_masks():
     cfg = load_config(TINY, ["train.precision=auto"])
