@@ -12,6 +12,38 @@ import os
 
 log = logging.getLogger(__name__)
 
+# Every worker of a local instance runs this hook first (see quiet_local_worker_logs).
+LOCAL_RUNTIME_ENV = {"worker_process_setup_hook": "pipelines.runtime.quiet_local_worker_logs"}
+
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_NO_STATE_API = "Failed to query Ray Train Controller actor state"
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_local_worker_logs() -> None:
+    """Ray worker setup hook of the local instance: drop one warning that would repeat every
+    second of every training run.
+
+    Ray Train starts a placement-group cleaner beside each run that asks the state API once a
+    second whether the run's controller is still alive, to free its resources if it crashed.
+    The local instance has no dashboard, hence no state API (with a dashboard, two local
+    instances on one machine make the state API refuse to pick one), so each query fails and
+    logs a warning: thousands of lines an hour in the user's terminal. The cleaner has nothing
+    to protect there anyway: a local instance and everything in it ends with the driver that
+    started it. On a cluster the dashboard is up and the hook is not installed.
+    """
+    logger = logging.getLogger(_PG_CLEANER_LOGGER)
+    if not any(isinstance(f, _DropPrefix) for f in logger.filters):
+        logger.addFilter(_DropPrefix(_NO_STATE_API))
+
 
 class ClusterResourceError(RuntimeError):
     """The cluster can never provide what the job asks for (told to the user, no traceback)."""
@@ -31,7 +63,12 @@ def ensure_ray(min_logical_cpus: int = 4) -> None:
     cores = os.cpu_count() or 1
     num_cpus = max(min_logical_cpus, 2 * cores)
     log.info("starting local Ray with %d logical CPUs on %d cores", num_cpus, cores)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        configure_logging=False,
+        runtime_env=LOCAL_RUNTIME_ENV,
+    )
 
 
 def cluster_has_gpus() -> bool:

@@ -131,6 +131,8 @@ def prepare_images(arrays: Sequence[np.ndarray], size: int) -> torch.Tensor:
             raise ValueError(f"image {i}: expected a 2-D stored image, got shape {a.shape}")
         if a.dtype not in (np.uint8, np.uint16):
             raise ValueError(f"image {i}: stored images are uint8 or uint16, got {a.dtype}")
+        if not a.flags.writeable:  # a view of a shard's Arrow buffer, say: torch warns on
+            a = a.copy()  # memory it may not write; one uint8 copy is small next to the float one
         t = torch.from_numpy(np.ascontiguousarray(a))[None]  # [1, H, W]
         out.append(resize_for_encoder(to_model_input(t), size))  # [1, 1, S, S]
     return torch.cat(out, dim=0)

@@ -48,6 +48,8 @@ def ray_session():
     logical CPUs than cores so Ray Data is not starved by Train workers on a 2-core box."""
     import ray
 
+    from pipelines.runtime import LOCAL_RUNTIME_ENV
+
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
@@ -58,6 +60,7 @@ def ray_session():
             include_dashboard=False,
             log_to_driver=True,
             configure_logging=False,
+            runtime_env=LOCAL_RUNTIME_ENV,  # as `radjepa` starts its local instance
         )
     yield ray
     ray.shutdown()

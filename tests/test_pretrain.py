@@ -4,6 +4,7 @@ failure recovery and resume (one real Ray instance, two DDP workers on CPU)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -90,6 +91,45 @@ def test_two_workers_learn_survive_a_failure_and_register(shards, tmp_path):
     assert [str(v.version) for v in versions] == [res.model_version]
     assert versions[0].source.endswith("/checkpoint-step-30")
     assert run.info.status == "FINISHED"
+
+    # nothing in any worker's log repeats per second (the cleaner's state-API warning) or
+    # warns about the monitor images (read-only after their trip through the object store)
+    noisy = {
+        p.name: marker
+        for p in _worker_logs()
+        for marker in (NO_STATE_API, "not writable")
+        if marker in p.read_text(errors="replace")
+    }
+    assert not noisy
+
+
+NO_STATE_API = "Failed to query Ray Train Controller actor state"
+
+
+def _worker_logs() -> list[Path]:
+    """The log files of every Ray worker process this session has started."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    files = sorted(logs.glob("worker-*"))
+    assert files, logs
+    return files
+
+
+def test_local_worker_hook_drops_only_the_state_api_warning(caplog):
+    from pipelines.runtime import _PG_CLEANER_LOGGER, LOCAL_RUNTIME_ENV, quiet_local_worker_logs
+
+    assert LOCAL_RUNTIME_ENV["worker_process_setup_hook"].endswith(".quiet_local_worker_logs")
+    quiet_local_worker_logs()
+    quiet_local_worker_logs()  # each worker runs it once; twice adds nothing
+    logger = logging.getLogger(_PG_CLEANER_LOGGER)
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=_PG_CLEANER_LOGGER):
+        logger.warning(NO_STATE_API + ". State API may be temporarily unavailable.")
+        logger.warning("Detected that the Ray Train controller actor (x) is dead.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Detected that the Ray Train controller actor (x) is dead."
+    ]
 
 
 def test_rerunning_a_finished_run_continues_from_its_checkpoint(shards, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,19 @@ def test_prepare_images_mixed_sizes_and_dtypes():
     assert x.shape == (2, 1, 96, 96) and x.dtype == torch.float32
     assert torch.allclose(x[0], torch.full((1, 96, 96), 2.0))
     assert torch.allclose(x[1], torch.full((1, 96, 96), -2.0))
+
+
+def test_prepare_images_takes_read_only_arrays_quietly():
+    """Arrays that come out of Ray's object store or an Arrow buffer are read-only; torch warns
+    on wrapping them, and the result must not depend on it."""
+    a = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    ro = a.copy()
+    ro.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = prepare_images([ro], 32)
+    assert torch.equal(x, prepare_images([a], 32))
+    assert not ro.flags.writeable
 
 
 @pytest.mark.parametrize(
