@@ -12,8 +12,14 @@ import os
 
 log = logging.getLogger(__name__)
 
-# Every worker of a local instance runs this hook first (see quiet_local_worker_logs).
-LOCAL_RUNTIME_ENV = {"worker_process_setup_hook": "pipelines.runtime.quiet_local_worker_logs"}
+# What every worker of a local instance gets: the hook below runs first, and Ray Train's
+# preemption watcher is off (it watches for cloud nodes being drained, which a single local
+# node never is; each run would start one more process for it, and it logs an error line
+# about its own restart policy at every start).
+LOCAL_RUNTIME_ENV = {
+    "worker_process_setup_hook": "pipelines.runtime.quiet_local_worker_logs",
+    "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"},
+}
 
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 _NO_STATE_API = "Failed to query Ray Train Controller actor state"
