@@ -154,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--compile", action="store_true", help="torch.compile our path (CUDA)")
+    ap.add_argument(
+        "--compile", action="store_true", help="torch.compile our path (on CPU too: build times)"
+    )
     ap.add_argument(
         "--compile-scope",
         choices=["modules", "blocks"],
