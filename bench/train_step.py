@@ -26,13 +26,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import get_args
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from radjepa.config import load_config  # noqa: E402
+from radjepa.config import CompileScope, load_config  # noqa: E402
 from radjepa.engine import Pretrainer  # noqa: E402
 
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--compile-scope",
-        choices=["modules", "blocks"],
+        choices=get_args(CompileScope),
         default="modules",
         help="train.compile_scope: whole modules or each transformer block",
     )

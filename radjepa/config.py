@@ -27,6 +27,7 @@ __all__ = [
     "config_to_yaml",
     "flatten",
     "MODEL_WIDTHS",
+    "CompileScope",
 ]
 
 # Encoder sizes (embed dim, depth, heads) as in the ViT/I-JEPA papers; "tiny" is for CPU tests.
@@ -39,6 +40,9 @@ MODEL_WIDTHS: dict[str, tuple[int, int, int]] = {
 }
 
 Range = tuple[float, float]
+
+# What ``train.compile`` compiles (see ``radjepa.engine.Pretrainer.compile``).
+CompileScope = Literal["modules", "blocks"]
 
 
 class ConfigError(ValueError):
@@ -270,7 +274,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU")
     _use_gpu = field_validator("use_gpu", mode="before")(_gpu_setting)
     compile: bool = Field(False, description="torch.compile the step (GPU)")
-    compile_scope: Literal["modules", "blocks"] = Field(
+    compile_scope: CompileScope = Field(
         "modules",
         description="what train.compile compiles: 'modules' = the online encoder, target "
         "encoder and predictor whole (fusion across blocks); 'blocks' = each transformer block "

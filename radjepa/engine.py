@@ -17,23 +17,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
-from radjepa.config import Config
+from radjepa.config import CompileScope, Config
 from radjepa.ema import ema_update, ema_update_loop
 from radjepa.jepa import JEPA
 from radjepa.masks import MaskSampler
 from radjepa.optim import build_optimizer, set_hparams
 from radjepa.schedules import schedule_at
 
-__all__ = ["CompileScope", "Pretrainer"]
+__all__ = ["Pretrainer"]
 
 log = logging.getLogger(__name__)
-
-CompileScope = Literal["modules", "blocks"]
 
 
 def _raise_recompile_limit(graphs: int) -> None:
@@ -125,7 +123,7 @@ class Pretrainer:
         to eager. Default: ``train.compile_scope``.
         """
         scope = scope or self.cfg.train.compile_scope
-        if scope not in ("modules", "blocks"):
+        if scope not in get_args(CompileScope):
             raise ValueError(f"compile scope must be 'modules' or 'blocks', got {scope!r}")
         fixed = self.sampler.context_keep is not None
         kwargs: dict[str, Any] = {"backend": backend, "dynamic": False if fixed else None}
