@@ -237,6 +237,7 @@ def summary(records: list[dict]) -> str:
                 "speedup",
                 "ours.mfu",
                 "ours.host_syncs_per_step.count",
+                "ours.warmup_s",
                 "ours_ms_per_batch",
                 "ours_img_per_s",
                 "baseline_img_per_s",
@@ -248,7 +249,7 @@ def summary(records: list[dict]) -> str:
             "" if not goals else " | " + ", ".join(f"{k}: {_verdict(v)}" for k, v in goals.items())
         )
         shown = " ".join(f"{k}={v:g}" for k, v in figures.items())
-        lines.append(f"{r['step']:<24} rc={r['rc']!s:<7} {r['wall_s']:>6.1f}s {shown}{verdict}")
+        lines.append(f"{r['step']:<30} rc={r['rc']!s:<7} {r['wall_s']:>6.1f}s {shown}{verdict}")
     return "\n".join(lines)
 
 
