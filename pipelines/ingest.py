@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import logging
+import sys
 import tarfile
 import time
 import uuid
@@ -53,7 +54,9 @@ KEY_RECORD = "pseudonyms.json"  # which key made the pseudonyms; written before 
 MANIFEST_VERSION = 1
 _READ_CHUNK = 32  # rows per block emitted by the read tasks
 _DECODE_BATCH = 16  # files per decoder call
-_ARCHIVE_SUFFIXES = {
+_LINK = "archive link"  # read_error detail of a tar member that is a hard or symbolic link
+_HEAD = 512  # bytes read to tell an archive from an image (tar's magic sits at 257)
+_ARCHIVE_SUFFIXES = {  # only to size the progress bar up front; the content decides
     ".zip": "zip",
     ".tar": "tar",
     ".tgz": "tar",
@@ -110,6 +113,7 @@ class IngestSummary:
 
 
 def _archive_kind(path: str) -> str | None:
+    """The archive kind a name suggests (a hint for counting members, never for reading)."""
     low = path.lower()
     for suffix, kind in _ARCHIVE_SUFFIXES.items():
         if low.endswith(suffix):
@@ -117,19 +121,38 @@ def _archive_kind(path: str) -> str | None:
     return None
 
 
+def _archive_kind_of(head: bytes) -> str | None:
+    """'zip' or 'tar' from a file's first bytes, None for anything else (an image or junk).
+
+    Object-store keys often lack a suffix and names can lie (a DICOM called ``study.zip``), so
+    the bytes decide. A DICOM preamble is free-form and may start like a zip, hence DICM first.
+    Compressed streams (gzip, bzip2, xz) are taken as tars; one that is not is quarantined.
+    """
+    if head[128:132] == b"DICM":
+        return None
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head[257:262] == b"ustar" or head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")):
+        return "tar"
+    return None
+
+
 def list_inputs(sources: list[str]) -> list[dict[str, str]]:
     """File references for every source: ``{"source", "path", "kind"}`` (kind file/zip/tar)."""
     refs: list[dict[str, str]] = []
     for src in sources:
-        fs, root = filesystem(src)
-        info = fs.get_file_info(root)
+        try:
+            fs, root = filesystem(src)
+            info = fs.get_file_info(root)
+            if info.type == pafs.FileType.Directory:
+                infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+            else:
+                paths = [root]
+        except (OSError, pa.ArrowException) as err:
+            raise IngestError(f"cannot list source {src}: {err}") from None
         if info.type == pafs.FileType.NotFound:
             raise IngestError(f"source not found: {src}")
-        if info.type == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-            paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
-        else:
-            paths = [root]
         refs.extend({"source": src, "path": p, "kind": _archive_kind(p) or "file"} for p in paths)
     return refs
 
@@ -150,52 +173,64 @@ def _count_members(ref: dict[str, str]) -> int:
 
 def _iter_ref(ref: dict[str, str], max_bytes: int) -> Iterator[dict[str, Any]]:
     fs, _ = filesystem(ref["source"])
-    path, kind = ref["path"], ref["kind"]
+    path = ref["path"]
 
     def row(name: str, data: bytes | None, size: int | None, err: str | None) -> dict[str, Any]:
         return {"name": name, "data": data, "size_bytes": size, "read_error": err}
 
     try:
-        if kind == "file":
-            size = fs.get_file_info(path).size
-            if size is not None and size > max_bytes:
-                yield row(path, None, size, "too_large")
-                return
-            with fs.open_input_stream(path, compression=None) as f:
+        with fs.open_input_file(path) as f:
+            kind = _archive_kind_of(f.read(_HEAD))
+            f.seek(0)
+            if kind is None:
+                size = f.size()
+                if size > max_bytes:
+                    yield row(path, None, size, "too_large")
+                    return
                 data = f.read()
-            yield row(path, data, len(data), None)
-        elif kind == "zip":
-            with fs.open_input_file(path) as f, zipfile.ZipFile(f) as z:
-                for info in z.infolist():
-                    if info.is_dir():
-                        continue
-                    name = f"{path}!{info.filename}"
-                    if info.file_size > max_bytes:
-                        yield row(name, None, info.file_size, "too_large")
-                        continue
-                    try:
-                        data = z.read(info)
-                    except Exception as err:
-                        yield row(name, None, info.file_size, f"read_error:{type(err).__name__}")
-                        continue
-                    yield row(name, data, len(data), None)
-        else:
-            with (
-                fs.open_input_stream(path, compression=None) as f,
-                tarfile.open(fileobj=f, mode="r|*") as t,
-            ):
-                for member in t:
-                    if not member.isfile():
-                        continue
-                    name = f"{path}!{member.name}"
-                    if member.size > max_bytes:
-                        yield row(name, None, member.size, "too_large")
-                        continue
-                    fh = t.extractfile(member)
-                    data = fh.read() if fh is not None else b""
-                    yield row(name, data, len(data), None)
+                yield row(path, data, len(data), None)
+            elif kind == "zip":
+                yield from _iter_zip(f, path, max_bytes, row)
+            else:
+                yield from _iter_tar(f, path, max_bytes, row)
     except Exception as err:  # an unreadable file or corrupt archive is one quarantined input
         yield row(path, None, None, f"read_error:{type(err).__name__}")
+
+
+def _iter_zip(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str, Any]]:
+    with zipfile.ZipFile(f) as z:
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            name = f"{path}!{info.filename}"
+            if info.file_size > max_bytes:
+                yield row(name, None, info.file_size, "too_large")
+                continue
+            try:
+                data = z.read(info)
+            except Exception as err:
+                yield row(name, None, info.file_size, f"read_error:{type(err).__name__}")
+                continue
+            yield row(name, data, len(data), None)
+
+
+def _iter_tar(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str, Any]]:
+    # streaming mode: one sequential pass, so a link's target (read earlier or later) cannot
+    # be re-read; a link is reported as one quarantined input, never skipped unseen
+    with tarfile.open(fileobj=f, mode="r|*") as t:
+        for member in t:
+            name = f"{path}!{member.name}"
+            if member.islnk() or member.issym():
+                yield row(name, None, None, f"read_error:{_LINK}")
+                continue
+            if not member.isfile():  # directories, devices, fifos hold no file data
+                continue
+            if member.size > max_bytes:
+                yield row(name, None, member.size, "too_large")
+                continue
+            fh = t.extractfile(member)
+            data = fh.read() if fh is not None else b""
+            yield row(name, data, len(data), None)
 
 
 def _read_refs(batch: pa.Table, max_bytes: int) -> Iterator[pa.Table]:
@@ -250,11 +285,12 @@ class _Decoder:
             err = r["read_error"] or "read_error"
             reason = "too_large" if err == "too_large" else "read_error"
             detail = err.partition(":")[2]
-            msg = (
-                f"{r['size_bytes']} bytes exceeds ingest.max_file_mb"
-                if reason == "too_large"
-                else f"could not read the file ({detail or 'unknown error'})"
-            )
+            if reason == "too_large":
+                msg = f"{r['size_bytes']} bytes exceeds ingest.max_file_mb"
+            elif detail == _LINK:
+                msg = "a link inside a tar archive; its target is read as its own member"
+            else:
+                msg = f"could not read the file ({detail or 'unknown error'})"
             return {**out, "status": "quarantined", "reason": reason, "message": msg}
         sha = hashlib.sha256(data).hexdigest()
         out["image_id"] = sha
@@ -295,9 +331,12 @@ class _Dest:
 
     def __init__(self, dst: str) -> None:
         self.uri = dst
-        self.fs, self.root = filesystem(dst)
-        self.fs.create_dir(f"{self.root}/{IMAGES_DIR}", recursive=True)
-        self.fs.create_dir(f"{self.root}/{QUARANTINE_DIR}", recursive=True)
+        try:
+            self.fs, self.root = filesystem(dst)
+            self.fs.create_dir(f"{self.root}/{IMAGES_DIR}", recursive=True)
+            self.fs.create_dir(f"{self.root}/{QUARANTINE_DIR}", recursive=True)
+        except (OSError, pa.ArrowException) as err:
+            raise IngestError(f"cannot use destination {dst}: {err}") from None
 
     def _parquet(self, sub: str) -> list[str]:
         infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{sub}"))
@@ -331,13 +370,31 @@ class _Dest:
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
         with self.fs.open_input_stream(path, compression=None) as f:
-            return json.loads(f.read().decode("utf-8"))
+            raw = f.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise IngestError(
+                f"{self.uri}/{name} is not valid JSON ({err}); restore it or ingest into a new DST"
+            ) from None
+        if not isinstance(data, dict):
+            raise IngestError(f"{self.uri}/{name} is not a JSON object; restore it")
+        return data
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         tmp, final = f"{self.root}/.{name}.tmp", f"{self.root}/{name}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
         self.fs.move(tmp, final)
+
+    def stored_image(self) -> dict[str, Any] | None:
+        """Size and dtype of the images already in DST, read from a shard (None when empty):
+        a run that died before its manifest leaves shards that still fix both."""
+        for path in self._parquet(IMAGES_DIR):
+            first = pq.read_table(path, columns=["height", "dtype"], filesystem=self.fs).slice(0, 1)
+            if first.num_rows:
+                return {"size": first["height"][0].as_py(), "dtype": first["dtype"][0].as_py()}
+        return None
 
     def read_manifest(self) -> dict[str, Any] | None:
         return self.read_json(MANIFEST)
@@ -382,10 +439,10 @@ def _check_key(dest: _Dest, previous: dict[str, Any] | None, key: dict[str, str]
     dest.write_json(KEY_RECORD, key)
 
 
-def _check_compatible(previous: dict[str, Any] | None, settings: dict[str, Any]) -> None:
-    if not previous:
-        return
-    old = previous.get("image", {})
+def _check_compatible(
+    dest: _Dest, previous: dict[str, Any] | None, settings: dict[str, Any]
+) -> None:
+    old = (previous or {}).get("image") or dest.stored_image()
     new = {"size": settings["size"], "dtype": settings["dtype"]}
     if old and {k: old.get(k) for k in new} != new:
         raise IngestError(
@@ -412,10 +469,14 @@ def run_ingest(
         "dtype": ing.dtype,
         "window_percentiles": tuple(ing.window_percentiles),
         "max_bytes": int(ing.max_file_mb * 1024 * 1024),
+        "reject_burned_in": ing.burned_in_annotation == "quarantine",
     }
     # list first (a missing source fails before DST is touched); a DST inside a source folder
     # must not ingest its own shards on the next run
-    dst_root = filesystem(dst)[1].rstrip("/") + "/"
+    try:
+        dst_root = filesystem(dst)[1].rstrip("/") + "/"
+    except (OSError, pa.ArrowException) as err:
+        raise IngestError(f"cannot use destination {dst}: {err}") from None
     refs = [r for r in list_inputs(sources) if not r["path"].startswith(dst_root)]
     dest = _Dest(dst)
     previous = dest.read_manifest()
@@ -424,7 +485,7 @@ def run_ingest(
         "key": "development" if secret == DEV_SECRET else "secret",
         "key_fingerprint": key_fingerprint(secret),
     }
-    _check_compatible(previous, settings)
+    _check_compatible(dest, previous, settings)
     _check_key(dest, previous, key, ing.secret_env)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     summary = IngestSummary(dst=dst, run_id=run_id)
@@ -467,7 +528,12 @@ def run_ingest(
         for k, v in asdict(summary).items()
         if k not in ("dst", "total_images", "total_quarantined")
     }
-    run.update(started_at=started_at, sources=len(sources), expected_inputs=expected)
+    run.update(
+        started_at=started_at,
+        sources=len(sources),
+        expected_inputs=expected,
+        burned_in_annotation=ing.burned_in_annotation,
+    )
     runs = list((previous or {}).get("runs", [])) + [run]
     dest.write_manifest(
         {
@@ -653,7 +719,7 @@ def summary_table(summary: IngestSummary) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.ingest SRC... DST [--config] [--set k=v]`` (e.g. in a Ray Job)."""
-    from radjepa.config import load_config
+    from radjepa.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__)
     p.add_argument("paths", nargs="+", help="sources..., then the destination folder")
@@ -663,8 +729,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.paths) < 2:
         p.error("need at least one source and a destination")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.sets)
-    s = run_ingest(args.paths[:-1], args.paths[-1], cfg)
+    try:
+        s = run_ingest(args.paths[:-1], args.paths[-1], load_config(args.config, args.sets))
+    except (ConfigError, IngestError) as err:  # the user's to fix: one line, like the CLI
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
+        return 2
     print(json.dumps(asdict(s), sort_keys=True))  # noqa: T201 - entry point output
     return 0
 

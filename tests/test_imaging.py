@@ -19,13 +19,14 @@ from PIL import Image
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     RLELossless,
 )
 
-from radjepa.imaging.contract import META_FIELDS
+from radjepa.imaging.contract import MAX_PIXELS, META_FIELDS
 from radjepa.imaging.decode import DecodedImage, ImageRejected, decode_image
 from radjepa.imaging.deid import DEV_SECRET, age_years, resolve_secret
 from radjepa.imaging.errors import REASONS
@@ -276,6 +277,9 @@ REJECTIONS = {
     "unsupported_photometric": lambda nih: make_dicom(gradient(N, N), photometric="YBR_FULL"),
     "not_2d": lambda nih: _not_2d(),
     "decode_error": lambda nih: _bad_j2k(),
+    "burned_in_annotation": lambda nih: make_dicom(
+        gradient(N, N), extra={"BurnedInAnnotation": "YES"}
+    ),
 }
 
 
@@ -287,10 +291,147 @@ def test_every_reason_has_a_case() -> None:
 def test_rejection_reasons(reason: str, nih_dir) -> None:
     data = REJECTIONS[reason](nih_dir)
     with pytest.raises(ImageRejected) as err:
-        decode(data, max_bytes=100 if reason == "too_large" else None)
+        decode(data, max_bytes=100 if reason == "too_large" else None, reject_burned_in=True)
     assert err.value.reason == reason
     for marker in MARKER_STRINGS:
         assert marker not in err.value.message
+
+
+def test_burned_in_annotation_is_refused_only_when_asked() -> None:
+    # ingest refuses (text in the pixels escapes header de-identification); the HTTP API,
+    # which stores nothing, embeds such images
+    flagged = make_dicom(gradient(N, N), extra={"BurnedInAnnotation": "YES"})
+    assert decode(flagged).pixels.shape == (N, N)
+    clean = make_dicom(gradient(N, N), extra={"BurnedInAnnotation": "NO"})
+    assert decode(clean, reject_burned_in=True).pixels.shape == (N, N)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless])
+def test_claimed_pixel_count_is_checked_before_decoding(syntax: str) -> None:
+    # a few KB of compressed data can claim gigapixels: the header alone decides
+    side = int(MAX_PIXELS**0.5) + 1
+    data = make_dicom(gradient(N, N), transfer_syntax=syntax, extra={"Rows": side, "Columns": side})
+    assert len(data) < 100_000
+    with pytest.raises(ImageRejected) as err:
+        decode(data)
+    assert err.value.reason == "too_large"
+    assert f"{side}x{side}" in err.value.message
+
+
+def test_raster_bombs_are_too_large_not_junk() -> None:
+    # beyond Pillow's own bomb guard (2 x 89.5 Mpx) and between ours and it
+    for side in (14_000, 9_000):
+        buf = io.BytesIO()
+        Image.new("L", (side, side)).save(buf, format="PNG")
+        with pytest.raises(ImageRejected) as err:
+            decode(buf.getvalue())
+        assert err.value.reason == "too_large", side
+
+
+def test_colour_decode_memory_stays_near_the_grey_decode() -> None:
+    # an upload of a few hundred KB may be a large colour image: the luma conversion must not
+    # hold float64 copies of all three channels (it was ~35 bytes per pixel at its peak)
+    import tracemalloc
+
+    from radjepa.imaging.raster import raster_display
+
+    side = 1500
+    rgb = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    tracemalloc.start()
+    try:
+        grey, _ = raster_display(buf.getvalue())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert grey.dtype == np.float32
+    assert peak / side**2 < 16
+
+
+def _deflated_with_padding(padding_bytes: int) -> bytes:
+    """A deflated DICOM whose data set ends in ``padding_bytes`` of trailing padding (FFFC,FFFC),
+    compressed in chunks: a deflate bomb that never exists inflated in the test."""
+    from pydicom.filereader import _read_file_meta_info
+
+    small = deflated(gradient(N, N))
+    fp = io.BytesIO(small)
+    fp.seek(132)
+    _read_file_meta_info(fp)
+    head, body = small[: fp.tell()], zlib.decompress(small[fp.tell() :], -zlib.MAX_WBITS)
+    packer = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [packer.compress(body)]
+    parts.append(
+        packer.compress(b"\xfc\xff\xfc\xffOB\x00\x00" + padding_bytes.to_bytes(4, "little"))
+    )
+    chunk = bytes(16 << 20)
+    for _ in range(padding_bytes // len(chunk)):
+        parts.append(packer.compress(chunk))
+    parts.append(packer.compress(bytes(padding_bytes % len(chunk))))
+    parts.append(packer.flush())
+    return head + b"".join(parts)
+
+
+def test_deflated_data_set_is_inflated_within_a_bound() -> None:
+    modest = _deflated_with_padding(1 << 20)
+    assert decode(modest).pixels.shape == (N, N)
+    bomb = _deflated_with_padding(600 << 20)  # ~600 KB on disk
+    assert len(bomb) < 2 << 20
+    with pytest.raises(ImageRejected) as err:
+        decode(bomb)
+    assert err.value.reason == "too_large"
+    with pytest.raises(ImageRejected) as err:
+        decode(modest[:-200])
+    assert err.value.reason == "truncated"
+
+
+def _palette_dicom(indices: np.ndarray, lut: np.ndarray, bits: int) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(indices, bits=8)))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [len(lut), 0, bits])
+        ds[f"{colour}PaletteColorLookupTableDescriptor"].VR = "US"
+        setattr(ds, f"{colour}PaletteColorLookupTableData", lut.astype("<u2").tobytes())
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_palette_colour_is_scaled_by_its_descriptor(bits: int) -> None:
+    # a grey ramp palette: display = index / 255 whether the entries are 8- or 16-bit
+    indices = gradient(N, N, bits=8)
+    lut = np.arange(256) * (257 if bits == 16 else 1)
+    got = decode(_palette_dicom(indices, lut, bits)).pixels
+    np.testing.assert_array_equal(got, indices)
+
+
+def test_messages_quote_only_standard_codes() -> None:
+    odd = make_dicom(gradient(N, N), photometric="DOE JOHN 19450317")
+    with pytest.raises(ImageRejected) as err:
+        decode(odd)
+    assert "DOE" not in err.value.message and "1945" not in err.value.message
+    with pytest.raises(ImageRejected) as err:
+        decode(make_dicom(gradient(N, N), photometric="YBR_FULL"))
+    assert "'YBR_FULL'" in err.value.message
+
+
+def test_native_ybr_full_422_is_not_called_truncated() -> None:
+    import pydicom
+
+    rgb = np.stack([gradient(N, N, bits=8)] * 3, axis=-1)
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(rgb, bits=8, photometric="RGB")))
+    # 4:2:2 stores Y0 Y1 Cb Cr per pixel pair; a grey image has Cb = Cr = 128
+    grey = rgb[..., 0].reshape(N, N // 2, 2)
+    pairs = np.concatenate([grey, np.full((N, N // 2, 2), 128, np.uint8)], axis=-1)
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PixelData = pairs.tobytes()
+    out = io.BytesIO()
+    ds.save_as(out)
+    got = decode(out.getvalue()).pixels.astype(int)
+    assert np.abs(got - rgb[..., 0].astype(int)).max() <= 1
 
 
 def test_truncated_png_and_junk(nih_dir) -> None:

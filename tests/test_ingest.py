@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from collections import Counter
@@ -43,6 +46,7 @@ class Corpus:
         self.good: set[str] = set()  # sha256 of decodable unique bytes
         self.bad: dict[str, str] = {}  # sha256 -> expected reason
         self.duplicates = 0
+        self.unread: list[str] = []  # reasons of inputs never read (links in a tar)
 
     def _account(self, data: bytes, reason: str | None) -> None:
         sha = hashlib.sha256(data).hexdigest()
@@ -60,9 +64,13 @@ class Corpus:
         path.write_bytes(data)
         self._account(data, reason)
 
-    def add_archive(self, rel: str, members: dict[str, tuple[bytes, str | None]]) -> None:
+    def add_archive(
+        self, rel: str, members: dict[str, tuple[bytes, str | None]], kind: str | None = None
+    ) -> None:
+        """A zip or tar.gz (``kind``, else from the suffix) whose members are the inputs."""
         path = self.root / rel
-        if rel.endswith(".zip"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if (kind or ("zip" if rel.endswith(".zip") else "tar")) == "zip":
             with zipfile.ZipFile(path, "w") as z:
                 for name, (data, _) in members.items():
                     z.writestr(name, data)
@@ -76,9 +84,29 @@ class Corpus:
         for data, reason in members.values():
             self._account(data, reason)
 
+    def add_tar_with_links(self, rel: str, data: bytes) -> None:
+        """An uncompressed tar (no suffix needed: found by content) holding a file plus a hard
+        and a symbolic link to it: each link is one input, quarantined, never skipped unseen."""
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w") as t:
+            info = tarfile.TarInfo("scan/one.dcm")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+            for name, kind in (
+                ("scan/hard.dcm", tarfile.LNKTYPE),
+                ("scan/soft.dcm", tarfile.SYMTYPE),
+            ):
+                link = tarfile.TarInfo(name)
+                link.type, link.linkname = kind, "scan/one.dcm"
+                t.addfile(link)
+        self._account(data, None)
+        self.inputs += 2
+        self.unread += ["read_error", "read_error"]
+
     @property
     def reasons(self) -> dict[str, int]:
-        return dict(Counter(self.bad.values()))
+        return dict(Counter([*self.bad.values(), *self.unread]))
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +157,19 @@ def corpus(tmp_path_factory, nih_dir) -> Corpus:
             "x/frames.dcm": (make_dicom(gradient(64, 64, seed=9), frames=3), "multi_frame"),
         },
     )
+    # found by content, not by name: a DICOM called .zip, a zip with no suffix, a suffix-less tar
+    c.add("dicom/study.zip", make_dicom(gradient(60, 60, seed=21)))
+    c.add_archive(
+        "exports/s3-object-without-suffix",
+        {"inner.dcm": (make_dicom(gradient(60, 60, seed=22)), None)},
+        kind="zip",
+    )
+    c.add_tar_with_links("exports/tar-without-suffix", make_dicom(gradient(60, 60, seed=23)))
+    c.add(
+        "dicom/burned_in.dcm",
+        make_dicom(px12[:80], extra={"BurnedInAnnotation": "YES"}),
+        "burned_in_annotation",
+    )
     return c
 
 
@@ -156,9 +197,9 @@ def ingested(corpus, ray_session, tmp_path_factory):
 
 def test_counts_reconcile_with_reason_histogram(corpus, ingested) -> None:
     dst, s = ingested
-    assert s.input == corpus.inputs == 29
+    assert s.input == corpus.inputs == 35
     assert s.ok == len(corpus.good)
-    assert s.quarantined == len(corpus.bad)
+    assert s.quarantined == len(corpus.bad) + len(corpus.unread)
     assert s.duplicates == s.duplicates_in_run == corpus.duplicates == 4
     assert s.input == s.ok + s.quarantined + s.duplicates
     assert s.reasons == corpus.reasons
@@ -201,10 +242,11 @@ def test_quarantine_rows(corpus, ingested) -> None:
     q = pq.read_table(dst / "quarantine")
     assert q.schema.equals(QUARANTINE_SCHEMA)
     assert q.num_rows == s.quarantined
-    assert (
-        dict(zip(q.column("sha256").to_pylist(), q.column("reason").to_pylist(), strict=True))
-        == corpus.bad
-    )
+    rows = q.to_pylist()
+    assert {r["sha256"]: r["reason"] for r in rows if r["sha256"]} == corpus.bad
+    unread = [r for r in rows if r["sha256"] is None]
+    assert [r["reason"] for r in unread] == corpus.unread
+    assert all("link inside a tar archive" in r["message"] for r in unread)
     assert all(len(h) == 32 for h in q.column("source_hash").to_pylist())
     assert q.column("source_path").null_count == q.num_rows
 
@@ -250,6 +292,56 @@ def test_size_change_into_same_dst_is_refused(corpus, ingested) -> None:
     dst, _ = ingested
     with pytest.raises(IngestError, match="size"):
         run_ingest([str(corpus.root)], str(dst), _cfg("ingest.image_size=128"), progress=False)
+    # a run that died before writing its manifest left shards: they still fix the size
+    (dst / "manifest.json").rename(dst / "manifest.json.bak")
+    try:
+        with pytest.raises(IngestError, match="size"):
+            run_ingest([str(corpus.root)], str(dst), _cfg("ingest.dtype=uint16"), progress=False)
+        assert not (dst / "manifest.json").exists()
+    finally:
+        (dst / "manifest.json.bak").rename(dst / "manifest.json")
+
+
+def test_burned_in_annotation_can_be_kept_by_choice(ray_session, tmp_path) -> None:
+    from pipelines.ingest import run_ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    flagged = make_dicom(gradient(40, 40), extra={"BurnedInAnnotation": "YES"}, markers=False)
+    (src / "scrubbed.dcm").write_bytes(flagged)
+    cfg = _cfg("ingest.burned_in_annotation=keep")
+    s = run_ingest([str(src)], str(tmp_path / "dst"), cfg, progress=False)
+    assert (s.input, s.ok, s.quarantined) == (1, 1, 0)
+    manifest = json.loads((tmp_path / "dst" / "manifest.json").read_text())
+    assert manifest["last_run"]["burned_in_annotation"] == "keep"
+
+
+def test_unusable_destination_or_state_is_one_line_exit_2(tmp_path) -> None:
+    # refused before Ray starts or anything is written; no traceback
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "one.dcm").write_bytes(make_dicom(gradient(40, 40), markers=False))
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("x")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{ half a manifest")
+    cases = {
+        (str(src), str(a_file)): "cannot use destination",
+        (str(src), str(broken)): "manifest.json is not valid JSON",
+        ("nosuchscheme://bucket/x", str(tmp_path / "dst")): "cannot list source",
+    }
+    for (source, dst), message in cases.items():
+        out = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "ingest", source, dst],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr
+        assert message in out.stderr, out.stderr
+    assert not (tmp_path / "dst").exists()
 
 
 def test_another_pseudonymisation_key_into_same_dst_is_refused(
@@ -376,3 +468,13 @@ def test_module_entry_point(ray_session, tmp_path, capsys) -> None:
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (out["input"], out["ok"]) == (1, 1)
+
+
+def test_module_entry_point_reports_user_errors_in_one_line(tmp_path, capsys) -> None:
+    # the Ray Job entry point: a bad source or config is exit 2 and one line, like the CLI
+    from pipelines.ingest import main
+
+    assert main([str(tmp_path / "nope"), str(tmp_path / "dst")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: source not found: {tmp_path / 'nope'}"
+    assert main([str(tmp_path), str(tmp_path / "dst"), "--set", "ingest.image_size=abc"]) == 2
+    assert "ingest.image_size" in capsys.readouterr().err

@@ -31,13 +31,21 @@ __all__ = [
     "DEFAULT_WINDOW_PERCENTILES",
     "DTYPES",
     "LUMA_WEIGHTS",
+    "MAX_PIXELS",
     "META_FIELDS",
     "PSEUDONYM_HEX_CHARS",
     "dtype_max",
+    "luma",
     "to_stored",
 ]
 
 DTYPES: Final = ("uint8", "uint16")
+# Largest source image decoded (rows x columns). Chest radiographs are at most ~4300 px a side;
+# the limit is checked from the header before any pixel is decoded, because a few KB of
+# compressed data can claim gigapixels. A grey decode holds ~9 bytes per pixel at its peak (raw
+# value, modality LUT, display float), a colour one ~15 (see ``luma``): 8192^2 bounds one
+# decode near 0.6-1 GB.
+MAX_PIXELS: Final = 8192 * 8192
 DEFAULT_SIZE: Final = 256
 DEFAULT_WINDOW_PERCENTILES: Final = (0.5, 99.5)
 AGE_CAP_YEARS: Final = 90
@@ -72,6 +80,19 @@ def dtype_max(dtype: str) -> int:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     return int(np.iinfo(dtype).max)
+
+
+def luma(rgb: np.ndarray, vmax: float) -> np.ndarray:
+    """BT.601 grey in [0, 1] (float32) of an ``[..., 3]`` integer image with full scale ``vmax``.
+
+    Accumulated one channel at a time in float32: a float64 ``rgb @ weights`` would hold ~34
+    bytes per pixel at its peak, which for a large colour upload is gigabytes.
+    """
+    w = np.asarray(LUMA_WEIGHTS, dtype=np.float32) / np.float32(vmax)
+    grey = rgb[..., 0] * w[0]
+    grey += rgb[..., 1] * w[1]
+    grey += rgb[..., 2] * w[2]
+    return grey
 
 
 def to_stored(display: np.ndarray, dtype: str) -> np.ndarray:

@@ -73,6 +73,7 @@ def _decode_display(
     window_percentiles: tuple[float, float],
     secret: bytes,
     meta: dict[str, Any],
+    reject_burned_in: bool,
 ) -> np.ndarray:
     """Display image in [0, 1] for sniffed bytes; fills the format-specific ``meta`` keys."""
     if fmt == "dicom":
@@ -80,6 +81,11 @@ def _decode_display(
         from radjepa.imaging.dicom import dicom_display, read_dataset
 
         ds = read_dataset(data)
+        if reject_burned_in and str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES":
+            raise ImageRejected(
+                "burned_in_annotation",
+                "Burned In Annotation is YES: the pixels carry identifying text",
+            )
         display = dicom_display(ds, window_percentiles)
         meta.update(dicom_meta(ds, secret, ds.file_meta.get("TransferSyntaxUID")))
         return display
@@ -99,11 +105,15 @@ def decode_image(
     secret: bytes,
     source_name: str | None = None,
     max_bytes: int | None = None,
+    reject_burned_in: bool = False,
 ) -> DecodedImage:
     """Decode one file's bytes into the stored image contract (see ``imaging.contract``).
 
     ``secret`` keys the pseudonyms and the hash of ``source_name`` (the raw name never appears
-    in the result). Raises :class:`ImageRejected` with a stable reason for unusable input.
+    in the result). ``reject_burned_in`` refuses DICOMs flagged Burned In Annotation YES: text
+    in the pixels escapes header de-identification, so ingest keeps such files out of shards,
+    while the HTTP API (which stores nothing) embeds them. Raises :class:`ImageRejected` with a
+    stable reason for unusable input.
     """
     dtype_max(dtype)  # validates dtype before any work
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -120,7 +130,9 @@ def decode_image(
     source_hash = keyed_hash(secret, "source", source_name) if source_name is not None else None
     meta = _empty_meta(image_id, source_hash, fmt)
     try:
-        display = _decode_display(data, fmt, tuple(window_percentiles), secret, meta)
+        display = _decode_display(
+            data, fmt, tuple(window_percentiles), secret, meta, reject_burned_in
+        )
     except (ImageRejected, KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
         raise
     except BaseException as err:  # pydicom parses lazily: corrupt elements fail on access

@@ -19,6 +19,7 @@ from radjepa.imaging.contract import AGE_CAP_YEARS, PSEUDONYM_HEX_CHARS
 
 __all__ = [
     "DEV_SECRET",
+    "PHOTOMETRICS",
     "age_years",
     "dicom_meta",
     "keyed_hash",
@@ -55,7 +56,7 @@ _VIEW_POSITIONS = frozenset(
 _MODALITIES = frozenset(
     {"CR", "DX", "DR", "RG", "MG", "CT", "MR", "US", "XA", "RF", "PX", "IO", "NM", "PT", "OT", "SC"}
 )
-_PHOTOMETRIC = frozenset(
+PHOTOMETRICS = frozenset(
     {
         "MONOCHROME1",
         "MONOCHROME2",
@@ -169,7 +170,7 @@ def dicom_meta(ds: Any, secret: bytes, transfer_syntax: str | None) -> dict[str,
         "view_position": _vocab(ds.get("ViewPosition"), _VIEW_POSITIONS),
         "modality": _vocab(ds.get("Modality"), _MODALITIES),
         "manufacturer": _manufacturer(ds.get("Manufacturer")),
-        "photometric": _vocab(ds.get("PhotometricInterpretation"), _PHOTOMETRIC),
+        "photometric": _vocab(ds.get("PhotometricInterpretation"), PHOTOMETRICS),
         "transfer_syntax": ts if ts and _UID.match(ts) else None,
         "pixel_spacing_mm": _spacing(ds),
     }

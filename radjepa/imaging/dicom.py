@@ -12,19 +12,28 @@ from __future__ import annotations
 import io
 import logging
 import math
-import re
 import struct
+import zlib
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 from pydicom.pixels.processing import apply_color_lut
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
-from radjepa.imaging.contract import LUMA_WEIGHTS
+from radjepa.imaging.contract import MAX_PIXELS, luma
+from radjepa.imaging.deid import PHOTOMETRICS
 from radjepa.imaging.errors import ImageRejected
 
 __all__ = ["dicom_display", "looks_like_raw_dataset", "read_dataset"]
@@ -34,18 +43,25 @@ log = logging.getLogger(__name__)
 # Groups a DICOM data set without preamble/meta plausibly starts with (file meta, identifying
 # / SOP common module, patient module). Other bytes are not force-read: junk stays junk.
 _FIRST_GROUPS = (0x0002, 0x0008, 0x0010)
-_PERCENTILE_SAMPLE = 1_000_000
+_PERCENTILE_SAMPLE = 1_000_000  # pixels; the window is estimated on a strided subsample
+# A deflated data set is inflated at most this far: the largest accepted image (3 samples of
+# 16 bits) plus generous room for the other elements. Deflate reaches ~1000:1, so the file-size
+# limit alone would let a 512 MB file claim half a terabyte.
+_MAX_INFLATED = MAX_PIXELS * 3 * 2 + (64 << 20)
 # Codec plugins written in Rust raise pyo3's PanicException, a BaseException, on corrupt
 # streams; those are bad input too. Only these genuinely fatal signals propagate.
 _FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError)
-# messages may quote DICOM code strings and UIDs, never free text that could carry PHI
-_CODE = re.compile(r"^[A-Z0-9 _.]{1,64}$")  # pixels; the window is estimated on a strided subsample
 
 
-def _safe(value: object) -> str:
-    """A file-supplied code (photometric, UID) for an error message, only if it looks like one."""
+def _quoted(value: object, known: Collection[str]) -> str:
+    """A file-supplied code for an error message, only when it is a standard value: anything
+    else may be free text typed into the wrong field (a name), which messages never quote."""
     text = str(value)
-    return repr(text) if _CODE.match(text) else "<non-standard value>"
+    return repr(text) if text in known else "<non-standard value>"
+
+
+def _quoted_syntax(ts: UID) -> str:
+    return repr(str(ts)) if ts.is_transfer_syntax else "<non-standard value>"
 
 
 def looks_like_raw_dataset(data: bytes) -> bool:
@@ -59,14 +75,20 @@ def looks_like_raw_dataset(data: bytes) -> bool:
 def read_dataset(data: bytes) -> Dataset:
     """Parse DICOM bytes (with or without preamble/file meta) and settle the transfer syntax."""
     has_magic = len(data) >= 132 and data[128:132] == b"DICM"
+    deflated = _split_deflated(data) if has_magic else None
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_magic)
+        if deflated is not None:
+            meta, body = deflated
+            ds = pydicom.dcmread(io.BytesIO(_inflate(body)), force=True)
+            ds.file_meta = meta
+        else:
+            ds = pydicom.dcmread(io.BytesIO(data), force=not has_magic)
     except (InvalidDicomError, EOFError, struct.error, OSError) as err:
         raise ImageRejected(
             "truncated" if _is_eof(err) else "not_an_image",
             f"unreadable DICOM ({type(err).__name__})",
         ) from None
-    except _FATAL:
+    except (*_FATAL, ImageRejected):
         raise
     except BaseException as err:  # pydicom raises many types on hostile bytes
         raise ImageRejected("decode_error", f"DICOM parse failed ({type(err).__name__})") from None
@@ -77,6 +99,39 @@ def read_dataset(data: bytes) -> Dataset:
         )
     _settle_transfer_syntax(ds)
     return ds
+
+
+def _split_deflated(data: bytes) -> tuple[FileMetaDataset, bytes] | None:
+    """(file meta, compressed rest) of a Deflated Explicit VR Little Endian file, else None.
+
+    pydicom inflates such a file whole; splitting it here lets :func:`_inflate` bound that.
+    """
+    fp = io.BytesIO(data)
+    fp.seek(132)
+    try:
+        meta = _read_file_meta_info(fp)
+    except _FATAL:
+        raise
+    except BaseException:  # a broken meta group: the ordinary read reports it
+        return None
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return None
+    return meta, data[fp.tell() :]
+
+
+def _inflate(body: bytes) -> bytes:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, _MAX_INFLATED)
+    except zlib.error:
+        raise ImageRejected("decode_error", "the deflated data set is corrupt") from None
+    if inflater.unconsumed_tail:
+        raise ImageRejected(
+            "too_large", f"the deflated data set inflates beyond {_MAX_INFLATED} bytes"
+        )
+    if not inflater.eof:
+        raise ImageRejected("truncated", "the deflated data set ends early")
+    return out
 
 
 def _is_eof(err: BaseException) -> bool:
@@ -116,8 +171,11 @@ def _check_single_image(ds: Dataset) -> UID:
     frames = int(ds.get("NumberOfFrames") or 1)
     if frames > 1:
         raise ImageRejected("multi_frame", f"{frames} frames; only single 2-D images are used")
-    if int(ds.Rows) < 1 or int(ds.Columns) < 1:
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if rows < 1 or cols < 1:
         raise ImageRejected("not_2d", "Rows or Columns is zero")
+    if rows * cols > MAX_PIXELS:  # before decoding: a few KB of JPEG 2000 can claim gigapixels
+        raise ImageRejected("too_large", f"{rows}x{cols} pixels exceeds {MAX_PIXELS}")
     samples = int(ds.get("SamplesPerPixel") or 1)
     if samples not in (1, 3):
         raise ImageRejected("unsupported_photometric", f"{samples} samples per pixel")
@@ -125,7 +183,8 @@ def _check_single_image(ds: Dataset) -> UID:
     grey = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR")
     if (samples == 1) != (photometric in grey):
         raise ImageRejected(
-            "unsupported_photometric", f"photometric {_safe(photometric)} with {samples} sample(s)"
+            "unsupported_photometric",
+            f"photometric {_quoted(photometric, PHOTOMETRICS)} with {samples} sample(s)",
         )
     ts = UID(ds.file_meta.TransferSyntaxUID)
     elem = ds["PixelData"]
@@ -140,12 +199,16 @@ def _check_single_image(ds: Dataset) -> UID:
         except NotImplementedError:
             available = False
         if not available:
-            raise ImageRejected("unsupported_transfer_syntax", f"no decoder for {_safe(ts)}")
+            raise ImageRejected(
+                "unsupported_transfer_syntax", f"no decoder for {_quoted_syntax(ts)}"
+            )
     else:
         bits = int(ds.BitsAllocated)
-        expected = int(ds.Rows) * int(ds.Columns) * samples * math.ceil(bits / 8)
+        # native YBR_FULL_422 stores two luma and one Cb/Cr pair per two pixels (PS3.3 C.7.6.3)
+        per_pixel = 2 if photometric == "YBR_FULL_422" else samples
+        expected = rows * cols * per_pixel * math.ceil(bits / 8)
         if bits == 1:
-            expected = math.ceil(int(ds.Rows) * int(ds.Columns) * samples / 8)
+            expected = math.ceil(rows * cols * samples / 8)
         if len(ds.PixelData) < expected:
             raise ImageRejected(
                 "truncated", f"pixel data has {len(ds.PixelData)} of {expected} bytes"
@@ -225,9 +288,13 @@ def _percentile_window(
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
 
 
-def _grey_from_colour(rgb: np.ndarray, vmax: float) -> np.ndarray:
-    w = np.asarray(LUMA_WEIGHTS, dtype=np.float64)
-    return (rgb.astype(np.float64) @ w) / vmax
+def _palette_max(ds: Dataset, rgb: np.ndarray) -> float:
+    """Full scale of a palette's entries: its descriptor's bit depth (8 or 16), not the array
+    dtype (pydicom returns 8-bit palettes as uint16). Some writers put 8-bit entries in the
+    high byte while the descriptor says 8; values above 255 mean 16-bit scale."""
+    descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+    bits = int(descriptor[2]) if descriptor is not None and len(descriptor) == 3 else 16
+    return 255.0 if bits == 8 and int(rgb.max()) <= 255 else 65535.0
 
 
 def dicom_display(ds: Dataset, window_percentiles: tuple[float, float]) -> np.ndarray:
@@ -242,21 +309,23 @@ def dicom_display(ds: Dataset, window_percentiles: tuple[float, float]) -> np.nd
         log.debug("pixel decode failed (%s): %s", ts, err)
         raise ImageRejected(
             reason,
-            f"pixel data could not be decoded ({type(err).__name__}, transfer syntax {_safe(ts)})",
+            f"pixel data could not be decoded ({type(err).__name__}, "
+            f"transfer syntax {_quoted_syntax(ts)})",
         ) from None
     photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
     bits = int(ds.get("BitsStored") or ds.BitsAllocated)
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(stored, ds)
-        return _grey_from_colour(rgb, float(np.iinfo(rgb.dtype).max))
+        return luma(rgb, _palette_max(ds, rgb))
     if stored.ndim == 3 and stored.shape[-1] == 3:
         # pydicom returns RGB for YBR/RGB photometrics; colour images carry no LUT semantics
-        return _grey_from_colour(stored, float(2**bits - 1))
+        return luma(stored, float(2**bits - 1))
     if stored.ndim != 2:
         raise ImageRejected("not_2d", f"decoded pixel array has shape {stored.shape}")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageRejected(
-            "unsupported_photometric", f"photometric {_safe(photometric)} with 1 sample"
+            "unsupported_photometric",
+            f"photometric {_quoted(photometric, PHOTOMETRICS)} with 1 sample",
         )
     mask = _padding_mask(stored, ds)
     values = apply_modality_lut(stored, ds).astype(np.float32, copy=False)  # ample for 16-bit

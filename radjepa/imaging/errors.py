@@ -18,6 +18,7 @@ REASONS: frozenset[str] = frozenset(
         "unsupported_photometric",
         "not_2d",
         "decode_error",
+        "burned_in_annotation",
     }
 )
 

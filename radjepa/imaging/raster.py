@@ -12,13 +12,10 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from radjepa.imaging.contract import LUMA_WEIGHTS
+from radjepa.imaging.contract import MAX_PIXELS, luma
 from radjepa.imaging.errors import ImageRejected
 
 __all__ = ["raster_display"]
-
-# Decompression bombs: refuse absurd pixel counts before allocating them.
-_MAX_PIXELS = 20_000 * 20_000
 
 
 def raster_display(data: bytes) -> tuple[np.ndarray, str]:
@@ -27,14 +24,19 @@ def raster_display(data: bytes) -> tuple[np.ndarray, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.width * img.height > _MAX_PIXELS:
-                raise ImageRejected("too_large", f"{img.width}x{img.height} pixels")
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageRejected(
+                    "too_large", f"{img.width}x{img.height} pixels exceeds {MAX_PIXELS}"
+                )
             if getattr(img, "n_frames", 1) > 1:
                 raise ImageRejected("multi_frame", f"{img.n_frames} frames in one raster file")
             img.load()
     except ImageRejected:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own guard fires inside open() for the largest claims, before ours can
+        raise ImageRejected("too_large", f"more than {MAX_PIXELS} pixels") from None
+    except UnidentifiedImageError:
         raise ImageRejected("not_an_image", "not a decodable PNG/JPEG") from None
     except (OSError, SyntaxError, ValueError) as err:
         reason = "truncated" if "truncated" in str(err).lower() else "decode_error"
@@ -42,10 +44,9 @@ def raster_display(data: bytes) -> tuple[np.ndarray, str]:
     mode = img.mode
     if mode in ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "CMYK", "YCbCr"):
         if mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P", "PA"):
-            rgb = np.asarray(img.convert("RGB"), dtype=np.float64)
-            return rgb @ np.asarray(LUMA_WEIGHTS) / 255.0, "RGB"
-        grey = np.asarray(img.convert("L"), dtype=np.float64)
-        return grey / 255.0, "MONOCHROME2"
+            return luma(np.asarray(img.convert("RGB")), 255.0), "RGB"
+        grey = np.asarray(img.convert("L"), dtype=np.float32)
+        return grey / np.float32(255.0), "MONOCHROME2"
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img).astype(np.float64)
         return np.clip(arr / 65535.0, 0.0, 1.0), "MONOCHROME2"
