@@ -1,10 +1,12 @@
 """``radjepa embed``: a Ray Data batch job turning ingest shards into an embeddings index.
 
 Shards (``DST/images/*.parquet``) -> an actor pool holding the TARGET encoder (loaded once per
-actor, GPU when the cluster has one) -> Parquet with ``image_id``, the pseudonymised ids and a
-fixed-size-list ``embedding`` column. ``serve.index.EmbeddingIndex`` reads that output for
-``/v1/similar``. The encoder sees exactly what the served model sees: stored pixels ->
-``radjepa.transforms.prepare_images`` -> ``encoder.embed`` (average-pooled patch tokens).
+actor, GPU when the cluster has one) -> Parquet with ``image_id``, the pseudonymised ids, the
+model label, the checkpoint fingerprint (``encoder_sha256``: the server refuses the index for
+any other checkpoint) and a fixed-size-list ``embedding`` column. ``serve.index.EmbeddingIndex``
+reads that output for ``/v1/similar``. The encoder sees exactly what the served model sees:
+stored pixels -> ``radjepa.transforms.prepare_images`` -> ``encoder.embed`` (average-pooled
+patch tokens).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ __all__ = ["EmbedError", "EmbedResult", "run_embed", "OUTPUT_COLUMNS"]
 log = logging.getLogger(__name__)
 
 PID_COLUMNS = ("patient_pid", "study_pid", "series_pid", "instance_pid")
-OUTPUT_COLUMNS = ("image_id", *PID_COLUMNS, "model", "embedding")
+OUTPUT_COLUMNS = ("image_id", *PID_COLUMNS, "model", "encoder_sha256", "embedding")
 
 
 class EmbedError(RuntimeError):
@@ -36,12 +38,15 @@ class EmbedResult:
     rows: int
     dim: int
     model: str
+    encoder_sha256: str
 
 
 class _EmbedActor:
     """Holds the encoder; one ``__call__`` = one forward over a batch of stored images."""
 
-    def __init__(self, model_path: str, model_label: str | None, device: str) -> None:
+    def __init__(
+        self, model_path: str, model_label: str | None, encoder_sha256: str, device: str
+    ) -> None:
         from radjepa.checkpoint import load_encoder, read_meta
 
         encoder, cfg = load_encoder(model_path, which="target", map_location="cpu")
@@ -54,6 +59,7 @@ class _EmbedActor:
             step = meta.get("step")
             model_label = f"{name}:step-{step}" if step is not None else str(name)
         self.label = model_label
+        self.encoder_sha256 = encoder_sha256
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
@@ -77,6 +83,7 @@ class _EmbedActor:
             values = batch[c].tolist() if c in batch else [None] * n
             cols[c] = pa.array(values, pa.string())
         cols["model"] = pa.array([self.label] * n, pa.string())
+        cols["encoder_sha256"] = pa.array([self.encoder_sha256] * n, pa.string())
         cols["embedding"] = pa.FixedSizeListArray.from_arrays(
             pa.array(emb.reshape(-1), pa.float32()), dim
         )
@@ -101,6 +108,7 @@ def run_embed(
     import ray
 
     from pipelines.runtime import ensure_ray, resolve_use_gpu
+    from radjepa.eval.heads import HeadError, checkpoint_fingerprint
     from radjepa.shards import ShardError, list_shards
 
     try:
@@ -113,6 +121,10 @@ def run_embed(
     out = Path(out)
     if out.exists() and any(out.rglob("*.parquet")):
         raise EmbedError(f"{out} already holds Parquet files: choose a new folder or remove it")
+    try:  # hashed once here rather than in every actor
+        fingerprint = checkpoint_fingerprint(model)
+    except HeadError as err:
+        raise EmbedError(str(err)) from None
 
     ensure_ray()
     use_gpu = resolve_use_gpu(cfg.serve.use_gpu)
@@ -131,6 +143,7 @@ def run_embed(
         fn_constructor_kwargs={
             "model_path": model,
             "model_label": model_label,
+            "encoder_sha256": fingerprint,
             "device": "cuda" if use_gpu else "cpu",
         },
         batch_size=batch_size or cfg.probe.batch_size,
@@ -149,5 +162,12 @@ def run_embed(
         field = pq.read_schema(files[0]).field("embedding").type
         dim = int(getattr(field, "list_size", 0))
         label = str(pq.read_table(files[0], columns=["model"]).column("model")[0])
-    log.info("embedded %d images (dim %d) with %s into %s", rows, dim, label, out)
-    return EmbedResult(out=out, rows=rows, dim=dim, model=label)
+    log.info(
+        "embedded %d images (dim %d) with %s (encoder %s) into %s",
+        rows,
+        dim,
+        label,
+        fingerprint[:12],
+        out,
+    )
+    return EmbedResult(out=out, rows=rows, dim=dim, model=label, encoder_sha256=fingerprint)

@@ -80,8 +80,13 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
         )
     from radjepa.eval.features import load_csv_dataset
 
+    ing = cfg.ingest
     ds = load_csv_dataset(
-        cfg.tune.labels_csv, label_cols=[cfg.tune.label_column], size=cfg.ingest.image_size
+        cfg.tune.labels_csv,
+        label_cols=[cfg.tune.label_column],
+        size=ing.image_size,
+        dtype=ing.dtype,
+        window_percentiles=tuple(ing.window_percentiles),
     )
     labels = np.asarray(ds.labels[:, 0] if np.ndim(ds.labels) == 2 else ds.labels)
     return {"images": ds.images, "labels": labels, "groups": np.asarray(ds.groups)}

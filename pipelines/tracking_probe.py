@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.tracking import ensure_experiment, log_metrics, register_artifact_dir, tracking_uri
+from pipelines.tracking import ensure_experiment, log_metrics, register_artifact_dir, store_uri
 from radjepa.config import Config, flatten
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,13 @@ def log_probe_run(
     from radjepa.eval.report import flat_metrics
 
     out = Path(out_dir).resolve()
-    uri = tracking_uri(cfg.tracking, out)
+    # the store pretrain registers encoders in: serve finds a registered head there too
+    uri = store_uri(cfg, create=True)
+    if uri is None:
+        raise ValueError(
+            f"train.output_dir is {cfg.train.output_dir}, so there is no local MLflow store: "
+            "set tracking.uri or MLFLOW_TRACKING_URI, or pass --no-mlflow"
+        )
     exp_id = ensure_experiment(uri, cfg.tracking.experiment, str(out))
     client = mlflow.MlflowClient(uri)
     enc = report.get("encoder", {})
@@ -64,6 +70,15 @@ def log_probe_run(
     run_id = run.info.run_id
     try:
         params = {k: v for k, v in flatten(cfg).items() if k.startswith(("probe.", "ingest."))}
+        decode = report["data"].get("decode")
+        if decode:  # images were decoded with the checkpoint's ingest settings, not cfg's
+            params.update(
+                {
+                    "ingest.image_size": decode["size"],
+                    "ingest.dtype": decode["dtype"],
+                    "ingest.window_percentiles": tuple(decode["window_percentiles"]),
+                }
+            )
         params.update(
             {
                 "checkpoint": report["checkpoint"],

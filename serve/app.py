@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
@@ -27,6 +29,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.admission import Cancelled, DecodeGate, Overloaded
 from serve.embedder import Embedder, ImageEmbedding
 from serve.index import EmbeddingIndex
 from serve.schemas import (
@@ -201,13 +204,19 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
     return uploads
 
 
-def _decode_all(uploads: list[_Upload], app_state: Any) -> list[np.ndarray]:
-    """Decode every upload with the ingest decoder; the first rejection becomes a 422."""
+def _decode_all(
+    uploads: list[_Upload], app_state: Any, cancelled: threading.Event
+) -> list[np.ndarray]:
+    """Decode every upload with the ingest decoder; the first rejection becomes a 422.
+
+    Runs on the decode pool; stops between files once the request has given up."""
     from radjepa.imaging.decode import ImageRejected, decode_image
 
     pre = app_state.embedder.preprocess
     out = []
     for up in uploads:
+        if cancelled.is_set():
+            raise Cancelled("request abandoned")
         try:
             decoded = decode_image(
                 up.data,
@@ -249,11 +258,16 @@ def create_app(
     """Build the API around ``embedder``; ``head`` enables /v1/classify, ``index`` /v1/similar.
 
     Refuses (SecurityConfigError) to build an unprotected app unless ``insecure_local``; raises
-    ValueError when the head or index does not fit the model's embedding size, or when the
-    head was fitted on another encoder (``encoder_fingerprint`` vs the head's record).
+    ValueError when the head or index does not fit the model's embedding size, or when either
+    was made with another encoder (``encoder_fingerprint`` vs their records; a head must also
+    be fitted on the target encoder the server runs). Without ``encoder_fingerprint`` the
+    embedder's own ``fingerprint`` is used when it has one (an in-process checkpoint); a Ray
+    handle cannot answer synchronously, so the Serve ingress passes it in.
     """
     settings.check_startable()
     info = embedder.info
+    if encoder_fingerprint is None and (head is not None or index is not None):
+        encoder_fingerprint = getattr(embedder, "fingerprint", None)
     labels: list[str] = []
     if head is not None:
         labels = [str(x) for x in head.label_names]
@@ -271,11 +285,13 @@ def create_app(
             raise ValueError(
                 f"probe head output {probe.shape} does not match its {len(labels)} labels"
             )
-    if index is not None and index.dim != info.embed_dim:
-        raise ValueError(
-            f"index {index.source} holds {index.dim}-dim embeddings but the model "
-            f"produces {info.embed_dim}: rebuild it with `radjepa embed` for this model"
-        )
+    if index is not None:
+        if index.dim != info.embed_dim:
+            raise ValueError(
+                f"index {index.source} holds {index.dim}-dim embeddings but the model "
+                f"produces {info.embed_dim}: rebuild it with `radjepa embed` for this model"
+            )
+        index.check_encoder(encoder_fingerprint)
 
     app = FastAPI(
         title="RadJEPA API",
@@ -288,11 +304,23 @@ def create_app(
     app.state.head = head
     app.state.index = index
     app.state.decode_secret = _resolve_decode_secret(settings.secret_env)
+    gate = app.state.decode_gate = DecodeGate(settings.decode_workers, settings.max_pending_decodes)
+    tokens_per_image = (info.img_size // info.patch_size) ** 2 * info.embed_dim
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.detail, exc.reason, exc.filename, exc.headers)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        return _error(
+            503,
+            f"service overloaded: {exc}; retry shortly",
+            "overloaded",
+            None,
+            {"Retry-After": "1"},
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -346,7 +374,17 @@ def create_app(
         request: Request, patch_tokens: bool = False
     ) -> tuple[list[_Upload], list[ImageEmbedding]]:
         uploads = await _read_uploads(request, settings)
-        pixels = await asyncio.to_thread(_decode_all, uploads, request.app.state)
+        if patch_tokens and len(uploads) * tokens_per_image > settings.max_patch_token_values:
+            most = max(1, settings.max_patch_token_values // tokens_per_image)
+            raise ApiError(
+                422,
+                f"patch tokens of {len(uploads)} images would be "
+                f"{len(uploads) * tokens_per_image} values, over the limit of "
+                f"{settings.max_patch_token_values}: send at most {most} image(s) per request "
+                "with patch_tokens=true",
+                "too_many_images",
+            )
+        pixels = await gate.run(partial(_decode_all, uploads, request.app.state))
         return uploads, await embedder.embed(pixels, patch_tokens=patch_tokens)
 
     async def deadline(coro: Any) -> Any:

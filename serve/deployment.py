@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,8 +105,15 @@ class RemoteEmbedder:
     async def embed(
         self, images: list[np.ndarray], *, patch_tokens: bool = False
     ) -> list[ImageEmbedding]:
+        from ray.serve.exceptions import BackPressureError
+
+        from serve.admission import Overloaded
+
         calls = [self.handle.embed_one.remote(img, patch_tokens) for img in images]
-        return list(await asyncio.gather(*calls))
+        try:
+            return list(await asyncio.gather(*calls))
+        except BackPressureError as err:  # the encoder's queue (serve.max_queued_requests)
+            raise Overloaded(f"the encoder is at capacity ({type(err).__name__})") from None
 
     async def ready(self) -> bool:
         return bool(await self.handle.ready.remote())
@@ -143,8 +151,9 @@ class ApiIngress:
             # a head folder, or models:/<name>@<alias> as `radjepa probe --register-head` made
             resolved = resolve_model(self._head, tracking_uri=self._tracking_uri)
             head = load_head(resolved.path)
-            fingerprint = await self._encoder.fingerprint.remote()
         index = EmbeddingIndex.from_parquet(self._index) if self._index else None
+        if head is not None or index is not None:  # both record the encoder they belong to
+            fingerprint = await self._encoder.fingerprint.remote()
         return create_app(
             RemoteEmbedder(self._encoder, info, preprocess),
             settings=self._settings,
@@ -173,6 +182,38 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and float(ray.cluster_resources().get("GPU", 0.0)) > 0.0
 
 
+def _check_references(
+    model: str, head: str | None, index: str | None, tracking_uri: str | None
+) -> None:
+    """Fail here, in one readable line, for a model or head that does not exist, or a local
+    head or index made with another encoder: inside a replica the same error becomes Ray's
+    retried deployment failure ("Deploying application failed") and a page of traceback."""
+    from serve.registry import ModelNotFound, registered_version
+
+    for kind, ref in (("model", model), ("head", head)):
+        if ref is None:
+            continue
+        if ref.startswith("models:/"):
+            registered_version(ref, tracking_uri=tracking_uri)
+        elif "://" not in ref and not Path(ref).expanduser().exists():
+            raise ModelNotFound(f"serve.{kind} not found: {ref}")
+    if model.startswith("models:/") or "://" in model:
+        return  # fetched by the replicas; they check head and index against it themselves
+    from radjepa.checkpoint import read_meta
+    from radjepa.eval.heads import check_encoder, checkpoint_fingerprint, load_head
+    from serve.index import EmbeddingIndex
+    from serve.registry import latest_checkpoint
+
+    folder = latest_checkpoint(str(Path(model).expanduser().resolve()))
+    read_meta(folder)
+    if (head and Path(head).expanduser().exists()) or (index and Path(index).exists()):
+        fingerprint = checkpoint_fingerprint(folder)
+        if head and Path(head).expanduser().exists():
+            check_encoder(load_head(Path(head).expanduser()), fingerprint)
+        if index and Path(index).exists():
+            EmbeddingIndex.check_file(index, fingerprint)
+
+
 def app_from_config(cfg: Any, *, settings: ApiSettings | None = None) -> Application:
     """Bind the two deployments from a validated Config (``cfg.serve`` says what to serve)."""
     sc = cfg.serve
@@ -181,10 +222,9 @@ def app_from_config(cfg: Any, *, settings: ApiSettings | None = None) -> Applica
             "no model to serve: set serve.model (or --model) to a checkpoint "
             "folder or models:/<name>@<alias>"
         )
-    if not sc.model.startswith("models:/"):
-        from radjepa.checkpoint import read_meta
+    from pipelines.tracking import store_uri  # where pretrain registered the models
 
-        read_meta(sc.model)  # fail here, readably, instead of inside a replica
+    _check_references(sc.model, sc.head, sc.index, store_uri(cfg))
     settings = settings or settings_from_config(sc, secret_env=cfg.ingest.secret_env)
     gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and _cluster_has_gpus())
     if sc.use_gpu == "true" and not _cluster_has_gpus():
@@ -193,19 +233,21 @@ def app_from_config(cfg: Any, *, settings: ApiSettings | None = None) -> Applica
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
         # the encoder must admit a whole batch at once, or @serve.batch never fills
         max_ongoing_requests=max(sc.max_ongoing_requests, 2 * sc.max_batch_size),
+        max_queued_requests=sc.max_queued_requests,
         **_scaling(sc),
     ).bind(
         sc.model,
         use_gpu="true" if gpu else "false",
-        tracking_uri=cfg.tracking.uri,
+        tracking_uri=store_uri(cfg),
         max_batch_size=sc.max_batch_size,
         batch_wait_timeout_s=sc.batch_wait_timeout_s,
     )
     return ApiIngress.options(
         ray_actor_options={"num_cpus": 1},
         max_ongoing_requests=sc.max_ongoing_requests,
+        max_queued_requests=sc.max_queued_requests,
         **_scaling(sc),
-    ).bind(encoder, settings.model_dump(), sc.head, sc.index, cfg.tracking.uri)
+    ).bind(encoder, settings.model_dump(), sc.head, sc.index, store_uri(cfg))
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -81,10 +81,20 @@ def pick_device(use_gpu: str | bool = "auto") -> str:
 class EncoderRunner:
     """A loaded target encoder plus the preprocessing contract it was trained with."""
 
-    def __init__(self, encoder, cfg, *, info: ModelInfo, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        encoder,
+        cfg,
+        *,
+        info: ModelInfo,
+        device: str = "cpu",
+        checkpoint: str | Path | None = None,
+    ) -> None:
         self.encoder = encoder.to(device).eval()
         self.device = device
         self.info = info
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self._fingerprint: str | None = None
         self.preprocess = Preprocess(
             image_size=cfg.ingest.image_size,
             dtype=cfg.ingest.dtype,
@@ -126,7 +136,20 @@ class EncoderRunner:
             info.embed_dim,
             device,
         )
-        return cls(encoder, cfg, info=info, device=device)
+        return cls(encoder, cfg, info=info, device=device, checkpoint=path)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The checkpoint's fingerprint, what probe heads and indexes record of their encoder.
+
+        None for an encoder not loaded from a checkpoint. Hashed on first use (it reads the
+        whole weights file), so a server with neither head nor index never pays for it.
+        """
+        if self._fingerprint is None and self.checkpoint is not None:
+            from radjepa.eval.heads import checkpoint_fingerprint
+
+            self._fingerprint = checkpoint_fingerprint(self.checkpoint)
+        return self._fingerprint
 
     def run(self, images: list[np.ndarray], want_tokens: list[bool]) -> list[ImageEmbedding]:
         """One forward over ``images`` (each [S, S] stored pixels) -> one result per image."""
@@ -176,6 +199,11 @@ class LocalEmbedder:
         self.runner = runner
         self.info = runner.info
         self.preprocess = runner.preprocess
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Lets ``create_app`` check a head or index without being handed the fingerprint."""
+        return self.runner.fingerprint
 
     async def embed(
         self, images: list[np.ndarray], *, patch_tokens: bool = False

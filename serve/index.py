@@ -3,6 +3,10 @@
 The archive is small enough to hold as one normalised float32 matrix per replica (1M x 768 is
 3 GiB; a typical department archive is far smaller), so exact search is a single matrix-vector
 product and needs no approximate-search dependency.
+
+Embeddings are only comparable with queries embedded by the same weights: the index records
+its encoder's checkpoint fingerprint (``encoder_sha256``) and the server refuses an index built
+with another checkpoint (:meth:`EmbeddingIndex.check_encoder`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EmbeddingIndex", "Hit", "IndexLoadError", "PID_COLUMNS"]
+__all__ = ["EmbeddingIndex", "Hit", "IndexLoadError", "PID_COLUMNS", "ENCODER_COLUMN"]
 
 log = logging.getLogger(__name__)
 
 PID_COLUMNS = ("patient_pid", "study_pid", "series_pid", "instance_pid")
+# the checkpoint fingerprint (radjepa.eval.heads.checkpoint_fingerprint) of the embedding model
+ENCODER_COLUMN = "encoder_sha256"
 
 
 class IndexLoadError(ValueError):
@@ -41,6 +47,8 @@ class EmbeddingIndex:
         pids: dict[str, list[str | None]] | None = None,
         *,
         source: str = "<memory>",
+        encoder_fingerprint: str | None = None,
+        model: str | None = None,
     ) -> None:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(image_ids):
             raise IndexLoadError(
@@ -53,6 +61,8 @@ class EmbeddingIndex:
         self.image_ids = list(image_ids)
         self.pids = {c: list((pids or {}).get(c) or [None] * len(image_ids)) for c in PID_COLUMNS}
         self.source = source
+        self.encoder_fingerprint = encoder_fingerprint  # None: built before it was recorded
+        self.model = model
 
     @property
     def dim(self) -> int:
@@ -66,12 +76,7 @@ class EmbeddingIndex:
         """Read one Parquet file or a folder of them (Ray Data writes a folder)."""
         import pyarrow.parquet as pq
 
-        p = Path(path)
-        if not p.exists():
-            raise IndexLoadError(f"index not found: {p}")
-        files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
-        if not files:
-            raise IndexLoadError(f"no .parquet files under {p}")
+        p, files = _index_files(path)
         tables = [pq.read_table(f) for f in files]
         missing = {"image_id", "embedding"} - set(tables[0].column_names)
         if missing:
@@ -86,8 +91,49 @@ class EmbeddingIndex:
             raise IndexLoadError(f"{p}: embeddings are empty or ragged")
         matrix = flat.reshape(n, flat.size // n)  # [N, D]
         pids = {c: table.column(c).to_pylist() for c in PID_COLUMNS if c in table.column_names}
+        fingerprint = None
+        if ENCODER_COLUMN in table.column_names:
+            fingerprint = _one_encoder(p, table.column(ENCODER_COLUMN).unique().to_pylist())
+        models = table.column("model").unique().to_pylist() if "model" in table.column_names else []
         log.info("loaded index %s: %d embeddings of dim %d", p, n, matrix.shape[1])
-        return cls(matrix, table.column("image_id").to_pylist(), pids, source=str(p))
+        return cls(
+            matrix,
+            table.column("image_id").to_pylist(),
+            pids,
+            source=str(p),
+            encoder_fingerprint=fingerprint,
+            model=models[0] if len(models) == 1 else None,
+        )
+
+    @staticmethod
+    def recorded_encoder(path: str | Path) -> str | None:
+        """The encoder fingerprint an index records, reading that one column only (a start-up
+        check on the driver must not load a whole archive's embeddings)."""
+        import pyarrow.parquet as pq
+
+        p, files = _index_files(path)
+        seen: set[str | None] = set()
+        for f in files:
+            if ENCODER_COLUMN not in pq.read_schema(f).names:
+                seen.add(None)
+                continue
+            seen.update(pq.read_table(f, columns=[ENCODER_COLUMN]).column(0).unique().to_pylist())
+        return _one_encoder(p, sorted(seen, key=lambda s: s or ""))
+
+    def check_encoder(self, fingerprint: str | None) -> None:
+        """Refuse an index embedded by another checkpoint than the served one.
+
+        Two checkpoints of one architecture give embeddings of the same size in unrelated
+        directions: searching one with the other's queries runs and returns chance-level
+        neighbours, so the size check alone cannot catch it. An index without the record (or
+        a server that cannot fingerprint its model) is accepted with a warning.
+        """
+        _check_recorded(self.source, self.encoder_fingerprint, self.model, fingerprint)
+
+    @classmethod
+    def check_file(cls, path: str | Path, fingerprint: str | None) -> None:
+        """:meth:`check_encoder` for an index on disk, reading only its encoder column."""
+        _check_recorded(str(path), cls.recorded_encoder(path), None, fingerprint)
 
     def search(self, query: np.ndarray, k: int) -> list[Hit]:
         """Top-``k`` rows by cosine similarity to ``query`` ([D]), best first."""
@@ -107,3 +153,52 @@ class EmbeddingIndex:
             )
             for i in top
         ]
+
+
+def _index_files(path: str | Path) -> tuple[Path, list[Path]]:
+    p = Path(path)
+    if not p.exists():
+        raise IndexLoadError(f"index not found: {p}")
+    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+    if not files:
+        raise IndexLoadError(f"no .parquet files under {p}")
+    return p, files
+
+
+def _one_encoder(p: Path, seen: list[str | None]) -> str | None:
+    """The single encoder an index's rows record. Parts written before the record existed read
+    as None: a mixture holds rows of unknown origin, so it is refused like two encoders are."""
+    if len(seen) > 1:
+        raise IndexLoadError(
+            f"{p}: rows were embedded by {len(seen)} different encoders "
+            f"({', '.join(s[:12] if s else 'unrecorded' for s in seen)}): rebuild it with "
+            "`radjepa embed` from one model"
+        )
+    return seen[0] if seen else None
+
+
+def _check_recorded(
+    source: str, recorded: str | None, model: str | None, fingerprint: str | None
+) -> None:
+    if recorded is None:
+        log.warning(
+            "index %s does not record the encoder it was embedded with (built by an older "
+            "`radjepa embed`): it cannot be checked against the served model; rebuild it "
+            "with `radjepa embed` to have it checked",
+            source,
+        )
+        return
+    if fingerprint is None:
+        log.warning(
+            "the served model's checkpoint fingerprint is unknown: index %s (encoder %s) "
+            "cannot be checked against it",
+            source,
+            recorded[:12],
+        )
+        return
+    if fingerprint != recorded:
+        built_by = f" ({model})" if model else ""
+        raise IndexLoadError(
+            f"index {source} was embedded by encoder {recorded[:12]}{built_by} but the served "
+            f"encoder is {fingerprint[:12]}: rebuild it with `radjepa embed` for this model"
+        )

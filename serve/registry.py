@@ -12,8 +12,15 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ResolvedModel", "ModelNotFound", "resolve_model", "latest_checkpoint"]
+__all__ = [
+    "ResolvedModel",
+    "ModelNotFound",
+    "latest_checkpoint",
+    "registered_version",
+    "resolve_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +56,43 @@ def resolve_model(ref: str, *, tracking_uri: str | None = None) -> ResolvedModel
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    name, alias, version = m["name"], m["alias"], m["version"]
+    mv = registered_version(ref, tracking_uri=tracking_uri)
     try:
-        if alias:
-            mv = client.get_model_version_by_alias(name, alias)
-        elif version:
-            mv = client.get_model_version(name, version)
-        else:
-            versions = client.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise ModelNotFound(f"registered model {name!r} has no versions")
-            mv = max(versions, key=lambda v: int(v.version))
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=mv.source, tracking_uri=tracking_uri
         )
     except MlflowException as err:
-        raise ModelNotFound(f"cannot resolve {ref} in the MLflow registry: {err}") from None
+        raise ModelNotFound(f"cannot fetch {ref} from the MLflow registry: {err}") from None
     log.info("resolved %s -> version %s at %s", ref, mv.version, local)
-    return ResolvedModel(path=Path(local), name=name, version=str(mv.version), source=ref)
+    return ResolvedModel(path=Path(local), name=mv.name, version=str(mv.version), source=ref)
+
+
+def registered_version(ref: str, *, tracking_uri: str | None = None) -> Any:
+    """The MLflow model version a ``models:/`` reference names, without downloading it.
+
+    ``radjepa serve`` checks its references with this before binding deployments: a missing
+    alias found inside a replica would surface as Ray's retried deployment failure instead of
+    one line naming the reference.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    m = _REGISTRY.match(ref)
+    if m is None:
+        raise ValueError(f"not a registry reference (models:/<name>@<alias>): {ref}")
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name, alias, version = m["name"], m["alias"], m["version"]
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        if version:
+            return client.get_model_version(name, version)
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as err:
+        raise ModelNotFound(f"cannot resolve {ref} in the MLflow registry: {err}") from None
+    if not versions:
+        raise ModelNotFound(f"registered model {name!r} has no versions")
+    return max(versions, key=lambda v: int(v.version))
 
 
 def latest_checkpoint(location: str) -> str:

@@ -49,6 +49,13 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = Field(64 * 1024**2, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     max_images_per_request: int = Field(MAX_IMAGES_PER_REQUEST, ge=1)
+    decode_workers: int = Field(0, ge=0, description="decoding threads; 0 = one per CPU")
+    max_pending_decodes: int = Field(
+        32, ge=1, description="requests decoding or waiting to at once; more get 503"
+    )
+    max_patch_token_values: int = Field(
+        2_000_000, ge=1, description="patch-token floats one response may hold (~40 MB of JSON)"
+    )
     secret_env: str = Field("RADJEPA_DEID_SECRET", description="decode HMAC key env var")
 
     def check_startable(self) -> None:
@@ -97,6 +104,8 @@ def settings_from_config(serve_cfg: ServeConfig, *, secret_env: str) -> ApiSetti
         insecure_local=serve_cfg.insecure_local,
         max_body_bytes=int(serve_cfg.max_body_mb * 1024**2),
         request_timeout_s=serve_cfg.request_timeout_s,
+        decode_workers=serve_cfg.decode_workers,
+        max_pending_decodes=serve_cfg.max_ongoing_requests,
         secret_env=secret_env,
     )
     settings.check_startable()

@@ -82,15 +82,19 @@ def make_head(
     dim: int,
     labels: tuple[str, ...] = ("Effusion", "Cardiomegaly"),
     encoder: Path | None = None,
+    which: str | None = None,
 ):
     """A fitted probe head (eval module's own fit/save path) on random features; with
-    ``encoder``, it records that checkpoint's fingerprint as `radjepa probe` does."""
+    ``encoder``, it records that checkpoint's fingerprint as `radjepa probe` does, and with
+    ``which`` the encoder (target/context) it was probed with."""
     from radjepa.eval.heads import ProbeHead, checkpoint_fingerprint, save_head
 
     rng = np.random.default_rng(0)
     record = (
         {"checkpoint": str(encoder), "sha256": checkpoint_fingerprint(encoder)} if encoder else {}
     )
+    if which is not None:
+        record["which"] = which
     head = ProbeHead(
         rng.normal(size=(dim, len(labels))) * 0.1, np.zeros(len(labels)), labels, encoder=record
     )
@@ -98,8 +102,11 @@ def make_head(
     return folder
 
 
-def write_index(path: Path, embeddings: np.ndarray, image_ids: list[str]) -> Path:
-    """Parquet in the exact layout ``pipelines.embed`` writes."""
+def write_index(
+    path: Path, embeddings: np.ndarray, image_ids: list[str], encoder: Path | None = None
+) -> Path:
+    """Parquet in the exact layout ``pipelines.embed`` writes for checkpoint ``encoder``;
+    without one, the older layout that does not record the encoder (no ``encoder_sha256``)."""
     n, dim = embeddings.shape
     pid = [hashlib.sha256(f"p{i}".encode()).hexdigest()[:32] for i in range(n)]
     table = pa.table(
@@ -115,6 +122,11 @@ def write_index(path: Path, embeddings: np.ndarray, image_ids: list[str]) -> Pat
             ),
         }
     )
+    if encoder is not None:
+        from radjepa.eval.heads import checkpoint_fingerprint
+
+        sha = pa.array([checkpoint_fingerprint(encoder)] * n, pa.string())
+        table = table.add_column(table.num_columns - 1, "encoder_sha256", sha)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path

@@ -166,18 +166,39 @@ def test_serve_configs_validate_and_agree() -> None:
     assert all(c["http_options"]["host"] == "0.0.0.0" for c in configs.values())
 
 
-def test_serve_import_path_resolves_and_builds_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_import_path_resolves_and_builds_the_app(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     (application,) = _load("serve-config.yaml")["applications"]
     module_name, _, attr = application["import_path"].partition(":")
     if not (REPO / Path(*module_name.split("."))).with_suffix(".py").exists():
         pytest.xfail(f"{module_name} is not written yet")
     builder = getattr(importlib.import_module(module_name), attr)
     assert callable(builder)
+    import mlflow
     from ray.serve import Application
+    from serve_helpers import make_checkpoint
 
+    from pipelines.tracking import register_artifact_dir
+    from serve.registry import ModelNotFound
+
+    args = application["args"]
+    model = args.get("model") or load_config(REPO / args["config"]).serve.model
+    name, _, alias = model.removeprefix("models:/").partition("@")
+    # the cluster's registry, here a sqlite store (MLFLOW_TRACKING_URI, as on the head)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(REPO)  # the Serve app's working dir: args name repo-relative paths
     # the head's env on the cluster provides keys; build_app refuses to start without any
     monkeypatch.setenv("RADJEPA_API_KEYS", "k" * 32)
-    built = builder(application["args"])  # binds deployments; the model loads in replicas
+    with pytest.raises(ModelNotFound, match=model):  # not registered yet: one clear line
+        builder(args)
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("cluster", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(make_checkpoint(tmp_path / "ckpt")), "checkpoint")
+    register_artifact_dir(uri, run.info.run_id, "checkpoint", name, alias=alias)
+    built = builder(args)  # binds deployments; the model loads in replicas
     assert isinstance(built, Application)
 
 

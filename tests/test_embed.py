@@ -128,6 +128,28 @@ def test_output_loads_as_the_similar_case_index(embedded):
     assert hits[0].pids["patient_pid"] == embedded["rows"][4]["patient_pid"]
 
 
+def test_index_records_its_checkpoint_and_is_served_only_with_it(embedded, tmp_path):
+    import torch
+
+    from radjepa.eval.heads import checkpoint_fingerprint
+    from serve.app import create_app
+    from serve.embedder import EncoderRunner, LocalEmbedder
+    from serve.index import EmbeddingIndex
+    from serve.security import ApiSettings
+
+    sha = checkpoint_fingerprint(embedded["ckpt"])
+    assert set(pq.read_table(embedded["out"]).column("encoder_sha256").to_pylist()) == {sha}
+    index = EmbeddingIndex.from_parquet(embedded["out"])
+    assert index.encoder_fingerprint == sha and index.model == "tiny:step-7"
+    settings = ApiSettings(insecure_local=True)
+    own = LocalEmbedder(EncoderRunner.from_checkpoint(embedded["ckpt"]))
+    assert create_app(own, settings=settings, index=index).state.index is index
+    torch.manual_seed(1)  # another checkpoint of the same architecture
+    other = LocalEmbedder(EncoderRunner.from_checkpoint(make_checkpoint(tmp_path / "other")))
+    with pytest.raises(ValueError, match="rebuild it with `radjepa embed`"):
+        create_app(other, settings=settings, index=index)
+
+
 def test_user_errors_are_named(embedded, tmp_path):
     from pipelines.embed import EmbedError, run_embed
 

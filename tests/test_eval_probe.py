@@ -36,6 +36,19 @@ def test_folds_never_split_a_patient_and_cover_both_classes(split):
         assert sorted(tested) == list(range(len(y)))
 
 
+def test_holdout_works_when_every_patient_has_a_positive_image():
+    # one negative and one positive image per patient: the "no positive" stratum is empty
+    groups = np.repeat([f"p{i}" for i in range(20)], 2)
+    y = np.tile([0, 1], 20)
+    ((train, test),) = grouped_folds(y, groups, split="holdout", test_fraction=0.2, seed=3)
+    assert not set(groups[train]) & set(groups[test])
+    assert len(set(groups[test])) == 4 and len(train) + len(test) == len(y)
+    assert set(y[train]) == set(y[test]) == {0, 1}
+    x = np.random.default_rng(0).normal(size=(len(y), 5))
+    (res,) = cross_val_probe(x, y, groups, label_names=["a"], split="holdout", bootstrap=10).labels
+    assert res.skipped is None and res.folds == 1 and res.auroc is not None
+
+
 def test_probe_finds_signal_and_not_noise():
     x, y, groups = _world()
     noise = np.random.default_rng(5).normal(size=x.shape)

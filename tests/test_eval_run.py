@@ -187,12 +187,16 @@ def test_cli_probe_logs_metrics_artifacts_and_registers_head(
         "probe.bootstrap=50",
         "--set",
         "model.depth=2",
+        "--set",
+        f"train.output_dir={tmp_path / 'runs'}",
         "--register-head",
     ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "view=AP AUROC" in res.output and "models:/radjepa-probe-head/1" in res.output
-    uri = f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    # the store pretrain registers encoders in, so serve resolves the head there too
+    uri = f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}"
+    assert not (out / "mlflow.db").exists()
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("radjepa")
     (run,) = client.search_runs([exp.experiment_id])
@@ -245,3 +249,62 @@ def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_d
     with pytest.raises(UserError, match="checkpoint not found"):
         probe_cmd(tmp_path / "nope", ["sex"], tmp_path / "z", csv=nih_dir / "labels.csv")
     assert not (tmp_path / "x" / "report.json").exists()
+
+
+def test_probe_decodes_images_as_serving_does_for_the_checkpoint(tmp_path, nih_dir, seg_csv):
+    """A checkpoint trained on 128 px uint16 shards with a [2, 98] window, probed without
+    --config: the head and the Dice must come from the pixels serving feeds this encoder."""
+    from serve_helpers import dicom_from_png, nih_pngs
+
+    from radjepa.checkpoint import load_encoder, save
+    from radjepa.config import load_config
+    from radjepa.eval.features import extract_features
+    from radjepa.eval.heads import load_head
+    from radjepa.eval.linear_probe import fit_head
+    from radjepa.eval.runner import run_probe
+    from radjepa.eval.segmentation import load_seg_csv, seg_probe, tokens_to_grid
+    from radjepa.imaging.decode import decode_image
+    from radjepa.models.encoder import build_encoder
+    from serve.embedder import EncoderRunner
+
+    tiny = REPO / "configs" / "tiny_cpu.yaml"
+    ingest = ["ingest.image_size=128", "ingest.dtype=uint16", "ingest.window_percentiles=[2,98]"]
+    ckpt_cfg = load_config(tiny, ["model.depth=2", *ingest])
+    ckpt = save(tmp_path / "ckpt", build_encoder(ckpt_cfg), ckpt_cfg, step=3)
+    # 8-bit DICOMs without a VOI window: the percentile window sets their contrast
+    rows, files = ["image,patient_id,sex"], []
+    for i, png in enumerate(nih_pngs(nih_dir, 16)):
+        files.append(tmp_path / f"{i}.dcm")
+        files[-1].write_bytes(dicom_from_png(png))
+        rows.append(f"{i}.dcm,p{i},{'FM'[i % 2]}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(tiny, ["probe.bootstrap=0"])  # the probe command's defaults
+    report = run_probe(
+        ckpt,
+        tmp_path / "labels.csv",
+        ["sex=F"],
+        tmp_path / "out",
+        cfg,
+        seg_csv=seg_csv,
+        structures=["disc"],
+    )
+
+    pre = EncoderRunner.from_checkpoint(ckpt).preprocess  # what /v1/* decode uploads with
+    settings = {
+        "size": pre.image_size,
+        "dtype": pre.dtype,
+        "window_percentiles": pre.window_percentiles,
+    }
+    assert report["data"]["decode"] == {**settings, "window_percentiles": [2.0, 98.0]}
+    served = [decode_image(f.read_bytes(), secret=b"k" * 32, **settings).pixels for f in files]
+    encoder, _ = load_encoder(ckpt)
+    feats = extract_features(encoder, served, batch_size=cfg.probe.batch_size)
+    y = np.array([i % 2 == 0 for i in range(16)], np.int8)
+    refit = fit_head(feats, y, label_names=["sex=F"], c=cfg.probe.logreg_c, seed=cfg.probe.seed)
+    np.testing.assert_allclose(
+        load_head(report["head"]).predict_proba(feats), refit.predict_proba(feats), atol=1e-9
+    )
+    images, masks = load_seg_csv(seg_csv, ["disc"], **settings)
+    tokens = extract_features(encoder, images, batch_size=cfg.probe.batch_size, patch_tokens=True)
+    dice = seg_probe(tokens_to_grid(tokens), masks, structures=["disc"], seed=cfg.probe.seed).dice
+    assert report["segmentation"]["methods"]["ours"]["dice"] == pytest.approx(dice, abs=1e-12)

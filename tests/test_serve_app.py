@@ -329,6 +329,63 @@ def test_head_for_another_encoder_is_refused(world, tmp_path):
     assert checkpoint_fingerprint(copy) == mine
 
 
+def test_head_probed_on_the_context_encoder_is_refused(world, tmp_path):
+    # one checkpoint holds both encoders, so the fingerprint matches: only `which` differs
+    from radjepa.eval.heads import load_head
+
+    ckpt, dim = Path(world["runner"].info.source), world["runner"].info.embed_dim
+    context = load_head(make_head(tmp_path / "ctx", dim, encoder=ckpt, which="context"))
+    with pytest.raises(ValueError, match="context encoder.*probe.encoder=target"):
+        create_app(world["embedder"], settings=_settings(), head=context)
+    target = load_head(make_head(tmp_path / "tgt", dim, encoder=ckpt, which="target"))
+    app = create_app(world["embedder"], settings=_settings(), head=target)
+    assert app.state.head is target
+
+
+def test_index_embedded_by_another_checkpoint_is_refused(world, tmp_path, caplog):
+    """Same architecture, other weights: same embedding size, unrelated neighbours."""
+    import torch
+
+    from radjepa.eval.heads import checkpoint_fingerprint
+
+    ckpt_a = Path(world["runner"].info.source)
+    torch.manual_seed(1)
+    runner_b = EncoderRunner.from_checkpoint(make_checkpoint(tmp_path / "B", step=9))
+    assert runner_b.info.embed_dim == world["runner"].info.embed_dim
+    ids = [hashlib.sha256(b).hexdigest() for b in world["pngs"]]
+    index_a = EmbeddingIndex.from_parquet(
+        write_index(tmp_path / "a" / "part-0.parquet", world["emb"], ids, encoder=ckpt_a)
+    )
+    assert index_a.encoder_fingerprint == checkpoint_fingerprint(ckpt_a)
+    assert index_a.model == "tiny:step-7"
+
+    # the in-process embedder knows its checkpoint: no fingerprint needs passing
+    with pytest.raises(ValueError, match=r"embedded by encoder .* rebuild it with `radjepa embed`"):
+        create_app(LocalEmbedder(runner_b), settings=_settings(), index=index_a)
+    with pytest.raises(ValueError, match="rebuild it with `radjepa embed`"):
+        create_app(
+            world["embedder"],
+            settings=_settings(),
+            index=index_a,
+            encoder_fingerprint=runner_b.fingerprint,
+        )
+    app = create_app(world["embedder"], settings=_settings(), index=index_a)
+    r = _post(TestClient(app), "/v1/similar", world["pngs"][2], params={"k": 1})
+    assert r.json()["results"][0]["neighbours"][0]["image_id"] == ids[2]
+
+    # an index from before the fingerprint was recorded: served, with a warning
+    legacy = world["index"]
+    assert legacy.encoder_fingerprint is None
+    with caplog.at_level("WARNING", logger="serve.index"):
+        create_app(LocalEmbedder(runner_b), settings=_settings(), index=legacy)
+    assert "does not record the encoder" in caplog.text
+
+    # parts from two checkpoints in one folder are refused as they load
+    write_index(tmp_path / "a" / "part-1.parquet", world["emb"], ids, encoder=tmp_path / "B")
+    with pytest.raises(ValueError, match="2 different encoders"):
+        EmbeddingIndex.from_parquet(tmp_path / "a")
+
+
 def test_deploy_yaml_is_a_valid_serve_config_whose_builder_binds(world, monkeypatch):
     import yaml
     from ray.serve import Application

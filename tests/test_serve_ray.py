@@ -47,10 +47,12 @@ def service(ray_session, tmp_path_factory, nih_dir):
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     head_ref = _register_head(tracking, head, root)
     pngs = [p.read_bytes() for p in nih_pngs(nih_dir, 4)]
-    # index rows: random vectors plus one known image id whose vector we control below
+    # index rows: random vectors plus one known image id whose vector we control below;
+    # they claim the served checkpoint, which the ingress checks at start-up
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(4, runner.info.embed_dim)).astype(np.float32)
-    index = write_index(root / "index" / "part-0.parquet", emb, [f"id{i}" for i in range(4)])
+    ids = [f"id{i}" for i in range(4)]
+    index = write_index(root / "index" / "part-0.parquet", emb, ids, encoder=ckpt)
     keys = root / "keys.txt"
     keys.write_text(API_KEY + "\n")
 
@@ -74,7 +76,14 @@ def service(ray_session, tmp_path_factory, nih_dir):
     )
     serve.run(app, name="radjepa-test", route_prefix="/")
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "pngs": pngs, "png_paths": nih_pngs(nih_dir, 4)}
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "pngs": pngs,
+            "png_paths": nih_pngs(nih_dir, 4),
+            "root": root,
+            "emb": emb,
+            "keys": keys,
+        }
     finally:
         serve.shutdown()
 
@@ -188,3 +197,42 @@ def test_generated_requests_never_get_a_server_error_from_the_live_service(servi
 
     api = schemathesis.openapi.from_url(f"{service['url']}/openapi.json")
     fuzz_openapi(api, AUTH, 3, base_url=service["url"])
+
+
+def test_index_from_another_checkpoint_fails_the_deployment(service):
+    """Refused twice over: by `radjepa serve`/`build_app` on the driver when it can read the
+    checkpoint and the index, and by the API replica itself (which fetches the encoder
+    replica's fingerprint for an index even without a head) when only the replicas can, as
+    for a registry model they download."""
+    import torch
+    from ray import serve
+
+    from serve.deployment import ApiIngress, EncoderDeployment, build_app
+    from serve.index import IndexLoadError
+    from serve.security import ApiSettings, key_digest
+
+    root = service["root"]
+    torch.manual_seed(1)
+    other = make_checkpoint(root / "other-ckpt", step=3)
+    index = write_index(
+        root / "other-index" / "part-0.parquet", service["emb"], ["a", "b", "c", "d"], other
+    )
+    args = {
+        "config": str(TINY_CONFIG),
+        "model": str(root / "ckpt"),
+        "index": str(index),
+        "api_keys_file": str(service["keys"]),
+    }
+    with pytest.raises(IndexLoadError, match="rebuild it with `radjepa embed`"):
+        build_app(args)
+    # the replicas' own check: the same two deployments, bound without the driver's check
+    settings = ApiSettings(key_digests=(key_digest(API_KEY),)).model_dump()
+    app = ApiIngress.bind(EncoderDeployment.bind(str(root / "ckpt")), settings, None, str(index))
+    try:
+        with pytest.raises(RuntimeError, match="radjepa-bad-index failed"):
+            serve.run(app, name="radjepa-bad-index", route_prefix="/bad-index")
+        # the replica's start-up error, as `serve status` shows it to the operator
+        failed = serve.status().applications["radjepa-bad-index"].deployments["RadjepaAPI"]
+        assert "rebuild it with `radjepa embed`" in failed.message
+    finally:
+        serve.delete("radjepa-bad-index")

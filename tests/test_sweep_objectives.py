@@ -6,6 +6,7 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from radjepa.config import load_config
@@ -61,3 +62,35 @@ def _images(labelled: Path, cfg):
     from radjepa.eval.features import load_csv_dataset
 
     return load_csv_dataset(labelled, label_cols=["male"], size=cfg.ingest.image_size).images[:40]
+
+
+def test_probe_set_decodes_with_every_ingest_setting(nih_dir, tmp_path):
+    """The trial probe set must look like the training shards: dtype and window included."""
+    from serve_helpers import dicom_from_png, nih_pngs
+
+    from pipelines.sweep import _probe_set
+    from radjepa.imaging.decode import decode_image
+
+    # 8-bit DICOMs without a VOI window: the robust percentile window decides their contrast
+    rows = ["image,patient_id,male"]
+    for i, png in enumerate(nih_pngs(nih_dir, 6)):
+        (tmp_path / f"{i}.dcm").write_bytes(dicom_from_png(png))
+        rows.append(f"{i}.dcm,p{i},{i % 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    ingest = ["ingest.image_size=128", "ingest.dtype=uint16", "ingest.window_percentiles=[2,98]"]
+    cfg = load_config(
+        TINY,
+        ["tune.metric=knn_auroc", f"tune.labels_csv={tmp_path / 'labels.csv'}"]
+        + ["tune.label_column=male", *ingest],
+    )
+    images = _probe_set(cfg)["images"]
+    assert images.dtype == np.uint16 and images.shape == (6, 128, 128)
+    for i, got in enumerate(images):
+        want = decode_image(
+            (tmp_path / f"{i}.dcm").read_bytes(),
+            size=128,
+            dtype="uint16",
+            window_percentiles=(2.0, 98.0),
+            secret=b"k" * 32,
+        ).pixels
+        np.testing.assert_array_equal(got, want)

@@ -1,9 +1,10 @@
 """Trained probe heads as portable folders: ``head.safetensors`` + ``head.json``, no pickle.
 
 A head is standardisation (mean/scale) followed by one logistic regression per label. It
-records the encoder checkpoint it was trained on (path, step, content hash) because a head is
-meaningless on any other encoder's features; the server checks the feature size and, when
-both sides know it, the encoder fingerprint at start-up (:func:`check_encoder`).
+records the encoder checkpoint it was trained on (path, which encoder, step, content hash)
+because a head is meaningless on any other encoder's features; the server checks the feature
+size, the encoder (target vs context) and, when both sides know it, the encoder fingerprint at
+start-up (:func:`check_encoder`).
 """
 
 from __future__ import annotations
@@ -128,13 +129,23 @@ def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def check_encoder(head: ProbeHead, fingerprint: str | None) -> None:
+def check_encoder(head: ProbeHead, fingerprint: str | None, *, which: str = "target") -> None:
     """Refuse a head fitted on another encoder's features.
 
     A head only knows the embedding size for certain; a head trained on a different checkpoint
     of the same architecture would run and return confident nonsense. Heads record the
     fingerprint of their encoder (``radjepa probe``); when both sides know it, they must agree.
+    The fingerprint covers the whole checkpoint, so it cannot tell its context encoder from its
+    target encoder: the recorded ``which`` must also name the encoder that produces the served
+    features (``which``; serving always runs the target encoder).
     """
+    fitted_on = head.encoder.get("which")
+    if fitted_on is not None and str(fitted_on) != which:
+        raise HeadError(
+            f"probe head was fitted on the {fitted_on} encoder's features but the server "
+            f"embeds with the {which} encoder: re-run `radjepa probe` with "
+            f"probe.encoder={which} to get a deployable head"
+        )
     want = str(head.encoder.get("sha256") or "")
     if not want or not fingerprint or want == fingerprint:
         return

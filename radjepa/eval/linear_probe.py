@@ -112,6 +112,9 @@ def grouped_folds(
         test_pat: list[str] = []
         for cls in (True, False):
             members = uniq[strat == cls]
+            if len(members) == 0:  # e.g. every patient has a positive image: nothing to draw
+                continue
+            # at least one patient of each stratum stays on the train side
             n_test = min(len(members) - 1, max(1, round(test_fraction * len(members))))
             test_pat.extend(rng.choice(members, size=n_test, replace=False).tolist())
         test = np.isin(groups, test_pat)

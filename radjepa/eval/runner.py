@@ -71,21 +71,31 @@ def probe_features(
     return {**res.to_dict(), "precision_at_k": prec, "knn_auroc": knn}, res.scores
 
 
+def _decode_settings(enc_cfg: Config) -> dict[str, Any]:
+    """Decode arguments from the ingest settings saved with the checkpoint.
+
+    Serving decodes uploads with these (``serve.embedder.Preprocess``) and the encoder was
+    trained on shards made with them; decoding with the probe command's own config (defaults
+    without ``--config``) would measure, and fit the served head on, other pixels.
+    """
+    ing = enc_cfg.ingest
+    return {
+        "size": ing.image_size,
+        "dtype": ing.dtype,
+        "window_percentiles": tuple(ing.window_percentiles),
+    }
+
+
 def _segmentation(
     seg_csv: str | os.PathLike[str],
     structures: Sequence[str],
     encoders: dict[str, Any],
     cfg: Config,
     device: Any,
+    decode: dict[str, Any],
 ) -> dict[str, Any]:
     """Held-out Dice per structure for each encoder, on the same split."""
-    images, masks = load_seg_csv(
-        seg_csv,
-        structures,
-        size=cfg.ingest.image_size,
-        dtype=cfg.ingest.dtype,
-        window_percentiles=cfg.ingest.window_percentiles,
-    )
+    images, masks = load_seg_csv(seg_csv, structures, **decode)
     methods = {}
     for name, enc in encoders.items():
         tokens = extract_features(
@@ -131,16 +141,23 @@ def run_probe(
     dev = resolve_device(device)
     if (csv is None) == (shards is None):
         raise DatasetError("give exactly one source of labelled images: a CSV or shards")
+    encoder, enc_cfg = load_encoder(checkpoint, which=p.encoder, map_location="cpu")
+    if p.encoder != "target":
+        log.warning(
+            "probe.encoder=%s: the head will be fitted on features `radjepa serve` does not "
+            "produce (it serves the target encoder) and will be refused there; use "
+            "probe.encoder=target for a deployable head",
+            p.encoder,
+        )
+    decode = _decode_settings(enc_cfg)
     if csv is not None:
         ds = load_csv_dataset(
             csv,
             image_col=image_col,
             label_cols=labels,
             group_col=group_col,
-            size=cfg.ingest.image_size,
-            dtype=cfg.ingest.dtype,
-            window_percentiles=cfg.ingest.window_percentiles,
             limit=limit,
+            **decode,
         )
     else:
         ds = load_shard_dataset(shards, labels, group_col or None, limit=limit)
@@ -150,7 +167,6 @@ def run_probe(
         len(np.unique(ds.groups)),
         ds.label_names,
     )
-    encoder, enc_cfg = load_encoder(checkpoint, which=p.encoder, map_location="cpu")
     meta = read_meta(checkpoint)
     enc_info = {
         "checkpoint": str(Path(checkpoint).resolve()),
@@ -225,7 +241,12 @@ def run_probe(
     segmentation = None
     if seg_csv is not None:
         segmentation = _segmentation(
-            seg_csv, structures, {"ours": encoder, "random_init": random_encoder}, cfg, dev
+            seg_csv,
+            structures,
+            {"ours": encoder, "random_init": random_encoder},
+            cfg,
+            dev,
+            decode,
         )
     split_text = (
         f"{p.folds}-fold cross-validation grouped by patient (stratified)"
@@ -241,6 +262,8 @@ def run_probe(
             "n_images": int(len(ds.images)),
             "n_patients": int(len(np.unique(ds.groups))),
             "rejected": ds.rejected,
+            # how CSV images (labels and segmentation) were decoded; shards come decoded
+            "decode": {**decode, "window_percentiles": list(decode["window_percentiles"])},
             "labels": [
                 {"name": n, "positive": pos, "n_pos": int(ds.labels[:, j].sum())}
                 for j, (n, pos) in enumerate(zip(ds.label_names, ds.positive, strict=True))

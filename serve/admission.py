@@ -1,0 +1,69 @@
+"""Admission control for the CPU work of a request: decoding uploads.
+
+Decoding is the API replica's own CPU cost (the forward runs in the encoder deployment), and a
+few hundred KB of upload can be seconds of it. Without a bound, every concurrent request got a
+thread of the event loop's shared pool, the request deadline (504) abandoned the await but not
+the thread, and ordinary requests queued behind work nobody was waiting for. Here decoding
+runs on a pool of fixed size, a request that finds too many others waiting is refused at once
+(503, ``overloaded``, so a load balancer retries elsewhere), and a request that gave up stops
+its decode between files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+__all__ = ["Cancelled", "DecodeGate", "Overloaded"]
+
+T = TypeVar("T")
+
+
+class Overloaded(RuntimeError):
+    """The service is at capacity for this request; the client should retry shortly."""
+
+
+class Cancelled(RuntimeError):
+    """The request that wanted this work has gone (deadline passed or client left)."""
+
+
+class DecodeGate:
+    """A fixed pool for decode jobs plus a bound on how many requests may wait for it.
+
+    ``limit`` is the replica's share of concurrent requests (``serve.max_ongoing_requests``):
+    under Ray Serve no more arrive, so the gate never refuses what Ray admitted; under plain
+    uvicorn it is the only bound there is.
+    """
+
+    def __init__(self, workers: int = 0, limit: int = 32) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self.limit = max(limit, self.workers)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="radjepa-decode")
+        self._admitted = 0
+
+    @property
+    def admitted(self) -> int:
+        """Requests currently decoding or waiting to."""
+        return self._admitted
+
+    async def run(self, job: Callable[[threading.Event], T]) -> T:
+        """Run ``job(cancelled)`` on the pool; ``job`` should return early once ``cancelled``
+        is set (checked between files). Raises :class:`Overloaded` when the queue is full."""
+        if self._admitted >= self.limit:
+            raise Overloaded(
+                f"{self._admitted} requests are already decoding or waiting "
+                f"({self.workers} decoding threads)"
+            )
+        self._admitted += 1
+        cancelled = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, job, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()  # a job not started yet is dropped; a running one stops at its next file
+            raise
+        finally:
+            self._admitted -= 1

@@ -1,0 +1,130 @@
+"""Admission control: bounded decoding, immediate 503 when full, abandoned decodes stop, and a
+bound on the patch tokens one response may carry. The app runs in-process (no Ray); the gate
+is exercised through real requests and real threads, synchronised by events, not timings."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from serve_helpers import API_KEY, make_checkpoint, nih_pngs
+
+from serve.admission import DecodeGate, Overloaded
+from serve.app import create_app
+from serve.embedder import EncoderRunner, LocalEmbedder
+from serve.security import ApiSettings, key_digest
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory) -> LocalEmbedder:
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("admission") / "ckpt")
+    return LocalEmbedder(EncoderRunner.from_checkpoint(ckpt))
+
+
+def _app(embedder: LocalEmbedder, **kw):
+    settings = ApiSettings(key_digests=(key_digest(API_KEY),), **kw)
+    return create_app(embedder, settings=settings)
+
+
+def _post(client: TestClient, data: bytes, **params) -> object:
+    headers = {**AUTH, "content-type": "image/png"}
+    return client.post("/v1/embed", content=data, headers=headers, params=params)
+
+
+def test_a_full_decode_queue_answers_503_at_once_then_recovers(embedder, nih_dir) -> None:
+    png = nih_pngs(nih_dir, 1)[0].read_bytes()
+    app = _app(embedder, decode_workers=1, max_pending_decodes=3)
+    gate: DecodeGate = app.state.decode_gate
+    release = threading.Event()
+
+    def blocked(cancelled: threading.Event) -> None:
+        release.wait(timeout=60)
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        # occupy every admission slot with work that waits (1 decoding, the rest queued)
+        held = [client.portal.start_task_soon(gate.run, blocked) for _ in range(gate.limit)]
+        deadline = time.monotonic() + 30
+        while gate.admitted < gate.limit and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gate.admitted == gate.limit
+        refused = _post(client, png)
+        assert refused.status_code == 503
+        assert refused.json()["reason"] == "overloaded"
+        assert refused.headers["retry-after"] == "1"
+        release.set()
+        for future in held:
+            future.result(timeout=30)
+        assert gate.admitted == 0
+        assert _post(client, png).status_code == 200
+
+
+def test_an_abandoned_decode_stops_between_files_and_queued_ones_never_run() -> None:
+    gate = DecodeGate(workers=1)
+    done: list[int] = []
+    started = threading.Event()
+
+    def slow_files(cancelled: threading.Event) -> None:
+        started.set()
+        for i in range(200):  # 200 "files" of 20 ms: 4 s if nobody stopped it
+            if cancelled.is_set():
+                return
+            time.sleep(0.02)
+            done.append(i)
+
+    queued_ran = threading.Event()
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(gate.run(slow_files))
+        second = asyncio.ensure_future(gate.run(lambda cancelled: queued_ran.set()))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        first.cancel()
+        second.cancel()  # still queued behind the first: dropped before it starts
+        for task in (first, second):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        assert gate.admitted == 0
+
+    asyncio.run(scenario())
+    time.sleep(0.3)  # the running job notices at its next file
+    stopped_at = len(done)
+    time.sleep(0.3)
+    assert len(done) == stopped_at < 50
+    assert not queued_ran.is_set()
+
+
+def test_gate_refuses_beyond_its_limit_without_running_anything() -> None:
+    gate = DecodeGate(workers=2, limit=8)
+    release = threading.Event()
+
+    async def scenario() -> None:
+        held = [asyncio.ensure_future(gate.run(lambda c: release.wait(30))) for _ in range(8)]
+        await asyncio.sleep(0)  # let each task register
+        with pytest.raises(Overloaded, match="8 requests"):
+            await gate.run(lambda c: None)
+        release.set()
+        await asyncio.gather(*held)
+
+    asyncio.run(scenario())
+
+
+def test_patch_tokens_are_bounded_per_response(embedder, nih_dir) -> None:
+    info = embedder.info
+    per_image = (info.img_size // info.patch_size) ** 2 * info.embed_dim
+    app = _app(embedder, max_patch_token_values=per_image)  # room for one image's tokens
+    png = nih_pngs(nih_dir, 1)[0].read_bytes()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        one = _post(client, png, patch_tokens="true")
+        assert one.status_code == 200
+        assert len(one.json()["results"][0]["patch_tokens"]) * info.embed_dim == per_image
+        files = [("files", (f"{i}.png", png, "image/png")) for i in range(2)]
+        two = client.post("/v1/embed", files=files, headers=AUTH, params={"patch_tokens": "true"})
+        assert two.status_code == 422
+        body = two.json()
+        assert body["reason"] == "too_many_images" and "at most 1 image(s)" in body["detail"]
+        assert client.post("/v1/embed", files=files, headers=AUTH).status_code == 200
