@@ -189,7 +189,11 @@ def sweep(
     keys = sorted({k for t in res.trials for k in t.params})
     for col in ["trial", *keys, res.metric, "steps", "status"]:
         table.add_column(col)
-    for t in sorted(res.trials, key=lambda t: -(t.metric or float("-inf"))):
+    # best first, trials without a metric last (a metric of exactly 0.0 is a real value)
+    ranked = sorted(
+        res.trials, key=lambda t: float("-inf") if t.metric is None else t.metric, reverse=True
+    )
+    for t in ranked:
         metric = "-" if t.metric is None else f"{t.metric:.4f}"
         params = [str(t.params.get(k, "")) for k in keys]
         table.add_row(t.trial_id, *params, metric, str(t.steps or "-"), t.status)
@@ -279,10 +283,11 @@ def embed_cmd(
     """Embed ingested shards into an archive index (Ray Data) for /v1/similar."""
     cfg = load(config, set_)
     from pipelines.embed import EmbedError, run_embed
+    from pipelines.tracking import store_uri
     from serve.registry import ModelNotFound, resolve_model
 
     try:
-        resolved = resolve_model(model, tracking_uri=cfg.tracking.uri)
+        resolved = resolve_model(model, tracking_uri=store_uri(cfg))
         label = f"{resolved.name}:{resolved.version}" if resolved.name else None
         res = run_embed(
             cfg,
@@ -550,13 +555,14 @@ def probe_cmd(
         raise UserError("give exactly one of --csv or --shards")
     if seg_csv is not None and not structure:
         raise UserError("--seg-csv needs at least one --structure (a mask column)")
+    from pipelines.tracking import store_uri
     from radjepa.checkpoint import CheckpointError
     from radjepa.eval.features import DatasetError
     from radjepa.eval.runner import run_probe
     from serve.registry import ModelNotFound, resolve_model
 
     try:
-        resolved = resolve_model(str(checkpoint), tracking_uri=cfg.tracking.uri)
+        resolved = resolve_model(str(checkpoint), tracking_uri=store_uri(cfg))
     except ModelNotFound as err:
         raise UserError(str(err)) from None
     try:
@@ -600,7 +606,12 @@ def probe_cmd(
         from pipelines.tracking import ui_command
         from pipelines.tracking_probe import log_probe_run
 
-        tr = log_probe_run(report, out, cfg, register_head=register_head, head_model_name=head_name)
+        try:
+            tr = log_probe_run(
+                report, out, cfg, register_head=register_head, head_model_name=head_name
+            )
+        except ValueError as err:  # no store for remote outputs, no head to register
+            raise UserError(str(err)) from None
         typer.echo(f"mlflow run:  {tr.run_id}")
         if tr.head_version:
             typer.echo(f"head model:  models:/{tr.head_model}/{tr.head_version}")

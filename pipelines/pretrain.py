@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from radjepa import locations
-from radjepa.config import Config, config_to_yaml
+from radjepa.config import Config, config_to_yaml, flatten
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,31 @@ MONITOR_IMAGES = 256  # images for RankMe / feature std; enough rows for a stabl
 
 class PretrainError(RuntimeError):
     """A problem with the inputs or the environment, phrased for the user."""
+
+
+# Settings the optimisation in a checkpoint depends on: a resume with other values continues a
+# different experiment than the one recorded, so it needs train.allow_config_change
+RESUME_GUARDED = (
+    "masks.",
+    "ema.",
+    "optim.",
+    "data.crop_size",
+    "data.crop_scale",
+    "data.crop_ratio",
+    "train.seed",
+    "train.batch_size",
+)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a re-run continues from, the damaged newer ones it skips, and the guarded
+    keys the new config changes (only non-empty with train.allow_config_change)."""
+
+    path: str
+    step: int
+    damaged: tuple[str, ...]
+    changed: dict[str, tuple[Any, Any]]
 
 
 @dataclass(frozen=True)
@@ -236,6 +261,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     trainer = Pretrainer(cfg, device, rank=rank, world_size=world)
     restored = ray.train.get_checkpoint()
+    damaged = loop_config.get("damaged_checkpoints") or ()
+    if restored is not None and restored.path.rstrip("/").rsplit("/", 1)[-1] in damaged:
+        # Ray's latest checkpoint is one the driver could not read (find_resume_point)
+        restored = ray.train.Checkpoint(loop_config["resume_from"])
     if restored is not None:
         with restored.as_directory() as ckpt_dir:
             load_checkpoint(ckpt_dir, trainer)
@@ -253,7 +282,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     while trainer.step < steps:
         seen = 0
-        # a fresh, step-derived crop stream per pass keeps resumed runs reproducible
+        # a fresh, step-derived crop stream per pass: a resume starts it (and the data order)
+        # again at the resume step, so it does not replay the interrupted run's batches
         gen.manual_seed(cfg.train.seed * 1_000_003 + rank * 7919 + trainer.step)
         for batch in shard.iter_torch_batches(
             batch_size=bs,
@@ -403,6 +433,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     )
     storage = prepare_outputs(cfg)
     run_dir = locations.join_location(storage, cfg.train.run_name)
+    resume = find_resume_point(cfg, run_dir)
     ensure_ray()
     cfg = _resolve_workers(cfg, info["train_rows"])
 
@@ -410,6 +441,8 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     if cfg.tracking.enabled:
         try:
             run_id, uri = start_tracking(cfg, storage, run_dir)
+            if resume is not None and resume.changed:
+                record_config_change(cfg, uri, run_id, resume)
         except Exception as err:  # an unreachable server, a store without permission, ...
             raise PretrainError(
                 f"cannot record the run in MLflow: {type(err).__name__}: {err}"
@@ -420,7 +453,12 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     from pipelines.tracking import mark_run
 
     try:
-        trainer = build_trainer(cfg, data, storage=storage, tracking=tracking)
+        skip = None
+        if resume is not None and resume.damaged:
+            skip = {"resume_from": resume.path, "damaged_checkpoints": list(resume.damaged)}
+        trainer = build_trainer(
+            cfg, data, storage=storage, tracking=tracking, extra_loop_config=skip
+        )
         result = trainer.fit()
         if result.error is not None:
             raise result.error
@@ -440,10 +478,157 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     if result.checkpoint is not None:
         ckpt = locations.spell_like(storage, result.checkpoint.path)
         if tracking:
-            # as_directory() downloads a checkpoint that lives on object storage
-            with result.checkpoint.as_directory() as local_ckpt:
-                version = finish_tracking(cfg, uri, run_id, local_ckpt, metrics)
+            try:
+                # as_directory() downloads a checkpoint that lives on object storage
+                with result.checkpoint.as_directory() as local_ckpt:
+                    version = finish_tracking(cfg, uri, run_id, local_ckpt, metrics)
+            except Exception as err:  # the weights are safe: say where, and end the run
+                mark_run(uri, run_id, "FAILED")
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise PretrainError(
+                    f"training finished (checkpoint {ckpt}) but recording it in MLflow failed: "
+                    f"{type(err).__name__}: {first}"
+                ) from None
     return PretrainResult(run_dir, ckpt, run_id, uri, version, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming
+
+
+def _checkpoint_dirs(run_dir: str) -> list[tuple[str, str]]:
+    """(name, location) of the run's checkpoint folders, newest first: Ray Train names them
+    ``checkpoint_<timestamp>``, so the names sort in the order they were reported."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = locations.filesystem(run_dir)
+        entries = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), allow_not_found=True))
+    except (OSError, ValueError) as err:
+        raise PretrainError(f"cannot list the checkpoints in {run_dir}: {err}") from None
+    names = sorted(
+        (
+            e.base_name
+            for e in entries
+            if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")
+        ),
+        reverse=True,
+    )
+    return [(name, locations.join_location(run_dir, name)) for name in names]
+
+
+def _read_checkpoint(location: str) -> Any:
+    """All of a checkpoint (weights and optimizer too: a file cut short anywhere must count as
+    damaged), from a local folder or downloaded from object storage."""
+    import pyarrow.fs as pafs
+
+    from radjepa.checkpoint import CheckpointError, load_checkpoint
+
+    local = locations.local_path(location)
+    if local is not None:
+        return load_checkpoint(local)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            fs, path = locations.filesystem(location)
+            pafs.copy_files(path, tmp, source_filesystem=fs)
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{location}: cannot download: {err}") from None
+        return load_checkpoint(tmp)
+
+
+def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
+    """The newest checkpoint of ``run_dir`` that reads cleanly, checked against ``cfg``, before
+    any cluster work. Ray Train itself restores its latest checkpoint whatever its state, so a
+    damaged one (a disk that filled up, an upload cut short) failed every retry and every re-run
+    although an intact older checkpoint lay beside it. None for a new run."""
+    from radjepa.checkpoint import CheckpointError
+
+    damaged: list[str] = []
+    for name, location in _checkpoint_dirs(run_dir):
+        try:
+            ckpt = _read_checkpoint(location)
+        except CheckpointError as err:
+            log.warning("checkpoint %s is damaged, skipping it: %s", location, err)
+            damaged.append(name)
+            continue
+        if damaged:
+            log.warning(
+                "resuming from %s (step %d): the newer %s cannot be read",
+                name,
+                ckpt.step,
+                ", ".join(damaged),
+            )
+        changed = check_resume_config(ckpt.config, cfg, ckpt.step)
+        return ResumePoint(location, ckpt.step, tuple(damaged), changed)
+    if damaged:
+        raise PretrainError(
+            f"no checkpoint of {run_dir} can be read ({', '.join(damaged)}): delete them to "
+            "start the run over, or choose another train.run_name"
+        )
+    return None
+
+
+def _describe(diff: dict[str, tuple[Any, Any]], keys: list[str]) -> str:
+    return ", ".join(f"{k} {diff[k][0]!r} -> {diff[k][1]!r}" for k in keys)
+
+
+def check_resume_config(saved: Config, cfg: Config, step: int) -> dict[str, tuple[Any, Any]]:
+    """What ``cfg`` changes against the config a run's checkpoint was trained with. Another
+    model cannot load the weights at all; other masks, EMA, optimizer, crops, seed or batch size
+    would silently turn the run into a different experiment, so they need
+    ``train.allow_config_change``; more (or fewer) steps only stretch the schedules."""
+    old, new = flatten(saved), flatten(cfg)
+    diff = {
+        k: (old.get(k), new.get(k))
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    }
+    name = cfg.train.run_name
+    model = [k for k in diff if k.startswith("model.") and k != "model.attention"]
+    if model:
+        raise PretrainError(
+            f"run {name} has a checkpoint at step {step} of another model "
+            f"({_describe(diff, model)}): resume with its model settings or choose another "
+            "train.run_name"
+        )
+    guarded = [k for k in diff if k.startswith(RESUME_GUARDED)]
+    if guarded and not cfg.train.allow_config_change:
+        raise PretrainError(
+            f"run {name} has a checkpoint at step {step} trained with other settings "
+            f"({_describe(diff, guarded)}): use the run's settings, set "
+            "train.allow_config_change=true to continue with the new ones, or choose another "
+            "train.run_name"
+        )
+    if "train.steps" in diff:
+        log.info(
+            "run %s: train.steps %s -> %s; the LR, weight-decay and EMA schedules now span %s "
+            "steps",
+            name,
+            *diff["train.steps"],
+            cfg.train.steps,
+        )
+    if guarded:
+        log.warning(
+            "run %s resumes at step %d with changed settings (train.allow_config_change): %s",
+            name,
+            step,
+            _describe(diff, guarded),
+        )
+    return {k: diff[k] for k in guarded}
+
+
+def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint) -> None:
+    """Leave a trace of an allowed config change on the MLflow run: its params were logged when
+    the run was created and keep the old values."""
+    from pipelines.tracking import client as tracking_client
+
+    client = tracking_client(uri)
+    keys = ", ".join(resume.changed)
+    client.set_tag(run_id, f"radjepa.config_changed_at_step_{resume.step}", keys[:5000])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"config-resumed-at-step-{resume.step}.yaml"
+        path.write_text(config_to_yaml(cfg))
+        client.log_artifact(run_id, str(path))
 
 
 def _resolve_workers(cfg: Config, train_rows: int) -> Config:
@@ -524,10 +709,12 @@ def start_tracking(
     """Create the MLflow run once per run name; a resumed run continues the same MLflow run
     (its id is kept in ``run_dir``, a local folder or a URI)."""
     from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import ensure_experiment, log_params, tracking_uri
+    from pipelines.tracking import ensure_experiment, log_params, store_uri
 
     # with remote outputs check_tracking_store made sure a store URI is configured
-    uri = uri or tracking_uri(cfg.tracking, locations.local_path(storage) or ".")
+    uri = uri or store_uri(cfg, create=True)
+    if uri is None:
+        raise PretrainError(f"no MLflow store for outputs at {storage}: set tracking.uri")
     exp_id = ensure_experiment(uri, cfg.tracking.experiment, storage)
     client = tracking_client(uri)
     id_file = locations.join_location(run_dir, "mlflow_run_id")
@@ -598,8 +785,9 @@ def _registered_version(client: Any, name: str, run_id: str, step: str) -> str |
 def main(argv: list[str] | None = None) -> None:
     """``python -m pipelines.pretrain --config C --data DST [--set k=v ...]`` inside a Ray job."""
     import argparse
+    import sys
 
-    from radjepa.config import load_config
+    from radjepa.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default=None)
@@ -607,12 +795,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[])
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("RADJEPA_LOG_LEVEL", "INFO"))
-    cfg = load_config(a.config, a.sets)
     try:
-        data = shards_location(a.data, cfg)
-    except PretrainError as err:
-        p.error(str(err))
-    res = run_pretrain(cfg, data)
+        cfg = load_config(a.config, a.sets)
+        res = run_pretrain(cfg, shards_location(a.data, cfg))
+    except (ConfigError, PretrainError) as err:  # the user's to fix: one line, as `radjepa`
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)
     log.info("checkpoint: %s", res.checkpoint)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from radjepa.config import Config, TrackingConfig
-from radjepa.locations import join_location
+from radjepa.locations import join_location, local_path
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,22 @@ def tracking_uri(tracking: TrackingConfig, output_dir: str | os.PathLike[str]) -
     root = Path(output_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def store_uri(cfg: Config, *, create: bool = False) -> str | None:
+    """The one tracking store of a config, for every command: MLFLOW_TRACKING_URI, else
+    ``tracking.uri``, else the sqlite store under ``train.output_dir`` where ``pretrain`` and
+    ``sweep`` record runs and register models (a registry reference resolved anywhere else, e.g.
+    a stray ./mlflow.db, finds nothing). None for outputs on object storage with neither set:
+    there is no such store then. ``create`` makes the output folder for a store to write."""
+    if os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri:
+        return tracking_uri(cfg.tracking, ".")
+    local = local_path(cfg.train.output_dir)
+    if local is None:
+        return None
+    if create:
+        return tracking_uri(cfg.tracking, local)
+    return f"sqlite:///{Path(local).resolve() / 'mlflow.db'}"
 
 
 def ui_command(uri: str) -> str:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from radjepa.config import Config
@@ -259,20 +260,31 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{p} is not a checkpoint folder (no {META})")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{meta_path}: not valid JSON: {err}") from None
-    version = meta.get("format_version")
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{meta_path}: unreadable or not valid JSON: {err}") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"{p}: checkpoint format_version {version!r}, this code reads {FORMAT_VERSION}"
         )
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("step"), int):
+        raise CheckpointError(f"{meta_path}: no config or step in the checkpoint metadata")
     return meta
+
+
+def _load_tensors(file: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A truncated or damaged file (a disk that filled up, a copy cut short) is a checkpoint
+    problem the caller can act on (resume picks an older checkpoint), not a library crash."""
+    try:
+        return load_file(str(file), device=str(map_location))
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: damaged or unreadable: {err}") from None
 
 
 def _read_weights(p: Path, map_location: str | torch.device) -> dict[str, dict[str, torch.Tensor]]:
     if not (p / WEIGHTS).is_file():
         raise CheckpointError(f"{p}: missing {WEIGHTS}")
-    flat = load_file(str(p / WEIGHTS), device=str(map_location))
+    flat = _load_tensors(p / WEIGHTS, map_location)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, v in flat.items():
         part, _, name = key.partition(".")
@@ -287,23 +299,26 @@ def _read_optimizer(p: Path) -> dict[str, Any] | None:
         return None
     if not (p / OPTIM_JSON).is_file():
         raise CheckpointError(f"{p}: {OPTIM} without {OPTIM_JSON}")
-    tensors = load_file(str(p / OPTIM))
+    tensors = _load_tensors(p / OPTIM)
     try:
         rest = json.loads((p / OPTIM_JSON).read_text())
-    except json.JSONDecodeError as err:
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"{p}/{OPTIM_JSON}: not valid JSON: {err}") from None
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        _, pid, name = key.split(".", 2)
-        state.setdefault(int(pid), {})[name] = v
-    for pid, sc in rest.get("scalars", {}).items():
-        state.setdefault(int(pid), {}).update(sc)
-    groups = []
-    for g in rest["param_groups"]:
-        g = dict(g)
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
+    try:
+        state: dict[int, dict[str, Any]] = {}
+        for key, v in tensors.items():
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+        for pid, sc in rest.get("scalars", {}).items():
+            state.setdefault(int(pid), {}).update(sc)
+        groups = []
+        for g in rest["param_groups"]:
+            g = dict(g)
+            if "betas" in g:
+                g["betas"] = tuple(g["betas"])
+            groups.append(g)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{p}: malformed optimizer state: {err!r}") from None
     return {
         "state": state,
         "param_groups": groups,
@@ -381,7 +396,17 @@ def load_checkpoint(
     if isinstance(into, Pretrainer):
         if opt is None:
             raise CheckpointError(f"{p}: no optimizer state, cannot resume training from it")
-        into.optimizer.load_state_dict({"state": opt["state"], "param_groups": opt["param_groups"]})
+        try:
+            into.optimizer.load_state_dict(
+                {"state": opt["state"], "param_groups": opt["param_groups"]}
+            )
+        except (KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"{p}: optimizer state does not match: {err}") from None
+        # the saved param groups carry the betas the checkpoint was trained with; a resume the
+        # user allowed to change optim.* must train with the new ones (lr and weight decay are
+        # set from the schedule at every step anyway)
+        for group in into.optimizer.param_groups:
+            group["betas"] = tuple(into.cfg.optim.betas)
         into.step = ckpt.step
         if opt.get("mask_sampler"):
             into.sampler.load_state_dict(opt["mask_sampler"])

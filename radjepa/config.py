@@ -12,11 +12,19 @@ import os
 import posixpath
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "Config",
@@ -49,8 +57,33 @@ class ConfigError(ValueError):
     """A configuration problem, always phrased with the dotted key it concerns."""
 
 
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type admits a boolean; a number field does not (pydantic's lax mode
+    would read ``true`` as 1, so ``--set train.steps=true`` trained for one step)."""
+    if annotation is bool:
+        return True
+    args = get_args(annotation)
+    if not args:
+        return annotation not in (int, float)
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in args)
+    return any(_takes_bool(a) for a in args if a not in (Ellipsis, type(None)))
+
+
+def _no_bool_for_numbers(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    field = cls.model_fields.get(info.field_name or "")
+    if field is None or _takes_bool(field.annotation):
+        return value
+    items = value if isinstance(value, list | tuple) else [value]
+    if any(isinstance(v, bool) for v in items):
+        raise ValueError(f"expected a number, got the boolean {value!r}")
+    return value
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    _no_bools = field_validator("*", mode="before")(classmethod(_no_bool_for_numbers))
 
 
 def _gpu_setting(value: Any) -> Any:
@@ -83,6 +116,12 @@ class IngestConfig(_Section):
         False, description="store raw source paths (PHI risk); otherwise only a keyed hash"
     )
     decode_actors: int = Field(0, ge=0, description="decoder actor-pool size; 0 = one per CPU")
+    burned_in_annotation: Literal["quarantine", "keep"] = Field(
+        "quarantine",
+        description="DICOMs flagged Burned In Annotation YES carry text in their pixels that "
+        "header de-identification cannot remove: quarantined unless 'keep' (only for archives "
+        "already scrubbed of such text)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> IngestConfig:
@@ -95,13 +134,22 @@ class IngestConfig(_Section):
 class DataConfig(_Section):
     """Where training images come from and how they are augmented."""
 
-    shards: str | None = Field(None, description="ingest output folder (its images/ subfolder)")
+    shards: str | None = Field(
+        None, min_length=1, description="ingest output folder (its images/ subfolder)"
+    )
     crop_size: int = Field(224, ge=16, description="training crop fed to the encoder")
     crop_scale: Range = Field((0.3, 1.0), description="RandomResizedCrop area range")
     crop_ratio: Range = Field((0.75, 4.0 / 3.0), description="RandomResizedCrop aspect range")
     holdout_fraction: float = Field(
         0.05, ge=0.0, lt=1.0, description="images held out for label-free quality metrics"
     )
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _positive_ratio(cls, v: Range) -> Range:
+        if min(v) <= 0:
+            raise ValueError(f"aspect ratios must be positive, got {tuple(v)}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -118,7 +166,7 @@ class ModelConfig(_Section):
     arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"] = "vit_base"
     patch_size: int = Field(16, ge=2, le=64)
     img_size: int = Field(224, ge=16)
-    in_chans: int = Field(1, ge=1, le=3)
+    in_chans: int = Field(1, description="always 1: shards store single-channel radiographs")
     depth: int | None = Field(None, ge=1, description="encoder depth; default from arch")
     pred_width: int = Field(384, ge=16)
     pred_depth: int | None = Field(
@@ -129,6 +177,13 @@ class ModelConfig(_Section):
     attention: Literal["sdpa", "manual"] = Field(
         "sdpa", description="'manual' is the reference's q@k^T path, for benchmarks only"
     )
+
+    @field_validator("in_chans")
+    @classmethod
+    def _one_channel(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"must be 1 (shards store single-channel radiographs), got {v}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -251,6 +306,14 @@ class OptimConfig(_Section):
     final_weight_decay: float = Field(0.4, ge=0)
     betas: Range = (0.9, 0.999)
     grad_clip: float | None = Field(None, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: Range) -> Range:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"each beta must lie in [0, 1), got {tuple(v)}")
+        return v
+
     loss: Literal["smooth_l1", "mse"] = "smooth_l1"
 
 
@@ -258,7 +321,9 @@ class TrainConfig(_Section):
     """The Ray Train job: scale, precision, checkpoints, fault tolerance."""
 
     run_name: str = Field("radjepa", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    output_dir: str = Field("runs", description="root of run folders (local path or URI)")
+    output_dir: str = Field(
+        "runs", min_length=1, description="root of run folders (local path or URI)"
+    )
     steps: int = Field(1000, ge=1, description="total optimizer steps; schedules span these")
     batch_size: int = Field(64, ge=1, description="per-worker batch size")
     num_workers: int = Field(
@@ -289,6 +354,11 @@ class TrainConfig(_Section):
         None, ge=1, description="test switch: rank 0 raises once at this step (off by default)"
     )
     data_loader_threads: int = Field(2, ge=0)
+    allow_config_change: bool = Field(
+        False,
+        description="resume a run although masks/ema/optim/crop settings, train.seed or "
+        "train.batch_size differ from its checkpoint (the changed keys are recorded in MLflow)",
+    )
 
 
 class SearchDim(_Section):
@@ -317,7 +387,9 @@ class TuneConfig(_Section):
     search_alg: Literal["grid", "random", "optuna"] = "random"
     num_samples: int = Field(4, ge=1)
     metric: Literal["rankme", "knn_auroc", "probe_auroc"] = "rankme"
-    labels_csv: str | None = Field(None, description="labels for the supervised metrics")
+    labels_csv: str | None = Field(
+        None, min_length=1, description="labels for the supervised metrics"
+    )
     label_column: str | None = None
     max_concurrent: int = Field(0, ge=0, description="0: as many as resources allow")
     asha: bool = True
@@ -336,10 +408,28 @@ class TrackingConfig(_Section):
     """MLflow. ``uri`` None means sqlite in the run folder; MLFLOW_TRACKING_URI overrides."""
 
     enabled: bool = True
-    uri: str | None = None
-    experiment: str = "radjepa"
-    registered_model: str = "radjepa-encoder"
+    uri: str | None = Field(None, min_length=1)
+    experiment: str = Field("radjepa", min_length=1)
+    registered_model: str = Field(
+        "radjepa-encoder",
+        min_length=1,
+        description="registry name; '/' and ':' are not allowed (they split models:/ URIs)",
+    )
     register_model: bool = True
+
+    @field_validator("experiment", "registered_model")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be blank")
+        return v
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registry_name(cls, v: str) -> str:
+        if "/" in v or ":" in v:
+            raise ValueError(f"{v!r}: a registered model name cannot contain '/' or ':'")
+        return v
 
 
 class ProbeConfig(_Section):
@@ -385,6 +475,15 @@ class ServeConfig(_Section):
     num_replicas: int | Literal["auto"] = 1
     max_replicas: int = Field(4, ge=1)
     max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(
+        64,
+        ge=-1,
+        description="requests Ray Serve queues per caller beyond max_ongoing_requests before "
+        "answering 503 at once; -1 = unbounded (requests then wait into the proxy's timeout)",
+    )
+    decode_workers: int = Field(
+        0, ge=0, description="threads decoding uploads in each API replica; 0 = one per CPU"
+    )
     use_gpu: Literal["auto", "true", "false"] = "auto"
     _use_gpu = field_validator("use_gpu", mode="before")(_gpu_setting)
 
@@ -415,6 +514,12 @@ class Config(_Section):
             raise ValueError(
                 f"data.crop_size ({self.data.crop_size}) exceeds the stored "
                 f"ingest.image_size ({self.ingest.image_size})"
+            )
+        patches = self.model.grid**2
+        if self.masks.min_keep > patches:
+            raise ValueError(
+                f"masks.min_keep ({self.masks.min_keep}) exceeds the {patches} patches of the "
+                f"{self.model.grid}x{self.model.grid} grid (model.img_size / model.patch_size)"
             )
         if self.tune.search_space:
             known = set(flatten(self))
@@ -483,13 +588,42 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _text_field(key: str) -> tuple[bool, bool]:
+    """(is a text field, also takes null) for a ``section.field`` key."""
+    section, _, name = key.partition(".")
+    sec = Config.model_fields.get(section)
+    sec_type = sec.annotation if sec is not None else None
+    if not (isinstance(sec_type, type) and issubclass(sec_type, BaseModel)):
+        return False, False
+    field = sec_type.model_fields.get(name)
+    if field is None:
+        return False, False
+    ann = field.annotation
+    if ann is str:
+        return True, False
+    args = get_args(ann)
+    if get_origin(ann) is not Literal and str in args and set(args) <= {str, type(None)}:
+        return True, type(None) in args
+    return False, False
+
+
+def _override_item(item: str) -> tuple[str, Any]:
+    """A text field keeps the text as typed (``train.run_name=123`` is the name "123", not a
+    number the schema then refuses); every other field gets the YAML-typed value."""
+    key, value = parse_override(item)
+    text, nullable = _text_field(key)
+    if text and not isinstance(value, str) and not (value is None and nullable):
+        value = item.split("=", 1)[1].strip()
+    return key, value
+
+
 def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -> Config:
     """Apply dotted-key overrides to ``cfg`` and re-validate the whole tree."""
     items: list[tuple[str, Any]]
     if isinstance(overrides, Mapping):
         items = list(overrides.items())
     else:
-        items = [parse_override(s) for s in overrides]
+        items = [_override_item(s) for s in overrides]
     tree = cfg.model_dump(mode="python", exclude_defaults=False)
     if cfg.masks.masking_ratio is not None:
         tree["masks"].pop("target_scale")  # derived, not given
@@ -514,13 +648,15 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -
 def _read_text(location: str) -> str | None:
     """A config file's text from a local path or a URI (a sweep on a cluster writes its
     ``best.yaml`` to object storage); None when there is no such file."""
-    if "://" not in location:  # no pyarrow import for the common case (CLI start-up)
-        path = Path(location)
-        return path.read_text() if path.is_file() else None
-    from radjepa.locations import read_text
-
     try:
+        if "://" not in location:  # no pyarrow import for the common case (CLI start-up)
+            path = Path(location)
+            return path.read_text(encoding="utf-8") if path.is_file() else None
+        from radjepa.locations import read_text
+
         return read_text(location)
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read config {location}: not a UTF-8 text file") from None
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot read config {location}: {err}") from None
 
@@ -537,6 +673,35 @@ def _parent_location(location: str, base: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{path}" + (f"?{parts.query}" if parts.query else "")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping: plain YAML keeps the last one,
+    so a pasted-in second ``train:`` section silently replaced the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping
+)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what is wrong and where (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if location in seen:
         raise ConfigError(f"config files extend each other in a loop: {' -> '.join(seen)}")
@@ -544,9 +709,9 @@ def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if text is None:
         raise ConfigError(f"config file not found: {location}")
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
-        raise ConfigError(f"{location}: not valid YAML: {err}") from None
+        raise ConfigError(f"{location}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{location}: top level must be a mapping of sections")
     base = data.pop("extends", None)

@@ -188,3 +188,35 @@ def test_export_works_for_every_patch_size(tmp_path, patch):
     x = torch.randn(2, 1, 112, 112)
     with torch.no_grad():
         assert torch.equal(create_timm_model(out)(x), enc.eval().embed(x))
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "optimizer.safetensors"])
+def test_a_file_cut_short_is_a_checkpoint_error(trained, name):
+    # a full disk or an interrupted copy: resume must be able to tell it from a bug
+    _, path = trained
+    with open(path / name, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CheckpointError, match=f"{name}: damaged or unreadable"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="damaged"):
+        load_checkpoint(path, Pretrainer(load_config(TINY), "cpu"))
+
+
+def test_unreadable_meta_is_a_checkpoint_error(trained):
+    _, path = trained
+    (path / "meta.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(CheckpointError, match="meta.json"):
+        read_meta(path)
+    (path / "meta.json").write_text('{"format_version": 1}')
+    with pytest.raises(CheckpointError, match="no config or step"):
+        load_checkpoint(path)
+
+
+def test_resume_trains_with_the_configs_betas_not_the_checkpoints(trained):
+    # optimizer.load_state_dict restores the saved param groups; a resume that was allowed to
+    # change optim.betas must still use the new ones
+    _, path = trained
+    q = Pretrainer(load_config(TINY, ["optim.betas=[0.8, 0.95]"]), "cpu")
+    load_checkpoint(path, q)
+    assert [g["betas"] for g in q.optimizer.param_groups] == [(0.8, 0.95)] * 2
+    assert q.step == 2

@@ -46,3 +46,43 @@ def test_config_from_a_uri(tmp_path):
     out = _radjepa("config", "validate", "-c", (tmp_path / "c.yaml").as_uri())
     assert out.returncode == 0, out.stderr
     assert "vit_tiny" in out.stdout
+
+
+def test_config_validate_names_the_key_of_run_time_failures():
+    for override, key in [
+        ("masks.min_keep=40", "masks.min_keep"),
+        ("model.in_chans=3", "model.in_chans"),
+        ("optim.betas=[1.5,0.9]", "optim.betas"),
+        ("data.crop_ratio=[-1,1]", "data.crop_ratio"),
+        ("tracking.registered_model=team/radjepa", "tracking.registered_model"),
+    ]:
+        out = _radjepa("config", "validate", "-c", "configs/tiny_cpu.yaml", "--set", override)
+        assert out.returncode == 2, (override, out.stderr)
+        assert key in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_binary_config_file_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(bytes(range(256)) * 8)
+    out = _radjepa("config", "validate", "-c", str(tmp_path / "c.yaml"))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: cannot read config {tmp_path / 'c.yaml'}: not a UTF-8 text file"
+    ]
+
+
+def test_the_ray_job_entry_point_reports_user_errors_in_one_line(tmp_path):
+    # `python -m pipelines.pretrain` is what `radjepa submit` runs inside a Ray job
+    def job(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pipelines.pretrain", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+
+    bad = job("--config", "configs/tiny_cpu.yaml", "--set", "optim.lr=abc")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "optim.lr" in bad.stderr
+    missing = job("--config", "configs/tiny_cpu.yaml", "--data", str(tmp_path / "nonexistent"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: no shards at")

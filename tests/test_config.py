@@ -210,3 +210,77 @@ def test_unknown_yaml_keys_fail_naming_the_key(tmp_path):
     bad.write_text("masks:\n  num_targetz: 3\n")
     with pytest.raises(ConfigError, match="masks.num_targetz"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("masks.min_keep=40", "masks.min_keep"),  # more than the 6x6 grid holds
+        ("model.in_chans=3", "model.in_chans"),  # shards are single-channel
+        ("optim.betas=[1.5, 0.9]", "optim.betas"),
+        ("optim.betas=[0.9, 1.0]", "optim.betas"),
+        ("data.crop_ratio=[-1, 1]", "data.crop_ratio"),
+        ("data.crop_ratio=[0, 1]", "data.crop_ratio"),
+        ("data.crop_scale=[0, 1]", "crop_scale"),
+        ("tracking.registered_model=team/radjepa", "tracking.registered_model"),
+        ("tracking.registered_model=radjepa:v1", "tracking.registered_model"),
+        ("tracking.registered_model=", "tracking.registered_model"),
+        ("tracking.experiment=' '", "tracking.experiment"),
+        ("tracking.experiment=", "tracking.experiment"),
+    ],
+)
+def test_settings_that_fail_only_at_run_time_are_refused_up_front(override, key):
+    # each of these used to validate, then raise inside Ray workers (after their retries) or
+    # in MLflow once the whole training had run
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "tiny_cpu.yaml", [override])
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.steps=true", "optim.lr=false", "optim.grad_clip=true", "optim.betas=[true, 0.9]"],
+)
+def test_a_boolean_is_not_a_number(override, tmp_path):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=f"{key}: .*boolean"):
+        load_config(CONFIGS / "tiny_cpu.yaml", [override])
+    section, field = key.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {field}: {value}\n")
+    with pytest.raises(ConfigError, match=f"{key}: .*boolean"):
+        load_config(path)
+    # real switches still take YAML booleans
+    cfg = load_config(None, ["train.compile=true", "masks.allow_overlap=true"])
+    assert cfg.train.compile is True and cfg.masks.allow_overlap is True
+
+
+def test_text_fields_keep_the_text_as_typed():
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml", ["train.run_name=123", "data.shards=2024"])
+    assert cfg.train.run_name == "123" and cfg.data.shards == "2024"
+    assert load_config(None, ["tracking.uri=null"]).tracking.uri is None
+    for key in ("train.output_dir", "data.shards", "tracking.uri"):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, [f"{key}="])
+
+
+def test_a_key_given_twice_in_yaml_is_an_error_naming_key_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  steps: 3\nmodel:\n  arch: vit_tiny\ntrain:\n  steps: 5\n")
+    with pytest.raises(ConfigError, match="duplicate key 'train' at line 5"):
+        load_config(path)
+    path.write_text("train:\n  steps: 3\n  steps: 4\n")
+    with pytest.raises(ConfigError, match="duplicate key 'steps' at line 3"):
+        load_config(path)
+
+
+def test_a_binary_or_unreadable_config_is_a_config_error(tmp_path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not a UTF-8 text file") as info:
+        load_config(path)
+    assert "\n" not in str(info.value)
+    (tmp_path / "bad.yaml").write_text("train: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "bad.yaml")
+    assert "\n" not in str(info.value) and "line 2" in str(info.value)

@@ -245,3 +245,68 @@ def test_shards_are_read_from_a_uri(shards, tmp_path):
     assert monitor_images(uri, cfg).shape[1:] == (info["size"], info["size"])
     batch = build_train_dataset(uri, cfg).take_batch(4)
     assert batch["image"].shape == (4, info["size"], info["size"])
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(shards, tmp_path, caplog):
+    import mlflow
+
+    from pipelines.pretrain import run_pretrain
+
+    sets = {"train.num_workers": 1, "train.steps": 8, "train.checkpoint_every": 4}
+    first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    latest = Path(first.checkpoint)
+    assert json.loads((latest / "meta.json").read_text())["step"] == 8
+    with open(latest / "weights.safetensors", "r+b") as f:  # a disk that filled up
+        f.truncate(1000)
+
+    # the re-run also changes optim.betas, which it may only because it says so
+    more = {
+        **sets,
+        "train.steps": 12,
+        "optim.betas": [0.8, 0.99],
+        "train.allow_config_change": True,
+    }
+    with caplog.at_level(logging.WARNING, logger="pipelines.pretrain"):
+        again = run_pretrain(_cfg(tmp_path, **more), str(shards))
+    assert again.metrics["step"] == 12
+    assert any(latest.name in r.getMessage() for r in caplog.records)
+    # steps 5-8 ran twice (from the step-4 checkpoint), nothing was skipped
+    counts = Counter(s for s, _ in _history(again.tracking_uri, again.mlflow_run_id, "loss"))
+    assert set(counts) == set(range(1, 13))
+    assert {s for s, c in counts.items() if c > 1} == {5, 6, 7, 8}
+
+    client = mlflow.MlflowClient(again.tracking_uri)
+    run = client.get_run(again.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["radjepa.config_changed_at_step_4"] == "optim.betas"
+    arts = {a.path for a in client.list_artifacts(again.mlflow_run_id)}
+    assert "config-resumed-at-step-4.yaml" in arts
+    resumed = load_config(
+        mlflow.artifacts.download_artifacts(
+            run_id=again.mlflow_run_id,
+            artifact_path="config-resumed-at-step-4.yaml",
+            tracking_uri=again.tracking_uri,
+            dst_path=str(tmp_path / "dl"),
+        )
+    )
+    assert resumed.optim.betas == (0.8, 0.99)
+
+
+def test_a_failure_recording_the_finished_run_keeps_the_checkpoint_path(shards, tmp_path):
+    import shutil
+
+    import mlflow
+
+    from pipelines.pretrain import PretrainError, run_pretrain
+
+    sets = {"train.num_workers": 1, "train.steps": 2, "train.checkpoint_every": 2}
+    first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    client = mlflow.MlflowClient(first.tracking_uri)
+    artifacts = Path(client.get_run(first.mlflow_run_id).info.artifact_uri.removeprefix("file://"))
+    shutil.rmtree(artifacts)
+    artifacts.write_text("not a folder")  # the artifact store can no longer be written
+
+    with pytest.raises(PretrainError, match="recording it in MLflow failed") as err:
+        run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    assert first.checkpoint in str(err.value) and "\n" not in str(err.value)
+    assert client.get_run(first.mlflow_run_id).info.status == "FAILED"

@@ -1,0 +1,99 @@
+"""What a re-run of a run name resumes from, decided in the driver before any Ray work: the
+newest checkpoint that reads cleanly, and only with a config the checkpoint can continue."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.pretrain import PretrainError, check_resume_config, find_resume_point
+from radjepa.checkpoint import save_checkpoint
+from radjepa.config import load_config
+from radjepa.engine import Pretrainer
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _cfg(*sets: str):
+    return load_config(TINY, ["train.run_name=r", *sets])
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A run folder with real training checkpoints at steps 1 and 2, named as Ray Train names
+    them (``checkpoint_<timestamp>``: the names sort in reporting order)."""
+    trainer = Pretrainer(_cfg(), "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for name in ("checkpoint_2026-01-01_10-00-00.000001", "checkpoint_2026-01-01_10-05-00.000001"):
+        trainer.train_step(torch.randn(2, 1, 96, 96, generator=gen))
+        save_checkpoint(tmp_path / "r" / name, trainer)
+    return tmp_path / "r"
+
+
+def test_a_new_run_has_no_resume_point(tmp_path):
+    assert find_resume_point(_cfg(), str(tmp_path / "r")) is None
+
+
+def test_resumes_from_the_newest_checkpoint(run_dir):
+    point = find_resume_point(_cfg(), str(run_dir))
+    assert point is not None and point.step == 2 and point.damaged == ()
+    assert point.path.endswith("10-05-00.000001")
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(run_dir, caplog):
+    latest = run_dir / "checkpoint_2026-01-01_10-05-00.000001"
+    with open(latest / "weights.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with caplog.at_level(logging.WARNING, logger="pipelines.pretrain"):
+        point = find_resume_point(_cfg(), run_dir.as_uri())  # a URI, as on object storage
+    assert point.step == 1 and point.damaged == (latest.name,)
+    assert point.path == (run_dir / "checkpoint_2026-01-01_10-00-00.000001").as_uri()
+    assert any(latest.name in r.getMessage() for r in caplog.records)
+
+
+def test_no_readable_checkpoint_is_one_line_naming_them(run_dir):
+    for ckpt in run_dir.iterdir():
+        (ckpt / "optimizer.json").write_text("{not json")
+    with pytest.raises(PretrainError, match="no checkpoint of .* can be read") as err:
+        find_resume_point(_cfg(), str(run_dir))
+    assert "\n" not in str(err.value) and "10-05-00" in str(err.value)
+
+
+def test_another_model_is_refused_in_one_line(run_dir):
+    with pytest.raises(PretrainError, match=r"another model \(model.depth 4 -> 2\)") as err:
+        find_resume_point(_cfg("model.depth=2"), str(run_dir))
+    assert "\n" not in str(err.value)
+    # the attention kernel is no part of the weights
+    assert find_resume_point(_cfg("model.attention=manual"), str(run_dir)).step == 2
+
+
+def test_changed_optimisation_settings_need_explicit_permission(run_dir, caplog):
+    changes = ["optim.betas=[0.8, 0.99]", "ema.start=0.99", "train.seed=3", "masks.min_keep=5"]
+    with pytest.raises(PretrainError) as err:
+        find_resume_point(_cfg(*changes), str(run_dir))
+    text = str(err.value)
+    for key in ("optim.betas", "ema.start", "train.seed", "masks.min_keep"):
+        assert key in text
+    assert "train.allow_config_change=true" in text and "\n" not in text
+
+    point = find_resume_point(_cfg(*changes, "train.allow_config_change=true"), str(run_dir))
+    assert set(point.changed) == {"optim.betas", "ema.start", "train.seed", "masks.min_keep"}
+    assert point.changed["ema.start"] == (0.996, 0.99)
+
+
+@pytest.mark.parametrize("key", ["data.crop_scale=[0.5, 1.0]", "train.batch_size=4"])
+def test_crops_and_batch_size_are_guarded_too(key):
+    with pytest.raises(PretrainError, match=key.split("=")[0]):
+        check_resume_config(_cfg(), _cfg(key), 8)
+
+
+def test_more_steps_and_bookkeeping_changes_resume_freely(caplog):
+    new = _cfg("train.steps=120", "train.log_every=1", "train.checkpoint_every=7")
+    with caplog.at_level(logging.INFO, logger="pipelines.pretrain"):
+        assert check_resume_config(_cfg(), new, 8) == {}
+    assert any("train.steps 60 -> 120" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,97 @@
+"""Every command finds the MLflow store `radjepa pretrain` registers encoders in: tracking.uri
+when set, else the sqlite store under train.output_dir, never a stray ./mlflow.db in whatever
+folder the command happens to run from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from serve_helpers import API_KEY, TINY_CONFIG, make_checkpoint
+
+from pipelines.tracking import store_uri
+from radjepa.config import load_config
+
+
+@pytest.fixture
+def registered(tmp_path, monkeypatch):
+    """A tiny encoder registered as ``tiny-enc`` version 1 the way pretrain does it, in the
+    default store of ``train.output_dir`` (an absolute path; no tracking.uri)."""
+    import mlflow
+
+    from pipelines.tracking import ensure_experiment, register_artifact_dir, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    cfg = load_config(TINY_CONFIG, [f"train.output_dir={runs}"])
+    uri = tracking_uri(cfg.tracking, runs)  # what pretrain uses for this output_dir
+    exp = ensure_experiment(uri, cfg.tracking.experiment, str(runs))
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(exp)
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    client.log_artifacts(run.info.run_id, str(ckpt), "checkpoint-step-7")
+    register_artifact_dir(uri, run.info.run_id, "checkpoint-step-7", "tiny-enc")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a fresh working folder with no store of its own
+    return cfg, uri
+
+
+def test_the_store_is_the_one_pretrain_writes(registered, tmp_path, monkeypatch):
+    cfg, uri = registered
+    assert store_uri(cfg) == uri
+    explicit = cfg.with_overrides({"tracking.uri": "sqlite:////elsewhere/x.db"})
+    assert store_uri(explicit) == "sqlite:////elsewhere/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert store_uri(cfg) == "http://mlflow:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert store_uri(cfg.with_overrides({"train.output_dir": "s3://bucket/runs"})) is None
+
+
+def test_registry_references_resolve_from_any_folder(registered, monkeypatch):
+    from serve.registry import resolve_model
+
+    cfg, _ = registered
+    resolved = resolve_model("models:/tiny-enc/1", tracking_uri=store_uri(cfg))
+    assert (Path(resolved.path) / "meta.json").is_file()
+    assert not Path("mlflow.db").exists()  # nothing created in the working folder
+
+
+def test_serve_checks_registry_references_in_that_store(registered, monkeypatch):
+    from ray.serve import Application
+
+    from serve.deployment import app_from_config
+
+    monkeypatch.setenv("RADJEPA_API_KEYS", API_KEY)
+    cfg, _ = registered
+    app = app_from_config(cfg.with_overrides({"serve.model": "models:/tiny-enc/1"}))
+    assert isinstance(app, Application)
+
+
+def test_embed_and_probe_resolve_in_that_store(registered, tmp_path):
+    from pipelines.cli import UserError, embed_cmd, probe_cmd
+
+    cfg, _ = registered
+    sets = [f"train.output_dir={cfg.train.output_dir}"]
+    # the reference resolves; what fails is the missing input that comes after it
+    with pytest.raises(UserError, match="shards") as err:
+        embed_cmd(
+            tmp_path / "no-shards",
+            tmp_path / "emb",
+            model="models:/tiny-enc/1",
+            config=str(TINY_CONFIG),
+            set_=sets,
+        )
+    assert "tiny-enc" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        probe_cmd(
+            "models:/tiny-enc/1",
+            ["sex"],
+            tmp_path / "probe",
+            csv=tmp_path / "no-labels.csv",
+            config=str(TINY_CONFIG),
+            set_=sets,
+            mlflow=False,
+        )
+    assert "tiny-enc" not in str(err.value) and "no-labels.csv" in str(err.value)
