@@ -517,36 +517,17 @@ def _checkpoint_dirs(run_dir: str) -> list[tuple[str, str]]:
     return [(name, locations.join_location(run_dir, name)) for name in names]
 
 
-def _read_checkpoint(location: str) -> Any:
-    """All of a checkpoint (weights and optimizer too: a file cut short anywhere must count as
-    damaged), from a local folder or downloaded from object storage."""
-    import pyarrow.fs as pafs
-
-    from radjepa.checkpoint import CheckpointError, load_checkpoint
-
-    local = locations.local_path(location)
-    if local is not None:
-        return load_checkpoint(local)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            fs, path = locations.filesystem(location)
-            pafs.copy_files(path, tmp, source_filesystem=fs)
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{location}: cannot download: {err}") from None
-        return load_checkpoint(tmp)
-
-
 def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
     """The newest checkpoint of ``run_dir`` that reads cleanly, checked against ``cfg``, before
     any cluster work. Ray Train itself restores its latest checkpoint whatever its state, so a
     damaged one (a disk that filled up, an upload cut short) failed every retry and every re-run
     although an intact older checkpoint lay beside it. None for a new run."""
-    from radjepa.checkpoint import CheckpointError
+    from radjepa.checkpoint import CheckpointError, check_resumable
 
     damaged: list[str] = []
     for name, location in _checkpoint_dirs(run_dir):
         try:
-            ckpt = _read_checkpoint(location)
+            step, saved = check_resumable(location)
         except CheckpointError as err:
             log.warning("checkpoint %s is damaged, skipping it: %s", location, err)
             damaged.append(name)
@@ -555,11 +536,11 @@ def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
             log.warning(
                 "resuming from %s (step %d): the newer %s cannot be read",
                 name,
-                ckpt.step,
+                step,
                 ", ".join(damaged),
             )
-        changed = check_resume_config(ckpt.config, cfg, ckpt.step)
-        return ResumePoint(location, ckpt.step, tuple(damaged), changed)
+        changed = check_resume_config(saved, cfg, step)
+        return ResumePoint(location, step, tuple(damaged), changed)
     if damaged:
         raise PretrainError(
             f"no checkpoint of {run_dir} can be read ({', '.join(damaged)}): delete them to "

@@ -62,6 +62,7 @@ __all__ = [
     "load_checkpoint",
     "load_encoder",
     "read_meta",
+    "check_resumable",
     "export_timm",
     "create_timm_model",
 ]
@@ -259,17 +260,79 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not meta_path.is_file():
         raise CheckpointError(f"{p} is not a checkpoint folder (no {META})")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
-        raise CheckpointError(f"{meta_path}: unreadable or not valid JSON: {err}") from None
+        text = meta_path.read_text()
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8
+        raise CheckpointError(f"{meta_path}: unreadable: {err}") from None
+    return _checked_meta(text, p)
+
+
+def _checked_meta(text: str, where: object) -> dict[str, Any]:
+    try:
+        meta = json.loads(text)
+    except ValueError as err:
+        raise CheckpointError(f"{where}/{META}: not valid JSON: {err}") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{p}: checkpoint format_version {version!r}, this code reads {FORMAT_VERSION}"
+            f"{where}: checkpoint format_version {version!r}, this code reads {FORMAT_VERSION}"
         )
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("step"), int):
-        raise CheckpointError(f"{meta_path}: no config or step in the checkpoint metadata")
+        raise CheckpointError(f"{where}/{META}: no config or step in the checkpoint metadata")
     return meta
+
+
+def check_resumable(location: str | os.PathLike[str]) -> tuple[int, Config]:
+    """Step and config of the training checkpoint at ``location`` (a folder or any pyarrow
+    URI), once every file a resume reads is found whole.
+
+    Reads kilobytes, not the weights: the metadata and optimizer JSON must parse, and each
+    safetensors file must be exactly as long as its own header says. That is what a full disk
+    or an upload cut short breaks; safetensors keeps no checksum of the tensor bytes, so loading
+    them all (gigabytes, downloaded from object storage, on every start) would catch nothing more.
+    """
+    from radjepa.locations import filesystem
+
+    where = str(location)
+    try:
+        fs, root = filesystem(location)
+        with fs.open_input_stream(f"{root}/{META}") as f:
+            meta = _checked_meta(f.read().decode("utf-8"), where)
+        for name in (WEIGHTS, OPTIM):
+            _check_whole(fs, f"{root}/{name}", f"{where}/{name}")
+        with fs.open_input_stream(f"{root}/{OPTIM_JSON}") as f:
+            if not isinstance(json.loads(f.read().decode("utf-8")).get("param_groups"), list):
+                raise CheckpointError(f"{where}/{OPTIM_JSON}: no optimizer param groups")
+    except (OSError, ValueError, AttributeError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: missing or unreadable file: {err}") from None
+    return meta["step"], _saved_config(Path(root), meta["config"])
+
+
+_MAX_HEADER = 100 << 20  # safetensors' own bound on a header
+
+
+def _check_whole(fs: Any, path: str, where: str) -> None:
+    size = fs.get_file_info(path).size
+    if size is None:
+        raise CheckpointError(f"{where}: missing")
+    with fs.open_input_file(path) as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 <= n <= min(_MAX_HEADER, size - 8):
+            raise CheckpointError(f"{where}: damaged or cut short ({size} bytes, no valid header)")
+        try:
+            header = json.loads(f.read(n))
+            end = max(
+                (int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"),
+                default=0,
+            )
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise CheckpointError(f"{where}: damaged header") from None
+    if 8 + n + end != size:
+        raise CheckpointError(
+            f"{where}: {size} bytes but its header describes {8 + n + end}: cut short or damaged"
+        )
 
 
 def _load_tensors(file: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

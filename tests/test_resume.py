@@ -97,3 +97,18 @@ def test_more_steps_and_bookkeeping_changes_resume_freely(caplog):
     with caplog.at_level(logging.INFO, logger="pipelines.pretrain"):
         assert check_resume_config(_cfg(), new, 8) == {}
     assert any("train.steps 60 -> 120" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "optimizer.safetensors"])
+def test_a_file_one_byte_short_is_found_from_headers_alone(run_dir, name):
+    # the driver's check reads kilobytes (headers and JSON), never the tensors
+    from radjepa.checkpoint import CheckpointError, check_resumable
+
+    latest = sorted(run_dir.iterdir())[-1]
+    step, saved = check_resumable(latest.as_uri())
+    assert step == 2 and saved.model == _cfg().model
+    size = (latest / name).stat().st_size
+    with open(latest / name, "r+b") as f:
+        f.truncate(size - 1)
+    with pytest.raises(CheckpointError, match=f"{name}: {size - 1} bytes but its header"):
+        check_resumable(str(latest))
