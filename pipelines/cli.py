@@ -269,8 +269,8 @@ def serve_cmd(
 
 @app.command("embed")
 def embed_cmd(
-    shards: Annotated[Path, typer.Argument(help="Output folder of `radjepa ingest`.")],
-    out: Annotated[Path, typer.Argument(help="New folder for the embeddings Parquet.")],
+    shards: Annotated[str, typer.Argument(help="Output folder (or URI) of `radjepa ingest`.")],
+    out: Annotated[str, typer.Argument(help="New folder (or URI) for the embeddings Parquet.")],
     model: Annotated[
         str,
         typer.Option("--model", help="Checkpoint folder or URI, or models:/<name>@<alias>."),

@@ -34,7 +34,7 @@ class EmbedError(RuntimeError):
 
 @dataclass(frozen=True)
 class EmbedResult:
-    out: Path
+    out: str  # the folder or URI given
     rows: int
     dim: int
     model: str
@@ -109,6 +109,7 @@ def run_embed(
 
     from pipelines.runtime import ensure_ray, resolve_use_gpu
     from radjepa.eval.heads import HeadError, checkpoint_fingerprint
+    from radjepa.locations import filesystem
     from radjepa.shards import ShardError, list_shards
 
     try:
@@ -118,9 +119,15 @@ def run_embed(
     model = str(model)
     if not Path(model).exists():
         raise EmbedError(f"model checkpoint not found: {model}")
-    out = Path(out)
-    if out.exists() and any(out.rglob("*.parquet")):
-        raise EmbedError(f"{out} already holds Parquet files: choose a new folder or remove it")
+    out = str(out)  # a folder or any pyarrow URI: the job may run on a cluster
+    try:
+        out_fs, out_path = filesystem(out)
+        if _parquet_files(out_fs, out_path):
+            raise EmbedError(f"{out} already holds Parquet files: choose a new folder or remove it")
+    except (OSError, ValueError) as err:
+        if isinstance(err, EmbedError):
+            raise
+        raise EmbedError(f"cannot use {out} for the index: {err}") from None
     try:  # hashed once here rather than in every actor
         fingerprint = checkpoint_fingerprint(model)
     except HeadError as err:
@@ -153,15 +160,16 @@ def run_embed(
         num_gpus=1 if use_gpu else 0,
         udf_modifying_row_count=False,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    ds.write_parquet(str(out))
-    files = sorted(out.rglob("*.parquet"))
-    rows = sum(pq.read_metadata(f).num_rows for f in files)
+    out_fs.create_dir(out_path, recursive=True)
+    ds.write_parquet(out)
+    files = _parquet_files(out_fs, out_path)
+    rows = sum(pq.read_metadata(f, filesystem=out_fs).num_rows for f in files)
     dim, label = 0, model_label or ""
     if files:
-        field = pq.read_schema(files[0]).field("embedding").type
+        field = pq.read_schema(files[0], filesystem=out_fs).field("embedding").type
         dim = int(getattr(field, "list_size", 0))
-        label = str(pq.read_table(files[0], columns=["model"]).column("model")[0])
+        first = pq.read_table(files[0], columns=["model"], filesystem=out_fs)
+        label = str(first.column("model")[0])
     log.info(
         "embedded %d images (dim %d) with %s (encoder %s) into %s",
         rows,
@@ -171,3 +179,12 @@ def run_embed(
         out,
     )
     return EmbedResult(out=out, rows=rows, dim=dim, model=label, encoder_sha256=fingerprint)
+
+
+def _parquet_files(fs: Any, path: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(
+        i.path for i in found if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    )

@@ -63,7 +63,10 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "/build",
     "/dist",
     "data/*",
+    # the folder, then (last) everything in it: the folder alone leaves "*.dcm" excluding
+    # its DICOMs, and without the folder its contents are never visited
     "!data/sample",
+    "!data/sample/**",
 )
 
 
@@ -229,6 +232,11 @@ def build_submission(
         if not local.get(deid_secret_env):
             raise JobsError(f"--pass-deid-secret: {deid_secret_env} is not set in this shell")
         env_vars[deid_secret_env] = local[deid_secret_env]
+        log.warning(
+            "%s travels in the job's runtime env, which Ray keeps in plain text (job record, "
+            "head logs); a Kubernetes Secret on the pods is the safer place for it",
+            deid_secret_env,
+        )
     env_vars.update(env or {})
 
     runtime_env: dict[str, Any] = {k: v for k, v in base.items() if k not in {"env_vars"}}
@@ -314,13 +322,16 @@ def follow(client: JobSubmissionClient, job_id: str, on_chunk: Callable[[str], N
     behind port-forwards) we fall back to polling instead of reporting a false failure.
     """
 
+    import aiohttp
+
     async def _tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             on_chunk(chunk)
 
+    _info(client, job_id)  # a clear "no such job" rather than the websocket's 404
     try:
         asyncio.run(_tail())
-    except (RuntimeError, OSError) as err:
+    except (RuntimeError, OSError, aiohttp.ClientError) as err:
         log.warning(
             "log stream for %s ended early (%s); waiting for the job to finish", job_id, err
         )

@@ -243,3 +243,47 @@ def test_vm_launcher_config_passes_rays_schema() -> None:
     assert gpu and all(t["max_workers"] >= 1 for t in gpu)
     assert any(o.startswith("--shm-size") for o in raw["docker"]["run_options"])
     assert raw["docker"]["worker_image"].endswith("-gpu")
+
+
+MLFLOW_AND_STORE_ENVS = {
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+}
+
+
+def _env_lists(node: Any) -> list[list[dict[str, Any]]]:
+    if isinstance(node, dict):
+        found = [node["env"]] if isinstance(node.get("env"), list) else []
+        return found + [e for v in node.values() for e in _env_lists(v)]
+    if isinstance(node, list):
+        return [e for v in node for e in _env_lists(v)]
+    return []
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "raycluster.yaml",
+        "rayjob-ingest.yaml",
+        "rayjob-pretrain.yaml",
+        "rayjob-sweep.yaml",
+        "rayservice.yaml",
+    ],
+)
+def test_every_pod_that_talks_to_mlflow_gets_all_of_its_credentials(name: str) -> None:
+    # an auth-enabled MLflow or a regional bucket refuses a pod given only some of them
+    lists = _env_lists(_load(name))
+    tracked = [
+        {v["name"] for v in env}
+        for env in lists
+        if any(v["name"] == "MLFLOW_TRACKING_URI" for v in env)
+    ]
+    assert tracked, f"{name}: no container is given MLFLOW_TRACKING_URI"
+    for names in tracked:
+        assert MLFLOW_AND_STORE_ENVS <= names, sorted(MLFLOW_AND_STORE_ENVS - names)

@@ -49,7 +49,8 @@ def _write_shards(dst, nih_dir):
 
 @pytest.fixture(scope="module")
 def embedded(ray_session, tmp_path_factory, nih_dir):
-    """One run of the real command line: `radjepa embed SHARDS OUT --model CKPT`."""
+    """One run of the real command line: `radjepa embed SHARDS OUT --model CKPT`, with the
+    shards and the output given as URIs."""
     from typer.testing import CliRunner
 
     from pipelines.cli import app
@@ -59,10 +60,10 @@ def embedded(ray_session, tmp_path_factory, nih_dir):
     rows = _write_shards(root / "ingest", nih_dir)
     ckpt = make_checkpoint(root / "ckpt")
     out = root / "index"
-    args = [
+    args = [  # URIs, as a cluster job gets them (s3://...): file:// takes the same path
         "embed",
-        str(root / "ingest"),
-        str(out),
+        (root / "ingest").as_uri(),
+        out.as_uri(),
         "--model",
         str(ckpt),
         "--config",

@@ -256,8 +256,10 @@ def test_failing_job_exits_nonzero_and_prints_its_error(ray_head: dict[str, str]
     assert re.search(r"job \S+ FAILED", res.stderr)
     assert "bogus" in res.stderr  # Ray's failure message carries the job's last log lines
 
-    missing = _radjepa(["jobs", "logs", "raysubmit_doesnotexist"], ray_head)
-    assert missing.returncode == 2 and "raysubmit_doesnotexist" in missing.stderr
+    for follow in ([], ["--follow"]):  # the log stream's 404 is the same clear user error
+        missing = _radjepa(["jobs", "logs", "raysubmit_doesnotexist", *follow], ray_head)
+        assert missing.returncode == 2 and "raysubmit_doesnotexist" in missing.stderr
+        assert "Traceback" not in missing.stderr
 
 
 @pytest.mark.slow
@@ -307,7 +309,7 @@ def test_unreachable_server_and_missing_address_are_user_errors() -> None:
 
 
 def test_submission_uploads_checkout_without_venv_and_passes_only_asked_secrets(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "RADJEPA_DEID_SECRET": "s3cr3t"}
     sub = jobs.build_submission(["pretrain", "--data", "/d"], working_dir=REPO, environ=environ)
@@ -319,10 +321,12 @@ def test_submission_uploads_checkout_without_venv_and_passes_only_asked_secrets(
     assert "RADJEPA_DEID_SECRET" not in sub.runtime_env["env_vars"]
     assert "s3cr3t" not in sub.describe()
 
-    asked = jobs.build_submission(
-        ["ingest", "a", "b"], working_dir=REPO, environ=environ, pass_deid_secret=True
-    )
+    with caplog.at_level("WARNING", logger="pipelines.jobs"):
+        asked = jobs.build_submission(
+            ["ingest", "a", "b"], working_dir=REPO, environ=environ, pass_deid_secret=True
+        )
     assert asked.runtime_env["env_vars"]["RADJEPA_DEID_SECRET"] == "s3cr3t"
+    assert "plain text" in caplog.text and "s3cr3t" not in caplog.text
     assert "RADJEPA_DEID_SECRET" in asked.describe() and "s3cr3t" not in asked.describe()
 
 
@@ -346,3 +350,22 @@ def test_runtime_env_file_merges_and_bad_input_is_named(tmp_path: Path) -> None:
     with pytest.raises(jobs.JobsError, match="Ray Client address"):
         jobs.resolve_address("ray://head:10001", {})
     assert jobs.resolve_address(None, {"RAY_ADDRESS": "h:8265"}) == "http://h:8265"
+
+
+def test_the_upload_keeps_the_bundled_sample_whole(tmp_path: Path) -> None:
+    # packed by Ray's own runtime-env zip step with our excludes: a re-included folder alone
+    # left "*.dcm" excluding the sample's DICOMs (a cluster smoke test ingested 8 of 64)
+    import zipfile
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    sub = jobs.build_submission(["version"], working_dir=REPO, environ={})
+    out = tmp_path / "pkg.zip"
+    _zip_files(str(REPO), sub.runtime_env["excludes"], str(out), include_gitignore=True)
+    names = set(zipfile.ZipFile(out).namelist())
+    sample = {
+        p.relative_to(REPO).as_posix() for p in (REPO / "data" / "sample").rglob("*") if p.is_file()
+    }
+    assert sample and sample <= names
+    assert any(n.endswith(".dcm") for n in sample)
+    assert not any(n.startswith((".venv/", "runs/", ".git/")) for n in names)

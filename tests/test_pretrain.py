@@ -182,6 +182,20 @@ def test_clear_errors_before_any_cluster_work(tmp_path, shards):
         inspect_shards(str(shards), _cfg(tmp_path, **{"train.batch_size": 64}))
 
 
+def test_relative_outputs_inside_a_ray_job_are_refused(tmp_path, monkeypatch):
+    # a job's relative path lands in its temporary, hash-named working dir on the head
+    from pipelines.pretrain import PretrainError, prepare_outputs
+
+    monkeypatch.chdir(tmp_path)
+    relative = load_config(CONFIGS / "tiny_cpu.yaml", ["train.output_dir=runs"])
+    assert prepare_outputs(relative) == str(tmp_path / "runs")  # on a laptop: fine
+    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_test")
+    with pytest.raises(PretrainError, match="relative path 'runs' inside a Ray Job"):
+        prepare_outputs(relative)
+    absolute = load_config(CONFIGS / "tiny_cpu.yaml", [f"train.output_dir={tmp_path / 'shared'}"])
+    assert prepare_outputs(absolute) == str(tmp_path / "shared")
+
+
 def test_impossible_requests_fail_in_one_line_and_mark_the_run_failed(shards, tmp_path):
     import mlflow
 
