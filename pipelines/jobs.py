@@ -286,7 +286,18 @@ def submit(
             metadata={"tool": "radjepa"},
         )
     except (RuntimeError, ValueError) as err:
-        raise JobsError(f"submission failed: {err}") from None
+        raise JobsError(f"submission failed: {server_message(err)}") from None
+
+
+def server_message(err: BaseException) -> str:
+    """The job server's error without the server-side traceback it embeds in 500 replies
+    (e.g. a reused --job-id): the last line names the problem."""
+    text = str(err)
+    head, sep, tail = text.partition("Traceback (most recent call last):")
+    if not sep:
+        return text
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return f"{head.strip()} {lines[-1]}".strip() if lines else head.strip()
 
 
 def outcome(client: JobSubmissionClient, job_id: str) -> JobOutcome:
@@ -371,4 +382,4 @@ def _info(client: JobSubmissionClient, job_id: str) -> Any:
     try:
         return client.get_job_info(job_id)
     except RuntimeError as err:
-        raise JobsError(f"job {job_id}: {err}") from None
+        raise JobsError(f"job {job_id}: {server_message(err)}") from None

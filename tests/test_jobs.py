@@ -369,3 +369,16 @@ def test_the_upload_keeps_the_bundled_sample_whole(tmp_path: Path) -> None:
     assert sample and sample <= names
     assert any(n.endswith(".dcm") for n in sample)
     assert not any(n.startswith((".venv/", "runs/", ".git/")) for n in names)
+
+
+def test_server_tracebacks_are_cut_to_their_last_line() -> None:
+    reply = RuntimeError(
+        "Request failed with status code 500: Traceback (most recent call last):\n"
+        '  File "job_head.py", line 1, in submit_job\n    raise ValueError(...)\n'
+        "ValueError: Job with submission_id rj-1 already exists. Please use a different one.\n"
+    )
+    assert jobs.server_message(reply) == (
+        "Request failed with status code 500: ValueError: Job with submission_id rj-1 already "
+        "exists. Please use a different one."
+    )
+    assert jobs.server_message(RuntimeError("plain")) == "plain"
