@@ -306,7 +306,7 @@ def check_resumable(location: str | os.PathLike[str]) -> tuple[int, Config]:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"{where}: missing or unreadable file: {err}") from None
-    return meta["step"], _saved_config(Path(root), meta["config"])
+    return meta["step"], _saved_config(Path(root), meta)
 
 
 _MAX_HEADER = 100 << 20  # safetensors' own bound on a header
@@ -396,10 +396,24 @@ def _load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str
         raise CheckpointError(f"{what} does not match the model: {err}") from None
 
 
-def _saved_config(p: Path, data: dict[str, Any]) -> Config:
+def _saved_config(p: Path, meta: dict[str, Any]) -> Config:
     """The config a checkpoint was trained with. Training and serving are upgraded apart, so a
     key this version does not know is dropped with a warning, unless it is in ``model`` (an
-    unknown architecture switch would build a different network than the weights expect)."""
+    unknown architecture switch would build a different network than the weights expect).
+
+    Architecture values left to a default are pinned from the resolved ``model`` record: a
+    later version may change a default (the predictor's heads did) and would otherwise build
+    the same weights into a network that computes something else, with no error.
+    """
+    cfg = _validated_config(p, meta["config"])
+    spec = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    saved = spec.get("pred_heads")
+    if cfg.model.pred_heads is None and saved and saved != cfg.model.resolved_pred_heads:
+        cfg = cfg.with_overrides({"model.pred_heads": int(saved)})
+    return cfg
+
+
+def _validated_config(p: Path, data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
@@ -434,7 +448,7 @@ def load_checkpoint(
 
     p = Path(path)
     meta = read_meta(p)
-    cfg = _saved_config(p, meta["config"])
+    cfg = _saved_config(p, meta)
     weights = _read_weights(p, map_location)
     missing = [part for part in meta.get("parts", []) if part not in weights]
     if missing:
@@ -486,7 +500,7 @@ def load_encoder(
         raise ValueError(f"which must be 'target' or 'context', got {which!r}")
     p = Path(path)
     meta = read_meta(p)
-    cfg = _saved_config(p, meta["config"])
+    cfg = _saved_config(p, meta)
     part = "target_encoder" if which == "target" else "encoder"
     weights = _read_weights(p, map_location)
     if part not in weights:

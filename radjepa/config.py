@@ -172,7 +172,9 @@ class ModelConfig(_Section):
     pred_depth: int | None = Field(
         None, ge=1, description="predictor depth; default 6 for tiny/small/base, 12 for large/huge"
     )
-    pred_heads: int | None = Field(None, ge=1, description="default: pred_width // 64 (min 1)")
+    pred_heads: int | None = Field(
+        None, ge=1, description="predictor attention heads; default: the encoder's, as in I-JEPA"
+    )
     drop_path: float = Field(0.0, ge=0.0, lt=1.0)
     attention: Literal["sdpa", "manual"] = Field(
         "sdpa", description="'manual' is the reference's q@k^T path, for benchmarks only"
@@ -219,7 +221,7 @@ class ModelConfig(_Section):
 
     @property
     def resolved_pred_heads(self) -> int:
-        return self.pred_heads if self.pred_heads is not None else max(1, self.pred_width // 64)
+        return self.pred_heads if self.pred_heads is not None else self.num_heads
 
 
 class MasksConfig(_Section):

@@ -151,6 +151,21 @@ def test_config_keys_from_a_newer_version(trained, caplog):
         load_encoder(path)
 
 
+def test_a_default_changed_since_saving_does_not_change_the_network(trained):
+    # a checkpoint that left pred_heads to its default (then pred_width // 64) records the
+    # resolved count; loading pins it instead of resolving today's default (encoder heads)
+    p, path = trained
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["model"]["pred_heads"] == 2  # tiny_cpu.yaml sets 2; the default would be 3
+    meta["config"]["model"]["pred_heads"] = None
+    (path / "meta.json").write_text(json.dumps(meta))
+    ckpt = load_checkpoint(path)
+    assert ckpt.config.model.pred_heads == 2
+    fresh = Pretrainer(ckpt.config, "cpu")
+    load_checkpoint(path, fresh)  # strict: same network as saved
+    assert fresh.model.predictor.blocks[0].attn.num_heads == 2
+
+
 def test_encoder_only_checkpoint(tmp_path):
     cfg = load_config(TINY)
     enc = build_encoder(cfg)

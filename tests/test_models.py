@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _cfg(patch: int, img: int) -> ModelConfig:
     return ModelConfig(
-        arch="vit_tiny", patch_size=patch, img_size=img, depth=2, pred_width=64, pred_depth=1
+        arch="vit_tiny", patch_size=patch, img_size=img, depth=2, pred_width=96, pred_depth=1
     )
 
 
@@ -118,3 +118,25 @@ def test_predictor_uses_target_positions():
         a = pred(ctx, keep, torch.tensor([[[20, 21]]]))
         b = pred(ctx, keep, torch.tensor([[[30, 31]]]))
     assert not torch.allclose(a, b)
+
+
+def test_residual_stream_stays_fp32_under_bf16_autocast():
+    # only the matmuls run in bf16 (the method's autocast); a bf16 position add made every
+    # block's residual stream bf16
+    enc = build_encoder(_cfg(16, 96))
+    x = torch.randn(2, 1, 96, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert enc.patch_embed.proj(x).dtype == torch.bfloat16
+        assert enc.patchify(x).dtype == torch.float32
+        assert enc(x).dtype == torch.float32
+    whole = build_encoder(_cfg(16, 96)).to(torch.bfloat16)  # a model cast as a whole stays so
+    with torch.no_grad():
+        assert whole(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_predictor_heads_default_to_the_encoders():
+    # I-JEPA keeps the predictor's head count equal to the backbone's at width 384
+    for arch, heads in (("vit_small", 6), ("vit_base", 12), ("vit_large", 16), ("vit_huge", 16)):
+        cfg = ModelConfig(arch=arch)
+        assert cfg.resolved_pred_heads == heads
+        assert build_predictor(cfg).blocks[0].attn.num_heads == heads

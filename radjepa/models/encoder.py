@@ -111,7 +111,10 @@ class VisionEncoder(VisionTransformer):
         t = self.patch_embed.proj(x)  # [B, D, gh, gw]
         gh, gw = t.shape[-2:]
         t = t.flatten(2).transpose(1, 2)  # [B, N, D], row-major over the grid
-        return t + self.pos_for_grid(gh, gw).to(t.dtype)
+        # added in the parameters' precision: under bf16 autocast the projection returns bf16,
+        # and a bf16 sum would keep the whole residual stream of every block in bf16 (3x the
+        # error of the method's fp32 stream, where only the matmuls run in bf16)
+        return t + self.pos_for_grid(gh, gw).to(self.pos_embed.dtype)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """Patch tokens ``[B, N, D]`` (or ``[B, K, D]`` for the ``keep`` indices ``[B, K]``)."""
