@@ -55,6 +55,7 @@ class ResumePoint:
     step: int
     damaged: tuple[str, ...]
     changed: dict[str, tuple[Any, Any]]
+    num_workers: int  # the ranks it was trained with (train.num_workers=0 resolves per cluster)
 
 
 @dataclass(frozen=True)
@@ -305,6 +306,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
             if step % cfg.train.log_every == 0 or step == steps:
                 elapsed = time.perf_counter() - t_last
+                out = {**out, "loss": mean_over_ranks(out["loss"])}  # every rank logs this step
                 last = {k: float(v) for k, v in out.items()}  # one host sync per log interval
                 last["img_per_s"] = n_since / max(elapsed, 1e-9)
                 t_last, n_since = time.perf_counter(), 0
@@ -436,6 +438,8 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     resume = find_resume_point(cfg, run_dir)
     ensure_ray()
     cfg = _resolve_workers(cfg, info["train_rows"])
+    if resume is not None:
+        check_resume_workers(resume, cfg)
 
     tracking, run_id, uri = None, None, None
     if cfg.tracking.enabled:
@@ -540,7 +544,7 @@ def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
                 ", ".join(damaged),
             )
         changed = check_resume_config(saved, cfg, step)
-        return ResumePoint(location, step, tuple(damaged), changed)
+        return ResumePoint(location, step, tuple(damaged), changed, saved.train.num_workers)
     if damaged:
         raise PretrainError(
             f"no checkpoint of {run_dir} can be read ({', '.join(damaged)}): delete them to "
@@ -596,6 +600,42 @@ def check_resume_config(saved: Config, cfg: Config, step: int) -> dict[str, tupl
             _describe(diff, guarded),
         )
     return {k: diff[k] for k in guarded}
+
+
+def mean_over_ranks(value: Any) -> Any:
+    """A per-rank 0-d tensor averaged over the process group (itself without one): the logged
+    loss is the whole global batch's, not rank 0's share of it. SUM then divide, since gloo
+    (CPU workers) has no AVG."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+def check_resume_workers(resume: ResumePoint, cfg: Config) -> None:
+    """The global batch is train.batch_size per rank times the ranks: resuming on another
+    number of ranks (``num_workers=0`` resolves on the cluster in hand) changes it like a
+    batch-size change does, which needs train.allow_config_change too."""
+    was, now = resume.num_workers, cfg.train.num_workers
+    if was == now or was == 0:
+        return
+    if not cfg.train.allow_config_change:
+        raise PretrainError(
+            f"run {cfg.train.run_name} has a checkpoint at step {resume.step} trained on {was} "
+            f"workers; this run would use {now} (global batch {was * cfg.train.batch_size} -> "
+            f"{now * cfg.train.batch_size}): set train.num_workers={was}, set "
+            "train.allow_config_change=true, or choose another train.run_name"
+        )
+    log.warning(
+        "run %s resumes at step %d on %d workers instead of %d (train.allow_config_change)",
+        cfg.train.run_name,
+        resume.step,
+        now,
+        was,
+    )
 
 
 def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint) -> None:

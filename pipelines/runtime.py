@@ -98,6 +98,35 @@ def resolve_use_gpu(setting: str) -> bool:
     return cluster_has_gpus()
 
 
+def max_parallel_trials(workers: int, cpus_per_worker: float, use_gpu: bool) -> int:
+    """How many sweep trials of ``workers`` ranks fit side by side, with the same budget as
+    :func:`resolve_num_workers` (a GPU per rank; ranks' CPUs in half the CPUs, Ray Data's
+    readers in the other half). Unbounded, Tune started every trial at once: they held CPUs
+    waiting for ranks that could not start and starved Ray Data, so no trial read a shard."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0.0)), int(res.get("GPU", 0.0))
+    per_trial = workers * cpus_per_worker
+    if use_gpu:
+        fit = min(gpus // workers, int(cpus // per_trial))
+    else:
+        fit = int(cpus / 2 // per_trial)
+    if fit < 1:  # nothing fits now: an autoscaler may add nodes for the one pending trial
+        need = f"{workers} GPUs and " if use_gpu else ""
+        log.warning(
+            "one sweep trial needs train.num_workers=%d ranks (%s%g CPUs) but the cluster has "
+            "%d GPUs and %g CPUs now: running one trial at a time (lower train.num_workers if "
+            "no node will be added)",
+            workers,
+            need,
+            per_trial,
+            gpus,
+            cpus,
+        )
+    return max(1, fit)
+
+
 def resolve_num_workers(use_gpu: bool, cpus_per_worker: float) -> int:
     """``train.num_workers=0``: one DDP rank per GPU of the cluster; on CPU, as many ranks as
     fit in half the logical CPUs, because Ray Data's readers and decoders need the other half

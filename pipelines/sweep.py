@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 COLLAPSED = "collapsed"
 STOPPED = "stopped early"
+INCOMPLETE = "incomplete"
 
 
 class SweepError(RuntimeError):
@@ -186,6 +187,8 @@ def _rows(
         value = m.get(metric)
         if res.error is not None:
             status = "error"
+        elif m.get("step") is None:
+            status = INCOMPLETE  # never reported (the sweep was interrupted before it did)
         elif is_collapsed(m, *floors):
             status = COLLAPSED
         elif m.get("step") is not None and m["step"] < params.get("train.steps", steps):
@@ -223,7 +226,12 @@ def run_sweep(
 ) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep named ``cfg.tune.name``."""
     from pipelines.pretrain import PretrainError, inspect_shards, prepare_outputs
-    from pipelines.runtime import ClusterResourceError, ensure_ray, resolve_use_gpu
+    from pipelines.runtime import (
+        ClusterResourceError,
+        ensure_ray,
+        max_parallel_trials,
+        resolve_use_gpu,
+    )
 
     _check_space(cfg)
     inspect_shards(data, cfg)
@@ -243,9 +251,13 @@ def run_sweep(
         raise SweepError(str(err)) from None
     ensure_ray()
     try:  # every trial would wait forever for GPUs the cluster does not have
-        resolve_use_gpu(cfg.train.use_gpu)
+        use_gpu = resolve_use_gpu(cfg.train.use_gpu)
     except ClusterResourceError as err:
         raise SweepError(str(err)) from None
+    if not cfg.tune.max_concurrent:
+        parallel = max_parallel_trials(cfg.train.num_workers, cfg.train.cpus_per_worker, use_gpu)
+        log.info("tune.max_concurrent=0: %d trials at a time on this cluster", parallel)
+        cfg = cfg.with_overrides({"tune.max_concurrent": parallel})
 
     sweep_dir = locations.join_location(root, cfg.tune.name)
     parent_run_id, uri = (
@@ -261,21 +273,31 @@ def run_sweep(
         "probe_set": probe_set,
     }
     floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
+    from pipelines.tracking import mark_run
+
     try:
         grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
         rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
-        best = _best(rows)
+        # Ctrl-C makes fit() return, not raise: trials neither terminated nor failed did not
+        # finish, and a "best" among the others would be a partial sweep's
+        unfinished = len(grid) - grid.num_terminated - grid.num_errors
+        best = _best(rows) if not unfinished else None
         best_path, best_yaml = (
             _write_best(given, cfg, best, sweep_dir, setup["data"]) if best else (None, None)
         )
-        if parent_run_id:
+        if parent_run_id and not unfinished:
             _finish_parent_run(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
     except BaseException:
         if parent_run_id:  # an interrupted sweep is resumable; its run must not look alive
-            from pipelines.tracking import mark_run
-
             mark_run(uri, parent_run_id, "FAILED")
         raise
+    if unfinished:
+        if parent_run_id:
+            mark_run(uri, parent_run_id, "KILLED")
+        raise SweepError(
+            f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of {len(grid)} trials "
+            "unfinished; no best.yaml was written: `radjepa sweep ... --resume` continues it"
+        )
     return SweepResult(sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri)
 
 
@@ -326,9 +348,16 @@ def _tuner(
     if cfg.tune.asha:
         from ray.tune.schedulers import ASHAScheduler
 
-        max_t = max(1, math.ceil(cfg.train.steps / cfg.train.checkpoint_every))
+        # rungs in training steps, which a trial resumed after a failure continues (Tune's
+        # own iteration count would restart at 1 and compare metrics of different steps)
+        every = cfg.train.checkpoint_every
+        max_t = max(every, cfg.train.steps)
         scheduler = ASHAScheduler(
-            metric=metric, mode=mode, max_t=max_t, grace_period=min(cfg.tune.grace_period, max_t)
+            time_attr="step",
+            metric=metric,
+            mode=mode,
+            max_t=max_t,
+            grace_period=min(cfg.tune.grace_period * every, max_t),
         )
     return ray.tune.Tuner(
         trainable,

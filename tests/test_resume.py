@@ -112,3 +112,18 @@ def test_a_file_one_byte_short_is_found_from_headers_alone(run_dir, name):
         f.truncate(size - 1)
     with pytest.raises(CheckpointError, match=f"{name}: {size - 1} bytes but its header"):
         check_resumable(str(latest))
+
+
+def test_resuming_on_another_number_of_ranks_needs_permission(run_dir):
+    # the global batch is batch_size x ranks; num_workers=0 resolves on the cluster in hand
+    from pipelines.pretrain import check_resume_workers
+
+    point = find_resume_point(_cfg(), str(run_dir))
+    was = point.num_workers
+    assert was >= 1
+    check_resume_workers(point, _cfg(f"train.num_workers={was}"))
+    with pytest.raises(PretrainError, match=f"trained on {was} workers; this run would use"):
+        check_resume_workers(point, _cfg(f"train.num_workers={was + 1}"))
+    check_resume_workers(
+        point, _cfg(f"train.num_workers={was + 1}", "train.allow_config_change=true")
+    )

@@ -174,3 +174,28 @@ def test_collapse_is_a_tiny_rank_or_a_vanishing_spread():
     assert not is_collapsed({"loss": 0.3}, 1.5, 1e-4)  # a report without monitors
     stop = CollapseStopper(1.5, 1e-4)
     assert stop("t", {"rankme": 1.0}) and not stop("t", healthy) and not stop.stop_all()
+
+
+def test_trials_run_side_by_side_only_as_far_as_the_cluster_holds_them(ray_session, caplog):
+    # the test session's Ray has 8 CPUs and no GPU: half the CPUs hold ranks, half feed data
+    from pipelines.runtime import max_parallel_trials
+
+    assert max_parallel_trials(1, 1.0, use_gpu=False) == 4
+    assert max_parallel_trials(3, 1.0, use_gpu=False) == 1
+    with caplog.at_level("WARNING", logger="pipelines.runtime"):
+        assert max_parallel_trials(5, 1.0, use_gpu=False) == 1  # one at a time, with a warning
+        assert max_parallel_trials(1, 1.0, use_gpu=True) == 1  # GPUs may come with autoscaling
+    assert caplog.text.count("one trial at a time") == 2
+
+
+def test_a_trial_that_never_reported_is_incomplete_not_ok(tmp_path):
+    # an interrupted sweep: trials that never reported had been counted "ok" with no metric
+    from ray.tune import Result
+
+    from pipelines.sweep import INCOMPLETE, _best, _rows
+
+    done = Result({"rankme": 3.0, "step": 8, "trial_id": "a"}, None, None, str(tmp_path / "a"))
+    silent = Result({}, None, None, str(tmp_path / "b"))
+    rows = _rows([done, silent], "rankme", (1.0, 1e-4), str(tmp_path), 8)
+    assert [r.status for r in rows] == ["ok", INCOMPLETE]
+    assert _best(rows).trial_id == "a"
