@@ -28,7 +28,7 @@ from pydicom.uid import (
 
 from radjepa.imaging.contract import MAX_PIXELS, META_FIELDS
 from radjepa.imaging.decode import DecodedImage, ImageRejected, decode_image
-from radjepa.imaging.deid import DEV_SECRET, age_years, resolve_secret
+from radjepa.imaging.deid import DEV_SECRET, age_years, keyed_hash, resolve_secret
 from radjepa.imaging.errors import REASONS
 from radjepa.imaging.resize import resize_center_crop
 from radjepa.shards import SHARD_SCHEMA, pixels_from_bytes, pixels_to_bytes
@@ -479,6 +479,26 @@ def test_pseudonyms_are_keyed_and_stable() -> None:
     other = decode(make_dicom(gradient(N, N))).meta  # same PatientID, new UIDs
     assert other["patient_pid"] == decode(data).meta["patient_pid"]
     assert other["study_pid"] != decode(data).meta["study_pid"]
+
+
+def test_malformed_uids_are_pseudonymised_without_reaching_logs(caplog, recwarn) -> None:
+    """Leading-zero UID components (older archives) made pydicom log and warn the raw study,
+    series and SOP UIDs from inside the decoder: into Ray worker logs, the ingest CLI's output
+    and server logs. The pseudonyms are the HMAC of the UID text, as for valid UIDs."""
+    uids = {
+        "StudyInstanceUID": "1.2.840.0113654.19700317.1111",
+        "SeriesInstanceUID": "1.2.840.0113654.19700317.2222",
+        "SOPInstanceUID": "1.2.840.0113654.19700317.3333",
+    }
+    data = make_dicom(gradient(N, N), extra=uids)  # writing warns too: not the decoder's
+    caplog.clear()
+    recwarn.clear()
+    caplog.set_level("DEBUG")
+    meta = decode(data).meta
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
+    assert not [line for line in said if "0113654" in line]
+    for domain, key in zip(("study", "series", "instance"), uids, strict=True):
+        assert meta[f"{domain}_pid"] == keyed_hash(SECRET, domain, uids[key])
 
 
 @pytest.mark.parametrize(

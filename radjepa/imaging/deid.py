@@ -157,14 +157,40 @@ def _spacing(ds: Any) -> float | None:
     return None
 
 
+def _uid(ds: Any, keyword: str) -> Any:
+    """A UID element's value, converted exactly as pydicom would but without its validation.
+
+    pydicom checks a UID when it first converts one and, for a malformed UID (a leading-zero
+    component, common in older archives), logs and warns the raw value: the study/series/SOP
+    UID would land in worker logs, Ray Job logs and server logs, though Annex E replaces UIDs
+    and the shard holds only their pseudonyms. The value (a UID or a MultiValue of them) is
+    the one ``ds.get`` returns, so pseudonyms do not change.
+    """
+    from pydicom.charset import default_encoding
+    from pydicom.config import IGNORE
+    from pydicom.dataelem import RawDataElement
+    from pydicom.uid import UID
+    from pydicom.values import multi_string
+
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return None
+    if not isinstance(elem, RawDataElement) or elem.VR not in (None, "UI", "UN"):
+        return ds.get(keyword)  # already converted, or an odd VR pydicom must judge
+    if elem.value is None:
+        return None
+    text = elem.value.decode(default_encoding)
+    return multi_string(text, lambda v: UID(v, validation_mode=IGNORE))
+
+
 def dicom_meta(ds: Any, secret: bytes, transfer_syntax: str | None) -> dict[str, Any]:
     """The allow-listed metadata of a pydicom dataset (identifiers pseudonymised)."""
     ts = str(transfer_syntax) if transfer_syntax else None
     return {
         "patient_pid": pseudonym(secret, "patient", ds.get("PatientID")),
-        "study_pid": pseudonym(secret, "study", ds.get("StudyInstanceUID")),
-        "series_pid": pseudonym(secret, "series", ds.get("SeriesInstanceUID")),
-        "instance_pid": pseudonym(secret, "instance", ds.get("SOPInstanceUID")),
+        "study_pid": pseudonym(secret, "study", _uid(ds, "StudyInstanceUID")),
+        "series_pid": pseudonym(secret, "series", _uid(ds, "SeriesInstanceUID")),
+        "instance_pid": pseudonym(secret, "instance", _uid(ds, "SOPInstanceUID")),
         "sex": _vocab(ds.get("PatientSex"), _SEX),
         "age_years": age_years(ds.get("PatientAge")),
         "view_position": _vocab(ds.get("ViewPosition"), _VIEW_POSITIONS),
