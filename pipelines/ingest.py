@@ -151,6 +151,12 @@ def list_inputs(sources: list[str]) -> list[dict[str, str]]:
                 paths = [root]
         except (OSError, pa.ArrowException) as err:
             raise IngestError(f"cannot list source {src}: {err}") from None
+        except UnicodeDecodeError:  # pyarrow can neither name nor open such a file
+            raise IngestError(
+                f"cannot list source {src}: a file name under it is not UTF-8 (e.g. Latin-1 "
+                "from an older system); rename it (convmv -r -f latin1 -t utf8 --notest DIR) "
+                "or pack the folder into a tar archive"
+            ) from None
         if info.type == pafs.FileType.NotFound:
             raise IngestError(f"source not found: {src}")
         refs.extend({"source": src, "path": p, "kind": _archive_kind(p) or "file"} for p in paths)
@@ -171,12 +177,24 @@ def _count_members(ref: dict[str, str]) -> int:
         return 1
 
 
+def _utf8_name(name: str) -> str:
+    """``name`` as text Arrow can store. tarfile decodes a member name that is not UTF-8 (a
+    Latin-1 ``Müller/1.dcm`` from an older system) with surrogate escapes, which Arrow refuses:
+    one such member failed its read task and with it the whole run. Such bytes become
+    ``\\xNN``, so the name (hashed into source_hash) stays unique and stable across runs."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def _iter_ref(ref: dict[str, str], max_bytes: int) -> Iterator[dict[str, Any]]:
     fs, _ = filesystem(ref["source"])
     path = ref["path"]
 
     def row(name: str, data: bytes | None, size: int | None, err: str | None) -> dict[str, Any]:
-        return {"name": name, "data": data, "size_bytes": size, "read_error": err}
+        return {"name": _utf8_name(name), "data": data, "size_bytes": size, "read_error": err}
 
     try:
         with fs.open_input_file(path) as f:

@@ -405,6 +405,32 @@ def test_missing_source_is_a_clear_error(ray_session, tmp_path) -> None:
     assert json.loads((tmp_path / "dst" / "manifest.json").read_text())["images"] == 0
 
 
+def test_non_utf8_names_tar_member_ingested_folder_refused(ray_session, tmp_path) -> None:
+    """Latin-1 names (patient names from older systems): a tar member named so failed its
+    read task and the whole run with a traceback; a folder file named so crashed the listing."""
+    from pipelines.ingest import IngestError, run_ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = make_dicom(gradient(40, 40, bits=8), bits=8, markers=False)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as t:
+        member = tarfile.TarInfo("M\u00fcller_Hans/1.dcm")
+        member.size = len(data)
+        t.addfile(member, io.BytesIO(data))
+    (src / "old.tar").write_bytes(buf.getvalue())
+    s = run_ingest([str(src)], str(tmp_path / "dst"), _cfg(), progress=False)
+    assert (s.input, s.ok, s.quarantined) == (1, 1, 0)
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "ok.dcm").write_bytes(data)
+    (folder / "M\udcfcller_Hans.dcm").write_bytes(data)  # the Latin-1 byte 0xfc on disk
+    with pytest.raises(IngestError, match="not UTF-8"):
+        run_ingest([str(folder)], str(tmp_path / "dst2"), _cfg(), progress=False)
+    assert not (tmp_path / "dst2").exists()
+
+
 def test_cli_ingest_two_hundred_files(ray_session, nih_dir, tmp_path) -> None:
     from typer.testing import CliRunner
 
