@@ -161,10 +161,13 @@ class EncoderRunner:
             return []
         x = prepare_images(images, self.info.img_size).to(self.device)  # [B, 1, S, S]
         with torch.inference_mode():
-            pooled = self.encoder.embed(x).float().cpu().numpy()  # [B, D]
             tokens = None
-            if any(want_tokens):
-                tokens = self.encoder(x).float().cpu().numpy()  # [B, N, D]
+            if any(want_tokens):  # one forward serves both: the embedding is the token mean
+                out = self.encoder(x)  # [B, N, D]
+                pooled = out.mean(dim=1).float().cpu().numpy()  # [B, D], as encoder.embed
+                tokens = out.float().cpu().numpy()
+            else:
+                pooled = self.encoder.embed(x).float().cpu().numpy()  # [B, D]
         n = len(images)
         return [
             ImageEmbedding(

@@ -79,6 +79,7 @@ def world(tmp_path_factory, nih_dir):
         "pngs": pngs,
         "png_paths": nih_pngs(nih_dir, 6),
         "emb": emb,
+        "pixels": pixels,
     }
 
 
@@ -480,3 +481,23 @@ def test_jpeg_of_the_same_image_embeds_alike(client, world):
     Image.open(world["png_paths"][2]).convert("L").save(buf, format="JPEG", quality=95)
     a = _post(client, "/v1/embed", buf.getvalue(), "image/jpeg").json()["results"][0]
     assert cosine(a["embedding"], world["emb"][2]) > 0.98
+
+
+def test_patch_tokens_cost_one_forward_and_leave_the_embedding_unchanged(world, monkeypatch):
+    runner = world["runner"]
+    pixels = world["pixels"][:3]
+    plain = runner.run(pixels, [False] * 3)
+    forwards = []
+    encoder_cls = type(runner.encoder)
+    forward = encoder_cls.forward
+    monkeypatch.setattr(
+        encoder_cls, "forward", lambda self, x: forwards.append(1) or forward(self, x)
+    )
+    with_tokens = runner.run(pixels, [True, False, True])
+    assert len(forwards) == 1  # the pooled embedding is the tokens' mean: no second pass
+    for a, b in zip(plain, with_tokens, strict=True):
+        np.testing.assert_allclose(a.embedding, b.embedding, rtol=1e-6, atol=1e-6)
+    assert [r.patch_tokens is not None for r in with_tokens] == [True, False, True]
+    np.testing.assert_allclose(
+        with_tokens[0].patch_tokens.mean(axis=0), with_tokens[0].embedding, rtol=1e-5, atol=1e-6
+    )
