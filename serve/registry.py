@@ -154,6 +154,12 @@ def _fetch(uri: str) -> Path:
         for name in (META, WEIGHTS):
             if fs.get_file_info(f"{root.rstrip('/')}/{name}").type != pafs.FileType.File:
                 raise ModelNotFound(f"model checkpoint not found: {uri} has no {name}")
+    except ModelNotFound:
+        raise
+    except (OSError, ValueError) as err:  # unknown scheme, no permission, no bucket
+        raise ModelNotFound(f"cannot read checkpoint {uri}: {err}") from None
+    tmp = None
+    try:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=local.parent))
         for name in (META, WEIGHTS):
@@ -162,10 +168,17 @@ def _fetch(uri: str) -> Path:
                 open(tmp / name, "wb") as dst,
             ):
                 shutil.copyfileobj(src, dst, length=8 << 20)
-    except ModelNotFound:
+    except BaseException as err:
+        # a part copy left behind would hold cache space (a full disk stays full) on every retry
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(
+            err, OSError | ValueError
+        ):  # a full or read-only cache disk, a transfer cut short
+            raise ModelNotFound(
+                f"cannot copy checkpoint {uri} into the cache {local.parent} (RADJEPA_CACHE): {err}"
+            ) from None
         raise
-    except (OSError, ValueError) as err:  # unknown scheme, no permission, no bucket
-        raise ModelNotFound(f"cannot read checkpoint {uri}: {err}") from None
     try:
         tmp.rename(local)
     except OSError:  # another process put its complete copy there first

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -501,3 +502,35 @@ def test_patch_tokens_cost_one_forward_and_leave_the_embedding_unchanged(world, 
     np.testing.assert_allclose(
         with_tokens[0].patch_tokens.mean(axis=0), with_tokens[0].embedding, rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_fetch_that_fails_part_way_leaves_no_partial_copy_in_the_cache(world, tmp_path):
+    # a cache disk that fills during the copy: the write limit (RLIMIT_FSIZE) makes the real
+    # copy fail after its first MiB, as ENOSPC does; retries must not pile up part copies
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    code = (
+        "import resource, signal, sys\n"
+        "from serve.registry import ModelNotFound, resolve_model\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))\n"
+        "for _ in range(2):\n"
+        "    try:\n"
+        "        resolve_model(sys.argv[1])\n"
+        "    except ModelNotFound as err:\n"
+        "        print(err)\n"
+    )
+    uri = Path(world["runner"].info.source).resolve().as_uri()
+    res = subprocess.run(
+        [sys.executable, "-c", code, uri],
+        env={**os.environ, "RADJEPA_CACHE": str(cache), "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 2 and all(f"into the cache {cache}" in ln for ln in lines), lines
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
