@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from radjepa.config import Config
+from radjepa.imaging.contract import PID_FIELDS
 
 __all__ = ["EmbedError", "EmbedResult", "run_embed", "OUTPUT_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
-PID_COLUMNS = ("patient_pid", "study_pid", "series_pid", "instance_pid")
+PID_COLUMNS = PID_FIELDS
 OUTPUT_COLUMNS = ("image_id", *PID_COLUMNS, "model", "encoder_sha256", "embedding")
 
 

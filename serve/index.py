@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from radjepa.imaging.contract import PID_FIELDS
+
 __all__ = ["EmbeddingIndex", "Hit", "IndexLoadError", "PID_COLUMNS", "ENCODER_COLUMN"]
 
 log = logging.getLogger(__name__)
 
-PID_COLUMNS = ("patient_pid", "study_pid", "series_pid", "instance_pid")
+PID_COLUMNS = PID_FIELDS
 # the checkpoint fingerprint (radjepa.eval.heads.checkpoint_fingerprint) of the embedding model
 ENCODER_COLUMN = "encoder_sha256"
 

@@ -33,6 +33,7 @@ __all__ = [
     "LUMA_WEIGHTS",
     "MAX_PIXELS",
     "META_FIELDS",
+    "PID_FIELDS",
     "PSEUDONYM_HEX_CHARS",
     "dtype_max",
     "luma",
@@ -52,14 +53,15 @@ AGE_CAP_YEARS: Final = 90
 PSEUDONYM_HEX_CHARS: Final = 32
 LUMA_WEIGHTS: Final = (0.299, 0.587, 0.114)  # ITU-R BT.601
 
+# Keyed pseudonyms of the DICOM identifiers (radjepa.imaging.deid): what embeddings indexes
+# carry and similar-case search returns in place of patient, study, series and instance ids
+PID_FIELDS: Final[tuple[str, ...]] = ("patient_pid", "study_pid", "series_pid", "instance_pid")
+
 # The de-identified metadata allow-list: exactly these keys leave the decoder (and they are the
 # metadata columns of the Parquet shard schema in radjepa.shards). Nothing else ever does.
 META_FIELDS: Final[tuple[str, ...]] = (
     "image_id",
-    "patient_pid",
-    "study_pid",
-    "series_pid",
-    "instance_pid",
+    *PID_FIELDS,
     "source_hash",
     "sex",
     "view_position",
