@@ -6,7 +6,7 @@ model label, the checkpoint fingerprint (``encoder_sha256``: the server refuses 
 any other checkpoint) and a fixed-size-list ``embedding`` column. ``serve.index.EmbeddingIndex``
 reads that output for ``/v1/similar``. The encoder sees exactly what the served model sees:
 stored pixels -> ``radjepa.transforms.prepare_images`` -> ``encoder.embed`` (average-pooled
-patch tokens).
+patch tokens), in :class:`serve.embedder.EncoderRunner`, the code the server runs.
 """
 
 from __future__ import annotations
@@ -43,31 +43,23 @@ class EmbedResult:
 
 
 class _EmbedActor:
-    """Holds the encoder; one ``__call__`` = one forward over a batch of stored images."""
+    """Holds the served model's runner; one ``__call__`` = one forward over a batch of stored
+    images, through the same ``EncoderRunner`` the Serve deployment uses."""
 
     def __init__(
         self, model_path: str, model_label: str | None, encoder_sha256: str, device: str
     ) -> None:
-        from radjepa.checkpoint import load_encoder, read_meta
+        from serve.embedder import EncoderRunner
 
-        encoder, cfg = load_encoder(model_path, which="target", map_location="cpu")
-        self.encoder = encoder.to(device).eval()
-        self.device = device
-        self.img_size = cfg.model.img_size
-        if model_label is None:  # same naming as the served model (serve.embedder)
-            meta = read_meta(model_path)
-            name = meta.get("run_name") or cfg.train.run_name
-            step = meta.get("step")
-            model_label = f"{name}:step-{step}" if step is not None else str(name)
-        self.label = model_label
+        self.runner = EncoderRunner.from_checkpoint(model_path, device=device)
+        info = self.runner.info
+        self.label = model_label or f"{info.name}:{info.version}"  # as the server names it
         self.encoder_sha256 = encoder_sha256
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
-        import torch
 
         from radjepa.shards import pixels_from_bytes
-        from radjepa.transforms import prepare_images
 
         images = [
             pixels_from_bytes(b, int(h), int(w), str(dt))
@@ -75,9 +67,8 @@ class _EmbedActor:
                 batch["pixels"], batch["height"], batch["width"], batch["dtype"], strict=True
             )
         ]
-        x = prepare_images(images, self.img_size).to(self.device)  # [B, 1, S, S]
-        with torch.inference_mode():
-            emb = self.encoder.embed(x).float().cpu().numpy()  # [B, D]
+        results = self.runner.run(images, [False] * len(images))
+        emb = np.stack([r.embedding for r in results])  # [B, D]
         n, dim = emb.shape
         cols: dict[str, Any] = {"image_id": pa.array(batch["image_id"].tolist(), pa.string())}
         for c in PID_COLUMNS:
