@@ -304,9 +304,12 @@ def run_sweep(
 def _parent_run(cfg: Config, root: str, sweep_dir: str, resume: bool) -> tuple[str, str]:
     """The sweep's MLflow parent run: created once, continued by ``--resume``."""
     from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import ensure_experiment, log_params, tracking_uri
+    from pipelines.tracking import ensure_experiment, log_params, store_uri
 
-    uri = tracking_uri(cfg.tracking, locations.local_path(root) or ".")
+    # the store pretrain uses (prepare_outputs made sure remote outputs have one configured)
+    uri = store_uri(cfg, create=True)
+    if uri is None:
+        raise SweepError(f"no MLflow store for outputs at {root}: set tracking.uri")
     exp = ensure_experiment(uri, cfg.tracking.experiment, root)
     client = tracking_client(uri)
     id_file = locations.join_location(sweep_dir, "mlflow_parent_run_id")

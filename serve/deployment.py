@@ -61,20 +61,15 @@ class EncoderDeployment:
             version=resolved.version,
             source=resolved.source,
         )
-        self._path, self._fingerprint = resolved.path, None
         self.embed_batch.set_max_batch_size(max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def describe(self) -> tuple[ModelInfo, Preprocess]:
         return self.runner.info, self.runner.preprocess
 
-    def fingerprint(self) -> str:
+    def fingerprint(self) -> str | None:
         """The served checkpoint's fingerprint (what a probe head records of its encoder)."""
-        from radjepa.eval.heads import checkpoint_fingerprint
-
-        if self._fingerprint is None:
-            self._fingerprint = checkpoint_fingerprint(self._path)
-        return self._fingerprint
+        return self.runner.fingerprint
 
     def ready(self) -> bool:
         return True
