@@ -94,7 +94,8 @@ def _jpeg_baseline(ds: Dataset, pixels: np.ndarray) -> None:
 
 
 def build(nih: Path, out: Path) -> None:
-    rows = list(csv.DictReader((nih / "labels.csv").open()))
+    with (nih / "labels.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
     chosen = _pick(rows, N_IMAGES)
     if out.exists():
         shutil.rmtree(out)

@@ -17,7 +17,8 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 @pytest.fixture(scope="module")
 def labelled(nih_dir, tmp_path_factory) -> Path:
     """120 NIH images with a 0/1 label, as a CSV beside absolute image paths."""
-    rows = list(csv.DictReader((nih_dir / "labels.csv").open()))[:120]
+    with (nih_dir / "labels.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))[:120]
     out = tmp_path_factory.mktemp("labels") / "labels.csv"
     with out.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["image", "patient_id", "male"])
