@@ -165,15 +165,36 @@ def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.nd
     """A fixed image set for label-free quality metrics: the hold-out, else the first images.
 
     Hold-out images are preferred (they are never trained on); with a tiny archive there may be
-    too few, and the training images still give a meaningful collapse signal.
+    too few, and the training images still give a meaningful collapse signal. The ids are read
+    first, then the shards are streamed in small batches keeping only the chosen rows: decoding
+    a block of the archive to pick from it held 16x the set in the driver (a GiB for 256 px
+    uint16) and missed hold-out images beyond the block.
     """
-    from radjepa.shards import read_images
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
 
-    arrays, meta = read_images(_images_dir(data), limit=16 * limit)
-    ids = meta.column("image_id").to_pylist()
+    from radjepa.shards import pixel_batch
+
+    ds = pads.dataset(_images_dir(data), format="parquet")
+    ids = ds.to_table(columns=["image_id"]).column("image_id").to_pylist()
     held = [i for i, x in enumerate(ids) if is_holdout(x, cfg.data.holdout_fraction)]
     pick = held if len(held) >= 32 else list(range(len(ids)))
-    return np.ascontiguousarray(arrays[pick[:limit]])
+    chosen = pa.array([ids[i] for i in pick[:limit]], pa.string())
+    parts = []
+    for path in ds.files:
+        with ds.filesystem.open_input_file(path) as f:
+            batches = pq.ParquetFile(f, pre_buffer=False).iter_batches(
+                batch_size=64, columns=["image_id", "pixels", "height", "width", "dtype"]
+            )
+            for rb in batches:
+                keep = pc.is_in(rb.column("image_id"), value_set=chosen)
+                if pc.any(keep).as_py():
+                    parts.append(np.array(pixel_batch(rb.filter(keep))))  # [k, H, W], owned
+    if not parts:
+        raise PretrainError(f"no images to monitor quality with under {data}")
+    return np.concatenate(parts)  # [n, H, W]
 
 
 def build_train_dataset(data: str, cfg: Config):

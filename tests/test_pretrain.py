@@ -324,3 +324,39 @@ def test_a_failure_recording_the_finished_run_keeps_the_checkpoint_path(shards, 
         run_pretrain(_cfg(tmp_path, **sets), str(shards))
     assert first.checkpoint in str(err.value) and "\n" not in str(err.value)
     assert client.get_run(first.mlflow_run_id).info.status == "FAILED"
+
+
+def test_monitor_set_is_the_holdout_from_the_whole_archive(tmp_path):
+    # the hold-out is spread over the archive: the set used to be picked from its first 16 x
+    # limit images only (decoded whole in the driver) and fell back to training images
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.pretrain import is_holdout, monitor_images
+
+    n, per = 2000, 500
+    ids = [f"{i:064x}" for i in range(n)]
+    (tmp_path / "images").mkdir()
+    for s in range(0, n, per):
+        rows = range(s, s + per)
+        pixels = [
+            np.resize(np.array([i % 256, i // 256], np.uint8), (8, 8)).tobytes() for i in rows
+        ]
+        table = pa.table(
+            {
+                "image_id": ids[s : s + per],
+                "pixels": pa.array(pixels, pa.binary()),
+                "height": pa.array([8] * per, pa.int32()),
+                "width": pa.array([8] * per, pa.int32()),
+                "dtype": ["uint8"] * per,
+            }
+        )
+        pq.write_table(table, tmp_path / "images" / f"part-{s:05d}.parquet")
+    cfg = load_config(None, ["data.holdout_fraction=0.05"])
+    held = [i for i in ids if is_holdout(i, 0.05)]
+    assert len(held) >= 32 and ids.index(held[31]) > 16 * 8  # what made the old pick fall back
+    got = monitor_images(str(tmp_path), cfg, limit=8)  # [8, 8, 8]
+    rows = [int(a[0, 0]) + 256 * int(a[0, 1]) for a in got]
+    assert got.shape == (8, 8, 8) and got.flags.writeable
+    assert [ids[r] for r in rows] == held[:8]
