@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.tracking import ensure_experiment, log_metrics, register_artifact_dir, store_uri
+from pipelines.tracking import (
+    ensure_experiment,
+    log_metrics,
+    mark_run,
+    register_artifact_dir,
+    store_uri,
+)
 from radjepa.config import Config, flatten
 
 log = logging.getLogger(__name__)
@@ -120,6 +126,6 @@ def log_probe_run(
             )
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        mark_run(uri, run_id, "FAILED")  # never raises: the error to report is the first one
         raise
     return ProbeTracking(run_id, uri, head_model_name if version else None, version)
