@@ -100,6 +100,25 @@ def test_csv_dataset_reports_undecodable_images_and_refuses_missing_ones(tmp_pat
         load_csv_dataset(tmp_path / "labels.csv", label_cols=["sex"], size=64)
 
 
+def test_blank_patient_ids_are_each_their_own_patient_not_one_shared_patient(tmp_path, nih_dir):
+    """A blank patient_id used to be one id shared by every unknown patient: one giant group
+    (200 NIH rows, half blank, read as 101 patients), in one fold, one bootstrap cluster."""
+    imgs = sorted((nih_dir / "images").glob("*.png"))[:5]
+    for p in imgs:
+        shutil.copy(p, tmp_path / p.name)
+    ids = ["7", "", " ", "7", ""]
+    lines = ["image,patient_id,view"] + [
+        f"{p.name},{pid},{'AP' if i % 2 else 'PA'}"
+        for i, (p, pid) in enumerate(zip(imgs, ids, strict=True))
+    ]
+    lines.append(f"{imgs[1].name},,AP")  # the same image listed again stays with itself
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    ds = load_csv_dataset(tmp_path / "labels.csv", label_cols=["view"], size=64)
+    g = ds.groups.tolist()
+    assert g[0] == g[3] == "7"
+    assert len({g[1], g[2], g[4], "7"}) == 4 and g[5] == g[1]
+
+
 def test_extract_features_is_the_mean_pooled_embedding_in_eval_mode(tiny_encoder, nih_dir):
     import torch
 

@@ -251,6 +251,24 @@ def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_d
     assert not (tmp_path / "x" / "report.json").exists()
 
 
+def test_cli_refuses_a_single_patient_set_in_one_line(tmp_path, checkpoint, nih_dir):
+    """Every image of one patient (or every patient_id blank before blanks became their own
+    patients) ended in a ValueError traceback from precision@k after all labels were skipped."""
+    from pipelines.cli import UserError, probe_cmd
+
+    rows = (nih_dir / "labels.csv").read_text().splitlines()
+    header, body = rows[0], rows[1:21]
+    one = [",".join([r.split(",")[0], "42", *r.split(",")[2:]]) for r in body]
+    one_csv = tmp_path / "one.csv"
+    one_csv.write_text("\n".join([header, *one]) + "\n")
+    for p in {r.split(",")[0] for r in body}:
+        (tmp_path / p).parent.mkdir(exist_ok=True)
+        (tmp_path / p).write_bytes((nih_dir / p).read_bytes())
+    with pytest.raises(UserError, match="belong to one patient"):
+        probe_cmd(checkpoint, ["view=AP"], tmp_path / "out", csv=one_csv, mlflow=False)
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
 def test_probe_decodes_images_as_serving_does_for_the_checkpoint(tmp_path, nih_dir, seg_csv):
     """A checkpoint trained on 128 px uint16 shards with a [2, 98] window, probed without
     --config: the head and the Dice must come from the pixels serving feeds this encoder."""

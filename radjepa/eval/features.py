@@ -171,11 +171,7 @@ def load_csv_dataset(
     if not kept:
         raise DatasetError(f"{path}: no image could be decoded ({len(rejected)} rejected)")
     labels, positive, names = _labels_for(kept, specs)
-    groups = (
-        np.array([r[group_col] for r in kept])
-        if group_col
-        else np.array([str(i) for i in range(len(kept))])
-    )
+    groups = _patient_ids(kept, image_col, group_col, path)
     return Dataset(
         images=np.stack(images),
         labels=labels,
@@ -184,6 +180,33 @@ def load_csv_dataset(
         groups=groups,
         paths=[r[image_col] for r in kept],
         rejected=rejected,
+    )
+
+
+def _patient_ids(
+    rows: Sequence[dict[str, str]], image_col: str, group_col: str | None, source: Path
+) -> np.ndarray:
+    """Patient id per row; a blank cell makes the image its own patient.
+
+    Taken literally, every blank cell would be one shared id: all images of unknown patients
+    merged into one "patient" that fills a fold on its own, resamples as one cluster and hides
+    those images from each other's neighbours. Shards without a pseudonym already count as
+    their own patient; a CSV does the same. The image path keeps a row listed twice together.
+    """
+    if not group_col:
+        return np.array([str(i) for i in range(len(rows))])
+    ids = [r[group_col].strip() for r in rows]
+    blank = [i for i, v in enumerate(ids) if not v]
+    if blank:
+        log.warning(
+            "%s: %d of %d rows have no %s; each of those images counts as its own patient",
+            source,
+            len(blank),
+            len(ids),
+            group_col,
+        )
+    return np.array(
+        [v or f"<no {group_col}> {r[image_col]}" for v, r in zip(ids, rows, strict=True)]
     )
 
 

@@ -161,10 +161,17 @@ def run_probe(
         )
     else:
         ds = load_shard_dataset(shards, labels, group_col or None, limit=limit)
+    n_patients = len(np.unique(ds.groups))
+    if n_patients < 2:
+        # every metric here compares patients with other patients (folds, neighbours)
+        raise DatasetError(
+            f"all {len(ds.images)} images belong to one patient ({ds.groups[0]!r}): "
+            "patient-grouped evaluation needs images of at least 2 patients"
+        )
     log.info(
         "probe set: %d images, %d patients, labels %s",
         len(ds.images),
-        len(np.unique(ds.groups)),
+        n_patients,
         ds.label_names,
     )
     meta = read_meta(checkpoint)
