@@ -133,6 +133,25 @@ def test_segmentation_probe_reports_dice_for_encoder_and_random_init(probe_run):
     assert "## Segmentation probe (held-out Dice)" in md and "| disc |" in md
 
 
+def test_segmentation_holds_out_whole_patients(tmp_path, seg_csv):
+    """The seg split was by image: with two radiographs per patient, a held-out image's twin
+    was in training (6 of 8 test images with the seed-0 split of 32 images)."""
+    from radjepa.eval.segmentation import held_out_split, load_seg_csv
+
+    rows = seg_csv.read_text().splitlines()
+    lines = ["image,disc,patient_id"]
+    for i, row in enumerate(rows[1:]):  # every image twice, as one patient's two studies
+        img, mask = (str(seg_csv.parent / x) for x in row.split(","))
+        lines += [f"{img},{mask},p{i}", f"{img},{mask},p{i}"]
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    images, masks, groups = load_seg_csv(tmp_path / "pairs.csv", ["disc"], size=64)
+    assert images.shape == (32, 64, 64) and groups is not None
+    assert groups.tolist() == [f"p{i // 2}" for i in range(32)]
+    train, test = held_out_split(32, groups, 0.25, 0)
+    assert len(test) == 8 and not set(groups[train]) & set(groups[test])
+    assert load_seg_csv(seg_csv, ["disc"], size=64)[2] is None  # no column: per image
+
+
 def test_saved_head_reproduces_predictions_and_names_its_encoder(
     probe_run, checkpoint, tiny_cfg, nih_dir
 ):
@@ -322,7 +341,7 @@ def test_probe_decodes_images_as_serving_does_for_the_checkpoint(tmp_path, nih_d
     np.testing.assert_allclose(
         load_head(report["head"]).predict_proba(feats), refit.predict_proba(feats), atol=1e-9
     )
-    images, masks = load_seg_csv(seg_csv, ["disc"], **settings)
+    images, masks, _ = load_seg_csv(seg_csv, ["disc"], **settings)
     tokens = extract_features(encoder, images, batch_size=cfg.probe.batch_size, patch_tokens=True)
     dice = seg_probe(tokens_to_grid(tokens), masks, structures=["disc"], seed=cfg.probe.seed).dice
     assert report["segmentation"]["methods"]["ours"]["dice"] == pytest.approx(dice, abs=1e-12)

@@ -29,6 +29,7 @@ __all__ = [
     "binarise",
     "load_csv_dataset",
     "load_shard_dataset",
+    "patient_ids",
     "extract_features",
     "resolve_device",
 ]
@@ -171,7 +172,7 @@ def load_csv_dataset(
     if not kept:
         raise DatasetError(f"{path}: no image could be decoded ({len(rejected)} rejected)")
     labels, positive, names = _labels_for(kept, specs)
-    groups = _patient_ids(kept, image_col, group_col, path)
+    groups = patient_ids(kept, image_col, group_col, path)
     return Dataset(
         images=np.stack(images),
         labels=labels,
@@ -183,7 +184,7 @@ def load_csv_dataset(
     )
 
 
-def _patient_ids(
+def patient_ids(
     rows: Sequence[dict[str, str]], image_col: str, group_col: str | None, source: Path
 ) -> np.ndarray:
     """Patient id per row; a blank cell makes the image its own patient.

@@ -93,18 +93,33 @@ def _segmentation(
     cfg: Config,
     device: Any,
     decode: dict[str, Any],
+    group_col: str | None,
 ) -> dict[str, Any]:
-    """Held-out Dice per structure for each encoder, on the same split."""
-    images, masks = load_seg_csv(seg_csv, structures, **decode)
+    """Held-out Dice per structure for each encoder, on the same patient-level split."""
+    images, masks, groups = load_seg_csv(seg_csv, structures, group_col=group_col, **decode)
     methods = {}
     for name, enc in encoders.items():
         tokens = extract_features(
             enc, images, batch_size=cfg.probe.batch_size, device=device, patch_tokens=True
         )  # [N, T, D]
-        res = seg_probe(tokens_to_grid(tokens), masks, structures=structures, seed=cfg.probe.seed)
+        try:
+            res = seg_probe(
+                tokens_to_grid(tokens),
+                masks,
+                structures=structures,
+                groups=groups,
+                seed=cfg.probe.seed,
+            )
+        except ValueError as err:  # too few images or patients to hold any out
+            raise DatasetError(f"{seg_csv}: {err}") from None
         methods[name] = res.to_dict()
         log.info("segmentation %s: %s", name, res.dice)
-    return {"csv": str(seg_csv), "structures": list(structures), "methods": methods}
+    return {
+        "csv": str(seg_csv),
+        "structures": list(structures),
+        "grouped_by": group_col if groups is not None else None,
+        "methods": methods,
+    }
 
 
 def run_probe(
@@ -254,6 +269,7 @@ def run_probe(
             cfg,
             dev,
             decode,
+            group_col,
         )
     split_text = (
         f"{p.folds}-fold cross-validation grouped by patient (stratified)"

@@ -26,6 +26,7 @@ __all__ = [
     "SegResult",
     "dice",
     "fit_seg_head",
+    "held_out_split",
     "load_seg_csv",
     "predict_masks",
     "seg_probe",
@@ -144,17 +145,46 @@ def predict_masks(head: SegHead, grid_tokens: np.ndarray, size: tuple[int, int])
         return (head(x, size) > 0).numpy()
 
 
+def held_out_split(
+    n: int, groups: np.ndarray | None, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) image indices of a seeded split; with ``groups`` whole patients go to
+    one side, since a patient's other radiograph in training flatters the held-out Dice."""
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        n_test = max(1, int(round(test_fraction * n)))
+        if n - n_test < 1:
+            raise ValueError(f"need at least 2 image/mask pairs, got {n}")
+        perm = rng.permutation(n)
+        return perm[n_test:], perm[:n_test]
+    g = np.asarray(groups).astype(str)
+    if len(g) != n:
+        raise ValueError(f"{len(g)} patient ids for {n} masks")
+    uniq = np.unique(g)
+    if len(uniq) < 2:
+        raise ValueError(f"need images of at least 2 patients, got {len(uniq)}")
+    n_test = min(len(uniq) - 1, max(1, int(round(test_fraction * len(uniq)))))
+    test = np.isin(g, rng.permutation(uniq)[:n_test])
+    idx = np.arange(n)
+    return idx[~test], idx[test]
+
+
 def seg_probe(
     grid_tokens: np.ndarray,
     masks: np.ndarray,
     *,
     structures: Sequence[str] | None = None,
+    groups: np.ndarray | None = None,
     test_fraction: float = 0.25,
     epochs: int = 200,
     lr: float = 0.05,
     seed: int = 0,
 ) -> SegResult:
-    """Train on a seeded split of the images and report held-out Dice per structure."""
+    """Train on a seeded split and report held-out Dice per structure.
+
+    ``groups`` (patient ids) holds out ``test_fraction`` of the patients with all their
+    images; without it each image is its own patient.
+    """
     m = _as_masks(masks)
     n, c = m.shape[:2]
     if len(grid_tokens) != n:
@@ -162,11 +192,7 @@ def seg_probe(
     names = list(structures) if structures is not None else [f"structure_{i}" for i in range(c)]
     if len(names) != c:
         raise ValueError(f"{len(names)} structure names for {c} mask channels")
-    n_test = max(1, int(round(test_fraction * n)))
-    if n - n_test < 1:
-        raise ValueError(f"need at least 2 image/mask pairs, got {n}")
-    perm = np.random.default_rng(seed).permutation(n)
-    test, train = perm[:n_test], perm[n_test:]
+    train, test = held_out_split(n, groups, test_fraction, seed)
     head = fit_seg_head(grid_tokens[train], m[train], epochs=epochs, lr=lr, seed=seed)
     pred = predict_masks(head, grid_tokens[test], m.shape[-2:])
     d = dice(pred, m[test])
@@ -185,19 +211,22 @@ def load_seg_csv(
     structures: Sequence[str],
     *,
     image_col: str = "image",
+    group_col: str | None = "patient_id",
     size: int = 256,
     dtype: str = "uint8",
     window_percentiles: tuple[float, float] = (0.5, 99.5),
-) -> tuple[np.ndarray, np.ndarray]:
-    """Images [N, S, S] and masks [N, C, S, S] from a CSV: ``image`` plus one mask-path column
-    per structure (paths relative to the CSV; mask pixels > 0 are foreground).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Images [N, S, S], masks [N, C, S, S] and patient ids [N] from a CSV: ``image`` plus one
+    mask-path column per structure (paths relative to the CSV; mask pixels > 0 are
+    foreground), and optionally ``group_col`` (None when the CSV has no such column: each
+    image is then its own patient).
 
     Images go through ingest's ``decode_image``; masks get the same shorter-side resize and
     centre crop, so both stay aligned.
     """
     from PIL import Image
 
-    from radjepa.eval.features import DatasetError
+    from radjepa.eval.features import DatasetError, patient_ids
     from radjepa.imaging.decode import decode_image
     from radjepa.imaging.errors import ImageRejected
     from radjepa.imaging.resize import resize_center_crop
@@ -238,4 +267,9 @@ def load_seg_csv(
             chans.append(resize_center_crop(fg, size) > 0.5)
         images.append(dec.pixels)
         masks.append(np.stack(chans))
-    return np.stack(images), np.stack(masks)
+    groups = None
+    if group_col and group_col in rows[0]:
+        groups = patient_ids(rows, image_col, group_col, path)
+    else:
+        log.info("%s has no %s column: each image counts as its own patient", path, group_col)
+    return np.stack(images), np.stack(masks), groups
