@@ -152,6 +152,28 @@ def test_segmentation_holds_out_whole_patients(tmp_path, seg_csv):
     assert load_seg_csv(seg_csv, ["disc"], size=64)[2] is None  # no column: per image
 
 
+def test_segmentation_refuses_masks_of_other_proportions(tmp_path, seg_csv):
+    """A mask stored stretched to 256x320 for a 256x256 image was centre-cropped on its own:
+    on 10 NIH images the loaded masks had Dice 0.85 with the true ones, silently. A
+    half-resolution mask of the same proportions still works."""
+    from PIL import Image
+
+    from radjepa.eval.features import DatasetError
+    from radjepa.eval.segmentation import load_seg_csv
+
+    img, mask = (seg_csv.parent / x for x in seg_csv.read_text().splitlines()[1].split(","))
+    m = np.asarray(Image.open(mask))
+    Image.fromarray(m).resize((256, 320), Image.NEAREST).save(tmp_path / "tall.png")
+    Image.fromarray(m[::2, ::2]).save(tmp_path / "half.png")
+    for name in ("tall", "half"):
+        (tmp_path / f"{name}.csv").write_text(f"image,disc\n{img},{tmp_path / name}.png\n")
+    _, half, _ = load_seg_csv(tmp_path / "half.csv", ["disc"], size=64)
+    _, full, _ = load_seg_csv(seg_csv, ["disc"], size=64)
+    assert (half[0] == full[0]).mean() > 0.97
+    with pytest.raises(DatasetError, match="256x320 but the image is 256x256"):
+        load_seg_csv(tmp_path / "tall.csv", ["disc"], size=64)
+
+
 def test_saved_head_reproduces_predictions_and_names_its_encoder(
     probe_run, checkpoint, tiny_cfg, nih_dir
 ):

@@ -206,6 +206,12 @@ def seg_probe(
     )
 
 
+def _same_aspect(mask: tuple[int, ...], image: tuple[int, int]) -> bool:
+    """Whether resize + centre crop cuts the same region from both (a mask may be stored at
+    another resolution, but with other proportions the crops differ and the masks shift)."""
+    return abs(mask[0] * image[1] - mask[1] * image[0]) <= 0.01 * mask[1] * image[0]
+
+
 def load_seg_csv(
     csv_path: str | os.PathLike[str],
     structures: Sequence[str],
@@ -261,9 +267,15 @@ def load_seg_csv(
         except ImageRejected as err:
             raise DatasetError(f"{path} row {i + 1}: image rejected: {err}") from None
         chans = []
+        shape = (int(dec.meta["orig_height"]), int(dec.meta["orig_width"]))
         for f in files[1:]:
             with Image.open(f) as im:
                 fg = (np.asarray(im.convert("L")) > 0).astype(np.float32)
+            if not _same_aspect(fg.shape, shape):
+                raise DatasetError(
+                    f"{path} row {i + 1}: mask {f.name} is {fg.shape[1]}x{fg.shape[0]} but the "
+                    f"image is {shape[1]}x{shape[0]}: other proportions cannot be aligned"
+                )
             chans.append(resize_center_crop(fg, size) > 0.5)
         images.append(dec.pixels)
         masks.append(np.stack(chans))
