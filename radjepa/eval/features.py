@@ -132,8 +132,10 @@ def load_csv_dataset(
 ) -> Dataset:
     """Images listed in a CSV (paths relative to it), decoded with ingest's ``decode_image``.
 
-    Undecodable images are left out and listed in ``Dataset.rejected`` with the decoder's
-    reason; a missing file or column is an error. Without ``group_col`` each image is its own
+    Undecodable images are left out and listed in ``Dataset.rejected`` by CSV row (1 = the
+    first image row) with the decoder's reason, not by path: the list goes into the report and
+    MLflow, and hospital file names often carry patient names. A missing file or column is an
+    error. Without ``group_col`` each image is its own
     patient. ``secret`` only keys metadata pseudonyms, which evaluation does not use.
     """
     from radjepa.imaging.decode import decode_image
@@ -164,8 +166,8 @@ def load_csv_dataset(
                 source_name=img_path.name,
             )
         except ImageRejected as err:
-            rejected.append({"path": row[image_col], "reason": err.reason, "message": str(err)})
-            log.warning("skipping %s: %s", row[image_col], err)
+            rejected.append({"row": str(i + 1), "reason": err.reason, "message": str(err)})
+            log.warning("skipping %s row %d: %s", path.name, i + 1, err)
             continue
         images.append(dec.pixels)
         kept.append(row)

@@ -140,7 +140,7 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         lines += [f"Probe head (all images, encoder features): `{rel(report['head'])}`", ""]
     if data["rejected"]:
         lines += ["## Rejected images", ""]
-        lines += [f"- `{r['path']}`: {r['reason']}" for r in data["rejected"]]
+        lines += [f"- CSV row {r['row']}: {r['reason']}" for r in data["rejected"]]
         lines.append("")
     return "\n".join(lines)
 
