@@ -526,9 +526,15 @@ def test_no_age_from_birth_date() -> None:
     assert decode(data).meta["age_years"] is None  # PatientBirthDate is present but never read
 
 
-def test_resolve_secret(monkeypatch) -> None:
+def test_resolve_secret(monkeypatch, caplog) -> None:
     monkeypatch.setenv("RADJEPA_TEST_SECRET", "a-long-enough-test-secret")
-    assert resolve_secret("RADJEPA_TEST_SECRET") == b"a-long-enough-test-secret"
+    with caplog.at_level("WARNING", logger="radjepa.imaging.deid"):
+        assert resolve_secret("RADJEPA_TEST_SECRET") == b"a-long-enough-test-secret"
+    assert not caplog.records
+    monkeypatch.setenv("RADJEPA_TEST_SECRET", "a-long-enough-test-secret\n")  # a mounted file
+    with caplog.at_level("WARNING", logger="radjepa.imaging.deid"):
+        assert resolve_secret("RADJEPA_TEST_SECRET") == b"a-long-enough-test-secret\n"
+    assert "whitespace" in caplog.text and "a-long-enough" not in caplog.text
     monkeypatch.delenv("RADJEPA_TEST_SECRET")
     assert resolve_secret("RADJEPA_TEST_SECRET") == DEV_SECRET
 

@@ -81,6 +81,15 @@ def resolve_secret(env_name: str = "RADJEPA_DEID_SECRET") -> bytes:
     if value:
         if len(value) < 16:
             log.warning("%s is shorter than 16 characters: pseudonyms are weakly keyed", env_name)
+        if value != value.strip():
+            # used as is (trimming would re-key existing archives), but a key read from a mounted
+            # file on one machine and typed on another differ by that newline: every patient gets
+            # a second pseudonym, and only ingest into the same destination would notice
+            log.warning(
+                "%s starts or ends with whitespace (a newline from a mounted file?): it is used "
+                "exactly as is, so set it the same way everywhere",
+                env_name,
+            )
         return value.encode("utf-8")
     log.warning(
         "%s is not set: pseudonymising with the PUBLIC development key. Pseudonyms are stable "
