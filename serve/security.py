@@ -58,13 +58,17 @@ class ApiSettings(BaseModel):
     )
     secret_env: str = Field("RADJEPA_DEID_SECRET", description="decode HMAC key env var")
 
-    def check_startable(self) -> None:
-        """Refuse an unprotected service unless insecure local mode was asked for."""
+    def check_startable(self, keys_env: str | None = None) -> None:
+        """Refuse an unprotected service unless insecure local mode was asked for.
+
+        ``keys_env`` is the variable ``serve.api_keys_env`` names: the message spells it out,
+        since a newcomer cannot act on "the serve.api_keys_env variable" without the config."""
         if not self.key_digests and not self.insecure_local:
+            where = f"{keys_env} (serve.api_keys_env)" if keys_env else "serve.api_keys_env"
             raise SecurityConfigError(
-                "no API keys configured: set the serve.api_keys_env variable (comma-separated "
-                "keys) or serve.api_keys_file (one key per line); for a local-only service "
-                "pass --insecure-local (serve.insecure_local=true)"
+                f"no API keys configured: set {where} to comma-separated keys of 16+ "
+                "characters or serve.api_keys_file (one key per line); for a local-only "
+                "service pass --insecure-local (serve.insecure_local=true)"
             )
         if self.insecure_local and not self.key_digests:
             log.warning("insecure local mode: the API accepts requests without a key")
@@ -108,7 +112,7 @@ def settings_from_config(serve_cfg: ServeConfig, *, secret_env: str) -> ApiSetti
         max_pending_decodes=serve_cfg.max_ongoing_requests,
         secret_env=secret_env,
     )
-    settings.check_startable()
+    settings.check_startable(serve_cfg.api_keys_env)
     return settings
 
 

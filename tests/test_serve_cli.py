@@ -41,6 +41,8 @@ def test_serve_refuses_to_start_without_keys(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "no API keys configured" in out and "--insecure-local" in out
+    # the variable to set is named, not only the config key that names it
+    assert "set RADJEPA_API_KEYS (serve.api_keys_env)" in out
 
 
 @pytest.mark.slow
