@@ -244,17 +244,18 @@ def serve_cmd(
         raise UserError("no model to serve: pass --model PATH or models:/<name>@<alias>")
 
     from pipelines.runtime import ensure_ray
-    from serve.local import curl_example, start_local, stop_local
+    from serve.local import PortInUse, check_port_free, curl_example, start_local, stop_local
     from serve.security import SecurityConfigError, settings_from_config
 
-    try:  # refuse an unprotected service before paying for Ray
+    try:  # refuse an unprotected service, or a taken port, before paying for Ray
         settings_from_config(cfg.serve, secret_env=cfg.ingest.secret_env)
-    except SecurityConfigError as err:
+        check_port_free(cfg.serve.host, cfg.serve.port)
+    except (SecurityConfigError, PortInUse) as err:
         raise UserError(str(err)) from None
     ensure_ray()
     try:
         url = start_local(cfg)
-    except (SecurityConfigError, FileNotFoundError, ValueError) as err:
+    except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")
     typer.echo(curl_example(url, with_key=not cfg.serve.insecure_local))

@@ -12,11 +12,15 @@ import socket
 from radjepa.config import Config
 from serve.security import settings_from_config
 
-__all__ = ["start_local", "stop_local", "curl_example"]
+__all__ = ["PortInUse", "check_port_free", "start_local", "stop_local", "curl_example"]
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "radjepa"
+
+
+class PortInUse(RuntimeError):
+    """The HTTP port is taken: said before Ray starts, in one line."""
 
 
 def _free_port(host: str) -> int:
@@ -25,17 +29,39 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise PortInUse when ``host:port`` cannot be bound (0 = any free port: always fine).
+
+    Without this, Ray Serve's proxy fails to bind inside its actor, retries, and the user gets
+    about 150 lines of proxy tracebacks and exit code 1 some 50 s later. The probe binds as the
+    proxy does (same address family, no SO_REUSEADDR), so it refuses exactly what the proxy
+    would refuse.
+    """
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise PortInUse(
+                f"cannot listen on {host}:{port}: {err.strerror or err}; stop what holds the "
+                "port or choose another with --port (0: any free port)"
+            ) from None
+
+
 def start_local(cfg: Config) -> str:
     """Deploy the API on the connected Ray and return its base URL (port 0 = any free port).
 
     Raises SecurityConfigError before anything starts when no API key is configured and
-    insecure local mode was not asked for.
+    insecure local mode was not asked for, and PortInUse when the port is taken.
     """
     from ray import serve
 
     from serve.deployment import app_from_config
 
     settings = settings_from_config(cfg.serve, secret_env=cfg.ingest.secret_env)
+    check_port_free(cfg.serve.host, cfg.serve.port)
     port = cfg.serve.port or _free_port(cfg.serve.host)
     serve.start(
         http_options={

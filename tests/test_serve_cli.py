@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,6 +44,23 @@ def test_serve_refuses_to_start_without_keys(tmp_path):
     assert "no API keys configured" in out and "--insecure-local" in out
     # the variable to set is named, not only the config key that names it
     assert "set RADJEPA_API_KEYS (serve.api_keys_env)" in out
+
+
+def test_serve_on_a_taken_port_fails_in_one_line_before_starting_ray(tmp_path):
+    # a port another server holds: Ray Serve's proxy would fail to bind inside its actor and
+    # print ~150 lines of tracebacks, exit code 1, after ~50 s of Ray start-up
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = _radjepa(
+            "serve", "--model", str(ckpt), "--port", str(port), env=_env(RADJEPA_API_KEYS=KEYS)
+        )
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert f"error: cannot listen on 127.0.0.1:{port}" in out and "--port" in out
+    assert "Traceback" not in out and "starting local Ray" not in out
 
 
 @pytest.mark.slow
