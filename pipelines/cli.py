@@ -168,7 +168,7 @@ def sweep(
         bool, typer.Option("--resume", help="Continue an interrupted sweep of the same name.")
     ] = False,
 ) -> None:
-    """Sweep masking and EMA settings with Ray Tune; ranks trials by RankMe or kNN AUROC."""
+    """Sweep masking and EMA settings with Ray Tune; rank trials by RankMe, kNN or probe AUROC."""
     cfg = load(config, set_)
     from rich.console import Console
     from rich.table import Table
@@ -214,7 +214,13 @@ def serve_cmd(
         str | None,
         typer.Option("--model", help="Checkpoint folder or URI, or models:/<name>@<alias>."),
     ] = None,
-    head: Annotated[str | None, typer.Option("--head", help="Probe head folder.")] = None,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            "--head",
+            help="Probe head folder (`radjepa probe` DIR/head) or models:/<name>/<version>.",
+        ),
+    ] = None,
     index: Annotated[
         str | None, typer.Option("--index", help="Embeddings Parquet from `radjepa embed`.")
     ] = None,
