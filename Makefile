@@ -31,8 +31,8 @@ demo: $(STAMP)
 	$(BIN)/radjepa demo --out demo-output
 
 lint: $(STAMP)
-	$(BIN)/ruff check radjepa pipelines serve bench tests
-	$(BIN)/ruff format --check radjepa pipelines serve bench tests
+	$(BIN)/ruff check radjepa pipelines serve bench tests scripts
+	$(BIN)/ruff format --check radjepa pipelines serve bench tests scripts
 
 clean:
 	rm -rf $(VENV) runs demo-output .pytest_cache
