@@ -250,13 +250,15 @@ def serve_cmd(
         raise UserError("no model to serve: pass --model PATH or models:/<name>@<alias>")
 
     from pipelines.runtime import ensure_ray
+    from serve.deployment import check_local_paths
     from serve.local import PortInUse, check_port_free, curl_example, start_local, stop_local
     from serve.security import SecurityConfigError, settings_from_config
 
-    try:  # refuse an unprotected service, or a taken port, before paying for Ray
+    try:  # refuse an unprotected service, a taken port or a mistyped path before paying for Ray
         settings_from_config(cfg.serve, secret_env=cfg.ingest.secret_env)
         check_port_free(cfg.serve.host, cfg.serve.port)
-    except (SecurityConfigError, PortInUse) as err:
+        check_local_paths(cfg.serve.model, cfg.serve.head, cfg.serve.index)
+    except (SecurityConfigError, PortInUse, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     ensure_ray()
     try:

@@ -24,7 +24,14 @@ from ray.serve.handle import DeploymentHandle
 from serve.embedder import EncoderRunner, ImageEmbedding, ModelInfo, Preprocess, pick_device
 from serve.security import ApiSettings, settings_from_config
 
-__all__ = ["EncoderDeployment", "ApiIngress", "RemoteEmbedder", "build_app", "app_from_config"]
+__all__ = [
+    "EncoderDeployment",
+    "ApiIngress",
+    "RemoteEmbedder",
+    "build_app",
+    "app_from_config",
+    "check_local_paths",
+]
 
 log = logging.getLogger(__name__)
 
@@ -177,21 +184,33 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and float(ray.cluster_resources().get("GPU", 0.0)) > 0.0
 
 
+def check_local_paths(model: str | None, head: str | None, index: str | None) -> None:
+    """Raise ModelNotFound for a model, head or index given as a local path that does not exist.
+
+    Needs neither Ray nor MLflow, so ``radjepa serve`` calls it before starting Ray: a typo in
+    a path is then one line at once, not one after Ray and Serve have started."""
+    from serve.registry import ModelNotFound
+
+    for kind, ref in (("model", model), ("head", head), ("index", index)):
+        if ref is None or ref.startswith("models:/") or "://" in ref:
+            continue
+        if not Path(ref).expanduser().exists():
+            raise ModelNotFound(f"serve.{kind} not found: {ref}")
+
+
 def _check_references(
     model: str, head: str | None, index: str | None, tracking_uri: str | None
 ) -> None:
-    """Fail here, in one readable line, for a model or head that does not exist, or a local
-    head or index made with another encoder: inside a replica the same error becomes Ray's
-    retried deployment failure ("Deploying application failed") and a page of traceback."""
-    from serve.registry import ModelNotFound, registered_version
+    """Fail here, in one readable line, for a model, head or index that does not exist, or a
+    local head or index made with another encoder: inside a replica the same error becomes
+    Ray's retried deployment failure ("Deploying application failed"), three replica
+    tracebacks and a driver traceback (an --index typo: ~230 lines and exit 1 after ~60 s)."""
+    from serve.registry import registered_version
 
-    for kind, ref in (("model", model), ("head", head)):
-        if ref is None:
-            continue
-        if ref.startswith("models:/"):
+    check_local_paths(model, head, index)
+    for ref in (model, head):
+        if ref is not None and ref.startswith("models:/"):
             registered_version(ref, tracking_uri=tracking_uri)
-        elif "://" not in ref and not Path(ref).expanduser().exists():
-            raise ModelNotFound(f"serve.{kind} not found: {ref}")
     if model.startswith("models:/") or "://" in model:
         return  # fetched by the replicas; they check head and index against it themselves
     from radjepa.checkpoint import read_meta
@@ -201,11 +220,12 @@ def _check_references(
 
     folder = latest_checkpoint(str(Path(model).expanduser().resolve()))
     read_meta(folder)
-    if (head and Path(head).expanduser().exists()) or (index and Path(index).exists()):
+    local_head = head and "://" not in head and not head.startswith("models:/")
+    if local_head or index:
         fingerprint = checkpoint_fingerprint(folder)
-        if head and Path(head).expanduser().exists():
+        if local_head:
             check_encoder(load_head(Path(head).expanduser()), fingerprint)
-        if index and Path(index).exists():
+        if index:
             EmbeddingIndex.check_file(index, fingerprint)
 
 

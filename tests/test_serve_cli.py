@@ -63,6 +63,22 @@ def test_serve_on_a_taken_port_fails_in_one_line_before_starting_ray(tmp_path):
     assert "Traceback" not in out and "starting local Ray" not in out
 
 
+@pytest.mark.parametrize("flag", ["--model", "--head", "--index"])
+def test_serve_with_a_mistyped_path_fails_in_one_line_before_starting_ray(tmp_path, flag):
+    # a typo in --index used to pass the start-up checks: the ingress replica failed to load it
+    # three times, then the driver raised "Deploying application radjepa failed" (~230 lines,
+    # exit 1, after ~60 s); a typo in --model or --head was one line, but after ~30 s of Ray
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    args = {"--model": str(ckpt), flag: str(tmp_path / "no-such-folder")}
+    proc = _radjepa(
+        "serve", *(x for kv in args.items() for x in kv), env=_env(RADJEPA_API_KEYS=KEYS)
+    )
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert f"error: serve.{flag[2:]} not found: {tmp_path / 'no-such-folder'}" in out
+    assert "Traceback" not in out and "starting local Ray" not in out
+
+
 @pytest.mark.slow
 def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir):
     ckpt = make_checkpoint(tmp_path / "ckpt")
