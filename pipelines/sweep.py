@@ -8,6 +8,7 @@ TorchTrainer (the Ray Train V2 pattern); its reports reach Tune via TuneReportCa
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray.tune.search import Searcher
 from ray.tune.stopper import Stopper
 
 from radjepa import locations
@@ -69,6 +71,42 @@ def search_space(dims: dict[str, SearchDim], alg: str) -> dict[str, Any]:
         else:
             space[key] = tune.randint(int(dim.low), int(dim.high))
     return space
+
+
+def distinct_draws(cfg: Config) -> list[dict[str, Any]] | None:
+    """For a random search whose every dimension is a ``choice``: ``tune.num_samples`` distinct
+    settings (all of them when there are fewer), drawn with ``train.seed``.
+
+    Tune draws each trial on its own, with replacement: ``sweep-tiny`` (6 settings, 4 trials)
+    repeats a setting in 72% of sweeps, and two trials with one setting and one seed train the
+    same model twice, so the sweep compares fewer settings than it pays for. None when a
+    dimension is continuous (repeats have probability zero) or the search is grid/optuna.
+    """
+    space = cfg.tune.search_space
+    if cfg.tune.search_alg != "random" or not space:
+        return None
+    if any(dim.type != "choice" for dim in space.values()):
+        return None
+    keys = list(space)
+    sizes = [len(space[k].values or []) for k in keys]
+    total = math.prod(sizes)
+    rng = np.random.default_rng(cfg.train.seed)
+    n = min(cfg.tune.num_samples, total)
+    picked: list[int] = []
+    seen: set[int] = set()
+    while len(picked) < n:  # never lists the product: it may be astronomically large
+        i = int(rng.integers(total))
+        if i not in seen:
+            seen.add(i)
+            picked.append(i)
+    draws = []
+    for index in picked:
+        point = {}
+        for key, size in zip(reversed(keys), reversed(sizes), strict=True):
+            index, j = divmod(index, size)
+            point[key] = (space[key].values or [])[j]
+        draws.append({k: point[k] for k in keys})
+    return draws
 
 
 def _probe_set(cfg: Config) -> dict[str, Any] | None:
@@ -169,12 +207,60 @@ class CollapseStopper(Stopper):
         return False
 
 
+class DrawnSettings(Searcher):
+    """Hands out settings drawn beforehand, one per trial (see :func:`distinct_draws`).
+
+    Tune's variant generator cannot take them as its first points: it reads a list value, such
+    as a ``masks.target_scale`` pair, as a path into the search space and fails.
+    """
+
+    def __init__(self, draws: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.draws = draws
+        self.handed = 0
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec):
+        return True  # the space was sampled up front; every key of it is in each draw
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.handed >= len(self.draws):
+            return Searcher.FINISHED
+        self.handed += 1
+        return dict(self.draws[self.handed - 1])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        pass  # nothing adapts: the draws are fixed
+
+    def get_state(self) -> dict[str, Any]:
+        return {"draws": self.draws, "handed": self.handed}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.draws, self.handed = state["draws"], state["handed"]
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps(self.get_state()))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.set_state(json.loads(Path(checkpoint_path).read_text()))
+
+
 def _searcher(cfg: Config, metric: str, mode: str):
+    """Optuna; for an all-choice random search, the distinct draws; else Tune's variant
+    generator seeded with ``train.seed`` (its default draws from numpy's global state, so
+    reruns of one sweep tried different settings)."""
     if cfg.tune.search_alg == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(metric=metric, mode=mode, seed=cfg.train.seed)
-    return None
+    draws = distinct_draws(cfg)
+    if draws is not None:
+        return DrawnSettings(draws)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # a generator takes its concurrency cap itself: Tune ignores max_concurrent_trials for one
+    return BasicVariantGenerator(
+        max_concurrent=cfg.tune.max_concurrent, random_state=cfg.train.seed
+    )
 
 
 def _rows(
@@ -244,6 +330,15 @@ def run_sweep(
         log.warning("--num-samples is ignored with --resume: the sweep keeps its trials")
     elif num_samples is not None:
         cfg = cfg.with_overrides({"tune.num_samples": num_samples})
+    draws = None if resume else distinct_draws(cfg)
+    if draws is not None and len(draws) < cfg.tune.num_samples:
+        log.warning(
+            "tune.num_samples=%d but the search space holds %d settings: each runs once "
+            "(a repeat would train the same model again)",
+            cfg.tune.num_samples,
+            len(draws),
+        )
+        cfg = cfg.with_overrides({"tune.num_samples": len(draws)})
     probe_set = _probe_set(cfg)
     try:
         root = prepare_outputs(cfg)
@@ -362,14 +457,17 @@ def _tuner(
             max_t=max_t,
             grace_period=min(cfg.tune.grace_period * every, max_t),
         )
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    search, cap = _searcher(cfg, metric, mode), cfg.tune.max_concurrent or None
     return ray.tune.Tuner(
         trainable,
         param_space=search_space(cfg.tune.search_space, cfg.tune.search_alg),
         tune_config=ray.tune.TuneConfig(
             num_samples=1 if cfg.tune.search_alg == "grid" else cfg.tune.num_samples,
-            search_alg=_searcher(cfg, metric, mode),
+            search_alg=search,
             scheduler=scheduler,
-            max_concurrent_trials=cfg.tune.max_concurrent or None,
+            max_concurrent_trials=None if isinstance(search, BasicVariantGenerator) else cap,
             metric=None if scheduler else metric,
             mode=None if scheduler else mode,
         ),
