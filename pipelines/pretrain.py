@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from radjepa import locations
-from radjepa.config import Config, config_to_yaml, flatten
+from radjepa.config import Config, flatten
 
 log = logging.getLogger(__name__)
 
@@ -663,13 +663,14 @@ def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint
     """Leave a trace of an allowed config change on the MLflow run: its params were logged when
     the run was created and keep the old values."""
     from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import redacted_yaml
 
     client = tracking_client(uri)
     keys = ", ".join(resume.changed)
     client.set_tag(run_id, f"radjepa.config_changed_at_step_{resume.step}", keys[:5000])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"config-resumed-at-step-{resume.step}.yaml"
-        path.write_text(config_to_yaml(cfg))
+        path.write_text(redacted_yaml(cfg))
         client.log_artifact(run_id, str(path))
 
 
@@ -794,12 +795,12 @@ def finish_tracking(
     cfg: Config, uri: str, run_id: str, ckpt: str, metrics: dict[str, Any]
 ) -> str | None:
     from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import register_artifact_dir
+    from pipelines.tracking import redacted_yaml, register_artifact_dir
 
     client = tracking_client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(config_to_yaml(cfg))
+        cfg_path.write_text(redacted_yaml(cfg))
         client.log_artifact(run_id, str(cfg_path))
     # the model is the weights and their metadata; the optimizer state (as large again) only
     # matters for resuming, and that reads the checkpoint in the run folder

@@ -508,13 +508,14 @@ def _finish_parent_run(
     metric: str,
 ) -> None:
     from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import redact
 
     client = tracking_client(uri)
     _close_trial_runs(client, parent_run_id, rows)
     if best is not None and best_yaml is not None:
         client.log_metric(parent_run_id, f"best_{metric}", best.metric)
         client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
-        client.log_text(parent_run_id, best_yaml, "best.yaml")
+        client.log_text(parent_run_id, redact(best_yaml), "best.yaml")
     client.set_terminated(parent_run_id, "FINISHED")
 
 

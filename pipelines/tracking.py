@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,14 @@ from radjepa.config import Config, TrackingConfig
 from radjepa.locations import join_location, local_path
 
 log = logging.getLogger(__name__)
+
+# scheme://user:password@host (a database store, pyarrow's s3://KEY:SECRET@bucket) and query
+# credentials (?secret_key=..., &token=...): anyone who can read the runs can read a param
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@")
+_QUERY_SECRET = re.compile(
+    r"(?i)(?P<head>[?&][^=&\s]*(?:secret|token|password|passwd|key)[^=&\s]*=)[^&\s]*"
+)
+REDACTED = "***"
 
 
 def client(uri: str, attempts: int = 5) -> Any:
@@ -67,6 +76,21 @@ def store_uri(cfg: Config, *, create: bool = False) -> str | None:
     return f"sqlite:///{Path(local).resolve() / 'mlflow.db'}"
 
 
+def redact(text: str) -> str:
+    """``text`` with the credentials of any URI in it replaced by ``***``: a config may carry
+    them (``tracking.uri: postgresql://user:pw@db/mlflow``, ``s3://KEY:SECRET@bucket/runs``),
+    and whatever is logged to MLflow is readable by everyone with access to the store."""
+    text = _USERINFO.sub(rf"\g<head>:{REDACTED}@", text)
+    return _QUERY_SECRET.sub(rf"\g<head>{REDACTED}", text)
+
+
+def redacted_yaml(cfg: Config) -> str:
+    """The config as YAML for an MLflow artifact, credentials removed (see ``redact``)."""
+    from radjepa.config import config_to_yaml
+
+    return redact(config_to_yaml(cfg))
+
+
 def ui_command(uri: str) -> str:
     """The command a user runs to look at the runs."""
     if uri.startswith(("http://", "https://")):
@@ -111,12 +135,13 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | None = None) -> 
 
 
 def log_params(run_id: str, uri: str, cfg: Config) -> None:
-    """Log the config as flat dotted params (values truncated to MLflow's 6000-char limit)."""
+    """Log the config as flat dotted params (values truncated to MLflow's 6000-char limit,
+    credentials in URIs redacted)."""
     from mlflow.entities import Param
 
     from radjepa.config import flatten
 
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
+    params = [Param(k, redact(str(v))[:6000]) for k, v in flatten(cfg).items()]
     for i in range(0, len(params), 100):
         client(uri).log_batch(run_id, params=params[i : i + 100])
 

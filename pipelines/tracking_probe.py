@@ -16,6 +16,7 @@ from pipelines.tracking import (
     ensure_experiment,
     log_metrics,
     mark_run,
+    redact,
     register_artifact_dir,
     store_uri,
 )
@@ -68,7 +69,7 @@ def log_probe_run(
         run_name=f"probe-{Path(str(report['checkpoint'])).name}",
         tags={
             "radjepa.job": "probe",
-            "radjepa.checkpoint": str(enc.get("checkpoint", report["checkpoint"])),
+            "radjepa.checkpoint": redact(str(enc.get("checkpoint", report["checkpoint"]))),
             "radjepa.checkpoint_sha256": str(enc.get("sha256", "")),
             "radjepa.encoder": str(enc.get("which", "")),
         },
@@ -95,7 +96,9 @@ def log_probe_run(
                 "n_patients": report["data"]["n_patients"],
             }
         )
-        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        client.log_batch(
+            run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in params.items()]
+        )
         metrics = flat_metrics(report)
         if metrics:
             log_metrics(run_id, uri, metrics, step=int(enc.get("step") or 0))

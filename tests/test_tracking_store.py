@@ -95,3 +95,42 @@ def test_embed_and_probe_resolve_in_that_store(registered, tmp_path):
             mlflow=False,
         )
     assert "tiny-enc" not in str(err.value) and "no-labels.csv" in str(err.value)
+
+
+def test_credentials_in_uris_are_not_logged(tmp_path, monkeypatch):
+    # a database store or pyarrow's s3://KEY:SECRET@bucket in the config: every param and the
+    # logged config.yaml are readable by anyone with access to the runs
+    import mlflow
+
+    from pipelines.pretrain import finish_tracking
+    from pipelines.tracking import ensure_experiment, log_params
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(
+        TINY_CONFIG,
+        [
+            "tracking.uri=postgresql://mlflow:S3cretPw@db:5432/mlflow",
+            "data.shards=s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/shards",
+            "tracking.register_model=false",
+        ],
+    )
+    client = mlflow.MlflowClient(store)
+    run_id = client.create_run(ensure_experiment(store, "radjepa")).info.run_id
+    log_params(run_id, store, cfg)
+    finish_tracking(cfg, store, run_id, str(make_checkpoint(tmp_path / "ckpt")), {})
+    params = client.get_run(run_id).data.params
+    assert params["tracking.uri"] == "postgresql://mlflow:***@db:5432/mlflow"
+    assert params["data.shards"] == "s3://AKIAEXAMPLE:***@bucket/shards"
+    logged = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl")))
+    text = logged.read_text()
+    assert "S3cretPw" not in text and "wJalrXUtnFEMI" not in text
+    assert "postgresql://mlflow:***@db:5432/mlflow" in text
+
+    from pipelines.tracking import redact
+
+    assert redact("s3://AK:SEcr+et@bucket/runs") == "s3://AK:***@bucket/runs"
+    assert redact("s3://b/p?region=x&secret_key=abc&x=1") == "s3://b/p?region=x&secret_key=***&x=1"
+    assert redact("/plain/path:with@signs") == "/plain/path:with@signs"
+    assert redact("https://mlflow.example:5000") == "https://mlflow.example:5000"
+
