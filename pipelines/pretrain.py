@@ -491,6 +491,16 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         if tracking:  # re-running the same command resumes it
             mark_run(uri, run_id, "KILLED")
         raise
+    except SystemExit as err:
+        # Ray Train answers Ctrl-C by aborting the workers and exiting from its SIGINT handler,
+        # and ray.init's SIGTERM handler (`ray job stop`, a pod shut down) exits too: neither is
+        # a KeyboardInterrupt, and the MLflow run stayed RUNNING forever
+        if tracking:
+            mark_run(uri, run_id, "KILLED")
+        raise PretrainError(
+            f"training was interrupted (exit {err.code}); the run is resumable: re-run the "
+            "same command to continue from its latest checkpoint"
+        ) from None
     except Exception as err:
         if tracking:
             mark_run(uri, run_id, "FAILED")

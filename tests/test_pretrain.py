@@ -360,3 +360,50 @@ def test_monitor_set_is_the_holdout_from_the_whole_archive(tmp_path):
     rows = [int(a[0, 0]) + 256 * int(a[0, 1]) for a in got]
     assert got.shape == (8, 8, 8) and got.flags.writeable
     assert [ids[r] for r in rows] == held[:8]
+
+
+def test_ctrl_c_ends_the_mlflow_run_killed_in_one_line(shards, tmp_path):
+    # Ray Train answers Ctrl-C by aborting the workers and calling sys.exit(0) from its SIGINT
+    # handler (ray.init's SIGTERM handler calls sys.exit(15)): a SystemExit, not the
+    # KeyboardInterrupt run_pretrain used to wait for, so the MLflow run stayed RUNNING forever
+    import os
+    import signal
+    import threading
+    import time
+
+    import mlflow
+
+    from pipelines.pretrain import PretrainError, run_pretrain
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _cfg(tmp_path, **{"train.num_workers": 1, "train.steps": 400, "train.log_every": 2})
+    stop = threading.Event()
+
+    def press_ctrl_c_once_training_runs() -> None:
+        deadline = time.monotonic() + 600
+        while not stop.is_set() and time.monotonic() < deadline:
+            run_id = (
+                (tmp_path / "t" / "mlflow_run_id").read_text()
+                if (tmp_path / "t" / "mlflow_run_id").is_file()
+                else None
+            )
+            if run_id and mlflow.MlflowClient(uri).get_metric_history(run_id, "loss"):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(1)
+
+    presser = threading.Thread(target=press_ctrl_c_once_training_runs, daemon=True)
+    previous = signal.getsignal(signal.SIGINT)
+    presser.start()
+    try:
+        with pytest.raises((PretrainError, KeyboardInterrupt)) as err:
+            run_pretrain(cfg, str(shards))
+    finally:
+        stop.set()
+        presser.join()
+        signal.signal(signal.SIGINT, previous)  # Ray Train's handler stays installed otherwise
+    if isinstance(err.value, PretrainError):
+        assert "interrupted" in str(err.value) and "resumable" in str(err.value)
+    run_id = (tmp_path / "t" / "mlflow_run_id").read_text()
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "KILLED"
