@@ -53,18 +53,62 @@ def resolve_model(ref: str, *, tracking_uri: str | None = None) -> ResolvedModel
         path = Path(latest_checkpoint(str(path.resolve())))
         return ResolvedModel(path=path, name=None, version=None, source=ref)
 
+    mv = registered_version(ref, tracking_uri=tracking_uri)
+    local = _download_version(ref, mv.source, tracking_uri)
+    log.info("resolved %s -> version %s at %s", ref, mv.version, local)
+    return ResolvedModel(path=local, name=mv.name, version=str(mv.version), source=ref)
+
+
+def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:
+    """A local folder holding the artifacts of a model version's ``source``.
+
+    A source on local disk (the default sqlite store keeps artifacts beside its database) is
+    used in place. Any other (a tracking server's ``mlflow-artifacts:``, a bucket) is
+    downloaded once into ``RADJEPA_CACHE`` keyed by store and source, which a version never
+    changes: MLflow's own default is a fresh temporary folder per call, never removed, so
+    every serve replica start, probe and embed copied the whole weights again and left them.
+    """
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+    from urllib.parse import urlparse
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mv = registered_version(ref, tracking_uri=tracking_uri)
+    from radjepa.checkpoint import META, WEIGHTS
+
+    def download(dst: str | None) -> Path:
+        try:
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, tracking_uri=tracking_uri, dst_path=dst
+                )
+            )
+        except (MlflowException, OSError) as err:
+            raise ModelNotFound(f"cannot fetch {ref} from the MLflow registry: {err}") from None
+
+    if urlparse(source).scheme in ("", "file"):
+        return download(None)  # MLflow returns the local folder itself, no copy
+    cache = Path(os.environ.get("RADJEPA_CACHE", "~/.cache/radjepa")).expanduser()
+    key = hashlib.sha256(f"{tracking_uri}\n{source}".encode()).hexdigest()[:24]
+    local = cache / "registry" / key
+    if (local / META).is_file() and (local / WEIGHTS).is_file():
+        return local  # complete: copies are only ever renamed into place whole
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=local.parent))
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=mv.source, tracking_uri=tracking_uri
-        )
-    except MlflowException as err:
-        raise ModelNotFound(f"cannot fetch {ref} from the MLflow registry: {err}") from None
-    log.info("resolved %s -> version %s at %s", ref, mv.version, local)
-    return ResolvedModel(path=Path(local), name=mv.name, version=str(mv.version), source=ref)
+        fetched = download(str(tmp))
+        try:
+            fetched.rename(local)
+        except OSError:  # another process put its complete copy there first, or debris
+            if not ((local / META).is_file() and (local / WEIGHTS).is_file()):
+                shutil.rmtree(local, ignore_errors=True)
+                fetched.rename(local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local
 
 
 def registered_version(ref: str, *, tracking_uri: str | None = None) -> Any:

@@ -134,3 +134,73 @@ def test_credentials_in_uris_are_not_logged(tmp_path, monkeypatch):
     assert redact("/plain/path:with@signs") == "/plain/path:with@signs"
     assert redact("https://mlflow.example:5000") == "https://mlflow.example:5000"
 
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on loopback, proxying artifacts (``mlflow-artifacts:``), as a
+    cluster's tracking server does."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from serve_helpers import free_port
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("mlflow")
+    cmd = [str(exe) if exe.exists() else shutil.which("mlflow") or "mlflow", "server"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+    cmd += ["--artifacts-destination", str(tmp_path / "server-artifacts")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_registry_downloads_from_a_server_are_cached_not_leaked(
+    mlflow_server, tmp_path, monkeypatch
+):
+    # MLflow downloads into a fresh temp folder per call and never removes it: every replica
+    # start, embed and probe copied the whole weights again and left the copy behind
+    import tempfile
+
+    import mlflow
+
+    from pipelines.pretrain import finish_tracking, start_tracking
+    from serve.registry import resolve_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("RADJEPA_CACHE", str(tmp_path / "cache"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where MLflow's temp copies land
+    runs = tmp_path / "runs"
+    cfg = load_config(TINY_CONFIG, [f"train.output_dir={runs}", "tracking.registered_model=srv"])
+    run_id, uri = start_tracking(cfg, str(runs), str(runs / "tiny"))
+    version = finish_tracking(cfg, uri, run_id, str(make_checkpoint(tmp_path / "ckpt")), {})
+    assert (
+        mlflow.MlflowClient(uri)
+        .get_model_version("srv", version)
+        .source.startswith("mlflow-artifacts:")
+    )
+    mlflow.MlflowClient(uri).set_registered_model_alias("srv", "champion", version)
+
+    first = resolve_model(f"models:/srv/{version}", tracking_uri=uri)
+    again = resolve_model("models:/srv@champion", tracking_uri=uri)
+    assert first.path == again.path and (first.path / "weights.safetensors").is_file()
+    assert first.path.is_relative_to(tmp_path / "cache")
+    assert not any(scratch.rglob("weights.safetensors"))  # no stray copies
