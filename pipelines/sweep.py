@@ -373,9 +373,8 @@ def run_sweep(
     try:
         grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
         rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
-        # Ctrl-C makes fit() return, not raise: trials neither terminated nor failed did not
-        # finish, and a "best" among the others would be a partial sweep's
-        unfinished = len(grid) - grid.num_terminated - grid.num_errors
+        # Ctrl-C makes fit() return, not raise, and a "best" would be a partial sweep's
+        unfinished = _unfinished(grid, locations.join_location(sweep_dir, "tune"))
         best = _best(rows) if not unfinished else None
         best_path, best_yaml = (
             _write_best(given, cfg, best, sweep_dir, setup["data"]) if best else (None, None)
@@ -383,17 +382,34 @@ def run_sweep(
         if parent_run_id and not unfinished:
             _finish_parent_run(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
     except BaseException:
-        if parent_run_id:  # an interrupted sweep is resumable; its run must not look alive
+        if parent_run_id:  # an interrupted sweep is resumable; its runs must not look alive
+            _end_open_trial_runs(uri, parent_run_id, "FAILED")
             mark_run(uri, parent_run_id, "FAILED")
         raise
     if unfinished:
         if parent_run_id:
+            _end_open_trial_runs(uri, parent_run_id, "KILLED")
             mark_run(uri, parent_run_id, "KILLED")
         raise SweepError(
             f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of {len(grid)} trials "
             "unfinished; no best.yaml was written: `radjepa sweep ... --resume` continues it"
         )
     return SweepResult(sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri)
+
+
+def _unfinished(grid: Any, tune_dir: str) -> int:
+    """Trials that did not finish. After Ctrl-C, Tune saves its state (the running trials as
+    RUNNING, which ``--resume`` continues) and then stops those trials, which the returned grid
+    lists as TERMINATED like finished ones: so read the saved state, not the grid."""
+    from ray.tune import ExperimentAnalysis
+    from ray.tune.experiment import Trial
+
+    try:
+        trials = ExperimentAnalysis(tune_dir).trials
+    except Exception as err:  # noqa: BLE001 - fall back to what the grid says
+        log.warning("cannot read the sweep state at %s: %s", tune_dir, err)
+        return len(grid) - grid.num_terminated - grid.num_errors
+    return sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
 
 
 def _parent_run(cfg: Config, root: str, sweep_dir: str, resume: bool) -> tuple[str, str]:
@@ -517,6 +533,28 @@ def _finish_parent_run(
         client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
         client.log_text(parent_run_id, redact(best_yaml), "best.yaml")
     client.set_terminated(parent_run_id, "FINISHED")
+
+
+def _end_open_trial_runs(uri: str, parent_run_id: str, status: str) -> None:
+    """End the child runs of an interrupted sweep that are still RUNNING: the trials Tune
+    stopped never reach the end of ``_trial``. ``--resume`` sets them RUNNING again. Never
+    raises: the interruption is what to report."""
+    from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import mark_run
+
+    try:
+        client = tracking_client(uri)
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+        children = client.search_runs(
+            [exp_id],
+            f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
+            max_results=50000,
+        )
+    except Exception:  # noqa: BLE001
+        log.warning("could not list the trial runs of sweep run %s", parent_run_id, exc_info=True)
+        return
+    for run in children:
+        mark_run(uri, run.info.run_id, status)
 
 
 def _close_trial_runs(client: Any, parent_run_id: str, rows: list[TrialRow]) -> None:
