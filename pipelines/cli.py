@@ -293,21 +293,18 @@ def embed_cmd(
     cfg = load(config, set_)
     from pipelines.embed import EmbedError, run_embed
     from pipelines.tracking import store_uri
-    from serve.registry import ModelNotFound, resolve_model
 
     try:
-        resolved = resolve_model(model, tracking_uri=store_uri(cfg))
-        label = f"{resolved.name}:{resolved.version}" if resolved.name else None
         res = run_embed(
             cfg,
             shards,
             out,
-            model=resolved.path,
-            model_label=label,
+            model=model,
+            tracking_uri=store_uri(cfg),
             batch_size=batch_size,
             actors=actors,
         )
-    except (EmbedError, ModelNotFound) as err:
+    except EmbedError as err:
         raise UserError(str(err)) from None
     typer.echo(f"embedded {res.rows} images (dim {res.dim}, model {res.model}) into {res.out}")
 

@@ -44,14 +44,32 @@ class EmbedResult:
 
 class _EmbedActor:
     """Holds the served model's runner; one ``__call__`` = one forward over a batch of stored
-    images, through the same ``EncoderRunner`` the Serve deployment uses."""
+    images, through the same ``EncoderRunner`` the Serve deployment uses.
+
+    Each actor resolves the model itself, as a Serve replica does: on a cluster it may run on a
+    node where the driver's downloaded copy does not exist. The reference is the driver's pinned
+    one and the weights must hash to the driver's fingerprint, which the index records.
+    """
 
     def __init__(
-        self, model_path: str, model_label: str | None, encoder_sha256: str, device: str
+        self,
+        model_ref: str,
+        tracking_uri: str | None,
+        model_label: str | None,
+        encoder_sha256: str,
+        device: str,
     ) -> None:
         from serve.embedder import EncoderRunner
+        from serve.registry import resolve_model
 
-        self.runner = EncoderRunner.from_checkpoint(model_path, device=device)
+        resolved = resolve_model(model_ref, tracking_uri=tracking_uri)
+        self.runner = EncoderRunner.from_checkpoint(resolved.path, device=device)
+        if self.runner.fingerprint != encoder_sha256:
+            raise EmbedError(
+                f"{model_ref} on this node is not the checkpoint the driver resolved "
+                f"(encoder {str(self.runner.fingerprint)[:12]} vs {encoder_sha256[:12]}): "
+                "give the model as a URI or models:/ reference every node can read"
+            )
         info = self.runner.info
         self.label = model_label or f"{info.name}:{info.version}"  # as the server names it
         self.encoder_sha256 = encoder_sha256
@@ -88,13 +106,14 @@ def run_embed(
     out: str | Path,
     *,
     model: str | Path,
-    model_label: str | None = None,
+    tracking_uri: str | None = None,
     batch_size: int | None = None,
     actors: int | None = None,
 ) -> EmbedResult:
     """Embed every stored image under ``shards_dir`` into Parquet under ``out``.
 
-    ``model`` is a local checkpoint folder (the CLI resolves ``models:/`` URIs first).
+    ``model`` is a checkpoint or run folder, either as a URI, or a ``models:/`` reference
+    looked up in ``tracking_uri``. A local folder must be on every node that runs an actor.
     """
     import pyarrow.parquet as pq
     import ray
@@ -103,14 +122,17 @@ def run_embed(
     from radjepa.eval.heads import HeadError, checkpoint_fingerprint
     from radjepa.locations import filesystem
     from radjepa.shards import ShardError, list_shards
+    from serve.registry import ModelNotFound, resolve_model
 
     try:
         shards = [str(p) for p in list_shards(shards_dir)]
     except ShardError as err:
         raise EmbedError(str(err)) from None
-    model = str(model)
-    if not Path(model).exists():
-        raise EmbedError(f"model checkpoint not found: {model}")
+    try:
+        resolved = resolve_model(str(model), tracking_uri=tracking_uri)
+    except ModelNotFound as err:
+        raise EmbedError(str(err)) from None
+    model_label = f"{resolved.name}:{resolved.version}" if resolved.name else None
     out = str(out)  # a folder or any pyarrow URI: the job may run on a cluster
     try:
         out_fs, out_path = filesystem(out)
@@ -121,7 +143,7 @@ def run_embed(
             raise
         raise EmbedError(f"cannot use {out} for the index: {err}") from None
     try:  # hashed once here rather than in every actor
-        fingerprint = checkpoint_fingerprint(model)
+        fingerprint = checkpoint_fingerprint(resolved.path)
     except HeadError as err:
         raise EmbedError(str(err)) from None
 
@@ -140,7 +162,8 @@ def run_embed(
     ds = ds.map_batches(
         _EmbedActor,
         fn_constructor_kwargs={
-            "model_path": model,
+            "model_ref": resolved.pinned,
+            "tracking_uri": tracking_uri,
             "model_label": model_label,
             "encoder_sha256": fingerprint,
             "device": "cuda" if use_gpu else "cpu",

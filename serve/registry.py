@@ -24,7 +24,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_REGISTRY = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?$")
+_REGISTRY = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+|latest))?$")
 
 
 class ModelNotFound(FileNotFoundError):
@@ -37,26 +37,42 @@ class ResolvedModel:
     name: str | None  # registry name, None for a plain folder
     version: str | None  # registry version, None for a plain folder
     source: str  # what the user asked for
+    # names exactly these weights for another process, say a worker on another node, which
+    # resolves it into its own cache: a version number, not an alias or "latest" that may move
+    # meanwhile; a run folder's chosen checkpoint; an absolute folder
+    pinned: str
 
 
 def resolve_model(ref: str, *, tracking_uri: str | None = None) -> ResolvedModel:
     """A local checkpoint folder for ``ref`` (downloads registry artifacts when needed)."""
     m = _REGISTRY.match(ref)
+    if m is None and ref.startswith("models:/"):
+        raise ModelNotFound(
+            f"not a registry reference: {ref} (models:/<name>, models:/<name>/<version>, "
+            "models:/<name>/latest or models:/<name>@<alias>)"
+        )
     if m is None and "://" in ref:
+        checkpoint = latest_checkpoint(ref)
         return ResolvedModel(
-            path=_fetch(latest_checkpoint(ref)), name=None, version=None, source=ref
+            path=_fetch(checkpoint), name=None, version=None, source=ref, pinned=checkpoint
         )
     if m is None:
         path = Path(ref).expanduser()
         if not path.exists():
             raise ModelNotFound(f"model checkpoint not found: {path}")
         path = Path(latest_checkpoint(str(path.resolve())))
-        return ResolvedModel(path=path, name=None, version=None, source=ref)
+        return ResolvedModel(path=path, name=None, version=None, source=ref, pinned=str(path))
 
     mv = registered_version(ref, tracking_uri=tracking_uri)
     local = _download_version(ref, mv.source, tracking_uri)
     log.info("resolved %s -> version %s at %s", ref, mv.version, local)
-    return ResolvedModel(path=local, name=mv.name, version=str(mv.version), source=ref)
+    return ResolvedModel(
+        path=local,
+        name=mv.name,
+        version=str(mv.version),
+        source=ref,
+        pinned=f"models:/{mv.name}/{mv.version}",
+    )
 
 
 def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:
@@ -129,7 +145,7 @@ def registered_version(ref: str, *, tracking_uri: str | None = None) -> Any:
     try:
         if alias:
             return client.get_model_version_by_alias(name, alias)
-        if version:
+        if version and version != "latest":
             return client.get_model_version(name, version)
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException as err:

@@ -435,6 +435,11 @@ def test_registry_alias_resolves_to_the_checkpoint_folder(world, tmp_path):
     )
     assert runner.info.version == version and runner.info.source == "models:/tiny-enc@champion"
     assert sorted(p.name for p in resolved.path.iterdir()) == sorted(p.name for p in ckpt.iterdir())
+    # what a worker on another node is handed: the version, not an alias that may move
+    assert resolved.pinned == f"models:/tiny-enc/{version}"
+    assert resolve_model("models:/tiny-enc/latest", tracking_uri=uri).version == version
+    with pytest.raises(ModelNotFound, match="not a registry reference: models:/tiny-enc/v1"):
+        resolve_model("models:/tiny-enc/v1", tracking_uri=uri)  # was "checkpoint not found"
     with pytest.raises(ModelNotFound, match="models:/tiny-enc@nope"):
         resolve_model("models:/tiny-enc@nope", tracking_uri=uri)
     with pytest.raises(ModelNotFound, match="not found"):
@@ -465,7 +470,11 @@ def test_checkpoint_uri_is_fetched_once_without_optimizer_state(world, tmp_path,
     make_checkpoint(run / "checkpoint_2026-12-01_10-05-00.000001", step=9)
     (run / "checkpoint_manager_snapshot.json").write_text("{}")
     for ref in (str(run), run.as_uri()):
-        assert json.loads((resolve_model(ref).path / "meta.json").read_text())["step"] == 9
+        resolved = resolve_model(ref)
+        assert json.loads((resolved.path / "meta.json").read_text())["step"] == 9
+        # another process resolves the chosen checkpoint, not whatever is latest by then
+        assert resolved.pinned.endswith("/checkpoint_2026-12-01_10-05-00.000001")
+        assert resolved.pinned.startswith("file://" if "://" in ref else "/")
     (tmp_path / "bucket" / "empty").mkdir()
     with pytest.raises(ModelNotFound, match=r"^model checkpoint not found: .*has no meta.json"):
         resolve_model((tmp_path / "bucket" / "empty").as_uri())
