@@ -366,42 +366,24 @@ def test_ctrl_c_ends_the_mlflow_run_killed_in_one_line(shards, tmp_path):
     # Ray Train answers Ctrl-C by aborting the workers and calling sys.exit(0) from its SIGINT
     # handler (ray.init's SIGTERM handler calls sys.exit(15)): a SystemExit, not the
     # KeyboardInterrupt run_pretrain used to wait for, so the MLflow run stayed RUNNING forever
-    import os
-    import signal
-    import threading
-    import time
-
     import mlflow
+    from interrupts import ctrl_c_once
 
     from pipelines.pretrain import PretrainError, run_pretrain
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = _cfg(tmp_path, **{"train.num_workers": 1, "train.steps": 400, "train.log_every": 2})
-    stop = threading.Event()
+    run_id_file = tmp_path / "t" / "mlflow_run_id"
 
-    def press_ctrl_c_once_training_runs() -> None:
-        deadline = time.monotonic() + 600
-        while not stop.is_set() and time.monotonic() < deadline:
-            run_id = (
-                (tmp_path / "t" / "mlflow_run_id").read_text()
-                if (tmp_path / "t" / "mlflow_run_id").is_file()
-                else None
-            )
-            if run_id and mlflow.MlflowClient(uri).get_metric_history(run_id, "loss"):
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(1)
+    def training_runs() -> bool:
+        run_id = run_id_file.read_text() if run_id_file.is_file() else None
+        return bool(run_id and mlflow.MlflowClient(uri).get_metric_history(run_id, "loss"))
 
-    presser = threading.Thread(target=press_ctrl_c_once_training_runs, daemon=True)
-    previous = signal.getsignal(signal.SIGINT)
-    presser.start()
-    try:
-        with pytest.raises((PretrainError, KeyboardInterrupt)) as err:
-            run_pretrain(cfg, str(shards))
-    finally:
-        stop.set()
-        presser.join()
-        signal.signal(signal.SIGINT, previous)  # Ray Train's handler stays installed otherwise
+    with (
+        ctrl_c_once(training_runs),
+        pytest.raises((PretrainError, KeyboardInterrupt)) as err,
+    ):
+        run_pretrain(cfg, str(shards))
     if isinstance(err.value, PretrainError):
         assert "interrupted" in str(err.value) and "resumable" in str(err.value)
     run_id = (tmp_path / "t" / "mlflow_run_id").read_text()

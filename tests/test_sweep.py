@@ -233,42 +233,25 @@ def test_a_choice_sweep_tries_distinct_settings_drawn_with_the_seed(ray_session,
 def test_an_interrupted_sweep_leaves_no_trial_run_running(nih_shards, tmp_path):
     # Ctrl-C stops Tune's trials before `_trial` closes their MLflow runs: only the parent run
     # was ended, and every child stayed RUNNING in the UI until a --resume that may never come
-    import os
-    import signal
-    import threading
-    import time
-
     import mlflow
+    from interrupts import ctrl_c_once
 
     from pipelines.sweep import SweepError, run_sweep
 
     space = {"ema.start": {"type": "grid", "values": [0.99, 0.996]}}
     cfg = _cfg(tmp_path, "si", space, **{"train.steps": 400, "train.checkpoint_every": 50})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    stop = threading.Event()
 
-    def press_ctrl_c_once_a_trial_trains() -> None:
-        deadline = time.monotonic() + 600
-        while not stop.is_set() and time.monotonic() < deadline:
-            if (tmp_path / "mlflow.db").is_file():
-                client = mlflow.MlflowClient(uri)
-                exp = client.get_experiment_by_name("radjepa")
-                runs = client.search_runs([exp.experiment_id]) if exp else []
-                if any("loss" in r.data.metrics for r in runs):
-                    os.kill(os.getpid(), signal.SIGINT)
-                    return
-            time.sleep(1)
+    def a_trial_trains() -> bool:
+        if not (tmp_path / "mlflow.db").is_file():
+            return False
+        client = mlflow.MlflowClient(uri)
+        exp = client.get_experiment_by_name("radjepa")
+        runs = client.search_runs([exp.experiment_id]) if exp else []
+        return any("loss" in r.data.metrics for r in runs)
 
-    presser = threading.Thread(target=press_ctrl_c_once_a_trial_trains, daemon=True)
-    previous = signal.getsignal(signal.SIGINT)
-    presser.start()
-    try:
-        with pytest.raises(SweepError, match="interrupted"):
-            run_sweep(cfg, str(nih_shards))
-    finally:
-        stop.set()
-        presser.join()
-        signal.signal(signal.SIGINT, previous)
+    with ctrl_c_once(a_trial_trains), pytest.raises(SweepError, match="interrupted"):
+        run_sweep(cfg, str(nih_shards))
     parent = (tmp_path / "si" / "mlflow_parent_run_id").read_text()
     assert mlflow.MlflowClient(uri).get_run(parent).info.status == "KILLED"
     children = _child_runs(uri, parent)

@@ -1,0 +1,37 @@
+"""Pressing Ctrl-C on a running job from inside the test process, as a user would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def ctrl_c_once(ready: Callable[[], bool], timeout_s: float = 600) -> Iterator[None]:
+    """Send this process SIGINT once ``ready()`` holds (polled every second) while the body
+    runs. Waiting for a sign of training (a logged loss) puts the signal where a user's would
+    land, inside Ray Train's or Tune's run, whose handlers then stay installed: the previous
+    handler is put back afterwards so the rest of the session keeps pytest's."""
+    stop = threading.Event()
+
+    def press() -> None:
+        deadline = time.monotonic() + timeout_s
+        while not stop.is_set() and time.monotonic() < deadline:
+            if ready():
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(1)
+
+    presser = threading.Thread(target=press, daemon=True)
+    previous = signal.getsignal(signal.SIGINT)
+    presser.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        presser.join()
+        signal.signal(signal.SIGINT, previous)
