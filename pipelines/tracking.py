@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from radjepa.config import Config, TrackingConfig
-from radjepa.locations import join_location, local_path
+from radjepa.locations import join_location, local_path, redact
 
 log = logging.getLogger(__name__)
-
-# scheme://user:password@host (a database store, pyarrow's s3://KEY:SECRET@bucket) and query
-# credentials (?secret_key=..., &token=...): anyone who can read the runs can read a param
-_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@")
-_QUERY_SECRET = re.compile(
-    r"(?i)(?P<head>[?&][^=&\s]*(?:secret|token|password|passwd|key)[^=&\s]*=)[^&\s]*"
-)
-REDACTED = "***"
 
 
 def client(uri: str, attempts: int = 5) -> Any:
@@ -74,14 +65,6 @@ def store_uri(cfg: Config, *, create: bool = False) -> str | None:
     if create:
         return tracking_uri(cfg.tracking, local)
     return f"sqlite:///{Path(local).resolve() / 'mlflow.db'}"
-
-
-def redact(text: str) -> str:
-    """``text`` with the credentials of any URI in it replaced by ``***``: a config may carry
-    them (``tracking.uri: postgresql://user:pw@db/mlflow``, ``s3://KEY:SECRET@bucket/runs``),
-    and whatever is logged to MLflow is readable by everyone with access to the store."""
-    text = _USERINFO.sub(rf"\g<head>:{REDACTED}@", text)
-    return _QUERY_SECRET.sub(rf"\g<head>{REDACTED}", text)
 
 
 def redacted_yaml(cfg: Config) -> str:

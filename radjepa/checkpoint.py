@@ -45,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from radjepa.config import Config
+from radjepa.locations import redact_strings
 from radjepa.models.encoder import VisionEncoder, build_encoder
 from radjepa.transforms import MEAN, STD
 
@@ -193,7 +194,9 @@ def _meta(cfg: Config, step: int, parts: list[str], extra: dict | None, has_opt:
     meta.update(
         format_version=FORMAT_VERSION,
         step=int(step),
-        config=cfg.model_dump(mode="json"),
+        # the registered model carries this file: no credentials from URIs in the config (the
+        # weights' fingerprint covers it, so it is written redacted once, not redacted on upload)
+        config=redact_strings(cfg.model_dump(mode="json")),
         model=_model_spec(cfg),
         value_contract=_value_contract(cfg),
         parts=parts,

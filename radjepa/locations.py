@@ -5,7 +5,9 @@ s3://...`` behaves like a local folder for shards, checkpoints, run ids and ``be
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
@@ -18,9 +20,39 @@ __all__ = [
     "join_location",
     "local_path",
     "read_text",
+    "redact",
+    "redact_strings",
     "spell_like",
     "write_text",
 ]
+
+
+# scheme://user:password@host (a database store, pyarrow's s3://KEY:SECRET@bucket) and query
+# credentials (?secret_key=..., &token=...)
+_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*):[^@/\s]*@")
+_QUERY_SECRET = re.compile(
+    r"(?i)(?P<head>[?&][^=&\s]*(?:secret|token|password|passwd|key)[^=&\s]*=)[^&\s]*"
+)
+REDACTED = "***"
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of any URI in it replaced by ``***``: a config may carry
+    them (``tracking.uri: postgresql://user:pw@db/mlflow``, ``s3://KEY:SECRET@bucket/runs``),
+    and whatever reaches MLflow or a checkpoint is readable by everyone with access to it."""
+    text = _USERINFO.sub(rf"\g<head>:{REDACTED}@", text)
+    return _QUERY_SECRET.sub(rf"\g<head>{REDACTED}", text)
+
+
+def redact_strings(value: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, scalars) with :func:`redact` applied to every string."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_strings(v) for v in value]
+    return value
 
 
 def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:

@@ -104,6 +104,8 @@ def test_credentials_in_uris_are_not_logged(tmp_path, monkeypatch):
 
     from pipelines.pretrain import finish_tracking
     from pipelines.tracking import ensure_experiment, log_params
+    from radjepa.checkpoint import load_encoder, read_meta, save
+    from radjepa.models.encoder import build_encoder
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -118,7 +120,9 @@ def test_credentials_in_uris_are_not_logged(tmp_path, monkeypatch):
     client = mlflow.MlflowClient(store)
     run_id = client.create_run(ensure_experiment(store, "radjepa")).info.run_id
     log_params(run_id, store, cfg)
-    finish_tracking(cfg, store, run_id, str(make_checkpoint(tmp_path / "ckpt")), {})
+    ckpt = tmp_path / "ckpt"
+    save(ckpt, build_encoder(cfg), cfg, step=7)
+    finish_tracking(cfg, store, run_id, str(ckpt), {})
     params = client.get_run(run_id).data.params
     assert params["tracking.uri"] == "postgresql://mlflow:***@db:5432/mlflow"
     assert params["data.shards"] == "s3://AKIAEXAMPLE:***@bucket/shards"
@@ -126,6 +130,12 @@ def test_credentials_in_uris_are_not_logged(tmp_path, monkeypatch):
     text = logged.read_text()
     assert "S3cretPw" not in text and "wJalrXUtnFEMI" not in text
     assert "postgresql://mlflow:***@db:5432/mlflow" in text
+    # the checkpoint's meta.json goes up with the weights (and with any registered model)
+    meta = client.download_artifacts(run_id, "checkpoint-step-7/meta.json", str(tmp_path / "m"))
+    text = Path(meta).read_text()
+    assert "S3cretPw" not in text and "wJalrXUtnFEMI" not in text and "AKIAEXAMPLE:***@" in text
+    assert read_meta(ckpt)["config"]["data"]["shards"] == "s3://AKIAEXAMPLE:***@bucket/shards"
+    load_encoder(ckpt)  # the redacted config still validates
 
     from pipelines.tracking import redact
 
