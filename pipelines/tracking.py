@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,9 @@ def client(uri: str, attempts: int = 5) -> Any:
 
     for attempt in range(attempts):
         try:
-            c = mlflow.MlflowClient(uri)
-            c.search_experiments(max_results=1)  # touch the store so a collision surfaces here
+            with _first_open_lock(uri):
+                c = mlflow.MlflowClient(uri)
+                c.search_experiments(max_results=1)  # touch the store so a collision surfaces
             return c
         except Exception as err:  # sqlalchemy OperationalError, wrapped by MLflow differently
             text = str(err).lower()
@@ -37,6 +40,28 @@ def client(uri: str, attempts: int = 5) -> Any:
                 raise
             time.sleep(0.5 + random.random() * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _first_open_lock(uri: str) -> Iterator[None]:
+    """Serialise the creation of a new sqlite store across processes. MLflow builds the schema
+    on first open, and jobs started at the same moment on a fresh output folder each built it
+    (6 processes: 6 failed, "table ... already exists", and the store stayed unusable). A store
+    half built by another process looks like any other file, so every open takes ``<db>.lock``:
+    held for one schema check, a few milliseconds once the store exists."""
+    import fcntl
+
+    path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def tracking_uri(tracking: TrackingConfig, output_dir: str | os.PathLike[str]) -> str:

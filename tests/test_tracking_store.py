@@ -214,3 +214,38 @@ def test_registry_downloads_from_a_server_are_cached_not_leaked(
     assert first.path == again.path and (first.path / "weights.safetensors").is_file()
     assert first.path.is_relative_to(tmp_path / "cache")
     assert not any(scratch.rglob("weights.safetensors"))  # no stray copies
+
+
+def test_jobs_opening_a_new_store_at_once_all_get_it(tmp_path):
+    # two jobs started together on a fresh output folder: MLflow builds the sqlite schema on
+    # first open, and concurrent builds failed (6 of 6 processes) and left the store broken
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    start = time.time() + 15  # every process has imported MLflow by then
+    script = (
+        "import sys, time\n"
+        "from pipelines.tracking import client\n"
+        "while time.time() < float(sys.argv[2]):\n"
+        "    time.sleep(0.005)\n"
+        "client(sys.argv[1]).search_experiments()\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, uri, str(start)],
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-600:] for o in outputs)
+
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    assert client.get_experiment_by_name("Default") is not None  # the store works afterwards
