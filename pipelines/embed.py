@@ -6,7 +6,7 @@ model label, the checkpoint fingerprint (``encoder_sha256``: the server refuses 
 any other checkpoint) and a fixed-size-list ``embedding`` column. ``serve.index.EmbeddingIndex``
 reads that output for ``/v1/similar``. The encoder sees exactly what the served model sees:
 stored pixels -> ``radjepa.transforms.prepare_images`` -> ``encoder.embed`` (average-pooled
-patch tokens), in :class:`serve.embedder.EncoderRunner`, the code the server runs.
+patch tokens), in :class:`radjepa.inference.EncoderRunner`, the code the server runs.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class _EmbedActor:
         encoder_sha256: str,
         device: str,
     ) -> None:
-        from serve.embedder import EncoderRunner
+        from radjepa.inference import EncoderRunner
         from serve.registry import resolve_model
 
         resolved = resolve_model(model_ref, tracking_uri=tracking_uri)

@@ -1,6 +1,6 @@
 """Ray Serve wiring: a batched encoder deployment behind a FastAPI ingress deployment.
 
-Thin by design: the encoder deployment wraps :class:`serve.embedder.EncoderRunner` and adds
+Thin by design: the encoder deployment wraps :class:`radjepa.inference.EncoderRunner` and adds
 ``@serve.batch`` (concurrent requests share one forward pass, on GPU when present); the ingress
 builds the app from :func:`serve.app.create_app` at replica start and decodes uploads itself,
 sending decoded pixel arrays (never UploadFile objects) to the encoder handle.

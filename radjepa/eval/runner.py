@@ -74,7 +74,7 @@ def probe_features(
 def _decode_settings(enc_cfg: Config) -> dict[str, Any]:
     """Decode arguments from the ingest settings saved with the checkpoint.
 
-    Serving decodes uploads with these (``serve.embedder.Preprocess``) and the encoder was
+    Serving decodes uploads with these (``radjepa.inference.Preprocess``) and the encoder was
     trained on shards made with them; decoding with the probe command's own config (defaults
     without ``--config``) would measure, and fit the served head on, other pixels.
     """
