@@ -1,14 +1,14 @@
 """The pretraining job: Parquet shards stream through Ray Data into a Ray Train JEPA run.
 
-Orchestration only: the step, schedules, masks and checkpoint format live in ``radjepa``. This
-module decides where things run (workers, GPUs, CPUs left for Ray Data), where they are stored
+Orchestration only: the step, schedules, masks, checkpoint format, hold-out split, resume checks
+and quality metrics live in ``radjepa`` (``engine``, ``training_data``, ``resume``,
+``monitoring``). This module decides where things run (workers, GPUs, CPUs left for Ray Data), where they are stored
 (run folder, checkpoints, MLflow) and how a run survives failures (FailureConfig restarts from
 the latest reported checkpoint; re-running the same command with the same run name resumes).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -20,42 +20,21 @@ from typing import Any
 import numpy as np
 
 from radjepa import locations
-from radjepa.config import Config, flatten
+from radjepa.config import Config
+from radjepa.resume import ResumeError, ResumePoint
+from radjepa.training_data import TrainingDataError
 
 log = logging.getLogger(__name__)
 
 FAILURE_MARKER = ".radjepa-injected-failure"
-MONITOR_IMAGES = 256  # images for RankMe / feature std; enough rows for a stable spectrum
 
 
 class PretrainError(RuntimeError):
     """A problem with the inputs or the environment, phrased for the user."""
 
 
-# Settings the optimisation in a checkpoint depends on: a resume with other values continues a
-# different experiment than the one recorded, so it needs train.allow_config_change
-RESUME_GUARDED = (
-    "masks.",
-    "ema.",
-    "optim.",
-    "data.crop_size",
-    "data.crop_scale",
-    "data.crop_ratio",
-    "train.seed",
-    "train.batch_size",
-)
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """The checkpoint a re-run continues from, the damaged newer ones it skips, and the guarded
-    keys the new config changes (only non-empty with train.allow_config_change)."""
-
-    path: str
-    step: int
-    damaged: tuple[str, ...]
-    changed: dict[str, tuple[Any, Any]]
-    num_workers: int  # the ranks it was trained with (train.num_workers=0 resolves per cluster)
+# the library's own user-facing errors, reported as a PretrainError by this job
+_LIBRARY_ERRORS = (TrainingDataError, ResumeError)
 
 
 @dataclass(frozen=True)
@@ -72,143 +51,20 @@ class PretrainResult:
 # Data
 
 
-def _images_dir(data: str) -> str:
-    """The shard folder of an ingest output (local path or URI), checked to hold shards."""
-    from radjepa.shards import ShardError, list_shards, shard_folder
-
-    try:
-        list_shards(data)
-    except ShardError as exc:
-        raise PretrainError(f"no shards at {data}: {exc}") from None
-    except (OSError, ValueError) as exc:  # unknown URI scheme, unreachable bucket, ...
-        raise PretrainError(f"cannot read shards at {data}: {exc}") from None
-    return shard_folder(data)
-
-
-def is_holdout(image_id: str, fraction: float) -> bool:
-    """Deterministic hold-out by content hash: the same image is held out on every run."""
-    if fraction <= 0:
-        return False
-    h = int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16)
-    return h / 0xFFFFFFFF < fraction
-
-
-def inspect_shards(data: str, cfg: Config) -> dict[str, Any]:
-    """Read shard metadata (not pixels) to fail fast when the config does not fit the data."""
-    import pyarrow.dataset as pads
-
-    images = _images_dir(data)
-    ds = pads.dataset(images, format="parquet")
-    table = ds.to_table(columns=["image_id", "height", "width", "dtype"])
-    if table.num_rows == 0:
-        raise PretrainError(f"{images} has shards but no images (everything was quarantined?)")
-    heights = set(table.column("height").to_pylist())
-    widths = set(table.column("width").to_pylist())
-    dtypes = set(table.column("dtype").to_pylist())
-    if len(heights | widths) != 1 or len(dtypes) != 1:
-        raise PretrainError(
-            f"shards mix image sizes {sorted(heights | widths)} or dtypes {sorted(dtypes)}; "
-            "ingest each archive with one ingest.image_size/dtype"
-        )
-    size = heights.pop()
-    if cfg.data.crop_size > size:
-        raise PretrainError(
-            f"data.crop_size={cfg.data.crop_size} is larger than the stored images ({size} px); "
-            f"lower data.crop_size/model.img_size or re-ingest with ingest.image_size >= "
-            f"{cfg.data.crop_size}"
-        )
-    ids = table.column("image_id").to_pylist()
-    holdout = [i for i in ids if is_holdout(i, cfg.data.holdout_fraction)]
-    n_train = len(ids) - len(holdout)
-    check_global_batch(n_train, cfg)
-    return {
-        "images_dir": images,
-        "rows": len(ids),
-        "train_rows": n_train,
-        "holdout_rows": len(holdout),
-        "size": size,
-        "dtype": dtypes.pop(),
-    }
-
-
-def check_global_batch(n_train: int, cfg: Config) -> None:
-    """Every worker needs at least one full batch per pass (0 workers = auto: checked once the
-    cluster has said how many, at least one)."""
-    workers = max(1, cfg.train.num_workers)
-    global_batch = cfg.train.batch_size * workers
-    if n_train < global_batch:
-        raise PretrainError(
-            f"only {n_train} training images for a global batch of {global_batch} "
-            f"(train.batch_size={cfg.train.batch_size} x train.num_workers={workers}); "
-            "lower the batch size or ingest more images"
-        )
-
-
-def decode_pixel_batch(batch: Any, holdout_fraction: float = 0.0) -> dict[str, np.ndarray]:
-    """Ray Data UDF: shard rows (an Arrow table) -> ``image`` [B, H, W] without the hold-out.
-
-    The pixels come out of the Arrow buffer in one piece (``radjepa.shards.pixel_batch``); the
-    hold-out is dropped here rather than by a row-wise ``Dataset.filter``, which would turn
-    every row (pixel bytes included) into a Python dict first.
-    """
-    from radjepa.shards import pixel_batch
-
-    images = pixel_batch(batch)
-    if holdout_fraction > 0:
-        ids = batch.column("image_id").to_pylist()
-        keep = np.fromiter((not is_holdout(i, holdout_fraction) for i in ids), bool, len(ids))
-        images = images[keep]
-    return {"image": images}
-
-
-def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.ndarray:
-    """A fixed image set for label-free quality metrics: the hold-out, else the first images.
-
-    Hold-out images are preferred (they are never trained on); with a tiny archive there may be
-    too few, and the training images still give a meaningful collapse signal. The ids are read
-    first, then the shards are streamed in small batches keeping only the chosen rows: decoding
-    a block of the archive to pick from it held 16x the set in the driver (a GiB for 256 px
-    uint16) and missed hold-out images beyond the block.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    from radjepa.shards import pixel_batch
-
-    ds = pads.dataset(_images_dir(data), format="parquet")
-    ids = ds.to_table(columns=["image_id"]).column("image_id").to_pylist()
-    held = [i for i, x in enumerate(ids) if is_holdout(x, cfg.data.holdout_fraction)]
-    pick = held if len(held) >= 32 else list(range(len(ids)))
-    chosen = pa.array([ids[i] for i in pick[:limit]], pa.string())
-    parts = []
-    for path in ds.files:
-        with ds.filesystem.open_input_file(path) as f:
-            batches = pq.ParquetFile(f, pre_buffer=False).iter_batches(
-                batch_size=64, columns=["image_id", "pixels", "height", "width", "dtype"]
-            )
-            for rb in batches:
-                keep = pc.is_in(rb.column("image_id"), value_set=chosen)
-                if pc.any(keep).as_py():
-                    parts.append(np.array(pixel_batch(rb.filter(keep))))  # [k, H, W], owned
-    if not parts:
-        raise PretrainError(f"no images to monitor quality with under {data}")
-    return np.concatenate(parts)  # [n, H, W]
-
-
 def build_train_dataset(data: str, cfg: Config):
     """Ray Data pipeline: read shards, shuffle blocks, decode pixels and drop the hold-out."""
     import ray.data
 
-    images = _images_dir(data)
+    from radjepa.training_data import TRAINING_COLUMNS, decode_training_batch, images_dir
+
+    images = images_dir(data)
     # the training stream is re-read every epoch: per-epoch progress bars would bury the
     # step log, which already reports throughput
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(images, columns=["image_id", "pixels", "height", "width", "dtype"])
+    ds = ray.data.read_parquet(images, columns=TRAINING_COLUMNS)
     ds = ds.randomize_block_order(seed=cfg.train.seed)
     return ds.map_batches(
-        decode_pixel_batch,
+        decode_training_batch,
         batch_format="pyarrow",
         batch_size=256,
         fn_kwargs={"holdout_fraction": cfg.data.holdout_fraction},
@@ -219,52 +75,6 @@ def build_train_dataset(data: str, cfg: Config):
 # The per-worker training loop (runs inside Ray Train workers)
 
 
-def _embed(trainer: Any, images: np.ndarray, cfg: Config, device: Any):
-    import torch
-
-    from radjepa.transforms import prepare_images
-
-    embs = []
-    with torch.no_grad():
-        for i in range(0, len(images), 64):
-            x = prepare_images(list(images[i : i + 64]), cfg.model.img_size).to(device)
-            embs.append(trainer.target_embeddings(x).float().cpu())
-    return torch.cat(embs)
-
-
-def _quality(
-    trainer: Any, images: np.ndarray, cfg: Config, device: Any, probe: dict[str, Any] | None
-) -> dict[str, float]:
-    """Label-free collapse signals on the monitor set, plus, when a sweep gave labels, kNN AUROC
-    and (``tune.metric=probe_auroc``) the patient-grouped cross-validated linear-probe AUROC."""
-    from radjepa.metrics import feature_std, rankme
-
-    emb = _embed(trainer, images, cfg, device)
-    out = {"rankme": rankme(emb), "feature_std": feature_std(emb)}
-    if probe:
-        from radjepa.eval.retrieval import knn_auroc
-
-        feats = _embed(trainer, probe["images"], cfg, device).numpy()
-        out["knn_auroc"] = float(
-            knn_auroc(feats, probe["labels"], probe["groups"], k=cfg.probe.knn_k)
-        )
-        if cfg.tune.metric == "probe_auroc":
-            from radjepa.eval.linear_probe import cross_val_probe
-
-            res = cross_val_probe(
-                feats,
-                probe["labels"],
-                probe["groups"],
-                label_names=[cfg.tune.label_column or "label"],
-                c=cfg.probe.logreg_c,
-                folds=cfg.probe.folds,
-                bootstrap=0,  # a ranking signal per report: the point estimate is enough
-                seed=cfg.probe.seed,
-            ).labels[0]
-            out["probe_auroc"] = float(res.auroc.estimate) if res.auroc else float("nan")
-    return out
-
-
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry: resume if a checkpoint exists, then step until ``train.steps``."""
     import ray.train
@@ -272,7 +82,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import torch
 
     from radjepa.checkpoint import load_checkpoint, save_checkpoint
-    from radjepa.engine import Pretrainer
+    from radjepa.engine import Pretrainer, mean_over_ranks
+    from radjepa.monitoring import quality_metrics
     from radjepa.transforms import random_resized_crop, to_model_input
 
     cfg = Config.model_validate(loop_config["config"])
@@ -352,7 +163,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             if step % cfg.train.checkpoint_every == 0 or step == steps:
                 metrics = {"step": step, **last}
                 if rank == 0 and monitor is not None and len(monitor) >= 2:
-                    quality = _quality(trainer, monitor, cfg, device, loop_config.get("probe_set"))
+                    quality = quality_metrics(
+                        trainer, monitor, cfg, device, loop_config.get("probe_set")
+                    )
                     metrics.update(quality)
                     if tracking:
                         _log_metrics(tracking, quality, step)
@@ -415,6 +228,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from pipelines.runtime import resolve_use_gpu
+    from radjepa.monitoring import monitor_images
 
     return TorchTrainer(
         train_loop,
@@ -444,23 +258,28 @@ def build_trainer(
 def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     """Run (or resume) ``cfg.train.run_name`` on the shards in ``data``."""
     from pipelines.runtime import ensure_ray
+    from radjepa.resume import check_resume_workers, find_resume_point
+    from radjepa.training_data import inspect_shards
 
-    info = inspect_shards(data, cfg)
-    log.info(
-        "%d images (%d for training, %d held out), %d px %s",
-        info["rows"],
-        info["train_rows"],
-        info["holdout_rows"],
-        info["size"],
-        info["dtype"],
-    )
-    storage = prepare_outputs(cfg)
-    run_dir = locations.join_location(storage, cfg.train.run_name)
-    resume = find_resume_point(cfg, run_dir)
-    ensure_ray()
-    cfg = _resolve_workers(cfg, info["train_rows"])
-    if resume is not None:
-        check_resume_workers(resume, cfg)
+    try:
+        info = inspect_shards(data, cfg)
+        log.info(
+            "%d images (%d for training, %d held out), %d px %s",
+            info.rows,
+            info.train_rows,
+            info.holdout_rows,
+            info.size,
+            info.dtype,
+        )
+        storage = prepare_outputs(cfg)
+        run_dir = locations.join_location(storage, cfg.train.run_name)
+        resume = find_resume_point(cfg, run_dir)
+        ensure_ray()
+        cfg = _resolve_workers(cfg, info.train_rows)
+        if resume is not None:
+            check_resume_workers(resume, cfg)
+    except _LIBRARY_ERRORS as err:
+        raise PretrainError(str(err)) from None
 
     tracking, run_id, uri = None, None, None
     if cfg.tracking.enabled:
@@ -504,7 +323,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     except Exception as err:
         if tracking:
             mark_run(uri, run_id, "FAILED")
-        if isinstance(err, ClusterResourceError | PretrainError):
+        if isinstance(err, (ClusterResourceError, PretrainError, *_LIBRARY_ERRORS)):
             raise PretrainError(str(err)) from None
         raise PretrainError(_explain_failure(err)) from err
 
@@ -529,144 +348,6 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
 
 # ---------------------------------------------------------------------------------------------
 # Resuming
-
-
-def _checkpoint_dirs(run_dir: str) -> list[tuple[str, str]]:
-    """(name, location) of the run's checkpoint folders, newest first: Ray Train names them
-    ``checkpoint_<timestamp>``, so the names sort in the order they were reported."""
-    import pyarrow.fs as pafs
-
-    try:
-        fs, root = locations.filesystem(run_dir)
-        entries = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), allow_not_found=True))
-    except (OSError, ValueError) as err:
-        raise PretrainError(f"cannot list the checkpoints in {run_dir}: {err}") from None
-    names = sorted(
-        (
-            e.base_name
-            for e in entries
-            if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")
-        ),
-        reverse=True,
-    )
-    return [(name, locations.join_location(run_dir, name)) for name in names]
-
-
-def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
-    """The newest checkpoint of ``run_dir`` that reads cleanly, checked against ``cfg``, before
-    any cluster work. Ray Train itself restores its latest checkpoint whatever its state, so a
-    damaged one (a disk that filled up, an upload cut short) failed every retry and every re-run
-    although an intact older checkpoint lay beside it. None for a new run."""
-    from radjepa.checkpoint import CheckpointError, check_resumable
-
-    damaged: list[str] = []
-    for name, location in _checkpoint_dirs(run_dir):
-        try:
-            step, saved = check_resumable(location)
-        except CheckpointError as err:
-            log.warning("checkpoint %s is damaged, skipping it: %s", location, err)
-            damaged.append(name)
-            continue
-        if damaged:
-            log.warning(
-                "resuming from %s (step %d): the newer %s cannot be read",
-                name,
-                step,
-                ", ".join(damaged),
-            )
-        changed = check_resume_config(saved, cfg, step)
-        return ResumePoint(location, step, tuple(damaged), changed, saved.train.num_workers)
-    if damaged:
-        raise PretrainError(
-            f"no checkpoint of {run_dir} can be read ({', '.join(damaged)}): delete them to "
-            "start the run over, or choose another train.run_name"
-        )
-    return None
-
-
-def _describe(diff: dict[str, tuple[Any, Any]], keys: list[str]) -> str:
-    return ", ".join(f"{k} {diff[k][0]!r} -> {diff[k][1]!r}" for k in keys)
-
-
-def check_resume_config(saved: Config, cfg: Config, step: int) -> dict[str, tuple[Any, Any]]:
-    """What ``cfg`` changes against the config a run's checkpoint was trained with. Another
-    model cannot load the weights at all; other masks, EMA, optimizer, crops, seed or batch size
-    would silently turn the run into a different experiment, so they need
-    ``train.allow_config_change``; more (or fewer) steps only stretch the schedules."""
-    old, new = flatten(saved), flatten(cfg)
-    diff = {
-        k: (old.get(k), new.get(k))
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k)
-    }
-    name = cfg.train.run_name
-    model = [k for k in diff if k.startswith("model.") and k != "model.attention"]
-    if model:
-        raise PretrainError(
-            f"run {name} has a checkpoint at step {step} of another model "
-            f"({_describe(diff, model)}): resume with its model settings or choose another "
-            "train.run_name"
-        )
-    guarded = [k for k in diff if k.startswith(RESUME_GUARDED)]
-    if guarded and not cfg.train.allow_config_change:
-        raise PretrainError(
-            f"run {name} has a checkpoint at step {step} trained with other settings "
-            f"({_describe(diff, guarded)}): use the run's settings, set "
-            "train.allow_config_change=true to continue with the new ones, or choose another "
-            "train.run_name"
-        )
-    if "train.steps" in diff:
-        log.info(
-            "run %s: train.steps %s -> %s; the LR, weight-decay and EMA schedules now span %s "
-            "steps",
-            name,
-            *diff["train.steps"],
-            cfg.train.steps,
-        )
-    if guarded:
-        log.warning(
-            "run %s resumes at step %d with changed settings (train.allow_config_change): %s",
-            name,
-            step,
-            _describe(diff, guarded),
-        )
-    return {k: diff[k] for k in guarded}
-
-
-def mean_over_ranks(value: Any) -> Any:
-    """A per-rank 0-d tensor averaged over the process group (itself without one): the logged
-    loss is the whole global batch's, not rank 0's share of it. SUM then divide, since gloo
-    (CPU workers) has no AVG."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    total = value.detach().clone()
-    dist.all_reduce(total)
-    return total / dist.get_world_size()
-
-
-def check_resume_workers(resume: ResumePoint, cfg: Config) -> None:
-    """The global batch is train.batch_size per rank times the ranks: resuming on another
-    number of ranks (``num_workers=0`` resolves on the cluster in hand) changes it like a
-    batch-size change does, which needs train.allow_config_change too."""
-    was, now = resume.num_workers, cfg.train.num_workers
-    if was == now or was == 0:
-        return
-    if not cfg.train.allow_config_change:
-        raise PretrainError(
-            f"run {cfg.train.run_name} has a checkpoint at step {resume.step} trained on {was} "
-            f"workers; this run would use {now} (global batch {was * cfg.train.batch_size} -> "
-            f"{now * cfg.train.batch_size}): set train.num_workers={was}, set "
-            "train.allow_config_change=true, or choose another train.run_name"
-        )
-    log.warning(
-        "run %s resumes at step %d on %d workers instead of %d (train.allow_config_change)",
-        cfg.train.run_name,
-        resume.step,
-        now,
-        was,
-    )
 
 
 def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint) -> None:
@@ -696,6 +377,8 @@ def _resolve_workers(cfg: Config, train_rows: int) -> Config:
         raise PretrainError(str(err)) from None
     log.info("train.num_workers=0: %d workers on this cluster", workers)
     cfg = cfg.with_overrides({"train.num_workers": workers})
+    from radjepa.training_data import check_global_batch
+
     check_global_batch(train_rows, cfg)
     return cfg
 

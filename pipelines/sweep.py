@@ -311,16 +311,20 @@ def run_sweep(
     cfg: Config, data: str, *, num_samples: int | None = None, resume: bool = False
 ) -> SweepResult:
     """Run (or, with ``resume``, continue) the sweep named ``cfg.tune.name``."""
-    from pipelines.pretrain import PretrainError, inspect_shards, prepare_outputs
+    from pipelines.pretrain import PretrainError, prepare_outputs
     from pipelines.runtime import (
         ClusterResourceError,
         ensure_ray,
         max_parallel_trials,
         resolve_use_gpu,
     )
+    from radjepa.training_data import TrainingDataError, inspect_shards
 
     _check_space(cfg)
-    inspect_shards(data, cfg)
+    try:
+        inspect_shards(data, cfg)
+    except TrainingDataError as err:
+        raise SweepError(str(err)) from None
     given = cfg  # what best.yaml starts from (a trial's adjustments below are not the user's)
     if cfg.train.num_workers == 0:
         # trials run side by side, so the cluster is shared out by trials, not by ranks

@@ -29,7 +29,7 @@ from radjepa.masks import MaskSampler
 from radjepa.optim import build_optimizer, set_hparams
 from radjepa.schedules import schedule_at
 
-__all__ = ["Pretrainer"]
+__all__ = ["Pretrainer", "mean_over_ranks"]
 
 log = logging.getLogger(__name__)
 
@@ -228,3 +228,16 @@ class Pretrainer:
         self.step = int(state["step"])
         if "mask_sampler" in state:
             self.sampler.load_state_dict(state["mask_sampler"])
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """A per-rank 0-d tensor averaged over the process group (itself without one): the logged
+    loss is the whole global batch's, not rank 0's share of it. SUM then divide, since gloo
+    (CPU workers) has no AVG."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()

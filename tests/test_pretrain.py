@@ -166,20 +166,26 @@ def test_rerunning_a_finished_run_continues_from_its_checkpoint(shards, tmp_path
 
 
 def test_clear_errors_before_any_cluster_work(tmp_path, shards):
-    from pipelines.pretrain import PretrainError, inspect_shards
+    from pipelines.pretrain import PretrainError, run_pretrain
+    from radjepa.training_data import TrainingDataError, inspect_shards
 
-    with pytest.raises(PretrainError, match="no shards"):
+    with pytest.raises(TrainingDataError, match="no shards"):
         inspect_shards(str(tmp_path / "missing"), _cfg(tmp_path))
     (tmp_path / "empty" / "images").mkdir(parents=True)
-    with pytest.raises(PretrainError, match="no Parquet shards .*run `radjepa ingest"):
+    with pytest.raises(TrainingDataError, match="no Parquet shards .*run `radjepa ingest"):
         inspect_shards(str(tmp_path / "empty"), _cfg(tmp_path))
-    with pytest.raises(PretrainError, match="cannot read shards at nosuch://"):
+    with pytest.raises(TrainingDataError, match="cannot read shards at nosuch://"):
         inspect_shards("nosuch://bucket/shards", _cfg(tmp_path))
     big = _cfg(tmp_path, **{"model.img_size": 512, "data.crop_size": 512, "ingest.image_size": 512})
-    with pytest.raises(PretrainError, match="larger than the stored images"):
+    with pytest.raises(TrainingDataError, match="larger than the stored images"):
         inspect_shards(str(shards), big)
-    with pytest.raises(PretrainError, match="global batch"):
+    with pytest.raises(TrainingDataError, match="global batch"):
         inspect_shards(str(shards), _cfg(tmp_path, **{"train.batch_size": 64}))
+    # the job reports the library's checks as its own one-line errors, before Ray starts
+    too_big = _cfg(tmp_path, **{"train.batch_size": 64})
+    with pytest.raises(PretrainError, match="global batch") as err:
+        run_pretrain(too_big, str(shards))
+    assert err.value.__cause__ is None and not (tmp_path / too_big.train.run_name).exists()
 
 
 def test_relative_outputs_inside_a_ray_job_are_refused(tmp_path, monkeypatch):
@@ -229,12 +235,13 @@ def test_worker_count_from_the_cluster(ray_session):
 def test_training_stream_is_every_image_but_the_holdout(shards, tmp_path):
     import hashlib
 
-    from pipelines.pretrain import build_train_dataset, inspect_shards, is_holdout
+    from pipelines.pretrain import build_train_dataset
     from radjepa.shards import read_images
+    from radjepa.training_data import inspect_shards, is_holdout
 
     cfg = _cfg(tmp_path, **{"data.holdout_fraction": 0.3})
     info = inspect_shards(str(shards), cfg)
-    assert 0 < info["holdout_rows"] < info["rows"]
+    assert 0 < info.holdout_rows < info.rows
     images, meta = read_images(shards)
     ids = meta.column("image_id").to_pylist()
 
@@ -244,21 +251,23 @@ def test_training_stream_is_every_image_but_the_holdout(shards, tmp_path):
     want = Counter(digest(a) for a, i in zip(images, ids, strict=True) if not is_holdout(i, 0.3))
     batches = build_train_dataset(str(shards), cfg).iter_batches(batch_size=16)
     got = Counter(digest(a) for b in batches for a in b["image"])
-    assert got == want and sum(got.values()) == info["train_rows"]
+    assert got == want and sum(got.values()) == info.train_rows
 
 
 def test_shards_are_read_from_a_uri(shards, tmp_path):
     # cluster jobs pass object-store URIs (s3://, gs://): the same code path reads file:// here
-    from pipelines.pretrain import build_train_dataset, inspect_shards, monitor_images
+    from pipelines.pretrain import build_train_dataset
+    from radjepa.monitoring import monitor_images
+    from radjepa.training_data import inspect_shards
 
     cfg = _cfg(tmp_path)
     uri = Path(shards).resolve().as_uri()
     info = inspect_shards(uri, cfg)
-    assert info["images_dir"] == uri + "/images"
-    assert info["rows"] == inspect_shards(str(shards), cfg)["rows"] > 0
-    assert monitor_images(uri, cfg).shape[1:] == (info["size"], info["size"])
+    assert info.images_dir == uri + "/images"
+    assert info.rows == inspect_shards(str(shards), cfg).rows > 0
+    assert monitor_images(uri, cfg).shape[1:] == (info.size, info.size)
     batch = build_train_dataset(uri, cfg).take_batch(4)
-    assert batch["image"].shape == (4, info["size"], info["size"])
+    assert batch["image"].shape == (4, info.size, info.size)
 
 
 def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(shards, tmp_path, caplog):
@@ -280,7 +289,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(shards, tmp_pat
         "optim.betas": [0.8, 0.99],
         "train.allow_config_change": True,
     }
-    with caplog.at_level(logging.WARNING, logger="pipelines.pretrain"):
+    with caplog.at_level(logging.WARNING, logger="radjepa.resume"):
         again = run_pretrain(_cfg(tmp_path, **more), str(shards))
     assert again.metrics["step"] == 12
     assert any(latest.name in r.getMessage() for r in caplog.records)
@@ -333,7 +342,8 @@ def test_monitor_set_is_the_holdout_from_the_whole_archive(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.pretrain import is_holdout, monitor_images
+    from radjepa.monitoring import monitor_images
+    from radjepa.training_data import is_holdout
 
     n, per = 2000, 500
     ids = [f"{i:064x}" for i in range(n)]

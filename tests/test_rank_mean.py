@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipelines.pretrain import mean_over_ranks
+from radjepa.engine import mean_over_ranks
 
 
 def _rank(rank: int, port: int, out: str) -> None:

@@ -9,10 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.pretrain import PretrainError, check_resume_config, find_resume_point
 from radjepa.checkpoint import save_checkpoint
 from radjepa.config import load_config
 from radjepa.engine import Pretrainer
+from radjepa.resume import (
+    ResumeError,
+    check_resume_config,
+    check_resume_workers,
+    find_resume_point,
+)
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
@@ -49,7 +54,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(run_dir, caplo
     latest = run_dir / "checkpoint_2026-01-01_10-05-00.000001"
     with open(latest / "weights.safetensors", "r+b") as f:
         f.truncate(1000)
-    with caplog.at_level(logging.WARNING, logger="pipelines.pretrain"):
+    with caplog.at_level(logging.WARNING, logger="radjepa.resume"):
         point = find_resume_point(_cfg(), run_dir.as_uri())  # a URI, as on object storage
     assert point.step == 1 and point.damaged == (latest.name,)
     assert point.path == (run_dir / "checkpoint_2026-01-01_10-00-00.000001").as_uri()
@@ -59,13 +64,13 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(run_dir, caplo
 def test_no_readable_checkpoint_is_one_line_naming_them(run_dir):
     for ckpt in run_dir.iterdir():
         (ckpt / "optimizer.json").write_text("{not json")
-    with pytest.raises(PretrainError, match="no checkpoint of .* can be read") as err:
+    with pytest.raises(ResumeError, match="no checkpoint of .* can be read") as err:
         find_resume_point(_cfg(), str(run_dir))
     assert "\n" not in str(err.value) and "10-05-00" in str(err.value)
 
 
 def test_another_model_is_refused_in_one_line(run_dir):
-    with pytest.raises(PretrainError, match=r"another model \(model.depth 4 -> 2\)") as err:
+    with pytest.raises(ResumeError, match=r"another model \(model.depth 4 -> 2\)") as err:
         find_resume_point(_cfg("model.depth=2"), str(run_dir))
     assert "\n" not in str(err.value)
     # the attention kernel is no part of the weights
@@ -74,7 +79,7 @@ def test_another_model_is_refused_in_one_line(run_dir):
 
 def test_changed_optimisation_settings_need_explicit_permission(run_dir, caplog):
     changes = ["optim.betas=[0.8, 0.99]", "ema.start=0.99", "train.seed=3", "masks.min_keep=5"]
-    with pytest.raises(PretrainError) as err:
+    with pytest.raises(ResumeError) as err:
         find_resume_point(_cfg(*changes), str(run_dir))
     text = str(err.value)
     for key in ("optim.betas", "ema.start", "train.seed", "masks.min_keep"):
@@ -88,13 +93,13 @@ def test_changed_optimisation_settings_need_explicit_permission(run_dir, caplog)
 
 @pytest.mark.parametrize("key", ["data.crop_scale=[0.5, 1.0]", "train.batch_size=4"])
 def test_crops_and_batch_size_are_guarded_too(key):
-    with pytest.raises(PretrainError, match=key.split("=")[0]):
+    with pytest.raises(ResumeError, match=key.split("=")[0]):
         check_resume_config(_cfg(), _cfg(key), 8)
 
 
 def test_more_steps_and_bookkeeping_changes_resume_freely(caplog):
     new = _cfg("train.steps=120", "train.log_every=1", "train.checkpoint_every=7")
-    with caplog.at_level(logging.INFO, logger="pipelines.pretrain"):
+    with caplog.at_level(logging.INFO, logger="radjepa.resume"):
         assert check_resume_config(_cfg(), new, 8) == {}
     assert any("train.steps 60 -> 120" in r.getMessage() for r in caplog.records)
 
@@ -116,13 +121,11 @@ def test_a_file_one_byte_short_is_found_from_headers_alone(run_dir, name):
 
 def test_resuming_on_another_number_of_ranks_needs_permission(run_dir):
     # the global batch is batch_size x ranks; num_workers=0 resolves on the cluster in hand
-    from pipelines.pretrain import check_resume_workers
-
     point = find_resume_point(_cfg(), str(run_dir))
     was = point.num_workers
     assert was >= 1
     check_resume_workers(point, _cfg(f"train.num_workers={was}"))
-    with pytest.raises(PretrainError, match=f"trained on {was} workers; this run would use"):
+    with pytest.raises(ResumeError, match=f"trained on {was} workers; this run would use"):
         check_resume_workers(point, _cfg(f"train.num_workers={was + 1}"))
     check_resume_workers(
         point, _cfg(f"train.num_workers={was + 1}", "train.allow_config_change=true")

@@ -128,6 +128,11 @@ def test_bad_search_space_fails_before_any_trial(nih_shards, tmp_path):
     bad = _cfg(tmp_path, "bad2", {"ema.start": {"type": "choice", "values": [0.9, 1.5]}})
     with pytest.raises(SweepError, match="ema.start"):
         run_sweep(bad, str(nih_shards))
+    # the shards are checked before any trial too, and said in one line
+    good = _cfg(tmp_path, "good", {"ema.start": {"type": "choice", "values": [0.99, 0.996]}})
+    with pytest.raises(SweepError, match="no shards at") as err:
+        run_sweep(good, str(tmp_path / "missing"))
+    assert err.value.__cause__ is None
 
 
 def test_optuna_with_asha_samples_the_declared_ranges_and_closes_every_run(nih_shards, tmp_path):

@@ -36,9 +36,9 @@ def labelled(nih_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("metric", ["rankme", "knn_auroc", "probe_auroc"])
 def test_each_sweep_metric_is_reported(labelled, metric, one_torch_thread):
-    from pipelines.pretrain import _quality
     from pipelines.sweep import _probe_set
     from radjepa.engine import Pretrainer
+    from radjepa.monitoring import quality_metrics
 
     sets = [f"tune.metric={metric}", "probe.folds=3"]
     if metric != "rankme":
@@ -47,7 +47,7 @@ def test_each_sweep_metric_is_reported(labelled, metric, one_torch_thread):
     probe = _probe_set(cfg)
     trainer = Pretrainer(cfg, "cpu")
     images = probe["images"][:40] if probe else _images(labelled, cfg)
-    out = _quality(trainer, images, cfg, "cpu", probe)
+    out = quality_metrics(trainer, images, cfg, "cpu", probe)
     assert out["rankme"] > 1 and out["feature_std"] > 0
     if metric == "rankme":
         assert probe is None and set(out) == {"rankme", "feature_std"}

@@ -1,0 +1,181 @@
+"""Which checkpoint a re-run continues from, and whether the new config may continue it.
+
+Checked by the driver before any cluster work: Ray Train restores its latest checkpoint
+whatever its state, and a config that silently differs from the checkpoint's turns the run
+into another experiment under the same name. Plain pyarrow filesystems, so local folders and
+object storage are read the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from radjepa import locations
+from radjepa.config import Config, flatten
+
+__all__ = [
+    "RESUME_GUARDED",
+    "ResumeError",
+    "ResumePoint",
+    "check_resume_config",
+    "check_resume_workers",
+    "checkpoint_dirs",
+    "find_resume_point",
+]
+
+log = logging.getLogger(__name__)
+
+# Settings the optimisation in a checkpoint depends on: a resume with other values continues a
+# different experiment than the one recorded, so it needs train.allow_config_change
+RESUME_GUARDED = (
+    "masks.",
+    "ema.",
+    "optim.",
+    "data.crop_size",
+    "data.crop_scale",
+    "data.crop_ratio",
+    "train.seed",
+    "train.batch_size",
+)
+
+
+class ResumeError(ValueError):
+    """The run's checkpoints cannot be continued with this config (phrased for the user)."""
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a re-run continues from, the damaged newer ones it skips, and the guarded
+    keys the new config changes (only non-empty with train.allow_config_change)."""
+
+    path: str
+    step: int
+    damaged: tuple[str, ...]
+    changed: dict[str, tuple[Any, Any]]
+    num_workers: int  # the ranks it was trained with (train.num_workers=0 resolves per cluster)
+
+
+def checkpoint_dirs(run_dir: str) -> list[tuple[str, str]]:
+    """(name, location) of the run's checkpoint folders, newest first: Ray Train names them
+    ``checkpoint_<timestamp>``, so the names sort in the order they were reported."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = locations.filesystem(run_dir)
+        entries = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), allow_not_found=True))
+    except (OSError, ValueError) as err:
+        raise ResumeError(f"cannot list the checkpoints in {run_dir}: {err}") from None
+    names = sorted(
+        (
+            e.base_name
+            for e in entries
+            if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")
+        ),
+        reverse=True,
+    )
+    return [(name, locations.join_location(run_dir, name)) for name in names]
+
+
+def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
+    """The newest checkpoint of ``run_dir`` that reads cleanly, checked against ``cfg``. A
+    damaged one (a disk that filled up, an upload cut short) otherwise failed every retry and
+    every re-run although an intact older checkpoint lay beside it. None for a new run."""
+    from radjepa.checkpoint import CheckpointError, check_resumable
+
+    damaged: list[str] = []
+    for name, location in checkpoint_dirs(run_dir):
+        try:
+            step, saved = check_resumable(location)
+        except CheckpointError as err:
+            log.warning("checkpoint %s is damaged, skipping it: %s", location, err)
+            damaged.append(name)
+            continue
+        if damaged:
+            log.warning(
+                "resuming from %s (step %d): the newer %s cannot be read",
+                name,
+                step,
+                ", ".join(damaged),
+            )
+        changed = check_resume_config(saved, cfg, step)
+        return ResumePoint(location, step, tuple(damaged), changed, saved.train.num_workers)
+    if damaged:
+        raise ResumeError(
+            f"no checkpoint of {run_dir} can be read ({', '.join(damaged)}): delete them to "
+            "start the run over, or choose another train.run_name"
+        )
+    return None
+
+
+def _describe(diff: dict[str, tuple[Any, Any]], keys: list[str]) -> str:
+    return ", ".join(f"{k} {diff[k][0]!r} -> {diff[k][1]!r}" for k in keys)
+
+
+def check_resume_config(saved: Config, cfg: Config, step: int) -> dict[str, tuple[Any, Any]]:
+    """What ``cfg`` changes against the config a run's checkpoint was trained with. Another
+    model cannot load the weights at all; other masks, EMA, optimizer, crops, seed or batch size
+    would silently turn the run into a different experiment, so they need
+    ``train.allow_config_change``; more (or fewer) steps only stretch the schedules."""
+    old, new = flatten(saved), flatten(cfg)
+    diff = {
+        k: (old.get(k), new.get(k))
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    }
+    name = cfg.train.run_name
+    model = [k for k in diff if k.startswith("model.") and k != "model.attention"]
+    if model:
+        raise ResumeError(
+            f"run {name} has a checkpoint at step {step} of another model "
+            f"({_describe(diff, model)}): resume with its model settings or choose another "
+            "train.run_name"
+        )
+    guarded = [k for k in diff if k.startswith(RESUME_GUARDED)]
+    if guarded and not cfg.train.allow_config_change:
+        raise ResumeError(
+            f"run {name} has a checkpoint at step {step} trained with other settings "
+            f"({_describe(diff, guarded)}): use the run's settings, set "
+            "train.allow_config_change=true to continue with the new ones, or choose another "
+            "train.run_name"
+        )
+    if "train.steps" in diff:
+        log.info(
+            "run %s: train.steps %s -> %s; the LR, weight-decay and EMA schedules now span %s "
+            "steps",
+            name,
+            *diff["train.steps"],
+            cfg.train.steps,
+        )
+    if guarded:
+        log.warning(
+            "run %s resumes at step %d with changed settings (train.allow_config_change): %s",
+            name,
+            step,
+            _describe(diff, guarded),
+        )
+    return {k: diff[k] for k in guarded}
+
+
+def check_resume_workers(resume: ResumePoint, cfg: Config) -> None:
+    """The global batch is train.batch_size per rank times the ranks: resuming on another
+    number of ranks (``num_workers=0`` resolves on the cluster in hand) changes it like a
+    batch-size change does, which needs train.allow_config_change too."""
+    was, now = resume.num_workers, cfg.train.num_workers
+    if was == now or was == 0:
+        return
+    if not cfg.train.allow_config_change:
+        raise ResumeError(
+            f"run {cfg.train.run_name} has a checkpoint at step {resume.step} trained on {was} "
+            f"workers; this run would use {now} (global batch {was * cfg.train.batch_size} -> "
+            f"{now * cfg.train.batch_size}): set train.num_workers={was}, set "
+            "train.allow_config_change=true, or choose another train.run_name"
+        )
+    log.warning(
+        "run %s resumes at step %d on %d workers instead of %d (train.allow_config_change)",
+        cfg.train.run_name,
+        resume.step,
+        now,
+        was,
+    )

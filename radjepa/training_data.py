@@ -1,0 +1,127 @@
+"""What a pretraining run reads from an ingest output: the hold-out split, the checks made
+before any cluster work, and the decode of each streamed batch.
+
+Plain pyarrow and numpy, so the Ray job, a sweep's trials and the tests share one definition
+of which images are trained on; ``pipelines.pretrain`` only wires these into Ray Data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from radjepa.config import Config
+from radjepa.shards import ShardError, list_shards, pixel_batch, shard_folder
+
+__all__ = [
+    "TRAINING_COLUMNS",
+    "ShardSummary",
+    "TrainingDataError",
+    "check_global_batch",
+    "decode_training_batch",
+    "images_dir",
+    "inspect_shards",
+    "is_holdout",
+]
+
+# the columns a training stream reads (never the metadata the images carry)
+TRAINING_COLUMNS = ["image_id", "pixels", "height", "width", "dtype"]
+
+
+class TrainingDataError(ValueError):
+    """The shards and the config do not make a trainable run (phrased for the user)."""
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What :func:`inspect_shards` learnt from the shard metadata (no pixels read)."""
+
+    images_dir: str
+    rows: int
+    train_rows: int
+    holdout_rows: int
+    size: int
+    dtype: str
+
+
+def images_dir(data: str) -> str:
+    """The shard folder of an ingest output (local path or URI), checked to hold shards."""
+    try:
+        list_shards(data)
+    except ShardError as exc:
+        raise TrainingDataError(f"no shards at {data}: {exc}") from None
+    except (OSError, ValueError) as exc:  # unknown URI scheme, unreachable bucket, ...
+        raise TrainingDataError(f"cannot read shards at {data}: {exc}") from None
+    return shard_folder(data)
+
+
+def is_holdout(image_id: str, fraction: float) -> bool:
+    """Deterministic hold-out by content hash: the same image is held out on every run, on
+    every worker and in every sweep trial, with nothing to store or to agree on."""
+    if fraction <= 0:
+        return False
+    h = int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16)
+    return h / 0xFFFFFFFF < fraction
+
+
+def inspect_shards(data: str, cfg: Config) -> ShardSummary:
+    """Read shard metadata (not pixels) to fail in seconds, before a cluster is asked for
+    workers, when the config cannot train on this data."""
+    import pyarrow.dataset as pads
+
+    images = images_dir(data)
+    ds = pads.dataset(images, format="parquet")
+    table = ds.to_table(columns=["image_id", "height", "width", "dtype"])
+    if table.num_rows == 0:
+        raise TrainingDataError(f"{images} has shards but no images (everything was quarantined?)")
+    heights = set(table.column("height").to_pylist())
+    widths = set(table.column("width").to_pylist())
+    dtypes = set(table.column("dtype").to_pylist())
+    if len(heights | widths) != 1 or len(dtypes) != 1:
+        raise TrainingDataError(
+            f"shards mix image sizes {sorted(heights | widths)} or dtypes {sorted(dtypes)}; "
+            "ingest each archive with one ingest.image_size/dtype"
+        )
+    size = heights.pop()
+    if cfg.data.crop_size > size:
+        raise TrainingDataError(
+            f"data.crop_size={cfg.data.crop_size} is larger than the stored images ({size} px); "
+            f"lower data.crop_size/model.img_size or re-ingest with ingest.image_size >= "
+            f"{cfg.data.crop_size}"
+        )
+    ids = table.column("image_id").to_pylist()
+    held = sum(is_holdout(i, cfg.data.holdout_fraction) for i in ids)
+    n_train = len(ids) - held
+    check_global_batch(n_train, cfg)
+    return ShardSummary(images, len(ids), n_train, held, size, dtypes.pop())
+
+
+def check_global_batch(n_train: int, cfg: Config) -> None:
+    """Every worker needs at least one full batch per pass (0 workers = auto: checked once the
+    cluster has said how many, at least one)."""
+    workers = max(1, cfg.train.num_workers)
+    global_batch = cfg.train.batch_size * workers
+    if n_train < global_batch:
+        raise TrainingDataError(
+            f"only {n_train} training images for a global batch of {global_batch} "
+            f"(train.batch_size={cfg.train.batch_size} x train.num_workers={workers}); "
+            "lower the batch size or ingest more images"
+        )
+
+
+def decode_training_batch(batch: Any, holdout_fraction: float = 0.0) -> dict[str, np.ndarray]:
+    """Shard rows (an Arrow table or record batch) -> ``image`` [B, H, W] without the hold-out.
+
+    The pixels come out of the Arrow buffer in one piece (:func:`radjepa.shards.pixel_batch`);
+    the hold-out is dropped here rather than by a row-wise filter, which in Ray Data turns every
+    row (pixel bytes included) into a Python dict first.
+    """
+    images = pixel_batch(batch)
+    if holdout_fraction > 0:
+        ids = batch.column("image_id").to_pylist()
+        keep = np.fromiter((not is_holdout(i, holdout_fraction) for i in ids), bool, len(ids))
+        images = images[keep]
+    return {"image": images}
