@@ -1,0 +1,103 @@
+"""Ingest's decode stage: one file's bytes -> a shard row, or the reason it is quarantined.
+
+The ingest job runs a :class:`FileDecoder` per Ray Data actor; the class itself is plain Python,
+so the outcome of any file can be reproduced without a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Collection
+from typing import Any
+
+import pyarrow as pa
+
+from radjepa.imaging.decode import ImageRejected, decode_image
+from radjepa.imaging.deid import keyed_hash
+from radjepa.ingest.sources import LINK
+from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
+
+__all__ = ["RESULT_SCHEMA", "FileDecoder"]
+
+log = logging.getLogger(__name__)
+
+# One decoder output row: a shard row (nullable) plus the outcome of that file.
+RESULT_SCHEMA = pa.schema(
+    [f.with_nullable(True) for f in SHARD_SCHEMA]
+    + [
+        pa.field("status", pa.string()),  # ok | quarantined | existing
+        pa.field("reason", pa.string()),
+        pa.field("message", pa.string()),
+        pa.field("size_bytes", pa.int64()),
+    ]
+)
+
+
+class FileDecoder:
+    """One ``decode_image`` per file; every failure becomes a quarantine row, never an exception
+    (a decoder bug or codec panic on one file must not end a run of millions)."""
+
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        secret: bytes,
+        known: Collection[str],
+        keep_paths: bool,
+    ) -> None:
+        self.settings = settings
+        self.secret = secret
+        self.known = known  # ids (and ``path:<source hash>``) already in DST: not decoded again
+        self.keep_paths = keep_paths
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return pa.Table.from_pylist([self._one(r) for r in batch.to_pylist()], schema=RESULT_SCHEMA)
+
+    def _one(self, r: dict[str, Any]) -> dict[str, Any]:
+        name, data = r["name"], r["data"]
+        out: dict[str, Any] = {
+            "source_hash": keyed_hash(self.secret, "source", name),
+            "source_path": name if self.keep_paths else None,
+            "size_bytes": r["size_bytes"],
+        }
+        if data is None:
+            if f"path:{out['source_hash']}" in self.known:
+                return {**out, "status": "existing"}
+            err = r["read_error"] or "read_error"
+            reason = "too_large" if err == "too_large" else "read_error"
+            detail = err.partition(":")[2]
+            if reason == "too_large":
+                msg = f"{r['size_bytes']} bytes exceeds ingest.max_file_mb"
+            elif detail == LINK:
+                msg = "a link inside a tar archive; its target is read as its own member"
+            else:
+                msg = f"could not read the file ({detail or 'unknown error'})"
+            return {**out, "status": "quarantined", "reason": reason, "message": msg}
+        sha = hashlib.sha256(data).hexdigest()
+        out["image_id"] = sha
+        if sha in self.known:
+            return {**out, "status": "existing"}
+        try:
+            img = decode_image(data, secret=self.secret, source_name=name, **self.settings)
+        except ImageRejected as err:
+            return {**out, "status": "quarantined", "reason": err.reason, "message": err.message}
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # a decoder bug (or codec panic) must not kill the run
+            log.warning("unexpected decoder failure on one file: %s", type(err).__name__)
+            return {
+                **out,
+                "status": "quarantined",
+                "reason": "decode_error",
+                "message": f"unexpected decoder failure ({type(err).__name__})",
+            }
+        h, w = img.pixels.shape
+        return {
+            **out,
+            **img.meta,
+            "status": "ok",
+            "pixels": pixels_to_bytes(img.pixels),
+            "height": h,
+            "width": w,
+            "dtype": img.pixels.dtype.name,
+        }

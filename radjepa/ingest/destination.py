@@ -1,0 +1,160 @@
+"""An ingest destination (DST): what it holds, and how it is written so that it stays whole.
+
+``DST/images`` and ``DST/quarantine`` hold Parquet files written under a temporary name and
+renamed, ``DST/manifest.json`` reconciles every run's counts, and ``DST/pseudonyms.json`` records
+which key made the pseudonyms before the first shard is written. Any pyarrow filesystem: a
+local folder or a bucket URI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from radjepa.ingest.errors import IngestError
+from radjepa.locations import filesystem
+from radjepa.shards import IMAGES_DIR, QUARANTINE_DIR
+
+__all__ = [
+    "KEY_RECORD",
+    "MANIFEST",
+    "MANIFEST_VERSION",
+    "Destination",
+    "check_compatible",
+    "check_key",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+KEY_RECORD = "pseudonyms.json"  # which key made the pseudonyms; written before any shard
+MANIFEST_VERSION = 1
+
+
+class Destination:
+    """DST on any pyarrow filesystem: existing ids, atomic shard writes, the manifest."""
+
+    def __init__(self, dst: str) -> None:
+        self.uri = dst
+        try:
+            self.fs, self.root = filesystem(dst)
+            self.fs.create_dir(f"{self.root}/{IMAGES_DIR}", recursive=True)
+            self.fs.create_dir(f"{self.root}/{QUARANTINE_DIR}", recursive=True)
+        except (OSError, pa.ArrowException) as err:
+            raise IngestError(f"cannot use destination {dst}: {err}") from None
+
+    def _parquet(self, sub: str) -> list[str]:
+        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{sub}"))
+        return sorted(i.path for i in infos if i.path.endswith(".parquet"))
+
+    def _column(self, sub: str, column: str) -> list[Any]:
+        values: list[Any] = []
+        for path in self._parquet(sub):
+            values.extend(
+                pq.read_table(path, columns=[column], filesystem=self.fs).column(column).to_pylist()
+            )
+        return values
+
+    def known_ids(self) -> set[str]:
+        ids = set(self._column(IMAGES_DIR, "image_id"))
+        ids.update(x for x in self._column(QUARANTINE_DIR, "sha256") if x)
+        # files never read (too large, unreadable) have no sha256: remember them by path hash
+        ids.update(f"path:{h}" for h in self._column(QUARANTINE_DIR, "source_hash") if h)
+        return ids
+
+    def write(self, sub: str, name: str, table: pa.Table) -> str:
+        final = f"{self.root}/{sub}/{name}"
+        tmp = f"{self.root}/{sub}/.{name}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
+            pq.write_table(table, f, compression="zstd")
+        self.fs.move(tmp, final)
+        return f"{sub}/{name}"
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        path = f"{self.root}/{name}"
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(path, compression=None) as f:
+            raw = f.read()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise IngestError(
+                f"{self.uri}/{name} is not valid JSON ({err}); restore it or ingest into a new DST"
+            ) from None
+        if not isinstance(data, dict):
+            raise IngestError(f"{self.uri}/{name} is not a JSON object; restore it")
+        return data
+
+    def write_json(self, name: str, data: dict[str, Any]) -> None:
+        tmp, final = f"{self.root}/.{name}.tmp", f"{self.root}/{name}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
+        self.fs.move(tmp, final)
+
+    def stored_image(self) -> dict[str, Any] | None:
+        """Size and dtype of the images already in DST, read from a shard (None when empty):
+        a run that died before its manifest leaves shards that still fix both."""
+        for path in self._parquet(IMAGES_DIR):
+            first = pq.read_table(path, columns=["height", "dtype"], filesystem=self.fs).slice(0, 1)
+            if first.num_rows:
+                return {"size": first["height"][0].as_py(), "dtype": first["dtype"][0].as_py()}
+        return None
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        return self.read_json(MANIFEST)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.write_json(MANIFEST, manifest)
+
+    def totals(self) -> tuple[int, int, dict[str, int]]:
+        images = sum(
+            pq.ParquetFile(self.fs.open_input_file(p)).metadata.num_rows
+            for p in self._parquet(IMAGES_DIR)
+        )
+        reasons = Counter(self._column(QUARANTINE_DIR, "reason"))
+        return images, sum(reasons.values()), dict(sorted(reasons.items()))
+
+
+def check_key(
+    dest: Destination, previous: dict[str, Any] | None, key: dict[str, str], env: str
+) -> None:
+    """One pseudonymisation key per DST, recorded before the first shard is written (a run
+    that dies before its manifest must not let the next run switch keys unnoticed)."""
+    stored = dest.read_json(KEY_RECORD)
+    recorded = stored or (previous or {}).get("pseudonyms")
+    if recorded:
+        if recorded.get("key_fingerprint") != key["key_fingerprint"]:
+            raise IngestError(
+                f"destination was ingested with another pseudonymisation key (${env}): the "
+                "same patient would get a second pseudonym and patient-grouped splits would "
+                f"break. Set {env} to the key used before, or ingest into a new DST."
+            )
+        if stored is None:
+            dest.write_json(KEY_RECORD, key)
+        return
+    if dest.known_ids():
+        log.warning(
+            "%s holds images but no record of its pseudonymisation key (made by an older "
+            "version): the key cannot be checked; recording the current one",
+            dest.uri,
+        )
+    dest.write_json(KEY_RECORD, key)
+
+
+def check_compatible(
+    dest: Destination, previous: dict[str, Any] | None, settings: dict[str, Any]
+) -> None:
+    old = (previous or {}).get("image") or dest.stored_image()
+    new = {"size": settings["size"], "dtype": settings["dtype"]}
+    if old and {k: old.get(k) for k in new} != new:
+        raise IngestError(
+            f"destination already holds images ingested with {old}; this run asks for {new}. "
+            "Use a new DST (shards in one folder must share size and dtype)."
+        )

@@ -1,0 +1,207 @@
+"""Where ingest's input files come from: sources listed into file references, and each file or
+archive member read with a size bound.
+
+Plain pyarrow filesystems, zipfile and tarfile: the ingest job runs :func:`read_blocks` in Ray
+Data tasks, and nothing here needs Ray. A file that cannot be read, a member over the size
+limit or a link inside a tar becomes a row with ``read_error`` set (one quarantined input),
+never an exception that would end a run.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from radjepa.ingest.errors import IngestError
+from radjepa.locations import filesystem
+
+__all__ = [
+    "LINK",
+    "READ_SCHEMA",
+    "archive_kind",
+    "archive_kind_of",
+    "count_members",
+    "iter_source",
+    "list_inputs",
+    "read_blocks",
+    "utf8_name",
+]
+
+READ_CHUNK = 32  # rows per block emitted by read_blocks
+LINK = "archive link"  # read_error detail of a tar member that is a hard or symbolic link
+HEAD = 512  # bytes read to tell an archive from an image (tar's magic sits at 257)
+ARCHIVE_SUFFIXES = {  # only to size the progress bar up front; the content decides
+    ".zip": "zip",
+    ".tar": "tar",
+    ".tgz": "tar",
+    ".tar.gz": "tar",
+    ".tar.bz2": "tar",
+    ".tar.xz": "tar",
+}
+
+READ_SCHEMA = pa.schema(
+    [
+        pa.field("name", pa.string()),
+        pa.field("data", pa.binary()),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("read_error", pa.string()),
+    ]
+)
+
+
+def archive_kind(path: str) -> str | None:
+    """The archive kind a name suggests (a hint for counting members, never for reading)."""
+    low = path.lower()
+    for suffix, kind in ARCHIVE_SUFFIXES.items():
+        if low.endswith(suffix):
+            return kind
+    return None
+
+
+def archive_kind_of(head: bytes) -> str | None:
+    """'zip' or 'tar' from a file's first bytes, None for anything else (an image or junk).
+
+    Object-store keys often lack a suffix and names can lie (a DICOM called ``study.zip``), so
+    the bytes decide. A DICOM preamble is free-form and may start like a zip, hence DICM first.
+    Compressed streams (gzip, bzip2, xz) are taken as tars; one that is not is quarantined.
+    """
+    if head[128:132] == b"DICM":
+        return None
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return "zip"
+    if head[257:262] == b"ustar" or head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")):
+        return "tar"
+    return None
+
+
+def list_inputs(sources: list[str]) -> list[dict[str, str]]:
+    """File references for every source: ``{"source", "path", "kind"}`` (kind file/zip/tar)."""
+    refs: list[dict[str, str]] = []
+    for src in sources:
+        try:
+            fs, root = filesystem(src)
+            info = fs.get_file_info(root)
+            if info.type == pafs.FileType.Directory:
+                infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+            else:
+                paths = [root]
+        except (OSError, pa.ArrowException) as err:
+            raise IngestError(f"cannot list source {src}: {err}") from None
+        except UnicodeDecodeError:  # pyarrow can neither name nor open such a file
+            raise IngestError(
+                f"cannot list source {src}: a file name under it is not UTF-8 (e.g. Latin-1 "
+                "from an older system); rename it (convmv -r -f latin1 -t utf8 --notest DIR) "
+                "or pack the folder into a tar archive"
+            ) from None
+        if info.type == pafs.FileType.NotFound:
+            raise IngestError(f"source not found: {src}")
+        refs.extend({"source": src, "path": p, "kind": archive_kind(p) or "file"} for p in paths)
+    return refs
+
+
+def count_members(ref: dict[str, str]) -> int:
+    """Members of an archive (for the progress total only; unreadable archives count 1)."""
+    fs, _ = filesystem(ref["source"])
+    try:
+        with fs.open_input_file(ref["path"]) as f:
+            if ref["kind"] == "zip":
+                with zipfile.ZipFile(f) as z:
+                    return sum(1 for i in z.infolist() if not i.is_dir())
+            with tarfile.open(fileobj=f, mode="r:*") as t:
+                return sum(1 for m in t if m.isfile())
+    except Exception:
+        return 1
+
+
+def utf8_name(name: str) -> str:
+    """``name`` as text Arrow can store. tarfile decodes a member name that is not UTF-8 (a
+    Latin-1 ``Müller/1.dcm`` from an older system) with surrogate escapes, which Arrow refuses:
+    one such member failed its read task and with it the whole run. Such bytes become
+    ``\\xNN``, so the name (hashed into source_hash) stays unique and stable across runs."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = name.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def iter_source(ref: dict[str, str], max_bytes: int) -> Iterator[dict[str, Any]]:
+    fs, _ = filesystem(ref["source"])
+    path = ref["path"]
+
+    def row(name: str, data: bytes | None, size: int | None, err: str | None) -> dict[str, Any]:
+        return {"name": utf8_name(name), "data": data, "size_bytes": size, "read_error": err}
+
+    try:
+        with fs.open_input_file(path) as f:
+            kind = archive_kind_of(f.read(HEAD))
+            f.seek(0)
+            if kind is None:
+                size = f.size()
+                if size > max_bytes:
+                    yield row(path, None, size, "too_large")
+                    return
+                data = f.read()
+                yield row(path, data, len(data), None)
+            elif kind == "zip":
+                yield from _iter_zip(f, path, max_bytes, row)
+            else:
+                yield from _iter_tar(f, path, max_bytes, row)
+    except Exception as err:  # an unreadable file or corrupt archive is one quarantined input
+        yield row(path, None, None, f"read_error:{type(err).__name__}")
+
+
+def _iter_zip(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str, Any]]:
+    with zipfile.ZipFile(f) as z:
+        for info in z.infolist():
+            if info.is_dir():
+                continue
+            name = f"{path}!{info.filename}"
+            if info.file_size > max_bytes:
+                yield row(name, None, info.file_size, "too_large")
+                continue
+            try:
+                data = z.read(info)
+            except Exception as err:
+                yield row(name, None, info.file_size, f"read_error:{type(err).__name__}")
+                continue
+            yield row(name, data, len(data), None)
+
+
+def _iter_tar(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str, Any]]:
+    # streaming mode: one sequential pass, so a link's target (read earlier or later) cannot
+    # be re-read; a link is reported as one quarantined input, never skipped unseen
+    with tarfile.open(fileobj=f, mode="r|*") as t:
+        for member in t:
+            name = f"{path}!{member.name}"
+            if member.islnk() or member.issym():
+                yield row(name, None, None, f"read_error:{LINK}")
+                continue
+            if not member.isfile():  # directories, devices, fifos hold no file data
+                continue
+            if member.size > max_bytes:
+                yield row(name, None, member.size, "too_large")
+                continue
+            fh = t.extractfile(member)
+            data = fh.read() if fh is not None else b""
+            yield row(name, data, len(data), None)
+
+
+def read_blocks(batch: pa.Table, max_bytes: int) -> Iterator[pa.Table]:
+    """File refs (an Arrow table of :func:`list_inputs` rows) -> tables of raw bytes, in blocks of
+    :data:`READ_CHUNK` rows: archives expand here, so one ref may become thousands of rows."""
+    rows: list[dict[str, Any]] = []
+    for ref in batch.to_pylist():
+        for r in iter_source(ref, max_bytes):
+            rows.append(r)
+            if len(rows) >= READ_CHUNK:
+                yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
