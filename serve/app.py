@@ -42,6 +42,7 @@ from serve.schemas import (
     ModelInfoOut,
     ModelsResponse,
     Neighbour,
+    PatientPseudonym,
     Readiness,
     SimilarOut,
     SimilarResponse,
@@ -56,6 +57,8 @@ IMAGE_MEDIA_TYPES = ("application/dicom", "image/png", "image/jpeg")
 # multipart parts from `curl -F file=@x.dcm` arrive as octet-stream: the decoder sniffs them
 PART_MEDIA_TYPES = (*IMAGE_MEDIA_TYPES, "application/octet-stream")
 MULTIPART = "multipart/form-data"
+# bounds the query string (each pseudonym is ~50 bytes there) well under common URL limits
+MAX_EXCLUDED_PATIENTS = 100
 
 
 class ApiError(Exception):
@@ -512,11 +515,42 @@ def create_app(
     async def similar(
         request: Request,
         k: Annotated[int, Query(ge=1, le=100, description="neighbours per image")] = 5,
+        include_self: Annotated[
+            bool,
+            Query(
+                description="also return archive images that are the uploaded file itself "
+                "(same SHA-256 of the bytes); left out by default"
+            ),
+        ] = False,
+        exclude_patient_pid: Annotated[
+            list[PatientPseudonym] | None,
+            Query(
+                max_length=MAX_EXCLUDED_PATIENTS,
+                description="leave out every archive image of this patient pseudonym (a "
+                "neighbour's patient_pid); repeat the parameter for several patients",
+            ),
+        ] = None,
     ) -> SimilarResponse:
-        """Top-k archive images by cosine similarity, with pseudonymised identifiers."""
+        """Top-k archive images by cosine similarity, with pseudonymised identifiers.
+
+        An archived upload would otherwise be its own first hit at score 1.0, which tells a
+        radiologist nothing: it is left out and the next best image takes its place."""
         if index is None:
             raise ApiError(
                 503, "no similar-case index is configured on this server (serve.index)", "no_index"
+            )
+        patient_rows = index.rows_of_patients(p.lower() for p in exclude_patient_pid or ())
+
+        def neighbours_of(up: _Upload, embedding: np.ndarray) -> SimilarOut:
+            image_id = hashlib.sha256(up.data).hexdigest()
+            own = np.empty(0, np.int64) if include_self else index.rows_with_image_id(image_id)
+            hits = index.search(embedding, k, exclude=np.union1d(own, patient_rows))
+            return SimilarOut(
+                image_id=image_id,
+                filename=up.filename,
+                neighbours=[Neighbour(image_id=h.image_id, score=h.score, **h.pids) for h in hits],
+                excluded_self=len(own),
+                excluded_patient=len(np.setdiff1d(patient_rows, own)),
             )
 
         async def work() -> SimilarResponse:
@@ -525,15 +559,7 @@ def create_app(
                 model=model_out,
                 index_size=len(index),
                 results=[
-                    SimilarOut(
-                        image_id=hashlib.sha256(up.data).hexdigest(),
-                        filename=up.filename,
-                        neighbours=[
-                            Neighbour(image_id=h.image_id, score=h.score, **h.pids)
-                            for h in index.search(r.embedding, k)
-                        ],
-                    )
-                    for up, r in zip(uploads, results, strict=True)
+                    neighbours_of(up, r.embedding) for up, r in zip(uploads, results, strict=True)
                 ],
             )
 

@@ -4,6 +4,11 @@ The archive is small enough to hold as one normalised float32 matrix per replica
 3 GiB; a typical department archive is far smaller), so exact search is a single matrix-vector
 product and needs no approximate-search dependency.
 
+A query image that is itself archived would be its own best hit (cosine 1.0): callers exclude
+rows by image id (the SHA-256 of the original file bytes, as ingest and the API compute it) or
+by patient pseudonym, and the excluded rows are masked before the top-k is taken, so a search
+still returns ``k`` hits when the index holds that many others.
+
 Embeddings are only comparable with queries embedded by the same weights: the index records
 its encoder's checkpoint fingerprint (``encoder_sha256``) and the server refuses an index built
 with another checkpoint (:meth:`EmbeddingIndex.check_encoder`).
@@ -12,6 +17,7 @@ with another checkpoint (:meth:`EmbeddingIndex.check_encoder`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +68,9 @@ class EmbeddingIndex:
         self.matrix = (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)  # [N, D]
         self.image_ids = list(image_ids)
         self.pids = {c: list((pids or {}).get(c) or [None] * len(image_ids)) for c in PID_COLUMNS}
+        # built once so that each request's exclusions cost a lookup, not a scan of every row
+        self._rows_by_image_id = _rows_by_value(self.image_ids)
+        self._rows_by_patient = _rows_by_value(self.pids["patient_pid"])
         self.source = source
         self.encoder_fingerprint = encoder_fingerprint  # None: built before it was recorded
         self.model = model
@@ -137,14 +146,30 @@ class EmbeddingIndex:
         """:meth:`check_encoder` for an index on disk, reading only its encoder column."""
         _check_recorded(str(path), cls.recorded_encoder(path), None, fingerprint)
 
-    def search(self, query: np.ndarray, k: int) -> list[Hit]:
-        """Top-``k`` rows by cosine similarity to ``query`` ([D]), best first."""
+    def rows_with_image_id(self, image_id: str) -> np.ndarray:
+        """Rows holding the image whose original bytes hash to ``image_id`` (usually 0 or 1;
+        more only when an index was assembled from overlapping embed runs)."""
+        return np.asarray(self._rows_by_image_id.get(image_id, ()), dtype=np.int64)
+
+    def rows_of_patients(self, patient_pids: Iterable[str]) -> np.ndarray:
+        """Rows of any of these patient pseudonyms; unknown pseudonyms match nothing (a filter
+        for "other patients' cases" is satisfied trivially by a patient the archive lacks)."""
+        rows = [i for p in set(patient_pids) for i in self._rows_by_patient.get(p, ())]
+        return np.unique(np.asarray(rows, dtype=np.int64))
+
+    def search(self, query: np.ndarray, k: int, *, exclude: np.ndarray | None = None) -> list[Hit]:
+        """Top-``k`` rows by cosine similarity to ``query`` ([D]), best first, never returning
+        a row listed in ``exclude``; fewer than ``k`` only when fewer rows remain."""
         q = np.asarray(query, dtype=np.float32).reshape(-1)
         if q.shape[0] != self.dim:
             raise IndexLoadError(f"query dim {q.shape[0]} != index dim {self.dim}")
         q = q / max(float(np.linalg.norm(q)), 1e-12)
         scores = self.matrix @ q  # [N]
-        k = min(k, len(self))
+        skipped = np.unique(np.asarray(exclude if exclude is not None else (), np.int64))
+        k = min(k, len(self) - len(skipped))
+        if k <= 0:
+            return []
+        scores[skipped] = -np.inf  # below every real cosine, so never among the top k
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
         return [
@@ -155,6 +180,14 @@ class EmbeddingIndex:
             )
             for i in top
         ]
+
+
+def _rows_by_value(values: list[str | None]) -> dict[str, list[int]]:
+    rows: dict[str, list[int]] = {}
+    for i, v in enumerate(values):
+        if v is not None:
+            rows.setdefault(v, []).append(i)
+    return rows
 
 
 def _index_files(path: str | Path) -> tuple[Path, list[Path]]:

@@ -6,9 +6,14 @@ Every route declares ``response_model=`` with these, so the OpenAPI document at
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StringConstraints
+
+from radjepa.imaging.contract import PSEUDONYM_HEX_CHARS
 
 __all__ = [
+    "PatientPseudonym",
     "ModelInfoOut",
     "EmbeddingOut",
     "EmbedResponse",
@@ -21,6 +26,13 @@ __all__ = [
     "Health",
     "Readiness",
     "ErrorOut",
+]
+
+
+# what ingest writes (keyed HMAC, hex): anything else cannot match an archive row, so a typo or a
+# raw PatientID is refused rather than silently filtering nothing
+PatientPseudonym = Annotated[
+    str, StringConstraints(pattern=f"^[0-9a-fA-F]{{{PSEUDONYM_HEX_CHARS}}}$")
 ]
 
 
@@ -85,6 +97,16 @@ class SimilarOut(BaseModel):
     image_id: str
     filename: str | None = None
     neighbours: list[Neighbour]
+    excluded_self: int = Field(
+        0,
+        description="archive images left out because they are the uploaded file itself (same "
+        "image_id); 0 with include_self=true. Above 0 also says the upload is archived",
+    )
+    excluded_patient: int = Field(
+        0,
+        description="other archive images left out because their patient_pid was given in "
+        "exclude_patient_pid (an image is counted once, as excluded_self if it is both)",
+    )
 
 
 class SimilarResponse(BaseModel):

@@ -102,17 +102,27 @@ def make_head(
     return folder
 
 
+def pseudonym(name: str) -> str:
+    """A stand-in patient pseudonym in the ingest format (32 hex characters)."""
+    return hashlib.sha256(name.encode()).hexdigest()[:32]
+
+
 def write_index(
-    path: Path, embeddings: np.ndarray, image_ids: list[str], encoder: Path | None = None
+    path: Path,
+    embeddings: np.ndarray,
+    image_ids: list[str],
+    encoder: Path | None = None,
+    patient_pids: list[str | None] | None = None,
 ) -> Path:
     """Parquet in the exact layout ``pipelines.embed`` writes for checkpoint ``encoder``;
-    without one, the older layout that does not record the encoder (no ``encoder_sha256``)."""
+    without one, the older layout that does not record the encoder (no ``encoder_sha256``).
+    Each row is its own patient unless ``patient_pids`` groups them."""
     n, dim = embeddings.shape
-    pid = [hashlib.sha256(f"p{i}".encode()).hexdigest()[:32] for i in range(n)]
+    pid = [pseudonym(f"p{i}") for i in range(n)]
     table = pa.table(
         {
             "image_id": pa.array(image_ids, pa.string()),
-            "patient_pid": pa.array(pid, pa.string()),
+            "patient_pid": pa.array(patient_pids or pid, pa.string()),
             "study_pid": pa.array(pid, pa.string()),
             "series_pid": pa.array([None] * n, pa.string()),
             "instance_pid": pa.array(pid, pa.string()),

@@ -129,6 +129,44 @@ def test_output_loads_as_the_similar_case_index(embedded):
     assert hits[0].pids["patient_pid"] == embedded["rows"][4]["patient_pid"]
 
 
+def test_served_index_leaves_out_the_uploaded_archive_image_and_its_patient(embedded, nih_dir):
+    """The ids the embed job writes are the SHA-256 of the files ingest read, so the same file
+    sent to /v1/similar is recognised as itself (and, on request, its patient as well)."""
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+    from serve.embedder import EncoderRunner, LocalEmbedder
+    from serve.index import EmbeddingIndex
+    from serve.security import ApiSettings
+
+    index = EmbeddingIndex.from_parquet(embedded["out"])
+    runner = EncoderRunner.from_checkpoint(embedded["ckpt"])
+    client = TestClient(
+        create_app(LocalEmbedder(runner), settings=ApiSettings(insecure_local=True), index=index)
+    )
+    upload = nih_pngs(nih_dir, N_IMAGES)[4].read_bytes()  # the original file, as a client has it
+    own, sibling = embedded["rows"][4], embedded["rows"][5]  # rows 4 and 5: one patient
+
+    def similar(**params):
+        r = client.post(
+            "/v1/similar", content=upload, headers={"content-type": "image/png"}, params=params
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["results"][0]
+
+    res = similar(k=3)
+    assert len(res["neighbours"]) == 3
+    assert own["image_id"] not in {h["image_id"] for h in res["neighbours"]}
+    assert res["image_id"] == own["image_id"] and res["excluded_self"] == 1
+    assert similar(k=1, include_self=True)["neighbours"][0]["image_id"] == own["image_id"]
+
+    res = similar(k=N_IMAGES, exclude_patient_pid=own["patient_pid"])
+    assert (res["excluded_self"], res["excluded_patient"]) == (1, 1)
+    assert len(res["neighbours"]) == N_IMAGES - 2
+    assert sibling["image_id"] not in {h["image_id"] for h in res["neighbours"]}
+    assert own["patient_pid"] not in {h["patient_pid"] for h in res["neighbours"]}
+
+
 def test_index_records_its_checkpoint_and_is_served_only_with_it(embedded, tmp_path):
     import torch
 

@@ -25,6 +25,7 @@ from serve_helpers import (
     make_checkpoint,
     make_head,
     nih_pngs,
+    pseudonym,
     write_index,
 )
 
@@ -153,17 +154,163 @@ def test_classify_returns_head_probabilities_per_label(client, world):
     assert all(0.0 <= p <= 1.0 for p in probs.values())
 
 
-def test_similar_ranks_the_query_image_first_with_pseudonymised_ids(client, world):
-    r = _post(client, "/v1/similar", world["pngs"][3], params={"k": 3})
+def _similar(client, data, media="image/png", **params):
+    r = _post(client, "/v1/similar", data, media, params=params)
     assert r.status_code == 200, r.text
-    body = r.json()
+    return r.json()
+
+
+def test_similar_with_include_self_ranks_the_query_image_first_with_pseudonymised_ids(
+    client, world
+):
+    body = _similar(client, world["pngs"][3], k=3, include_self="true")
     assert body["index_size"] == 6
-    hits = body["results"][0]["neighbours"]
+    (res,) = body["results"]
+    hits = res["neighbours"]
     assert len(hits) == 3
     assert hits[0]["image_id"] == hashlib.sha256(world["pngs"][3]).hexdigest()
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert len(hits[0]["patient_pid"]) == 32 and hits[0]["series_pid"] is None
+    assert (res["excluded_self"], res["excluded_patient"]) == (0, 0)
+
+
+def test_similar_leaves_out_the_archived_upload_itself_and_still_returns_k(client, world):
+    own = hashlib.sha256(world["pngs"][3]).hexdigest()
+    (res,) = _similar(client, world["pngs"][3], k=3)["results"]
+    hits = res["neighbours"]
+    assert len(hits) == 3 and own not in {h["image_id"] for h in hits}
+    assert res["image_id"] == own and res["excluded_self"] == 1 and res["excluded_patient"] == 0
+    # the next best archive images move up: exactly the ranking after the self-hit
+    (ref,) = _similar(client, world["pngs"][3], k=4, include_self="true")["results"]
+    assert [h["image_id"] for h in hits] == [h["image_id"] for h in ref["neighbours"][1:]]
+    assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in ref["neighbours"][1:]])
+    # asking for the whole index returns every OTHER image, not a padded or short list
+    (every,) = _similar(client, world["pngs"][3], k=100)["results"]
+    ids = [hashlib.sha256(b).hexdigest() for b in world["pngs"]]
+    assert sorted(h["image_id"] for h in every["neighbours"]) == sorted(set(ids) - {own})
+
+
+def test_each_upload_of_a_request_leaves_out_only_its_own_bytes(client, world):
+    """Identity is the SHA-256 of the bytes: the other upload of the request stays findable,
+    and a DICOM holding the same pixels as an archived PNG is another file, not excluded."""
+    ids = [hashlib.sha256(b).hexdigest() for b in world["pngs"]]
+    files = [
+        ("files", ("a.png", world["pngs"][0], "image/png")),
+        ("files", ("b.png", world["pngs"][1], "image/png")),
+        ("files", ("a.dcm", dicom_from_png(world["png_paths"][0]), "application/octet-stream")),
+    ]
+    r = client.post("/v1/similar", files=files, params={"k": 5}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    a, b, dcm = r.json()["results"]
+    assert {h["image_id"] for h in a["neighbours"]} == set(ids) - {ids[0]}
+    assert {h["image_id"] for h in b["neighbours"]} == set(ids) - {ids[1]}
+    assert [x["excluded_self"] for x in (a, b, dcm)] == [1, 1, 0]
+    assert len(dcm["neighbours"]) == 5  # not in the archive: nothing to leave out
+    assert dcm["neighbours"][0]["image_id"] == ids[0] and dcm["neighbours"][0]["score"] > 0.99
+
+
+def test_archived_dicoms_are_recognised_by_the_bytes_a_client_uploads(world, tmp_path):
+    """An index over the bundled hospital export (every transfer syntax, and PNGs), with the
+    image ids ingest stores (the decoder's, from the original file bytes): each file sent back
+    as is, the way `curl -F f=@x.dcm` sends it, finds itself excluded."""
+    from radjepa.imaging.decode import decode_image
+
+    pre = world["runner"].preprocess
+    files, decoded, per_encoding = [], [], {}
+    for f in sorted((REPO / "data" / "sample" / "archive").rglob("*.*")):
+        if f.name == "broken_transfer.dcm":  # the one the sample holds for quarantine
+            continue
+        d = decode_image(
+            f.read_bytes(),
+            size=pre.image_size,
+            dtype=pre.dtype,
+            window_percentiles=pre.window_percentiles,
+            secret=b"k" * 32,
+        )
+        encoding = (d.meta["format"], d.meta["transfer_syntax"])
+        if per_encoding.setdefault(encoding, 0) < 2:  # two of each encoding the export holds
+            per_encoding[encoding] += 1
+            files.append(f)
+            decoded.append(d)
+    assert len(per_encoding) == 5  # PNG, explicit VR LE, RLE, JPEG 2000, JPEG baseline
+    blobs = [f.read_bytes() for f in files]
+    ids = [d.meta["image_id"] for d in decoded]
+    assert ids == [hashlib.sha256(b).hexdigest() for b in blobs]
+    emb = np.stack(
+        [
+            r.embedding
+            for r in world["runner"].run([d.pixels for d in decoded], [False] * len(decoded))
+        ]
+    )
+    pids = [d.meta["patient_pid"] for d in decoded]
+    index = EmbeddingIndex.from_parquet(
+        write_index(tmp_path / "index.parquet", emb, ids, patient_pids=pids)
+    )
+    client = TestClient(create_app(world["embedder"], settings=_settings(), index=index))
+    parts = [
+        ("f", (f.name, b, "application/octet-stream")) for f, b in zip(files, blobs, strict=True)
+    ]
+    r = client.post("/v1/similar", files=parts, params={"k": 3}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    for own, res in zip(ids, r.json()["results"], strict=True):
+        assert len(res["neighbours"]) == 3 and own not in {h["image_id"] for h in res["neighbours"]}
+        assert res["image_id"] == own and res["excluded_self"] == 1
+    r = client.post(
+        "/v1/similar", files=parts, params={"k": 1, "include_self": "true"}, headers=AUTH
+    )
+    assert [res["neighbours"][0]["image_id"] for res in r.json()["results"]] == ids
+
+
+def test_similar_can_leave_out_whole_patients(world, tmp_path):
+    """Rows 0-1 are patient A, 2-3 patient B, 4-5 patient C; neighbours carry patient_pid, so a
+    caller can ask again for other patients' cases only."""
+    a, b, c = (pseudonym(x) for x in "ABC")
+    patients = [a, a, b, b, c, c]
+    ids = [hashlib.sha256(x).hexdigest() for x in world["pngs"]]
+    index = EmbeddingIndex.from_parquet(
+        write_index(tmp_path / "index.parquet", world["emb"], ids, patient_pids=patients)
+    )
+    client = TestClient(create_app(world["embedder"], settings=_settings(), index=index))
+
+    (res,) = _similar(client, world["pngs"][0], k=3, exclude_patient_pid=a)["results"]
+    assert {h["patient_pid"] for h in res["neighbours"]} <= {b, c}
+    assert len(res["neighbours"]) == 3
+    assert (res["excluded_self"], res["excluded_patient"]) == (1, 1)  # row 0 counted once
+
+    two = [("exclude_patient_pid", a.upper()), ("exclude_patient_pid", b), ("k", "5")]
+    r = _post(client, "/v1/similar", world["pngs"][0], params=two)
+    (res,) = r.json()["results"]
+    assert {h["image_id"] for h in res["neighbours"]} == {ids[4], ids[5]}
+    assert (res["excluded_self"], res["excluded_patient"]) == (1, 3)
+
+    (res,) = _similar(client, world["pngs"][0], k=6, include_self="true", exclude_patient_pid=a)[
+        "results"
+    ]
+    assert {h["image_id"] for h in res["neighbours"]} == set(ids[2:])
+    assert (res["excluded_self"], res["excluded_patient"]) == (0, 2)
+
+    (res,) = _similar(client, world["pngs"][0], k=3, exclude_patient_pid=pseudonym("nobody"))[
+        "results"
+    ]
+    assert len(res["neighbours"]) == 3 and res["excluded_patient"] == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"include_self": "maybe"}, "include_self"),
+        ({"exclude_patient_pid": "TEST-PATIENT"}, "exclude_patient_pid"),  # a raw id, not a pid
+        ({"exclude_patient_pid": "ab" * 17}, "exclude_patient_pid"),  # 34 hex characters
+        ([("exclude_patient_pid", pseudonym(str(i))) for i in range(101)], "exclude_patient_pid"),
+    ],
+)
+def test_invalid_similar_options_are_a_422_naming_the_parameter(client, world, params, named):
+    r = _post(client, "/v1/similar", world["pngs"][0], params=params)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["reason"] == "invalid_parameter" and named in body["detail"]
+    assert "Traceback" not in r.text
 
 
 def test_models_lists_model_head_and_index(client, world):
@@ -372,7 +519,9 @@ def test_index_embedded_by_another_checkpoint_is_refused(world, tmp_path, caplog
             encoder_fingerprint=runner_b.fingerprint,
         )
     app = create_app(world["embedder"], settings=_settings(), index=index_a)
-    r = _post(TestClient(app), "/v1/similar", world["pngs"][2], params={"k": 1})
+    r = _post(
+        TestClient(app), "/v1/similar", world["pngs"][2], params={"k": 1, "include_self": True}
+    )
     assert r.json()["results"][0]["neighbours"][0]["image_id"] == ids[2]
 
     # an index from before the fingerprint was recorded: served, with a warning

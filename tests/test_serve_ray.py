@@ -47,11 +47,11 @@ def service(ray_session, tmp_path_factory, nih_dir):
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     head_ref = _register_head(tracking, head, root)
     pngs = [p.read_bytes() for p in nih_pngs(nih_dir, 4)]
-    # index rows: random vectors plus one known image id whose vector we control below;
-    # they claim the served checkpoint, which the ingress checks at start-up
+    # index rows: random vectors, the first under the id of pngs[0] (an archived upload); they
+    # claim the served checkpoint, which the ingress checks at start-up
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(4, runner.info.embed_dim)).astype(np.float32)
-    ids = [f"id{i}" for i in range(4)]
+    ids = [hashlib.sha256(pngs[0]).hexdigest(), *(f"id{i}" for i in range(1, 4))]
     index = write_index(root / "index" / "part-0.parquet", emb, ids, encoder=ckpt)
     keys = root / "keys.txt"
     keys.write_text(API_KEY + "\n")
@@ -82,6 +82,7 @@ def service(ray_session, tmp_path_factory, nih_dir):
             "png_paths": nih_pngs(nih_dir, 4),
             "root": root,
             "emb": emb,
+            "ids": ids,
             "keys": keys,
         }
     finally:
@@ -174,18 +175,26 @@ def test_classify_and_similar_answer_over_http(service):
     with _client(service) as c:
         files = [("files", (f"{i}.png", service["pngs"][i], "image/png")) for i in range(2)]
         cl = c.post("/v1/classify", files=files, headers=AUTH)
-        si = c.post(
-            "/v1/similar",
-            params={"k": 2},
-            content=service["pngs"][0],
-            headers={**AUTH, "content-type": "image/png"},
-        )
+        similar = [
+            c.post(
+                "/v1/similar",
+                params=params,
+                content=service["pngs"][0],
+                headers={**AUTH, "content-type": "image/png"},
+            )
+            for params in ({"k": 4}, {"k": 4, "include_self": "true"})
+        ]
         models = c.get("/v1/models", headers=AUTH).json()
     assert cl.status_code == 200, cl.text
     assert [len(r["probabilities"]) for r in cl.json()["results"]] == [2, 2]
-    assert si.status_code == 200, si.text
-    hits = si.json()["results"][0]["neighbours"]
-    assert len(hits) == 2 and {h["image_id"] for h in hits} <= {f"id{i}" for i in range(4)}
+    others = service["ids"][1:]
+    for si in similar:
+        assert si.status_code == 200, si.text
+    (without,), (with_self,) = (si.json()["results"] for si in similar)
+    # the upload is archived (row 0): left out unless asked for, through the Serve ingress too
+    assert sorted(h["image_id"] for h in without["neighbours"]) == sorted(others)
+    assert sorted(h["image_id"] for h in with_self["neighbours"]) == sorted(service["ids"])
+    assert (without["excluded_self"], with_self["excluded_self"]) == (1, 0)
     assert models["index_size"] == 4 and models["labels"] == ["Effusion", "Cardiomegaly"]
     assert models["head"] == "models:/radjepa-probe-head/1"  # served from the registry
 
