@@ -156,6 +156,7 @@ class GuardMiddleware:
 class _Upload:
     data: bytes
     filename: str | None
+    patient_pid: str | None = None  # set by the decoder: the upload's own keyed pseudonym
 
 
 def _media_type(request: Request) -> str:
@@ -237,6 +238,7 @@ def _decode_all(
             raise ApiError(
                 422, "the image could not be decoded", reason="decode_error", filename=up.filename
             ) from None
+        up.patient_pid = decoded.meta.get("patient_pid")
         out.append(decoded.pixels)
     return out
 
@@ -530,6 +532,15 @@ def create_app(
                 "neighbour's patient_pid); repeat the parameter for several patients",
             ),
         ] = None,
+        exclude_same_patient: Annotated[
+            bool,
+            Query(
+                description="leave out every archive image of the uploaded image's own patient: "
+                "the patient of its archive row when it is archived, and the pseudonym of a "
+                "DICOM upload's PatientID (matches the archive when the server's key is "
+                "ingest's); takes precedence over include_self"
+            ),
+        ] = False,
     ) -> SimilarResponse:
         """Top-k archive images by cosine similarity, with pseudonymised identifiers.
 
@@ -543,14 +554,19 @@ def create_app(
 
         def neighbours_of(up: _Upload, embedding: np.ndarray) -> SimilarOut:
             image_id = hashlib.sha256(up.data).hexdigest()
-            own = np.empty(0, np.int64) if include_self else index.rows_with_image_id(image_id)
-            hits = index.search(embedding, k, exclude=np.union1d(own, patient_rows))
+            archived = index.rows_with_image_id(image_id)
+            own = np.empty(0, np.int64) if include_self else archived
+            patients = patient_rows
+            if exclude_same_patient:
+                pids = {index.pids["patient_pid"][r] for r in archived} | {up.patient_pid}
+                patients = np.union1d(patients, index.rows_of_patients(p for p in pids if p))
+            hits = index.search(embedding, k, exclude=np.union1d(own, patients))
             return SimilarOut(
                 image_id=image_id,
                 filename=up.filename,
                 neighbours=[Neighbour(image_id=h.image_id, score=h.score, **h.pids) for h in hits],
                 excluded_self=len(own),
-                excluded_patient=len(np.setdiff1d(patient_rows, own)),
+                excluded_patient=len(np.setdiff1d(patients, own)),
             )
 
         async def work() -> SimilarResponse:

@@ -296,6 +296,42 @@ def test_similar_can_leave_out_whole_patients(world, tmp_path):
     assert len(res["neighbours"]) == 3 and res["excluded_patient"] == 0
 
 
+def test_similar_can_leave_out_the_uploads_own_patient(world, tmp_path):
+    """Other patients' cases only, in one request: the patient of the upload's archive row, or
+    of a DICOM upload's PatientID under the server's key (the key ingest pseudonymised with)."""
+    from radjepa.imaging.deid import pseudonym as keyed_pseudonym
+    from tests.dicom_factory import MARKERS, make_dicom
+
+    a, c = pseudonym("A"), pseudonym("C")
+    ids = [hashlib.sha256(x).hexdigest() for x in world["pngs"]]
+    app = create_app(world["embedder"], settings=_settings(), index=world["index"])
+    dicom_patient = keyed_pseudonym(app.state.decode_secret, "patient", MARKERS["PatientID"])
+    patients = [a, a, dicom_patient, dicom_patient, c, c]
+    index = EmbeddingIndex.from_parquet(
+        write_index(tmp_path / "index.parquet", world["emb"], ids, patient_pids=patients)
+    )
+    client = TestClient(create_app(world["embedder"], settings=_settings(), index=index))
+
+    # archived PNG (no PatientID of its own): its archive row names the patient
+    (res,) = _similar(client, world["pngs"][0], k=6, exclude_same_patient="true")["results"]
+    assert {h["image_id"] for h in res["neighbours"]} == set(ids[2:])
+    assert (res["excluded_self"], res["excluded_patient"]) == (1, 1)
+    # the option wins over include_self: the upload is its own patient's image
+    (res,) = _similar(
+        client, world["pngs"][0], k=6, exclude_same_patient="true", include_self="true"
+    )["results"]
+    assert {h["image_id"] for h in res["neighbours"]} == set(ids[2:])
+    assert (res["excluded_self"], res["excluded_patient"]) == (0, 2)
+
+    # a DICOM the archive does not hold: its own PatientID pseudonym names the patient
+    dcm = make_dicom()
+    (res,) = _similar(client, dcm, "application/dicom", k=6, exclude_same_patient="true")["results"]
+    assert {h["image_id"] for h in res["neighbours"]} == {ids[0], ids[1], ids[4], ids[5]}
+    assert (res["excluded_self"], res["excluded_patient"]) == (0, 2)
+    (res,) = _similar(client, dcm, "application/dicom", k=6)["results"]
+    assert len(res["neighbours"]) == 6 and res["excluded_patient"] == 0
+
+
 @pytest.mark.parametrize(
     ("params", "named"),
     [
