@@ -85,13 +85,23 @@ def _call_api(url: str, key: str, sample: Path) -> dict[str, Any]:
             "status": cls.status_code,
             "probabilities": cls.json()["results"][0]["probabilities"],
         }
-        sim = c.post("/v1/similar", params={"k": 3}, content=body, headers=dcm)
+        # other patients' cases: the query (archived by the demo's ingest) and its patient's
+        # other images are left out
+        sim = c.post(
+            "/v1/similar",
+            params={"k": 3, "exclude_same_patient": "true"},
+            content=body,
+            headers=dcm,
+        )
+        found = sim.json()["results"][0]
         calls["similar"] = {
             "status": sim.status_code,
             "neighbours": [
                 {"patient_pid": n["patient_pid"], "score": round(n["score"], 4)}
-                for n in sim.json()["results"][0]["neighbours"]
+                for n in found["neighbours"]
             ],
+            "excluded_self": found["excluded_self"],
+            "excluded_patient": found["excluded_patient"],
         }
         calls["unauthorised"] = c.post(
             "/v1/embed", content=body, headers={"Content-Type": "application/dicom"}

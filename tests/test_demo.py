@@ -40,6 +40,7 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, ray_session):
     assert calls["embed"]["status"] == 200 and calls["embed"]["dim"] == 192
     assert calls["classify"]["status"] == 200 and len(calls["classify"]["probabilities"]) == 2
     assert calls["similar"]["status"] == 200 and len(calls["similar"]["neighbours"]) == 3
+    assert calls["similar"]["excluded_self"] == 1  # the query DICOM is in the demo's archive
     # everything is in one folder, and the summary is on disk
     assert json.loads((out / "summary.json").read_text())["total_seconds"] > 0
     assert SAMPLE.is_dir()
