@@ -658,11 +658,11 @@ def demo(
 
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2."""
-    from pipelines.runtime import ClusterResourceError
+    from pipelines.runtime import ClusterError
 
     try:
         app()
-    except (UserError, ClusterResourceError) as err:
+    except (UserError, ClusterError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 

@@ -359,6 +359,7 @@ def summary_table(summary: IngestSummary) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.ingest SRC... DST [--config] [--set k=v]`` (e.g. in a Ray Job)."""
+    from pipelines.runtime import ClusterError
     from radjepa.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__)
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         s = run_ingest(args.paths[:-1], args.paths[-1], load_config(args.config, args.sets))
-    except (ConfigError, IngestError) as err:  # the user's to fix: one line, like the CLI
+    except (ConfigError, IngestError, ClusterError) as err:  # the user's: one line, like the CLI
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
         return 2
     print(json.dumps(asdict(s), sort_keys=True))  # noqa: T201 - entry point output

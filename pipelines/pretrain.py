@@ -537,6 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import sys
 
+    from pipelines.runtime import ClusterError
     from radjepa.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(description=__doc__)
@@ -548,7 +549,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(a.config, a.sets)
         res = run_pretrain(cfg, shards_location(a.data, cfg))
-    except (ConfigError, PretrainError) as err:  # the user's to fix: one line, as `radjepa`
+    except (ConfigError, PretrainError, ClusterError) as err:  # the user's: one line, as `radjepa`
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
     log.info("checkpoint: %s", res.checkpoint)

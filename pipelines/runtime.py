@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +53,180 @@ def quiet_local_worker_logs() -> None:
         logger.addFilter(_DropPrefix(_NO_STATE_API))
 
 
-class ClusterResourceError(RuntimeError):
-    """The cluster can never provide what the job asks for (told to the user, no traceback)."""
+class ClusterError(RuntimeError):
+    """The Ray cluster cannot serve the job as asked: the user's to fix, so every entry point
+    reports it in one line, without a traceback."""
+
+
+class ClusterResourceError(ClusterError):
+    """The cluster can never provide what the job asks for."""
+
+
+class ClusterConnectionError(ClusterError):
+    """RAY_ADDRESS names no Ray cluster this process can join."""
+
+
+# How long a named cluster has to answer before we call it unreachable. ray.init has no such
+# bound: it retries an address that does not answer for many minutes. A head's GCS answers a
+# connection within milliseconds, and ray.init itself warns after 5 s.
+CONNECT_TIMEOUT_S = 5.0
+
+_WHAT_TO_CHECK = (
+    "check RAY_ADDRESS (HOST:PORT of the head's GCS, 6379 by default, or ray://HOST:10001 for "
+    "Ray Client) and that the head node is up, or unset RAY_ADDRESS to run on a local Ray instance"
+)
+
+
+def check_cluster_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse within seconds a RAY_ADDRESS that ray.init would give up on only after minutes.
+
+    Given an address where nothing answers (a typo, a head that is down, a port-forward that
+    died) or where something other than a Ray head listens, ray.init retries for minutes and then
+    fails with a long traceback. Here we dial what ray.init would dial (``auto`` resolved,
+    ``localhost`` as the node's IP, the way Ray does), then ask the GCS for its cluster id, as
+    ray.init does first: a few milliseconds when the address is right. A GCS that turns away our
+    token is told apart, since ray.init reports that only as a failed connection.
+    """
+    value = address.strip()
+    if value.startswith(("http://", "https://")):
+        raise ClusterConnectionError(
+            f"RAY_ADDRESS={value} is a job server (dashboard) URL, which only `radjepa submit` "
+            "and `radjepa jobs` use (set RAY_JOB_ADDRESS for them); to run this command on a "
+            "cluster, give its head's GCS address HOST:6379 (or ray://HOST:10001), or unset "
+            "RAY_ADDRESS to run on a local Ray instance"
+        )
+    if value.startswith("ray://"):  # Ray Client: its server is dialled as written
+        host_port = _host_port(value)
+        if host_port is not None:
+            _check_tcp(value, *host_port, timeout_s)
+        return
+    if "://" in value:  # a client Ray loads by the scheme's module name; it reports its errors
+        return
+    if value != "auto" and _host_port(value) is None:
+        raise ClusterConnectionError(
+            f"RAY_ADDRESS={value} is not a Ray cluster address: give HOST:PORT (a head node's "
+            "GCS port, 6379 by default), ray://HOST:10001 for Ray Client, or `auto` for the "
+            "instance `ray start` runs on this machine; unset it to run on a local Ray instance"
+        )
+    dialled = _bootstrap_address(value)
+    where = value if dialled == value else f"{value} (dialled as {dialled})"
+    host_port = _host_port(dialled)
+    if host_port is None:  # Ray resolved it to something we cannot read: ray.init decides
+        return
+    _check_tcp(where, *host_port, timeout_s)
+    _check_gcs(where, dialled, timeout_s)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    try:
+        parts = urlsplit(address if "://" in address else f"//{address}")
+        port = parts.port
+    except ValueError:  # a port that is not a number, or out of range
+        return None
+    if not parts.hostname or port is None or parts.path or parts.query:
+        return None
+    return parts.hostname, port
+
+
+def _bootstrap_address(address: str) -> str:
+    """The host:port ray.init connects to for ``address`` (Ray's own resolution)."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except ConnectionError:  # `auto` and no instance on this machine
+        raise ClusterConnectionError(
+            "RAY_ADDRESS=auto but no Ray instance runs on this machine: start one with "
+            "`ray start --head`, give a cluster's address HOST:PORT, or unset RAY_ADDRESS to "
+            "run on a local Ray instance"
+        ) from None
+    except ValueError:  # an address Ray cannot parse
+        raise ClusterConnectionError(
+            f"RAY_ADDRESS={address} is not a Ray cluster address; {_WHAT_TO_CHECK}"
+        ) from None
+    return resolved or address
+
+
+def _check_tcp(where: str, host: str, port: int, timeout_s: float) -> None:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except socket.gaierror:
+        why = f"the host name {host} does not resolve"
+    except ConnectionRefusedError:
+        why = f"connection refused, nothing listens on port {port}"
+    except TimeoutError:
+        why = f"no answer within {timeout_s:g} s (a host that is down, or a firewall)"
+    except OSError as err:
+        why = err.strerror or str(err)
+    raise ClusterConnectionError(
+        f"cannot reach the Ray cluster at {where}: {why}; {_WHAT_TO_CHECK}"
+    )
+
+
+def _check_gcs(where: str, target: str, timeout_s: float) -> None:
+    """Ask ``target`` for its cluster id, through the channel Ray itself would open (TLS and
+    token settings from the environment), to tell a Ray head from any other open port."""
+    import grpc
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    channel = init_grpc_channel(target)
+    try:
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+            gcs_service_pb2.GetClusterIdRequest(), timeout=timeout_s, wait_for_ready=True
+        )
+        return
+    except grpc.RpcError as err:
+        code = err.code()
+    finally:
+        channel.close()
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        why = (
+            "a gRPC service answers there but it is not a Ray head's GCS (a Ray Client port "
+            "needs ray://HOST:PORT)"
+        )
+    elif code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+        why = (
+            f"the port is open but no Ray GCS answered within {timeout_s:g} s (another service "
+            "listens there, or the cluster expects TLS: RAY_USE_TLS)"
+        )
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
+        # ray.init retries this for 20 s, then reports a connection that failed
+        raise ClusterConnectionError(
+            f"the Ray cluster at {where} wants an auth token and ours is missing or wrong: set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or put it in ~/.ray/auth_token); on the "
+            "head, `ray get-auth-token` prints it"
+        )
+    else:  # a GCS that answers otherwise: ray.init says what it makes of it
+        return
+    raise ClusterConnectionError(
+        f"cannot reach the Ray cluster at {where}: {why}; {_WHAT_TO_CHECK}"
+    )
 
 
 def ensure_ray(min_logical_cpus: int = 4) -> None:
-    """Initialise Ray once per process (idempotent)."""
+    """Initialise Ray once per process (idempotent).
+
+    A cluster named by RAY_ADDRESS is checked before ray.init (:func:`check_cluster_address`),
+    which would otherwise spend minutes on an address that does not answer. ``local`` means this
+    machine, as an unset RAY_ADDRESS does, so it gets the local instance's settings below.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address and address != "local":
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        check_cluster_address(address)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except ConnectionError as err:  # e.g. a Ray Client server that accepts but never serves
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ClusterConnectionError(
+                f"cannot join the Ray cluster at {address}: {first}; {_WHAT_TO_CHECK}"
+            ) from None
         return
     cores = os.cpu_count() or 1
     num_cpus = max(min_logical_cpus, 2 * cores)

@@ -1,0 +1,273 @@
+"""Joining the Ray cluster RAY_ADDRESS names: an address that cannot work fails in seconds, in
+one line, through every entry point, and never falls back to a local instance.
+
+ray.init retried an address where nothing answers for 14 minutes on the dev box before it failed
+with three tracebacks; a command here gets two minutes (imports on a busy 2-core machine
+included; seconds on an idle one), so such a hang fails the test instead of stalling the suite.
+The listeners bind every interface because Ray, like the check, dials a loopback address as the
+machine's own IP.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.runtime import ClusterConnectionError, check_cluster_address
+
+REPO = Path(__file__).resolve().parents[1]
+COMMAND_TIMEOUT_S = 120
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def metadata_shards(tmp_path: Path) -> Path:
+    """An ingest output with the columns pretrain and sweep read before they start Ray."""
+    images = tmp_path / "shards" / "images"
+    images.mkdir(parents=True)
+    n = 64
+    table = pa.table(
+        {
+            "image_id": [f"img{i:03d}" for i in range(n)],
+            "height": [256] * n,
+            "width": [256] * n,
+            "dtype": ["uint8"] * n,
+        }
+    )
+    pq.write_table(table, images / "part-0.parquet")
+    return tmp_path / "shards"
+
+
+def _command(name: str, tmp: Path, shards: Path) -> list[str]:
+    out = ["--set", f"train.output_dir={tmp / 'runs'}"]
+    model = tmp / "model"
+    if name == "embed":  # embed hashes the checkpoint before it starts Ray
+        from serve_helpers import make_checkpoint
+
+        make_checkpoint(model)
+    model.mkdir(exist_ok=True)
+    return {
+        "ingest": ["pipelines.cli", "ingest", "data/sample/archive", str(tmp / "dst")],
+        "pretrain": ["pipelines.cli", "pretrain", "-c", "configs/tiny_cpu.yaml", "--data", str(shards), *out],
+        "sweep": ["pipelines.cli", "sweep", "-c", "configs/sweep-tiny.yaml", "--data", str(shards), *out],
+        "embed": ["pipelines.cli", "embed", str(shards), str(tmp / "index"), "--model", str(model)],
+        "serve": ["pipelines.cli", "serve", "--insecure-local", "--model", str(model), "--port", "0"],
+        # what `radjepa submit` and the RayJob manifests may run inside a job
+        "job pretrain": ["pipelines.pretrain", "--config", "configs/tiny_cpu.yaml", "--data", str(shards), *out],
+        "job ingest": ["pipelines.ingest", "data/sample/archive", str(tmp / "dst-job")],
+    }[name]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command", ["ingest", "pretrain", "sweep", "embed", "serve", "job pretrain", "job ingest"]
+)
+def test_an_unreachable_cluster_fails_without_waiting_in_one_line(
+    command: str, tmp_path: Path, metadata_shards: Path
+) -> None:
+    port = _unused_port()
+    ray_tmp = tmp_path / "ray-tmp"
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": f"127.0.0.1:{port}",
+        "RAY_TMPDIR": str(ray_tmp),  # where a local instance would put its session
+        "RADJEPA_DEID_SECRET": "x" * 32,
+    }
+    args = _command(command, tmp_path, metadata_shards)
+
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`{command}` still tried to join 127.0.0.1:{port} after {COMMAND_TIMEOUT_S} s")
+
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    if args[0] == "pipelines.cli":  # the CLI logs to stdout: its stderr is the error alone
+        assert len(lines) == 1, res.stderr
+    assert lines[-1].startswith(f"error: cannot reach the Ray cluster at 127.0.0.1:{port}")
+    assert "connection refused" in lines[-1] and "unset RAY_ADDRESS" in lines[-1]
+    assert "Traceback" not in res.stderr
+    assert not list(ray_tmp.rglob("session_*")), "a local Ray instance was started instead"
+
+
+@contextmanager
+def _http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    server = HTTPServer(("0.0.0.0", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def http_port() -> Iterator[int]:
+    """A web server (what a dashboard port, 8265, is)."""
+
+    class Hello(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with _http_server(Hello) as port:
+        yield port
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections and never says a word."""
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen(8)
+        yield s.getsockname()[1]
+
+
+@contextmanager
+def _grpc_server(add_services: Callable[[object], None]) -> Iterator[int]:
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add_services(server)
+    port = server.add_insecure_port("0.0.0.0:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.fixture
+def grpc_port() -> Iterator[int]:
+    """A gRPC server that is not a GCS (as a Ray Client server, 10001, is not)."""
+    with _grpc_server(lambda server: None) as port:
+        yield port
+
+
+@pytest.fixture
+def gcs_port() -> Iterator[tuple[int, list[str]]]:
+    """A stand-in GCS that answers the cluster-id query; yields the port and the calls seen."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    calls: list[str] = []
+
+    class NodeInfo(gcs_service_pb2_grpc.NodeInfoGcsServiceServicer):
+        def GetClusterId(self, request, context):  # noqa: N802 - the generated gRPC API
+            calls.append("GetClusterId")
+            return gcs_service_pb2.GetClusterIdReply(cluster_id=b"\x01" * 28)
+
+    def add(server: grpc.Server) -> None:
+        gcs_service_pb2_grpc.add_NodeInfoGcsServiceServicer_to_server(NodeInfo(), server)
+
+    with _grpc_server(add) as port:
+        yield port, calls
+
+
+def _refused(address: str, timeout_s: float = 1.0) -> str:
+    start = time.monotonic()
+    with pytest.raises(ClusterConnectionError) as err:
+        check_cluster_address(address, timeout_s=timeout_s)
+    assert time.monotonic() - start < timeout_s + 3
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_an_open_port_that_is_not_ray_fails_within_the_timeout(
+    silent_port: int, http_port: int
+) -> None:
+    for port in (silent_port, http_port):
+        message = _refused(f"127.0.0.1:{port}")
+        assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in message
+        assert "no Ray GCS answered within 1 s" in message
+
+
+def test_a_grpc_service_that_is_not_a_gcs_is_named(grpc_port: int) -> None:
+    message = _refused(f"127.0.0.1:{grpc_port}")
+    assert "not a Ray head's GCS" in message and "ray://" in message
+
+
+def test_a_gcs_that_answers_passes(gcs_port: tuple[int, list[str]]) -> None:
+    port, calls = gcs_port
+    check_cluster_address(f"127.0.0.1:{port}", timeout_s=5)
+    assert calls == ["GetClusterId"]
+
+
+@pytest.fixture
+def token_gcs_port() -> Iterator[int]:
+    """A stand-in GCS of a cluster with token auth, given no token (as Ray 2.60 answers then)."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2_grpc
+
+    class NodeInfo(gcs_service_pb2_grpc.NodeInfoGcsServiceServicer):
+        def GetClusterId(self, request, context):  # noqa: N802 - the generated gRPC API
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "InvalidAuthToken: token is missing")
+
+    def add(server: grpc.Server) -> None:
+        gcs_service_pb2_grpc.add_NodeInfoGcsServiceServicer_to_server(NodeInfo(), server)
+
+    with _grpc_server(add) as port:
+        yield port
+
+
+def test_a_gcs_that_wants_a_token_says_so(token_gcs_port: int) -> None:
+    message = _refused(f"127.0.0.1:{token_gcs_port}")
+    assert "wants an auth token" in message and "RAY_AUTH_TOKEN" in message
+
+
+def test_ray_client_addresses_are_dialled_as_written() -> None:
+    port = _unused_port()
+    message = _refused(f"ray://127.0.0.1:{port}")
+    assert f"cannot reach the Ray cluster at ray://127.0.0.1:{port}: connection refused" in message
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("http://127.0.0.1:8265", "is a job server (dashboard) URL"),
+        ("https://head.example:8265", "set RAY_JOB_ADDRESS for them"),
+        ("localhost", "RAY_ADDRESS=localhost is not a Ray cluster address: give HOST:PORT"),
+        ("head:port", "is not a Ray cluster address"),
+    ],
+)
+def test_addresses_ray_init_cannot_join_are_explained(address: str, expected: str) -> None:
+    assert expected in _refused(address)
+
+
+def test_auto_without_an_instance_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private import services
+
+    # other test sessions may run Ray on this machine: `auto` must find none of them
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: set())
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert "RAY_ADDRESS=auto but no Ray instance runs on this machine" in _refused("auto")
