@@ -118,7 +118,7 @@ def run_embed(
     import pyarrow.parquet as pq
     import ray
 
-    from pipelines.runtime import ensure_ray, resolve_use_gpu
+    from pipelines.runtime import ensure_ray, remote_error_message, resolve_use_gpu
     from radjepa.eval.heads import HeadError, checkpoint_fingerprint
     from radjepa.locations import filesystem
     from radjepa.shards import ShardError, list_shards
@@ -176,7 +176,15 @@ def run_embed(
         udf_modifying_row_count=False,
     )
     out_fs.create_dir(out_path, recursive=True)
-    ds.write_parquet(out)
+    try:
+        ds.write_parquet(out)
+    except ray.exceptions.RayActorError as err:
+        # an actor that cannot load the model on its node (another copy, no copy, unreadable):
+        # Ray's error is the worker's whole traceback; the user needs its last line
+        if not getattr(err, "actor_init_failed", False):
+            raise
+        reason = remote_error_message(err) or "see the worker log above"
+        raise EmbedError(f"the encoder actors could not start: {reason}") from None
     files = _parquet_files(out_fs, out_path)
     rows = sum(pq.read_metadata(f, filesystem=out_fs).num_rows for f in files)
     dim, label = 0, model_label or ""

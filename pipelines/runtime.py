@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 from urllib.parse import urlsplit
 
@@ -130,7 +131,10 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 def _bootstrap_address(address: str) -> str:
     """The host:port ray.init connects to for ``address`` (Ray's own resolution)."""
-    from ray._private.services import canonicalize_bootstrap_address
+    try:  # Ray-private (pinned 2.60.0): if an upgrade moves it, dial the address as written
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return address
 
     try:
         resolved = canonicalize_bootstrap_address(address)
@@ -167,9 +171,13 @@ def _check_tcp(where: str, host: str, port: int, timeout_s: float) -> None:
 def _check_gcs(where: str, target: str, timeout_s: float) -> None:
     """Ask ``target`` for its cluster id, through the channel Ray itself would open (TLS and
     token settings from the environment), to tell a Ray head from any other open port."""
-    import grpc
-    from ray._private.grpc_utils import init_grpc_channel
-    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    try:  # Ray-private (pinned 2.60.0): if an upgrade moves them, the TCP check stands alone
+        import grpc
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:
+        log.debug("no GCS check for %s: this Ray version lacks the modules it uses", where)
+        return
 
     channel = init_grpc_channel(target)
     try:
@@ -309,3 +317,24 @@ def resolve_num_workers(use_gpu: bool, cpus_per_worker: float) -> int:
             "or add nodes"
         )
     return workers
+
+
+# the closing line of a Python traceback: "pkg.mod.SomeError: message"
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception): (.+)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def remote_error_message(err: BaseException) -> str | None:
+    """The message of the exception that ended a Ray worker, read from the error Ray passes on.
+
+    An actor whose ``__init__`` raises reaches the driver as an ``ActorDiedError`` holding only
+    the worker's traceback as text (the exception object is not kept), so a job that wants to
+    say the worker's one-line reason (a model another node cannot read) takes its last line.
+    None when the text holds no such line.
+    """
+    text = _ANSI.sub("", getattr(err, "error_msg", None) or str(err))
+    for line in reversed(text.strip().splitlines()):
+        m = _EXCEPTION_LINE.match(line.strip())
+        if m:
+            return m.group(1).strip()
+    return None

@@ -205,3 +205,40 @@ def test_user_errors_are_named(embedded, tmp_path):
         run_embed(
             embedded["cfg"], embedded["root"] / "ingest", tmp_path / "o", model=tmp_path / "nope"
         )
+
+
+def test_actors_that_cannot_load_the_model_are_named_in_one_line(embedded, tmp_path, monkeypatch):
+    """On a cluster each actor loads the model on its own node, where a local folder may hold
+    other weights than the driver hashed. Here the driver is made to hash other weights (the
+    actors, Ray and the checkpoint are real): the job used to end in Ray's ActorDiedError with
+    the worker's whole traceback; the user gets the actor's own reason in one line."""
+    import radjepa.eval.heads as heads
+    from pipelines.embed import EmbedError, run_embed
+
+    monkeypatch.setattr(heads, "checkpoint_fingerprint", lambda path: "0" * 64)
+    with pytest.raises(EmbedError, match="the encoder actors could not start: ") as err:
+        run_embed(
+            embedded["cfg"],
+            embedded["root"] / "ingest",
+            tmp_path / "o",
+            model=embedded["ckpt"],
+            actors=1,
+        )
+    message = str(err.value)
+    assert "is not the checkpoint the driver resolved (encoder " in message
+    assert "\n" not in message and "Traceback" not in message and err.value.__cause__ is None
+    assert not list((tmp_path / "o").glob("*.parquet"))
+
+
+def test_the_last_line_of_a_worker_traceback_is_its_reason():
+    from pipelines.runtime import remote_error_message
+
+    class Died(Exception):
+        error_msg = (
+            "The actor died because of an error raised in its creation task, \x1b[36mray::X\x1b[39m"
+            '\nTraceback (most recent call last):\n  File "a.py", line 1, in f\n'
+            "radjepa.checkpoint.CheckpointError: /m is not a checkpoint folder (no meta.json)\n"
+        )
+
+    assert remote_error_message(Died()) == "/m is not a checkpoint folder (no meta.json)"
+    assert remote_error_message(ValueError("no traceback here")) is None
