@@ -224,7 +224,14 @@ def ensure_ray(min_logical_cpus: int = 4) -> None:
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS", "").strip()
+    raw = os.environ.get("RAY_ADDRESS")
+    address = (raw or "").strip()
+    if raw is not None and raw != address:
+        # Ray reads RAY_ADDRESS itself, as written, when given no address or `auto`
+        if address:
+            os.environ["RAY_ADDRESS"] = address
+        else:
+            del os.environ["RAY_ADDRESS"]
     if address and address != "local":
         log.info("joining Ray cluster at %s", address)
         check_cluster_address(address)

@@ -271,3 +271,34 @@ def test_auto_without_an_instance_on_this_machine(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     assert "RAY_ADDRESS=auto but no Ray instance runs on this machine" in _refused("auto")
+
+
+@pytest.mark.parametrize("raw", ["local ", " \t", "\tlocal\n"])
+def test_a_padded_or_blank_address_still_means_this_machine(
+    raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ray.init given no address reads RAY_ADDRESS itself, as written: a padded `local` or a
+    blank value (a .env file, a YAML manifest) was 'Invalid address format' there."""
+    import ray
+    from ray._private import services
+
+    from pipelines.runtime import ensure_ray
+
+    seen: list[str | None] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.append(os.environ.get("RAY_ADDRESS")))
+    monkeypatch.setenv("RAY_ADDRESS", raw)
+    ensure_ray()
+    assert services.canonicalize_bootstrap_address(seen[0]) is None  # Ray starts a local one
+
+
+def test_a_padded_auto_is_checked_as_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ray._private import services
+
+    from pipelines.runtime import ensure_ray
+
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: set())
+    monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
+    monkeypatch.setenv("RAY_ADDRESS", " auto\n")
+    with pytest.raises(ClusterConnectionError, match="RAY_ADDRESS=auto but no Ray instance runs"):
+        ensure_ray()
