@@ -115,6 +115,8 @@ def check_cluster_address(address: str, timeout_s: float = CONNECT_TIMEOUT_S) ->
     if host_port is None:  # Ray resolved it to something we cannot read: ray.init decides
         return
     _check_tcp(where, *host_port, timeout_s)
+    if value == "auto":
+        _token_auth_for_auto()
     _check_gcs(where, dialled, timeout_s)
 
 
@@ -149,6 +151,19 @@ def _bootstrap_address(address: str) -> str:
             f"RAY_ADDRESS={address} is not a Ray cluster address; {_WHAT_TO_CHECK}"
         ) from None
     return resolved or address
+
+
+def _token_auth_for_auto() -> None:
+    """Turn token auth on when this machine holds a token, as ray.init does for ``auto`` (never
+    for an explicit address): a head that ``ray start`` runs here with token auth is joined by
+    ray.init, and asking it without the token was refused as a missing token."""
+    try:  # Ray-private (pinned 2.60.0): if an upgrade moves it, the GCS check asks as before
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _check_tcp(where: str, host: str, port: int, timeout_s: float) -> None:

@@ -302,3 +302,60 @@ def test_a_padded_auto_is_checked_as_auto(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("RAY_ADDRESS", " auto\n")
     with pytest.raises(ClusterConnectionError, match="RAY_ADDRESS=auto but no Ray instance runs"):
         ensure_ray()
+
+
+@pytest.fixture
+def token_only_gcs_port() -> Iterator[tuple[int, str]]:
+    """A stand-in GCS of a cluster with token auth that answers only the right token."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    token = "0123456789abcdef" * 2
+
+    class NodeInfo(gcs_service_pb2_grpc.NodeInfoGcsServiceServicer):
+        def GetClusterId(self, request, context):  # noqa: N802 - the generated gRPC API
+            if dict(context.invocation_metadata()).get("authorization") != f"Bearer {token}":
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "InvalidAuthToken")
+            return gcs_service_pb2.GetClusterIdReply(cluster_id=b"\x01" * 28)
+
+    def add(server: grpc.Server) -> None:
+        gcs_service_pb2_grpc.add_NodeInfoGcsServiceServicer_to_server(NodeInfo(), server)
+
+    with _grpc_server(add) as port:
+        yield port, token
+
+
+def test_auto_uses_this_machines_token_as_ray_init_does(
+    token_only_gcs_port: tuple[int, str], tmp_path: Path
+) -> None:
+    """ray.init turns token auth on for `auto` when this machine holds a token (so a head that
+    `ray start` runs here with token auth is joined), never for an explicit address. A fresh
+    process: token auth, once on, stays on in the process that turned it on."""
+    port, token = token_only_gcs_port
+    code = (
+        "import sys\n"
+        "from ray._private import services\n"
+        f"services.get_ray_address_from_environment = lambda *a: '127.0.0.1:{port}'\n"
+        "from pipelines.runtime import ClusterConnectionError, check_cluster_address\n"
+        "try:\n"
+        "    check_cluster_address(sys.argv[1], timeout_s=5)\n"
+        "except ClusterConnectionError as err:\n"
+        "    sys.exit(f'error: {err}')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+    env.update(HOME=str(tmp_path), RAY_AUTH_TOKEN=token)  # the token this machine holds
+
+    def check(address: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code, address],
+            cwd=REPO,
+            env={**env, "RAY_ADDRESS": address},
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT_S,
+        )
+
+    res = check("auto")
+    assert res.returncode == 0, res.stderr
+    res = check(f"127.0.0.1:{port}")  # explicit: Ray wants RAY_AUTH_MODE=token, and so do we
+    assert res.returncode == 1 and "wants an auth token" in res.stderr, res.stderr
