@@ -104,8 +104,9 @@ class SimilarOut(BaseModel):
     )
     excluded_patient: int = Field(
         0,
-        description="other archive images left out because their patient_pid was given in "
-        "exclude_patient_pid (an image is counted once, as excluded_self if it is both)",
+        description="other archive images left out because their patient was excluded "
+        "(exclude_patient_pid, or the upload's own with exclude_same_patient); an image is "
+        "counted once, as excluded_self if it is both",
     )
 
 
