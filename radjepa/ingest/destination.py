@@ -151,6 +151,8 @@ def check_key(
 def check_compatible(
     dest: Destination, previous: dict[str, Any] | None, settings: dict[str, Any]
 ) -> None:
+    """Shards in one DST must share image size and dtype (training and the index read them as
+    one array); the manifest says which, else a stored shard does (a run that died first)."""
     old = (previous or {}).get("image") or dest.stored_image()
     new = {"size": settings["size"], "dtype": settings["dtype"]}
     if old and {k: old.get(k) for k in new} != new:

@@ -132,6 +132,10 @@ def utf8_name(name: str) -> str:
 
 
 def iter_source(ref: dict[str, str], max_bytes: int) -> Iterator[dict[str, Any]]:
+    """One :data:`READ_SCHEMA` row per image file in ``ref`` (a file, or each archive member).
+
+    Members stream one at a time, so an archive of any size costs one member's bytes; the
+    bound is checked on the size a header declares before anything is read."""
     fs, _ = filesystem(ref["source"])
     path = ref["path"]
 
