@@ -293,10 +293,13 @@ def test_a_padded_or_blank_address_still_means_this_machine(
 
 
 def test_a_padded_auto_is_checked_as_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
     from ray._private import services
 
     from pipelines.runtime import ensure_ray
 
+    # the suite's own Ray session would make ensure_ray return before any check
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(services, "find_gcs_addresses", lambda: set())
     monkeypatch.setattr(services, "find_bootstrap_address", lambda temp_dir: None)
     monkeypatch.setenv("RAY_ADDRESS", " auto\n")
