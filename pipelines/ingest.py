@@ -110,6 +110,7 @@ def run_ingest(
         "window_percentiles": tuple(ing.window_percentiles),
         "max_bytes": int(ing.max_file_mb * 1024 * 1024),
         "reject_burned_in": ing.burned_in_annotation == "quarantine",
+        "patient_identity": ing.patient_identity,
     }
     # list first (a missing source fails before DST is touched); a DST inside a source folder
     # must not ingest its own shards on the next run
@@ -124,6 +125,7 @@ def run_ingest(
     key = {
         "key": "development" if secret == DEV_SECRET else "secret",
         "key_fingerprint": key_fingerprint(secret),
+        "patient_identity": ing.patient_identity,
     }
     check_compatible(dest, previous, settings)
     check_key(dest, previous, key, ing.secret_env)

@@ -36,6 +36,7 @@ __all__ = [
     "flatten",
     "MODEL_WIDTHS",
     "CompileScope",
+    "PatientIdentity",
 ]
 
 # Encoder sizes (embed dim, depth, heads) as in the ViT/I-JEPA papers; "tiny" is for CPU tests.
@@ -51,6 +52,10 @@ Range = tuple[float, float]
 
 # What ``train.compile`` compiles (see ``radjepa.engine.Pretrainer.compile``).
 CompileScope = Literal["modules", "blocks"]
+
+# What a patient pseudonym covers (``radjepa.imaging.deid.PATIENT_IDENTITIES``, which a test
+# keeps equal to this; spelled out here so loading a config does not import the decoder).
+PatientIdentity = Literal["patient_id", "issuer_and_patient_id"]
 
 
 class ConfigError(ValueError):
@@ -111,6 +116,13 @@ class IngestConfig(_Section):
     max_file_mb: float = Field(512.0, gt=0, description="larger inputs are quarantined")
     secret_env: str = Field(
         "RADJEPA_DEID_SECRET", description="env var holding the pseudonymisation HMAC key"
+    )
+    patient_identity: PatientIdentity = Field(
+        "patient_id",
+        description="what the patient pseudonym covers: 'patient_id' (PatientID alone, as "
+        "before) or 'issuer_and_patient_id' (IssuerOfPatientID and its qualifiers with the "
+        "PatientID, for archives pooled from several sites whose ids may collide); fixed per "
+        "destination",
     )
     keep_source_paths: bool = Field(
         False, description="store raw source paths (PHI risk); otherwise only a keyed hash"

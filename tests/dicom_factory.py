@@ -221,3 +221,25 @@ def _write(ds: Dataset, raw: bool) -> bytes:
 def deflated(pixels: np.ndarray | None = None, **kw: Any) -> bytes:
     """A Deflated Explicit VR Little Endian file."""
     return make_dicom(pixels, transfer_syntax=DeflatedExplicitVRLittleEndian, **kw)
+
+
+def issuer_tags(
+    patient_id: str,
+    namespace: str | None = None,
+    universal_id: str | None = None,
+    universal_id_type: str | None = None,
+) -> dict[str, Any]:
+    """``extra`` for :func:`make_dicom`: a PatientID and its assigning authority
+    (IssuerOfPatientID, and a IssuerOfPatientIDQualifiersSequence item when a universal id is
+    given), as two sites of a pooled archive write them."""
+    tags: dict[str, Any] = {"PatientID": patient_id}
+    if namespace is not None:
+        tags["IssuerOfPatientID"] = namespace
+    if universal_id is not None or universal_id_type is not None:
+        item = Dataset()
+        if universal_id is not None:
+            item.UniversalEntityID = universal_id
+        if universal_id_type is not None:
+            item.UniversalEntityIDType = universal_id_type
+        tags["IssuerOfPatientIDQualifiersSequence"] = Sequence([item])
+    return tags

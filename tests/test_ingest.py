@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from dicom_factory import MARKER_STRINGS, deflated, gradient, make_dicom
+from dicom_factory import MARKER_STRINGS, deflated, gradient, issuer_tags, make_dicom
 from pydicom.uid import ExplicitVRBigEndian, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
 
 from radjepa.config import load_config
@@ -371,6 +371,44 @@ def test_another_pseudonymisation_key_into_same_dst_is_refused(
         (dst / "manifest.json.bak").rename(dst / "manifest.json")
     record = json.loads((dst / "pseudonyms.json").read_text())
     assert record["key_fingerprint"] == key_fingerprint(used)
+
+
+def test_pooled_sites_patients_are_told_apart_by_issuer(ray_session, tmp_path) -> None:
+    """Two sites both issue PatientID 12345: with ingest.patient_identity=issuer_and_patient_id
+    the shards hold two patients; the scheme is recorded with the key, and a later run with
+    another scheme into the same DST is refused in one line before anything is written."""
+    from pipelines.ingest import IngestError, run_ingest
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    sites = {"a1": "SITE-A", "a2": "SITE-A", "b": "SITE-B"}
+    ids = {}
+    for seed, (name, site) in enumerate(sites.items()):
+        data = make_dicom(gradient(40, 40, seed=seed), extra=issuer_tags("12345", site))
+        (src / f"{name}.dcm").write_bytes(data)
+        ids[hashlib.sha256(data).hexdigest()] = name
+    pooled = _cfg("ingest.patient_identity=issuer_and_patient_id")
+    s = run_ingest([str(src)], str(dst), pooled, progress=False)
+    assert (s.ok, s.quarantined) == (3, 0)
+    table = pq.read_table(list_shards(dst)[0], columns=["image_id", "patient_pid"])
+    rows = table.to_pylist()
+    pid = {ids[r["image_id"]]: r["patient_pid"] for r in rows}
+    assert pid["a1"] == pid["a2"] != pid["b"]
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["pseudonyms"]["patient_identity"] == "issuer_and_patient_id"
+    assert json.loads((dst / "pseudonyms.json").read_text()) == manifest["pseudonyms"]
+
+    (src / "later.dcm").write_bytes(
+        make_dicom(gradient(40, 40, seed=9), extra=issuer_tags("12345", "SITE-B"))
+    )
+    before = {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    with pytest.raises(IngestError) as refused:
+        run_ingest([str(src)], str(dst), _cfg(), progress=False)  # the default scheme
+    message = str(refused.value)
+    assert "ingest.patient_identity=issuer_and_patient_id" in message and "\n" not in message
+    assert not any(phi in message for phi in ("12345", "SITE-A", "SITE-B"))
+    assert {p: p.read_bytes() for p in dst.rglob("*") if p.is_file()} == before
+    assert run_ingest([str(src)], str(dst), pooled, progress=False).ok == 1  # same scheme: fine
 
 
 def test_keep_source_paths_too_large_and_dst_inside_source(ray_session, tmp_path) -> None:

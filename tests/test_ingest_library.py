@@ -19,7 +19,7 @@ from radjepa.ingest.destination import KEY_RECORD, Destination, check_compatible
 from radjepa.ingest.errors import IngestError
 from radjepa.ingest.sources import READ_SCHEMA, iter_source, list_inputs, read_blocks
 from radjepa.shards import SHARD_SCHEMA
-from tests.dicom_factory import make_dicom
+from tests.dicom_factory import gradient, issuer_tags, make_dicom
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "archive" / "export"  # real NIH radiographs
@@ -143,3 +143,138 @@ def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):
     (tmp_path / "dst-file").write_text("x")
     with pytest.raises(IngestError, match="cannot use destination"):
         Destination(str(tmp_path / "dst-file"))
+
+
+def _patient_pids(files: dict[str, bytes], scheme: str | None) -> dict[str, str]:
+    """Each file's patient pseudonym as ingest's decoder stores it under ``scheme``."""
+    settings = SETTINGS if scheme is None else {**SETTINGS, "patient_identity": scheme}
+    rows = [
+        {"name": name, "data": data, "size_bytes": len(data), "read_error": None}
+        for name, data in files.items()
+    ]
+    out = FileDecoder(settings, SECRET, frozenset(), keep_paths=False)(
+        pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+    ).to_pylist()
+    assert [r["status"] for r in out] == ["ok"] * len(files)
+    return {name: r["patient_pid"] for name, r in zip(files, out, strict=True)}
+
+
+def test_issuer_scheme_tells_two_sites_same_patient_id_apart(caplog):
+    """Two sites of a pooled archive both issue "12345": one patient under PatientID alone
+    (the default, unchanged), two under issuer_and_patient_id; the issuer is read from
+    IssuerOfPatientID and its qualifiers, and neither value reaches a log line."""
+    from radjepa.imaging.deid import pseudonym
+
+    def dcm(seed: int, **issuer: str) -> bytes:
+        return make_dicom(gradient(48, 48, seed=seed), extra=issuer_tags("12345", **issuer))
+
+    files = {
+        "a1.dcm": dcm(1, namespace="SITE-A"),
+        "a2.dcm": dcm(2, namespace="SITE-A"),  # another image of the same site's patient
+        "b.dcm": dcm(3, namespace="SITE-B"),
+        "blank.dcm": dcm(4, namespace="  "),  # present but blank: no issuer
+        "none.dcm": dcm(5),
+        "oid.dcm": dcm(6, namespace="SITE-A", universal_id="1.2.3.4", universal_id_type="ISO"),
+        "oid_only.dcm": dcm(7, universal_id="1.2.3.4", universal_id_type="ISO"),
+        # naive concatenation would make both "SITE-12345"
+        "split1.dcm": make_dicom(gradient(seed=8), extra=issuer_tags("2345", "SITE-1")),
+        "split2.dcm": make_dicom(gradient(seed=9), extra=issuer_tags("345", "SITE-12")),
+    }
+    with caplog.at_level("DEBUG"):
+        plain = _patient_pids(files, None)
+        assert _patient_pids(files, "patient_id") == plain
+        pooled = _patient_pids(files, "issuer_and_patient_id")
+
+    # the default keeps every existing archive's pseudonyms: PatientID alone
+    assert {plain[f] for f in files if not f.startswith("split")} == {
+        pseudonym(SECRET, "patient", "12345")
+    }
+    # the issuer scheme: one site's patient stays one patient, the other site's is another
+    assert pooled["a1.dcm"] == pooled["a2.dcm"]
+    assert pooled["a1.dcm"] != pooled["b.dcm"]
+    # a blank or absent issuer says no more than PatientID does: the plain pseudonym
+    assert pooled["blank.dcm"] == pooled["none.dcm"] == plain["none.dcm"]
+    assert pooled["a1.dcm"] != plain["a1.dcm"]
+    # the qualifiers (universal id and its type) are part of the issuer
+    assert len({pooled["a1.dcm"], pooled["oid.dcm"], pooled["oid_only.dcm"]}) == 3
+    assert pooled["split1.dcm"] != pooled["split2.dcm"]
+    logged = caplog.text
+    for value in ("12345", "SITE-A", "SITE-B", "1.2.3.4", "2345"):
+        assert value not in logged
+
+    # an unknown scheme is the caller's error, raised before any file is decoded (inside the
+    # decoder it would quarantine every file as undecodable)
+    from radjepa.imaging.decode import decode_image
+
+    with pytest.raises(ValueError, match="unknown patient identity scheme"):
+        decode_image(files["a1.dcm"], secret=SECRET, patient_identity="issuer")
+
+
+def test_patient_identity_values_are_the_config_choices():
+    from typing import get_args
+
+    from radjepa.config import PatientIdentity, load_config
+    from radjepa.imaging.deid import PATIENT_IDENTITIES
+
+    assert get_args(PatientIdentity) == PATIENT_IDENTITIES
+    assert load_config(None).ingest.patient_identity == "patient_id"
+
+
+def test_destination_pins_the_patient_identity_scheme(tmp_path, caplog):
+    """The scheme is recorded with the key before the first shard; another scheme into the same
+    DST is refused in one line, as another key is, and a record from before the scheme was a
+    setting means PatientID alone."""
+    from radjepa.ingest.destination import recorded_pseudonyms
+
+    dst = tmp_path / "dst"
+    dest = Destination(str(dst))
+    assert recorded_pseudonyms(str(dst)) is None  # nothing ingested yet
+    key = {"key": "secret", "key_fingerprint": "abc", "patient_identity": "issuer_and_patient_id"}
+    check_key(dest, None, key, "RADJEPA_DEID_SECRET")
+    assert json.loads((dst / KEY_RECORD).read_text()) == key
+    expected = {"key_fingerprint": "abc", "patient_identity": "issuer_and_patient_id"}
+    assert recorded_pseudonyms(str(dst)) == expected
+    assert recorded_pseudonyms(str(dst / "images")) == expected  # the shard folder given
+    assert recorded_pseudonyms(dst.as_uri()) == expected
+
+    with pytest.raises(IngestError) as refused:
+        check_key(dest, None, {**key, "patient_identity": "patient_id"}, "RADJEPA_DEID_SECRET")
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "ingest.patient_identity=issuer_and_patient_id" in message
+    assert "asks for patient_id" in message and "new DST" in message
+    # the same scheme again is fine
+    check_key(dest, None, key, "RADJEPA_DEID_SECRET")
+
+    # a DST from before the setting: its key record names no scheme, which was PatientID alone
+    old = tmp_path / "old"
+    legacy = Destination(str(old))
+    (old / KEY_RECORD).write_text(json.dumps({"key": "secret", "key_fingerprint": "abc"}))
+    with pytest.raises(IngestError, match="ingest.patient_identity=patient_id but this run"):
+        check_key(legacy, None, key, "RADJEPA_DEID_SECRET")
+    check_key(legacy, None, {**key, "patient_identity": "patient_id"}, "RADJEPA_DEID_SECRET")
+    assert json.loads((old / KEY_RECORD).read_text())["patient_identity"] == "patient_id"
+
+    # older still: shards and no record at all, also PatientID alone
+    older = Destination(str(tmp_path / "older"))
+    png = sorted(SAMPLE.glob("*.png"))[0].read_bytes()
+    row = FileDecoder(SETTINGS, SECRET, frozenset(), keep_paths=False)(
+        pa.Table.from_pylist(
+            [{"name": "a.png", "data": png, "size_bytes": len(png), "read_error": None}],
+            schema=READ_SCHEMA,
+        )
+    )
+    older.write("images", "part-0.parquet", row.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+    with pytest.raises(IngestError, match="without ingest.patient_identity, i.e. patient_id"):
+        check_key(older, None, key, "RADJEPA_DEID_SECRET")
+    assert not (tmp_path / "older" / KEY_RECORD).exists()
+
+    # the manifest's copy counts too (a DST whose key record was lost)
+    (old / KEY_RECORD).unlink()
+    (old / "manifest.json").write_text(json.dumps({"pseudonyms": {"key_fingerprint": "abc"}}))
+    assert recorded_pseudonyms(str(old)) == {
+        "key_fingerprint": "abc",
+        "patient_identity": "patient_id",
+    }
+    with pytest.raises(IngestError, match="asks for issuer_and_patient_id"):
+        check_key(legacy, legacy.read_manifest(), key, "RADJEPA_DEID_SECRET")

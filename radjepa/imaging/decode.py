@@ -21,7 +21,12 @@ from radjepa.imaging.contract import (
     dtype_max,
     to_stored,
 )
-from radjepa.imaging.deid import keyed_hash, resolve_secret
+from radjepa.imaging.deid import (
+    PATIENT_ID,
+    check_patient_identity,
+    keyed_hash,
+    resolve_secret,
+)
 from radjepa.imaging.errors import REASONS, ImageRejected
 from radjepa.imaging.resize import resize_center_crop
 
@@ -74,6 +79,7 @@ def _decode_display(
     secret: bytes,
     meta: dict[str, Any],
     reject_burned_in: bool,
+    patient_identity: str,
 ) -> np.ndarray:
     """Display image in [0, 1] for sniffed bytes; fills the format-specific ``meta`` keys."""
     if fmt == "dicom":
@@ -87,7 +93,8 @@ def _decode_display(
                 "Burned In Annotation is YES: the pixels carry identifying text",
             )
         display = dicom_display(ds, window_percentiles)
-        meta.update(dicom_meta(ds, secret, ds.file_meta.get("TransferSyntaxUID")))
+        ts = ds.file_meta.get("TransferSyntaxUID")
+        meta.update(dicom_meta(ds, secret, ts, patient_identity))
         return display
     from radjepa.imaging.raster import raster_display
 
@@ -106,16 +113,20 @@ def decode_image(
     source_name: str | None = None,
     max_bytes: int | None = None,
     reject_burned_in: bool = False,
+    patient_identity: str = PATIENT_ID,
 ) -> DecodedImage:
     """Decode one file's bytes into the stored image contract (see ``imaging.contract``).
 
     ``secret`` keys the pseudonyms and the hash of ``source_name`` (the raw name never appears
     in the result). ``reject_burned_in`` refuses DICOMs flagged Burned In Annotation YES: text
     in the pixels escapes header de-identification, so ingest keeps such files out of shards,
-    while the HTTP API (which stores nothing) embeds them. Raises :class:`ImageRejected` with a
-    stable reason for unusable input.
+    while the HTTP API (which stores nothing) embeds them. ``patient_identity`` says what the
+    patient pseudonym covers (``radjepa.imaging.deid.PATIENT_IDENTITIES``): the API must use
+    the scheme its index's shards were ingested with, or an upload's patient matches no archive
+    row. Raises :class:`ImageRejected` with a stable reason for unusable input.
     """
-    dtype_max(dtype)  # validates dtype before any work
+    dtype_max(dtype)  # validates dtype and the scheme before any work
+    check_patient_identity(patient_identity)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -131,7 +142,7 @@ def decode_image(
     meta = _empty_meta(image_id, source_hash, fmt)
     try:
         display = _decode_display(
-            data, fmt, tuple(window_percentiles), secret, meta, reject_burned_in
+            data, fmt, tuple(window_percentiles), secret, meta, reject_burned_in, patient_identity
         )
     except (ImageRejected, KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
         raise

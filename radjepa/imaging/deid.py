@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import os
 import re
-from typing import Any
+from typing import Any, Final
 
 from radjepa.imaging.contract import AGE_CAP_YEARS, PSEUDONYM_HEX_CHARS
 
 __all__ = [
     "DEV_SECRET",
+    "ISSUER_AND_PATIENT_ID",
+    "PATIENT_ID",
+    "PATIENT_IDENTITIES",
     "PHOTOMETRICS",
     "age_years",
+    "check_patient_identity",
     "dicom_meta",
     "keyed_hash",
+    "patient_issuer",
+    "patient_pseudonym",
     "pseudonym",
     "resolve_secret",
     "key_fingerprint",
@@ -35,6 +42,14 @@ log = logging.getLogger(__name__)
 # so a per-run random key would be wrong; running without a real key is allowed for laptops and
 # tests but warned about loudly, because anyone holding this key can test guesses of IDs.
 DEV_SECRET = b"radjepa-development-key-NOT-A-SECRET"
+
+# What names a patient (``ingest.patient_identity``). A DICOM PatientID is unique only within
+# the authority that issued it: in an archive pooled from several sites, two sites' "12345"
+# are two people, so the pseudonym must cover the issuer too. PatientID alone stays the
+# default because it is what every existing destination was pseudonymised with.
+PATIENT_ID: Final = "patient_id"
+ISSUER_AND_PATIENT_ID: Final = "issuer_and_patient_id"
+PATIENT_IDENTITIES: Final = (PATIENT_ID, ISSUER_AND_PATIENT_ID)
 
 _VIEW_POSITIONS = frozenset(
     {
@@ -121,6 +136,56 @@ def pseudonym(secret: bytes, domain: str, value: Any) -> str | None:
     return keyed_hash(secret, domain, text) if text else None
 
 
+def check_patient_identity(scheme: str) -> str:
+    """``scheme`` if it is one of :data:`PATIENT_IDENTITIES`; raised as ValueError before any
+    file is decoded (inside the decoder it would quarantine every file as a decode error)."""
+    if scheme not in PATIENT_IDENTITIES:
+        raise ValueError(
+            f"unknown patient identity scheme {scheme!r}; expected one of {PATIENT_IDENTITIES}"
+        )
+    return scheme
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def patient_issuer(ds: Any) -> tuple[str, str, str] | None:
+    """The assigning authority of ``PatientID`` (HL7 CX.4): IssuerOfPatientID (its namespace)
+    and, from the first IssuerOfPatientIDQualifiersSequence item, UniversalEntityID and
+    UniversalEntityIDType; None when all three are blank (the file does not say)."""
+    namespace = _text(ds.get("IssuerOfPatientID"))
+    universal, universal_type = "", ""
+    qualifiers = ds.get("IssuerOfPatientIDQualifiersSequence")
+    if qualifiers:
+        item = qualifiers[0]
+        universal = _text(item.get("UniversalEntityID"))
+        universal_type = _text(item.get("UniversalEntityIDType")).upper()  # a CS: case-free
+    issuer = (namespace, universal, universal_type)
+    return issuer if any(issuer) else None
+
+
+def patient_pseudonym(secret: bytes, ds: Any, scheme: str = PATIENT_ID) -> str | None:
+    """The patient's keyed pseudonym under ``scheme`` (None without a PatientID).
+
+    With ``issuer_and_patient_id`` the HMAC covers the issuer and the id as a JSON array, in a
+    domain of its own: the encoding is injective, so no split of the same characters between
+    issuer and id ("12"+"345" vs "123"+"45") can collide. A file whose issuer is blank gets
+    the plain PatientID pseudonym: it carries no more information than under the plain scheme,
+    so the "same patient" relation is the same, and a site that never filled the issuer keeps
+    the pseudonyms its images had before the archive was pooled (its probe label files and
+    exclusion lists stay valid). Such patients are still told apart from every patient whose
+    file names an issuer; two sites that both leave it blank cannot be told apart by anyone.
+    """
+    patient_id = _text(ds.get("PatientID"))
+    if not patient_id:
+        return None
+    issuer = patient_issuer(ds) if check_patient_identity(scheme) == ISSUER_AND_PATIENT_ID else None
+    if issuer is None:
+        return keyed_hash(secret, "patient", patient_id)
+    return keyed_hash(secret, "patient-issuer", json.dumps([*issuer, patient_id]))
+
+
 def age_years(patient_age: Any) -> int | None:
     """Whole years from a DICOM AS string ('045Y', '006M', '010W', '003D'), capped at 90."""
     if patient_age is None:
@@ -192,11 +257,14 @@ def _uid(ds: Any, keyword: str) -> Any:
     return multi_string(text, lambda v: UID(v, validation_mode=IGNORE))
 
 
-def dicom_meta(ds: Any, secret: bytes, transfer_syntax: str | None) -> dict[str, Any]:
-    """The allow-listed metadata of a pydicom dataset (identifiers pseudonymised)."""
+def dicom_meta(
+    ds: Any, secret: bytes, transfer_syntax: str | None, patient_identity: str = PATIENT_ID
+) -> dict[str, Any]:
+    """The allow-listed metadata of a pydicom dataset (identifiers pseudonymised; the patient
+    by ``patient_identity``, see :func:`patient_pseudonym`)."""
     ts = str(transfer_syntax) if transfer_syntax else None
     return {
-        "patient_pid": pseudonym(secret, "patient", ds.get("PatientID")),
+        "patient_pid": patient_pseudonym(secret, ds, patient_identity),
         "study_pid": pseudonym(secret, "study", _uid(ds, "StudyInstanceUID")),
         "series_pid": pseudonym(secret, "series", _uid(ds, "SeriesInstanceUID")),
         "instance_pid": pseudonym(secret, "instance", _uid(ds, "SOPInstanceUID")),

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from radjepa.imaging.deid import PATIENT_ID
 from radjepa.ingest.errors import IngestError
 from radjepa.locations import filesystem
 from radjepa.shards import IMAGES_DIR, QUARANTINE_DIR
@@ -28,6 +29,7 @@ __all__ = [
     "Destination",
     "check_compatible",
     "check_key",
+    "recorded_pseudonyms",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,20 +79,7 @@ class Destination:
         return f"{sub}/{name}"
 
     def read_json(self, name: str) -> dict[str, Any] | None:
-        path = f"{self.root}/{name}"
-        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return None
-        with self.fs.open_input_stream(path, compression=None) as f:
-            raw = f.read()
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise IngestError(
-                f"{self.uri}/{name} is not valid JSON ({err}); restore it or ingest into a new DST"
-            ) from None
-        if not isinstance(data, dict):
-            raise IngestError(f"{self.uri}/{name} is not a JSON object; restore it")
-        return data
+        return _read_json(self.fs, self.root, self.uri, name)
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         tmp, final = f"{self.root}/.{name}.tmp", f"{self.root}/{name}"
@@ -122,11 +111,34 @@ class Destination:
         return images, sum(reasons.values()), dict(sorted(reasons.items()))
 
 
+def _read_json(fs: pafs.FileSystem, root: str, uri: str, name: str) -> dict[str, Any] | None:
+    path = f"{root}/{name}"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path, compression=None) as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IngestError(
+            f"{uri}/{name} is not valid JSON ({err}); restore it or ingest into a new DST"
+        ) from None
+    if not isinstance(data, dict):
+        raise IngestError(f"{uri}/{name} is not a JSON object; restore it")
+    return data
+
+
+def _scheme(record: dict[str, Any]) -> str:
+    # a record written before the scheme was a setting: PatientID alone was the only scheme
+    return str(record.get("patient_identity") or PATIENT_ID)
+
+
 def check_key(
     dest: Destination, previous: dict[str, Any] | None, key: dict[str, str], env: str
 ) -> None:
-    """One pseudonymisation key per DST, recorded before the first shard is written (a run
-    that dies before its manifest must not let the next run switch keys unnoticed)."""
+    """One pseudonymisation key and one patient identity scheme per DST, recorded before the
+    first shard is written (a run that dies before its manifest must not let the next run
+    switch either unnoticed): both change every patient's pseudonym."""
     stored = dest.read_json(KEY_RECORD)
     recorded = stored or (previous or {}).get("pseudonyms")
     if recorded:
@@ -136,10 +148,26 @@ def check_key(
                 "same patient would get a second pseudonym and patient-grouped splits would "
                 f"break. Set {env} to the key used before, or ingest into a new DST."
             )
-        if stored is None:
-            dest.write_json(KEY_RECORD, key)
+        old, new = _scheme(recorded), _scheme(key)
+        if old != new:
+            raise IngestError(
+                f"destination was ingested with ingest.patient_identity={old} but this run "
+                f"asks for {new}: the same patient would get a second pseudonym and "
+                f"patient-grouped splits would break. Set ingest.patient_identity={old}, or "
+                "ingest into a new DST."
+            )
+        if stored is None or "patient_identity" not in stored:
+            dest.write_json(KEY_RECORD, key)  # made explicit for `radjepa embed` to read
         return
     if dest.known_ids():
+        if dest.stored_image() is not None and _scheme(key) != PATIENT_ID:
+            # versions that kept no record knew one scheme: its shards are PatientID alone
+            raise IngestError(
+                f"destination holds images from a version without ingest.patient_identity, "
+                f"i.e. patient_id, but this run asks for {_scheme(key)}: the same patient "
+                "would get a second pseudonym and patient-grouped splits would break. Set "
+                "ingest.patient_identity=patient_id, or ingest into a new DST."
+            )
         log.warning(
             "%s holds images but no record of its pseudonymisation key (made by an older "
             "version): the key cannot be checked; recording the current one",
@@ -160,3 +188,28 @@ def check_compatible(
             f"destination already holds images ingested with {old}; this run asks for {new}. "
             "Use a new DST (shards in one folder must share size and dtype)."
         )
+
+
+def recorded_pseudonyms(dst: str) -> dict[str, str | None] | None:
+    """Which key (``key_fingerprint``) and patient identity scheme (``patient_identity``) made
+    the pseudonyms of the ingest output ``dst`` (or its ``images`` folder); None when it
+    records neither (ingested before the key was recorded).
+
+    ``radjepa embed`` copies this into the index: a server can only pseudonymise an upload's
+    own PatientID to match archive rows with the same key and scheme, and checks them there.
+    """
+    fs, root = filesystem(dst)
+    root = root.rstrip("/")
+    places = [(root, dst)]
+    if root.rsplit("/", 1)[-1] == IMAGES_DIR and "/" in root:  # given the shard folder itself
+        places.append((root.rsplit("/", 1)[0], dst.rstrip("/").rsplit("/", 1)[0]))
+    for folder, spelled in places:
+        record = _read_json(fs, folder, spelled, KEY_RECORD)
+        if record is None:
+            record = (_read_json(fs, folder, spelled, MANIFEST) or {}).get("pseudonyms")
+        if isinstance(record, dict) and record.get("key_fingerprint"):
+            return {
+                "key_fingerprint": str(record["key_fingerprint"]),
+                "patient_identity": _scheme(record),
+            }
+    return None
