@@ -3,7 +3,10 @@
 Shards (``DST/images/*.parquet``) -> an actor pool holding the TARGET encoder (loaded once per
 actor, GPU when the cluster has one) -> Parquet with ``image_id``, the pseudonymised ids, the
 model label, the checkpoint fingerprint (``encoder_sha256``: the server refuses the index for
-any other checkpoint) and a fixed-size-list ``embedding`` column. ``serve.index.EmbeddingIndex``
+any other checkpoint), the fingerprint of the key and the patient identity scheme that made the
+shards' pseudonyms (``pseudonym_key_fingerprint``, ``patient_identity``, from the ingest key
+record; null for shards that record none: the server pseudonymises an upload's own PatientID
+with them only when its key matches) and a fixed-size-list ``embedding`` column. ``serve.index.EmbeddingIndex``
 reads that output for ``/v1/similar``. The encoder sees exactly what the served model sees:
 stored pixels -> ``radjepa.transforms.prepare_images`` -> ``encoder.embed`` (average-pooled
 patch tokens), in :class:`radjepa.inference.EncoderRunner`, the code the server runs.
@@ -26,7 +29,15 @@ __all__ = ["EmbedError", "EmbedResult", "run_embed", "OUTPUT_COLUMNS"]
 log = logging.getLogger(__name__)
 
 PID_COLUMNS = PID_FIELDS
-OUTPUT_COLUMNS = ("image_id", *PID_COLUMNS, "model", "encoder_sha256", "embedding")
+OUTPUT_COLUMNS = (
+    "image_id",
+    *PID_COLUMNS,
+    "model",
+    "encoder_sha256",
+    "pseudonym_key_fingerprint",
+    "patient_identity",
+    "embedding",
+)
 
 
 class EmbedError(RuntimeError):
@@ -40,6 +51,8 @@ class EmbedResult:
     dim: int
     model: str
     encoder_sha256: str
+    pseudonym_key_fingerprint: str | None = None  # None: the shards record no key
+    patient_identity: str | None = None
 
 
 class _EmbedActor:
@@ -58,6 +71,7 @@ class _EmbedActor:
         model_label: str | None,
         encoder_sha256: str,
         device: str,
+        pseudonyms: dict[str, str | None] | None = None,
     ) -> None:
         from radjepa.inference import EncoderRunner
         from serve.registry import resolve_model
@@ -73,6 +87,7 @@ class _EmbedActor:
         info = self.runner.info
         self.label = model_label or f"{info.name}:{info.version}"  # as the server names it
         self.encoder_sha256 = encoder_sha256
+        self.pseudonyms = pseudonyms or {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         import pyarrow as pa
@@ -94,6 +109,11 @@ class _EmbedActor:
             cols[c] = pa.array(values, pa.string())
         cols["model"] = pa.array([self.label] * n, pa.string())
         cols["encoder_sha256"] = pa.array([self.encoder_sha256] * n, pa.string())
+        for c, key in (
+            ("pseudonym_key_fingerprint", "key_fingerprint"),
+            ("patient_identity", "patient_identity"),
+        ):
+            cols[c] = pa.array([self.pseudonyms.get(key)] * n, pa.string())
         cols["embedding"] = pa.FixedSizeListArray.from_arrays(
             pa.array(emb.reshape(-1), pa.float32()), dim
         )
@@ -120,6 +140,8 @@ def run_embed(
 
     from pipelines.runtime import ensure_ray, remote_error_message, resolve_use_gpu
     from radjepa.eval.heads import HeadError, checkpoint_fingerprint
+    from radjepa.ingest.destination import recorded_pseudonyms
+    from radjepa.ingest.errors import IngestError
     from radjepa.locations import filesystem
     from radjepa.shards import ShardError, list_shards
     from serve.registry import ModelNotFound, resolve_model
@@ -146,6 +168,17 @@ def run_embed(
         fingerprint = checkpoint_fingerprint(resolved.path)
     except HeadError as err:
         raise EmbedError(str(err)) from None
+    try:
+        pseudonyms = recorded_pseudonyms(str(shards_dir))
+    except IngestError as err:
+        raise EmbedError(str(err)) from None
+    if pseudonyms is None:
+        log.warning(
+            "%s records no pseudonymisation key (ingested by an older version): a server "
+            "cannot check that it pseudonymises uploads with the key of these shards "
+            "(exclude_same_patient says so in each answer); ingest into a new DST to record it",
+            shards_dir,
+        )
 
     ensure_ray()
     use_gpu = resolve_use_gpu(cfg.serve.use_gpu)
@@ -167,6 +200,7 @@ def run_embed(
             "model_label": model_label,
             "encoder_sha256": fingerprint,
             "device": "cuda" if use_gpu else "cpu",
+            "pseudonyms": pseudonyms,
         },
         batch_size=batch_size or cfg.probe.batch_size,
         batch_format="numpy",
@@ -201,7 +235,15 @@ def run_embed(
         fingerprint[:12],
         out,
     )
-    return EmbedResult(out=out, rows=rows, dim=dim, model=label, encoder_sha256=fingerprint)
+    return EmbedResult(
+        out=out,
+        rows=rows,
+        dim=dim,
+        model=label,
+        encoder_sha256=fingerprint,
+        pseudonym_key_fingerprint=(pseudonyms or {}).get("key_fingerprint"),
+        patient_identity=(pseudonyms or {}).get("patient_identity"),
+    )
 
 
 def _parquet_files(fs: Any, path: str) -> list[str]:

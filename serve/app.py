@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.admission import Cancelled, DecodeGate, Overloaded
 from serve.embedder import Embedder, ImageEmbedding
-from serve.index import EmbeddingIndex
+from serve.index import EmbeddingIndex, UploadPseudonyms
 from serve.schemas import (
     ClassificationOut,
     ClassifyResponse,
@@ -44,6 +44,7 @@ from serve.schemas import (
     Neighbour,
     PatientPseudonym,
     Readiness,
+    SamePatientOut,
     SimilarOut,
     SimilarResponse,
 )
@@ -57,6 +58,12 @@ IMAGE_MEDIA_TYPES = ("application/dicom", "image/png", "image/jpeg")
 # multipart parts from `curl -F file=@x.dcm` arrive as octet-stream: the decoder sniffs them
 PART_MEDIA_TYPES = (*IMAGE_MEDIA_TYPES, "application/octet-stream")
 MULTIPART = "multipart/form-data"
+# what each result's same_patient.patient_id says, by UploadPseudonyms.status
+_BY_PATIENT_ID = {
+    "verified": "used",
+    "unverified": "used_unverified",
+    "key_mismatch": "key_mismatch",
+}
 # bounds the query string (each pseudonym is ~50 bytes there) well under common URL limits
 MAX_EXCLUDED_PATIENTS = 100
 
@@ -230,6 +237,7 @@ def _decode_all(
                 secret=app_state.decode_secret,
                 source_name=up.filename,
                 max_bytes=app_state.settings.max_body_bytes,
+                patient_identity=app_state.upload_pseudonyms.scheme,
             )
         except ImageRejected as err:
             raise ApiError(422, err.message, reason=err.reason, filename=up.filename) from None
@@ -249,6 +257,19 @@ def _resolve_decode_secret(env_name: str) -> bytes:
     from radjepa.imaging.decode import resolve_secret
 
     return resolve_secret(env_name)
+
+
+def _upload_pseudonyms(
+    index: EmbeddingIndex | None, secret: bytes, settings: ApiSettings
+) -> UploadPseudonyms:
+    """How uploads' own PatientIDs are pseudonymised: with the index's scheme, and usable for
+    ``exclude_same_patient`` only when the server's key is the index's (checked, and any doubt
+    logged, once at start-up)."""
+    from radjepa.imaging.deid import PATIENT_ID, key_fingerprint
+
+    if index is None:  # nothing to match against: the pseudonym is never used
+        return UploadPseudonyms("verified", PATIENT_ID)
+    return index.upload_pseudonyms(key_fingerprint(secret), settings.secret_env)
 
 
 def create_app(
@@ -309,6 +330,7 @@ def create_app(
     app.state.head = head
     app.state.index = index
     app.state.decode_secret = _resolve_decode_secret(settings.secret_env)
+    app.state.upload_pseudonyms = _upload_pseudonyms(index, app.state.decode_secret, settings)
     gate = app.state.decode_gate = DecodeGate(settings.decode_workers, settings.max_pending_decodes)
     tokens_per_image = (info.img_size // info.patch_size) ** 2 * info.embed_dim
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes)
@@ -537,8 +559,9 @@ def create_app(
             Query(
                 description="leave out every archive image of the uploaded image's own patient: "
                 "the patient of its archive row when it is archived, and the pseudonym of a "
-                "DICOM upload's PatientID (matches the archive when the server's key is "
-                "ingest's); takes precedence over include_self"
+                "DICOM upload's PatientID when the server's key is the one the index records "
+                "for its shards; each result's same_patient says which applied; takes "
+                "precedence over include_self"
             ),
         ] = False,
     ) -> SimilarResponse:
@@ -551,15 +574,20 @@ def create_app(
                 503, "no similar-case index is configured on this server (serve.index)", "no_index"
             )
         patient_rows = index.rows_of_patients(p.lower() for p in exclude_patient_pid or ())
+        upload_pids: UploadPseudonyms = request.app.state.upload_pseudonyms
 
         def neighbours_of(up: _Upload, embedding: np.ndarray) -> SimilarOut:
             image_id = hashlib.sha256(up.data).hexdigest()
             archived = index.rows_with_image_id(image_id)
             own = np.empty(0, np.int64) if include_self else archived
             patients = patient_rows
+            same = None
             if exclude_same_patient:
-                pids = {index.pids["patient_pid"][r] for r in archived} | {up.patient_pid}
-                patients = np.union1d(patients, index.rows_of_patients(p for p in pids if p))
+                row_pids = {index.pids["patient_pid"][r] for r in archived} - {None}
+                by_id = "absent" if up.patient_pid is None else _BY_PATIENT_ID[upload_pids.status]
+                pids = row_pids | ({up.patient_pid} if by_id.startswith("used") else set())
+                same = SamePatientOut(archive_row=bool(row_pids), patient_id=by_id)
+                patients = np.union1d(patients, index.rows_of_patients(pids))
             hits = index.search(embedding, k, exclude=np.union1d(own, patients))
             return SimilarOut(
                 image_id=image_id,
@@ -567,6 +595,7 @@ def create_app(
                 neighbours=[Neighbour(image_id=h.image_id, score=h.score, **h.pids) for h in hits],
                 excluded_self=len(own),
                 excluded_patient=len(np.setdiff1d(patients, own)),
+                same_patient=same,
             )
 
         async def work() -> SimilarResponse:

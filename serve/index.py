@@ -12,6 +12,11 @@ still returns ``k`` hits when the index holds that many others.
 Embeddings are only comparable with queries embedded by the same weights: the index records
 its encoder's checkpoint fingerprint (``encoder_sha256``) and the server refuses an index built
 with another checkpoint (:meth:`EmbeddingIndex.check_encoder`).
+
+Patient pseudonyms are only comparable under the key and the patient identity scheme that made
+them: the index records both for its shards (``pseudonym_key_fingerprint``,
+``patient_identity``), so a server pseudonymising an upload's own PatientID can tell whether
+the result can match an archive row (:meth:`EmbeddingIndex.upload_pseudonyms`).
 """
 
 from __future__ import annotations
@@ -20,22 +25,59 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from radjepa.imaging.contract import PID_FIELDS
+from radjepa.imaging.deid import PATIENT_ID, PATIENT_IDENTITIES
 
-__all__ = ["EmbeddingIndex", "Hit", "IndexLoadError", "PID_COLUMNS", "ENCODER_COLUMN"]
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = [
+    "ENCODER_COLUMN",
+    "PATIENT_IDENTITY_COLUMN",
+    "PID_COLUMNS",
+    "PSEUDONYM_KEY_COLUMN",
+    "EmbeddingIndex",
+    "Hit",
+    "IndexLoadError",
+    "UploadPseudonyms",
+]
 
 log = logging.getLogger(__name__)
 
 PID_COLUMNS = PID_FIELDS
 # the checkpoint fingerprint (radjepa.eval.heads.checkpoint_fingerprint) of the embedding model
 ENCODER_COLUMN = "encoder_sha256"
+# radjepa.imaging.deid.key_fingerprint of the key that made the shards' pseudonyms, and the
+# ingest.patient_identity scheme they follow (both from the ingest key record)
+PSEUDONYM_KEY_COLUMN = "pseudonym_key_fingerprint"
+PATIENT_IDENTITY_COLUMN = "patient_identity"
 
 
 class IndexLoadError(ValueError):
     """The index file is missing, empty or does not fit the served model."""
+
+
+@dataclass(frozen=True)
+class UploadPseudonyms:
+    """How the server pseudonymises an upload's own PatientID for ``exclude_same_patient``.
+
+    ``status``: ``verified`` (the server's key is the one the index's shards were ingested
+    with), ``unverified`` (the index records no key: the pseudonym is used, but may match
+    nothing), ``key_mismatch`` (another key: the pseudonym could match no archive row and is
+    not used). ``scheme`` is the index's patient identity scheme (``patient_id`` when it
+    records none: the only scheme before there was a choice).
+    """
+
+    status: str
+    scheme: str
+
+    @property
+    def usable(self) -> bool:
+        return self.status != "key_mismatch"
 
 
 @dataclass
@@ -57,6 +99,8 @@ class EmbeddingIndex:
         source: str = "<memory>",
         encoder_fingerprint: str | None = None,
         model: str | None = None,
+        pseudonym_key: str | None = None,
+        patient_identity: str | None = None,
     ) -> None:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(image_ids):
             raise IndexLoadError(
@@ -74,6 +118,8 @@ class EmbeddingIndex:
         self.source = source
         self.encoder_fingerprint = encoder_fingerprint  # None: built before it was recorded
         self.model = model
+        self.pseudonym_key = pseudonym_key  # None: the shards' key is not recorded
+        self.patient_identity = patient_identity
 
     @property
     def dim(self) -> int:
@@ -114,6 +160,8 @@ class EmbeddingIndex:
             source=str(p),
             encoder_fingerprint=fingerprint,
             model=models[0] if len(models) == 1 else None,
+            pseudonym_key=_pseudonym_record(p, table, PSEUDONYM_KEY_COLUMN),
+            patient_identity=_pseudonym_record(p, table, PATIENT_IDENTITY_COLUMN),
         )
 
     @staticmethod
@@ -145,6 +193,47 @@ class EmbeddingIndex:
     def check_file(cls, path: str | Path, fingerprint: str | None) -> None:
         """:meth:`check_encoder` for an index on disk, reading only its encoder column."""
         _check_recorded(str(path), cls.recorded_encoder(path), None, fingerprint)
+
+    def upload_pseudonyms(self, server_key: str, env: str) -> UploadPseudonyms:
+        """Whether an upload's own PatientID, pseudonymised with the server's key (fingerprint
+        ``server_key``, from the variable ``env``), can find its patient in this index.
+
+        Another key gives every patient another pseudonym, so the upload would match no row
+        and ``exclude_same_patient`` would silently leave its patient's other images in: said
+        once here, at start-up, and in every answer that option changes.
+        """
+        scheme = self.patient_identity or PATIENT_ID
+        if scheme not in PATIENT_IDENTITIES:
+            raise IndexLoadError(
+                f"index {self.source} records patient identity scheme {scheme!r}, which this "
+                f"version does not know ({', '.join(PATIENT_IDENTITIES)}): serve it with the "
+                "version that built it"
+            )
+        if self.pseudonym_key is None:
+            log.warning(
+                "index %s does not record the pseudonymisation key of its shards (built by an "
+                "older `radjepa embed` or from an older ingest): the key in %s cannot be checked "
+                "against it, so exclude_same_patient matches an upload's own PatientID without "
+                "knowing whether it can match (answers say 'used_unverified'); rebuild the index "
+                "with `radjepa embed` to have it checked",
+                self.source,
+                env,
+            )
+            return UploadPseudonyms("unverified", scheme)
+        if self.pseudonym_key != server_key:
+            log.warning(
+                "the pseudonymisation key in %s (fingerprint %s) is not the key index %s's "
+                "shards were ingested with (%s): exclude_same_patient can find an upload's "
+                "patient only through the upload's own archive row (answers say "
+                "'key_mismatch'); set %s to the ingest key to match uploads by PatientID",
+                env,
+                server_key,
+                self.source,
+                self.pseudonym_key,
+                env,
+            )
+            return UploadPseudonyms("key_mismatch", scheme)
+        return UploadPseudonyms("verified", scheme)
 
     def rows_with_image_id(self, image_id: str) -> np.ndarray:
         """Rows holding the image whose original bytes hash to ``image_id`` (usually 0 or 1;
@@ -180,6 +269,18 @@ class EmbeddingIndex:
             )
             for i in top
         ]
+
+
+def _pseudonym_record(p: Path, table: pa.Table, column: str) -> str | None:
+    """The one value an index records in ``column``; None when it has none, or when parts
+    disagree (assembled from several embed runs): such pseudonyms cannot be vouched for."""
+    if column not in table.column_names:
+        return None
+    seen = table.column(column).unique().to_pylist()
+    if len(seen) > 1:
+        log.warning("%s: parts record %d different %s values: unknown", p, len(seen), column)
+        return None
+    return seen[0] if seen else None
 
 
 def _rows_by_value(values: list[str | None]) -> dict[str, list[int]]:

@@ -6,7 +6,7 @@ Every route declares ``response_model=`` with these, so the OpenAPI document at
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
 
@@ -20,6 +20,7 @@ __all__ = [
     "ClassificationOut",
     "ClassifyResponse",
     "Neighbour",
+    "SamePatientOut",
     "SimilarOut",
     "SimilarResponse",
     "ModelsResponse",
@@ -93,6 +94,24 @@ class Neighbour(BaseModel):
     instance_pid: str | None = None
 
 
+class SamePatientOut(BaseModel):
+    """How ``exclude_same_patient=true`` found the upload's own patient, so a client can tell
+    "no other image of this patient in the archive" from "the patient could not be identified"."""
+
+    archive_row: bool = Field(
+        description="the upload is archived and its archive row names a patient, whose images "
+        "were left out"
+    )
+    patient_id: Literal["used", "used_unverified", "key_mismatch", "absent"] = Field(
+        description="the upload's own DICOM PatientID: 'used' (pseudonymised with the key and "
+        "patient identity scheme the index's shards were ingested with, and its patient's "
+        "images left out); 'used_unverified' (used, but the index does not record its shards' "
+        "key, so it may match nothing); 'key_mismatch' (the server's key is not the ingest "
+        "key: it could match no archive patient and was not used, so only archive_row "
+        "applies); 'absent' (a PNG/JPEG, or a DICOM without PatientID)"
+    )
+
+
 class SimilarOut(BaseModel):
     image_id: str
     filename: str | None = None
@@ -107,6 +126,11 @@ class SimilarOut(BaseModel):
         description="other archive images left out because their patient was excluded "
         "(exclude_patient_pid, or the upload's own with exclude_same_patient); an image is "
         "counted once, as excluded_self if it is both",
+    )
+    same_patient: SamePatientOut | None = Field(
+        None,
+        description="with exclude_same_patient=true: how the upload's patient was identified; "
+        "null otherwise",
     )
 
 

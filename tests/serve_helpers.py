@@ -113,10 +113,13 @@ def write_index(
     image_ids: list[str],
     encoder: Path | None = None,
     patient_pids: list[str | None] | None = None,
+    pseudonyms: dict[str, str | None] | None = None,
 ) -> Path:
     """Parquet in the exact layout ``pipelines.embed`` writes for checkpoint ``encoder``;
     without one, the older layout that does not record the encoder (no ``encoder_sha256``).
-    Each row is its own patient unless ``patient_pids`` groups them."""
+    Each row is its own patient unless ``patient_pids`` groups them. ``pseudonyms`` is the
+    shards' key record (``radjepa.ingest.destination.recorded_pseudonyms``), which embed
+    copies into every row; without it, the older layout that records no key."""
     n, dim = embeddings.shape
     pid = [pseudonym(f"p{i}") for i in range(n)]
     table = pa.table(
@@ -137,6 +140,13 @@ def write_index(
 
         sha = pa.array([checkpoint_fingerprint(encoder)] * n, pa.string())
         table = table.add_column(table.num_columns - 1, "encoder_sha256", sha)
+    if pseudonyms is not None:
+        for column, key in (
+            ("pseudonym_key_fingerprint", "key_fingerprint"),
+            ("patient_identity", "patient_identity"),
+        ):
+            values = pa.array([pseudonyms.get(key)] * n, pa.string())
+            table = table.add_column(table.num_columns - 1, column, values)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
     return path

@@ -15,6 +15,7 @@ from pipelines.embed import OUTPUT_COLUMNS
 pytestmark = pytest.mark.ray
 
 N_IMAGES = 10
+SHARD_KEY = b"s" * 32  # the key the shards' pseudonyms are recorded as made with
 
 
 def _write_shards(dst, nih_dir):
@@ -24,7 +25,7 @@ def _write_shards(dst, nih_dir):
 
     rows = []
     for i, png in enumerate(nih_pngs(nih_dir, N_IMAGES)):
-        decoded = decode_image(png.read_bytes(), size=256, dtype="uint8", secret=b"s" * 32)
+        decoded = decode_image(png.read_bytes(), size=256, dtype="uint8", secret=SHARD_KEY)
         pid = hashlib.sha256(f"patient{i // 2}".encode()).hexdigest()[:32]
         row = dict.fromkeys(SHARD_SCHEMA.names)
         row.update(decoded.meta)
@@ -44,6 +45,16 @@ def _write_shards(dst, nih_dir):
     for k, part in enumerate((rows[:half], rows[half:])):
         table = pa.Table.from_pylist(part, SHARD_SCHEMA)
         pq.write_table(table, dst / IMAGES_DIR / f"part-{k:05d}.parquet")
+    # the key record ingest writes before its first shard
+    from radjepa.imaging.deid import key_fingerprint
+    from radjepa.ingest.destination import Destination, check_key
+
+    key = {
+        "key": "secret",
+        "key_fingerprint": key_fingerprint(SHARD_KEY),
+        "patient_identity": "issuer_and_patient_id",
+    }
+    check_key(Destination(str(dst)), None, key, "RADJEPA_DEID_SECRET")
     return rows
 
 
@@ -187,6 +198,39 @@ def test_index_records_its_checkpoint_and_is_served_only_with_it(embedded, tmp_p
     other = LocalEmbedder(EncoderRunner.from_checkpoint(make_checkpoint(tmp_path / "other")))
     with pytest.raises(ValueError, match="rebuild it with `radjepa embed`"):
         create_app(other, settings=settings, index=index)
+
+
+def test_index_records_the_key_and_scheme_of_its_shards(embedded, monkeypatch, caplog):
+    """The server pseudonymises an upload's own PatientID to find its patient in the archive:
+    the index carries what made the archive's pseudonyms, so the server can use the same
+    scheme and tell whether its key is the same."""
+    from radjepa.imaging.deid import key_fingerprint
+    from serve.app import create_app
+    from serve.embedder import EncoderRunner, LocalEmbedder
+    from serve.index import EmbeddingIndex
+    from serve.security import ApiSettings
+
+    table = pq.read_table(embedded["out"])
+    fingerprint = key_fingerprint(SHARD_KEY)
+    assert set(table.column("pseudonym_key_fingerprint").to_pylist()) == {fingerprint}
+    assert set(table.column("patient_identity").to_pylist()) == {"issuer_and_patient_id"}
+    index = EmbeddingIndex.from_parquet(embedded["out"])
+    assert (index.pseudonym_key, index.patient_identity) == (fingerprint, "issuer_and_patient_id")
+
+    env = "RADJEPA_TEST_EMBED_DEID_KEY"
+    settings = ApiSettings(insecure_local=True, secret_env=env)
+    embedder = LocalEmbedder(EncoderRunner.from_checkpoint(embedded["ckpt"]))
+    monkeypatch.setenv(env, SHARD_KEY.decode())
+    state = create_app(embedder, settings=settings, index=index).state
+    assert (state.upload_pseudonyms.status, state.upload_pseudonyms.scheme) == (
+        "verified",
+        "issuer_and_patient_id",
+    )
+    monkeypatch.delenv(env)  # the public development key: not the shards' key
+    with caplog.at_level("WARNING", logger="serve.index"):
+        state = create_app(embedder, settings=settings, index=index).state
+    assert state.upload_pseudonyms.status == "key_mismatch"
+    assert "is not the key" in caplog.text
 
 
 def test_user_errors_are_named(embedded, tmp_path):

@@ -332,6 +332,134 @@ def test_similar_can_leave_out_the_uploads_own_patient(world, tmp_path):
     assert len(res["neighbours"]) == 6 and res["excluded_patient"] == 0
 
 
+SERVE_KEY_ENV = "RADJEPA_TEST_SERVE_DEID_KEY"
+INGEST_KEY = "pooled-archive-key-0123456789abcdef"
+
+
+def _pooled_archive(root: Path, runner) -> dict:
+    """Two sites that both issue PatientID 12345 (rows 0-1 site A, 2-3 site B; 4-5 site A's
+    patient 777), ingested with issuer_and_patient_id by ingest's own decoder and destination
+    (no Ray), then embedded in the layout `radjepa embed` writes, key record included."""
+    import pyarrow as pa
+
+    from radjepa.imaging.deid import key_fingerprint
+    from radjepa.ingest.decoding import FileDecoder
+    from radjepa.ingest.destination import Destination, check_key, recorded_pseudonyms
+    from radjepa.ingest.sources import READ_SCHEMA
+    from radjepa.shards import SHARD_SCHEMA, pixels_from_bytes
+    from tests.dicom_factory import gradient, issuer_tags, make_dicom
+
+    who = [("12345", "SITE-A")] * 2 + [("12345", "SITE-B")] * 2 + [("777", "SITE-A")] * 2
+    blobs = [
+        make_dicom(gradient(64, 64, seed=i), extra=issuer_tags(pid, namespace=site))
+        for i, (pid, site) in enumerate(who)
+    ]
+    pre = runner.preprocess
+    scheme = "issuer_and_patient_id"
+    settings = {
+        "size": pre.image_size,
+        "dtype": pre.dtype,
+        "window_percentiles": tuple(pre.window_percentiles),
+        "max_bytes": MAX_BODY,
+        "patient_identity": scheme,
+    }
+    secret = INGEST_KEY.encode()
+    dest = Destination(str(root / "dst"))
+    check_key(
+        dest,
+        None,
+        {"key": "secret", "key_fingerprint": key_fingerprint(secret), "patient_identity": scheme},
+        "RADJEPA_DEID_SECRET",
+    )
+    reads = [
+        {"name": f"{i}.dcm", "data": b, "size_bytes": len(b), "read_error": None}
+        for i, b in enumerate(blobs)
+    ]
+    out = FileDecoder(settings, secret, frozenset(), keep_paths=False)(
+        pa.Table.from_pylist(reads, schema=READ_SCHEMA)
+    )
+    dest.write("images", "part-0.parquet", out.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+    rows = out.to_pylist()
+    pixels = [pixels_from_bytes(r["pixels"], r["height"], r["width"], r["dtype"]) for r in rows]
+    emb = np.stack([r.embedding for r in runner.run(pixels, [False] * len(pixels))])
+    ids = [r["image_id"] for r in rows]
+    pids = [r["patient_pid"] for r in rows]
+    assert len(set(pids)) == 3  # site A's 12345, site B's 12345, 777
+    record = recorded_pseudonyms(str(root / "dst"))
+    ckpt = Path(runner.info.source)
+    index = write_index(
+        root / "index" / "part-0.parquet", emb, ids, ckpt, patient_pids=pids, pseudonyms=record
+    )
+    legacy = write_index(root / "legacy" / "part-0.parquet", emb, ids, ckpt, patient_pids=pids)
+    upload = make_dicom(gradient(64, 64, seed=99), extra=issuer_tags("12345", namespace="SITE-A"))
+    return {"blobs": blobs, "ids": ids, "index": index, "legacy": legacy, "upload": upload}
+
+
+def test_same_patient_of_a_new_upload_uses_the_index_key_and_scheme(
+    world, tmp_path, monkeypatch, caplog
+):
+    """A pooled archive, an upload it does not hold (site A's 12345): the server pseudonymises
+    the upload's PatientID with the index's scheme, so site A's patient is left out and site
+    B's 12345 (a stranger) is not; with another key, or an index that records none, it says so
+    at start-up (once) and in each answer instead of silently excluding nothing."""
+    archive = _pooled_archive(tmp_path, world["runner"])
+    ids, upload = archive["ids"], archive["upload"]
+    settings = _settings(secret_env=SERVE_KEY_ENV)
+
+    def serve(index_path: Path, key: str) -> tuple[TestClient, list[str]]:
+        monkeypatch.setenv(SERVE_KEY_ENV, key)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="serve.index"):
+            app = create_app(
+                world["embedder"],
+                settings=settings,
+                index=EmbeddingIndex.from_parquet(index_path),
+            )
+        return TestClient(app), [r.getMessage() for r in caplog.records]
+
+    def same(client, data, media="application/dicom", **params):
+        (res,) = _similar(client, data, media, k=6, exclude_same_patient="true", **params)[
+            "results"
+        ]
+        return res
+
+    client, warnings = serve(archive["index"], INGEST_KEY)
+    assert warnings == []
+    res = same(client, upload)
+    assert res["same_patient"] == {"archive_row": False, "patient_id": "used"}
+    assert {h["image_id"] for h in res["neighbours"]} == set(ids[2:])  # site B's 12345 stays
+    assert (res["excluded_self"], res["excluded_patient"]) == (0, 2)
+    res = same(client, archive["blobs"][2])  # site B's archived image: only site B's patient
+    assert res["same_patient"] == {"archive_row": True, "patient_id": "used"}
+    assert {h["image_id"] for h in res["neighbours"]} == {ids[0], ids[1], ids[4], ids[5]}
+    assert (res["excluded_self"], res["excluded_patient"]) == (1, 1)
+    res = same(client, world["pngs"][0], "image/png")  # a PNG names no patient
+    assert res["same_patient"] == {"archive_row": False, "patient_id": "absent"}
+    assert res["excluded_patient"] == 0
+    (res,) = _similar(client, upload, "application/dicom", k=6)["results"]
+    assert res["same_patient"] is None  # only with exclude_same_patient
+
+    # the server's key is not ingest's: one warning at start-up, and each answer says that
+    # only the archive row could be used
+    client, warnings = serve(archive["index"], "another-serving-key-0123456789abcdef")
+    assert len(warnings) == 1 and "is not the key" in warnings[0], warnings
+    assert SERVE_KEY_ENV in warnings[0]
+    assert not any(s in warnings[0] for s in (INGEST_KEY, "another-serving-key", "SITE-A"))
+    res = same(client, upload)
+    assert res["same_patient"] == {"archive_row": False, "patient_id": "key_mismatch"}
+    assert len(res["neighbours"]) == 6 and res["excluded_patient"] == 0
+    res = same(client, archive["blobs"][0])
+    assert res["same_patient"] == {"archive_row": True, "patient_id": "key_mismatch"}
+    assert {h["image_id"] for h in res["neighbours"]} == set(ids[2:])
+    assert (res["excluded_self"], res["excluded_patient"]) == (1, 1)
+
+    # an index built before the record: cannot be checked, said at start-up and per answer
+    client, warnings = serve(archive["legacy"], INGEST_KEY)
+    assert len(warnings) == 1 and "does not record the pseudonymisation key" in warnings[0]
+    res = same(client, upload)
+    assert res["same_patient"] == {"archive_row": False, "patient_id": "used_unverified"}
+
+
 @pytest.mark.parametrize(
     ("params", "named"),
     [
