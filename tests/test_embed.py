@@ -40,11 +40,6 @@ def _write_shards(dst, nih_dir):
             instance_pid=pid[::-1],
         )
         rows.append(row)
-    (dst / IMAGES_DIR).mkdir(parents=True)
-    half = N_IMAGES // 2
-    for k, part in enumerate((rows[:half], rows[half:])):
-        table = pa.Table.from_pylist(part, SHARD_SCHEMA)
-        pq.write_table(table, dst / IMAGES_DIR / f"part-{k:05d}.parquet")
     # the key record ingest writes before its first shard
     from radjepa.imaging.deid import key_fingerprint
     from radjepa.ingest.destination import Destination, check_key
@@ -55,6 +50,10 @@ def _write_shards(dst, nih_dir):
         "patient_identity": "issuer_and_patient_id",
     }
     check_key(Destination(str(dst)), None, key, "RADJEPA_DEID_SECRET")
+    half = N_IMAGES // 2
+    for k, part in enumerate((rows[:half], rows[half:])):
+        table = pa.Table.from_pylist(part, SHARD_SCHEMA)
+        pq.write_table(table, dst / IMAGES_DIR / f"part-{k:05d}.parquet")
     return rows
 
 
