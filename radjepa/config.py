@@ -496,7 +496,10 @@ class ServeConfig(_Section):
         "answering 503 at once; -1 = unbounded (requests then wait into the proxy's timeout)",
     )
     decode_workers: int = Field(
-        0, ge=0, description="threads decoding uploads in each API replica; 0 = one per CPU"
+        0,
+        ge=0,
+        description="threads decoding uploads and searching the index in each API replica; "
+        "0 = one per CPU",
     )
     use_gpu: Literal["auto", "true", "false"] = "auto"
     _use_gpu = field_validator("use_gpu", mode="before")(_gpu_setting)

@@ -1,12 +1,14 @@
-"""Admission control for the CPU work of a request: decoding uploads.
+"""Admission control for the CPU work of a request: decoding uploads and searching the index.
 
 Decoding is the API replica's own CPU cost (the forward runs in the encoder deployment), and a
-few hundred KB of upload can be seconds of it. Without a bound, every concurrent request got a
-thread of the event loop's shared pool, the request deadline (504) abandoned the await but not
-the thread, and ordinary requests queued behind work nobody was waiting for. Here decoding
+few hundred KB of upload can be seconds of it; so is a similar-case search, a pass over the
+whole index per upload (3 GiB at a million rows), which on the event loop stalled every other
+request, /healthz included. Without a bound, every concurrent request got a thread of the
+event loop's shared pool, the request deadline (504) abandoned the await but not
+the thread, and ordinary requests queued behind work nobody was waiting for. Here that work
 runs on a pool of fixed size, a request that finds too many others waiting is refused at once
 (503, ``overloaded``, so a load balancer retries elsewhere), and a request that gave up stops
-its decode between files.
+its decode between files (its search between uploads).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Cancelled(RuntimeError):
 
 
 class DecodeGate:
-    """A fixed pool for decode jobs plus a bound on how many requests may wait for it.
+    """A fixed pool for decode and search jobs plus a bound on how many requests may wait for it.
 
     ``limit`` is the replica's share of concurrent requests (``serve.max_ongoing_requests``):
     under Ray Serve no more arrive, so the gate never refuses what Ray admitted; under plain
@@ -55,8 +57,8 @@ class DecodeGate:
         is set (checked between files). Raises :class:`Overloaded` when the queue is full."""
         if self._admitted >= self.limit:
             raise Overloaded(
-                f"{self._admitted} requests are already decoding or waiting "
-                f"({self.workers} decoding threads)"
+                f"{self._admitted} requests are already decoding, searching or waiting "
+                f"({self.workers} worker threads)"
             )
         self._admitted += 1
         cancelled = threading.Event()

@@ -49,7 +49,9 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = Field(64 * 1024**2, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     max_images_per_request: int = Field(MAX_IMAGES_PER_REQUEST, ge=1)
-    decode_workers: int = Field(0, ge=0, description="decoding threads; 0 = one per CPU")
+    decode_workers: int = Field(
+        0, ge=0, description="decoding and index-search threads; 0 = one per CPU"
+    )
     max_pending_decodes: int = Field(
         32, ge=1, description="requests decoding or waiting to at once; more get 503"
     )

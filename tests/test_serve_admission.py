@@ -1,13 +1,17 @@
-"""Admission control: bounded decoding, immediate 503 when full, abandoned decodes stop, and a
-bound on the patch tokens one response may carry. The app runs in-process (no Ray); the gate
-is exercised through real requests and real threads, synchronised by events, not timings."""
+"""Admission control: bounded decoding, immediate 503 when full, abandoned decodes stop, a
+bound on the patch tokens one response may carry, and the index search off the event loop. The
+app runs in-process (no Ray); the gate is exercised through real requests and real threads,
+synchronised by events, not timings."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from serve_helpers import API_KEY, make_checkpoint, nih_pngs
@@ -15,6 +19,7 @@ from serve_helpers import API_KEY, make_checkpoint, nih_pngs
 from serve.admission import DecodeGate, Overloaded
 from serve.app import create_app
 from serve.embedder import EncoderRunner, LocalEmbedder
+from serve.index import EmbeddingIndex
 from serve.security import ApiSettings, key_digest
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -128,3 +133,61 @@ def test_patch_tokens_are_bounded_per_response(embedder, nih_dir) -> None:
         body = two.json()
         assert body["reason"] == "too_many_images" and "at most 1 image(s)" in body["detail"]
         assert client.post("/v1/embed", files=files, headers=AUTH).status_code == 200
+
+
+class _ParkedIndex(EmbeddingIndex):
+    """The real index, whose search notes where it runs and then waits for the test's word, so
+    the test can look at the service while a search is under way (an index of a million rows
+    spends seconds there; six rows spend microseconds)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.finished = threading.Event()
+        self.on_event_loop: list[bool] = []
+
+    def search(self, query, k, *, exclude=None):
+        try:
+            asyncio.get_running_loop()
+            self.on_event_loop.append(True)
+        except RuntimeError:
+            self.on_event_loop.append(False)
+        self.started.set()
+        self.release.wait(timeout=60)
+        try:
+            return super().search(query, k, exclude=exclude)
+        finally:
+            self.finished.set()
+
+
+def test_a_similar_case_search_leaves_the_event_loop_free(embedder, nih_dir) -> None:
+    """While one request searches the index, the replica still answers /healthz, and the
+    response is the plain index's answer. The search ran on the event loop: every other
+    request of the replica waited for it."""
+    pngs = [p.read_bytes() for p in nih_pngs(nih_dir, 4)]
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((len(pngs), embedder.info.embed_dim)).astype(np.float32)
+    ids = [hashlib.sha256(b).hexdigest() for b in pngs]
+    index = _ParkedIndex(emb, ids)
+    settings = ApiSettings(key_digests=(key_digest(API_KEY),))
+    app = create_app(embedder, settings=settings, index=index)
+    headers = {**AUTH, "content-type": "image/png"}
+    with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
+        try:
+            asked = pool.submit(
+                client.post, "/v1/similar", content=pngs[0], headers=headers, params={"k": 2}
+            )
+            assert index.started.wait(timeout=120), "the search never started"
+            assert index.on_event_loop == [False]  # a worker thread, not the loop's
+            assert client.get("/healthz").status_code == 200
+            assert not index.finished.is_set()  # answered while the search was still parked
+        finally:
+            index.release.set()
+        r = asked.result(timeout=60)
+    assert r.status_code == 200, r.text
+    (res,) = r.json()["results"]
+    hits = res["neighbours"]
+    assert len(hits) == 2 and ids[0] not in {h["image_id"] for h in hits}
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert res["excluded_self"] == 1 and app.state.decode_gate.admitted == 0
