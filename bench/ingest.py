@@ -9,7 +9,9 @@ quarter JPEG 2000 Lossless). Nothing is downloaded. Both paths process the SAME 
 - ours: ``run_ingest`` (Ray Data read tasks + decoder actor pool + Parquet shards + manifest),
   timed end to end after Ray is up, divided by the cores of this machine.
 
-Prints ONE JSON line: both rates, their ratio, and bytes per stored image.
+Prints ONE JSON line: both rates, their ratio, and bytes per stored image. Ray is joined as
+every entry point joins it (``pipelines.runtime.ensure_ray``): a RAY_ADDRESS that names no
+cluster it can join is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -110,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from pipelines.ingest import run_ingest
+    from pipelines.runtime import ClusterError, checked_ray_address, ensure_ray
     from radjepa.config import load_config
 
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="radjepa-bench-ingest-"))
     try:
+        checked_ray_address()  # a wrong RAY_ADDRESS is said before the corpus is built
         src = work / "src"
         src.mkdir()
         paths = build_corpus(src, args.images, args.source_size)
@@ -123,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         t_naive = naive(paths, args.size)
         t_lib = library_only(paths, args.size)
 
-        ray.init(
-            num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False
-        )
+        ensure_ray(local_cpus=cores, log_to_driver=False)
         cfg = load_config(
             None, [f"ingest.image_size={args.size}", f"ingest.decode_actors={args.actors or cores}"]
         )
@@ -157,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
         )
+    except ClusterError as err:  # the user's to fix: one line and exit 2, like `radjepa`
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
+        return 2
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

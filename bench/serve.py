@@ -4,7 +4,9 @@ Both serve the SAME checkpoint through the SAME ``create_app`` routes and decode
 one runs under plain uvicorn with one forward per request (``LocalEmbedder``), ours behind
 Ray Serve with ``@serve.batch``. For each concurrency (1, 8, 32) a bounded number of
 ``POST /v1/embed`` requests with a real NIH PNG is sent on loopback; we report throughput and
-p50/p99 latency for both, and their ratios, as ONE JSON line.
+p50/p99 latency for both, and their ratios, as ONE JSON line. Ray is joined as every entry point
+joins it (``pipelines.runtime.ensure_ray``): a RAY_ADDRESS that names no cluster it can join is
+one line on stderr and exit status 2.
 
     python bench/serve.py [--config configs/tiny_cpu.yaml] [--model CKPT] [--requests 96]
 """
@@ -104,7 +106,7 @@ def naive_server(model: str, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=REPO / "configs" / "tiny_cpu.yaml")
     p.add_argument("--set", action="append", default=[], help="dotted config override")
@@ -117,7 +119,7 @@ def main() -> None:
     args = p.parse_args()
     if args.naive_server:
         naive_server(args.model, args.naive_server)
-        return
+        return 0
 
     import logging
 
@@ -125,6 +127,7 @@ def main() -> None:
     import ray
     from ray import serve
 
+    from pipelines.runtime import ClusterError, ensure_ray
     from radjepa.config import load_config
     from serve.deployment import app_from_config
 
@@ -151,7 +154,11 @@ def main() -> None:
     }
 
     # ours: Ray Serve with dynamic batching
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        ensure_ray(local_cpus=os.cpu_count() or 1, log_to_driver=False)
+    except ClusterError as err:  # the user's to fix: one line and exit 2, like `radjepa`
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(app_from_config(cfg), name="bench", route_prefix="/")
@@ -182,6 +189,7 @@ def main() -> None:
     }
     result["p99_ratio"] = {str(c): round(ours[c]["p99_ms"] / naive[c]["p99_ms"], 2) for c in levels}
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
@@ -189,4 +197,4 @@ if __name__ == "__main__":
     here = Path(__file__).resolve().parent
     sys.path[:] = [q for q in sys.path if Path(q or ".").resolve() != here]
     sys.path.append(str(REPO))
-    main()
+    raise SystemExit(main())

@@ -228,17 +228,15 @@ def _check_gcs(where: str, target: str, timeout_s: float) -> None:
     )
 
 
-def ensure_ray(min_logical_cpus: int = 4) -> None:
-    """Initialise Ray once per process (idempotent).
+def checked_ray_address() -> str:
+    """RAY_ADDRESS as ray.init will read it, refused within seconds when it names a cluster
+    this process cannot join (:class:`ClusterConnectionError`); ``""`` or ``local`` for this
+    machine.
 
-    A cluster named by RAY_ADDRESS is checked before ray.init (:func:`check_cluster_address`),
-    which would otherwise spend minutes on an address that does not answer. ``local`` means this
-    machine, as an unset RAY_ADDRESS does, so it gets the local instance's settings below.
+    :func:`ensure_ray` runs it first; an entry point with slow work of its own before it needs
+    Ray (a benchmark's corpus and baseline) runs it up front so as not to pay for that work
+    before learning that the address is wrong.
     """
-    import ray
-
-    if ray.is_initialized():
-        return
     raw = os.environ.get("RAY_ADDRESS")
     address = (raw or "").strip()
     if raw is not None and raw != address:
@@ -248,10 +246,31 @@ def ensure_ray(min_logical_cpus: int = 4) -> None:
         else:
             del os.environ["RAY_ADDRESS"]
     if address and address != "local":
-        log.info("joining Ray cluster at %s", address)
         check_cluster_address(address)
+    return address
+
+
+def ensure_ray(
+    min_logical_cpus: int = 4, *, local_cpus: int | None = None, log_to_driver: bool = True
+) -> None:
+    """Initialise Ray once per process (idempotent).
+
+    A cluster named by RAY_ADDRESS is checked before ray.init (:func:`checked_ray_address`),
+    which would otherwise spend minutes on an address that does not answer. ``local`` means this
+    machine, as an unset RAY_ADDRESS does, so it gets the local instance's settings below.
+    ``local_cpus`` pins the local instance's logical CPUs (a benchmark divides by the cores it
+    ran on) and ``log_to_driver=False`` keeps workers' output off a driver whose stdout is its
+    result; a cluster's size is its own.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = checked_ray_address()
+    if address and address != "local":
+        log.info("joining Ray cluster at %s", address)
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=log_to_driver)
         except ConnectionError as err:  # e.g. a Ray Client server that accepts but never serves
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ClusterConnectionError(
@@ -259,12 +278,13 @@ def ensure_ray(min_logical_cpus: int = 4) -> None:
             ) from None
         return
     cores = os.cpu_count() or 1
-    num_cpus = max(min_logical_cpus, 2 * cores)
+    num_cpus = local_cpus or max(min_logical_cpus, 2 * cores)
     log.info("starting local Ray with %d logical CPUs on %d cores", num_cpus, cores)
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
         configure_logging=False,
+        log_to_driver=log_to_driver,
         runtime_env=LOCAL_RUNTIME_ENV,
     )
 
