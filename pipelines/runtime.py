@@ -361,22 +361,64 @@ def resolve_num_workers(use_gpu: bool, cpus_per_worker: float) -> int:
     return workers
 
 
-# the closing line of a Python traceback: "pkg.mod.SomeError: message"
-_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception): (.+)$")
+# the line that closes a traceback: the exception's class, of any name (module-qualified, a
+# local class's <locals> included; Ray's wrappers read RayTaskError(Cause)), and its message
+# when it has one
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.<>]*(?:\([\w.<>]*\))?)(?:: (.*))?$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# where a traceback starts: Python's header, or Ray's, which names the worker process instead
+_TRACEBACK_HEADER = re.compile(r"^Traceback \(most recent call last\):|ray::\S*\(\) \(pid=\d+")
+# Ray's wrappers of user code, whose own message ("UDF failed to process a data block.") is not
+# the reason: the exception they were raised from is
+_WRAPPERS = ("UserCodeException", "RayTaskError")
 
 
 def remote_error_message(err: BaseException) -> str | None:
-    """The message of the exception that ended a Ray worker, read from the error Ray passes on.
+    """The message of the exception that ended a Ray worker, from the error Ray passes on.
 
-    An actor whose ``__init__`` raises reaches the driver as an ``ActorDiedError`` holding only
-    the worker's traceback as text (the exception object is not kept), so a job that wants to
-    say the worker's one-line reason (a model another node cannot read) takes its last line.
-    None when the text holds no such line.
+    A job that wants to say the worker's one-line reason (a model another node cannot read)
+    needs it without the worker's whole traceback. A task's error (``RayTaskError``) carries the
+    worker's exception object, whose message is read as is. An actor whose ``__init__`` raises
+    reaches the driver as an ``ActorDiedError`` holding only the worker's traceback as text (Ray
+    keeps no exception object there), so the line that closes that traceback is read, whatever
+    the exception's class is called. None when there is neither.
     """
-    text = _ANSI.sub("", getattr(err, "error_msg", None) or str(err))
-    for line in reversed(text.strip().splitlines()):
-        m = _EXCEPTION_LINE.match(line.strip())
-        if m:
-            return m.group(1).strip()
+    from ray.exceptions import RayError, RayTaskError, UserCodeException
+
+    while isinstance(err, RayTaskError):
+        cause = err.cause
+        if isinstance(cause, UserCodeException):
+            # Ray Data's wrapper, raised from the real exception: that link does not survive
+            # pickling, the worker's traceback (both exceptions) does
+            return _traceback_reason(_ANSI.sub("", str(err)))
+        if type(cause) is RayError:  # Ray's stand-in for an exception it could not pickle
+            return _traceback_reason(_ANSI.sub("", str(cause)))
+        if not isinstance(cause, RayError):
+            return _first_line(str(cause)) or type(cause).__qualname__
+        err = cause  # a Ray error the task re-raised (another task's, an actor's death)
+    return _traceback_reason(_ANSI.sub("", getattr(err, "error_msg", None) or str(err)))
+
+
+def _first_line(message: str) -> str:
+    return (message.strip().splitlines() or [""])[0].strip()
+
+
+def _traceback_reason(text: str) -> str | None:
+    """The exception line closing the last traceback in ``text`` (a Python traceback, or Ray's
+    rendering of one, whose header names the worker instead of "Traceback" and which may leave
+    out every frame): the first line at column 0 after a header and its frames. Ray's wrappers
+    are passed over for what they wrap."""
+    found: list[tuple[str, str]] = []
+    in_frames = False
+    for line in text.splitlines():
+        if line.startswith("  File ") or _TRACEBACK_HEADER.search(line):
+            in_frames = True
+        elif in_frames and not line.startswith(" "):  # frames and their source are indented
+            in_frames = False
+            m = _EXCEPTION_LINE.match(line.strip())
+            if m:
+                found.append((m.group(1), _first_line(m.group(2) or "")))
+    for name, message in reversed(found):
+        if not name.split("(")[0].endswith(_WRAPPERS):
+            return message or name
     return None

@@ -285,3 +285,67 @@ def test_the_last_line_of_a_worker_traceback_is_its_reason():
 
     assert remote_error_message(Died()) == "/m is not a checkpoint folder (no meta.json)"
     assert remote_error_message(ValueError("no traceback here")) is None
+
+
+def test_a_workers_reason_is_read_from_the_error_ray_passes_on(ray_session):
+    """Real tasks and actors. A task's error carries the worker's exception: its message is the
+    reason, whatever its class is called and whatever its later lines look like. An actor that
+    fails in __init__ reaches the driver as text only: the line closing its traceback is the
+    reason, for classes whose names end in neither Error nor Exception too. An exception Ray
+    could not pickle, and one Ray Data wrapped ("UDF failed to process a data block."), are read
+    from the traceback Ray keeps instead."""
+    import threading
+    import zipfile
+
+    from pipelines.runtime import remote_error_message
+
+    ray = ray_session
+
+    class Halted(BaseException):  # local classes travel to the workers by value
+        pass
+
+    class Unpicklable(Exception):
+        def __init__(self, message: str) -> None:
+            super().__init__(message)
+            self.lock = threading.Lock()
+
+    @ray.remote
+    def fails(exc: BaseException) -> None:
+        raise exc
+
+    @ray.remote
+    def fails_unpicklably(message: str) -> None:
+        raise Unpicklable(message)
+
+    @ray.remote
+    class Starts:
+        def __init__(self, exc: BaseException) -> None:
+            raise exc
+
+        def ping(self) -> bool:
+            return True
+
+    def raised(ref) -> BaseException:
+        with pytest.raises(BaseException) as info:
+            ray.get(ref, timeout=120)
+        return info.value
+
+    not_zip = zipfile.BadZipFile("archive.zip is not a zip file")
+    task = raised(fails.remote(not_zip))
+    assert isinstance(task, ray.exceptions.RayTaskError)
+    assert remote_error_message(task) == "archive.zip is not a zip file"
+    two_lines = ValueError("the model is missing\nOSError: not this line")
+    assert remote_error_message(raised(fails.remote(two_lines))) == "the model is missing"
+    assert remote_error_message(raised(fails_unpicklably.remote("held a lock"))) == "held a lock"
+
+    for exc in (not_zip, Halted("stopped by the operator")):
+        died = raised(Starts.remote(exc).ping.remote())
+        assert isinstance(died, ray.exceptions.ActorDiedError) and died.actor_init_failed
+        assert remote_error_message(died) == str(exc)
+
+    def unreadable(batch: dict) -> dict:
+        raise zipfile.BadZipFile("shard 3 is not a zip")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as udf:
+        ray.data.range(2).map_batches(unreadable).materialize()
+    assert remote_error_message(udf.value) == "shard 3 is not a zip"
