@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import socket
+import threading
+import time
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -167,20 +169,71 @@ def _token_auth_for_auto() -> None:
 
 
 def _check_tcp(where: str, host: str, port: int, timeout_s: float) -> None:
+    """Resolve and dial ``host:port`` within ``timeout_s`` in all.
+
+    A socket timeout bounds the connect only: the host name is looked up before it, and a DNS
+    server that does not answer held that lookup for the resolver's own timeouts (6 s and more
+    observed, 5 s x 2 attempts by glibc's defaults) whatever the bound said.
+    """
+    deadline = time.monotonic() + timeout_s
     try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return
-    except socket.gaierror:
-        why = f"the host name {host} does not resolve"
-    except ConnectionRefusedError:
-        why = f"connection refused, nothing listens on port {port}"
+        addresses = _resolve(host, port, timeout_s)
     except TimeoutError:
-        why = f"no answer within {timeout_s:g} s (a host that is down, or a firewall)"
-    except OSError as err:
-        why = err.strerror or str(err)
+        why = f"cannot resolve host {host} within {timeout_s:g} s (its DNS server does not answer)"
+    except socket.gaierror as err:
+        why = f"cannot resolve host {host} ({err.strerror or err})"
+    else:
+        why = _dial(addresses, port, deadline, timeout_s)
+        if why is None:
+            return
     raise ClusterConnectionError(
         f"cannot reach the Ray cluster at {where}: {why}; {_WHAT_TO_CHECK}"
     )
+
+
+def _resolve(host: str, port: int, timeout_s: float) -> list[tuple]:
+    """``getaddrinfo`` given up after ``timeout_s`` (``TimeoutError``). The lookup cannot be
+    interrupted: it goes on in a daemon thread, which never holds up the process's exit."""
+    found: list[tuple] = []
+    failed: list[OSError] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as err:
+            failed.append(err)
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name=f"resolve {host}", daemon=True).start()
+    if not done.wait(timeout_s):
+        raise TimeoutError(f"no answer for {host} within {timeout_s:g} s")
+    if failed:
+        raise failed[0]
+    return found
+
+
+def _dial(addresses: list[tuple], port: int, deadline: float, timeout_s: float) -> str | None:
+    """Connect to the first of ``addresses`` that answers before ``deadline``, as
+    ``socket.create_connection`` tries them; None once one does, else why none did."""
+    why = f"no answer within {timeout_s:g} s (a host that is down, or a firewall)"
+    for family, kind, proto, _, sockaddr in addresses:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(left)
+                sock.connect(sockaddr)
+                return None
+        except ConnectionRefusedError:
+            why = f"connection refused, nothing listens on port {port}"
+        except TimeoutError:
+            why = f"no answer within {timeout_s:g} s (a host that is down, or a firewall)"
+        except OSError as err:
+            why = err.strerror or str(err)
+    return why
 
 
 def _check_gcs(where: str, target: str, timeout_s: float) -> None:

@@ -11,6 +11,7 @@ machine's own IP.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -262,6 +263,71 @@ def test_ray_client_addresses_are_dialled_as_written() -> None:
     port = _unused_port()
     message = _refused(f"ray://127.0.0.1:{port}")
     assert f"cannot reach the Ray cluster at ray://127.0.0.1:{port}: connection refused" in message
+
+
+@pytest.mark.parametrize(
+    "address", ["head.radjepa.invalid:6379", "ray://head.radjepa.invalid:10001"]
+)
+def test_a_host_name_that_does_not_resolve_is_named(address: str) -> None:
+    """`.invalid` never resolves (RFC 2606): whether the DNS server says so at once or never
+    answers, the check says it cannot resolve the host, in one line, within its bound."""
+    message = _refused(address)
+    assert "cannot resolve host head.radjepa.invalid" in message and "RAY_ADDRESS" in message
+
+
+_SILENT_DNS = """
+import fcntl, socket, struct, sys
+# this process has its own network: bring its loopback up (SIOCSIFFLAGS: up, loopback, running)
+with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    fcntl.ioctl(s, 0x8914, struct.pack("16sH22x", b"lo", 0x1 | 0x8 | 0x40))
+dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dns.bind(("127.0.0.1", 53))  # what resolv.conf names: it reads nothing and answers nothing
+from pipelines.runtime import ClusterConnectionError, check_cluster_address
+try:
+    check_cluster_address(sys.argv[1], timeout_s=1)
+except ClusterConnectionError as err:
+    sys.exit(f"error: {err}")
+"""
+
+
+def _private_network_and_resolver() -> list[str] | None:
+    """A command prefix giving the command its own network and /etc/resolv.conf (user, mount
+    and network namespaces), or None where this machine does not allow that."""
+    if not all(shutil.which(tool) for tool in ("unshare", "mount", "sh")):
+        return None
+    probe = ["unshare", "--user", "--map-root-user", "--mount", "--net", "true"]
+    if subprocess.run(probe, capture_output=True, timeout=30).returncode != 0:
+        return None
+    return probe[:-1]
+
+
+def test_a_dns_server_that_never_answers_is_given_up_on_at_the_deadline(tmp_path: Path) -> None:
+    """The resolver's own timeouts (here 2 s x 2 attempts; glibc's default is 5 s x 2) are not
+    the check's bound: a real resolver asking a real DNS server that never answers is given up
+    on at the check's 1 s, and the message says why. Before, the lookup ran unbounded and ended
+    in "does not resolve" once the resolver itself gave up."""
+    prefix = _private_network_and_resolver()
+    if prefix is None:
+        pytest.skip("needs unshare with user, mount and network namespaces")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:2 attempts:2\n")
+    inner = f'mount --bind "{resolv}" /etc/resolv.conf && exec "$0" "$@"'
+    python = [sys.executable, "-c", _SILENT_DNS, "head.radjepa.invalid:6379"]
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    res = subprocess.run(
+        [*prefix, "sh", "-c", inner, *python],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+    )
+    assert res.returncode == 1, res.stdout + res.stderr
+    (line,) = res.stderr.strip().splitlines()
+    assert (
+        "cannot resolve host head.radjepa.invalid within 1 s (its DNS server does not answer)"
+        in line
+    )
 
 
 @pytest.mark.parametrize(
