@@ -66,8 +66,8 @@ class UploadPseudonyms:
     """How the server pseudonymises an upload's own PatientID for ``exclude_same_patient``.
 
     ``status``: ``verified`` (the server's key is the one the index's shards were ingested
-    with), ``unverified`` (the index records no key: the pseudonym is used, but may match
-    nothing), ``key_mismatch`` (another key: the pseudonym could match no archive row and is
+    with), ``unverified`` (the index records no key, or its parts disagree on the key or the
+    scheme: the pseudonym is used, but may match nothing), ``key_mismatch`` (another key: the pseudonym could match no archive row and is
     not used). ``scheme`` is the index's patient identity scheme (``patient_id`` when it
     records none: the only scheme before there was a choice).
     """
@@ -211,11 +211,12 @@ class EmbeddingIndex:
             )
         if self.pseudonym_key is None:
             log.warning(
-                "index %s does not record the pseudonymisation key of its shards (built by an "
-                "older `radjepa embed` or from an older ingest): the key in %s cannot be checked "
-                "against it, so exclude_same_patient matches an upload's own PatientID without "
-                "knowing whether it can match (answers say 'used_unverified'); rebuild the index "
-                "with `radjepa embed` to have it checked",
+                "index %s does not record one pseudonymisation key for its shards (built by an "
+                "older `radjepa embed`, from an older ingest, or assembled from parts with "
+                "different keys): the key in %s cannot be checked against it, so "
+                "exclude_same_patient matches an upload's own PatientID without knowing whether "
+                "it can match (answers say 'used_unverified'); rebuild the index with `radjepa "
+                "embed` to have it checked",
                 self.source,
                 env,
             )
@@ -233,6 +234,18 @@ class EmbeddingIndex:
                 env,
             )
             return UploadPseudonyms("key_mismatch", scheme)
+        if self.patient_identity is None:
+            # embed records the key and the scheme together, so one key without one scheme is
+            # an index assembled from DSTs ingested under different schemes: an upload's
+            # pseudonym under either one cannot match the other parts' patients
+            log.warning(
+                "index %s's parts were ingested under different patient identity schemes: an "
+                "upload's own PatientID, pseudonymised under %s, can match only the parts made "
+                "under it (answers say 'used_unverified'); build one index per scheme",
+                self.source,
+                scheme,
+            )
+            return UploadPseudonyms("unverified", scheme)
         return UploadPseudonyms("verified", scheme)
 
     def rows_with_image_id(self, image_id: str) -> np.ndarray:

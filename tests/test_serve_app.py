@@ -455,8 +455,49 @@ def test_same_patient_of_a_new_upload_uses_the_index_key_and_scheme(
 
     # an index built before the record: cannot be checked, said at start-up and per answer
     client, warnings = serve(archive["legacy"], INGEST_KEY)
-    assert len(warnings) == 1 and "does not record the pseudonymisation key" in warnings[0]
+    assert len(warnings) == 1 and "does not record one pseudonymisation key" in warnings[0]
     res = same(client, upload)
+    assert res["same_patient"] == {"archive_row": False, "patient_id": "used_unverified"}
+
+
+def test_same_patient_is_unverified_for_an_index_assembled_across_schemes(
+    world, tmp_path, monkeypatch, caplog
+):
+    """An index assembled from the pooled archive (issuer_and_patient_id) and a single-site
+    DST ingested with the same key under patient_id: no one scheme makes an upload's pseudonym
+    comparable with every part's, so answers must not say 'used' (they did: the key matched and
+    the scheme, unknown, was taken for patient_id)."""
+    from radjepa.imaging.deid import key_fingerprint
+
+    archive = _pooled_archive(tmp_path, world["runner"])
+    assembled = tmp_path / "assembled"
+    assembled.mkdir()
+    shutil.copy(archive["index"], assembled / "part-0.parquet")
+    emb = np.random.default_rng(7).standard_normal((3, world["runner"].info.embed_dim))
+    # the single site's DST: the same key, the default scheme
+    record = {
+        "key_fingerprint": key_fingerprint(INGEST_KEY.encode()),
+        "patient_identity": "patient_id",
+    }
+    write_index(
+        assembled / "part-1.parquet",
+        emb.astype(np.float32),
+        [f"{i:064x}" for i in range(3)],
+        Path(world["runner"].info.source),
+        pseudonyms=record,
+    )
+    monkeypatch.setenv(SERVE_KEY_ENV, INGEST_KEY)
+    with caplog.at_level("WARNING", logger="serve.index"):
+        index = EmbeddingIndex.from_parquet(assembled)
+        app = create_app(
+            world["embedder"], settings=_settings(secret_env=SERVE_KEY_ENV), index=index
+        )
+    assert app.state.upload_pseudonyms.status == "unverified"
+    assert "different patient identity schemes" in caplog.text
+    assert not any(s in caplog.text for s in (INGEST_KEY, "SITE-A", "12345"))
+    (res,) = _similar(
+        TestClient(app), archive["upload"], "application/dicom", k=6, exclude_same_patient="true"
+    )["results"]
     assert res["same_patient"] == {"archive_row": False, "patient_id": "used_unverified"}
 
 
