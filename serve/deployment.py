@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,28 @@ def _check_references(
             EmbeddingIndex.check_file(index, fingerprint)
 
 
+def _check_pseudonym_key(index: str | None, env: str) -> None:
+    """Say on the driver, before anything deploys, what each ingress replica will say at its
+    start-up about the key it pseudonymises uploads with: a server key that is not the one the
+    index's shards were ingested with leaves ``exclude_same_patient`` unable to find an
+    upload's patient by its PatientID, and the operator of ``radjepa serve`` reads the CLI, not
+    replica logs. An index recording an unknown patient identity scheme is refused here too.
+
+    The replicas inherit this process's environment on a local Ray; a cluster's read the
+    variable on their own nodes (a Kubernetes Secret), so there a variable unset here says
+    nothing and is not compared.
+    """
+    if not index:
+        return
+    from radjepa.imaging.deid import key_fingerprint, resolve_secret
+    from serve.index import EmbeddingIndex, upload_pseudonyms
+
+    recorded_key, scheme = EmbeddingIndex.recorded_pseudonyms(index)
+    if not os.environ.get(env) and os.environ.get("RAY_ADDRESS", "").strip() not in ("", "local"):
+        return
+    upload_pseudonyms(index, recorded_key, scheme, key_fingerprint(resolve_secret(env)), env)
+
+
 def app_from_config(cfg: Any, *, settings: ApiSettings | None = None) -> Application:
     """Bind the two deployments from a validated Config (``cfg.serve`` says what to serve)."""
     sc = cfg.serve
@@ -241,6 +264,7 @@ def app_from_config(cfg: Any, *, settings: ApiSettings | None = None) -> Applica
 
     _check_references(sc.model, sc.head, sc.index, store_uri(cfg))
     settings = settings or settings_from_config(sc, secret_env=cfg.ingest.secret_env)
+    _check_pseudonym_key(sc.index, settings.secret_env)
     gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and _cluster_has_gpus())
     if sc.use_gpu == "true" and not _cluster_has_gpus():
         raise ValueError("serve.use_gpu=true but the Ray cluster has no GPUs")

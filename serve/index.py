@@ -44,6 +44,7 @@ __all__ = [
     "Hit",
     "IndexLoadError",
     "UploadPseudonyms",
+    "upload_pseudonyms",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,57 +197,34 @@ class EmbeddingIndex:
 
     def upload_pseudonyms(self, server_key: str, env: str) -> UploadPseudonyms:
         """Whether an upload's own PatientID, pseudonymised with the server's key (fingerprint
-        ``server_key``, from the variable ``env``), can find its patient in this index.
+        ``server_key``, from the variable ``env``), can find its patient in this index
+        (:func:`upload_pseudonyms`)."""
+        return upload_pseudonyms(
+            self.source, self.pseudonym_key, self.patient_identity, server_key, env
+        )
 
-        Another key gives every patient another pseudonym, so the upload would match no row
-        and ``exclude_same_patient`` would silently leave its patient's other images in: said
-        once here, at start-up, and in every answer that option changes.
-        """
-        scheme = self.patient_identity or PATIENT_ID
-        if scheme not in PATIENT_IDENTITIES:
-            raise IndexLoadError(
-                f"index {self.source} records patient identity scheme {scheme!r}, which this "
-                f"version does not know ({', '.join(PATIENT_IDENTITIES)}): serve it with the "
-                "version that built it"
-            )
-        if self.pseudonym_key is None:
-            log.warning(
-                "index %s does not record one pseudonymisation key for its shards (built by an "
-                "older `radjepa embed`, from an older ingest, or assembled from parts with "
-                "different keys): the key in %s cannot be checked against it, so "
-                "exclude_same_patient matches an upload's own PatientID without knowing whether "
-                "it can match (answers say 'used_unverified'); rebuild the index with `radjepa "
-                "embed` to have it checked",
-                self.source,
-                env,
-            )
-            return UploadPseudonyms("unverified", scheme)
-        if self.pseudonym_key != server_key:
-            log.warning(
-                "the pseudonymisation key in %s (fingerprint %s) is not the key index %s's "
-                "shards were ingested with (%s): exclude_same_patient can find an upload's "
-                "patient only through the upload's own archive row (answers say "
-                "'key_mismatch'); set %s to the ingest key to match uploads by PatientID",
-                env,
-                server_key,
-                self.source,
-                self.pseudonym_key,
-                env,
-            )
-            return UploadPseudonyms("key_mismatch", scheme)
-        if self.patient_identity is None:
-            # embed records the key and the scheme together, so one key without one scheme is
-            # an index assembled from DSTs ingested under different schemes: an upload's
-            # pseudonym under either one cannot match the other parts' patients
-            log.warning(
-                "index %s's parts were ingested under different patient identity schemes: an "
-                "upload's own PatientID, pseudonymised under %s, can match only the parts made "
-                "under it (answers say 'used_unverified'); build one index per scheme",
-                self.source,
-                scheme,
-            )
-            return UploadPseudonyms("unverified", scheme)
-        return UploadPseudonyms("verified", scheme)
+    @staticmethod
+    def recorded_pseudonyms(path: str | Path) -> tuple[str | None, str | None]:
+        """The key fingerprint and patient identity scheme an index records for its shards,
+        as :meth:`from_parquet` reads them (None: not recorded, or parts disagree), reading
+        those two columns only: ``radjepa serve`` compares them with its key on the driver,
+        where a whole archive's embeddings must not be loaded."""
+        import pyarrow.parquet as pq
+
+        _, files = _index_files(path)
+        columns = (PSEUDONYM_KEY_COLUMN, PATIENT_IDENTITY_COLUMN)
+        seen: dict[str, set[str | None]] = {c: set() for c in columns}
+        for f in files:
+            names = pq.read_schema(f).names
+            present = [c for c in columns if c in names]
+            table = pq.read_table(f, columns=present) if present else None
+            for c in columns:
+                if table is None or c not in present:
+                    seen[c].add(None)  # a part embedded before the record: nulls when loaded
+                else:
+                    seen[c].update(table.column(c).unique().to_pylist())
+        key, scheme = (next(iter(v)) if len(v) == 1 else None for v in seen.values())
+        return key, scheme
 
     def rows_with_image_id(self, image_id: str) -> np.ndarray:
         """Rows holding the image whose original bytes hash to ``image_id`` (usually 0 or 1;
@@ -282,6 +260,65 @@ class EmbeddingIndex:
             )
             for i in top
         ]
+
+
+def upload_pseudonyms(
+    source: str, index_key: str | None, index_scheme: str | None, server_key: str, env: str
+) -> UploadPseudonyms:
+    """Whether an upload's own PatientID, pseudonymised with the server's key (fingerprint
+    ``server_key``, from the variable ``env``), can find its patient in index ``source``, whose
+    shards' key fingerprint and scheme are ``index_key`` and ``index_scheme``.
+
+    Another key gives every patient another pseudonym, so the upload would match no row
+    and ``exclude_same_patient`` would silently leave its patient's other images in: said
+    once at start-up (by each replica, and by ``radjepa serve`` before it deploys) and in
+    every answer that option changes.
+    """
+    scheme = index_scheme or PATIENT_ID
+    if scheme not in PATIENT_IDENTITIES:
+        raise IndexLoadError(
+            f"index {source} records patient identity scheme {scheme!r}, which this "
+            f"version does not know ({', '.join(PATIENT_IDENTITIES)}): serve it with the "
+            "version that built it"
+        )
+    if index_key is None:
+        log.warning(
+            "index %s does not record one pseudonymisation key for its shards (built by an "
+            "older `radjepa embed`, from an older ingest, or assembled from parts with "
+            "different keys): the key in %s cannot be checked against it, so "
+            "exclude_same_patient matches an upload's own PatientID without knowing whether "
+            "it can match (answers say 'used_unverified'); rebuild the index with `radjepa "
+            "embed` to have it checked",
+            source,
+            env,
+        )
+        return UploadPseudonyms("unverified", scheme)
+    if index_key != server_key:
+        log.warning(
+            "the pseudonymisation key in %s (fingerprint %s) is not the key index %s's "
+            "shards were ingested with (%s): exclude_same_patient can find an upload's "
+            "patient only through the upload's own archive row (answers say "
+            "'key_mismatch'); set %s to the ingest key to match uploads by PatientID",
+            env,
+            server_key,
+            source,
+            index_key,
+            env,
+        )
+        return UploadPseudonyms("key_mismatch", scheme)
+    if index_scheme is None:
+        # embed records the key and the scheme together, so one key without one scheme is
+        # an index assembled from DSTs ingested under different schemes: an upload's
+        # pseudonym under either one cannot match the other parts' patients
+        log.warning(
+            "index %s's parts were ingested under different patient identity schemes: an "
+            "upload's own PatientID, pseudonymised under %s, can match only the parts made "
+            "under it (answers say 'used_unverified'); build one index per scheme",
+            source,
+            scheme,
+        )
+        return UploadPseudonyms("unverified", scheme)
+    return UploadPseudonyms("verified", scheme)
 
 
 def _pseudonym_record(p: Path, table: pa.Table, column: str) -> str | None:

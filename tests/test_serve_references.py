@@ -65,3 +65,51 @@ def test_head_or_index_of_another_checkpoint_is_refused_on_the_driver(cfg_for, t
         app_from_config(cfg_for().with_overrides({"serve.index": str(index)}))
     own = write_index(tmp_path / "own" / "part-0.parquet", emb, ["a", "b", "c"], tmp_path / "ckpt")
     app_from_config(cfg_for().with_overrides({"serve.index": str(own)}))  # its own: accepted
+
+
+def test_serve_warns_before_deploying_when_its_key_is_not_the_index_s(
+    cfg_for, tmp_path, monkeypatch, caplog
+) -> None:
+    """An ingress replica serving an index whose shards were pseudonymised with another key
+    says so only in its own log; the operator of `radjepa serve` reads the CLI, so the driver
+    says it once before binding, with fingerprints only. The same key says nothing; an unknown
+    patient identity scheme is refused there; a key unset here while joining a cluster is the
+    cluster's (its nodes' Secret) and is not compared."""
+    import numpy as np
+    from serve_helpers import write_index
+
+    from radjepa.imaging.deid import key_fingerprint
+    from serve.index import IndexLoadError
+
+    ingest_key, serve_key = "ingest-key-0123456789abcdef", "serving-key-0123456789abcdef"
+    emb = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
+
+    def index(name: str, scheme: str = "issuer_and_patient_id") -> str:
+        record = {
+            "key_fingerprint": key_fingerprint(ingest_key.encode()),
+            "patient_identity": scheme,
+        }
+        path = tmp_path / name / "part-0.parquet"
+        write_index(path, emb, ["a", "b", "c"], tmp_path / "ckpt", pseudonyms=record)
+        return str(path.parent)
+
+    def bind(idx: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            app_from_config(cfg_for().with_overrides({"serve.index": idx}))
+        return [r.getMessage() for r in caplog.records if "pseudonymisation key" in r.getMessage()]
+
+    env = "RADJEPA_DEID_SECRET"  # tiny_cpu.yaml's ingest.secret_env
+    recorded = index("recorded")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv(env, serve_key)
+    (warning,) = bind(recorded)
+    assert "is not the key" in warning and key_fingerprint(ingest_key.encode()) in warning
+    assert env in warning and ingest_key not in warning and serve_key not in warning
+    monkeypatch.setenv(env, ingest_key)
+    assert bind(recorded) == []
+    with pytest.raises(IndexLoadError, match="patient identity scheme 'by_name'"):
+        app_from_config(cfg_for().with_overrides({"serve.index": index("odd", "by_name")}))
+    monkeypatch.delenv(env)
+    monkeypatch.setenv("RAY_ADDRESS", "ray-head.example.invalid:6379")
+    assert bind(recorded) == []  # the cluster's nodes hold the key, not this shell
