@@ -18,6 +18,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -124,6 +125,18 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    body = sorted(NIH.glob("*.png"))[0].read_bytes()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    try:  # the random checkpoint is a few MB to GBs (by --config): never left behind
+        return _run(args, levels, body, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, levels: list[int], body: bytes, tmp: Path) -> int:
+    """Both servers under load; the JSON line on stdout, or exit status 2 for a cluster that
+    cannot be joined."""
     import ray
     from ray import serve
 
@@ -131,9 +144,6 @@ def main() -> int:
     from radjepa.config import load_config
     from serve.deployment import app_from_config
 
-    levels = [int(c) for c in args.concurrency.split(",")]
-    body = sorted(NIH.glob("*.png"))[0].read_bytes()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     base = load_config(args.config, args.set)
     model = args.model or str(random_checkpoint(base, tmp / "ckpt"))
     cfg = base.with_overrides(

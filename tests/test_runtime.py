@@ -103,7 +103,7 @@ def test_an_unreachable_cluster_fails_without_waiting_in_one_line(
     if script:  # the benches read the NIH sample (the serve bench before it joins Ray)
         request.getfixturevalue("nih_dir")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        env["TMPDIR"] = str(tmp_path)  # where the serve bench leaves its random checkpoint
+        env["TMPDIR"] = str(tmp_path)  # where the benches make their corpus and checkpoint
 
     try:
         res = subprocess.run(
@@ -127,6 +127,8 @@ def test_an_unreachable_cluster_fails_without_waiting_in_one_line(
     assert not list(ray_tmp.rglob("session_*")), "a local Ray instance was started instead"
     if script:  # a benchmark's stdout is its one JSON line: none for a run that did not happen
         assert res.stdout == ""
+        # and its temporary folders (the serve bench's random checkpoint) are gone
+        assert not [p.name for p in tmp_path.glob("*bench*")]
 
 
 @contextmanager
