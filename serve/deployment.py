@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -230,30 +229,60 @@ def _check_references(
             EmbeddingIndex.check_file(index, fingerprint)
 
 
-def _check_pseudonym_key(index: str | None, env: str) -> None:
+def _check_pseudonym_key(index: str | None, env: str, replica_env: dict[str, str]) -> None:
     """Say on the driver, before anything deploys, what each ingress replica will say at its
     start-up about the key it pseudonymises uploads with: a server key that is not the one the
     index's shards were ingested with leaves ``exclude_same_patient`` unable to find an
     upload's patient by its PatientID, and the operator of ``radjepa serve`` reads the CLI, not
     replica logs. An index recording an unknown patient identity scheme is refused here too.
 
-    The replicas inherit this process's environment on a local Ray; a cluster's read the
-    variable on their own nodes (a Kubernetes Secret), so there a variable unset here says
-    nothing and is not compared.
+    The key is the one a replica will read, which is not always this process's: a Ray started
+    before this process set the variable, or a cluster whose nodes hold it (a Kubernetes
+    Secret), gives its workers their own environment. So a zero-CPU task in the replicas'
+    runtime env reports its fingerprint (never the key); without Ray, this process's is used.
     """
     if not index:
         return
-    from radjepa.imaging.deid import key_fingerprint, resolve_secret
     from serve.index import EmbeddingIndex, upload_pseudonyms
 
     recorded_key, scheme = EmbeddingIndex.recorded_pseudonyms(index)
-    if not os.environ.get(env) and os.environ.get("RAY_ADDRESS", "").strip() not in ("", "local"):
-        return
-    upload_pseudonyms(index, recorded_key, scheme, key_fingerprint(resolve_secret(env)), env)
+    server_key = _replica_key_fingerprint(env, replica_env)
+    if server_key is not None:
+        upload_pseudonyms(index, recorded_key, scheme, server_key, env)
 
 
-def app_from_config(cfg: Any, *, settings: ApiSettings | None = None) -> Application:
-    """Bind the two deployments from a validated Config (``cfg.serve`` says what to serve)."""
+def _replica_key_fingerprint(env: str, replica_env: dict[str, str]) -> str | None:
+    """The fingerprint of the pseudonymisation key a replica resolves from ``env``; None when
+    the cluster does not answer within a minute (the replicas then still say it)."""
+    import ray
+
+    from radjepa.imaging.deid import key_fingerprint, resolve_secret
+
+    if not ray.is_initialized():
+        return key_fingerprint(resolve_secret(env))
+
+    def fingerprint() -> str:
+        from radjepa.imaging.deid import key_fingerprint, resolve_secret
+
+        return key_fingerprint(resolve_secret(env))
+
+    task = ray.remote(num_cpus=0)(fingerprint)
+    if replica_env:
+        task = task.options(runtime_env={"env_vars": replica_env})
+    try:
+        return str(ray.get(task.remote(), timeout=60))
+    except ray.exceptions.GetTimeoutError:
+        return None
+
+
+def app_from_config(
+    cfg: Any, *, settings: ApiSettings | None = None, replica_env: dict[str, str] | None = None
+) -> Application:
+    """Bind the two deployments from a validated Config (``cfg.serve`` says what to serve).
+
+    ``replica_env`` adds env vars to the ingress replicas' runtime env: the demo's public key,
+    which its replicas would otherwise lack on a Ray started before the demo set it (Ray keeps
+    a runtime env in plain text: never a real secret)."""
     sc = cfg.serve
     if not sc.model:
         raise ValueError(
@@ -264,7 +293,8 @@ def app_from_config(cfg: Any, *, settings: ApiSettings | None = None) -> Applica
 
     _check_references(sc.model, sc.head, sc.index, store_uri(cfg))
     settings = settings or settings_from_config(sc, secret_env=cfg.ingest.secret_env)
-    _check_pseudonym_key(sc.index, settings.secret_env)
+    replica_env = dict(replica_env or {})
+    _check_pseudonym_key(sc.index, settings.secret_env, replica_env)
     gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and _cluster_has_gpus())
     if sc.use_gpu == "true" and not _cluster_has_gpus():
         raise ValueError("serve.use_gpu=true but the Ray cluster has no GPUs")
@@ -281,8 +311,11 @@ def app_from_config(cfg: Any, *, settings: ApiSettings | None = None) -> Applica
         max_batch_size=sc.max_batch_size,
         batch_wait_timeout_s=sc.batch_wait_timeout_s,
     )
+    ingress_options: dict[str, Any] = {"num_cpus": 1}
+    if replica_env:
+        ingress_options["runtime_env"] = {"env_vars": replica_env}
     return ApiIngress.options(
-        ray_actor_options={"num_cpus": 1},
+        ray_actor_options=ingress_options,
         max_ongoing_requests=sc.max_ongoing_requests,
         max_queued_requests=sc.max_queued_requests,
         **_scaling(sc),

@@ -50,11 +50,12 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def start_local(cfg: Config) -> str:
+def start_local(cfg: Config, *, replica_env: dict[str, str] | None = None) -> str:
     """Deploy the API on the connected Ray and return its base URL (port 0 = any free port).
 
     Raises SecurityConfigError before anything starts when no API key is configured and
     insecure local mode was not asked for, and PortInUse when the port is taken.
+    ``replica_env``: env vars for the ingress replicas (``app_from_config``).
     """
     from ray import serve
 
@@ -70,7 +71,8 @@ def start_local(cfg: Config) -> str:
             "request_timeout_s": cfg.serve.request_timeout_s + 5.0,
         }
     )
-    serve.run(app_from_config(cfg, settings=settings), name=APP_NAME, route_prefix="/")
+    app = app_from_config(cfg, settings=settings, replica_env=replica_env)
+    serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{cfg.serve.host}:{port}"
 
 

@@ -67,49 +67,67 @@ def test_head_or_index_of_another_checkpoint_is_refused_on_the_driver(cfg_for, t
     app_from_config(cfg_for().with_overrides({"serve.index": str(own)}))  # its own: accepted
 
 
+def _recorded_index(tmp_path, name: str, key: str, scheme: str = "issuer_and_patient_id") -> str:
+    """An index in embed's layout whose shards' key record names ``key`` and ``scheme``."""
+    import numpy as np
+    from serve_helpers import write_index
+
+    from radjepa.imaging.deid import key_fingerprint
+
+    emb = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
+    record = {"key_fingerprint": key_fingerprint(key.encode()), "patient_identity": scheme}
+    path = tmp_path / name / "part-0.parquet"
+    write_index(path, emb, ["a", "b", "c"], tmp_path / "ckpt", pseudonyms=record)
+    return str(path.parent)
+
+
+def _key_warnings(caplog, bind) -> list[str]:
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        bind()
+    return [r.getMessage() for r in caplog.records if "is not the key" in r.getMessage()]
+
+
+INGEST_KEY, SERVE_KEY = "ingest-key-0123456789abcdef", "serving-key-0123456789abcdef"
+
+
 def test_serve_warns_before_deploying_when_its_key_is_not_the_index_s(
     cfg_for, tmp_path, monkeypatch, caplog
 ) -> None:
     """An ingress replica serving an index whose shards were pseudonymised with another key
     says so only in its own log; the operator of `radjepa serve` reads the CLI, so the driver
     says it once before binding, with fingerprints only. The same key says nothing; an unknown
-    patient identity scheme is refused there; a key unset here while joining a cluster is the
-    cluster's (its nodes' Secret) and is not compared."""
-    import numpy as np
-    from serve_helpers import write_index
-
+    patient identity scheme is refused there. (No Ray here: this process's key.)"""
     from radjepa.imaging.deid import key_fingerprint
     from serve.index import IndexLoadError
 
-    ingest_key, serve_key = "ingest-key-0123456789abcdef", "serving-key-0123456789abcdef"
-    emb = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
-
-    def index(name: str, scheme: str = "issuer_and_patient_id") -> str:
-        record = {
-            "key_fingerprint": key_fingerprint(ingest_key.encode()),
-            "patient_identity": scheme,
-        }
-        path = tmp_path / name / "part-0.parquet"
-        write_index(path, emb, ["a", "b", "c"], tmp_path / "ckpt", pseudonyms=record)
-        return str(path.parent)
-
-    def bind(idx: str) -> list[str]:
-        caplog.clear()
-        with caplog.at_level("WARNING"):
-            app_from_config(cfg_for().with_overrides({"serve.index": idx}))
-        return [r.getMessage() for r in caplog.records if "pseudonymisation key" in r.getMessage()]
-
     env = "RADJEPA_DEID_SECRET"  # tiny_cpu.yaml's ingest.secret_env
-    recorded = index("recorded")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv(env, serve_key)
-    (warning,) = bind(recorded)
-    assert "is not the key" in warning and key_fingerprint(ingest_key.encode()) in warning
-    assert env in warning and ingest_key not in warning and serve_key not in warning
-    monkeypatch.setenv(env, ingest_key)
-    assert bind(recorded) == []
+    recorded = _recorded_index(tmp_path, "recorded", INGEST_KEY)
+    bind = lambda: app_from_config(cfg_for().with_overrides({"serve.index": recorded}))  # noqa: E731
+    monkeypatch.setenv(env, SERVE_KEY)
+    (warning,) = _key_warnings(caplog, bind)
+    assert key_fingerprint(INGEST_KEY.encode()) in warning and env in warning
+    assert INGEST_KEY not in warning and SERVE_KEY not in warning
+    monkeypatch.setenv(env, INGEST_KEY)
+    assert _key_warnings(caplog, bind) == []
+    odd = _recorded_index(tmp_path, "odd", INGEST_KEY, "by_name")
     with pytest.raises(IndexLoadError, match="patient identity scheme 'by_name'"):
-        app_from_config(cfg_for().with_overrides({"serve.index": index("odd", "by_name")}))
-    monkeypatch.delenv(env)
-    monkeypatch.setenv("RAY_ADDRESS", "ray-head.example.invalid:6379")
-    assert bind(recorded) == []  # the cluster's nodes hold the key, not this shell
+        app_from_config(cfg_for().with_overrides({"serve.index": odd}))
+
+
+@pytest.mark.ray
+def test_the_driver_compares_the_key_its_replicas_will_read(
+    cfg_for, tmp_path, monkeypatch, caplog, ray_session
+) -> None:
+    """On a Ray that was started before this process set the key (or a cluster whose nodes
+    hold their own), this process's variable is not the replicas': the driver must ask the
+    cluster, or it says nothing while every replica answers key_mismatch (it did: the demo's
+    replicas on the test session's Ray). replica_env, which the ingress gets, is honoured."""
+    env = "RADJEPA_DEID_SECRET"
+    recorded = _recorded_index(tmp_path, "recorded", INGEST_KEY)
+    cfg = cfg_for().with_overrides({"serve.index": recorded})
+    monkeypatch.setenv(env, INGEST_KEY)  # here only: the session's workers never saw it
+    (warning,) = _key_warnings(caplog, lambda: app_from_config(cfg))
+    assert env in warning and INGEST_KEY not in warning
+    replica_env = {env: INGEST_KEY}
+    assert _key_warnings(caplog, lambda: app_from_config(cfg, replica_env=replica_env)) == []
