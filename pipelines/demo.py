@@ -102,6 +102,9 @@ def _call_api(url: str, key: str, sample: Path) -> dict[str, Any]:
             ],
             "excluded_self": found["excluded_self"],
             "excluded_patient": found["excluded_patient"],
+            # how the query's patient was found: its archive row, and its PatientID under the
+            # key and scheme the index records (the demo serves with its ingest key)
+            "same_patient": found["same_patient"],
         }
         calls["unauthorised"] = c.post(
             "/v1/embed", content=body, headers={"Content-Type": "application/dicom"}
@@ -244,7 +247,11 @@ def _run_stages(
                     "serve.index": str(idx.out),
                 }
             )
-            url = start_local(serve_cfg)
+            # the replicas of a Ray started before the demo set its key lack it: give them
+            # the demo's own (public) key; a key of the user's never travels in a runtime env
+            demo_key = os.environ.get("RADJEPA_DEID_SECRET") == DEMO_SECRET
+            replica_env = {"RADJEPA_DEID_SECRET": DEMO_SECRET} if demo_key else None
+            url = start_local(serve_cfg, replica_env=replica_env)
             try:
                 summary["api"] = {"url": url, "calls": _call_api(url, api_key, SAMPLE)}
             finally:

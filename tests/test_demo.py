@@ -41,6 +41,9 @@ def test_demo_runs_every_stage_and_summarises(tmp_path, ray_session):
     assert calls["classify"]["status"] == 200 and len(calls["classify"]["probabilities"]) == 2
     assert calls["similar"]["status"] == 200 and len(calls["similar"]["neighbours"]) == 3
     assert calls["similar"]["excluded_self"] == 1  # the query DICOM is in the demo's archive
+    # its patient was found by its archive row and by its PatientID, pseudonymised with the key
+    # ingest recorded (the demo serves with the key it ingested with)
+    assert calls["similar"]["same_patient"] == {"archive_row": True, "patient_id": "used"}
     # everything is in one folder, and the summary is on disk
     assert json.loads((out / "summary.json").read_text())["total_seconds"] > 0
     assert SAMPLE.is_dir()
