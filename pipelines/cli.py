@@ -393,7 +393,8 @@ def submit(
         bool,
         typer.Option(
             "--pass-deid-secret",
-            help="Copy $RADJEPA_DEID_SECRET into the job (prefer a cluster Secret).",
+            help="Copy the de-identification key into the job: the variable ingest.secret_env "
+            "names in the job's config (RADJEPA_DEID_SECRET by default); prefer a cluster Secret.",
         ),
     ] = False,
     job_id: Annotated[

@@ -188,6 +188,49 @@ def parse_env_assignments(items: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def _option_values(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
+    """The values given to any of ``names`` in a command line (``-c X``, ``--config X`` or
+    ``--config=X``), in order."""
+    values, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in names and i + 1 < len(args):
+            values.append(args[i + 1])
+            i += 2
+            continue
+        for name in names:
+            if name.startswith("--") and arg.startswith(name + "="):
+                values.append(arg[len(name) + 1 :])
+        i += 1
+    return values
+
+
+def secret_env_of(args: Sequence[str], working_dir: Path) -> str:
+    """The variable that holds the pseudonymisation key for the radjepa command ``args``:
+    ``ingest.secret_env`` of the config it names, with its ``--set`` overrides.
+
+    ``--pass-deid-secret`` copied ``RADJEPA_DEID_SECRET`` whatever the job's config named, so a
+    job whose config says ``ingest.secret_env: SITE_KEY`` ran with the public development key
+    (every patient re-keyed) while the submitter believed the key had travelled. The config is
+    read here as the job will read it: a relative path is relative to the uploaded folder.
+    """
+    from radjepa.config import ConfigError, load_config
+
+    configs = _option_values(args, ("-c", "--config"))
+    path: str | None = configs[-1] if configs else None
+    if path is not None and "://" not in path and not Path(path).is_absolute():
+        path = str(working_dir / path)
+    try:
+        cfg = load_config(path, _option_values(args, ("-s", "--set")))
+    except (ConfigError, OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise JobsError(
+            "--pass-deid-secret reads the job's config to learn which variable holds the key "
+            f"(ingest.secret_env), and it cannot be read here: {first}"
+        ) from None
+    return cfg.ingest.secret_env
+
+
 def build_submission(
     args: Sequence[str],
     *,
@@ -196,14 +239,15 @@ def build_submission(
     env: Mapping[str, str] | None = None,
     pass_env: Sequence[str] = (),
     pass_deid_secret: bool = False,
-    deid_secret_env: str = DEID_SECRET_ENV,
+    deid_secret_env: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Submission:
     """Assemble entrypoint + runtime env.
 
     Precedence for env vars (later wins): the runtime env file, passthrough of local
-    MLFLOW_TRACKING_URI, ``pass_env`` names, the de-id secret (only if ``pass_deid_secret``),
-    explicit ``env``. The file's other keys (pip, excludes, ...) are kept; excludes are added
+    MLFLOW_TRACKING_URI, ``pass_env`` names, the de-id secret (only if ``pass_deid_secret``;
+    the variable the job's own config names, see :func:`secret_env_of`, unless
+    ``deid_secret_env`` says), explicit ``env``. The file's other keys (pip, excludes, ...) are kept; excludes are added
     to the defaults and ``working_dir`` is always the local folder being uploaded.
     """
     local = os.environ if environ is None else environ
@@ -229,6 +273,7 @@ def build_submission(
             raise JobsError(f"--pass-env {name}: not set in this shell")
         env_vars[name] = local[name]
     if pass_deid_secret:
+        deid_secret_env = deid_secret_env or secret_env_of(args, wd)
         if not local.get(deid_secret_env):
             raise JobsError(f"--pass-deid-secret: {deid_secret_env} is not set in this shell")
         env_vars[deid_secret_env] = local[deid_secret_env]

@@ -330,6 +330,44 @@ def test_submission_uploads_checkout_without_venv_and_passes_only_asked_secrets(
     assert "RADJEPA_DEID_SECRET" in asked.describe() and "s3cr3t" not in asked.describe()
 
 
+def test_the_deid_secret_passed_is_the_one_the_jobs_config_names(tmp_path: Path) -> None:
+    # --pass-deid-secret copied RADJEPA_DEID_SECRET whatever ingest.secret_env said: the job
+    # then pseudonymised with the public development key
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "cli.py").write_text("")
+    (tmp_path / "site.yaml").write_text("ingest:\n  secret_env: SITE_A_KEY\n")
+    environ = {"RADJEPA_DEID_SECRET": "default-key", "SITE_A_KEY": "a-key", "SITE_B_KEY": "b"}
+    for command, expected in [
+        (["ingest", "a", "b", "-c", "site.yaml"], "SITE_A_KEY"),
+        (["ingest", "a", "b", "--config=site.yaml"], "SITE_A_KEY"),
+        (["ingest", "a", "b", "-c", str(tmp_path / "site.yaml")], "SITE_A_KEY"),
+        (
+            ["ingest", "a", "b", "-c", "site.yaml", "--set", "ingest.secret_env=SITE_B_KEY"],
+            "SITE_B_KEY",
+        ),
+        (["ingest", "a", "b"], "RADJEPA_DEID_SECRET"),
+    ]:
+        sub = jobs.build_submission(
+            command, working_dir=tmp_path, environ=environ, pass_deid_secret=True
+        )
+        passed = {k for k in sub.runtime_env["env_vars"] if k in environ}
+        assert passed == {expected}, command
+    with pytest.raises(jobs.JobsError, match="SITE_C_KEY is not set"):
+        jobs.build_submission(
+            ["ingest", "a", "b", "-s", "ingest.secret_env=SITE_C_KEY"],
+            working_dir=tmp_path,
+            environ=environ,
+            pass_deid_secret=True,
+        )
+    with pytest.raises(jobs.JobsError, match="cannot be read here"):
+        jobs.build_submission(
+            ["ingest", "a", "b", "-c", "missing.yaml"],
+            working_dir=tmp_path,
+            environ=environ,
+            pass_deid_secret=True,
+        )
+
+
 def test_runtime_env_file_merges_and_bad_input_is_named(tmp_path: Path) -> None:
     f = tmp_path / "re.yaml"
     f.write_text("env_vars:\n  A: '1'\nexcludes: ['bigdir']\npip: ['x']\n")
