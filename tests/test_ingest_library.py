@@ -210,6 +210,28 @@ def test_issuer_scheme_tells_two_sites_same_patient_id_apart(caplog):
         decode_image(files["a1.dcm"], secret=SECRET, patient_identity="issuer")
 
 
+def test_a_qualifiers_element_of_the_wrong_vr_does_not_quarantine_the_image():
+    # a broken exporter wrote IssuerOfPatientIDQualifiersSequence as LO text: under the issuer
+    # scheme the image was quarantined as "malformed dicom (AttributeError)"
+    import pydicom
+    from pydicom.dataelem import DataElement
+
+    from radjepa.imaging.decode import decode_image
+
+    good = make_dicom(gradient(48, 48, seed=1), extra=issuer_tags("12345", "SITE-A"))
+    ds = pydicom.dcmread(io.BytesIO(good))
+    ds.add(DataElement(0x00100024, "LO", "not a sequence"))
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    scheme = "issuer_and_patient_id"
+    bad = decode_image(buf.getvalue(), secret=SECRET, patient_identity=scheme)
+    # read as no qualifiers: the issuer it names still counts
+    assert (
+        bad.meta["patient_pid"]
+        == decode_image(good, secret=SECRET, patient_identity=scheme).meta["patient_pid"]
+    )
+
+
 def test_patient_identity_values_are_the_config_choices():
     from typing import get_args
 

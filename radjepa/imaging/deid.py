@@ -153,12 +153,20 @@ def _text(value: Any) -> str:
 def patient_issuer(ds: Any) -> tuple[str, str, str] | None:
     """The assigning authority of ``PatientID`` (HL7 CX.4): IssuerOfPatientID (its namespace)
     and, from the first IssuerOfPatientIDQualifiersSequence item, UniversalEntityID and
-    UniversalEntityIDType; None when all three are blank (the file does not say)."""
+    UniversalEntityIDType; None when all three are blank (the file does not say).
+
+    A qualifiers element that is not a sequence of items (written with another VR by a broken
+    exporter) is read as absent: under the issuer scheme it had quarantined the whole image as
+    a decode error, though it only refines an issuer the file may still name.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
     namespace = _text(ds.get("IssuerOfPatientID"))
     universal, universal_type = "", ""
     qualifiers = ds.get("IssuerOfPatientIDQualifiersSequence")
-    if qualifiers:
-        item = qualifiers[0]
+    item = qualifiers[0] if isinstance(qualifiers, Sequence) and len(qualifiers) else None
+    if isinstance(item, Dataset):
         universal = _text(item.get("UniversalEntityID"))
         universal_type = _text(item.get("UniversalEntityIDType")).upper()  # a CS: case-free
     issuer = (namespace, universal, universal_type)
