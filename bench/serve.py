@@ -6,7 +6,9 @@ Ray Serve with ``@serve.batch``. For each concurrency (1, 8, 32) a bounded numbe
 ``POST /v1/embed`` requests with a real NIH PNG is sent on loopback; we report throughput and
 p50/p99 latency for both, and their ratios, as ONE JSON line. Ray is joined as every entry point
 joins it (``pipelines.runtime.ensure_ray``): a RAY_ADDRESS that names no cluster it can join is
-one line on stderr and exit status 2.
+one line on stderr and exit status 2. It measures this machine only: a RAY_ADDRESS naming a
+running cluster is refused the same way, since serving the bench there would replace and then
+shut down that cluster's own Serve applications.
 
     python bench/serve.py [--config configs/tiny_cpu.yaml] [--model CKPT] [--requests 96]
 """
@@ -140,7 +142,7 @@ def _run(args: argparse.Namespace, levels: list[int], body: bytes, tmp: Path) ->
     import ray
     from ray import serve
 
-    from pipelines.runtime import ClusterError, ensure_ray
+    from pipelines.runtime import ClusterError, checked_ray_address, ensure_ray
     from radjepa.config import load_config
     from serve.deployment import app_from_config
 
@@ -165,6 +167,17 @@ def _run(args: argparse.Namespace, levels: list[int], body: bytes, tmp: Path) ->
 
     # ours: Ray Serve with dynamic batching
     try:
+        address = checked_ray_address()
+        if address not in ("", "local"):
+            # on a shared cluster serve.run/serve.shutdown would replace and then stop the
+            # cluster's own Serve applications, and the loopback load would miss its proxy
+            print(
+                f"error: bench/serve.py measures Ray Serve on this machine against a local "
+                f"baseline; on the Ray cluster at {address} it would replace and shut down "
+                "that cluster's Serve applications. Unset RAY_ADDRESS to run it here.",
+                file=sys.stderr,
+            )
+            return 2
         ensure_ray(local_cpus=os.cpu_count() or 1, log_to_driver=False)
     except ClusterError as err:  # the user's to fix: one line and exit 2, like `radjepa`
         print(f"error: {err}", file=sys.stderr)

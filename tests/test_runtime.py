@@ -131,6 +131,34 @@ def test_an_unreachable_cluster_fails_without_waiting_in_one_line(
         assert not [p.name for p in tmp_path.glob("*bench*")]
 
 
+def test_the_serve_bench_refuses_a_running_cluster_it_would_disturb(
+    ray_session, tmp_path: Path, nih_dir: Path
+) -> None:
+    # through ensure_ray the bench joined whatever RAY_ADDRESS named, where its serve.run and
+    # serve.shutdown replace and then stop that cluster's own Serve applications
+    address = ray_session.get_runtime_context().gcs_address
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": address,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "TMPDIR": str(tmp_path),
+    }
+    res = subprocess.run(
+        [sys.executable, "bench/serve.py", "--requests", "2", "--concurrency", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT_S,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stdout == ""
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: bench/serve.py measures Ray Serve on this machine")
+    assert address in last and "Unset RAY_ADDRESS" in last
+    assert not [p.name for p in tmp_path.glob("*bench*")]
+
+
 @contextmanager
 def _http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
     server = HTTPServer(("0.0.0.0", 0), handler)
