@@ -172,9 +172,10 @@ def run_embed(
         pseudonyms = recorded_pseudonyms(str(shards_dir))
     except IngestError as err:
         raise EmbedError(str(err)) from None
-    if pseudonyms is None:
+    if pseudonyms is None or pseudonyms.get("key_fingerprint") is None:
         log.warning(
-            "%s records no pseudonymisation key (ingested by an older version): a server "
+            "%s records no pseudonymisation key for all its shards (some or all were ingested "
+            "by an older version): a server "
             "cannot check that it pseudonymises uploads with the key of these shards "
             "(exclude_same_patient says so in each answer); ingest into a new DST to record it",
             shards_dir,

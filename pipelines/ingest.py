@@ -128,7 +128,7 @@ def run_ingest(
         "patient_identity": ing.patient_identity,
     }
     check_compatible(dest, previous, settings)
-    check_key(dest, previous, key, ing.secret_env)
+    key = check_key(dest, previous, key, ing.secret_env)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     summary = IngestSummary(dst=dst, run_id=run_id)
     expected = sum(1 if r["kind"] == "file" else count_members(r) for r in refs)

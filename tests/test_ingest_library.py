@@ -132,8 +132,11 @@ def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):
     check_compatible(dest, None, SETTINGS)
 
     key = {"key": "secret", "key_fingerprint": "abc"}
-    check_key(dest, None, key, "RADJEPA_DEID_KEY")
-    assert json.loads((tmp_path / "dst" / KEY_RECORD).read_text()) == key
+    check_key(dest, None, key, "RADJEPA_DEID_KEY")  # recorded after a shard: marked so
+    assert json.loads((tmp_path / "dst" / KEY_RECORD).read_text()) == {
+        **key,
+        "unchecked_shards": True,
+    }
     with pytest.raises(IngestError, match="another pseudonymisation key"):
         check_key(dest, None, {**key, "key_fingerprint": "other"}, "RADJEPA_DEID_KEY")
 
@@ -290,6 +293,16 @@ def test_destination_pins_the_patient_identity_scheme(tmp_path, caplog):
     with pytest.raises(IngestError, match="without ingest.patient_identity, i.e. patient_id"):
         check_key(older, None, key, "RADJEPA_DEID_SECRET")
     assert not (tmp_path / "older" / KEY_RECORD).exists()
+    # recorded now, but those shards' key never was: nothing vouches for it, on this run or
+    # the next (a server then says used_unverified, not used)
+    plain = {**key, "patient_identity": "patient_id"}
+    kept = check_key(older, None, plain, "RADJEPA_DEID_SECRET")
+    assert kept == {**plain, "unchecked_shards": True}
+    assert check_key(older, older.read_manifest(), plain, "RADJEPA_DEID_SECRET") == kept
+    assert recorded_pseudonyms(str(tmp_path / "older")) == {
+        "key_fingerprint": None,
+        "patient_identity": "patient_id",
+    }
 
     # the manifest's copy counts too (a DST whose key record was lost)
     (old / KEY_RECORD).unlink()

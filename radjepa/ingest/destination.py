@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 KEY_RECORD = "pseudonyms.json"  # which key made the pseudonyms; written before any shard
+# in KEY_RECORD: the key was first recorded on a DST that already held shards (see check_key)
+UNCHECKED = "unchecked_shards"
 MANIFEST_VERSION = 1
 
 
@@ -134,11 +136,18 @@ def _scheme(record: dict[str, Any]) -> str:
 
 
 def check_key(
-    dest: Destination, previous: dict[str, Any] | None, key: dict[str, str], env: str
-) -> None:
+    dest: Destination, previous: dict[str, Any] | None, key: dict[str, Any], env: str
+) -> dict[str, Any]:
     """One pseudonymisation key and one patient identity scheme per DST, recorded before the
     first shard is written (a run that dies before its manifest must not let the next run
-    switch either unnoticed): both change every patient's pseudonym."""
+    switch either unnoticed): both change every patient's pseudonym. Returns the record the
+    DST keeps, for the manifest.
+
+    A DST that already held shards when its key was first recorded (made by a version that
+    kept no record) is marked ``unchecked_shards``: its older pseudonyms may come from another
+    key, so :func:`recorded_pseudonyms` vouches for no key there, and a server says
+    ``used_unverified`` rather than ``used``.
+    """
     stored = dest.read_json(KEY_RECORD)
     recorded = stored or (previous or {}).get("pseudonyms")
     if recorded:
@@ -156,9 +165,10 @@ def check_key(
                 f"patient-grouped splits would break. Set ingest.patient_identity={old}, or "
                 "ingest into a new DST."
             )
-        if stored is None or "patient_identity" not in stored:
-            dest.write_json(KEY_RECORD, key)  # made explicit for `radjepa embed` to read
-        return
+        kept = {**key, **({UNCHECKED: True} if recorded.get(UNCHECKED) else {})}
+        if stored != kept:
+            dest.write_json(KEY_RECORD, kept)  # made explicit for `radjepa embed` to read
+        return kept
     if dest.known_ids():
         if dest.stored_image() is not None and _scheme(key) != PATIENT_ID:
             # versions that kept no record knew one scheme: its shards are PatientID alone
@@ -173,7 +183,9 @@ def check_key(
             "version): the key cannot be checked; recording the current one",
             dest.uri,
         )
+        key = {**key, UNCHECKED: True}
     dest.write_json(KEY_RECORD, key)
+    return key
 
 
 def check_compatible(
@@ -193,7 +205,8 @@ def check_compatible(
 def recorded_pseudonyms(dst: str) -> dict[str, str | None] | None:
     """Which key (``key_fingerprint``) and patient identity scheme (``patient_identity``) made
     the pseudonyms of the ingest output ``dst`` (or its ``images`` folder); None when it
-    records neither (ingested before the key was recorded).
+    records neither (ingested before the key was recorded); ``key_fingerprint`` None when the
+    key was recorded only after some shards were written (``check_key``).
 
     ``radjepa embed`` copies this into the index: a server can only pseudonymise an upload's
     own PatientID to match archive rows with the same key and scheme, and checks them there.
@@ -209,7 +222,9 @@ def recorded_pseudonyms(dst: str) -> dict[str, str | None] | None:
             record = (_read_json(fs, folder, spelled, MANIFEST) or {}).get("pseudonyms")
         if isinstance(record, dict) and record.get("key_fingerprint"):
             return {
-                "key_fingerprint": str(record["key_fingerprint"]),
+                "key_fingerprint": None
+                if record.get(UNCHECKED)
+                else str(record["key_fingerprint"]),
                 "patient_identity": _scheme(record),
             }
     return None
