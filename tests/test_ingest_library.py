@@ -111,8 +111,9 @@ def test_each_file_gets_exactly_one_outcome():
     assert again[0]["source_path"] == "ok.png"
 
 
-def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):
-    dest = Destination(str(tmp_path / "dst"))
+def _store_one_png(dest: Destination) -> bytes:
+    """Decode one sample PNG and write it as the DST's only shard, as a run that dies right
+    after its first shard leaves it; returns the PNG's bytes."""
     png = sorted(SAMPLE.glob("*.png"))[0].read_bytes()
     row = FileDecoder(SETTINGS, SECRET, frozenset(), keep_paths=False)(
         pa.Table.from_pylist(
@@ -121,6 +122,12 @@ def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):
         )
     )
     dest.write("images", "part-0.parquet", row.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+    return png
+
+
+def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):
+    dest = Destination(str(tmp_path / "dst"))
+    png = _store_one_png(dest)
     assert dest.known_ids() == {hashlib.sha256(png).hexdigest()}
     assert not [p for p in os.listdir(tmp_path / "dst" / "images") if p.startswith(".")]
     assert dest.stored_image() == {"size": 64, "dtype": "uint8"}
@@ -282,14 +289,7 @@ def test_destination_pins_the_patient_identity_scheme(tmp_path, caplog):
 
     # older still: shards and no record at all, also PatientID alone
     older = Destination(str(tmp_path / "older"))
-    png = sorted(SAMPLE.glob("*.png"))[0].read_bytes()
-    row = FileDecoder(SETTINGS, SECRET, frozenset(), keep_paths=False)(
-        pa.Table.from_pylist(
-            [{"name": "a.png", "data": png, "size_bytes": len(png), "read_error": None}],
-            schema=READ_SCHEMA,
-        )
-    )
-    older.write("images", "part-0.parquet", row.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+    _store_one_png(older)
     with pytest.raises(IngestError, match="without ingest.patient_identity, i.e. patient_id"):
         check_key(older, None, key, "RADJEPA_DEID_SECRET")
     assert not (tmp_path / "older" / KEY_RECORD).exists()
