@@ -337,35 +337,28 @@ def test_the_deid_secret_passed_is_the_one_the_jobs_config_names(tmp_path: Path)
     (tmp_path / "pipelines" / "cli.py").write_text("")
     (tmp_path / "site.yaml").write_text("ingest:\n  secret_env: SITE_A_KEY\n")
     environ = {"RADJEPA_DEID_SECRET": "default-key", "SITE_A_KEY": "a-key", "SITE_B_KEY": "b"}
-    for command, expected in [
-        (["ingest", "a", "b", "-c", "site.yaml"], "SITE_A_KEY"),
-        (["ingest", "a", "b", "--config=site.yaml"], "SITE_A_KEY"),
-        (["ingest", "a", "b", "-c", str(tmp_path / "site.yaml")], "SITE_A_KEY"),
-        (
-            ["ingest", "a", "b", "-c", "site.yaml", "--set", "ingest.secret_env=SITE_B_KEY"],
-            "SITE_B_KEY",
-        ),
-        (["ingest", "a", "b"], "RADJEPA_DEID_SECRET"),
+
+    def submit(*args: str) -> jobs.Submission:
+        return jobs.build_submission(
+            ["ingest", "a", "b", *args],
+            working_dir=tmp_path,
+            environ=environ,
+            pass_deid_secret=True,
+        )
+
+    for args, expected in [
+        (["-c", "site.yaml"], "SITE_A_KEY"),
+        (["--config=site.yaml"], "SITE_A_KEY"),
+        (["-c", str(tmp_path / "site.yaml")], "SITE_A_KEY"),
+        (["-c", "site.yaml", "--set", "ingest.secret_env=SITE_B_KEY"], "SITE_B_KEY"),
+        ([], "RADJEPA_DEID_SECRET"),
     ]:
-        sub = jobs.build_submission(
-            command, working_dir=tmp_path, environ=environ, pass_deid_secret=True
-        )
-        passed = {k for k in sub.runtime_env["env_vars"] if k in environ}
-        assert passed == {expected}, command
+        passed = {k for k in submit(*args).runtime_env["env_vars"] if k in environ}
+        assert passed == {expected}, args
     with pytest.raises(jobs.JobsError, match="SITE_C_KEY is not set"):
-        jobs.build_submission(
-            ["ingest", "a", "b", "-s", "ingest.secret_env=SITE_C_KEY"],
-            working_dir=tmp_path,
-            environ=environ,
-            pass_deid_secret=True,
-        )
+        submit("-s", "ingest.secret_env=SITE_C_KEY")
     with pytest.raises(jobs.JobsError, match="cannot be read here"):
-        jobs.build_submission(
-            ["ingest", "a", "b", "-c", "missing.yaml"],
-            working_dir=tmp_path,
-            environ=environ,
-            pass_deid_secret=True,
-        )
+        submit("-c", "missing.yaml")
 
 
 def test_runtime_env_file_merges_and_bad_input_is_named(tmp_path: Path) -> None:
