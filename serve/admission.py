@@ -52,10 +52,13 @@ class DecodeGate:
         """Requests currently decoding or waiting to."""
         return self._admitted
 
-    async def run(self, job: Callable[[threading.Event], T]) -> T:
+    async def run(self, job: Callable[[threading.Event], T], *, continuing: bool = False) -> T:
         """Run ``job(cancelled)`` on the pool; ``job`` should return early once ``cancelled``
-        is set (checked between files). Raises :class:`Overloaded` when the queue is full."""
-        if self._admitted >= self.limit:
+        is set (checked between files). Raises :class:`Overloaded` when the queue is full,
+        unless ``continuing``: a later step of a request the gate already admitted (the search
+        after its decode and forward) is never refused, which would throw away work already
+        paid for and answer 503 to a request that was let in."""
+        if self._admitted >= self.limit and not continuing:
             raise Overloaded(
                 f"{self._admitted} requests are already decoding, searching or waiting "
                 f"({self.workers} worker threads)"

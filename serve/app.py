@@ -615,7 +615,7 @@ def create_app(
 
         async def work() -> SimilarResponse:
             uploads, results = await images_and_embeddings(request)
-            found = await gate.run(partial(search_all, uploads, results))
+            found = await gate.run(partial(search_all, uploads, results), continuing=True)
             return SimilarResponse(model=model_out, index_size=len(index), results=found)
 
         return await deadline(work())

@@ -112,8 +112,14 @@ def test_gate_refuses_beyond_its_limit_without_running_anything() -> None:
         await asyncio.sleep(0)  # let each task register
         with pytest.raises(Overloaded, match="8 requests"):
             await gate.run(lambda c: None)
+        # the later step of an admitted request (a search after its decode) is not refused:
+        # it waits for a thread instead
+        later = asyncio.ensure_future(gate.run(lambda c: "searched", continuing=True))
+        await asyncio.sleep(0)
+        assert not later.done() and gate.admitted == 9
         release.set()
         await asyncio.gather(*held)
+        assert await later == "searched"
 
     asyncio.run(scenario())
 
