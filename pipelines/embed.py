@@ -138,7 +138,7 @@ def run_embed(
     import pyarrow.parquet as pq
     import ray
 
-    from pipelines.runtime import ensure_ray, remote_error_message, resolve_use_gpu
+    from pipelines.runtime import ensure_ray, read_parquet, remote_error_message, resolve_use_gpu
     from radjepa.eval.heads import HeadError, checkpoint_fingerprint
     from radjepa.ingest.destination import recorded_pseudonyms
     from radjepa.ingest.errors import IngestError
@@ -192,7 +192,7 @@ def run_embed(
 
     free_cpus = int(ray.available_resources().get("CPU", 1))
     n_actors = actors or (1 if use_gpu else max(1, min(4, free_cpus // 2)))
-    ds = ray.data.read_parquet(shards, columns=columns)
+    ds = read_parquet(shards, num_files=len(shards), columns=columns)
     ds = ds.map_batches(
         _EmbedActor,
         fn_constructor_kwargs={

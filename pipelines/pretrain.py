@@ -55,13 +55,15 @@ def build_train_dataset(data: str, cfg: Config):
     """Ray Data pipeline: read shards, shuffle blocks, decode pixels and drop the hold-out."""
     import ray.data
 
+    from pipelines.runtime import read_parquet
+    from radjepa.shards import list_shards
     from radjepa.training_data import TRAINING_COLUMNS, decode_training_batch, images_dir
 
-    images = images_dir(data)
+    images = images_dir(data)  # checked to hold shards
     # the training stream is re-read every epoch: per-epoch progress bars would bury the
     # step log, which already reports throughput
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(images, columns=TRAINING_COLUMNS)
+    ds = read_parquet(images, num_files=len(list_shards(data)), columns=TRAINING_COLUMNS)
     ds = ds.randomize_block_order(seed=cfg.train.seed)
     return ds.map_batches(
         decode_training_batch,

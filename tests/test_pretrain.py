@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -252,6 +253,30 @@ def test_training_stream_is_every_image_but_the_holdout(shards, tmp_path):
     batches = build_train_dataset(str(shards), cfg).iter_batches(batch_size=16)
     got = Counter(digest(a) for b in batches for a in b["image"])
     assert got == want and sum(got.values()) == info.train_rows
+
+
+def test_a_pass_over_the_shards_starts_a_footer_reader_per_batch_of_files(
+    shards, tmp_path, monkeypatch
+):
+    # Ray Data starts its Parquet footer readers (32 actors by default) for every pass over a
+    # dataset, each epoch of a run included, whatever the number of files: on a 2-core machine
+    # a pass over one shard took 10-25 s of process start-ups
+    from pipelines.pretrain import build_train_dataset
+    from pipelines.runtime import footer_reader_actors
+
+    assert [footer_reader_actors(n) for n in (1, 10, 11, 320, 5000)] == [1, 1, 2, 32, 32]
+
+    def readers(ds) -> int:
+        op = ds._logical_plan.dag
+        while op.input_dependencies:
+            op = op.input_dependencies[0]
+        return op.file_indexer._num_actors  # Ray-private (pinned 2.60.0): the ListFiles op's
+
+    cfg = _cfg(tmp_path)
+    assert readers(build_train_dataset(str(shards), cfg)) == 1
+    assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ  # set for the read only
+    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "3")  # the user's setting wins
+    assert readers(build_train_dataset(str(shards), cfg)) == 3
 
 
 def test_shards_are_read_from_a_uri(shards, tmp_path):
