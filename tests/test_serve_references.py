@@ -98,8 +98,14 @@ def test_serve_warns_before_deploying_when_its_key_is_not_the_index_s(
     says so only in its own log; the operator of `radjepa serve` reads the CLI, so the driver
     says it once before binding, with fingerprints only. The same key says nothing; an unknown
     patient identity scheme is refused there. (No Ray here: this process's key.)"""
+    import ray
+
     from radjepa.imaging.deid import key_fingerprint
     from serve.index import IndexLoadError
+
+    # without Ray the driver reads its own key; in CI's order the suite's Ray session already
+    # runs, and its workers never see this test's variable (the next test covers that path)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
     env = "RADJEPA_DEID_SECRET"  # tiny_cpu.yaml's ingest.secret_env
     recorded = _recorded_index(tmp_path, "recorded", INGEST_KEY)
