@@ -251,26 +251,26 @@ def _check_pseudonym_key(index: str | None, env: str, replica_env: dict[str, str
         upload_pseudonyms(index, recorded_key, scheme, server_key, env)
 
 
+def _key_fingerprint_of(env: str) -> str:
+    """The fingerprint of the key this process resolves from ``env`` (run here, or in a
+    replica's environment as a Ray task)."""
+    from radjepa.imaging.deid import key_fingerprint, resolve_secret
+
+    return key_fingerprint(resolve_secret(env))
+
+
 def _replica_key_fingerprint(env: str, replica_env: dict[str, str]) -> str | None:
     """The fingerprint of the pseudonymisation key a replica resolves from ``env``; None when
     the cluster does not answer within a minute (the replicas then still say it)."""
     import ray
 
-    from radjepa.imaging.deid import key_fingerprint, resolve_secret
-
     if not ray.is_initialized():
-        return key_fingerprint(resolve_secret(env))
-
-    def fingerprint() -> str:
-        from radjepa.imaging.deid import key_fingerprint, resolve_secret
-
-        return key_fingerprint(resolve_secret(env))
-
-    task = ray.remote(num_cpus=0)(fingerprint)
+        return _key_fingerprint_of(env)
+    task = ray.remote(num_cpus=0)(_key_fingerprint_of)
     if replica_env:
         task = task.options(runtime_env={"env_vars": replica_env})
     try:
-        return str(ray.get(task.remote(), timeout=60))
+        return str(ray.get(task.remote(env), timeout=60))
     except ray.exceptions.GetTimeoutError:
         return None
 

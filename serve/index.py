@@ -68,17 +68,14 @@ class UploadPseudonyms:
 
     ``status``: ``verified`` (the server's key is the one the index's shards were ingested
     with), ``unverified`` (the index records no key, or its parts disagree on the key or the
-    scheme: the pseudonym is used, but may match nothing), ``key_mismatch`` (another key: the pseudonym could match no archive row and is
-    not used). ``scheme`` is the index's patient identity scheme (``patient_id`` when it
-    records none: the only scheme before there was a choice).
+    scheme: the pseudonym is used, but may match nothing), ``key_mismatch`` (another key: the
+    pseudonym could match no archive row and is not used). ``scheme`` is the index's patient
+    identity scheme (``patient_id`` when it records none: the only scheme before there was a
+    choice).
     """
 
     status: str
     scheme: str
-
-    @property
-    def usable(self) -> bool:
-        return self.status != "key_mismatch"
 
 
 @dataclass
