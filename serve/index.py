@@ -148,7 +148,9 @@ class EmbeddingIndex:
         pids = {c: table.column(c).to_pylist() for c in PID_COLUMNS if c in table.column_names}
         fingerprint = None
         if ENCODER_COLUMN in table.column_names:
-            fingerprint = _one_encoder(p, table.column(ENCODER_COLUMN).unique().to_pylist())
+            fingerprint = _one_encoder(
+                p, sorted(_distinct(table, ENCODER_COLUMN), key=_nulls_first)
+            )
         models = table.column("model").unique().to_pylist() if "model" in table.column_names else []
         log.info("loaded index %s: %d embeddings of dim %d", p, n, matrix.shape[1])
         return cls(
@@ -158,24 +160,21 @@ class EmbeddingIndex:
             source=str(p),
             encoder_fingerprint=fingerprint,
             model=models[0] if len(models) == 1 else None,
-            pseudonym_key=_pseudonym_record(p, table, PSEUDONYM_KEY_COLUMN),
-            patient_identity=_pseudonym_record(p, table, PATIENT_IDENTITY_COLUMN),
+            pseudonym_key=_one_record(
+                p, PSEUDONYM_KEY_COLUMN, _distinct(table, PSEUDONYM_KEY_COLUMN)
+            ),
+            patient_identity=_one_record(
+                p, PATIENT_IDENTITY_COLUMN, _distinct(table, PATIENT_IDENTITY_COLUMN)
+            ),
         )
 
     @staticmethod
     def recorded_encoder(path: str | Path) -> str | None:
         """The encoder fingerprint an index records, reading that one column only (a start-up
         check on the driver must not load a whole archive's embeddings)."""
-        import pyarrow.parquet as pq
-
         p, files = _index_files(path)
-        seen: set[str | None] = set()
-        for f in files:
-            if ENCODER_COLUMN not in pq.read_schema(f).names:
-                seen.add(None)
-                continue
-            seen.update(pq.read_table(f, columns=[ENCODER_COLUMN]).column(0).unique().to_pylist())
-        return _one_encoder(p, sorted(seen, key=lambda s: s or ""))
+        seen = _distinct_in_files(files, (ENCODER_COLUMN,))[ENCODER_COLUMN]
+        return _one_encoder(p, sorted(seen, key=_nulls_first))
 
     def check_encoder(self, fingerprint: str | None) -> None:
         """Refuse an index embedded by another checkpoint than the served one.
@@ -206,22 +205,12 @@ class EmbeddingIndex:
         as :meth:`from_parquet` reads them (None: not recorded, or parts disagree), reading
         those two columns only: ``radjepa serve`` compares them with its key on the driver,
         where a whole archive's embeddings must not be loaded."""
-        import pyarrow.parquet as pq
-
-        _, files = _index_files(path)
-        columns = (PSEUDONYM_KEY_COLUMN, PATIENT_IDENTITY_COLUMN)
-        seen: dict[str, set[str | None]] = {c: set() for c in columns}
-        for f in files:
-            names = pq.read_schema(f).names
-            present = [c for c in columns if c in names]
-            table = pq.read_table(f, columns=present) if present else None
-            for c in columns:
-                if table is None or c not in present:
-                    seen[c].add(None)  # a part embedded before the record: nulls when loaded
-                else:
-                    seen[c].update(table.column(c).unique().to_pylist())
-        key, scheme = (next(iter(v)) if len(v) == 1 else None for v in seen.values())
-        return key, scheme
+        p, files = _index_files(path)
+        seen = _distinct_in_files(files, (PSEUDONYM_KEY_COLUMN, PATIENT_IDENTITY_COLUMN))
+        return (
+            _one_record(p, PSEUDONYM_KEY_COLUMN, seen[PSEUDONYM_KEY_COLUMN]),
+            _one_record(p, PATIENT_IDENTITY_COLUMN, seen[PATIENT_IDENTITY_COLUMN]),
+        )
 
     def rows_with_image_id(self, image_id: str) -> np.ndarray:
         """Rows holding the image whose original bytes hash to ``image_id`` (usually 0 or 1;
@@ -318,16 +307,39 @@ def upload_pseudonyms(
     return UploadPseudonyms("verified", scheme)
 
 
-def _pseudonym_record(p: Path, table: pa.Table, column: str) -> str | None:
+def _distinct(table: pa.Table, column: str) -> set[str | None]:
+    """The values rows record in ``column``; a table without it counts as one None (parts
+    embedded before the record existed: nulls once parts are concatenated)."""
+    if column not in table.column_names:
+        return {None}
+    return set(table.column(column).unique().to_pylist())
+
+
+def _distinct_in_files(files: list[Path], columns: tuple[str, ...]) -> dict[str, set[str | None]]:
+    """:func:`_distinct` over an index's files, reading only ``columns`` (start-up checks on
+    the driver must not load a whole archive's embeddings)."""
+    import pyarrow.parquet as pq
+
+    seen: dict[str, set[str | None]] = {c: set() for c in columns}
+    for f in files:
+        names = pq.read_schema(f).names
+        table = pq.read_table(f, columns=[c for c in columns if c in names])
+        for c in columns:
+            seen[c] |= _distinct(table, c)
+    return seen
+
+
+def _nulls_first(value: str | None) -> str:
+    return value or ""
+
+
+def _one_record(p: Path, column: str, seen: set[str | None]) -> str | None:
     """The one value an index records in ``column``; None when it has none, or when parts
     disagree (assembled from several embed runs): such pseudonyms cannot be vouched for."""
-    if column not in table.column_names:
-        return None
-    seen = table.column(column).unique().to_pylist()
     if len(seen) > 1:
         log.warning("%s: parts record %d different %s values: unknown", p, len(seen), column)
         return None
-    return seen[0] if seen else None
+    return next(iter(seen), None)
 
 
 def _rows_by_value(values: list[str | None]) -> dict[str, list[int]]:
