@@ -365,22 +365,33 @@ def footer_reader_actors(num_files: int) -> int:
     return max(1, min(_DEFAULT_FOOTER_ACTORS, -(-num_files // batch)))
 
 
-def read_parquet(paths: str | list[str], *, num_files: int, **kwargs: Any):
+# read_parquet sets the variable around one call: calls from two threads of one process must
+# not see each other's value, nor restore the other's
+_FOOTER_ACTORS_LOCK = threading.Lock()
+
+
+def read_parquet(
+    paths: str | list[str], *, num_files: int, columns: list[str] | None = None, **kwargs: Any
+):
     """``ray.data.read_parquet`` with the footer-reader pool sized to ``num_files`` (see
     :func:`footer_reader_actors`); a RAY_DATA_PARQUET_FOOTER_NUM_ACTORS the user set wins.
 
     Ray reads the variable once, when read_parquet builds the dataset's plan (in this process),
-    so it is set for that call only.
+    so it is set for that call only. ``columns`` is applied with ``select_columns``, which Ray
+    2.60 pushes down into the scan (``read_parquet(columns=)`` is deprecated there).
     """
     import ray.data
 
-    if _FOOTER_ACTORS in os.environ:
-        return ray.data.read_parquet(paths, **kwargs)
-    os.environ[_FOOTER_ACTORS] = str(footer_reader_actors(num_files))
-    try:
-        return ray.data.read_parquet(paths, **kwargs)
-    finally:
-        os.environ.pop(_FOOTER_ACTORS, None)
+    with _FOOTER_ACTORS_LOCK:
+        if _FOOTER_ACTORS in os.environ:
+            ds = ray.data.read_parquet(paths, **kwargs)
+        else:
+            os.environ[_FOOTER_ACTORS] = str(footer_reader_actors(num_files))
+            try:
+                ds = ray.data.read_parquet(paths, **kwargs)
+            finally:
+                os.environ.pop(_FOOTER_ACTORS, None)
+    return ds.select_columns(columns) if columns is not None else ds
 
 
 def cluster_has_gpus() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -273,7 +274,10 @@ def test_a_pass_over_the_shards_starts_a_footer_reader_per_batch_of_files(
         return op.file_indexer._num_actors  # Ray-private (pinned 2.60.0): the ListFiles op's
 
     cfg = _cfg(tmp_path)
-    assert readers(build_train_dataset(str(shards), cfg)) == 1
+    with warnings.catch_warnings():  # read_parquet(columns=) is deprecated in Ray 2.60
+        warnings.filterwarnings("error", message=".*columns=.*deprecated")
+        ds = build_train_dataset(str(shards), cfg)
+    assert readers(ds) == 1
     assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ  # set for the read only
     monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "3")  # the user's setting wins
     assert readers(build_train_dataset(str(shards), cfg)) == 3
