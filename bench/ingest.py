@@ -11,7 +11,8 @@ quarter JPEG 2000 Lossless). Nothing is downloaded. Both paths process the SAME 
 
 Prints ONE JSON line: both rates, their ratio, and bytes per stored image. Ray is joined as
 every entry point joins it (``pipelines.runtime.ensure_ray``): a RAY_ADDRESS that names no
-cluster it can join is one line on stderr and exit status 2.
+cluster it can join is one line on stderr and exit status 2, and so is one naming a running
+cluster: the figures are per core of this machine, from a corpus in its temporary folder.
 """
 
 from __future__ import annotations
@@ -112,13 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from pipelines.ingest import run_ingest
-    from pipelines.runtime import ClusterError, checked_ray_address, ensure_ray
+    from pipelines.runtime import ClusterError, ensure_ray, require_local_ray
     from radjepa.config import load_config
 
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="radjepa-bench-ingest-"))
     try:
-        checked_ray_address()  # a wrong RAY_ADDRESS is said before the corpus is built
+        # said before the corpus is built: a wrong RAY_ADDRESS, or a cluster
+        require_local_ray(
+            "bench/ingest.py measures ingest per core of this machine against a one-process "
+            "baseline on it, from a corpus in this machine's temporary folder that a cluster's "
+            "other nodes cannot read"
+        )
         src = work / "src"
         src.mkdir()
         paths = build_corpus(src, args.images, args.source_size)

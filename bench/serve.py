@@ -142,7 +142,7 @@ def _run(args: argparse.Namespace, levels: list[int], body: bytes, tmp: Path) ->
     import ray
     from ray import serve
 
-    from pipelines.runtime import ClusterError, checked_ray_address, ensure_ray
+    from pipelines.runtime import ClusterError, ensure_ray, require_local_ray
     from radjepa.config import load_config
     from serve.deployment import app_from_config
 
@@ -167,17 +167,11 @@ def _run(args: argparse.Namespace, levels: list[int], body: bytes, tmp: Path) ->
 
     # ours: Ray Serve with dynamic batching
     try:
-        address = checked_ray_address()
-        if address not in ("", "local"):
-            # on a shared cluster serve.run/serve.shutdown would replace and then stop the
-            # cluster's own Serve applications, and the loopback load would miss its proxy
-            print(
-                f"error: bench/serve.py measures Ray Serve on this machine against a local "
-                f"baseline; on the Ray cluster at {address} it would replace and shut down "
-                "that cluster's Serve applications. Unset RAY_ADDRESS to run it here.",
-                file=sys.stderr,
-            )
-            return 2
+        require_local_ray(
+            "bench/serve.py measures Ray Serve on this machine against a local baseline; on a "
+            "cluster, serve.run and serve.shutdown would replace and then stop that cluster's "
+            "Serve applications"
+        )
         ensure_ray(local_cpus=os.cpu_count() or 1, log_to_driver=False)
     except ClusterError as err:  # the user's to fix: one line and exit 2, like `radjepa`
         print(f"error: {err}", file=sys.stderr)

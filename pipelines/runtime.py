@@ -304,6 +304,20 @@ def checked_ray_address() -> str:
     return address
 
 
+def require_local_ray(why: str) -> None:
+    """Refuse a RAY_ADDRESS naming a cluster (:class:`ClusterError`) for an entry point that
+    measures this machine: a benchmark's figures are per core of this machine and its files lie
+    in this machine's temporary folder, so joining a cluster gives wrong figures or disturbs
+    it. ``why`` says what the entry point measures and what a cluster would do to it. An
+    address that cannot be joined is refused as :func:`checked_ray_address` refuses it."""
+    address = checked_ray_address()
+    if address not in ("", "local"):
+        raise ClusterError(
+            f"{why}; RAY_ADDRESS names the Ray cluster at {address}. Unset RAY_ADDRESS to run "
+            "it here."
+        )
+
+
 def ensure_ray(
     min_logical_cpus: int = 4, *, local_cpus: int | None = None, log_to_driver: bool = True
 ) -> None:

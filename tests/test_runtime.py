@@ -131,11 +131,20 @@ def test_an_unreachable_cluster_fails_without_waiting_in_one_line(
         assert not [p.name for p in tmp_path.glob("*bench*")]
 
 
-def test_the_serve_bench_refuses_a_running_cluster_it_would_disturb(
-    ray_session, tmp_path: Path, nih_dir: Path
+@pytest.mark.parametrize(
+    ("bench", "says"),
+    [
+        # through ensure_ray the bench joined whatever RAY_ADDRESS named, where its serve.run
+        # and serve.shutdown replace and then stop that cluster's own Serve applications
+        ("bench serve", "bench/serve.py measures Ray Serve on this machine"),
+        # it divided the cluster's throughput by this machine's cores, and a cluster's other
+        # nodes cannot read its corpus in this machine's temporary folder
+        ("bench ingest", "bench/ingest.py measures ingest per core of this machine"),
+    ],
+)
+def test_a_bench_refuses_a_running_cluster(
+    bench: str, says: str, ray_session, tmp_path: Path, nih_dir: Path
 ) -> None:
-    # through ensure_ray the bench joined whatever RAY_ADDRESS named, where its serve.run and
-    # serve.shutdown replace and then stop that cluster's own Serve applications
     address = ray_session.get_runtime_context().gcs_address
     env = {
         **os.environ,
@@ -144,7 +153,7 @@ def test_the_serve_bench_refuses_a_running_cluster_it_would_disturb(
         "TMPDIR": str(tmp_path),
     }
     res = subprocess.run(
-        [sys.executable, "bench/serve.py", "--requests", "2", "--concurrency", "1"],
+        [sys.executable, *_command(bench, tmp_path, shards=tmp_path)],  # reads no shards
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -154,7 +163,7 @@ def test_the_serve_bench_refuses_a_running_cluster_it_would_disturb(
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stdout == ""
     last = res.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: bench/serve.py measures Ray Serve on this machine")
+    assert last.startswith(f"error: {says}")
     assert address in last and "Unset RAY_ADDRESS" in last
     assert not [p.name for p in tmp_path.glob("*bench*")]
 
