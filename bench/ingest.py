@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from pipelines.cluster_address import require_local_ray
     from pipelines.ingest import run_ingest
-    from pipelines.runtime import ClusterError, ensure_ray, require_local_ray
+    from pipelines.runtime import ClusterError, ensure_ray
     from radjepa.config import load_config
 
     cores = os.cpu_count() or 1

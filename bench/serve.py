@@ -142,7 +142,8 @@ def _run(args: argparse.Namespace, levels: list[int], body: bytes, tmp: Path) ->
     import ray
     from ray import serve
 
-    from pipelines.runtime import ClusterError, ensure_ray, require_local_ray
+    from pipelines.cluster_address import require_local_ray
+    from pipelines.runtime import ClusterError, ensure_ray
     from radjepa.config import load_config
     from serve.deployment import app_from_config
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.runtime import ClusterConnectionError, check_cluster_address
+from pipelines.cluster_address import ClusterConnectionError, check_cluster_address
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND_TIMEOUT_S = 120
@@ -321,7 +321,7 @@ with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
     fcntl.ioctl(s, 0x8914, struct.pack("16sH22x", b"lo", 0x1 | 0x8 | 0x40))
 dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 dns.bind(("127.0.0.1", 53))  # what resolv.conf names: it reads nothing and answers nothing
-from pipelines.runtime import ClusterConnectionError, check_cluster_address
+from pipelines.cluster_address import ClusterConnectionError, check_cluster_address
 try:
     check_cluster_address(sys.argv[1], timeout_s=1)
 except ClusterConnectionError as err:
@@ -458,7 +458,7 @@ def test_auto_uses_this_machines_token_as_ray_init_does(
         "import sys\n"
         "from ray._private import services\n"
         f"services.get_ray_address_from_environment = lambda *a: '127.0.0.1:{port}'\n"
-        "from pipelines.runtime import ClusterConnectionError, check_cluster_address\n"
+        "from pipelines.cluster_address import ClusterConnectionError, check_cluster_address\n"
         "try:\n"
         "    check_cluster_address(sys.argv[1], timeout_s=5)\n"
         "except ClusterConnectionError as err:\n"
