@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "CheckpointVersionError",
     "Checkpoint",
     "build_encoder",
     "save",
@@ -83,6 +84,13 @@ _RESERVED = {"format_version", "step", "config", "model", "value_contract", "par
 
 class CheckpointError(ValueError):
     """A checkpoint folder that is missing, malformed or does not match the model."""
+
+
+class CheckpointVersionError(CheckpointError):
+    """A whole checkpoint that another version of radjepa wrote and this one cannot read (its
+    format version, or a config this version's schema refuses). Unlike a damaged checkpoint it
+    must not be skipped on resume: an older checkpoint beside it would silently lose its steps.
+    """
 
 
 @dataclass
@@ -275,10 +283,14 @@ def _checked_meta(text: str, where: object) -> dict[str, Any]:
     except ValueError as err:
         raise CheckpointError(f"{where}/{META}: not valid JSON: {err}") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{where}: checkpoint format_version {version!r}, this code reads {FORMAT_VERSION}"
+    if isinstance(version, int) and not isinstance(version, bool) and version != FORMAT_VERSION:
+        newer = "a newer" if version > FORMAT_VERSION else "an older"
+        raise CheckpointVersionError(
+            f"{where}: checkpoint format_version {version} was written by {newer} version of "
+            f"radjepa; this version reads format_version {FORMAT_VERSION}"
         )
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{where}/{META}: no valid format_version ({version!r})")
     if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("step"), int):
         raise CheckpointError(f"{where}/{META}: no config or step in the checkpoint metadata")
     return meta
@@ -423,7 +435,7 @@ def _validated_config(p: Path, data: dict[str, Any]) -> Config:
         problems = err.errors()
         unknown = [e["loc"] for e in problems if e["type"] == "extra_forbidden"]
         if len(unknown) != len(problems) or any(loc[0] == "model" for loc in unknown):
-            raise CheckpointError(
+            raise CheckpointVersionError(
                 f"{p}: its config does not fit this version of radjepa: {err}"
             ) from None
     cleaned = json.loads(json.dumps(data))

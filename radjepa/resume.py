@@ -82,12 +82,19 @@ def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
     """The newest checkpoint of ``run_dir`` that reads cleanly, checked against ``cfg``. A
     damaged one (a disk that filled up, an upload cut short) otherwise failed every retry and
     every re-run although an intact older checkpoint lay beside it. None for a new run."""
-    from radjepa.checkpoint import CheckpointError, check_resumable
+    from radjepa.checkpoint import CheckpointError, CheckpointVersionError, check_resumable
 
     damaged: list[str] = []
     for name, location in checkpoint_dirs(run_dir):
         try:
             step, saved = check_resumable(location)
+        except CheckpointVersionError as err:
+            # whole, but not this version's to read: an older checkpoint would drop its steps
+            raise ResumeError(
+                f"{_first_line(str(err))}: resume run {run_dir} with the radjepa version that "
+                "wrote it (continuing from an earlier checkpoint would discard its steps), or "
+                "choose another train.run_name"
+            ) from None
         except CheckpointError as err:
             log.warning("checkpoint %s is damaged, skipping it: %s", location, err)
             damaged.append(name)
@@ -179,3 +186,7 @@ def check_resume_workers(resume: ResumePoint, cfg: Config) -> None:
         now,
         was,
     )
+
+
+def _first_line(message: str) -> str:
+    return (message.strip().splitlines() or [""])[0]

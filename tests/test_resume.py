@@ -3,6 +3,7 @@ newest checkpoint that reads cleanly, and only with a config the checkpoint can 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -67,6 +68,30 @@ def test_no_readable_checkpoint_is_one_line_naming_them(run_dir):
     with pytest.raises(ResumeError, match="no checkpoint of .* can be read") as err:
         find_resume_point(_cfg(), str(run_dir))
     assert "\n" not in str(err.value) and "10-05-00" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        # a newer radjepa's checkpoint format (e.g. a cluster image rolled back mid-run)
+        (lambda meta: meta.update(format_version=2), "written by a newer version of radjepa"),
+        # a config key this version's model schema does not have
+        (lambda meta: meta["config"]["model"].update(gated_mlp=True), "does not fit this version"),
+    ],
+    ids=["newer format", "unknown model key"],
+)
+def test_a_checkpoint_of_another_version_is_not_skipped_as_damaged(run_dir, edit, says):
+    # it was treated as damaged and skipped: the re-run went on from the checkpoint before it,
+    # silently dropping the newer one's steps (and when none was older, advised deleting them)
+    latest = run_dir / "checkpoint_2026-01-01_10-05-00.000001"
+    meta = json.loads((latest / "meta.json").read_text())
+    edit(meta)
+    (latest / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ResumeError, match=says) as err:
+        find_resume_point(_cfg(), str(run_dir))
+    message = str(err.value)
+    assert "\n" not in message and latest.name in message and "delete" not in message
+    assert "with the radjepa version that wrote it" in message
 
 
 def test_another_model_is_refused_in_one_line(run_dir):
