@@ -140,6 +140,68 @@ def test_padding_range_limit() -> None:
     assert (out[:8] == 0).all() and out[8:].max() == 255
 
 
+def _with_lut(data: bytes, keyword: str, table: np.ndarray, first: int, vr: str) -> bytes:
+    """``data`` with a one-item Modality or VOI LUT Sequence whose LUT Descriptor's
+    first-mapped value is written as ``first`` with VR ``vr``."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    item = Dataset()
+    item.LUTDescriptor = [len(table), first, 16]
+    item["LUTDescriptor"].VR = vr
+    item.LUTData = np.asarray(table, dtype="<u2").tobytes()
+    item["LUTData"].VR = "OW"
+    if keyword == "ModalityLUTSequence":
+        item.ModalityLUTType = "US"
+    setattr(ds, keyword, Sequence([item]))
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "signed_voi_us",
+        "signed_voi_ss",
+        "rescaled_voi_us",
+        "unsigned_voi_high",
+        "signed_modality_us",
+    ],
+)
+def test_lut_first_mapped_value_is_read_in_the_input_domain(case: str) -> None:
+    """A LUT Descriptor's first-mapped value is US or SS by the sign of the LUT's input, and
+    writers often encode a negative one as US (-2048 as 63488). Taken as written, every pixel
+    fell below it: the VOI cases decoded to an all-black image and the signed Modality LUT to
+    decode_error (OverflowError). An unsigned input keeps a first value of 32768 as it is."""
+    sqrt = np.rint(65535 * np.sqrt(np.arange(4096) / 4095)).astype(np.int64)
+    unsigned = gradient(N, N, bits=12, seed=5)
+    signed = (unsigned.astype(np.int32) - 2048).astype(np.int16)  # -2048..2047
+    if case.startswith("signed_voi"):
+        first, vr = (63488, "US") if case.endswith("_us") else (-2048, "SS")
+        base = make_dicom(signed, bits=12, signed=True)
+        data = _with_lut(base, "VOILUTSequence", sqrt, first, vr)
+        expected = sqrt[signed.astype(np.int64) + 2048] / 65535.0
+    elif case == "rescaled_voi_us":  # unsigned pixels, but the rescale output is signed
+        base = make_dicom(unsigned, bits=12, rescale=(1.0, -2048.0))
+        data = _with_lut(base, "VOILUTSequence", sqrt, 63488, "US")
+        expected = sqrt[unsigned] / 65535.0
+    elif case == "unsigned_voi_high":  # a LUT over the upper half of an unsigned 16-bit range
+        px = gradient(N, N, bits=16, seed=5)
+        upper = np.rint(65535 * np.sqrt(np.arange(32768) / 32767)).astype(np.int64)
+        data = _with_lut(make_dicom(px, bits=16), "VOILUTSequence", upper, 32768, "US")
+        expected = upper[np.clip(px.astype(np.int64) - 32768, 0, 32767)] / 65535.0
+    else:  # a reversing Modality LUT over signed stored values
+        table = np.arange(4096)[::-1]
+        base = make_dicom(signed, bits=12, signed=True)
+        data = _with_lut(base, "ModalityLUTSequence", table, 63488, "US")
+        expected = percentile_display(table[signed.astype(np.int64) + 2048].astype(np.float64))
+    out = decode(data).pixels
+    assert np.abs(out.astype(int) - stored(expected).astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize(
     "syntax",
     [RLELossless, JPEG2000Lossless, ExplicitVRBigEndian, ImplicitVRLittleEndian, "deflate", "raw"],

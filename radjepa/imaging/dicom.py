@@ -255,17 +255,59 @@ def _window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return None
 
 
-def _voi_sequence(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+def _us_or_ss(value: int, vr: str, signed: bool) -> int:
+    """A 'US or SS' value read from the file, in the domain of the values it describes.
+
+    Its VR follows the sign of those values (PS3.3 C.11.1 and C.11.2: the LUT Descriptor's
+    first-mapped value), but explicit-VR writers often encode a negative one as US (-2048 as
+    63488), which pydicom keeps as written. For a signed domain a US value of 32768 or more is
+    that negative number; for an unsigned domain it is the value it says (a LUT may start at
+    40000 of a 16-bit range).
+    """
+    if signed and vr == "US" and value >= 32768:
+        return value - 65536
+    return value
+
+
+def _lut(ds: Dataset, keyword: str, signed_input: bool) -> tuple[int, np.ndarray]:
+    """(first input value mapped, entries) of the first item of a Modality or VOI LUT Sequence.
+
+    pydicom's ``apply_*`` functions decode the LUT Data (US or OW, either byte order), but map
+    with the first-mapped value as written, so a negative one written as US sends every pixel
+    to the first entry (a black image, or an OverflowError for signed pixels). The table is
+    read back through them entry by entry and the first-mapped value is settled here.
+    """
+    item = ds[keyword][0]
+    entries, written = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
+    apply = apply_voi if keyword == "VOILUTSequence" else apply_modality_lut
+    table = apply(np.arange(written, written + entries, dtype=np.int64), ds)
+    return _us_or_ss(written, item["LUTDescriptor"].VR, signed_input), table
+
+
+def _map_lut(values: np.ndarray, first: int, table: np.ndarray) -> np.ndarray:
+    """``table`` applied to integer ``values``: below ``first`` -> the first entry, past the end
+    -> the last (PS3.3 C.11.1, C.11.2)."""
+    work = np.int32 if values.dtype.itemsize <= 2 else np.int64  # stored 16-bit: 4 B/pixel
+    index = np.clip(values.astype(work) - work(first), 0, len(table) - 1)
+    return table[index]
+
+
+def _modality(stored: np.ndarray, ds: Dataset, signed: bool) -> np.ndarray:
+    """Modality LUT Sequence (its input is the stored value, signed by Pixel Representation),
+    else rescale slope/intercept, else the stored values unchanged."""
+    if not ds.get("ModalityLUTSequence"):
+        return apply_modality_lut(stored, ds)
+    first, table = _lut(ds, "ModalityLUTSequence", signed)
+    return _map_lut(stored, first, table)
+
+
+def _voi_sequence(values: np.ndarray, ds: Dataset, signed_input: bool) -> np.ndarray | None:
     """VOI LUT Sequence onto [0, 1], scaled by the LUT's own output range."""
     if not ds.get("VOILUTSequence"):
         return None
-    item = ds.VOILUTSequence[0]
-    entries, first = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
-    if first >= 32768 and item["LUTDescriptor"].VR == "US":
-        first -= 65536  # first-mapped value is signed when pixel representation is signed
-    lut_out = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds).astype(np.float64)
-    lo, hi = float(lut_out.min()), float(lut_out.max())
-    mapped = apply_voi(np.rint(values).astype(np.int64), ds).astype(np.float64)
+    first, table = _lut(ds, "VOILUTSequence", signed_input)
+    lo, hi = float(table.min()), float(table.max())
+    mapped = _map_lut(np.rint(values).astype(np.int64), first, table).astype(np.float64)
     return (mapped - lo) / (hi - lo) if hi > lo else np.zeros_like(mapped)
 
 
@@ -328,8 +370,12 @@ def dicom_display(ds: Dataset, window_percentiles: tuple[float, float]) -> np.nd
             f"photometric {_quoted(photometric, PHOTOMETRICS)} with 1 sample",
         )
     mask = _padding_mask(stored, ds)
-    values = apply_modality_lut(stored, ds).astype(np.float32, copy=False)  # ample for 16-bit
-    display = _voi_sequence(values, ds)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    values = _modality(stored, ds, signed).astype(np.float32, copy=False)  # ample for 16-bit
+    # the VOI LUT's input is the modality output: signed pixels passed on unchanged or
+    # rescaled, or any rescale that went below zero
+    voi_signed = (signed and not ds.get("ModalityLUTSequence")) or float(values.min()) < 0
+    display = _voi_sequence(values, ds, voi_signed)
     if display is None:
         display = _window(values, ds)
     if display is None:
