@@ -140,6 +140,32 @@ def test_padding_range_limit() -> None:
     assert (out[:8] == 0).all() and out[8:].max() == 255
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("limit", [None, 63500])
+def test_signed_padding_written_as_us_is_still_padding(photometric: str, limit) -> None:
+    """Pixel Padding Value (and Range Limit) are US or SS by Pixel Representation; a signed
+    -2048 written as US 63488 matched no pixel, so the padding entered the window and showed
+    white under MONOCHROME1."""
+    import pydicom
+
+    px = (gradient(N, N, bits=12).astype(np.int32) // 2 - 1000).astype(np.int16)
+    px[:, :8] = -2048 if limit is None else np.arange(-2048, -2040)  # collimator padding
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(px, bits=12, signed=True, photometric=photometric)))
+    ds.PixelPaddingValue = 63488  # -2048 as an unsigned 16-bit pattern
+    ds["PixelPaddingValue"].VR = "US"
+    if limit is not None:
+        ds.PixelPaddingRangeLimit = limit  # -2036
+        ds["PixelPaddingRangeLimit"].VR = "US"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    out = decode(buf.getvalue()).pixels
+    assert (out[:, :8] == 0).all()
+    interior = percentile_display(px[:, 8:].astype(np.float64))
+    if photometric == "MONOCHROME1":
+        interior = 1 - interior
+    assert np.abs(out[:, 8:].astype(int) - stored(interior).astype(int)).max() <= 1
+
+
 def _with_lut(data: bytes, keyword: str, table: np.ndarray, first: int, vr: str) -> bytes:
     """``data`` with a one-item Modality or VOI LUT Sequence whose LUT Descriptor's
     first-mapped value is written as ``first`` with VR ``vr``."""

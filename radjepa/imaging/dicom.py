@@ -217,14 +217,21 @@ def _check_single_image(ds: Dataset) -> UID:
 
 
 def _padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Where the stored values are Pixel Padding Value (up to Pixel Padding Range Limit).
+
+    Both are stored values, US or SS by Pixel Representation like the LUT first-mapped value
+    (:func:`_us_or_ss`): a signed padding of -2048 written as US 63488 still matches.
+    """
     pad = ds.get("PixelPaddingValue")
     if pad is None:
         return None
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
     try:
-        lo = hi = int(pad)
+        lo = hi = _us_or_ss(int(pad), ds["PixelPaddingValue"].VR, signed)
         limit = ds.get("PixelPaddingRangeLimit")
         if limit is not None:
-            lo, hi = min(lo, int(limit)), max(lo, int(limit))
+            limit = _us_or_ss(int(limit), ds["PixelPaddingRangeLimit"].VR, signed)
+            lo, hi = min(lo, limit), max(lo, limit)
     except (TypeError, ValueError):
         return None
     mask = (stored >= lo) & (stored <= hi)
