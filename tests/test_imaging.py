@@ -506,6 +506,37 @@ def test_messages_quote_only_standard_codes() -> None:
     assert "'YBR_FULL'" in err.value.message
 
 
+@pytest.mark.parametrize(
+    ("syntax", "encapsulated"),
+    [
+        ("1.2.840.113619.5.2", False),  # GE private Implicit VR Big Endian (DLX)
+        ("1.3.46.670589.33.1.4.1", True),  # Philips private JPEG
+        ("1.2.840.10008.1.2.8.1", True),  # Deflated Image Frame Compression: newer than pydicom
+    ],
+)
+def test_unknown_transfer_syntax_is_unsupported_not_malformed(syntax: str, encapsulated: bool):
+    """A well-formed file in a transfer syntax pydicom does not know was quarantined as
+    decode_error "malformed dicom (ValueError)": UID.is_compressed raises on such a UID."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    # pydicom refuses to write an unknown standard syntax: write a private stand-in of the
+    # same length and put the real UID into the bytes
+    stand_in = syntax.replace("1.2.840.10008.", "1.2.840.99999.")
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(gradient(N, N))))
+    ds.file_meta.TransferSyntaxUID = stand_in
+    if encapsulated:
+        ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0" + bytes(60)])
+        ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    data = buf.getvalue().replace(stand_in.encode(), syntax.encode())  # same length
+    with pytest.raises(ImageRejected) as err:
+        decode(data)
+    assert err.value.reason == "unsupported_transfer_syntax"
+    assert "<non-standard value>" in err.value.message
+
+
 def test_native_ybr_full_422_is_not_called_truncated() -> None:
     import pydicom
 

@@ -187,6 +187,13 @@ def _check_single_image(ds: Dataset) -> UID:
             f"photometric {_quoted(photometric, PHOTOMETRICS)} with {samples} sample(s)",
         )
     ts = UID(ds.file_meta.TransferSyntaxUID)
+    if not ts.is_transfer_syntax:
+        # a vendor's private syntax, or a standard one newer than pydicom: how its pixels are
+        # encoded is unknown here (and UID.is_compressed raises on it)
+        raise ImageRejected(
+            "unsupported_transfer_syntax",
+            f"transfer syntax {_quoted_syntax(ts)} is not one pydicom can decode",
+        )
     elem = ds["PixelData"]
     if ts.is_compressed or elem.is_undefined_length:
         if not ts.is_compressed:
