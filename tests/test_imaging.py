@@ -371,6 +371,20 @@ REJECTIONS = {
 }
 
 
+@pytest.mark.parametrize(
+    "key", ["BitsStored", "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation"]
+)
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless])
+def test_missing_pixel_module_attribute_is_named(key: str, syntax: str) -> None:
+    """pydicom needs these Type 1 attributes to decode; without one the file was quarantined
+    as decode_error "pixel data could not be decoded (AttributeError ...)"."""
+    data = make_dicom(gradient(N, N), transfer_syntax=syntax, drop=(key,))
+    with pytest.raises(ImageRejected) as err:
+        decode(data)
+    assert err.value.reason == "missing_attribute"
+    assert key in err.value.message
+
+
 def test_every_reason_has_a_case() -> None:
     assert set(REJECTIONS) == set(REASONS)
 

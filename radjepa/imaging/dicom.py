@@ -48,6 +48,15 @@ _PERCENTILE_SAMPLE = 1_000_000  # pixels; the window is estimated on a strided s
 # 16 bits) plus generous room for the other elements. Deflate reaches ~1000:1, so the file-size
 # limit alone would let a 512 MB file claim half a terabyte.
 _MAX_INFLATED = MAX_PIXELS * 3 * 2 + (64 << 20)
+_REQUIRED = (
+    "Rows",
+    "Columns",
+    "BitsAllocated",
+    "BitsStored",
+    "PixelRepresentation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+)
 # Codec plugins written in Rust raise pyo3's PanicException, a BaseException, on corrupt
 # streams; those are bad input too. Only these genuinely fatal signals propagate.
 _FATAL = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError)
@@ -165,7 +174,9 @@ def _check_single_image(ds: Dataset) -> UID:
             if other
             else "the DICOM holds no Pixel Data element",
         )
-    for key in ("Rows", "Columns", "BitsAllocated"):
+    # Type 1 in the Image Pixel Module, and pydicom's decoders read every one of them: a
+    # missing one is named here rather than surfacing as an AttributeError from the decoder
+    for key in _REQUIRED:
         if ds.get(key) in (None, ""):
             raise ImageRejected("missing_attribute", f"required attribute {key} is missing")
     frames = int(ds.get("NumberOfFrames") or 1)
