@@ -385,6 +385,21 @@ def test_missing_pixel_module_attribute_is_named(key: str, syntax: str) -> None:
     assert key in err.value.message
 
 
+def test_empty_pixel_data_is_no_pixel_data() -> None:
+    """A zero-length Pixel Data element reads as None: len(None) made it decode_error
+    "malformed dicom (TypeError)"."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(gradient(N, N))))
+    ds.PixelData = b""
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(ImageRejected) as err:
+        decode(buf.getvalue())
+    assert err.value.reason == "no_pixel_data"
+    assert "empty" in err.value.message
+
+
 def test_every_reason_has_a_case() -> None:
     assert set(REJECTIONS) == set(REASONS)
 

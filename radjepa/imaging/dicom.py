@@ -174,6 +174,8 @@ def _check_single_image(ds: Dataset) -> UID:
             if other
             else "the DICOM holds no Pixel Data element",
         )
+    if ds["PixelData"].is_empty:  # zero length (a stripped export): its value is None
+        raise ImageRejected("no_pixel_data", "the Pixel Data element is empty")
     # Type 1 in the Image Pixel Module, and pydicom's decoders read every one of them: a
     # missing one is named here rather than surfacing as an AttributeError from the decoder
     for key in _REQUIRED:
