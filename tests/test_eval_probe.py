@@ -152,3 +152,20 @@ def test_retrieval_excludes_same_patient():
     assert 0.2 < knn_auroc(feats, y, groups, k=5) < 0.8
     with pytest.raises(ValueError, match="both classes"):
         knn_auroc(feats, np.zeros_like(y), groups, k=5)
+
+
+def test_non_finite_features_are_refused_not_scored():
+    """A diverged encoder embeds some images to NaN. kNN gave such a query no neighbours
+    (score 0, still counted in the AUROC) and precision@k dropped it silently; the linear
+    probe failed inside scikit-learn with advice about imputers."""
+    x, y, groups = _world()
+    x[3] = np.nan
+    x[7, 2] = np.inf
+    with pytest.raises(ValueError, match="2 of 180 feature vectors contain NaN or inf"):
+        knn_auroc(x, y, groups, k=5)
+    with pytest.raises(ValueError, match="2 of 180 feature vectors contain NaN or inf"):
+        precision_at_k(x, y, groups, k=5)
+    with pytest.raises(ValueError, match="2 of 180 feature vectors contain NaN or inf"):
+        cross_val_probe(x, y, groups, label_names=["y"], bootstrap=0)
+    with pytest.raises(ValueError, match="2 of 180 feature vectors contain NaN or inf"):
+        fit_head(x, y, label_names=["y"])

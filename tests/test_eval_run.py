@@ -310,6 +310,26 @@ def test_cli_refuses_a_single_patient_set_in_one_line(tmp_path, checkpoint, nih_
     assert not (tmp_path / "out" / "report.json").exists()
 
 
+def test_cli_refuses_a_diverged_checkpoint_in_one_line(tmp_path, tiny_cfg, nih_dir):
+    """NaN weights (a run that diverged between loss checks) ended in a scikit-learn traceback
+    ("Input X contains NaN ... consider HistGradientBoostingClassifier")."""
+    import torch
+
+    from pipelines.cli import UserError, probe_cmd
+    from radjepa.checkpoint import save_checkpoint
+    from radjepa.engine import Pretrainer
+
+    trainer = Pretrainer(tiny_cfg, "cpu")
+    with torch.no_grad():
+        next(trainer.model.target_encoder.parameters()).fill_(float("nan"))
+    ckpt = save_checkpoint(tmp_path / "step-9", trainer)
+    with pytest.raises(UserError, match="NaN/inf features .*probe an earlier checkpoint"):
+        probe_cmd(
+            ckpt, ["view=AP"], tmp_path / "out", csv=nih_dir / "labels.csv", mlflow=False, limit=20
+        )
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
 def test_probe_decodes_images_as_serving_does_for_the_checkpoint(tmp_path, nih_dir, seg_csv):
     """A checkpoint trained on 128 px uint16 shards with a [2, 98] window, probed without
     --config: the head and the Dice must come from the pixels serving feeds this encoder."""

@@ -31,6 +31,7 @@ __all__ = [
     "load_shard_dataset",
     "patient_ids",
     "extract_features",
+    "require_finite",
     "resolve_device",
 ]
 
@@ -248,6 +249,20 @@ def load_shard_dataset(
     ids = [r["image_id"] for r in rows]
     groups = [(r[group_col] or i) if group_col else i for r, i in zip(rows, ids, strict=True)]
     return Dataset(images, labels, names, positive, np.array(groups), ids)
+
+
+def require_finite(features: np.ndarray) -> np.ndarray:
+    """``features`` [N, D] as float64, or ValueError saying how many rows hold NaN/inf.
+
+    A diverged checkpoint embeds to NaN. Unchecked, scikit-learn fails with advice about
+    imputers, and kNN retrieval silently gives a NaN query no neighbours (a kNN score of 0)
+    and drops it from precision@k: numbers from a subset nobody chose.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    bad = int((~np.isfinite(x).reshape(len(x), -1).all(axis=1)).sum())
+    if bad:
+        raise ValueError(f"{bad} of {len(x)} feature vectors contain NaN or inf")
+    return x
 
 
 def resolve_device(device: str | None = None) -> Any:

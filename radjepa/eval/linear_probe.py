@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from radjepa.eval.features import require_finite
 from radjepa.eval.heads import ProbeHead
 from radjepa.eval.metrics import Interval, bootstrap_ci
 
@@ -142,7 +143,7 @@ def cross_val_probe(
     ``labels`` is [N] or [N, L] of 0/1. A label that cannot be probed (one class, too few
     patients) is reported with ``skipped`` and NaN scores instead of failing the run.
     """
-    x = np.asarray(features, dtype=np.float64)
+    x = require_finite(features)
     y_all = np.asarray(labels)
     if y_all.ndim == 1:
         y_all = y_all[:, None]
@@ -199,7 +200,7 @@ def fit_head(
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    x = np.asarray(features, dtype=np.float64)
+    x = require_finite(features)
     y_all = np.asarray(labels)
     if y_all.ndim == 1:
         y_all = y_all[:, None]

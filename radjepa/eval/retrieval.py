@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from radjepa.eval.features import require_finite
 from radjepa.eval.metrics import auroc
 
 __all__ = ["neighbours", "precision_at_k", "knn_auroc"]
@@ -17,7 +18,7 @@ def neighbours(
     features: np.ndarray, groups: np.ndarray, k: int, *, chunk: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices [N, k] and validity mask [N, k] of each image's k nearest other-patient images."""
-    f = np.asarray(features, dtype=np.float32)
+    f = require_finite(features).astype(np.float32)
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
     g = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
     n = len(f)

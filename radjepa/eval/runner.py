@@ -25,6 +25,7 @@ from radjepa.eval.features import (
     extract_features,
     load_csv_dataset,
     load_shard_dataset,
+    require_finite,
     resolve_device,
 )
 from radjepa.eval.heads import checkpoint_fingerprint, save_head
@@ -147,7 +148,7 @@ def run_probe(
     one mask column per name in ``structures``) a segmentation probe runs on the encoder and
     on the random-init baseline, and the report gains held-out Dice per structure.
     """
-    from radjepa.checkpoint import load_encoder, read_meta
+    from radjepa.checkpoint import CheckpointError, load_encoder, read_meta
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -206,9 +207,17 @@ def run_probe(
     def embed(enc: Any) -> np.ndarray:
         return extract_features(enc, ds.images, batch_size=p.batch_size, device=dev)
 
+    ours = embed(encoder)
+    try:
+        require_finite(ours)
+    except ValueError as err:  # the baselines are finite by construction: the weights are not
+        raise CheckpointError(
+            f"{checkpoint}: the {p.encoder} encoder gives NaN/inf features ({err}); the "
+            "run that wrote it has likely diverged: probe an earlier checkpoint"
+        ) from None
     random_encoder = random_init_encoder(enc_cfg, seed=p.seed)
     feature_sets = {
-        "ours": embed(encoder),
+        "ours": ours,
         "random_init": embed(random_encoder),
         "pixels": pixel_features(ds.images, p.pixel_baseline_size),
     }
