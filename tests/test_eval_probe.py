@@ -169,3 +169,34 @@ def test_non_finite_features_are_refused_not_scored():
         cross_val_probe(x, y, groups, label_names=["y"], bootstrap=0)
     with pytest.raises(ValueError, match="2 of 180 feature vectors contain NaN or inf"):
         fit_head(x, y, label_names=["y"])
+
+
+def test_knn_auroc_refuses_a_class_held_by_one_patient():
+    """With one positive patient, excluding its own images leaves its queries no positive
+    neighbour: they scored 0, below every negative, so even perfect features gave <= 0.5."""
+    x, y, groups = _world()
+    y = (groups == "p1").astype(int)
+    x[:, 0] = 10.0 * y  # perfectly separable
+    with pytest.raises(ValueError, match="each class in at least 2 patients"):
+        knn_auroc(x, y, groups, k=5)
+
+
+def test_labels_the_probe_skips_get_no_retrieval_numbers():
+    """precision@k of a one-class label was reported (and logged to MLflow) as a perfect 1.0
+    beside "Not probed"; kNN AUROC of a one-patient class as a number <= 0.5."""
+    from radjepa.config import load_config
+    from radjepa.eval.features import Dataset
+    from radjepa.eval.report import flat_metrics
+    from radjepa.eval.runner import probe_features
+
+    x, y, groups = _world()
+    labels = np.stack([y, np.zeros_like(y), (groups == "p1").astype(int)], 1).astype(np.int8)
+    names = ["ok", "none", "rare"]
+    ds = Dataset(np.zeros((len(y), 2, 2), np.uint8), labels, names, [None] * 3, groups, [])
+    cfg = load_config(None, ["probe.bootstrap=0", "probe.knn_k=5"])
+    summary, _ = probe_features(x, ds, cfg)
+    assert summary["precision_at_k"]["ok"] > 0.5 and summary["knn_auroc"]["ok"] > 0.5
+    for name in ("none", "rare"):
+        assert summary["precision_at_k"][name] is None and summary["knn_auroc"][name] is None
+    logged = flat_metrics({"methods": {"ours": summary}})
+    assert not [k for k in logged if "/none/" in k or "/rare/" in k]

@@ -11,7 +11,7 @@ import numpy as np
 from radjepa.eval.features import require_finite
 from radjepa.eval.metrics import auroc
 
-__all__ = ["neighbours", "precision_at_k", "knn_auroc"]
+__all__ = ["neighbours", "retrieval_ok", "precision_at_k", "knn_auroc"]
 
 
 def neighbours(
@@ -37,6 +37,18 @@ def neighbours(
     return idx, valid
 
 
+def retrieval_ok(labels: np.ndarray, groups: np.ndarray) -> bool:
+    """Whether both classes occur in at least 2 patients each, as the linear probe requires.
+
+    Below that, retrieval numbers exist but measure nothing: precision@k of a one-class label
+    is 1 for any features, and a class held by one patient never finds itself among
+    other-patient neighbours.
+    """
+    y = np.asarray(labels)
+    g = np.asarray(groups).astype(str)
+    return all(len(np.unique(g[y == c])) >= 2 for c in (0, 1))
+
+
 def precision_at_k(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int) -> float:
     """Mean share of a query's k neighbours (other patients) that carry the query's label value."""
     y = np.asarray(labels)
@@ -53,13 +65,17 @@ def knn_auroc(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: i
     """AUROC of a leave-one-patient-out kNN classifier (score = positive share of neighbours).
 
     Label-light and fit-free, so a sweep can rank trials by it cheaply. Needs 0/1 labels with
-    both classes present.
+    each class in at least 2 patients: a class held by one patient has no same-class
+    neighbour left once that patient is excluded, so its images score lowest whatever the
+    features and the AUROC sits at or below 0.5 by construction.
     """
     y = np.asarray(labels)
     if not np.isin(y, (0, 1)).all():
         raise ValueError("knn_auroc needs 0/1 labels")
     if len(np.unique(y)) < 2:
         raise ValueError("knn_auroc needs both classes among the labels")
+    if not retrieval_ok(y, groups):
+        raise ValueError("knn_auroc needs each class in at least 2 patients")
     idx, valid = neighbours(features, groups, k)
     score = (y[idx] * valid).sum(1) / np.maximum(valid.sum(1), 1)
     return auroc(y, score)

@@ -32,7 +32,7 @@ from radjepa.eval.heads import checkpoint_fingerprint, save_head
 from radjepa.eval.linear_probe import cross_val_probe, fit_head
 from radjepa.eval.plots import plot_pca_map, plot_roc
 from radjepa.eval.report import write_report
-from radjepa.eval.retrieval import knn_auroc, precision_at_k
+from radjepa.eval.retrieval import knn_auroc, precision_at_k, retrieval_ok
 from radjepa.eval.segmentation import load_seg_csv, seg_probe, tokens_to_grid
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,15 @@ def probe_features(
         bootstrap=p.bootstrap,
         seed=p.seed,
     )
-    prec, knn = {}, {}
+    prec: dict[str, float | None] = {}
+    knn: dict[str, float | None] = {}
     for j, name in enumerate(ds.label_names):
         y = ds.labels[:, j]
-        prec[name] = precision_at_k(feats, y, ds.groups, p.knn_k)
-        knn[name] = knn_auroc(feats, y, ds.groups, p.knn_k) if len(np.unique(y)) == 2 else None
+        # a label the probe skips (one class, a class in one patient) gets no retrieval
+        # numbers either: they would be 1.0 or <= 0.5 whatever the features
+        ok = retrieval_ok(y, ds.groups)
+        prec[name] = precision_at_k(feats, y, ds.groups, p.knn_k) if ok else None
+        knn[name] = knn_auroc(feats, y, ds.groups, p.knn_k) if ok else None
     return {**res.to_dict(), "precision_at_k": prec, "knn_auroc": knn}, res.scores
 
 
