@@ -121,6 +121,30 @@ def test_blank_patient_ids_are_each_their_own_patient_not_one_shared_patient(tmp
     assert len({g[1], g[2], g[4], "7"}) == 4 and g[5] == g[1]
 
 
+def test_csvs_saved_by_spreadsheets_with_a_byte_order_mark_are_read(tmp_path, nih_dir):
+    """Excel's "CSV UTF-8" starts with a BOM: the header read as "\ufeffimage", and a file
+    that visibly has an image column was refused for missing it (labels and masks alike)."""
+    from PIL import Image
+
+    from radjepa.eval.segmentation import load_seg_csv
+
+    imgs = sorted((nih_dir / "images").glob("*.png"))[:4]
+    for i, p in enumerate(imgs):
+        shutil.copy(p, tmp_path / p.name)
+        Image.fromarray(np.full((256, 256), 255 * (i % 2), np.uint8)).save(tmp_path / f"m{i}.png")
+    rows = [f"{p.name},p{i},{'FM'[i % 2]},m{i}.png" for i, p in enumerate(imgs)]
+    text = "\n".join(["image,patient_id,sex,lung", *rows]) + "\n"
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    ds = load_csv_dataset(tmp_path / "bom.csv", label_cols=["sex"], size=64)
+    assert ds.paths == [p.name for p in imgs] and ds.labels[:, 0].tolist() == [0, 1, 0, 1]
+    images, masks, groups = load_seg_csv(tmp_path / "bom.csv", ["lung"], size=64)
+    assert images.shape == (4, 64, 64) and masks.shape == (4, 1, 64, 64)
+    assert groups is not None and groups.tolist() == ["p0", "p1", "p2", "p3"]
+    (tmp_path / "latin1.csv").write_bytes("image,sex\nr\xf6ntgen.png,F\n".encode("latin-1"))
+    with pytest.raises(DatasetError, match="not UTF-8 text"):
+        load_csv_dataset(tmp_path / "latin1.csv", label_cols=["sex"], size=64)
+
+
 def test_extract_features_is_the_mean_pooled_embedding_in_eval_mode(tiny_encoder, nih_dir):
     import torch
 

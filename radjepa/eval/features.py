@@ -30,6 +30,7 @@ __all__ = [
     "load_csv_dataset",
     "load_shard_dataset",
     "patient_ids",
+    "read_csv_rows",
     "extract_features",
     "require_finite",
     "resolve_device",
@@ -109,11 +110,20 @@ def binarise(values: Sequence[str], spec: LabelSpec) -> tuple[np.ndarray, str | 
     )
 
 
-def _read_csv(csv_path: Path) -> list[dict[str, str]]:
+def read_csv_rows(csv_path: Path, what: str = "labels CSV") -> list[dict[str, str]]:
+    """The data rows of a UTF-8 CSV as dicts keyed by its header.
+
+    Read as ``utf-8-sig``: spreadsheet programs save "CSV UTF-8" with a byte-order mark, which
+    plain UTF-8 keeps in the first header (``"\ufeffimage"``), so the image column would be
+    reported missing from a file that visibly has it.
+    """
     if not csv_path.is_file():
-        raise DatasetError(f"labels CSV not found: {csv_path}")
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+        raise DatasetError(f"{what} not found: {csv_path}")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{csv_path}: not UTF-8 text ({err}); save it as CSV UTF-8") from None
     if not rows:
         raise DatasetError(f"{csv_path}: no data rows")
     return rows
@@ -143,7 +153,7 @@ def load_csv_dataset(
     from radjepa.imaging.errors import ImageRejected
 
     path = Path(csv_path)
-    rows = _read_csv(path)
+    rows = read_csv_rows(path)
     if limit is not None:
         rows = rows[:limit]
     specs = [parse_label_spec(s) for s in label_cols]

@@ -6,7 +6,6 @@ what the encoder already localises rather than learning a decoder of its own.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from collections.abc import Sequence
@@ -232,18 +231,13 @@ def load_seg_csv(
     """
     from PIL import Image
 
-    from radjepa.eval.features import DatasetError, patient_ids
+    from radjepa.eval.features import DatasetError, patient_ids, read_csv_rows
     from radjepa.imaging.decode import decode_image
     from radjepa.imaging.errors import ImageRejected
     from radjepa.imaging.resize import resize_center_crop
 
     path = Path(csv_path)
-    if not path.is_file():
-        raise DatasetError(f"segmentation CSV not found: {path}")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise DatasetError(f"{path}: no data rows")
+    rows = read_csv_rows(path, "segmentation CSV")
     absent = [c for c in [image_col, *structures] if c not in rows[0]]
     if absent:
         raise DatasetError(f"{path}: missing column(s) {absent}; has {list(rows[0])}")
