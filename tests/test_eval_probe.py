@@ -200,3 +200,52 @@ def test_labels_the_probe_skips_get_no_retrieval_numbers():
         assert summary["precision_at_k"][name] is None and summary["knn_auroc"][name] is None
     logged = flat_metrics({"methods": {"ours": summary}})
     assert not [k for k in logged if "/none/" in k or "/rare/" in k]
+
+
+def test_report_says_when_a_rare_label_used_fewer_folds():
+    """A label whose rarer class has 3 patients is cross-validated 3-fold, but report.md only
+    said "5-fold cross-validation" for every label."""
+    from radjepa.config import load_config
+    from radjepa.eval.features import Dataset
+    from radjepa.eval.report import render_markdown
+    from radjepa.eval.runner import probe_features
+
+    x, y, groups = _world()
+    rare = np.isin(groups, ["p1", "p3", "p5"]).astype(np.int8)
+    labels = np.stack([y, rare], 1).astype(np.int8)
+    ds = Dataset(
+        np.zeros((len(y), 2, 2), np.uint8), labels, ["common", "rare"], [None] * 2, groups, []
+    )
+    cfg = load_config(None, ["probe.bootstrap=0", "probe.folds=5"])
+    summary, _ = probe_features(x, ds, cfg)
+    assert [lab["folds"] for lab in summary["labels"]] == [5, 3]
+    report = {
+        "checkpoint": "ckpt",
+        "encoder": {},
+        "data": {
+            "csv": "labels.csv",
+            "shards": None,
+            "n_images": len(y),
+            "n_patients": 60,
+            "rejected": [],
+            "labels": [
+                {"name": n, "positive": None, "n_pos": int(labels[:, j].sum())}
+                for j, n in enumerate(ds.label_names)
+            ],
+        },
+        "protocol": {
+            "pooling": "target",
+            "C": 0.1,
+            "split": "kfold",
+            "folds": 5,
+            "split_text": "5-fold cross-validation grouped by patient (stratified)",
+            "bootstrap": 0,
+            "knn_k": 10,
+            "pixel_size": 32,
+        },
+        "methods": {"ours": summary},
+    }
+    md = render_markdown(report)
+    common, rare_section = md.split("## rare")
+    assert "3-fold, not 5-fold: the rarer class has only 3 patients" in rare_section
+    assert "-fold, not" not in common.split("## common")[1]

@@ -91,10 +91,17 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
     for i, name in enumerate(labels):
         info = data["labels"][i]
         pos = f" (positive: {info['positive']})" if info.get("positive") else ""
+        # the protocol line names probe.folds; a rare label is cross-validated with fewer
+        folds = report["methods"]["ours"]["labels"][i].get("folds") or 0
+        fewer = (
+            f" {folds}-fold, not {proto['folds']}-fold: the rarer class has only {folds} patients."
+            if proto.get("split") == "kfold" and 0 < folds < proto.get("folds", folds)
+            else ""
+        )
         lines += [
             f"## {name}{pos}",
             "",
-            f"{info['n_pos']} positive of {data['n_images']} images.",
+            f"{info['n_pos']} positive of {data['n_images']} images.{fewer}",
             "",
             "| features | AUROC [95% CI] | AUPRC [95% CI] | precision@k | kNN AUROC |",
             "|---|---|---|---|---|",
