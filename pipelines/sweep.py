@@ -118,6 +118,7 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
             f"tune.metric={cfg.tune.metric} needs tune.labels_csv and tune.label_column"
         )
     from radjepa.eval.features import load_csv_dataset
+    from radjepa.eval.retrieval import retrieval_ok
 
     ing = cfg.ingest
     ds = load_csv_dataset(
@@ -128,7 +129,18 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
         window_percentiles=tuple(ing.window_percentiles),
     )
     labels = np.asarray(ds.labels[:, 0] if np.ndim(ds.labels) == 2 else ds.labels)
-    return {"images": ds.images, "labels": labels, "groups": np.asarray(ds.groups)}
+    groups = np.asarray(ds.groups)
+    if not retrieval_ok(labels, groups):
+        # every trial would fail at its first report (or rank on a number fixed by the data):
+        # said once, before any trial starts
+        patients = [len(np.unique(groups[labels == c])) for c in (1, 0)]
+        raise SweepError(
+            f"tune.metric={cfg.tune.metric} cannot rank trials on tune.label_column="
+            f"{cfg.tune.label_column} of {cfg.tune.labels_csv}: its positives come from "
+            f"{patients[0]} patient(s) and its negatives from {patients[1]}, and each class "
+            "needs at least 2 (scores are taken across patients)"
+        )
+    return {"images": ds.images, "labels": labels, "groups": groups}
 
 
 def _check_space(cfg: Config) -> None:

@@ -59,6 +59,32 @@ def test_each_sweep_metric_is_reported(labelled, metric, one_torch_thread):
         assert "probe_auroc" not in out
 
 
+@pytest.mark.parametrize("positive_patients", [0, 1])
+def test_a_label_no_trial_could_rank_on_is_refused_before_the_sweep(
+    labelled, tmp_path, positive_patients
+):
+    # with one class, or a class from one patient (excluded from its own neighbours), every
+    # trial failed at its first report; the sweep now says so before any trial starts
+    from pipelines.sweep import SweepError, _probe_set
+
+    with labelled.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))[:30]
+    first = rows[0]["patient_id"]
+    for r in rows:
+        r["male"] = int(positive_patients == 1 and r["patient_id"] == first)
+    out = tmp_path / "labels.csv"
+    with out.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cfg = load_config(
+        TINY, ["tune.metric=knn_auroc", f"tune.labels_csv={out}", "tune.label_column=male"]
+    )
+    with pytest.raises(SweepError, match="tune.label_column=male") as err:
+        _probe_set(cfg)
+    assert f"positives come from {positive_patients} patient(s)" in str(err.value)
+
+
 def _images(labelled: Path, cfg):
     from radjepa.eval.features import load_csv_dataset
 
