@@ -534,7 +534,7 @@ def probe_cmd(
     group_col: Annotated[
         str | None, typer.Option(help="Patient-id column (default: patient_id, or patient_pid).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N rows.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
     seg_csv: Annotated[
         Path | None,

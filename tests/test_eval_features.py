@@ -55,6 +55,9 @@ def test_named_values_match_inside_multi_label_cells(nih_dir):
     cells = ["Cardiomegaly", "Atelectasis|Effusion|Infiltration", "Effusion", "No Finding"]
     y, pos = binarise(cells, LabelSpec("findings", "Effusion"))
     assert pos == "Effusion" and y.tolist() == [0, 1, 1, 0]
+    # spaces around the separator, as hand-edited sheets have them
+    spaced = [c.replace("|", " | ") for c in cells]
+    assert binarise(spaced, LabelSpec("findings", "Infiltration"))[0].tolist() == [0, 1, 0, 0]
     with pytest.raises(DatasetError, match="never occurs.*'Atelectasis'"):
         binarise(cells, LabelSpec("findings", "Hernia"))
     # on the NIH labels the pipe-separated findings agree with the one-hot column

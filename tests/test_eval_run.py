@@ -292,6 +292,40 @@ def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_d
     assert not (tmp_path / "x" / "report.json").exists()
 
 
+def test_cli_refuses_labels_that_would_overwrite_each_other_and_an_empty_limit(
+    tmp_path, checkpoint, nih_dir
+):
+    # `view=AP` and a column `view_AP` are one MLflow metric name and one plot file: the
+    # second label's numbers silently replaced the first's; --limit 0 was an IndexError
+    from typer.testing import CliRunner
+
+    from pipelines.cli import UserError, app, probe_cmd
+
+    labels = tmp_path / "labels.csv"
+    rows = (nih_dir / "labels.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    view = header.index("view")
+    labels.write_text(
+        "\n".join(
+            [rows[0] + ",view_AP"] + [f"{r},{int(r.split(',')[view] == 'AP')}" for r in rows[1:41]]
+        )
+        + "\n"
+    )
+    for p in {r.split(",")[0] for r in rows[1:41]}:
+        (tmp_path / p).parent.mkdir(exist_ok=True)
+        (tmp_path / p).write_bytes((nih_dir / p).read_bytes())
+    for pair in (["view=AP", "view_AP"], ["sex", "sex"]):
+        with pytest.raises(UserError, match="share the MLflow metric name"):
+            probe_cmd(checkpoint, pair, tmp_path / "out", csv=labels, mlflow=False)
+    assert not (tmp_path / "out" / "report.json").exists()
+    res = CliRunner().invoke(
+        app, ["probe", str(checkpoint), "--csv", str(labels), "--label", "sex", "--limit", "0"]
+    )
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    with pytest.raises(UserError, match="limit 0"):
+        probe_cmd(checkpoint, ["sex"], tmp_path / "out", csv=labels, mlflow=False, limit=0)
+
+
 def test_cli_refuses_a_single_patient_set_in_one_line(tmp_path, checkpoint, nih_dir):
     """Every image of one patient (or every patient_id blank before blanks became their own
     patients) ended in a ValueError traceback from precision@k after all labels were skipped."""

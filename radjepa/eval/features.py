@@ -92,7 +92,7 @@ def binarise(values: Sequence[str], spec: LabelSpec) -> tuple[np.ndarray, str | 
     distinct = sorted(set(vals))
     if spec.positive is not None:
         # multi-label cells ("Atelectasis|Effusion", as NIH `findings`) match on any member
-        members = [set(v.split(MULTI_SEP)) for v in vals]
+        members = [{m.strip() for m in v.split(MULTI_SEP)} for v in vals]  # 'A | B' too
         if not any(spec.positive in m for m in members):
             known = sorted(set().union(*members))
             raise DatasetError(

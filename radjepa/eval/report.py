@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHOD_TITLES", "flat_metrics", "render_markdown", "write_report"]
+__all__ = ["METHOD_TITLES", "flat_metrics", "metric_safe", "render_markdown", "write_report"]
 
 METHOD_TITLES = {
     "ours": "encoder (frozen)",
@@ -22,7 +22,7 @@ METHOD_TITLES = {
 }
 
 
-def _safe(name: str) -> str:
+def metric_safe(name: str) -> str:
     """MLflow metric names allow [A-Za-z0-9_-. :/]; ``view=AP`` becomes ``view_AP``."""
     return re.sub(r"[^A-Za-z0-9_.\- :/]", "_", name)
 
@@ -32,7 +32,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for method, res in report.get("methods", {}).items():
         for lab in res.get("labels", []):
-            key = f"{method}/{_safe(lab['name'])}"
+            key = f"{method}/{metric_safe(lab['name'])}"
             for metric in ("auroc", "auprc"):
                 iv = lab.get(metric)
                 if iv is None:
@@ -44,11 +44,11 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         for kind in ("precision_at_k", "knn_auroc"):
             for label, v in (res.get(kind) or {}).items():
                 if v is not None and math.isfinite(v):
-                    out[f"{method}/{_safe(label)}/{kind}"] = float(v)
+                    out[f"{method}/{metric_safe(label)}/{kind}"] = float(v)
     seg = report.get("segmentation") or {}
     for method, res in (seg.get("methods") or {}).items():
         for name, v in res["dice"].items():
-            out[f"{method}/seg_{_safe(name)}/dice"] = float(v)
+            out[f"{method}/seg_{metric_safe(name)}/dice"] = float(v)
     return out
 
 

@@ -25,13 +25,14 @@ from radjepa.eval.features import (
     extract_features,
     load_csv_dataset,
     load_shard_dataset,
+    parse_label_spec,
     require_finite,
     resolve_device,
 )
 from radjepa.eval.heads import checkpoint_fingerprint, save_head
 from radjepa.eval.linear_probe import cross_val_probe, fit_head
 from radjepa.eval.plots import plot_pca_map, plot_roc
-from radjepa.eval.report import write_report
+from radjepa.eval.report import metric_safe, write_report
 from radjepa.eval.retrieval import knn_auroc, precision_at_k, retrieval_ok
 from radjepa.eval.segmentation import load_seg_csv, seg_probe, tokens_to_grid
 
@@ -45,6 +46,21 @@ _LEGEND = {"ours": "encoder", "random_init": "random init", "pixels": "raw pixel
 
 def _file_stem(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
+
+
+def _check_label_names(names: list[str]) -> None:
+    """Refuse labels that would share a metric name or a plot file (``view=AP`` and a column
+    ``view_AP`` both become ``view_AP``): the second would silently overwrite the first's
+    tracked metrics and ROC plot."""
+    for what, key in (("MLflow metric name", metric_safe), ("plot file name", _file_stem)):
+        seen: dict[str, str] = {}
+        for name in names:
+            other = seen.setdefault(key(name), name)
+            if other != name or names.count(name) > 1:
+                raise DatasetError(
+                    f"labels {other!r} and {name!r} share the {what} {key(name)!r}: "
+                    "give each label once, under names that differ in letters or digits"
+                )
 
 
 def probe_features(
@@ -161,6 +177,9 @@ def run_probe(
     dev = resolve_device(device)
     if (csv is None) == (shards is None):
         raise DatasetError("give exactly one source of labelled images: a CSV or shards")
+    if limit is not None and limit < 1:
+        raise DatasetError(f"limit {limit}: use at least 1 image (or no limit)")
+    _check_label_names([parse_label_spec(s).name for s in labels])
     encoder, enc_cfg = load_encoder(checkpoint, which=p.encoder, map_location="cpu")
     if p.encoder != "target":
         log.warning(
