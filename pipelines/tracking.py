@@ -64,13 +64,30 @@ def _first_open_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def absolute_store(uri: str) -> str:
+    """``uri`` with a relative sqlite path (``sqlite:///mlflow.db``, MLflow's own default
+    spelling) made absolute against this process's working folder, the one the user ran the
+    command from. Ray Train workers and Tune trials run in folders of their own
+    (``/tmp/ray/session_*/...``): handed the relative URI, the workers logged a run's metrics
+    into a new, empty store there ("Run ... not found", the metrics lost) and every sweep trial
+    created its child run in a store of its own, out of its parent's reach."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return uri
+    path, sep, query = uri[len(prefix) :].partition("?")
+    if not path or path == ":memory:" or path.startswith("file:") or os.path.isabs(path):
+        return uri
+    return f"{prefix}{os.path.abspath(path)}{sep}{query}"
+
+
 def tracking_uri(tracking: TrackingConfig, output_dir: str | os.PathLike[str]) -> str:
-    """Where runs go: env MLFLOW_TRACKING_URI > config > sqlite in the output folder."""
+    """Where runs go: env MLFLOW_TRACKING_URI > config > sqlite in the output folder. A
+    relative sqlite path is made absolute here, on the driver (see ``absolute_store``)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        return absolute_store(env)
     if tracking.uri:
-        return tracking.uri
+        return absolute_store(tracking.uri)
     root = Path(output_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'mlflow.db'}"

@@ -249,3 +249,49 @@ def test_jobs_opening_a_new_store_at_once_all_get_it(tmp_path):
 
     client = mlflow.MlflowClient(uri)
     assert client.get_experiment_by_name("Default") is not None  # the store works afterwards
+
+
+def test_a_relative_sqlite_store_is_the_one_in_the_folder_the_command_ran_from(
+    tmp_path, monkeypatch
+):
+    # Ray Train workers and Tune trials run in folders of their own (/tmp/ray/session_*/...):
+    # handed sqlite:///mlflow.db as given, the workers logged a run's metrics into a new, empty
+    # store there (a warning, the metrics lost) and each sweep trial made its child run there
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from pipelines.pretrain import start_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(TINY_CONFIG, ["tracking.uri=sqlite:///stores/mlflow.db?timeout=30"])
+    assert store_uri(cfg) == f"sqlite:///{tmp_path / 'stores' / 'mlflow.db'}?timeout=30"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert store_uri(cfg) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    runs = tmp_path / "runs"
+    run_id, uri = start_tracking(cfg, str(runs), str(runs / "tiny"))
+    worker = tmp_path / "worker"  # what a Ray worker's working folder is to the driver
+    worker.mkdir()
+    script = (
+        "import sys\n"
+        "from pipelines.tracking import log_metrics\n"
+        "log_metrics(sys.argv[1], sys.argv[2], {'loss': 0.5}, 3)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script, run_id, uri],
+        cwd=worker,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-600:]
+    history = mlflow.MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(3, 0.5)]
+    assert not (worker / "stores").exists()
