@@ -371,9 +371,17 @@ def run_sweep(
         cfg = cfg.with_overrides({"tune.max_concurrent": parallel})
 
     sweep_dir = locations.join_location(root, cfg.tune.name)
-    parent_run_id, uri = (
-        _parent_run(cfg, root, sweep_dir, resume) if cfg.tracking.enabled else (None, None)
-    )
+    try:
+        parent_run_id, uri = (
+            _parent_run(cfg, root, sweep_dir, resume) if cfg.tracking.enabled else (None, None)
+        )
+    except SweepError:
+        raise
+    except Exception as err:  # an unreachable server, a store that cannot be opened, ...
+        # one line, as pretrain says it: the CLI only turns SweepError into a message
+        raise SweepError(
+            f"cannot record the sweep in MLflow: {type(err).__name__}: {err}"
+        ) from None
     setup = {
         "config": cfg.model_dump(mode="json"),
         "data": data if "://" in data else str(Path(data).expanduser().resolve()),

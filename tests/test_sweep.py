@@ -261,3 +261,24 @@ def test_an_interrupted_sweep_leaves_no_trial_run_running(nih_shards, tmp_path):
     assert mlflow.MlflowClient(uri).get_run(parent).info.status == "KILLED"
     children = _child_runs(uri, parent)
     assert children and {c.info.status for c in children} == {"KILLED"}
+
+
+def test_a_store_that_cannot_be_used_fails_in_one_line_before_any_trial(
+    nih_shards, tmp_path, monkeypatch
+):
+    # pretrain says "cannot record the run in MLflow: ..."; the sweep let MLflow's exception
+    # through, which the CLI printed as a traceback
+    from serve_helpers import free_port
+
+    from pipelines.sweep import SweepError, run_sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail now, not in minutes
+    (tmp_path / "a-file").write_text("not a folder")
+    space = {"ema.start": {"type": "choice", "values": [0.99, 0.996]}}
+    for store in (f"http://127.0.0.1:{free_port()}", f"sqlite:///{tmp_path}/a-file/mlflow.db"):
+        cfg = _cfg(tmp_path / "out", "nostore", space, **{"tracking.uri": store})
+        with pytest.raises(SweepError, match="cannot record the sweep in MLflow") as err:
+            run_sweep(cfg, str(nih_shards))
+        assert err.value.__cause__ is None
+        assert not (tmp_path / "out" / "nostore" / "tune").exists()  # no trial started
