@@ -140,6 +140,7 @@ def registered_version(ref: str, *, tracking_uri: str | None = None) -> Any:
     m = _REGISTRY.match(ref)
     if m is None:
         raise ValueError(f"not a registry reference (models:/<name>@<alias>): {ref}")
+    tracking_uri = _existing_store(ref, tracking_uri)
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     name, alias, version = m["name"], m["alias"], m["version"]
     try:
@@ -153,6 +154,32 @@ def registered_version(ref: str, *, tracking_uri: str | None = None) -> Any:
     if not versions:
         raise ModelNotFound(f"registered model {name!r} has no versions")
     return max(versions, key=lambda v: int(v.version))
+
+
+def _existing_store(ref: str, tracking_uri: str | None) -> str:
+    """The store to look ``ref`` up in, refused when there is none. MLflow opens a sqlite store
+    that does not exist by creating an empty one: a mistyped ``train.output_dir`` answered
+    "Model Version ... not found" and left a new ``mlflow.db`` (and its folders) behind, and no
+    store at all (outputs on object storage, no ``tracking.uri``) meant a new ``./mlflow.db``
+    in whatever folder the command ran from."""
+    import os
+
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ModelNotFound(
+            f"cannot resolve {ref}: no MLflow store is configured (set tracking.uri or "
+            "MLFLOW_TRACKING_URI to the store `radjepa pretrain` registered it in)"
+        )
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///") :].split("?", 1)[0]
+        if path and path != ":memory:" and not path.startswith("file:"):
+            if not Path(path).is_file():
+                raise ModelNotFound(
+                    f"cannot resolve {ref}: there is no MLflow store at {path} (`radjepa "
+                    "pretrain` registers models in <train.output_dir>/mlflow.db, or in "
+                    "tracking.uri / MLFLOW_TRACKING_URI: give the config it ran with)"
+                )
+    return uri
 
 
 def latest_checkpoint(location: str) -> str:

@@ -295,3 +295,34 @@ def test_a_relative_sqlite_store_is_the_one_in_the_folder_the_command_ran_from(
     history = mlflow.MlflowClient(uri).get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(3, 0.5)]
     assert not (worker / "stores").exists()
+
+
+def test_a_registry_reference_into_a_store_that_does_not_exist_says_so(tmp_path, monkeypatch):
+    # MLflow opens a missing sqlite store by creating an empty one: a mistyped output_dir
+    # answered "Model Version ... not found" and left a new mlflow.db and its folders behind
+    from pipelines.cli import UserError, probe_cmd
+    from serve.registry import ModelNotFound, resolve_model
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    typo = tmp_path / "rusn"
+    cfg = load_config(TINY_CONFIG, [f"train.output_dir={typo}"])
+    with pytest.raises(ModelNotFound, match="no MLflow store at") as err:
+        resolve_model("models:/tiny-enc@champion", tracking_uri=store_uri(cfg))
+    assert str(typo / "mlflow.db") in str(err.value)
+    assert not typo.exists()
+    with pytest.raises(UserError, match="no MLflow store at"):
+        probe_cmd(
+            "models:/tiny-enc/1",
+            ["sex"],
+            tmp_path / "probe",
+            csv=tmp_path / "labels.csv",
+            config=str(TINY_CONFIG),
+            set_=[f"train.output_dir={typo}"],
+            mlflow=False,
+        )
+    # outputs on object storage and no store configured: nowhere to look, not ./mlflow.db
+    remote = cfg.with_overrides({"train.output_dir": "s3://bucket/runs"})
+    with pytest.raises(ModelNotFound, match="tracking.uri"):
+        resolve_model("models:/tiny-enc/1", tracking_uri=store_uri(remote))
+    assert not typo.exists() and not (tmp_path / "mlflow.db").exists()
