@@ -371,6 +371,7 @@ def run_sweep(
         cfg = cfg.with_overrides({"tune.max_concurrent": parallel})
 
     sweep_dir = locations.join_location(root, cfg.tune.name)
+    _check_sweep_dir(cfg, sweep_dir, resume)
     try:
         parent_run_id, uri = (
             _parent_run(cfg, root, sweep_dir, resume) if cfg.tracking.enabled else (None, None)
@@ -436,6 +437,24 @@ def _unfinished(grid: Any, tune_dir: str) -> int:
     return sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
 
 
+def _check_sweep_dir(cfg: Config, sweep_dir: str, resume: bool) -> None:
+    """A new sweep needs a free name, ``--resume`` a sweep to restore: checked before the
+    parent MLflow run is made or continued. Checked after it, each refused attempt left a
+    FAILED parent run, and a new sweep started on a taken name replaced the sweep's parent run
+    id with its own, so the ``--resume`` that followed continued that empty run while the
+    trials it resumed stayed children of the original one (never closed by the driver)."""
+    import ray.tune
+
+    tune_dir = locations.join_location(sweep_dir, "tune")
+    if resume and not ray.tune.Tuner.can_restore(tune_dir):
+        raise SweepError(f"nothing to resume at {tune_dir}: run the sweep without --resume")
+    if not resume and locations.has_entries(tune_dir):
+        raise SweepError(
+            f"sweep '{cfg.tune.name}' already exists at {sweep_dir}: pass --resume to "
+            "continue it, or choose another tune.name"
+        )
+
+
 def _parent_run(cfg: Config, root: str, sweep_dir: str, resume: bool) -> tuple[str, str]:
     """The sweep's MLflow parent run: created once, continued by ``--resume``."""
     from pipelines.tracking import client as tracking_client
@@ -471,16 +490,9 @@ def _tuner(
     # the trial driver only waits on its TorchTrainer: a fraction of a CPU is enough
     trainable = ray.tune.with_resources(trainable, {"CPU": 0.25})
     tune_dir = locations.join_location(sweep_dir, "tune")
-    if resume:
-        if not ray.tune.Tuner.can_restore(tune_dir):
-            raise SweepError(f"nothing to resume at {tune_dir}: run the sweep without --resume")
+    if resume:  # _check_sweep_dir made sure there is a sweep to restore
         return ray.tune.Tuner.restore(
             tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
-    if locations.has_entries(tune_dir):
-        raise SweepError(
-            f"sweep '{cfg.tune.name}' already exists at {sweep_dir}: pass --resume to "
-            "continue it, or choose another tune.name"
         )
     scheduler = None
     if cfg.tune.asha:

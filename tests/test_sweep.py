@@ -282,3 +282,28 @@ def test_a_store_that_cannot_be_used_fails_in_one_line_before_any_trial(
             run_sweep(cfg, str(nih_shards))
         assert err.value.__cause__ is None
         assert not (tmp_path / "out" / "nostore" / "tune").exists()  # no trial started
+
+
+def test_a_refused_sweep_makes_no_mlflow_run_and_keeps_the_sweep_s_own(nih_shards, tmp_path):
+    # the name and resume checks came after the parent run was made: each refused attempt
+    # left a FAILED parent run, and a sweep started again without --resume replaced the
+    # sweep's parent run id with its own, so the --resume after it continued that empty run
+    import mlflow
+
+    from pipelines.sweep import SweepError, run_sweep
+
+    space = {"ema.start": {"type": "choice", "values": [0.99, 0.996]}}
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    taken = _cfg(tmp_path / "out", "taken", space, **{"tracking.uri": store})
+    sweep_dir = tmp_path / "out" / "taken"
+    (sweep_dir / "tune").mkdir(parents=True)
+    (sweep_dir / "tune" / "experiment_state.json").write_text("{}")  # an earlier sweep's
+    (sweep_dir / "mlflow_parent_run_id").write_text("the-sweep-s-own-run")
+    with pytest.raises(SweepError, match="already exists"):
+        run_sweep(taken, str(nih_shards))
+    fresh = _cfg(tmp_path / "out", "fresh", space, **{"tracking.uri": store})
+    with pytest.raises(SweepError, match="nothing to resume"):
+        run_sweep(fresh, str(nih_shards), resume=True)
+    assert (sweep_dir / "mlflow_parent_run_id").read_text() == "the-sweep-s-own-run"
+    client = mlflow.MlflowClient(store)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
