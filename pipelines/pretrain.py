@@ -389,7 +389,7 @@ def prepare_outputs(cfg: Config) -> str:
     """The output root (absolute path or URI), checked before any cluster work: it can be
     written, and its runs can be tracked (pretrain and every sweep trial write there)."""
     storage = storage_root(cfg)
-    check_job_outputs(cfg.train.output_dir)
+    check_job_outputs(cfg)
     check_tracking_store(cfg, storage)
     try:
         locations.check_writable(storage)
@@ -398,17 +398,29 @@ def prepare_outputs(cfg: Config) -> str:
     return storage
 
 
-def check_job_outputs(output_dir: str) -> None:
-    """Inside a Ray Job (``radjepa submit``) a relative ``train.output_dir`` resolves in the
-    job's uploaded working dir: a temporary copy on the head, named by the code's hash, which
-    workers on other nodes cannot reach and a re-run after any code change does not find."""
-    if os.environ.get("RAY_JOB_SUBMISSION_ID") and "://" not in output_dir:
-        if not Path(output_dir).expanduser().is_absolute():
-            raise PretrainError(
-                f"train.output_dir is the relative path {output_dir!r} inside a Ray Job, i.e. "
-                "in the job's temporary working dir: set it to a bucket URI (s3://...) or an "
-                "absolute path on storage every node shares"
-            )
+def check_job_outputs(cfg: Config) -> None:
+    """Inside a Ray Job (``radjepa submit``) a relative ``train.output_dir``, or a relative
+    sqlite tracking store (``sqlite:///mlflow.db``), resolves in the job's uploaded working
+    dir: a temporary copy on the head, named by the code's hash, which workers on other nodes
+    cannot reach and a re-run after any code change does not find."""
+    from pipelines.tracking import relative_sqlite_path
+
+    if not os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        return
+    output_dir = cfg.train.output_dir
+    if "://" not in output_dir and not Path(output_dir).expanduser().is_absolute():
+        raise PretrainError(
+            f"train.output_dir is the relative path {output_dir!r} inside a Ray Job, i.e. "
+            "in the job's temporary working dir: set it to a bucket URI (s3://...) or an "
+            "absolute path on storage every node shares"
+        )
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or ""
+    if cfg.tracking.enabled and relative_sqlite_path(uri):
+        raise PretrainError(
+            f"the MLflow store {uri} is a relative sqlite path inside a Ray Job, i.e. in the "
+            "job's temporary working dir: set tracking.uri / MLFLOW_TRACKING_URI to an MLflow "
+            "server or an absolute sqlite path on storage every node shares"
+        )
 
 
 def shards_location(data: str | None, cfg: Config) -> str:

@@ -64,20 +64,32 @@ def _first_open_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def absolute_store(uri: str) -> str:
-    """``uri`` with a relative sqlite path (``sqlite:///mlflow.db``, MLflow's own default
-    spelling) made absolute against this process's working folder, the one the user ran the
-    command from. Ray Train workers and Tune trials run in folders of their own
-    (``/tmp/ray/session_*/...``): handed the relative URI, the workers logged a run's metrics
-    into a new, empty store there ("Run ... not found", the metrics lost) and every sweep trial
-    created its child run in a store of its own, out of its parent's reach."""
+def relative_sqlite_path(uri: str) -> bool:
+    """Whether ``uri`` is a sqlite store given by a relative path (``sqlite:///mlflow.db``,
+    MLflow's own default spelling): a path each process reads against its own working folder."""
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
+        return False
+    path = uri[len(prefix) :].partition("?")[0]
+    return (
+        bool(path)
+        and path != ":memory:"
+        and not path.startswith("file:")
+        and not (os.path.isabs(path))
+    )
+
+
+def absolute_store(uri: str) -> str:
+    """``uri`` with a relative sqlite path made absolute against this process's working
+    folder, the one the user ran the command from. Ray Train workers and Tune trials run in
+    folders of their own (``/tmp/ray/session_*/...``): handed the relative URI, the workers
+    logged a run's metrics into a new, empty store there ("Run ... not found", the metrics
+    lost) and every sweep trial created its child run in a store of its own, out of its
+    parent's reach."""
+    if not relative_sqlite_path(uri):
         return uri
-    path, sep, query = uri[len(prefix) :].partition("?")
-    if not path or path == ":memory:" or path.startswith("file:") or os.path.isabs(path):
-        return uri
-    return f"{prefix}{os.path.abspath(path)}{sep}{query}"
+    path, sep, query = uri[len("sqlite:///") :].partition("?")
+    return f"sqlite:///{os.path.abspath(path)}{sep}{query}"
 
 
 def tracking_uri(tracking: TrackingConfig, output_dir: str | os.PathLike[str]) -> str:

@@ -202,6 +202,15 @@ def test_relative_outputs_inside_a_ray_job_are_refused(tmp_path, monkeypatch):
         prepare_outputs(relative)
     absolute = load_config(CONFIGS / "tiny_cpu.yaml", [f"train.output_dir={tmp_path / 'shared'}"])
     assert prepare_outputs(absolute) == str(tmp_path / "shared")
+    # so does a relative sqlite store, from the config or the environment
+    store = absolute.with_overrides({"tracking.uri": "sqlite:///mlflow.db"})
+    with pytest.raises(PretrainError, match="relative sqlite path inside a Ray Job"):
+        prepare_outputs(store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
+    with pytest.raises(PretrainError, match="relative sqlite path inside a Ray Job"):
+        prepare_outputs(absolute)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert prepare_outputs(absolute) == str(tmp_path / "shared")
 
 
 def test_impossible_requests_fail_in_one_line_and_mark_the_run_failed(shards, tmp_path):
