@@ -290,6 +290,10 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
             if resume is not None and resume.changed:
                 record_config_change(cfg, uri, run_id, resume)
         except Exception as err:  # an unreachable server, a store without permission, ...
+            if run_id is not None:  # a resumed run, set RUNNING again before the failure
+                from pipelines.tracking import mark_run
+
+                mark_run(uri, run_id, "FAILED")
             raise PretrainError(
                 f"cannot record the run in MLflow: {type(err).__name__}: {err}"
             ) from None
@@ -473,7 +477,7 @@ def start_tracking(
     """Create the MLflow run once per run name; a resumed run continues the same MLflow run
     (its id is kept in ``run_dir``, a local folder or a URI)."""
     from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import ensure_experiment, log_params, store_uri
+    from pipelines.tracking import ensure_experiment, log_params, mark_run, store_uri
 
     # with remote outputs check_tracking_store made sure a store URI is configured
     uri = uri or store_uri(cfg, create=True)
@@ -493,8 +497,13 @@ def start_tracking(
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=cfg.train.run_name, tags=all_tags)
     run_id = run.info.run_id
-    log_params(run_id, uri, cfg)
-    locations.write_text(id_file, run_id)
+    try:
+        log_params(run_id, uri, cfg)
+        locations.write_text(id_file, run_id)
+    except BaseException:
+        # without its id file no re-run continues this run: it would stay RUNNING for good
+        mark_run(uri, run_id, "FAILED")
+        raise
     return run_id, uri
 
 

@@ -326,3 +326,23 @@ def test_a_registry_reference_into_a_store_that_does_not_exist_says_so(tmp_path,
     with pytest.raises(ModelNotFound, match="tracking.uri"):
         resolve_model("models:/tiny-enc/1", tracking_uri=store_uri(remote))
     assert not typo.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_run_whose_id_cannot_be_kept_is_not_left_running(tmp_path, monkeypatch):
+    # the MLflow run was made, then writing its id beside the checkpoints failed: no re-run
+    # could continue it, and it stayed RUNNING in the UI for good
+    import mlflow
+
+    from pipelines.pretrain import start_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    cfg = load_config(TINY_CONFIG, [f"train.output_dir={runs}"])
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the run folder should be")
+    with pytest.raises(OSError):
+        start_tracking(cfg, str(runs), str(blocker / "tiny"))
+    uri = store_uri(cfg)
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("radjepa").experiment_id])
+    assert run.info.status == "FAILED"
