@@ -189,11 +189,12 @@ def check_local_paths(model: str | None, head: str | None, index: str | None) ->
 
     Needs neither Ray nor MLflow, so ``radjepa serve`` calls it before starting Ray: a typo in
     a path is then one line at once, not one after Ray and Serve have started."""
-    from serve.registry import ModelNotFound
+    from serve.registry import ModelNotFound, refuse_run_artifact
 
     for kind, ref in (("model", model), ("head", head), ("index", index)):
         if ref is None or ref.startswith("models:/") or "://" in ref:
             continue
+        refuse_run_artifact(ref)
         if not Path(ref).expanduser().exists():
             raise ModelNotFound(f"serve.{kind} not found: {ref}")
 

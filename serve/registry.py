@@ -18,6 +18,7 @@ __all__ = [
     "ResolvedModel",
     "ModelNotFound",
     "latest_checkpoint",
+    "refuse_run_artifact",
     "registered_version",
     "resolve_model",
 ]
@@ -45,6 +46,7 @@ class ResolvedModel:
 
 def resolve_model(ref: str, *, tracking_uri: str | None = None) -> ResolvedModel:
     """A local checkpoint folder for ``ref`` (downloads registry artifacts when needed)."""
+    refuse_run_artifact(ref)
     m = _REGISTRY.match(ref)
     if m is None and ref.startswith("models:/"):
         raise ModelNotFound(
@@ -73,6 +75,18 @@ def resolve_model(ref: str, *, tracking_uri: str | None = None) -> ResolvedModel
         source=ref,
         pinned=f"models:/{mv.name}/{mv.version}",
     )
+
+
+def refuse_run_artifact(ref: str) -> None:
+    """A ``runs:/<id>/<path>`` reference read as a local path said "model checkpoint not
+    found: runs:/...", as if a folder were missing. Run artifacts are not served directly:
+    the registered version of a run's checkpoint is (``radjepa pretrain`` registers it)."""
+    if ref.startswith("runs:/"):
+        raise ModelNotFound(
+            f"{ref}: runs:/ references are not supported; give the registered version "
+            "(models:/<name>/<version>, which `radjepa pretrain` registers for each run) or "
+            "the checkpoint folder or its URI"
+        )
 
 
 def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:

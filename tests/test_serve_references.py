@@ -38,6 +38,18 @@ def test_missing_head_folder_or_registry_head_is_refused(cfg_for, tmp_path) -> N
         app_from_config(cfg_for(head="models:/no-such-head/3"))
 
 
+def test_a_run_artifact_reference_says_it_is_not_supported(cfg_for) -> None:
+    # read as a local path, it said "serve.model not found: runs:/...", as if a folder were
+    # missing
+    from serve.registry import resolve_model
+
+    ref = "runs:/0123456789abcdef0123456789abcdef/checkpoint-step-7"
+    with pytest.raises(ModelNotFound, match="runs:/ references are not supported"):
+        app_from_config(cfg_for(model=ref))
+    with pytest.raises(ModelNotFound, match="runs:/ references are not supported"):
+        resolve_model(ref)
+
+
 def test_existing_checkpoint_binds(cfg_for) -> None:
     from ray.serve import Application
 
