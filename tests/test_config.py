@@ -97,6 +97,11 @@ def test_dict_overrides_match_string_overrides():
         ("tracking.registered_model=", "tracking.registered_model"),
         ("tracking.experiment=' '", "tracking.experiment"),
         ("tracking.experiment=", "tracking.experiment"),
+        # numpy refuses a negative seed (a sweep's draws: traceback), scikit-learn one of
+        # 2**32 or more (every probe label "skipped", exit 0)
+        ("train.seed=-1", "train.seed"),
+        ("probe.seed=-1", "probe.seed"),
+        ("probe.seed=4294967296", "probe.seed"),
     ],
 )
 def test_bad_keys_and_values_fail_naming_the_key(override, key):
