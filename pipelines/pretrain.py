@@ -260,6 +260,7 @@ def build_trainer(
 def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     """Run (or resume) ``cfg.train.run_name`` on the shards in ``data``."""
     from pipelines.runtime import ensure_ray
+    from radjepa.masks import MasksUnsatisfiable, check_masks
     from radjepa.resume import check_resume_workers, find_resume_point
     from radjepa.training_data import inspect_shards
 
@@ -276,11 +277,12 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         storage = prepare_outputs(cfg)
         run_dir = locations.join_location(storage, cfg.train.run_name)
         resume = find_resume_point(cfg, run_dir)
+        check_masks(cfg.masks, cfg.model.grid, cfg.train.batch_size, cfg.train.seed)
         ensure_ray()
         cfg = _resolve_workers(cfg, info.train_rows)
         if resume is not None:
             check_resume_workers(resume, cfg)
-    except _LIBRARY_ERRORS as err:
+    except (*_LIBRARY_ERRORS, MasksUnsatisfiable) as err:
         raise PretrainError(str(err)) from None
 
     tracking, run_id, uri = None, None, None

@@ -38,9 +38,23 @@ import torch
 
 from radjepa.config import MasksConfig
 
-__all__ = ["MaskBatch", "MaskSampler", "block_size", "derive_seed", "fixed_context_length"]
+__all__ = [
+    "MaskBatch",
+    "MaskSampler",
+    "MasksUnsatisfiable",
+    "block_size",
+    "check_masks",
+    "derive_seed",
+    "fixed_context_length",
+]
 
 log = logging.getLogger(__name__)
+
+
+class MasksUnsatisfiable(RuntimeError):
+    """The mask section cannot keep its context on this grid (phrased with the keys to change).
+
+    Schema validation cannot see it: it depends on the block sizes the sampler draws."""
 
 
 @dataclass(frozen=True)
@@ -293,10 +307,11 @@ class MaskSampler:
                 if need == c.min_keep
                 else f"the fixed context length {need} (masks.context_length=fixed)"
             )
-            raise RuntimeError(
+            scale = "masks.masking_ratio" if c.masking_ratio is not None else "masks.target_scale"
+            raise MasksUnsatisfiable(
                 f"could not keep {what} context patches on a {gh}x{gw} grid with {t} targets "
                 f"of {th}x{tw} and context {ch}x{cw} after {self.max_tries} tries: lower "
-                "masks.min_keep, masks.target_scale or masks.num_targets"
+                f"masks.min_keep, {scale} or masks.num_targets"
             )
         return _Layout(tt, tl, th, tw, ctx, counts)
 
@@ -306,3 +321,14 @@ class MaskSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.seed = int(state["seed"])
+
+
+def check_masks(cfg: MasksConfig, grid: int | tuple[int, int], batch_size: int, seed: int) -> None:
+    """Draw a run's first batch of masks on the driver; raises :class:`MasksUnsatisfiable`.
+
+    A mask section that validates can still be impossible on the model's grid (many or large
+    targets with a high ``min_keep``); found first inside the training workers, it cost every
+    restart of ``train.max_failures`` and reached the user as a worker traceback. The fixed
+    context length (a pure function of the section and grid) and step 0 are what rank 0 draws.
+    """
+    MaskSampler(cfg, grid, seed=seed).sample(batch_size, step=0)

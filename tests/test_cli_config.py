@@ -86,3 +86,57 @@ def test_the_ray_job_entry_point_reports_user_errors_in_one_line(tmp_path):
     missing = job("--config", "configs/tiny_cpu.yaml", "--data", str(tmp_path / "nonexistent"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines()[-1].startswith("error: no shards at")
+
+
+def test_pretrain_refuses_masks_the_grid_cannot_hold_before_starting_ray(tmp_path):
+    # 16 targets and min_keep=30 on the tiny 6x6 grid validate, but no draw keeps 30 context
+    # patches: the workers found out, once per train.max_failures restart (77 s on the dev box),
+    # and the error was a worker traceback. RAY_ADDRESS names a port where nothing listens, so
+    # reaching Ray at all fails the test with another message.
+    import os
+    import socket
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = tmp_path / "shards" / "images"
+    images.mkdir(parents=True)
+    n = 64
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": [f"img{i:03d}" for i in range(n)],
+                "height": [256] * n,
+                "width": [256] * n,
+                "dtype": ["uint8"] * n,
+            }
+        ),
+        images / "part-0.parquet",
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "pretrain",
+            "-c",
+            "configs/tiny_cpu.yaml",
+            "--data",
+            str(tmp_path / "shards"),
+            *("--set", f"train.output_dir={tmp_path / 'runs'}"),
+            *("--set", "masks.num_targets=16", "--set", "masks.masking_ratio=0.95"),
+            *("--set", "masks.min_keep=30"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"},
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not keep masks.min_keep=30 context patches"), out.stderr
+    assert "masks.masking_ratio" in last and "Traceback" not in out.stderr
