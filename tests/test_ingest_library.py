@@ -137,6 +137,17 @@ def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):
     with pytest.raises(IngestError, match="already holds images ingested with"):
         check_compatible(dest, None, {**SETTINGS, "size": 128})
     check_compatible(dest, None, SETTINGS)
+    # another window: the manifest (one window for all images) was rewritten to describe images
+    # it did not make, and new DICOMs were windowed unlike the stored ones
+    manifest = {"image": {"size": 64, "dtype": "uint8", "window_percentiles": [0.5, 99.5]}}
+    with pytest.raises(IngestError, match=r"window_percentiles=\[0.5, 99.5\]; this run asks"):
+        check_compatible(
+            dest, {**manifest, "images": 1}, {**SETTINGS, "window_percentiles": (5, 95)}
+        )
+    check_compatible(
+        dest, {**manifest, "images": 1}, {**SETTINGS, "window_percentiles": [0.5, 99.5]}
+    )
+    check_compatible(dest, {**manifest, "images": 0}, {**SETTINGS, "window_percentiles": (5, 95)})
 
     key = {"key": "secret", "key_fingerprint": "abc"}
     check_key(dest, None, key, "RADJEPA_DEID_KEY")  # recorded after a shard: marked so

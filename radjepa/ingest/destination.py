@@ -200,6 +200,25 @@ def check_compatible(
             f"destination already holds images ingested with {old}; this run asks for {new}. "
             "Use a new DST (shards in one folder must share size and dtype)."
         )
+    check_window(previous, settings)
+
+
+def check_window(previous: dict[str, Any] | None, settings: dict[str, Any]) -> None:
+    """The manifest records one ``ingest.window_percentiles`` for all of DST's images and a run
+    rewrites it with its own: another window left the stored images described by a window that
+    did not make them, and windowed new DICOMs differently from the old ones in one training
+    set. Refused like another size; a DST without images (or without a record) takes any."""
+    recorded = ((previous or {}).get("image") or {}).get("window_percentiles")
+    if not recorded or not (previous or {}).get("images"):
+        return
+    old = [float(v) for v in recorded]
+    new = [float(v) for v in settings["window_percentiles"]]
+    if old != new:
+        raise IngestError(
+            f"destination holds images windowed with ingest.window_percentiles={old}; this run "
+            f"asks for {new}. Set ingest.window_percentiles={old}, or ingest into a new DST "
+            "(the manifest records one window for all of its images)."
+        )
 
 
 def recorded_pseudonyms(dst: str) -> dict[str, str | None] | None:
