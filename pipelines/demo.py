@@ -54,12 +54,19 @@ def demo_config(out: Path, steps: int) -> Config:
 
 
 def _prepare_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).exists():
-            raise DemoError(f"{out} is not empty and was not made by the demo; choose --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("made by radjepa demo; safe to delete\n")
+    """Empty ``out`` for a new demo, refusing anything the demo did not make: a file at (or
+    above) ``out`` was a NotADirectoryError traceback, an unwritable one a PermissionError."""
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            if not (out / MARKER).exists():
+                raise DemoError(f"{out} is not an empty folder made by the demo; choose --out")
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MARKER).write_text("made by radjepa demo; safe to delete\n")
+    except OSError as err:
+        raise DemoError(
+            f"cannot use {out} for the demo: {err.strerror or err}; choose --out"
+        ) from None
 
 
 def _call_api(url: str, key: str, sample: Path) -> dict[str, Any]:

@@ -140,3 +140,32 @@ def test_pretrain_refuses_masks_the_grid_cannot_hold_before_starting_ray(tmp_pat
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not keep masks.min_keep=30 context patches"), out.stderr
     assert "masks.masking_ratio" in last and "Traceback" not in out.stderr
+
+
+def test_demo_and_probe_refuse_an_output_path_that_is_a_file(tmp_path):
+    # both were a NotADirectoryError / FileExistsError traceback (exit 1)
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder\n")
+    for out in (blocker, blocker / "sub"):
+        res = _radjepa("demo", "--out", str(out), "--no-serve")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.strip().splitlines()[-1].startswith("error: "), res.stderr
+        assert str(out) in res.stderr and "choose --out" in res.stderr
+    from radjepa.checkpoint import save_checkpoint
+    from radjepa.config import load_config
+    from radjepa.engine import Pretrainer
+
+    tiny = REPO / "configs" / "tiny_cpu.yaml"
+    save_checkpoint(tmp_path / "ckpt", Pretrainer(load_config(tiny), "cpu"))
+    for out in (blocker, blocker / "sub"):  # refused before the labels are read
+        res = _radjepa(
+            "probe", str(tmp_path / "ckpt"), "-c", str(tiny), "--csv", str(tmp_path / "labels.csv"),
+            "--label", "sex", "--out", str(out), "--no-mlflow",
+        )  # fmt: skip
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert (
+            res.stderr.strip()
+            .splitlines()[-1]
+            .startswith(f"error: cannot write the report to {out}: ")
+        ), res.stderr
+    assert blocker.read_text() == "not a folder\n"

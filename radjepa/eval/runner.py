@@ -172,7 +172,13 @@ def run_probe(
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # a file at (or above) --out was a FileExistsError / NotADirectoryError traceback
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        why = "a file is in the way" if isinstance(err, FileExistsError) else err.strerror or err
+        raise DatasetError(
+            f"cannot write the report to {out}: {why}; choose another --out"
+        ) from None
     p = cfg.probe
     dev = resolve_device(device)
     if (csv is None) == (shards is None):
