@@ -8,6 +8,7 @@ offending dotted key so a typo in a 300-trial sweep fails in a second, not after
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 from collections.abc import Iterable, Mapping
@@ -57,6 +58,8 @@ CompileScope = Literal["modules", "blocks"]
 # keeps equal to this; spelled out here so loading a config does not import the decoder).
 PatientIdentity = Literal["patient_id", "issuer_and_patient_id"]
 
+
+log = logging.getLogger(__name__)
 
 # Seeds reach numpy (non-negative only), scikit-learn (below 2**32) and torch generators (a
 # pretraining worker seeds one with seed * 1_000_003 + ..., which must stay below 2**64): a seed
@@ -738,6 +741,8 @@ def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{location}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{location}: top level must be a mapping of sections")
+    if not data:  # a file truncated or saved blank is easy to miss in a job's log
+        log.warning("config file %s is empty: every setting is the default", location)
     base = data.pop("extends", None)
     if base is not None:
         parent = _read_yaml(_parent_location(location, str(base)), (*seen, location))

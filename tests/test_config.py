@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,15 @@ def test_a_binary_or_unreadable_config_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "bad.yaml")
     assert "\n" not in str(info.value) and "line 2" in str(info.value)
+
+
+def test_an_empty_config_file_gives_the_defaults_with_a_warning(tmp_path, caplog):
+    # a truncated or blank file silently trained the default model (vit_base)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing set yet\n")
+    with caplog.at_level(logging.WARNING, logger="radjepa.config"):
+        cfg = load_config(empty)
+    assert cfg == load_config(None)
+    assert any(
+        "is empty" in r.getMessage() and str(empty) in r.getMessage() for r in caplog.records
+    )
