@@ -575,8 +575,15 @@ def _format_validation_error(err: ValidationError, prefix: str = "") -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] == "missing" and e["loc"] and isinstance(e["loc"][-1], int):
+            # a range given one value read "masks.target_scale.1: Field required"
+            key, msg = key.rsplit(".", 1)[0], "needs two values [low, high]"
+        elif e["type"] == "too_long" and (e.get("ctx") or {}).get("field_type") == "Tuple":
+            msg = f"needs two values [low, high], got {e['ctx'].get('actual_length')}"
+        elif e["type"] == "tuple_type":
+            msg = f"needs two values [low, high], got {e.get('input')!r}"
         lines.append(f"{key}: {msg}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return "invalid configuration:\n  " + "\n  ".join(dict.fromkeys(lines))
 
 
 def _validate(data: Mapping[str, Any]) -> Config:

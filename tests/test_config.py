@@ -111,6 +111,15 @@ def test_bad_keys_and_values_fail_naming_the_key(override, key):
     assert key in str(info.value)
 
 
+@pytest.mark.parametrize("value", ["[0.1]", "[]", "[0.1, 0.2, 0.3]", "0.3"])
+def test_a_range_of_the_wrong_shape_says_it_needs_two_values(value):
+    # one value read "masks.target_scale.1: Field required" (an empty list said it twice)
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "tiny_cpu.yaml", [f"masks.target_scale={value}"])
+    (line,) = str(info.value).splitlines()[1:]
+    assert line.strip().startswith("masks.target_scale: needs two values [low, high]")
+
+
 def test_cross_section_check_names_both_keys():
     with pytest.raises(ConfigError, match="model.img_size"):
         load_config(None, ["model.img_size=160"])  # data.crop_size stays 224
