@@ -324,3 +324,26 @@ def test_destination_pins_the_patient_identity_scheme(tmp_path, caplog):
     }
     with pytest.raises(IngestError, match="asks for issuer_and_patient_id"):
         check_key(legacy, legacy.read_manifest(), key, "RADJEPA_DEID_SECRET")
+
+
+def test_folder_links_list_each_file_once_and_a_dangling_link_is_an_input(tmp_path):
+    """pyarrow's listing followed a link to a parent folder 40 levels deep (each file 41 times;
+    two such links never finished) and listed a folder's files again under each link to it; a
+    link to a missing file was dropped unseen."""
+    dcm = make_dicom(gradient(40, 40), markers=False)
+    loop = tmp_path / "loop"
+    (loop / "2024").mkdir(parents=True)
+    (loop / "2024" / "a.dcm").write_bytes(dcm)
+    (loop / "2024" / "up").symlink_to("..")
+    assert [r["path"] for r in list_inputs([str(loop)])] == [str(loop / "2024" / "a.dcm")]
+
+    src = tmp_path / "src"
+    (src / "2024").mkdir(parents=True)
+    (src / "2024" / "a.dcm").write_bytes(dcm)
+    (src / "latest").symlink_to("2024")  # a second name for a folder
+    (src / "gone.dcm").symlink_to("missing.dcm")  # its target was deleted
+    os.mkfifo(src / "pipe")  # no image, and reading it would block
+    refs = list_inputs([str(src)])
+    assert [r["path"] for r in refs] == [str(src / "2024" / "a.dcm"), str(src / "gone.dcm")]
+    (row,) = iter_source(refs[1], 10**7)
+    assert row["data"] is None and row["read_error"] == "read_error:FileNotFoundError"

@@ -9,6 +9,8 @@ never an exception that would end a run.
 
 from __future__ import annotations
 
+import logging
+import os
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -31,6 +33,8 @@ __all__ = [
     "read_blocks",
     "utf8_name",
 ]
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 32  # rows per block emitted by read_blocks
 LINK = "archive link"  # read_error detail of a tar member that is a hard or symbolic link
@@ -86,14 +90,16 @@ def list_inputs(sources: list[str]) -> list[dict[str, str]]:
         try:
             fs, root = filesystem(src)
             info = fs.get_file_info(root)
-            if info.type == pafs.FileType.Directory:
+            if info.type != pafs.FileType.Directory:
+                paths = [root]
+            elif isinstance(fs, pafs.LocalFileSystem):
+                paths = _local_files(root)
+            else:
                 infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
                 paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
-            else:
-                paths = [root]
         except (OSError, pa.ArrowException) as err:
             raise IngestError(f"cannot list source {src}: {err}") from None
-        except UnicodeDecodeError:  # pyarrow can neither name nor open such a file
+        except UnicodeError:  # pyarrow can neither name nor open such a file
             raise IngestError(
                 f"cannot list source {src}: a file name under it is not UTF-8 (e.g. Latin-1 "
                 "from an older system); rename it (convmv -r -f latin1 -t utf8 --notest DIR) "
@@ -103,6 +109,43 @@ def list_inputs(sources: list[str]) -> list[dict[str, str]]:
             raise IngestError(f"source not found: {src}")
         refs.extend({"source": src, "path": p, "kind": archive_kind(p) or "file"} for p in paths)
     return refs
+
+
+def _local_files(root: str) -> list[str]:
+    """Files under a local folder, each folder listed once whatever the links to it.
+
+    pyarrow's recursive listing follows every folder link again and again: one link to a parent
+    (``up -> ..``) listed each file 41 times, two such links never finished. Here a linked
+    folder is entered only the first time its real path is met (names sorted, so the choice is
+    stable across runs). A link whose target is missing is listed, so it is quarantined as
+    unreadable rather than dropped unseen; sockets, fifos and devices hold no image and are left
+    out, as pyarrow did (reading a fifo would block). A name that is not UTF-8 raises
+    UnicodeEncodeError: pyarrow could not open it.
+    """
+
+    def fail(err: OSError) -> None:  # os.walk would skip an unreadable folder silently
+        raise err
+
+    files: list[str] = []
+    entered: set[str] = set()
+    skipped = 0
+    for folder, subfolders, names in os.walk(root, onerror=fail, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in entered:
+            subfolders.clear()
+            skipped += 1
+            continue
+        entered.add(real)
+        subfolders.sort()
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path)):
+                path.encode("utf-8")  # UnicodeEncodeError for a name pyarrow cannot open
+                files.append(path)
+    if skipped:
+        # no path in the log: folder names in an export may carry patient names
+        log.info("%d linked folders were already listed under another name: skipped", skipped)
+    return sorted(files)
 
 
 def count_members(ref: dict[str, str]) -> int:
