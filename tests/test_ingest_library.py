@@ -347,3 +347,15 @@ def test_folder_links_list_each_file_once_and_a_dangling_link_is_an_input(tmp_pa
     assert [r["path"] for r in refs] == [str(src / "2024" / "a.dcm"), str(src / "gone.dcm")]
     (row,) = iter_source(refs[1], 10**7)
     assert row["data"] is None and row["read_error"] == "read_error:FileNotFoundError"
+
+
+def test_a_file_named_by_two_sources_is_one_input(tmp_path):
+    """A source given twice, or a folder and its subfolder: each file was listed (so counted as
+    input, and quarantined when too large) once per source."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a.dcm", "sub/b.dcm"):
+        (src / name).write_bytes(make_dicom(gradient(40, 40), markers=False))
+    refs = list_inputs([str(src), str(src / "sub"), str(src), str(src / "a.dcm")])
+    assert [r["path"] for r in refs] == [str(src / "a.dcm"), str(src / "sub" / "b.dcm")]
+    assert {r["source"] for r in refs} == {str(src)}  # the first source that named it

@@ -84,9 +84,14 @@ def archive_kind_of(head: bytes) -> str | None:
 
 
 def list_inputs(sources: list[str]) -> list[dict[str, str]]:
-    """File references for every source: ``{"source", "path", "kind"}`` (kind file/zip/tar)."""
+    """File references for every source: ``{"source", "path", "kind"}`` (kind file/zip/tar).
+
+    A file is one input however many sources name it (a source given twice, a folder and a
+    subfolder of it): read twice it was counted twice, and one that cannot be read (too large,
+    unreadable) got a quarantine row per listing, so the DST's totals overstated what it saw."""
     refs: list[dict[str, str]] = []
-    for src in sources:
+    listed: set[tuple[str, str]] = set()
+    for number, src in enumerate(sources, 1):
         try:
             fs, root = filesystem(src)
             info = fs.get_file_info(root)
@@ -107,7 +112,12 @@ def list_inputs(sources: list[str]) -> list[dict[str, str]]:
             ) from None
         if info.type == pafs.FileType.NotFound:
             raise IngestError(f"source not found: {src}")
-        refs.extend({"source": src, "path": p, "kind": archive_kind(p) or "file"} for p in paths)
+        fresh = [p for p in paths if (fs.type_name, p) not in listed]
+        if len(fresh) < len(paths):
+            skipped = len(paths) - len(fresh)
+            log.info("%d files of source %d were listed by an earlier source", skipped, number)
+        listed.update((fs.type_name, p) for p in fresh)
+        refs.extend({"source": src, "path": p, "kind": archive_kind(p) or "file"} for p in fresh)
     return refs
 
 
