@@ -34,6 +34,7 @@ from radjepa.ingest.destination import (
     Destination,
     check_compatible,
     check_key,
+    is_output,
 )
 from radjepa.ingest.errors import IngestError
 from radjepa.ingest.sources import count_members, list_inputs, read_blocks
@@ -115,10 +116,10 @@ def run_ingest(
     # list first (a missing source fails before DST is touched); a DST inside a source folder
     # must not ingest its own shards on the next run
     try:
-        dst_root = filesystem(dst)[1].rstrip("/") + "/"
+        dst_root = filesystem(dst)[1]
     except (OSError, pa.ArrowException) as err:
         raise IngestError(f"cannot use destination {dst}: {err}") from None
-    refs = [r for r in list_inputs(sources) if not r["path"].startswith(dst_root)]
+    refs = [r for r in list_inputs(sources) if not is_output(dst_root, r["path"])]
     dest = Destination(dst)
     previous = dest.read_manifest()
     secret = resolve_secret(ing.secret_env)

@@ -431,6 +431,25 @@ def test_keep_source_paths_too_large_and_dst_inside_source(ray_session, tmp_path
     assert (again.input, again.ok, again.quarantined, again.already_ingested) == (2, 0, 0, 2)
 
 
+def test_source_inside_destination_is_ingested_but_not_the_outputs(ray_session, tmp_path) -> None:
+    """`radjepa ingest /data/raw /data`: every file under DST was skipped as if it were DST's
+    own output, so the run stored nothing and said only "no files found"."""
+    from pipelines.ingest import run_ingest
+
+    dst = tmp_path / "data"
+    (dst / "raw").mkdir(parents=True)
+    for seed in range(2):
+        (dst / "raw" / f"{seed}.dcm").write_bytes(make_dicom(gradient(40, 40, seed=seed)))
+    s = run_ingest([str(dst / "raw")], str(dst), _cfg(), progress=False)
+    assert (s.input, s.ok, s.quarantined) == (2, 2, 0)
+    # DST itself as the source: its shards, records and quarantine are never read back
+    (dst / "raw" / "bad.dcm").write_bytes(b"not an image")
+    again = run_ingest([str(dst)], str(dst), _cfg(), progress=False)
+    assert (again.input, again.ok, again.quarantined, again.already_ingested) == (3, 0, 1, 2)
+    third = run_ingest([str(dst)], str(dst), _cfg(), progress=False)
+    assert (third.input, third.already_ingested) == (3, 3)
+
+
 def test_missing_source_is_a_clear_error(ray_session, tmp_path) -> None:
     from pipelines.ingest import IngestError, run_ingest
 

@@ -29,6 +29,7 @@ __all__ = [
     "Destination",
     "check_compatible",
     "check_key",
+    "is_output",
     "recorded_pseudonyms",
 ]
 
@@ -39,6 +40,20 @@ KEY_RECORD = "pseudonyms.json"  # which key made the pseudonyms; written before 
 # in KEY_RECORD: the key was first recorded on a DST that already held shards (see check_key)
 UNCHECKED = "unchecked_shards"
 MANIFEST_VERSION = 1
+
+
+def is_output(root: str, path: str) -> bool:
+    """Whether ``path`` is a file ingest writes into the DST at ``root`` (its shards, quarantine,
+    JSON records and their temporary names), which a source that holds the DST must not read
+    back. Only those: any other file under DST is input. Skipping all of DST dropped every file
+    of a source inside it (``radjepa ingest /data/raw /data``) with only "no files found"."""
+    root = root.rstrip("/")
+    if not path.startswith(f"{root}/"):
+        return False
+    rel = path[len(root) + 1 :]
+    if rel.startswith((f"{IMAGES_DIR}/", f"{QUARANTINE_DIR}/")):
+        return True
+    return rel in {name for n in (MANIFEST, KEY_RECORD) for name in (n, f".{n}.tmp")}
 
 
 class Destination:
