@@ -132,7 +132,9 @@ def run_ingest(
     key = check_key(dest, previous, key, ing.secret_env)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     summary = IngestSummary(dst=dst, run_id=run_id)
-    expected = sum(1 if r["kind"] == "file" else count_members(r) for r in refs)
+    counts = [1 if r["kind"] == "file" else count_members(r) for r in refs]
+    # None: a large compressed tar is not counted ahead (see count_members), so neither is the run
+    expected = None if None in counts else sum(c for c in counts if c is not None)
 
     if not ray.is_initialized():
         from pipelines.runtime import ensure_ray
@@ -141,15 +143,16 @@ def run_ingest(
     known = dest.known_ids()
     # decode_actors=0: one per cluster CPU, grown on demand (a small job starts few actors)
     actors = ing.decode_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    actors = max(1, min(actors, -(-max(expected, 1) // _DECODE_BATCH)))
+    if expected is not None:  # no more decoders than batches of inputs
+        actors = max(1, min(actors, -(-max(expected, 1) // _DECODE_BATCH)))
     pool = (
         ray.data.ActorPoolStrategy(size=actors)
         if ing.decode_actors
         else ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
     )
     log.info(
-        "ingest %d inputs (%d refs) into %s with %d decoders; %d ids already present",
-        expected,
+        "ingest %s inputs (%d refs) into %s with %d decoders; %d ids already present",
+        "uncounted" if expected is None else expected,
         len(refs),
         dst,
         actors,
@@ -243,7 +246,7 @@ def _consume(
     dest: Destination,
     summary: IngestSummary,
     shard_rows: int,
-    expected: int,
+    expected: int | None,
     progress: bool,
     run_id: str,
 ) -> None:

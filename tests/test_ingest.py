@@ -450,6 +450,32 @@ def test_source_inside_destination_is_ingested_but_not_the_outputs(ray_session, 
     assert (third.input, third.already_ingested) == (3, 3)
 
 
+def test_a_large_compressed_tar_is_not_decompressed_twice(ray_session, tmp_path, monkeypatch):
+    """Counting a .tar.gz's members for the progress bar decompressed it whole on the driver
+    before any work (a second full read, a second download from object storage); above the
+    size limit it is counted as it streams. The limit is lowered here instead of building a
+    256 MiB archive."""
+    import radjepa.ingest.sources as sources
+    from pipelines.ingest import run_ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(src / "export.tar.gz", "w:gz") as t:
+        for seed in range(3):
+            data = make_dicom(gradient(40, 40, seed=seed), markers=False)
+            info = tarfile.TarInfo(f"study/{seed}.dcm")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    ref = {"source": str(src), "path": str(src / "export.tar.gz"), "kind": "tar"}
+    assert sources.count_members(ref) == 3
+    monkeypatch.setattr(sources, "COUNT_LIMIT_BYTES", 1024)
+    assert sources.count_members(ref) is None
+    s = run_ingest([str(src)], str(tmp_path / "dst"), _cfg(), progress=False)
+    assert (s.input, s.ok, s.quarantined) == (3, 3, 0)
+    manifest = json.loads((tmp_path / "dst" / "manifest.json").read_text())
+    assert manifest["runs"][-1]["expected_inputs"] is None
+
+
 def test_missing_source_is_a_clear_error(ray_session, tmp_path) -> None:
     from pipelines.ingest import IngestError, run_ingest
 
