@@ -118,12 +118,15 @@ def ingest(
     if len(paths) < 2:
         raise UserError("give at least one source and the destination: radjepa ingest SRC... DST")
     cfg = load(config, set_)
-    from pipelines.ingest import IngestError, run_ingest
+    from pipelines.ingest import INTERRUPTED, IngestError, run_ingest
 
     try:
         res = run_ingest(paths[:-1], paths[-1], cfg)
     except IngestError as err:
         raise UserError(str(err)) from None
+    except KeyboardInterrupt:
+        typer.echo(INTERRUPTED, err=True)
+        raise typer.Exit(130) from None
     typer.echo(
         f"ingested {res.input} inputs: {res.ok} stored, {res.quarantined} quarantined, "
         f"{res.duplicates} duplicates -> {paths[-1]} ({res.total_images} images in total)"

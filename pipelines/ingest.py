@@ -363,6 +363,13 @@ def summary_table(summary: IngestSummary) -> Any:
     return table
 
 
+# what an interrupted run leaves: whole shards only (each written to a temporary name, then
+# renamed), and a re-run skips every image they hold
+INTERRUPTED = (
+    "interrupted: the shards written so far are kept; re-run the same command to ingest the rest"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.ingest SRC... DST [--config] [--set k=v]`` (e.g. in a Ray Job)."""
     from pipelines.runtime import ClusterError
@@ -381,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, IngestError, ClusterError) as err:  # the user's: one line, like the CLI
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` of a job run in the foreground
+        print(INTERRUPTED, file=sys.stderr)  # noqa: T201 - entry point output
+        return 130
     print(json.dumps(asdict(s), sort_keys=True))  # noqa: T201 - entry point output
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -587,3 +588,36 @@ def test_module_entry_point_reports_user_errors_in_one_line(tmp_path, capsys) ->
     assert capsys.readouterr().err.strip() == f"error: source not found: {tmp_path / 'nope'}"
     assert main([str(tmp_path), str(tmp_path / "dst"), "--set", "ingest.image_size=abc"]) == 2
     assert "ingest.image_size" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_says_what_it_kept_in_one_line(tmp_path) -> None:
+    """Ctrl-C (or a foreground job stopped) ended in a KeyboardInterrupt traceback, exit 1."""
+    import signal
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for seed in range(60):
+        (src / f"{seed}.dcm").write_bytes(make_dicom(gradient(256, 256, seed=seed), markers=False))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.ingest", str(src), str(tmp_path / "dst")]
+        + ["-c", str(REPO / "configs" / "tiny_cpu.yaml")],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RADJEPA_DEID_SECRET": "k" * 32, "RAY_ADDRESS": ""},
+        # a shell's background job ignores SIGINT, and Python would then never raise it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stderr is not None
+    err = []
+    for line in proc.stderr:  # interrupted inside run_ingest, once it has said what it reads
+        err.append(line)
+        if "ingest 60 inputs" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, rest = proc.communicate(timeout=120)
+    text = "".join(err) + rest
+    assert proc.returncode == 130, text
+    assert "Traceback" not in text and out.strip().count("{") == 0
+    assert text.strip().splitlines()[-1].startswith("interrupted: the shards written so far")
