@@ -135,6 +135,7 @@ def run_embed(
     ``model`` is a checkpoint or run folder, either as a URI, or a ``models:/`` reference
     looked up in ``tracking_uri``. A local folder must be on every node that runs an actor.
     """
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     import ray
 
@@ -144,6 +145,7 @@ def run_embed(
     from radjepa.ingest.errors import IngestError
     from radjepa.locations import filesystem
     from radjepa.shards import ShardError, list_shards
+    from serve.index import INCOMPLETE_MARKER
     from serve.registry import ModelNotFound, resolve_model
 
     try:
@@ -158,8 +160,13 @@ def run_embed(
     out = str(out)  # a folder or any pyarrow URI: the job may run on a cluster
     try:
         out_fs, out_path = filesystem(out)
+        marker = f"{out_path.rstrip('/')}/{INCOMPLETE_MARKER}"
         if _parquet_files(out_fs, out_path):
-            raise EmbedError(f"{out} already holds Parquet files: choose a new folder or remove it")
+            unfinished = out_fs.get_file_info(marker).type != pafs.FileType.NotFound
+            what = (
+                "the parts of an embed run that did not finish" if unfinished else "Parquet files"
+            )
+            raise EmbedError(f"{out} already holds {what}: choose a new folder or remove it")
     except (OSError, ValueError) as err:
         if isinstance(err, EmbedError):
             raise
@@ -211,6 +218,7 @@ def run_embed(
         udf_modifying_row_count=False,
     )
     out_fs.create_dir(out_path, recursive=True)
+    _mark_incomplete(out_fs, marker)
     try:
         ds.write_parquet(out)
     except ray.exceptions.RayActorError as err:
@@ -220,6 +228,7 @@ def run_embed(
             raise
         reason = remote_error_message(err) or "see the worker log above"
         raise EmbedError(f"the encoder actors could not start: {reason}") from None
+    out_fs.delete_file(marker)  # every part is written: the index may be served
     files = _parquet_files(out_fs, out_path)
     rows = sum(pq.read_metadata(f, filesystem=out_fs).num_rows for f in files)
     dim, label = 0, model_label or ""
@@ -245,6 +254,21 @@ def run_embed(
         pseudonym_key_fingerprint=(pseudonyms or {}).get("key_fingerprint"),
         patient_identity=(pseudonyms or {}).get("patient_identity"),
     )
+
+
+def _mark_incomplete(fs: Any, marker: str) -> None:
+    """Mark the index folder as being written until every part is in it.
+
+    Ray Data writes each part straight into the folder as its task ends, so a run stopped
+    midway (Ctrl-C, ``radjepa jobs stop``, a preempted node, a failed actor) leaves valid
+    Parquet holding only some of the archive; ``serve.index`` refuses a folder with this
+    marker instead of serving that as the whole archive.
+    """
+    with fs.open_output_stream(marker) as f:
+        f.write(
+            b"radjepa embed is writing this index, or a run writing it did not finish: "
+            b"its parts are not the whole archive\n"
+        )
 
 
 def _parquet_files(fs: Any, path: str) -> list[str]:

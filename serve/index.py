@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENCODER_COLUMN",
+    "INCOMPLETE_MARKER",
     "PATIENT_IDENTITY_COLUMN",
     "PID_COLUMNS",
     "PSEUDONYM_KEY_COLUMN",
@@ -56,6 +57,10 @@ ENCODER_COLUMN = "encoder_sha256"
 # ingest.patient_identity scheme they follow (both from the ingest key record)
 PSEUDONYM_KEY_COLUMN = "pseudonym_key_fingerprint"
 PATIENT_IDENTITY_COLUMN = "patient_identity"
+# written into the index folder by `radjepa embed` before its first part and removed once the
+# last one is written: Ray Data writes each part straight into the folder, so an interrupted run
+# leaves a folder of valid Parquet that holds only some of the archive
+INCOMPLETE_MARKER = "_EMBED_INCOMPLETE"
 
 
 class IndexLoadError(ValueError):
@@ -351,9 +356,16 @@ def _rows_by_value(values: list[str | None]) -> dict[str, list[int]]:
 
 
 def _index_files(path: str | Path) -> tuple[Path, list[Path]]:
+    """The index's Parquet files; a folder an embed run has not finished writing is refused:
+    its parts load as a smaller archive, and searches would miss the rest without a word."""
     p = Path(path)
     if not p.exists():
         raise IndexLoadError(f"index not found: {p}")
+    if p.is_dir() and (p / INCOMPLETE_MARKER).exists():
+        raise IndexLoadError(
+            f"index {p} is incomplete: the `radjepa embed` run writing it did not finish "
+            "(still running, interrupted or failed); remove the folder and run it again"
+        )
     files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
     if not files:
         raise IndexLoadError(f"no .parquet files under {p}")

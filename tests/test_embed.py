@@ -250,6 +250,43 @@ def test_user_errors_are_named(embedded, tmp_path):
         )
 
 
+def test_an_interrupted_run_leaves_an_index_the_server_refuses(embedded, tmp_path, monkeypatch):
+    """Ray Data writes each part of the index straight into OUT as its task ends, so a run
+    stopped midway (reproduced for real: SIGTERM to `radjepa embed` over 4096 images after its
+    first part appeared left 1984 rows) left valid Parquet that the server loaded as the whole
+    archive, and /v1/similar missed the rest without a word. Here the write stops after a real
+    first part; the server refuses the folder and a re-run says what it holds."""
+    import ray.data
+
+    from pipelines.embed import EmbedError, run_embed
+    from serve.index import EmbeddingIndex, IndexLoadError
+
+    write_parquet = ray.data.Dataset.write_parquet
+
+    def stopped_midway(self, path, **kwargs):
+        write_parquet(self.limit(3), path, **kwargs)  # the parts written before the stop
+        raise RuntimeError("node preempted")
+
+    monkeypatch.setattr(ray.data.Dataset, "write_parquet", stopped_midway)
+    out = tmp_path / "index"
+    with pytest.raises(RuntimeError, match="preempted"):
+        run_embed(
+            embedded["cfg"], embedded["root"] / "ingest", out, model=embedded["ckpt"], actors=1
+        )
+    assert pq.read_table(out).num_rows == 3  # what the old server served as the archive
+    for load in (
+        EmbeddingIndex.from_parquet,
+        EmbeddingIndex.recorded_encoder,
+        EmbeddingIndex.recorded_pseudonyms,
+    ):
+        with pytest.raises(IndexLoadError, match="is incomplete: the `radjepa embed` run"):
+            load(out)
+    monkeypatch.undo()
+    with pytest.raises(EmbedError, match="holds the parts of an embed run that did not finish"):
+        run_embed(embedded["cfg"], embedded["root"] / "ingest", out, model=embedded["ckpt"])
+    assert not list(embedded["out"].glob("_*"))  # a finished run leaves no marker
+
+
 def test_actors_that_cannot_load_the_model_are_named_in_one_line(embedded, tmp_path, monkeypatch):
     """On a cluster each actor loads the model on its own node, where a local folder may hold
     other weights than the driver hashed. Here the driver is made to hash other weights (the
