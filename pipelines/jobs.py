@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shlex
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,8 +36,9 @@ TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 EXIT_STOPPED = 3
 
 # gitignore-style patterns relative to the working dir. Ray's working_dir upload is capped
-# (hundreds of MiB) and the venv alone is several GB; outputs and caches never belong on the
-# cluster either. Ray also honours .gitignore, but a checkout without one must still be safe.
+# (the job server takes 100 MiB per request) and the venv alone is several GB; outputs and
+# caches never belong on the cluster either. Ray also honours .gitignore, but a checkout
+# without one must still be safe.
 # No trailing '/': Ray tests a directory's own path without one, so 'x/' would still walk x.
 DEFAULT_EXCLUDES: tuple[str, ...] = (
     ".venv",
@@ -331,7 +333,29 @@ def submit(
             metadata={"tool": "radjepa"},
         )
     except (RuntimeError, ValueError) as err:
-        raise JobsError(f"submission failed: {server_message(err)}") from None
+        raise JobsError(f"submission failed: {submission_problem(err, submission)}") from None
+
+
+def submission_problem(err: BaseException, submission: Submission) -> str:
+    """What the job server's refusal of a submission means, in one line.
+
+    A working dir whose zip is over the job server's request limit (Ray 2.60's dashboard takes
+    100 MiB, well under the 512 MiB package limit Ray's own message names; a proxy in front of
+    it may take less) came back as "status code 413: Maximum request body size 104857600
+    exceeded", which names neither the upload nor what to leave out of it.
+    """
+    text = server_message(err)
+    match = re.search(r"status code 413\b(?:: Maximum request body size (\d+))?", text)
+    if match is None:
+        return text
+    limit = f" ({int(match.group(1)) / 1024**2:.0f} MiB)" if match.group(1) else ""
+    wd = submission.runtime_env.get("working_dir", "the working dir")
+    return (
+        f"the zipped working dir {wd} is larger than the job server accepts{limit}: keep data, "
+        "weights and outputs out of it (.gitignore, a .rayignore, or `excludes:` in "
+        "cluster/runtime_env.yaml; Ray's warnings above name very large files), or give a "
+        "smaller --working-dir"
+    )
 
 
 def server_message(err: BaseException) -> str:

@@ -298,6 +298,24 @@ def test_jobs_stop_ends_a_running_job_and_follow_exits_stopped(ray_head: dict[st
     assert "started" in follow.stdout
 
 
+@pytest.mark.slow
+def test_a_working_dir_too_large_to_upload_is_named_with_what_to_do(
+    ray_head: dict[str, str], tmp_path: Path
+) -> None:
+    # the job server takes 100 MiB per request, far under Ray's 512 MiB package limit: a bigger
+    # working dir came back as "status code 413: Maximum request body size 104857600 exceeded.."
+    wd = tmp_path / "checkout"
+    wd.mkdir()
+    (wd / "weights.onnx").write_bytes(os.urandom(101 * 1024**2))  # random: the zip keeps it
+
+    res = _radjepa(["submit", "--working-dir", str(wd), "--", "config", "show"], ray_head)
+
+    assert res.returncode == 2, res.stdout + res.stderr
+    error = res.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: submission failed: the zipped working dir {wd} is larger")
+    assert "accepts (100 MiB)" in error and ".rayignore" in error and "excludes:" in error
+
+
 def test_unreachable_server_and_missing_address_are_user_errors() -> None:
     (port,) = _free_ports(1)
     res = _radjepa(["submit", "--address", f"127.0.0.1:{port}", "config", "validate"], {})
