@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.admission import Cancelled, DecodeGate, Overloaded
@@ -153,6 +154,10 @@ class GuardMiddleware:
         except _BodyTooLarge:
             if not started:
                 await too_large(scope, receive, send)
+        except ClientDisconnect:
+            # the client went away before its body arrived: nobody to answer, and no server
+            # fault (logged at ERROR with a traceback, any client could flood the log)
+            log.info("client disconnected during %s %s", scope.get("method"), scope.get("path"))
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not started:

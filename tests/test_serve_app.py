@@ -6,10 +6,15 @@ app runs behind Ray Serve in tests/test_serve_ray.py.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ from serve_helpers import (
     REPO,
     cosine,
     dicom_from_png,
+    free_port,
     fuzz_openapi,
     make_checkpoint,
     make_head,
@@ -607,6 +613,68 @@ def test_bad_input_gets_its_4xx_never_a_500(client, world, case, status):
     assert body["detail"] and "Traceback" not in r.text
     if status == 422 and case not in ("bad_k",):
         assert body["reason"]
+
+
+@contextlib.contextmanager
+def _on_loopback(app):
+    """``app`` served by a real uvicorn on a free loopback port (a thread): (host, port)."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield server.config.host, server.config.port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _multipart_head(filename: str = "a.png") -> bytes:
+    return (
+        b'--B\r\nContent-Disposition: form-data; name="files"; filename="'
+        + filename.encode()
+        + b'"\r\nContent-Type: image/png\r\n\r\n'
+    )
+
+
+@pytest.mark.parametrize(
+    ("media", "start"),
+    [("image/png", None), ("multipart/form-data; boundary=B", _multipart_head())],
+)
+def test_a_client_leaving_mid_upload_is_not_logged_as_a_server_error(
+    client, world, caplog, media, start
+):
+    """A client that closes its connection before its body arrived ended in ClientDisconnect,
+    logged at ERROR as an "unhandled error" with a 40-line traceback: any client could fill
+    the server log with fake server faults. It is one INFO line now."""
+    caplog.set_level(logging.INFO, logger="serve.app")
+    png = world["pngs"][0]
+    sent = (start or b"") + png[: len(png) // 2]
+    with _on_loopback(client.app) as (host, port), socket.create_connection((host, port)) as s:
+        s.sendall(
+            f"POST /v1/embed HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: {media}\r\nContent-Length: {len(sent) + len(png)}\r\n\r\n".encode()
+            + sent
+        )
+        s.shutdown(socket.SHUT_RDWR)
+        s.close()
+        deadline = time.monotonic() + 30  # until the app has said something about it
+        while time.monotonic() < deadline and not [
+            r for r in caplog.records if r.name == "serve.app" and "/v1/embed" in r.getMessage()
+        ]:
+            time.sleep(0.02)
+    said = [r for r in caplog.records if r.name == "serve.app"]
+    assert said, "the app never noticed the disconnect"
+    assert all(r.levelno < logging.WARNING for r in said), [r.getMessage() for r in said]
+    assert all(r.exc_info is None for r in said)
+    assert "disconnected" in said[0].getMessage()
 
 
 def test_unexpected_failure_is_a_generic_500_without_details(world):
