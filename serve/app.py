@@ -197,9 +197,16 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
     )
     uploads: list[_Upload] = []
     try:
-        for _, value in form.multi_items():
+        for name, value in form.multi_items():
             if not isinstance(value, UploadFile):
-                continue
+                # a part without a filename is a text field to the parser, its bytes and type
+                # gone: skipping it answered for fewer images than were sent
+                raise ApiError(
+                    422,
+                    f"multipart part {name[:64]!r} is not a file (its Content-Disposition has "
+                    "no filename): send each image as a file part, e.g. curl -F files=@a.dcm",
+                    reason="not_a_file",
+                )
             part = (value.content_type or "application/octet-stream").split(";")[0].lower()
             if part not in PART_MEDIA_TYPES:
                 raise ApiError(

@@ -677,6 +677,34 @@ def test_a_client_leaving_mid_upload_is_not_logged_as_a_server_error(
     assert "disconnected" in said[0].getMessage()
 
 
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        'form-data; name="files"',  # what requests/httpx send for a file tuple with filename None
+        "form-data; name=\"files\"; filename*=UTF-8''%C3%A9.dcm",  # RFC 5987 name only
+    ],
+)
+def test_a_multipart_part_without_a_filename_is_refused_not_skipped(client, world, disposition):
+    """A part without a filename is a text field to the multipart parser: it was skipped, so a
+    request with two images answered 200 for one (results no longer matched the files sent),
+    and a request with only such a part got "holds no files"."""
+    import httpx
+
+    dcm = dicom_from_png(world["png_paths"][0])
+    body = (
+        b'--B\r\nContent-Disposition: form-data; name="files"; filename="a.dcm"\r\n'
+        b"Content-Type: application/dicom\r\n\r\n" + dcm + b"\r\n"
+        b"--B\r\nContent-Disposition: " + disposition.encode() + b"\r\n"
+        b"Content-Type: image/png\r\n\r\n" + world["pngs"][1] + b"\r\n--B--\r\n"
+    )
+    headers = {**AUTH, "content-type": "multipart/form-data; boundary=B"}
+    with _on_loopback(client.app) as (host, port):
+        r = httpx.post(f"http://{host}:{port}/v1/classify", content=body, headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["reason"] == "not_a_file"
+    assert "'files'" in r.json()["detail"] and "filename" in r.json()["detail"]
+
+
 def test_unexpected_failure_is_a_generic_500_without_details(world):
     runner = EncoderRunner.from_checkpoint(Path(world["runner"].info.source))
     app = create_app(LocalEmbedder(runner), settings=_settings())
