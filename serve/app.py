@@ -471,6 +471,22 @@ def create_app(
             index_size=len(index) if index is not None else 0,
         )
 
+    # HEAD of every GET route (a load balancer's or uptime monitor's probe, `curl -I`): FastAPI
+    # routes answer only the methods they list, so these were 405 while /docs answered 200
+    for path, endpoint, model, deps in (
+        ("/healthz", healthz, Health, None),
+        ("/readyz", readyz, Readiness, None),
+        ("/v1/models", models, ModelsResponse, auth),
+    ):
+        app.add_api_route(
+            path,
+            endpoint,
+            methods=["HEAD"],
+            response_model=model,
+            dependencies=deps,
+            include_in_schema=False,
+        )
+
     @app.post(
         "/v1/embed",
         response_model=EmbedResponse,

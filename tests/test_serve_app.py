@@ -538,6 +538,26 @@ def test_probes_and_docs_need_no_key(client):
     assert "/v1/similar" in client.get("/openapi.json").json()["paths"]
 
 
+def test_get_routes_answer_head_as_get_does(client):
+    """HEAD of /healthz, /readyz and /v1/models was 405 (FastAPI routes answer only the methods
+    they list) while /docs answered 200: a HEAD health check saw a healthy service as down."""
+    import httpx
+
+    with (
+        _on_loopback(client.app) as (host, port),
+        httpx.Client(base_url=f"http://{host}:{port}") as c,
+    ):
+        for path, headers in (("/healthz", {}), ("/readyz", {}), ("/v1/models", AUTH)):
+            got = c.get(path, headers=headers)
+            head = c.head(path, headers=headers)
+            assert (head.status_code, head.content) == (200, b""), path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+        refused = c.head("/v1/models")
+        assert refused.status_code == 401 and refused.headers["www-authenticate"]
+        assert c.head("/v1/embed", headers=AUTH).status_code == 405  # a POST route stays POST
+    assert "head" not in client.get("/openapi.json").json()["paths"]["/healthz"]
+
+
 def test_classify_and_similar_answer_503_when_not_configured(world):
     bare = TestClient(create_app(world["embedder"], settings=_settings()))
     for path in ("/v1/classify", "/v1/similar"):
