@@ -336,6 +336,10 @@ def create_app(
         version="1",
         description="Chest X-ray embeddings, probe classification and similar-case search. "
         "Send `Authorization: Bearer <key>` on every /v1 route.",
+        # a path with a stray trailing slash was a 307 to a Location built from the Host header
+        # and the scheme uvicorn saw (http behind a TLS-terminating ingress), which a client
+        # follows by sending the image again, before any key check: paths are exact instead
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.embedder = embedder

@@ -558,6 +558,30 @@ def test_get_routes_answer_head_as_get_does(client):
     assert "head" not in client.get("/openapi.json").json()["paths"]["/healthz"]
 
 
+def test_a_path_with_a_trailing_slash_is_a_404_not_a_redirect(client, world):
+    """POST /v1/embed/ was a 307 whose Location came from the Host header and the scheme the
+    server saw (http behind a TLS-terminating ingress): a client following it sent the image
+    again, to wherever that pointed. Paths are exact: a JSON 404 like any unknown path."""
+    import httpx
+
+    with (
+        _on_loopback(client.app) as (host, port),
+        httpx.Client(
+            base_url=f"http://{host}:{port}", headers={"host": "radjepa.example.org"}
+        ) as c,
+    ):
+        for method, path in (("POST", "/v1/embed/"), ("GET", "/healthz/"), ("GET", "/v1/models/")):
+            r = c.request(
+                method,
+                path,
+                content=world["pngs"][0] if method == "POST" else None,
+                headers={**AUTH, "content-type": "image/png"},
+            )
+            assert r.status_code == 404, (path, r.status_code, r.headers.get("location"))
+            assert "location" not in r.headers
+            assert r.json() == {"detail": "Not Found", "reason": None, "filename": None}
+
+
 def test_classify_and_similar_answer_503_when_not_configured(world):
     bare = TestClient(create_app(world["embedder"], settings=_settings()))
     for path in ("/v1/classify", "/v1/similar"):
