@@ -120,7 +120,14 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_body_bytes
-        too_large = _error(413, f"request body exceeds the {limit} byte limit", "too_large")
+        # and close the connection: left open, the server went on reading (and discarding) the
+        # rest of the body for as long as the client kept sending, past every deadline
+        too_large = _error(
+            413,
+            f"request body exceeds the {limit} byte limit",
+            "too_large",
+            headers={"Connection": "close"},
+        )
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:

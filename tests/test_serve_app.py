@@ -749,6 +749,50 @@ def test_a_multipart_part_without_a_filename_is_refused_not_skipped(client, worl
     assert "'files'" in r.json()["detail"] and "filename" in r.json()["detail"]
 
 
+@pytest.mark.parametrize("framing", ["declared", "chunked"])
+def test_a_body_over_the_limit_gets_413_and_the_connection_closed(client, framing):
+    """After the 413 the connection stayed open, the server reading and discarding the rest of
+    the body for as long as the client kept sending (a declared 10 GB, or endless chunks), past
+    every deadline. The 413 now says Connection: close and the server closes at once."""
+    head = f"POST /v1/embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+    head += "Content-Type: application/dicom\r\n"
+    if framing == "declared":
+        head += f"Content-Length: {10 * 1024**3}\r\n\r\n"
+        body = b"\0" * 65536
+    else:
+        head += "Transfer-Encoding: chunked\r\n\r\n"
+        body = (b"10000\r\n" + b"\0" * 65536 + b"\r\n") * (MAX_BODY // 65536 + 1)
+    more = b"\0" * 65536 if framing == "declared" else b"10000\r\n" + b"\0" * 65536 + b"\r\n"
+    answer, closed = b"", False
+    with _on_loopback(client.app) as (host, port), socket.create_connection((host, port)) as s:
+        s.settimeout(10)
+        s.sendall(head.encode() + body)
+        s.settimeout(0.2)
+        # then it keeps sending, for longer than uvicorn's 5 s keep-alive timeout
+        deadline = time.monotonic() + 8
+        while not closed and time.monotonic() < deadline:
+            try:  # read first: the 413 is there before any reset of a closed connection
+                chunk = s.recv(65536)
+                closed = not chunk  # EOF: the server closed
+                answer += chunk
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = True  # reset
+            if not closed:
+                try:
+                    s.sendall(more)
+                except TimeoutError:
+                    pass  # the server stopped reading for now
+                except OSError:
+                    closed = True  # broken pipe or reset: the server closed
+    assert closed, "the server still read the body after its 413"
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 413 Request Entity Too Large", answer[:200]
+    assert b"\r\nconnection: close\r\n" in rest.lower()
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["reason"] == "too_large"
+
+
 def test_unexpected_failure_is_a_generic_500_without_details(world):
     runner = EncoderRunner.from_checkpoint(Path(world["runner"].info.source))
     app = create_app(LocalEmbedder(runner), settings=_settings())
