@@ -27,6 +27,8 @@ from radjepa.training_data import TrainingDataError
 log = logging.getLogger(__name__)
 
 FAILURE_MARKER = ".radjepa-injected-failure"
+# Ray Train's record of the checkpoints it reported, in the run folder (read back on a re-run)
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 class PretrainError(RuntimeError):
@@ -277,6 +279,8 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         storage = prepare_outputs(cfg)
         run_dir = locations.join_location(storage, cfg.train.run_name)
         resume = find_resume_point(cfg, run_dir)
+        if resume is None:
+            forget_deleted_checkpoints(run_dir)
         check_masks(cfg.masks, cfg.model.grid, cfg.train.batch_size, cfg.train.seed)
         ensure_ray()
         cfg = _resolve_workers(cfg, info.train_rows)
@@ -371,6 +375,24 @@ def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint
         path = Path(tmp) / f"config-resumed-at-step-{resume.step}.yaml"
         path.write_text(redacted_yaml(cfg))
         client.log_artifact(run_id, str(path))
+
+
+def forget_deleted_checkpoints(run_dir: str) -> None:
+    """A run folder without checkpoint folders starts over, as the error for a run whose
+    checkpoints are all damaged says ("delete them to start the run over"). Ray Train's
+    snapshot still names the deleted folders and refuses to start on it (a traceback asking to
+    delete the whole run folder, MLflow run id included), so it is set aside."""
+    snapshot = locations.join_location(run_dir, RAY_CHECKPOINT_SNAPSHOT)
+    if locations.read_text(snapshot) is None:
+        return
+    fs, path = locations.filesystem(snapshot)
+    fs.move(path, path + ".stale")
+    log.warning(
+        "run %s has no checkpoint folders left: it starts over (Ray's record of the deleted "
+        "checkpoints is kept as %s.stale)",
+        run_dir,
+        RAY_CHECKPOINT_SNAPSHOT,
+    )
 
 
 def _resolve_workers(cfg: Config, train_rows: int) -> Config:

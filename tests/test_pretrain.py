@@ -437,3 +437,26 @@ def test_ctrl_c_ends_the_mlflow_run_killed_in_one_line(shards, tmp_path):
     run_id = (tmp_path / "t" / "mlflow_run_id").read_text()
     client = mlflow.MlflowClient(uri)
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_run_whose_checkpoints_were_deleted_starts_over(shards, tmp_path, caplog):
+    # "no checkpoint of RUN can be read (...): delete them to start the run over": Ray Train's
+    # record of the deleted checkpoints (checkpoint_manager_snapshot.json) then made the re-run
+    # fail with "training failed: The actor died ... a reference to a checkpoint that does not
+    # exist anymore", a Ray traceback asking to delete the whole run folder (MLflow id included)
+    import shutil
+
+    from pipelines.pretrain import run_pretrain
+
+    sets = {"train.num_workers": 1, "train.steps": 2, "train.checkpoint_every": 2}
+    first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    for ckpt in (tmp_path / "t").glob("checkpoint_*"):
+        if ckpt.is_dir():
+            shutil.rmtree(ckpt)
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.pretrain"):
+        again = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    assert again.metrics["step"] == 2
+    assert again.checkpoint != first.checkpoint and Path(again.checkpoint).is_dir()
+    assert again.mlflow_run_id == first.mlflow_run_id
+    assert any("starts over" in r.getMessage() for r in caplog.records)
