@@ -9,6 +9,7 @@ the latest reported checkpoint; re-running the same command with the same run na
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -101,6 +102,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     damaged = loop_config.get("damaged_checkpoints") or ()
     if restored is not None and restored.path.rstrip("/").rsplit("/", 1)[-1] in damaged:
         # Ray's latest checkpoint is one the driver could not read (find_resume_point)
+        restored = ray.train.Checkpoint(loop_config["resume_from"])
+    elif restored is None and loop_config.get("resume_from"):
+        # Ray's record of the run was set aside (forget_deleted_checkpoints)
         restored = ray.train.Checkpoint(loop_config["resume_from"])
     if restored is not None:
         with restored.as_directory() as ckpt_dir:
@@ -279,8 +283,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         storage = prepare_outputs(cfg)
         run_dir = locations.join_location(storage, cfg.train.run_name)
         resume = find_resume_point(cfg, run_dir)
-        if resume is None:
-            forget_deleted_checkpoints(run_dir)
+        forgotten = forget_deleted_checkpoints(run_dir)
         check_masks(cfg.masks, cfg.model.grid, cfg.train.batch_size, cfg.train.seed)
         ensure_ray()
         cfg = _resolve_workers(cfg, info.train_rows)
@@ -310,7 +313,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
 
     try:
         skip = None
-        if resume is not None and resume.damaged:
+        if resume is not None and (resume.damaged or forgotten):
             skip = {"resume_from": resume.path, "damaged_checkpoints": list(resume.damaged)}
         trainer = build_trainer(
             cfg, data, storage=storage, tracking=tracking, extra_loop_config=skip
@@ -377,22 +380,38 @@ def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint
         client.log_artifact(run_id, str(path))
 
 
-def forget_deleted_checkpoints(run_dir: str) -> None:
-    """A run folder without checkpoint folders starts over, as the error for a run whose
-    checkpoints are all damaged says ("delete them to start the run over"). Ray Train's
-    snapshot still names the deleted folders and refuses to start on it (a traceback asking to
-    delete the whole run folder, MLflow run id included), so it is set aside."""
+def forget_deleted_checkpoints(run_dir: str) -> bool:
+    """Set Ray Train's checkpoint snapshot aside when it names checkpoint folders that were
+    deleted (the damaged one a warning named, or all of them, as the error for a run whose
+    checkpoints are all damaged advises). Ray refuses to start on such a snapshot with a
+    traceback asking to delete the whole run folder, MLflow run id included; without it the run
+    resumes from its newest checkpoint folder (``resume_from``) or starts over. True when set
+    aside."""
     snapshot = locations.join_location(run_dir, RAY_CHECKPOINT_SNAPSHOT)
-    if locations.read_text(snapshot) is None:
-        return
+    text = locations.read_text(snapshot)
+    if text is None:
+        return False
+    try:  # Ray's own format (pinned 2.60): one we do not know is left for Ray to read
+        named = {r["checkpoint_dir_name"] for r in json.loads(text)["checkpoint_results"]}
+    except (ValueError, KeyError, TypeError):
+        return False
+    from radjepa.resume import checkpoint_dirs
+
+    on_disk = {name for name, _ in checkpoint_dirs(run_dir)}
+    missing = sorted(named - on_disk)
+    if not missing:
+        return False
     fs, path = locations.filesystem(snapshot)
     fs.move(path, path + ".stale")
     log.warning(
-        "run %s has no checkpoint folders left: it starts over (Ray's record of the deleted "
-        "checkpoints is kept as %s.stale)",
+        "run %s: %s deleted, so the run %s; Ray's record of its checkpoints is set aside as "
+        "%s.stale (older checkpoint folders are no longer removed by train.keep_checkpoints)",
         run_dir,
+        ", ".join(missing),
+        "resumes from its newest checkpoint folder" if on_disk else "starts over",
         RAY_CHECKPOINT_SNAPSHOT,
     )
+    return True
 
 
 def _resolve_workers(cfg: Config, train_rows: int) -> Config:

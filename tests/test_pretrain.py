@@ -460,3 +460,22 @@ def test_a_run_whose_checkpoints_were_deleted_starts_over(shards, tmp_path, capl
     assert again.checkpoint != first.checkpoint and Path(again.checkpoint).is_dir()
     assert again.mlflow_run_id == first.mlflow_run_id
     assert any("starts over" in r.getMessage() for r in caplog.records)
+
+
+def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(shards, tmp_path):
+    # what a user does with a damaged checkpoint: Ray Train's snapshot still named the deleted
+    # folder and the re-run failed in Ray's controller ("a reference to a checkpoint that does
+    # not exist anymore") instead of resuming from the checkpoint left beside it
+    import shutil
+
+    from pipelines.pretrain import run_pretrain
+
+    sets = {"train.num_workers": 1, "train.steps": 4, "train.checkpoint_every": 2}
+    first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    shutil.rmtree(first.checkpoint)  # the step-4 checkpoint; the step-2 one stays
+
+    again = run_pretrain(_cfg(tmp_path, **{**sets, "train.steps": 6}), str(shards))
+    assert again.metrics["step"] == 6
+    counts = Counter(s for s, _ in _history(again.tracking_uri, again.mlflow_run_id, "loss"))
+    assert set(counts) == set(range(1, 7))
+    assert {s for s, c in counts.items() if c > 1} == {3, 4}  # resumed at step 2
