@@ -236,7 +236,7 @@ def _check_single_image(ds: Dataset) -> UID:
     return ts
 
 
-def _padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
+def _padding_mask(stored: np.ndarray, ds: Dataset, signed: bool) -> np.ndarray | None:
     """Where the stored values are Pixel Padding Value (up to Pixel Padding Range Limit).
 
     Both are stored values, US or SS by Pixel Representation like the LUT first-mapped value
@@ -245,7 +245,6 @@ def _padding_mask(stored: np.ndarray, ds: Dataset) -> np.ndarray | None:
     pad = ds.get("PixelPaddingValue")
     if pad is None:
         return None
-    signed = int(ds.get("PixelRepresentation") or 0) == 1
     try:
         lo = hi = _us_or_ss(int(pad), ds["PixelPaddingValue"].VR, signed)
         limit = ds.get("PixelPaddingRangeLimit")
@@ -328,10 +327,15 @@ def _modality(stored: np.ndarray, ds: Dataset, signed: bool) -> np.ndarray:
     return _map_lut(stored, first, table)
 
 
-def _voi_sequence(values: np.ndarray, ds: Dataset, signed_input: bool) -> np.ndarray | None:
-    """VOI LUT Sequence onto [0, 1], scaled by the LUT's own output range."""
+def _voi_sequence(values: np.ndarray, ds: Dataset, signed: bool) -> np.ndarray | None:
+    """VOI LUT Sequence onto [0, 1], scaled by the LUT's own output range.
+
+    The LUT's input is the modality output ``values``: signed when signed pixels pass the
+    modality step unchanged or rescaled (no Modality LUT), or when a rescale went below zero.
+    """
     if not ds.get("VOILUTSequence"):
         return None
+    signed_input = (signed and not ds.get("ModalityLUTSequence")) or float(values.min()) < 0
     first, table = _lut(ds, "VOILUTSequence", signed_input)
     lo, hi = float(table.min()), float(table.max())
     mapped = _map_lut(np.rint(values).astype(np.int64), first, table).astype(np.float64)
@@ -396,13 +400,10 @@ def dicom_display(ds: Dataset, window_percentiles: tuple[float, float]) -> np.nd
             "unsupported_photometric",
             f"photometric {_quoted(photometric, PHOTOMETRICS)} with 1 sample",
         )
-    mask = _padding_mask(stored, ds)
     signed = int(ds.get("PixelRepresentation") or 0) == 1
+    mask = _padding_mask(stored, ds, signed)
     values = _modality(stored, ds, signed).astype(np.float32, copy=False)  # ample for 16-bit
-    # the VOI LUT's input is the modality output: signed pixels passed on unchanged or
-    # rescaled, or any rescale that went below zero
-    voi_signed = (signed and not ds.get("ModalityLUTSequence")) or float(values.min()) < 0
-    display = _voi_sequence(values, ds, voi_signed)
+    display = _voi_sequence(values, ds, signed)
     if display is None:
         display = _window(values, ds)
     if display is None:
