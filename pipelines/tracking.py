@@ -64,19 +64,23 @@ def _first_open_lock(uri: str) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def sqlite_file(uri: str) -> str | None:
+    """The database file a ``sqlite:///`` store URI names, as written (relative or absolute,
+    without its ``?query``); None for any other store, an in-memory one or a ``file:`` URI."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    path = uri[len(prefix) :].partition("?")[0]
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return path
+
+
 def relative_sqlite_path(uri: str) -> bool:
     """Whether ``uri`` is a sqlite store given by a relative path (``sqlite:///mlflow.db``,
     MLflow's own default spelling): a path each process reads against its own working folder."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return False
-    path = uri[len(prefix) :].partition("?")[0]
-    return (
-        bool(path)
-        and path != ":memory:"
-        and not path.startswith("file:")
-        and not (os.path.isabs(path))
-    )
+    path = sqlite_file(uri)
+    return path is not None and not os.path.isabs(path)
 
 
 def absolute_store(uri: str) -> str:

@@ -178,21 +178,21 @@ def _existing_store(ref: str, tracking_uri: str | None) -> str:
     in whatever folder the command ran from."""
     import os
 
+    from pipelines.tracking import sqlite_file
+
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise ModelNotFound(
             f"cannot resolve {ref}: no MLflow store is configured (set tracking.uri or "
             "MLFLOW_TRACKING_URI to the store `radjepa pretrain` registered it in)"
         )
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :].split("?", 1)[0]
-        if path and path != ":memory:" and not path.startswith("file:"):
-            if not Path(path).is_file():
-                raise ModelNotFound(
-                    f"cannot resolve {ref}: there is no MLflow store at {path} (`radjepa "
-                    "pretrain` registers models in <train.output_dir>/mlflow.db, or in "
-                    "tracking.uri / MLFLOW_TRACKING_URI: give the config it ran with)"
-                )
+    path = sqlite_file(uri)
+    if path is not None and not Path(path).is_file():
+        raise ModelNotFound(
+            f"cannot resolve {ref}: there is no MLflow store at {path} (`radjepa "
+            "pretrain` registers models in <train.output_dir>/mlflow.db, or in "
+            "tracking.uri / MLFLOW_TRACKING_URI: give the config it ran with)"
+        )
     return uri
 
 
