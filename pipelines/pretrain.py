@@ -100,11 +100,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     trainer = Pretrainer(cfg, device, rank=rank, world_size=world)
     restored = ray.train.get_checkpoint()
     damaged = loop_config.get("damaged_checkpoints") or ()
-    if restored is not None and restored.path.rstrip("/").rsplit("/", 1)[-1] in damaged:
-        # Ray's latest checkpoint is one the driver could not read (find_resume_point)
-        restored = ray.train.Checkpoint(loop_config["resume_from"])
-    elif restored is None and loop_config.get("resume_from"):
-        # Ray's record of the run was set aside (forget_deleted_checkpoints)
+    # the driver's resume point instead of Ray's when Ray offers one the driver could not read
+    # (find_resume_point), or none because its record of the run was set aside
+    # (forget_deleted_checkpoints); a checkpoint Ray reports after a worker failure wins
+    if loop_config.get("resume_from") and (
+        restored is None or restored.path.rstrip("/").rsplit("/", 1)[-1] in damaged
+    ):
         restored = ray.train.Checkpoint(loop_config["resume_from"])
     if restored is not None:
         with restored.as_directory() as ckpt_dir:
