@@ -159,7 +159,7 @@ def _local_files(root: str) -> list[str]:
 
 
 # Above this size a compressed tar is not counted ahead of the run: counting decompresses it
-# whole on the driver (one core, gzip ~0.3-0.5 GB/s; from object storage, a second download),
+# whole on the driver (on one core; from object storage, a second download),
 # a second full read before any work starts. Its members are then counted as they stream.
 COUNT_LIMIT_BYTES = 256 << 20
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
