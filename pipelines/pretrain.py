@@ -54,9 +54,16 @@ class PretrainResult:
 # Data
 
 
-def build_train_dataset(data: str, cfg: Config):
-    """Ray Data pipeline: read shards, shuffle blocks, decode pixels and drop the hold-out."""
+def build_train_dataset(data: str, cfg: Config, *, start_step: int = 0):
+    """Ray Data pipeline: read shards, shuffle blocks, decode pixels and drop the hold-out.
+
+    The block order is drawn again for every pass (Ray numbers each execution of the dataset,
+    one per epoch): a plain integer seed gave every epoch the same order of shards, so the
+    local shuffle buffer only ever mixed the same neighbours. ``start_step`` (a resumed run's
+    step) enters the seed so that a resume does not replay the first run's order of passes.
+    """
     import ray.data
+    from ray.data import RandomSeedConfig
 
     from pipelines.runtime import read_parquet
     from radjepa.shards import list_shards
@@ -67,7 +74,8 @@ def build_train_dataset(data: str, cfg: Config):
     # step log, which already reports throughput
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = read_parquet(images, num_files=len(list_shards(data)), columns=TRAINING_COLUMNS)
-    ds = ds.randomize_block_order(seed=cfg.train.seed)
+    seed = (cfg.train.seed + start_step * 1_000_003) % 2**32
+    ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return ds.map_batches(
         decode_training_batch,
         batch_format="pyarrow",
@@ -231,8 +239,10 @@ def build_trainer(
     tracking: dict[str, str] | None,
     callbacks: list[Any] | None = None,
     extra_loop_config: dict[str, Any] | None = None,
+    start_step: int = 0,
 ):
-    """The TorchTrainer for one run; ``run_pretrain`` and every sweep trial use this."""
+    """The TorchTrainer for one run; ``run_pretrain`` and every sweep trial use this.
+    ``start_step``: the step a re-run resumes from (see :func:`build_train_dataset`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -260,7 +270,7 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks,
         ),
-        datasets={"train": build_train_dataset(data, cfg)},
+        datasets={"train": build_train_dataset(data, cfg, start_step=start_step)},
     )
 
 
@@ -317,7 +327,12 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         if resume is not None and (resume.damaged or forgotten):
             skip = {"resume_from": resume.path, "damaged_checkpoints": list(resume.damaged)}
         trainer = build_trainer(
-            cfg, data, storage=storage, tracking=tracking, extra_loop_config=skip
+            cfg,
+            data,
+            storage=storage,
+            tracking=tracking,
+            extra_loop_config=skip,
+            start_step=resume.step if resume is not None else 0,
         )
         result = trainer.fit()
         if result.error is not None:

@@ -265,6 +265,48 @@ def test_training_stream_is_every_image_but_the_holdout(shards, tmp_path):
     assert got == want and sum(got.values()) == info.train_rows
 
 
+def test_every_epoch_reads_the_shards_in_a_new_order(shards, tmp_path):
+    # an integer seed gave randomize_block_order the same shard order in every pass, so the
+    # local shuffle buffer mixed the same neighbours epoch after epoch; Ray Train runs one
+    # execution of the dataset per epoch through streaming_split
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipelines.pretrain import build_train_dataset
+
+    many = tmp_path / "many"
+    (many / "images").mkdir(parents=True)
+    shutil.copy(shards / "manifest.json", many / "manifest.json")
+    table = pq.read_table(shards / "images")
+    for i in range(0, table.num_rows, 8):  # ten shards of eight images
+        pq.write_table(table.slice(i, 8), many / "images" / f"part-{i:05d}.parquet")
+
+    def epochs(start_step: int, passes: int) -> list[tuple[int, ...]]:
+        import ray.data
+
+        cfg = _cfg(tmp_path)
+        ctx = ray.data.DataContext.get_current()
+        saved = ctx.target_max_block_size, ctx.execution_options.preserve_order
+        # Ray reads files into blocks of up to 128 MiB (these ten shards are one block) and the
+        # order in which parallel tasks finish shuffles a little by itself: neither here
+        ctx.target_max_block_size, ctx.execution_options.preserve_order = 16 * 1024, True
+        try:
+            ds = build_train_dataset(str(many), cfg, start_step=start_step)
+            (split,) = ds.streaming_split(1)
+            return [
+                tuple(int(a.sum()) for b in split.iter_batches(batch_size=8) for a in b["image"])
+                for _ in range(passes)
+            ]
+        finally:
+            ctx.target_max_block_size, ctx.execution_options.preserve_order = saved
+
+    first = epochs(0, 3)
+    assert len(set(first)) == 3, first  # three passes, three orders of the ten shards
+    assert all(sorted(e) == sorted(first[0]) for e in first)  # the same images in each
+    assert set(epochs(12, 1)).isdisjoint(first)  # a resume at step 12 does not replay them
+
+
 def test_a_pass_over_the_shards_starts_a_footer_reader_per_batch_of_files(
     shards, tmp_path, monkeypatch
 ):
