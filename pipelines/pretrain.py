@@ -55,15 +55,17 @@ class PretrainResult:
 
 
 def build_train_dataset(data: str, cfg: Config, *, start_step: int = 0):
-    """Ray Data pipeline: read shards, shuffle blocks, decode pixels and drop the hold-out.
+    """Ray Data pipeline: read shards in a shuffled order, decode pixels, drop the hold-out.
 
-    The block order is drawn again for every pass (Ray numbers each execution of the dataset,
-    one per epoch): a plain integer seed gave every epoch the same order of shards, so the
-    local shuffle buffer only ever mixed the same neighbours. ``start_step`` (a resumed run's
-    step) enters the seed so that a resume does not replay the first run's order of passes.
+    The order of the shard files is drawn again for every pass (Ray numbers each execution of
+    the dataset, one per epoch; a plain integer seed would give every epoch the same order),
+    before Ray groups files into read tasks, so each epoch also groups them differently. It
+    streams: ``randomize_block_order`` waits for the whole dataset in the object store before
+    the first batch, every epoch. ``start_step`` (a resumed run's step) enters the seed so that
+    a resume does not replay the first run's order of passes.
     """
     import ray.data
-    from ray.data import RandomSeedConfig
+    from ray.data import FileShuffleConfig
 
     from pipelines.runtime import read_parquet
     from radjepa.shards import list_shards
@@ -73,9 +75,13 @@ def build_train_dataset(data: str, cfg: Config, *, start_step: int = 0):
     # the training stream is re-read every epoch: per-epoch progress bars would bury the
     # step log, which already reports throughput
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = read_parquet(images, num_files=len(list_shards(data)), columns=TRAINING_COLUMNS)
     seed = (cfg.train.seed + start_step * 1_000_003) % 2**32
-    ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    ds = read_parquet(
+        images,
+        num_files=len(list_shards(data)),
+        columns=TRAINING_COLUMNS,
+        shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
+    )
     return ds.map_batches(
         decode_training_batch,
         batch_format="pyarrow",
