@@ -7,11 +7,13 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import zipfile
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -327,10 +329,24 @@ def test_unusable_destination_or_state_is_one_line_exit_2(tmp_path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "manifest.json").write_text("{ half a manifest")
+    locked = tmp_path / "locked"  # another run (this live process) is ingesting into it
+    locked.mkdir()
+    (locked / ".ingest.lock").write_text(
+        json.dumps(
+            {
+                "run_id": "20260101T000000-busy00",
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started_at": "2026-01-01T00:00:00+00:00",
+                "heartbeat": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        )
+    )
     cases = {
         (str(src), str(a_file)): "cannot use destination",
         (str(src), str(broken)): "manifest.json is not valid JSON",
         ("nosuchscheme://bucket/x", str(tmp_path / "dst")): "cannot list source",
+        (str(src), str(locked)): "is being ingested by run 20260101T000000-busy00",
     }
     for (source, dst), message in cases.items():
         out = subprocess.run(
@@ -343,6 +359,7 @@ def test_unusable_destination_or_state_is_one_line_exit_2(tmp_path) -> None:
         assert "Traceback" not in out.stderr
         assert message in out.stderr, out.stderr
     assert not (tmp_path / "dst").exists()
+    assert os.listdir(locked) == [".ingest.lock"]  # the refused run wrote nothing
 
 
 def test_another_pseudonymisation_key_into_same_dst_is_refused(
@@ -449,6 +466,55 @@ def test_source_inside_destination_is_ingested_but_not_the_outputs(ray_session, 
     assert (again.input, again.ok, again.quarantined, again.already_ingested) == (3, 0, 1, 2)
     third = run_ingest([str(dst)], str(dst), _cfg(), progress=False)
     assert (third.input, third.already_ingested) == (3, 3)
+
+
+def test_a_killed_runs_lock_and_temporary_files_are_cleared(ray_session, tmp_path, caplog):
+    """A run killed mid-write (kill -9, an evicted pod) left its lock and ``.NAME.tmp`` files in
+    DST: the next run takes the lock over with a warning, removes those files, does not ingest
+    the lock from a source that holds DST, and leaves no lock behind, failing or not."""
+    from pipelines.ingest import IngestError, run_ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for seed in range(2):
+        (src / f"{seed}.dcm").write_bytes(make_dicom(gradient(40, 40, seed=seed), markers=False))
+    dst = src / "out"  # inside the source
+    (dst / "images").mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "print(__import__('os').getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lock = dst / ".ingest.lock"
+    lock.write_text(
+        json.dumps(
+            {
+                "run_id": "20260101T000000-killed",
+                "host": socket.gethostname(),
+                "pid": int(dead.stdout),
+                "pid_namespace": os.readlink("/proc/self/ns/pid"),
+                "started_at": "2026-01-01T00:00:00+00:00",
+                "heartbeat": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        )
+    )
+    leftovers = [
+        dst / "images" / ".part-20260101T000000-killed-00000.parquet.tmp",
+        dst / ".manifest.json.tmp",
+    ]
+    for p in leftovers:
+        p.write_bytes(b"PAR1 cut short")
+    with caplog.at_level("INFO"):
+        s = run_ingest([str(src)], str(dst), _cfg(), progress=False)
+    assert (s.input, s.ok, s.quarantined) == (2, 2, 0)  # the lock was not an input
+    assert "taking over" in caplog.text and "20260101T000000-killed" in caplog.text
+    assert "removed 2 temporary files" in caplog.text
+    assert not lock.exists() and not any(p.exists() for p in leftovers)
+    assert not list(dst.rglob("*.tmp"))
+    with pytest.raises(IngestError, match="already holds images"):  # fails inside the lock
+        run_ingest([str(src)], str(dst), _cfg("ingest.image_size=128"), progress=False)
+    assert not lock.exists()
 
 
 def test_a_large_compressed_tar_is_not_decompressed_twice(ray_session, tmp_path, monkeypatch):
@@ -621,3 +687,4 @@ def test_an_interrupted_run_says_what_it_kept_in_one_line(tmp_path) -> None:
     assert proc.returncode == 130, text
     assert "Traceback" not in text and out.strip().count("{") == 0
     assert text.strip().splitlines()[-1].startswith("interrupted: the shards written so far")
+    assert not (tmp_path / "dst" / ".ingest.lock").exists()  # released on Ctrl-C too

@@ -359,3 +359,166 @@ def test_a_file_named_by_two_sources_is_one_input(tmp_path):
     refs = list_inputs([str(src), str(src / "sub"), str(src), str(src / "a.dcm")])
     assert [r["path"] for r in refs] == [str(src / "a.dcm"), str(src / "sub" / "b.dcm")]
     assert {r["source"] for r in refs} == {str(src)}  # the first source that named it
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per DST: the lock, its takeover from dead runs, and what killed runs leave behind
+
+
+def _lock_record(**fields) -> dict:
+    import socket
+    from datetime import UTC, datetime
+
+    from radjepa.ingest.dst_lock import _pid_namespace
+
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    return {
+        "run_id": "20260101T000000-dead00",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_namespace": _pid_namespace(),
+        "started_at": now,
+        "heartbeat": now,
+        **fields,
+    }
+
+
+def test_a_live_lock_refuses_a_second_run_until_it_is_released(tmp_path):
+    """Two runs into one DST each stored the same new files and the later manifest dropped the
+    other's run: the second is now refused in one line naming the first."""
+    from radjepa.ingest.dst_lock import LOCK, DstLock
+
+    dst = tmp_path / "dst"
+    first = DstLock(str(dst), "run-a")
+    first.acquire()
+    held = (dst / LOCK).read_bytes()
+    assert json.loads(held)["run_id"] == "run-a" and json.loads(held)["pid"] == os.getpid()
+    with pytest.raises(IngestError) as err:
+        DstLock(str(dst), "run-b").acquire()
+    message = str(err.value)
+    assert "\n" not in message
+    for part in ("run run-a", f"pid {os.getpid()}", "since ", "Wait for it", str(dst / LOCK)):
+        assert part in message, message
+    assert (dst / LOCK).read_bytes() == held  # the refused run changed nothing
+    assert sorted(os.listdir(dst)) == [LOCK]
+    first.release()
+    assert not (dst / LOCK).exists()
+    with DstLock(str(dst), "run-b"):
+        assert json.loads((dst / LOCK).read_text())["run_id"] == "run-b"
+    assert not (dst / LOCK).exists()
+
+
+def test_a_stale_or_dead_runs_lock_is_taken_over_with_a_warning(tmp_path, caplog):
+    """A run killed by kill -9 or an evicted pod never removes its lock: the next run takes it
+    over once its heartbeat is stale, or at once when its process is gone from this host."""
+    import subprocess
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    from radjepa.ingest.dst_lock import LOCK, DstLock
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    lock = dst / LOCK
+    old = (datetime.now(UTC) - timedelta(seconds=5)).isoformat(timespec="seconds")
+    # on another host, alive as far as anyone here can tell: only its heartbeat counts
+    lock.write_text(json.dumps(_lock_record(host="elsewhere", heartbeat=old, run_id="old-run")))
+    with pytest.raises(IngestError, match="old-run"):
+        DstLock(str(dst), "new").acquire()  # 5 s is fresh under the default limit
+    with caplog.at_level("WARNING", logger="radjepa.ingest.dst_lock"):
+        with DstLock(str(dst), "new", stale_s=2):
+            assert json.loads(lock.read_text())["run_id"] == "new"
+    assert (
+        "taking over" in caplog.text and "old-run" in caplog.text and "no heartbeat" in caplog.text
+    )
+    assert not lock.exists()
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    lock.write_text(json.dumps(_lock_record(pid=int(gone.stdout), run_id="killed-run")))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="radjepa.ingest.dst_lock"):
+        with DstLock(str(dst), "new"):
+            pass
+    assert (
+        "killed-run" in caplog.text
+        and f"process {gone.stdout.strip()} no longer runs" in caplog.text
+    )
+
+    # a lock cut short while being written: its age is the file's; fresh is refused, old is not
+    lock.write_bytes(b"")
+    with pytest.raises(IngestError, match="being written or is damaged"):
+        DstLock(str(dst), "new").acquire()
+    os.utime(lock, (0, 0))
+    with DstLock(str(dst), "new"):
+        pass
+    assert not lock.exists()
+
+
+def test_the_lock_keeps_its_heartbeat_and_never_removes_another_runs_lock(tmp_path):
+    import time
+
+    from radjepa.ingest.dst_lock import LOCK, DstLock
+
+    dst = tmp_path / "dst"
+    lock = DstLock(str(dst), "mine", heartbeat_s=0.2)
+    lock.acquire()
+    first = json.loads((dst / LOCK).read_text())["heartbeat"]
+    deadline = time.monotonic() + 10
+    while json.loads((dst / LOCK).read_text() or "{}").get("heartbeat", first) == first:
+        assert time.monotonic() < deadline, "the heartbeat was never refreshed"
+        time.sleep(0.2)
+    # taken over meanwhile (this run was judged dead): its release leaves the new owner's lock
+    (dst / LOCK).write_text(json.dumps(_lock_record(run_id="other")))
+    lock.release()
+    assert json.loads((dst / LOCK).read_text())["run_id"] == "other"
+
+
+def test_leftovers_of_killed_writes_are_removed_and_the_lock_is_no_input(tmp_path, caplog):
+    """A run killed mid-write left ``.NAME.tmp`` files in DST for ever; only ingest's own
+    temporary names go, and the lock file is an output a source holding DST must not read."""
+    from radjepa.ingest.destination import is_output
+
+    dest = Destination(str(tmp_path / "dst"))
+    root = tmp_path / "dst"
+    with dest.fs.open_output_stream(str(root / "images" / ".part-x-00000.parquet.tmp")) as f:
+        f.write(b"PAR1 cut short by kill -9")  # what Destination.write leaves when killed
+    leftovers = [
+        root / "images" / ".part-x-00000.parquet.tmp",
+        root / "quarantine" / ".quarantine-x.parquet.tmp",
+        root / ".manifest.json.tmp",
+        root / ".pseudonyms.json.tmp",
+    ]
+    for p in leftovers[1:]:
+        p.write_bytes(b"half")
+    others = [root / ".notes.tmp", root / "raw" / ".part-1.parquet.tmp", root / "images" / "x.tmp"]
+    for p in others:
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"not ours")
+    with caplog.at_level("INFO", logger="radjepa.ingest.destination"):
+        assert dest.remove_leftovers() == 4
+    assert "removed 4 temporary files" in caplog.text
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in others)
+    assert dest.remove_leftovers() == 0
+
+    assert is_output(str(root), str(root / ".ingest.lock"))
+    assert not is_output(str(root), str(root / "raw" / ".ingest.lock"))
+
+
+def test_the_lock_on_a_filesystem_without_exclusive_create():
+    """Object stores have no O_EXCL: the lock is written, read back and kept when still ours.
+    pyarrow's in-memory filesystem (not a LocalFileSystem) takes that path; both runs share it
+    as two drivers share a bucket."""
+    from radjepa.ingest.dst_lock import LOCK, DstLock
+
+    first, second = DstLock("mock:///dst", "run-a"), DstLock("mock:///dst", "run-b")
+    assert not first.local
+    second.fs = first.fs  # one bucket seen by two runs
+    with first:
+        with pytest.raises(IngestError, match="is being ingested by run run-a"):
+            second.acquire()
+    with second:
+        with first.fs.open_input_stream(f"dst/{LOCK}") as f:
+            assert json.loads(f.read())["run_id"] == "run-b"
+    assert first.fs.get_file_info(f"dst/{LOCK}").type.name == "NotFound"

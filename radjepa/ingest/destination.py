@@ -2,7 +2,8 @@
 
 ``DST/images`` and ``DST/quarantine`` hold Parquet files written under a temporary name and
 renamed, ``DST/manifest.json`` reconciles every run's counts, and ``DST/pseudonyms.json`` records
-which key made the pseudonyms before the first shard is written. Any pyarrow filesystem: a
+which key made the pseudonyms before the first shard is written, and ``DST/.ingest.lock``
+says which run writes it now (:mod:`radjepa.ingest.dst_lock`). Any pyarrow filesystem: a
 local folder or a bucket URI.
 """
 
@@ -18,6 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from radjepa.imaging.deid import PATIENT_ID
+from radjepa.ingest.dst_lock import LOCK
 from radjepa.ingest.errors import IngestError
 from radjepa.locations import filesystem
 from radjepa.shards import IMAGES_DIR, QUARANTINE_DIR
@@ -44,7 +46,7 @@ MANIFEST_VERSION = 1
 
 def is_output(root: str, path: str) -> bool:
     """Whether ``path`` is a file ingest writes into the DST at ``root`` (its shards, quarantine,
-    JSON records and their temporary names), which a source that holds the DST must not read
+    JSON records and their temporary names, the run lock), which a source that holds the DST must not read
     back. Only those: any other file under DST is input. Skipping all of DST dropped every file
     of a source inside it (``radjepa ingest /data/raw /data``) with only "no files found"."""
     root = root.rstrip("/")
@@ -53,7 +55,7 @@ def is_output(root: str, path: str) -> bool:
     rel = path[len(root) + 1 :]
     if rel.startswith((f"{IMAGES_DIR}/", f"{QUARANTINE_DIR}/")):
         return True
-    return rel in {name for n in (MANIFEST, KEY_RECORD) for name in (n, f".{n}.tmp")}
+    return rel == LOCK or rel in {name for n in (MANIFEST, KEY_RECORD) for name in (n, f".{n}.tmp")}
 
 
 class Destination:
@@ -79,6 +81,27 @@ class Destination:
                 pq.read_table(path, columns=[column], filesystem=self.fs).column(column).to_pylist()
             )
         return values
+
+    def remove_leftovers(self) -> int:
+        """Delete the temporary files of runs killed mid-write (``kill -9``, an evicted pod):
+        ``.NAME.tmp`` of a shard, a quarantine file or a JSON record, which no reader looks at
+        and nothing else removes. Only those names; only while holding the run lock (a live
+        run's temporary file would go too). Returns how many were removed."""
+        places = {
+            IMAGES_DIR: lambda n: n.startswith(".part-") and n.endswith(".parquet.tmp"),
+            QUARANTINE_DIR: lambda n: n.startswith(".quarantine-") and n.endswith(".parquet.tmp"),
+            "": lambda n: n in {f".{MANIFEST}.tmp", f".{KEY_RECORD}.tmp"},
+        }
+        removed = 0
+        for sub, ours in places.items():
+            folder = f"{self.root}/{sub}".rstrip("/")
+            for info in self.fs.get_file_info(pafs.FileSelector(folder)):
+                if info.type == pafs.FileType.File and ours(info.base_name):
+                    self.fs.delete_file(info.path)
+                    removed += 1
+        if removed:
+            log.info("removed %d temporary files left in %s by interrupted runs", removed, self.uri)
+        return removed
 
     def known_ids(self) -> set[str]:
         ids = set(self._column(IMAGES_DIR, "image_id"))
