@@ -50,7 +50,7 @@ from radjepa.shards import (
 )
 
 if TYPE_CHECKING:
-    from radjepa.config import Config
+    from radjepa.config import Config, IngestConfig
 
 __all__ = ["IngestError", "IngestSummary", "list_inputs", "main", "run_ingest", "summary_table"]
 
@@ -173,43 +173,58 @@ def run_ingest(
             log.warning("no files found under the given sources; writing an empty run")
 
         summary.seconds = round(time.perf_counter() - started, 3)
-        summary.total_images, summary.total_quarantined, reasons_total = dest.totals()
-        if summary.input != summary.ok + summary.quarantined + summary.duplicates:
-            raise IngestError(f"internal error: counts do not reconcile: {asdict(summary)}")
-        run = {
-            k: v
-            for k, v in asdict(summary).items()
-            if k not in ("dst", "total_images", "total_quarantined")
-        }
-        run.update(
-            started_at=started_at,
-            sources=len(sources),
-            expected_inputs=expected,
-            burned_in_annotation=ing.burned_in_annotation,
-        )
-        runs = list((previous or {}).get("runs", [])) + [run]
-        dest.write_manifest(
-            {
-                "manifest_version": MANIFEST_VERSION,
-                "image": {
-                    "size": settings["size"],
-                    "dtype": settings["dtype"],
-                    "window_percentiles": list(settings["window_percentiles"]),
-                },
-                "pseudonyms": key,
-                "images": summary.total_images,
-                "quarantined": summary.total_quarantined,
-                "quarantine_reasons": reasons_total,
-                "inputs_seen": sum(r["input"] for r in runs),
-                "runs": runs,
-                "last_run": run,
-            }
-        )
+        _record_run(dest, previous, summary, settings, key, sources, expected, ing, started_at)
     if progress:
         from rich.console import Console
 
         Console(stderr=True).print(summary_table(summary))
     return summary
+
+
+def _record_run(
+    dest: Destination,
+    previous: dict[str, Any] | None,
+    summary: IngestSummary,
+    settings: dict[str, Any],
+    key: dict[str, Any],
+    sources: list[str],
+    expected: int | None,
+    ing: IngestConfig,
+    started_at: str,
+) -> None:
+    """Totals from the shards themselves, this run appended to the runs the manifest held."""
+    summary.total_images, summary.total_quarantined, reasons_total = dest.totals()
+    if summary.input != summary.ok + summary.quarantined + summary.duplicates:
+        raise IngestError(f"internal error: counts do not reconcile: {asdict(summary)}")
+    run = {
+        k: v
+        for k, v in asdict(summary).items()
+        if k not in ("dst", "total_images", "total_quarantined")
+    }
+    run.update(
+        started_at=started_at,
+        sources=len(sources),
+        expected_inputs=expected,
+        burned_in_annotation=ing.burned_in_annotation,
+    )
+    runs = list((previous or {}).get("runs", [])) + [run]
+    dest.write_manifest(
+        {
+            "manifest_version": MANIFEST_VERSION,
+            "image": {
+                "size": settings["size"],
+                "dtype": settings["dtype"],
+                "window_percentiles": list(settings["window_percentiles"]),
+            },
+            "pseudonyms": key,
+            "images": summary.total_images,
+            "quarantined": summary.total_quarantined,
+            "quarantine_reasons": reasons_total,
+            "inputs_seen": sum(r["input"] for r in runs),
+            "runs": runs,
+            "last_run": run,
+        }
+    )
 
 
 def _build_dataset(
