@@ -196,6 +196,8 @@ def run_embed(
     missing = {"image_id", "pixels", "height", "width", "dtype"} - present
     if missing:
         raise EmbedError(f"{shards[0]} is not an ingest shard: missing {sorted(missing)}")
+    if not _any_rows(shards):  # an empty index would be written and the run called a success
+        raise EmbedError(f"the {len(shards)} shard(s) in {shards_dir} hold no images")
 
     free_cpus = int(ray.available_resources().get("CPU", 1))
     n_actors = actors or (1 if use_gpu else max(1, min(4, free_cpus // 2)))
@@ -269,6 +271,20 @@ def _mark_incomplete(fs: Any, marker: str) -> None:
             b"radjepa embed is writing this index, or a run writing it did not finish: "
             b"its parts are not the whole archive\n"
         )
+
+
+def _any_rows(shards: list[str]) -> bool:
+    """Whether any shard holds a row: footers only, read until the first that does (the first
+    shard, unless shards were made by hand)."""
+    import pyarrow.parquet as pq
+
+    from radjepa.locations import filesystem
+
+    for shard in shards:
+        fs, path = filesystem(shard)
+        if pq.read_metadata(path, filesystem=fs).num_rows:
+            return True
+    return False
 
 
 def _parquet_files(fs: Any, path: str) -> list[str]:

@@ -248,6 +248,16 @@ def test_user_errors_are_named(embedded, tmp_path):
         run_embed(
             embedded["cfg"], embedded["root"] / "ingest", tmp_path / "o", model=tmp_path / "nope"
         )
+    # shards without a row (made by hand, or cut down with a filter): nothing to index
+    import pyarrow.parquet as pq
+
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    for shard in sorted((embedded["root"] / "ingest" / "images").glob("*.parquet"))[:2]:
+        pq.write_table(pq.read_table(shard).slice(0, 0), empty / "images" / shard.name)
+    with pytest.raises(EmbedError, match="2 shard.s. in .* hold no images"):
+        run_embed(embedded["cfg"], empty, tmp_path / "o2", model=embedded["ckpt"])
+    assert not (tmp_path / "o2").exists()
 
 
 def test_an_interrupted_run_leaves_an_index_the_server_refuses(embedded, tmp_path, monkeypatch):
