@@ -61,19 +61,27 @@ def log_probe_run(
             f"train.output_dir is {cfg.train.output_dir}, so there is no local MLflow store: "
             "set tracking.uri or MLFLOW_TRACKING_URI, or pass --no-mlflow"
         )
-    exp_id = ensure_experiment(uri, cfg.tracking.experiment, str(out))
-    client = mlflow.MlflowClient(uri)
     enc = report.get("encoder", {})
-    run = client.create_run(
-        exp_id,
-        run_name=f"probe-{Path(str(report['checkpoint'])).name}",
-        tags={
-            "radjepa.job": "probe",
-            "radjepa.checkpoint": redact(str(enc.get("checkpoint", report["checkpoint"]))),
-            "radjepa.checkpoint_sha256": str(enc.get("sha256", "")),
-            "radjepa.encoder": str(enc.get("which", "")),
-        },
-    )
+    try:
+        exp_id = ensure_experiment(uri, cfg.tracking.experiment, str(out))
+        client = mlflow.MlflowClient(uri)
+        run = client.create_run(
+            exp_id,
+            run_name=f"probe-{Path(str(report['checkpoint'])).name}",
+            tags={
+                "radjepa.job": "probe",
+                "radjepa.checkpoint": redact(str(enc.get("checkpoint", report["checkpoint"]))),
+                "radjepa.checkpoint_sha256": str(enc.get("sha256", "")),
+                "radjepa.encoder": str(enc.get("which", "")),
+            },
+        )
+    except Exception as err:  # a store MLflow refuses (file:), an unreachable server, ...
+        # one line, as pretrain and sweep say it (the CLI turns ValueError into a message);
+        # the report and head are already written, so say where they are
+        raise ValueError(
+            f"cannot record the probe in MLflow: {type(err).__name__}: {err}; the report and "
+            f"head are in {out} (--no-mlflow skips MLflow)"
+        ) from None
     run_id = run.info.run_id
     try:
         params = {k: v for k, v in flatten(cfg).items() if k.startswith(("probe.", "ingest."))}

@@ -292,6 +292,29 @@ def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_d
     assert not (tmp_path / "x" / "report.json").exists()
 
 
+def test_cli_says_in_one_line_when_mlflow_refuses_the_store_and_keeps_the_report(
+    tmp_path, checkpoint, nih_dir, monkeypatch
+):
+    # MLflow refuses a file: store (`tracking.uri=file:///...`, an old ./mlruns habit): pretrain
+    # and sweep said so in one line, but probe, having written its report, ended in a
+    # 60-line MlflowException traceback with exit code 1
+    from pipelines.cli import UserError, probe_cmd
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    out = tmp_path / "probe"
+    with pytest.raises(UserError, match=r"cannot record the probe in MLflow: .*--no-mlflow"):
+        probe_cmd(
+            checkpoint,
+            ["sex"],
+            out,
+            csv=nih_dir / "labels.csv",
+            limit=20,
+            set_=[f"tracking.uri={(tmp_path / 'mlruns').as_uri()}", "probe.bootstrap=0"],
+        )
+    assert (out / "report.json").is_file() and (out / "head" / "head.json").is_file()
+
+
 def test_cli_refuses_labels_that_would_overwrite_each_other_and_an_empty_limit(
     tmp_path, checkpoint, nih_dir
 ):
