@@ -27,11 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.admission import Cancelled, DecodeGate, Overloaded
-from serve.embedder import Embedder, ImageEmbedding
+from serve.embedder import Embedder, ImageEmbedding, ModelInfo
+from serve.guard import ApiError, GuardMiddleware, error_response, request_id
 from serve.index import EmbeddingIndex, UploadPseudonyms
 from serve.schemas import (
     ClassificationOut,
@@ -67,108 +66,6 @@ _BY_PATIENT_ID = {
 }
 # bounds the query string (each pseudonym is ~50 bytes there) well under common URL limits
 MAX_EXCLUDED_PATIENTS = 100
-
-
-class ApiError(Exception):
-    """A client-facing error: status, message, optional machine reason and file name."""
-
-    def __init__(
-        self,
-        status: int,
-        detail: str,
-        reason: str | None = None,
-        *,
-        filename: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.reason = reason
-        self.filename = filename
-        self.headers = headers
-
-
-def _error(
-    status: int,
-    detail: str,
-    reason: str | None = None,
-    filename: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = ErrorOut(detail=detail, reason=reason, filename=filename).model_dump()
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class GuardMiddleware:
-    """Outermost guard: body size (declared AND streamed) and a detail-free 500 fallback.
-
-    Content-Length alone is not enough (chunked uploads have none, and it can lie), so the
-    receive channel is wrapped and counts the bytes that actually arrive.
-    """
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_body_bytes
-        # and close the connection: left open, the server went on reading (and discarding) the
-        # rest of the body for as long as the client kept sending, past every deadline
-        too_large = _error(
-            413,
-            f"request body exceeds the {limit} byte limit",
-            "too_large",
-            headers={"Connection": "close"},
-        )
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    await _error(400, "invalid Content-Length header")(scope, receive, send)
-                    return
-                if declared > limit:
-                    await too_large(scope, receive, send)
-                    return
-        seen = 0
-        started = False
-
-        async def counted_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await too_large(scope, receive, send)
-        except ClientDisconnect:
-            # the client went away before its body arrived: nobody to answer, and no server
-            # fault (logged at ERROR with a traceback, any client could flood the log)
-            log.info("client disconnected during %s %s", scope.get("method"), scope.get("path"))
-        except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
-            if not started:
-                await _error(500, "internal server error")(scope, receive, send)
 
 
 @dataclass
@@ -235,7 +132,7 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
 
 
 def _decode_all(
-    uploads: list[_Upload], app_state: Any, cancelled: threading.Event
+    uploads: list[_Upload], app_state: Any, rid: str | None, cancelled: threading.Event
 ) -> list[np.ndarray]:
     """Decode every upload with the ingest decoder; the first rejection becomes a 422.
 
@@ -261,13 +158,53 @@ def _decode_all(
         except ImageRejected as err:
             raise ApiError(422, err.message, reason=err.reason, filename=up.filename) from None
         except Exception:  # a decoder crash on hostile bytes is still bad input, not a 500
-            log.exception("decoder failed on an upload (%d bytes)", len(up.data))
+            log.exception("decoder failed on an upload (%d bytes, request %s)", len(up.data), rid)
             raise ApiError(
                 422, "the image could not be decoded", reason="decode_error", filename=up.filename
             ) from None
         up.patient_pid = decoded.meta.get("patient_pid")
         out.append(decoded.pixels)
     return out
+
+
+def public_model(info: ModelInfo, fingerprint: str | None) -> ModelInfoOut:
+    """What callers learn of the served weights: which they are, never where they lie.
+
+    ``info.source`` is what the operator gave (a checkpoint folder, a bucket URI, a registry
+    reference): a path there told every key holder the server's layout (user names, mounts,
+    bucket names). It stays in the server log; callers get the pinned registry reference when
+    there is one and the checkpoint's content fingerprint."""
+    fields = info.as_dict()
+    source = str(fields.pop("source"))
+    reference = f"models:/{info.name}/{info.version}" if source.startswith("models:/") else None
+    return ModelInfoOut(**fields, reference=reference, sha256=fingerprint)
+
+
+def _short_hash(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(hashlib.sha256(part).digest())  # framed: parts cannot run into each other
+    return f"sha256:{h.hexdigest()[:16]}"
+
+
+def public_head(head: Any, head_source: str | None) -> str:
+    """A probe head's public identity: its registry reference, or a hash of its parameters and
+    labels (stable across copies and restarts; never the folder it was loaded from)."""
+    if head_source and head_source.startswith("models:/"):
+        return head_source
+    tensors = [getattr(head, name, None) for name in ("weight", "bias", "mean", "scale")]
+    if all(t is None for t in tensors):
+        return type(head).__name__
+    return _short_hash(
+        *(np.ascontiguousarray(t, np.float64).tobytes() for t in tensors if t is not None),
+        "\n".join(str(x) for x in head.label_names).encode(),
+    )
+
+
+def public_index(index: EmbeddingIndex) -> str:
+    """A similar-case index's public identity: a hash of which images it holds, in which order
+    (it changes when the archive is re-embedded with other images; never the index's path)."""
+    return _short_hash(str(index.dim).encode(), "\n".join(index.image_ids).encode())
 
 
 def _resolve_decode_secret(env_name: str) -> bytes:
@@ -299,6 +236,7 @@ def create_app(
     index: EmbeddingIndex | None = None,
     head_source: str | None = None,
     encoder_fingerprint: str | None = None,
+    echo_request_id: bool = True,
 ) -> FastAPI:
     """Build the API around ``embedder``; ``head`` enables /v1/classify, ``index`` /v1/similar.
 
@@ -307,11 +245,13 @@ def create_app(
     was made with another encoder (``encoder_fingerprint`` vs their records; a head must also
     be fitted on the target encoder the server runs). Without ``encoder_fingerprint`` the
     embedder's own ``fingerprint`` is used when it has one (an in-process checkpoint); a Ray
-    handle cannot answer synchronously, so the Serve ingress passes it in.
+    handle cannot answer synchronously, so the Serve ingress passes it in. The fingerprint is
+    also what responses tell of the weights (``model.sha256``): paths are never in a response.
+    ``echo_request_id=False`` under Ray Serve, whose proxy already sends ``X-Request-ID``.
     """
     settings.check_startable()
     info = embedder.info
-    if encoder_fingerprint is None and (head is not None or index is not None):
+    if encoder_fingerprint is None:  # also the public identity of the weights (public_model)
         encoder_fingerprint = getattr(embedder, "fingerprint", None)
     labels: list[str] = []
     if head is not None:
@@ -356,15 +296,20 @@ def create_app(
     app.state.upload_pseudonyms = _upload_pseudonyms(index, app.state.decode_secret, settings)
     gate = app.state.decode_gate = DecodeGate(settings.decode_workers, settings.max_pending_decodes)
     tokens_per_image = (info.img_size // info.patch_size) ** 2 * info.embed_dim
-    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        GuardMiddleware, max_body_bytes=settings.max_body_bytes, echo_request_id=echo_request_id
+    )
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.detail, exc.reason, exc.filename, exc.headers)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(
+            request, exc.status, exc.detail, exc.reason, exc.filename, exc.headers
+        )
 
     @app.exception_handler(Overloaded)
-    async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:
-        return _error(
+    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return error_response(
+            request,
             503,
             f"service overloaded: {exc}; retry shortly",
             "overloaded",
@@ -373,18 +318,33 @@ def create_app(
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}"
             for e in exc.errors()
         ]
-        return _error(422, "; ".join(parts) or "invalid request", "invalid_parameter")
+        return error_response(
+            request, 422, "; ".join(parts) or "invalid request", "invalid_parameter"
+        )
 
-    model_out = ModelInfoOut(**info.as_dict())
+    model_out = public_model(info, encoder_fingerprint)
+    head_id = public_head(head, head_source) if head is not None else None
+    index_id = public_index(index) if index is not None else None
+    log.info(
+        "serving %s %s from %s (sha256 %s); head %s from %s; index %s from %s",
+        info.name,
+        info.version,
+        info.source,
+        encoder_fingerprint,
+        head_id,
+        head_source,
+        index_id,
+        index.source if index is not None else None,
+    )
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorOut, "description": text}
         for code, text in {
@@ -434,7 +394,9 @@ def create_app(
                 "with patch_tokens=true",
                 "too_many_images",
             )
-        pixels = await gate.run(partial(_decode_all, uploads, request.app.state))
+        pixels = await gate.run(
+            partial(_decode_all, uploads, request.app.state, request_id(request))
+        )
         return uploads, await embedder.embed(pixels, patch_tokens=patch_tokens)
 
     async def deadline(coro: Any) -> Any:
@@ -476,9 +438,9 @@ def create_app(
         """The served model, probe head labels and index size."""
         return ModelsResponse(
             model=model_out,
-            head=head_source if head is not None else None,
+            head=head_id,
             labels=labels,
-            index=index.source if index is not None else None,
+            index=index_id,
             index_size=len(index) if index is not None else 0,
         )
 
@@ -554,7 +516,7 @@ def create_app(
             probs = np.asarray(head.predict_proba(feats))  # [B, L]
             return ClassifyResponse(
                 model=model_out,
-                head=head_source or type(head).__name__,
+                head=head_id,
                 results=[
                     ClassificationOut(
                         image_id=hashlib.sha256(up.data).hexdigest(),

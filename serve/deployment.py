@@ -145,7 +145,7 @@ class ApiIngress:
         from serve.index import EmbeddingIndex
 
         info, preprocess = await self._encoder.describe.remote()
-        head, fingerprint = None, None
+        head, head_source = None, self._head
         if self._head:
             from radjepa.eval.heads import load_head
             from serve.registry import resolve_model
@@ -153,16 +153,19 @@ class ApiIngress:
             # a head folder, or models:/<name>@<alias> as `radjepa probe --register-head` made
             resolved = resolve_model(self._head, tracking_uri=self._tracking_uri)
             head = load_head(resolved.path)
+            if resolved.name is not None:  # callers see the version, not an alias that moves
+                head_source = resolved.pinned
         index = EmbeddingIndex.from_parquet(self._index) if self._index else None
-        if head is not None or index is not None:  # both record the encoder they belong to
-            fingerprint = await self._encoder.fingerprint.remote()
+        # what a head and an index record of their encoder, and the weights' public identity
+        fingerprint = await self._encoder.fingerprint.remote()
         return create_app(
             RemoteEmbedder(self._encoder, info, preprocess),
             settings=self._settings,
             head=head,
             index=index,
-            head_source=self._head,
+            head_source=head_source,
             encoder_fingerprint=fingerprint,
+            echo_request_id=False,  # the Serve proxy sends X-Request-ID itself
         )
 
 

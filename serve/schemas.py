@@ -47,7 +47,17 @@ class ModelInfoOut(BaseModel):
     patch_size: int
     img_size: int = Field(description="model input size in pixels")
     embed_dim: int
-    source: str = Field(description="checkpoint path or models:/ URI the weights came from")
+    # never a path: where the weights lie on the server is for its log, not for callers
+    reference: str | None = Field(
+        None,
+        description="models:/<name>/<version> when the weights are a registered model version "
+        "(pinned, even when the server was given an alias); null for a checkpoint folder",
+    )
+    sha256: str | None = Field(
+        None,
+        description="the checkpoint's content fingerprint (sha256 of its weights and metadata): "
+        "the encoder_sha256 that probe heads and indexes made with it record",
+    )
 
 
 class EmbeddingOut(BaseModel):
@@ -79,7 +89,7 @@ class ClassificationOut(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model: ModelInfoOut
-    head: str = Field(description="probe head the probabilities came from")
+    head: str = Field(description="probe head the probabilities came from (as in /v1/models)")
     results: list[ClassificationOut]
 
 
@@ -142,9 +152,17 @@ class SimilarResponse(BaseModel):
 
 class ModelsResponse(BaseModel):
     model: ModelInfoOut
-    head: str | None = Field(None, description="probe head path, when /v1/classify is enabled")
+    head: str | None = Field(
+        None,
+        description="probe head identity, when /v1/classify is enabled: its models:/ reference, "
+        "or sha256:<16 hex> of its parameters and labels",
+    )
     labels: list[str] = Field(default_factory=list)
-    index: str | None = Field(None, description="index path, when /v1/similar is enabled")
+    index: str | None = Field(
+        None,
+        description="index identity, when /v1/similar is enabled: sha256:<16 hex> of the image "
+        "ids it holds",
+    )
     index_size: int = 0
 
 
@@ -163,3 +181,8 @@ class ErrorOut(BaseModel):
     detail: str
     reason: str | None = Field(None, description="machine-readable cause, e.g. 'not_dicom'")
     filename: str | None = None
+    request_id: str | None = Field(
+        None,
+        description="the request's id, also in the X-Request-ID response header and in the "
+        "server log: quote it when reporting a problem",
+    )

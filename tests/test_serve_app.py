@@ -579,7 +579,13 @@ def test_a_path_with_a_trailing_slash_is_a_404_not_a_redirect(client, world):
             )
             assert r.status_code == 404, (path, r.status_code, r.headers.get("location"))
             assert "location" not in r.headers
-            assert r.json() == {"detail": "Not Found", "reason": None, "filename": None}
+            body = r.json()
+            assert body == {
+                "detail": "Not Found",
+                "reason": None,
+                "filename": None,
+                "request_id": r.headers["x-request-id"],
+            }
 
 
 def test_classify_and_similar_answer_503_when_not_configured(world):
@@ -793,13 +799,152 @@ def test_a_body_over_the_limit_gets_413_and_the_connection_closed(client, framin
     assert json.loads(rest.partition(b"\r\n\r\n")[2])["reason"] == "too_large"
 
 
-def test_unexpected_failure_is_a_generic_500_without_details(world):
+def test_unexpected_failure_is_a_generic_500_whose_request_id_is_in_the_log(world, caplog):
+    """A 500 said only "internal server error": nothing in it matched the traceback in the
+    server log, so an operator could not find which of many tracebacks a caller's failure was.
+    Body, X-Request-ID header and the logged traceback now carry the same id (the caller's own
+    when it sent a valid one)."""
+    import httpx
+
     runner = EncoderRunner.from_checkpoint(Path(world["runner"].info.source))
     app = create_app(LocalEmbedder(runner), settings=_settings())
     runner.encoder = None  # the model vanished under the service: a server fault
-    r = _post(TestClient(app, raise_server_exceptions=False), "/v1/embed", world["pngs"][0])
-    assert r.status_code == 500
-    assert r.json()["detail"] == "internal server error" and "NoneType" not in r.text
+    caplog.set_level(logging.ERROR, logger="serve.app")
+    headers = {**AUTH, "content-type": "image/png"}
+    with (
+        _on_loopback(app) as (host, port),
+        httpx.Client(base_url=f"http://{host}:{port}") as c,
+    ):
+        mine = c.post(
+            "/v1/embed", content=world["pngs"][0], headers={**headers, "x-request-id": "ris-42:7"}
+        )
+        made = c.post("/v1/embed", content=world["pngs"][0], headers=headers)
+    for r, rid in ((mine, "ris-42:7"), (made, made.headers.get("x-request-id"))):
+        assert r.status_code == 500
+        assert r.json()["detail"] == "internal server error" and "NoneType" not in r.text
+        assert "Traceback" not in r.text
+        assert rid and r.json()["request_id"] == r.headers["x-request-id"] == rid
+        (record,) = [x for x in caplog.records if rid in x.getMessage()]
+        assert record.exc_info is not None and record.exc_info[0] is AttributeError
+    assert len(made.headers["x-request-id"]) == 32  # a fresh uuid4, hex
+
+
+@pytest.mark.parametrize(
+    ("supplied", "kept"),
+    [
+        ("0b5a7c1e-4f2d-4c1a-9e3b-6d8f0a2b4c6e", True),
+        ("trace.1:span_2-x", True),
+        ("x" * 128, True),
+        ("x" * 129, False),  # a 16 KB header would be copied into every log line and body
+        ("a b", False),
+        ('a"b', False),
+        ("", False),
+        ("é", False),
+    ],
+)
+def test_every_response_carries_a_request_id_the_callers_when_valid(client, world, supplied, kept):
+    """No response said which request it answered. Now each carries X-Request-ID: the caller's
+    (at most 128 of [A-Za-z0-9._:-]) or a fresh one in its place; error bodies repeat it."""
+    import httpx
+
+    with (
+        _on_loopback(client.app) as (host, port),
+        httpx.Client(base_url=f"http://{host}:{port}") as c,
+    ):
+        sent = {"x-request-id": supplied.encode()}
+        answers = [
+            c.get("/healthz", headers=sent),
+            c.get("/v1/models", headers={**AUTH, **sent}),
+            c.get("/v1/models", headers=sent),  # 401
+            c.get("/nowhere", headers=sent),  # 404
+            c.post(
+                "/v1/embed", content=b"x", headers={**AUTH, **sent, "content-type": "text/plain"}
+            ),
+            c.post(
+                "/v1/embed",
+                content=(b"\0" * 65536 for _ in range(MAX_BODY // 65536 + 2)),  # chunked
+                headers={**AUTH, **sent, "content-type": "image/png"},
+            ),
+            c.post(
+                "/v1/embed",
+                content=world["pngs"][0],
+                headers={**AUTH, **sent, "content-type": "image/png"},
+            ),
+        ]
+    assert [r.status_code for r in answers] == [200, 200, 401, 404, 415, 413, 200]
+    ids = set()
+    for r in answers:
+        (rid,) = r.headers.get_list("x-request-id")
+        ids.add(rid)
+        if r.status_code >= 400:
+            assert r.json()["request_id"] == rid
+        if kept:
+            assert rid == supplied
+        else:
+            assert rid != supplied and len(rid) == 32
+    assert len(ids) == (1 if kept else len(answers))  # a fresh id per request
+
+
+def test_no_response_names_a_server_path(world, tmp_path):
+    """GET /v1/models told any key holder where the checkpoint, the probe head and the index
+    lie on the server (and every answer's model.source the checkpoint's): user names, mount
+    points, bucket names. Answers now name the weights by registry reference and content hash,
+    the head and index by content hash; the paths are in the server log only."""
+    import httpx
+
+    from radjepa.eval.heads import checkpoint_fingerprint
+
+    ckpt = Path(world["runner"].info.source)
+    private = str(world["root"])
+    app = create_app(
+        world["embedder"],
+        settings=_settings(),
+        head=world["head"],
+        index=world["index"],
+        head_source=str(world["head_dir"]),
+    )
+    png = {**AUTH, "content-type": "image/png"}
+    with (
+        _on_loopback(app) as (host, port),
+        httpx.Client(base_url=f"http://{host}:{port}") as c,
+    ):
+        answers = [
+            c.get("/v1/models", headers=AUTH),
+            c.get("/healthz"),
+            c.get("/readyz"),
+            c.get("/openapi.json"),
+            c.post("/v1/embed", content=world["pngs"][0], headers=png),
+            c.post("/v1/classify", content=world["pngs"][0], headers=png),
+            c.post("/v1/similar", content=world["pngs"][0], headers=png),
+            c.post(
+                "/v1/embed",
+                content=_truncated_dicom(world),
+                headers={**AUTH, "content-type": "application/dicom"},
+            ),
+            c.post("/v1/similar", content=world["pngs"][0], headers=png, params={"k": 0}),
+        ]
+    for r in answers:
+        assert private not in r.text and "/tmp" not in r.text, (r.request.url, r.text[:300])
+    models = answers[0].json()
+    assert models["model"]["sha256"] == checkpoint_fingerprint(ckpt)
+    assert models["model"]["reference"] is None  # a checkpoint folder: no registry reference
+    assert "source" not in models["model"]
+    assert models["head"].startswith("sha256:") and len(models["head"]) == 7 + 16
+    assert models["index"].startswith("sha256:") and len(models["index"]) == 7 + 16
+    assert answers[5].json()["head"] == models["head"]
+    for r in answers[4:7]:
+        assert r.json()["model"] == models["model"]
+    # stable: the same head and index loaded again (another replica, a restart) say the same
+    from radjepa.eval.heads import load_head
+
+    again = create_app(
+        world["embedder"],
+        settings=_settings(),
+        head=load_head(world["head_dir"]),
+        index=EmbeddingIndex.from_parquet(world["index"].source),
+        head_source=str(tmp_path),
+    )
+    assert TestClient(again).get("/v1/models", headers=AUTH).json() == models
 
 
 def test_request_deadline_gives_504(world):
@@ -972,6 +1117,10 @@ def test_registry_alias_resolves_to_the_checkpoint_folder(world, tmp_path):
         resolved.path, name=resolved.name, version=resolved.version, source=resolved.source
     )
     assert runner.info.version == version and runner.info.source == "models:/tiny-enc@champion"
+    # what callers are told: the pinned version, never the alias or the folder it came from
+    served = TestClient(create_app(LocalEmbedder(runner), settings=_settings()))
+    model = served.get("/v1/models", headers=AUTH).json()["model"]
+    assert model["reference"] == f"models:/tiny-enc/{version}" and str(tmp_path) not in str(model)
     assert sorted(p.name for p in resolved.path.iterdir()) == sorted(p.name for p in ckpt.iterdir())
     # what a worker on another node is handed: the version, not an alias that may move
     assert resolved.pinned == f"models:/tiny-enc/{version}"

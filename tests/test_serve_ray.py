@@ -199,6 +199,26 @@ def test_classify_and_similar_answer_over_http(service):
     assert models["head"] == "models:/radjepa-probe-head/1"  # served from the registry
 
 
+def test_answers_name_no_server_path_and_carry_one_request_id(service):
+    """Through the Serve proxy as under plain uvicorn: /v1/models named the checkpoint and index
+    folders; and the request id is the proxy's, sent once (the app adding its own as well gave
+    every answer two X-Request-ID headers), and repeated in error bodies."""
+    from radjepa.eval.heads import checkpoint_fingerprint
+
+    with _client(service) as c:
+        models = c.get("/v1/models", headers={**AUTH, "x-request-id": "ris-42:7"})
+        refused = c.get("/v1/models", headers={"x-request-id": "ris-43"})
+        missing = c.get("/nowhere")
+    assert models.status_code == 200, models.text
+    assert str(service["root"]) not in models.text and "/tmp" not in models.text
+    assert models.json()["model"]["sha256"] == checkpoint_fingerprint(service["root"] / "ckpt")
+    assert models.headers.get_list("x-request-id") == ["ris-42:7"]
+    assert refused.status_code == 401 and refused.json()["request_id"] == "ris-43"
+    assert refused.headers.get_list("x-request-id") == ["ris-43"]
+    (made,) = missing.headers.get_list("x-request-id")  # the proxy's own, when none was sent
+    assert missing.status_code == 404 and missing.json()["request_id"] == made
+
+
 def test_generated_requests_never_get_a_server_error_from_the_live_service(service):
     """schemathesis against the deployed app's own /openapi.json over real HTTP (the in-process
     variant in test_serve_app covers more examples; this one proves the proxy path agrees)."""

@@ -1,0 +1,195 @@
+"""The outermost layer of the API: request ids, body size limits and the error body.
+
+Kept apart from the routes (``serve.app``) because every answer passes through it, under plain
+uvicorn and under Ray Serve alike: one place decides which request id a request carries, and
+the one helper :func:`error_response` writes every error body with it, so a client holding a
+500's ``request_id`` and an operator reading the server log see the same value.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.schemas import ErrorOut
+
+__all__ = [
+    "ApiError",
+    "GuardMiddleware",
+    "REQUEST_ID_HEADER",
+    "accept_request_id",
+    "error_response",
+    "request_id",
+]
+
+log = logging.getLogger("serve.app")  # the service's one logger name, as operators filter it
+
+REQUEST_ID_HEADER = "x-request-id"
+# what a caller may choose as its id: a UUID, a trace id, "ris-42:7"; anything else (a 16 KB
+# header, quotes, spaces, non-ASCII) would be copied into every log line and error body
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class ApiError(Exception):
+    """A client-facing error: status, message, optional machine reason and file name."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        reason: str | None = None,
+        *,
+        filename: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.reason = reason
+        self.filename = filename
+        self.headers = headers
+
+
+def accept_request_id(value: str | None) -> str | None:
+    """The caller's ``X-Request-ID`` when it is safe to log and echo, else None."""
+    if value is not None and _REQUEST_ID.match(value):
+        return value
+    return None
+
+
+def request_id(request: Request | Scope) -> str | None:
+    """The id :class:`GuardMiddleware` gave this request (None outside it)."""
+    scope = request.scope if isinstance(request, Request) else request
+    return scope.get("state", {}).get("request_id")
+
+
+def error_response(
+    scope_or_request: Request | Scope,
+    status: int,
+    detail: str,
+    reason: str | None = None,
+    filename: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """Every error body of the API: ``ErrorOut`` with the request's id."""
+    body = ErrorOut(
+        detail=detail, reason=reason, filename=filename, request_id=request_id(scope_or_request)
+    ).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class GuardMiddleware:
+    """Outermost guard: request id, body size (declared AND streamed), detail-free 500.
+
+    Content-Length alone is not enough (chunked uploads have none, and it can lie), so the
+    receive channel is wrapped and counts the bytes that actually arrive.
+
+    ``echo_request_id``: put ``X-Request-ID`` on every response. Under Ray Serve the proxy
+    already does (it takes the caller's header as is, or makes one up, and puts it on the
+    request the app sees): the ingress turns this off, or every answer carried the header twice.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, echo_request_id: bool = True) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.echo_request_id = echo_request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = self._assign_request_id(scope)
+        limit = self.max_body_bytes
+        seen = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if self.echo_request_id:
+                    MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+            await send(message)
+
+        # and close the connection: left open, the server went on reading (and discarding) the
+        # rest of the body for as long as the client kept sending, past every deadline
+        too_large = error_response(
+            scope,
+            413,
+            f"request body exceeds the {limit} byte limit",
+            "too_large",
+            headers={"Connection": "close"},
+        )
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await error_response(scope, 400, "invalid Content-Length header")(
+                        scope, receive, tracking_send
+                    )
+                    return
+                if declared > limit:
+                    await too_large(scope, receive, tracking_send)
+                    return
+        try:
+            await self.app(scope, counted_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await too_large(scope, receive, tracking_send)
+        except ClientDisconnect:
+            # the client went away before its body arrived: nobody to answer, and no server
+            # fault (logged at ERROR with a traceback, any client could flood the log)
+            log.info(
+                "client disconnected during %s %s (request %s)",
+                scope.get("method"),
+                scope.get("path"),
+                rid,
+            )
+        except Exception:
+            # the traceback and the id go to the log, the id alone to the client: an operator
+            # finds this record by the request_id a caller reports
+            log.exception(
+                "unhandled error on %s %s (request %s)", scope.get("method"), scope.get("path"), rid
+            )
+            if not started:
+                await error_response(scope, 500, "internal server error")(
+                    scope, receive, tracking_send
+                )
+
+    def _assign_request_id(self, scope: Scope) -> str:
+        """The caller's valid ``X-Request-ID``, or a fresh one; recorded on the request (its
+        ``state``) and, when replaced, on the request's headers for whatever reads them."""
+        supplied = None
+        for name, value in scope.get("headers", []):
+            if name == REQUEST_ID_HEADER.encode():
+                supplied = value.decode("latin-1")
+                break
+        rid = accept_request_id(supplied)
+        if rid is None:
+            rid = uuid.uuid4().hex
+            if supplied is not None:
+                log.info("ignored an invalid X-Request-ID (%d chars); using %s", len(supplied), rid)
+            headers = MutableHeaders(scope=scope)
+            headers[REQUEST_ID_HEADER] = rid
+        scope.setdefault("state", {})["request_id"] = rid
+        return rid
