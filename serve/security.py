@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -114,8 +115,25 @@ def settings_from_config(serve_cfg: ServeConfig, *, secret_env: str) -> ApiSetti
         max_pending_decodes=serve_cfg.max_ongoing_requests,
         secret_env=secret_env,
     )
+    if settings.insecure_local and not settings.key_digests and not _loopback(serve_cfg.host):
+        # "local only" was a promise nothing kept: with serve.host=0.0.0.0 the keyless API
+        # answered every machine that could reach the port
+        raise SecurityConfigError(
+            f"insecure local mode (no API keys) refuses serve.host={serve_cfg.host}: every "
+            "machine that reaches it could call the API; listen on 127.0.0.1, ::1 or "
+            "localhost, or configure API keys"
+        )
     settings.check_startable(serve_cfg.api_keys_env)
     return settings
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: what it resolves to can change, so it is not loopback
+        return False
 
 
 def _unauthorized(message: str) -> HTTPException:

@@ -963,6 +963,8 @@ def test_refuses_to_start_without_keys_unless_insecure_local(world, monkeypatch,
         settings_from_config(ServeConfig(), secret_env="X")
     local = TestClient(create_app(world["embedder"], settings=ApiSettings(insecure_local=True)))
     assert _post(local, "/v1/embed", world["pngs"][0], headers={}).status_code == 200
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert settings_from_config(ServeConfig(host=host, insecure_local=True), secret_env="X")
 
     keyfile = tmp_path / "keys"
     keyfile.write_text(f"# service keys\n{API_KEY}\n\n")
@@ -974,6 +976,22 @@ def test_refuses_to_start_without_keys_unless_insecure_local(world, monkeypatch,
     monkeypatch.setenv("RADJEPA_API_KEYS", "short")
     with pytest.raises(SecurityConfigError, match="shorter than 16"):
         load_api_keys("RADJEPA_API_KEYS", None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.2", "radjepa.example.org"])
+def test_keyless_mode_is_refused_on_a_host_other_machines_reach(monkeypatch, host):
+    """`radjepa serve --insecure-local --set serve.host=0.0.0.0` started, and the keyless API
+    answered on the machine's network address (reproduced with curl to its non-loopback IP):
+    "local only" was a promise nothing kept. Refused at settings time, before Ray starts;
+    with keys configured the host is free."""
+    from radjepa.config import ServeConfig
+
+    monkeypatch.delenv("RADJEPA_API_KEYS", raising=False)
+    with pytest.raises(SecurityConfigError, match=f"refuses serve.host={host}"):
+        settings_from_config(ServeConfig(host=host, insecure_local=True), secret_env="X")
+    monkeypatch.setenv("RADJEPA_API_KEYS", API_KEY)
+    keyed = settings_from_config(ServeConfig(host=host, insecure_local=True), secret_env="X")
+    assert keyed.key_digests == (key_digest(API_KEY),)
 
 
 def test_head_or_index_of_the_wrong_size_is_refused(world):
