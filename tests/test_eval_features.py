@@ -242,3 +242,39 @@ def test_shard_dataset_takes_labels_from_metadata_and_patients_from_pseudonyms(t
     assert sd.groups.tolist() == ["a", "a", "b", "id3", "c", "c"]
     with pytest.raises(DatasetError, match="missing column"):
         load_shard_dataset(tmp_path, ["Effusion"])
+
+
+def test_shard_images_without_a_requested_label_are_left_out_and_listed(tmp_path, nih_dir):
+    # PNG/JPEG inputs have no DICOM metadata: their view_position is null in the shard, and
+    # a shard cannot be "filled or dropped" as the old error told the user to
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from radjepa.eval.features import load_shard_dataset
+    from radjepa.eval.report import _where
+    from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
+
+    ds = load_csv_dataset(nih_dir / "labels.csv", size=64, limit=6)
+    cols = {
+        "image_id": [f"{i:064x}" for i in range(6)],
+        "pixels": [pixels_to_bytes(im) for im in ds.images],
+        "height": [64] * 6,
+        "width": [64] * 6,
+        "dtype": ["uint8"] * 6,
+        "patient_pid": ["a", "b", "c", "d", "e", "f"],
+        "view_position": ["AP", None, "PA", " ", "PA", "AP"],
+    }
+    table = pa.table({f.name: pa.array(cols.get(f.name, [None] * 6), f.type) for f in SHARD_SCHEMA})
+    (tmp_path / "images").mkdir()
+    pq.write_table(table, tmp_path / "images" / "part-0.parquet")
+    sd = load_shard_dataset(tmp_path, ["view_position=AP"])
+    assert sd.labels[:, 0].tolist() == [1, 0, 0, 1]
+    assert np.array_equal(sd.images, ds.images[[0, 2, 4, 5]])
+    assert sd.groups.tolist() == ["a", "c", "e", "f"]
+    assert [r["image_id"] for r in sd.rejected] == [f"{1:064x}", f"{3:064x}"]
+    assert {r["reason"] for r in sd.rejected} == {"no_label"}
+    with pytest.raises(DatasetError, match="none of 6 images has sex"):
+        load_shard_dataset(tmp_path, ["sex"])
+    # listed by id in the report, never by file name
+    assert _where(sd.rejected[0]) == "image `0000000000000000`"
+    assert _where({"row": "3", "reason": "truncated"}) == "CSV row 3"

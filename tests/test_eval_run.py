@@ -444,3 +444,51 @@ def test_probe_decodes_images_as_serving_does_for_the_checkpoint(tmp_path, nih_d
     tokens = extract_features(encoder, images, batch_size=cfg.probe.batch_size, patch_tokens=True)
     dice = seg_probe(tokens_to_grid(tokens), masks, structures=["disc"], seed=cfg.probe.seed).dice
     assert report["segmentation"]["methods"]["ours"]["dice"] == pytest.approx(dice, abs=1e-12)
+
+
+def test_probe_on_shards_of_mixed_formats_leaves_out_images_without_the_label(
+    tmp_path, checkpoint, tiny_cfg, nih_dir
+):
+    # an archive of DICOMs and PNGs: the PNGs' shard rows carry no view_position, and the
+    # probe refused the whole set ("fill or drop them") although a shard cannot be edited
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from radjepa.eval.features import load_csv_dataset, read_csv_rows
+    from radjepa.eval.runner import run_probe
+    from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
+
+    n = 48
+    ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
+    ds = load_csv_dataset(nih_dir / "labels.csv", size=64, limit=n)
+    meta = read_csv_rows(nih_dir / "labels.csv")[:n]
+    png = set(range(0, n, 6))  # eight images "from PNG files": no metadata
+    cols = {
+        "image_id": ids,
+        "pixels": [pixels_to_bytes(im) for im in ds.images],
+        "height": [64] * n,
+        "width": [64] * n,
+        "dtype": ["uint8"] * n,
+        "patient_pid": [None if i in png else r["patient_id"] for i, r in enumerate(meta)],
+        "view_position": [None if i in png else r["view"] for i, r in enumerate(meta)],
+        "sex": [None if i in png else r["sex"] for i, r in enumerate(meta)],
+    }
+    table = pa.table({f.name: pa.array(cols.get(f.name, [None] * n), f.type) for f in SHARD_SCHEMA})
+    (tmp_path / "shards" / "images").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "shards" / "images" / "part-0.parquet")
+
+    report = run_probe(
+        checkpoint,
+        None,
+        ["view_position=AP", "sex=F"],
+        tmp_path / "out",
+        tiny_cfg,
+        shards=tmp_path / "shards",
+        group_col="patient_pid",
+    )
+    assert report["data"]["n_images"] == n - len(png)
+    assert [r["image_id"] for r in report["data"]["rejected"]] == [ids[i] for i in sorted(png)]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"{len(png)} left out" in md and f"- image `{ids[6][:16]}`: no_label" in md

@@ -244,7 +244,12 @@ def load_shard_dataset(
     limit: int | None = None,
 ) -> Dataset:
     """Ingested shards as an evaluation set; labels come from metadata (``sex``,
-    ``view_position=AP``). Images without a patient pseudonym count as their own patient."""
+    ``view_position=AP``). Images without a patient pseudonym count as their own patient.
+
+    Images whose metadata lacks a requested label are left out and listed in
+    ``Dataset.rejected`` by image id: PNG/JPEG inputs carry no DICOM metadata, and unlike a CSV
+    a shard cannot be filled in, so refusing them refused every archive that mixed formats.
+    """
     from radjepa.shards import read_images
 
     images, meta = read_images(dst, limit=limit)
@@ -254,11 +259,38 @@ def load_shard_dataset(
     if absent:
         raise DatasetError(f"shards under {dst}: missing column(s) {absent}; has {cols}")
     table = meta.to_pylist()
-    rows = [{k: "" if v is None else str(v) for k, v in r.items()} for r in table]
+    rows = [{k: "" if v is None else str(v).strip() for k, v in r.items()} for r in table]
+    keep, rejected = [], []
+    for i, r in enumerate(rows):
+        lacking = [s.column for s in specs if not r[s.column]]
+        if lacking:
+            rejected.append(
+                {
+                    "image_id": r["image_id"],
+                    "reason": "no_label",
+                    "message": f"no {', '.join(lacking)} in the image's metadata",
+                }
+            )
+        else:
+            keep.append(i)
+    if not keep:
+        raise DatasetError(
+            f"shards under {dst}: none of {len(rows)} images has "
+            f"{', '.join(s.column for s in specs)} in its metadata"
+        )
+    if rejected:
+        log.warning(
+            "%d of %d images left out: their metadata lacks a requested label (listed in the "
+            "report)",
+            len(rejected),
+            len(rows),
+        )
+        rows = [rows[i] for i in keep]
+        images = images[keep]
     labels, positive, names = _labels_for(rows, specs)
     ids = [r["image_id"] for r in rows]
     groups = [(r[group_col] or i) if group_col else i for r, i in zip(rows, ids, strict=True)]
-    return Dataset(images, labels, names, positive, np.array(groups), ids)
+    return Dataset(images, labels, names, positive, np.array(groups), ids, rejected)
 
 
 def require_finite(features: np.ndarray) -> np.ndarray:

@@ -80,7 +80,7 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         f"{enc.get('step')}, {enc.get('arch')}, dim {enc.get('embed_dim')}, sha256 "
         f"`{str(enc.get('sha256', ''))[:12]}`)",
         f"- data: `{data['csv'] or data['shards']}`: {data['n_images']} images, {data['n_patients']} patients, "
-        f"{len(data['rejected'])} rejected by the decoder",
+        f"{len(data['rejected'])} left out (listed below)",
         f"- protocol: {proto['pooling']}; standardised logistic regression C={proto['C']}; "
         f"{proto['split_text']}; {proto['bootstrap']} patient-level bootstrap draws, "
         f"percentile 95% CI; kNN k={proto['knn_k']} (cosine, other patients only); pixel "
@@ -146,10 +146,18 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
     if report.get("head"):
         lines += [f"Probe head (all images, encoder features): `{rel(report['head'])}`", ""]
     if data["rejected"]:
-        lines += ["## Rejected images", ""]
-        lines += [f"- CSV row {r['row']}: {r['reason']}" for r in data["rejected"]]
+        lines += ["## Images left out", ""]
+        lines += [f"- {_where(r)}: {r['reason']}" for r in data["rejected"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def _where(rejected: dict[str, str]) -> str:
+    """A left-out image by CSV row (decoder rejects) or by image id (shard rows): never by
+    file name, which in hospital archives often carries the patient's name."""
+    if "row" in rejected:
+        return f"CSV row {rejected['row']}"
+    return f"image `{rejected['image_id'][:16]}`"
 
 
 def _finite(obj: Any) -> Any:
