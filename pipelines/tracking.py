@@ -51,10 +51,11 @@ def _first_open_lock(uri: str) -> Iterator[None]:
     held for one schema check, a few milliseconds once the store exists."""
     import fcntl
 
-    path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
-    if path is None:
+    db = sqlite_file(uri)
+    if db is None:  # a server, another database, an in-memory store: nothing to build here
         yield
         return
+    path = Path(db)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -154,10 +155,10 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | None = None) -> 
         return exp.experiment_id
     artifact_location = None
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
-    if uri.startswith("sqlite:///"):
+    db = sqlite_file(uri)
+    if db is not None:
         # sqlite:////abs/mlflow.db is absolute; sqlite:///mlflow.db is relative to the cwd
-        db = Path(uri[len("sqlite:///") :].split("?", 1)[0]).resolve()
-        artifact_location = (db.parent / "mlartifacts").as_uri()
+        artifact_location = (Path(db).resolve().parent / "mlartifacts").as_uri()
     elif scheme in ("postgresql", "mysql", "mssql", "oracle"):
         if artifact_root is None:
             log.warning("MLflow store %s without an artifact root: MLflow uses ./mlruns", scheme)

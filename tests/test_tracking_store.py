@@ -251,6 +251,20 @@ def test_jobs_opening_a_new_store_at_once_all_get_it(tmp_path):
     assert client.get_experiment_by_name("Default") is not None  # the store works afterwards
 
 
+def test_a_store_uri_with_a_query_locks_and_keeps_artifacts_beside_its_database(tmp_path):
+    # sqlite:///db?timeout=30 (SQLAlchemy's busy timeout): the first-open lock was created as
+    # "db?timeout=30.lock", a name other spellings of the same store do not share
+    import mlflow
+
+    from pipelines.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}?timeout=30"
+    exp_id = ensure_experiment(uri, "q")
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+    location = mlflow.MlflowClient(uri).get_experiment(exp_id).artifact_location
+    assert location == (tmp_path / "store" / "mlartifacts").as_uri()
+
+
 def test_a_relative_sqlite_store_is_the_one_in_the_folder_the_command_ran_from(
     tmp_path, monkeypatch
 ):
