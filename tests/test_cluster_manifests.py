@@ -414,3 +414,110 @@ def test_rayjob_outputs_go_to_object_storage_not_pod_disk(name: str) -> None:
     params = _cli().commands[argv[1]].make_context(f"radjepa {argv[1]}", argv[2:]).params
     for out in _outputs(argv, params):
         assert re.match(r"(s3|gs|gcs|abfss?)://", out), f"{name}: writes to {out!r}"
+
+
+def _documented_radjepa_commands() -> list[tuple[str, list[str]]]:
+    """Every `radjepa ...` line of the shell blocks in docs/CLUSTER.md and README.md, and of the
+    usage comments in cluster/ (continuation lines joined, comments dropped)."""
+    found = []
+    sources = [REPO / "docs" / "CLUSTER.md", REPO / "README.md", *sorted(CLUSTER.glob("*.yaml"))]
+    for path in sources:
+        text = path.read_text()
+        if path.suffix == ".md":
+            lines = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.S)).splitlines()
+        else:  # "#   radjepa submit ..." usage lines in the header comments
+            lines = [m for m in re.findall(r"^#\s+(radjepa .*)$", text, re.M)]
+        joined, buf = [], ""
+        for line in lines:
+            buf += line.rstrip().removesuffix("\\") + " "
+            if not line.rstrip().endswith("\\"):
+                joined.append(buf.strip())
+                buf = ""
+        for line in joined:
+            if line.startswith("radjepa "):
+                argv = shlex.split(line, comments=True)[1:]
+                ends = [i for i, a in enumerate(argv) if a in {"&", "&&", "|", "||", ";", ">"}]
+                found.append((path.name, argv[: ends[0]] if ends else argv))
+    return found
+
+
+def _parse_cli_call(argv: list[str]) -> None:
+    """Parse ``radjepa ARGV`` as click will (unknown commands/options fail), the command a
+    ``submit`` carries included, and load the config and --set overrides it names."""
+    cli = _cli()
+    assert argv and argv[0] in cli.commands, f"`radjepa {argv[:1]}` is not a CLI command"
+    command, rest = cli.commands[argv[0]], argv[1:]
+    if hasattr(command, "commands"):  # a group: `radjepa jobs logs ...`
+        assert rest and rest[0] in command.commands, f"`radjepa {argv[0]} {rest[:1]}`"
+        command, rest = command.commands[rest[0]], rest[1:]
+    params = command.make_context(f"radjepa {argv[0]}", rest).params
+    if argv[0] == "submit":
+        _parse_cli_call(list(params["command"]))
+    elif params.get("config") or params.get("set_"):
+        config = params.get("config")
+        load_config(REPO / config if config else None, list(params.get("set_") or []))
+
+
+def test_every_documented_radjepa_command_parses_with_the_real_cli() -> None:
+    calls = _documented_radjepa_commands()
+    assert {"CLUSTER.md", "README.md"} <= {name for name, _ in calls}
+    assert any(argv[0] == "submit" for _, argv in calls)
+    for name, argv in calls:
+        try:
+            _parse_cli_call(argv)
+        except Exception as err:  # click's UsageError, a bad config or override
+            pytest.fail(f"{name}: `radjepa {shlex.join(argv)}`: {err}")
+
+
+def _dockerignore_allows(path: str, patterns: list[str]) -> bool:
+    """Docker's rule for a context path: the last matching pattern wins ('!' re-includes)."""
+    from fnmatch import fnmatchcase
+
+    allowed = True
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern.removeprefix("!")
+        if fnmatchcase(path, pat) or fnmatchcase(path, pat.removesuffix("/**")):
+            allowed = negate
+    return allowed
+
+
+def test_the_build_context_holds_every_copied_path_and_no_venv() -> None:
+    text = (CLUSTER / "Dockerfile").read_text()
+    patterns = [
+        line.strip()
+        for line in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", text, re.M):
+        *sources, _dest = line.split()
+        for src in sources:
+            assert _dockerignore_allows(src, patterns), f"COPY {src}: left out of the context"
+    for heavy in (".venv", "runs", "demo-output", ".git", "tests"):
+        assert not _dockerignore_allows(heavy, patterns), f"{heavy} is sent to the builder"
+
+
+def _copied_bytes() -> int:
+    """Bytes under the paths the Dockerfile copies (the image's /home/ray/radjepa)."""
+    text = (CLUSTER / "Dockerfile").read_text()
+    total = 0
+    for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", text, re.M):
+        for src in line.split()[:-1]:
+            path = REPO / src
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            total += sum(f.stat().st_size for f in files if "__pycache__" not in f.parts)
+    return total
+
+
+def test_uploaded_working_dirs_stay_far_under_the_job_servers_limit(tmp_path: Path) -> None:
+    # the job server takes 100 MiB per upload (docs/CLUSTER.md, troubleshooting). Two uploads:
+    # `radjepa submit` zips the checkout with its excludes; a RayJob's submitter zips the
+    # image's /home/ray/radjepa (runtimeEnvYAML working_dir), i.e. what the Dockerfile copies
+    from ray._private.runtime_env.packaging import _zip_files
+
+    limit = 100 * 1024**2
+    sub = jobs.build_submission(["version"], working_dir=REPO, environ={})
+    out = tmp_path / "pkg.zip"
+    _zip_files(str(REPO), sub.runtime_env["excludes"], str(out), include_gitignore=True)
+    assert out.stat().st_size < limit / 4, f"submit uploads {out.stat().st_size / 2**20:.1f} MiB"
+    assert _copied_bytes() < limit / 4, f"a RayJob uploads {_copied_bytes() / 2**20:.1f} MiB"
