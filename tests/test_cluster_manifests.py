@@ -9,6 +9,7 @@ not on a GPU cluster an hour into a rollout.
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import shlex
 from pathlib import Path
@@ -521,3 +522,48 @@ def test_uploaded_working_dirs_stay_far_under_the_job_servers_limit(tmp_path: Pa
     _zip_files(str(REPO), sub.runtime_env["excludes"], str(out), include_gitignore=True)
     assert out.stat().st_size < limit / 4, f"submit uploads {out.stat().st_size / 2**20:.1f} MiB"
     assert _copied_bytes() < limit / 4, f"a RayJob uploads {_copied_bytes() / 2**20:.1f} MiB"
+
+
+def test_the_images_installed_cli_finds_the_configs_and_sample_it_ships(tmp_path: Path) -> None:
+    # The Dockerfile's last `pip install`, run for real on a copy of what the image holds: a
+    # regular install put the package in site-packages, so the `radjepa` script imported that
+    # copy and `radjepa demo` (paths beside the package) read site-packages/configs/tiny_cpu.yaml
+    # ("config file not found") though the image has /home/ray/radjepa/configs.
+    import shutil
+    import subprocess
+    import sys
+
+    text = (CLUSTER / "Dockerfile").read_text()
+    workdir = tmp_path / "image"
+    workdir.mkdir()
+    for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", text, re.M):
+        for src in line.split()[:-1]:
+            dest = workdir / src
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if (REPO / src).is_dir():
+                shutil.copytree(REPO / src, dest, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(REPO / src, dest)
+    (install,) = re.findall(r"^RUN pip install (--no-deps[^&\n]*?)\s*&&", text, re.M)
+    prefix = tmp_path / "prefix"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--prefix",
+         str(prefix), *shlex.split(install)],
+        cwd=workdir, check=True, capture_output=True,
+    )  # fmt: skip
+    (site_dir,) = prefix.glob("lib/python3*/site-packages")
+    probe = (
+        f"import site; site.addsitedir({str(site_dir)!r})\n"
+        "from pathlib import Path\n"
+        "import pipelines.demo as demo\n"
+        "demo.demo_config(Path('out'), 10)\n"
+        "assert demo.SAMPLE.is_dir(), demo.SAMPLE\n"
+        "print(demo.__file__)\n"
+    )
+    # run from elsewhere, as the console script does (its own folder first on sys.path)
+    res = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Path(res.stdout.strip()).is_relative_to(workdir)
