@@ -532,6 +532,7 @@ def test_the_images_installed_cli_finds_the_configs_and_sample_it_ships(tmp_path
     import shutil
     import subprocess
     import sys
+    import sysconfig
 
     text = (CLUSTER / "Dockerfile").read_text()
     workdir = tmp_path / "image"
@@ -546,14 +547,21 @@ def test_the_images_installed_cli_finds_the_configs_and_sample_it_ships(tmp_path
                 shutil.copy(REPO / src, dest)
     (install,) = re.findall(r"^RUN pip install (--no-deps[^&\n]*?)\s*&&", text, re.M)
     prefix = tmp_path / "prefix"
+    # --ignore-installed: without it pip first uninstalled this checkout's own editable install
+    # from the running environment (a --prefix install still removes the installed copy),
+    # and every Ray worker started after this test failed "No module named 'pipelines'"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--prefix",
-         str(prefix), *shlex.split(install)],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation",
+         "--ignore-installed", "--prefix", str(prefix), *shlex.split(install)],
         cwd=workdir, check=True, capture_output=True,
     )  # fmt: skip
     (site_dir,) = prefix.glob("lib/python3*/site-packages")
+    # -S and the environment's packages as a plain path entry: the dependencies import, but its
+    # .pth files (this checkout's editable install among them) do not run; the image's do
+    deps = sysconfig.get_paths()["purelib"]
     probe = (
-        f"import site; site.addsitedir({str(site_dir)!r})\n"
+        # the image's site first: both editable installs name their finder module alike
+        f"import sys, site; site.addsitedir({str(site_dir)!r}); sys.path.append({deps!r})\n"
         "from pathlib import Path\n"
         "import pipelines.demo as demo\n"
         "demo.demo_config(Path('out'), 10)\n"
@@ -562,7 +570,7 @@ def test_the_images_installed_cli_finds_the_configs_and_sample_it_ships(tmp_path
     )
     # run from elsewhere, as the console script does (its own folder first on sys.path)
     res = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True,
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
