@@ -353,6 +353,12 @@ def _truncated_png(nih_dir) -> bytes:
     return data[: len(data) // 2]
 
 
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 REJECTIONS = {
     "empty": lambda nih: b"",
     "too_large": lambda nih: make_dicom(gradient(N, N)),  # with max_bytes=100 below
@@ -364,6 +370,8 @@ REJECTIONS = {
     "unsupported_transfer_syntax": lambda nih: _unsupported_syntax(),
     "unsupported_photometric": lambda nih: make_dicom(gradient(N, N), photometric="YBR_FULL"),
     "not_2d": lambda nih: _not_2d(),
+    "too_small": lambda nih: make_dicom(gradient(8, 64)),
+    "extreme_aspect": lambda nih: _png(np.zeros((40, 200), np.uint8)),
     "decode_error": lambda nih: _bad_j2k(),
     "burned_in_annotation": lambda nih: make_dicom(
         gradient(N, N), extra={"BurnedInAnnotation": "YES"}
@@ -719,3 +727,17 @@ def test_corrupted_bytes_only_ever_raise_image_rejected() -> None:
             outcomes[err.reason] += 1
     assert set(outcomes) <= REASONS | {"ok"}
     assert outcomes["ok"] > 0 and sum(outcomes.values()) == 400
+
+
+@pytest.mark.parametrize(
+    ("shape", "reason"),
+    [((1, 1), "too_small"), ((10, 9000), "too_small"), ((100, 401), "extreme_aspect")],
+)
+def test_degenerate_proportions_are_refused_and_radiograph_shapes_kept(shape, reason) -> None:
+    # a 1x1 placeholder and a 9000x10 strip were stretched or centre-cropped into a square of
+    # noise and stored (or embedded by the API) like any radiograph
+    with pytest.raises(ImageRejected) as err:
+        decode(_png(np.full(shape, 128, np.uint8)))
+    assert err.value.reason == reason
+    for ok in [(16, 16), (100, 400), (3000, 1000), (2500, 2048)]:  # full spine is about 3:1
+        assert decode(_png(np.full(ok, 128, np.uint8))).pixels.shape == (N, N)

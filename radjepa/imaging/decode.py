@@ -103,6 +103,28 @@ def _decode_display(
     return display
 
 
+# No radiograph is this small or this elongated: an icon, a 1x1 placeholder, a scanned strip
+# or a secondary-capture banner would be stretched or centre-cropped into a square of noise that
+# looks like any other image to training and to the similar-case index. Full-spine and long-leg
+# radiographs stay under 4:1.
+MIN_SIDE = 16
+MAX_ASPECT = 4.0
+
+
+def _check_proportions(shape: tuple[int, ...]) -> None:
+    short, long = min(shape), max(shape)
+    if short < MIN_SIDE:
+        raise ImageRejected(
+            "too_small", f"{shape[0]}x{shape[1]} pixels; the shorter side is under {MIN_SIDE}"
+        )
+    if long / short > MAX_ASPECT:
+        raise ImageRejected(
+            "extreme_aspect",
+            f"{shape[0]}x{shape[1]} pixels; the centre square would keep "
+            f"{short / long:.0%} of it (at most {MAX_ASPECT:g}:1 is decoded)",
+        )
+
+
 def decode_image(
     data: bytes,
     *,
@@ -150,6 +172,7 @@ def decode_image(
         raise ImageRejected("decode_error", f"malformed {fmt} ({type(err).__name__})") from None
     if display.ndim != 2 or min(display.shape) < 1:
         raise ImageRejected("not_2d", f"decoded image has shape {display.shape}")
+    _check_proportions(display.shape)
     meta["orig_height"], meta["orig_width"] = int(display.shape[0]), int(display.shape[1])
     pixels = to_stored(resize_center_crop(display, size), dtype)
     return DecodedImage(pixels=pixels, meta=meta)

@@ -17,6 +17,8 @@ REASONS: frozenset[str] = frozenset(
         "unsupported_transfer_syntax",
         "unsupported_photometric",
         "not_2d",
+        "too_small",
+        "extreme_aspect",
         "decode_error",
         "burned_in_annotation",
     }
