@@ -44,6 +44,23 @@ MARKERS = {
     "StudyDate": "20190402",
     "StudyTime": "101112",
     "StudyID": "MARKER_SID_6a1f",
+    # the rest of PS3.15 Annex E's usual suspects: device, staff, contact, free text, dates
+    "OtherPatientNames": "MARKER_OTHERNAME_5e21",
+    "PatientAddress": "MARKER_PADDR_7c90",
+    "PatientTelephoneNumbers": "MARKER_TEL_2b48",
+    "PatientComments": "MARKER_PCOMMENT_93ad",
+    "DeviceSerialNumber": "MARKER_SERIAL_0f6b",
+    "StationName": "MARKER_STN_c35e",
+    "InstitutionalDepartmentName": "MARKER_DEPT_81d4",
+    "OperatorsName": "MARKER_OPER_4a7f",
+    "PerformingPhysicianName": "MARKER_PERF_d912",
+    "RequestingPhysician": "MARKER_REQ_6e03",
+    "ProtocolName": "MARKER_PROTO_b5c8",
+    "SeriesDescription": "MARKER_SERDESC_27fa",
+    "ImageComments": "MARKER_COMMENT_e84b",
+    "SeriesDate": "20180611",
+    "ContentDate": "20170923",
+    "AcquisitionDateTime": "20160704101112",
 }
 # strings that must never appear in any ingest output byte (dates included)
 MARKER_STRINGS = [v.split("^")[0] for v in MARKERS.values()]

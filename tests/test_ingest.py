@@ -264,6 +264,58 @@ def test_no_identifier_reaches_any_output_byte(corpus, ingested) -> None:
             assert marker.encode() not in data, f"{marker!r} leaked into {name}"
 
 
+def test_no_identifier_reaches_what_a_debug_run_says(tmp_path) -> None:
+    """The outputs are checked above; this is what a run prints and logs, which lands in Ray
+    Job logs, CI output and log shipping: the CLI at DEBUG (driver log, progress, summary),
+    every worker's output (forwarded to the driver) and Ray's own session log files, for a
+    source whose folder, file, member and link names carry a patient's name, with good files
+    and one of each way a file is refused (read, size, link, content)."""
+    import tempfile
+
+    src = tmp_path / "src"
+    phi = src / PHI_FOLDER
+    phi.mkdir(parents=True)
+    (phi / "MARKER_NAME_7f3a_19450317.dcm").write_bytes(make_dicom(gradient(60, 60, seed=31)))
+    no_id = make_dicom(gradient(60, 60, seed=32), extra={"PatientID": ""})
+    (phi / "DOE^JOHN_empty_id.dcm").write_bytes(no_id)
+    (phi / "DOE^JOHN_cut.dcm").write_bytes(make_dicom(gradient(60, 60, seed=33))[:-2000])
+    (phi / "DOE^JOHN_burned.dcm").write_bytes(
+        make_dicom(gradient(60, 60, seed=34), extra={"BurnedInAnnotation": "YES"})
+    )
+    (phi / "DOE^JOHN_notes.txt").write_bytes(b"MARKER_NAME_7f3a DOE^JOHN 19450317\n")
+    (phi / "DOE^JOHN_big.dcm").write_bytes(b"\0" * (2 << 20))
+    (phi / "DOE^JOHN_link.dcm").symlink_to(phi / "DOE^JOHN_gone.dcm")
+    (phi / "DOE^JOHN_bad.zip").write_bytes(b"PK\x03\x04" + b"MARKER_NAME_7f3a" * 8)
+    with zipfile.ZipFile(src / "MARKER_ACC_44b1.zip", "w") as z:
+        z.writestr(f"{PHI_FOLDER}/a.dcm", make_dicom(gradient(60, 60, seed=35)))
+        z.writestr(f"{PHI_FOLDER}/b.dcm", b"MARKER_NAME_7f3a")
+    ray_tmp = tempfile.mkdtemp(prefix="rdj", dir="/tmp")  # short: Ray's socket paths
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", "--log-level", "DEBUG", "ingest"]
+            + [str(src), str(tmp_path / "dst"), "-c", str(REPO / "configs" / "tiny_cpu.yaml")]
+            + ["--set", "ingest.decode_actors=1", "--set", "ingest.max_file_mb=1"],
+            cwd=REPO,
+            capture_output=True,
+            timeout=300,
+            env={**os.environ, "RADJEPA_DEID_SECRET": "k" * 32, "RAY_ADDRESS": ""}
+            | {"RAY_TMPDIR": ray_tmp},
+        )
+        said = [("stdout", proc.stdout), ("stderr", proc.stderr)]
+        said += [(str(p), p.read_bytes()) for p in Path(ray_tmp).rglob("*") if p.is_file()]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    summary = [x for x in proc.stdout.decode().splitlines() if x.startswith("ingested ")]
+    assert [x.split(" -> ")[0] for x in summary] == [
+        "ingested 10 inputs: 3 stored, 7 quarantined, 0 duplicates"
+    ]
+    assert len(said) > 10  # Ray's session logs were found
+    for name, data in said:
+        for marker in [*FORBIDDEN, str(src)]:
+            assert marker.encode() not in data, f"{marker!r} leaked into {name}"
+
+
 def test_rerun_is_idempotent_then_picks_up_new_files(corpus, ingested) -> None:
     from pipelines.ingest import run_ingest
 
