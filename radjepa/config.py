@@ -400,6 +400,10 @@ class SearchDim(_Section):
                 raise ValueError(f"'{self.type}' needs a non-empty 'values' list")
         elif self.low is None or self.high is None or self.low >= self.high:
             raise ValueError(f"'{self.type}' needs low < high")
+        elif self.type == "loguniform" and self.low <= 0:
+            # Tune raised this only when the sweep built its space, after the MLflow parent run
+            # was made, and the CLI showed its traceback
+            raise ValueError(f"'loguniform' needs low > 0 (got {self.low:g}); use 'uniform'")
         return self
 
 
@@ -426,6 +430,25 @@ class TuneConfig(_Section):
         ge=0,
         description="... or whose mean per-dimension embedding std falls below this",
     )
+
+    @model_validator(mode="after")
+    def _space_fits_the_search(self) -> TuneConfig:
+        """A grid lists values, so it cannot take a range (Tune drew one random value from it
+        for the whole sweep, silently); Optuna cannot take a grid (Tune refused it only once
+        the sweep had started, with a traceback)."""
+        for key, dim in self.search_space.items():
+            if self.search_alg == "grid" and dim.type not in ("choice", "grid"):
+                raise ValueError(
+                    f"search_space.{key} is '{dim.type}', which search_alg=grid cannot "
+                    "enumerate (one random value would be tried): list its values with type "
+                    "choice, or use search_alg=random or optuna"
+                )
+            if self.search_alg == "optuna" and dim.type == "grid":
+                raise ValueError(
+                    f"search_space.{key} is 'grid', which search_alg=optuna cannot take: "
+                    "use type choice, or search_alg=grid or random"
+                )
+        return self
 
 
 class TrackingConfig(_Section):

@@ -189,6 +189,45 @@ def test_search_space_keys_are_dotted_config_keys():
             load_config(None, {"tune.search_space": {key: {"type": "choice", "values": [1, 2]}}})
 
 
+def test_a_search_space_the_search_cannot_use_is_refused_at_load():
+    # each was accepted: Tune raised the first two only once the sweep had begun (after its
+    # MLflow parent run was made), as a traceback; a grid drew one random value of a range
+    cases = [
+        (
+            "random",
+            {"optim.weight_decay": {"type": "loguniform", "low": 0, "high": 0.1}},
+            "low > 0",
+        ),
+        ("optuna", {"ema.start": {"type": "grid", "values": [0.99, 0.996]}}, "optuna cannot"),
+        ("grid", {"ema.start": {"type": "uniform", "low": 0.99, "high": 0.999}}, "grid cannot"),
+        ("grid", {"masks.num_targets": {"type": "randint", "low": 2, "high": 5}}, "grid cannot"),
+    ]
+    for alg, space, said in cases:
+        with pytest.raises(ConfigError, match=said):
+            load_config(None, {"tune.search_alg": alg, "tune.search_space": space})
+    # what each search can use is still accepted
+    load_config(
+        None,
+        {
+            "tune.search_alg": "optuna",
+            "tune.search_space": {
+                "optim.weight_decay": {"type": "loguniform", "low": 1e-4, "high": 0.1},
+                "ema.start": {"type": "choice", "values": [0.99, 0.996]},
+            },
+        },
+    )
+    load_config(
+        None,
+        {
+            "tune.search_alg": "grid",
+            "tune.search_space": {
+                "ema.start": {"type": "choice", "values": [0.99, 0.996]},
+                "masks.num_targets": {"type": "grid", "values": [2, 4]},
+            },
+        },
+    )
+
+
 def test_flatten_gives_dotted_params():
     flat = flatten(load_config())
     assert flat["masks.num_targets"] == 4
