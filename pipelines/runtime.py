@@ -52,9 +52,10 @@ def quiet_local_worker_logs() -> None:
     second whether the run's controller is still alive, to free its resources if it crashed.
     The local instance has no dashboard, hence no state API (with a dashboard, two local
     instances on one machine make the state API refuse to pick one), so each query fails and
-    logs a warning: thousands of lines an hour in the user's terminal. The cleaner has nothing
-    to protect there anyway: a local instance and everything in it ends with the driver that
-    started it. On a cluster the dashboard is up and the hook is not installed.
+    logs a warning: thousands of lines an hour in the user's terminal. A local instance ends
+    with the driver that started it, and the one place a run's controller dies before that,
+    a sweep trial Tune stops, is cleaned by the sweep itself (``pipelines.placement_groups``).
+    On a cluster the dashboard is up and the hook is not installed.
     """
     logger = logging.getLogger(_PG_CLEANER_LOGGER)
     if not any(isinstance(f, _DropPrefix) for f in logger.filters):

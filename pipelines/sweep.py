@@ -11,14 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ray.tune import Callback
 from ray.tune.search import Searcher
 from ray.tune.stopper import Stopper
 
+from pipelines.placement_groups import release_orphaned_placement_groups
 from radjepa import locations
 from radjepa.config import Config, SearchDim, config_to_yaml
 
@@ -219,6 +222,21 @@ class CollapseStopper(Stopper):
         return False
 
 
+class FreeStoppedTrials(Callback):
+    """Frees, every few seconds of the sweep, the resources of trials Tune stopped (see
+    :mod:`pipelines.placement_groups`): without it a local sweep with ASHA or the collapse
+    stopper waited forever once stopped trials held the CPUs a new trial needed."""
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        self.every_s = every_s
+        self.last = 0.0
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            release_orphaned_placement_groups()
+
+
 class DrawnSettings(Searcher):
     """Hands out settings drawn beforehand, one per trial (see :func:`distinct_draws`).
 
@@ -397,6 +415,7 @@ def run_sweep(
 
     try:
         grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
+        _free_last_trials()
         rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
         # Ctrl-C makes fit() return, not raise, and a "best" would be a partial sweep's
         unfinished = _unfinished(grid, locations.join_location(sweep_dir, "tune"))
@@ -420,6 +439,15 @@ def run_sweep(
             "unfinished; no best.yaml was written: `radjepa sweep ... --resume` continues it"
         )
     return SweepResult(sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri)
+
+
+def _free_last_trials(wait_s: float = 10.0) -> None:
+    """Trials stopped last free their resources only after ``fit`` returns (their controllers
+    die after their trial's actor): wait for that, a few seconds at most, so that what runs
+    next in this process (the demo's probe and server) gets the whole cluster."""
+    deadline = time.monotonic() + wait_s
+    while release_orphaned_placement_groups()[1] and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def _unfinished(grid: Any, tune_dir: str) -> int:
@@ -524,7 +552,10 @@ def _tuner(
             mode=None if scheduler else mode,
         ),
         run_config=ray.tune.RunConfig(
-            name="tune", storage_path=sweep_dir, stop=CollapseStopper(*floors)
+            name="tune",
+            storage_path=sweep_dir,
+            stop=CollapseStopper(*floors),
+            callbacks=[FreeStoppedTrials()],
         ),
     )
 

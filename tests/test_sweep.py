@@ -169,6 +169,38 @@ def test_optuna_with_asha_samples_the_declared_ranges_and_closes_every_run(nih_s
     assert states == {"FINISHED"}  # trials ASHA stopped are closed too
 
 
+def test_stopped_trials_give_their_cpus_back(nih_shards, tmp_path):
+    # a trial Tune stops (collapse stopper, ASHA) ends its Train controller, whose placement
+    # group lived on until the driver exited: on a local instance every stopped trial kept its
+    # CPUs, and a later trial waited forever for a CPU to read its shards
+    import time
+
+    import ray
+
+    from pipelines.sweep import COLLAPSED, run_sweep
+
+    space = {"ema.start": {"type": "grid", "values": [0.99, 0.996]}}
+    cfg = _cfg(
+        tmp_path,
+        "freed",
+        space,
+        **{
+            "tune.collapse_rankme": 100.0,  # every trial "collapses" at its first report
+            "tune.max_concurrent": 1,
+            "tracking.enabled": False,
+            "train.steps": 40,
+        },
+    )
+    res = run_sweep(cfg, str(nih_shards))
+    assert [t.status for t in res.trials] == [COLLAPSED, COLLAPSED]
+    assert all(t.steps == 4 for t in res.trials)
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 20
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == total
+
+
 def test_collapse_is_a_tiny_rank_or_a_vanishing_spread():
     from pipelines.sweep import CollapseStopper, is_collapsed
 
