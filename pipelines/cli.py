@@ -201,8 +201,13 @@ def sweep(
         params = [str(t.params.get(k, "")) for k in keys]
         table.add_row(t.trial_id, *params, metric, str(t.steps or "-"), t.status)
     Console().print(table)
+    for t in res.trials:
+        if t.error:
+            typer.echo(f"trial {t.trial_id} failed: {t.error}")
     if res.best is None:
-        raise UserError("no trial finished without collapsing; see the table above")
+        if all(t.status == "error" for t in res.trials):
+            raise UserError("every trial failed; the reasons are listed above")
+        raise UserError("no trial finished without collapsing or failing; see the table above")
     typer.echo(f"best trial:      {res.best.trial_id} ({res.metric}={res.best.metric:.4f})")
     typer.echo(f"best config:     {res.best_config_path}")
     typer.echo(f"best checkpoint: {res.best.checkpoint}")

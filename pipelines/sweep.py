@@ -44,6 +44,7 @@ class TrialRow:
     status: str
     steps: int | None
     checkpoint: str | None
+    error: str | None = None  # why the trial failed, in one line (status "error")
 
 
 @dataclass(frozen=True)
@@ -322,9 +323,24 @@ def _rows(
                 status=status,
                 steps=m.get("step"),
                 checkpoint=ckpt,
+                error=_failure_reason(res.error) if res.error is not None else None,
             )
         )
     return rows
+
+
+def _failure_reason(err: BaseException) -> str:
+    """One line for a failed trial: the exception that ended its training worker (Tune hands
+    over the trial actor's error, whose text is the whole remote traceback; the table only
+    said "error", and the reason was in a file under /tmp/ray on the head node)."""
+    from pipelines.runtime import remote_error_message
+
+    failures = getattr(getattr(err, "cause", err), "worker_failures", None) or {}
+    if failures:  # Ray Train's WorkerGroupError: each failed rank's own exception
+        first = failures[min(failures)]
+        text = (str(first).strip().splitlines() or [""])[0]
+        return f"{type(first).__name__}: {text}" if text else type(first).__name__
+    return remote_error_message(err) or type(err).__name__
 
 
 def _best(rows: list[TrialRow]) -> TrialRow | None:

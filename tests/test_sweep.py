@@ -201,6 +201,42 @@ def test_stopped_trials_give_their_cpus_back(nih_shards, tmp_path):
     assert ray.available_resources().get("CPU", 0) == total
 
 
+def test_failed_trials_say_why_and_the_sweep_says_every_trial_failed(nih_shards, tmp_path):
+    # the table said only "error" (the reason sat in a file under /tmp/ray), and a sweep whose
+    # every trial failed ended with "no trial finished without collapsing"
+    from typer.testing import CliRunner
+
+    from pipelines.cli import UserError, app
+
+    args = ["sweep", "-c", str(CONFIGS / "tiny_cpu.yaml"), "--data", str(nih_shards)]
+    sets = {
+        "train.output_dir": str(tmp_path),
+        "train.batch_size": "8",
+        "train.steps": "8",
+        "train.checkpoint_every": "4",
+        "train.max_failures": "0",
+        "train.fail_at_step": "2",
+        "data.holdout_fraction": "0.0",
+        "tracking.enabled": "false",
+        "tune.name": "allfail",
+        "tune.search_alg": "grid",
+        "tune.asha": "false",
+        "tune.search_space": '{"ema.start": {"type": "grid", "values": [0.99, 0.996]}}',
+    }
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    out = CliRunner().invoke(app, args)  # main() prints the UserError as "error: ..."
+    assert isinstance(out.exception, UserError)
+    assert str(out.exception) == "every trial failed; the reasons are listed above"
+    said = out.output.splitlines()
+    failed = [line for line in said if line.startswith("trial ") and " failed: " in line]
+    assert len(failed) == 2
+    assert all(
+        line.endswith("RuntimeError: injected failure at step 2 (train.fail_at_step)")
+        for line in failed
+    )
+
+
 def test_collapse_is_a_tiny_rank_or_a_vanishing_spread():
     from pipelines.sweep import CollapseStopper, is_collapsed
 
