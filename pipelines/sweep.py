@@ -154,10 +154,13 @@ def _check_space(cfg: Config) -> None:
     if not cfg.tune.search_space:
         raise SweepError("tune.search_space is empty: nothing to sweep")
     for key, dim in cfg.tune.search_space.items():
-        candidates = list(dim.values or []) if dim.values else [dim.low, dim.high]
+        if dim.values:
+            candidates = list(dim.values)
+        elif dim.type == "randint":  # Tune draws from [low, high): high itself never runs
+            candidates = [int(dim.low), int(dim.high) - 1]
+        else:
+            candidates = [dim.low, dim.high]
         for value in candidates:
-            if dim.type == "randint" and value is not None:
-                value = int(value)
             try:
                 cfg.with_overrides({key: value})
             except ConfigError as err:

@@ -135,6 +135,22 @@ def test_bad_search_space_fails_before_any_trial(nih_shards, tmp_path):
     assert err.value.__cause__ is None
 
 
+def test_a_randint_range_is_checked_on_the_values_tune_draws(tmp_path):
+    # Tune's randint leaves out `high`; the check tried `high` itself, so the range that
+    # covers masks.num_targets up to its limit of 16 (high: 17) was refused
+    from pipelines.sweep import SweepError, run_sweep
+
+    def space(high):
+        return {"masks.num_targets": {"type": "randint", "low": 1, "high": high}}
+
+    cfg = _cfg(tmp_path, "ri", space(17), **{"tune.search_alg": "random"})
+    with pytest.raises(SweepError, match="no shards at"):  # past the search-space check
+        run_sweep(cfg, str(tmp_path / "missing"))
+    cfg = _cfg(tmp_path, "ri", space(18), **{"tune.search_alg": "random"})
+    with pytest.raises(SweepError, match="tune.search_space.masks.num_targets = 17"):
+        run_sweep(cfg, str(tmp_path / "missing"))
+
+
 def test_optuna_with_asha_samples_the_declared_ranges_and_closes_every_run(nih_shards, tmp_path):
     from pipelines.sweep import STOPPED, run_sweep
 
