@@ -206,6 +206,34 @@ def max_parallel_trials(workers: int, cpus_per_worker: float, use_gpu: bool) -> 
     return max(1, fit)
 
 
+def check_trial_fits_locally(workers: int, cpus_per_worker: float, use_gpu: bool) -> None:
+    """On a local instance, refuse a sweep trial the whole instance cannot hold.
+
+    On a cluster an autoscaler may add the nodes a trial waits for, so :func:`max_parallel_trials`
+    only warns. A local instance never grows: Ray Train's controller timed out starting the
+    ranks every 60 s and tried again, forever, printing a traceback each time. Besides its
+    ranks a trial needs a CPU for Ray Data to read its shards and a quarter CPU for its Tune
+    driver; with less the ranks start and then wait for data forever.
+    """
+    import ray
+
+    address = (os.environ.get("RAY_ADDRESS") or "").strip()
+    if address and address != "local":
+        return
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0.0)), int(res.get("GPU", 0.0))
+    ranks = workers * cpus_per_worker
+    if cpus >= ranks + 1.25 and (not use_gpu or gpus >= workers):
+        return
+    gpu_need = f"{workers} GPU(s), " if use_gpu else ""
+    raise ClusterResourceError(
+        f"one sweep trial needs {gpu_need}{ranks:g} CPUs for train.num_workers={workers} x "
+        f"train.cpus_per_worker={cpus_per_worker:g} and 1.25 more for its data and driver, but "
+        f"this local Ray instance has {gpus} GPUs and {cpus:g} CPUs and cannot grow: lower "
+        "train.num_workers or train.cpus_per_worker, or run on a cluster"
+    )
+
+
 def resolve_num_workers(use_gpu: bool, cpus_per_worker: float) -> int:
     """``train.num_workers=0``: one DDP rank per GPU of the cluster; on CPU, as many ranks as
     fit in half the logical CPUs, because Ray Data's readers and decoders need the other half

@@ -363,6 +363,7 @@ def run_sweep(
     from pipelines.pretrain import PretrainError, prepare_outputs
     from pipelines.runtime import (
         ClusterResourceError,
+        check_trial_fits_locally,
         ensure_ray,
         max_parallel_trials,
         resolve_use_gpu,
@@ -400,6 +401,7 @@ def run_sweep(
     ensure_ray()
     try:  # every trial would wait forever for GPUs the cluster does not have
         use_gpu = resolve_use_gpu(cfg.train.use_gpu)
+        check_trial_fits_locally(cfg.train.num_workers, cfg.train.cpus_per_worker, use_gpu)
     except ClusterResourceError as err:
         raise SweepError(str(err)) from None
     if not cfg.tune.max_concurrent:

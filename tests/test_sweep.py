@@ -151,6 +151,24 @@ def test_a_randint_range_is_checked_on_the_values_tune_draws(tmp_path):
         run_sweep(cfg, str(tmp_path / "missing"))
 
 
+@pytest.mark.timeout(300)
+def test_a_trial_the_local_instance_cannot_hold_is_refused_before_any_trial(nih_shards, tmp_path):
+    # the session's local Ray has 8 CPUs: a trial of one 8-CPU rank never started, and Ray
+    # Train retried starting it every 60 s, forever
+    from pipelines.sweep import SweepError, run_sweep
+
+    space = {"ema.start": {"type": "grid", "values": [0.99, 0.996]}}
+    cfg = _cfg(tmp_path, "huge", space, **{"train.cpus_per_worker": 8.0})
+    with pytest.raises(SweepError, match="train.cpus_per_worker=8 and 1.25 more") as err:
+        run_sweep(cfg, str(nih_shards))
+    assert "cannot grow" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "huge" / "tune").exists()  # no trial started
+    fits = _cfg(tmp_path, "fits", space, **{"train.cpus_per_worker": 6.75})
+    from pipelines.runtime import check_trial_fits_locally
+
+    check_trial_fits_locally(1, fits.train.cpus_per_worker, use_gpu=False)
+
+
 def test_optuna_with_asha_samples_the_declared_ranges_and_closes_every_run(nih_shards, tmp_path):
     from pipelines.sweep import STOPPED, run_sweep
 
