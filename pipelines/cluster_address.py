@@ -234,6 +234,12 @@ def _check_gcs(where: str, target: str, timeout_s: float) -> None:
     raise ClusterConnectionError(f"cannot reach the Ray cluster at {where}: {why}; {WHAT_TO_CHECK}")
 
 
+def names_cluster(address: str) -> bool:
+    """Whether a RAY_ADDRESS value (stripped) names a cluster to join: empty and ``local`` both
+    mean a Ray instance of this process's own, on this machine."""
+    return address not in ("", "local")
+
+
 def checked_ray_address() -> str:
     """RAY_ADDRESS as ray.init will read it, refused within seconds when it names a cluster
     this process cannot join (:class:`ClusterConnectionError`); ``""`` or ``local`` for this
@@ -251,7 +257,7 @@ def checked_ray_address() -> str:
             os.environ["RAY_ADDRESS"] = address
         else:
             del os.environ["RAY_ADDRESS"]
-    if address and address != "local":
+    if names_cluster(address):
         check_cluster_address(address)
     return address
 
@@ -263,7 +269,7 @@ def require_local_ray(why: str) -> None:
     it. ``why`` says what the entry point measures and what a cluster would do to it. An
     address that cannot be joined is refused as :func:`checked_ray_address` refuses it."""
     address = checked_ray_address()
-    if address not in ("", "local"):
+    if names_cluster(address):
         raise ClusterError(
             f"{why}; RAY_ADDRESS names the Ray cluster at {address}. Unset RAY_ADDRESS to run "
             "it here."

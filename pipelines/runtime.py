@@ -18,6 +18,7 @@ from pipelines.cluster_address import (
     ClusterConnectionError,
     ClusterError,
     checked_ray_address,
+    names_cluster,
 )
 
 log = logging.getLogger(__name__)
@@ -83,12 +84,12 @@ def ensure_ray(
     if ray.is_initialized():
         return
     address = checked_ray_address()
-    if address and address != "local":
+    if names_cluster(address):
         log.info("joining Ray cluster at %s", address)
         try:
             ray.init(address=address, log_to_driver=log_to_driver)
         except ConnectionError as err:  # e.g. a Ray Client server that accepts but never serves
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            first = first_line(str(err)) or type(err).__name__
             raise ClusterConnectionError(
                 f"cannot join the Ray cluster at {address}: {first}; {WHAT_TO_CHECK}"
             ) from None
@@ -217,8 +218,7 @@ def check_trial_fits_locally(workers: int, cpus_per_worker: float, use_gpu: bool
     """
     import ray
 
-    address = (os.environ.get("RAY_ADDRESS") or "").strip()
-    if address and address != "local":
+    if names_cluster((os.environ.get("RAY_ADDRESS") or "").strip()):
         return
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0.0)), int(res.get("GPU", 0.0))
@@ -289,12 +289,13 @@ def remote_error_message(err: BaseException) -> str | None:
         if type(cause) is RayError:  # Ray's stand-in for an exception it could not pickle
             return _traceback_reason(_ANSI.sub("", str(cause)))
         if not isinstance(cause, RayError):
-            return _first_line(str(cause)) or type(cause).__qualname__
+            return first_line(str(cause)) or type(cause).__qualname__
         err = cause  # a Ray error the task re-raised (another task's, an actor's death)
     return _traceback_reason(_ANSI.sub("", getattr(err, "error_msg", None) or str(err)))
 
 
-def _first_line(message: str) -> str:
+def first_line(message: str) -> str:
+    """The first line of an error's text, stripped (tracebacks and Ray's renderings are long)."""
     return (message.strip().splitlines() or [""])[0].strip()
 
 
@@ -312,7 +313,7 @@ def _traceback_reason(text: str) -> str | None:
             in_frames = False
             m = _EXCEPTION_LINE.match(line.strip())
             if m:
-                found.append((m.group(1), _first_line(m.group(2) or "")))
+                found.append((m.group(1), first_line(m.group(2) or "")))
     for name, message in reversed(found):
         if not name.split("(")[0].endswith(_WRAPPERS):
             return message or name

@@ -336,12 +336,12 @@ def _failure_reason(err: BaseException) -> str:
     """One line for a failed trial: the exception that ended its training worker (Tune hands
     over the trial actor's error, whose text is the whole remote traceback; the table only
     said "error", and the reason was in a file under /tmp/ray on the head node)."""
-    from pipelines.runtime import remote_error_message
+    from pipelines.runtime import first_line, remote_error_message
 
     failures = getattr(getattr(err, "cause", err), "worker_failures", None) or {}
     if failures:  # Ray Train's WorkerGroupError: each failed rank's own exception
         first = failures[min(failures)]
-        text = (str(first).strip().splitlines() or [""])[0]
+        text = first_line(str(first))
         return f"{type(first).__name__}: {text}" if text else type(first).__name__
     return remote_error_message(err) or type(err).__name__
 
