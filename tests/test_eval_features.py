@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shard_tables import write_shard
 
 from radjepa.eval.features import (
     DatasetError,
@@ -213,28 +214,18 @@ def test_plots_write_valid_pngs(tmp_path, tiny_encoder):
 
 
 def test_shard_dataset_takes_labels_from_metadata_and_patients_from_pseudonyms(tmp_path, nih_dir):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from radjepa.eval.features import load_shard_dataset
-    from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
 
     ds = load_csv_dataset(nih_dir / "labels.csv", label_cols=["sex"], size=64, limit=6)
     rows = (nih_dir / "labels.csv").read_text().splitlines()[1:7]
-    pid = ["a", "a", "b", None, "c", "c"]
-    cols = {
-        "image_id": [f"id{i}" for i in range(6)],
-        "pixels": [pixels_to_bytes(im) for im in ds.images],
-        "height": [64] * 6,
-        "width": [64] * 6,
-        "dtype": ["uint8"] * 6,
-        "patient_pid": pid,
-        "sex": [r.split(",")[3] for r in rows],
-        "view_position": ["AP", "PA", "PA", "AP", "PA", "AP"],
-    }
-    table = pa.table({f.name: pa.array(cols.get(f.name, [None] * 6), f.type) for f in SHARD_SCHEMA})
-    (tmp_path / "images").mkdir()
-    pq.write_table(table, tmp_path / "images" / "part-0.parquet")
+    write_shard(
+        tmp_path,
+        ds.images,
+        image_id=[f"id{i}" for i in range(6)],
+        patient_pid=["a", "a", "b", None, "c", "c"],
+        sex=[r.split(",")[3] for r in rows],
+        view_position=["AP", "PA", "PA", "AP", "PA", "AP"],
+    )
     sd = load_shard_dataset(tmp_path, ["view_position=AP", "sex"])
     assert np.array_equal(sd.images, ds.images)
     assert sd.labels[:, 0].tolist() == [1, 0, 0, 1, 0, 1]
@@ -247,26 +238,17 @@ def test_shard_dataset_takes_labels_from_metadata_and_patients_from_pseudonyms(t
 def test_shard_images_without_a_requested_label_are_left_out_and_listed(tmp_path, nih_dir):
     # PNG/JPEG inputs have no DICOM metadata: their view_position is null in the shard, and
     # a shard cannot be "filled or dropped" as the old error told the user to
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from radjepa.eval.features import load_shard_dataset
     from radjepa.eval.report import _where
-    from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
 
     ds = load_csv_dataset(nih_dir / "labels.csv", size=64, limit=6)
-    cols = {
-        "image_id": [f"{i:064x}" for i in range(6)],
-        "pixels": [pixels_to_bytes(im) for im in ds.images],
-        "height": [64] * 6,
-        "width": [64] * 6,
-        "dtype": ["uint8"] * 6,
-        "patient_pid": ["a", "b", "c", "d", "e", "f"],
-        "view_position": ["AP", None, "PA", " ", "PA", "AP"],
-    }
-    table = pa.table({f.name: pa.array(cols.get(f.name, [None] * 6), f.type) for f in SHARD_SCHEMA})
-    (tmp_path / "images").mkdir()
-    pq.write_table(table, tmp_path / "images" / "part-0.parquet")
+    write_shard(
+        tmp_path,
+        ds.images,
+        image_id=[f"{i:064x}" for i in range(6)],
+        patient_pid=["a", "b", "c", "d", "e", "f"],
+        view_position=["AP", None, "PA", " ", "PA", "AP"],
+    )
     sd = load_shard_dataset(tmp_path, ["view_position=AP"])
     assert sd.labels[:, 0].tolist() == [1, 0, 0, 1]
     assert np.array_equal(sd.images, ds.images[[0, 2, 4, 5]])

@@ -453,31 +453,24 @@ def test_probe_on_shards_of_mixed_formats_leaves_out_images_without_the_label(
     # probe refused the whole set ("fill or drop them") although a shard cannot be edited
     import hashlib
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from shard_tables import write_shard
 
     from radjepa.eval.features import load_csv_dataset, read_csv_rows
     from radjepa.eval.runner import run_probe
-    from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
 
     n = 48
     ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
     ds = load_csv_dataset(nih_dir / "labels.csv", size=64, limit=n)
     meta = read_csv_rows(nih_dir / "labels.csv")[:n]
     png = set(range(0, n, 6))  # eight images "from PNG files": no metadata
-    cols = {
-        "image_id": ids,
-        "pixels": [pixels_to_bytes(im) for im in ds.images],
-        "height": [64] * n,
-        "width": [64] * n,
-        "dtype": ["uint8"] * n,
-        "patient_pid": [None if i in png else r["patient_id"] for i, r in enumerate(meta)],
-        "view_position": [None if i in png else r["view"] for i, r in enumerate(meta)],
-        "sex": [None if i in png else r["sex"] for i, r in enumerate(meta)],
-    }
-    table = pa.table({f.name: pa.array(cols.get(f.name, [None] * n), f.type) for f in SHARD_SCHEMA})
-    (tmp_path / "shards" / "images").mkdir(parents=True)
-    pq.write_table(table, tmp_path / "shards" / "images" / "part-0.parquet")
+    write_shard(
+        tmp_path / "shards",
+        ds.images,
+        image_id=ids,
+        patient_pid=[None if i in png else r["patient_id"] for i, r in enumerate(meta)],
+        view_position=[None if i in png else r["view"] for i, r in enumerate(meta)],
+        sex=[None if i in png else r["sex"] for i, r in enumerate(meta)],
+    )
 
     report = run_probe(
         checkpoint,

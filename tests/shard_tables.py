@@ -1,0 +1,37 @@
+"""Ingest-shaped shards written straight from arrays, for tests of what reads shards.
+
+Running the ingest decoder is the faithful way to get shards, but tests of the readers need rows
+ingest would rarely produce on the bundled sample (no label, a shared patient, null metadata):
+this writes them in the exact shard schema, so a schema change breaks them loudly here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from radjepa.shards import IMAGES_DIR, SHARD_SCHEMA, pixels_to_bytes
+
+
+def write_shard(root: Path, images: np.ndarray, **columns: list) -> Path:
+    """One ``part-0.parquet`` under ``root/images`` holding ``images`` (N x H x W uint8) and the
+    given columns; every other shard column is null."""
+    n, height, width = images.shape
+    cols = {
+        "pixels": [pixels_to_bytes(im) for im in images],
+        "height": [height] * n,
+        "width": [width] * n,
+        "dtype": [str(images.dtype)] * n,
+        **columns,
+    }
+    unknown = set(cols) - set(SHARD_SCHEMA.names)
+    if unknown:
+        raise KeyError(f"not shard columns: {sorted(unknown)}")
+    table = pa.table({f.name: pa.array(cols.get(f.name, [None] * n), f.type) for f in SHARD_SCHEMA})
+    folder = Path(root) / IMAGES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "part-0.parquet"
+    pq.write_table(table, path)
+    return path
