@@ -44,6 +44,20 @@ UNCHECKED = "unchecked_shards"
 MANIFEST_VERSION = 1
 
 
+def temporary_name(name: str) -> str:
+    """Where a file of DST is written before the rename that publishes it: a hidden name that
+    readers (which list ``*.parquet`` and read JSON records by name) never pick up."""
+    return f".{name}.tmp"
+
+
+def published_name(name: str) -> str | None:
+    """The file a temporary name was writing (None for any other name): how a later run knows a
+    leftover of a killed write from a file someone else put there."""
+    if name.startswith(".") and name.endswith(".tmp") and len(name) > 5:
+        return name[1:-4]
+    return None
+
+
 def is_output(root: str, path: str) -> bool:
     """Whether ``path`` is a file ingest writes into the DST at ``root`` (its shards, quarantine,
     JSON records and their temporary names, the run lock), which a source that holds the DST must not read
@@ -55,7 +69,9 @@ def is_output(root: str, path: str) -> bool:
     rel = path[len(root) + 1 :]
     if rel.startswith((f"{IMAGES_DIR}/", f"{QUARANTINE_DIR}/")):
         return True
-    return rel == LOCK or rel in {name for n in (MANIFEST, KEY_RECORD) for name in (n, f".{n}.tmp")}
+    return rel == LOCK or rel in {
+        name for n in (MANIFEST, KEY_RECORD) for name in (n, temporary_name(n))
+    }
 
 
 class Destination:
@@ -88,15 +104,16 @@ class Destination:
         and nothing else removes. Only those names; only while holding the run lock (a live
         run's temporary file would go too). Returns how many were removed."""
         places = {
-            IMAGES_DIR: lambda n: n.startswith(".part-") and n.endswith(".parquet.tmp"),
-            QUARANTINE_DIR: lambda n: n.startswith(".quarantine-") and n.endswith(".parquet.tmp"),
-            "": lambda n: n in {f".{MANIFEST}.tmp", f".{KEY_RECORD}.tmp"},
+            IMAGES_DIR: lambda n: n.startswith("part-") and n.endswith(".parquet"),
+            QUARANTINE_DIR: lambda n: n.startswith("quarantine-") and n.endswith(".parquet"),
+            "": lambda n: n in {MANIFEST, KEY_RECORD},
         }
         removed = 0
         for sub, ours in places.items():
             folder = f"{self.root}/{sub}".rstrip("/")
             for info in self.fs.get_file_info(pafs.FileSelector(folder)):
-                if info.type == pafs.FileType.File and ours(info.base_name):
+                final = published_name(info.base_name)
+                if info.type == pafs.FileType.File and final is not None and ours(final):
                     self.fs.delete_file(info.path)
                     removed += 1
         if removed:
@@ -112,7 +129,7 @@ class Destination:
 
     def write(self, sub: str, name: str, table: pa.Table) -> str:
         final = f"{self.root}/{sub}/{name}"
-        tmp = f"{self.root}/{sub}/.{name}.tmp"
+        tmp = f"{self.root}/{sub}/{temporary_name(name)}"
         with self.fs.open_output_stream(tmp) as f:
             pq.write_table(table, f, compression="zstd")
         self.fs.move(tmp, final)
@@ -122,7 +139,7 @@ class Destination:
         return _read_json(self.fs, self.root, self.uri, name)
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
-        tmp, final = f"{self.root}/.{name}.tmp", f"{self.root}/{name}"
+        tmp, final = f"{self.root}/{temporary_name(name)}", f"{self.root}/{name}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
         self.fs.move(tmp, final)
