@@ -167,6 +167,48 @@ def fixed_context_length(cfg: MasksConfig, grid: tuple[int, int]) -> int:
     return _FIXED_LENGTHS[key]
 
 
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def _reachable_sizes(
+    scale: tuple[float, float], aspect: tuple[float, float], gh: int, gw: int
+) -> set[tuple[int, int]]:
+    """Every ``(h, w)`` that :func:`block_size` returns for some scale and aspect in the ranges.
+
+    In log space, with ``u = log(s*N*a)`` and ``v = log(s*N/a)`` (the squares of the unrounded
+    h and w), a block size is the rectangle of (u, v) that rounds to it (unbounded at the grid
+    clip), and the ranges are the rectangle ``u + v in 2*log(s*N)``, ``u - v in 2*log(a)``
+    turned by 45 degrees. Two convex shapes meet unless one of their four edge directions
+    separates them, so each size is four interval tests.
+    """
+    n = gh * gw
+    su = (2 * math.log(scale[0] * n), 2 * math.log(scale[1] * n))  # range of u + v
+    sv = (2 * math.log(aspect[0]), 2 * math.log(aspect[1]))  # range of u - v
+    # the ranges' rectangle projected onto the u and v axes
+    u_rng = ((su[0] + sv[0]) / 2, (su[1] + sv[1]) / 2)
+    v_rng = ((su[0] - sv[1]) / 2, (su[1] - sv[0]) / 2)
+
+    def cell(k: int, top: int) -> tuple[float, float]:  # u (or v) that rounds to k, clipped
+        lo = -math.inf if k == 1 else 2 * math.log(k - 0.5)
+        hi = math.inf if k == top else 2 * math.log(k + 0.5)
+        return lo, hi
+
+    out = set()
+    for h in range(1, gh + 1):
+        hu = cell(h, gh)
+        for w in range(1, gw + 1):
+            wv = cell(w, gw)
+            if (
+                _overlap(hu, u_rng)
+                and _overlap(wv, v_rng)
+                and _overlap((hu[0] + wv[0], hu[1] + wv[1]), su)
+                and _overlap((hu[0] - wv[1], hu[1] - wv[0]), sv)
+            ):
+                out.add((h, w))
+    return out
+
+
 class MaskSampler:
     """Draws :class:`MaskBatch` es for a ``grid`` of patches under ``cfg`` (see module doc)."""
 
@@ -225,19 +267,13 @@ class MaskSampler:
         """Every target-block length ``Kt = h * w`` this config can draw, ascending.
 
         A compiled step sees one graph per distinct ``Kt`` (the context length is fixed), so
-        this is how many graphs it may need.
+        this is how many graphs it may need. Exact (:func:`_reachable_sizes`), not sampled: a
+        grid of (scale, aspect) values misses block sizes whose rounding cell the range only
+        clips (a swept ``masking_ratio`` gave a few), and each missed one was a graph built
+        mid-run that neither the recompile budget nor the warm-up had counted.
         """
-        (s0, s1), (a0, a1) = self.cfg.target_scale, self.cfg.target_aspect
-        steps = torch.linspace(0.0, 1.0, 101).tolist()
-        return tuple(
-            sorted(
-                {
-                    math.prod(block_size(s0 + (s1 - s0) * u, a0 + (a1 - a0) * v, self.gh, self.gw))
-                    for u in steps
-                    for v in steps
-                }
-            )
-        )
+        sizes = _reachable_sizes(self.cfg.target_scale, self.cfg.target_aspect, self.gh, self.gw)
+        return tuple(sorted({h * w for h, w in sizes}))
 
     def target_length(self, step: int, rank: int = 0) -> int:
         """``Kt`` of batch ``step`` on ``rank`` without drawing any positions (microseconds).

@@ -197,3 +197,40 @@ def test_target_lengths_cover_every_drawn_block():
         seen = {m.targets.shape[2] for m in _draws(sampler, 80, 1)}
         lengths = sampler.target_lengths()
         assert seen <= set(lengths) and len(lengths) <= 10
+
+
+@pytest.mark.parametrize(
+    "ratio, grid, scale, aspect",
+    [
+        # a swept masking ratio with 2 targets: these draws give 11x8 = 88 and 9x9 = 81
+        # patches, which a 101x101 grid of (scale, aspect) values never evaluated
+        (0.7041837138092609, 14, 0.4021111055913674, 1.399574502257464),
+        (0.8205980681249097, 16, 0.3520505482261507, 0.9997141155195199),
+    ],
+)
+def test_target_lengths_include_sizes_only_a_sliver_of_the_ranges_reaches(
+    ratio, grid, scale, aspect
+):
+    cfg = MasksConfig(masking_ratio=ratio, num_targets=2)
+    assert cfg.target_scale[0] <= scale <= cfg.target_scale[1]
+    assert cfg.target_aspect[0] <= aspect <= cfg.target_aspect[1]
+    h, w = block_size(scale, aspect, grid, grid)
+    assert h * w in MaskSampler(cfg, grid).target_lengths()
+
+
+def test_target_lengths_are_every_size_a_dense_sample_draws():
+    # 200k (scale, aspect) pairs per config, the sampler's own formula vectorised: nothing
+    # drawn is missing from target_lengths(), and the method's ranges list no extra sizes
+    g = torch.Generator().manual_seed(0)
+    for cfg in (MasksConfig(), MasksConfig(masking_ratio=0.55, num_targets=6)):
+        for grid in (6, 14, 16):
+            (s0, s1), (a0, a1) = cfg.target_scale, cfg.target_aspect
+            u, v = torch.rand(2, 200_000, generator=g, dtype=torch.float64)
+            n = (s0 + (s1 - s0) * u) * grid * grid
+            a = a0 + (a1 - a0) * v
+            h = torch.round(torch.sqrt(n * a)).clamp(1, grid)
+            w = torch.round(torch.sqrt(n / a)).clamp(1, grid)
+            drawn = set((h * w).long().tolist())
+            assert drawn <= set(MaskSampler(cfg, grid).target_lengths())
+    assert MaskSampler(MasksConfig(), 14).target_lengths() == (25, 28, 30, 35, 36, 40, 42)
+    assert MaskSampler(MasksConfig(), 16).target_lengths() == (35, 36, 40, 42, 48, 49, 54, 56)
