@@ -32,6 +32,7 @@ from serve.admission import Cancelled, DecodeGate, Overloaded
 from serve.embedder import Embedder, ImageEmbedding, ModelInfo
 from serve.guard import ApiError, GuardMiddleware, error_response, request_id
 from serve.index import EmbeddingIndex, UploadPseudonyms
+from serve.keys import PATIENT_LINKAGE
 from serve.schemas import (
     ClassificationOut,
     ClassifyResponse,
@@ -48,7 +49,7 @@ from serve.schemas import (
     SimilarOut,
     SimilarResponse,
 )
-from serve.security import ApiSettings, require_api_key
+from serve.security import ApiSettings, request_scopes, require_api_key
 
 __all__ = ["create_app", "ApiError", "IMAGE_MEDIA_TYPES"]
 
@@ -289,6 +290,7 @@ def create_app(
         redirect_slashes=False,
     )
     app.state.settings = settings
+    app.state.keyring = settings.keyring()
     app.state.embedder = embedder
     app.state.head = head
     app.state.index = index
@@ -349,6 +351,7 @@ def create_app(
         code: {"model": ErrorOut, "description": text}
         for code, text in {
             401: "missing or invalid API key",
+            403: "the API key lacks the scope the request needs",
             413: "body too large",
             415: "unsupported media type",
             422: "undecodable image or invalid parameter",
@@ -381,8 +384,10 @@ def create_app(
     auth = [Depends(require_api_key)]
 
     async def images_and_embeddings(
-        request: Request, patch_tokens: bool = False
+        request: Request, patch_tokens: bool = False, check: Any = None
     ) -> tuple[list[_Upload], list[ImageEmbedding]]:
+        """Read, decode and embed the uploads; ``check(uploads)`` runs between decoding and
+        the forward (a refusal that depends on what the files hold costs no encoder time)."""
         uploads = await _read_uploads(request, settings)
         if patch_tokens and len(uploads) * tokens_per_image > settings.max_patch_token_values:
             most = max(1, settings.max_patch_token_values // tokens_per_image)
@@ -397,6 +402,8 @@ def create_app(
         pixels = await gate.run(
             partial(_decode_all, uploads, request.app.state, request_id(request))
         )
+        if check is not None:
+            check(uploads)
         return uploads, await embedder.embed(pixels, patch_tokens=patch_tokens)
 
     async def deadline(coro: Any) -> Any:
@@ -614,8 +621,32 @@ def create_app(
                 found.append(neighbours_of(up, r.embedding, patient_rows))
             return found
 
+        def check_linkage(uploads: list[_Upload]) -> None:
+            # A DICOM the archive does not hold, carrying a PatientID the server would use:
+            # leaving its patient out tells the caller, by the count (or by comparing answers
+            # with and without the option), whether that patient is in the archive, whatever
+            # PatientID the caller wrote into the file. An archived upload reveals nothing
+            # more than include_self already does (its own row names its patient), so it
+            # stays open to every key.
+            if not exclude_same_patient or PATIENT_LINKAGE in request_scopes(request):
+                return
+            if not _BY_PATIENT_ID[upload_pids.status].startswith("used"):
+                return  # the server does not use uploads' PatientIDs at all
+            for up in uploads:
+                image_id = hashlib.sha256(up.data).hexdigest()
+                if up.patient_pid is not None and not len(index.rows_with_image_id(image_id)):
+                    raise ApiError(
+                        403,
+                        "exclude_same_patient=true with a DICOM the archive does not hold "
+                        f"looks its patient up by PatientID, which this API key may not do "
+                        f"(scope {PATIENT_LINKAGE!r}); leave the option out or use a key "
+                        "granted that scope",
+                        "patient_linkage_not_permitted",
+                        filename=up.filename,
+                    )
+
         async def work() -> SimilarResponse:
-            uploads, results = await images_and_embeddings(request)
+            uploads, results = await images_and_embeddings(request, check=check_linkage)
             found = await gate.run(partial(search_all, uploads, results), continuing=True)
             return SimilarResponse(model=model_out, index_size=len(index), results=found)
 

@@ -22,7 +22,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from serve.embedder import EncoderRunner, ImageEmbedding, ModelInfo, Preprocess, pick_device
-from serve.security import ApiSettings, settings_from_config
+from serve.security import ApiSettings, SecurityConfigError, settings_from_config
 
 __all__ = [
     "EncoderDeployment",
@@ -328,7 +328,12 @@ def app_from_config(
 
 def build_app(args: dict[str, Any]) -> Application:
     """``serve deploy`` / RayService entry: ``args`` = {config, set, model, head, index,
-    insecure_local, api_keys_file} (all optional except a model from args or config)."""
+    api_keys_file} (all optional except a model from args or config).
+
+    Refuses keyless (insecure local) mode: the proxy's host is in the Serve config
+    (``http_options``), which this builder never sees, and on a cluster it is 0.0.0.0, where
+    every machine reaching the port could call a keyless API. ``radjepa serve
+    --insecure-local`` checks its own host and stays the way to run without keys."""
     from radjepa.config import load_config
 
     direct: dict[str, Any] = {
@@ -341,4 +346,11 @@ def build_app(args: dict[str, Any]) -> Application:
     cfg = load_config(args.get("config"), list(args.get("set") or []))
     if direct:  # values given as-is (no YAML parsing of paths or models:/ URIs)
         cfg = cfg.with_overrides(direct)
-    return app_from_config(cfg)
+    settings = settings_from_config(cfg.serve, secret_env=cfg.ingest.secret_env)
+    if settings.insecure_local and not settings.key_digests:
+        raise SecurityConfigError(
+            "serve.deployment:build_app (serve deploy, RayService) refuses insecure local mode "
+            "without API keys: it cannot see the host the Serve proxy listens on (0.0.0.0 on a "
+            "cluster); configure API keys, or use `radjepa serve --insecure-local` on this machine"
+        )
+    return app_from_config(cfg, settings=settings)

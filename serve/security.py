@@ -1,15 +1,16 @@
 """API-key authentication and the service's runtime settings.
 
-Keys come from an env var (comma-separated) or a secrets file (one per line). The settings
-hold only SHA-256 digests of the keys: the raw keys never travel through Ray (deployment
-arguments are pickled and stored by the Serve controller). Comparison is constant-time
-(``hmac.compare_digest``) over every configured key, so timing reveals nothing.
+Keys come from an env var (comma-separated) or a secrets file (one per line), each optionally
+followed by the scopes it is granted (``serve.keys``). The settings hold only SHA-256 digests
+of the keys: the raw keys never travel through Ray (deployment arguments are pickled and
+stored by the Serve controller). Comparison is constant-time (``hmac.compare_digest``) over
+every configured key, so timing reveals nothing. The keys file is re-read by each replica when
+it changes (``serve.keys.KeyRing``), so a revoked key stops working without a redeploy.
 Settings are built by entry points (the app builder, the CLI), never at import time.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 import logging
@@ -20,6 +21,7 @@ from fastapi import HTTPException, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from radjepa.config import ServeConfig
+from serve.keys import SCOPES, KeyRing, Keys, KeysError, key_digest, parse_entries, read_keys_file
 
 __all__ = [
     "ApiSettings",
@@ -28,6 +30,7 @@ __all__ = [
     "settings_from_config",
     "key_digest",
     "require_api_key",
+    "request_scopes",
 ]
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_IMAGES_PER_REQUEST = 64
 
 
-class SecurityConfigError(RuntimeError):
+class SecurityConfigError(KeysError):
     """The service would start without protection (or with unreadable keys): refuse."""
 
 
@@ -46,6 +49,14 @@ class ApiSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     key_digests: tuple[str, ...] = Field(default=(), description="sha256 hex of each API key")
+    key_scopes: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="digest -> scopes, for keys granted any"
+    )
+    keys_file: str | None = Field(None, description="re-read by each replica when it changes")
+    file_key_digests: tuple[str, ...] = Field(
+        default=(), description="the digests read from keys_file (replaced when it changes)"
+    )
+    keys_recheck_s: float = Field(1.0, ge=0, description="how often the keys file is stat'ed")
     insecure_local: bool = False
     max_body_bytes: int = Field(64 * 1024**2, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
@@ -76,38 +87,43 @@ class ApiSettings(BaseModel):
         if self.insecure_local and not self.key_digests:
             log.warning("insecure local mode: the API accepts requests without a key")
 
+    def keyring(self) -> KeyRing:
+        """The keys a replica checks requests against, re-reading ``keys_file`` as it changes."""
+        from_file = set(self.file_key_digests)
 
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+        def scopes(digest: str) -> frozenset[str]:
+            return frozenset(self.key_scopes.get(digest, ()))
+
+        fixed = {d: scopes(d) for d in self.key_digests if d not in from_file}
+        file_keys = {d: scopes(d) for d in self.file_key_digests}
+        return KeyRing(fixed, file_keys, self.keys_file, self.keys_recheck_s)
 
 
-def load_api_keys(env_name: str, file: str | os.PathLike[str] | None) -> list[str]:
-    """Keys from ``$env_name`` (comma-separated) and ``file`` (one per line, # comments)."""
-    keys = [k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip()]
-    if file is not None:
-        path = Path(file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise SecurityConfigError(f"cannot read API keys file {path}: {err}") from None
-        for line in text.splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                keys.append(line)
-    short = [k for k in keys if len(k) < 16]
-    if short:
-        raise SecurityConfigError(
-            f"{len(short)} API key(s) shorter than 16 characters: use long random keys "
-            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
-        )
-    return keys
+def load_api_keys(env_name: str, file: str | os.PathLike[str] | None) -> tuple[Keys, Keys]:
+    """Keys from ``$env_name`` (comma-separated) and from ``file`` (one per line, # comments),
+    each ``KEY [SCOPE ...]``: ({digest: scopes} of the env var, {digest: scopes} of the file).
+    Raises SecurityConfigError for a bad entry or a file others may write."""
+    entries = [e.strip() for e in os.environ.get(env_name, "").split(",") if e.strip()]
+    try:
+        from_env = parse_entries([(f"${env_name} entry {i}", e) for i, e in enumerate(entries, 1)])
+        from_file = read_keys_file(file) if file is not None else {}
+    except KeysError as err:
+        raise SecurityConfigError(str(err)) from None
+    return from_env, from_file
 
 
 def settings_from_config(serve_cfg: ServeConfig, *, secret_env: str) -> ApiSettings:
     """Build and check the runtime settings from ``cfg.serve`` (raises SecurityConfigError)."""
-    keys = load_api_keys(serve_cfg.api_keys_env, serve_cfg.api_keys_file)
+    from_env, from_file = load_api_keys(serve_cfg.api_keys_env, serve_cfg.api_keys_file)
+    keys = {d: s | from_file.get(d, frozenset()) for d, s in from_env.items()}
+    keys = from_file | keys
     settings = ApiSettings(
-        key_digests=tuple(sorted({key_digest(k) for k in keys})),
+        key_digests=tuple(sorted(keys)),
+        key_scopes={d: tuple(sorted(s)) for d, s in sorted(keys.items()) if s},
+        keys_file=str(Path(serve_cfg.api_keys_file).absolute())
+        if serve_cfg.api_keys_file
+        else None,
+        file_key_digests=tuple(sorted(from_file)),
         insecure_local=serve_cfg.insecure_local,
         max_body_bytes=int(serve_cfg.max_body_mb * 1024**2),
         request_timeout_s=serve_cfg.request_timeout_s,
@@ -145,17 +161,29 @@ def _unauthorized(message: str) -> HTTPException:
 
 
 def require_api_key(request: Request) -> None:
-    """FastAPI dependency: a valid ``Authorization: Bearer <key>`` or 401."""
+    """FastAPI dependency: a valid ``Authorization: Bearer <key>`` or 401; records the key's
+    scopes on the request (:func:`request_scopes`)."""
     settings: ApiSettings = request.app.state.settings
-    if not settings.key_digests:  # insecure local mode, checked at startup
-        return
+    keys = request.app.state.keyring.current()
+    if not keys:
+        if settings.insecure_local:  # keyless on loopback (checked at startup): all scopes
+            request.state.scopes = SCOPES
+            return
+        raise _unauthorized("invalid API key")  # unreachable: start and reloads refuse no keys
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     presented = key_digest(token.strip())
-    ok = False
-    for digest in settings.key_digests:  # no early exit: constant work per request
-        ok |= hmac.compare_digest(presented, digest)
-    if not ok:
+    matched: frozenset[str] | None = None
+    for digest, scopes in keys.items():  # no early exit: constant work per request
+        if hmac.compare_digest(presented, digest):
+            matched = scopes
+    if matched is None:
         raise _unauthorized("invalid API key")
+    request.state.scopes = matched
+
+
+def request_scopes(request: Request) -> frozenset[str]:
+    """The scopes of the key that authenticated ``request`` (none outside ``require_api_key``)."""
+    return getattr(request.state, "scopes", frozenset())

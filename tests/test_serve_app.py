@@ -92,7 +92,12 @@ def world(tmp_path_factory, nih_dir):
 
 
 def _settings(**kw) -> ApiSettings:
-    base = {"key_digests": (key_digest(API_KEY),), "max_body_bytes": MAX_BODY}
+    # the key may look up an upload's PatientID (tests/test_serve_keys.py: keys that may not)
+    base = {
+        "key_digests": (key_digest(API_KEY),),
+        "key_scopes": {key_digest(API_KEY): ("patient_linkage",)},
+        "max_body_bytes": MAX_BODY,
+    }
     return ApiSettings(**(base | kw))
 
 
@@ -969,7 +974,8 @@ def test_refuses_to_start_without_keys_unless_insecure_local(world, monkeypatch,
     keyfile = tmp_path / "keys"
     keyfile.write_text(f"# service keys\n{API_KEY}\n\n")
     monkeypatch.setenv("RADJEPA_API_KEYS", f" {OTHER_KEY} ,")
-    assert load_api_keys("RADJEPA_API_KEYS", keyfile) == [OTHER_KEY, API_KEY]
+    from_env, from_file = load_api_keys("RADJEPA_API_KEYS", keyfile)
+    assert (set(from_env), set(from_file)) == ({key_digest(OTHER_KEY)}, {key_digest(API_KEY)})
     s = settings_from_config(ServeConfig(api_keys_file=str(keyfile)), secret_env="X")
     assert set(s.key_digests) == {key_digest(API_KEY), key_digest(OTHER_KEY)}
     assert API_KEY not in s.model_dump_json()  # only digests travel
