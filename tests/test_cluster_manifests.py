@@ -190,8 +190,9 @@ def test_serve_import_path_resolves_and_builds_the_app(
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(REPO)  # the Serve app's working dir: args name repo-relative paths
-    # the head's env on the cluster provides keys; build_app refuses to start without any
-    monkeypatch.setenv("RADJEPA_API_KEYS", "k" * 32)
+    # the pods mount the radjepa-api-keys Secret at args.api_keys_file: here the same layout
+    # (keys -> ..data/keys, mode 0440 as defaultMode 0400 with fsGroup leaves it)
+    args = {**args, "api_keys_file": str(_secret_volume(tmp_path / "api-keys", "k" * 32))}
     with pytest.raises(ModelNotFound, match=model):  # not registered yet: one clear line
         builder(args)
     client = mlflow.MlflowClient(uri)
@@ -387,15 +388,44 @@ def test_secret_looking_env_vars_come_from_secrets_everywhere() -> None:
                 if SECRET_NAME.search(var["name"]):
                     assert "value" not in var, f"{name}: {var['name']} written in the manifest"
                     assert "secretKeyRef" in var.get("valueFrom", {}), f"{name}: {var['name']}"
-    rayservice = _cluster_spec("rayservice.yaml", _load("rayservice.yaml"))
-    for _, group in _groups(rayservice):
-        (container,) = group["template"]["spec"]["containers"]
-        assert "RADJEPA_API_KEYS" in {e["name"] for e in container["env"]}, "build_app needs keys"
+    _check_api_keys_volume()
     vm = _load("autoscaler-vm.yaml")
     options = " ".join(str(o) for o in vm["docker"].get("run_options", []))
     assert not re.search(r"(?:-e|--env)[ =]\S*(?:KEY|SECRET|TOKEN|PASSWORD)\S*=", options, re.I)
     runtime_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     assert not any(SECRET_NAME.search(k) for k in runtime_env.get("env_vars", {}))
+
+
+def _secret_volume(folder: Path, keys: str) -> Path:
+    """A Kubernetes Secret volume holding ``keys``: the path the pod sees is ``folder/keys``."""
+    (folder / "..2026_01").mkdir(parents=True)
+    (folder / "..2026_01" / "keys").write_text(keys + "\n")
+    (folder / "..2026_01" / "keys").chmod(0o440)
+    (folder / "..data").symlink_to("..2026_01")
+    (folder / "keys").symlink_to("..data/keys")
+    return folder / "keys"
+
+
+def _check_api_keys_volume() -> None:
+    """Every RayService pod mounts the API keys Secret where build_app's api_keys_file points
+    (build_app runs on the head, ingress replicas on any node with CPUs), read-only to others:
+    a Secret volume defaults to 0644, and the service refuses a keys file others may write and
+    warns on one every user may read."""
+    (app,) = yaml.safe_load(_load("rayservice.yaml")["spec"]["serveConfigV2"])["applications"]
+    keys_file = Path(app["args"]["api_keys_file"])
+    rayservice = _cluster_spec("rayservice.yaml", _load("rayservice.yaml"))
+    for group_name, group in _groups(rayservice):
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        assert "RADJEPA_API_KEYS" not in {e["name"] for e in container["env"]}, group_name
+        (volume,) = [v for v in spec["volumes"] if "secret" in v]
+        assert volume["secret"]["secretName"] == "radjepa-api-keys"
+        mode = volume["secret"]["defaultMode"]
+        assert not mode & 0o027, f"{group_name}: defaultMode {mode:o} lets others read or write"
+        if mode & 0o040 == 0:  # 0400: only the fsGroup the kubelet adds lets uid 1000 read it
+            assert spec["securityContext"]["fsGroup"], group_name
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert (mount["mountPath"], mount.get("readOnly")) == (str(keys_file.parent), True)
 
 
 def _outputs(argv: list[str], params: dict[str, Any]) -> list[str]:
