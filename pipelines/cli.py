@@ -211,6 +211,13 @@ def sweep(
     typer.echo(f"best trial:      {res.best.trial_id} ({res.metric}={res.best.metric:.4f})")
     typer.echo(f"best config:     {res.best_config_path}")
     typer.echo(f"best checkpoint: {res.best.checkpoint}")
+    if res.tidied is not None and res.tidied.folders:
+        from pipelines.sweep_checkpoints import human_size
+
+        typer.echo(
+            f"other trials:    {res.tidied.folders} checkpoints deleted, "
+            f"{human_size(res.tidied.freed_bytes)} freed (tune.trial_checkpoints=all keeps them)"
+        )
     typer.echo(f"pretrain it:     radjepa pretrain -c {res.best_config_path}")
 
 

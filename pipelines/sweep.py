@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from ray.tune.search import Searcher
 from ray.tune.stopper import Stopper
 
 from pipelines.placement_groups import release_orphaned_placement_groups
+from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints, human_size
 from radjepa import locations
 from radjepa.config import Config, SearchDim, config_to_yaml
 
@@ -56,6 +57,7 @@ class SweepResult:
     best_config_path: str | None
     parent_run_id: str | None
     tracking_uri: str | None
+    tidied: Tidied | None = None  # the other trials' checkpoints deleted after the sweep
 
 
 def search_space(dims: dict[str, SearchDim], alg: str) -> dict[str, Any]:
@@ -95,7 +97,7 @@ def distinct_draws(cfg: Config) -> list[dict[str, Any]] | None:
     sizes = [len(space[k].values or []) for k in keys]
     total = math.prod(sizes)
     rng = np.random.default_rng(cfg.train.seed)
-    n = min(cfg.tune.num_samples, total)
+    n = min(cfg.tune.sample_count, total)
     picked: list[int] = []
     seen: set[int] = set()
     while len(picked) < n:  # never lists the product: it may be astronomically large
@@ -111,6 +113,17 @@ def distinct_draws(cfg: Config) -> list[dict[str, Any]] | None:
             point[key] = (space[key].values or [])[j]
         draws.append({k: point[k] for k in keys})
     return draws
+
+
+def planned_trials(cfg: Config) -> int:
+    """The trials a new sweep runs: Tune's count, each grid point times the samples asked for
+    (a grid search asks for one sample, so its points each run once)."""
+    points = math.prod(
+        len(dim.values or [])
+        for dim in cfg.tune.search_space.values()
+        if dim.type == "grid" or (cfg.tune.search_alg == "grid" and dim.type == "choice")
+    )
+    return points * cfg.tune.sample_count
 
 
 def _probe_set(cfg: Config) -> dict[str, Any] | None:
@@ -370,6 +383,14 @@ def run_sweep(
     )
     from radjepa.training_data import TrainingDataError, inspect_shards
 
+    if num_samples not in (None, 1) and not resume and cfg.tune.search_alg == "grid":
+        # said as the config says tune.num_samples (Tune would repeat each point; the sweep
+        # ran each once and dropped the flag in silence)
+        raise SweepError(
+            f"--num-samples {num_samples} does not apply to search_alg=grid, which runs each "
+            "point once: leave it out, or add train.seed to tune.search_space as a grid to "
+            "repeat each point with other seeds"
+        )
     _check_space(cfg)
     try:
         inspect_shards(data, cfg)
@@ -385,14 +406,21 @@ def run_sweep(
     elif num_samples is not None:
         cfg = cfg.with_overrides({"tune.num_samples": num_samples})
     draws = None if resume else distinct_draws(cfg)
-    if draws is not None and len(draws) < cfg.tune.num_samples:
+    if draws is not None and len(draws) < cfg.tune.sample_count:
         log.warning(
             "tune.num_samples=%d but the search space holds %d settings: each runs once "
             "(a repeat would train the same model again)",
-            cfg.tune.num_samples,
+            cfg.tune.sample_count,
             len(draws),
         )
         cfg = cfg.with_overrides({"tune.num_samples": len(draws)})
+    if not resume:
+        log.info(
+            "sweep %s: %d trials (%s search)",
+            cfg.tune.name,
+            planned_trials(cfg),
+            cfg.tune.search_alg,
+        )
     probe_set = _probe_set(cfg)
     try:
         root = prepare_outputs(cfg)
@@ -459,7 +487,50 @@ def run_sweep(
             f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of {len(grid)} trials "
             "unfinished; no best.yaml was written: `radjepa sweep ... --resume` continues it"
         )
-    return SweepResult(sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri)
+    rows, tidied = _tidy_checkpoints(cfg, rows, best, setup["trials_dir"])
+    return SweepResult(
+        sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri, tidied
+    )
+
+
+def _tidy_checkpoints(
+    cfg: Config, rows: list[TrialRow], best: TrialRow | None, trials_dir: str
+) -> tuple[list[TrialRow], Tidied | None]:
+    """After a sweep that left no trial unfinished: with ``tune.trial_checkpoints=best``,
+    delete every checkpoint but the best trial's (see :mod:`pipelines.sweep_checkpoints`), and
+    drop the deleted paths from the rows. Kept while a trial failed, since ``--resume``
+    restarts it from its checkpoint; kept without a best trial, with nothing to choose. Never
+    raises: the sweep's result stands whatever the cleanup meets."""
+    if cfg.tune.trial_checkpoints == "all" or best is None:
+        return rows, None
+    failed = sum(r.status == "error" for r in rows)
+    if failed:
+        log.info(
+            "kept every trial's checkpoints: %d trial(s) failed, and `--resume` restarts them "
+            "from theirs (a resumed sweep that ends without failures deletes the others')",
+            failed,
+        )
+        return rows, None
+    try:
+        tidied = delete_other_trials_checkpoints(
+            trials_dir, [r.trial_id for r in rows], best.trial_id
+        )
+    except Exception as err:  # noqa: BLE001 - a cleanup; the sweep itself succeeded
+        log.warning("could not delete the other trials' checkpoints in %s: %s", trials_dir, err)
+        return rows, None
+    if tidied is None:
+        return rows, None
+    if tidied.folders:
+        log.info(
+            "deleted %d checkpoint(s) of %d trial(s) other than the best (%s), freeing %s; "
+            "tune.trial_checkpoints=all keeps them",
+            tidied.folders,
+            tidied.trials,
+            best.trial_id,
+            human_size(tidied.freed_bytes),
+        )
+    rows = [r if r.trial_id == best.trial_id else replace(r, checkpoint=None) for r in rows]
+    return rows, tidied
 
 
 def _free_last_trials(wait_s: float = 10.0) -> None:
@@ -565,7 +636,7 @@ def _tuner(
         trainable,
         param_space=search_space(cfg.tune.search_space, cfg.tune.search_alg),
         tune_config=ray.tune.TuneConfig(
-            num_samples=1 if cfg.tune.search_alg == "grid" else cfg.tune.num_samples,
+            num_samples=cfg.tune.sample_count,
             search_alg=search,
             scheduler=scheduler,
             max_concurrent_trials=None if isinstance(search, BasicVariantGenerator) else cap,

@@ -413,7 +413,11 @@ class TuneConfig(_Section):
     name: str = Field("radjepa-sweep", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     search_space: dict[str, SearchDim] = Field(default_factory=dict)
     search_alg: Literal["grid", "random", "optuna"] = "random"
-    num_samples: int = Field(4, ge=1)
+    num_samples: int | None = Field(
+        None,
+        ge=1,
+        description="trials of a random or Optuna search (unset: 4); a grid runs each point once",
+    )
     metric: Literal["rankme", "knn_auroc", "probe_auroc"] = "rankme"
     labels_csv: str | None = Field(
         None, min_length=1, description="labels for the supervised metrics"
@@ -429,6 +433,11 @@ class TuneConfig(_Section):
         1e-4,
         ge=0,
         description="... or whose mean per-dimension embedding std falls below this",
+    )
+    trial_checkpoints: Literal["best", "all"] = Field(
+        "best",
+        description="after a sweep whose every trial ended without error: 'best' deletes the "
+        "other trials' checkpoints, 'all' keeps them",
     )
 
     @model_validator(mode="after")
@@ -448,7 +457,22 @@ class TuneConfig(_Section):
                     f"search_space.{key} is 'grid', which search_alg=optuna cannot take: "
                     "use type choice, or search_alg=grid or random"
                 )
+        if self.search_alg == "grid" and self.num_samples not in (None, 1):
+            # Tune repeats every grid point num_samples times; the sweep passed 1 and dropped
+            # the value in silence. A repeat with the same train.seed trains the same model.
+            raise ValueError(
+                f"num_samples={self.num_samples} does not apply to search_alg=grid, which runs "
+                "each point once: leave num_samples out (or set 1), or add train.seed to the "
+                "search_space as a grid to repeat each point with other seeds"
+            )
         return self
+
+    @property
+    def sample_count(self) -> int:
+        """Trials Tune is asked for: ``num_samples``, else 4; 1 for a grid (one per point)."""
+        if self.search_alg == "grid":
+            return 1
+        return self.num_samples or 4
 
 
 class TrackingConfig(_Section):

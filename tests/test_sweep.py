@@ -36,6 +36,16 @@ def _cfg(out: Path | str, name: str, space: dict, **extra):
     )
 
 
+def _checkpoints(sweep_dir: Path) -> dict[str, list[str]]:
+    """The checkpoint folders left in each trial's folder, by trial id."""
+    return {
+        trial.name.removeprefix("trial-"): sorted(
+            c.name for c in trial.glob("checkpoint_*") if c.is_dir()
+        )
+        for trial in sorted((sweep_dir / "trials").glob("trial-*"))
+    }
+
+
 def _child_runs(uri: str, parent: str):
     import mlflow
 
@@ -76,7 +86,18 @@ def test_two_trial_sweep_ranks_by_rankme_and_writes_best_config(nih_shards, tmp_
     logged = parent.download_artifacts(res.parent_run_id, "best.yaml", str(tmp_path / "dl"))
     assert Path(logged).read_text() == (tmp_path / "s2" / "best.yaml").read_text()
     assert (tmp_path / "mlartifacts").is_dir()  # the store's artifacts sit beside its database
-    assert all(t.checkpoint.startswith(res.sweep_dir + "/trials/") for t in res.trials)
+
+    # only the best trial keeps its checkpoints (2 of 8 steps each were left for every trial,
+    # and nothing deleted them); MLflow keeps no copy or path of the deleted ones
+    left = _checkpoints(tmp_path / "s2")
+    other = next(t for t in res.trials if t is not res.best).trial_id
+    assert len(left[res.best.trial_id]) == 2 and left[other] == []
+    assert res.tidied.folders == 2 and res.tidied.trials == 1 and res.tidied.freed_bytes > 10**6
+    assert res.best.checkpoint.startswith(res.sweep_dir + f"/trials/trial-{res.best.trial_id}/")
+    assert (tmp_path / "s2" / res.best.checkpoint.removeprefix(res.sweep_dir + "/")).is_dir()
+    assert [t.checkpoint for t in res.trials if t is not res.best] == [None]
+    for child in children:
+        assert parent.list_artifacts(child.info.run_id) == []
 
     best = load_config(tmp_path / "s2" / "best.yaml")
     assert list(best.masks.target_scale) == list(res.best.params["masks.target_scale"])
@@ -95,6 +116,10 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
     space = {"train.fail_at_step": {"type": "grid", "values": [None, 6]}}
     first = run_sweep(_cfg(tmp_path, "sr", space), str(nih_shards))
     assert sorted(t.status for t in first.trials) == ["error", "ok"]
+    # a failed trial makes the sweep resumable: every checkpoint stays (the failed trial's
+    # step-4 one is where --resume restarts it)
+    kept = _checkpoints(tmp_path / "sr")
+    assert sorted(len(c) for c in kept.values()) == [1, 2] and first.tidied is None
     # the crashed trial's child run is closed as FAILED, not left RUNNING
     states = sorted(c.info.status for c in _child_runs(first.tracking_uri, first.parent_run_id))
     assert states == ["FAILED", "FINISHED"]
@@ -117,6 +142,11 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
         repeated = {s for s, c in counts.items() if c > 1}
         assert repeated <= {5, 6}  # only steps after the step-4 checkpoint of the failed trial
     assert done_before.trial_id in {t.trial_id for t in second.trials}
+    # the resumed sweep ended without failures: only its best trial's checkpoints remain
+    left = _checkpoints(tmp_path / "sr")
+    assert {k for k, c in left.items() if c} == {second.best.trial_id}
+    assert Path(second.best.checkpoint).is_dir()
+    assert second.tidied.trials == 1
 
 
 def test_bad_search_space_fails_before_any_trial(nih_shards, tmp_path):
@@ -149,6 +179,45 @@ def test_a_randint_range_is_checked_on_the_values_tune_draws(tmp_path):
     cfg = _cfg(tmp_path, "ri", space(18), **{"tune.search_alg": "random"})
     with pytest.raises(SweepError, match="tune.search_space.masks.num_targets = 17"):
         run_sweep(cfg, str(tmp_path / "missing"))
+
+
+def test_num_samples_a_grid_cannot_use_is_refused_and_the_trial_count_is_tune_s(tmp_path):
+    # tune.num_samples and --num-samples were dropped in silence with search_alg=grid (Tune
+    # repeats each grid point num_samples times; the sweep asked it for 1)
+    from pipelines.sweep import SweepError, planned_trials, run_sweep
+    from radjepa.config import ConfigError
+
+    space = {
+        "ema.start": {"type": "grid", "values": [0.99, 0.996]},
+        "masks.num_targets": {"type": "choice", "values": [2, 4]},
+    }
+    with pytest.raises(ConfigError, match="num_samples=3 does not apply to search_alg=grid"):
+        _cfg(tmp_path, "g", space, **{"tune.num_samples": 3})
+    grid = _cfg(tmp_path, "g", space)
+    assert grid.tune.num_samples is None and planned_trials(grid) == 4  # each point once
+    assert planned_trials(_cfg(tmp_path, "g", space, **{"tune.num_samples": 1})) == 4
+    with pytest.raises(SweepError, match="--num-samples 3 does not apply") as err:
+        run_sweep(grid, str(tmp_path / "missing"), num_samples=3)
+    assert "\n" not in str(err.value) and not (tmp_path / "g").exists()
+    # random: Tune's count, grid points times samples (unset: 4)
+    random = grid.with_overrides({"tune.search_alg": "random"})
+    assert random.tune.sample_count == 4 and planned_trials(random) == 8
+    assert planned_trials(random.with_overrides({"tune.num_samples": 3})) == 6
+    assert planned_trials(load_config(CONFIGS / "sweep-tiny.yaml")) == 4
+    # the CLI says both in one line, before any Ray work
+    from typer.testing import CliRunner
+
+    from pipelines.cli import UserError, app
+
+    args = ["sweep", "-c", str(CONFIGS / "tiny_cpu.yaml"), "--data", str(tmp_path)]
+    args += ["--set", "tune.search_alg=grid", "--set", f"train.output_dir={tmp_path}"]
+    args += ["--set", 'tune.search_space={"ema.start": {"type": "grid", "values": [0.99, 0.996]}}']
+    for extra, said in (
+        (["--num-samples", "2"], "--num-samples 2 does not apply to search_alg=grid"),
+        (["--set", "tune.num_samples=2"], "num_samples=2 does not apply to search_alg=grid"),
+    ):
+        out = CliRunner().invoke(app, [*args, *extra])
+        assert isinstance(out.exception, UserError) and said in str(out.exception)
 
 
 @pytest.mark.timeout(300)
@@ -187,9 +256,13 @@ def test_optuna_with_asha_samples_the_declared_ranges_and_closes_every_run(nih_s
             "tune.asha": True,
             "tune.grace_period": 1,
             "train.checkpoint_every": 2,  # ASHA rungs at reports 1, 2 and 4 of 4
+            "tune.trial_checkpoints": "all",
         },
     )
     res = run_sweep(cfg, str(nih_shards))
+    # tune.trial_checkpoints=all keeps every trial's, those ASHA stopped too
+    assert res.tidied is None and all(Path(t.checkpoint).is_dir() for t in res.trials)
+    assert all(len(c) >= 1 for c in _checkpoints(tmp_path / "opt").values())
 
     assert len(res.trials) == 3
     for t in res.trials:
