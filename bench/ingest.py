@@ -136,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_ray(local_cpus=cores, log_to_driver=False)
         cfg = load_config(
-            None, [f"ingest.image_size={args.size}", f"ingest.decode_actors={args.actors or cores}"]
+            None,
+            [
+                f"ingest.image_size={args.size}",
+                f"ingest.decode_actors={args.actors or cores}",
+                "ingest.allow_development_key=true",  # synthetic images only
+            ],
         )
         t0 = time.perf_counter()
         summary = run_ingest([str(src)], str(work / "dst"), cfg, progress=False)

@@ -104,7 +104,8 @@ def naive_server(model: str, port: int) -> None:
 
     app = create_app(
         LocalEmbedder(EncoderRunner.from_checkpoint(model)),
-        settings=ApiSettings(insecure_local=True),
+        # synthetic images only: the public development key, opted into explicitly
+        settings=ApiSettings(insecure_local=True, allow_development_key=True),
     )
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -153,6 +154,7 @@ def _run(args: argparse.Namespace, levels: list[int], body: bytes, tmp: Path) ->
         {
             "serve.model": model,
             "serve.insecure_local": True,
+            "ingest.allow_development_key": True,  # synthetic images only
             "serve.max_batch_size": args.max_batch_size,
             "serve.batch_wait_timeout_s": args.batch_wait_s,
             "serve.max_ongoing_requests": max(levels) * 2,

@@ -270,7 +270,11 @@ def serve_cmd(
     from serve.security import SecurityConfigError, settings_from_config
 
     try:  # refuse an unprotected service, a taken port or a mistyped path before paying for Ray
-        settings_from_config(cfg.serve, secret_env=cfg.ingest.secret_env)
+        settings_from_config(
+            cfg.serve,
+            secret_env=cfg.ingest.secret_env,
+            allow_development_key=cfg.ingest.allow_development_key,
+        )
         check_port_free(cfg.serve.host, cfg.serve.port)
         check_local_paths(cfg.serve.model, cfg.serve.head, cfg.serve.index)
     except (SecurityConfigError, PortInUse, FileNotFoundError) as err:

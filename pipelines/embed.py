@@ -6,7 +6,10 @@ model label, the checkpoint fingerprint (``encoder_sha256``: the server refuses 
 any other checkpoint), the fingerprint of the key and the patient identity scheme that made the
 shards' pseudonyms (``pseudonym_key_fingerprint``, ``patient_identity``, from the ingest key
 record; null for shards that record none: the server pseudonymises an upload's own PatientID
-with them only when its key matches) and a fixed-size-list ``embedding`` column. ``serve.index.EmbeddingIndex``
+with them only when its key matches), how the shards' image ids were made
+(``image_id_scheme``: keyed ``hmac-sha256``, or the unkeyed ``sha256`` of DSTs made before
+ids were keyed and of shards that record nothing; the server hashes an upload the same way to
+recognise it in the archive) and a fixed-size-list ``embedding`` column. ``serve.index.EmbeddingIndex``
 reads that output for ``/v1/similar``. The encoder sees exactly what the served model sees:
 stored pixels -> ``radjepa.transforms.prepare_images`` -> ``encoder.embed`` (average-pooled
 patch tokens), in :class:`radjepa.inference.EncoderRunner`, the code the server runs.
@@ -36,6 +39,7 @@ OUTPUT_COLUMNS = (
     "encoder_sha256",
     "pseudonym_key_fingerprint",
     "patient_identity",
+    "image_id_scheme",
     "embedding",
 )
 
@@ -53,6 +57,7 @@ class EmbedResult:
     encoder_sha256: str
     pseudonym_key_fingerprint: str | None = None  # None: the shards record no key
     patient_identity: str | None = None
+    image_id_scheme: str = "sha256"  # the shards': unkeyed when they record none
 
 
 class _EmbedActor:
@@ -112,6 +117,7 @@ class _EmbedActor:
         for c, key in (
             ("pseudonym_key_fingerprint", "key_fingerprint"),
             ("patient_identity", "patient_identity"),
+            ("image_id_scheme", "id_scheme"),
         ):
             cols[c] = pa.array([self.pseudonyms.get(key)] * n, pa.string())
         cols["embedding"] = pa.FixedSizeListArray.from_arrays(
@@ -141,7 +147,7 @@ def run_embed(
 
     from pipelines.runtime import ensure_ray, read_parquet, remote_error_message, resolve_use_gpu
     from radjepa.eval.heads import HeadError, checkpoint_fingerprint
-    from radjepa.ingest.destination import recorded_pseudonyms
+    from radjepa.ingest.destination import id_scheme_of, recorded_pseudonyms
     from radjepa.ingest.errors import IngestError
     from radjepa.locations import filesystem
     from radjepa.shards import ShardError, list_shards
@@ -179,7 +185,9 @@ def run_embed(
         pseudonyms = recorded_pseudonyms(str(shards_dir))
     except IngestError as err:
         raise EmbedError(str(err)) from None
-    if pseudonyms is None or pseudonyms.get("key_fingerprint") is None:
+    # shards without a key record predate it, and keyed ids: theirs are the unkeyed SHA-256
+    pseudonyms = {**(pseudonyms or {}), "id_scheme": id_scheme_of(pseudonyms)}
+    if pseudonyms.get("key_fingerprint") is None:
         log.warning(
             "%s records no pseudonymisation key for all its shards (some or all were ingested "
             "by an older version): a server "
@@ -253,8 +261,9 @@ def run_embed(
         dim=dim,
         model=label,
         encoder_sha256=fingerprint,
-        pseudonym_key_fingerprint=(pseudonyms or {}).get("key_fingerprint"),
-        patient_identity=(pseudonyms or {}).get("patient_identity"),
+        pseudonym_key_fingerprint=pseudonyms.get("key_fingerprint"),
+        patient_identity=pseudonyms.get("patient_identity"),
+        image_id_scheme=str(pseudonyms["id_scheme"]),
     )
 
 

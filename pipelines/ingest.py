@@ -7,7 +7,8 @@ the driver streams the results, drops duplicate bytes, and writes fixed-size zst
 shards to ``DST/images/``, rejects to ``DST/quarantine/`` and a reconciling
 ``DST/manifest.json`` (input = ok + quarantined + duplicates).
 
-Idempotence: image ids (sha256 of the bytes) already in ``DST`` (images or quarantine) are
+Idempotence: image ids (HMAC-SHA256 of the bytes under the pseudonymisation key; the unkeyed
+SHA-256 in a DST made before ids were keyed) already in ``DST`` (images or quarantine) are
 skipped by the decoders and counted as duplicates, so a re-run writes nothing twice. Shards are
 written under a temporary name and renamed, so an interrupted run leaves no partial shard.
 The driver is the single writer: simple and exact, and fast enough for ~1k images/s of 256 px.
@@ -101,13 +102,22 @@ def run_ingest(
     """Ingest ``sources`` into ``dst`` (see module docstring); returns the run's summary."""
     import ray
 
-    from radjepa.imaging.deid import DEV_SECRET, key_fingerprint, resolve_secret
+    from radjepa.imaging.deid import (
+        DEV_SECRET,
+        DevelopmentKeyRefused,
+        key_fingerprint,
+        resolve_secret,
+    )
 
     if not sources:
         raise IngestError("no sources given")
+    ing = cfg.ingest
+    try:  # before anything is listed, locked or written, and before Ray starts
+        secret = resolve_secret(ing.secret_env, allow_development_key=ing.allow_development_key)
+    except DevelopmentKeyRefused as err:
+        raise IngestError(str(err)) from None
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    ing = cfg.ingest
     settings = {
         "size": ing.image_size,
         "dtype": ing.dtype,
@@ -130,7 +140,6 @@ def run_ingest(
         dest = Destination(dst)
         dest.remove_leftovers()  # of runs killed mid-write: ours now that we hold the lock
         previous = dest.read_manifest()
-        secret = resolve_secret(ing.secret_env)
         key = {
             "key": "development" if secret == DEV_SECRET else "secret",
             "key_fingerprint": key_fingerprint(secret),
@@ -138,6 +147,7 @@ def run_ingest(
         }
         check_compatible(dest, previous, settings)
         key = check_key(dest, previous, key, ing.secret_env)
+        settings["id_scheme"] = key["id_scheme"]  # the DST's: re-runs recognise its files
         summary = IngestSummary(dst=dst, run_id=run_id)
         counts = [1 if r["kind"] == "file" else count_members(r) for r in refs]
         # None: a large compressed tar is not counted ahead (see count_members), so neither is the run
@@ -306,7 +316,7 @@ def _consume(
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             table = batch.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
             keep_ok, keep_q = [], []
-            for i, (status, sha, reason) in enumerate(
+            for i, (status, image_id, reason) in enumerate(
                 zip(
                     table["status"].to_pylist(),
                     table["image_id"].to_pylist(),
@@ -319,12 +329,12 @@ def _consume(
                     summary.duplicates += 1
                     summary.already_ingested += 1
                     continue
-                if sha is not None and sha in seen:
+                if image_id is not None and image_id in seen:
                     summary.duplicates += 1
                     summary.duplicates_in_run += 1
                     continue
-                if sha is not None:
-                    seen.add(sha)
+                if image_id is not None:
+                    seen.add(image_id)
                 if status == "ok":
                     summary.ok += 1
                     keep_ok.append(i)
@@ -348,7 +358,7 @@ def _consume(
         q = pa.concat_tables(rejects)
         q = pa.table(
             {
-                "sha256": q["image_id"],
+                "sha256": q["image_id"],  # the image id, under the DST's id_scheme
                 "source_hash": q["source_hash"],
                 "source_path": q["source_path"],
                 "reason": q["reason"],

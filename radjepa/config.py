@@ -127,6 +127,12 @@ class IngestConfig(_Section):
     secret_env: str = Field(
         "RADJEPA_DEID_SECRET", description="env var holding the pseudonymisation HMAC key"
     )
+    allow_development_key: bool = Field(
+        False,
+        description="with secret_env unset, pseudonymise (and key image ids) with the PUBLIC "
+        "development key instead of refusing to start: for the bundled sample and tests only, "
+        "never for patient data; ingest and serve both read it",
+    )
     patient_identity: PatientIdentity = Field(
         "patient_id",
         description="what the patient pseudonym covers: 'patient_id' (PatientID alone, as "

@@ -1,6 +1,8 @@
 """The Parquet shard schema written by ingest, and plain (Ray-free) readers for it.
 
-One row per unique image (``image_id`` = sha256 of the source bytes). ``pixels`` holds the raw
+One row per unique image (``image_id``: an HMAC-SHA256 of the source bytes under the
+pseudonymisation key, or their plain SHA-256 in a destination made before ids were keyed; its
+key record's ``id_scheme`` says which, see ``radjepa.imaging.deid.content_id``). ``pixels`` holds the raw
 row-major array bytes of the value contract in ``radjepa.imaging.contract`` (little-endian for
 uint16), so readers need only numpy to rebuild an image.
 """
@@ -61,7 +63,9 @@ SHARD_SCHEMA = pa.schema(
 
 QUARANTINE_SCHEMA = pa.schema(
     [
-        pa.field("sha256", pa.string()),  # null when the bytes could not be read at all
+        # the file's image id (as ``image_id`` above, under the DST's id_scheme: the name is from
+        # when ids were unkeyed SHA-256); null when the bytes could not be read at all
+        pa.field("sha256", pa.string()),
         pa.field("source_hash", pa.string()),
         pa.field("source_path", pa.string()),  # null unless keep_source_paths
         pa.field("reason", pa.string(), nullable=False),

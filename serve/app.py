@@ -49,7 +49,7 @@ from serve.schemas import (
     SimilarOut,
     SimilarResponse,
 )
-from serve.security import ApiSettings, request_scopes, require_api_key
+from serve.security import ApiSettings, SecurityConfigError, request_scopes, require_api_key
 
 __all__ = ["create_app", "ApiError", "IMAGE_MEDIA_TYPES"]
 
@@ -59,8 +59,9 @@ IMAGE_MEDIA_TYPES = ("application/dicom", "image/png", "image/jpeg")
 # multipart parts from `curl -F file=@x.dcm` arrive as octet-stream: the decoder sniffs them
 PART_MEDIA_TYPES = (*IMAGE_MEDIA_TYPES, "application/octet-stream")
 MULTIPART = "multipart/form-data"
-# what each result's same_patient.patient_id says, by UploadPseudonyms.status
-_BY_PATIENT_ID = {
+# what a result says (same_patient.patient_id, image_id_match) for a start-up status: an
+# UploadPseudonyms.status, or the index's serve.index.upload_image_ids
+_ANSWERED = {
     "verified": "used",
     "unverified": "used_unverified",
     "key_mismatch": "key_mismatch",
@@ -74,6 +75,8 @@ class _Upload:
     data: bytes
     filename: str | None
     patient_pid: str | None = None  # set by the decoder: the upload's own keyed pseudonym
+    # set by the decoder: the id ingest would give these bytes, under the index's id scheme
+    image_id: str = ""
 
 
 def _media_type(request: Request) -> str:
@@ -155,6 +158,7 @@ def _decode_all(
                 source_name=up.filename,
                 max_bytes=app_state.settings.max_body_bytes,
                 patient_identity=app_state.upload_pseudonyms.scheme,
+                id_scheme=app_state.image_id_scheme,
             )
         except ImageRejected as err:
             raise ApiError(422, err.message, reason=err.reason, filename=up.filename) from None
@@ -164,6 +168,7 @@ def _decode_all(
                 422, "the image could not be decoded", reason="decode_error", filename=up.filename
             ) from None
         up.patient_pid = decoded.meta.get("patient_pid")
+        up.image_id = str(decoded.meta["image_id"])
         out.append(decoded.pixels)
     return out
 
@@ -208,12 +213,19 @@ def public_index(index: EmbeddingIndex) -> str:
     return _short_hash(str(index.dim).encode(), "\n".join(index.image_ids).encode())
 
 
-def _resolve_decode_secret(env_name: str) -> bytes:
-    """The HMAC key the decoder pseudonymises metadata with (the API never returns that
-    metadata, but decoding needs a key; ingest's resolver applies its own fallback)."""
+def _resolve_decode_secret(settings: ApiSettings) -> bytes:
+    """The HMAC key uploads' image ids and PatientID pseudonyms are made with, as ingest made
+    the archive's; refused (SecurityConfigError) when unset, unless the config allows the
+    public development key, as ingest does."""
     from radjepa.imaging.decode import resolve_secret
+    from radjepa.imaging.deid import DevelopmentKeyRefused
 
-    return resolve_secret(env_name)
+    try:
+        return resolve_secret(
+            settings.secret_env, allow_development_key=settings.allow_development_key
+        )
+    except DevelopmentKeyRefused as err:
+        raise SecurityConfigError(str(err)) from None
 
 
 def _upload_pseudonyms(
@@ -227,6 +239,20 @@ def _upload_pseudonyms(
     if index is None:  # nothing to match against: the pseudonym is never used
         return UploadPseudonyms("verified", PATIENT_ID)
     return index.upload_pseudonyms(key_fingerprint(secret), settings.secret_env)
+
+
+def _upload_image_ids(
+    index: EmbeddingIndex | None, secret: bytes, settings: ApiSettings
+) -> tuple[str, str]:
+    """How uploads' image ids are made (the index's scheme, so that an archived upload equals
+    its row's id; keyed for a server without an index, as a new ingest would) and whether
+    they can match the archive's (:func:`serve.index.upload_image_ids`, checked at start-up)."""
+    from radjepa.imaging.deid import ID_SCHEME_KEYED, key_fingerprint
+
+    if index is None:
+        return ID_SCHEME_KEYED, "verified"
+    status = index.upload_image_ids(key_fingerprint(secret), settings.secret_env)
+    return index.image_id_scheme, status
 
 
 def create_app(
@@ -294,8 +320,11 @@ def create_app(
     app.state.embedder = embedder
     app.state.head = head
     app.state.index = index
-    app.state.decode_secret = _resolve_decode_secret(settings.secret_env)
+    app.state.decode_secret = _resolve_decode_secret(settings)
     app.state.upload_pseudonyms = _upload_pseudonyms(index, app.state.decode_secret, settings)
+    app.state.image_id_scheme, app.state.image_id_status = _upload_image_ids(
+        index, app.state.decode_secret, settings
+    )
     gate = app.state.decode_gate = DecodeGate(settings.decode_workers, settings.max_pending_decodes)
     tokens_per_image = (info.img_size // info.patch_size) ** 2 * info.embed_dim
     app.add_middleware(
@@ -487,7 +516,7 @@ def create_app(
                 model=model_out,
                 results=[
                     EmbeddingOut(
-                        image_id=hashlib.sha256(up.data).hexdigest(),
+                        image_id=up.image_id,
                         filename=up.filename,
                         dim=int(r.embedding.shape[0]),
                         embedding=r.embedding.tolist(),
@@ -526,7 +555,7 @@ def create_app(
                 head=head_id,
                 results=[
                     ClassificationOut(
-                        image_id=hashlib.sha256(up.data).hexdigest(),
+                        image_id=up.image_id,
                         filename=up.filename,
                         probabilities={lab: float(p) for lab, p in zip(labels, row, strict=True)},
                     )
@@ -551,7 +580,8 @@ def create_app(
             bool,
             Query(
                 description="also return archive images that are the uploaded file itself "
-                "(same SHA-256 of the bytes); left out by default"
+                "(same image_id: the uploaded bytes hashed as ingest hashed the archive's); "
+                "left out by default"
             ),
         ] = False,
         exclude_patient_pid: Annotated[
@@ -582,18 +612,19 @@ def create_app(
                 503, "no similar-case index is configured on this server (serve.index)", "no_index"
             )
         upload_pids: UploadPseudonyms = request.app.state.upload_pseudonyms
+        id_match = _ANSWERED[request.app.state.image_id_status]
 
         def neighbours_of(
             up: _Upload, embedding: np.ndarray, patient_rows: np.ndarray
         ) -> SimilarOut:
-            image_id = hashlib.sha256(up.data).hexdigest()
+            image_id = up.image_id
             archived = index.rows_with_image_id(image_id)
             own = np.empty(0, np.int64) if include_self else archived
             patients = patient_rows
             same = None
             if exclude_same_patient:
                 row_pids = {index.pids["patient_pid"][r] for r in archived} - {None}
-                by_id = "absent" if up.patient_pid is None else _BY_PATIENT_ID[upload_pids.status]
+                by_id = "absent" if up.patient_pid is None else _ANSWERED[upload_pids.status]
                 pids = row_pids | ({up.patient_pid} if by_id.startswith("used") else set())
                 same = SamePatientOut(archive_row=bool(row_pids), patient_id=by_id)
                 patients = np.union1d(patients, index.rows_of_patients(pids))
@@ -605,6 +636,7 @@ def create_app(
                 excluded_self=len(own),
                 excluded_patient=len(np.setdiff1d(patients, own)),
                 same_patient=same,
+                image_id_match=id_match,
             )
 
         def search_all(
@@ -630,11 +662,10 @@ def create_app(
             # stays open to every key.
             if not exclude_same_patient or PATIENT_LINKAGE in request_scopes(request):
                 return
-            if not _BY_PATIENT_ID[upload_pids.status].startswith("used"):
+            if not _ANSWERED[upload_pids.status].startswith("used"):
                 return  # the server does not use uploads' PatientIDs at all
             for up in uploads:
-                image_id = hashlib.sha256(up.data).hexdigest()
-                if up.patient_pid is not None and not len(index.rows_with_image_id(image_id)):
+                if up.patient_pid is not None and not len(index.rows_with_image_id(up.image_id)):
                     raise ApiError(
                         403,
                         "exclude_same_patient=true with a DICOM the archive does not hold "

@@ -233,50 +233,67 @@ def _check_references(
             EmbeddingIndex.check_file(index, fingerprint)
 
 
-def _check_pseudonym_key(index: str | None, env: str, replica_env: dict[str, str]) -> None:
+def _check_pseudonym_key(
+    index: str | None, env: str, replica_env: dict[str, str], *, allow_development_key: bool
+) -> None:
     """Say on the driver, before anything deploys, what each ingress replica will say at its
     start-up about the key it pseudonymises uploads with: a server key that is not the one the
     index's shards were ingested with leaves ``exclude_same_patient`` unable to find an
-    upload's patient by its PatientID, and the operator of ``radjepa serve`` reads the CLI, not
-    replica logs. An index recording an unknown patient identity scheme is refused here too.
+    upload's patient by its PatientID (and, for keyed image ids, ``include_self`` unable to
+    recognise an archived upload), and the operator of ``radjepa serve`` reads the CLI, not
+    replica logs. Refused here: no key at all without ``ingest.allow_development_key``, an
+    index recording an unknown patient identity scheme, or several image id schemes.
 
     The key is the one a replica will read, which is not always this process's: a Ray started
     before this process set the variable, or a cluster whose nodes hold it (a Kubernetes
     Secret), gives its workers their own environment. So a zero-CPU task in the replicas'
     runtime env reports its fingerprint (never the key); without Ray, this process's is used.
     """
+    server_key = _replica_key_fingerprint(env, replica_env, allow_development_key)
     if not index:
         return
-    from serve.index import EmbeddingIndex, upload_pseudonyms
+    from serve.index import EmbeddingIndex, upload_image_ids, upload_pseudonyms
 
     recorded_key, scheme = EmbeddingIndex.recorded_pseudonyms(index)
-    server_key = _replica_key_fingerprint(env, replica_env)
+    id_scheme = EmbeddingIndex.recorded_id_scheme(index)
     if server_key is not None:
         upload_pseudonyms(index, recorded_key, scheme, server_key, env)
+        upload_image_ids(index, recorded_key, id_scheme, server_key, env)
 
 
-def _key_fingerprint_of(env: str) -> str:
+def _key_fingerprint_of(env: str, allow_development_key: bool) -> str:
     """The fingerprint of the key this process resolves from ``env`` (run here, or in a
-    replica's environment as a Ray task)."""
-    from radjepa.imaging.deid import key_fingerprint, resolve_secret
+    replica's environment as a Ray task), or ``refused: <why>`` when it has none and the public
+    key is not allowed (a string, so that a Ray task returns it rather than a traceback)."""
+    from radjepa.imaging.deid import DevelopmentKeyRefused, key_fingerprint, resolve_secret
 
-    return key_fingerprint(resolve_secret(env))
+    try:
+        return key_fingerprint(resolve_secret(env, allow_development_key=allow_development_key))
+    except DevelopmentKeyRefused as err:
+        return f"refused: {err}"
 
 
-def _replica_key_fingerprint(env: str, replica_env: dict[str, str]) -> str | None:
+def _replica_key_fingerprint(
+    env: str, replica_env: dict[str, str], allow_development_key: bool
+) -> str | None:
     """The fingerprint of the pseudonymisation key a replica resolves from ``env``; None when
-    the cluster does not answer within a minute (the replicas then still say it)."""
+    the cluster does not answer within a minute (the replicas then still say it).
+    SecurityConfigError when the replica would have no key and may not use the public one."""
     import ray
 
     if not ray.is_initialized():
-        return _key_fingerprint_of(env)
-    task = ray.remote(num_cpus=0)(_key_fingerprint_of)
-    if replica_env:
-        task = task.options(runtime_env={"env_vars": replica_env})
-    try:
-        return str(ray.get(task.remote(env), timeout=60))
-    except ray.exceptions.GetTimeoutError:
-        return None
+        found = _key_fingerprint_of(env, allow_development_key)
+    else:
+        task = ray.remote(num_cpus=0)(_key_fingerprint_of)
+        if replica_env:
+            task = task.options(runtime_env={"env_vars": replica_env})
+        try:
+            found = str(ray.get(task.remote(env, allow_development_key), timeout=60))
+        except ray.exceptions.GetTimeoutError:
+            return None
+    if found.startswith("refused: "):
+        raise SecurityConfigError(found.removeprefix("refused: "))
+    return found
 
 
 def app_from_config(
@@ -296,9 +313,18 @@ def app_from_config(
     from pipelines.tracking import store_uri  # where pretrain registered the models
 
     _check_references(sc.model, sc.head, sc.index, store_uri(cfg))
-    settings = settings or settings_from_config(sc, secret_env=cfg.ingest.secret_env)
+    settings = settings or settings_from_config(
+        sc,
+        secret_env=cfg.ingest.secret_env,
+        allow_development_key=cfg.ingest.allow_development_key,
+    )
     replica_env = dict(replica_env or {})
-    _check_pseudonym_key(sc.index, settings.secret_env, replica_env)
+    _check_pseudonym_key(
+        sc.index,
+        settings.secret_env,
+        replica_env,
+        allow_development_key=settings.allow_development_key,
+    )
     gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and _cluster_has_gpus())
     if sc.use_gpu == "true" and not _cluster_has_gpus():
         raise ValueError("serve.use_gpu=true but the Ray cluster has no GPUs")

@@ -5,9 +5,10 @@ The archive is small enough to hold as one normalised float32 matrix per replica
 product and needs no approximate-search dependency.
 
 A query image that is itself archived would be its own best hit (cosine 1.0): callers exclude
-rows by image id (the SHA-256 of the original file bytes, as ingest and the API compute it) or
-by patient pseudonym, and the excluded rows are masked before the top-k is taken, so a search
-still returns ``k`` hits when the index holds that many others.
+rows by image id (made from the original file bytes as ingest made it: the index records how,
+``image_id_scheme``, keyed ``hmac-sha256`` or the unkeyed ``sha256`` of older destinations;
+one scheme per index) or by patient pseudonym, and the excluded rows are masked before the
+top-k is taken, so a search still returns ``k`` hits when the index holds that many others.
 
 Embeddings are only comparable with queries embedded by the same weights: the index records
 its encoder's checkpoint fingerprint (``encoder_sha256``) and the server refuses an index built
@@ -30,13 +31,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from radjepa.imaging.contract import PID_FIELDS
-from radjepa.imaging.deid import PATIENT_ID, PATIENT_IDENTITIES
+from radjepa.imaging.deid import (
+    ID_SCHEME_UNKEYED,
+    ID_SCHEMES,
+    PATIENT_ID,
+    PATIENT_IDENTITIES,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
 __all__ = [
     "ENCODER_COLUMN",
+    "IMAGE_ID_SCHEME_COLUMN",
     "INCOMPLETE_MARKER",
     "PATIENT_IDENTITY_COLUMN",
     "PID_COLUMNS",
@@ -45,6 +52,7 @@ __all__ = [
     "Hit",
     "IndexLoadError",
     "UploadPseudonyms",
+    "upload_image_ids",
     "upload_pseudonyms",
 ]
 
@@ -57,6 +65,9 @@ ENCODER_COLUMN = "encoder_sha256"
 # ingest.patient_identity scheme they follow (both from the ingest key record)
 PSEUDONYM_KEY_COLUMN = "pseudonym_key_fingerprint"
 PATIENT_IDENTITY_COLUMN = "patient_identity"
+# how the shards' image ids were made from the file bytes (radjepa.imaging.deid.content_id):
+# null in parts embedded before it was recorded, whose ids are the unkeyed SHA-256
+IMAGE_ID_SCHEME_COLUMN = "image_id_scheme"
 # written into the index folder by `radjepa embed` before its first part and removed once the
 # last one is written: Ray Data writes each part straight into the folder, so an interrupted run
 # leaves a folder of valid Parquet that holds only some of the archive
@@ -104,6 +115,7 @@ class EmbeddingIndex:
         model: str | None = None,
         pseudonym_key: str | None = None,
         patient_identity: str | None = None,
+        image_id_scheme: str = ID_SCHEME_UNKEYED,
     ) -> None:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(image_ids):
             raise IndexLoadError(
@@ -123,6 +135,7 @@ class EmbeddingIndex:
         self.model = model
         self.pseudonym_key = pseudonym_key  # None: the shards' key is not recorded
         self.patient_identity = patient_identity
+        self.image_id_scheme = image_id_scheme  # how an upload is hashed to find its own row
 
     @property
     def dim(self) -> int:
@@ -171,6 +184,7 @@ class EmbeddingIndex:
             patient_identity=_one_record(
                 p, PATIENT_IDENTITY_COLUMN, _distinct(table, PATIENT_IDENTITY_COLUMN)
             ),
+            image_id_scheme=_one_id_scheme(p, _distinct(table, IMAGE_ID_SCHEME_COLUMN)),
         )
 
     @staticmethod
@@ -217,9 +231,27 @@ class EmbeddingIndex:
             _one_record(p, PATIENT_IDENTITY_COLUMN, seen[PATIENT_IDENTITY_COLUMN]),
         )
 
+    @staticmethod
+    def recorded_id_scheme(path: str | Path) -> str:
+        """The image id scheme an index's rows record, as :meth:`from_parquet` reads it (and
+        refuses a mixture), reading that column only: ``radjepa serve`` checks it on the driver
+        before it deploys replicas that would each refuse the index."""
+        p, files = _index_files(path)
+        return _one_id_scheme(
+            p, _distinct_in_files(files, (IMAGE_ID_SCHEME_COLUMN,))[IMAGE_ID_SCHEME_COLUMN]
+        )
+
+    def upload_image_ids(self, server_key: str, env: str) -> str:
+        """Whether an upload's image id, made with the server's key (fingerprint
+        ``server_key``, from ``env``), can equal its archive row's (:func:`upload_image_ids`)."""
+        return upload_image_ids(
+            self.source, self.pseudonym_key, self.image_id_scheme, server_key, env
+        )
+
     def rows_with_image_id(self, image_id: str) -> np.ndarray:
-        """Rows holding the image whose original bytes hash to ``image_id`` (usually 0 or 1;
-        more only when an index was assembled from overlapping embed runs)."""
+        """Rows holding the image whose original bytes give ``image_id`` under the index's
+        :attr:`image_id_scheme` (usually 0 or 1; more only when an index was assembled from
+        overlapping embed runs)."""
         return np.asarray(self._rows_by_image_id.get(image_id, ()), dtype=np.int64)
 
     def rows_of_patients(self, patient_pids: Iterable[str]) -> np.ndarray:
@@ -310,6 +342,63 @@ def upload_pseudonyms(
         )
         return UploadPseudonyms("unverified", scheme)
     return UploadPseudonyms("verified", scheme)
+
+
+def upload_image_ids(
+    source: str, index_key: str | None, id_scheme: str, server_key: str, env: str
+) -> str:
+    """Whether the server can make an upload's image id the way ingest made the ids of index
+    ``source`` (scheme ``id_scheme``, key fingerprint ``index_key``), so that an archived upload
+    finds its own row (``include_self``, ``excluded_self``, ``same_patient.archive_row``):
+    ``verified`` (unkeyed ids, or keyed under the server's key), ``unverified`` (keyed, but the
+    index records no one key: its parts may differ), ``key_mismatch`` (keyed under another key:
+    no upload can match, so an archived one would come back as its own first hit). Said once at
+    start-up, and in every /v1/similar answer (``image_id_match``).
+    """
+    if id_scheme == ID_SCHEME_UNKEYED:
+        return "verified"
+    if index_key is None:
+        log.warning(
+            "index %s does not record one pseudonymisation key for its keyed image ids: an "
+            "archived upload is recognised only when its row was ingested with the key in %s "
+            "(answers say image_id_match 'used_unverified')",
+            source,
+            env,
+        )
+        return "unverified"
+    if index_key != server_key:
+        log.warning(
+            "index %s's image ids are keyed with the ingest key (%s), not the key in %s (%s): "
+            "an archived upload cannot be recognised, so include_self=false cannot leave it "
+            "out (answers say image_id_match 'key_mismatch'); set %s to the ingest key",
+            source,
+            index_key,
+            env,
+            server_key,
+            env,
+        )
+        return "key_mismatch"
+    return "verified"
+
+
+def _one_id_scheme(p: Path, seen: set[str | None]) -> str:
+    """The one image id scheme of an index's rows (null: parts embedded before it was recorded,
+    i.e. unkeyed). A mixture is refused: an upload can be hashed only one way, so rows under
+    the other scheme could never be recognised as the upload itself."""
+    schemes = {s or ID_SCHEME_UNKEYED for s in seen} or {ID_SCHEME_UNKEYED}
+    if len(schemes) > 1:
+        raise IndexLoadError(
+            f"{p}: rows use {len(schemes)} image id schemes ({', '.join(sorted(schemes))}): "
+            "an upload can be matched to only one; build one index per scheme, or re-ingest "
+            "the older destinations into a new DST (keyed ids) and embed again"
+        )
+    scheme = schemes.pop()
+    if scheme not in ID_SCHEMES:
+        raise IndexLoadError(
+            f"{p}: image id scheme {scheme!r} is unknown to this version ({', '.join(ID_SCHEMES)})"
+            ": serve it with the version that built it"
+        )
+    return scheme
 
 
 def _distinct(table: pa.Table, column: str) -> set[str | None]:

@@ -61,7 +61,11 @@ def start_local(cfg: Config, *, replica_env: dict[str, str] | None = None) -> st
 
     from serve.deployment import app_from_config
 
-    settings = settings_from_config(cfg.serve, secret_env=cfg.ingest.secret_env)
+    settings = settings_from_config(
+        cfg.serve,
+        secret_env=cfg.ingest.secret_env,
+        allow_development_key=cfg.ingest.allow_development_key,
+    )
     check_port_free(cfg.serve.host, cfg.serve.port)
     port = cfg.serve.port or _free_port(cfg.serve.host)
     serve.start(

@@ -63,7 +63,11 @@ class ModelInfoOut(BaseModel):
 class EmbeddingOut(BaseModel):
     """The pooled embedding of one image (and optionally its patch tokens)."""
 
-    image_id: str = Field(description="sha256 hex of the uploaded bytes")
+    image_id: str = Field(
+        description="the id ingest gives these bytes in the archive this server searches: "
+        "HMAC-SHA256 of the uploaded bytes under the pseudonymisation key (the plain SHA-256 "
+        "for an index of a destination made before ids were keyed), 64 hex characters"
+    )
     filename: str | None = Field(None, description="multipart file name, when given")
     dim: int
     embedding: list[float] = Field(description="target encoder, average-pooled over patches")
@@ -123,7 +127,7 @@ class SamePatientOut(BaseModel):
 
 
 class SimilarOut(BaseModel):
-    image_id: str
+    image_id: str = Field(description="as in /v1/embed: comparable with neighbours' image_id")
     filename: str | None = None
     neighbours: list[Neighbour]
     excluded_self: int = Field(
@@ -141,6 +145,15 @@ class SimilarOut(BaseModel):
         None,
         description="with exclude_same_patient=true: how the upload's patient was identified; "
         "null otherwise",
+    )
+    image_id_match: Literal["used", "used_unverified", "key_mismatch"] = Field(
+        "used",
+        description="whether image_id can equal the archive row of the same file, on which "
+        "include_self, excluded_self and same_patient.archive_row rest: 'used' (made as ingest "
+        "made the index's ids); 'used_unverified' (keyed ids, but the index does not record one "
+        "key for all its rows, so an archived upload may go unrecognised); 'key_mismatch' (the "
+        "index's ids are keyed with another key than the server's: no archived upload can be "
+        "recognised, so it may come back as its own first hit at score 1.0)",
     )
 
 

@@ -71,6 +71,11 @@ class ApiSettings(BaseModel):
         2_000_000, ge=1, description="patch-token floats one response may hold (~40 MB of JSON)"
     )
     secret_env: str = Field("RADJEPA_DEID_SECRET", description="decode HMAC key env var")
+    allow_development_key: bool = Field(
+        False,
+        description="with secret_env unset, use the PUBLIC development key instead of refusing "
+        "to start (ingest.allow_development_key: the sample and tests only)",
+    )
 
     def check_startable(self, keys_env: str | None = None) -> None:
         """Refuse an unprotected service unless insecure local mode was asked for.
@@ -112,8 +117,15 @@ def load_api_keys(env_name: str, file: str | os.PathLike[str] | None) -> tuple[K
     return from_env, from_file
 
 
-def settings_from_config(serve_cfg: ServeConfig, *, secret_env: str) -> ApiSettings:
-    """Build and check the runtime settings from ``cfg.serve`` (raises SecurityConfigError)."""
+def settings_from_config(
+    serve_cfg: ServeConfig, *, secret_env: str, allow_development_key: bool = False
+) -> ApiSettings:
+    """Build and check the runtime settings from ``cfg.serve`` (raises SecurityConfigError).
+
+    ``secret_env`` and ``allow_development_key`` come from ``cfg.ingest``: the server keys
+    uploads' pseudonyms and image ids as ingest did, and refuses the public key as ingest does.
+    The key itself is resolved where it is used (a replica's environment may hold it when
+    this process's does not)."""
     from_env, from_file = load_api_keys(serve_cfg.api_keys_env, serve_cfg.api_keys_file)
     keys = {d: s | from_file.get(d, frozenset()) for d, s in from_env.items()}
     keys = from_file | keys
@@ -130,6 +142,7 @@ def settings_from_config(serve_cfg: ServeConfig, *, secret_env: str) -> ApiSetti
         decode_workers=serve_cfg.decode_workers,
         max_pending_decodes=serve_cfg.max_ongoing_requests,
         secret_env=secret_env,
+        allow_development_key=allow_development_key,
     )
     if settings.insecure_local and not settings.key_digests and not _loopback(serve_cfg.host):
         # "local only" was a promise nothing kept: with serve.host=0.0.0.0 the keyless API

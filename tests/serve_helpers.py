@@ -119,7 +119,8 @@ def write_index(
     without one, the older layout that does not record the encoder (no ``encoder_sha256``).
     Each row is its own patient unless ``patient_pids`` groups them. ``pseudonyms`` is the
     shards' key record (``radjepa.ingest.destination.recorded_pseudonyms``), which embed
-    copies into every row; without it, the older layout that records no key."""
+    copies into every row with its image id scheme; without it, the older layout that records
+    neither (so its ids read as unkeyed SHA-256)."""
     n, dim = embeddings.shape
     pid = [pseudonym(f"p{i}") for i in range(n)]
     table = pa.table(
@@ -141,9 +142,13 @@ def write_index(
         sha = pa.array([checkpoint_fingerprint(encoder)] * n, pa.string())
         table = table.add_column(table.num_columns - 1, "encoder_sha256", sha)
     if pseudonyms is not None:
+        from radjepa.ingest.destination import id_scheme_of
+
+        pseudonyms = {**pseudonyms, "id_scheme": id_scheme_of(pseudonyms)}  # as embed writes it
         for column, key in (
             ("pseudonym_key_fingerprint", "key_fingerprint"),
             ("patient_identity", "patient_identity"),
+            ("image_id_scheme", "id_scheme"),
         ):
             values = pa.array([pseudonyms.get(key)] * n, pa.string())
             table = table.add_column(table.num_columns - 1, column, values)

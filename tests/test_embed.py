@@ -139,9 +139,13 @@ def test_output_loads_as_the_similar_case_index(embedded):
     assert hits[0].pids["patient_pid"] == embedded["rows"][4]["patient_pid"]
 
 
-def test_served_index_leaves_out_the_uploaded_archive_image_and_its_patient(embedded, nih_dir):
-    """The ids the embed job writes are the SHA-256 of the files ingest read, so the same file
-    sent to /v1/similar is recognised as itself (and, on request, its patient as well)."""
+def test_served_index_leaves_out_the_uploaded_archive_image_and_its_patient(
+    embedded, nih_dir, monkeypatch
+):
+    """The ids the embed job writes are keyed hashes of the files ingest read, and the index
+    says so: a server holding the ingest key hashes an upload the same way, so the same file
+    sent to /v1/similar is recognised as itself (and, on request, its patient as well); one
+    with another key says in every answer that it cannot recognise it."""
     from fastapi.testclient import TestClient
 
     from serve.app import create_app
@@ -150,12 +154,15 @@ def test_served_index_leaves_out_the_uploaded_archive_image_and_its_patient(embe
     from serve.security import ApiSettings
 
     index = EmbeddingIndex.from_parquet(embedded["out"])
+    assert index.image_id_scheme == "hmac-sha256"
     runner = EncoderRunner.from_checkpoint(embedded["ckpt"])
-    client = TestClient(
-        create_app(LocalEmbedder(runner), settings=ApiSettings(insecure_local=True), index=index)
-    )
+    env = "RADJEPA_TEST_EMBED_DEID_KEY"
+    monkeypatch.setenv(env, SHARD_KEY.decode())  # the server holds the ingest key
+    settings = ApiSettings(insecure_local=True, secret_env=env)
+    client = TestClient(create_app(LocalEmbedder(runner), settings=settings, index=index))
     upload = nih_pngs(nih_dir, N_IMAGES)[4].read_bytes()  # the original file, as a client has it
     own, sibling = embedded["rows"][4], embedded["rows"][5]  # rows 4 and 5: one patient
+    assert own["image_id"] != hashlib.sha256(upload).hexdigest()  # not linkable without the key
 
     def similar(**params):
         r = client.post(
@@ -168,6 +175,7 @@ def test_served_index_leaves_out_the_uploaded_archive_image_and_its_patient(embe
     assert len(res["neighbours"]) == 3
     assert own["image_id"] not in {h["image_id"] for h in res["neighbours"]}
     assert res["image_id"] == own["image_id"] and res["excluded_self"] == 1
+    assert res["image_id_match"] == "used"
     assert similar(k=1, include_self=True)["neighbours"][0]["image_id"] == own["image_id"]
 
     res = similar(k=N_IMAGES, exclude_patient_pid=own["patient_pid"])
@@ -175,6 +183,13 @@ def test_served_index_leaves_out_the_uploaded_archive_image_and_its_patient(embe
     assert len(res["neighbours"]) == N_IMAGES - 2
     assert sibling["image_id"] not in {h["image_id"] for h in res["neighbours"]}
     assert own["patient_pid"] not in {h["patient_pid"] for h in res["neighbours"]}
+
+    # another key: the upload cannot be recognised, and every answer says so
+    monkeypatch.setenv(env, "another-serving-key-0123456789abcdef")
+    client = TestClient(create_app(LocalEmbedder(runner), settings=settings, index=index))
+    res = similar(k=1)
+    assert (res["excluded_self"], res["image_id_match"]) == (0, "key_mismatch")
+    assert res["image_id"] != own["image_id"]
 
 
 def test_index_records_its_checkpoint_and_is_served_only_with_it(embedded, tmp_path):
@@ -190,7 +205,7 @@ def test_index_records_its_checkpoint_and_is_served_only_with_it(embedded, tmp_p
     assert set(pq.read_table(embedded["out"]).column("encoder_sha256").to_pylist()) == {sha}
     index = EmbeddingIndex.from_parquet(embedded["out"])
     assert index.encoder_fingerprint == sha and index.model == "tiny:step-7"
-    settings = ApiSettings(insecure_local=True)
+    settings = ApiSettings(insecure_local=True, allow_development_key=True)
     own = LocalEmbedder(EncoderRunner.from_checkpoint(embedded["ckpt"]))
     assert create_app(own, settings=settings, index=index).state.index is index
     torch.manual_seed(1)  # another checkpoint of the same architecture
@@ -207,7 +222,7 @@ def test_index_records_the_key_and_scheme_of_its_shards(embedded, monkeypatch, c
     from serve.app import create_app
     from serve.embedder import EncoderRunner, LocalEmbedder
     from serve.index import EmbeddingIndex
-    from serve.security import ApiSettings
+    from serve.security import ApiSettings, SecurityConfigError
 
     table = pq.read_table(embedded["out"])
     fingerprint = key_fingerprint(SHARD_KEY)
@@ -216,6 +231,7 @@ def test_index_records_the_key_and_scheme_of_its_shards(embedded, monkeypatch, c
     index = EmbeddingIndex.from_parquet(embedded["out"])
     assert (index.pseudonym_key, index.patient_identity) == (fingerprint, "issuer_and_patient_id")
 
+    assert set(table.column("image_id_scheme").to_pylist()) == {"hmac-sha256"}
     env = "RADJEPA_TEST_EMBED_DEID_KEY"
     settings = ApiSettings(insecure_local=True, secret_env=env)
     embedder = LocalEmbedder(EncoderRunner.from_checkpoint(embedded["ckpt"]))
@@ -225,10 +241,15 @@ def test_index_records_the_key_and_scheme_of_its_shards(embedded, monkeypatch, c
         "verified",
         "issuer_and_patient_id",
     )
-    monkeypatch.delenv(env)  # the public development key: not the shards' key
-    with caplog.at_level("WARNING", logger="serve.index"):
-        state = create_app(embedder, settings=settings, index=index).state
+    assert (state.image_id_scheme, state.image_id_status) == ("hmac-sha256", "verified")
+    monkeypatch.delenv(env)
+    with pytest.raises(SecurityConfigError, match="allow_development_key=true"):
+        create_app(embedder, settings=settings, index=index)  # no key, no opt-in: refused
+    opted_in = settings.model_copy(update={"allow_development_key": True})
+    with caplog.at_level("WARNING", logger="serve.index"):  # the public key: not the shards'
+        state = create_app(embedder, settings=opted_in, index=index).state
     assert state.upload_pseudonyms.status == "key_mismatch"
+    assert state.image_id_status == "key_mismatch"
     assert "is not the key" in caplog.text
 
 

@@ -28,7 +28,13 @@ from pydicom.uid import (
 
 from radjepa.imaging.contract import MAX_PIXELS, META_FIELDS
 from radjepa.imaging.decode import DecodedImage, ImageRejected, decode_image
-from radjepa.imaging.deid import DEV_SECRET, age_years, keyed_hash, resolve_secret
+from radjepa.imaging.deid import (
+    DEV_SECRET,
+    DevelopmentKeyRefused,
+    age_years,
+    keyed_hash,
+    resolve_secret,
+)
 from radjepa.imaging.errors import REASONS
 from radjepa.imaging.resize import resize_center_crop
 from radjepa.shards import SHARD_SCHEMA, pixels_from_bytes, pixels_to_bytes
@@ -692,7 +698,15 @@ def test_resolve_secret(monkeypatch, caplog) -> None:
         assert resolve_secret("RADJEPA_TEST_SECRET") == b"a-long-enough-test-secret\n"
     assert "whitespace" in caplog.text and "a-long-enough" not in caplog.text
     monkeypatch.delenv("RADJEPA_TEST_SECRET")
-    assert resolve_secret("RADJEPA_TEST_SECRET") == DEV_SECRET
+    # unset: the public development key only when the config opts in, never as a fallback
+    with pytest.raises(DevelopmentKeyRefused) as refused:
+        resolve_secret("RADJEPA_TEST_SECRET")
+    assert "\n" not in str(refused.value)
+    assert "RADJEPA_TEST_SECRET is not set" in str(refused.value)
+    assert "ingest.allow_development_key=true" in str(refused.value)
+    with caplog.at_level("WARNING", logger="radjepa.imaging.deid"):
+        assert resolve_secret("RADJEPA_TEST_SECRET", allow_development_key=True) == DEV_SECRET
+    assert "PUBLIC development key" in caplog.text
 
 
 def test_bad_arguments_fail_clearly() -> None:

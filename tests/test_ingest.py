@@ -24,13 +24,19 @@ from pydicom.uid import ExplicitVRBigEndian, JPEG2000Lossless, JPEGBaseline8Bit,
 
 from radjepa.config import load_config
 from radjepa.imaging.decode import decode_image
-from radjepa.imaging.deid import resolve_secret
+from radjepa.imaging.deid import content_id, resolve_secret
 from radjepa.shards import QUARANTINE_SCHEMA, SHARD_SCHEMA, list_shards, read_images
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96
 PHI_FOLDER = "DOE^JOHN_MARKER"
 FORBIDDEN = [*MARKER_STRINGS, "DOE^JOHN", "JOHN_MARKER", "19450317", "20190402"]
+
+
+def _image_id(data: bytes) -> str:
+    """The id ingest gives ``data`` in a new DST under the key the tests run with (tiny_cpu.yaml
+    allows the public development key when RADJEPA_DEID_SECRET is unset)."""
+    return content_id(data, resolve_secret("RADJEPA_DEID_SECRET", allow_development_key=True))
 
 
 def _cfg(*extra: str):
@@ -46,13 +52,13 @@ class Corpus:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.inputs = 0
-        self.good: set[str] = set()  # sha256 of decodable unique bytes
-        self.bad: dict[str, str] = {}  # sha256 -> expected reason
+        self.good: set[str] = set()  # image ids of decodable unique bytes
+        self.bad: dict[str, str] = {}  # image id -> expected reason
         self.duplicates = 0
         self.unread: list[str] = []  # reasons of inputs never read (links in a tar)
 
     def _account(self, data: bytes, reason: str | None) -> None:
-        sha = hashlib.sha256(data).hexdigest()
+        sha = _image_id(data)
         self.inputs += 1
         if sha in self.good or sha in self.bad:
             self.duplicates += 1
@@ -229,15 +235,111 @@ def test_shards_hold_each_unique_image_once(corpus, ingested) -> None:
     ids = meta.column("image_id").to_pylist()
     assert sorted(ids) == sorted(corpus.good)
     plain = (corpus.root / PHI_FOLDER / "plain.dcm").read_bytes()
-    row = ids.index(hashlib.sha256(plain).hexdigest())
-    expected = decode_image(plain, size=SIZE, secret=resolve_secret("RADJEPA_DEID_SECRET"))
+    row = ids.index(_image_id(plain))
+    key = resolve_secret("RADJEPA_DEID_SECRET", allow_development_key=True)
+    expected = decode_image(plain, size=SIZE, secret=key)
     assert np.array_equal(images[row], expected.pixels)  # the exact library decode
     # the MONOCHROME1 twin in the same folder decodes to the same picture
     twin = (corpus.root / PHI_FOLDER / "MARKER_NAME_7f3a.dcm").read_bytes()
-    twin_row = ids.index(hashlib.sha256(twin).hexdigest())
+    twin_row = ids.index(_image_id(twin))
     assert np.abs(images[twin_row].astype(int) - images[row].astype(int)).max() <= 1
     assert set(meta.column("format").to_pylist()) == {"png", "dicom"}
     assert meta.column("source_path").null_count == meta.num_rows
+
+
+def test_image_ids_are_keyed_not_the_hash_of_the_file(corpus, ingested) -> None:
+    """The id was the plain SHA-256 of the file: whoever held the original DICOM (or guessed a
+    small quarantined text file) could find its row. A new DST keys it with the
+    pseudonymisation key, and says so in its records."""
+    dst, _ = ingested
+    plain = (corpus.root / PHI_FOLDER / "plain.dcm").read_bytes()
+    notes = (corpus.root / "junk" / "notes_MARKER_NAME_7f3a.txt").read_bytes()  # guessable
+    stored = set(read_images(dst)[1].column("image_id").to_pylist())
+    quarantined = set(pq.read_table(dst / "quarantine").column("sha256").to_pylist())
+    assert _image_id(plain) in stored and _image_id(notes) in quarantined
+    assert hashlib.sha256(plain).hexdigest() not in stored
+    assert hashlib.sha256(notes).hexdigest() not in quarantined
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["pseudonyms"]["id_scheme"] == "hmac-sha256"
+    assert json.loads((dst / "pseudonyms.json").read_text())["id_scheme"] == "hmac-sha256"
+
+
+def test_a_destination_with_unkeyed_ids_keeps_them_and_warns(ray_session, tmp_path, caplog):
+    """A DST made before ids were keyed (its records name no id scheme) must still recognise
+    the files it holds on a re-run: the run keeps the unkeyed SHA-256, records it, and
+    recommends a new DST once."""
+    import pyarrow as pa
+
+    from pipelines.ingest import run_ingest
+    from radjepa.imaging.deid import key_fingerprint
+    from radjepa.ingest.decoding import FileDecoder
+    from radjepa.ingest.destination import Destination
+    from radjepa.ingest.sources import READ_SCHEMA
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    old = [make_dicom(gradient(40, 40, seed=s), markers=False) for s in (1, 2)]
+    for i, data in enumerate(old):
+        (src / f"old{i}.dcm").write_bytes(data)
+    # what the previous version left: shards with SHA-256 ids, a key record without a scheme
+    key = resolve_secret("RADJEPA_DEID_SECRET", allow_development_key=True)
+    settings = {"size": SIZE, "dtype": "uint8", "window_percentiles": (0.5, 99.5)}
+    rows = [{"name": f"old{i}.dcm", "data": d, "size_bytes": len(d), "read_error": None}
+            for i, d in enumerate(old)]  # fmt: skip
+    table = FileDecoder({**settings, "id_scheme": "sha256"}, key, frozenset(), False)(
+        pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+    )
+    Destination(str(dst)).write(
+        "images", "part-old-00000.parquet", table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+    )
+    record = {"key": "development", "key_fingerprint": key_fingerprint(key)}
+    (dst / "pseudonyms.json").write_text(json.dumps({**record, "patient_identity": "patient_id"}))
+    (dst / "manifest.json").write_text(json.dumps({"pseudonyms": record, "runs": []}))
+
+    new = make_dicom(gradient(40, 40, seed=3), markers=False)
+    (src / "new.dcm").write_bytes(new)
+    with caplog.at_level("WARNING", logger="radjepa.ingest.destination"):
+        s = run_ingest([str(src)], str(dst), _cfg(), progress=False)
+    assert (s.already_ingested, s.ok) == (2, 1)  # its files recognised, the new one stored
+    ids = set(read_images(dst)[1].column("image_id").to_pylist())
+    assert ids == {hashlib.sha256(d).hexdigest() for d in [*old, new]}
+    warned = [r.getMessage() for r in caplog.records if "unkeyed SHA-256" in r.getMessage()]
+    assert len(warned) == 1 and "new DST" in warned[0]
+    assert json.loads((dst / "pseudonyms.json").read_text())["id_scheme"] == "sha256"
+    assert json.loads((dst / "manifest.json").read_text())["pseudonyms"]["id_scheme"] == "sha256"
+
+
+def test_no_key_is_refused_before_anything_unless_the_config_opts_in(
+    ray_session, tmp_path, monkeypatch
+) -> None:
+    """Without RADJEPA_DEID_SECRET ingest pseudonymised with the public development key after a
+    warning. Now that is refused in one line, exit 2, before Ray starts or DST is touched,
+    unless the config says ingest.allow_development_key=true."""
+    from pipelines.ingest import run_ingest
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "one.dcm").write_bytes(make_dicom(gradient(40, 40), markers=False))
+    env = {k: v for k, v in os.environ.items() if k != "RADJEPA_DEID_SECRET"}
+    ray_tmp = tmp_path / "ray-tmp"
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "ingest", str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**env, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)},
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: RADJEPA_DEID_SECRET is not set")
+    assert "ingest.allow_development_key=true" in line
+    assert not dst.exists() and not list(ray_tmp.rglob("session_*"))
+
+    monkeypatch.delenv("RADJEPA_DEID_SECRET", raising=False)
+    opted_in = load_config(None, ["ingest.allow_development_key=true"])
+    assert run_ingest([str(src)], str(dst), opted_in, progress=False).ok == 1
+    assert json.loads((dst / "manifest.json").read_text())["pseudonyms"]["key"] == "development"
 
 
 def test_quarantine_rows(corpus, ingested) -> None:
@@ -406,6 +508,7 @@ def test_unusable_destination_or_state_is_one_line_exit_2(tmp_path) -> None:
             capture_output=True,
             text=True,
             cwd=REPO,
+            env={**os.environ, "RADJEPA_DEID_SECRET": "k" * 32},
         )
         assert out.returncode == 2, out.stderr
         assert "Traceback" not in out.stderr
@@ -422,7 +525,7 @@ def test_another_pseudonymisation_key_into_same_dst_is_refused(
 
     dst, _ = ingested
     manifest = json.loads((dst / "manifest.json").read_text())
-    used = resolve_secret("RADJEPA_DEID_SECRET")
+    used = resolve_secret("RADJEPA_DEID_SECRET", allow_development_key=True)
     assert manifest["pseudonyms"]["key_fingerprint"] == key_fingerprint(used)
     before = (dst / "manifest.json").read_bytes()
     other = "a-different-key-" + used.decode()[:8] + "-0123456789abcdef"
@@ -456,7 +559,7 @@ def test_pooled_sites_patients_are_told_apart_by_issuer(ray_session, tmp_path) -
     for seed, (name, site) in enumerate(sites.items()):
         data = make_dicom(gradient(40, 40, seed=seed), extra=issuer_tags("12345", site))
         (src / f"{name}.dcm").write_bytes(data)
-        ids[hashlib.sha256(data).hexdigest()] = name
+        ids[_image_id(data)] = name
     pooled = _cfg("ingest.patient_identity=issuer_and_patient_id")
     s = run_ingest([str(src)], str(dst), pooled, progress=False)
     assert (s.ok, s.quarantined) == (3, 0)
@@ -698,9 +801,11 @@ def test_module_entry_point(ray_session, tmp_path, capsys) -> None:
     assert (out["input"], out["ok"]) == (1, 1)
 
 
-def test_module_entry_point_reports_user_errors_in_one_line(tmp_path, capsys) -> None:
+def test_module_entry_point_reports_user_errors_in_one_line(tmp_path, capsys, monkeypatch):
     # the Ray Job entry point: a bad source or config is exit 2 and one line, like the CLI
     from pipelines.ingest import main
+
+    monkeypatch.setenv("RADJEPA_DEID_SECRET", "k" * 32)
 
     assert main([str(tmp_path / "nope"), str(tmp_path / "dst")]) == 2
     assert capsys.readouterr().err.strip() == f"error: source not found: {tmp_path / 'nope'}"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from radjepa.imaging.deid import content_id
 from radjepa.ingest.decoding import RESULT_SCHEMA, FileDecoder
 from radjepa.ingest.destination import KEY_RECORD, Destination, check_compatible, check_key
 from radjepa.ingest.errors import IngestError
@@ -79,7 +80,7 @@ def test_read_blocks_keep_the_read_schema_and_block_size(tmp_path):
 
 def test_each_file_gets_exactly_one_outcome():
     png = sorted(SAMPLE.glob("*.png"))[0].read_bytes()
-    sha = hashlib.sha256(png).hexdigest()
+    sha = content_id(png, SECRET)
     rows = [
         {"name": "ok.png", "data": png, "size_bytes": len(png), "read_error": None},
         {"name": "junk.dcm", "data": b"not an image", "size_bytes": 12, "read_error": None},
@@ -111,6 +112,29 @@ def test_each_file_gets_exactly_one_outcome():
     assert again[0]["source_path"] == "ok.png"
 
 
+def test_image_ids_are_keyed_by_the_pseudonymisation_key():
+    """The id was sha256(file bytes): anyone holding the original file could find its row.
+    Now it is an HMAC under the key: stable for one key (re-runs still recognise files), another
+    for another key, and never the plain hash; the decoder's own id agrees with the job's."""
+    png = sorted(SAMPLE.glob("*.png"))[0].read_bytes()
+    row = {"name": "a.png", "data": png, "size_bytes": len(png), "read_error": None}
+
+    def image_id(secret: bytes, settings: dict = SETTINGS) -> str:
+        table = pa.Table.from_pylist([row], schema=READ_SCHEMA)
+        (out,) = FileDecoder(settings, secret, frozenset(), keep_paths=False)(table).to_pylist()
+        return out["image_id"]
+
+    first, again, other = image_id(SECRET), image_id(SECRET), image_id(b"another-key" * 3)
+    assert first == again != other
+    assert hashlib.sha256(png).hexdigest() not in {first, other}
+    assert len(first) == 64 and first == content_id(png, SECRET, "hmac-sha256")
+    # a DST made before keyed ids keeps its scheme, so its re-runs recognise its files
+    unkeyed = image_id(SECRET, {**SETTINGS, "id_scheme": "sha256"})
+    assert unkeyed == hashlib.sha256(png).hexdigest()
+    with pytest.raises(ValueError, match="unknown image id scheme"):
+        content_id(png, SECRET, "md5")
+
+
 def _store_one_png(dest: Destination) -> bytes:
     """Decode one sample PNG and write it as the DST's only shard, as a run that dies right
     after its first shard leaves it; returns the PNG's bytes."""
@@ -128,7 +152,7 @@ def _store_one_png(dest: Destination) -> bytes:
 def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):
     dest = Destination(str(tmp_path / "dst"))
     png = _store_one_png(dest)
-    assert dest.known_ids() == {hashlib.sha256(png).hexdigest()}
+    assert dest.known_ids() == {content_id(png, SECRET)}
     assert not [p for p in os.listdir(tmp_path / "dst" / "images") if p.startswith(".")]
     assert dest.stored_image() == {"size": 64, "dtype": "uint8"}
     assert dest.totals() == (1, 0, {})
@@ -153,6 +177,7 @@ def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):
     check_key(dest, None, key, "RADJEPA_DEID_KEY")  # recorded after a shard: marked so
     assert json.loads((tmp_path / "dst" / KEY_RECORD).read_text()) == {
         **key,
+        "id_scheme": "sha256",  # ids already there, none recorded: made before keyed ids
         "unchecked_shards": True,
     }
     with pytest.raises(IngestError, match="another pseudonymisation key"):
@@ -274,8 +299,12 @@ def test_destination_pins_the_patient_identity_scheme(tmp_path, caplog):
     assert recorded_pseudonyms(str(dst)) is None  # nothing ingested yet
     key = {"key": "secret", "key_fingerprint": "abc", "patient_identity": "issuer_and_patient_id"}
     check_key(dest, None, key, "RADJEPA_DEID_SECRET")
-    assert json.loads((dst / KEY_RECORD).read_text()) == key
-    expected = {"key_fingerprint": "abc", "patient_identity": "issuer_and_patient_id"}
+    assert json.loads((dst / KEY_RECORD).read_text()) == {**key, "id_scheme": "hmac-sha256"}
+    expected = {
+        "key_fingerprint": "abc",
+        "patient_identity": "issuer_and_patient_id",
+        "id_scheme": "hmac-sha256",
+    }
     assert recorded_pseudonyms(str(dst)) == expected
     assert recorded_pseudonyms(str(dst / "images")) == expected  # the shard folder given
     assert recorded_pseudonyms(dst.as_uri()) == expected
@@ -308,11 +337,12 @@ def test_destination_pins_the_patient_identity_scheme(tmp_path, caplog):
     # the next (a server then says used_unverified, not used)
     plain = {**key, "patient_identity": "patient_id"}
     kept = check_key(older, None, plain, "RADJEPA_DEID_SECRET")
-    assert kept == {**plain, "unchecked_shards": True}
+    assert kept == {**plain, "id_scheme": "sha256", "unchecked_shards": True}
     assert check_key(older, older.read_manifest(), plain, "RADJEPA_DEID_SECRET") == kept
     assert recorded_pseudonyms(str(tmp_path / "older")) == {
         "key_fingerprint": None,
         "patient_identity": "patient_id",
+        "id_scheme": "sha256",
     }
 
     # the manifest's copy counts too (a DST whose key record was lost)
@@ -321,6 +351,7 @@ def test_destination_pins_the_patient_identity_scheme(tmp_path, caplog):
     assert recorded_pseudonyms(str(old)) == {
         "key_fingerprint": "abc",
         "patient_identity": "patient_id",
+        "id_scheme": "sha256",  # a record from before keyed ids
     }
     with pytest.raises(IngestError, match="asks for issuer_and_patient_id"):
         check_key(legacy, legacy.read_manifest(), key, "RADJEPA_DEID_SECRET")

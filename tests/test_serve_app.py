@@ -92,11 +92,13 @@ def world(tmp_path_factory, nih_dir):
 
 
 def _settings(**kw) -> ApiSettings:
-    # the key may look up an upload's PatientID (tests/test_serve_keys.py: keys that may not)
+    # the key may look up an upload's PatientID (tests/test_serve_keys.py: keys that may not);
+    # the indexes here are made by hand: the public development key, opted into explicitly
     base = {
         "key_digests": (key_digest(API_KEY),),
         "key_scopes": {key_digest(API_KEY): ("patient_linkage",)},
         "max_body_bytes": MAX_BODY,
+        "allow_development_key": True,
     }
     return ApiSettings(**(base | kw))
 
@@ -238,6 +240,7 @@ def test_archived_dicoms_are_recognised_by_the_bytes_a_client_uploads(world, tmp
             dtype=pre.dtype,
             window_percentiles=pre.window_percentiles,
             secret=b"k" * 32,
+            id_scheme="sha256",  # the index below has the older layout: unkeyed ids
         )
         encoding = (d.meta["format"], d.meta["transfer_syntax"])
         if per_encoding.setdefault(encoding, 0) < 2:  # two of each encoding the export holds
@@ -442,6 +445,9 @@ def test_same_patient_of_a_new_upload_uses_the_index_key_and_scheme(
     assert (res["excluded_self"], res["excluded_patient"]) == (0, 2)
     res = same(client, archive["blobs"][2])  # site B's archived image: only site B's patient
     assert res["same_patient"] == {"archive_row": True, "patient_id": "used"}
+    # recognised by its keyed id, which the plain hash of the file no longer finds
+    assert res["image_id"] == ids[2] != hashlib.sha256(archive["blobs"][2]).hexdigest()
+    assert res["image_id_match"] == "used"
     assert {h["image_id"] for h in res["neighbours"]} == {ids[0], ids[1], ids[4], ids[5]}
     assert (res["excluded_self"], res["excluded_patient"]) == (1, 1)
     res = same(client, world["pngs"][0], "image/png")  # a PNG names no patient
@@ -450,19 +456,21 @@ def test_same_patient_of_a_new_upload_uses_the_index_key_and_scheme(
     (res,) = _similar(client, upload, "application/dicom", k=6)["results"]
     assert res["same_patient"] is None  # only with exclude_same_patient
 
-    # the server's key is not ingest's: one warning at start-up, and each answer says that
-    # only the archive row could be used
+    # the server's key is not ingest's: a warning at start-up for the pseudonyms and one for
+    # the keyed image ids, and each answer says that neither could be matched
     client, warnings = serve(archive["index"], "another-serving-key-0123456789abcdef")
-    assert len(warnings) == 1 and "is not the key" in warnings[0], warnings
-    assert SERVE_KEY_ENV in warnings[0]
-    assert not any(s in warnings[0] for s in (INGEST_KEY, "another-serving-key", "SITE-A"))
+    assert len(warnings) == 2 and "is not the key" in warnings[0], warnings
+    assert "include_self" in warnings[1] and "key_mismatch" in warnings[1]
+    assert all(SERVE_KEY_ENV in w for w in warnings)
+    assert not any(s in w for w in warnings for s in (INGEST_KEY, "another-serving-key", "SITE-A"))
     res = same(client, upload)
     assert res["same_patient"] == {"archive_row": False, "patient_id": "key_mismatch"}
     assert len(res["neighbours"]) == 6 and res["excluded_patient"] == 0
+    # an archived file cannot be recognised under another key: said, not silently missed
     res = same(client, archive["blobs"][0])
-    assert res["same_patient"] == {"archive_row": True, "patient_id": "key_mismatch"}
-    assert {h["image_id"] for h in res["neighbours"]} == set(ids[2:])
-    assert (res["excluded_self"], res["excluded_patient"]) == (1, 1)
+    assert res["same_patient"] == {"archive_row": False, "patient_id": "key_mismatch"}
+    assert res["image_id_match"] == "key_mismatch" and res["excluded_self"] == 0
+    assert res["neighbours"][0]["image_id"] == ids[0]  # itself, as the answer warned
 
     # an index built before the record: cannot be checked, said at start-up and per answer
     client, warnings = serve(archive["legacy"], INGEST_KEY)
@@ -489,6 +497,7 @@ def test_same_patient_is_unverified_for_an_index_assembled_across_schemes(
     record = {
         "key_fingerprint": key_fingerprint(INGEST_KEY.encode()),
         "patient_identity": "patient_id",
+        "id_scheme": "hmac-sha256",
     }
     write_index(
         assembled / "part-1.parquet",
@@ -510,6 +519,28 @@ def test_same_patient_is_unverified_for_an_index_assembled_across_schemes(
         TestClient(app), archive["upload"], "application/dicom", k=6, exclude_same_patient="true"
     )["results"]
     assert res["same_patient"] == {"archive_row": False, "patient_id": "used_unverified"}
+
+
+def test_an_index_mixing_image_id_schemes_is_refused(world, tmp_path):
+    """Parts embedded from a DST with unkeyed ids and from one with keyed ids: an upload can
+    be hashed only one way, so the other part's rows could never be recognised as the upload
+    itself. Refused in one line, on the driver's column-only check too."""
+    from radjepa.imaging.deid import key_fingerprint
+    from serve.index import IndexLoadError
+
+    ckpt = Path(world["runner"].info.source)
+    record = {"key_fingerprint": key_fingerprint(b"k" * 32), "patient_identity": "patient_id"}
+    mixed = tmp_path / "mixed"
+    write_index(mixed / "part-0.parquet", world["emb"][:3], ["a" * 64, "b" * 64, "c" * 64], ckpt,
+                pseudonyms={**record, "id_scheme": "hmac-sha256"})  # fmt: skip
+    write_index(mixed / "part-1.parquet", world["emb"][3:], ["d" * 64, "e" * 64, "f" * 64], ckpt,
+                pseudonyms=record)  # fmt: skip  # a record from before keyed ids
+    for load in (EmbeddingIndex.from_parquet, EmbeddingIndex.recorded_id_scheme):
+        with pytest.raises(IndexLoadError, match=r"2 image id schemes \(hmac-sha256, sha256\)"):
+            load(mixed)
+    # an index from before the record: unkeyed, as every index was
+    assert EmbeddingIndex.recorded_id_scheme(mixed / "part-1.parquet") == "sha256"
+    assert world["index"].image_id_scheme == "sha256"
 
 
 @pytest.mark.parametrize(
@@ -966,7 +997,12 @@ def test_refuses_to_start_without_keys_unless_insecure_local(world, monkeypatch,
         create_app(world["embedder"], settings=ApiSettings())
     with pytest.raises(SecurityConfigError, match="insecure-local"):
         settings_from_config(ServeConfig(), secret_env="X")
-    local = TestClient(create_app(world["embedder"], settings=ApiSettings(insecure_local=True)))
+    local = TestClient(
+        create_app(
+            world["embedder"],
+            settings=ApiSettings(insecure_local=True, allow_development_key=True),
+        )
+    )
     assert _post(local, "/v1/embed", world["pngs"][0], headers={}).status_code == 200
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
         assert settings_from_config(ServeConfig(host=host, insecure_local=True), secret_env="X")
@@ -1116,6 +1152,13 @@ def test_deploy_yaml_is_a_valid_serve_config_whose_builder_binds(world, monkeypa
     with pytest.raises(SecurityConfigError):  # production config: no keys, no start
         build_app(args)
     monkeypatch.setenv("RADJEPA_API_KEYS", API_KEY)
+    # production config: no pseudonymisation key, no start either (it never opts in to the
+    # public one), said in one line on the driver before anything deploys
+    monkeypatch.delenv("RADJEPA_DEID_SECRET", raising=False)
+    with pytest.raises(SecurityConfigError, match="RADJEPA_DEID_SECRET is not set") as refused:
+        build_app(args)
+    assert "\n" not in str(refused.value)
+    monkeypatch.setenv("RADJEPA_DEID_SECRET", "a-production-deid-key-0123456789")
     assert isinstance(build_app(args), Application)
 
 

@@ -77,7 +77,9 @@ def _settings(keys_file: Path, monkeypatch, **kw) -> ApiSettings:
     from radjepa.config import ServeConfig
 
     monkeypatch.delenv("RADJEPA_API_KEYS", raising=False)
-    settings = settings_from_config(ServeConfig(api_keys_file=str(keys_file)), secret_env="X")
+    settings = settings_from_config(
+        ServeConfig(api_keys_file=str(keys_file)), secret_env="X", allow_development_key=True
+    )
     return settings.model_copy(update={"keys_recheck_s": 0.0, **kw})
 
 
@@ -147,7 +149,11 @@ def test_patientid_exclusion_needs_the_patient_linkage_scope(world, tmp_path, ni
         assert res["excluded_patient"] == 2 and res["same_patient"]["patient_id"].startswith("used")
 
     # keyless on loopback (--insecure-local): the one user has every permission
-    local = create_app(world["embedder"], settings=ApiSettings(insecure_local=True), index=index)
+    local = create_app(
+        world["embedder"],
+        settings=ApiSettings(insecure_local=True, allow_development_key=True),
+        index=index,
+    )
     with _on_loopback(local) as url, httpx.Client(base_url=url, timeout=60) as c:
         r = _similar(c, None, guessed, "application/dicom", exclude_same_patient="true")
         assert r.status_code == 200 and r.json()["results"][0]["excluded_patient"] == 2

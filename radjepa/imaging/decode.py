@@ -8,7 +8,6 @@ file name, which may be missing or lie.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +21,11 @@ from radjepa.imaging.contract import (
     to_stored,
 )
 from radjepa.imaging.deid import (
+    ID_SCHEME_KEYED,
     PATIENT_ID,
+    check_id_scheme,
     check_patient_identity,
+    content_id,
     keyed_hash,
     resolve_secret,
 )
@@ -136,6 +138,7 @@ def decode_image(
     max_bytes: int | None = None,
     reject_burned_in: bool = False,
     patient_identity: str = PATIENT_ID,
+    id_scheme: str = ID_SCHEME_KEYED,
 ) -> DecodedImage:
     """Decode one file's bytes into the stored image contract (see ``imaging.contract``).
 
@@ -145,10 +148,14 @@ def decode_image(
     while the HTTP API (which stores nothing) embeds them. ``patient_identity`` says what the
     patient pseudonym covers (``radjepa.imaging.deid.PATIENT_IDENTITIES``): the API must use
     the scheme its index's shards were ingested with, or an upload's patient matches no archive
-    row. Raises :class:`ImageRejected` with a stable reason for unusable input.
+    row. ``id_scheme`` says how ``meta["image_id"]`` is made from the bytes
+    (:func:`radjepa.imaging.deid.content_id`): keyed by ``secret`` unless a destination (or
+    the index the API searches) still uses the unkeyed ids it was started with. Raises
+    :class:`ImageRejected` with a stable reason for unusable input.
     """
-    dtype_max(dtype)  # validates dtype and the scheme before any work
+    dtype_max(dtype)  # validates dtype and the schemes before any work
     check_patient_identity(patient_identity)
+    check_id_scheme(id_scheme)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -159,7 +166,7 @@ def decode_image(
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageRejected("not_an_image", "not DICOM, PNG or JPEG")
-    image_id = hashlib.sha256(data).hexdigest()
+    image_id = content_id(data, secret, id_scheme)
     source_hash = keyed_hash(secret, "source", source_name) if source_name is not None else None
     meta = _empty_meta(image_id, source_hash, fmt)
     try:

@@ -20,6 +20,10 @@ from radjepa.imaging.contract import AGE_CAP_YEARS, PSEUDONYM_HEX_CHARS
 
 __all__ = [
     "DEV_SECRET",
+    "ID_SCHEMES",
+    "ID_SCHEME_KEYED",
+    "ID_SCHEME_UNKEYED",
+    "DevelopmentKeyRefused",
     "ISSUER_AND_PATIENT_ID",
     "PATIENT_ID",
     "PATIENT_IDENTITIES",
@@ -27,6 +31,8 @@ __all__ = [
     "age_years",
     "check_patient_identity",
     "dicom_meta",
+    "check_id_scheme",
+    "content_id",
     "keyed_hash",
     "patient_issuer",
     "patient_pseudonym",
@@ -37,11 +43,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Documented, deliberately non-secret fallback key. Ingest must be stable across re-runs (the
-# same patient gets the same pseudonym, so idempotent re-runs and patient-grouped splits work),
-# so a per-run random key would be wrong; running without a real key is allowed for laptops and
-# tests but warned about loudly, because anyone holding this key can test guesses of IDs.
+# Documented, deliberately non-secret key. Ingest must be stable across re-runs (the same
+# patient gets the same pseudonym, so idempotent re-runs and patient-grouped splits work), so a
+# per-run random key would be wrong; it is used only when a config opts in
+# (``ingest.allow_development_key``: the bundled sample, tests), because anyone holding this
+# key can test guesses of IDs and link any file to its row.
 DEV_SECRET = b"radjepa-development-key-NOT-A-SECRET"
+
+# How an image's id (``image_id``, the quarantine's ``sha256``) is made from the file's bytes.
+# The unkeyed SHA-256 was the only scheme before ids were keyed: whoever holds the original
+# file (or guesses a small quarantined one) can compute it and find the row, so it is a
+# re-identification code derived from the individual's data (HIPAA 164.514(c)). New
+# destinations use an HMAC under the pseudonymisation key; a destination keeps the scheme it
+# was started with, or re-runs would no longer recognise the files it holds.
+ID_SCHEME_UNKEYED: Final = "sha256"
+ID_SCHEME_KEYED: Final = "hmac-sha256"
+ID_SCHEMES: Final = (ID_SCHEME_KEYED, ID_SCHEME_UNKEYED)
 
 # What names a patient (``ingest.patient_identity``). A DICOM PatientID is unique only within
 # the authority that issued it: in an archive pooled from several sites, two sites' "12345"
@@ -90,8 +107,20 @@ _AGE = re.compile(r"^(\d{1,3})([DWMY])$")
 _MANUFACTURER_OK = re.compile(r"[^A-Za-z0-9 .,&()/_+-]")
 
 
-def resolve_secret(env_name: str = "RADJEPA_DEID_SECRET") -> bytes:
-    """The pseudonymisation key from ``env_name``; the documented dev key (with a warning) if unset."""
+class DevelopmentKeyRefused(ValueError):
+    """No pseudonymisation key is set and the config does not opt in to the public one."""
+
+
+def resolve_secret(
+    env_name: str = "RADJEPA_DEID_SECRET", *, allow_development_key: bool = False
+) -> bytes:
+    """The pseudonymisation key from ``env_name``.
+
+    Unset, it is refused (:class:`DevelopmentKeyRefused`) unless ``allow_development_key``
+    (``ingest.allow_development_key``): falling back to the public key with only a warning let
+    a forgotten variable pseudonymise real patients with a key anyone can read, and the warning
+    scrolls by in a Ray Job log. With the opt-in it is used, still with a loud warning.
+    """
     value = os.environ.get(env_name, "")
     if value:
         if len(value) < 16:
@@ -106,6 +135,13 @@ def resolve_secret(env_name: str = "RADJEPA_DEID_SECRET") -> bytes:
                 env_name,
             )
         return value.encode("utf-8")
+    if not allow_development_key:
+        raise DevelopmentKeyRefused(
+            f"{env_name} is not set: set it to a long random value and keep it (e.g. "
+            f"`export {env_name}=$(openssl rand -hex 32)`), or, for the bundled sample and "
+            "tests only, opt in to the PUBLIC development key with "
+            "ingest.allow_development_key=true"
+        )
     log.warning(
         "%s is not set: pseudonymising with the PUBLIC development key. Pseudonyms are stable "
         "but NOT secret; set %s to a long random value for real patient data.",
@@ -120,6 +156,28 @@ def key_fingerprint(secret: bytes) -> str:
     same destination with another key would give the same patient a second pseudonym and
     silently split patient-grouped evaluation, so ingest compares tags before writing."""
     return keyed_hash(secret, "key-fingerprint", "radjepa")[:16]
+
+
+def check_id_scheme(scheme: str) -> str:
+    """``scheme`` if it is one of :data:`ID_SCHEMES`, else ValueError naming them."""
+    if scheme not in ID_SCHEMES:
+        raise ValueError(f"unknown image id scheme {scheme!r}; expected one of {ID_SCHEMES}")
+    return scheme
+
+
+def content_id(data: bytes, secret: bytes, scheme: str = ID_SCHEME_KEYED) -> str:
+    """An image's id from its file's bytes, 64 hex characters (the dedup key of ingest, and how
+    the API recognises an upload that is archived).
+
+    ``hmac-sha256``: HMAC-SHA256 under ``secret`` in a domain of its own (no patient pseudonym
+    can equal an image id), so only a key holder can link a file to its row. ``sha256``: the
+    unkeyed hash of destinations made before ids were keyed (:data:`ID_SCHEME_UNKEYED`).
+    """
+    if check_id_scheme(scheme) == ID_SCHEME_UNKEYED:
+        return hashlib.sha256(data).hexdigest()
+    mac = hmac.new(secret, b"image-id\x00", hashlib.sha256)
+    mac.update(data)
+    return mac.hexdigest()
 
 
 def keyed_hash(secret: bytes, domain: str, value: str) -> str:

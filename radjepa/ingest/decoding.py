@@ -6,7 +6,6 @@ so the outcome of any file can be reproduced without a cluster.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Collection
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from radjepa.imaging.decode import ImageRejected, decode_image
-from radjepa.imaging.deid import keyed_hash
+from radjepa.imaging.deid import ID_SCHEME_KEYED, content_id, keyed_hash
 from radjepa.ingest.sources import LINK
 from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
 
@@ -73,9 +72,10 @@ class FileDecoder:
             else:
                 msg = f"could not read the file ({detail or 'unknown error'})"
             return {**out, "status": "quarantined", "reason": reason, "message": msg}
-        sha = hashlib.sha256(data).hexdigest()
-        out["image_id"] = sha
-        if sha in self.known:
+        # the DST's scheme (settings["id_scheme"], from its key record): keyed for a new DST
+        image_id = content_id(data, self.secret, self.settings.get("id_scheme", ID_SCHEME_KEYED))
+        out["image_id"] = image_id
+        if image_id in self.known:
             return {**out, "status": "existing"}
         try:
             img = decode_image(data, secret=self.secret, source_name=name, **self.settings)

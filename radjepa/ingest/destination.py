@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from radjepa.imaging.deid import PATIENT_ID
+from radjepa.imaging.deid import ID_SCHEME_KEYED, ID_SCHEME_UNKEYED, ID_SCHEMES, PATIENT_ID
 from radjepa.ingest.dst_lock import LOCK
 from radjepa.ingest.errors import IngestError
 from radjepa.locations import filesystem
@@ -31,6 +31,7 @@ __all__ = [
     "Destination",
     "check_compatible",
     "check_key",
+    "id_scheme_of",
     "is_output",
     "recorded_pseudonyms",
 ]
@@ -190,13 +191,39 @@ def _scheme(record: dict[str, Any]) -> str:
     return str(record.get("patient_identity") or PATIENT_ID)
 
 
+def _id_scheme(dest: Destination, recorded: dict[str, Any] | None) -> str:
+    """The image id scheme of DST: the recorded one; else (a DST made before ids were keyed)
+    the unkeyed SHA-256 when it holds any id, since re-runs must recognise its files by the ids
+    they have; a DST without any is started with keyed ids."""
+    scheme = (recorded or {}).get("id_scheme")
+    if scheme:
+        if scheme not in ID_SCHEMES:
+            raise IngestError(
+                f"{dest.uri} records image id scheme {scheme!r}, which this version does not "
+                f"know ({', '.join(ID_SCHEMES)}): ingest into it with the version that made it"
+            )
+        return str(scheme)
+    return ID_SCHEME_UNKEYED if dest.known_ids() else ID_SCHEME_KEYED
+
+
+def _warn_unkeyed(dest: Destination) -> None:
+    log.warning(
+        "%s identifies images by the unkeyed SHA-256 of their file bytes (made before ids were "
+        "keyed): anyone holding an original file can find its row. This run keeps that scheme "
+        "so that re-runs still recognise the files already in it; ingest into a new DST to have "
+        "keyed ids (HMAC-SHA256 under the pseudonymisation key)",
+        dest.uri,
+    )
+
+
 def check_key(
     dest: Destination, previous: dict[str, Any] | None, key: dict[str, Any], env: str
 ) -> dict[str, Any]:
     """One pseudonymisation key and one patient identity scheme per DST, recorded before the
     first shard is written (a run that dies before its manifest must not let the next run
     switch either unnoticed): both change every patient's pseudonym. Returns the record the
-    DST keeps, for the manifest.
+    DST keeps, for the manifest, with the DST's image id scheme (``id_scheme``): keyed for a
+    new DST, the unkeyed SHA-256 kept (with a warning) for one made before ids were keyed.
 
     A DST that already held shards when its key was first recorded (made by a version that
     kept no record) is marked ``unchecked_shards``: its older pseudonyms may come from another
@@ -220,7 +247,13 @@ def check_key(
                 f"patient-grouped splits would break. Set ingest.patient_identity={old}, or "
                 "ingest into a new DST."
             )
-        kept = {**key, **({UNCHECKED: True} if recorded.get(UNCHECKED) else {})}
+        kept = {
+            **key,
+            "id_scheme": _id_scheme(dest, recorded),
+            **({UNCHECKED: True} if recorded.get(UNCHECKED) else {}),
+        }
+        if kept["id_scheme"] == ID_SCHEME_UNKEYED:
+            _warn_unkeyed(dest)
         if stored != kept:
             dest.write_json(KEY_RECORD, kept)  # made explicit for `radjepa embed` to read
         return kept
@@ -238,7 +271,10 @@ def check_key(
             "version): the key cannot be checked; recording the current one",
             dest.uri,
         )
-        key = {**key, UNCHECKED: True}
+        key = {**key, "id_scheme": ID_SCHEME_UNKEYED, UNCHECKED: True}
+        _warn_unkeyed(dest)
+    else:
+        key = {**key, "id_scheme": ID_SCHEME_KEYED}
     dest.write_json(KEY_RECORD, key)
     return key
 
@@ -276,11 +312,19 @@ def check_window(previous: dict[str, Any] | None, settings: dict[str, Any]) -> N
         )
 
 
+def id_scheme_of(record: dict[str, Any] | None) -> str:
+    """The image id scheme of shards whose :func:`recorded_pseudonyms` is ``record``: shards
+    that record none were made before ids were keyed, so theirs are the unkeyed SHA-256."""
+    return str((record or {}).get("id_scheme") or ID_SCHEME_UNKEYED)
+
+
 def recorded_pseudonyms(dst: str) -> dict[str, str | None] | None:
     """Which key (``key_fingerprint``) and patient identity scheme (``patient_identity``) made
-    the pseudonyms of the ingest output ``dst`` (or its ``images`` folder); None when it
-    records neither (ingested before the key was recorded); ``key_fingerprint`` None when the
-    key was recorded only after some shards were written (``check_key``).
+    the pseudonyms of the ingest output ``dst`` (or its ``images`` folder), and how its image
+    ids are made (``id_scheme``: the unkeyed ``sha256`` when the record predates keyed ids);
+    None when it records neither key nor scheme (ingested before the key was recorded, so
+    with unkeyed ids); ``key_fingerprint`` None when the key was recorded only after some
+    shards were written (``check_key``).
 
     ``radjepa embed`` copies this into the index: a server can only pseudonymise an upload's
     own PatientID to match archive rows with the same key and scheme, and checks them there.
@@ -300,5 +344,6 @@ def recorded_pseudonyms(dst: str) -> dict[str, str | None] | None:
                 if record.get(UNCHECKED)
                 else str(record["key_fingerprint"]),
                 "patient_identity": _scheme(record),
+                "id_scheme": id_scheme_of(record),
             }
     return None
