@@ -372,7 +372,11 @@ def build_app(args: dict[str, Any]) -> Application:
     cfg = load_config(args.get("config"), list(args.get("set") or []))
     if direct:  # values given as-is (no YAML parsing of paths or models:/ URIs)
         cfg = cfg.with_overrides(direct)
-    settings = settings_from_config(cfg.serve, secret_env=cfg.ingest.secret_env)
+    settings = settings_from_config(
+        cfg.serve,
+        secret_env=cfg.ingest.secret_env,
+        allow_development_key=cfg.ingest.allow_development_key,
+    )
     if settings.insecure_local and not settings.key_digests:
         raise SecurityConfigError(
             "serve.deployment:build_app (serve deploy, RayService) refuses insecure local mode "

@@ -118,7 +118,7 @@ def load_api_keys(env_name: str, file: str | os.PathLike[str] | None) -> tuple[K
 
 
 def settings_from_config(
-    serve_cfg: ServeConfig, *, secret_env: str, allow_development_key: bool = False
+    serve_cfg: ServeConfig, *, secret_env: str, allow_development_key: bool
 ) -> ApiSettings:
     """Build and check the runtime settings from ``cfg.serve`` (raises SecurityConfigError).
 

@@ -193,6 +193,9 @@ def test_serve_import_path_resolves_and_builds_the_app(
     # the pods mount the radjepa-api-keys Secret at args.api_keys_file: here the same layout
     # (keys -> ..data/keys, mode 0440 as defaultMode 0400 with fsGroup leaves it)
     args = {**args, "api_keys_file": str(_secret_volume(tmp_path / "api-keys", "k" * 32))}
+    # the pods get RADJEPA_DEID_SECRET from the radjepa-deid Secret; the public key stands in
+    # (a variable set here would not reach the workers of a Ray instance already running)
+    args["set"] = [*args.get("set", []), "ingest.allow_development_key=true"]
     with pytest.raises(ModelNotFound, match=model):  # not registered yet: one clear line
         builder(args)
     client = mlflow.MlflowClient(uri)

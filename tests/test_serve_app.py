@@ -996,7 +996,7 @@ def test_refuses_to_start_without_keys_unless_insecure_local(world, monkeypatch,
     with pytest.raises(SecurityConfigError, match="no API keys"):
         create_app(world["embedder"], settings=ApiSettings())
     with pytest.raises(SecurityConfigError, match="insecure-local"):
-        settings_from_config(ServeConfig(), secret_env="X")
+        settings_from_config(ServeConfig(), secret_env="X", allow_development_key=False)
     local = TestClient(
         create_app(
             world["embedder"],
@@ -1005,14 +1005,18 @@ def test_refuses_to_start_without_keys_unless_insecure_local(world, monkeypatch,
     )
     assert _post(local, "/v1/embed", world["pngs"][0], headers={}).status_code == 200
     for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
-        assert settings_from_config(ServeConfig(host=host, insecure_local=True), secret_env="X")
+        assert settings_from_config(
+            ServeConfig(host=host, insecure_local=True), secret_env="X", allow_development_key=False
+        )
 
     keyfile = tmp_path / "keys"
     keyfile.write_text(f"# service keys\n{API_KEY}\n\n")
     monkeypatch.setenv("RADJEPA_API_KEYS", f" {OTHER_KEY} ,")
     from_env, from_file = load_api_keys("RADJEPA_API_KEYS", keyfile)
     assert (set(from_env), set(from_file)) == ({key_digest(OTHER_KEY)}, {key_digest(API_KEY)})
-    s = settings_from_config(ServeConfig(api_keys_file=str(keyfile)), secret_env="X")
+    s = settings_from_config(
+        ServeConfig(api_keys_file=str(keyfile)), secret_env="X", allow_development_key=False
+    )
     assert set(s.key_digests) == {key_digest(API_KEY), key_digest(OTHER_KEY)}
     assert API_KEY not in s.model_dump_json()  # only digests travel
     monkeypatch.setenv("RADJEPA_API_KEYS", "short")
@@ -1030,9 +1034,13 @@ def test_keyless_mode_is_refused_on_a_host_other_machines_reach(monkeypatch, hos
 
     monkeypatch.delenv("RADJEPA_API_KEYS", raising=False)
     with pytest.raises(SecurityConfigError, match=f"refuses serve.host={host}"):
-        settings_from_config(ServeConfig(host=host, insecure_local=True), secret_env="X")
+        settings_from_config(
+            ServeConfig(host=host, insecure_local=True), secret_env="X", allow_development_key=False
+        )
     monkeypatch.setenv("RADJEPA_API_KEYS", API_KEY)
-    keyed = settings_from_config(ServeConfig(host=host, insecure_local=True), secret_env="X")
+    keyed = settings_from_config(
+        ServeConfig(host=host, insecure_local=True), secret_env="X", allow_development_key=False
+    )
     assert keyed.key_digests == (key_digest(API_KEY),)
 
 

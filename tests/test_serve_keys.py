@@ -98,7 +98,7 @@ def _linkage_index(world, tmp_path, nih_dir, archived_dicom: bytes) -> tuple[Emb
     from tests.dicom_factory import MARKERS
 
     png = nih_pngs(nih_dir, 1)[0].read_bytes()
-    secret = resolve_secret("X")  # the server's key (the app resolves the same variable)
+    secret = resolve_secret("X", allow_development_key=True)  # the server's key, as the app
     guessed = keyed_pseudonym(secret, "patient", MARKERS["PatientID"])
     ids = [hashlib.sha256(png).hexdigest(), "b" * 64, "c" * 64]
     ids += [hashlib.sha256(archived_dicom).hexdigest(), "e" * 64, "f" * 64]
@@ -164,7 +164,9 @@ def test_key_lines_and_env_entries_take_scopes_and_refuse_unknown_ones(tmp_path,
 
     keys = _write(tmp_path / "keys", f"# ops\n{API_KEY}\n{LINKAGE_KEY}  patient_linkage\n")
     monkeypatch.setenv("RADJEPA_API_KEYS", f"{OTHER_KEY} patient_linkage, {NEW_KEY}")
-    s = settings_from_config(ServeConfig(api_keys_file=str(keys)), secret_env="X")
+    s = settings_from_config(
+        ServeConfig(api_keys_file=str(keys)), secret_env="X", allow_development_key=False
+    )
     assert set(s.key_scopes) == {key_digest(LINKAGE_KEY), key_digest(OTHER_KEY)}
     assert len(s.key_digests) == 4 and LINKAGE_KEY not in s.model_dump_json()
     for bad, match in (
@@ -174,7 +176,9 @@ def test_key_lines_and_env_entries_take_scopes_and_refuse_unknown_ones(tmp_path,
     ):
         _write(keys, bad)
         with pytest.raises(SecurityConfigError, match=match):
-            settings_from_config(ServeConfig(api_keys_file=str(keys)), secret_env="X")
+            settings_from_config(
+                ServeConfig(api_keys_file=str(keys)), secret_env="X", allow_development_key=False
+            )
 
 
 @pytest.mark.parametrize("mode", [0o620, 0o602, 0o666, 0o660], ids=oct)
