@@ -234,6 +234,84 @@ def test_lut_first_mapped_value_is_read_in_the_input_domain(case: str) -> None:
     assert np.abs(out.astype(int) - stored(expected).astype(int)).max() <= 1
 
 
+def _with_lut_data(data: bytes, keyword: str, descriptor: list[int], lut_data, vr: str) -> bytes:
+    """``data`` with a one-item Modality or VOI LUT Sequence holding ``lut_data`` as written
+    (US values, or OW bytes laid out by the caller), in ``data``'s own transfer syntax."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.LUTData = lut_data
+    item["LUTData"].VR = vr
+    if keyword == "ModalityLUTSequence":
+        item.ModalityLUTType = "US"
+    setattr(ds, keyword, Sequence([item]))
+    ts = ds.file_meta.TransferSyntaxUID
+    out = io.BytesIO()
+    ds.save_as(
+        out,
+        enforce_file_format=True,
+        little_endian=ts != ExplicitVRBigEndian,
+        implicit_vr=ts == ImplicitVRLittleEndian,
+    )
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("keyword", ["VOILUTSequence", "ModalityLUTSequence"])
+@pytest.mark.parametrize(
+    ("layout", "syntax"),
+    [
+        ("us", ExplicitVRLittleEndian),
+        ("words", ExplicitVRLittleEndian),
+        ("words", ExplicitVRBigEndian),
+        ("words", ImplicitVRLittleEndian),
+        ("packed", ExplicitVRLittleEndian),
+        ("packed", ImplicitVRLittleEndian),
+    ],
+)
+def test_lut_with_8_bit_entries_maps_every_input(keyword: str, layout: str, syntax: str) -> None:
+    """A 12-bit -> 8-bit LUT (LUT Descriptor [4096, 0, 8]), the classic CR/DX VOI LUT.
+
+    pydicom's apply_voi indexes an 8-bit LUT with uint8 indices, so input 300 read entry 44:
+    the VOI case was stored as ok with a sawtooth of bands instead of the display curve. The
+    standard stores 8-bit entries "equivalent to 8 bits allocated" (two per OW word, PS3.3
+    C.11.1.1.1, C.11.2.1.1), which pydicom read as 16-bit words (decode_error); many writers
+    put one entry per 16-bit word instead. Every layout must give the same image.
+    """
+    px = gradient(N, N, bits=12, seed=11)
+    if keyword == "VOILUTSequence":  # a square-root display curve
+        table = np.rint(255 * np.sqrt(np.arange(4096) / 4095)).astype(np.int64)
+        expected = table[px] / 255.0
+    else:  # a reversing, 16:1 quantising modality LUT
+        table = (np.arange(4096) // 16)[::-1]
+        expected = percentile_display(table[px].astype(np.float64))
+    big = syntax == ExplicitVRBigEndian
+    if layout == "us":
+        lut_data, vr = [int(v) for v in table], "US"
+    elif layout == "words":
+        lut_data, vr = table.astype(">u2" if big else "<u2").tobytes(), "OW"
+    else:
+        lut_data, vr = table.astype(np.uint8).tobytes(), "OW"
+    base = make_dicom(px, bits=12, transfer_syntax=syntax)
+    data = _with_lut_data(base, keyword, [4096, 0, 8], lut_data, vr)
+    out = decode(data).pixels
+    assert np.abs(out.astype(int) - stored(expected).astype(int)).max() <= 1
+
+
+def test_lut_shorter_than_its_descriptor_is_a_named_decode_error() -> None:
+    px = gradient(N, N, bits=12, seed=11)
+    data = _with_lut_data(
+        make_dicom(px, bits=12), "VOILUTSequence", [4096, 0, 16], bytes(4096), "OW"
+    )
+    with pytest.raises(ImageRejected) as err:
+        decode(data)
+    assert err.value.reason == "decode_error"
+    assert "LUT Data" in err.value.message
+
+
 @pytest.mark.parametrize(
     "syntax",
     [RLELossless, JPEG2000Lossless, ExplicitVRBigEndian, ImplicitVRLittleEndian, "deflate", "raw"],

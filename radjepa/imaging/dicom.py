@@ -22,7 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
-from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
+from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.pixels.processing import apply_color_lut
 from pydicom.uid import (
     UID,
@@ -298,16 +298,43 @@ def _us_or_ss(value: int, vr: str, signed: bool) -> int:
 def _lut(ds: Dataset, keyword: str, signed_input: bool) -> tuple[int, np.ndarray]:
     """(first input value mapped, entries) of the first item of a Modality or VOI LUT Sequence.
 
-    pydicom's ``apply_*`` functions decode the LUT Data (US or OW, either byte order), but map
-    with the first-mapped value as written, so a negative one written as US sends every pixel
-    to the first entry (a black image, or an OverflowError for signed pixels). The table is
-    read back through them entry by entry and the first-mapped value is settled here.
+    Read here rather than through pydicom's ``apply_*`` functions, which map with the
+    first-mapped value as written (a negative one written as US sent every pixel to the first
+    entry), index an 8-bit VOI LUT with uint8 indices (input 300 read entry 44: bands instead of
+    the display curve) and read 8-bit entries packed two per word as 16-bit words.
     """
     item = ds[keyword][0]
     entries, written = int(item.LUTDescriptor[0]) or 65536, int(item.LUTDescriptor[1])
-    apply = apply_voi if keyword == "VOILUTSequence" else apply_modality_lut
-    table = apply(np.arange(written, written + entries, dtype=np.int64), ds)
+    table = _lut_entries(item, ds, entries, int(item.LUTDescriptor[2]), keyword)
     return _us_or_ss(written, item["LUTDescriptor"].VR, signed_input), table
+
+
+def _lut_entries(item: Dataset, ds: Dataset, entries: int, bits: int, keyword: str) -> np.ndarray:
+    """The ``entries`` values of a LUT Data element, US values or OW bytes.
+
+    OW holds 16-bit words in the data set's byte order, except that the standard stores 8-bit
+    entries "equivalent to 8 bits allocated", two per word (PS3.3 C.11.1.1.1, C.11.2.1.1);
+    many writers put one 8-bit entry per word instead, so the element's length says which.
+    """
+    value = item["LUTData"].value
+    if isinstance(value, (bytes, bytearray)):
+        if bits == 8 and len(value) in (entries, entries + 1):
+            table = np.frombuffer(value, np.uint8, count=entries)
+        else:
+            little = ds.original_encoding[1]
+            if little is None:
+                little = ds.file_meta.TransferSyntaxUID != ExplicitVRBigEndian
+            count = min(entries, len(value) // 2)
+            table = np.frombuffer(value, "<u2" if little else ">u2", count=count)
+    else:
+        table = np.asarray([value] if isinstance(value, int) else list(value or ()))
+    if len(table) < entries:
+        raise ImageRejected(
+            "decode_error",
+            f"the {keyword.removesuffix('Sequence').replace('LUT', ' LUT')}'s LUT Data holds "
+            f"{len(table)} of the {entries} entries its descriptor declares",
+        )
+    return table.astype(np.int64)
 
 
 def _map_lut(values: np.ndarray, first: int, table: np.ndarray) -> np.ndarray:
