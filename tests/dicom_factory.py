@@ -3,8 +3,10 @@
 Every file carries identifying tags filled with marker strings; ingest tests grep all output
 bytes for them. ``ENCODABLE`` lists the compressed transfer syntaxes this environment can write
 (pydicom 3 + pylibjpeg): RLE Lossless, JPEG 2000 (lossless and lossy) through pydicom's
-encoders, JPEG baseline by encapsulating a Pillow-encoded JPEG. JPEG-LS cannot be encoded here
-(no pyjpegls/GDCM encoder installed), so it is decoded only in the field, not tested.
+encoders, JPEG baseline by encapsulating a Pillow-encoded JPEG, JPEG Lossless (process 14, any
+selection value; SV1) with the test encoder in ``jpeg_lossless``. JPEG-LS and 12-bit JPEG
+Extended cannot be encoded here (no pyjpegls/GDCM encoder installed): tests use the real files
+pydicom ships with its wheel (``pydicom.data``, never downloaded) for those.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 from typing import Any
 
 import numpy as np
+from jpeg_lossless import encode_lossless
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -27,6 +30,8 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
     RLELossless,
     generate_uid,
 )
@@ -72,6 +77,8 @@ ENCODABLE = {
     "j2k_lossless": JPEG2000Lossless,
     "j2k": JPEG2000,
     "jpeg_baseline": JPEGBaseline8Bit,
+    "jpeg_lossless": JPEGLossless,
+    "jpeg_lossless_sv1": JPEGLosslessSV1,
 }
 
 
@@ -200,6 +207,12 @@ def _set_pixels(ds: Dataset, pixels: np.ndarray, frames: int, ts: str) -> None:
         ds.PixelData = np.ascontiguousarray(stack).tobytes()
         kwargs = {"j2k_cr": [20]} if ts == JPEG2000 else {}
         ds.compress(ts, np.ascontiguousarray(stack), **kwargs)
+        return
+    if ts in (JPEGLossless, JPEGLosslessSV1):
+        precision = int(ds.BitsStored)
+        frame_list = [pixels] * frames
+        ds.PixelData = encapsulate([encode_lossless(f, precision) for f in frame_list])
+        ds["PixelData"].VR = "OB"
         return
     if ts == JPEGBaseline8Bit:
         if pixels.dtype != np.uint8:
