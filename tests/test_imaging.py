@@ -456,6 +456,7 @@ REJECTIONS = {
     "not_2d": lambda nih: _not_2d(),
     "too_small": lambda nih: make_dicom(gradient(8, 64)),
     "extreme_aspect": lambda nih: _png(np.zeros((40, 200), np.uint8)),
+    "blank": lambda nih: make_dicom(np.full((N, N), 300, np.uint16)),
     "decode_error": lambda nih: _bad_j2k(),
     "burned_in_annotation": lambda nih: make_dicom(
         gradient(N, N), extra={"BurnedInAnnotation": "YES"}
@@ -828,8 +829,29 @@ def test_corrupted_bytes_only_ever_raise_image_rejected() -> None:
 def test_degenerate_proportions_are_refused_and_radiograph_shapes_kept(shape, reason) -> None:
     # a 1x1 placeholder and a 9000x10 strip were stretched or centre-cropped into a square of
     # noise and stored (or embedded by the API) like any radiograph
+    def ramp(shape: tuple[int, int]) -> np.ndarray:
+        return (np.indices(shape).sum(axis=0) % 256).astype(np.uint8)
+
     with pytest.raises(ImageRejected) as err:
-        decode(_png(np.full(shape, 128, np.uint8)))
+        decode(_png(ramp(shape)))
     assert err.value.reason == reason
     for ok in [(16, 16), (100, 400), (3000, 1000), (2500, 2048)]:  # full spine is about 3:1
-        assert decode(_png(np.full(ok, 128, np.uint8))).pixels.shape == (N, N)
+        assert decode(_png(ramp(ok))).pixels.shape == (N, N)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _png(np.full((64, 64), 128, np.uint8)),  # a blank secondary capture
+        lambda: make_dicom(np.full((N, N), 300, np.uint16)),  # a flat detector read-out
+        lambda: make_dicom(gradient(N, N), extra={"RescaleSlope": "0", "RescaleIntercept": "100"}),
+    ],
+)
+def test_a_uniform_image_is_blank_not_an_all_black_radiograph(make) -> None:
+    # stored as ok, each was one more uniform square in training and in the similar-case index
+    with pytest.raises(ImageRejected) as err:
+        decode(make())
+    assert err.value.reason == "blank"
+    one = np.zeros((N, N), np.uint16)
+    one[N // 2, N // 2] = 4000  # a single bright pixel is not blank
+    assert decode(make_dicom(one)).pixels.max() > 0

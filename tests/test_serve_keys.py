@@ -119,10 +119,10 @@ def test_patientid_exclusion_needs_the_patient_linkage_scope(world, tmp_path, ni
     and read `excluded_patient: 2`: that patient is in the archive (reproduced over HTTP on the
     old code, 200). Now only a key granted `patient_linkage` gets that lookup; others get a
     403 before the forward; an archived upload (its own row names its patient) stays open."""
-    from tests.dicom_factory import make_dicom
+    from tests.dicom_factory import gradient, make_dicom
 
     guessed = make_dicom()  # PatientID MARKER_PID_51c2: two archive images
-    archived = make_dicom(np.full((64, 64), 300, np.uint16), extra={"PatientID": "PATIENT-C"})
+    archived = make_dicom(gradient(64, 64), extra={"PatientID": "PATIENT-C"})
     index, data = _linkage_index(world, tmp_path, nih_dir, archived)
     keys = _write(tmp_path / "keys", f"{API_KEY}\n{LINKAGE_KEY} patient_linkage\n")
     app = create_app(world["embedder"], settings=_settings(keys, monkeypatch), index=index)

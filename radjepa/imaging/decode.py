@@ -182,4 +182,9 @@ def decode_image(
     _check_proportions(display.shape)
     meta["orig_height"], meta["orig_width"] = int(display.shape[0]), int(display.shape[1])
     pixels = to_stored(resize_center_crop(display, size), dtype)
+    if pixels.min() == pixels.max():
+        # a uniform image (a blank secondary capture, an image that is all padding, a Rescale
+        # Slope of 0, a window collapsed on a flat image) carries nothing to learn or to
+        # match: stored, it was one more all-black "radiograph" in training and the index
+        raise ImageRejected("blank", f"every stored pixel is {pixels.flat[0]}: a uniform image")
     return DecodedImage(pixels=pixels, meta=meta)

@@ -19,6 +19,7 @@ REASONS: frozenset[str] = frozenset(
         "not_2d",
         "too_small",
         "extreme_aspect",
+        "blank",
         "decode_error",
         "burned_in_annotation",
     }
