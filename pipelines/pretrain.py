@@ -100,6 +100,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
+    from pipelines.tracking_metrics import MetricSink
     from radjepa.checkpoint import load_checkpoint, save_checkpoint
     from radjepa.engine import Pretrainer, mean_over_ranks
     from radjepa.monitoring import quality_metrics
@@ -127,7 +128,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("resumed from %s at step %d", restored.path, trainer.step)
 
+    # rank 0 writes metrics from a background thread: a slow or unreachable store never holds
+    # up a step (pipelines.tracking_metrics)
     tracking = loop_config.get("tracking") if rank == 0 else None
+    sink = MetricSink(tracking["uri"], tracking["run_id"]) if tracking else None
     monitor = loop_config.get("monitor_images")
     run_dir = loop_config["run_dir"]
     shard = ray.train.get_dataset_shard("train")
@@ -136,76 +140,82 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     t_last, n_since = time.perf_counter(), 0
     last: dict[str, float] = {}
 
-    while trainer.step < steps:
-        seen = 0
-        # a fresh, step-derived crop stream per pass: a resume starts it (and the data order)
-        # again at the resume step, so it does not replay the interrupted run's batches
-        gen.manual_seed(cfg.train.seed * 1_000_003 + rank * 7919 + trainer.step)
-        for batch in shard.iter_torch_batches(
-            batch_size=bs,
-            drop_last=True,
-            local_shuffle_buffer_size=min(4 * bs, 1024),
-            local_shuffle_seed=cfg.train.seed + trainer.step,
-            # pinned host batches copy to the GPU asynchronously; one more batch in flight
-            pin_memory=device.type == "cuda",
-            prefetch_batches=2,
-        ):
-            seen += 1
-            x = to_model_input(batch["image"].to(device, non_blocking=True))
-            x = random_resized_crop(
-                x, cfg.data.crop_size, cfg.data.crop_scale, cfg.data.crop_ratio, generator=gen
-            )
-            out = trainer.train_step(x)
-            step = trainer.step
-            n_since += bs * world
+    try:
+        while trainer.step < steps:
+            seen = 0
+            # a fresh, step-derived crop stream per pass: a resume starts it (and the data order)
+            # again at the resume step, so it does not replay the interrupted run's batches
+            gen.manual_seed(cfg.train.seed * 1_000_003 + rank * 7919 + trainer.step)
+            for batch in shard.iter_torch_batches(
+                batch_size=bs,
+                drop_last=True,
+                local_shuffle_buffer_size=min(4 * bs, 1024),
+                local_shuffle_seed=cfg.train.seed + trainer.step,
+                # pinned host batches copy to the GPU asynchronously; one more batch in flight
+                pin_memory=device.type == "cuda",
+                prefetch_batches=2,
+            ):
+                seen += 1
+                x = to_model_input(batch["image"].to(device, non_blocking=True))
+                x = random_resized_crop(
+                    x, cfg.data.crop_size, cfg.data.crop_scale, cfg.data.crop_ratio, generator=gen
+                )
+                out = trainer.train_step(x)
+                step = trainer.step
+                n_since += bs * world
 
-            if step % cfg.train.log_every == 0 or step == steps:
-                elapsed = time.perf_counter() - t_last
-                out = {**out, "loss": mean_over_ranks(out["loss"])}  # every rank logs this step
-                last = {k: float(v) for k, v in out.items()}  # one host sync per log interval
-                last["img_per_s"] = n_since / max(elapsed, 1e-9)
-                t_last, n_since = time.perf_counter(), 0
-                if not np.isfinite(last["loss"]):
-                    raise FloatingPointError(
-                        f"loss became {last['loss']} at step {step}; lower optim.lr or check "
-                        "the data (see README troubleshooting)"
-                    )
-                if tracking:
-                    _log_metrics(tracking, last, step)
-                if rank == 0:
-                    log.info(
-                        "step %d/%d loss %.4f lr %.2e momentum %.5f %.1f img/s",
-                        step,
-                        steps,
-                        last["loss"],
-                        last["lr"],
-                        last["momentum"],
-                        last["img_per_s"],
-                    )
-
-            if step % cfg.train.checkpoint_every == 0 or step == steps:
-                metrics = {"step": step, **last}
-                if rank == 0 and monitor is not None and len(monitor) >= 2:
-                    quality = quality_metrics(
-                        trainer, monitor, cfg, device, loop_config.get("probe_set")
-                    )
-                    metrics.update(quality)
-                    if tracking:
-                        _log_metrics(tracking, quality, step)
-                with tempfile.TemporaryDirectory() as tmp:
-                    checkpoint = None
+                if step % cfg.train.log_every == 0 or step == steps:
+                    elapsed = time.perf_counter() - t_last
+                    out = {**out, "loss": mean_over_ranks(out["loss"])}  # every rank logs this step
+                    last = {k: float(v) for k, v in out.items()}  # one host sync per log interval
+                    last["img_per_s"] = n_since / max(elapsed, 1e-9)
+                    t_last, n_since = time.perf_counter(), 0
+                    if not np.isfinite(last["loss"]):
+                        raise FloatingPointError(
+                            f"loss became {last['loss']} at step {step}; lower optim.lr or check "
+                            "the data (see README troubleshooting)"
+                        )
+                    if sink is not None:
+                        sink.log(last, step)
                     if rank == 0:
-                        ckpt_dir = Path(tmp) / "ckpt"
-                        save_checkpoint(ckpt_dir, trainer, extra={"run_name": cfg.train.run_name})
-                        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
-                    ray.train.report(metrics, checkpoint=checkpoint)
-            _maybe_inject_failure(cfg, rank, step, run_dir)
-            if step >= steps:
-                break
-        if seen == 0:
-            raise PretrainError(
-                f"worker {rank} received no full batch of {bs}: too few images per worker"
-            )
+                        log.info(
+                            "step %d/%d loss %.4f lr %.2e momentum %.5f %.1f img/s",
+                            step,
+                            steps,
+                            last["loss"],
+                            last["lr"],
+                            last["momentum"],
+                            last["img_per_s"],
+                        )
+
+                if step % cfg.train.checkpoint_every == 0 or step == steps:
+                    metrics = {"step": step, **last}
+                    if rank == 0 and monitor is not None and len(monitor) >= 2:
+                        quality = quality_metrics(
+                            trainer, monitor, cfg, device, loop_config.get("probe_set")
+                        )
+                        metrics.update(quality)
+                        if sink is not None:
+                            sink.log(quality, step)
+                    with tempfile.TemporaryDirectory() as tmp:
+                        checkpoint = None
+                        if rank == 0:
+                            ckpt_dir = Path(tmp) / "ckpt"
+                            save_checkpoint(
+                                ckpt_dir, trainer, extra={"run_name": cfg.train.run_name}
+                            )
+                            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+                        ray.train.report(metrics, checkpoint=checkpoint)
+                _maybe_inject_failure(cfg, rank, step, run_dir)
+                if step >= steps:
+                    break
+            if seen == 0:
+                raise PretrainError(
+                    f"worker {rank} received no full batch of {bs}: too few images per worker"
+                )
+    finally:
+        if sink is not None:  # metrics logged before a failure are kept too
+            sink.close()
 
 
 def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: str) -> None:
@@ -217,15 +227,6 @@ def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: str) -> No
         return
     locations.write_text(marker, str(step))
     raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
-
-
-def _log_metrics(tracking: dict[str, str], metrics: dict[str, float], step: int) -> None:
-    from pipelines.tracking import log_metrics
-
-    try:
-        log_metrics(tracking["run_id"], tracking["uri"], metrics, step)
-    except Exception as err:  # tracking must never kill a training run
-        log.warning("MLflow logging failed at step %d: %s", step, err)
 
 
 # ---------------------------------------------------------------------------------------------

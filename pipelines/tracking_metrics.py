@@ -1,0 +1,142 @@
+"""Training metrics to MLflow without ever holding up a training step.
+
+Rank 0 logged every metric batch in the training loop itself, so the loop waited for the store:
+against a tracking server that stopped answering, one ``log_metrics`` call took 247 s (MLflow
+retries each HTTP request 7 times with back-off, and the call made two requests), and a sqlite
+store locked by another writer held a step for up to 20 s per attempt. A GPU job stood still
+for the whole outage, a step every four minutes, only for the metric values to be dropped.
+
+``MetricSink`` hands each batch to one background thread that writes them in order and keeps
+what it could not write (with the time of the step, not of the write) to try again, so a
+transient outage costs no training time and, once the store answers, no metric values.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MetricSink"]
+
+_BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+
+class MetricSink:
+    """Write ``(metrics, step)`` batches to one MLflow run from a background thread.
+
+    ``log`` never blocks and never raises. A failed write is retried every ``retry_s`` with
+    everything that queued up meanwhile; past ``max_pending`` values the oldest are dropped
+    (with a warning) so a long outage cannot grow memory without bound. ``close`` waits up to
+    its timeout for the queue to drain and says how many values were not recorded.
+    """
+
+    def __init__(
+        self, uri: str, run_id: str, *, retry_s: float = 30.0, max_pending: int = 100_000
+    ) -> None:
+        from mlflow.entities import Metric  # imported here, not in the first step (~2 s)
+
+        self._metric = Metric
+        self.uri, self.run_id = uri, run_id
+        self.retry_s, self.max_pending = retry_s, max_pending
+        self._pending: deque[Any] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._in_flight = 0  # values being written (out of _pending meanwhile)
+        self._stopped = False
+        self._failing = False
+        self._dropped = 0
+        self._client: Any = None
+        self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        Metric = self._metric
+        now = int(time.time() * 1000)  # when the step happened, whenever it is written
+        with self._cond:
+            self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            overflow = len(self._pending) - self.max_pending
+            for _ in range(max(overflow, 0)):
+                self._pending.popleft()
+            if overflow > 0:
+                if not self._dropped:
+                    log.warning(
+                        "MLflow unreachable for a long time: dropping the oldest metric values "
+                        "(more than %d queued)",
+                        self.max_pending,
+                    )
+                self._dropped += overflow
+            self._cond.notify()
+
+    def close(self, timeout_s: float = 60.0) -> int:
+        """Write what is queued (waiting at most ``timeout_s``); the number of values lost."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while (self._pending or self._in_flight) and not self._stopped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            lost = len(self._pending) + self._in_flight + self._dropped
+        if lost:
+            log.warning(
+                "%d metric values of MLflow run %s were not recorded (the store did not take "
+                "them by the end of training)",
+                lost,
+                self.run_id,
+            )
+        return lost
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:  # closing, everything written
+                    self._stopped = True
+                    self._cond.notify_all()
+                    return
+                batch = [self._pending.popleft() for _ in range(min(_BATCH, len(self._pending)))]
+                self._in_flight = len(batch)
+            ok = self._write(batch)
+            with self._cond:
+                self._in_flight = 0
+                if not ok:
+                    self._pending.extendleft(reversed(batch))  # retried first, in order
+                    if self._closing:  # that was the last try: close() reports the rest
+                        self._stopped = True
+                    else:
+                        self._cond.wait(self.retry_s)  # close() wakes it for a last try
+                self._cond.notify_all()
+                if self._stopped:
+                    return
+
+    def _write(self, batch: list[Any]) -> bool:
+        from pipelines.tracking import client
+
+        try:
+            if self._client is None:
+                self._client = client(self.uri)
+            self._client.log_batch(self.run_id, metrics=batch)
+        except Exception as err:  # noqa: BLE001 - tracking must never kill a training run
+            if not self._failing:
+                first = (str(err).strip().splitlines() or [""])[0][:300]
+                log.warning(
+                    "MLflow metric logging failed (%s: %s); training goes on, the values are "
+                    "kept and retried every %.0f s",
+                    type(err).__name__,
+                    first,
+                    self.retry_s,
+                )
+            self._failing = True
+            return False
+        if self._failing:
+            log.warning("MLflow metric logging works again; the queued values were recorded")
+        self._failing = False
+        return True

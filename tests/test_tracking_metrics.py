@@ -1,0 +1,67 @@
+"""Training metrics reach MLflow without holding up training: a store that does not answer, or
+refuses writes for a while, costs no step time, and its values are kept and written once it
+takes them again (real MLflow client, a real closed loopback port, a real sqlite store)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from serve_helpers import free_port
+
+from pipelines.tracking_metrics import MetricSink
+
+
+def test_an_unreachable_tracking_server_never_holds_up_a_step(caplog):
+    # against a server that stopped answering, one metric write took 247 s (MLflow retries each
+    # request 7 times with back-off), inside the training loop: a GPU job stood still
+    sink = MetricSink(f"http://127.0.0.1:{free_port()}", "0" * 32, max_pending=5)
+    started = time.monotonic()
+    for step in (1, 2, 3):
+        sink.log({"loss": 1.0 / step, "lr": 0.1, "momentum": 0.99}, step)
+    assert time.monotonic() - started < 0.5
+    lost = sink.close(timeout_s=1)
+    assert time.monotonic() - started < 5
+    assert lost == 9  # 3 steps x 3 values: queued, dropped past max_pending, or in flight
+    assert "9 metric values of MLflow run" in caplog.text
+
+
+@pytest.fixture
+def store_run(tmp_path):
+    import mlflow
+
+    from pipelines.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    return uri, client, client.create_run(ensure_experiment(uri, "radjepa")).info.run_id
+
+
+def test_values_refused_for_a_while_are_written_in_order_once_the_store_takes_them(
+    store_run, caplog
+):
+    uri, client, run_id = store_run
+    sink = MetricSink(uri, run_id, retry_s=0.2)
+    sink.log({"loss": 1.0}, 1)
+    _wait_for(lambda: len(client.get_metric_history(run_id, "loss")) == 1)
+
+    client.delete_run(run_id)  # MLflow refuses writes to a deleted run: a store that says no
+    logged_at = int(time.time() * 1000)
+    for step in (2, 3, 4):
+        sink.log({"loss": 1.0 / step}, step)
+    _wait_for(lambda: "MLflow metric logging failed" in caplog.text)
+    client.restore_run(run_id)
+
+    assert sink.close(timeout_s=30) == 0
+    history = client.get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
+    # each value keeps the time its step was logged, not the time the store took it
+    assert all(abs(m.timestamp - logged_at) < 2000 for m in history[1:])
+    assert "works again" in caplog.text
+
+
+def _wait_for(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
