@@ -313,7 +313,10 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     tracking, run_id, uri = None, None, None
     if cfg.tracking.enabled:
         try:
-            run_id, uri = start_tracking(cfg, storage, run_dir)
+            from pipelines.tracking import provenance_tags
+
+            provenance = provenance_tags(data, info.rows, info.fingerprint)
+            run_id, uri = start_tracking(cfg, storage, run_dir, provenance=provenance)
             if resume is not None and resume.changed:
                 record_config_change(cfg, uri, run_id, resume)
         except Exception as err:  # an unreachable server, a store without permission, ...
@@ -539,9 +542,13 @@ def start_tracking(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     uri: str | None = None,
+    provenance: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """Create the MLflow run once per run name; a resumed run continues the same MLflow run
-    (its id is kept in ``run_dir``, a local folder or a URI)."""
+    (its id is kept in ``run_dir``, a local folder or a URI). ``provenance``
+    (``tracking.provenance_tags``) is set when the run is created; a resume, which may run
+    other code or read other shards, records its own as ``radjepa.resumed_with.*`` and leaves
+    the originals."""
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import ensure_experiment, log_params, mark_run, store_uri
 
@@ -557,8 +564,16 @@ def start_tracking(
         run_id = previous.strip()
         client.update_run(run_id, status="RUNNING")
         log.info("resuming MLflow run %s", run_id)
+        if provenance:
+            from mlflow.entities import RunTag
+
+            resumed = [
+                RunTag(f"radjepa.resumed_with.{k.removeprefix('radjepa.')}", v)
+                for k, v in provenance.items()
+            ]
+            client.log_batch(run_id, tags=resumed)
         return run_id, uri
-    all_tags = {"radjepa.job": "pretrain", **(tags or {})}
+    all_tags = {"radjepa.job": "pretrain", **(provenance or {}), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=cfg.train.run_name, tags=all_tags)

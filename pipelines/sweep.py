@@ -201,6 +201,7 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             parent_run_id=setup["parent_run_id"],
             uri=setup["tracking_uri"],
             tags={"radjepa.job": "sweep-trial", "radjepa.trial_id": trial_id},
+            provenance=setup.get("provenance"),
         )
         tracking = {"run_id": run_id, "uri": uri}
     trainer = build_trainer(
@@ -393,7 +394,7 @@ def run_sweep(
         )
     _check_space(cfg)
     try:
-        inspect_shards(data, cfg)
+        info = inspect_shards(data, cfg)
     except TrainingDataError as err:
         raise SweepError(str(err)) from None
     given = cfg  # what best.yaml starts from (a trial's adjustments below are not the user's)
@@ -439,9 +440,14 @@ def run_sweep(
 
     sweep_dir = locations.join_location(root, cfg.tune.name)
     _check_sweep_dir(cfg, sweep_dir, resume)
+    from pipelines.tracking import provenance_tags
+
+    provenance = provenance_tags(data, info.rows, info.fingerprint)
     try:
         parent_run_id, uri = (
-            _parent_run(cfg, root, sweep_dir, resume) if cfg.tracking.enabled else (None, None)
+            _parent_run(cfg, root, sweep_dir, resume, provenance)
+            if cfg.tracking.enabled
+            else (None, None)
         )
     except SweepError:
         raise
@@ -458,6 +464,7 @@ def run_sweep(
         "parent_run_id": parent_run_id,
         "tracking_uri": uri,
         "probe_set": probe_set,
+        "provenance": provenance,
     }
     floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
     from pipelines.tracking import mark_run
@@ -575,7 +582,9 @@ def _check_sweep_dir(cfg: Config, sweep_dir: str, resume: bool) -> None:
         )
 
 
-def _parent_run(cfg: Config, root: str, sweep_dir: str, resume: bool) -> tuple[str, str]:
+def _parent_run(
+    cfg: Config, root: str, sweep_dir: str, resume: bool, provenance: dict[str, str]
+) -> tuple[str, str]:
     """The sweep's MLflow parent run: created once, continued by ``--resume``."""
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import ensure_experiment, log_params, store_uri
@@ -592,7 +601,7 @@ def _parent_run(cfg: Config, root: str, sweep_dir: str, resume: bool) -> tuple[s
         client.update_run(previous.strip(), status="RUNNING")
         return previous.strip(), uri
     run_id = client.create_run(
-        exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep"}
+        exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep", **provenance}
     ).info.run_id
     log_params(run_id, uri, cfg)
     locations.write_text(id_file, run_id)

@@ -126,6 +126,54 @@ def store_uri(cfg: Config, *, create: bool = False) -> str | None:
     return f"sqlite:///{Path(local).resolve() / 'mlflow.db'}"
 
 
+def provenance_tags(data: str, images: int, fingerprint: str) -> dict[str, str]:
+    """What a run needs, beyond its params (the resolved config, seed included), to be
+    reproduced: which images it read (``data`` made absolute), which code and which libraries.
+    A run trained with ``--data`` recorded ``data.shards: None`` and nothing else about its
+    data, and no code or library version at all (``MlflowClient.create_run`` sets no source
+    tags)."""
+    import importlib.metadata
+    import platform
+
+    where = data if "://" in data else str(Path(data).expanduser().resolve())
+    tags = {
+        "radjepa.data": redact(where),
+        "radjepa.data_images": str(images),
+        "radjepa.data_fingerprint": fingerprint,
+        "radjepa.python_version": platform.python_version(),
+    }
+    for dist in ("radjepa", "torch", "ray", "mlflow"):
+        try:
+            tags[f"radjepa.{dist}_version"] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    tags.update(_git_tags())
+    return tags
+
+
+def _git_tags() -> dict[str, str]:
+    """The commit of the code that runs, when it runs from a git checkout (a Ray Job's uploaded
+    working dir is not one: ``radjepa.radjepa_version`` is what remains then)."""
+    import subprocess
+
+    here = str(Path(__file__).resolve().parent)
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", here, *args], capture_output=True, text=True, timeout=10, check=True
+        )
+        return done.stdout.strip()
+
+    try:
+        # this very file tracked: not an install that merely sits inside some other repository
+        git("ls-files", "--error-unmatch", Path(__file__).name)
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "radjepa.git_dirty": str(dirty).lower()}
+
+
 def redacted_yaml(cfg: Config) -> str:
     """The config as YAML for an MLflow artifact, credentials removed (see ``redact``)."""
     from radjepa.config import config_to_yaml

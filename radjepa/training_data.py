@@ -45,6 +45,9 @@ class ShardSummary:
     holdout_rows: int
     size: int
     dtype: str
+    # which images these are, whatever the shard layout: sha256 over the sorted image ids (each
+    # the sha256 of its source file) and the stored size and dtype; MLflow records it per run
+    fingerprint: str = ""
 
 
 def images_dir(data: str) -> str:
@@ -96,7 +99,11 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
     held = sum(is_holdout(i, cfg.data.holdout_fraction) for i in ids)
     n_train = len(ids) - held
     check_global_batch(n_train, cfg)
-    return ShardSummary(images, len(ids), n_train, held, size, dtypes.pop())
+    dtype = dtypes.pop()
+    digest = hashlib.sha256(f"{size}\n{dtype}\n".encode())
+    for image_id in sorted(ids):
+        digest.update(f"{image_id}\n".encode())
+    return ShardSummary(images, len(ids), n_train, held, size, dtype, digest.hexdigest())
 
 
 def check_global_batch(n_train: int, cfg: Config) -> None:

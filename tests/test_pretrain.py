@@ -165,6 +165,17 @@ def test_rerunning_a_finished_run_continues_from_its_checkpoint(shards, tmp_path
     assert (tmp_path / "mlartifacts").is_dir()  # beside the sqlite store, not in the cwd
     steps = [s for s, _ in _history(again.tracking_uri, again.mlflow_run_id, "loss")]
     assert sorted(steps) == list(range(1, 19))  # continued at 13, nothing repeated
+    # what it needs to be reproduced, though --data left data.shards unset: which images,
+    # which code, which libraries; the resume records its own beside the originals
+    from radjepa.training_data import inspect_shards
+
+    tags = client.get_run(first.mlflow_run_id).data.tags
+    assert client.get_run(first.mlflow_run_id).data.params["data.shards"] == "None"
+    assert tags["radjepa.data"] == str(shards)
+    assert tags["radjepa.data_fingerprint"] == inspect_shards(str(shards), _cfg(out)).fingerprint
+    assert len(tags["mlflow.source.git.commit"]) == 40
+    for key in ("radjepa.data_fingerprint", "radjepa.torch_version", "radjepa.ray_version"):
+        assert tags[key] == tags["radjepa.resumed_with." + key.removeprefix("radjepa.")], key
 
 
 def test_clear_errors_before_any_cluster_work(tmp_path, shards):

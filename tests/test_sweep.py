@@ -83,6 +83,12 @@ def test_two_trial_sweep_ranks_by_rankme_and_writes_best_config(nih_shards, tmp_
     import mlflow
 
     parent = mlflow.MlflowClient(res.tracking_uri)
+    # the parent and every trial say which images and which code they ran on
+    fingerprints = {c.data.tags["radjepa.data_fingerprint"] for c in children}
+    parent_tags = parent.get_run(res.parent_run_id).data.tags
+    assert fingerprints == {parent_tags["radjepa.data_fingerprint"]}
+    assert all(c.data.tags["radjepa.data"] == str(nih_shards) for c in children)
+    assert all(len(c.data.tags["mlflow.source.git.commit"]) == 40 for c in children)
     logged = parent.download_artifacts(res.parent_run_id, "best.yaml", str(tmp_path / "dl"))
     assert Path(logged).read_text() == (tmp_path / "s2" / "best.yaml").read_text()
     assert (tmp_path / "mlartifacts").is_dir()  # the store's artifacts sit beside its database

@@ -360,3 +360,35 @@ def test_a_run_whose_id_cannot_be_kept_is_not_left_running(tmp_path, monkeypatch
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("radjepa").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_the_data_fingerprint_names_the_images_not_the_shard_layout(tmp_path):
+    # a run trained with --data recorded `data.shards: None` and nothing else about its data
+    import numpy as np
+    import pyarrow.parquet as pq
+    from shard_tables import write_shard
+
+    from pipelines.tracking import provenance_tags
+    from radjepa.training_data import inspect_shards
+
+    cfg = load_config(TINY_CONFIG, ["train.batch_size=2", "data.holdout_fraction=0"])
+    images = np.random.default_rng(0).integers(0, 255, (6, 96, 96), dtype=np.uint8)
+    ids = [f"{i:064x}" for i in range(6)]
+    write_shard(tmp_path / "a", images, image_id=ids)
+    one = inspect_shards(str(tmp_path / "a"), cfg)
+    # the same images in two shards, in another order
+    table = pq.read_table(tmp_path / "a" / "images" / "part-0.parquet")
+    (tmp_path / "b" / "images").mkdir(parents=True)
+    pq.write_table(table.slice(3), tmp_path / "b" / "images" / "part-0.parquet")
+    pq.write_table(table.slice(0, 3), tmp_path / "b" / "images" / "part-1.parquet")
+    assert inspect_shards(str(tmp_path / "b"), cfg).fingerprint == one.fingerprint
+    write_shard(tmp_path / "c", images[:5], image_id=ids[:5])  # one image fewer
+    assert inspect_shards(str(tmp_path / "c"), cfg).fingerprint != one.fingerprint
+
+    tags = provenance_tags("s3://AK:SEcret@bucket/shards", one.rows, one.fingerprint)
+    assert tags["radjepa.data"] == "s3://AK:***@bucket/shards"
+    assert tags["radjepa.data_images"] == "6" and len(tags["radjepa.data_fingerprint"]) == 64
+    for dist in ("radjepa", "torch", "ray", "mlflow", "python"):
+        assert tags[f"radjepa.{dist}_version"], dist
+    assert len(tags["mlflow.source.git.commit"]) == 40  # the tests run from a checkout
+    assert tags["radjepa.git_dirty"] in ("true", "false")
