@@ -28,6 +28,11 @@ from radjepa.training_data import TrainingDataError
 log = logging.getLogger(__name__)
 
 FAILURE_MARKER = ".radjepa-injected-failure"
+# how long rank 0 waits at the end of training for metric values the store has not taken yet.
+# A write that meets a stopped tracking server sits in MLflow's own request retries (7, with
+# back-off, 247 s in all): with 60 s, a server restarted 67 s after it went down, while the
+# write was between retries, still lost every value queued meanwhile (174 in a 40-step run)
+METRICS_FLUSH_S = 300.0
 # Ray Train's record of the checkpoints it reported, in the run folder (read back on a re-run)
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -215,7 +220,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 )
     finally:
         if sink is not None:  # metrics logged before a failure are kept too
-            sink.close()
+            sink.close(timeout_s=METRICS_FLUSH_S)
 
 
 def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: str) -> None:
