@@ -46,7 +46,8 @@ class ShardSummary:
     size: int
     dtype: str
     # which images these are, whatever the shard layout: sha256 over the sorted image ids (each
-    # the sha256 of its source file) and the stored size and dtype; MLflow records it per run
+    # the content id of its source file, radjepa.imaging.deid.content_id) and the stored size
+    # and dtype; MLflow records it per run
     fingerprint: str = ""
 
 
