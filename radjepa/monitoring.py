@@ -91,7 +91,9 @@ def quality_metrics(
 
         feats = _embed(trainer, probe["images"], cfg, device).numpy()
         out["knn_auroc"] = float(
-            knn_auroc(feats, probe["labels"], probe["groups"], k=cfg.probe.knn_k)
+            knn_auroc(
+                feats, probe["labels"], probe["groups"], k=cfg.probe.knn_k, seed=cfg.probe.seed
+            )
         )
         if cfg.tune.metric == "probe_auroc":
             from radjepa.eval.linear_probe import cross_val_probe

@@ -1,7 +1,10 @@
 """kNN retrieval on embeddings: precision@k and a kNN-classifier AUROC.
 
 Neighbours are by cosine similarity and never include the query itself or any image of the same
-patient, which would otherwise be trivially "retrieved" and flatter the encoder.
+patient, which would otherwise be trivially "retrieved" and flatter the encoder. Images tied
+at the k-th similarity (a collapsed encoder, duplicated images) count as a random pick among
+them (in expectation for precision@k, by a seeded draw over patients for kNN AUROC): picking
+by row order made the scores depend on how the CSV was sorted.
 """
 
 from __future__ import annotations
@@ -11,30 +14,75 @@ import numpy as np
 from radjepa.eval.features import require_finite
 from radjepa.eval.metrics import auroc
 
-__all__ = ["neighbours", "retrieval_ok", "precision_at_k", "knn_auroc"]
+__all__ = ["neighbours", "neighbour_shares", "retrieval_ok", "precision_at_k", "knn_auroc"]
+
+
+def _unit_rows(features: np.ndarray) -> np.ndarray:
+    # float64: equal vectors must give exactly equal similarities (float32 GEMM kernels may
+    # sum the edge columns of a block in another order and split a tie by rounding noise)
+    f = require_finite(features)
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
 def neighbours(
-    features: np.ndarray, groups: np.ndarray, k: int, *, chunk: int = 1024
+    features: np.ndarray, groups: np.ndarray, k: int, *, chunk: int = 1024, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices [N, k] and validity mask [N, k] of each image's k nearest other-patient images."""
-    f = require_finite(features).astype(np.float32)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    g = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    """Indices [N, k] and validity mask [N, k] of each image's k nearest other-patient images.
+
+    Images tied in similarity are taken in a seeded random order of their patients (drawn over
+    the sorted patient ids, so it does not depend on the row order of the input); row order
+    decided before, so sorting a CSV by label moved the scores of a collapsed encoder.
+    """
+    f = _unit_rows(features)
+    patients, g = np.unique(np.asarray(groups).astype(str), return_inverse=True)
     n = len(f)
     k_eff = min(k, n)
+    rank = np.random.default_rng(seed).permutation(len(patients))[g]
+    cols = np.lexsort((np.arange(n), rank))  # tie-break order: patient rank, then row
+    fc, gc = f[cols], g[cols]
     idx = np.zeros((n, k_eff), dtype=np.int64)
     valid = np.zeros((n, k_eff), dtype=bool)
     for s in range(0, n, chunk):
-        sim = f[s : s + chunk] @ f.T  # [c, N]
-        same = g[s : s + chunk, None] == g[None, :]  # same patient (self included)
-        sim[same] = -np.inf
-        part = np.argpartition(-sim, k_eff - 1, axis=1)[:, :k_eff]
-        order = np.argsort(-np.take_along_axis(sim, part, axis=1), axis=1, kind="stable")
-        top = np.take_along_axis(part, order, axis=1)
-        idx[s : s + chunk] = top
+        sim = f[s : s + chunk] @ fc.T  # [c, N], columns in tie-break order
+        sim[g[s : s + chunk, None] == gc[None, :]] = -np.inf  # self and same patient
+        top = np.argsort(-sim, axis=1, kind="stable")[:, :k_eff]  # stable: ties keep cols order
+        idx[s : s + chunk] = cols[top]
         valid[s : s + chunk] = np.isfinite(np.take_along_axis(sim, top, axis=1))
     return idx, valid
+
+
+def neighbour_shares(
+    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int, *, chunk: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: usable neighbours (at most k other-patient images) and the expected share of
+    them carrying the query's label value, images tied at the k-th similarity counted as a
+    uniformly random pick among them ([N] each; the share is NaN without neighbours).
+
+    precision@k is linear in the picks, so its expectation is exact and needs no seed: a
+    collapsed encoder (every similarity equal) scores the chance level, not the majority
+    class's share that a row-order pick gave.
+    """
+    f = _unit_rows(features)
+    y = np.asarray(labels)
+    g = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    n = len(f)
+    k_eff = min(k, n)
+    counts = np.zeros(n)
+    share = np.full(n, np.nan)
+    for s in range(0, n, chunk):
+        sim = f[s : s + chunk] @ f.T  # [c, N]
+        sim[g[s : s + chunk, None] == g[None, :]] = -np.inf  # self and same patient
+        valid = np.isfinite(sim)
+        kth = -np.partition(-sim, k_eff - 1, axis=1)[:, k_eff - 1 : k_eff]  # [c, 1]
+        above, at = valid & (sim > kth), valid & (sim == kth)
+        k_q = np.minimum(k_eff, valid.sum(1))
+        fill = (k_q - above.sum(1)) / np.maximum(at.sum(1), 1)  # weight of each tied image
+        same = y[None, :] == y[s : s + chunk, None]
+        hits = (above & same).sum(1) + fill * (at & same).sum(1)
+        ok = k_q > 0
+        share[s : s + chunk][ok] = hits[ok] / k_q[ok]
+        counts[s : s + chunk] = k_q
+    return counts, share
 
 
 def retrieval_ok(labels: np.ndarray, groups: np.ndarray) -> bool:
@@ -51,23 +99,25 @@ def retrieval_ok(labels: np.ndarray, groups: np.ndarray) -> bool:
 
 def precision_at_k(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int) -> float:
     """Mean share of a query's k neighbours (other patients) that carry the query's label value."""
-    y = np.asarray(labels)
-    idx, valid = neighbours(features, groups, k)
-    hits = (y[idx] == y[:, None]) & valid
-    counts = valid.sum(1)
+    counts, same = neighbour_shares(features, labels, groups, k)
     ok = counts > 0
     if not ok.any():
         raise ValueError("no query has a neighbour from another patient")
-    return float((hits.sum(1)[ok] / counts[ok]).mean())
+    return float(same[ok].mean())
 
 
-def knn_auroc(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int) -> float:
+def knn_auroc(
+    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: int, *, seed: int = 0
+) -> float:
     """AUROC of a leave-one-patient-out kNN classifier (score = positive share of neighbours).
 
     Label-light and fit-free, so a sweep can rank trials by it cheaply. Needs 0/1 labels with
     each class in at least 2 patients: a class held by one patient has no same-class
     neighbour left once that patient is excluded, so its images score lowest whatever the
-    features and the AUROC sits at or below 0.5 by construction.
+    features and the AUROC sits at or below 0.5 by construction. Tied neighbours are picked
+    at random (``seed``, see :func:`neighbours`), not in expectation: the expected score
+    removes the pick's noise but keeps leave-one-out's bias (a positive query's tied pool
+    holds one positive fewer), which an AUROC turns into 0 for a collapsed encoder.
     """
     y = np.asarray(labels)
     if not np.isin(y, (0, 1)).all():
@@ -76,6 +126,6 @@ def knn_auroc(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, k: i
         raise ValueError("knn_auroc needs both classes among the labels")
     if not retrieval_ok(y, groups):
         raise ValueError("knn_auroc needs each class in at least 2 patients")
-    idx, valid = neighbours(features, groups, k)
+    idx, valid = neighbours(features, groups, k, seed=seed)
     score = (y[idx] * valid).sum(1) / np.maximum(valid.sum(1), 1)
     return auroc(y, score)

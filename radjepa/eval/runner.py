@@ -88,7 +88,7 @@ def probe_features(
         # numbers either: they would be 1.0 or <= 0.5 whatever the features
         ok = retrieval_ok(y, ds.groups)
         prec[name] = precision_at_k(feats, y, ds.groups, p.knn_k) if ok else None
-        knn[name] = knn_auroc(feats, y, ds.groups, p.knn_k) if ok else None
+        knn[name] = knn_auroc(feats, y, ds.groups, p.knn_k, seed=p.seed) if ok else None
     return {**res.to_dict(), "precision_at_k": prec, "knn_auroc": knn}, res.scores
 
 
