@@ -284,3 +284,59 @@ def test_a_collapsed_encoder_scores_the_documented_chance_precision_at_k():
     same_class = np.where(y == 1, n_pos - 1, n - n_pos - 1) / (n - 1)
     p = precision_at_k(np.ones((n, 4)), y, groups, k=10)
     assert p == pytest.approx(same_class.mean(), abs=1e-12)
+
+
+def test_auprc_is_reported_beside_the_prevalence_of_the_images_it_was_computed_on():
+    """A held-out split scores only the test patients' images, but the report printed the
+    prevalence of every image as AUPRC's chance level: 0.26 against a true 0.35 for this
+    world (positives' patients have more images), which reads as a better AUPRC than it is."""
+    from radjepa.eval.report import render_markdown
+
+    rng = np.random.default_rng(1)
+    per = rng.integers(1, 8, 60)
+    groups = np.repeat([f"p{i}" for i in range(60)], per)
+    y = np.repeat((np.arange(60) % 4 == 0).astype(int), per)
+    x = rng.normal(size=(len(y), 4))
+    for split in ("holdout", "kfold"):
+        res = cross_val_probe(x, y, groups, label_names=["y"], split=split, bootstrap=0)
+        scored = np.isfinite(res.scores[:, 0])
+        lab = res.labels[0].to_dict()
+        assert lab["n_scored"] == scored.sum() and lab["n_scored_pos"] == y[scored].sum()
+        assert lab["auprc_baseline"] == pytest.approx(y[scored].mean())
+    assert res.labels[0].to_dict()["auprc_baseline"] == pytest.approx(y.mean())  # k-fold: all
+    holdout = cross_val_probe(x, y, groups, label_names=["y"], split="holdout", bootstrap=0)
+    lab = holdout.labels[0].to_dict()
+    assert abs(lab["auprc_baseline"] - lab["prevalence"]) > 0.05  # the case that misled
+    summary = {**holdout.to_dict(), "precision_at_k": {"y": None}, "knn_auroc": {"y": None}}
+    report = {
+        "checkpoint": "c",
+        "encoder": {},
+        "data": {
+            "csv": "x.csv",
+            "shards": None,
+            "n_images": len(y),
+            "n_patients": 60,
+            "rejected": [],
+            "labels": [{"name": "y", "positive": None, "n_pos": int(y.sum())}],
+        },
+        "protocol": {
+            "pooling": "p",
+            "C": 0.1,
+            "split": "holdout",
+            "folds": 5,
+            "split_text": "one split",
+            "bootstrap": 0,
+            "knn_k": 10,
+            "pixel_size": 32,
+        },
+        "methods": {"ours": summary},
+    }
+    md = render_markdown(report)
+    assert f"AUPRC chance level {lab['auprc_baseline']:.3f}" in md
+    assert f"the {lab['n_scored']} held-out images" in md and "pooled" not in md
+    report["methods"]["ours"] = {**res.to_dict(), "precision_at_k": {"y": None}}
+    report["methods"]["ours"]["knn_auroc"] = {"y": None}
+    report["protocol"]["split"] = "kfold"
+    md = render_markdown(report)
+    assert f"(the prevalence of all {len(y)} images, as scored)" in md
+    assert "pooled over all out-of-fold predictions (not a mean of per-fold values)" in md

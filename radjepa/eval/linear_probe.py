@@ -37,6 +37,10 @@ class LabelResult:
     auprc: Interval | None = None
     folds: int = 0
     skipped: str | None = None
+    # the images AUROC/AUPRC were computed on: all of them for k-fold, the held-out patients'
+    # for a holdout split, whose prevalence (not the whole set's) is AUPRC's chance level
+    n_scored: int = 0
+    n_scored_pos: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +49,11 @@ class LabelResult:
             "n_pos": self.n_pos,
             "n_patients": self.n_patients,
             "prevalence": self.n_pos / self.n if self.n else float("nan"),
+            "n_scored": self.n_scored,
+            "n_scored_pos": self.n_scored_pos,
+            "auprc_baseline": (
+                self.n_scored_pos / self.n_scored if self.n_scored else float("nan")
+            ),
             "folds": self.folds,
             "auroc": None if self.auroc is None else self.auroc.to_dict(),
             "auprc": None if self.auprc is None else self.auprc.to_dict(),
@@ -179,6 +188,7 @@ def cross_val_probe(
         res.folds = len(pairs)
         evaluated = np.isfinite(scores[:, j])
         ye, se, ge = y[evaluated], scores[evaluated, j], groups[evaluated]
+        res.n_scored, res.n_scored_pos = int(evaluated.sum()), int(ye.sum())
         if len(np.unique(ye)) < 2:
             res.skipped = "the evaluated images hold only one class"
             continue

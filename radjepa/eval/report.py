@@ -82,7 +82,8 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         f"- data: `{data['csv'] or data['shards']}`: {data['n_images']} images, {data['n_patients']} patients, "
         f"{len(data['rejected'])} left out (listed below)",
         f"- protocol: {proto['pooling']}; standardised logistic regression C={proto['C']}; "
-        f"{proto['split_text']}; {proto['bootstrap']} patient-level bootstrap draws, "
+        f"{proto['split_text']}{_pooled(proto)}; {proto['bootstrap']} patient-level bootstrap "
+        "draws, "
         f"percentile 95% CI; kNN k={proto['knn_k']} (cosine, other patients only); pixel "
         f"baseline {proto['pixel_size']}x{proto['pixel_size']}",
         "",
@@ -92,7 +93,8 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         info = data["labels"][i]
         pos = f" (positive: {info['positive']})" if info.get("positive") else ""
         # the protocol line names probe.folds; a rare label is cross-validated with fewer
-        folds = report["methods"]["ours"]["labels"][i].get("folds") or 0
+        ours = report["methods"]["ours"]["labels"][i]
+        folds = ours.get("folds") or 0
         fewer = (
             f" {folds}-fold, not {proto['folds']}-fold: the rarer class has only {folds} patients."
             if proto.get("split") == "kfold" and 0 < folds < proto.get("folds", folds)
@@ -101,7 +103,7 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         lines += [
             f"## {name}{pos}",
             "",
-            f"{info['n_pos']} positive of {data['n_images']} images.{fewer}",
+            f"{info['n_pos']} positive of {data['n_images']} images.{fewer}{_chance(ours)}",
             "",
             "| features | AUROC [95% CI] | AUPRC [95% CI] | precision@k | kNN AUROC |",
             "|---|---|---|---|---|",
@@ -150,6 +152,24 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         lines += [f"- {_where(r)}: {r['reason']}" for r in data["rejected"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def _pooled(proto: dict[str, Any]) -> str:
+    """Say how k-fold numbers are formed: one AUROC over every image's out-of-fold score,
+    which differs from (and is not) the mean of per-fold AUROCs a reader may assume."""
+    if proto.get("split") != "kfold":
+        return ""
+    return "; AUROC/AUPRC pooled over all out-of-fold predictions (not a mean of per-fold values)"
+
+
+def _chance(label: dict[str, Any]) -> str:
+    """AUPRC's chance level: the prevalence of the images it was computed on, which for a
+    holdout split is the held-out patients' images, not the whole set."""
+    base, n = label.get("auprc_baseline"), label.get("n_scored") or 0
+    if base is None or not math.isfinite(base) or not n:
+        return ""
+    where = f"all {n} images" if n == label.get("n") else f"the {n} held-out images"
+    return f" AUPRC chance level {base:.3f} (the prevalence of {where}, as scored)."
 
 
 def _where(rejected: dict[str, str]) -> str:
