@@ -9,11 +9,13 @@ the latest reported checkpoint; re-running the same command with the same run na
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,15 +120,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed + rank)
 
     trainer = Pretrainer(cfg, device, rank=rank, world_size=world)
-    restored = ray.train.get_checkpoint()
-    damaged = loop_config.get("damaged_checkpoints") or ()
-    # the driver's resume point instead of Ray's when Ray offers one the driver could not read
-    # (find_resume_point), or none because its record of the run was set aside
-    # (forget_deleted_checkpoints); a checkpoint Ray reports after a worker failure wins
-    if loop_config.get("resume_from") and (
-        restored is None or restored.path.rstrip("/").rsplit("/", 1)[-1] in damaged
-    ):
-        restored = ray.train.Checkpoint(loop_config["resume_from"])
+    restored = restore_point(
+        ray.train.get_checkpoint(),
+        loop_config.get("resume_from"),
+        loop_config.get("damaged_checkpoints") or (),
+    )
     if restored is not None:
         with restored.as_directory() as ckpt_dir:
             load_checkpoint(ckpt_dir, trainer)
@@ -223,6 +221,29 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             sink.close(timeout_s=METRICS_FLUSH_S)
 
 
+def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str]) -> Any:
+    """The checkpoint a (re)started worker group loads: Ray's offer or the driver's pick.
+
+    Ray offers the newest checkpoint it recorded. The driver picked the newest checkpoint
+    folder that reads cleanly (``find_resume_point``), and the two differ when Ray's offer is
+    damaged, when Ray's record was set aside (``forget_deleted_checkpoints``: no offer), and
+    when a driver died between copying a checkpoint into the run folder and recording it: Ray
+    then offers the one before, and the run redid a whole ``train.checkpoint_every`` interval
+    although its config was checked against the newer one. Ray's offer wins when it is at least
+    as new (folder names sort by report time): after a worker failure it is what this run last
+    reported.
+    """
+    import ray.train
+
+    if not resume_from:
+        return offered
+    if offered is not None:
+        name = offered.path.rstrip("/").rsplit("/", 1)[-1]
+        if name not in damaged and name >= resume_from.rstrip("/").rsplit("/", 1)[-1]:
+            return offered
+    return ray.train.Checkpoint(resume_from)
+
+
 def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: str) -> None:
     """Test switch (off by default): rank 0 dies once at ``train.fail_at_step``."""
     if cfg.train.fail_at_step is None or rank != 0 or step != cfg.train.fail_at_step:
@@ -306,7 +327,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         storage = prepare_outputs(cfg)
         run_dir = locations.join_location(storage, cfg.train.run_name)
         resume = find_resume_point(cfg, run_dir)
-        forgotten = forget_deleted_checkpoints(run_dir)
+        forget_deleted_checkpoints(run_dir)
         check_masks(cfg.masks, cfg.model.grid, cfg.train.batch_size, cfg.train.seed)
         ensure_ray()
         cfg = _resolve_workers(cfg, info.train_rows)
@@ -338,8 +359,9 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     from pipelines.tracking import mark_run
 
     try:
+        # always the driver's pick: Ray may offer an older checkpoint (see restore_point)
         skip = None
-        if resume is not None and (resume.damaged or forgotten):
+        if resume is not None:
             skip = {"resume_from": resume.path, "damaged_checkpoints": list(resume.damaged)}
         trainer = build_trainer(
             cfg,
@@ -371,7 +393,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
             mark_run(uri, run_id, "FAILED")
         if isinstance(err, (ClusterResourceError, PretrainError, *_LIBRARY_ERRORS)):
             raise PretrainError(str(err)) from None
-        raise PretrainError(_explain_failure(err)) from err
+        raise PretrainError(_explain_failure(err, run_dir)) from err
 
     metrics = dict(result.metrics or {})
     ckpt, version = None, None
@@ -527,7 +549,43 @@ def check_tracking_store(cfg: Config, storage: str) -> None:
         )
 
 
-def _explain_failure(err: BaseException) -> str:
+# a worker's write into the run folder refused by the storage: what it says about the storage
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "is full",
+    errno.EDQUOT: "is over its quota",
+    errno.EROFS: "is read-only",
+    errno.EACCES: "cannot be written",
+    errno.EPERM: "cannot be written",
+}
+
+
+def storage_error(err: BaseException) -> OSError | None:
+    """The OSError of a full, read-only or forbidden storage behind a failed run, if that is
+    what failed: Ray Train wraps it in a WorkerGroupError whose text is each rank's traceback,
+    which the user got as the error message, 40 lines ending in pyarrow's copy_files."""
+    pending: list[BaseException] = [err, *getattr(err, "worker_failures", {}).values()]
+    seen: set[int] = set()
+    while pending:
+        e = pending.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return e
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return None
+
+
+def _explain_failure(err: BaseException, run_dir: str) -> str:
+    full = storage_error(err)
+    if full is not None:
+        first = (str(full).strip().splitlines() or [type(full).__name__])[0]
+        return (
+            f"the output storage {_STORAGE_ERRNOS[full.errno]} ({first}), so training stopped; "
+            f"the checkpoints already in {run_dir} are intact. Free space or fix the storage, "
+            "then re-run the same command: it resumes from the newest checkpoint that reads "
+            "cleanly (one cut short is skipped with a warning)"
+        )
     text = str(err)
     lower = text.lower()
     # CUDA ("CUDA out of memory"), torch CPU allocator, and Ray's memory monitor killing a worker

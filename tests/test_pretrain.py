@@ -532,3 +532,108 @@ def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(s
     counts = Counter(s for s, _ in _history(again.tracking_uri, again.mlflow_run_id, "loss"))
     assert set(counts) == set(range(1, 7))
     assert {s for s, c in counts.items() if c > 1} == {3, 4}  # resumed at step 2
+
+
+def test_a_checkpoint_ray_never_recorded_is_resumed_from(shards, tmp_path):
+    # a driver killed (SIGKILL, a preempted head) after a worker copied a checkpoint into the
+    # run folder but before Ray Train recorded it in its snapshot: the re-run checked its config
+    # against that newest whole checkpoint, then Ray restored the one before and the run redid
+    # a whole checkpoint interval (seen on a real SIGKILL of driver and worker mid-save)
+    from pipelines.pretrain import RAY_CHECKPOINT_SNAPSHOT, run_pretrain
+
+    sets = {"train.num_workers": 1, "train.steps": 2, "train.checkpoint_every": 2}
+    run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    snapshot = tmp_path / "t" / RAY_CHECKPOINT_SNAPSHOT
+    recorded = snapshot.read_text()
+    second = run_pretrain(_cfg(tmp_path, **{**sets, "train.steps": 4}), str(shards))
+    snapshot.write_text(recorded)  # Ray's record as the killed driver left it: steps 2 only
+    assert json.loads((Path(second.checkpoint) / "meta.json").read_text())["step"] == 4
+
+    again = run_pretrain(_cfg(tmp_path, **{**sets, "train.steps": 6}), str(shards))
+    assert again.metrics["step"] == 6
+    counts = Counter(s for s, _ in _history(again.tracking_uri, again.mlflow_run_id, "loss"))
+    assert set(counts) == set(range(1, 7))
+    assert not {s for s, c in counts.items() if c > 1}  # resumed at step 4: nothing redone
+
+
+def test_restore_point_prefers_what_a_worker_failure_reports(tmp_path):
+    # after a worker failure Ray offers what this run last reported: newer than the driver's
+    # pick, so it wins; an older or damaged offer loses to the driver's pick
+    import ray.train
+
+    from pipelines.pretrain import restore_point
+
+    pick = str(tmp_path / "checkpoint_2026-01-01_10-05-00.000001")
+    newer = ray.train.Checkpoint(str(tmp_path / "checkpoint_2026-01-01_10-09-00.000001"))
+    older = ray.train.Checkpoint(str(tmp_path / "checkpoint_2026-01-01_10-00-00.000001"))
+    assert restore_point(newer, pick, ()) is newer
+    assert restore_point(older, pick, ()).path == pick
+    assert restore_point(newer, pick, (Path(newer.path).name,)).path == pick
+    assert restore_point(None, pick, ()).path == pick
+    assert restore_point(older, None, ()) is older
+
+
+def test_a_full_disk_is_one_line_naming_the_storage(tmp_path):
+    # Ray Train's WorkerGroupError text is each rank's traceback: the user got 40 lines ending
+    # in pyarrow's copy_files instead of what happened and what to do
+    from ray.train import WorkerGroupError
+
+    from pipelines.pretrain import _explain_failure
+
+    try:
+        with open("/dev/full", "wb") as f:  # the kernel's always-full device: a real ENOSPC
+            f.write(b"x")
+            f.flush()
+    except OSError as err:
+        full = err
+    failure = WorkerGroupError("Traceback (most recent call last):\n  ...\n" + str(full), {0: full})
+    message = _explain_failure(failure, str(tmp_path / "t"))
+    assert message.startswith("the output storage is full ([Errno 28] No space left on device)")
+    assert str(tmp_path / "t") in message and "re-run the same command" in message
+    assert "\n" not in message
+
+
+def test_a_disk_filling_up_mid_run_stops_in_one_line_and_the_rerun_resumes(shards, tmp_path):
+    # the run folder on a real 40 MiB tmpfs: the step-2 checkpoint (31 MB) fits, the step-4
+    # one fills the disk half way through Ray's copy
+    import subprocess
+
+    import mlflow
+
+    from pipelines.pretrain import PretrainError, run_pretrain
+
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(small)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("needs permission to mount a tmpfs (root in a privileged container)")
+    try:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        sets = {
+            "train.num_workers": 1,
+            "train.steps": 4,
+            "train.checkpoint_every": 2,
+            "train.max_failures": 0,
+            "tracking.uri": uri,
+        }
+        with pytest.raises(PretrainError, match="the output storage is full") as err:
+            run_pretrain(_cfg(small, **sets), str(shards))
+        assert "\n" not in str(err.value) and str(small / "t") in str(err.value)
+        run_id = (small / "t" / "mlflow_run_id").read_text()
+        assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+        steps = sorted(
+            json.loads((p / "meta.json").read_text())["step"]
+            for p in (small / "t").glob("checkpoint_*")
+            if (p / "meta.json").is_file() and (p / "meta.json").stat().st_size
+        )
+        assert steps[0] == 2  # the earlier checkpoint is intact
+        # space freed: the same command resumes, past the checkpoint cut short
+        subprocess.run(["mount", "-o", "remount,size=200m", str(small)], check=True)
+        again = run_pretrain(_cfg(small, **sets), str(shards))
+        assert again.metrics["step"] == 4 and again.mlflow_run_id == run_id
+        counts = Counter(s for s, _ in _history(uri, run_id, "loss"))
+        assert {s for s, c in counts.items() if c > 1} == {3, 4}  # resumed at step 2
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
