@@ -3,9 +3,13 @@ an index in the ``radjepa embed`` output format, and a free loopback port."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +189,24 @@ def fuzz_openapi(api, auth: dict[str, str], max_examples: int, **call_kwargs) ->
                 case.call_and_validate(headers=headers, checks=[not_a_server_error], **call_kwargs)
 
         fuzz()
+
+
+@contextlib.contextmanager
+def on_loopback(app) -> Iterator[tuple[str, int]]:
+    """``app`` served by a real uvicorn on a free loopback port (a thread): (host, port)."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield server.config.host, server.config.port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

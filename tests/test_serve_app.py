@@ -6,14 +6,12 @@ app runs behind Ray Serve in tests/test_serve_ray.py.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -26,11 +24,11 @@ from serve_helpers import (
     REPO,
     cosine,
     dicom_from_png,
-    free_port,
     fuzz_openapi,
     make_checkpoint,
     make_head,
     nih_pngs,
+    on_loopback,
     pseudonym,
     write_index,
 )
@@ -580,7 +578,7 @@ def test_get_routes_answer_head_as_get_does(client):
     import httpx
 
     with (
-        _on_loopback(client.app) as (host, port),
+        on_loopback(client.app) as (host, port),
         httpx.Client(base_url=f"http://{host}:{port}") as c,
     ):
         for path, headers in (("/healthz", {}), ("/readyz", {}), ("/v1/models", AUTH)):
@@ -601,7 +599,7 @@ def test_a_path_with_a_trailing_slash_is_a_404_not_a_redirect(client, world):
     import httpx
 
     with (
-        _on_loopback(client.app) as (host, port),
+        on_loopback(client.app) as (host, port),
         httpx.Client(
             base_url=f"http://{host}:{port}", headers={"host": "radjepa.example.org"}
         ) as c,
@@ -701,27 +699,6 @@ def test_bad_input_gets_its_4xx_never_a_500(client, world, case, status):
         assert body["reason"]
 
 
-@contextlib.contextmanager
-def _on_loopback(app):
-    """``app`` served by a real uvicorn on a free loopback port (a thread): (host, port)."""
-    import uvicorn
-
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield server.config.host, server.config.port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 def _multipart_head(filename: str = "a.png") -> bytes:
     return (
         b'--B\r\nContent-Disposition: form-data; name="files"; filename="'
@@ -743,7 +720,7 @@ def test_a_client_leaving_mid_upload_is_not_logged_as_a_server_error(
     caplog.set_level(logging.INFO, logger="serve.app")
     png = world["pngs"][0]
     sent = (start or b"") + png[: len(png) // 2]
-    with _on_loopback(client.app) as (host, port), socket.create_connection((host, port)) as s:
+    with on_loopback(client.app) as (host, port), socket.create_connection((host, port)) as s:
         s.sendall(
             f"POST /v1/embed HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
             f"Content-Type: {media}\r\nContent-Length: {len(sent) + len(png)}\r\n\r\n".encode()
@@ -784,7 +761,7 @@ def test_a_multipart_part_without_a_filename_is_refused_not_skipped(client, worl
         b"Content-Type: image/png\r\n\r\n" + world["pngs"][1] + b"\r\n--B--\r\n"
     )
     headers = {**AUTH, "content-type": "multipart/form-data; boundary=B"}
-    with _on_loopback(client.app) as (host, port):
+    with on_loopback(client.app) as (host, port):
         r = httpx.post(f"http://{host}:{port}/v1/classify", content=body, headers=headers)
     assert r.status_code == 422, r.text
     assert r.json()["reason"] == "not_a_file"
@@ -806,7 +783,7 @@ def test_a_body_over_the_limit_gets_413_and_the_connection_closed(client, framin
         body = (b"10000\r\n" + b"\0" * 65536 + b"\r\n") * (MAX_BODY // 65536 + 1)
     more = b"\0" * 65536 if framing == "declared" else b"10000\r\n" + b"\0" * 65536 + b"\r\n"
     answer, closed = b"", False
-    with _on_loopback(client.app) as (host, port), socket.create_connection((host, port)) as s:
+    with on_loopback(client.app) as (host, port), socket.create_connection((host, port)) as s:
         s.settimeout(10)
         s.sendall(head.encode() + body)
         s.settimeout(0.2)
@@ -848,7 +825,7 @@ def test_unexpected_failure_is_a_generic_500_whose_request_id_is_in_the_log(worl
     caplog.set_level(logging.ERROR, logger="serve.app")
     headers = {**AUTH, "content-type": "image/png"}
     with (
-        _on_loopback(app) as (host, port),
+        on_loopback(app) as (host, port),
         httpx.Client(base_url=f"http://{host}:{port}") as c,
     ):
         mine = c.post(
@@ -884,7 +861,7 @@ def test_every_response_carries_a_request_id_the_callers_when_valid(client, worl
     import httpx
 
     with (
-        _on_loopback(client.app) as (host, port),
+        on_loopback(client.app) as (host, port),
         httpx.Client(base_url=f"http://{host}:{port}") as c,
     ):
         sent = {"x-request-id": supplied.encode()}
@@ -941,7 +918,7 @@ def test_no_response_names_a_server_path(world, tmp_path):
     )
     png = {**AUTH, "content-type": "image/png"}
     with (
-        _on_loopback(app) as (host, port),
+        on_loopback(app) as (host, port),
         httpx.Client(base_url=f"http://{host}:{port}") as c,
     ):
         answers = [

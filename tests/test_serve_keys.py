@@ -12,8 +12,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -24,9 +22,9 @@ from serve_helpers import (
     OTHER_KEY,
     REPO,
     TINY_CONFIG,
-    free_port,
     make_checkpoint,
     nih_pngs,
+    on_loopback,
     pseudonym,
     write_index,
 )
@@ -42,23 +40,9 @@ NEW_KEY = "rotated-key-0123456789abcdef"
 
 @contextlib.contextmanager
 def _on_loopback(app):
-    """``app`` under a real uvicorn on a free loopback port (a thread); yields its URL."""
-    import uvicorn
-
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    """``app`` under a real uvicorn on a free loopback port; yields its URL."""
+    with on_loopback(app) as (host, port):
+        yield f"http://{host}:{port}"
 
 
 def _write(path: Path, text: str, mode: int = 0o600) -> Path:
