@@ -56,6 +56,11 @@ class ApiSettings(BaseModel):
     file_key_digests: tuple[str, ...] = Field(
         default=(), description="the digests read from keys_file (replaced when it changes)"
     )
+    env_keys: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="digest -> scopes of the keys from the env var: fixed for the process, "
+        "whatever later happens to the keys file",
+    )
     keys_recheck_s: float = Field(1.0, ge=0, description="how often the keys file is stat'ed")
     insecure_local: bool = False
     max_body_bytes: int = Field(64 * 1024**2, gt=0)
@@ -100,6 +105,8 @@ class ApiSettings(BaseModel):
             return frozenset(self.key_scopes.get(digest, ()))
 
         fixed = {d: scopes(d) for d in self.key_digests if d not in from_file}
+        # a key in both places stays when the file drops it, with the env var's own scopes
+        fixed.update({d: frozenset(s) for d, s in self.env_keys.items()})
         file_keys = {d: scopes(d) for d in self.file_key_digests}
         return KeyRing(fixed, file_keys, self.keys_file, self.keys_recheck_s)
 
@@ -136,6 +143,7 @@ def settings_from_config(
         if serve_cfg.api_keys_file
         else None,
         file_key_digests=tuple(sorted(from_file)),
+        env_keys={d: tuple(sorted(s)) for d, s in sorted(from_env.items())},
         insecure_local=serve_cfg.insecure_local,
         max_body_bytes=int(serve_cfg.max_body_mb * 1024**2),
         request_timeout_s=serve_cfg.request_timeout_s,

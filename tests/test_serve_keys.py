@@ -233,6 +233,24 @@ def test_a_changed_keys_file_takes_effect_without_a_restart(world, tmp_path, mon
         assert (_status(c, API_KEY), _status(c, NEW_KEY)) == (401, 200)
 
 
+def test_a_key_of_the_env_var_outlives_its_removal_from_the_keys_file(world, tmp_path, monkeypatch):
+    """Keys from the env var are fixed for the process: one that was also in the keys file was
+    taken for a file key and revoked when the file dropped it, with the file's scopes."""
+    from radjepa.config import ServeConfig
+
+    keys = _write(tmp_path / "keys", f"{API_KEY} patient_linkage\n{NEW_KEY}\n")
+    monkeypatch.setenv("RADJEPA_API_KEYS", API_KEY)
+    settings = settings_from_config(
+        ServeConfig(api_keys_file=str(keys)), secret_env="X", allow_development_key=True
+    ).model_copy(update={"keys_recheck_s": 0.0})
+    ring = settings.keyring()
+    assert ring.current()[key_digest(API_KEY)] == {"patient_linkage"}  # both places' scopes
+    _swap(keys, NEW_KEY + "\n")
+    now = ring.current()
+    assert now[key_digest(API_KEY)] == frozenset()  # the env var's, without the file's scope
+    assert set(now) == {key_digest(API_KEY), key_digest(NEW_KEY)}
+
+
 @pytest.mark.parametrize(
     ("case", "logged"),
     [
