@@ -399,7 +399,8 @@ def test_a_choice_sweep_tries_distinct_settings_drawn_with_the_seed(ray_session,
     assert distinct_draws(cfg) == draws  # train.seed decides them
     everything = distinct_draws(cfg.with_overrides({"tune.num_samples": 50}))
     assert len({repr(d) for d in everything}) == 6  # each setting once, never a repeat
-    assert distinct_draws(cfg.with_overrides({"tune.search_alg": "grid"})) is None
+    grid = cfg.with_overrides({"tune.search_alg": "grid", "tune.num_samples": None})
+    assert distinct_draws(grid) is None
 
     def trial(config):
         ray.tune.report({"score": 1.0})
