@@ -563,7 +563,11 @@ def storage_error(err: BaseException) -> OSError | None:
     """The OSError of a full, read-only or forbidden storage behind a failed run, if that is
     what failed: Ray Train wraps it in a WorkerGroupError whose text is each rank's traceback,
     which the user got as the error message, 40 lines ending in pyarrow's copy_files."""
+    # a rank's write (WorkerGroupError) or the controller's own record of the checkpoints
+    # (ControllerError), whichever met the full storage first
     pending: list[BaseException] = [err, *getattr(err, "worker_failures", {}).values()]
+    if isinstance(getattr(err, "controller_failure", None), BaseException):
+        pending.append(err.controller_failure)
     seen: set[int] = set()
     while pending:
         e = pending.pop(0)
