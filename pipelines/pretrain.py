@@ -444,17 +444,30 @@ def forget_deleted_checkpoints(run_dir: str) -> bool:
     text = locations.read_text(snapshot)
     if text is None:
         return False
-    try:  # Ray's own format (pinned 2.60): one we do not know is left for Ray to read
-        named = {r["checkpoint_dir_name"] for r in json.loads(text)["checkpoint_results"]}
-    except (ValueError, KeyError, TypeError):
-        return False
     from radjepa.resume import checkpoint_dirs
 
+    fs, path = locations.filesystem(snapshot)
+    try:
+        record = json.loads(text)
+    except ValueError:
+        # cut short (a full disk, a kill mid-write): Ray refuses to start on it
+        # (CheckpointManagerInitializationError), and nothing can be read from it anyway
+        fs.move(path, path + ".stale")
+        log.warning(
+            "run %s: Ray's record of its checkpoints is unreadable (cut short?) and is set aside "
+            "as %s.stale; the run resumes from its newest checkpoint folder that reads cleanly",
+            run_dir,
+            RAY_CHECKPOINT_SNAPSHOT,
+        )
+        return True
+    try:  # Ray's own format (pinned 2.60): one we do not know is left for Ray to read
+        named = {r["checkpoint_dir_name"] for r in record["checkpoint_results"]}
+    except (KeyError, TypeError):
+        return False
     on_disk = {name for name, _ in checkpoint_dirs(run_dir)}
     missing = sorted(named - on_disk)
     if not missing:
         return False
-    fs, path = locations.filesystem(snapshot)
     fs.move(path, path + ".stale")
     log.warning(
         "run %s: %s deleted, so the run %s; Ray's record of its checkpoints is set aside as "
