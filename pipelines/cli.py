@@ -270,7 +270,7 @@ def serve_cmd(
     from serve.security import SecurityConfigError, settings_from_config
 
     try:  # refuse an unprotected service, a taken port or a mistyped path before paying for Ray
-        settings_from_config(
+        settings = settings_from_config(
             cfg.serve,
             secret_env=cfg.ingest.secret_env,
             allow_development_key=cfg.ingest.allow_development_key,
@@ -281,7 +281,7 @@ def serve_cmd(
         raise UserError(str(err)) from None
     ensure_ray()
     try:
-        url = start_local(cfg)
+        url = start_local(cfg, settings=settings)
     except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")

@@ -10,7 +10,7 @@ import logging
 import socket
 
 from radjepa.config import Config
-from serve.security import settings_from_config
+from serve.security import ApiSettings, settings_from_config
 
 __all__ = ["PortInUse", "check_port_free", "start_local", "stop_local", "curl_example"]
 
@@ -50,18 +50,25 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def start_local(cfg: Config, *, replica_env: dict[str, str] | None = None) -> str:
+def start_local(
+    cfg: Config,
+    *,
+    replica_env: dict[str, str] | None = None,
+    settings: ApiSettings | None = None,
+) -> str:
     """Deploy the API on the connected Ray and return its base URL (port 0 = any free port).
 
     Raises SecurityConfigError before anything starts when no API key is configured and
     insecure local mode was not asked for, and PortInUse when the port is taken.
-    ``replica_env``: env vars for the ingress replicas (``app_from_config``).
+    ``replica_env``: env vars for the ingress replicas (``app_from_config``). ``settings``:
+    those a caller already built from ``cfg.serve`` (the keys file is then read, and its
+    warnings logged, once).
     """
     from ray import serve
 
     from serve.deployment import app_from_config
 
-    settings = settings_from_config(
+    settings = settings or settings_from_config(
         cfg.serve,
         secret_env=cfg.ingest.secret_env,
         allow_development_key=cfg.ingest.allow_development_key,

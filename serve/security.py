@@ -48,19 +48,17 @@ class ApiSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    key_digests: tuple[str, ...] = Field(default=(), description="sha256 hex of each API key")
-    key_scopes: dict[str, tuple[str, ...]] = Field(
-        default_factory=dict, description="digest -> scopes, for keys granted any"
-    )
-    keys_file: str | None = Field(None, description="re-read by each replica when it changes")
-    file_key_digests: tuple[str, ...] = Field(
-        default=(), description="the digests read from keys_file (replaced when it changes)"
-    )
     env_keys: dict[str, tuple[str, ...]] = Field(
         default_factory=dict,
         description="digest -> scopes of the keys from the env var: fixed for the process, "
         "whatever later happens to the keys file",
     )
+    file_keys: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="digest -> scopes read from keys_file at start (each replica re-reads it "
+        "when it changes)",
+    )
+    keys_file: str | None = Field(None, description="re-read by each replica when it changes")
     keys_recheck_s: float = Field(1.0, ge=0, description="how often the keys file is stat'ed")
     insecure_local: bool = False
     max_body_bytes: int = Field(64 * 1024**2, gt=0)
@@ -97,18 +95,27 @@ class ApiSettings(BaseModel):
         if self.insecure_local and not self.key_digests:
             log.warning("insecure local mode: the API accepts requests without a key")
 
+    @property
+    def key_digests(self) -> tuple[str, ...]:
+        """Every key accepted at start (sha256 hex), from the env var and the keys file."""
+        return tuple(sorted(self.env_keys.keys() | self.file_keys.keys()))
+
     def keyring(self) -> KeyRing:
-        """The keys a replica checks requests against, re-reading ``keys_file`` as it changes."""
-        from_file = set(self.file_key_digests)
+        """The keys a replica checks requests against, re-reading ``keys_file`` as it changes.
 
-        def scopes(digest: str) -> frozenset[str]:
-            return frozenset(self.key_scopes.get(digest, ()))
+        A key in both places keeps the scopes of both, and stays (with the env var's own
+        scopes) when the file drops it."""
+        return KeyRing(
+            _frozen(self.env_keys), _frozen(self.file_keys), self.keys_file, self.keys_recheck_s
+        )
 
-        fixed = {d: scopes(d) for d in self.key_digests if d not in from_file}
-        # a key in both places stays when the file drops it, with the env var's own scopes
-        fixed.update({d: frozenset(s) for d, s in self.env_keys.items()})
-        file_keys = {d: scopes(d) for d in self.file_key_digests}
-        return KeyRing(fixed, file_keys, self.keys_file, self.keys_recheck_s)
+
+def _frozen(keys: dict[str, tuple[str, ...]]) -> Keys:
+    return {d: frozenset(s) for d, s in keys.items()}
+
+
+def _tuples(keys: Keys) -> dict[str, tuple[str, ...]]:
+    return {d: tuple(sorted(s)) for d, s in sorted(keys.items())}
 
 
 def load_api_keys(env_name: str, file: str | os.PathLike[str] | None) -> tuple[Keys, Keys]:
@@ -134,16 +141,12 @@ def settings_from_config(
     The key itself is resolved where it is used (a replica's environment may hold it when
     this process's does not)."""
     from_env, from_file = load_api_keys(serve_cfg.api_keys_env, serve_cfg.api_keys_file)
-    keys = {d: s | from_file.get(d, frozenset()) for d, s in from_env.items()}
-    keys = from_file | keys
     settings = ApiSettings(
-        key_digests=tuple(sorted(keys)),
-        key_scopes={d: tuple(sorted(s)) for d, s in sorted(keys.items()) if s},
+        env_keys=_tuples(from_env),
+        file_keys=_tuples(from_file),
         keys_file=str(Path(serve_cfg.api_keys_file).absolute())
         if serve_cfg.api_keys_file
         else None,
-        file_key_digests=tuple(sorted(from_file)),
-        env_keys={d: tuple(sorted(s)) for d, s in sorted(from_env.items())},
         insecure_local=serve_cfg.insecure_local,
         max_body_bytes=int(serve_cfg.max_body_mb * 1024**2),
         request_timeout_s=serve_cfg.request_timeout_s,

@@ -32,7 +32,7 @@ def embedder(tmp_path_factory) -> LocalEmbedder:
 
 
 def _app(embedder: LocalEmbedder, **kw):
-    settings = ApiSettings(key_digests=(key_digest(API_KEY),), allow_development_key=True, **kw)
+    settings = ApiSettings(env_keys={key_digest(API_KEY): ()}, allow_development_key=True, **kw)
     return create_app(embedder, settings=settings)
 
 
@@ -176,7 +176,7 @@ def test_a_similar_case_search_leaves_the_event_loop_free(embedder, nih_dir) -> 
     emb = rng.standard_normal((len(pngs), embedder.info.embed_dim)).astype(np.float32)
     ids = [hashlib.sha256(b).hexdigest() for b in pngs]
     index = _ParkedIndex(emb, ids)
-    settings = ApiSettings(key_digests=(key_digest(API_KEY),), allow_development_key=True)
+    settings = ApiSettings(env_keys={key_digest(API_KEY): ()}, allow_development_key=True)
     app = create_app(embedder, settings=settings, index=index)
     headers = {**AUTH, "content-type": "image/png"}
     with TestClient(app) as client, ThreadPoolExecutor(1) as pool:

@@ -93,8 +93,7 @@ def _settings(**kw) -> ApiSettings:
     # the key may look up an upload's PatientID (tests/test_serve_keys.py: keys that may not);
     # the indexes here are made by hand: the public development key, opted into explicitly
     base = {
-        "key_digests": (key_digest(API_KEY),),
-        "key_scopes": {key_digest(API_KEY): ("patient_linkage",)},
+        "env_keys": {key_digest(API_KEY): ("patient_linkage",)},
         "max_body_bytes": MAX_BODY,
         "allow_development_key": True,
     }

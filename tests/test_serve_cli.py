@@ -83,6 +83,9 @@ def test_serve_with_a_mistyped_path_fails_in_one_line_before_starting_ray(tmp_pa
 def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     port = free_port()
+    keys_file = tmp_path / "keys"  # as a Secret volume without defaultMode leaves it: 0644
+    keys_file.write_text("k3-" + "c" * 40 + "\n")
+    keys_file.chmod(0o644)
     proc = _radjepa(
         "serve",
         "--config",
@@ -91,6 +94,8 @@ def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir)
         str(ckpt),
         "--port",
         str(port),
+        "--set",
+        f"serve.api_keys_file={keys_file}",
         env=_env(RADJEPA_API_KEYS=KEYS),
     )
     lines: list[str] = []
@@ -106,6 +111,8 @@ def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir)
         url = f"http://127.0.0.1:{port}"
         assert any(f"RadJEPA API at {url}" in x for x in lines), "".join(lines)
         assert "/v1/embed" in lines[-1]
+        # the keys file is read once before the service starts: one warning, not one per read
+        assert sum("readable by every user" in x for x in lines) == 1, "".join(lines)
         # the printed curl example, pasted into a shell that has the keys, works as printed
         (tmp_path / "image.dcm").write_bytes(dicom_from_png(nih_pngs(nih_dir, 1)[0]))
         shell = subprocess.run(

@@ -151,7 +151,8 @@ def test_key_lines_and_env_entries_take_scopes_and_refuse_unknown_ones(tmp_path,
     s = settings_from_config(
         ServeConfig(api_keys_file=str(keys)), secret_env="X", allow_development_key=False
     )
-    assert set(s.key_scopes) == {key_digest(LINKAGE_KEY), key_digest(OTHER_KEY)}
+    scoped = {d for d, sc in (s.env_keys | s.file_keys).items() if sc}
+    assert scoped == {key_digest(LINKAGE_KEY), key_digest(OTHER_KEY)}
     assert len(s.key_digests) == 4 and LINKAGE_KEY not in s.model_dump_json()
     for bad, match in (
         (f"{API_KEY} patient-linkage\n", "line 1: unknown API key scope 'patient-linkage'"),

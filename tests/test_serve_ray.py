@@ -302,7 +302,7 @@ def test_index_from_another_checkpoint_fails_the_deployment(service):
     with pytest.raises(IndexLoadError, match="rebuild it with `radjepa embed`"):
         build_app(args)
     # the replicas' own check: the same two deployments, bound without the driver's check
-    settings = ApiSettings(key_digests=(key_digest(API_KEY),), allow_development_key=True)
+    settings = ApiSettings(env_keys={key_digest(API_KEY): ()}, allow_development_key=True)
     settings = settings.model_dump()
     app = ApiIngress.bind(EncoderDeployment.bind(str(root / "ckpt")), settings, None, str(index))
     try:
