@@ -82,10 +82,16 @@ def _root(
 
 @app.command()
 def version() -> None:
-    """Print the package version."""
+    """Print the package version, then the git commit of the code when it is known."""
+    from pipelines.provenance import code_tags
     from radjepa import __version__
 
     typer.echo(__version__)
+    tags = code_tags()
+    if "mlflow.source.git.commit" in tags:
+        dirty = {"true": " with uncommitted changes", "unknown": ""}.get(tags["radjepa.git_dirty"])
+        source = " (as submitted)" if tags.get("radjepa.git_source") == "submitter" else ""
+        typer.echo(f"commit {tags['mlflow.source.git.commit']}{dirty or ''}{source}")
 
 
 @config_app.command("show")

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipelines.provenance import submitter_env
+
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
@@ -266,7 +268,8 @@ def build_submission(
         runtime_env_file = wd / RUNTIME_ENV_FILE
     base = load_runtime_env_file(runtime_env_file) if runtime_env_file else {}
 
-    env_vars: dict[str, str] = dict(base.get("env_vars") or {})
+    # the upload leaves .git behind: the run records the commit the submitter read here
+    env_vars: dict[str, str] = submitter_env(wd) | dict(base.get("env_vars") or {})
     for name in PASSTHROUGH_ENVS:
         if local.get(name):
             env_vars[name] = local[name]

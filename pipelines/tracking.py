@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipelines.provenance import code_tags
 from radjepa.config import Config, TrackingConfig
 from radjepa.locations import join_location, local_path, redact
 
@@ -147,31 +148,8 @@ def provenance_tags(data: str, images: int, fingerprint: str) -> dict[str, str]:
             tags[f"radjepa.{dist}_version"] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             pass
-    tags.update(_git_tags())
+    tags.update(code_tags())
     return tags
-
-
-def _git_tags() -> dict[str, str]:
-    """The commit of the code that runs, when it runs from a git checkout (a Ray Job's uploaded
-    working dir is not one: ``radjepa.radjepa_version`` is what remains then)."""
-    import subprocess
-
-    here = str(Path(__file__).resolve().parent)
-
-    def git(*args: str) -> str:
-        done = subprocess.run(
-            ["git", "-C", here, *args], capture_output=True, text=True, timeout=10, check=True
-        )
-        return done.stdout.strip()
-
-    try:
-        # this very file tracked: not an install that merely sits inside some other repository
-        git("ls-files", "--error-unmatch", Path(__file__).name)
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"mlflow.source.git.commit": commit, "radjepa.git_dirty": str(dirty).lower()}
 
 
 def redacted_yaml(cfg: Config) -> str:

@@ -263,6 +263,22 @@ def test_failing_job_exits_nonzero_and_prints_its_error(ray_head: dict[str, str]
 
 
 @pytest.mark.slow
+def test_a_job_knows_the_commit_it_was_submitted_from(ray_head: dict[str, str]) -> None:
+    """The upload leaves .git behind, so a job's MLflow runs recorded no commit at all: the
+    submitter now passes the one it read, and the job reports it as such."""
+    from pipelines.provenance import git_state
+
+    state = git_state(REPO / "pipelines" / "cli.py")
+    assert state is not None  # the tests run from a checkout
+    commit, dirty = state
+    res = _radjepa(["submit", "version"], ray_head)
+
+    assert res.returncode == 0, res.stdout + res.stderr
+    changes = " with uncommitted changes" if dirty else ""
+    assert f"commit {commit}{changes} (as submitted)" in res.stdout
+
+
+@pytest.mark.slow
 def test_no_wait_prints_the_id_and_logs_follow_picks_it_up(ray_head: dict[str, str]) -> None:
     sub = _radjepa(["submit", "--no-wait", "--", "config", "show"], ray_head)
     assert sub.returncode == 0, sub.stderr
@@ -336,6 +352,7 @@ def test_submission_uploads_checkout_without_venv_and_passes_only_asked_secrets(
     assert sub.runtime_env["working_dir"] == str(REPO)
     assert {".venv", ".git", "runs", "*.parquet"} <= set(sub.runtime_env["excludes"])
     assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert len(sub.runtime_env["env_vars"]["RADJEPA_GIT_COMMIT"]) == 40  # .git stays behind
     assert "RADJEPA_DEID_SECRET" not in sub.runtime_env["env_vars"]
     assert "s3cr3t" not in sub.describe()
 
@@ -431,3 +448,22 @@ def test_server_tracebacks_are_cut_to_their_last_line() -> None:
         "exists. Please use a different one."
     )
     assert jobs.server_message(RuntimeError("plain")) == "plain"
+
+
+def test_the_submitted_commit_is_recorded_only_when_it_looks_like_one(tmp_path: Path) -> None:
+    from pipelines.provenance import GIT_COMMIT_ENV, GIT_DIRTY_ENV, code_tags
+
+    outside = tmp_path / "copy.py"  # an uploaded working dir: no checkout tracks it
+    outside.write_text("")
+    sha = "0123456789abcdef" * 2 + "01234567"
+    tags = code_tags(outside, {GIT_COMMIT_ENV: sha.upper(), GIT_DIRTY_ENV: "false"})
+    assert tags == {
+        "mlflow.source.git.commit": sha,
+        "radjepa.git_dirty": "false",
+        "radjepa.git_source": "submitter",
+    }
+    assert code_tags(outside, {GIT_COMMIT_ENV: sha})["radjepa.git_dirty"] == "unknown"
+    assert code_tags(outside, {GIT_COMMIT_ENV: "main; rm -rf /"}) == {}
+    assert code_tags(outside, {}) == {}
+    here = code_tags(REPO / "pipelines" / "cli.py", {GIT_COMMIT_ENV: sha})
+    assert here["mlflow.source.git.commit"] != sha and "radjepa.git_source" not in here
