@@ -90,7 +90,9 @@ def version() -> None:
     tags = code_tags()
     if "mlflow.source.git.commit" in tags:
         dirty = {"true": " with uncommitted changes", "unknown": ""}.get(tags["radjepa.git_dirty"])
-        source = " (as submitted)" if tags.get("radjepa.git_source") == "submitter" else ""
+        source = {"submitter": " (as submitted)", "image": " (the image's build)"}.get(
+            tags.get("radjepa.git_source", ""), ""
+        )
         typer.echo(f"commit {tags['mlflow.source.git.commit']}{dirty or ''}{source}")
 
 

@@ -228,6 +228,13 @@ def test_dockerfile_builds_both_variants_from_real_paths_as_non_root() -> None:
     assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
     users = re.findall(r"^USER\s+(\S+)", text, re.M)
     assert users and users[-1] not in {"root", "0"}
+    # the image's runs name the commit it was built from, by the names provenance reads
+    from pipelines.provenance import GIT_COMMIT_ENV, GIT_SOURCE_ENV
+
+    assert re.search(r"^ARG GIT_COMMIT=", text, re.M)
+    assert f"{GIT_COMMIT_ENV}=${{GIT_COMMIT}}" in text and f"{GIT_SOURCE_ENV}=image" in text
+    docs = (REPO / "docs" / "CLUSTER.md").read_text()
+    assert docs.count("--build-arg GIT_COMMIT=$(git rev-parse HEAD)") == 2
     runs = [line for line in text.splitlines() if line.startswith("RUN ")]
     assert "TORCH_SPEC" in runs[0] and "--index-url" in runs[0], "torch installs before the package"
     for line in re.findall(r"^COPY (?:--\S+ )*(.+)$", text, re.M):

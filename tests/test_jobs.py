@@ -451,18 +451,29 @@ def test_server_tracebacks_are_cut_to_their_last_line() -> None:
 
 
 def test_the_submitted_commit_is_recorded_only_when_it_looks_like_one(tmp_path: Path) -> None:
-    from pipelines.provenance import GIT_COMMIT_ENV, GIT_DIRTY_ENV, code_tags
+    from pipelines.provenance import (
+        GIT_COMMIT_ENV,
+        GIT_DIRTY_ENV,
+        GIT_SOURCE_ENV,
+        code_tags,
+        submitter_env,
+    )
 
     outside = tmp_path / "copy.py"  # an uploaded working dir: no checkout tracks it
     outside.write_text("")
     sha = "0123456789abcdef" * 2 + "01234567"
-    tags = code_tags(outside, {GIT_COMMIT_ENV: sha.upper(), GIT_DIRTY_ENV: "false"})
+    submitted = submitter_env(REPO)
+    assert submitted[GIT_SOURCE_ENV] == "submitter"  # overrides the image's own "image"
+    tags = code_tags(outside, submitted | {GIT_COMMIT_ENV: sha.upper(), GIT_DIRTY_ENV: "false"})
     assert tags == {
         "mlflow.source.git.commit": sha,
         "radjepa.git_dirty": "false",
         "radjepa.git_source": "submitter",
     }
+    image = {GIT_COMMIT_ENV: sha, GIT_SOURCE_ENV: "image"}  # as cluster/Dockerfile sets them
+    assert code_tags(outside, image)["radjepa.git_source"] == "image"
     assert code_tags(outside, {GIT_COMMIT_ENV: sha})["radjepa.git_dirty"] == "unknown"
+    assert code_tags(outside, image | {GIT_COMMIT_ENV: ""}) == {}  # built without the arg
     assert code_tags(outside, {GIT_COMMIT_ENV: "main; rm -rf /"}) == {}
     assert code_tags(outside, {}) == {}
     here = code_tags(REPO / "pipelines" / "cli.py", {GIT_COMMIT_ENV: sha})
