@@ -1,8 +1,8 @@
 """The similar-case index: archive embeddings (written by ``radjepa embed``) searched by cosine.
 
 The archive is small enough to hold as one normalised float32 matrix per replica (1M x 768 is
-3 GiB; a typical department archive is far smaller), so exact search is a single matrix-vector
-product and needs no approximate-search dependency.
+3 GiB, about 5 GiB with its ids and pseudonyms; a typical department archive is far smaller), so
+exact search is a single matrix-vector product and needs no approximate-search dependency.
 
 A query image that is itself archived would be its own best hit (cosine 1.0): callers exclude
 rows by image id (made from the original file bytes as ingest made it: the index records how,
@@ -72,6 +72,16 @@ IMAGE_ID_SCHEME_COLUMN = "image_id_scheme"
 # last one is written: Ray Data writes each part straight into the folder, so an interrupted run
 # leaves a folder of valid Parquet that holds only some of the archive
 INCOMPLETE_MARKER = "_EMBED_INCOMPLETE"
+_BATCH_ROWS = 16384  # rows decoded at once while loading (~50 MB of 768-d embeddings)
+# columns holding one value for the whole index (each part records it on every row)
+_RECORD_COLUMNS = (
+    ENCODER_COLUMN,
+    "model",
+    PSEUDONYM_KEY_COLUMN,
+    PATIENT_IDENTITY_COLUMN,
+    IMAGE_ID_SCHEME_COLUMN,
+)
+_LOADED_COLUMNS = ("image_id", "embedding", *PID_COLUMNS, *_RECORD_COLUMNS)
 
 
 class IndexLoadError(ValueError):
@@ -116,15 +126,17 @@ class EmbeddingIndex:
         pseudonym_key: str | None = None,
         patient_identity: str | None = None,
         image_id_scheme: str = ID_SCHEME_UNKEYED,
+        copy: bool = True,
     ) -> None:
+        """``copy=False`` lets the index normalise ``embeddings`` in place and keep it (a
+        float32 array nothing else uses): an archive's matrix is the replica's largest object."""
         if embeddings.ndim != 2 or embeddings.shape[0] != len(image_ids):
             raise IndexLoadError(
                 f"embeddings {embeddings.shape} do not match {len(image_ids)} image ids"
             )
         if embeddings.shape[0] == 0:
             raise IndexLoadError(f"index {source} holds no embeddings")
-        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-        self.matrix = (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)  # [N, D]
+        self.matrix = _unit_rows(np.array(embeddings, dtype=np.float32, copy=copy))  # [N, D]
         self.image_ids = list(image_ids)
         self.pids = {c: list((pids or {}).get(c) or [None] * len(image_ids)) for c in PID_COLUMNS}
         # built once so that each request's exclusions cost a lookup, not a scan of every row
@@ -146,45 +158,46 @@ class EmbeddingIndex:
 
     @classmethod
     def from_parquet(cls, path: str | Path) -> EmbeddingIndex:
-        """Read one Parquet file or a folder of them (Ray Data writes a folder)."""
+        """Read one Parquet file or a folder of them (Ray Data writes a folder).
+
+        The embeddings are decoded a batch of rows at a time and copied once into the one
+        matrix the index keeps, then normalised there. Reading all parts as one table and
+        converting it held the decoded pages and four more copies of the matrix at once
+        (``bench/index_load.py`` measures both ways)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         p, files = _index_files(path)
-        tables = [pq.read_table(f) for f in files]
-        missing = {"image_id", "embedding"} - set(tables[0].column_names)
-        if missing:
-            raise IndexLoadError(f"{p}: missing column(s) {sorted(missing)}")
-        import pyarrow as pa
-
-        table = pa.concat_tables(tables, promote_options="default")
-        emb = table.column("embedding").combine_chunks()
-        flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        n = len(table)
-        if n == 0 or flat.size % n:
-            raise IndexLoadError(f"{p}: embeddings are empty or ragged")
-        matrix = flat.reshape(n, flat.size // n)  # [N, D]
-        pids = {c: table.column(c).to_pylist() for c in PID_COLUMNS if c in table.column_names}
-        fingerprint = None
-        if ENCODER_COLUMN in table.column_names:
-            fingerprint = _one_encoder(
-                p, sorted(_distinct(table, ENCODER_COLUMN), key=_nulls_first)
-            )
-        models = table.column("model").unique().to_pylist() if "model" in table.column_names else []
-        log.info("loaded index %s: %d embeddings of dim %d", p, n, matrix.shape[1])
+        parts = _Parts(p, sum(_part_rows(f) for f in files))
+        for f in files:
+            try:
+                # pre_buffer off: it fetched a whole part's column chunks before the first batch
+                with pq.ParquetFile(f, pre_buffer=False) as pf:
+                    names = pf.schema_arrow.names
+                    missing = {"image_id", "embedding"} - set(names)
+                    if missing:
+                        raise IndexLoadError(f"{f}: missing column(s) {sorted(missing)}")
+                    columns = [c for c in _LOADED_COLUMNS if c in names]
+                    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
+                        parts.add(batch)
+            except (pa.ArrowException, OSError) as err:  # a damaged or truncated part
+                raise IndexLoadError(f"{f}: unreadable: {err}") from None
+        pa.default_memory_pool().release_unused()  # the batches' buffers, not needed again
+        matrix = parts.matrix()
+        log.info("loaded index %s: %d embeddings of dim %d", p, *matrix.shape)
+        seen = parts.seen
+        models = seen["model"]
         return cls(
             matrix,
-            table.column("image_id").to_pylist(),
-            pids,
+            parts.image_ids,
+            parts.pids,
             source=str(p),
-            encoder_fingerprint=fingerprint,
-            model=models[0] if len(models) == 1 else None,
-            pseudonym_key=_one_record(
-                p, PSEUDONYM_KEY_COLUMN, _distinct(table, PSEUDONYM_KEY_COLUMN)
-            ),
-            patient_identity=_one_record(
-                p, PATIENT_IDENTITY_COLUMN, _distinct(table, PATIENT_IDENTITY_COLUMN)
-            ),
-            image_id_scheme=_one_id_scheme(p, _distinct(table, IMAGE_ID_SCHEME_COLUMN)),
+            encoder_fingerprint=_one_encoder(p, sorted(seen[ENCODER_COLUMN], key=_nulls_first)),
+            model=next(iter(models)) if len(models) == 1 else None,
+            pseudonym_key=_one_record(p, PSEUDONYM_KEY_COLUMN, seen[PSEUDONYM_KEY_COLUMN]),
+            patient_identity=_one_record(p, PATIENT_IDENTITY_COLUMN, seen[PATIENT_IDENTITY_COLUMN]),
+            image_id_scheme=_one_id_scheme(p, seen[IMAGE_ID_SCHEME_COLUMN]),
+            copy=False,
         )
 
     @staticmethod
@@ -401,7 +414,7 @@ def _one_id_scheme(p: Path, seen: set[str | None]) -> str:
     return scheme
 
 
-def _distinct(table: pa.Table, column: str) -> set[str | None]:
+def _distinct(table: pa.Table | pa.RecordBatch, column: str) -> set[str | None]:
     """The values rows record in ``column``; a table without it counts as one None (parts
     embedded before the record existed: nulls once parts are concatenated)."""
     if column not in table.column_names:
@@ -434,6 +447,74 @@ def _one_record(p: Path, column: str, seen: set[str | None]) -> str | None:
         log.warning("%s: parts record %d different %s values: unknown", p, len(seen), column)
         return None
     return next(iter(seen), None)
+
+
+class _Parts:
+    """An index's rows gathered a batch at a time: the embeddings into one preallocated
+    matrix, the ids and pseudonyms into lists, the record columns' distinct values."""
+
+    def __init__(self, source: Path, rows: int) -> None:
+        self.source = source
+        self.rows = rows
+        self.filled = 0
+        self._matrix: np.ndarray | None = None
+        self.image_ids: list[str] = []
+        self.pids: dict[str, list[str | None]] = {c: [] for c in PID_COLUMNS}
+        # a part without a record column counts as nulls, as when parts were concatenated
+        self.seen: dict[str, set[str | None]] = {c: set() for c in _RECORD_COLUMNS}
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        n = batch.num_rows
+        values = _embedding_values(self.source, batch.column("embedding"))
+        if self._matrix is None and n:
+            self._matrix = np.empty((self.rows, values.size // n), dtype=np.float32)
+        dim = self._matrix.shape[1] if self._matrix is not None else 0
+        if values.size != n * dim or dim == 0 or self.filled + n > self.rows:
+            raise IndexLoadError(f"{self.source}: embeddings are empty or ragged")
+        self._matrix[self.filled : self.filled + n] = values.reshape(n, dim)
+        self.filled += n
+        names = batch.schema.names
+        self.image_ids.extend(batch.column("image_id").to_pylist())
+        for c in PID_COLUMNS:
+            self.pids[c].extend(batch.column(c).to_pylist() if c in names else [None] * n)
+        for c in _RECORD_COLUMNS:
+            self.seen[c] |= _distinct(batch, c)
+
+    def matrix(self) -> np.ndarray:
+        if self._matrix is None or self.filled != self.rows:
+            raise IndexLoadError(f"{self.source}: embeddings are empty or ragged")
+        return self._matrix
+
+
+def _unit_rows(matrix: np.ndarray, block: int = 65536) -> np.ndarray:
+    """Scale each row to unit length in place, a block of rows at a time (no temporary the
+    size of the matrix); an all-zero row stays zero."""
+    for start in range(0, matrix.shape[0], block):
+        rows = matrix[start : start + block]
+        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+        rows /= np.maximum(norms, 1e-12)[:, None]
+    return matrix
+
+
+def _part_rows(f: Path) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with pq.ParquetFile(f) as pf:
+            return int(pf.metadata.num_rows)
+    except (pa.ArrowException, OSError) as err:  # a damaged or truncated part
+        raise IndexLoadError(f"{f}: unreadable: {err}") from None
+
+
+def _embedding_values(p: Path, chunk: pa.Array) -> np.ndarray:
+    """The float values of one chunk of the (fixed-size or plain) list column, without nulls."""
+    if chunk.null_count:
+        raise IndexLoadError(f"{p}: {chunk.null_count} row(s) have no embedding")
+    values = chunk.flatten()  # honours the chunk's offset into its child array
+    if values.null_count:
+        raise IndexLoadError(f"{p}: embeddings hold null values")
+    return values.to_numpy(zero_copy_only=False)
 
 
 def _rows_by_value(values: list[str | None]) -> dict[str, list[int]]:

@@ -1,0 +1,152 @@
+"""Similar-case index load: our batch-wise loader vs loading the whole index as one table.
+
+    python bench/index_load.py [--rows 200000] [--dim 768] [--rows-per-file 50000]
+
+Writes an index folder shaped like `radjepa embed`'s (several Parquet parts, the embedding as a
+fixed-size float32 list, image id and pseudonym columns of 64 hex characters, the record
+columns), then loads it in two fresh processes: ``ours`` is ``serve.index.EmbeddingIndex
+.from_parquet``; ``baseline`` is the straightforward load it replaced (every part read into one
+concatenated table, the column converted to a float32 matrix, rows normalised into a new array,
+ids as Python lists). Each process reports its peak RSS (``ru_maxrss``), its RSS once loaded
+and the load time; both must hold the same unit-row matrix. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PIDS = ("patient_pid", "study_pid", "series_pid", "instance_pid")
+
+
+def write_index(folder: Path, rows: int, dim: int, rows_per_file: int) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, start in enumerate(range(0, rows, rows_per_file)):
+        n = min(rows_per_file, rows - start)
+        ids = [f"{i:064x}" for i in range(start, start + n)]
+        emb = rng.standard_normal((n, dim), dtype=np.float32)
+        cols = {"image_id": pa.array(ids, pa.string())}
+        for c in PIDS:  # three images per patient, study and series; one per instance
+            cols[c] = pa.array(
+                ids if c == "instance_pid" else [f"{i // 3:064x}" for i in range(start, start + n)]
+            )
+        for c, v in (
+            ("model", "bench"),
+            ("encoder_sha256", "e" * 64),
+            ("image_id_scheme", "hmac-sha256"),
+        ):
+            cols[c] = pa.array([v] * n, pa.string())
+        cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim)
+        # row groups of a few thousand rows, as Ray Data's write_parquet leaves them
+        pq.write_table(pa.table(cols), folder / f"part-{part:05d}.parquet", row_group_size=4096)
+
+
+def load_baseline(folder: Path) -> tuple[np.ndarray, list[str]]:
+    """The whole-table load: every part at once, then a float32 copy and a normalised copy."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.concat_tables([pq.read_table(f) for f in sorted(folder.glob("*.parquet"))])
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    matrix = flat.astype(np.float32).reshape(len(table), -1)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    unit = (matrix / np.maximum(norms, 1e-12)).astype(np.float32)
+    ids = table.column("image_id").to_pylist()
+    _pids = {c: table.column(c).to_pylist() for c in PIDS}
+    return unit, ids
+
+
+def measure(which: str, folder: Path) -> dict[str, float]:
+    """Run in a fresh process: load, then report memory and time (and a checksum)."""
+    t0 = time.perf_counter()
+    if which == "ours":
+        from serve.index import EmbeddingIndex
+
+        index = EmbeddingIndex.from_parquet(folder)
+        matrix, ids = index.matrix, index.image_ids
+    else:
+        matrix, ids = load_baseline(folder)
+    seconds = time.perf_counter() - t0
+    with open("/proc/self/statm") as fh:
+        rss = int(fh.read().split()[1]) * resource.getpagesize()
+    return {
+        "load_s": seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "loaded_rss_mib": rss / 2**20,
+        "matrix_mib": matrix.nbytes / 2**20,
+        "checksum": float(np.abs(matrix[:: max(1, len(ids) // 1000)]).sum()),
+        "rows": len(ids),
+    }
+
+
+def in_fresh_process(which: str, folder: Path) -> dict[str, float]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--measure", which, "--folder", str(folder)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--dim", type=int, default=768)
+    ap.add_argument("--rows-per-file", type=int, default=50_000)
+    ap.add_argument("--measure", choices=("ours", "baseline"), help=argparse.SUPPRESS)
+    ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.folder)))
+        return
+    with tempfile.TemporaryDirectory(prefix="radjepa-index-bench-") as tmp:
+        folder = Path(tmp) / "index"
+        write_index(folder, args.rows, args.dim, args.rows_per_file)
+        ours = in_fresh_process("ours", folder)
+        base = in_fresh_process("baseline", folder)
+    if ours["rows"] != base["rows"] or not np.isclose(
+        ours["checksum"], base["checksum"], rtol=1e-5
+    ):
+        raise SystemExit(f"the two loads disagree: {ours} vs {base}")
+    print(
+        json.dumps(
+            {
+                "bench": "index_load",
+                "rows": args.rows,
+                "dim": args.dim,
+                "rows_per_file": args.rows_per_file,
+                "matrix_mib": round(ours["matrix_mib"], 1),
+                "ours_peak_rss_mib": round(ours["peak_rss_mib"], 1),
+                "baseline_peak_rss_mib": round(base["peak_rss_mib"], 1),
+                "peak_ratio": round(base["peak_rss_mib"] / ours["peak_rss_mib"], 2),
+                "ours_loaded_rss_mib": round(ours["loaded_rss_mib"], 1),
+                "baseline_loaded_rss_mib": round(base["loaded_rss_mib"], 1),
+                "ours_load_s": round(ours["load_s"], 2),
+                "baseline_load_s": round(base["load_s"], 2),
+                "speedup": round(base["load_s"] / ours["load_s"], 2),
+                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                "python": platform.python_version(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
