@@ -105,3 +105,22 @@ def test_a_wrong_part_is_refused_in_one_line(tmp_path, problem, match):
         _part(second, np.ones((0, 4), np.float32), [])
     with pytest.raises(IndexLoadError, match=match):
         EmbeddingIndex.from_parquet(folder)
+
+
+def test_the_load_bench_runs_both_loaders_and_prints_one_json_line():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "index_load.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--rows", "3000", "--dim", "16", "--rows-per-file", "1000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.strip().splitlines()
+    out = json.loads(line)
+    assert out["rows"] == 3000 and out["peak_ratio"] > 0 and out["speedup"] > 0
