@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -532,6 +532,23 @@ def jobs_stop(
     typer.echo(f"stop requested for {job_id}" if stopped else f"{job_id} had already finished")
 
 
+def _paired_cells(report: dict[str, Any], label: str) -> list[str]:
+    """``ours-pixels +0.052 [+0.010, +0.094] *`` per baseline: the paired AUROC difference,
+    starred when its interval excludes 0 (the report's table says the same)."""
+    comp = report.get("comparisons") or {}
+    cells = []
+    for method, res in (comp.get("methods") or {}).items():
+        row = next((r for r in res["labels"] if r["name"] == label), None)
+        d = (row or {}).get("auroc_diff")
+        if d is None:
+            continue
+        cell = f"{comp['reference']}-{method} {d['estimate']:+.3f}"
+        if d["draws"]:
+            cell += f" [{d['low']:+.3f}, {d['high']:+.3f}]" + (" *" if d["excludes_zero"] else "")
+        cells.append(cell)
+    return cells
+
+
 @app.command("probe")
 def probe_cmd(
     checkpoint: Annotated[
@@ -630,6 +647,9 @@ def probe_cmd(
             else:
                 cells.append(f"{method} {auc['estimate']:.3f}")
         typer.echo(f"{lab['name']:>16} AUROC  " + "  |  ".join(cells))
+        diffs = _paired_cells(report, lab["name"])
+        if diffs:
+            typer.echo(f"{'':>16} ΔAUROC " + "  |  ".join(diffs))
     for method, res in ((report.get("segmentation") or {}).get("methods") or {}).items():
         dice = ", ".join(f"{k} {v:.3f}" for k, v in res["dice"].items())
         typer.echo(f"{'segmentation':>16} Dice   {method} {dice}")

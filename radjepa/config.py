@@ -528,6 +528,24 @@ class ProbeConfig(_Section):
     pixel_baseline_size: int = Field(32, ge=4)
     batch_size: int = Field(32, ge=1)
     seed: int = Field(0, ge=0, le=SEED_MAX)
+    seeds: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="fold seeds probe.seed, probe.seed+1, ...: with more than 1 the linear "
+        "probe is repeated with each and the report adds the spread of its point estimates",
+    )
+
+    @model_validator(mode="after")
+    def _seeds_fit(self) -> ProbeConfig:
+        """The last fold seed reaches scikit-learn, which refuses seeds above 2**32 - 1 (after
+        the features were extracted, with a traceback)."""
+        if self.seed + self.seeds - 1 > SEED_MAX:
+            raise ValueError(
+                f"probe.seed + probe.seeds - 1 must be at most {SEED_MAX}, got "
+                f"{self.seed} + {self.seeds} - 1: lower probe.seed"
+            )
+        return self
 
 
 class ServeConfig(_Section):

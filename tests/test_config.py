@@ -103,6 +103,8 @@ def test_dict_overrides_match_string_overrides():
         ("train.seed=-1", "train.seed"),
         ("probe.seed=-1", "probe.seed"),
         ("probe.seed=4294967296", "probe.seed"),
+        ("probe.seeds=0", "probe.seeds"),
+        ("probe.seeds=true", "probe.seeds"),
     ],
 )
 def test_bad_keys_and_values_fail_naming_the_key(override, key):
@@ -118,6 +120,15 @@ def test_a_range_of_the_wrong_shape_says_it_needs_two_values(value):
         load_config(CONFIGS / "tiny_cpu.yaml", [f"masks.target_scale={value}"])
     (line,) = str(info.value).splitlines()[1:]
     assert line.strip().startswith("masks.target_scale: needs two values [low, high]")
+
+
+def test_probe_seeds_may_not_carry_the_last_fold_seed_past_what_scikit_learn_takes():
+    """probe.seed=2**32-1 with probe.seeds=2 validated, then the second fold seed reached
+    scikit-learn only after the features had been extracted."""
+    assert load_config(None, []).probe.seeds == 1  # one seed: today's report
+    assert load_config(None, ["probe.seed=4294967294", "probe.seeds=2"]).probe.seeds == 2
+    with pytest.raises(ConfigError, match=r"probe.seed \+ probe.seeds - 1 must be at most"):
+        load_config(None, ["probe.seed=4294967295", "probe.seeds=2"])
 
 
 def test_cross_section_check_names_both_keys():

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from radjepa.eval.metrics import auprc, auroc, bootstrap_ci, weighted_auroc_auprc
+from radjepa.eval.metrics import (
+    auprc,
+    auroc,
+    bootstrap_ci,
+    bootstrap_draws,
+    paired_difference,
+    spread,
+    weighted_auroc_auprc,
+)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -57,3 +65,87 @@ def test_resampling_patients_widens_interval_when_images_repeat():
 def test_zero_draws_reports_estimate_without_bounds():
     a, p = bootstrap_ci(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8]), draws=0)
     assert a.estimate == 1.0 and np.isnan(a.low) and a.draws == 0
+
+
+def _correlated(n_pat=80, per=2, seed=0):
+    """Two methods whose scores share a strong patient-level component (as two probes on
+    the same radiographs do) and differ by a little noise of their own."""
+    rng = np.random.default_rng(seed)
+    y_pat = rng.integers(0, 2, n_pat)
+    shared = rng.normal(size=n_pat) + 1.0 * y_pat  # which patients are easy: both see it
+    groups = np.repeat(np.arange(n_pat), per)
+    y = np.repeat(y_pat, per)
+    base = np.repeat(shared, per) + rng.normal(scale=0.3, size=len(y))
+    a = base + 0.3 * y + rng.normal(scale=0.2, size=len(y))  # a little better than b
+    b = base + rng.normal(scale=0.2, size=len(y))
+    return y, a, b, groups
+
+
+def test_paired_difference_is_narrower_than_unpaired_when_scores_are_correlated():
+    """Pairing is the point: the same patient draws for both methods cancel the variation
+    they share. Resampling each method on its own draws (the naive difference, and what two
+    overlapping per-method intervals amount to) gives a far wider interval for the same gap."""
+    y, a, b, groups = _correlated()
+    auc, ap = paired_difference(y, a, b, groups, draws=1000, seed=0)
+    ((da, _),) = bootstrap_draws(y, [a], groups, draws=1000, seed=1)
+    ((db, _),) = bootstrap_draws(y, [b], groups, draws=1000, seed=2)
+    naive_lo, naive_hi = np.percentile(da - db, [2.5, 97.5])
+    assert auc.estimate == pytest.approx(auroc(y, a) - auroc(y, b))
+    assert ap.estimate == pytest.approx(auprc(y, a) - auprc(y, b))
+    assert (auc.high - auc.low) < 0.5 * (naive_hi - naive_lo)
+    # the gap is real and the paired interval sees it; the naive one straddles 0
+    assert auc.low > 0 and naive_lo < 0 < naive_hi
+    a_iv, _ = bootstrap_ci(y, a, groups, draws=1000, seed=0)
+    b_iv, _ = bootstrap_ci(y, b, groups, draws=1000, seed=0)
+    assert a_iv.low < b_iv.high  # the per-method intervals overlap all the same
+
+
+def test_paired_difference_of_a_method_with_its_monotone_transform_is_exactly_zero():
+    """AUROC and AUPRC depend on the ranking only: exp(scores) ranks as scores do on every
+    draw, so the paired difference is 0 on each draw and the interval is [0, 0]."""
+    y, a, _, groups = _correlated(seed=3)
+    auc, ap = paired_difference(y, a, np.exp(a), groups, draws=300, seed=0)
+    for iv in (auc, ap):
+        assert (iv.estimate, iv.low, iv.high, iv.draws) == (0.0, 0.0, 0.0, 300)
+
+
+def test_paired_difference_known_answers():
+    # 4 images: a ranks perfectly (AUROC 1, AP 1); b swaps the middle two (AUROC 3/4, AP
+    # (1 + 2/3) / 2 = 5/6)
+    y = np.array([0, 0, 1, 1])
+    a, b = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.1, 0.3, 0.2, 0.4])
+    auc, ap = paired_difference(y, a, b, draws=0)
+    assert auc.estimate == pytest.approx(0.25) and ap.estimate == pytest.approx(1 / 6)
+    assert np.isnan(auc.low) and auc.draws == 0
+    # a perfect ranking minus its reverse: AUROC 1 - 0 on every draw that has both classes
+    y, s, _, groups = _correlated(seed=4)
+    s = s + 10 * y  # separable
+    auc, _ = paired_difference(y, s, -s, groups, draws=200, seed=0)
+    assert (auc.estimate, auc.low, auc.high) == (1.0, 1.0, 1.0)
+
+
+def test_paired_difference_matches_a_reference_on_the_same_patient_draws():
+    """Recompute every draw with scikit-learn from the patient counts the same seeded
+    generator gives: the interval is the percentile interval of those per-draw differences,
+    and each method's own bootstrap_ci interval comes from the very same draws."""
+    y, a, b, groups = _correlated(n_pat=50, seed=5)
+    auc, ap = paired_difference(y, a, b, groups, draws=200, seed=7)
+    _, inverse = np.unique(groups.astype(str), return_inverse=True)
+    g = inverse.max() + 1
+    counts = np.random.default_rng(7).multinomial(g, np.full(g, 1 / g), size=200)
+    w = counts[:, inverse].astype(float)  # [draws, N]
+    ra = np.array([roc_auc_score(y, a, sample_weight=wi) for wi in w])
+    rb = np.array([roc_auc_score(y, b, sample_weight=wi) for wi in w])
+    pa = np.array([average_precision_score(y, a, sample_weight=wi) for wi in w])
+    pb = np.array([average_precision_score(y, b, sample_weight=wi) for wi in w])
+    assert (auc.low, auc.high) == pytest.approx(tuple(np.percentile(ra - rb, [2.5, 97.5])))
+    assert (ap.low, ap.high) == pytest.approx(tuple(np.percentile(pa - pb, [2.5, 97.5])))
+    a_iv, _ = bootstrap_ci(y, a, groups, draws=200, seed=7)
+    assert (a_iv.low, a_iv.high) == pytest.approx(tuple(np.percentile(ra, [2.5, 97.5])))
+
+
+def test_seed_spread_summarises_finite_values():
+    sp = spread([0.8, 0.9, float("nan"), 0.85])
+    assert sp.mean == pytest.approx(0.85) and sp.std == pytest.approx(0.05)
+    assert (sp.low, sp.high) == (0.8, 0.9) and sp.to_dict()["n"] == 3
+    assert np.isnan(spread([0.7]).std) and np.isnan(spread([float("nan")]).mean)

@@ -340,3 +340,192 @@ def test_auprc_is_reported_beside_the_prevalence_of_the_images_it_was_computed_o
     md = render_markdown(report)
     assert f"(the prevalence of all {len(y)} images, as scored)" in md
     assert "pooled over all out-of-fold predictions (not a mean of per-fold values)" in md
+
+
+def _map_case():
+    """Five images on angles 0/20/40/70/70 degrees; A and B are one patient, D and E identical.
+
+    By hand (relevant = the query's label value, same patient never ranked, a tie counted as
+    either order with probability 1/2):
+      A (y1): C rel, {D, E} tied (E rel) -> (1 + (2/2 + 2/3) / 2) / 2 = 11/12
+      B (y0): C, {D rel, E} tied         -> (1/2 + 1/3) / 2           = 5/12
+      C (y1): B, {D, E rel} tied, A rel  -> ((1/2 + 1/3) / 2 + 2/4) / 2 = 11/24
+      D (y0): E, C, B rel, A             -> 1/3
+      E (y1): D, C rel, B, A rel         -> (1/2 + 2/4) / 2           = 1/2
+    """
+    deg = np.radians([0, 20, 40, 70, 70])
+    feats = np.stack([np.cos(deg), np.sin(deg)], 1)
+    y = np.array([1, 0, 1, 0, 1])
+    groups = np.array(["p0", "p0", "p1", "p2", "p3"])
+    return feats, y, groups, np.array([11 / 12, 5 / 12, 11 / 24, 1 / 3, 1 / 2])
+
+
+def test_retrieval_map_on_a_hand_computed_case_with_a_tie_and_a_shared_patient():
+    from radjepa.eval.retrieval import mean_average_precision, query_average_precision
+
+    feats, y, groups, expected = _map_case()
+    assert query_average_precision(feats, y, groups) == pytest.approx(expected, abs=1e-12)
+    assert mean_average_precision(feats, y, groups) == pytest.approx(63 / 120, abs=1e-12)
+    for chunk in (1, 2):  # the chunked path gives the same numbers
+        ap = query_average_precision(feats, y, groups, chunk=chunk)
+        assert ap == pytest.approx(expected, abs=1e-12)
+
+
+def test_retrieval_map_ties_do_not_depend_on_row_order_and_match_random_tie_breaks():
+    """Like precision@k, a tie is the expected value of a random order among the tied
+    images: the mean over many random tie-breaks (jittered copies) converges to it, and no
+    row order moves it."""
+    from radjepa.eval.retrieval import mean_average_precision, query_average_precision
+
+    feats, y, groups = _tied_world(n=40, seed=2)
+    exact = mean_average_precision(feats, y, groups)
+    for order in (np.argsort(-y, kind="stable"), np.argsort(y, kind="stable")):
+        assert mean_average_precision(feats[order], y[order], groups[order]) == pytest.approx(
+            exact, abs=1e-12
+        )
+    rng = np.random.default_rng(0)
+    jittered = [
+        np.nanmean(query_average_precision(feats + 1e-6 * rng.random(feats.shape), y, groups))
+        for _ in range(300)
+    ]
+    assert np.mean(jittered) == pytest.approx(exact, abs=0.003)
+
+
+def test_retrieval_map_refuses_a_set_with_nothing_to_retrieve():
+    from radjepa.eval.retrieval import mean_average_precision
+
+    with pytest.raises(ValueError, match="no query has an image of its label value"):
+        mean_average_precision(np.eye(2), np.array([0, 1]), np.array(["a", "b"]))
+
+
+def test_probe_seeds_report_the_spread_of_the_point_estimates():
+    """With seeds=3 each label records the estimates of fold seeds 0, 1, 2 (seed 0's being
+    the reported estimate, whose interval is unchanged); with the default 1 nothing changes."""
+    x, y, groups = _world(n_pat=40, signal=0.8)
+    one = cross_val_probe(x, y, groups, label_names=["a"], bootstrap=50).labels[0]
+    three = cross_val_probe(x, y, groups, label_names=["a"], bootstrap=50, seeds=3).labels[0]
+    assert one.to_dict()["seeds"] is None
+    assert three.auroc == one.auroc and three.auprc == one.auprc
+    d = three.to_dict()["seeds"]
+    assert d["seeds"] == [0, 1, 2]
+    again = [
+        cross_val_probe(x, y, groups, label_names=["a"], bootstrap=0, seed=s).labels[0]
+        for s in (0, 1, 2)
+    ]
+    for metric in ("auroc", "auprc"):
+        values = [getattr(r, metric).estimate for r in again]
+        assert d[metric]["values"] == pytest.approx(values, abs=1e-12)
+        assert d[metric]["mean"] == pytest.approx(np.mean(values))
+        assert d[metric]["std"] == pytest.approx(np.std(values, ddof=1))
+        assert (d[metric]["min"], d[metric]["max"]) == (min(values), max(values))
+    assert len(set(d["auroc"]["values"])) > 1  # other folds, other estimates
+    with pytest.raises(ValueError, match="seeds must be at least 1"):
+        cross_val_probe(x, y, groups, label_names=["a"], seeds=0)
+
+
+def _summary_report(x_by_method, y, groups, overrides):
+    """probe_features for each feature set on one Dataset, compared as run_probe does."""
+    from radjepa.config import load_config
+    from radjepa.eval.compare import compare_methods
+    from radjepa.eval.features import Dataset
+    from radjepa.eval.runner import probe_features
+
+    labels = y[:, None].astype(np.int8)
+    ds = Dataset(np.zeros((len(y), 2, 2), np.uint8), labels, ["y=1"], [None], groups, [])
+    cfg = load_config(None, overrides)
+    methods, scores = {}, {}
+    for name, feats in x_by_method.items():
+        methods[name], scores[name] = probe_features(feats, ds, cfg)
+    comp = compare_methods(
+        methods, scores, ds.labels, ds.groups, ds.label_names,
+        draws=cfg.probe.bootstrap, seed=cfg.probe.seed,
+    )  # fmt: skip
+    data = {
+        "csv": "x.csv",
+        "shards": None,
+        "n_images": len(y),
+        "n_patients": len(set(groups)),
+        "rejected": [],
+        "labels": [{"name": "y=1", "positive": None, "n_pos": int(y.sum())}],
+    }
+    proto = {
+        "pooling": "p",
+        "C": 0.1,
+        "split": "kfold",
+        "folds": 5,
+        "split_text": "5-fold",
+        "bootstrap": cfg.probe.bootstrap,
+        "seed": cfg.probe.seed,
+        "seeds": cfg.probe.seeds,
+        "knn_k": 10,
+        "pixel_size": 32,
+    }
+    return {
+        "checkpoint": "c",
+        "encoder": {},
+        "data": data,
+        "protocol": proto,
+        "methods": methods,
+        "comparisons": comp,
+    }
+
+
+def test_report_gives_the_encoder_minus_each_baseline_with_a_paired_interval():
+    """The report gave each method's interval only; a reader comparing two methods had to
+    eyeball overlapping intervals. It now carries encoder minus baseline per label, its
+    paired interval and whether that excludes 0: in report.json, report.md and MLflow."""
+    from radjepa.eval.metrics import paired_difference
+    from radjepa.eval.report import flat_metrics, render_markdown
+
+    x, y, groups = _world(n_pat=40, signal=1.5)
+    noise = np.random.default_rng(9).normal(size=x.shape)
+    report = _summary_report(
+        {"ours": x, "random_init": noise}, y, groups, ["probe.bootstrap=200", "probe.knn_k=5"]
+    )
+    row = report["comparisons"]["methods"]["random_init"]["labels"][0]
+    ours, rand = (report["methods"][m]["labels"][0] for m in ("ours", "random_init"))
+    assert row["auroc_diff"]["estimate"] == pytest.approx(
+        ours["auroc"]["estimate"] - rand["auroc"]["estimate"]
+    )
+    assert row["auroc_diff"]["low"] > 0 and row["auroc_diff"]["excludes_zero"] is True
+    assert row["n_scored"] == len(y) and row["seeds"] is None
+    assert report["comparisons"]["reference"] == "ours"
+    flat = flat_metrics(report)
+    assert flat["ours_vs_random_init/y_1/auroc_diff"] == row["auroc_diff"]["estimate"]
+    assert flat["ours_vs_random_init/y_1/auprc_diff_ci_low"] == row["auprc_diff"]["low"]
+    assert flat["ours_vs_random_init/y_1/auroc_diff_excludes_zero"] == 1.0
+    assert flat["ours/y_1/retrieval_map"] == report["methods"]["ours"]["retrieval_map"]["y=1"]
+    md = render_markdown(report)
+    assert "| precision@k | mAP | kNN AUROC |" in md
+    assert "Paired difference, encoder (frozen) minus each baseline" in md
+    d = row["auroc_diff"]
+    assert f"| {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] * |" in md
+    # a method against itself: no difference, an interval of [0, 0] that does not exclude 0
+    same = _summary_report({"ours": x, "random_init": x}, y, groups, ["probe.bootstrap=50"])
+    row = same["comparisons"]["methods"]["random_init"]["labels"][0]["auroc_diff"]
+    assert (row["estimate"], row["low"], row["high"], row["excludes_zero"]) == (0, 0, 0, False)
+    iv, _ = paired_difference(y, x[:, 0], x[:, 0], groups, draws=0)
+    assert iv.estimate == 0
+
+
+def test_report_shows_the_seed_spread_beside_the_interval_and_for_the_difference():
+    from radjepa.eval.report import flat_metrics, render_markdown
+
+    x, y, groups = _world(n_pat=40, signal=0.8)
+    noise = np.random.default_rng(9).normal(size=x.shape)
+    overrides = ["probe.bootstrap=50", "probe.seeds=3", "probe.knn_k=5"]
+    report = _summary_report({"ours": x, "pixels": noise}, y, groups, overrides)
+    ours = report["methods"]["ours"]["labels"][0]["seeds"]
+    pix = report["methods"]["pixels"]["labels"][0]["seeds"]
+    row = report["comparisons"]["methods"]["pixels"]["labels"][0]["seeds"]
+    diffs = np.subtract(ours["auroc"]["values"], pix["auroc"]["values"])
+    assert row["auroc_diff"]["mean"] == pytest.approx(diffs.mean())
+    assert row["auroc_diff"]["std"] == pytest.approx(diffs.std(ddof=1))
+    flat = flat_metrics(report)
+    assert flat["ours/y_1/auroc_seed_std"] == pytest.approx(ours["auroc"]["std"])
+    assert flat["ours_vs_pixels/y_1/auroc_diff_seed_mean"] == pytest.approx(diffs.mean())
+    md = render_markdown(report)
+    assert "fold seeds 0-2" in md and "| AUROC over 3 seeds | AUPRC over 3 seeds |" in md
+    a = ours["auroc"]
+    assert f"{a['mean']:.3f} ± {a['std']:.3f} (min {a['min']:.3f}, max {a['max']:.3f})" in md
+    assert "ΔAUROC over 3 seeds" in md and f"{diffs.mean():+.3f} ± " in md

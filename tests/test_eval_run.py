@@ -101,6 +101,35 @@ def test_probe_reports_view_and_sex_for_encoder_and_both_baselines(probe_run):
     )
 
 
+def test_report_compares_the_encoder_with_each_baseline_on_the_same_draws(probe_run):
+    """The encoder minus each baseline, per label, with a paired patient-bootstrap interval
+    over the same 200 draws as each method's own interval; and mAP beside precision@k."""
+    report, out = probe_run
+    comp = report["comparisons"]
+    assert comp["reference"] == "ours" and set(comp["methods"]) == {"random_init", "pixels"}
+    for method, res in comp["methods"].items():
+        for i, row in enumerate(res["labels"]):
+            ours = report["methods"]["ours"]["labels"][i]["auroc"]
+            other = report["methods"][method]["labels"][i]["auroc"]
+            d = row["auroc_diff"]
+            assert d["estimate"] == pytest.approx(ours["estimate"] - other["estimate"])
+            assert d["low"] <= d["high"] and d["draws"] > 190 and row["n_scored"] == 160
+            assert d["excludes_zero"] == (d["low"] > 0 or d["high"] < 0)
+            assert row["seeds"] is None  # one probe seed by default
+    for res in report["methods"].values():
+        assert res["labels"][0]["seeds"] is None
+        for name in LABELS:
+            assert 0 < res["retrieval_map"][name] <= 1
+    md = (out / "report.md").read_text()
+    assert "Paired difference, encoder (frozen) minus each baseline" in md
+    assert "| encoder (frozen) minus | ΔAUROC [95% CI] | ΔAUPRC [95% CI] |" in md
+    on_disk = json.loads((out / "report.json").read_text())
+    assert (
+        on_disk["comparisons"]["methods"]["pixels"]["labels"][0]["auroc_diff"]
+        == (comp["methods"]["pixels"]["labels"][0]["auroc_diff"])
+    )
+
+
 def test_report_markdown_and_plots(probe_run):
     report, out = probe_run
     md = (out / "report.md").read_text()
@@ -227,6 +256,8 @@ def test_cli_probe_logs_metrics_artifacts_and_registers_head(
         "--set",
         "probe.bootstrap=50",
         "--set",
+        "probe.seeds=2",
+        "--set",
         "model.depth=2",
         "--set",
         f"train.output_dir={tmp_path / 'runs'}",
@@ -252,7 +283,20 @@ def test_cli_probe_logs_metrics_artifacts_and_registers_head(
                 <= metrics[f"{method}/{lab}/auroc_ci_high"]
             )
             assert not math.isnan(metrics[f"{method}/{lab}/precision_at_k"])
+            assert 0 < metrics[f"{method}/{lab}/retrieval_map"] <= 1
+            assert metrics[f"{method}/{lab}/auroc_seed_min"] <= auc
+            assert auc <= metrics[f"{method}/{lab}/auroc_seed_max"]
+        if method != "ours":  # the paired difference to each baseline, with its interval
+            for lab in ("view_AP", "sex_F"):
+                key = f"ours_vs_{method}/{lab}/auroc_diff"
+                diff = metrics[f"ours/{lab}/auroc"] - metrics[f"{method}/{lab}/auroc"]
+                assert metrics[key] == pytest.approx(diff, abs=1e-9)
+                assert metrics[f"{key}_ci_low"] <= metrics[f"{key}_ci_high"]
+                assert metrics[f"{key}_excludes_zero"] in (0.0, 1.0)
+                assert f"{key}_seed_mean" in metrics
+    assert "ΔAUROC ours-random_init " in res.output
     report = json.loads((out / "report.json").read_text())
+    assert report["protocol"]["seeds"] == 2
     assert (
         metrics["ours/view_AP/auroc"] == report["methods"]["ours"]["labels"][0]["auroc"]["estimate"]
     )

@@ -16,7 +16,7 @@ import numpy as np
 
 from radjepa.eval.features import require_finite
 from radjepa.eval.heads import ProbeHead
-from radjepa.eval.metrics import Interval, bootstrap_ci
+from radjepa.eval.metrics import Interval, Spread, bootstrap_ci, spread, weighted_auroc_auprc
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ class LabelResult:
     # for a holdout split, whose prevalence (not the whole set's) is AUPRC's chance level
     n_scored: int = 0
     n_scored_pos: int = 0
+    # with several probe seeds: the point estimates over the seeds (the first is ``seed``,
+    # whose scores give the estimate and interval above); None with one seed
+    seeds: list[int] | None = None
+    seed_auroc: Spread | None = None
+    seed_auprc: Spread | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +63,16 @@ class LabelResult:
             "auroc": None if self.auroc is None else self.auroc.to_dict(),
             "auprc": None if self.auprc is None else self.auprc.to_dict(),
             "skipped": self.skipped,
+            "seeds": self._seeds_dict(),
+        }
+
+    def _seeds_dict(self) -> dict[str, Any] | None:
+        if self.seeds is None or self.seed_auroc is None or self.seed_auprc is None:
+            return None
+        return {
+            "seeds": self.seeds,
+            "auroc": self.seed_auroc.to_dict(),
+            "auprc": self.seed_auprc.to_dict(),
         }
 
 
@@ -134,6 +149,24 @@ def grouped_folds(
     return [(tr, te) for tr, te in splitter.split(idx, y, groups)]
 
 
+def _out_of_fold(
+    x: np.ndarray,
+    y: np.ndarray,
+    pairs: list[tuple[np.ndarray, np.ndarray]],
+    c: float,
+    seed: int,
+) -> np.ndarray:
+    """[N] probabilities from the fold that held each image out (NaN where none did)."""
+    scores = np.full(len(y), np.nan)
+    for train, test in pairs:
+        if len(np.unique(y[train])) < 2:  # cannot fit; a constant score is the honest guess
+            scores[test] = y[train].mean()
+            continue
+        model = _logreg(c, seed).fit(x[train], y[train])
+        scores[test] = model.predict_proba(x[test])[:, 1]
+    return scores
+
+
 def cross_val_probe(
     features: np.ndarray,
     labels: np.ndarray,
@@ -146,12 +179,18 @@ def cross_val_probe(
     test_fraction: float = 0.2,
     bootstrap: int = 1000,
     seed: int = 0,
+    seeds: int = 1,
 ) -> ProbeResult:
     """Out-of-fold (or held-out) probabilities per label, then AUROC/AUPRC with patient CIs.
 
     ``labels`` is [N] or [N, L] of 0/1. A label that cannot be probed (one class, too few
     patients) is reported with ``skipped`` and NaN scores instead of failing the run.
+    ``seeds > 1`` repeats the folds with seeds ``seed + 1, ...`` and records each repeat's
+    point estimates (no bootstrap: the spread over fold seeds is what they are for); the
+    scores, estimates and intervals stay those of ``seed``.
     """
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
     x = require_finite(features)
     y_all = np.asarray(labels)
     if y_all.ndim == 1:
@@ -167,24 +206,18 @@ def cross_val_probe(
         raise ValueError("labels must be 0/1 (binarise categorical columns first)")
     scores = np.full(y_all.shape, np.nan)
     results = []
+    fold_args: dict[str, Any] = {"folds": folds, "split": split, "test_fraction": test_fraction}
     for j, name in enumerate(label_names):
         y = y_all[:, j].astype(int)
         res = LabelResult(str(name), len(y), int(y.sum()), len(np.unique(groups)))
         results.append(res)
         try:
-            pairs = grouped_folds(
-                y, groups, folds=folds, split=split, test_fraction=test_fraction, seed=seed
-            )
+            pairs = grouped_folds(y, groups, seed=seed, **fold_args)
         except ValueError as err:
             res.skipped = str(err)
             log.warning("label %s skipped: %s", name, err)
             continue
-        for train, test in pairs:
-            if len(np.unique(y[train])) < 2:  # cannot fit; a constant score is the honest guess
-                scores[test, j] = y[train].mean()
-                continue
-            model = _logreg(c, seed).fit(x[train], y[train])
-            scores[test, j] = model.predict_proba(x[test])[:, 1]
+        scores[:, j] = _out_of_fold(x, y, pairs, c, seed)
         res.folds = len(pairs)
         evaluated = np.isfinite(scores[:, j])
         ye, se, ge = y[evaluated], scores[evaluated, j], groups[evaluated]
@@ -193,7 +226,33 @@ def cross_val_probe(
             res.skipped = "the evaluated images hold only one class"
             continue
         res.auroc, res.auprc = bootstrap_ci(ye, se, ge, draws=bootstrap, seed=seed)
+        if seeds > 1:
+            _seed_spread(res, x, y, groups, fold_args, c, range(seed, seed + seeds))
     return ProbeResult(results, scores, split)
+
+
+def _seed_spread(
+    res: LabelResult,
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    fold_args: dict[str, Any],
+    c: float,
+    seeds: range,
+) -> None:
+    """Fill ``res.seeds``/``seed_auroc``/``seed_auprc`` with each fold seed's estimates; the
+    first seed's are the ones ``res`` already holds, so only the others are refitted."""
+    if res.auroc is None or res.auprc is None:
+        return
+    aucs, aps = [res.auroc.estimate], [res.auprc.estimate]
+    for s in seeds[1:]:
+        sc = _out_of_fold(x, y, grouped_folds(y, groups, seed=s, **fold_args), c, s)
+        ok = np.isfinite(sc)
+        a, p = weighted_auroc_auprc(y[ok], sc[ok], np.ones(int(ok.sum())))
+        aucs.append(float(a[0]))  # NaN when a held-out split drew one class only
+        aps.append(float(p[0]))
+    res.seeds = list(seeds)
+    res.seed_auroc, res.seed_auprc = spread(aucs), spread(aps)
 
 
 def fit_head(

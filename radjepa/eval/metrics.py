@@ -3,16 +3,28 @@
 Both metrics are computed from per-score-level weighted counts, so one sort serves every
 bootstrap draw: a draw is a vector of per-image weights (how often its patient was drawn).
 Resampling patients rather than images keeps correlated images of one patient together, which
-is what makes the interval honest when a patient has several radiographs.
+is what makes the interval honest when a patient has several radiographs. Applying one draw's
+weights to two methods' scores gives a paired interval for their difference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Interval", "auroc", "auprc", "bootstrap_ci", "weighted_auroc_auprc"]
+__all__ = [
+    "Interval",
+    "Spread",
+    "auroc",
+    "auprc",
+    "bootstrap_ci",
+    "bootstrap_draws",
+    "paired_difference",
+    "spread",
+    "weighted_auroc_auprc",
+]
 
 
 @dataclass(frozen=True)
@@ -26,6 +38,43 @@ class Interval:
 
     def to_dict(self) -> dict[str, float | int]:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "draws": self.draws}
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A point estimate's spread over probe seeds (other patient folds, same images).
+
+    The bootstrap interval covers which patients were sampled, not how they were split into
+    folds; re-running with other fold seeds moves the estimate too, and this says how much.
+    ``std`` is the sample standard deviation (ddof=1, NaN for fewer than 2 finite values).
+    """
+
+    values: tuple[float, ...]  # one per seed, in seed order (NaN where a seed could not score)
+    mean: float
+    std: float
+    low: float  # the smallest value
+    high: float  # the largest value
+
+    def to_dict(self) -> dict[str, float | int | list[float]]:
+        return {
+            "values": list(self.values),
+            "n": sum(1 for v in self.values if np.isfinite(v)),
+            "mean": self.mean,
+            "std": self.std,
+            "min": self.low,
+            "max": self.high,
+        }
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """Mean, sample std, min and max of the finite ``values`` (all NaN when none is)."""
+    v = np.asarray(values, dtype=np.float64)
+    f = v[np.isfinite(v)]
+    nan = float("nan")
+    if len(f) == 0:
+        return Spread(tuple(v.tolist()), nan, nan, nan, nan)
+    std = float(f.std(ddof=1)) if len(f) > 1 else nan
+    return Spread(tuple(v.tolist()), float(f.mean()), std, float(f.min()), float(f.max()))
 
 
 def _levels(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,6 +135,49 @@ def _group_weights(groups: np.ndarray, draws: int, rng: np.random.Generator) -> 
     return counts[:, inverse].astype(np.float64)
 
 
+def bootstrap_draws(
+    y: np.ndarray,
+    scores: Sequence[np.ndarray],
+    groups: np.ndarray | None = None,
+    *,
+    draws: int = 1000,
+    seed: int = 0,
+    chunk: int = 256,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per score vector, its (AUROC, AUPRC) on each patient-bootstrap draw ([draws] each).
+
+    Every score vector is evaluated under the *same* patient weights: that is what makes a
+    difference between two methods paired. The weights depend only on ``groups`` and
+    ``seed``, so one method alone (``bootstrap_ci``) sees the very draws a comparison does.
+    Draws missing a class are NaN.
+    """
+    y = np.asarray(y)
+    if groups is None:
+        groups = np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    out: list[tuple[list[np.ndarray], list[np.ndarray]]] = [([], []) for _ in scores]
+    for start in range(0, draws, chunk):
+        w = _group_weights(groups, min(chunk, draws - start), rng)
+        for (aucs, aps), s in zip(out, scores, strict=True):
+            a, p = weighted_auroc_auprc(y, np.asarray(s), w)
+            aucs.append(a)
+            aps.append(p)
+    empty = np.zeros(0)
+    return [
+        (np.concatenate(aucs) if aucs else empty, np.concatenate(aps) if aps else empty)
+        for aucs, aps in out
+    ]
+
+
+def _interval(est: float, d: np.ndarray, level: float) -> Interval:
+    """Plain percentile interval of the finite draws (NaN bounds when none is finite)."""
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return Interval(est, float("nan"), float("nan"), 0)
+    lo, hi = np.percentile(d, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return Interval(est, float(lo), float(hi), int(len(d)))
+
+
 def bootstrap_ci(
     y: np.ndarray,
     scores: np.ndarray,
@@ -103,28 +195,44 @@ def bootstrap_ci(
     to cover the estimate.
     """
     y = np.asarray(y)
-    scores = np.asarray(scores)
-    if groups is None:
-        groups = np.arange(len(y))
     est_auc, est_ap = weighted_auroc_auprc(y, scores, np.ones(len(y)))
     if draws <= 0:
         nan = float("nan")
         return Interval(float(est_auc[0]), nan, nan, 0), Interval(float(est_ap[0]), nan, nan, 0)
-    rng = np.random.default_rng(seed)
-    aucs, aps = [], []
-    for start in range(0, draws, chunk):
-        w = _group_weights(groups, min(chunk, draws - start), rng)
-        a, p = weighted_auroc_auprc(y, scores, w)
-        aucs.append(a)
-        aps.append(p)
-    auc_d, ap_d = np.concatenate(aucs), np.concatenate(aps)
-    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    ((auc_d, ap_d),) = bootstrap_draws(y, [scores], groups, draws=draws, seed=seed, chunk=chunk)
+    return _interval(float(est_auc[0]), auc_d, level), _interval(float(est_ap[0]), ap_d, level)
 
-    def interval(est: float, d: np.ndarray) -> Interval:
-        d = d[np.isfinite(d)]
-        if len(d) == 0:
-            return Interval(est, float("nan"), float("nan"), 0)
-        lo, hi = np.percentile(d, q)
-        return Interval(est, float(lo), float(hi), int(len(d)))
 
-    return interval(float(est_auc[0]), auc_d), interval(float(est_ap[0]), ap_d)
+def paired_difference(
+    y: np.ndarray,
+    scores_a: np.ndarray,
+    scores_b: np.ndarray,
+    groups: np.ndarray | None = None,
+    *,
+    draws: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    chunk: int = 256,
+) -> tuple[Interval, Interval]:
+    """(AUROC a - b, AUPRC a - b) with a paired patient-bootstrap percentile interval.
+
+    Both methods are scored on each draw's patients, so the variation they share (which
+    patients happen to be easy) cancels in the difference; two separate intervals keep it and
+    overlap even when one method wins on nearly every draw. With the same ``seed`` and
+    ``groups`` the draws are those ``bootstrap_ci`` gave each method.
+    """
+    y = np.asarray(y)
+    ones = np.ones(len(y))
+    a_auc, a_ap = weighted_auroc_auprc(y, scores_a, ones)
+    b_auc, b_ap = weighted_auroc_auprc(y, scores_b, ones)
+    est_auc, est_ap = float(a_auc[0] - b_auc[0]), float(a_ap[0] - b_ap[0])
+    if draws <= 0:
+        nan = float("nan")
+        return Interval(est_auc, nan, nan, 0), Interval(est_ap, nan, nan, 0)
+    (da_auc, da_ap), (db_auc, db_ap) = bootstrap_draws(
+        y, [scores_a, scores_b], groups, draws=draws, seed=seed, chunk=chunk
+    )
+    return (
+        _interval(est_auc, da_auc - db_auc, level),
+        _interval(est_ap, da_ap - db_ap, level),
+    )

@@ -1,7 +1,9 @@
 """The probe report: ``report.json`` (machine-readable) and ``report.md`` (for people).
 
 One table per label compares the encoder with both baselines on the same folds, so a reader
-sees at a glance whether pretraining bought anything over random weights or raw pixels.
+sees at a glance whether pretraining bought anything over random weights or raw pixels; a
+second gives the encoder minus each baseline with a paired interval, which is what decides
+whether the gap is more than the choice of patients.
 """
 
 from __future__ import annotations
@@ -27,24 +29,46 @@ def metric_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\- :/]", "_", name)
 
 
+_PARTS = (("estimate", ""), ("low", "_ci_low"), ("high", "_ci_high"))
+_SPREAD = (("mean", "_seed_mean"), ("std", "_seed_std"), ("min", "_seed_min"), ("max", "_seed_max"))
+
+
+def _put(out: dict[str, float], key: str, d: dict[str, Any] | None, parts: Any) -> None:
+    """Copy the finite numbers ``d[part]`` to ``out[key + suffix]``."""
+    for part, suffix in parts:
+        v = (d or {}).get(part)
+        if isinstance(v, bool):
+            out[f"{key}{suffix}"] = float(v)
+        elif v is not None and math.isfinite(v):
+            out[f"{key}{suffix}"] = float(v)
+
+
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """``{"ours/view_AP/auroc": 0.93, ...}``: every finite number worth a tracking metric."""
+    """``{"ours/view_AP/auroc": 0.93, ...}``: every finite number worth a tracking metric.
+
+    Paired differences go under ``<reference>_vs_<baseline>/<label>/auroc_diff`` (+ ``_ci_low``,
+    ``_ci_high``, ``_excludes_zero`` as 1/0), spreads over probe seeds under
+    ``.../auroc_seed_mean`` (``_seed_std``, ``_seed_min``, ``_seed_max``).
+    """
     out: dict[str, float] = {}
     for method, res in report.get("methods", {}).items():
         for lab in res.get("labels", []):
             key = f"{method}/{metric_safe(lab['name'])}"
             for metric in ("auroc", "auprc"):
-                iv = lab.get(metric)
-                if iv is None:
-                    continue
-                for part, suffix in (("estimate", ""), ("low", "_ci_low"), ("high", "_ci_high")):
-                    v = iv.get(part)
-                    if v is not None and math.isfinite(v):
-                        out[f"{key}/{metric}{suffix}"] = float(v)
-        for kind in ("precision_at_k", "knn_auroc"):
+                _put(out, f"{key}/{metric}", lab.get(metric), _PARTS)
+                _put(out, f"{key}/{metric}", (lab.get("seeds") or {}).get(metric), _SPREAD)
+        for kind in ("precision_at_k", "retrieval_map", "knn_auroc"):
             for label, v in (res.get(kind) or {}).items():
                 if v is not None and math.isfinite(v):
                     out[f"{method}/{metric_safe(label)}/{kind}"] = float(v)
+    comp = report.get("comparisons") or {}
+    for other, res in (comp.get("methods") or {}).items():
+        for row in res["labels"]:
+            key = f"{comp['reference']}_vs_{other}/{metric_safe(row['name'])}"
+            for metric in ("auroc_diff", "auprc_diff"):
+                parts = (*_PARTS, ("excludes_zero", "_excludes_zero"))
+                _put(out, f"{key}/{metric}", row.get(metric), parts)
+                _put(out, f"{key}/{metric}", (row.get("seeds") or {}).get(metric), _SPREAD)
     seg = report.get("segmentation") or {}
     for method, res in (seg.get("methods") or {}).items():
         for name, v in res["dice"].items():
@@ -63,6 +87,25 @@ def _fmt(iv: dict[str, Any] | None) -> str:
 
 def _num(v: float | None) -> str:
     return "-" if v is None or not math.isfinite(v) else f"{v:.3f}"
+
+
+def _fmt_diff(d: dict[str, Any] | None) -> str:
+    """``+0.052 [+0.010, +0.094] *``: signed, starred when the interval excludes 0."""
+    if d is None:
+        return "-"
+    est, lo, hi = d["estimate"], d["low"], d["high"]
+    if lo is None or not math.isfinite(lo):
+        return f"{est:+.3f}"
+    return f"{est:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" *" if d.get("excludes_zero") else "")
+
+
+def _fmt_spread(d: dict[str, Any] | None, signed: bool = False) -> str:
+    """``0.850 ± 0.004 (min 0.845, max 0.856)``: the point estimates over the probe seeds."""
+    if d is None or d.get("mean") is None or not math.isfinite(d["mean"]):
+        return "-"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    sd = f" ± {d['std']:.3f}" if d.get("std") is not None and math.isfinite(d["std"]) else ""
+    return f"{f.format(d['mean'])}{sd} (min {f.format(d['min'])}, max {f.format(d['max'])})"
 
 
 def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | None = None) -> str:
@@ -84,7 +127,8 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         f"- protocol: {proto['pooling']}; standardised logistic regression C={proto['C']}; "
         f"{proto['split_text']}{_pooled(proto)}; {proto['bootstrap']} patient-level bootstrap "
         "draws, "
-        f"percentile 95% CI; kNN k={proto['knn_k']} (cosine, other patients only); pixel "
+        f"percentile 95% CI{_seeds_text(proto)}; kNN k={proto['knn_k']} (cosine, other "
+        "patients only); pixel "
         f"baseline {proto['pixel_size']}x{proto['pixel_size']}",
         "",
     ]
@@ -100,23 +144,40 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
             if proto.get("split") == "kfold" and 0 < folds < proto.get("folds", folds)
             else ""
         )
+        seeds = ours.get("seeds")
+        seed_head = (
+            f" AUROC over {len(seeds['seeds'])} seeds | AUPRC over {len(seeds['seeds'])} seeds |"
+            if seeds
+            else ""
+        )
         lines += [
             f"## {name}{pos}",
             "",
             f"{info['n_pos']} positive of {data['n_images']} images.{fewer}{_chance(ours)}",
             "",
-            "| features | AUROC [95% CI] | AUPRC [95% CI] | precision@k | kNN AUROC |",
-            "|---|---|---|---|---|",
+            "| features | AUROC [95% CI] | AUPRC [95% CI] |"
+            + seed_head
+            + " precision@k | mAP | kNN AUROC |",
+            "|---|---|---|" + ("---|---|" if seeds else "") + "---|---|---|",
         ]
         skipped = None
         for method, res in report["methods"].items():
             lab = res["labels"][i]
             skipped = skipped or lab.get("skipped")
+            spread_cells = (
+                f" {_fmt_spread((lab.get('seeds') or {}).get('auroc'))} | "
+                f"{_fmt_spread((lab.get('seeds') or {}).get('auprc'))} |"
+                if seeds
+                else ""
+            )
             lines.append(
                 f"| {METHOD_TITLES.get(method, method)} | {_fmt(lab['auroc'])} | "
-                f"{_fmt(lab['auprc'])} | {_num(res['precision_at_k'].get(name))} | "
+                f"{_fmt(lab['auprc'])} |{spread_cells} "
+                f"{_num(res['precision_at_k'].get(name))} | "
+                f"{_num((res.get('retrieval_map') or {}).get(name))} | "
                 f"{_num(res['knn_auroc'].get(name))} |"
             )
+        lines += _difference_table(report.get("comparisons"), i)
         if skipped:
             lines += ["", f"Not probed: {skipped}."]
         roc = report.get("plots", {}).get("roc", {}).get(name)
@@ -152,6 +213,47 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         lines += [f"- {_where(r)}: {r['reason']}" for r in data["rejected"]]
         lines.append("")
     return "\n".join(lines)
+
+
+def _difference_table(comp: dict[str, Any] | None, i: int) -> list[str]:
+    """Label ``i``'s paired differences (reference minus each baseline) as Markdown lines."""
+    rows = [(m, res["labels"][i]) for m, res in ((comp or {}).get("methods") or {}).items()]
+    rows = [(m, row) for m, row in rows if row.get("auroc_diff") is not None]
+    if not comp or not rows:
+        return []
+    ref = METHOD_TITLES.get(comp["reference"], comp["reference"])
+    pct = f"{100 * comp.get('level', 0.95):g}%"
+    seeded = [row["seeds"] for _, row in rows if row.get("seeds")]
+    n_seeds = f" over {len(seeded[0]['seeds'])} seeds" if seeded else ""
+    lines = [
+        "",
+        f"Paired difference, {ref} minus each baseline (same images, folds and bootstrap "
+        f"patients; * = the {pct} interval excludes 0):",
+        "",
+        f"| {ref} minus | ΔAUROC [{pct} CI] | ΔAUPRC [{pct} CI] |"
+        + (f" ΔAUROC{n_seeds} | ΔAUPRC{n_seeds} |" if seeded else ""),
+        "|---|---|---|" + ("---|---|" if seeded else ""),
+    ]
+    for method, row in rows:
+        cells = f"| {METHOD_TITLES.get(method, method)} | {_fmt_diff(row['auroc_diff'])} | "
+        cells += f"{_fmt_diff(row['auprc_diff'])} |"
+        if seeded:
+            sd = row.get("seeds") or {}
+            cells += f" {_fmt_spread(sd.get('auroc_diff'), signed=True)} | "
+            cells += f"{_fmt_spread(sd.get('auprc_diff'), signed=True)} |"
+        lines.append(cells)
+    return lines
+
+
+def _seeds_text(proto: dict[str, Any]) -> str:
+    """Name the fold seeds behind the spread columns (nothing with the default one seed)."""
+    n, seed = proto.get("seeds") or 1, proto.get("seed", 0)
+    if n <= 1:
+        return ""
+    return (
+        f"; linear probe repeated with fold seeds {seed}-{seed + n - 1} (estimates and "
+        f"intervals from seed {seed}, mean ± sd and range over all {n} beside them)"
+    )
 
 
 def _pooled(proto: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""kNN retrieval on embeddings: precision@k and a kNN-classifier AUROC.
+"""kNN retrieval on embeddings: precision@k, mean average precision and a kNN-classifier AUROC.
 
 Neighbours are by cosine similarity and never include the query itself or any image of the same
 patient, which would otherwise be trivially "retrieved" and flatter the encoder. Images tied
@@ -14,7 +14,15 @@ import numpy as np
 from radjepa.eval.features import require_finite
 from radjepa.eval.metrics import auroc
 
-__all__ = ["neighbours", "neighbour_shares", "retrieval_ok", "precision_at_k", "knn_auroc"]
+__all__ = [
+    "neighbours",
+    "neighbour_shares",
+    "retrieval_ok",
+    "precision_at_k",
+    "query_average_precision",
+    "mean_average_precision",
+    "knn_auroc",
+]
 
 
 def _unit_rows(features: np.ndarray) -> np.ndarray:
@@ -104,6 +112,62 @@ def precision_at_k(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
     if not ok.any():
         raise ValueError("no query has a neighbour from another patient")
     return float(same[ok].mean())
+
+
+def query_average_precision(
+    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, *, chunk: int | None = None
+) -> np.ndarray:
+    """[N] average precision of each query's full ranking of the other patients' images,
+    relevant = carrying the query's label value; NaN where no such image exists.
+
+    precision@k looks at k neighbours only; AP scores the whole ranking, so it still moves
+    when the first k are already right (or hopelessly wrong). Images tied in similarity count
+    as a uniformly random order among them, in expectation (McSherry & Najork, ECIR 2008),
+    as :func:`neighbour_shares` counts a tie at the k-th place: the row order of the input
+    cannot move it. A tied run of n images holding r relevant ones, after s images of which
+    R are relevant, adds sum_j (r/n) (R + 1 + (j-1)(r-1)/(n-1)) / (s + j) for j = 1..n.
+    """
+    f = _unit_rows(features)
+    y = np.asarray(labels)
+    g = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    n = len(f)
+    step = chunk or max(1, 2**22 // max(n, 1))  # a few [chunk, N] float64 arrays in memory
+    pos = np.arange(n)
+    out = np.full(n, np.nan)
+    for s in range(0, n, step):
+        sim = f[s : s + step] @ f.T  # [c, N]
+        sim[g[s : s + step, None] == g[None, :]] = -np.inf  # self and same patient
+        order = np.argsort(-sim, axis=1, kind="stable")
+        ss = np.take_along_axis(sim, order, axis=1)  # [c, N] descending
+        rel = (y[order] == y[s : s + step, None]) & np.isfinite(ss)  # excluded: never relevant
+        # tied runs: first and last position of the run each position belongs to
+        new = np.ones_like(ss, dtype=bool)
+        new[:, 1:] = ss[:, 1:] != ss[:, :-1]
+        last = np.ones_like(new)
+        last[:, :-1] = new[:, 1:]
+        start = np.maximum.accumulate(np.where(new, pos, 0), axis=1)
+        end = np.minimum.accumulate(np.where(last, pos, n - 1)[:, ::-1], axis=1)[:, ::-1]
+        cum = np.cumsum(rel, axis=1)  # relevant at or above each position
+        before = np.take_along_axis(cum - rel, start, axis=1)  # R: relevant above the run
+        r = np.take_along_axis(cum, end, axis=1) - before  # relevant within the run
+        size = end - start + 1
+        j = pos - start  # 0-based place within the run
+        inner = j * (r - 1) / np.maximum(size - 1, 1)
+        contrib = (r / size) * (before + 1 + inner) / (pos + 1)
+        total = rel.sum(1)
+        ok = total > 0
+        out[s : s + step][ok] = contrib[ok].sum(1) / total[ok]
+    return out
+
+
+def mean_average_precision(features: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
+    """Mean over queries of :func:`query_average_precision` (queries with no other-patient
+    image of their label value are left out: they have nothing to retrieve)."""
+    ap = query_average_precision(features, labels, groups)
+    ok = np.isfinite(ap)
+    if not ok.any():
+        raise ValueError("no query has an image of its label value from another patient")
+    return float(ap[ok].mean())
 
 
 def knn_auroc(

@@ -1,7 +1,8 @@
 """``run_probe``: one call from a checkpoint and a labels CSV to a report, plots and a head.
 
 The encoder under test and both baselines are probed on the same images, the same patient
-folds and the same bootstrap draws, so their numbers differ only by the features.
+folds and the same bootstrap draws, so their numbers differ only by the features; the report's
+``comparisons`` turns that pairing into an interval for the encoder minus each baseline.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from radjepa.config import Config
 from radjepa.eval.baselines import pixel_features, random_init_encoder
+from radjepa.eval.compare import compare_methods
 from radjepa.eval.features import (
     Dataset,
     DatasetError,
@@ -33,7 +35,12 @@ from radjepa.eval.heads import checkpoint_fingerprint, save_head
 from radjepa.eval.linear_probe import cross_val_probe, fit_head
 from radjepa.eval.plots import plot_pca_map, plot_roc
 from radjepa.eval.report import metric_safe, write_report
-from radjepa.eval.retrieval import knn_auroc, precision_at_k, retrieval_ok
+from radjepa.eval.retrieval import (
+    knn_auroc,
+    mean_average_precision,
+    precision_at_k,
+    retrieval_ok,
+)
 from radjepa.eval.segmentation import load_seg_csv, seg_probe, tokens_to_grid
 
 log = logging.getLogger(__name__)
@@ -79,8 +86,10 @@ def probe_features(
         test_fraction=p.test_fraction,
         bootstrap=p.bootstrap,
         seed=p.seed,
+        seeds=p.seeds,
     )
     prec: dict[str, float | None] = {}
+    mean_ap: dict[str, float | None] = {}
     knn: dict[str, float | None] = {}
     for j, name in enumerate(ds.label_names):
         y = ds.labels[:, j]
@@ -88,8 +97,10 @@ def probe_features(
         # numbers either: they would be 1.0 or <= 0.5 whatever the features
         ok = retrieval_ok(y, ds.groups)
         prec[name] = precision_at_k(feats, y, ds.groups, p.knn_k) if ok else None
+        mean_ap[name] = mean_average_precision(feats, y, ds.groups) if ok else None
         knn[name] = knn_auroc(feats, y, ds.groups, p.knn_k, seed=p.seed) if ok else None
-    return {**res.to_dict(), "precision_at_k": prec, "knn_auroc": knn}, res.scores
+    summary = {**res.to_dict(), "precision_at_k": prec, "retrieval_map": mean_ap}
+    return {**summary, "knn_auroc": knn}, res.scores
 
 
 def _decode_settings(enc_cfg: Config) -> dict[str, Any]:
@@ -259,6 +270,16 @@ def run_probe(
             name,
             {lab["name"]: (lab["auroc"] or {}).get("estimate") for lab in methods[name]["labels"]},
         )
+    comparisons = compare_methods(
+        methods,
+        scores,
+        ds.labels,
+        ds.groups,
+        ds.label_names,
+        reference="ours",
+        draws=p.bootstrap,
+        seed=p.seed,
+    )
 
     plots: dict[str, Any] = {"roc": {}}
     for j, name in enumerate(ds.label_names):
@@ -339,10 +360,12 @@ def run_probe(
             "split_text": split_text,
             "bootstrap": p.bootstrap,
             "seed": p.seed,
+            "seeds": p.seeds,
             "knn_k": p.knn_k,
             "pixel_size": p.pixel_baseline_size,
         },
         "methods": methods,
+        "comparisons": comparisons,
         "plots": plots,
         "head": head_dir,
         "segmentation": segmentation,
