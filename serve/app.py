@@ -68,6 +68,9 @@ _ANSWERED = {
 }
 # bounds the query string (each pseudonym is ~50 bytes there) well under common URL limits
 MAX_EXCLUDED_PATIENTS = 100
+# uploads whose similar-case searches share one pass over the index matrix; the [block, N]
+# scores of a million-row index take 64 MB
+SEARCH_BLOCK = 16
 
 
 @dataclass
@@ -77,6 +80,15 @@ class _Upload:
     patient_pid: str | None = None  # set by the decoder: the upload's own keyed pseudonym
     # set by the decoder: the id ingest would give these bytes, under the index's id scheme
     image_id: str = ""
+
+
+@dataclass(frozen=True)
+class _Exclusions:
+    """The index rows one upload's search leaves out, and why (for its result)."""
+
+    own: np.ndarray  # its own archive row(s), unless include_self
+    patients: np.ndarray  # rows of the patients asked to be left out
+    same: SamePatientOut | None  # set with exclude_same_patient
 
 
 def _media_type(request: Request) -> str:
@@ -614,11 +626,8 @@ def create_app(
         upload_pids: UploadPseudonyms = request.app.state.upload_pseudonyms
         id_match = _ANSWERED[request.app.state.image_id_status]
 
-        def neighbours_of(
-            up: _Upload, embedding: np.ndarray, patient_rows: np.ndarray
-        ) -> SimilarOut:
-            image_id = up.image_id
-            archived = index.rows_with_image_id(image_id)
+        def exclusions(up: _Upload, patient_rows: np.ndarray) -> _Exclusions:
+            archived = index.rows_with_image_id(up.image_id)
             own = np.empty(0, np.int64) if include_self else archived
             patients = patient_rows
             same = None
@@ -628,29 +637,38 @@ def create_app(
                 pids = row_pids | ({up.patient_pid} if by_id.startswith("used") else set())
                 same = SamePatientOut(archive_row=bool(row_pids), patient_id=by_id)
                 patients = np.union1d(patients, index.rows_of_patients(pids))
-            hits = index.search(embedding, k, exclude=np.union1d(own, patients))
-            return SimilarOut(
-                image_id=image_id,
-                filename=up.filename,
-                neighbours=[Neighbour(image_id=h.image_id, score=h.score, **h.pids) for h in hits],
-                excluded_self=len(own),
-                excluded_patient=len(np.setdiff1d(patients, own)),
-                same_patient=same,
-                image_id_match=id_match,
-            )
+            return _Exclusions(own, patients, same)
 
         def search_all(
             uploads: list[_Upload], results: list[ImageEmbedding], cancelled: threading.Event
         ) -> list[SimilarOut]:
-            # A pass over the whole index per upload (3 GiB at a million rows) on the event
-            # loop stalled every other request of the replica, /healthz included: it runs on
-            # the gate's pool like decoding, and stops between uploads once nobody waits.
+            # A pass over the whole index (3 GiB at a million rows) on the event loop stalled
+            # every other request of the replica, /healthz included: it runs on the gate's
+            # pool like decoding. Up to SEARCH_BLOCK uploads share one pass, and the search
+            # stops between passes once nobody waits.
             patient_rows = index.rows_of_patients(p.lower() for p in exclude_patient_pid or ())
             found = []
-            for up, r in zip(uploads, results, strict=True):
+            for start in range(0, len(uploads), SEARCH_BLOCK):
                 if cancelled.is_set():
                     raise Cancelled("request abandoned")
-                found.append(neighbours_of(up, r.embedding, patient_rows))
+                block = uploads[start : start + SEARCH_BLOCK]
+                ex = [exclusions(up, patient_rows) for up in block]
+                queries = np.stack([r.embedding for r in results[start : start + SEARCH_BLOCK]])
+                hits = index.search_many(queries, k, [np.union1d(e.own, e.patients) for e in ex])
+                found += [
+                    SimilarOut(
+                        image_id=up.image_id,
+                        filename=up.filename,
+                        neighbours=[
+                            Neighbour(image_id=h.image_id, score=h.score, **h.pids) for h in hs
+                        ],
+                        excluded_self=len(e.own),
+                        excluded_patient=len(np.setdiff1d(e.patients, e.own)),
+                        same_patient=e.same,
+                        image_id_match=id_match,
+                    )
+                    for up, e, hs in zip(block, ex, hits, strict=True)
+                ]
             return found
 
         def check_linkage(uploads: list[_Upload]) -> None:

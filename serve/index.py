@@ -163,7 +163,7 @@ class EmbeddingIndex:
         The embeddings are decoded a batch of rows at a time and copied once into the one
         matrix the index keeps, then normalised there. Reading all parts as one table and
         converting it held the decoded pages and four more copies of the matrix at once
-        (``bench/index_load.py`` measures both ways)."""
+        (``bench/index.py`` measures both ways)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -276,11 +276,25 @@ class EmbeddingIndex:
     def search(self, query: np.ndarray, k: int, *, exclude: np.ndarray | None = None) -> list[Hit]:
         """Top-``k`` rows by cosine similarity to ``query`` ([D]), best first, never returning
         a row listed in ``exclude``; fewer than ``k`` only when fewer rows remain."""
-        q = np.asarray(query, dtype=np.float32).reshape(-1)
-        if q.shape[0] != self.dim:
-            raise IndexLoadError(f"query dim {q.shape[0]} != index dim {self.dim}")
-        q = q / max(float(np.linalg.norm(q)), 1e-12)
-        scores = self.matrix @ q  # [N]
+        return self.search_many(np.asarray(query).reshape(1, -1), k, [exclude])[0]
+
+    def search_many(
+        self, queries: np.ndarray, k: int, excludes: list[np.ndarray | None]
+    ) -> list[list[Hit]]:
+        """:meth:`search` for each row of ``queries`` ([Q, D]) with its own ``excludes[i]``,
+        in one pass over the matrix: a search is bound by reading the matrix (3 GiB at a
+        million rows), so the images of one request share that read instead of repeating it
+        (``bench/index.py`` times both ways)."""
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise IndexLoadError(f"query dim {q.shape[-1]} != index dim {self.dim}")
+        if len(excludes) != len(q):
+            raise ValueError(f"{len(q)} queries but {len(excludes)} exclusion lists")
+        q = _unit_rows(q.copy())
+        scores = q @ self.matrix.T  # [Q, N]: one read of the matrix for every query
+        return [self._top(row, k, exclude) for row, exclude in zip(scores, excludes, strict=True)]
+
+    def _top(self, scores: np.ndarray, k: int, exclude: np.ndarray | None) -> list[Hit]:
         skipped = np.unique(np.asarray(exclude if exclude is not None else (), np.int64))
         k = min(k, len(self) - len(skipped))
         if k <= 0:

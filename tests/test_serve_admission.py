@@ -153,7 +153,7 @@ class _ParkedIndex(EmbeddingIndex):
         self.finished = threading.Event()
         self.on_event_loop: list[bool] = []
 
-    def search(self, query, k, *, exclude=None):
+    def search_many(self, queries, k, excludes):
         try:
             asyncio.get_running_loop()
             self.on_event_loop.append(True)
@@ -162,7 +162,7 @@ class _ParkedIndex(EmbeddingIndex):
         self.started.set()
         self.release.wait(timeout=60)
         try:
-            return super().search(query, k, exclude=exclude)
+            return super().search_many(queries, k, excludes)
         finally:
             self.finished.set()
 

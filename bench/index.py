@@ -1,6 +1,6 @@
-"""Similar-case index load: our batch-wise loader vs loading the whole index as one table.
+"""Similar-case index: our loader and search vs the straightforward ones, on one index.
 
-    python bench/index_load.py [--rows 200000] [--dim 768] [--rows-per-file 50000]
+    python bench/index.py [--rows 200000] [--dim 768] [--rows-per-file 50000] [--queries 16]
 
 Writes an index folder shaped like `radjepa embed`'s (several Parquet parts, the embedding as a
 fixed-size float32 list, image id and pseudonym columns of 64 hex characters, the record
@@ -8,7 +8,10 @@ columns), then loads it in two fresh processes: ``ours`` is ``serve.index.Embedd
 .from_parquet``; ``baseline`` is the straightforward load it replaced (every part read into one
 concatenated table, the column converted to a float32 matrix, rows normalised into a new array,
 ids as Python lists). Each process reports its peak RSS (``ru_maxrss``), its RSS once loaded
-and the load time; both must hold the same unit-row matrix. Prints one JSON line.
+and the load time; both must hold the same unit-row matrix. The loaded index then answers
+``--queries`` searches (top 10) as one request's images do: ours in one pass over the matrix
+(``search_many``), the baseline one pass per query (``search`` in a loop, as the API did).
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -72,17 +75,38 @@ def load_baseline(folder: Path) -> tuple[np.ndarray, list[str]]:
     return unit, ids
 
 
-def measure(which: str, folder: Path) -> dict[str, float]:
-    """Run in a fresh process: load, then report memory and time (and a checksum)."""
+def search_times(index, queries: int, reps: int = 3) -> tuple[float, float]:
+    """Best-of-``reps`` seconds for ``queries`` searches: in one pass, and one at a time."""
+    q = np.random.default_rng(1).standard_normal((queries, index.dim)).astype(np.float32)
+    none = [None] * queries
+    together, alone = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        many = index.search_many(q, 10, none)
+        together.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        one = [index.search(row, 10) for row in q]
+        alone.append(time.perf_counter() - t0)
+    if [[h.image_id for h in hs] for hs in many] != [[h.image_id for h in hs] for hs in one]:
+        raise SystemExit("the two searches disagree")
+    return min(together), min(alone)
+
+
+def measure(which: str, folder: Path, queries: int) -> dict[str, float]:
+    """Run in a fresh process: load, then report memory and time (and a checksum); ours
+    also times the searches."""
     t0 = time.perf_counter()
     if which == "ours":
         from serve.index import EmbeddingIndex
 
         index = EmbeddingIndex.from_parquet(folder)
         matrix, ids = index.matrix, index.image_ids
+        seconds = time.perf_counter() - t0
+        together, alone = search_times(index, queries)
     else:
         matrix, ids = load_baseline(folder)
-    seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        together = alone = float("nan")
     with open("/proc/self/statm") as fh:
         rss = int(fh.read().split()[1]) * resource.getpagesize()
     return {
@@ -92,12 +116,15 @@ def measure(which: str, folder: Path) -> dict[str, float]:
         "matrix_mib": matrix.nbytes / 2**20,
         "checksum": float(np.abs(matrix[:: max(1, len(ids) // 1000)]).sum()),
         "rows": len(ids),
+        "search_many_s": together,
+        "search_loop_s": alone,
     }
 
 
-def in_fresh_process(which: str, folder: Path) -> dict[str, float]:
+def in_fresh_process(which: str, folder: Path, queries: int) -> dict[str, float]:
     done = subprocess.run(
-        [sys.executable, __file__, "--measure", which, "--folder", str(folder)],
+        [sys.executable, __file__, "--measure", which, "--folder", str(folder)]
+        + ["--queries", str(queries)],
         capture_output=True,
         text=True,
         check=True,
@@ -110,17 +137,18 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--rows-per-file", type=int, default=50_000)
+    ap.add_argument("--queries", type=int, default=16, help="images of one /v1/similar request")
     ap.add_argument("--measure", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure, args.folder)))
+        print(json.dumps(measure(args.measure, args.folder, args.queries)))
         return
     with tempfile.TemporaryDirectory(prefix="radjepa-index-bench-") as tmp:
         folder = Path(tmp) / "index"
         write_index(folder, args.rows, args.dim, args.rows_per_file)
-        ours = in_fresh_process("ours", folder)
-        base = in_fresh_process("baseline", folder)
+        ours = in_fresh_process("ours", folder, args.queries)
+        base = in_fresh_process("baseline", folder, args.queries)
     if ours["rows"] != base["rows"] or not np.isclose(
         ours["checksum"], base["checksum"], rtol=1e-5
     ):
@@ -128,7 +156,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "bench": "index_load",
+                "bench": "index",
                 "rows": args.rows,
                 "dim": args.dim,
                 "rows_per_file": args.rows_per_file,
@@ -140,7 +168,11 @@ def main() -> None:
                 "baseline_loaded_rss_mib": round(base["loaded_rss_mib"], 1),
                 "ours_load_s": round(ours["load_s"], 2),
                 "baseline_load_s": round(base["load_s"], 2),
-                "speedup": round(base["load_s"] / ours["load_s"], 2),
+                "load_speedup": round(base["load_s"] / ours["load_s"], 2),
+                "queries": args.queries,
+                "ours_search_ms": round(1e3 * ours["search_many_s"], 2),
+                "baseline_search_ms": round(1e3 * ours["search_loop_s"], 2),
+                "search_speedup": round(ours["search_loop_s"] / ours["search_many_s"], 2),
                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                 "python": platform.python_version(),
             }

@@ -1,6 +1,6 @@
-"""Loading the similar-case index: parts written at different times, and parts that are wrong.
+"""The similar-case index: loading parts written at different times or wrong, and searching.
 
-The loader decodes a batch of rows at a time into one matrix (bench/index_load.py measures
+The loader decodes a batch of rows at a time into one matrix (bench/index.py measures
 its memory against loading every part as one table); these tests hold it to the same results
 and the same refusals, on real Parquet files.
 """
@@ -107,13 +107,13 @@ def test_a_wrong_part_is_refused_in_one_line(tmp_path, problem, match):
         EmbeddingIndex.from_parquet(folder)
 
 
-def test_the_load_bench_runs_both_loaders_and_prints_one_json_line():
+def test_the_index_bench_runs_both_ways_and_prints_one_json_line():
     import json
     import subprocess
     import sys
     from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "bench" / "index_load.py"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "index.py"
     done = subprocess.run(
         [sys.executable, str(bench), "--rows", "3000", "--dim", "16", "--rows-per-file", "1000"],
         capture_output=True,
@@ -123,4 +123,30 @@ def test_the_load_bench_runs_both_loaders_and_prints_one_json_line():
     assert done.returncode == 0, done.stderr
     (line,) = done.stdout.strip().splitlines()
     out = json.loads(line)
-    assert out["rows"] == 3000 and out["peak_ratio"] > 0 and out["speedup"] > 0
+    assert (
+        out["rows"] == 3000
+        and out["peak_ratio"] > 0
+        and out["load_speedup"] > 0
+        and out["search_speedup"] > 0
+    )
+
+
+def test_searching_several_queries_at_once_answers_as_one_at_a_time():
+    rng = np.random.default_rng(3)
+    emb = rng.standard_normal((500, 16)).astype(np.float32)
+    emb[10] = emb[11]  # its twin: the best hit once row 11 is left out
+    index = EmbeddingIndex(emb, [f"i{i}" for i in range(500)])
+    queries = np.stack([emb[11], rng.standard_normal(16), emb[42] * 3]).astype(np.float32)
+    excludes = [np.array([11]), None, np.array([42, 7, 42])]
+    together = index.search_many(queries, 5, excludes)
+    alone = [index.search(q, 5, exclude=e) for q, e in zip(queries, excludes, strict=True)]
+    # the same rows in the same order; the scores to float32 rounding (one matrix product
+    # instead of three matrix-vector products sums in another order)
+    assert [[h.image_id for h in hs] for hs in together] == [
+        [h.image_id for h in hs] for hs in alone
+    ]
+    for hs, hs1 in zip(together, alone, strict=True):
+        np.testing.assert_allclose([h.score for h in hs], [h.score for h in hs1], atol=1e-6)
+    assert together[0][0].image_id == "i10" and "i42" not in {h.image_id for h in together[2]}
+    with pytest.raises(IndexLoadError, match="query dim 8 != index dim 16"):
+        index.search_many(np.ones((2, 8), np.float32), 5, [None, None])
