@@ -549,6 +549,96 @@ def _paired_cells(report: dict[str, Any], label: str) -> list[str]:
     return cells
 
 
+models_app = typer.Typer(
+    help="List registered models and move their aliases (what servers load).",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+
+ModelNameOpt = Annotated[
+    str | None,
+    typer.Option("--name", "-n", help="Registered model (default: tracking.registered_model)."),
+]
+
+
+def _registry(config: str | None, set_: list[str] | None) -> tuple[str, str]:
+    """(tracking store, default model name) of a config; the store must exist (MLflow would
+    create an empty one where a mistyped output_dir points)."""
+    from pipelines.tracking import sqlite_file, store_uri
+
+    cfg = load(config, set_)
+    uri = store_uri(cfg)
+    if uri is None:
+        raise UserError(
+            "no MLflow store: train.output_dir is on object storage and neither tracking.uri "
+            "nor MLFLOW_TRACKING_URI is set"
+        )
+    path = sqlite_file(uri)
+    if path is not None and not Path(path).is_file():
+        raise UserError(
+            f"there is no MLflow store at {path} (`radjepa pretrain` registers models in "
+            "<train.output_dir>/mlflow.db or in tracking.uri: give the config it ran with)"
+        )
+    return uri, cfg.tracking.registered_model
+
+
+@models_app.command("list")
+def models_list(name: ModelNameOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """The versions of a registered model, newest first, with their aliases and promotions."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.model_registry import RegistryError, list_versions
+
+    uri, default = _registry(config, set_)
+    try:
+        rows = list_versions(uri, name or default)
+    except RegistryError as err:
+        raise UserError(str(err)) from None
+    table = Table(title=f"{name or default} ({len(rows)} versions)")
+    for column in ("version", "aliases", "status", "created (UTC)", "run", "step", "promoted"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(
+            r.version,
+            ", ".join(r.aliases),
+            r.status,
+            r.created.strftime("%Y-%m-%d %H:%M"),
+            r.run_name or (r.run_id or "")[:12],
+            r.step or "",
+            r.promoted or "",
+        )
+    Console(width=160).print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="The version to point the alias at.")],
+    reason: Annotated[
+        str, typer.Option("--reason", "-r", help="Why (recorded in the registry; required).")
+    ],
+    alias: Annotated[str, typer.Option("--alias", "-a", help="The alias to move.")] = "champion",
+    name: ModelNameOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Point an alias (default: champion) at a version, recording who, when, why and the
+    version it replaced. Servers pin the version at start-up: redeploy to serve it."""
+    from pipelines.model_registry import RegistryError, promote
+
+    uri, default = _registry(config, set_)
+    try:
+        done = promote(uri, name or default, version, alias, reason)
+    except RegistryError as err:
+        raise UserError(str(err)) from None
+    if done.previous == done.version:
+        typer.echo(f"{done.name}@{done.alias} already points to version {done.version}")
+        return
+    was = f" (was version {done.previous})" if done.previous else ""
+    typer.echo(f"{done.name}@{done.alias} -> version {done.version}{was}")
+    typer.echo(f"serve it: --model models:/{done.name}@{done.alias} (running servers keep theirs)")
+
+
 @app.command("probe")
 def probe_cmd(
     checkpoint: Annotated[

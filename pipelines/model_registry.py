@@ -1,0 +1,145 @@
+"""The model registry for operators: which versions exist, and moving an alias on purpose.
+
+Servers name a model by alias (``models:/radjepa-encoder@champion``) and pin the version it
+points to when they start, so moving the alias is how a new encoder or head reaches the next
+deployment. MLflow keeps no history of an alias, so ``radjepa models promote`` writes one:
+tags on the promoted version (who, when, why, which version held the alias before) and on the
+version it replaced, which together read as an audit trail in the registry itself.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelVersionRow", "Promotion", "RegistryError", "list_versions", "promote"]
+
+_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")  # MLflow refuses "v<digits>" and "latest"
+
+
+class RegistryError(ValueError):
+    """The registry cannot do what was asked (no such model or version, a bad alias)."""
+
+
+@dataclass(frozen=True)
+class ModelVersionRow:
+    """One registered version, as ``radjepa models list`` shows it."""
+
+    version: str
+    aliases: tuple[str, ...]
+    status: str
+    created: datetime
+    run_id: str | None
+    step: str | None  # the training step of an encoder (pretrain tags it)
+    run_name: str | None
+    promoted: str | None  # "<alias> by <who> at <when>: <why>", the newest promotion
+
+
+@dataclass(frozen=True)
+class Promotion:
+    name: str
+    alias: str
+    version: str
+    previous: str | None  # the version the alias pointed to before, None when it was new
+
+
+def _client(uri: str) -> Any:
+    from pipelines.tracking import client
+
+    return client(uri)
+
+
+def _registered(client: Any, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"no registered model named {name!r} in this store") from None
+        raise
+
+
+def list_versions(uri: str, name: str) -> list[ModelVersionRow]:
+    """Every version of ``name``, newest first, with the aliases that point to it."""
+    client = _client(uri)
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (_registered(client, name).aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    rows = []
+    for mv in client.search_model_versions(_name_filter(name)):
+        tags = mv.tags or {}
+        rows.append(
+            ModelVersionRow(
+                version=str(mv.version),
+                aliases=tuple(sorted(aliases.get(str(mv.version), ()))),
+                status=str(mv.status),
+                created=datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC),
+                run_id=mv.run_id,
+                step=tags.get("step"),
+                run_name=tags.get("run_name"),
+                promoted=tags.get("radjepa.promotion"),
+            )
+        )
+    return sorted(rows, key=lambda r: int(r.version), reverse=True)
+
+
+def promote(
+    uri: str, name: str, version: str, alias: str, reason: str, actor: str | None = None
+) -> Promotion:
+    """Point ``alias`` of ``name`` at ``version`` and record the move on both versions.
+
+    Refuses a version that is not READY (its files may not all be there) and an empty reason:
+    the reason is what a reviewer of the registry later reads."""
+    from mlflow.exceptions import MlflowException
+
+    if not _ALIAS.match(alias) or re.fullmatch(r"v\d+|latest", alias, re.I):
+        raise RegistryError(
+            f"alias {alias!r}: use letters, digits, '_' and '-' (not 'latest' or 'v<number>', "
+            "which MLflow reserves)"
+        )
+    reason = " ".join(reason.split())
+    if not reason:
+        raise RegistryError("a promotion needs a reason (--reason): the registry records it")
+    client = _client(uri)
+    registered = _registered(client, name)
+    try:
+        mv = client.get_model_version(name, str(version))
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise RegistryError(f"{name} has no version {version}") from None
+        raise
+    if str(mv.status) != "READY":
+        raise RegistryError(f"{name} version {version} is {mv.status}, not READY: not promoted")
+    held = (registered.aliases or {}).get(alias)
+    previous = None if held is None else str(held)
+    if previous == str(version):
+        log.info("%s@%s already points to version %s", name, alias, version)
+        return Promotion(name, alias, str(version), previous)
+    who = actor or getpass.getuser()
+    when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    record = f"{alias} by {who} at {when}: {reason}"
+    if previous is not None:
+        record += f" (replaced version {previous})"
+    client.set_registered_model_alias(name, alias, str(version))
+    client.set_model_version_tag(name, str(version), "radjepa.promotion", record[:5000])
+    if previous is not None:
+        demotion = f"{alias} moved to version {version} by {who} at {when}: {reason}"
+        client.set_model_version_tag(name, previous, "radjepa.demotion", demotion[:5000])
+    log.info("%s@%s -> version %s (was %s)", name, alias, version, previous or "unset")
+    return Promotion(name, alias, str(version), previous)
+
+
+def _name_filter(name: str) -> str:
+    """MLflow's filter syntax has no escapes: quote with the quote the name does not hold."""
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    raise RegistryError(f"{name!r}: a name holding both kinds of quote cannot be searched")

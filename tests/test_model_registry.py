@@ -1,0 +1,117 @@
+"""`radjepa models list / promote`: moving the alias servers load, with a record of the move,
+against a real MLflow registry on sqlite."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from serve_helpers import REPO, TINY_CONFIG, make_checkpoint
+
+from pipelines.model_registry import RegistryError, list_versions, promote
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """Two versions of ``tiny-enc`` registered as pretrain registers them, in the default store
+    of ``train.output_dir``; returns (uri, the --set that names that output_dir)."""
+    import mlflow
+
+    from pipelines.tracking import ensure_experiment, register_artifact_dir, tracking_uri
+    from radjepa.config import load_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    cfg = load_config(TINY_CONFIG, [f"train.output_dir={runs}"])
+    uri = tracking_uri(cfg.tracking, runs)
+    exp = ensure_experiment(uri, cfg.tracking.experiment, str(runs))
+    client = mlflow.MlflowClient(uri)
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    for step in ("7", "9"):
+        run = client.create_run(exp)
+        client.log_artifacts(run.info.run_id, str(ckpt), f"checkpoint-step-{step}")
+        register_artifact_dir(
+            uri,
+            run.info.run_id,
+            f"checkpoint-step-{step}",
+            "tiny-enc",
+            tags={"run_name": f"run-{step}", "step": step},
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return uri, f"train.output_dir={runs}"
+
+
+def test_promotion_moves_the_alias_and_both_versions_record_it(store):
+    from serve.registry import registered_version
+
+    uri, _ = store
+    first = promote(uri, "tiny-enc", "1", "champion", "beat the baseline", actor="ana")
+    assert first.previous is None
+    second = promote(uri, "tiny-enc", "2", "champion", "  AUROC +0.02\n on CXR14 ", actor="bo")
+    assert second.previous == "1"
+    assert str(registered_version("models:/tiny-enc@champion", tracking_uri=uri).version) == "2"
+
+    rows = {r.version: r for r in list_versions(uri, "tiny-enc")}
+    assert list(rows) == ["2", "1"]  # newest first
+    assert rows["2"].aliases == ("champion",) and rows["1"].aliases == ()
+    assert rows["2"].step == "9" and rows["2"].run_name == "run-9" and rows["2"].status == "READY"
+    assert rows["2"].promoted.startswith("champion by bo at ")
+    assert rows["2"].promoted.endswith(": AUROC +0.02 on CXR14 (replaced version 1)")
+    import mlflow
+
+    tags = mlflow.MlflowClient(uri).get_model_version("tiny-enc", "1").tags
+    assert tags["radjepa.demotion"].startswith("champion moved to version 2 by bo at ")
+    again = promote(uri, "tiny-enc", "2", "champion", "re-run")
+    assert again.previous == again.version == "2"  # nothing moved, nothing recorded
+    assert "re-run" not in list_versions(uri, "tiny-enc")[0].promoted
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("tiny-enc", "5", "champion", "why"), "tiny-enc has no version 5"),
+        (("no-such", "1", "champion", "why"), "no registered model named 'no-such'"),
+        (("tiny-enc", "1", "champion", "   "), "needs a reason"),
+        (("tiny-enc", "1", "latest", "why"), "alias 'latest'"),
+        (("tiny-enc", "1", "v2", "why"), "alias 'v2'"),
+    ],
+)
+def test_a_promotion_that_cannot_be_done_changes_nothing(store, args, match):
+    uri, _ = store
+    with pytest.raises(RegistryError, match=match):
+        promote(uri, *args)
+    assert all(not r.aliases and r.promoted is None for r in list_versions(uri, "tiny-enc"))
+
+
+def _radjepa(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("radjepa")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipelines.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [*cmd, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_cli_promotes_lists_and_refuses_in_one_line(store, tmp_path):
+    _, output_dir = store
+    common = ["-c", str(TINY_CONFIG), "--set", output_dir, "--name", "tiny-enc"]
+    done = _radjepa("models", "promote", "2", "--reason", "first release", *common, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert "tiny-enc@champion -> version 2" in done.stdout
+    assert "models:/tiny-enc@champion" in done.stdout
+
+    listed = _radjepa("models", "list", *common, cwd=REPO)
+    assert listed.returncode == 0, listed.stderr
+    assert "champion" in listed.stdout and "first release" in listed.stdout
+
+    missing = _radjepa("models", "promote", "2", *common, cwd=REPO)
+    assert missing.returncode == 2 and "--reason" in missing.stderr  # required by typer
+    nowhere = tmp_path / "typo"
+    bad = _radjepa(
+        "models", "list", "-c", str(TINY_CONFIG), "--set", f"train.output_dir={nowhere}", cwd=REPO
+    )
+    assert bad.returncode == 2 and "there is no MLflow store at" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not nowhere.exists()
