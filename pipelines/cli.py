@@ -165,6 +165,13 @@ def pretrain(
     loss = res.metrics.get("loss")
     if loss is not None:
         typer.echo(f"final loss:  {loss:.4f} at step {res.metrics.get('step')}")
+    if res.pruned.folders:
+        from pipelines.sweep_checkpoints import human_size
+
+        typer.echo(
+            f"pruned:      {len(res.pruned.folders)} stray checkpoint folders "
+            f"({human_size(res.pruned.freed_bytes)}: cut short, or never recorded by Ray)"
+        )
 
 
 @app.command()

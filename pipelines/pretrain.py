@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT, Pruned, prune_stray_checkpoints
 from radjepa import locations
 from radjepa.config import Config
 from radjepa.resume import ResumeError, ResumePoint
@@ -35,8 +36,6 @@ FAILURE_MARKER = ".radjepa-injected-failure"
 # back-off, 247 s in all): with 60 s, a server restarted 67 s after it went down, while the
 # write was between retries, still lost every value queued meanwhile (174 in a 40-step run)
 METRICS_FLUSH_S = 300.0
-# Ray Train's record of the checkpoints it reported, in the run folder (read back on a re-run)
-RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 class PretrainError(RuntimeError):
@@ -55,6 +54,8 @@ class PretrainResult:
     tracking_uri: str | None
     model_version: str | None
     metrics: dict[str, Any]
+    # checkpoint folders Ray Train would never remove (cut short, or never recorded by it)
+    pruned: Pruned = Pruned()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +329,9 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         run_dir = locations.join_location(storage, cfg.train.run_name)
         resume = find_resume_point(cfg, run_dir)
         forget_deleted_checkpoints(run_dir)
+        restored = resume.path if resume is not None else None
+        # before the run: a full disk that stopped the last one is freed of its copy cut short
+        pruned = prune_stray_checkpoints(run_dir, restored=restored, finished=False)
         check_masks(cfg.masks, cfg.model.grid, cfg.train.batch_size, cfg.train.seed)
         ensure_ray()
         cfg = _resolve_workers(cfg, info.train_rows)
@@ -374,6 +378,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
+        pruned += prune_stray_checkpoints(run_dir, restored=restored, finished=True)
     except KeyboardInterrupt:
         if tracking:  # re-running the same command resumes it
             mark_run(uri, run_id, "KILLED")
@@ -411,7 +416,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
                     f"training finished (checkpoint {ckpt}) but recording it in MLflow failed: "
                     f"{type(err).__name__}: {first}"
                 ) from None
-    return PretrainResult(run_dir, ckpt, run_id, uri, version, metrics)
+    return PretrainResult(run_dir, ckpt, run_id, uri, version, metrics, pruned)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ __all__ = [
     "load_encoder",
     "read_meta",
     "check_resumable",
+    "is_cut_short",
     "export_timm",
     "create_timm_model",
 ]
@@ -322,6 +323,39 @@ def check_resumable(location: str | os.PathLike[str]) -> tuple[int, Config]:
             raise
         raise CheckpointError(f"{where}: missing or unreadable file: {err}") from None
     return meta["step"], _saved_config(Path(root), meta)
+
+
+def is_cut_short(location: str | os.PathLike[str]) -> bool:
+    """Whether the training checkpoint folder at ``location`` (a folder or any pyarrow URI) is
+    provably incomplete: one of its four files is missing, a JSON file does not parse, or a
+    safetensors file is not as long as its own header says. That is what a crash or a full disk
+    leaves mid-copy (Ray copies into the final folder name; object storage shows the files
+    written so far). False when every file is whole, whatever its content (a checkpoint of
+    another radjepa version is whole). An unreadable storage raises OSError instead of
+    answering, so that a network error never makes a good checkpoint look incomplete.
+    """
+    import pyarrow.fs as pafs
+
+    from radjepa.locations import filesystem
+
+    fs, root = filesystem(location)
+    names = (META, OPTIM_JSON, WEIGHTS, OPTIM)
+    infos = fs.get_file_info([f"{root}/{name}" for name in names])
+    if any(info.type != pafs.FileType.File for info in infos):
+        return True
+    for name in (META, OPTIM_JSON):
+        with fs.open_input_stream(f"{root}/{name}") as f:
+            text = f.read()
+        try:
+            json.loads(text.decode("utf-8"))
+        except ValueError:  # cut short mid-file (or not UTF-8): never a whole JSON document
+            return True
+    for name in (WEIGHTS, OPTIM):
+        try:
+            _check_whole(fs, f"{root}/{name}", f"{location}/{name}")
+        except CheckpointError:
+            return True
+    return False
 
 
 _MAX_HEADER = 100 << 20  # safetensors' own bound on a header

@@ -556,6 +556,66 @@ def test_a_checkpoint_ray_never_recorded_is_resumed_from(shards, tmp_path):
     assert not {s for s, c in counts.items() if c > 1}  # resumed at step 4: nothing redone
 
 
+def test_stray_checkpoint_folders_are_pruned_and_the_run_still_resumes(shards, tmp_path):
+    # Ray Train's keep_checkpoints only deletes folders it recorded: a copy cut short by a crash
+    # and a whole checkpoint whose record was lost stayed in the run's storage for good
+    import os
+    import shutil
+    import time
+
+    from pipelines.pretrain import RAY_CHECKPOINT_SNAPSHOT, run_pretrain
+    from pipelines.stray_checkpoints import QUIET_S
+
+    sets = {
+        "train.num_workers": 1,
+        "train.steps": 4,
+        "train.checkpoint_every": 2,
+        "train.keep_checkpoints": 3,
+    }
+    run = tmp_path / "t"
+    run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    snapshot = run / RAY_CHECKPOINT_SNAPSHOT
+    recorded = snapshot.read_text()  # steps 2 and 4
+    second = run_pretrain(_cfg(tmp_path, **{**sets, "train.steps": 6}), str(shards))
+    snapshot.write_text(recorded)  # a driver killed before recording step 6: resumed from
+    restored = Path(second.checkpoint)
+    ckpts = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    assert [p.name for p in ckpts[2:]] == [restored.name]  # steps 2, 4 and 6
+    # a whole copy older than Ray's record names (its record set aside) and a copy cut short
+    # as a full disk leaves it, named as Ray names them (a run's second and later saves)
+    lost = run / (ckpts[0].name[:-6] + "000000")
+    shutil.copytree(ckpts[0], lost)
+    cut = run / (restored.name + "9")
+    shutil.copytree(restored, cut)
+    with open(cut / "optimizer.safetensors", "r+b") as f:
+        f.truncate(1_000_000)
+    (cut / "optimizer.json").unlink()
+    fresh = run / (restored.name + "8")  # the same, but written a minute ago: left alone
+    shutil.copytree(cut, fresh)
+    then = time.time() - QUIET_S - 60  # all written over an hour ago, as after a night's crash
+    for p in [*run.rglob("*")]:
+        if not p.is_relative_to(fresh):
+            os.utime(p, (then, then))
+
+    again = run_pretrain(_cfg(tmp_path, **{**sets, "train.steps": 8}), str(shards))
+    assert again.metrics["step"] == 8
+    counts = Counter(s for s, _ in _history(again.tracking_uri, again.mlflow_run_id, "loss"))
+    assert set(counts) == set(range(1, 9)) and max(counts.values()) == 1  # resumed at 6
+    assert not lost.exists() and not cut.exists() and fresh.is_dir()
+    assert set(again.pruned.folders) == {lost.name, cut.name} and again.pruned.freed_bytes > 0
+    left = {p.name for p in run.glob("checkpoint_*") if p.is_dir()}
+    ray_record = json.loads(snapshot.read_text())["checkpoint_results"]
+    assert {r["checkpoint_dir_name"] for r in ray_record} <= left  # Ray's own stay
+    # ... with the resume point, though Ray never recorded it
+    assert left == {
+        ckpts[0].name,
+        ckpts[1].name,
+        restored.name,
+        fresh.name,
+        Path(again.checkpoint).name,
+    }
+
+
 def test_restore_point_prefers_what_a_worker_failure_reports(tmp_path):
     # after a worker failure Ray offers what this run last reported: newer than the driver's
     # pick, so it wins; an older or damaged offer loses to the driver's pick
@@ -599,10 +659,13 @@ def test_a_disk_filling_up_mid_run_stops_in_one_line_and_the_rerun_resumes(shard
     # the run folder on a real 40 MiB tmpfs: the step-2 checkpoint (31 MB) fits, the step-4
     # one fills the disk half way through Ray's copy
     import subprocess
+    import time
 
     import mlflow
 
     from pipelines.pretrain import PretrainError, run_pretrain
+    from pipelines.stray_checkpoints import QUIET_S
+    from radjepa.checkpoint import is_cut_short
 
     small = tmp_path / "small"
     small.mkdir()
@@ -633,8 +696,15 @@ def test_a_disk_filling_up_mid_run_stops_in_one_line_and_the_rerun_resumes(shard
         assert steps[0] == 2  # the earlier checkpoint is intact
         # space freed: the same command resumes, past the checkpoint cut short
         subprocess.run(["mount", "-o", "remount,size=200m", str(small)], check=True)
+        # the copy the full disk cut short, an hour later: the re-run removes it
+        cut = [p for p in (small / "t").glob("checkpoint_*") if p.is_dir() and is_cut_short(p)]
+        assert len(cut) == 1
+        then = time.time() - QUIET_S - 60
+        for p in (small / "t").rglob("*"):
+            os.utime(p, (then, then))
         again = run_pretrain(_cfg(small, **sets), str(shards))
         assert again.metrics["step"] == 4 and again.mlflow_run_id == run_id
+        assert not cut[0].exists() and again.pruned.folders == (cut[0].name,)
         counts = Counter(s for s, _ in _history(uri, run_id, "loss"))
         assert {s for s, c in counts.items() if c > 1} == {3, 4}  # resumed at step 2
     finally:

@@ -1,0 +1,152 @@
+"""Removing the checkpoint folders of a pretraining run that Ray Train will never remove.
+
+Ray copies a checkpoint straight into its final folder (``run_dir/checkpoint_<timestamp>``),
+then records it in ``checkpoint_manager_snapshot.json``; ``train.keep_checkpoints``
+(``CheckpointConfig.num_to_keep``) only ever deletes folders named in that record. So a copy
+cut short (a crash, a full disk), a checkpoint copied by a driver that died before recording
+it, and every folder of a record set aside (``forget_deleted_checkpoints``) stayed in the run's
+storage for good: on a disk that had filled up they kept it full after the re-run.
+
+What is removed, only among the ``checkpoint_*`` folders directly in the run folder:
+
+- a folder cut short (:func:`radjepa.checkpoint.is_cut_short`): never a good copy;
+- after a run that succeeded, a whole folder older than the newest whole checkpoint Ray
+  recorded: a newer good copy exists, and Ray's retention applies to it.
+
+What never is: a folder Ray recorded (its record would name a deleted folder, and Ray refuses to
+start on that), the checkpoint this run resumed from, anything when Ray's record cannot be read,
+a folder the storage cannot tell about (a read error, no modification times), a symlink, and a
+folder written to within :data:`QUIET_S`: another driver of the same run name (a duplicate
+submission) may be copying into it. Works on any location the run writes to (a folder or a
+pyarrow filesystem URI).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from radjepa import locations
+
+log = logging.getLogger(__name__)
+
+# Ray Train's record of the checkpoints it reported, in the run folder
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+# a folder written to this recently may be a copy in progress (object storage shows a large
+# file only once uploaded, with the time its upload began): an hour is far longer than any
+# checkpoint copy, and a stray folder left now is removed by a later run
+QUIET_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What :func:`prune_stray_checkpoints` removed."""
+
+    folders: tuple[str, ...] = ()  # their names, oldest first
+    freed_bytes: int = 0
+
+    def __add__(self, other: Pruned) -> Pruned:
+        return Pruned(self.folders + other.folders, self.freed_bytes + other.freed_bytes)
+
+
+def recorded_checkpoints(run_dir: str) -> set[str] | None:
+    """The checkpoint folder names Ray's record of ``run_dir`` holds (kept, latest, pending);
+    empty without a record; None when there is one this code cannot read (cut short, or a
+    format other than the pinned Ray's): then nothing can be said to be unrecorded."""
+    text = locations.read_text(locations.join_location(run_dir, RAY_CHECKPOINT_SNAPSHOT))
+    if text is None:
+        return set()
+    try:
+        record = json.loads(text)
+        results = [*record["checkpoint_results"], *record.get("pending_training_results", [])]
+        if record.get("latest_checkpoint_result"):
+            results.append(record["latest_checkpoint_result"])
+        return {r["checkpoint_dir_name"] for r in results}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def prune_stray_checkpoints(
+    run_dir: str, *, restored: str | None, finished: bool, now: float | None = None
+) -> Pruned:
+    """Remove the stray checkpoint folders of ``run_dir`` (see the module docstring), logging
+    each. ``restored``: the checkpoint this run resumes from (kept). ``finished``: the run
+    succeeded, so whole folders older than Ray's newest recorded whole one go too; before the
+    run only folders cut short do, the resume point not having been loaded yet. A problem with
+    the storage is logged and leaves the folders: tidying never fails a run."""
+    try:
+        return _prune(run_dir, restored, finished, time.time() if now is None else now)
+    except (OSError, ValueError) as err:
+        log.warning("run %s: left its stray checkpoint folders: %s", run_dir, err)
+        return Pruned()
+
+
+def _prune(run_dir: str, restored: str | None, finished: bool, now: float) -> Pruned:
+    from radjepa.checkpoint import is_cut_short
+    from radjepa.resume import checkpoint_dirs
+
+    recorded = recorded_checkpoints(run_dir)
+    if recorded is None:
+        log.info("run %s: Ray's checkpoint record is unreadable; no folder is pruned", run_dir)
+        return Pruned()
+    keep = {_base_name(restored)} if restored else set()
+    fs, root = locations.filesystem(run_dir)
+    whole: dict[str, bool] = {}
+    for name, location in sorted(checkpoint_dirs(run_dir)):  # oldest first
+        try:
+            whole[name] = not is_cut_short(location)
+        except OSError as err:  # unknown: neither removed nor counted as a good copy
+            log.warning("checkpoint %s cannot be read, so it is kept: %s", location, err)
+    newest = max((n for n, ok in whole.items() if ok and n in recorded), default=None)
+    pruned = Pruned()
+    for name, ok in whole.items():
+        if name in recorded or name in keep:
+            continue
+        if ok and not (finished and newest is not None and name < newest):
+            continue
+        location = locations.join_location(run_dir, name)
+        path = f"{root.rstrip('/')}/{name}"
+        size = _quiet_size(fs, path, location, now)
+        if size is None:
+            continue
+        fs.delete_dir(path)
+        why = f"older than {newest}, which Ray recorded" if ok else "cut short"
+        log.info("removed checkpoint folder %s (%s; not recorded by Ray)", location, why)
+        pruned += Pruned((name,), size)
+    return pruned
+
+
+def _base_name(location: str) -> str:
+    """The last name of a folder or URI (a URI's query, ``?endpoint_override=...``, left out)."""
+    path = urlsplit(location).path if "://" in location else location
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _quiet_size(fs: pafs.FileSystem, path: str, location: str, now: float) -> int | None:
+    """The bytes of the folder at ``path``, or None (it stays) when it is a symlink, tells no
+    modification time, or was written to within :data:`QUIET_S`."""
+    local = locations.local_path(location)
+    if local is not None and os.path.islink(local):
+        log.info("checkpoint %s is a symlink: left as it is", location)
+        return None
+    entries = [fs.get_file_info(path), *fs.get_file_info(pafs.FileSelector(path, recursive=True))]
+    times = [e.mtime.timestamp() for e in entries if e.mtime is not None]
+    if not times:
+        log.info("checkpoint %s tells no modification time: left as it is", location)
+        return None
+    age = now - max(times)
+    if age < QUIET_S:
+        log.info(
+            "checkpoint %s is incomplete or stray but was written %.0f s ago (another driver "
+            "of this run may be copying it): left for a later run to remove",
+            location,
+            age,
+        )
+        return None
+    return sum(e.size or 0 for e in entries if e.type == pafs.FileType.File)
