@@ -135,7 +135,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # rank 0 writes metrics from a background thread: a slow or unreachable store never holds
     # up a step (pipelines.tracking_metrics)
     tracking = loop_config.get("tracking") if rank == 0 else None
-    sink = MetricSink(tracking["uri"], tracking["run_id"]) if tracking else None
+    sink = None
+    if tracking:  # steps after the restored one that the run already holds go to replay/<key>
+        sink = MetricSink(tracking["uri"], tracking["run_id"], start_step=trainer.step)
     monitor = loop_config.get("monitor_images")
     run_dir = loop_config["run_dir"]
     shard = ray.train.get_dataset_shard("train")

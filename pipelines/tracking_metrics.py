@@ -9,6 +9,13 @@ for the whole outage, a step every four minutes, only for the metric values to b
 ``MetricSink`` hands each batch to one background thread that writes them in order and keeps
 what it could not write (with the time of the step, not of the write) to try again, so a
 transient outage costs no training time and, once the store answers, no metric values.
+
+A worker group restarted from a checkpoint (``train.max_failures``) or a re-run of the same
+command redoes the steps since that checkpoint, and had logged them again under the same keys
+and steps: the run's curves held two values at each redone step (MLflow cannot delete a value).
+Before its first write the sink reads the newest step the run holds for each key (MLflow keeps
+the latest value per key by step); a value at a step already logged goes to ``replay/<key>``
+instead, so the main curve keeps one value per step, and the restart is tagged on the run.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
+from datetime import UTC, datetime
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -24,6 +32,9 @@ log = logging.getLogger(__name__)
 __all__ = ["MetricSink"]
 
 _BATCH = 1000  # MLflow's log_batch limit on metrics per call
+REPLAY_PREFIX = "replay/"  # the key of a value at a step the run already holds
+RESUMES_TAG = "radjepa.resumes"  # how many times the run went on from a checkpoint or over
+RESUMED_FROM_TAG = "radjepa.resumed_from_step"  # the step the latest of them started at
 
 
 class MetricSink:
@@ -33,10 +44,21 @@ class MetricSink:
     everything that queued up meanwhile; past ``max_pending`` values the oldest are dropped
     (with a warning) so a long outage cannot grow memory without bound. ``close`` waits up to
     its timeout for the queue to drain and says how many values were not recorded.
+
+    ``start_step`` is the step training starts at (a restored checkpoint's, else 0): with it, or
+    with values already in the run, this is a resume, recorded as the tags ``radjepa.resumes``
+    (a count), ``radjepa.resumed_from_step`` and ``radjepa.resume.<n>`` (when, from which step,
+    which steps are redone).
     """
 
     def __init__(
-        self, uri: str, run_id: str, *, retry_s: float = 30.0, max_pending: int = 100_000
+        self,
+        uri: str,
+        run_id: str,
+        *,
+        start_step: int = 0,
+        retry_s: float = 30.0,
+        max_pending: int = 100_000,
     ) -> None:
         from mlflow.entities import Metric  # imported here, not in the first step (~2 s)
 
@@ -51,6 +73,8 @@ class MetricSink:
         self._failing = False
         self._dropped = 0
         self._client: Any = None
+        self.start_step = start_step
+        self._logged: dict[str, int] | None = None  # newest step per key before this sink
         self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
         self._thread.start()
 
@@ -123,7 +147,9 @@ class MetricSink:
         try:
             if self._client is None:
                 self._client = client(self.uri)
-            self._client.log_batch(self.run_id, metrics=batch)
+            if self._logged is None:
+                self._logged = self._begin()
+            self._client.log_batch(self.run_id, metrics=[self._placed(m) for m in batch])
         except Exception as err:  # noqa: BLE001 - tracking must never kill a training run
             if not self._failing:
                 first = (str(err).strip().splitlines() or [""])[0][:300]
@@ -140,3 +166,38 @@ class MetricSink:
             log.warning("MLflow metric logging works again; the queued values were recorded")
         self._failing = False
         return True
+
+    def _placed(self, metric: Any) -> Any:
+        """``metric``, under ``replay/<key>`` when the run already holds a value at its step."""
+        assert self._logged is not None
+        if metric.step > self._logged.get(metric.key, -1):
+            return metric
+        return self._metric(REPLAY_PREFIX + metric.key, metric.value, metric.timestamp, metric.step)
+
+    def _begin(self) -> dict[str, int]:
+        """The newest step the run holds per key; tags the run when this attempt is a resume.
+        Runs once, in the writer thread, before the first write (so never in a step)."""
+        from mlflow.entities import RunTag
+
+        run = self._client.get_run(self.run_id)
+        # the latest value of a key is its highest step (then time): a server sends the steps too
+        logged = {m.key: int(m.step) for m in run.data.to_proto().metrics}
+        done = max((s for k, s in logged.items() if not k.startswith(REPLAY_PREFIX)), default=-1)
+        if self.start_step <= 0 and done < 0:
+            return logged  # a new run
+        try:
+            n = int(run.data.tags.get(RESUMES_TAG, "0")) + 1
+        except ValueError:
+            n = 1
+        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        note = f"at {when} from step {self.start_step}"
+        if done > self.start_step:
+            note += (
+                f"; steps {self.start_step + 1}-{done} were logged before and are redone: "
+                f"their new values are logged as {REPLAY_PREFIX}<key>"
+            )
+        tags = {RESUMES_TAG: str(n), RESUMED_FROM_TAG: str(self.start_step)}
+        tags[f"radjepa.resume.{n}"] = note
+        self._client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        log.info("MLflow run %s resumed (%d) %s", self.run_id, n, note)
+        return logged

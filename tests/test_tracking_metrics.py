@@ -86,3 +86,40 @@ def test_rank_0_waits_at_the_end_longer_than_one_mlflow_request_retries():
         span += retry.get_backoff_time() + MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.get()
     assert span > 200  # MLflow's defaults: 7 retries, 244 s of back-off plus jitter
     assert METRICS_FLUSH_S > span
+
+
+def test_a_resumed_run_keeps_one_value_per_step_and_logs_the_redone_steps_as_replays(store_run):
+    # a worker group restarted from the step-2 checkpoint (or a re-run of the same command)
+    # redoes steps 3-4, which the run already held: they were logged again under the same keys
+    # and steps, two values per step on every curve
+    uri, client, run_id = store_run
+    first = MetricSink(uri, run_id)
+    for step in (1, 2, 3, 4):
+        first.log({"loss": float(step), "lr": 0.1}, step)
+    assert first.close(timeout_s=30) == 0
+    assert "radjepa.resumes" not in client.get_run(run_id).data.tags  # a new run, no resume
+
+    again = MetricSink(uri, run_id, start_step=2)
+    for step in (3, 4, 5, 6):
+        again.log({"loss": 10.0 * step, "lr": 0.2}, step)
+    assert again.close(timeout_s=30) == 0
+
+    def history(key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+    assert history("loss") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 50.0), (6, 60.0)]
+    assert [s for s, _ in history("lr")] == [1, 2, 3, 4, 5, 6]
+    assert history("replay/loss") == [(3, 30.0), (4, 40.0)]
+    assert history("replay/lr") == [(3, 0.2), (4, 0.2)]
+    tags = client.get_run(run_id).data.tags
+    assert tags["radjepa.resumes"] == "1" and tags["radjepa.resumed_from_step"] == "2"
+    assert "from step 2; steps 3-4 were logged before" in tags["radjepa.resume.1"]
+
+    # a second restart, from the step-6 checkpoint: nothing redone, counted all the same
+    third = MetricSink(uri, run_id, start_step=6)
+    third.log({"loss": 70.0}, 7)
+    assert third.close(timeout_s=30) == 0
+    tags = client.get_run(run_id).data.tags
+    assert tags["radjepa.resumes"] == "2" and tags["radjepa.resumed_from_step"] == "6"
+    assert "redone" not in tags["radjepa.resume.2"]
+    assert history("loss")[-1] == (7, 70.0) and len(history("replay/loss")) == 2
