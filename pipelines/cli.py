@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+runs_app = typer.Typer(help="Inspect and clean up MLflow runs.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 ConfigOpt = Annotated[
     str | None,
@@ -767,6 +769,88 @@ def probe_cmd(
         if tr.head_version:
             typer.echo(f"head model:  models:/{tr.head_model}/{tr.head_version}")
         typer.echo(f"mlflow ui:   {ui_command(tr.uri)}")
+
+
+@runs_app.command("reap")
+def runs_reap(
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than", help="Idle for longer than this (90m, 2h, 1d): no metric, no trial."
+        ),
+    ],
+    experiment: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--experiment", "-e", help="Experiment (repeat; default tracking.experiment)."
+        ),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List them, change nothing.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Mark RUNNING MLflow runs whose driver died (SIGKILL, a lost node) as KILLED."""
+    import time
+
+    cfg = load(config, set_)
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipelines.tracking import client, redact, sqlite_file, store_uri
+    from pipelines.tracking_runs import iso_utc, parse_duration, reap, stale_runs
+
+    try:
+        older_than_s = parse_duration(older_than)
+    except ValueError as err:
+        raise UserError(f"--older-than: {err}") from None
+    uri = store_uri(cfg)
+    if uri is None:
+        raise UserError(
+            f"train.output_dir is {cfg.train.output_dir}, so there is no local MLflow store: "
+            "set tracking.uri or MLFLOW_TRACKING_URI"
+        )
+    db = sqlite_file(uri)
+    if db is not None and not Path(db).is_file():
+        raise UserError(f"no MLflow store at {db}: nothing was ever tracked there")
+    names = experiment or [cfg.tracking.experiment]
+    try:
+        mc = client(uri)
+        experiments = [mc.get_experiment_by_name(n) for n in names]
+        missing = [n for n, e in zip(names, experiments, strict=True) if e is None]
+        if missing:
+            raise UserError(f"no experiment {', '.join(missing)} in the MLflow store {redact(uri)}")
+        now_ms = int(time.time() * 1000)
+        stale = stale_runs(mc, experiments, older_than_s, now_ms)
+        if not dry_run:
+            reap(mc, stale, older_than, now_ms)
+    except UserError:
+        raise
+    except Exception as err:  # an unreachable server, a store without permission, ...
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(f"cannot read the MLflow store {redact(uri)}: {first}") from None
+    console = Console()
+    where = ", ".join(names)
+    if not stale:
+        console.print(f"no RUNNING run idle for over {older_than} in {where}")
+        return
+    several = len(names) > 1  # else the experiment is the one named below the table
+    table = Table("name", *(["experiment"] if several else []))
+    table.add_column("last seen (UTC)", no_wrap=True)
+    table.add_column("idle", no_wrap=True)
+    table.add_column("run id", no_wrap=True, min_width=32)  # whole: it is what the UI searches
+    for run in stale:
+        idle = int(run.idle_s(now_ms) // 60)
+        table.add_row(
+            run.name,
+            *([run.experiment] if several else []),
+            iso_utc(run.last_activity_ms)[:16].replace("T", " "),
+            f"{idle // 60}h{idle % 60:02d}m",
+            run.run_id,
+        )
+    console.print(table)
+    verb = "would mark" if dry_run else "marked"
+    note = " (--dry-run: nothing changed)" if dry_run else ""
+    console.print(f"{verb} {len(stale)} run(s) of {where} KILLED{note}")
 
 
 @app.command()

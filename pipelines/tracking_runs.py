@@ -1,0 +1,112 @@
+"""Finding and ending MLflow runs whose driver died without saying so.
+
+A driver killed with SIGKILL (the OOM killer, a lost node or pod, a preempted VM) never reaches
+the handlers that mark its run KILLED or FAILED, and the run stays RUNNING in the UI for good
+unless someone re-runs the same command (which continues it). MLflow has no heartbeat, so a run
+counts as abandoned when nothing of it moved for a while: its start, its newest metric value
+(the time its step ran), and for a sweep's parent run the same of every trial run under it.
+``radjepa runs reap`` marks such runs KILLED, with a tag saying why and when.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["REAPED_TAG", "StaleRun", "parse_duration", "iso_utc", "reap", "stale_runs"]
+
+REAPED_TAG = "radjepa.reaped"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class StaleRun:
+    run_id: str
+    name: str
+    experiment: str
+    last_activity_ms: int  # the newest sign of life: start, a metric value, a child run's
+
+    def idle_s(self, now_ms: int) -> float:
+        return (now_ms - self.last_activity_ms) / 1000
+
+
+def parse_duration(text: str) -> float:
+    """``90m``, ``2h``, ``1d``, ``45s`` (or combined, ``1h30m``) in seconds; a ValueError with
+    one line otherwise. A bare number is refused: minutes or hours, it would be a guess."""
+    spec = text.strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", spec)
+    if not spec or "".join(n + u for n, u in parts) != spec:
+        raise ValueError(f"{text!r} is not a duration: write e.g. 90m, 2h, 1d or 1h30m")
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is not a positive duration")
+    return seconds
+
+
+def _activity(run: Any) -> int:
+    """The newest time (ms) the run itself shows: its start, its end, its newest metric value
+    per key (MLflow's latest value of a key is its highest step, the newest one we log)."""
+    times = [run.info.start_time or 0, run.info.end_time or 0]
+    times += [m.timestamp for m in run.data.to_proto().metrics]
+    return max(times)
+
+
+def _search(client: Any, experiment_ids: list[str], query: str) -> list[Any]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            experiment_ids, filter_string=query, max_results=1000, page_token=token
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def stale_runs(
+    client: Any, experiments: list[Any], older_than_s: float, now_ms: int | None = None
+) -> list[StaleRun]:
+    """RUNNING runs of ``experiments`` (MLflow Experiment objects) with no sign of life for
+    ``older_than_s``, oldest activity first."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    cutoff = now_ms - older_than_s * 1000
+    names = {e.experiment_id: e.name for e in experiments}
+    ids = list(names)
+    found = []
+    for run in _search(client, ids, "attributes.status = 'RUNNING'"):
+        last = _activity(run)
+        if last >= cutoff:
+            continue
+        # a sweep's parent logs nothing itself while its trials train: their runs are its pulse
+        children = _search(client, ids, f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        last = max([last, *(_activity(c) for c in children)])
+        if last < cutoff:
+            name = run.info.run_name or run.data.tags.get("mlflow.runName", "")
+            found.append(StaleRun(run.info.run_id, name, names[run.info.experiment_id], last))
+    return sorted(found, key=lambda r: r.last_activity_ms)
+
+
+def reap(client: Any, runs: list[StaleRun], older_than: str, now_ms: int | None = None) -> None:
+    """Mark ``runs`` KILLED, ended at their last activity, with a tag saying why and when.
+
+    A run reaped while its driver was in fact alive (waiting hours for a node, say) is not
+    harmed: MLflow still takes its metrics, and its driver sets FINISHED or FAILED at the end
+    as usual; a re-run of the same command sets it RUNNING again."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    when = iso_utc(now_ms)
+    for run in runs:
+        client.set_tag(
+            run.run_id,
+            REAPED_TAG,
+            f"marked KILLED by `radjepa runs reap --older-than {older_than}` at {when}: "
+            f"RUNNING with no activity since {iso_utc(run.last_activity_ms)} (its driver died?)",
+        )
+        client.set_terminated(run.run_id, "KILLED", end_time=run.last_activity_ms)
+
+
+def iso_utc(ms: int) -> str:
+    """A store's millisecond timestamp as ISO 8601 in UTC (runs outlive the operator's zone)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

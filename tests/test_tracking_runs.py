@@ -1,0 +1,120 @@
+"""`radjepa runs reap`: runs whose driver died (SIGKILL, a lost node) are marked KILLED, with a
+tag saying why, and nothing alive is touched (a real sqlite MLflow store, the real CLI)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HOUR_MS = 3600 * 1000
+
+
+def _radjepa(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )
+
+
+@pytest.fixture
+def store(tmp_path):
+    """Runs in the store `pretrain` would use with ``train.output_dir`` = tmp_path."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    from pipelines.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = ensure_experiment(uri, "radjepa")
+    now = int(time.time() * 1000)
+
+    def run(name: str, started_h: float, metric_h: float | None = None, **tags: str) -> str:
+        r = client.create_run(
+            exp, start_time=now - int(started_h * HOUR_MS), run_name=name, tags=tags
+        )
+        if metric_h is not None:
+            at = now - int(metric_h * HOUR_MS)
+            client.log_batch(r.info.run_id, metrics=[Metric("loss", 1.0, at, 7)])
+        return r.info.run_id
+
+    ids = {
+        "dead": run("dead", 5, metric_h=3),  # its driver was SIGKILLed 3 h ago
+        "silent": run("silent", 4),  # killed before its first metric
+        "training": run("training", 5, metric_h=0.1),  # alive: a step 6 minutes ago
+        "new": run("new", 0.2),  # started 12 minutes ago, no step yet
+        "sweep": run("sweep", 6),  # a sweep parent logs nothing itself ...
+    }
+    ids["trial"] = run("trial", 6, metric_h=0.2, **{"mlflow.parentRunId": ids["sweep"]})
+    finished = run("finished", 9, metric_h=8)
+    client.set_terminated(finished, "FINISHED")
+    ids["finished"] = finished
+    return tmp_path, client, ids
+
+
+def test_reap_marks_only_runs_idle_for_longer_than_asked_killed(store):
+    out, client, ids = store
+    cfg = ["--set", f"train.output_dir={out}"]
+
+    dry = _radjepa("runs", "reap", "--older-than", "2h", "--dry-run", *cfg, cwd=out)
+    assert dry.returncode == 0, dry.stderr
+    assert ids["dead"] in dry.stdout and ids["silent"] in dry.stdout
+    assert "would mark 2 run(s) of radjepa KILLED" in dry.stdout
+    assert {client.get_run(i).info.status for i in ids.values()} == {"RUNNING", "FINISHED"}
+
+    done = _radjepa("runs", "reap", "--older-than", "2h", *cfg, cwd=out)
+    assert done.returncode == 0, done.stderr
+    assert "marked 2 run(s) of radjepa KILLED" in done.stdout
+    status = {name: client.get_run(i).info.status for name, i in ids.items()}
+    assert status == {
+        "dead": "KILLED",
+        "silent": "KILLED",
+        "training": "RUNNING",
+        "new": "RUNNING",
+        "sweep": "RUNNING",  # its trial logged 12 minutes ago
+        "trial": "RUNNING",
+        "finished": "FINISHED",
+    }
+    dead = client.get_run(ids["dead"])
+    assert "runs reap --older-than 2h" in dead.data.tags["radjepa.reaped"]
+    assert "no activity since" in dead.data.tags["radjepa.reaped"]
+    # it ended when it was last seen alive (its last metric), not when it was reaped
+    assert dead.info.end_time == client.get_metric_history(ids["dead"], "loss")[0].timestamp
+
+    again = _radjepa("runs", "reap", "--older-than", "2h", *cfg, cwd=out)
+    assert again.returncode == 0 and "no RUNNING run idle for over 2h in radjepa" in again.stdout
+    # a shorter threshold reaches the others, the sweep parent together with its trial
+    short = _radjepa("runs", "reap", "--older-than", "5m", *cfg, cwd=out)
+    assert "marked 4 run(s) of radjepa KILLED" in short.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--older-than", "2"], "'2' is not a duration: write e.g. 90m, 2h, 1d or 1h30m"),
+        (["--older-than", "2h", "-e", "nope"], "no experiment nope in the MLflow store"),
+    ],
+)
+def test_reap_refuses_bad_input_in_one_line(store, args, says):
+    out, client, ids = store
+    res = _radjepa("runs", "reap", *args, "--set", f"train.output_dir={out}", cwd=out)
+    assert res.returncode == 2
+    assert says in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert client.get_run(ids["dead"]).info.status == "RUNNING"
+
+
+def test_reap_creates_no_store_where_there_is_none(tmp_path):
+    res = _radjepa(
+        "runs", "reap", "--older-than", "2h", "--set", f"train.output_dir={tmp_path}", cwd=tmp_path
+    )
+    assert res.returncode == 2 and "no MLflow store at" in res.stderr
+    assert not (tmp_path / "mlflow.db").exists()
