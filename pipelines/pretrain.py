@@ -553,9 +553,18 @@ def shards_location(data: str | None, cfg: Config) -> str:
 
 def check_tracking_store(cfg: Config, storage: str) -> None:
     """With outputs on object storage, the default sqlite store would land in the job's
-    temporary working folder and vanish with it: ask for a real store instead."""
+    temporary working folder and vanish with it: ask for a real store instead. A tracking
+    server that does not answer is said in seconds, before Ray starts (``check_reachable``)."""
     import os
 
+    from pipelines.tracking import check_reachable
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if cfg.tracking.enabled and uri:
+        try:
+            check_reachable(uri)
+        except ConnectionError as err:
+            raise PretrainError(str(err)) from None
     if (
         cfg.tracking.enabled
         and locations.local_path(storage) is None

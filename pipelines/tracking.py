@@ -78,6 +78,47 @@ def sqlite_file(uri: str) -> str | None:
     return path
 
 
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise ``ConnectionError`` (one line) when ``uri`` is a tracking server that does not
+    answer. MLflow retries each request 7 times with back-off: against a server that was down,
+    ``radjepa pretrain`` started Ray, then said so after about 4 minutes. This one GET, without
+    retries and with MLflow's own retries left as they are for the run, says it in seconds.
+    Any HTTP answer (even 401 or 404: auth and paths are for MLflow's own calls to report) or a
+    TLS handshake means a server is there; only no answer at all is refused."""
+    import requests
+
+    if not uri.lower().startswith(("http://", "https://")):
+        return  # a database or a local store: opening it fails fast by itself
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s, allow_redirects=False)
+    except requests.exceptions.SSLError:
+        return  # something answered the handshake: certificates are MLflow's to check
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
+        reason = _reason(err)
+        raise ConnectionError(
+            f"the MLflow tracking server {redact(uri)} does not answer ({reason}); start it, "
+            "or point tracking.uri / MLFLOW_TRACKING_URI at one that runs, or "
+            "--set tracking.enabled=false"
+        ) from None
+
+
+def _reason(err: Exception) -> str:
+    """The root of a requests/urllib3 failure in a few words, not its nested repr."""
+    text = str(err).lower()
+    for needle, words in (
+        ("refused", "connection refused"),
+        ("timed out", "no answer in time"),
+        ("name or service not known", "unknown host"),
+        ("nodename nor servname", "unknown host"),
+        ("temporary failure in name resolution", "unknown host"),
+        ("no route to host", "no route to host"),
+        ("network is unreachable", "network unreachable"),
+    ):
+        if needle in text:
+            return words
+    return type(err).__name__
+
+
 def relative_sqlite_path(uri: str) -> bool:
     """Whether ``uri`` is a sqlite store given by a relative path (``sqlite:///mlflow.db``,
     MLflow's own default spelling): a path each process reads against its own working folder."""

@@ -191,8 +191,10 @@ def test_registry_downloads_from_a_server_are_cached_not_leaked(
     import mlflow
 
     from pipelines.pretrain import finish_tracking, start_tracking
+    from pipelines.tracking import check_reachable
     from serve.registry import resolve_model
 
+    check_reachable(mlflow_server)  # a real server passes pretrain's start-up check
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("RADJEPA_CACHE", str(tmp_path / "cache"))
     scratch = tmp_path / "scratch"
@@ -392,3 +394,80 @@ def test_the_data_fingerprint_names_the_images_not_the_shard_layout(tmp_path):
         assert tags[f"radjepa.{dist}_version"], dist
     assert len(tags["mlflow.source.git.commit"]) == 40  # the tests run from a checkout
     assert tags["radjepa.git_dirty"] in ("true", "false")
+
+
+def test_a_tracking_server_that_is_down_is_said_in_seconds_before_ray(tmp_path):
+    # MLflow retries each request 7 times with back-off: `radjepa pretrain` against a server
+    # that was down started Ray, then failed after about 4 minutes. RAY_ADDRESS names a port
+    # where nothing listens, so reaching Ray at all fails the test with another message.
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.tracking import check_reachable
+
+    images = tmp_path / "shards" / "images"
+    images.mkdir(parents=True)
+    n = 64
+    pq.write_table(
+        pa.table(
+            {
+                "image_id": [f"img{i:03d}" for i in range(n)],
+                "height": [256] * n,
+                "width": [256] * n,
+                "dtype": ["uint8"] * n,
+            }
+        ),
+        images / "part-0.parquet",
+    )
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    server = f"http://127.0.0.1:{ports[0]}"
+
+    started = time.monotonic()
+    with pytest.raises(ConnectionError) as err:
+        check_reachable(server)
+    assert time.monotonic() - started < 3
+    assert str(err.value).startswith(
+        f"the MLflow tracking server {server} does not answer (connection refused)"
+    )
+    # anything that answers HTTP passes, even a 404 (a proxy path, a server without /health):
+    # what it says to MLflow's own calls is theirs to report
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    with HTTPServer(("127.0.0.1", 0), NotFound) as up:
+        threading.Thread(target=up.serve_forever, daemon=True).start()
+        check_reachable(f"http://127.0.0.1:{up.server_address[1]}/mlflow/")
+        up.shutdown()
+
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "pretrain", "-c", "configs/tiny_cpu.yaml"]
+        + ["--data", str(tmp_path / "shards"), "--set", f"train.output_dir={tmp_path / 'runs'}"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{ports[1]}", "MLFLOW_TRACKING_URI": server},
+        timeout=200,
+    )
+    assert out.returncode == 2, out.stderr
+    assert time.monotonic() - started < 60  # the interpreter and imports; it was 4 minutes
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the MLflow tracking server {server} does not answer"), last
+    assert "tracking.enabled=false" in last and "Traceback" not in out.stderr
