@@ -74,6 +74,7 @@ class MetricSink:
         self._dropped = 0
         self._client: Any = None
         self.start_step = start_step
+        self._started = datetime.now(UTC)  # the resume's time, not when a slow store took it
         self._logged: dict[str, int] | None = None  # newest step per key before this sink
         self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
         self._thread.start()
@@ -189,8 +190,7 @@ class MetricSink:
             n = int(run.data.tags.get(RESUMES_TAG, "0")) + 1
         except ValueError:
             n = 1
-        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        note = f"at {when} from step {self.start_step}"
+        note = f"at {self._started:%Y-%m-%dT%H:%M:%SZ} from step {self.start_step}"
         if done > self.start_step:
             note += (
                 f"; steps {self.start_step + 1}-{done} were logged before and are redone: "
