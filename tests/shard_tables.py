@@ -35,3 +35,20 @@ def write_shard(root: Path, images: np.ndarray, **columns: list) -> Path:
     path = folder / "part-0.parquet"
     pq.write_table(table, path)
     return path
+
+
+def write_metadata_shard(root: Path, n: int = 64, size: int = 256) -> Path:
+    """Shards whose metadata says ``n`` images of ``size`` x ``size`` and that hold no pixels:
+    enough for the checks a command runs before it starts Ray, which read metadata only."""
+    folder = Path(root) / IMAGES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "image_id": [f"img{i:03d}" for i in range(n)],
+            "height": [size] * n,
+            "width": [size] * n,
+            "dtype": ["uint8"] * n,
+        }
+    )
+    pq.write_table(table, folder / "part-0.parquet")
+    return Path(root)

@@ -94,28 +94,12 @@ def test_pretrain_refuses_masks_the_grid_cannot_hold_before_starting_ray(tmp_pat
     # and the error was a worker traceback. RAY_ADDRESS names a port where nothing listens, so
     # reaching Ray at all fails the test with another message.
     import os
-    import socket
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from serve_helpers import free_port
+    from shard_tables import write_metadata_shard
 
-    images = tmp_path / "shards" / "images"
-    images.mkdir(parents=True)
-    n = 64
-    pq.write_table(
-        pa.table(
-            {
-                "image_id": [f"img{i:03d}" for i in range(n)],
-                "height": [256] * n,
-                "width": [256] * n,
-                "dtype": ["uint8"] * n,
-            }
-        ),
-        images / "part-0.parquet",
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    write_metadata_shard(tmp_path / "shards")
+    port = free_port()
     out = subprocess.run(
         [
             sys.executable,

@@ -401,35 +401,17 @@ def test_a_tracking_server_that_is_down_is_said_in_seconds_before_ray(tmp_path):
     # that was down started Ray, then failed after about 4 minutes. RAY_ADDRESS names a port
     # where nothing listens, so reaching Ray at all fails the test with another message.
     import os
-    import socket
     import subprocess
     import sys
     import time
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from serve_helpers import free_port
+    from shard_tables import write_metadata_shard
 
     from pipelines.tracking import check_reachable
 
-    images = tmp_path / "shards" / "images"
-    images.mkdir(parents=True)
-    n = 64
-    pq.write_table(
-        pa.table(
-            {
-                "image_id": [f"img{i:03d}" for i in range(n)],
-                "height": [256] * n,
-                "width": [256] * n,
-                "dtype": ["uint8"] * n,
-            }
-        ),
-        images / "part-0.parquet",
-    )
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    write_metadata_shard(tmp_path / "shards")
+    ports = [free_port(), free_port()]
     server = f"http://127.0.0.1:{ports[0]}"
 
     started = time.monotonic()
