@@ -479,10 +479,12 @@ class _Parts:
 
     def add(self, batch: pa.RecordBatch) -> None:
         n = batch.num_rows
+        if n == 0:  # an empty part or row group says nothing about the dimension
+            return
         values = _embedding_values(self.source, batch.column("embedding"))
-        if self._matrix is None and n:
+        if self._matrix is None:  # the first rows set the dimension the others must have
             self._matrix = np.empty((self.rows, values.size // n), dtype=np.float32)
-        dim = self._matrix.shape[1] if self._matrix is not None else 0
+        dim = self._matrix.shape[1]
         if values.size != n * dim or dim == 0 or self.filled + n > self.rows:
             raise IndexLoadError(f"{self.source}: embeddings are empty or ragged")
         self._matrix[self.filled : self.filled + n] = values.reshape(n, dim)

@@ -150,3 +150,11 @@ def test_searching_several_queries_at_once_answers_as_one_at_a_time():
     assert together[0][0].image_id == "i10" and "i42" not in {h.image_id for h in together[2]}
     with pytest.raises(IndexLoadError, match="query dim 8 != index dim 16"):
         index.search_many(np.ones((2, 8), np.float32), 5, [None, None])
+
+
+def test_an_empty_part_before_the_others_is_no_problem(tmp_path):
+    folder = tmp_path / "index"
+    _part(folder / "part-0.parquet", np.ones((0, 4), np.float32), [])  # a worker with no rows
+    _part(folder / "part-1.parquet", np.eye(4, dtype=np.float32)[:3], ["a", "b", "c"])
+    index = EmbeddingIndex.from_parquet(folder)
+    assert index.image_ids == ["a", "b", "c"] and index.matrix.shape == (3, 4)
