@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -122,7 +123,7 @@ def promote(
     if previous == str(version):
         log.info("%s@%s already points to version %s", name, alias, version)
         return Promotion(name, alias, str(version), previous)
-    who = actor or getpass.getuser()
+    who = actor or _user()
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     record = f"{alias} by {who} at {when}: {reason}"
     if previous is not None:
@@ -134,6 +135,15 @@ def promote(
         client.set_model_version_tag(name, previous, "radjepa.demotion", demotion[:5000])
     log.info("%s@%s -> version %s (was %s)", name, alias, version, previous or "unset")
     return Promotion(name, alias, str(version), previous)
+
+
+def _user() -> str:
+    """Who runs the command; a container user without a passwd entry (an arbitrary uid on
+    OpenShift) has no name, and the promotion is still recorded."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 def _name_filter(name: str) -> str:

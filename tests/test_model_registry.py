@@ -115,3 +115,15 @@ def test_the_cli_promotes_lists_and_refuses_in_one_line(store, tmp_path):
     )
     assert bad.returncode == 2 and "there is no MLflow store at" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not nowhere.exists()
+
+
+def test_a_user_without_a_name_is_recorded_by_uid(store, monkeypatch):
+    import getpass
+
+    def nameless() -> str:  # a container uid without a passwd entry
+        raise KeyError("getpwuid(): uid not found")
+
+    monkeypatch.setattr(getpass, "getuser", nameless)
+    uri, _ = store
+    promote(uri, "tiny-enc", "1", "champion", "first")
+    assert list_versions(uri, "tiny-enc")[1].promoted.startswith(f"champion by uid {os.getuid()} ")
