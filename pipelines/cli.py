@@ -570,25 +570,19 @@ ModelNameOpt = Annotated[
 ]
 
 
-def _registry(config: str | None, set_: list[str] | None) -> tuple[str, str]:
-    """(tracking store, default model name) of a config; the store must exist (MLflow would
-    create an empty one where a mistyped output_dir points)."""
-    from pipelines.tracking import sqlite_file, store_uri
+def _existing_store(cfg: Config) -> str:
+    from pipelines.tracking import StoreMissing, existing_store
 
+    try:
+        return existing_store(cfg)
+    except StoreMissing as err:
+        raise UserError(str(err)) from None
+
+
+def _registry(config: str | None, set_: list[str] | None) -> tuple[str, str]:
+    """(tracking store, default model name) of a config."""
     cfg = load(config, set_)
-    uri = store_uri(cfg)
-    if uri is None:
-        raise UserError(
-            "no MLflow store: train.output_dir is on object storage and neither tracking.uri "
-            "nor MLFLOW_TRACKING_URI is set"
-        )
-    path = sqlite_file(uri)
-    if path is not None and not Path(path).is_file():
-        raise UserError(
-            f"there is no MLflow store at {path} (`radjepa pretrain` registers models in "
-            "<train.output_dir>/mlflow.db or in tracking.uri: give the config it ran with)"
-        )
-    return uri, cfg.tracking.registered_model
+    return _existing_store(cfg), cfg.tracking.registered_model
 
 
 @models_app.command("list")
@@ -796,22 +790,14 @@ def runs_reap(
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.tracking import client, redact, sqlite_file, store_uri
+    from pipelines.tracking import client, redact
     from pipelines.tracking_runs import iso_utc, parse_duration, reap, stale_runs
 
     try:
         older_than_s = parse_duration(older_than)
     except ValueError as err:
         raise UserError(f"--older-than: {err}") from None
-    uri = store_uri(cfg)
-    if uri is None:
-        raise UserError(
-            f"train.output_dir is {cfg.train.output_dir}, so there is no local MLflow store: "
-            "set tracking.uri or MLFLOW_TRACKING_URI"
-        )
-    db = sqlite_file(uri)
-    if db is not None and not Path(db).is_file():
-        raise UserError(f"no MLflow store at {db}: nothing was ever tracked there")
+    uri = _existing_store(cfg)
     names = experiment or [cfg.tracking.experiment]
     try:
         mc = client(uri)

@@ -168,6 +168,31 @@ def store_uri(cfg: Config, *, create: bool = False) -> str | None:
     return f"sqlite:///{Path(local).resolve() / 'mlflow.db'}"
 
 
+class StoreMissing(LookupError):
+    """A command that reads the tracking store found none where the config points."""
+
+
+def existing_store(cfg: Config) -> str:
+    """:func:`store_uri` for a command that only reads the store (``radjepa models``, ``runs
+    reap``), refused when there is none: MLflow opens a missing sqlite store by creating an
+    empty one, so a mistyped ``train.output_dir`` would answer "nothing there" and leave a new
+    ``mlflow.db`` behind."""
+    uri = store_uri(cfg)
+    if uri is None:
+        raise StoreMissing(
+            f"no MLflow store: train.output_dir is {cfg.train.output_dir} (object storage) and "
+            "neither tracking.uri nor MLFLOW_TRACKING_URI is set"
+        )
+    path = sqlite_file(uri)
+    if path is not None and not Path(path).is_file():
+        raise StoreMissing(
+            f"there is no MLflow store at {path} (`radjepa pretrain` and `sweep` record runs and "
+            "register models in <train.output_dir>/mlflow.db, or in tracking.uri / "
+            "MLFLOW_TRACKING_URI: give the config they ran with)"
+        )
+    return uri
+
+
 def provenance_tags(data: str, images: int, fingerprint: str) -> dict[str, str]:
     """What a run needs, beyond its params (the resolved config, seed included), to be
     reproduced: which images it read (``data`` made absolute), which code and which libraries.
