@@ -557,9 +557,9 @@ def check_tracking_store(cfg: Config, storage: str) -> None:
     server that does not answer is said in seconds, before Ray starts (``check_reachable``)."""
     import os
 
-    from pipelines.tracking import check_reachable
+    from pipelines.tracking import check_reachable, store_uri
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    uri = store_uri(cfg)  # the store every command uses (a local sqlite file is not checked)
     if cfg.tracking.enabled and uri:
         try:
             check_reachable(uri)
