@@ -8,7 +8,10 @@ columns), then loads it in two fresh processes: ``ours`` is ``serve.index.Embedd
 .from_parquet``; ``baseline`` is the straightforward load it replaced (every part read into one
 concatenated table, the column converted to a float32 matrix, rows normalised into a new array,
 ids as Python lists). Each process reports its peak RSS (``ru_maxrss``), its RSS once loaded
-and the load time; both must hold the same unit-row matrix. The loaded index then answers
+and the load time; both must hold the same unit-row matrix. Ours also reports the bytes its
+compact id and pseudonym columns hold (``ours_ids_mib``) and the RSS the same values take as
+the index held them before (lists of ``str`` and dicts of row lists, ``ids_as_lists_mib``,
+measured in the same process after the rest). The loaded index then answers
 ``--queries`` searches (top 10) as one request's images do: ours in one pass over the matrix
 (``search_many``), the baseline one pass per query (``search`` in a loop, as the API did).
 Prints one JSON line.
@@ -75,6 +78,25 @@ def load_baseline(folder: Path) -> tuple[np.ndarray, list[str]]:
     return unit, ids
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize()
+
+
+def lists_mib(index) -> float:
+    """RSS the index's ids and pseudonyms take as it held them before its compact columns:
+    five lists of ``str`` and dicts of row lists for the two columns exclusions look up."""
+    before = _rss()
+    ids = list(index.image_ids)
+    pids = {c: list(column) for c, column in index.pids.items()}
+    lookups = [{}, {}]
+    for rows, values in zip(lookups, (ids, pids["patient_pid"]), strict=True):
+        for i, v in enumerate(values):
+            if v is not None:
+                rows.setdefault(v, []).append(i)
+    return (_rss() - before) / 2**20
+
+
 def search_times(index, queries: int, reps: int = 3) -> tuple[float, float]:
     """Best-of-``reps`` seconds for ``queries`` searches: in one pass, and one at a time."""
     q = np.random.default_rng(1).standard_normal((queries, index.dim)).astype(np.float32)
@@ -96,6 +118,7 @@ def measure(which: str, folder: Path, queries: int) -> dict[str, float]:
     """Run in a fresh process: load, then report memory and time (and a checksum); ours
     also times the searches."""
     t0 = time.perf_counter()
+    index = None
     if which == "ours":
         from serve.index import EmbeddingIndex
 
@@ -107,12 +130,14 @@ def measure(which: str, folder: Path, queries: int) -> dict[str, float]:
         matrix, ids = load_baseline(folder)
         seconds = time.perf_counter() - t0
         together = alone = float("nan")
-    with open("/proc/self/statm") as fh:
-        rss = int(fh.read().split()[1]) * resource.getpagesize()
+    rss = _rss()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "load_s": seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak,
         "loaded_rss_mib": rss / 2**20,
+        "ids_mib": index.ids_nbytes / 2**20 if index is not None else float("nan"),
+        "ids_as_lists_mib": lists_mib(index) if index is not None else float("nan"),
         "matrix_mib": matrix.nbytes / 2**20,
         "checksum": float(np.abs(matrix[:: max(1, len(ids) // 1000)]).sum()),
         "rows": len(ids),
@@ -166,6 +191,10 @@ def main() -> None:
                 "peak_ratio": round(base["peak_rss_mib"] / ours["peak_rss_mib"], 2),
                 "ours_loaded_rss_mib": round(ours["loaded_rss_mib"], 1),
                 "baseline_loaded_rss_mib": round(base["loaded_rss_mib"], 1),
+                "ours_above_matrix_mib": round(ours["loaded_rss_mib"] - ours["matrix_mib"], 1),
+                "ours_ids_mib": round(ours["ids_mib"], 1),
+                "ids_as_lists_mib": round(ours["ids_as_lists_mib"], 1),
+                "ids_ratio": round(ours["ids_as_lists_mib"] / ours["ids_mib"], 2),
                 "ours_load_s": round(ours["load_s"], 2),
                 "baseline_load_s": round(base["load_s"], 2),
                 "load_speedup": round(base["load_s"] / ours["load_s"], 2),

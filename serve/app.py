@@ -199,9 +199,15 @@ def public_model(info: ModelInfo, fingerprint: str | None) -> ModelInfoOut:
 
 
 def _short_hash(*parts: bytes) -> str:
+    return _short_hash_of_digests(*(hashlib.sha256(part).digest() for part in parts))
+
+
+def _short_hash_of_digests(*digests: bytes) -> str:
+    """:func:`_short_hash` of parts given by their SHA-256 digests (a part too large to build
+    as one bytes object is hashed as it is read)."""
     h = hashlib.sha256()
-    for part in parts:
-        h.update(hashlib.sha256(part).digest())  # framed: parts cannot run into each other
+    for digest in digests:
+        h.update(digest)  # framed: parts cannot run into each other
     return f"sha256:{h.hexdigest()[:16]}"
 
 
@@ -222,7 +228,12 @@ def public_head(head: Any, head_source: str | None) -> str:
 def public_index(index: EmbeddingIndex) -> str:
     """A similar-case index's public identity: a hash of which images it holds, in which order
     (it changes when the archive is re-embedded with other images; never the index's path)."""
-    return _short_hash(str(index.dim).encode(), "\n".join(index.image_ids).encode())
+    # the hash of "\n".join(image_ids), a block of ids at a time: joined at once, a million
+    # ids would be a few hundred MB of str objects beside the compact column
+    ids = hashlib.sha256()
+    for i, block in enumerate(index.image_ids.blocks()):
+        ids.update((("\n" if i else "") + "\n".join(block)).encode())
+    return _short_hash_of_digests(hashlib.sha256(str(index.dim).encode()).digest(), ids.digest())
 
 
 def _resolve_decode_secret(settings: ApiSettings) -> bytes:

@@ -1,8 +1,10 @@
 """The similar-case index: archive embeddings (written by ``radjepa embed``) searched by cosine.
 
 The archive is small enough to hold as one normalised float32 matrix per replica (1M x 768 is
-3 GiB, about 5 GiB with its ids and pseudonyms; a typical department archive is far smaller), so
-exact search is a single matrix-vector product and needs no approximate-search dependency.
+3 GiB; a typical department archive is far smaller), so exact search is a single matrix-vector
+product and needs no approximate-search dependency. The ids and pseudonyms beside it are held
+as fixed-width bytes (:class:`serve.ids.IdColumn`, under 200 bytes a row against the matrix's
+3 KB), so the matrix is what a replica's memory is spent on.
 
 A query image that is itself archived would be its own best hit (cosine 1.0): callers exclude
 rows by image id (made from the original file bytes as ingest made it: the index records how,
@@ -23,7 +25,7 @@ the result can match an archive row (:meth:`EmbeddingIndex.upload_pseudonyms`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +39,7 @@ from radjepa.imaging.deid import (
     PATIENT_ID,
     PATIENT_IDENTITIES,
 )
+from serve.ids import IdColumn
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -59,6 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PID_COLUMNS = PID_FIELDS
+PATIENT_PID = "patient_pid"  # the pseudonym column exclusions look patients up in
 # the checkpoint fingerprint (radjepa.eval.heads.checkpoint_fingerprint) of the embedding model
 ENCODER_COLUMN = "encoder_sha256"
 # radjepa.imaging.deid.key_fingerprint of the key that made the shards' pseudonyms, and the
@@ -112,13 +116,16 @@ class Hit:
 
 
 class EmbeddingIndex:
-    """Row-normalised embeddings with their image ids and pseudonymised identifiers."""
+    """Row-normalised embeddings with their image ids and pseudonymised identifiers.
+
+    ``image_ids`` and each ``pids[column]`` are :class:`serve.ids.IdColumn`: read-only
+    sequences of ``str`` or None (one per row) that compare equal to lists of the same values."""
 
     def __init__(
         self,
         embeddings: np.ndarray,
-        image_ids: list[str],
-        pids: dict[str, list[str | None]] | None = None,
+        image_ids: Sequence[str | None] | IdColumn | pa.Array | pa.ChunkedArray,
+        pids: dict[str, Sequence[str | None] | IdColumn | pa.Array | None] | None = None,
         *,
         source: str = "<memory>",
         encoder_fingerprint: str | None = None,
@@ -129,19 +136,28 @@ class EmbeddingIndex:
         copy: bool = True,
     ) -> None:
         """``copy=False`` lets the index normalise ``embeddings`` in place and keep it (a
-        float32 array nothing else uses): an archive's matrix is the replica's largest object."""
+        float32 array nothing else uses): an archive's matrix is the replica's largest object.
+        ``image_ids`` and ``pids`` may be lists, Arrow string arrays or columns already built; a
+        pseudonym column left out holds nulls."""
         if embeddings.ndim != 2 or embeddings.shape[0] != len(image_ids):
             raise IndexLoadError(
                 f"embeddings {embeddings.shape} do not match {len(image_ids)} image ids"
             )
         if embeddings.shape[0] == 0:
             raise IndexLoadError(f"index {source} holds no embeddings")
+        n = len(image_ids)
+        # searchable columns keep a sort order, built once so that each request's exclusions
+        # cost a binary search, not a scan of every row
+        try:
+            self.image_ids = IdColumn.of(image_ids, n, searchable=True)
+            self.pids = {
+                # an empty or missing column holds nulls, as the lists it replaced did
+                c: IdColumn.of((pids or {}).get(c) or None, n, searchable=c == PATIENT_PID)
+                for c in PID_COLUMNS
+            }
+        except ValueError as err:  # a pseudonym column of another length than the ids
+            raise IndexLoadError(f"index {source}: {err}") from None
         self.matrix = _unit_rows(np.array(embeddings, dtype=np.float32, copy=copy))  # [N, D]
-        self.image_ids = list(image_ids)
-        self.pids = {c: list((pids or {}).get(c) or [None] * len(image_ids)) for c in PID_COLUMNS}
-        # built once so that each request's exclusions cost a lookup, not a scan of every row
-        self._rows_by_image_id = _rows_by_value(self.image_ids)
-        self._rows_by_patient = _rows_by_value(self.pids["patient_pid"])
         self.source = source
         self.encoder_fingerprint = encoder_fingerprint  # None: built before it was recorded
         self.model = model
@@ -155,6 +171,11 @@ class EmbeddingIndex:
 
     def __len__(self) -> int:
         return int(self.matrix.shape[0])
+
+    @property
+    def ids_nbytes(self) -> int:
+        """Bytes held by the ids and pseudonyms with their lookups (the matrix aside)."""
+        return self.image_ids.nbytes + sum(c.nbytes for c in self.pids.values())
 
     @classmethod
     def from_parquet(cls, path: str | Path) -> EmbeddingIndex:
@@ -182,15 +203,16 @@ class EmbeddingIndex:
                         parts.add(batch)
             except (pa.ArrowException, OSError) as err:  # a damaged or truncated part
                 raise IndexLoadError(f"{f}: unreadable: {err}") from None
-        pa.default_memory_pool().release_unused()  # the batches' buffers, not needed again
         matrix = parts.matrix()
+        image_ids, pids = parts.columns()
+        pa.default_memory_pool().release_unused()  # the batches' buffers, not needed again
         log.info("loaded index %s: %d embeddings of dim %d", p, *matrix.shape)
         seen = parts.seen
         models = seen["model"]
         return cls(
             matrix,
-            parts.image_ids,
-            parts.pids,
+            image_ids,
+            pids,
             source=str(p),
             encoder_fingerprint=_one_encoder(p, sorted(seen[ENCODER_COLUMN], key=_nulls_first)),
             model=next(iter(models)) if len(models) == 1 else None,
@@ -265,13 +287,14 @@ class EmbeddingIndex:
         """Rows holding the image whose original bytes give ``image_id`` under the index's
         :attr:`image_id_scheme` (usually 0 or 1; more only when an index was assembled from
         overlapping embed runs)."""
-        return np.asarray(self._rows_by_image_id.get(image_id, ()), dtype=np.int64)
+        return self.image_ids.rows_of(image_id)
 
     def rows_of_patients(self, patient_pids: Iterable[str]) -> np.ndarray:
         """Rows of any of these patient pseudonyms; unknown pseudonyms match nothing (a filter
         for "other patients' cases" is satisfied trivially by a patient the archive lacks)."""
-        rows = [i for p in set(patient_pids) for i in self._rows_by_patient.get(p, ())]
-        return np.unique(np.asarray(rows, dtype=np.int64))
+        patients = self.pids[PATIENT_PID]
+        rows = [patients.rows_of(p) for p in set(patient_pids)]
+        return np.unique(np.concatenate([np.empty(0, np.int64), *rows]))
 
     def search(self, query: np.ndarray, k: int, *, exclude: np.ndarray | None = None) -> list[Hit]:
         """Top-``k`` rows by cosine similarity to ``query`` ([D]), best first, never returning
@@ -465,15 +488,17 @@ def _one_record(p: Path, column: str, seen: set[str | None]) -> str | None:
 
 class _Parts:
     """An index's rows gathered a batch at a time: the embeddings into one preallocated
-    matrix, the ids and pseudonyms into lists, the record columns' distinct values."""
+    matrix, the ids and pseudonyms as the batches' Arrow arrays (encoded into compact columns
+    once all are read: whether a column is hex is known only then), the record columns'
+    distinct values."""
 
     def __init__(self, source: Path, rows: int) -> None:
         self.source = source
         self.rows = rows
         self.filled = 0
         self._matrix: np.ndarray | None = None
-        self.image_ids: list[str] = []
-        self.pids: dict[str, list[str | None]] = {c: [] for c in PID_COLUMNS}
+        self.image_ids: list[pa.Array] = []
+        self.pids: dict[str, list[pa.Array]] = {c: [] for c in PID_COLUMNS}
         # a part without a record column counts as nulls, as when parts were concatenated
         self.seen: dict[str, set[str | None]] = {c: set() for c in _RECORD_COLUMNS}
 
@@ -490,11 +515,25 @@ class _Parts:
         self._matrix[self.filled : self.filled + n] = values.reshape(n, dim)
         self.filled += n
         names = batch.schema.names
-        self.image_ids.extend(batch.column("image_id").to_pylist())
+        self.image_ids.append(batch.column("image_id"))
         for c in PID_COLUMNS:
-            self.pids[c].extend(batch.column(c).to_pylist() if c in names else [None] * n)
+            if c in names:
+                self.pids[c].append(batch.column(c))
+            else:
+                self.pids[c].append(_nulls(n))
         for c in _RECORD_COLUMNS:
             self.seen[c] |= _distinct(batch, c)
+
+    def columns(self) -> tuple[IdColumn, dict[str, IdColumn]]:
+        """The ids and pseudonyms as compact columns, dropping the batches' arrays (one column
+        at a time, so their Arrow copies and the compact ones are not all held at once)."""
+        image_ids = _column(self.source, "image_id", self.image_ids, searchable=True)
+        self.image_ids = []
+        pids = {}
+        for c in PID_COLUMNS:
+            pids[c] = _column(self.source, c, self.pids[c], searchable=c == PATIENT_PID)
+            self.pids[c] = []
+        return image_ids, pids
 
     def matrix(self) -> np.ndarray:
         if self._matrix is None or self.filled != self.rows:
@@ -533,12 +572,20 @@ def _embedding_values(p: Path, chunk: pa.Array) -> np.ndarray:
     return values.to_numpy(zero_copy_only=False)
 
 
-def _rows_by_value(values: list[str | None]) -> dict[str, list[int]]:
-    rows: dict[str, list[int]] = {}
-    for i, v in enumerate(values):
-        if v is not None:
-            rows.setdefault(v, []).append(i)
-    return rows
+def _nulls(n: int) -> pa.Array:
+    import pyarrow as pa
+
+    return pa.nulls(n, pa.string())
+
+
+def _column(p: Path, name: str, chunks: list[pa.Array], *, searchable: bool) -> IdColumn:
+    """One id or pseudonym column of the parts; a column of another type is refused."""
+    import pyarrow as pa
+
+    try:
+        return IdColumn.from_arrow(chunks, searchable=searchable)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise IndexLoadError(f"{p}: column {name} does not hold strings: {err}") from None
 
 
 def _index_files(path: str | Path) -> tuple[Path, list[Path]]:

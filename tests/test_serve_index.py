@@ -128,6 +128,8 @@ def test_the_index_bench_runs_both_ways_and_prints_one_json_line():
         and out["peak_ratio"] > 0
         and out["load_speedup"] > 0
         and out["search_speedup"] > 0
+        and out["ours_ids_mib"] > 0
+        and out["ids_as_lists_mib"] > 0
     )
 
 
@@ -158,3 +160,129 @@ def test_an_empty_part_before_the_others_is_no_problem(tmp_path):
     _part(folder / "part-1.parquet", np.eye(4, dtype=np.float32)[:3], ["a", "b", "c"])
     index = EmbeddingIndex.from_parquet(folder)
     assert index.image_ids == ["a", "b", "c"] and index.matrix.shape == (3, 4)
+
+
+def _hex(text: str, chars: int = 64) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:chars]
+
+
+def test_ids_and_pseudonyms_are_held_as_bytes_and_looked_up_by_value():
+    """Ingest's ids (64 hex) and pseudonyms (32 hex) are held as their raw bytes, with a sort
+    order for the two columns exclusions search, instead of ~2 KB of str and dicts a row."""
+    from serve.ids import IdColumn
+
+    n = 1000
+    ids = [_hex(f"image{i}") for i in range(n)]
+    ids[7] = ids[3]  # overlapping embed runs: one image on two rows
+    ids[9] = "0" * 64  # a value of all zero bytes is a value, not a null
+    patients = [_hex(f"patient{i // 4}", 32) for i in range(n)]
+    patients[5] = patients[6] = None  # rows without a PatientID
+    study = [None] * 10 + [_hex(f"study{i}", 32) for i in range(10, n)]
+    index = EmbeddingIndex(
+        np.eye(n, 8, dtype=np.float32) + 1, ids, pids={"patient_pid": patients, "study_pid": study}
+    )
+
+    assert isinstance(index.image_ids, IdColumn) and index.image_ids.values.dtype == "S32"
+    assert index.pids["patient_pid"].values.dtype == "S16"
+    # three columns of raw bytes and their two null masks, two all-null columns (a byte and a
+    # mask byte each), two sort orders of 8 bytes: 86 bytes a row (the lists took ~2 KB)
+    assert index.ids_nbytes == n * (32 + 16 + 16 + 1 + 1 + 2 * 2 + 2 * 8)
+    assert index.image_ids == ids and index.pids["patient_pid"] == patients
+    assert index.pids["study_pid"] == study and index.pids["series_pid"] == [None] * n
+    assert index.image_ids[9] == "0" * 64 and index.pids["patient_pid"][5] is None
+
+    assert list(index.rows_with_image_id(ids[3])) == [3, 7]
+    assert list(index.rows_with_image_id("0" * 64)) == [9]
+    for unknown in (_hex("elsewhere"), ids[3].upper(), ids[3][:32], "", "not hex", None):
+        assert len(index.rows_with_image_id(unknown)) == 0, unknown
+    assert list(index.rows_of_patients([patients[0], patients[8], _hex("nobody", 32)])) == [
+        0, 1, 2, 3, 8, 9, 10, 11
+    ]  # fmt: skip
+    assert list(index.rows_of_patients([patients[4]])) == [4, 7]  # rows 5 and 6 are null
+    assert index.rows_of_patients([]).dtype == np.int64 and not len(index.rows_of_patients([]))
+
+    (hit,) = index.search(np.eye(1, 8, 5, dtype=np.float32)[0] + 1, 1, exclude=np.array([0]))
+    assert hit.image_id == ids[5] and type(hit.image_id) is str
+    assert hit.pids == {
+        "patient_pid": None,
+        "study_pid": None,
+        "series_pid": None,
+        "instance_pid": None,
+    }
+
+
+def test_ids_of_other_shapes_are_kept_exactly():
+    """Test ids, older ids of other lengths, upper case or text: held as their UTF-8 bytes,
+    read back and found as they were (values ending in NUL included)."""
+    from serve.ids import IdColumn
+
+    values = ["a", "b\x00", "", None, "a", "ééé", "b", "AB" * 32, "ab" * 32, "x" * 70]
+    column = IdColumn.of(values, len(values), searchable=True)
+    assert column.hex_chars is None and list(column) == values and column[1:4] == values[1:4]
+    found = {v: list(column.rows_of(v)) for v in ["a", "b", "b\x00", "", "ééé", "ab" * 32]}
+    assert found == {"a": [0, 4], "b": [6], "b\x00": [1], "": [2], "ééé": [5], "ab" * 32: [8]}
+    assert not len(column.rows_of("x" * 71)) and not len(column.rows_of(None))
+
+    emb = np.random.default_rng(0).standard_normal((len(values), 4)).astype(np.float32)
+    index = EmbeddingIndex(emb, values, pids={"patient_pid": values})
+    assert [h.image_id for h in index.search(emb[5], 1)] == ["ééé"]
+    assert list(index.rows_of_patients(["a", "b\x00", None])) == [0, 1, 4]
+
+
+def test_parts_with_other_string_types_nulls_and_other_id_shapes_load_as_one_column(tmp_path):
+    """Parts written at different times: large_string columns, a part without pseudonyms, a
+    part of test ids: each column is read whole, hex only when every part's values are."""
+    folder = tmp_path / "index"
+    emb = np.random.default_rng(1).standard_normal((6, 4)).astype(np.float32)
+    ids = [_hex(f"i{i}") for i in range(6)]
+    patients = [_hex("p0", 32), None, _hex("p1", 32)]
+    large = {"image_id": pa.array(ids[:3], pa.large_string())}
+    large["patient_pid"] = pa.array(patients, pa.large_string())
+    large["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb[:3].reshape(-1)), 4)
+    folder.mkdir()
+    pq.write_table(pa.table(large), folder / "part-0.parquet")
+    _part(folder / "part-1.parquet", emb[3:5], ids[3:5])  # no pseudonym columns
+    index = EmbeddingIndex.from_parquet(folder)
+    assert index.image_ids.hex_chars == 64 and index.pids["patient_pid"].hex_chars == 32
+    assert index.pids["patient_pid"] == [*patients, None, None]
+    assert list(index.rows_of_patients([_hex("p1", 32)])) == [2]
+
+    _part(folder / "part-2.parquet", emb[5:], ["test-6"], patient_pid=[_hex("p0", 32)])
+    index = EmbeddingIndex.from_parquet(folder)
+    assert index.image_ids.hex_chars is None and index.image_ids == [*ids[:5], "test-6"]
+    assert list(index.rows_with_image_id("test-6")) == [5]
+    assert list(index.rows_with_image_id(ids[4])) == [4]
+    assert list(index.rows_of_patients([_hex("p0", 32)])) == [0, 5]
+
+
+def test_wrong_id_columns_are_refused_in_one_line(tmp_path):
+    emb = np.ones((2, 4), np.float32)
+    with pytest.raises(IndexLoadError, match="index <memory>: 1 values for 2 rows"):
+        EmbeddingIndex(emb, ["a", "b"], pids={"study_pid": ["s"]})
+    # an empty column is one the caller does not have, as with the lists before
+    assert EmbeddingIndex(emb, ["a", "b"], pids={"study_pid": []}).pids["study_pid"] == [None] * 2
+    table = pa.table(
+        {
+            "image_id": pa.array([[1], [2]], pa.list_(pa.int64())),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 4),
+        }
+    )
+    pq.write_table(table, tmp_path / "index.parquet")
+    with pytest.raises(IndexLoadError, match="column image_id does not hold strings") as err:
+        EmbeddingIndex.from_parquet(tmp_path / "index.parquet")
+    assert "\n" not in str(err.value)
+
+
+def test_the_public_index_identity_is_the_hash_of_its_ids_joined():
+    """Hashed a block of ids at a time, it is still the identity the joined list gave (an
+    index's id in /v1/models and answers must not change when the server is upgraded)."""
+    from serve.app import _short_hash, public_index
+
+    n = 70_000  # more than one block of decoded ids
+    ids = [_hex(f"image{i}") for i in range(n)]
+    index = EmbeddingIndex(np.ones((n, 2), np.float32), ids)
+    assert public_index(index) == _short_hash(b"2", "\n".join(ids).encode())
+    text = EmbeddingIndex(np.ones((3, 2), np.float32), ["a", "é", "c"])
+    assert public_index(text) == _short_hash(b"2", "a\né\nc".encode())
