@@ -12,6 +12,7 @@ from radjepa.eval.metrics import (
     bootstrap_ci,
     bootstrap_draws,
     paired_difference,
+    paired_differences,
     spread,
     weighted_auroc_auprc,
 )
@@ -142,6 +143,25 @@ def test_paired_difference_matches_a_reference_on_the_same_patient_draws():
     assert (ap.low, ap.high) == pytest.approx(tuple(np.percentile(pa - pb, [2.5, 97.5])))
     a_iv, _ = bootstrap_ci(y, a, groups, draws=200, seed=7)
     assert (a_iv.low, a_iv.high) == pytest.approx(tuple(np.percentile(ra, [2.5, 97.5])))
+
+
+def test_paired_differences_from_one_set_of_draws_equal_the_separate_comparisons():
+    """Several baselines against one reference from a single set of patient draws give,
+    bit for bit, the intervals of one paired_difference call per baseline (600 draws cross
+    the 256-draw chunks; draws=0 gives the estimates alone)."""
+    y, a, b, groups = _correlated(n_pat=60, seed=6)
+    c = np.random.default_rng(3).normal(size=len(y)) + 0.5 * y
+    for draws in (600, 0):
+        shared = paired_differences(y, a, [b, c, -a], groups, draws=draws, seed=11)
+        separate = [paired_difference(y, a, o, groups, draws=draws, seed=11) for o in (b, c, -a)]
+        for (auc, ap), (auc1, ap1) in zip(shared, separate, strict=True):
+            for got, want in ((auc, auc1), (ap, ap1)):
+                assert np.array_equal(
+                    [got.estimate, got.low, got.high, got.draws],
+                    [want.estimate, want.low, want.high, want.draws],
+                    equal_nan=True,
+                )
+    assert paired_differences(y, a, [], groups, draws=50) == []
 
 
 def test_seed_spread_summarises_finite_values():

@@ -529,3 +529,75 @@ def test_report_shows_the_seed_spread_beside_the_interval_and_for_the_difference
     a = ours["auroc"]
     assert f"{a['mean']:.3f} ± {a['std']:.3f} (min {a['min']:.3f}, max {a['max']:.3f})" in md
     assert "ΔAUROC over 3 seeds" in md and f"{diffs.mean():+.3f} ± " in md
+
+
+def _three_methods(n_pat=40):
+    """Encoder, random-init and pixel stand-ins probed on two labels with the same folds."""
+    x, y, groups = _world(n_pat=n_pat, signal=1.5)
+    rng = np.random.default_rng(4)
+    y2 = np.stack([y, (x[:, 1] > 0).astype(int)], axis=1)
+    feats = {
+        "ours": x,
+        "random_init": rng.normal(size=x.shape),
+        "pixels": x + rng.normal(size=x.shape),
+    }
+    methods, scores = {}, {}
+    for name, f in feats.items():
+        res = cross_val_probe(f, y2, groups, label_names=["a", "b"], bootstrap=0)
+        methods[name], scores[name] = res.to_dict(), res.scores
+    return methods, scores, y2, groups
+
+
+def test_comparisons_draw_the_patients_once_per_label_and_score_the_encoder_once(monkeypatch):
+    """Each baseline's comparison drew the same patient weights again and re-scored the
+    encoder on them: with two baselines and two labels, 4 x 300 draws and the encoder scored
+    on 2 x (300 + 1) weight rows per label. One set of draws per label now serves both
+    baselines: 2 x 300 draws, the encoder scored on 300 + 1 rows per label."""
+    from radjepa.eval import metrics
+    from radjepa.eval.compare import compare_methods
+
+    methods, scores, y2, groups = _three_methods()
+    drawn, scored = [], {}
+    real_weights, real_score = metrics._group_weights, metrics.weighted_auroc_auprc
+
+    def counting_weights(g, draws, rng):
+        drawn.append(draws)
+        return real_weights(g, draws, rng)
+
+    def counting_score(y, s, w):
+        key = np.asarray(s, dtype=np.float64).tobytes()
+        scored[key] = scored.get(key, 0) + np.atleast_2d(w).shape[0]
+        return real_score(y, s, w)
+
+    monkeypatch.setattr(metrics, "_group_weights", counting_weights)
+    monkeypatch.setattr(metrics, "weighted_auroc_auprc", counting_score)
+    compare_methods(methods, scores, y2, groups, ["a", "b"], draws=300, seed=0)
+    assert sum(drawn) == 2 * 300  # one set of 300 patient draws per label
+    for j in range(2):
+        ours = scores["ours"][:, j].tobytes()
+        assert scored[ours] == 300 + 1  # the draws + the estimate, whatever the baselines
+
+
+def test_shared_draws_leave_every_paired_interval_as_a_separate_comparison_gives_it():
+    """The numbers do not move: each baseline's row equals paired_difference on the images
+    both methods scored, with the probe's seed, as compare_methods computed it per baseline."""
+    from radjepa.eval.compare import compare_methods
+    from radjepa.eval.metrics import paired_difference
+
+    methods, scores, y2, groups = _three_methods()
+    comp = compare_methods(methods, scores, y2, groups, ["a", "b"], draws=300, seed=5)
+    for other in ("random_init", "pixels"):
+        for j, row in enumerate(comp["methods"][other]["labels"]):
+            auc, ap = paired_difference(
+                y2[:, j], scores["ours"][:, j], scores[other][:, j], groups, draws=300, seed=5
+            )
+            assert row["auroc_diff"] == {
+                **auc.to_dict(),
+                "excludes_zero": row["auroc_diff"]["excludes_zero"],
+            }
+            assert row["auprc_diff"] == {
+                **ap.to_dict(),
+                "excludes_zero": row["auprc_diff"]["excludes_zero"],
+            }
+            assert row["auroc_diff"]["excludes_zero"] == bool(auc.low > 0 or auc.high < 0)
+            assert row["n_scored"] == len(groups)

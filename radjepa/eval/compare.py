@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from radjepa.eval.metrics import Interval, paired_difference, spread
+from radjepa.eval.metrics import Interval, paired_differences, spread
 
 __all__ = ["compare_methods", "difference_dict"]
 
@@ -55,38 +55,46 @@ def compare_methods(
     [N, L] out-of-fold scores, NaN where an image was not scored).
 
     With the probe's own ``seed`` and ``draws`` the patient draws are exactly those behind each
-    method's interval in the report, so the three intervals describe the same resamples.
+    method's interval in the report, so the three intervals describe the same resamples. Per
+    label, the baselines that scored the same images (all of them, as the folds are shared)
+    are compared from one set of draws, on which the reference is scored once.
     """
     y_all = np.asarray(labels)
     if y_all.ndim == 1:
         y_all = y_all[:, None]
     groups = np.asarray(groups).astype(str)
-    out: dict[str, Any] = {}
-    for other in methods:
-        if other == reference:
-            continue
-        rows = []
-        for j, name in enumerate(label_names):
-            ref_lab, oth_lab = methods[reference]["labels"][j], methods[other]["labels"][j]
+    others = [m for m in methods if m != reference]
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in others}
+    for j, name in enumerate(label_names):
+        ref_lab = methods[reference]["labels"][j]
+        same_images: dict[bytes, list[str]] = {}  # scored-image mask -> baselines scoring them
+        for other in others:
+            oth_lab = methods[other]["labels"][j]
             row: dict[str, Any] = {"name": name, "auroc_diff": None, "auprc_diff": None}
             row.update({"n_scored": 0, "seeds": None, "skipped": None})
-            s_ref, s_oth = scores[reference][:, j], scores[other][:, j]
-            ok = np.isfinite(s_ref) & np.isfinite(s_oth)
-            y = y_all[ok, j].astype(int)
+            rows[other].append(row)
+            ok = np.isfinite(scores[reference][:, j]) & np.isfinite(scores[other][:, j])
             if ref_lab.get("auroc") is None or oth_lab.get("auroc") is None:
                 row["skipped"] = ref_lab.get("skipped") or oth_lab.get("skipped") or "not probed"
-            elif len(np.unique(y)) < 2:  # only if the methods scored different images
+            elif len(np.unique(y_all[ok, j])) < 2:  # only if the methods scored different images
                 row["skipped"] = "the images both methods scored hold only one class"
             else:
-                auc, ap = paired_difference(
-                    y, s_ref[ok], s_oth[ok], groups[ok], draws=draws, seed=seed, level=level
+                row.update(n_scored=int(ok.sum()), seeds=_seed_difference(ref_lab, oth_lab))
+                same_images.setdefault(ok.tobytes(), []).append(other)
+        for key, batch in same_images.items():
+            ok = np.frombuffer(key, dtype=bool)
+            diffs = paired_differences(
+                y_all[ok, j].astype(int),
+                scores[reference][ok, j],
+                [scores[other][ok, j] for other in batch],
+                groups[ok],
+                draws=draws,
+                seed=seed,
+                level=level,
+            )
+            for other, (auc, ap) in zip(batch, diffs, strict=True):
+                rows[other][j].update(
+                    auroc_diff=difference_dict(auc), auprc_diff=difference_dict(ap)
                 )
-                row.update(
-                    n_scored=int(ok.sum()),
-                    auroc_diff=difference_dict(auc),
-                    auprc_diff=difference_dict(ap),
-                    seeds=_seed_difference(ref_lab, oth_lab),
-                )
-            rows.append(row)
-        out[other] = {"labels": rows}
+    out = {other: {"labels": rows[other]} for other in others}
     return {"reference": reference, "level": level, "methods": out}

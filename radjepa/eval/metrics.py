@@ -22,6 +22,7 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_draws",
     "paired_difference",
+    "paired_differences",
     "spread",
     "weighted_auroc_auprc",
 ]
@@ -221,18 +222,45 @@ def paired_difference(
     overlap even when one method wins on nearly every draw. With the same ``seed`` and
     ``groups`` the draws are those ``bootstrap_ci`` gave each method.
     """
+    ((auc, ap),) = paired_differences(
+        y, scores_a, [scores_b], groups, draws=draws, seed=seed, level=level, chunk=chunk
+    )
+    return auc, ap
+
+
+def paired_differences(
+    y: np.ndarray,
+    reference: np.ndarray,
+    others: Sequence[np.ndarray],
+    groups: np.ndarray | None = None,
+    *,
+    draws: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    chunk: int = 256,
+) -> list[tuple[Interval, Interval]]:
+    """``paired_difference(y, reference, other)`` for every score vector in ``others``, from
+    one set of patient draws.
+
+    The draws depend only on ``groups`` and ``seed``, so comparing the reference with each
+    baseline separately drew the same weights again and re-scored the reference on them once
+    per baseline; here the weights are drawn and the reference scored once, and every interval
+    is the one the separate calls give.
+    """
     y = np.asarray(y)
     ones = np.ones(len(y))
-    a_auc, a_ap = weighted_auroc_auprc(y, scores_a, ones)
-    b_auc, b_ap = weighted_auroc_auprc(y, scores_b, ones)
-    est_auc, est_ap = float(a_auc[0] - b_auc[0]), float(a_ap[0] - b_ap[0])
+    ref_auc, ref_ap = weighted_auroc_auprc(y, reference, ones)
+    estimates = []
+    for s in others:
+        o_auc, o_ap = weighted_auroc_auprc(y, s, ones)
+        estimates.append((float(ref_auc[0] - o_auc[0]), float(ref_ap[0] - o_ap[0])))
     if draws <= 0:
         nan = float("nan")
-        return Interval(est_auc, nan, nan, 0), Interval(est_ap, nan, nan, 0)
-    (da_auc, da_ap), (db_auc, db_ap) = bootstrap_draws(
-        y, [scores_a, scores_b], groups, draws=draws, seed=seed, chunk=chunk
+        return [(Interval(a, nan, nan, 0), Interval(p, nan, nan, 0)) for a, p in estimates]
+    (r_auc, r_ap), *per_other = bootstrap_draws(
+        y, [reference, *others], groups, draws=draws, seed=seed, chunk=chunk
     )
-    return (
-        _interval(est_auc, da_auc - db_auc, level),
-        _interval(est_ap, da_ap - db_ap, level),
-    )
+    return [
+        (_interval(est_auc, r_auc - o_auc, level), _interval(est_ap, r_ap - o_ap, level))
+        for (est_auc, est_ap), (o_auc, o_ap) in zip(estimates, per_other, strict=True)
+    ]
