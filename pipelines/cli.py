@@ -544,6 +544,8 @@ def jobs_stop(
 def _paired_cells(report: dict[str, Any], label: str) -> list[str]:
     """``ours-pixels +0.052 [+0.010, +0.094] *`` per baseline: the paired AUROC difference,
     starred when its interval excludes 0 (the report's table says the same)."""
+    from radjepa.eval.report import fmt3
+
     comp = report.get("comparisons") or {}
     cells = []
     for method, res in (comp.get("methods") or {}).items():
@@ -551,9 +553,10 @@ def _paired_cells(report: dict[str, Any], label: str) -> list[str]:
         d = (row or {}).get("auroc_diff")
         if d is None:
             continue
-        cell = f"{comp['reference']}-{method} {d['estimate']:+.3f}"
+        cell = f"{comp['reference']}-{method} {fmt3(d['estimate'], signed=True)}"
         if d["draws"]:
-            cell += f" [{d['low']:+.3f}, {d['high']:+.3f}]" + (" *" if d["excludes_zero"] else "")
+            cell += f" [{fmt3(d['low'], True)}, {fmt3(d['high'], True)}]"
+            cell += " *" if d["excludes_zero"] else ""
         cells.append(cell)
     return cells
 

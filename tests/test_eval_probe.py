@@ -601,3 +601,31 @@ def test_shared_draws_leave_every_paired_interval_as_a_separate_comparison_gives
             }
             assert row["auroc_diff"]["excludes_zero"] == bool(auc.low > 0 or auc.high < 0)
             assert row["n_scored"] == len(groups)
+
+
+def test_differences_that_round_to_zero_print_as_zero_not_minus_zero():
+    """A paired difference of -0.00036 (two nearly identical probes, a real bootstrap) printed
+    as ``-0.000`` in report.md and in the CLI's summary line, and an exact 0 (a method against
+    itself) as ``+0.000``: a sign with no number behind it. Both now print ``0.000``."""
+    from pipelines.cli import _paired_cells
+    from radjepa.eval.compare import difference_dict
+    from radjepa.eval.metrics import paired_difference
+    from radjepa.eval.report import render_markdown
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    a = rng.normal(size=300) + y
+    b = a + np.random.default_rng(6).normal(scale=0.02, size=300)
+    _, ap = paired_difference(y, a, b, np.arange(300), draws=300, seed=6)
+    assert -0.0005 < ap.estimate < 0 and ap.low < -0.0005  # rounds to -0.000, -0.002
+    x, yw, groups = _world(n_pat=30)
+    report = _summary_report({"ours": x, "random_init": x}, yw, groups, ["probe.bootstrap=50"])
+    row = report["comparisons"]["methods"]["random_init"]["labels"][0]
+    assert row["auroc_diff"]["estimate"] == 0  # the same features: exactly no difference
+    row["auprc_diff"] = difference_dict(ap)
+    md = render_markdown(report)
+    assert "-0.000" not in md and "+0.000" not in md
+    assert "| 0.000 [0.000, 0.000] | 0.000 [-0.002, +0.001] |" in md
+    assert _paired_cells(report, "y=1") == ["ours-random_init 0.000 [0.000, 0.000]"]
+    row["auroc_diff"] = difference_dict(ap)
+    assert _paired_cells(report, "y=1") == ["ours-random_init 0.000 [-0.002, +0.001]"]

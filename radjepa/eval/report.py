@@ -15,7 +15,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METHOD_TITLES", "flat_metrics", "metric_safe", "render_markdown", "write_report"]
+__all__ = [
+    "METHOD_TITLES",
+    "flat_metrics",
+    "fmt3",
+    "metric_safe",
+    "render_markdown",
+    "write_report",
+]
 
 METHOD_TITLES = {
     "ours": "encoder (frozen)",
@@ -76,17 +83,25 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def fmt3(v: float, signed: bool = False) -> str:
+    """``v`` to 3 decimals (``+``/``-`` with ``signed``); a value that rounds to zero is
+    ``0.000``: ``-0.000`` (a bound of -0.0004) reads as a negative number that is not there,
+    and ``+0.000`` as a gain."""
+    text = f"{v:+.3f}" if signed else f"{v:.3f}"
+    return "0.000" if float(text) == 0 else text
+
+
 def _fmt(iv: dict[str, Any] | None) -> str:
     if iv is None:
         return "-"
     est, lo, hi = iv["estimate"], iv["low"], iv["high"]
     if lo is None or not math.isfinite(lo):
-        return f"{est:.3f}"
-    return f"{est:.3f} [{lo:.3f}, {hi:.3f}]"
+        return fmt3(est)
+    return f"{fmt3(est)} [{fmt3(lo)}, {fmt3(hi)}]"
 
 
 def _num(v: float | None) -> str:
-    return "-" if v is None or not math.isfinite(v) else f"{v:.3f}"
+    return "-" if v is None or not math.isfinite(v) else fmt3(v)
 
 
 def _fmt_diff(d: dict[str, Any] | None) -> str:
@@ -95,17 +110,18 @@ def _fmt_diff(d: dict[str, Any] | None) -> str:
         return "-"
     est, lo, hi = d["estimate"], d["low"], d["high"]
     if lo is None or not math.isfinite(lo):
-        return f"{est:+.3f}"
-    return f"{est:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" *" if d.get("excludes_zero") else "")
+        return fmt3(est, signed=True)
+    star = " *" if d.get("excludes_zero") else ""
+    return f"{fmt3(est, True)} [{fmt3(lo, True)}, {fmt3(hi, True)}]{star}"
 
 
 def _fmt_spread(d: dict[str, Any] | None, signed: bool = False) -> str:
     """``0.850 ± 0.004 (min 0.845, max 0.856)``: the point estimates over the probe seeds."""
     if d is None or d.get("mean") is None or not math.isfinite(d["mean"]):
         return "-"
-    f = "{:+.3f}" if signed else "{:.3f}"
-    sd = f" ± {d['std']:.3f}" if d.get("std") is not None and math.isfinite(d["std"]) else ""
-    return f"{f.format(d['mean'])}{sd} (min {f.format(d['min'])}, max {f.format(d['max'])})"
+    sd = f" ± {fmt3(d['std'])}" if d.get("std") is not None and math.isfinite(d["std"]) else ""
+    mean, lo, hi = (fmt3(d[k], signed) for k in ("mean", "min", "max"))
+    return f"{mean}{sd} (min {lo}, max {hi})"
 
 
 def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | None = None) -> str:
