@@ -149,6 +149,37 @@ def test_csvs_saved_by_spreadsheets_with_a_byte_order_mark_are_read(tmp_path, ni
         load_csv_dataset(tmp_path / "latin1.csv", label_cols=["sex"], size=64)
 
 
+def test_rows_whose_cells_do_not_line_up_with_the_header_are_refused_by_row(tmp_path, nih_dir):
+    """NIH rows as exported: an unquoted comma in `findings` (Atelectasis,Effusion) shifted the
+    later cells one column right and Effusion silently read Edema's value (2 positives of 3
+    in the first 40 rows); a row cut short ended in AttributeError ('NoneType' ... 'strip')."""
+    from radjepa.eval.segmentation import load_seg_csv
+
+    rows = (nih_dir / "labels.csv").read_text().splitlines()
+    header, body = rows[0], rows[1:41]
+    (tmp_path / "images").symlink_to(nih_dir / "images")
+
+    def write(name, lines):
+        (tmp_path / name).write_text("\n".join([header, *lines]) + "\n")
+        return tmp_path / name
+
+    clean = load_csv_dataset(write("ok.csv", body), label_cols=["Effusion"], size=32)
+    assert clean.labels.sum() == 3
+    shifted = [r.replace("Atelectasis|Effusion", "Atelectasis,Effusion") for r in body]
+    with pytest.raises(DatasetError, match=r"row 2 has 22 cells, the header 21: quote a cell"):
+        load_csv_dataset(write("shifted.csv", shifted), label_cols=["Effusion"], size=32)
+    short = [*body[:5], ",".join(body[5].split(",")[:3]), *body[6:]]
+    with pytest.raises(DatasetError, match=r"row 6 has 3 of the header's 21 cells \(no 'sex'\)"):
+        load_csv_dataset(write("short.csv", short), label_cols=["sex"], size=32)
+    with pytest.raises(DatasetError, match="row 6 has 3 of the header's 21 cells"):
+        load_seg_csv(tmp_path / "short.csv", ["image"], size=32)  # masks are read alike
+    # separators past the last column carry nothing: the file reads as without them
+    trailing = load_csv_dataset(
+        write("trailing.csv", [r + ",," for r in body]), label_cols=["Effusion"], size=32
+    )
+    assert trailing.labels.tolist() == clean.labels.tolist()
+
+
 def test_extract_features_is_the_mean_pooled_embedding_in_eval_mode(tiny_encoder, nih_dir):
     import torch
 

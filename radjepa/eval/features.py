@@ -121,12 +121,40 @@ def read_csv_rows(csv_path: Path, what: str = "labels CSV") -> list[dict[str, st
         raise DatasetError(f"{what} not found: {csv_path}")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.DictReader(fh))
+            reader = csv.DictReader(fh, restkey=_EXTRA_CELLS)
+            rows = list(reader)
     except UnicodeDecodeError as err:
         raise DatasetError(f"{csv_path}: not UTF-8 text ({err}); save it as CSV UTF-8") from None
     if not rows:
         raise DatasetError(f"{csv_path}: no data rows")
+    for i, row in enumerate(rows):
+        _check_cells(row, len(reader.fieldnames or ()), f"{csv_path} row {i + 1}")
     return rows
+
+
+_EXTRA_CELLS = "\0extra"  # DictReader's key for cells beyond the header (no header is NUL)
+
+
+def _check_cells(row: dict[str, Any], width: int, where: str) -> None:
+    """Refuse a row whose cells do not line up with the header.
+
+    An unquoted comma inside a cell (``Atelectasis,Effusion``) shifts every later cell one
+    column right, so a label column silently read its neighbour's values; a short row (cut
+    off, or split by an unquoted line break) gave ``None`` cells that ended in a traceback.
+    Empty cells past the header (trailing separators) carry nothing and are dropped.
+    """
+    extra = row.pop(_EXTRA_CELLS, [])
+    missing = [k for k, v in row.items() if v is None]
+    if missing:
+        raise DatasetError(
+            f"{where} has {width - len(missing)} of the header's {width} cells (no "
+            f"{missing[0]!r}); complete or drop the row"
+        )
+    if any(v.strip() for v in extra):
+        raise DatasetError(
+            f"{where} has {width + len(extra)} cells, the header {width}: quote a cell that "
+            'holds a comma ("a,b")'
+        )
 
 
 def load_csv_dataset(
