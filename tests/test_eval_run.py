@@ -529,3 +529,23 @@ def test_probe_on_shards_of_mixed_formats_leaves_out_images_without_the_label(
     assert [r["image_id"] for r in report["data"]["rejected"]] == [ids[i] for i in sorted(png)]
     md = (tmp_path / "out" / "report.md").read_text()
     assert f"{len(png)} left out" in md and f"- image `{ids[6][:16]}`: no_label" in md
+
+
+def test_a_bad_mask_csv_is_refused_before_the_probe_touches_an_earlier_report(
+    tmp_path, checkpoint, nih_dir, seg_csv
+):
+    """The mask CSV was read after the probe had saved its head and plots: re-probing into
+    the folder of an earlier run with a mask column misspelt overwrote that run's head and
+    ROC plot, kept its report.json, and exited with the CSV error, leaving a head the report
+    does not describe. The CSV is now read first, so nothing in --out changes."""
+    from pipelines.cli import UserError, probe_cmd
+
+    out = tmp_path / "probe"
+    args = {"csv": nih_dir / "labels.csv", "mlflow": False, "set_": ["probe.bootstrap=0"]}
+    probe_cmd(checkpoint, ["sex=F"], out, limit=40, **args)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert out / "head" / "head.safetensors" in before
+    with pytest.raises(UserError, match=r"masks.csv: missing column\(s\) \['lung'\]"):
+        probe_cmd(checkpoint, ["sex=F"], out, limit=30, seg_csv=seg_csv, structure=["lung"], **args)
+    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before

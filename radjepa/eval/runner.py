@@ -120,15 +120,16 @@ def _decode_settings(enc_cfg: Config) -> dict[str, Any]:
 
 def _segmentation(
     seg_csv: str | os.PathLike[str],
+    seg_data: tuple[np.ndarray, np.ndarray, np.ndarray | None],
     structures: Sequence[str],
     encoders: dict[str, Any],
     cfg: Config,
     device: Any,
-    decode: dict[str, Any],
     group_col: str | None,
 ) -> dict[str, Any]:
-    """Held-out Dice per structure for each encoder, on the same patient-level split."""
-    images, masks, groups = load_seg_csv(seg_csv, structures, group_col=group_col, **decode)
+    """Held-out Dice per structure for each encoder, on the same patient-level split
+    (``seg_data``: ``load_seg_csv``'s images, masks and patient ids)."""
+    images, masks, groups = seg_data
     methods = {}
     for name, enc in encoders.items():
         tokens = extract_features(
@@ -224,6 +225,13 @@ def run_probe(
             f"all {len(ds.images)} images belong to one patient ({ds.groups[0]!r}): "
             "patient-grouped evaluation needs images of at least 2 patients"
         )
+    # read before any feature is extracted or file written: a bad mask CSV found after the
+    # probe had overwritten the head and plots of an earlier run in --out, report kept
+    seg_data = (
+        load_seg_csv(seg_csv, structures, group_col=group_col, **decode)
+        if seg_csv is not None
+        else None
+    )
     log.info(
         "probe set: %d images, %d patients, labels %s",
         len(ds.images),
@@ -281,6 +289,18 @@ def run_probe(
         seed=p.seed,
     )
 
+    segmentation = None  # before the plots and head: it can still refuse its input
+    if seg_data is not None and seg_csv is not None:
+        segmentation = _segmentation(
+            seg_csv,
+            seg_data,
+            structures,
+            {"ours": encoder, "random_init": random_encoder},
+            cfg,
+            dev,
+            group_col,
+        )
+
     plots: dict[str, Any] = {"roc": {}}
     for j, name in enumerate(ds.label_names):
         curves = {}
@@ -319,17 +339,6 @@ def run_probe(
             encoder=enc_info,
         )
         head_dir = str(save_head(out / "head", head))
-    segmentation = None
-    if seg_csv is not None:
-        segmentation = _segmentation(
-            seg_csv,
-            structures,
-            {"ours": encoder, "random_init": random_encoder},
-            cfg,
-            dev,
-            decode,
-            group_col,
-        )
     split_text = (
         f"{p.folds}-fold cross-validation grouped by patient (stratified)"
         if p.split == "kfold"
