@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -582,6 +584,22 @@ def _existing_store(cfg: Config) -> str:
         raise UserError(str(err)) from None
 
 
+@contextmanager
+def _reading_store(uri: str) -> Iterator[None]:
+    """Turn any failure of the store itself into one line naming it. A file that is not a
+    sqlite database, a ``file:`` store MLflow refuses, a server that fails a request: each was
+    a 25-line MLflow/sqlalchemy traceback and exit 1 from ``radjepa models``."""
+    from pipelines.tracking import redact
+
+    try:
+        yield
+    except (UserError, typer.Exit):
+        raise
+    except Exception as err:  # sqlalchemy, MlflowException, requests: no common base
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read the MLflow store {redact(uri)}: {first}") from None
+
+
 def _registry(config: str | None, set_: list[str] | None) -> tuple[str, str]:
     """(tracking store, default model name) of a config."""
     cfg = load(config, set_)
@@ -597,10 +615,11 @@ def models_list(name: ModelNameOpt = None, config: ConfigOpt = None, set_: SetOp
     from pipelines.model_registry import RegistryError, list_versions
 
     uri, default = _registry(config, set_)
-    try:
-        rows = list_versions(uri, name or default)
-    except RegistryError as err:
-        raise UserError(str(err)) from None
+    with _reading_store(uri):
+        try:
+            rows = list_versions(uri, name or default)
+        except RegistryError as err:
+            raise UserError(str(err)) from None
     table = Table(title=f"{name or default} ({len(rows)} versions)")
     for column in ("version", "aliases", "status", "created (UTC)", "run", "step", "promoted"):
         table.add_column(column, overflow="fold")
@@ -633,10 +652,11 @@ def models_promote(
     from pipelines.model_registry import RegistryError, promote
 
     uri, default = _registry(config, set_)
-    try:
-        done = promote(uri, name or default, version, alias, reason)
-    except RegistryError as err:
-        raise UserError(str(err)) from None
+    with _reading_store(uri):
+        try:
+            done = promote(uri, name or default, version, alias, reason)
+        except RegistryError as err:
+            raise UserError(str(err)) from None
     if done.previous == done.version:
         typer.echo(f"{done.name}@{done.alias} already points to version {done.version}")
         return
@@ -802,7 +822,7 @@ def runs_reap(
         raise UserError(f"--older-than: {err}") from None
     uri = _existing_store(cfg)
     names = experiment or [cfg.tracking.experiment]
-    try:
+    with _reading_store(uri):  # an unreachable server, a store without permission, ...
         mc = client(uri)
         experiments = [mc.get_experiment_by_name(n) for n in names]
         missing = [n for n, e in zip(names, experiments, strict=True) if e is None]
@@ -812,11 +832,6 @@ def runs_reap(
         stale = stale_runs(mc, experiments, older_than_s, now_ms)
         if not dry_run:
             reap(mc, stale, older_than, now_ms)
-    except UserError:
-        raise
-    except Exception as err:  # an unreachable server, a store without permission, ...
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise UserError(f"cannot read the MLflow store {redact(uri)}: {first}") from None
     console = Console()
     where = ", ".join(names)
     if not stale:

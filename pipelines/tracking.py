@@ -78,13 +78,14 @@ def sqlite_file(uri: str) -> str | None:
     return path
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def check_reachable(uri: str, timeout_s: float = 5.0, *, can_disable: bool = True) -> None:
     """Raise ``ConnectionError`` (one line) when ``uri`` is a tracking server that does not
     answer. MLflow retries each request 7 times with back-off: against a server that was down,
     ``radjepa pretrain`` started Ray, then said so after about 4 minutes. This one GET, without
     retries and with MLflow's own retries left as they are for the run, says it in seconds.
     Any HTTP answer (even 401 or 404: auth and paths are for MLflow's own calls to report) or a
-    TLS handshake means a server is there; only no answer at all is refused."""
+    TLS handshake means a server is there; only no answer at all is refused. ``can_disable``:
+    whether the command can run without tracking (a registry command cannot)."""
     import requests
 
     if not uri.lower().startswith(("http://", "https://")):
@@ -97,8 +98,8 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         reason = _reason(err)
         raise ConnectionError(
             f"the MLflow tracking server {redact(uri)} does not answer ({reason}); start it, "
-            "or point tracking.uri / MLFLOW_TRACKING_URI at one that runs, or "
-            "--set tracking.enabled=false"
+            "or point tracking.uri / MLFLOW_TRACKING_URI at one that runs"
+            + (", or --set tracking.enabled=false" if can_disable else "")
         ) from None
 
 
@@ -176,7 +177,9 @@ def existing_store(cfg: Config) -> str:
     """:func:`store_uri` for a command that only reads the store (``radjepa models``, ``runs
     reap``), refused when there is none: MLflow opens a missing sqlite store by creating an
     empty one, so a mistyped ``train.output_dir`` would answer "nothing there" and leave a new
-    ``mlflow.db`` behind."""
+    ``mlflow.db`` behind. A tracking server that does not answer is refused in seconds, as
+    ``pretrain`` refuses it: MLflow's own retries kept ``radjepa models list`` and ``runs reap``
+    printing retry warnings for minutes before their traceback."""
     uri = store_uri(cfg)
     if uri is None:
         raise StoreMissing(
@@ -190,6 +193,10 @@ def existing_store(cfg: Config) -> str:
             "register models in <train.output_dir>/mlflow.db, or in tracking.uri / "
             "MLFLOW_TRACKING_URI: give the config they ran with)"
         )
+    try:
+        check_reachable(uri, can_disable=False)
+    except ConnectionError as err:
+        raise StoreMissing(str(err)) from None
     return uri
 
 

@@ -127,3 +127,37 @@ def test_a_user_without_a_name_is_recorded_by_uid(store, monkeypatch):
     uri, _ = store
     promote(uri, "tiny-enc", "1", "champion", "first")
     assert list_versions(uri, "tiny-enc")[1].promoted.startswith(f"champion by uid {os.getuid()} ")
+
+
+@pytest.mark.parametrize("command", [["list"], ["promote", "1", "--reason", "why"]])
+def test_a_store_that_cannot_be_read_is_one_line_naming_it(tmp_path, command):
+    # a file that is not a sqlite database (a copy cut short, another tool's file) was a
+    # 25-line sqlalchemy traceback and exit 1; runs reap already said it in one line
+    db = tmp_path / "mlflow.db"
+    db.write_text("not a database\n")
+    args = ["-c", str(TINY_CONFIG), "--set", f"tracking.uri=sqlite:///{db}"]
+    res = _radjepa("models", *command, *args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert f"cannot read the MLflow store sqlite:///{db}: " in res.stderr
+    assert "file is not a database" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert db.read_text() == "not a database\n"  # left as it was
+
+
+def test_a_tracking_server_that_does_not_answer_is_said_in_seconds(tmp_path):
+    # MLflow retries each request with back-off: `models list` printed retry warnings for
+    # minutes before its traceback; pretrain and sweep already asked the server once, briefly
+    import time
+
+    from serve_helpers import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    res = _radjepa(
+        "models", "list", "-c", str(TINY_CONFIG), "--set", f"tracking.uri={uri}", cwd=tmp_path
+    )
+    assert res.returncode == 2, res.stderr
+    assert f"the MLflow tracking server {uri} does not answer (connection refused)" in res.stderr
+    assert "tracking.enabled" not in res.stderr  # no such way out for a registry command
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert time.monotonic() - started < 60
