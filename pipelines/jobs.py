@@ -162,13 +162,20 @@ def build_entrypoint(args: Sequence[str], python: str = "python") -> str:
 
 
 def load_runtime_env_file(path: Path) -> dict[str, Any]:
-    """Read a runtime_env YAML (a mapping, e.g. env_vars/excludes/pip); errors name the file."""
+    """Read a runtime_env YAML (a mapping, e.g. env_vars/excludes/pip); errors name the file.
+
+    A folder, an unreadable file or one that is not UTF-8 text (``--runtime-env`` given the
+    wrong path) is one line too: each was a Python traceback and exit 1."""
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise JobsError(f"runtime env file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise JobsError(f"runtime env file {path} is not UTF-8 text (a YAML file?)") from None
+    except OSError as err:  # a folder, no permission
+        raise JobsError(f"cannot read runtime env file {path}: {err.strerror or err}") from None
     except yaml.YAMLError as err:
         raise JobsError(f"runtime env file {path} is not valid YAML: {err}") from None
     if data is None:

@@ -418,6 +418,21 @@ def test_runtime_env_file_merges_and_bad_input_is_named(tmp_path: Path) -> None:
     assert jobs.resolve_address(None, {"RAY_ADDRESS": "h:8265"}) == "http://h:8265"
 
 
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda f: f.mkdir(), "cannot read runtime env file .*: Is a directory"),
+        (lambda f: f.write_bytes(b"\xff\xfe\x00env"), "is not UTF-8 text"),
+    ],
+)
+def test_a_runtime_env_path_that_is_no_yaml_text_is_named(tmp_path: Path, make, says) -> None:
+    # `--runtime-env` given a folder or a binary file was a Python traceback and exit 1
+    f = tmp_path / "runtime_env"
+    make(f)
+    with pytest.raises(jobs.JobsError, match=says):
+        jobs.build_submission(["version"], working_dir=tmp_path, runtime_env_file=f, environ={})
+
+
 def test_the_upload_keeps_the_bundled_sample_whole(tmp_path: Path) -> None:
     # packed by Ray's own runtime-env zip step with our excludes: a re-included folder alone
     # left "*.dcm" excluding the sample's DICOMs (a cluster smoke test ingested 8 of 64)
