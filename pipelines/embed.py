@@ -146,6 +146,7 @@ def run_embed(
     import ray
 
     from pipelines.runtime import ensure_ray, read_parquet, remote_error_message, resolve_use_gpu
+    from radjepa.checkpoint import CheckpointError, read_meta
     from radjepa.eval.heads import HeadError, checkpoint_fingerprint
     from radjepa.ingest.destination import id_scheme_of, recorded_pseudonyms
     from radjepa.ingest.errors import IngestError
@@ -160,7 +161,11 @@ def run_embed(
         raise EmbedError(str(err)) from None
     try:
         resolved = resolve_model(str(model), tracking_uri=tracking_uri)
-    except ModelNotFound as err:
+        # every actor reads meta.json first; a folder without one (the shards given as
+        # --model, say) failed in each actor after Ray started: ~300 lines of retried actor
+        # tracebacks before the one line that says why, and OUT left behind with its marker
+        read_meta(resolved.path)
+    except (ModelNotFound, CheckpointError) as err:
         raise EmbedError(str(err)) from None
     model_label = f"{resolved.name}:{resolved.version}" if resolved.name else None
     out = str(out)  # a folder or any pyarrow URI: the job may run on a cluster

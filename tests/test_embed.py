@@ -281,6 +281,23 @@ def test_user_errors_are_named(embedded, tmp_path):
     assert not (tmp_path / "o2").exists()
 
 
+def test_a_model_folder_that_is_no_checkpoint_is_refused_before_ray(tmp_path, nih_dir):
+    """`--model` given the ingest output (it holds JSON files, so it hashes like a checkpoint):
+    each actor failed to read meta.json after Ray started, ~300 lines of retried actor
+    tracebacks came before the one line saying why, and OUT was left with its
+    incomplete-run marker. Now the driver reads meta.json before Ray and before OUT."""
+    from pipelines.embed import EmbedError, run_embed
+    from radjepa.config import load_config
+
+    shards = tmp_path / "ingest"
+    _write_shards(shards, nih_dir)
+    out = tmp_path / "index"
+    with pytest.raises(EmbedError, match="is not a checkpoint folder .no meta.json.$") as err:
+        run_embed(load_config(TINY_CONFIG), shards, out, model=shards, actors=1)
+    assert "could not start" not in str(err.value)  # said by the driver, not by the actors
+    assert not out.exists()
+
+
 def test_an_interrupted_run_leaves_an_index_the_server_refuses(embedded, tmp_path, monkeypatch):
     """Ray Data writes each part of the index straight into OUT as its task ends, so a run
     stopped midway (reproduced for real: SIGTERM to `radjepa embed` over 4096 images after its
