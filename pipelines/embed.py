@@ -151,12 +151,15 @@ def run_embed(
     from radjepa.ingest.destination import id_scheme_of, recorded_pseudonyms
     from radjepa.ingest.errors import IngestError
     from radjepa.locations import filesystem
-    from radjepa.shards import ShardError, list_shards
+    from radjepa.shards import ShardError, list_shards, require_columns
     from serve.index import INCOMPLETE_MARKER
     from serve.registry import ModelNotFound, resolve_model
 
     try:
         shards = [str(p) for p in list_shards(shards_dir)]
+        # before Ray: an embeddings index given as SHARDS was refused only once Ray had started
+        present = pq.read_schema(shards[0]).names
+        require_columns(present, shards_dir, ["image_id", "pixels", "height", "width", "dtype"])
     except ShardError as err:
         raise EmbedError(str(err)) from None
     try:
@@ -203,12 +206,8 @@ def run_embed(
 
     ensure_ray()
     use_gpu = resolve_use_gpu(cfg.serve.use_gpu)
-    present = set(pq.read_schema(shards[0]).names)
     wanted = ["image_id", "pixels", "height", "width", "dtype", *PID_COLUMNS]
     columns = [c for c in wanted if c in present]
-    missing = {"image_id", "pixels", "height", "width", "dtype"} - present
-    if missing:
-        raise EmbedError(f"{shards[0]} is not an ingest shard: missing {sorted(missing)}")
     if not _any_rows(shards):  # an empty index would be written and the run called a success
         raise EmbedError(f"the {len(shards)} shard(s) in {shards_dir} hold no images")
 

@@ -31,6 +31,7 @@ __all__ = [
     "pixels_from_bytes",
     "pixels_to_bytes",
     "read_images",
+    "require_columns",
     "shard_folder",
 ]
 
@@ -107,6 +108,18 @@ def list_shards(dst: str | Path) -> list[str]:
     if not files:
         raise ShardError(f"no Parquet shards in {folder}: run `radjepa ingest SRC... {dst}` first")
     return files
+
+
+def require_columns(names: list[str], where: str | Path, needed: list[str]) -> None:
+    """Refuse Parquet that is not ingest shards (an embeddings index given as shards, say) by
+    the columns a reader needs, before it reads any: the readers' own errors were a pyarrow
+    ``ArrowInvalid`` or ``KeyError`` traceback naming no folder."""
+    missing = [c for c in needed if c not in names]
+    if missing:
+        raise ShardError(
+            f"{where} holds Parquet that is not `radjepa ingest` shards (no column "
+            f"{', '.join(missing)}): give the DST folder `radjepa ingest` wrote"
+        )
 
 
 def pixels_to_bytes(pixels: np.ndarray) -> bytes:
@@ -186,6 +199,7 @@ def read_images(dst: str | Path, limit: int | None = None) -> tuple[np.ndarray, 
     for path in list_shards(dst):
         if limit is not None and rows >= limit:
             break
+        require_columns(pq.read_schema(path).names, dst, ["pixels", "height", "width", "dtype"])
         t = pq.read_table(path)
         tables.append(t)
         rows += t.num_rows

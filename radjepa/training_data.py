@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from radjepa.config import Config
-from radjepa.shards import ShardError, list_shards, pixel_batch, shard_folder
+from radjepa.shards import ShardError, list_shards, pixel_batch, require_columns, shard_folder
 
 __all__ = [
     "TRAINING_COLUMNS",
@@ -78,7 +78,12 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
 
     images = images_dir(data)
     ds = pads.dataset(images, format="parquet")
-    table = ds.to_table(columns=["image_id", "height", "width", "dtype"])
+    columns = ["image_id", "height", "width", "dtype"]
+    try:
+        require_columns(ds.schema.names, data, columns)
+    except ShardError as exc:
+        raise TrainingDataError(str(exc)) from None
+    table = ds.to_table(columns=columns)
     if table.num_rows == 0:
         raise TrainingDataError(f"{images} has shards but no images (everything was quarantined?)")
     heights = set(table.column("height").to_pylist())

@@ -52,3 +52,20 @@ def write_metadata_shard(root: Path, n: int = 64, size: int = 256) -> Path:
     )
     pq.write_table(table, folder / "part-0.parquet")
     return Path(root)
+
+
+def write_embeddings_index(root: Path, n: int = 4, dim: int = 8) -> Path:
+    """Parquet in the layout `radjepa embed` writes (``pipelines.embed.OUTPUT_COLUMNS``, files
+    straight in ``root``): what a user may give where shards are expected."""
+    from pipelines.embed import OUTPUT_COLUMNS
+
+    cols: dict[str, pa.Array] = {
+        c: pa.array([f"{c}{i}" for i in range(n)], pa.string())
+        for c in OUTPUT_COLUMNS
+        if c != "embedding"
+    }
+    values = pa.array(np.zeros(n * dim, np.float32))
+    cols["embedding"] = pa.FixedSizeListArray.from_arrays(values, dim)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), Path(root) / "part-0.parquet")
+    return Path(root)

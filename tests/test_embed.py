@@ -434,3 +434,18 @@ def test_a_workers_reason_is_read_from_the_error_ray_passes_on(ray_session):
     with pytest.raises(ray.exceptions.RayTaskError) as udf:
         ray.data.range(2).map_batches(unreadable).materialize()
     assert remote_error_message(udf.value) == "shard 3 is not a zip"
+
+
+def test_an_embeddings_index_given_as_shards_is_refused_before_ray(tmp_path):
+    """SHARDS and OUT are two folders of Parquet: swapped, the index was refused only after
+    Ray had started (its own check ran there), and OUT was left with the run's marker."""
+    from shard_tables import write_embeddings_index
+
+    from pipelines.embed import EmbedError, run_embed
+    from radjepa.config import load_config
+
+    index = write_embeddings_index(tmp_path / "index")
+    out = tmp_path / "index2"
+    with pytest.raises(EmbedError, match="holds Parquet that is not `radjepa ingest` shards"):
+        run_embed(load_config(TINY_CONFIG), index, out, model=make_checkpoint(tmp_path / "c"))
+    assert not out.exists()

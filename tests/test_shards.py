@@ -77,3 +77,39 @@ def test_read_images_refuses_a_folder_that_mixes_sizes(tmp_path):
         read_images(tmp_path)
     first, _ = read_images(tmp_path, limit=2)  # the first shard alone is fine
     assert first.shape == (2, 4, 4) and first.flags.writeable
+
+
+def test_an_embeddings_index_given_as_shards_is_named_in_one_line(tmp_path):
+    """The index `radjepa embed` writes is Parquet too, and one folder name away from the
+    shards: `pretrain`/`sweep --data` and `probe --shards` on it were a pyarrow ArrowInvalid or
+    KeyError traceback (exit 1) naming no folder."""
+    import subprocess
+    import sys
+
+    from serve_helpers import REPO, TINY_CONFIG, make_checkpoint
+    from shard_tables import write_embeddings_index
+
+    from radjepa.config import load_config
+    from radjepa.shards import read_images
+    from radjepa.training_data import TrainingDataError, inspect_shards
+
+    index = write_embeddings_index(tmp_path / "index")
+    says = f"{index} holds Parquet that is not `radjepa ingest` shards (no column "
+    with pytest.raises(ShardError, match="no column pixels, height, width, dtype"):
+        read_images(index)
+    with pytest.raises(TrainingDataError, match="no column height, width, dtype"):
+        inspect_shards(str(index), load_config(TINY_CONFIG))
+
+    ckpt = str(make_checkpoint(tmp_path / "ckpt"))
+    probe = ["probe", ckpt, "--shards", str(index), "--label", "sex=F", "--no-mlflow"]
+    for args in (["pretrain", "--data", str(index)], [*probe, "--out", str(tmp_path / "p")]):
+        res = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", *args, "-c", str(TINY_CONFIG)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 2, res.stderr
+        assert says in res.stderr and "Traceback" not in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
