@@ -77,10 +77,20 @@ def load(config: str | None, sets: list[str] | None) -> Config:
         raise UserError(str(err)) from None
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 @app.callback()
 def _root(
-    log_level: Annotated[str, typer.Option(help="Logging level.")] = "INFO",
+    log_level: Annotated[
+        str, typer.Option(help=f"Logging level: {', '.join(LOG_LEVELS)} (any case).")
+    ] = "INFO",
 ) -> None:
+    # logging's own refusal of an unknown name was a ValueError traceback and exit 1
+    if log_level.upper() not in LOG_LEVELS:
+        raise typer.BadParameter(
+            f"{log_level!r} is not one of {', '.join(LOG_LEVELS)}", param_hint="'--log-level'"
+        )
     setup_logging(log_level)
 
 

@@ -753,6 +753,8 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -
 def _read_text(location: str) -> str | None:
     """A config file's text from a local path or a URI (a sweep on a cluster writes its
     ``best.yaml`` to object storage); None when there is no such file."""
+    if "://" not in location and Path(location).is_dir():  # "not found" named a folder there
+        raise ConfigError(f"config {location} is a folder: give a YAML file in it")
     try:
         if "://" not in location:  # no pyarrow import for the common case (CLI start-up)
             path = Path(location)

@@ -153,3 +153,21 @@ def test_demo_and_probe_refuse_an_output_path_that_is_a_file(tmp_path):
             .startswith(f"error: cannot write the report to {out}: ")
         ), res.stderr
     assert blocker.read_text() == "not a folder\n"
+
+
+def test_a_config_folder_is_named_as_a_folder():
+    # `-c configs/` said "config file not found: configs/", a folder plainly there
+    out = _radjepa("config", "validate", "-c", "configs/")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: config configs/ is a folder: give a YAML file in it"
+    ]
+
+
+def test_an_unknown_log_level_is_a_usage_error_not_a_traceback():
+    # logging refused it with ValueError("Unknown level: 'VERBOSE'"): a traceback and exit 1
+    out = _radjepa("--log-level", "verbose", "version")
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "'verbose' is not one of DEBUG, INFO" in out.stderr  # rich wraps the rest
+    assert _radjepa("--log-level", "debug", "version").returncode == 0  # any case
