@@ -672,7 +672,9 @@ def models_promote(
         return
     was = f" (was version {done.previous})" if done.previous else ""
     typer.echo(f"{done.name}@{done.alias} -> version {done.version}{was}")
-    typer.echo(f"serve it: --model models:/{done.name}@{done.alias} (running servers keep theirs)")
+    # a head is served with --head: "--model" sent a user who promoted one to the wrong option
+    option = "--head" if done.kind == "probe-head" else "--model"
+    typer.echo(f"serve it: {option} models:/{done.name}@{done.alias} (running servers keep theirs)")
 
 
 @app.command("probe")

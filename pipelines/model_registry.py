@@ -48,6 +48,7 @@ class Promotion:
     alias: str
     version: str
     previous: str | None  # the version the alias pointed to before, None when it was new
+    kind: str = "encoder"  # "probe-head" for a head `radjepa probe --register-head` registered
 
 
 def _client(uri: str) -> Any:
@@ -120,9 +121,10 @@ def promote(
         raise RegistryError(f"{name} version {version} is {mv.status}, not READY: not promoted")
     held = (registered.aliases or {}).get(alias)
     previous = None if held is None else str(held)
+    kind = (mv.tags or {}).get("radjepa.kind", "encoder")  # the probe tags its heads
     if previous == str(version):
         log.info("%s@%s already points to version %s", name, alias, version)
-        return Promotion(name, alias, str(version), previous)
+        return Promotion(name, alias, str(version), previous, kind)
     who = actor or _user()
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     record = f"{alias} by {who} at {when}: {reason}"
@@ -134,7 +136,7 @@ def promote(
         demotion = f"{alias} moved to version {version} by {who} at {when}: {reason}"
         client.set_model_version_tag(name, previous, "radjepa.demotion", demotion[:5000])
     log.info("%s@%s -> version %s (was %s)", name, alias, version, previous or "unset")
-    return Promotion(name, alias, str(version), previous)
+    return Promotion(name, alias, str(version), previous, kind)
 
 
 def _user() -> str:
