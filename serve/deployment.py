@@ -209,12 +209,19 @@ def _check_references(
     local head or index made with another encoder: inside a replica the same error becomes
     Ray's retried deployment failure ("Deploying application failed"), three replica
     tracebacks and a driver traceback (an --index typo: ~230 lines and exit 1 after ~60 s)."""
-    from serve.registry import registered_version
+    from serve.registry import ModelNotFound, registered_version
 
     check_local_paths(model, head, index)
     for ref in (model, head):
         if ref is not None and ref.startswith("models:/"):
-            registered_version(ref, tracking_uri=tracking_uri)
+            mv = registered_version(ref, tracking_uri=tracking_uri)
+            # a registered probe head given as the model failed in every encoder replica
+            # ("... is not a checkpoint folder (no meta.json)"): ~220 lines and exit 1
+            if ref == model and (mv.tags or {}).get("radjepa.kind") == "probe-head":
+                raise ModelNotFound(
+                    f"{ref} is a probe head (registered by `radjepa probe --register-head`): "
+                    "give it as --head, and an encoder `radjepa pretrain` registered as --model"
+                )
     if model.startswith("models:/") or "://" in model:
         return  # fetched by the replicas; they check head and index against it themselves
     from radjepa.checkpoint import read_meta
