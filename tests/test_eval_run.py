@@ -406,7 +406,7 @@ def test_cli_refuses_a_single_patient_set_in_one_line(tmp_path, checkpoint, nih_
     for p in {r.split(",")[0] for r in body}:
         (tmp_path / p).parent.mkdir(exist_ok=True)
         (tmp_path / p).write_bytes((nih_dir / p).read_bytes())
-    with pytest.raises(UserError, match="belong to one patient"):
+    with pytest.raises(UserError, match=r"20 images belong to one patient \('42'\): "):
         probe_cmd(checkpoint, ["view=AP"], tmp_path / "out", csv=one_csv, mlflow=False)
     assert not (tmp_path / "out" / "report.json").exists()
 

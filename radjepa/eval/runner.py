@@ -222,7 +222,8 @@ def run_probe(
     if n_patients < 2:
         # every metric here compares patients with other patients (folds, neighbours)
         raise DatasetError(
-            f"all {len(ds.images)} images belong to one patient ({ds.groups[0]!r}): "
+            # str(): numpy's repr of a group is np.str_('42'), not what the CSV or shard holds
+            f"all {len(ds.images)} images belong to one patient ({str(ds.groups[0])!r}): "
             "patient-grouped evaluation needs images of at least 2 patients"
         )
     # read before any feature is extracted or file written: a bad mask CSV found after the
