@@ -195,9 +195,7 @@ class EmbeddingIndex:
                 # pre_buffer off: it fetched a whole part's column chunks before the first batch
                 with pq.ParquetFile(f, pre_buffer=False) as pf:
                     names = pf.schema_arrow.names
-                    missing = {"image_id", "embedding"} - set(names)
-                    if missing:
-                        raise IndexLoadError(f"{f}: missing column(s) {sorted(missing)}")
+                    _check_index_columns(f, names)
                     columns = [c for c in _LOADED_COLUMNS if c in names]
                     for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
                         parts.add(batch)
@@ -467,10 +465,22 @@ def _distinct_in_files(files: list[Path], columns: tuple[str, ...]) -> dict[str,
     seen: dict[str, set[str | None]] = {c: set() for c in columns}
     for f in files:
         names = pq.read_schema(f).names
+        _check_index_columns(f, names)
         table = pq.read_table(f, columns=[c for c in columns if c in names])
         for c in columns:
             seen[c] |= _distinct(table, c)
     return seen
+
+
+def _check_index_columns(f: Path, names: list[str]) -> None:
+    """Refuse a part that is not an index (the ingest shards given as ``--index``: they are
+    Parquet too) on the driver's start-up checks as well as in the replicas: those checks read
+    only record columns, and every replica then failed on it (~220 lines and exit 1)."""
+    missing = {"image_id", "embedding"} - set(names)
+    if missing:
+        raise IndexLoadError(
+            f"{f}: missing column(s) {sorted(missing)}: not an index `radjepa embed` wrote"
+        )
 
 
 def _nulls_first(value: str | None) -> str:

@@ -169,3 +169,17 @@ def test_a_registered_probe_head_given_as_the_model_is_refused(cfg_for, tmp_path
     register_artifact_dir(uri, run.info.run_id, "head", "radjepa-probe-head", tags=tags)
     with pytest.raises(ModelNotFound, match="is a probe head .*: give it as --head"):
         app_from_config(cfg_for(model="models:/radjepa-probe-head/1"))
+
+
+def test_ingest_shards_given_as_the_index_are_refused_on_the_driver(cfg_for, tmp_path) -> None:
+    # the driver's checks read only the index's record columns, which shards lack too, so
+    # they passed; every API replica then failed on the missing embeddings (~220 lines, exit 1)
+    import numpy as np
+    from shard_tables import write_shard
+
+    from serve.index import IndexLoadError
+
+    write_shard(tmp_path / "dst", np.zeros((2, 32, 32), np.uint8), image_id=["a", "b"])
+    cfg = cfg_for().with_overrides({"serve.index": str(tmp_path / "dst")})
+    with pytest.raises(IndexLoadError, match=r"missing column\(s\) \['embedding'\]: not an index"):
+        app_from_config(cfg)
