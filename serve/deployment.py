@@ -212,6 +212,7 @@ def _check_references(
     from serve.registry import ModelNotFound, registered_version
 
     check_local_paths(model, head, index)
+    model_version = None
     for ref in (model, head):
         if ref is not None and ref.startswith("models:/"):
             mv = registered_version(ref, tracking_uri=tracking_uri)
@@ -222,14 +223,14 @@ def _check_references(
                     f"{ref} is a probe head (registered by `radjepa probe --register-head`): "
                     "give it as --head, and an encoder `radjepa pretrain` registered as --model"
                 )
-    if model.startswith("models:/") or "://" in model:
+            model_version = mv if ref == model else model_version
+    folder = _model_on_this_disk(model, model_version, tracking_uri)
+    if folder is None:
         return  # fetched by the replicas; they check head and index against it themselves
     from radjepa.checkpoint import read_meta
     from radjepa.eval.heads import check_encoder, checkpoint_fingerprint, load_head
     from serve.index import EmbeddingIndex
-    from serve.registry import latest_checkpoint
 
-    folder = latest_checkpoint(str(Path(model).expanduser().resolve()))
     read_meta(folder)
     local_head = head and "://" not in head and not head.startswith("models:/")
     if local_head or index:
@@ -238,6 +239,22 @@ def _check_references(
             check_encoder(load_head(Path(head).expanduser()), fingerprint)
         if index:
             EmbeddingIndex.check_file(index, fingerprint)
+
+
+def _model_on_this_disk(model: str, version: Any, tracking_uri: str | None) -> Path | None:
+    """The checkpoint folder of ``model`` when reading it costs no download: a local folder,
+    or a registered version whose files are on this disk (the default sqlite store keeps them
+    beside its database, read in place). A version of that store with a head fitted on
+    another encoder was refused only by each API replica: ~220 lines and exit 1."""
+    from serve.registry import latest_checkpoint, local_source, resolve_model
+
+    if version is not None:
+        if not local_source(version.source):
+            return None  # a server's or a bucket's copy: the replicas fetch it
+        return Path(resolve_model(model, tracking_uri=tracking_uri).path)
+    if "://" in model:
+        return None
+    return Path(latest_checkpoint(str(Path(model).expanduser().resolve())))
 
 
 def _check_pseudonym_key(

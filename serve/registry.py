@@ -89,6 +89,13 @@ def refuse_run_artifact(ref: str) -> None:
         )
 
 
+def local_source(source: str) -> bool:
+    """Whether a model version's files are on this disk (read in place, never copied)."""
+    from urllib.parse import urlparse
+
+    return urlparse(source).scheme in ("", "file")
+
+
 def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:
     """A local folder holding the artifacts of a model version's ``source``.
 
@@ -102,7 +109,6 @@ def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:
     import os
     import shutil
     import tempfile
-    from urllib.parse import urlparse
 
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -119,7 +125,7 @@ def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:
         except (MlflowException, OSError) as err:
             raise ModelNotFound(f"cannot fetch {ref} from the MLflow registry: {err}") from None
 
-    if urlparse(source).scheme in ("", "file"):
+    if local_source(source):
         return download(None)  # MLflow returns the local folder itself, no copy
     cache = Path(os.environ.get("RADJEPA_CACHE", "~/.cache/radjepa")).expanduser()
     key = hashlib.sha256(f"{tracking_uri}\n{source}".encode()).hexdigest()[:24]

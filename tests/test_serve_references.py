@@ -183,3 +183,28 @@ def test_ingest_shards_given_as_the_index_are_refused_on_the_driver(cfg_for, tmp
     cfg = cfg_for().with_overrides({"serve.index": str(tmp_path / "dst")})
     with pytest.raises(IndexLoadError, match=r"missing column\(s\) \['embedding'\]: not an index"):
         app_from_config(cfg)
+
+
+def test_a_head_of_another_encoder_is_refused_for_a_registered_model_too(cfg_for, tmp_path):
+    # a local --model was checked against the head on the driver, a models:/ one only by each
+    # API replica: Ray's retried deployment failure, ~220 lines and exit 1. A version of the
+    # default sqlite store is read in place, so it is checked on the driver as well.
+    import mlflow
+    import torch
+    from serve_helpers import make_head
+
+    from pipelines.tracking import ensure_experiment, register_artifact_dir
+    from radjepa.eval.heads import HeadError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(ensure_experiment(uri, "radjepa"))
+    client.log_artifacts(run.info.run_id, str(tmp_path / "ckpt"), "checkpoint-step-7")
+    register_artifact_dir(uri, run.info.run_id, "checkpoint-step-7", "tiny-enc")
+    torch.manual_seed(1)
+    other = make_checkpoint(tmp_path / "other", step=3)
+    head = make_head(tmp_path / "head", 192, encoder=other)
+    with pytest.raises(HeadError, match="train a head on this encoder"):
+        app_from_config(cfg_for(model="models:/tiny-enc/1", head=str(head)))
+    own = make_head(tmp_path / "own-head", 192, encoder=tmp_path / "ckpt")
+    app_from_config(cfg_for(model="models:/tiny-enc/1", head=str(own)))  # its own: accepted
