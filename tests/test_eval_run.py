@@ -411,6 +411,24 @@ def test_cli_refuses_a_single_patient_set_in_one_line(tmp_path, checkpoint, nih_
     assert not (tmp_path / "out" / "report.json").exists()
 
 
+def test_cli_refuses_a_device_this_machine_cannot_use_in_one_line(tmp_path, checkpoint, nih_dir):
+    """`--device gpu` was torch's RuntimeError listing every device type, `--device cuda` on a
+    machine without a GPU a driver traceback; both are refused before the encoder loads."""
+    import torch
+
+    from pipelines.cli import UserError, probe_cmd
+
+    csv = nih_dir / "labels.csv"
+    with pytest.raises(UserError, match="device 'gpu': use cpu, cuda, cuda:N or auto"):
+        probe_cmd(checkpoint, ["sex=F"], tmp_path / "out", csv=csv, device="gpu", mlflow=False)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(UserError, match=f"device 'cuda:{n}': torch sees {n} CUDA device"):
+        probe_cmd(
+            checkpoint, ["sex=F"], tmp_path / "out", csv=csv, device=f"cuda:{n}", mlflow=False
+        )
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
 def test_cli_refuses_a_diverged_checkpoint_in_one_line(tmp_path, tiny_cfg, nih_dir):
     """NaN weights (a run that diverged between loss checks) ended in a scikit-learn traceback
     ("Input X contains NaN ... consider HistGradientBoostingClassifier")."""

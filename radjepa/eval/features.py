@@ -336,12 +336,26 @@ def require_finite(features: np.ndarray) -> np.ndarray:
 
 
 def resolve_device(device: str | None = None) -> Any:
-    """``None``/"auto" -> CUDA when present, else CPU."""
+    """``None``/"auto" -> CUDA when present, else CPU. A device this machine cannot use is a
+    DatasetError naming it, checked before the encoder loads: ``--device gpu`` was torch's
+    RuntimeError listing 20 device types, ``--device cuda`` without a GPU a driver traceback
+    after the images were decoded."""
     import torch
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DatasetError(f"device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise DatasetError(
+                f"device {device!r}: torch sees {count} CUDA device(s) on this machine; "
+                "use cpu, or leave the device out (auto)"
+            )
+    return dev
 
 
 def extract_features(
