@@ -193,8 +193,9 @@ def sweep(
     data: DataOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    num_samples: Annotated[
-        int | None, typer.Option("--num-samples", "-n", help="Override tune.num_samples.")
+    num_samples: Annotated[  # min=1: 0 was a ConfigError traceback from inside run_sweep
+        int | None,
+        typer.Option("--num-samples", "-n", min=1, help="Override tune.num_samples."),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue an interrupted sweep of the same name.")
@@ -334,8 +335,11 @@ def embed_cmd(
     ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per forward.")] = None,
-    actors: Annotated[int | None, typer.Option(help="Encoder actors (default: by CPUs).")] = None,
+    # min=1: a negative count was Ray's ValueError traceback once Ray had started
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward.")] = None,
+    actors: Annotated[
+        int | None, typer.Option(min=1, help="Encoder actors (default: by CPUs).")
+    ] = None,
 ) -> None:
     """Embed ingested shards into an archive index (Ray Data) for /v1/similar."""
     cfg = load(config, set_)

@@ -171,3 +171,28 @@ def test_an_unknown_log_level_is_a_usage_error_not_a_traceback():
     assert "Traceback" not in out.stderr
     assert "'verbose' is not one of DEBUG, INFO" in out.stderr  # rich wraps the rest
     assert _radjepa("--log-level", "debug", "version").returncode == 0  # any case
+
+
+def test_counts_below_one_are_usage_errors_before_any_work(tmp_path):
+    # `sweep --num-samples 0` was a ConfigError traceback from inside run_sweep, `embed
+    # --actors -1` (or --batch-size) Ray's ValueError traceback once Ray had started
+    from shard_tables import write_metadata_shard
+
+    shards = str(write_metadata_shard(tmp_path / "shards"))  # passes the checks before it
+    for args in (
+        ["sweep", "-c", "configs/sweep-tiny.yaml", "--data", shards, "--num-samples", "0"],
+        ["embed", str(tmp_path), str(tmp_path / "i"), "--model", str(tmp_path), "--actors", "-1"],
+        [
+            "embed",
+            str(tmp_path),
+            str(tmp_path / "i"),
+            "--model",
+            str(tmp_path),
+            "--batch-size",
+            "0",
+        ],
+    ):
+        out = _radjepa(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        said = " ".join(out.stderr.replace("│", " ").split())  # rich wraps it in a box
+        assert "Traceback" not in said and "greater than or equal to 1" in said, args
