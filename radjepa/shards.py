@@ -106,8 +106,22 @@ def list_shards(dst: str | Path) -> list[str]:
             if e.type == pafs.FileType.File and e.path.endswith(".parquet")
         )
     if not files:
-        raise ShardError(f"no Parquet shards in {folder}: run `radjepa ingest SRC... {dst}` first")
+        raise ShardError(f"no Parquet shards in {folder}: {_why_no_shards(dst)}")
     return files
+
+
+def _why_no_shards(dst: str | Path) -> str:
+    """What to do about a folder without shards. A DST that ingest ran into but stored nothing
+    in (every input quarantined, or an empty source) was told to run ingest "first", as if it
+    had never run; its manifest says what happened to the inputs."""
+    fs, root = filesystem(dst)
+    root = root.rstrip("/")
+    if fs.get_file_info(f"{root}/manifest.json").type == pafs.FileType.File:
+        return (
+            f"`radjepa ingest` ran into {dst} but stored no image (every input quarantined, or "
+            f"none found): see {spell_like(dst, root)}/manifest.json and its quarantine/ folder"
+        )
+    return f"run `radjepa ingest SRC... {dst}` first"
 
 
 def require_columns(names: list[str], where: str | Path, needed: list[str]) -> None:

@@ -708,6 +708,11 @@ def test_missing_source_is_a_clear_error(ray_session, tmp_path) -> None:
     s = run_ingest([str(tmp_path / "empty")], str(tmp_path / "dst"), _cfg(), progress=False)
     assert (s.input, s.ok) == (0, 0)
     assert json.loads((tmp_path / "dst" / "manifest.json").read_text())["images"] == 0
+    # what reads it next says ingest ran and stored nothing (it said "run ingest first")
+    from radjepa.shards import ShardError, list_shards
+
+    with pytest.raises(ShardError, match="`radjepa ingest` ran into .* but stored no image"):
+        list_shards(tmp_path / "dst")
 
 
 def test_non_utf8_names_tar_member_ingested_folder_refused(ray_session, tmp_path) -> None:
