@@ -210,3 +210,18 @@ def on_loopback(app) -> Iterator[tuple[str, int]]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def register_probe_head(uri: str, experiment_id: str, name: str, folder: Path) -> None:
+    """Register a placeholder head folder as ``radjepa probe --register-head`` tags one (what
+    refuses or routes it is the ``radjepa.kind`` tag, not its contents)."""
+    import mlflow
+
+    from pipelines.tracking import register_artifact_dir
+
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(experiment_id)
+    folder.mkdir()
+    (folder / "head.json").write_text("{}")
+    client.log_artifacts(run.info.run_id, str(folder), "head")
+    register_artifact_dir(uri, run.info.run_id, "head", name, tags={"radjepa.kind": "probe-head"})

@@ -167,18 +167,11 @@ def test_promoting_a_probe_head_says_to_serve_it_with_head(store, tmp_path):
     # the hint said `--model models:/radjepa-probe-head@champion` for a head too: served so,
     # a head is loaded as an encoder; `radjepa serve` takes heads with --head
     import mlflow
-
-    from pipelines.tracking import register_artifact_dir
+    from serve_helpers import register_probe_head
 
     uri, output_dir = store
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(client.get_experiment_by_name("radjepa").experiment_id)
-    head = tmp_path / "head"
-    head.mkdir()
-    (head / "head.json").write_text("{}")
-    client.log_artifacts(run.info.run_id, str(head), "head")
-    tags = {"radjepa.kind": "probe-head"}  # as `radjepa probe --register-head` tags it
-    register_artifact_dir(uri, run.info.run_id, "head", "tiny-head", tags=tags)
+    exp = mlflow.MlflowClient(uri).get_experiment_by_name("radjepa").experiment_id
+    register_probe_head(uri, exp, "tiny-head", tmp_path / "head")
     common = ["-c", str(TINY_CONFIG), "--set", output_dir]
     done = _radjepa("models", "promote", "1", "-r", "ok", "--name", "tiny-head", *common, cwd=REPO)
     assert done.returncode == 0, done.stderr

@@ -154,19 +154,14 @@ def test_the_driver_compares_the_key_its_replicas_will_read(
 def test_a_registered_probe_head_given_as_the_model_is_refused(cfg_for, tmp_path) -> None:
     # every encoder replica failed on it ("... is not a checkpoint folder (no meta.json)"):
     # Ray's retried deployment failure, ~220 lines and exit 1 after ~40 s
-    import mlflow
+    from serve_helpers import register_probe_head
 
-    from pipelines.tracking import ensure_experiment, register_artifact_dir
+    from pipelines.tracking import ensure_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(uri)
-    run = client.create_run(ensure_experiment(uri, "radjepa"))
-    head = tmp_path / "head"
-    head.mkdir()
-    (head / "head.json").write_text("{}")
-    client.log_artifacts(run.info.run_id, str(head), "head")
-    tags = {"radjepa.kind": "probe-head"}  # as `radjepa probe --register-head` tags it
-    register_artifact_dir(uri, run.info.run_id, "head", "radjepa-probe-head", tags=tags)
+    register_probe_head(
+        uri, ensure_experiment(uri, "radjepa"), "radjepa-probe-head", tmp_path / "head"
+    )
     with pytest.raises(ModelNotFound, match="is a probe head .*: give it as --head"):
         app_from_config(cfg_for(model="models:/radjepa-probe-head/1"))
 
