@@ -41,13 +41,14 @@ def _unused_port() -> int:
 
 @pytest.fixture
 def metadata_shards(tmp_path: Path) -> Path:
-    """An ingest output with the columns pretrain and sweep read before they start Ray."""
+    """An ingest output with the columns pretrain, sweep and embed check before they start Ray."""
     images = tmp_path / "shards" / "images"
     images.mkdir(parents=True)
     n = 64
     table = pa.table(
         {
             "image_id": [f"img{i:03d}" for i in range(n)],
+            "pixels": pa.array([bytes(256 * 256)] * n, pa.binary()),
             "height": [256] * n,
             "width": [256] * n,
             "dtype": ["uint8"] * n,
