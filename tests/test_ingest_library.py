@@ -3,6 +3,7 @@ keeping the destination whole. The Ray job (tests/test_ingest.py) runs exactly t
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -65,6 +66,61 @@ def test_archives_are_told_by_content_and_members_read_with_a_bound(tmp_path):
     (tmp_path / "cut.zip").write_bytes((tmp_path / "study").read_bytes()[:60])
     (row,) = _rows(tmp_path / "cut.zip")
     assert row["data"] is None and row["read_error"].startswith("read_error:")
+
+
+def test_containers_ingest_does_not_open_are_named_not_junk_or_unreadable(tmp_path):
+    """A PACS export bundles per-study zips into one transfer zip, or gzips single files: ingest
+    opens neither, and quarantined the inner zip as ``not_an_image`` "not DICOM, PNG or JPEG"
+    (an archive full of radiographs, called junk) and ``IM1.dcm.gz`` as ``read_error``
+    "ReadError" (a broken disk?). Each is now ``not_unpacked``, saying what it holds."""
+    dcm = make_dicom(gradient(64, 64, seed=3), markers=False)
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as z:
+        z.writestr("study/IM1", dcm)
+    inner_tgz = io.BytesIO()
+    with tarfile.open(fileobj=inner_tgz, mode="w:gz") as t:
+        info = tarfile.TarInfo("IM1")
+        info.size = len(dcm)
+        t.addfile(info, io.BytesIO(dcm))
+    with zipfile.ZipFile(tmp_path / "transfer.zip", "w") as z:
+        z.writestr("IM0", make_dicom(gradient(64, 64, seed=4), markers=False))
+        z.writestr("study-1.zip", inner.getvalue())
+        z.writestr("study-2.tar.gz", inner_tgz.getvalue())
+        z.writestr("IM2.dcm.gz", gzip.compress(dcm))
+    (tmp_path / "IM1.dcm.gz").write_bytes(gzip.compress(dcm))  # a single file, not a tar
+    (tmp_path / "cut.tar.gz").write_bytes(inner_tgz.getvalue()[:200])  # a tar, cut off
+
+    rows = [r for ref in list_inputs([str(tmp_path)]) for r in iter_source(ref, 10**7)]
+    table = pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+    got = {
+        r["source_path"].rsplit("/", 1)[1]: (r["status"], r["reason"], r["message"])
+        for r in FileDecoder(SETTINGS, SECRET, frozenset(), keep_paths=True)(table).to_pylist()
+    }
+    assert got["transfer.zip!IM0"][0] == "ok"
+    inside = "inside an archive: archives inside archives are not opened"
+    assert got["transfer.zip!study-1.zip"] == (
+        "quarantined",
+        "not_unpacked",
+        f"a zip archive {inside}; unpack it into a folder and ingest that",
+    )
+    assert got["transfer.zip!study-2.tar.gz"][1:] == (
+        "not_unpacked",
+        f"a gzip-compressed tar archive {inside}; unpack it into a folder and ingest that",
+    )
+    assert got["transfer.zip!IM2.dcm.gz"][2].startswith(f"a gzip-compressed DICOM {inside}")
+    assert got["IM1.dcm.gz"] == (
+        "quarantined",
+        "not_unpacked",
+        "a gzip-compressed DICOM, not a tar archive: ingest decompresses only tar archives; "
+        "decompress it and ingest the file",
+    )
+    assert got["cut.tar.gz"][:2] == ("quarantined", "read_error")  # a tar: still unreadable
+    # bytes that only start like a compressed stream are junk, as before
+    junk = {"name": "x", "data": b"BZh not bzip2", "size_bytes": 13, "read_error": None}
+    (row,) = FileDecoder(SETTINGS, SECRET, frozenset(), keep_paths=False)(
+        pa.Table.from_pylist([junk], schema=READ_SCHEMA)
+    ).to_pylist()
+    assert row["reason"] == "not_an_image"
 
 
 def test_read_blocks_keep_the_read_schema_and_block_size(tmp_path):

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from radjepa.imaging.decode import ImageRejected, decode_image
 from radjepa.imaging.deid import ID_SCHEME_KEYED, content_id, keyed_hash
+from radjepa.ingest.packed import NOT_UNPACKED, packed_kind
 from radjepa.ingest.sources import LINK
 from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
 
@@ -35,7 +36,9 @@ RESULT_SCHEMA = pa.schema(
 
 class FileDecoder:
     """One ``decode_image`` per file; every failure becomes a quarantine row, never an exception
-    (a decoder bug or codec panic on one file must not end a run of millions)."""
+    (a decoder bug or codec panic on one file must not end a run of millions). A container
+    ingest does not open (an archive's member that is itself an archive, a compressed file
+    that is no tar) is ``not_unpacked``, named, rather than junk or unreadable."""
 
     def __init__(
         self,
@@ -63,10 +66,15 @@ class FileDecoder:
             if f"path:{out['source_hash']}" in self.known:
                 return {**out, "status": "existing"}
             err = r["read_error"] or "read_error"
-            reason = "too_large" if err == "too_large" else "read_error"
-            detail = err.partition(":")[2]
+            kind, _, detail = err.partition(":")
+            reason = kind if kind in ("too_large", NOT_UNPACKED) else "read_error"
             if reason == "too_large":
                 msg = f"{r['size_bytes']} bytes exceeds ingest.max_file_mb"
+            elif reason == NOT_UNPACKED:
+                msg = (
+                    f"a {detail}, not a tar archive: ingest decompresses only tar archives; "
+                    "decompress it and ingest the file"
+                )
             elif detail == LINK:
                 msg = "a link inside a tar archive; its target is read as its own member"
             else:
@@ -77,6 +85,15 @@ class FileDecoder:
         out["image_id"] = image_id
         if image_id in self.known:
             return {**out, "status": "existing"}
+        packed = packed_kind(data)  # only an archive's member can still be one here
+        if packed is not None:
+            return {
+                **out,
+                "status": "quarantined",
+                "reason": NOT_UNPACKED,
+                "message": f"a {packed} inside an archive: archives inside archives are not "
+                "opened; unpack it into a folder and ingest that",
+            }
         try:
             img = decode_image(data, secret=self.secret, source_name=name, **self.settings)
         except ImageRejected as err:

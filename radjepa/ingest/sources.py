@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from radjepa.ingest.errors import IngestError
+from radjepa.ingest.packed import NOT_UNPACKED, PEEK_INPUT, packed_kind
 from radjepa.locations import filesystem
 
 __all__ = [
@@ -72,7 +73,8 @@ def archive_kind_of(head: bytes) -> str | None:
 
     Object-store keys often lack a suffix and names can lie (a DICOM called ``study.zip``), so
     the bytes decide. A DICOM preamble is free-form and may start like a zip, hence DICM first.
-    Compressed streams (gzip, bzip2, xz) are taken as tars; one that is not is quarantined.
+    Compressed streams (gzip, bzip2, xz) are taken as tars; one that is not is quarantined
+    (``not_unpacked``, :mod:`radjepa.ingest.packed`).
     """
     if head[128:132] == b"DICM":
         return None
@@ -221,9 +223,27 @@ def iter_source(ref: dict[str, str], max_bytes: int) -> Iterator[dict[str, Any]]
             elif kind == "zip":
                 yield from _iter_zip(f, path, max_bytes, row)
             else:
-                yield from _iter_tar(f, path, max_bytes, row)
+                members = 0
+                try:
+                    for member in _iter_tar(f, path, max_bytes, row):
+                        members += 1
+                        yield member
+                except Exception:
+                    packed = None if members else _not_a_tar(f)
+                    if packed is None:
+                        raise
+                    yield row(path, None, f.size(), f"{NOT_UNPACKED}:{packed}")
     except Exception as err:  # an unreadable file or corrupt archive is one quarantined input
         yield row(path, None, None, f"read_error:{type(err).__name__}")
+
+
+def _not_a_tar(f: Any) -> str | None:
+    """What a compressed stream that tarfile could not read holds ('gzip-compressed DICOM'),
+    when that is not a tar: a single compressed file, which ingest does not decompress. None
+    for a compressed tar (corrupt or cut off: a read error)."""
+    f.seek(0)
+    packed = packed_kind(f.read(PEEK_INPUT))
+    return None if packed is None or packed.endswith("tar archive") else packed
 
 
 def _iter_zip(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str, Any]]:
