@@ -19,7 +19,13 @@ from radjepa.imaging.deid import content_id
 from radjepa.ingest.decoding import RESULT_SCHEMA, FileDecoder
 from radjepa.ingest.destination import KEY_RECORD, Destination, check_compatible, check_key
 from radjepa.ingest.errors import IngestError
-from radjepa.ingest.sources import READ_SCHEMA, iter_source, list_inputs, read_blocks
+from radjepa.ingest.sources import (
+    READ_SCHEMA,
+    count_members,
+    iter_source,
+    list_inputs,
+    read_blocks,
+)
 from radjepa.shards import SHARD_SCHEMA
 from tests.dicom_factory import gradient, issuer_tags, make_dicom
 
@@ -121,6 +127,21 @@ def test_containers_ingest_does_not_open_are_named_not_junk_or_unreadable(tmp_pa
         pa.Table.from_pylist([junk], schema=READ_SCHEMA)
     ).to_pylist()
     assert row["reason"] == "not_an_image"
+
+
+def test_an_empty_zip_is_an_archive_with_no_files_not_an_unreadable_input(tmp_path):
+    """zipfile probes for a Zip64 record by seeking 20 bytes before the 22-byte end record and
+    expects OSError from a file that short; pyarrow's file raised ArrowInvalid, so an empty zip
+    (an empty study folder zipped) was quarantined as "could not read the file (ArrowInvalid)"
+    and counted as one input for the progress total."""
+    with zipfile.ZipFile(tmp_path / "empty-study.zip", "w"):
+        pass
+    with zipfile.ZipFile(tmp_path / "study.zip", "w") as z:
+        z.writestr("IM1", make_dicom(markers=False))
+    refs = {Path(r["path"]).name: r for r in list_inputs([str(tmp_path)])}
+    assert [count_members(refs[n]) for n in ("empty-study.zip", "study.zip")] == [0, 1]
+    assert list(iter_source(refs["empty-study.zip"], 10**7)) == []
+    assert [r["read_error"] for r in iter_source(refs["study.zip"], 10**7)] == [None]
 
 
 def test_read_blocks_keep_the_read_schema_and_block_size(tmp_path):

@@ -175,7 +175,7 @@ def count_members(ref: dict[str, str]) -> int | None:
     try:
         with fs.open_input_file(ref["path"]) as f:
             if ref["kind"] == "zip":
-                with zipfile.ZipFile(f) as z:
+                with zipfile.ZipFile(_ZipInput(f)) as z:
                     return sum(1 for i in z.infolist() if not i.is_dir())
             if f.size() > COUNT_LIMIT_BYTES and f.read(6).startswith(_COMPRESSED):
                 return None
@@ -246,8 +246,28 @@ def _not_a_tar(f: Any) -> str | None:
     return None if packed is None or packed.endswith("tar archive") else packed
 
 
+class _ZipInput:
+    """A pyarrow input file as zipfile expects one. pyarrow refuses a seek before the start with
+    ArrowInvalid where a Python file raises OSError, the error zipfile catches when it looks for
+    a Zip64 record in an archive smaller than that record: an empty zip (22 bytes, an empty
+    study folder zipped) was one unreadable input, "could not read the file (ArrowInvalid)",
+    instead of an archive with no files."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        try:
+            return self._f.seek(offset, whence)
+        except pa.ArrowInvalid as err:
+            raise OSError(str(err)) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
 def _iter_zip(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str, Any]]:
-    with zipfile.ZipFile(f) as z:
+    with zipfile.ZipFile(_ZipInput(f)) as z:
         for info in z.infolist():
             if info.is_dir():
                 continue
