@@ -16,6 +16,7 @@ from dicom_factory import (
     make_dicom,
 )
 from PIL import Image
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     JPEG2000,
     ExplicitVRBigEndian,
@@ -476,6 +477,42 @@ def test_missing_pixel_module_attribute_is_named(key: str, syntax: str) -> None:
         decode(data)
     assert err.value.reason == "missing_attribute"
     assert key in err.value.message
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless, JPEGBaseline8Bit])
+def test_colour_without_planar_configuration(syntax: str) -> None:
+    """Planar Configuration is Type 1C (colour images) and pydicom's decoders demand it, even
+    for compressed data, where the codec orders the samples: an RGB or YBR secondary capture
+    without it was decode_error "pixel data could not be decoded (AttributeError ...)".
+    Compressed, it is irrelevant (PS3.5 8.2) and the image decodes; native, it decides the
+    sample layout, so the file is missing_attribute, named."""
+    import pydicom
+
+    rgb = np.stack([gradient(N, N, bits=8, seed=s) for s in range(3)], axis=-1)
+    photometric = "YBR_FULL_422" if syntax == JPEGBaseline8Bit else "RGB"
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(rgb, bits=8, photometric="RGB")))
+    if syntax == JPEGBaseline8Bit:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = syntax
+    elif syntax == RLELossless:
+        ds.compress(syntax, rgb)
+    ds.PhotometricInterpretation = photometric
+    with_it = io.BytesIO()
+    ds.save_as(with_it)
+    del ds.PlanarConfiguration
+    without = io.BytesIO()
+    ds.save_as(without)
+    if syntax == ExplicitVRLittleEndian:
+        with pytest.raises(ImageRejected) as err:
+            decode(without.getvalue())
+        assert err.value.reason == "missing_attribute"
+        assert "PlanarConfiguration" in err.value.message
+    else:
+        got = decode(without.getvalue()).pixels
+        assert np.array_equal(got, decode(with_it.getvalue()).pixels)
 
 
 def test_empty_pixel_data_is_no_pixel_data() -> None:

@@ -207,6 +207,8 @@ def _check_single_image(ds: Dataset) -> UID:
             "unsupported_transfer_syntax",
             f"transfer syntax {_quoted_syntax(ts)} is not one pydicom can decode",
         )
+    if samples == 3 and ds.get("PlanarConfiguration") in (None, ""):
+        _settle_planar_configuration(ds, ts)
     elem = ds["PixelData"]
     if ts.is_compressed or elem.is_undefined_length:
         if not ts.is_compressed:
@@ -234,6 +236,23 @@ def _check_single_image(ds: Dataset) -> UID:
                 "truncated", f"pixel data has {len(ds.PixelData)} of {expected} bytes"
             )
     return ts
+
+
+def _settle_planar_configuration(ds: Dataset, ts: UID) -> None:
+    """A colour image without Planar Configuration (Type 1C: required when Samples per Pixel is
+    above 1), which pydicom's decoders demand even where it means nothing: quarantined as
+    decode_error "(AttributeError ...)", the cause unnamed.
+
+    In compressed data the codec orders the samples and the standard calls the value irrelevant
+    (PS3.5 8.2, A.4), so it is set to 0, as it should have been written. In native data it
+    says whether samples are interleaved or planes, which the bytes cannot tell: the file is
+    ``missing_attribute``, named, like a missing Type 1 attribute.
+    """
+    if not ts.is_compressed:
+        raise ImageRejected(
+            "missing_attribute", "required attribute PlanarConfiguration is missing"
+        )
+    ds.PlanarConfiguration = 0
 
 
 def _padding_mask(stored: np.ndarray, ds: Dataset, signed: bool) -> np.ndarray | None:
