@@ -515,6 +515,23 @@ def test_colour_without_planar_configuration(syntax: str) -> None:
         assert np.array_equal(got, decode(with_it.getvalue()).pixels)
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, RLELossless])
+def test_photometric_in_lower_case_decodes_as_written_in_upper_case(syntax: str) -> None:
+    """The decoder and the metadata read Photometric Interpretation without case, as lax
+    writers put 'monochrome1'; pydicom's decoders match the exact code, so such a file was
+    decode_error "(ValueError ...)" instead of the image its upper-case twin is."""
+    import pydicom
+
+    data = make_dicom(4095 - gradient(N, N), photometric="MONOCHROME1", transfer_syntax=syntax)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PhotometricInterpretation = "monochrome1"  # as written, after encoding
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    lower = decode(buf.getvalue())
+    assert np.array_equal(lower.pixels, decode(data).pixels)
+    assert lower.meta["photometric"] == "MONOCHROME1"
+
+
 def test_empty_pixel_data_is_no_pixel_data() -> None:
     """A zero-length Pixel Data element reads as None: len(None) made it decode_error
     "malformed dicom (TypeError)"."""

@@ -199,6 +199,10 @@ def _check_single_image(ds: Dataset) -> UID:
             "unsupported_photometric",
             f"photometric {_quoted(photometric, PHOTOMETRICS)} with {samples} sample(s)",
         )
+    if photometric in PHOTOMETRICS and ds.PhotometricInterpretation != photometric:
+        # read here (and in the metadata) without case or padding, but pydicom's decoders
+        # match the exact code: 'monochrome2' from a lax writer was decode_error (ValueError)
+        ds.PhotometricInterpretation = photometric
     ts = UID(ds.file_meta.TransferSyntaxUID)
     if not ts.is_transfer_syntax:
         # a vendor's private syntax, or a standard one newer than pydicom: how its pixels are
