@@ -532,6 +532,62 @@ def test_photometric_in_lower_case_decodes_as_written_in_upper_case(syntax: str)
     assert lower.meta["photometric"] == "MONOCHROME1"
 
 
+def _non_image(sop_class: str, **attrs) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(with_pixels=False, drop=("PixelSpacing",))))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def _dicomdir(tmp_path) -> bytes:
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    image = make_dicom(gradient(N, N), extra={"SeriesNumber": 1, "InstanceNumber": 1})
+    fs = FileSet()
+    fs.add(pydicom.dcmread(io.BytesIO(image)))
+    fs.write(tmp_path / "export")
+    return (tmp_path / "export" / "DICOMDIR").read_bytes()
+
+
+def test_non_image_objects_of_an_export_name_their_sop_class(tmp_path) -> None:
+    """A PACS export holds a DICOMDIR and, per study, reports, presentation states and key
+    object notes: each was "the DICOM holds no Pixel Data element", which reads like a broken
+    image. The message now names the standard SOP class (never a non-standard UID)."""
+    cases = {
+        "Media Storage Directory Storage": _dicomdir(tmp_path),
+        "Enhanced SR Storage": _non_image("1.2.840.10008.5.1.4.1.1.88.22", Modality="SR"),
+        "Grayscale Softcopy Presentation State Storage": _non_image(
+            "1.2.840.10008.5.1.4.1.1.11.1", Modality="PR"
+        ),
+        "Key Object Selection Document Storage": _non_image(
+            "1.2.840.10008.5.1.4.1.1.88.59", Modality="KO"
+        ),
+        "Encapsulated PDF Storage": _non_image(
+            "1.2.840.10008.5.1.4.1.1.104.1",
+            Modality="DOC",
+            MIMETypeOfEncapsulatedDocument="application/pdf",
+            EncapsulatedDocument=b"%PDF-1.4\n% MARKER_NAME_7f3a\n%%EOF\n",
+        ),
+        # a stripped image: the name says it was one
+        "Digital X-Ray Image Storage - For Presentation": make_dicom(with_pixels=False),
+    }
+    for name, data in cases.items():
+        with pytest.raises(ImageRejected) as err:
+            decode(data)
+        assert err.value.reason == "no_pixel_data"
+        assert err.value.message == f"the DICOM holds no Pixel Data element (SOP class {name})"
+    private = _non_image("1.2.826.0.1.3680043.8.498.12345")  # not the standard's: not quoted
+    with pytest.raises(ImageRejected) as err:
+        decode(private)
+    assert err.value.message == "the DICOM holds no Pixel Data element"
+
+
 def test_empty_pixel_data_is_no_pixel_data() -> None:
     """A zero-length Pixel Data element reads as None: len(None) made it decode_error
     "malformed dicom (TypeError)"."""

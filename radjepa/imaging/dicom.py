@@ -165,6 +165,25 @@ def _settle_transfer_syntax(ds: Dataset) -> None:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
+def _sop_class(ds: Dataset) -> str:
+    """' (SOP class <its standard name>)' for a message, or '' when the class is not one of
+    the standard's. A PACS export holds a DICOMDIR and, per study, reports, presentation states
+    and key-object notes beside the images; all were "the DICOM holds no Pixel Data element",
+    which reads like broken images. Named, they read as the non-images they are."""
+    from radjepa.imaging.deid import _uid  # read without pydicom's validation, which logs it
+
+    for where, keyword in ((ds, "SOPClassUID"), (ds.file_meta, "MediaStorageSOPClassUID")):
+        try:
+            uid = _uid(where, keyword)
+        except _FATAL:
+            raise
+        except BaseException:  # a broken element: the class is only a hint here
+            continue
+        if isinstance(uid, UID) and uid.type == "SOP Class":  # in the standard's registry
+            return f" (SOP class {uid.name})"
+    return ""
+
+
 def _check_single_image(ds: Dataset) -> UID:
     if "PixelData" not in ds:
         other = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
@@ -172,7 +191,7 @@ def _check_single_image(ds: Dataset) -> UID:
             "no_pixel_data",
             "float pixel data is not a radiograph"
             if other
-            else "the DICOM holds no Pixel Data element",
+            else f"the DICOM holds no Pixel Data element{_sop_class(ds)}",
         )
     if ds["PixelData"].is_empty:  # zero length (a stripped export): its value is None
         raise ImageRejected("no_pixel_data", "the Pixel Data element is empty")
