@@ -694,7 +694,12 @@ def probe_cmd(
         ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", "-o", help="Folder for the report, plots and head.")
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for the report, plots and head; an earlier probe's is replaced.",
+        ),
     ],
     csv: Annotated[
         Path | None,
@@ -740,10 +745,16 @@ def probe_cmd(
         raise UserError("--seg-csv needs at least one --structure (a mask column)")
     from pipelines.tracking import store_uri
     from radjepa.checkpoint import CheckpointError
-    from radjepa.eval.features import DatasetError
+    from radjepa.eval.features import DatasetError, resolve_device
+    from radjepa.eval.outdir import check_out_dir
     from radjepa.eval.runner import run_probe
     from serve.registry import ModelNotFound, resolve_model
 
+    try:  # run_probe checks these too; here they come before a models:/ fetch
+        check_out_dir(out)
+        resolve_device(device)
+    except DatasetError as err:
+        raise UserError(str(err)) from None
     try:
         resolved = resolve_model(str(checkpoint), tracking_uri=store_uri(cfg))
     except ModelNotFound as err:

@@ -309,12 +309,22 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns both paths."""
+def write_report(
+    report: dict[str, Any],
+    out_dir: str | os.PathLike[str],
+    *,
+    links_from: str | os.PathLike[str] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; returns both paths.
+
+    ``links_from`` is the folder the report's paths name, when ``out_dir`` is only where it
+    is staged (``run_probe`` writes into a temporary folder that then replaces ``--out``):
+    the Markdown links are made relative to it, so they hold after the swap.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     js = out / "report.json"
     js.write_text(json.dumps(_finite(report), indent=2, allow_nan=False, default=str) + "\n")
     md = out / "report.md"
-    md.write_text(render_markdown(report, out))
+    md.write_text(render_markdown(report, out if links_from is None else links_from))
     return js, md

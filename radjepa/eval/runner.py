@@ -33,6 +33,7 @@ from radjepa.eval.features import (
 )
 from radjepa.eval.heads import checkpoint_fingerprint, save_head
 from radjepa.eval.linear_probe import cross_val_probe, fit_head
+from radjepa.eval.outdir import check_out_dir, staged_out_dir
 from radjepa.eval.plots import plot_pca_map, plot_roc
 from radjepa.eval.report import metric_safe, write_report
 from radjepa.eval.retrieval import (
@@ -184,13 +185,10 @@ def run_probe(
 
     t0 = time.perf_counter()
     out = Path(out_dir)
-    try:  # a file at (or above) --out was a FileExistsError / NotADirectoryError traceback
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        why = "a file is in the way" if isinstance(err, FileExistsError) else err.strerror or err
-        raise DatasetError(
-            f"cannot write the report to {out}: {why}; choose another --out"
-        ) from None
+    # nothing is written until the end, and then into a fresh folder that replaces `out`
+    # whole (radjepa.eval.outdir); a folder that is not an earlier probe's is refused now,
+    # before the work, not after it
+    check_out_dir(out)
     p = cfg.probe
     dev = resolve_device(device)
     if (csv is None) == (shards is None):
@@ -302,7 +300,7 @@ def run_probe(
             group_col,
         )
 
-    plots: dict[str, Any] = {"roc": {}}
+    roc_curves: dict[str, dict[str, Any]] = {}
     for j, name in enumerate(ds.label_names):
         curves = {}
         for method, s in scores.items():
@@ -315,19 +313,12 @@ def run_probe(
                     lab["auroc"]["estimate"],
                 )
         if curves:
-            path = plot_roc(name, curves, out / "plots" / f"roc_{_file_stem(name)}.png")
-            plots["roc"][name] = str(path)
+            roc_curves[name] = curves
     n_pca = min(pca_images, len(ds.images))
-    tokens = extract_features(
+    pca_tokens = extract_features(
         encoder, ds.images[:n_pca], batch_size=p.batch_size, device=dev, patch_tokens=True
     )  # [n, T, D]
-    plots["pca"] = str(
-        plot_pca_map(
-            ds.images[:n_pca], tokens_to_grid(tokens), out / "plots" / "pca_patch_features.png"
-        )
-    )
-
-    head_dir = None
+    head = None
     probeable = [j for j, lab in enumerate(methods["ours"]["labels"]) if lab["skipped"] is None]
     if probeable:
         head = fit_head(
@@ -339,7 +330,14 @@ def run_probe(
             seed=p.seed,
             encoder=enc_info,
         )
-        head_dir = str(save_head(out / "head", head))
+    # the report names the files where they will be once the staged folder replaces `out`
+    roc_files = {name: Path("plots") / f"roc_{_file_stem(name)}.png" for name in roc_curves}
+    pca_file = Path("plots") / "pca_patch_features.png"
+    plots: dict[str, Any] = {
+        "roc": {name: str(out / f) for name, f in roc_files.items()},
+        "pca": str(out / pca_file),
+    }
+    head_dir = str(out / "head") if head is not None else None
     split_text = (
         f"{p.folds}-fold cross-validation grouped by patient (stratified)"
         if p.split == "kfold"
@@ -381,7 +379,13 @@ def run_probe(
         "segmentation": segmentation,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    js, md = write_report(report, out)
-    report["files"] = {"json": str(js), "markdown": str(md)}
-    log.info("probe report written to %s", md)
+    with staged_out_dir(out) as tmp:
+        for name, curves in roc_curves.items():
+            plot_roc(name, curves, tmp / roc_files[name])
+        plot_pca_map(ds.images[:n_pca], tokens_to_grid(pca_tokens), tmp / pca_file)
+        if head is not None:
+            save_head(tmp / "head", head)
+        write_report(report, tmp, links_from=out)
+    report["files"] = {"json": str(out / "report.json"), "markdown": str(out / "report.md")}
+    log.info("probe report written to %s", report["files"]["markdown"])
     return report
