@@ -175,9 +175,9 @@ class StoreMissing(LookupError):
 
 def existing_store(cfg: Config) -> str:
     """:func:`store_uri` for a command that only reads the store (``radjepa models``, ``runs
-    reap``), refused when there is none: MLflow opens a missing sqlite store by creating an
-    empty one, so a mistyped ``train.output_dir`` would answer "nothing there" and leave a new
-    ``mlflow.db`` behind. A tracking server that does not answer is refused in seconds, as
+    reap``), refused when there is none: MLflow opens a missing sqlite store, or a file without
+    its tables (:func:`without_mlflow_tables`), by creating one, so a mistyped
+    ``train.output_dir`` would answer "nothing there" and leave a new ``mlflow.db`` behind. A tracking server that does not answer is refused in seconds, as
     ``pretrain`` refuses it: MLflow's own retries kept ``radjepa models list`` and ``runs reap``
     printing retry warnings for minutes before their traceback."""
     uri = store_uri(cfg)
@@ -193,11 +193,41 @@ def existing_store(cfg: Config) -> str:
             "register models in <train.output_dir>/mlflow.db, or in tracking.uri / "
             "MLFLOW_TRACKING_URI: give the config they ran with)"
         )
+    empty = None if path is None else without_mlflow_tables(path)
+    if empty is not None:
+        raise StoreMissing(
+            f"there is no MLflow store at {path}: the file {empty} (`radjepa pretrain` and "
+            "`sweep` create the store; give the config they ran with, or remove the file)"
+        )
     try:
         check_reachable(uri, can_disable=False)
     except ConnectionError as err:
         raise StoreMissing(str(err)) from None
     return uri
+
+
+_MLFLOW_TABLES = frozenset({"alembic_version", "experiments", "runs"})
+
+
+def without_mlflow_tables(path: str) -> str | None:
+    """Why the existing sqlite file ``path`` holds no MLflow store ("is empty (0 bytes)", "holds
+    no MLflow tables"), or None when it holds one, or when it is no sqlite database at all
+    (MLflow then fails to open it without writing, and says why). Read-only on purpose: MLflow
+    opens a file without its tables by creating them, so ``radjepa models list`` on a 0-byte
+    ``mlflow.db`` (a copy cut short, a ``touch``) turned it into a new, empty ~1 MB store and
+    answered "no registered model" as if the store were real."""
+    import sqlite3
+    from contextlib import closing
+
+    file = Path(path).resolve()
+    try:
+        with closing(sqlite3.connect(f"{file.as_uri()}?mode=ro", uri=True)) as con:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.Error:  # not a database, locked by a writer: MLflow's open says it
+        return None
+    if _MLFLOW_TABLES <= tables:
+        return None
+    return "is empty (0 bytes)" if file.stat().st_size == 0 else "holds no MLflow tables"
 
 
 def provenance_tags(data: str, images: int, fingerprint: str) -> dict[str, str]:

@@ -181,10 +181,11 @@ def _existing_store(ref: str, tracking_uri: str | None) -> str:
     that does not exist by creating an empty one: a mistyped ``train.output_dir`` answered
     "Model Version ... not found" and left a new ``mlflow.db`` (and its folders) behind, and no
     store at all (outputs on object storage, no ``tracking.uri``) meant a new ``./mlflow.db``
-    in whatever folder the command ran from."""
+    in whatever folder the command ran from. An existing file without MLflow's tables (a 0-byte
+    ``mlflow.db``) is refused the same way: MLflow would create its tables in it."""
     import os
 
-    from pipelines.tracking import sqlite_file
+    from pipelines.tracking import sqlite_file, without_mlflow_tables
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -198,6 +199,12 @@ def _existing_store(ref: str, tracking_uri: str | None) -> str:
             f"cannot resolve {ref}: there is no MLflow store at {path} (`radjepa "
             "pretrain` registers models in <train.output_dir>/mlflow.db, or in "
             "tracking.uri / MLFLOW_TRACKING_URI: give the config it ran with)"
+        )
+    empty = None if path is None else without_mlflow_tables(path)
+    if empty is not None:
+        raise ModelNotFound(
+            f"cannot resolve {ref}: there is no MLflow store at {path}: the file {empty} "
+            "(`radjepa pretrain` creates the store; give the config it ran with)"
         )
     return uri
 

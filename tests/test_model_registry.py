@@ -178,3 +178,44 @@ def test_promoting_a_probe_head_says_to_serve_it_with_head(store, tmp_path):
     assert "serve it: --head models:/tiny-head@champion" in done.stdout
     enc = _radjepa("models", "promote", "1", "-r", "ok", "--name", "tiny-enc", *common, cwd=REPO)
     assert "serve it: --model models:/tiny-enc@champion" in enc.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["models", "list"], ["models", "promote", "1", "--reason", "why"], ["runs", "reap"]],
+)
+def test_a_store_file_without_mlflow_tables_is_refused_and_left_as_it_was(tmp_path, command):
+    # MLflow opened a 0-byte mlflow.db (a copy cut short, a `touch`) by creating its tables in
+    # it: `models list` answered "no registered model" and left a new ~1 MB store behind.
+    # Refused like a missing file, without writing to it.
+    db = tmp_path / "mlflow.db"
+    db.touch()
+    args = ["-c", str(TINY_CONFIG), "--set", f"train.output_dir={tmp_path}"]
+    if command == ["runs", "reap"]:
+        args += ["--older-than", "2h"]
+    res = _radjepa(*command, *args, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert f"there is no MLflow store at {db}: the file is empty (0 bytes)" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert db.stat().st_size == 0
+
+
+def test_a_registry_reference_into_a_file_without_mlflow_tables_changes_nothing(tmp_path):
+    # serve, probe and embed resolve models:/ references through the same kind of check
+    import sqlite3
+    from contextlib import closing
+
+    from serve.registry import ModelNotFound, resolve_model
+
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(ModelNotFound, match=r"no MLflow store at .*: the file is empty \(0 bytes"):
+        resolve_model("models:/tiny-enc/1", tracking_uri=f"sqlite:///{empty}")
+    assert empty.stat().st_size == 0
+    other = tmp_path / "other.db"  # another tool's sqlite database
+    with closing(sqlite3.connect(other)) as con:
+        con.execute("CREATE TABLE notes (text TEXT)")
+    with pytest.raises(ModelNotFound, match="the file holds no MLflow tables"):
+        resolve_model("models:/tiny-enc@champion", tracking_uri=f"sqlite:///{other}")
+    with closing(sqlite3.connect(other)) as con:
+        assert [r[0] for r in con.execute("SELECT name FROM sqlite_master")] == ["notes"]
