@@ -647,6 +647,7 @@ def start_tracking(
     the originals."""
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import ensure_experiment, log_params, mark_run, store_uri
+    from pipelines.tracking_runs import reopen
 
     # with remote outputs check_tracking_store made sure a store URI is configured
     uri = uri or store_uri(cfg, create=True)
@@ -658,7 +659,7 @@ def start_tracking(
     previous = locations.read_text(id_file)
     if previous:
         run_id = previous.strip()
-        client.update_run(run_id, status="RUNNING")
+        reopen(client, run_id)  # RUNNING again, and no longer tagged as reaped
         log.info("resuming MLflow run %s", run_id)
         if provenance:
             from mlflow.entities import RunTag

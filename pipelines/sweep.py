@@ -598,7 +598,9 @@ def _parent_run(
     id_file = locations.join_location(sweep_dir, "mlflow_parent_run_id")
     previous = locations.read_text(id_file) if resume else None
     if previous:
-        client.update_run(previous.strip(), status="RUNNING")
+        from pipelines.tracking_runs import reopen
+
+        reopen(client, previous.strip())  # RUNNING again, and no longer tagged as reaped
         return previous.strip(), uri
     run_id = client.create_run(
         exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep", **provenance}

@@ -5,7 +5,8 @@ the handlers that mark its run KILLED or FAILED, and the run stays RUNNING in th
 unless someone re-runs the same command (which continues it). MLflow has no heartbeat, so a run
 counts as abandoned when nothing of it moved for a while: its start, its newest metric value
 (the time its step ran), and for a sweep's parent run the same of every trial run under it.
-``radjepa runs reap`` marks such runs KILLED, with a tag saying why and when.
+``radjepa runs reap`` marks such runs KILLED, with a tag saying why and when; a re-run that
+continues such a run (:func:`reopen`) takes that tag off again.
 """
 
 from __future__ import annotations
@@ -16,9 +17,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["REAPED_TAG", "StaleRun", "parse_duration", "iso_utc", "reap", "stale_runs"]
+__all__ = [
+    "REAPED_BEFORE_TAG",
+    "REAPED_TAG",
+    "StaleRun",
+    "parse_duration",
+    "iso_utc",
+    "reap",
+    "reopen",
+    "stale_runs",
+]
 
-REAPED_TAG = "radjepa.reaped"
+REAPED_TAG = "radjepa.reaped"  # the run is KILLED because `runs reap` found it abandoned
+REAPED_BEFORE_TAG = "radjepa.reaped_before"  # it was, then a re-run continued it
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -105,6 +116,23 @@ def reap(client: Any, runs: list[StaleRun], older_than: str, now_ms: int | None 
             f"RUNNING with no activity since {iso_utc(run.last_activity_ms)} (its driver died?)",
         )
         client.set_terminated(run.run_id, "KILLED", end_time=run.last_activity_ms)
+
+
+def reopen(client: Any, run_id: str, now_ms: int | None = None) -> None:
+    """Set a run that a re-run continues (a pretrain resume, a resumed sweep or trial) RUNNING
+    again. A run ``runs reap`` had marked KILLED kept its ``radjepa.reaped`` tag through the
+    resume, so the UI and any search on the tag showed a run training again, or finished since,
+    as reaped ("its driver died?"). The tag is moved to ``radjepa.reaped_before`` with the time
+    of the resume: ``radjepa.reaped`` is on a run only while it is KILLED by reap, and the
+    history stays on the run (the latest reap, when several)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    reaped = client.get_run(run_id).data.tags.get(REAPED_TAG)
+    client.update_run(run_id, status="RUNNING")
+    if reaped is None:
+        return
+    note = f"{reaped}; resumed by a re-run at {iso_utc(now_ms)}"
+    client.set_tag(run_id, REAPED_BEFORE_TAG, note[:5000])
+    client.delete_tag(run_id, REAPED_TAG)
 
 
 def iso_utc(ms: int) -> str:

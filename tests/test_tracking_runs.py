@@ -118,3 +118,40 @@ def test_reap_creates_no_store_where_there_is_none(tmp_path):
     )
     assert res.returncode == 2 and "no MLflow store at" in res.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_reaped_run_that_is_resumed_is_no_longer_tagged_reaped(tmp_path):
+    # the pretrain resume (and a sweep's --resume) set the run RUNNING again but left
+    # `radjepa.reaped` on it: the UI, and a search on the tag, showed a run training again (and
+    # later FINISHED) as "marked KILLED ... its driver died?"
+    from pipelines.pretrain import start_tracking
+    from pipelines.sweep import _parent_run
+    from pipelines.tracking import client as tracking_client
+    from radjepa.config import load_config
+
+    cfg = load_config(
+        REPO / "configs" / "tiny_cpu.yaml",
+        [f"train.output_dir={tmp_path}", "train.run_name=r1", "tune.name=s1"],
+    )
+    run_id, uri = start_tracking(cfg, str(tmp_path), str(tmp_path / "r1"))
+    sweep_id, _ = _parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), False, {})
+    time.sleep(1.1)  # both idle for longer than the threshold below
+    reaped = _radjepa(
+        "runs", "reap", "--older-than", "1s", "--set", f"train.output_dir={tmp_path}", cwd=tmp_path
+    )
+    assert "marked 2 run(s) of radjepa KILLED" in reaped.stdout, reaped.stderr
+    client = tracking_client(uri)
+    said = client.get_run(run_id).data.tags["radjepa.reaped"]
+
+    assert start_tracking(cfg, str(tmp_path), str(tmp_path / "r1"))[0] == run_id  # the resume
+    assert _parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), True, {})[0] == sweep_id
+    for resumed in (run_id, sweep_id):
+        run = client.get_run(resumed)
+        assert run.info.status == "RUNNING"
+        assert "radjepa.reaped" not in run.data.tags
+        assert "runs reap --older-than 1s" in run.data.tags["radjepa.reaped_before"]
+    before = client.get_run(run_id).data.tags["radjepa.reaped_before"]
+    assert before.startswith(said + "; resumed by a re-run at ")
+    # a later resume, with no reap since, leaves the record as it is
+    assert start_tracking(cfg, str(tmp_path), str(tmp_path / "r1"))[0] == run_id
+    assert client.get_run(run_id).data.tags["radjepa.reaped_before"] == before
