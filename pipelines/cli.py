@@ -295,23 +295,26 @@ def serve_cmd(
         raise UserError("no model to serve: pass --model PATH or models:/<name>@<alias>")
 
     from pipelines.runtime import ensure_ray
-    from serve.deployment import check_local_paths
+    from pipelines.tracking import store_uri
+    from serve.deployment import check_references
     from serve.local import PortInUse, check_port_free, curl_example, start_local, stop_local
     from serve.security import SecurityConfigError, settings_from_config
 
-    try:  # refuse an unprotected service, a taken port or a mistyped path before paying for Ray
+    # refuse an unprotected service, a taken port, a mistyped path, a registry version that does
+    # not exist or a head or index of another encoder before paying for Ray (~15 s)
+    try:
         settings = settings_from_config(
             cfg.serve,
             secret_env=cfg.ingest.secret_env,
             allow_development_key=cfg.ingest.allow_development_key,
         )
         check_port_free(cfg.serve.host, cfg.serve.port)
-        check_local_paths(cfg.serve.model, cfg.serve.head, cfg.serve.index)
-    except (SecurityConfigError, PortInUse, FileNotFoundError) as err:
+        check_references(cfg.serve.model, cfg.serve.head, cfg.serve.index, store_uri(cfg))
+    except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     ensure_ray()
     try:
-        url = start_local(cfg, settings=settings)
+        url = start_local(cfg, settings=settings, references_checked=True)
     except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")

@@ -19,9 +19,17 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelVersionRow", "Promotion", "RegistryError", "list_versions", "promote"]
+__all__ = [
+    "ModelVersionRow",
+    "Promotion",
+    "RegistryError",
+    "describe",
+    "list_versions",
+    "promote",
+]
 
 _ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")  # MLflow refuses "v<digits>" and "latest"
+_SHOWN = 10  # names or versions an error lists before "..."
 
 
 class RegistryError(ValueError):
@@ -64,8 +72,28 @@ def _registered(client: Any, name: str) -> Any:
         return client.get_registered_model(name)
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"no registered model named {name!r} in this store") from None
+            held = [m.name for m in client.search_registered_models(max_results=_SHOWN + 1)]
+            raise RegistryError(
+                f"no registered model named {name!r} in this store "
+                f"({'it holds ' + _some(held) if held else 'it holds none'})"
+            ) from None
         raise
+
+
+def _some(items: list[str]) -> str:
+    return ", ".join(items[:_SHOWN]) + (", ..." if len(items) > _SHOWN else "")
+
+
+def describe(uri: str, name: str) -> str:
+    """What ``name`` holds ("versions 3, 2, 1 and aliases @champion -> 2"), for an error about a
+    version or alias it lacks: "not found" alone sent the user to ``radjepa models list`` to
+    learn what to type instead. RegistryError (naming the models there are) without ``name``."""
+    rows = list_versions(uri, name)
+    if not rows:
+        return "no versions"
+    aliases = [f"@{a} -> {r.version}" for r in rows for a in r.aliases]
+    versions = _some([r.version for r in rows])
+    return f"versions {versions} and " + (f"aliases {_some(aliases)}" if aliases else "no aliases")
 
 
 def list_versions(uri: str, name: str) -> list[ModelVersionRow]:

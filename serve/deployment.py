@@ -31,6 +31,7 @@ __all__ = [
     "build_app",
     "app_from_config",
     "check_local_paths",
+    "check_references",
 ]
 
 log = logging.getLogger(__name__)
@@ -188,12 +189,19 @@ def _cluster_has_gpus() -> bool:
 
 
 def check_local_paths(model: str | None, head: str | None, index: str | None) -> None:
-    """Raise ModelNotFound for a model, head or index given as a local path that does not exist.
+    """Raise ModelNotFound for a model, head or index given as a local path that does not exist,
+    and for an index given as a registry reference or URI: the ingress reads it from its own
+    disk (``EmbeddingIndex.from_parquet``), so ``--index models:/...`` or ``s3://...`` failed
+    as "index not found: s3:/..." on the driver after Ray started, or in every API replica.
 
-    Needs neither Ray nor MLflow, so ``radjepa serve`` calls it before starting Ray: a typo in
-    a path is then one line at once, not one after Ray and Serve have started."""
+    Needs neither Ray nor MLflow: a typo in a path is one line at once."""
     from serve.registry import ModelNotFound, refuse_run_artifact
 
+    if index is not None and (index.startswith("models:/") or "://" in index):
+        raise ModelNotFound(
+            f"serve.index must be a folder or Parquet file on this machine, as `radjepa embed` "
+            f"writes it; a registry reference or URI is not read: {index}"
+        )
     for kind, ref in (("model", model), ("head", head), ("index", index)):
         if ref is None or ref.startswith("models:/") or "://" in ref:
             continue
@@ -202,28 +210,40 @@ def check_local_paths(model: str | None, head: str | None, index: str | None) ->
             raise ModelNotFound(f"serve.{kind} not found: {ref}")
 
 
-def _check_references(
+def check_references(
     model: str, head: str | None, index: str | None, tracking_uri: str | None
 ) -> None:
     """Fail here, in one readable line, for a model, head or index that does not exist, or a
     local head or index made with another encoder: inside a replica the same error becomes
     Ray's retried deployment failure ("Deploying application failed"), three replica
-    tracebacks and a driver traceback (an --index typo: ~230 lines and exit 1 after ~60 s)."""
+    tracebacks and a driver traceback (an --index typo: ~230 lines and exit 1 after ~60 s).
+
+    Needs no Ray: ``radjepa serve`` calls it before starting Ray (a missing registry version
+    was said only after Ray and Serve had started, ~15 s), and ``app_from_config`` for the
+    other builders. Registry look-ups read metadata only; the weights are read here only when
+    they are on this disk already. The replicas still resolve every reference themselves: on
+    a cluster they may see another store than this process."""
+    from pipelines.tracking import check_reachable
     from serve.registry import ModelNotFound, registered_version
 
     check_local_paths(model, head, index)
+    registered = [r for r in (model, head) if r is not None and r.startswith("models:/")]
+    if registered and tracking_uri:
+        try:  # MLflow retried a server that does not answer for minutes, after Ray started
+            check_reachable(tracking_uri, can_disable=False)
+        except ConnectionError as err:
+            raise ModelNotFound(f"cannot resolve {registered[0]}: {err}") from None
     model_version = None
-    for ref in (model, head):
-        if ref is not None and ref.startswith("models:/"):
-            mv = registered_version(ref, tracking_uri=tracking_uri)
-            # a registered probe head given as the model failed in every encoder replica
-            # ("... is not a checkpoint folder (no meta.json)"): ~220 lines and exit 1
-            if ref == model and (mv.tags or {}).get("radjepa.kind") == "probe-head":
-                raise ModelNotFound(
-                    f"{ref} is a probe head (registered by `radjepa probe --register-head`): "
-                    "give it as --head, and an encoder `radjepa pretrain` registered as --model"
-                )
-            model_version = mv if ref == model else model_version
+    for ref in registered:
+        mv = registered_version(ref, tracking_uri=tracking_uri)
+        # a registered probe head given as the model failed in every encoder replica
+        # ("... is not a checkpoint folder (no meta.json)"): ~220 lines and exit 1
+        if ref == model and (mv.tags or {}).get("radjepa.kind") == "probe-head":
+            raise ModelNotFound(
+                f"{ref} is a probe head (registered by `radjepa probe --register-head`): "
+                "give it as --head, and an encoder `radjepa pretrain` registered as --model"
+            )
+        model_version = mv if ref == model else model_version
     folder = _model_on_this_disk(model, model_version, tracking_uri)
     if folder is None:
         return  # fetched by the replicas; they check head and index against it themselves
@@ -321,13 +341,19 @@ def _replica_key_fingerprint(
 
 
 def app_from_config(
-    cfg: Any, *, settings: ApiSettings | None = None, replica_env: dict[str, str] | None = None
+    cfg: Any,
+    *,
+    settings: ApiSettings | None = None,
+    replica_env: dict[str, str] | None = None,
+    references_checked: bool = False,
 ) -> Application:
     """Bind the two deployments from a validated Config (``cfg.serve`` says what to serve).
 
     ``replica_env`` adds env vars to the ingress replicas' runtime env: the demo's public key,
     which its replicas would otherwise lack on a Ray started before the demo set it (Ray keeps
-    a runtime env in plain text: never a real secret)."""
+    a runtime env in plain text: never a real secret). ``references_checked``: the caller ran
+    :func:`check_references` on this config already (``radjepa serve``, before starting Ray),
+    so the registry is not asked, and a local checkpoint not hashed, twice."""
     sc = cfg.serve
     if not sc.model:
         raise ValueError(
@@ -336,7 +362,8 @@ def app_from_config(
         )
     from pipelines.tracking import store_uri  # where pretrain registered the models
 
-    _check_references(sc.model, sc.head, sc.index, store_uri(cfg))
+    if not references_checked:
+        check_references(sc.model, sc.head, sc.index, store_uri(cfg))
     settings = settings or settings_from_config(
         sc,
         secret_env=cfg.ingest.secret_env,

@@ -55,6 +55,7 @@ def start_local(
     *,
     replica_env: dict[str, str] | None = None,
     settings: ApiSettings | None = None,
+    references_checked: bool = False,
 ) -> str:
     """Deploy the API on the connected Ray and return its base URL (port 0 = any free port).
 
@@ -62,7 +63,8 @@ def start_local(
     insecure local mode was not asked for, and PortInUse when the port is taken.
     ``replica_env``: env vars for the ingress replicas (``app_from_config``). ``settings``:
     those a caller already built from ``cfg.serve`` (the keys file is then read, and its
-    warnings logged, once).
+    warnings logged, once). ``references_checked``: the caller ran
+    ``serve.deployment.check_references`` before starting Ray (``app_from_config``).
     """
     from ray import serve
 
@@ -82,7 +84,9 @@ def start_local(
             "request_timeout_s": cfg.serve.request_timeout_s + 5.0,
         }
     )
-    app = app_from_config(cfg, settings=settings, replica_env=replica_env)
+    app = app_from_config(
+        cfg, settings=settings, replica_env=replica_env, references_checked=references_checked
+    )
     serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{cfg.serve.host}:{port}"
 

@@ -170,10 +170,35 @@ def registered_version(ref: str, *, tracking_uri: str | None = None) -> Any:
             return client.get_model_version(name, version)
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException as err:
-        raise ModelNotFound(f"cannot resolve {ref} in the MLflow registry: {err}") from None
+        # MLflow says "alias nope not found" with INVALID_PARAMETER_VALUE
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ModelNotFound(f"cannot resolve {ref} in the MLflow registry: {err}") from None
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise _missing(ref, name, what, tracking_uri, err) from None
     if not versions:
-        raise ModelNotFound(f"registered model {name!r} has no versions")
+        raise _missing(ref, name, "versions", tracking_uri, None)
     return max(versions, key=lambda v: int(v.version))
+
+
+def _missing(ref: str, name: str, what: str, uri: str, err: Exception | None) -> ModelNotFound:
+    """One line naming what ``ref`` asks for that the store lacks, and what it has instead (the
+    versions and aliases of ``name``, or the registered models when ``name`` is not one)."""
+    from pipelines.model_registry import RegistryError, describe
+    from pipelines.tracking import redact
+
+    store = f"the MLflow store {redact(uri)}"
+    try:
+        held = describe(uri, name)
+    except RegistryError as no_model:
+        return ModelNotFound(f"cannot resolve {ref} in {store}: {no_model}")
+    except Exception:  # noqa: BLE001 - the store failed the second look: its first answer stands
+        return ModelNotFound(f"cannot resolve {ref} in the MLflow registry: {err or 'no versions'}")
+    if what == "versions":
+        return ModelNotFound(f"cannot resolve {ref}: {name} has no versions in {store}")
+    return ModelNotFound(
+        f"cannot resolve {ref}: {name} has no {what} in {store}; it has {held} "
+        f"(`radjepa models list --name {name}`)"
+    )
 
 
 def _existing_store(ref: str, tracking_uri: str | None) -> str:

@@ -79,6 +79,92 @@ def test_serve_with_a_mistyped_path_fails_in_one_line_before_starting_ray(tmp_pa
     assert "Traceback" not in out and "starting local Ray" not in out
 
 
+@pytest.fixture
+def registry(tmp_path):
+    """A sqlite store holding versions 1 and 2 of ``tiny-enc`` (@champion -> 2), as pretrain
+    registers them, and a probe head: (the store URI, an address where no Ray listens)."""
+    import mlflow
+    from serve_helpers import register_probe_head
+
+    from pipelines.tracking import ensure_experiment, register_artifact_dir
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = ensure_experiment(uri, "radjepa")
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(make_checkpoint(tmp_path / "ckpt")), "ckpt")
+    for _ in range(2):
+        register_artifact_dir(uri, run.info.run_id, "ckpt", "tiny-enc")
+    client.set_registered_model_alias("tiny-enc", "champion", "2")
+    register_probe_head(uri, exp, "tiny-head", tmp_path / "head")
+    # a refusal that came only after joining Ray would say "cannot reach the Ray cluster"
+    return uri, f"127.0.0.1:{free_port()}"
+
+
+@pytest.mark.parametrize(
+    ("refs", "says"),
+    [
+        (
+            ["--model", "models:/tiny-enc/9"],
+            "cannot resolve models:/tiny-enc/9: tiny-enc has no version 9 in the MLflow store "
+            "{uri}; it has versions 2, 1 and aliases @champion -> 2",
+        ),
+        (
+            ["--model", "models:/tiny-enc@prod"],
+            "cannot resolve models:/tiny-enc@prod: tiny-enc has no alias 'prod' in the MLflow "
+            "store {uri}; it has versions 2, 1 and aliases @champion -> 2",
+        ),
+        (
+            ["--model", "models:/tiny-encoder@champion"],
+            "cannot resolve models:/tiny-encoder@champion in the MLflow store {uri}: no "
+            "registered model named 'tiny-encoder' in this store (it holds tiny-enc, tiny-head)",
+        ),
+        (
+            ["--model", "models:/tiny-enc@champion", "--head", "models:/tiny-head/4"],
+            "cannot resolve models:/tiny-head/4: tiny-head has no version 4 in the MLflow store "
+            "{uri}; it has versions 1 and no aliases",
+        ),
+        (
+            ["--model", "models:/tiny-enc@champion", "--index", "models:/tiny-enc/1"],
+            "serve.index must be a folder or Parquet file on this machine",
+        ),
+    ],
+    ids=["version", "alias", "name", "head", "index"],
+)
+def test_serve_refuses_a_registry_reference_that_does_not_exist_before_starting_ray(
+    registry, tmp_path, refs, says
+):
+    # the driver looked models:/ references up only once Ray and Serve were up (~15 s), and
+    # said "Model Version ... not found" without naming what the store does hold
+    uri, no_ray = registry
+    env = _env(RADJEPA_API_KEYS=KEYS, RAY_ADDRESS=no_ray)
+    proc = _radjepa("serve", "-c", str(TINY_CONFIG), "--set", f"tracking.uri={uri}", *refs, env=env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert f"error: {says.format(uri=uri)}" in out, out
+    assert "Traceback" not in out and "Ray cluster" not in out
+
+
+def test_serve_says_in_seconds_that_the_tracking_server_does_not_answer(registry):
+    # MLflow retried the look-up for minutes (over a minute on the dev box), after Ray started
+    _, no_ray = registry
+    server = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    proc = _radjepa(
+        "serve",
+        *("-c", str(TINY_CONFIG), "--set", f"tracking.uri={server}"),
+        *("--model", "models:/tiny-enc@champion"),
+        env=_env(RADJEPA_API_KEYS=KEYS, RAY_ADDRESS=no_ray),
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert (
+        f"error: cannot resolve models:/tiny-enc@champion: the MLflow tracking server {server} "
+        "does not answer (connection refused)"
+    ) in out
+    assert "Ray cluster" not in out and time.monotonic() - started < 60
+
+
 @pytest.mark.slow
 def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir):
     ckpt = make_checkpoint(tmp_path / "ckpt")
