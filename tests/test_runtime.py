@@ -61,7 +61,7 @@ def metadata_shards(tmp_path: Path) -> Path:
 def _command(name: str, tmp: Path, shards: Path) -> list[str]:
     out = ["--set", f"train.output_dir={tmp / 'runs'}"]
     model = tmp / "model"
-    if name == "embed":  # embed hashes the checkpoint before it starts Ray
+    if name in ("embed", "serve"):  # both read the checkpoint before they start Ray
         from serve_helpers import make_checkpoint
 
         make_checkpoint(model)
