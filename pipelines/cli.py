@@ -746,7 +746,7 @@ def probe_cmd(
         raise UserError("give exactly one of --csv or --shards")
     if seg_csv is not None and not structure:
         raise UserError("--seg-csv needs at least one --structure (a mask column)")
-    from pipelines.tracking import store_uri
+    from pipelines.tracking import check_reachable, store_uri
     from radjepa.checkpoint import CheckpointError
     from radjepa.eval.features import DatasetError, resolve_device
     from radjepa.eval.outdir import check_out_dir
@@ -758,8 +758,17 @@ def probe_cmd(
         resolve_device(device)
     except DatasetError as err:
         raise UserError(str(err)) from None
+    uri = store_uri(cfg)
+    if mlflow and cfg.tracking.enabled and uri and not str(checkpoint).startswith("models:/"):
+        # the run is logged after the whole probe: a server that does not answer was found
+        # only then, and MLflow retried it for minutes. A models:/ look-up asks it itself,
+        # naming the reference (no tracking.enabled=false way out for that one)
+        try:
+            check_reachable(uri)
+        except ConnectionError as err:
+            raise UserError(str(err)) from None
     try:
-        resolved = resolve_model(str(checkpoint), tracking_uri=store_uri(cfg))
+        resolved = resolve_model(str(checkpoint), tracking_uri=uri)
     except ModelNotFound as err:
         raise UserError(str(err)) from None
     try:

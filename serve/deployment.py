@@ -223,18 +223,14 @@ def check_references(
     other builders. Registry look-ups read metadata only; the weights are read here only when
     they are on this disk already. The replicas still resolve every reference themselves: on
     a cluster they may see another store than this process."""
-    from pipelines.tracking import check_reachable
     from serve.registry import ModelNotFound, registered_version
 
     check_local_paths(model, head, index)
     registered = [r for r in (model, head) if r is not None and r.startswith("models:/")]
-    if registered and tracking_uri:
-        try:  # MLflow retried a server that does not answer for minutes, after Ray started
-            check_reachable(tracking_uri, can_disable=False)
-        except ConnectionError as err:
-            raise ModelNotFound(f"cannot resolve {registered[0]}: {err}") from None
     model_version = None
     for ref in registered:
+        # a tracking server that does not answer is refused here in seconds (MLflow retried it
+        # for minutes, after Ray started): registered_version asks it once first
         mv = registered_version(ref, tracking_uri=tracking_uri)
         # a registered probe head given as the model failed in every encoder replica
         # ("... is not a checkpoint folder (no meta.json)"): ~220 lines and exit 1

@@ -207,10 +207,13 @@ def _existing_store(ref: str, tracking_uri: str | None) -> str:
     "Model Version ... not found" and left a new ``mlflow.db`` (and its folders) behind, and no
     store at all (outputs on object storage, no ``tracking.uri``) meant a new ``./mlflow.db``
     in whatever folder the command ran from. An existing file without MLflow's tables (a 0-byte
-    ``mlflow.db``) is refused the same way: MLflow would create its tables in it."""
+    ``mlflow.db``) is refused the same way: MLflow would create its tables in it. A tracking
+    server that does not answer is refused in seconds (:func:`check_reachable`): MLflow retries
+    each request for minutes, and every command resolving a reference waited that long first
+    (``radjepa probe models:/...``, ``radjepa embed --model models:/...`` before Ray starts)."""
     import os
 
-    from pipelines.tracking import sqlite_file, without_mlflow_tables
+    from pipelines.tracking import check_reachable, sqlite_file, without_mlflow_tables
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -231,6 +234,10 @@ def _existing_store(ref: str, tracking_uri: str | None) -> str:
             f"cannot resolve {ref}: there is no MLflow store at {path}: the file {empty} "
             "(`radjepa pretrain` creates the store; give the config it ran with)"
         )
+    try:
+        check_reachable(uri, can_disable=False)
+    except ConnectionError as err:
+        raise ModelNotFound(f"cannot resolve {ref}: {err}") from None
     return uri
 
 

@@ -453,3 +453,62 @@ def test_a_tracking_server_that_is_down_is_said_in_seconds_before_ray(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: the MLflow tracking server {server} does not answer"), last
     assert "tracking.enabled=false" in last and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["probe models:/", "probe folder", "embed models:/"])
+def test_probe_and_embed_say_in_seconds_that_the_tracking_server_does_not_answer(
+    command, tmp_path, nih_dir
+):
+    # MLflow retries each request with back-off: `probe models:/...` and `embed --model
+    # models:/...` waited minutes on the registry look-up (embed before its Ray start), and a
+    # probe of a folder ran the whole probe, then waited as long to log it. RAY_ADDRESS names a
+    # port where nothing listens, so a refusal that came only once Ray starts says so instead.
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+    from serve_helpers import free_port
+    from shard_tables import write_shard
+
+    server = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    model = str(ckpt) if command.endswith("folder") else "models:/tiny-enc@champion"
+    if command.startswith("probe"):
+        out = tmp_path / "probe"
+        args = ["probe", model, "-l", "sex=M", "--out", str(out), "--limit", "40"]
+        args += ["--csv", str(nih_dir / "labels.csv")]
+    else:
+        out = tmp_path / "index"
+        shards = tmp_path / "shards"
+        write_shard(shards, np.zeros((4, 64, 64), np.uint8), image_id=["a", "b", "c", "d"])
+        args = ["embed", str(shards), str(out), "--model", model]
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}", "RAY_TMPDIR": str(tmp_path)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    started = time.monotonic()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "pipelines.cli", *args, "-c", str(TINY_CONFIG)]
+            + ["--set", f"tracking.uri={server}", "--set", "probe.bootstrap=0"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            timeout=90,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`radjepa {command}` still waited on {server} after 90 s")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert time.monotonic() - started < 60  # the interpreter and imports
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr  # the CLI logs to stdout: stderr is the error alone
+    said = f"the MLflow tracking server {server} does not answer (connection refused)"
+    if model.startswith("models:/"):  # no way around the store: it holds the model
+        assert lines[0].startswith(f"error: cannot resolve {model}: {said}"), lines[0]
+        assert "tracking.enabled" not in lines[0]
+    else:  # only the logging needs it
+        assert lines[0].startswith(f"error: {said}"), lines[0]
+        assert "tracking.enabled=false" in lines[0]
+    assert not out.exists()  # nothing written: the probe did not run
+    assert not list(tmp_path.rglob("session_*")), "a local Ray instance was started"
