@@ -454,7 +454,85 @@ def test_folder_links_list_each_file_once_and_a_dangling_link_is_an_input(tmp_pa
     refs = list_inputs([str(src)])
     assert [r["path"] for r in refs] == [str(src / "2024" / "a.dcm"), str(src / "gone.dcm")]
     (row,) = iter_source(refs[1], 10**7)
-    assert row["data"] is None and row["read_error"] == "read_error:FileNotFoundError"
+    assert row["data"] is None and row["read_error"] == "read_error:file gone"
+
+
+def _quarantined(rows: list[dict]) -> list[tuple[str, str]]:
+    """(reason, message) the decoder gives each row (all expected quarantined)."""
+    out = FileDecoder(SETTINGS, SECRET, frozenset(), keep_paths=False)(
+        pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+    ).to_pylist()
+    assert [r["status"] for r in out] == ["quarantined"] * len(rows)
+    return [(r["reason"], r["message"]) for r in out]
+
+
+def _encrypted_zip(path: Path, member: str, data: bytes, how: str) -> None:
+    """A zip whose ``member`` is password-protected: by the real `zip -e`, or a stored member
+    with the general-purpose flag bit 0 (encrypted) set in both headers, which zipfile cannot
+    write itself."""
+    import shutil
+    import subprocess
+
+    if how == "zip -e":
+        if shutil.which("zip") is None:
+            pytest.skip("the zip command is not installed (apt-get install zip)")
+        (path.parent / member).write_bytes(data)
+        subprocess.run(
+            ["zip", "-q", "-e", "-P", "pw", path.name, member], cwd=path.parent, check=True
+        )
+        (path.parent / member).unlink()
+        return
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(member, data)  # stored: the bytes stay as they are
+    raw = bytearray(path.read_bytes())
+    for magic, flag_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # local, central header
+        at = raw.index(magic) + flag_at
+        raw[at] |= 0x01
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["zip -e", "flag bit"])
+def test_an_encrypted_zip_member_is_quarantined_saying_it_is_encrypted(tmp_path, how):
+    # it said "could not read the file (RuntimeError)": zipfile's bare error, with no hint
+    # that a password was the problem or what to do
+    dcm = make_dicom(gradient(40, 40), markers=False)
+    archive = tmp_path / "study.zip"
+    _encrypted_zip(archive, "1.dcm", dcm, how)
+    with zipfile.ZipFile(archive) as z, pytest.raises(RuntimeError, match="is encrypted"):
+        z.read("1.dcm")  # what a real password-protected member raises
+    (row,) = _rows(archive)
+    assert row["data"] is None and row["read_error"] == "read_error:encrypted zip member"
+    assert row["name"].endswith("study.zip!1.dcm") and row["size_bytes"] == len(dcm)
+    ((reason, message),) = _quarantined([row])
+    assert reason == "read_error"
+    assert message == (
+        "an encrypted zip member: ingest cannot decrypt it; unpack it with the password and "
+        "ingest the files"
+    )
+
+
+def test_a_symbolic_link_loop_is_quarantined_saying_so(tmp_path):
+    # each link of a loop said "could not read the file (OSError)"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.dcm").symlink_to("b.dcm")
+    (src / "b.dcm").symlink_to("a.dcm")
+    (src / "self.dcm").symlink_to("self.dcm")
+    (src / "gone.dcm").symlink_to("missing.dcm")
+    refs = list_inputs([str(src)])
+    rows = [r for ref in refs for r in iter_source(ref, 10**7)]
+    assert [(Path(r["name"]).name, r["read_error"]) for r in rows] == [
+        ("a.dcm", "read_error:symbolic link loop"),
+        ("b.dcm", "read_error:symbolic link loop"),
+        ("gone.dcm", "read_error:file gone"),
+        ("self.dcm", "read_error:symbolic link loop"),
+    ]
+    loop = ("read_error", "a symbolic link loop: the link leads back to itself, never to a file")
+    gone = (
+        "read_error",
+        "the file is gone: deleted since it was listed, or a link whose target does not exist",
+    )
+    assert _quarantined(rows) == [loop, loop, gone, loop]
 
 
 def test_a_file_named_by_two_sources_is_one_input(tmp_path):

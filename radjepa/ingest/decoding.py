@@ -15,12 +15,22 @@ import pyarrow as pa
 from radjepa.imaging.decode import ImageRejected, decode_image
 from radjepa.imaging.deid import ID_SCHEME_KEYED, content_id, keyed_hash
 from radjepa.ingest.packed import NOT_UNPACKED, packed_kind
-from radjepa.ingest.sources import LINK
+from radjepa.ingest.sources import ENCRYPTED, GONE, LINK, LINK_LOOP
 from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
 
 __all__ = ["RESULT_SCHEMA", "FileDecoder"]
 
 log = logging.getLogger(__name__)
+
+# what a quarantine row says for each read_error detail the reader names (sources.read_error);
+# any other detail is an exception type: "could not read the file (<type>)"
+_READ_ERRORS = {
+    LINK: "a link inside a tar archive; its target is read as its own member",
+    ENCRYPTED: "an encrypted zip member: ingest cannot decrypt it; unpack it with the password "
+    "and ingest the files",
+    LINK_LOOP: "a symbolic link loop: the link leads back to itself, never to a file",
+    GONE: "the file is gone: deleted since it was listed, or a link whose target does not exist",
+}
 
 # One decoder output row: a shard row (nullable) plus the outcome of that file.
 RESULT_SCHEMA = pa.schema(
@@ -75,10 +85,10 @@ class FileDecoder:
                     f"a {detail}, not a tar archive: ingest decompresses only tar archives; "
                     "decompress it and ingest the file"
                 )
-            elif detail == LINK:
-                msg = "a link inside a tar archive; its target is read as its own member"
             else:
-                msg = f"could not read the file ({detail or 'unknown error'})"
+                msg = _READ_ERRORS.get(
+                    detail, f"could not read the file ({detail or 'unknown error'})"
+                )
             return {**out, "status": "quarantined", "reason": reason, "message": msg}
         # the DST's scheme (settings["id_scheme"], from its key record): keyed for a new DST
         image_id = content_id(data, self.secret, self.settings.get("id_scheme", ID_SCHEME_KEYED))

@@ -9,6 +9,7 @@ never an exception that would end a run.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tarfile
@@ -24,7 +25,10 @@ from radjepa.ingest.packed import NOT_UNPACKED, PEEK_INPUT, packed_kind
 from radjepa.locations import filesystem
 
 __all__ = [
+    "ENCRYPTED",
+    "GONE",
     "LINK",
+    "LINK_LOOP",
     "READ_SCHEMA",
     "archive_kind",
     "archive_kind_of",
@@ -32,13 +36,20 @@ __all__ = [
     "iter_source",
     "list_inputs",
     "read_blocks",
+    "read_error",
     "utf8_name",
 ]
 
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 32  # rows per block emitted by read_blocks
-LINK = "archive link"  # read_error detail of a tar member that is a hard or symbolic link
+# read_error details (``read_error:<detail>``) that say what happened; any other read failure
+# is named by its exception type (its text may carry a path, i.e. a patient's name)
+LINK = "archive link"  # a tar member that is a hard or symbolic link
+ENCRYPTED = "encrypted zip member"  # password-protected: zipfile raises a bare RuntimeError
+LINK_LOOP = "symbolic link loop"  # a link that leads back to itself (ELOOP)
+GONE = "file gone"  # deleted since it was listed, or a link whose target does not exist
+_ERRNO_DETAILS = {errno.ELOOP: LINK_LOOP, errno.ENOENT: GONE}
 HEAD = 512  # bytes read to tell an archive from an image (tar's magic sits at 257)
 ARCHIVE_SUFFIXES = {  # only to size the progress bar up front; the content decides
     ".zip": "zip",
@@ -234,7 +245,15 @@ def iter_source(ref: dict[str, str], max_bytes: int) -> Iterator[dict[str, Any]]
                         raise
                     yield row(path, None, f.size(), f"{NOT_UNPACKED}:{packed}")
     except Exception as err:  # an unreadable file or corrupt archive is one quarantined input
-        yield row(path, None, None, f"read_error:{type(err).__name__}")
+        yield row(path, None, None, read_error(err))
+
+
+def read_error(err: Exception) -> str:
+    """The ``read_error`` of a file that could not be read: what happened where it is known
+    (a quarantine row said "could not read the file (OSError)" for a symbolic link loop, which
+    left the operator guessing), else the exception's type."""
+    detail = _ERRNO_DETAILS.get(getattr(err, "errno", None) or -1, type(err).__name__)
+    return f"read_error:{detail}"
 
 
 def _not_a_tar(f: Any) -> str | None:
@@ -275,10 +294,13 @@ def _iter_zip(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str,
             if info.file_size > max_bytes:
                 yield row(name, None, info.file_size, "too_large")
                 continue
+            if info.flag_bits & 0x1:  # encrypted (ZipCrypto or AES): zipfile's bare RuntimeError
+                yield row(name, None, info.file_size, f"read_error:{ENCRYPTED}")
+                continue
             try:
                 data = z.read(info)
             except Exception as err:
-                yield row(name, None, info.file_size, f"read_error:{type(err).__name__}")
+                yield row(name, None, info.file_size, read_error(err))
                 continue
             yield row(name, data, len(data), None)
 
