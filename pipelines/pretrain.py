@@ -715,7 +715,9 @@ def finish_tracking(
             )
         else:
             log.info("%s version %s already holds step %s of this run", name, version, step)
-    client.set_terminated(run_id, "FINISHED")
+    from pipelines.tracking_runs import end_run
+
+    end_run(client, run_id, "FINISHED")  # a reap's tag goes: the driver was alive after all
     return version
 
 

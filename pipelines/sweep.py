@@ -215,8 +215,9 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     trainer.fit()
     if tracking:  # its radjepa.status tag is set by the driver, which sees every trial
         from pipelines.tracking import client as tracking_client
+        from pipelines.tracking_runs import end_run
 
-        tracking_client(tracking["uri"]).set_terminated(tracking["run_id"], "FINISHED")
+        end_run(tracking_client(tracking["uri"]), tracking["run_id"], "FINISHED")
 
 
 def is_collapsed(metrics: dict[str, Any], rankme_floor: float, std_floor: float) -> bool:
@@ -695,6 +696,7 @@ def _finish_parent_run(
 ) -> None:
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import redact
+    from pipelines.tracking_runs import end_run
 
     client = tracking_client(uri)
     _close_trial_runs(client, parent_run_id, rows)
@@ -702,7 +704,7 @@ def _finish_parent_run(
         client.log_metric(parent_run_id, f"best_{metric}", best.metric)
         client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
         client.log_text(parent_run_id, redact(best_yaml), "best.yaml")
-    client.set_terminated(parent_run_id, "FINISHED")
+    end_run(client, parent_run_id, "FINISHED")  # a reap's tag goes: the driver was alive
 
 
 def _end_open_trial_runs(uri: str, parent_run_id: str, status: str) -> None:
@@ -730,7 +732,11 @@ def _end_open_trial_runs(uri: str, parent_run_id: str, status: str) -> None:
 def _close_trial_runs(client: Any, parent_run_id: str, rows: list[TrialRow]) -> None:
     """Tag every child run with the status the table shows. A trial stopped by the scheduler
     or the collapse stopper, or one that crashed, never reaches the end of ``_trial``: close
-    its run too, so the MLflow UI does not list it as RUNNING forever."""
+    its run too, so the MLflow UI does not list it as RUNNING forever. A run ``runs reap``
+    marked KILLED while the sweep was alive (trials waiting for nodes log nothing) is ended
+    as the table shows it too, and loses the reap's tag (``tracking_runs.end_run``)."""
+    from pipelines.tracking_runs import REAPED_TAG, end_run
+
     by_trial = {r.trial_id: r for r in rows}
     exp_id = client.get_run(parent_run_id).info.experiment_id
     children = client.search_runs(
@@ -741,6 +747,6 @@ def _close_trial_runs(client: Any, parent_run_id: str, rows: list[TrialRow]) -> 
         if row is None:
             continue
         client.set_tag(run.info.run_id, "radjepa.status", row.status)
-        if run.info.status == "RUNNING":
+        if run.info.status == "RUNNING" or REAPED_TAG in run.data.tags:
             state = "FAILED" if row.status == "error" else "FINISHED"
-            client.set_terminated(run.info.run_id, state)
+            end_run(client, run.info.run_id, state)

@@ -359,9 +359,11 @@ def register_artifact_dir(
 
 def mark_run(uri: str, run_id: str, status: str) -> None:
     """End a run that stopped on an error (or was interrupted) so it does not stay RUNNING in
-    the UI; never raises, because the store itself may be what failed and the original error
-    is the one to report."""
+    the UI (``tracking_runs.end_run``: a ``radjepa.reaped`` tag goes too); never raises,
+    because the store itself may be what failed and the original error is the one to report."""
+    from pipelines.tracking_runs import end_run
+
     try:
-        client(uri).set_terminated(run_id, status)
+        end_run(client(uri), run_id, status)
     except Exception:  # noqa: BLE001
         log.warning("could not mark MLflow run %s as %s", run_id, status, exc_info=True)

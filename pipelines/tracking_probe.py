@@ -20,6 +20,7 @@ from pipelines.tracking import (
     register_artifact_dir,
     store_uri,
 )
+from pipelines.tracking_runs import end_run
 from radjepa.config import Config, flatten
 
 log = logging.getLogger(__name__)
@@ -135,7 +136,7 @@ def log_probe_run(
             raise ValueError(
                 "no probe head was fitted (every label was skipped); nothing to register"
             )
-        client.set_terminated(run_id, "FINISHED")
+        end_run(client, run_id, "FINISHED")  # as every driver ends its run (reap's tag)
     except BaseException:
         mark_run(uri, run_id, "FAILED")  # never raises: the error to report is the first one
         raise

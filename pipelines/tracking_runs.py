@@ -5,8 +5,9 @@ the handlers that mark its run KILLED or FAILED, and the run stays RUNNING in th
 unless someone re-runs the same command (which continues it). MLflow has no heartbeat, so a run
 counts as abandoned when nothing of it moved for a while: its start, its newest metric value
 (the time its step ran), and for a sweep's parent run the same of every trial run under it.
-``radjepa runs reap`` marks such runs KILLED, with a tag saying why and when; a re-run that
-continues such a run (:func:`reopen`) takes that tag off again.
+``radjepa runs reap`` marks such runs KILLED, with a tag saying why and when. The tag stands only
+while reap's KILLED does: a re-run that continues such a run (:func:`reopen`), or its own driver
+ending it after all (:func:`end_run`: it was alive), moves it to ``radjepa.reaped_before``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "REAPED_BEFORE_TAG",
     "REAPED_TAG",
     "StaleRun",
+    "end_run",
     "parse_duration",
     "iso_utc",
     "reap",
@@ -105,7 +107,7 @@ def reap(client: Any, runs: list[StaleRun], older_than: str, now_ms: int | None 
 
     A run reaped while its driver was in fact alive (waiting hours for a node, say) is not
     harmed: MLflow still takes its metrics, and its driver sets FINISHED or FAILED at the end
-    as usual; a re-run of the same command sets it RUNNING again."""
+    as usual (:func:`end_run`); a re-run of the same command sets it RUNNING again."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     when = iso_utc(now_ms)
     for run in runs:
@@ -130,7 +132,26 @@ def reopen(client: Any, run_id: str, now_ms: int | None = None) -> None:
     client.update_run(run_id, status="RUNNING")
     if reaped is None:
         return
-    note = f"{reaped}; resumed by a re-run at {iso_utc(now_ms)}"
+    _unreap(client, run_id, f"{reaped}; resumed by a re-run at {iso_utc(now_ms)}")
+
+
+def end_run(client: Any, run_id: str, status: str, now_ms: int | None = None) -> None:
+    """End a run from its driver (FINISHED, FAILED or KILLED): what pretrain, a sweep and its
+    trials do at their end. A run ``runs reap`` had marked KILLED while its driver was in fact
+    alive was set FINISHED by that driver but kept ``radjepa.reaped``, so it looked reaped
+    ("its driver died?") while FINISHED. The tag is moved to ``radjepa.reaped_before`` with
+    who ended the run when: ``radjepa.reaped`` stays on a run only while reap's KILLED stands.
+    The status is set first, so a store failing in between leaves a reaped run as reap left it."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    client.set_terminated(run_id, status, end_time=now_ms)
+    reaped = client.get_run(run_id).data.tags.get(REAPED_TAG)
+    if reaped is not None:
+        _unreap(client, run_id, f"{reaped}; its driver ended it {status} at {iso_utc(now_ms)}")
+
+
+def _unreap(client: Any, run_id: str, note: str) -> None:
+    """Move a run's ``radjepa.reaped`` tag to ``radjepa.reaped_before`` (the latest reap's note
+    and what undid it; MLflow caps a tag value at 5000 characters)."""
     client.set_tag(run_id, REAPED_BEFORE_TAG, note[:5000])
     client.delete_tag(run_id, REAPED_TAG)
 

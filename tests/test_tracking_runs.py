@@ -155,3 +155,57 @@ def test_a_reaped_run_that_is_resumed_is_no_longer_tagged_reaped(tmp_path):
     # a later resume, with no reap since, leaves the record as it is
     assert start_tracking(cfg, str(tmp_path), str(tmp_path / "r1"))[0] == run_id
     assert client.get_run(run_id).data.tags["radjepa.reaped_before"] == before
+
+
+def test_a_reaped_run_its_driver_ends_after_all_is_no_longer_tagged_reaped(tmp_path):
+    # a run reaped while its driver was alive (waiting for nodes, say) was set FINISHED by that
+    # driver but kept `radjepa.reaped`: FINISHED, and tagged "marked KILLED ... its driver died?"
+    from serve_helpers import make_checkpoint
+
+    from pipelines.pretrain import finish_tracking, start_tracking
+    from pipelines.sweep import TrialRow, _finish_parent_run, _parent_run
+    from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import mark_run
+    from pipelines.tracking_runs import reap, stale_runs
+    from radjepa.config import load_config
+
+    def cfg(run: str):
+        sets = [f"train.output_dir={tmp_path}", f"train.run_name={run}", "tune.name=s1"]
+        return load_config(REPO / "configs" / "tiny_cpu.yaml", sets)
+
+    done, uri = start_tracking(cfg("done"), str(tmp_path), str(tmp_path / "done"))
+    failed, _ = start_tracking(cfg("failed"), str(tmp_path), str(tmp_path / "failed"))
+    sweep, _ = _parent_run(cfg("x"), str(tmp_path), str(tmp_path / "s1"), False, {})
+    trial, _ = start_tracking(  # as a sweep trial opens its run
+        cfg("trial-t1"),
+        str(tmp_path),
+        str(tmp_path / "trials" / "trial-t1"),
+        parent_run_id=sweep,
+        tags={"radjepa.job": "sweep-trial", "radjepa.trial_id": "t1"},
+    )
+    client = tracking_client(uri)
+    time.sleep(1.1)  # all idle for longer than the threshold below
+    experiment = client.get_experiment_by_name("radjepa")
+    reap(client, stale_runs(client, [experiment], 1.0), "1s")  # what `runs reap` does
+    said = {r: client.get_run(r).data.tags["radjepa.reaped"] for r in (done, failed, sweep, trial)}
+    assert {client.get_run(r).info.status for r in said} == {"KILLED"}
+    untouched, _ = start_tracking(cfg("later"), str(tmp_path), str(tmp_path / "later"))
+
+    # each driver, alive all along, ends its run as usual
+    finish_tracking(cfg("done"), uri, done, str(make_checkpoint(tmp_path / "ckpt")), {})
+    mark_run(uri, failed, "FAILED")
+    stopped = TrialRow("t1", {}, None, "stopped", 3, None)  # the scheduler stopped it
+    _finish_parent_run(uri, sweep, [stopped], None, None, "rankme")
+    mark_run(uri, untouched, "KILLED")
+
+    ended = {done: "FINISHED", failed: "FAILED", sweep: "FINISHED", trial: "FINISHED"}
+    for run_id, status in ended.items():
+        run = client.get_run(run_id)
+        assert run.info.status == status
+        assert "radjepa.reaped" not in run.data.tags
+        before = run.data.tags["radjepa.reaped_before"]
+        assert before.startswith(f"{said[run_id]}; its driver ended it {status} at "), before
+    assert client.get_run(trial).data.tags["radjepa.status"] == "stopped"
+    # a run reap never marked gains no record
+    tags = client.get_run(untouched).data.tags
+    assert "radjepa.reaped" not in tags and "radjepa.reaped_before" not in tags
