@@ -175,35 +175,47 @@ class StoreMissing(LookupError):
 
 def existing_store(cfg: Config) -> str:
     """:func:`store_uri` for a command that only reads the store (``radjepa models``, ``runs
-    reap``), refused when there is none: MLflow opens a missing sqlite store, or a file without
-    its tables (:func:`without_mlflow_tables`), by creating one, so a mistyped
-    ``train.output_dir`` would answer "nothing there" and leave a new ``mlflow.db`` behind. A tracking server that does not answer is refused in seconds, as
-    ``pretrain`` refuses it: MLflow's own retries kept ``radjepa models list`` and ``runs reap``
-    printing retry warnings for minutes before their traceback."""
+    reap``), refused when there is none (:func:`store_problem`): MLflow opens a missing sqlite
+    store, or a file without its tables, by creating one, so a mistyped ``train.output_dir``
+    would answer "nothing there" and leave a new ``mlflow.db`` behind; and its own retries kept
+    ``radjepa models list`` and ``runs reap`` printing retry warnings for minutes on a tracking
+    server that does not answer."""
     uri = store_uri(cfg)
     if uri is None:
         raise StoreMissing(
             f"no MLflow store: train.output_dir is {cfg.train.output_dir} (object storage) and "
             "neither tracking.uri nor MLFLOW_TRACKING_URI is set"
         )
+    problem = store_problem(uri)
+    if problem is not None:
+        raise StoreMissing(problem)
+    return uri
+
+
+def store_problem(uri: str) -> str | None:
+    """Why ``uri`` is no store a reading command can use, or None when it is one: a sqlite file
+    that is missing or holds no MLflow tables (MLflow would create the store, and answer
+    "nothing there" from it), or a tracking server that does not answer (asked once, 5 s:
+    MLflow retries each request for minutes). Shared by the commands that read the store and
+    by every ``models:/`` look-up, so all of them say the same."""
     path = sqlite_file(uri)
     if path is not None and not Path(path).is_file():
-        raise StoreMissing(
+        return (
             f"there is no MLflow store at {path} (`radjepa pretrain` and `sweep` record runs and "
             "register models in <train.output_dir>/mlflow.db, or in tracking.uri / "
             "MLFLOW_TRACKING_URI: give the config they ran with)"
         )
     empty = None if path is None else without_mlflow_tables(path)
     if empty is not None:
-        raise StoreMissing(
+        return (
             f"there is no MLflow store at {path}: the file {empty} (`radjepa pretrain` and "
             "`sweep` create the store; give the config they ran with, or remove the file)"
         )
     try:
         check_reachable(uri, can_disable=False)
     except ConnectionError as err:
-        raise StoreMissing(str(err)) from None
-    return uri
+        return str(err)
+    return None
 
 
 _MLFLOW_TABLES = frozenset({"alembic_version", "experiments", "runs"})

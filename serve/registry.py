@@ -213,7 +213,7 @@ def _existing_store(ref: str, tracking_uri: str | None) -> str:
     (``radjepa probe models:/...``, ``radjepa embed --model models:/...`` before Ray starts)."""
     import os
 
-    from pipelines.tracking import check_reachable, sqlite_file, without_mlflow_tables
+    from pipelines.tracking import store_problem
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
@@ -221,23 +221,9 @@ def _existing_store(ref: str, tracking_uri: str | None) -> str:
             f"cannot resolve {ref}: no MLflow store is configured (set tracking.uri or "
             "MLFLOW_TRACKING_URI to the store `radjepa pretrain` registered it in)"
         )
-    path = sqlite_file(uri)
-    if path is not None and not Path(path).is_file():
-        raise ModelNotFound(
-            f"cannot resolve {ref}: there is no MLflow store at {path} (`radjepa "
-            "pretrain` registers models in <train.output_dir>/mlflow.db, or in "
-            "tracking.uri / MLFLOW_TRACKING_URI: give the config it ran with)"
-        )
-    empty = None if path is None else without_mlflow_tables(path)
-    if empty is not None:
-        raise ModelNotFound(
-            f"cannot resolve {ref}: there is no MLflow store at {path}: the file {empty} "
-            "(`radjepa pretrain` creates the store; give the config it ran with)"
-        )
-    try:
-        check_reachable(uri, can_disable=False)
-    except ConnectionError as err:
-        raise ModelNotFound(f"cannot resolve {ref}: {err}") from None
+    problem = store_problem(uri)
+    if problem is not None:
+        raise ModelNotFound(f"cannot resolve {ref}: {problem}")
     return uri
 
 
