@@ -655,7 +655,11 @@ def test_the_lock_keeps_its_heartbeat_and_never_removes_another_runs_lock(tmp_pa
     while json.loads((dst / LOCK).read_text() or "{}").get("heartbeat", first) == first:
         assert time.monotonic() < deadline, "the heartbeat was never refreshed"
         time.sleep(0.2)
-    # taken over meanwhile (this run was judged dead): its release leaves the new owner's lock
+    # taken over meanwhile (this run was judged dead): its release leaves the new owner's lock.
+    # The beat is stopped first: one that read our record just before this write would write
+    # over it, a race only this test makes (a takeover comes after minutes without a beat)
+    lock._stop.set()
+    lock._thread.join()
     (dst / LOCK).write_text(json.dumps(_lock_record(run_id="other")))
     lock.release()
     assert json.loads((dst / LOCK).read_text())["run_id"] == "other"
