@@ -562,8 +562,8 @@ def jobs_stop(
 
 def _paired_cells(report: dict[str, Any], label: str) -> list[str]:
     """``ours-pixels +0.052 [+0.010, +0.094] *`` per baseline: the paired AUROC difference,
-    starred when its interval excludes 0 (the report's table says the same)."""
-    from radjepa.eval.report import fmt3
+    marked as the report's table marks it (``*`` interval excludes 0, ``†`` after Holm)."""
+    from radjepa.eval.report import diff_marks, fmt3
 
     comp = report.get("comparisons") or {}
     cells = []
@@ -575,7 +575,7 @@ def _paired_cells(report: dict[str, Any], label: str) -> list[str]:
         cell = f"{comp['reference']}-{method} {fmt3(d['estimate'], signed=True)}"
         if d["draws"]:
             cell += f" [{fmt3(d['low'], True)}, {fmt3(d['high'], True)}]"
-            cell += " *" if d["excludes_zero"] else ""
+            cell += diff_marks(d)
         cells.append(cell)
     return cells
 
@@ -788,6 +788,7 @@ def probe_cmd(
         )
     except (DatasetError, CheckpointError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
+    any_diff = False
     for lab in report["methods"]["ours"]["labels"]:
         cells = []
         for method, res in report["methods"].items():
@@ -804,7 +805,13 @@ def probe_cmd(
         typer.echo(f"{lab['name']:>16} AUROC  " + "  |  ".join(cells))
         diffs = _paired_cells(report, lab["name"])
         if diffs:
+            any_diff = True
             typer.echo(f"{'':>16} ΔAUROC " + "  |  ".join(diffs))
+    if any_diff:
+        typer.echo(
+            f"{'':>16} * the interval excludes 0; † it still holds after Holm's correction "
+            "over the baseline's labels"
+        )
     for method, res in ((report.get("segmentation") or {}).get("methods") or {}).items():
         dice = ", ".join(f"{k} {v:.3f}" for k, v in res["dice"].items())
         typer.echo(f"{'segmentation':>16} Dice   {method} {dice}")

@@ -11,6 +11,8 @@ from radjepa.eval.metrics import (
     auroc,
     bootstrap_ci,
     bootstrap_draws,
+    bootstrap_p_value,
+    holm_adjust,
     paired_difference,
     paired_differences,
     spread,
@@ -169,3 +171,43 @@ def test_seed_spread_summarises_finite_values():
     assert sp.mean == pytest.approx(0.85) and sp.std == pytest.approx(0.05)
     assert (sp.low, sp.high) == (0.8, 0.9) and sp.to_dict()["n"] == 3
     assert np.isnan(spread([0.7]).std) and np.isnan(spread([float("nan")]).mean)
+
+
+def test_bootstrap_p_value_known_answers():
+    """Two-sided, (k + 1) / (n + 1): 99 draws all above 0 give 2/100, never 0; draws split
+    evenly, or all exactly 0 (a method against its monotone transform), give 1."""
+    assert bootstrap_p_value(np.linspace(0.01, 0.2, 99)) == pytest.approx(0.02)
+    assert bootstrap_p_value(-np.linspace(0.01, 0.2, 99)) == pytest.approx(0.02)
+    assert bootstrap_p_value(np.r_[-np.ones(4), np.ones(96)]) == pytest.approx(2 * 5 / 101)
+    assert bootstrap_p_value(np.r_[-np.ones(50), np.ones(50)]) == 1.0
+    assert bootstrap_p_value(np.zeros(300)) == 1.0
+    assert bootstrap_p_value(np.r_[np.nan, np.ones(9)]) == pytest.approx(0.2)  # 9 finite
+    assert np.isnan(bootstrap_p_value(np.array([np.nan])))
+
+
+def test_holm_adjust_known_answers():
+    """Sorted p 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 is 0.02, 0.03, 0.06, 0.04; the step
+    down keeps them non-decreasing (0.04 -> 0.06). NaN neither counts nor moves."""
+    got = holm_adjust([0.01, 0.04, 0.03, 0.005])
+    assert got == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    got = holm_adjust([0.01, float("nan"), 0.02])
+    assert got[0] == pytest.approx(0.02) and np.isnan(got[1]) and got[2] == pytest.approx(0.02)
+    assert holm_adjust([0.5, 0.9]) == [1.0, 1.0] and holm_adjust([]) == []
+    assert holm_adjust([0.003]) == [0.003]  # a family of one is not adjusted
+
+
+def test_paired_difference_p_value_is_the_share_of_draws_across_zero():
+    """The p-value comes from the same per-draw differences as the interval (recomputed with
+    scikit-learn from the same seeded patient draws)."""
+    y, a, b, groups = _correlated(n_pat=50, seed=5)
+    auc, _ = paired_difference(y, a, b, groups, draws=200, seed=7)
+    _, inverse = np.unique(groups.astype(str), return_inverse=True)
+    g = inverse.max() + 1
+    counts = np.random.default_rng(7).multinomial(g, np.full(g, 1 / g), size=200)
+    w = counts[:, inverse].astype(float)
+    d = np.array(
+        [roc_auc_score(y, a, sample_weight=wi) - roc_auc_score(y, b, sample_weight=wi) for wi in w]
+    )
+    k = min((d <= 0).sum(), (d >= 0).sum())
+    assert auc.p_value == pytest.approx(2 * (k + 1) / 201)
+    assert np.isnan(paired_difference(y, a, b, groups, draws=0)[0].p_value)

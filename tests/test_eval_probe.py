@@ -499,7 +499,9 @@ def test_report_gives_the_encoder_minus_each_baseline_with_a_paired_interval():
     assert "| precision@k | mAP | kNN AUROC |" in md
     assert "Paired difference, encoder (frozen) minus each baseline" in md
     d = row["auroc_diff"]
-    assert f"| {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] * |" in md
+    # one label: Holm's family is that label alone, so the difference holds after it (†)
+    assert d["p_holm"] == d["p_value"] < 0.05 and d["holds_adjusted"] is True
+    assert f"| {d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] *† |" in md
     # a method against itself: no difference, an interval of [0, 0] that does not exclude 0
     same = _summary_report({"ours": x, "random_init": x}, y, groups, ["probe.bootstrap=50"])
     row = same["comparisons"]["methods"]["random_init"]["labels"][0]["auroc_diff"]
@@ -591,14 +593,9 @@ def test_shared_draws_leave_every_paired_interval_as_a_separate_comparison_gives
             auc, ap = paired_difference(
                 y2[:, j], scores["ours"][:, j], scores[other][:, j], groups, draws=300, seed=5
             )
-            assert row["auroc_diff"] == {
-                **auc.to_dict(),
-                "excludes_zero": row["auroc_diff"]["excludes_zero"],
-            }
-            assert row["auprc_diff"] == {
-                **ap.to_dict(),
-                "excludes_zero": row["auprc_diff"]["excludes_zero"],
-            }
+            for got, want in ((row["auroc_diff"], auc), (row["auprc_diff"], ap)):
+                assert {k: got[k] for k in want.to_dict()} == want.to_dict()
+                assert set(got) == {*want.to_dict(), "excludes_zero", "p_holm", "holds_adjusted"}
             assert row["auroc_diff"]["excludes_zero"] == bool(auc.low > 0 or auc.high < 0)
             assert row["n_scored"] == len(groups)
 
@@ -629,3 +626,57 @@ def test_differences_that_round_to_zero_print_as_zero_not_minus_zero():
     assert _paired_cells(report, "y=1") == ["ours-random_init 0.000 [0.000, 0.000]"]
     row["auroc_diff"] = difference_dict(ap)
     assert _paired_cells(report, "y=1") == ["ours-random_init 0.000 [-0.002, +0.001]"]
+
+
+def test_each_baselines_differences_are_holm_adjusted_over_its_labels():
+    """A report of many labels made one 95% test per label and starred every one that
+    excluded 0, so stars came by chance. Each baseline's differences now carry Holm-adjusted
+    p-values over its labels (one family per baseline and metric); a label with no difference
+    (not probed, or no draws) is not counted."""
+    from radjepa.eval.compare import compare_methods
+    from radjepa.eval.metrics import holm_adjust
+
+    methods, scores, y2, groups = _three_methods()
+    comp = compare_methods(methods, scores, y2, groups, ["a", "b"], draws=300, seed=5)
+    assert comp["correction"]["method"] == "holm"
+    for other in ("random_init", "pixels"):
+        assert comp["correction"]["sizes"][other] == {"auroc_diff": 2, "auprc_diff": 2}
+        for metric in ("auroc_diff", "auprc_diff"):
+            diffs = [row[metric] for row in comp["methods"][other]["labels"]]
+            want = holm_adjust([d["p_value"] for d in diffs])
+            assert [d["p_holm"] for d in diffs] == pytest.approx(want)
+            assert all(d["p_holm"] >= d["p_value"] for d in diffs)
+            assert [d["holds_adjusted"] for d in diffs] == [p < 0.05 for p in want]
+    # label b not probed for ours: the family of every baseline shrinks to label a, unadjusted
+    methods["ours"]["labels"][1] = {**methods["ours"]["labels"][1], "auroc": None}
+    comp = compare_methods(methods, scores, y2, groups, ["a", "b"], draws=300, seed=5)
+    a_row, b_row = comp["methods"]["pixels"]["labels"]
+    assert comp["correction"]["sizes"]["pixels"] == {"auroc_diff": 1, "auprc_diff": 1}
+    assert (
+        b_row["auroc_diff"] is None
+        and a_row["auroc_diff"]["p_holm"] == a_row["auroc_diff"]["p_value"]
+    )
+    # no draws: nothing to adjust
+    comp = compare_methods(methods, scores, y2, groups, ["a", "b"], draws=0, seed=5)
+    d = comp["methods"]["pixels"]["labels"][0]["auroc_diff"]
+    assert (d["p_value"], d["p_holm"], d["holds_adjusted"]) == (None, None, None)
+
+
+def test_the_report_says_when_too_few_draws_leave_no_difference_able_to_hold():
+    """With B draws the smallest bootstrap p-value is 2 / (B + 1); Holm over m labels needs
+    the best one at 0.05 / m. 20 draws cannot reach 0.05 even for one label (2/21): the
+    report says so and names the draws that can (40); with 50 (2/51) the line goes."""
+    from radjepa.eval.report import render_markdown
+
+    x, y, groups = _world(n_pat=40, signal=1.5)
+    noise = np.random.default_rng(9).normal(size=x.shape)
+    for draws, shown in ((20, True), (50, False)):
+        report = _summary_report(
+            {"ours": x, "random_init": noise}, y, groups, [f"probe.bootstrap={draws}"]
+        )
+        md = render_markdown(report)
+        line = f"with {draws} bootstrap draws no paired difference can hold after Holm's"
+        assert (line in md) is shown
+        assert ("over 1 label (" in md and "set probe.bootstrap=40 or more" in md) is shown
+        d = report["comparisons"]["methods"]["random_init"]["labels"][0]["auroc_diff"]
+        assert d["holds_adjusted"] is (not shown)  # a clear difference: p = 2/(B+1)

@@ -4,6 +4,11 @@ Two methods' separate bootstrap intervals answer "how sure are we of each number
 one better": they share most of their variation (the same patients are hard for both), so
 they overlap even when one method wins on almost every draw. The difference, computed on the
 same images and the same patient draws for both, keeps only the variation that is not shared.
+
+Each difference is one test at the report's level; a report of fourteen labels against two
+baselines makes 28 such tests per metric, so some stars come by chance. Holm's adjustment over
+the labels of one baseline and one metric (the claim "better than raw pixels on these labels"
+is one family) says which survive.
 """
 
 from __future__ import annotations
@@ -14,15 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from radjepa.eval.metrics import Interval, paired_differences, spread
+from radjepa.eval.metrics import Difference, holm_adjust, paired_differences, spread
 
 __all__ = ["compare_methods", "difference_dict"]
 
 
-def difference_dict(iv: Interval) -> dict[str, Any]:
-    """An interval of a difference, plus whether it excludes 0 (None without an interval)."""
+def difference_dict(iv: Difference) -> dict[str, Any]:
+    """An interval of a difference, plus whether it excludes 0 (None without an interval) and
+    its p-value of no difference (None without draws)."""
     excludes = None if not math.isfinite(iv.low) else bool(iv.low > 0 or iv.high < 0)
-    return {**iv.to_dict(), "excludes_zero": excludes}
+    p = iv.p_value if math.isfinite(iv.p_value) else None
+    return {**iv.to_dict(), "excludes_zero": excludes, "p_value": p}
 
 
 def _seed_difference(ref: dict[str, Any], other: dict[str, Any]) -> dict[str, Any] | None:
@@ -96,5 +103,30 @@ def compare_methods(
                 rows[other][j].update(
                     auroc_diff=difference_dict(auc), auprc_diff=difference_dict(ap)
                 )
+    family = {other: _adjust(rows[other], level) for other in others}
     out = {other: {"labels": rows[other]} for other in others}
-    return {"reference": reference, "level": level, "methods": out}
+    correction = {"method": "holm", "family": "the labels of one baseline and one metric"}
+    return {
+        "reference": reference,
+        "level": level,
+        "correction": {**correction, "sizes": family},
+        "methods": out,
+    }
+
+
+def _adjust(rows: list[dict[str, Any]], level: float) -> dict[str, int]:
+    """Add ``p_holm`` and ``holds_adjusted`` to every difference of one baseline, per metric.
+
+    ``holds_adjusted`` is None where there is nothing to adjust (no draws); the family's size
+    (the differences with a p-value) is returned per metric for the report to state.
+    """
+    sizes = {}
+    for metric in ("auroc_diff", "auprc_diff"):
+        diffs = [row[metric] for row in rows if row.get(metric) is not None]
+        p = [d["p_value"] if d["p_value"] is not None else math.nan for d in diffs]
+        for d, adj in zip(diffs, holm_adjust(p), strict=True):
+            ok = math.isfinite(adj)
+            d["p_holm"] = adj if ok else None
+            d["holds_adjusted"] = bool(adj < 1 - level) if ok else None
+        sizes[metric] = sum(math.isfinite(v) for v in p)
+    return sizes

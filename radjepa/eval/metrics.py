@@ -15,12 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "Difference",
     "Interval",
     "Spread",
     "auroc",
     "auprc",
     "bootstrap_ci",
     "bootstrap_draws",
+    "bootstrap_p_value",
+    "holm_adjust",
     "paired_difference",
     "paired_differences",
     "spread",
@@ -39,6 +42,54 @@ class Interval:
 
     def to_dict(self) -> dict[str, float | int]:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "draws": self.draws}
+
+
+@dataclass(frozen=True)
+class Difference(Interval):
+    """A paired difference's interval plus the bootstrap p-value of "no difference".
+
+    The interval answers "how big"; the p-value is what a correction over several labels can
+    adjust (an interval at a corrected level would need tails of a handful of draws).
+    """
+
+    p_value: float = float("nan")  # two-sided; NaN without draws
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {**super().to_dict(), "p_value": self.p_value}
+
+
+def bootstrap_p_value(d: np.ndarray) -> float:
+    """Two-sided bootstrap p-value that the difference is 0, from its per-draw values.
+
+    The share of draws on the far side of 0 (ties counted on both sides), doubled, with the
+    (k + 1) / (n + 1) rule: a p-value of 0 would claim more than ``n`` draws can show, so the
+    smallest attainable value is 2 / (n + 1). NaN when no draw is finite.
+    """
+    d = np.asarray(d, dtype=float)
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return float("nan")
+    k = min(int(np.sum(d <= 0)), int(np.sum(d >= 0)))
+    return float(min(1.0, 2 * (k + 1) / (len(d) + 1)))
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: adjusted p-values for a family of tests.
+
+    Controls the chance of any false claim across the family (as Bonferroni does) but
+    rejects more; it assumes nothing about how the tests depend on each other, which matters
+    here: every label is scored on the same patients. NaN inputs stay NaN and do not count
+    towards the family's size.
+    """
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(len(p), np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    m = len(finite)
+    running = 0.0
+    for rank, i in enumerate(finite[np.argsort(p[finite], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
 
 
 @dataclass(frozen=True)
@@ -170,6 +221,12 @@ def bootstrap_draws(
     ]
 
 
+def _difference(est: float, d: np.ndarray, level: float) -> Difference:
+    """The percentile interval of a difference's draws and its p-value of no difference."""
+    iv = _interval(est, d, level)
+    return Difference(iv.estimate, iv.low, iv.high, iv.draws, bootstrap_p_value(d))
+
+
 def _interval(est: float, d: np.ndarray, level: float) -> Interval:
     """Plain percentile interval of the finite draws (NaN bounds when none is finite)."""
     d = d[np.isfinite(d)]
@@ -214,7 +271,7 @@ def paired_difference(
     seed: int = 0,
     level: float = 0.95,
     chunk: int = 256,
-) -> tuple[Interval, Interval]:
+) -> tuple[Difference, Difference]:
     """(AUROC a - b, AUPRC a - b) with a paired patient-bootstrap percentile interval.
 
     Both methods are scored on each draw's patients, so the variation they share (which
@@ -238,7 +295,7 @@ def paired_differences(
     seed: int = 0,
     level: float = 0.95,
     chunk: int = 256,
-) -> list[tuple[Interval, Interval]]:
+) -> list[tuple[Difference, Difference]]:
     """``paired_difference(y, reference, other)`` for every score vector in ``others``, from
     one set of patient draws.
 
@@ -256,11 +313,11 @@ def paired_differences(
         estimates.append((float(ref_auc[0] - o_auc[0]), float(ref_ap[0] - o_ap[0])))
     if draws <= 0:
         nan = float("nan")
-        return [(Interval(a, nan, nan, 0), Interval(p, nan, nan, 0)) for a, p in estimates]
+        return [(Difference(a, nan, nan, 0), Difference(p, nan, nan, 0)) for a, p in estimates]
     (r_auc, r_ap), *per_other = bootstrap_draws(
         y, [reference, *others], groups, draws=draws, seed=seed, chunk=chunk
     )
     return [
-        (_interval(est_auc, r_auc - o_auc, level), _interval(est_ap, r_ap - o_ap, level))
+        (_difference(est_auc, r_auc - o_auc, level), _difference(est_ap, r_ap - o_ap, level))
         for (est_auc, est_ap), (o_auc, o_ap) in zip(estimates, per_other, strict=True)
     ]

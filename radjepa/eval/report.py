@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "METHOD_TITLES",
+    "diff_marks",
     "flat_metrics",
     "fmt3",
     "metric_safe",
@@ -37,6 +38,12 @@ def metric_safe(name: str) -> str:
 
 
 _PARTS = (("estimate", ""), ("low", "_ci_low"), ("high", "_ci_high"))
+_DIFF_PARTS = (
+    ("excludes_zero", "_excludes_zero"),
+    ("p_value", "_p"),
+    ("p_holm", "_p_holm"),
+    ("holds_adjusted", "_holds_adjusted"),
+)
 _SPREAD = (("mean", "_seed_mean"), ("std", "_seed_std"), ("min", "_seed_min"), ("max", "_seed_max"))
 
 
@@ -54,7 +61,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """``{"ours/view_AP/auroc": 0.93, ...}``: every finite number worth a tracking metric.
 
     Paired differences go under ``<reference>_vs_<baseline>/<label>/auroc_diff`` (+ ``_ci_low``,
-    ``_ci_high``, ``_excludes_zero`` as 1/0), spreads over probe seeds under
+    ``_ci_high``, ``_excludes_zero`` as 1/0, ``_p``, ``_p_holm``, ``_holds_adjusted``), spreads over probe seeds under
     ``.../auroc_seed_mean`` (``_seed_std``, ``_seed_min``, ``_seed_max``).
     """
     out: dict[str, float] = {}
@@ -73,7 +80,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
         for row in res["labels"]:
             key = f"{comp['reference']}_vs_{other}/{metric_safe(row['name'])}"
             for metric in ("auroc_diff", "auprc_diff"):
-                parts = (*_PARTS, ("excludes_zero", "_excludes_zero"))
+                parts = (*_PARTS, *_DIFF_PARTS)
                 _put(out, f"{key}/{metric}", row.get(metric), parts)
                 _put(out, f"{key}/{metric}", (row.get("seeds") or {}).get(metric), _SPREAD)
     seg = report.get("segmentation") or {}
@@ -104,15 +111,21 @@ def _num(v: float | None) -> str:
     return "-" if v is None or not math.isfinite(v) else fmt3(v)
 
 
+def diff_marks(d: dict[str, Any]) -> str:
+    """`` *`` when the interval excludes 0, `` *†`` when the difference also holds after
+    Holm's correction over the baseline's labels (``p_holm`` below the level's alpha)."""
+    star = " *" if d.get("excludes_zero") else ""
+    return star + ("†" if star and d.get("holds_adjusted") else "")
+
+
 def _fmt_diff(d: dict[str, Any] | None) -> str:
-    """``+0.052 [+0.010, +0.094] *``: signed, starred when the interval excludes 0."""
+    """``+0.052 [+0.010, +0.094] *†``: signed, marked as ``diff_marks`` says."""
     if d is None:
         return "-"
     est, lo, hi = d["estimate"], d["low"], d["high"]
     if lo is None or not math.isfinite(lo):
         return fmt3(est, signed=True)
-    star = " *" if d.get("excludes_zero") else ""
-    return f"{fmt3(est, True)} [{fmt3(lo, True)}, {fmt3(hi, True)}]{star}"
+    return f"{fmt3(est, True)} [{fmt3(lo, True)}, {fmt3(hi, True)}]{diff_marks(d)}"
 
 
 def _fmt_spread(d: dict[str, Any] | None, signed: bool = False) -> str:
@@ -146,6 +159,7 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         f"percentile 95% CI{_seeds_text(proto)}; kNN k={proto['knn_k']} (cosine, other "
         "patients only); pixel "
         f"baseline {proto['pixel_size']}x{proto['pixel_size']}",
+        *_too_few_draws(report.get("comparisons"), proto.get("bootstrap") or 0),
         "",
     ]
     labels = [lab["name"] for lab in report["methods"]["ours"]["labels"]]
@@ -244,7 +258,8 @@ def _difference_table(comp: dict[str, Any] | None, i: int) -> list[str]:
     lines = [
         "",
         f"Paired difference, {ref} minus each baseline (same images, folds and bootstrap "
-        f"patients; * = the {pct} interval excludes 0):",
+        f"patients; * = the {pct} interval excludes 0; † = it still holds after Holm's "
+        "correction over the baseline's labels):",
         "",
         f"| {ref} minus | ΔAUROC [{pct} CI] | ΔAUPRC [{pct} CI] |"
         + (f" ΔAUROC{n_seeds} | ΔAUPRC{n_seeds} |" if seeded else ""),
@@ -259,6 +274,23 @@ def _difference_table(comp: dict[str, Any] | None, i: int) -> list[str]:
             cells += f"{_fmt_spread(sd.get('auprc_diff'), signed=True)} |"
         lines.append(cells)
     return lines
+
+
+def _too_few_draws(comp: dict[str, Any] | None, draws: int) -> list[str]:
+    """A line when no difference can hold after Holm's correction: the smallest bootstrap
+    p-value is 2 / (draws + 1), and the best-ranked of m labels must reach alpha / m."""
+    sizes = ((comp or {}).get("correction") or {}).get("sizes") or {}
+    m = max((n for per_metric in sizes.values() for n in per_metric.values()), default=0)
+    alpha = 1 - (comp or {}).get("level", 0.95)
+    if draws <= 0 or m == 0 or 2 * m / (draws + 1) < alpha:
+        return []
+    need = math.ceil(2 * m / alpha)
+    return [
+        f"- with {draws} bootstrap draws no paired difference can hold after Holm's correction "
+        f"over {m} label{'s' if m != 1 else ''} (the smallest p-value is 2/{draws + 1}); "
+        f"set probe.bootstrap={need} "
+        "or more for that test"
+    ]
 
 
 def _seeds_text(proto: dict[str, Any]) -> str:
