@@ -665,6 +665,61 @@ def test_the_lock_keeps_its_heartbeat_and_never_removes_another_runs_lock(tmp_pa
     assert json.loads((dst / LOCK).read_text())["run_id"] == "other"
 
 
+def test_every_read_of_the_lock_is_one_whole_record_while_it_beats(tmp_path):
+    """The heartbeat rewrote the lock in place (truncate, then write): a run reading it between
+    the two saw an empty file, and a paused run waking at a takeover could tear the new owner's
+    record. Each beat now writes a temporary file and renames it over the lock."""
+    import time
+
+    from radjepa.ingest.dst_lock import LOCK, DstLock
+
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / f"{LOCK}.killed-mid-beat.tmp").write_bytes(b'{"run_id": "kil')  # a dead run's
+    lock = DstLock(str(dst), "mine", heartbeat_s=0.0005)
+    lock.acquire()
+    assert sorted(os.listdir(dst)) in ([LOCK], sorted([LOCK, f"{LOCK}.mine.tmp"]))
+    try:
+        deadline, reads, torn = time.monotonic() + 3, 0, []
+        while time.monotonic() < deadline and not torn:
+            raw = (dst / LOCK).read_bytes()
+            reads += 1
+            try:
+                assert json.loads(raw)["run_id"] == "mine"
+            except (ValueError, KeyError, AssertionError):
+                torn.append(raw)
+        assert not torn, f"read {torn[0]!r} after {reads} whole reads"
+    finally:
+        lock.release()
+    assert os.listdir(dst) == []  # no temporary file left behind
+
+
+def test_a_beat_never_replaces_a_lock_taken_over_while_it_wrote(tmp_path, caplog):
+    """A run paused past STALE_S wakes while another run takes its lock over: its beat had
+    read its own record, and then wrote over the new owner's. Ownership is read again right
+    before the rename: the new owner's record stays and the beat stops, loudly."""
+    from radjepa.ingest.dst_lock import LOCK, DstLock
+
+    dst = tmp_path / "dst"
+
+    class TakenOverMidBeat(DstLock):
+        def _write_temporary(self) -> str:
+            tmp = super()._write_temporary()
+            # the takeover lands between this beat's first check and its rename
+            (dst / LOCK).write_text(json.dumps(_lock_record(run_id="other")))
+            return tmp
+
+    lock = TakenOverMidBeat(str(dst), "mine", heartbeat_s=3600)
+    lock.acquire()
+    with caplog.at_level("ERROR", logger="radjepa.ingest.dst_lock"):
+        assert lock._refresh() is False
+    assert json.loads((dst / LOCK).read_text())["run_id"] == "other"
+    assert sorted(os.listdir(dst)) == [LOCK]  # our temporary record went, unused
+    assert "lost" in caplog.text and "other" in caplog.text
+    lock.release()
+    assert json.loads((dst / LOCK).read_text())["run_id"] == "other"
+
+
 def test_leftovers_of_killed_writes_are_removed_and_the_lock_is_no_input(tmp_path, caplog):
     """A run killed mid-write left ``.NAME.tmp`` files in DST for ever; only ingest's own
     temporary names go, and the lock file is an output a source holding DST must not read."""
@@ -693,6 +748,7 @@ def test_leftovers_of_killed_writes_are_removed_and_the_lock_is_no_input(tmp_pat
     assert dest.remove_leftovers() == 0
 
     assert is_output(str(root), str(root / ".ingest.lock"))
+    assert is_output(str(root), str(root / ".ingest.lock.20260101T000000-abcdef.tmp"))
     assert not is_output(str(root), str(root / "raw" / ".ingest.lock"))
 
 

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from radjepa.imaging.deid import ID_SCHEME_KEYED, ID_SCHEME_UNKEYED, ID_SCHEMES, PATIENT_ID
-from radjepa.ingest.dst_lock import LOCK
+from radjepa.ingest.dst_lock import LOCK, is_lock_temporary
 from radjepa.ingest.errors import IngestError
 from radjepa.locations import filesystem
 from radjepa.shards import IMAGES_DIR, QUARANTINE_DIR
@@ -61,8 +61,8 @@ def published_name(name: str) -> str | None:
 
 def is_output(root: str, path: str) -> bool:
     """Whether ``path`` is a file ingest writes into the DST at ``root`` (its shards, quarantine,
-    JSON records and their temporary names, the run lock), which a source that holds the DST must not read
-    back. Only those: any other file under DST is input. Skipping all of DST dropped every file
+    JSON records and their temporary names, the run lock and its heartbeat's temporary), which
+    a source that holds the DST must not read back. Only those: any other file under DST is input. Skipping all of DST dropped every file
     of a source inside it (``radjepa ingest /data/raw /data``) with only "no files found"."""
     root = root.rstrip("/")
     if not path.startswith(f"{root}/"):
@@ -70,9 +70,9 @@ def is_output(root: str, path: str) -> bool:
     rel = path[len(root) + 1 :]
     if rel.startswith((f"{IMAGES_DIR}/", f"{QUARANTINE_DIR}/")):
         return True
-    return rel == LOCK or rel in {
-        name for n in (MANIFEST, KEY_RECORD) for name in (n, temporary_name(n))
-    }
+    if rel == LOCK or is_lock_temporary(rel):
+        return True
+    return rel in {name for n in (MANIFEST, KEY_RECORD) for name in (n, temporary_name(n))}
 
 
 class Destination:

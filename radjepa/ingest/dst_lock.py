@@ -17,6 +17,17 @@ read back and kept only when it is still ours, which catches all but two runs th
 the same moment (best effort). Taking over a stale lock is best effort on any filesystem: it
 is read again just before it is removed, so only two runs taking it over at the same instant
 could both proceed.
+
+Heartbeats: each beat writes the whole record to a temporary file beside the lock
+(``.ingest.lock.<run_id>.tmp``) and renames it over the lock, so a reader never sees a record
+cut short (rewriting in place showed an empty file between truncate and write). The beat reads
+the lock right before the rename and writes nothing when the record is not its own: a run
+paused past :data:`STALE_S` that wakes while another takes the lock over stops instead of
+writing over the new owner. What remains is the gap between that read and the rename
+(microseconds, no I/O but the rename): a takeover landing exactly there is overwritten by the
+old run's whole record, and the new owner's next beat logs that it lost the lock. Closing it
+needs a compare-and-swap that neither POSIX renames nor object stores offer. On object stores
+a write is already whole (an object appears on close), so the record is written directly.
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ import pyarrow.fs as pafs
 from radjepa.ingest.errors import IngestError
 from radjepa.locations import filesystem, join_location
 
-__all__ = ["HEARTBEAT_S", "LOCK", "STALE_S", "DstLock"]
+__all__ = ["HEARTBEAT_S", "LOCK", "STALE_S", "DstLock", "is_lock_temporary"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +55,11 @@ HEARTBEAT_S = 30.0
 # a lock not refreshed for this long belongs to a dead run: ten missed heartbeats, far above
 # any clock skew between hosts and any pause of a busy driver
 STALE_S = 300.0
+
+
+def is_lock_temporary(name: str) -> bool:
+    """Whether a file name in DST is a heartbeat's temporary record (``.ingest.lock.<run>.tmp``)."""
+    return name.startswith(f"{LOCK}.") and name.endswith(".tmp")
 
 
 def _now() -> datetime:
@@ -123,6 +139,7 @@ class DstLock:
                 f"cannot take the lock {join_location(self.uri, LOCK)}: other runs keep "
                 "taking it; make sure only one ingest into this destination runs at a time"
             )
+        self._remove_temporaries()
         self._thread = threading.Thread(target=self._beat, name="ingest-lock", daemon=True)
         self._thread.start()
 
@@ -215,10 +232,7 @@ class DstLock:
         return {"heartbeat": mtime.isoformat(timespec="seconds"), "unreadable": True}
 
     def _delete(self) -> None:
-        try:
-            self.fs.delete_file(self.path)
-        except FileNotFoundError:
-            pass
+        self._delete_path(self.path)
 
     # -- liveness -----------------------------------------------------------------------------
 
@@ -255,16 +269,66 @@ class DstLock:
         """Refresh the heartbeat until released; stop (loudly) when another run took over."""
         while not self._stop.wait(self.heartbeat_s):
             try:
-                held = self._read()
-                if held is None or held.get("run_id") != self.record["run_id"]:
-                    log.error(
-                        "lost %s to another run (%s); this run's manifest may drop that "
-                        "run's record",
-                        join_location(self.uri, LOCK),
-                        (held or {}).get("run_id", "none"),
-                    )
+                if not self._refresh():
                     return
-                self.record["heartbeat"] = _now().isoformat(timespec="seconds")
-                self._write()
             except (OSError, pa.ArrowException) as err:  # a storage hiccup: try next beat
                 log.warning("cannot refresh %s: %s", join_location(self.uri, LOCK), err)
+
+    def _refresh(self) -> bool:
+        """One beat: the record rewritten whole with a new heartbeat while it is still ours;
+        False (logged) once another run holds the lock, which is then left as it is."""
+        if not self._ours():
+            return False
+        self.record["heartbeat"] = _now().isoformat(timespec="seconds")
+        if not self.local:
+            self._write()
+            return True
+        tmp = self._write_temporary()
+        try:
+            if not self._ours():  # taken over while we wrote: never rename over its record
+                return False
+            os.replace(tmp, self.path)
+            return True
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+    def _ours(self) -> bool:
+        held = self._read()
+        if held is not None and held.get("run_id") == self.record["run_id"]:
+            return True
+        log.error(
+            "lost %s to another run (%s); this run's manifest may drop that run's record",
+            join_location(self.uri, LOCK),
+            (held or {}).get("run_id", "none"),
+        )
+        return False
+
+    def _remove_temporaries(self) -> None:
+        """Delete the beat temporaries of other runs (one killed mid-beat, or a paused one that
+        lost the lock: its rename then fails and its next beat stops). Before our own first
+        beat, so never ours."""
+        if not self.local:
+            return
+        try:
+            for info in self.fs.get_file_info(pafs.FileSelector(self._root)):
+                if is_lock_temporary(info.base_name) and info.path != self._temporary():
+                    self._delete_path(info.path)
+        except OSError as err:  # harmless leftovers: never a reason to refuse the run
+            log.warning("cannot remove old lock temporaries in %s: %s", self.uri, err)
+
+    def _delete_path(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    def _temporary(self) -> str:
+        return f"{self.path}.{self.record['run_id']}.tmp"
+
+    def _write_temporary(self) -> str:
+        """Our record in a file of its own beside the lock (local filesystems), to rename."""
+        tmp = self._temporary()
+        with open(tmp, "wb") as f:
+            f.write(self._payload())
+        return tmp
