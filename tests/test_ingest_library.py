@@ -511,6 +511,42 @@ def test_an_encrypted_zip_member_is_quarantined_saying_it_is_encrypted(tmp_path,
     )
 
 
+def test_a_zip_member_in_an_unreadable_method_says_which_and_how_to_repack(tmp_path):
+    # it said "could not read the file (NotImplementedError)": zipfile's bare error. Deflate64
+    # is what Windows' "Send to compressed folder" writes for large files; 98 is PPMd (7-Zip)
+    dcm = make_dicom(gradient(40, 40), markers=False)
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for member in ("deflate64.dcm", "ppmd.dcm", "unknown.dcm", "fine.dcm"):
+            z.writestr(member, dcm)  # stored: only the method number is changed below
+    raw = bytearray(archive.read_bytes())
+    for method, at in zip((9, 98, 250), range(3), strict=True):
+        for magic, field in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):  # local, central
+            where = [i for i in range(len(raw)) if raw.startswith(magic, i)][at] + field
+            raw[where : where + 2] = method.to_bytes(2, "little")
+    archive.write_bytes(bytes(raw))
+    with zipfile.ZipFile(archive) as z, pytest.raises(NotImplementedError):
+        z.read("deflate64.dcm")  # what a real Deflate64 member raises
+    rows = _rows(archive)
+    assert [(r["name"].rsplit("!", 1)[1], r["read_error"]) for r in rows] == [
+        ("deflate64.dcm", "read_error:zip method 9"),
+        ("ppmd.dcm", "read_error:zip method 98"),
+        ("unknown.dcm", "read_error:zip method 250"),
+        ("fine.dcm", None),
+    ]
+    assert rows[3]["data"] == dcm and rows[0]["size_bytes"] == len(dcm)
+    quarantined = _quarantined(rows[:3])
+    assert {reason for reason, _ in quarantined} == {"read_error"}
+    deflate64, ppmd, unknown = (message for _, message in quarantined)
+    assert deflate64 == (
+        "a zip member compressed with Deflate64 (method 9), which ingest cannot decompress (it "
+        "reads stored, Deflate, BZIP2 and LZMA members): unpack the archive with 7-Zip (7z x) "
+        "and ingest the files, or repack it with Deflate (zip -r)"
+    )
+    assert "with PPMd (method 98)," in ppmd and "with compression method 250," in unknown
+    assert not any("NotImplementedError" in m or str(tmp_path) in m for _, m in quarantined)
+
+
 def test_a_symbolic_link_loop_is_quarantined_saying_so(tmp_path):
     # each link of a loop said "could not read the file (OSError)"
     src = tmp_path / "src"

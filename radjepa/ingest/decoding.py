@@ -15,7 +15,7 @@ import pyarrow as pa
 from radjepa.imaging.decode import ImageRejected, decode_image
 from radjepa.imaging.deid import ID_SCHEME_KEYED, content_id, keyed_hash
 from radjepa.ingest.packed import NOT_UNPACKED, packed_kind
-from radjepa.ingest.sources import ENCRYPTED, GONE, LINK, LINK_LOOP
+from radjepa.ingest.sources import ENCRYPTED, GONE, LINK, LINK_LOOP, ZIP_METHOD
 from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
 
 __all__ = ["RESULT_SCHEMA", "FileDecoder"]
@@ -31,6 +31,34 @@ _READ_ERRORS = {
     LINK_LOOP: "a symbolic link loop: the link leads back to itself, never to a file",
     GONE: "the file is gone: deleted since it was listed, or a link whose target does not exist",
 }
+
+# zip compression method numbers (APPNOTE 4.4.5) a member may carry that zipfile cannot read
+_ZIP_METHODS = {
+    1: "Shrink",
+    6: "Implode",
+    9: "Deflate64",
+    10: "PKWARE DCL Implode",
+    18: "IBM TERSE",
+    19: "IBM LZ77",
+    93: "Zstandard",
+    95: "XZ",
+    96: "JPEG",
+    97: "WavPack",
+    98: "PPMd",
+}
+
+
+def _zip_method_message(number: str) -> str:
+    """What a member in an unreadable compression method says: the method (by name where it is
+    a known one) and how to get the files in."""
+    name = _ZIP_METHODS.get(int(number)) if number.isdigit() else None
+    method = f"{name} (method {number})" if name else f"compression method {number}"
+    return (
+        f"a zip member compressed with {method}, which ingest cannot decompress (it reads "
+        "stored, Deflate, BZIP2 and LZMA members): unpack the archive with 7-Zip (7z x) and "
+        "ingest the files, or repack it with Deflate (zip -r)"
+    )
+
 
 # One decoder output row: a shard row (nullable) plus the outcome of that file.
 RESULT_SCHEMA = pa.schema(
@@ -85,6 +113,8 @@ class FileDecoder:
                     f"a {detail}, not a tar archive: ingest decompresses only tar archives; "
                     "decompress it and ingest the file"
                 )
+            elif detail.startswith(f"{ZIP_METHOD} "):
+                msg = _zip_method_message(detail[len(ZIP_METHOD) + 1 :])
             else:
                 msg = _READ_ERRORS.get(
                     detail, f"could not read the file ({detail or 'unknown error'})"

@@ -49,6 +49,9 @@ LINK = "archive link"  # a tar member that is a hard or symbolic link
 ENCRYPTED = "encrypted zip member"  # password-protected: zipfile raises a bare RuntimeError
 LINK_LOOP = "symbolic link loop"  # a link that leads back to itself (ELOOP)
 GONE = "file gone"  # deleted since it was listed, or a link whose target does not exist
+# a zip member compressed with a method zipfile cannot read (``zip method <number>``): its bare
+# NotImplementedError said nothing of which method or what to do
+ZIP_METHOD = "zip method"
 _ERRNO_DETAILS = {errno.ELOOP: LINK_LOOP, errno.ENOENT: GONE}
 HEAD = 512  # bytes read to tell an archive from an image (tar's magic sits at 257)
 ARCHIVE_SUFFIXES = {  # only to size the progress bar up front; the content decides
@@ -299,6 +302,11 @@ def _iter_zip(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str,
                 continue
             try:
                 data = z.read(info)
+            except NotImplementedError:  # Deflate64 (Windows' "Send to zip"), PPMd, zstd ...
+                yield row(
+                    name, None, info.file_size, f"read_error:{ZIP_METHOD} {info.compress_type}"
+                )
+                continue
             except Exception as err:
                 yield row(name, None, info.file_size, read_error(err))
                 continue
