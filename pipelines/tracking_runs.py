@@ -126,7 +126,14 @@ def reopen(client: Any, run_id: str, now_ms: int | None = None) -> None:
     resume, so the UI and any search on the tag showed a run training again, or finished since,
     as reaped ("its driver died?"). The tag is moved to ``radjepa.reaped_before`` with the time
     of the resume: ``radjepa.reaped`` is on a run only while it is KILLED by reap, and the
-    history stays on the run (the latest reap, when several)."""
+    history stays on the run (the latest reap, when several).
+
+    The run keeps the end time reap (or its last end) gave it until its driver ends it again:
+    MLflow has no way to clear one. ``MlflowClient.update_run`` passes the run's current
+    end_time on, ``set_terminated`` turns a missing one into now, and the stores'
+    ``update_run_info`` change end_time only when given one; MLflow's own resume
+    (``mlflow.start_run(run_id=...)``) keeps it the same way. So while it runs again the UI
+    shows it RUNNING with the old End Time and a Duration up to that time."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     reaped = client.get_run(run_id).data.tags.get(REAPED_TAG)
     client.update_run(run_id, status="RUNNING")
