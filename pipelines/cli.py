@@ -149,8 +149,9 @@ def ingest(
     except KeyboardInterrupt:
         typer.echo(INTERRUPTED, err=True)
         raise typer.Exit(130) from None
+    before = f" ({res.resolved} quarantined by an earlier run)" if res.resolved else ""
     typer.echo(
-        f"ingested {res.input} inputs: {res.ok} stored, {res.quarantined} quarantined, "
+        f"ingested {res.input} inputs: {res.ok} stored{before}, {res.quarantined} quarantined, "
         f"{res.duplicates} duplicates -> {paths[-1]} ({res.total_images} images in total)"
     )
 

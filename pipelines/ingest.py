@@ -62,7 +62,10 @@ _DECODE_BATCH = 16  # files per decoder call
 
 @dataclass
 class IngestSummary:
-    """What one run did; ``input == ok + quarantined + duplicates`` always holds."""
+    """What one run did; ``input == ok + quarantined + duplicates`` always holds. ``resolved``:
+    inputs stored (among ``ok``) that earlier runs had quarantined unread; ``total_quarantined``
+    counts DST's quarantine rows of inputs not stored, ``total_resolved`` the rows of inputs a
+    later run stored (:class:`radjepa.ingest.destination.Totals`)."""
 
     dst: str
     run_id: str
@@ -72,11 +75,13 @@ class IngestSummary:
     duplicates: int = 0
     duplicates_in_run: int = 0
     already_ingested: int = 0
+    resolved: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     shards: list[str] = field(default_factory=list)
     seconds: float = 0.0
     total_images: int = 0
     total_quarantined: int = 0
+    total_resolved: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +163,7 @@ def run_ingest(
 
             ensure_ray()
         known = dest.known_ids()
+        unread = dest.unread_quarantined()  # quarantined unread before: stored now if readable
         # decode_actors=0: one per cluster CPU, grown on demand (a small job starts few actors)
         actors = ing.decode_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
         if expected is not None:  # no more decoders than batches of inputs
@@ -178,7 +184,7 @@ def run_ingest(
 
         if refs:
             ds = _build_dataset(refs, actors, pool, settings, secret, known, ing.keep_source_paths)
-            _consume(ds, dest, summary, ing.shard_rows, expected, progress, run_id)
+            _consume(ds, dest, summary, ing.shard_rows, expected, progress, run_id, unread)
         else:
             log.warning("no files found under the given sources; writing an empty run")
 
@@ -203,13 +209,15 @@ def _record_run(
     started_at: str,
 ) -> None:
     """Totals from the shards themselves, this run appended to the runs the manifest held."""
-    summary.total_images, summary.total_quarantined, reasons_total = dest.totals()
+    totals = dest.totals()
+    summary.total_images, summary.total_quarantined = totals.images, totals.quarantined
+    summary.total_resolved = totals.resolved
     if summary.input != summary.ok + summary.quarantined + summary.duplicates:
         raise IngestError(f"internal error: counts do not reconcile: {asdict(summary)}")
     run = {
         k: v
         for k, v in asdict(summary).items()
-        if k not in ("dst", "total_images", "total_quarantined")
+        if k not in ("dst", "total_images", "total_quarantined", "total_resolved")
     }
     run.update(
         started_at=started_at,
@@ -229,7 +237,9 @@ def _record_run(
             "pseudonyms": key,
             "images": summary.total_images,
             "quarantined": summary.total_quarantined,
-            "quarantine_reasons": reasons_total,
+            "quarantine_reasons": totals.reasons,
+            "quarantine_resolved": totals.resolved,
+            "duplicates": sum(r["duplicates"] for r in runs),
             "inputs_seen": sum(r["input"] for r in runs),
             "runs": runs,
             "last_run": run,
@@ -281,8 +291,10 @@ def _consume(
     expected: int | None,
     progress: bool,
     run_id: str,
+    unread: set[str],
 ) -> None:
-    """Stream decoder output on the driver: dedup, fill shards, collect quarantine rows."""
+    """Stream decoder output on the driver: dedup, fill shards, collect quarantine rows;
+    count the stored inputs that ``unread`` names (quarantined unread by an earlier run)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     seen: set[str] = set()
@@ -316,11 +328,12 @@ def _consume(
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             table = batch.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
             keep_ok, keep_q = [], []
-            for i, (status, image_id, reason) in enumerate(
+            for i, (status, image_id, reason, source_hash) in enumerate(
                 zip(
                     table["status"].to_pylist(),
                     table["image_id"].to_pylist(),
                     table["reason"].to_pylist(),
+                    table["source_hash"].to_pylist(),
                     strict=True,
                 )
             ):
@@ -337,6 +350,7 @@ def _consume(
                     seen.add(image_id)
                 if status == "ok":
                     summary.ok += 1
+                    summary.resolved += source_hash in unread
                     keep_ok.append(i)
                 else:
                     summary.quarantined += 1
@@ -385,9 +399,11 @@ def summary_table(summary: IngestSummary) -> Any:
         ("duplicates", summary.duplicates),
         ("  within this run", summary.duplicates_in_run),
         ("  already in DST", summary.already_ingested),
+        ("stored, quarantined before", summary.resolved),
         *[(f"  reason: {k}", v) for k, v in summary.reasons.items()],
         ("shards written", len(summary.shards)),
         ("images in DST", summary.total_images),
+        ("quarantined in DST", summary.total_quarantined),
         ("seconds", f"{summary.seconds:.1f}"),
     ]
     for name, value in rows:

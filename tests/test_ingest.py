@@ -443,6 +443,42 @@ def test_rerun_is_idempotent_then_picks_up_new_files(corpus, ingested) -> None:
     assert manifest["inputs_seen"] == first.input + again.input + third.input
 
 
+def test_an_input_quarantined_unread_then_stored_is_resolved_not_quarantined(
+    ray_session, tmp_path
+) -> None:
+    """A link whose target was missing (read_error) stored by a later run once its target
+    exists: the manifest still said quarantined 1 (read_error 1) for a DST that holds every
+    file. Its row stays as history and counts as resolved; the totals reconcile."""
+    from pipelines.ingest import run_ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for seed in (1, 2):
+        (src / f"{seed}.dcm").write_bytes(make_dicom(gradient(40, 50, seed=seed), markers=False))
+    (src / "late.dcm").symlink_to(tmp_path / "exported-later.dcm")
+    (src / "gone.dcm").symlink_to(tmp_path / "never.dcm")  # stays quarantined
+    dst = tmp_path / "dst"
+    first = run_ingest([str(src)], str(dst), _cfg(), progress=False)
+    assert (first.ok, first.quarantined, first.reasons) == (2, 2, {"read_error": 2})
+
+    (tmp_path / "exported-later.dcm").write_bytes(make_dicom(gradient(60, 50), markers=False))
+    second = run_ingest([str(src)], str(dst), _cfg(), progress=False)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["quarantined"] == 1 and manifest["quarantine_reasons"] == {"read_error": 1}
+    assert (second.ok, second.resolved, second.quarantined, second.duplicates) == (1, 1, 0, 3)
+    assert (second.total_images, second.total_quarantined, second.total_resolved) == (3, 1, 1)
+    assert manifest["quarantine_resolved"] == 1 and manifest["duplicates"] == 3
+    reconciled = manifest["images"] + manifest["quarantined"] + manifest["quarantine_resolved"]
+    assert reconciled + manifest["duplicates"] == manifest["inputs_seen"] == 8
+    assert manifest["last_run"]["resolved"] == 1
+    q = pq.read_table(dst / "quarantine")  # the history stays: both rows of the first run
+    assert q.column("run_id").to_pylist() == [first.run_id] * 2
+
+    third = run_ingest([str(src)], str(dst), _cfg(), progress=False)  # nothing new
+    assert (third.ok, third.resolved, third.duplicates) == (0, 0, 4)
+    assert (third.total_images, third.total_quarantined, third.total_resolved) == (3, 1, 1)
+
+
 def test_size_change_into_same_dst_is_refused(corpus, ingested) -> None:
     from pipelines.ingest import IngestError, run_ingest
 

@@ -232,7 +232,7 @@ def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):
     assert dest.known_ids() == {content_id(png, SECRET)}
     assert not [p for p in os.listdir(tmp_path / "dst" / "images") if p.startswith(".")]
     assert dest.stored_image() == {"size": 64, "dtype": "uint8"}
-    assert dest.totals() == (1, 0, {})
+    assert dest.totals() == (1, 0, {}, 0)
 
     # the stored images pin the size even without a manifest (a run that died before it)
     with pytest.raises(IngestError, match="already holds images ingested with"):

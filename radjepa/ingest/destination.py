@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -29,6 +29,7 @@ __all__ = [
     "MANIFEST",
     "MANIFEST_VERSION",
     "Destination",
+    "Totals",
     "check_compatible",
     "check_key",
     "id_scheme_of",
@@ -43,6 +44,20 @@ KEY_RECORD = "pseudonyms.json"  # which key made the pseudonyms; written before 
 # in KEY_RECORD: the key was first recorded on a DST that already held shards (see check_key)
 UNCHECKED = "unchecked_shards"
 MANIFEST_VERSION = 1
+
+
+class Totals(NamedTuple):
+    """What DST holds. ``quarantined`` (and ``reasons``) count the quarantine rows of inputs
+    not stored; ``resolved`` the rows of inputs quarantined unread (no image id: ``read_error``,
+    ``too_large``) that a later run read and stored from the same path (a dangling link since
+    given its target, a file over ``ingest.max_file_mb`` since raised). Those rows stay in the
+    quarantine table as history: ``images + quarantined + resolved + duplicates of every run
+    == inputs of every run``."""
+
+    images: int
+    quarantined: int
+    reasons: dict[str, int]
+    resolved: int
 
 
 def temporary_name(name: str) -> str:
@@ -160,13 +175,49 @@ class Destination:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.write_json(MANIFEST, manifest)
 
-    def totals(self) -> tuple[int, int, dict[str, int]]:
+    def _quarantine_rows(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for path in self._parquet(QUARANTINE_DIR):
+            columns = ["sha256", "source_hash", "reason"]
+            rows.extend(pq.read_table(path, columns=columns, filesystem=self.fs).to_pylist())
+        return rows
+
+    def _stored_paths(self, rows: list[dict[str, Any]]) -> set[str]:
+        """Path hashes of the stored images, read only when a row was quarantined unread."""
+        if not any(r["sha256"] is None for r in rows):
+            return set()
+        return {h for h in self._column(IMAGES_DIR, "source_hash") if h}
+
+    def unread_quarantined(self) -> set[str]:
+        """Path hashes of inputs quarantined without being read and not stored since: this
+        run stores one that it can read now (``IngestSummary.resolved``)."""
+        rows = self._quarantine_rows()
+        stored = self._stored_paths(rows)
+        return {
+            r["source_hash"]
+            for r in rows
+            if r["sha256"] is None and r["source_hash"] and r["source_hash"] not in stored
+        }
+
+    def totals(self) -> Totals:
+        """Counted from the files themselves, so a run that died before its manifest still
+        counts (see :class:`Totals`). A row quarantined unread is resolved once an image from
+        the same path is stored: counting it as quarantined said a file was missing that DST
+        holds."""
         images = sum(
             pq.ParquetFile(self.fs.open_input_file(p)).metadata.num_rows
             for p in self._parquet(IMAGES_DIR)
         )
-        reasons = Counter(self._column(QUARANTINE_DIR, "reason"))
-        return images, sum(reasons.values()), dict(sorted(reasons.items()))
+        rows = self._quarantine_rows()
+        stored = self._stored_paths(rows)
+        reasons: Counter[str] = Counter()
+        resolved = 0
+        for r in rows:
+            if r["sha256"] is None and r["source_hash"] in stored:
+                resolved += 1
+            else:
+                reasons[r["reason"]] += 1
+        return Totals(images, sum(reasons.values()), dict(sorted(reasons.items())), resolved)
 
 
 def _read_json(fs: pafs.FileSystem, root: str, uri: str, name: str) -> dict[str, Any] | None:
