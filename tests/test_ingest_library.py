@@ -226,6 +226,36 @@ def _store_one_png(dest: Destination) -> bytes:
     return png
 
 
+def test_totals_count_a_row_quarantined_unread_whose_path_was_stored_since_as_resolved(
+    tmp_path,
+):
+    """Only rows with no image id (never read) are resolved by an image from their path: a
+    row quarantined for its content, or from another path, still counts as quarantined."""
+    from radjepa.imaging.deid import keyed_hash
+    from radjepa.ingest.destination import Totals
+    from radjepa.shards import QUARANTINE_SCHEMA
+
+    dest = Destination(str(tmp_path / "dst"))
+    _store_one_png(dest)  # stored from "a.png"
+    stored = keyed_hash(SECRET, "source", "a.png")
+    other = keyed_hash(SECRET, "source", "b.png")
+    rows = [  # (image id, path hash, reason): too large once, since stored from its path
+        (None, stored, "too_large"),
+        (None, other, "read_error"),  # still unread
+        ("an-image-id", stored, "not_an_image"),  # its bytes were unusable: they stay so
+    ]
+    quarantine = pa.Table.from_pylist(
+        [
+            {"sha256": i, "source_hash": h, "reason": r, "message": "m", "run_id": "run-1"}
+            for i, h, r in rows
+        ],
+        schema=QUARANTINE_SCHEMA,
+    )
+    dest.write("quarantine", "quarantine-run-1.parquet", quarantine)
+    assert dest.totals() == Totals(1, 2, {"not_an_image": 1, "read_error": 1}, 1)
+    assert dest.unread_quarantined() == {other}
+
+
 def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):
     dest = Destination(str(tmp_path / "dst"))
     png = _store_one_png(dest)
