@@ -97,7 +97,11 @@ def ensure_ray(
     cores = os.cpu_count() or 1
     num_cpus = local_cpus or max(min_logical_cpus, 2 * cores)
     log.info("starting local Ray with %d logical CPUs on %d cores", num_cpus, cores)
+    # address="local": without it ray.init joins the cluster the last `ray start` on this
+    # machine recorded (and refuses num_cpus for it), so an unset RAY_ADDRESS, documented as
+    # "a local instance of this process's own", failed or landed on somebody's cluster
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         configure_logging=False,

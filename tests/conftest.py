@@ -54,6 +54,7 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster a `ray start` on this machine left behind
             num_cpus=8,
             num_gpus=0,
             object_store_memory=512 * 1024**2,

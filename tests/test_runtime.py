@@ -412,6 +412,44 @@ def test_a_padded_or_blank_address_still_means_this_machine(
     assert services.canonicalize_bootstrap_address(seen[0]) is None  # Ray starts a local one
 
 
+@pytest.mark.slow
+def test_an_unset_address_starts_a_ray_of_its_own_beside_one_ray_start_recorded() -> None:
+    """`ray start` records its cluster in <temp>/ray/ray_current_cluster, and ray.init given
+    no address joins it: with RAY_ADDRESS unset (documented as "a local instance") every
+    command then failed on num_cpus ("When connecting to an existing cluster...") or would
+    have run on that cluster. A record pointing at a port nobody serves stands in for it."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (tmp / "ray").mkdir()
+        (tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_unused_port()}")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(
+            RAY_TMPDIR=str(tmp),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        )
+        code = (
+            "import ray\n"
+            "from pipelines.runtime import ensure_ray\n"
+            "ensure_ray(local_cpus=1)\n"
+            "print('own Ray at', ray.get_runtime_context().gcs_address)\n"
+            "ray.shutdown()\n"
+        )
+        res = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "own Ray at" in res.stdout
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_a_padded_auto_is_checked_as_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
     from ray._private import services
