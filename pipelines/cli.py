@@ -8,6 +8,7 @@ torch or MLflow imports. Errors the user can fix exit with code 2 and one readab
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -295,14 +296,17 @@ def serve_cmd(
     if not cfg.serve.model:
         raise UserError("no model to serve: pass --model PATH or models:/<name>@<alias>")
 
+    from pipelines.cluster_address import names_cluster
     from pipelines.runtime import ensure_ray
     from pipelines.tracking import store_uri
-    from serve.deployment import check_references
+    from serve.deployment import check_pseudonym_key, check_references
     from serve.local import PortInUse, check_port_free, curl_example, start_local, stop_local
     from serve.security import SecurityConfigError, settings_from_config
 
     # refuse an unprotected service, a taken port, a mistyped path, a registry version that does
-    # not exist or a head or index of another encoder before paying for Ray (~15 s)
+    # not exist, a head or index of another encoder, or a missing pseudonymisation key before
+    # paying for Ray (~15 s)
+    local_ray = not names_cluster(os.environ.get("RAY_ADDRESS", "").strip())
     try:
         settings = settings_from_config(
             cfg.serve,
@@ -311,11 +315,18 @@ def serve_cmd(
         )
         check_port_free(cfg.serve.host, cfg.serve.port)
         check_references(cfg.serve.model, cfg.serve.head, cfg.serve.index, store_uri(cfg))
+        if local_ray:  # the replicas of a Ray this process starts have its environment, its key
+            check_pseudonym_key(
+                cfg.serve.index,
+                settings.secret_env,
+                {},
+                allow_development_key=settings.allow_development_key,
+            )
     except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     ensure_ray()
     try:
-        url = start_local(cfg, settings=settings, references_checked=True)
+        url = start_local(cfg, settings=settings, references_checked=True, key_checked=local_ray)
     except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")

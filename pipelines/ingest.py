@@ -109,7 +109,7 @@ def run_ingest(
 
     from radjepa.imaging.deid import (
         DEV_SECRET,
-        DevelopmentKeyRefused,
+        SecretRefused,
         key_fingerprint,
         resolve_secret,
     )
@@ -119,7 +119,7 @@ def run_ingest(
     ing = cfg.ingest
     try:  # before anything is listed, locked or written, and before Ray starts
         secret = resolve_secret(ing.secret_env, allow_development_key=ing.allow_development_key)
-    except DevelopmentKeyRefused as err:
+    except SecretRefused as err:
         raise IngestError(str(err)) from None
     started = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")

@@ -241,13 +241,13 @@ def _resolve_decode_secret(settings: ApiSettings) -> bytes:
     the archive's; refused (SecurityConfigError) when unset, unless the config allows the
     public development key, as ingest does."""
     from radjepa.imaging.decode import resolve_secret
-    from radjepa.imaging.deid import DevelopmentKeyRefused
+    from radjepa.imaging.deid import SecretRefused
 
     try:
         return resolve_secret(
             settings.secret_env, allow_development_key=settings.allow_development_key
         )
-    except DevelopmentKeyRefused as err:
+    except SecretRefused as err:
         raise SecurityConfigError(str(err)) from None
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "build_app",
     "app_from_config",
     "check_local_paths",
+    "check_pseudonym_key",
     "check_references",
 ]
 
@@ -273,7 +274,7 @@ def _model_on_this_disk(model: str, version: Any, tracking_uri: str | None) -> P
     return Path(latest_checkpoint(str(Path(model).expanduser().resolve())))
 
 
-def _check_pseudonym_key(
+def check_pseudonym_key(
     index: str | None, env: str, replica_env: dict[str, str], *, allow_development_key: bool
 ) -> None:
     """Say on the driver, before anything deploys, what each ingress replica will say at its
@@ -282,12 +283,15 @@ def _check_pseudonym_key(
     upload's patient by its PatientID (and, for keyed image ids, ``include_self`` unable to
     recognise an archived upload), and the operator of ``radjepa serve`` reads the CLI, not
     replica logs. Refused here: no key at all without ``ingest.allow_development_key``, an
-    index recording an unknown patient identity scheme, or several image id schemes.
+    index recording an unknown patient identity scheme, or several image id schemes (a key that
+    is not UTF-8 text, too).
 
     The key is the one a replica will read, which is not always this process's: a Ray started
     before this process set the variable, or a cluster whose nodes hold it (a Kubernetes
     Secret), gives its workers their own environment. So a zero-CPU task in the replicas'
-    runtime env reports its fingerprint (never the key); without Ray, this process's is used.
+    runtime env reports its fingerprint (never the key); without Ray, this process's is used:
+    ``radjepa serve`` calls it so before starting a local Ray, whose workers inherit this
+    process's environment, so that a missing key is said in seconds, not after Ray and Serve.
     """
     server_key = _replica_key_fingerprint(env, replica_env, allow_development_key)
     if not index:
@@ -305,11 +309,11 @@ def _key_fingerprint_of(env: str, allow_development_key: bool) -> str:
     """The fingerprint of the key this process resolves from ``env`` (run here, or in a
     replica's environment as a Ray task), or ``refused: <why>`` when it has none and the public
     key is not allowed (a string, so that a Ray task returns it rather than a traceback)."""
-    from radjepa.imaging.deid import DevelopmentKeyRefused, key_fingerprint, resolve_secret
+    from radjepa.imaging.deid import SecretRefused, key_fingerprint, resolve_secret
 
     try:
         return key_fingerprint(resolve_secret(env, allow_development_key=allow_development_key))
-    except DevelopmentKeyRefused as err:
+    except SecretRefused as err:
         return f"refused: {err}"
 
 
@@ -342,6 +346,7 @@ def app_from_config(
     settings: ApiSettings | None = None,
     replica_env: dict[str, str] | None = None,
     references_checked: bool = False,
+    key_checked: bool = False,
 ) -> Application:
     """Bind the two deployments from a validated Config (``cfg.serve`` says what to serve).
 
@@ -349,7 +354,9 @@ def app_from_config(
     which its replicas would otherwise lack on a Ray started before the demo set it (Ray keeps
     a runtime env in plain text: never a real secret). ``references_checked``: the caller ran
     :func:`check_references` on this config already (``radjepa serve``, before starting Ray),
-    so the registry is not asked, and a local checkpoint not hashed, twice."""
+    so the registry is not asked, and a local checkpoint not hashed, twice. ``key_checked``: the
+    caller ran :func:`check_pseudonym_key` for the replicas' environment already (``radjepa
+    serve`` on a local Ray, whose replicas have its environment)."""
     sc = cfg.serve
     if not sc.model:
         raise ValueError(
@@ -366,12 +373,13 @@ def app_from_config(
         allow_development_key=cfg.ingest.allow_development_key,
     )
     replica_env = dict(replica_env or {})
-    _check_pseudonym_key(
-        sc.index,
-        settings.secret_env,
-        replica_env,
-        allow_development_key=settings.allow_development_key,
-    )
+    if not key_checked:
+        check_pseudonym_key(
+            sc.index,
+            settings.secret_env,
+            replica_env,
+            allow_development_key=settings.allow_development_key,
+        )
     gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and _cluster_has_gpus())
     if sc.use_gpu == "true" and not _cluster_has_gpus():
         raise ValueError("serve.use_gpu=true but the Ray cluster has no GPUs")

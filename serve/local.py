@@ -56,6 +56,7 @@ def start_local(
     replica_env: dict[str, str] | None = None,
     settings: ApiSettings | None = None,
     references_checked: bool = False,
+    key_checked: bool = False,
 ) -> str:
     """Deploy the API on the connected Ray and return its base URL (port 0 = any free port).
 
@@ -64,7 +65,8 @@ def start_local(
     ``replica_env``: env vars for the ingress replicas (``app_from_config``). ``settings``:
     those a caller already built from ``cfg.serve`` (the keys file is then read, and its
     warnings logged, once). ``references_checked``: the caller ran
-    ``serve.deployment.check_references`` before starting Ray (``app_from_config``).
+    ``serve.deployment.check_references`` before starting Ray (``app_from_config``), and
+    ``key_checked`` ``serve.deployment.check_pseudonym_key`` for this local Ray.
     """
     from ray import serve
 
@@ -85,7 +87,11 @@ def start_local(
         }
     )
     app = app_from_config(
-        cfg, settings=settings, replica_env=replica_env, references_checked=references_checked
+        cfg,
+        settings=settings,
+        replica_env=replica_env,
+        references_checked=references_checked,
+        key_checked=key_checked,
     )
     serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{cfg.serve.host}:{port}"

@@ -32,6 +32,7 @@ from radjepa.imaging.decode import DecodedImage, ImageRejected, decode_image
 from radjepa.imaging.deid import (
     DEV_SECRET,
     DevelopmentKeyRefused,
+    SecretRefused,
     age_years,
     keyed_hash,
     resolve_secret,
@@ -896,6 +897,16 @@ def test_resolve_secret(monkeypatch, caplog) -> None:
     with caplog.at_level("WARNING", logger="radjepa.imaging.deid"):
         assert resolve_secret("RADJEPA_TEST_SECRET", allow_development_key=True) == DEV_SECRET
     assert "PUBLIC development key" in caplog.text
+
+
+def test_a_secret_that_is_not_utf8_text_is_refused_in_one_line(monkeypatch) -> None:
+    # the bytes 0xff 0xfe reach os.environ as surrogates: encoding them raised UnicodeEncodeError,
+    # a traceback from ingest, and from a Ray task after Ray and Serve had started for serve
+    monkeypatch.setenv("RADJEPA_TEST_SECRET", "\udcff\udcfe-rest-of-a-long-key")
+    with pytest.raises(SecretRefused) as refused:
+        resolve_secret("RADJEPA_TEST_SECRET", allow_development_key=True)
+    assert str(refused.value).startswith("RADJEPA_TEST_SECRET is not UTF-8 text")
+    assert "\n" not in str(refused.value) and "rest-of-a-long-key" not in str(refused.value)
 
 
 def test_bad_arguments_fail_clearly() -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,6 +79,46 @@ def test_serve_with_a_mistyped_path_fails_in_one_line_before_starting_ray(tmp_pa
     assert proc.returncode == 2, out
     assert f"error: serve.{flag[2:]} not found: {tmp_path / 'no-such-folder'}" in out
     assert "Traceback" not in out and "starting local Ray" not in out
+
+
+@pytest.mark.parametrize(
+    ("secret", "says"),
+    [
+        (None, "error: RADJEPA_DEID_SECRET is not set: set it to a long random value"),
+        # bytes that are not UTF-8 (a key file pasted with its binary bytes): a UnicodeEncodeError
+        # traceback from a Ray task, ~30 s after Ray and Serve had started
+        (
+            "\udcff\udcfe" + "k" * 30,
+            "error: RADJEPA_DEID_SECRET is not UTF-8 text: set it to printable characters",
+        ),
+    ],
+    ids=["unset", "not-utf8"],
+)
+def test_serve_without_a_usable_deid_secret_fails_in_one_line_before_starting_ray(
+    tmp_path, secret, says
+):
+    # the key uploads are pseudonymised with was resolved only in a Ray task once Ray and Serve
+    # were up (~20 s of Ray start-up, Serve's proxy lines, then the error); a local Ray's
+    # replicas have this process's environment, so it is checked here first, like the keys
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    # short: Ray's socket paths under it must fit in 107 bytes, should a Ray start after all
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))
+    env = {k: v for k, v in _env(RADJEPA_API_KEYS=KEYS).items() if k != "RADJEPA_DEID_SECRET"}
+    env["RAY_TMPDIR"] = str(ray_tmp)  # where a local instance would put its session
+    if secret is not None:
+        env["RADJEPA_DEID_SECRET"] = secret  # surrogates: the bytes 0xff 0xfe in the environment
+    try:
+        proc = _radjepa("serve", "--model", str(ckpt), "--port", "0", env=env)
+        out, _ = proc.communicate(timeout=120)
+        started_ray = [p.name for p in ray_tmp.rglob("session_*")]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 2, out
+    lines = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1 and lines[0].startswith(says), out
+    assert "Traceback" not in out and "starting local Ray" not in out and "Serve" not in out
+    assert "k" * 30 not in out  # the key is never echoed
+    assert not started_ray, "Ray was started before the refusal"
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ __all__ = [
     "ID_SCHEME_KEYED",
     "ID_SCHEME_UNKEYED",
     "DevelopmentKeyRefused",
+    "SecretRefused",
     "ISSUER_AND_PATIENT_ID",
     "PATIENT_ID",
     "PATIENT_IDENTITIES",
@@ -107,7 +108,11 @@ _AGE = re.compile(r"^(\d{1,3})([DWMY])$")
 _MANUFACTURER_OK = re.compile(r"[^A-Za-z0-9 .,&()/_+-]")
 
 
-class DevelopmentKeyRefused(ValueError):
+class SecretRefused(ValueError):
+    """The pseudonymisation key cannot be used (the message says why, never the key)."""
+
+
+class DevelopmentKeyRefused(SecretRefused):
     """No pseudonymisation key is set and the config does not opt in to the public one."""
 
 
@@ -119,10 +124,20 @@ def resolve_secret(
     Unset, it is refused (:class:`DevelopmentKeyRefused`) unless ``allow_development_key``
     (``ingest.allow_development_key``): falling back to the public key with only a warning let
     a forgotten variable pseudonymise real patients with a key anyone can read, and the warning
-    scrolls by in a Ray Job log. With the opt-in it is used, still with a loud warning.
+    scrolls by in a Ray Job log. With the opt-in it is used, still with a loud warning. A value
+    that is not UTF-8 text is refused too (:class:`SecretRefused`, the base of both).
     """
     value = os.environ.get(env_name, "")
     if value:
+        try:
+            key = value.encode("utf-8")
+        except UnicodeEncodeError:
+            # bytes that are not UTF-8 reach Python as surrogates; encoding them raised a
+            # traceback in whichever process read the key first (a Ray task, for serve)
+            raise SecretRefused(
+                f"{env_name} is not UTF-8 text: set it to printable characters, e.g. "
+                f"`export {env_name}=$(openssl rand -hex 32)`"
+            ) from None
         if len(value) < 16:
             log.warning("%s is shorter than 16 characters: pseudonyms are weakly keyed", env_name)
         if value != value.strip():
@@ -134,7 +149,7 @@ def resolve_secret(
                 "exactly as is, so set it the same way everywhere",
                 env_name,
             )
-        return value.encode("utf-8")
+        return key
     if not allow_development_key:
         raise DevelopmentKeyRefused(
             f"{env_name} is not set: set it to a long random value and keep it (e.g. "
