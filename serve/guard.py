@@ -88,6 +88,19 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _has_body(scope: Scope) -> bool:
+    """Whether the request says a body follows (a non-zero Content-Length, or chunks)."""
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            try:
+                return int(value) > 0
+            except ValueError:
+                return True  # refused with a 400 before the app runs
+    return False
+
+
 class GuardMiddleware:
     """Outermost guard: request id, body size (declared AND streamed), detail-free 500.
 
@@ -112,22 +125,32 @@ class GuardMiddleware:
         limit = self.max_body_bytes
         seen = 0
         started = False
+        # whether the body has arrived whole: a request without one has; one with one once the
+        # app read its last part
+        body_done = not _has_body(scope)
 
         async def counted_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, body_done
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise _BodyTooLarge
+                body_done = body_done or not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                headers = MutableHeaders(scope=message)
                 if self.echo_request_id:
-                    MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+                    headers[REQUEST_ID_HEADER] = rid
+                if not body_done:
+                    # answered before the body arrived (a 401, a 504 of a client that trickles
+                    # it): left open, the server read and discarded the rest for as long as the
+                    # client kept sending, past every deadline; a 413 has said this since
+                    headers["connection"] = "close"
             await send(message)
 
         # and close the connection: left open, the server went on reading (and discarding) the

@@ -191,6 +191,36 @@ def fuzz_openapi(api, auth: dict[str, str], max_examples: int, **call_kwargs) ->
         fuzz()
 
 
+def answer_then_keep_sending(
+    host: str, port: int, request: bytes, more: bytes, seconds: float
+) -> tuple[bytes, bool]:
+    """Send ``request`` (head and the start of a body), then ``more`` every 0.2 s for ``seconds``
+    as a stuck or slow client does: (what the server answered, whether it closed the connection)."""
+    answer, closed = b"", False
+    with socket.create_connection((host, port)) as s:
+        s.settimeout(10)
+        s.sendall(request)
+        s.settimeout(0.2)
+        deadline = time.monotonic() + seconds
+        while not closed and time.monotonic() < deadline:
+            try:  # read first: the answer is there before any reset of a closed connection
+                chunk = s.recv(65536)
+                closed = not chunk  # EOF: the server closed
+                answer += chunk
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = True  # reset
+            if not closed:
+                try:
+                    s.sendall(more)
+                except TimeoutError:
+                    pass  # the server stopped reading for now
+                except OSError:
+                    closed = True  # broken pipe or reset: the server closed
+    return answer, closed
+
+
 @contextlib.contextmanager
 def on_loopback(app) -> Iterator[tuple[str, int]]:
     """``app`` served by a real uvicorn on a free loopback port (a thread): (host, port)."""

@@ -22,6 +22,7 @@ from serve_helpers import (
     API_KEY,
     OTHER_KEY,
     REPO,
+    answer_then_keep_sending,
     cosine,
     dicom_from_png,
     fuzz_openapi,
@@ -809,6 +810,57 @@ def test_a_body_over_the_limit_gets_413_and_the_connection_closed(client, framin
     assert status == b"HTTP/1.1 413 Request Entity Too Large", answer[:200]
     assert b"\r\nconnection: close\r\n" in rest.lower()
     assert json.loads(rest.partition(b"\r\n\r\n")[2])["reason"] == "too_large"
+
+
+@pytest.mark.parametrize(
+    ("case", "status"), [("deadline_mid_body", 504), ("no_key", 401), ("wrong_route", 405)]
+)
+@pytest.mark.parametrize("framing", ["declared", "chunked"])
+def test_an_answer_given_before_the_body_arrived_closes_the_connection(
+    world, case, status, framing
+):
+    """A client that trickled its body (a byte at a time, or stuck) got its 504 after
+    serve.request_timeout_s, or its 401 at once, and the connection then stayed open: the server
+    went on reading and discarding the body for as long as the client kept sending, past every
+    deadline (under Ray Serve, in the proxy, as under uvicorn). Such an answer now says
+    Connection: close and the server closes, as it does after a 413."""
+    app = create_app(world["embedder"], settings=_settings(request_timeout_s=1.0))
+    auth = "" if case == "no_key" else f"Authorization: Bearer {API_KEY}\r\n"
+    path = "/v1/models" if case == "wrong_route" else "/v1/embed"
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: image/png\r\n"
+    if framing == "declared":
+        head += "Content-Length: 1000000\r\n\r\n"
+        start, more = world["pngs"][0][:100], b"x"
+    else:
+        head += "Transfer-Encoding: chunked\r\n\r\n"
+        start, more = b"64\r\n" + world["pngs"][0][:100] + b"\r\n", b"1\r\nx\r\n"
+    with on_loopback(app) as (host, port):
+        # longer than the deadline plus uvicorn's 5 s keep-alive timeout
+        answer, closed = answer_then_keep_sending(host, port, head.encode() + start, more, 8.0)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split(b" ")[1] == str(status).encode(), answer[:300]
+    assert closed, "the server still read the body after answering"
+    assert b"\r\nconnection: close\r\n" in rest.lower()
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["request_id"]
+
+
+def test_answers_to_whole_requests_keep_the_connection_open(client, world):
+    """The close is for a body that had not arrived: a request whose body the app read keeps
+    its connection, whatever it was answered (200, 422), as does a GET."""
+    import httpx
+
+    with (
+        on_loopback(client.app) as (host, port),
+        httpx.Client(base_url=f"http://{host}:{port}") as c,
+    ):
+        for method, path, body in [
+            ("POST", "/v1/embed", world["pngs"][0]),
+            ("POST", "/v1/embed", b"not an image"),
+            ("GET", "/v1/models", None),
+        ]:
+            r = c.request(method, path, content=body, headers={**AUTH, "content-type": "image/png"})
+            assert r.status_code in (200, 422)
+            assert r.headers.get("connection") != "close", (path, r.status_code)
 
 
 def test_unexpected_failure_is_a_generic_500_whose_request_id_is_in_the_log(world, caplog):

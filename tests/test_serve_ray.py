@@ -16,6 +16,7 @@ from serve_helpers import (
     API_KEY,
     OTHER_KEY,
     TINY_CONFIG,
+    answer_then_keep_sending,
     cosine,
     dicom_from_png,
     free_port,
@@ -169,6 +170,19 @@ def test_bad_input_over_http_gets_4xx(service):
         )
     assert (r415.status_code, r413.status_code, r422.status_code) == (415, 413, 422)
     assert r422.json()["reason"]
+
+
+def test_an_answer_before_the_body_arrived_closes_the_connection_through_the_proxy(service):
+    # the app's Connection: close (tests/test_serve_app.py) must pass Ray's proxy, which holds
+    # the client's connection: without it, a client that trickles a body it declared kept its
+    # connection after a 401 (or a 504) for as long as it went on sending
+    host, port = service["url"].removeprefix("http://").split(":")
+    head = "POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+    head += "Content-Length: 1000000\r\n\r\n"  # no key
+    answer, closed = answer_then_keep_sending(host, int(port), head.encode() + b"\x89PNG", b"x", 8)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+    assert b"\r\nconnection: close\r\n" in answer.lower()
+    assert closed, "the proxy still read the body after the 401"
 
 
 def test_classify_and_similar_answer_over_http(service):
