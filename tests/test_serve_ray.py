@@ -183,6 +183,11 @@ def test_an_answer_before_the_body_arrived_closes_the_connection_through_the_pro
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
     assert b"\r\nconnection: close\r\n" in answer.lower()
     assert closed, "the proxy still read the body after the 401"
+    with _client(service) as c:  # a request whose body was read keeps its connection
+        r = c.post(
+            "/v1/embed", content=service["pngs"][0], headers={**AUTH, "content-type": "image/png"}
+        )
+    assert r.status_code == 200 and r.headers.get("connection") != "close"
 
 
 def test_classify_and_similar_answer_over_http(service):
