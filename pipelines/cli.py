@@ -385,7 +385,7 @@ AddressOpt = Annotated[
     typer.Option(
         "--address",
         help="Ray job server (dashboard) URL, e.g. http://HEAD:8265 "
-        "(default: $RAY_JOB_ADDRESS, then $RAY_ADDRESS).",
+        "(default: $RAY_JOB_ADDRESS, then $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS).",
     ),
 ]
 

@@ -17,7 +17,8 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ADDRESS_ENVS = ("RAY_JOB_ADDRESS", "RAY_ADDRESS")
+ADDRESS_ENVS = ("RAY_JOB_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+# Ray's JobSubmissionClient replaces the address it is given with these when they are set
+# (RAY_API_SERVER_ADDRESS first): `--address http://prod:8265` with RAY_ADDRESS=dev:6379 in the
+# shell went to dev. The client is built with them hidden (see connect).
+RAY_ADDRESS_OVERRIDES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
 # Passed through when set locally: where the job should log its runs.
 PASSTHROUGH_ENVS = ("MLFLOW_TRACKING_URI",)
@@ -127,7 +132,8 @@ class Submission:
 
 
 def resolve_address(address: str | None, environ: Mapping[str, str] | None = None) -> str:
-    """The job server URL: the explicit one, else RAY_JOB_ADDRESS, else RAY_ADDRESS.
+    """The job server URL: the explicit one, else RAY_JOB_ADDRESS, else
+    RAY_API_SERVER_ADDRESS, else RAY_ADDRESS.
 
     A bare ``host:port`` gets ``http://``; ``ray://`` (Ray Client) is refused because it is a
     different protocol on a different port.
@@ -311,7 +317,8 @@ def connect(address: str | None) -> JobSubmissionClient:
 
     url = resolve_address(address)
     try:
-        return JobSubmissionClient(url)
+        with _without_env(RAY_ADDRESS_OVERRIDES):  # the address chosen here, not Ray's env's
+            return JobSubmissionClient(url)
     except AuthenticationError:
         # Ray 2.60 heads enable token auth when a token exists; the SDK sends it only in token mode
         raise JobsError(
@@ -320,7 +327,20 @@ def connect(address: str | None) -> JobSubmissionClient:
             "`ray get-auth-token` prints it"
         ) from None
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise JobsError(f"cannot reach the Ray job server at {url}: {err}") from None
+        raise JobsError(
+            f"cannot reach the Ray job server at {url}: {err} (the job server is the "
+            "dashboard's port, 8265 by default; HOST:6379 or `auto` are not job servers)"
+        ) from None
+
+
+@contextmanager
+def _without_env(names: Iterable[str]) -> Iterator[None]:
+    """Hide ``names`` from os.environ for the block, then put back what was there."""
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def submit(

@@ -178,8 +178,10 @@ def ray_head() -> Iterator[dict[str, str]]:
 def _radjepa(
     args: list[str], env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
-    full_env.pop("RAY_ADDRESS", None)
+    outer = {
+        k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"}
+    }
+    full_env = {**outer, **env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *args],
         cwd=REPO,
@@ -330,6 +332,28 @@ def test_a_working_dir_too_large_to_upload_is_named_with_what_to_do(
     error = res.stderr.strip().splitlines()[-1]
     assert error.startswith(f"error: submission failed: the zipped working dir {wd} is larger")
     assert "accepts (100 MiB)" in error and ".rayignore" in error and "excludes:" in error
+
+
+@pytest.mark.slow
+def test_the_address_given_wins_over_ray_address_in_the_shell(ray_head: dict[str, str]) -> None:
+    # Ray's client replaces the address it is given with $RAY_ADDRESS: `--address` (or
+    # RAY_JOB_ADDRESS) naming one cluster went to the one RAY_ADDRESS named, silently
+    (dead,) = _free_ports(1)
+    server = ray_head["RAY_JOB_ADDRESS"]
+    for override in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env = {**ray_head, override: server}
+        given = _radjepa(["jobs", "list", "--address", f"http://127.0.0.1:{dead}"], env)
+        assert given.returncode == 2, given.stdout + given.stderr
+        assert f"cannot reach the Ray job server at http://127.0.0.1:{dead}" in given.stderr
+        env["RAY_JOB_ADDRESS"] = f"127.0.0.1:{dead}"
+        from_env = _radjepa(["jobs", "list"], env)
+        assert from_env.returncode == 2 and f"127.0.0.1:{dead}" in from_env.stderr
+        assert "Traceback" not in given.stderr + from_env.stderr
+    # host:port in RAY_ADDRESS is the job server's URL, as documented (Ray took it for a GCS
+    # address: a traceback after a minute's wait)
+    bare = {**ray_head, "RAY_JOB_ADDRESS": "", "RAY_ADDRESS": server.removeprefix("http://")}
+    listed = _radjepa(["jobs", "list"], bare)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
 
 
 def test_unreachable_server_and_missing_address_are_user_errors() -> None:
