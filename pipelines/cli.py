@@ -454,14 +454,19 @@ def submit(
     ] = None,
     pass_env: Annotated[
         list[str] | None,
-        typer.Option("--pass-env", help="Copy this local env var into the job (repeat)."),
+        typer.Option(
+            "--pass-env",
+            help="Copy this local env var into the job (repeat); secrets are refused: "
+            "the job's record shows its env to every dashboard user.",
+        ),
     ] = None,
     pass_deid_secret: Annotated[
         bool,
         typer.Option(
             "--pass-deid-secret",
-            help="Copy the de-identification key into the job: the variable ingest.secret_env "
-            "names in the job's config (RADJEPA_DEID_SECRET by default); prefer a cluster Secret.",
+            help="Refused with the reason: a job's env vars are public to every dashboard user; "
+            "the cluster's own environment holds the key (docs/CLUSTER.md).",
+            hidden=True,
         ),
     ] = False,
     job_id: Annotated[

@@ -5,20 +5,24 @@
 user's disk, not whatever the cluster image happened to be built from. The functions here are
 plain and typed so the CLI stays a thin shell and tests drive a real job server directly.
 
-Secrets: environment values are passed to the job but never logged or returned in summaries;
-only variable *names* are. The de-identification key is passed only when asked for.
+Secrets never travel with a job. Ray keeps a job's entrypoint and runtime env (env vars included)
+in plain text in its record, which every user of the dashboard or the Jobs API can read
+(``GET /api/jobs/``, ``ray job list``), and the head's ``runtime_env_agent.log`` repeats it. A
+submission that would carry a credential (a variable named like one, the de-identification key,
+a URL with a password) is refused before anything is uploaded; the cluster gets its secrets in
+its own environment (Kubernetes Secrets in the pod env, an env file on VMs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import shlex
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +43,20 @@ RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
 # Passed through when set locally: where the job should log its runs.
 PASSTHROUGH_ENVS = ("MLFLOW_TRACKING_URI",)
 DEID_SECRET_ENV = "RADJEPA_DEID_SECRET"
+# Parts of a variable name (split at '_') that mark a credential: AWS_SECRET_ACCESS_KEY,
+# MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, HF_TOKEN, AZURE_STORAGE_ACCESS_KEY, ...
+# Whole parts only: TOKENIZERS_PARALLELISM or KEYRING_BACKEND are not secrets.
+SECRET_NAME_PARTS = frozenset(
+    {"SECRET", "SECRETS", "PASSWORD", "PASSWD", "TOKEN", "KEY", "APIKEY", "CREDENTIAL",
+     "CREDENTIALS", "PRIVATE", "PASSPHRASE"}
+)  # fmt: skip
+# scheme://user:password@host: the password is in the value whatever the variable is called
+_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:[^/@\s]+@")
+WHERE_SECRETS_GO = (
+    "put secrets in the cluster's own environment, which its jobs inherit (KubeRay: a "
+    "Kubernetes Secret in the pod env of cluster/raycluster.yaml; VMs: the env file of "
+    "cluster/autoscaler-vm.yaml; docs/CLUSTER.md, section 7)"
+)
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 EXIT_STOPPED = 3
 
@@ -226,9 +244,8 @@ def secret_env_of(args: Sequence[str], working_dir: Path) -> str:
     """The variable that holds the pseudonymisation key for the radjepa command ``args``:
     ``ingest.secret_env`` of the config it names, with its ``--set`` overrides.
 
-    ``--pass-deid-secret`` copied ``RADJEPA_DEID_SECRET`` whatever the job's config named, so a
-    job whose config says ``ingest.secret_env: SITE_KEY`` ran with the public development key
-    (every patient re-keyed) while the submitter believed the key had travelled. The config is
+    A config may name any variable (``ingest.secret_env: SITE_A``), so a name that does not look
+    like a secret can still hold the key: :func:`secret_problem` refuses it too. The config is
     read here as the job will read it: a relative path is relative to the uploaded folder.
     """
     from radjepa.config import ConfigError, load_config
@@ -242,10 +259,33 @@ def secret_env_of(args: Sequence[str], working_dir: Path) -> str:
     except (ConfigError, OSError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise JobsError(
-            "--pass-deid-secret reads the job's config to learn which variable holds the key "
+            "the job's config names the variable that holds the de-identification key "
             f"(ingest.secret_env), and it cannot be read here: {first}"
         ) from None
     return cfg.ingest.secret_env
+
+
+def secret_problem(
+    args: Sequence[str], env_vars: Mapping[str, str], deid_envs: Iterable[str]
+) -> str | None:
+    """Why this job's record would hold a credential, or None.
+
+    Checks the env vars by name (:data:`SECRET_NAME_PARTS`, or one of ``deid_envs``) and every
+    env value and command argument for a URL with a password. Names only in the answer: it is
+    printed.
+    """
+    deid = set(deid_envs)
+    names = sorted(
+        n for n in env_vars if n in deid or SECRET_NAME_PARTS & set(n.upper().split("_"))
+    )
+    if names:
+        return f"{', '.join(names)} would be stored with the job"
+    urls = sorted(n for n, v in env_vars.items() if _URL_PASSWORD.search(v))
+    if urls:
+        return f"{', '.join(urls)} holds a URL with a password, which would be stored with the job"
+    if any(_URL_PASSWORD.search(a) for a in args):
+        return "the command holds a URL with a password, which would be stored with the job"
+    return None
 
 
 def build_submission(
@@ -256,16 +296,16 @@ def build_submission(
     env: Mapping[str, str] | None = None,
     pass_env: Sequence[str] = (),
     pass_deid_secret: bool = False,
-    deid_secret_env: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Submission:
     """Assemble entrypoint + runtime env.
 
     Precedence for env vars (later wins): the runtime env file, passthrough of local
-    MLFLOW_TRACKING_URI, ``pass_env`` names, the de-id secret (only if ``pass_deid_secret``;
-    the variable the job's own config names, see :func:`secret_env_of`, unless
-    ``deid_secret_env`` says), explicit ``env``. The file's other keys (pip, excludes, ...) are kept; excludes are added
-    to the defaults and ``working_dir`` is always the local folder being uploaded.
+    MLFLOW_TRACKING_URI, ``pass_env`` names, explicit ``env``. The file's other keys (pip,
+    excludes, ...) are kept; excludes are added to the defaults and ``working_dir`` is always
+    the local folder being uploaded. A submission that would carry a secret, from any of those
+    or ``pass_deid_secret``, is refused (:func:`secret_problem`): the job record is public to
+    every dashboard user.
     """
     local = os.environ if environ is None else environ
     wd = working_dir.resolve()
@@ -291,16 +331,24 @@ def build_submission(
             raise JobsError(f"--pass-env {name}: not set in this shell")
         env_vars[name] = local[name]
     if pass_deid_secret:
-        deid_secret_env = deid_secret_env or secret_env_of(args, wd)
-        if not local.get(deid_secret_env):
-            raise JobsError(f"--pass-deid-secret: {deid_secret_env} is not set in this shell")
-        env_vars[deid_secret_env] = local[deid_secret_env]
-        log.warning(
-            "%s travels in the job's runtime env, which Ray keeps in plain text (job record, "
-            "head logs); a Kubernetes Secret on the pods is the safer place for it",
-            deid_secret_env,
+        raise JobsError(
+            "--pass-deid-secret is refused: the key (ingest.secret_env, RADJEPA_DEID_SECRET by "
+            "default) would be stored in plain text in the job's record, which everyone with "
+            f"the Ray dashboard or Jobs API can read; {WHERE_SECRETS_GO}"
         )
     env_vars.update(env or {})
+    deid_envs = {DEID_SECRET_ENV}
+    # the variable the job's config names, when its config is a local file (a bucket's is not
+    # fetched here); a config that cannot be read leaves the name rule alone
+    if not any("://" in c for c in _option_values(args, ("-c", "--config"))):
+        with contextlib.suppress(JobsError):
+            deid_envs.add(secret_env_of(args, wd))
+    problem = secret_problem(args, env_vars, deid_envs)
+    if problem:
+        raise JobsError(
+            f"not submitted: {problem}, in plain text that everyone with the Ray dashboard or "
+            f"Jobs API can read (and in the head's logs); {WHERE_SECRETS_GO}"
+        )
 
     runtime_env: dict[str, Any] = {k: v for k, v in base.items() if k not in {"env_vars"}}
     runtime_env["working_dir"] = str(wd)
@@ -333,7 +381,7 @@ def connect(address: str | None) -> JobSubmissionClient:
         ) from None
 
 
-@contextmanager
+@contextlib.contextmanager
 def _without_env(names: Iterable[str]) -> Iterator[None]:
     """Hide ``names`` from os.environ for the block, then put back what was there."""
     saved = {n: os.environ.pop(n) for n in names if n in os.environ}

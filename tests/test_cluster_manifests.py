@@ -615,3 +615,32 @@ def test_the_images_installed_cli_finds_the_configs_and_sample_it_ships(tmp_path
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert Path(res.stdout.strip()).is_relative_to(workdir)
+
+
+def test_vm_nodes_start_ray_with_the_env_file_secrets(tmp_path: Path) -> None:
+    """Jobs may not carry secrets (their record is public to dashboard users): on VMs the key
+    reaches them through an env file each node's `ray start` reads; runs the real commands with
+    a stub `ray` that prints what it was given."""
+    import subprocess
+
+    vm = _load("autoscaler-vm.yaml")
+    env_file = "/home/ray/radjepa-env/radjepa.env"
+    stub = tmp_path / "bin" / "ray"
+    stub.parent.mkdir()
+    stub.write_text(
+        '#!/bin/sh\necho "$1 ${RADJEPA_DEID_SECRET:-unset} ${MLFLOW_TRACKING_PASSWORD:-unset}"\n'
+    )
+    stub.chmod(0o755)
+    local = tmp_path / "radjepa.env"
+    local.write_text("RADJEPA_DEID_SECRET=k3y\nMLFLOW_TRACKING_PASSWORD=pw\n")
+    path = f"{stub.parent}:/usr/bin:/bin"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = vm[key][-1]
+        assert env_file in start and start.index(env_file) < start.index("ray start"), key
+        for present, expected in ((True, "start k3y pw"), (False, "start unset unset")):
+            cmd = start.replace(env_file, str(local if present else tmp_path / "none.env"))
+            out = subprocess.run(
+                ["bash", "-c", cmd], env={"PATH": path}, capture_output=True, text=True
+            )
+            assert out.returncode == 0 and out.stdout.strip() == expected, (key, out)
+    assert "pass-deid-secret" not in (CLUSTER / "autoscaler-vm.yaml").read_text()

@@ -31,6 +31,7 @@ from pipelines import jobs
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 N_IMAGES = 4
+CLUSTER_DEID_SECRET = secrets.token_hex(16)
 
 
 def _free_ports(n: int) -> list[int]:
@@ -142,6 +143,8 @@ def ray_head() -> Iterator[dict[str, str]]:
         "RAY_AUTH_TOKEN": token,
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TRAIN_V2_ENABLED": "1",
+        # the cluster's own environment (a pod's Secret, a VM's env file): jobs read it there
+        "RADJEPA_DEID_SECRET": CLUSTER_DEID_SECRET,
     }
     env.pop("RAY_ADDRESS", None)
     cmd = [
@@ -214,15 +217,15 @@ def test_submit_runs_ingest_to_succeeded_and_jobs_commands_see_it(
         shutil.copy(p, src / p.name)
     dst = tmp_path / "dst"
     job_id = f"rj-ok-{secrets.token_hex(4)}"
-    secret = secrets.token_hex(16)
-    env = {**ray_head, "RADJEPA_DEID_SECRET": secret}
+    secret = CLUSTER_DEID_SECRET  # in the head's environment, never in the job's record
+    env = {**ray_head, "RADJEPA_DEID_SECRET": ""}  # not the submitter's: none is sent
     if _has_ingest():
         cmd = ["ingest", str(src), str(dst), "-c", "configs/tiny_cpu.yaml"]
         cmd += ["--set", "ingest.image_size=128"]  # options after the command travel with it
     else:  # ingest not merged yet: the same path with the cheapest real command
         cmd = ["config", "validate", "-c", "configs/tiny_cpu.yaml"]
 
-    res = _radjepa(["submit", "--job-id", job_id, "--pass-deid-secret", *cmd], env)
+    res = _radjepa(["submit", "--job-id", job_id, *cmd], env)
 
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"job {job_id} SUCCEEDED" in res.stderr
@@ -234,7 +237,7 @@ def test_submit_runs_ingest_to_succeeded_and_jobs_commands_see_it(
         table = pq.read_table(dst / "images")
         assert table.num_rows == N_IMAGES
         assert set(table.column("height").to_pylist()) == {128}
-        # pseudonyms were keyed with the secret we passed, not the public dev key
+        # pseudonyms were keyed with the cluster's secret, not the public development key
         expected = {keyed_hash(secret.encode(), "source", str(src / p.name)) for p in src.iterdir()}
         assert set(table.column("source_hash").to_pylist()) == expected
     else:
@@ -366,9 +369,7 @@ def test_unreachable_server_and_missing_address_are_user_errors() -> None:
     assert res.returncode == 2 and "no Ray job server address" in res.stderr
 
 
-def test_submission_uploads_checkout_without_venv_and_passes_only_asked_secrets(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_submission_uploads_checkout_without_venv_and_no_secret(tmp_path: Path) -> None:
     environ = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "RADJEPA_DEID_SECRET": "s3cr3t"}
     sub = jobs.build_submission(["pretrain", "--data", "/d"], working_dir=REPO, environ=environ)
 
@@ -380,44 +381,75 @@ def test_submission_uploads_checkout_without_venv_and_passes_only_asked_secrets(
     assert "RADJEPA_DEID_SECRET" not in sub.runtime_env["env_vars"]
     assert "s3cr3t" not in sub.describe()
 
-    with caplog.at_level("WARNING", logger="pipelines.jobs"):
-        asked = jobs.build_submission(
-            ["ingest", "a", "b"], working_dir=REPO, environ=environ, pass_deid_secret=True
-        )
-    assert asked.runtime_env["env_vars"]["RADJEPA_DEID_SECRET"] == "s3cr3t"
-    assert "plain text" in caplog.text and "s3cr3t" not in caplog.text
-    assert "RADJEPA_DEID_SECRET" in asked.describe() and "s3cr3t" not in asked.describe()
+
+def _refusal(**kwargs) -> str:
+    kwargs.setdefault("working_dir", REPO)
+    kwargs.setdefault("args", ["ingest", "a", "b"])
+    with pytest.raises(jobs.JobsError) as err:
+        jobs.build_submission(kwargs.pop("args"), **kwargs)
+    return str(err.value)
 
 
-def test_the_deid_secret_passed_is_the_one_the_jobs_config_names(tmp_path: Path) -> None:
-    # --pass-deid-secret copied RADJEPA_DEID_SECRET whatever ingest.secret_env said: the job
-    # then pseudonymised with the public development key
+def test_a_secret_never_goes_into_the_jobs_record(tmp_path: Path) -> None:
+    # Ray stores a job's entrypoint and runtime env in plain text in its record: `GET /api/jobs/`
+    # and `ray job list` showed RADJEPA_DEID_SECRET (--pass-deid-secret), MLflow's password
+    # (--pass-env) and S3 keys (--env) to everyone with the dashboard
+    environ = {
+        "RADJEPA_DEID_SECRET": "deid-value",
+        "MLFLOW_TRACKING_PASSWORD": "mlflow-value",
+        "SITE_A": "site-value",
+    }
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "pipelines" / "cli.py").write_text("")
-    (tmp_path / "site.yaml").write_text("ingest:\n  secret_env: SITE_A_KEY\n")
-    environ = {"RADJEPA_DEID_SECRET": "default-key", "SITE_A_KEY": "a-key", "SITE_B_KEY": "b"}
+    (tmp_path / "site.yaml").write_text("ingest:\n  secret_env: SITE_A\n")
+    renv = tmp_path / "renv.yaml"
+    renv.write_text("env_vars:\n  HF_TOKEN: hf-value\n")
+    cases = [
+        ({"pass_deid_secret": True}, "--pass-deid-secret is refused"),
+        ({"pass_env": ["RADJEPA_DEID_SECRET"]}, "RADJEPA_DEID_SECRET would be stored"),
+        ({"pass_env": ["MLFLOW_TRACKING_PASSWORD"]}, "MLFLOW_TRACKING_PASSWORD would be"),
+        ({"env": {"AWS_SECRET_ACCESS_KEY": "aws-value"}}, "AWS_SECRET_ACCESS_KEY would be"),
+        ({"runtime_env_file": renv}, "HF_TOKEN would be stored"),
+        # a variable the job's config names for the key, whatever it is called
+        (
+            {"args": ["ingest", "a", "b", "-c", "site.yaml"], "pass_env": ["SITE_A"],
+             "working_dir": tmp_path},
+            "SITE_A would be stored",
+        ),
+        (
+            {"environ": {"MLFLOW_TRACKING_URI": "http://bob:mlflow-value@mlflow:5000"}},
+            "MLFLOW_TRACKING_URI holds a URL with a password",
+        ),
+        (
+            {"args": ["models", "list", "--set", "tracking.uri=postgresql://u:pg-value@db/m"]},
+            "the command holds a URL with a password",
+        ),
+    ]  # fmt: skip
+    for kwargs, says in cases:
+        kwargs.setdefault("environ", environ)
+        message = _refusal(**kwargs)
+        assert says in message, (kwargs, message)
+        assert "docs/CLUSTER.md" in message and "dashboard" in message
+        assert "-value" not in message  # names only, never values
 
-    def submit(*args: str) -> jobs.Submission:
-        return jobs.build_submission(
-            ["ingest", "a", "b", *args],
-            working_dir=tmp_path,
-            environ=environ,
-            pass_deid_secret=True,
-        )
+    # not secrets: whole name parts only, URLs without a password
+    fine = {"TOKENIZERS_PARALLELISM": "false", "KEYRING_BACKEND": "x", "DATA": "s3://b/k"}
+    sub = jobs.build_submission(
+        ["ingest", "s3://u@b/raw", "b"], working_dir=REPO, env=fine, environ={}
+    )
+    assert fine.items() <= sub.runtime_env["env_vars"].items()
 
-    for args, expected in [
-        (["-c", "site.yaml"], "SITE_A_KEY"),
-        (["--config=site.yaml"], "SITE_A_KEY"),
-        (["-c", str(tmp_path / "site.yaml")], "SITE_A_KEY"),
-        (["-c", "site.yaml", "--set", "ingest.secret_env=SITE_B_KEY"], "SITE_B_KEY"),
-        ([], "RADJEPA_DEID_SECRET"),
-    ]:
-        passed = {k for k in submit(*args).runtime_env["env_vars"] if k in environ}
-        assert passed == {expected}, args
-    with pytest.raises(jobs.JobsError, match="SITE_C_KEY is not set"):
-        submit("-s", "ingest.secret_env=SITE_C_KEY")
-    with pytest.raises(jobs.JobsError, match="cannot be read here"):
-        submit("-c", "missing.yaml")
+
+def test_pass_deid_secret_is_a_one_line_refusal_before_any_upload() -> None:
+    (dead,) = _free_ports(1)  # refused before the job server is even looked for
+    env = {"RAY_JOB_ADDRESS": f"http://127.0.0.1:{dead}", "RADJEPA_DEID_SECRET": "deid-value"}
+    for extra in (["--pass-deid-secret"], ["--pass-env", "RADJEPA_DEID_SECRET"]):
+        res = _radjepa(["submit", *extra, "--", "ingest", "a", "b"], env)
+        assert res.returncode == 2, res.stdout + res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+        assert "Traceback" not in res.stderr and "deid-value" not in res.stdout + res.stderr
+        assert "cannot reach" not in res.stderr
 
 
 def test_runtime_env_file_merges_and_bad_input_is_named(tmp_path: Path) -> None:
