@@ -89,6 +89,19 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "*.tar.gz",
     "/build",
     "/dist",
+    # secrets kept as files beside the checkout (dotenv files; the API keys file and the VMs'
+    # env file that docs/CLUSTER.md has you write): a job's working dir is unpacked readable by
+    # everyone on every node that runs it, and no job needs them (the cluster has its own)
+    ".env",
+    ".env.*",
+    "*.env",
+    ".envrc",
+    ".netrc",
+    "*.pem",
+    "*.key",
+    "api-keys",
+    "radjepa-api-keys",
+    "radjepa-env",
     "data/*",
     # the folder, then (last) everything in it: the folder alone leaves "*.dcm" excluding
     # its DICOMs, and without the folder its contents are never visited

@@ -508,6 +508,32 @@ def test_the_upload_keeps_the_bundled_sample_whole(tmp_path: Path) -> None:
     assert not any(n.startswith((".venv/", "runs/", ".git/")) for n in names)
 
 
+def test_the_upload_leaves_secret_files_behind(tmp_path: Path) -> None:
+    # a dotenv file, the API keys file and the VMs' env file that docs/CLUSTER.md has you write
+    # in the checkout were zipped into every job and unpacked world-readable on its nodes
+    import zipfile
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    wd = tmp_path / "checkout"
+    (wd / "pipelines").mkdir(parents=True)
+    (wd / "pipelines" / "cli.py").write_text("")
+    secret_files = [".env", ".env.local", "site.env", ".envrc", ".netrc", "api-keys",
+                    "radjepa-api-keys/keys", "radjepa-env/radjepa.env", "cluster/tls.key",
+                    "cluster/tls.pem"]  # fmt: skip
+    for name in secret_files:
+        (wd / name).parent.mkdir(parents=True, exist_ok=True)
+        (wd / name).write_text("s3cr3t\n")
+    sub = jobs.build_submission(["version"], working_dir=wd, environ={})
+    out = tmp_path / "pkg.zip"
+    _zip_files(str(wd), sub.runtime_env["excludes"], str(out), include_gitignore=True)
+    names = set(zipfile.ZipFile(out).namelist())
+
+    assert "pipelines/cli.py" in names
+    assert not names & set(secret_files), names & set(secret_files)
+    assert not any(n.startswith(("radjepa-env", "radjepa-api-keys")) for n in names)
+
+
 def test_server_tracebacks_are_cut_to_their_last_line() -> None:
     reply = RuntimeError(
         "Request failed with status code 500: Traceback (most recent call last):\n"
