@@ -579,8 +579,8 @@ class ServeConfig(_Section):
     decode_workers: int = Field(
         0,
         ge=0,
-        description="threads decoding uploads and searching the index in each API replica; "
-        "0 = one per CPU",
+        description="threads decoding uploads and searching the index in each API replica, "
+        "which reserves one Ray CPU per thread; 0 = one (one per CPU outside Ray Serve)",
     )
     use_gpu: Literal["auto", "true", "false"] = "auto"
     _use_gpu = field_validator("use_gpu", mode="before")(_gpu_setting)

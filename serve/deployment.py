@@ -33,6 +33,7 @@ __all__ = [
     "check_local_paths",
     "check_pseudonym_key",
     "check_references",
+    "ingress_resources",
 ]
 
 log = logging.getLogger(__name__)
@@ -396,15 +397,30 @@ def app_from_config(
         max_batch_size=sc.max_batch_size,
         batch_wait_timeout_s=sc.batch_wait_timeout_s,
     )
-    ingress_options: dict[str, Any] = {"num_cpus": 1}
-    if replica_env:
-        ingress_options["runtime_env"] = {"env_vars": replica_env}
+    ingress_options, replica_settings = ingress_resources(settings, replica_env)
     return ApiIngress.options(
         ray_actor_options=ingress_options,
         max_ongoing_requests=sc.max_ongoing_requests,
         max_queued_requests=sc.max_queued_requests,
         **_scaling(sc),
-    ).bind(encoder, settings.model_dump(), sc.head, sc.index, store_uri(cfg))
+    ).bind(encoder, replica_settings, sc.head, sc.index, store_uri(cfg))
+
+
+def ingress_resources(
+    settings: ApiSettings, replica_env: dict[str, str] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Ray actor options, settings) of an API replica: it reserves one CPU per decode thread.
+
+    ``decode_workers: 0`` meant ``os.cpu_count()`` threads inside a replica that reserved one
+    CPU: on a 96-core node, 96 concurrent decodes of up to ~1.3 GB each in one replica, beside
+    actors Ray had promised those cores. Under Ray Serve 0 now means the CPU the replica
+    reserves (one); N reserves N, so Ray places replicas where their threads and memory fit.
+    """
+    workers = settings.decode_workers or 1
+    options: dict[str, Any] = {"num_cpus": workers}
+    if replica_env:
+        options["runtime_env"] = {"env_vars": replica_env}
+    return options, {**settings.model_dump(), "decode_workers": workers}
 
 
 def build_app(args: dict[str, Any]) -> Application:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -197,3 +198,20 @@ def test_a_similar_case_search_leaves_the_event_loop_free(embedder, nih_dir) -> 
     assert len(hits) == 2 and ids[0] not in {h["image_id"] for h in hits}
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert res["excluded_self"] == 1 and app.state.decode_gate.admitted == 0
+
+
+def test_an_api_replica_reserves_one_cpu_per_decode_thread() -> None:
+    """Under Ray Serve, decode_workers 0 meant os.cpu_count() threads (each decode up to
+    ~1.3 GB) inside a replica that reserved one CPU: a big node's cores, promised by Ray to
+    other actors, and its memory went to one replica. 0 is now the one CPU the replica
+    reserves; N threads reserve N CPUs. The replica env still travels with the options."""
+    from serve.deployment import ingress_resources
+
+    for asked, threads in ((0, 1), (1, 1), (3, 3)):
+        options, settings = ingress_resources(ApiSettings(decode_workers=asked))
+        assert options == {"num_cpus": threads}
+        assert ApiSettings.model_validate(settings).decode_workers == threads
+    options, _ = ingress_resources(ApiSettings(), {"RADJEPA_X": "1"})
+    assert options == {"num_cpus": 1, "runtime_env": {"env_vars": {"RADJEPA_X": "1"}}}
+    # outside Ray (plain uvicorn, bench/serve.py) 0 still means one thread per CPU
+    assert DecodeGate(0).workers == (os.cpu_count() or 1)
