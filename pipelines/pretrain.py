@@ -31,6 +31,10 @@ from radjepa.training_data import TrainingDataError
 log = logging.getLogger(__name__)
 
 FAILURE_MARKER = ".radjepa-injected-failure"
+# the key of the last report of a run whose loss or weights became non-finite: why, in words
+DIVERGED = "diverged"
+# written into the run folder by rank 0 when training diverged; removed when the run starts again
+DIVERGED_MARKER = "diverged.json"
 # how long rank 0 waits at the end of training for metric values the store has not taken yet.
 # A write that meets a stopped tracking server sits in MLflow's own request retries (7, with
 # back-off, 247 s in all): with 60 s, a server restarted 67 s after it went down, while the
@@ -145,6 +149,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     steps, bs = cfg.train.steps, cfg.train.batch_size
     t_last, n_since = time.perf_counter(), 0
     last: dict[str, float] = {}
+    diverged: str | None = None  # why training cannot go on (non-finite loss or weights)
 
     try:
         while trainer.step < steps:
@@ -177,10 +182,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     last["img_per_s"] = n_since / max(elapsed, 1e-9)
                     t_last, n_since = time.perf_counter(), 0
                     if not np.isfinite(last["loss"]):
-                        raise FloatingPointError(
-                            f"loss became {last['loss']} at step {step}; lower optim.lr or check "
-                            "the data (see README troubleshooting)"
-                        )
+                        diverged = f"the loss became {last['loss']}"
+                        break
                     if sink is not None:
                         sink.log(last, step)
                     if rank == 0:
@@ -195,6 +198,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         )
 
                 if step % cfg.train.checkpoint_every == 0 or step == steps:
+                    if not _weights_finite_on_every_rank(trainer, mean_over_ranks):
+                        diverged = "the weights became non-finite"
+                        break
                     metrics = {"step": step, **last}
                     if rank == 0 and monitor is not None and len(monitor) >= 2:
                         quality = quality_metrics(
@@ -215,6 +221,22 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 _maybe_inject_failure(cfg, rank, step, run_dir)
                 if step >= steps:
                     break
+            if diverged is not None:
+                # every rank saw it (the loss is the ranks' mean, the weights check is reduced
+                # too), so every rank reports it: no checkpoint, and the worker returns normally.
+                # Raised, it was retried train.max_failures times from the last checkpoint, which
+                # replays the same steps, masks and crops into the same divergence
+                # (Ray's Result holds the last checkpoint's metrics only: the driver reads the
+                # marker; a sweep's Tune sees the report)
+                report = {"step": trainer.step, DIVERGED: diverged, cfg.tune.metric: float("nan")}
+                if rank == 0:
+                    log.error("training diverged at step %d: %s", trainer.step, diverged)
+                    marker = locations.join_location(run_dir, DIVERGED_MARKER)
+                    locations.write_text(
+                        marker, json.dumps({"step": trainer.step, DIVERGED: diverged})
+                    )
+                ray.train.report(report)
+                break
             if seen == 0:
                 raise PretrainError(
                     f"worker {rank} received no full batch of {bs}: too few images per worker"
@@ -222,6 +244,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     finally:
         if sink is not None:  # metrics logged before a failure are kept too
             sink.close(timeout_s=METRICS_FLUSH_S)
+
+
+def _weights_finite_on_every_rank(trainer: Any, mean_over_ranks: Any) -> bool:
+    """``Pretrainer.weights_finite`` agreed on by every rank (their weights are the same under
+    DDP; reduced anyway, since ranks that disagreed would wait forever in ``report``)."""
+    import torch
+
+    ok = torch.tensor(float(trainer.weights_finite()), device=trainer.device)
+    return bool(mean_over_ranks(ok) == 1.0)
 
 
 def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str]) -> Any:
@@ -369,6 +400,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         skip = None
         if resume is not None:
             skip = {"resume_from": resume.path, "damaged_checkpoints": list(resume.damaged)}
+        clear_divergence(run_dir)  # the last run's: this one starts from a good checkpoint
         trainer = build_trainer(
             cfg,
             data,
@@ -380,6 +412,11 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         result = trainer.fit()
         if result.error is not None:
             raise result.error
+        diverged = read_divergence(run_dir)
+        if diverged is not None:
+            if tracking:
+                _record_divergence(uri, run_id, diverged)
+            raise PretrainError(divergence_message(diverged, result.checkpoint, storage))
         pruned += prune_stray_checkpoints(run_dir, restored=restored, finished=True)
     except KeyboardInterrupt:
         if tracking:  # re-running the same command resumes it
@@ -607,6 +644,61 @@ def storage_error(err: BaseException) -> OSError | None:
             return e
         pending += [c for c in (e.__cause__, e.__context__) if c is not None]
     return None
+
+
+def read_divergence(run_dir: str) -> dict[str, Any] | None:
+    """What rank 0 recorded when the run's loss or weights became non-finite, or None."""
+    text = locations.read_text(locations.join_location(run_dir, DIVERGED_MARKER))
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = {}
+    return {"step": record.get("step"), DIVERGED: record.get(DIVERGED) or "non-finite values"}
+
+
+def clear_divergence(run_dir: str) -> None:
+    """Remove the divergence record of an earlier attempt of the run (a re-run that resumes)."""
+    marker = locations.join_location(run_dir, DIVERGED_MARKER)
+    if locations.read_text(marker) is not None:
+        fs, path = locations.filesystem(marker)
+        fs.delete_file(path)
+
+
+def divergence_message(metrics: dict[str, Any], checkpoint: Any, storage: str) -> str:
+    """One line for a run that stopped because its loss or weights became non-finite."""
+    step = metrics.get("step")
+    where = "no checkpoint was written before it"
+    if checkpoint is not None:
+        from radjepa.checkpoint import read_meta
+
+        path = locations.spell_like(storage, checkpoint.path)
+        try:
+            with checkpoint.as_directory() as local:
+                where = f"the last good checkpoint is {path} (step {read_meta(local)['step']})"
+        except Exception:  # noqa: BLE001 - the path alone still says where
+            where = f"the last good checkpoint is {path}"
+    return (
+        f"training diverged at step {step}: {metrics.get(DIVERGED)}. It was stopped without "
+        f"retries (a retry from the last checkpoint repeats the same steps); {where}, and no "
+        "checkpoint of the diverged weights was kept. Lower optim.lr (or raise "
+        "optim.warmup_fraction, or check the data), then re-run with "
+        "--set train.allow_config_change=true to continue from it, or choose a new "
+        "train.run_name"
+    )
+
+
+def _record_divergence(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
+    """Tag the MLflow run with where and why it diverged (it is then marked FAILED)."""
+    from pipelines.tracking import client as tracking_client
+
+    try:
+        client = tracking_client(uri)
+        client.set_tag(run_id, "radjepa.diverged_at_step", str(metrics.get("step")))
+        client.set_tag(run_id, "radjepa.diverged", str(metrics.get(DIVERGED))[:5000])
+    except Exception:  # noqa: BLE001 - the FAILED status and the message still say it
+        log.warning("could not tag MLflow run %s as diverged", run_id, exc_info=True)
 
 
 def _explain_failure(err: BaseException, run_dir: str) -> str:

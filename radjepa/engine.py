@@ -202,6 +202,23 @@ class Pretrainer:
         with self._autocast():
             return self.model.target_encoder.embed(images.to(self.device)).float()
 
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every weight of the encoder, target encoder and predictor is finite.
+
+        Checked before a checkpoint is written: the loss of a step is computed with the weights
+        before its update, so a finite loss does not prove the weights saved after it are, and a
+        checkpoint of NaN weights would rotate the last good one out (``keep_checkpoints``).
+        One norm per tensor, gathered in one host sync; a norm that overflows counts as
+        non-finite too (such weights have diverged as surely)."""
+        params = [
+            p
+            for m in (self.model.encoder, self.model.target_encoder, self.model.predictor)
+            for p in m.parameters()
+        ]
+        norms = torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params])
+        return bool(torch.isfinite(norms).all())
+
     # -----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:

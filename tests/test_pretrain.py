@@ -726,3 +726,47 @@ def test_a_checkpoint_record_cut_short_is_set_aside(tmp_path, caplog):
     assert not (run / RAY_CHECKPOINT_SNAPSHOT).exists()
     assert (run / f"{RAY_CHECKPOINT_SNAPSHOT}.stale").exists()
     assert "unreadable" in caplog.text
+
+
+@pytest.mark.parametrize("log_every", [1, 100], ids=["loss-check", "weights-check"])
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(shards, tmp_path, log_every):
+    # a NaN loss was raised in the worker, so Ray Train retried it train.max_failures times
+    # from the last checkpoint (the same steps, masks and crops: the same NaN), then the CLI
+    # printed the worker's traceback; and a checkpoint step that was not a log step saved the
+    # NaN weights, rotating the last good checkpoint out (or rankme failed on them, cryptically)
+    import mlflow
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from pipelines.pretrain import PretrainError, run_pretrain
+
+    sets = {"train.steps": 4, "train.checkpoint_every": 2}
+    run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    blown = {
+        **sets,
+        "train.steps": 30,
+        "train.log_every": log_every,
+        "optim.lr": 1e5,
+        "optim.start_lr": 1e5,
+        "train.allow_config_change": True,
+    }
+    with pytest.raises(PretrainError) as err:
+        run_pretrain(_cfg(tmp_path, **blown), str(shards))
+    message = str(err.value)
+    assert "\n" not in message and "diverged at step" in message
+    assert "without retries" in message and "last good checkpoint" in message
+
+    ckpts = sorted(p for p in (tmp_path / "t").glob("checkpoint_*") if p.is_dir())
+    assert ckpts, "the good checkpoints are kept"
+    for ckpt in ckpts:  # none holds diverged weights
+        weights = load_file(str(ckpt / "weights.safetensors"))
+        assert all(np.isfinite(v).all() for v in weights.values()), ckpt
+    newest = json.loads((ckpts[-1] / "meta.json").read_text())["step"]
+    assert newest >= 4 and f"(step {newest})" in message
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = mlflow.MlflowClient(uri).get_run((tmp_path / "t" / "mlflow_run_id").read_text())
+    assert run.info.status == "FAILED"
+    assert int(run.data.tags["radjepa.diverged_at_step"]) > 4
+    # one resume (the re-run's), no worker restart after it
+    assert run.data.tags["radjepa.resumes"] == "1"
