@@ -22,6 +22,7 @@ from ray.tune.search import Searcher
 from ray.tune.stopper import Stopper
 
 from pipelines.placement_groups import release_orphaned_placement_groups
+from pipelines.pretrain import DIVERGED
 from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints, human_size
 from radjepa import locations
 from radjepa.config import Config, SearchDim, config_to_yaml
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 COLLAPSED = "collapsed"
 STOPPED = "stopped early"
 INCOMPLETE = "incomplete"
+# its loss or weights became non-finite: it ended (no retry repeats it), unranked
+DIVERGED_STATUS = "diverged"
 
 
 class SweepError(RuntimeError):
@@ -185,7 +188,7 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.pretrain import build_trainer, start_tracking
+    from pipelines.pretrain import build_trainer, clear_divergence, read_divergence, start_tracking
 
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
@@ -212,12 +215,19 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         callbacks=[TuneReportCallback()],
         extra_loop_config={"probe_set": setup.get("probe_set")},
     )
+    run_dir = locations.join_location(storage, cfg.train.run_name)
+    clear_divergence(run_dir)  # a resumed trial's earlier attempt
     trainer.fit()
     if tracking:  # its radjepa.status tag is set by the driver, which sees every trial
         from pipelines.tracking import client as tracking_client
         from pipelines.tracking_runs import end_run
 
-        end_run(tracking_client(tracking["uri"]), tracking["run_id"], "FINISHED")
+        client = tracking_client(tracking["uri"])
+        diverged = read_divergence(run_dir)
+        if diverged is not None:
+            client.set_tag(tracking["run_id"], "radjepa.diverged_at_step", str(diverged["step"]))
+            client.set_tag(tracking["run_id"], "radjepa.diverged", str(diverged[DIVERGED]))
+        end_run(client, tracking["run_id"], "FINISHED" if diverged is None else "FAILED")
 
 
 def is_collapsed(metrics: dict[str, Any], rankme_floor: float, std_floor: float) -> bool:
@@ -320,8 +330,11 @@ def _rows(
         m = res.metrics or {}
         params = {k: v for k, v in (res.config or {}).items()}
         value = m.get(metric)
+        diverged = m.get(DIVERGED)
         if res.error is not None:
             status = "error"
+        elif diverged:
+            status = DIVERGED_STATUS  # ended, as a collapsed trial does: nothing to resume
         elif m.get("step") is None:
             status = INCOMPLETE  # never reported (the sweep was interrupted before it did)
         elif is_collapsed(m, *floors):
@@ -341,7 +354,9 @@ def _rows(
                 status=status,
                 steps=m.get("step"),
                 checkpoint=ckpt,
-                error=_failure_reason(res.error) if res.error is not None else None,
+                error=_failure_reason(res.error)
+                if res.error is not None
+                else (f"diverged at step {m.get('step')}: {diverged}" if diverged else None),
             )
         )
     return rows
@@ -748,5 +763,5 @@ def _close_trial_runs(client: Any, parent_run_id: str, rows: list[TrialRow]) -> 
             continue
         client.set_tag(run.info.run_id, "radjepa.status", row.status)
         if run.info.status == "RUNNING" or REAPED_TAG in run.data.tags:
-            state = "FAILED" if row.status == "error" else "FINISHED"
+            state = "FAILED" if row.status in ("error", DIVERGED_STATUS) else "FINISHED"
             end_run(client, run.info.run_id, state)

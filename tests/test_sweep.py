@@ -488,3 +488,37 @@ def test_a_refused_sweep_makes_no_mlflow_run_and_keeps_the_sweep_s_own(nih_shard
     assert (sweep_dir / "mlflow_parent_run_id").read_text() == "the-sweep-s-own-run"
     client = mlflow.MlflowClient(store)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_a_diverged_trial_ends_the_sweep_goes_on_and_its_checkpoints_are_pruned(
+    nih_shards, tmp_path
+):
+    # a NaN trial was an `error`: the sweep then kept every trial's checkpoints for `--resume`,
+    # which restarted it into the same NaN, so a sweep with such a trial never pruned
+    import mlflow
+
+    from pipelines.sweep import run_sweep
+
+    lrs = [5e-4, 1e5]
+    cfg = _cfg(tmp_path, "nan", {"optim.lr": {"type": "grid", "values": lrs}})
+    res = run_sweep(cfg, str(nih_shards))
+    by_lr = {t.params["optim.lr"]: t for t in res.trials}
+    good, bad = by_lr[5e-4], by_lr[1e5]
+    assert good.status == "ok" and res.best is not None and res.best.trial_id == good.trial_id
+    assert bad.status == "diverged" and bad.metric is None
+    assert bad.error is not None and bad.error.startswith("diverged at step")
+    # pruned as after a sweep without failures: only the best trial's checkpoints stay
+    assert res.tidied is not None
+    left = _checkpoints(tmp_path / "nan")
+    assert left[bad.trial_id] == [] and left[good.trial_id]
+
+    runs = {
+        r.data.tags["radjepa.trial_id"]: r for r in _child_runs(res.tracking_uri, res.parent_run_id)
+    }
+    assert runs[bad.trial_id].info.status == "FAILED"
+    assert runs[bad.trial_id].data.tags["radjepa.status"] == "diverged"
+    assert "radjepa.diverged_at_step" in runs[bad.trial_id].data.tags
+    assert runs[good.trial_id].info.status == "FINISHED"
+    assert (
+        mlflow.MlflowClient(res.tracking_uri).get_run(res.parent_run_id).info.status == "FINISHED"
+    )
