@@ -437,7 +437,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
             mark_run(uri, run_id, "FAILED")
         if isinstance(err, (ClusterResourceError, PretrainError, *_LIBRARY_ERRORS)):
             raise PretrainError(str(err)) from None
-        raise PretrainError(_explain_failure(err, run_dir)) from err
+        raise PretrainError(_explain_failure(err, run_dir, cfg.train.max_failures)) from err
 
     metrics = dict(result.metrics or {})
     ckpt, version = None, None
@@ -701,7 +701,7 @@ def _record_divergence(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
         log.warning("could not tag MLflow run %s as diverged", run_id, exc_info=True)
 
 
-def _explain_failure(err: BaseException, run_dir: str) -> str:
+def _explain_failure(err: BaseException, run_dir: str, max_failures: int = 0) -> str:
     full = storage_error(err)
     if full is not None:
         first = (str(full).strip().splitlines() or [type(full).__name__])[0]
@@ -718,6 +718,21 @@ def _explain_failure(err: BaseException, run_dir: str) -> str:
         return (
             "a worker ran out of memory. Lower train.batch_size, use a smaller model, or "
             "add GPU memory (bf16 is on by default on GPU). Original error: " + text[-2000:]
+        )
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:
+        # Ray Train's WorkerGroupError: its text is every failed rank's traceback (40 lines in
+        # the CLI's one-line error); each rank's own exception says it in a line
+        from pipelines.runtime import first_line
+
+        rank = min(failures)
+        first = failures[rank]
+        reason = first_line(str(first))
+        reason = f"{type(first).__name__}: {reason}" if reason else type(first).__name__
+        return (
+            f"training failed on rank {rank}: {reason} (after train.max_failures="
+            f"{max_failures} restarts; the workers' logs above have the traceback); re-run the "
+            "same command to resume from the latest checkpoint"
         )
     return f"training failed: {text[-4000:]}"
 

@@ -770,3 +770,17 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(shards, tmp
     assert int(run.data.tags["radjepa.diverged_at_step"]) > 4
     # one resume (the re-run's), no worker restart after it
     assert run.data.tags["radjepa.resumes"] == "1"
+
+
+def test_a_worker_error_is_said_in_one_line(shards, tmp_path):
+    # the message was Ray's WorkerGroupError text: each failed rank's whole traceback
+    from pipelines.pretrain import PretrainError, run_pretrain
+
+    sets = {"train.num_workers": 1, "train.steps": 4, "train.max_failures": 0}
+    with pytest.raises(PretrainError) as err:
+        run_pretrain(_cfg(tmp_path, **sets, **{"train.fail_at_step": 2}), str(shards))
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "training failed on rank 0: RuntimeError: injected failure at step 2 (train.fail_at_step)"
+    )
