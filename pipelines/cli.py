@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -165,10 +165,18 @@ def pretrain(
 ) -> None:
     """Pretrain a JEPA encoder with Ray Train on ingested shards (re-run the same run name to resume)."""
     cfg = load(config, set_)
-    from pipelines.pretrain import PretrainError, run_pretrain, shards_location
+    from pipelines.pretrain import (
+        PretrainError,
+        PretrainInterrupted,
+        run_pretrain,
+        shards_location,
+    )
 
     try:
         res = run_pretrain(cfg, shards_location(data, cfg))
+    except PretrainInterrupted as err:  # not a usage error: 130, as an interrupted ingest
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        _exit_now(130)
     except PretrainError as err:
         raise UserError(str(err)) from None
     from pipelines.tracking import ui_command
@@ -950,6 +958,25 @@ def demo(
     console.print_json(json.dumps(summary, default=str))
     console.print(f"everything is in {summary['output']}")
     console.print(f"look at the runs: {summary['mlflow_ui']}")
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit at once once an interrupted run has been recorded and said. A SIGTERM that lands in
+    ``ray.get`` (a pod shut down, ``kill``, while ``pretrain`` waits on its workers) leaves the
+    process to abort in interpreter teardown (SIGABRT: exit 134 and a core dump, after the
+    one-line error), even after ``ray.shutdown()``: so Ray is shut down, logs and streams are
+    flushed, and the interpreter's teardown is skipped."""
+    import os
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> None:

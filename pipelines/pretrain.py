@@ -46,6 +46,10 @@ class PretrainError(RuntimeError):
     """A problem with the inputs or the environment, phrased for the user."""
 
 
+class PretrainInterrupted(PretrainError):
+    """Ctrl-C or SIGTERM stopped the run; it is resumable (the CLI exits 130, as ingest does)."""
+
+
 # the library's own user-facing errors, reported as a PretrainError by this job
 _LIBRARY_ERRORS = (TrainingDataError, ResumeError)
 
@@ -428,7 +432,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         # a KeyboardInterrupt, and the MLflow run stayed RUNNING forever
         if tracking:
             mark_run(uri, run_id, "KILLED")
-        raise PretrainError(
+        raise PretrainInterrupted(
             f"training was interrupted (exit {err.code}); the run is resumable: re-run the "
             "same command to continue from its latest checkpoint"
         ) from None

@@ -784,3 +784,47 @@ def test_a_worker_error_is_said_in_one_line(shards, tmp_path):
     assert message.startswith(
         "training failed on rank 0: RuntimeError: injected failure at step 2 (train.fail_at_step)"
     )
+
+
+def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards, tmp_path):
+    # a SIGTERM landing in ray.get (a pod shut down, `kill`) printed the one-line error, then
+    # the process aborted in interpreter teardown: exit 134 (SIGABRT) and a core dump
+    import signal
+    import subprocess
+    import sys
+
+    import mlflow
+
+    repo = CONFIGS.parent
+    sets = {
+        "train.output_dir": str(tmp_path),
+        "train.run_name": "t",
+        "train.steps": "400",
+        "train.log_every": "1",
+        "train.batch_size": "8",
+        "data.holdout_fraction": "0.0",
+    }
+    args = [sys.executable, "-m", "pipelines.cli", "pretrain", "-c", str(CONFIGS / "tiny_cpu.yaml")]
+    args += ["--data", str(shards)] + [f"--set={k}={v}" for k, v in sets.items()]
+    proc = subprocess.Popen(
+        args,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo)},
+    )
+    assert proc.stderr is not None
+    said = []
+    for line in proc.stderr:  # once the workers train
+        said.append(line)
+        if "step 3/400" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, rest = proc.communicate(timeout=180)
+    text = "".join(said) + rest
+    assert proc.returncode == 130, text[-3000:]
+    assert text.strip().splitlines()[-1].startswith("error: training was interrupted")
+    run_id = (tmp_path / "t" / "mlflow_run_id").read_text()
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "KILLED"
