@@ -782,29 +782,9 @@ def test_a_body_over_the_limit_gets_413_and_the_connection_closed(client, framin
         head += "Transfer-Encoding: chunked\r\n\r\n"
         body = (b"10000\r\n" + b"\0" * 65536 + b"\r\n") * (MAX_BODY // 65536 + 1)
     more = b"\0" * 65536 if framing == "declared" else b"10000\r\n" + b"\0" * 65536 + b"\r\n"
-    answer, closed = b"", False
-    with on_loopback(client.app) as (host, port), socket.create_connection((host, port)) as s:
-        s.settimeout(10)
-        s.sendall(head.encode() + body)
-        s.settimeout(0.2)
+    with on_loopback(client.app) as (host, port):
         # then it keeps sending, for longer than uvicorn's 5 s keep-alive timeout
-        deadline = time.monotonic() + 8
-        while not closed and time.monotonic() < deadline:
-            try:  # read first: the 413 is there before any reset of a closed connection
-                chunk = s.recv(65536)
-                closed = not chunk  # EOF: the server closed
-                answer += chunk
-            except TimeoutError:
-                pass
-            except OSError:
-                closed = True  # reset
-            if not closed:
-                try:
-                    s.sendall(more)
-                except TimeoutError:
-                    pass  # the server stopped reading for now
-                except OSError:
-                    closed = True  # broken pipe or reset: the server closed
+        answer, closed = answer_then_keep_sending(host, port, head.encode() + body, more, 8)
     assert closed, "the server still read the body after its 413"
     status, _, rest = answer.partition(b"\r\n")
     assert status == b"HTTP/1.1 413 Request Entity Too Large", answer[:200]
