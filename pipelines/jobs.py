@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -44,14 +45,23 @@ RUNTIME_ENV_FILE = Path("cluster") / "runtime_env.yaml"
 PASSTHROUGH_ENVS = ("MLFLOW_TRACKING_URI",)
 DEID_SECRET_ENV = "RADJEPA_DEID_SECRET"
 # Parts of a variable name (split at '_') that mark a credential: AWS_SECRET_ACCESS_KEY,
-# MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, HF_TOKEN, AZURE_STORAGE_ACCESS_KEY, ...
+# MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN, HF_TOKEN, RADJEPA_API_KEYS, ...
 # Whole parts only: TOKENIZERS_PARALLELISM or KEYRING_BACKEND are not secrets.
 SECRET_NAME_PARTS = frozenset(
-    {"SECRET", "SECRETS", "PASSWORD", "PASSWD", "TOKEN", "KEY", "APIKEY", "CREDENTIAL",
-     "CREDENTIALS", "PRIVATE", "PASSPHRASE"}
+    {"SECRET", "SECRETS", "PASSWORD", "PASSWORDS", "PASSWD", "PASS", "PWD", "TOKEN", "TOKENS",
+     "KEY", "KEYS", "APIKEY", "APIKEYS", "CREDENTIAL", "CREDENTIALS", "CREDS",
+     "PASSPHRASE"}
 )  # fmt: skip
-# scheme://user:password@host: the password is in the value whatever the variable is called
-_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:[^/@\s]+@")
+# ...and words that end a part glued to another (PGPASSWORD, CLIENTSECRET, GHTOKEN)
+_SECRET_SUFFIXES = ("PASSWORD", "PASSWD", "SECRET", "TOKEN", "APIKEY")
+# a name that points at a secret rather than holding one (GOOGLE_APPLICATION_CREDENTIALS=/v/sa.json,
+# AWS_WEB_IDENTITY_TOKEN_FILE, AWS_KMS_KEY_ID), or a switch (HF_HUB_DISABLE_IMPLICIT_TOKEN=1)
+_REFERENCE_PARTS = frozenset({"FILE", "PATH", "DIR", "ID"})
+_PATH_VALUE = re.compile(r"/[A-Za-z0-9_./-]*")
+_SWITCH_VALUES = frozenset({"", "0", "1", "true", "false", "yes", "no", "on", "off"})
+# scheme://user:password@host: the password is in the value whatever the variable is called;
+# the user info ends before the first / ? or # (an @ in a query string is not a password)
+_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:\s]*:[^/?#@\s]+@")
 WHERE_SECRETS_GO = (
     "put secrets in the cluster's own environment, which its jobs inherit (KubeRay: a "
     "Kubernetes Secret in the pod env of cluster/raycluster.yaml; VMs: the env file of "
@@ -253,9 +263,10 @@ def _option_values(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
     return values
 
 
-def secret_env_of(args: Sequence[str], working_dir: Path) -> str:
-    """The variable that holds the pseudonymisation key for the radjepa command ``args``:
-    ``ingest.secret_env`` of the config it names, with its ``--set`` overrides.
+def secret_envs_of(args: Sequence[str], working_dir: Path) -> tuple[str, str]:
+    """The variables that hold the keys of the radjepa command ``args``: ``ingest.secret_env``
+    (pseudonyms) and ``serve.api_keys_env`` (the API's bearer keys) of the config it names,
+    with its ``--set`` overrides.
 
     A config may name any variable (``ingest.secret_env: SITE_A``), so a name that does not look
     like a secret can still hold the key: :func:`secret_problem` refuses it too. The config is
@@ -275,22 +286,36 @@ def secret_env_of(args: Sequence[str], working_dir: Path) -> str:
             "the job's config names the variable that holds the de-identification key "
             f"(ingest.secret_env), and it cannot be read here: {first}"
         ) from None
-    return cfg.ingest.secret_env
+    return cfg.ingest.secret_env, cfg.serve.api_keys_env
+
+
+def _named_like_secret(name: str, value: str) -> bool:
+    """Whether a variable's name says it holds a credential (its value only tells apart a
+    reference to one: a path, an id, a switch)."""
+    parts = [p for p in name.upper().split("_") if p]
+    if not (SECRET_NAME_PARTS & set(parts) or any(p.endswith(_SECRET_SUFFIXES) for p in parts)):
+        return False
+    if parts and parts[-1] in _REFERENCE_PARTS:
+        return False
+    text = value.strip()
+    return not (text.lower() in _SWITCH_VALUES or _PATH_VALUE.fullmatch(text))
 
 
 def secret_problem(
-    args: Sequence[str], env_vars: Mapping[str, str], deid_envs: Iterable[str]
+    args: Sequence[str],
+    env_vars: Mapping[str, str],
+    deid_envs: Iterable[str],
+    other: Mapping[str, Any] | None = None,
 ) -> str | None:
     """Why this job's record would hold a credential, or None.
 
-    Checks the env vars by name (:data:`SECRET_NAME_PARTS`, or one of ``deid_envs``) and every
-    env value and command argument for a URL with a password. Names only in the answer: it is
+    Checks the env vars by name (:data:`SECRET_NAME_PARTS`, or one of ``deid_envs``: the
+    variables the job's config reads its keys from) and every env value, command argument and
+    ``other`` runtime-env field for a URL with a password. Names only in the answer: it is
     printed.
     """
     deid = set(deid_envs)
-    names = sorted(
-        n for n in env_vars if n in deid or SECRET_NAME_PARTS & set(n.upper().split("_"))
-    )
+    names = sorted(n for n, v in env_vars.items() if n in deid or _named_like_secret(n, v))
     if names:
         return f"{', '.join(names)} would be stored with the job"
     urls = sorted(n for n, v in env_vars.items() if _URL_PASSWORD.search(v))
@@ -298,6 +323,11 @@ def secret_problem(
         return f"{', '.join(urls)} holds a URL with a password, which would be stored with the job"
     if any(_URL_PASSWORD.search(a) for a in args):
         return "the command holds a URL with a password, which would be stored with the job"
+    if _URL_PASSWORD.search(json.dumps(other or {})):
+        return (
+            "the runtime env (pip, conda, py_modules ...) holds a URL with a password, which "
+            "would be stored with the job"
+        )
     return None
 
 
@@ -350,13 +380,15 @@ def build_submission(
             f"the Ray dashboard or Jobs API can read; {WHERE_SECRETS_GO}"
         )
     env_vars.update(env or {})
-    deid_envs = {DEID_SECRET_ENV}
+    deid_envs = {DEID_SECRET_ENV, "RADJEPA_API_KEYS"}
     # the variable the job's config names, when its config is a local file (a bucket's is not
     # fetched here); a config that cannot be read leaves the name rule alone
     if not any("://" in c for c in _option_values(args, ("-c", "--config"))):
         with contextlib.suppress(JobsError):
-            deid_envs.add(secret_env_of(args, wd))
-    problem = secret_problem(args, env_vars, deid_envs)
+            deid_envs.update(secret_envs_of(args, wd))
+    problem = secret_problem(
+        args, env_vars, deid_envs, {k: v for k, v in base.items() if k != "env_vars"}
+    )
     if problem:
         raise JobsError(
             f"not submitted: {problem}, in plain text that everyone with the Ray dashboard or "

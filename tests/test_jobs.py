@@ -404,6 +404,9 @@ def test_a_secret_never_goes_into_the_jobs_record(tmp_path: Path) -> None:
     (tmp_path / "site.yaml").write_text("ingest:\n  secret_env: SITE_A\n")
     renv = tmp_path / "renv.yaml"
     renv.write_text("env_vars:\n  HF_TOKEN: hf-value\n")
+    pip_renv = tmp_path / "pip.yaml"
+    pip_renv.write_text("pip:\n  - --extra-index-url https://u:pip-value@pypi.example/simple\n")
+    (tmp_path / "keys.yaml").write_text("serve:\n  api_keys_env: SITE_KEYS\n")
     cases = [
         ({"pass_deid_secret": True}, "--pass-deid-secret is refused"),
         ({"pass_env": ["RADJEPA_DEID_SECRET"]}, "RADJEPA_DEID_SECRET would be stored"),
@@ -416,6 +419,17 @@ def test_a_secret_never_goes_into_the_jobs_record(tmp_path: Path) -> None:
              "working_dir": tmp_path},
             "SITE_A would be stored",
         ),
+        # the API's bearer keys, by default name and by the name the config gives them, and
+        # plural or glued credential words
+        ({"env": {"RADJEPA_API_KEYS": "api-value"}}, "RADJEPA_API_KEYS would be stored"),
+        (
+            {"args": ["serve", "-c", "keys.yaml"], "env": {"SITE_KEYS": "k-value"},
+             "working_dir": tmp_path},
+            "SITE_KEYS would be stored",
+        ),
+        ({"env": {"PGPASSWORD": "pg-value"}}, "PGPASSWORD would be stored"),
+        ({"env": {"DB_PASSWORDS": "db-value"}}, "DB_PASSWORDS would be stored"),
+        ({"runtime_env_file": pip_renv}, "the runtime env (pip, conda, py_modules ...) holds"),
         (
             {"environ": {"MLFLOW_TRACKING_URI": "http://bob:mlflow-value@mlflow:5000"}},
             "MLFLOW_TRACKING_URI holds a URL with a password",
@@ -433,7 +447,18 @@ def test_a_secret_never_goes_into_the_jobs_record(tmp_path: Path) -> None:
         assert "-value" not in message  # names only, never values
 
     # not secrets: whole name parts only, URLs without a password
-    fine = {"TOKENIZERS_PARALLELISM": "false", "KEYRING_BACKEND": "x", "DATA": "s3://b/k"}
+    fine = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "KEYRING_BACKEND": "x",
+        "DATA": "s3://b/k",
+        # references to a secret the cluster holds, and switches, are not secrets
+        "GOOGLE_APPLICATION_CREDENTIALS": "/var/secrets/sa.json",
+        "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/token",
+        "AWS_KMS_KEY_ID": "1234abcd-12ab",
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+        "PRIVATE_NETWORK": "10.0.0.0/8",
+        "REPORT_URL": "http://host:5000/r?email=a@b.com",
+    }
     sub = jobs.build_submission(
         ["ingest", "s3://u@b/raw", "b"], working_dir=REPO, env=fine, environ={}
     )
