@@ -212,7 +212,7 @@ def test_image_ids_are_keyed_by_the_pseudonymisation_key():
         content_id(png, SECRET, "md5")
 
 
-def _store_one_png(dest: Destination) -> bytes:
+def _store_one_png(dest: Destination, shard: str = "part-0.parquet") -> bytes:
     """Decode one sample PNG and write it as the DST's only shard, as a run that dies right
     after its first shard leaves it; returns the PNG's bytes."""
     png = sorted(SAMPLE.glob("*.png"))[0].read_bytes()
@@ -222,21 +222,22 @@ def _store_one_png(dest: Destination) -> bytes:
             schema=READ_SCHEMA,
         )
     )
-    dest.write("images", "part-0.parquet", row.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+    dest.write("images", shard, row.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
     return png
 
 
 def test_totals_count_a_row_quarantined_unread_whose_path_was_stored_since_as_resolved(
     tmp_path,
 ):
-    """Only rows with no image id (never read) are resolved by an image from their path: a
-    row quarantined for its content, or from another path, still counts as quarantined."""
+    """Only rows with no image id (never read) are resolved, and only by an image a LATER run
+    stored from their path: a row quarantined for its content, from another path, or after
+    the path's image was stored (the file since replaced by one over the size limit) still
+    counts as quarantined."""
     from radjepa.imaging.deid import keyed_hash
     from radjepa.ingest.destination import Totals
     from radjepa.shards import QUARANTINE_SCHEMA
 
-    dest = Destination(str(tmp_path / "dst"))
-    _store_one_png(dest)  # stored from "a.png"
+    earlier, run, later = "20261204T090000-aaaaaa", "20261204T100000-bbbbbb", "20261204T110000-c"
     stored = keyed_hash(SECRET, "source", "a.png")
     other = keyed_hash(SECRET, "source", "b.png")
     rows = [  # (image id, path hash, reason): too large once, since stored from its path
@@ -246,14 +247,18 @@ def test_totals_count_a_row_quarantined_unread_whose_path_was_stored_since_as_re
     ]
     quarantine = pa.Table.from_pylist(
         [
-            {"sha256": i, "source_hash": h, "reason": r, "message": "m", "run_id": "run-1"}
+            {"sha256": i, "source_hash": h, "reason": r, "message": "m", "run_id": run}
             for i, h, r in rows
         ],
         schema=QUARANTINE_SCHEMA,
     )
-    dest.write("quarantine", "quarantine-run-1.parquet", quarantine)
-    assert dest.totals() == Totals(1, 2, {"not_an_image": 1, "read_error": 1}, 1)
-    assert dest.unread_quarantined() == {other}
+    for stored_by, resolved in ((later, 1), (earlier, 0)):
+        dest = Destination(str(tmp_path / stored_by))
+        _store_one_png(dest, f"part-{stored_by}-00000.parquet")  # stored from "a.png"
+        dest.write("quarantine", f"quarantine-{run}.parquet", quarantine)
+        reasons = {"not_an_image": 1, "read_error": 1, **({} if resolved else {"too_large": 1})}
+        assert dest.totals() == Totals(1, 3 - resolved, reasons, resolved)
+        assert dest.unread_quarantined() == ({other} if resolved else {other, stored})
 
 
 def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):

@@ -178,15 +178,36 @@ class Destination:
     def _quarantine_rows(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for path in self._parquet(QUARANTINE_DIR):
-            columns = ["sha256", "source_hash", "reason"]
-            rows.extend(pq.read_table(path, columns=columns, filesystem=self.fs).to_pylist())
+            table = pq.read_table(path, filesystem=self.fs)
+            columns = [
+                c for c in ("sha256", "source_hash", "reason", "run_id") if c in table.column_names
+            ]
+            rows.extend(table.select(columns).to_pylist())
         return rows
 
-    def _stored_paths(self, rows: list[dict[str, Any]]) -> set[str]:
-        """Path hashes of the stored images, read only when a row was quarantined unread."""
-        if not any(r["sha256"] is None for r in rows):
-            return set()
-        return {h for h in self._column(IMAGES_DIR, "source_hash") if h}
+    def _stored_paths(self, rows: list[dict[str, Any]]) -> dict[str, str]:
+        """Path hash -> the latest run that stored an image from it (run ids sort by start
+        time; a shard is ``part-<run_id>-<n>.parquet``). Read only when a row was quarantined
+        unread."""
+        if not any(r.get("sha256") is None for r in rows):
+            return {}
+        latest: dict[str, str] = {}
+        for path in self._parquet(IMAGES_DIR):
+            run = path.rsplit("/", 1)[-1].removeprefix("part-").rsplit("-", 1)[0]
+            table = pq.read_table(path, columns=["source_hash"], filesystem=self.fs)
+            for h in table.column("source_hash").to_pylist():
+                if h and run > latest.get(h, ""):
+                    latest[h] = run
+        return latest
+
+    @staticmethod
+    def _resolved(row: dict[str, Any], stored: dict[str, str]) -> bool:
+        """A row quarantined unread whose path a LATER run stored: a path stored first and
+        quarantined unread after (replaced by a file over the size limit, a link gone dangling)
+        is still missing from what DST holds."""
+        if row.get("sha256") is not None or not row.get("source_hash"):
+            return False
+        return stored.get(row["source_hash"], "") > str(row.get("run_id") or "")
 
     def unread_quarantined(self) -> set[str]:
         """Path hashes of inputs quarantined without being read and not stored since: this
@@ -196,14 +217,14 @@ class Destination:
         return {
             r["source_hash"]
             for r in rows
-            if r["sha256"] is None and r["source_hash"] and r["source_hash"] not in stored
+            if r.get("sha256") is None and r.get("source_hash") and not self._resolved(r, stored)
         }
 
     def totals(self) -> Totals:
         """Counted from the files themselves, so a run that died before its manifest still
-        counts (see :class:`Totals`). A row quarantined unread is resolved once an image from
-        the same path is stored: counting it as quarantined said a file was missing that DST
-        holds."""
+        counts (see :class:`Totals`). A row quarantined unread is resolved once a later run
+        stores an image from the same path: counting it as quarantined said a file was missing
+        that DST holds."""
         images = sum(
             pq.ParquetFile(self.fs.open_input_file(p)).metadata.num_rows
             for p in self._parquet(IMAGES_DIR)
@@ -213,7 +234,7 @@ class Destination:
         reasons: Counter[str] = Counter()
         resolved = 0
         for r in rows:
-            if r["sha256"] is None and r["source_hash"] in stored:
+            if self._resolved(r, stored):
                 resolved += 1
             else:
                 reasons[r["reason"]] += 1
