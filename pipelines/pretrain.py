@@ -733,10 +733,11 @@ def _explain_failure(err: BaseException, run_dir: str, max_failures: int = 0) ->
         first = failures[rank]
         reason = first_line(str(first))
         reason = f"{type(first).__name__}: {reason}" if reason else type(first).__name__
+        restarts = "no restart" if max_failures == 0 else "restarts exhausted"
         return (
-            f"training failed on rank {rank}: {reason} (after train.max_failures="
-            f"{max_failures} restarts; the workers' logs above have the traceback); re-run the "
-            "same command to resume from the latest checkpoint"
+            f"training failed on rank {rank}: {reason} (train.max_failures={max_failures}: "
+            f"{restarts}; the workers' logs above have the traceback); re-run the same command "
+            "to resume from the latest checkpoint"
         )
     return f"training failed: {text[-4000:]}"
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "check_local_paths",
     "check_pseudonym_key",
     "check_references",
+    "check_replica_fits",
     "ingress_resources",
 ]
 
@@ -188,6 +190,34 @@ def _cluster_has_gpus() -> bool:
     import ray
 
     return ray.is_initialized() and float(ray.cluster_resources().get("GPU", 0.0)) > 0.0
+
+
+def check_replica_fits(decode_workers: int) -> None:
+    """Say before deploying when an API replica cannot be placed: it reserves
+    ``decode_workers`` CPUs (:func:`ingress_resources`) and Serve would otherwise wait for a
+    node that has them with nothing but its own periodic warnings.
+
+    On a Ray this process started, nothing will add a node: refused (ValueError). On a
+    cluster an autoscaler may add a bigger node, so it is a warning there."""
+    import ray
+
+    from pipelines.cluster_address import names_cluster
+
+    if decode_workers <= 1 or not ray.is_initialized():
+        return
+    largest = max(
+        (float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")),
+        default=0.0,
+    )
+    if decode_workers <= largest:
+        return
+    what = (
+        f"serve.decode_workers={decode_workers}: each API replica reserves that many CPUs, and "
+        f"the largest node of this Ray has {largest:g}"
+    )
+    if not names_cluster(os.environ.get("RAY_ADDRESS", "").strip()):
+        raise ValueError(f"{what}; lower serve.decode_workers")
+    log.warning("%s: the API starts only once the autoscaler adds a node that big", what)
 
 
 def check_local_paths(model: str | None, head: str | None, index: str | None) -> None:
@@ -381,6 +411,7 @@ def app_from_config(
             replica_env,
             allow_development_key=settings.allow_development_key,
         )
+    check_replica_fits(settings.decode_workers)
     gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and _cluster_has_gpus())
     if sc.use_gpu == "true" and not _cluster_has_gpus():
         raise ValueError("serve.use_gpu=true but the Ray cluster has no GPUs")

@@ -563,6 +563,18 @@ def test_a_zip_member_in_an_unreadable_method_says_which_and_how_to_repack(tmp_p
     with zipfile.ZipFile(archive) as z, pytest.raises(NotImplementedError):
         z.read("deflate64.dcm")  # what a real Deflate64 member raises
     rows = _rows(archive)
+    # zipfile raises the same error for a feature of a readable method (compressed patched
+    # data, flag bit 5): that member must not be said to be in a method ingest cannot read
+    patched = tmp_path / "patched.zip"
+    with zipfile.ZipFile(patched, "w") as z:
+        z.writestr("patched.dcm", dcm)
+    raw = bytearray(patched.read_bytes())
+    for magic, field in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # general purpose flags
+        where = raw.index(magic) + field
+        raw[where] |= 0x20
+    patched.write_bytes(bytes(raw))
+    (row,) = _rows(patched)
+    assert row["read_error"] and "zip method" not in row["read_error"], row["read_error"]
     assert [(r["name"].rsplit("!", 1)[1], r["read_error"]) for r in rows] == [
         ("deflate64.dcm", "read_error:zip method 9"),
         ("ppmd.dcm", "read_error:zip method 98"),

@@ -784,6 +784,7 @@ def test_a_worker_error_is_said_in_one_line(shards, tmp_path):
     assert message.startswith(
         "training failed on rank 0: RuntimeError: injected failure at step 2 (train.fail_at_step)"
     )
+    assert "(train.max_failures=0: no restart;" in message
 
 
 def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards, tmp_path):

@@ -215,3 +215,26 @@ def test_an_api_replica_reserves_one_cpu_per_decode_thread() -> None:
     assert options == {"num_cpus": 1, "runtime_env": {"env_vars": {"RADJEPA_X": "1"}}}
     # outside Ray (plain uvicorn, bench/serve.py) 0 still means one thread per CPU
     assert DecodeGate(0).workers == (os.cpu_count() or 1)
+
+
+@pytest.mark.ray
+def test_a_replica_asking_more_cpus_than_any_node_has_is_said_before_deploying(
+    ray_session, monkeypatch, caplog
+) -> None:
+    """decode_workers: N reserves N CPUs per API replica; with N above every node's CPUs,
+    Serve waited for a node that never comes with only its own periodic warnings. On a Ray
+    this process started that is refused in one line; on a cluster (an autoscaler may add a
+    node that big) it is a warning."""
+    import ray
+
+    from serve.deployment import check_replica_fits
+
+    largest = int(max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    check_replica_fits(largest)  # fits
+    with pytest.raises(ValueError, match=f"serve.decode_workers={largest + 1}: each API"):
+        check_replica_fits(largest + 1)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what joining a cluster looks like
+    with caplog.at_level("WARNING", logger="serve.deployment"):
+        check_replica_fits(largest + 1)
+    assert "once the autoscaler adds a node that big" in caplog.text

@@ -288,6 +288,20 @@ class _ZipInput:
         return getattr(self._f, name)
 
 
+# the compression methods this Python's zipfile decompresses (3.14 adds Zstandard)
+_READABLE_ZIP_METHODS = frozenset(
+    m
+    for m in (
+        zipfile.ZIP_STORED,
+        zipfile.ZIP_DEFLATED,
+        zipfile.ZIP_BZIP2,
+        zipfile.ZIP_LZMA,
+        getattr(zipfile, "ZIP_ZSTANDARD", None),
+    )
+    if m is not None
+)
+
+
 def _iter_zip(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str, Any]]:
     with zipfile.ZipFile(_ZipInput(f)) as z:
         for info in z.infolist():
@@ -302,10 +316,16 @@ def _iter_zip(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str,
                 continue
             try:
                 data = z.read(info)
-            except NotImplementedError:  # Deflate64 (Windows' "Send to zip"), PPMd, zstd ...
-                yield row(
-                    name, None, info.file_size, f"read_error:{ZIP_METHOD} {info.compress_type}"
+            except NotImplementedError as err:  # Deflate64 (Windows' "Send to zip"), PPMd ...
+                # zipfile raises it for other features too (compressed patched data, flag bit
+                # 5): the method is named only when it is one zipfile cannot read
+                unreadable = info.compress_type not in _READABLE_ZIP_METHODS
+                reason = (
+                    f"read_error:{ZIP_METHOD} {info.compress_type}"
+                    if unreadable
+                    else read_error(err)
                 )
+                yield row(name, None, info.file_size, reason)
                 continue
             except Exception as err:
                 yield row(name, None, info.file_size, read_error(err))
