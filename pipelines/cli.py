@@ -304,7 +304,7 @@ def serve_cmd(
     if not cfg.serve.model:
         raise UserError("no model to serve: pass --model PATH or models:/<name>@<alias>")
 
-    from pipelines.cluster_address import names_cluster
+    from pipelines.cluster_address import env_names_cluster
     from pipelines.runtime import ensure_ray
     from pipelines.tracking import store_uri
     from serve.deployment import check_pseudonym_key, check_references
@@ -314,7 +314,7 @@ def serve_cmd(
     # refuse an unprotected service, a taken port, a mistyped path, a registry version that does
     # not exist, a head or index of another encoder, or a missing pseudonymisation key before
     # paying for Ray (~15 s)
-    local_ray = not names_cluster(os.environ.get("RAY_ADDRESS", "").strip())
+    local_ray = not env_names_cluster()
     try:
         settings = settings_from_config(
             cfg.serve,
@@ -966,8 +966,6 @@ def _exit_now(code: int) -> NoReturn:
     process to abort in interpreter teardown (SIGABRT: exit 134 and a core dump, after the
     one-line error), even after ``ray.shutdown()``: so Ray is shut down, logs and streams are
     flushed, and the interpreter's teardown is skipped."""
-    import os
-
     if "ray" in sys.modules:
         import ray
 

@@ -240,6 +240,13 @@ def names_cluster(address: str) -> bool:
     return address not in ("", "local")
 
 
+def env_names_cluster() -> bool:
+    """Whether this process's RAY_ADDRESS names a cluster to join (no check that it answers:
+    :func:`checked_ray_address` does that), as opposed to a Ray of its own that inherits its
+    environment and never grows."""
+    return names_cluster((os.environ.get("RAY_ADDRESS") or "").strip())
+
+
 def checked_ray_address() -> str:
     """RAY_ADDRESS as ray.init will read it, refused within seconds when it names a cluster
     this process cannot join (:class:`ClusterConnectionError`); ``""`` or ``local`` for this

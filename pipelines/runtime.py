@@ -18,6 +18,7 @@ from pipelines.cluster_address import (
     ClusterConnectionError,
     ClusterError,
     checked_ray_address,
+    env_names_cluster,
     names_cluster,
 )
 
@@ -222,7 +223,7 @@ def check_trial_fits_locally(workers: int, cpus_per_worker: float, use_gpu: bool
     """
     import ray
 
-    if names_cluster((os.environ.get("RAY_ADDRESS") or "").strip()):
+    if env_names_cluster():
         return
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 0.0)), int(res.get("GPU", 0.0))

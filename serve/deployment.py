@@ -61,8 +61,6 @@ class EncoderDeployment:
         if device == "cpu":
             # Ray pins actors to OMP_NUM_THREADS=num_cpus (1): a CPU forward would use one core
             # while batching exists precisely to feed a wide forward. Use the node's cores.
-            import os
-
             import torch
 
             torch.set_num_threads(os.cpu_count() or 1)
@@ -201,7 +199,7 @@ def check_replica_fits(decode_workers: int) -> None:
     cluster an autoscaler may add a bigger node, so it is a warning there."""
     import ray
 
-    from pipelines.cluster_address import names_cluster
+    from pipelines.cluster_address import env_names_cluster
 
     if decode_workers <= 1 or not ray.is_initialized():
         return
@@ -215,7 +213,7 @@ def check_replica_fits(decode_workers: int) -> None:
         f"serve.decode_workers={decode_workers}: each API replica reserves that many CPUs, and "
         f"the largest node of this Ray has {largest:g}"
     )
-    if not names_cluster(os.environ.get("RAY_ADDRESS", "").strip()):
+    if not env_names_cluster():
         raise ValueError(f"{what}; lower serve.decode_workers")
     log.warning("%s: the API starts only once the autoscaler adds a node that big", what)
 

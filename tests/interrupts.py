@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,3 +36,20 @@ def ctrl_c_once(ready: Callable[[], bool], timeout_s: float = 600) -> Iterator[N
         stop.set()
         presser.join()
         signal.signal(signal.SIGINT, previous)
+
+
+def signal_after_line(
+    proc: subprocess.Popen[str], marker: str, sig: int, timeout_s: float
+) -> tuple[str, str]:
+    """Send ``sig`` to the child ``proc`` once a line of its stderr holds ``marker`` (where a
+    user's Ctrl-C or a pod's SIGTERM would land in the run), then wait for it to end: (its
+    stdout, everything it wrote to stderr)."""
+    assert proc.stderr is not None
+    said = []
+    for line in proc.stderr:
+        said.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+    out, rest = proc.communicate(timeout=timeout_s)
+    return out, "".join(said) + rest

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from dicom_factory import MARKER_STRINGS, deflated, gradient, issuer_tags, make_dicom
+from interrupts import signal_after_line
 from pydicom.uid import ExplicitVRBigEndian, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
 
 from radjepa.config import load_config
@@ -873,15 +874,8 @@ def test_an_interrupted_run_says_what_it_kept_in_one_line(tmp_path) -> None:
         # a shell's background job ignores SIGINT, and Python would then never raise it
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    assert proc.stderr is not None
-    err = []
-    for line in proc.stderr:  # interrupted inside run_ingest, once it has said what it reads
-        err.append(line)
-        if "ingest 60 inputs" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    out, rest = proc.communicate(timeout=120)
-    text = "".join(err) + rest
+    # interrupted inside run_ingest, once it has said what it reads
+    out, text = signal_after_line(proc, "ingest 60 inputs", signal.SIGINT, 120)
     assert proc.returncode == 130, text
     assert "Traceback" not in text and out.strip().count("{") == 0
     assert text.strip().splitlines()[-1].startswith("interrupted: the shards written so far")

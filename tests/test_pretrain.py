@@ -795,6 +795,7 @@ def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards
     import sys
 
     import mlflow
+    from interrupts import signal_after_line
 
     repo = CONFIGS.parent
     sets = {
@@ -815,15 +816,7 @@ def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards
         text=True,
         env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo)},
     )
-    assert proc.stderr is not None
-    said = []
-    for line in proc.stderr:  # once the workers train
-        said.append(line)
-        if "step 3/400" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    _, rest = proc.communicate(timeout=180)
-    text = "".join(said) + rest
+    _, text = signal_after_line(proc, "step 3/400", signal.SIGTERM, 180)  # once workers train
     assert proc.returncode == 130, text[-3000:]
     assert text.strip().splitlines()[-1].startswith("error: training was interrupted")
     run_id = (tmp_path / "t" / "mlflow_run_id").read_text()
