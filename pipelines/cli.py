@@ -148,6 +148,9 @@ def ingest(
     except IngestError as err:
         raise UserError(str(err)) from None
     except KeyboardInterrupt:
+        from pipelines.runtime import stop_ray_before_last_word
+
+        stop_ray_before_last_word()
         typer.echo(INTERRUPTED, err=True)
         raise typer.Exit(130) from None
     before = f" ({res.resolved} quarantined by an earlier run)" if res.resolved else ""
@@ -175,8 +178,7 @@ def pretrain(
     try:
         res = run_pretrain(cfg, shards_location(data, cfg))
     except PretrainInterrupted as err:  # not a usage error: 130, as an interrupted ingest
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        _exit_now(130)
+        _exit_now(130, f"error: {err}")
     except PretrainError as err:
         raise UserError(str(err)) from None
     from pipelines.tracking import ui_command
@@ -960,17 +962,17 @@ def demo(
     console.print(f"look at the runs: {summary['mlflow_ui']}")
 
 
-def _exit_now(code: int) -> NoReturn:
-    """Exit at once once an interrupted run has been recorded and said. A SIGTERM that lands in
-    ``ray.get`` (a pod shut down, ``kill``, while ``pretrain`` waits on its workers) leaves the
-    process to abort in interpreter teardown (SIGABRT: exit 134 and a core dump, after the
-    one-line error), even after ``ray.shutdown()``: so Ray is shut down, logs and streams are
-    flushed, and the interpreter's teardown is skipped."""
-    if "ray" in sys.modules:
-        import ray
+def _exit_now(code: int, message: str) -> NoReturn:
+    """Say ``message`` and exit at once once an interrupted run has been recorded. A SIGTERM
+    that lands in ``ray.get`` (a pod shut down, ``kill``, while ``pretrain`` waits on its
+    workers) leaves the process to abort in interpreter teardown (SIGABRT: exit 134 and a core
+    dump, after the one-line error), even after ``ray.shutdown()``: so Ray is shut down
+    (before the message, which must be the last line), logs and streams are flushed, and the
+    interpreter's teardown is skipped."""
+    from pipelines.runtime import stop_ray_before_last_word
 
-        if ray.is_initialized():
-            ray.shutdown()
+    stop_ray_before_last_word()
+    typer.secho(message, fg=typer.colors.RED, err=True)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

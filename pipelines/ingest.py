@@ -420,7 +420,7 @@ INTERRUPTED = (
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.ingest SRC... DST [--config] [--set k=v]`` (e.g. in a Ray Job)."""
-    from pipelines.runtime import ClusterError
+    from pipelines.runtime import ClusterError, stop_ray_before_last_word
     from radjepa.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__)
@@ -437,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
         return 2
     except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` of a job run in the foreground
+        stop_ray_before_last_word()
         print(INTERRUPTED, file=sys.stderr)  # noqa: T201 - entry point output
         return 130
     print(json.dumps(asdict(s), sort_keys=True))  # noqa: T201 - entry point output

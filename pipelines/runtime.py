@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
 from typing import Any
 
@@ -62,6 +63,17 @@ def quiet_local_worker_logs() -> None:
     logger = logging.getLogger(_PG_CLEANER_LOGGER)
     if not any(isinstance(f, _DropPrefix) for f in logger.filters):
         logger.addFilter(_DropPrefix(_NO_STATE_API))
+
+
+def stop_ray_before_last_word() -> None:
+    """Shut this driver's Ray down before an interrupted command says its last line: until
+    then Ray's log monitor keeps forwarding the workers' final lines (a step, a progress
+    update), which would land after the message the user has to read."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 class ClusterResourceError(ClusterError):
