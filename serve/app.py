@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -27,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serve.admission import Cancelled, DecodeGate, Overloaded
 from serve.embedder import Embedder, ImageEmbedding, ModelInfo
@@ -95,6 +97,84 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+# how much of a client's header an error message repeats: the whole of it let a client have a
+# 16 KB Content-Type echoed back (and into any log that records error bodies)
+SHOWN_CHARS = 64
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+try:  # the multipart parser's limits on each part's headers (python-multipart's defaults)
+    from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT as _PART_HEADERS
+    from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE as _PART_HEADER_BYTES
+except ImportError:  # an older python-multipart: its limits as of 0.0.22
+    _PART_HEADERS, _PART_HEADER_BYTES = 8, 4096 + 128
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """A client-supplied value as an error message may quote it: printable ASCII only (control
+    characters, newlines and other bytes become ``?``), at most ``limit`` characters (then
+    ``...`` and the full length), quoted."""
+    clean = _UNPRINTABLE.sub("?", value)
+    if len(clean) > limit:
+        return f"'{clean[:limit]}...' ({len(value)} characters)"
+    return f"'{clean}'"
+
+
+def _multipart_error(err: MultiPartException, max_parts: int) -> ApiError:
+    """A multipart body the parser refused, as a JSON error saying what to fix.
+
+    Starlette answered each with a bare 400 whose message, for a part header over the parser's
+    line limit or a body that does not follow its boundary, was only "Invalid multipart data."
+    and whose reason was empty."""
+    cause = _UNPRINTABLE.sub("?", str(err.__cause__ or ""))
+    message = err.message
+    if cause.startswith("Maximum header size"):
+        return ApiError(
+            400,
+            f"a multipart part header is longer than {_PART_HEADER_BYTES} bytes: keep each part's headers "
+            "(Content-Disposition, Content-Type) short, e.g. a shorter filename",
+            reason="multipart_header_too_large",
+        )
+    if cause.startswith("Maximum header count"):
+        return ApiError(
+            400,
+            f"a multipart part has more than {_PART_HEADERS} headers: send Content-Disposition and "
+            "Content-Type only",
+            reason="invalid_multipart",
+        )
+    if cause:  # the body does not follow the multipart grammar
+        return ApiError(
+            400,
+            f"malformed multipart body ({cause[:120]}): parts must be delimited by "
+            "--BOUNDARY lines, BOUNDARY being the boundary parameter of the Content-Type "
+            "header, as curl -F or an HTTP library's files= option writes them",
+            reason="invalid_multipart",
+        )
+    if message.startswith("Missing boundary"):
+        return ApiError(
+            400,
+            f"{MULTIPART} without a boundary parameter: send Content-Type: {MULTIPART}; "
+            "boundary=... matching the body's delimiters (curl -F and HTTP libraries set it; "
+            "do not set Content-Type by hand)",
+            reason="invalid_multipart",
+        )
+    if "Content-Disposition" in message:
+        return ApiError(
+            400,
+            "a multipart part has no Content-Disposition: form-data header with a name: send "
+            'each image as a file part (Content-Disposition: form-data; name="files"; '
+            'filename="a.dcm"), e.g. curl -F files=@a.dcm',
+            reason="invalid_multipart",
+        )
+    if message.startswith(("Too many files", "Too many fields")):
+        return ApiError(
+            422,
+            f"more than {max_parts} multipart parts: send at most {max_parts} images per request",
+            reason="too_many_images",
+        )
+    if message.startswith("Part exceeded"):  # the body limit (413) is met first
+        return ApiError(413, "a multipart part exceeds the body size limit", reason="too_large")
+    return ApiError(400, f"invalid multipart body: {message[:200]}", reason="invalid_multipart")
+
+
 async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload]:
     """Raw image body or multipart files -> bytes; 415 for anything else."""
     media = _media_type(request)
@@ -106,15 +186,21 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
     if media != MULTIPART:
         raise ApiError(
             415,
-            f"unsupported media type {media or '(none)'!r}: send one of "
+            f"unsupported media type {shown(media) if media else '(none)'}: send one of "
             f"{', '.join(IMAGE_MEDIA_TYPES)} or {MULTIPART}",
             reason="unsupported_media_type",
         )
-    form = await request.form(
+    parser = MultiPartParser(
+        request.headers,
+        request.stream(),
         max_files=settings.max_images_per_request,
         max_fields=settings.max_images_per_request,
         max_part_size=settings.max_body_bytes,
     )
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        raise _multipart_error(err, settings.max_images_per_request) from None
     uploads: list[_Upload] = []
     try:
         for name, value in form.multi_items():
@@ -123,7 +209,7 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
                 # gone: skipping it answered for fewer images than were sent
                 raise ApiError(
                     422,
-                    f"multipart part {name[:64]!r} is not a file (its Content-Disposition has "
+                    f"multipart part {shown(name)} is not a file (its Content-Disposition has "
                     "no filename): send each image as a file part, e.g. curl -F files=@a.dcm",
                     reason="not_a_file",
                 )
@@ -131,7 +217,7 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
             if part not in PART_MEDIA_TYPES:
                 raise ApiError(
                     415,
-                    f"file part has unsupported media type {part!r}: use one of "
+                    f"file part has unsupported media type {shown(part)}: use one of "
                     f"{', '.join(PART_MEDIA_TYPES)}",
                     reason="unsupported_media_type",
                     filename=value.filename,

@@ -768,6 +768,105 @@ def test_a_multipart_part_without_a_filename_is_refused_not_skipped(client, worl
     assert "'files'" in r.json()["detail"] and "filename" in r.json()["detail"]
 
 
+def _part(headers: bytes, data: bytes = b"xx") -> bytes:
+    return b"--B\r\n" + headers + b"\r\n\r\n" + data + b"\r\n"
+
+
+FILE_PART = b'Content-Disposition: form-data; name="files"; filename="a.png"'
+MALFORMED_MULTIPART = {
+    # a header line over python-multipart's 4 KB limit: a bare "Invalid multipart data."
+    "long_part_header": (
+        _part(FILE_PART + b"\r\nX-Pad: " + b"a" * 5000) + b"--B--\r\n",
+        "multipart/form-data; boundary=B",
+        ("multipart_header_too_large", "4224 bytes", "shorter filename"),
+    ),
+    "too_many_part_headers": (
+        _part(FILE_PART + b"".join(b"\r\nX-%d: 1" % i for i in range(9))) + b"--B--\r\n",
+        "multipart/form-data; boundary=B",
+        ("invalid_multipart", "more than 8 headers"),
+    ),
+    "no_boundary": (
+        _part(FILE_PART) + b"--B--\r\n",
+        "multipart/form-data",
+        ("invalid_multipart", "without a boundary", "boundary=..."),
+    ),
+    "boundary_not_in_body": (
+        _part(FILE_PART) + b"--B--\r\n",
+        "multipart/form-data; boundary=OTHER",
+        ("invalid_multipart", "malformed multipart body", "boundary parameter"),
+    ),
+    "content_disposition_without_name": (
+        _part(b"Content-Disposition: attachment") + b"--B--\r\n",
+        "multipart/form-data; boundary=B",
+        ("invalid_multipart", "Content-Disposition", "curl -F files=@a.dcm"),
+    ),
+    "no_content_disposition": (
+        _part(b"Content-Type: image/png") + b"--B--\r\n",
+        "multipart/form-data; boundary=B",
+        ("invalid_multipart", "Content-Disposition", "curl -F files=@a.dcm"),
+    ),
+}
+
+
+def test_a_malformed_multipart_body_is_a_json_error_saying_what_to_fix(world):
+    """Starlette's own 400s: "Invalid multipart data." with no reason for a part header over
+    its 4 KB line limit or a body that does not follow its boundary; its wording and no reason
+    for a missing boundary or Content-Disposition name. Each now has a reason and a message
+    naming what to change."""
+    import httpx
+
+    app = create_app(world["embedder"], settings=_settings())
+    with on_loopback(app) as (host, port):
+        for case, (body, media, says) in MALFORMED_MULTIPART.items():
+            r = httpx.post(
+                f"http://{host}:{port}/v1/embed",
+                content=body,
+                headers={**AUTH, "content-type": media},
+            )
+            assert r.status_code == 400, (case, r.text)
+            out = r.json()
+            assert out["reason"] == says[0], (case, out)
+            assert all(x in out["detail"] for x in says[1:]), (case, out)
+            assert out["request_id"] == r.headers["x-request-id"]
+        # one more part than a request may hold is the limit's own refusal, not a 400
+        parts = b"".join(_part(FILE_PART) for _ in range(65)) + b"--B--\r\n"
+        r = httpx.post(
+            f"http://{host}:{port}/v1/embed",
+            content=parts,
+            headers={**AUTH, "content-type": "multipart/form-data; boundary=B"},
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["reason"] == "too_many_images" and "at most 64" in r.json()["detail"]
+
+
+def test_a_415_quotes_the_content_type_short_and_printable(world):
+    """The 415 repeated the client's Content-Type whole: a 12 KB header came back in the body,
+    bytes outside printable ASCII included (and would land in any log of error bodies). It is
+    cut to 64 printable characters, with the length it had."""
+    import httpx
+
+    app = create_app(world["embedder"], settings=_settings())
+    sent = b"text/" + b"a" * 12000 + b"\xff\x80"
+    part = _part(FILE_PART + b"\r\nContent-Type: image/\x7f\x1b[31m" + b"b" * 4000, b"x")
+    with on_loopback(app) as (host, port):
+        url = f"http://{host}:{port}/v1/embed"
+        whole = httpx.post(url, content=b"x", headers={**AUTH, "content-type": sent})
+        in_part = httpx.post(
+            url,
+            content=part + b"--B--\r\n",
+            headers={**AUTH, "content-type": "multipart/form-data; boundary=B"},
+        )
+    for r, length in ((whole, 12007), (in_part, 4012)):
+        assert r.status_code == 415, r.text
+        detail = r.json()["detail"]
+        assert r.json()["reason"] == "unsupported_media_type"
+        assert len(detail) < 300, detail
+        assert f"({length} characters)" in detail, detail
+        assert detail.isascii() and detail.isprintable(), detail
+    assert "'text/" + "a" * 59 + "...'" in whole.json()["detail"]
+    assert "'image/??[31m" in in_part.json()["detail"]
+
+
 @pytest.mark.parametrize("framing", ["declared", "chunked"])
 def test_a_body_over_the_limit_gets_413_and_the_connection_closed(client, framing):
     """After the 413 the connection stayed open, the server reading and discarding the rest of
