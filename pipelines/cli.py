@@ -334,6 +334,9 @@ def serve_cmd(
             )
     except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
+    # said above, on this terminal, where the API replicas' log lines also arrive: they do not
+    # repeat them (keyless mode, the public development key: each was said twice)
+    settings = settings.model_copy(update={"start_warnings_said": True})
     ensure_ray()
     try:
         url = start_local(cfg, settings=settings, references_checked=True, key_checked=local_ray)

@@ -331,7 +331,9 @@ def _resolve_decode_secret(settings: ApiSettings) -> bytes:
 
     try:
         return resolve_secret(
-            settings.secret_env, allow_development_key=settings.allow_development_key
+            settings.secret_env,
+            allow_development_key=settings.allow_development_key,
+            warn=not settings.start_warnings_said,
         )
     except SecretRefused as err:
         raise SecurityConfigError(str(err)) from None

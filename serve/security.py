@@ -79,6 +79,13 @@ class ApiSettings(BaseModel):
         description="with secret_env unset, use the PUBLIC development key instead of refusing "
         "to start (ingest.allow_development_key: the sample and tests only)",
     )
+    start_warnings_said: bool = Field(
+        False,
+        description="the command that started the service said its start-up warnings (keyless "
+        "mode, the public or a weak pseudonymisation key) where its operator reads them: the "
+        "API replicas, whose log lines `radjepa serve` forwards to the same terminal, do not "
+        "repeat them",
+    )
 
     def check_startable(self, keys_env: str | None = None) -> None:
         """Refuse an unprotected service unless insecure local mode was asked for.
@@ -92,7 +99,7 @@ class ApiSettings(BaseModel):
                 "characters or serve.api_keys_file (one key per line); for a local-only "
                 "service pass --insecure-local (serve.insecure_local=true)"
             )
-        if self.insecure_local and not self.key_digests:
+        if self.insecure_local and not self.key_digests and not self.start_warnings_said:
             log.warning("insecure local mode: the API accepts requests without a key")
 
     @property

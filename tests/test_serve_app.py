@@ -1096,6 +1096,24 @@ def test_request_deadline_gives_504(world):
     assert r.status_code == 504 and r.json()["reason"] == "timeout"
 
 
+@pytest.mark.parametrize("said", [False, True])
+def test_start_warnings_are_left_to_the_command_that_said_them(world, caplog, said):
+    """`radjepa serve` says on its terminal that the API runs without keys and with the public
+    development key, then each API replica said both again (create_app), its lines forwarded
+    by Ray to the same terminal. Settings marked start_warnings_said keep the replica quiet."""
+    caplog.set_level(logging.WARNING)
+    settings = ApiSettings(
+        insecure_local=True, allow_development_key=True, start_warnings_said=said
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RADJEPA_DEID_SECRET", raising=False)
+        create_app(world["embedder"], settings=settings)
+    said_now = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    keyless = [m for m in said_now if "insecure local mode" in m]
+    public = [m for m in said_now if "PUBLIC development key" in m]
+    assert (len(keyless), len(public)) == ((0, 0) if said else (1, 1)), said_now
+
+
 def test_refuses_to_start_without_keys_unless_insecure_local(world, monkeypatch, tmp_path):
     from radjepa.config import ServeConfig
 

@@ -117,7 +117,7 @@ class DevelopmentKeyRefused(SecretRefused):
 
 
 def resolve_secret(
-    env_name: str = "RADJEPA_DEID_SECRET", *, allow_development_key: bool = False
+    env_name: str = "RADJEPA_DEID_SECRET", *, allow_development_key: bool = False, warn: bool = True
 ) -> bytes:
     """The pseudonymisation key from ``env_name``.
 
@@ -126,6 +126,8 @@ def resolve_secret(
     a forgotten variable pseudonymise real patients with a key anyone can read, and the warning
     scrolls by in a Ray Job log. With the opt-in it is used, still with a loud warning. A value
     that is not UTF-8 text is refused too (:class:`SecretRefused`, the base of both).
+    ``warn=False``: the same key, its warnings (public key, short, whitespace) left unsaid, for
+    a process whose caller said them already for this environment (refusals still raise).
     """
     value = os.environ.get(env_name, "")
     if value:
@@ -138,9 +140,9 @@ def resolve_secret(
                 f"{env_name} is not UTF-8 text: set it to printable characters, e.g. "
                 f"`export {env_name}=$(openssl rand -hex 32)`"
             ) from None
-        if len(value) < 16:
+        if len(value) < 16 and warn:
             log.warning("%s is shorter than 16 characters: pseudonyms are weakly keyed", env_name)
-        if value != value.strip():
+        if value != value.strip() and warn:
             # used as is (trimming would re-key existing archives), but a key read from a mounted
             # file on one machine and typed on another differ by that newline: every patient gets
             # a second pseudonym, and only ingest into the same destination would notice
@@ -157,12 +159,13 @@ def resolve_secret(
             "tests only, opt in to the PUBLIC development key with "
             "ingest.allow_development_key=true"
         )
-    log.warning(
-        "%s is not set: pseudonymising with the PUBLIC development key. Pseudonyms are stable "
-        "but NOT secret; set %s to a long random value for real patient data.",
-        env_name,
-        env_name,
-    )
+    if warn:
+        log.warning(
+            "%s is not set: pseudonymising with the PUBLIC development key. Pseudonyms are stable "
+            "but NOT secret; set %s to a long random value for real patient data.",
+            env_name,
+            env_name,
+        )
     return DEV_SECRET
 
 
