@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -286,7 +287,7 @@ def serve_cmd(
         bool, typer.Option("--insecure-local", help="Allow running without API keys.")
     ] = False,
 ) -> None:
-    """Serve the embedding API with Ray Serve in the foreground (Ctrl-C stops it)."""
+    """Serve the embedding API with Ray Serve in the foreground (Ctrl-C or SIGTERM stops it)."""
     import time
 
     from radjepa.config import ConfigError
@@ -338,6 +339,12 @@ def serve_cmd(
     # repeat them (keyless mode, the public development key: each was said twice)
     settings = settings.model_copy(update={"start_warnings_said": True})
     ensure_ray()
+    # SIGTERM (kill, systemd, a pod stopping) stops the service as Ctrl-C does. Left to the
+    # handlers ray.init installs, it was sys.exit from the sleep below and then an abort in
+    # interpreter teardown (exit -6) before Ray's own shutdown ran: the raylet died with this
+    # process and its DashboardAgent and RuntimeEnvAgent stayed behind, orphans. Set after
+    # ensure_ray, which would replace it.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         url = start_local(cfg, settings=settings, references_checked=True, key_checked=local_ray)
     except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
@@ -351,6 +358,11 @@ def serve_cmd(
         typer.echo("shutting down")
     finally:
         stop_local()
+        # the local instance this command started, all its processes, before the interpreter
+        # exits (a Ray named by RAY_ADDRESS is only disconnected from)
+        import ray
+
+        ray.shutdown()
 
 
 @app.command("embed")
@@ -963,6 +975,11 @@ def demo(
     console.print_json(json.dumps(summary, default=str))
     console.print(f"everything is in {summary['output']}")
     console.print(f"look at the runs: {summary['mlflow_ui']}")
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    """A signal handler that ends the command as Ctrl-C does."""
+    raise KeyboardInterrupt
 
 
 def _exit_now(code: int, message: str) -> NoReturn:

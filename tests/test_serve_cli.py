@@ -38,6 +38,56 @@ def _env(**extra: str) -> dict[str, str]:
     return env | extra
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` now (children, their children, ...)."""
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    pairs = [tuple(int(x) for x in line.split()) for line in table.strip().splitlines()]
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [child for child, ppid in pairs if ppid == parent]
+        found += kids
+        todo += kids
+    return found
+
+
+def _running(pids: list[int]) -> list[str]:
+    """Those of ``pids`` still running (a zombie has ended), as 'pid name'."""
+    alive = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            name = (
+                Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            )
+        except OSError:
+            continue
+        if stat.rpartition(")")[2].split()[0] != "Z":
+            alive.append(f"{pid} {name}")
+    return alive
+
+
+def _kill(described: list[str]) -> None:
+    for entry in described:  # what a failed run left behind: this test's processes only
+        try:
+            os.kill(int(entry.split()[0]), signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def _until_curl_line(proc: subprocess.Popen, timeout_s: float = 120) -> list[str]:
+    lines: list[str] = []
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("curl "):
+            break
+    return lines
+
+
 def test_serve_refuses_to_start_without_keys(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")
     proc = _radjepa("serve", "--model", str(ckpt), env=_env())
@@ -259,9 +309,56 @@ def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir)
         )
         assert r.status_code == 401  # keys were configured: no bearer, no answer
     finally:
+        started = _descendants(proc.pid)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
+    left = _running(started)
+    _kill(left)
     assert proc.returncode == 0, out[-2000:]
     assert "shutting down" in out
+    assert not left, f"processes of the local Ray outlived `radjepa serve`: {left}"
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=2)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_serve_and_its_local_ray_and_start_warnings_are_said_once(tmp_path):
+    """SIGTERM (kill, systemd, a pod stopping) met the handlers ray.init installs: the command
+    exited from its sleep, then aborted in interpreter teardown (exit -6), and the raylet died
+    with it while its DashboardAgent and RuntimeEnvAgent ran on, orphans of a Ray nobody owned.
+    It stops now as Ctrl-C does: Serve, then every process of the local Ray, exit 0. And the
+    start-up warnings of keyless mode and the public development key, said on the terminal
+    before Ray started, came again from the API replica through Ray's log forwarding."""
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    port = free_port()
+    env = {k: v for k, v in _env().items() if k != "RADJEPA_DEID_SECRET"}  # the public key
+    # short: Ray's socket paths under it must fit in 107 bytes
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="rj-", dir="/tmp")
+    env["COLUMNS"] = "400"  # each warning on one line of the log handler's
+    proc = _radjepa(
+        *("serve", "--config", str(TINY_CONFIG), "--model", str(ckpt)),
+        *("--port", str(port), "--insecure-local"),
+        env=env,
+    )
+    try:
+        lines = _until_curl_line(proc)
+        assert lines and lines[-1].startswith("curl "), "".join(lines)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    finally:
+        started = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        left = _running(started)
+        _kill(left)
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    said = "".join(lines) + out
+    assert proc.returncode == 0, said[-3000:]
+    assert "shutting down" in out and "SIGTERM received" not in said
+    assert started, "no process of the local Ray was seen"
+    assert not left, f"processes of the local Ray outlived `radjepa serve`: {left}"
+    assert said.count("insecure local mode") == 1, said
+    assert said.count("PUBLIC development key") == 1, said
