@@ -335,9 +335,11 @@ def serve_cmd(
             )
     except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
-    # said above, on this terminal, where the API replicas' log lines also arrive: they do not
-    # repeat them (keyless mode, the public development key: each was said twice)
-    settings = settings.model_copy(update={"start_warnings_said": True})
+    # said above, on this terminal, where the local API replicas' log lines also arrive: they
+    # do not repeat them (keyless mode, the public development key: each was said twice). A
+    # cluster's replicas resolve the cluster's key, which this process did not check: they warn.
+    if local_ray:
+        settings = settings.model_copy(update={"start_warnings_said": True})
     ensure_ray()
     # SIGTERM (kill, systemd, a pod stopping) stops the service as Ctrl-C does. Left to the
     # handlers ray.init installs, it was sys.exit from the sleep below and then an abort in
