@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT, Pruned, prune_stray_checkpoints
+from pipelines.stray_checkpoints import (
+    RAY_CHECKPOINT_SNAPSHOT,
+    Pruned,
+    prune_stray_checkpoints,
+    unrecord_checkpoints,
+)
 from radjepa import locations
 from radjepa.config import Config
 from radjepa.resume import ResumeError, ResumePoint
@@ -366,6 +371,10 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         run_dir = locations.join_location(storage, cfg.train.run_name)
         resume = find_resume_point(cfg, run_dir)
         forget_deleted_checkpoints(run_dir)
+        if resume is not None and resume.damaged:
+            # else they count toward train.keep_checkpoints: the run's first new checkpoint
+            # made Ray delete the good one it resumed from and keep the damaged one
+            unrecord_checkpoints(run_dir, resume.damaged)
         restored = resume.path if resume is not None else None
         # before the run: a full disk that stopped the last one is freed of its copy cut short
         pruned = prune_stray_checkpoints(run_dir, restored=restored, finished=False)

@@ -19,6 +19,10 @@ a folder the storage cannot tell about (a read error, no modification times), a 
 folder written to within :data:`QUIET_S`: another driver of the same run name (a duplicate
 submission) may be copying into it. Works on any location the run writes to (a folder or a
 pyarrow filesystem URI).
+
+A damaged checkpoint Ray did record, which a resume skips, is taken out of the record first
+(:func:`unrecord_checkpoints`): counted toward ``train.keep_checkpoints``, it made Ray delete a
+good checkpoint in its place; out of it, it is a stray folder like the others.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -70,6 +75,90 @@ def recorded_checkpoints(run_dir: str) -> set[str] | None:
         return {r["checkpoint_dir_name"] for r in results}
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+# the lists of Ray's record (pinned 2.60) that name checkpoint folders without metrics
+_RECORD_NAME_LISTS = (
+    "validated_checkpoint_dir_names",
+    "timed_out_validation_checkpoint_dir_names",
+    "failed_validation_checkpoint_dir_names",
+)
+
+
+def unrecord_checkpoints(run_dir: str, names: Iterable[str]) -> tuple[str, ...]:
+    """Take the checkpoint folders ``names`` out of Ray's record of ``run_dir``; the names
+    taken out (the others were not recorded).
+
+    For the damaged checkpoints a resume skips (:func:`radjepa.resume.find_resume_point`): Ray
+    counted them toward ``train.keep_checkpoints`` and kept the newest, so the resumed run's
+    first checkpoint made Ray delete the good one it resumed from and keep the damaged one.
+    Out of the record they are stray folders: one cut short goes with
+    :func:`prune_stray_checkpoints`, any other once a newer whole checkpoint is recorded; the
+    folders themselves are not touched here (a storage that failed a read is not proof of
+    damage). The record is replaced whole (a new file moved over it: one object on object
+    storage), so a failed write leaves Ray's record as it was. Ray's latest checkpoint, if
+    taken out, becomes the newest one left. A record in a format this code does not know, or
+    one the storage cannot read or write, is left as it is: a warning says so."""
+    names = set(names)
+    location = locations.join_location(run_dir, RAY_CHECKPOINT_SNAPSHOT)
+    try:
+        text = locations.read_text(location)
+        if text is None or not names:
+            return ()
+        record, dropped = _without(json.loads(text), names)
+        if not dropped:
+            return ()
+        fs, path = locations.filesystem(location)
+        with fs.open_output_stream(path + ".new") as f:
+            f.write(json.dumps(record).encode())
+        fs.move(path + ".new", path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        log.warning(
+            "run %s: could not take the damaged %s out of Ray's checkpoint record (%s: %s); "
+            "train.keep_checkpoints may count them until they rotate out",
+            run_dir,
+            ", ".join(sorted(names)),
+            type(err).__name__,
+            err,
+        )
+        return ()
+    log.warning(
+        "run %s: the damaged %s no longer count toward train.keep_checkpoints (taken out of "
+        "Ray's checkpoint record, so Ray keeps the good checkpoints instead)",
+        run_dir,
+        ", ".join(dropped),
+    )
+    return dropped
+
+
+def _without(record: dict, names: set[str]) -> tuple[dict, tuple[str, ...]]:
+    """Ray's record (its JSON) less the results of the folders ``names``, and those dropped.
+    KeyError, TypeError or ValueError when the record is not in the format this code knows."""
+
+    def named(result: dict) -> bool:
+        return result["checkpoint_dir_name"] in names
+
+    results, indices = record["checkpoint_results"], record["checkpoint_report_indices"]
+    pending, specs = record["pending_training_results"], record["pending_validation_specs"]
+    if len(results) != len(indices) or len(pending) != len(specs):
+        raise ValueError("Ray's checkpoint record has lists of unequal length")
+    latest = record.get("latest_checkpoint_result")
+    dropped = sorted({r["checkpoint_dir_name"] for r in results if named(r)})
+    if not dropped:
+        return record, ()
+    kept = [(r, i) for r, i in zip(results, indices, strict=True) if not named(r)]
+    waiting = [(r, s) for r, s in zip(pending, specs, strict=True) if not named(r)]
+    out = dict(record)
+    out["checkpoint_results"] = [r for r, _ in kept]
+    out["checkpoint_report_indices"] = [i for _, i in kept]
+    out["pending_training_results"] = [r for r, _ in waiting]
+    out["pending_validation_specs"] = [s for _, s in waiting]
+    for key in _RECORD_NAME_LISTS:
+        if key in out:
+            out[key] = [n for n in out[key] if n not in names]
+    if latest is not None and named(latest):
+        out["latest_checkpoint_result"] = max(kept, key=lambda k: k[1])[0] if kept else None
+    return out, tuple(dropped)
 
 
 def prune_stray_checkpoints(

@@ -412,6 +412,87 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(shards, tmp_pat
     assert resumed.optim.betas == (0.8, 0.99)
 
 
+def test_a_damaged_checkpoint_ray_recorded_never_costs_a_good_one(shards, tmp_path):
+    # Ray Train counted the damaged newest checkpoint toward train.keep_checkpoints: the resumed
+    # run's first checkpoint made Ray delete the good step-4 one it had resumed from and keep
+    # the damaged one (keep_checkpoints=2, one good checkpoint left on disk)
+    from pipelines.pretrain import RAY_CHECKPOINT_SNAPSHOT, run_pretrain
+    from radjepa.checkpoint import check_resumable
+
+    sets = {"train.num_workers": 1, "train.steps": 6, "train.checkpoint_every": 2}
+    first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    run = tmp_path / "t"
+    damaged = Path(first.checkpoint)  # step 6; the step-4 one is kept beside it
+    good = next(p for p in run.glob("checkpoint_*") if p.is_dir() and p != damaged)
+    with open(damaged / "weights.safetensors", "r+b") as f:  # a disk that filled up
+        f.truncate(1000)
+
+    again = run_pretrain(_cfg(tmp_path, **sets), str(shards))  # resumes at 4, saves step 6
+    assert again.metrics["step"] == 6
+    assert _steps(again.tracking_uri, again.mlflow_run_id) == (list(range(1, 7)), [5, 6])
+    record = json.loads((run / RAY_CHECKPOINT_SNAPSHOT).read_text())
+    recorded = [r["checkpoint_dir_name"] for r in record["checkpoint_results"]]
+    assert recorded == [good.name, Path(again.checkpoint).name]  # two good ones kept
+    assert [check_resumable(run / n)[0] for n in recorded] == [4, 6]
+    assert record["latest_checkpoint_result"]["checkpoint_dir_name"] == recorded[-1]
+    # the damaged folder is a stray one now: left while fresh (another driver may be copying
+    # it), removed by a later run (test_stray_checkpoint_folders_are_pruned_...)
+    assert damaged.is_dir() and damaged.name not in recorded
+
+
+def test_damaged_checkpoints_leave_ray_s_record_in_ray_s_format(tmp_path):
+    # the record is Ray's (pinned 2.60): what is left must load in Ray's own model of it, with
+    # the latest checkpoint moved to the newest one left; over a URI as over a folder
+    import ray
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+    )
+
+    from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT, unrecord_checkpoints
+
+    def result(name: str, step: int) -> dict:
+        return {"version": 0, "checkpoint_dir_name": name, "metrics": {"step": step}}
+
+    names = [f"checkpoint_2026-01-01_10-0{i}-00.000001" for i in range(3)]
+    record = {
+        "ray_version": ray.__version__,
+        "checkpoint_results": [result(n, 2 * i) for i, n in enumerate(names)],
+        "checkpoint_report_indices": [1, 2, 3],
+        "latest_checkpoint_result": result(names[2], 4),
+        "pending_training_results": [result(names[2], 4)],
+        "pending_validation_specs": [False],
+        "current_report_index": 3,
+        "validated_checkpoint_dir_names": [names[0]],
+        "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": [names[2]],
+    }
+    _CheckpointManagerState.parse_obj(record)  # the fixture is Ray's format
+    run = tmp_path / "t"
+    run.mkdir()
+    snapshot = run / RAY_CHECKPOINT_SNAPSHOT
+    snapshot.write_text(json.dumps(record))
+
+    assert unrecord_checkpoints(run.as_uri(), [names[2], "checkpoint_never_recorded"]) == (
+        names[2],
+    )
+    left = _CheckpointManagerState.parse_obj(json.loads(snapshot.read_text()))
+    assert [r.checkpoint_dir_name for r in left.checkpoint_results] == names[:2]
+    assert left.checkpoint_report_indices == [1, 2]
+    assert left.latest_checkpoint_result.checkpoint_dir_name == names[1]
+    assert left.pending_training_results == [] and left.pending_validation_specs == []
+    assert left.validated_checkpoint_dir_names == [names[0]]
+    assert left.failed_validation_checkpoint_dir_names == []
+    assert sorted(p.name for p in run.iterdir()) == [RAY_CHECKPOINT_SNAPSHOT]
+    assert unrecord_checkpoints(str(run), [names[2]]) == ()  # nothing left to take out
+    # all taken out: no latest checkpoint (Ray offers none; the driver's pick is loaded)
+    assert unrecord_checkpoints(str(run), names) == tuple(names[:2])
+    assert json.loads(snapshot.read_text())["latest_checkpoint_result"] is None
+    # a format this code does not know is left as it is
+    snapshot.write_text('{"checkpoints": []}')
+    assert unrecord_checkpoints(str(run), names) == ()
+    assert snapshot.read_text() == '{"checkpoints": []}'
+
+
 def test_a_failure_recording_the_finished_run_keeps_the_checkpoint_path(shards, tmp_path):
     import shutil
 
