@@ -9,7 +9,6 @@ the latest reported checkpoint; re-running the same command with the same run na
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.storage_errors import storage_error, storage_message
 from pipelines.stray_checkpoints import (
     RAY_CHECKPOINT_SNAPSHOT,
     Pruned,
@@ -320,12 +320,12 @@ def build_trainer(
     """The TorchTrainer for one run; ``run_pretrain`` and every sweep trial use this.
     ``start_step``: the step a re-run resumes from (see :func:`build_train_dataset`)."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
+    from pipelines.failure_policy import Trainer  # a TorchTrainer that never retries a full disk
     from pipelines.runtime import resolve_use_gpu
     from radjepa.monitoring import monitor_images
 
-    return TorchTrainer(
+    return Trainer(
         train_loop,
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
@@ -450,7 +450,9 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
             mark_run(uri, run_id, "FAILED")
         if isinstance(err, (ClusterResourceError, PretrainError, *_LIBRARY_ERRORS)):
             raise PretrainError(str(err)) from None
-        raise PretrainError(_explain_failure(err, run_dir, cfg.train.max_failures)) from err
+        raise PretrainError(
+            _explain_failure(err, run_dir, cfg.train.max_failures, cfg.train.keep_checkpoints)
+        ) from err
 
     metrics = dict(result.metrics or {})
     ckpt, version = None, None
@@ -628,37 +630,6 @@ def check_tracking_store(cfg: Config, storage: str) -> None:
         )
 
 
-# a worker's write into the run folder refused by the storage: what it says about the storage
-_STORAGE_ERRNOS = {
-    errno.ENOSPC: "is full",
-    errno.EDQUOT: "is over its quota",
-    errno.EROFS: "is read-only",
-    errno.EACCES: "cannot be written",
-    errno.EPERM: "cannot be written",
-}
-
-
-def storage_error(err: BaseException) -> OSError | None:
-    """The OSError of a full, read-only or forbidden storage behind a failed run, if that is
-    what failed: Ray Train wraps it in a WorkerGroupError whose text is each rank's traceback,
-    which the user got as the error message, 40 lines ending in pyarrow's copy_files."""
-    # a rank's write (WorkerGroupError) or the controller's own record of the checkpoints
-    # (ControllerError), whichever met the full storage first
-    pending: list[BaseException] = [err, *getattr(err, "worker_failures", {}).values()]
-    if isinstance(getattr(err, "controller_failure", None), BaseException):
-        pending.append(err.controller_failure)
-    seen: set[int] = set()
-    while pending:
-        e = pending.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
-            return e
-        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
-    return None
-
-
 def read_divergence(run_dir: str) -> dict[str, Any] | None:
     """What rank 0 recorded when the run's loss or weights became non-finite, or None."""
     text = locations.read_text(locations.join_location(run_dir, DIVERGED_MARKER))
@@ -714,16 +685,12 @@ def _record_divergence(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
         log.warning("could not tag MLflow run %s as diverged", run_id, exc_info=True)
 
 
-def _explain_failure(err: BaseException, run_dir: str, max_failures: int = 0) -> str:
+def _explain_failure(
+    err: BaseException, run_dir: str, max_failures: int = 0, keep_checkpoints: int | None = None
+) -> str:
     full = storage_error(err)
-    if full is not None:
-        first = (str(full).strip().splitlines() or [type(full).__name__])[0]
-        return (
-            f"the output storage {_STORAGE_ERRNOS[full.errno]} ({first}), so training stopped; "
-            f"the checkpoints already in {run_dir} are intact. Free space or fix the storage, "
-            "then re-run the same command: it resumes from the newest checkpoint that reads "
-            "cleanly (one cut short is skipped with a warning)"
-        )
+    if full is not None:  # a full storage was not retried (pipelines.failure_policy)
+        return storage_message(full, run_dir, keep_checkpoints)
     text = str(err)
     lower = text.lower()
     # CUDA ("CUDA out of memory"), torch CPU allocator, and Ray's memory monitor killing a worker

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -181,7 +182,7 @@ def _write_folder(path: Path, files: dict[str, Any]) -> Path:
     try:
         for name, content in files.items():
             if name.endswith(".safetensors"):
-                save_file(content, str(tmp / name))
+                _save_tensors(content, tmp / name)
             else:
                 (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True))
         if path.exists():  # replace: move the old one aside, swap in, then delete it
@@ -195,6 +196,20 @@ def _write_folder(path: Path, files: dict[str, Any]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """``save_file``, whose failed write (a full disk: "I/O error: No space left on device (os
+    error 28)") is the OSError it is, naming the file, instead of a SafetensorError without an
+    errno: callers tell a full disk (not worth retrying) by it."""
+    try:
+        save_file(tensors, str(file))
+    except SafetensorError as err:
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(file)) from err
 
 
 def _meta(cfg: Config, step: int, parts: list[str], extra: dict | None, has_opt: bool) -> dict:

@@ -83,3 +83,20 @@ def nih_shards(tmp_path_factory, ray_session, nih_dir) -> Path:
         [str(src)], str(dst), load_config(REPO / "configs" / "tiny_cpu.yaml"), progress=False
     )
     return dst
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB tmpfs (a disk that fills up at the first checkpoint file), unmounted after;
+    skipped where mounting is not allowed (it needs root in a privileged container)."""
+    import subprocess
+
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip("needs permission to mount a tmpfs (root in a privileged container)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: a lingering reader

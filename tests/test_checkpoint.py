@@ -235,3 +235,17 @@ def test_resume_trains_with_the_configs_betas_not_the_checkpoints(trained):
     load_checkpoint(path, q)
     assert [g["betas"] for g in q.optimizer.param_groups] == [(0.8, 0.95)] * 2
     assert q.step == 2
+
+
+def test_a_full_disk_while_saving_is_an_oserror_naming_the_file(small_disk):
+    # safetensors said a full disk as a SafetensorError ("I/O error: No space left on device
+    # (os error 28)") without an errno: the job could not tell it from a bug, and retried it
+    import errno
+
+    p = Pretrainer(load_config(TINY), "cpu")
+    with pytest.raises(OSError) as err:
+        save_checkpoint(small_disk / "ckpt", p)
+    assert err.value.errno == errno.ENOSPC
+    assert err.value.filename.startswith(str(small_disk))
+    assert err.value.filename.endswith(".safetensors")
+    assert list(small_disk.iterdir()) == []  # nothing half-written left behind

@@ -718,6 +718,22 @@ def test_restore_point_prefers_what_a_worker_failure_reports(tmp_path):
     assert restore_point(older, None, ()) is older
 
 
+def _enospc() -> OSError:
+    """A full disk's error: from the kernel's always-full device where there is one (a
+    container's /dev may lack it: opening it for writing there made a plain file of it)."""
+    import errno
+    import stat
+
+    if os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode):
+        try:
+            with open("/dev/full", "wb") as f:
+                f.write(b"x")
+                f.flush()
+        except OSError as err:
+            return err
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 def test_a_full_disk_is_one_line_naming_the_storage(tmp_path):
     # Ray Train's WorkerGroupError text is each rank's traceback: the user got 40 lines ending
     # in pyarrow's copy_files instead of what happened and what to do
@@ -725,12 +741,7 @@ def test_a_full_disk_is_one_line_naming_the_storage(tmp_path):
 
     from pipelines.pretrain import _explain_failure
 
-    try:
-        with open("/dev/full", "wb") as f:  # the kernel's always-full device: a real ENOSPC
-            f.write(b"x")
-            f.flush()
-    except OSError as err:
-        full = err
+    full = _enospc()
     workers = WorkerGroupError("Traceback (most recent call last):\n  ...\n" + str(full), {0: full})
     # or the controller meets it first, writing its record of the checkpoints (seen in CI)
     for failure in (workers, ControllerError(full)):
@@ -738,6 +749,50 @@ def test_a_full_disk_is_one_line_naming_the_storage(tmp_path):
         assert message.startswith("the output storage is full ([Errno 28] No space left on device)")
         assert str(tmp_path / "t") in message and "re-run the same command" in message
         assert "\n" not in message
+
+
+def test_a_full_disk_is_never_retried_and_says_which_folder(small_disk, tmp_path):
+    # Ray Train retried a full disk train.max_failures times: each retry replayed the steps
+    # since the last checkpoint and met the same full disk at the next save (86 s, two more
+    # checkpoint folders cut short). The error is a real one: rank 0 saving a checkpoint into
+    # a worker's temporary folder on a full disk
+    import errno
+
+    from ray.train import FailureConfig, WorkerGroupError
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+
+    from pipelines.failure_policy import StopOnFullStorage
+    from pipelines.pretrain import _explain_failure
+    from radjepa.checkpoint import save_checkpoint
+    from radjepa.engine import Pretrainer
+
+    cfg = load_config(CONFIGS / "tiny_cpu.yaml")
+    try:
+        save_checkpoint(small_disk / "ckpt", Pretrainer(cfg, "cpu"))
+    except OSError as err:
+        full = err
+    assert full.errno == errno.ENOSPC
+
+    def failed(err: BaseException) -> WorkerGroupError:
+        try:  # raised in a worker's loop: Ray keeps what it was raised from
+            raise RuntimeError("checkpoint step failed") from err
+        except RuntimeError as wrapped:
+            return WorkerGroupError(f"Traceback ...\n{wrapped}", {0: wrapped})
+
+    policy = StopOnFullStorage(FailureConfig(max_failures=2))
+    assert policy.make_decision(failed(full)) == FailureDecision.RAISE
+    # anything else keeps Ray's retries, a refused permission too (a credential refreshed)
+    assert policy.make_decision(failed(ValueError("a bug"))) == FailureDecision.RETRY
+    denied = OSError(errno.EACCES, os.strerror(errno.EACCES))
+    assert policy.make_decision(failed(denied)) == FailureDecision.RETRY
+    assert policy.make_decision(failed(ValueError("a bug"))) == FailureDecision.RAISE  # 3rd
+
+    run = tmp_path / "t"
+    message = _explain_failure(failed(full), str(run), 2, 2)
+    assert "\n" not in message
+    assert message.startswith("a worker's local disk is full ([Errno 28] No space left on device)")
+    assert f"saving a checkpoint into {small_disk}/" in message and "TMPDIR" in message
+    assert f"the checkpoints in {run} are intact" in message and "at once" in message
 
 
 def test_a_disk_filling_up_mid_run_stops_in_one_line_and_the_rerun_resumes(shards, tmp_path):
@@ -765,14 +820,22 @@ def test_a_disk_filling_up_mid_run_stops_in_one_line_and_the_rerun_resumes(shard
             "train.num_workers": 1,
             "train.steps": 4,
             "train.checkpoint_every": 2,
-            "train.max_failures": 0,
+            "train.max_failures": 2,  # not used: a full disk is not retried
             "tracking.uri": uri,
         }
         with pytest.raises(PretrainError, match="the output storage is full") as err:
             run_pretrain(_cfg(small, **sets), str(shards))
-        assert "\n" not in str(err.value) and str(small / "t") in str(err.value)
+        message = str(err.value)
+        assert "\n" not in message and str(small / "t") in message
+        assert "stopped at once" in message and "the newest: checkpoint_" in message
+        assert (
+            "A checkpoint takes " in message and "room for 3 (train.keep_checkpoints=2" in message
+        )
         run_id = (small / "t" / "mlflow_run_id").read_text()
-        assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+        run = mlflow.MlflowClient(uri).get_run(run_id)
+        assert run.info.status == "FAILED"
+        assert "radjepa.resumes" not in run.data.tags  # no worker restart
+        assert _steps(uri, run_id) == ([1, 2, 3, 4], [])
         steps = sorted(
             json.loads((p / "meta.json").read_text())["step"]
             for p in (small / "t").glob("checkpoint_*")
@@ -783,7 +846,8 @@ def test_a_disk_filling_up_mid_run_stops_in_one_line_and_the_rerun_resumes(shard
         subprocess.run(["mount", "-o", "remount,size=200m", str(small)], check=True)
         # the copy the full disk cut short, an hour later: the re-run removes it
         cut = [p for p in (small / "t").glob("checkpoint_*") if p.is_dir() and is_cut_short(p)]
-        assert len(cut) == 1
+        assert len(cut) == 1  # one per retry, when it was retried
+        assert f"writing checkpoint {cut[0]}," in message
         then = time.time() - QUIET_S - 60
         for p in (small / "t").rglob("*"):
             os.utime(p, (then, then))
