@@ -278,14 +278,7 @@ def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir)
     )
     lines: list[str] = []
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("curl "):
-                break
+        lines = _until_curl_line(proc, 90)
         url = f"http://127.0.0.1:{port}"
         assert any(f"RadJEPA API at {url}" in x for x in lines), "".join(lines)
         assert "/v1/embed" in lines[-1]
