@@ -225,10 +225,12 @@ def sweep(
         data = shards_location(data, cfg)
     except PretrainError as err:
         raise UserError(str(err)) from None
-    from pipelines.sweep import SweepError, run_sweep
+    from pipelines.sweep import SweepError, SweepInterrupted, run_sweep
 
     try:
         res = run_sweep(cfg, data, num_samples=num_samples, resume=resume)
+    except SweepInterrupted as err:  # not a usage error: 130, as an interrupted pretrain
+        _exit_now(130, f"error: {err}")
     except (SweepError, PretrainError) as err:
         raise UserError(str(err)) from None
     table = Table(title=f"sweep {cfg.tune.name}: {res.metric} (higher is better)")

@@ -11,7 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,15 @@ DIVERGED_STATUS = "diverged"
 
 class SweepError(RuntimeError):
     """A problem with the sweep's inputs, phrased for the user."""
+
+
+class SweepInterrupted(SweepError):
+    """Ctrl-C or SIGTERM stopped the sweep; it is resumable (the CLI exits 130, as an
+    interrupted pretrain or ingest does)."""
+
+
+def _resumable(name: str) -> str:
+    return f"the sweep is resumable: re-run the same command with --resume to continue '{name}'"
 
 
 @dataclass(frozen=True)
@@ -486,7 +499,8 @@ def run_sweep(
     from pipelines.tracking import mark_run
 
     try:
-        grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
+        with _sigterm_as_ctrl_c():
+            grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
         _free_last_trials()
         rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
         # Ctrl-C makes fit() return, not raise, and a "best" would be a partial sweep's
@@ -497,8 +511,19 @@ def run_sweep(
         )
         if parent_run_id and not unfinished:
             _finish_parent_run(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
+    except (KeyboardInterrupt, SystemExit) as err:
+        # a second Ctrl-C or SIGTERM, while Tune stops the trials after the first, raises;
+        # so does one outside Tune's loop (ray.init's SIGTERM handler exits): resumable all
+        # the same, and said as a first one is
+        if parent_run_id:
+            _end_open_trial_runs(uri, parent_run_id, "KILLED")
+            mark_run(uri, parent_run_id, "KILLED")
+        how = f" (exit {err.code})" if isinstance(err, SystemExit) else ""
+        raise SweepInterrupted(
+            f"sweep '{cfg.tune.name}' was interrupted{how}; {_resumable(cfg.tune.name)}"
+        ) from None
     except BaseException:
-        if parent_run_id:  # an interrupted sweep is resumable; its runs must not look alive
+        if parent_run_id:  # its runs must not look alive
             _end_open_trial_runs(uri, parent_run_id, "FAILED")
             mark_run(uri, parent_run_id, "FAILED")
         raise
@@ -506,9 +531,9 @@ def run_sweep(
         if parent_run_id:
             _end_open_trial_runs(uri, parent_run_id, "KILLED")
             mark_run(uri, parent_run_id, "KILLED")
-        raise SweepError(
+        raise SweepInterrupted(
             f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of {len(grid)} trials "
-            "unfinished; no best.yaml was written: `radjepa sweep ... --resume` continues it"
+            f"unfinished (no best.yaml was written); {_resumable(cfg.tune.name)}"
         )
     rows, tidied = _tidy_checkpoints(cfg, rows, best, setup["trials_dir"])
     return SweepResult(
@@ -554,6 +579,32 @@ def _tidy_checkpoints(
         )
     rows = [r if r.trial_id == best.trial_id else replace(r, checkpoint=None) for r in rows]
     return rows, tidied
+
+
+@contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """While Tune runs the trials, SIGTERM (a pod shut down, ``ray job stop``, ``kill``) does
+    what Ctrl-C does: Tune's SIGINT handler saves the sweep's state and stops the trials, and
+    ``fit`` returns. ray.init's own handler exits instead (``sys.exit`` from wherever the main
+    thread is, mostly inside ``ray.wait`` in Tune's loop): the driver then aborted in
+    interpreter teardown (SIGABRT, a core dump) without a word, and left the MLflow runs
+    RUNNING or FAILED. A second signal, after Tune has put the previous SIGINT handler back,
+    raises KeyboardInterrupt, as a second Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def as_ctrl_c(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIG_IGN or SIG_DFL: no Python handler to stand for
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, as_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _free_last_trials(wait_s: float = 10.0) -> None:

@@ -522,3 +522,68 @@ def test_a_diverged_trial_ends_the_sweep_goes_on_and_its_checkpoints_are_pruned(
     assert (
         mlflow.MlflowClient(res.tracking_uri).get_run(res.parent_run_id).info.status == "FINISHED"
     )
+
+
+def _sweep_cli(out: Path, name: str, sets: dict[str, str], *extra: str):
+    """`radjepa sweep` in a process of its own (its own local Ray), as a user or a pod runs it;
+    Ray's log deduplication is off so that a worker's step line can be waited for."""
+    import os
+    import subprocess
+    import sys
+
+    repo = CONFIGS.parent
+    sets = {
+        "train.output_dir": str(out),
+        "train.batch_size": "8",
+        "train.log_every": "1",
+        "train.checkpoint_every": "2",
+        "train.max_failures": "0",
+        "data.holdout_fraction": "0.0",
+        "tune.name": name,
+        "tune.search_alg": "grid",
+        "tune.asha": "false",
+        "tune.collapse_rankme": "0.0",
+        **sets,
+    }
+    args = [sys.executable, "-m", "pipelines.cli", "sweep", "-c", str(CONFIGS / "tiny_cpu.yaml")]
+    args += [f"--set={k}={v}" for k, v in sets.items()] + list(extra)
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo), "RAY_DEDUP_LOGS": "0"}
+    return subprocess.Popen(
+        args, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_sweep_exits_130_in_one_last_line_and_resumes(nih_shards, tmp_path, sig):
+    # Ctrl-C of the driver ended in "error: sweep ... interrupted" with exit 2, the usage-error
+    # code, and workers' step lines after it (Ray was still up); a SIGTERM (a pod shut down,
+    # `ray job stop`) landed in ray.wait inside Tune's loop as ray.init's sys.exit: the driver
+    # aborted in interpreter teardown (SIGABRT, a core dump), without a word, its runs RUNNING
+    import signal
+
+    import mlflow
+    from interrupts import signal_after_line
+
+    space = '{"ema.start": {"type": "grid", "values": [0.99, 0.996]}}'
+    sets = {"train.steps": "12", "tune.search_space": space}
+    proc = _sweep_cli(tmp_path, "int", sets, "--data", str(nih_shards))
+    _, text = signal_after_line(proc, "step 3/12", getattr(signal, sig), 240)
+    assert proc.returncode == 130, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("error: sweep 'int' was interrupted"), text[-3000:]
+    assert "re-run the same command with --resume" in last
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = (tmp_path / "int" / "mlflow_parent_run_id").read_text()
+    assert mlflow.MlflowClient(uri).get_run(parent).info.status == "KILLED"
+    children = _child_runs(uri, parent)
+    assert len(children) == 2 and {c.info.status for c in children} == {"KILLED"}
+    if sig == "SIGINT":
+        return  # resuming is the same after either signal: once is enough
+    proc = _sweep_cli(tmp_path, "int", sets, "--data", str(nih_shards), "--resume")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "best trial:" in out
+    children = _child_runs(uri, parent)
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
+    assert mlflow.MlflowClient(uri).get_run(parent).info.status == "FINISHED"
