@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from ray.tune import Callback
 from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
 from ray.tune.stopper import Stopper
 
 from pipelines.placement_groups import release_orphaned_placement_groups
@@ -316,14 +317,32 @@ class DrawnSettings(Searcher):
         self.set_state(json.loads(Path(checkpoint_path).read_text()))
 
 
+class DivergedIsPruned(OptunaSearch):
+    """Optuna, told that a diverged trial was pruned.
+
+    A diverged trial's last report carries a NaN metric (the worker reports it as it stops;
+    Tune and ASHA let it end there). Optuna refuses NaN in ``tell`` ("The value nan is not
+    acceptable", a warning), so the trial stayed RUNNING in the study, and TPE, which learns
+    from COMPLETE and PRUNED trials only, never learned that the region diverges. Told PRUNED
+    (Tune's OptunaSearch does so for a result without the metric), TPE ranks it after every
+    completed trial, and its NaN intermediate value last among the pruned ones: the worst of
+    the study, without a made-up number in the study or in the metric Tune and ASHA see (an
+    -inf there made ASHA stop the trial before it recorded its divergence)."""
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        if result and result.get(DIVERGED) and not error:
+            result = {k: v for k, v in result.items() if k != self.metric}
+        super().on_trial_complete(trial_id, result, error)
+
+
 def _searcher(cfg: Config, metric: str, mode: str):
-    """Optuna; for an all-choice random search, the distinct draws; else Tune's variant
+    """Optuna (:class:`DivergedIsPruned`); for an all-choice random search, the distinct draws; else Tune's variant
     generator seeded with ``train.seed`` (its default draws from numpy's global state, so
     reruns of one sweep tried different settings)."""
     if cfg.tune.search_alg == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        return OptunaSearch(metric=metric, mode=mode, seed=cfg.train.seed)
+        return DivergedIsPruned(metric=metric, mode=mode, seed=cfg.train.seed)
     draws = distinct_draws(cfg)
     if draws is not None:
         return DrawnSettings(draws)

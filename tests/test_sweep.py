@@ -587,3 +587,38 @@ def test_an_interrupted_sweep_exits_130_in_one_last_line_and_resumes(nih_shards,
     children = _child_runs(uri, parent)
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}
     assert mlflow.MlflowClient(uri).get_run(parent).info.status == "FINISHED"
+
+
+def test_optuna_learns_a_diverged_trial_as_pruned_and_the_sweep_still_prunes(nih_shards, tmp_path):
+    # a diverged trial reports a NaN metric; Optuna's tell refused it ("The value nan is not
+    # acceptable", a warning) and the trial stayed RUNNING in the study, which TPE ignores: the
+    # searcher never learned that the region diverges
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    from pipelines.sweep import run_sweep
+
+    space = {"optim.lr": {"type": "choice", "values": [5e-4, 1e5]}}
+    extra = {"tune.search_alg": "optuna", "tune.num_samples": 3, "tune.asha": True}
+    res = run_sweep(_cfg(tmp_path, "onan", space, **extra), str(nih_shards))
+    by_status = {t.status: t for t in res.trials}
+    assert set(by_status) == {"ok", "diverged"}, [(t.params, t.status) for t in res.trials]
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(tmp_path / "onan" / "tune"))
+    states = {
+        t.params["optim.lr"]: t.state
+        for t in searcher._ot_study.get_trials(deepcopy=False)  # the study Tune saved
+    }
+    assert states == {5e-4: TrialState.COMPLETE, 1e5: TrialState.PRUNED}
+    # the table, MLflow and the checkpoints treat it as before
+    bad = by_status["diverged"]
+    assert bad.metric is None and bad.error.startswith("diverged at step")
+    runs = {
+        r.data.tags["radjepa.trial_id"]: r for r in _child_runs(res.tracking_uri, res.parent_run_id)
+    }
+    diverged = [runs[t.trial_id] for t in res.trials if t.status == "diverged"]
+    assert {r.info.status for r in diverged} == {"FAILED"}
+    assert all("radjepa.diverged_at_step" in r.data.tags for r in diverged)
+    assert res.best is not None and res.best.status == "ok" and res.tidied is not None
+    left = _checkpoints(tmp_path / "onan")
+    assert {k for k, c in left.items() if c} == {res.best.trial_id}
