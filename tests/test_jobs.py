@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -320,6 +321,38 @@ def test_jobs_stop_ends_a_running_job_and_follow_exits_stopped(ray_head: dict[st
 
 
 @pytest.mark.slow
+def test_jobs_stop_gives_a_submitted_job_time_to_end_its_runs(
+    ray_head: dict[str, str], tmp_path: Path
+) -> None:
+    """Ray's job supervisor sends SIGKILL 3 s after SIGTERM by default: an interrupted sweep
+    needed 3.4 s to have Tune save its state and end its MLflow runs KILLED, so a `jobs stop`
+    could leave them RUNNING. A submission carries a longer grace; this job's SIGTERM handler
+    needs 6 s, as the submission's env gives it, and says so only if it was not killed."""
+    import dataclasses
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(
+        ray_head["RAY_JOB_ADDRESS"],
+        headers={"Authorization": f"Bearer {ray_head['RAY_AUTH_TOKEN']}"},
+    )
+    sub = jobs.build_submission(["version"], working_dir=tmp_path, environ={})
+    # the marker is computed: the log's first line quotes the entrypoint itself
+    slow_exit = "trap 'sleep 6; echo ended-$((6*7)); exit 0' TERM; echo started; sleep 120 & wait"
+    sub = dataclasses.replace(sub, entrypoint=f"bash -c {shlex.quote(slow_exit)}")
+    job_id = jobs.submit(client, sub)
+    deadline = time.monotonic() + 60
+    while "started" not in jobs.logs(client, job_id) and time.monotonic() < deadline:
+        time.sleep(0.3)
+
+    assert jobs.stop(client, job_id)
+    res = jobs.wait(client, job_id, timeout_s=60)
+
+    assert res.status == "STOPPED"
+    assert "ended-42" in jobs.logs(client, job_id)
+
+
+@pytest.mark.slow
 def test_a_working_dir_too_large_to_upload_is_named_with_what_to_do(
     ray_head: dict[str, str], tmp_path: Path
 ) -> None:
@@ -483,9 +516,13 @@ def test_runtime_env_file_merges_and_bad_input_is_named(tmp_path: Path) -> None:
     sub = jobs.build_submission(
         ["config", "show"], working_dir=tmp_path, runtime_env_file=f, env={"A": "2"}, environ={}
     )
-    assert sub.runtime_env["env_vars"] == {"A": "2"}  # --env wins over the file
+    # --env wins over the file; the stop grace is there unless either sets it
+    assert sub.runtime_env["env_vars"] == {"A": "2", jobs.STOP_GRACE_ENV: str(jobs.STOP_GRACE_S)}
     assert "bigdir" in sub.runtime_env["excludes"] and ".venv" in sub.runtime_env["excludes"]
     assert sub.runtime_env["pip"] == ["x"]
+    f.write_text(f"env_vars:\n  {jobs.STOP_GRACE_ENV}: '120'\n")
+    sub = jobs.build_submission(["version"], working_dir=tmp_path, runtime_env_file=f, environ={})
+    assert sub.runtime_env["env_vars"][jobs.STOP_GRACE_ENV] == "120"
 
     f.write_text("env_vars:\n  A: 1\n")
     with pytest.raises(jobs.JobsError, match="quote numbers"):
