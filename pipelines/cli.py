@@ -349,24 +349,31 @@ def serve_cmd(
     # process and its DashboardAgent and RuntimeEnvAgent stayed behind, orphans. Set after
     # ensure_ray, which would replace it.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        url = start_local(cfg, settings=settings, references_checked=True, key_checked=local_ray)
-    except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
-        raise UserError(str(err)) from None
-    typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")
-    typer.echo(curl_example(url, with_key=not cfg.serve.insecure_local))
-    try:
+    try:  # a signal while Serve starts or loads the model stops it the same way
+        try:
+            url = start_local(
+                cfg, settings=settings, references_checked=True, key_checked=local_ray
+            )
+        except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
+            raise UserError(str(err)) from None
+        typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")
+        typer.echo(curl_example(url, with_key=not cfg.serve.insecure_local))
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         typer.echo("shutting down")
     finally:
-        stop_local()
-        # the local instance this command started, all its processes, before the interpreter
-        # exits (a Ray named by RAY_ADDRESS is only disconnected from)
+        # a second SIGTERM (a supervisor repeating itself) must not cut the shutdown short and
+        # orphan Ray's processes; a second Ctrl-C still can, as a user who insists expects
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         import ray
 
-        ray.shutdown()
+        try:
+            stop_local()
+        finally:
+            # the local instance this command started, all its processes, before the
+            # interpreter exits (a Ray named by RAY_ADDRESS is only disconnected from)
+            ray.shutdown()
 
 
 @app.command("embed")

@@ -49,4 +49,14 @@ class Trainer(TorchTrainer):
         if "failure_policy" in controller_init_kwargs:  # Ray's own name (2.60)
             policy = StopOnFullStorage(self.run_config.failure_config)
             controller_init_kwargs["failure_policy"] = policy
+        else:  # a Ray that names it otherwise: its own retries, said rather than silent
+            log.warning(_NO_HOOK, "takes no failure_policy")
         return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+
+_NO_HOOK = (
+    "this Ray's trainer %s: a full disk will be retried train.max_failures times "
+    "(pipelines.failure_policy fits Ray Train v2 as of 2.60)"
+)
+if not hasattr(TorchTrainer, "_initialize_and_run_controller"):  # Ray Train v1 (V2 disabled)
+    log.warning(_NO_HOOK, "has no _initialize_and_run_controller")

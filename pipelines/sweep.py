@@ -317,32 +317,35 @@ class DrawnSettings(Searcher):
         self.set_state(json.loads(Path(checkpoint_path).read_text()))
 
 
-class DivergedIsPruned(OptunaSearch):
-    """Optuna, told that a diverged trial was pruned.
+class DivergedIsWorst(OptunaSearch):
+    """Optuna, told that a diverged trial scored the worst value there is.
 
     A diverged trial's last report carries a NaN metric (the worker reports it as it stops;
     Tune and ASHA let it end there). Optuna refuses NaN in ``tell`` ("The value nan is not
     acceptable", a warning), so the trial stayed RUNNING in the study, and TPE, which learns
-    from COMPLETE and PRUNED trials only, never learned that the region diverges. Told PRUNED
-    (Tune's OptunaSearch does so for a result without the metric), TPE ranks it after every
-    completed trial, and its NaN intermediate value last among the pruned ones: the worst of
-    the study, without a made-up number in the study or in the metric Tune and ASHA see (an
-    -inf there made ASHA stop the trial before it recorded its divergence)."""
+    from finished trials only, never learned that the region diverges. Told PRUNED instead
+    (what Tune's OptunaSearch does for a result without the metric), TPE would rank it by its
+    step among the pruned trials: one diverging late ranked ahead of trials ASHA cut early and
+    could land in TPE's "good" group. So Optuna alone is told the trial completed at -inf
+    (+inf when minimising), which it accepts and TPE sorts after every finite value; Tune and
+    ASHA still see NaN, so the trial ends itself and tags its MLflow run diverged (an -inf
+    there made ASHA stop the trial before it could)."""
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
     ) -> None:
         if result and result.get(DIVERGED) and not error:
-            result = {k: v for k, v in result.items() if k != self.metric}
+            worst = -math.inf if self.mode == "max" else math.inf
+            result = {**result, self.metric: worst}
         super().on_trial_complete(trial_id, result, error)
 
 
 def _searcher(cfg: Config, metric: str, mode: str):
-    """Optuna (:class:`DivergedIsPruned`); for an all-choice random search, the distinct draws; else Tune's variant
+    """Optuna (:class:`DivergedIsWorst`); for an all-choice random search, the distinct draws; else Tune's variant
     generator seeded with ``train.seed`` (its default draws from numpy's global state, so
     reruns of one sweep tried different settings)."""
     if cfg.tune.search_alg == "optuna":
-        return DivergedIsPruned(metric=metric, mode=mode, seed=cfg.train.seed)
+        return DivergedIsWorst(metric=metric, mode=mode, seed=cfg.train.seed)
     draws = distinct_draws(cfg)
     if draws is not None:
         return DrawnSettings(draws)
@@ -530,6 +533,16 @@ def run_sweep(
         )
         if parent_run_id and not unfinished:
             _finish_parent_run(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
+        if unfinished:  # in the try: a second signal while the runs are ended is said the same
+            if parent_run_id:
+                _end_open_trial_runs(uri, parent_run_id, "KILLED")
+                mark_run(uri, parent_run_id, "KILLED")
+            raise SweepInterrupted(
+                f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of {len(grid)} "
+                f"trials unfinished (no best.yaml was written); {_resumable(cfg.tune.name)}"
+            )
+    except SweepInterrupted:
+        raise
     except (KeyboardInterrupt, SystemExit) as err:
         # a second Ctrl-C or SIGTERM, while Tune stops the trials after the first, raises;
         # so does one outside Tune's loop (ray.init's SIGTERM handler exits): resumable all
@@ -546,14 +559,6 @@ def run_sweep(
             _end_open_trial_runs(uri, parent_run_id, "FAILED")
             mark_run(uri, parent_run_id, "FAILED")
         raise
-    if unfinished:
-        if parent_run_id:
-            _end_open_trial_runs(uri, parent_run_id, "KILLED")
-            mark_run(uri, parent_run_id, "KILLED")
-        raise SweepInterrupted(
-            f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of {len(grid)} trials "
-            f"unfinished (no best.yaml was written); {_resumable(cfg.tune.name)}"
-        )
     rows, tidied = _tidy_checkpoints(cfg, rows, best, setup["trials_dir"])
     return SweepResult(
         sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri, tidied
@@ -608,7 +613,9 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
     thread is, mostly inside ``ray.wait`` in Tune's loop): the driver then aborted in
     interpreter teardown (SIGABRT, a core dump) without a word, and left the MLflow runs
     RUNNING or FAILED. A second signal, after Tune has put the previous SIGINT handler back,
-    raises KeyboardInterrupt, as a second Ctrl-C does."""
+    raises KeyboardInterrupt, as a second Ctrl-C does. The SIGINT handler is put back on the
+    way out too: Tune leaves its own installed after a sweep nobody interrupted, and a Ctrl-C
+    while the driver wrote the results was swallowed by it."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread
         return
@@ -619,11 +626,14 @@ def _sigterm_as_ctrl_c() -> Iterator[None]:
             raise KeyboardInterrupt
         handler(signal.SIGINT, frame)
 
+    previous_int = signal.getsignal(signal.SIGINT)
     previous = signal.signal(signal.SIGTERM, as_ctrl_c)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:  # None: set outside Python, cannot be put back
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def _free_last_trials(wait_s: float = 10.0) -> None:

@@ -148,6 +148,10 @@ def test_rayjob_entrypoint_is_a_real_cli_call_with_real_configs(name: str) -> No
     # Ray's own validation (it checks a local working_dir exists: the image's copy is the repo)
     RuntimeEnv(**{**runtime_env, "working_dir": str(REPO)})
     assert spec["shutdownAfterJobFinishes"] is True
+    # a stopped job ends its runs KILLED before SIGKILL, as one `radjepa submit` sends does
+    from pipelines.jobs import STOP_GRACE_ENV, STOP_GRACE_S
+
+    assert runtime_env["env_vars"][STOP_GRACE_ENV] == str(STOP_GRACE_S)
 
 
 def _serve_apps() -> dict[str, dict[str, Any]]:

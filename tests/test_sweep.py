@@ -589,10 +589,15 @@ def test_an_interrupted_sweep_exits_130_in_one_last_line_and_resumes(nih_shards,
     assert mlflow.MlflowClient(uri).get_run(parent).info.status == "FINISHED"
 
 
-def test_optuna_learns_a_diverged_trial_as_pruned_and_the_sweep_still_prunes(nih_shards, tmp_path):
+def test_optuna_learns_a_diverged_trial_as_the_worst_and_the_sweep_still_prunes(
+    nih_shards, tmp_path
+):
     # a diverged trial reports a NaN metric; Optuna's tell refused it ("The value nan is not
     # acceptable", a warning) and the trial stayed RUNNING in the study, which TPE ignores: the
     # searcher never learned that the region diverges
+    import math
+    import signal
+
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
@@ -600,16 +605,22 @@ def test_optuna_learns_a_diverged_trial_as_pruned_and_the_sweep_still_prunes(nih
 
     space = {"optim.lr": {"type": "choice", "values": [5e-4, 1e5]}}
     extra = {"tune.search_alg": "optuna", "tune.num_samples": 3, "tune.asha": True}
+    ctrl_c = signal.getsignal(signal.SIGINT)
     res = run_sweep(_cfg(tmp_path, "onan", space, **extra), str(nih_shards))
+    # Tune left its own SIGINT handler behind, which swallowed the next Ctrl-C
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
     by_status = {t.status: t for t in res.trials}
     assert set(by_status) == {"ok", "diverged"}, [(t.params, t.status) for t in res.trials]
     searcher = OptunaSearch()
     searcher.restore_from_dir(str(tmp_path / "onan" / "tune"))
-    states = {
-        t.params["optim.lr"]: t.state
+    told = {
+        t.params["optim.lr"]: (t.state, t.value)
         for t in searcher._ot_study.get_trials(deepcopy=False)  # the study Tune saved
     }
-    assert states == {5e-4: TrialState.COMPLETE, 1e5: TrialState.PRUNED}
+    assert set(told) == {5e-4, 1e5}
+    # finished, and worse than any finite score (PRUNED ranked it by step among pruned trials)
+    assert told[1e5] == (TrialState.COMPLETE, float("-inf"))
+    assert told[5e-4][0] == TrialState.COMPLETE and math.isfinite(told[5e-4][1])
     # the table, MLflow and the checkpoints treat it as before
     bad = by_status["diverged"]
     assert bad.metric is None and bad.error.startswith("diverged at step")
