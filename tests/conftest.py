@@ -89,14 +89,7 @@ def nih_shards(tmp_path_factory, ray_session, nih_dir) -> Path:
 def small_disk(tmp_path):
     """A real 1 MiB tmpfs (a disk that fills up at the first checkpoint file), unmounted after;
     skipped where mounting is not allowed (it needs root in a privileged container)."""
-    import subprocess
+    from small_disks import tmpfs
 
-    disk = tmp_path / "small-disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("needs permission to mount a tmpfs (root in a privileged container)")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)  # lazy: a lingering reader
+    with tmpfs(tmp_path / "small-disk", "1m") as disk:
+        yield disk

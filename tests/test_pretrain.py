@@ -802,19 +802,13 @@ def test_a_disk_filling_up_mid_run_stops_in_one_line_and_the_rerun_resumes(shard
     import time
 
     import mlflow
+    from small_disks import tmpfs
 
     from pipelines.pretrain import PretrainError, run_pretrain
     from pipelines.stray_checkpoints import QUIET_S
     from radjepa.checkpoint import is_cut_short
 
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(small)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip("needs permission to mount a tmpfs (root in a privileged container)")
-    try:
+    with tmpfs(tmp_path / "small", "40m") as small:
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         sets = {
             "train.num_workers": 1,
@@ -855,8 +849,6 @@ def test_a_disk_filling_up_mid_run_stops_in_one_line_and_the_rerun_resumes(shard
         assert again.metrics["step"] == 4 and again.mlflow_run_id == run_id
         assert not cut[0].exists() and again.pruned.folders == (cut[0].name,)
         assert _steps(uri, run_id) == ([1, 2, 3, 4], [3, 4])  # resumed at step 2
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=False)  # lazy: a lingering reader
 
 
 def test_a_checkpoint_record_cut_short_is_set_aside(tmp_path, caplog):
