@@ -23,10 +23,10 @@ import numpy as np
 
 from pipelines.storage_errors import storage_error, storage_message
 from pipelines.stray_checkpoints import (
-    RAY_CHECKPOINT_SNAPSHOT,
     Pruned,
     prune_stray_checkpoints,
     unrecord_checkpoints,
+    unrecord_deleted_checkpoints,
 )
 from radjepa import locations
 from radjepa.config import Config
@@ -269,10 +269,11 @@ def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str])
 
     Ray offers the newest checkpoint it recorded. The driver picked the newest checkpoint
     folder that reads cleanly (``find_resume_point``), and the two differ when Ray's offer is
-    damaged, when Ray's record was set aside (``forget_deleted_checkpoints``: no offer), and
-    when a driver died between copying a checkpoint into the run folder and recording it: Ray
-    then offers the one before, and the run redid a whole ``train.checkpoint_every`` interval
-    although its config was checked against the newer one. Ray's offer wins when it is at least
+    damaged, when Ray's record was set aside (unreadable, ``unrecord_deleted_checkpoints``: no
+    offer) or every folder it named was deleted (no offer), and when a driver died between
+    copying a checkpoint into the run folder and recording it: Ray then offers the one before,
+    and the run redid a whole ``train.checkpoint_every`` interval although its config was
+    checked against the newer one. Ray's offer wins when it is at least
     as new (folder names sort by report time): after a worker failure it is what this run last
     reported.
     """
@@ -370,7 +371,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
         storage = prepare_outputs(cfg)
         run_dir = locations.join_location(storage, cfg.train.run_name)
         resume = find_resume_point(cfg, run_dir)
-        forget_deleted_checkpoints(run_dir)
+        unrecord_deleted_checkpoints(run_dir)
         if resume is not None and resume.damaged:
             # else they count toward train.keep_checkpoints: the run's first new checkpoint
             # made Ray delete the good one it resumed from and keep the damaged one
@@ -490,53 +491,6 @@ def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint
         path = Path(tmp) / f"config-resumed-at-step-{resume.step}.yaml"
         path.write_text(redacted_yaml(cfg))
         client.log_artifact(run_id, str(path))
-
-
-def forget_deleted_checkpoints(run_dir: str) -> bool:
-    """Set Ray Train's checkpoint snapshot aside when it names checkpoint folders that were
-    deleted (the damaged one a warning named, or all of them, as the error for a run whose
-    checkpoints are all damaged advises). Ray refuses to start on such a snapshot with a
-    traceback asking to delete the whole run folder, MLflow run id included; without it the run
-    resumes from its newest checkpoint folder (``resume_from``) or starts over. True when set
-    aside."""
-    snapshot = locations.join_location(run_dir, RAY_CHECKPOINT_SNAPSHOT)
-    text = locations.read_text(snapshot)
-    if text is None:
-        return False
-    from radjepa.resume import checkpoint_dirs
-
-    fs, path = locations.filesystem(snapshot)
-    try:
-        record = json.loads(text)
-    except ValueError:
-        # cut short (a full disk, a kill mid-write): Ray refuses to start on it
-        # (CheckpointManagerInitializationError), and nothing can be read from it anyway
-        fs.move(path, path + ".stale")
-        log.warning(
-            "run %s: Ray's record of its checkpoints is unreadable (cut short?) and is set aside "
-            "as %s.stale; the run resumes from its newest checkpoint folder that reads cleanly",
-            run_dir,
-            RAY_CHECKPOINT_SNAPSHOT,
-        )
-        return True
-    try:  # Ray's own format (pinned 2.60): one we do not know is left for Ray to read
-        named = {r["checkpoint_dir_name"] for r in record["checkpoint_results"]}
-    except (KeyError, TypeError):
-        return False
-    on_disk = {name for name, _ in checkpoint_dirs(run_dir)}
-    missing = sorted(named - on_disk)
-    if not missing:
-        return False
-    fs.move(path, path + ".stale")
-    log.warning(
-        "run %s: %s deleted, so the run %s; Ray's record of its checkpoints is set aside as "
-        "%s.stale (older checkpoint folders are no longer removed by train.keep_checkpoints)",
-        run_dir,
-        ", ".join(missing),
-        "resumes from its newest checkpoint folder" if on_disk else "starts over",
-        RAY_CHECKPOINT_SNAPSHOT,
-    )
-    return True
 
 
 def _resolve_workers(cfg: Config, train_rows: int) -> Config:

@@ -1,11 +1,12 @@
-"""Removing the checkpoint folders of a pretraining run that Ray Train will never remove.
+"""Ray Train's record of a pretraining run's checkpoints, and the folders it will never remove.
 
 Ray copies a checkpoint straight into its final folder (``run_dir/checkpoint_<timestamp>``),
 then records it in ``checkpoint_manager_snapshot.json``; ``train.keep_checkpoints``
 (``CheckpointConfig.num_to_keep``) only ever deletes folders named in that record. So a copy
 cut short (a crash, a full disk), a checkpoint copied by a driver that died before recording
-it, and every folder of a record set aside (``forget_deleted_checkpoints``) stayed in the run's
-storage for good: on a disk that had filled up they kept it full after the re-run.
+it, and every folder of a record set aside (unreadable: :func:`unrecord_deleted_checkpoints`)
+stayed in the run's storage for good: on a disk that had filled up they kept it full after the
+re-run.
 
 What is removed, only among the ``checkpoint_*`` folders directly in the run folder:
 
@@ -22,7 +23,9 @@ pyarrow filesystem URI).
 
 A damaged checkpoint Ray did record, which a resume skips, is taken out of the record first
 (:func:`unrecord_checkpoints`): counted toward ``train.keep_checkpoints``, it made Ray delete a
-good checkpoint in its place; out of it, it is a stray folder like the others.
+good checkpoint in its place; out of it, it is a stray folder like the others. A checkpoint
+folder deleted by hand is taken out of the record too (:func:`unrecord_deleted_checkpoints`):
+Ray refuses to start on a record naming a folder that no longer exists.
 """
 
 from __future__ import annotations
@@ -77,6 +80,90 @@ def recorded_checkpoints(run_dir: str) -> set[str] | None:
         return None
 
 
+def unrecord_deleted_checkpoints(run_dir: str) -> bool:
+    """Take the checkpoint folders that were deleted out of Ray's record of ``run_dir`` (the
+    damaged one a warning named, or all of them, as the error for a run whose checkpoints are
+    all damaged advises); True when the record changed.
+
+    Ray refuses to start on a record naming a folder that no longer exists, with a traceback
+    asking to delete the whole run folder, MLflow run id included. Out of the record, the run
+    resumes from its newest checkpoint folder (``resume_from``) or starts over, and the
+    checkpoints left still count toward ``train.keep_checkpoints``: Ray removes them in turn
+    (a record set aside whole left them in the run's storage). With every recorded folder
+    deleted the record is left empty, which Ray (pinned 2.60) loads as no checkpoint; its
+    report count goes on. The record is replaced whole, as in :func:`unrecord_checkpoints`.
+
+    A record that cannot be read (cut short by a full disk or a kill mid-write), or one that
+    names deleted folders but cannot be rewritten (lists of unequal length), is set aside as
+    ``.stale``: Ray refuses to start on it, and nothing can be taken from it. A record in a
+    format this code does not know is left for Ray to read."""
+    from radjepa.resume import checkpoint_dirs
+
+    location = locations.join_location(run_dir, RAY_CHECKPOINT_SNAPSHOT)
+    text = locations.read_text(location)
+    if text is None:
+        return False
+    try:
+        record = json.loads(text)
+    except ValueError:
+        _set_aside(location)
+        log.warning(
+            "run %s: Ray's record of its checkpoints is unreadable (cut short?) and is set aside "
+            "as %s.stale; the run resumes from its newest checkpoint folder that reads cleanly",
+            run_dir,
+            RAY_CHECKPOINT_SNAPSHOT,
+        )
+        return True
+    try:  # Ray's own format (pinned 2.60): one we do not know is left for Ray to read
+        named = {r["checkpoint_dir_name"] for r in record["checkpoint_results"]}
+    except (KeyError, TypeError):
+        return False
+    on_disk = {name for name, _ in checkpoint_dirs(run_dir)}
+    missing = sorted(named - on_disk)
+    if not missing:
+        return False
+    outcome = "resumes from its newest checkpoint folder" if on_disk else "starts over"
+    try:
+        left, _ = _without(record, set(missing))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        _set_aside(location)
+        log.warning(
+            "run %s: %s deleted, so the run %s; Ray's record of its checkpoints cannot be "
+            "rewritten (%s) and is set aside as %s.stale (older checkpoint folders are no "
+            "longer removed by train.keep_checkpoints)",
+            run_dir,
+            ", ".join(missing),
+            outcome,
+            err,
+            RAY_CHECKPOINT_SNAPSHOT,
+        )
+        return True
+    _replace(location, left)
+    log.warning(
+        "run %s: %s deleted, so the run %s; taken out of Ray's checkpoint record (the "
+        "checkpoints left still count toward train.keep_checkpoints)",
+        run_dir,
+        ", ".join(missing),
+        outcome,
+    )
+    return True
+
+
+def _set_aside(location: str) -> None:
+    """Move Ray's record at ``location`` to ``.stale`` beside it (kept for a look, never read)."""
+    fs, path = locations.filesystem(location)
+    fs.move(path, path + ".stale")
+
+
+def _replace(location: str, record: dict) -> None:
+    """Write ``record`` over Ray's record at ``location`` whole: a new file moved over it (one
+    object on object storage), so a failed write leaves the old record as it was."""
+    fs, path = locations.filesystem(location)
+    with fs.open_output_stream(path + ".new") as f:
+        f.write(json.dumps(record).encode())
+    fs.move(path + ".new", path)
+
+
 # the lists of Ray's record (pinned 2.60) that name checkpoint folders without metrics
 _RECORD_NAME_LISTS = (
     "validated_checkpoint_dir_names",
@@ -108,10 +195,7 @@ def unrecord_checkpoints(run_dir: str, names: Iterable[str]) -> tuple[str, ...]:
         record, dropped = _without(json.loads(text), names)
         if not dropped:
             return ()
-        fs, path = locations.filesystem(location)
-        with fs.open_output_stream(path + ".new") as f:
-            f.write(json.dumps(record).encode())
-        fs.move(path + ".new", path)
+        _replace(location, record)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         log.warning(
             "run %s: could not take the damaged %s out of Ray's checkpoint record (%s: %s); "

@@ -416,7 +416,8 @@ def test_a_damaged_checkpoint_ray_recorded_never_costs_a_good_one(shards, tmp_pa
     # Ray Train counted the damaged newest checkpoint toward train.keep_checkpoints: the resumed
     # run's first checkpoint made Ray delete the good step-4 one it had resumed from and keep
     # the damaged one (keep_checkpoints=2, one good checkpoint left on disk)
-    from pipelines.pretrain import RAY_CHECKPOINT_SNAPSHOT, run_pretrain
+    from pipelines.pretrain import run_pretrain
+    from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT
     from radjepa.checkpoint import check_resumable
 
     sets = {"train.num_workers": 1, "train.steps": 6, "train.checkpoint_every": 2}
@@ -587,6 +588,7 @@ def test_a_run_whose_checkpoints_were_deleted_starts_over(shards, tmp_path, capl
     import shutil
 
     from pipelines.pretrain import run_pretrain
+    from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT
 
     sets = {"train.num_workers": 1, "train.steps": 2, "train.checkpoint_every": 2}
     first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
@@ -594,12 +596,17 @@ def test_a_run_whose_checkpoints_were_deleted_starts_over(shards, tmp_path, capl
         if ckpt.is_dir():
             shutil.rmtree(ckpt)
 
-    with caplog.at_level(logging.WARNING, logger="pipelines.pretrain"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.stray_checkpoints"):
         again = run_pretrain(_cfg(tmp_path, **sets), str(shards))
     assert again.metrics["step"] == 2
     assert again.checkpoint != first.checkpoint and Path(again.checkpoint).is_dir()
     assert again.mlflow_run_id == first.mlflow_run_id
     assert any("starts over" in r.getMessage() for r in caplog.records)
+    # every folder out of Ray's record left it empty, which Ray loaded: it records the new one
+    record = json.loads((tmp_path / "t" / RAY_CHECKPOINT_SNAPSHOT).read_text())
+    names = [r["checkpoint_dir_name"] for r in record["checkpoint_results"]]
+    assert names == [Path(again.checkpoint).name]
+    assert not (tmp_path / "t" / f"{RAY_CHECKPOINT_SNAPSHOT}.stale").exists()
 
 
 def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(shards, tmp_path):
@@ -620,12 +627,89 @@ def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(s
     assert _steps(again.tracking_uri, again.mlflow_run_id) == (list(range(1, 7)), [3, 4])
 
 
+def test_a_deleted_checkpoint_leaves_the_others_counted_toward_keep_checkpoints(shards, tmp_path):
+    # a checkpoint folder deleted by hand set Ray Train's whole record aside (.stale): the
+    # checkpoints left were no longer Ray's, so keep_checkpoints=2 never removed them and the
+    # run kept three folders (steps 6, 8, 10) where it asked for two
+    import shutil
+
+    from pipelines.pretrain import run_pretrain
+    from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT
+
+    sets = {"train.num_workers": 1, "train.steps": 6, "train.checkpoint_every": 2}
+    run = tmp_path / "t"
+    run_pretrain(_cfg(tmp_path, **sets), str(shards))  # keeps steps 4 and 6
+    older = min(p for p in run.glob("checkpoint_*") if p.is_dir())
+    shutil.rmtree(older)
+
+    again = run_pretrain(_cfg(tmp_path, **{**sets, "train.steps": 10}), str(shards))
+    assert again.metrics["step"] == 10
+    # resumed at step 6: nothing redone
+    assert _steps(again.tracking_uri, again.mlflow_run_id) == (list(range(1, 11)), [])
+    assert not (run / f"{RAY_CHECKPOINT_SNAPSHOT}.stale").exists()
+    folders = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
+    record = json.loads((run / RAY_CHECKPOINT_SNAPSHOT).read_text())
+    assert [r["checkpoint_dir_name"] for r in record["checkpoint_results"]] == folders
+    assert [json.loads((run / f / "meta.json").read_text())["step"] for f in folders] == [8, 10]
+
+
+def test_a_record_naming_deleted_folders_is_rewritten_in_ray_s_format(tmp_path, caplog):
+    # the record keeps the folders still on disk, loads in Ray's own model of it, and an empty
+    # one (every folder deleted) loads as no checkpoint; one that cannot be rewritten is set
+    # aside as before
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
+        _CheckpointManagerState,
+    )
+
+    from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT, unrecord_deleted_checkpoints
+
+    names = [f"checkpoint_2026-01-01_10-0{i}-00.000001" for i in range(3)]
+    results = [{"checkpoint_dir_name": n, "metrics": {"step": 2 * i}} for i, n in enumerate(names)]
+    record = {
+        "checkpoint_results": results,
+        "checkpoint_report_indices": [1, 2, 3],
+        "latest_checkpoint_result": results[2],
+        "pending_training_results": [],
+        "pending_validation_specs": [],
+        "current_report_index": 3,
+        "validated_checkpoint_dir_names": [],
+        "timed_out_validation_checkpoint_dir_names": [],
+        "failed_validation_checkpoint_dir_names": [],
+    }
+    run = tmp_path / "t"
+    snapshot = run / RAY_CHECKPOINT_SNAPSHOT
+    run.mkdir()
+    snapshot.write_text(json.dumps(record))
+    for name in names[:2]:
+        (run / name).mkdir()
+
+    assert unrecord_deleted_checkpoints(run.as_uri())  # the newest one was deleted
+    left = _CheckpointManagerState.parse_obj(json.loads(snapshot.read_text()))
+    assert [r.checkpoint_dir_name for r in left.checkpoint_results] == names[:2]
+    assert left.latest_checkpoint_result.checkpoint_dir_name == names[1]
+    assert f"{names[2]} deleted, so the run resumes" in caplog.text
+    assert not unrecord_deleted_checkpoints(str(run))  # nothing missing now
+
+    for name in names[:2]:
+        (run / name).rmdir()
+    assert unrecord_deleted_checkpoints(str(run))
+    left = _CheckpointManagerState.parse_obj(json.loads(snapshot.read_text()))
+    assert left.checkpoint_results == [] and left.latest_checkpoint_result is None
+    assert left.current_report_index == 3 and "starts over" in caplog.text
+
+    snapshot.write_text(json.dumps({**record, "checkpoint_report_indices": [1]}))
+    assert unrecord_deleted_checkpoints(str(run))
+    assert not snapshot.exists() and (run / f"{RAY_CHECKPOINT_SNAPSHOT}.stale").exists()
+    assert "cannot be rewritten" in caplog.text
+
+
 def test_a_checkpoint_ray_never_recorded_is_resumed_from(shards, tmp_path):
     # a driver killed (SIGKILL, a preempted head) after a worker copied a checkpoint into the
     # run folder but before Ray Train recorded it in its snapshot: the re-run checked its config
     # against that newest whole checkpoint, then Ray restored the one before and the run redid
     # a whole checkpoint interval (seen on a real SIGKILL of driver and worker mid-save)
-    from pipelines.pretrain import RAY_CHECKPOINT_SNAPSHOT, run_pretrain
+    from pipelines.pretrain import run_pretrain
+    from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT
 
     sets = {"train.num_workers": 1, "train.steps": 2, "train.checkpoint_every": 2}
     run_pretrain(_cfg(tmp_path, **sets), str(shards))
@@ -648,8 +732,8 @@ def test_stray_checkpoint_folders_are_pruned_and_the_run_still_resumes(shards, t
     import shutil
     import time
 
-    from pipelines.pretrain import RAY_CHECKPOINT_SNAPSHOT, run_pretrain
-    from pipelines.stray_checkpoints import QUIET_S
+    from pipelines.pretrain import run_pretrain
+    from pipelines.stray_checkpoints import QUIET_S, RAY_CHECKPOINT_SNAPSHOT
 
     sets = {
         "train.num_workers": 1,
@@ -854,12 +938,12 @@ def test_a_disk_filling_up_mid_run_stops_in_one_line_and_the_rerun_resumes(shard
 def test_a_checkpoint_record_cut_short_is_set_aside(tmp_path, caplog):
     # a full disk left Ray's checkpoint_manager_snapshot.json empty: the re-run then died in
     # Ray's CheckpointManagerInitializationError (JSONDecodeError) instead of resuming (seen in CI)
-    from pipelines.pretrain import RAY_CHECKPOINT_SNAPSHOT, forget_deleted_checkpoints
+    from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT, unrecord_deleted_checkpoints
 
     run = tmp_path / "t"
     run.mkdir()
     (run / RAY_CHECKPOINT_SNAPSHOT).write_text("")
-    assert forget_deleted_checkpoints(str(run))
+    assert unrecord_deleted_checkpoints(str(run))
     assert not (run / RAY_CHECKPOINT_SNAPSHOT).exists()
     assert (run / f"{RAY_CHECKPOINT_SNAPSHOT}.stale").exists()
     assert "unreadable" in caplog.text
