@@ -518,8 +518,6 @@ def run_sweep(
         "provenance": provenance,
     }
     floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
-    from pipelines.tracking import mark_run
-
     try:
         with _sigterm_as_ctrl_c():
             grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
@@ -534,9 +532,7 @@ def run_sweep(
         if parent_run_id and not unfinished:
             _finish_parent_run(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
         if unfinished:  # in the try: a second signal while the runs are ended is said the same
-            if parent_run_id:
-                _end_open_trial_runs(uri, parent_run_id, "KILLED")
-                mark_run(uri, parent_run_id, "KILLED")
+            _end_sweep_runs(uri, parent_run_id, "KILLED")
             raise SweepInterrupted(
                 f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of {len(grid)} "
                 f"trials unfinished (no best.yaml was written); {_resumable(cfg.tune.name)}"
@@ -547,17 +543,13 @@ def run_sweep(
         # a second Ctrl-C or SIGTERM, while Tune stops the trials after the first, raises;
         # so does one outside Tune's loop (ray.init's SIGTERM handler exits): resumable all
         # the same, and said as a first one is
-        if parent_run_id:
-            _end_open_trial_runs(uri, parent_run_id, "KILLED")
-            mark_run(uri, parent_run_id, "KILLED")
+        _end_sweep_runs(uri, parent_run_id, "KILLED")
         how = f" (exit {err.code})" if isinstance(err, SystemExit) else ""
         raise SweepInterrupted(
             f"sweep '{cfg.tune.name}' was interrupted{how}; {_resumable(cfg.tune.name)}"
         ) from None
     except BaseException:
-        if parent_run_id:  # its runs must not look alive
-            _end_open_trial_runs(uri, parent_run_id, "FAILED")
-            mark_run(uri, parent_run_id, "FAILED")
+        _end_sweep_runs(uri, parent_run_id, "FAILED")  # its runs must not look alive
         raise
     rows, tidied = _tidy_checkpoints(cfg, rows, best, setup["trials_dir"])
     return SweepResult(
@@ -800,6 +792,18 @@ def _finish_parent_run(
         client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
         client.log_text(parent_run_id, redact(best_yaml), "best.yaml")
     end_run(client, parent_run_id, "FINISHED")  # a reap's tag goes: the driver was alive
+
+
+def _end_sweep_runs(uri: str | None, parent_run_id: str | None, status: str) -> None:
+    """End an interrupted or failed sweep's MLflow runs with ``status``: the trials still
+    RUNNING, then the sweep's own run (none without tracking). Never raises, as neither step
+    does: the interruption or the failure is what to report."""
+    if not parent_run_id:
+        return
+    from pipelines.tracking import mark_run
+
+    _end_open_trial_runs(uri, parent_run_id, status)
+    mark_run(uri, parent_run_id, status)
 
 
 def _end_open_trial_runs(uri: str, parent_run_id: str, status: str) -> None:

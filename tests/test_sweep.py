@@ -442,6 +442,28 @@ def test_an_interrupted_sweep_leaves_no_trial_run_running(nih_shards, tmp_path):
     assert children and {c.info.status for c in children} == {"KILLED"}
 
 
+def test_an_ended_sweep_ends_its_open_trial_runs_then_its_own(tmp_path):
+    # the three ways a sweep ends early (interrupted twice over, failed) share one helper; a
+    # trial run that already ended keeps its status, and without tracking nothing is done
+    import mlflow
+
+    from pipelines.sweep import _end_sweep_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("radjepa")
+    parent = client.create_run(exp).info.run_id
+    tag = {"mlflow.parentRunId": parent}
+    running, done = (client.create_run(exp, tags=tag).info.run_id for _ in range(2))
+    client.set_terminated(done, "FINISHED")
+
+    _end_sweep_runs(uri, None, "FAILED")  # tracking off
+    assert client.get_run(parent).info.status == "RUNNING"
+    _end_sweep_runs(uri, parent, "FAILED")
+    status = {r: client.get_run(r).info.status for r in (parent, running, done)}
+    assert status == {parent: "FAILED", running: "FAILED", done: "FINISHED"}
+
+
 def test_a_store_that_cannot_be_used_fails_in_one_line_before_any_trial(
     nih_shards, tmp_path, monkeypatch
 ):
