@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
         return 2
     except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` of a job run in the foreground
+        # returned, not os._exit as cli._exit_now does after a SIGTERM in ray.get: main() is
+        # also called in-process, and a Ctrl-C here exits through teardown cleanly
         stop_ray_before_last_word()
         print(INTERRUPTED, file=sys.stderr)  # noqa: T201 - entry point output
         return 130
