@@ -7,11 +7,15 @@ Data then cannot use, and on a 2-core machine the data pipeline would otherwise 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
+import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pipelines.cluster_address import (
@@ -76,6 +80,117 @@ def stop_ray_before_last_word() -> None:
             ray.shutdown()
 
 
+@contextmanager
+def sigterm_as_ctrl_c(*, once: bool = False) -> Iterator[None]:
+    """While the block runs, SIGTERM (``radjepa jobs stop``/``ray job stop``, a pod or a
+    systemd unit stopping, ``kill``) does what Ctrl-C does: it calls the SIGINT handler in
+    place (Python's raises KeyboardInterrupt; Tune's, during a sweep, saves the sweep's state
+    and stops the trials). ray.init's own handler exits instead (``sys.exit`` from wherever the
+    main thread is, mostly inside ``ray.get``/``ray.wait``), after Ray's C++ handler printed a
+    stack dump: no last line, an ingest exited 15 and a sweep's driver aborted in interpreter
+    teardown (SIGABRT, a core dump), its MLflow runs RUNNING or FAILED.
+
+    ``once``: the first SIGTERM is routed and later ones are ignored until the block ends, so a
+    supervisor repeating itself cannot cut short the shutdown the first one started (the
+    destination lock's release, Ray's shutdown). Without it a second signal, after Tune has put
+    the previous SIGINT handler back, raises KeyboardInterrupt, as a second Ctrl-C does.
+
+    Both handlers are put back on the way out: Tune leaves its SIGINT handler installed after a
+    sweep nobody interrupted, and a Ctrl-C while the driver wrote the results was swallowed by
+    it. :func:`ensure_ray` keeps this routing across the ray.init it makes inside the block.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def as_ctrl_c(signum: int, frame: Any) -> None:
+        if once:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIG_IGN or SIG_DFL: no Python handler to stand for
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    as_ctrl_c.routes_sigterm = True  # type: ignore[attr-defined]  # what ensure_ray keeps
+    previous_int = signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, as_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:  # None: set outside Python, cannot be put back
+            signal.signal(signal.SIGINT, previous_int)
+
+
+def stop_ray_ignoring_sigterm() -> None:
+    """:func:`stop_ray_before_last_word` for a command that is stopping (a SIGTERM or Ctrl-C
+    ended its run): SIGTERM is ignored from here to the process's end, so that a second one (a
+    supervisor or a user repeating it) cannot cut the shutdown short, nor the last line.
+
+    ray.shutdown puts SIGTERM back to its default action (Ray's C++ logging uninstalls its
+    crash handlers) right before it stops the local instance's processes, which takes a second
+    or so: a SIGTERM then killed the driver (exit -15, no last line). While it runs, a thread
+    sets SIGTERM ignored again through libc every few milliseconds (Python sets handlers from
+    the main thread only, which is inside ray.shutdown); after it, the main thread does.
+    """
+    _ignore_sigterm()
+    stop = threading.Event()
+    keeper = threading.Thread(target=_keep_sigterm_ignored, args=(stop,), daemon=True)
+    keeper.start()
+    try:
+        stop_ray_before_last_word()
+    finally:
+        stop.set()
+        keeper.join()
+        _ignore_sigterm()  # Python's table already says ignored: this sets the process's again
+
+
+def _ignore_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():  # nowhere else can set it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _keep_sigterm_ignored(stop: threading.Event, every_s: float = 0.002) -> None:
+    """Set SIGTERM's action to ignore, through libc (any thread may), until ``stop`` is set."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.signal.restype = ctypes.c_void_p
+    except (OSError, AttributeError):  # no C library to call: the main thread's setting stands
+        return
+    while not stop.is_set():
+        libc.signal(int(signal.SIGTERM), int(signal.SIG_IGN))
+        stop.wait(every_s)
+
+
+def _routed_sigterm() -> Any:
+    """The :func:`sigterm_as_ctrl_c` handler in place, or None (also off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    handler = signal.getsignal(signal.SIGTERM)
+    return handler if getattr(handler, "routes_sigterm", False) else None
+
+
+@contextmanager
+def _keep_sigterm_routing() -> Iterator[None]:
+    """Around ray.init: put a :func:`sigterm_as_ctrl_c` routing back once ray.init has set its
+    own SIGTERM handlers (``sys.exit``, and in C++ a stack dump that Python's handler, set
+    again, replaces). A SIGTERM while ray.init runs meets Ray's handler, whose SystemExit is
+    then the KeyboardInterrupt the routing would have raised."""
+    routed = _routed_sigterm()
+    if routed is None:
+        yield
+        return
+    try:
+        yield
+    except SystemExit as err:
+        if err.code != signal.SIGTERM:
+            raise
+        raise KeyboardInterrupt from None
+    finally:
+        signal.signal(signal.SIGTERM, routed)
+
+
 class ClusterResourceError(ClusterError):
     """The cluster can never provide what the job asks for."""
 
@@ -100,7 +215,8 @@ def ensure_ray(
     if names_cluster(address):
         log.info("joining Ray cluster at %s", address)
         try:
-            ray.init(address=address, log_to_driver=log_to_driver)
+            with _keep_sigterm_routing():
+                ray.init(address=address, log_to_driver=log_to_driver)
         except ConnectionError as err:  # e.g. a Ray Client server that accepts but never serves
             first = first_line(str(err)) or type(err).__name__
             raise ClusterConnectionError(
@@ -113,14 +229,15 @@ def ensure_ray(
     # address="local": without it ray.init joins the cluster the last `ray start` on this
     # machine recorded (and refuses num_cpus for it), so an unset RAY_ADDRESS, documented as
     # "a local instance of this process's own", failed or landed on somebody's cluster
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        configure_logging=False,
-        log_to_driver=log_to_driver,
-        runtime_env=LOCAL_RUNTIME_ENV,
-    )
+    with _keep_sigterm_routing():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=log_to_driver,
+            runtime_env=LOCAL_RUNTIME_ENV,
+        )
 
 
 # Ray Data's Parquet reader (2.60) lists its input through a pool of footer-reading actors that

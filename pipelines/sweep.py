@@ -11,11 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -432,6 +428,7 @@ def run_sweep(
         ensure_ray,
         max_parallel_trials,
         resolve_use_gpu,
+        sigterm_as_ctrl_c,
     )
     from radjepa.training_data import TrainingDataError, inspect_shards
 
@@ -519,7 +516,7 @@ def run_sweep(
     }
     floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
     try:
-        with _sigterm_as_ctrl_c():
+        with sigterm_as_ctrl_c():
             grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
         _free_last_trials()
         rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
@@ -595,37 +592,6 @@ def _tidy_checkpoints(
         )
     rows = [r if r.trial_id == best.trial_id else replace(r, checkpoint=None) for r in rows]
     return rows, tidied
-
-
-@contextmanager
-def _sigterm_as_ctrl_c() -> Iterator[None]:
-    """While Tune runs the trials, SIGTERM (a pod shut down, ``ray job stop``, ``kill``) does
-    what Ctrl-C does: Tune's SIGINT handler saves the sweep's state and stops the trials, and
-    ``fit`` returns. ray.init's own handler exits instead (``sys.exit`` from wherever the main
-    thread is, mostly inside ``ray.wait`` in Tune's loop): the driver then aborted in
-    interpreter teardown (SIGABRT, a core dump) without a word, and left the MLflow runs
-    RUNNING or FAILED. A second signal, after Tune has put the previous SIGINT handler back,
-    raises KeyboardInterrupt, as a second Ctrl-C does. The SIGINT handler is put back on the
-    way out too: Tune leaves its own installed after a sweep nobody interrupted, and a Ctrl-C
-    while the driver wrote the results was swallowed by it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-
-    def as_ctrl_c(signum: int, frame: Any) -> None:
-        handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):  # SIG_IGN or SIG_DFL: no Python handler to stand for
-            raise KeyboardInterrupt
-        handler(signal.SIGINT, frame)
-
-    previous_int = signal.getsignal(signal.SIGINT)
-    previous = signal.signal(signal.SIGTERM, as_ctrl_c)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if previous_int is not None:  # None: set outside Python, cannot be put back
-            signal.signal(signal.SIGINT, previous_int)
 
 
 def _free_last_trials(wait_s: float = 10.0) -> None:

@@ -520,3 +520,24 @@ def test_auto_uses_this_machines_token_as_ray_init_does(
     assert res.returncode == 0, res.stderr
     res = check(f"127.0.0.1:{port}")  # explicit: Ray wants RAY_AUTH_MODE=token, and so do we
     assert res.returncode == 1 and "wants an auth token" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_sigterm_is_routed_to_ctrl_c_and_with_once_only_the_first(once: bool) -> None:
+    # ingest's entry points (once=True): a second SIGTERM must not cut short the shutdown the
+    # first started; the sweep (once=False): a second one raises again, as a second Ctrl-C does
+    import signal
+
+    from pipelines.runtime import sigterm_as_ctrl_c
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    raised = 0
+    with sigterm_as_ctrl_c(once=once):
+        for _ in range(2):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(2)  # the handler runs in between, in this (the main) thread
+            except KeyboardInterrupt:
+                raised += 1
+    assert raised == (1 if once else 2)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
