@@ -142,17 +142,14 @@ def ingest(
     if len(paths) < 2:
         raise UserError("give at least one source and the destination: radjepa ingest SRC... DST")
     cfg = load(config, set_)
-    from pipelines.ingest import INTERRUPTED, IngestError, run_ingest
+    from pipelines.ingest import IngestError, IngestInterrupted, run_ingest_until_stopped
 
-    try:
-        res = run_ingest(paths[:-1], paths[-1], cfg)
+    try:  # Ctrl-C or SIGTERM (`radjepa jobs stop`, a pod stopping): 130 and one last line
+        res = run_ingest_until_stopped(paths[:-1], paths[-1], cfg)
     except IngestError as err:
         raise UserError(str(err)) from None
-    except KeyboardInterrupt:
-        from pipelines.runtime import stop_ray_before_last_word
-
-        stop_ray_before_last_word()
-        typer.echo(INTERRUPTED, err=True)
+    except IngestInterrupted as err:
+        typer.echo(str(err), err=True)
         raise typer.Exit(130) from None
     before = f" ({res.resolved} quarantined by an earlier run)" if res.resolved else ""
     typer.echo(

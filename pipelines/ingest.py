@@ -53,7 +53,16 @@ from radjepa.shards import (
 if TYPE_CHECKING:
     from radjepa.config import Config, IngestConfig
 
-__all__ = ["IngestError", "IngestSummary", "list_inputs", "main", "run_ingest", "summary_table"]
+__all__ = [
+    "IngestError",
+    "IngestInterrupted",
+    "IngestSummary",
+    "list_inputs",
+    "main",
+    "run_ingest",
+    "run_ingest_until_stopped",
+    "summary_table",
+]
 
 log = logging.getLogger(__name__)
 
@@ -418,9 +427,32 @@ INTERRUPTED = (
 )
 
 
+class IngestInterrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run: Ray is shut down and DST's lock released; the entry
+    points say :data:`INTERRUPTED` as their last line and exit 130."""
+
+
+def run_ingest_until_stopped(sources: list[str], dst: str, cfg: Config) -> IngestSummary:
+    """:func:`run_ingest` for the two entry points (``radjepa ingest``, ``python -m
+    pipelines.ingest``): SIGTERM (``radjepa jobs stop``, a pod or systemd unit stopping) ends
+    it as Ctrl-C does. Left to ray.init's handler, a SIGTERM printed Ray's C++ stack dump and
+    exited 15 without a word. Either way DST's lock is released and Ray shut down before
+    :class:`IngestInterrupted` is raised; from the first SIGTERM on, others are ignored, so
+    that a supervisor repeating itself cannot cut that short (a second Ctrl-C still can, as a
+    user who insists expects). The process is stopping: SIGTERM stays ignored after it."""
+    from pipelines.runtime import sigterm_as_ctrl_c, stop_ray_ignoring_sigterm
+
+    try:
+        with sigterm_as_ctrl_c(once=True):
+            return run_ingest(sources, dst, cfg)
+    except KeyboardInterrupt:
+        stop_ray_ignoring_sigterm()
+        raise IngestInterrupted(INTERRUPTED) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.ingest SRC... DST [--config] [--set k=v]`` (e.g. in a Ray Job)."""
-    from pipelines.runtime import ClusterError, stop_ray_before_last_word
+    from pipelines.runtime import ClusterError
     from radjepa.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__)
@@ -432,15 +464,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need at least one source and a destination")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        s = run_ingest(args.paths[:-1], args.paths[-1], load_config(args.config, args.sets))
+        cfg = load_config(args.config, args.sets)
+        s = run_ingest_until_stopped(args.paths[:-1], args.paths[-1], cfg)
     except (ConfigError, IngestError, ClusterError) as err:  # the user's: one line, like the CLI
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
         return 2
-    except KeyboardInterrupt:  # Ctrl-C, or `ray job stop` of a job run in the foreground
+    except IngestInterrupted as err:  # Ctrl-C, or SIGTERM: `ray job stop`, a pod stopping
         # returned, not os._exit as cli._exit_now does after a SIGTERM in ray.get: main() is
-        # also called in-process, and a Ctrl-C here exits through teardown cleanly
-        stop_ray_before_last_word()
-        print(INTERRUPTED, file=sys.stderr)  # noqa: T201 - entry point output
+        # also called in-process, and an interrupted ingest exits through teardown cleanly
+        print(err, file=sys.stderr)  # noqa: T201 - entry point output
         return 130
     print(json.dumps(asdict(s), sort_keys=True))  # noqa: T201 - entry point output
     return 0

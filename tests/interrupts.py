@@ -1,4 +1,4 @@
-"""Pressing Ctrl-C on a running job from inside the test process, as a user would."""
+"""Interrupting a running job as a user (Ctrl-C) or a supervisor (SIGTERM) would."""
 
 from __future__ import annotations
 
@@ -39,17 +39,27 @@ def ctrl_c_once(ready: Callable[[], bool], timeout_s: float = 600) -> Iterator[N
 
 
 def signal_after_line(
-    proc: subprocess.Popen[str], marker: str, sig: int, timeout_s: float
+    proc: subprocess.Popen[str],
+    marker: str,
+    sig: int,
+    timeout_s: float,
+    *,
+    again_after_s: float | None = None,
 ) -> tuple[str, str]:
     """Send ``sig`` to the child ``proc`` once a line of its stderr holds ``marker`` (where a
     user's Ctrl-C or a pod's SIGTERM would land in the run), then wait for it to end: (its
-    stdout, everything it wrote to stderr)."""
+    stdout, everything it wrote to stderr). ``again_after_s``: send it once more that long
+    after, while the child is still running (a supervisor or a user repeating it)."""
     assert proc.stderr is not None
     said = []
     for line in proc.stderr:
         said.append(line)
         if marker in line:
             proc.send_signal(sig)
+            if again_after_s is not None:
+                time.sleep(again_after_s)
+                if proc.poll() is None:
+                    proc.send_signal(sig)
             break
     out, rest = proc.communicate(timeout=timeout_s)
     return out, "".join(said) + rest

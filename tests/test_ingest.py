@@ -23,6 +23,7 @@ from dicom_factory import MARKER_STRINGS, deflated, gradient, issuer_tags, make_
 from interrupts import signal_after_line
 from pydicom.uid import ExplicitVRBigEndian, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
 
+from pipelines.ingest import INTERRUPTED
 from radjepa.config import load_config
 from radjepa.imaging.decode import decode_image
 from radjepa.imaging.deid import content_id, resolve_secret
@@ -880,3 +881,63 @@ def test_an_interrupted_run_says_what_it_kept_in_one_line(tmp_path) -> None:
     assert "Traceback" not in text and out.strip().count("{") == 0
     assert text.strip().splitlines()[-1].startswith("interrupted: the shards written so far")
     assert not (tmp_path / "dst" / ".ingest.lock").exists()  # released on Ctrl-C too
+
+
+def _ingest_command(entry: str, src: Path, dst: Path) -> list[str]:
+    """``radjepa ingest`` (the console script's module) or the Ray Job entry point."""
+    module = ["pipelines.cli", "ingest"] if entry == "cli" else ["pipelines.ingest"]
+    return [sys.executable, "-m", *module, str(src), str(dst)] + [
+        "-c",
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        "--set",
+        "ingest.shard_rows=10",
+    ]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("entry", ["module", "cli"])
+def test_a_stopped_run_ends_as_an_interrupted_one_and_a_rerun_stores_each_image_once(
+    tmp_path, monkeypatch, entry
+) -> None:
+    """SIGTERM (`radjepa jobs stop`, a pod or systemd unit stopping) met ray.init's handler:
+    Ray printed a C++ stack dump ("*** SIGTERM received") and the run exited 15 without a word.
+    Now it ends as Ctrl-C does, and a second SIGTERM during that shutdown changes nothing."""
+    import signal
+
+    monkeypatch.setenv("RADJEPA_DEID_SECRET", "k" * 32)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    expected = set()
+    for seed in range(60):
+        data = make_dicom(gradient(256, 256, seed=seed), markers=False)
+        (src / f"{seed}.dcm").write_bytes(data)
+        expected.add(_image_id(data))
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(
+        _ingest_command(entry, src, dst),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    # once Ray Data runs the decoders (said on stderr by both entry points)
+    marker = "Starting execution of Dataset"
+    out, text = signal_after_line(proc, marker, signal.SIGTERM, 120, again_after_s=0.5)
+    assert proc.returncode == 130, text[-3000:]
+    assert "Traceback" not in text and "SIGTERM received" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == INTERRUPTED
+    assert "ingested" not in out and out.strip().count("{") == 0
+    assert not (dst / ".ingest.lock").exists()
+    again = subprocess.run(
+        _ingest_command(entry, src, dst),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    ids = read_images(dst)[1].column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == expected  # each image once, none lost
+    assert json.loads((dst / "manifest.json").read_text())["images"] == 60
