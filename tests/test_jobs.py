@@ -353,6 +353,43 @@ def test_jobs_stop_gives_a_submitted_job_time_to_end_its_runs(
 
 
 @pytest.mark.slow
+def test_jobs_stop_ends_a_submitted_ingest_as_ctrl_c_does(
+    ray_head: dict[str, str], nih_dir: Path, tmp_path: Path
+) -> None:
+    """The job supervisor's SIGTERM met ray.init's handler in the ingest's driver: Ray's C++
+    stack dump, exit 15, no last line. Now the job's log ends with the interrupted line."""
+    from ray.job_submission import JobSubmissionClient
+
+    from pipelines.ingest import INTERRUPTED
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for p in sorted((nih_dir / "images").glob("*.png"))[:300]:
+        shutil.copy(p, src / p.name)
+    cmd = ["ingest", str(src), str(dst), "-c", "configs/tiny_cpu.yaml"]
+    sub = _radjepa(["submit", "--no-wait", "--", *cmd], ray_head)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().splitlines()[-1]
+    client = JobSubmissionClient(
+        ray_head["RAY_JOB_ADDRESS"],
+        headers={"Authorization": f"Bearer {ray_head['RAY_AUTH_TOKEN']}"},
+    )
+    deadline = time.monotonic() + 90
+    while "Starting execution of Dataset" not in jobs.logs(client, job_id):
+        assert time.monotonic() < deadline, jobs.logs(client, job_id)[-3000:]
+        time.sleep(0.3)
+
+    assert jobs.stop(client, job_id)
+    res = jobs.wait(client, job_id, timeout_s=60)
+
+    text = jobs.logs(client, job_id)
+    assert res.status == "STOPPED"
+    assert "SIGTERM received" not in text and "Traceback" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == INTERRUPTED, text[-3000:]
+    assert not (dst / ".ingest.lock").exists()
+
+
+@pytest.mark.slow
 def test_a_working_dir_too_large_to_upload_is_named_with_what_to_do(
     ray_head: dict[str, str], tmp_path: Path
 ) -> None:
