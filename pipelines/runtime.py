@@ -130,8 +130,10 @@ def stop_ray_ignoring_sigterm() -> None:
     ray.shutdown puts SIGTERM back to its default action (Ray's C++ logging uninstalls its
     crash handlers) right before it stops the local instance's processes, which takes a second
     or so: a SIGTERM then killed the driver (exit -15, no last line). While it runs, a thread
-    sets SIGTERM ignored again through libc every few milliseconds (Python sets handlers from
-    the main thread only, which is inside ray.shutdown); after it, the main thread does.
+    sets SIGTERM ignored again through libc every 2 ms (Python sets handlers from the main
+    thread only, which is inside ray.shutdown); after it, the main thread does. That narrows
+    the second to a window of about 2 ms right after Ray's reset, which nothing here can close:
+    Ray resets the action from C++ with no hook between that and stopping its processes.
     """
     _ignore_sigterm()
     stop = threading.Event()
