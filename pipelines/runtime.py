@@ -133,8 +133,9 @@ def stop_ray_ignoring_sigterm() -> None:
     or so: a SIGTERM then killed the driver (exit -15, no last line). While it runs, a thread
     sets SIGTERM ignored again through libc every 2 ms (Python sets handlers from the main
     thread only, which is inside ray.shutdown); after it, the main thread does. That narrows
-    the second to a window of about 2 ms right after Ray's reset, which nothing here can close:
-    Ray resets the action from C++ with no hook between that and stopping its processes.
+    the second to a window right after Ray's reset (about 2 ms; longer when the machine is so
+    loaded that the thread waits for a CPU or the GIL), which nothing here can close: Ray
+    resets the action from C++ with no hook between that and stopping its processes.
     """
     _ignore_sigterm()
     _wait_for_ray_data_executors()
