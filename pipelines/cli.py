@@ -996,10 +996,11 @@ def _exit_now(code: int, message: str) -> NoReturn:
     workers) leaves the process to abort in interpreter teardown (SIGABRT: exit 134 and a core
     dump, after the one-line error), even after ``ray.shutdown()``: so Ray is shut down
     (before the message, which must be the last line), logs and streams are flushed, and the
-    interpreter's teardown is skipped."""
-    from pipelines.runtime import stop_ray_before_last_word
+    interpreter's teardown is skipped. SIGTERM is ignored from here on: a second one (a
+    supervisor repeating itself) must not cut the shutdown or the last line short."""
+    from pipelines.runtime import stop_ray_ignoring_sigterm
 
-    stop_ray_before_last_word()
+    stop_ray_ignoring_sigterm()
     typer.secho(message, fg=typer.colors.RED, err=True)
     logging.shutdown()
     sys.stdout.flush()

@@ -406,7 +406,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
             ) from None
         tracking = {"run_id": run_id, "uri": uri}
 
-    from pipelines.runtime import ClusterResourceError
+    from pipelines.runtime import ClusterResourceError, sigterm_as_ctrl_c
     from pipelines.tracking import mark_run
 
     try:
@@ -423,7 +423,12 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
             extra_loop_config=skip,
             start_step=resume.step if resume is not None else 0,
         )
-        result = trainer.fit()
+        # SIGTERM (`radjepa jobs stop`, a pod stopping) stops the run as Ctrl-C does, through
+        # Ray Train's SIGINT handler (it aborts the workers gracefully): left to ray.init's
+        # handler, its sys.exit landed wherever the driver waited and, on a loaded machine, the
+        # process aborted in teardown (SIGABRT, no last line); later SIGTERMs are ignored
+        with sigterm_as_ctrl_c(once=True):
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
         diverged = read_divergence(run_dir)
@@ -437,9 +442,10 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
             mark_run(uri, run_id, "KILLED")
         raise
     except SystemExit as err:
-        # Ray Train answers Ctrl-C by aborting the workers and exiting from its SIGINT handler,
-        # and ray.init's SIGTERM handler (`ray job stop`, a pod shut down) exits too: neither is
-        # a KeyboardInterrupt, and the MLflow run stayed RUNNING forever
+        # Ray Train answers Ctrl-C (and a SIGTERM, routed to it) by aborting the workers and
+        # exiting from its SIGINT handler, and ray.init's SIGTERM handler exits too before the
+        # routing is in place: neither is a KeyboardInterrupt, and the MLflow run stayed
+        # RUNNING forever
         if tracking:
             mark_run(uri, run_id, "KILLED")
         raise PretrainInterrupted(

@@ -91,10 +91,11 @@ def sigterm_as_ctrl_c(*, once: bool = False) -> Iterator[None]:
     stack dump: no last line, an ingest exited 15 and a sweep's driver aborted in interpreter
     teardown (SIGABRT, a core dump), its MLflow runs RUNNING or FAILED.
 
-    ``once``: the first SIGTERM is routed and later ones are ignored until the block ends, so a
-    supervisor repeating itself cannot cut short the shutdown the first one started (the
-    destination lock's release, Ray's shutdown). Without it a second signal, after Tune has put
-    the previous SIGINT handler back, raises KeyboardInterrupt, as a second Ctrl-C does.
+    ``once``: the first SIGTERM is routed and later ones are ignored, also after the block (the
+    process is stopping), so a supervisor repeating itself cannot cut short the shutdown the
+    first one started (the run's MLflow status, the destination lock's release, Ray's
+    shutdown). Without it a second signal, after Tune has put the previous SIGINT handler back,
+    raises KeyboardInterrupt, as a second Ctrl-C does.
 
     Both handlers are put back on the way out: Tune leaves its SIGINT handler installed after a
     sweep nobody interrupted, and a Ctrl-C while the driver wrote the results was swallowed by
@@ -104,8 +105,12 @@ def sigterm_as_ctrl_c(*, once: bool = False) -> Iterator[None]:
         yield  # signal handlers can only be set from the main thread
         return
 
+    stopping = False
+
     def as_ctrl_c(signum: int, frame: Any) -> None:
+        nonlocal stopping
         if once:
+            stopping = True
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         handler = signal.getsignal(signal.SIGINT)
         if not callable(handler):  # SIG_IGN or SIG_DFL: no Python handler to stand for
@@ -118,7 +123,7 @@ def sigterm_as_ctrl_c(*, once: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping else previous)
         if previous_int is not None:  # None: set outside Python, cannot be put back
             signal.signal(signal.SIGINT, previous_int)
 

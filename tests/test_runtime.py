@@ -539,5 +539,21 @@ def test_sigterm_is_routed_to_ctrl_c_and_with_once_only_the_first(once: bool) ->
                 time.sleep(2)  # the handler runs in between, in this (the main) thread
             except KeyboardInterrupt:
                 raised += 1
+    after = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGTERM, before[0])  # this test process goes on
     assert raised == (1 if once else 2)
+    # once=True: the process is stopping, and a SIGTERM after the block must not cut that short
+    assert after == ((signal.SIG_IGN, before[1]) if once else before)
+
+
+def test_a_block_no_sigterm_reached_puts_both_handlers_back() -> None:
+    # a run that ends without a signal leaves the process as it found it (pretrain is called
+    # in-process too, and a SIGTERM after it must do what it did before)
+    import signal
+
+    from pipelines.runtime import sigterm_as_ctrl_c
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with sigterm_as_ctrl_c(once=True):
+        assert signal.getsignal(signal.SIGTERM) is not before[0]
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
