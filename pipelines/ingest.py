@@ -439,14 +439,22 @@ def run_ingest_until_stopped(sources: list[str], dst: str, cfg: Config) -> Inges
     exited 15 without a word. Either way DST's lock is released and Ray shut down before
     :class:`IngestInterrupted` is raised; from the first SIGTERM on, others are ignored, so
     that a supervisor repeating itself cannot cut that short (a second Ctrl-C still can, as a
-    user who insists expects). The process is stopping: SIGTERM stays ignored after it."""
-    from pipelines.runtime import sigterm_as_ctrl_c, stop_ray_ignoring_sigterm
+    user who insists expects). After a SIGTERM the process is stopping: SIGTERM stays ignored;
+    after a Ctrl-C an in-process caller may carry on, and gets its handlers back."""
+    from pipelines.runtime import (
+        sigterm_as_ctrl_c,
+        stop_ray_before_last_word,
+        stop_ray_ignoring_sigterm,
+    )
 
     try:
-        with sigterm_as_ctrl_c(once=True):
+        with sigterm_as_ctrl_c(once=True) as routing:
             return run_ingest(sources, dst, cfg)
     except KeyboardInterrupt:
-        stop_ray_ignoring_sigterm()
+        if routing.stopping:
+            stop_ray_ignoring_sigterm()
+        else:
+            stop_ray_before_last_word()
         raise IngestInterrupted(INTERRUPTED) from None
 
 

@@ -55,6 +55,11 @@ class PretrainInterrupted(PretrainError):
     """Ctrl-C or SIGTERM stopped the run; it is resumable (the CLI exits 130, as ingest does)."""
 
 
+INTERRUPTED = (
+    "training was interrupted; the run is resumable: re-run the same command to continue from "
+    "its latest checkpoint"
+)
+
 # the library's own user-facing errors, reported as a PretrainError by this job
 _LIBRARY_ERRORS = (TrainingDataError, ResumeError)
 
@@ -352,7 +357,25 @@ def build_trainer(
 
 
 def run_pretrain(cfg: Config, data: str) -> PretrainResult:
-    """Run (or resume) ``cfg.train.run_name`` on the shards in ``data``."""
+    """Run (or resume) ``cfg.train.run_name`` on the shards in ``data``.
+
+    Ctrl-C or SIGTERM (``radjepa jobs stop``, a pod stopping) raises
+    :class:`PretrainInterrupted`, the MLflow run marked KILLED. SIGTERM goes the Ctrl-C way from
+    before ray.init (which installs its own handler) to the end: during training, through Ray
+    Train's SIGINT handler, which aborts the workers gracefully. Left to ray.init's handler, its
+    ``sys.exit`` landed wherever the driver waited and, on a loaded machine, the driver aborted
+    in teardown (SIGABRT, no last line). Once one is routed, later SIGTERMs are ignored: a
+    supervisor repeating itself cannot cut short the run's KILLED mark or Ray's shutdown."""
+    from pipelines.runtime import sigterm_as_ctrl_c
+
+    try:
+        with sigterm_as_ctrl_c(once=True):
+            return _run_pretrain(cfg, data)
+    except KeyboardInterrupt:  # before the MLflow run exists, or after it was marked KILLED
+        raise PretrainInterrupted(INTERRUPTED) from None
+
+
+def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
     from pipelines.runtime import ensure_ray
     from radjepa.masks import MasksUnsatisfiable, check_masks
     from radjepa.resume import check_resume_workers, find_resume_point
@@ -396,6 +419,12 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
             run_id, uri = start_tracking(cfg, storage, run_dir, provenance=provenance)
             if resume is not None and resume.changed:
                 record_config_change(cfg, uri, run_id, resume)
+        except KeyboardInterrupt:
+            if run_id is not None:  # a resumed run, set RUNNING again: resumable as it was
+                from pipelines.tracking import mark_run
+
+                mark_run(uri, run_id, "KILLED")
+            raise
         except Exception as err:  # an unreachable server, a store without permission, ...
             if run_id is not None:  # a resumed run, set RUNNING again before the failure
                 from pipelines.tracking import mark_run
@@ -406,7 +435,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
             ) from None
         tracking = {"run_id": run_id, "uri": uri}
 
-    from pipelines.runtime import ClusterResourceError, sigterm_as_ctrl_c
+    from pipelines.runtime import ClusterResourceError
     from pipelines.tracking import mark_run
 
     try:
@@ -423,12 +452,7 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
             extra_loop_config=skip,
             start_step=resume.step if resume is not None else 0,
         )
-        # SIGTERM (`radjepa jobs stop`, a pod stopping) stops the run as Ctrl-C does, through
-        # Ray Train's SIGINT handler (it aborts the workers gracefully): left to ray.init's
-        # handler, its sys.exit landed wherever the driver waited and, on a loaded machine, the
-        # process aborted in teardown (SIGABRT, no last line); later SIGTERMs are ignored
-        with sigterm_as_ctrl_c(once=True):
-            result = trainer.fit()
+        result = trainer.fit()
         if result.error is not None:
             raise result.error
         diverged = read_divergence(run_dir)
@@ -437,21 +461,14 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
                 _record_divergence(uri, run_id, diverged)
             raise PretrainError(divergence_message(diverged, result.checkpoint, storage))
         pruned += prune_stray_checkpoints(run_dir, restored=restored, finished=True)
-    except KeyboardInterrupt:
-        if tracking:  # re-running the same command resumes it
-            mark_run(uri, run_id, "KILLED")
-        raise
-    except SystemExit as err:
+    except (KeyboardInterrupt, SystemExit):
         # Ray Train answers Ctrl-C (and a SIGTERM, routed to it) by aborting the workers and
-        # exiting from its SIGINT handler, and ray.init's SIGTERM handler exits too before the
-        # routing is in place: neither is a KeyboardInterrupt, and the MLflow run stayed
-        # RUNNING forever
+        # exiting from its SIGINT handler (sys.exit(0)), not a KeyboardInterrupt: the MLflow
+        # run stayed RUNNING forever. A signal before it registered that handler raises
+        # KeyboardInterrupt. Re-running the same command resumes the run either way.
         if tracking:
             mark_run(uri, run_id, "KILLED")
-        raise PretrainInterrupted(
-            f"training was interrupted (exit {err.code}); the run is resumable: re-run the "
-            "same command to continue from its latest checkpoint"
-        ) from None
+        raise PretrainInterrupted(INTERRUPTED) from None
     except Exception as err:
         if tracking:
             mark_run(uri, run_id, "FAILED")
@@ -470,6 +487,9 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
                 # as_directory() downloads a checkpoint that lives on object storage
                 with result.checkpoint.as_directory() as local_ckpt:
                     version = finish_tracking(cfg, uri, run_id, local_ckpt, metrics)
+            except KeyboardInterrupt:  # the weights are safe; a re-run records them
+                mark_run(uri, run_id, "KILLED")
+                raise
             except Exception as err:  # the weights are safe: say where, and end the run
                 mark_run(uri, run_id, "FAILED")
                 first = (str(err).strip().splitlines() or [""])[0]

@@ -73,7 +73,10 @@ def quiet_local_worker_logs() -> None:
 def stop_ray_before_last_word() -> None:
     """Shut this driver's Ray down before an interrupted command says its last line: until
     then Ray's log monitor keeps forwarding the workers' final lines (a step, a progress
-    update), which would land after the message the user has to read."""
+    update), which would land after the message the user has to read. Ray Data's executor
+    threads of the interrupted run are given a moment to end first (see
+    :func:`_wait_for_ray_data_executors`)."""
+    _wait_for_ray_data_executors()
     if "ray" in sys.modules:
         import ray
 
@@ -81,12 +84,37 @@ def stop_ray_before_last_word() -> None:
             ray.shutdown()
 
 
+class SigtermRouting:
+    """The SIGTERM handler :func:`sigterm_as_ctrl_c` installs. ``stopping``: with ``once``, a
+    SIGTERM came (routed, or met by ray.init's own handler) and the process is stopping."""
+
+    def __init__(self, once: bool) -> None:
+        self.once = once
+        self.stopping = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.stopping:
+            return
+        if self.once:
+            self.stop()
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIG_IGN or SIG_DFL: no Python handler to stand for
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    def stop(self) -> None:
+        """From now on SIGTERM is ignored (called from the main thread, in a handler or not)."""
+        self.stopping = True
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 @contextmanager
-def sigterm_as_ctrl_c(*, once: bool = False) -> Iterator[None]:
+def sigterm_as_ctrl_c(*, once: bool = False) -> Iterator[SigtermRouting]:
     """While the block runs, SIGTERM (``radjepa jobs stop``/``ray job stop``, a pod or a
     systemd unit stopping, ``kill``) does what Ctrl-C does: it calls the SIGINT handler in
-    place (Python's raises KeyboardInterrupt; Tune's, during a sweep, saves the sweep's state
-    and stops the trials). ray.init's own handler exits instead (``sys.exit`` from wherever the
+    place (Python's raises KeyboardInterrupt; Ray Train's, during ``trainer.fit``, aborts the
+    workers gracefully and exits; Tune's, during a sweep, saves the sweep's state and stops the
+    trials). ray.init's own handler exits instead (``sys.exit`` from wherever the
     main thread is, mostly inside ``ray.get``/``ray.wait``), after Ray's C++ handler printed a
     stack dump: no last line, an ingest exited 15 and a sweep's driver aborted in interpreter
     teardown (SIGABRT, a core dump), its MLflow runs RUNNING or FAILED.
@@ -100,30 +128,18 @@ def sigterm_as_ctrl_c(*, once: bool = False) -> Iterator[None]:
     Both handlers are put back on the way out: Tune leaves its SIGINT handler installed after a
     sweep nobody interrupted, and a Ctrl-C while the driver wrote the results was swallowed by
     it. :func:`ensure_ray` keeps this routing across the ray.init it makes inside the block.
+    Yields the routing, whose ``stopping`` says whether a SIGTERM came (with ``once``).
     """
+    routing = SigtermRouting(once)
     if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
+        yield routing  # signal handlers can only be set from the main thread
         return
-
-    stopping = False
-
-    def as_ctrl_c(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        if once:
-            stopping = True
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):  # SIG_IGN or SIG_DFL: no Python handler to stand for
-            raise KeyboardInterrupt
-        handler(signal.SIGINT, frame)
-
-    as_ctrl_c.routes_sigterm = True  # type: ignore[attr-defined]  # what ensure_ray keeps
     previous_int = signal.getsignal(signal.SIGINT)
-    previous = signal.signal(signal.SIGTERM, as_ctrl_c)
+    previous = signal.signal(signal.SIGTERM, routing)
     try:
-        yield
+        yield routing
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN if stopping else previous)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if routing.stopping else previous)
         if previous_int is not None:  # None: set outside Python, cannot be put back
             signal.signal(signal.SIGINT, previous_int)
 
@@ -142,8 +158,12 @@ def stop_ray_ignoring_sigterm() -> None:
     loaded that the thread waits for a CPU or the GIL), which nothing here can close: Ray
     resets the action from C++ with no hook between that and stopping its processes.
     """
+    if threading.current_thread() is not threading.main_thread():
+        # nothing to keep ignored from here: this thread cannot set Python's handlers, and a
+        # libc-level setting would contradict the main thread's
+        stop_ray_before_last_word()
+        return
     _ignore_sigterm()
-    _wait_for_ray_data_executors()
     stop = threading.Event()
     keeper = threading.Thread(target=_keep_sigterm_ignored, args=(stop,), daemon=True)
     keeper.start()
@@ -188,12 +208,12 @@ def _keep_sigterm_ignored(stop: threading.Event, every_s: float = 0.002) -> None
         stop.wait(every_s)
 
 
-def _routed_sigterm() -> Any:
+def _routed_sigterm() -> SigtermRouting | None:
     """The :func:`sigterm_as_ctrl_c` handler in place, or None (also off the main thread)."""
     if threading.current_thread() is not threading.main_thread():
         return None
     handler = signal.getsignal(signal.SIGTERM)
-    return handler if getattr(handler, "routes_sigterm", False) else None
+    return handler if isinstance(handler, SigtermRouting) else None
 
 
 @contextmanager
@@ -201,7 +221,8 @@ def _keep_sigterm_routing() -> Iterator[None]:
     """Around ray.init: put a :func:`sigterm_as_ctrl_c` routing back once ray.init has set its
     own SIGTERM handlers (``sys.exit``, and in C++ a stack dump that Python's handler, set
     again, replaces). A SIGTERM while ray.init runs meets Ray's handler, whose SystemExit is
-    then the KeyboardInterrupt the routing would have raised."""
+    then the KeyboardInterrupt the routing would have raised, and with ``once`` the first: later
+    SIGTERMs are ignored (set back to ignored, not to the routing, on the way out)."""
     routed = _routed_sigterm()
     if routed is None:
         yield
@@ -211,9 +232,11 @@ def _keep_sigterm_routing() -> Iterator[None]:
     except SystemExit as err:
         if err.code != signal.SIGTERM:
             raise
+        if routed.once:
+            routed.stop()
         raise KeyboardInterrupt from None
     finally:
-        signal.signal(signal.SIGTERM, routed)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if routed.stopping else routed)
 
 
 class ClusterResourceError(ClusterError):

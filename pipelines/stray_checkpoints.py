@@ -94,8 +94,8 @@ def unrecord_deleted_checkpoints(run_dir: str) -> bool:
     report count goes on. The record is replaced whole, as in :func:`unrecord_checkpoints`.
 
     A record that cannot be read (cut short by a full disk or a kill mid-write), or one that
-    names deleted folders but cannot be rewritten (lists of unequal length), is set aside as
-    ``.stale``: Ray refuses to start on it, and nothing can be taken from it. A record in a
+    names deleted folders but cannot be rewritten (lists of unequal length, a full disk), is set
+    aside as ``.stale``: Ray refuses to start on it, and nothing can be taken from it. A record in a
     format this code does not know is left for Ray to read."""
     from radjepa.resume import checkpoint_dirs
 
@@ -125,7 +125,9 @@ def unrecord_deleted_checkpoints(run_dir: str) -> bool:
     outcome = "resumes from its newest checkpoint folder" if on_disk else "starts over"
     try:
         left, _ = _without(record, set(missing))
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        _replace(location, left)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        # a storage too full to take the new record still renames: the run must not stop here
         _set_aside(location)
         log.warning(
             "run %s: %s deleted, so the run %s; Ray's record of its checkpoints cannot be "
@@ -138,7 +140,6 @@ def unrecord_deleted_checkpoints(run_dir: str) -> bool:
             RAY_CHECKPOINT_SNAPSHOT,
         )
         return True
-    _replace(location, left)
     log.warning(
         "run %s: %s deleted, so the run %s; taken out of Ray's checkpoint record (the "
         "checkpoints left still count toward train.keep_checkpoints)",
@@ -159,8 +160,15 @@ def _replace(location: str, record: dict) -> None:
     """Write ``record`` over Ray's record at ``location`` whole: a new file moved over it (one
     object on object storage), so a failed write leaves the old record as it was."""
     fs, path = locations.filesystem(location)
-    with fs.open_output_stream(path + ".new") as f:
-        f.write(json.dumps(record).encode())
+    try:
+        with fs.open_output_stream(path + ".new") as f:
+            f.write(json.dumps(record).encode())
+    except OSError:
+        try:  # a part written on a full disk must not stay beside the record
+            fs.delete_file(path + ".new")
+        except OSError:
+            pass
+        raise
     fs.move(path + ".new", path)
 
 

@@ -557,3 +557,27 @@ def test_a_block_no_sigterm_reached_puts_both_handlers_back() -> None:
     with sigterm_as_ctrl_c(once=True):
         assert signal.getsignal(signal.SIGTERM) is not before[0]
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_a_sigterm_ray_init_met_is_the_routed_ctrl_c_and_once_the_first(once: bool) -> None:
+    # ray.init installs its own SIGTERM handler (sys.exit(15)); one that fired while ray.init
+    # ran was raised as KeyboardInterrupt, but the routing came back afterwards even with
+    # once=True, so a second SIGTERM raised again inside the cleanup (a lock left behind)
+    import signal
+
+    from pipelines.runtime import _keep_sigterm_routing, sigterm_as_ctrl_c
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with sigterm_as_ctrl_c(once=once) as routing:
+            with pytest.raises(KeyboardInterrupt), _keep_sigterm_routing():
+                signal.signal(signal.SIGTERM, lambda *_: None)  # what ray.init does
+                raise SystemExit(signal.SIGTERM)  # its handler, on a SIGTERM
+            inside = signal.getsignal(signal.SIGTERM)
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert routing.stopping is once
+    assert inside == (signal.SIG_IGN if once else routing)
+    assert after == (signal.SIG_IGN if once else before)
