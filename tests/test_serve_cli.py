@@ -30,6 +30,9 @@ def _radjepa(*args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.Po
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # a child inherits an ignored SIGINT, and Python then installs no Ctrl-C handler: one CI
+        # run's pytest had SIGINT ignored by then, and the served process never stopped
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
