@@ -163,7 +163,7 @@ def stop_ray_ignoring_sigterm() -> None:
         # libc-level setting would contradict the main thread's
         stop_ray_before_last_word()
         return
-    _ignore_sigterm()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stop = threading.Event()
     keeper = threading.Thread(target=_keep_sigterm_ignored, args=(stop,), daemon=True)
     keeper.start()
@@ -172,7 +172,8 @@ def stop_ray_ignoring_sigterm() -> None:
     finally:
         stop.set()
         keeper.join()
-        _ignore_sigterm()  # Python's table already says ignored: this sets the process's again
+        # Python's table already says ignored: this sets the process's again
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # Ray Data names the thread that runs a dataset's execution so (ray.data 2.60)
@@ -188,11 +189,6 @@ def _wait_for_ray_data_executors(timeout_s: float = 10.0) -> None:
     for thread in threading.enumerate():
         if thread.name.startswith(_EXECUTOR_THREAD) and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))
-
-
-def _ignore_sigterm() -> None:
-    if threading.current_thread() is threading.main_thread():  # nowhere else can set it
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _keep_sigterm_ignored(stop: threading.Event, every_s: float = 0.002) -> None:
