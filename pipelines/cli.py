@@ -152,9 +152,15 @@ def ingest(
         typer.echo(str(err), err=True)
         raise typer.Exit(130) from None
     before = f" ({res.resolved} quarantined by an earlier run)" if res.resolved else ""
+    instances = (
+        f" ({res.duplicate_instances} the DICOM instance of a stored file, in other bytes)"
+        if res.duplicate_instances
+        else ""
+    )
     typer.echo(
         f"ingested {res.input} inputs: {res.ok} stored{before}, {res.quarantined} quarantined, "
-        f"{res.duplicates} duplicates -> {paths[-1]} ({res.total_images} images in total)"
+        f"{res.duplicates} duplicates{instances} -> {paths[-1]} ({res.total_images} images in "
+        "total)"
     )
 
 

@@ -3,9 +3,11 @@
 Flow: the driver lists every source (directories, .zip, .tar/.tar.gz, local or any pyarrow
 filesystem URI) into file references; Ray tasks read the bytes (archive members included);
 an actor pool runs :func:`radjepa.imaging.decode.decode_image` with errors caught per file;
-the driver streams the results, drops duplicate bytes, and writes fixed-size zstd Parquet
-shards to ``DST/images/``, rejects to ``DST/quarantine/`` and a reconciling
-``DST/manifest.json`` (input = ok + quarantined + duplicates).
+the driver streams the results in input order, drops duplicate bytes and duplicate DICOM
+instances (:mod:`radjepa.ingest.instances`), and writes fixed-size zstd Parquet shards to
+``DST/images/``, rejects to ``DST/quarantine/``, instances stored from other bytes to
+``DST/duplicates/`` and a reconciling ``DST/manifest.json`` (input = ok + quarantined +
+duplicates), which records every run, also one Ctrl-C or SIGTERM stopped.
 
 Idempotence: image ids (HMAC-SHA256 of the bytes under the pseudonymisation key; the unkeyed
 SHA-256 in a DST made before ids were keyed) already in ``DST`` (images or quarantine) are
@@ -34,16 +36,22 @@ import pyarrow as pa
 from radjepa.ingest.decoding import RESULT_SCHEMA, FileDecoder
 from radjepa.ingest.destination import (
     MANIFEST_VERSION,
+    RUN_FINISHED,
+    RUN_INTERRUPTED,
     Destination,
     check_compatible,
     check_key,
     is_output,
+    run_status,
 )
 from radjepa.ingest.dst_lock import DstLock
 from radjepa.ingest.errors import IngestError
+from radjepa.ingest.instances import CONFLICT, InstanceIndex
 from radjepa.ingest.sources import count_members, list_inputs, read_blocks
 from radjepa.locations import filesystem
 from radjepa.shards import (
+    DUPLICATE_SCHEMA,
+    DUPLICATES_DIR,
     IMAGES_DIR,
     QUARANTINE_DIR,
     QUARANTINE_SCHEMA,
@@ -74,7 +82,10 @@ class IngestSummary:
     """What one run did; ``input == ok + quarantined + duplicates`` always holds. ``resolved``:
     inputs stored (among ``ok``) that earlier runs had quarantined unread; ``total_quarantined``
     counts DST's quarantine rows of inputs not stored, ``total_resolved`` the rows of inputs a
-    later run stored (:class:`radjepa.ingest.destination.Totals`)."""
+    later run stored (:class:`radjepa.ingest.destination.Totals`). ``duplicate_instances``:
+    the duplicates (among ``duplicates``) whose bytes were new but whose DICOM instance was
+    already stored. ``status``: ``finished``, or ``interrupted`` (Ctrl-C, SIGTERM), whose
+    counts are those of the inputs it kept a record of (stored, quarantined, duplicates)."""
 
     dst: str
     run_id: str
@@ -84,6 +95,7 @@ class IngestSummary:
     duplicates: int = 0
     duplicates_in_run: int = 0
     already_ingested: int = 0
+    duplicate_instances: int = 0
     resolved: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     shards: list[str] = field(default_factory=list)
@@ -91,6 +103,7 @@ class IngestSummary:
     total_images: int = 0
     total_quarantined: int = 0
     total_resolved: int = 0
+    status: str = RUN_FINISHED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,39 +176,58 @@ def run_ingest(
         key = check_key(dest, previous, key, ing.secret_env)
         settings["id_scheme"] = key["id_scheme"]  # the DST's: re-runs recognise its files
         summary = IngestSummary(dst=dst, run_id=run_id)
-        counts = [1 if r["kind"] == "file" else count_members(r) for r in refs]
-        # None: a large compressed tar is not counted ahead (see count_members), so neither is the run
-        expected = None if None in counts else sum(c for c in counts if c is not None)
+        expected: int | None = None
+        try:
+            counts = [1 if r["kind"] == "file" else count_members(r) for r in refs]
+            # None: a large compressed tar is not counted ahead (see count_members), so neither
+            # is the run
+            expected = None if None in counts else sum(c for c in counts if c is not None)
 
-        if not ray.is_initialized():
-            from pipelines.runtime import ensure_ray
+            if not ray.is_initialized():
+                from pipelines.runtime import ensure_ray
 
-            ensure_ray()
-        known = dest.known_ids()
-        unread = dest.unread_quarantined()  # quarantined unread before: stored now if readable
-        # decode_actors=0: one per cluster CPU, grown on demand (a small job starts few actors)
-        actors = ing.decode_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        if expected is not None:  # no more decoders than batches of inputs
-            actors = max(1, min(actors, -(-max(expected, 1) // _DECODE_BATCH)))
-        pool = (
-            ray.data.ActorPoolStrategy(size=actors)
-            if ing.decode_actors
-            else ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
-        )
-        log.info(
-            "ingest %s inputs (%d refs) into %s with %d decoders; %d ids already present",
-            "uncounted" if expected is None else expected,
-            len(refs),
-            dst,
-            actors,
-            len(known),
-        )
+                ensure_ray()
+            known = dest.known_ids()
+            unread = dest.unread_quarantined()  # quarantined unread before: stored if readable
+            instances = InstanceIndex(dest.shards(), dest.read_columns)  # once per run
+            # decode_actors=0: one per cluster CPU, grown on demand (a small job starts few)
+            actors = ing.decode_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            if expected is not None:  # no more decoders than batches of inputs
+                actors = max(1, min(actors, -(-max(expected, 1) // _DECODE_BATCH)))
+            pool = (
+                ray.data.ActorPoolStrategy(size=actors)
+                if ing.decode_actors
+                else ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
+            )
+            log.info(
+                "ingest %s inputs (%d refs) into %s with %d decoders; %d ids and %d DICOM "
+                "instances already present",
+                "uncounted" if expected is None else expected,
+                len(refs),
+                dst,
+                actors,
+                len(known),
+                len(instances),
+            )
 
-        if refs:
-            ds = _build_dataset(refs, actors, pool, settings, secret, known, ing.keep_source_paths)
-            _consume(ds, dest, summary, ing.shard_rows, expected, progress, run_id, unread)
-        else:
-            log.warning("no files found under the given sources; writing an empty run")
+            if refs:
+                ds = _build_dataset(
+                    refs, actors, pool, settings, secret, known, ing.keep_source_paths
+                )
+                outputs = _Outputs(dest, summary, ing.shard_rows, run_id, instances)
+                _consume(ds, outputs, expected, progress, unread)
+            else:
+                log.warning("no files found under the given sources; writing an empty run")
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM routed as one: record what it kept
+            summary.status = RUN_INTERRUPTED
+            summary.seconds = round(time.perf_counter() - started, 3)
+            try:
+                _record_run(
+                    dest, previous, summary, settings, key, sources, expected, ing, started_at
+                )
+            except (OSError, IngestError, pa.ArrowException) as err:
+                log.warning("could not record the interrupted run in manifest.json: %s", err)
+            raise
 
         summary.seconds = round(time.perf_counter() - started, 3)
         _record_run(dest, previous, summary, settings, key, sources, expected, ing, started_at)
@@ -217,7 +249,8 @@ def _record_run(
     ing: IngestConfig,
     started_at: str,
 ) -> None:
-    """Totals from the shards themselves, this run appended to the runs the manifest held."""
+    """Totals from the shards themselves, this run appended to the runs the manifest held,
+    with its status (an interrupted run is recorded too: it kept shards)."""
     totals = dest.totals()
     summary.total_images, summary.total_quarantined = totals.images, totals.quarantined
     summary.total_resolved = totals.resolved
@@ -229,12 +262,15 @@ def _record_run(
         if k not in ("dst", "total_images", "total_quarantined", "total_resolved")
     }
     run.update(
+        status=summary.status,
         started_at=started_at,
         sources=len(sources),
         expected_inputs=expected,
         burned_in_annotation=ing.burned_in_annotation,
     )
-    runs = list((previous or {}).get("runs", [])) + [run]
+    # a version 1 manifest recorded only finished runs, without a status: said now
+    earlier = [{**r, "status": run_status(r)} for r in (previous or {}).get("runs", [])]
+    runs = [*earlier, run]
     dest.write_manifest(
         {
             "manifest_version": MANIFEST_VERSION,
@@ -249,6 +285,7 @@ def _record_run(
             "quarantine_reasons": totals.reasons,
             "quarantine_resolved": totals.resolved,
             "duplicates": sum(r["duplicates"] for r in runs),
+            "duplicate_instances": sum(r.get("duplicate_instances", 0) for r in runs),
             "inputs_seen": sum(r["input"] for r in runs),
             "runs": runs,
             "last_run": run,
@@ -265,65 +302,153 @@ def _build_dataset(
     known: set[str],
     keep_paths: bool,
 ) -> Any:
-    """The Ray Data pipeline: file refs -> read tasks -> decoder actor pool."""
+    """The Ray Data pipeline: file refs -> read tasks -> decoder actor pool. Its output comes
+    in input order (sorted paths, archive members in archive order), so that of two files of
+    one DICOM instance the same one is stored on every run, whichever decoder ends first."""
     import ray
 
+    ds = ray.data.from_items(refs, override_num_blocks=max(1, min(len(refs), 8 * actors)))
+    ds.context.execution_options.preserve_order = True
+    return ds.map_batches(
+        read_blocks,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={"max_bytes": settings["max_bytes"]},
+    ).map_batches(
+        _Decoder,
+        batch_size=_DECODE_BATCH,
+        batch_format="pyarrow",
+        compute=pool,
+        num_cpus=1,
+        fn_constructor_kwargs={
+            "settings": dict(settings),
+            "secret": secret,
+            "known": ray.put(frozenset(known)),
+            "keep_paths": keep_paths,
+        },
+    )
+
+
+class _Outputs:
+    """What a run keeps as it streams: shards written as they fill; quarantine rows and
+    duplicate-instance rows written at the end, also of a run that is interrupted."""
+
+    def __init__(
+        self,
+        dest: Destination,
+        summary: IngestSummary,
+        shard_rows: int,
+        run_id: str,
+        instances: InstanceIndex,
+    ) -> None:
+        self.dest, self.summary, self.shard_rows, self.run_id = dest, summary, shard_rows, run_id
+        self.instances = instances
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.rejects: list[pa.Table] = []
+        self.duplicates: list[dict[str, Any]] = []
+
+    def store(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        while self.pending_rows >= self.shard_rows or (final and self.pending_rows):
+            table = pa.concat_tables(self.pending)
+            head, rest = table.slice(0, self.shard_rows), table.slice(self.shard_rows)
+            name = f"part-{self.run_id}-{len(self.summary.shards):05d}.parquet"
+            path = self.dest.write(
+                IMAGES_DIR, name, head.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+            )
+            # one statement: a Ctrl-C between two would let the final flush of an interrupted
+            # run write other rows under this name (a shard lost) or these rows twice
+            self.pending, self.pending_rows, self.summary.shards = (
+                [rest] if rest.num_rows else [],
+                rest.num_rows,
+                [*self.summary.shards, path],
+            )
+            self.instances.written(f"{self.dest.root}/{path}", head)
+            # progress where the bar does not show (a Ray Job's log is no terminal)
+            log.info("wrote %s (%d images)", path, head.num_rows)
+
+    def pixels(self, image_id: str, batch: pa.Table) -> tuple[bytes, int, int, str] | None:
+        """A row this run stored but has not written yet (in a pending shard or in ``batch``)."""
+        import pyarrow.compute as pc
+
+        for table in [*self.pending, batch]:
+            i = pc.index(table["image_id"], image_id).as_py()
+            if i >= 0:
+                row = table.slice(i, 1).select(["pixels", "height", "width", "dtype"])
+                r = row.to_pylist()[0]
+                return r["pixels"], r["height"], r["width"], r["dtype"]
+        return None
+
+    def reject(self, table: pa.Table, reasons: list[str], messages: list[str]) -> None:
+        self.rejects.append(
+            pa.table(
+                {
+                    "sha256": table["image_id"],  # the image id, under the DST's id_scheme
+                    "source_hash": table["source_hash"],
+                    "source_path": table["source_path"],
+                    "reason": pa.array(reasons, pa.string()),
+                    "message": pa.array(messages, pa.string()),
+                    "size_bytes": table["size_bytes"],
+                    "run_id": pa.array([self.run_id] * table.num_rows, pa.string()),
+                }
+            ).cast(QUARANTINE_SCHEMA)
+        )
+
+    def finish(self, interrupted: bool) -> None:
+        """Write what is left: the last shard, the quarantine and duplicate rows. After an
+        interrupt the summary is then recounted from what was written, so that the run's
+        record says exactly what it kept (a Ctrl-C may land between counting a row and
+        keeping it)."""
+        self.flush(final=True)
+        s = self.summary
+        q = pa.concat_tables(self.rejects) if self.rejects else None
+        if q is not None:
+            self.dest.write(QUARANTINE_DIR, f"quarantine-{self.run_id}.parquet", q)
+        if self.duplicates:
+            d = pa.Table.from_pylist(self.duplicates, schema=DUPLICATE_SCHEMA)
+            self.dest.write(DUPLICATES_DIR, f"duplicates-{self.run_id}.parquet", d)
+        reasons = Counter(q["reason"].to_pylist()) if q is not None else Counter()
+        s.reasons = dict(sorted(reasons.items()))
+        if interrupted:
+            s.ok = sum(self.dest.num_rows(name) for name in s.shards)
+            s.quarantined = sum(reasons.values())
+            s.duplicate_instances = len(self.duplicates)
+            s.duplicates = max(s.duplicates, s.duplicate_instances)
+            s.already_ingested = s.duplicates - s.duplicates_in_run
+            s.resolved = min(s.resolved, s.ok)
+            s.input = s.ok + s.quarantined + s.duplicates
+
+
+def _conflict_message(kept_image_id: str, apart: float | None) -> str:
+    by = f" (by {apart:.0%} of full scale)" if apart is not None else ""
     return (
-        ray.data.from_items(refs, override_num_blocks=max(1, min(len(refs), 8 * actors)))
-        .map_batches(
-            read_blocks,
-            batch_size=1,
-            batch_format="pyarrow",
-            fn_kwargs={"max_bytes": settings["max_bytes"]},
-        )
-        .map_batches(
-            _Decoder,
-            batch_size=_DECODE_BATCH,
-            batch_format="pyarrow",
-            compute=pool,
-            num_cpus=1,
-            fn_constructor_kwargs={
-                "settings": dict(settings),
-                "secret": secret,
-                "known": ray.put(frozenset(known)),
-                "keep_paths": keep_paths,
-            },
-        )
+        f"another file of this DICOM instance (same SOP Instance UID) is stored as image "
+        f"{kept_image_id}, with other pixels{by}: two images under one UID; the stored one is "
+        "kept, check which is right in the archive"
     )
 
 
 def _consume(
     ds: Any,
-    dest: Destination,
-    summary: IngestSummary,
-    shard_rows: int,
+    out: _Outputs,
     expected: int | None,
     progress: bool,
-    run_id: str,
     unread: set[str],
 ) -> None:
-    """Stream decoder output on the driver: dedup, fill shards, collect quarantine rows;
-    count the stored inputs that ``unread`` names (quarantined unread by an earlier run)."""
+    """Stream decoder output on the driver: drop duplicate bytes and duplicate DICOM instances,
+    fill shards, collect quarantine rows; count the stored inputs that ``unread`` names
+    (quarantined unread by an earlier run). On Ctrl-C (or SIGTERM routed as one) what was
+    decoded so far is written before the interrupt goes on."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+    summary = out.summary
     seen: set[str] = set()
-    pending: list[pa.Table] = []
-    pending_rows = 0
-    rejects: list[pa.Table] = []
-    reasons: Counter[str] = Counter()
-    shard_cols = SHARD_SCHEMA.names
-
-    def flush(final: bool) -> None:
-        nonlocal pending, pending_rows
-        while pending_rows >= shard_rows or (final and pending_rows):
-            table = pa.concat_tables(pending)
-            head, rest = table.slice(0, shard_rows), table.slice(shard_rows)
-            name = f"part-{run_id}-{len(summary.shards):05d}.parquet"
-            summary.shards.append(
-                dest.write(IMAGES_DIR, name, head.select(shard_cols).cast(SHARD_SCHEMA))
-            )
-            pending, pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
-
+    conflicts = 0
     bar = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -332,66 +457,100 @@ def _consume(
         disable=not progress,
         transient=False,
     )
-    with bar:
-        task = bar.add_task("ingest", total=expected or None)
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            table = batch.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
-            keep_ok, keep_q = [], []
-            for i, (status, image_id, reason, source_hash) in enumerate(
-                zip(
-                    table["status"].to_pylist(),
-                    table["image_id"].to_pylist(),
-                    table["reason"].to_pylist(),
-                    table["source_hash"].to_pylist(),
-                    strict=True,
+    try:
+        with bar:
+            task = bar.add_task("ingest", total=expected or None)
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                conflicts += _take_batch(batch, out, seen, unread)
+                bar.update(
+                    task,
+                    completed=summary.input,
+                    description=f"ingest ok={summary.ok} quarantined={summary.quarantined}",
                 )
-            ):
-                summary.input += 1
-                if status == "existing":
-                    summary.duplicates += 1
-                    summary.already_ingested += 1
-                    continue
-                if image_id is not None and image_id in seen:
-                    summary.duplicates += 1
-                    summary.duplicates_in_run += 1
-                    continue
-                if image_id is not None:
-                    seen.add(image_id)
-                if status == "ok":
-                    summary.ok += 1
-                    summary.resolved += source_hash in unread
-                    keep_ok.append(i)
-                else:
-                    summary.quarantined += 1
-                    reasons[reason] += 1
-                    keep_q.append(i)
-            if keep_ok:
-                pending.append(table.take(keep_ok))
-                pending_rows += len(keep_ok)
-                flush(final=False)
-            if keep_q:
-                rejects.append(table.take(keep_q))
-            bar.update(
-                task,
-                completed=summary.input,
-                description=f"ingest ok={summary.ok} quarantined={summary.quarantined}",
+    except KeyboardInterrupt:
+        out.finish(interrupted=True)
+        raise
+    out.finish(interrupted=False)
+    if conflicts:
+        log.warning(
+            "%d files hold a DICOM instance already stored with other pixels: quarantined as %s",
+            conflicts,
+            CONFLICT,
+        )
+
+
+def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]) -> int:
+    """Sort one batch of decoder output into stored, quarantined and duplicate rows; returns
+    how many were instance conflicts."""
+    summary = out.summary
+    table = batch.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
+    keep_ok: list[int] = []
+    keep_q: list[int] = []
+    reasons = table["reason"].to_pylist()
+    messages = table["message"].to_pylist()
+    conflicts = 0
+    for i, (status, image_id, source_hash, pid) in enumerate(
+        zip(
+            table["status"].to_pylist(),
+            table["image_id"].to_pylist(),
+            table["source_hash"].to_pylist(),
+            table["instance_pid"].to_pylist(),
+            strict=True,
+        )
+    ):
+        summary.input += 1
+        if status == "existing":
+            summary.duplicates += 1
+            summary.already_ingested += 1
+            continue
+        if image_id is not None and image_id in seen:
+            summary.duplicates += 1
+            summary.duplicates_in_run += 1
+            continue
+        if image_id is not None:
+            seen.add(image_id)
+        if status != "ok":
+            summary.quarantined += 1
+            keep_q.append(i)
+            continue
+        verdict = out.instances.check(
+            pid, image_id, lambda i=i: _row_pixels(table, i), lambda k: out.pixels(k, table)
+        )
+        if verdict.kind == "new":
+            summary.ok += 1
+            summary.resolved += source_hash in unread
+            keep_ok.append(i)
+        elif verdict.kind == "duplicate":
+            summary.duplicates += 1
+            summary.duplicate_instances += 1
+            if verdict.in_run:
+                summary.duplicates_in_run += 1
+            else:
+                summary.already_ingested += 1
+            row = table.slice(i, 1).to_pylist()[0]
+            out.duplicates.append(
+                {
+                    **{k: row.get(k) for k in DUPLICATE_SCHEMA.names},
+                    "kept_image_id": verdict.kept_image_id,
+                    "run_id": out.run_id,
+                }
             )
-        flush(final=True)
-    if rejects:
-        q = pa.concat_tables(rejects)
-        q = pa.table(
-            {
-                "sha256": q["image_id"],  # the image id, under the DST's id_scheme
-                "source_hash": q["source_hash"],
-                "source_path": q["source_path"],
-                "reason": q["reason"],
-                "message": q["message"],
-                "size_bytes": q["size_bytes"],
-                "run_id": pa.array([run_id] * q.num_rows, pa.string()),
-            }
-        ).cast(QUARANTINE_SCHEMA)
-        dest.write(QUARANTINE_DIR, f"quarantine-{run_id}.parquet", q)
-    summary.reasons = dict(sorted(reasons.items()))
+        else:
+            summary.quarantined += 1
+            conflicts += 1
+            reasons[i] = CONFLICT
+            messages[i] = _conflict_message(str(verdict.kept_image_id), verdict.difference)
+            keep_q.append(i)
+    if keep_ok:
+        out.store(table.take(keep_ok))
+    if keep_q:
+        out.reject(table.take(keep_q), [reasons[i] for i in keep_q], [messages[i] for i in keep_q])
+    return conflicts
+
+
+def _row_pixels(table: pa.Table, i: int) -> tuple[bytes, int, int, str]:
+    r = table.slice(i, 1).select(["pixels", "height", "width", "dtype"]).to_pylist()[0]
+    return r["pixels"], r["height"], r["width"], r["dtype"]
 
 
 def summary_table(summary: IngestSummary) -> Any:
@@ -408,6 +567,7 @@ def summary_table(summary: IngestSummary) -> Any:
         ("duplicates", summary.duplicates),
         ("  within this run", summary.duplicates_in_run),
         ("  already in DST", summary.already_ingested),
+        ("  DICOM instance stored from other bytes", summary.duplicate_instances),
         ("stored, quarantined before", summary.resolved),
         *[(f"  reason: {k}", v) for k, v in summary.reasons.items()],
         ("shards written", len(summary.shards)),

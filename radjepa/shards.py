@@ -21,6 +21,8 @@ from radjepa.imaging.contract import DTYPES, META_FIELDS
 from radjepa.locations import filesystem, spell_like
 
 __all__ = [
+    "DUPLICATES_DIR",
+    "DUPLICATE_SCHEMA",
     "IMAGES_DIR",
     "QUARANTINE_DIR",
     "QUARANTINE_SCHEMA",
@@ -37,6 +39,7 @@ __all__ = [
 
 IMAGES_DIR = "images"
 QUARANTINE_DIR = "quarantine"
+DUPLICATES_DIR = "duplicates"
 
 _META_TYPES: dict[str, pa.DataType] = {
     "age_years": pa.int16(),
@@ -71,6 +74,23 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("source_path", pa.string()),  # null unless keep_source_paths
         pa.field("reason", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
+        pa.field("size_bytes", pa.int64()),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+# One row per input not stored because its DICOM instance (SOP Instance UID, by its keyed
+# pseudonym ``instance_pid``) is already stored from other bytes: the same instance re-exported
+# in another transfer syntax, or with another header. Its own image id is recorded so that
+# re-runs skip it unread, as they skip the stored bytes themselves.
+DUPLICATE_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),  # this file's id (its bytes)
+        pa.field("kept_image_id", pa.string(), nullable=False),  # the stored copy's id
+        pa.field("instance_pid", pa.string(), nullable=False),
+        pa.field("transfer_syntax", pa.string()),  # this copy's
+        pa.field("source_hash", pa.string()),
+        pa.field("source_path", pa.string()),  # null unless keep_source_paths
         pa.field("size_bytes", pa.int64()),
         pa.field("run_id", pa.string(), nullable=False),
     ]

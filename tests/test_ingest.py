@@ -21,7 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 from dicom_factory import MARKER_STRINGS, deflated, gradient, issuer_tags, make_dicom
 from interrupts import signal_after_line
-from pydicom.uid import ExplicitVRBigEndian, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
+)
 
 from pipelines.ingest import INTERRUPTED
 from radjepa.config import load_config
@@ -929,6 +935,10 @@ def test_a_stopped_run_ends_as_an_interrupted_one_and_a_rerun_stores_each_image_
     assert text.strip().splitlines()[-1] == INTERRUPTED
     assert "ingested" not in out and out.strip().count("{") == 0
     assert not (dst / ".ingest.lock").exists()
+    # the run is on record, with what it kept (it was missing: no manifest at all)
+    stopped = json.loads((dst / "manifest.json").read_text())["runs"]
+    assert [r["status"] for r in stopped] == ["interrupted"]
+    assert stopped[0]["ok"] == sum(pq.read_metadata(dst / s).num_rows for s in stopped[0]["shards"])
     again = subprocess.run(
         _ingest_command(entry, src, dst),
         cwd=REPO,
@@ -940,4 +950,173 @@ def test_a_stopped_run_ends_as_an_interrupted_one_and_a_rerun_stores_each_image_
     assert again.returncode == 0, again.stderr[-3000:]
     ids = read_images(dst)[1].column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) and set(ids) == expected  # each image once, none lost
-    assert json.loads((dst / "manifest.json").read_text())["images"] == 60
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["images"] == 60
+    assert [r["status"] for r in manifest["runs"]] == ["interrupted", "finished"]
+    assert manifest["images"] + manifest["duplicates"] == manifest["inputs_seen"]
+
+
+def _cxr(nih_dir: Path, k: int) -> np.ndarray:
+    """The pixels of the k-th NIH PNG, 256 px: a real radiograph for a DICOM's Pixel Data."""
+    from PIL import Image
+
+    path = sorted((nih_dir / "images").glob("*.png"))[k]
+    return np.asarray(Image.open(path).convert("L").resize((256, 256)))
+
+
+def _same_instance(uid: str) -> dict[str, str]:
+    """``extra`` for make_dicom: one instance (and its study and series), as a re-export has."""
+    study, series = (generate_uid(entropy_srcs=[uid, part]) for part in ("study", "series"))
+    return {"SOPInstanceUID": uid, "StudyInstanceUID": study, "SeriesInstanceUID": series}
+
+
+def test_one_dicom_instance_in_two_transfer_syntaxes_is_stored_once(
+    ray_session, nih_dir, tmp_path
+) -> None:
+    """A PACS re-export gives an instance other bytes (JPEG Lossless instead of Explicit VR
+    Little Endian), not another SOP Instance UID: told apart by bytes alone, both were stored,
+    one image twice in training and possibly on both sides of the hold-out split."""
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGLossless, generate_uid
+
+    from pipelines.ingest import run_ingest
+
+    uid = generate_uid()
+    px = _cxr(nih_dir, 0)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    first = make_dicom(px, bits=8, extra=_same_instance(uid))  # sorted first: kept
+    again = make_dicom(px, bits=8, transfer_syntax=JPEGLossless, extra=_same_instance(uid))
+    (src / "a_explicit.dcm").write_bytes(first)
+    (src / "b_jpeg_lossless.dcm").write_bytes(again)
+    (src / "c_other.dcm").write_bytes(make_dicom(_cxr(nih_dir, 1), bits=8))
+    s = run_ingest([str(src)], str(dst), _cfg(), progress=False)
+    assert (s.input, s.ok, s.quarantined, s.duplicates) == (3, 2, 0, 1)
+    assert (s.duplicate_instances, s.duplicates_in_run) == (1, 1)
+    images = read_images(dst)[1]
+    pids = images.column("instance_pid").to_pylist()
+    assert len(pids) == len(set(pids)) == 2
+    kept = images.select(["image_id", "transfer_syntax"]).to_pylist()
+    assert {"image_id": _image_id(first), "transfer_syntax": ExplicitVRLittleEndian} in kept
+    dup = pq.read_table(dst / "duplicates").to_pylist()  # recorded, with its path's hash
+    assert [(d["image_id"], d["kept_image_id"]) for d in dup] == [
+        (_image_id(again), _image_id(first))
+    ]
+    assert dup[0]["transfer_syntax"] == JPEGLossless and dup[0]["source_hash"]
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["duplicate_instances"] == 1 and manifest["duplicates"] == 1
+    assert manifest["images"] + manifest["duplicates"] == manifest["inputs_seen"] == 3
+    for name, data in _all_output_text(dst):  # the UID only as its keyed pseudonym
+        assert uid.encode() not in data, f"the raw SOP Instance UID leaked into {name}"
+
+    rerun = run_ingest([str(src)], str(dst), _cfg(), progress=False)  # idempotent
+    assert (rerun.ok, rerun.already_ingested, rerun.duplicate_instances) == (0, 3, 0)
+    assert pq.read_table(dst / "duplicates").num_rows == 1
+
+
+def test_an_instance_already_stored_by_an_earlier_run_is_not_stored_again(
+    ray_session, nih_dir, tmp_path
+) -> None:
+    """Across runs of an incremental ingest the stored copy is kept, whichever syntax a later
+    export of the instance comes in; a file under a stored UID with other pixels is a
+    conflict, quarantined with its reason, not dropped and not stored."""
+    from pydicom.uid import JPEGLossless, RLELossless, generate_uid
+
+    from pipelines.ingest import run_ingest
+
+    uid, other_uid = generate_uid(), generate_uid()
+    px = _cxr(nih_dir, 2)
+    first, dst = tmp_path / "export-1", tmp_path / "dst"
+    first.mkdir()
+    (first / "im.dcm").write_bytes(make_dicom(px, bits=8, extra=_same_instance(uid)))
+    one = run_ingest([str(first)], str(dst), _cfg(), progress=False)
+    assert one.ok == 1
+
+    second = tmp_path / "export-2"
+    second.mkdir()
+    resent = make_dicom(px, bits=8, transfer_syntax=JPEGLossless, extra=_same_instance(uid))
+    (second / "a_lossless.dcm").write_bytes(resent)
+    (second / "b_rle.dcm").write_bytes(
+        make_dicom(px, bits=8, transfer_syntax=RLELossless, extra=_same_instance(uid))
+    )
+    wrong = make_dicom(_cxr(nih_dir, 3), bits=8, extra=_same_instance(uid))  # another image
+    (second / "c_other_pixels.dcm").write_bytes(wrong)
+    (second / "d_new.dcm").write_bytes(make_dicom(px, bits=8, extra=_same_instance(other_uid)))
+    two = run_ingest([str(second)], str(dst), _cfg(), progress=False)
+    assert (two.input, two.ok, two.duplicates, two.quarantined) == (4, 1, 2, 1)
+    assert (two.duplicate_instances, two.already_ingested) == (2, 2)
+    assert two.reasons == {"instance_conflict": 1}
+    q = pq.read_table(dst / "quarantine").to_pylist()
+    assert [(r["sha256"], r["reason"]) for r in q] == [(_image_id(wrong), "instance_conflict")]
+    assert "same SOP Instance UID" in q[0]["message"] and uid not in q[0]["message"]
+    assert len(read_images(dst)[1]) == 2
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["quarantine_reasons"] == {"instance_conflict": 1}
+    assert manifest["duplicate_instances"] == 2
+    assert manifest["images"] + manifest["quarantined"] + manifest["duplicates"] == 5
+
+    three = run_ingest([str(first), str(second)], str(dst), _cfg(), progress=False)
+    assert (three.ok, three.quarantined, three.duplicates) == (0, 0, 5)
+    assert pq.read_table(dst / "duplicates").num_rows == 2
+
+
+@pytest.mark.timeout(180)
+def test_a_run_stopped_after_writing_shards_records_them_in_the_manifest(tmp_path) -> None:
+    """The manifest's runs list is the record of what happened to DST: a run stopped by
+    SIGTERM after it wrote shards was missing from it (the shards stayed, unaccounted for).
+    It is recorded with status interrupted and exactly what it kept, as finished runs are;
+    what it had decoded but not yet written is written first."""
+    import signal
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for seed in range(60):
+        (src / f"{seed:02d}.dcm").write_bytes(
+            make_dicom(gradient(256, 256, seed=seed), markers=False)
+        )
+    (src / "junk.txt").write_bytes(b"not an image\n" * 9)  # sorted last
+    proc = subprocess.Popen(
+        _ingest_command("module", src, dst),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RADJEPA_DEID_SECRET": "k" * 32, "RAY_ADDRESS": ""},
+    )
+    out, text = signal_after_line(proc, "wrote images/part-", signal.SIGTERM, 120)
+    assert proc.returncode == 130, text[-3000:]
+    assert text.strip().splitlines()[-1] == INTERRUPTED
+    manifest = json.loads((dst / "manifest.json").read_text())
+    (run,) = manifest["runs"]
+    assert manifest["last_run"] == run and run["status"] == "interrupted"
+    stored = read_images(dst)[1]
+    assert run["shards"] and sorted(run["shards"]) == sorted(
+        f"images/{p.name}" for p in (dst / "images").glob("*.parquet")
+    )
+    assert run["ok"] == stored.num_rows == manifest["images"] >= 10
+    assert run["input"] == run["ok"] + run["quarantined"] + run["duplicates"]
+    assert manifest["inputs_seen"] == run["input"] < 61
+    assert set(run) >= {"started_at", "seconds", "expected_inputs", "sources", "reasons"}
+
+
+def test_a_version_1_manifest_is_read_and_its_runs_say_finished(ray_session, tmp_path) -> None:
+    """Manifest version 1 recorded only finished runs, without a status: the next run keeps
+    them, now saying finished, as every run record does."""
+    from pipelines.ingest import run_ingest
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "one.dcm").write_bytes(make_dicom(gradient(40, 50, seed=3), markers=False))
+    run_ingest([str(src)], str(dst), _cfg(), progress=False)
+    path = dst / "manifest.json"
+    old = json.loads(path.read_text())
+    old["manifest_version"] = 1
+    for run in (*old["runs"], old["last_run"]):
+        run.pop("status", None)
+        run.pop("duplicate_instances", None)
+    old.pop("duplicate_instances", None)
+    path.write_text(json.dumps(old))
+    run_ingest([str(src)], str(dst), _cfg(), progress=False)
+    manifest = json.loads(path.read_text())
+    assert manifest["manifest_version"] == 2
+    assert [r["status"] for r in manifest["runs"]] == ["finished", "finished"]
+    assert (manifest["duplicates"], manifest["duplicate_instances"]) == (1, 0)

@@ -815,6 +815,7 @@ def test_leftovers_of_killed_writes_are_removed_and_the_lock_is_no_input(tmp_pat
     leftovers = [
         root / "images" / ".part-x-00000.parquet.tmp",
         root / "quarantine" / ".quarantine-x.parquet.tmp",
+        root / "duplicates" / ".duplicates-x.parquet.tmp",
         root / ".manifest.json.tmp",
         root / ".pseudonyms.json.tmp",
     ]
@@ -825,14 +826,15 @@ def test_leftovers_of_killed_writes_are_removed_and_the_lock_is_no_input(tmp_pat
         p.parent.mkdir(exist_ok=True)
         p.write_bytes(b"not ours")
     with caplog.at_level("INFO", logger="radjepa.ingest.destination"):
-        assert dest.remove_leftovers() == 4
-    assert "removed 4 temporary files" in caplog.text
+        assert dest.remove_leftovers() == 5
+    assert "removed 5 temporary files" in caplog.text
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in others)
     assert dest.remove_leftovers() == 0
 
     assert is_output(str(root), str(root / ".ingest.lock"))
     assert is_output(str(root), str(root / ".ingest.lock.20260101T000000-abcdef.tmp"))
     assert not is_output(str(root), str(root / "raw" / ".ingest.lock"))
+    assert is_output(str(root), str(root / "duplicates" / "duplicates-x.parquet"))
 
 
 def test_the_lock_on_a_filesystem_without_exclusive_create():
@@ -851,3 +853,61 @@ def test_the_lock_on_a_filesystem_without_exclusive_create():
         with first.fs.open_input_stream(f"dst/{LOCK}") as f:
             assert json.loads(f.read())["run_id"] == "run-b"
     assert first.fs.get_file_info(f"dst/{LOCK}").type.name == "NotFound"
+
+
+def _stored_row(pixels, image_id: str, pid: str | None) -> dict:
+    from radjepa.shards import pixels_to_bytes
+
+    return {
+        "image_id": image_id,
+        "instance_pid": pid,
+        "pixels": pixels_to_bytes(pixels),
+        "height": pixels.shape[0],
+        "width": pixels.shape[1],
+        "dtype": "uint8",
+    }
+
+
+def test_the_instance_index_tells_new_duplicate_and_conflicting_copies(tmp_path):
+    """One DICOM instance (one SOP Instance UID pseudonym) is stored once: another copy whose
+    stored pixels match is a duplicate of the kept one, one whose pixels differ is a conflict.
+    Stored shards are read once for the index (two columns) and their pixels only when a copy
+    has to be compared, once per shard, however many copies come."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from radjepa.ingest.instances import CONFLICT_DIFFERENCE, InstanceIndex, difference, thumbnail
+
+    img = gradient(64, 64, bits=8, seed=1)
+    shard = tmp_path / "part-a-00000.parquet"
+    pq.write_table(pa.Table.from_pylist([_stored_row(img, "id-1", "pid-1")]), shard)
+    reads: list[list[str]] = []
+
+    def read(path: str, columns: list[str]) -> pa.Table:
+        reads.append(columns)
+        return pq.read_table(path, columns=columns)
+
+    index = InstanceIndex([str(shard)], read)
+    assert len(index) == 1 and reads == [["image_id", "instance_pid"]]
+
+    def row(pixels):
+        r = _stored_row(pixels, "x", None)
+        return lambda: (r["pixels"], r["height"], r["width"], r["dtype"])
+
+    nothing = lambda image_id: None  # noqa: E731 - nothing pending in this run
+    assert index.check("pid-2", "id-2", row(img), nothing).kind == "new"  # no pixels read
+    assert index.check(None, "id-3", row(img), nothing).kind == "new"  # a PNG: bytes only
+    assert len(reads) == 1
+    noisy = np.clip(img.astype(int) + np.random.default_rng(0).integers(-3, 4, img.shape), 0, 255)
+    same = index.check("pid-1", "id-4", row(noisy.astype(np.uint8)), nothing)
+    assert (same.kind, same.kept_image_id, same.in_run) == ("duplicate", "id-1", False)
+    other = index.check("pid-1", "id-5", row(255 - img), nothing)
+    assert (other.kind, other.kept_image_id) == ("conflict", "id-1")
+    assert other.difference > CONFLICT_DIFFERENCE > same.difference
+    assert len(reads) == 2  # the shard's pixels, once for both comparisons
+
+    # a copy of an instance this run stored and has not written yet: found among its rows
+    pending = {"id-2": row(img)()}
+    again = index.check("pid-2", "id-6", row(img), pending.get)
+    assert (again.kind, again.kept_image_id, again.in_run) == ("duplicate", "id-2", True)
+    assert difference(thumbnail(*row(img)()), thumbnail(*row(img)())) == 0.0

@@ -1,7 +1,7 @@
 """An ingest destination (DST): what it holds, and how it is written so that it stays whole.
 
-``DST/images`` and ``DST/quarantine`` hold Parquet files written under a temporary name and
-renamed, ``DST/manifest.json`` reconciles every run's counts, and ``DST/pseudonyms.json`` records
+``DST/images``, ``DST/quarantine`` and ``DST/duplicates`` hold Parquet files written under a
+temporary name and renamed, ``DST/manifest.json`` reconciles every run's counts, and ``DST/pseudonyms.json`` records
 which key made the pseudonyms before the first shard is written, and ``DST/.ingest.lock``
 says which run writes it now (:mod:`radjepa.ingest.dst_lock`). Any pyarrow filesystem: a
 local folder or a bucket URI.
@@ -22,12 +22,14 @@ from radjepa.imaging.deid import ID_SCHEME_KEYED, ID_SCHEME_UNKEYED, ID_SCHEMES,
 from radjepa.ingest.dst_lock import LOCK, is_lock_temporary
 from radjepa.ingest.errors import IngestError
 from radjepa.locations import filesystem
-from radjepa.shards import IMAGES_DIR, QUARANTINE_DIR
+from radjepa.shards import DUPLICATES_DIR, IMAGES_DIR, QUARANTINE_DIR
 
 __all__ = [
     "KEY_RECORD",
     "MANIFEST",
     "MANIFEST_VERSION",
+    "RUN_FINISHED",
+    "RUN_INTERRUPTED",
     "Destination",
     "Totals",
     "check_compatible",
@@ -35,6 +37,7 @@ __all__ = [
     "id_scheme_of",
     "is_output",
     "recorded_pseudonyms",
+    "run_status",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,17 @@ MANIFEST = "manifest.json"
 KEY_RECORD = "pseudonyms.json"  # which key made the pseudonyms; written before any shard
 # in KEY_RECORD: the key was first recorded on a DST that already held shards (see check_key)
 UNCHECKED = "unchecked_shards"
-MANIFEST_VERSION = 1
+# 2: every run record has a ``status`` (RUN_FINISHED or RUN_INTERRUPTED). Version 1 recorded
+# only runs that finished, without a status: read one with :func:`run_status`.
+MANIFEST_VERSION = 2
+RUN_FINISHED = "finished"
+RUN_INTERRUPTED = "interrupted"
+
+
+def run_status(run: dict[str, Any]) -> str:
+    """A manifest run record's status: a record without one (manifest version 1, which
+    recorded only runs that finished) is :data:`RUN_FINISHED`."""
+    return str(run.get("status") or RUN_FINISHED)
 
 
 class Totals(NamedTuple):
@@ -83,7 +96,7 @@ def is_output(root: str, path: str) -> bool:
     if not path.startswith(f"{root}/"):
         return False
     rel = path[len(root) + 1 :]
-    if rel.startswith((f"{IMAGES_DIR}/", f"{QUARANTINE_DIR}/")):
+    if rel.startswith((f"{IMAGES_DIR}/", f"{QUARANTINE_DIR}/", f"{DUPLICATES_DIR}/")):
         return True
     if rel == LOCK or is_lock_temporary(rel):
         return True
@@ -99,6 +112,7 @@ class Destination:
             self.fs, self.root = filesystem(dst)
             self.fs.create_dir(f"{self.root}/{IMAGES_DIR}", recursive=True)
             self.fs.create_dir(f"{self.root}/{QUARANTINE_DIR}", recursive=True)
+            self.fs.create_dir(f"{self.root}/{DUPLICATES_DIR}", recursive=True)
         except (OSError, pa.ArrowException) as err:
             raise IngestError(f"cannot use destination {dst}: {err}") from None
 
@@ -122,6 +136,7 @@ class Destination:
         places = {
             IMAGES_DIR: lambda n: n.startswith("part-") and n.endswith(".parquet"),
             QUARANTINE_DIR: lambda n: n.startswith("quarantine-") and n.endswith(".parquet"),
+            DUPLICATES_DIR: lambda n: n.startswith("duplicates-") and n.endswith(".parquet"),
             "": lambda n: n in {MANIFEST, KEY_RECORD},
         }
         removed = 0
@@ -137,11 +152,30 @@ class Destination:
         return removed
 
     def known_ids(self) -> set[str]:
+        """Ids of the bytes DST has seen: stored, quarantined, or a duplicate of an instance
+        stored from other bytes (skipped unread on re-runs, like the stored bytes)."""
         ids = set(self._column(IMAGES_DIR, "image_id"))
         ids.update(x for x in self._column(QUARANTINE_DIR, "sha256") if x)
+        ids.update(self._column(DUPLICATES_DIR, "image_id"))
         # files never read (too large, unreadable) have no sha256: remember them by path hash
         ids.update(f"path:{h}" for h in self._column(QUARANTINE_DIR, "source_hash") if h)
         return ids
+
+    def shards(self) -> list[str]:
+        """The image shards' paths, sorted (so by run, then by number)."""
+        return self._parquet(IMAGES_DIR)
+
+    def read_columns(self, path: str, columns: list[str]) -> pa.Table:
+        """``columns`` of one Parquet file of DST (a path from :meth:`shards`)."""
+        return pq.read_table(path, columns=columns, filesystem=self.fs)
+
+    def num_rows(self, name: str) -> int:
+        """Rows of the Parquet file ``name`` (``images/part-...``, as :meth:`write` returns it),
+        from its footer; 0 when there is no such file."""
+        path = f"{self.root}/{name}"
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return 0
+        return int(pq.ParquetFile(self.fs.open_input_file(path)).metadata.num_rows)
 
     def write(self, sub: str, name: str, table: pa.Table) -> str:
         final = f"{self.root}/{sub}/{name}"
