@@ -10,6 +10,7 @@ daemons, workers, job drivers), SIGTERM first, then SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -387,6 +388,10 @@ def test_jobs_stop_ends_a_submitted_ingest_as_ctrl_c_does(
     assert "SIGTERM received" not in text and "Traceback" not in text, text[-3000:]
     assert text.strip().splitlines()[-1] == INTERRUPTED, text[-3000:]
     assert not (dst / ".ingest.lock").exists()
+    # and on record in DST, with what it kept (a stopped job's run was missing from it)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["interrupted"]
+    assert manifest["images"] == manifest["runs"][0]["ok"]
 
 
 @pytest.mark.slow
