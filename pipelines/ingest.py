@@ -218,6 +218,8 @@ def run_ingest(
                 _consume(ds, outputs, expected, progress, unread)
             else:
                 log.warning("no files found under the given sources; writing an empty run")
+            summary.seconds = round(time.perf_counter() - started, 3)
+            _record_run(dest, previous, summary, settings, key, sources, expected, ing, started_at)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM routed as one: record what it kept
             summary.status = RUN_INTERRUPTED
             summary.seconds = round(time.perf_counter() - started, 3)
@@ -228,9 +230,6 @@ def run_ingest(
             except (OSError, IngestError, pa.ArrowException) as err:
                 log.warning("could not record the interrupted run in manifest.json: %s", err)
             raise
-
-        summary.seconds = round(time.perf_counter() - started, 3)
-        _record_run(dest, previous, summary, settings, key, sources, expected, ing, started_at)
     if progress:
         from rich.console import Console
 
@@ -467,10 +466,10 @@ def _consume(
                     completed=summary.input,
                     description=f"ingest ok={summary.ok} quarantined={summary.quarantined}",
                 )
-    except KeyboardInterrupt:
+        out.finish(interrupted=False)
+    except KeyboardInterrupt:  # again if it came while finishing: each write is idempotent
         out.finish(interrupted=True)
         raise
-    out.finish(interrupted=False)
     if conflicts:
         log.warning(
             "%d files hold a DICOM instance already stored with other pixels: quarantined as %s",
