@@ -888,7 +888,7 @@ def test_the_instance_index_tells_new_duplicate_and_conflicting_copies(tmp_path)
         return pq.read_table(path, columns=columns)
 
     index = InstanceIndex([str(shard)], read)
-    assert len(index) == 1 and reads == [["image_id", "instance_pid"]]
+    assert len(index) == 1 and reads == [["instance_pid"]]  # one short column per shard
 
     def row(pixels):
         r = _stored_row(pixels, "x", None)
@@ -910,4 +910,11 @@ def test_the_instance_index_tells_new_duplicate_and_conflicting_copies(tmp_path)
     pending = {"id-2": row(img)()}
     again = index.check("pid-2", "id-6", row(img), pending.get)
     assert (again.kind, again.kept_image_id, again.in_run) == ("duplicate", "id-2", True)
+    # once this run has written it, a later copy is compared with the shard it is in
+    written = pa.Table.from_pylist([_stored_row(img, "id-2", "pid-2")])
+    pq.write_table(written, tmp_path / "part-b-00000.parquet")
+    index.written(str(tmp_path / "part-b-00000.parquet"), written)
+    later = index.check("pid-2", "id-7", row(255 - img), nothing)
+    assert (later.kind, later.kept_image_id, later.in_run) == ("conflict", "id-2", True)
+    assert len(reads) == 3 and len(index) == 2
     assert difference(thumbnail(*row(img)()), thumbnail(*row(img)())) == 0.0

@@ -10,7 +10,7 @@ Unless their stored pixels differ materially: two images under one UID are a con
 broken modality, a UID reused by an editing tool), quarantined as ``instance_conflict`` rather
 than silently dropped.
 
-The index of stored instances is read once per run (two short columns per shard); pixels are
+The index of stored instances is read once per run (one short column per shard); pixels are
 read only to compare a copy with the stored one, once per shard holding such an instance.
 """
 
@@ -83,30 +83,32 @@ class Verdict:
 
 
 class InstanceIndex:
-    """Stored instances (``instance_pid`` -> image id and shard) of a DST and of this run.
+    """Stored instances (``instance_pid`` -> the shard that holds it) of a DST and of this run.
 
     ``shards``: the DST's shard paths; ``read_shard(path, columns)`` reads columns of one.
-    Rows this run stored but has not yet written are found by the ``pending`` lookup given to
-    :meth:`check`.
+    Only the shard's number is kept per instance (the driver holds one entry per stored
+    image); the kept copy's image id and thumbnail come from reading that shard back, when a
+    copy needs them. Rows this run stored but has not yet written are found by the
+    ``pending`` lookup given to :meth:`check`.
     """
 
     def __init__(self, shards: list[str], read_shard: Callable[[str, list[str]], pa.Table]) -> None:
         self._read = read_shard
-        self._where: dict[str, tuple[str, str | None]] = {}  # pid -> (image id, shard|None)
-        self._from_earlier: set[str] = set()
-        self._thumbs: dict[str, Thumbnail] = {}  # image id -> thumbnail, shards read whole
-        self._loaded: set[str] = set()
+        self._shards: list[str] = []
+        self._shard_of: dict[str, int] = {}  # pid -> index in _shards
+        self._pending: dict[str, str] = {}  # pid -> image id: stored by this run, unwritten
+        self._in_run: set[str] = set()  # pids this run stored
+        self._kept: dict[str, tuple[str, Thumbnail]] = {}  # pid -> id, thumbnail: read back
+        self._loaded: set[int] = set()
         for path in shards:
-            table = read_shard(path, ["image_id", "instance_pid"])
-            for image_id, pid in zip(
-                table["image_id"].to_pylist(), table["instance_pid"].to_pylist(), strict=True
-            ):
-                if pid and pid not in self._where:
-                    self._where[pid] = (image_id, path)
-        self._from_earlier = set(self._where)
+            n = len(self._shards)
+            self._shards.append(path)
+            for pid in read_shard(path, ["instance_pid"])["instance_pid"].to_pylist():
+                if pid:
+                    self._shard_of.setdefault(pid, n)  # the first stored copy is the kept one
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._shard_of) + len(self._pending)
 
     def check(
         self,
@@ -121,41 +123,56 @@ class InstanceIndex:
         without SOP Instance UID) is always ``new``: its bytes are its identity."""
         if not pid:
             return Verdict("new")
-        known = self._where.get(pid)
-        if known is None:
-            self._where[pid] = (image_id, None)
+        kept = self._kept_copy(pid, pending)
+        if kept is None:
+            if pid in self._pending or pid in self._shard_of:  # only if DST changed under us
+                log.warning(
+                    "the stored copy of a DICOM instance could not be read back: storing this "
+                    "copy too rather than dropping it"
+                )
+                return Verdict("new")
+            self._pending[pid] = image_id
+            self._in_run.add(pid)
             return Verdict("new")
-        kept_id, shard = known
-        in_run = pid not in self._from_earlier
-        kept = self._thumbnail(kept_id, shard, pending)
-        if kept is None:  # only if DST changed under the lock: the stored copy stays
-            log.warning("the stored copy of a duplicate DICOM instance could not be read back")
-            return Verdict("duplicate", kept_id, None, in_run)
-        apart = difference(kept, thumbnail(*pixels()))
+        kept_id, thumb = kept
+        apart = difference(thumb, thumbnail(*pixels()))
         kind: Literal["duplicate", "conflict"] = (
             "conflict" if apart > CONFLICT_DIFFERENCE else "duplicate"
         )
-        return Verdict(kind, kept_id, apart, in_run)
+        return Verdict(kind, kept_id, apart, pid in self._in_run)
 
     def written(self, path: str, table: pa.Table) -> None:
         """``table`` (rows this run stored) is now in the shard ``path``."""
+        n = len(self._shards)
+        self._shards.append(path)
         for image_id, pid in zip(
             table["image_id"].to_pylist(), table["instance_pid"].to_pylist(), strict=True
         ):
-            if pid and self._where.get(pid) == (image_id, None):
-                self._where[pid] = (image_id, path)
+            if pid and self._pending.get(pid) == image_id:
+                del self._pending[pid]
+                self._shard_of[pid] = n
 
-    def _thumbnail(
-        self, image_id: str, shard: str | None, pending: PixelLookup
-    ) -> Thumbnail | None:
-        if shard is None:
-            row = pending(image_id)
-            return None if row is None else thumbnail(*row)
-        if shard not in self._loaded:  # a whole shard once: re-exports come in batches
-            table = self._read(shard, ["image_id", "pixels", "height", "width", "dtype"])
+    def _kept_copy(self, pid: str, pending: PixelLookup) -> tuple[str, Thumbnail] | None:
+        """The stored copy's image id and thumbnail; None when ``pid`` is not stored."""
+        if pid in self._pending:
+            kept_id = self._pending[pid]
+            row = pending(kept_id)
+            return None if row is None else (kept_id, thumbnail(*row))
+        n = self._shard_of.get(pid)
+        if n is None:
+            return None
+        if n not in self._loaded:  # a whole shard once: re-exports come in batches
+            table = self._read(
+                self._shards[n], ["image_id", "instance_pid", "pixels", "height", "width", "dtype"]
+            )
             for r in table.to_pylist():
-                self._thumbs[r["image_id"]] = thumbnail(
-                    r["pixels"], r["height"], r["width"], r["dtype"]
-                )
-            self._loaded.add(shard)
-        return self._thumbs.get(image_id)
+                if r["instance_pid"] and self._shard_of.get(r["instance_pid"]) == n:
+                    self._kept.setdefault(
+                        r["instance_pid"],
+                        (
+                            r["image_id"],
+                            thumbnail(r["pixels"], r["height"], r["width"], r["dtype"]),
+                        ),
+                    )
+            self._loaded.add(n)
+        return self._kept.get(pid)
