@@ -23,6 +23,7 @@ from dicom_factory import MARKER_STRINGS, deflated, gradient, issuer_tags, make_
 from interrupts import signal_after_line
 from pydicom.uid import (
     ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     RLELossless,
@@ -798,6 +799,10 @@ def test_cli_ingest_two_hundred_files(ray_session, nih_dir, tmp_path) -> None:
         (src / f"im{i}.dcm").write_bytes(make_dicom(gradient(80, 80, seed=100 + i)))
     for i in range(5):
         (src / f"bad{i}.dcm").write_bytes(b"not a dicom " * (i + 1))
+    uid = generate_uid()  # one instance exported twice: the one-line summary says so
+    for name, syntax in (("again_a.dcm", ExplicitVRLittleEndian), ("again_b.dcm", RLELossless)):
+        px = gradient(80, 80, seed=99)
+        (src / name).write_bytes(make_dicom(px, transfer_syntax=syntax, extra=_same_instance(uid)))
     dst = tmp_path / "out"
     result = CliRunner().invoke(
         app,
@@ -814,10 +819,13 @@ def test_cli_ingest_two_hundred_files(ray_session, nih_dir, tmp_path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "195 stored, 5 quarantined, 0 duplicates" in result.output
+    assert (
+        "196 stored, 5 quarantined, 1 duplicates (1 the DICOM instance of a stored file, in "
+        "other bytes)" in result.output
+    )
     manifest = json.loads((dst / "manifest.json").read_text())
-    assert manifest["images"] == 195 and manifest["quarantine_reasons"] == {"not_an_image": 5}
-    assert manifest["last_run"]["input"] == 200
+    assert manifest["images"] == 196 and manifest["quarantine_reasons"] == {"not_an_image": 5}
+    assert manifest["last_run"]["input"] == 202
 
 
 def test_cli_ingest_needs_a_destination() -> None:
