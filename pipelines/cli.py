@@ -1015,14 +1015,18 @@ def _exit_now(code: int, message: str) -> NoReturn:
 
 
 def main() -> None:
-    """Console-script entry point: user errors become one line on stderr and exit code 2."""
-    from pipelines.runtime import ClusterError
+    """Console-script entry point: user errors become one line on stderr and exit code 2; a
+    local Ray that did not start in time (a loaded machine) one line and exit code 1."""
+    from pipelines.runtime import ClusterError, RayStartTimeout
 
     try:
         app()
     except (UserError, ClusterError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except RayStartTimeout as err:  # not the user's mistake: a retry may succeed
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -239,6 +239,50 @@ class ClusterResourceError(ClusterError):
     """The cluster can never provide what the job asks for."""
 
 
+class RayStartTimeout(Exception):
+    """A local Ray instance did not come up within Ray's start-up wait: the machine was too
+    busy (exit 1, one line: nothing the user typed was wrong, and a retry may succeed)."""
+
+
+# How ray.init (Ray 2.60) says that the local instance it started did not come up in time,
+# each raised from its wait for one step of the start-up: the GCS server writes its port to a
+# file (a RuntimeError from _raylet's wait_for_persisted_port, after
+# RAY_gcs_server_port_wait_time_s, 30 s by default), then the raylet registers with the GCS
+# (a bare Exception from ray._private.node.Node.__init__, after a fixed 30 s)
+_GCS_PORT_WAIT = "RAY_gcs_server_port_wait_time_s"
+# (class, how the message starts, what it holds, the step to name)
+_START_TIMEOUTS = (
+    (
+        RuntimeError,
+        "Timed out waiting for file ",
+        "/gcs_server_port_",
+        "its GCS server did not start",
+    ),
+    (Exception, "The current node timed out during startup", "", "its raylet did not register"),
+)
+
+
+def start_timeout_message(err: BaseException) -> str | None:
+    """The one line to say for ``err`` when it is ray.init's start-up timeout, else None.
+
+    Matched by exact class and message: the raylet's timeout is a bare ``Exception``, so a
+    subclass (any other failure of ray.init) is never taken for it."""
+    text = str(err)
+    steps = [
+        step
+        for cls, prefix, names, step in _START_TIMEOUTS
+        if type(err) is cls and text.startswith(prefix) and names in text
+    ]
+    if not steps:
+        return None
+    wait_s = os.environ.get(_GCS_PORT_WAIT, "30") if type(err) is RuntimeError else "30"
+    return (
+        f"could not start a local Ray: this machine was too busy to bring it up within "
+        f"{wait_s} s ({steps[0]} in time); retry when it is less loaded, or start Ray once with "
+        "`ray start --head` and run with RAY_ADDRESS=auto"
+    )
+
+
 def ensure_ray(
     min_logical_cpus: int = 4, *, local_cpus: int | None = None, log_to_driver: bool = True
 ) -> None:
@@ -273,15 +317,22 @@ def ensure_ray(
     # address="local": without it ray.init joins the cluster the last `ray start` on this
     # machine recorded (and refuses num_cpus for it), so an unset RAY_ADDRESS, documented as
     # "a local instance of this process's own", failed or landed on somebody's cluster
-    with _keep_sigterm_routing():
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=log_to_driver,
-            runtime_env=LOCAL_RUNTIME_ENV,
-        )
+    try:
+        with _keep_sigterm_routing():
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=log_to_driver,
+                runtime_env=LOCAL_RUNTIME_ENV,
+            )
+    except Exception as err:  # noqa: BLE001 - one of Ray's timeouts is a bare Exception
+        message = start_timeout_message(err)
+        if message is None:
+            raise
+        # the processes it did start end with this one (ray.init's reaper watches it)
+        raise RayStartTimeout(message) from None
 
 
 # Ray Data's Parquet reader (2.60) lists its input through a pool of footer-reading actors that
