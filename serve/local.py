@@ -6,13 +6,21 @@ functions; ``build_app`` remains the entry point for ``serve deploy`` and RaySer
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 
 from radjepa.config import Config
 from serve.security import ApiSettings, settings_from_config
 
-__all__ = ["PortInUse", "check_port_free", "start_local", "stop_local", "curl_example"]
+__all__ = [
+    "STOP_BUDGET_S",
+    "PortInUse",
+    "check_port_free",
+    "start_local",
+    "stop_local",
+    "curl_example",
+]
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +105,36 @@ def start_local(
     return f"http://{cfg.serve.host}:{port}"
 
 
-def stop_local() -> None:
+# `radjepa serve` stops within STOP_BUDGET_S of Ctrl-C or SIGTERM, under a Kubernetes pod's
+# default 30 s grace (its SIGKILL came mid-shutdown): Serve gets SERVE_STOP_TIMEOUT_S, Ray's
+# own stop of the local instance the rest (SIGTERM, then SIGKILL after 1 s, per process;
+# 2-3 s measured on a loaded 2-core box). Left to itself serve.shutdown waits 5 s for the
+# controller to answer, then 30 s for its graceful shutdown, which waits up to each replica's
+# graceful_shutdown_timeout_s (20 s) for requests whose callers the proxies it killed first
+# have already cut off: 42 s from Ctrl-C to exit on the loaded box.
+STOP_BUDGET_S = 20.0
+SERVE_STOP_TIMEOUT_S = 10.0
+
+
+def stop_local(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
+    """Shut Ray Serve down, waiting ``timeout_s`` at most; returns whether it finished.
+
+    Past the wait the controller goes on shutting the application down by itself (it was told
+    to first), and a local Ray's ``ray.shutdown`` then stops whatever is left. Serve's async
+    shutdown is awaited so the wait can be cut: abandoning the blocking one in a thread would
+    leave that thread inside Ray's core worker while ray.shutdown destroys it.
+    """
     from ray import serve
 
-    serve.shutdown()
+    async def bounded() -> None:
+        await asyncio.wait_for(serve.shutdown_async(), timeout_s)
+
+    try:
+        asyncio.run(bounded())
+    except TimeoutError:
+        log.warning("Ray Serve did not shut down within %g s; stopping it with Ray", timeout_s)
+        return False
+    return True
 
 
 def curl_example(url: str, *, with_key: bool) -> str:
