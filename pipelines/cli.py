@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -313,7 +312,7 @@ def serve_cmd(
         raise UserError("no model to serve: pass --model PATH or models:/<name>@<alias>")
 
     from pipelines.cluster_address import env_names_cluster
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime import ensure_ray, sigterm_as_ctrl_c, stop_ray_ignoring_sigterm
     from pipelines.tracking import store_uri
     from serve.deployment import check_pseudonym_key, check_references
     from serve.local import PortInUse, check_port_free, curl_example, start_local, stop_local
@@ -345,38 +344,49 @@ def serve_cmd(
     # cluster's replicas resolve the cluster's key, which this process did not check: they warn.
     if local_ray:
         settings = settings.model_copy(update={"start_warnings_said": True})
-    ensure_ray()
-    # SIGTERM (kill, systemd, a pod stopping) stops the service as Ctrl-C does. Left to the
-    # handlers ray.init installs, it was sys.exit from the sleep below and then an abort in
-    # interpreter teardown (exit -6) before Ray's own shutdown ran: the raylet died with this
-    # process and its DashboardAgent and RuntimeEnvAgent stayed behind, orphans. Set after
-    # ensure_ray, which would replace it.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:  # a signal while Serve starts or loads the model stops it the same way
+    # SIGTERM (kill, systemd, a pod stopping) stops the service as Ctrl-C does, from before
+    # ray.init on (whose own handlers, left in place, exited from the sleep below and then
+    # aborted in interpreter teardown, exit -6, orphaning the local Ray's agents). Later
+    # SIGTERMs are ignored to the end (a supervisor repeating itself must not cut the shutdown
+    # short: exit -15 and Ray's processes orphaned); a second Ctrl-C still can, as a user who
+    # insists expects.
+    with sigterm_as_ctrl_c(once=True) as routing:
+        stopping = False
         try:
-            url = start_local(
-                cfg, settings=settings, references_checked=True, key_checked=local_ray
-            )
-        except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
-            raise UserError(str(err)) from None
-        typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")
-        typer.echo(curl_example(url, with_key=not cfg.serve.insecure_local))
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        typer.echo("shutting down")
-    finally:
-        # a second SIGTERM (a supervisor repeating itself) must not cut the shutdown short and
-        # orphan Ray's processes; a second Ctrl-C still can, as a user who insists expects
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        import ray
-
-        try:
-            stop_local()
+            ensure_ray()
+            try:
+                url = start_local(
+                    cfg, settings=settings, references_checked=True, key_checked=local_ray
+                )
+            except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
+                raise UserError(str(err)) from None
+            typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")
+            typer.echo(curl_example(url, with_key=not cfg.serve.insecure_local))
+            while True:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            stopping = True
+            typer.echo("shutting down")
         finally:
-            # the local instance this command started, all its processes, before the
-            # interpreter exits (a Ray named by RAY_ADDRESS is only disconnected from)
-            ray.shutdown()
+            routing.stop()  # SIGTERM ignored from here: the service is stopping
+            import ray
+
+            try:
+                if ray.is_initialized():
+                    stop_local()  # bounded: the whole stop fits STOP_BUDGET_S
+            finally:
+                # the local instance this command started, all its processes, before the
+                # interpreter exits (a Ray named by RAY_ADDRESS is only disconnected from);
+                # ray.shutdown resets SIGTERM to its default, which this keeps ignored
+                stop_ray_ignoring_sigterm()
+    if stopping:
+        # the interpreter's teardown took 6-9 s more on a loaded box (torch, Ray's libraries),
+        # past the stop's budget: nothing is left to tear down
+        typer.echo("stopped")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command("embed")
@@ -989,11 +999,6 @@ def demo(
     console.print_json(json.dumps(summary, default=str))
     console.print(f"everything is in {summary['output']}")
     console.print(f"look at the runs: {summary['mlflow_ui']}")
-
-
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    """A signal handler that ends the command as Ctrl-C does."""
-    raise KeyboardInterrupt
 
 
 def _exit_now(code: int, message: str) -> NoReturn:

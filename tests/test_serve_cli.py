@@ -10,12 +10,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 from serve_helpers import REPO, TINY_CONFIG, dicom_from_png, free_port, make_checkpoint, nih_pngs
+
+from serve.local import STOP_BUDGET_S
 
 KEYS = "k1-" + "a" * 40 + ",k2-" + "b" * 40  # a comma-separated list, as documented
 
@@ -307,26 +310,50 @@ def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir)
     finally:
         started = _descendants(proc.pid)
         proc.send_signal(signal.SIGINT)
-        # Ray Serve's own shutdown waits up to 30 s for its controller before it kills it; on a
-        # loaded CI box the whole shutdown once outlasted 60 s (a CI run on 2026-12-05)
+        stopping = time.monotonic()
+        # a stop past its budget still ends here, to be told apart from one that hangs
         out, _ = proc.communicate(timeout=150)
+        took = time.monotonic() - stopping
     left = _running(started)
     _kill(left)
     assert proc.returncode == 0, out[-2000:]
-    assert "shutting down" in out
+    assert "shutting down" in out and out.strip().splitlines()[-1] == "stopped", out[-2000:]
+    # the documented bound, within a Kubernetes pod's default 30 s grace (Ray Serve's own
+    # shutdown could wait 35 s, and once outlasted 60 s on a loaded CI box); the headroom is
+    # for a test machine busier than the one the budget was measured on
+    assert took < STOP_BUDGET_S + 10, f"radjepa serve took {took:.0f} s to stop"
     assert not left, f"processes of the local Ray outlived `radjepa serve`: {left}"
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/healthz", timeout=2)
 
 
+def _sigterms_until_exit(proc: subprocess.Popen, every_s: float = 0.05) -> int:
+    """SIGTERM ``proc`` every ``every_s`` until it exits (a supervisor or a `kill` loop
+    repeating itself); returns how many were sent."""
+    sent = 0
+    while proc.poll() is None and sent < 2000:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            break
+        sent += 1
+        time.sleep(every_s)
+    return sent
+
+
 @pytest.mark.slow
-def test_sigterm_stops_serve_and_its_local_ray_and_start_warnings_are_said_once(tmp_path):
+@pytest.mark.parametrize("storm", [False, True], ids=["one-sigterm", "sigterm-storm"])
+def test_sigterm_stops_serve_and_its_local_ray_and_start_warnings_are_said_once(tmp_path, storm):
     """SIGTERM (kill, systemd, a pod stopping) met the handlers ray.init installs: the command
     exited from its sleep, then aborted in interpreter teardown (exit -6), and the raylet died
     with it while its DashboardAgent and RuntimeEnvAgent ran on, orphans of a Ray nobody owned.
     It stops now as Ctrl-C does: Serve, then every process of the local Ray, exit 0. And the
     start-up warnings of keyless mode and the public development key, said on the terminal
-    before Ray started, came again from the API replica through Ray's log forwarding."""
+    before Ray started, came again from the API replica through Ray's log forwarding.
+
+    ``storm``: SIGTERMs every 50 ms until it exits end it as one does. ray.shutdown puts
+    SIGTERM back to its default action before it stops the local Ray's processes, and one
+    arriving then killed the command (exit -15, 2 runs in 2)."""
     ckpt = make_checkpoint(tmp_path / "ckpt")
     port = free_port()
     env = {k: v for k, v in _env().items() if k != "RADJEPA_DEID_SECRET"}  # the public key
@@ -344,7 +371,11 @@ def test_sigterm_stops_serve_and_its_local_ray_and_start_warnings_are_said_once(
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
     finally:
         started = _descendants(proc.pid)
-        proc.send_signal(signal.SIGTERM)
+        if storm:
+            storming = threading.Thread(target=_sigterms_until_exit, args=(proc,), daemon=True)
+            storming.start()
+        else:
+            proc.send_signal(signal.SIGTERM)
         try:
             out, _ = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
@@ -355,7 +386,8 @@ def test_sigterm_stops_serve_and_its_local_ray_and_start_warnings_are_said_once(
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     said = "".join(lines) + out
     assert proc.returncode == 0, said[-3000:]
-    assert "shutting down" in out and "SIGTERM received" not in said
+    assert out.count("shutting down") == 1 and "SIGTERM received" not in said, said[-3000:]
+    assert out.strip().splitlines()[-1] == "stopped", said[-3000:]
     assert started, "no process of the local Ray was seen"
     assert not left, f"processes of the local Ray outlived `radjepa serve`: {left}"
     assert said.count("insecure local mode") == 1, said
