@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
+from signal_state import WATCHED, dispositions
 
 REPO = Path(__file__).resolve().parents[1]
 NIH_DIR = REPO.parent / "shared" / "data" / "nih-cxr14-621"
@@ -21,6 +23,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def signal_dispositions_unchanged():
+    """Fail a test that leaves this process's SIGINT or SIGTERM disposition changed. A library
+    entry point that did so took Ctrl-C away from an in-process caller (a notebook, a
+    service), and from every later test here: one CI run's pytest had SIGINT ignored by the
+    time the serve tests ran, and a child it started inherited that and never stopped. A test
+    that changes a handler on purpose puts it back before it ends."""
+    handlers = {sig: signal.getsignal(sig) for sig in WATCHED}
+    before = dispositions()
+    yield
+    after = dispositions()
+    if after != before or any(signal.getsignal(s) != h for s, h in handlers.items()):
+        said = "; ".join(f"{sig.name} {before[sig]} -> {after[sig]}" for sig in WATCHED)
+        # put them back, so that the tests after this one do not fail for it
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        pytest.fail(f"the test left signal dispositions changed: {said}", pytrace=False)
 
 
 @pytest.fixture
