@@ -148,6 +148,10 @@ def ingest(
     except IngestError as err:
         raise UserError(str(err)) from None
     except IngestInterrupted as err:
+        # the process ends here, its Ray already shut down: a second SIGTERM (a supervisor
+        # repeating itself) must not cut the last line short (run_ingest_until_stopped puts
+        # the caller's handlers back, as an in-process caller needs)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         typer.echo(str(err), err=True)
         raise typer.Exit(130) from None
     before = f" ({res.resolved} quarantined by an earlier run)" if res.resolved else ""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 import uuid
@@ -596,25 +597,28 @@ def run_ingest_until_stopped(sources: list[str], dst: str, cfg: Config) -> Inges
     pipelines.ingest``): SIGTERM (``radjepa jobs stop``, a pod or systemd unit stopping) ends
     it as Ctrl-C does. Left to ray.init's handler, a SIGTERM printed Ray's C++ stack dump and
     exited 15 without a word. Either way DST's lock is released and Ray shut down before
-    :class:`IngestInterrupted` is raised; from the first SIGTERM on, others are ignored, so
-    that a supervisor repeating itself cannot cut that short (a second Ctrl-C still can, as a
-    user who insists expects). After a SIGTERM the process is stopping: SIGTERM stays ignored;
-    after a Ctrl-C an in-process caller may carry on, and gets its handlers back."""
+    :class:`IngestInterrupted` is raised; from the first SIGTERM on, others are ignored until
+    then, so that a supervisor repeating itself cannot cut that short (a second Ctrl-C still
+    can, as a user who insists expects). The caller's SIGINT and SIGTERM handlers are put back
+    however it ends: an in-process caller (a notebook, a service) keeps its Ctrl-C, and a
+    command that exits after the interruption ignores SIGTERM itself."""
     from pipelines.runtime import (
         sigterm_as_ctrl_c,
         stop_ray_before_last_word,
         stop_ray_ignoring_sigterm,
     )
 
-    try:
-        with sigterm_as_ctrl_c(once=True) as routing:
+    # Ray is stopped inside the block: SIGTERM stays ignored for that (after a SIGTERM) and the
+    # caller's handlers are put back after it (ray.shutdown resets the kernel's SIGTERM action)
+    with sigterm_as_ctrl_c(once=True) as routing:
+        try:
             return run_ingest(sources, dst, cfg)
-    except KeyboardInterrupt:
-        if routing.stopping:
-            stop_ray_ignoring_sigterm()
-        else:
-            stop_ray_before_last_word()
-        raise IngestInterrupted(INTERRUPTED) from None
+        except KeyboardInterrupt:
+            if routing.stopping:
+                stop_ray_ignoring_sigterm()
+            else:
+                stop_ray_before_last_word()
+    raise IngestInterrupted(INTERRUPTED)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -638,7 +642,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except IngestInterrupted as err:  # Ctrl-C, or SIGTERM: `ray job stop`, a pod stopping
         # returned, not os._exit as cli._exit_now does after a SIGTERM in ray.get: main() is
-        # also called in-process, and an interrupted ingest exits through teardown cleanly
+        # also called in-process, and an interrupted ingest exits through teardown cleanly.
+        # Run as `python -m pipelines.ingest`, the process ends here: a second SIGTERM must
+        # not cut the last line short. An in-process caller keeps its handlers.
+        if __name__ == "__main__":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(err, file=sys.stderr)  # noqa: T201 - entry point output
         return 130
     print(json.dumps(asdict(s), sort_keys=True))  # noqa: T201 - entry point output

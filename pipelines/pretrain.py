@@ -364,8 +364,10 @@ def run_pretrain(cfg: Config, data: str) -> PretrainResult:
     before ray.init (which installs its own handler) to the end: during training, through Ray
     Train's SIGINT handler, which aborts the workers gracefully. Left to ray.init's handler, its
     ``sys.exit`` landed wherever the driver waited and, on a loaded machine, the driver aborted
-    in teardown (SIGABRT, no last line). Once one is routed, later SIGTERMs are ignored: a
-    supervisor repeating itself cannot cut short the run's KILLED mark or Ray's shutdown."""
+    in teardown (SIGABRT, no last line). Once one is routed, later SIGTERMs are ignored until it
+    returns: a supervisor repeating itself cannot cut short the run's KILLED mark. The caller's
+    SIGINT and SIGTERM handlers are put back however it ends (an in-process caller keeps its
+    Ctrl-C); the CLI, whose process then ends, ignores SIGTERM from there on itself."""
     from pipelines.runtime import sigterm_as_ctrl_c
 
     try:

@@ -86,7 +86,7 @@ def stop_ray_before_last_word() -> None:
 
 class SigtermRouting:
     """The SIGTERM handler :func:`sigterm_as_ctrl_c` installs. ``stopping``: with ``once``, a
-    SIGTERM came (routed, or met by ray.init's own handler) and the process is stopping."""
+    SIGTERM came (routed, or met by ray.init's own handler) and the job is stopping."""
 
     def __init__(self, once: bool) -> None:
         self.once = once
@@ -103,7 +103,8 @@ class SigtermRouting:
         handler(signal.SIGINT, frame)
 
     def stop(self) -> None:
-        """From now on SIGTERM is ignored (called from the main thread, in a handler or not)."""
+        """SIGTERM is ignored from now to the block's end (called from the main thread, in a
+        handler or not)."""
         self.stopping = True
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -119,15 +120,22 @@ def sigterm_as_ctrl_c(*, once: bool = False) -> Iterator[SigtermRouting]:
     stack dump: no last line, an ingest exited 15 and a sweep's driver aborted in interpreter
     teardown (SIGABRT, a core dump), its MLflow runs RUNNING or FAILED.
 
-    ``once``: the first SIGTERM is routed and later ones are ignored, also after the block (the
-    process is stopping), so a supervisor repeating itself cannot cut short the shutdown the
-    first one started (the run's MLflow status, the destination lock's release, Ray's
-    shutdown). Without it a second signal, after Tune has put the previous SIGINT handler back,
-    raises KeyboardInterrupt, as a second Ctrl-C does.
+    ``once``: the first SIGTERM is routed and later ones are ignored until the block ends, so a
+    supervisor repeating itself cannot cut short the shutdown the first one started (the run's
+    MLflow status, the destination lock's release, Ray's shutdown). Without it a second signal,
+    after Tune has put the previous SIGINT handler back, raises KeyboardInterrupt, as a second
+    Ctrl-C does.
 
-    Both handlers are put back on the way out: Tune leaves its SIGINT handler installed after a
-    sweep nobody interrupted, and a Ctrl-C while the driver wrote the results was swallowed by
-    it. :func:`ensure_ray` keeps this routing across the ray.init it makes inside the block.
+    The caller's handlers are put back on the way out, however the block ends (returned,
+    raised, interrupted by either signal): a notebook or a service calling a job in-process
+    keeps its Ctrl-C and its own SIGTERM handling. Left behind were Tune's SIGINT handler after
+    a sweep nobody interrupted (a Ctrl-C while the driver wrote the results was swallowed by
+    it), ray.init's SIGTERM handler (``sys.exit``) and, after a SIGTERM with ``once``, SIGTERM
+    ignored for the rest of the caller's life. A command whose process ends after an
+    interruption ignores SIGTERM itself from there (``cli._exit_now``, ``radjepa ingest``).
+    Putting the handlers back also sets the kernel's disposition again, which ray.shutdown
+    resets to the default behind Python's table. :func:`ensure_ray` keeps this routing across
+    the ray.init it makes inside the block.
     Yields the routing, whose ``stopping`` says whether a SIGTERM came (with ``once``).
     """
     routing = SigtermRouting(once)
@@ -139,9 +147,9 @@ def sigterm_as_ctrl_c(*, once: bool = False) -> Iterator[SigtermRouting]:
     try:
         yield routing
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN if routing.stopping else previous)
-        if previous_int is not None:  # None: set outside Python, cannot be put back
-            signal.signal(signal.SIGINT, previous_int)
+        for signum, handler in ((signal.SIGTERM, previous), (signal.SIGINT, previous_int)):
+            if handler is not None:  # None: set outside Python, cannot be put back
+                signal.signal(signum, handler)
 
 
 def stop_ray_ignoring_sigterm() -> None:

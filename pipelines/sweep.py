@@ -27,6 +27,7 @@ from pipelines.pretrain import DIVERGED
 from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints, human_size
 from radjepa import locations
 from radjepa.config import Config, SearchDim, config_to_yaml
+from radjepa.training_data import ShardSummary
 
 log = logging.getLogger(__name__)
 
@@ -420,16 +421,22 @@ def _best(rows: list[TrialRow]) -> TrialRow | None:
 def run_sweep(
     cfg: Config, data: str, *, num_samples: int | None = None, resume: bool = False
 ) -> SweepResult:
-    """Run (or, with ``resume``, continue) the sweep named ``cfg.tune.name``."""
+    """Run (or, with ``resume``, continue) the sweep named ``cfg.tune.name``.
+
+    Ctrl-C or SIGTERM (``radjepa jobs stop``, a pod stopping) raises :class:`SweepInterrupted`.
+    SIGTERM goes the Ctrl-C way from before ray.init to the end (during ``fit``, to Tune's
+    SIGINT handler, which saves the sweep's state and stops the trials), and the caller's
+    SIGINT and SIGTERM handlers are put back however it ends. Routed only around ``fit``,
+    ray.init's own SIGTERM handler (``sys.exit``) stayed installed after the sweep for an
+    in-process caller, and a SIGTERM while Ray started exited 15 from wherever it landed."""
+    from pipelines.runtime import sigterm_as_ctrl_c
+
+    with sigterm_as_ctrl_c():
+        return _run_sweep(cfg, data, num_samples=num_samples, resume=resume)
+
+
+def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool) -> SweepResult:
     from pipelines.pretrain import PretrainError, prepare_outputs
-    from pipelines.runtime import (
-        ClusterResourceError,
-        check_trial_fits_locally,
-        ensure_ray,
-        max_parallel_trials,
-        resolve_use_gpu,
-        sigterm_as_ctrl_c,
-    )
     from radjepa.training_data import TrainingDataError, inspect_shards
 
     if num_samples not in (None, 1) and not resume and cfg.tune.search_alg == "grid":
@@ -475,34 +482,14 @@ def run_sweep(
         root = prepare_outputs(cfg)
     except PretrainError as err:
         raise SweepError(str(err)) from None
-    ensure_ray()
-    try:  # every trial would wait forever for GPUs the cluster does not have
-        use_gpu = resolve_use_gpu(cfg.train.use_gpu)
-        check_trial_fits_locally(cfg.train.num_workers, cfg.train.cpus_per_worker, use_gpu)
-    except ClusterResourceError as err:
-        raise SweepError(str(err)) from None
-    if not cfg.tune.max_concurrent:
-        parallel = max_parallel_trials(cfg.train.num_workers, cfg.train.cpus_per_worker, use_gpu)
-        log.info("tune.max_concurrent=0: %d trials at a time on this cluster", parallel)
-        cfg = cfg.with_overrides({"tune.max_concurrent": parallel})
-
-    sweep_dir = locations.join_location(root, cfg.tune.name)
-    _check_sweep_dir(cfg, sweep_dir, resume)
-    from pipelines.tracking import provenance_tags
-
-    provenance = provenance_tags(data, info.rows, info.fingerprint)
     try:
-        parent_run_id, uri = (
-            _parent_run(cfg, root, sweep_dir, resume, provenance)
-            if cfg.tracking.enabled
-            else (None, None)
+        cfg, sweep_dir, provenance, (parent_run_id, uri) = _prepare_sweep(
+            cfg, data, info, root, resume
         )
-    except SweepError:
-        raise
-    except Exception as err:  # an unreachable server, a store that cannot be opened, ...
-        # one line, as pretrain says it: the CLI only turns SweepError into a message
-        raise SweepError(
-            f"cannot record the sweep in MLflow: {type(err).__name__}: {err}"
+    except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM routed to it, before the first trial
+        raise SweepInterrupted(
+            f"sweep '{cfg.tune.name}' was interrupted before its trials started; re-run the "
+            "same command"
         ) from None
     setup = {
         "config": cfg.model_dump(mode="json"),
@@ -516,8 +503,7 @@ def run_sweep(
     }
     floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
     try:
-        with sigterm_as_ctrl_c():
-            grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
+        grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
         _free_last_trials()
         rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
         # Ctrl-C makes fit() return, not raise, and a "best" would be a partial sweep's
@@ -552,6 +538,60 @@ def run_sweep(
     return SweepResult(
         sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri, tidied
     )
+
+
+def _prepare_sweep(
+    cfg: Config, data: str, info: ShardSummary, root: str, resume: bool
+) -> tuple[Config, str, dict[str, str], tuple[str | None, str | None]]:
+    """Ray started and checked, the sweep's folder checked, its provenance and its MLflow
+    parent run: (``cfg`` for this cluster, the sweep's folder, provenance, (parent run id,
+    tracking URI)), the run ``(None, None)`` without tracking. An interruption here leaves
+    nothing to resume (the Tuner has not started)."""
+    from pipelines.tracking import provenance_tags
+
+    cfg = _start_ray(cfg)
+    sweep_dir = locations.join_location(root, cfg.tune.name)
+    _check_sweep_dir(cfg, sweep_dir, resume)
+    provenance = provenance_tags(data, info.rows, info.fingerprint)
+    try:
+        parent = (
+            _parent_run(cfg, root, sweep_dir, resume, provenance)
+            if cfg.tracking.enabled
+            else (None, None)
+        )
+    except SweepError:
+        raise
+    except Exception as err:  # an unreachable server, a store that cannot be opened, ...
+        # one line, as pretrain says it: the CLI only turns SweepError into a message
+        raise SweepError(
+            f"cannot record the sweep in MLflow: {type(err).__name__}: {err}"
+        ) from None
+    return cfg, sweep_dir, provenance, parent
+
+
+def _start_ray(cfg: Config) -> Config:
+    """Start (or join) Ray and check that a trial fits it: ``cfg`` with ``tune.max_concurrent``
+    resolved for this cluster. Refused before any trial, which would wait forever for GPUs
+    the cluster does not have, or for CPUs a local instance never gets."""
+    from pipelines.runtime import (
+        ClusterResourceError,
+        check_trial_fits_locally,
+        ensure_ray,
+        max_parallel_trials,
+        resolve_use_gpu,
+    )
+
+    ensure_ray()
+    try:
+        use_gpu = resolve_use_gpu(cfg.train.use_gpu)
+        check_trial_fits_locally(cfg.train.num_workers, cfg.train.cpus_per_worker, use_gpu)
+    except ClusterResourceError as err:
+        raise SweepError(str(err)) from None
+    if not cfg.tune.max_concurrent:
+        parallel = max_parallel_trials(cfg.train.num_workers, cfg.train.cpus_per_worker, use_gpu)
+        log.info("tune.max_concurrent=0: %d trials at a time on this cluster", parallel)
+        cfg = cfg.with_overrides({"tune.max_concurrent": parallel})
+    return cfg
 
 
 def _tidy_checkpoints(
