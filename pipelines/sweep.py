@@ -522,14 +522,14 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
             )
     except SweepInterrupted:
         raise
-    except (KeyboardInterrupt, SystemExit) as err:
+    except (KeyboardInterrupt, SystemExit):
         # a second Ctrl-C or SIGTERM, while Tune stops the trials after the first, raises;
-        # so does one outside Tune's loop (ray.init's SIGTERM handler exits): resumable all
-        # the same, and said as a first one is
+        # so does one outside Tune's loop (a SystemExit from a handler of Ray's): resumable
+        # all the same, and said as a first one is, without the exit code Ray's handler chose
+        # (meaningless to the user, as in pretrain's)
         _end_sweep_runs(uri, parent_run_id, "KILLED")
-        how = f" (exit {err.code})" if isinstance(err, SystemExit) else ""
         raise SweepInterrupted(
-            f"sweep '{cfg.tune.name}' was interrupted{how}; {_resumable(cfg.tune.name)}"
+            f"sweep '{cfg.tune.name}' was interrupted; {_resumable(cfg.tune.name)}"
         ) from None
     except BaseException:
         _end_sweep_runs(uri, parent_run_id, "FAILED")  # its runs must not look alive
