@@ -15,8 +15,8 @@ from contextlib import contextmanager
 def ctrl_c_once(ready: Callable[[], bool], timeout_s: float = 600) -> Iterator[None]:
     """Send this process SIGINT once ``ready()`` holds (polled every second) while the body
     runs. Waiting for a sign of training (a logged loss) puts the signal where a user's would
-    land, inside Ray Train's or Tune's run, whose handlers then stay installed: the previous
-    handler is put back afterwards so the rest of the session keeps pytest's."""
+    land, inside Ray Train's or Tune's run. The job puts the handlers it found back itself (the
+    autouse fixture in conftest.py fails a test whose job left them changed)."""
     stop = threading.Event()
 
     def press() -> None:
@@ -28,14 +28,12 @@ def ctrl_c_once(ready: Callable[[], bool], timeout_s: float = 600) -> Iterator[N
             time.sleep(1)
 
     presser = threading.Thread(target=press, daemon=True)
-    previous = signal.getsignal(signal.SIGINT)
     presser.start()
     try:
         yield
     finally:
         stop.set()
         presser.join()
-        signal.signal(signal.SIGINT, previous)
 
 
 def signal_after_line(
@@ -45,16 +43,21 @@ def signal_after_line(
     timeout_s: float,
     *,
     again_after_s: float | None = None,
+    took: list[float] | None = None,
 ) -> tuple[str, str]:
     """Send ``sig`` to the child ``proc`` once a line of its stderr holds ``marker`` (where a
     user's Ctrl-C or a pod's SIGTERM would land in the run), then wait for it to end: (its
     stdout, everything it wrote to stderr). ``again_after_s``: send it once more that long
-    after, while the child is still running (a supervisor or a user repeating it)."""
+    after, while the child is still running (a supervisor or a user repeating it). ``took``:
+    the seconds from the (first) signal to the child's end are appended to it (a pod gets 30 s
+    before SIGKILL)."""
     assert proc.stderr is not None
     said = []
+    sent = None
     for line in proc.stderr:
         said.append(line)
         if marker in line:
+            sent = time.monotonic()
             proc.send_signal(sig)
             if again_after_s is not None:
                 time.sleep(again_after_s)
@@ -62,4 +65,6 @@ def signal_after_line(
                     proc.send_signal(sig)
             break
     out, rest = proc.communicate(timeout=timeout_s)
+    if took is not None and sent is not None:
+        took.append(time.monotonic() - sent)
     return out, "".join(said) + rest
