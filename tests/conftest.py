@@ -14,6 +14,16 @@ NIH_DIR = REPO.parent / "shared" / "data" / "nih-cxr14-621"
 BUNDLED_SAMPLE = REPO / "data" / "sample"
 
 
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """Say when this pytest started with SIGINT ignored: a shell's background job (``pytest
+    &`` in a CI script) gets it so, every child inherits it, and a child Python then never
+    raises KeyboardInterrupt (the serve CLI tests start theirs with SIGINT at its default).
+    The autouse fixture below only sees what a test changes."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return "SIGINT is ignored in this pytest process from its start (a background job?)"
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
