@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -143,15 +144,12 @@ def ingest(
     cfg = load(config, set_)
     from pipelines.ingest import IngestError, IngestInterrupted, run_ingest_until_stopped
 
+    _ignore_sigterm_after_the_job()
     try:  # Ctrl-C or SIGTERM (`radjepa jobs stop`, a pod stopping): 130 and one last line
         res = run_ingest_until_stopped(paths[:-1], paths[-1], cfg)
     except IngestError as err:
         raise UserError(str(err)) from None
     except IngestInterrupted as err:
-        # the process ends here, its Ray already shut down: a second SIGTERM (a supervisor
-        # repeating itself) must not cut the last line short (run_ingest_until_stopped puts
-        # the caller's handlers back, as an in-process caller needs)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         typer.echo(str(err), err=True)
         raise typer.Exit(130) from None
     before = f" ({res.resolved} quarantined by an earlier run)" if res.resolved else ""
@@ -183,7 +181,12 @@ def pretrain(
     )
 
     try:
-        res = run_pretrain(cfg, shards_location(data, cfg))
+        data = shards_location(data, cfg)
+    except PretrainError as err:
+        raise UserError(str(err)) from None
+    _ignore_sigterm_after_the_job()
+    try:
+        res = run_pretrain(cfg, data)
     except PretrainInterrupted as err:  # not a usage error: 130, as an interrupted ingest
         _exit_now(130, f"error: {err}")
     except PretrainError as err:
@@ -233,6 +236,7 @@ def sweep(
         raise UserError(str(err)) from None
     from pipelines.sweep import SweepError, SweepInterrupted, run_sweep
 
+    _ignore_sigterm_after_the_job()
     try:
         res = run_sweep(cfg, data, num_samples=num_samples, resume=resume)
     except SweepInterrupted as err:  # not a usage error: 130, as an interrupted pretrain
@@ -354,6 +358,7 @@ def serve_cmd(
     # SIGTERMs are ignored to the end (a supervisor repeating itself must not cut the shutdown
     # short: exit -15 and Ray's processes orphaned); a second Ctrl-C still can, as a user who
     # insists expects.
+    _ignore_sigterm_after_the_job()
     with sigterm_as_ctrl_c(once=True) as routing:
         stopping = False
         try:
@@ -1003,6 +1008,15 @@ def demo(
     console.print_json(json.dumps(summary, default=str))
     console.print(f"everything is in {summary['output']}")
     console.print(f"look at the runs: {summary['mlflow_ui']}")
+
+
+def _ignore_sigterm_after_the_job() -> None:
+    """This process ends with the job it is about to run: SIGTERM is ignored after the job.
+    Set just before it, so that the job's SIGTERM routing, which puts back the handler it
+    found (an in-process caller keeps its own), puts this one back: set after the job instead,
+    a second SIGTERM (a supervisor repeating itself) in between still ended the process
+    (exit -15) before its last line, and Ray's shutdown half done."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _exit_now(code: int, message: str) -> NoReturn:

@@ -636,17 +636,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.sets)
+        if __name__ == "__main__":
+            # run as `python -m pipelines.ingest`, the process ends with the run: SIGTERM is
+            # ignored after it (set before it: the run puts back the handler it found), so that
+            # a second one cannot cut the last line short; an in-process caller keeps its own
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         s = run_ingest_until_stopped(args.paths[:-1], args.paths[-1], cfg)
     except (ConfigError, IngestError, ClusterError) as err:  # the user's: one line, like the CLI
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
         return 2
     except IngestInterrupted as err:  # Ctrl-C, or SIGTERM: `ray job stop`, a pod stopping
         # returned, not os._exit as cli._exit_now does after a SIGTERM in ray.get: main() is
-        # also called in-process, and an interrupted ingest exits through teardown cleanly.
-        # Run as `python -m pipelines.ingest`, the process ends here: a second SIGTERM must
-        # not cut the last line short. An in-process caller keeps its handlers.
-        if __name__ == "__main__":
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # also called in-process, and an interrupted ingest exits through teardown cleanly
         print(err, file=sys.stderr)  # noqa: T201 - entry point output
         return 130
     print(json.dumps(asdict(s), sort_keys=True))  # noqa: T201 - entry point output

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -808,7 +810,6 @@ def _registered_version(client: Any, name: str, run_id: str, step: str) -> str |
 def main(argv: list[str] | None = None) -> None:
     """``python -m pipelines.pretrain --config C --data DST [--set k=v ...]`` inside a Ray job."""
     import argparse
-    import sys
 
     from pipelines.runtime import ClusterError
     from radjepa.config import ConfigError, load_config
@@ -819,13 +820,39 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[])
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("RADJEPA_LOG_LEVEL", "INFO"))
+    as_module = __name__ == "__main__"
     try:
         cfg = load_config(a.config, a.sets)
-        res = run_pretrain(cfg, shards_location(a.data, cfg))
+        data = shards_location(a.data, cfg)
+        if as_module:  # the process ends with the run: see _interrupted_module_exit
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        res = run_pretrain(cfg, data)
+    except PretrainInterrupted as err:  # `ray job stop`, a pod stopping, Ctrl-C: as `radjepa`
+        if as_module:
+            _interrupted_module_exit(f"error: {err}")
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(130)
     except (ConfigError, PretrainError, ClusterError) as err:  # the user's: one line, as `radjepa`
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
     log.info("checkpoint: %s", res.checkpoint)
+
+
+def _interrupted_module_exit(message: str) -> NoReturn:
+    """``python -m pipelines.pretrain`` interrupted: exit 130 with ``message`` last, as the CLI
+    does (``cli._exit_now``). It exited 2, the code of a usage error, since the interruption is
+    a PretrainError. SIGTERM was ignored before the run began (the run puts back the handler it
+    found): a second one, in the moment after the run, ended the process before its last
+    line; and a SIGTERM that landed in ``ray.get`` left the interpreter to abort in teardown
+    (SIGABRT), so that is skipped."""
+    from pipelines.runtime import stop_ray_ignoring_sigterm
+
+    stop_ray_ignoring_sigterm()
+    sys.stderr.write(f"{message}\n")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":

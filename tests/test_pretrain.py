@@ -1032,9 +1032,16 @@ def test_a_worker_error_is_said_in_one_line(shards, tmp_path):
     assert "(train.max_failures=0: no restart;" in message
 
 
-def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards, tmp_path):
+@pytest.mark.parametrize(
+    "entry",
+    [["pipelines.cli", "pretrain", "-c"], ["pipelines.pretrain", "--config"]],
+    ids=["radjepa", "ray-job-entry"],
+)
+def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards, tmp_path, entry):
     # a SIGTERM landing in ray.get (a pod shut down, `kill`) printed the one-line error, then
-    # the process aborted in interpreter teardown: exit 134 (SIGABRT) and a core dump
+    # the process aborted in interpreter teardown: exit 134 (SIGABRT) and a core dump. The
+    # Ray Job entry point (`radjepa jobs submit pretrain`, `ray job stop`) exited 2, a usage
+    # error's code
     import signal
     import subprocess
     import sys
@@ -1051,7 +1058,7 @@ def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards
         "train.batch_size": "8",
         "data.holdout_fraction": "0.0",
     }
-    args = [sys.executable, "-m", "pipelines.cli", "pretrain", "-c", str(CONFIGS / "tiny_cpu.yaml")]
+    args = [sys.executable, "-m", *entry, str(CONFIGS / "tiny_cpu.yaml")]
     args += ["--data", str(shards)] + [f"--set={k}={v}" for k, v in sets.items()]
     proc = subprocess.Popen(
         args,
