@@ -1035,13 +1035,13 @@ def test_a_worker_error_is_said_in_one_line(shards, tmp_path):
 @pytest.mark.parametrize(
     "entry",
     [["pipelines.cli", "pretrain", "-c"], ["pipelines.pretrain", "--config"]],
-    ids=["radjepa", "ray-job-entry"],
+    ids=["radjepa", "module"],
 )
 def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards, tmp_path, entry):
     # a SIGTERM landing in ray.get (a pod shut down, `kill`) printed the one-line error, then
-    # the process aborted in interpreter teardown: exit 134 (SIGABRT) and a core dump. The
-    # Ray Job entry point (`radjepa jobs submit pretrain`, `ray job stop`) exited 2, a usage
-    # error's code
+    # the process aborted in interpreter teardown: exit 134 (SIGABRT) and a core dump.
+    # `python -m pipelines.pretrain` (a Ray Job's entry point under `ray job submit`, stopped
+    # with `ray job stop`) exited 2, a usage error's code
     import signal
     import subprocess
     import sys
