@@ -1010,13 +1010,19 @@ def demo(
     console.print(f"look at the runs: {summary['mlflow_ui']}")
 
 
+# Set by main(): this process ends when the command does (the console script, python -m
+# pipelines.cli, a Ray Job); not when a caller invokes ``app`` in-process (Click's CliRunner)
+_process_ends_with_command = False
+
+
 def _ignore_sigterm_after_the_job() -> None:
-    """This process ends with the job it is about to run: SIGTERM is ignored after the job.
-    Set just before it, so that the job's SIGTERM routing, which puts back the handler it
-    found (an in-process caller keeps its own), puts this one back: set after the job instead,
-    a second SIGTERM (a supervisor repeating itself) in between still ended the process
-    (exit -15) before its last line, and Ray's shutdown half done."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """When this process ends with the job it is about to run, SIGTERM is ignored after the
+    job. Set just before it, so that the job's SIGTERM routing, which puts back the handler it
+    found, puts this one back: set after the job instead, a second SIGTERM (a supervisor
+    repeating itself) in between still ended the process (exit -15) before its last line, and
+    Ray's shutdown half done. An in-process caller keeps its own handler."""
+    if _process_ends_with_command:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _exit_now(code: int, message: str) -> NoReturn:
@@ -1042,6 +1048,8 @@ def main() -> None:
     local Ray that did not start in time (a loaded machine) one line and exit code 1."""
     from pipelines.runtime import ClusterError, RayStartTimeout
 
+    global _process_ends_with_command
+    _process_ends_with_command = True
     try:
         app()
     except (UserError, ClusterError) as err:
