@@ -604,20 +604,17 @@ def run_ingest_until_stopped(sources: list[str], dst: str, cfg: Config) -> Inges
     command that exits after the interruption ignores SIGTERM itself."""
     from pipelines.runtime import (
         sigterm_as_ctrl_c,
-        stop_ray_before_last_word,
         stop_ray_ignoring_sigterm,
     )
 
-    # Ray is stopped inside the block: SIGTERM stays ignored for that (after a SIGTERM) and the
-    # caller's handlers are put back after it (ray.shutdown resets the kernel's SIGTERM action)
-    with sigterm_as_ctrl_c(once=True) as routing:
+    # Ray is stopped inside the block with SIGTERM ignored, after a Ctrl-C too (a supervisor's
+    # SIGTERM after the user's Ctrl-C met the default action ray.shutdown puts back: exit -15,
+    # no last line), and the caller's handlers are put back after it
+    with sigterm_as_ctrl_c(once=True):
         try:
             return run_ingest(sources, dst, cfg)
         except KeyboardInterrupt:
-            if routing.stopping:
-                stop_ray_ignoring_sigterm()
-            else:
-                stop_ray_before_last_word()
+            stop_ray_ignoring_sigterm()
     raise IngestInterrupted(INTERRUPTED)
 
 

@@ -431,8 +431,19 @@ def run_sweep(
     in-process caller, and a SIGTERM while Ray started exited 15 from wherever it landed."""
     from pipelines.runtime import sigterm_as_ctrl_c
 
-    with sigterm_as_ctrl_c():
-        return _run_sweep(cfg, data, num_samples=num_samples, resume=resume)
+    # once: a supervisor repeating its SIGTERM must not cut short Tune's saving of the sweep's
+    # state or the KILLED marks of its runs (a second Ctrl-C still can, as a user who insists
+    # expects)
+    with sigterm_as_ctrl_c(once=True):
+        try:
+            return _run_sweep(cfg, data, num_samples=num_samples, resume=resume)
+        except KeyboardInterrupt:  # before the first trial: reading shards, starting Ray, ...
+            # (those during and after the trials are said in _run_sweep); it escaped as a bare
+            # KeyboardInterrupt, which the CLI ended with exit 130 and no last line
+            raise SweepInterrupted(
+                f"sweep '{cfg.tune.name}' was interrupted before its trials started; re-run "
+                "the same command"
+            ) from None
 
 
 def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool) -> SweepResult:
@@ -482,15 +493,7 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         root = prepare_outputs(cfg)
     except PretrainError as err:
         raise SweepError(str(err)) from None
-    try:
-        cfg, sweep_dir, provenance, (parent_run_id, uri) = _prepare_sweep(
-            cfg, data, info, root, resume
-        )
-    except KeyboardInterrupt:  # Ctrl-C, or a SIGTERM routed to it, before the first trial
-        raise SweepInterrupted(
-            f"sweep '{cfg.tune.name}' was interrupted before its trials started; re-run the "
-            "same command"
-        ) from None
+    cfg, sweep_dir, provenance, (parent_run_id, uri) = _prepare_sweep(cfg, data, info, root, resume)
     setup = {
         "config": cfg.model_dump(mode="json"),
         "data": data if "://" in data else str(Path(data).expanduser().resolve()),
@@ -534,7 +537,14 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
     except BaseException:
         _end_sweep_runs(uri, parent_run_id, "FAILED")  # its runs must not look alive
         raise
-    rows, tidied = _tidy_checkpoints(cfg, rows, best, setup["trials_dir"])
+    try:
+        rows, tidied = _tidy_checkpoints(cfg, rows, best, setup["trials_dir"])
+    except KeyboardInterrupt:
+        written = f" (best config: {best_path})" if best_path else ""
+        raise SweepInterrupted(
+            f"sweep '{cfg.tune.name}' finished{written} but was interrupted while deleting "
+            f"the other trials' checkpoints: some are left under {setup['trials_dir']}"
+        ) from None
     return SweepResult(
         sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri, tidied
     )

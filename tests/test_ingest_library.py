@@ -918,3 +918,33 @@ def test_the_instance_index_tells_new_duplicate_and_conflicting_copies(tmp_path)
     assert (later.kind, later.kept_image_id, later.in_run) == ("conflict", "id-2", True)
     assert len(reads) == 3 and len(index) == 2
     assert difference(thumbnail(*row(img)()), thumbnail(*row(img)())) == 0.0
+
+
+def test_a_stored_shard_gone_since_the_index_was_read_stores_the_copy_and_goes_on(tmp_path, caplog):
+    """The stored copy's shard is read back mid-run to compare a copy with it: deleted (or
+    unreadable) since the run read the index, its read error escaped the ingest as a traceback
+    and the run lost its record. The copy is stored instead, with a warning, and the shard is
+    not tried again."""
+    import pyarrow.parquet as pq
+
+    from radjepa.ingest.instances import InstanceIndex
+
+    img = gradient(64, 64, bits=8, seed=2)
+    shard = tmp_path / "part-a-00000.parquet"
+    pq.write_table(pa.Table.from_pylist([_stored_row(img, "id-1", "pid-1")]), shard)
+    reads: list[list[str]] = []
+
+    def read(path: str, columns: list[str]) -> pa.Table:
+        reads.append(columns)
+        return pq.read_table(path, columns=columns)
+
+    index = InstanceIndex([str(shard)], read)
+    shard.unlink()
+    copy = _stored_row(img, "x", None)
+    pixels = lambda: (copy["pixels"], copy["height"], copy["width"], copy["dtype"])  # noqa: E731
+    with caplog.at_level("WARNING", logger="radjepa.ingest.instances"):
+        verdict = index.check("pid-1", "id-2", pixels, lambda image_id: None)
+        again = index.check("pid-1", "id-3", pixels, lambda image_id: None)
+    assert (verdict.kind, again.kind) == ("new", "new")
+    assert "cannot read back the stored shard" in caplog.text and str(shard) in caplog.text
+    assert len(reads) == 2  # the index, then one try at the shard's pixels

@@ -44,6 +44,7 @@ CONFLICT = "instance_conflict"  # an ingest quarantine reason, beside read_error
 # 1%, two radiographs (even two chest PAs) by several percent.
 CONFLICT_DIFFERENCE = 0.03
 _GRID = 16
+_ROWS_AT_ONCE = 64  # rows of a stored shard turned into Python objects at a time
 
 Thumbnail = np.ndarray
 Pixels = tuple[bytes, int, int, str]  # a row's pixels bytes, height, width and dtype
@@ -162,10 +163,22 @@ class InstanceIndex:
         if n is None:
             return None
         if n not in self._loaded:  # a whole shard once: re-exports come in batches
-            table = self._read(
-                self._shards[n], ["image_id", "instance_pid", "pixels", "height", "width", "dtype"]
-            )
-            for r in table.to_pylist():
+            self._loaded.add(n)  # once, also when it cannot be read
+            try:
+                self._thumbnails(n)
+            except (OSError, pa.ArrowException, ValueError) as err:
+                # a shard deleted or damaged since the index was read, a bucket's error: the
+                # copy is stored (below), never dropped, and the run goes on
+                log.warning("cannot read back the stored shard %s: %s", self._shards[n], err)
+        return self._kept.get(pid)
+
+    def _thumbnails(self, n: int) -> None:
+        """The ids and thumbnails of the instances shard ``n`` keeps, turned into Python
+        objects a few rows at a time (a shard's whole pixel column as Python bytes doubled its
+        size in memory: 4 GiB more for 2048 rows of 1024 px uint16)."""
+        columns = ["image_id", "instance_pid", "pixels", "height", "width", "dtype"]
+        for batch in self._read(self._shards[n], columns).to_batches(max_chunksize=_ROWS_AT_ONCE):
+            for r in batch.to_pylist():
                 if r["instance_pid"] and self._shard_of.get(r["instance_pid"]) == n:
                     self._kept.setdefault(
                         r["instance_pid"],
@@ -174,5 +187,3 @@ class InstanceIndex:
                             thumbnail(r["pixels"], r["height"], r["width"], r["dtype"]),
                         ),
                     )
-            self._loaded.add(n)
-        return self._kept.get(pid)
