@@ -868,17 +868,13 @@ def _stored_row(pixels, image_id: str, pid: str | None) -> dict:
     }
 
 
-def test_the_instance_index_tells_new_duplicate_and_conflicting_copies(tmp_path):
-    """One DICOM instance (one SOP Instance UID pseudonym) is stored once: another copy whose
-    stored pixels match is a duplicate of the kept one, one whose pixels differ is a conflict.
-    Stored shards are read once for the index (two columns) and their pixels only when a copy
-    has to be compared, once per shard, however many copies come."""
-    import numpy as np
+def _index_of_one_stored_instance(tmp_path, img):
+    """An InstanceIndex over one real shard holding ``img`` as instance pid-1 (image id-1),
+    with the columns of every read it makes, in order."""
     import pyarrow.parquet as pq
 
-    from radjepa.ingest.instances import CONFLICT_DIFFERENCE, InstanceIndex, difference, thumbnail
+    from radjepa.ingest.instances import InstanceIndex
 
-    img = gradient(64, 64, bits=8, seed=1)
     shard = tmp_path / "part-a-00000.parquet"
     pq.write_table(pa.Table.from_pylist([_stored_row(img, "id-1", "pid-1")]), shard)
     reads: list[list[str]] = []
@@ -887,7 +883,21 @@ def test_the_instance_index_tells_new_duplicate_and_conflicting_copies(tmp_path)
         reads.append(columns)
         return pq.read_table(path, columns=columns)
 
-    index = InstanceIndex([str(shard)], read)
+    return InstanceIndex([str(shard)], read), shard, reads
+
+
+def test_the_instance_index_tells_new_duplicate_and_conflicting_copies(tmp_path):
+    """One DICOM instance (one SOP Instance UID pseudonym) is stored once: another copy whose
+    stored pixels match is a duplicate of the kept one, one whose pixels differ is a conflict.
+    Stored shards are read once for the index (two columns) and their pixels only when a copy
+    has to be compared, once per shard, however many copies come."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from radjepa.ingest.instances import CONFLICT_DIFFERENCE, difference, thumbnail
+
+    img = gradient(64, 64, bits=8, seed=1)
+    index, shard, reads = _index_of_one_stored_instance(tmp_path, img)
     assert len(index) == 1 and reads == [["instance_pid"]]  # one short column per shard
 
     def row(pixels):
@@ -925,20 +935,9 @@ def test_a_stored_shard_gone_since_the_index_was_read_stores_the_copy_and_goes_o
     unreadable) since the run read the index, its read error escaped the ingest as a traceback
     and the run lost its record. The copy is stored instead, with a warning, and the shard is
     not tried again."""
-    import pyarrow.parquet as pq
-
-    from radjepa.ingest.instances import InstanceIndex
 
     img = gradient(64, 64, bits=8, seed=2)
-    shard = tmp_path / "part-a-00000.parquet"
-    pq.write_table(pa.Table.from_pylist([_stored_row(img, "id-1", "pid-1")]), shard)
-    reads: list[list[str]] = []
-
-    def read(path: str, columns: list[str]) -> pa.Table:
-        reads.append(columns)
-        return pq.read_table(path, columns=columns)
-
-    index = InstanceIndex([str(shard)], read)
+    index, shard, reads = _index_of_one_stored_instance(tmp_path, img)
     shard.unlink()
     copy = _stored_row(img, "x", None)
     pixels = lambda: (copy["pixels"], copy["height"], copy["width"], copy["dtype"])  # noqa: E731
