@@ -410,7 +410,13 @@ def test_a_choice_sweep_tries_distinct_settings_drawn_with_the_seed(ray_session,
         ),
         run_config=ray.tune.RunConfig(name="draws", storage_path=str(tmp_path)),
     )
-    tried = sorted(repr(r.config) for r in tuner.fit())
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        tried = sorted(repr(r.config) for r in tuner.fit())
+    finally:  # Tune leaves its SIGINT handler behind (run_sweep puts the caller's back)
+        signal.signal(signal.SIGINT, before)
     assert tried == sorted(repr(d) for d in draws)
 
 
