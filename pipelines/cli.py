@@ -1026,21 +1026,13 @@ def _ignore_sigterm_after_the_job() -> None:
 
 
 def _exit_now(code: int, message: str) -> NoReturn:
-    """Say ``message`` and exit at once once an interrupted run has been recorded. A SIGTERM
-    that lands in ``ray.get`` (a pod shut down, ``kill``, while ``pretrain`` waits on its
-    workers) leaves the process to abort in interpreter teardown (SIGABRT: exit 134 and a core
-    dump, after the one-line error), even after ``ray.shutdown()``: so Ray is shut down
-    (before the message, which must be the last line), logs and streams are flushed, and the
-    interpreter's teardown is skipped. SIGTERM is ignored from here on: a second one (a
-    supervisor repeating itself) must not cut the shutdown or the last line short."""
-    from pipelines.runtime import stop_ray_ignoring_sigterm
+    """Say ``message`` last and exit at once once an interrupted run has been recorded
+    (:func:`pipelines.runtime.exit_after_interruption`). SIGTERM is ignored from here on: a
+    second one (a supervisor repeating itself) must not cut the shutdown or the last line
+    short."""
+    from pipelines.runtime import exit_after_interruption
 
-    stop_ray_ignoring_sigterm()
-    typer.secho(message, fg=typer.colors.RED, err=True)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_after_interruption(code, lambda: typer.secho(message, fg=typer.colors.RED, err=True))
 
 
 def main() -> None:

@@ -843,16 +843,10 @@ def _interrupted_module_exit(message: str) -> NoReturn:
     does (``cli._exit_now``). It exited 2, the code of a usage error, since the interruption is
     a PretrainError. SIGTERM was ignored before the run began (the run puts back the handler it
     found): a second one, in the moment after the run, ended the process before its last
-    line; and a SIGTERM that landed in ``ray.get`` left the interpreter to abort in teardown
-    (SIGABRT), so that is skipped."""
-    from pipelines.runtime import stop_ray_ignoring_sigterm
+    line."""
+    from pipelines.runtime import exit_after_interruption
 
-    stop_ray_ignoring_sigterm()
-    sys.stderr.write(f"{message}\n")
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(130)
+    exit_after_interruption(130, lambda: sys.stderr.write(f"{message}\n"))
 
 
 if __name__ == "__main__":

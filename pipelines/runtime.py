@@ -15,9 +15,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from pipelines.cluster_address import (
     WHAT_TO_CHECK,
@@ -182,6 +182,20 @@ def stop_ray_ignoring_sigterm() -> None:
         keeper.join()
         # Python's table already says ignored: this sets the process's again
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def exit_after_interruption(code: int, say: Callable[[], None]) -> NoReturn:
+    """End a command whose run an interruption stopped and has recorded: Ray shut down with
+    SIGTERM ignored, ``say()`` the last line, logs and streams flushed, and the interpreter's
+    teardown skipped. A SIGTERM that landed in ``ray.get`` (a pod shut down, ``kill``) left the
+    process to abort in that teardown (SIGABRT: exit 134 and a core dump, after the last line)
+    even after ``ray.shutdown()``."""
+    stop_ray_ignoring_sigterm()
+    say()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # Ray Data names the thread that runs a dataset's execution so (ray.data 2.60)
