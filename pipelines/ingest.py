@@ -460,7 +460,13 @@ def _consume(
     try:
         with bar:
             task = bar.add_task("ingest", total=expected or None)
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            # no block prefetching: its thread calls ray.wait whenever it catches up, which
+            # after an interruption could be during ray.shutdown (ending the process at once);
+            # the iteration's own pipeline thread still fetches the next block while this one
+            # writes shards, and on one node the decoders' blocks are local already
+            for batch in ds.iter_batches(
+                batch_format="pyarrow", batch_size=None, prefetch_batches=0
+            ):
                 conflicts += _take_batch(batch, out, seen, unread)
                 bar.update(
                     task,
