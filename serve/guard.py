@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 import uuid
 
 from fastapi.responses import JSONResponse
@@ -26,6 +27,7 @@ __all__ = [
     "accept_request_id",
     "error_response",
     "request_id",
+    "shown_filename",
 ]
 
 log = logging.getLogger("serve.app")  # the service's one logger name, as operators filter it
@@ -34,6 +36,8 @@ REQUEST_ID_HEADER = "x-request-id"
 # what a caller may choose as its id: a UUID, a trace id, "ris-42:7"; anything else (a 16 KB
 # header, quotes, spaces, non-ASCII) would be copied into every log line and error body
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# the most of an uploaded file's name an error body repeats (shown_filename)
+FILENAME_CHARS = 120
 
 
 class ApiError(Exception):
@@ -69,6 +73,22 @@ def request_id(request: Request | Scope) -> str | None:
     return scope.get("state", {}).get("request_id")
 
 
+def shown_filename(filename: str | None) -> str | None:
+    """A multipart file name as an error body names it: its printable characters only, at most
+    :data:`FILENAME_CHARS` of them (the last three then ``...``).
+
+    The name is the client's text: error bodies repeated it whole, up to the ~4 KB a part
+    header may hold, with control characters (an ANSI escape, a bidi override that reverses
+    what a viewer shows) and into any log that records error bodies. Enough of it stays to
+    tell which file of a multi-file request was refused."""
+    if filename is None:
+        return None
+    clean = "".join(c for c in filename if unicodedata.category(c)[0] != "C")
+    if len(clean) > FILENAME_CHARS:
+        return clean[: FILENAME_CHARS - 3] + "..."
+    return clean
+
+
 def error_response(
     scope_or_request: Request | Scope,
     status: int,
@@ -77,9 +97,13 @@ def error_response(
     filename: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """Every error body of the API: ``ErrorOut`` with the request's id."""
+    """Every error body of the API: ``ErrorOut`` with the request's id (and the file's name
+    bounded, :func:`shown_filename`)."""
     body = ErrorOut(
-        detail=detail, reason=reason, filename=filename, request_id=request_id(scope_or_request)
+        detail=detail,
+        reason=reason,
+        filename=shown_filename(filename),
+        request_id=request_id(scope_or_request),
     ).model_dump()
     return JSONResponse(body, status_code=status, headers=headers)
 

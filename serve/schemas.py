@@ -193,7 +193,11 @@ class ErrorOut(BaseModel):
 
     detail: str
     reason: str | None = Field(None, description="machine-readable cause, e.g. 'not_dicom'")
-    filename: str | None = None
+    filename: str | None = Field(
+        None,
+        description="the multipart file part the error is about: its printable characters, "
+        "at most 120",
+    )
     request_id: str | None = Field(
         None,
         description="the request's id, also in the X-Request-ID response header and in the "

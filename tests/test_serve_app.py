@@ -867,6 +867,38 @@ def test_a_415_quotes_the_content_type_short_and_printable(world):
     assert "'image/??[31m" in in_part.json()["detail"]
 
 
+def test_error_bodies_name_an_uploaded_file_bounded_and_printable(world):
+    """Error bodies repeated a multipart file name whole: up to the ~4 KB a part header holds,
+    control characters (an ANSI escape, a right-to-left override) included. They name it by
+    its printable characters, at most 120, so a multi-file request still tells which file."""
+    import httpx
+
+    png = world["pngs"][0]
+    hostile = "\x1b[31mred\u202eevil\x7f" + "A" * 3000 + ".dcm"
+    cases = {
+        "undecodable": [("files", (hostile, b"not an image", "application/octet-stream"))],
+        "part_type": [("files", (hostile, png, "text/plain"))],
+        "empty_part": [
+            ("files", ("ok.png", png, "image/png")),
+            ("files", (hostile, b"", "image/png")),
+        ],
+        "plain_name": [("files", ("scan é 01.dcm", b"not an image", "application/dicom"))],
+    }
+    app = create_app(world["embedder"], settings=_settings())
+    with on_loopback(app) as (host, port):
+        out = {
+            case: httpx.post(f"http://{host}:{port}/v1/embed", files=files, headers=AUTH)
+            for case, files in cases.items()
+        }
+    for case, r in out.items():
+        assert 400 <= r.status_code < 500 and r.json()["reason"], (case, r.text)
+    for case in ("undecodable", "part_type", "empty_part"):
+        name = out[case].json()["filename"]
+        assert name == ("[31mredevil" + "A" * 3000)[:117] + "...", (case, name)
+        assert "AAA" * 1000 not in out[case].text
+    assert out["plain_name"].json()["filename"] == "scan é 01.dcm"
+
+
 @pytest.mark.parametrize("framing", ["declared", "chunked"])
 def test_a_body_over_the_limit_gets_413_and_the_connection_closed(client, framing):
     """After the 413 the connection stayed open, the server reading and discarding the rest of
