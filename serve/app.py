@@ -108,6 +108,29 @@ except ImportError:  # an older python-multipart: its limits as of 0.0.22
     _PART_HEADERS, _PART_HEADER_BYTES = 8, 4096 + 128
 
 
+# python-multipart logs a WARNING ("Did not find CR at end of boundary (4)", ...) for each body
+# that breaks its grammar, then raises the error _multipart_error answers with a 400 naming the
+# same fault: a client or a scanner sending junk wrote one line to the replica's log per request.
+# Its ERROR records (a temporary file it cannot open) are the server's own and still pass.
+MULTIPART_PARSER_LOGGERS = ("python_multipart.multipart", "multipart.multipart")
+
+
+class _ParserErrorsOnly(logging.Filter):
+    """Passes python-multipart's ERROR records; drops its per-request parse complaints."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def quiet_multipart_parser() -> None:
+    """Keep python-multipart's per-request WARNINGs out of the service log (idempotent: each
+    app built in a process, e.g. a Serve replica, installs the filter once)."""
+    for name in MULTIPART_PARSER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ParserErrorsOnly) for f in logger.filters):
+            logger.addFilter(_ParserErrorsOnly())
+
+
 def shown(value: str, limit: int = SHOWN_CHARS) -> str:
     """A client-supplied value as an error message may quote it: printable ASCII only (control
     characters, newlines and other bytes become ``?``), at most ``limit`` characters (then
@@ -200,7 +223,11 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
     try:
         form = await parser.parse()
     except MultiPartException as err:
-        raise _multipart_error(err, settings.max_images_per_request) from None
+        refused = _multipart_error(err, settings.max_images_per_request)
+        # the status and request id are in the access log; the reason only at DEBUG, so junk
+        # bodies cost the log nothing by default
+        log.debug("refused a multipart body (request %s): %s", request_id(request), refused.reason)
+        raise refused from None
     uploads: list[_Upload] = []
     try:
         for name, value in form.multi_items():
@@ -388,6 +415,7 @@ def create_app(
     ``echo_request_id=False`` under Ray Serve, whose proxy already sends ``X-Request-ID``.
     """
     settings.check_startable()
+    quiet_multipart_parser()
     info = embedder.info
     if encoder_fingerprint is None:  # also the public identity of the weights (public_model)
         encoder_fingerprint = getattr(embedder, "fingerprint", None)

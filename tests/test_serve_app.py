@@ -867,6 +867,37 @@ def test_a_415_quotes_the_content_type_short_and_printable(world):
     assert "'image/??[31m" in in_part.json()["detail"]
 
 
+def test_malformed_multipart_bodies_leave_no_parser_warning_in_the_log(world, caplog):
+    """python-multipart logged a WARNING ("Did not find CR at end of boundary (4)", ...) for
+    every body that breaks its grammar, before the 400 that names the fault: a client or a
+    scanner sending junk wrote one line to the replica's log per request. The client still
+    gets its 400; the parser's own ERRORs (server faults) still reach the log."""
+    import httpx
+
+    caplog.set_level(logging.DEBUG)
+    junk = {
+        **{case: (body, media) for case, (body, media, _) in MALFORMED_MULTIPART.items()},
+        "bad_crlf_after_boundary": (b"--B\rX\r\n", "multipart/form-data; boundary=B"),
+        "nul_in_part_header": (b"--B\r\n\x00bad\r\n\r\n", "multipart/form-data; boundary=B"),
+    }
+    app = create_app(world["embedder"], settings=_settings())
+    with on_loopback(app) as (host, port):
+        caplog.clear()  # the start-up lines
+        for case, (body, media) in junk.items():
+            r = httpx.post(
+                f"http://{host}:{port}/v1/embed",
+                content=body,
+                headers={**AUTH, "content-type": media},
+            )
+            assert r.status_code == 400 and r.json()["reason"], (case, r.text)
+    said = [r for r in caplog.records if r.levelno >= logging.INFO and r.name != "httpx"]
+    assert not said, [(r.name, r.getMessage()) for r in said]
+    logging.getLogger("python_multipart.multipart").error("cannot open a temporary file")
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("python_multipart")] == [
+        "cannot open a temporary file"
+    ]
+
+
 def test_error_bodies_name_an_uploaded_file_bounded_and_printable(world):
     """Error bodies repeated a multipart file name whole: up to the ~4 KB a part header holds,
     control characters (an ANSI escape, a right-to-left override) included. They name it by
