@@ -198,6 +198,19 @@ def _multipart_error(err: MultiPartException, max_parts: int) -> ApiError:
     return ApiError(400, f"invalid multipart body: {message[:200]}", reason="invalid_multipart")
 
 
+class _WholeBodyParser(MultiPartParser):
+    """Starlette's multipart parser, noting whether the body reached its closing delimiter.
+
+    Neither it nor python-multipart checks that at the end of the stream: a body cut short
+    after its first file (an upload interrupted, a proxy's limit) was answered 200 for the
+    files before the cut, the rest dropped without a word."""
+
+    ended = False
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
 async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload]:
     """Raw image body or multipart files -> bytes; 415 for anything else."""
     media = _media_type(request)
@@ -213,7 +226,7 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
             f"{', '.join(IMAGE_MEDIA_TYPES)} or {MULTIPART}",
             reason="unsupported_media_type",
         )
-    parser = MultiPartParser(
+    parser = _WholeBodyParser(
         request.headers,
         request.stream(),
         max_files=settings.max_images_per_request,
@@ -228,6 +241,15 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
         # bodies cost the log nothing by default
         log.debug("refused a multipart body (request %s): %s", request_id(request), refused.reason)
         raise refused from None
+    if not parser.ended:
+        await form.close()
+        log.debug("refused a multipart body (request %s): cut short", request_id(request))
+        raise ApiError(
+            400,
+            "the multipart body ends before its closing --BOUNDARY-- line: it was cut short "
+            "(an interrupted upload?); send the whole body again",
+            reason="invalid_multipart",
+        )
     uploads: list[_Upload] = []
     try:
         for name, value in form.multi_items():

@@ -898,6 +898,32 @@ def test_malformed_multipart_bodies_leave_no_parser_warning_in_the_log(world, ca
     ]
 
 
+def test_a_multipart_body_cut_short_is_refused_not_answered_in_part(world):
+    """Neither Starlette nor python-multipart checks that a body reaches its closing
+    --BOUNDARY-- line: a body cut after its first file was a 200 for that file, the rest
+    dropped without a word (and one cut inside its only file "holds no files")."""
+    import httpx
+
+    png = world["pngs"][0]
+    whole = _multipart_head("a.png") + png + b"\r\n"
+    cut = {
+        "inside_the_second_file": whole + _multipart_head("b.png") + png[:5000],
+        "after_the_second_file": whole + _multipart_head("b.png") + png + b"\r\n",
+        "inside_the_only_file": _multipart_head("a.png") + png[:5000],
+    }
+    app = create_app(world["embedder"], settings=_settings())
+    headers = {**AUTH, "content-type": "multipart/form-data; boundary=B"}
+    with on_loopback(app) as (host, port):
+        url = f"http://{host}:{port}/v1/embed"
+        for case, body in cut.items():
+            r = httpx.post(url, content=body, headers=headers)
+            assert r.status_code == 400, (case, r.text)
+            assert r.json()["reason"] == "invalid_multipart", (case, r.text)
+            assert "cut short" in r.json()["detail"], (case, r.text)
+        r = httpx.post(url, content=whole + b"--B--\r\n", headers=headers)
+        assert r.status_code == 200 and len(r.json()["results"]) == 1, r.text
+
+
 def test_error_bodies_name_an_uploaded_file_bounded_and_printable(world):
     """Error bodies repeated a multipart file name whole: up to the ~4 KB a part header holds,
     control characters (an ANSI escape, a right-to-left override) included. They name it by
