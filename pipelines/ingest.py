@@ -5,8 +5,8 @@ filesystem URI) into file references; Ray tasks read the bytes (archive members 
 an actor pool runs :func:`radjepa.imaging.decode.decode_image` with errors caught per file;
 the driver streams the results in input order, drops duplicate bytes and duplicate DICOM
 instances (:mod:`radjepa.ingest.instances`), and writes fixed-size zstd Parquet shards to
-``DST/images/``, rejects to ``DST/quarantine/``, instances stored from other bytes to
-``DST/duplicates/`` and a reconciling ``DST/manifest.json`` (input = ok + quarantined +
+``DST/images/``, rejects to ``DST/quarantine/``, inputs dropped as duplicates (same instance in
+other bytes, or same bytes from another path) to ``DST/duplicates/`` and a reconciling ``DST/manifest.json`` (input = ok + quarantined +
 duplicates), which records every run, also one Ctrl-C or SIGTERM stopped.
 
 Idempotence: image ids (HMAC-SHA256 of the bytes under the pseudonymisation key; the unkeyed
@@ -42,6 +42,7 @@ from radjepa.ingest.destination import (
     Destination,
     check_compatible,
     check_key,
+    input_key,
     is_output,
     run_status,
 )
@@ -51,6 +52,8 @@ from radjepa.ingest.instances import CONFLICT, InstanceIndex
 from radjepa.ingest.sources import count_members, list_inputs, read_blocks
 from radjepa.locations import filesystem
 from radjepa.shards import (
+    DUPLICATE_SAME_BYTES,
+    DUPLICATE_SAME_INSTANCE,
     DUPLICATE_SCHEMA,
     DUPLICATES_DIR,
     IMAGES_DIR,
@@ -331,7 +334,8 @@ def _build_dataset(
 
 class _Outputs:
     """What a run keeps as it streams: shards written as they fill; quarantine rows and
-    duplicate-instance rows written at the end, also of a run that is interrupted."""
+    duplicate rows (same instance, same bytes) written at the end, also of a run that is
+    interrupted."""
 
     def __init__(
         self,
@@ -346,7 +350,11 @@ class _Outputs:
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.rejects: list[pa.Table] = []
-        self.duplicates: list[dict[str, Any]] = []
+        self.duplicates: list[dict[str, Any]] = []  # same_instance rows
+        self.instance_kept: dict[str, str] = {}  # same_instance rows: image id -> kept id
+        self.copies: list[dict[str, Any]] = []  # same_bytes rows
+        # read from DST at the first input it already holds (none on most incremental runs)
+        self.recorded: tuple[set[int], dict[str, str]] | None = None
 
     def store(self, table: pa.Table) -> None:
         self.pending.append(table)
@@ -384,6 +392,38 @@ class _Outputs:
                 return r["pixels"], r["height"], r["width"], r["dtype"]
         return None
 
+    def same_bytes(self, row: dict[str, Any], in_run: bool) -> None:
+        """List an input dropped because its bytes are already held (``in_run``: by an input
+        earlier in this run, else by DST). A re-run of an input DST holds a row of (same
+        bytes, same path) adds none, as a re-run adds no same-instance row: without this list
+        such drops were only counted, and an audit of which files were not stored and why
+        could not find them."""
+        image_id, source_hash = row["image_id"], row["source_hash"]
+        if in_run:  # bytes of an input stored, quarantined or an instance dropped in this run
+            kept = self.instance_kept.get(image_id, image_id)
+        else:
+            if self.recorded is None:
+                self.recorded = self.dest.recorded_inputs()
+            keys, listed = self.recorded
+            key = input_key(image_id, source_hash)
+            if key in keys:
+                return
+            keys.add(key)  # the same input twice in one run is listed once
+            kept = listed.get(image_id, image_id)
+        self.copies.append(
+            {
+                "image_id": image_id,
+                "kept_image_id": kept,
+                "kind": DUPLICATE_SAME_BYTES,
+                "instance_pid": None,
+                "transfer_syntax": None,
+                "source_hash": source_hash,
+                "source_path": row["source_path"],
+                "size_bytes": row["size_bytes"],
+                "run_id": self.run_id,
+            }
+        )
+
     def reject(self, table: pa.Table, reasons: list[str], messages: list[str]) -> None:
         self.rejects.append(
             pa.table(
@@ -409,8 +449,8 @@ class _Outputs:
         q = pa.concat_tables(self.rejects) if self.rejects else None
         if q is not None:
             self.dest.write(QUARANTINE_DIR, f"quarantine-{self.run_id}.parquet", q)
-        if self.duplicates:
-            d = pa.Table.from_pylist(self.duplicates, schema=DUPLICATE_SCHEMA)
+        if self.duplicates or self.copies:
+            d = pa.Table.from_pylist([*self.duplicates, *self.copies], schema=DUPLICATE_SCHEMA)
             self.dest.write(DUPLICATES_DIR, f"duplicates-{self.run_id}.parquet", d)
         reasons = Counter(q["reason"].to_pylist()) if q is not None else Counter()
         s.reasons = dict(sorted(reasons.items()))
@@ -508,10 +548,13 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
         if status == "existing":
             summary.duplicates += 1
             summary.already_ingested += 1
+            if image_id is not None:  # None: a path DST quarantined unread, read again
+                out.same_bytes(_row_fields(table, i), in_run=False)
             continue
         if image_id is not None and image_id in seen:
             summary.duplicates += 1
             summary.duplicates_in_run += 1
+            out.same_bytes(_row_fields(table, i), in_run=True)
             continue
         if image_id is not None:
             seen.add(image_id)
@@ -538,9 +581,11 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
                 {
                     **{k: row.get(k) for k in DUPLICATE_SCHEMA.names},
                     "kept_image_id": verdict.kept_image_id,
+                    "kind": DUPLICATE_SAME_INSTANCE,
                     "run_id": out.run_id,
                 }
             )
+            out.instance_kept[image_id] = str(verdict.kept_image_id)
         else:
             summary.quarantined += 1
             conflicts += 1
@@ -552,6 +597,14 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
     if keep_q:
         out.reject(table.take(keep_q), [reasons[i] for i in keep_q], [messages[i] for i in keep_q])
     return conflicts
+
+
+_LISTED_FIELDS = ["image_id", "source_hash", "source_path", "size_bytes"]
+
+
+def _row_fields(table: pa.Table, i: int) -> dict[str, Any]:
+    """What a same-bytes duplicate row records of row ``i`` (not its pixels)."""
+    return table.slice(i, 1).select(_LISTED_FIELDS).to_pylist()[0]
 
 
 def _row_pixels(table: pa.Table, i: int) -> tuple[bytes, int, int, str]:

@@ -22,6 +22,8 @@ from radjepa.locations import filesystem, spell_like
 
 __all__ = [
     "DUPLICATES_DIR",
+    "DUPLICATE_SAME_BYTES",
+    "DUPLICATE_SAME_INSTANCE",
     "DUPLICATE_SCHEMA",
     "IMAGES_DIR",
     "QUARANTINE_DIR",
@@ -32,6 +34,8 @@ __all__ = [
     "pixel_batch",
     "pixels_from_bytes",
     "pixels_to_bytes",
+    "duplicate_rows",
+    "read_duplicates",
     "read_images",
     "require_columns",
     "shard_folder",
@@ -79,22 +83,61 @@ QUARANTINE_SCHEMA = pa.schema(
     ]
 )
 
-# One row per input not stored because its DICOM instance (SOP Instance UID, by its keyed
-# pseudonym ``instance_pid``) is already stored from other bytes: the same instance re-exported
-# in another transfer syntax, or with another header. Its own image id is recorded so that
-# re-runs skip it unread, as they skip the stored bytes themselves.
+# One row per input not stored because DST already holds it: ``kind`` says how.
+# ``same_instance``: its DICOM instance (SOP Instance UID, by its keyed pseudonym
+# ``instance_pid``) is already stored from other bytes: the same instance re-exported in another
+# transfer syntax, or with another header. ``same_bytes``: its bytes are those of an input
+# stored (or quarantined) earlier in the run or by an earlier run, from another path. Its own
+# image id is recorded so that re-runs skip it unread, as they skip the stored bytes themselves;
+# a re-run of the same input (same bytes, same path) adds no row. Tables written before ``kind``
+# existed hold only ``same_instance`` rows: read them with :func:`read_duplicates`.
+DUPLICATE_SAME_INSTANCE = "same_instance"
+DUPLICATE_SAME_BYTES = "same_bytes"
 DUPLICATE_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),  # this file's id (its bytes)
-        pa.field("kept_image_id", pa.string(), nullable=False),  # the stored copy's id
-        pa.field("instance_pid", pa.string(), nullable=False),
-        pa.field("transfer_syntax", pa.string()),  # this copy's
+        # the stored copy's id (for same_bytes, image_id itself but for bytes that were
+        # themselves a duplicate instance; for bytes DST quarantined, the quarantine row's id)
+        pa.field("kept_image_id", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # same_instance | same_bytes
+        pa.field("instance_pid", pa.string()),  # same_instance rows only
+        pa.field("transfer_syntax", pa.string()),  # this copy's; same_instance rows only
         pa.field("source_hash", pa.string()),
         pa.field("source_path", pa.string()),  # null unless keep_source_paths
         pa.field("size_bytes", pa.int64()),
         pa.field("run_id", pa.string(), nullable=False),
     ]
 )
+
+
+def duplicate_rows(table: pa.Table) -> pa.Table:
+    """One ``DST/duplicates`` file's table under :data:`DUPLICATE_SCHEMA`: a file written
+    before the ``kind`` column (only same-instance rows then) gets it filled in.
+
+    Read as one dataset (``pq.read_table(DST/duplicates)``), a folder whose first file is such
+    an older one loses the column from every file's rows."""
+    if "kind" not in table.column_names:
+        kind = pa.array([DUPLICATE_SAME_INSTANCE] * table.num_rows, pa.string())
+        table = table.append_column("kind", kind)
+    return table.select(DUPLICATE_SCHEMA.names).cast(DUPLICATE_SCHEMA)
+
+
+def read_duplicates(dst: str | Path) -> pa.Table:
+    """Every ``DST/duplicates`` row of an ingest output (older files included, see
+    :func:`duplicate_rows`); an empty table when there are none."""
+    fs, root = filesystem(dst)
+    folder = f"{root.rstrip('/')}/{DUPLICATES_DIR}"
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return DUPLICATE_SCHEMA.empty_table()
+    paths = sorted(
+        e.path
+        for e in fs.get_file_info(pafs.FileSelector(folder))
+        if e.type == pafs.FileType.File
+        and e.base_name.startswith("duplicates-")
+        and e.base_name.endswith(".parquet")
+    )
+    tables = [duplicate_rows(pq.read_table(p, filesystem=fs)) for p in paths]
+    return pa.concat_tables(tables) if tables else DUPLICATE_SCHEMA.empty_table()
 
 
 class ShardError(FileNotFoundError):

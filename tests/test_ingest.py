@@ -34,7 +34,13 @@ from pipelines.ingest import INTERRUPTED
 from radjepa.config import load_config
 from radjepa.imaging.decode import decode_image
 from radjepa.imaging.deid import content_id, resolve_secret
-from radjepa.shards import QUARANTINE_SCHEMA, SHARD_SCHEMA, list_shards, read_images
+from radjepa.shards import (
+    DUPLICATE_SCHEMA,
+    QUARANTINE_SCHEMA,
+    SHARD_SCHEMA,
+    list_shards,
+    read_images,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 96
@@ -1065,6 +1071,84 @@ def test_an_instance_already_stored_by_an_earlier_run_is_not_stored_again(
     three = run_ingest([str(first), str(second)], str(dst), _cfg(), progress=False)
     assert (three.ok, three.quarantined, three.duplicates) == (0, 0, 5)
     assert pq.read_table(dst / "duplicates").num_rows == 2
+
+
+def test_inputs_dropped_as_the_same_bytes_are_listed_once_with_their_kind(
+    ray_session, nih_dir, tmp_path
+) -> None:
+    """DST/duplicates listed only the inputs dropped as the same DICOM instance in other bytes;
+    inputs dropped because their bytes were already held (earlier in the run, or in DST from
+    another path) were only counted, so an audit of which files were not stored, and why,
+    could not find them. Each is listed once (kind same_bytes, kept_image_id the stored
+    image), a re-run of the same inputs adds no row, and a table written before the kind
+    column still reads (as same_instance rows, also when it sorts first) beside new ones."""
+    import pyarrow as pa
+    from pydicom.uid import JPEGLossless, generate_uid
+
+    from pipelines.ingest import run_ingest
+    from radjepa.shards import read_duplicates
+
+    png = sorted((nih_dir / "images").glob("*.png"))[0].read_bytes()
+    uid = generate_uid()
+    px = _cxr(nih_dir, 1)
+    dicom = make_dicom(px, bits=8, extra=_same_instance(uid))
+    resent = make_dicom(px, bits=8, transfer_syntax=JPEGLossless, extra=_same_instance(uid))
+    one, two, dst = tmp_path / "one", tmp_path / "two", tmp_path / "dst"
+    one.mkdir()
+    two.mkdir()
+    for name, data in {
+        "a.png": png,
+        "b_copy_of_a.png": png,
+        "c.dcm": dicom,
+        "d_resent_c.dcm": resent,
+        "e_copy_of_d.dcm": resent,  # the bytes of a dropped instance: the stored one is c
+    }.items():
+        (one / name).write_bytes(data)
+    (two / "a_again.png").write_bytes(png)
+    (two / "d_again.dcm").write_bytes(resent)
+    # a table from before the kind column: no kind, instance_pid not null; sorted first
+    old_schema = pa.schema(
+        [
+            pa.field(f.name, f.type, nullable=f.name != "kind" and f.nullable)
+            if f.name != "instance_pid"
+            else pa.field("instance_pid", pa.string(), nullable=False)
+            for f in DUPLICATE_SCHEMA
+            if f.name != "kind"
+        ]
+    )
+    old_row = {n: "0" * 64 for n in old_schema.names} | {"size_bytes": 1, "run_id": "old"}
+    ids = {name: _image_id(data) for name, data in (("a", png), ("c", dicom), ("d", resent))}
+
+    def listed() -> list[tuple[str, str, str]]:
+        rows = read_duplicates(dst).to_pylist()
+        return [(r["kind"], r["image_id"], r["kept_image_id"]) for r in rows]
+
+    first = run_ingest([str(one)], str(dst), _cfg(), progress=False)
+    assert (first.input, first.ok, first.duplicates, first.duplicate_instances) == (5, 2, 3, 1)
+    pq.write_table(  # sorted before the run's own file
+        pa.Table.from_pylist([old_row], schema=old_schema),
+        dst / "duplicates" / "duplicates-20000101T000000-000000.parquet",
+    )
+    assert listed() == [
+        ("same_instance", "0" * 64, "0" * 64),  # the old table, read with its kind
+        ("same_instance", ids["d"], ids["c"]),
+        ("same_bytes", ids["a"], ids["a"]),
+        ("same_bytes", ids["d"], ids["c"]),
+    ]
+    rows = read_duplicates(dst).to_pylist()
+    assert [r["instance_pid"] is None for r in rows[2:]] == [True, True] and rows[1]["instance_pid"]
+    assert len({r["source_hash"] for r in rows[1:]}) == 3  # each its own input's path
+
+    second = run_ingest([str(one), str(two)], str(dst), _cfg(), progress=False)
+    assert (second.input, second.ok, second.duplicates) == (7, 0, 7)
+    assert listed()[4:] == [("same_bytes", ids["a"], ids["a"]), ("same_bytes", ids["d"], ids["c"])]
+
+    third = run_ingest([str(one), str(two)], str(dst), _cfg(), progress=False)  # idempotent
+    assert (third.input, third.duplicates, third.already_ingested) == (7, 7, 7)
+    assert len(listed()) == 6
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["images"] + manifest["duplicates"] == manifest["inputs_seen"] == 19
+    assert manifest["duplicate_instances"] == 1
 
 
 @pytest.mark.timeout(180)

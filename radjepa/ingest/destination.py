@@ -9,6 +9,7 @@ local folder or a bucket URI.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -35,6 +36,7 @@ __all__ = [
     "check_compatible",
     "check_key",
     "id_scheme_of",
+    "input_key",
     "is_output",
     "recorded_pseudonyms",
     "run_status",
@@ -103,6 +105,12 @@ def is_output(root: str, path: str) -> bool:
     return rel in {name for n in (MANIFEST, KEY_RECORD) for name in (n, temporary_name(n))}
 
 
+def input_key(image_id: str, source_hash: str | None) -> int:
+    """A 64-bit digest of one input: its bytes (image id) read from its path (path hash)."""
+    digest = hashlib.blake2b(f"{image_id}\0{source_hash}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 class Destination:
     """DST on any pyarrow filesystem: existing ids, atomic shard writes, the manifest."""
 
@@ -160,6 +168,35 @@ class Destination:
         # files never read (too large, unreadable) have no sha256: remember them by path hash
         ids.update(f"path:{h}" for h in self._column(QUARANTINE_DIR, "source_hash") if h)
         return ids
+
+    def recorded_inputs(self) -> tuple[set[int], dict[str, str]]:
+        """The inputs DST holds a row of, as :func:`input_key` of (image id, path hash): its
+        stored images, quarantine rows and duplicate rows; and for each id listed as a
+        duplicate, the stored image it names (``kept_image_id``).
+
+        Keys, not the pairs: 8 bytes of digest per input rather than two 64-character
+        strings, for a DST of millions of images (a clash leaves one duplicate unlisted)."""
+        keys: set[int] = set()
+        kept: dict[str, str] = {}
+        for sub, id_column in (
+            (IMAGES_DIR, "image_id"),
+            (QUARANTINE_DIR, "sha256"),
+            (DUPLICATES_DIR, "image_id"),
+        ):
+            for path in self._parquet(sub):
+                columns = [id_column, "source_hash"]
+                if sub == DUPLICATES_DIR:
+                    columns.append("kept_image_id")
+                table = pq.read_table(path, columns=columns, filesystem=self.fs)
+                ids = table[id_column].to_pylist()
+                keys.update(
+                    input_key(i, h)
+                    for i, h in zip(ids, table["source_hash"].to_pylist(), strict=True)
+                    if i is not None
+                )
+                if sub == DUPLICATES_DIR:
+                    kept.update(zip(ids, table["kept_image_id"].to_pylist(), strict=True))
+        return keys, kept
 
     def shards(self) -> list[str]:
         """The image shards' paths, sorted (so by run, then by number)."""
