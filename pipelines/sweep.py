@@ -494,18 +494,18 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
     except PretrainError as err:
         raise SweepError(str(err)) from None
     cfg, sweep_dir, provenance, (parent_run_id, uri) = _prepare_sweep(cfg, data, info, root, resume)
-    setup = {
-        "config": cfg.model_dump(mode="json"),
-        "data": data if "://" in data else str(Path(data).expanduser().resolve()),
-        "trials_dir": locations.join_location(sweep_dir, "trials"),
-        "tracking_root": root,
-        "parent_run_id": parent_run_id,
-        "tracking_uri": uri,
-        "probe_set": probe_set,
-        "provenance": provenance,
-    }
     floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
-    try:
+    try:  # from the parent run's existence on: an interruption ends it KILLED, not RUNNING
+        setup = {
+            "config": cfg.model_dump(mode="json"),
+            "data": data if "://" in data else str(Path(data).expanduser().resolve()),
+            "trials_dir": locations.join_location(sweep_dir, "trials"),
+            "tracking_root": root,
+            "parent_run_id": parent_run_id,
+            "tracking_uri": uri,
+            "probe_set": probe_set,
+            "provenance": provenance,
+        }
         grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
         _free_last_trials()
         rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
@@ -709,8 +709,17 @@ def _parent_run(
     run_id = client.create_run(
         exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep", **provenance}
     ).info.run_id
-    log_params(run_id, uri, cfg)
-    locations.write_text(id_file, run_id)
+    try:
+        log_params(run_id, uri, cfg)
+        locations.write_text(id_file, run_id)
+    except BaseException as err:
+        # the sweep ends before its trials: the run it made must not stay RUNNING for good (a
+        # Ctrl-C or SIGTERM here left it so, and without its id file no --resume finds it)
+        from pipelines.tracking import mark_run
+
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        mark_run(uri, run_id, "KILLED" if interrupted else "FAILED")
+        raise
     return run_id, uri
 
 

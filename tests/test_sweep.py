@@ -673,3 +673,71 @@ def test_optuna_learns_a_diverged_trial_as_the_worst_and_the_sweep_still_prunes(
     assert res.best is not None and res.best.status == "ok" and res.tidied is not None
     left = _checkpoints(tmp_path / "onan")
     assert {k for k, c in left.items() if c} == {res.best.trial_id}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interruption_while_the_parent_run_is_set_up_ends_it_killed(tmp_path, sig):
+    # a Ctrl-C or SIGTERM after the sweep's MLflow parent run was created and before the trials'
+    # try began (its params logged, its id file written) left the run RUNNING for good, under
+    # the "interrupted before its trials started" line. The id file is a named pipe here: the
+    # sweep blocks writing it, right after creating the run, until the signal has been sent.
+    import os
+    import signal
+    import sqlite3
+    import time
+
+    import mlflow
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 64
+    images = tmp_path / "shards" / "images"
+    images.mkdir(parents=True)
+    table = pa.table(
+        {
+            "image_id": [f"img{i:03d}" for i in range(n)],
+            "pixels": pa.array([bytes(256 * 256)] * n, pa.binary()),
+            "height": [256] * n,
+            "width": [256] * n,
+            "dtype": ["uint8"] * n,
+        }
+    )
+    pq.write_table(table, images / "part-0.parquet")
+    sweep_dir = tmp_path / "setup"
+    sweep_dir.mkdir()
+    os.mkfifo(sweep_dir / "mlflow_parent_run_id")
+    db = tmp_path / "mlflow.db"
+    space = '{"ema.start": {"type": "grid", "values": [0.99, 0.996]}}'
+    sets = {"tune.search_space": space, "tracking.uri": f"sqlite:///{db}"}
+    proc = _sweep_cli(tmp_path, "setup", sets, "--data", str(tmp_path / "shards"))
+    try:
+        deadline = time.monotonic() + 240
+        made = []
+        while not made and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            if db.is_file():
+                try:
+                    with sqlite3.connect(db) as con:
+                        made = con.execute(
+                            "select run_uuid from runs where name='setup'"
+                        ).fetchall()
+                except sqlite3.Error:  # the store is still being created
+                    pass
+        assert made, proc.communicate(timeout=60)[1][-3000:]
+        proc.send_signal(getattr(signal, sig))
+        time.sleep(1)
+        # let the blocked write through (a reader's open ends the writer's wait)
+        reader = os.open(sweep_dir / "mlflow_parent_run_id", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            os.close(reader)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("error: sweep 'setup' was interrupted"), err
+    status = mlflow.MlflowClient(f"sqlite:///{db}").get_run(made[0][0]).info.status
+    assert status == "KILLED"
