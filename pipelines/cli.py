@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -143,8 +142,9 @@ def ingest(
         raise UserError("give at least one source and the destination: radjepa ingest SRC... DST")
     cfg = load(config, set_)
     from pipelines.ingest import IngestError, IngestInterrupted, run_ingest_until_stopped
+    from pipelines.runtime import ignore_sigterm_after_the_job
 
-    _ignore_sigterm_after_the_job()
+    ignore_sigterm_after_the_job()
     try:  # Ctrl-C or SIGTERM (`radjepa jobs stop`, a pod stopping): 130 and one last line
         res = run_ingest_until_stopped(paths[:-1], paths[-1], cfg)
     except IngestError as err:
@@ -184,7 +184,9 @@ def pretrain(
         data = shards_location(data, cfg)
     except PretrainError as err:
         raise UserError(str(err)) from None
-    _ignore_sigterm_after_the_job()
+    from pipelines.runtime import ignore_sigterm_after_the_job
+
+    ignore_sigterm_after_the_job()
     try:
         res = run_pretrain(cfg, data)
     except PretrainInterrupted as err:  # not a usage error: 130, as an interrupted ingest
@@ -234,9 +236,10 @@ def sweep(
         data = shards_location(data, cfg)
     except PretrainError as err:
         raise UserError(str(err)) from None
+    from pipelines.runtime import ignore_sigterm_after_the_job
     from pipelines.sweep import SweepError, SweepInterrupted, run_sweep
 
-    _ignore_sigterm_after_the_job()
+    ignore_sigterm_after_the_job()
     try:
         res = run_sweep(cfg, data, num_samples=num_samples, resume=resume)
     except SweepInterrupted as err:  # not a usage error: 130, as an interrupted pretrain
@@ -320,7 +323,12 @@ def serve_cmd(
         raise UserError("no model to serve: pass --model PATH or models:/<name>@<alias>")
 
     from pipelines.cluster_address import env_names_cluster
-    from pipelines.runtime import ensure_ray, sigterm_as_ctrl_c, stop_ray_ignoring_sigterm
+    from pipelines.runtime import (
+        ensure_ray,
+        ignore_sigterm_after_the_job,
+        sigterm_as_ctrl_c,
+        stop_ray_ignoring_sigterm,
+    )
     from pipelines.tracking import store_uri
     from serve.deployment import check_pseudonym_key, check_references
     from serve.local import PortInUse, check_port_free, curl_example, start_local, stop_local
@@ -358,7 +366,7 @@ def serve_cmd(
     # SIGTERMs are ignored to the end (a supervisor repeating itself must not cut the shutdown
     # short: exit -15 and Ray's processes orphaned); a second Ctrl-C still can, as a user who
     # insists expects.
-    _ignore_sigterm_after_the_job()
+    ignore_sigterm_after_the_job()
     with sigterm_as_ctrl_c(once=True) as routing:
         stopping = False
         try:
@@ -1010,21 +1018,6 @@ def demo(
     console.print(f"look at the runs: {summary['mlflow_ui']}")
 
 
-# Set by main(): this process ends when the command does (the console script, python -m
-# pipelines.cli, a Ray Job); not when a caller invokes ``app`` in-process (Click's CliRunner)
-_process_ends_with_command = False
-
-
-def _ignore_sigterm_after_the_job() -> None:
-    """When this process ends with the job it is about to run, SIGTERM is ignored after the
-    job. Set just before it, so that the job's SIGTERM routing, which puts back the handler it
-    found, puts this one back: set after the job instead, a second SIGTERM (a supervisor
-    repeating itself) in between still ended the process (exit -15) before its last line, and
-    Ray's shutdown half done. An in-process caller keeps its own handler."""
-    if _process_ends_with_command:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 def _exit_now(code: int, message: str) -> NoReturn:
     """Say ``message`` last and exit at once once an interrupted run has been recorded
     (:func:`pipelines.runtime.exit_after_interruption`). SIGTERM is ignored from here on: a
@@ -1038,10 +1031,11 @@ def _exit_now(code: int, message: str) -> NoReturn:
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2; a
     local Ray that did not start in time (a loaded machine) one line and exit code 1."""
-    from pipelines.runtime import ClusterError, RayStartTimeout
+    from pipelines.runtime import ClusterError, RayStartTimeout, declare_process_ends_with_job
 
-    global _process_ends_with_command
-    _process_ends_with_command = True
+    # this process ends when the command does (the console script, python -m pipelines.cli, a
+    # Ray Job); not when a caller invokes ``app`` in-process (Click's CliRunner)
+    declare_process_ends_with_job()
     try:
         app()
     except (UserError, ClusterError) as err:

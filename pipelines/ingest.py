@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 import time
 import uuid
@@ -679,7 +678,7 @@ def run_ingest_until_stopped(sources: list[str], dst: str, cfg: Config) -> Inges
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.ingest SRC... DST [--config] [--set k=v]`` (e.g. in a Ray Job)."""
-    from pipelines.runtime import ClusterError
+    from pipelines.runtime import ClusterError, ignore_sigterm_after_the_job
     from radjepa.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__)
@@ -692,11 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.sets)
-        if __name__ == "__main__":
-            # run as `python -m pipelines.ingest`, the process ends with the run: SIGTERM is
-            # ignored after it (set before it: the run puts back the handler it found), so that
-            # a second one cannot cut the last line short; an in-process caller keeps its own
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # run as `python -m pipelines.ingest`, a second SIGTERM cannot cut the last line short
+        ignore_sigterm_after_the_job()
         s = run_ingest_until_stopped(args.paths[:-1], args.paths[-1], cfg)
     except (ConfigError, IngestError, ClusterError) as err:  # the user's: one line, like the CLI
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
@@ -711,4 +707,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from pipelines.runtime import declare_process_ends_with_job
+
+    declare_process_ends_with_job()  # an in-process caller of main() keeps its SIGTERM handler
     raise SystemExit(main())

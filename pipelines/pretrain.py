@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -811,7 +810,11 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m pipelines.pretrain --config C --data DST [--set k=v ...]`` inside a Ray job."""
     import argparse
 
-    from pipelines.runtime import ClusterError
+    from pipelines.runtime import (
+        ClusterError,
+        ignore_sigterm_after_the_job,
+        process_ends_with_job,
+    )
     from radjepa.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(description=__doc__)
@@ -820,15 +823,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[])
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("RADJEPA_LOG_LEVEL", "INFO"))
-    as_module = __name__ == "__main__"
     try:
         cfg = load_config(a.config, a.sets)
         data = shards_location(a.data, cfg)
-        if as_module:  # the process ends with the run: see _interrupted_module_exit
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ignore_sigterm_after_the_job()  # as a module: see _interrupted_module_exit
         res = run_pretrain(cfg, data)
     except PretrainInterrupted as err:  # `ray job stop`, a pod stopping, Ctrl-C: as `radjepa`
-        if as_module:
+        if process_ends_with_job():
             _interrupted_module_exit(f"error: {err}")
         sys.stderr.write(f"error: {err}\n")
         sys.exit(130)
@@ -850,4 +851,7 @@ def _interrupted_module_exit(message: str) -> NoReturn:
 
 
 if __name__ == "__main__":
+    from pipelines.runtime import declare_process_ends_with_job
+
+    declare_process_ends_with_job()  # an in-process caller of main() keeps its SIGTERM handler
     main()

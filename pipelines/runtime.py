@@ -281,6 +281,38 @@ def _keep_sigterm_routing() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_IGN if routed.stopping else routed)
 
 
+# Set by declare_process_ends_with_job(): this process ends when the job it runs does (the
+# console script, ``python -m pipelines.cli|ingest|pretrain``, a Ray Job's entry point); never
+# for a caller that runs a job in-process (a notebook, a service, Click's CliRunner)
+_process_ends_with_job = False
+
+
+def declare_process_ends_with_job() -> None:
+    """Called by an entry point, before its job: this process ends with the job (see
+    :func:`ignore_sigterm_after_the_job`). One switch for every entry point, so that the
+    console script and the Ray Job entry points cannot drift apart on it."""
+    global _process_ends_with_job
+    _process_ends_with_job = True
+
+
+def process_ends_with_job() -> bool:
+    """Whether an entry point said this process ends with its job
+    (:func:`declare_process_ends_with_job`): it may then exit at once after an interruption
+    (:func:`exit_after_interruption`); an in-process caller gets an exception instead."""
+    return _process_ends_with_job
+
+
+def ignore_sigterm_after_the_job() -> None:
+    """When this process ends with the job it is about to run, SIGTERM is ignored after the
+    job. Set just before it, so that the job's SIGTERM routing (:func:`sigterm_as_ctrl_c`),
+    which puts back the handler it found, puts this one back: set after the job instead, a
+    second SIGTERM (a supervisor repeating itself) in between still ended the process (exit
+    -15) before its last line, and Ray's shutdown half done. An in-process caller keeps its own
+    handler."""
+    if _process_ends_with_job:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class ClusterResourceError(ClusterError):
     """The cluster can never provide what the job asks for."""
 

@@ -670,3 +670,51 @@ def test_the_raylet_start_up_timeout_is_said_and_nothing_else_is_taken_for_it() 
         TimeoutError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_abc"),
     ):
         assert start_timeout_message(other) is None, other
+
+
+def test_sigterm_is_ignored_after_the_job_only_where_an_entry_point_said_the_process_ends_with_it(
+    monkeypatch,
+) -> None:
+    # one switch for `radjepa` (cli.main), `python -m pipelines.ingest` and `python -m
+    # pipelines.pretrain`: each decided it apart (a flag, and `__name__ == "__main__"` twice)
+    import signal
+
+    from pipelines import runtime
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        monkeypatch.setattr(runtime, "_process_ends_with_job", False)
+        runtime.ignore_sigterm_after_the_job()  # an in-process caller keeps its handler
+        assert signal.getsignal(signal.SIGTERM) == before
+        assert not runtime.process_ends_with_job()
+        runtime.declare_process_ends_with_job()
+        assert runtime.process_ends_with_job()
+        runtime.ignore_sigterm_after_the_job()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.parametrize("entry", ["cli", "ingest", "pretrain"])
+def test_each_entry_point_run_as_a_process_says_it_ends_with_the_job(entry: str) -> None:
+    # run as a process (`--help` ends it before any job), each entry point sets the switch;
+    # imported, as an in-process caller of its main() does, none does
+    code = (
+        "import importlib, runpy, sys\n"
+        "import pipelines.runtime as r\n"
+        f"importlib.import_module('pipelines.{entry}')\n"
+        "print('imported', r.process_ends_with_job())\n"
+        "sys.argv = ['x', '--help']\n"
+        "try:\n"
+        f"    runpy.run_module('pipelines.{entry}', run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('run', r.process_ends_with_job())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    said = [line for line in res.stdout.splitlines() if line.startswith(("imported ", "run "))]
+    assert said == ["imported False", "run True"], res.stdout
