@@ -678,7 +678,7 @@ def run_ingest_until_stopped(sources: list[str], dst: str, cfg: Config) -> Inges
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.ingest SRC... DST [--config] [--set k=v]`` (e.g. in a Ray Job)."""
-    from pipelines.runtime import ClusterError, ignore_sigterm_after_the_job
+    from pipelines.runtime import ClusterError, RayStartTimeout, ignore_sigterm_after_the_job
     from radjepa.config import ConfigError, load_config
 
     p = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__)
@@ -697,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, IngestError, ClusterError) as err:  # the user's: one line, like the CLI
         print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
         return 2
+    except RayStartTimeout as err:  # a loaded machine, not the user's mistake: as `radjepa`
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
+        return 1
     except IngestInterrupted as err:  # Ctrl-C, or SIGTERM: `ray job stop`, a pod stopping
         # returned, not os._exit as cli._exit_now does after a SIGTERM in ray.get: main() is
         # also called in-process, and an interrupted ingest exits through teardown cleanly

@@ -812,6 +812,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipelines.runtime import (
         ClusterError,
+        RayStartTimeout,
         ignore_sigterm_after_the_job,
         process_ends_with_job,
     )
@@ -836,6 +837,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, PretrainError, ClusterError) as err:  # the user's: one line, as `radjepa`
         sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
+    except RayStartTimeout as err:  # a loaded machine, not the user's mistake: as `radjepa`
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(1)
     log.info("checkpoint: %s", res.checkpoint)
 
 
