@@ -47,6 +47,7 @@ from radjepa.ingest.destination import (
 )
 from radjepa.ingest.dst_lock import DstLock
 from radjepa.ingest.errors import IngestError
+from radjepa.ingest.id_sets import KnownIds
 from radjepa.ingest.instances import CONFLICT, InstanceIndex
 from radjepa.ingest.sources import count_members, list_inputs, read_blocks
 from radjepa.locations import filesystem
@@ -115,7 +116,8 @@ class IngestSummary:
 
 class _Decoder(FileDecoder):
     """Ray Data actor: a :class:`FileDecoder` whose set of known ids comes once per actor from
-    the object store (one copy per node, not one per task)."""
+    the object store: its arrays (:class:`KnownIds`) are mapped read-only from the node's one
+    copy, not unpickled into each actor."""
 
     def __init__(
         self, settings: dict[str, Any], secret: bytes, known: Any, keep_paths: bool
@@ -301,7 +303,7 @@ def _build_dataset(
     pool: Any,
     settings: dict[str, Any],
     secret: bytes,
-    known: set[str],
+    known: KnownIds,
     keep_paths: bool,
 ) -> Any:
     """The Ray Data pipeline: file refs -> read tasks -> decoder actor pool. Its output comes
@@ -325,7 +327,7 @@ def _build_dataset(
         fn_constructor_kwargs={
             "settings": dict(settings),
             "secret": secret,
-            "known": ray.put(frozenset(known)),
+            "known": ray.put(known),  # numpy buffers: mapped, not copied, per node
             "keep_paths": keep_paths,
         },
     )

@@ -458,6 +458,44 @@ def test_rerun_is_idempotent_then_picks_up_new_files(corpus, ingested) -> None:
     assert manifest["inputs_seen"] == first.input + again.input + third.input
 
 
+def test_decoders_map_the_known_ids_from_the_object_store(corpus, ingested, ray_session) -> None:
+    """Every decoder actor ``ray.get``s the DST's known ids: a frozenset of str was unpickled
+    into each (about 160 MiB an actor per million stored images). The compact ids arrive as
+    read-only views of the node's object store copy, and answer as the DST's files say."""
+    from pipelines.ingest import _Decoder
+    from radjepa.ingest.destination import Destination
+
+    dst, first = ingested
+    known = Destination(str(dst)).known_ids()
+    stored = pq.read_table(dst / "images", columns=["image_id"])["image_id"].to_pylist()
+    assert stored and set(stored) <= set(known)  # (a test before may have added some)
+    actor = ray_session.remote(num_cpus=0)(_Decoder).remote(
+        {}, b"k" * 32, ray_session.put(known), False
+    )
+
+    def report(decoder: _Decoder) -> tuple[list[str], list[bool], int]:
+        """The memory map each array's bytes lie in, the answers and the size."""
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        lies_in = []
+        for array in (decoder.known._ids, decoder.known._paths):
+            if not len(array):  # no bytes to lie anywhere
+                continue
+            at = array.ctypes.data
+            for line in maps:
+                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+                if lo <= at < hi:
+                    lies_in.append(line)
+        answers = [v in decoder.known for v in (stored[0], stored[-1], "0" * 64)]
+        return lies_in, answers, len(decoder.known)
+
+    lies_in, answers, size = ray_session.get(actor.__ray_call__.remote(report))
+    ray_session.kill(actor)
+    # shared maps of the object store's file (/dev/shm/plasma...), not the actor's own heap
+    assert len(lies_in) == (len(stored) > 0) + bool(first.quarantined), lies_in
+    assert all("plasma" in m and m.split()[1].endswith("s") for m in lies_in), lies_in
+    assert answers == [True, True, False] and size == len(known)
+
+
 def test_an_input_quarantined_unread_then_stored_is_resolved_not_quarantined(
     ray_session, tmp_path
 ) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from radjepa.imaging.contract import dtype_max
+from radjepa.ingest.id_sets import InstanceShards
 from radjepa.shards import pixels_from_bytes
 
 __all__ = [
@@ -88,28 +89,33 @@ class InstanceIndex:
 
     ``shards``: the DST's shard paths; ``read_shard(path, columns)`` reads columns of one.
     Only the shard's number is kept per instance (the driver holds one entry per stored
-    image); the kept copy's image id and thumbnail come from reading that shard back, when a
-    copy needs them. Rows this run stored but has not yet written are found by the
+    image: 20 bytes in :class:`~radjepa.ingest.id_sets.InstanceShards`, where a dict of
+    ``str`` took about 100-180); the kept copy's image id and thumbnail come from reading
+    that shard back, when a copy needs them. Rows this run stored but has not yet written are found by the
     ``pending`` lookup given to :meth:`check`.
     """
 
     def __init__(self, shards: list[str], read_shard: Callable[[str, list[str]], pa.Table]) -> None:
         self._read = read_shard
-        self._shards: list[str] = []
-        self._shard_of: dict[str, int] = {}  # pid -> index in _shards
+        self._shards: list[str] = list(shards)
+        # pid -> index in _shards of the shards read now (the first stored copy is the kept
+        # one), compact: one entry per stored image at archive scale
+        self._stored = InstanceShards.from_shards(
+            read_shard(path, ["instance_pid"])["instance_pid"] for path in self._shards
+        )
+        self._written: dict[str, int] = {}  # pid -> index in _shards: written by this run
         self._pending: dict[str, str] = {}  # pid -> image id: stored by this run, unwritten
         self._in_run: set[str] = set()  # pids this run stored
         self._kept: dict[str, tuple[str, Thumbnail]] = {}  # pid -> id, thumbnail: read back
         self._loaded: set[int] = set()
-        for path in shards:
-            n = len(self._shards)
-            self._shards.append(path)
-            for pid in read_shard(path, ["instance_pid"])["instance_pid"].to_pylist():
-                if pid:
-                    self._shard_of.setdefault(pid, n)  # the first stored copy is the kept one
 
     def __len__(self) -> int:
-        return len(self._shard_of) + len(self._pending)
+        return len(self._stored) + len(self._written) + len(self._pending)
+
+    def _shard_of(self, pid: str) -> int | None:
+        """The index in ``_shards`` of the shard keeping ``pid``, None when none does."""
+        n = self._written.get(pid)
+        return self._stored.get(pid) if n is None else n
 
     def check(
         self,
@@ -126,7 +132,9 @@ class InstanceIndex:
             return Verdict("new")
         kept = self._kept_copy(pid, pending)
         if kept is None:
-            if pid in self._pending or pid in self._shard_of:  # only if DST changed under us
+            if (
+                pid in self._pending or self._shard_of(pid) is not None
+            ):  # only if DST changed under us
                 log.warning(
                     "the stored copy of a DICOM instance could not be read back: storing this "
                     "copy too rather than dropping it"
@@ -151,7 +159,7 @@ class InstanceIndex:
         ):
             if pid and self._pending.get(pid) == image_id:
                 del self._pending[pid]
-                self._shard_of[pid] = n
+                self._written[pid] = n
 
     def _kept_copy(self, pid: str, pending: PixelLookup) -> tuple[str, Thumbnail] | None:
         """The stored copy's image id and thumbnail; None when ``pid`` is not stored."""
@@ -159,7 +167,7 @@ class InstanceIndex:
             kept_id = self._pending[pid]
             row = pending(kept_id)
             return None if row is None else (kept_id, thumbnail(*row))
-        n = self._shard_of.get(pid)
+        n = self._shard_of(pid)
         if n is None:
             return None
         if n not in self._loaded:  # a whole shard once: re-exports come in batches
@@ -179,7 +187,7 @@ class InstanceIndex:
         columns = ["image_id", "instance_pid", "pixels", "height", "width", "dtype"]
         for batch in self._read(self._shards[n], columns).to_batches(max_chunksize=_ROWS_AT_ONCE):
             for r in batch.to_pylist():
-                if r["instance_pid"] and self._shard_of.get(r["instance_pid"]) == n:
+                if r["instance_pid"] and self._shard_of(r["instance_pid"]) == n:
                     self._kept.setdefault(
                         r["instance_pid"],
                         (

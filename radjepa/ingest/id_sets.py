@@ -1,0 +1,277 @@
+"""What a DST already holds, compactly: ingest's identity sets at archive scale.
+
+Every incremental run reads the ids of the bytes a DST has seen (``Destination.known_ids``)
+and its stored DICOM instances (``InstanceIndex``) once. As Python ``str`` in a set or dict
+they took 150-200 bytes an entry, on the driver and, for the ids, again in every decoder actor
+(each unpickled its own copy from Ray's object store): at 10 million stored images about 1.5
+GiB per process, 16 copies on a 16-core node. Ingest makes these values lowercase hex of one
+length (a 64-character image id, a 32-character path hash or instance pseudonym), so they are
+held here as their raw bytes, sorted, in one fixed-width numpy array (32 or 16 bytes an entry,
+plus 4 a shard number), and looked up by binary search. Such an object pickles as a few numpy
+buffers, which Ray stores out of band: the actors of a node map one copy read-only instead of
+each building its own (``bench/identity_sets.py`` measures both, docs/PERFORMANCE.md).
+
+Exact, never lossy: a false positive would skip an image as already ingested. A value of
+another form (a hand-made or damaged id in a shard, upper-case hex) is kept as the ``str`` it
+is, beside the arrays, so membership is exactly that of a set of the same strings. Nulls and
+empty strings are not kept: no id ingest computes is either.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Set
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["PATH_PREFIX", "InstanceShards", "KnownIds"]
+
+log = logging.getLogger(__name__)
+
+PATH_PREFIX = "path:"  # a known id of a file never read: its path hash (quarantine source_hash)
+IMAGE_ID_CHARS = 64  # radjepa.imaging.deid.content_id: SHA-256 / HMAC-SHA256 hex
+PATH_HASH_CHARS = 32  # keyed_hash: PSEUDONYM_HEX_CHARS, as the instance pseudonym
+
+_NOT_HEX = 255
+_NIBBLE = np.full(256, _NOT_HEX, np.uint8)  # ASCII lowercase hex digit -> its value
+_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
+
+Strings = pa.Array | pa.ChunkedArray
+
+
+def _chunks(values: Strings) -> list[pa.Array]:
+    """A string column's chunks, each as a (large_)string array."""
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    return [
+        c if pa.types.is_string(c.type) or pa.types.is_large_string(c.type) else c.cast(pa.string())
+        for c in chunks
+    ]
+
+
+def _offsets(chunk: pa.Array) -> np.ndarray:
+    kind = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+    return np.frombuffer(chunk.buffers()[1], kind)[chunk.offset : chunk.offset + len(chunk) + 1]
+
+
+def hex_keys(values: Strings, chars: int) -> tuple[np.ndarray, list[str]]:
+    """The values of an Arrow string column that are lowercase hex of ``chars`` characters, as
+    their raw bytes (``[n] S<chars/2>``, in column order), read from the Arrow buffers without
+    a Python object per row; and the other non-empty values as ``str`` (nulls and empty
+    strings are dropped)."""
+    keys: list[np.ndarray] = []
+    others: list[str] = []
+    for chunk in _chunks(values):
+        if chunk.null_count:
+            chunk = chunk.drop_null()
+        if not len(chunk):
+            continue
+        offsets = _offsets(chunk)
+        fits = np.diff(offsets) == chars
+        if not fits.all():
+            others.extend(v for v in chunk.filter(pa.array(~fits)).to_pylist() if v)
+            chunk = chunk.filter(pa.array(fits))
+            if not len(chunk):
+                continue
+            offsets = _offsets(chunk)
+        # every value has ``chars`` characters: the data between the outer offsets is the
+        # values back to back
+        data = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+        digits = _NIBBLE[data].reshape(len(chunk), chars)
+        hexed = (digits != _NOT_HEX).all(axis=1)
+        if not hexed.all():
+            others.extend(chunk.filter(pa.array(~hexed)).to_pylist())
+            digits = digits[hexed]
+        raw = np.ascontiguousarray(digits[:, 0::2] << 4 | digits[:, 1::2])
+        keys.append(raw.view(f"S{chars // 2}").ravel())
+    joined = np.concatenate(keys) if keys else np.empty(0, f"S{chars // 2}")
+    return joined, others
+
+
+def _key(value: str, chars: int) -> bytes | None:
+    """``value`` as a stored key: its bytes when it is lowercase hex of ``chars`` characters,
+    else None (such a value can only be among the ``str`` kept beside the array)."""
+    if len(value) != chars:
+        return None
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        return None
+    return raw if raw.hex() == value else None  # fromhex also takes upper case and spaces
+
+
+def _find(keys: np.ndarray, key: bytes) -> int:
+    """Index of ``key`` in the sorted ``keys``, -1 when it is not there."""
+    needle = np.array([key], keys.dtype)  # compared at the array's width, NUL bytes included
+    i = int(keys.searchsorted(needle)[0])
+    # two elements read back as scalars both lose trailing NULs: equal iff the stored bytes are
+    return i if i < len(keys) and keys[i] == needle[0] else -1
+
+
+def _order(keys: np.ndarray) -> np.ndarray:
+    """The stable sort order of fixed-width keys (their width a multiple of 8 bytes): by the
+    first 8 bytes as a big-endian integer (a radix sort, several times quicker than sorting
+    the byte strings, and the same order), fully only when two keys share those bytes (never
+    among random hashes; hand-made ids may)."""
+    words = keys.view(">u8").reshape(len(keys), keys.itemsize // 8)
+    order = np.argsort(words[:, 0], kind="stable")
+    first = words[order, 0]
+    if len(keys) > 1 and bool((first[1:] == first[:-1]).any()):
+        order = np.argsort(keys, kind="stable")
+    return order
+
+
+def _first_of_each(keys: np.ndarray) -> np.ndarray:
+    """Of sorted keys, where each distinct key first appears (a bool mask)."""
+    words = keys.view(">u8").reshape(len(keys), keys.itemsize // 8)
+    return np.concatenate(([True], (words[1:] != words[:-1]).any(axis=1)))[: len(keys)]
+
+
+def _unique(keys: np.ndarray) -> np.ndarray:
+    """``keys`` sorted, each once."""
+    keys = keys[_order(keys)]
+    return keys[_first_of_each(keys)]
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+class KnownIds(Set[str]):
+    """The ids of the bytes a DST has seen: image ids, and ``path:<source hash>`` of files
+    quarantined unread. A read-only set of ``str``: ``in``, ``len``, iteration (decoded back
+    to ``str``), and comparison with any set of the same strings.
+
+    Built from the Arrow columns a DST's Parquet files hold (:meth:`from_arrow`); 32 bytes an
+    image id and 16 a path hash, against about 150-200 as ``str`` in a set."""
+
+    def __init__(self, ids: np.ndarray, paths: np.ndarray, others: frozenset[str]) -> None:
+        self._ids = _readonly(ids)  # [n] S32, sorted, unique
+        self._paths = _readonly(paths)  # [m] S16, sorted, unique
+        self._others = others  # values of another form, as they are (``path:`` included)
+
+    @classmethod
+    def from_arrow(cls, ids: Iterable[Strings], path_hashes: Iterable[Strings]) -> KnownIds:
+        """From columns of image ids (``images``' and ``duplicates``' ``image_id``,
+        ``quarantine``'s ``sha256``) and of path hashes (``quarantine``'s ``source_hash``,
+        known as ``path:<hash>``). One array of keys at a time: no ``str`` per row."""
+        id_keys, path_keys, others = [], [], set()
+        for column in ids:
+            keys, odd = hex_keys(column, IMAGE_ID_CHARS)
+            id_keys.append(keys)
+            others.update(odd)
+        for column in path_hashes:
+            keys, odd = hex_keys(column, PATH_HASH_CHARS)
+            path_keys.append(keys)
+            others.update(f"{PATH_PREFIX}{h}" for h in odd)
+        if others:
+            log.warning(
+                "%d stored ids are not ingest's lowercase hex (made by hand or damaged): kept "
+                "as they are",
+                len(others),
+            )
+        return cls(
+            _unique(np.concatenate([np.empty(0, "S32"), *id_keys])),
+            _unique(np.concatenate([np.empty(0, "S16"), *path_keys])),
+            frozenset(others),
+        )
+
+    @classmethod
+    def of(cls, values: Iterable[str]) -> KnownIds:
+        """From ``str`` values (``path:<hash>`` entries among them)."""
+        values = [v for v in values if v]
+        paths = [v[len(PATH_PREFIX) :] for v in values if v.startswith(PATH_PREFIX)]
+        ids = [v for v in values if not v.startswith(PATH_PREFIX)]
+        return cls.from_arrow([pa.array(ids, pa.string())], [pa.array(paths, pa.string())])
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, str):
+            return False
+        if value.startswith(PATH_PREFIX):
+            key = _key(value[len(PATH_PREFIX) :], PATH_HASH_CHARS)
+            keys = self._paths
+        else:
+            key = _key(value, IMAGE_ID_CHARS)
+            keys = self._ids
+        if key is None:
+            return value in self._others
+        return _find(keys, key) >= 0
+
+    def __len__(self) -> int:
+        return len(self._ids) + len(self._paths) + len(self._others)
+
+    def __iter__(self) -> Iterator[str]:
+        for raw in self._ids:
+            yield raw.ljust(IMAGE_ID_CHARS // 2, b"\0").hex()  # numpy dropped trailing NULs
+        for raw in self._paths:
+            yield PATH_PREFIX + raw.ljust(PATH_HASH_CHARS // 2, b"\0").hex()
+        yield from self._others
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays (the few ``str`` of another form aside)."""
+        return int(self._ids.nbytes + self._paths.nbytes)
+
+    def __repr__(self) -> str:
+        return (
+            f"KnownIds({len(self._ids)} ids, {len(self._paths)} path hashes, "
+            f"{len(self._others)} other, {self.nbytes} bytes)"
+        )
+
+    @classmethod
+    def _from_iterable(cls, values: Iterable[str]) -> frozenset[str]:
+        # what the set operators (&, |, -) return: a plain frozenset
+        return frozenset(values)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the arrays as they are: pickle protocol 5 (Ray) passes their buffers out of band
+        return (KnownIds, (self._ids, self._paths, self._others))
+
+
+class InstanceShards:
+    """Stored DICOM instances: ``instance_pid`` -> the number of the first shard holding it
+    (the kept copy), as sorted 16-byte pseudonyms and int32 shard numbers (20 bytes an
+    instance, against about 180 in a dict of ``str``). Read-only; built once per run."""
+
+    def __init__(self, pids: np.ndarray, shards: np.ndarray, others: dict[str, int]) -> None:
+        self._pids = _readonly(pids)  # [n] S16, sorted, unique
+        self._shards = _readonly(shards)  # [n] int32
+        self._others = others  # pseudonyms of another form -> shard
+
+    @classmethod
+    def from_shards(cls, columns: Iterable[Strings]) -> InstanceShards:
+        """From each shard's ``instance_pid`` column, in shard order (shard ``i`` is the
+        ``i``-th column): a pid in several shards maps to the first."""
+        keys, numbers, others = [], [], {}
+        for n, column in enumerate(columns):
+            k, odd = hex_keys(column, PATH_HASH_CHARS)
+            keys.append(k)
+            numbers.append(np.full(len(k), n, np.int32))
+            for pid in odd:
+                others.setdefault(pid, n)
+        pids = np.concatenate([np.empty(0, "S16"), *keys])
+        shards = np.concatenate([np.empty(0, np.int32), *numbers])
+        order = _order(pids)  # stable: equal pids stay in shard order, the first is kept
+        pids, shards = pids[order], shards[order]
+        first = _first_of_each(pids)
+        return cls(pids[first], shards[first], others)
+
+    def get(self, pid: str) -> int | None:
+        """The shard number of ``pid``, None when no shard holds it."""
+        key = _key(pid, PATH_HASH_CHARS)
+        if key is None:
+            return self._others.get(pid)
+        i = _find(self._pids, key)
+        return None if i < 0 else int(self._shards[i])
+
+    def __contains__(self, pid: object) -> bool:
+        return isinstance(pid, str) and self.get(pid) is not None
+
+    def __len__(self) -> int:
+        return len(self._pids) + len(self._others)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._pids.nbytes + self._shards.nbytes)
