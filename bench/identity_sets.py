@@ -1,0 +1,415 @@
+"""Ingest's identity sets at archive scale: compact arrays vs Python strings, on one DST.
+
+    python bench/identity_sets.py [--images 1000000] [--ray-actors 2] [--no-ray]
+
+An incremental ingest reads, once per run, what its DST already holds: the ids of the bytes it
+has seen (``Destination.known_ids``: every image id, and ``path:<source hash>`` of the files
+quarantined unread), which every decoder actor receives through Ray's object store, and the
+stored DICOM instances (``InstanceIndex``: instance pseudonym -> shard number) on the driver.
+The bench writes a DST of ``--images`` stored images (Parquet shards of ``--shard-rows`` rows
+with ingest's column formats: 64-hex image ids, 32-hex instance pseudonyms; plus quarantine rows
+with a 64-hex sha256 or none and a 32-hex path hash, ``--quarantine-fraction`` of the images)
+and measures, each in a fresh process on the same files:
+
+- ``ours``: ``Destination.known_ids`` (:class:`radjepa.ingest.id_sets.KnownIds`, sorted
+  fixed-width numpy byte arrays, ``in`` by binary search) and ``InstanceIndex`` (sorted
+  pseudonym bytes + int32 shard numbers);
+- ``baseline``: what they were before 2026-12-05, rebuilt here line for line: a ``set`` of
+  ``str`` from each column's ``to_pylist`` (then ``frozenset`` of it, as ``ray.put`` was given),
+  and a ``dict`` of ``str`` -> ``int`` filled shard by shard.
+
+For each: build seconds, the driver's RSS growth (after ``gc``; the baseline also with the
+frozenset copy ``ray.put`` took), the pickled size (ours: the in-band pickle plus its out-of-band
+numpy buffers, as Ray's serializer stores them), the RSS growth of unpickling one copy in the
+process (what each decoder actor paid for a plain pickle), and ``in`` throughput on stored ids
+(hits), fresh ids (misses), and ids one byte away from a stored one (near misses; an exact set
+must say no). Then, unless ``--no-ray``, a local Ray (2 CPUs, 512 MB object store) puts each
+representation once and ``--ray-actors`` actors ``ray.get`` it: each reports its private memory
+growth (USS: ``Private_*`` of ``/proc/self/smaps_rollup``) and whether the arrays it got are
+read-only views of the object store (zero-copy). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import pickle
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+LOOKUPS = 200_000
+
+
+def hex_column(raw: np.ndarray) -> Any:
+    """An Arrow string array of the lowercase hex of each row of ``raw`` ([n, bytes] uint8),
+    built from buffers (a Python str per row would take minutes at 10 million)."""
+    import pyarrow as pa
+
+    n, width = raw.shape
+    digits = np.empty((n, 2 * width), np.uint8)
+    digits[:, 0::2], digits[:, 1::2] = _HEX[raw >> 4], _HEX[raw & 15]
+    offsets = np.arange(0, n * 2 * width + 1, 2 * width, dtype=np.int64)
+    return pa.Array.from_buffers(
+        pa.large_string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(digits.reshape(-1))]
+    ).cast(pa.string())
+
+
+def write_dst(root: Path, images: int, shard_rows: int, quarantined: int) -> None:
+    """A DST's three Parquet folders with ingest's id columns (the other columns are not read)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    for sub in ("images", "quarantine", "duplicates"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for part, start in enumerate(range(0, images, shard_rows)):
+        n = min(shard_rows, images - start)
+        table = pa.table(
+            {
+                "image_id": hex_column(rng.integers(0, 256, (n, 32), np.uint8)),
+                "instance_pid": hex_column(rng.integers(0, 256, (n, 16), np.uint8)),
+            }
+        )
+        pq.write_table(table, root / "images" / f"part-bench-{part:05d}.parquet")
+    # half read (a sha256 and a path hash), half quarantined unread (a path hash only)
+    sha = hex_column(rng.integers(0, 256, (quarantined, 32), np.uint8))
+    sha = pa.array([v if i % 2 else None for i, v in enumerate(sha.to_pylist())], pa.string())
+    source = hex_column(rng.integers(0, 256, (quarantined, 16), np.uint8))
+    pq.write_table(
+        pa.table({"sha256": sha, "source_hash": source}),
+        root / "quarantine" / "quarantine-bench.parquet",
+    )
+    pq.write_table(
+        pa.table({"image_id": pa.array([], pa.string())}),
+        root / "duplicates" / "duplicates-bench.parquet",
+    )
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _uss() -> int:
+    """Private bytes of this process (shared pages, e.g. a mapped object store, excluded)."""
+    total = 0
+    with open("/proc/self/smaps_rollup") as fh:
+        for line in fh:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+def _settled() -> None:
+    """Garbage collected and Arrow's pool trimmed: the RSS left is what is held."""
+    import pyarrow as pa
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+
+
+def _mib(b: float) -> float:
+    return round(b / 2**20, 1)
+
+
+def baseline_known(dst: str) -> set[str]:
+    """``Destination.known_ids`` as it was: every column as Python objects into one set."""
+    import pyarrow.parquet as pq
+
+    def column(sub: str, name: str) -> list[Any]:
+        values: list[Any] = []
+        for p in sorted(Path(dst, sub).glob("*.parquet")):
+            values.extend(pq.read_table(p, columns=[name]).column(name).to_pylist())
+        return values
+
+    ids = set(column("images", "image_id"))
+    ids.update(x for x in column("quarantine", "sha256") if x)
+    ids.update(column("duplicates", "image_id"))
+    ids.update(f"path:{h}" for h in column("quarantine", "source_hash") if h)
+    return ids
+
+
+def baseline_instances(dst: str) -> dict[str, int]:
+    """``InstanceIndex``'s ``_shard_of`` as it was."""
+    import pyarrow.parquet as pq
+
+    shard_of: dict[str, int] = {}
+    for n, p in enumerate(sorted(Path(dst, "images").glob("*.parquet"))):
+        for pid in pq.read_table(p, columns=["instance_pid"])["instance_pid"].to_pylist():
+            if pid:
+                shard_of.setdefault(pid, n)
+    return shard_of
+
+
+def queries(dst: str, seed: int) -> dict[str, list[str]]:
+    """Stored ids and path entries (hits), fresh ones (misses), stored ones with one byte
+    changed (near misses), and stored and fresh instance pseudonyms."""
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    shards = sorted(Path(dst, "images").glob("*.parquet"))
+    table = pq.read_table(shards[0], columns=["image_id", "instance_pid"])
+    quarantine = pq.read_table(next(Path(dst, "quarantine").glob("*.parquet")))
+    stored = table["image_id"].to_pylist()
+    paths = [f"path:{h}" for h in quarantine["source_hash"].to_pylist()]
+    pids = table["instance_pid"].to_pylist()
+
+    def pick(values: list[str]) -> list[str]:
+        return [values[i] for i in rng.integers(0, len(values), LOOKUPS)]
+
+    def near(value: str) -> str:
+        head, last = value[:-2], int(value[-2:], 16)
+        return f"{head}{(last + 1) % 256:02x}"
+
+    return {
+        "hit": pick(stored),
+        "path_hit": pick(paths),
+        "miss": hex_column(rng.integers(0, 256, (LOOKUPS, 32), np.uint8)).to_pylist(),
+        "near_miss": [near(v) for v in pick(stored)],
+        "pid_hit": pick(pids),
+        "pid_miss": hex_column(rng.integers(0, 256, (LOOKUPS, 16), np.uint8)).to_pylist(),
+    }
+
+
+def lookups_per_s(member: Any, values: list[str], expect: bool) -> float:
+    t0 = time.perf_counter()
+    found = sum(1 for v in values if member(v))
+    seconds = time.perf_counter() - t0
+    if found != (len(values) if expect else 0):
+        raise SystemExit(f"wrong answers: {found} of {len(values)} found, expected {expect}")
+    return len(values) / seconds
+
+
+def pickled(obj: Any) -> tuple[int, int]:
+    """In-band pickle bytes and out-of-band buffer bytes (protocol 5, as Ray serialises)."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return len(data), sum(b.raw().nbytes for b in buffers)
+
+
+def measure(which: str, dst: str) -> dict[str, Any]:
+    """In a fresh process: build both structures of ``which`` and report their costs."""
+    import pyarrow  # noqa: F401  (loaded before the first RSS reading, as in a real driver)
+
+    from radjepa.ingest.destination import Destination
+    from radjepa.ingest.instances import InstanceIndex
+
+    dest = Destination(dst)
+    q = queries(dst, seed=1)
+    _settled()
+    out: dict[str, Any] = {}
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    known = baseline_known(dst) if which == "baseline" else dest.known_ids()
+    out["known_build_s"] = time.perf_counter() - t0
+    _settled()
+    out["known_driver_bytes"] = _rss() - rss0
+    out["known_entries"] = len(known)
+    if which == "baseline":
+        frozen = frozenset(known)  # what ray.put was given: a second table of the same str
+        _settled()
+        out["known_driver_with_put_copy_bytes"] = _rss() - rss0
+        del frozen
+    else:
+        out["known_driver_with_put_copy_bytes"] = out["known_driver_bytes"]
+        out["known_nbytes"] = known.nbytes
+    out["known_pickle_bytes"], out["known_pickle_buffers_bytes"] = pickled(
+        frozenset(known) if which == "baseline" else known
+    )
+    data = pickle.dumps(frozenset(known) if which == "baseline" else known, protocol=5)
+    _settled()
+    before = _rss()
+    copy = pickle.loads(data)  # one actor's copy (a plain pickle: ours' buffers copied once)
+    _settled()
+    out["known_unpickled_bytes"] = _rss() - before
+    del copy, data
+    for name, expect in (("hit", True), ("path_hit", True), ("miss", False), ("near_miss", False)):
+        out[f"known_{name}_per_s"] = lookups_per_s(known.__contains__, q[name], expect)
+    del known
+    _settled()
+
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    if which == "baseline":
+        shard_of = baseline_instances(dst)
+        out["instances_build_s"] = time.perf_counter() - t0
+        member = shard_of.__contains__
+        entries = len(shard_of)
+    else:
+        index = InstanceIndex(dest.shards(), dest.read_columns)
+        out["instances_build_s"] = time.perf_counter() - t0
+        member = index._stored.__contains__
+        entries = len(index)
+        out["instances_nbytes"] = index._stored.nbytes
+    _settled()
+    out["instances_driver_bytes"] = _rss() - rss0
+    out["instances_entries"] = entries
+    out["pid_hit_per_s"] = lookups_per_s(member, q["pid_hit"], True)
+    out["pid_miss_per_s"] = lookups_per_s(member, q["pid_miss"], False)
+    return out
+
+
+def measure_ray(dst: str, actors: int) -> dict[str, Any]:
+    """Both representations through a real local Ray: put once, got by ``actors`` actors."""
+    import ray
+
+    from radjepa.ingest.destination import Destination
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        object_store_memory=512 * 2**20,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+
+    @ray.remote(num_cpus=0)
+    class Holder:
+        def take(self, ref_list: list[Any]) -> dict[str, Any]:
+            gc.collect()
+            uss, rss = _uss(), _rss()
+            self.held = ray.get(ref_list[0])
+            gc.collect()
+            arrays = (
+                [v for v in vars(self.held).values() if isinstance(v, np.ndarray)]
+                if (hasattr(self.held, "__dict__"))
+                else []
+            )
+            return {
+                "uss_bytes": _uss() - uss,
+                "rss_bytes": _rss() - rss,
+                "zero_copy": bool(arrays) and all(not a.flags.writeable for a in arrays),
+                "hit": next(iter(self.held)) in self.held,
+            }
+
+    out: dict[str, Any] = {}
+    try:
+        for which, value in (
+            ("baseline", lambda: frozenset(baseline_known(dst))),
+            ("ours", lambda: Destination(dst).known_ids()),
+        ):
+            ref = ray.put(value())
+            holders = [Holder.remote() for _ in range(actors)]
+            reports = ray.get([h.take.remote([ref]) for h in holders])
+            if not all(r["hit"] for r in reports):
+                raise SystemExit(f"{which}: an actor's copy lost an id")
+            out[f"{which}_actor_uss_bytes"] = max(r["uss_bytes"] for r in reports)
+            out[f"{which}_actor_rss_bytes"] = max(r["rss_bytes"] for r in reports)
+            out[f"{which}_zero_copy"] = all(r["zero_copy"] for r in reports)
+            for h in holders:
+                ray.kill(h)
+            del ref
+    finally:
+        ray.shutdown()
+    return out
+
+
+def in_fresh_process(args: list[str]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        raise SystemExit(f"{args[:2]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=100_000, help="images the DST holds")
+    ap.add_argument("--shard-rows", type=int, default=2048, help="ingest.shard_rows")
+    ap.add_argument("--quarantine-fraction", type=float, default=0.01)
+    ap.add_argument("--ray-actors", type=int, default=2, help="actors that get the known ids")
+    ap.add_argument("--no-ray", action="store_true", help="skip the local Ray measurement")
+    ap.add_argument("--measure", choices=("ours", "baseline", "ray"), help=argparse.SUPPRESS)
+    ap.add_argument("--dst", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.measure == "ray":
+        print(json.dumps(measure_ray(args.dst, args.ray_actors)))
+        return
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.dst)))
+        return
+    quarantined = max(2, int(args.images * args.quarantine_fraction))
+    with tempfile.TemporaryDirectory(prefix="radjepa-idsets-bench-") as tmp:
+        t0 = time.perf_counter()
+        write_dst(Path(tmp), args.images, args.shard_rows, quarantined)
+        written_s = time.perf_counter() - t0
+        ours = in_fresh_process(["--measure", "ours", "--dst", tmp])
+        base = in_fresh_process(["--measure", "baseline", "--dst", tmp])
+        ray_figures = (
+            {}
+            if args.no_ray
+            else in_fresh_process(
+                ["--measure", "ray", "--dst", tmp, "--ray-actors", str(args.ray_actors)]
+            )
+        )
+    for key in ("known_entries", "instances_entries"):
+        if ours[key] != base[key]:
+            raise SystemExit(f"{key}: ours {ours[key]} vs baseline {base[key]}")
+    n = ours["known_entries"]
+    result: dict[str, Any] = {
+        "bench": "identity_sets",
+        "images": args.images,
+        "known_entries": n,
+        "instances": ours["instances_entries"],
+        "dst_written_s": round(written_s, 1),
+    }
+    for key, label in (
+        ("known_driver_bytes", "known_driver"),
+        ("known_driver_with_put_copy_bytes", "known_driver_at_put"),
+        ("known_unpickled_bytes", "known_unpickled_copy"),
+    ):
+        result[f"ours_{label}_mib"] = _mib(ours[key])
+        result[f"baseline_{label}_mib"] = _mib(base[key])
+        # a growth under 1 MiB is noise of the allocators: no ratio
+        result[f"{label}_ratio"] = round(base[key] / ours[key], 1) if ours[key] >= 2**20 else None
+    result["ours_known_bytes_per_entry"] = round(ours["known_driver_bytes"] / n, 1)
+    result["baseline_known_bytes_per_entry"] = round(base["known_driver_bytes"] / n, 1)
+    result["ours_known_nbytes_mib"] = _mib(ours["known_nbytes"])
+    result["ours_pickle_mib"] = _mib(
+        ours["known_pickle_bytes"] + ours["known_pickle_buffers_bytes"]
+    )
+    result["ours_pickle_in_band_bytes"] = ours["known_pickle_bytes"]
+    result["baseline_pickle_mib"] = _mib(base["known_pickle_bytes"])
+    for side, figures in (("ours", ours), ("baseline", base)):
+        result[f"{side}_known_build_s"] = round(figures["known_build_s"], 2)
+        for name in ("hit", "path_hit", "miss", "near_miss"):
+            result[f"{side}_known_{name}_per_s"] = round(figures[f"known_{name}_per_s"])
+    result["ours_instances_driver_mib"] = _mib(ours["instances_driver_bytes"])
+    result["baseline_instances_driver_mib"] = _mib(base["instances_driver_bytes"])
+    result["instances_driver_ratio"] = round(
+        base["instances_driver_bytes"] / max(ours["instances_driver_bytes"], 1), 1
+    )
+    result["ours_instances_nbytes_mib"] = _mib(ours["instances_nbytes"])
+    for side, figures in (("ours", ours), ("baseline", base)):
+        result[f"{side}_instances_build_s"] = round(figures["instances_build_s"], 2)
+        result[f"{side}_pid_hit_per_s"] = round(figures["pid_hit_per_s"])
+        result[f"{side}_pid_miss_per_s"] = round(figures["pid_miss_per_s"])
+    if ray_figures:
+        result["ray_actors"] = args.ray_actors
+        for side in ("ours", "baseline"):
+            result[f"{side}_actor_uss_mib"] = _mib(ray_figures[f"{side}_actor_uss_bytes"])
+            result[f"{side}_actor_rss_mib"] = _mib(ray_figures[f"{side}_actor_rss_bytes"])
+        result["ours_zero_copy"] = ray_figures["ours_zero_copy"]
+    result["machine"] = f"{platform.machine()} {os.cpu_count()} cores"
+    result["python"] = platform.python_version()
+    result["load_average"] = round(os.getloadavg()[0], 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
