@@ -19,10 +19,11 @@ and measures, each in a fresh process on the same files:
   and a ``dict`` of ``str`` -> ``int`` filled shard by shard.
 
 For each: build seconds, the driver's RSS growth (after ``gc``; the baseline also with the
-frozenset copy ``ray.put`` took), the pickled size (ours: the in-band pickle plus its out-of-band
-numpy buffers, as Ray's serializer stores them), the RSS growth of unpickling one copy in the
-process (what each decoder actor paid for a plain pickle), and ``in`` throughput on stored ids
-(hits), fresh ids (misses), and ids one byte away from a stored one (near misses; an exact set
+frozenset copy ``ray.put`` took) and its peak while building the known ids, the pickled size
+(ours: the in-band pickle plus its out-of-band numpy buffers, as Ray's serializer stores
+them), the RSS growth of unpickling one copy in the process (what each decoder actor paid for
+a plain pickle), and ``in`` throughput on stored ids (hits), fresh ids (misses), and ids one
+byte away from a stored one (near misses; an exact set
 must say no). Then, unless ``--no-ray``, a local Ray (2 CPUs, 512 MB object store) puts each
 representation once and ``--ray-actors`` actors ``ray.get`` it: each reports its private memory
 growth (USS: ``Private_*`` of ``/proc/self/smaps_rollup``) and whether the arrays it got are
@@ -101,6 +102,12 @@ def write_dst(root: Path, images: int, shard_rows: int, quarantined: int) -> Non
 def _rss() -> int:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _uss() -> int:
@@ -215,6 +222,8 @@ def measure(which: str, dst: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     known = baseline_known(dst) if which == "baseline" else dest.known_ids()
     out["known_build_s"] = time.perf_counter() - t0
+    # the process's highest RSS so far came while building (nothing before held as much)
+    out["known_build_peak_bytes"] = _maxrss() - rss0
     _settled()
     out["known_driver_bytes"] = _rss() - rss0
     out["known_entries"] = len(known)
@@ -377,6 +386,8 @@ def main() -> None:
         result[f"baseline_{label}_mib"] = _mib(base[key])
         # a growth under 1 MiB is noise of the allocators: no ratio
         result[f"{label}_ratio"] = round(base[key] / ours[key], 1) if ours[key] >= 2**20 else None
+    result["ours_known_build_peak_mib"] = _mib(ours["known_build_peak_bytes"])
+    result["baseline_known_build_peak_mib"] = _mib(base["known_build_peak_bytes"])
     result["ours_known_bytes_per_entry"] = round(ours["known_driver_bytes"] / n, 1)
     result["baseline_known_bytes_per_entry"] = round(base["known_driver_bytes"] / n, 1)
     result["ours_known_nbytes_mib"] = _mib(ours["known_nbytes"])

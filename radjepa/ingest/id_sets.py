@@ -134,6 +134,30 @@ def _unique(keys: np.ndarray) -> np.ndarray:
     return keys[_first_of_each(keys)]
 
 
+class _Growing:
+    """An array appended to a file's keys at a time, grown by half. Its blocks are large
+    allocations, given back to the OS when replaced; a list of one small array per file
+    (then concatenated) left their heap pages behind on the driver: about 300 MiB more than
+    the ids themselves at 10 million stored images (``bench/identity_sets.py``)."""
+
+    def __init__(self, dtype: str | type) -> None:
+        self._array = np.empty(1024, dtype)
+        self._size = 0
+
+    def add(self, values: np.ndarray) -> None:
+        end = self._size + len(values)
+        if end > len(self._array):
+            bigger = np.empty(max(end, len(self._array) * 3 // 2), self._array.dtype)
+            bigger[: self._size] = self._array[: self._size]
+            self._array = bigger
+        self._array[self._size : end] = values
+        self._size = end
+
+    def values(self) -> np.ndarray:
+        """The keys added, in order (a view: sorting copies them into an array of their size)."""
+        return self._array[: self._size]
+
+
 def _readonly(array: np.ndarray) -> np.ndarray:
     array.flags.writeable = False
     return array
@@ -157,14 +181,14 @@ class KnownIds(Set[str]):
         """From columns of image ids (``images``' and ``duplicates``' ``image_id``,
         ``quarantine``'s ``sha256``) and of path hashes (``quarantine``'s ``source_hash``,
         known as ``path:<hash>``). One array of keys at a time: no ``str`` per row."""
-        id_keys, path_keys, others = [], [], set()
+        id_keys, path_keys, others = _Growing("S32"), _Growing("S16"), set()
         for column in ids:
             keys, odd = hex_keys(column, IMAGE_ID_CHARS)
-            id_keys.append(keys)
+            id_keys.add(keys)
             others.update(odd)
         for column in path_hashes:
             keys, odd = hex_keys(column, PATH_HASH_CHARS)
-            path_keys.append(keys)
+            path_keys.add(keys)
             others.update(f"{PATH_PREFIX}{h}" for h in odd)
         if others:
             log.warning(
@@ -172,11 +196,9 @@ class KnownIds(Set[str]):
                 "as they are",
                 len(others),
             )
-        return cls(
-            _unique(np.concatenate([np.empty(0, "S32"), *id_keys])),
-            _unique(np.concatenate([np.empty(0, "S16"), *path_keys])),
-            frozenset(others),
-        )
+        id_array = _unique(id_keys.values())
+        del id_keys  # its buffer goes before the path hashes are sorted
+        return cls(id_array, _unique(path_keys.values()), frozenset(others))
 
     @classmethod
     def of(cls, values: Iterable[str]) -> KnownIds:
@@ -244,15 +266,14 @@ class InstanceShards:
     def from_shards(cls, columns: Iterable[Strings]) -> InstanceShards:
         """From each shard's ``instance_pid`` column, in shard order (shard ``i`` is the
         ``i``-th column): a pid in several shards maps to the first."""
-        keys, numbers, others = [], [], {}
+        keys, numbers, others = _Growing("S16"), _Growing(np.int32), {}
         for n, column in enumerate(columns):
             k, odd = hex_keys(column, PATH_HASH_CHARS)
-            keys.append(k)
-            numbers.append(np.full(len(k), n, np.int32))
+            keys.add(k)
+            numbers.add(np.full(len(k), n, np.int32))
             for pid in odd:
                 others.setdefault(pid, n)
-        pids = np.concatenate([np.empty(0, "S16"), *keys])
-        shards = np.concatenate([np.empty(0, np.int32), *numbers])
+        pids, shards = keys.values(), numbers.values()
         order = _order(pids)  # stable: equal pids stay in shard order, the first is kept
         pids, shards = pids[order], shards[order]
         first = _first_of_each(pids)
