@@ -402,8 +402,9 @@ def main() -> None:
             result[f"{side}_known_{name}_per_s"] = round(figures[f"known_{name}_per_s"])
     result["ours_instances_driver_mib"] = _mib(ours["instances_driver_bytes"])
     result["baseline_instances_driver_mib"] = _mib(base["instances_driver_bytes"])
-    result["instances_driver_ratio"] = round(
-        base["instances_driver_bytes"] / max(ours["instances_driver_bytes"], 1), 1
+    grew = ours["instances_driver_bytes"]
+    result["instances_driver_ratio"] = (
+        round(base["instances_driver_bytes"] / grew, 1) if grew >= 2**20 else None
     )
     result["ours_instances_nbytes_mib"] = _mib(ours["instances_nbytes"])
     for side, figures in (("ours", ours), ("baseline", base)):
