@@ -2,9 +2,9 @@
 
 Every incremental run reads the ids of the bytes a DST has seen (``Destination.known_ids``)
 and its stored DICOM instances (``InstanceIndex``) once. As Python ``str`` in a set or dict
-they took 150-200 bytes an entry, on the driver and, for the ids, again in every decoder actor
-(each unpickled its own copy from Ray's object store): at 10 million stored images about 1.5
-GiB per process, 16 copies on a 16-core node. Ingest makes these values lowercase hex of one
+they took 120-185 bytes an entry, on the driver and, for the ids, again in every decoder actor
+(each unpickled its own copy from Ray's object store): at 10 million stored images 1.7 GiB of
+ids per process, 16 copies on a 16-core node, and 1.1 GiB of instances on the driver. Ingest makes these values lowercase hex of one
 length (a 64-character image id, a 32-character path hash or instance pseudonym), so they are
 held here as their raw bytes, sorted, in one fixed-width numpy array (32 or 16 bytes an entry,
 plus 4 a shard number), and looked up by binary search. Such an object pickles as a few numpy
