@@ -90,9 +90,9 @@ class InstanceIndex:
     ``shards``: the DST's shard paths; ``read_shard(path, columns)`` reads columns of one.
     Only the shard's number is kept per instance (the driver holds one entry per stored
     image: 20 bytes in :class:`~radjepa.ingest.id_sets.InstanceShards`, where a dict of
-    ``str`` took about 120); the kept copy's image id and thumbnail come from reading
-    that shard back, when a copy needs them. Rows this run stored but has not yet written are found by the
-    ``pending`` lookup given to :meth:`check`.
+    ``str`` took about 120); the kept copy's image id and thumbnail come from reading that
+    shard back, when a copy needs them. Rows this run stored but has not yet written are found
+    by the ``pending`` lookup given to :meth:`check`.
     """
 
     def __init__(self, shards: list[str], read_shard: Callable[[str, list[str]], pa.Table]) -> None:
