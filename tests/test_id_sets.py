@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -250,3 +251,27 @@ def test_a_dst_of_many_images_is_read_into_a_few_bytes_an_id(tmp_path):
 
     held, index = _held_bytes(lambda: InstanceIndex(dest.shards(), dest.read_columns))
     assert len(index) == n and held < 40 * n, f"{held / n:.0f} bytes an instance"
+
+
+def test_input_keys_hold_exactly_the_recorded_keys_and_those_the_run_adds() -> None:
+    """DST's recorded inputs (re-runs list a same-bytes duplicate only once) as one sorted
+    array: every key found, the neighbours of each not, 64-bit extremes included."""
+    from radjepa.ingest.destination import input_key
+    from radjepa.ingest.id_sets import InputKeys
+
+    rng = np.random.default_rng(7)
+    recorded = {input_key(f"{i:064x}", f"{i:032x}") for i in range(500)} | {0, 2**64 - 1}
+    parts = np.array(sorted(recorded), np.uint64)
+    keys = InputKeys([parts[:200], parts[200:], np.empty(0, np.uint64)])
+    assert len(keys) == len(recorded)
+    assert all(k in keys for k in recorded)
+    probes = {int(k) + d for k in parts for d in (-1, 1)} - recorded
+    probes |= {int(v) for v in rng.integers(0, 2**63, 2000, dtype=np.uint64)} - recorded
+    assert not any(k in keys for k in probes if 0 <= k < 2**64)
+    assert -1 not in keys and 2**64 not in keys and "0" not in keys
+    new = next(iter(probes))
+    keys.add(new)
+    keys.add(new)
+    keys.add(next(iter(recorded)))
+    assert new in keys and len(keys) == len(recorded) + 1
+    assert len(InputKeys([])) == 0 and 0 not in InputKeys([])

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["PATH_PREFIX", "InstanceShards", "KnownIds"]
+__all__ = ["PATH_PREFIX", "InputKeys", "InstanceShards", "KnownIds"]
 
 log = logging.getLogger(__name__)
 
@@ -297,3 +297,30 @@ class InstanceShards:
     @property
     def nbytes(self) -> int:
         return int(self._pids.nbytes + self._shards.nbytes)
+
+
+class InputKeys:
+    """64-bit keys of the inputs a DST records (``Destination.recorded_inputs``), sorted in one
+    array, and those this run adds in a small set: 8 bytes a recorded input where a set of
+    Python ints took about 60."""
+
+    def __init__(self, parts: Iterable[np.ndarray]) -> None:
+        arrays = [np.asarray(p, dtype=np.uint64) for p in parts]
+        self._keys = np.unique(np.concatenate(arrays)) if arrays else np.empty(0, np.uint64)
+        self._added: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._added)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, int) or not 0 <= key < 2**64:
+            return False
+        if key in self._added:
+            return True
+        at = int(np.searchsorted(self._keys, np.uint64(key)))
+        return at < len(self._keys) and int(self._keys[at]) == key
+
+    def add(self, key: int) -> None:
+        """This run records ``key`` too."""
+        if key not in self:
+            self._added.add(key)
