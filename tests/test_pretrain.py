@@ -24,21 +24,48 @@ def shards(nih_shards) -> Path:
     return nih_shards
 
 
+SETS = {
+    "train.run_name": "t",
+    "train.num_workers": 2,
+    "train.batch_size": 8,
+    "train.steps": 30,
+    "train.log_every": 1,
+    "train.checkpoint_every": 6,
+    "train.keep_checkpoints": 2,
+    "train.max_failures": 1,
+    "data.holdout_fraction": 0.0,
+}
+
+
 def _cfg(out: Path, **extra):
-    sets = {
-        "train.output_dir": str(out),
-        "train.run_name": "t",
-        "train.num_workers": 2,
-        "train.batch_size": 8,
-        "train.steps": 30,
-        "train.log_every": 1,
-        "train.checkpoint_every": 6,
-        "train.keep_checkpoints": 2,
-        "train.max_failures": 1,
-        "data.holdout_fraction": 0.0,
-        **extra,
-    }
-    return load_config(CONFIGS / "tiny_cpu.yaml", sets)
+    return load_config(CONFIGS / "tiny_cpu.yaml", {"train.output_dir": str(out), **SETS, **extra})
+
+
+@pytest.fixture(scope="module")
+def first_runs(shards, tmp_path_factory):
+    """``first_runs(**sets)``: the folder and result of ``run_pretrain(_cfg(folder, **sets))``,
+    trained once per module and settings (tests re-run it in their own copy, ``_trained``)."""
+    from pipelines.pretrain import run_pretrain
+
+    done: dict[tuple, tuple[Path, object]] = {}
+
+    def first_run(**sets) -> tuple[Path, object]:
+        key = tuple(sorted((k, repr(v)) for k, v in {**SETS, **sets}.items()))
+        if key not in done:
+            out = tmp_path_factory.mktemp("first-run")
+            done[key] = out, run_pretrain(_cfg(out, **sets), str(shards))
+        return done[key]
+
+    return first_run
+
+
+def _trained(first_runs, tmp_path: Path, **sets):
+    """What ``run_pretrain(_cfg(tmp_path, **sets), shards)`` returns, and leaves in
+    ``tmp_path``: a copy of the module's one run with these settings (tests/run_copies.py)."""
+    from run_copies import copy_run, moved
+
+    out, result = first_runs(**sets)
+    return moved(result, copy_run(out, tmp_path))
 
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -368,32 +395,35 @@ def test_shards_are_read_from_a_uri(shards, tmp_path):
     assert batch["image"].shape == (4, info.size, info.size)
 
 
-def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(shards, tmp_path, caplog):
+def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(
+    shards, first_runs, tmp_path, caplog
+):
     import mlflow
 
     from pipelines.pretrain import run_pretrain
 
-    sets = {"train.num_workers": 1, "train.steps": 8, "train.checkpoint_every": 4}
-    first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    # checkpoints at steps 4 and 6 (the first run the next test damages too)
+    sets = {"train.num_workers": 1, "train.steps": 6, "train.checkpoint_every": 2}
+    first = _trained(first_runs, tmp_path, **sets)
     latest = Path(first.checkpoint)
-    assert json.loads((latest / "meta.json").read_text())["step"] == 8
+    assert json.loads((latest / "meta.json").read_text())["step"] == 6
     with open(latest / "weights.safetensors", "r+b") as f:  # a disk that filled up
         f.truncate(1000)
 
     # the re-run also changes optim.betas, which it may only because it says so
     more = {
         **sets,
-        "train.steps": 12,
+        "train.steps": 8,
         "optim.betas": [0.8, 0.99],
         "train.allow_config_change": True,
     }
     with caplog.at_level(logging.WARNING, logger="radjepa.resume"):
         again = run_pretrain(_cfg(tmp_path, **more), str(shards))
-    assert again.metrics["step"] == 12
+    assert again.metrics["step"] == 8
     assert any(latest.name in r.getMessage() for r in caplog.records)
-    # steps 5-8 ran twice (from the step-4 checkpoint), nothing was skipped
+    # steps 5-6 ran twice (from the step-4 checkpoint), nothing was skipped
     steps = _steps(again.tracking_uri, again.mlflow_run_id)
-    assert steps == (list(range(1, 13)), [5, 6, 7, 8])
+    assert steps == (list(range(1, 9)), [5, 6])
 
     client = mlflow.MlflowClient(again.tracking_uri)
     run = client.get_run(again.mlflow_run_id)
@@ -412,7 +442,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(shards, tmp_pat
     assert resumed.optim.betas == (0.8, 0.99)
 
 
-def test_a_damaged_checkpoint_ray_recorded_never_costs_a_good_one(shards, tmp_path):
+def test_a_damaged_checkpoint_ray_recorded_never_costs_a_good_one(shards, first_runs, tmp_path):
     # Ray Train counted the damaged newest checkpoint toward train.keep_checkpoints: the resumed
     # run's first checkpoint made Ray delete the good step-4 one it had resumed from and keep
     # the damaged one (keep_checkpoints=2, one good checkpoint left on disk)
@@ -421,7 +451,7 @@ def test_a_damaged_checkpoint_ray_recorded_never_costs_a_good_one(shards, tmp_pa
     from radjepa.checkpoint import check_resumable
 
     sets = {"train.num_workers": 1, "train.steps": 6, "train.checkpoint_every": 2}
-    first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    first = _trained(first_runs, tmp_path, **sets)
     run = tmp_path / "t"
     damaged = Path(first.checkpoint)  # step 6; the step-4 one is kept beside it
     good = next(p for p in run.glob("checkpoint_*") if p.is_dir() and p != damaged)
@@ -494,7 +524,9 @@ def test_damaged_checkpoints_leave_ray_s_record_in_ray_s_format(tmp_path):
     assert snapshot.read_text() == '{"checkpoints": []}'
 
 
-def test_a_failure_recording_the_finished_run_keeps_the_checkpoint_path(shards, tmp_path):
+def test_a_failure_recording_the_finished_run_keeps_the_checkpoint_path(
+    shards, first_runs, tmp_path
+):
     import shutil
 
     import mlflow
@@ -502,7 +534,7 @@ def test_a_failure_recording_the_finished_run_keeps_the_checkpoint_path(shards, 
     from pipelines.pretrain import PretrainError, run_pretrain
 
     sets = {"train.num_workers": 1, "train.steps": 2, "train.checkpoint_every": 2}
-    first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    first = _trained(first_runs, tmp_path, **sets)
     client = mlflow.MlflowClient(first.tracking_uri)
     artifacts = Path(client.get_run(first.mlflow_run_id).info.artifact_uri.removeprefix("file://"))
     shutil.rmtree(artifacts)
@@ -576,7 +608,7 @@ def test_ctrl_c_ends_the_mlflow_run_killed_in_one_line(shards, tmp_path):
     assert client.get_run(run_id).info.status == "KILLED"
 
 
-def test_a_run_whose_checkpoints_were_deleted_starts_over(shards, tmp_path, caplog):
+def test_a_run_whose_checkpoints_were_deleted_starts_over(shards, first_runs, tmp_path, caplog):
     # "no checkpoint of RUN can be read (...): delete them to start the run over": Ray Train's
     # record of the deleted checkpoints (checkpoint_manager_snapshot.json) then made the re-run
     # fail with "training failed: The actor died ... a reference to a checkpoint that does not
@@ -587,7 +619,7 @@ def test_a_run_whose_checkpoints_were_deleted_starts_over(shards, tmp_path, capl
     from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT
 
     sets = {"train.num_workers": 1, "train.steps": 2, "train.checkpoint_every": 2}
-    first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    first = _trained(first_runs, tmp_path, **sets)
     for ckpt in (tmp_path / "t").glob("checkpoint_*"):
         if ckpt.is_dir():
             shutil.rmtree(ckpt)
@@ -605,7 +637,9 @@ def test_a_run_whose_checkpoints_were_deleted_starts_over(shards, tmp_path, capl
     assert not (tmp_path / "t" / f"{RAY_CHECKPOINT_SNAPSHOT}.stale").exists()
 
 
-def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(shards, tmp_path):
+def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(
+    shards, first_runs, tmp_path
+):
     # what a user does with a damaged checkpoint: Ray Train's snapshot still named the deleted
     # folder and the re-run failed in Ray's controller ("a reference to a checkpoint that does
     # not exist anymore") instead of resuming from the checkpoint left beside it
@@ -614,7 +648,7 @@ def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(s
     from pipelines.pretrain import run_pretrain
 
     sets = {"train.num_workers": 1, "train.steps": 4, "train.checkpoint_every": 2}
-    first = run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    first = _trained(first_runs, tmp_path, **sets)
     shutil.rmtree(first.checkpoint)  # the step-4 checkpoint; the step-2 one stays
 
     again = run_pretrain(_cfg(tmp_path, **{**sets, "train.steps": 6}), str(shards))
@@ -623,7 +657,9 @@ def test_a_run_whose_newest_checkpoint_was_deleted_resumes_from_the_one_before(s
     assert _steps(again.tracking_uri, again.mlflow_run_id) == (list(range(1, 7)), [3, 4])
 
 
-def test_a_deleted_checkpoint_leaves_the_others_counted_toward_keep_checkpoints(shards, tmp_path):
+def test_a_deleted_checkpoint_leaves_the_others_counted_toward_keep_checkpoints(
+    shards, first_runs, tmp_path
+):
     # a checkpoint folder deleted by hand set Ray Train's whole record aside (.stale): the
     # checkpoints left were no longer Ray's, so keep_checkpoints=2 never removed them and the
     # run kept three folders (steps 6, 8, 10) where it asked for two
@@ -634,7 +670,7 @@ def test_a_deleted_checkpoint_leaves_the_others_counted_toward_keep_checkpoints(
 
     sets = {"train.num_workers": 1, "train.steps": 6, "train.checkpoint_every": 2}
     run = tmp_path / "t"
-    run_pretrain(_cfg(tmp_path, **sets), str(shards))  # keeps steps 4 and 6
+    _trained(first_runs, tmp_path, **sets)  # keeps steps 4 and 6
     older = min(p for p in run.glob("checkpoint_*") if p.is_dir())
     shutil.rmtree(older)
 
@@ -727,7 +763,7 @@ def test_a_record_naming_deleted_folders_is_rewritten_in_ray_s_format(tmp_path, 
     assert "cannot be rewritten" in caplog.text
 
 
-def test_a_checkpoint_ray_never_recorded_is_resumed_from(shards, tmp_path):
+def test_a_checkpoint_ray_never_recorded_is_resumed_from(shards, first_runs, tmp_path):
     # a driver killed (SIGKILL, a preempted head) after a worker copied a checkpoint into the
     # run folder but before Ray Train recorded it in its snapshot: the re-run checked its config
     # against that newest whole checkpoint, then Ray restored the one before and the run redid
@@ -736,7 +772,7 @@ def test_a_checkpoint_ray_never_recorded_is_resumed_from(shards, tmp_path):
     from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT
 
     sets = {"train.num_workers": 1, "train.steps": 2, "train.checkpoint_every": 2}
-    run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    _trained(first_runs, tmp_path, **sets)
     snapshot = tmp_path / "t" / RAY_CHECKPOINT_SNAPSHOT
     recorded = snapshot.read_text()
     second = run_pretrain(_cfg(tmp_path, **{**sets, "train.steps": 4}), str(shards))
@@ -749,7 +785,9 @@ def test_a_checkpoint_ray_never_recorded_is_resumed_from(shards, tmp_path):
     assert _steps(again.tracking_uri, again.mlflow_run_id) == (list(range(1, 7)), [])
 
 
-def test_stray_checkpoint_folders_are_pruned_and_the_run_still_resumes(shards, tmp_path):
+def test_stray_checkpoint_folders_are_pruned_and_the_run_still_resumes(
+    shards, first_runs, tmp_path
+):
     # Ray Train's keep_checkpoints only deletes folders it recorded: a copy cut short by a crash
     # and a whole checkpoint whose record was lost stayed in the run's storage for good
     import os
@@ -766,7 +804,9 @@ def test_stray_checkpoint_folders_are_pruned_and_the_run_still_resumes(shards, t
         "train.keep_checkpoints": 3,
     }
     run = tmp_path / "t"
-    run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    # the first run keeps both its checkpoints under either keep_checkpoints: the one other
+    # tests start from (the re-runs keep 3)
+    _trained(first_runs, tmp_path, **{**sets, "train.keep_checkpoints": 2})
     snapshot = run / RAY_CHECKPOINT_SNAPSHOT
     recorded = snapshot.read_text()  # steps 2 and 4
     second = run_pretrain(_cfg(tmp_path, **{**sets, "train.steps": 6}), str(shards))
@@ -974,7 +1014,9 @@ def test_a_checkpoint_record_cut_short_is_set_aside(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("log_every", [1, 100], ids=["loss-check", "weights-check"])
-def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(shards, tmp_path, log_every):
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(
+    shards, first_runs, tmp_path, log_every
+):
     # a NaN loss was raised in the worker, so Ray Train retried it train.max_failures times
     # from the last checkpoint (the same steps, masks and crops: the same NaN), then the CLI
     # printed the worker's traceback; and a checkpoint step that was not a log step saved the
@@ -986,7 +1028,7 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(shards, tmp
     from pipelines.pretrain import PretrainError, run_pretrain
 
     sets = {"train.steps": 4, "train.checkpoint_every": 2}
-    run_pretrain(_cfg(tmp_path, **sets), str(shards))
+    _trained(first_runs, tmp_path, **sets)
     blown = {
         **sets,
         "train.steps": 30,
