@@ -10,6 +10,14 @@ import pytest
 from signal_state import WATCHED, dispositions
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s): a run's
+# end is seen two polls after its loop returns (fit() returned 4.1 s after it, 0.5 s at 0.2 s,
+# measured on the 2-core CI box), and a worker's second report waits for the poll that takes the
+# first. Every Train run here pays that, the sweeps' trials and the CLIs this session starts
+# included (they inherit this environment). Tests only: a missed poll is no error until
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min), and products keep Ray's default.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 NIH_DIR = REPO.parent / "shared" / "data" / "nih-cxr14-621"
 BUNDLED_SAMPLE = REPO / "data" / "sample"
 
