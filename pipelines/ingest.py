@@ -47,7 +47,7 @@ from radjepa.ingest.destination import (
 )
 from radjepa.ingest.dst_lock import DstLock
 from radjepa.ingest.errors import IngestError
-from radjepa.ingest.id_sets import KnownIds
+from radjepa.ingest.id_sets import InputKeys, KnownIds
 from radjepa.ingest.instances import CONFLICT, InstanceIndex
 from radjepa.ingest.sources import count_members, list_inputs, read_blocks
 from radjepa.locations import filesystem
@@ -355,7 +355,7 @@ class _Outputs:
         self.instance_kept: dict[str, str] = {}  # same_instance rows: image id -> kept id
         self.copies: list[dict[str, Any]] = []  # same_bytes rows
         # read from DST at the first input it already holds (none on most incremental runs)
-        self.recorded: tuple[set[int], dict[str, str]] | None = None
+        self.recorded: tuple[InputKeys, dict[str, str]] | None = None
 
     def store(self, table: pa.Table) -> None:
         self.pending.append(table)
@@ -393,12 +393,12 @@ class _Outputs:
                 return r["pixels"], r["height"], r["width"], r["dtype"]
         return None
 
-    def same_bytes(self, row: dict[str, Any], in_run: bool) -> None:
-        """List an input dropped because its bytes are already held (``in_run``: by an input
-        earlier in this run, else by DST). A re-run of an input DST holds a row of (same
-        bytes, same path) adds none, as a re-run adds no same-instance row: without this list
-        such drops were only counted, and an audit of which files were not stored and why
-        could not find them."""
+    def same_bytes(self, row: dict[str, Any], in_run: bool) -> dict[str, Any] | None:
+        """The duplicates row of an input dropped because its bytes are already held
+        (``in_run``: by an input earlier in this run, else by DST); None for an input DST
+        already holds a row of (same bytes, same path): a re-run adds none, as it adds no
+        same-instance row. Without these rows such drops were only counted, and an audit of
+        which files were not stored and why could not find them."""
         image_id, source_hash = row["image_id"], row["source_hash"]
         if in_run:  # bytes of an input stored, quarantined or an instance dropped in this run
             kept = self.instance_kept.get(image_id, image_id)
@@ -408,22 +408,20 @@ class _Outputs:
             keys, listed = self.recorded
             key = input_key(image_id, source_hash)
             if key in keys:
-                return
+                return None
             keys.add(key)  # the same input twice in one run is listed once
             kept = listed.get(image_id, image_id)
-        self.copies.append(
-            {
-                "image_id": image_id,
-                "kept_image_id": kept,
-                "kind": DUPLICATE_SAME_BYTES,
-                "instance_pid": None,
-                "transfer_syntax": None,
-                "source_hash": source_hash,
-                "source_path": row["source_path"],
-                "size_bytes": row["size_bytes"],
-                "run_id": self.run_id,
-            }
-        )
+        return {
+            "image_id": image_id,
+            "kept_image_id": kept,
+            "kind": DUPLICATE_SAME_BYTES,
+            "instance_pid": None,
+            "transfer_syntax": None,
+            "source_hash": source_hash,
+            "source_path": row["source_path"],
+            "size_bytes": row["size_bytes"],
+            "run_id": self.run_id,
+        }
 
     def reject(self, table: pa.Table, reasons: list[str], messages: list[str]) -> None:
         self.rejects.append(
@@ -528,8 +526,16 @@ def _consume(
 
 def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]) -> int:
     """Sort one batch of decoder output into stored, quarantined and duplicate rows; returns
-    how many were instance conflicts."""
+    how many were instance conflicts.
+
+    The batch's duplicate rows are handed over after its stored and quarantined rows: a
+    duplicate row makes re-runs skip its image id unread, and one naming a copy kept in this
+    batch, written by a run interrupted before that copy was stored, made every re-run skip
+    the image for good. Interrupted anywhere here, a row is at worst left unlisted (a re-run
+    lists it)."""
     summary = out.summary
+    copy_rows: list[dict[str, Any]] = []  # same bytes
+    instance_rows: list[dict[str, Any]] = []  # same instance, other bytes
     table = batch.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
     keep_ok: list[int] = []
     keep_q: list[int] = []
@@ -550,12 +556,12 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
             summary.duplicates += 1
             summary.already_ingested += 1
             if image_id is not None:  # None: a path DST quarantined unread, read again
-                out.same_bytes(_row_fields(table, i), in_run=False)
+                copy_rows.append(out.same_bytes(_row_fields(table, i), in_run=False))
             continue
         if image_id is not None and image_id in seen:
             summary.duplicates += 1
             summary.duplicates_in_run += 1
-            out.same_bytes(_row_fields(table, i), in_run=True)
+            copy_rows.append(out.same_bytes(_row_fields(table, i), in_run=True))
             continue
         if image_id is not None:
             seen.add(image_id)
@@ -578,7 +584,7 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
             else:
                 summary.already_ingested += 1
             row = table.slice(i, 1).to_pylist()[0]
-            out.duplicates.append(
+            instance_rows.append(
                 {
                     **{k: row.get(k) for k in DUPLICATE_SCHEMA.names},
                     "kept_image_id": verdict.kept_image_id,
@@ -597,6 +603,8 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
         out.store(table.take(keep_ok))
     if keep_q:
         out.reject(table.take(keep_q), [reasons[i] for i in keep_q], [messages[i] for i in keep_q])
+    out.duplicates.extend(instance_rows)
+    out.copies.extend(r for r in copy_rows if r is not None)
     return conflicts
 
 

@@ -1251,3 +1251,66 @@ def test_a_version_1_manifest_is_read_and_its_runs_say_finished(ray_session, tmp
     assert manifest["manifest_version"] == 2
     assert [r["status"] for r in manifest["runs"]] == ["finished", "finished"]
     assert (manifest["duplicates"], manifest["duplicate_instances"]) == (1, 0)
+
+
+def test_a_ctrl_c_inside_a_batch_leaves_no_image_known_but_unstored(tmp_path) -> None:
+    """Re-runs skip unread every image id a duplicates row names. A Ctrl-C landing in a batch
+    (here while a stored instance's shard is read back, where the driver spends its time)
+    after a same-bytes copy of an image kept in that batch, but before the batch was stored,
+    left a row for that image: never stored, every re-run skipped it for good."""
+    import signal
+
+    import pyarrow as pa
+    from shard_tables import write_shard
+
+    from pipelines.ingest import IngestSummary, _Outputs, _take_batch
+    from radjepa.ingest.decoding import RESULT_SCHEMA
+    from radjepa.ingest.destination import Destination
+    from radjepa.ingest.instances import InstanceIndex
+    from radjepa.shards import pixels_to_bytes
+
+    px = gradient(32, 32, bits=8, seed=1).astype(np.uint8)
+    pid = "ab" * 16
+    dst = tmp_path / "dst"
+    write_shard(dst, px[None], image_id=["c" * 64], instance_pid=[pid])  # an earlier run's
+    dest = Destination(str(dst))
+
+    def read_back_interrupted(path: str, columns: list[str]) -> pa.Table:
+        table = dest.read_columns(path, columns)
+        if "pixels" in columns:  # reading the stored copy back: the user presses Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)
+        return table
+
+    x = "d" * 64
+
+    def row(image_id: str, path: str, instance_pid: str | None = None) -> dict:
+        return {
+            **{f.name: None for f in RESULT_SCHEMA},
+            "image_id": image_id,
+            "status": "ok",
+            "instance_pid": instance_pid,
+            "source_hash": hashlib.md5(path.encode()).hexdigest(),
+            "size_bytes": 10,
+            "pixels": pixels_to_bytes(px),
+            "height": 32,
+            "width": 32,
+            "dtype": "uint8",
+        }
+
+    # x kept, x again from another path (same bytes), then a copy of the stored instance
+    batch = pa.Table.from_pylist(
+        [row(x, "a.png"), row(x, "b.png"), row("e" * 64, "c.dcm", pid)], schema=RESULT_SCHEMA
+    )
+    index = InstanceIndex(dest.shards(), read_back_interrupted)
+    out = _Outputs(dest, IngestSummary(dst=str(dst), run_id="r1"), 100, "r1", index)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest's may ignore
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _take_batch(batch, out, set(), set())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    out.finish(interrupted=True)
+    stored = set(read_images(dst)[1].column("image_id").to_pylist())
+    assert x not in dest.known_ids() or x in stored  # a re-run reads x again and stores it
+    s = out.summary
+    assert s.input == s.ok + s.quarantined + s.duplicates
