@@ -229,8 +229,8 @@ def _shutdown_with_references_freed(ray: Any) -> None:
     paused until Ray is down (an explicit ``gc.collect`` still runs)."""
     gc.collect()
     was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    try:  # disabled inside: a Ctrl-C right after it still finds the finally
+        gc.disable()
         ray.shutdown()
     finally:
         if was_enabled:

@@ -203,9 +203,15 @@ class _WholeBodyParser(MultiPartParser):
 
     Neither it nor python-multipart checks that at the end of the stream: a body cut short
     after its first file (an upload interrupted, a proxy's limit) was answered 200 for the
-    files before the cut, the rest dropped without a word."""
+    files before the cut, the rest dropped without a word. ``began``: a part began (an empty
+    body, or one with no part at all, holds no files: said as such, not as cut short)."""
 
     ended = False
+    began = False
+
+    def on_part_begin(self) -> None:
+        self.began = True
+        super().on_part_begin()
 
     def on_end(self) -> None:
         self.ended = True
@@ -241,7 +247,7 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
         # bodies cost the log nothing by default
         log.debug("refused a multipart body (request %s): %s", request_id(request), refused.reason)
         raise refused from None
-    if not parser.ended:
+    if parser.began and not parser.ended:
         await form.close()
         log.debug("refused a multipart body (request %s): cut short", request_id(request))
         raise ApiError(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import re
-import unicodedata
 import uuid
 
 from fastapi.responses import JSONResponse
@@ -83,7 +82,8 @@ def shown_filename(filename: str | None) -> str | None:
     tell which file of a multi-file request was refused."""
     if filename is None:
         return None
-    clean = "".join(c for c in filename if unicodedata.category(c)[0] != "C")
+    # str.isprintable also refuses line and paragraph separators (U+2028/9) and other spaces
+    clean = "".join(c for c in filename if c.isprintable())
     if len(clean) > FILENAME_CHARS:
         return clean[: FILENAME_CHARS - 3] + "..."
     return clean

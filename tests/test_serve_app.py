@@ -922,6 +922,9 @@ def test_a_multipart_body_cut_short_is_refused_not_answered_in_part(world):
             assert "cut short" in r.json()["detail"], (case, r.text)
         r = httpx.post(url, content=whole + b"--B--\r\n", headers=headers)
         assert r.status_code == 200 and len(r.json()["results"]) == 1, r.text
+        for empty in (b"", b"--B--\r\n"):  # no part at all: no files, not "cut short"
+            r = httpx.post(url, content=empty, headers=headers)
+            assert r.status_code == 422 and r.json()["reason"] == "no_files", (empty, r.text)
 
 
 def test_error_bodies_name_an_uploaded_file_bounded_and_printable(world):
@@ -931,7 +934,7 @@ def test_error_bodies_name_an_uploaded_file_bounded_and_printable(world):
     import httpx
 
     png = world["pngs"][0]
-    hostile = "\x1b[31mred\u202eevil\x7f" + "A" * 3000 + ".dcm"
+    hostile = "\x1b[31mred\u202eevil\x7f\u2028" + "A" * 3000 + ".dcm"
     cases = {
         "undecodable": [("files", (hostile, b"not an image", "application/octet-stream"))],
         "part_type": [("files", (hostile, png, "text/plain"))],
