@@ -556,6 +556,7 @@ def _sweep_cli(out: Path, name: str, sets: dict[str, str], *extra: str):
     """`radjepa sweep` in a process of its own (its own local Ray), as a user or a pod runs it;
     Ray's log deduplication is off so that a worker's step line can be waited for."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -576,8 +577,16 @@ def _sweep_cli(out: Path, name: str, sets: dict[str, str], *extra: str):
     args = [sys.executable, "-m", "pipelines.cli", "sweep", "-c", str(CONFIGS / "tiny_cpu.yaml")]
     args += [f"--set={k}={v}" for k, v in sets.items()] + list(extra)
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo), "RAY_DEDUP_LOGS": "0"}
+    # SIGINT as a user's foreground process has it: a background pytest (CI's) ignores it, and
+    # the child would inherit that until Tune's handler replaced it
     return subprocess.Popen(
-        args, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        args,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
