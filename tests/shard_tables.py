@@ -54,6 +54,25 @@ def write_metadata_shard(root: Path, n: int = 64, size: int = 256) -> Path:
     return Path(root)
 
 
+def write_blank_shards(root: Path, n: int = 64, size: int = 256) -> Path:
+    """``root/shards``: one shard of ``n`` black ``size`` x ``size`` images with only the
+    columns pretrain, sweep and embed check before they start Ray (and that a sweep can train
+    on); returns the shards folder."""
+    folder = Path(root) / "shards" / IMAGES_DIR
+    folder.mkdir(parents=True)
+    table = pa.table(
+        {
+            "image_id": [f"img{i:03d}" for i in range(n)],
+            "pixels": pa.array([bytes(size * size)] * n, pa.binary()),
+            "height": [size] * n,
+            "width": [size] * n,
+            "dtype": ["uint8"] * n,
+        }
+    )
+    pq.write_table(table, folder / "part-0.parquet")
+    return folder.parent
+
+
 def write_embeddings_index(root: Path, n: int = 4, dim: int = 8) -> Path:
     """Parquet in the layout `radjepa embed` writes (``pipelines.embed.OUTPUT_COLUMNS``, files
     straight in ``root``): what a user may give where shards are expected."""

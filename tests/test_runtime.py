@@ -23,9 +23,8 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from shard_tables import write_blank_shards
 
 from pipelines.cluster_address import ClusterConnectionError, check_cluster_address
 
@@ -42,20 +41,7 @@ def _unused_port() -> int:
 @pytest.fixture
 def metadata_shards(tmp_path: Path) -> Path:
     """An ingest output with the columns pretrain, sweep and embed check before they start Ray."""
-    images = tmp_path / "shards" / "images"
-    images.mkdir(parents=True)
-    n = 64
-    table = pa.table(
-        {
-            "image_id": [f"img{i:03d}" for i in range(n)],
-            "pixels": pa.array([bytes(256 * 256)] * n, pa.binary()),
-            "height": [256] * n,
-            "width": [256] * n,
-            "dtype": ["uint8"] * n,
-        }
-    )
-    pq.write_table(table, images / "part-0.parquet")
-    return tmp_path / "shards"
+    return write_blank_shards(tmp_path)
 
 
 def _command(name: str, tmp: Path, shards: Path) -> list[str]:

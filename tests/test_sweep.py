@@ -697,29 +697,16 @@ def test_an_interruption_while_the_parent_run_is_set_up_ends_it_killed(tmp_path,
     import time
 
     import mlflow
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from shard_tables import write_blank_shards
 
-    n = 64
-    images = tmp_path / "shards" / "images"
-    images.mkdir(parents=True)
-    table = pa.table(
-        {
-            "image_id": [f"img{i:03d}" for i in range(n)],
-            "pixels": pa.array([bytes(256 * 256)] * n, pa.binary()),
-            "height": [256] * n,
-            "width": [256] * n,
-            "dtype": ["uint8"] * n,
-        }
-    )
-    pq.write_table(table, images / "part-0.parquet")
+    shards = write_blank_shards(tmp_path)
     sweep_dir = tmp_path / "setup"
     sweep_dir.mkdir()
     os.mkfifo(sweep_dir / "mlflow_parent_run_id")
     db = tmp_path / "mlflow.db"
     space = '{"ema.start": {"type": "grid", "values": [0.99, 0.996]}}'
     sets = {"tune.search_space": space, "tracking.uri": f"sqlite:///{db}"}
-    proc = _sweep_cli(tmp_path, "setup", sets, "--data", str(tmp_path / "shards"))
+    proc = _sweep_cli(tmp_path, "setup", sets, "--data", str(shards))
     try:
         deadline = time.monotonic() + 240
         made = []
