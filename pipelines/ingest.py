@@ -6,8 +6,9 @@ an actor pool runs :func:`radjepa.imaging.decode.decode_image` with errors caugh
 the driver streams the results in input order, drops duplicate bytes and duplicate DICOM
 instances (:mod:`radjepa.ingest.instances`), and writes fixed-size zstd Parquet shards to
 ``DST/images/``, rejects to ``DST/quarantine/``, inputs dropped as duplicates (same instance in
-other bytes, or same bytes from another path) to ``DST/duplicates/`` and a reconciling ``DST/manifest.json`` (input = ok + quarantined +
-duplicates), which records every run, also one Ctrl-C or SIGTERM stopped.
+other bytes, or same bytes from another path) to ``DST/duplicates/`` and a reconciling
+``DST/manifest.json`` (input = ok + quarantined + duplicates), which records every run, also
+one Ctrl-C or SIGTERM stopped.
 
 Idempotence: image ids (HMAC-SHA256 of the bytes under the pseudonymisation key; the unkeyed
 SHA-256 in a DST made before ids were keyed) already in ``DST`` (images or quarantine) are
