@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
+from radjepa.hex_columns import unhex
+
 if TYPE_CHECKING:
     import pyarrow as pa
 
@@ -27,8 +29,6 @@ __all__ = ["IdColumn"]
 _BLOCK = 65536  # rows decoded at once when a whole column is read
 _HEX = re.compile(r"[0-9a-f]*")
 _HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
-_NIBBLE = np.zeros(256, np.uint8)  # ASCII hex digit -> its value (only lowercase hex is encoded)
-_NIBBLE[_HEX_DIGITS] = np.arange(16, dtype=np.uint8)
 # ends every stored text value: numpy drops trailing NUL bytes when it reads an element, so a
 # value ending in "\0" would come back shorter and equal to another; and it leaves the empty
 # stored value (all NULs) to nulls alone
@@ -226,18 +226,11 @@ def _unhex(chunk: pa.Array, hex_chars: int) -> np.ndarray:
     read straight from the Arrow buffers; nulls become zeros (the null mask tells them apart)."""
     import pyarrow.compute as pc
 
-    n = len(chunk)
-    if n == 0:
+    if len(chunk) == 0:
         return np.empty(0, f"S{hex_chars // 2}")
     if chunk.null_count:
         chunk = pc.fill_null(chunk, "0" * hex_chars)
-    # every value now has hex_chars characters: the data between the first and last offsets
-    # is the values back to back
-    offsets = np.frombuffer(chunk.buffers()[1], _offsets_type(chunk))
-    offsets = offsets[chunk.offset : chunk.offset + n + 1]
-    data = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-    digits = _NIBBLE[data].reshape(n, hex_chars // 2, 2)  # [n, bytes, (high, low)]
-    return (digits[:, :, 0] << 4 | digits[:, :, 1]).view(f"S{hex_chars // 2}").ravel()
+    return unhex(chunk, hex_chars)[0]  # every value is lowercase hex: _hex_chars checked
 
 
 def _offsets_type(chunk: pa.Array) -> type | None:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from radjepa.hex_columns import offsets, unhex
+
 __all__ = ["PATH_PREFIX", "InputKeys", "InstanceShards", "KnownIds"]
 
 log = logging.getLogger(__name__)
@@ -33,10 +35,6 @@ log = logging.getLogger(__name__)
 PATH_PREFIX = "path:"  # a known id of a file never read: its path hash (quarantine source_hash)
 IMAGE_ID_CHARS = 64  # radjepa.imaging.deid.content_id: SHA-256 / HMAC-SHA256 hex
 PATH_HASH_CHARS = 32  # keyed_hash: PSEUDONYM_HEX_CHARS, as the instance pseudonym
-
-_NOT_HEX = 255
-_NIBBLE = np.full(256, _NOT_HEX, np.uint8)  # ASCII lowercase hex digit -> its value
-_NIBBLE[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
 
 Strings = pa.Array | pa.ChunkedArray
 
@@ -48,11 +46,6 @@ def _chunks(values: Strings) -> list[pa.Array]:
         c if pa.types.is_string(c.type) or pa.types.is_large_string(c.type) else c.cast(pa.string())
         for c in chunks
     ]
-
-
-def _offsets(chunk: pa.Array) -> np.ndarray:
-    kind = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
-    return np.frombuffer(chunk.buffers()[1], kind)[chunk.offset : chunk.offset + len(chunk) + 1]
 
 
 def hex_keys(values: Strings, chars: int) -> tuple[np.ndarray, list[str]]:
@@ -67,24 +60,17 @@ def hex_keys(values: Strings, chars: int) -> tuple[np.ndarray, list[str]]:
             chunk = chunk.drop_null()
         if not len(chunk):
             continue
-        offsets = _offsets(chunk)
-        fits = np.diff(offsets) == chars
+        fits = np.diff(offsets(chunk)) == chars
         if not fits.all():
             others.extend(v for v in chunk.filter(pa.array(~fits)).to_pylist() if v)
             chunk = chunk.filter(pa.array(fits))
             if not len(chunk):
                 continue
-            offsets = _offsets(chunk)
-        # every value has ``chars`` characters: the data between the outer offsets is the
-        # values back to back
-        data = np.frombuffer(chunk.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-        digits = _NIBBLE[data].reshape(len(chunk), chars)
-        hexed = (digits != _NOT_HEX).all(axis=1)
+        raw, hexed = unhex(chunk, chars)
         if not hexed.all():
             others.extend(chunk.filter(pa.array(~hexed)).to_pylist())
-            digits = digits[hexed]
-        raw = np.ascontiguousarray(digits[:, 0::2] << 4 | digits[:, 1::2])
-        keys.append(raw.view(f"S{chars // 2}").ravel())
+            raw = raw[hexed]
+        keys.append(raw)
     joined = np.concatenate(keys) if keys else np.empty(0, f"S{chars // 2}")
     return joined, others
 
