@@ -69,7 +69,8 @@ def hex_column(raw: np.ndarray) -> Any:
 
 
 def write_dst(root: Path, images: int, shard_rows: int, quarantined: int) -> None:
-    """A DST's three Parquet folders with ingest's id columns (the other columns are not read)."""
+    """A DST's three Parquet folders with ingest's id columns, and the image size a run's checks
+    read (the other columns are not read)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -82,6 +83,9 @@ def write_dst(root: Path, images: int, shard_rows: int, quarantined: int) -> Non
             {
                 "image_id": hex_column(rng.integers(0, 256, (n, 32), np.uint8)),
                 "instance_pid": hex_column(rng.integers(0, 256, (n, 16), np.uint8)),
+                "source_hash": hex_column(rng.integers(0, 256, (n, 16), np.uint8)),
+                "height": pa.array(np.full(n, 256, np.int32)),  # what check_key reads
+                "dtype": pa.array(["uint8"] * n, pa.string()),
             }
         )
         pq.write_table(table, root / "images" / f"part-bench-{part:05d}.parquet")
@@ -94,9 +98,54 @@ def write_dst(root: Path, images: int, shard_rows: int, quarantined: int) -> Non
         root / "quarantine" / "quarantine-bench.parquet",
     )
     pq.write_table(
-        pa.table({"image_id": pa.array([], pa.string())}),
+        pa.table(
+            {c: pa.array([], pa.string()) for c in ("image_id", "kept_image_id", "source_hash")}
+        ),
         root / "duplicates" / "duplicates-bench.parquet",
     )
+
+
+def measure_start(dst: str) -> dict[str, Any]:
+    """In a fresh process: what a run reads of an older DST (no key record) before it decodes,
+    in ``pipelines.ingest``'s order: ``check_key`` (which asks whether DST holds any id), then
+    ``known_ids``; then, apart, ``recorded_inputs`` (read at the first input DST holds). Counts
+    the Parquet reads of each (a DST of ``k`` files read once is ``k`` reads a column)."""
+    import pyarrow.parquet as pq
+
+    import radjepa.ingest.destination as destination
+    from radjepa.imaging.deid import DEV_SECRET, key_fingerprint
+
+    reads: list[str] = []
+    read_table = pq.read_table
+
+    def counted(path: Any, *args: Any, columns: Any = None, **kwargs: Any) -> Any:
+        reads.extend(columns or ["*"])
+        return read_table(path, *args, columns=columns, **kwargs)
+
+    destination.pq.read_table = counted  # type: ignore[attr-defined]
+    dest = destination.Destination(dst)
+    key = {"key": "development", "key_fingerprint": key_fingerprint(DEV_SECRET)}
+    out: dict[str, Any] = {}
+    _settled()
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    destination.check_key(dest, None, {**key, "patient_identity": "patient_id"}, "BENCH")
+    known = dest.known_ids()
+    out["start_s"] = time.perf_counter() - t0
+    out["start_peak_bytes"] = _maxrss() - rss0
+    out["start_id_reads"] = reads.count("image_id") + reads.count("sha256")
+    out["known_entries"] = len(known)
+    del known
+    _settled()
+    reads.clear()
+    peak0 = _maxrss()
+    t0 = time.perf_counter()
+    keys, _ = dest.recorded_inputs()
+    out["recorded_s"] = time.perf_counter() - t0
+    out["recorded_peak_above_start_bytes"] = _maxrss() - peak0
+    out["recorded_nbytes"] = len(keys) * 8
+    out["recorded_id_reads"] = reads.count("image_id") + reads.count("sha256")
+    return out
 
 
 def _rss() -> int:
@@ -343,11 +392,16 @@ def main() -> None:
     ap.add_argument("--quarantine-fraction", type=float, default=0.01)
     ap.add_argument("--ray-actors", type=int, default=2, help="actors that get the known ids")
     ap.add_argument("--no-ray", action="store_true", help="skip the local Ray measurement")
-    ap.add_argument("--measure", choices=("ours", "baseline", "ray"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--measure", choices=("ours", "baseline", "ray", "start"), help=argparse.SUPPRESS
+    )
     ap.add_argument("--dst", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure == "ray":
         print(json.dumps(measure_ray(args.dst, args.ray_actors)))
+        return
+    if args.measure == "start":
+        print(json.dumps(measure_start(args.dst)))
         return
     if args.measure:
         print(json.dumps(measure(args.measure, args.dst)))
@@ -366,6 +420,10 @@ def main() -> None:
                 ["--measure", "ray", "--dst", tmp, "--ray-actors", str(args.ray_actors)]
             )
         )
+        files = sum(
+            1 for sub in ("images", "quarantine", "duplicates") for _ in (Path(tmp) / sub).iterdir()
+        )
+        start = in_fresh_process(["--measure", "start", "--dst", tmp])  # last: writes a key record
     for key in ("known_entries", "instances_entries"):
         if ours[key] != base[key]:
             raise SystemExit(f"{key}: ours {ours[key]} vs baseline {base[key]}")
@@ -411,6 +469,14 @@ def main() -> None:
         result[f"{side}_instances_build_s"] = round(figures["instances_build_s"], 2)
         result[f"{side}_pid_hit_per_s"] = round(figures["pid_hit_per_s"])
         result[f"{side}_pid_miss_per_s"] = round(figures["pid_miss_per_s"])
+    result["dst_parquet_files"] = files
+    result["run_start_s"] = round(start["start_s"], 2)
+    result["run_start_peak_mib"] = _mib(start["start_peak_bytes"])
+    result["run_start_id_column_reads"] = start["start_id_reads"]
+    result["recorded_inputs_s"] = round(start["recorded_s"], 2)
+    result["recorded_inputs_peak_above_start_mib"] = _mib(start["recorded_peak_above_start_bytes"])
+    result["recorded_inputs_mib"] = _mib(start["recorded_nbytes"])
+    result["recorded_inputs_id_column_reads"] = start["recorded_id_reads"]
     if ray_figures:
         result["ray_actors"] = args.ray_actors
         for side in ("ours", "baseline"):
