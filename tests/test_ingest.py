@@ -324,6 +324,60 @@ def test_a_destination_with_unkeyed_ids_keeps_them_and_warns(ray_session, tmp_pa
     assert json.loads((dst / "manifest.json").read_text())["pseudonyms"]["id_scheme"] == "sha256"
 
 
+@pytest.mark.parametrize("record", ["none", "without_id_scheme"])
+def test_a_run_reads_an_older_dsts_ids_once(ray_session, tmp_path, monkeypatch, record):
+    """On a DST without a key record (or one naming no id scheme: older versions), check_key
+    asked whether DST held any id by building the whole set of known ids, and the run then
+    built it again for its decoders: every file's id column read and sorted twice, seconds to
+    minutes and hundreds of MiB each at archive scale. Now each is read once per run."""
+    import pyarrow.parquet as pq
+
+    from pipelines.ingest import run_ingest
+    from radjepa.imaging.deid import key_fingerprint
+    from radjepa.ingest import destination
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for s in range(3):
+        (src / f"old{s}.dcm").write_bytes(make_dicom(gradient(40, 40, seed=s), markers=False))
+    (src / "old_bad.dcm").write_bytes(b"not an image")  # a quarantine file too
+    key = resolve_secret("RADJEPA_DEID_SECRET", allow_development_key=True)
+    fields = {"key": "development", "key_fingerprint": key_fingerprint(key)}
+    (dst / "pseudonyms.json").write_text(json.dumps({**fields, "id_scheme": "sha256"}))
+    first = run_ingest([str(src)], str(dst), _cfg("ingest.shard_rows=2"), progress=False)
+    assert (first.ok, first.quarantined) == (3, 1)
+    # what an older version left: no key record, or one that names no id scheme
+    manifest = json.loads((dst / "manifest.json").read_text())
+    if record == "none":
+        (dst / "pseudonyms.json").unlink()
+        del manifest["pseudonyms"]
+    else:
+        (dst / "pseudonyms.json").write_text(json.dumps(fields))
+        manifest["pseudonyms"] = fields
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    (src / "new.dcm").write_bytes(make_dicom(gradient(40, 40, seed=9), markers=False))
+
+    reads: Counter[tuple[str, tuple[str, ...]]] = Counter()
+    read_table = pq.read_table
+
+    def counted(path, *args, columns=None, **kwargs):
+        reads[(Path(path).name, tuple(columns or ()))] += 1
+        return read_table(path, *args, columns=columns, **kwargs)
+
+    monkeypatch.setattr(destination.pq, "read_table", counted)
+    s = run_ingest([str(src)], str(dst), _cfg("ingest.shard_rows=2"), progress=False)
+    assert (s.ok, s.already_ingested) == (1, 4)  # its files recognised by their sha256 ids
+    assert json.loads((dst / "pseudonyms.json").read_text())["id_scheme"] == "sha256"
+    shards = sorted(p.name for p in (dst / "images").glob("*.parquet"))
+    quarantine = sorted(p.name for p in (dst / "quarantine").glob("*.parquet"))
+    assert len(shards) == 3 and len(quarantine) == 1  # this run's shard included
+    id_reads = {
+        name: n for (name, columns), n in reads.items() if columns in {("image_id",), ("sha256",)}
+    }
+    assert id_reads == {name: 1 for name in [*shards[:2], *quarantine]}
+
+
 def test_no_key_is_refused_before_anything_unless_the_config_opts_in(
     ray_session, tmp_path, monkeypatch
 ) -> None:
