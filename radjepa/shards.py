@@ -35,6 +35,8 @@ __all__ = [
     "pixels_from_bytes",
     "pixels_to_bytes",
     "duplicate_rows",
+    "is_output_name",
+    "output_files",
     "read_duplicates",
     "read_images",
     "require_columns",
@@ -44,6 +46,12 @@ __all__ = [
 IMAGES_DIR = "images"
 QUARANTINE_DIR = "quarantine"
 DUPLICATES_DIR = "duplicates"
+# how ingest names the Parquet files it writes into each folder: <prefix><run id>...parquet
+OUTPUT_PREFIXES = {
+    IMAGES_DIR: "part-",
+    QUARANTINE_DIR: "quarantine-",
+    DUPLICATES_DIR: "duplicates-",
+}
 
 _META_TYPES: dict[str, pa.DataType] = {
     "age_years": pa.int16(),
@@ -122,20 +130,38 @@ def duplicate_rows(table: pa.Table) -> pa.Table:
     return table.select(DUPLICATE_SCHEMA.names).cast(DUPLICATE_SCHEMA)
 
 
+def is_output_name(sub: str, name: str) -> bool:
+    """Whether ``name`` is how ingest names a Parquet file of the DST folder ``sub``
+    (``images``, ``quarantine``, ``duplicates``)."""
+    return name.startswith(OUTPUT_PREFIXES[sub]) and name.endswith(".parquet")
+
+
+def output_files(fs: pafs.FileSystem, root: str, sub: str) -> list[str]:
+    """The Parquet files ingest wrote into ``root/sub`` of a DST, sorted (by run, then
+    number): the one listing that ingest's reads of DST and :func:`read_duplicates` share.
+
+    Only regular files named as ingest names them. Not a temporary file (``.NAME.tmp``) of a
+    write in progress or killed, not a hidden file (a Mac that copies DST onto a network share
+    or a USB disk leaves an AppleDouble ``._part-....parquet`` beside each file: 4 KiB of
+    Finder data, not Parquet, which stopped the next ingest with an ArrowInvalid traceback),
+    not a folder, and not another tool's file. Ingest listed every ``*.parquet`` while
+    :func:`read_duplicates` took only ``duplicates-*``: the two could disagree on what DST
+    holds. An empty list when the folder is missing."""
+    folder = f"{root.rstrip('/')}/{sub}"
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return []
+    return sorted(
+        e.path
+        for e in fs.get_file_info(pafs.FileSelector(folder))
+        if e.type == pafs.FileType.File and is_output_name(sub, e.base_name)
+    )
+
+
 def read_duplicates(dst: str | Path) -> pa.Table:
     """Every ``DST/duplicates`` row of an ingest output (older files included, see
     :func:`duplicate_rows`); an empty table when there are none."""
     fs, root = filesystem(dst)
-    folder = f"{root.rstrip('/')}/{DUPLICATES_DIR}"
-    if fs.get_file_info(folder).type != pafs.FileType.Directory:
-        return DUPLICATE_SCHEMA.empty_table()
-    paths = sorted(
-        e.path
-        for e in fs.get_file_info(pafs.FileSelector(folder))
-        if e.type == pafs.FileType.File
-        and e.base_name.startswith("duplicates-")
-        and e.base_name.endswith(".parquet")
-    )
+    paths = output_files(fs, root, DUPLICATES_DIR)
     tables = [duplicate_rows(pq.read_table(p, filesystem=fs)) for p in paths]
     return pa.concat_tables(tables) if tables else DUPLICATE_SCHEMA.empty_table()
 

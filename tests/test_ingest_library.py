@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import tarfile
 import zipfile
 from pathlib import Path
@@ -259,6 +260,59 @@ def test_totals_count_a_row_quarantined_unread_whose_path_was_stored_since_as_re
         reasons = {"not_an_image": 1, "read_error": 1, **({} if resolved else {"too_large": 1})}
         assert dest.totals() == Totals(1, 3 - resolved, reasons, resolved)
         assert dest.unread_quarantined() == ({other} if resolved else {other, stored})
+
+
+def _apple_double() -> bytes:
+    """What macOS writes as ``._NAME`` beside each file it copies onto a volume without its
+    metadata (SMB/NFS shares, exFAT disks): an AppleDouble header, no Parquet."""
+    return struct.pack(">II16sH", 0x00051607, 0x00020000, b"Mac OS X        ", 0).ljust(4096, b"\0")
+
+
+def test_dst_files_other_than_ingests_own_are_read_by_no_reader(tmp_path):
+    """Ingest read every ``*.parquet`` of DST's folders while ``read_duplicates`` read only
+    ``duplicates-*.parquet``: a Mac's AppleDouble ``._part-....parquet`` (left beside each
+    file of a DST copied onto a share) stopped the next run with an ArrowInvalid traceback,
+    and the two readers disagreed on which files DST/duplicates holds. Both now list only the
+    regular files named as ingest names them: no hidden or temporary file, no folder."""
+    from radjepa.shards import (
+        DUPLICATE_SAME_BYTES,
+        DUPLICATE_SCHEMA,
+        QUARANTINE_SCHEMA,
+        read_duplicates,
+    )
+
+    root = tmp_path / "dst"
+    dest = Destination(str(root))
+    png = _store_one_png(dest, "part-r1-00000.parquet")
+    stored = content_id(png, SECRET)
+    copy = {"image_id": "c" * 64, "kept_image_id": stored, "kind": DUPLICATE_SAME_BYTES}
+    copy |= {"source_hash": "d" * 32, "size_bytes": 1, "run_id": "r1"}
+    dest.write(
+        "duplicates", "duplicates-r1.parquet", pa.Table.from_pylist([copy], DUPLICATE_SCHEMA)
+    )
+    bad = {"sha256": "e" * 64, "source_hash": "f" * 32, "reason": "not_an_image"}
+    bad |= {"message": "m", "run_id": "r1"}
+    dest.write(
+        "quarantine", "quarantine-r1.parquet", pa.Table.from_pylist([bad], QUARANTINE_SCHEMA)
+    )
+    ours = {sub: sorted(os.listdir(root / sub)) for sub in ("images", "quarantine", "duplicates")}
+    for sub, names in ours.items():
+        (root / sub / f"._{names[0]}").write_bytes(_apple_double())
+    whole = (root / "duplicates" / "duplicates-r1.parquet").read_bytes()
+    (root / "duplicates" / ".duplicates-r2.parquet.tmp").write_bytes(whole[: len(whole) // 2])
+    (root / "duplicates" / "duplicates-r3.parquet").mkdir()  # a folder, not a file
+    (root / "duplicates" / "notes.parquet").write_bytes(whole)  # another tool's file
+
+    dest = Destination(str(root))  # a later run's view
+    assert dest.known_ids() == {stored, "c" * 64, "e" * 64, "path:" + "f" * 32}
+    assert dest.totals() == (1, 1, {"not_an_image": 1}, 0)
+    assert dest.stored_image() == {"size": 64, "dtype": "uint8"}
+    keys, kept = dest.recorded_inputs()
+    assert len(keys) == 3 and kept == {"c" * 64: stored}
+    assert read_duplicates(root).to_pylist() == [
+        {**{n: None for n in DUPLICATE_SCHEMA.names}, **copy}
+    ]
+    assert {sub: [Path(p).name for p in dest._parquet(sub)] for sub in ours} == ours
 
 
 def test_destination_writes_whole_files_and_guards_its_key_and_size(tmp_path):

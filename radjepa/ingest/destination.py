@@ -13,7 +13,8 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from itertools import chain
 from typing import Any, NamedTuple
 
@@ -27,7 +28,13 @@ from radjepa.ingest.dst_lock import LOCK, is_lock_temporary
 from radjepa.ingest.errors import IngestError
 from radjepa.ingest.id_sets import InputKeys, KnownIds
 from radjepa.locations import filesystem
-from radjepa.shards import DUPLICATES_DIR, IMAGES_DIR, QUARANTINE_DIR
+from radjepa.shards import (
+    DUPLICATES_DIR,
+    IMAGES_DIR,
+    QUARANTINE_DIR,
+    is_output_name,
+    output_files,
+)
 
 __all__ = [
     "KEY_RECORD",
@@ -130,20 +137,20 @@ class Destination:
         self._known: KnownIds | None = None  # known_ids, until this object writes a file
 
     def _parquet(self, sub: str) -> list[str]:
-        infos = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{sub}"))
-        return sorted(i.path for i in infos if i.path.endswith(".parquet"))
+        """The Parquet files ingest wrote into DST/``sub``: the listing ``read_duplicates``
+        uses too (:func:`radjepa.shards.output_files`: no hidden, temporary or foreign file)."""
+        return output_files(self.fs, self.root, sub)
 
     def remove_leftovers(self) -> int:
         """Delete the temporary files of runs killed mid-write (``kill -9``, an evicted pod):
         ``.NAME.tmp`` of a shard, a quarantine file or a JSON record, which no reader looks at
         and nothing else removes. Only those names; only while holding the run lock (a live
         run's temporary file would go too). Returns how many were removed."""
-        places = {
-            IMAGES_DIR: lambda n: n.startswith("part-") and n.endswith(".parquet"),
-            QUARANTINE_DIR: lambda n: n.startswith("quarantine-") and n.endswith(".parquet"),
-            DUPLICATES_DIR: lambda n: n.startswith("duplicates-") and n.endswith(".parquet"),
-            "": lambda n: n in {MANIFEST, KEY_RECORD},
+        places: dict[str, Callable[[str], bool]] = {
+            sub: partial(is_output_name, sub)
+            for sub in (IMAGES_DIR, QUARANTINE_DIR, DUPLICATES_DIR)
         }
+        places[""] = lambda n: n in {MANIFEST, KEY_RECORD}
         removed = 0
         for sub, ours in places.items():
             folder = f"{self.root}/{sub}".rstrip("/")
