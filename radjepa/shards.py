@@ -182,7 +182,14 @@ def shard_folder(dst: str | Path) -> str:
 
 
 def list_shards(dst: str | Path) -> list[str]:
-    """Sorted shard files (paths, or URIs when ``dst`` is one) of an ingest output folder."""
+    """Sorted shard files (paths, or URIs when ``dst`` is one) of an ingest output folder.
+
+    Names starting with ``.`` or ``_`` are not shards, the rule Ray Data's and pyarrow's
+    folder readers apply (pretraining reads the folder through them): a Mac that copies the
+    folder onto a share leaves an AppleDouble ``._part-....parquet`` beside each shard, 4 KiB
+    of Finder data that ``read_images`` and ``radjepa embed`` read as Parquet (ArrowInvalid,
+    "Parquet magic bytes not found"), and Spark-style ``_SUCCESS``/``_metadata`` files are
+    not images either."""
     folder = shard_folder(dst)
     fs, path = filesystem(folder)
     info = fs.get_file_info(path)
@@ -192,7 +199,9 @@ def list_shards(dst: str | Path) -> list[str]:
         files = sorted(
             spell_like(dst, e.path)
             for e in entries
-            if e.type == pafs.FileType.File and e.path.endswith(".parquet")
+            if e.type == pafs.FileType.File
+            and e.base_name.endswith(".parquet")
+            and not e.base_name.startswith((".", "_"))
         )
     if not files:
         raise ShardError(f"no Parquet shards in {folder}: {_why_no_shards(dst)}")

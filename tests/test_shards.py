@@ -113,3 +113,25 @@ def test_an_embeddings_index_given_as_shards_is_named_in_one_line(tmp_path):
         assert res.returncode == 2, res.stderr
         assert says in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_files_a_mac_or_spark_leaves_beside_the_shards_are_not_read_as_shards(tmp_path):
+    """A Mac copying the folder leaves ``._part-N.parquet`` (AppleDouble: Finder data, not
+    Parquet) beside each shard: read_images and embed's listing read it and stopped with a
+    pyarrow ArrowInvalid ("Parquet magic bytes not found"), while pretraining's Ray Data read
+    of the same folder skipped it."""
+    import pyarrow.parquet as pq
+
+    from radjepa.shards import list_shards, read_images
+
+    images = tmp_path / "images"
+    images.mkdir()
+    pq.write_table(
+        pa.Table.from_batches([_rows([np.full((4, 4), 7, np.uint8)] * 3)]),
+        images / "part-0.parquet",
+    )
+    (images / "._part-0.parquet").write_bytes(b"\x00\x05\x16\x07" + b"\x00" * 4092)
+    (images / "_SUCCESS.parquet").write_bytes(b"")
+    assert [p.rsplit("/", 1)[-1] for p in map(str, list_shards(tmp_path))] == ["part-0.parquet"]
+    pixels, meta = read_images(tmp_path)
+    assert pixels.shape == (3, 4, 4) and int(pixels.max()) == 7 and meta.num_rows == 3
