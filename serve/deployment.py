@@ -150,14 +150,12 @@ class ApiIngress:
         info, preprocess = await self._encoder.describe.remote()
         head, head_source = None, self._head
         if self._head:
-            from radjepa.eval.heads import load_head
-            from serve.registry import resolve_model
+            from serve.registry import resolve_head
 
-            # a head folder, or models:/<name>@<alias> as `radjepa probe --register-head` made
-            resolved = resolve_model(self._head, tracking_uri=self._tracking_uri)
-            head = load_head(resolved.path)
-            if resolved.name is not None:  # callers see the version, not an alias that moves
-                head_source = resolved.pinned
+            # resolved again here, as the CLI did before deploying (a cluster's replicas may see
+            # another store, or a version deleted since): the same resolver, the same message
+            served = resolve_head(self._head, tracking_uri=self._tracking_uri)
+            head, head_source = served.head, served.source
         index = EmbeddingIndex.from_parquet(self._index) if self._index else None
         # what a head and an index record of their encoder, and the weights' public identity
         fingerprint = await self._encoder.fingerprint.remote()
@@ -256,39 +254,40 @@ def check_references(
 
     Needs no Ray: ``radjepa serve`` calls it before starting Ray (a missing registry version
     was said only after Ray and Serve had started, ~15 s), and ``app_from_config`` for the
-    other builders. Registry look-ups read metadata only; the weights are read here only when
-    they are on this disk already. The replicas still resolve every reference themselves: on
-    a cluster they may see another store than this process."""
-    from serve.registry import ModelNotFound, registered_version
+    other builders. The model's registry look-up reads metadata only; its weights are read here
+    only when they are on this disk already. A head is read in full, with the resolver the API
+    replicas use (:func:`serve.registry.resolve_head`). The replicas still resolve every
+    reference themselves: on a cluster they may see another store than this process."""
+    from serve.registry import ModelNotFound, registered_version, resolve_head
 
     check_local_paths(model, head, index)
-    registered = [r for r in (model, head) if r is not None and r.startswith("models:/")]
     model_version = None
-    for ref in registered:
+    if model.startswith("models:/"):
         # a tracking server that does not answer is refused here in seconds (MLflow retried it
         # for minutes, after Ray started): registered_version asks it once first
-        mv = registered_version(ref, tracking_uri=tracking_uri)
+        model_version = registered_version(model, tracking_uri=tracking_uri)
         # a registered probe head given as the model failed in every encoder replica
         # ("... is not a checkpoint folder (no meta.json)"): ~220 lines and exit 1
-        if ref == model and (mv.tags or {}).get("radjepa.kind") == "probe-head":
+        if (model_version.tags or {}).get("radjepa.kind") == "probe-head":
             raise ModelNotFound(
-                f"{ref} is a probe head (registered by `radjepa probe --register-head`): "
+                f"{model} is a probe head (registered by `radjepa probe --register-head`): "
                 "give it as --head, and an encoder `radjepa pretrain` registered as --model"
             )
-        model_version = mv if ref == model else model_version
+    # read in full with the replicas' own resolver (a head is a few kilobytes): a registered
+    # version that is no head, or whose files are gone, was found only by every API replica
+    served_head = resolve_head(head, tracking_uri=tracking_uri) if head else None
     folder = _model_on_this_disk(model, model_version, tracking_uri)
     if folder is None:
         return  # fetched by the replicas; they check head and index against it themselves
     from radjepa.checkpoint import read_meta
-    from radjepa.eval.heads import check_encoder, checkpoint_fingerprint, load_head
+    from radjepa.eval.heads import check_encoder, checkpoint_fingerprint
     from serve.index import EmbeddingIndex
 
     read_meta(folder)
-    local_head = head and "://" not in head and not head.startswith("models:/")
-    if local_head or index:
+    if served_head or index:
         fingerprint = checkpoint_fingerprint(folder)
-        if local_head:
-            check_encoder(load_head(Path(head).expanduser()), fingerprint)
+        if served_head:
+            check_encoder(served_head.head, fingerprint)
         if index:
             EmbeddingIndex.check_file(index, fingerprint)
 

@@ -460,13 +460,19 @@ def _distinct(table: pa.Table | pa.RecordBatch, column: str) -> set[str | None]:
 def _distinct_in_files(files: list[Path], columns: tuple[str, ...]) -> dict[str, set[str | None]]:
     """:func:`_distinct` over an index's files, reading only ``columns`` (start-up checks on
     the driver must not load a whole archive's embeddings)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     seen: dict[str, set[str | None]] = {c: set() for c in columns}
     for f in files:
-        names = pq.read_schema(f).names
-        _check_index_columns(f, names)
-        table = pq.read_table(f, columns=[c for c in columns if c in names])
+        try:
+            names = pq.read_schema(f).names
+            _check_index_columns(f, names)
+            table = pq.read_table(f, columns=[c for c in columns if c in names])
+        except (pa.ArrowException, OSError) as err:
+            # what from_parquet says in the replicas; Arrow's own words named no file ("Parquet
+            # magic bytes not found in footer...": which part of a folder of them?)
+            raise IndexLoadError(f"{f}: unreadable: {err}") from None
         for c in columns:
             seen[c] |= _distinct(table, c)
     return seen

@@ -16,10 +16,12 @@ from typing import Any
 
 __all__ = [
     "ResolvedModel",
+    "ServedHead",
     "ModelNotFound",
     "latest_checkpoint",
     "refuse_run_artifact",
     "registered_version",
+    "resolve_head",
     "resolve_model",
 ]
 
@@ -75,6 +77,41 @@ def resolve_model(ref: str, *, tracking_uri: str | None = None) -> ResolvedModel
         source=ref,
         pinned=f"models:/{mv.name}/{mv.version}",
     )
+
+
+@dataclass(frozen=True)
+class ServedHead:
+    head: Any  # radjepa.eval.heads.ProbeHead
+    # what callers are told of it: the pinned models:/<name>/<version> of a registered head
+    # (not an alias that moves), else the reference as given (never shown: see serve.app)
+    source: str
+
+
+def resolve_head(ref: str, *, tracking_uri: str | None = None) -> ServedHead:
+    """The probe head ``ref`` names (a head folder, or a ``models:/`` version or alias that
+    ``radjepa probe --register-head`` registered), read and checked as the API serves it.
+
+    One resolver for ``radjepa serve``'s check before Ray starts and for each API replica's
+    start-up: the CLI used to look a registered head up by its metadata only, so a version
+    that exists but is not a head (an encoder given as ``--head``) or whose files are gone was
+    found by every replica, as Ray's retried deployment failure (~220 lines, exit 1, ~2 min).
+    A head is a few kilobytes, so it is read in full here. Raises ModelNotFound or HeadError
+    (a ValueError) in one line naming ``ref``; the replicas raise the same."""
+    from radjepa.checkpoint import META
+    from radjepa.eval.heads import HeadError, load_head
+
+    resolved = resolve_model(ref, tracking_uri=tracking_uri)
+    try:
+        head = load_head(resolved.path)
+    except HeadError as err:
+        if (resolved.path / META).is_file():
+            raise HeadError(
+                f"serve.head {ref} is an encoder checkpoint, not a probe head: give it as "
+                "--model, and as --head a head `radjepa probe` wrote (DIR/head) or registered "
+                "(--register-head)"
+            ) from None
+        raise HeadError(f"serve.head {ref} is not a readable probe head: {err}") from None
+    return ServedHead(head, resolved.pinned if resolved.name is not None else ref)
 
 
 def refuse_run_artifact(ref: str) -> None:

@@ -243,6 +243,72 @@ def test_serve_refuses_a_registry_reference_that_does_not_exist_before_starting_
     assert "Traceback" not in out and "Ray cluster" not in out
 
 
+@pytest.mark.parametrize(
+    ("head", "says"),
+    [
+        (
+            "models:/tiny-enc/1",
+            "serve.head models:/tiny-enc/1 is an encoder checkpoint, not a probe head: give it "
+            "as --model",
+        ),
+        (
+            "models:/tiny-head/1",
+            "serve.head models:/tiny-head/1 is not a readable probe head: ",
+        ),
+        ("models:/other-head/1", "probe head was fitted on encoder "),
+    ],
+    ids=["encoder", "not-a-head", "other-encoder"],
+)
+def test_serve_refuses_a_registered_head_it_cannot_serve_before_starting_ray(
+    registry, tmp_path, head, says
+):
+    # the driver looked a registered head up by its metadata only: a version that is an
+    # encoder, a head that cannot be read, or one fitted on another encoder was found by each
+    # API replica (Ray's retried deployment failure: ~220 lines, exit 1, 100-125 s)
+    import mlflow
+    import torch
+    from serve_helpers import make_head
+
+    from pipelines.tracking import register_artifact_dir
+
+    uri, no_ray = registry
+    torch.manual_seed(1)
+    other = make_checkpoint(tmp_path / "other", step=3)
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.get_experiment_by_name("radjepa").experiment_id)
+    client.log_artifacts(run.info.run_id, str(make_head(tmp_path / "oh", 192, encoder=other)), "h")
+    register_artifact_dir(uri, run.info.run_id, "h", "other-head")
+    env = _env(RADJEPA_API_KEYS=KEYS, RAY_ADDRESS=no_ray)
+    refs = ["--model", "models:/tiny-enc@champion", "--head", head]
+    proc = _radjepa("serve", "-c", str(TINY_CONFIG), "--set", f"tracking.uri={uri}", *refs, env=env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    (line,) = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert line.startswith(f"error: {says}"), out
+    assert "Traceback" not in out and "Ray cluster" not in out
+
+
+def test_serve_names_the_part_of_an_index_it_cannot_read(tmp_path):
+    # a damaged part was refused before Ray, but in Arrow's words only ("Parquet magic bytes
+    # not found in footer...": which file?); the replicas name it, and now the CLI does too
+    import numpy as np
+    from serve_helpers import write_index
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    emb = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
+    part = write_index(tmp_path / "index" / "part-1.parquet", emb, ["a", "b", "c"], ckpt)
+    write_index(tmp_path / "index" / "part-0.parquet", emb, ["d", "e", "f"], ckpt)
+    part.write_bytes(part.read_bytes()[:-100])  # cut short, as by a full disk
+    proc = _radjepa(
+        *("serve", "--model", str(ckpt), "--index", str(tmp_path / "index")),
+        env=_env(RADJEPA_API_KEYS=KEYS),
+    )
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    assert f"error: {part}: unreadable: " in out, out
+    assert "Traceback" not in out and "starting local Ray" not in out
+
+
 def test_serve_says_in_seconds_that_the_tracking_server_does_not_answer(registry):
     # MLflow retried the look-up for minutes (over a minute on the dev box), after Ray started
     _, no_ray = registry

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 
 import httpx
 import numpy as np
@@ -332,3 +333,33 @@ def test_index_from_another_checkpoint_fails_the_deployment(service):
         assert "rebuild it with `radjepa embed`" in failed.message
     finally:
         serve.delete("radjepa-bad-index")
+
+
+def test_a_replica_refuses_a_head_that_is_no_head_in_the_driver_s_words(service):
+    """The API replica resolves the head again at its start-up (on a cluster it may see another
+    store than the driver, or a version deleted since), with the driver's resolver: the
+    operator reads the same line in `serve status` as `radjepa serve` prints."""
+    from ray import serve
+
+    from pipelines.tracking import client, ensure_experiment, register_artifact_dir
+    from serve.deployment import ApiIngress, EncoderDeployment, check_references
+    from serve.security import ApiSettings, key_digest
+
+    root, tracking = service["root"], f"sqlite:///{service['root'] / 'mlflow.db'}"
+    mc = client(tracking)
+    run_id = mc.create_run(ensure_experiment(tracking, "probe")).info.run_id
+    mc.log_artifacts(run_id, str(root / "ckpt"), "ckpt")
+    ref = f"models:/tiny-enc-as-head/{register_artifact_dir(tracking, run_id, 'ckpt', 'tiny-enc-as-head')}"
+    says = f"serve.head {ref} is an encoder checkpoint, not a probe head"
+    with pytest.raises(ValueError, match=re.escape(says)):
+        check_references(str(root / "ckpt"), ref, None, tracking)
+    settings = ApiSettings(env_keys={key_digest(API_KEY): ()}, allow_development_key=True)
+    encoder = EncoderDeployment.bind(str(root / "ckpt"))
+    app = ApiIngress.bind(encoder, settings.model_dump(), ref, None, tracking)
+    try:
+        with pytest.raises(RuntimeError, match="radjepa-bad-head failed"):
+            serve.run(app, name="radjepa-bad-head", route_prefix="/bad-head")
+        failed = serve.status().applications["radjepa-bad-head"].deployments["RadjepaAPI"]
+        assert says in failed.message
+    finally:
+        serve.delete("radjepa-bad-head")
