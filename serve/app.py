@@ -80,6 +80,8 @@ class _Upload:
     data: bytes
     filename: str | None
     patient_pid: str | None = None  # set by the decoder: the upload's own keyed pseudonym
+    # set by the decoder: its SOP Instance UID's keyed pseudonym, as ingest identifies instances
+    instance_pid: str | None = None
     # set by the decoder: the id ingest would give these bytes, under the index's id scheme
     image_id: str = ""
 
@@ -321,6 +323,7 @@ def _decode_all(
                 422, "the image could not be decoded", reason="decode_error", filename=up.filename
             ) from None
         up.patient_pid = decoded.meta.get("patient_pid")
+        up.instance_pid = decoded.meta.get("instance_pid")
         up.image_id = str(decoded.meta["image_id"])
         out.append(decoded.pixels)
     return out
@@ -780,9 +783,15 @@ def create_app(
             )
         upload_pids: UploadPseudonyms = request.app.state.upload_pseudonyms
         id_match = _ANSWERED[request.app.state.image_id_status]
+        # instance pseudonyms are keyed like the PatientID's: comparable only under that key
+        by_instance = _ANSWERED[upload_pids.status].startswith("used")
 
-        def exclusions(up: _Upload, patient_rows: np.ndarray) -> _Exclusions:
+        def exclusions(up: _Upload, patient_rows: np.ndarray, query: np.ndarray) -> _Exclusions:
             archived = index.rows_with_image_id(up.image_id)
+            if up.instance_pid is not None and by_instance:
+                # the archived DICOM instance in other bytes: found by its SOP Instance UID's
+                # pseudonym, as ingest found it, when its embedding is the archived one's
+                archived = np.union1d(archived, index.rows_of_instance(up.instance_pid, query))
             own = np.empty(0, np.int64) if include_self else archived
             patients = patient_rows
             same = None
@@ -807,8 +816,8 @@ def create_app(
                 if cancelled.is_set():
                     raise Cancelled("request abandoned")
                 block = uploads[start : start + SEARCH_BLOCK]
-                ex = [exclusions(up, patient_rows) for up in block]
                 queries = np.stack([r.embedding for r in results[start : start + SEARCH_BLOCK]])
+                ex = [exclusions(up, patient_rows, q) for up, q in zip(block, queries, strict=True)]
                 hits = index.search_many(queries, k, [np.union1d(e.own, e.patients) for e in ex])
                 found += [
                     SimilarOut(
@@ -832,7 +841,9 @@ def create_app(
             # with and without the option), whether that patient is in the archive, whatever
             # PatientID the caller wrote into the file. An archived upload reveals nothing
             # more than include_self already does (its own row names its patient), so it
-            # stays open to every key.
+            # stays open to every key. Archived means the same bytes here: a copy of an
+            # archived instance in other bytes (recognised for include_self) may carry any
+            # PatientID its sender wrote, which would be looked up.
             if not exclude_same_patient or PATIENT_LINKAGE in request_scopes(request):
                 return
             if not _ANSWERED[upload_pids.status].startswith("used"):

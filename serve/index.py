@@ -51,6 +51,7 @@ __all__ = [
     "PATIENT_IDENTITY_COLUMN",
     "PID_COLUMNS",
     "PSEUDONYM_KEY_COLUMN",
+    "SAME_INSTANCE_MIN_COSINE",
     "EmbeddingIndex",
     "Hit",
     "IndexLoadError",
@@ -63,6 +64,17 @@ log = logging.getLogger(__name__)
 
 PID_COLUMNS = PID_FIELDS
 PATIENT_PID = "patient_pid"  # the pseudonym column exclusions look patients up in
+INSTANCE_PID = "instance_pid"  # the one an archived DICOM is also recognised by
+# searchable pseudonym columns (each keeps an 8-byte-a-row sort order)
+_SEARCHED_PIDS = (PATIENT_PID, INSTANCE_PID)
+# How close (cosine) an upload's embedding must be to an archive row of its DICOM instance for
+# that row to count as the upload itself. A copy of the instance in another lossless transfer
+# syntax or with a re-written header decodes to the same pixels and embeds to ~1.0; a file
+# that only carries an archived instance's SOP Instance UID (a UID reused by an editing tool,
+# or copied into a crafted file) embeds elsewhere and is not taken for it, so knowing a UID
+# without the image tells a caller nothing of the archive. A lossy re-export may fall below:
+# it is then treated as a file the archive does not hold, as before instances were compared.
+SAME_INSTANCE_MIN_COSINE = 0.99
 # the checkpoint fingerprint (radjepa.eval.heads.checkpoint_fingerprint) of the embedding model
 ENCODER_COLUMN = "encoder_sha256"
 # radjepa.imaging.deid.key_fingerprint of the key that made the shards' pseudonyms, and the
@@ -152,7 +164,7 @@ class EmbeddingIndex:
             self.image_ids = IdColumn.of(image_ids, n, searchable=True)
             self.pids = {
                 # an empty or missing column holds nulls, as the lists it replaced did
-                c: IdColumn.of((pids or {}).get(c) or None, n, searchable=c == PATIENT_PID)
+                c: IdColumn.of((pids or {}).get(c) or None, n, searchable=c in _SEARCHED_PIDS)
                 for c in PID_COLUMNS
             }
         except ValueError as err:  # a pseudonym column of another length than the ids
@@ -286,6 +298,18 @@ class EmbeddingIndex:
         :attr:`image_id_scheme` (usually 0 or 1; more only when an index was assembled from
         overlapping embed runs)."""
         return self.image_ids.rows_of(image_id)
+
+    def rows_of_instance(self, instance_pid: str | None, query: np.ndarray) -> np.ndarray:
+        """Rows of the DICOM instance ``instance_pid`` (its keyed SOP Instance UID pseudonym,
+        as ingest identifies instances) whose embedding is the upload's ``query`` ([D]) within
+        :data:`SAME_INSTANCE_MIN_COSINE`: the archived instance re-sent in other bytes (another
+        transfer syntax, a re-written header), which :meth:`rows_with_image_id` cannot find."""
+        rows = self.pids[INSTANCE_PID].rows_of(instance_pid)
+        if not len(rows):
+            return rows
+        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        cosine = self.matrix[rows] @ (q / max(float(np.linalg.norm(q)), 1e-12))
+        return rows[cosine >= SAME_INSTANCE_MIN_COSINE]
 
     def rows_of_patients(self, patient_pids: Iterable[str]) -> np.ndarray:
         """Rows of any of these patient pseudonyms; unknown pseudonyms match nothing (a filter
@@ -547,7 +571,7 @@ class _Parts:
         self.image_ids = []
         pids = {}
         for c in PID_COLUMNS:
-            pids[c] = _column(self.source, c, self.pids[c], searchable=c == PATIENT_PID)
+            pids[c] = _column(self.source, c, self.pids[c], searchable=c in _SEARCHED_PIDS)
             self.pids[c] = []
         return image_ids, pids
 

@@ -118,13 +118,15 @@ def write_index(
     encoder: Path | None = None,
     patient_pids: list[str | None] | None = None,
     pseudonyms: dict[str, str | None] | None = None,
+    instance_pids: list[str | None] | None = None,
 ) -> Path:
     """Parquet in the exact layout ``pipelines.embed`` writes for checkpoint ``encoder``;
     without one, the older layout that does not record the encoder (no ``encoder_sha256``).
     Each row is its own patient unless ``patient_pids`` groups them. ``pseudonyms`` is the
     shards' key record (``radjepa.ingest.destination.recorded_pseudonyms``), which embed
     copies into every row with its image id scheme; without it, the older layout that records
-    neither (so its ids read as unkeyed SHA-256)."""
+    neither (so its ids read as unkeyed SHA-256). ``instance_pids``: the rows' DICOM instance
+    pseudonyms (default: stand-ins no upload has)."""
     n, dim = embeddings.shape
     pid = [pseudonym(f"p{i}") for i in range(n)]
     table = pa.table(
@@ -133,7 +135,7 @@ def write_index(
             "patient_pid": pa.array(patient_pids or pid, pa.string()),
             "study_pid": pa.array(pid, pa.string()),
             "series_pid": pa.array([None] * n, pa.string()),
-            "instance_pid": pa.array(pid, pa.string()),
+            "instance_pid": pa.array(instance_pids or pid, pa.string()),
             "model": pa.array(["tiny:step-7"] * n, pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(
                 pa.array(embeddings.astype(np.float32).reshape(-1)), dim

@@ -221,6 +221,96 @@ def test_each_upload_of_a_request_leaves_out_only_its_own_bytes(client, world):
     assert dcm["neighbours"][0]["image_id"] == ids[0] and dcm["neighbours"][0]["score"] > 0.99
 
 
+def test_an_archived_dicom_instance_re_sent_in_other_bytes_is_recognised(world, tmp_path):
+    """A PACS re-export of an archived instance (RLE Lossless instead of explicit VR little
+    endian, a re-written header) has other bytes, so another image id: it was not recognised,
+    came back as its own first hit at ~1.0 and excluded_self said 0. Ingest identifies it by its
+    SOP Instance UID's keyed pseudonym, which the index holds; the server now does too, when
+    the embeddings agree. A file that only carries the UID, around another picture, is not
+    taken for it, and the patient_linkage gate still judges by bytes. Real DICOM bytes over
+    HTTP on loopback."""
+    import io
+
+    import httpx
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    from radjepa.imaging.decode import decode_image, resolve_secret
+
+    def dicom_bytes(ds) -> bytes:
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+
+    archived = dicom_from_png(world["png_paths"][0])  # as ingest stored it
+    ds = pydicom.dcmread(io.BytesIO(archived))
+    # pydicom gives a compressed copy a new UID by default; a PACS re-export keeps it
+    ds.compress(RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
+    ds.InstitutionName = "Re-export"
+    resent = dicom_bytes(ds)
+    other = pydicom.dcmread(io.BytesIO(dicom_from_png(world["png_paths"][1])))
+    other.SOPInstanceUID = ds.SOPInstanceUID  # another picture under the archived UID
+    other.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    other.PatientID = ds.PatientID
+    reused = dicom_bytes(other)
+
+    settings = _settings(
+        env_keys={key_digest(API_KEY): ("patient_linkage",), key_digest(OTHER_KEY): ()}
+    )
+    # the index as `radjepa embed` leaves it: the archived file's row under ingest's key
+    pre = world["runner"].preprocess
+    secret = resolve_secret(settings.secret_env, allow_development_key=True, warn=False)
+    row = decode_image(
+        archived,
+        size=pre.image_size,
+        dtype=pre.dtype,
+        window_percentiles=pre.window_percentiles,
+        secret=secret,
+        id_scheme="sha256",  # write_index's layout below records no scheme: unkeyed ids
+    )
+    (own_emb,) = [r.embedding for r in world["runner"].run([row.pixels], [False])]
+    ids = [row.meta["image_id"], *[hashlib.sha256(b).hexdigest() for b in world["pngs"][1:]]]
+    index = EmbeddingIndex.from_parquet(
+        write_index(
+            tmp_path / "index.parquet",
+            np.concatenate([own_emb[None], world["emb"][1:]]),
+            ids,
+            patient_pids=[row.meta["patient_pid"], *[pseudonym(f"p{i}") for i in range(1, 6)]],
+            instance_pids=[row.meta["instance_pid"], *[None] * 5],
+        )
+    )
+    assert row.meta["instance_pid"] and len({archived, resent, reused}) == 3
+
+    app = create_app(world["embedder"], settings=settings, index=index)
+    with on_loopback(app) as (host, port), httpx.Client(timeout=60) as http:
+
+        def similar(blob: bytes, key: str = API_KEY, **params) -> httpx.Response:
+            return http.post(
+                f"http://{host}:{port}/v1/similar",
+                content=blob,
+                params={"k": 3, **params},
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/dicom"},
+            )
+
+        for blob in (archived, resent):  # the file itself, and its instance in other bytes
+            res = similar(blob).json()["results"][0]
+            assert res["excluded_self"] == 1 and len(res["neighbours"]) == 3, res
+            assert ids[0] not in {h["image_id"] for h in res["neighbours"]}
+        res = similar(resent, include_self="true").json()["results"][0]
+        assert res["image_id"] != ids[0] and res["neighbours"][0]["image_id"] == ids[0]
+        assert res["neighbours"][0]["score"] > 0.999 and res["excluded_self"] == 0
+        # its own row names its patient, whose images are left out with it
+        res = similar(resent, exclude_same_patient="true").json()["results"][0]
+        assert res["same_patient"]["archive_row"] is True and res["excluded_self"] == 1
+        # the UID alone is not the instance: nothing left out, the archived row is a neighbour
+        res = similar(reused, k=6).json()["results"][0]
+        assert res["excluded_self"] == 0 and ids[0] in {h["image_id"] for h in res["neighbours"]}
+        # a key without patient_linkage may not have a re-sent file's PatientID looked up
+        r = similar(resent, key=OTHER_KEY, exclude_same_patient="true")
+        assert r.status_code == 403 and r.json()["reason"] == "patient_linkage_not_permitted"
+        assert row.meta["instance_pid"] not in r.text + similar(resent).text
+
+
 def test_archived_dicoms_are_recognised_by_the_bytes_a_client_uploads(world, tmp_path):
     """An index over the bundled hospital export (every transfer syntax, and PNGs), with the
     image ids ingest stores (the decoder's, from the original file bytes): each file sent back

@@ -187,8 +187,9 @@ def test_ids_and_pseudonyms_are_held_as_bytes_and_looked_up_by_value():
     assert isinstance(index.image_ids, IdColumn) and index.image_ids.values.dtype == "S32"
     assert index.pids["patient_pid"].values.dtype == "S16"
     # three columns of raw bytes and their two null masks, two all-null columns (a byte and a
-    # mask byte each), two sort orders of 8 bytes: 86 bytes a row (the lists took ~2 KB)
-    assert index.ids_nbytes == n * (32 + 16 + 16 + 1 + 1 + 2 * 2 + 2 * 8)
+    # mask byte each), three sort orders of 8 bytes (image id, patient, DICOM instance): 94
+    # bytes a row (the lists took ~2 KB)
+    assert index.ids_nbytes == n * (32 + 16 + 16 + 1 + 1 + 2 * 2 + 3 * 8)
     assert index.image_ids == ids and index.pids["patient_pid"] == patients
     assert index.pids["study_pid"] == study and index.pids["series_pid"] == [None] * n
     assert index.image_ids[9] == "0" * 64 and index.pids["patient_pid"][5] is None
