@@ -413,33 +413,30 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
     except (*_LIBRARY_ERRORS, MasksUnsatisfiable) as err:
         raise PretrainError(str(err)) from None
 
+    from pipelines.runtime import ClusterResourceError
+    from pipelines.tracking import mark_run
+
     tracking, run_id, uri = None, None, None
     if cfg.tracking.enabled:
         try:
             from pipelines.tracking import provenance_tags
 
             provenance = provenance_tags(data, info.rows, info.fingerprint)
+            # a run it made or set RUNNING again, and then could not return, it ended itself
             run_id, uri = start_tracking(cfg, storage, run_dir, provenance=provenance)
             if resume is not None and resume.changed:
                 record_config_change(cfg, uri, run_id, resume)
         except KeyboardInterrupt:
-            if run_id is not None:  # a resumed run, set RUNNING again: resumable as it was
-                from pipelines.tracking import mark_run
-
+            if run_id is not None:  # resumable as it was
                 mark_run(uri, run_id, "KILLED")
             raise
         except Exception as err:  # an unreachable server, a store without permission, ...
-            if run_id is not None:  # a resumed run, set RUNNING again before the failure
-                from pipelines.tracking import mark_run
-
+            if run_id is not None:
                 mark_run(uri, run_id, "FAILED")
             raise PretrainError(
                 f"cannot record the run in MLflow: {type(err).__name__}: {err}"
             ) from None
         tracking = {"run_id": run_id, "uri": uri}
-
-    from pipelines.runtime import ClusterResourceError
-    from pipelines.tracking import mark_run
 
     try:
         # always the driver's pick: Ray may offer an older checkpoint (see restore_point)
@@ -717,7 +714,7 @@ def start_tracking(
     other code or read other shards, records its own as ``radjepa.resumed_with.*`` and leaves
     the originals."""
     from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import ensure_experiment, log_params, mark_run, store_uri
+    from pipelines.tracking import ensure_experiment, log_params, store_uri
     from pipelines.tracking_runs import reopen
 
     # with remote outputs check_tracking_store made sure a store URI is configured
@@ -739,21 +736,36 @@ def start_tracking(
                 RunTag(f"radjepa.resumed_with.{k.removeprefix('radjepa.')}", v)
                 for k, v in provenance.items()
             ]
-            client.log_batch(run_id, tags=resumed)
+            try:
+                client.log_batch(run_id, tags=resumed)
+            except BaseException as err:  # the caller never learns the id: it ends it here
+                _end_unfinished(uri, run_id, err)
+                raise
         return run_id, uri
     all_tags = {"radjepa.job": "pretrain", **(provenance or {}), **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(exp_id, run_name=cfg.train.run_name, tags=all_tags)
-    run_id = run.info.run_id
+    run_id = client.create_run(exp_id, run_name=cfg.train.run_name, tags=all_tags).info.run_id
     try:
         log_params(run_id, uri, cfg)
         locations.write_text(id_file, run_id)
-    except BaseException:
+    except BaseException as err:
         # without its id file no re-run continues this run: it would stay RUNNING for good
-        mark_run(uri, run_id, "FAILED")
+        _end_unfinished(uri, run_id, err)
         raise
     return run_id, uri
+
+
+def _end_unfinished(uri: str, run_id: str, err: BaseException) -> None:
+    """End the MLflow run ``run_id``, which :func:`start_tracking` made (or set RUNNING again)
+    and could not hand to its caller because ``err`` stopped it: KILLED after Ctrl-C or a
+    SIGTERM (routed as Ctrl-C), as an interruption during training ends it, else FAILED. An
+    interruption there ended the run FAILED under the command's "interrupted" line, and one
+    (or an error) while a resumed run's provenance was recorded left it RUNNING for good."""
+    from pipelines.tracking import mark_run
+
+    interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+    mark_run(uri, run_id, "KILLED" if interrupted else "FAILED")
 
 
 def finish_tracking(

@@ -1121,3 +1121,96 @@ def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards
     run_id = (tmp_path / "t" / "mlflow_run_id").read_text()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interruption_while_tracking_is_set_up_ends_the_run_killed(tmp_path, sig):
+    # a Ctrl-C or SIGTERM after the MLflow run was created and before training started (its
+    # params logged, its id file written) ended the run FAILED, under the "training was
+    # interrupted" line, where an interruption during training ends it KILLED. The id file is a
+    # named pipe here: pretrain blocks writing it, right after creating the run, until the
+    # signal has been sent.
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+    from shard_tables import write_blank_shards
+
+    shards = write_blank_shards(tmp_path / "shards")
+    out = tmp_path / "out"
+    (out / "t").mkdir(parents=True)
+    os.mkfifo(out / "t" / "mlflow_run_id")
+    db = out / "mlflow.db"
+    sets = {
+        "train.output_dir": str(out),
+        "train.run_name": "t",
+        "train.batch_size": "8",
+        "data.holdout_fraction": "0.0",
+    }
+    repo = CONFIGS.parent
+    args = [sys.executable, "-m", "pipelines.cli", "pretrain", "-c", str(CONFIGS / "tiny_cpu.yaml")]
+    args += ["--data", str(shards)] + [f"--set={k}={v}" for k, v in sets.items()]
+    # SIGINT as a user's foreground process has it (a background pytest, CI's, ignores it)
+    proc = subprocess.Popen(
+        args,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 240
+        made = []
+        while not made and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            if db.is_file():
+                try:
+                    with sqlite3.connect(db) as con:
+                        made = con.execute("select run_uuid from runs where name='t'").fetchall()
+                except sqlite3.Error:  # the store is still being created
+                    pass
+        assert made, proc.communicate(timeout=60)[1][-3000:]
+        proc.send_signal(getattr(signal, sig))
+        time.sleep(1)
+        # let the blocked write through (a reader's open ends the writer's wait)
+        reader = os.open(out / "t" / "mlflow_run_id", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            os.close(reader)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: training was interrupted"), err[-3000:]
+    status = mlflow.MlflowClient(f"sqlite:///{db}").get_run(made[0][0]).info.status
+    assert status == "KILLED"
+
+
+def test_a_resumed_run_whose_provenance_cannot_be_recorded_does_not_stay_running(tmp_path):
+    # start_tracking sets a resumed run RUNNING again, then records the provenance of this
+    # resume; when that failed (or was interrupted) its caller never got the run's id, so the
+    # run stayed RUNNING for good under the one-line error
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.pretrain import start_tracking
+    from pipelines.tracking_runs import end_run
+
+    cfg = _cfg(tmp_path)
+    run_dir = str(tmp_path / "t")
+    run_id, uri = start_tracking(cfg, str(tmp_path), run_dir, provenance={"radjepa.code": "a"})
+    client = mlflow.MlflowClient(uri)
+    end_run(client, run_id, "KILLED")  # as an interrupted run is left
+    # a tag name MLflow refuses: the store's refusal stands for any failure of the call
+    with pytest.raises(MlflowException):
+        start_tracking(cfg, str(tmp_path), run_dir, provenance={"radjepa.no way!": "b"})
+    assert client.get_run(run_id).info.status == "FAILED"
