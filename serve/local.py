@@ -127,8 +127,19 @@ def stop_local(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
     Never raises an error (an interruption still goes through): the caller's stop goes on to
     Ray's shutdown and its last line whatever Serve's meets. An error here skipped
     ``radjepa serve``'s ``stopped`` and ended it in a traceback; it is said in one line.
+
+    Never starts anything: with Ray down in this process (``ray.shutdown`` already ran, or Ray
+    was never started) there is nothing it can stop, and it returns True. Serve's shutdown
+    calls ``ray.init`` when Ray is not initialised: a stop then started a local Ray instance
+    of Ray's defaults (a dashboard, every core; 40 s on a loaded box), or joined the cluster a
+    ``ray start`` on this machine had left, to find no Serve there.
     """
+    import ray
     from ray import serve
+
+    if not ray.is_initialized():
+        log.info("Ray is not running in this process: no Ray Serve to shut down")
+        return True
 
     async def bounded() -> None:
         await asyncio.wait_for(serve.shutdown_async(), timeout_s)

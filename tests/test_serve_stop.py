@@ -84,3 +84,42 @@ def test_a_stop_whose_serve_shutdown_fails_says_it_in_one_line_and_returns(ray_s
     message = said[0].getMessage()
     assert "\n" not in message and message.startswith("Ray Serve's shutdown failed (RuntimeError: ")
     assert message.endswith("; stopping it with Ray"), message
+
+
+@pytest.mark.timeout(300)
+def test_a_stop_after_ray_is_down_starts_nothing():
+    # Serve's shutdown calls ray.init when Ray is not initialised: stop_local called after
+    # ray.shutdown (or with Ray never started) started a local Ray of Ray's defaults (a
+    # dashboard, every core; 42 s on a loaded 2-core box) to find no Serve in it. A process of
+    # its own: this session's Ray may be up in the pytest process
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = (
+        "import time, ray\n"
+        "from serve.local import stop_local\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False,"
+        " object_store_memory=128 * 1024**2)\n"
+        "ray.shutdown()\n"
+        "t = time.monotonic()\n"
+        "finished = stop_local()\n"
+        "print(finished, ray.is_initialized(), round(time.monotonic() - t, 1))\n"
+    )
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    finished, initialized, took = proc.stdout.split()
+    assert (finished, initialized) == ("True", "False"), proc.stderr[-3000:]
+    # the script's own ray.init says it once
+    assert proc.stderr.count("Started a local Ray instance") == 1, proc.stderr[-3000:]
+    assert float(took) < 5, f"stop_local took {took} s"
