@@ -136,22 +136,39 @@ def sigterm_as_ctrl_c(*, once: bool = False) -> Iterator[SigtermRouting]:
     ignored for the rest of the caller's life. A command whose process ends after an
     interruption ignores SIGTERM itself from there (``cli._exit_now``, ``radjepa ingest``).
     Putting the handlers back also sets the kernel's disposition again, which ray.shutdown
-    resets to the default behind Python's table. :func:`ensure_ray` keeps this routing across
-    the ray.init it makes inside the block.
+    resets to the default behind Python's table. Any other signal's Python handler the block
+    changed is put back too: Tune's, for SIGUSR1, stayed after a sweep (a later SIGUSR1 set
+    the event of a sweep long over instead of doing what the caller had it do, by default
+    ending the process). :func:`ensure_ray` keeps this routing across the ray.init it makes
+    inside the block.
     Yields the routing, whose ``stopping`` says whether a SIGTERM came (with ``once``).
     """
     routing = SigtermRouting(once)
     if threading.current_thread() is not threading.main_thread():
         yield routing  # signal handlers can only be set from the main thread
         return
-    previous_int = signal.getsignal(signal.SIGINT)
-    previous = signal.signal(signal.SIGTERM, routing)
+    found = _python_handlers()
+    signal.signal(signal.SIGTERM, routing)
     try:
         yield routing
     finally:
-        for signum, handler in ((signal.SIGTERM, previous), (signal.SIGINT, previous_int)):
-            if handler is not None:  # None: set outside Python, cannot be put back
+        for signum, handler in found.items():
+            if handler is None:  # set outside Python: cannot be put back
+                continue
+            # SIGTERM and SIGINT always: their kernel dispositions may have changed alone
+            if signum in (signal.SIGTERM, signal.SIGINT) or signal.getsignal(signum) is not handler:
                 signal.signal(signum, handler)
+
+
+def _python_handlers() -> dict[int, Any]:
+    """Each signal's handler in Python's table (None: one set outside Python)."""
+    found = {}
+    for signum in signal.valid_signals():
+        try:
+            found[signum] = signal.getsignal(signum)
+        except (OSError, ValueError):  # a number the platform lists but Python cannot read
+            continue
+    return found
 
 
 def stop_ray_ignoring_sigterm() -> None:

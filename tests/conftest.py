@@ -45,11 +45,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def signal_dispositions_unchanged():
-    """Fail a test that leaves this process's SIGINT or SIGTERM disposition changed. A library
-    entry point that did so took Ctrl-C away from an in-process caller (a notebook, a
-    service), and from every later test here: one CI run's pytest had SIGINT ignored by the
-    time the serve tests ran, and a child it started inherited that and never stopped. A test
-    that changes a handler on purpose puts it back before it ends."""
+    """Fail a test that leaves this process's SIGINT, SIGTERM or SIGUSR1 disposition changed
+    (``signal_state.WATCHED``). A library entry point that did so took Ctrl-C away from an
+    in-process caller (a notebook, a service), and from every later test here: one CI run's
+    pytest had SIGINT ignored by the time the serve tests ran, and a child it started
+    inherited that and never stopped. A test that changes a handler on purpose puts it back
+    before it ends."""
     handlers = {sig: signal.getsignal(sig) for sig in WATCHED}
     before = dispositions()
     yield

@@ -1,7 +1,7 @@
 """A notebook or a service calling a job in-process, run as a process of its own so that Ray
 is not started yet (ray.init installs a SIGTERM handler of its own). It calls one entry point
 (``ingest``, ``pretrain``, ``sweep``; ``sweep-refused`` asks for a trial the local instance
-cannot hold), sending itself SIGTERM (or SIGINT) once Ray is up when a signal is named, and
+cannot hold, ``sweep-finished`` runs one short trial to its end), sending itself SIGTERM (or SIGINT) once Ray is up when a signal is named, and
 prints a JSON line: the dispositions before and after, and what the call raised.
 
 ``python tests/in_process_caller.py ENTRY SIGNAL|none SOURCE OUT`` (SOURCE: images for
@@ -53,6 +53,16 @@ def call(entry: str, source: str, out: str) -> None:
     }
     if entry == "sweep-refused":
         sets["train.cpus_per_worker"] = 16
+    if entry == "sweep-finished":
+        sets.update(
+            {
+                "train.steps": 2,
+                "train.checkpoint_every": 2,
+                "tune.asha": False,
+                "tune.collapse_rankme": 0.0,
+                "tune.search_space": {"ema.start": {"type": "grid", "values": [0.99]}},
+            }
+        )
     cfg = load_config(CONFIGS / "tiny_cpu.yaml", sets)
     if entry == "ingest":
         from pipelines.ingest import run_ingest_until_stopped

@@ -1,11 +1,12 @@
-"""The SIGINT and SIGTERM dispositions of this process, as the kernel and Python's table see
-them: what a test, or a caller of a job in-process, must find again after the job."""
+"""The SIGINT, SIGTERM and SIGUSR1 dispositions of this process, as the kernel and Python's
+table see them: what a test, or a caller of a job in-process, must find again after the job.
+SIGUSR1 is Ray Tune's: every sweep sets a handler of its own for it."""
 
 from __future__ import annotations
 
 import signal
 
-WATCHED = (signal.SIGINT, signal.SIGTERM)
+WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def _handler_name(handler: object) -> str:

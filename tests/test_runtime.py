@@ -546,6 +546,29 @@ def test_a_block_no_sigterm_reached_puts_both_handlers_back() -> None:
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
+def test_a_block_puts_back_every_signal_handler_it_changed() -> None:
+    # Ray Tune sets a handler of its own for SIGUSR1 in every sweep and never puts the old one
+    # back: after run_sweep an in-process caller's SIGUSR1 went to a sweep long over, where
+    # it had ended the process (its default) or run the caller's handler
+    import signal
+
+    from pipelines.runtime import sigterm_as_ctrl_c
+
+    def callers(signum: int, frame: object) -> None:
+        pass
+
+    before = signal.signal(signal.SIGUSR1, callers)
+    try:
+        with sigterm_as_ctrl_c(once=True):
+            signal.signal(signal.SIGUSR1, lambda *_: None)  # what Tune's fit does
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        after = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGUSR2)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    assert after == (callers, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("once", [False, True])
 def test_a_sigterm_ray_init_met_is_the_routed_ctrl_c_and_once_the_first(once: bool) -> None:
     # ray.init installs its own SIGTERM handler (sys.exit(15)); one that fired while ray.init

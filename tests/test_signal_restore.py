@@ -54,3 +54,17 @@ def test_a_job_called_in_process_puts_the_callers_handlers_back(
     got = _call_in_process(entry, sig, source, tmp_path)
     assert (got["raised"] or "").split(":")[0] == raised, got["raised"]
     assert got["after"] == got["before"], got
+
+
+@pytest.mark.timeout(330)
+def test_a_sweep_that_ran_to_its_end_puts_back_the_handler_tune_set(tmp_path) -> None:
+    # Ray Tune sets a SIGUSR1 handler of its own in each sweep and leaves it: an in-process
+    # caller's later SIGUSR1 went to a sweep long over instead of ending the process (its
+    # default) or running the caller's handler
+    from shard_tables import write_blank_shards
+
+    shards = write_blank_shards(tmp_path / "shards")
+    got = _call_in_process("sweep-finished", "none", shards, tmp_path / "out")
+    assert got["raised"] is None, got["raised"]
+    assert "SIGUSR1" in got["before"], got
+    assert got["after"] == got["before"], got
