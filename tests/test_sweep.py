@@ -412,11 +412,12 @@ def test_a_choice_sweep_tries_distinct_settings_drawn_with_the_seed(ray_session,
     )
     import signal
 
-    before = signal.getsignal(signal.SIGINT)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}
     try:
         tried = sorted(repr(r.config) for r in tuner.fit())
-    finally:  # Tune leaves its SIGINT handler behind (run_sweep puts the caller's back)
-        signal.signal(signal.SIGINT, before)
+    finally:  # Tune leaves its SIGINT and SIGUSR1 handlers behind (run_sweep puts them back)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     assert tried == sorted(repr(d) for d in draws)
 
 
