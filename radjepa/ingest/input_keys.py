@@ -1,0 +1,172 @@
+"""The 64-bit key of one ingest input: the bytes it held (its image id) read from where (its
+path hash), for a whole column pair of a DST's Parquet file or for one input.
+
+A re-run that meets an input DST already holds (a nightly re-run of the same folder, a run
+resumed after an interruption) lists it as a duplicate only if DST holds no row of the same
+(image id, path hash) pair: ``Destination.recorded_inputs`` keys every row of DST, the run keys
+each input it meets (``pipelines.ingest``). The key is never stored, so it only has to be the
+same function on both sides: :func:`input_keys` (a column pair) and :func:`input_key` (one
+input) both fold their words with :func:`_fold`, and anything not of ingest's hex forms with
+:func:`_odd_key`. A ``hashlib`` digest per row cost 6-9 s per million DST rows of Python;
+the fold runs on numpy arrays of the hex digits' bytes (docs/PERFORMANCE.md).
+
+Forms (an id ingest computes is 64 lowercase hex: SHA-256 or HMAC-SHA256 of the file's bytes;
+a path hash 32 lowercase hex: truncated HMAC-SHA256 of the path):
+
+- id of 64 lowercase hex, path hash of 32: the id's four little-endian 64-bit words, then the
+  hash's two, folded from :data:`_SEED_IMAGE`;
+- id ``path:<32 lowercase hex>`` (how ``known_ids`` names a file quarantined unread) and a
+  path hash of 32: the two words after the prefix, then the hash's two, from
+  :data:`_SEED_PATH` (a seed of its own: no id of one form folds like one of the other);
+- anything else (a null path hash, an id or hash made by hand or damaged: no DST row ingest
+  writes): an 8-byte BLAKE2b of both values, one row at a time.
+
+Why distinct pairs collide no more often than random 64-bit keys: :func:`_fold` runs
+``h = fmix64(h ^ w)`` over the words, where ``fmix64`` (MurmurHash3's finaliser) is a bijection
+of 64-bit words. Take two pairs of one form and the last word where they differ: from there on
+both fold the same words through the same bijections, so they collide exactly when their states
+after that word are equal, ``h ^ w == h' ^ w'``. That word belongs to a digest (an id's or a
+path hash's) that differs between the pairs, so it is a fresh pseudorandom 64-bit value,
+independent of everything else folded: the chance is 2**-64 a pair of pairs, as for random
+keys (by the birthday bound about n**2 / 2**65 for n inputs: 3e-6 at 10 million), and a clash
+costs only one duplicate row unlisted. The multiplications in ``fmix64`` are what keep a pair
+whose id is derived from its own path hash (``path:<h>`` with path hash ``h``) from cancelling:
+an XOR of the halves would key every such pair 0. Keys of different forms differ by their
+seeds' and BLAKE2b's independence, with the same odds. Hand-made 64-hex ids (counters, repeated
+digits) are not random, which the argument leans on; ``tests/test_input_keys.py`` checks one
+million such pairs, ``path:`` form included, for clashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from radjepa.hex_columns import offsets, unhex_rows
+from radjepa.ingest.id_sets import IMAGE_ID_CHARS, PATH_HASH_CHARS, PATH_PREFIX
+
+__all__ = ["input_key", "input_keys"]
+
+_MASK = 2**64 - 1
+_C1 = 0xFF51AFD7ED558CCD  # MurmurHash3 fmix64
+_C2 = 0xC4CEB9FE1A85EC53
+_SEED_IMAGE = 0x243F6A8885A308D3  # digits of pi: any two distinct constants do
+_SEED_PATH = 0x13198A2E03707344
+
+Word = TypeVar("Word", int, np.ndarray)
+
+
+def _fmix(h: Word) -> Word:
+    """MurmurHash3's 64-bit finaliser: a bijection whose every output bit depends on every
+    input bit. The same operations on a Python int (masked to 64 bits) and on a uint64 array
+    (which wraps): one definition for the single input and the column."""
+    h = h ^ (h >> 33)
+    h = (h * _C1) & _MASK
+    h = h ^ (h >> 33)
+    h = (h * _C2) & _MASK
+    return h ^ (h >> 33)
+
+
+def _fold(seed: int, words: Sequence[Word]) -> Word:
+    """``h = fmix64(h ^ w)`` over ``words`` from ``seed``: the key of one form (see the module's
+    docstring for why distinct inputs collide only by chance)."""
+    h: Word = seed  # type: ignore[assignment]
+    for w in words:
+        h = _fmix(h ^ w)
+    return h
+
+
+def _odd_key(image_id: str, source_hash: str | None) -> int:
+    """Key of a pair not of ingest's hex forms: an 8-byte BLAKE2b of both (JSON: a null path
+    hash differs from the text ``None``)."""
+    data = json.dumps([image_id, source_hash]).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _words(value: str | None, chars: int) -> list[int] | None:
+    """``value``'s little-endian 64-bit words when it is lowercase hex of ``chars`` characters,
+    else None (as :func:`radjepa.hex_columns.unhex_rows` decides for a column)."""
+    if value is None or len(value) != chars:
+        return None
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        return None
+    if raw.hex() != value:  # fromhex also takes upper case and spaces
+        return None
+    return [int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8)]
+
+
+def input_key(image_id: str, source_hash: str | None) -> int:
+    """The key of one input (its image id, its path hash): :func:`input_keys` of a row."""
+    hash_words = _words(source_hash, PATH_HASH_CHARS)
+    if hash_words is not None:
+        id_words = _words(image_id, IMAGE_ID_CHARS)
+        if id_words is not None:
+            return _fold(_SEED_IMAGE, id_words + hash_words)
+        if image_id.startswith(PATH_PREFIX):
+            id_words = _words(image_id[len(PATH_PREFIX) :], PATH_HASH_CHARS)
+            if id_words is not None:
+                return _fold(_SEED_PATH, id_words + hash_words)
+    return _odd_key(image_id, source_hash)
+
+
+def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        values = values.cast(pa.string())
+    return values
+
+
+def _columns(raw: np.ndarray) -> list[np.ndarray]:
+    """Rows of raw bytes (``[n, 8k]`` uint8) as ``k`` arrays of their little-endian words."""
+    words = np.ascontiguousarray(raw).view("<u8")
+    return [words[:, i].astype(np.uint64) for i in range(words.shape[1])]
+
+
+def input_keys(
+    image_ids: pa.Array | pa.ChunkedArray, source_hashes: pa.Array | pa.ChunkedArray
+) -> np.ndarray:
+    """The keys (uint64) of the rows of an image id column and the path hash column beside it
+    whose id is not null, in row order: what :func:`input_key` gives each such row. A null id
+    (a file quarantined unread) is no input DST lists duplicates of: it has no key. Read from
+    the Arrow buffers; only rows of no hex form (none that ingest writes) take a Python step."""
+    ids, hashes = _one_array(image_ids), _one_array(source_hashes)
+    if len(ids) != len(hashes):
+        raise ValueError(f"{len(ids)} image ids beside {len(hashes)} path hashes")
+    if ids.null_count:
+        valid = ids.is_valid()
+        ids, hashes = ids.filter(valid), hashes.filter(valid)
+    keys = np.empty(len(ids), np.uint64)
+    hash_raw, hash_ok = unhex_rows(hashes, PATH_HASH_CHARS)
+    id_raw, id_ok = unhex_rows(ids, IMAGE_ID_CHARS)
+    image = id_ok & hash_ok
+    if image.any():
+        keys[image] = _fold(_SEED_IMAGE, _columns(np.hstack([id_raw[image], hash_raw[image]])))
+    done = image
+    prefixed = np.diff(offsets(ids)) == len(PATH_PREFIX) + PATH_HASH_CHARS
+    prefixed &= hash_ok  # a null id never gets here: the nulls are gone
+    if prefixed.any():
+        candidates = ids.filter(pa.array(prefixed))
+        starts = pc.starts_with(candidates, PATH_PREFIX).to_numpy(zero_copy_only=False)
+        tail_raw, tail_ok = unhex_rows(
+            pc.utf8_slice_codeunits(candidates, len(PATH_PREFIX)), PATH_HASH_CHARS
+        )
+        path = np.zeros(len(ids), bool)
+        path[prefixed] = starts & tail_ok
+        if path.any():
+            words = np.hstack([tail_raw[starts & tail_ok], hash_raw[path]])
+            keys[path] = _fold(_SEED_PATH, _columns(words))
+        done = done | path
+    if not done.all():
+        rest = pa.array(~done)
+        odd = zip(ids.filter(rest).to_pylist(), hashes.filter(rest).to_pylist(), strict=True)
+        keys[~done] = np.fromiter((_odd_key(i, h) for i, h in odd), np.uint64)
+    return keys
