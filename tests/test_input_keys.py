@@ -244,3 +244,14 @@ def test_recorded_inputs_takes_no_python_step_per_row(tmp_path) -> None:
     few = _recorded_inputs_calls(tmp_path / "few", 200)
     many = _recorded_inputs_calls(tmp_path / "many", 5000)
     assert many - few < 100, f"{many - few} more Python calls for {2 * (5000 - 200)} more rows"
+
+
+def test_input_keys_sort_each_key_once_and_leave_the_parts_alone() -> None:
+    from radjepa.ingest.id_sets import InputKeys
+
+    part = np.array([9, 3, 3, 2**64 - 1, 0], np.uint64)
+    keys = InputKeys([part, np.array([3, 7], np.uint64)])
+    assert keys._keys.tolist() == [0, 3, 7, 9, 2**64 - 1] and len(keys) == 5
+    assert part.tolist() == [9, 3, 3, 2**64 - 1, 0]  # the caller's array is not sorted
+    one = InputKeys([np.array([5], np.uint64)])
+    assert 5 in one and 4 not in one and len(one) == 1
