@@ -31,10 +31,12 @@ def _hex(raw: np.ndarray, prefix: bytes = b"") -> pa.Array:
     ).cast(pa.string())
 
 
-def _counter_bytes(values: np.ndarray, width: int) -> np.ndarray:
-    """Hand-made digests: ``values`` big-endian in ``width`` bytes (``f"{i:0{2*width}x}"``)."""
+def _counter_bytes(values: np.ndarray, width: int, first: bool = False) -> np.ndarray:
+    """Hand-made digests: ``values`` big-endian in ``width`` bytes (``f"{i:0{2*width}x}"``), or
+    in the first 8 bytes (``f"{i:016x}" + "0" * ...``: the high bits of a word)."""
     raw = np.zeros((len(values), width), np.uint8)
-    raw[:, -8:] = values.astype(">u8").view(np.uint8).reshape(-1, 8)
+    at = slice(0, 8) if first else slice(width - 8, width)
+    raw[:, at] = values.astype(">u8").view(np.uint8).reshape(-1, 8)
     return raw
 
 
@@ -147,24 +149,27 @@ def test_a_million_pairs_get_a_million_keys() -> None:
     """Distinct (id, path hash) pairs collide no more than random 64-bit keys would (none at
     a million: a chance of about 3e-8), also where the digests are not random: hand-made
     counters, one id from many paths, many ids from one path, and ``path:<h>`` beside its own
-    ``h`` (an XOR of the halves keyed every such pair 0)."""
+    ``h`` (an XOR of the halves keyed every such pair 0), and counters in a word's high bits."""
     from radjepa.ingest.input_keys import input_key, input_keys
 
     rng = np.random.default_rng(7)
     quarter = 250_000
     counters = np.arange(quarter, dtype=np.uint64)
     id_raw = [
-        rng.integers(0, 256, (quarter, 32), np.uint8),  # random pairs
+        rng.integers(0, 256, (quarter // 2, 32), np.uint8),  # random pairs
+        _counter_bytes((counters[::2] + 1) << 40, 32, first=True),  # in the first digits
         _counter_bytes(counters, 32),  # f"{i:064x}" beside f"{i:032x}"
         np.repeat(rng.integers(0, 256, (1, 32), np.uint8), quarter // 2, axis=0),  # one id
         rng.integers(0, 256, (quarter // 2, 32), np.uint8),  # ... many ids, one path
     ]
     hash_raw = [
-        rng.integers(0, 256, (quarter, 16), np.uint8),
+        rng.integers(0, 256, (quarter // 2, 16), np.uint8),
+        _counter_bytes((counters[::2] + 1) << 40, 16, first=True),
         _counter_bytes(counters, 16),
         rng.integers(0, 256, (quarter // 2, 16), np.uint8),
         np.repeat(rng.integers(0, 256, (1, 16), np.uint8), quarter // 2, axis=0),
     ]
+    # (counted from 1 above: the pair of zeros is among the counters)
     own = np.concatenate(  # path:<h> beside h: random h, then counters
         [rng.integers(0, 256, (quarter // 2, 16), np.uint8), _counter_bytes(counters[::2], 16)]
     )

@@ -13,8 +13,8 @@ the fold runs on numpy arrays of the hex digits' bytes (docs/PERFORMANCE.md).
 Forms (an id ingest computes is 64 lowercase hex: SHA-256 or HMAC-SHA256 of the file's bytes;
 a path hash 32 lowercase hex: truncated HMAC-SHA256 of the path):
 
-- id of 64 lowercase hex, path hash of 32: the id's four little-endian 64-bit words, then the
-  hash's two, folded from :data:`_SEED_IMAGE`;
+- id of 64 lowercase hex, path hash of 32: the id's four 64-bit words (the hex read as
+  big-endian numbers, 16 digits a word), then the hash's two, folded from :data:`_SEED_IMAGE`;
 - id ``path:<32 lowercase hex>`` (how ``known_ids`` names a file quarantined unread) and a
   path hash of 32: the two words after the prefix, then the hash's two, from
   :data:`_SEED_PATH` (a seed of its own: no id of one form folds like one of the other);
@@ -22,25 +22,32 @@ a path hash 32 lowercase hex: truncated HMAC-SHA256 of the path):
   writes): an 8-byte BLAKE2b of both values, one row at a time.
 
 Why distinct pairs collide no more often than random 64-bit keys: :func:`_fold` runs
-``h = fmix64(h ^ w)`` over the words, where ``fmix64`` (MurmurHash3's finaliser) is a bijection
-of 64-bit words. Take two pairs of one form and the last word where they differ: from there on
-both fold the same words through the same bijections, so they collide exactly when their states
-after that word are equal, ``h ^ w == h' ^ w'``. That word belongs to a digest (an id's or a
-path hash's) that differs between the pairs, so it is a fresh pseudorandom 64-bit value,
-independent of everything else folded: the chance is 2**-64 a pair of pairs, as for random
-keys (by the birthday bound about n**2 / 2**65 for n inputs: 3e-6 at 10 million), and a clash
-costs only one duplicate row unlisted. The multiplications in ``fmix64`` are what keep a pair
-whose id is derived from its own path hash (``path:<h>`` with path hash ``h``) from cancelling:
-an XOR of the halves would key every such pair 0. Keys of different forms differ by their
-seeds' and BLAKE2b's independence, with the same odds. Hand-made 64-hex ids (counters, repeated
-digits) are not random, which the argument leans on; ``tests/test_input_keys.py`` checks one
-million such pairs, ``path:`` form included, for clashes.
+``h = g(h ^ w)`` over the words, ``g(x) = m ^ (m >> 32)`` with ``m = x * C mod 2**64`` for an
+odd ``C``: a bijection of 64-bit words (an odd multiplier and an xorshift are both
+invertible). Take two pairs of one form and the last word where they differ: from there on both
+fold the same words through the same bijections, so they collide exactly when ``h ^ w == h' ^
+w'`` at that word. That word belongs to a digest (an id's or a path hash's) that differs
+between the pairs, so it is a fresh pseudorandom 64-bit value, independent of everything else
+folded: the chance is 2**-64 a pair of pairs, as for random keys (by the birthday bound about
+n**2 / 2**65 for n inputs: 3e-6 at 10 million), and a clash costs only one duplicate row
+unlisted. The multiplication is what keeps a pair whose id is derived from its own path hash
+(``path:<h>`` with path hash ``h``) from cancelling: an XOR of the halves would key every
+such pair 0; the shift carries a word's high bits into the low bits the next multiplication
+spreads (a counter in a word's first digits still changes the whole key). Keys of different
+forms differ by their seeds' and BLAKE2b's independence, with the same odds. Hand-made 64-hex
+ids (counters, repeated digits) are not random, which the argument leans on;
+``tests/test_input_keys.py`` checks a million such pairs, ``path:`` form included, for
+clashes.
+
+The single form reads the words with ``int(hex, 16)`` and folds Python ints (about as quick
+as the BLAKE2b per input it replaced: a re-run calls it for every input DST holds).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -54,31 +61,23 @@ from radjepa.ingest.id_sets import IMAGE_ID_CHARS, PATH_HASH_CHARS, PATH_PREFIX
 __all__ = ["input_key", "input_keys"]
 
 _MASK = 2**64 - 1
-_C1 = 0xFF51AFD7ED558CCD  # MurmurHash3 fmix64
-_C2 = 0xC4CEB9FE1A85EC53
+_MULTIPLIER = 0x9E3779B97F4A7C15  # odd: the golden ratio's 64-bit fraction
 _SEED_IMAGE = 0x243F6A8885A308D3  # digits of pi: any two distinct constants do
 _SEED_PATH = 0x13198A2E03707344
+_is_hex = re.compile("[0-9a-f]+").fullmatch  # what radjepa.hex_columns.unhex takes as hex
 
 Word = TypeVar("Word", int, np.ndarray)
 
 
-def _fmix(h: Word) -> Word:
-    """MurmurHash3's 64-bit finaliser: a bijection whose every output bit depends on every
-    input bit. The same operations on a Python int (masked to 64 bits) and on a uint64 array
-    (which wraps): one definition for the single input and the column."""
-    h = h ^ (h >> 33)
-    h = (h * _C1) & _MASK
-    h = h ^ (h >> 33)
-    h = (h * _C2) & _MASK
-    return h ^ (h >> 33)
-
-
 def _fold(seed: int, words: Sequence[Word]) -> Word:
-    """``h = fmix64(h ^ w)`` over ``words`` from ``seed``: the key of one form (see the module's
-    docstring for why distinct inputs collide only by chance)."""
+    """``h = g(h ^ w)`` over ``words`` from ``seed``, ``g`` a bijection (see the module's
+    docstring for why distinct inputs collide only by chance). The same operations on Python
+    ints (masked to 64 bits) and on uint64 arrays (which wrap): one definition for the single
+    input and the column."""
     h: Word = seed  # type: ignore[assignment]
     for w in words:
-        h = _fmix(h ^ w)
+        h = ((h ^ w) * _MULTIPLIER) & _MASK
+        h = h ^ (h >> 32)
     return h
 
 
@@ -89,31 +88,22 @@ def _odd_key(image_id: str, source_hash: str | None) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
-def _words(value: str | None, chars: int) -> list[int] | None:
-    """``value``'s little-endian 64-bit words when it is lowercase hex of ``chars`` characters,
-    else None (as :func:`radjepa.hex_columns.unhex_rows` decides for a column)."""
-    if value is None or len(value) != chars:
-        return None
-    try:
-        raw = bytes.fromhex(value)
-    except ValueError:
-        return None
-    if raw.hex() != value:  # fromhex also takes upper case and spaces
-        return None
-    return [int.from_bytes(raw[i : i + 8], "little") for i in range(0, len(raw), 8)]
-
-
 def input_key(image_id: str, source_hash: str | None) -> int:
     """The key of one input (its image id, its path hash): :func:`input_keys` of a row."""
-    hash_words = _words(source_hash, PATH_HASH_CHARS)
-    if hash_words is not None:
-        id_words = _words(image_id, IMAGE_ID_CHARS)
-        if id_words is not None:
-            return _fold(_SEED_IMAGE, id_words + hash_words)
-        if image_id.startswith(PATH_PREFIX):
-            id_words = _words(image_id[len(PATH_PREFIX) :], PATH_HASH_CHARS)
-            if id_words is not None:
-                return _fold(_SEED_PATH, id_words + hash_words)
+    if source_hash is not None and len(source_hash) == PATH_HASH_CHARS and _is_hex(source_hash):
+        y = int(source_hash, 16)
+        if len(image_id) == IMAGE_ID_CHARS and _is_hex(image_id):
+            x = int(image_id, 16)
+            words = (x >> 192, x >> 128 & _MASK, x >> 64 & _MASK, x & _MASK, y >> 64, y & _MASK)
+            return _fold(_SEED_IMAGE, words)
+        prefix = len(PATH_PREFIX)
+        if (
+            len(image_id) == prefix + PATH_HASH_CHARS
+            and image_id.startswith(PATH_PREFIX)
+            and _is_hex(image_id, prefix)
+        ):
+            x = int(image_id[prefix:], 16)
+            return _fold(_SEED_PATH, (x >> 64, x & _MASK, y >> 64, y & _MASK))
     return _odd_key(image_id, source_hash)
 
 
@@ -126,8 +116,9 @@ def _one_array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def _columns(raw: np.ndarray) -> list[np.ndarray]:
-    """Rows of raw bytes (``[n, 8k]`` uint8) as ``k`` arrays of their little-endian words."""
-    words = np.ascontiguousarray(raw).view("<u8")
+    """Rows of raw bytes (``[n, 8k]`` uint8) as ``k`` arrays of their big-endian words (the
+    hex digits read as numbers, as ``int(hex, 16)`` reads them)."""
+    words = np.ascontiguousarray(raw).view(">u8")
     return [words[:, i].astype(np.uint64) for i in range(words.shape[1])]
 
 
