@@ -28,6 +28,10 @@ must say no). Then, unless ``--no-ray``, a local Ray (2 CPUs, 512 MB object stor
 representation once and ``--ray-actors`` actors ``ray.get`` it: each reports its private memory
 growth (USS: ``Private_*`` of ``/proc/self/smaps_rollup``) and whether the arrays it got are
 read-only views of the object store (zero-copy). Prints one JSON line.
+
+``--measure recorded --dst DST`` times ``Destination.recorded_inputs`` alone on an existing DST
+(a fresh process: s, and its peak over the RSS before it), to compare two versions of the code
+on one DST.
 """
 
 from __future__ import annotations
@@ -146,6 +150,24 @@ def measure_start(dst: str) -> dict[str, Any]:
     out["recorded_nbytes"] = len(keys) * 8
     out["recorded_id_reads"] = reads.count("image_id") + reads.count("sha256")
     return out
+
+
+def measure_recorded(dst: str) -> dict[str, Any]:
+    """In a fresh process: ``recorded_inputs`` alone (a run resumed on a DST with a key record
+    reads its ids only for the decoders' set, freed or not, before this): s and its peak over
+    the RSS before it."""
+    from radjepa.ingest.destination import Destination
+
+    dest = Destination(dst)
+    _settled()
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    keys, _ = dest.recorded_inputs()
+    return {
+        "recorded_s": time.perf_counter() - t0,
+        "recorded_peak_bytes": _maxrss() - rss0,
+        "recorded_keys": len(keys),
+    }
 
 
 def _rss() -> int:
@@ -393,7 +415,9 @@ def main() -> None:
     ap.add_argument("--ray-actors", type=int, default=2, help="actors that get the known ids")
     ap.add_argument("--no-ray", action="store_true", help="skip the local Ray measurement")
     ap.add_argument(
-        "--measure", choices=("ours", "baseline", "ray", "start"), help=argparse.SUPPRESS
+        "--measure",
+        choices=("ours", "baseline", "ray", "start", "recorded"),
+        help=argparse.SUPPRESS,
     )
     ap.add_argument("--dst", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -402,6 +426,9 @@ def main() -> None:
         return
     if args.measure == "start":
         print(json.dumps(measure_start(args.dst)))
+        return
+    if args.measure == "recorded":
+        print(json.dumps(measure_recorded(args.dst)))
         return
     if args.measure:
         print(json.dumps(measure(args.measure, args.dst)))
