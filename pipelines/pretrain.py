@@ -124,6 +124,11 @@ def build_train_dataset(data: str, cfg: Config, *, start_step: int = 0):
 def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train entry: resume if a checkpoint exists, then step until ``train.steps``."""
     import ray.train
+
+    # first: rank 0's call starts the run's data coordinator (an actor, i.e. a process of its
+    # own), which then starts while this worker imports the model code and builds the model
+    # (~2 s). Asked for after them, the first batch waited for both, one after the other
+    shard = ray.train.get_dataset_shard("train")
     import ray.train.torch
     import torch
 
@@ -159,7 +164,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         sink = MetricSink(tracking["uri"], tracking["run_id"], start_step=trainer.step)
     monitor = loop_config.get("monitor_images")
     run_dir = loop_config["run_dir"]
-    shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator(device=device)
     steps, bs = cfg.train.steps, cfg.train.batch_size
     t_last, n_since = time.perf_counter(), 0

@@ -154,6 +154,24 @@ def _worker_logs() -> list[Path]:
     return files
 
 
+def test_the_data_coordinator_is_asked_for_before_the_model_code_is_imported():
+    # rank 0's get_dataset_shard starts the run's data coordinator, an actor of its own: asked
+    # for after the worker imported the model code (timm, ~1.5 s) and built the model, every
+    # run's first batch waited for both, one after the other. The order in the loop's code
+    import ast
+    import inspect
+    import textwrap
+
+    from pipelines.pretrain import train_loop
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(train_loop))).body[0].body
+    lines = [ast.unparse(node) for node in body]
+    shard = next(i for i, line in enumerate(lines) if "get_dataset_shard" in line)
+    engine = next(i for i, line in enumerate(lines) if "radjepa.engine" in line)
+    model = next(i for i, line in enumerate(lines) if "Pretrainer(" in line)
+    assert shard < engine < model, lines[: model + 1]
+
+
 def test_local_worker_hook_drops_only_the_state_api_warning(caplog):
     from pipelines.runtime import _PG_CLEANER_LOGGER, LOCAL_RUNTIME_ENV, quiet_local_worker_logs
 
