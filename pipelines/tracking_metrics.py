@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,15 @@ _BATCH = 1000  # MLflow's log_batch limit on metrics per call
 REPLAY_PREFIX = "replay/"  # the key of a value at a step the run already holds
 RESUMES_TAG = "radjepa.resumes"  # how many times the run went on from a checkpoint or over
 RESUMED_FROM_TAG = "radjepa.resumed_from_step"  # the step the latest of them started at
+
+
+class _Value(NamedTuple):
+    """One metric value as queued (an MLflow ``Metric`` is made of it in the writer thread)."""
+
+    key: str
+    value: float
+    timestamp: int  # ms, when the step happened
+    step: int
 
 
 class MetricSink:
@@ -60,9 +69,6 @@ class MetricSink:
         retry_s: float = 30.0,
         max_pending: int = 100_000,
     ) -> None:
-        from mlflow.entities import Metric  # imported here, not in the first step (~2 s)
-
-        self._metric = Metric
         self.uri, self.run_id = uri, run_id
         self.retry_s, self.max_pending = retry_s, max_pending
         self._pending: deque[Any] = deque()
@@ -73,6 +79,7 @@ class MetricSink:
         self._failing = False
         self._dropped = 0
         self._client: Any = None
+        self._metric: Any = None  # mlflow.entities.Metric, imported by the writer thread
         self.start_step = start_step
         self._started = datetime.now(UTC)  # the resume's time, not when a slow store took it
         self._logged: dict[str, int] | None = None  # newest step per key before this sink
@@ -80,10 +87,9 @@ class MetricSink:
         self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        Metric = self._metric
         now = int(time.time() * 1000)  # when the step happened, whenever it is written
         with self._cond:
-            self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            self._pending.extend(_Value(k, float(v), now, step) for k, v in metrics.items())
             overflow = len(self._pending) - self.max_pending
             for _ in range(max(overflow, 0)):
                 self._pending.popleft()
@@ -119,6 +125,17 @@ class MetricSink:
         return lost
 
     def _run(self) -> None:
+        # MLflow's import (~1 s) runs here, not in the training loop, where it delayed the
+        # first step of every run (a worker imports it while its first batch is on the way)
+        try:
+            from mlflow.entities import Metric
+        except Exception as err:  # noqa: BLE001 - tracking must never kill a training run
+            log.warning("MLflow metric logging is off: cannot import MLflow (%s)", err)
+            with self._cond:  # close() then reports every value as not recorded
+                self._stopped = True
+                self._cond.notify_all()
+            return
+        self._metric = Metric
         while True:
             with self._cond:
                 while not self._pending and not self._closing:
@@ -168,12 +185,14 @@ class MetricSink:
         self._failing = False
         return True
 
-    def _placed(self, metric: Any) -> Any:
-        """``metric``, under ``replay/<key>`` when the run already holds a value at its step."""
+    def _placed(self, value: _Value) -> Any:
+        """``value`` as an MLflow Metric, under ``replay/<key>`` when the run already holds a
+        value at its step."""
         assert self._logged is not None
-        if metric.step > self._logged.get(metric.key, -1):
-            return metric
-        return self._metric(REPLAY_PREFIX + metric.key, metric.value, metric.timestamp, metric.step)
+        key = value.key
+        if value.step <= self._logged.get(key, -1):
+            key = REPLAY_PREFIX + key
+        return self._metric(key, value.value, value.timestamp, value.step)
 
     def _begin(self) -> dict[str, int]:
         """The newest step the run holds per key; tags the run when this attempt is a resume.

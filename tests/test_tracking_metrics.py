@@ -123,3 +123,41 @@ def test_a_resumed_run_keeps_one_value_per_step_and_logs_the_redone_steps_as_rep
     assert tags["radjepa.resumes"] == "2" and tags["radjepa.resumed_from_step"] == "6"
     assert "redone" not in tags["radjepa.resume.2"]
     assert history("loss")[-1] == (7, 70.0) and len(history("replay/loss")) == 2
+
+
+def test_mlflow_is_imported_by_the_writer_thread_not_by_the_training_loop(tmp_path):
+    # the sink's constructor imported mlflow.entities (~1 s, more on a loaded box) in the
+    # training loop, before the first step of every run: in a fresh process, the import is
+    # seen from the thread that makes it
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import importlib.abc, sys, threading
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlflow":
+            seen.append(threading.current_thread().name)
+        return None
+sys.meta_path.insert(0, Watch())
+from pipelines.tracking_metrics import MetricSink
+sink = MetricSink(sys.argv[1], "0" * 32, retry_s=0.2)
+sink.log({"loss": 1.0}, 1)
+sink.close(timeout_s=120)  # returns once the writer tried: no such run in the new store
+print(seen)
+"""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", script, f"sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['mlflow-metrics']", out.stdout
