@@ -519,40 +519,6 @@ def test_a_refused_sweep_makes_no_mlflow_run_and_keeps_the_sweep_s_own(nih_shard
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
-def test_a_diverged_trial_ends_the_sweep_goes_on_and_its_checkpoints_are_pruned(
-    nih_shards, tmp_path
-):
-    # a NaN trial was an `error`: the sweep then kept every trial's checkpoints for `--resume`,
-    # which restarted it into the same NaN, so a sweep with such a trial never pruned
-    import mlflow
-
-    from pipelines.sweep import run_sweep
-
-    lrs = [5e-4, 1e5]
-    cfg = _cfg(tmp_path, "nan", {"optim.lr": {"type": "grid", "values": lrs}})
-    res = run_sweep(cfg, str(nih_shards))
-    by_lr = {t.params["optim.lr"]: t for t in res.trials}
-    good, bad = by_lr[5e-4], by_lr[1e5]
-    assert good.status == "ok" and res.best is not None and res.best.trial_id == good.trial_id
-    assert bad.status == "diverged" and bad.metric is None
-    assert bad.error is not None and bad.error.startswith("diverged at step")
-    # pruned as after a sweep without failures: only the best trial's checkpoints stay
-    assert res.tidied is not None
-    left = _checkpoints(tmp_path / "nan")
-    assert left[bad.trial_id] == [] and left[good.trial_id]
-
-    runs = {
-        r.data.tags["radjepa.trial_id"]: r for r in _child_runs(res.tracking_uri, res.parent_run_id)
-    }
-    assert runs[bad.trial_id].info.status == "FAILED"
-    assert runs[bad.trial_id].data.tags["radjepa.status"] == "diverged"
-    assert "radjepa.diverged_at_step" in runs[bad.trial_id].data.tags
-    assert runs[good.trial_id].info.status == "FINISHED"
-    assert (
-        mlflow.MlflowClient(res.tracking_uri).get_run(res.parent_run_id).info.status == "FINISHED"
-    )
-
-
 def _sweep_cli(out: Path, name: str, sets: dict[str, str], *extra: str):
     """`radjepa sweep` in a process of its own (its own local Ray), as a user or a pod runs it;
     Ray's log deduplication is off so that a worker's step line can be waited for."""
@@ -644,10 +610,16 @@ def test_optuna_learns_a_diverged_trial_as_the_worst_and_the_sweep_still_prunes(
 ):
     # a diverged trial reports a NaN metric; Optuna's tell refused it ("The value nan is not
     # acceptable", a warning) and the trial stayed RUNNING in the study, which TPE ignores: the
-    # searcher never learned that the region diverges
+    # searcher never learned that the region diverges.
+    # And a NaN trial was an `error`: the sweep then kept every trial's checkpoints for
+    # `--resume`, which restarted it into the same NaN, so a sweep with such a trial never
+    # pruned; the sweep goes on past it, ends FINISHED, and keeps only the best trial's
+    # checkpoints (this test checks what test_a_diverged_trial_ends_the_sweep_goes_on_... did
+    # with a grid sweep of the same two learning rates: one sweep of ~4 trial starts fewer)
     import math
     import signal
 
+    import mlflow
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
@@ -671,18 +643,30 @@ def test_optuna_learns_a_diverged_trial_as_the_worst_and_the_sweep_still_prunes(
     # finished, and worse than any finite score (PRUNED ranked it by step among pruned trials)
     assert told[1e5] == (TrialState.COMPLETE, float("-inf"))
     assert told[5e-4][0] == TrialState.COMPLETE and math.isfinite(told[5e-4][1])
-    # the table, MLflow and the checkpoints treat it as before
+    # the table, MLflow and the checkpoints treat it as before: every trial at the high rate
+    # diverged, every one at the low rate finished, and the best is one of those
+    by_lr = {lr: [t for t in res.trials if t.params["optim.lr"] == lr] for lr in (5e-4, 1e5)}
+    assert all(t.status == "diverged" for t in by_lr[1e5])
+    assert all(t.status == "ok" for t in by_lr[5e-4])
+    assert res.best is not None and res.best in by_lr[5e-4]
     bad = by_status["diverged"]
     assert bad.metric is None and bad.error.startswith("diverged at step")
+    assert all(t.metric is None and t.error.startswith("diverged at step") for t in by_lr[1e5])
     runs = {
         r.data.tags["radjepa.trial_id"]: r for r in _child_runs(res.tracking_uri, res.parent_run_id)
     }
     diverged = [runs[t.trial_id] for t in res.trials if t.status == "diverged"]
     assert {r.info.status for r in diverged} == {"FAILED"}
     assert all("radjepa.diverged_at_step" in r.data.tags for r in diverged)
+    assert all(r.data.tags["radjepa.status"] == "diverged" for r in diverged)
+    assert {runs[t.trial_id].info.status for t in by_lr[5e-4]} == {"FINISHED"}
+    parent = mlflow.MlflowClient(res.tracking_uri).get_run(res.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    # pruned as after a sweep without failures: only the best trial's checkpoints stay
     assert res.best is not None and res.best.status == "ok" and res.tidied is not None
     left = _checkpoints(tmp_path / "onan")
     assert {k for k, c in left.items() if c} == {res.best.trial_id}
+    assert all(left[t.trial_id] == [] for t in by_lr[1e5])
 
 
 @pytest.mark.timeout(300)
