@@ -419,7 +419,11 @@ def embed_cmd(
     # min=1: a negative count was Ray's ValueError traceback once Ray had started
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward.")] = None,
     actors: Annotated[
-        int | None, typer.Option(min=1, help="Encoder actors (default: by CPUs).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Encoder actors (default: by free CPUs, at most 4, and no more than batches).",
+        ),
     ] = None,
 ) -> None:
     """Embed ingested shards into an archive index (Ray Data) for /v1/similar."""

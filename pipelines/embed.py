@@ -212,7 +212,8 @@ def run_embed(
         raise EmbedError(f"the {len(shards)} shard(s) in {shards_dir} hold no images")
 
     free_cpus = int(ray.available_resources().get("CPU", 1))
-    n_actors = actors or (1 if use_gpu else max(1, min(4, free_cpus // 2)))
+    batch = batch_size or cfg.probe.batch_size
+    n_actors = actors or default_actors(free_cpus, use_gpu, shards, batch)
     ds = read_parquet(shards, num_files=len(shards), columns=columns)
     ds = ds.map_batches(
         _EmbedActor,
@@ -224,7 +225,7 @@ def run_embed(
             "device": "cuda" if use_gpu else "cpu",
             "pseudonyms": pseudonyms,
         },
-        batch_size=batch_size or cfg.probe.batch_size,
+        batch_size=batch,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=n_actors),
         num_cpus=1,
@@ -284,6 +285,38 @@ def _mark_incomplete(fs: Any, marker: str) -> None:
             b"radjepa embed is writing this index, or a run writing it did not finish: "
             b"its parts are not the whole archive\n"
         )
+
+
+MAX_CPU_ACTORS = 4
+
+
+def default_actors(free_cpus: int, use_gpu: bool, shards: list[str], batch_size: int) -> int:
+    """How many encoder actors an embed run starts: one with a GPU; else half the free CPUs,
+    at most :data:`MAX_CPU_ACTORS`, and no more than the run has batches. Each actor loads
+    torch, timm and the encoder (seconds of CPU) before its first batch, and Ray Data hands an
+    actor at least a whole batch: the demo's 64 images (two batches of 32) started four
+    actors, two of which never embedded an image."""
+    if use_gpu:
+        return 1
+    wanted = max(1, min(MAX_CPU_ACTORS, free_cpus // 2))
+    rows = _rows_up_to(shards, wanted * batch_size)
+    return max(1, min(wanted, -(-rows // batch_size)))
+
+
+def _rows_up_to(shards: list[str], limit: int) -> int:
+    """The shards' rows, counted from their footers until ``limit`` is reached (a large
+    archive on object storage is not read footer by footer for it)."""
+    import pyarrow.parquet as pq
+
+    from radjepa.locations import filesystem
+
+    rows = 0
+    for shard in shards:
+        if rows >= limit:
+            break
+        fs, path = filesystem(shard)
+        rows += pq.read_metadata(path, filesystem=fs).num_rows
+    return rows
 
 
 def _any_rows(shards: list[str]) -> bool:
