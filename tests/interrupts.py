@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 @contextmanager
@@ -68,3 +69,44 @@ def signal_after_line(
     if took is not None and sent is not None:
         took.append(time.monotonic() - sent)
     return out, "".join(said) + rest
+
+
+def signal_once_run_is_made(
+    proc: subprocess.Popen,
+    db: Path,
+    run_name: str,
+    fifo: Path,
+    signum: signal.Signals,
+    timeout_s: float = 240,
+) -> tuple[str, str]:
+    """Send ``signum`` to ``proc`` once its sqlite MLflow store ``db`` holds a run named
+    ``run_name``, then let through the write ``proc`` is blocked in: a named pipe ``fifo``
+    standing for the id file the command writes right after creating the run (a reader's open
+    ends the writer's wait). So the signal lands in the window between a run's creation and its
+    id file. Returns the run's id and the process's stderr, once it has exited."""
+    import sqlite3
+
+    try:
+        deadline = time.monotonic() + timeout_s
+        made: list[tuple[str]] = []
+        while not made and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            if db.is_file():
+                try:
+                    with sqlite3.connect(db) as con:
+                        query = "select run_uuid from runs where name=?"
+                        made = con.execute(query, (run_name,)).fetchall()
+                except sqlite3.Error:  # the store is still being created
+                    pass
+        assert made, proc.communicate(timeout=60)[1][-3000:]
+        proc.send_signal(signum)
+        time.sleep(1)
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            os.close(reader)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return made[0][0], err

@@ -1150,12 +1150,11 @@ def test_an_interruption_while_tracking_is_set_up_ends_the_run_killed(tmp_path, 
     # named pipe here: pretrain blocks writing it, right after creating the run, until the
     # signal has been sent.
     import signal
-    import sqlite3
     import subprocess
     import sys
-    import time
 
     import mlflow
+    from interrupts import signal_once_run_is_made
     from shard_tables import write_blank_shards
 
     shards = write_blank_shards(tmp_path / "shards")
@@ -1182,34 +1181,14 @@ def test_an_interruption_while_tracking_is_set_up_ends_the_run_killed(tmp_path, 
         env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo)},
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    try:
-        deadline = time.monotonic() + 240
-        made = []
-        while not made and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-            if db.is_file():
-                try:
-                    with sqlite3.connect(db) as con:
-                        made = con.execute("select run_uuid from runs where name='t'").fetchall()
-                except sqlite3.Error:  # the store is still being created
-                    pass
-        assert made, proc.communicate(timeout=60)[1][-3000:]
-        proc.send_signal(getattr(signal, sig))
-        time.sleep(1)
-        # let the blocked write through (a reader's open ends the writer's wait)
-        reader = os.open(out / "t" / "mlflow_run_id", os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            _, err = proc.communicate(timeout=120)
-        finally:
-            os.close(reader)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    run_id, err = signal_once_run_is_made(
+        proc, db, "t", out / "t" / "mlflow_run_id", getattr(signal, sig)
+    )
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: training was interrupted"), err[-3000:]
-    status = mlflow.MlflowClient(f"sqlite:///{db}").get_run(made[0][0]).info.status
+    status = mlflow.MlflowClient(f"sqlite:///{db}").get_run(run_id).info.status
     assert status == "KILLED"
 
 
