@@ -52,6 +52,7 @@ __all__ = [
     "PID_COLUMNS",
     "PSEUDONYM_KEY_COLUMN",
     "SAME_INSTANCE_MIN_COSINE",
+    "SAME_INSTANCE_MIN_MARGIN",
     "EmbeddingIndex",
     "Hit",
     "IndexLoadError",
@@ -67,14 +68,18 @@ PATIENT_PID = "patient_pid"  # the pseudonym column exclusions look patients up 
 INSTANCE_PID = "instance_pid"  # the one an archived DICOM is also recognised by
 # searchable pseudonym columns (each keeps an 8-byte-a-row sort order)
 _SEARCHED_PIDS = (PATIENT_PID, INSTANCE_PID)
-# How close (cosine) an upload's embedding must be to an archive row of its DICOM instance for
-# that row to count as the upload itself. A copy of the instance in another lossless transfer
-# syntax or with a re-written header decodes to the same pixels and embeds to ~1.0; a file
-# that only carries an archived instance's SOP Instance UID (a UID reused by an editing tool,
-# or copied into a crafted file) embeds elsewhere and is not taken for it, so knowing a UID
-# without the image tells a caller nothing of the archive. A lossy re-export may fall below:
+# When an archive row of an upload's DICOM instance counts as the upload itself. A copy of the
+# instance in another lossless transfer syntax or with a re-written header decodes to the same
+# pixels and embeds to the same vector (cosine 1 up to float rounding), so the row must be that
+# close, and closer than every row of another image by a clear margin. A file that only carries
+# an archived instance's SOP Instance UID (a UID reused by an editing tool, or copied into a
+# crafted file) is not taken for it, so knowing a UID without the image tells a caller nothing
+# of the archive: the margin keeps that so for an encoder that embeds many radiographs almost
+# alike (an uncentred mean-pooled embedding of one modality can put two images above 0.99, and
+# a barely trained or collapsed encoder puts them all there). A lossy re-export falls below:
 # it is then treated as a file the archive does not hold, as before instances were compared.
-SAME_INSTANCE_MIN_COSINE = 0.99
+SAME_INSTANCE_MIN_COSINE = 0.9999
+SAME_INSTANCE_MIN_MARGIN = 0.001
 # the checkpoint fingerprint (radjepa.eval.heads.checkpoint_fingerprint) of the embedding model
 ENCODER_COLUMN = "encoder_sha256"
 # radjepa.imaging.deid.key_fingerprint of the key that made the shards' pseudonyms, and the
@@ -301,15 +306,24 @@ class EmbeddingIndex:
 
     def rows_of_instance(self, instance_pid: str | None, query: np.ndarray) -> np.ndarray:
         """Rows of the DICOM instance ``instance_pid`` (its keyed SOP Instance UID pseudonym,
-        as ingest identifies instances) whose embedding is the upload's ``query`` ([D]) within
-        :data:`SAME_INSTANCE_MIN_COSINE`: the archived instance re-sent in other bytes (another
-        transfer syntax, a re-written header), which :meth:`rows_with_image_id` cannot find."""
-        rows = self.pids[INSTANCE_PID].rows_of(instance_pid)
-        if not len(rows):
-            return rows
+        as ingest identifies instances) that are the upload's ``query`` ([D]) itself: the
+        archived instance re-sent in other bytes (another transfer syntax, a re-written header),
+        which :meth:`rows_with_image_id` cannot find. Itself means within
+        :data:`SAME_INSTANCE_MIN_COSINE` of the query and :data:`SAME_INSTANCE_MIN_MARGIN`
+        closer to it than any row of another instance (the whole matrix is read for that, only
+        for an upload whose instance the archive holds)."""
+        instance = self.pids[INSTANCE_PID].rows_of(instance_pid)
+        if not len(instance):
+            return instance
         q = np.asarray(query, dtype=np.float32).reshape(-1)
-        cosine = self.matrix[rows] @ (q / max(float(np.linalg.norm(q)), 1e-12))
-        return rows[cosine >= SAME_INSTANCE_MIN_COSINE]
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        own = self.matrix[instance] @ q
+        close = own >= SAME_INSTANCE_MIN_COSINE
+        if not close.any() or len(instance) == len(self):
+            return instance[close]
+        others = self.matrix @ q
+        others[instance] = -np.inf
+        return instance[close & (own >= float(others.max()) + SAME_INSTANCE_MIN_MARGIN)]
 
     def rows_of_patients(self, patient_pids: Iterable[str]) -> np.ndarray:
         """Rows of any of these patient pseudonyms; unknown pseudonyms match nothing (a filter

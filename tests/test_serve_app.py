@@ -36,7 +36,7 @@ from serve_helpers import (
 
 from serve.app import create_app
 from serve.embedder import EncoderRunner, LocalEmbedder
-from serve.index import EmbeddingIndex
+from serve.index import SAME_INSTANCE_MIN_MARGIN, EmbeddingIndex
 from serve.security import (
     ApiSettings,
     SecurityConfigError,
@@ -309,6 +309,32 @@ def test_an_archived_dicom_instance_re_sent_in_other_bytes_is_recognised(world, 
         r = similar(resent, key=OTHER_KEY, exclude_same_patient="true")
         assert r.status_code == 403 and r.json()["reason"] == "patient_linkage_not_permitted"
         assert row.meta["instance_pid"] not in r.text + similar(resent).text
+
+    # an encoder that embeds another image almost like the archived one (a barely trained or
+    # collapsed one embeds them all alike): a file carrying the archived UID around any picture
+    # would match its row above 0.99, and excluded_self would tell the caller which row is that
+    # UID's. Closer than every other image by a clear margin, or not the upload itself
+    twin = own_emb + np.float32(1e-3) * np.random.default_rng(0).standard_normal(own_emb.shape)
+    close = EmbeddingIndex.from_parquet(
+        write_index(
+            tmp_path / "close.parquet",
+            np.concatenate([own_emb[None], twin[None].astype(np.float32), world["emb"][2:]]),
+            ids,
+            patient_pids=[row.meta["patient_pid"], *[pseudonym(f"p{i}") for i in range(1, 6)]],
+            instance_pids=[row.meta["instance_pid"], *[None] * 5],
+        )
+    )
+    cosine = float(close.matrix[0] @ close.matrix[1])
+    assert 1 - SAME_INSTANCE_MIN_MARGIN < cosine < 1, cosine
+    app = create_app(world["embedder"], settings=settings, index=close)
+    with on_loopback(app) as (host, port), httpx.Client(timeout=60) as http:
+        res = http.post(
+            f"http://{host}:{port}/v1/similar",
+            content=resent,
+            params={"k": 3},
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/dicom"},
+        ).json()["results"][0]
+        assert res["excluded_self"] == 0 and res["neighbours"][0]["image_id"] == ids[0], res
 
 
 def test_archived_dicoms_are_recognised_by_the_bytes_a_client_uploads(world, tmp_path):
