@@ -150,8 +150,6 @@ def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from radjepa.checkpoint import META, WEIGHTS
-
     def download(dst: str | None) -> Path:
         try:
             return Path(
@@ -167,7 +165,7 @@ def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:
     cache = Path(os.environ.get("RADJEPA_CACHE", "~/.cache/radjepa")).expanduser()
     key = hashlib.sha256(f"{tracking_uri}\n{source}".encode()).hexdigest()[:24]
     local = cache / "registry" / key
-    if (local / META).is_file() and (local / WEIGHTS).is_file():
+    if _complete(local):
         return local  # complete: copies are only ever renamed into place whole
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=local.parent))
@@ -176,12 +174,25 @@ def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:
         try:
             fetched.rename(local)
         except OSError:  # another process put its complete copy there first, or debris
-            if not ((local / META).is_file() and (local / WEIGHTS).is_file()):
+            if not _complete(local):
                 shutil.rmtree(local, ignore_errors=True)
                 fetched.rename(local)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return local
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a cached copy of a version holds all of what the registry keeps: an encoder
+    checkpoint or a probe head. Only an encoder's files counted, so a registered head on a
+    tracking server was downloaded again by every resolve, and each replica's rename found the
+    folder there and deleted it, under another replica reading it ("head.json is missing")."""
+    from radjepa.checkpoint import META, WEIGHTS
+    from radjepa.eval.heads import HEAD_FILES
+
+    return any(
+        all((folder / n).is_file() for n in names) for names in ((META, WEIGHTS), HEAD_FILES)
+    )
 
 
 def registered_version(ref: str, *, tracking_uri: str | None = None) -> Any:

@@ -512,3 +512,41 @@ def test_probe_and_embed_say_in_seconds_that_the_tracking_server_does_not_answer
         assert "tracking.enabled=false" in lines[0]
     assert not out.exists()  # nothing written: the probe did not run
     assert not list(tmp_path.rglob("session_*")), "a local Ray instance was started"
+
+
+def test_a_registered_head_on_a_server_is_fetched_once_and_never_replaced(
+    mlflow_server, tmp_path, monkeypatch
+):
+    # the cache took a copy for complete only when it held an encoder's files: a head (its own
+    # two files) was downloaded again by every resolve, and each rename found the folder there
+    # and deleted it, under another replica reading it ("head.json is missing")
+    import tempfile
+
+    from serve_helpers import make_head
+
+    from pipelines.tracking import client, ensure_experiment, register_artifact_dir
+    from radjepa.eval.heads import HEAD_FILES
+    from serve.registry import resolve_head
+
+    monkeypatch.setenv("RADJEPA_CACHE", str(tmp_path / "cache"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where MLflow's temp copies land
+    head = make_head(tmp_path / "head", 32)
+    mc = client(mlflow_server)
+    run_id = mc.create_run(ensure_experiment(mlflow_server, "probe")).info.run_id
+    mc.log_artifacts(run_id, str(head), "head")
+    version = register_artifact_dir(mlflow_server, run_id, "head", "srv-head")
+
+    ref = f"models:/srv-head/{version}"
+    first = resolve_head(ref, tracking_uri=mlflow_server)
+    cached = next((tmp_path / "cache").rglob(HEAD_FILES[1]))
+    seen = {name: (cached.parent / name).stat().st_ino for name in HEAD_FILES}
+    again = resolve_head(ref, tracking_uri=mlflow_server)
+    assert {name: (cached.parent / name).stat().st_ino for name in HEAD_FILES} == seen
+    assert (
+        list(first.head.label_names) == list(again.head.label_names) == ["Effusion", "Cardiomegaly"]
+    )
+    assert first.source == again.source == ref
+    assert len(list((tmp_path / "cache").rglob(HEAD_FILES[1]))) == 1
+    assert not any(scratch.rglob(HEAD_FILES[1]))  # no stray copies

@@ -98,6 +98,10 @@ class ProbeHead:
         return 1.0 / (1.0 + np.exp(-logits))
 
 
+# what save_head writes into a head folder: its metadata, then its weights
+HEAD_FILES = ("head.json", "head.safetensors")
+
+
 def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
     """sha256 over what identifies a checkpoint's encoder: file names + bytes, sorted.
 
@@ -163,7 +167,7 @@ def save_head(folder: str | os.PathLike[str], head: ProbeHead) -> Path:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {name: np.ascontiguousarray(getattr(head, name)) for name in _TENSORS}
-    save_file(tensors, str(out / "head.safetensors"))
+    save_file(tensors, str(out / HEAD_FILES[1]))
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -172,7 +176,7 @@ def save_head(folder: str | os.PathLike[str], head: ProbeHead) -> Path:
         "feature_dim": head.feature_dim,
         "encoder": dict(head.encoder),
     }
-    (out / "head.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    (out / HEAD_FILES[0]).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     log.info(
         "saved probe head (%d labels, dim %d) to %s",
         len(meta["label_names"]),
@@ -188,7 +192,7 @@ def load_head(path: str | os.PathLike[str]) -> ProbeHead:
     from safetensors.numpy import load_file
 
     folder = Path(path)
-    meta_path, weights_path = folder / "head.json", folder / "head.safetensors"
+    meta_path, weights_path = (folder / name for name in HEAD_FILES)
     for f in (meta_path, weights_path):
         if not f.is_file():
             raise HeadError(f"not a probe head folder: {f} is missing")
