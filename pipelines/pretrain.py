@@ -731,20 +731,20 @@ def start_tracking(
     previous = locations.read_text(id_file)
     if previous:
         run_id = previous.strip()
-        reopen(client, run_id)  # RUNNING again, and no longer tagged as reaped
-        log.info("resuming MLflow run %s", run_id)
-        if provenance:
-            from mlflow.entities import RunTag
+        try:
+            reopen(client, run_id)  # RUNNING again, and no longer tagged as reaped
+            log.info("resuming MLflow run %s", run_id)
+            if provenance:
+                from mlflow.entities import RunTag
 
-            resumed = [
-                RunTag(f"radjepa.resumed_with.{k.removeprefix('radjepa.')}", v)
-                for k, v in provenance.items()
-            ]
-            try:
+                resumed = [
+                    RunTag(f"radjepa.resumed_with.{k.removeprefix('radjepa.')}", v)
+                    for k, v in provenance.items()
+                ]
                 client.log_batch(run_id, tags=resumed)
-            except BaseException as err:  # the caller never learns the id: it ends it here
-                _end_unfinished(uri, run_id, err)
-                raise
+        except BaseException as err:  # the caller never learns the id: it ends it here
+            _end_unfinished(uri, run_id, err)
+            raise
         return run_id, uri
     all_tags = {"radjepa.job": "pretrain", **(provenance or {}), **(tags or {})}
     if parent_run_id:
