@@ -40,8 +40,10 @@ ids (counters, repeated digits) are not random, which the argument leans on;
 ``tests/test_input_keys.py`` checks a million such pairs, ``path:`` form included, for
 clashes.
 
-The single form reads the words with ``int(hex, 16)`` and folds Python ints (about as quick
-as the BLAKE2b per input it replaced: a re-run calls it for every input DST holds).
+The single form reads the words with ``int(hex, 16)`` and folds Python ints: 2-3 us an input
+where the BLAKE2b it replaced took 0.5-0.8 us (timeit, this box). A re-run calls it for every
+input DST already holds, beside ~20 us reading that input's fields, so it adds under 10% there
+(~17 s at 10 million such inputs); the column form is what removed seconds a million rows.
 """
 
 from __future__ import annotations
