@@ -89,6 +89,9 @@ class MetricSink:
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)  # when the step happened, whenever it is written
         with self._cond:
+            if self._stopped:  # no writer (MLflow could not be imported): counted as lost
+                self._dropped += len(metrics)
+                return
             self._pending.extend(_Value(k, float(v), now, step) for k, v in metrics.items())
             overflow = len(self._pending) - self.max_pending
             for _ in range(max(overflow, 0)):

@@ -161,3 +161,37 @@ print(seen)
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "['mlflow-metrics']", out.stdout
+
+
+def test_a_sink_without_mlflow_counts_every_value_lost_and_says_why_once(tmp_path):
+    # with MLflow not importable the writer thread ends at once; log() still queued every value
+    # up to max_pending and then warned "MLflow unreachable for a long time", a wrong cause
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+sys.modules["mlflow"] = None  # any import of mlflow now fails
+from pipelines.tracking_metrics import MetricSink
+sink = MetricSink("sqlite:///unused.db", "0" * 32, max_pending=5)
+sink._thread.join(60)  # the writer has given up
+for step in range(1, 11):
+    sink.log({"loss": 1.0, "lr": 0.1}, step)
+print("lost", sink.close(timeout_s=5), len(sink._pending))
+"""
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["lost", "20", "0"], out.stdout + out.stderr
+    assert out.stderr.count("MLflow metric logging is off: cannot import MLflow") == 1, out.stderr
+    assert "unreachable" not in out.stderr, out.stderr
