@@ -39,9 +39,10 @@ def unhex(chunk: pa.Array, chars: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def unhex_rows(values: pa.Array, chars: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every row of a string array, nulls allowed, as raw bytes (``[n, chars/2]`` uint8, zeros
-    where a row is not hex), and which rows are lowercase hex of ``chars`` characters (``[n]``
-    bool: False for a null, another length or another character). Row for row, unlike
+    """Every row of a string array, nulls allowed, as raw bytes (``[n, chars/2]`` uint8; zeros
+    for a null or another length, meaningless bytes for a row of the length that is not hex:
+    read only where the mask is True), and which rows are lowercase hex of ``chars`` characters
+    (``[n]`` bool: False for a null, another length or another character). Row for row, unlike
     :func:`unhex`'s caller in the id sets, which drops what is not hex: for reading two columns
     of one table side by side (an input's image id and its path hash)."""
     n = len(values)
