@@ -6,7 +6,7 @@ resumed after an interruption) lists it as a duplicate only if DST holds no row 
 (image id, path hash) pair: ``Destination.recorded_inputs`` keys every row of DST, the run keys
 each input it meets (``pipelines.ingest``). The key is never stored, so it only has to be the
 same function on both sides: :func:`input_keys` (a column pair) and :func:`input_key` (one
-input) both fold their words with :func:`_fold`, and anything not of ingest's hex forms with
+input) both fold their words with :func:`_fold`, and anything not of ingest's hex form with
 :func:`_odd_key`. A ``hashlib`` digest per row in Python cost 2.4-9 s a million DST rows on
 a shared 2-core box; the fold runs on numpy arrays of the hex digits' bytes
 (docs/PERFORMANCE.md).
@@ -15,29 +15,27 @@ Forms (an id ingest computes is 64 lowercase hex: SHA-256 or HMAC-SHA256 of the 
 a path hash 32 lowercase hex: truncated HMAC-SHA256 of the path):
 
 - id of 64 lowercase hex, path hash of 32: the id's four 64-bit words (the hex read as
-  big-endian numbers, 16 digits a word), then the hash's two, folded from :data:`_SEED_IMAGE`;
-- id ``path:<32 lowercase hex>`` (how ``known_ids`` names a file quarantined unread) and a
-  path hash of 32: the two words after the prefix, then the hash's two, from
-  :data:`_SEED_PATH` (a seed of its own: no id of one form folds like one of the other);
-- anything else (a null path hash, an id or hash made by hand or damaged: no DST row ingest
-  writes): an 8-byte BLAKE2b of both values, one row at a time.
+  big-endian numbers, 16 digits a word), then the hash's two, folded from :data:`_SEED`;
+- anything else (a null path hash, an id or hash made by hand or damaged, or the
+  ``path:<hash>`` name ``known_ids`` gives a file quarantined unread, which no DST row holds
+  and the run never keys: such a file has no id and no key): an 8-byte BLAKE2b of both
+  values, one row at a time.
 
 Why distinct pairs collide no more often than random 64-bit keys: :func:`_fold` runs
 ``h = g(h ^ w)`` over the words, ``g(x) = m ^ (m >> 32)`` with ``m = x * C mod 2**64`` for an
 odd ``C``: a bijection of 64-bit words (an odd multiplier and an xorshift are both
-invertible). Take two pairs of one form and the last word where they differ: from there on both
+invertible). Take two hex pairs and the last word where they differ: from there on both
 fold the same words through the same bijections, so they collide exactly when ``h ^ w == h' ^
 w'`` at that word. That word belongs to a digest (an id's or a path hash's) that differs
 between the pairs, so it is a fresh pseudorandom 64-bit value, independent of everything else
 folded: the chance is 2**-64 a pair of pairs, as for random keys (by the birthday bound about
 n**2 / 2**65 for n inputs: 3e-6 at 10 million), and a clash costs only one duplicate row
-unlisted. The multiplication is what keeps a pair whose id is derived from its own path hash
-(``path:<h>`` with path hash ``h``) from cancelling: an XOR of the halves would key every
-such pair 0; the shift carries a word's high bits into the low bits the next multiplication
-spreads (a counter in a word's first digits still changes the whole key). Keys of different
-forms differ by their seeds' and BLAKE2b's independence, with the same odds. Hand-made 64-hex
-ids (counters, repeated digits) are not random, which the argument leans on;
-``tests/test_input_keys.py`` checks a million such pairs, ``path:`` form included, for
+unlisted. The multiplication is what keeps equal words from cancelling (an XOR of the halves
+would key every pair whose id repeats its path hash 0); the shift carries a word's high bits
+into the low bits the next multiplication spreads (a counter in a word's first digits still
+changes the whole key). A hex key and a BLAKE2b key differ with the same odds. Hand-made
+64-hex ids (counters, repeated digits) are not random, which the argument leans on;
+``tests/test_input_keys.py`` checks a million such pairs, ``path:`` names included, for
 clashes.
 
 The single form reads the words with ``int(hex, 16)`` and folds Python ints: 2-3 us an input
@@ -56,17 +54,15 @@ from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from radjepa.hex_columns import offsets, unhex_rows
-from radjepa.ingest.id_sets import IMAGE_ID_CHARS, PATH_HASH_CHARS, PATH_PREFIX
+from radjepa.hex_columns import unhex_rows
+from radjepa.ingest.id_sets import IMAGE_ID_CHARS, PATH_HASH_CHARS
 
 __all__ = ["input_key", "input_keys"]
 
 _MASK = 2**64 - 1
 _MULTIPLIER = 0x9E3779B97F4A7C15  # odd: the golden ratio's 64-bit fraction
-_SEED_IMAGE = 0x243F6A8885A308D3  # digits of pi: any two distinct constants do
-_SEED_PATH = 0x13198A2E03707344
+_SEED = 0x243F6A8885A308D3  # digits of pi: any constant does
 _is_hex = re.compile("[0-9a-f]+").fullmatch  # what radjepa.hex_columns.unhex takes as hex
 
 Word = TypeVar("Word", int, np.ndarray)
@@ -93,20 +89,16 @@ def _odd_key(image_id: str, source_hash: str | None) -> int:
 
 def input_key(image_id: str, source_hash: str | None) -> int:
     """The key of one input (its image id, its path hash): :func:`input_keys` of a row."""
-    if source_hash is not None and len(source_hash) == PATH_HASH_CHARS and _is_hex(source_hash):
-        y = int(source_hash, 16)
-        if len(image_id) == IMAGE_ID_CHARS and _is_hex(image_id):
-            x = int(image_id, 16)
-            words = (x >> 192, x >> 128 & _MASK, x >> 64 & _MASK, x & _MASK, y >> 64, y & _MASK)
-            return _fold(_SEED_IMAGE, words)
-        prefix = len(PATH_PREFIX)
-        if (
-            len(image_id) == prefix + PATH_HASH_CHARS
-            and image_id.startswith(PATH_PREFIX)
-            and _is_hex(image_id, prefix)
-        ):
-            x = int(image_id[prefix:], 16)
-            return _fold(_SEED_PATH, (x >> 64, x & _MASK, y >> 64, y & _MASK))
+    if (
+        source_hash is not None
+        and len(source_hash) == PATH_HASH_CHARS
+        and _is_hex(source_hash)
+        and len(image_id) == IMAGE_ID_CHARS
+        and _is_hex(image_id)
+    ):
+        x, y = int(image_id, 16), int(source_hash, 16)
+        words = (x >> 192, x >> 128 & _MASK, x >> 64 & _MASK, x & _MASK, y >> 64, y & _MASK)
+        return _fold(_SEED, words)
     return _odd_key(image_id, source_hash)
 
 
@@ -131,7 +123,8 @@ def input_keys(
     """The keys (uint64) of the rows of an image id column and the path hash column beside it
     whose id is not null, in row order: what :func:`input_key` gives each such row. A null id
     (a file quarantined unread) is no input DST lists duplicates of: it has no key. Read from
-    the Arrow buffers; only rows of no hex form (none that ingest writes) take a Python step."""
+    the Arrow buffers; only rows not of the hex form (none that ingest writes) take a Python
+    step."""
     ids, hashes = _one_array(image_ids), _one_array(source_hashes)
     if len(ids) != len(hashes):
         raise ValueError(f"{len(ids)} image ids beside {len(hashes)} path hashes")
@@ -141,26 +134,11 @@ def input_keys(
     keys = np.empty(len(ids), np.uint64)
     hash_raw, hash_ok = unhex_rows(hashes, PATH_HASH_CHARS)
     id_raw, id_ok = unhex_rows(ids, IMAGE_ID_CHARS)
-    image = id_ok & hash_ok
-    if image.any():
-        keys[image] = _fold(_SEED_IMAGE, _columns(np.hstack([id_raw[image], hash_raw[image]])))
-    done = image
-    prefixed = np.diff(offsets(ids)) == len(PATH_PREFIX) + PATH_HASH_CHARS
-    prefixed &= hash_ok  # a null id never gets here: the nulls are gone
-    if prefixed.any():
-        candidates = ids.filter(pa.array(prefixed))
-        starts = pc.starts_with(candidates, PATH_PREFIX).to_numpy(zero_copy_only=False)
-        tail_raw, tail_ok = unhex_rows(
-            pc.utf8_slice_codeunits(candidates, len(PATH_PREFIX)), PATH_HASH_CHARS
-        )
-        path = np.zeros(len(ids), bool)
-        path[prefixed] = starts & tail_ok
-        if path.any():
-            words = np.hstack([tail_raw[starts & tail_ok], hash_raw[path]])
-            keys[path] = _fold(_SEED_PATH, _columns(words))
-        done = done | path
-    if not done.all():
-        rest = pa.array(~done)
+    hexed = id_ok & hash_ok
+    if hexed.any():
+        keys[hexed] = _fold(_SEED, _columns(np.hstack([id_raw[hexed], hash_raw[hexed]])))
+    if not hexed.all():
+        rest = pa.array(~hexed)
         odd = zip(ids.filter(rest).to_pylist(), hashes.filter(rest).to_pylist(), strict=True)
-        keys[~done] = np.fromiter((_odd_key(i, h) for i, h in odd), np.uint64)
+        keys[~hexed] = np.fromiter((_odd_key(i, h) for i, h in odd), np.uint64)
     return keys
