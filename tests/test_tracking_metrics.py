@@ -4,7 +4,9 @@ takes them again (real MLflow client, a real closed loopback port, a real sqlite
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from serve_helpers import free_port
@@ -125,14 +127,27 @@ def test_a_resumed_run_keeps_one_value_per_step_and_logs_the_redone_steps_as_rep
     assert history("loss")[-1] == (7, 70.0) and len(history("replay/loss")) == 2
 
 
+def _fresh_python(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``script`` run by a Python process of its own (nothing of MLflow imported yet, as in
+    a Ray Train worker before its first step), with this repository importable."""
+    import os
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_mlflow_is_imported_by_the_writer_thread_not_by_the_training_loop(tmp_path):
     # the sink's constructor imported mlflow.entities (~1 s, more on a loaded box) in the
     # training loop, before the first step of every run: in a fresh process, the import is
     # seen from the thread that makes it
-    import os
-    import subprocess
-    import sys
-
     script = """
 import importlib.abc, sys, threading
 seen = []
@@ -148,17 +163,7 @@ sink.log({"loss": 1.0}, 1)
 sink.close(timeout_s=120)  # returns once the writer tried: no such run in the new store
 print(seen)
 """
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", script, f"sqlite:///{tmp_path / 'mlflow.db'}"],
-        cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _fresh_python(script, f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "['mlflow-metrics']", out.stdout
 
@@ -166,11 +171,6 @@ print(seen)
 def test_a_sink_without_mlflow_counts_every_value_lost_and_says_why_once(tmp_path):
     # with MLflow not importable the writer thread ends at once; log() still queued every value
     # up to max_pending and then warned "MLflow unreachable for a long time", a wrong cause
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = """
 import logging, sys
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
@@ -182,15 +182,7 @@ for step in range(1, 11):
     sink.log({"loss": 1.0, "lr": 0.1}, step)
 print("lost", sink.close(timeout_s=5), len(sink._pending))
 """
-    repo = Path(__file__).resolve().parents[1]
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = _fresh_python(script, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["lost", "20", "0"], out.stdout + out.stderr
     assert out.stderr.count("MLflow metric logging is off: cannot import MLflow") == 1, out.stderr
