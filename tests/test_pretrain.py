@@ -1092,6 +1092,28 @@ def test_a_worker_error_is_said_in_one_line(shards, tmp_path):
     assert "(train.max_failures=0: no restart;" in message
 
 
+def _pretrain_cli(entry: list[str], shards: Path, sets: dict[str, str]):
+    """``python -m *entry tiny_cpu.yaml --data shards --set ...`` in a process of its own (its
+    own local Ray), as a user or a pod runs it, with SIGINT as a user's foreground process has
+    it (a background pytest, CI's, ignores it and its children inherit that)."""
+    import signal
+    import subprocess
+    import sys
+
+    repo = CONFIGS.parent
+    args = [sys.executable, "-m", *entry, str(CONFIGS / "tiny_cpu.yaml")]
+    args += ["--data", str(shards)] + [f"--set={k}={v}" for k, v in sets.items()]
+    return subprocess.Popen(
+        args,
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo)},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
 @pytest.mark.parametrize(
     "entry",
     [["pipelines.cli", "pretrain", "-c"], ["pipelines.pretrain", "--config"]],
@@ -1103,13 +1125,10 @@ def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards
     # `python -m pipelines.pretrain` (a Ray Job's entry point under `ray job submit`, stopped
     # with `ray job stop`) exited 2, a usage error's code
     import signal
-    import subprocess
-    import sys
 
     import mlflow
     from interrupts import signal_after_line
 
-    repo = CONFIGS.parent
     sets = {
         "train.output_dir": str(tmp_path),
         "train.run_name": "t",
@@ -1118,16 +1137,7 @@ def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards
         "train.batch_size": "8",
         "data.holdout_fraction": "0.0",
     }
-    args = [sys.executable, "-m", *entry, str(CONFIGS / "tiny_cpu.yaml")]
-    args += ["--data", str(shards)] + [f"--set={k}={v}" for k, v in sets.items()]
-    proc = subprocess.Popen(
-        args,
-        cwd=repo,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo)},
-    )
+    proc = _pretrain_cli(entry, shards, sets)
     # once workers train; a supervisor repeating itself sends it again
     _, text = signal_after_line(proc, "step 3/400", signal.SIGTERM, 180, again_after_s=0.5)
     assert proc.returncode == 130, text[-3000:]
@@ -1150,8 +1160,6 @@ def test_an_interruption_while_tracking_is_set_up_ends_the_run_killed(tmp_path, 
     # named pipe here: pretrain blocks writing it, right after creating the run, until the
     # signal has been sent.
     import signal
-    import subprocess
-    import sys
 
     import mlflow
     from interrupts import signal_once_run_is_made
@@ -1168,19 +1176,7 @@ def test_an_interruption_while_tracking_is_set_up_ends_the_run_killed(tmp_path, 
         "train.batch_size": "8",
         "data.holdout_fraction": "0.0",
     }
-    repo = CONFIGS.parent
-    args = [sys.executable, "-m", "pipelines.cli", "pretrain", "-c", str(CONFIGS / "tiny_cpu.yaml")]
-    args += ["--data", str(shards)] + [f"--set={k}={v}" for k, v in sets.items()]
-    # SIGINT as a user's foreground process has it (a background pytest, CI's, ignores it)
-    proc = subprocess.Popen(
-        args,
-        cwd=repo,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo)},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = _pretrain_cli(["pipelines.cli", "pretrain", "-c"], shards, sets)
     run_id, err = signal_once_run_is_made(
         proc, db, "t", out / "t" / "mlflow_run_id", getattr(signal, sig)
     )
