@@ -109,11 +109,15 @@ def write_dst(root: Path, images: int, shard_rows: int, quarantined: int) -> Non
     )
 
 
-def measure_start(dst: str) -> dict[str, Any]:
+def measure_start(dst: str, baseline: bool = False) -> dict[str, Any]:
     """In a fresh process: what a run reads of an older DST (no key record) before it decodes,
     in ``pipelines.ingest``'s order: ``check_key`` (which asks whether DST holds any id), then
     ``known_ids``; then, apart, ``recorded_inputs`` (read at the first input DST holds). Counts
-    the Parquet reads of each (a DST of ``k`` files read once is ``k`` reads a column)."""
+    the Parquet reads of each (a DST of ``k`` files read once is ``k`` reads a column).
+
+    ``baseline``: as before ``Destination`` kept its known ids, the run builds them again after
+    ``check_key`` built them, and ``recorded_inputs`` keys every row in Python as it did
+    (:func:`_baseline_recorded_keys`)."""
     import pyarrow.parquet as pq
 
     import radjepa.ingest.destination as destination
@@ -134,6 +138,8 @@ def measure_start(dst: str) -> dict[str, Any]:
     rss0 = _rss()
     t0 = time.perf_counter()
     destination.check_key(dest, None, {**key, "patient_identity": "patient_id"}, "BENCH")
+    if baseline:
+        dest._known = None  # built by check_key; the run built them again
     known = dest.known_ids()
     out["start_s"] = time.perf_counter() - t0
     out["start_peak_bytes"] = _maxrss() - rss0
@@ -144,12 +150,44 @@ def measure_start(dst: str) -> dict[str, Any]:
     reads.clear()
     peak0 = _maxrss()
     t0 = time.perf_counter()
-    keys, _ = dest.recorded_inputs()
+    keys = _baseline_recorded_keys(dest) if baseline else dest.recorded_inputs()[0]
     out["recorded_s"] = time.perf_counter() - t0
     out["recorded_peak_above_start_bytes"] = _maxrss() - peak0
     out["recorded_nbytes"] = len(keys) * 8
     out["recorded_id_reads"] = reads.count("image_id") + reads.count("sha256")
     return out
+
+
+def _baseline_recorded_keys(dest: Any) -> np.ndarray:
+    """What ``Destination.recorded_inputs`` computed before keying whole columns: the same
+    columns read, each row keyed in Python (an f-string, ``encode``, an 8-byte BLAKE2b,
+    ``int.from_bytes``), then ``np.unique``. The baseline of the recorded-inputs figures."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    keys = []
+    for sub, id_column in (
+        ("images", "image_id"),
+        ("quarantine", "sha256"),
+        ("duplicates", "image_id"),
+    ):
+        for path in dest._parquet(sub):
+            table = pq.read_table(path, columns=[id_column, "source_hash"], filesystem=dest.fs)
+            pairs = zip(table[id_column].to_pylist(), table["source_hash"].to_pylist(), strict=True)
+            keys.append(
+                np.fromiter(
+                    (
+                        int.from_bytes(
+                            hashlib.blake2b(f"{i}\0{h}".encode(), digest_size=8).digest(), "little"
+                        )
+                        for i, h in pairs
+                        if i is not None
+                    ),
+                    dtype=np.uint64,
+                )
+            )
+    return np.unique(np.concatenate(keys)) if keys else np.empty(0, np.uint64)
 
 
 def measure_recorded(dst: str) -> dict[str, Any]:
@@ -416,7 +454,7 @@ def main() -> None:
     ap.add_argument("--no-ray", action="store_true", help="skip the local Ray measurement")
     ap.add_argument(
         "--measure",
-        choices=("ours", "baseline", "ray", "start", "recorded"),
+        choices=("ours", "baseline", "ray", "start", "start-baseline", "recorded"),
         help=argparse.SUPPRESS,
     )
     ap.add_argument("--dst", help=argparse.SUPPRESS)
@@ -424,8 +462,8 @@ def main() -> None:
     if args.measure == "ray":
         print(json.dumps(measure_ray(args.dst, args.ray_actors)))
         return
-    if args.measure == "start":
-        print(json.dumps(measure_start(args.dst)))
+    if args.measure in ("start", "start-baseline"):
+        print(json.dumps(measure_start(args.dst, baseline=args.measure == "start-baseline")))
         return
     if args.measure == "recorded":
         print(json.dumps(measure_recorded(args.dst)))
@@ -450,7 +488,12 @@ def main() -> None:
         files = sum(
             1 for sub in ("images", "quarantine", "duplicates") for _ in (Path(tmp) / sub).iterdir()
         )
-        start = in_fresh_process(["--measure", "start", "--dst", tmp])  # last: writes a key record
+        # last (each writes a key record: removed between them, so both meet an older DST)
+        start_base = in_fresh_process(["--measure", "start-baseline", "--dst", tmp])
+        from radjepa.ingest.destination import KEY_RECORD
+
+        (Path(tmp) / KEY_RECORD).unlink(missing_ok=True)
+        start = in_fresh_process(["--measure", "start", "--dst", tmp])
     for key in ("known_entries", "instances_entries"):
         if ours[key] != base[key]:
             raise SystemExit(f"{key}: ours {ours[key]} vs baseline {base[key]}")
@@ -504,6 +547,14 @@ def main() -> None:
     result["recorded_inputs_peak_above_start_mib"] = _mib(start["recorded_peak_above_start_bytes"])
     result["recorded_inputs_mib"] = _mib(start["recorded_nbytes"])
     result["recorded_inputs_id_column_reads"] = start["recorded_id_reads"]
+    result["baseline_run_start_s"] = round(start_base["start_s"], 2)
+    result["baseline_run_start_id_column_reads"] = start_base["start_id_reads"]
+    result["run_start_ratio"] = round(start_base["start_s"] / start["start_s"], 2)
+    result["baseline_recorded_inputs_s"] = round(start_base["recorded_s"], 2)
+    result["baseline_recorded_inputs_peak_above_start_mib"] = _mib(
+        start_base["recorded_peak_above_start_bytes"]
+    )
+    result["recorded_inputs_ratio"] = round(start_base["recorded_s"] / start["recorded_s"], 2)
     if ray_figures:
         result["ray_actors"] = args.ray_actors
         for side in ("ours", "baseline"):

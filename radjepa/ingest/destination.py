@@ -191,7 +191,8 @@ class Destination:
         stored images, quarantine rows and duplicate rows; and for each id listed as a
         duplicate, the stored image it names (``kept_image_id``). Keyed a file's columns at a
         time from their Arrow buffers (:func:`radjepa.ingest.input_keys.input_keys`, the same
-        key the run gives each input it meets): a Python digest per row took 2.4-9 s a million.
+        key the run gives each input it meets): 2.1x quicker at 3M rows than a Python digest per
+        row (docs/PERFORMANCE.md).
 
         Keys, not the pairs, in one sorted array (:class:`InputKeys`, 8 bytes an input): read
         by every re-run that meets an input DST already holds (a run resumed after an

@@ -7,9 +7,9 @@ resumed after an interruption) lists it as a duplicate only if DST holds no row 
 each input it meets (``pipelines.ingest``). The key is never stored, so it only has to be the
 same function on both sides: :func:`input_keys` (a column pair) and :func:`input_key` (one
 input) both fold their words with :func:`_fold`, and anything not of ingest's hex form with
-:func:`_odd_key`. A ``hashlib`` digest per row in Python cost 2.4-9 s a million DST rows on
-a shared 2-core box; the fold runs on numpy arrays of the hex digits' bytes
-(docs/PERFORMANCE.md).
+:func:`_odd_key`. A ``hashlib`` digest per row in Python took 1.5 s a million DST rows and
+6.4 s at 3M in ``bench/identity_sets.py``, against 0.95 and 3.0 s for the fold on numpy arrays
+of the hex digits' bytes (docs/PERFORMANCE.md).
 
 Forms (an id ingest computes is 64 lowercase hex: SHA-256 or HMAC-SHA256 of the file's bytes;
 a path hash 32 lowercase hex: truncated HMAC-SHA256 of the path):
