@@ -172,6 +172,7 @@ def run_ingest(
     with DstLock(dst, run_id):
         dest = Destination(dst)
         dest.remove_leftovers()  # of runs killed mid-write: ours now that we hold the lock
+        dest.warn_foreign_files()  # which training would refuse: said before the run, not after
         previous = dest.read_manifest()
         key = {
             "key": "development" if secret == DEV_SECRET else "secret",

@@ -95,18 +95,18 @@ def build_train_dataset(data: str, cfg: Config, *, start_step: int = 0):
     from ray.data import FileShuffleConfig
 
     from pipelines.runtime import read_parquet
-    from radjepa.shards import list_shards
-    from radjepa.training_data import TRAINING_COLUMNS, decode_training_batch, images_dir
+    from radjepa.training_data import TRAINING_COLUMNS, decode_training_batch, training_files
 
-    images = images_dir(data)  # checked to hold shards
+    fs, files = training_files(data)  # the files, not the folder: ingest's listing
     # the training stream is re-read every epoch: per-epoch progress bars would bury the
     # step log, which already reports throughput
     ray.data.DataContext.get_current().enable_progress_bars = False
     seed = (cfg.train.seed + start_step * 1_000_003) % 2**32
     ds = read_parquet(
-        images,
-        num_files=len(list_shards(data)),
+        files,
+        num_files=len(files),
         columns=TRAINING_COLUMNS,
+        filesystem=fs,
         shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
     )
     return ds.map_batches(

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from radjepa.config import Config
-from radjepa.training_data import TRAINING_COLUMNS, TrainingDataError, images_dir, is_holdout
+from radjepa.training_data import TRAINING_COLUMNS, TrainingDataError, is_holdout, shard_dataset
 
 if TYPE_CHECKING:
     from radjepa.engine import Pretrainer
@@ -36,12 +36,11 @@ def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.nd
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     from radjepa.shards import pixel_batch
 
-    ds = pads.dataset(images_dir(data), format="parquet")
+    ds = shard_dataset(data)
     ids = ds.to_table(columns=["image_id"]).column("image_id").to_pylist()
     held = [i for i, x in enumerate(ids) if is_holdout(x, cfg.data.holdout_fraction)]
     pick = held if len(held) >= 32 else list(range(len(ids)))

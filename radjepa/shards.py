@@ -9,6 +9,7 @@ uint16), so readers need only numpy to rebuild an image.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,11 @@ __all__ = [
     "DUPLICATE_SAME_BYTES",
     "DUPLICATE_SAME_INSTANCE",
     "DUPLICATE_SCHEMA",
+    "ForeignFilesError",
     "IMAGES_DIR",
+    "INGEST_RECORDS",
+    "KEY_RECORD",
+    "MANIFEST",
     "QUARANTINE_DIR",
     "QUARANTINE_SCHEMA",
     "SHARD_SCHEMA",
@@ -35,11 +40,14 @@ __all__ = [
     "pixels_from_bytes",
     "pixels_to_bytes",
     "duplicate_rows",
+    "foreign_files",
+    "ingest_root",
     "is_output_name",
     "output_files",
     "read_duplicates",
     "read_images",
     "require_columns",
+    "shard_files",
     "shard_folder",
 ]
 
@@ -52,6 +60,15 @@ OUTPUT_PREFIXES = {
     QUARANTINE_DIR: "quarantine-",
     DUPLICATES_DIR: "duplicates-",
 }
+# what follows the prefix: the run id (``20261205T132317-e6250c``) and a shard's number, only
+# letters, digits, "-" and "_". A copy a file manager or browser makes adds a space
+# (``part-... (1).parquet``, ``part-... copy.parquet``, ``part-... - Copy.parquet``)
+_OUTPUT_BODY = re.compile(r"[0-9A-Za-z_-]+")
+# the JSON records ingest keeps at the top of its DST (radjepa.ingest.destination writes them):
+# a folder holding either is an ingest DST, whose images/ folder holds only what ingest wrote
+MANIFEST = "manifest.json"
+KEY_RECORD = "pseudonyms.json"  # which key made the pseudonyms; written before any shard
+INGEST_RECORDS = (MANIFEST, KEY_RECORD)
 
 _META_TYPES: dict[str, pa.DataType] = {
     "age_years": pa.int16(),
@@ -132,8 +149,51 @@ def duplicate_rows(table: pa.Table) -> pa.Table:
 
 def is_output_name(sub: str, name: str) -> bool:
     """Whether ``name`` is how ingest names a Parquet file of the DST folder ``sub``
-    (``images``, ``quarantine``, ``duplicates``)."""
-    return name.startswith(OUTPUT_PREFIXES[sub]) and name.endswith(".parquet")
+    (``images``, ``quarantine``, ``duplicates``): ``<prefix><run id>[-NNNNN].parquet``.
+
+    Not a copy of one named by a file manager or a browser (``part-...-00000 (1).parquet``):
+    taking any ``part-*.parquet`` counted such a copy's images as stored a second time, and
+    training read them twice."""
+    prefix, suffix = OUTPUT_PREFIXES[sub], ".parquet"
+    if not (name.startswith(prefix) and name.endswith(suffix)):
+        return False
+    return _OUTPUT_BODY.fullmatch(name[len(prefix) : -len(suffix)]) is not None
+
+
+def _is_read_as_parquet(name: str) -> bool:
+    """Whether a folder reader (Ray Data, pyarrow datasets, :func:`list_shards` of a folder
+    that is not an ingest DST) takes a file of this name as Parquet: ``*.parquet`` not starting
+    with ``.`` or ``_``."""
+    return name.endswith(".parquet") and not name.startswith((".", "_"))
+
+
+def foreign_files(fs: pafs.FileSystem, root: str, sub: str) -> list[str]:
+    """Names of the Parquet files in ``root/sub`` of a DST that ingest did not write but a
+    folder reader would take as Parquet (a hand-made shard, a file manager's copy of one):
+    ingest leaves them out of what DST holds, so training must not read them either (see
+    :func:`list_shards`). Sorted; empty when the folder is missing."""
+    folder = f"{root.rstrip('/')}/{sub}"
+    if fs.get_file_info(folder).type != pafs.FileType.Directory:
+        return []
+    return sorted(
+        e.base_name
+        for e in fs.get_file_info(pafs.FileSelector(folder))
+        if e.type == pafs.FileType.File
+        and _is_read_as_parquet(e.base_name)
+        and not is_output_name(sub, e.base_name)
+    )
+
+
+def ingest_root(fs: pafs.FileSystem, folder: str) -> str | None:
+    """The DST whose ``images`` folder ``folder`` is (a path on ``fs``), when ingest wrote that
+    DST (its manifest or key record is there); None for any other folder of Parquet files."""
+    parent, _, base = folder.rstrip("/").rpartition("/")
+    if base != IMAGES_DIR or not parent:
+        return None
+    for name in INGEST_RECORDS:
+        if fs.get_file_info(f"{parent}/{name}").type == pafs.FileType.File:
+            return parent
+    return None
 
 
 def output_files(fs: pafs.FileSystem, root: str, sub: str) -> list[str]:
@@ -170,6 +230,11 @@ class ShardError(FileNotFoundError):
     """No usable shards where some were expected."""
 
 
+class ForeignFilesError(ShardError):
+    """An ingest DST's ``images/`` holds Parquet files ingest did not write (the message
+    names them)."""
+
+
 def shard_folder(dst: str | Path) -> str:
     """The folder of shard files of an ingest output: ``dst/images`` if it exists, else ``dst``
     (spelled as ``dst`` is: path or URI)."""
@@ -182,30 +247,60 @@ def shard_folder(dst: str | Path) -> str:
 
 
 def list_shards(dst: str | Path) -> list[str]:
-    """Sorted shard files (paths, or URIs when ``dst`` is one) of an ingest output folder.
+    """Sorted shard files (paths, or URIs when ``dst`` is one) of an ingest output folder: the
+    one listing that pretraining, sweeps, ``embed`` and ``probe`` read (they are given these
+    files, never the folder; :func:`shard_files` gives them with their filesystem).
 
     Names starting with ``.`` or ``_`` are not shards, the rule Ray Data's and pyarrow's
-    folder readers apply (pretraining reads the folder through them): a Mac that copies the
-    folder onto a share leaves an AppleDouble ``._part-....parquet`` beside each shard, 4 KiB
-    of Finder data that ``read_images`` and ``radjepa embed`` read as Parquet (ArrowInvalid,
-    "Parquet magic bytes not found"), and Spark-style ``_SUCCESS``/``_metadata`` files are
-    not images either."""
+    folder readers apply: a Mac that copies the folder onto a share leaves an AppleDouble
+    ``._part-....parquet`` beside each shard, 4 KiB of Finder data that ``read_images`` and
+    ``radjepa embed`` read as Parquet (ArrowInvalid, "Parquet magic bytes not found"), and
+    Spark-style ``_SUCCESS``/``_metadata`` files are not images either.
+
+    In an ingest DST (:func:`ingest_root`) the shards are the files ingest wrote, the ones its
+    re-runs know (:func:`output_files`), and any other Parquet file in ``images/`` is refused
+    here, by name, before any cluster work: training read every ``*.parquet`` there, so a
+    file manager's copy of a shard was trained on twice, a shard from another DST was stored
+    again by the next ingest (which does not know its ids), and a file of another schema
+    stopped the run with a traceback. A folder of Parquet shards that is not an ingest DST
+    (no manifest or key record beside its ``images/``) is read whole, as before."""
+    _, paths = shard_files(dst)
+    return [spell_like(dst, p) for p in paths]
+
+
+def shard_files(dst: str | Path) -> tuple[pafs.FileSystem, list[str]]:
+    """:func:`list_shards`' files as paths on their filesystem, for readers that take a
+    ``filesystem`` (pyarrow datasets, ``ray.data.read_parquet``)."""
     folder = shard_folder(dst)
     fs, path = filesystem(folder)
-    info = fs.get_file_info(path)
     files: list[str] = []
-    if info.type == pafs.FileType.Directory:
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        root = ingest_root(fs, path)
+        if root is not None:
+            _refuse_foreign(fs, root, folder)
         entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
         files = sorted(
-            spell_like(dst, e.path)
+            e.path
             for e in entries
-            if e.type == pafs.FileType.File
-            and e.base_name.endswith(".parquet")
-            and not e.base_name.startswith((".", "_"))
+            if e.type == pafs.FileType.File and _is_read_as_parquet(e.base_name)
         )
     if not files:
         raise ShardError(f"no Parquet shards in {folder}: {_why_no_shards(dst)}")
-    return files
+    return fs, files
+
+
+def _refuse_foreign(fs: pafs.FileSystem, root: str, folder: str) -> None:
+    foreign = foreign_files(fs, root, IMAGES_DIR)
+    if not foreign:
+        return
+    shown = ", ".join(repr(n) for n in foreign[:5])
+    more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+    raise ForeignFilesError(
+        f"{folder} holds {len(foreign)} Parquet file(s) that `radjepa ingest` did not write: "
+        f"{shown}{more}. Ingest does not count their images (a re-run stores them again) and "
+        "a copy of a shard would be trained on twice: move them out of the DST (to add images, "
+        "`radjepa ingest` their source files into it)"
+    )
 
 
 def _why_no_shards(dst: str | Path) -> str:
@@ -214,10 +309,10 @@ def _why_no_shards(dst: str | Path) -> str:
     had never run; its manifest says what happened to the inputs."""
     fs, root = filesystem(dst)
     root = root.rstrip("/")
-    if fs.get_file_info(f"{root}/manifest.json").type == pafs.FileType.File:
+    if fs.get_file_info(f"{root}/{MANIFEST}").type == pafs.FileType.File:
         return (
             f"`radjepa ingest` ran into {dst} but stored no image (every input quarantined, or "
-            f"none found): see {spell_like(dst, root)}/manifest.json and its quarantine/ folder"
+            f"none found): see {spell_like(dst, root)}/{MANIFEST} and its quarantine/ folder"
         )
     return f"run `radjepa ingest SRC... {dst}` first"
 

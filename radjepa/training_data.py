@@ -14,7 +14,14 @@ from typing import Any
 import numpy as np
 
 from radjepa.config import Config
-from radjepa.shards import ShardError, list_shards, pixel_batch, require_columns, shard_folder
+from radjepa.shards import (
+    ForeignFilesError,
+    ShardError,
+    pixel_batch,
+    require_columns,
+    shard_files,
+    shard_folder,
+)
 
 __all__ = [
     "TRAINING_COLUMNS",
@@ -25,6 +32,8 @@ __all__ = [
     "images_dir",
     "inspect_shards",
     "is_holdout",
+    "shard_dataset",
+    "training_files",
 ]
 
 # the columns a training stream reads (never the metadata the images carry)
@@ -51,15 +60,33 @@ class ShardSummary:
     fingerprint: str = ""
 
 
-def images_dir(data: str) -> str:
-    """The shard folder of an ingest output (local path or URI), checked to hold shards."""
+def training_files(data: str) -> tuple[Any, list[str]]:
+    """The shard files a run trains on (:func:`radjepa.shards.shard_files`: in an ingest DST
+    exactly those ingest wrote) and their pyarrow filesystem. Every reader of a run takes this
+    list rather than the folder: Ray Data and pyarrow read every ``*.parquet`` of a folder
+    (and of its subfolders), which the listing refuses or leaves out."""
     try:
-        list_shards(data)
+        return shard_files(data)
+    except ForeignFilesError as exc:  # there are shards: the message says what else is there
+        raise TrainingDataError(str(exc)) from None
     except ShardError as exc:
         raise TrainingDataError(f"no shards at {data}: {exc}") from None
     except (OSError, ValueError) as exc:  # unknown URI scheme, unreachable bucket, ...
         raise TrainingDataError(f"cannot read shards at {data}: {exc}") from None
+
+
+def images_dir(data: str) -> str:
+    """The shard folder of an ingest output (local path or URI), checked to hold shards."""
+    training_files(data)
     return shard_folder(data)
+
+
+def shard_dataset(data: str) -> Any:
+    """A ``pyarrow.dataset`` over exactly :func:`training_files`."""
+    import pyarrow.dataset as pads
+
+    fs, files = training_files(data)
+    return pads.dataset(files, format="parquet", filesystem=fs)
 
 
 def is_holdout(image_id: str, fraction: float) -> bool:
@@ -74,10 +101,8 @@ def is_holdout(image_id: str, fraction: float) -> bool:
 def inspect_shards(data: str, cfg: Config) -> ShardSummary:
     """Read shard metadata (not pixels) to fail in seconds, before a cluster is asked for
     workers, when the config cannot train on this data."""
-    import pyarrow.dataset as pads
-
     images = images_dir(data)
-    ds = pads.dataset(images, format="parquet")
+    ds = shard_dataset(data)
     columns = ["image_id", "height", "width", "dtype"]
     try:
         require_columns(ds.schema.names, data, columns)

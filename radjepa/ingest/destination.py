@@ -31,7 +31,10 @@ from radjepa.locations import filesystem
 from radjepa.shards import (
     DUPLICATES_DIR,
     IMAGES_DIR,
+    KEY_RECORD,
+    MANIFEST,
     QUARANTINE_DIR,
+    foreign_files,
     is_output_name,
     output_files,
 )
@@ -55,8 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-KEY_RECORD = "pseudonyms.json"  # which key made the pseudonyms; written before any shard
 # in KEY_RECORD: the key was first recorded on a DST that already held shards (see check_key)
 UNCHECKED = "unchecked_shards"
 # 2: every run record has a ``status`` (RUN_FINISHED or RUN_INTERRUPTED). Version 1 recorded
@@ -134,6 +135,29 @@ class Destination:
         """The Parquet files ingest wrote into DST/``sub``: the listing ``read_duplicates``
         uses too (:func:`radjepa.shards.output_files`: no hidden, temporary or foreign file)."""
         return output_files(self.fs, self.root, sub)
+
+    def warn_foreign_files(self) -> list[str]:
+        """Log a warning naming the Parquet files in DST's folders that ingest did not write
+        (``images/x.parquet``, a file manager's ``images/part-... (1).parquet``), and return
+        them. They are not part of what DST holds, and training refuses the DST while
+        ``images/`` holds any (:func:`radjepa.shards.list_shards`): the run that can say so
+        first is the ingest run, not the training run after it."""
+        found = [
+            f"{sub}/{name}"
+            for sub in (IMAGES_DIR, QUARANTINE_DIR, DUPLICATES_DIR)
+            for name in foreign_files(self.fs, self.root, sub)
+        ]
+        if found:
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            log.warning(
+                "%s holds %d Parquet file(s) that ingest did not write: %s. They are not part "
+                "of DST (ingest does not count their images, and stores any it meets again) "
+                "and `radjepa pretrain` refuses DST until they are moved out of it",
+                self.uri,
+                len(found),
+                shown,
+            )
+        return found
 
     def remove_leftovers(self) -> int:
         """Delete the temporary files of runs killed mid-write (``kill -9``, an evicted pod):
