@@ -8,8 +8,9 @@ quarantined unread), which every decoder actor receives through Ray's object sto
 stored DICOM instances (``InstanceIndex``: instance pseudonym -> shard number) on the driver.
 The bench writes a DST of ``--images`` stored images (Parquet shards of ``--shard-rows`` rows
 with ingest's column formats: 64-hex image ids, 32-hex instance pseudonyms; plus quarantine rows
-with a 64-hex sha256 or none and a 32-hex path hash, ``--quarantine-fraction`` of the images)
-and measures, each in a fresh process on the same files:
+with a 64-hex sha256 or none and a 32-hex path hash, ``--quarantine-fraction`` of the images;
+with ``--duplicate-fraction``, duplicate rows naming stored images) and measures, each in a
+fresh process on the same files:
 
 - ``ours``: ``Destination.known_ids`` (:class:`radjepa.ingest.id_sets.KnownIds`, sorted
   fixed-width numpy byte arrays, ``in`` by binary search) and ``InstanceIndex`` (sorted
@@ -28,6 +29,10 @@ must say no). Then, unless ``--no-ray``, a local Ray (2 CPUs, 512 MB object stor
 representation once and ``--ray-actors`` actors ``ray.get`` it: each reports its private memory
 growth (USS: ``Private_*`` of ``/proc/self/smaps_rollup``) and whether the arrays it got are
 read-only views of the object store (zero-copy). Prints one JSON line.
+
+With duplicate rows, ``recorded_inputs_kept_dict_s`` is the part of ``recorded_inputs`` that
+builds its ``kept`` dict (image id -> ``kept_image_id``, Python ``str``) from the duplicates'
+columns, and ``recorded_inputs_kept_dict_share`` its share of the whole.
 
 ``--measure recorded --dst DST`` times ``Destination.recorded_inputs`` alone on an existing DST
 (a fresh process: s, and its peak over the RSS before it), to compare two versions of the code
@@ -72,9 +77,12 @@ def hex_column(raw: np.ndarray) -> Any:
     ).cast(pa.string())
 
 
-def write_dst(root: Path, images: int, shard_rows: int, quarantined: int) -> None:
+def write_dst(
+    root: Path, images: int, shard_rows: int, quarantined: int, duplicates: int = 0
+) -> None:
     """A DST's three Parquet folders with ingest's id columns, and the image size a run's checks
-    read (the other columns are not read)."""
+    read (the other columns are not read). ``duplicates`` rows (one run's file) each name a
+    stored image as their ``kept_image_id``, cycling through the first shard's ids."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -101,9 +109,15 @@ def write_dst(root: Path, images: int, shard_rows: int, quarantined: int) -> Non
         pa.table({"sha256": sha, "source_hash": source}),
         root / "quarantine" / "quarantine-bench.parquet",
     )
+    first = pq.read_table(root / "images" / "part-bench-00000.parquet", columns=["image_id"])
+    kept = first["image_id"].combine_chunks()
     pq.write_table(
         pa.table(
-            {c: pa.array([], pa.string()) for c in ("image_id", "kept_image_id", "source_hash")}
+            {
+                "image_id": hex_column(rng.integers(0, 256, (duplicates, 32), np.uint8)),
+                "kept_image_id": kept.take(np.arange(duplicates) % len(kept)),
+                "source_hash": hex_column(rng.integers(0, 256, (duplicates, 16), np.uint8)),
+            }
         ),
         root / "duplicates" / "duplicates-bench.parquet",
     )
@@ -155,6 +169,17 @@ def measure_start(dst: str, baseline: bool = False) -> dict[str, Any]:
     out["recorded_peak_above_start_bytes"] = _maxrss() - peak0
     out["recorded_nbytes"] = len(keys) * 8
     out["recorded_id_reads"] = reads.count("image_id") + reads.count("sha256")
+    if not baseline:  # its ``kept`` dict alone: the duplicates' two columns as Python str
+        tables = [
+            read_table(p, columns=["image_id", "kept_image_id"], filesystem=dest.fs)
+            for p in dest._parquet("duplicates")
+        ]
+        t0 = time.perf_counter()
+        kept: dict[str, str] = {}
+        for t in tables:
+            kept.update(zip(t["image_id"].to_pylist(), t["kept_image_id"].to_pylist(), strict=True))
+        out["recorded_kept_dict_s"] = time.perf_counter() - t0
+        out["recorded_kept_entries"] = len(kept)
     return out
 
 
@@ -450,6 +475,12 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=100_000, help="images the DST holds")
     ap.add_argument("--shard-rows", type=int, default=2048, help="ingest.shard_rows")
     ap.add_argument("--quarantine-fraction", type=float, default=0.01)
+    ap.add_argument(
+        "--duplicate-fraction",
+        type=float,
+        default=0.0,
+        help="duplicate rows (DST/duplicates), as a fraction of the images",
+    )
     ap.add_argument("--ray-actors", type=int, default=2, help="actors that get the known ids")
     ap.add_argument("--no-ray", action="store_true", help="skip the local Ray measurement")
     ap.add_argument(
@@ -474,7 +505,8 @@ def main() -> None:
     quarantined = max(2, int(args.images * args.quarantine_fraction))
     with tempfile.TemporaryDirectory(prefix="radjepa-idsets-bench-") as tmp:
         t0 = time.perf_counter()
-        write_dst(Path(tmp), args.images, args.shard_rows, quarantined)
+        duplicates = int(args.images * args.duplicate_fraction)
+        write_dst(Path(tmp), args.images, args.shard_rows, quarantined, duplicates)
         written_s = time.perf_counter() - t0
         ours = in_fresh_process(["--measure", "ours", "--dst", tmp])
         base = in_fresh_process(["--measure", "baseline", "--dst", tmp])
@@ -555,6 +587,11 @@ def main() -> None:
         start_base["recorded_peak_above_start_bytes"]
     )
     result["recorded_inputs_ratio"] = round(start_base["recorded_s"] / start["recorded_s"], 2)
+    result["duplicate_rows"] = start["recorded_kept_entries"]
+    result["recorded_inputs_kept_dict_s"] = round(start["recorded_kept_dict_s"], 3)
+    result["recorded_inputs_kept_dict_share"] = round(
+        start["recorded_kept_dict_s"] / start["recorded_s"], 3
+    )
     if ray_figures:
         result["ray_actors"] = args.ray_actors
         for side in ("ours", "baseline"):
