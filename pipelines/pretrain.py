@@ -410,8 +410,12 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
         # before the run: a full disk that stopped the last one is freed of its copy cut short
         pruned = prune_stray_checkpoints(run_dir, restored=restored, finished=False)
         check_masks(cfg.masks, cfg.model.grid, cfg.train.batch_size, cfg.train.seed)
-        ensure_ray()
-        cfg = _resolve_workers(cfg, info.train_rows)
+        finished = resume is not None and resume.step >= cfg.train.steps
+        if not finished or cfg.train.num_workers == 0:
+            # a finished run trains nothing (already_trained): it needs no Ray, which takes
+            # 10-20 s to start on a 2-core machine
+            ensure_ray()
+            cfg = _resolve_workers(cfg, info.train_rows)
         if resume is not None:
             check_resume_workers(resume, cfg)
     except (*_LIBRARY_ERRORS, MasksUnsatisfiable) as err:
@@ -448,15 +452,18 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
         if resume is not None:
             skip = {"resume_from": resume.path, "damaged_checkpoints": list(resume.damaged)}
         clear_divergence(run_dir)  # the last run's: this one starts from a good checkpoint
-        trainer = build_trainer(
-            cfg,
-            data,
-            storage=storage,
-            tracking=tracking,
-            extra_loop_config=skip,
-            start_step=resume.step if resume is not None else 0,
-        )
-        result = trainer.fit()
+        if resume is not None and finished:
+            result = already_trained(cfg, run_dir, resume)
+        else:
+            trainer = build_trainer(
+                cfg,
+                data,
+                storage=storage,
+                tracking=tracking,
+                extra_loop_config=skip,
+                start_step=resume.step if resume is not None else 0,
+            )
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
         diverged = read_divergence(run_dir)
@@ -506,6 +513,42 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
 
 # ---------------------------------------------------------------------------------------------
 # Resuming
+
+
+@dataclass(frozen=True)
+class AlreadyTrained:
+    """What ``trainer.fit()`` returns for a run whose checkpoint holds ``train.steps`` steps."""
+
+    checkpoint: Any  # a ray.train.Checkpoint: the run's result
+    metrics: dict[str, Any]
+    error: None = None
+
+
+def already_trained(cfg: Config, run_dir: str, resume: ResumePoint) -> AlreadyTrained:
+    """The result of re-running a finished run, found on the driver: the checkpoint it resumes
+    from (``find_resume_point``'s pick) and the metrics Ray recorded with it.
+
+    A worker group started for it only loaded that checkpoint and returned (25-35 s of Ray
+    start-up, worker processes and imports on a 2-core machine, for nothing); the re-run still
+    records and registers the checkpoint (``finish_tracking``), as one whose recording failed
+    needs. (Ray's own result named the latest checkpoint it recorded: an older one than this
+    pick when a driver died between copying the newest and recording it.)
+    """
+    import ray.train
+
+    from pipelines.stray_checkpoints import recorded_metrics
+
+    name = resume.path.rstrip("/").rsplit("/", 1)[-1]
+    metrics = recorded_metrics(run_dir, name) or {"step": resume.step}
+    log.info(
+        "run %s already holds step %d (train.steps=%d): nothing to train, no Ray workers "
+        "started; its checkpoint %s is the result (raise train.steps to train on)",
+        cfg.train.run_name,
+        resume.step,
+        cfg.train.steps,
+        resume.path,
+    )
+    return AlreadyTrained(ray.train.Checkpoint(resume.path), metrics)
 
 
 def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint) -> None:

@@ -36,6 +36,7 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -78,6 +79,24 @@ def recorded_checkpoints(run_dir: str) -> set[str] | None:
         return {r["checkpoint_dir_name"] for r in results}
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def recorded_metrics(run_dir: str, name: str) -> dict[str, Any] | None:
+    """The metrics Ray recorded with the checkpoint folder ``name`` of ``run_dir`` (what its
+    ``Result.metrics`` holds when that checkpoint is the run's latest); None when Ray's record
+    does not hold it or cannot be read."""
+    text = locations.read_text(locations.join_location(run_dir, RAY_CHECKPOINT_SNAPSHOT))
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+        results = [record.get("latest_checkpoint_result"), *record["checkpoint_results"]]
+        for result in results:
+            if result and result["checkpoint_dir_name"] == name:
+                return dict(result["metrics"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return None
 
 
 def unrecord_deleted_checkpoints(run_dir: str) -> bool:
