@@ -195,28 +195,28 @@ def test_rerunning_a_finished_run_continues_from_its_checkpoint(shards, tmp_path
 
     out = (tmp_path / "out").as_uri()
     sets = {"train.num_workers": 1, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    first = run_pretrain(_cfg(out, **sets, **{"train.steps": 12}), str(shards))
-    assert first.metrics["step"] == 12
+    first = run_pretrain(_cfg(out, **sets, **{"train.steps": 4}), str(shards))
+    assert first.metrics["step"] == 4
     assert first.checkpoint.startswith(out + "/t/checkpoint_")
     assert first.run_dir == out + "/t"
     assert (tmp_path / "out" / "t" / "mlflow_run_id").read_text() == first.mlflow_run_id
-    again = run_pretrain(_cfg(out, **sets, **{"train.steps": 18}), str(shards))
-    assert again.metrics["step"] == 18
+    again = run_pretrain(_cfg(out, **sets, **{"train.steps": 6}), str(shards))
+    assert again.metrics["step"] == 6
     assert again.mlflow_run_id == first.mlflow_run_id
     assert again.model_version == "2"  # the registered model got the new weights
-    # ... and version 1 still points at the step-12 weights, not at the files of step 18
+    # ... and version 1 still points at the step-4 weights, not at the files of step 6
     import mlflow
 
     client = mlflow.MlflowClient(again.tracking_uri)
     v1 = client.get_model_version("radjepa-encoder", "1")
-    assert v1.source.endswith("/checkpoint-step-12") and v1.tags["step"] == "12"
+    assert v1.source.endswith("/checkpoint-step-4") and v1.tags["step"] == "4"
     # running a finished run again has no new weights: no duplicate version
-    same = run_pretrain(_cfg(out, **sets, **{"train.steps": 18}), str(shards))
+    same = run_pretrain(_cfg(out, **sets, **{"train.steps": 6}), str(shards))
     assert same.model_version == "2"
     assert len(client.search_model_versions("name='radjepa-encoder'")) == 2
     assert (tmp_path / "mlartifacts").is_dir()  # beside the sqlite store, not in the cwd
     steps = [s for s, _ in _history(again.tracking_uri, again.mlflow_run_id, "loss")]
-    assert sorted(steps) == list(range(1, 19))  # continued at 13, nothing repeated
+    assert sorted(steps) == list(range(1, 7))  # continued at 5, nothing repeated
     # what it needs to be reproduced, though --data left data.shards unset: which images,
     # which code, which libraries; the resume records its own beside the originals
     from radjepa.training_data import inspect_shards
