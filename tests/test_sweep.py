@@ -241,44 +241,6 @@ def test_a_trial_the_local_instance_cannot_hold_is_refused_before_any_trial(nih_
     check_trial_fits_locally(1, fits.train.cpus_per_worker, use_gpu=False)
 
 
-def test_optuna_with_asha_samples_the_declared_ranges_and_closes_every_run(nih_shards, tmp_path):
-    from pipelines.sweep import STOPPED, run_sweep
-
-    space = {
-        "ema.start": {"type": "uniform", "low": 0.99, "high": 0.999},
-        "masks.num_targets": {"type": "choice", "values": [2, 4]},
-    }
-    cfg = _cfg(
-        tmp_path,
-        "opt",
-        space,
-        **{
-            "tune.search_alg": "optuna",
-            "tune.num_samples": 3,
-            "tune.max_concurrent": 1,
-            "tune.asha": True,
-            "tune.grace_period": 1,
-            "train.checkpoint_every": 2,  # ASHA rungs at reports 1, 2 and 4 of 4
-            "tune.trial_checkpoints": "all",
-        },
-    )
-    res = run_sweep(cfg, str(nih_shards))
-    # tune.trial_checkpoints=all keeps every trial's, those ASHA stopped too
-    assert res.tidied is None and all(Path(t.checkpoint).is_dir() for t in res.trials)
-    assert all(len(c) >= 1 for c in _checkpoints(tmp_path / "opt").values())
-
-    assert len(res.trials) == 3
-    for t in res.trials:
-        assert 0.99 <= t.params["ema.start"] <= 0.999
-        assert t.params["masks.num_targets"] in (2, 4)
-        assert t.status in ("ok", STOPPED)
-        assert (t.steps < 8) == (t.status == STOPPED)
-    finished = [t for t in res.trials if t.status == "ok"]
-    assert finished and res.best.metric == max(t.metric for t in finished)
-    states = {c.info.status for c in _child_runs(res.tracking_uri, res.parent_run_id)}
-    assert states == {"FINISHED"}  # trials ASHA stopped are closed too
-
-
 def test_stopped_trials_give_their_cpus_back(nih_shards, tmp_path):
     # a trial Tune stops (collapse stopper, ASHA) ends its Train controller, whose placement
     # group lived on until the driver exited: on a local instance every stopped trial kept its
@@ -593,17 +555,20 @@ def test_an_interrupted_sweep_exits_130_in_one_last_line_and_resumes(nih_shards,
     assert mlflow.MlflowClient(uri).get_run(parent).info.status == "FINISHED"
 
 
-def test_optuna_learns_a_diverged_trial_as_the_worst_and_the_sweep_still_prunes(
+def test_optuna_with_asha_samples_its_ranges_learns_a_diverged_trial_as_the_worst_and_prunes(
     nih_shards, tmp_path
 ):
-    # a diverged trial reports a NaN metric; Optuna's tell refused it ("The value nan is not
-    # acceptable", a warning) and the trial stayed RUNNING in the study, which TPE ignores: the
-    # searcher never learned that the region diverges.
-    # And a NaN trial was an `error`: the sweep then kept every trial's checkpoints for
-    # `--resume`, which restarted it into the same NaN, so a sweep with such a trial never
-    # pruned; the sweep goes on past it, ends FINISHED, and keeps only the best trial's
-    # checkpoints (this test checks what test_a_diverged_trial_ends_the_sweep_goes_on_... did
-    # with a grid sweep of the same two learning rates: one sweep of ~4 trial starts fewer)
+    # One Optuna + ASHA sweep checks what two did (each with 3 trial starts):
+    # - Optuna samples the declared ranges, trials ASHA stops are marked `stopped early` and
+    #   their MLflow runs are closed too, and tune.trial_checkpoints=all keeps every trial's
+    #   checkpoints, those ASHA stopped too;
+    # - a diverged trial reports a NaN metric; Optuna's tell refused it ("The value nan is not
+    #   acceptable", a warning) and the trial stayed RUNNING in the study, which TPE ignores: the
+    #   searcher never learned that the region diverges. And a NaN trial was an `error`: the
+    #   sweep then kept every trial's checkpoints for `--resume`, which restarted it into the
+    #   same NaN, so a sweep with such a trial never pruned; the sweep goes on past it, ends
+    #   FINISHED, and the pruning it runs at its end (with the default trial_checkpoints=best)
+    #   keeps only the best trial's checkpoints: run here on this sweep's own trials
     import math
     import signal
 
@@ -611,16 +576,45 @@ def test_optuna_learns_a_diverged_trial_as_the_worst_and_the_sweep_still_prunes(
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipelines.sweep import run_sweep
+    from pipelines.sweep import STOPPED, _tidy_checkpoints, run_sweep
 
-    space = {"optim.lr": {"type": "choice", "values": [5e-4, 1e5]}}
-    extra = {"tune.search_alg": "optuna", "tune.num_samples": 3, "tune.asha": True}
+    # in this order, train.seed's draws are one trial at the high rate and two at the low one
+    space = {
+        "optim.lr": {"type": "choice", "values": [5e-4, 1e5]},
+        "ema.start": {"type": "uniform", "low": 0.99, "high": 0.999},
+        "masks.num_targets": {"type": "choice", "values": [2, 4]},
+    }
+    extra = {
+        "tune.search_alg": "optuna",
+        "tune.num_samples": 3,
+        "tune.max_concurrent": 1,
+        "tune.asha": True,
+        "tune.grace_period": 1,
+        "train.checkpoint_every": 2,  # ASHA rungs at reports 1, 2 and 4 of 4
+        "tune.trial_checkpoints": "all",
+    }
+    cfg = _cfg(tmp_path, "onan", space, **extra)
     ctrl_c = signal.getsignal(signal.SIGINT)
-    res = run_sweep(_cfg(tmp_path, "onan", space, **extra), str(nih_shards))
+    res = run_sweep(cfg, str(nih_shards))
     # Tune left its own SIGINT handler behind, which swallowed the next Ctrl-C
     assert signal.getsignal(signal.SIGINT) is ctrl_c
+    assert len(res.trials) == 3
+    for t in res.trials:
+        assert 0.99 <= t.params["ema.start"] <= 0.999
+        assert t.params["masks.num_targets"] in (2, 4)
+    by_lr = {lr: [t for t in res.trials if t.params["optim.lr"] == lr] for lr in (5e-4, 1e5)}
+    # two trials that trained, so that the pruning below has another's checkpoints to delete
+    assert len(by_lr[5e-4]) >= 2 and by_lr[1e5], [(t.params, t.status) for t in res.trials]
+    # tune.trial_checkpoints=all keeps every trial's, those ASHA stopped too (a diverged trial
+    # saves none)
+    assert res.tidied is None and all(Path(t.checkpoint).is_dir() for t in by_lr[5e-4])
+    left = _checkpoints(tmp_path / "onan")
+    assert all(len(left[t.trial_id]) >= 1 for t in by_lr[5e-4])
+
     by_status = {t.status: t for t in res.trials}
-    assert set(by_status) == {"ok", "diverged"}, [(t.params, t.status) for t in res.trials]
+    assert {"ok", "diverged"} <= set(by_status) <= {"ok", "diverged", STOPPED}, [
+        (t.params, t.status) for t in res.trials
+    ]
     searcher = OptunaSearch()
     searcher.restore_from_dir(str(tmp_path / "onan" / "tune"))
     told = {
@@ -632,11 +626,14 @@ def test_optuna_learns_a_diverged_trial_as_the_worst_and_the_sweep_still_prunes(
     assert told[1e5] == (TrialState.COMPLETE, float("-inf"))
     assert told[5e-4][0] == TrialState.COMPLETE and math.isfinite(told[5e-4][1])
     # the table, MLflow and the checkpoints treat it as before: every trial at the high rate
-    # diverged, every one at the low rate finished, and the best is one of those
-    by_lr = {lr: [t for t in res.trials if t.params["optim.lr"] == lr] for lr in (5e-4, 1e5)}
+    # diverged, every one at the low rate finished or was stopped early by ASHA, and the best
+    # is one of those that finished
     assert all(t.status == "diverged" for t in by_lr[1e5])
-    assert all(t.status == "ok" for t in by_lr[5e-4])
-    assert res.best is not None and res.best in by_lr[5e-4]
+    assert all(t.status in ("ok", STOPPED) for t in by_lr[5e-4])
+    assert all((t.steps < 8) == (t.status == STOPPED) for t in by_lr[5e-4])
+    finished = [t for t in res.trials if t.status == "ok"]
+    assert res.best is not None and res.best in finished
+    assert res.best.metric == max(t.metric for t in finished)
     bad = by_status["diverged"]
     assert bad.metric is None and bad.error.startswith("diverged at step")
     assert all(t.metric is None and t.error.startswith("diverged at step") for t in by_lr[1e5])
@@ -647,14 +644,20 @@ def test_optuna_learns_a_diverged_trial_as_the_worst_and_the_sweep_still_prunes(
     assert {r.info.status for r in diverged} == {"FAILED"}
     assert all("radjepa.diverged_at_step" in r.data.tags for r in diverged)
     assert all(r.data.tags["radjepa.status"] == "diverged" for r in diverged)
+    # trials ASHA stopped are closed too
     assert {runs[t.trial_id].info.status for t in by_lr[5e-4]} == {"FINISHED"}
     parent = mlflow.MlflowClient(res.tracking_uri).get_run(res.parent_run_id)
     assert parent.info.status == "FINISHED"
     # pruned as after a sweep without failures: only the best trial's checkpoints stay
-    assert res.best is not None and res.best.status == "ok" and res.tidied is not None
+    pruning = cfg.with_overrides({"tune.trial_checkpoints": "best"})
+    rows, tidied = _tidy_checkpoints(
+        pruning, res.trials, res.best, str(tmp_path / "onan" / "trials")
+    )
+    assert tidied is not None and tidied.folders >= 1
     left = _checkpoints(tmp_path / "onan")
     assert {k for k, c in left.items() if c} == {res.best.trial_id}
     assert all(left[t.trial_id] == [] for t in by_lr[1e5])
+    assert [r.checkpoint is not None for r in rows] == [r is res.best for r in res.trials]
 
 
 @pytest.mark.timeout(300)
