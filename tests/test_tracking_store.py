@@ -253,6 +253,36 @@ def test_jobs_opening_a_new_store_at_once_all_get_it(tmp_path):
     assert client.get_experiment_by_name("Default") is not None  # the store works afterwards
 
 
+def test_a_copied_template_store_is_the_store_mlflow_builds_in_place(
+    tmp_path, monkeypatch, migrated_store
+):
+    # the tests given a store by conftest's migrated_store get a copy of one migrated once per
+    # session: it must read as the store MLflow builds in their folder, schema, migration and
+    # Default experiment alike (MLflow writes that one's absolute artifact location from the
+    # working folder of its first opener: a copy carrying the template's would be wrong)
+    import sqlite3
+    from contextlib import closing
+
+    import mlflow
+
+    from pipelines.tracking import sqlite_file
+
+    monkeypatch.chdir(tmp_path)
+    fresh = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    (tmp_path / "fresh").mkdir()
+    copied = migrated_store(tmp_path / "copied" / "mlflow.db")
+    assert b"mlflow-template" not in (tmp_path / "copied" / "mlflow.db").read_bytes()
+
+    def described(uri: str) -> tuple:
+        default = mlflow.MlflowClient(uri).get_experiment("0")
+        with closing(sqlite3.connect(sqlite_file(uri))) as con:
+            schema = sorted(con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+            version = con.execute("SELECT version_num FROM alembic_version").fetchall()
+        return default.name, default.artifact_location, default.lifecycle_stage, schema, version
+
+    assert described(copied) == described(fresh)
+
+
 def test_a_store_uri_with_a_query_locks_and_keeps_artifacts_beside_its_database(tmp_path):
     # sqlite:///db?timeout=30 (SQLAlchemy's busy timeout): the first-open lock was created as
     # "db?timeout=30.lock", a name other spellings of the same store do not share
