@@ -128,20 +128,21 @@ def nih_shards(tmp_path_factory, ray_session, nih_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def _mlflow_template(tmp_path_factory) -> Path:
+def mlflow_template(tmp_path_factory) -> Path:
+    """An MLflow sqlite store migrated once per session, for ``mlflow_stores.place_store``."""
     from mlflow_stores import build_template
 
     return build_template(tmp_path_factory.mktemp("mlflow-template"))
 
 
 @pytest.fixture
-def migrated_store(_mlflow_template) -> Callable[[Path], str]:
+def migrated_store(mlflow_template) -> Callable[[Path], str]:
     """``migrated_store(db)`` puts an MLflow sqlite store, schema built, at ``db`` and returns
     its URI: what a test's first open would have made, without the 2-3 s of migrations each
     (``mlflow_stores``). For a test that needs a store, not one about creating it."""
     from mlflow_stores import place_store
 
-    return lambda db: place_store(_mlflow_template, db)
+    return lambda db: place_store(mlflow_template, db)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pipelines.model_registry import RegistryError, list_versions, promote
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, migrated_store):
     """Two versions of ``tiny-enc`` registered as pretrain registers them, in the default store
     of ``train.output_dir``; returns (uri, the --set that names that output_dir)."""
     import mlflow
@@ -27,6 +27,7 @@ def store(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     cfg = load_config(TINY_CONFIG, [f"train.output_dir={runs}"])
     uri = tracking_uri(cfg.tracking, runs)
+    assert migrated_store(runs / "mlflow.db") == uri
     exp = ensure_experiment(uri, cfg.tracking.experiment, str(runs))
     client = mlflow.MlflowClient(uri)
     ckpt = make_checkpoint(tmp_path / "ckpt")

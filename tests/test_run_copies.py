@@ -14,7 +14,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_a_copy_s_store_is_its_own(tmp_path):
+def test_a_copy_s_store_is_its_own(tmp_path, migrated_store):
     import dataclasses
 
     import mlflow
@@ -22,7 +22,7 @@ def test_a_copy_s_store_is_its_own(tmp_path):
     src, dst = tmp_path / "first", tmp_path / "copy"
     (src / "t").mkdir(parents=True)
     dst.mkdir()
-    uri = f"sqlite:///{src / 'mlflow.db'}"
+    uri = migrated_store(src / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("radjepa", artifact_location=(src / "mlartifacts").as_uri())
     run_id = client.create_run(exp).info.run_id

@@ -1505,13 +1505,13 @@ def test_deploy_yaml_is_a_valid_serve_config_whose_builder_binds(world, monkeypa
     assert isinstance(build_app(opted_in), Application)
 
 
-def test_registry_alias_resolves_to_the_checkpoint_folder(world, tmp_path):
+def test_registry_alias_resolves_to_the_checkpoint_folder(world, tmp_path, migrated_store):
     import mlflow
 
     from pipelines.tracking import register_artifact_dir
     from serve.registry import ModelNotFound, resolve_model
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     exp = client.create_experiment("serve-test", artifact_location=(tmp_path / "art").as_uri())
     run = client.create_run(exp)

@@ -178,7 +178,7 @@ def test_serve_without_a_usable_deid_secret_fails_in_one_line_before_starting_ra
 
 
 @pytest.fixture
-def registry(tmp_path):
+def registry(tmp_path, migrated_store):
     """A sqlite store holding versions 1 and 2 of ``tiny-enc`` (@champion -> 2), as pretrain
     registers them, and a probe head: (the store URI, an address where no Ray listens)."""
     import mlflow
@@ -186,7 +186,7 @@ def registry(tmp_path):
 
     from pipelines.tracking import ensure_experiment, register_artifact_dir
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     exp = ensure_experiment(uri, "radjepa")
     client = mlflow.MlflowClient(uri)
     run = client.create_run(exp)

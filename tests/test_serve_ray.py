@@ -34,7 +34,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def service(ray_session, tmp_path_factory, nih_dir):
+def service(ray_session, tmp_path_factory, nih_dir, mlflow_template):
+    from mlflow_stores import place_store
     from ray import serve
 
     from serve.deployment import build_app
@@ -46,7 +47,7 @@ def service(ray_session, tmp_path_factory, nih_dir):
     # the head reaches the service through the MLflow registry, as `probe --register-head`
     # leaves it, and records the served checkpoint's fingerprint (checked at start-up)
     head = make_head(root / "head", runner.info.embed_dim, encoder=ckpt)
-    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    tracking = place_store(mlflow_template, root / "mlflow.db")
     head_ref = _register_head(tracking, head, root)
     pngs = [p.read_bytes() for p in nih_pngs(nih_dir, 4)]
     # index rows: random vectors, the first under the id of pngs[0] (an archived upload); they

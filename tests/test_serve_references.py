@@ -151,14 +151,16 @@ def test_the_driver_compares_the_key_its_replicas_will_read(
     assert _key_warnings(caplog, lambda: app_from_config(cfg, replica_env=replica_env)) == []
 
 
-def test_a_registered_probe_head_given_as_the_model_is_refused(cfg_for, tmp_path) -> None:
+def test_a_registered_probe_head_given_as_the_model_is_refused(
+    cfg_for, tmp_path, migrated_store
+) -> None:
     # every encoder replica failed on it ("... is not a checkpoint folder (no meta.json)"):
     # Ray's retried deployment failure, ~220 lines and exit 1 after ~40 s
     from serve_helpers import register_probe_head
 
     from pipelines.tracking import ensure_experiment
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     register_probe_head(
         uri, ensure_experiment(uri, "radjepa"), "radjepa-probe-head", tmp_path / "head"
     )
@@ -180,7 +182,9 @@ def test_ingest_shards_given_as_the_index_are_refused_on_the_driver(cfg_for, tmp
         app_from_config(cfg)
 
 
-def test_a_head_of_another_encoder_is_refused_for_a_registered_model_too(cfg_for, tmp_path):
+def test_a_head_of_another_encoder_is_refused_for_a_registered_model_too(
+    cfg_for, tmp_path, migrated_store
+):
     # a local --model was checked against the head on the driver, a models:/ one only by each
     # API replica: Ray's retried deployment failure, ~220 lines and exit 1. A version of the
     # default sqlite store is read in place, so it is checked on the driver as well.
@@ -191,7 +195,7 @@ def test_a_head_of_another_encoder_is_refused_for_a_registered_model_too(cfg_for
     from pipelines.tracking import ensure_experiment, register_artifact_dir
     from radjepa.eval.heads import HeadError
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     run = client.create_run(ensure_experiment(uri, "radjepa"))
     client.log_artifacts(run.info.run_id, str(tmp_path / "ckpt"), "checkpoint-step-7")

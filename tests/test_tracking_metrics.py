@@ -29,12 +29,12 @@ def test_an_unreachable_tracking_server_never_holds_up_a_step(caplog):
 
 
 @pytest.fixture
-def store_run(tmp_path):
+def store_run(tmp_path, migrated_store):
     import mlflow
 
     from pipelines.tracking import ensure_experiment
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     return uri, client, client.create_run(ensure_experiment(uri, "radjepa")).info.run_id
 

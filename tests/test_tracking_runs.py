@@ -26,14 +26,14 @@ def _radjepa(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path, migrated_store):
     """Runs in the store `pretrain` would use with ``train.output_dir`` = tmp_path."""
     import mlflow
     from mlflow.entities import Metric
 
     from pipelines.tracking import ensure_experiment
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = migrated_store(tmp_path / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     exp = ensure_experiment(uri, "radjepa")
     now = int(time.time() * 1000)

@@ -14,7 +14,7 @@ from radjepa.config import load_config
 
 
 @pytest.fixture
-def registered(tmp_path, monkeypatch):
+def registered(tmp_path, monkeypatch, migrated_store):
     """A tiny encoder registered as ``tiny-enc`` version 1 the way pretrain does it, in the
     default store of ``train.output_dir`` (an absolute path; no tracking.uri)."""
     import mlflow
@@ -25,6 +25,7 @@ def registered(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     cfg = load_config(TINY_CONFIG, [f"train.output_dir={runs}"])
     uri = tracking_uri(cfg.tracking, runs)  # what pretrain uses for this output_dir
+    assert migrated_store(runs / "mlflow.db") == uri
     exp = ensure_experiment(uri, cfg.tracking.experiment, str(runs))
     client = mlflow.MlflowClient(uri)
     run = client.create_run(exp)
@@ -97,7 +98,7 @@ def test_embed_and_probe_resolve_in_that_store(registered, tmp_path):
     assert "tiny-enc" not in str(err.value) and "no-labels.csv" in str(err.value)
 
 
-def test_credentials_in_uris_are_not_logged(tmp_path, monkeypatch):
+def test_credentials_in_uris_are_not_logged(tmp_path, monkeypatch, migrated_store):
     # a database store or pyarrow's s3://KEY:SECRET@bucket in the config: every param and the
     # logged config.yaml are readable by anyone with access to the runs
     import mlflow
@@ -108,7 +109,7 @@ def test_credentials_in_uris_are_not_logged(tmp_path, monkeypatch):
     from radjepa.models.encoder import build_encoder
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = migrated_store(tmp_path / "mlflow.db")
     cfg = load_config(
         TINY_CONFIG,
         [
@@ -276,7 +277,19 @@ def test_a_copied_template_store_is_the_store_mlflow_builds_in_place(
     def described(uri: str) -> tuple:
         default = mlflow.MlflowClient(uri).get_experiment("0")
         with closing(sqlite3.connect(sqlite_file(uri))) as con:
-            schema = sorted(con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+            # each statement as a set of lines: two stores MLflow builds in two processes list
+            # the constraints of a table its migrations rebuilt (runs) in hash-seeded orders
+            schema = {
+                (
+                    kind,
+                    name,
+                    table,
+                    frozenset(line.strip(" ,") for line in (sql or "").splitlines()),
+                )
+                for kind, name, table, sql in con.execute(
+                    "SELECT type, name, tbl_name, sql FROM sqlite_master"
+                )
+            }
             version = con.execute("SELECT version_num FROM alembic_version").fetchall()
         return default.name, default.artifact_location, default.lifecycle_stage, schema, version
 
@@ -374,7 +387,7 @@ def test_a_registry_reference_into_a_store_that_does_not_exist_says_so(tmp_path,
     assert not typo.exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_run_whose_id_cannot_be_kept_is_not_left_running(tmp_path, monkeypatch):
+def test_a_run_whose_id_cannot_be_kept_is_not_left_running(tmp_path, monkeypatch, migrated_store):
     # the MLflow run was made, then writing its id beside the checkpoints failed: no re-run
     # could continue it, and it stayed RUNNING in the UI for good
     import mlflow
@@ -384,6 +397,7 @@ def test_a_run_whose_id_cannot_be_kept_is_not_left_running(tmp_path, monkeypatch
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = tmp_path / "runs"
     cfg = load_config(TINY_CONFIG, [f"train.output_dir={runs}"])
+    migrated_store(runs / "mlflow.db")
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the run folder should be")
     with pytest.raises(OSError):
