@@ -227,25 +227,39 @@ def test_jobs_opening_a_new_store_at_once_all_get_it(tmp_path):
     import time
 
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
-    start = time.time() + 15  # every process has imported MLflow by then
+    # each process imports MLflow's store, says so, and waits for one start time for all: a
+    # fixed 15 s for the imports was mostly waited out (2-3 s each on the idle box)
     script = (
         "import sys, time\n"
+        "import mlflow.store.tracking.sqlalchemy_store\n"
         "from pipelines.tracking import client\n"
-        "while time.time() < float(sys.argv[2]):\n"
-        "    time.sleep(0.005)\n"
+        "print('ready', flush=True)\n"
+        "start = float(sys.stdin.readline())\n"
+        "while time.time() < start:\n"
+        "    time.sleep(0.001)\n"
         "client(sys.argv[1]).search_experiments()\n"
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script, uri, str(start)],
+            [sys.executable, "-c", script, uri],
             cwd=Path(__file__).resolve().parents[1],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
         for _ in range(4)
     ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    early = ["" for _ in procs]
+    for i, p in enumerate(procs):  # a line at a time until "ready" (or the process ended)
+        while (line := p.stdout.readline()) not in ("ready\n", ""):
+            early[i] += line
+    start = time.time() + 0.5
+    for p in procs:
+        if p.poll() is None:
+            p.stdin.write(f"{start}\n")
+            p.stdin.flush()
+    outputs = [e + p.communicate(timeout=300)[0] for e, p in zip(early, procs, strict=True)]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(o[-600:] for o in outputs)
 
     import mlflow
