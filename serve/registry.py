@@ -88,8 +88,9 @@ class ServedHead:
 
 
 def resolve_head(ref: str, *, tracking_uri: str | None = None) -> ServedHead:
-    """The probe head ``ref`` names (a head folder, or a ``models:/`` version or alias that
-    ``radjepa probe --register-head`` registered), read and checked as the API serves it.
+    """The probe head ``ref`` names (a head folder, a URI of one such as ``s3://...``, or a
+    ``models:/`` version or alias that ``radjepa probe --register-head`` registered), read and
+    checked as the API serves it.
 
     One resolver for ``radjepa serve``'s check before Ray starts and for each API replica's
     start-up: the CLI used to look a registered head up by its metadata only, so a version
@@ -100,6 +101,9 @@ def resolve_head(ref: str, *, tracking_uri: str | None = None) -> ServedHead:
     from radjepa.checkpoint import META
     from radjepa.eval.heads import HeadError, load_head
 
+    refuse_run_artifact(ref)
+    if "://" in ref and not ref.startswith("models:/"):
+        return ServedHead(_remote_head(ref), ref)
     resolved = resolve_model(ref, tracking_uri=tracking_uri)
     try:
         head = load_head(resolved.path)
@@ -112,6 +116,43 @@ def resolve_head(ref: str, *, tracking_uri: str | None = None) -> ServedHead:
             ) from None
         raise HeadError(f"serve.head {ref} is not a readable probe head: {err}") from None
     return ServedHead(head, resolved.pinned if resolved.name is not None else ref)
+
+
+def _remote_head(uri: str) -> Any:
+    """The probe head at ``uri`` (``s3://``, ``gs://``, ``file://``, ...), fetched into the
+    cache as a checkpoint URI is. A head URI went through the checkpoint path, which looks for
+    an encoder's files: ``s3://bucket/probe/head`` was refused as "model checkpoint not found:
+    ... has no meta.json", as if the head were a missing model."""
+    from radjepa.checkpoint import META
+    from radjepa.eval.heads import HEAD_FILES, HeadError, load_head
+
+    try:
+        folder = _fetch(uri, HEAD_FILES, what="probe head")
+    except ModelNotFound:
+        if _remote_file(uri, META):
+            raise HeadError(
+                f"serve.head {uri} is an encoder checkpoint, not a probe head: give it as "
+                "--model, and as --head a head `radjepa probe` wrote (DIR/head) or registered "
+                "(--register-head)"
+            ) from None
+        raise
+    try:
+        return load_head(folder)
+    except HeadError as err:
+        raise HeadError(f"serve.head {uri} is not a readable probe head: {err}") from None
+
+
+def _remote_file(uri: str, name: str) -> bool:
+    """Whether the folder at ``uri`` holds a file ``name`` (False when it cannot be read)."""
+    import pyarrow.fs as pafs
+
+    from radjepa.locations import filesystem
+
+    try:
+        fs, root = filesystem(uri)
+        return fs.get_file_info(f"{root.rstrip('/')}/{name}").type == pafs.FileType.File
+    except (OSError, ValueError):
+        return False
 
 
 def refuse_run_artifact(ref: str) -> None:
@@ -310,10 +351,15 @@ def latest_checkpoint(location: str) -> str:
     return spell_like(location, path)
 
 
-def _fetch(uri: str) -> Path:
+def _fetch(
+    uri: str, names: tuple[str, ...] | None = None, *, what: str = "model checkpoint"
+) -> Path:
     """A local copy of the checkpoint folder at ``uri`` (weights and metadata only: the
     optimizer state is for resuming training), cached by URI under ``RADJEPA_CACHE``
-    (default ``~/.cache/radjepa``) so replicas and repeated probes download it once."""
+    (default ``~/.cache/radjepa``) so replicas and repeated probes download it once.
+
+    ``names`` and ``what``: the files to copy and what they are called in errors, for a probe
+    head's folder (``radjepa.eval.heads.HEAD_FILES``, kept under ``heads/`` in the cache)."""
     import hashlib
     import os
     import shutil
@@ -324,25 +370,28 @@ def _fetch(uri: str) -> Path:
     from radjepa.checkpoint import META, WEIGHTS
     from radjepa.locations import filesystem
 
+    files = names or (META, WEIGHTS)
     cache = Path(os.environ.get("RADJEPA_CACHE", "~/.cache/radjepa")).expanduser()
-    local = cache / "checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:24]
-    if (local / META).is_file() and (local / WEIGHTS).is_file():
+    kind = "checkpoints" if names is None else "heads"
+    noun = "checkpoint" if names is None else what
+    local = cache / kind / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    if all((local / name).is_file() for name in files):
         return local  # complete: copies are only ever renamed into place whole
     shutil.rmtree(local, ignore_errors=True)
     try:
         fs, root = filesystem(uri)
-        for name in (META, WEIGHTS):
+        for name in files:
             if fs.get_file_info(f"{root.rstrip('/')}/{name}").type != pafs.FileType.File:
-                raise ModelNotFound(f"model checkpoint not found: {uri} has no {name}")
+                raise ModelNotFound(f"{what} not found: {uri} has no {name}")
     except ModelNotFound:
         raise
     except (OSError, ValueError) as err:  # unknown scheme, no permission, no bucket
-        raise ModelNotFound(f"cannot read checkpoint {uri}: {err}") from None
+        raise ModelNotFound(f"cannot read {noun} {uri}: {err}") from None
     tmp = None
     try:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=local.parent))
-        for name in (META, WEIGHTS):
+        for name in files:
             with (
                 fs.open_input_stream(f"{root.rstrip('/')}/{name}") as src,
                 open(tmp / name, "wb") as dst,
@@ -356,7 +405,7 @@ def _fetch(uri: str) -> Path:
             err, OSError | ValueError
         ):  # a full or read-only cache disk, a transfer cut short
             raise ModelNotFound(
-                f"cannot copy checkpoint {uri} into the cache {local.parent} (RADJEPA_CACHE): {err}"
+                f"cannot copy {noun} {uri} into the cache {local.parent} (RADJEPA_CACHE): {err}"
             ) from None
         raise
     try:

@@ -1543,6 +1543,24 @@ def test_registry_alias_resolves_to_the_checkpoint_folder(world, tmp_path, migra
         resolve_model(str(tmp_path / "missing"))
 
 
+def test_a_head_uri_is_fetched_once_like_a_checkpoint_uri(tmp_path, monkeypatch):
+    # a head URI took the checkpoint's path: "model checkpoint not found: ... has no meta.json"
+    from serve_helpers import make_head
+
+    from radjepa.eval.heads import HEAD_FILES
+    from serve.registry import resolve_head
+
+    monkeypatch.setenv("RADJEPA_CACHE", str(tmp_path / "cache"))
+    remote = make_head(tmp_path / "bucket" / "probe" / "head", 16)
+    first = resolve_head(remote.as_uri())
+    assert first.source == remote.as_uri() and first.head.feature_dim == 16
+    (cached,) = (tmp_path / "cache" / "heads").iterdir()
+    assert sorted(p.name for p in cached.iterdir()) == sorted(HEAD_FILES)
+    for name in HEAD_FILES:
+        (remote / name).unlink()  # cached: not read again
+    assert list(resolve_head(remote.as_uri()).head.label_names) == list(first.head.label_names)
+
+
 def test_checkpoint_uri_is_fetched_once_without_optimizer_state(world, tmp_path, monkeypatch):
     # what `radjepa pretrain` prints for object-storage outputs; file:// takes the same path
     from radjepa.eval.heads import checkpoint_fingerprint
