@@ -258,9 +258,14 @@ def check_references(
     only when they are on this disk already. A head is read in full, with the resolver the API
     replicas use (:func:`serve.registry.resolve_head`). The replicas still resolve every
     reference themselves: on a cluster they may see another store than this process."""
+    from serve.index import EmbeddingIndex
     from serve.registry import ModelNotFound, registered_version, resolve_head
 
     check_local_paths(model, head, index)
+    if index:
+        # footers only (milliseconds for a million rows): a part cut short was found here only
+        # when the model was on this disk, or by check_pseudonym_key on a local Ray
+        EmbeddingIndex.check_parts(index)
     model_version = None
     if model.startswith("models:/"):
         # a tracking server that does not answer is refused here in seconds (MLflow retried it
@@ -281,7 +286,6 @@ def check_references(
         return  # fetched by the replicas; they check head and index against it themselves
     from radjepa.checkpoint import read_meta
     from radjepa.eval.heads import check_encoder, checkpoint_fingerprint
-    from serve.index import EmbeddingIndex
 
     read_meta(folder)
     if served_head or index:

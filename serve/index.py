@@ -238,6 +238,47 @@ class EmbeddingIndex:
         )
 
     @staticmethod
+    def check_parts(path: str | Path) -> tuple[int, int | None]:
+        """Refuse an index whose parts cannot all be served, reading only their footers (a few
+        kilobytes each, not a page of the matrix): (rows, dim; None when the column does not
+        fix it). A part cut short (its footer is at the end) or not an index, embeddings of
+        another type or of another size than the other parts', or no rows at all, each failed
+        every API replica (Ray's retried deployment failure, ~230 lines and exit 1) when the
+        served model was not on this disk: only then were the record columns read first.
+
+        Damage inside the pages (a block of a copy lost, bit rot) leaves the footer intact:
+        only reading the pages finds it, which the replicas do at their start-up."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        p, files = _index_files(path)
+        rows, dims = 0, set()
+        for f in files:
+            try:
+                meta = pq.read_metadata(f)
+            except (pa.ArrowException, OSError) as err:  # as from_parquet says it
+                raise IndexLoadError(f"{f}: unreadable: {err}") from None
+            schema = meta.schema.to_arrow_schema()
+            _check_index_columns(f, schema.names)
+            kind = schema.field("embedding").type
+            listed = pa.types.is_list(kind) or pa.types.is_large_list(kind)
+            fixed = pa.types.is_fixed_size_list(kind)
+            if not (listed or fixed) or not pa.types.is_floating(kind.value_type):
+                raise IndexLoadError(f"{f}: column embedding holds {kind}, not lists of floats")
+            if fixed and meta.num_rows:
+                dims.add(kind.list_size)
+            rows += meta.num_rows
+        if len(dims) > 1:
+            sizes = ", ".join(map(str, sorted(dims)))
+            raise IndexLoadError(
+                f"{p}: parts hold embeddings of {len(dims)} sizes ({sizes}): rebuild it with "
+                "`radjepa embed` from one model"
+            )
+        if rows == 0:
+            raise IndexLoadError(f"index {p} holds no embeddings")
+        return rows, next(iter(dims), None)
+
+    @staticmethod
     def recorded_encoder(path: str | Path) -> str | None:
         """The encoder fingerprint an index records, reading that one column only (a start-up
         check on the driver must not load a whole archive's embeddings)."""

@@ -107,6 +107,75 @@ def test_a_wrong_part_is_refused_in_one_line(tmp_path, problem, match):
         EmbeddingIndex.from_parquet(folder)
 
 
+@pytest.mark.parametrize(
+    "problem, match",
+    [
+        ("no image_id", "part-1.parquet: missing column"),
+        ("other dimension", "parts hold embeddings of 2 sizes .4, 5.: rebuild it"),
+        ("strings", "part-1.parquet: column embedding holds list<element: string>, not lists"),
+        ("no rows", "holds no embeddings"),
+        ("damaged", "part-1.parquet: unreadable"),
+    ],
+)
+def test_the_start_up_check_refuses_from_the_footers_what_every_replica_would(
+    tmp_path, problem, match
+):
+    # `radjepa serve` read an index's parts before Ray only when the served model was on its
+    # disk: with a model the replicas fetch, each of these failed in every API replica
+    good = np.ones((3, 4), np.float32)
+    folder = tmp_path / "index"
+    first = folder / "part-0.parquet"
+    _part(
+        first,
+        good if problem != "no rows" else good[:0],
+        [] if problem == "no rows" else list("abc"),
+    )
+    second = folder / "part-1.parquet"
+    if problem == "no image_id":
+        pq.write_table(
+            pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(good[0]), 4)}),
+            second,
+        )
+    elif problem == "other dimension":
+        _part(second, np.ones((2, 5), np.float32), ["d", "e"])
+    elif problem == "strings":
+        lists = pa.array([["1", "2"]], pa.list_(pa.string()))
+        pq.write_table(pa.table({"image_id": ["d"], "embedding": lists}), second)
+    elif problem == "damaged":  # cut short, as a copy that ran out of disk leaves it
+        second.write_bytes(_part(second, good, ["d", "e", "f"]).read_bytes()[:-100])
+    else:
+        _part(second, good[:0], [])
+    with pytest.raises(IndexLoadError, match=match):
+        EmbeddingIndex.check_parts(folder)
+    with pytest.raises(IndexLoadError):  # what the replicas say too
+        EmbeddingIndex.from_parquet(folder)
+
+
+def test_the_start_up_check_reads_footers_only_so_damaged_pages_are_left_to_the_replicas(
+    tmp_path,
+):
+    # a block lost inside the embedding pages keeps the footer whole: only reading the pages,
+    # which the replicas do, finds it
+    folder = tmp_path / "index"
+    rng = np.random.default_rng(0)
+    _part(folder / "part-0.parquet", rng.standard_normal((3, 64)).astype(np.float32), list("abc"))
+    part = _part(
+        folder / "part-1.parquet",
+        rng.standard_normal((20_000, 64)).astype(np.float32),
+        [f"x{i}" for i in range(20_000)],
+    )
+    chunk = pq.read_metadata(part).row_group(0).column(1)  # the embedding's values
+    assert chunk.path_in_schema.startswith("embedding")
+    data = bytearray(part.read_bytes())
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    middle = start + chunk.total_compressed_size // 2
+    data[middle : middle + 65536] = bytes(65536)  # a hole, as a copy that lost a block leaves
+    part.write_bytes(bytes(data))
+    assert EmbeddingIndex.check_parts(folder) == (20_003, 64)
+    with pytest.raises(IndexLoadError, match="part-1.parquet: unreadable"):
+        EmbeddingIndex.from_parquet(folder)
+
+
 def test_the_index_bench_runs_both_ways_and_prints_one_json_line():
     import json
     import subprocess
