@@ -345,7 +345,15 @@ def serve_cmd(
             allow_development_key=cfg.ingest.allow_development_key,
         )
         check_port_free(cfg.serve.host, cfg.serve.port)
-        check_references(cfg.serve.model, cfg.serve.head, cfg.serve.index, store_uri(cfg))
+        # a local Ray's replicas share this machine's cache: a model this check fetches is
+        # not fetched again by them, so the head and index are checked against it here too
+        check_references(
+            cfg.serve.model,
+            cfg.serve.head,
+            cfg.serve.index,
+            store_uri(cfg),
+            fetch_model=local_ray,
+        )
         if local_ray:  # the replicas of a Ray this process starts have its environment, its key
             check_pseudonym_key(
                 cfg.serve.index,

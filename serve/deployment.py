@@ -245,7 +245,12 @@ def check_local_paths(model: str | None, head: str | None, index: str | None) ->
 
 
 def check_references(
-    model: str, head: str | None, index: str | None, tracking_uri: str | None
+    model: str,
+    head: str | None,
+    index: str | None,
+    tracking_uri: str | None,
+    *,
+    fetch_model: bool = False,
 ) -> None:
     """Fail here, in one readable line, for a model, head or index that does not exist, or a
     local head or index made with another encoder: inside a replica the same error becomes
@@ -255,9 +260,13 @@ def check_references(
     Needs no Ray: ``radjepa serve`` calls it before starting Ray (a missing registry version
     was said only after Ray and Serve had started, ~15 s), and ``app_from_config`` for the
     other builders. The model's registry look-up reads metadata only; its weights are read here
-    only when they are on this disk already. A head is read in full, with the resolver the API
-    replicas use (:func:`serve.registry.resolve_head`). The replicas still resolve every
-    reference themselves: on a cluster they may see another store than this process."""
+    only when they are on this disk already, or with ``fetch_model`` (``radjepa serve`` on the
+    local Ray it starts) fetched into ``RADJEPA_CACHE`` first, where that Ray's replicas then
+    find them: a version on a tracking server or a checkpoint URI was checked against the head
+    and index only by the replicas (~2 minutes and ~220 lines, exit 1). A head is read in full,
+    with the resolver the API replicas use (:func:`serve.registry.resolve_head`). The replicas
+    still resolve every reference themselves: on a cluster they may see another store than
+    this process."""
     from serve.index import EmbeddingIndex
     from serve.registry import ModelNotFound, registered_version, resolve_head
 
@@ -281,7 +290,7 @@ def check_references(
     # read in full with the replicas' own resolver (a head is a few kilobytes): a registered
     # version that is no head, or whose files are gone, was found only by every API replica
     served_head = resolve_head(head, tracking_uri=tracking_uri) if head else None
-    folder = _model_on_this_disk(model, model_version, tracking_uri)
+    folder = _model_on_this_disk(model, model_version, tracking_uri, fetch=fetch_model)
     if folder is None:
         return  # fetched by the replicas; they check head and index against it themselves
     from radjepa.checkpoint import read_meta
@@ -296,19 +305,25 @@ def check_references(
             EmbeddingIndex.check_file(index, fingerprint)
 
 
-def _model_on_this_disk(model: str, version: Any, tracking_uri: str | None) -> Path | None:
+def _model_on_this_disk(
+    model: str, version: Any, tracking_uri: str | None, *, fetch: bool = False
+) -> Path | None:
     """The checkpoint folder of ``model`` when reading it costs no download: a local folder,
     or a registered version whose files are on this disk (the default sqlite store keeps them
     beside its database, read in place). A version of that store with a head fitted on
-    another encoder was refused only by each API replica: ~220 lines and exit 1."""
+    another encoder was refused only by each API replica: ~220 lines and exit 1.
+
+    With ``fetch``, a version on a tracking server or a checkpoint URI too, fetched into the
+    cache: only for replicas on this machine, which share the cache (a cluster's replicas
+    fetch their own copy, so one here would be a second download of the weights)."""
     from serve.registry import latest_checkpoint, local_source, resolve_model
 
     if version is not None:
-        if not local_source(version.source):
+        if not local_source(version.source) and not fetch:
             return None  # a server's or a bucket's copy: the replicas fetch it
         return Path(resolve_model(model, tracking_uri=tracking_uri).path)
     if "://" in model:
-        return None
+        return Path(resolve_model(model).path) if fetch else None
     return Path(latest_checkpoint(str(Path(model).expanduser().resolve())))
 
 

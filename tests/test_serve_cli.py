@@ -461,3 +461,129 @@ def test_sigterm_stops_serve_and_its_local_ray_and_start_warnings_are_said_once(
     assert not left, f"processes of the local Ray outlived `radjepa serve`: {left}"
     assert said.count("insecure local mode") == 1, said
     assert said.count("PUBLIC development key") == 1, said
+
+
+def _other_encoder(tmp_path: Path) -> Path:
+    """A checkpoint of the same architecture with other weights (another training run)."""
+    import torch
+
+    torch.manual_seed(1)
+    return make_checkpoint(tmp_path / "other", step=3)
+
+
+@pytest.mark.parametrize(
+    ("what", "says"),
+    [
+        ("other-head", "probe head was fitted on encoder "),
+        ("checkpoint", "serve.head {uri} is an encoder checkpoint, not a probe head: give it as"),
+        ("nothing", "probe head not found: {uri} has no head.json"),
+    ],
+)
+def test_serve_fetches_a_head_given_as_a_uri_and_checks_it_before_starting_ray(
+    tmp_path, what, says
+):
+    # a head URI took the checkpoint's fetch path, which looks for an encoder's files: every
+    # head on object storage was refused as "model checkpoint not found: ... has no meta.json"
+    from serve_helpers import make_head
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    folder = {
+        "other-head": lambda: make_head(tmp_path / "h", 192, encoder=_other_encoder(tmp_path)),
+        "checkpoint": lambda: ckpt,
+        "nothing": lambda: tmp_path,
+    }[what]()
+    uri = folder.as_uri()  # file:// takes the path of s3:// and gs:// (pyarrow filesystems)
+    env = _env(
+        RADJEPA_API_KEYS=KEYS,
+        RAY_ADDRESS=f"127.0.0.1:{free_port()}",  # a refusal after joining Ray names the cluster
+        RADJEPA_CACHE=str(tmp_path / "cache"),
+    )
+    proc = _radjepa("serve", "--model", str(ckpt), "--head", uri, env=env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    (line,) = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert line.startswith(f"error: {says.format(uri=uri)}"), out
+    assert "Traceback" not in out and "Ray cluster" not in out
+
+
+def test_serve_refuses_a_cut_short_index_part_before_ray_when_the_replicas_fetch_the_model(
+    mlflow_server, tmp_path
+):
+    # the parts were read before Ray only when the model was on this disk (or by the key check
+    # of a local Ray): with a version on a tracking server and a cluster, a truncated copy of a
+    # part failed in every API replica instead
+    import numpy as np
+    from serve_helpers import write_index
+
+    from pipelines.tracking import client, ensure_experiment, register_artifact_dir
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    mc = client(mlflow_server)
+    run_id = mc.create_run(ensure_experiment(mlflow_server, "radjepa")).info.run_id
+    mc.log_artifacts(run_id, str(ckpt), "ckpt")
+    version = register_artifact_dir(mlflow_server, run_id, "ckpt", "srv-enc")
+    emb = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
+    write_index(tmp_path / "index" / "part-0.parquet", emb, ["d", "e", "f"], ckpt)
+    part = write_index(tmp_path / "index" / "part-1.parquet", emb, ["a", "b", "c"], ckpt)
+    part.write_bytes(part.read_bytes()[:-100])  # cut short, as by a full disk
+    env = _env(RADJEPA_API_KEYS=KEYS, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    proc = _radjepa(
+        *("serve", "-c", str(TINY_CONFIG), "--set", f"tracking.uri={mlflow_server}"),
+        *("--model", f"models:/srv-enc/{version}", "--index", str(tmp_path / "index")),
+        env=env,
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert f"error: {part}: unreadable: " in out, out
+    assert "Traceback" not in out and "Ray cluster" not in out
+
+
+@pytest.mark.parametrize("model", ["registry", "uri"])
+def test_serve_checks_head_and_index_against_a_fetched_model_before_starting_ray(
+    mlflow_server, tmp_path, model
+):
+    # a version on a tracking server (or a checkpoint URI) was not fetched before Ray, so a
+    # head or index of another encoder was refused only by the replicas of the local Ray:
+    # ~2 minutes, ~230 lines and exit 1. Those replicas share this machine's cache, so the
+    # CLI now fetches the model first (they find it there) and checks both against it.
+    import numpy as np
+    from serve_helpers import make_head, write_index
+
+    from pipelines.tracking import client, ensure_experiment, register_artifact_dir
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    other = _other_encoder(tmp_path)
+    if model == "registry":
+        mc = client(mlflow_server)
+        run_id = mc.create_run(ensure_experiment(mlflow_server, "radjepa")).info.run_id
+        mc.log_artifacts(run_id, str(ckpt), "ckpt")
+        ref = f"models:/srv-enc/{register_artifact_dir(mlflow_server, run_id, 'ckpt', 'srv-enc')}"
+        refs = ["--head", str(make_head(tmp_path / "head", 192, encoder=other))]
+        says = "probe head was fitted on encoder "
+    else:
+        ref = ckpt.as_uri()
+        emb = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
+        write_index(tmp_path / "index" / "part-0.parquet", emb, ["a", "b", "c"], other)
+        refs = ["--index", str(tmp_path / "index")]
+        says = f"index {tmp_path / 'index'} was embedded by encoder "
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rj-", dir="/tmp"))  # short: Ray's socket paths
+    env = _env(
+        RADJEPA_API_KEYS=KEYS,
+        RADJEPA_CACHE=str(tmp_path / "cache"),
+        RAY_TMPDIR=str(ray_tmp),  # where a local instance would put its session
+    )
+    try:
+        proc = _radjepa(
+            *("serve", "-c", str(TINY_CONFIG), "--set", f"tracking.uri={mlflow_server}"),
+            *("--model", ref, *refs, "--port", "0"),
+            env=env,
+        )
+        out, _ = proc.communicate(timeout=300)
+        started_ray = [p.name for p in ray_tmp.rglob("session_*")]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 2, out
+    (line,) = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert line.startswith(f"error: {says}"), out
+    assert "Traceback" not in out and "starting local Ray" not in out
+    assert not started_ray, "Ray was started before the refusal"

@@ -146,42 +146,6 @@ def test_credentials_in_uris_are_not_logged(tmp_path, monkeypatch, migrated_stor
     assert redact("https://mlflow.example:5000") == "https://mlflow.example:5000"
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real ``mlflow server`` on loopback, proxying artifacts (``mlflow-artifacts:``), as a
-    cluster's tracking server does."""
-    import shutil
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from serve_helpers import free_port
-
-    port = free_port()
-    exe = Path(sys.executable).with_name("mlflow")
-    cmd = [str(exe) if exe.exists() else shutil.which("mlflow") or "mlflow", "server"]
-    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    cmd += ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
-    cmd += ["--artifacts-destination", str(tmp_path / "server-artifacts")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("mlflow server did not start") from None
-                time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def test_registry_downloads_from_a_server_are_cached_not_leaked(
     mlflow_server, tmp_path, monkeypatch
 ):
