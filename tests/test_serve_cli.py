@@ -540,7 +540,7 @@ def test_serve_refuses_a_cut_short_index_part_before_ray_when_the_replicas_fetch
 
 @pytest.mark.parametrize("model", ["registry", "uri"])
 def test_serve_checks_head_and_index_against_a_fetched_model_before_starting_ray(
-    mlflow_server, tmp_path, model
+    request, tmp_path, model
 ):
     # a version on a tracking server (or a checkpoint URI) was not fetched before Ray, so a
     # head or index of another encoder was refused only by the replicas of the local Ray:
@@ -553,7 +553,9 @@ def test_serve_checks_head_and_index_against_a_fetched_model_before_starting_ray
 
     ckpt = make_checkpoint(tmp_path / "ckpt")
     other = _other_encoder(tmp_path)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"  # not read for a URI
     if model == "registry":
+        mlflow_server = store = request.getfixturevalue("mlflow_server")  # a tracking server
         mc = client(mlflow_server)
         run_id = mc.create_run(ensure_experiment(mlflow_server, "radjepa")).info.run_id
         mc.log_artifacts(run_id, str(ckpt), "ckpt")
@@ -574,7 +576,7 @@ def test_serve_checks_head_and_index_against_a_fetched_model_before_starting_ray
     )
     try:
         proc = _radjepa(
-            *("serve", "-c", str(TINY_CONFIG), "--set", f"tracking.uri={mlflow_server}"),
+            *("serve", "-c", str(TINY_CONFIG), "--set", f"tracking.uri={store}"),
             *("--model", ref, *refs, "--port", "0"),
             env=env,
         )
