@@ -172,15 +172,10 @@ def foreign_files(fs: pafs.FileSystem, root: str, sub: str) -> list[str]:
     folder reader would take as Parquet (a hand-made shard, a file manager's copy of one):
     ingest leaves them out of what DST holds, so training must not read them either (see
     :func:`list_shards`). Sorted; empty when the folder is missing."""
-    folder = f"{root.rstrip('/')}/{sub}"
-    if fs.get_file_info(folder).type != pafs.FileType.Directory:
-        return []
     return sorted(
         e.base_name
-        for e in fs.get_file_info(pafs.FileSelector(folder))
-        if e.type == pafs.FileType.File
-        and _is_read_as_parquet(e.base_name)
-        and not is_output_name(sub, e.base_name)
+        for e in _regular_files(fs, root, sub)
+        if _is_read_as_parquet(e.base_name) and not is_output_name(sub, e.base_name)
     )
 
 
@@ -207,14 +202,15 @@ def output_files(fs: pafs.FileSystem, root: str, sub: str) -> list[str]:
     not a folder, and not another tool's file. Ingest listed every ``*.parquet`` while
     :func:`read_duplicates` took only ``duplicates-*``: the two could disagree on what DST
     holds. An empty list when the folder is missing."""
+    return sorted(e.path for e in _regular_files(fs, root, sub) if is_output_name(sub, e.base_name))
+
+
+def _regular_files(fs: pafs.FileSystem, root: str, sub: str) -> list[pafs.FileInfo]:
+    """The regular files (not folders) in ``root/sub`` of a DST; none when it is missing."""
     folder = f"{root.rstrip('/')}/{sub}"
     if fs.get_file_info(folder).type != pafs.FileType.Directory:
         return []
-    return sorted(
-        e.path
-        for e in fs.get_file_info(pafs.FileSelector(folder))
-        if e.type == pafs.FileType.File and is_output_name(sub, e.base_name)
-    )
+    return [e for e in fs.get_file_info(pafs.FileSelector(folder)) if e.type == pafs.FileType.File]
 
 
 def read_duplicates(dst: str | Path) -> pa.Table:
