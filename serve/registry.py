@@ -119,27 +119,34 @@ def resolve_head(ref: str, *, tracking_uri: str | None = None) -> ServedHead:
 
 
 def _remote_head(uri: str) -> Any:
-    """The probe head at ``uri`` (``s3://``, ``gs://``, ``file://``, ...), fetched into the
-    cache as a checkpoint URI is. A head URI went through the checkpoint path, which looks for
-    an encoder's files: ``s3://bucket/probe/head`` was refused as "model checkpoint not found:
-    ... has no meta.json", as if the head were a missing model."""
+    """The probe head at ``uri`` (``s3://``, ``gs://``, ``file://``, ...), read afresh at each
+    start. A head URI went through the checkpoint path, which looks for an encoder's files:
+    ``s3://bucket/probe/head`` was refused as "model checkpoint not found: ... has no
+    meta.json", as if the head were a missing model.
+
+    Not cached as checkpoints are: a refitted head is uploaded over the old one at the same
+    URI (a checkpoint's URI names a run's own ``checkpoint_*`` folder), and a cached copy kept
+    serving the old head, or refused the new encoder's. A head is a few kilobytes."""
+    import tempfile
+
     from radjepa.checkpoint import META
     from radjepa.eval.heads import HEAD_FILES, HeadError, load_head
 
-    try:
-        folder = _fetch(uri, HEAD_FILES, what="probe head")
-    except ModelNotFound:
-        if _remote_file(uri, META):
-            raise HeadError(
-                f"serve.head {uri} is an encoder checkpoint, not a probe head: give it as "
-                "--model, and as --head a head `radjepa probe` wrote (DIR/head) or registered "
-                "(--register-head)"
-            ) from None
-        raise
-    try:
-        return load_head(folder)
-    except HeadError as err:
-        raise HeadError(f"serve.head {uri} is not a readable probe head: {err}") from None
+    with tempfile.TemporaryDirectory(prefix="radjepa-head-") as folder:
+        try:
+            _download(uri, HEAD_FILES, Path(folder), what="probe head", where="a temporary folder")
+        except ModelNotFound:
+            if _remote_file(uri, META):
+                raise HeadError(
+                    f"serve.head {uri} is an encoder checkpoint, not a probe head: give it as "
+                    "--model, and as --head a head `radjepa probe` wrote (DIR/head) or "
+                    "registered (--register-head)"
+                ) from None
+            raise
+        try:
+            return load_head(folder)  # read whole into memory
+        except HeadError as err:
+            raise HeadError(f"serve.head {uri} is not a readable probe head: {err}") from None
 
 
 def _remote_file(uri: str, name: str) -> bool:
@@ -351,33 +358,70 @@ def latest_checkpoint(location: str) -> str:
     return spell_like(location, path)
 
 
-def _fetch(
-    uri: str, names: tuple[str, ...] | None = None, *, what: str = "model checkpoint"
-) -> Path:
+def _fetch(uri: str) -> Path:
     """A local copy of the checkpoint folder at ``uri`` (weights and metadata only: the
     optimizer state is for resuming training), cached by URI under ``RADJEPA_CACHE``
     (default ``~/.cache/radjepa``) so replicas and repeated probes download it once.
 
-    ``names`` and ``what``: the files to copy and what they are called in errors, for a probe
-    head's folder (``radjepa.eval.heads.HEAD_FILES``, kept under ``heads/`` in the cache)."""
+    A copy is downloaded beside its place and renamed into it whole, so a folder in place is
+    complete unless someone deleted files from it; only such a folder is replaced. (Removing an
+    incomplete folder before downloading also removed the complete copy another replica renamed
+    into place in between, as that replica was about to read it.)"""
     import hashlib
     import os
     import shutil
     import tempfile
 
+    from radjepa.checkpoint import META, WEIGHTS
+
+    files = (META, WEIGHTS)
+    cache = Path(os.environ.get("RADJEPA_CACHE", "~/.cache/radjepa")).expanduser()
+    local = cache / "checkpoints" / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    if _complete_copy(local, files):
+        return local
+    tmp = None
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=local.parent))
+    except OSError as err:
+        raise ModelNotFound(
+            f"cannot copy checkpoint {uri} into {_cache_place(local.parent)}: {err}"
+        ) from None
+    try:
+        _download(uri, files, tmp, what="model checkpoint", where=_cache_place(local.parent))
+        try:
+            tmp.rename(local)
+        except OSError:  # a folder is there: another process's complete copy, or a damaged one
+            if not _complete_copy(local, files):
+                shutil.rmtree(local, ignore_errors=True)
+                tmp.rename(local)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("fetched %s -> %s", uri, local)
+    return local
+
+
+def _complete_copy(folder: Path, files: tuple[str, ...]) -> bool:
+    return all((folder / name).is_file() for name in files)
+
+
+def _cache_place(folder: Path) -> str:
+    return f"the cache {folder} (RADJEPA_CACHE)"
+
+
+def _download(uri: str, files: tuple[str, ...], into: Path, *, what: str, where: str) -> None:
+    """Copy ``files`` of the folder at ``uri`` into the local folder ``into``; ModelNotFound,
+    in one line, for a missing file, an unreadable location or a copy that fails (a full or
+    read-only disk, a transfer cut short). ``what`` names the folder and ``where`` the place
+    copied into, in those lines."""
+    import shutil
+
     import pyarrow.fs as pafs
 
-    from radjepa.checkpoint import META, WEIGHTS
     from radjepa.locations import filesystem
 
-    files = names or (META, WEIGHTS)
-    cache = Path(os.environ.get("RADJEPA_CACHE", "~/.cache/radjepa")).expanduser()
-    kind = "checkpoints" if names is None else "heads"
-    noun = "checkpoint" if names is None else what
-    local = cache / kind / hashlib.sha256(uri.encode()).hexdigest()[:24]
-    if all((local / name).is_file() for name in files):
-        return local  # complete: copies are only ever renamed into place whole
-    shutil.rmtree(local, ignore_errors=True)
+    noun = "checkpoint" if what == "model checkpoint" else what
     try:
         fs, root = filesystem(uri)
         for name in files:
@@ -387,30 +431,12 @@ def _fetch(
         raise
     except (OSError, ValueError) as err:  # unknown scheme, no permission, no bucket
         raise ModelNotFound(f"cannot read {noun} {uri}: {err}") from None
-    tmp = None
     try:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=local.parent))
         for name in files:
             with (
                 fs.open_input_stream(f"{root.rstrip('/')}/{name}") as src,
-                open(tmp / name, "wb") as dst,
+                open(into / name, "wb") as dst,
             ):
                 shutil.copyfileobj(src, dst, length=8 << 20)
-    except BaseException as err:
-        # a part copy left behind would hold cache space (a full disk stays full) on every retry
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(
-            err, OSError | ValueError
-        ):  # a full or read-only cache disk, a transfer cut short
-            raise ModelNotFound(
-                f"cannot copy {noun} {uri} into the cache {local.parent} (RADJEPA_CACHE): {err}"
-            ) from None
-        raise
-    try:
-        tmp.rename(local)
-    except OSError:  # another process put its complete copy there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    log.info("fetched %s -> %s", uri, local)
-    return local
+    except (OSError, ValueError) as err:
+        raise ModelNotFound(f"cannot copy {noun} {uri} into {where}: {err}") from None

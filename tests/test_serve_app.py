@@ -1543,22 +1543,39 @@ def test_registry_alias_resolves_to_the_checkpoint_folder(world, tmp_path, migra
         resolve_model(str(tmp_path / "missing"))
 
 
-def test_a_head_uri_is_fetched_once_like_a_checkpoint_uri(tmp_path, monkeypatch):
-    # a head URI took the checkpoint's path: "model checkpoint not found: ... has no meta.json"
+def test_a_head_uri_is_read_afresh_so_a_refitted_head_uploaded_over_it_is_served(
+    tmp_path, monkeypatch
+):
+    # a head URI took the checkpoint's path: "model checkpoint not found: ... has no meta.json";
+    # then a cached copy kept serving the old head after a refitted one was uploaded over it
     from serve_helpers import make_head
 
-    from radjepa.eval.heads import HEAD_FILES
     from serve.registry import resolve_head
 
     monkeypatch.setenv("RADJEPA_CACHE", str(tmp_path / "cache"))
     remote = make_head(tmp_path / "bucket" / "probe" / "head", 16)
     first = resolve_head(remote.as_uri())
     assert first.source == remote.as_uri() and first.head.feature_dim == 16
-    (cached,) = (tmp_path / "cache" / "heads").iterdir()
-    assert sorted(p.name for p in cached.iterdir()) == sorted(HEAD_FILES)
-    for name in HEAD_FILES:
-        (remote / name).unlink()  # cached: not read again
-    assert list(resolve_head(remote.as_uri()).head.label_names) == list(first.head.label_names)
+    make_head(tmp_path / "refit", 24)
+    for path in (tmp_path / "refit").iterdir():
+        path.replace(remote / path.name)  # the refit, uploaded over the old one
+    assert resolve_head(remote.as_uri()).head.feature_dim == 24
+    assert not (tmp_path / "cache").exists()  # nothing left behind either
+
+
+def test_a_cached_checkpoint_missing_a_file_is_fetched_again_whole(world, tmp_path, monkeypatch):
+    # a copy is renamed into the cache whole; one whose files someone deleted is replaced
+    from radjepa.eval.heads import checkpoint_fingerprint
+    from serve.registry import _fetch
+
+    monkeypatch.setenv("RADJEPA_CACHE", str(tmp_path / "cache"))
+    ckpt = Path(world["runner"].info.source)
+    uri = ckpt.as_uri()
+    first = _fetch(uri)
+    (first / "weights.safetensors").unlink()
+    again = _fetch(uri)
+    assert again == first and checkpoint_fingerprint(again) == checkpoint_fingerprint(ckpt)
+    assert [p.name for p in again.parent.iterdir()] == [first.name]  # no copy left beside it
 
 
 def test_checkpoint_uri_is_fetched_once_without_optimizer_state(world, tmp_path, monkeypatch):
