@@ -116,8 +116,17 @@ def test_foreign_parquet_in_a_dst_is_refused_by_name_before_training(dst, caplog
     with caplog.at_level(logging.WARNING, logger="radjepa.ingest.destination"):
         assert dest.warn_foreign_files() == [f"images/{n}" for n in foreign]
     assert "3 Parquet file(s) that ingest did not write" in caplog.text
+    assert "`radjepa pretrain` refuses DST" in caplog.text
     for name in foreign:
         (dst / "images" / name).unlink()
+    assert list_shards(dst) == before
+    # one beside the quarantine is only ignored: training, which never reads it, goes on
+    (dst / "quarantine" / "notes.parquet").write_bytes(b"another tool's file")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="radjepa.ingest.destination"):
+        assert dest.warn_foreign_files() == ["quarantine/notes.parquet"]
+    assert "1 Parquet file(s) that ingest did not write" in caplog.text
+    assert "refuses" not in caplog.text
     assert list_shards(dst) == before
 
 

@@ -141,7 +141,9 @@ class Destination:
         (``images/x.parquet``, a file manager's ``images/part-... (1).parquet``), and return
         them. They are not part of what DST holds, and training refuses the DST while
         ``images/`` holds any (:func:`radjepa.shards.list_shards`): the run that can say so
-        first is the ingest run, not the training run after it."""
+        first is the ingest run, not the training run after it. Files in ``quarantine/`` or
+        ``duplicates/`` are only ignored, so the warning says the refusal only for
+        ``images/``."""
         found = [
             f"{sub}/{name}"
             for sub in (IMAGES_DIR, QUARANTINE_DIR, DUPLICATES_DIR)
@@ -149,13 +151,16 @@ class Destination:
         ]
         if found:
             shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+            refused = any(name.startswith(f"{IMAGES_DIR}/") for name in found)
             log.warning(
                 "%s holds %d Parquet file(s) that ingest did not write: %s. They are not part "
-                "of DST (ingest does not count their images, and stores any it meets again) "
-                "and `radjepa pretrain` refuses DST until they are moved out of it",
+                "of DST (ingest does not count their images, and stores any it meets again)%s",
                 self.uri,
                 len(found),
                 shown,
+                "; `radjepa pretrain` refuses DST while images/ holds any: move them out of it"
+                if refused
+                else "",
             )
         return found
 
