@@ -292,8 +292,8 @@ def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str])
     if not resume_from:
         return offered
     if offered is not None:
-        name = offered.path.rstrip("/").rsplit("/", 1)[-1]
-        if name not in damaged and name >= resume_from.rstrip("/").rsplit("/", 1)[-1]:
+        name = locations.base_name(offered.path)
+        if name not in damaged and name >= locations.base_name(resume_from):
             return offered
     return ray.train.Checkpoint(resume_from)
 
@@ -538,8 +538,7 @@ def already_trained(cfg: Config, run_dir: str, resume: ResumePoint) -> AlreadyTr
 
     from pipelines.stray_checkpoints import recorded_metrics
 
-    name = resume.path.rstrip("/").rsplit("/", 1)[-1]
-    metrics = recorded_metrics(run_dir, name) or {"step": resume.step}
+    metrics = recorded_metrics(run_dir, locations.base_name(resume.path)) or {"step": resume.step}
     log.info(
         "run %s already holds step %d (train.steps=%d): nothing to train, no Ray workers "
         "started; its checkpoint %s is the result (raise train.steps to train on)",

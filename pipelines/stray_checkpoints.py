@@ -37,7 +37,6 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -295,7 +294,7 @@ def _prune(run_dir: str, restored: str | None, finished: bool, now: float) -> Pr
     if recorded is None:
         log.info("run %s: Ray's checkpoint record is unreadable; no folder is pruned", run_dir)
         return Pruned()
-    keep = {_base_name(restored)} if restored else set()
+    keep = {locations.base_name(restored)} if restored else set()
     fs, root = locations.filesystem(run_dir)
     whole: dict[str, bool] = {}
     for name, location in sorted(checkpoint_dirs(run_dir)):  # oldest first
@@ -320,12 +319,6 @@ def _prune(run_dir: str, restored: str | None, finished: bool, now: float) -> Pr
         log.info("removed checkpoint folder %s (%s; not recorded by Ray)", location, why)
         pruned += Pruned((name,), size)
     return pruned
-
-
-def _base_name(location: str) -> str:
-    """The last name of a folder or URI (a URI's query, ``?endpoint_override=...``, left out)."""
-    path = urlsplit(location).path if "://" in location else location
-    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _quiet_size(fs: pafs.FileSystem, path: str, location: str, now: float) -> int | None:

@@ -92,6 +92,15 @@ def join_location(root: str | Path, *names: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{path}{query}"
 
 
+def base_name(location: str | Path) -> str:
+    """The last name of a folder or URI, a URI's query (``?endpoint_override=...`` of an
+    S3-compatible store) left out: a plain split named an S3 checkpoint
+    ``checkpoint_...?scheme=http&endpoint_override=...``, which no record holds."""
+    text = str(location)
+    path = urlsplit(text).path if "://" in text else text
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def local_path(location: str | Path) -> str | None:
     """The local folder behind ``location`` (a path or a ``file://`` URI); None for remote
     storage, where nothing can be written with plain file APIs."""

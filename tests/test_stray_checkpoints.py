@@ -188,3 +188,25 @@ def test_a_run_on_a_uri_is_pruned_the_same(run):
         run.as_uri(), restored=(run / RESUMED).as_uri(), finished=False
     )
     assert pruned.folders == (NEWEST,) and _names(run) == {OLDEST, RECORDED, RESUMED}
+
+
+def test_a_finished_run_on_an_s3_compatible_store_keeps_the_metrics_ray_recorded(tmp_path):
+    # a re-run of a finished run takes the metrics Ray recorded with the checkpoint it resumes
+    # from; on an S3-compatible store that checkpoint's location carries the store's query
+    # (?scheme=...&endpoint_override=...), which the checkpoint's name was read with, so no
+    # record matched and the re-run printed no final loss
+    from pipelines.pretrain import already_trained
+    from radjepa.resume import ResumePoint
+
+    run = tmp_path / "t"
+    run.mkdir()
+    _record(run, RECORDED)
+    record = json.loads((run / RAY_CHECKPOINT_SNAPSHOT).read_text())
+    for result in (record["latest_checkpoint_result"], *record["checkpoint_results"]):
+        result["metrics"] = {"step": 2, "loss": 0.25}
+    (run / RAY_CHECKPOINT_SNAPSHOT).write_text(json.dumps(record))
+    query = "?scheme=http&endpoint_override=127.0.0.1:9000"
+    resume = ResumePoint(f"s3://bucket/out/t/{RECORDED}{query}", 2, (), {}, 1)
+    cfg = load_config(TINY, ["train.run_name=t", "train.steps=2"])
+    result = already_trained(cfg, str(run), resume)
+    assert result.metrics == {"step": 2, "loss": 0.25}
