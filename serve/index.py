@@ -242,8 +242,9 @@ class EmbeddingIndex:
         """Refuse an index whose parts cannot all be served, reading only their footers (a few
         kilobytes each, not a page of the matrix): (rows, dim; None when the column does not
         fix it). A part cut short (its footer is at the end) or not an index, embeddings of
-        another type or of another size than the other parts', or no rows at all, each failed
-        every API replica (Ray's retried deployment failure, ~230 lines and exit 1) when the
+        another type, parts of fixed-size embeddings of different sizes (a part of variable
+        lists fixes no size in its footer: the replicas check those), or no rows at all, each
+        failed every API replica (Ray's retried deployment failure, ~230 lines and exit 1) when the
         served model was not on this disk: only then were the record columns read first.
 
         Damage inside the pages (a block of a copy lost, bit rot) leaves the footer intact:
@@ -256,10 +257,14 @@ class EmbeddingIndex:
         for f in files:
             try:
                 meta = pq.read_metadata(f)
+                schema = meta.schema.to_arrow_schema()
             except (pa.ArrowException, OSError) as err:  # as from_parquet says it
                 raise IndexLoadError(f"{f}: unreadable: {err}") from None
-            schema = meta.schema.to_arrow_schema()
             _check_index_columns(f, schema.names)
+            if schema.names.count("embedding") != 1:
+                raise IndexLoadError(
+                    f"{f}: holds {schema.names.count('embedding')} columns named embedding"
+                )
             kind = schema.field("embedding").type
             listed = pa.types.is_list(kind) or pa.types.is_large_list(kind)
             fixed = pa.types.is_fixed_size_list(kind)

@@ -151,6 +151,20 @@ def test_the_start_up_check_refuses_from_the_footers_what_every_replica_would(
         EmbeddingIndex.from_parquet(folder)
 
 
+def test_a_part_with_two_embedding_columns_is_refused_in_one_line(tmp_path):
+    # pyarrow's field lookup raised KeyError ('Field "embedding" exists 2 times in schema'):
+    # a traceback from the start-up check instead of its one line
+    folder = tmp_path / "index"
+    folder.mkdir()
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(8, np.float32)), 4)
+    table = pa.Table.from_arrays(
+        [pa.array(["a", "b"]), emb, emb], names=["image_id", "embedding", "embedding"]
+    )
+    pq.write_table(table, folder / "part-0.parquet")
+    with pytest.raises(IndexLoadError, match="part-0.parquet: holds 2 columns named embedding"):
+        EmbeddingIndex.check_parts(folder)
+
+
 def test_the_start_up_check_reads_footers_only_so_damaged_pages_are_left_to_the_replicas(
     tmp_path,
 ):
