@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.embedder import EncoderRunner, ImageEmbedding, ModelInfo, Preprocess, pick_device
 from serve.security import ApiSettings, SecurityConfigError, settings_from_config
+from serve.startup import replica_startup
 
 __all__ = [
     "EncoderDeployment",
@@ -54,6 +55,13 @@ class EncoderDeployment:
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.01,
     ) -> None:
+        # an error here is said by the driver in one line (serve.startup), not as Ray's traceback
+        with replica_startup():
+            self._start(model_ref, use_gpu, tracking_uri)
+        self.embed_batch.set_max_batch_size(max_batch_size)
+        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _start(self, model_ref: str, use_gpu: str, tracking_uri: str | None) -> None:
         from serve.registry import resolve_model
 
         resolved = resolve_model(model_ref, tracking_uri=tracking_uri)
@@ -71,8 +79,6 @@ class EncoderDeployment:
             version=resolved.version,
             source=resolved.source,
         )
-        self.embed_batch.set_max_batch_size(max_batch_size)
-        self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def describe(self) -> tuple[ModelInfo, Preprocess]:
         return self.runner.info, self.runner.preprocess
@@ -144,6 +150,11 @@ class ApiIngress:
         self._tracking_uri = tracking_uri
 
     async def __serve_build_asgi_app__(self):  # noqa: N807 - Ray Serve's hook name
+        # an error here is said by the driver in one line (serve.startup), not as Ray's traceback
+        with replica_startup():
+            return await self._build_app()
+
+    async def _build_app(self):
         from serve.app import create_app
         from serve.index import EmbeddingIndex
 
@@ -400,6 +411,7 @@ def app_from_config(
     replica_env: dict[str, str] | None = None,
     references_checked: bool = False,
     key_checked: bool = False,
+    start_attempts: int | None = None,
 ) -> Application:
     """Bind the two deployments from a validated Config (``cfg.serve`` says what to serve).
 
@@ -409,7 +421,9 @@ def app_from_config(
     :func:`check_references` on this config already (``radjepa serve``, before starting Ray),
     so the registry is not asked, and a local checkpoint not hashed, twice. ``key_checked``: the
     caller ran :func:`check_pseudonym_key` for the replicas' environment already (``radjepa
-    serve`` on a local Ray, whose replicas have its environment)."""
+    serve`` on a local Ray, whose replicas have its environment). ``start_attempts``: how many
+    replica start-ups of a deployment may fail before Serve gives the deployment up
+    (``max_constructor_retry_count``; None: Serve's default, three per replica)."""
     sc = cfg.serve
     if not sc.model:
         raise ValueError(
@@ -437,12 +451,14 @@ def app_from_config(
     gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and _cluster_has_gpus())
     if sc.use_gpu == "true" and not _cluster_has_gpus():
         raise ValueError("serve.use_gpu=true but the Ray cluster has no GPUs")
+    retries = {} if start_attempts is None else {"max_constructor_retry_count": start_attempts}
     encoder = EncoderDeployment.options(
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
         # the encoder must admit a whole batch at once, or @serve.batch never fills
         max_ongoing_requests=max(sc.max_ongoing_requests, 2 * sc.max_batch_size),
         max_queued_requests=sc.max_queued_requests,
         graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+        **retries,
         **_scaling(sc),
     ).bind(
         sc.model,
@@ -457,6 +473,7 @@ def app_from_config(
         max_ongoing_requests=sc.max_ongoing_requests,
         max_queued_requests=sc.max_queued_requests,
         graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
+        **retries,
         **_scaling(sc),
     ).bind(encoder, replica_settings, sc.head, sc.index, store_uri(cfg))
 
