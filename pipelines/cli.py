@@ -55,6 +55,10 @@ class UserError(Exception):
     """A problem the user can fix (bad config, missing input): printed without a traceback."""
 
 
+class RunFailed(Exception):
+    """The command ran and failed (not a usage error): one line without a traceback, exit 1."""
+
+
 def setup_logging(level: str = "INFO") -> None:
     """Configure logging once, in the entry point (library modules only create loggers)."""
     from rich.logging import RichHandler
@@ -331,7 +335,15 @@ def serve_cmd(
     )
     from pipelines.tracking import store_uri
     from serve.deployment import check_pseudonym_key, check_references
-    from serve.local import PortInUse, check_port_free, curl_example, start_local, stop_local
+    from serve.local import (
+        PortInUse,
+        ServeStartFailed,
+        check_port_free,
+        curl_example,
+        start_failures_said_once,
+        start_local,
+        stop_local,
+    )
     from serve.security import SecurityConfigError, settings_from_config
 
     # refuse an unprotected service, a taken port, a mistyped path, a registry version that does
@@ -375,16 +387,30 @@ def serve_cmd(
     # short: exit -15 and Ray's processes orphaned); a second Ctrl-C still can, as a user who
     # insists expects.
     ignore_sigterm_after_the_job()
-    with sigterm_as_ctrl_c(once=True) as routing:
+    # a deployment whose replicas fail to start (what only they can read: an index's pages, a
+    # model a cluster's replicas fetch) ended the command in Ray's ~230-line traceback, exit 1:
+    # now one line naming the deployment and the replica's own error, exit 1, the tracebacks
+    # left in the Serve controller's log
+    with sigterm_as_ctrl_c(once=True) as routing, start_failures_said_once() as quiet:
         stopping = False
         try:
             ensure_ray()
             try:
                 url = start_local(
-                    cfg, settings=settings, references_checked=True, key_checked=local_ray
+                    cfg,
+                    settings=settings,
+                    references_checked=True,
+                    key_checked=local_ray,
+                    # the replicas of a local Ray all read this machine's files: a retry only
+                    # repeats the failure (Serve's default, 3 tries, took 1-2 minutes). A
+                    # cluster's replicas may land on another node, so Serve retries there.
+                    start_attempts=1 if local_ray else None,
                 )
             except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
                 raise UserError(str(err)) from None
+            except ServeStartFailed as err:
+                raise RunFailed(str(err)) from None
+            quiet.active = False  # a replica failing from now on is said by Serve, as before
             typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")
             typer.echo(curl_example(url, with_key=not cfg.serve.insecure_local))
             while True:
@@ -1042,7 +1068,8 @@ def _exit_now(code: int, message: str) -> NoReturn:
 
 def main() -> None:
     """Console-script entry point: user errors become one line on stderr and exit code 2; a
-    local Ray that did not start in time (a loaded machine) one line and exit code 1."""
+    local Ray that did not start in time (a loaded machine), or a run that failed (a served
+    deployment whose replicas did not start), one line and exit code 1."""
     from pipelines.runtime import ClusterError, RayStartTimeout, declare_process_ends_with_job
 
     # this process ends when the command does (the console script, python -m pipelines.cli, a
@@ -1053,7 +1080,7 @@ def main() -> None:
     except (UserError, ClusterError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
-    except RayStartTimeout as err:  # not the user's mistake: a retry may succeed
+    except (RayStartTimeout, RunFailed) as err:  # not the user's mistake: one line, exit 1
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(1)
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
 
 from radjepa.config import Config
 from serve.security import ApiSettings, settings_from_config
@@ -16,7 +21,9 @@ from serve.security import ApiSettings, settings_from_config
 __all__ = [
     "STOP_BUDGET_S",
     "PortInUse",
+    "ServeStartFailed",
     "check_port_free",
+    "start_failures_said_once",
     "start_local",
     "stop_local",
     "curl_example",
@@ -29,6 +36,12 @@ APP_NAME = "radjepa"
 
 class PortInUse(RuntimeError):
     """The HTTP port is taken: said before Ray starts, in one line."""
+
+
+class ServeStartFailed(RuntimeError):
+    """A deployment's replicas could not start (found only there: an index whose pages are
+    damaged, a model the replicas cannot fetch or read); the message is one line naming the
+    deployment and the replica's own error."""
 
 
 def _free_port(host: str) -> int:
@@ -65,6 +78,7 @@ def start_local(
     settings: ApiSettings | None = None,
     references_checked: bool = False,
     key_checked: bool = False,
+    start_attempts: int | None = None,
 ) -> str:
     """Deploy the API on the connected Ray and return its base URL (port 0 = any free port).
 
@@ -75,6 +89,8 @@ def start_local(
     warnings logged, once). ``references_checked``: the caller ran
     ``serve.deployment.check_references`` before starting Ray (``app_from_config``), and
     ``key_checked`` ``serve.deployment.check_pseudonym_key`` for this local Ray.
+    ``start_attempts``: replica start-ups a deployment may fail before Serve gives it up
+    (``app_from_config``). Raises ServeStartFailed when a deployment's replicas do not start.
     """
     from ray import serve
 
@@ -100,9 +116,107 @@ def start_local(
         replica_env=replica_env,
         references_checked=references_checked,
         key_checked=key_checked,
+        start_attempts=start_attempts,
     )
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    try:
+        serve.run(app, name=APP_NAME, route_prefix="/")
+    except RuntimeError as err:  # "Deploying application radjepa failed: ..." (no cause named)
+        raise ServeStartFailed(_failed_start(err)) from None
     return f"http://{cfg.serve.host}:{port}"
+
+
+def _failed_start(err: RuntimeError) -> str:
+    """One line for a deployment that did not start: which deployment, and its replica's own
+    error (:mod:`serve.startup`), read from Serve's status of the application. The whole
+    status message (the replica's traceback) is logged at DEBUG; the Serve controller's log
+    (``logs/serve/controller_*.log`` in the Ray session folder) holds it too."""
+    from ray import serve
+
+    from serve.startup import startup_message
+
+    said = (str(err).strip().splitlines() or [""])[0].strip() or type(err).__name__
+    try:
+        app = serve.status().applications.get(APP_NAME)
+    except Exception as status_err:  # noqa: BLE001 - Ray's own words are the fallback
+        log.debug("Serve's status could not be read: %r", status_err)
+        return said
+    if app is None:
+        return said
+    failed = []
+    for name, deployment in app.deployments.items():
+        if str(deployment.status).rsplit(".", 1)[-1] not in ("DEPLOY_FAILED", "UNHEALTHY"):
+            continue
+        log.debug("deployment %s: %s", name, deployment.message)
+        own = startup_message(deployment.message)
+        if own is None:  # not our replicas' error (killed, out of memory, Serve's own)
+            lines = [x.strip() for x in (deployment.message or "").splitlines() if x.strip()]
+            own = lines[-1][:500] if lines else "no reason given"
+        failed.append(f"the {name} deployment failed to start: {own}")
+    return "; ".join(failed) or said
+
+
+# "(ServeController pid=123) ERROR 2026-12-05 14:25:53,908 controller 123 -- ...": one log
+# record of the controller forwarded to this process's stderr, each line so prefixed
+_FORWARDED = re.compile(r"^\(ServeController pid=\d+(?:, ip=[^)]*)?\) ?(.*)$")
+_RECORD = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) \d{4}-\d\d-\d\d ")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _WithoutStartTracebacks:
+    """A text stream passing everything on but the Serve controller's records of a replica
+    that failed to start ("Exception in Replica(...)" and the traceback under it, forwarded
+    line by line to the driver's stderr): the driver says each failure in one line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.active = True
+        self._partial = ""
+        self._hiding = False
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if self._keep(line):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def _keep(self, line: str) -> bool:
+        forwarded = _FORWARDED.match(_ANSI.sub("", line))
+        if not self.active or forwarded is None:
+            return True
+        body = forwarded.group(1)
+        if _RECORD.match(body):  # a new record: the end of the one hidden
+            self._hiding = "Exception in Replica(" in body
+        return not self._hiding
+
+    def flush(self) -> None:
+        if self._partial:
+            self.stream.write(self._partial)
+            self._partial = ""
+        self.stream.flush()
+
+    def __getattr__(self, name: str):  # encoding, isatty, fileno, ...
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def start_failures_said_once() -> Iterator[_WithoutStartTracebacks]:
+    """While inside, the Serve controller's traceback of each replica that fails to start is
+    kept off this process's stderr (Ray forwards it there: ~50 lines a replica, ~230 in all);
+    ServeStartFailed says the failure in one line instead. The traceback stays in the
+    controller's log. Set ``.active = False`` once the application runs: a replica failing
+    later (a new one the autoscaler adds) is then said by the controller as before. Lines
+    forwarded after the failure, while Ray stops, are still filtered, hence a context
+    spanning the stop rather than ``serve.run`` alone."""
+    stream = _WithoutStartTracebacks(sys.stderr)
+    sys.stderr = stream  # type: ignore[assignment]
+    try:
+        yield stream
+    finally:
+        if sys.stderr is stream:
+            sys.stderr = stream.stream
+        stream.flush()
 
 
 # `radjepa serve` stops within STOP_BUDGET_S of Ctrl-C or SIGTERM, under a Kubernetes pod's
