@@ -1039,17 +1039,22 @@ def demo(
     from rich.console import Console
 
     from pipelines.demo import DemoError, run_demo
+    from serve.local import ServeStartFailed, start_failures_said_once
 
     console = Console()
     try:
-        summary = run_demo(
-            out,
-            steps=steps,
-            serve_api=not no_serve,
-            on_stage=lambda name: console.rule(f"[bold]{name}"),
-        )
+        # a serve stage whose replicas fail to start is one line, as for `radjepa serve`
+        with start_failures_said_once():
+            summary = run_demo(
+                out,
+                steps=steps,
+                serve_api=not no_serve,
+                on_stage=lambda name: console.rule(f"[bold]{name}"),
+            )
     except DemoError as err:
         raise UserError(str(err)) from None
+    except ServeStartFailed as err:
+        raise RunFailed(f"the demo's serve stage: {err}") from None
     console.rule("[bold green]demo summary")
     console.print_json(json.dumps(summary, default=str))
     console.print(f"everything is in {summary['output']}")

@@ -258,8 +258,8 @@ def _run_stages(
             # the demo's own (public) key; a key of the user's never travels in a runtime env
             demo_key = os.environ.get("RADJEPA_DEID_SECRET") == DEMO_SECRET
             replica_env = {"RADJEPA_DEID_SECRET": DEMO_SECRET} if demo_key else None
-            url = start_local(serve_cfg, replica_env=replica_env)
-            try:
+            try:  # a start that failed (serve.local.ServeStartFailed) leaves Serve to stop too
+                url = start_local(serve_cfg, replica_env=replica_env)
                 summary["api"] = {"url": url, "calls": _call_api(url, api_key, SAMPLE)}
             finally:
                 stop_local()

@@ -174,6 +174,8 @@ class _WithoutStartTracebacks:
         self._hiding = False
 
     def write(self, text: str) -> int:
+        if not self.active and not self._partial:  # the application runs: as it comes
+            return self.stream.write(text)
         lines = (self._partial + text).split("\n")
         self._partial = lines.pop()
         for line in lines:
