@@ -29,7 +29,6 @@ __all__ = [
     "TrainingDataError",
     "check_global_batch",
     "decode_training_batch",
-    "images_dir",
     "inspect_shards",
     "is_holdout",
     "shard_dataset",
@@ -75,12 +74,6 @@ def training_files(data: str) -> tuple[Any, list[str]]:
         raise TrainingDataError(f"cannot read shards at {data}: {exc}") from None
 
 
-def images_dir(data: str) -> str:
-    """The shard folder of an ingest output (local path or URI), checked to hold shards."""
-    training_files(data)
-    return shard_folder(data)
-
-
 def shard_dataset(data: str) -> Any:
     """A ``pyarrow.dataset`` over exactly :func:`training_files`."""
     import pyarrow.dataset as pads
@@ -101,8 +94,8 @@ def is_holdout(image_id: str, fraction: float) -> bool:
 def inspect_shards(data: str, cfg: Config) -> ShardSummary:
     """Read shard metadata (not pixels) to fail in seconds, before a cluster is asked for
     workers, when the config cannot train on this data."""
-    images = images_dir(data)
     ds = shard_dataset(data)
+    images = shard_folder(data)
     columns = ["image_id", "height", "width", "dtype"]
     try:
         require_columns(ds.schema.names, data, columns)
