@@ -110,3 +110,21 @@ def signal_once_run_is_made(
         if proc.poll() is None:
             proc.kill()
     return made[0][0], err
+
+
+def foreground_process(
+    args: list[str], *, env: dict[str, str], cwd: Path, stderr: int = subprocess.PIPE
+) -> subprocess.Popen:
+    """``args`` started as a user's foreground command (text pipes): with SIGINT at its default.
+    A shell's background job, CI's pytest among them, ignores SIGINT, a child inherits that, and
+    Python then installs no Ctrl-C handler: the command would never see the Ctrl-C a test
+    sends."""
+    return subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from dicom_factory import MARKER_STRINGS, deflated, gradient, issuer_tags, make_dicom
-from interrupts import signal_after_line
+from interrupts import foreground_process, signal_after_line
 from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -976,16 +976,11 @@ def test_an_interrupted_run_says_what_it_kept_in_one_line(tmp_path) -> None:
     src.mkdir()
     for seed in range(60):
         (src / f"{seed}.dcm").write_bytes(make_dicom(gradient(256, 256, seed=seed), markers=False))
-    proc = subprocess.Popen(
+    proc = foreground_process(
         [sys.executable, "-m", "pipelines.ingest", str(src), str(tmp_path / "dst")]
         + ["-c", str(REPO / "configs" / "tiny_cpu.yaml")],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
         env={**os.environ, "RADJEPA_DEID_SECRET": "k" * 32, "RAY_ADDRESS": ""},
-        # a shell's background job ignores SIGINT, and Python would then never raise it
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        cwd=REPO,
     )
     # interrupted inside run_ingest, once it has said what it reads
     out, text = signal_after_line(proc, "ingest 60 inputs", signal.SIGINT, 120)

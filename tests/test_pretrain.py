@@ -1097,22 +1097,15 @@ def _pretrain_cli(entry: list[str], shards: Path, sets: dict[str, str], ray_addr
     own local Ray, or the cluster at ``ray_address``), as a user or a pod runs it, with SIGINT
     as a user's foreground process has it (a background pytest, CI's, ignores it and its
     children inherit that). Its log lines are not wrapped (a wide console)."""
-    import signal
-    import subprocess
     import sys
+
+    from interrupts import foreground_process
 
     repo = CONFIGS.parent
     args = [sys.executable, "-m", *entry, str(CONFIGS / "tiny_cpu.yaml")]
     args += ["--data", str(shards)] + [f"--set={k}={v}" for k, v in sets.items()]
-    return subprocess.Popen(
-        args,
-        cwd=repo,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RAY_ADDRESS": ray_address, "PYTHONPATH": str(repo), "COLUMNS": "400"},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    env = {**os.environ, "RAY_ADDRESS": ray_address, "PYTHONPATH": str(repo), "COLUMNS": "400"}
+    return foreground_process(args, env=env, cwd=repo)
 
 
 def test_rerunning_a_finished_run_records_it_without_ray(shards, first_runs, tmp_path):

@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+from processes import processes_naming
 from shard_tables import write_blank_shards
 
 from pipelines.cluster_address import ClusterConnectionError, check_cluster_address
@@ -593,22 +594,6 @@ def test_a_sigterm_ray_init_met_is_the_routed_ctrl_c_and_once_the_first(once: bo
     assert after == before
 
 
-def _processes_naming(text: str) -> list[str]:
-    """Running processes whose command line holds ``text``, as 'pid command'."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if text in cmdline and state != "Z":
-            found.append(f"{proc.name} {cmdline[:120]}")
-    return found
-
-
 @pytest.mark.parametrize(
     "command",
     ["ingest", "pretrain", "sweep", "embed", "serve", "demo", "job ingest", "job pretrain"],
@@ -645,7 +630,7 @@ def test_a_local_ray_that_does_not_start_in_time_is_one_line_and_exit_1(
             timeout=COMMAND_TIMEOUT_S,
         )
         deadline = time.monotonic() + 15  # ray.init's reaper stops what it had started
-        while (left := _processes_naming(str(ray_tmp))) and time.monotonic() < deadline:
+        while (left := processes_naming(str(ray_tmp))) and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

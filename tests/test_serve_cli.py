@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from interrupts import foreground_process
+from processes import processes_naming
 from serve_helpers import REPO, TINY_CONFIG, dicom_from_png, free_port, make_checkpoint, nih_pngs
 
 from serve.local import STOP_BUDGET_S
@@ -26,17 +28,7 @@ KEYS = "k1-" + "a" * 40 + ",k2-" + "b" * 40  # a comma-separated list, as docume
 def _radjepa(*args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("radjepa")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipelines.cli"]
-    return subprocess.Popen(
-        [*cmd, *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        # a child inherits an ignored SIGINT, and Python then installs no Ctrl-C handler: one CI
-        # run's pytest had SIGINT ignored by then, and the served process never stopped
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    return foreground_process([*cmd, *args], env=env, cwd=cwd, stderr=subprocess.STDOUT)
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -591,22 +583,6 @@ def test_serve_checks_head_and_index_against_a_fetched_model_before_starting_ray
     assert not started_ray, "Ray was started before the refusal"
 
 
-def _processes_under(folder: Path) -> list[str]:
-    """Running processes whose command line names ``folder`` (a local Ray's, by its
-    RAY_TMPDIR: its gcs_server, raylet and agents), as 'pid name'."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(folder) in cmdline:
-            found += _running([int(entry.name)])
-    return found
-
-
 def test_serve_says_in_one_line_which_deployment_failed_to_start_and_why(tmp_path):
     # an index part whose pages are damaged with its footer intact passes the footer check
     # before Ray; the API replicas fail to read it. Serve retried each replica 3 times, then
@@ -639,7 +615,7 @@ def test_serve_says_in_one_line_which_deployment_failed_to_start_and_why(tmp_pat
         except subprocess.TimeoutExpired:
             proc.kill()
             out, _ = proc.communicate()
-        left = _processes_under(ray_tmp)
+        left = processes_naming(str(ray_tmp))
         _kill(left)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

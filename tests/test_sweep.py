@@ -477,24 +477,14 @@ def _sweep_cli(out: Path, name: str, sets: dict[str, str], *extra: str):
     """`radjepa sweep` in a process of its own (its own local Ray), as a user or a pod runs it;
     Ray's log deduplication is off so that a worker's step line can be waited for."""
     import os
-    import signal
-    import subprocess
     import sys
+
+    from interrupts import foreground_process
 
     repo = CONFIGS.parent
     args = [sys.executable, "-m", "pipelines.cli", *_sweep_args(out, name, sets, *extra)]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo), "RAY_DEDUP_LOGS": "0"}
-    # SIGINT as a user's foreground process has it: a background pytest (CI's) ignores it, and
-    # the child would inherit that until Tune's handler replaced it
-    return subprocess.Popen(
-        args,
-        cwd=repo,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    return foreground_process(args, env=env, cwd=repo)
 
 
 @pytest.mark.timeout(600)
