@@ -112,7 +112,8 @@ class MetricSink:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            while (self._pending or self._in_flight) and not self._stopped:
+            # the run's resume record (``_begin``) too, when nothing was logged
+            while (self._pending or self._in_flight or self._logged is None) and not self._stopped:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -141,9 +142,12 @@ class MetricSink:
         self._metric = Metric
         while True:
             with self._cond:
-                while not self._pending and not self._closing:
+                # the first pass runs at once, with whatever is queued (often nothing): it
+                # records a resume before any value (a resumed run that diverged before its
+                # first log step ended with its resume recorded nowhere)
+                while not self._pending and not self._closing and self._logged is not None:
                     self._cond.wait()
-                if not self._pending:  # closing, everything written
+                if not self._pending and self._logged is not None:  # closing, all written
                     self._stopped = True
                     self._cond.notify_all()
                     return
@@ -170,7 +174,8 @@ class MetricSink:
                 self._client = client(self.uri)
             if self._logged is None:
                 self._logged = self._begin()
-            self._client.log_batch(self.run_id, metrics=[self._placed(m) for m in batch])
+            if batch:
+                self._client.log_batch(self.run_id, metrics=[self._placed(m) for m in batch])
         except Exception as err:  # noqa: BLE001 - tracking must never kill a training run
             if not self._failing:
                 first = (str(err).strip().splitlines() or [""])[0][:300]
@@ -199,7 +204,8 @@ class MetricSink:
 
     def _begin(self) -> dict[str, int]:
         """The newest step the run holds per key; tags the run when this attempt is a resume.
-        Runs once, in the writer thread, before the first write (so never in a step)."""
+        Runs once, in the writer thread, as it starts (so never in a step), and again until
+        it succeeds, before any value is written."""
         from mlflow.entities import RunTag
 
         run = self._client.get_run(self.run_id)

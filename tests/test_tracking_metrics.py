@@ -127,6 +127,22 @@ def test_a_resumed_run_keeps_one_value_per_step_and_logs_the_redone_steps_as_rep
     assert history("loss")[-1] == (7, 70.0) and len(history("replay/loss")) == 2
 
 
+def test_a_resume_that_logs_nothing_is_recorded_all_the_same(store_run):
+    # a re-run that resumed at step 4 and diverged at step 6, before its first log step
+    # (train.log_every 100), closed its sink with nothing queued: the run recorded no resume
+    # (the tags were written with the first value), and its record of what happened was wrong
+    uri, client, run_id = store_run
+    first = MetricSink(uri, run_id)
+    first.log({"loss": 1.0}, 4)
+    assert first.close(timeout_s=30) == 0
+
+    again = MetricSink(uri, run_id, start_step=4)
+    assert again.close(timeout_s=30) == 0
+    tags = client.get_run(run_id).data.tags
+    assert tags["radjepa.resumes"] == "1" and tags["radjepa.resumed_from_step"] == "4"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [4]
+
+
 def _fresh_python(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """``script`` run by a Python process of its own (nothing of MLflow imported yet, as in
     a Ray Train worker before its first step), with this repository importable."""
