@@ -357,22 +357,26 @@ def serve_cmd(
             allow_development_key=cfg.ingest.allow_development_key,
         )
         check_port_free(cfg.serve.host, cfg.serve.port)
-        # a local Ray's replicas share this machine's cache: a model this check fetches is
-        # not fetched again by them, so the head and index are checked against it here too
-        check_references(
-            cfg.serve.model,
-            cfg.serve.head,
-            cfg.serve.index,
-            store_uri(cfg),
-            fetch_model=local_ray,
-        )
-        if local_ray:  # the replicas of a Ray this process starts have its environment, its key
+
+        def key_check() -> None:  # the replicas of a Ray this process starts have its key
             check_pseudonym_key(
                 cfg.serve.index,
                 settings.secret_env,
                 {},
                 allow_development_key=settings.allow_development_key,
             )
+
+        # a local Ray's replicas share this machine's cache: a model this check fetches is
+        # not fetched again by them, so the head and index are checked against it here too;
+        # the key is checked before that fetch (minutes for a large encoder)
+        check_references(
+            cfg.serve.model,
+            cfg.serve.head,
+            cfg.serve.index,
+            store_uri(cfg),
+            fetch_model=local_ray,
+            before_fetch=key_check if local_ray else None,
+        )
     except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     # said above, on this terminal, where the local API replicas' log lines also arrive: they

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +263,7 @@ def check_references(
     tracking_uri: str | None,
     *,
     fetch_model: bool = False,
+    before_fetch: Callable[[], None] | None = None,
 ) -> None:
     """Fail here, in one readable line, for a model, head or index that does not exist, or a
     local head or index made with another encoder: inside a replica the same error becomes
@@ -277,7 +279,9 @@ def check_references(
     and index only by the replicas (~2 minutes and ~220 lines, exit 1). A head is read in full,
     with the resolver the API replicas use (:func:`serve.registry.resolve_head`). The replicas
     still resolve every reference themselves: on a cluster they may see another store than
-    this process."""
+    this process. ``before_fetch`` runs once the references are known to exist, before the
+    model's weights are read or fetched: ``radjepa serve`` checks its pseudonymisation key
+    there, which was said only after a fetch that can take minutes."""
     from serve.index import EmbeddingIndex
     from serve.registry import ModelNotFound, registered_version, resolve_head
 
@@ -301,6 +305,8 @@ def check_references(
     # read in full with the replicas' own resolver (a head is a few kilobytes): a registered
     # version that is no head, or whose files are gone, was found only by every API replica
     served_head = resolve_head(head, tracking_uri=tracking_uri) if head else None
+    if before_fetch is not None:
+        before_fetch()
     folder = _model_on_this_disk(model, model_version, tracking_uri, fetch=fetch_model)
     if folder is None:
         return  # fetched by the replicas; they check head and index against it themselves

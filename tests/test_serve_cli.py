@@ -583,6 +583,25 @@ def test_serve_checks_head_and_index_against_a_fetched_model_before_starting_ray
     assert not started_ray, "Ray was started before the refusal"
 
 
+def test_serve_says_a_missing_pseudonym_key_before_it_fetches_the_model(tmp_path):
+    # on the local Ray it starts, serve fetches a remote model before Ray, to check the head and
+    # index against it (minutes for a large encoder); a missing key was said only after that
+    # fetch, which had put the weights into the cache for nothing
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    env = _env(RADJEPA_API_KEYS=KEYS, RADJEPA_CACHE=str(tmp_path / "cache"))
+    env.pop("RADJEPA_DEID_SECRET", None)
+    proc = _radjepa(
+        *("serve", "-c", str(TINY_CONFIG), "--set", "ingest.allow_development_key=false"),
+        *("--model", ckpt.as_uri(), "--port", "0"),
+        env=env,
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    (line,) = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert line.startswith("error: RADJEPA_DEID_SECRET is not set"), out
+    assert not list((tmp_path / "cache").rglob("meta.json")), "the model was fetched first"
+
+
 def test_serve_says_in_one_line_which_deployment_failed_to_start_and_why(tmp_path):
     # an index part whose pages are damaged with its footer intact passes the footer check
     # before Ray; the API replicas fail to read it. Serve retried each replica 3 times, then
