@@ -292,13 +292,15 @@ MAX_CPU_ACTORS = 4
 
 def default_actors(free_cpus: int, use_gpu: bool, shards: list[str], batch_size: int) -> int:
     """How many encoder actors an embed run starts: one with a GPU; else half the free CPUs,
-    at most :data:`MAX_CPU_ACTORS`, and no more than the run has batches. Each actor loads
-    torch, timm and the encoder (seconds of CPU) before its first batch, and Ray Data hands an
-    actor at least a whole batch: the demo's 64 images (two batches of 32) started four
-    actors, two of which never embedded an image."""
+    at most :data:`MAX_CPU_ACTORS`, no more than the run has batches and no more than it has
+    shards. Each actor loads torch, timm and the encoder (seconds of CPU) before its first
+    batch, and Ray Data hands an actor whole blocks: a shard as ingest writes it (one row
+    group, up to ``ingest.shard_rows`` images) is read as one block, so the demo's one shard
+    of 64 images kept one of its two actors busy and Ray warned that the other could get no
+    input, and a single shard of 1000 rows went to one of four actors."""
     if use_gpu:
         return 1
-    wanted = max(1, min(MAX_CPU_ACTORS, free_cpus // 2))
+    wanted = max(1, min(MAX_CPU_ACTORS, free_cpus // 2, len(shards)))
     rows = _rows_up_to(shards, wanted * batch_size)
     return max(1, min(wanted, -(-rows // batch_size)))
 

@@ -451,7 +451,7 @@ def test_an_embeddings_index_given_as_shards_is_refused_before_ray(tmp_path):
     assert not out.exists()
 
 
-def test_an_embed_run_starts_no_more_encoder_actors_than_it_has_batches(tmp_path):
+def test_an_embed_run_starts_no_more_encoder_actors_than_it_has_batches_or_shards(tmp_path):
     # each actor loads torch, timm and the encoder before its first batch, and Ray Data hands
     # an actor a whole batch at least: the demo's 64 images (two batches of 32) started four
     # actors on a 2-core machine (8 logical CPUs), two of which never embedded an image
@@ -465,16 +465,20 @@ def test_an_embed_run_starts_no_more_encoder_actors_than_it_has_batches(tmp_path
             paths.append(str(path))
         return paths
 
-    assert default_actors(8, False, shards(64), 32) == 2
-    assert default_actors(8, False, shards(40, 40), 32) == 3
-    assert default_actors(8, False, shards(33), 32) == 2
-    assert default_actors(8, False, shards(5), 32) == 1
+    assert default_actors(8, False, shards(40, 40), 32) == 2  # 3 batches, 2 shards
+    assert default_actors(8, False, shards(33, 33, 33), 32) == 3
+    assert default_actors(8, False, shards(5, 5), 32) == 1
     assert default_actors(8, False, shards(0), 32) == 1
-    assert default_actors(8, False, shards(1000), 32) == 4  # half the free CPUs, 4 at most
-    assert default_actors(64, False, shards(1000), 32) == 4
-    assert default_actors(2, False, shards(1000), 32) == 1
-    assert default_actors(8, True, shards(64), 32) == 1  # one GPU actor, as before
+    # Ray Data reads a shard as one block and gives it to one actor: the demo's one shard of
+    # 64 images started two actors, and Ray warned that the second could get no input
+    assert default_actors(8, False, shards(64), 32) == 1
+    assert default_actors(8, False, shards(1000), 32) == 1
+    many = shards(*[100] * 6)
+    assert default_actors(8, False, many, 32) == 4  # half the free CPUs, 4 at most
+    assert default_actors(64, False, many, 32) == 4
+    assert default_actors(2, False, many, 32) == 1
+    assert default_actors(8, True, shards(64, 64), 32) == 1  # one GPU actor, as before
     # footers are read only until enough rows for every actor are counted
     broken = tmp_path / "not-parquet.parquet"
     broken.write_bytes(b"not a parquet file")
-    assert default_actors(8, False, [*shards(200), str(broken)], 32) == 4
+    assert default_actors(8, False, [*shards(200, 200, 200, 200), str(broken)], 32) == 4
