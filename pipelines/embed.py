@@ -243,9 +243,11 @@ def run_embed(
             raise
         reason = remote_error_message(err) or "see the worker log above"
         raise EmbedError(f"the encoder actors could not start: {reason}") from None
-    out_fs.delete_file(marker)  # every part is written: the index may be served
     files = _parquet_files(out_fs, out_path)
-    rows = sum(pq.read_metadata(f, filesystem=out_fs).num_rows for f in files)
+    counts = {f: pq.read_metadata(f, filesystem=out_fs).num_rows for f in files}
+    rows = sum(counts.values())
+    _record_parts(out_fs, out_path, counts)
+    out_fs.delete_file(marker)  # every part is written and recorded: the index may be served
     dim, label = 0, model_label or ""
     if files:
         field = pq.read_schema(files[0], filesystem=out_fs).field("embedding").type
@@ -270,6 +272,20 @@ def run_embed(
         patient_identity=pseudonyms.get("patient_identity"),
         image_id_scheme=str(pseudonyms["id_scheme"]),
     )
+
+
+def _record_parts(fs: Any, folder: str, counts: dict[str, int]) -> None:
+    """Write :data:`serve.index.PARTS_RECORD`: each part's name in ``folder`` and its rows, so
+    that a server refuses a copy of the index that lost or gained a part."""
+    import json
+
+    from serve.index import PARTS_RECORD
+
+    root = folder.rstrip("/") + "/"
+    parts = {path.removeprefix(root): n for path, n in counts.items()}
+    record = {"parts": parts, "rows": sum(parts.values()), "written_by": "radjepa embed"}
+    with fs.open_output_stream(root + PARTS_RECORD) as f:
+        f.write(json.dumps(record, indent=1, sort_keys=True).encode())
 
 
 def _mark_incomplete(fs: Any, marker: str) -> None:

@@ -24,6 +24,7 @@ the result can match an archive row (:meth:`EmbeddingIndex.upload_pseudonyms`).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ __all__ = [
     "ENCODER_COLUMN",
     "IMAGE_ID_SCHEME_COLUMN",
     "INCOMPLETE_MARKER",
+    "PARTS_RECORD",
     "PATIENT_IDENTITY_COLUMN",
     "PID_COLUMNS",
     "PSEUDONYM_KEY_COLUMN",
@@ -93,6 +95,12 @@ IMAGE_ID_SCHEME_COLUMN = "image_id_scheme"
 # last one is written: Ray Data writes each part straight into the folder, so an interrupted run
 # leaves a folder of valid Parquet that holds only some of the archive
 INCOMPLETE_MARKER = "_EMBED_INCOMPLETE"
+# written by `radjepa embed` once every part is in the folder: each part's name (relative to the
+# folder) and rows. A copy of the folder that lost a part (a sync cut short, a part deleted by
+# hand) or gained one (a file of another index dropped in) loaded as another archive, and
+# searches missed or invented rows without a word; such a folder is refused. Folders embedded
+# before the record existed hold none and are read as before.
+PARTS_RECORD = "_index.json"
 _BATCH_ROWS = 16384  # rows decoded at once while loading (~50 MB of 768-d embeddings)
 # columns holding one value for the whole index (each part records it on every row)
 _RECORD_COLUMNS = (
@@ -206,7 +214,11 @@ class EmbeddingIndex:
         import pyarrow.parquet as pq
 
         p, files = _index_files(path)
-        parts = _Parts(p, sum(_part_rows(f) for f in files))
+        recorded = recorded_parts(p)
+        counts = [_part_rows(f) for f in files]
+        for f, n in zip(files, counts, strict=True):
+            _check_part_rows(p, f, n, recorded)
+        parts = _Parts(p, sum(counts))
         for f in files:
             try:
                 # pre_buffer off: it fetched a whole part's column chunks before the first batch
@@ -253,6 +265,7 @@ class EmbeddingIndex:
         import pyarrow.parquet as pq
 
         p, files = _index_files(path)
+        recorded = recorded_parts(p)
         rows, dims = 0, set()
         for f in files:
             try:
@@ -272,6 +285,7 @@ class EmbeddingIndex:
                 raise IndexLoadError(f"{f}: column embedding holds {kind}, not lists of floats")
             if fixed and meta.num_rows:
                 dims.add(kind.list_size)
+            _check_part_rows(p, f, meta.num_rows, recorded)
             rows += meta.num_rows
         if len(dims) > 1:
             sizes = ", ".join(map(str, sorted(dims)))
@@ -700,9 +714,54 @@ def _index_files(path: str | Path) -> tuple[Path, list[Path]]:
             "(still running, interrupted or failed); remove the folder and run it again"
         )
     files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
+    recorded = recorded_parts(p)
+    if recorded is not None:
+        names = {f.relative_to(p).as_posix() for f in files}
+        missing, extra = sorted(set(recorded) - names), sorted(names - set(recorded))
+        if missing:
+            raise IndexLoadError(
+                f"index {p} lacks {len(missing)} of the {len(recorded)} parts its `radjepa "
+                f"embed` run wrote ({_some(missing)}): copy the whole folder again, or embed "
+                "again"
+            )
+        if extra:
+            raise IndexLoadError(
+                f"index {p} holds {len(extra)} Parquet file(s) its `radjepa embed` run did not "
+                f"write ({_some(extra)}): remove them, or embed again into a new folder"
+            )
     if not files:
         raise IndexLoadError(f"no .parquet files under {p}")
     return p, files
+
+
+def recorded_parts(path: str | Path) -> dict[str, int] | None:
+    """The parts (name relative to the folder: rows) ``radjepa embed`` recorded in the index
+    folder ``path`` (:data:`PARTS_RECORD`); None for a single file or a folder without a record."""
+    record = Path(path) / PARTS_RECORD
+    if not record.is_file():
+        return None
+    try:
+        parts = json.loads(record.read_text())["parts"]
+        return {str(name): int(rows) for name, rows in parts.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise IndexLoadError(f"{record}: not a record of the index's parts ({err})") from None
+
+
+def _check_part_rows(p: Path, f: Path, rows: int, recorded: dict[str, int] | None) -> None:
+    """Refuse a part whose footer holds other rows than its embed run wrote (a part of the same
+    name from another run or index)."""
+    if recorded is None:
+        return
+    wrote = recorded[f.relative_to(p).as_posix()]
+    if rows != wrote:
+        raise IndexLoadError(
+            f"{f}: holds {rows} rows, but its `radjepa embed` run wrote {wrote}: a part of "
+            "another run? copy the whole folder again, or embed again"
+        )
+
+
+def _some(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]}, ..."
 
 
 def _one_encoder(p: Path, seen: list[str | None]) -> str | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -332,7 +334,53 @@ def test_an_interrupted_run_leaves_an_index_the_server_refuses(embedded, tmp_pat
     monkeypatch.undo()
     with pytest.raises(EmbedError, match="holds the parts of an embed run that did not finish"):
         run_embed(embedded["cfg"], embedded["root"] / "ingest", out, model=embedded["ckpt"])
-    assert not list(embedded["out"].glob("_*"))  # a finished run leaves no marker
+    from serve.index import INCOMPLETE_MARKER
+
+    assert not (embedded["out"] / INCOMPLETE_MARKER).exists()  # a finished run leaves none
+
+
+def test_a_copy_of_the_index_that_lost_or_gained_a_part_is_refused(embedded, tmp_path):
+    """A copy of the index folder cut short by a sync, a part deleted by hand, or a Parquet
+    file of another index dropped in, loaded as another archive: /v1/similar missed (or
+    invented) rows without a word. The embed run records each part's name and rows; the
+    footer check before Ray and the replicas' load both hold a copy to that record."""
+    import json
+    import shutil
+
+    from serve.index import PARTS_RECORD, EmbeddingIndex, IndexLoadError
+
+    record = json.loads((embedded["out"] / PARTS_RECORD).read_text())
+    parts = sorted(embedded["out"].rglob("*.parquet"))
+    assert record["rows"] == N_IMAGES == sum(record["parts"].values())
+    assert sorted(record["parts"]) == [f.relative_to(embedded["out"]).as_posix() for f in parts]
+    loads = (EmbeddingIndex.check_parts, EmbeddingIndex.from_parquet)
+
+    def copy(name: str) -> Path:
+        return Path(shutil.copytree(embedded["out"], tmp_path / name))
+
+    lost = copy("lost")
+    (lost / sorted(record["parts"])[-1]).unlink()
+    gained = copy("gained")
+    shutil.copy(parts[0], gained / "from-another-index.parquet")
+    replaced = copy("replaced")
+    first = replaced / sorted(record["parts"])[0]
+    table = pq.read_table(first)
+    pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), first)  # one more row
+    said = {
+        lost: f"lacks 1 of the {len(parts)} parts its `radjepa embed` run wrote",
+        gained: "holds 1 Parquet file(s) its `radjepa embed` run did not write "
+        "(from-another-index.parquet)",
+        replaced: f"holds {table.num_rows + 1} rows, but its `radjepa embed` run wrote "
+        f"{table.num_rows}",
+    }
+    for folder, message in said.items():
+        for load in loads:
+            with pytest.raises(IndexLoadError, match=re.escape(message)):
+                load(folder)
+    # an index embedded before the record existed is read as before
+    unrecorded = copy("unrecorded")
+    (unrecorded / PARTS_RECORD).unlink()
+    assert len(EmbeddingIndex.from_parquet(unrecorded)) == N_IMAGES
 
 
 def test_actors_that_cannot_load_the_model_are_named_in_one_line(embedded, tmp_path, monkeypatch):
