@@ -839,9 +839,13 @@ def finish_tracking(
         name = cfg.tracking.registered_model
         version = _registered_version(client, name, run_id, step)
         if version is None:
-            version = register_artifact_dir(
-                uri, run_id, artifact, name, tags={"run_name": cfg.train.run_name, "step": step}
-            )
+            from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
+
+            # the registered files are the ones fingerprinted: a server whose cluster fetches
+            # the weights checks a head and an index against this tag without them
+            tags = {"run_name": cfg.train.run_name, "step": step}
+            tags[ENCODER_TAG] = checkpoint_fingerprint(ckpt)
+            version = register_artifact_dir(uri, run_id, artifact, name, tags=tags)
         else:
             log.info("%s version %s already holds step %s of this run", name, version, step)
     from pipelines.tracking_runs import end_run

@@ -277,7 +277,9 @@ def check_references(
     local Ray it starts) fetched into ``RADJEPA_CACHE`` first, where that Ray's replicas then
     find them: a version on a tracking server or a checkpoint URI was checked against the head
     and index only by the replicas (~2 minutes and ~220 lines, exit 1). A head is read in full,
-    with the resolver the API replicas use (:func:`serve.registry.resolve_head`). The replicas
+    with the resolver the API replicas use (:func:`serve.registry.resolve_head`). Weights
+    left to the replicas (a cluster's) are not read: a registered version's
+    ``radjepa.encoder_sha256`` tag stands for them when it has one. The replicas
     still resolve every reference themselves: on a cluster they may see another store than
     this process. ``before_fetch`` runs once the references are known to exist, before the
     model's weights are read or fetched: ``radjepa serve`` checks its pseudonymisation key
@@ -307,19 +309,27 @@ def check_references(
     served_head = resolve_head(head, tracking_uri=tracking_uri) if head else None
     if before_fetch is not None:
         before_fetch()
-    folder = _model_on_this_disk(model, model_version, tracking_uri, fetch=fetch_model)
-    if folder is None:
-        return  # fetched by the replicas; they check head and index against it themselves
     from radjepa.checkpoint import read_meta
-    from radjepa.eval.heads import check_encoder, checkpoint_fingerprint
+    from radjepa.eval.heads import ENCODER_TAG, check_encoder, checkpoint_fingerprint
 
-    read_meta(folder)
-    if served_head or index:
+    folder = _model_on_this_disk(model, model_version, tracking_uri, fetch=fetch_model)
+    if folder is not None:
+        read_meta(folder)
+    if not (served_head or index):
+        return
+    if folder is not None:
         fingerprint = checkpoint_fingerprint(folder)
-        if served_head:
-            check_encoder(served_head.head, fingerprint)
-        if index:
-            EmbeddingIndex.check_file(index, fingerprint)
+    else:
+        # the replicas fetch the weights and check head and index against them; a version
+        # `radjepa pretrain` registered records their fingerprint, so a mismatch is said here
+        # in one line, not by every replica (~230 lines, exit 1)
+        fingerprint = (model_version.tags or {}).get(ENCODER_TAG) if model_version else None
+        if fingerprint is None:
+            return
+    if served_head:
+        check_encoder(served_head.head, fingerprint)
+    if index:
+        EmbeddingIndex.check_file(index, fingerprint)
 
 
 def _model_on_this_disk(

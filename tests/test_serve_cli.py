@@ -530,6 +530,53 @@ def test_serve_refuses_a_cut_short_index_part_before_ray_when_the_replicas_fetch
     assert "Traceback" not in out and "Ray cluster" not in out
 
 
+@pytest.mark.parametrize("what", ["head", "index"])
+def test_serve_checks_head_and_index_against_a_registered_fingerprint_when_a_cluster_fetches(
+    mlflow_server, tmp_path, what
+):
+    # on a cluster (RAY_ADDRESS) the replicas fetch a version on a tracking server themselves,
+    # so a head or index of another encoder was refused only by every replica (~230 lines, exit
+    # 1): a version `radjepa pretrain` registered now records its encoder's fingerprint, which
+    # the CLI checks both against before it joins Ray
+    import numpy as np
+    from serve_helpers import make_head, write_index
+
+    from pipelines.pretrain import finish_tracking
+    from pipelines.tracking import client, ensure_experiment
+    from radjepa.config import load_config
+    from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
+    from serve.registry import resolve_model
+
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    other = _other_encoder(tmp_path)
+    run_id = client(mlflow_server).create_run(ensure_experiment(mlflow_server, "radjepa"))
+    cfg = load_config(TINY_CONFIG, ["tracking.registered_model=srv-enc"])
+    version = finish_tracking(cfg, mlflow_server, run_id.info.run_id, str(ckpt), {})
+    ref = f"models:/srv-enc/{version}"
+    tag = client(mlflow_server).get_model_version("srv-enc", version).tags[ENCODER_TAG]
+    # what the replicas would fetch and fingerprint
+    assert tag == checkpoint_fingerprint(resolve_model(ref, tracking_uri=mlflow_server).path)
+    if what == "head":
+        refs = ["--head", str(make_head(tmp_path / "head", 192, encoder=other))]
+        says = "probe head was fitted on encoder "
+    else:
+        emb = np.random.default_rng(0).standard_normal((3, 192)).astype(np.float32)
+        write_index(tmp_path / "index" / "part-0.parquet", emb, ["a", "b", "c"], other)
+        refs = ["--index", str(tmp_path / "index")]
+        says = f"index {tmp_path / 'index'} was embedded by encoder "
+    env = _env(RADJEPA_API_KEYS=KEYS, RAY_ADDRESS=f"127.0.0.1:{free_port()}")
+    proc = _radjepa(
+        *("serve", "-c", str(TINY_CONFIG), "--set", f"tracking.uri={mlflow_server}"),
+        *("--model", ref, *refs),
+        env=env,
+    )
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    (line,) = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert line.startswith(f"error: {says}") and tag[:12] in line, out
+    assert "Traceback" not in out and "Ray cluster" not in out
+
+
 @pytest.mark.parametrize("model", ["registry", "uri"])
 def test_serve_checks_head_and_index_against_a_fetched_model_before_starting_ray(
     request, tmp_path, model

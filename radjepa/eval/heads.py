@@ -29,9 +29,13 @@ __all__ = [
     "load_head",
     "checkpoint_fingerprint",
     "check_encoder",
+    "ENCODER_TAG",
 ]
 
 FORMAT = "radjepa-probe-head"
+# the model-version tag holding a registered encoder's checkpoint_fingerprint: a server that
+# leaves the weights to its cluster's replicas checks a head and an index against it
+ENCODER_TAG = "radjepa.encoder_sha256"
 VERSION = 1
 _TENSORS = ("weight", "bias", "mean", "scale")
 
