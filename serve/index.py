@@ -213,11 +213,10 @@ class EmbeddingIndex:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        p, files = _index_files(path)
-        recorded = recorded_parts(p)
+        p, files, expected = _index_parts(path)
         counts = [_part_rows(f) for f in files]
         for f, n in zip(files, counts, strict=True):
-            _check_part_rows(p, f, n, recorded)
+            _check_part_rows(f, n, expected)
         parts = _Parts(p, sum(counts))
         for f in files:
             try:
@@ -264,8 +263,7 @@ class EmbeddingIndex:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        p, files = _index_files(path)
-        recorded = recorded_parts(p)
+        p, files, expected = _index_parts(path)
         rows, dims = 0, set()
         for f in files:
             try:
@@ -285,7 +283,7 @@ class EmbeddingIndex:
                 raise IndexLoadError(f"{f}: column embedding holds {kind}, not lists of floats")
             if fixed and meta.num_rows:
                 dims.add(kind.list_size)
-            _check_part_rows(p, f, meta.num_rows, recorded)
+            _check_part_rows(f, meta.num_rows, expected)
             rows += meta.num_rows
         if len(dims) > 1:
             sizes = ", ".join(map(str, sorted(dims)))
@@ -705,6 +703,13 @@ def _column(p: Path, name: str, chunks: list[pa.Array], *, searchable: bool) -> 
 def _index_files(path: str | Path) -> tuple[Path, list[Path]]:
     """The index's Parquet files; a folder an embed run has not finished writing is refused:
     its parts load as a smaller archive, and searches would miss the rest without a word."""
+    p, files, _ = _index_parts(path)
+    return p, files
+
+
+def _index_parts(path: str | Path) -> tuple[Path, list[Path], dict[Path, int] | None]:
+    """:func:`_index_files`, and the rows each file holds by the embed runs' records (read
+    once, with the check of the names: None when the folder holds no record)."""
     p = Path(path)
     if not p.exists():
         raise IndexLoadError(f"index not found: {p}")
@@ -714,24 +719,50 @@ def _index_files(path: str | Path) -> tuple[Path, list[Path]]:
             "(still running, interrupted or failed); remove the folder and run it again"
         )
     files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
-    recorded = recorded_parts(p)
-    if recorded is not None:
-        names = {f.relative_to(p).as_posix() for f in files}
-        missing, extra = sorted(set(recorded) - names), sorted(names - set(recorded))
+    expected = _recorded_rows(p, files) if p.is_dir() else None
+    if not files:
+        raise IndexLoadError(f"no .parquet files under {p}")
+    return p, files, expected
+
+
+def _recorded_rows(p: Path, files: list[Path]) -> dict[Path, int] | None:
+    """Each file's rows as recorded by the embed run whose folder holds it (the nearest folder
+    above it with a :data:`PARTS_RECORD`): several runs' folders under one parent are one index.
+    Refuses a recorded part that is missing and a file no record covers; None without records.
+    """
+    records = {r.parent: recorded_parts(r.parent) or {} for r in sorted(p.rglob(PARTS_RECORD))}
+    if not records:
+        return None
+    expected: dict[Path, int] = {}
+    owned: dict[Path, set[str]] = {folder: set() for folder in records}
+    stray = []
+    for f in files:
+        folder = next((d for d in f.parents if d in records), None)
+        if folder is None:
+            stray.append(f.relative_to(p).as_posix())
+            continue
+        name = f.relative_to(folder).as_posix()
+        if name not in records[folder]:
+            stray.append(f.relative_to(p).as_posix())
+            continue
+        owned[folder].add(name)
+        expected[f] = records[folder][name]
+    for folder, parts in records.items():
+        missing = sorted(set(parts) - owned[folder])
         if missing:
             raise IndexLoadError(
-                f"index {p} lacks {len(missing)} of the {len(recorded)} parts its `radjepa "
+                f"index {folder} lacks {len(missing)} of the {len(parts)} parts its `radjepa "
                 f"embed` run wrote ({_some(missing)}): copy the whole folder again, or embed "
                 "again"
             )
-        if extra:
-            raise IndexLoadError(
-                f"index {p} holds {len(extra)} Parquet file(s) its `radjepa embed` run did not "
-                f"write ({_some(extra)}): remove them, or embed again into a new folder"
-            )
-    if not files:
-        raise IndexLoadError(f"no .parquet files under {p}")
-    return p, files
+    if stray:
+        raise IndexLoadError(
+            f"index {p} holds {len(stray)} Parquet file(s) no `radjepa embed` run recorded "
+            f"there ({_some(stray)}): remove them, or embed again into a new folder; to serve "
+            "several embed runs as one index, put each run's whole folder (with its "
+            f"{PARTS_RECORD}) under one parent folder"
+        )
+    return expected
 
 
 def recorded_parts(path: str | Path) -> dict[str, int] | None:
@@ -747,16 +778,15 @@ def recorded_parts(path: str | Path) -> dict[str, int] | None:
         raise IndexLoadError(f"{record}: not a record of the index's parts ({err})") from None
 
 
-def _check_part_rows(p: Path, f: Path, rows: int, recorded: dict[str, int] | None) -> None:
+def _check_part_rows(f: Path, rows: int, expected: dict[Path, int] | None) -> None:
     """Refuse a part whose footer holds other rows than its embed run wrote (a part of the same
     name from another run or index)."""
-    if recorded is None:
+    if expected is None:
         return
-    wrote = recorded[f.relative_to(p).as_posix()]
-    if rows != wrote:
+    if rows != expected[f]:
         raise IndexLoadError(
-            f"{f}: holds {rows} rows, but its `radjepa embed` run wrote {wrote}: a part of "
-            "another run? copy the whole folder again, or embed again"
+            f"{f}: holds {rows} rows, but its `radjepa embed` run wrote {expected[f]}: a part "
+            "of another run? copy the whole folder again, or embed again"
         )
 
 

@@ -368,8 +368,9 @@ def test_a_copy_of_the_index_that_lost_or_gained_a_part_is_refused(embedded, tmp
     pq.write_table(pa.concat_tables([table, table.slice(0, 1)]), first)  # one more row
     said = {
         lost: f"lacks 1 of the {len(parts)} parts its `radjepa embed` run wrote",
-        gained: "holds 1 Parquet file(s) its `radjepa embed` run did not write "
-        "(from-another-index.parquet)",
+        gained: "holds 1 Parquet file(s) no `radjepa embed` run recorded there "
+        "(from-another-index.parquet): remove them, or embed again into a new folder; to serve "
+        "several embed runs as one index, put each run's whole folder",
         replaced: f"holds {table.num_rows + 1} rows, but its `radjepa embed` run wrote "
         f"{table.num_rows}",
     }
@@ -381,6 +382,13 @@ def test_a_copy_of_the_index_that_lost_or_gained_a_part_is_refused(embedded, tmp
     unrecorded = copy("unrecorded")
     (unrecorded / PARTS_RECORD).unlink()
     assert len(EmbeddingIndex.from_parquet(unrecorded)) == N_IMAGES
+    # several runs' folders under one parent are one index, each held to its own record
+    shutil.copytree(embedded["out"], tmp_path / "runs" / "a")
+    shutil.copytree(embedded["out"], tmp_path / "runs" / "b")
+    assert len(EmbeddingIndex.from_parquet(tmp_path / "runs")) == 2 * N_IMAGES
+    (tmp_path / "runs" / "b" / parts[0].name).unlink()
+    with pytest.raises(IndexLoadError, match=re.escape(f"index {tmp_path / 'runs' / 'b'} lacks")):
+        EmbeddingIndex.check_parts(tmp_path / "runs")
 
 
 def test_actors_that_cannot_load_the_model_are_named_in_one_line(embedded, tmp_path, monkeypatch):
@@ -499,7 +507,7 @@ def test_an_embeddings_index_given_as_shards_is_refused_before_ray(tmp_path):
     assert not out.exists()
 
 
-def test_an_embed_run_starts_no_more_encoder_actors_than_it_has_batches_or_shards(tmp_path):
+def test_an_embed_run_starts_no_more_encoder_actors_than_it_has_batches_or_blocks(tmp_path):
     # each actor loads torch, timm and the encoder before its first batch, and Ray Data hands
     # an actor a whole batch at least: the demo's 64 images (two batches of 32) started four
     # actors on a 2-core machine (8 logical CPUs), two of which never embedded an image
@@ -517,10 +525,16 @@ def test_an_embed_run_starts_no_more_encoder_actors_than_it_has_batches_or_shard
     assert default_actors(8, False, shards(33, 33, 33), 32) == 3
     assert default_actors(8, False, shards(5, 5), 32) == 1
     assert default_actors(8, False, shards(0), 32) == 1
-    # Ray Data reads a shard as one block and gives it to one actor: the demo's one shard of
-    # 64 images started two actors, and Ray warned that the second could get no input
+    # Ray Data reads a small shard as one block and gives it to one actor: the demo's one
+    # shard of 64 images started two actors, and Ray warned that the second could get no input
     assert default_actors(8, False, shards(64), 32) == 1
     assert default_actors(8, False, shards(1000), 32) == 1
+    # a shard of more data than Ray Data's block size (128 MiB) is read in several blocks:
+    # 3000 rows of 64 KiB went to two actors (measured on local Ray)
+    big = tmp_path / "big.parquet"
+    pixels = pa.array([bytes(65536)] * 3000, pa.binary())
+    pq.write_table(pa.table({"pixels": pixels}), big, compression="zstd", use_dictionary=False)
+    assert default_actors(8, False, [str(big)], 32) == 2
     many = shards(*[100] * 6)
     assert default_actors(8, False, many, 32) == 4  # half the free CPUs, 4 at most
     assert default_actors(64, False, many, 32) == 4
