@@ -282,10 +282,16 @@ def _record_parts(fs: Any, folder: str, counts: dict[str, int]) -> None:
     from serve.index import PARTS_RECORD
 
     root = folder.rstrip("/") + "/"
+    outside = [path for path in counts if not path.startswith(root)]
+    if outside:  # a record naming it so would make the finished index unservable
+        raise EmbedError(f"cannot record the index's parts: {outside[0]} is not under {folder}")
     parts = {path.removeprefix(root): n for path, n in counts.items()}
     record = {"parts": parts, "rows": sum(parts.values()), "written_by": "radjepa embed"}
-    with fs.open_output_stream(root + PARTS_RECORD) as f:
-        f.write(json.dumps(record, indent=1, sort_keys=True).encode())
+    try:
+        with fs.open_output_stream(root + PARTS_RECORD) as f:
+            f.write(json.dumps(record, indent=1, sort_keys=True).encode())
+    except OSError as err:  # the marker stays: the folder is refused as unfinished
+        raise EmbedError(f"cannot write {root}{PARTS_RECORD}: {err}") from None
 
 
 def _mark_incomplete(fs: Any, marker: str) -> None:
@@ -308,33 +314,41 @@ MAX_CPU_ACTORS = 4
 
 def default_actors(free_cpus: int, use_gpu: bool, shards: list[str], batch_size: int) -> int:
     """How many encoder actors an embed run starts: one with a GPU; else half the free CPUs,
-    at most :data:`MAX_CPU_ACTORS`, no more than the run has batches and no more than it has
-    shards. Each actor loads torch, timm and the encoder (seconds of CPU) before its first
-    batch, and Ray Data hands an actor whole blocks: a shard as ingest writes it (one row
-    group, up to ``ingest.shard_rows`` images) is read as one block, so the demo's one shard
-    of 64 images kept one of its two actors busy and Ray warned that the other could get no
-    input, and a single shard of 1000 rows went to one of four actors."""
+    at most :data:`MAX_CPU_ACTORS`, and no more than the run has batches or blocks. Each actor
+    loads torch, timm and the encoder (seconds of CPU) before its first batch, and Ray Data
+    hands an actor whole blocks: it reads a shard (one row group as ingest writes it) in blocks
+    of up to ``target_max_block_size`` (128 MiB) of data, so the demo's one shard of 64 images
+    kept one of its two actors busy (Ray warned that the other could get no input), and one
+    shard of 1000 rows of 64 KiB went to one of four actors, 3000 such rows to two."""
     if use_gpu:
         return 1
-    wanted = max(1, min(MAX_CPU_ACTORS, free_cpus // 2, len(shards)))
-    rows = _rows_up_to(shards, wanted * batch_size)
-    return max(1, min(wanted, -(-rows // batch_size)))
+    wanted = max(1, min(MAX_CPU_ACTORS, free_cpus // 2))
+    rows, blocks = _rows_and_blocks_up_to(shards, wanted * batch_size, wanted)
+    return max(1, min(wanted, -(-rows // batch_size), blocks))
 
 
-def _rows_up_to(shards: list[str], limit: int) -> int:
-    """The shards' rows, counted from their footers until ``limit`` is reached (a large
+def _rows_and_blocks_up_to(
+    shards: list[str], rows_limit: int, blocks_limit: int
+) -> tuple[int, int]:
+    """The shards' rows and the blocks Ray Data reads them in (each shard's data over the
+    block size, rounded up), from their footers until both limits are reached (a large
     archive on object storage is not read footer by footer for it)."""
     import pyarrow.parquet as pq
+    from ray.data import DataContext
 
     from radjepa.locations import filesystem
 
-    rows = 0
+    block = DataContext.get_current().target_max_block_size or 128 * 1024**2
+    rows = blocks = 0
     for shard in shards:
-        if rows >= limit:
+        if rows >= rows_limit and blocks >= blocks_limit:
             break
         fs, path = filesystem(shard)
-        rows += pq.read_metadata(path, filesystem=fs).num_rows
-    return rows
+        meta = pq.read_metadata(path, filesystem=fs)
+        rows += meta.num_rows
+        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        blocks += max(1, -(-size // block))
+    return rows, blocks
 
 
 def _any_rows(shards: list[str]) -> bool:
