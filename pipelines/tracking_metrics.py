@@ -37,6 +37,9 @@ RESUMES_TAG = "radjepa.resumes"  # how many times the run went on from a checkpo
 RESUMED_FROM_TAG = "radjepa.resumed_from_step"  # the step the latest of them started at
 
 
+_RECORD_WAIT_S = 60.0  # how long close() waits for the resume record when nothing is queued
+
+
 class _Value(NamedTuple):
     """One metric value as queued (an MLflow ``Metric`` is made of it in the writer thread)."""
 
@@ -108,17 +111,28 @@ class MetricSink:
 
     def close(self, timeout_s: float = 60.0) -> int:
         """Write what is queued (waiting at most ``timeout_s``); the number of values lost."""
-        deadline = time.monotonic() + timeout_s
+        now = time.monotonic()
+        deadline = now + timeout_s
+        # the run's resume record (``_begin``) alone, when nothing was logged, is waited for
+        # less long: a store that stopped answering held a failed attempt's end for minutes
+        record_deadline = now + min(timeout_s, _RECORD_WAIT_S)
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-            # the run's resume record (``_begin``) too, when nothing was logged
             while (self._pending or self._in_flight or self._logged is None) and not self._stopped:
-                left = deadline - time.monotonic()
+                values = self._pending or self._in_flight
+                left = (deadline if values else record_deadline) - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
             lost = len(self._pending) + self._in_flight + self._dropped
+            unchecked = self._logged is None and self._metric is not None
+        if unchecked:
+            log.warning(
+                "MLflow run %s: whether this attempt resumed it is not recorded (the store did "
+                "not answer by the end of training)",
+                self.run_id,
+            )
         if lost:
             log.warning(
                 "%d metric values of MLflow run %s were not recorded (the store did not take "

@@ -143,6 +143,23 @@ def test_a_resume_that_logs_nothing_is_recorded_all_the_same(store_run):
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [4]
 
 
+def test_a_resume_record_the_store_does_not_take_holds_the_end_briefly_and_is_said(
+    monkeypatch, caplog
+):
+    # with nothing logged (an attempt that failed before its first log step), close() waits
+    # for the resume record alone: against a store that stopped answering it sat in MLflow's
+    # own retries (~250 s) at the end of the attempt, then said nothing of the record
+    import pipelines.tracking_metrics as tm
+
+    monkeypatch.setattr(tm, "_RECORD_WAIT_S", 1.0)
+    sink = MetricSink(f"http://127.0.0.1:{free_port()}", "0" * 32, start_step=4)
+    _wait_for(lambda: sink._metric is not None)  # MLflow imported: the writer asks the store
+    started = time.monotonic()
+    assert sink.close(timeout_s=300) == 0
+    assert time.monotonic() - started < 10
+    assert "whether this attempt resumed it is not recorded" in caplog.text
+
+
 def _fresh_python(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """``script`` run by a Python process of its own (nothing of MLflow imported yet, as in
     a Ray Train worker before its first step), with this repository importable."""
