@@ -243,11 +243,14 @@ def run_embed(
             raise
         reason = remote_error_message(err) or "see the worker log above"
         raise EmbedError(f"the encoder actors could not start: {reason}") from None
-    files = _parquet_files(out_fs, out_path)
-    counts = {f: pq.read_metadata(f, filesystem=out_fs).num_rows for f in files}
-    rows = sum(counts.values())
-    _record_parts(out_fs, out_path, counts)
-    out_fs.delete_file(marker)  # every part is written and recorded: the index may be served
+    try:  # the storage failing now leaves the marker: the folder is refused as unfinished
+        files = _parquet_files(out_fs, out_path)
+        counts = {f: pq.read_metadata(f, filesystem=out_fs).num_rows for f in files}
+        rows = sum(counts.values())
+        _record_parts(out_fs, out_path, counts)
+        out_fs.delete_file(marker)  # every part is written and recorded: it may be served
+    except OSError as err:
+        raise EmbedError(f"cannot finish the index in {out}: {err}") from None
     dim, label = 0, model_label or ""
     if files:
         field = pq.read_schema(files[0], filesystem=out_fs).field("embedding").type
@@ -287,11 +290,8 @@ def _record_parts(fs: Any, folder: str, counts: dict[str, int]) -> None:
         raise EmbedError(f"cannot record the index's parts: {outside[0]} is not under {folder}")
     parts = {path.removeprefix(root): n for path, n in counts.items()}
     record = {"parts": parts, "rows": sum(parts.values()), "written_by": "radjepa embed"}
-    try:
-        with fs.open_output_stream(root + PARTS_RECORD) as f:
-            f.write(json.dumps(record, indent=1, sort_keys=True).encode())
-    except OSError as err:  # the marker stays: the folder is refused as unfinished
-        raise EmbedError(f"cannot write {root}{PARTS_RECORD}: {err}") from None
+    with fs.open_output_stream(root + PARTS_RECORD) as f:
+        f.write(json.dumps(record, indent=1, sort_keys=True).encode())
 
 
 def _mark_incomplete(fs: Any, marker: str) -> None:
@@ -338,7 +338,7 @@ def _rows_and_blocks_up_to(
 
     from radjepa.locations import filesystem
 
-    block = DataContext.get_current().target_max_block_size or 128 * 1024**2
+    block = DataContext.get_current().target_max_block_size  # None: blocks of any size
     rows = blocks = 0
     for shard in shards:
         if rows >= rows_limit and blocks >= blocks_limit:
@@ -346,8 +346,9 @@ def _rows_and_blocks_up_to(
         fs, path = filesystem(shard)
         meta = pq.read_metadata(path, filesystem=fs)
         rows += meta.num_rows
-        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-        blocks += max(1, -(-size // block))
+        if meta.num_rows:  # an empty shard gives an actor nothing
+            size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+            blocks += 1 if block is None else max(1, -(-size // block))
     return rows, blocks
 
 

@@ -836,35 +836,54 @@ def finish_tracking(
         client.log_artifact(run_id, str(Path(ckpt) / name), artifact)
     version = None
     if cfg.tracking.register_model:
-        name = cfg.tracking.registered_model
-        version = _registered_version(client, name, run_id, step)
-        if version is None:
-            from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
+        from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
 
-            # the registered files are the ones fingerprinted: a server whose cluster fetches
-            # the weights checks a head and an index against this tag without them
-            tags = {"run_name": cfg.train.run_name, "step": step}
-            tags[ENCODER_TAG] = checkpoint_fingerprint(ckpt)
+        name = cfg.tracking.registered_model
+        # the registered files are the ones fingerprinted: a server whose cluster fetches the
+        # weights checks a head and an index against this tag without them
+        fingerprint = checkpoint_fingerprint(ckpt)
+        found = _registered_version(client, name, run_id, step)
+        if found is None:
+            tags = {"run_name": cfg.train.run_name, "step": step, ENCODER_TAG: fingerprint}
             version = register_artifact_dir(uri, run_id, artifact, name, tags=tags)
         else:
+            version, recorded = found
             log.info("%s version %s already holds step %s of this run", name, version, step)
+            # its files were just uploaded again (this checkpoint's); a version registered
+            # before the tag, or from a checkpoint retrained since, is tagged with these
+            if recorded != fingerprint:
+                if recorded:
+                    log.warning(
+                        "%s version %s now holds other weights for step %s (encoder %s, was %s)",
+                        name,
+                        version,
+                        step,
+                        fingerprint[:12],
+                        recorded[:12],
+                    )
+                client.set_model_version_tag(name, version, ENCODER_TAG, fingerprint)
     from pipelines.tracking_runs import end_run
 
     end_run(client, run_id, "FINISHED")  # a reap's tag goes: the driver was alive after all
     return version
 
 
-def _registered_version(client: Any, name: str, run_id: str, step: str) -> str | None:
+def _registered_version(
+    client: Any, name: str, run_id: str, step: str
+) -> tuple[str, str | None] | None:
     """A version of ``name`` this run already registered at ``step`` (a re-run of a finished
-    run has no new weights, so it must not add a duplicate version)."""
+    run has no new weights, so it must not add a duplicate version), with its encoder tag."""
     try:  # filter on the run only (every registry accepts it; a name may hold quotes)
         versions = client.search_model_versions(f"run_id = '{run_id}'")
     except Exception as err:  # noqa: BLE001 - the check is a courtesy; registering is the job
         log.warning("could not list the model versions of run %s: %s", run_id, err)
         return None
+    from radjepa.eval.heads import ENCODER_TAG
+
     for mv in versions:
-        if mv.name == name and (mv.tags or {}).get("step") == step:
-            return str(mv.version)
+        tags = mv.tags or {}
+        if mv.name == name and tags.get("step") == step:
+            return str(mv.version), tags.get(ENCODER_TAG)
     return None
 
 

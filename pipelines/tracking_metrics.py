@@ -126,11 +126,12 @@ class MetricSink:
                     break
                 self._cond.wait(left)
             lost = len(self._pending) + self._in_flight + self._dropped
-            unchecked = self._logged is None and self._metric is not None
+            # (a writer that could not import MLflow said so already)
+            unchecked = self._logged is None and not (self._stopped and self._metric is None)
         if unchecked:
             log.warning(
                 "MLflow run %s: whether this attempt resumed it is not recorded (the store did "
-                "not answer by the end of training)",
+                "not take it by the end of training)",
                 self.run_id,
             )
         if lost:

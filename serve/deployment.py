@@ -324,7 +324,7 @@ def check_references(
         # `radjepa pretrain` registered records their fingerprint, so a mismatch is said here
         # in one line, not by every replica (~230 lines, exit 1)
         fingerprint = (model_version.tags or {}).get(ENCODER_TAG) if model_version else None
-        if fingerprint is None:
+        if not fingerprint:
             return
     if served_head:
         check_encoder(served_head.head, fingerprint)

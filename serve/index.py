@@ -713,10 +713,13 @@ def _index_parts(path: str | Path) -> tuple[Path, list[Path], dict[Path, int] | 
     p = Path(path)
     if not p.exists():
         raise IndexLoadError(f"index not found: {p}")
-    if p.is_dir() and (p / INCOMPLETE_MARKER).exists():
+    # anywhere below: several runs' folders under one parent are one index
+    unfinished = next(iter(sorted(p.rglob(INCOMPLETE_MARKER))), None) if p.is_dir() else None
+    if unfinished is not None:
         raise IndexLoadError(
-            f"index {p} is incomplete: the `radjepa embed` run writing it did not finish "
-            "(still running, interrupted or failed); remove the folder and run it again"
+            f"index {unfinished.parent} is incomplete: the `radjepa embed` run writing it did "
+            "not finish (still running, interrupted or failed); remove the folder and run it "
+            "again"
         )
     files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
     expected = _recorded_rows(p, files) if p.is_dir() else None

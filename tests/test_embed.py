@@ -347,7 +347,7 @@ def test_a_copy_of_the_index_that_lost_or_gained_a_part_is_refused(embedded, tmp
     import json
     import shutil
 
-    from serve.index import PARTS_RECORD, EmbeddingIndex, IndexLoadError
+    from serve.index import INCOMPLETE_MARKER, PARTS_RECORD, EmbeddingIndex, IndexLoadError
 
     record = json.loads((embedded["out"] / PARTS_RECORD).read_text())
     parts = sorted(embedded["out"].rglob("*.parquet"))
@@ -389,6 +389,14 @@ def test_a_copy_of_the_index_that_lost_or_gained_a_part_is_refused(embedded, tmp
     (tmp_path / "runs" / "b" / parts[0].name).unlink()
     with pytest.raises(IndexLoadError, match=re.escape(f"index {tmp_path / 'runs' / 'b'} lacks")):
         EmbeddingIndex.check_parts(tmp_path / "runs")
+    # a run still writing (or cut short) beside them is said as such, not as stray files
+    shutil.copytree(embedded["out"], tmp_path / "runs" / "b", dirs_exist_ok=True)
+    running = Path(shutil.copytree(embedded["out"], tmp_path / "runs" / "c"))
+    (running / PARTS_RECORD).unlink()
+    (running / INCOMPLETE_MARKER).write_text("")
+    for load in loads:
+        with pytest.raises(IndexLoadError, match=re.escape(f"index {running} is incomplete")):
+            load(tmp_path / "runs")
 
 
 def test_actors_that_cannot_load_the_model_are_named_in_one_line(embedded, tmp_path, monkeypatch):

@@ -574,3 +574,39 @@ def test_a_registered_head_on_a_server_is_fetched_once_and_never_replaced(
     assert first.source == again.source == ref
     assert len(list((tmp_path / "cache").rglob(HEAD_FILES[1]))) == 1
     assert not any(scratch.rglob(HEAD_FILES[1]))  # no stray copies
+
+
+def test_a_finished_run_recorded_again_keeps_its_version_s_encoder_tag_true(
+    tmp_path, migrated_store, caplog
+):
+    # the tag a cluster's serve checks head and index against: a version registered before
+    # the tag got none when its run was recorded again, and one whose step-N checkpoint was
+    # retrained (its files uploaded again over the version's) kept the old weights' fingerprint
+    import mlflow
+    import torch
+
+    from pipelines.pretrain import finish_tracking
+    from pipelines.tracking import ensure_experiment
+    from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
+
+    uri = migrated_store(tmp_path / "mlflow.db")
+    mc = mlflow.MlflowClient(uri)
+    run_id = mc.create_run(ensure_experiment(uri, "radjepa")).info.run_id
+    cfg = load_config(TINY_CONFIG, ["tracking.registered_model=srv"])
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    version = finish_tracking(cfg, uri, run_id, str(ckpt), {})
+
+    def tag() -> str | None:
+        return mc.get_model_version("srv", version).tags.get(ENCODER_TAG)
+
+    assert tag() == checkpoint_fingerprint(ckpt)
+    mc.delete_model_version_tag("srv", version, ENCODER_TAG)  # as registered before the tag
+    assert finish_tracking(cfg, uri, run_id, str(ckpt), {}) == version
+    assert tag() == checkpoint_fingerprint(ckpt)
+    assert "now holds other weights" not in caplog.text
+
+    torch.manual_seed(1)
+    retrained = make_checkpoint(tmp_path / "retrained")  # the same step, other weights
+    assert finish_tracking(cfg, uri, run_id, str(retrained), {}) == version
+    assert tag() == checkpoint_fingerprint(retrained) != checkpoint_fingerprint(ckpt)
+    assert f"srv version {version} now holds other weights for step 7" in caplog.text
