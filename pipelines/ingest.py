@@ -118,15 +118,28 @@ class IngestSummary:
 class _Decoder(FileDecoder):
     """Ray Data actor: a :class:`FileDecoder` whose set of known ids comes once per actor from
     the object store: its arrays (:class:`KnownIds`) are mapped read-only from the node's one
-    copy, not unpickled into each actor."""
+    copy, not unpickled into each actor.
+
+    They are fetched with the actor's first batch, not in its constructor: an autoscaling pool
+    still starting an actor when a short run ends drops it, and the run's reference to the ids
+    with it, while the constructor runs; a ``ray.get`` there then failed, and the actor died
+    printing a traceback ("This should not happen") and Ray's object store report in the
+    middle of the next stage's output. An actor that gets no batch never asks."""
 
     def __init__(
         self, settings: dict[str, Any], secret: bytes, known: Any, keep_paths: bool
     ) -> None:
         import ray
 
-        known = ray.get(known) if isinstance(known, ray.ObjectRef) else known
-        super().__init__(settings, secret, known, keep_paths)
+        self._known_ref = known if isinstance(known, ray.ObjectRef) else None
+        super().__init__(settings, secret, frozenset() if self._known_ref else known, keep_paths)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self._known_ref is not None:
+            import ray
+
+            self.known, self._known_ref = ray.get(self._known_ref), None
+        return super().__call__(batch)
 
 
 def run_ingest(

@@ -358,6 +358,22 @@ def build_trainer(
             callbacks=callbacks,
         ),
         datasets={"train": build_train_dataset(data, cfg, start_step=start_step)},
+        dataset_config=ray.train.DataConfig(execution_options=_ingest_options()),
+    )
+
+
+def _ingest_options() -> Any:
+    """Ray Train's default options for feeding the workers, as its ``DataConfig`` builds them
+    from the current ``DataContext``, less the field Ray Data deprecates: built by Ray, they
+    pass ``exclude_resources`` and every run's output said a RayDeprecationWarning nobody
+    running it could act on."""
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=current.preserve_order,
+        verbose_progress=current.verbose_progress,
     )
 
 

@@ -55,7 +55,7 @@ class _DropPrefix(logging.Filter):
 
 def quiet_local_worker_logs() -> None:
     """Ray worker setup hook of the local instance: drop one warning that would repeat every
-    second of every training run.
+    second of every training run, and have the state API asked of this instance only.
 
     Ray Train starts a placement-group cleaner beside each run that asks the state API once a
     second whether the run's controller is still alive, to free its resources if it crashed.
@@ -69,6 +69,21 @@ def quiet_local_worker_logs() -> None:
     logger = logging.getLogger(_PG_CLEANER_LOGGER)
     if not any(isinstance(f, _DropPrefix) for f in logger.filters):
         logger.addFilter(_DropPrefix(_NO_STATE_API))
+    _state_api_of_this_instance()
+
+
+def _state_api_of_this_instance() -> None:
+    """Point this worker's state API at the instance it belongs to. Unset, the cleaner's query
+    looks for the Ray instances running on the machine, and with two (``radjepa serve`` in one
+    terminal, ``radjepa pretrain`` in another, or the tests' own beside a CLI's) it raised
+    "Found multiple active Ray instances", killing its thread with a traceback in the run's
+    output. Inherited from the user's shell (a cluster's dashboard, for ``radjepa jobs``), it
+    asked that cluster about this instance's controller, found no such actor, and took it for
+    dead: it exits, and a cleaner that read the answer after the run's placement group was
+    registered would remove the group of a run still training."""
+    import ray
+
+    os.environ["RAY_API_SERVER_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def stop_ray_before_last_word() -> None:

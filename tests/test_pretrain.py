@@ -130,8 +130,9 @@ def test_two_workers_learn_survive_a_failure_and_register(shards, tmp_path):
 
     # nothing in any worker's log repeats per second (the cleaner's state-API warning), warns
     # about the monitor images (read-only after their trip through the object store), or is
-    # the preemption watcher's error line (a cloud-node watcher, off on a local instance)
-    markers = (NO_STATE_API, "not writable", "PreemptionWatcher")
+    # the preemption watcher's error line (a cloud-node watcher, off on a local instance), or
+    # is Ray Data's deprecation warning about the options Ray Train's default feeds it
+    markers = (NO_STATE_API, "not writable", "PreemptionWatcher", "exclude_resources")
     noisy = {
         p.name: marker
         for p in _worker_logs()
@@ -172,11 +173,22 @@ def test_the_data_coordinator_is_asked_for_before_the_model_code_is_imported():
     assert shard < engine < model, lines[: model + 1]
 
 
-def test_local_worker_hook_drops_only_the_state_api_warning(caplog):
+def test_local_worker_hook_drops_only_the_state_api_warning(caplog, ray_session, monkeypatch):
     from pipelines.runtime import _PG_CLEANER_LOGGER, LOCAL_RUNTIME_ENV, quiet_local_worker_logs
 
+    # the local instance's workers ask its own state API, whatever the user's shell named
+    # (another cluster's dashboard; unset, two instances on the machine made the cleaner raise)
+    own = ray_session.get_runtime_context().gcs_address
+
+    @ray_session.remote(num_cpus=0)
+    def state_api() -> str | None:
+        return os.environ.get("RAY_API_SERVER_ADDRESS")
+
+    assert ray_session.get(state_api.remote()) == own
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://elsewhere:8265")
     assert LOCAL_RUNTIME_ENV["worker_process_setup_hook"].endswith(".quiet_local_worker_logs")
     quiet_local_worker_logs()
+    assert os.environ["RAY_API_SERVER_ADDRESS"] == own
     quiet_local_worker_logs()  # each worker runs it once; twice adds nothing
     logger = logging.getLogger(_PG_CLEANER_LOGGER)
     assert len(logger.filters) == 1
@@ -1164,6 +1176,9 @@ def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards
     # ray.init's handler took it (a C++ stack dump, "(exit 15)"), and on a loaded machine the
     # driver then aborted in teardown (-6); routed, Ray Train aborts the workers as on Ctrl-C
     assert "SIGTERM received" not in text, text[-3000:]
+    # this test's Ray runs beside the CLI's: Ray Train's placement-group cleaner looked for "the"
+    # instance on the machine, found two and died in a traceback (now it asks its own)
+    assert "PlacementGroupCleaner" not in text, text[-3000:]
     run_id = (tmp_path / "t" / "mlflow_run_id").read_text()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == "KILLED"
