@@ -26,6 +26,12 @@ KEYS = "k1-" + "a" * 40 + ",k2-" + "b" * 40  # a comma-separated list, as docume
 
 
 def _radjepa(*args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
+    """The CLI as a user runs it. ``serve`` without ``--port`` gets ``--port 0`` (any free
+    port): its port is checked before most of what these tests check, and the default 8000
+    may be held by a server the developer runs (`radjepa serve` in another terminal made a
+    dozen of them fail with "cannot listen on 127.0.0.1:8000")."""
+    if args[:1] == ("serve",) and "--port" not in args:
+        args = (*args, "--port", "0")
     exe = Path(sys.executable).with_name("radjepa")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pipelines.cli"]
     return foreground_process([*cmd, *args], env=env, cwd=cwd, stderr=subprocess.STDOUT)
@@ -63,6 +69,16 @@ def _running(pids: list[int]) -> list[str]:
         if stat.rpartition(")")[2].split()[0] != "Z":
             alive.append(f"{pid} {name}")
     return alive
+
+
+def _output_within(proc: subprocess.Popen, seconds: float) -> str:
+    """What ``proc`` printed until it ended, killed when it runs past ``seconds`` (its output
+    so far is then what the test's assertion shows)."""
+    try:
+        return proc.communicate(timeout=seconds)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0]
 
 
 def _kill(described: list[str]) -> None:
@@ -437,11 +453,7 @@ def test_sigterm_stops_serve_and_its_local_ray_and_start_warnings_are_said_once(
             storming.start()
         else:
             proc.send_signal(signal.SIGTERM)
-        try:
-            out, _ = proc.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        out = _output_within(proc, 90)
         left = _running(started)
         _kill(left)
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
@@ -676,11 +688,7 @@ def test_serve_says_in_one_line_which_deployment_failed_to_start_and_why(tmp_pat
             *("--index", str(tmp_path / "index"), "--port", "0"),
             env=env,
         )
-        try:
-            out, _ = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        out = _output_within(proc, 300)
         left = processes_naming(str(ray_tmp))
         _kill(left)
     finally:
