@@ -53,6 +53,18 @@ class _DropPrefix(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+@contextmanager
+def lines_dropped(logger: str, prefix: str) -> Iterator[None]:
+    """Within the block, ``logger``'s records whose message starts with ``prefix`` are dropped
+    (advice of Ray's that the command's own last line replaces)."""
+    drop = _DropPrefix(prefix)
+    logging.getLogger(logger).addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(drop)
+
+
 def quiet_local_worker_logs() -> None:
     """Ray worker setup hook of the local instance: drop one warning that would repeat every
     second of every training run, and have the state API asked of this instance only.

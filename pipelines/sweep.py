@@ -24,12 +24,18 @@ from ray.tune.stopper import Stopper
 
 from pipelines.placement_groups import release_orphaned_placement_groups
 from pipelines.pretrain import DIVERGED
+from pipelines.runtime import lines_dropped
 from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints, human_size
 from radjepa import locations
 from radjepa.config import Config, SearchDim, config_to_yaml
 from radjepa.training_data import ShardSummary
 
 log = logging.getLogger(__name__)
+
+# Tune's own advice after an interrupted fit, a Python call (Tuner.restore(...)) a few lines
+# above the CLI's last line, which says to re-run with --resume: two instructions for one thing
+_TUNE_LOGGER = "ray.tune.tune"
+_TUNE_RESUME_ADVICE = "Experiment has been interrupted, but the most recent state was saved."
 
 COLLAPSED = "collapsed"
 STOPPED = "stopped early"
@@ -506,7 +512,8 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
             "probe_set": probe_set,
             "provenance": provenance,
         }
-        grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
+        with lines_dropped(_TUNE_LOGGER, _TUNE_RESUME_ADVICE):
+            grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
         _free_last_trials()
         rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
         # Ctrl-C makes fit() return, not raise, and a "best" would be a partial sweep's

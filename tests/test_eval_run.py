@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -56,17 +57,28 @@ def probe_run(tmp_path_factory, checkpoint, tiny_cfg, nih_dir, seg_csv):
     from radjepa.eval.runner import run_probe
 
     out = tmp_path_factory.mktemp("probe")
-    report = run_probe(
-        checkpoint,
-        nih_dir / "labels.csv",
-        LABELS,
-        out,
-        tiny_cfg,
-        limit=160,
-        seg_csv=seg_csv,
-        structures=["disc"],
-    )
-    return report, out
+    said: list[str] = []  # what the probe logged (caplog is per test)
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("radjepa")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        report = run_probe(
+            checkpoint,
+            nih_dir / "labels.csv",
+            LABELS,
+            out,
+            tiny_cfg,
+            limit=160,
+            seg_csv=seg_csv,
+            structures=["disc"],
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return report, out, said
 
 
 def _inside(iv: dict) -> bool:
@@ -74,7 +86,7 @@ def _inside(iv: dict) -> bool:
 
 
 def test_probe_reports_view_and_sex_for_encoder_and_both_baselines(probe_run):
-    report, out = probe_run
+    report, out, said = probe_run
     assert set(report["methods"]) == {"ours", "random_init", "pixels"}
     assert report["data"]["n_images"] == 160 and report["data"]["n_patients"] == 160
     assert [lab["positive"] for lab in report["data"]["labels"]] == ["AP", "F"]
@@ -104,7 +116,7 @@ def test_probe_reports_view_and_sex_for_encoder_and_both_baselines(probe_run):
 def test_report_compares_the_encoder_with_each_baseline_on_the_same_draws(probe_run):
     """The encoder minus each baseline, per label, with a paired patient-bootstrap interval
     over the same 200 draws as each method's own interval; and mAP beside precision@k."""
-    report, out = probe_run
+    report, out, said = probe_run
     comp = report["comparisons"]
     assert comp["reference"] == "ours" and set(comp["methods"]) == {"random_init", "pixels"}
     for method, res in comp["methods"].items():
@@ -131,7 +143,7 @@ def test_report_compares_the_encoder_with_each_baseline_on_the_same_draws(probe_
 
 
 def test_report_markdown_and_plots(probe_run):
-    report, out = probe_run
+    report, out, said = probe_run
     md = (out / "report.md").read_text()
     for text in (
         "## view=AP (positive: AP)",
@@ -152,7 +164,7 @@ def test_report_markdown_and_plots(probe_run):
 
 
 def test_segmentation_probe_reports_dice_for_encoder_and_random_init(probe_run):
-    report, out = probe_run
+    report, out, said = probe_run
     seg = report["segmentation"]
     assert set(seg["methods"]) == {"ours", "random_init"}
     for res in seg["methods"].values():
@@ -211,8 +223,14 @@ def test_saved_head_reproduces_predictions_and_names_its_encoder(
     from radjepa.eval.heads import checkpoint_fingerprint, load_head
     from radjepa.eval.linear_probe import fit_head
 
-    report, out = probe_run
+    report, out, said = probe_run
     head = load_head(out / "head")
+    # the folder it is logged in is the one it is in (it was logged in the staging folder, gone
+    # once the probe ended: a user gave that to `serve --head`)
+    where = [m for m in said if "probe head" in m]
+    assert where == [
+        f"probe head (2 labels, dim 192) saved to {out / 'head'} (for `radjepa serve --head`)"
+    ]
     assert head.label_names == LABELS and head.positive == ["AP", "F"]
     assert head.encoder["sha256"] == checkpoint_fingerprint(checkpoint)
     assert head.encoder["which"] == "target"

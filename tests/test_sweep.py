@@ -521,6 +521,8 @@ def test_an_interrupted_sweep_exits_130_in_one_last_line_and_resumes(nih_shards,
         "; the sweep is resumable: re-run the same command with --resume to continue 'int'"
     ), last
     assert "(exit" not in last, last
+    # and only that line says how to resume (Tune advised a Tuner.restore(...) call above it)
+    assert "Tuner.restore" not in text, text[-3000:]
     # a pod gets 30 s from SIGTERM to SIGKILL, `radjepa jobs stop` as long; here it takes 4 s
     assert took[0] < 20, f"{took[0]:.1f} s from the signal to the exit"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

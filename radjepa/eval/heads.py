@@ -181,7 +181,7 @@ def save_head(folder: str | os.PathLike[str], head: ProbeHead) -> Path:
         "encoder": dict(head.encoder),
     }
     (out / HEAD_FILES[0]).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    log.info(
+    log.debug(  # debug: a caller writing into a staging folder says where the head ends up
         "saved probe head (%d labels, dim %d) to %s",
         len(meta["label_names"]),
         head.feature_dim,

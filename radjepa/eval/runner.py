@@ -387,5 +387,12 @@ def run_probe(
             save_head(tmp / "head", head)
         write_report(report, tmp, links_from=out)
     report["files"] = {"json": str(out / "report.json"), "markdown": str(out / "report.md")}
+    if head is not None:  # where it is now: it was written into the staging folder
+        log.info(
+            "probe head (%d labels, dim %d) saved to %s (for `radjepa serve --head`)",
+            len(head.label_names),
+            head.feature_dim,
+            head_dir,
+        )
     log.info("probe report written to %s", report["files"]["markdown"])
     return report
