@@ -238,6 +238,9 @@ def test_answers_name_no_server_path_and_carry_one_request_id(service):
     assert refused.headers.get_list("x-request-id") == ["ris-43"]
     (made,) = missing.headers.get_list("x-request-id")  # the proxy's own, when none was sent
     assert missing.status_code == 404 and missing.json()["request_id"] == made
+    import uuid
+
+    assert str(uuid.UUID(made)) == made  # a UUID with dashes, as docs/API.md says
 
 
 def test_an_invalid_caller_request_id_is_echoed_by_the_proxy_not_by_the_app(service):
