@@ -560,15 +560,15 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
 def _prepare_sweep(
     cfg: Config, data: str, info: ShardSummary, root: str, resume: bool
 ) -> tuple[Config, str, dict[str, str], tuple[str | None, str | None]]:
-    """Ray started and checked, the sweep's folder checked, its provenance and its MLflow
+    """The sweep's folder checked, Ray started and checked, its provenance and its MLflow
     parent run: (``cfg`` for this cluster, the sweep's folder, provenance, (parent run id,
     tracking URI)), the run ``(None, None)`` without tracking. An interruption here leaves
     nothing to resume (the Tuner has not started)."""
     from pipelines.tracking import provenance_tags
 
-    cfg = _start_ray(cfg)
     sweep_dir = locations.join_location(root, cfg.tune.name)
-    _check_sweep_dir(cfg, sweep_dir, resume)
+    _check_sweep_dir(cfg, sweep_dir, resume)  # files only: said before Ray's seconds of start
+    cfg = _start_ray(cfg)
     provenance = provenance_tags(data, info.rows, info.fingerprint)
     try:
         parent = (

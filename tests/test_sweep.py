@@ -487,6 +487,23 @@ def _sweep_cli(out: Path, name: str, sets: dict[str, str], *extra: str):
     return foreground_process(args, env=env, cwd=repo)
 
 
+def test_a_taken_sweep_name_is_refused_before_ray_starts(nih_shards, tmp_path):
+    # the name and --resume checks read only the sweep's folder, but came after ray.init: a
+    # second run of the same command waited seconds for a local Ray to say the name is taken
+    space = '{"ema.start": {"type": "grid", "values": [0.99, 0.996]}}'
+    (tmp_path / "taken" / "tune").mkdir(parents=True)
+    (tmp_path / "taken" / "tune" / "experiment_state.json").write_text("{}")  # an earlier sweep
+    for name, extra in (("taken", ()), ("fresh", ("--resume",))):
+        proc = _sweep_cli(
+            tmp_path, name, {"tune.search_space": space}, "--data", str(nih_shards), *extra
+        )
+        out = "".join(x or "" for x in proc.communicate(timeout=120))
+        assert proc.returncode == 2, out[-3000:]
+        said = "already exists" if name == "taken" else "nothing to resume"
+        assert out.strip().splitlines()[-1].startswith("error: ") and said in out, out[-3000:]
+        assert "starting local Ray" not in out, out[-3000:]
+
+
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_an_interrupted_sweep_exits_130_in_one_last_line_and_resumes(nih_shards, tmp_path, sig):
