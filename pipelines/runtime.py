@@ -28,6 +28,7 @@ from pipelines.cluster_address import (
     env_names_cluster,
     names_cluster,
 )
+from radjepa.log_filters import DropPrefix
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +45,6 @@ _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_grou
 _NO_STATE_API = "Failed to query Ray Train Controller actor state"
 
 
-class _DropPrefix(logging.Filter):
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
-
-
-@contextmanager
-def lines_dropped(logger: str, prefix: str) -> Iterator[None]:
-    """Within the block, ``logger``'s records whose message starts with ``prefix`` are dropped
-    (advice of Ray's that the command's own last line replaces)."""
-    drop = _DropPrefix(prefix)
-    logging.getLogger(logger).addFilter(drop)
-    try:
-        yield
-    finally:
-        logging.getLogger(logger).removeFilter(drop)
-
-
 def quiet_local_worker_logs() -> None:
     """Ray worker setup hook of the local instance: drop one warning that would repeat every
     second of every training run, and have the state API asked of this instance only.
@@ -79,8 +59,8 @@ def quiet_local_worker_logs() -> None:
     On a cluster the dashboard is up and the hook is not installed.
     """
     logger = logging.getLogger(_PG_CLEANER_LOGGER)
-    if not any(isinstance(f, _DropPrefix) for f in logger.filters):
-        logger.addFilter(_DropPrefix(_NO_STATE_API))
+    if not any(isinstance(f, DropPrefix) for f in logger.filters):
+        logger.addFilter(DropPrefix(_NO_STATE_API))
     _state_api_of_this_instance()
 
 

@@ -24,10 +24,10 @@ from ray.tune.stopper import Stopper
 
 from pipelines.placement_groups import release_orphaned_placement_groups
 from pipelines.pretrain import DIVERGED
-from pipelines.runtime import lines_dropped
 from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints, human_size
 from radjepa import locations
 from radjepa.config import Config, SearchDim, config_to_yaml
+from radjepa.log_filters import lines_dropped
 from radjepa.training_data import ShardSummary
 
 log = logging.getLogger(__name__)

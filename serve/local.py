@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import TextIO
 
 from radjepa.config import Config
+from radjepa.log_filters import lines_dropped
 from serve.security import ApiSettings, settings_from_config
 
 __all__ = [
@@ -119,7 +120,10 @@ def start_local(
         start_attempts=start_attempts,
     )
     try:
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        # serve.run connects to the instance serve.start just made with these http_options and
+        # says that "new http_options ... will not be applied": there are none; dropped
+        with lines_dropped("ray.serve", "Connecting to existing Serve app"):
+            serve.run(app, name=APP_NAME, route_prefix="/")
     except RuntimeError as err:  # "Deploying application radjepa failed: ..." (no cause named)
         raise ServeStartFailed(_failed_start(err)) from None
     return f"http://{cfg.serve.host}:{port}"

@@ -364,6 +364,8 @@ def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir)
         assert "/v1/embed" in lines[-1]
         # the keys file is read once before the service starts: one warning, not one per read
         assert sum("readable by every user" in x for x in lines) == 1, "".join(lines)
+        # nor Ray's "new http_options ... will not be applied": serve.start applied them
+        assert not any("will not be applied" in x for x in lines), "".join(lines)
         # the printed curl example, pasted into a shell that has the keys, works as printed
         (tmp_path / "image.dcm").write_bytes(dicom_from_png(nih_pngs(nih_dir, 1)[0]))
         shell = subprocess.run(
