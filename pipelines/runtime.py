@@ -42,18 +42,20 @@ LOCAL_RUNTIME_ENV = {
 }
 
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# where a local instance's workers send state API queries: nothing listens on port 0 (refused
+# in milliseconds, the failure Ray's callers expect when the state API is down)
+NO_STATE_API_URL = "http://127.0.0.1:0"
 _NO_STATE_API = "Failed to query Ray Train Controller actor state"
 
 
 def quiet_local_worker_logs() -> None:
     """Ray worker setup hook of the local instance: drop one warning that would repeat every
-    second of every training run, and have the state API asked of this instance only.
+    second of every training run, and have no state API query leave this worker.
 
     Ray Train starts a placement-group cleaner beside each run that asks the state API once a
     second whether the run's controller is still alive, to free its resources if it crashed.
-    The local instance has no dashboard, hence no state API (with a dashboard, two local
-    instances on one machine make the state API refuse to pick one), so each query fails and
-    logs a warning: thousands of lines an hour in the user's terminal. A local instance ends
+    The local instance has no dashboard, hence no state API (see :func:`_no_state_api`), so
+    each query fails and logs a warning: thousands of lines an hour in the user's terminal. A local instance ends
     with the driver that started it, and the one place a run's controller dies before that,
     a sweep trial Tune stops, is cleaned by the sweep itself (``pipelines.placement_groups``).
     On a cluster the dashboard is up and the hook is not installed.
@@ -61,21 +63,21 @@ def quiet_local_worker_logs() -> None:
     logger = logging.getLogger(_PG_CLEANER_LOGGER)
     if not any(isinstance(f, DropPrefix) for f in logger.filters):
         logger.addFilter(DropPrefix(_NO_STATE_API))
-    _state_api_of_this_instance()
+    _no_state_api()
 
 
-def _state_api_of_this_instance() -> None:
-    """Point this worker's state API at the instance it belongs to. Unset, the cleaner's query
-    looks for the Ray instances running on the machine, and with two (``radjepa serve`` in one
-    terminal, ``radjepa pretrain`` in another, or the tests' own beside a CLI's) it raised
-    "Found multiple active Ray instances", killing its thread with a traceback in the run's
-    output. Inherited from the user's shell (a cluster's dashboard, for ``radjepa jobs``), it
-    asked that cluster about this instance's controller, found no such actor, and took it for
-    dead: it exits, and a cleaner that read the answer after the run's placement group was
-    registered would remove the group of a run still training."""
-    import ray
-
-    os.environ["RAY_API_SERVER_ADDRESS"] = ray.get_runtime_context().gcs_address
+def _no_state_api() -> None:
+    """Have this worker's state API queries refused at once: the local instance has no state
+    API (no dashboard), and a query sent anywhere else asks about this instance's actors a
+    server that does not know them. Ray Train's placement-group cleaner, which asks once a
+    second whether the run's controller is alive, takes "no such actor" for a dead controller
+    and removes the run's placement group, killing its workers. Left to Ray, the query went to
+    the dashboard address the GCS records even without a dashboard (127.0.0.1:8265, where a
+    `kubectl port-forward` to a cluster's dashboard listens, as docs/CLUSTER.md shows), to a
+    shell's RAY_API_SERVER_ADDRESS (`radjepa jobs` reads it), or, with two instances on the
+    machine (`radjepa serve` in one terminal, `pretrain` in another), nowhere: Ray raised
+    "Found multiple active Ray instances" and the cleaner's thread died in a traceback."""
+    os.environ["RAY_API_SERVER_ADDRESS"] = NO_STATE_API_URL
 
 
 def stop_ray_before_last_word() -> None:

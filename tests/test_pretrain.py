@@ -174,21 +174,29 @@ def test_the_data_coordinator_is_asked_for_before_the_model_code_is_imported():
 
 
 def test_local_worker_hook_drops_only_the_state_api_warning(caplog, ray_session, monkeypatch):
-    from pipelines.runtime import _PG_CLEANER_LOGGER, LOCAL_RUNTIME_ENV, quiet_local_worker_logs
+    # no state API query leaves a local instance's worker: Ray sent it to the dashboard address
+    # the GCS records even without a dashboard (127.0.0.1:8265: a port-forward to a cluster's
+    # dashboard answered "no such actor", and Ray Train's placement-group cleaner removed the
+    # run's placement group), to the shell's RAY_API_SERVER_ADDRESS, or raised with two
+    # instances on the machine; here, where Ray resolves it in a worker
+    from ray.dashboard.utils import get_address_for_submission_client
 
-    # the local instance's workers ask its own state API, whatever the user's shell named
-    # (another cluster's dashboard; unset, two instances on the machine made the cleaner raise)
-    own = ray_session.get_runtime_context().gcs_address
+    from pipelines.runtime import (
+        _PG_CLEANER_LOGGER,
+        LOCAL_RUNTIME_ENV,
+        NO_STATE_API_URL,
+        quiet_local_worker_logs,
+    )
 
     @ray_session.remote(num_cpus=0)
-    def state_api() -> str | None:
-        return os.environ.get("RAY_API_SERVER_ADDRESS")
+    def state_api_url() -> str:
+        return get_address_for_submission_client(None)
 
-    assert ray_session.get(state_api.remote()) == own
+    assert ray_session.get(state_api_url.remote()) == NO_STATE_API_URL
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://elsewhere:8265")
     assert LOCAL_RUNTIME_ENV["worker_process_setup_hook"].endswith(".quiet_local_worker_logs")
     quiet_local_worker_logs()
-    assert os.environ["RAY_API_SERVER_ADDRESS"] == own
+    assert get_address_for_submission_client(None) == NO_STATE_API_URL
     quiet_local_worker_logs()  # each worker runs it once; twice adds nothing
     logger = logging.getLogger(_PG_CLEANER_LOGGER)
     assert len(logger.filters) == 1
@@ -1177,7 +1185,7 @@ def test_sigterm_of_the_cli_exits_130_in_one_line_and_ends_the_run_killed(shards
     # driver then aborted in teardown (-6); routed, Ray Train aborts the workers as on Ctrl-C
     assert "SIGTERM received" not in text, text[-3000:]
     # this test's Ray runs beside the CLI's: Ray Train's placement-group cleaner looked for "the"
-    # instance on the machine, found two and died in a traceback (now it asks its own)
+    # instance on the machine, found two and died in a traceback (now it asks none)
     assert "PlacementGroupCleaner" not in text, text[-3000:]
     run_id = (tmp_path / "t" / "mlflow_run_id").read_text()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
