@@ -132,7 +132,8 @@ class _Decoder(FileDecoder):
         import ray
 
         self._known_ref = known if isinstance(known, ray.ObjectRef) else None
-        super().__init__(settings, secret, frozenset() if self._known_ref else known, keep_paths)
+        fetched_later = self._known_ref is not None
+        super().__init__(settings, secret, frozenset() if fetched_later else known, keep_paths)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self._known_ref is not None:

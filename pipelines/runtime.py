@@ -55,10 +55,11 @@ def quiet_local_worker_logs() -> None:
     Ray Train starts a placement-group cleaner beside each run that asks the state API once a
     second whether the run's controller is still alive, to free its resources if it crashed.
     The local instance has no dashboard, hence no state API (see :func:`_no_state_api`), so
-    each query fails and logs a warning: thousands of lines an hour in the user's terminal. A local instance ends
-    with the driver that started it, and the one place a run's controller dies before that,
-    a sweep trial Tune stops, is cleaned by the sweep itself (``pipelines.placement_groups``).
-    On a cluster the dashboard is up and the hook is not installed.
+    each query fails and logs a warning: thousands of lines an hour in the user's terminal. A
+    local instance ends with the driver that started it, and the one place a run's controller
+    dies before that, a sweep trial Tune stops, is cleaned by the sweep itself
+    (``pipelines.placement_groups``). On a cluster the dashboard is up and the hook is not
+    installed.
     """
     logger = logging.getLogger(_PG_CLEANER_LOGGER)
     if not any(isinstance(f, DropPrefix) for f in logger.filters):
