@@ -834,8 +834,11 @@ def probe_cmd(
         typer.Option("--csv", help="Labels CSV: image paths (relative to it) + label columns."),
     ] = None,
     shards: Annotated[
-        Path | None,
-        typer.Option("--shards", help="Ingest output instead of --csv (labels from metadata)."),
+        str | None,
+        typer.Option(
+            "--shards",
+            help="Ingest output instead of --csv (labels from metadata), a path or URI.",
+        ),
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

@@ -141,6 +141,7 @@ def run_embed(
     ``model`` is a checkpoint or run folder, either as a URI, or a ``models:/`` reference
     looked up in ``tracking_uri``. A local folder must be on every node that runs an actor.
     """
+    import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     import ray
@@ -162,6 +163,8 @@ def run_embed(
         require_columns(present, shards_dir, ["image_id", "pixels", "height", "width", "dtype"])
     except ShardError as err:
         raise EmbedError(str(err)) from None
+    except (OSError, pa.ArrowException) as err:  # storage that does not answer: a traceback
+        raise EmbedError(f"cannot read shards at {shards_dir}: {err}") from None
     try:
         resolved = resolve_model(str(model), tracking_uri=tracking_uri)
         # every actor reads meta.json first; a folder without one (the shards given as

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 __all__ = [
@@ -57,11 +59,88 @@ def redact_strings(value: Any) -> Any:
 
 def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and path for a local folder or a URI (``s3://``, ``gs://``,
-    ``file://``, ...), so shards can live on object storage on a cluster."""
+    ``file://``, ...), so shards can live on object storage on a cluster. The first use of a
+    Google Cloud Storage bucket in a process is checked (:func:`_check_gcs`): an OSError
+    saying why when it cannot be reached."""
     text = str(location)
     if "://" in text:
-        return pafs.FileSystem.from_uri(text)
+        fs, path = pafs.FileSystem.from_uri(text)
+        if fs.type_name == "gcs":
+            _check_gcs(text, path)
+        return fs, path
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(text))
+
+
+# pyarrow leaves GCS errors to google-cloud-cpp's retry policy, 15 minutes by default: on a
+# machine without credentials (or without a route to Google) every gs:// command, `radjepa
+# serve --head gs://...` included, sat silent for 15 minutes before its error. The first
+# request to a bucket is retried for this long instead; later requests keep the long policy,
+# which rides out a transient outage in the middle of a run. S3 fails in seconds already.
+GCS_FIRST_TOUCH_S = 20
+# a failed first touch is remembered this long: a command that reads one location twice (a
+# head, then its checkpoint files) waited the whole limit again for the same answer
+_GCS_FAILURE_KEPT_S = 60.0
+_GCS_RETRY = "retry_limit_seconds"
+_GCS_GAVE_UP = "Retry policy exhausted"  # google-cloud-cpp's status for "no answer in time"
+_GCS_NO_TOKEN = "access token"  # its status when the credentials fail, before any request
+_gcs_reached: set[str] = set()  # scheme://bucket?query: answered once in this process
+_gcs_failed: dict[str, tuple[float, str]] = {}  # the same key: when it failed, and why
+
+
+def _check_gcs(uri: str, path: str) -> None:
+    """One metadata request for ``path`` under a retry limit (the URI's own
+    ``?retry_limit_seconds=`` or :data:`GCS_FIRST_TOUCH_S`); OSError naming the cause and
+    what to do (credentials, network) when no token could be made or the limit passed without
+    an answer. Any answer, an error included, counts as reached: a key that may write but not
+    read gets a 403 here, and the operation itself decides. Once per bucket per process."""
+    parts = urlsplit(uri)
+    bucket = f"{parts.scheme}://{parts.netloc}?{parts.query}"
+    if bucket in _gcs_reached:
+        return
+    failed = _gcs_failed.get(bucket)
+    if failed is not None and time.monotonic() - failed[0] < _GCS_FAILURE_KEPT_S:
+        raise OSError(failed[1])
+    query = dict(q.split("=", 1) if "=" in q else (q, "") for q in parts.query.split("&") if q)
+    limit = query.setdefault(_GCS_RETRY, str(GCS_FIRST_TOUCH_S))
+    probe_uri = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items())).geturl()
+    probe = pafs.FileSystem.from_uri(probe_uri)[0]
+    try:
+        probe.get_file_info(path)
+    except (OSError, pa.ArrowException) as err:  # a missing key file is an ArrowException
+        text = str(err)
+        if _GCS_GAVE_UP in text or _GCS_NO_TOKEN in text:
+            message = _gcs_unreachable(limit, text)  # the callers name the location
+            _gcs_failed[bucket] = (time.monotonic(), message)
+            raise OSError(message) from None
+    _gcs_reached.add(bucket)
+    _gcs_failed.pop(bucket, None)
+
+
+def _gcs_unreachable(limit: str, status: str) -> str:
+    """google-cloud-cpp's ~1,000-character status cut to its cause and a next step."""
+    found = re.search(r"last message of (.*?)(?: error_info=|$)", status, re.S)
+    cause = found.group(1) if found else status
+    for noise in (
+        r" ?Learn more about .*? at \S+?\.(?=\s|$)",
+        r" ?The request was not sent[^.]*\.",
+    ):
+        cause = re.sub(noise, "", cause)
+    what = (
+        f"no answer from Google Cloud Storage within {limit} s"
+        if _GCS_GAVE_UP in status
+        else "no request could be sent to Google Cloud Storage"
+    )
+    if _GCS_NO_TOKEN in cause:
+        step = (
+            "give this machine working Google Cloud credentials (GOOGLE_APPLICATION_CREDENTIALS "
+            "naming a service-account key file, `gcloud auth application-default login`, or the "
+            "VM's or pod's service account)"
+        )
+    else:
+        step = "check this machine's route to Google Cloud Storage and the bucket's name"
+    if _GCS_GAVE_UP in status:
+        step += f", or allow it longer with ?{_GCS_RETRY}=SECONDS in the URI"
+    return f"{what} ({cause.strip()}); {step}"
 
 
 def spell_like(location: str | Path, fs_path: str) -> str:

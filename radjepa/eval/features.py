@@ -278,9 +278,16 @@ def load_shard_dataset(
     ``Dataset.rejected`` by image id: PNG/JPEG inputs carry no DICOM metadata, and unlike a CSV
     a shard cannot be filled in, so refusing them refused every archive that mixed formats.
     """
-    from radjepa.shards import read_images
+    import pyarrow as pa
 
-    images, meta = read_images(dst, limit=limit)
+    from radjepa.shards import ShardError, read_images
+
+    try:
+        images, meta = read_images(dst, limit=limit)
+    except ShardError:
+        raise
+    except (OSError, pa.ArrowException) as err:  # storage that does not answer: a traceback
+        raise DatasetError(f"cannot read shards at {dst}: {err}") from None
     specs = [parse_label_spec(s) for s in label_cols]
     cols = meta.column_names
     absent = [c for c in [*(s.column for s in specs), group_col] if c and c not in cols]

@@ -1,0 +1,176 @@
+"""Google Cloud Storage locations: pyarrow's real GCS client against a loopback stand-in for the
+service (tests/fake_gcs.py), and against a machine without credentials."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow.fs as pafs
+import pytest
+from fake_gcs import fake_gcs
+
+from radjepa import locations
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state(monkeypatch):
+    """What a new process knows of buckets: nothing (the module keeps it per process)."""
+    monkeypatch.setattr(locations, "_gcs_reached", set(), raising=False)
+    monkeypatch.setattr(locations, "_gcs_failed", {}, raising=False)
+
+
+def test_a_bucket_that_does_not_answer_is_named_within_the_first_touch_limit(tmp_path):
+    # google-cloud-cpp retries an unavailable service for 15 minutes by default: every gs://
+    # command sat silent that long before its error (a 503 here stands for any outage). In a
+    # process of its own: a test cannot interrupt the client's wait, its own process can.
+    import subprocess
+    import sys
+
+    from serve_helpers import REPO
+
+    script = (
+        "import sys\n"
+        "from radjepa import locations\n"
+        "locations.GCS_FIRST_TOUCH_S = 2\n"
+        "try:\n"
+        "    locations.read_text(sys.argv[1])\n"
+        "except OSError as err:\n"
+        "    print(err)\n"
+    )
+    with fake_gcs(503, tmp_path) as gcs:
+        env = {**os.environ, "GOOGLE_APPLICATION_CREDENTIALS": str(gcs.credentials)}
+        started = time.monotonic()
+        res = subprocess.run(
+            [sys.executable, "-c", script, gcs.uri("bkt/runs/best.yaml")],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        took = time.monotonic() - started
+    said = res.stdout.strip()
+    assert said.startswith("no answer from Google Cloud Storage within 2 s ("), res
+    assert "fake status 503" in said and "error_info" not in said, said
+    assert said.endswith("or allow it longer with ?retry_limit_seconds=SECONDS in the URI")
+    assert took < 30, took
+
+
+def test_a_failed_first_touch_is_remembered_a_while(tmp_path, monkeypatch):
+    # a command that reads one location twice (a head, then its files) waited twice
+    with fake_gcs(503, tmp_path) as gcs:
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
+        with pytest.raises(OSError, match="^no answer from Google Cloud Storage within 1 s"):
+            locations.filesystem(gcs.uri("bkt/runs", retry_limit_seconds="1"))
+        asked = len(gcs.storage_requests())
+        started = time.monotonic()
+        with pytest.raises(OSError, match="^no answer from Google Cloud Storage within 1 s"):
+            locations.filesystem(gcs.uri("bkt/runs/head", retry_limit_seconds="1"))
+        assert time.monotonic() - started < 0.5 and len(gcs.storage_requests()) == asked
+
+
+def test_the_uris_own_retry_limit_is_the_first_touch_limit(tmp_path, monkeypatch):
+    with fake_gcs(503, tmp_path) as gcs:
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
+        with pytest.raises(OSError, match="^no answer from Google Cloud Storage within 1 s"):
+            locations.filesystem(gcs.uri("bkt/x", retry_limit_seconds="1"))
+
+
+def test_a_bucket_that_answers_is_asked_once_per_process(tmp_path, monkeypatch):
+    with fake_gcs(404, tmp_path) as gcs:  # "no such object": an answer
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
+        fs, path = locations.filesystem(gcs.uri("bkt/shards"))
+        assert fs.type_name == "gcs" and path == "bkt/shards"
+        asked = len(gcs.storage_requests())
+        assert asked >= 1
+        assert locations.read_text(gcs.uri("bkt/shards/manifest.json")) is None
+        later = gcs.storage_requests()[asked:]  # read_text's own only: no second probe
+        assert later and all("manifest.json" in r for r in later), later
+
+
+def test_a_refusal_is_an_answer_the_operation_itself_reports(tmp_path, monkeypatch):
+    # a key that may write but not read gets 403 on a metadata request: the first touch must
+    # not refuse what the operation may be allowed to do
+    with fake_gcs(403, tmp_path) as gcs:
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
+        fs, path = locations.filesystem(gcs.uri("bkt/out"))
+        with pytest.raises(PermissionError, match="fake status 403"):
+            fs.get_file_info(path)
+
+
+def test_a_credentials_file_that_is_not_there_is_named_without_waiting(tmp_path, monkeypatch):
+    # google-cloud-cpp raised this as pyarrow's ArrowException, which no caller catches as a
+    # storage error: a traceback
+    missing = tmp_path / "key.json"
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(missing))
+    started = time.monotonic()
+    with pytest.raises(OSError) as err:
+        locations.filesystem("gs://bkt/x")
+    said = str(err.value)
+    assert said.startswith("no request could be sent to Google Cloud Storage ("), said
+    assert f"Cannot open credentials file {missing}" in said, said
+    assert "GOOGLE_APPLICATION_CREDENTIALS naming a service-account key file" in said
+    assert "retry_limit_seconds" not in said  # waiting longer would not help
+    assert time.monotonic() - started < 10
+
+
+def test_other_schemes_are_not_asked_anything(tmp_path):
+    fs, path = locations.filesystem(tmp_path.as_uri())
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path)
+    assert locations._gcs_reached == set() and locations._gcs_failed == {}
+
+
+@pytest.mark.timeout(300)
+def test_every_command_names_an_unanswering_bucket_in_one_line(tmp_path):
+    """Each command on a gs:// location the service does not answer for: one line naming the
+    location and the cause, exit 2. Before, each waited out the client's 15 minutes (the URIs
+    here allow 1 s, as a user can); then `embed` and `probe` printed pyarrow's traceback,
+    `probe --shards` read a URI as a local path (``./gs:/...``: "no Parquet shards"), and the
+    others a 1,000-character client status."""
+    import subprocess
+    import sys
+
+    from serve_helpers import REPO, TINY_CONFIG, make_checkpoint
+
+    ckpt = str(make_checkpoint(tmp_path / "ckpt"))
+    with fake_gcs(503, tmp_path) as gcs:
+        uri = gcs.uri("bkt/data", retry_limit_seconds="1")
+        commands = {
+            "pretrain": (["pretrain", "--data", uri], "cannot read shards at"),
+            "probe": (
+                ["probe", ckpt, "--shards", uri, "--label", "sex=F", "--no-mlflow", "--out"]
+                + [str(tmp_path / "p")],
+                "cannot read shards at",
+            ),
+            "embed": (
+                ["embed", "--model", ckpt, uri, str(tmp_path / "e")],
+                "cannot read shards at",
+            ),
+            "ingest": (["ingest", str(tmp_path), uri], "cannot use destination"),
+            "serve": (["serve", "--model", ckpt, "--head", uri], "cannot read probe head"),
+        }
+        env = {
+            **os.environ,
+            "GOOGLE_APPLICATION_CREDENTIALS": str(gcs.credentials),
+            "RADJEPA_DEID_SECRET": "k" * 64,
+            "RADJEPA_API_KEYS": "a-test-key-of-some-length",
+            "RADJEPA_CACHE": str(tmp_path / "cache"),
+        }
+        for name, (args, head) in commands.items():
+            res = subprocess.run(
+                [sys.executable, "-m", "pipelines.cli", *args, "-c", str(TINY_CONFIG)],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            said = res.stderr.strip().splitlines()
+            assert res.returncode == 2, (name, res.stderr)
+            assert len(said) == 1, (name, res.stderr)
+            assert said[0].startswith(
+                f"error: {head} {uri}: no answer from Google Cloud Storage within 1 s ("
+            ), (name, said[0])
+            assert "fake status 503" in said[0], (name, said[0])
+    assert not (tmp_path / "p").exists() and not (tmp_path / "e").exists()
