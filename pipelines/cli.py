@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -685,6 +686,16 @@ def jobs_stop(
     typer.echo(f"stop requested for {job_id}" if stopped else f"{job_id} had already finished")
 
 
+def _refuse_uri(option: str, value: Path | None) -> None:
+    """A URI given where a local path is read (click makes ``s3://b/out`` the path
+    ``s3:/b/out``): ``probe --out s3://...`` wrote its report into a folder ``./s3:`` here."""
+    if value is not None and value.parts and re.fullmatch(r"[A-Za-z][\w+.\-]*:", value.parts[0]):
+        raise UserError(
+            f"{option} takes a path on this machine, not a {value.parts[0]}// URI: probe reads "
+            "its CSVs and writes its report here (its --shards may be a URI)"
+        )
+
+
 def _paired_cells(report: dict[str, Any], label: str) -> list[str]:
     """``ours-pixels +0.052 [+0.010, +0.094] *`` per baseline: the paired AUROC difference,
     marked as the report's table marks it (``*`` interval excludes 0, ``†`` after Holm)."""
@@ -872,6 +883,8 @@ def probe_cmd(
         raise UserError("--register-head needs MLflow tracking (drop --no-mlflow)")
     if (csv is None) == (shards is None):
         raise UserError("give exactly one of --csv or --shards")
+    for option, value in (("--out", out), ("--csv", csv), ("--seg-csv", seg_csv)):
+        _refuse_uri(option, value)
     if seg_csv is not None and not structure:
         raise UserError("--seg-csv needs at least one --structure (a mask column)")
     from pipelines.tracking import check_reachable, store_uri

@@ -335,7 +335,7 @@ def test_cli_probe_logs_metrics_artifacts_and_registers_head(
     assert np.array_equal(fetched.predict_proba(x), saved.predict_proba(x))
 
 
-def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_dir):
+def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_dir, monkeypatch):
     from pipelines.cli import UserError, probe_cmd
 
     with pytest.raises(UserError, match="never occurs"):
@@ -352,6 +352,18 @@ def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_d
     with pytest.raises(UserError, match="checkpoint not found"):
         probe_cmd(tmp_path / "nope", ["sex"], tmp_path / "z", csv=nih_dir / "labels.csv")
     assert not (tmp_path / "x" / "report.json").exists()
+    # click turns s3://b/out into the path s3:/b/out: the report went to a folder ./s3: here
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for option, given in (("--out", {"out": Path("s3://b/out")}), ("--csv", {})):
+        args = {"out": tmp_path / "o", "csv": Path("gs://b/labels.csv"), **given}
+        scheme = "s3" if option == "--out" else "gs"
+        with pytest.raises(
+            UserError, match=f"^{option} takes a path on this machine, not a {scheme}:// URI"
+        ):
+            probe_cmd(checkpoint, ["sex"], mlflow=False, **args)
+    assert list(work.iterdir()) == [] and not (tmp_path / "o").exists()
 
 
 def test_cli_says_in_one_line_when_mlflow_refuses_the_store_and_keeps_the_report(
