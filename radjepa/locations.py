@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -73,16 +74,21 @@ def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
 
 # pyarrow leaves GCS errors to google-cloud-cpp's retry policy, 15 minutes by default: on a
 # machine without credentials (or without a route to Google) every gs:// command, `radjepa
-# serve --head gs://...` included, sat silent for 15 minutes before its error. The first
-# request to a bucket is retried for this long instead; later requests keep the long policy,
-# which rides out a transient outage in the middle of a run. S3 fails in seconds already.
+# serve --head gs://...` included, sat silent for 15 minutes before its error. Each process's
+# first request to a bucket is retried for this long instead; its later requests keep the long
+# policy, which rides out a transient outage. S3 fails in seconds already.
 GCS_FIRST_TOUCH_S = 20
+# the client checks its limit between attempts only: one attempt on a connection that stalls
+# (a firewall that drops packets) ran for curl's two minutes, so the wait is bounded here too
+_GCS_STALL_GRACE_S = 5.0
 # a failed first touch is remembered this long: a command that reads one location twice (a
 # head, then its checkpoint files) waited the whole limit again for the same answer
 _GCS_FAILURE_KEPT_S = 60.0
 _GCS_RETRY = "retry_limit_seconds"
-_GCS_GAVE_UP = "Retry policy exhausted"  # google-cloud-cpp's status for "no answer in time"
-_GCS_NO_TOKEN = "access token"  # its status when the credentials fail, before any request
+_GCS_GAVE_UP = "Retry policy exhausted"  # google-cloud-cpp's status: no usable answer in time
+# ... and its status when no token could be made (no credentials, an unreadable key file),
+# before any request; a 401's own body ("Expected OAuth 2 access token") is an answer
+_GCS_NO_TOKEN = "Could not create a OAuth2 access token"
 _gcs_reached: set[str] = set()  # scheme://bucket?query: answered once in this process
 _gcs_failed: dict[str, tuple[float, str]] = {}  # the same key: when it failed, and why
 
@@ -91,8 +97,8 @@ def _check_gcs(uri: str, path: str) -> None:
     """One metadata request for ``path`` under a retry limit (the URI's own
     ``?retry_limit_seconds=`` or :data:`GCS_FIRST_TOUCH_S`); OSError naming the cause and
     what to do (credentials, network) when no token could be made or the limit passed without
-    an answer. Any answer, an error included, counts as reached: a key that may write but not
-    read gets a 403 here, and the operation itself decides. Once per bucket per process."""
+    a usable answer. Any answer, an error included, counts as reached: a key that may write but
+    not read gets a 403 here, and the operation itself decides. Once per bucket per process."""
     parts = urlsplit(uri)
     bucket = f"{parts.scheme}://{parts.netloc}?{parts.query}"
     if bucket in _gcs_reached:
@@ -100,24 +106,44 @@ def _check_gcs(uri: str, path: str) -> None:
     failed = _gcs_failed.get(bucket)
     if failed is not None and time.monotonic() - failed[0] < _GCS_FAILURE_KEPT_S:
         raise OSError(failed[1])
-    query = dict(q.split("=", 1) if "=" in q else (q, "") for q in parts.query.split("&") if q)
-    limit = query.setdefault(_GCS_RETRY, str(GCS_FIRST_TOUCH_S))
+    query: dict[str, str] = {}
+    for item in filter(None, parts.query.split("&")):
+        key, _, value = item.partition("=")
+        query.setdefault(key, value)  # pyarrow reads the first of a repeated option
+    limit = unquote(query.setdefault(_GCS_RETRY, str(GCS_FIRST_TOUCH_S)))
     probe_uri = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items())).geturl()
     probe = pafs.FileSystem.from_uri(probe_uri)[0]
-    try:
-        probe.get_file_info(path)
-    except (OSError, pa.ArrowException) as err:  # a missing key file is an ArrowException
-        text = str(err)
-        if _GCS_GAVE_UP in text or _GCS_NO_TOKEN in text:
-            message = _gcs_unreachable(limit, text)  # the callers name the location
-            _gcs_failed[bucket] = (time.monotonic(), message)
-            raise OSError(message) from None
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            probe.get_file_info(path)
+            outcome.append(None)
+        except BaseException as err:  # handed to the caller's thread
+            outcome.append(err)
+
+    asker = threading.Thread(target=ask, name="radjepa-gcs-first-touch", daemon=True)
+    asker.start()
+    asker.join(float(limit) + _GCS_STALL_GRACE_S)
+    if not outcome:  # still waiting on a stalled connection: left to finish in the background
+        message: str | None = _gcs_unreachable(limit, "")
+    else:
+        err = outcome[0]
+        if err is not None and not isinstance(err, OSError | pa.ArrowException):
+            raise err  # a missing key file is an ArrowException, a status an OSError
+        text = "" if err is None else str(err)
+        failed_here = _GCS_GAVE_UP in text or _GCS_NO_TOKEN in text
+        message = _gcs_unreachable(limit, text) if failed_here else None
+    if message is not None:  # the callers name the location
+        _gcs_failed[bucket] = (time.monotonic(), message)
+        raise OSError(message)
     _gcs_reached.add(bucket)
     _gcs_failed.pop(bucket, None)
 
 
 def _gcs_unreachable(limit: str, status: str) -> str:
-    """google-cloud-cpp's ~1,000-character status cut to its cause and a next step."""
+    """google-cloud-cpp's ~1,000-character status cut to its cause and a next step ("" for a
+    request that got no answer at all)."""
     found = re.search(r"last message of (.*?)(?: error_info=|$)", status, re.S)
     cause = found.group(1) if found else status
     for noise in (
@@ -125,11 +151,14 @@ def _gcs_unreachable(limit: str, status: str) -> str:
         r" ?The request was not sent[^.]*\.",
     ):
         cause = re.sub(noise, "", cause)
-    what = (
-        f"no answer from Google Cloud Storage within {limit} s"
-        if _GCS_GAVE_UP in status
-        else "no request could be sent to Google Cloud Storage"
-    )
+    cause = cause.strip() or "a request was still waiting"
+    sent = _GCS_GAVE_UP in status or not status  # else no token: nothing was sent
+    if not status:
+        what = f"no answer from Google Cloud Storage within {limit} s"
+    elif sent:
+        what = f"no usable answer from Google Cloud Storage within {limit} s"
+    else:
+        what = "no request could be sent to Google Cloud Storage"
     if _GCS_NO_TOKEN in cause:
         step = (
             "give this machine working Google Cloud credentials (GOOGLE_APPLICATION_CREDENTIALS "
@@ -138,9 +167,9 @@ def _gcs_unreachable(limit: str, status: str) -> str:
         )
     else:
         step = "check this machine's route to Google Cloud Storage and the bucket's name"
-    if _GCS_GAVE_UP in status:
+    if sent:  # waiting longer may help
         step += f", or allow it longer with ?{_GCS_RETRY}=SECONDS in the URI"
-    return f"{what} ({cause.strip()}); {step}"
+    return f"{what} ({cause}); {step}"
 
 
 def spell_like(location: str | Path, fs_path: str) -> str:

@@ -30,9 +30,11 @@ class FakeGcs:
 
 
 @contextmanager
-def fake_gcs(status: int, folder: Path) -> Iterator[FakeGcs]:
+def fake_gcs(status: int, folder: Path, message: str = "") -> Iterator[FakeGcs]:
     """A server answering storage requests with ``status`` (404: "no such object", an answer;
-    503: unavailable, which the client retries), and any token request with a token."""
+    503: unavailable, which the client retries) and ``message`` (default: ``fake status N``),
+    and any token request with a token."""
+    said = message or f"fake status {status}"
     seen: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -51,7 +53,7 @@ def fake_gcs(status: int, folder: Path) -> Iterator[FakeGcs]:
 
         def do_GET(self) -> None:
             seen.append(f"GET {self.path}")
-            self._answer(status, {"error": {"code": status, "message": f"fake status {status}"}})
+            self._answer(status, {"error": {"code": status, "message": said}})
 
         def log_message(self, *args: object) -> None:
             pass

@@ -51,7 +51,7 @@ def test_a_bucket_that_does_not_answer_is_named_within_the_first_touch_limit(tmp
         )
         took = time.monotonic() - started
     said = res.stdout.strip()
-    assert said.startswith("no answer from Google Cloud Storage within 2 s ("), res
+    assert said.startswith("no usable answer from Google Cloud Storage within 2 s ("), res
     assert "fake status 503" in said and "error_info" not in said, said
     assert said.endswith("or allow it longer with ?retry_limit_seconds=SECONDS in the URI")
     assert took < 30, took
@@ -61,20 +61,67 @@ def test_a_failed_first_touch_is_remembered_a_while(tmp_path, monkeypatch):
     # a command that reads one location twice (a head, then its files) waited twice
     with fake_gcs(503, tmp_path) as gcs:
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
-        with pytest.raises(OSError, match="^no answer from Google Cloud Storage within 1 s"):
+        unusable = "^no usable answer from Google Cloud Storage within 1 s"
+        with pytest.raises(OSError, match=unusable):
             locations.filesystem(gcs.uri("bkt/runs", retry_limit_seconds="1"))
         asked = len(gcs.storage_requests())
         started = time.monotonic()
-        with pytest.raises(OSError, match="^no answer from Google Cloud Storage within 1 s"):
+        with pytest.raises(OSError, match=unusable):
             locations.filesystem(gcs.uri("bkt/runs/head", retry_limit_seconds="1"))
         assert time.monotonic() - started < 0.5 and len(gcs.storage_requests()) == asked
+        # ... a while: past it, the bucket is asked again
+        monkeypatch.setattr(locations, "_GCS_FAILURE_KEPT_S", 0.0)
+        with pytest.raises(OSError, match=unusable):
+            locations.filesystem(gcs.uri("bkt/runs/head", retry_limit_seconds="1"))
+        assert len(gcs.storage_requests()) > asked
 
 
 def test_the_uris_own_retry_limit_is_the_first_touch_limit(tmp_path, monkeypatch):
     with fake_gcs(503, tmp_path) as gcs:
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
-        with pytest.raises(OSError, match="^no answer from Google Cloud Storage within 1 s"):
-            locations.filesystem(gcs.uri("bkt/x", retry_limit_seconds="1"))
+        started = time.monotonic()
+        with pytest.raises(OSError, match="^no usable answer from Google Cloud Storage within 1 s"):
+            # pyarrow reads the first of a repeated option, and so does the check
+            locations.filesystem(
+                gcs.uri("bkt/x", retry_limit_seconds="1") + "&retry_limit_seconds=9"
+            )
+        assert time.monotonic() - started < 8  # not the default 20 s, nor 9
+
+
+def test_a_connection_that_never_answers_is_given_up_on_too(tmp_path, monkeypatch):
+    # the client checks its limit between attempts only: one attempt on a stalled connection
+    # (a firewall that drops packets) ran for curl's two minutes whatever the limit
+    import socket
+
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(16)  # accepted by the kernel, never read or answered
+    port = stalled.getsockname()[1]
+    try:
+        with fake_gcs(404, tmp_path) as gcs:  # its token endpoint only
+            monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
+            uri = f"gs://bkt/x?endpoint_override=127.0.0.1:{port}&scheme=http&retry_limit_seconds=1"
+            started = time.monotonic()
+            with pytest.raises(OSError) as err:
+                locations.filesystem(uri)
+            took = time.monotonic() - started
+    finally:
+        stalled.close()
+    said = str(err.value)
+    assert said.startswith(
+        "no answer from Google Cloud Storage within 1 s (a request was still waiting); check "
+        "this machine's route to Google Cloud Storage"
+    ), said
+    assert took < 1 + locations._GCS_STALL_GRACE_S + 5, took
+
+
+def test_a_401_is_an_answer_though_it_speaks_of_access_tokens(tmp_path, monkeypatch):
+    # Google's 401 body says "Expected OAuth 2 access token": an answer, not a token never made
+    with fake_gcs(401, tmp_path, "Expected OAuth 2 access token, login cookie or other") as gcs:
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
+        fs, path = locations.filesystem(gcs.uri("bkt/x"))
+        with pytest.raises(OSError, match="Expected OAuth 2 access token"):
+            fs.get_file_info(path)  # the operation says it, as before
 
 
 def test_a_bucket_that_answers_is_asked_once_per_process(tmp_path, monkeypatch):
@@ -95,6 +142,7 @@ def test_a_refusal_is_an_answer_the_operation_itself_reports(tmp_path, monkeypat
     with fake_gcs(403, tmp_path) as gcs:
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
         fs, path = locations.filesystem(gcs.uri("bkt/out"))
+        assert [k for k in locations._gcs_reached if k.startswith("gs://bkt?")]
         with pytest.raises(PermissionError, match="fake status 403"):
             fs.get_file_info(path)
 
@@ -170,7 +218,20 @@ def test_every_command_names_an_unanswering_bucket_in_one_line(tmp_path):
             assert res.returncode == 2, (name, res.stderr)
             assert len(said) == 1, (name, res.stderr)
             assert said[0].startswith(
-                f"error: {head} {uri}: no answer from Google Cloud Storage within 1 s ("
+                f"error: {head} {uri}: no usable answer from Google Cloud Storage within 1 s ("
             ), (name, said[0])
             assert "fake status 503" in said[0], (name, said[0])
     assert not (tmp_path / "p").exists() and not (tmp_path / "e").exists()
+
+
+def test_an_ingest_worker_that_cannot_reach_its_source_quarantines_the_file(tmp_path, monkeypatch):
+    # each Ray Data worker makes its own first touch: a failed one escaped the read task (a
+    # traceback for the run) where an unreadable file is one quarantined input, re-read by the
+    # next run
+    from radjepa.ingest.sources import iter_source
+
+    with fake_gcs(503, tmp_path) as gcs:
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
+        ref = {"source": gcs.uri("bkt/src", retry_limit_seconds="1"), "kind": "file"}
+        rows = list(iter_source({**ref, "path": "bkt/src/a.dcm"}, 1 << 20))
+    assert [(r["name"], r["read_error"]) for r in rows] == [("bkt/src/a.dcm", "read_error:OSError")]

@@ -185,8 +185,8 @@ def count_members(ref: dict[str, str]) -> int | None:
     """Members of an archive, for the progress total and the decoder pool's size (unreadable
     archives count 1); None for a compressed tar over :data:`COUNT_LIMIT_BYTES`, which only a
     full decompression could count."""
-    fs, _ = filesystem(ref["source"])
     try:
+        fs, _ = filesystem(ref["source"])
         with fs.open_input_file(ref["path"]) as f:
             if ref["kind"] == "zip":
                 with zipfile.ZipFile(_ZipInput(f)) as z:
@@ -217,13 +217,13 @@ def iter_source(ref: dict[str, str], max_bytes: int) -> Iterator[dict[str, Any]]
 
     Members stream one at a time, so an archive of any size costs one member's bytes; the
     bound is checked on the size a header declares before anything is read."""
-    fs, _ = filesystem(ref["source"])
     path = ref["path"]
 
     def row(name: str, data: bytes | None, size: int | None, err: str | None) -> dict[str, Any]:
         return {"name": utf8_name(name), "data": data, "size_bytes": size, "read_error": err}
 
-    try:
+    try:  # a storage this worker cannot reach (its first touch: OSError) quarantines too
+        fs, _ = filesystem(ref["source"])
         with fs.open_input_file(path) as f:
             kind = archive_kind_of(f.read(HEAD))
             f.seek(0)
