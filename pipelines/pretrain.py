@@ -91,16 +91,12 @@ def build_train_dataset(data: str, cfg: Config, *, start_step: int = 0):
     the first batch, every epoch. ``start_step`` (a resumed run's step) enters the seed so that
     a resume does not replay the first run's order of passes.
     """
-    import ray.data
     from ray.data import FileShuffleConfig
 
     from pipelines.runtime import read_parquet
     from radjepa.training_data import TRAINING_COLUMNS, decode_training_batch, training_files
 
     fs, files = training_files(data)  # the files, not the folder: ingest's listing
-    # the training stream is re-read every epoch: per-epoch progress bars would bury the
-    # step log, which already reports throughput
-    ray.data.DataContext.get_current().enable_progress_bars = False
     seed = (cfg.train.seed + start_step * 1_000_003) % 2**32
     ds = read_parquet(
         files,
@@ -109,6 +105,12 @@ def build_train_dataset(data: str, cfg: Config, *, start_step: int = 0):
         filesystem=fs,
         shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
     )
+    # the training stream is re-read every epoch: per-epoch progress bars would bury the step
+    # log, which already reports throughput. Off in this dataset's own context (a copy of the
+    # current one, shared by the datasets derived from it): off in the process's, they were
+    # off for whatever ran next in it, and the demo's embed stage printed Ray Data's "Progress
+    # bars disabled. To enable, set `ray.data.DataContext...`"
+    ds.context.enable_progress_bars = False
     return ds.map_batches(
         decode_training_batch,
         batch_format="pyarrow",

@@ -45,12 +45,17 @@ _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_grou
 # where a local instance's workers send state API queries: nothing listens on port 0 (refused
 # in milliseconds, the failure Ray's callers expect when the state API is down)
 NO_STATE_API_URL = "http://127.0.0.1:0"
-_NO_STATE_API = "Failed to query Ray Train Controller actor state"
+_CLEANER_QUERY_FAILED = "Failed to query Ray Train Controller actor state"
+# a training run's data coordinator says it once per run: advice for Python users (the
+# training stream's progress bars are off on purpose, see pipelines.pretrain)
+_RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+_PROGRESS_ADVICE = "Progress bars disabled. To enable, set "
 
 
 def quiet_local_worker_logs() -> None:
     """Ray worker setup hook of the local instance: drop one warning that would repeat every
-    second of every training run, and have no state API query leave this worker.
+    second of every training run and Ray Data's advice to turn the training stream's progress
+    bars back on in Python, and have no state API query leave this worker.
 
     Ray Train starts a placement-group cleaner beside each run that asks the state API once a
     second whether the run's controller is still alive, to free its resources if it crashed.
@@ -61,9 +66,13 @@ def quiet_local_worker_logs() -> None:
     (``pipelines.placement_groups``). On a cluster the dashboard is up and the hook is not
     installed.
     """
-    logger = logging.getLogger(_PG_CLEANER_LOGGER)
-    if not any(isinstance(f, DropPrefix) for f in logger.filters):
-        logger.addFilter(DropPrefix(_NO_STATE_API))
+    for name, prefix in (
+        (_PG_CLEANER_LOGGER, _CLEANER_QUERY_FAILED),
+        (_RAY_DATA_PROGRESS_LOGGER, _PROGRESS_ADVICE),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropPrefix) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(DropPrefix(prefix))
     _no_state_api()
 
 

@@ -21,3 +21,11 @@ def processes_naming(text: str) -> list[str]:
         if text in cmdline and state != "Z":
             found.append(f"{proc.name} {cmdline[:120]}")
     return found
+
+
+def ray_logs_dir() -> Path:
+    """The log folder of the Ray instance this process is connected to (its workers' output):
+    Ray has no public call for it."""
+    import ray
+
+    return Path(ray._private.worker._global_node.get_logs_dir_path())

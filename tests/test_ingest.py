@@ -560,6 +560,7 @@ def test_a_decoder_started_as_its_run_ends_stops_without_a_word(ray_session, tmp
     and the ids, as Ray Data does; and one of a live run, which has the ids at its first
     batch."""
     import pyarrow as pa
+    from processes import ray_logs_dir
 
     from pipelines.ingest import _Decoder
 
@@ -573,7 +574,7 @@ def test_a_decoder_started_as_its_run_ends_stops_without_a_word(ray_session, tmp
                 time.sleep(0.05)
             super().__init__({}, b"k" * 32, boxed[0], False)
 
-    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    logs = ray_logs_dir()
     gate, note = tmp_path / "gate", tmp_path / "pid"
     known = ray_session.put(frozenset({"a" * 64}))
     actor = ray_session.remote(num_cpus=0)(Held).remote(str(gate), [known], str(note))

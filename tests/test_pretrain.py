@@ -131,8 +131,15 @@ def test_two_workers_learn_survive_a_failure_and_register(shards, tmp_path):
     # nothing in any worker's log repeats per second (the cleaner's state-API warning), warns
     # about the monitor images (read-only after their trip through the object store), or is
     # the preemption watcher's error line (a cloud-node watcher, off on a local instance), or
-    # is Ray Data's deprecation warning about the options Ray Train's default feeds it
-    markers = (NO_STATE_API, "not writable", "PreemptionWatcher", "exclude_resources")
+    # is Ray Data's deprecation warning about the options Ray Train's default feeds it, or its
+    # advice to turn the training stream's progress bars (off on purpose) back on in Python
+    markers = (
+        CLEANER_QUERY_FAILED,
+        "not writable",
+        "PreemptionWatcher",
+        "exclude_resources",
+        "Progress bars disabled",
+    )
     noisy = {
         p.name: marker
         for p in _worker_logs()
@@ -142,14 +149,14 @@ def test_two_workers_learn_survive_a_failure_and_register(shards, tmp_path):
     assert not noisy
 
 
-NO_STATE_API = "Failed to query Ray Train Controller actor state"
+CLEANER_QUERY_FAILED = "Failed to query Ray Train Controller actor state"
 
 
 def _worker_logs() -> list[Path]:
     """The log files of every Ray worker process this session has started."""
-    import ray
+    from processes import ray_logs_dir
 
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    logs = ray_logs_dir()
     files = sorted(logs.glob("worker-*"))
     assert files, logs
     return files
@@ -173,7 +180,7 @@ def test_the_data_coordinator_is_asked_for_before_the_model_code_is_imported():
     assert shard < engine < model, lines[: model + 1]
 
 
-def test_local_worker_hook_drops_only_the_state_api_warning(caplog, ray_session, monkeypatch):
+def test_local_worker_hook_drops_only_the_cleaners_warning_and_ray_datas_advice(caplog, ray_session, monkeypatch):
     # no state API query leaves a local instance's worker: Ray sent it to the dashboard address
     # the GCS records even without a dashboard (127.0.0.1:8265: a port-forward to a cluster's
     # dashboard answered "no such actor", and Ray Train's placement-group cleaner removed the
@@ -183,6 +190,7 @@ def test_local_worker_hook_drops_only_the_state_api_warning(caplog, ray_session,
 
     from pipelines.runtime import (
         _PG_CLEANER_LOGGER,
+        _RAY_DATA_PROGRESS_LOGGER,
         LOCAL_RUNTIME_ENV,
         NO_STATE_API_URL,
         quiet_local_worker_logs,
@@ -201,10 +209,22 @@ def test_local_worker_hook_drops_only_the_state_api_warning(caplog, ray_session,
     logger = logging.getLogger(_PG_CLEANER_LOGGER)
     assert len(logger.filters) == 1
     with caplog.at_level(logging.WARNING, logger=_PG_CLEANER_LOGGER):
-        logger.warning(NO_STATE_API + ". State API may be temporarily unavailable.")
+        logger.warning(CLEANER_QUERY_FAILED + ". State API may be temporarily unavailable.")
         logger.warning("Detected that the Ray Train controller actor (x) is dead.")
     assert [r.getMessage() for r in caplog.records] == [
         "Detected that the Ray Train controller actor (x) is dead."
+    ]
+    caplog.clear()
+    data = logging.getLogger(_RAY_DATA_PROGRESS_LOGGER)
+    assert len(data.filters) == 1
+    with caplog.at_level(logging.INFO, logger=_RAY_DATA_PROGRESS_LOGGER):
+        data.warning(
+            "Progress bars disabled. To enable, set "
+            "`ray.data.DataContext.get_current().enable_progress_bars = True`."
+        )
+        data.info("Progress will be logged because stdout is a non-interactive terminal.")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Progress will be logged because stdout is a non-interactive terminal."
     ]
 
 
@@ -343,9 +363,15 @@ def test_training_stream_is_every_image_but_the_holdout(shards, tmp_path):
         return hashlib.sha256(a.tobytes()).hexdigest()
 
     want = Counter(digest(a) for a, i in zip(images, ids, strict=True) if not is_holdout(i, 0.3))
-    batches = build_train_dataset(str(shards), cfg).iter_batches(batch_size=16)
-    got = Counter(digest(a) for b in batches for a in b["image"])
+    ds = build_train_dataset(str(shards), cfg)
+    got = Counter(digest(a) for b in ds.iter_batches(batch_size=16) for a in b["image"])
     assert got == want and sum(got.values()) == info.train_rows
+    # its progress bars are off, the process's are not (they were: the demo's embed stage,
+    # next in the same process, printed Ray Data's advice to turn them back on in Python)
+    from ray.data import DataContext
+
+    assert ds.context.enable_progress_bars is False
+    assert DataContext.get_current().enable_progress_bars is True
 
 
 def test_every_epoch_reads_the_shards_in_a_new_order(shards, tmp_path):
