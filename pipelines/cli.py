@@ -686,13 +686,15 @@ def jobs_stop(
     typer.echo(f"stop requested for {job_id}" if stopped else f"{job_id} had already finished")
 
 
-def _refuse_uri(option: str, value: Path | None) -> None:
-    """A URI given where a local path is read (click makes ``s3://b/out`` the path
-    ``s3:/b/out``): ``probe --out s3://...`` wrote its report into a folder ``./s3:`` here."""
-    if value is not None and value.parts and re.fullmatch(r"[A-Za-z][\w+.\-]*:", value.parts[0]):
+def _refuse_uri(option: str, value: str | Path | None) -> None:
+    """A URI given where a path on this machine is read or written: as a click ``Path``,
+    ``probe --out s3://b/out`` was the path ``s3:/b/out``, and the report went to a folder
+    ``./s3:`` here. Taken as typed (a string), so a local name with a colon stays a path."""
+    scheme, sep, _ = str(value).partition("://")
+    if value is not None and sep and re.fullmatch(r"[A-Za-z][\w+.\-]*", scheme):
         raise UserError(
-            f"{option} takes a path on this machine, not a {value.parts[0]}// URI: probe reads "
-            "its CSVs and writes its report here (its --shards may be a URI)"
+            f"{option} takes a path on this machine, not a {scheme}:// URI: probe reads its "
+            "CSVs and writes its report here (its --shards may be a URI)"
         )
 
 
@@ -833,7 +835,7 @@ def probe_cmd(
         ),
     ],
     out: Annotated[
-        Path,
+        str,
         typer.Option(
             "--out",
             "-o",
@@ -841,7 +843,7 @@ def probe_cmd(
         ),
     ],
     csv: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--csv", help="Labels CSV: image paths (relative to it) + label columns."),
     ] = None,
     shards: Annotated[
@@ -860,7 +862,7 @@ def probe_cmd(
     limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N rows.")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
     seg_csv: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--seg-csv", help="Image + mask-path columns for a segmentation probe."),
     ] = None,
     structure: Annotated[
@@ -885,7 +887,9 @@ def probe_cmd(
         raise UserError("give exactly one of --csv or --shards")
     for option, value in (("--out", out), ("--csv", csv), ("--seg-csv", seg_csv)):
         _refuse_uri(option, value)
-    if seg_csv is not None and not structure:
+    out_dir = Path(out)
+    csv_file, seg_file = (None if v is None else Path(v) for v in (csv, seg_csv))
+    if seg_file is not None and not structure:
         raise UserError("--seg-csv needs at least one --structure (a mask column)")
     from pipelines.tracking import check_reachable, store_uri
     from radjepa.checkpoint import CheckpointError
@@ -895,7 +899,7 @@ def probe_cmd(
     from serve.registry import ModelNotFound, resolve_model
 
     try:  # run_probe checks these too; here they come before a models:/ fetch
-        check_out_dir(out)
+        check_out_dir(out_dir)
         resolve_device(device)
     except DatasetError as err:
         raise UserError(str(err)) from None
@@ -915,15 +919,15 @@ def probe_cmd(
     try:
         report = run_probe(
             resolved.path,
-            csv,
+            csv_file,
             label,
-            out,
+            out_dir,
             cfg,
             shards=shards,
             device=device,
             image_col=image_col,
             limit=limit,
-            seg_csv=seg_csv,
+            seg_csv=seg_file,
             structures=structure or [],
             group_col=group_col or ("patient_id" if csv is not None else "patient_pid"),
         )
@@ -965,7 +969,7 @@ def probe_cmd(
 
         try:
             tr = log_probe_run(
-                report, out, cfg, register_head=register_head, head_model_name=head_name
+                report, out_dir, cfg, register_head=register_head, head_model_name=head_name
             )
         except ValueError as err:  # no store for remote outputs, no head to register
             raise UserError(str(err)) from None

@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 
 __all__ = [
     "LocationError",
+    "StorageUnreachable",
     "check_writable",
     "filesystem",
     "has_entries",
@@ -81,6 +82,7 @@ GCS_FIRST_TOUCH_S = 20
 # the client checks its limit between attempts only: one attempt on a connection that stalls
 # (a firewall that drops packets) ran for curl's two minutes, so the wait is bounded here too
 _GCS_STALL_GRACE_S = 5.0
+_DAY_S = 86400.0  # the longest first-touch wait: a thread's join refuses far longer ones
 # a failed first touch is remembered this long: a command that reads one location twice (a
 # head, then its checkpoint files) waited the whole limit again for the same answer
 _GCS_FAILURE_KEPT_S = 60.0
@@ -105,12 +107,12 @@ def _check_gcs(uri: str, path: str) -> None:
         return
     failed = _gcs_failed.get(bucket)
     if failed is not None and time.monotonic() - failed[0] < _GCS_FAILURE_KEPT_S:
-        raise OSError(failed[1])
+        raise StorageUnreachable(failed[1])
     query: dict[str, str] = {}
     for item in filter(None, parts.query.split("&")):
         key, _, value = item.partition("=")
         query.setdefault(key, value)  # pyarrow reads the first of a repeated option
-    limit = unquote(query.setdefault(_GCS_RETRY, str(GCS_FIRST_TOUCH_S)))
+    limit = _limit_seconds(unquote(query.setdefault(_GCS_RETRY, str(GCS_FIRST_TOUCH_S))))
     probe_uri = parts._replace(query="&".join(f"{k}={v}" for k, v in query.items())).geturl()
     probe = pafs.FileSystem.from_uri(probe_uri)[0]
     outcome: list[BaseException | None] = []
@@ -124,7 +126,7 @@ def _check_gcs(uri: str, path: str) -> None:
 
     asker = threading.Thread(target=ask, name="radjepa-gcs-first-touch", daemon=True)
     asker.start()
-    asker.join(float(limit) + _GCS_STALL_GRACE_S)
+    asker.join(limit + _GCS_STALL_GRACE_S)
     if not outcome:  # still waiting on a stalled connection: left to finish in the background
         message: str | None = _gcs_unreachable(limit, "")
     else:
@@ -136,12 +138,29 @@ def _check_gcs(uri: str, path: str) -> None:
         message = _gcs_unreachable(limit, text) if failed_here else None
     if message is not None:  # the callers name the location
         _gcs_failed[bucket] = (time.monotonic(), message)
-        raise OSError(message)
+        raise StorageUnreachable(message)
     _gcs_reached.add(bucket)
     _gcs_failed.pop(bucket, None)
 
 
-def _gcs_unreachable(limit: str, status: str) -> str:
+class StorageUnreachable(OSError):
+    """A storage that gave no usable answer in time, or to which no request could be sent (no
+    credentials): the message says which, and what to do."""
+
+
+def _limit_seconds(option: str) -> float:
+    """The option's seconds as the client reads them (its leading number: ``5s`` is 5, ``0x10``
+    16), at most a day: a thread's join refuses far larger waits (``inf``, ``1e12``)."""
+    text = option.strip()
+    found = re.match(r"0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", text)
+    if found is None:
+        return _DAY_S if text.lower().startswith("inf") else float(GCS_FIRST_TOUCH_S)
+    number = found.group(0)
+    value = float(int(number, 16)) if number[:2].lower() == "0x" else float(number)
+    return min(value, _DAY_S)
+
+
+def _gcs_unreachable(limit: float, status: str) -> str:
     """google-cloud-cpp's ~1,000-character status cut to its cause and a next step ("" for a
     request that got no answer at all)."""
     found = re.search(r"last message of (.*?)(?: error_info=|$)", status, re.S)
@@ -153,10 +172,10 @@ def _gcs_unreachable(limit: str, status: str) -> str:
         cause = re.sub(noise, "", cause)
     cause = cause.strip() or "a request was still waiting"
     sent = _GCS_GAVE_UP in status or not status  # else no token: nothing was sent
-    if not status:
-        what = f"no answer from Google Cloud Storage within {limit} s"
+    if not status:  # its wait: the client's limit, then the grace for the attempt under way
+        what = f"no answer from Google Cloud Storage within {limit + _GCS_STALL_GRACE_S:g} s"
     elif sent:
-        what = f"no usable answer from Google Cloud Storage within {limit} s"
+        what = f"no usable answer from Google Cloud Storage within {limit:g} s"
     else:
         what = "no request could be sent to Google Cloud Storage"
     if _GCS_NO_TOKEN in cause:

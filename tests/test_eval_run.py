@@ -352,18 +352,33 @@ def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_d
     with pytest.raises(UserError, match="checkpoint not found"):
         probe_cmd(tmp_path / "nope", ["sex"], tmp_path / "z", csv=nih_dir / "labels.csv")
     assert not (tmp_path / "x" / "report.json").exists()
-    # click turns s3://b/out into the path s3:/b/out: the report went to a folder ./s3: here
+    # click turned s3://b/out into the path s3:/b/out: the report went to a folder ./s3: here
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)
-    for option, given in (("--out", {"out": Path("s3://b/out")}), ("--csv", {})):
-        args = {"out": tmp_path / "o", "csv": Path("gs://b/labels.csv"), **given}
-        scheme = "s3" if option == "--out" else "gs"
+    cases = {
+        "--out": {"out": "s3://b/out", "csv": str(nih_dir / "labels.csv")},
+        "--csv": {"out": str(tmp_path / "o"), "csv": "gs://b/labels.csv"},
+        "--seg-csv": {
+            "out": str(tmp_path / "o"),
+            "csv": str(nih_dir / "labels.csv"),
+            "seg_csv": "file:///masks.csv",
+            "structure": ["heart"],
+        },
+    }
+    for option, args in cases.items():
+        scheme = args.get("seg_csv", args["out"] if option == "--out" else args["csv"])
+        scheme = scheme.split("://")[0]
         with pytest.raises(
             UserError, match=f"^{option} takes a path on this machine, not a {scheme}:// URI"
         ):
             probe_cmd(checkpoint, ["sex"], mlflow=False, **args)
     assert list(work.iterdir()) == [] and not (tmp_path / "o").exists()
+    # a local name with a colon is a path
+    from pipelines.cli import _refuse_uri
+
+    for name in ("data:v2/out", "out:/x", "s3:b/out"):
+        _refuse_uri("--out", name)
 
 
 def test_cli_says_in_one_line_when_mlflow_refuses_the_store_and_keeps_the_report(

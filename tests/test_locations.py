@@ -108,11 +108,24 @@ def test_a_connection_that_never_answers_is_given_up_on_too(tmp_path, monkeypatc
     finally:
         stalled.close()
     said = str(err.value)
+    waited = 1 + locations._GCS_STALL_GRACE_S
     assert said.startswith(
-        "no answer from Google Cloud Storage within 1 s (a request was still waiting); check "
-        "this machine's route to Google Cloud Storage"
+        f"no answer from Google Cloud Storage within {waited:g} s (a request was still waiting); "
+        "check this machine's route to Google Cloud Storage"
     ), said
-    assert took < 1 + locations._GCS_STALL_GRACE_S + 5, took
+    assert took < waited + 5, took
+
+
+@pytest.mark.parametrize(("option", "seconds"), [("5s", 5), ("0x10", 16)])
+def test_a_limit_the_client_accepts_is_read_as_it_reads_it(tmp_path, monkeypatch, option, seconds):
+    # the client reads the option's leading number; float() refused `5s` (a traceback where the
+    # bucket was reached before), and join() refuses an infinite wait (a day is the most)
+    assert locations._limit_seconds(option) == seconds
+    assert locations._limit_seconds("inf") == locations._limit_seconds("1e12") == 86400
+    with fake_gcs(404, tmp_path) as gcs:
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
+        fs, path = locations.filesystem(gcs.uri("bkt/x", retry_limit_seconds=option))
+        assert fs.get_file_info(path).type == pafs.FileType.NotFound
 
 
 def test_a_401_is_an_answer_though_it_speaks_of_access_tokens(tmp_path, monkeypatch):
@@ -234,4 +247,13 @@ def test_an_ingest_worker_that_cannot_reach_its_source_quarantines_the_file(tmp_
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
         ref = {"source": gcs.uri("bkt/src", retry_limit_seconds="1"), "kind": "file"}
         rows = list(iter_source({**ref, "path": "bkt/src/a.dcm"}, 1 << 20))
-    assert [(r["name"], r["read_error"]) for r in rows] == [("bkt/src/a.dcm", "read_error:OSError")]
+    assert [r["name"] for r in rows] == ["bkt/src/a.dcm"]
+    # and the quarantine row says why ("could not read the file (OSError)" said nothing)
+    from radjepa.ingest.decoding import FileDecoder
+
+    out = FileDecoder({}, b"k" * 32, frozenset(), False)._one(rows[0])
+    assert out["status"] == "quarantined" and out["reason"] == "read_error", out
+    assert out["message"].startswith(
+        "its storage did not answer this run: no usable answer from Google Cloud Storage "
+        "within 1 s ("
+    ), out["message"]

@@ -139,6 +139,8 @@ def test_two_workers_learn_survive_a_failure_and_register(shards, tmp_path):
         "PreemptionWatcher",
         "exclude_resources",
         "Progress bars disabled",
+        "Progress will be logged",  # and the bars are off in the run's data coordinator
+        "Total Progress",
     )
     noisy = {
         p.name: marker
@@ -180,7 +182,9 @@ def test_the_data_coordinator_is_asked_for_before_the_model_code_is_imported():
     assert shard < engine < model, lines[: model + 1]
 
 
-def test_local_worker_hook_drops_only_the_cleaners_warning_and_ray_datas_advice(caplog, ray_session, monkeypatch):
+def test_local_worker_hook_drops_only_the_cleaners_warning_and_ray_datas_advice(
+    caplog, ray_session, monkeypatch
+):
     # no state API query leaves a local instance's worker: Ray sent it to the dashboard address
     # the GCS records even without a dashboard (127.0.0.1:8265: a port-forward to a cluster's
     # dashboard answered "no such actor", and Ray Train's placement-group cleaner removed the
@@ -346,7 +350,7 @@ def test_worker_count_from_the_cluster(ray_session):
         resolve_num_workers(True, 1.0)
 
 
-def test_training_stream_is_every_image_but_the_holdout(shards, tmp_path):
+def test_training_stream_is_every_image_but_the_holdout(shards, tmp_path, monkeypatch):
     import hashlib
 
     from pipelines.pretrain import build_train_dataset
@@ -363,15 +367,17 @@ def test_training_stream_is_every_image_but_the_holdout(shards, tmp_path):
         return hashlib.sha256(a.tobytes()).hexdigest()
 
     want = Counter(digest(a) for a, i in zip(images, ids, strict=True) if not is_holdout(i, 0.3))
+    from ray.data import DataContext
+
+    process = DataContext.get_current()
+    monkeypatch.setattr(process, "enable_progress_bars", True)  # whatever the environment says
     ds = build_train_dataset(str(shards), cfg)
     got = Counter(digest(a) for b in ds.iter_batches(batch_size=16) for a in b["image"])
     assert got == want and sum(got.values()) == info.train_rows
     # its progress bars are off, the process's are not (they were: the demo's embed stage,
     # next in the same process, printed Ray Data's advice to turn them back on in Python)
-    from ray.data import DataContext
-
     assert ds.context.enable_progress_bars is False
-    assert DataContext.get_current().enable_progress_bars is True
+    assert process.enable_progress_bars is True
 
 
 def test_every_epoch_reads_the_shards_in_a_new_order(shards, tmp_path):

@@ -15,7 +15,7 @@ import pyarrow as pa
 from radjepa.imaging.decode import ImageRejected, decode_image
 from radjepa.imaging.deid import ID_SCHEME_KEYED, content_id, keyed_hash
 from radjepa.ingest.packed import NOT_UNPACKED, packed_kind
-from radjepa.ingest.sources import ENCRYPTED, GONE, LINK, LINK_LOOP, ZIP_METHOD
+from radjepa.ingest.sources import ENCRYPTED, GONE, LINK, LINK_LOOP, UNREACHABLE, ZIP_METHOD
 from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
 
 __all__ = ["RESULT_SCHEMA", "FileDecoder"]
@@ -115,6 +115,8 @@ class FileDecoder:
                 )
             elif detail.startswith(f"{ZIP_METHOD} "):
                 msg = _zip_method_message(detail[len(ZIP_METHOD) + 1 :])
+            elif detail.startswith(UNREACHABLE):  # the file itself may well be fine
+                msg = f"its storage did not answer this run: {detail[len(UNREACHABLE) :].strip()}"
             else:
                 msg = _READ_ERRORS.get(
                     detail, f"could not read the file ({detail or 'unknown error'})"

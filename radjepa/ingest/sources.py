@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 
 from radjepa.ingest.errors import IngestError
 from radjepa.ingest.packed import NOT_UNPACKED, PEEK_INPUT, packed_kind
-from radjepa.locations import filesystem
+from radjepa.locations import StorageUnreachable, filesystem
 
 __all__ = [
     "ENCRYPTED",
@@ -30,6 +30,7 @@ __all__ = [
     "LINK",
     "LINK_LOOP",
     "READ_SCHEMA",
+    "UNREACHABLE",
     "archive_kind",
     "archive_kind_of",
     "count_members",
@@ -49,6 +50,8 @@ LINK = "archive link"  # a tar member that is a hard or symbolic link
 ENCRYPTED = "encrypted zip member"  # password-protected: zipfile raises a bare RuntimeError
 LINK_LOOP = "symbolic link loop"  # a link that leads back to itself (ELOOP)
 GONE = "file gone"  # deleted since it was listed, or a link whose target does not exist
+# its storage did not answer this worker's first request (radjepa.locations), then the reason
+UNREACHABLE = "storage unreachable:"
 # a zip member compressed with a method zipfile cannot read (``zip method <number>``): its bare
 # NotImplementedError said nothing of which method or what to do
 ZIP_METHOD = "zip method"
@@ -255,6 +258,8 @@ def read_error(err: Exception) -> str:
     """The ``read_error`` of a file that could not be read: what happened where it is known
     (a quarantine row said "could not read the file (OSError)" for a symbolic link loop, which
     left the operator guessing), else the exception's type."""
+    if isinstance(err, StorageUnreachable):  # why, and what to do: the same for every file
+        return f"read_error:{UNREACHABLE} {err}"
     detail = _ERRNO_DETAILS.get(getattr(err, "errno", None) or -1, type(err).__name__)
     return f"read_error:{detail}"
 
