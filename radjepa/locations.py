@@ -92,7 +92,7 @@ _GCS_GAVE_UP = "Retry policy exhausted"  # google-cloud-cpp's status: no usable 
 # before any request; a 401's own body ("Expected OAuth 2 access token") is an answer
 _GCS_NO_TOKEN = "Could not create a OAuth2 access token"
 _gcs_reached: set[str] = set()  # scheme://bucket?query: answered once in this process
-_gcs_failed: dict[str, tuple[float, str]] = {}  # the same key: when it failed, and why
+_gcs_failed: dict[str, tuple[float, StorageUnreachable]] = {}  # the same key: when, and why
 
 
 def _check_gcs(uri: str, path: str) -> None:
@@ -107,7 +107,7 @@ def _check_gcs(uri: str, path: str) -> None:
         return
     failed = _gcs_failed.get(bucket)
     if failed is not None and time.monotonic() - failed[0] < _GCS_FAILURE_KEPT_S:
-        raise StorageUnreachable(failed[1])
+        raise StorageUnreachable(str(failed[1]), failed[1].summary)
     query: dict[str, str] = {}
     for item in filter(None, parts.query.split("&")):
         key, _, value = item.partition("=")
@@ -128,24 +128,31 @@ def _check_gcs(uri: str, path: str) -> None:
     asker.start()
     asker.join(limit + _GCS_STALL_GRACE_S)
     if not outcome:  # still waiting on a stalled connection: left to finish in the background
-        message: str | None = _gcs_unreachable(limit, "")
+        error: StorageUnreachable | None = _gcs_unreachable(limit, "")
     else:
         err = outcome[0]
         if err is not None and not isinstance(err, OSError | pa.ArrowException):
             raise err  # a missing key file is an ArrowException, a status an OSError
         text = "" if err is None else str(err)
         failed_here = _GCS_GAVE_UP in text or _GCS_NO_TOKEN in text
-        message = _gcs_unreachable(limit, text) if failed_here else None
-    if message is not None:  # the callers name the location
-        _gcs_failed[bucket] = (time.monotonic(), message)
-        raise StorageUnreachable(message)
+        error = _gcs_unreachable(limit, text) if failed_here else None
+    if error is not None:  # the callers name the location
+        _gcs_failed[bucket] = (time.monotonic(), error)
+        raise error
     _gcs_reached.add(bucket)
     _gcs_failed.pop(bucket, None)
 
 
 class StorageUnreachable(OSError):
     """A storage that gave no usable answer in time, or to which no request could be sent (no
-    credentials): the message says which, and what to do."""
+    credentials): the message says which, the client's cause, and what to do. ``summary`` says
+    the same without the cause, whose text comes from the service and may name an object (a
+    rate limit's "The object <bucket>/<path> exceeded ..."): for records that must not hold
+    paths, which may carry patient names (ingest's quarantine rows)."""
+
+    def __init__(self, message: str, summary: str = "") -> None:
+        super().__init__(message)
+        self.summary = summary or message
 
 
 def _limit_seconds(option: str) -> float:
@@ -160,7 +167,7 @@ def _limit_seconds(option: str) -> float:
     return min(value, _DAY_S)
 
 
-def _gcs_unreachable(limit: float, status: str) -> str:
+def _gcs_unreachable(limit: float, status: str) -> StorageUnreachable:
     """google-cloud-cpp's ~1,000-character status cut to its cause and a next step ("" for a
     request that got no answer at all)."""
     found = re.search(r"last message of (.*?)(?: error_info=|$)", status, re.S)
@@ -188,7 +195,7 @@ def _gcs_unreachable(limit: float, status: str) -> str:
         step = "check this machine's route to Google Cloud Storage and the bucket's name"
     if sent:  # waiting longer may help
         step += f", or allow it longer with ?{_GCS_RETRY}=SECONDS in the URI"
-    return f"{what} ({cause}); {step}"
+    return StorageUnreachable(f"{what} ({cause}); {step}", f"{what}; {step}")
 
 
 def spell_like(location: str | Path, fs_path: str) -> str:

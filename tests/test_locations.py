@@ -241,19 +241,22 @@ def test_an_ingest_worker_that_cannot_reach_its_source_quarantines_the_file(tmp_
     # each Ray Data worker makes its own first touch: a failed one escaped the read task (a
     # traceback for the run) where an unreadable file is one quarantined input, re-read by the
     # next run
+    from radjepa.ingest.decoding import FileDecoder
     from radjepa.ingest.sources import iter_source
 
-    with fake_gcs(503, tmp_path) as gcs:
+    # a service's own text may name the object, and a path may carry a patient's name
+    said = "The object bkt/src/DOE^JANE/a.dcm exceeded the rate limit"
+    with fake_gcs(503, tmp_path, said) as gcs:
         monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(gcs.credentials))
         ref = {"source": gcs.uri("bkt/src", retry_limit_seconds="1"), "kind": "file"}
-        rows = list(iter_source({**ref, "path": "bkt/src/a.dcm"}, 1 << 20))
-    assert [r["name"] for r in rows] == ["bkt/src/a.dcm"]
+        rows = list(iter_source({**ref, "path": "bkt/src/DOE^JANE/a.dcm"}, 1 << 20))
+    assert [r["name"] for r in rows] == ["bkt/src/DOE^JANE/a.dcm"]
+    assert "DOE^JANE" not in rows[0]["read_error"], rows[0]
     # and the quarantine row says why ("could not read the file (OSError)" said nothing)
-    from radjepa.ingest.decoding import FileDecoder
-
     out = FileDecoder({}, b"k" * 32, frozenset(), False)._one(rows[0])
     assert out["status"] == "quarantined" and out["reason"] == "read_error", out
-    assert out["message"].startswith(
-        "its storage did not answer this run: no usable answer from Google Cloud Storage "
-        "within 1 s ("
+    assert out["message"] == (
+        "its storage did not answer this run: no usable answer from Google Cloud Storage within "
+        "1 s; check this machine's route to Google Cloud Storage and the bucket's name, or allow "
+        "it longer with ?retry_limit_seconds=SECONDS in the URI"
     ), out["message"]

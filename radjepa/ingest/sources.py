@@ -258,8 +258,8 @@ def read_error(err: Exception) -> str:
     """The ``read_error`` of a file that could not be read: what happened where it is known
     (a quarantine row said "could not read the file (OSError)" for a symbolic link loop, which
     left the operator guessing), else the exception's type."""
-    if isinstance(err, StorageUnreachable):  # why, and what to do: the same for every file
-        return f"read_error:{UNREACHABLE} {err}"
+    if isinstance(err, StorageUnreachable):  # why and what to do, without the service's text
+        return f"read_error:{UNREACHABLE} {err.summary}"
     detail = _ERRNO_DETAILS.get(getattr(err, "errno", None) or -1, type(err).__name__)
     return f"read_error:{detail}"
 
