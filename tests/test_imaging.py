@@ -833,24 +833,88 @@ def test_pseudonyms_are_keyed_and_stable() -> None:
     assert other["study_pid"] != decode(data).meta["study_pid"]
 
 
-def test_malformed_uids_are_pseudonymised_without_reaching_logs(caplog, recwarn) -> None:
-    """Leading-zero UID components (older archives) made pydicom log and warn the raw study,
-    series and SOP UIDs from inside the decoder: into Ray worker logs, the ingest CLI's output
-    and server logs. The pseudonyms are the HMAC of the UID text, as for valid UIDs."""
-    uids = {
-        "StudyInstanceUID": "1.2.840.0113654.19700317.1111",
-        "SeriesInstanceUID": "1.2.840.0113654.19700317.2222",
-        "SOPInstanceUID": "1.2.840.0113654.19700317.3333",
-    }
-    data = make_dicom(gradient(N, N), extra=uids)  # writing warns too: not the decoder's
+# values pydicom's reading validation finds wrong, as older archives hold them
+_INVALID_VALUES = {
+    # leading-zero UID components
+    "StudyInstanceUID": "1.2.840.0113654.19700317.1111",
+    "SeriesInstanceUID": "1.2.840.0113654.19700317.2222",
+    "SOPInstanceUID": "1.2.840.0113654.19700317.3333",
+    "PatientID": "MARKER_PID_LONG_" + "7" * 60,  # an LO is at most 64 characters
+}
+
+
+def _said(caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder) -> list[str]:
+    return [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
+
+
+def _with_invalid_values() -> bytes:
+    from pydicom import config
+
+    with config.disable_value_validation():  # pydicom would not write them otherwise
+        return make_dicom(gradient(N, N), extra=_INVALID_VALUES)
+
+
+def test_values_pydicom_finds_invalid_are_read_without_reaching_logs(caplog, recwarn) -> None:
+    """pydicom's reading validation warns and logs what it finds wrong in a value it reads,
+    a UID quoted whole, from inside the decoder into Ray worker logs, the ingest CLI's output
+    and the API's server logs. Nothing is said; the pseudonyms are the HMAC of the text as
+    written."""
+    data = _with_invalid_values()
     caplog.clear()
     recwarn.clear()
     caplog.set_level("DEBUG")
     meta = decode(data).meta
-    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]
-    assert not [line for line in said if "0113654" in line]
-    for domain, key in zip(("study", "series", "instance"), uids, strict=True):
-        assert meta[f"{domain}_pid"] == keyed_hash(SECRET, domain, uids[key])
+    said = _said(caplog, recwarn)
+    assert not [line for line in said if "0113654" in line or "VR" in line], said
+    for domain, key in zip(
+        ("study", "series", "instance"),
+        ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"),
+        strict=True,
+    ):
+        assert meta[f"{domain}_pid"] == keyed_hash(SECRET, domain, _INVALID_VALUES[key])
+    assert meta["patient_pid"] == keyed_hash(SECRET, "patient", _INVALID_VALUES["PatientID"])
+
+
+def test_a_header_cut_by_a_damaged_length_reaches_no_log(caplog, recwarn) -> None:
+    """A damaged length of the file meta's Transfer Syntax UID made pydicom read the next
+    kilobyte of the header as that UID, then warn and log it: the patient's name, ID and
+    birth date, the institution, the accession number, in plain text."""
+    data = bytearray(make_dicom(gradient(N, N)))
+    at = data.index(b"\x02\x00\x10\x00UI")  # (0002,0010) UI, its 2-byte length after
+    data[at + 6 : at + 8] = (1024).to_bytes(2, "little")
+    caplog.clear()
+    recwarn.clear()
+    caplog.set_level("DEBUG")
+    try:
+        decode(bytes(data))
+    except ImageRejected as err:
+        assert "MARKER" not in str(err)
+    said = _said(caplog, recwarn)
+    assert not [line for line in said if any(v in line for v in MARKER_STRINGS)], said
+
+
+def test_the_callers_pydicom_validation_mode_is_kept_and_not_applied_to_decoding() -> None:
+    """The decoder reads with validation off whatever the process set (a host that reads its
+    own files strictly still gets every image decoded), and leaves the setting as it found it,
+    also when decodes run in several threads at once (the API's request threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pydicom import config
+
+    data = _with_invalid_values()
+    uid = _INVALID_VALUES["SOPInstanceUID"]
+    before = config.settings._reading_validation_mode
+    try:
+        config.settings.reading_validation_mode = config.RAISE
+        # RAISE made a leading-zero UID a decode_error: the image was lost to quarantine
+        assert decode(data).meta["instance_pid"] == keyed_hash(SECRET, "instance", uid)
+        assert config.settings.reading_validation_mode == config.RAISE
+        with ThreadPoolExecutor(4) as pool:
+            metas = list(pool.map(lambda _: decode(data).meta, range(16)))
+        assert len({m["study_pid"] for m in metas}) == 1
+        assert config.settings.reading_validation_mode == config.RAISE
+    finally:
+        config.settings._reading_validation_mode = before
 
 
 @pytest.mark.parametrize(

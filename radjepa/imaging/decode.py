@@ -87,16 +87,19 @@ def _decode_display(
     if fmt == "dicom":
         from radjepa.imaging.deid import dicom_meta
         from radjepa.imaging.dicom import dicom_display, read_dataset
+        from radjepa.imaging.value_validation import unvalidated_values
 
-        ds = read_dataset(data)
-        if reject_burned_in and str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES":
-            raise ImageRejected(
-                "burned_in_annotation",
-                "Burned In Annotation is YES: the pixels carry identifying text",
-            )
-        display = dicom_display(ds, window_percentiles)
-        ts = ds.file_meta.get("TransferSyntaxUID")
-        meta.update(dicom_meta(ds, secret, ts, patient_identity))
+        with unvalidated_values():  # pydicom's checks quote the values they find wrong
+            ds = read_dataset(data)
+            burned_in = str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES"
+            if reject_burned_in and burned_in:
+                raise ImageRejected(
+                    "burned_in_annotation",
+                    "Burned In Annotation is YES: the pixels carry identifying text",
+                )
+            display = dicom_display(ds, window_percentiles)
+            ts = ds.file_meta.get("TransferSyntaxUID")
+            meta.update(dicom_meta(ds, secret, ts, patient_identity))
         return display
     from radjepa.imaging.raster import raster_display
 

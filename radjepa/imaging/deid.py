@@ -17,6 +17,7 @@ import re
 from typing import Any, Final
 
 from radjepa.imaging.contract import AGE_CAP_YEARS, PSEUDONYM_HEX_CHARS
+from radjepa.imaging.value_validation import without_value_validation
 
 __all__ = [
     "DEV_SECRET",
@@ -226,6 +227,7 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
+@without_value_validation
 def patient_issuer(ds: Any) -> tuple[str, str, str] | None:
     """The assigning authority of ``PatientID`` (HL7 CX.4): IssuerOfPatientID (its namespace)
     and, from the first IssuerOfPatientIDQualifiersSequence item, UniversalEntityID and
@@ -249,6 +251,7 @@ def patient_issuer(ds: Any) -> tuple[str, str, str] | None:
     return issuer if any(issuer) else None
 
 
+@without_value_validation
 def patient_pseudonym(secret: bytes, ds: Any, scheme: str = PATIENT_ID) -> str | None:
     """The patient's keyed pseudonym under ``scheme`` (None without a PatientID).
 
@@ -315,32 +318,7 @@ def _spacing(ds: Any) -> float | None:
     return None
 
 
-def _uid(ds: Any, keyword: str) -> Any:
-    """A UID element's value, converted exactly as pydicom would but without its validation.
-
-    pydicom checks a UID when it first converts one and, for a malformed UID (a leading-zero
-    component, common in older archives), logs and warns the raw value: the study/series/SOP
-    UID would land in worker logs, Ray Job logs and server logs, though Annex E replaces UIDs
-    and the shard holds only their pseudonyms. The value (a UID or a MultiValue of them) is
-    the one ``ds.get`` returns, so pseudonyms do not change.
-    """
-    from pydicom.charset import default_encoding
-    from pydicom.config import IGNORE
-    from pydicom.dataelem import RawDataElement
-    from pydicom.uid import UID
-    from pydicom.values import multi_string
-
-    elem = ds.get_item(keyword)
-    if elem is None:
-        return None
-    if not isinstance(elem, RawDataElement) or elem.VR not in (None, "UI", "UN"):
-        return ds.get(keyword)  # already converted, or an odd VR pydicom must judge
-    if elem.value is None:
-        return None
-    text = elem.value.decode(default_encoding)
-    return multi_string(text, lambda v: UID(v, validation_mode=IGNORE))
-
-
+@without_value_validation
 def dicom_meta(
     ds: Any, secret: bytes, transfer_syntax: str | None, patient_identity: str = PATIENT_ID
 ) -> dict[str, Any]:
@@ -349,9 +327,9 @@ def dicom_meta(
     ts = str(transfer_syntax) if transfer_syntax else None
     return {
         "patient_pid": patient_pseudonym(secret, ds, patient_identity),
-        "study_pid": pseudonym(secret, "study", _uid(ds, "StudyInstanceUID")),
-        "series_pid": pseudonym(secret, "series", _uid(ds, "SeriesInstanceUID")),
-        "instance_pid": pseudonym(secret, "instance", _uid(ds, "SOPInstanceUID")),
+        "study_pid": pseudonym(secret, "study", ds.get("StudyInstanceUID")),
+        "series_pid": pseudonym(secret, "series", ds.get("SeriesInstanceUID")),
+        "instance_pid": pseudonym(secret, "instance", ds.get("SOPInstanceUID")),
         "sex": _vocab(ds.get("PatientSex"), _SEX),
         "age_years": age_years(ds.get("PatientAge")),
         "view_position": _vocab(ds.get("ViewPosition"), _VIEW_POSITIONS),

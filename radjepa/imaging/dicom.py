@@ -35,6 +35,7 @@ from pydicom.uid import (
 from radjepa.imaging.contract import MAX_PIXELS, luma
 from radjepa.imaging.deid import PHOTOMETRICS
 from radjepa.imaging.errors import ImageRejected
+from radjepa.imaging.value_validation import without_value_validation
 
 __all__ = ["dicom_display", "looks_like_raw_dataset", "read_dataset"]
 
@@ -81,6 +82,7 @@ def looks_like_raw_dataset(data: bytes) -> bool:
     return le in _FIRST_GROUPS or be in _FIRST_GROUPS
 
 
+@without_value_validation
 def read_dataset(data: bytes) -> Dataset:
     """Parse DICOM bytes (with or without preamble/file meta) and settle the transfer syntax."""
     has_magic = len(data) >= 132 and data[128:132] == b"DICM"
@@ -170,11 +172,9 @@ def _sop_class(ds: Dataset) -> str:
     the standard's. A PACS export holds a DICOMDIR and, per study, reports, presentation states
     and key-object notes beside the images; all were "the DICOM holds no Pixel Data element",
     which reads like broken images. Named, they read as the non-images they are."""
-    from radjepa.imaging.deid import _uid  # read without pydicom's validation, which logs it
-
     for where, keyword in ((ds, "SOPClassUID"), (ds.file_meta, "MediaStorageSOPClassUID")):
         try:
-            uid = _uid(where, keyword)
+            uid = where.get(keyword)
         except _FATAL:
             raise
         except BaseException:  # a broken element: the class is only a hint here
@@ -439,6 +439,7 @@ def _palette_max(ds: Dataset, rgb: np.ndarray) -> float:
     return 255.0 if bits == 8 and int(rgb.max()) <= 255 else 65535.0
 
 
+@without_value_validation
 def dicom_display(ds: Dataset, window_percentiles: tuple[float, float]) -> np.ndarray:
     """Decoded, LUT-applied, MONOCHROME2 image of a single-frame dataset, float in [0, 1]."""
     ts = _check_single_image(ds)
