@@ -537,6 +537,11 @@ def load_checkpoint(
     if isinstance(into, Pretrainer):
         if opt is None:
             raise CheckpointError(f"{p}: no optimizer state, cannot resume training from it")
+        # the saved param groups also carry the kernel choice of the device that wrote them:
+        # a CPU or reference-mode checkpoint resumed on a GPU would lose its fused AdamW
+        kernels = [
+            {k: g[k] for k in _KERNEL_CHOICES if k in g} for g in into.optimizer.param_groups
+        ]
         try:
             into.optimizer.load_state_dict(
                 {"state": opt["state"], "param_groups": opt["param_groups"]}
@@ -546,12 +551,17 @@ def load_checkpoint(
         # the saved param groups carry the betas the checkpoint was trained with; a resume the
         # user allowed to change optim.* must train with the new ones (lr and weight decay are
         # set from the schedule at every step anyway)
-        for group in into.optimizer.param_groups:
+        for group, kernel in zip(into.optimizer.param_groups, kernels, strict=True):
             group["betas"] = tuple(into.cfg.optim.betas)
+            group.update(kernel)
         into.step = ckpt.step
         if opt.get("mask_sampler"):
             into.sampler.load_state_dict(opt["mask_sampler"])
     return ckpt
+
+
+# how the optimizer computes its update, chosen by the trainer for its device, not saved state
+_KERNEL_CHOICES = ("fused", "foreach", "capturable")
 
 
 def load_encoder(

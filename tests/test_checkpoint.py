@@ -237,6 +237,21 @@ def test_resume_trains_with_the_configs_betas_not_the_checkpoints(trained):
     assert q.step == 2
 
 
+def test_resume_keeps_the_optimizer_kernels_its_device_chose(trained):
+    # the saved param groups carry fused/foreach of the writer: a checkpoint from a CPU run
+    # (fused None) or a reference-mode run (foreach False) made a GPU resume lose fused AdamW
+    _, path = trained
+    q = Pretrainer(load_config(TINY), "cpu")
+    for group in q.optimizer.param_groups:  # what a CUDA trainer builds (optim.build_optimizer)
+        group.update(fused=True, foreach=None, capturable=False)
+    load_checkpoint(path, q)
+    assert [g["fused"] for g in q.optimizer.param_groups] == [True, True]
+    assert [g["foreach"] for g in q.optimizer.param_groups] == [None, None]
+    slow = Pretrainer(load_config(TINY), "cpu", reference_mode=True)
+    load_checkpoint(path, slow)  # the reference mode stays the per-tensor loop it measures
+    assert [(g["fused"], g["foreach"]) for g in slow.optimizer.param_groups] == [(False, False)] * 2
+
+
 def test_a_full_disk_while_saving_is_an_oserror_naming_the_file(small_disk):
     # safetensors said a full disk as a SafetensorError ("I/O error: No space left on device
     # (os error 28)") without an errno: the job could not tell it from a bug, and retried it
