@@ -32,6 +32,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from radjepa.imaging.codestream import declared_size
 from radjepa.ingest.decoding import FileDecoder
 
 N = 64  # square sources stored at N: no resampling, so values compare exactly
@@ -321,3 +322,104 @@ def test_float_pixel_data_is_no_pixel_data(keyword: str) -> None:
     row = ingest(data)
     assert (row["status"], row["reason"]) == ("quarantined", "no_pixel_data")
     assert row["message"] == "float pixel data is not a radiograph"
+
+
+# --- the size a compressed frame's own stream declares ----------------------------------------
+
+
+def _first_frame(data: bytes) -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(make_dicom(gradient(48, 80, 8), bits=8, transfer_syntax=ts), id=str(ts))
+        for ts in (JPEG2000Lossless, JPEGBaseline8Bit, JPEGLossless, JPEGLosslessSV1)
+    ]
+    + [
+        pytest.param(_bundled(name), id=name)
+        for name in (
+            "MR_small_jpeg_ls_lossless.dcm",
+            "MR_small_jp2klossless.dcm",
+            "JPGExtended.dcm",
+        )
+    ],
+)
+def test_a_compressed_frame_declares_the_rows_and_columns_of_its_header(data: bytes) -> None:
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert declared_size(_first_frame(data)) == (int(ds.Rows), int(ds.Columns))
+
+
+def test_a_jp2_file_declares_the_size_of_its_codestream_and_rle_declares_none() -> None:
+    codestream = _first_frame(
+        make_dicom(gradient(48, 80, 8), bits=8, transfer_syntax=JPEG2000Lossless)
+    )
+
+    def box(kind: bytes, payload: bytes) -> bytes:
+        return (8 + len(payload)).to_bytes(4, "big") + kind + payload
+
+    signature = box(b"jP  ", b"\r\n\x87\n")
+    jp2 = signature + box(b"ftyp", b"jp2 \x00\x00\x00\x00jp2 ") + box(b"jp2c", codestream)
+    assert declared_size(jp2) == (48, 80)
+    rle = _first_frame(make_dicom(gradient(48, 80, 8), bits=8, transfer_syntax=RLELossless))
+    assert declared_size(rle) is None  # RLE holds no size: its decoder allocates Rows x Columns
+    assert declared_size(b"\xff\xd8\xff\xda" + bytes(8)) is None  # scan data before any frame
+
+
+def _declaring(data: bytes, rows: int, cols: int) -> bytes:
+    """``data`` with its compressed frame's header rewritten to declare rows x cols."""
+    frame = bytearray(_first_frame(data))
+    if frame[:2] == b"\xff\x4f":  # JPEG 2000: SIZ's Xsiz, Ysiz (offsets zero here)
+        frame[8:16] = cols.to_bytes(4, "big") + rows.to_bytes(4, "big")
+    else:  # JPEG: the SOF segment's lines, samples per line
+        at = next(
+            i for i in range(2, len(frame)) if frame[i] == 0xFF and frame[i + 1] in (0xC0, 0xC3)
+        )
+        frame[at + 5 : at + 9] = rows.to_bytes(2, "big") + cols.to_bytes(2, "big")
+
+    def swap(ds):
+        ds.PixelData = encapsulate([bytes(frame)])
+
+    return edited(data, swap)
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1])
+def test_a_frame_declaring_another_size_than_its_header_is_refused_before_its_codec(syntax) -> None:
+    # a few KB whose header said 64x64 carried a 20000x20000 stream: the codec allocated it
+    # (2 GB for JPEG 2000) in an ingest worker or an API replica, and only then failed
+    data = make_dicom(gradient(64, 64, 8), bits=8, transfer_syntax=syntax)
+    bomb = ingest(_declaring(data, 20000, 20000))
+    assert (bomb["status"], bomb["reason"]) == ("quarantined", "too_large")
+    assert bomb["message"] == (
+        "the compressed frame declares 20000x20000 pixels (exceeds 67108864); "
+        "Rows and Columns say 64x64"
+    )
+    other = ingest(_declaring(data, 32, 64))
+    assert (other["status"], other["reason"]) == ("quarantined", "decode_error")
+    assert "declares 32x64 pixels, Rows and Columns say 64x64" in other["message"]
+
+
+def test_an_image_cut_off_before_its_pixels_is_truncated_not_a_non_image() -> None:
+    # pydicom stops without a word where the bytes end: a DX cut inside its header read as
+    # "the DICOM holds no Pixel Data element (SOP class Digital X-Ray Image Storage ...)", the
+    # reason of a PACS export's reports and presentation states, which users learn to ignore
+    data = make_dicom(gradient(64, 64, 12))
+    at = pydicom.dcmread(io.BytesIO(data))["PixelData"].file_tell
+    reasons = {cut: quarantined(data[:cut]) for cut in range(200, at, 7)}
+    assert set(reasons.values()) <= {"truncated", "no_pixel_data"}
+    # only a cut exactly between two elements is indistinguishable from a stripped image
+    assert sum(r == "truncated" for r in reasons.values()) > 0.9 * len(reasons), reasons
+    row = ingest(data[: at - 100])
+    assert row["message"] == (
+        "the data set ends inside an element, before any Pixel Data element: the file is cut "
+        "off, or not in the transfer syntax it declares"
+    )
+    # little-endian bytes under a big-endian label (the UIDs have the same even length)
+    mislabelled = bytearray(data)
+    ts = bytes(ExplicitVRLittleEndian, "ascii")
+    at_ts = mislabelled.index(ts)
+    mislabelled[at_ts : at_ts + len(ts)] = bytes(ExplicitVRBigEndian, "ascii")
+    assert quarantined(bytes(mislabelled)) == "truncated"
+    assert quarantined(make_dicom(with_pixels=False)) == "no_pixel_data"  # complete, stripped

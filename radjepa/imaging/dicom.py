@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
 from pydicom.pixels import apply_modality_lut, get_decoder
@@ -32,6 +33,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from radjepa.imaging.codestream import declared_size
 from radjepa.imaging.contract import MAX_PIXELS, luma
 from radjepa.imaging.deid import PHOTOMETRICS
 from radjepa.imaging.errors import ImageRejected
@@ -90,9 +92,11 @@ def read_dataset(data: bytes) -> Dataset:
     try:
         if deflated is not None:
             meta, body = deflated
-            ds = pydicom.dcmread(io.BytesIO(_inflate(body)), force=True)
+            read = _inflate(body)
+            ds = pydicom.dcmread(io.BytesIO(read), force=True)
             ds.file_meta = meta
         else:
+            read = data
             ds = pydicom.dcmread(io.BytesIO(data), force=not has_magic)
     except (InvalidDicomError, EOFError, struct.error, OSError) as err:
         raise ImageRejected(
@@ -108,8 +112,32 @@ def read_dataset(data: bytes) -> Dataset:
         raise ImageRejected(
             "truncated" if has_magic else "not_an_image", "no DICOM data elements found"
         )
+    if "PixelData" not in ds and not _read_to_the_end(ds, len(read)):
+        # pydicom stops without a word where the bytes end (or where a data set read in the
+        # wrong byte order turns to garbage): an image cut off before its pixels read as one
+        # of a PACS export's non-images
+        raise ImageRejected(
+            "truncated",
+            "the data set ends inside an element, before any Pixel Data element: the file is "
+            "cut off, or not in the transfer syntax it declares",
+        )
     _settle_transfer_syntax(ds)
     return ds
+
+
+def _read_to_the_end(ds: Dataset, size: int) -> bool:
+    """Whether the element read last ends where the bytes do (or cannot be told: a sequence
+    of undefined length). A file cut between two elements cannot be told from a complete one
+    whose pixels were stripped; a cut inside an element leaves it short or drops it."""
+    last = max((ds.get_item(tag) for tag in ds.keys()), key=_value_tell, default=None)
+    tell, length = _value_tell(last), getattr(last, "length", None)
+    if tell < 0 or length is None or length == 0xFFFFFFFF:
+        return True
+    return tell + length == size
+
+
+def _value_tell(elem: Any) -> int:
+    return int(getattr(elem, "value_tell", None) or -1)
 
 
 def _split_deflated(data: bytes) -> tuple[FileMetaDataset, bytes] | None:
@@ -147,7 +175,8 @@ def _inflate(body: bytes) -> bytes:
 
 def _is_eof(err: BaseException) -> bool:
     text = str(err).lower()
-    return isinstance(err, EOFError) or "end of file" in text or "truncat" in text
+    short = isinstance(err, struct.error) and "requires a buffer" in text  # a header cut short
+    return isinstance(err, EOFError) or short or "end of file" in text or "truncat" in text
 
 
 def _settle_transfer_syntax(ds: Dataset) -> None:
@@ -247,6 +276,7 @@ def _check_single_image(ds: Dataset) -> UID:
             raise ImageRejected(
                 "unsupported_transfer_syntax", f"no decoder for {_quoted_syntax(ts)}"
             )
+        _check_stream_size(ds, rows, cols)
     else:
         bits = int(ds.BitsAllocated)
         # native YBR_FULL_422 stores two luma and one Cb/Cr pair per two pixels (PS3.3 C.7.6.3)
@@ -259,6 +289,33 @@ def _check_single_image(ds: Dataset) -> UID:
                 "truncated", f"pixel data has {len(ds.PixelData)} of {expected} bytes"
             )
     return ts
+
+
+def _check_stream_size(ds: Dataset, rows: int, cols: int) -> None:
+    """Refuse a compressed frame whose stream declares another size than Rows x Columns,
+    before its codec allocates that size (see ``codestream``)."""
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    except _FATAL:
+        raise
+    except BaseException as err:  # a broken item structure: no frame to decode either
+        raise ImageRejected(
+            "decode_error", f"encapsulated pixel data unreadable ({type(err).__name__})"
+        ) from None
+    size = declared_size(frame)
+    if size is None or size == (rows, cols):
+        return
+    if size[0] * size[1] > MAX_PIXELS:
+        raise ImageRejected(
+            "too_large",
+            f"the compressed frame declares {size[0]}x{size[1]} pixels (exceeds {MAX_PIXELS}); "
+            f"Rows and Columns say {rows}x{cols}",
+        )
+    raise ImageRejected(
+        "decode_error",
+        f"the compressed frame declares {size[0]}x{size[1]} pixels, "
+        f"Rows and Columns say {rows}x{cols}",
+    )
 
 
 def _settle_planar_configuration(ds: Dataset, ts: UID) -> None:
