@@ -201,6 +201,7 @@ def _with_lut(data: bytes, keyword: str, table: np.ndarray, first: int, vr: str)
         "signed_voi_us",
         "signed_voi_ss",
         "rescaled_voi_us",
+        "rescaled_voi_us_no_pixel_below_zero",
         "unsigned_voi_high",
         "signed_modality_us",
     ],
@@ -222,6 +223,14 @@ def test_lut_first_mapped_value_is_read_in_the_input_domain(case: str) -> None:
         base = make_dicom(unsigned, bits=12, rescale=(1.0, -2048.0))
         data = _with_lut(base, "VOILUTSequence", sqrt, 63488, "US")
         expected = sqrt[unsigned] / 65535.0
+    elif case == "rescaled_voi_us_no_pixel_below_zero":
+        # the same header, but this image has no pixel below the intercept's zero: the domain
+        # was decided by the pixels, so the first value read 63488 and the image came out
+        # blank (its series sibling above decoded as the standard says)
+        bright = (2048 + unsigned // 2).astype(np.uint16)  # 2048..4095: rescaled 0..2047
+        base = make_dicom(bright, bits=12, rescale=(1.0, -2048.0))
+        data = _with_lut(base, "VOILUTSequence", sqrt, 63488, "US")
+        expected = sqrt[bright] / 65535.0
     elif case == "unsigned_voi_high":  # a LUT over the upper half of an unsigned 16-bit range
         px = gradient(N, N, bits=16, seed=5)
         upper = np.rint(65535 * np.sqrt(np.arange(32768) / 32767)).astype(np.int64)

@@ -456,16 +456,36 @@ def _modality(stored: np.ndarray, ds: Dataset, signed: bool) -> np.ndarray:
 def _voi_sequence(values: np.ndarray, ds: Dataset, signed: bool) -> np.ndarray | None:
     """VOI LUT Sequence onto [0, 1], scaled by the LUT's own output range.
 
-    The LUT's input is the modality output ``values``: signed when signed pixels pass the
-    modality step unchanged or rescaled (no Modality LUT), or when a rescale went below zero.
+    The LUT's input is the modality output ``values``: signed when the modality step can
+    output a negative value (see :func:`_signed_modality_output`).
     """
     if not ds.get("VOILUTSequence"):
         return None
-    signed_input = (signed and not ds.get("ModalityLUTSequence")) or float(values.min()) < 0
+    signed_input = _signed_modality_output(ds, signed, values)
     first, table = _lut(ds, "VOILUTSequence", signed_input)
     lo, hi = float(table.min()), float(table.max())
     mapped = _map_lut(np.rint(values).astype(np.int64), first, table).astype(np.float64)
     return (mapped - lo) / (hi - lo) if hi > lo else np.zeros_like(mapped)
+
+
+def _signed_modality_output(ds: Dataset, signed: bool, values: np.ndarray) -> bool:
+    """Whether the modality output's range reaches below zero, read from the header: the
+    stored range (Bits Stored, Pixel Representation) through the rescale; a Modality LUT's
+    entries are unsigned. Decided by one image's pixels instead, two images of one series (the
+    same header, one without a pixel below the intercept's zero) read the VOI LUT's first
+    mapped value written as US (-1024 as 64512) in two domains: one windowed as the standard
+    says, the other all one value."""
+    if ds.get("ModalityLUTSequence"):
+        return False
+    bits = int(ds.get("BitsStored") or ds.BitsAllocated)
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+    try:
+        slope = 1.0 if slope in (None, "") else _first(slope)
+        intercept = 0.0 if intercept in (None, "") else _first(intercept)
+    except (TypeError, ValueError, IndexError):  # an unreadable rescale: the pixels tell
+        return signed or float(values.min()) < 0
+    return min(slope * low, slope * high) + intercept < 0
 
 
 def _percentile_window(
