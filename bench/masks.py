@@ -34,9 +34,13 @@ def loop_sampler(cfg: MasksConfig, grid: int, batch: int, g: torch.Generator):
     th, tw = block_size(uniform(*cfg.target_scale), uniform(*cfg.target_aspect), grid, grid)
     ch, cw = block_size(uniform(*cfg.context_scale), uniform(*cfg.context_aspect), grid, grid)
 
+    def start(size: int) -> int:
+        if cfg.placement == "uniform":
+            return int(torch.randint(0, grid - size + 1, (1,), generator=g))
+        return int(torch.randint(-(size - 1), grid, (1,), generator=g).clamp(0, grid - size))
+
     def block(h: int, w: int) -> torch.Tensor:
-        top = int(torch.randint(-(h - 1), grid, (1,), generator=g).clamp(0, grid - h))
-        left = int(torch.randint(-(w - 1), grid, (1,), generator=g).clamp(0, grid - w))
+        top, left = start(h), start(w)
         m = torch.zeros(grid, grid, dtype=torch.bool)
         m[top : top + h, left : left + w] = True
         return m
@@ -83,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="where our sampler runs (cpu or cuda)")
-    ap.add_argument("--context-length", choices=["fixed", "batch_min"], default="fixed")
+    ap.add_argument(
+        "--context-length", choices=["fixed", "per_length", "batch_min"], default="fixed"
+    )
+    ap.add_argument("--placement", choices=["uniform", "clipped"], default="uniform")
     return ap
 
 
@@ -91,10 +98,12 @@ def main() -> None:
     args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     cfg = MasksConfig()
-    cfg = cfg.model_copy(update={"context_length": args.context_length})
+    cfg = cfg.model_copy(
+        update={"context_length": args.context_length, "placement": args.placement}
+    )
     device = torch.device(args.device)
     sampler = MaskSampler(cfg, args.grid, seed=0)
-    keep = sampler.context_keep  # the one-off estimate of the fixed length: not per-batch
+    keeps = sampler.context_keeps  # the one-off estimate of the fixed lengths: not per-batch
     ours = _time(lambda step: sampler.sample(args.batch, abs(step), 0, device), args.reps, device)
     gen = torch.Generator().manual_seed(0)
     loop = _time(lambda step: loop_sampler(cfg, args.grid, args.batch, gen), max(3, args.reps // 4))
@@ -108,7 +117,9 @@ def main() -> None:
                 "threads": args.threads,
                 "device": args.device,
                 "context_length": args.context_length,
-                "context_keep": keep,
+                "placement": args.placement,
+                # Kc per target length Kt (JSON keys are strings)
+                "context_keep": None if keeps is None else {str(k): v for k, v in keeps.items()},
                 "machine": platform.machine(),
                 "ours_ms_per_batch": round(ours, 3),
                 "loop_ms_per_batch": round(loop, 3),

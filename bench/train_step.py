@@ -99,8 +99,8 @@ def measure(
     g = torch.Generator(device=device).manual_seed(0)
     s = cfg.model.img_size
     images = torch.randn(cfg.train.batch_size, 1, s, s, device=device, generator=g)
-    # a compiled step builds one graph per target-block length (the context length is fixed):
-    # run one step of each length first, so no compilation is timed
+    # a compiled step builds one graph per target-block length (and per context length, fixed
+    # by it): run one step of each length first, so no compilation is timed
     first_steps = trainer.sampler.steps_covering_target_lengths() if warmup_all else []
     for step in first_steps:
         trainer.step = step
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pred-depth", type=int, default=None)
     ap.add_argument(
         "--context-length",
-        choices=["fixed", "batch_min"],
+        choices=["fixed", "per_length", "batch_min"],
         default="fixed",
         help="masks.context_length for both paths (batch_min: the method's per-batch cut)",
     )

@@ -469,12 +469,28 @@ def _saved_config(p: Path, meta: dict[str, Any]) -> Config:
     later version may change a default (the predictor's heads did) and would otherwise build
     the same weights into a network that computes something else, with no error.
     """
-    cfg = _validated_config(p, meta["config"])
+    cfg = _validated_config(p, _with_earlier_defaults(meta["config"]))
     spec = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     saved = spec.get("pred_heads")
     if cfg.model.pred_heads is None and saved and saved != cfg.model.resolved_pred_heads:
         cfg = cfg.with_overrides({"model.pred_heads": int(saved)})
     return cfg
+
+
+# Defaults a later version changed, with the value every checkpoint written before carries by
+# leaving the key out: its run trained with that one, and its resume compares settings
+# (radjepa.resume) as it trained them, so a switch needs train.allow_config_change.
+_EARLIER_DEFAULTS = {("masks", "placement"): "clipped"}
+
+
+def _with_earlier_defaults(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data  # left to validation to refuse
+    data = json.loads(json.dumps(data))
+    for (section, key), value in _EARLIER_DEFAULTS.items():
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section][key] = value
+    return data
 
 
 def _validated_config(p: Path, data: dict[str, Any]) -> Config:

@@ -262,11 +262,18 @@ class MasksConfig(_Section):
     a later layer sets (a YAML over the one it extends, ``--set`` over the file, a sweep trial
     over its base) replaces the other; both in one layer is an error.
 
+    ``placement="uniform"`` (the method) draws each block's corner uniformly over the grid
+    positions where it fits; ``"clipped"`` draws it past the edges and clips it back, which
+    covers border patches about as often as central ones (and makes most blocks touch the
+    border).
+
     Context sets must have one length per batch. The method cuts them to the batch's smallest
     context, so the length changes every step and a compiled GPU step recompiles or falls back
     to dynamic shapes. ``context_length="fixed"`` keeps a length that depends only on this
-    section and the grid: the ``context_quantile`` quantile of the context size (estimated
-    once), images whose context is smaller are redrawn, exactly as ``min_keep`` does.
+    section and the grid, ``"per_length"`` one per target-block length: the
+    ``context_quantile`` quantile of the context size (estimated once, see
+    ``radjepa.masks.fixed_context_lengths``); images whose context is smaller are redrawn,
+    exactly as ``min_keep`` does.
     """
 
     num_targets: int = Field(4, ge=1, le=16)
@@ -278,9 +285,14 @@ class MasksConfig(_Section):
     allow_overlap: bool = False
     masking_ratio: float | None = Field(None, gt=0.0, lt=1.0)
     # "fixed": every batch keeps the same number of context patches (static shapes, so a
-    # compiled step never recompiles for it); "batch_min": cut to the batch's smallest context.
-    context_length: Literal["fixed", "batch_min"] = "fixed"
+    # compiled step never recompiles for it); "per_length": one such number per target-block
+    # length (each redraws the same share; one more compiled encoder graph per length);
+    # "batch_min": cut to the batch's smallest context.
+    context_length: Literal["fixed", "per_length", "batch_min"] = "fixed"
     context_quantile: float = Field(0.05, gt=0.0, lt=0.5)
+    # "uniform": corners uniform over [0, grid-size], every row/column reachable (the method
+    # without the reference's off-by-one); "clipped": drawn from [-(size-1), grid-1], clipped
+    placement: Literal["uniform", "clipped"] = "uniform"
 
     @model_validator(mode="after")
     def _check(self) -> MasksConfig:

@@ -107,12 +107,14 @@ class Pretrainer:
     ) -> None:
         """``torch.compile`` the step's three modules (``scope="modules"``) or their blocks.
 
-        With ``masks.context_length="fixed"`` every tensor shape is a function of the config
-        except the target-block length, which takes a few known values
-        (:meth:`MaskSampler.target_lengths`): the modules are compiled with static shapes and
-        the recompile limit is raised to cover them, so after those few graphs the step never
-        recompiles and CUDA graphs stay possible. Under ``"batch_min"`` the context length
-        changes every step and torch's automatic dynamic shapes are used instead.
+        With ``masks.context_length="fixed"`` (or ``"per_length"``) every tensor shape is a
+        function of the config and the target-block length, which takes a few known values
+        (:meth:`MaskSampler.target_lengths`; the context length is one, or one per target
+        length): the modules are compiled with static shapes and the recompile limit is raised
+        to cover them (the target encoder builds one graph, the online encoder one per distinct
+        context length, the predictor one per target length), so after those graphs the step
+        never recompiles and CUDA graphs stay possible. Under ``"batch_min"`` the context
+        length changes every step and torch's automatic dynamic shapes are used instead.
 
         ``scope="blocks"`` compiles each transformer block in place instead. The blocks of a
         module are identical code over different weights, so one graph per shape serves all of
@@ -125,11 +127,15 @@ class Pretrainer:
         scope = scope or self.cfg.train.compile_scope
         if scope not in get_args(CompileScope):
             raise ValueError(f"compile scope must be 'modules' or 'blocks', got {scope!r}")
-        fixed = self.sampler.context_keep is not None
+        keeps = self.sampler.context_keeps
+        fixed = keeps is not None
         kwargs: dict[str, Any] = {"backend": backend, "dynamic": False if fixed else None}
+        # target encoder 1 + online encoder 1 per context length (dynamic after the first under
+        # batch_min) + predictor 1 per target length
+        graphs = 1 + (len(set(keeps.values())) if fixed else 1) + len(self.sampler.target_lengths())
         if scope == "modules":
             if fixed:
-                _raise_recompile_limit(len(self.sampler.target_lengths()) + 2)
+                _raise_recompile_limit(graphs)
             self._encoder = torch.compile(self._encoder, **kwargs)
             self._predictor = torch.compile(self._predictor, **kwargs)
             self._target = torch.compile(self._target, **kwargs)
@@ -137,10 +143,10 @@ class Pretrainer:
         modules = (self.model.encoder, self.model.target_encoder, self.model.predictor)
         blocks = [blk for m in modules for blk in m.blocks]
         # Block.forward is one code object, so its graphs for the online encoder (with grad),
-        # the target encoder (no grad) and the predictor (one per Kt) share one limit; dynamo
-        # also specialises on each block's drop-path rate, which multiplies them by the depth
+        # the target encoder (no grad) and the predictor share one limit; dynamo also
+        # specialises on each block's drop-path rate, which multiplies them by the depth
         per_rate = 1 if self.cfg.model.drop_path == 0 else len(blocks)
-        _raise_recompile_limit((len(self.sampler.target_lengths()) + 2) * per_rate + 4)
+        _raise_recompile_limit(graphs * per_rate + 4)
         for blk in blocks:
             blk.compile(**kwargs)
 

@@ -8,18 +8,19 @@ blocks and one context block; target patches are removed from the context unless
 ``allow_overlap``; an image whose context keeps fewer than ``min_keep`` patches is redrawn.
 
 Differences from the reference collator, on purpose:
-- Positions: the top-left corner is drawn uniformly from ``[-(h-1), gh-1]`` and clipped into
-  ``[0, gh-h]``. Every row (and column) is reachable (the reference never reached the last
-  one), and edge patches are covered about as often as central ones: over the method's block
-  sizes on a 14x14 grid the most/least covered patch differ by <3x and a corner gets ~0.7x the
-  centre's coverage, where a uniform top-left start gives 35x and 0.03x. (No placement of a
-  non-wrapping block is exactly uniform; this one keeps positions spread, not concentrated.)
+- Positions (``placement``): by default (``"uniform"``, the method) each block's top-left corner
+  is uniform over every valid position ``[0, gh-h]``, the last one included (the reference's
+  upper bound left it out, so the last row and column were never a target). ``"clipped"``
+  draws it from ``[-(h-1), gh-1]`` and clips it into ``[0, gh-h]``, which piles ``h-1`` extra
+  draws onto each edge: border patches are then covered about as often as central ones
+  (max/min coverage < 3x on 14x14, vs ~35x), at the price of most blocks touching the border.
 - Equal lengths: all target blocks of a batch have the same size, so ``h*w`` indices each, no
   trimming. Context sets differ in size and are cut to one length by a uniformly random subset
   of each image's context (the reference kept the first k in raster order, which starved the
-  bottom/right of context). The length is fixed by the config (``context_length="fixed"``:
-  images with a smaller context are redrawn, so a compiled step sees static shapes) or, as in
-  the method, the batch minimum (``"batch_min"``).
+  bottom/right of context). The length is fixed by the config (``context_length="fixed"``, one
+  ``Kc``, or ``"per_length"``, one per target length ``Kt``: images with a smaller context are
+  redrawn, so a compiled step sees static shapes) or, as in the method, the batch minimum
+  (``"batch_min"``); see :func:`fixed_context_lengths`.
 - Determinism without global state: each batch's generator is derived from ``(seed, step,
   rank)``, so a resumed run (same seed, same step) draws the same masks and DDP ranks differ.
 
@@ -32,7 +33,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -45,7 +49,7 @@ __all__ = [
     "block_size",
     "check_masks",
     "derive_seed",
-    "fixed_context_length",
+    "fixed_context_lengths",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,9 +98,16 @@ def _uniform(g: torch.Generator, lo: float, hi: float) -> float:
 
 
 def _starts(
-    g: torch.Generator, shape: tuple[int, ...], size: int, extent: int, device: torch.device
+    g: torch.Generator,
+    shape: tuple[int, ...],
+    size: int,
+    extent: int,
+    placement: str,
+    device: torch.device,
 ) -> torch.Tensor:
-    """Block starts in [0, extent-size], drawn from [-(size-1), extent-1] and clipped."""
+    """Block starts in ``[0, extent-size]`` under ``placement`` (see the module doc)."""
+    if placement == "uniform":
+        return torch.randint(0, extent - size + 1, shape, generator=g, device=device)
     raw = torch.randint(-(size - 1), extent, shape, generator=g, device=device)
     return raw.clamp_(0, extent - size)
 
@@ -141,30 +152,81 @@ def _host_twin(g: torch.Generator) -> torch.Generator:
     return h
 
 
-_FIXED_LENGTHS: dict[tuple[str, int, int], int] = {}
+_FIXED_LENGTHS: dict[tuple[str, int, int], Mapping[int, int]] = {}
+_PROBE_BATCHES = 64  # per_length: 64 batches of 128 images per length, each its own sizes
+_PROBE_BATCH = 128
 
 
-def fixed_context_length(cfg: MasksConfig, grid: tuple[int, int]) -> int:
-    """The context length ``Kc`` kept by every batch under ``context_length="fixed"``.
+def _probe_generator(kt: int) -> torch.Generator:
+    g = torch.Generator()
+    digest = hashlib.blake2b(f"radjepa-masks-probe:{kt}".encode(), digest_size=8)
+    g.manual_seed(int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1))
+    return g
 
-    A pure function of the mask section and the grid (so every rank, every resumed run and
-    every sweep trial with the same config agrees): the ``context_quantile`` quantile of the
-    per-image context size, estimated over 16384 images (128 batches, each with its own block
-    sizes) drawn with a fixed seed, and never below ``min_keep``. Cached per config.
+
+def fixed_context_lengths(cfg: MasksConfig, grid: tuple[int, int]) -> Mapping[int, int]:
+    """The context length ``Kc`` of a batch, by its target length ``Kt``, under
+    ``context_length="fixed"`` (one ``Kc`` for every ``Kt``) or ``"per_length"``.
+
+    A pure function of the mask section and the grid (every rank, resumed run and sweep trial
+    with the same config agrees), from a fixed seed, never below ``min_keep``, cached per
+    config: the ``context_quantile`` quantile of the per-image context size.
+
+    ``"fixed"`` takes it over every block size at once (16384 images, 128 batches of their own
+    sizes): a compiled step then builds one online-encoder graph. The images redrawn for a
+    context below it come from the batches with the largest target blocks (about a fifth of
+    their images with the defaults, none of the smallest blocks'), whose kept layouts then
+    have targets that overlap more. ``"per_length"`` takes it per ``Kt`` (8192 images each,
+    every target shape of that length as often as the ranges draw it): each length redraws
+    about ``context_quantile`` of its images, at the price of one online-encoder graph per
+    distinct ``Kc`` (7 on 14x14 with the defaults) when compiled. Estimating those lengths
+    draws every target size, so a size that cannot keep ``min_keep`` raises
+    :class:`MasksUnsatisfiable` here, before any step draws it.
     """
     gh, gw = grid
     key = (cfg.model_dump_json(), gh, gw)
     if key not in _FIXED_LENGTHS:
         probe = MaskSampler(cfg.model_copy(update={"context_length": "batch_min"}), grid)
-        g = torch.Generator()
-        g.manual_seed(derive_seed(0, 0, 0))
-        counts = torch.cat(
-            [probe._layout(g, 128, torch.device("cpu"), cfg.min_keep).counts for _ in range(128)]
-        )
-        q = torch.quantile(counts.float(), cfg.context_quantile, interpolation="lower")
-        _FIXED_LENGTHS[key] = max(cfg.min_keep, int(q))
-        log.debug("fixed context length %d for %s on %dx%d", _FIXED_LENGTHS[key], cfg, gh, gw)
+        if cfg.context_length == "per_length":
+            lengths = {
+                kt: _quantile_length(cfg, _per_length_counts(probe, kt, shapes, weights))
+                for kt, (shapes, weights) in sorted(probe._target_shapes().items())
+            }
+        else:
+            g = torch.Generator()
+            g.manual_seed(derive_seed(0, 0, 0))
+            counts = []
+            for _ in range(128):
+                target, context = probe._block_sizes(g)
+                lay = probe._layout(g, 128, torch.device("cpu"), cfg.min_keep, target, context)
+                counts.append(lay.counts)
+            kc = _quantile_length(cfg, torch.cat(counts))
+            lengths = {kt: kc for kt in probe.target_lengths()}
+        _FIXED_LENGTHS[key] = MappingProxyType(lengths)
+        log.debug("fixed context lengths %s for %s on %dx%d", lengths, cfg, gh, gw)
     return _FIXED_LENGTHS[key]
+
+
+def _per_length_counts(
+    probe: MaskSampler, kt: int, shapes: list[tuple[int, int]], weights: torch.Tensor
+) -> torch.Tensor:
+    """Per-image context sizes of ``_PROBE_BATCHES`` batches whose target blocks have ``kt``
+    patches."""
+    g = _probe_generator(kt)
+    counts = []
+    for _ in range(_PROBE_BATCHES):
+        target = shapes[int(torch.multinomial(weights, 1, generator=g))]
+        context = probe._context_size(g)
+        lay = probe._layout(
+            g, _PROBE_BATCH, torch.device("cpu"), probe.cfg.min_keep, target, context
+        )
+        counts.append(lay.counts)
+    return torch.cat(counts)
+
+
+def _quantile_length(cfg: MasksConfig, counts: torch.Tensor) -> int:
+    q = torch.quantile(counts.float(), cfg.context_quantile, interpolation="lower")
+    return max(cfg.min_keep, int(q))
 
 
 def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
@@ -219,7 +281,7 @@ class MaskSampler:
         self.gh, self.gw = (grid, grid) if isinstance(grid, int) else grid
         self.seed = int(seed)
         self.max_tries = max_tries
-        self._context_keep: int | None = None
+        self._context_keeps: Mapping[int, int] | None = None
         if cfg.min_keep > self.gh * self.gw:
             raise ValueError(
                 f"masks.min_keep={cfg.min_keep} exceeds the {self.gh}x{self.gw} patch grid"
@@ -241,36 +303,48 @@ class MaskSampler:
             raise ValueError("batch_size must be >= 1")
         device = torch.device(device)
         g = self.generator(step, rank, device)
-        fixed = self.context_keep
-        lay = self._layout(g, batch_size, device, need=fixed or self.cfg.min_keep)
+        target, context = self._block_sizes(g)
+        fixed = self.context_keep_for(target[0] * target[1])
+        lay = self._layout(g, batch_size, device, fixed or self.cfg.min_keep, target, context)
         keep = fixed if fixed is not None else int(lay.counts.min())
 
         # uniform random subset of each image's context, cut to ``keep``
         b, n = batch_size, self.gh * self.gw
         keys = torch.rand(b, n, generator=g, device=device)
         keys = keys.masked_fill(~lay.context, 2.0)  # outside the context sorts last
-        context = keys.topk(keep, dim=1, largest=False).indices.sort(dim=1).values  # [B, Kc]
-        return MaskBatch(context=context, targets=lay.target_indices(self.gw))
+        context_idx = keys.topk(keep, dim=1, largest=False).indices.sort(dim=1).values  # [B, Kc]
+        return MaskBatch(context=context_idx, targets=lay.target_indices(self.gw))
 
     __call__ = sample
 
     @property
-    def context_keep(self) -> int | None:
-        """The fixed context length ``Kc`` (``None`` when cut to each batch's minimum)."""
+    def context_keeps(self) -> Mapping[int, int] | None:
+        """The fixed context length ``Kc`` of each target length ``Kt`` (see
+        :func:`fixed_context_lengths`); ``None`` when cut to each batch's minimum."""
         if self.cfg.context_length == "batch_min":
             return None
-        if self._context_keep is None:
-            self._context_keep = fixed_context_length(self.cfg, (self.gh, self.gw))
-        return self._context_keep
+        if self._context_keeps is None:
+            self._context_keeps = fixed_context_lengths(self.cfg, (self.gh, self.gw))
+        return self._context_keeps
+
+    def context_keep_for(self, kt: int) -> int | None:
+        """``Kc`` of a batch whose target blocks have ``kt`` patches (``None``: batch minimum)."""
+        keeps = self.context_keeps
+        if keeps is None:
+            return None
+        if kt not in keeps:
+            raise ValueError(f"no target block of {kt} patches is drawn (lengths: {tuple(keeps)})")
+        return keeps[kt]
 
     def target_lengths(self) -> tuple[int, ...]:
         """Every target-block length ``Kt = h * w`` this config can draw, ascending.
 
-        A compiled step sees one graph per distinct ``Kt`` (the context length is fixed), so
-        this is how many graphs it may need. Exact (:func:`_reachable_sizes`), not sampled: a
-        grid of (scale, aspect) values misses block sizes whose rounding cell the range only
-        clips (a swept ``masking_ratio`` gave a few), and each missed one was a graph built
-        mid-run that neither the recompile budget nor the warm-up had counted.
+        A compiled step sees one predictor graph per distinct ``Kt`` (the context length is a
+        function of it), so this is how many graphs it may need. Exact
+        (:func:`_reachable_sizes`), not sampled: a grid of (scale, aspect) values misses block
+        sizes whose rounding cell the range only clips (a swept ``masking_ratio`` gave a few),
+        and each missed one was a graph built mid-run that neither the recompile budget nor the
+        warm-up had counted.
         """
         sizes = _reachable_sizes(self.cfg.target_scale, self.cfg.target_aspect, self.gh, self.gw)
         return tuple(sorted({h * w for h, w in sizes}))
@@ -294,29 +368,62 @@ class MaskSampler:
                 break
         return sorted(first.values())
 
+    def _target_shapes(self) -> dict[int, tuple[list[tuple[int, int]], torch.Tensor]]:
+        """Per ``Kt``, the target shapes ``(h, w)`` of that length and how often each is drawn.
+
+        The frequencies come from 20000 (scale, aspect) draws through :func:`block_size`; a
+        length only a sliver of the ranges reaches (none of its shapes drawn) weighs its shapes
+        equally."""
+        c = self.cfg
+        shapes: dict[int, list[tuple[int, int]]] = {}
+        for h, w in sorted(_reachable_sizes(c.target_scale, c.target_aspect, self.gh, self.gw)):
+            shapes.setdefault(h * w, []).append((h, w))
+        g = torch.Generator().manual_seed(0)
+        (s0, s1), (a0, a1) = c.target_scale, c.target_aspect
+        drawn = Counter(
+            block_size(s0 + (s1 - s0) * u, a0 + (a1 - a0) * v, self.gh, self.gw)
+            for u, v in torch.rand(20_000, 2, generator=g, dtype=torch.float64).tolist()
+        )
+        out = {}
+        for kt, hw in shapes.items():
+            weights = torch.tensor([float(drawn[s]) for s in hw])
+            out[kt] = (hw, weights if weights.sum() > 0 else torch.ones(len(hw)))
+        return out
+
+    def _context_size(self, g: torch.Generator) -> tuple[int, int]:
+        c = self.cfg
+        return block_size(
+            _uniform(g, *c.context_scale), _uniform(g, *c.context_aspect), self.gh, self.gw
+        )
+
     def _block_sizes(self, g: torch.Generator) -> tuple[tuple[int, int], tuple[int, int]]:
         """The batch's target and context block sizes: the first four draws of ``g``."""
         c, gh, gw = self.cfg, self.gh, self.gw
         # the four per-batch scalars come from the host: a device generator would need a sync
         gs = g if g.device.type == "cpu" else _host_twin(g)
         target = block_size(_uniform(gs, *c.target_scale), _uniform(gs, *c.target_aspect), gh, gw)
-        context = block_size(
-            _uniform(gs, *c.context_scale), _uniform(gs, *c.context_aspect), gh, gw
-        )
-        return target, context
+        return target, self._context_size(gs)
 
-    def _layout(self, g: torch.Generator, b: int, device: torch.device, need: int) -> _Layout:
-        """Draw block sizes and positions for ``b`` images, redrawing any image whose context
-        keeps fewer than ``need`` patches."""
+    def _layout(
+        self,
+        g: torch.Generator,
+        b: int,
+        device: torch.device,
+        need: int,
+        target: tuple[int, int],
+        context: tuple[int, int],
+    ) -> _Layout:
+        """Draw positions of ``target`` and ``context`` blocks for ``b`` images, redrawing any
+        image whose context keeps fewer than ``need`` patches."""
         c, gh, gw, t = self.cfg, self.gh, self.gw, self.cfg.num_targets
-        (th, tw), (ch, cw) = self._block_sizes(g)
+        (th, tw), (ch, cw), place = target, context, c.placement
 
         def draw(n: int) -> tuple[torch.Tensor, ...]:
             return (
-                _starts(g, (n, t), th, gh, device),  # target tops [n, T]
-                _starts(g, (n, t), tw, gw, device),  # target lefts [n, T]
-                _starts(g, (n,), ch, gh, device),  # context top [n]
-                _starts(g, (n,), cw, gw, device),  # context left [n]
+                _starts(g, (n, t), th, gh, place, device),  # target tops [n, T]
+                _starts(g, (n, t), tw, gw, place, device),  # target lefts [n, T]
+                _starts(g, (n,), ch, gh, place, device),  # context top [n]
+                _starts(g, (n,), cw, gw, place, device),  # context left [n]
             )
 
         def context_of(tt, tl, ct, cl) -> torch.Tensor:  # -> [n, gh*gw] bool
@@ -341,7 +448,7 @@ class MaskSampler:
             what = (
                 f"masks.min_keep={c.min_keep}"
                 if need == c.min_keep
-                else f"the fixed context length {need} (masks.context_length=fixed)"
+                else f"the fixed context length {need} (masks.context_length={c.context_length})"
             )
             scale = "masks.masking_ratio" if c.masking_ratio is not None else "masks.target_scale"
             raise MasksUnsatisfiable(
@@ -365,6 +472,8 @@ def check_masks(cfg: MasksConfig, grid: int | tuple[int, int], batch_size: int, 
     A mask section that validates can still be impossible on the model's grid (many or large
     targets with a high ``min_keep``); found first inside the training workers, it cost every
     restart of ``train.max_failures`` and reached the user as a worker traceback. The fixed
-    context length (a pure function of the section and grid) and step 0 are what rank 0 draws.
+    context lengths (a pure function of the section and grid) and step 0 are what rank 0 draws;
+    under ``context_length="per_length"`` estimating those lengths draws every target size, so
+    a size too large to keep ``min_keep`` fails here, not at the step that first draws it.
     """
     MaskSampler(cfg, grid, seed=seed).sample(batch_size, step=0)

@@ -133,6 +133,26 @@ def test_load_encoder_target_and_context(trained):
         assert not torch.equal(target(x), context(x))
 
 
+def test_a_checkpoint_from_before_a_default_changed_keeps_what_it_trained_with(trained):
+    # masks.placement came with a new default ("uniform"); a checkpoint written before has no
+    # such key and trained with the clipped starts: read as the new default, its resume would
+    # have switched the masks mid-run without a word
+    from radjepa.resume import ResumeError, check_resume_config
+
+    p, path = trained
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["config"]["masks"]["placement"] == "uniform"  # written by this version
+    del meta["config"]["masks"]["placement"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    saved = load_checkpoint(path).config
+    assert saved.masks.placement == "clipped"
+    with pytest.raises(ResumeError, match="masks.placement"):
+        check_resume_config(saved, p.cfg, 2)
+    resumed = Pretrainer(load_config(TINY, ["masks.placement=clipped"]), "cpu")
+    load_checkpoint(path, resumed)  # with the settings it trained with, it resumes as before
+    assert check_resume_config(saved, resumed.cfg, 2) == {}
+
+
 def test_config_keys_from_a_newer_version(trained, caplog):
     # training and serving are upgraded apart: an unknown training knob is dropped with a
     # warning, an unknown architecture switch is refused

@@ -26,6 +26,8 @@ def test_defaults_mirror_the_method():
     assert cfg.masks.target_scale == (0.15, 0.2)
     assert cfg.masks.target_aspect == (0.75, 1.5)
     assert cfg.masks.context_scale == (0.85, 1.0)
+    assert cfg.masks.placement == "uniform"  # block corners uniform over the grid
+    assert load_config(None, ["masks.placement=clipped"]).masks.placement == "clipped"
     assert cfg.ema.start == 0.996 and cfg.ema.end == 1.0
     assert cfg.model.pred_width == 384 and cfg.model.resolved_pred_depth == 6
     assert cfg.optim.weight_decay == 0.04 and cfg.optim.final_weight_decay == 0.4
@@ -81,6 +83,7 @@ def test_dict_overrides_match_string_overrides():
         ("masks.num_target=3", "masks.num_target"),  # typo'd key
         ("bogus.section=1", "bogus"),
         ("masks.num_targets=many", "masks.num_targets"),  # wrong type
+        ("masks.placement=random", "masks.placement"),
         ("ema.start=1.5", "ema.start"),  # out of range
         ("model.arch=vit_gigantic", "model.arch"),
         ("optim.loss=l3", "optim.loss"),

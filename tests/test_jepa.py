@@ -179,9 +179,10 @@ def test_ddp_ranks_stay_in_sync(tmp_path):
 
 @pytest.mark.parametrize("context_length", ["fixed", "batch_min"])
 def test_compiled_step_graph_count(context_length):
-    """Static shapes: after one graph per target-block length, the compiled step never
-    recompiles under ``context_length=fixed``; the method's batch-minimum cut compiles a new
-    encoder graph for each new context length (so the count below can fail)."""
+    """Static shapes: after one predictor graph per target-block length and one encoder graph
+    per context length (itself one per target length), the compiled step never recompiles
+    under ``context_length=fixed``; the method's batch-minimum cut compiles a new encoder graph
+    for each new context length (so the count below can fail)."""
     cfg = load_config(TINY, [f"masks.context_length={context_length}"])
     p = Pretrainer(cfg, "cpu")
     torch._dynamo.reset()
@@ -200,12 +201,15 @@ def test_compiled_step_graph_count(context_length):
         m = p.sampler.sample(4, p.step)
         kt.add(m.targets.shape[-1])
         kc.add(m.context.shape[-1])
+        if context_length == "fixed":  # each batch keeps its own target length's context
+            assert m.context.shape[-1] == p.sampler.context_keep_for(m.targets.shape[-1])
         assert torch.isfinite(p.train_step(x)["loss"])
     assert kt <= set(p.sampler.target_lengths())
     if context_length == "fixed":
-        assert kc == {p.sampler.context_keep}
-        # online encoder once, target encoder once, predictor once per target length
-        assert counters["all"].frame_count == 2 + len(kt)
+        assert kc == {p.sampler.context_keep_for(k) for k in kt}
+        assert len(kt) > 1  # the context length does change with the target length here
+        # target encoder once, online encoder once per context length, predictor once per Kt
+        assert counters["all"].frame_count == 1 + len(kc) + len(kt)
     else:
         assert len(kc) > 1
         assert counters["enc"].frame_count == len(kc)
@@ -227,18 +231,19 @@ def test_warm_up_at_one_step_per_target_length_builds_every_graph_up_front():
     for step in firsts:
         p.step = step
         p.train_step(x)
-    assert counter.frame_count == 2 + len(lengths)
+    graphs = 1 + len({p.sampler.context_keep_for(k) for k in lengths}) + len(lengths)
+    assert counter.frame_count == graphs
     p.step = 0
     for _ in range(40):
         p.train_step(x)
-    assert counter.frame_count == 2 + len(lengths)
+    assert counter.frame_count == graphs
     torch._dynamo.reset()
 
 
 def test_block_compile_shares_one_graph_per_shape_across_blocks():
     """``train.compile_scope=blocks``: every block of the three modules is compiled in place,
-    and the blocks share graphs, so the count is the same 2 + #Kt as for whole modules (not
-    times the depth), the checkpoint keys are the plain ones, and a drop-path rate per block
+    and the blocks share graphs, so the count is the same 1 + #Kc + #Kt as for whole modules
+    (not times the depth), the checkpoint keys are the plain ones, and a drop-path rate per block
     (which dynamo specialises on) still fits under the raised recompile limit."""
     cfg = load_config(TINY, ["train.compile_scope=blocks"])
     p = Pretrainer(cfg, "cpu")
@@ -252,7 +257,8 @@ def test_block_compile_shares_one_graph_per_shape_across_blocks():
     for _ in range(10):
         kt.add(p.sampler.target_length(p.step))
         assert torch.isfinite(p.train_step(x)["loss"])
-    assert counter.frame_count == 2 + len(kt)
+    graphs = 1 + len({p.sampler.context_keep_for(k) for k in kt}) + len(kt)
+    assert counter.frame_count == graphs
     fresh = Pretrainer(cfg, "cpu")
     fresh.load_state_dict(p.state_dict())  # strict: same keys as an uncompiled trainer
     torch._dynamo.reset()
@@ -263,9 +269,11 @@ def test_block_compile_shares_one_graph_per_shape_across_blocks():
     for _ in range(4):
         drop.train_step(x)
     blocks = [b for m in (drop.model.encoder, drop.model.predictor) for b in m.blocks]
-    assert counter.frame_count > 2 + len(kt)  # specialised per rate, still all compiled
+    assert counter.frame_count > graphs  # specialised per rate, still all compiled
     limit = torch._dynamo.config.recompile_limit
-    assert limit >= (len(drop.sampler.target_lengths()) + 2) * len(blocks)
+    every_kt = drop.sampler.target_lengths()
+    every_kc = set(drop.sampler.context_keeps.values())
+    assert limit >= (1 + len(every_kc) + len(every_kt)) * len(blocks)
     torch._dynamo.reset()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from radjepa.config import MasksConfig, load_config
-from radjepa.masks import MaskSampler, block_size, derive_seed, fixed_context_length
+from radjepa.masks import MaskSampler, block_size, derive_seed, fixed_context_lengths
 
 GRID = 14  # ViT-B/16 at 224
 
@@ -58,16 +58,54 @@ def test_tiny_grid_respects_min_keep():
     assert m.context.shape[1] >= cfg.masks.min_keep
 
 
-def test_every_position_is_a_target_with_near_uniform_frequency():
-    sampler = MaskSampler(MasksConfig(), GRID, seed=2)
+def _target_frequency(sampler: MaskSampler, steps: int) -> torch.Tensor:
+    """How often each patch is a target, relative to the mean, ``[GRID, GRID]``."""
     counts = torch.zeros(GRID * GRID)
-    for m in _draws(sampler, 40):
+    for m in _draws(sampler, steps):
         counts += torch.bincount(m.targets.flatten(), minlength=GRID * GRID)
-    freq = (counts / counts.mean()).reshape(GRID, GRID)
-    assert freq.min() > 0.4  # every position reachable, last row/column included
+    return (counts / counts.mean()).reshape(GRID, GRID)
+
+
+def _corners_and_centre(freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     corners = freq[[0, 0, -1, -1], [0, -1, 0, -1]]
-    edges = torch.cat([freq[0], freq[-1], freq[:, 0], freq[:, -1]])
     centre = freq[GRID // 2 - 1 : GRID // 2 + 1, GRID // 2 - 1 : GRID // 2 + 1].mean()
+    return corners, centre
+
+
+def test_uniform_placement_is_the_methods_without_its_off_by_one():
+    # the default: corners uniform over [0, GRID-size], so the last row and column are
+    # targets (the reference never reached them), no side is favoured, the centre is covered
+    # far more than the corners, and as many blocks touch the border as uniform corners give
+    sampler = MaskSampler(MasksConfig(), GRID, seed=2)
+    assert sampler.cfg.placement == "uniform"
+    freq = _target_frequency(sampler, 40)
+    assert freq.min() > 0  # every position reachable, last row/column included
+    assert 0.9 < float(freq[:, -1].sum() / freq[:, 0].sum()) < 1.1
+    assert 0.9 < float(freq[-1].sum() / freq[0].sum()) < 1.1
+    corners, centre = _corners_and_centre(freq)
+    assert float(centre / corners.mean()) > 5  # ~0.7 when placement is clipped
+
+    touching, expected, blocks = 0, 0.0, 0
+    for m in _draws(sampler, 40):
+        rows, cols = m.targets // GRID, m.targets % GRID  # [B, T, Kt]
+        edge = (rows.amin(-1) == 0) | (rows.amax(-1) == GRID - 1)
+        edge |= (cols.amin(-1) == 0) | (cols.amax(-1) == GRID - 1)
+        touching += int(edge.sum())
+        th = int(rows[0, 0].max() - rows[0, 0].min() + 1)
+        tw = m.targets.shape[2] // th
+        # a block of n possible starts touches a side from 2 of them (1 when n == 1)
+        p_row, p_col = min(1.0, 2 / (GRID - th + 1)), min(1.0, 2 / (GRID - tw + 1))
+        expected += edge.numel() * (1 - (1 - p_row) * (1 - p_col))
+        blocks += edge.numel()
+    assert abs(touching - expected) / blocks < 0.03  # ~0.85 touch when placement is clipped
+
+
+def test_clipped_placement_covers_every_position_with_near_uniform_frequency():
+    sampler = MaskSampler(MasksConfig(placement="clipped"), GRID, seed=2)
+    freq = _target_frequency(sampler, 40)
+    assert freq.min() > 0.4  # every position reachable, last row/column included
+    corners, centre = _corners_and_centre(freq)
+    edges = torch.cat([freq[0], freq[-1], freq[:, 0], freq[:, -1]])
     # a uniform top-left start gives corners ~0.03x the centre and max/min ~35x
     assert 0.5 < float(corners.mean() / centre) < 1.5
     assert 0.7 < float(edges.mean() / centre) < 1.5
@@ -138,33 +176,78 @@ def test_block_size_clips_to_grid():
     assert block_size(0.2, 1.5, 14, 14) == (8, 5)
 
 
-def test_fixed_context_length_is_a_function_of_the_config_only():
-    cfg = MasksConfig()
-    kc = fixed_context_length(cfg, (GRID, GRID))
-    assert cfg.context_length == "fixed" and cfg.min_keep <= kc < GRID * GRID
+@pytest.mark.parametrize("mode", ["fixed", "per_length"])
+def test_fixed_context_lengths_are_a_function_of_the_config_and_target_length(mode):
+    cfg = MasksConfig(context_length=mode)
+    kc = fixed_context_lengths(cfg, (GRID, GRID))
+    assert MasksConfig().context_length == "fixed"  # the default: one encoder graph compiled
+    assert tuple(sorted(kc)) == MaskSampler(cfg, GRID).target_lengths()
+    assert all(cfg.min_keep <= k < GRID * GRID for k in kc.values())
+    if mode == "fixed":
+        assert len(set(kc.values())) == 1
+    else:
+        assert kc[max(kc)] < kc[min(kc)]  # larger targets leave less context
+    fixed_lengths = []
     for seed, batch in ((0, 256), (9, 7), (3, 1)):
         sampler = MaskSampler(cfg, GRID, seed=seed)
-        assert sampler.context_keep == kc
+        assert sampler.context_keeps == kc
         for m in _draws(sampler, 5, batch):
-            assert m.context.shape == (batch, kc)
+            assert m.context.shape == (batch, kc[m.targets.shape[2]])
+            assert m.context.shape[1] == sampler.context_keep_for(m.targets.shape[2])
             assert torch.all(m.context[:, 1:] > m.context[:, :-1])
+    with pytest.raises(ValueError, match="no target block of 26"):
+        MaskSampler(cfg, GRID).context_keep_for(26)
     # the batch-minimum cut of the method changes from step to step
     loose = MaskSampler(cfg.model_copy(update={"context_length": "batch_min"}), GRID, seed=0)
-    lengths = {m.context.shape[1] for m in _draws(loose, 30)}
-    assert len(lengths) > 5 and loose.context_keep is None
+    draws = _draws(loose, 30)
+    lengths = [m.context.shape[1] for m in draws]
+    assert len(set(lengths)) > 5 and loose.context_keeps is None
+    assert loose.context_keep_for(25) is None
     # about the method's average amount of context: the batch minimum at 256 averages close by
-    assert abs(kc - sum(lengths) / len(lengths)) < 15
+    fixed_lengths = [kc[m.targets.shape[2]] for m in draws]
+    assert abs(sum(fixed_lengths) - sum(lengths)) / len(lengths) < 15
     # more targets leave less context; a larger grid keeps more patches
-    assert fixed_context_length(MasksConfig(num_targets=6), (GRID, GRID)) < kc
-    assert fixed_context_length(cfg, (16, 16)) > kc
+    six = fixed_context_lengths(MasksConfig(num_targets=6, context_length=mode), (GRID, GRID))
+    assert all(six[kt] < kc[kt] for kt in kc)
+    wide = fixed_context_lengths(cfg, (16, 16))
+    assert all(wide[kt] > kc[kt] for kt in kc.keys() & wide.keys())
+
+
+@pytest.mark.parametrize("mode", ["fixed", "per_length"])
+def test_per_length_context_redraws_the_same_small_share_at_every_target_length(mode):
+    # one Kc for every target size (the default, for one compiled encoder graph) redraws about
+    # a fifth of the images of the batches with the largest blocks (keeping the layouts whose
+    # targets overlap most) and none of the smallest; per target length, each redraws about
+    # context_quantile of its images
+    cfg = MasksConfig(context_length=mode)
+    for grid in (14, 16):
+        fixed = MaskSampler(cfg, grid, seed=0)
+        loose = MaskSampler(cfg.model_copy(update={"context_length": "batch_min"}), grid, seed=0)
+        shares: dict[int, list[float]] = {kt: [] for kt in fixed.target_lengths()}
+        for step in range(6000):
+            kt = loose.target_length(step)
+            if len(shares[kt]) < 16:  # a batch's share swings with its context block's size
+                # the per-image context sizes before any cut: the private draw is the only
+                # place they exist (a batch only shows its length)
+                g = loose.generator(step)
+                target, context = loose._block_sizes(g)
+                counts = loose._layout(g, 128, torch.device("cpu"), 1, target, context).counts
+                shares[kt].append(float((counts < fixed.context_keep_for(kt)).float().mean()))
+        mean = {kt: sum(s) / len(s) for kt, s in shares.items() if s}
+        assert len(mean) == len(shares), shares
+        if mode == "per_length":
+            assert max(mean.values()) < 2 * cfg.context_quantile, (grid, mean)
+        else:
+            assert mean[max(mean)] > 2 * cfg.context_quantile > mean[min(mean)], (grid, mean)
 
 
 def test_fixed_context_stays_inside_each_images_context_block():
     # a 10x10 context block on the 14x14 grid: the kept patches never leave it, never hit a
-    # target, and (redrawn when short) every image keeps exactly the fixed length
+    # target, and (redrawn when short) every image keeps exactly its target length's length
     cfg = MasksConfig(context_scale=(0.5, 0.5))
     sampler = MaskSampler(cfg, GRID, seed=11)
-    assert cfg.min_keep <= sampler.context_keep < 100
+    assert cfg.min_keep <= min(sampler.context_keeps.values())
+    assert max(sampler.context_keeps.values()) < 100
     for m in _draws(sampler, 5, 64):
         rows, cols = m.context // GRID, m.context % GRID
         assert int((rows.amax(1) - rows.amin(1)).max()) <= 9
@@ -172,7 +255,7 @@ def test_fixed_context_stays_inside_each_images_context_block():
         tgt = torch.zeros(64, GRID * GRID, dtype=torch.bool)
         tgt.scatter_(1, m.targets.reshape(64, -1), True)
         assert not torch.gather(tgt, 1, m.context).any()
-        assert m.context.shape[1] == sampler.context_keep
+        assert m.context.shape[1] == sampler.context_keep_for(m.targets.shape[2])
 
 
 def test_target_length_of_a_step_matches_its_batch_without_drawing_it():
