@@ -8,6 +8,7 @@ torch or MLflow imports. Errors the user can fix exit with code 2 and one readab
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
@@ -947,7 +948,12 @@ def probe_cmd(
                 )
             else:
                 cells.append(f"{method} {auc['estimate']:.3f}")
-        typer.echo(f"{lab['name']:>16} AUROC  " + "  |  ".join(cells))
+        unreliable = "  (few patients in a class: interval unreliable)"
+        typer.echo(
+            f"{lab['name']:>16} AUROC  "
+            + "  |  ".join(cells)
+            + (unreliable if lab.get("interval_reliable") is False else "")
+        )
         diffs = _paired_cells(report, lab["name"])
         if diffs:
             any_diff = True
@@ -958,7 +964,10 @@ def probe_cmd(
             "over the baseline's labels"
         )
     for method, res in ((report.get("segmentation") or {}).get("methods") or {}).items():
-        dice = ", ".join(f"{k} {v:.3f}" for k, v in res["dice"].items())
+        dice = ", ".join(
+            f"{k} {v:.3f}" if math.isfinite(v) else f"{k} absent from the held-out images"
+            for k, v in res["dice"].items()
+        )
         typer.echo(f"{'segmentation':>16} Dice   {method} {dice}")
     typer.echo(f"report:      {report['files']['markdown']}")
     if report.get("head"):

@@ -226,6 +226,95 @@ def test_segmentation_probe_learns_bright_discs_from_frozen_tokens(tiny_encoder)
     assert dice(masks[:, None], masks[:, None]).tolist() == [1.0]
 
 
+def _seg_report(seg: dict) -> dict:
+    """The smallest report ``render_markdown`` takes, around a segmentation section."""
+    return {
+        "checkpoint": "c",
+        "encoder": {},
+        "data": {
+            "csv": "l.csv",
+            "shards": None,
+            "n_images": 40,
+            "n_patients": 40,
+            "rejected": [],
+            "labels": [],
+        },
+        "protocol": {
+            "pooling": "p",
+            "C": 0.1,
+            "split": "kfold",
+            "folds": 5,
+            "split_text": "s",
+            "bootstrap": 0,
+            "knn_k": 10,
+            "pixel_size": 32,
+        },
+        "methods": {"ours": {"labels": []}},
+        "segmentation": seg,
+    }
+
+
+def test_a_structure_no_held_out_image_shows_gets_no_dice():
+    """A structure in 3 of 40 images, none of them held out, printed Dice 0.000 beside a
+    trivial 0.000 (1.0 had the head predicted no pixel), like a real score. Now its Dice is
+    NaN, the held-out images showing each structure are counted, and report.md says why."""
+    from radjepa.eval.report import _finite, flat_metrics, render_markdown
+    from radjepa.eval.segmentation import held_out_split, seg_probe
+
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(40, 4, 4, 8)).astype(np.float32)
+    masks = np.zeros((40, 2, 16, 16), bool)
+    masks[:, 0, 4:12, 4:12] = True  # in every image
+    masks[:3, 1, :8, :8] = True  # in images 0-2 only
+    tokens[:3, :2, :2, 1] += 3
+    groups = np.array([f"p{i}" for i in range(40)])
+    seed = next(s for s in range(50) if held_out_split(40, groups, 0.25, s)[1].min() > 2)
+    res = seg_probe(tokens, masks, structures=["lung", "rare"], groups=groups, seed=seed, epochs=5)
+    assert res.n_test_present == {"lung": 10, "rare": 0}
+    assert np.isnan(res.dice["rare"]) and np.isnan(res.trivial_dice["rare"])
+    assert 0 < res.dice["lung"] <= 1 and res.trivial_dice["lung"] == pytest.approx(0.4)
+    seg = {"csv": "m.csv", "structures": res.structures, "grouped_by": "patient_id"}
+    report = _seg_report({**seg, "methods": {"ours": res.to_dict()}})
+    md = render_markdown(report)
+    assert "| rare | 0 | absent from the held-out images | absent from the held-out images |" in md
+    assert f"| lung | 10 | {res.dice['lung']:.3f} | 0.400 |" in md
+    assert set(flat_metrics(report)) == {"ours/seg_lung/dice"}
+    assert _finite(res.to_dict())["dice"]["rare"] is None  # null in report.json
+    assert render_markdown(_seg_report({**seg, "methods": {"ours": _finite(res.to_dict())}})) == md
+
+
+def test_a_mask_csv_without_the_patient_column_warns_and_the_report_says_so(tmp_path, caplog):
+    """The mask CSV's patient column is the labels CSV's --group-col; a mask CSV without it
+    (here "Patient ID") was split image by image, so a patient's second radiograph could sit
+    in training, with an INFO line only and a report identical to a grouped one."""
+    import logging
+
+    from PIL import Image
+
+    from radjepa.eval.report import render_markdown
+    from radjepa.eval.segmentation import load_seg_csv
+
+    rng = np.random.default_rng(0)
+    lines = ["image,lung,Patient ID"]
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(tmp_path / f"i{i}.png")
+        Image.fromarray(np.full((64, 64), 255, np.uint8)).save(tmp_path / f"m{i}.png")
+        lines.append(f"i{i}.png,m{i}.png,{i // 2}")
+    (tmp_path / "masks.csv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING, logger="radjepa.eval.segmentation"):
+        _, _, groups = load_seg_csv(tmp_path / "masks.csv", ["lung"], size=64)
+    assert groups is None
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "has no patient_id column" in warned[0].getMessage()
+    res = {"dice": {"lung": 0.9}, "trivial_dice": {"lung": 0.5}, "n_train": 3, "n_test": 1}
+    seg = {"csv": "masks.csv", "structures": ["lung"], "methods": {"ours": res}}
+    ungrouped = render_markdown(_seg_report({**seg, "grouped_by": None, "group_col": "patient_id"}))
+    grouped = render_markdown(_seg_report({**seg, "grouped_by": "Patient ID"}))
+    assert "each image its own patient: the mask CSV has no `patient_id` column" in ungrouped
+    assert "split by patient (the `Patient ID` column)" in grouped
+    assert "own patient" not in grouped
+
+
 def test_plots_write_valid_pngs(tmp_path, tiny_encoder):
     from radjepa.eval.plots import plot_pca_map, plot_roc, roc_curve_points
     from radjepa.eval.segmentation import tokens_to_grid

@@ -496,7 +496,7 @@ def test_report_gives_the_encoder_minus_each_baseline_with_a_paired_interval():
     assert flat["ours_vs_random_init/y_1/auroc_diff_excludes_zero"] == 1.0
     assert flat["ours/y_1/retrieval_map"] == report["methods"]["ours"]["retrieval_map"]["y=1"]
     md = render_markdown(report)
-    assert "| precision@k | mAP | kNN AUROC |" in md
+    assert "| precision@k | p@k chance | mAP | mAP chance | kNN AUROC |" in md
     assert "Paired difference, encoder (frozen) minus each baseline" in md
     d = row["auroc_diff"]
     # one label: Holm's family is that label alone, so the difference holds after it (†)
@@ -595,7 +595,8 @@ def test_shared_draws_leave_every_paired_interval_as_a_separate_comparison_gives
             )
             for got, want in ((row["auroc_diff"], auc), (row["auprc_diff"], ap)):
                 assert {k: got[k] for k in want.to_dict()} == want.to_dict()
-                assert set(got) == {*want.to_dict(), "excludes_zero", "p_holm", "holds_adjusted"}
+                extra = {"excludes_zero", "p_holm", "holds_adjusted", "interval_reliable"}
+                assert set(got) == {*want.to_dict(), *extra}
             assert row["auroc_diff"]["excludes_zero"] == bool(auc.low > 0 or auc.high < 0)
             assert row["n_scored"] == len(groups)
 
@@ -680,3 +681,137 @@ def test_the_report_says_when_too_few_draws_leave_no_difference_able_to_hold():
         assert ("over 1 label (" in md and "set probe.bootstrap=40 or more" in md) is shown
         d = report["comparisons"]["methods"]["random_init"]["labels"][0]["auroc_diff"]
         assert d["holds_adjusted"] is (not shown)  # a clear difference: p = 2/(B+1)
+
+
+def _rare_world(n_pos, n_pat=40, per=2, signal=4.0, seed=0):
+    """`n_pat` patients of `per` images, the first `n_pos` positive; feature 0 carries it."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat([f"p{i}" for i in range(n_pat)], per)
+    y = np.repeat((np.arange(n_pat) < n_pos).astype(int), per)
+    x = rng.normal(size=(len(y), 8))
+    x[:, 0] += signal * y
+    return x, y, groups
+
+
+def test_retrieval_chance_is_what_a_random_ranking_scores():
+    """precision@k and mAP call a negative retrieving negatives a hit, so a rare label reads
+    near 1 for any features; the chance level they are printed beside must be exactly a
+    random ranking's: what a collapsed encoder (every candidate tied) scores, patients with
+    several images and queries with nothing to retrieve included."""
+    from radjepa.eval.retrieval import mean_average_precision, retrieval_chance
+
+    rng = np.random.default_rng(3)
+    for prevalence in (0.03, 0.2, 0.5):
+        per = rng.integers(1, 4, 50)
+        groups = np.repeat([f"p{i}" for i in range(50)], per)
+        y = (rng.random(len(groups)) < prevalence).astype(int)
+        y[:2], groups[:2] = 1, ["p0", "p1"]  # at least two positive patients
+        collapsed = np.ones((len(y), 3))
+        want = (
+            precision_at_k(collapsed, y, groups, k=7),
+            mean_average_precision(collapsed, y, groups),
+        )
+        assert retrieval_chance(y, groups) == pytest.approx(want, abs=1e-12)
+    # by hand: A, B one patient; the others alone. A (1) ranks C (1), D (0) in random order:
+    # p = 1/2, AP = (1 + 1/2) / 2; B (0): p = 1/2, AP 3/4; C (1): A, B, D with one relevant:
+    # p = 1/3, AP (1 + 1/2 + 1/3) / 3; D (0): B of A, B, C: the same
+    y = np.array([1, 0, 1, 0])
+    groups = np.array(["a", "a", "c", "d"])
+    ap3 = (1 + 1 / 2 + 1 / 3) / 3
+    assert retrieval_chance(y, groups) == pytest.approx(
+        ((1 / 2 + 1 / 2 + 1 / 3 + 1 / 3) / 4, (3 / 4 + 3 / 4 + ap3 + ap3) / 4), abs=1e-12
+    )
+
+
+def test_report_prints_each_retrieval_number_beside_its_chance_level():
+    """A rare label's precision@k and mAP printed 0.99 for an encoder and for a baseline
+    alike, with no chance level beside them (AUPRC had one): now report.json, MLflow and a
+    column of report.md carry each label's, which sits just as close to 1."""
+    from radjepa.eval.report import flat_metrics, render_markdown
+    from radjepa.eval.retrieval import retrieval_chance
+
+    x, y, groups = _rare_world(3)
+    noise = np.random.default_rng(9).normal(size=x.shape)
+    report = _summary_report(
+        {"ours": x, "random_init": noise}, y, groups, ["probe.bootstrap=0", "probe.knn_k=5"]
+    )
+    p_chance, map_chance = retrieval_chance(y, groups)
+    assert p_chance > 0.8 and map_chance > 0.8
+    flat = flat_metrics(report)
+    for method in ("ours", "random_init"):
+        res = report["methods"][method]
+        assert res["precision_at_k_chance"]["y=1"] == p_chance
+        assert res["retrieval_map_chance"]["y=1"] == map_chance
+        assert flat[f"{method}/y_1/precision_at_k_chance"] == p_chance
+        assert flat[f"{method}/y_1/retrieval_map_chance"] == map_chance
+        assert res["precision_at_k"]["y=1"] > 0.8  # near 1 for noise features too
+    md = render_markdown(report)
+    row = next(line for line in md.splitlines() if line.startswith("| same architecture"))
+    p_at_k = report["methods"]["random_init"]["precision_at_k"]["y=1"]
+    assert f"| {p_at_k:.3f} | {p_chance:.3f} |" in row and f"| {map_chance:.3f} |" in row
+
+
+def test_a_label_with_few_patients_shows_its_counted_draws_and_gets_no_dagger():
+    """3 positive patients: the percentile patient bootstrap covers far less than 95%, yet
+    the report printed "95% CI" and marked the difference *† (Holm) like any other, and never
+    said that 13 of the 300 draws had been dropped. Now the label says how many draws counted
+    and that its interval is unreliable, and neither report.md nor the CLI gives it the †."""
+    from pipelines.cli import _paired_cells
+    from radjepa.eval.report import render_markdown
+
+    x, y, groups = _rare_world(3)
+    noise = np.random.default_rng(9).normal(size=x.shape)
+    report = _summary_report(
+        {"ours": x, "random_init": noise}, y, groups, ["probe.bootstrap=300", "probe.knn_k=5"]
+    )
+    lab = report["methods"]["ours"]["labels"][0]
+    d = report["comparisons"]["methods"]["random_init"]["labels"][0]["auroc_diff"]
+    assert (lab["n_scored_pos_patients"], lab["n_scored_neg_patients"]) == (3, 37)
+    assert lab["interval_reliable"] is False and d["interval_reliable"] is False
+    assert d["holds_adjusted"] is True and d["excludes_zero"] is True  # Holm alone would hold
+    counted = lab["auroc"]["draws"]
+    assert 0 < counted < 300
+    md = render_markdown(report)
+    assert f"{counted} of 300 bootstrap draws counted" in md
+    assert "**Unreliable interval**: the scored images hold 3 positive and 37 negative" in md
+    assert "*†" not in md and f"[{d['low']:+.3f}, {d['high']:+.3f}] * |" in md
+    assert "*†" not in _paired_cells(report, "y=1")[0]
+    # 20 patients a class: reliable, the dagger stays and no note is added
+    x, y, groups = _world(n_pat=40, signal=1.5)
+    noise = np.random.default_rng(9).normal(size=x.shape)
+    report = _summary_report({"ours": x, "random_init": noise}, y, groups, ["probe.bootstrap=300"])
+    md = render_markdown(report)
+    assert report["methods"]["ours"]["labels"][0]["interval_reliable"] is True
+    assert "*†" in md and "Unreliable interval" not in md
+
+
+def test_the_too_few_draws_line_counts_the_draws_that_counted():
+    """The Holm warning compared 2 / (requested + 1) with alpha; a draw whose patients hold
+    one class is dropped, and the smallest p-value is 2 / (counted + 1). 41 draws requested
+    for a label of 2 positive patients: 2/42 < 0.05 looked enough, but only 35 counted."""
+    from radjepa.eval.report import render_markdown
+
+    x, y, groups = _rare_world(2, n_pat=30, per=1)
+    noise = np.random.default_rng(9).normal(size=x.shape)
+    report = _summary_report({"ours": x, "random_init": noise}, y, groups, ["probe.bootstrap=41"])
+    d = report["comparisons"]["methods"]["random_init"]["labels"][0]["auroc_diff"]
+    assert 2 / (d["draws"] + 1) >= 0.05 > 2 / 42
+    md = render_markdown(report)
+    assert f"with {d['draws']} counted of 41 bootstrap draws" in md
+    assert f"the smallest p-value is 2/{d['draws'] + 1}" in md
+
+
+def test_a_holdout_split_is_described_as_one_per_label():
+    """probe.split=holdout stratifies each label's split on that label, so two labels hold
+    out different patients; the report called it "one patient-level split"."""
+    from radjepa.config import load_config
+    from radjepa.eval.runner import split_text
+
+    x, y, groups = _world(n_pat=60)
+    other = np.roll(y, 7)
+    tests = [set(grouped_folds(lab, groups, split="holdout")[0][1]) for lab in (y, other)]
+    assert tests[0] != tests[1]
+    text = split_text(load_config(None, ["probe.split=holdout", "probe.test_fraction=0.2"]).probe)
+    assert "one patient-level split" not in text
+    assert text.startswith("a patient-level split of its own for each label") and "20%" in text
+    assert split_text(load_config(None, []).probe).startswith("5-fold cross-validation")

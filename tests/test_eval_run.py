@@ -315,6 +315,11 @@ def test_cli_probe_logs_metrics_artifacts_and_registers_head(
     assert "ΔAUROC ours-random_init " in res.output
     report = json.loads((out / "report.json").read_text())
     assert report["protocol"]["seeds"] == 2
+    # a label with few patients in a class says its interval is unreliable on its own line
+    for lab in report["methods"]["ours"]["labels"]:
+        (line,) = [x for x in res.output.splitlines() if f"{lab['name']} AUROC" in x]
+        assert line.endswith("interval unreliable)") == (not lab["interval_reliable"]), line
+    assert metrics["ours/view_AP/precision_at_k_chance"] > 0
     assert (
         metrics["ours/view_AP/auroc"] == report["methods"]["ours"]["labels"][0]["auroc"]["estimate"]
     )

@@ -8,7 +8,9 @@ same images and the same patient draws for both, keeps only the variation that i
 Each difference is one test at the report's level; a report of fourteen labels against two
 baselines makes 28 such tests per metric, so some stars come by chance. Holm's adjustment over
 the labels of one baseline and one metric (the claim "better than raw pixels on these labels"
-is one family) says which survive.
+is one family) says which survive. A label with fewer than ``MIN_CLASS_PATIENTS`` patients in a
+class keeps its p-values, but its differences are flagged ``interval_reliable: false``: the
+bootstrap behind them covers far less than 95%, so no claim across labels rests on it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from radjepa.eval.metrics import Difference, holm_adjust, paired_differences, spread
+from radjepa.eval.metrics import (
+    Difference,
+    holm_adjust,
+    interval_reliable,
+    paired_differences,
+    spread,
+)
 
 __all__ = ["compare_methods", "difference_dict"]
 
@@ -99,9 +107,11 @@ def compare_methods(
                 seed=seed,
                 level=level,
             )
+            reliable = interval_reliable(y_all[ok, j], groups[ok])
             for other, (auc, ap) in zip(batch, diffs, strict=True):
                 rows[other][j].update(
-                    auroc_diff=difference_dict(auc), auprc_diff=difference_dict(ap)
+                    auroc_diff={**difference_dict(auc), "interval_reliable": reliable},
+                    auprc_diff={**difference_dict(ap), "interval_reliable": reliable},
                 )
     family = {other: _adjust(rows[other], level) for other in others}
     out = {other: {"labels": rows[other]} for other in others}

@@ -1,7 +1,8 @@
 """Linear probes: standardised logistic regression on frozen features, grouped by patient.
 
 Every label gets its own out-of-fold predictions from folds that never split a patient
-(``StratifiedGroupKFold``), or one patient-level train/test split. Images of one patient are
+(``StratifiedGroupKFold``), or its own patient-level train/test split, stratified on that
+label (so two labels' held-out patients differ). Images of one patient are
 near-duplicates for a probe; letting them straddle train and test inflates AUROC.
 """
 
@@ -16,7 +17,15 @@ import numpy as np
 
 from radjepa.eval.features import require_finite
 from radjepa.eval.heads import ProbeHead
-from radjepa.eval.metrics import Interval, Spread, bootstrap_ci, spread, weighted_auroc_auprc
+from radjepa.eval.metrics import (
+    MIN_CLASS_PATIENTS,
+    Interval,
+    Spread,
+    bootstrap_ci,
+    class_patients,
+    spread,
+    weighted_auroc_auprc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,10 @@ class LabelResult:
     # for a holdout split, whose prevalence (not the whole set's) is AUPRC's chance level
     n_scored: int = 0
     n_scored_pos: int = 0
+    # patients with a positive / a negative among the scored images: the bootstrap resamples
+    # them, and with few in a class its interval covers far less than its level
+    n_scored_pos_patients: int = 0
+    n_scored_neg_patients: int = 0
     # with several probe seeds: the point estimates over the seeds (the first is ``seed``,
     # whose scores give the estimate and interval above); None with one seed
     seeds: list[int] | None = None
@@ -59,12 +72,24 @@ class LabelResult:
             "auprc_baseline": (
                 self.n_scored_pos / self.n_scored if self.n_scored else float("nan")
             ),
+            "n_scored_pos_patients": self.n_scored_pos_patients,
+            "n_scored_neg_patients": self.n_scored_neg_patients,
+            "interval_reliable": self.interval_reliable,
             "folds": self.folds,
             "auroc": None if self.auroc is None else self.auroc.to_dict(),
             "auprc": None if self.auprc is None else self.auprc.to_dict(),
             "skipped": self.skipped,
             "seeds": self._seeds_dict(),
         }
+
+    @property
+    def interval_reliable(self) -> bool | None:
+        """Whether both classes have enough scored patients for the interval to mean 95%
+        (None when nothing was scored)."""
+        if not self.n_scored:
+            return None
+        low = min(self.n_scored_pos_patients, self.n_scored_neg_patients)
+        return low >= MIN_CLASS_PATIENTS
 
     def _seeds_dict(self) -> dict[str, Any] | None:
         if self.seeds is None or self.seed_auroc is None or self.seed_auprc is None:
@@ -99,11 +124,6 @@ def _logreg(c: float, seed: int) -> Any:
     )
 
 
-def _class_groups(y: np.ndarray, groups: np.ndarray) -> tuple[int, int]:
-    """Patients with at least one positive / at least one negative image."""
-    return len(np.unique(groups[y == 1])), len(np.unique(groups[y == 0]))
-
-
 def grouped_folds(
     y: np.ndarray,
     groups: np.ndarray,
@@ -122,7 +142,7 @@ def grouped_folds(
 
     y = np.asarray(y).astype(int)
     groups = np.asarray(groups).astype(str)
-    pos_g, neg_g = _class_groups(y, groups)
+    pos_g, neg_g = class_patients(y, groups)
     if min(pos_g, neg_g) < 2:
         raise ValueError(
             f"needs at least 2 patients in each class, has {pos_g} positive and {neg_g} negative"
@@ -222,6 +242,7 @@ def cross_val_probe(
         evaluated = np.isfinite(scores[:, j])
         ye, se, ge = y[evaluated], scores[evaluated, j], groups[evaluated]
         res.n_scored, res.n_scored_pos = int(evaluated.sum()), int(ye.sum())
+        res.n_scored_pos_patients, res.n_scored_neg_patients = class_patients(ye, ge)
         if len(np.unique(ye)) < 2:
             res.skipped = "the evaluated images hold only one class"
             continue

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "MIN_CLASS_PATIENTS",
     "Difference",
     "Interval",
     "Spread",
@@ -23,12 +24,35 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_draws",
     "bootstrap_p_value",
+    "class_patients",
     "holm_adjust",
+    "interval_reliable",
     "paired_difference",
     "paired_differences",
     "spread",
     "weighted_auroc_auprc",
 ]
+
+
+# Below this many patients in a class the percentile patient bootstrap covers far less than
+# its nominal level: a handful of positive patients make a few distinct resamples, whose spread
+# understates how much another handful would move the metric (docs/EVALUATION.md gives
+# simulated coverages).
+MIN_CLASS_PATIENTS = 20
+
+
+def class_patients(y: np.ndarray, groups: np.ndarray) -> tuple[int, int]:
+    """Patients with at least one positive / at least one negative image: the units the
+    bootstrap resamples, so what decides how many distinct draws a class can have."""
+    y = np.asarray(y).astype(int)
+    g = np.asarray(groups).astype(str)
+    return len(np.unique(g[y == 1])), len(np.unique(g[y == 0]))
+
+
+def interval_reliable(y: np.ndarray, groups: np.ndarray) -> bool:
+    """Whether both classes have :data:`MIN_CLASS_PATIENTS` patients, below which a 95%
+    bootstrap interval is too narrow to be read as one (and a difference as significant)."""
+    return min(class_patients(y, groups)) >= MIN_CLASS_PATIENTS
 
 
 @dataclass(frozen=True)

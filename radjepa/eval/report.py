@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from radjepa.eval.metrics import MIN_CLASS_PATIENTS
+
 __all__ = [
     "METHOD_TITLES",
     "diff_marks",
@@ -43,6 +45,14 @@ _DIFF_PARTS = (
     ("p_value", "_p"),
     ("p_holm", "_p_holm"),
     ("holds_adjusted", "_holds_adjusted"),
+    ("interval_reliable", "_interval_reliable"),
+)
+_RETRIEVAL = (
+    "precision_at_k",
+    "precision_at_k_chance",
+    "retrieval_map",
+    "retrieval_map_chance",
+    "knn_auroc",
 )
 _SPREAD = (("mean", "_seed_mean"), ("std", "_seed_std"), ("min", "_seed_min"), ("max", "_seed_max"))
 
@@ -61,8 +71,11 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     """``{"ours/view_AP/auroc": 0.93, ...}``: every finite number worth a tracking metric.
 
     Paired differences go under ``<reference>_vs_<baseline>/<label>/auroc_diff`` (+ ``_ci_low``,
-    ``_ci_high``, ``_excludes_zero`` as 1/0, ``_p``, ``_p_holm``, ``_holds_adjusted``), spreads over probe seeds under
-    ``.../auroc_seed_mean`` (``_seed_std``, ``_seed_min``, ``_seed_max``).
+    ``_ci_high``, ``_excludes_zero`` as 1/0, ``_p``, ``_p_holm``, ``_holds_adjusted``,
+    ``_interval_reliable``), spreads over probe seeds under ``.../auroc_seed_mean``
+    (``_seed_std``, ``_seed_min``, ``_seed_max``). Retrieval numbers come with their chance
+    levels (``precision_at_k_chance``, ``retrieval_map_chance``); a structure no held-out image
+    shows has no Dice to log.
     """
     out: dict[str, float] = {}
     for method, res in report.get("methods", {}).items():
@@ -71,7 +84,7 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
             for metric in ("auroc", "auprc"):
                 _put(out, f"{key}/{metric}", lab.get(metric), _PARTS)
                 _put(out, f"{key}/{metric}", (lab.get("seeds") or {}).get(metric), _SPREAD)
-        for kind in ("precision_at_k", "retrieval_map", "knn_auroc"):
+        for kind in _RETRIEVAL:
             for label, v in (res.get(kind) or {}).items():
                 if v is not None and math.isfinite(v):
                     out[f"{method}/{metric_safe(label)}/{kind}"] = float(v)
@@ -86,7 +99,8 @@ def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
     seg = report.get("segmentation") or {}
     for method, res in (seg.get("methods") or {}).items():
         for name, v in res["dice"].items():
-            out[f"{method}/seg_{metric_safe(name)}/dice"] = float(v)
+            if v is not None and math.isfinite(v):
+                out[f"{method}/seg_{metric_safe(name)}/dice"] = float(v)
     return out
 
 
@@ -113,9 +127,13 @@ def _num(v: float | None) -> str:
 
 def diff_marks(d: dict[str, Any]) -> str:
     """`` *`` when the interval excludes 0, `` *†`` when the difference also holds after
-    Holm's correction over the baseline's labels (``p_holm`` below the level's alpha)."""
+    Holm's correction over the baseline's labels (``p_holm`` below the level's alpha) and the
+    label has enough patients in each class for its interval to be read as 95%
+    (``interval_reliable``): with a handful, the bootstrap covers far less and a † would claim
+    more than the data show."""
     star = " *" if d.get("excludes_zero") else ""
-    return star + ("†" if star and d.get("holds_adjusted") else "")
+    holds = d.get("holds_adjusted") and d.get("interval_reliable") is not False
+    return star + ("†" if star and holds else "")
 
 
 def _fmt_diff(d: dict[str, Any] | None) -> str:
@@ -184,11 +202,12 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
             f"## {name}{pos}",
             "",
             f"{info['n_pos']} positive of {data['n_images']} images.{fewer}{_chance(ours)}",
+            *_bootstrap_lines(report["methods"], i, proto.get("bootstrap") or 0),
             "",
             "| features | AUROC [95% CI] | AUPRC [95% CI] |"
             + seed_head
-            + " precision@k | mAP | kNN AUROC |",
-            "|---|---|---|" + ("---|---|" if seeds else "") + "---|---|---|",
+            + " precision@k | p@k chance | mAP | mAP chance | kNN AUROC |",
+            "|---|---|---|" + ("---|---|" if seeds else "") + "---|---|---|---|---|",
         ]
         skipped = None
         for method, res in report["methods"].items():
@@ -204,7 +223,9 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
                 f"| {METHOD_TITLES.get(method, method)} | {_fmt(lab['auroc'])} | "
                 f"{_fmt(lab['auprc'])} |{spread_cells} "
                 f"{_num(res['precision_at_k'].get(name))} | "
+                f"{_num((res.get('precision_at_k_chance') or {}).get(name))} | "
                 f"{_num((res.get('retrieval_map') or {}).get(name))} | "
+                f"{_num((res.get('retrieval_map_chance') or {}).get(name))} | "
                 f"{_num(res['knn_auroc'].get(name))} |"
             )
         lines += _difference_table(report.get("comparisons"), i)
@@ -217,25 +238,8 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
     pca = report.get("plots", {}).get("pca")
     if pca:
         lines += ["## Patch features (PCA 1-3 as RGB)", "", f"![PCA map]({rel(pca)})", ""]
-    seg = report.get("segmentation")
-    if seg:
-        methods = seg["methods"]
-        first = next(iter(methods.values()))
-        lines += [
-            "## Segmentation probe (held-out Dice)",
-            "",
-            f"`{seg['csv']}`: {first['n_train']} training / {first['n_test']} held-out images; "
-            "1x1 conv on frozen patch tokens, bilinear upsampling.",
-            "",
-            "| structure | "
-            + " | ".join(METHOD_TITLES.get(m, m) for m in methods)
-            + " | all-foreground |",
-            "|---|" + "---|" * (len(methods) + 1),
-        ]
-        for st in seg["structures"]:
-            cells = " | ".join(f"{res['dice'][st]:.3f}" for res in methods.values())
-            lines.append(f"| {st} | {cells} | {first['trivial_dice'][st]:.3f} |")
-        lines.append("")
+    if report.get("segmentation"):
+        lines += _segmentation_lines(report["segmentation"])
     if report.get("head"):
         lines += [f"Probe head (all images, encoder features): `{rel(report['head'])}`", ""]
     if data["rejected"]:
@@ -259,7 +263,8 @@ def _difference_table(comp: dict[str, Any] | None, i: int) -> list[str]:
         "",
         f"Paired difference, {ref} minus each baseline (same images, folds and bootstrap "
         f"patients; * = the {pct} interval excludes 0; † = it still holds after Holm's "
-        "correction over the baseline's labels):",
+        "correction over the baseline's labels, given only where each class has at least "
+        f"{MIN_CLASS_PATIENTS} patients):",
         "",
         f"| {ref} minus | ΔAUROC [{pct} CI] | ΔAUPRC [{pct} CI] |"
         + (f" ΔAUROC{n_seeds} | ΔAUPRC{n_seeds} |" if seeded else ""),
@@ -276,21 +281,110 @@ def _difference_table(comp: dict[str, Any] | None, i: int) -> list[str]:
     return lines
 
 
-def _too_few_draws(comp: dict[str, Any] | None, draws: int) -> list[str]:
-    """A line when no difference can hold after Holm's correction: the smallest bootstrap
-    p-value is 2 / (draws + 1), and the best-ranked of m labels must reach alpha / m."""
-    sizes = ((comp or {}).get("correction") or {}).get("sizes") or {}
-    m = max((n for per_metric in sizes.values() for n in per_metric.values()), default=0)
-    alpha = 1 - (comp or {}).get("level", 0.95)
-    if draws <= 0 or m == 0 or 2 * m / (draws + 1) < alpha:
+def _too_few_draws(comp: dict[str, Any] | None, requested: int) -> list[str]:
+    """A line when a family (one baseline, one metric) can hold no difference after Holm's
+    correction: a difference's smallest p-value is 2 / (d + 1) for its d *counted* draws
+    (draws whose patients hold one class are dropped, so d can fall short of the requested
+    number), and the best-ranked of the family's m labels must reach alpha / m."""
+    comp = comp or {}
+    alpha = 1 - comp.get("level", 0.95)
+    families, blocked = 0, []
+    for other, per_metric in ((comp.get("correction") or {}).get("sizes") or {}).items():
+        rows = ((comp.get("methods") or {}).get(other) or {}).get("labels") or []
+        for metric, m in per_metric.items():
+            counted = [
+                r[metric]["draws"]
+                for r in rows
+                if r.get(metric) and r[metric].get("p_value") is not None
+            ]
+            if not m or not counted:
+                continue
+            families += 1
+            if 2 * m / (max(counted) + 1) >= alpha:
+                blocked.append((2 * m / (max(counted) + 1), max(counted), m, other, metric))
+    if not blocked:
         return []
-    need = math.ceil(2 * m / alpha)
+    _, best, m, *_ = max(blocked)  # the family furthest from holding anything
+    scope = ""
+    if len(blocked) < families:
+        scope = " " + ", ".join(
+            f"against {METHOD_TITLES.get(o, o)} ({'ΔAUROC' if k == 'auroc_diff' else 'ΔAUPRC'})"
+            for *_, o, k in blocked
+        )
+    need = math.ceil(2 * m / alpha)  # counted draws it takes
+    if best < requested:  # as many more requested as the dropped share eats
+        need = math.ceil(need * requested / max(best, 1))
+    drawn = (
+        f"{best} bootstrap draws"
+        if best >= requested
+        else f"{best} counted of {requested} bootstrap draws (draws whose patients hold one "
+        "class are dropped)"
+    )
     return [
-        f"- with {draws} bootstrap draws no paired difference can hold after Holm's correction "
-        f"over {m} label{'s' if m != 1 else ''} (the smallest p-value is 2/{draws + 1}); "
-        f"set probe.bootstrap={need} "
-        "or more for that test"
+        f"- with {drawn} no paired difference{scope} can hold after Holm's correction "
+        f"over {m} label{'s' if m != 1 else ''} (the smallest p-value is 2/{best + 1}); "
+        f"set probe.bootstrap={need} or more for that test"
     ]
+
+
+def _bootstrap_lines(methods: dict[str, Any], i: int, requested: int) -> list[str]:
+    """Label ``i``'s counted bootstrap draws beside the requested ones, and a warning when a
+    class has fewer than ``MIN_CLASS_PATIENTS`` scored patients: the percentile interval then
+    covers far less than 95% (a few patients make few distinct resamples)."""
+    labs = {m: res["labels"][i] for m, res in methods.items()}
+    counted = {m: lab["auroc"]["draws"] for m, lab in labs.items() if lab.get("auroc")}
+    if requested <= 0 or not counted:
+        return []
+    if len(set(counted.values())) == 1:
+        text = f"{next(iter(counted.values()))} of {requested} bootstrap draws counted"
+    else:
+        each = ", ".join(f"{METHOD_TITLES.get(m, m)} {n}" for m, n in counted.items())
+        text = f"Bootstrap draws counted of {requested}: {each}"
+    lines = ["", f"{text} (draws whose patients hold one class are dropped)."]
+    ref = next(iter(labs.values()))
+    if ref.get("interval_reliable") is False:
+        pos, neg = ref.get("n_scored_pos_patients"), ref.get("n_scored_neg_patients")
+        lines += [
+            "",
+            f"**Unreliable interval**: the scored images hold {pos} positive and {neg} negative "
+            f"patients, fewer than {MIN_CLASS_PATIENTS} in a class; the patient bootstrap then "
+            "covers far less than 95%, so its intervals are too narrow, and no difference for "
+            "this label is marked †.",
+        ]
+    return lines
+
+
+def _segmentation_lines(seg: dict[str, Any]) -> list[str]:
+    """The segmentation section: how its split was grouped, and Dice per structure beside the
+    number of held-out images showing it (none: no Dice, not a 0 or 1 that reads as one)."""
+    methods = seg["methods"]
+    first = next(iter(methods.values()))
+    if seg.get("grouped_by"):
+        split = f"split by patient (the `{seg['grouped_by']}` column)"
+    elif seg.get("group_col"):
+        split = f"each image its own patient: the mask CSV has no `{seg['group_col']}` column"
+    else:
+        split = "each image its own patient: no patient column was given"
+    lines = [
+        "## Segmentation probe (held-out Dice)",
+        "",
+        f"`{seg['csv']}`: {first['n_train']} training / {first['n_test']} held-out images, "
+        f"{split}; 1x1 conv on frozen patch tokens, bilinear upsampling.",
+        "",
+        "| structure | held-out images with it | "
+        + " | ".join(METHOD_TITLES.get(m, m) for m in methods)
+        + " | all-foreground |",
+        "|---|---|" + "---|" * (len(methods) + 1),
+    ]
+    present = first.get("n_test_present") or {}
+    for st in seg["structures"]:
+        n_img = present.get(st)
+        dices = [res["dice"][st] for res in methods.values()] + [first["trivial_dice"][st]]
+        absent = n_img == 0
+        cells = " | ".join("absent from the held-out images" if absent else _num(d) for d in dices)
+        lines.append(f"| {st} | {'-' if n_img is None else n_img} | {cells} |")
+    lines.append("")
+    return lines
 
 
 def _seeds_text(proto: dict[str, Any]) -> str:

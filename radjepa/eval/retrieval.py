@@ -22,6 +22,7 @@ __all__ = [
     "query_average_precision",
     "mean_average_precision",
     "knn_auroc",
+    "retrieval_chance",
 ]
 
 
@@ -193,3 +194,35 @@ def knn_auroc(
     idx, valid = neighbours(features, groups, k, seed=seed)
     score = (y[idx] * valid).sum(1) / np.maximum(valid.sum(1), 1)
     return auroc(y, score)
+
+
+def retrieval_chance(labels: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """(precision@k, mAP) of a random ranking: what features that know nothing score.
+
+    "Relevant" is the query's own label value, so for a rare finding the many negatives
+    retrieve negatives and both numbers sit near 1 whatever the features; only their distance
+    from this level says anything. The candidates are a query's other-patient images, as in
+    :func:`neighbour_shares`: k of them picked at random hold in expectation the share r / n
+    carrying the query's value (for any k), and a random order of n images with r relevant has
+    the expected AP (H_n + (r - 1)(n - H_n) / (n - 1)) / n, the tied-run term of
+    :func:`query_average_precision` with every candidate tied. Queries count as the metrics
+    count them: precision@k needs a candidate, AP a relevant one. Exact, from label counts:
+    both are what a fully collapsed encoder scores.
+    """
+    y = np.asarray(labels)
+    g = np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    v = np.unique(y, return_inverse=True)[1]
+    joint = np.zeros((g.max() + 1, v.max() + 1))
+    np.add.at(joint, (g, v), 1)  # images per patient and label value
+    n = len(y) - joint.sum(1)[g]  # candidates: the other patients' images
+    r = joint.sum(0)[v] - joint[g, v]  # those carrying the query's label value
+    has_candidate, has_relevant = n > 0, r > 0
+    if not has_candidate.any():
+        raise ValueError("no query has a neighbour from another patient")
+    if not has_relevant.any():
+        raise ValueError("no query has an image of its label value from another patient")
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, len(y) + 1))])
+    h = harmonic[n.astype(int)]
+    ap = (h + (r - 1) * (n - h) / np.maximum(n - 1, 1)) / np.maximum(n, 1)
+    share = r / np.maximum(n, 1)
+    return float(share[has_candidate].mean()), float(ap[has_relevant].mean())

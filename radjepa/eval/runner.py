@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from radjepa.config import Config
+from radjepa.config import Config, ProbeConfig
 from radjepa.eval.baselines import pixel_features, random_init_encoder
 from radjepa.eval.compare import compare_methods
 from radjepa.eval.features import (
@@ -40,13 +40,14 @@ from radjepa.eval.retrieval import (
     knn_auroc,
     mean_average_precision,
     precision_at_k,
+    retrieval_chance,
     retrieval_ok,
 )
 from radjepa.eval.segmentation import load_seg_csv, seg_probe, tokens_to_grid
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_probe", "probe_features"]
+__all__ = ["run_probe", "probe_features", "split_text"]
 
 
 _LEGEND = {"ours": "encoder", "random_init": "random init", "pixels": "raw pixels"}
@@ -92,6 +93,10 @@ def probe_features(
     prec: dict[str, float | None] = {}
     mean_ap: dict[str, float | None] = {}
     knn: dict[str, float | None] = {}
+    # precision@k and mAP count same-value hits, negatives among negatives too: a rare label
+    # scores near 1 for any features, so each is reported beside its random-ranking level
+    prec_chance: dict[str, float | None] = {}
+    map_chance: dict[str, float | None] = {}
     for j, name in enumerate(ds.label_names):
         y = ds.labels[:, j]
         # a label the probe skips (one class, a class in one patient) gets no retrieval
@@ -100,8 +105,22 @@ def probe_features(
         prec[name] = precision_at_k(feats, y, ds.groups, p.knn_k) if ok else None
         mean_ap[name] = mean_average_precision(feats, y, ds.groups) if ok else None
         knn[name] = knn_auroc(feats, y, ds.groups, p.knn_k, seed=p.seed) if ok else None
+        prec_chance[name], map_chance[name] = retrieval_chance(y, ds.groups) if ok else (None, None)
     summary = {**res.to_dict(), "precision_at_k": prec, "retrieval_map": mean_ap}
+    summary.update(precision_at_k_chance=prec_chance, retrieval_map_chance=map_chance)
     return {**summary, "knn_auroc": knn}, res.scores
+
+
+def split_text(p: ProbeConfig) -> str:
+    """The report's words for ``cfg.probe``'s split. A holdout split is stratified on each
+    label separately, so it is one split per label, not one for the report: two labels'
+    AUROCs come from different held-out patients."""
+    if p.split == "kfold":
+        return f"{p.folds}-fold cross-validation grouped by patient (stratified)"
+    return (
+        "a patient-level split of its own for each label (stratified on that label), "
+        f"{p.test_fraction:.0%} of patients held out"
+    )
 
 
 def _decode_settings(enc_cfg: Config) -> dict[str, Any]:
@@ -152,6 +171,7 @@ def _segmentation(
         "csv": str(seg_csv),
         "structures": list(structures),
         "grouped_by": group_col if groups is not None else None,
+        "group_col": group_col,  # the column asked for, which the report names when absent
         "methods": methods,
     }
 
@@ -338,11 +358,6 @@ def run_probe(
         "pca": str(out / pca_file),
     }
     head_dir = str(out / "head") if head is not None else None
-    split_text = (
-        f"{p.folds}-fold cross-validation grouped by patient (stratified)"
-        if p.split == "kfold"
-        else f"one patient-level split, {p.test_fraction:.0%} of patients held out"
-    )
     report = {
         "checkpoint": str(checkpoint),
         "encoder": enc_info,
@@ -365,7 +380,7 @@ def run_probe(
             "split": p.split,
             "folds": p.folds,
             "test_fraction": p.test_fraction,
-            "split_text": split_text,
+            "split_text": split_text(p),
             "bootstrap": p.bootstrap,
             "seed": p.seed,
             "seeds": p.seeds,

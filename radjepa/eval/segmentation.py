@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +47,18 @@ class SegHead(nn.Module):
 
 @dataclass
 class SegResult:
-    """Dice per structure on held-out images, and the trivial all-foreground Dice beside it."""
+    """Dice per structure on held-out images, and the trivial all-foreground Dice beside it.
+
+    ``n_test_present`` counts the held-out images showing each structure: with none, there is
+    nothing to score, and the Dice is NaN rather than the 0 (or 1) a prediction happens to give.
+    """
 
     structures: list[str]
     dice: dict[str, float]
     trivial_dice: dict[str, float]
     n_train: int
     n_test: int
+    n_test_present: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +67,7 @@ class SegResult:
             "trivial_dice": self.trivial_dice,
             "n_train": self.n_train,
             "n_test": self.n_test,
+            "n_test_present": self.n_test_present,
         }
 
 
@@ -182,7 +188,9 @@ def seg_probe(
     """Train on a seeded split and report held-out Dice per structure.
 
     ``groups`` (patient ids) holds out ``test_fraction`` of the patients with all their
-    images; without it each image is its own patient.
+    images; without it each image is its own patient. A structure no held-out image shows
+    gets NaN Dice (and trivial Dice): a score there would only say whether the head predicted
+    any pixel.
     """
     m = _as_masks(masks)
     n, c = m.shape[:2]
@@ -194,14 +202,19 @@ def seg_probe(
     train, test = held_out_split(n, groups, test_fraction, seed)
     head = fit_seg_head(grid_tokens[train], m[train], epochs=epochs, lr=lr, seed=seed)
     pred = predict_masks(head, grid_tokens[test], m.shape[-2:])
-    d = dice(pred, m[test])
-    trivial = dice(np.ones_like(m[test]), m[test])
+    present = m[test].any(axis=(2, 3)).sum(axis=0)  # [C] held-out images showing each
+    d = np.where(present > 0, dice(pred, m[test]), np.nan)
+    trivial = np.where(present > 0, dice(np.ones_like(m[test]), m[test]), np.nan)
+    absent = [k for k, n_img in zip(names, present, strict=True) if n_img == 0]
+    if absent:
+        log.warning("no held-out image shows %s: no Dice for it", ", ".join(absent))
     return SegResult(
         names,
         {k: float(v) for k, v in zip(names, d, strict=True)},
         {k: float(v) for k, v in zip(names, trivial, strict=True)},
         len(train),
         len(test),
+        {k: int(v) for k, v in zip(names, present, strict=True)},
     )
 
 
@@ -276,6 +289,13 @@ def load_seg_csv(
     groups = None
     if group_col and group_col in rows[0]:
         groups = patient_ids(rows, image_col, group_col, path)
+    elif group_col:  # a patient's other radiograph in training then flatters the held-out Dice
+        log.warning(
+            "%s has no %s column: each image counts as its own patient, so the held-out "
+            "images are not split by patient",
+            path,
+            group_col,
+        )
     else:
-        log.info("%s has no %s column: each image counts as its own patient", path, group_col)
+        log.info("%s: no patient column given, each image counts as its own patient", path)
     return np.stack(images), np.stack(masks), groups
