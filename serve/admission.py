@@ -65,10 +65,27 @@ class DecodeGate:
             )
         self._admitted += 1
         cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
+        work = self._pool.submit(job, cancelled)
+        # the slot is freed when the thread is, not when the request gives up: a job already
+        # running (one file's decode, seconds for a large image) goes on to its next check,
+        # and a slot freed at the deadline let new requests in to queue behind it and time
+        # out (504) where the gate promises an immediate 503 with Retry-After
+        work.add_done_callback(lambda _: _call_soon(loop, self._release))
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, job, cancelled)
+            return await asyncio.wrap_future(work)
         except asyncio.CancelledError:
             cancelled.set()  # a job not started yet is dropped; a running one stops at its next file
             raise
-        finally:
-            self._admitted -= 1
+
+    def _release(self) -> None:
+        self._admitted -= 1
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """``fn`` on ``loop`` from a pool thread; nothing once the loop is closed (a server that
+    stopped counts no more requests)."""
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:
+        pass

@@ -32,7 +32,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serve.admission import Cancelled, DecodeGate, Overloaded
 from serve.embedder import Embedder, ImageEmbedding, ModelInfo
-from serve.guard import ApiError, GuardMiddleware, error_response, request_id
+from serve.guard import ApiError, GuardMiddleware, error_response, request_id, shown_filename
 from serve.index import EmbeddingIndex, UploadPseudonyms
 from serve.keys import PATIENT_LINKAGE
 from serve.schemas import (
@@ -623,14 +623,15 @@ def create_app(
         "/readyz", response_model=Readiness, tags=["ops"], responses={503: {"model": Readiness}}
     )
     async def readyz() -> Readiness | JSONResponse:
-        """Readiness: the model answers within a few seconds."""
+        """Readiness: the model answers within a few seconds. Open without a key, so it says
+        nothing of what is served (``/v1/models`` does, to key holders)."""
         try:
             async with asyncio.timeout(5.0):
                 ok = await embedder.ready()
         except Exception:  # noqa: BLE001 - any failure means "not ready"
             log.warning("readiness check failed", exc_info=True)
             ok = False
-        out = Readiness(ready=ok, model=f"{info.name}:{info.version}" if ok else None)
+        out = Readiness(ready=ok)
         return out if ok else JSONResponse(out.model_dump(), status_code=503)
 
     @app.get(
@@ -687,7 +688,7 @@ def create_app(
                 results=[
                     EmbeddingOut(
                         image_id=up.image_id,
-                        filename=up.filename,
+                        filename=shown_filename(up.filename),
                         dim=int(r.embedding.shape[0]),
                         embedding=r.embedding.tolist(),
                         patch_tokens=r.patch_tokens.tolist()
@@ -726,7 +727,7 @@ def create_app(
                 results=[
                     ClassificationOut(
                         image_id=up.image_id,
-                        filename=up.filename,
+                        filename=shown_filename(up.filename),
                         probabilities={lab: float(p) for lab, p in zip(labels, row, strict=True)},
                     )
                     for up, row in zip(uploads, probs, strict=True)
@@ -822,7 +823,7 @@ def create_app(
                 found += [
                     SimilarOut(
                         image_id=up.image_id,
-                        filename=up.filename,
+                        filename=shown_filename(up.filename),
                         neighbours=[
                             Neighbour(image_id=h.image_id, score=h.score, **h.pids) for h in hs
                         ],

@@ -73,17 +73,20 @@ def request_id(request: Request | Scope) -> str | None:
 
 
 def shown_filename(filename: str | None) -> str | None:
-    """A multipart file name as an error body names it: its printable characters only, at most
-    :data:`FILENAME_CHARS` of them (the last three then ``...``).
+    """A multipart file name as a response names it (a result's ``filename``, an error body's):
+    the last part of a path, its printable characters only, at most :data:`FILENAME_CHARS` of
+    them (the last three then ``...``).
 
-    The name is the client's text: error bodies repeated it whole, up to the ~4 KB a part
-    header may hold, with control characters (an ANSI escape, a bidi override that reverses
-    what a viewer shows) and into any log that records error bodies. Enough of it stays to
-    tell which file of a multi-file request was refused."""
+    The name is the client's text: responses repeated it whole, up to the ~4 KB a part header
+    may hold, with control characters (an ANSI escape, a bidi override that reverses what a
+    viewer shows) and a client's full path (``/archive/DOE^JANE/<study UID>/IMG0001.dcm``),
+    into any log or viewer that records responses. Enough of it stays to tell which file of a
+    multi-file request a result or an error is about."""
     if filename is None:
         return None
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
     # str.isprintable also refuses line and paragraph separators (U+2028/9) and other spaces
-    clean = "".join(c for c in filename if c.isprintable())
+    clean = "".join(c for c in (base or filename) if c.isprintable())
     if len(clean) > FILENAME_CHARS:
         return clean[: FILENAME_CHARS - 3] + "..."
     return clean

@@ -61,9 +61,18 @@ def parse_entries(entries: list[tuple[str, str]]) -> Keys:
         key, *scopes = entry.split()
         unknown = sorted(set(scopes) - SCOPES)
         if unknown:
+            # never quoted: the commonest unknown "scope" is a second key on the same line (a
+            # rotation written "old new", keys separated by a space), which this message would
+            # put into the server's log and the operator's terminal
             raise KeysError(
-                f"{where}: unknown API key scope {unknown[0]!r}; known: {', '.join(sorted(SCOPES))}"
+                f"{where}: an unknown API key scope of {len(unknown[0])} characters (not shown: "
+                "is it a second key? one key per line in a file, comma-separated in the "
+                f"environment variable); known scopes: {', '.join(sorted(SCOPES))}"
             )
+        if not key.isascii():
+            # HTTP headers arrive as Latin-1 and are compared as UTF-8 digests: such a key
+            # could never match, and every client holding it would get 401
+            raise KeysError(f"{where}: an API key must be ASCII characters only")
         if len(key) < MIN_KEY_CHARS:
             short += 1
             continue

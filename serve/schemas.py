@@ -185,7 +185,6 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
-    model: str | None = None
 
 
 class ErrorOut(BaseModel):

@@ -94,6 +94,7 @@ def test_an_abandoned_decode_stops_between_files_and_queued_ones_never_run() -> 
         for task in (first, second):
             with pytest.raises(asyncio.CancelledError):
                 await task
+        await asyncio.sleep(0.3)  # the running job notices at its next file, and frees its slot
         assert gate.admitted == 0
 
     asyncio.run(scenario())
@@ -102,6 +103,34 @@ def test_an_abandoned_decode_stops_between_files_and_queued_ones_never_run() -> 
     time.sleep(0.3)
     assert len(done) == stopped_at < 50
     assert not queued_ran.is_set()
+
+
+def test_a_request_that_gave_up_holds_its_slot_until_its_thread_is_free() -> None:
+    """The slot was freed when the request gave up (its deadline, 504), while its decode ran
+    on: new requests were admitted, queued behind work nobody waited for and timed out too,
+    instead of the immediate 503 (reproduced through the app: a 128 KB 8192x8192 DICOM, then
+    three small PNGs a second apart, all 504). Now they are refused until the thread is free."""
+    gate = DecodeGate(workers=1, limit=1)
+    release = threading.Event()
+
+    async def scenario() -> None:
+        one_file = asyncio.ensure_future(gate.run(lambda c: release.wait(30)))  # no check
+        await asyncio.sleep(0.05)
+        one_file.cancel()  # the request's deadline
+        with pytest.raises(asyncio.CancelledError):
+            await one_file
+        assert gate.admitted == 1
+        with pytest.raises(Overloaded):  # 503 at once, not a place in the queue
+            await gate.run(lambda c: "queued")
+        release.set()  # the decode ends
+        for _ in range(100):
+            if gate.admitted == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert gate.admitted == 0
+        assert await gate.run(lambda c: "next") == "next"
+
+    asyncio.run(scenario())
 
 
 def test_gate_refuses_beyond_its_limit_without_running_anything() -> None:

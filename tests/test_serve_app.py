@@ -683,7 +683,8 @@ def test_models_lists_model_head_and_index(client, world):
 
 def test_probes_and_docs_need_no_key(client):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json()["ready"] is True
+    # open without a key: it names no model (a registry name and version, for anyone)
+    assert client.get("/readyz").json() == {"ready": True}
     assert client.get("/docs").status_code == 200
     assert "/v1/similar" in client.get("/openapi.json").json()["paths"]
 
@@ -1073,6 +1074,25 @@ def test_error_bodies_name_an_uploaded_file_bounded_and_printable(world):
         assert name == ("[31mredevil" + "A" * 3000)[:117] + "...", (case, name)
         assert "AAA" * 1000 not in out[case].text
     assert out["plain_name"].json()["filename"] == "scan é 01.dcm"
+
+
+def test_results_name_an_uploaded_file_as_error_bodies_do(world, client):
+    """Results echoed the part's file name as sent: a client's full path (a patient's name and
+    a study UID in its folders), control characters, kilobytes; error bodies were bounded. A
+    result names the file by its last path part, printable and bounded, for every route."""
+    png = world["pngs"][0]
+    sent = "/archive/DOE^JANE/1.2.840.99/\x1b[31mIMG\u202e0001.png"
+    for route in ("/v1/embed", "/v1/classify", "/v1/similar"):
+        files = [("files", (sent, png, "image/png")), ("files", ("b.png", png, "image/png"))]
+        r = client.post(route, files=files, headers=AUTH)
+        assert r.status_code == 200, (route, r.text)
+        names = [res["filename"] for res in r.json()["results"]]
+        assert names == ["[31mIMG0001.png", "b.png"], (route, names)
+        assert "DOE" not in r.text, route
+    windows = "C:\\Users\\DOE^JANE\\scan.png"
+    from serve.guard import shown_filename
+
+    assert shown_filename(windows) == "scan.png" and shown_filename("dir/") == "dir/"
 
 
 @pytest.mark.parametrize("framing", ["declared", "chunked"])

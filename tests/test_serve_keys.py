@@ -155,15 +155,23 @@ def test_key_lines_and_env_entries_take_scopes_and_refuse_unknown_ones(tmp_path,
     assert scoped == {key_digest(LINKAGE_KEY), key_digest(OTHER_KEY)}
     assert len(s.key_digests) == 4 and LINKAGE_KEY not in s.model_dump_json()
     for bad, match in (
-        (f"{API_KEY} patient-linkage\n", "line 1: unknown API key scope 'patient-linkage'"),
+        (f"{API_KEY} patient-linkage\n", "line 1: an unknown API key scope of 15 characters"),
+        # a rotation written on one line: the new key was quoted as the unknown scope
+        (f"{API_KEY} {NEW_KEY}\n", "line 1: an unknown API key scope .* is it a second key"),
+        ("clé-secrète-de-vingt-caractères\n", "line 1: an API key must be ASCII characters only"),
         (f"{API_KEY},{OTHER_KEY}\n", "line 1: one key per line"),
         ("short patient_linkage\n", "shorter than 16"),
     ):
         _write(keys, bad)
-        with pytest.raises(SecurityConfigError, match=match):
+        with pytest.raises(SecurityConfigError, match=match) as err:
             settings_from_config(
                 ServeConfig(api_keys_file=str(keys)), secret_env="X", allow_development_key=False
             )
+        assert NEW_KEY not in str(err.value) and "clé" not in str(err.value)
+    monkeypatch.setenv("RADJEPA_API_KEYS", f"{OTHER_KEY} {NEW_KEY}")  # a space, not a comma
+    with pytest.raises(SecurityConfigError, match="entry 1: an unknown API key scope") as err:
+        settings_from_config(ServeConfig(), secret_env="X", allow_development_key=False)
+    assert NEW_KEY not in str(err.value)
 
 
 @pytest.mark.parametrize("mode", [0o620, 0o602, 0o666, 0o660], ids=oct)
