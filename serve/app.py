@@ -35,6 +35,7 @@ from serve.embedder import Embedder, ImageEmbedding, ModelInfo
 from serve.guard import ApiError, GuardMiddleware, error_response, request_id, shown_filename
 from serve.index import EmbeddingIndex, UploadPseudonyms
 from serve.keys import PATIENT_LINKAGE
+from serve.query_params import known_query
 from serve.schemas import (
     ClassificationOut,
     ClassifyResponse,
@@ -580,7 +581,7 @@ def create_app(
             },
         }
     }
-    auth = [Depends(require_api_key)]
+    auth = [Depends(require_api_key), Depends(known_query)]  # the key first: 401 before 422
 
     async def images_and_embeddings(
         request: Request, patch_tokens: bool = False, check: Any = None

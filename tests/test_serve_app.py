@@ -664,6 +664,11 @@ def test_an_index_mixing_image_id_schemes_is_refused(world, tmp_path):
         ({"exclude_patient_pid": "TEST-PATIENT"}, "exclude_patient_pid"),  # a raw id, not a pid
         ({"exclude_patient_pid": "ab" * 17}, "exclude_patient_pid"),  # 34 hex characters
         ([("exclude_patient_pid", pseudonym(str(i))) for i in range(101)], "exclude_patient_pid"),
+        # a typo was ignored: the upload's own patient's other images came back, a 200
+        ({"exclude_same_patients": "true"}, "unknown query parameter 'exclude_same_patients'"),
+        # of a repeated scalar the last was kept: k=0&k=5 passed, k=5&k=0 was refused
+        ([("k", "0"), ("k", "5")], "'k' given 2 times"),
+        ([("include_self", "true"), ("include_self", "false")], "'include_self' given 2 times"),
     ],
 )
 def test_invalid_similar_options_are_a_422_naming_the_parameter(client, world, params, named):
@@ -672,6 +677,20 @@ def test_invalid_similar_options_are_a_422_naming_the_parameter(client, world, p
     body = r.json()
     assert body["reason"] == "invalid_parameter" and named in body["detail"]
     assert "Traceback" not in r.text
+
+
+def test_every_route_refuses_a_query_parameter_it_does_not_take(client, world):
+    for path, media in (("/v1/embed", "image/png"), ("/v1/classify", "image/png")):
+        r = _post(client, path, world["pngs"][0], media, params={"patch_token": "true"})
+        assert r.status_code == 422 and r.json()["reason"] == "invalid_parameter", r.text
+        assert "unknown query parameter 'patch_token'" in r.json()["detail"]
+    assert client.get("/v1/models", headers=AUTH, params={"x": "1"}).status_code == 422
+    # the key is checked first, and a list parameter may repeat
+    assert client.get("/v1/models", params={"x": "1"}).status_code == 401
+    two = [("exclude_patient_pid", pseudonym("a")), ("exclude_patient_pid", pseudonym("b"))]
+    assert _post(client, "/v1/similar", world["pngs"][0], params=two).status_code == 200
+    assert _post(client, "/v1/embed", world["pngs"][0], params={"patch_tokens": "true"}).is_success
+    assert client.get("/healthz", params={"_": "1"}).status_code == 200  # ops routes: as before
 
 
 def test_models_lists_model_head_and_index(client, world):
