@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -133,11 +134,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     import ray.train.torch
     import torch
+    from ray.train.collective import broadcast_from_rank_zero
 
     from pipelines.tracking_metrics import MetricSink
     from radjepa.checkpoint import load_checkpoint, save_checkpoint
     from radjepa.engine import Pretrainer, mean_over_ranks
     from radjepa.monitoring import quality_metrics
+    from radjepa.resume import newest_intact_checkpoint
     from radjepa.transforms import random_resized_crop, to_model_input
 
     cfg = Config.model_validate(loop_config["config"])
@@ -147,10 +150,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed + rank)
 
     trainer = Pretrainer(cfg, device, rank=rank, world_size=world)
+    damaged = loop_config.get("damaged_checkpoints") or ()
+    # rank 0 looks, every rank loads what it found: ranks that listed the folder apart (an
+    # object store's listing is not atomic) would resume at different steps and hang in DDP
+    newest = newest_intact_checkpoint(loop_config["run_dir"], damaged) if rank == 0 else None
+    newest = broadcast_from_rank_zero(newest)
     restored = restore_point(
-        ray.train.get_checkpoint(),
-        loop_config.get("resume_from"),
-        loop_config.get("damaged_checkpoints") or (),
+        ray.train.get_checkpoint(), newest or loop_config.get("resume_from"), damaged
     )
     if restored is not None:
         with restored.as_directory() as ckpt_dir:
@@ -277,17 +283,19 @@ def _weights_finite_on_every_rank(trainer: Any, mean_over_ranks: Any) -> bool:
 
 
 def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str]) -> Any:
-    """The checkpoint a (re)started worker group loads: Ray's offer or the driver's pick.
+    """The checkpoint a (re)started worker group loads: Ray's offer or the newest folder of
+    the run that reads cleanly (``resume_from``: rank 0's look at the run folder, else the
+    driver's pick, ``find_resume_point``).
 
-    Ray offers the newest checkpoint it recorded. The driver picked the newest checkpoint
-    folder that reads cleanly (``find_resume_point``), and the two differ when Ray's offer is
+    Ray offers the newest checkpoint it recorded, and the two differ when Ray's offer is
     damaged, when Ray's record was set aside (unreadable, ``unrecord_deleted_checkpoints``: no
-    offer) or every folder it named was deleted (no offer), and when a driver died between
-    copying a checkpoint into the run folder and recording it: Ray then offers the one before,
-    and the run redid a whole ``train.checkpoint_every`` interval although its config was
-    checked against the newer one. Ray's offer wins when it is at least
-    as new (folder names sort by report time): after a worker failure it is what this run last
-    reported.
+    offer) or every folder it named was deleted (no offer), when a driver died between copying
+    a checkpoint into the run folder and recording it, and when a worker died within a poll of
+    the controller (2 s) after reporting one: Ray records a checkpoint only once a poll has
+    collected every rank's report, so it drops that one although rank 0 wrote it whole, and
+    offers the one before (or none: a run killed so after its first checkpoint started over).
+    Either way the run redid a whole ``train.checkpoint_every`` interval or more. Ray's offer
+    wins when it is at least as new (folder names sort by report time).
     """
     import ray.train
 
@@ -301,13 +309,17 @@ def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str])
 
 
 def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: str) -> None:
-    """Test switch (off by default): rank 0 dies once at ``train.fail_at_step``."""
+    """Test switch (off by default): rank 0 fails once at ``train.fail_at_step``, by an error
+    or (``train.fail_by=kill``) by losing its process, as the OOM killer or a lost node does:
+    what it had reported but the controller had not collected yet goes with it."""
     if cfg.train.fail_at_step is None or rank != 0 or step != cfg.train.fail_at_step:
         return
     marker = locations.join_location(run_dir, FAILURE_MARKER)
     if locations.read_text(marker) is not None:
         return
     locations.write_text(marker, str(step))
+    if cfg.train.fail_by == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
 

@@ -395,6 +395,11 @@ class TrainConfig(_Section):
     fail_at_step: int | None = Field(
         None, ge=1, description="test switch: rank 0 raises once at this step (off by default)"
     )
+    fail_by: Literal["error", "kill"] = Field(
+        "error",
+        description="test switch: how rank 0 fails at train.fail_at_step: raises (a worker "
+        "error) or kills its process (a worker lost: OOM killer, node gone)",
+    )
     data_loader_threads: int = Field(2, ge=0)
     allow_config_change: bool = Field(
         False,

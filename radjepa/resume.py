@@ -9,6 +9,7 @@ object storage are read the same way.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "check_resume_workers",
     "checkpoint_dirs",
     "find_resume_point",
+    "newest_intact_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,24 @@ def checkpoint_dirs(run_dir: str) -> list[tuple[str, str]]:
         reverse=True,
     )
     return [(name, locations.join_location(run_dir, name)) for name in names]
+
+
+def newest_intact_checkpoint(run_dir: str, skip: Sequence[str] = ()) -> str | None:
+    """The newest checkpoint folder of ``run_dir`` that reads cleanly (but those named in
+    ``skip``), or None: what a worker group restarted mid-run continues from when it is newer
+    than what Ray recorded (``pipelines.pretrain.restore_point``). The folder is this run's,
+    so its config is the run's and is not checked again."""
+    from radjepa.checkpoint import CheckpointError, check_resumable
+
+    for name, location in checkpoint_dirs(run_dir):
+        if name in skip:
+            continue
+        try:
+            check_resumable(location)
+        except CheckpointError:  # cut short by the failure that restarted the group
+            continue
+        return location
+    return None
 
 
 def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:

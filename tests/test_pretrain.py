@@ -87,19 +87,21 @@ def test_two_workers_learn_survive_a_failure_and_register(shards, tmp_path):
 
     from pipelines.pretrain import FAILURE_MARKER, run_pretrain
 
-    cfg = _cfg(tmp_path, **{"train.fail_at_step": 14})
+    # rank 0 dies right after it reported the step-12 checkpoint, within the controller's
+    # poll: Ray records a checkpoint only once a poll has collected every rank's report, so it
+    # dropped this one (whole in the run folder) and the group restarted from step 6
+    cfg = _cfg(tmp_path, **{"train.fail_at_step": 12, "train.fail_by": "kill"})
     res = run_pretrain(cfg, str(shards))
 
     # completed with the right final step count, after exactly one injected failure
     assert res.metrics["step"] == 30
-    assert (tmp_path / "t" / FAILURE_MARKER).read_text() == "14"
+    assert (tmp_path / "t" / FAILURE_MARKER).read_text() == "12"
     meta = json.loads((Path(res.checkpoint) / "meta.json").read_text())
     assert meta["step"] == 30
 
-    # the restart resumed from the step-12 checkpoint: steps 13-14 ran twice, nothing else did,
-    # and no step was skipped; the loss curve has one value per step, the redone ones are
-    # replays, and the run says it was resumed
-    assert _steps(res.tracking_uri, res.mlflow_run_id) == (list(range(1, 31)), [13, 14])
+    # the restart resumed from the step-12 checkpoint: no step ran twice and none was skipped;
+    # the loss curve has one value per step, and the run says it was resumed
+    assert _steps(res.tracking_uri, res.mlflow_run_id) == (list(range(1, 31)), [])
     tags = mlflow.MlflowClient(res.tracking_uri).get_run(res.mlflow_run_id).data.tags
     assert tags["radjepa.resumes"] == "1" and tags["radjepa.resumed_from_step"] == "12"
 
@@ -109,9 +111,12 @@ def test_two_workers_learn_survive_a_failure_and_register(shards, tmp_path):
     assert all(v == v for v in losses)  # no NaN
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
 
-    # checkpoints kept on disk (last K)
+    # checkpoints kept on disk: the last K Ray recorded, and the step-12 folder the restart
+    # resumed from, which Ray never recorded: written seconds ago, it is left to a later run
+    # (stray_checkpoints.QUIET_S; a real run's restart is long past it when the run ends)
     ckpts = sorted(p for p in (tmp_path / "t").glob("checkpoint_*") if p.is_dir())
-    assert 1 <= len(ckpts) <= 2
+    on_disk = {json.loads((p / "meta.json").read_text())["step"] for p in ckpts}
+    assert {24, 30} <= on_disk <= {12, 24, 30} and len(ckpts) == len(on_disk)
 
     # MLflow: params, metrics, artifacts, registered version
     client = mlflow.MlflowClient(res.tracking_uri)

@@ -18,6 +18,7 @@ from radjepa.resume import (
     check_resume_config,
     check_resume_workers,
     find_resume_point,
+    newest_intact_checkpoint,
 )
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
@@ -60,6 +61,18 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(run_dir, caplo
     assert point.step == 1 and point.damaged == (latest.name,)
     assert point.path == (run_dir / "checkpoint_2026-01-01_10-00-00.000001").as_uri()
     assert any(latest.name in r.getMessage() for r in caplog.records)
+
+
+def test_a_restarted_worker_group_finds_the_newest_intact_folder(run_dir, tmp_path):
+    # what rank 0 of a group restarted mid-run looks for beside Ray's record (which misses a
+    # checkpoint reported within a poll of the failure): no config check, damaged ones skipped
+    newest, older = (str(run_dir / n) for n in sorted(p.name for p in run_dir.iterdir())[::-1])
+    assert newest_intact_checkpoint(str(run_dir)) == newest
+    assert newest_intact_checkpoint(str(run_dir), skip=[Path(newest).name]) == older
+    with open(Path(newest) / "weights.safetensors", "r+b") as f:
+        f.truncate(1000)  # cut short by the failure
+    assert newest_intact_checkpoint(str(run_dir)) == older
+    assert newest_intact_checkpoint(str(tmp_path / "not-yet")) is None  # a run's first start
 
 
 def test_no_readable_checkpoint_is_one_line_naming_them(run_dir):
