@@ -650,6 +650,17 @@ class _Parts:
     def matrix(self) -> np.ndarray:
         if self._matrix is None or self.filled != self.rows:
             raise IndexLoadError(f"{self.source}: embeddings are empty or ragged")
+        # a NaN row scored null for every query (a response that breaks the API's float
+        # schema) and sorted anywhere: an encoder that diverged, or a part written apart
+        bad = sum(
+            int((~np.isfinite(self._matrix[start : start + 65536])).any(axis=1).sum())
+            for start in range(0, self.rows, 65536)
+        )
+        if bad:
+            raise IndexLoadError(
+                f"{self.source}: {bad} of {self.rows} embeddings hold NaN or infinite values: "
+                "embed the shards again with a checkpoint that trained without diverging"
+            )
         return self._matrix
 
 

@@ -77,6 +77,8 @@ def test_parts_load_in_order_as_unit_rows_with_their_ids_and_pseudonyms(tmp_path
         ("ragged lists", "empty or ragged"),
         ("empty", "empty or ragged"),
         ("damaged", "part-1.parquet: unreadable"),
+        # scored null for every query (a response outside the API's float schema)
+        ("non-finite", "2 of 5 embeddings hold NaN or infinite values"),
     ],
 )
 def test_a_wrong_part_is_refused_in_one_line(tmp_path, problem, match):
@@ -98,6 +100,8 @@ def test_a_wrong_part_is_refused_in_one_line(tmp_path, problem, match):
     elif problem == "ragged lists":
         lists = pa.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0]], pa.list_(pa.float32()))
         pq.write_table(pa.table({"image_id": ["d", "e"], "embedding": lists}), second)
+    elif problem == "non-finite":  # an encoder that diverged
+        _part(second, np.array([[np.nan, 1, 1, 1], [1, 1, np.inf, 1]], np.float32), ["d", "e"])
     elif problem == "damaged":  # cut short, as a copy that ran out of disk leaves it
         data = _part(second, good, ["d", "e", "f"]).read_bytes()
         second.write_bytes(data[: len(data) // 2] + data[-12:])
@@ -141,6 +145,8 @@ def test_the_start_up_check_refuses_from_the_footers_what_every_replica_would(
     elif problem == "strings":
         lists = pa.array([["1", "2"]], pa.list_(pa.string()))
         pq.write_table(pa.table({"image_id": ["d"], "embedding": lists}), second)
+    elif problem == "non-finite":  # an encoder that diverged
+        _part(second, np.array([[np.nan, 1, 1, 1], [1, 1, np.inf, 1]], np.float32), ["d", "e"])
     elif problem == "damaged":  # cut short, as a copy that ran out of disk leaves it
         second.write_bytes(_part(second, good, ["d", "e", "f"]).read_bytes()[:-100])
     else:
