@@ -366,6 +366,11 @@ def test_a_jp2_file_declares_the_size_of_its_codestream_and_rle_declares_none() 
     rle = _first_frame(make_dicom(gradient(48, 80, 8), bits=8, transfer_syntax=RLELossless))
     assert declared_size(rle) is None  # RLE holds no size: its decoder allocates Rows x Columns
     assert declared_size(b"\xff\xd8\xff\xda" + bytes(8)) is None  # scan data before any frame
+    # JPEG 2000 image offsets: the decoder allocates the whole reference grid, not the image
+    # (offsets of 30000 under a 256x256 image made it allocate 1.8 GB)
+    shifted = bytearray(codestream)
+    shifted[8:24] = b"".join(v.to_bytes(4, "big") for v in (30080, 30048, 30000, 30000))
+    assert declared_size(bytes(shifted)) == (30048, 30080)
 
 
 def _declaring(data: bytes, rows: int, cols: int) -> bytes:
@@ -423,3 +428,7 @@ def test_an_image_cut_off_before_its_pixels_is_truncated_not_a_non_image() -> No
     mislabelled[at_ts : at_ts + len(ts)] = bytes(ExplicitVRBigEndian, "ascii")
     assert quarantined(bytes(mislabelled)) == "truncated"
     assert quarantined(make_dicom(with_pixels=False)) == "no_pixel_data"  # complete, stripped
+    # complete non-images: a report and an RT structure set end in a sequence of undefined
+    # length (pydicom keeps no offset for it); a plan with zero padding after its last element
+    for name, padding in (("reportsi.dcm", 0), ("rtstruct.dcm", 0), ("rtplan.dcm", 8)):
+        assert quarantined(_bundled(name) + bytes(padding)) == "no_pixel_data", name

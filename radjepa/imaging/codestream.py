@@ -66,11 +66,14 @@ def _jpeg_size(stream: bytes) -> tuple[int, int] | None:
 
 
 def _j2k_size(codestream: bytes) -> tuple[int, int] | None:
-    # SIZ right after SOC (ITU T.800 A.5.1): Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz
+    """The reference grid (Ysiz, Xsiz) of SIZ, right after SOC (ITU T.800 A.5.1: Lsiz, Rsiz,
+    Xsiz, Ysiz, XOsiz, YOsiz): what the decoder allocates. The image is the grid less its
+    offsets, but a stream with offsets of 30000 declaring a 256x256 image made the codec
+    allocate 1.8 GB; pydicom cannot decode a frame with offsets anyway."""
     if codestream[:4] != _J2K_SOC_SIZ or len(codestream) < 24:
         return None
-    x, y, x0, y0 = struct.unpack_from(">IIII", codestream, 8)
-    return (y - y0, x - x0) if y > y0 and x > x0 else None
+    x, y = struct.unpack_from(">II", codestream, 8)
+    return (y, x) if y and x else None
 
 
 def _jp2_codestream(data: bytes) -> bytes | None:

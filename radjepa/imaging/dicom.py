@@ -112,7 +112,7 @@ def read_dataset(data: bytes) -> Dataset:
         raise ImageRejected(
             "truncated" if has_magic else "not_an_image", "no DICOM data elements found"
         )
-    if "PixelData" not in ds and not _read_to_the_end(ds, len(read)):
+    if "PixelData" not in ds and not _read_to_the_end(ds, read):
         # pydicom stops without a word where the bytes end (or where a data set read in the
         # wrong byte order turns to garbage): an image cut off before its pixels read as one
         # of a PACS export's non-images
@@ -125,19 +125,20 @@ def read_dataset(data: bytes) -> Dataset:
     return ds
 
 
-def _read_to_the_end(ds: Dataset, size: int) -> bool:
-    """Whether the element read last ends where the bytes do (or cannot be told: a sequence
-    of undefined length). A file cut between two elements cannot be told from a complete one
-    whose pixels were stripped; a cut inside an element leaves it short or drops it."""
-    last = max((ds.get_item(tag) for tag in ds.keys()), key=_value_tell, default=None)
-    tell, length = _value_tell(last), getattr(last, "length", None)
-    if tell < 0 or length is None or length == 0xFFFFFFFF:
+def _read_to_the_end(ds: Dataset, data: bytes) -> bool:
+    """Whether the element read last (the highest tag: a data set is in ascending order) ends
+    where the bytes do, zero padding after it allowed, or that cannot be told (a sequence:
+    pydicom keeps no offset for one of undefined length, and reports and RT structure sets end
+    in one). A file cut between two elements cannot be told from a complete one whose pixels
+    were stripped; a cut inside an element leaves it short or drops it."""
+    if not len(ds):
         return True
-    return tell + length == size
-
-
-def _value_tell(elem: Any) -> int:
-    return int(getattr(elem, "value_tell", None) or -1)
+    last = ds.get_item(max(ds.keys()))
+    tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF or last.VR == "SQ":
+        return True
+    end = int(tell) + int(length)
+    return end <= len(data) and not data[end:].strip(b"\0")
 
 
 def _split_deflated(data: bytes) -> tuple[FileMetaDataset, bytes] | None:
