@@ -63,10 +63,10 @@ class DecodeGate:
                 f"{self._admitted} requests are already decoding, searching or waiting "
                 f"({self.workers} worker threads)"
             )
-        self._admitted += 1
         cancelled = threading.Event()
         loop = asyncio.get_running_loop()
-        work = self._pool.submit(job, cancelled)
+        work = self._pool.submit(job, cancelled)  # the release below is queued on this loop,
+        self._admitted += 1  # so it runs after this count however soon the job ends
         # the slot is freed when the thread is, not when the request gives up: a job already
         # running (one file's decode, seconds for a large image) goes on to its next check,
         # and a slot freed at the deadline let new requests in to queue behind it and time

@@ -84,9 +84,10 @@ def shown_filename(filename: str | None) -> str | None:
     multi-file request a result or an error is about."""
     if filename is None:
         return None
-    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    parts = [p for p in filename.replace("\\", "/").split("/") if p]
+    base = parts[-1] if parts else ""
     # str.isprintable also refuses line and paragraph separators (U+2028/9) and other spaces
-    clean = "".join(c for c in (base or filename) if c.isprintable())
+    clean = "".join(c for c in base if c.isprintable())
     if len(clean) > FILENAME_CHARS:
         return clean[: FILENAME_CHARS - 3] + "..."
     return clean

@@ -94,7 +94,10 @@ def test_an_abandoned_decode_stops_between_files_and_queued_ones_never_run() -> 
         for task in (first, second):
             with pytest.raises(asyncio.CancelledError):
                 await task
-        await asyncio.sleep(0.3)  # the running job notices at its next file, and frees its slot
+        for _ in range(500):  # the running job notices at its next file, and frees its slot
+            if gate.admitted == 0:
+                break
+            await asyncio.sleep(0.01)
         assert gate.admitted == 0
 
     asyncio.run(scenario())
@@ -111,14 +114,19 @@ def test_a_request_that_gave_up_holds_its_slot_until_its_thread_is_free() -> Non
     instead of the immediate 503 (reproduced through the app: a 128 KB 8192x8192 DICOM, then
     three small PNGs a second apart, all 504). Now they are refused until the thread is free."""
     gate = DecodeGate(workers=1, limit=1)
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
+
+    def one_file(cancelled: threading.Event) -> None:  # checks nothing until it is done
+        started.set()
+        release.wait(30)
 
     async def scenario() -> None:
-        one_file = asyncio.ensure_future(gate.run(lambda c: release.wait(30)))  # no check
-        await asyncio.sleep(0.05)
-        one_file.cancel()  # the request's deadline
+        request = asyncio.ensure_future(gate.run(one_file))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        request.cancel()  # the request's deadline
         with pytest.raises(asyncio.CancelledError):
-            await one_file
+            await request
         assert gate.admitted == 1
         with pytest.raises(Overloaded):  # 503 at once, not a place in the queue
             await gate.run(lambda c: "queued")
