@@ -553,23 +553,25 @@ def load_checkpoint(
     if isinstance(into, Pretrainer):
         if opt is None:
             raise CheckpointError(f"{p}: no optimizer state, cannot resume training from it")
-        # the saved param groups also carry the kernel choice of the device that wrote them:
-        # a CPU or reference-mode checkpoint resumed on a GPU would lose its fused AdamW
-        kernels = [
-            {k: g[k] for k in _KERNEL_CHOICES if k in g} for g in into.optimizer.param_groups
-        ]
+        # the saved param groups also carry the kernel choice of the device that wrote them,
+        # and torch places each parameter's step count by it when loading: given before the
+        # load, the trainer's own choice (a CPU or reference-mode checkpoint resumed on a GPU
+        # keeps its fused AdamW, with the step counts on the GPU where that kernel needs them)
         try:
-            into.optimizer.load_state_dict(
-                {"state": opt["state"], "param_groups": opt["param_groups"]}
-            )
+            groups = [
+                {**saved, **{k: ours[k] for k in _KERNEL_CHOICES if k in ours}}
+                for saved, ours in zip(
+                    opt["param_groups"], into.optimizer.param_groups, strict=True
+                )
+            ]
+            into.optimizer.load_state_dict({"state": opt["state"], "param_groups": groups})
         except (KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"{p}: optimizer state does not match: {err}") from None
         # the saved param groups carry the betas the checkpoint was trained with; a resume the
         # user allowed to change optim.* must train with the new ones (lr and weight decay are
         # set from the schedule at every step anyway)
-        for group, kernel in zip(into.optimizer.param_groups, kernels, strict=True):
+        for group in into.optimizer.param_groups:
             group["betas"] = tuple(into.cfg.optim.betas)
-            group.update(kernel)
         into.step = ckpt.step
         if opt.get("mask_sampler"):
             into.sampler.load_state_dict(opt["mask_sampler"])

@@ -264,7 +264,15 @@ def test_resume_keeps_the_optimizer_kernels_its_device_chose(trained):
     q = Pretrainer(load_config(TINY), "cpu")
     for group in q.optimizer.param_groups:  # what a CUDA trainer builds (optim.build_optimizer)
         group.update(fused=True, foreach=None, capturable=False)
+    # torch places each step count by the flags of the groups it loads (on the parameter's
+    # device for fused): set after the load, they left the counts on the CPU, and the fused
+    # kernel refuses a CPU step count beside CUDA parameters
+    loaded: list[list] = []
+    q.optimizer.register_load_state_dict_pre_hook(
+        lambda _, sd: loaded.append([g["fused"] for g in sd["param_groups"]])
+    )
     load_checkpoint(path, q)
+    assert loaded == [[True, True]]
     assert [g["fused"] for g in q.optimizer.param_groups] == [True, True]
     assert [g["foreach"] for g in q.optimizer.param_groups] == [None, None]
     slow = Pretrainer(load_config(TINY), "cpu", reference_mode=True)
