@@ -27,10 +27,17 @@ __all__ = [
 
 
 def _unit_rows(features: np.ndarray) -> np.ndarray:
-    # float64: equal vectors must give exactly equal similarities (float32 GEMM kernels may
-    # sum the edge columns of a block in another order and split a tie by rounding noise)
+    # float64: float32 GEMM rounding noise is ~1e-7, which _similarities would not merge
     f = require_finite(features)
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def _similarities(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Cosine similarities of unit rows, rounded to 12 decimals: equal vectors must tie, and a
+    GEMM kernel sums the edge columns of a block in another order than the rest, so at 384 or
+    768 dimensions equal vectors differed in the last bits, a tie was split by rounding noise
+    and the input's row order moved a collapsed encoder's scores again."""
+    return np.round(rows @ cols.T, 12)
 
 
 def neighbours(
@@ -52,7 +59,7 @@ def neighbours(
     idx = np.zeros((n, k_eff), dtype=np.int64)
     valid = np.zeros((n, k_eff), dtype=bool)
     for s in range(0, n, chunk):
-        sim = f[s : s + chunk] @ fc.T  # [c, N], columns in tie-break order
+        sim = _similarities(f[s : s + chunk], fc)  # [c, N], columns in tie-break order
         sim[g[s : s + chunk, None] == gc[None, :]] = -np.inf  # self and same patient
         top = np.argsort(-sim, axis=1, kind="stable")[:, :k_eff]  # stable: ties keep cols order
         idx[s : s + chunk] = cols[top]
@@ -79,7 +86,7 @@ def neighbour_shares(
     counts = np.zeros(n)
     share = np.full(n, np.nan)
     for s in range(0, n, chunk):
-        sim = f[s : s + chunk] @ f.T  # [c, N]
+        sim = _similarities(f[s : s + chunk], f)  # [c, N]
         sim[g[s : s + chunk, None] == g[None, :]] = -np.inf  # self and same patient
         valid = np.isfinite(sim)
         kth = -np.partition(-sim, k_eff - 1, axis=1)[:, k_eff - 1 : k_eff]  # [c, 1]
@@ -136,7 +143,7 @@ def query_average_precision(
     pos = np.arange(n)
     out = np.full(n, np.nan)
     for s in range(0, n, step):
-        sim = f[s : s + step] @ f.T  # [c, N]
+        sim = _similarities(f[s : s + step], f)  # [c, N]
         sim[g[s : s + step, None] == g[None, :]] = -np.inf  # self and same patient
         order = np.argsort(-sim, axis=1, kind="stable")
         ss = np.take_along_axis(sim, order, axis=1)  # [c, N] descending
