@@ -140,7 +140,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from radjepa.checkpoint import load_checkpoint, save_checkpoint
     from radjepa.engine import Pretrainer, mean_over_ranks
     from radjepa.monitoring import quality_metrics
-    from radjepa.resume import newest_intact_checkpoint
     from radjepa.transforms import random_resized_crop, to_model_input
 
     cfg = Config.model_validate(loop_config["config"])
@@ -150,19 +149,34 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed + rank)
 
     trainer = Pretrainer(cfg, device, rank=rank, world_size=world)
+    monitor = loop_config.get("monitor_images")
+    run_dir = loop_config["run_dir"]
     damaged = loop_config.get("damaged_checkpoints") or ()
     # rank 0 looks, every rank loads what it found: ranks that listed the folder apart (an
     # object store's listing is not atomic) would resume at different steps and hang in DDP
-    newest = newest_intact_checkpoint(loop_config["run_dir"], damaged) if rank == 0 else None
+    newest = _newest_intact(run_dir, damaged) if rank == 0 else None
     newest = broadcast_from_rank_zero(newest)
-    restored = restore_point(
-        ray.train.get_checkpoint(), newest or loop_config.get("resume_from"), damaged
-    )
+    offered = ray.train.get_checkpoint()
+    restored = restore_point(offered, newest or loop_config.get("resume_from"), damaged)
     if restored is not None:
         with restored.as_directory() as ckpt_dir:
             load_checkpoint(ckpt_dir, trainer)
         if rank == 0:
             log.info("resumed from %s at step %d", restored.path, trainer.step)
+    if _unrecorded(restored, offered, newest):
+        # a folder newer than all Ray recorded (see restore_point): reported again, in place,
+        # so Ray records it (a restart at the last step reports nothing else, and the run's
+        # result was an older checkpoint) and prunes it with the others (keep_checkpoints)
+        metrics: dict[str, Any] = {"step": trainer.step}
+        if rank == 0 and monitor is not None and len(monitor) >= 2:
+            metrics.update(
+                quality_metrics(trainer, monitor, cfg, device, loop_config.get("probe_set"))
+            )
+        ray.train.report(
+            metrics,
+            checkpoint=restored if rank == 0 else None,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+        )
 
     # rank 0 writes metrics from a background thread: a slow or unreachable store never holds
     # up a step (pipelines.tracking_metrics)
@@ -170,8 +184,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     sink = None
     if tracking:  # steps after the restored one that the run already holds go to replay/<key>
         sink = MetricSink(tracking["uri"], tracking["run_id"], start_step=trainer.step)
-    monitor = loop_config.get("monitor_images")
-    run_dir = loop_config["run_dir"]
     gen = torch.Generator(device=device)
     steps, bs = cfg.train.steps, cfg.train.batch_size
     t_last, n_since = time.perf_counter(), 0
@@ -306,6 +318,29 @@ def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str])
         if name not in damaged and name >= locations.base_name(resume_from):
             return offered
     return ray.train.Checkpoint(resume_from)
+
+
+def _unrecorded(restored: Any, offered: Any, newest: str | None) -> bool:
+    """Whether the group restored the run folder's newest intact checkpoint and it is newer
+    than Ray's offer, the newest Ray recorded: a folder Ray has no record of."""
+    if restored is None or restored is offered or newest is None:
+        return False
+    name = locations.base_name(restored.path)
+    if name != locations.base_name(newest):
+        return False
+    return offered is None or name > locations.base_name(offered.path)
+
+
+def _newest_intact(run_dir: str, damaged: Sequence[str]) -> str | None:
+    """``newest_intact_checkpoint``, or None when the run folder cannot be listed just now (an
+    object store's hiccup): Ray's offer then, rather than one more failure of the group."""
+    from radjepa.resume import ResumeError, newest_intact_checkpoint
+
+    try:
+        return newest_intact_checkpoint(run_dir, damaged)
+    except ResumeError as err:
+        log.warning("%s; continuing from the checkpoint Ray recorded", err)
+        return None
 
 
 def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: str) -> None:
