@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import threading
 from dataclasses import dataclass
 from functools import partial
@@ -32,7 +31,15 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serve.admission import Cancelled, DecodeGate, Overloaded
 from serve.embedder import Embedder, ImageEmbedding, ModelInfo
-from serve.guard import ApiError, GuardMiddleware, error_response, request_id, shown_filename
+from serve.guard import (
+    UNPRINTABLE,
+    ApiError,
+    GuardMiddleware,
+    error_response,
+    request_id,
+    shown,
+    shown_filename,
+)
 from serve.index import EmbeddingIndex, UploadPseudonyms
 from serve.keys import PATIENT_LINKAGE
 from serve.query_params import known_query
@@ -100,10 +107,6 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-# how much of a client's header an error message repeats: the whole of it let a client have a
-# 16 KB Content-Type echoed back (and into any log that records error bodies)
-SHOWN_CHARS = 64
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 try:  # the multipart parser's limits on each part's headers (python-multipart's defaults)
     from python_multipart.multipart import DEFAULT_MAX_HEADER_COUNT as _PART_HEADERS
     from python_multipart.multipart import DEFAULT_MAX_HEADER_SIZE as _PART_HEADER_BYTES
@@ -134,23 +137,13 @@ def quiet_multipart_parser() -> None:
             logger.addFilter(_ParserErrorsOnly())
 
 
-def shown(value: str, limit: int = SHOWN_CHARS) -> str:
-    """A client-supplied value as an error message may quote it: printable ASCII only (control
-    characters, newlines and other bytes become ``?``), at most ``limit`` characters (then
-    ``...`` and the full length), quoted."""
-    clean = _UNPRINTABLE.sub("?", value)
-    if len(clean) > limit:
-        return f"'{clean[:limit]}...' ({len(value)} characters)"
-    return f"'{clean}'"
-
-
 def _multipart_error(err: MultiPartException, max_parts: int) -> ApiError:
     """A multipart body the parser refused, as a JSON error saying what to fix.
 
     Starlette answered each with a bare 400 whose message, for a part header over the parser's
     line limit or a body that does not follow its boundary, was only "Invalid multipart data."
     and whose reason was empty."""
-    cause = _UNPRINTABLE.sub("?", str(err.__cause__ or ""))
+    cause = UNPRINTABLE.sub("?", str(err.__cause__ or ""))
     message = err.message
     if cause.startswith("Maximum header size"):
         return ApiError(

@@ -26,6 +26,7 @@ __all__ = [
     "accept_request_id",
     "error_response",
     "request_id",
+    "shown",
     "shown_filename",
 ]
 
@@ -37,6 +38,10 @@ REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # the most of an uploaded file's name an error body repeats (shown_filename)
 FILENAME_CHARS = 120
+# how much of a client's header or parameter name an error message repeats: the whole of it let
+# a client have a 16 KB Content-Type echoed back (and into any log that records error bodies)
+SHOWN_CHARS = 64
+UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 class ApiError(Exception):
@@ -70,6 +75,16 @@ def request_id(request: Request | Scope) -> str | None:
     """The id :class:`GuardMiddleware` gave this request (None outside it)."""
     scope = request.scope if isinstance(request, Request) else request
     return scope.get("state", {}).get("request_id")
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """A client-supplied value as an error message may quote it: printable ASCII only (control
+    characters, newlines and other bytes become ``?``), at most ``limit`` characters (then
+    ``...`` and the full length), quoted."""
+    clean = UNPRINTABLE.sub("?", value)
+    if len(clean) > limit:
+        return f"'{clean[:limit]}...' ({len(value)} characters)"
+    return f"'{clean}'"
 
 
 def shown_filename(filename: str | None) -> str | None:

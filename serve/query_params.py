@@ -9,15 +9,14 @@ the caller meant to leave out), and ``k=0&k=5`` passed where ``k=5&k=0`` was ref
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from typing import Any, get_args, get_origin
 
 from fastapi import Request
 
-from serve.guard import ApiError
+from serve.guard import ApiError, shown
 
 __all__ = ["known_query"]
-
-_SHOWN = 64  # characters of a client's parameter name an error quotes
 
 
 async def known_query(request: Request) -> None:
@@ -32,7 +31,7 @@ async def known_query(request: Request) -> None:
             takes = ", ".join(sorted(declared)) or "none"
             raise ApiError(
                 422,
-                f"unknown query parameter {_shown(name)} (this route takes: {takes})",
+                f"unknown query parameter {shown(name)} (this route takes: {takes})",
                 "invalid_parameter",
             )
         if n > 1 and not declared[name]:
@@ -52,12 +51,9 @@ def _query_params(dependant: Any) -> list[Any]:
 
 
 def _repeatable(annotation: Any) -> bool:
-    """Whether a parameter takes several values (a list, possibly optional)."""
-    if get_origin(annotation) in (list, tuple, set, frozenset):
+    """Whether a parameter takes several values (a list, set, tuple or Sequence; possibly
+    optional)."""
+    origin = get_origin(annotation)
+    if isinstance(origin, type) and issubclass(origin, Collection) and origin not in (str, bytes):
         return True
     return any(_repeatable(a) for a in get_args(annotation) if a is not type(None))
-
-
-def _shown(name: str) -> str:
-    clean = "".join(c if c.isascii() and c.isprintable() else "?" for c in name)
-    return repr(clean[:_SHOWN] + ("..." if len(clean) > _SHOWN else ""))

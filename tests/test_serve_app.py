@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -691,6 +692,31 @@ def test_every_route_refuses_a_query_parameter_it_does_not_take(client, world):
     assert _post(client, "/v1/similar", world["pngs"][0], params=two).status_code == 200
     assert _post(client, "/v1/embed", world["pngs"][0], params={"patch_tokens": "true"}).is_success
     assert client.get("/healthz", params={"_": "1"}).status_code == 200  # ops routes: as before
+
+
+def test_known_query_lets_any_collection_parameter_repeat_and_quotes_names_safely():
+    from fastapi import Depends, FastAPI, Query
+
+    from serve.guard import ApiError, error_response
+    from serve.query_params import known_query
+
+    app = FastAPI(dependencies=[Depends(known_query)])
+    app.add_exception_handler(
+        ApiError, lambda req, e: error_response(req, e.status, e.detail, e.reason)
+    )
+
+    @app.get("/t")
+    def route(tags: Sequence[str] | None = Query(None), k: int = 1) -> dict:
+        return {"tags": list(tags or ()), "k": k}
+
+    with TestClient(app) as c:
+        # a Sequence was taken for one value: a route declaring one refused its own repeats
+        r = c.get("/t", params=[("tags", "a"), ("tags", "b")])
+        assert r.status_code == 200 and r.json()["tags"] == ["a", "b"], r.text
+        assert c.get("/t", params=[("k", "1"), ("k", "2")]).status_code == 422
+        r = c.get("/t", params={"x\u202e" + "y" * 100: "1"})
+        assert r.status_code == 422 and "(102 characters)" in r.json()["detail"], r.text
+        assert "\u202e" not in r.json()["detail"]
 
 
 def test_models_lists_model_head_and_index(client, world):
