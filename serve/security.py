@@ -17,7 +17,8 @@ import logging
 import os
 from pathlib import Path
 
-from fastapi import HTTPException, Request, status
+from fastapi import HTTPException, Request, Security, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from radjepa.config import ServeConfig
@@ -191,7 +192,20 @@ def _unauthorized(message: str) -> HTTPException:
     )
 
 
-def require_api_key(request: Request) -> None:
+# declares the scheme in /openapi.json (a generated client then sends the key, the docs page
+# offers "Authorize"); it decides nothing: require_api_key reads the header itself, so a missing
+# or malformed one is this module's 401 with its message, not FastAPI's 403
+_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="apiKey",
+    description="An API key from the service's keys file: `Authorization: Bearer <key>`.",
+)
+
+
+def require_api_key(
+    request: Request,
+    _declared: HTTPAuthorizationCredentials | None = Security(_BEARER),  # noqa: B008
+) -> None:
     """FastAPI dependency: a valid ``Authorization: Bearer <key>`` or 401; records the key's
     scopes on the request (:func:`request_scopes`)."""
     settings: ApiSettings = request.app.state.settings

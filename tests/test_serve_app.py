@@ -731,7 +731,21 @@ def test_probes_and_docs_need_no_key(client):
     # open without a key: it names no model (a registry name and version, for anyone)
     assert client.get("/readyz").json() == {"ready": True}
     assert client.get("/docs").status_code == 200
-    assert "/v1/similar" in client.get("/openapi.json").json()["paths"]
+    spec = client.get("/openapi.json").json()
+    assert "/v1/similar" in spec["paths"]
+    # the key is declared, so a generated client sends it: every /v1 route, no probe
+    assert spec["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key from the service's keys file: `Authorization: Bearer <key>`.",
+    }
+    for path, operations in spec["paths"].items():
+        for op in operations.values():
+            assert (op.get("security") == [{"apiKey": []}]) is path.startswith("/v1/"), path
+    # the declaration decides nothing: a missing or non-Bearer key is still this service's 401
+    for headers in ({}, {"Authorization": "Basic dTpw"}):
+        r = client.get("/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["detail"].startswith("missing API key"), r.text
 
 
 def test_get_routes_answer_head_as_get_does(client):
