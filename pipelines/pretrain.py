@@ -186,7 +186,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         sink = MetricSink(tracking["uri"], tracking["run_id"], start_step=trainer.step)
     gen = torch.Generator(device=device)
     steps, bs = cfg.train.steps, cfg.train.batch_size
-    t_last, n_since = time.perf_counter(), 0
+    t_last, n_since, warmed_up = time.perf_counter(), 0, False
     last: dict[str, float] = {}
     diverged: str | None = None  # why training cannot go on (non-finite loss or weights)
 
@@ -213,8 +213,22 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 out = trainer.train_step(x)
                 step = trainer.step
                 n_since += bs * world
+                checkpoint_step = step % cfg.train.checkpoint_every == 0 or step == steps
+                log_step = checkpoint_step or step % cfg.train.log_every == 0
+                if not warmed_up:
+                    # the attempt's first step waited for the data pipeline to start and, on a
+                    # GPU, for the compile: throughput is measured from the step after it (unless
+                    # it is logged itself)
+                    warmed_up = True
+                    if not log_step:
+                        t_last, n_since = time.perf_counter(), 0
 
-                if step % cfg.train.log_every == 0 or step == steps:
+                if checkpoint_step and not _weights_finite_on_every_rank(trainer, mean_over_ranks):
+                    diverged = "the weights became non-finite"
+                    break
+                # a checkpoint step is a log step: its report (what Tune ranks a trial by, what
+                # a checkpoint's record says) carried the loss of the last log step before it
+                if log_step:
                     elapsed = time.perf_counter() - t_last
                     out = {**out, "loss": mean_over_ranks(out["loss"])}  # every rank logs this step
                     last = {k: float(v) for k, v in out.items()}  # one host sync per log interval
@@ -225,7 +239,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         break
                     if sink is not None:
                         sink.log(last, step)
-                    if rank == 0:
+                    if rank == 0 and (step % cfg.train.log_every == 0 or step == steps):
                         log.info(
                             "step %d/%d loss %.4f lr %.2e momentum %.5f %.1f img/s",
                             step,
@@ -236,10 +250,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                             last["img_per_s"],
                         )
 
-                if step % cfg.train.checkpoint_every == 0 or step == steps:
-                    if not _weights_finite_on_every_rank(trainer, mean_over_ranks):
-                        diverged = "the weights became non-finite"
-                        break
+                if checkpoint_step:
                     metrics = {"step": step, **last}
                     if rank == 0 and monitor is not None and len(monitor) >= 2:
                         quality = quality_metrics(

@@ -388,7 +388,12 @@ class TrainConfig(_Section):
         "in place, one graph shared by all blocks of a module per shape (minutes less to build)",
     )
     seed: int = Field(0, ge=0, le=SEED_MAX)
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(
+        10,
+        ge=1,
+        description="steps between metric records (loss, lr, momentum, img_per_s); every "
+        "checkpoint step is recorded too, so a checkpoint's report holds its own step's loss",
+    )
     checkpoint_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)

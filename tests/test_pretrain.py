@@ -1147,6 +1147,26 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(
     assert run.data.tags["radjepa.resumes"] == "1"
 
 
+def test_a_checkpoint_reports_its_own_step_s_loss(shards, tmp_path):
+    # a checkpoint step that was not a log step reported the loss of the last log step before
+    # it (or none: the step-2 report here had only "step"), which is what Tune ranks a trial
+    # by and what Ray's record says of the checkpoint
+    from pipelines.pretrain import run_pretrain
+    from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT
+
+    sets = {"train.num_workers": 1, "train.steps": 4, "train.checkpoint_every": 2}
+    res = run_pretrain(_cfg(tmp_path, **sets, **{"train.log_every": 3}), str(shards))
+    losses = dict(_history(res.tracking_uri, res.mlflow_run_id, "loss"))
+    assert sorted(losses) == [2, 3, 4]  # the log steps and the checkpoint steps
+    record = json.loads((tmp_path / "t" / RAY_CHECKPOINT_SNAPSHOT).read_text())
+    reported = {r["metrics"]["step"]: r["metrics"] for r in record["checkpoint_results"]}
+    assert {step: m["loss"] for step, m in reported.items()} == {2: losses[2], 4: losses[4]}
+    # throughput from the step after the first (start-up), over the images since the last log
+    speeds = dict(_history(res.tracking_uri, res.mlflow_run_id, "img_per_s"))
+    assert sorted(speeds) == [2, 3, 4] and all(v > 0 for v in speeds.values())
+    assert reported[2]["img_per_s"] == speeds[2]
+
+
 def test_a_worker_error_is_said_in_one_line(shards, tmp_path):
     # the message was Ray's WorkerGroupError text: each failed rank's whole traceback
     from pipelines.pretrain import PretrainError, run_pretrain
