@@ -149,6 +149,29 @@ def test_csvs_saved_by_spreadsheets_with_a_byte_order_mark_are_read(tmp_path, ni
         load_csv_dataset(tmp_path / "latin1.csv", label_cols=["sex"], size=64)
 
 
+def test_masks_of_an_image_with_oblong_pixels_stay_on_its_anatomy(tmp_path):
+    """A DICOM whose pixels are twice as tall as wide is stored square in the patient; its
+    mask, drawn on the image's pixel grid (here at half its resolution), must be resized the
+    same way, or the foreground lands beside the structure it marks."""
+    from dicom_factory import make_dicom
+    from PIL import Image
+
+    from radjepa.eval.segmentation import load_seg_csv
+
+    pixels = np.repeat(200 + 10 * np.arange(100, dtype=np.uint16)[:, None], 200, axis=1)
+    pixels[:, :40] = 3800  # a bright structure over the left 20% of the columns
+    dicom = make_dicom(pixels, window=(2000, 4000), extra={"PixelSpacing": [0.2, 0.1]})
+    (tmp_path / "cxr.dcm").write_bytes(dicom)
+    mask = np.zeros((50, 100), np.uint8)
+    mask[:, :20] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    (tmp_path / "seg.csv").write_text("image,structure,patient_id\ncxr.dcm,m.png,p0\n")
+    images, masks, _ = load_seg_csv(tmp_path / "seg.csv", ["structure"], size=64)
+    bright, marked = images[0] > 128, masks[0, 0]
+    assert marked.mean() == pytest.approx(0.2, abs=0.02)
+    assert (bright == marked).mean() > 0.97
+
+
 def test_rows_whose_cells_do_not_line_up_with_the_header_are_refused_by_row(tmp_path, nih_dir):
     """NIH rows as exported: an unquoted comma in `findings` (Atelectasis,Effusion) shifted the
     later cells one column right and Effusion silently read Edema's value (2 positives of 3

@@ -1049,3 +1049,74 @@ def test_a_uniform_image_is_blank_not_an_all_black_radiograph(make) -> None:
     one = np.zeros((N, N), np.uint16)
     one[N // 2, N // 2] = 4000  # a single bright pixel is not blank
     assert decode(make_dicom(one)).pixels.max() > 0
+
+
+def _banded(rows: int, cols: int, band_cols: int) -> np.ndarray:
+    """A 12-bit image: a bright band over the first ``band_cols`` columns, a dark ramp down the
+    rows elsewhere."""
+    img = np.repeat(200 + 10 * np.arange(rows, dtype=np.uint16)[:, None] % 1000, cols, axis=1)
+    img[:, :band_cols] = 3800
+    return img
+
+
+@pytest.mark.parametrize(
+    "proportions",
+    [
+        {"PixelSpacing": [0.2, 0.1]},
+        {"ImagerPixelSpacing": [0.3, 0.15], "PixelSpacing": None},
+        {"PixelAspectRatio": [2, 1], "PixelSpacing": None},
+        {"PixelSpacing": [0.0, 0.1], "ImagerPixelSpacing": [0.2, 0.1]},  # damaged: the next one
+    ],
+)
+def test_oblong_pixels_are_stored_square_in_the_patient(proportions) -> None:
+    # 100x200 pixels twice as tall as wide: a square in the patient, stored whole. Taken as
+    # square pixels, the centre 100x100 was kept: the band over the left 20% was cut off and
+    # what was left stretched to twice its width
+    drop = tuple(k for k, v in proportions.items() if v is None)
+    extra = {k: v for k, v in proportions.items() if v is not None}
+    data = make_dicom(_banded(100, 200, 40), window=(2000, 4000), drop=drop, extra=extra)
+    out = decode(data)
+    assert out.pixel_aspect == 2.0 and out.pixels.shape == (N, N)
+    bright = out.pixels.mean(axis=0) > 128
+    assert bright[: int(0.2 * N) - 1].all() and not bright[int(0.2 * N) + 1 :].any()
+    assert out.meta["orig_height"] == 100 and out.meta["orig_width"] == 200
+    square = decode(make_dicom(_banded(100, 200, 40), window=(2000, 4000)))
+    assert square.pixel_aspect == 1.0 and not (square.pixels.mean(axis=0) > 128).any()
+
+
+@pytest.mark.parametrize(
+    "spacing",
+    [[0.139, 0.1390001], [1.0, 0.1], [-0.2, 0.1], "unparsable", [0.2]],
+    ids=["rounding", "absurd", "negative", "unparsable", "one-value"],
+)
+def test_pixel_proportions_that_mean_nothing_leave_pixels_square(spacing) -> None:
+    pixels = _banded(100, 200, 40)
+    plain = decode(make_dicom(pixels, window=(2000, 4000), drop=("PixelSpacing",)))
+    if spacing == "unparsable":  # written as bytes: pydicom refuses to set such a value
+        data = make_dicom(pixels, window=(2000, 4000), extra={"PixelSpacing": [0.2, 0.1]})
+        assert data.count(b"0.2\\0.1 ") == 1
+        data = data.replace(b"0.2\\0.1 ", b"x.2\\0.1 ")
+    else:
+        data = make_dicom(pixels, window=(2000, 4000), extra={"PixelSpacing": spacing})
+    out = decode(data)
+    assert out.pixel_aspect == 1.0
+    np.testing.assert_array_equal(out.pixels, plain.pixels)
+
+
+def test_proportions_are_judged_in_the_patient() -> None:
+    # 100x600 pixels three times as tall as wide is 300x600 in the patient (2:1): decoded;
+    # 200x100 pixels four times as tall as wide is 800x100 (8:1): refused
+    wide = decode(
+        make_dicom(_banded(100, 600, 40), window=(2000, 4000), extra={"PixelSpacing": [0.3, 0.1]})
+    )
+    assert wide.pixel_aspect == pytest.approx(3.0)
+    with pytest.raises(ImageRejected) as err:
+        decode(
+            make_dicom(
+                _banded(200, 100, 40),
+                window=(2000, 4000),
+                drop=("PixelSpacing",),
+                extra={"PixelAspectRatio": [4, 1]},
+            )
+        )
+    assert err.value.reason == "extreme_aspect" and "of 4:1 (height:width)" in str(err.value)

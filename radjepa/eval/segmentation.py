@@ -239,8 +239,9 @@ def load_seg_csv(
     foreground), and optionally ``group_col`` (None when the CSV has no such column: each
     image is then its own patient).
 
-    Images go through ingest's ``decode_image``; masks get the same shorter-side resize and
-    centre crop, so both stay aligned.
+    Images go through ingest's ``decode_image``; masks (drawn on the image's pixel grid, at its
+    resolution or another with the same proportions) get the same shorter-side resize and
+    centre crop, oblong pixels included, so both stay aligned.
     """
     from PIL import Image
 
@@ -283,7 +284,7 @@ def load_seg_csv(
                     f"{path} row {i + 1}: mask {f.name} is {fg.shape[1]}x{fg.shape[0]} but the "
                     f"image is {shape[1]}x{shape[0]}: other proportions cannot be aligned"
                 )
-            chans.append(resize_center_crop(fg, size) > 0.5)
+            chans.append(resize_center_crop(fg, size, dec.pixel_aspect) > 0.5)
         images.append(dec.pixels)
         masks.append(np.stack(chans))
     groups = None

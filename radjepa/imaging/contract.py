@@ -14,7 +14,8 @@ ingest shard and every image the HTTP API embeds) obeys this contract:
   percentile window and shown black;
 - colour inputs become grey with the ITU-R BT.601 luma weights;
 - geometry: the shorter side is resized to ``size`` with an antialiased Lanczos filter and the
-  centre square is kept (one deterministic resample of the centre crop).
+  centre square is kept (one deterministic resample of the centre crop); sides and square are
+  the patient's, so a DICOM with oblong pixels (its Pixel Spacing) is not stored stretched.
 
 The model-input scaling on top of this lives in ``radjepa.transforms.to_model_input``.
 """

@@ -47,10 +47,14 @@ _JPEG = b"\xff\xd8\xff"
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A contract image ``pixels`` [size, size] and its allow-listed metadata (``META_FIELDS``)."""
+    """A contract image ``pixels`` [size, size] and its allow-listed metadata (``META_FIELDS``).
+
+    ``pixel_aspect``: the source pixel's height over its width, as the resize used it (a mask
+    drawn on the source's pixel grid is resized with it, ``eval.segmentation``)."""
 
     pixels: np.ndarray
     meta: dict[str, Any]
+    pixel_aspect: float = 1.0
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -82,11 +86,12 @@ def _decode_display(
     meta: dict[str, Any],
     reject_burned_in: bool,
     patient_identity: str,
-) -> np.ndarray:
-    """Display image in [0, 1] for sniffed bytes; fills the format-specific ``meta`` keys."""
+) -> tuple[np.ndarray, float]:
+    """Display image in [0, 1] for sniffed bytes and its pixel aspect (see ``DecodedImage``);
+    fills the format-specific ``meta`` keys."""
     if fmt == "dicom":
         from radjepa.imaging.deid import dicom_meta
-        from radjepa.imaging.dicom import dicom_display, read_dataset
+        from radjepa.imaging.dicom import dicom_display, pixel_aspect, read_dataset
         from radjepa.imaging.value_validation import unvalidated_values
 
         with unvalidated_values():  # pydicom's checks quote the values they find wrong
@@ -100,12 +105,12 @@ def _decode_display(
             display = dicom_display(ds, window_percentiles)
             ts = ds.file_meta.get("TransferSyntaxUID")
             meta.update(dicom_meta(ds, secret, ts, patient_identity))
-        return display
+            return display, pixel_aspect(ds)
     from radjepa.imaging.raster import raster_display
 
     display, photometric = raster_display(data)
     meta["photometric"] = photometric
-    return display
+    return display, 1.0
 
 
 # No radiograph is this small or this elongated: an icon, a 1x1 placeholder, a scanned strip
@@ -116,16 +121,20 @@ MIN_SIDE = 16
 MAX_ASPECT = 4.0
 
 
-def _check_proportions(shape: tuple[int, ...]) -> None:
-    short, long = min(shape), max(shape)
-    if short < MIN_SIDE:
+def _check_proportions(shape: tuple[int, ...], pixel_aspect: float) -> None:
+    """Refuse what cannot be a radiograph; proportions are the patient's (oblong pixels count
+    at their height over width, ``pixel_aspect``)."""
+    if min(shape) < MIN_SIDE:
         raise ImageRejected(
             "too_small", f"{shape[0]}x{shape[1]} pixels; the shorter side is under {MIN_SIDE}"
         )
+    height, width = shape[0] * pixel_aspect, float(shape[1])
+    short, long = min(height, width), max(height, width)
     if long / short > MAX_ASPECT:
+        oblong = "" if pixel_aspect == 1.0 else f" of {pixel_aspect:.3g}:1 (height:width)"
         raise ImageRejected(
             "extreme_aspect",
-            f"{shape[0]}x{shape[1]} pixels; the centre square would keep "
+            f"{shape[0]}x{shape[1]} pixels{oblong}; the centre square would keep "
             f"{short / long:.0%} of it (at most {MAX_ASPECT:g}:1 is decoded)",
         )
 
@@ -173,7 +182,7 @@ def decode_image(
     source_hash = keyed_hash(secret, "source", source_name) if source_name is not None else None
     meta = _empty_meta(image_id, source_hash, fmt)
     try:
-        display = _decode_display(
+        display, aspect = _decode_display(
             data, fmt, tuple(window_percentiles), secret, meta, reject_burned_in, patient_identity
         )
     except (ImageRejected, KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
@@ -182,12 +191,12 @@ def decode_image(
         raise ImageRejected("decode_error", f"malformed {fmt} ({type(err).__name__})") from None
     if display.ndim != 2 or min(display.shape) < 1:
         raise ImageRejected("not_2d", f"decoded image has shape {display.shape}")
-    _check_proportions(display.shape)
+    _check_proportions(display.shape, aspect)
     meta["orig_height"], meta["orig_width"] = int(display.shape[0]), int(display.shape[1])
-    pixels = to_stored(resize_center_crop(display, size), dtype)
+    pixels = to_stored(resize_center_crop(display, size, aspect), dtype)
     if pixels.min() == pixels.max():
         # a uniform image (a blank secondary capture, an image that is all padding, a Rescale
         # Slope of 0, a window collapsed on a flat image) carries nothing to learn or to
         # match: stored, it was one more all-black "radiograph" in training and the index
         raise ImageRejected("blank", f"every stored pixel is {pixels.flat[0]}: a uniform image")
-    return DecodedImage(pixels=pixels, meta=meta)
+    return DecodedImage(pixels=pixels, meta=meta, pixel_aspect=aspect)

@@ -39,7 +39,7 @@ from radjepa.imaging.deid import PHOTOMETRICS
 from radjepa.imaging.errors import ImageRejected
 from radjepa.imaging.value_validation import without_value_validation
 
-__all__ = ["dicom_display", "looks_like_raw_dataset", "read_dataset"]
+__all__ = ["dicom_display", "looks_like_raw_dataset", "pixel_aspect", "read_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -515,6 +515,50 @@ def _palette_max(ds: Dataset, rgb: np.ndarray) -> float:
     descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
     bits = int(descriptor[2]) if descriptor is not None and len(descriptor) == 3 else 16
     return 255.0 if bits == 8 and int(rgb.max()) <= 255 else 65535.0
+
+
+# Where a pixel's proportions are written, most specific first: Pixel Spacing (in the patient),
+# Imager Pixel Spacing (at the detector: CR and DX), Pixel Aspect Ratio (no physical size). The
+# first two are row spacing then column spacing, the third vertical then horizontal: each is a
+# pixel's height, then its width.
+_PIXEL_PROPORTIONS = ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio")
+# a ratio this close to 1 is rounding in the header (0.139\0.1390001); resampling for it would
+# only blur the image a little
+_SQUARE_WITHIN = 0.005
+# no detector has pixels this oblong: a header saying so is damaged, and the next source (or
+# square pixels) is taken instead of storing the image squeezed to a sliver
+_MAX_PIXEL_ASPECT = 4.0
+
+
+def pixel_aspect(ds: Dataset) -> float:
+    """A pixel's height over its width, from the header (1.0 where it says nothing usable).
+
+    Nearly every chest radiograph has square pixels; a CR reader or a digitiser with oblong
+    ones was stored stretched (heart and lungs narrower or wider than they are), and the same
+    anatomy looked different to the encoder and to similar-case search than from a square
+    detector."""
+    for key in _PIXEL_PROPORTIONS:
+        pair = _positive_pair(ds.get(key))
+        if pair is None:
+            continue
+        ratio = pair[0] / pair[1]
+        if not 1 / _MAX_PIXEL_ASPECT <= ratio <= _MAX_PIXEL_ASPECT:
+            log.debug("%s gives a pixel aspect of %.3g: not used", key, ratio)
+            continue
+        return 1.0 if abs(ratio - 1.0) <= _SQUARE_WITHIN else ratio
+    return 1.0
+
+
+def _positive_pair(value: Any) -> tuple[float, float] | None:
+    """Two positive finite numbers from a two-valued element, else None (absent, one value, an
+    unparsable or non-positive one)."""
+    try:
+        numbers = [float(v) for v in value]
+    except (TypeError, ValueError, OverflowError):  # absent, a single value, not numbers
+        return None
+    if len(numbers) != 2 or not all(math.isfinite(v) and v > 0 for v in numbers):
+        return None
+    return numbers[0], numbers[1]
 
 
 @without_value_validation
