@@ -406,6 +406,45 @@ def test_a_frame_declaring_another_size_than_its_header_is_refused_before_its_co
     assert "declares 32x64 pixels, Rows and Columns say 64x64" in other["message"]
 
 
+def _with_dnl(data: bytes, lines: int) -> bytes:
+    """``data`` (one JPEG frame, a single scan) with its SOF's lines set to 0 and the number of
+    lines given in a DNL segment after the scan, as T.81 allows."""
+    frame = bytearray(_first_frame(data))
+    at = next(i for i in range(2, len(frame)) if frame[i] == 0xFF and frame[i + 1] in (0xC0, 0xC3))
+    frame[at + 5 : at + 7] = bytes(2)
+    eoi = frame.rindex(b"\xff\xd9")  # the frame may end in a padding byte
+    dnl = b"\xff\xdc\x00\x04" + lines.to_bytes(2, "big")
+    stream = bytes(frame[:eoi]) + dnl + b"\xff\xd9"
+
+    def swap(ds):
+        ds.PixelData = encapsulate([stream])
+
+    return edited(data, swap)
+
+
+@pytest.mark.parametrize("syntax", [JPEGBaseline8Bit, JPEGLosslessSV1])
+def test_a_jpeg_giving_its_lines_in_a_dnl_segment_is_size_checked_too(syntax) -> None:
+    # the SOF may say 0 lines and leave them to a DNL segment after the first scan: the size
+    # check read no size there and let the codec find out (65535 lines of a wide image: a GB)
+    data = make_dicom(gradient(64, 64, 8), bits=8, transfer_syntax=syntax)
+    assert declared_size(_first_frame(_with_dnl(data, 64))) == (64, 64)
+    bomb = ingest(_with_dnl(_declaring(data, 64, 8192), 65535))
+    assert (bomb["status"], bomb["reason"]) == ("quarantined", "too_large")
+    assert "declares 65535x8192 pixels" in bomb["message"]
+    other = ingest(_with_dnl(data, 100))
+    assert (other["status"], other["reason"]) == ("quarantined", "decode_error")
+    assert "declares 100x64 pixels, Rows and Columns say 64x64" in other["message"]
+    # a 0xFFDC inside a table before the scan is not a DNL: only the scan's data is searched
+    frame = _first_frame(data)
+    dht = frame.index(b"\xff\xc4")
+    comment = b"\xff\xfe\x00\x08" + b"\xff\xdc\x00\x04\xff\xff"
+    sof = next(i for i in range(2, len(frame)) if frame[i] == 0xFF and frame[i + 1] in (0xC0, 0xC3))
+    zeroed = bytearray(frame)
+    zeroed[sof + 5 : sof + 7] = bytes(2)
+    decoy = bytes(zeroed[:dht]) + comment + bytes(zeroed[dht:])
+    assert declared_size(decoy) is None  # no DNL after the scan: the codec refuses it
+
+
 def test_an_image_cut_off_before_its_pixels_is_truncated_not_a_non_image() -> None:
     # pydicom stops without a word where the bytes end: a DX cut inside its header read as
     # "the DICOM holds no Pixel Data element (SOP class Digital X-Ray Image Storage ...)", the

@@ -23,14 +23,14 @@ __all__ = ["declared_size"]
 _SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}
 _STANDALONE = {0x01, *range(0xD0, 0xD9)}  # TEM, RSTn, SOI: no length field
 _SOS, _EOI = 0xDA, 0xD9
+_DNL = b"\xff\xdc"
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 
 def declared_size(stream: bytes) -> tuple[int, int] | None:
-    """(rows, columns) the stream's frame header declares, or None when it is not a JPEG or
-    JPEG 2000 stream this reads (or it declares no size before its data, as a JPEG with a DNL
-    segment may)."""
+    """(rows, columns) the stream's frame header declares (a JPEG's DNL segment included), or
+    None when it is not a JPEG or JPEG 2000 stream this reads."""
     if stream[:2] == b"\xff\xd8":
         return _jpeg_size(stream)
     if stream[:4] == _J2K_SOC_SIZ:
@@ -60,9 +60,33 @@ def _jpeg_size(stream: bytes) -> tuple[int, int] | None:
             if at + 9 > end:
                 return None
             rows, cols = struct.unpack_from(">HH", stream, at + 5)
+            if rows == 0:  # the lines come in a DNL segment after the first scan (T.81 B.2.5)
+                rows = _dnl_lines(stream, at + 2 + length)
             return (rows, cols) if rows and cols else None
         at += 2 + length
     return None
+
+
+def _dnl_lines(stream: bytes, at: int) -> int:
+    """The number of lines a DNL segment declares (0 when there is none to read): the segments
+    up to the first scan are walked by their lengths, then the scan's entropy-coded data is
+    searched, where a 0xFF byte is always followed by 0x00 or a marker, so 0xFFDC is the DNL.
+    A codec that reads DNL grows the image to that many lines: 65535 of 8192 columns was a
+    gigabyte from a header saying 64 rows."""
+    end = len(stream)
+    while at + 4 <= end and stream[at] == 0xFF:
+        marker = stream[at + 1]
+        if marker == 0xFF or marker in _STANDALONE:
+            at += 1 if marker == 0xFF else 2
+            continue
+        (length,) = struct.unpack_from(">H", stream, at + 2)
+        at += 2 + length
+        if marker == _SOS:
+            found = stream.find(_DNL, at)
+            if found < 0 or found + 6 > end:
+                return 0
+            return int(struct.unpack_from(">H", stream, found + 4)[0])
+    return 0
 
 
 def _j2k_size(codestream: bytes) -> tuple[int, int] | None:
