@@ -150,27 +150,61 @@ def predict_masks(head: SegHead, grid_tokens: np.ndarray, size: tuple[int, int])
         return (head(x, size) > 0).numpy()
 
 
+# seeded splits tried for one that puts each structure on both sides: a structure few
+# patients show was often held out nowhere (no Dice) or only (a head that never saw it)
+_SPLIT_DRAWS = 200
+
+
 def held_out_split(
-    n: int, groups: np.ndarray | None, test_fraction: float, seed: int
+    n: int,
+    groups: np.ndarray | None,
+    test_fraction: float,
+    seed: int,
+    shows: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) image indices of a seeded split; with ``groups`` whole patients go to
-    one side, since a patient's other radiograph in training flatters the held-out Dice."""
-    rng = np.random.default_rng(seed)
+    one side, since a patient's other radiograph in training flatters the held-out Dice.
+
+    ``shows`` ([N, C] bool, whether each image shows each structure): of up to
+    ``_SPLIT_DRAWS`` seeded draws, the first that has every structure on both sides (where
+    two patients show it), else the one closest; a structure only one patient shows stays in
+    training where it can."""
     if groups is None:
+        units = np.arange(n)
         n_test = max(1, int(round(test_fraction * n)))
         if n - n_test < 1:
             raise ValueError(f"need at least 2 image/mask pairs, got {n}")
-        perm = rng.permutation(n)
-        return perm[n_test:], perm[:n_test]
-    g = np.asarray(groups).astype(str)
-    if len(g) != n:
-        raise ValueError(f"{len(g)} patient ids for {n} masks")
-    uniq = np.unique(g)
-    if len(uniq) < 2:
-        raise ValueError(f"need images of at least 2 patients, got {len(uniq)}")
-    n_test = min(len(uniq) - 1, max(1, int(round(test_fraction * len(uniq)))))
-    test = np.isin(g, rng.permutation(uniq)[:n_test])
+    else:
+        units = np.asarray(groups).astype(str)
+        if len(units) != n:
+            raise ValueError(f"{len(units)} patient ids for {n} masks")
+        n_units = len(np.unique(units))
+        if n_units < 2:
+            raise ValueError(f"need images of at least 2 patients, got {n_units}")
+        n_test = min(n_units - 1, max(1, int(round(test_fraction * n_units))))
+    uniq, unit_of = np.unique(units, return_inverse=True)
+    rng = np.random.default_rng(seed)
     idx = np.arange(n)
+    if shows is None:
+        test = np.isin(units, rng.permutation(uniq)[:n_test])
+        return idx[~test], idx[test]
+    shows = np.asarray(shows, bool).reshape(n, -1)
+    # per structure, how many patients show it: what a split can put on both sides
+    by_unit = np.zeros((len(uniq), shows.shape[1]), bool)
+    np.logical_or.at(by_unit, unit_of, shows)
+    patients = by_unit.sum(axis=0)
+    two_sided, one_sided = patients >= 2, patients == 1
+    best: tuple[tuple[int, int], np.ndarray] | None = None
+    for _ in range(_SPLIT_DRAWS):
+        test = np.isin(units, rng.permutation(uniq)[:n_test])
+        in_test, in_train = shows[test].any(axis=0), shows[~test].any(axis=0)
+        score = (int((in_test & in_train).sum()), int(in_train.sum()))
+        if best is None or score > best[0]:
+            best = score, test
+        if score[0] == int(two_sided.sum()) and in_train[one_sided].all():
+            break
+    assert best is not None
+    test = best[1]
     return idx[~test], idx[test]
 
 
@@ -188,7 +222,8 @@ def seg_probe(
     """Train on a seeded split and report held-out Dice per structure.
 
     ``groups`` (patient ids) holds out ``test_fraction`` of the patients with all their
-    images; without it each image is its own patient. A structure no held-out image shows
+    images; without it each image is its own patient. The split puts each structure on both
+    sides where two patients show it (:func:`held_out_split`). A structure no held-out image shows
     gets NaN Dice (and trivial Dice): a score there would only say whether the head predicted
     any pixel.
     """
@@ -199,7 +234,7 @@ def seg_probe(
     names = list(structures) if structures is not None else [f"structure_{i}" for i in range(c)]
     if len(names) != c:
         raise ValueError(f"{len(names)} structure names for {c} mask channels")
-    train, test = held_out_split(n, groups, test_fraction, seed)
+    train, test = held_out_split(n, groups, test_fraction, seed, shows=m.any(axis=(2, 3)))
     head = fit_seg_head(grid_tokens[train], m[train], epochs=epochs, lr=lr, seed=seed)
     pred = predict_masks(head, grid_tokens[test], m.shape[-2:])
     present = m[test].any(axis=(2, 3)).sum(axis=0)  # [C] held-out images showing each
