@@ -6,9 +6,14 @@ Every route declares ``response_model=`` with these, so the OpenAPI document at
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, Field, StringConstraints
+from pydantic_core import to_json
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from radjepa.imaging.contract import PSEUDONYM_HEX_CHARS
 
@@ -17,6 +22,7 @@ __all__ = [
     "ModelInfoOut",
     "EmbeddingOut",
     "EmbedResponse",
+    "embed_response_json",
     "ClassificationOut",
     "ClassifyResponse",
     "Neighbour",
@@ -83,6 +89,27 @@ class EmbeddingOut(BaseModel):
 class EmbedResponse(BaseModel):
     model: ModelInfoOut
     results: list[EmbeddingOut]
+
+
+def embed_response_json(
+    model: ModelInfoOut, results: Sequence[tuple[EmbeddingOut, np.ndarray | None]]
+) -> bytes:
+    """An :class:`EmbedResponse` as JSON, each result's ``patch_tokens`` (a [tokens, dim] array,
+    or None) written one token row per call.
+
+    One call that writes 2M floats holds the GIL, and with it the replica's event loop, from
+    start to end, even in a worker thread; between rows the loop runs."""
+    parts = [b'{"model":', model.model_dump_json().encode(), b',"results":[']
+    for i, (out, tokens) in enumerate(results):
+        parts.append(b"," if i else b"")
+        parts.append(out.model_dump_json(exclude={"patch_tokens"}).encode()[:-1])
+        if tokens is None:
+            parts.append(b',"patch_tokens":null}')
+        else:
+            parts += [b',"patch_tokens":[', b",".join(to_json(row.tolist()) for row in tokens)]
+            parts.append(b"]}")
+    parts.append(b"]}")
+    return b"".join(parts)
 
 
 class ClassificationOut(BaseModel):

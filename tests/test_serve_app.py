@@ -155,6 +155,47 @@ def test_multipart_embeds_each_file_and_returns_patch_tokens(client, world):
     assert cosine(res[0]["embedding"], res[3]["embedding"]) > 0.99
 
 
+def test_embed_json_written_row_by_row_is_the_response_model_s_json(client, world):
+    """/v1/embed writes its JSON a token row per call (a 40 MB answer held the event loop in
+    one call): the bytes must still be what the response model says, values exact."""
+    import json
+
+    from serve.schemas import EmbeddingOut, EmbedResponse, embed_response_json
+
+    r = client.post(
+        "/v1/embed",
+        files=[("files", (f"x{i}.png", world["pngs"][i], "image/png")) for i in range(2)],
+        params={"patch_tokens": "true"},
+        headers=AUTH,
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    parsed = EmbedResponse.model_validate_json(r.content)  # the declared contract
+    assert json.loads(r.content) == parsed.model_dump(mode="json")
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(5, 3)).astype(np.float32)
+    tokens[0, 0] = np.float32(1e-38)  # values JSON must carry exactly
+    outs = [
+        (
+            EmbeddingOut(
+                image_id="a" * 64, filename='a "b"\n', dim=3, embedding=[0.5] * 3, batch_size=2
+            ),
+            tokens,
+        ),
+        (EmbeddingOut(image_id="b" * 64, dim=3, embedding=[1.0] * 3, batch_size=2), None),
+    ]
+    body = embed_response_json(parsed.model, outs)
+    whole = EmbedResponse(
+        model=parsed.model,
+        results=[
+            o.model_copy(update={"patch_tokens": t.tolist() if t is not None else None})
+            for o, t in outs
+        ],
+    )
+    assert json.loads(body) == json.loads(whole.model_dump_json())
+    got = np.asarray(json.loads(body)["results"][0]["patch_tokens"], np.float32)
+    np.testing.assert_array_equal(got, tokens)
+
+
 def test_classify_returns_head_probabilities_per_label(client, world):
     r = _post(client, "/v1/classify", world["pngs"][2])
     assert r.status_code == 200, r.text
