@@ -98,7 +98,8 @@ def embed_response_json(
     or None) written one token row per call.
 
     One call that writes 2M floats holds the GIL, and with it the replica's event loop, from
-    start to end, even in a worker thread; between rows the loop runs."""
+    start to end, even in a worker thread; between rows the loop runs. A non-finite value is
+    ``null``, as the model writes it (``NaN`` is not JSON)."""
     parts = [b'{"model":', model.model_dump_json().encode(), b',"results":[']
     for i, (out, tokens) in enumerate(results):
         parts.append(b"," if i else b"")
@@ -106,7 +107,10 @@ def embed_response_json(
         if tokens is None:
             parts.append(b',"patch_tokens":null}')
         else:
-            parts += [b',"patch_tokens":[', b",".join(to_json(row.tolist()) for row in tokens)]
+            parts += [
+                b',"patch_tokens":[',
+                b",".join(to_json(row.tolist(), inf_nan_mode="null") for row in tokens),
+            ]
             parts.append(b"]}")
     parts.append(b"]}")
     return b"".join(parts)

@@ -434,15 +434,32 @@ def test_a_jpeg_giving_its_lines_in_a_dnl_segment_is_size_checked_too(syntax) ->
     other = ingest(_with_dnl(data, 100))
     assert (other["status"], other["reason"]) == ("quarantined", "decode_error")
     assert "declares 100x64 pixels, Rows and Columns say 64x64" in other["message"]
-    # a 0xFFDC inside a table before the scan is not a DNL: only the scan's data is searched
+    # 0 lines and no DNL ending the scan: libjpeg spun without end on such a frame (an ingest
+    # worker or an API decode thread lost for good); a DNL's bytes inside a comment before the
+    # scan, or after another marker ended it, are not a DNL
     frame = _first_frame(data)
-    dht = frame.index(b"\xff\xc4")
-    comment = b"\xff\xfe\x00\x08" + b"\xff\xdc\x00\x04\xff\xff"
     sof = next(i for i in range(2, len(frame)) if frame[i] == 0xFF and frame[i + 1] in (0xC0, 0xC3))
     zeroed = bytearray(frame)
     zeroed[sof + 5 : sof + 7] = bytes(2)
-    decoy = bytes(zeroed[:dht]) + comment + bytes(zeroed[dht:])
-    assert declared_size(decoy) is None  # no DNL after the scan: the codec refuses it
+    eoi = zeroed.rindex(b"\xff\xd9")
+    decoy = b"\xff\xfe\x00\x08\xff\xdc\x00\x04\x00\x40"  # COM holding DNL-like bytes
+    dht = zeroed.index(b"\xff\xc4")
+    streams = {
+        "no DNL": bytes(zeroed),
+        "before the scan": bytes(zeroed[:dht]) + decoy + bytes(zeroed[dht:]),
+        "after the scan": bytes(zeroed[:eoi]) + decoy + b"\xff\xdc\x00\x04\x00\x40\xff\xd9",
+    }
+    for name, stream in streams.items():
+        assert declared_size(stream) == (0, 64), name
+
+        def swap(ds, stream=stream):
+            ds.PixelData = encapsulate([stream])
+
+        row = ingest(edited(data, swap))
+        assert (row["status"], row["reason"]) == ("quarantined", "decode_error"), name
+        assert row["message"] == (
+            "the compressed frame declares 0 lines and no DNL segment gives them"
+        ), name
 
 
 def test_an_image_cut_off_before_its_pixels_is_truncated_not_a_non_image() -> None:

@@ -1064,6 +1064,7 @@ def _banded(rows: int, cols: int, band_cols: int) -> np.ndarray:
     [
         {"PixelSpacing": [0.2, 0.1]},
         {"ImagerPixelSpacing": [0.3, 0.15], "PixelSpacing": None},
+        {"NominalScannedPixelSpacing": [0.2, 0.1], "PixelSpacing": None},  # a digitised film
         {"PixelAspectRatio": [2, 1], "PixelSpacing": None},
         {"PixelSpacing": [0.0, 0.1], "ImagerPixelSpacing": [0.2, 0.1]},  # damaged: the next one
     ],
@@ -1086,8 +1087,8 @@ def test_oblong_pixels_are_stored_square_in_the_patient(proportions) -> None:
 
 @pytest.mark.parametrize(
     "spacing",
-    [[0.139, 0.1390001], [1.0, 0.1], [-0.2, 0.1], "unparsable", [0.2]],
-    ids=["rounding", "absurd", "negative", "unparsable", "one-value"],
+    [[0.139, 0.1390001], [1.0, 0.1], [-0.2, 0.1], "unparsable", [0.2], "text"],
+    ids=["rounding", "absurd", "negative", "unparsable", "one-value", "text"],
 )
 def test_pixel_proportions_that_mean_nothing_leave_pixels_square(spacing) -> None:
     pixels = _banded(100, 200, 40)
@@ -1096,6 +1097,15 @@ def test_pixel_proportions_that_mean_nothing_leave_pixels_square(spacing) -> Non
         data = make_dicom(pixels, window=(2000, 4000), extra={"PixelSpacing": [0.2, 0.1]})
         assert data.count(b"0.2\\0.1 ") == 1
         data = data.replace(b"0.2\\0.1 ", b"x.2\\0.1 ")
+    elif spacing == "text":  # one value under a text VR: '12' was read as the pair (1, 2)
+        import pydicom
+        from pydicom.dataelem import DataElement
+
+        ds = pydicom.dcmread(io.BytesIO(make_dicom(pixels, window=(2000, 4000))))
+        ds["PixelSpacing"] = DataElement(0x00280030, "LO", "12")
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        data = buf.getvalue()
     else:
         data = make_dicom(pixels, window=(2000, 4000), extra={"PixelSpacing": spacing})
     out = decode(data)

@@ -194,6 +194,15 @@ def test_embed_json_written_row_by_row_is_the_response_model_s_json(client, worl
     assert json.loads(body) == json.loads(whole.model_dump_json())
     got = np.asarray(json.loads(body)["results"][0]["patch_tokens"], np.float32)
     np.testing.assert_array_equal(got, tokens)
+    # a non-finite value is null, as the model writes it: NaN and Infinity are not JSON, and
+    # strict parsers (JavaScript's, Go's) refuse the whole answer
+    tokens[1, :] = [np.nan, np.inf, -np.inf]
+
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    parsed_tokens = json.loads(embed_response_json(parsed.model, outs), parse_constant=strict)
+    assert parsed_tokens["results"][0]["patch_tokens"][1] == [None, None, None]
 
 
 def test_classify_returns_head_probabilities_per_label(client, world):

@@ -14,6 +14,7 @@ allocates Rows x Columns); anything not recognised here gets ``None`` and is lef
 
 from __future__ import annotations
 
+import re
 import struct
 
 __all__ = ["declared_size"]
@@ -24,13 +25,17 @@ _SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}
 _STANDALONE = {0x01, *range(0xD0, 0xD9)}  # TEM, RSTn, SOI: no length field
 _SOS, _EOI = 0xDA, 0xD9
 _DNL = b"\xff\xdc"
+# the marker that ends a scan's entropy-coded data: 0xFF then anything but a stuffed 0x00, a
+# restart marker (RST0-7) or another 0xFF (fill)
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
 
 
 def declared_size(stream: bytes) -> tuple[int, int] | None:
-    """(rows, columns) the stream's frame header declares (a JPEG's DNL segment included), or
-    None when it is not a JPEG or JPEG 2000 stream this reads."""
+    """(rows, columns) the stream's frame header declares (a JPEG's DNL segment included; rows
+    0 for a JPEG that leaves them to a DNL it does not have), or None when it is not a JPEG or
+    JPEG 2000 stream this reads."""
     if stream[:2] == b"\xff\xd8":
         return _jpeg_size(stream)
     if stream[:4] == _J2K_SOC_SIZ:
@@ -62,17 +67,21 @@ def _jpeg_size(stream: bytes) -> tuple[int, int] | None:
             rows, cols = struct.unpack_from(">HH", stream, at + 5)
             if rows == 0:  # the lines come in a DNL segment after the first scan (T.81 B.2.5)
                 rows = _dnl_lines(stream, at + 2 + length)
-            return (rows, cols) if rows and cols else None
+            return (rows, cols) if cols else None
         at += 2 + length
     return None
 
 
 def _dnl_lines(stream: bytes, at: int) -> int:
-    """The number of lines a DNL segment declares (0 when there is none to read): the segments
-    up to the first scan are walked by their lengths, then the scan's entropy-coded data is
-    searched, where a 0xFF byte is always followed by 0x00 or a marker, so 0xFFDC is the DNL.
-    A codec that reads DNL grows the image to that many lines: 65535 of 8192 columns was a
-    gigabyte from a header saying 64 rows."""
+    """The number of lines the DNL segment ending the first scan declares; 0 when that scan
+    ends otherwise (or the stream ends first).
+
+    The segments up to the scan are walked by their lengths; in the scan's entropy-coded data a
+    0xFF byte is followed by 0x00 (a stuffed byte), a restart marker or fill, and the first
+    other marker ends the scan: a DNL there, or none. A codec that reads DNL grows the image to
+    that many lines (65535 of 8192 columns was a gigabyte from a header saying 64 rows), and a
+    frame with 0 lines and no DNL made libjpeg spin without end. (T.81 also lets a DNL redefine
+    a non-zero count; the installed codecs ignore that, so only the 0 case is read here.)"""
     end = len(stream)
     while at + 4 <= end and stream[at] == 0xFF:
         marker = stream[at + 1]
@@ -82,10 +91,11 @@ def _dnl_lines(stream: bytes, at: int) -> int:
         (length,) = struct.unpack_from(">H", stream, at + 2)
         at += 2 + length
         if marker == _SOS:
-            found = stream.find(_DNL, at)
-            if found < 0 or found + 6 > end:
+            found = _SCAN_END.search(stream, at)
+            if found is None or found.group() != _DNL or found.end() + 4 > end:
                 return 0
-            return int(struct.unpack_from(">H", stream, found + 4)[0])
+            ld, lines = struct.unpack_from(">HH", stream, found.end())
+            return int(lines) if ld == 4 else 0
     return 0
 
 

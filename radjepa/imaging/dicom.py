@@ -306,6 +306,11 @@ def _check_stream_size(ds: Dataset, rows: int, cols: int) -> None:
     size = declared_size(frame)
     if size is None or size == (rows, cols):
         return
+    if size[0] == 0:
+        raise ImageRejected(
+            "decode_error",
+            "the compressed frame declares 0 lines and no DNL segment gives them",
+        )
     if size[0] * size[1] > MAX_PIXELS:
         raise ImageRejected(
             "too_large",
@@ -518,10 +523,16 @@ def _palette_max(ds: Dataset, rgb: np.ndarray) -> float:
 
 
 # Where a pixel's proportions are written, most specific first: Pixel Spacing (in the patient),
-# Imager Pixel Spacing (at the detector: CR and DX), Pixel Aspect Ratio (no physical size). The
-# first two are row spacing then column spacing, the third vertical then horizontal: each is a
+# Imager Pixel Spacing (at the detector: CR and DX), Nominal Scanned Pixel Spacing (a digitised
+# film), Pixel Aspect Ratio (no physical size, required only where none of the others is). The
+# first three are row spacing then column spacing, the last vertical then horizontal: each is a
 # pixel's height, then its width.
-_PIXEL_PROPORTIONS = ("PixelSpacing", "ImagerPixelSpacing", "PixelAspectRatio")
+_PIXEL_PROPORTIONS = (
+    "PixelSpacing",
+    "ImagerPixelSpacing",
+    "NominalScannedPixelSpacing",
+    "PixelAspectRatio",
+)
 # a ratio this close to 1 is rounding in the header (0.139\0.1390001); resampling for it would
 # only blur the image a little
 _SQUARE_WITHIN = 0.005
@@ -552,6 +563,8 @@ def pixel_aspect(ds: Dataset) -> float:
 def _positive_pair(value: Any) -> tuple[float, float] | None:
     """Two positive finite numbers from a two-valued element, else None (absent, one value, an
     unparsable or non-positive one)."""
+    if isinstance(value, (str, bytes)):  # one value under a text VR: '12' is not (1, 2)
+        return None
     try:
         numbers = [float(v) for v in value]
     except (TypeError, ValueError, OverflowError):  # absent, a single value, not numbers
