@@ -647,9 +647,24 @@ def remote_error_message(err: BaseException) -> str | None:
     return _traceback_reason(_ANSI.sub("", getattr(err, "error_msg", None) or str(err)))
 
 
+# lines of a list a first line introduces that the one-line form keeps (a ConfigError names one
+# invalid key per line)
+_LISTED = 5
+
+
 def first_line(message: str) -> str:
-    """The first line of an error's text, stripped (tracebacks and Ray's renderings are long)."""
-    return (message.strip().splitlines() or [""])[0].strip()
+    """An error's text in one line: its first line, stripped (tracebacks and Ray's renderings
+    are long). A first line that ends in ':' introduces what follows, as a ConfigError's
+    "invalid configuration:" does its keys: up to five following lines are joined to it with
+    '; ' (said alone, a failed sweep trial's reason was "invalid configuration:")."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    head, listed = lines[0], lines[1 : 1 + _LISTED]
+    if not head.endswith(":") or not listed or head.startswith("Traceback"):
+        return head
+    more = len(lines) - 1 - len(listed)
+    return f"{head} {'; '.join(listed)}" + (f" (and {more} more)" if more else "")
 
 
 def _traceback_reason(text: str) -> str | None:

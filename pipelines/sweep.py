@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from ray.tune import Callback
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 _TUNE_LOGGER = "ray.tune.tune"
 _TUNE_RESUME_ADVICE = "Experiment has been interrupted, but the most recent state was saved."
 
+# the parent run's artifact listing every trial: settings, metric, status, why it failed
+TRIALS_FILE = "trials.json"
 COLLAPSED = "collapsed"
 STOPPED = "stopped early"
 INCOMPLETE = "incomplete"
@@ -180,24 +182,99 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
     return {"images": ds.images, "labels": labels, "groups": groups}
 
 
-def _check_space(cfg: Config) -> None:
-    """Every swept key must exist and every candidate value must validate, before any trial."""
-    from radjepa.config import ConfigError
+# combinations of the swept values checked before a sweep starts (each one validates a config)
+_MAX_CHECKED = 256
+# where in a range the value checked besides its ends sits (a fraction: an integer setting
+# refuses it, as it refuses Tune's draws)
+_INSIDE = 0.382
 
-    if not cfg.tune.search_space:
+
+def _check_space(cfg: Config) -> None:
+    """Every swept key must exist and the settings the trials can get must validate, config
+    and masks, before any trial.
+
+    A key's candidates are its choices, or a range's ends and a value inside it; a continuous
+    range over an integer setting is refused (Tune draws fractions there, and every trial
+    failed). Candidates are checked together, every combination (a seeded sample of
+    ``_MAX_CHECKED`` where there are more), since keys bound each other: ``ema.start`` checked
+    alone against the base ``ema.end`` was refused by a bound the sweep itself moves, or passed
+    where the value swept beside it made every trial with the pair fail. A swept mask setting
+    is also drawn on the model's grid (``check_masks``), as pretrain does before it starts."""
+    space = cfg.tune.search_space
+    if not space:
         raise SweepError("tune.search_space is empty: nothing to sweep")
-    for key, dim in cfg.tune.search_space.items():
+    candidates: dict[str, list[Any]] = {}
+    for key, dim in space.items():
         if dim.values:
-            candidates = list(dim.values)
+            candidates[key] = list(dim.values)
         elif dim.type == "randint":  # Tune draws from [low, high): high itself never runs
-            candidates = [int(dim.low), int(dim.high) - 1]
+            candidates[key] = [int(dim.low or 0), int(dim.high or 0) - 1]
         else:
-            candidates = [dim.low, dim.high]
-        for value in candidates:
-            try:
-                cfg.with_overrides({key: value})
-            except ConfigError as err:
-                raise SweepError(f"tune.search_space.{key} = {value!r}: {err}") from None
+            low, high = float(dim.low or 0), float(dim.high or 0)
+            if _takes_integers(key):
+                raise SweepError(
+                    f"tune.search_space.{key}: '{dim.type}' draws fractions, and {key} takes "
+                    f"whole numbers: use 'randint' (low {low:g}, high {high:g} + 1) or 'choice'"
+                )
+            inside = (
+                low * (high / low) ** _INSIDE
+                if dim.type == "loguniform"
+                else low + (high - low) * _INSIDE
+            )
+            candidates[key] = [low, inside, high]
+    keys = list(candidates)
+    sizes = [len(candidates[k]) for k in keys]
+    total = math.prod(sizes)
+    if total <= _MAX_CHECKED:
+        picked = range(total)
+    else:  # the corners' every combination would be too many: a seeded sample of them
+        rng = np.random.default_rng(cfg.train.seed)
+        picked = sorted({int(i) for i in rng.integers(total, size=_MAX_CHECKED)})
+    masks_checked: set[str] = set()
+    for index in picked:
+        setting = {}
+        for key, size in zip(reversed(keys), reversed(sizes), strict=True):
+            index, j = divmod(index, size)
+            setting[key] = candidates[key][j]
+        check_setting(cfg, {k: setting[k] for k in keys}, masks_checked)
+
+
+def check_setting(cfg: Config, setting: dict[str, Any], masks_checked: set[str]) -> None:
+    """Refuse, in words, one setting of the swept keys that no trial could train with: the
+    config it makes does not validate, or its masks cannot be drawn on the model's grid
+    (``masks_checked``: the mask sections already drawn, so each is drawn once)."""
+    from radjepa.config import ConfigError
+    from radjepa.masks import MasksUnsatisfiable, check_masks
+
+    said = ", ".join(f"{k} = {v!r}" for k, v in setting.items())
+    try:
+        trial = cfg.with_overrides(setting)
+    except ConfigError as err:
+        raise SweepError(f"tune.search_space: {said}: {err}") from None
+    drawn = json.dumps(
+        [trial.masks.model_dump(mode="json"), trial.model.grid, trial.train.batch_size],
+        sort_keys=True,
+    )
+    if drawn in masks_checked:
+        return
+    masks_checked.add(drawn)
+    try:
+        check_masks(trial.masks, trial.model.grid, trial.train.batch_size, trial.train.seed)
+    except MasksUnsatisfiable as err:
+        raise SweepError(f"tune.search_space: {said}: {err}") from None
+
+
+def _takes_integers(key: str) -> bool:
+    """Whether the dotted config ``key`` holds an ``int`` (possibly optional)."""
+    model: Any = Config
+    annotation: Any = None
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        annotation = model = fields[part].annotation
+    kinds = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    return all(kind is int for kind in kinds)
 
 
 def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
@@ -206,6 +283,7 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.pretrain import build_trainer, clear_divergence, read_divergence, start_tracking
+    from radjepa.resume import find_resume_point
 
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
@@ -224,6 +302,10 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             provenance=setup.get("provenance"),
         )
         tracking = {"run_id": run_id, "uri": uri}
+    run_dir = locations.join_location(storage, cfg.train.run_name)
+    # a trial run again (--resume) reads the shards in another order from its resume step, as
+    # a re-run pretrain does: it replayed its first attempt's order
+    resume = find_resume_point(cfg, run_dir)
     trainer = build_trainer(
         cfg,
         setup["data"],
@@ -231,8 +313,8 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         tracking=tracking,
         callbacks=[TuneReportCallback()],
         extra_loop_config={"probe_set": setup.get("probe_set")},
+        start_step=resume.step if resume is not None else 0,
     )
-    run_dir = locations.join_location(storage, cfg.train.run_name)
     clear_divergence(run_dir)  # a resumed trial's earlier attempt
     trainer.fit()
     if tracking:  # its radjepa.status tag is set by the driver, which sees every trial
@@ -479,6 +561,10 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
     elif num_samples is not None:
         cfg = cfg.with_overrides({"tune.num_samples": num_samples})
     draws = None if resume else distinct_draws(cfg)
+    if draws is not None:  # each setting a trial will get, where the check above sampled
+        masks_checked: set[str] = set()
+        for setting in draws:
+            check_setting(cfg, setting, masks_checked)
     if draws is not None and len(draws) < cfg.tune.sample_count:
         log.warning(
             "tune.num_samples=%d but the search space holds %d settings: each runs once "
@@ -819,11 +905,29 @@ def _finish_parent_run(
 
     client = tracking_client(uri)
     _close_trial_runs(client, parent_run_id, rows)
+    # every trial's outcome, the reasons of failed ones included: a trial that failed before
+    # its own run was made (a setting its workers refused) left no trace in MLflow
+    table = [
+        {"trial": r.trial_id, "params": r.params, metric: r.metric, "status": r.status}
+        | ({"error": r.error} if r.error else {})
+        for r in rows
+    ]
+    client.log_text(parent_run_id, redact(json.dumps(table, indent=1, default=str)), TRIALS_FILE)
     if best is not None and best_yaml is not None:
         client.log_metric(parent_run_id, f"best_{metric}", best.metric)
         client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
         client.log_text(parent_run_id, redact(best_yaml), "best.yaml")
-    end_run(client, parent_run_id, "FINISHED")  # a reap's tag goes: the driver was alive
+        end_run(client, parent_run_id, "FINISHED")  # a reap's tag goes: the driver was alive
+        return
+    # the command fails (no best trial): its run was FINISHED, with nothing saying why
+    failed = sum(r.status == "error" for r in rows)
+    why = (
+        f"every trial failed ({failed}); the reasons are in {TRIALS_FILE}"
+        if failed == len(rows)
+        else f"no trial finished without collapsing or failing ({TRIALS_FILE})"
+    )
+    client.set_tag(parent_run_id, "radjepa.failure", why)
+    end_run(client, parent_run_id, "FAILED")
 
 
 def _end_sweep_runs(uri: str | None, parent_run_id: str | None, status: str) -> None:
@@ -878,6 +982,8 @@ def _close_trial_runs(client: Any, parent_run_id: str, rows: list[TrialRow]) -> 
         if row is None:
             continue
         client.set_tag(run.info.run_id, "radjepa.status", row.status)
-        if run.info.status == "RUNNING" or REAPED_TAG in run.data.tags:
+        # KILLED: an interruption ended it (_end_open_trial_runs), and the resumed sweep did
+        # not run it again (Tune had stopped it already): it ends as the table says
+        if run.info.status in ("RUNNING", "KILLED") or REAPED_TAG in run.data.tags:
             state = "FAILED" if row.status in ("error", DIVERGED_STATUS) else "FINISHED"
             end_run(client, run.info.run_id, state)

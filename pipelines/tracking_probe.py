@@ -52,6 +52,7 @@ def log_probe_run(
     import mlflow
     from mlflow.entities import Param
 
+    from pipelines.pretrain import storage_root
     from radjepa.eval.report import flat_metrics
 
     out = Path(out_dir).resolve()
@@ -64,7 +65,10 @@ def log_probe_run(
         )
     enc = report.get("encoder", {})
     try:
-        exp_id = ensure_experiment(uri, cfg.tracking.experiment, str(out))
+        # the output root as pretrain and sweep give it: the first command to create the
+        # experiment fixes its artifact root (a database store without a server), and the
+        # probe's --out made every later checkpoint and registered encoder land in that folder
+        exp_id = ensure_experiment(uri, cfg.tracking.experiment, storage_root(cfg))
         client = mlflow.MlflowClient(uri)
         run = client.create_run(
             exp_id,

@@ -428,6 +428,14 @@ class SearchDim(_Section):
                 raise ValueError(f"'{self.type}' needs a non-empty 'values' list")
         elif self.low is None or self.high is None or self.low >= self.high:
             raise ValueError(f"'{self.type}' needs low < high")
+        elif self.type == "randint" and not (
+            float(self.low).is_integer() and float(self.high).is_integer()
+        ):
+            # int() made low 0.5 a 0: a sweep said "ema.start = -1", a value nobody wrote
+            raise ValueError(
+                f"'randint' needs whole-number low and high (got {self.low:g}, {self.high:g}); "
+                "use 'uniform' for fractions"
+            )
         elif self.type == "loguniform" and self.low <= 0:
             # Tune raised this only when the sweep built its space, after the MLflow parent run
             # was made, and the CLI showed its traceback

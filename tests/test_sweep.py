@@ -180,8 +180,77 @@ def test_a_randint_range_is_checked_on_the_values_tune_draws(tmp_path):
     with pytest.raises(SweepError, match="no shards at"):  # past the search-space check
         run_sweep(cfg, str(tmp_path / "missing"))
     cfg = _cfg(tmp_path, "ri", space(18), **{"tune.search_alg": "random"})
-    with pytest.raises(SweepError, match="tune.search_space.masks.num_targets = 17"):
+    with pytest.raises(SweepError, match="tune.search_space: masks.num_targets = 17: "):
         run_sweep(cfg, str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+    ("space", "said"),
+    [
+        # Tune drew 13.0957 for a batch size: every trial failed inside its worker
+        (
+            {"train.batch_size": {"type": "uniform", "low": 8, "high": 16}},
+            "tune.search_space.train.batch_size: 'uniform' draws fractions, and "
+            "train.batch_size takes whole numbers: use 'randint' (low 8, high 16 + 1) or 'choice'",
+        ),
+        # each value passed alone against the base ema.end; the pair a trial drew did not
+        (
+            {
+                "ema.start": {"type": "choice", "values": [0.99, 0.999]},
+                "ema.end": {"type": "choice", "values": [0.998, 1.0]},
+            },
+            "tune.search_space: ema.start = 0.999, ema.end = 0.998: invalid configuration: "
+            "ema: Value error, ema.start must be <= ema.end",
+        ),
+        # a valid config whose masks cannot be drawn on the model's grid: found in the workers
+        (
+            {"masks.min_keep": {"type": "choice", "values": [4, 30]}},
+            "tune.search_space: masks.min_keep = 30: could not keep masks.min_keep=30",
+        ),
+    ],
+    ids=["fractions-for-an-integer", "keys-bound-each-other", "masks-on-the-grid"],
+)
+def test_a_space_whose_trials_would_fail_is_refused_before_any(tmp_path, space, said):
+    from pipelines.sweep import SweepError, run_sweep
+
+    cfg = _cfg(tmp_path, "bad", space, **{"tune.search_alg": "random"})
+    with pytest.raises(SweepError) as err:
+        run_sweep(cfg, str(tmp_path / "missing"))
+    assert str(err.value).replace("\n  ", " ").startswith(said), str(err.value)
+
+
+def test_a_space_valid_only_with_its_other_swept_values_is_taken(tmp_path):
+    # ema.end = 0.995 was refused against the base ema.start (0.996), though the sweep moves
+    # ema.start to 0.99; and a randint with fractional bounds ran values nobody wrote
+    from pipelines.sweep import SweepError, run_sweep
+    from radjepa.config import ConfigError
+
+    space = {
+        "ema.start": {"type": "choice", "values": [0.99]},
+        "ema.end": {"type": "choice", "values": [0.995, 1.0]},
+    }
+    with pytest.raises(SweepError, match="no shards at"):  # past the search-space check
+        run_sweep(_cfg(tmp_path, "ok", space, **{"tune.search_alg": "random"}), str(tmp_path))
+    fractional = {"masks.num_targets": {"type": "randint", "low": 0.5, "high": 3.5}}
+    with pytest.raises(ConfigError, match="'randint' needs whole-number low and high"):
+        _cfg(tmp_path, "ri", fractional)
+
+
+def test_a_failed_trial_s_reason_keeps_the_keys_its_error_lists():
+    # a trial ended by a ConfigError was said as "invalid configuration:", the key and the
+    # reason on the lines after it
+    from pipelines.runtime import first_line
+
+    text = "invalid configuration:\n  ema: Value error, ema.start must be <= ema.end\n"
+    assert first_line(text) == (
+        "invalid configuration: ema: Value error, ema.start must be <= ema.end"
+    )
+    many = "bad:\n" + "\n".join(f"  k{i}: no" for i in range(8))
+    assert first_line(many) == "bad: k0: no; k1: no; k2: no; k3: no; k4: no (and 3 more)"
+    assert first_line("Traceback (most recent call last):\n  File x") == (
+        "Traceback (most recent call last):"
+    )
+    assert first_line("one line\nsecond") == "one line"
 
 
 def test_num_samples_a_grid_cannot_use_is_refused_and_the_trial_count_is_tune_s(tmp_path):

@@ -198,8 +198,8 @@ def test_a_reaped_run_its_driver_ends_after_all_is_no_longer_tagged_reaped(tmp_p
     # each driver, alive all along, ends its run as usual
     finish_tracking(cfg("done"), uri, done, str(make_checkpoint(tmp_path / "ckpt")), {})
     mark_run(uri, failed, "FAILED")
-    stopped = TrialRow("t1", {}, None, "stopped", 3, None)  # the scheduler stopped it
-    _finish_parent_run(uri, sweep, [stopped], None, None, "rankme")
+    stopped = TrialRow("t1", {}, 2.0, "stopped", 3, None)  # the scheduler stopped it
+    _finish_parent_run(uri, sweep, [stopped], stopped, "x: 1\n", "rankme")
     mark_run(uri, untouched, "KILLED")
 
     ended = {done: "FINISHED", failed: "FAILED", sweep: "FINISHED", trial: "FINISHED"}
@@ -213,3 +213,64 @@ def test_a_reaped_run_its_driver_ends_after_all_is_no_longer_tagged_reaped(tmp_p
     # a run reap never marked gains no record
     tags = client.get_run(untouched).data.tags
     assert "radjepa.reaped" not in tags and "radjepa.reaped_before" not in tags
+
+
+def test_a_resumed_sweep_ends_the_trials_tune_had_stopped_and_fails_without_a_best(tmp_path):
+    # an interruption marked every RUNNING trial run KILLED, those Tune had already stopped
+    # (ASHA, the collapse stopper) too; --resume does not run them again, and they stayed
+    # KILLED for good. And a sweep whose every trial failed ended its run FINISHED, with no
+    # trace of why: trials failing before their own run was made left nothing in MLflow
+    import json
+
+    from pipelines.pretrain import start_tracking
+    from pipelines.sweep import STOPPED, TrialRow, _end_sweep_runs, _finish_parent_run, _parent_run
+    from pipelines.tracking import client as tracking_client
+    from pipelines.tracking_runs import end_run, reopen
+    from radjepa.config import load_config
+
+    def cfg(run: str):
+        sets = [f"train.output_dir={tmp_path}", f"train.run_name={run}", "tune.name=s1"]
+        return load_config(REPO / "configs" / "tiny_cpu.yaml", sets)
+
+    sweep, uri = _parent_run(cfg("x"), str(tmp_path), str(tmp_path / "s1"), False, {})
+    trials = {}
+    for t in ("t0", "t1", "t2"):
+        trials[t], _ = start_tracking(
+            cfg(f"trial-{t}"),
+            str(tmp_path),
+            str(tmp_path / "trials" / f"trial-{t}"),
+            parent_run_id=sweep,
+            tags={"radjepa.job": "sweep-trial", "radjepa.trial_id": t},
+        )
+    client = tracking_client(uri)
+    end_run(client, trials["t0"], "FINISHED")  # ran to its end; t1 stopped by ASHA; t2 running
+    _end_sweep_runs(uri, sweep, "KILLED")  # Ctrl-C
+    assert client.get_run(trials["t1"]).info.status == "KILLED"
+    reopen(client, sweep)  # --resume: t2 runs again and ends its own run
+    reopen(client, trials["t2"])
+    end_run(client, trials["t2"], "FINISHED")
+    rows = [
+        TrialRow("t0", {"ema.start": 0.99}, 3.0, "ok", 8, None),
+        TrialRow("t1", {"ema.start": 0.996}, 2.0, STOPPED, 4, None),
+        TrialRow("t2", {"ema.start": 0.999}, 3.5, "ok", 8, None),
+    ]
+    _finish_parent_run(uri, sweep, rows, rows[2], "x: 1\n", "rankme")
+    for t, run_id in trials.items():
+        assert client.get_run(run_id).info.status == "FINISHED", t
+    assert client.get_run(trials["t1"]).data.tags["radjepa.status"] == STOPPED
+    assert client.get_run(sweep).info.status == "FINISHED"
+
+    failed, _ = _parent_run(cfg("y"), str(tmp_path), str(tmp_path / "s2"), False, {})
+    why = "ConfigError: invalid configuration: ema: Value error, ema.start must be <= ema.end"
+    rows = [TrialRow(f"f{i}", {"ema.start": 0.999}, None, "error", None, None, why) for i in (0, 1)]
+    _finish_parent_run(uri, failed, rows, None, None, "rankme")
+    run = client.get_run(failed)
+    assert run.info.status == "FAILED"
+    assert (
+        run.data.tags["radjepa.failure"] == "every trial failed (2); the reasons are in trials.json"
+    )
+    listed = json.loads(
+        client.download_artifacts(failed, "trials.json", str(tmp_path))
+        and (tmp_path / "trials.json").read_text()
+    )
+    assert [t["error"] for t in listed] == [why, why] and listed[0]["status"] == "error"
