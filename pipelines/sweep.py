@@ -184,6 +184,9 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
 
 # combinations of the swept values checked before a sweep starts (each one validates a config)
 _MAX_CHECKED = 256
+# distinct mask sections drawn on the grid before a sweep: each costs 1-2.5 s at ViT-B/16's
+# 14x14 grid and batch 256 (estimating its context length), so at most ~40 s in all
+_MAX_MASK_DRAWS = 16
 # where in a range the value checked besides its ends sits (a fraction: an integer setting
 # refuses it, as it refuses Tune's draws)
 _INSIDE = 0.382
@@ -242,7 +245,8 @@ def _check_space(cfg: Config) -> None:
 def check_setting(cfg: Config, setting: dict[str, Any], masks_checked: set[str]) -> None:
     """Refuse, in words, one setting of the swept keys that no trial could train with: the
     config it makes does not validate, or its masks cannot be drawn on the model's grid
-    (``masks_checked``: the mask sections already drawn, so each is drawn once)."""
+    (``masks_checked``: the mask sections already drawn, so each is drawn once, and no more
+    than ``_MAX_MASK_DRAWS`` of them)."""
     from radjepa.config import ConfigError
     from radjepa.masks import MasksUnsatisfiable, check_masks
 
@@ -255,7 +259,7 @@ def check_setting(cfg: Config, setting: dict[str, Any], masks_checked: set[str])
         [trial.masks.model_dump(mode="json"), trial.model.grid, trial.train.batch_size],
         sort_keys=True,
     )
-    if drawn in masks_checked:
+    if drawn in masks_checked or len(masks_checked) >= _MAX_MASK_DRAWS:
         return
     masks_checked.add(drawn)
     try:
