@@ -590,11 +590,15 @@ def submit(
     ] = None,
 ) -> None:
     """Run a radjepa command as a Ray Job on a cluster; stream its logs and exit with its status."""
-    from pipelines.jobs import JobsError, build_submission
+    from pipelines.jobs import JobsError, build_submission, command_name
     from pipelines.jobs import submit as submit_job
 
-    if command and command[0] not in typer.main.get_command(app).commands:
-        raise UserError(f"unknown radjepa command {command[0]!r}; see `radjepa --help`")
+    try:
+        name = command_name(command)
+    except JobsError as err:
+        raise UserError(str(err)) from None
+    if name is not None and name not in typer.main.get_command(app).commands:
+        raise UserError(f"unknown radjepa command {name!r}; see `radjepa --help`")
     try:
         sub = build_submission(
             command,
@@ -1063,7 +1067,7 @@ def demo(
         Path,
         typer.Option("--out", "-o", help="Output folder (replaced if it holds an earlier demo)."),
     ] = Path("demo-output"),
-    steps: Annotated[int, typer.Option(help="Pretraining steps.")] = 60,
+    steps: Annotated[int, typer.Option(min=1, help="Pretraining steps.")] = 60,
     no_serve: Annotated[bool, typer.Option("--no-serve", help="Skip the HTTP API stage.")] = False,
 ) -> None:
     """Run everything on the bundled sample: ingest, pretrain, sweep, probe, index, serve."""

@@ -128,8 +128,14 @@ def run_demo(
     on_stage: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every stage and return (and write ``summary.json``) what each produced."""
+    from radjepa.config import ConfigError
+
     stage = on_stage or (lambda name: log.info("== %s", name))
     root = Path(out).expanduser().resolve()
+    try:  # before the folder is emptied: --steps 0 deleted the last demo, then crashed
+        demo_config(root, steps)
+    except ConfigError as err:
+        raise DemoError(f"cannot run the demo with steps={steps}: {err}") from None
     _prepare_out(root)
     api_key = secrets.token_urlsafe(24)
     env = {"RADJEPA_API_KEYS": api_key}

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipelines.provenance import submitter_env
+from radjepa.locations import redact
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -62,6 +63,11 @@ _SWITCH_VALUES = frozenset({"", "0", "1", "true", "false", "yes", "no", "on", "o
 # scheme://user:password@host: the password is in the value whatever the variable is called;
 # the user info ends before the first / ? or # (an @ in a query string is not a password)
 _URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:\s]*:[^/?#@\s]+@")
+# a key in a connection string: Azure Storage's (AZURE_STORAGE_CONNECTION_STRING, which MLflow's
+# Azure artifact store reads), Service Bus's, an ODBC DSN's password
+_CONNECTION_SECRET = re.compile(
+    r"(?i)(?:^|[;\"'\s])(?:AccountKey|SharedAccessKey|SharedAccessSignature|Password|Pwd)\s*="
+)
 WHERE_SECRETS_GO = (
     "put secrets in the cluster's own environment, which its jobs inherit (KubeRay: a "
     "Kubernetes Secret in the pod env of cluster/raycluster.yaml; VMs: the env file of "
@@ -142,13 +148,16 @@ class JobOutcome:
 
     @property
     def exit_code(self) -> int:
-        """0 on SUCCEEDED; the driver's own exit code on FAILED (2 = user error, as locally);
-        3 on STOPPED."""
+        """0 on SUCCEEDED; the driver's own exit code on FAILED (2 = user error, as locally;
+        128 + N for a driver signal N killed); 3 on STOPPED."""
         if self.status == "SUCCEEDED":
             return 0
         if self.status == "STOPPED":
             return EXIT_STOPPED
-        return self.driver_exit_code or 1
+        code = self.driver_exit_code
+        if code is not None and code < 0:  # Ray's -N for a driver a signal killed (the OOM
+            return 128 - code  # killer's SIGKILL: -9), as a shell says it: 137
+        return code or 1
 
 
 @dataclass(frozen=True)
@@ -207,11 +216,32 @@ def build_entrypoint(args: Sequence[str], python: str = "python") -> str:
     ``python -m pipelines.cli`` (not the ``radjepa`` script) so the uploaded working dir, which
     Ray puts first on the job's path, wins over any copy installed in the image.
     """
-    if not args:
+    name = command_name(args)
+    if name is None:
         raise JobsError("nothing to run: give a radjepa command, e.g. `radjepa submit ingest ...`")
-    if args[0] in {"submit", "jobs"}:
-        raise JobsError(f"`radjepa {args[0]}` cannot itself be submitted as a job")
+    if name in {"submit", "jobs"}:
+        raise JobsError(f"`radjepa {name}` cannot itself be submitted as a job")
     return shlex.join([python, "-m", "pipelines.cli", *args])
+
+
+# the options radjepa itself takes before a command (its root callback), each with a value
+ROOT_OPTIONS = ("--log-level",)
+
+
+def command_name(args: Sequence[str]) -> str | None:
+    """The radjepa command in a submitted command line, past the root options before it
+    (``--log-level DEBUG serve ...``: the README's advice for a replica's traceback, refused
+    as "unknown radjepa command '--log-level'"); None when there is none."""
+    at = 0
+    while at < len(args) and args[at].startswith("-"):
+        option, has_value, _ = args[at].partition("=")
+        if option not in ROOT_OPTIONS:
+            raise JobsError(
+                f"unknown radjepa option {option!r} before the command; radjepa itself takes "
+                f"{', '.join(ROOT_OPTIONS)}"
+            )
+        at += 1 if has_value else 2
+    return args[at] if at < len(args) else None
 
 
 def load_runtime_env_file(path: Path) -> dict[str, Any]:
@@ -235,10 +265,22 @@ def load_runtime_env_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise JobsError(f"runtime env file {path} must hold a mapping, got {type(data).__name__}")
-    env_vars = data.get("env_vars", {})
-    if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
+    env_vars = data.get("env_vars")
+    if env_vars is not None and (
+        not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values())
+    ):
         raise JobsError(f"{path}: env_vars must map names to strings (quote numbers)")
-    return data
+    excludes = data.get("excludes")
+    if excludes is not None and (
+        not isinstance(excludes, list) or not all(isinstance(e, str) for e in excludes)
+    ):
+        # a string was split into its characters, and its "*" left nothing to upload: the job
+        # ran the code installed in the image, in silence
+        raise JobsError(
+            f'{path}: excludes must be a list of patterns, e.g. excludes: ["*.npy"], got '
+            f"{type(excludes).__name__}"
+        )
+    return {k: v for k, v in data.items() if v is not None or k not in ("env_vars", "excludes")}
 
 
 def parse_env_assignments(items: Iterable[str]) -> dict[str, str]:
@@ -324,17 +366,29 @@ def secret_problem(
     names = sorted(n for n, v in env_vars.items() if n in deid or _named_like_secret(n, v))
     if names:
         return f"{', '.join(names)} would be stored with the job"
-    urls = sorted(n for n, v in env_vars.items() if _URL_PASSWORD.search(v))
+    urls = sorted(n for n, v in env_vars.items() if _holds_credential(v))
     if urls:
-        return f"{', '.join(urls)} holds a URL with a password, which would be stored with the job"
-    if any(_URL_PASSWORD.search(a) for a in args):
-        return "the command holds a URL with a password, which would be stored with the job"
-    if _URL_PASSWORD.search(json.dumps(other or {})):
+        return f"{', '.join(urls)} holds a credential (in a URL or a connection string), which would be stored with the job"
+    if any(_holds_credential(a) for a in args):
         return (
-            "the runtime env (pip, conda, py_modules ...) holds a URL with a password, which "
-            "would be stored with the job"
+            "the command holds a credential (in a URL or a connection string), which would "
+            "be stored with the job"
+        )
+    if _holds_credential(json.dumps(other or {})):
+        return (
+            "the runtime env (pip, conda, py_modules ...) holds a credential (in a URL or a "
+            "connection string), which would be stored with the job"
         )
     return None
+
+
+def _holds_credential(text: str) -> bool:
+    """A password in a URL (``s3://key:secret@bucket``), a credential in its query
+    (``?secret_key=``, ``&token=``: what :func:`radjepa.locations.redact` hides everywhere
+    else), or a key in a connection string (Azure's ``AccountKey=``, ODBC's ``Pwd=``)."""
+    return bool(
+        _URL_PASSWORD.search(text) or redact(text) != text or _CONNECTION_SECRET.search(text)
+    )
 
 
 def build_submission(

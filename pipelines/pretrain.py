@@ -36,6 +36,9 @@ from radjepa.resume import ResumeError, ResumePoint
 from radjepa.training_data import TrainingDataError
 
 log = logging.getLogger(__name__)
+# what Ray's job supervisor sets in its driver's environment: the job's config (runtime env and
+# metadata) as JSON
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 FAILURE_MARKER = ".radjepa-injected-failure"
 # the key of the last report of a run whose loss or weights became non-finite: why, in words
@@ -201,9 +204,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 drop_last=True,
                 local_shuffle_buffer_size=min(4 * bs, 1024),
                 local_shuffle_seed=cfg.train.seed + trainer.step,
-                # pinned host batches copy to the GPU asynchronously; one more batch in flight
+                # pinned host batches copy to the GPU asynchronously; batches made ahead
                 pin_memory=device.type == "cuda",
-                prefetch_batches=2,
+                prefetch_batches=cfg.train.data_loader_threads,
             ):
                 seen += 1
                 x = to_model_input(batch["image"].to(device, non_blocking=True))
@@ -672,6 +675,21 @@ def prepare_outputs(cfg: Config) -> str:
     return storage
 
 
+def inside_ray_job() -> bool:
+    """Whether this process is a Ray Job's driver (``radjepa submit``, ``ray job submit``, a
+    KubeRay RayJob): Ray's job supervisor hands its driver the job's config, whose metadata
+    holds the submission id. (Ray 2.60 sets no RAY_JOB_SUBMISSION_ID, which this looked for,
+    so the check below never ran in a real job.)"""
+    raw = os.environ.get(RAY_JOB_CONFIG_ENV)
+    if not raw:
+        return False
+    try:
+        metadata = json.loads(raw).get("metadata") or {}
+        return bool(metadata.get("job_submission_id"))
+    except (ValueError, AttributeError):
+        return False
+
+
 def check_job_outputs(cfg: Config) -> None:
     """Inside a Ray Job (``radjepa submit``) a relative ``train.output_dir``, or a relative
     sqlite tracking store (``sqlite:///mlflow.db``), resolves in the job's uploaded working
@@ -679,7 +697,7 @@ def check_job_outputs(cfg: Config) -> None:
     cannot reach and a re-run after any code change does not find."""
     from pipelines.tracking import relative_sqlite_path
 
-    if not os.environ.get("RAY_JOB_SUBMISSION_ID"):
+    if not inside_ray_job():
         return
     output_dir = cfg.train.output_dir
     if "://" not in output_dir and not Path(output_dir).expanduser().is_absolute():

@@ -405,7 +405,12 @@ class TrainConfig(_Section):
         description="test switch: how rank 0 fails at train.fail_at_step: raises (a worker "
         "error) or kills its process (a worker lost: OOM killer, node gone)",
     )
-    data_loader_threads: int = Field(2, ge=0)
+    data_loader_threads: int = Field(
+        2,
+        ge=0,
+        description="batches the training stream prepares ahead of the step, in its background "
+        "thread (Ray Data's prefetch_batches; 0: each batch is made when the step asks for it)",
+    )
     allow_config_change: bool = Field(
         False,
         description="resume a run although masks/ema/optim/crop settings, train.seed or "

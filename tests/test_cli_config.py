@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +154,23 @@ def test_demo_and_probe_refuse_an_output_path_that_is_a_file(tmp_path):
             .startswith(f"error: cannot write the report to {out}: ")
         ), res.stderr
     assert blocker.read_text() == "not a folder\n"
+
+
+def test_a_demo_that_cannot_run_leaves_the_last_one_in_place(tmp_path):
+    # --steps 0 emptied the earlier demo's folder, then crashed on the config: a ConfigError
+    # traceback and the last results gone
+    from pipelines.demo import MARKER, DemoError, run_demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / MARKER).write_text("made by radjepa demo; safe to delete\n")
+    (out / "summary.json").write_text("{}\n")
+    res = _radjepa("demo", "--out", str(out), "--steps", "0", "--no-serve")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "--steps" in res.stderr
+    with pytest.raises(DemoError, match="cannot run the demo with steps=0: invalid configuration"):
+        run_demo(out, steps=0, serve_api=False)
+    assert (out / "summary.json").read_text() == "{}\n"
 
 
 def test_a_config_folder_is_named_as_a_folder():

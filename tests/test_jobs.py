@@ -270,6 +270,20 @@ def test_failing_job_exits_nonzero_and_prints_its_error(ray_head: dict[str, str]
 
 
 @pytest.mark.slow
+def test_a_job_refuses_outputs_in_its_temporary_working_dir(
+    ray_head: dict[str, str], nih_shards: Path
+) -> None:
+    """A relative train.output_dir in a job is the job's uploaded copy, named by the code's
+    hash: the refusal looked for RAY_JOB_SUBMISSION_ID, which Ray 2.60 never sets, so a real
+    job trained and left its checkpoints and runs there."""
+    args = ["submit", "pretrain", "-c", "configs/tiny_cpu.yaml", "--data", str(nih_shards)]
+    res = _radjepa([*args, "--set", "train.output_dir=runs"], ray_head)
+
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert "train.output_dir is the relative path 'runs' inside a Ray Job" in res.stderr
+
+
+@pytest.mark.slow
 def test_a_job_knows_the_commit_it_was_submitted_from(ray_head: dict[str, str]) -> None:
     """The upload leaves .git behind, so a job's MLflow runs recorded no commit at all: the
     submitter now passes the one it read, and the job reports it as such."""
@@ -507,11 +521,25 @@ def test_a_secret_never_goes_into_the_jobs_record(tmp_path: Path) -> None:
         ({"runtime_env_file": pip_renv}, "the runtime env (pip, conda, py_modules ...) holds"),
         (
             {"environ": {"MLFLOW_TRACKING_URI": "http://bob:mlflow-value@mlflow:5000"}},
-            "MLFLOW_TRACKING_URI holds a URL with a password",
+            "MLFLOW_TRACKING_URI holds a credential",
         ),
         (
             {"args": ["models", "list", "--set", "tracking.uri=postgresql://u:pg-value@db/m"]},
-            "the command holds a URL with a password",
+            "the command holds a credential",
+        ),
+        # credentials in a URL's query and in a connection string passed as well
+        (
+            {"args": ["pretrain", "--data", "s3://b/s?access_key=AKIA&secret_key=s3-value"]},
+            "the command holds a credential",
+        ),
+        (
+            {"environ": {"MLFLOW_TRACKING_URI": "https://mlflow/?token=tok-value"}},
+            "MLFLOW_TRACKING_URI holds a credential",
+        ),
+        (
+            {"env": {"AZURE_STORAGE_CONNECTION_STRING":
+                     "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=az-value"}},
+            "AZURE_STORAGE_CONNECTION_STRING holds a credential",
         ),
     ]  # fmt: skip
     for kwargs, says in cases:
@@ -569,6 +597,14 @@ def test_runtime_env_file_merges_and_bad_input_is_named(tmp_path: Path) -> None:
     f.write_text("env_vars:\n  A: 1\n")
     with pytest.raises(jobs.JobsError, match="quote numbers"):
         jobs.build_submission(["version"], working_dir=tmp_path, runtime_env_file=f, environ={})
+    # a string was split into characters, and its "*" excluded every file from the upload
+    f.write_text("excludes: '*.npy'\n")
+    with pytest.raises(jobs.JobsError, match=r"excludes must be a list of patterns.*got str"):
+        jobs.build_submission(["version"], working_dir=tmp_path, runtime_env_file=f, environ={})
+    # empty sections (a key with nothing under it) are no sections, not a wrong type
+    f.write_text("env_vars:\nexcludes:\n")
+    sub = jobs.build_submission(["version"], working_dir=tmp_path, runtime_env_file=f, environ={})
+    assert ".venv" in sub.runtime_env["excludes"]
     with pytest.raises(jobs.JobsError, match="cannot itself be submitted"):
         jobs.build_entrypoint(["submit", "version"])
     with pytest.raises(jobs.JobsError, match="KEY=VALUE"):
@@ -636,6 +672,26 @@ def test_the_upload_leaves_secret_files_behind(tmp_path: Path) -> None:
     assert "pipelines/cli.py" in names
     assert not names & set(secret_files), names & set(secret_files)
     assert not any(n.startswith(("radjepa-env", "radjepa-api-keys")) for n in names)
+
+
+def test_root_options_may_come_before_a_submitted_command_and_signals_exit_as_a_shell_says():
+    # `submit -- --log-level DEBUG serve ...` (the README's advice for a replica's traceback)
+    # was "unknown radjepa command '--log-level'"; a driver the OOM killer ended made submit
+    # exit 247 (Ray reports -9)
+    sub = jobs.build_submission(["--log-level", "DEBUG", "version"], working_dir=REPO, environ={})
+    assert sub.entrypoint.endswith("-m pipelines.cli --log-level DEBUG version")
+    assert jobs.command_name(["--log-level=debug", "serve", "x"]) == "serve"
+    with pytest.raises(jobs.JobsError, match="cannot itself be submitted"):
+        jobs.build_submission(["--log-level", "INFO", "jobs", "list"], working_dir=REPO, environ={})
+    with pytest.raises(jobs.JobsError, match="unknown radjepa option '--bogus'"):
+        jobs.command_name(["--bogus", "version"])
+    res = _radjepa(
+        ["submit", "--", "--bogus", "version"], {"RAY_JOB_ADDRESS": "http://127.0.0.1:1"}
+    )
+    assert res.returncode == 2 and "unknown radjepa option '--bogus'" in res.stderr, res.stderr
+    killed = jobs.JobOutcome("raysubmit_1", "FAILED", driver_exit_code=-9)
+    assert killed.exit_code == 137
+    assert jobs.JobOutcome("raysubmit_2", "FAILED", driver_exit_code=2).exit_code == 2
 
 
 def test_server_tracebacks_are_cut_to_their_last_line() -> None:

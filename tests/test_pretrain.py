@@ -326,7 +326,11 @@ def test_relative_outputs_inside_a_ray_job_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     relative = load_config(CONFIGS / "tiny_cpu.yaml", ["train.output_dir=runs"])
     assert prepare_outputs(relative) == str(tmp_path / "runs")  # on a laptop: fine
-    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_test")
+    monkeypatch.setenv("RAY_JOB_SUBMISSION_ID", "raysubmit_test")  # Ray 2.60 never sets it
+    assert prepare_outputs(relative) == str(tmp_path / "runs")
+    # what Ray's job supervisor gives its driver (tests/test_jobs.py submits a real job)
+    job = {"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_x", "job_name": "x"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
     with pytest.raises(PretrainError, match="relative path 'runs' inside a Ray Job"):
         prepare_outputs(relative)
     absolute = load_config(CONFIGS / "tiny_cpu.yaml", [f"train.output_dir={tmp_path / 'shared'}"])
@@ -1155,7 +1159,10 @@ def test_a_checkpoint_reports_its_own_step_s_loss(shards, tmp_path):
     from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT
 
     sets = {"train.num_workers": 1, "train.steps": 4, "train.checkpoint_every": 2}
-    res = run_pretrain(_cfg(tmp_path, **sets, **{"train.log_every": 3}), str(shards))
+    # and a stream that makes each batch when the step asks (train.data_loader_threads was
+    # read nowhere: the stream always prefetched 2)
+    more = {"train.log_every": 3, "train.data_loader_threads": 0}
+    res = run_pretrain(_cfg(tmp_path, **sets, **more), str(shards))
     losses = dict(_history(res.tracking_uri, res.mlflow_run_id, "loss"))
     assert sorted(losses) == [2, 3, 4]  # the log steps and the checkpoint steps
     record = json.loads((tmp_path / "t" / RAY_CHECKPOINT_SNAPSHOT).read_text())
