@@ -22,8 +22,10 @@ from before its first write to its end, and removes what killed runs left mid-wr
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -78,6 +80,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_DECODER_RETRIES = 2
+
+
+class DecoderDied(IngestError):
+    """A decoder process died on the same batch at every retry: the run stops, recorded."""
+
 
 _DECODE_BATCH = 16  # files per decoder call
 
@@ -143,6 +152,23 @@ class _Decoder(FileDecoder):
         return super().__call__(batch)
 
 
+def _written_here(dst: str, dst_root: str, path: str) -> bool:
+    """Whether a listed input is one of DST's own outputs (``is_output``). On a local disk the
+    paths are compared as the links resolve: a source named through a symlink listed DST's
+    shards, manifest and quarantine under the link's name, and every run read them back as
+    inputs (quarantined ``not_an_image``, duplicates)."""
+    if "://" in dst or "://" in path:
+        return is_output(dst_root, path)
+    return is_output(
+        _resolved(dst_root), os.path.join(_resolved(os.path.dirname(path)), os.path.basename(path))
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolved(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
 def run_ingest(
     sources: list[str], dst: str, cfg: Config, *, progress: bool = True
 ) -> IngestSummary:
@@ -179,12 +205,13 @@ def run_ingest(
         dst_root = filesystem(dst)[1]
     except (OSError, pa.ArrowException) as err:
         raise IngestError(f"cannot use destination {dst}: {err}") from None
-    refs = [r for r in list_inputs(sources) if not is_output(dst_root, r["path"])]
+    refs = [r for r in list_inputs(sources) if not _written_here(dst, dst_root, r["path"])]
     # one run per DST: two at once stored the same new files twice and the later manifest
     # dropped the other's run (dst_lock); taken before the first write, released however it ends
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    with DstLock(dst, run_id):
+    with DstLock(dst, run_id) as lock:
         dest = Destination(dst)
+        dest.before_write = lock.check_held
         dest.remove_leftovers()  # of runs killed mid-write: ours now that we hold the lock
         dest.warn_foreign_files()  # which training would refuse: said before the run, not after
         previous = dest.read_manifest()
@@ -241,7 +268,8 @@ def run_ingest(
                 log.warning("no files found under the given sources; writing an empty run")
             summary.seconds = round(time.perf_counter() - started, 3)
             _record_run(dest, previous, summary, settings, key, sources, expected, ing, started_at)
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM routed as one: record what it kept
+        except (KeyboardInterrupt, DecoderDied):  # Ctrl-C, SIGTERM routed as one, or a
+            # decoder that kept dying: record what it kept
             summary.status = RUN_INTERRUPTED
             summary.seconds = round(time.perf_counter() - started, 3)
             try:
@@ -340,6 +368,12 @@ def _build_dataset(
         batch_format="pyarrow",
         compute=pool,
         num_cpus=1,
+        # Ray Data retries a batch whose decoder process died without end (and restarts the
+        # actor without end): a file that crashes its codec, or an image too large for the
+        # node's memory, kept the run retrying it for ever with DST locked. A batch whose
+        # process dies this many more times stops the run (DecoderDied)
+        max_restarts=-1,
+        max_task_retries=_DECODER_RETRIES,
         fn_constructor_kwargs={
             "settings": dict(settings),
             "secret": secret,
@@ -499,6 +533,7 @@ def _consume(
     fill shards, collect quarantine rows; count the stored inputs that ``unread`` names
     (quarantined unread by an earlier run). On Ctrl-C (or SIGTERM routed as one) what was
     decoded so far is written before the interrupt goes on."""
+    from ray.exceptions import RayActorError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     summary = out.summary
@@ -532,6 +567,16 @@ def _consume(
     except KeyboardInterrupt:  # again if it came while finishing: each write is idempotent
         out.finish(interrupted=True)
         raise
+    except RayActorError:  # a decoder process died on one batch, and on each retry of it
+        out.finish(interrupted=True)
+        raise DecoderDied(
+            f"a decoder process died on one batch of up to {_DECODE_BATCH} files "
+            f"{_DECODER_RETRIES + 1} times (a codec crashing on a file, or a decode killed for "
+            "memory: the node's `ray logs` say which); the run stopped, and what it stored is "
+            "kept and recorded. A re-run meets the same batch again: for memory, give the "
+            "decoders more (or lower ingest.max_file_mb); for a crash, split the source to "
+            "find the file"
+        ) from None
     if conflicts:
         log.warning(
             "%d files hold a DICOM instance already stored with other pixels: quarantined as %s",

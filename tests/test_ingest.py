@@ -824,6 +824,40 @@ def test_source_inside_destination_is_ingested_but_not_the_outputs(ray_session, 
     assert (again.input, again.ok, again.quarantined, again.already_ingested) == (3, 0, 1, 2)
     third = run_ingest([str(dst)], str(dst), _cfg(), progress=False)
     assert (third.input, third.already_ingested) == (3, 3)
+    # the source named through a link: DST's shards, manifest and quarantine were listed under
+    # the link's name and read back as inputs (a duplicate, a not_an_image each run)
+    (tmp_path / "link").symlink_to(dst)
+    linked = run_ingest([str(tmp_path / "link")], str(dst), _cfg(), progress=False)
+    assert (linked.input, linked.quarantined, linked.already_ingested) == (3, 0, 3)
+
+
+def test_a_decoder_that_keeps_dying_stops_the_run_in_one_line(ray_session, tmp_path, monkeypatch):
+    """A decoder process that died on a batch (a codec crash, a decode killed for memory) was
+    restarted and the batch retried without end: the run never finished, DST stayed locked.
+    A batch that kills its process three times now stops the run, recorded, lock released."""
+    import os
+    import signal
+
+    from pipelines import ingest
+    from radjepa.ingest.dst_lock import LOCK
+
+    class Crashing(ingest._Decoder):  # local: Ray ships it by value to the decoder actors
+        def __call__(self, batch):
+            if any("crash" in name for name in batch["name"].to_pylist()):
+                os.kill(os.getpid(), signal.SIGKILL)  # what a segfault or the OOM killer does
+            return super().__call__(batch)
+
+    monkeypatch.setattr(ingest, "_Decoder", Crashing)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "crash.dcm").write_bytes(make_dicom(gradient(40, 40, seed=1)))
+    dst = tmp_path / "dst"
+    with pytest.raises(ingest.DecoderDied) as err:
+        ingest.run_ingest([str(src)], str(dst), _cfg(), progress=False)
+    assert "a decoder process died on one batch" in str(err.value) and "\n" not in str(err.value)
+    assert not (dst / LOCK).exists()
+    runs = json.loads((dst / "manifest.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["interrupted"]
 
 
 def test_a_killed_runs_lock_and_temporary_files_are_cleared(ray_session, tmp_path, caplog):

@@ -304,7 +304,7 @@ def test_dst_files_other_than_ingests_own_are_read_by_no_reader(tmp_path):
     (root / "duplicates" / "notes.parquet").write_bytes(whole)  # another tool's file
 
     dest = Destination(str(root))  # a later run's view
-    assert dest.known_ids() == {stored, "c" * 64, "e" * 64, "path:" + "f" * 32}
+    assert dest.known_ids() == {stored, "c" * 64, "e" * 64}  # a file read: known by its id
     assert dest.totals() == (1, 1, {"not_an_image": 1}, 0)
     assert dest.stored_image() == {"size": 64, "dtype": "uint8"}
     keys, kept = dest.recorded_inputs()
@@ -853,6 +853,36 @@ def test_a_beat_never_replaces_a_lock_taken_over_while_it_wrote(tmp_path, caplog
     assert json.loads((dst / LOCK).read_text())["run_id"] == "other"
     assert sorted(os.listdir(dst)) == [LOCK]  # our temporary record went, unused
     assert "lost" in caplog.text and "other" in caplog.text
+    lock.release()
+    assert json.loads((dst / LOCK).read_text())["run_id"] == "other"
+
+
+def test_a_run_that_lost_its_lock_writes_nothing_more(tmp_path):
+    """A run paused past STALE_S whose lock another run took over only logged it and went on
+    writing shards and its manifest beside the new owner's: the same new files stored twice.
+    Its next write now stops it, in one line; what it stored before stays."""
+    import pyarrow as pa
+
+    from radjepa.ingest.dst_lock import LOCK, DstLock
+    from radjepa.ingest.errors import IngestError
+
+    dst = tmp_path / "dst"
+    lock = DstLock(str(dst), "mine", heartbeat_s=3600)
+    lock.acquire()
+    dest = Destination(str(dst))
+    dest.before_write = lock.check_held
+    dest.write("images", "part-mine-00000.parquet", pa.table({"image_id": ["a"]}))
+    (dst / LOCK).write_text(json.dumps(_lock_record(run_id="other")))
+    assert lock._refresh() is False  # the next beat finds the new owner
+    with pytest.raises(IngestError, match="this run lost .* to run other") as err:
+        dest.write("images", "part-mine-00001.parquet", pa.table({"image_id": ["b"]}))
+    assert "\n" not in str(err.value) and "run it again once the other run has ended" in str(
+        err.value
+    )
+    with pytest.raises(IngestError):
+        dest.write_manifest({"runs": []})
+    assert sorted(os.listdir(dst / "images")) == ["part-mine-00000.parquet"]
+    assert not (dst / "manifest.json").exists()
     lock.release()
     assert json.loads((dst / LOCK).read_text())["run_id"] == "other"
 

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -130,6 +131,9 @@ class Destination:
         except (OSError, pa.ArrowException) as err:
             raise IngestError(f"cannot use destination {dst}: {err}") from None
         self._known: KnownIds | None = None  # known_ids, until this object writes a file
+        # called before every write: the run's lock check (DstLock.check_held), so a run that
+        # lost DST to another stops instead of writing beside it
+        self.before_write: Callable[[], None] = lambda: None
 
     def _parquet(self, sub: str) -> list[str]:
         """The Parquet files ingest wrote into DST/``sub``: the listing ``read_duplicates``
@@ -213,7 +217,16 @@ class Destination:
             self._arrow_columns(QUARANTINE_DIR, "sha256"),
             self._arrow_columns(DUPLICATES_DIR, "image_id"),
         )
-        return KnownIds.from_arrow(ids, self._arrow_columns(QUARANTINE_DIR, "source_hash"))
+        return KnownIds.from_arrow(ids, self._unread_path_hashes())
+
+    def _unread_path_hashes(self) -> Iterator[pa.ChunkedArray]:
+        """The path hashes of the quarantine rows of files never read (no ``sha256``): a file
+        quarantined for its content is known by its id, and its path too made a changed file
+        there that cannot be read now (over ``ingest.max_file_mb``) count as already in DST,
+        which never held it, on every run."""
+        for path in self._parquet(QUARANTINE_DIR):
+            table = pq.read_table(path, columns=["sha256", "source_hash"], filesystem=self.fs)
+            yield table.filter(pc.is_null(table.column("sha256"))).column("source_hash")
 
     def recorded_inputs(self) -> tuple[InputKeys, dict[str, str]]:
         """The inputs DST holds a row of, as :func:`input_key` of (image id, path hash): its
@@ -262,6 +275,7 @@ class Destination:
         return int(pq.ParquetFile(self.fs.open_input_file(path)).metadata.num_rows)
 
     def write(self, sub: str, name: str, table: pa.Table) -> str:
+        self.before_write()
         self._known = None  # DST holds more ids now: a later known_ids reads them again
         final = f"{self.root}/{sub}/{name}"
         tmp = f"{self.root}/{sub}/{temporary_name(name)}"
@@ -274,6 +288,7 @@ class Destination:
         return _read_json(self.fs, self.root, self.uri, name)
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
+        self.before_write()
         tmp, final = f"{self.root}/{temporary_name(name)}", f"{self.root}/{name}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))

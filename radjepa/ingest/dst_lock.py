@@ -116,6 +116,8 @@ class DstLock:
         }
         self._root = root
         self._stop = threading.Event()
+        self.lost = threading.Event()  # another run took the lock over (check_held)
+        self._lost_to = ""
         self._thread: threading.Thread | None = None
 
     # -- the context manager ------------------------------------------------------------------
@@ -297,12 +299,26 @@ class DstLock:
         held = self._read()
         if held is not None and held.get("run_id") == self.record["run_id"]:
             return True
+        self._lost_to = str((held or {}).get("run_id", "none"))
+        self.lost.set()
         log.error(
-            "lost %s to another run (%s); this run's manifest may drop that run's record",
+            "lost %s to another run (%s): this run stops before its next write",
             join_location(self.uri, LOCK),
-            (held or {}).get("run_id", "none"),
+            self._lost_to,
         )
         return False
+
+    def check_held(self) -> None:
+        """Raise :class:`IngestError` once another run took the lock over (this one was paused
+        past ``stale_s``: a laptop asleep, a VM suspended). It kept writing shards and its
+        manifest beside the new owner's, storing the same new files twice."""
+        if self.lost.is_set():
+            raise IngestError(
+                f"this run lost {join_location(self.uri, LOCK)} to run {self._lost_to} (no "
+                f"heartbeat for over {self.stale_s:.0f} s: was the machine asleep?) and stopped "
+                "before writing more; what it stored before is kept: run it again once the "
+                "other run has ended"
+            )
 
     def _remove_temporaries(self) -> None:
         """Delete the beat temporaries of other runs (one killed mid-beat, or a paused one that
