@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -136,13 +137,22 @@ class _Decoder(FileDecoder):
     middle of the next stage's output. An actor that gets no batch never asks."""
 
     def __init__(
-        self, settings: dict[str, Any], secret: bytes, known: Any, keep_paths: bool
+        self,
+        settings: dict[str, Any],
+        secret: bytes,
+        known: Any,
+        keep_paths: bool,
+        timeout_s: float = 0.0,
     ) -> None:
         import ray
 
         self._known_ref = known if isinstance(known, ray.ObjectRef) else None
         fetched_later = self._known_ref is not None
         super().__init__(settings, secret, frozenset() if fetched_later else known, keep_paths)
+        self._timeout_s = timeout_s
+        self._busy_since: float | None = None  # when the file being decoded started
+        if timeout_s > 0:
+            threading.Thread(target=self._watch, name="decode-watchdog", daemon=True).start()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self._known_ref is not None:
@@ -150,6 +160,33 @@ class _Decoder(FileDecoder):
 
             self.known, self._known_ref = ray.get(self._known_ref), None
         return super().__call__(batch)
+
+    def _one(self, r: dict[str, Any]) -> dict[str, Any]:
+        self._busy_since = time.monotonic()
+        try:
+            return self._decode_one(r)
+        finally:
+            self._busy_since = None
+
+    def _decode_one(self, r: dict[str, Any]) -> dict[str, Any]:
+        """One file's row, as :class:`FileDecoder` makes it: the work the watchdog times."""
+        return super()._one(r)
+
+    def _watch(self) -> None:
+        """End this process when one file's decode runs past ``ingest.decode_timeout_s``: a
+        codec stuck in C (libjpeg spun on a frame without end) cannot be interrupted from
+        Python, and it held the run, and DST's lock, for ever. Ray restarts the decoder and
+        retries its batch; a batch that keeps doing it stops the run (DecoderDied)."""
+        while True:
+            time.sleep(min(5.0, self._timeout_s / 4))
+            since = self._busy_since
+            if since is not None and time.monotonic() - since > self._timeout_s:
+                log.error(
+                    "a file has been decoding for over %.0f s (ingest.decode_timeout_s): "
+                    "ending this decoder process, whose batch Ray retries",
+                    self._timeout_s,
+                )
+                os._exit(70)
 
 
 def _written_here(dst: str, dst_root: str, path: str) -> bool:
@@ -260,7 +297,14 @@ def run_ingest(
 
             if refs:
                 ds = _build_dataset(
-                    refs, actors, pool, settings, secret, known, ing.keep_source_paths
+                    refs,
+                    actors,
+                    pool,
+                    settings,
+                    secret,
+                    known,
+                    ing.keep_source_paths,
+                    ing.decode_timeout_s,
                 )
                 outputs = _Outputs(dest, summary, ing.shard_rows, run_id, instances)
                 _consume(ds, outputs, expected, progress, unread)
@@ -349,8 +393,11 @@ def _build_dataset(
     secret: bytes,
     known: KnownIds,
     keep_paths: bool,
+    timeout_s: float = 0.0,
+    decoder: type[_Decoder] | None = None,
 ) -> Any:
-    """The Ray Data pipeline: file refs -> read tasks -> decoder actor pool. Its output comes
+    """The Ray Data pipeline: file refs -> read tasks -> decoder actor pool (``decoder``:
+    :class:`_Decoder` or a subclass, e.g. a test's that fails as a codec can). Its output comes
     in input order (sorted paths, archive members in archive order), so that of two files of
     one DICOM instance the same one is stored on every run, whichever decoder ends first."""
     import ray
@@ -363,7 +410,7 @@ def _build_dataset(
         batch_format="pyarrow",
         fn_kwargs={"max_bytes": settings["max_bytes"]},
     ).map_batches(
-        _Decoder,
+        decoder or _Decoder,
         batch_size=_DECODE_BATCH,
         batch_format="pyarrow",
         compute=pool,
@@ -379,6 +426,7 @@ def _build_dataset(
             "secret": secret,
             "known": ray.put(known),  # numpy buffers: mapped, not copied, per node
             "keep_paths": keep_paths,
+            "timeout_s": timeout_s,
         },
     )
 
@@ -567,15 +615,18 @@ def _consume(
     except KeyboardInterrupt:  # again if it came while finishing: each write is idempotent
         out.finish(interrupted=True)
         raise
-    except RayActorError:  # a decoder process died on one batch, and on each retry of it
+    except RayActorError as err:  # a decoder process died on one batch, and on each retry
+        if "creation task" in str(err):  # one that could not start: not a file's doing
+            raise
         out.finish(interrupted=True)
         raise DecoderDied(
             f"a decoder process died on one batch of up to {_DECODE_BATCH} files "
-            f"{_DECODER_RETRIES + 1} times (a codec crashing on a file, or a decode killed for "
-            "memory: the node's `ray logs` say which); the run stopped, and what it stored is "
-            "kept and recorded. A re-run meets the same batch again: for memory, give the "
-            "decoders more (or lower ingest.max_file_mb); for a crash, split the source to "
-            "find the file"
+            f"{_DECODER_RETRIES + 1} times (a codec crashing or stuck on a file past "
+            "ingest.decode_timeout_s, or a decode killed for memory: the node's `ray logs` say "
+            "which); the run stopped, and what it stored is kept and recorded. A re-run meets "
+            "the same batch again: for memory, give the decoders more (or lower "
+            "ingest.max_file_mb); for a crash or a stuck codec, split the source to find the "
+            "file"
         ) from None
     if conflicts:
         log.warning(

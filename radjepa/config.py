@@ -144,6 +144,13 @@ class IngestConfig(_Section):
         False, description="store raw source paths (PHI risk); otherwise only a keyed hash"
     )
     decode_actors: int = Field(0, ge=0, description="decoder actor-pool size; 0 = one per CPU")
+    decode_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="a file whose decode runs longer ends its decoder process (a codec stuck "
+        "on it, which held the run for ever); its batch is retried on a new decoder, and a "
+        "batch that fails 3 times stops the run; 0: no limit",
+    )
     burned_in_annotation: Literal["quarantine", "keep"] = Field(
         "quarantine",
         description="DICOMs flagged Burned In Annotation YES carry text in their pixels that "

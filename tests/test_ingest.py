@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -847,7 +848,10 @@ def test_a_decoder_that_keeps_dying_stops_the_run_in_one_line(ray_session, tmp_p
                 os.kill(os.getpid(), signal.SIGKILL)  # what a segfault or the OOM killer does
             return super().__call__(batch)
 
-    monkeypatch.setattr(ingest, "_Decoder", Crashing)
+    # the pipeline built with it; ingest._Decoder itself stays (replaced, Ray would ship the
+    # original by value and its super() would fail in the actor's constructor instead)
+    build = functools.partial(ingest._build_dataset, decoder=Crashing)
+    monkeypatch.setattr(ingest, "_build_dataset", build)
     src = tmp_path / "src"
     src.mkdir()
     (src / "crash.dcm").write_bytes(make_dicom(gradient(40, 40, seed=1)))
@@ -858,6 +862,38 @@ def test_a_decoder_that_keeps_dying_stops_the_run_in_one_line(ray_session, tmp_p
     assert not (dst / LOCK).exists()
     runs = json.loads((dst / "manifest.json").read_text())["runs"]
     assert [r["status"] for r in runs] == ["interrupted"]
+
+
+def test_a_decode_stuck_in_its_codec_ends_its_decoder_and_the_run_stops(
+    ray_session, tmp_path, monkeypatch
+):
+    """A codec that spins (libjpeg on a frame of 0 lines) cannot be interrupted from Python:
+    the run, and DST's lock, waited for ever. Past ingest.decode_timeout_s the decoder
+    process ends itself; its batch is retried, and the run stops once it kept doing so."""
+    import time as clock
+
+    from pipelines import ingest
+
+    class Stuck(ingest._Decoder):  # local: Ray ships it by value to the decoder actors
+        def _decode_one(self, r):
+            if "stuck" in r["name"]:
+                clock.sleep(3600)  # as a codec spinning in C would
+            return super()._decode_one(r)
+
+    build = functools.partial(ingest._build_dataset, decoder=Stuck)
+    monkeypatch.setattr(ingest, "_build_dataset", build)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "stuck.dcm").write_bytes(make_dicom(gradient(40, 40, seed=2)))
+    started = clock.monotonic()
+    with pytest.raises(ingest.DecoderDied, match="stuck on a file past ingest.decode_timeout_s"):
+        ingest.run_ingest(
+            [str(src)],
+            str(tmp_path / "dst"),
+            _cfg("ingest.decode_timeout_s=1"),
+            progress=False,
+        )
+    assert clock.monotonic() - started < 120
 
 
 def test_a_killed_runs_lock_and_temporary_files_are_cleared(ray_session, tmp_path, caplog):
