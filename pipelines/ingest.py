@@ -616,9 +616,12 @@ def _consume(
         out.finish(interrupted=True)
         raise
     except RayActorError as err:  # a decoder process died on one batch, and on each retry
-        if "creation task" in str(err):  # one that could not start: not a file's doing
-            raise
         out.finish(interrupted=True)
+        if getattr(err, "actor_init_failed", False):  # one that could not start: no file's doing
+            from pipelines.runtime import remote_error_message
+
+            reason = remote_error_message(err) or "see the worker log above"
+            raise DecoderDied(f"the decoders could not start: {reason}") from None
         raise DecoderDied(
             f"a decoder process died on one batch of up to {_DECODE_BATCH} files "
             f"{_DECODER_RETRIES + 1} times (a codec crashing or stuck on a file past "

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
 from pipelines.provenance import submitter_env
-from radjepa.locations import redact
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -68,6 +68,10 @@ _URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@:\s]*:[^/?#@\s]+@")
 _CONNECTION_SECRET = re.compile(
     r"(?i)(?:^|[;\"'\s])(?:AccountKey|SharedAccessKey|SharedAccessSignature|Password|Pwd)\s*="
 )
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s\"']+")
+# the query parameters that sign a URL (Azure SAS, S3 and GCS presigned URLs): anyone holding
+# the URL holds the access
+_SIGNATURES = frozenset({"sig", "signature", "x-amz-signature", "x-goog-signature"})
 WHERE_SECRETS_GO = (
     "put secrets in the cluster's own environment, which its jobs inherit (KubeRay: a "
     "Kubernetes Secret in the pod env of cluster/raycluster.yaml; VMs: the env file of "
@@ -384,11 +388,17 @@ def secret_problem(
 
 def _holds_credential(text: str) -> bool:
     """A password in a URL (``s3://key:secret@bucket``), a credential in its query
-    (``?secret_key=``, ``&token=``: what :func:`radjepa.locations.redact` hides everywhere
-    else), or a key in a connection string (Azure's ``AccountKey=``, ODBC's ``Pwd=``)."""
-    return bool(
-        _URL_PASSWORD.search(text) or redact(text) != text or _CONNECTION_SECRET.search(text)
-    )
+    (``?secret_key=``, ``&token=``, a signed URL's ``sig=``), or a key in a connection string
+    (Azure's ``AccountKey=``, ODBC's ``Pwd=``)."""
+    if _URL_PASSWORD.search(text) or _CONNECTION_SECRET.search(text):
+        return True
+    for url in _URL.findall(text):
+        for name, value in parse_qsl(urlsplit(url).query):
+            # a query parameter named as a credential is (?keyword=chest is not, nor a switch
+            # such as ?sort_keys=1); a signed URL's signature is one, whatever it is called
+            if name.lower() in _SIGNATURES or _named_like_secret(name.replace("-", "_"), value):
+                return True
+    return False
 
 
 def build_submission(

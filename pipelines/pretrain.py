@@ -200,13 +200,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             # again at the resume step, so it does not replay the interrupted run's batches
             gen.manual_seed(cfg.train.seed * 1_000_003 + rank * 7919 + trainer.step)
             for batch in shard.iter_torch_batches(
-                batch_size=bs,
-                drop_last=True,
-                local_shuffle_buffer_size=min(4 * bs, 1024),
-                local_shuffle_seed=cfg.train.seed + trainer.step,
-                # pinned host batches copy to the GPU asynchronously; batches made ahead
-                pin_memory=device.type == "cuda",
-                prefetch_batches=cfg.train.data_loader_threads,
+                **stream_options(cfg, trainer.step, device.type == "cuda")
             ):
                 seen += 1
                 x = to_model_input(batch["image"].to(device, non_blocking=True))
@@ -297,6 +291,21 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     finally:
         if sink is not None:  # metrics logged before a failure are kept too
             sink.close(timeout_s=METRICS_FLUSH_S)
+
+
+def stream_options(cfg: Config, step: int, on_gpu: bool) -> dict[str, Any]:
+    """How a worker iterates its shard of the training stream from ``step``
+    (``iter_torch_batches``): whole batches, a local shuffle seeded by the step, batches made
+    ahead (``train.data_loader_threads``) and, on a GPU, pinned so they copy asynchronously."""
+    bs = cfg.train.batch_size
+    return {
+        "batch_size": bs,
+        "drop_last": True,
+        "local_shuffle_buffer_size": min(4 * bs, 1024),
+        "local_shuffle_seed": cfg.train.seed + step,
+        "pin_memory": on_gpu,
+        "prefetch_batches": cfg.train.data_loader_threads,
+    }
 
 
 def _weights_finite_on_every_rank(trainer: Any, mean_over_ranks: Any) -> bool:

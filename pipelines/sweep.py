@@ -8,6 +8,7 @@ TorchTrainer (the Ray Train V2 pattern); its reports reach Tune via TuneReportCa
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -117,24 +118,34 @@ def distinct_draws(cfg: Config) -> list[dict[str, Any]] | None:
         return None
     keys = list(space)
     sizes = [len(space[k].values or []) for k in keys]
-    total = math.prod(sizes)
     rng = np.random.default_rng(cfg.train.seed)
-    n = min(cfg.tune.sample_count, total)
-    picked: list[int] = []
-    seen: set[int] = set()
-    while len(picked) < n:  # never lists the product: it may be astronomically large
-        i = int(rng.integers(total))
-        if i not in seen:
-            seen.add(i)
-            picked.append(i)
-    draws = []
-    for index in picked:
-        point = {}
-        for key, size in zip(reversed(keys), reversed(sizes), strict=True):
-            index, j = divmod(index, size)
-            point[key] = (space[key].values or [])[j]
-        draws.append({k: point[k] for k in keys})
-    return draws
+    return [
+        {k: (space[k].values or [])[j] for k, j in zip(keys, point, strict=True)}
+        for point in _sample_points(rng, sizes, cfg.tune.sample_count)
+    ]
+
+
+def _sample_points(rng: np.random.Generator, sizes: list[int], n: int) -> list[tuple[int, ...]]:
+    """``n`` distinct points of the product of ``sizes`` (each a candidate index per key; all
+    of them when ``n`` covers the product), never listing the product: it may be
+    astronomically large. One index into the product while it fits numpy's integers (the draws
+    sweeps always made), an index per key past that (a flat index past 2**63 raised)."""
+    total = math.prod(sizes)
+    picked: list[tuple[int, ...]] = []
+    seen: set[tuple[int, ...]] = set()
+    while len(picked) < min(n, total):
+        if total < 2**62:
+            index, point = int(rng.integers(total)), []
+            for size in reversed(sizes):
+                index, j = divmod(index, size)
+                point.append(j)
+            drawn = tuple(reversed(point))
+        else:
+            drawn = tuple(int(rng.integers(size)) for size in sizes)
+        if drawn not in seen:
+            seen.add(drawn)
+            picked.append(drawn)
+    return picked
 
 
 def planned_trials(cfg: Config) -> int:
@@ -192,20 +203,26 @@ _MAX_MASK_DRAWS = 16
 _INSIDE = 0.382
 
 
-def _check_space(cfg: Config) -> None:
+def _check_space(cfg: Config, *, draw_masks: bool) -> None:
     """Every swept key must exist and the settings the trials can get must validate, config
-    and masks, before any trial.
+    and (``draw_masks``: after the shards were found, as drawing takes seconds) masks, before
+    any trial.
 
     A key's candidates are its choices, or a range's ends and a value inside it; a continuous
     range over an integer setting is refused (Tune draws fractions there, and every trial
     failed). Candidates are checked together, every combination (a seeded sample of
     ``_MAX_CHECKED`` where there are more), since keys bound each other: ``ema.start`` checked
     alone against the base ``ema.end`` was refused by a bound the sweep itself moves, or passed
-    where the value swept beside it made every trial with the pair fail. A swept mask setting
-    is also drawn on the model's grid (``check_masks``), as pretrain does before it starts."""
+    where the value swept beside it made every trial with the pair fail. Past
+    ``_MAX_CHECKED`` combinations every candidate of every key is still checked once. A swept
+    mask setting is also drawn on the model's grid (``check_masks``), as pretrain does before
+    it starts. A random search over choices only runs the settings :func:`distinct_draws`
+    picks: those are checked (in ``_run_sweep``), not the combinations it never runs."""
     space = cfg.tune.search_space
     if not space:
         raise SweepError("tune.search_space is empty: nothing to sweep")
+    if cfg.tune.search_alg == "random" and all(d.type == "choice" for d in space.values()):
+        return
     candidates: dict[str, list[Any]] = {}
     for key, dim in space.items():
         if dim.values:
@@ -217,7 +234,8 @@ def _check_space(cfg: Config) -> None:
             if _takes_integers(key):
                 raise SweepError(
                     f"tune.search_space.{key}: '{dim.type}' draws fractions, and {key} takes "
-                    f"whole numbers: use 'randint' (low {low:g}, high {high:g} + 1) or 'choice'"
+                    f"whole numbers: use 'randint' (low {math.ceil(low)}, high "
+                    f"{math.floor(high) + 1}) or 'choice'"
                 )
             inside = (
                 low * (high / low) ** _INSIDE
@@ -227,22 +245,21 @@ def _check_space(cfg: Config) -> None:
             candidates[key] = [low, inside, high]
     keys = list(candidates)
     sizes = [len(candidates[k]) for k in keys]
-    total = math.prod(sizes)
-    if total <= _MAX_CHECKED:
-        picked = range(total)
-    else:  # the corners' every combination would be too many: a seeded sample of them
+    if math.prod(sizes) <= _MAX_CHECKED:
+        points = list(itertools.product(*(range(size) for size in sizes)))
+    else:  # every candidate of every key at least once, then a seeded sample of the product
+        points = [tuple(j % size for size in sizes) for j in range(max(sizes))]
         rng = np.random.default_rng(cfg.train.seed)
-        picked = sorted({int(i) for i in rng.integers(total, size=_MAX_CHECKED)})
+        points += _sample_points(rng, sizes, _MAX_CHECKED)
     masks_checked: set[str] = set()
-    for index in picked:
-        setting = {}
-        for key, size in zip(reversed(keys), reversed(sizes), strict=True):
-            index, j = divmod(index, size)
-            setting[key] = candidates[key][j]
-        check_setting(cfg, {k: setting[k] for k in keys}, masks_checked)
+    for point in dict.fromkeys(points):
+        setting = {k: candidates[k][j] for k, j in zip(keys, point, strict=True)}
+        check_setting(cfg, setting, masks_checked, draw_masks)
 
 
-def check_setting(cfg: Config, setting: dict[str, Any], masks_checked: set[str]) -> None:
+def check_setting(
+    cfg: Config, setting: dict[str, Any], masks_checked: set[str], draw_masks: bool = True
+) -> None:
     """Refuse, in words, one setting of the swept keys that no trial could train with: the
     config it makes does not validate, or its masks cannot be drawn on the model's grid
     (``masks_checked``: the mask sections already drawn, so each is drawn once, and no more
@@ -259,7 +276,7 @@ def check_setting(cfg: Config, setting: dict[str, Any], masks_checked: set[str])
         [trial.masks.model_dump(mode="json"), trial.model.grid, trial.train.batch_size],
         sort_keys=True,
     )
-    if drawn in masks_checked or len(masks_checked) >= _MAX_MASK_DRAWS:
+    if not draw_masks or drawn in masks_checked or len(masks_checked) >= _MAX_MASK_DRAWS:
         return
     masks_checked.add(drawn)
     try:
@@ -550,11 +567,12 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
             "point once: leave it out, or add train.seed to tune.search_space as a grid to "
             "repeat each point with other seeds"
         )
-    _check_space(cfg)
+    _check_space(cfg, draw_masks=False)
     try:
         info = inspect_shards(data, cfg)
     except TrainingDataError as err:
         raise SweepError(str(err)) from None
+    _check_space(cfg, draw_masks=True)  # seconds per mask section: after a --data typo's line
     given = cfg  # what best.yaml starts from (a trial's adjustments below are not the user's)
     if cfg.train.num_workers == 0:
         # trials run side by side, so the cluster is shared out by trials, not by ranks

@@ -294,7 +294,7 @@ def test_a_destination_with_unkeyed_ids_keeps_them_and_warns(ray_session, tmp_pa
     from radjepa.ingest.sources import READ_SCHEMA
 
     src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
+    src.mkdir(parents=True)
     old = [make_dicom(gradient(40, 40, seed=s), markers=False) for s in (1, 2)]
     for i, data in enumerate(old):
         (src / f"old{i}.dcm").write_bytes(data)
@@ -339,7 +339,7 @@ def test_a_run_reads_an_older_dsts_ids_once(ray_session, tmp_path, monkeypatch, 
     from radjepa.ingest import destination
 
     src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
+    src.mkdir(parents=True)
     dst.mkdir()
     for s in range(3):
         (src / f"old{s}.dcm").write_bytes(make_dicom(gradient(40, 40, seed=s), markers=False))
@@ -389,7 +389,7 @@ def test_no_key_is_refused_before_anything_unless_the_config_opts_in(
     from pipelines.ingest import run_ingest
 
     src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
+    src.mkdir(parents=True)
     (src / "one.dcm").write_bytes(make_dicom(gradient(40, 40), markers=False))
     env = {k: v for k, v in os.environ.items() if k != "RADJEPA_DEID_SECRET"}
     ray_tmp = tmp_path / "ray-tmp"
@@ -757,7 +757,7 @@ def test_pooled_sites_patients_are_told_apart_by_issuer(ray_session, tmp_path) -
     from pipelines.ingest import IngestError, run_ingest
 
     src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
+    src.mkdir(parents=True)
     sites = {"a1": "SITE-A", "a2": "SITE-A", "b": "SITE-B"}
     ids = {}
     for seed, (name, site) in enumerate(sites.items()):
@@ -832,11 +832,27 @@ def test_source_inside_destination_is_ingested_but_not_the_outputs(ray_session, 
     assert (linked.input, linked.quarantined, linked.already_ingested) == (3, 0, 3)
 
 
+def _failing_decoder_run(monkeypatch, tmp_path: Path, decoder: type, name: str, *sets: str):
+    """The error and DST of an ingest of one DICOM called ``name`` whose pipeline decodes with
+    ``decoder`` (ingest._Decoder itself stays: replaced, Ray would ship the original by value
+    and its super() would fail in the actor's constructor instead)."""
+    from pipelines import ingest
+
+    monkeypatch.setattr(
+        ingest, "_build_dataset", functools.partial(ingest._build_dataset, decoder=decoder)
+    )
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir(parents=True)
+    (src / name).write_bytes(make_dicom(gradient(40, 40, seed=1)))
+    with pytest.raises(ingest.DecoderDied) as err:
+        ingest.run_ingest([str(src)], str(dst), _cfg(*sets), progress=False)
+    return str(err.value), dst
+
+
 def test_a_decoder_that_keeps_dying_stops_the_run_in_one_line(ray_session, tmp_path, monkeypatch):
     """A decoder process that died on a batch (a codec crash, a decode killed for memory) was
     restarted and the batch retried without end: the run never finished, DST stayed locked.
     A batch that kills its process three times now stops the run, recorded, lock released."""
-    import os
     import signal
 
     from pipelines import ingest
@@ -848,20 +864,18 @@ def test_a_decoder_that_keeps_dying_stops_the_run_in_one_line(ray_session, tmp_p
                 os.kill(os.getpid(), signal.SIGKILL)  # what a segfault or the OOM killer does
             return super().__call__(batch)
 
-    # the pipeline built with it; ingest._Decoder itself stays (replaced, Ray would ship the
-    # original by value and its super() would fail in the actor's constructor instead)
-    build = functools.partial(ingest._build_dataset, decoder=Crashing)
-    monkeypatch.setattr(ingest, "_build_dataset", build)
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "crash.dcm").write_bytes(make_dicom(gradient(40, 40, seed=1)))
-    dst = tmp_path / "dst"
-    with pytest.raises(ingest.DecoderDied) as err:
-        ingest.run_ingest([str(src)], str(dst), _cfg(), progress=False)
-    assert "a decoder process died on one batch" in str(err.value) and "\n" not in str(err.value)
+    said, dst = _failing_decoder_run(monkeypatch, tmp_path, Crashing, "crash.dcm")
+    assert "a decoder process died on one batch" in said and "\n" not in said
     assert not (dst / LOCK).exists()
     runs = json.loads((dst / "manifest.json").read_text())["runs"]
     assert [r["status"] for r in runs] == ["interrupted"]
+
+    class Broken(ingest._Decoder):  # decoders that cannot start are no file's doing
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("no codec plugins on this node")
+
+    said, _ = _failing_decoder_run(monkeypatch, tmp_path / "2", Broken, "fine.dcm")
+    assert said == "the decoders could not start: no codec plugins on this node"
 
 
 def test_a_decode_stuck_in_its_codec_ends_its_decoder_and_the_run_stops(
@@ -880,19 +894,11 @@ def test_a_decode_stuck_in_its_codec_ends_its_decoder_and_the_run_stops(
                 clock.sleep(3600)  # as a codec spinning in C would
             return super()._decode_one(r)
 
-    build = functools.partial(ingest._build_dataset, decoder=Stuck)
-    monkeypatch.setattr(ingest, "_build_dataset", build)
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "stuck.dcm").write_bytes(make_dicom(gradient(40, 40, seed=2)))
     started = clock.monotonic()
-    with pytest.raises(ingest.DecoderDied, match="stuck on a file past ingest.decode_timeout_s"):
-        ingest.run_ingest(
-            [str(src)],
-            str(tmp_path / "dst"),
-            _cfg("ingest.decode_timeout_s=1"),
-            progress=False,
-        )
+    said, _ = _failing_decoder_run(
+        monkeypatch, tmp_path, Stuck, "stuck.dcm", "ingest.decode_timeout_s=1"
+    )
+    assert "stuck on a file past ingest.decode_timeout_s" in said
     assert clock.monotonic() - started < 120
 
 
@@ -1143,7 +1149,7 @@ def test_a_stopped_run_ends_as_an_interrupted_one_and_a_rerun_stores_each_image_
 
     monkeypatch.setenv("RADJEPA_DEID_SECRET", "k" * 32)
     src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
+    src.mkdir(parents=True)
     expected = set()
     for seed in range(60):
         data = make_dicom(gradient(256, 256, seed=seed), markers=False)
@@ -1214,7 +1220,7 @@ def test_one_dicom_instance_in_two_transfer_syntaxes_is_stored_once(
     uid = generate_uid()
     px = _cxr(nih_dir, 0)
     src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
+    src.mkdir(parents=True)
     first = make_dicom(px, bits=8, extra=_same_instance(uid))  # sorted first: kept
     again = make_dicom(px, bits=8, transfer_syntax=JPEGLossless, extra=_same_instance(uid))
     (src / "a_explicit.dcm").write_bytes(first)
@@ -1378,7 +1384,7 @@ def test_a_run_stopped_after_writing_shards_records_them_in_the_manifest(tmp_pat
     import signal
 
     src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
+    src.mkdir(parents=True)
     for seed in range(240):
         (src / f"{seed:02d}.dcm").write_bytes(
             make_dicom(gradient(256, 256, seed=seed), markers=False)
@@ -1414,7 +1420,7 @@ def test_a_version_1_manifest_is_read_and_its_runs_say_finished(ray_session, tmp
     from pipelines.ingest import run_ingest
 
     src, dst = tmp_path / "src", tmp_path / "dst"
-    src.mkdir()
+    src.mkdir(parents=True)
     (src / "one.dcm").write_bytes(make_dicom(gradient(40, 50, seed=3), markers=False))
     run_ingest([str(src)], str(dst), _cfg(), progress=False)
     path = dst / "manifest.json"

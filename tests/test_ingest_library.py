@@ -885,6 +885,16 @@ def test_a_run_that_lost_its_lock_writes_nothing_more(tmp_path):
     assert not (dst / "manifest.json").exists()
     lock.release()
     assert json.loads((dst / LOCK).read_text())["run_id"] == "other"
+    # a lock deleted by hand is no other run's: the next beat writes it again, the run goes on
+    (dst / LOCK).unlink()
+    again = DstLock(str(dst), "again", heartbeat_s=3600)
+    again.acquire()
+    (dst / LOCK).unlink()
+    assert again._refresh() is True and not again.lost.is_set()
+    assert json.loads((dst / LOCK).read_text())["run_id"] == "again"
+    again.check_held()
+    again.release()
+    assert not (dst / LOCK).exists()
 
 
 def test_leftovers_of_killed_writes_are_removed_and_the_lock_is_no_input(tmp_path, caplog):

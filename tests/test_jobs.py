@@ -537,6 +537,11 @@ def test_a_secret_never_goes_into_the_jobs_record(tmp_path: Path) -> None:
             "MLFLOW_TRACKING_URI holds a credential",
         ),
         (
+            {"args": ["ingest", "https://a.blob.core.windows.net/c/x.zip?sv=2022&sig=sas-value",
+                      "out"]},
+            "the command holds a credential",
+        ),
+        (
             {"env": {"AZURE_STORAGE_CONNECTION_STRING":
                      "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=az-value"}},
             "AZURE_STORAGE_CONNECTION_STRING holds a credential",
@@ -561,6 +566,10 @@ def test_a_secret_never_goes_into_the_jobs_record(tmp_path: Path) -> None:
         "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
         "PRIVATE_NETWORK": "10.0.0.0/8",
         "REPORT_URL": "http://host:5000/r?email=a@b.com",
+        # query parameters that only look like credentials, and a URL with no password
+        "ARCHIVE": "https://data.example.org/x.zip?keyword=chest",
+        "LISTING": "s3://b/p?sort_keys=1",
+        "DB": "postgresql://mlflow:@db/m",
     }
     sub = jobs.build_submission(
         ["ingest", "s3://u@b/raw", "b"], working_dir=REPO, env=fine, environ={}

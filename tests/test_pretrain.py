@@ -1159,8 +1159,7 @@ def test_a_checkpoint_reports_its_own_step_s_loss(shards, tmp_path):
     from pipelines.stray_checkpoints import RAY_CHECKPOINT_SNAPSHOT
 
     sets = {"train.num_workers": 1, "train.steps": 4, "train.checkpoint_every": 2}
-    # and a stream that makes each batch when the step asks (train.data_loader_threads was
-    # read nowhere: the stream always prefetched 2)
+    # and a stream that makes each batch when the step asks (test_stream_options_...)
     more = {"train.log_every": 3, "train.data_loader_threads": 0}
     res = run_pretrain(_cfg(tmp_path, **sets, **more), str(shards))
     losses = dict(_history(res.tracking_uri, res.mlflow_run_id, "loss"))
@@ -1172,6 +1171,17 @@ def test_a_checkpoint_reports_its_own_step_s_loss(shards, tmp_path):
     speeds = dict(_history(res.tracking_uri, res.mlflow_run_id, "img_per_s"))
     assert sorted(speeds) == [2, 3, 4] and all(v > 0 for v in speeds.values())
     assert reported[2]["img_per_s"] == speeds[2]
+
+
+def test_stream_options_take_the_prefetch_from_the_config(tmp_path):
+    # train.data_loader_threads was read nowhere: the stream always made 2 batches ahead
+    from pipelines.pretrain import stream_options
+
+    for ahead in (0, 5):
+        options = stream_options(_cfg(tmp_path, **{"train.data_loader_threads": ahead}), 7, False)
+        assert options["prefetch_batches"] == ahead
+    assert options["local_shuffle_seed"] == SETS.get("train.seed", 0) + 7
+    assert options["batch_size"] == 8 and options["drop_last"] and not options["pin_memory"]
 
 
 def test_a_worker_error_is_said_in_one_line(shards, tmp_path):

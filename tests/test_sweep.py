@@ -191,7 +191,7 @@ def test_a_randint_range_is_checked_on_the_values_tune_draws(tmp_path):
         (
             {"train.batch_size": {"type": "uniform", "low": 8, "high": 16}},
             "tune.search_space.train.batch_size: 'uniform' draws fractions, and "
-            "train.batch_size takes whole numbers: use 'randint' (low 8, high 16 + 1) or 'choice'",
+            "train.batch_size takes whole numbers: use 'randint' (low 8, high 17) or 'choice'",
         ),
         # each value passed alone against the base ema.end; the pair a trial drew did not
         (
@@ -210,13 +210,51 @@ def test_a_randint_range_is_checked_on_the_values_tune_draws(tmp_path):
     ],
     ids=["fractions-for-an-integer", "keys-bound-each-other", "masks-on-the-grid"],
 )
-def test_a_space_whose_trials_would_fail_is_refused_before_any(tmp_path, space, said):
+def test_a_space_whose_trials_would_fail_is_refused_before_any(nih_shards, tmp_path, space, said):
     from pipelines.sweep import SweepError, run_sweep
 
-    cfg = _cfg(tmp_path, "bad", space, **{"tune.search_alg": "random"})
+    # a grid runs every combination; a range needs a random search
+    alg = "random" if any(d["type"] == "uniform" for d in space.values()) else "grid"
+    cfg = _cfg(tmp_path, "bad", space, **{"tune.search_alg": alg})
     with pytest.raises(SweepError) as err:
-        run_sweep(cfg, str(tmp_path / "missing"))
+        run_sweep(cfg, str(nih_shards))
     assert str(err.value).replace("\n  ", " ").startswith(said), str(err.value)
+    assert not (tmp_path / "bad").exists()  # refused before any trial or run folder
+
+
+def test_a_large_space_checks_every_value_and_a_random_one_only_its_draws(nih_shards, tmp_path):
+    # past 256 combinations only a sample was checked: a bad value among 400 slipped through
+    # for most seeds; a product past 2**63 raised numpy's ValueError; and a random search over
+    # choices was refused over combinations its draws never run
+    from pipelines.sweep import SweepError, run_sweep
+
+    lrs = [0.0] + [1e-5 * (i + 1) for i in range(399)]
+    space = {
+        "optim.lr": {"type": "choice", "values": lrs},
+        "ema.start": {"type": "choice", "values": [0.99, 0.992, 0.994]},
+        "masks.num_targets": {"type": "choice", "values": [2, 4]},
+    }
+    for seed in range(3):
+        optuna = _cfg(tmp_path, "lr", space, **{"tune.search_alg": "optuna", "train.seed": seed})
+        with pytest.raises(SweepError, match=r"optim.lr = 0.0"):
+            run_sweep(optuna, str(tmp_path / "missing"))
+    huge = {f"ema.{k}": {"type": "choice", "values": [0.99 + i * 1e-6 for i in range(1000)]}
+            for k in ("start", "end")}  # fmt: skip
+    huge |= {f"optim.{k}": {"type": "choice", "values": [1e-4 + i * 1e-7 for i in range(1000)]}
+             for k in ("lr", "start_lr", "final_lr")}  # fmt: skip
+    huge |= {"masks.num_targets": {"type": "choice", "values": list(range(1, 17))}}
+    for alg in ("optuna", "random"):
+        cfg = _cfg(tmp_path, "huge", huge, **{"tune.search_alg": alg, "tune.num_samples": 2})
+        with pytest.raises(SweepError) as err:  # past the space check, whatever it holds
+            run_sweep(cfg, str(tmp_path / "missing"))
+        assert "no shards at" in str(err.value) or "tune.search_space" in str(err.value)
+    pairs = {
+        "ema.start": {"type": "choice", "values": [0.99, 0.999]},
+        "ema.end": {"type": "choice", "values": [0.998, 1.0]},
+    }
+    random = _cfg(tmp_path, "pairs", pairs, **{"tune.search_alg": "random"})
+    with pytest.raises(SweepError, match="no shards at"):  # its draws are checked with data
+        run_sweep(random, str(tmp_path / "missing"))
 
 
 def test_a_space_valid_only_with_its_other_swept_values_is_taken(tmp_path):

@@ -299,6 +299,13 @@ class DstLock:
         held = self._read()
         if held is not None and held.get("run_id") == self.record["run_id"]:
             return True
+        if held is None:  # deleted by hand (the refusal says to, for a run truly gone): no
+            # other run holds DST, so this beat writes the lock again and the run goes on
+            log.warning(
+                "%s was deleted while this run held it: written again",
+                join_location(self.uri, LOCK),
+            )
+            return True
         self._lost_to = str((held or {}).get("run_id", "none"))
         self.lost.set()
         log.error(
