@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -404,31 +405,37 @@ def _build_dataset(
 
     ds = ray.data.from_items(refs, override_num_blocks=max(1, min(len(refs), 8 * actors)))
     ds.context.execution_options.preserve_order = True
-    return ds.map_batches(
+    ds = ds.map_batches(
         read_blocks,
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs={"max_bytes": settings["max_bytes"]},
-    ).map_batches(
-        decoder or _Decoder,
-        batch_size=_DECODE_BATCH,
-        batch_format="pyarrow",
-        compute=pool,
-        num_cpus=1,
-        # Ray Data retries a batch whose decoder process died without end (and restarts the
-        # actor without end): a file that crashes its codec, or an image too large for the
-        # node's memory, kept the run retrying it for ever with DST locked. A batch whose
-        # process dies this many more times stops the run (DecoderDied)
-        max_restarts=-1,
-        max_task_retries=_DECODER_RETRIES,
-        fn_constructor_kwargs={
-            "settings": dict(settings),
-            "secret": secret,
-            "known": ray.put(known),  # numpy buffers: mapped, not copied, per node
-            "keep_paths": keep_paths,
-            "timeout_s": timeout_s,
-        },
     )
+    with warnings.catch_warnings():
+        # the retry bounds below have no named parameter in Ray 2.60, and every ingest said
+        # that passing them is deprecated (nothing a user running it can act on); Ray Data
+        # reads them as before
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        return ds.map_batches(
+            decoder or _Decoder,
+            batch_size=_DECODE_BATCH,
+            batch_format="pyarrow",
+            compute=pool,
+            num_cpus=1,
+            # Ray Data retries a batch whose decoder process died without end (and restarts the
+            # actor without end): a file that crashes its codec, or an image too large for the
+            # node's memory, kept the run retrying it for ever with DST locked. A batch whose
+            # process dies this many more times stops the run (DecoderDied)
+            max_restarts=-1,
+            max_task_retries=_DECODER_RETRIES,
+            fn_constructor_kwargs={
+                "settings": dict(settings),
+                "secret": secret,
+                "known": ray.put(known),  # numpy buffers: mapped, not copied, per node
+                "keep_paths": keep_paths,
+                "timeout_s": timeout_s,
+            },
+        )
 
 
 class _Outputs:

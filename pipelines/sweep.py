@@ -203,10 +203,10 @@ _MAX_MASK_DRAWS = 16
 _INSIDE = 0.382
 
 
-def _check_space(cfg: Config, *, draw_masks: bool) -> None:
-    """Every swept key must exist and the settings the trials can get must validate, config
-    and (``draw_masks``: after the shards were found, as drawing takes seconds) masks, before
-    any trial.
+def _check_space(cfg: Config) -> list[tuple[str, Config]]:
+    """Every swept key must exist and the settings the trials can get must validate, before
+    any trial; returns each setting checked (said, and its trial's config) for
+    :func:`_check_masks`, which draws their masks once the shards were found.
 
     A key's candidates are its choices, or a range's ends and a value inside it; a continuous
     range over an integer setting is refused (Tune draws fractions there, and every trial
@@ -214,15 +214,14 @@ def _check_space(cfg: Config, *, draw_masks: bool) -> None:
     ``_MAX_CHECKED`` where there are more), since keys bound each other: ``ema.start`` checked
     alone against the base ``ema.end`` was refused by a bound the sweep itself moves, or passed
     where the value swept beside it made every trial with the pair fail. Past
-    ``_MAX_CHECKED`` combinations every candidate of every key is still checked once. A swept
-    mask setting is also drawn on the model's grid (``check_masks``), as pretrain does before
-    it starts. A random search over choices only runs the settings :func:`distinct_draws`
-    picks: those are checked (in ``_run_sweep``), not the combinations it never runs."""
+    ``_MAX_CHECKED`` combinations every candidate of every key is still checked once. A random
+    search over choices only runs the settings :func:`distinct_draws` picks: those are checked
+    (in ``_run_sweep``), not the combinations it never runs."""
     space = cfg.tune.search_space
     if not space:
         raise SweepError("tune.search_space is empty: nothing to sweep")
     if cfg.tune.search_alg == "random" and all(d.type == "choice" for d in space.values()):
-        return
+        return []
     candidates: dict[str, list[Any]] = {}
     for key, dim in space.items():
         if dim.values:
@@ -251,38 +250,42 @@ def _check_space(cfg: Config, *, draw_masks: bool) -> None:
         points = [tuple(j % size for size in sizes) for j in range(max(sizes))]
         rng = np.random.default_rng(cfg.train.seed)
         points += _sample_points(rng, sizes, _MAX_CHECKED)
-    masks_checked: set[str] = set()
-    for point in dict.fromkeys(points):
-        setting = {k: candidates[k][j] for k, j in zip(keys, point, strict=True)}
-        check_setting(cfg, setting, masks_checked, draw_masks)
+    return [
+        _trial_config(cfg, {k: candidates[k][j] for k, j in zip(keys, point, strict=True)})
+        for point in dict.fromkeys(points)
+    ]
 
 
-def check_setting(
-    cfg: Config, setting: dict[str, Any], masks_checked: set[str], draw_masks: bool = True
-) -> None:
-    """Refuse, in words, one setting of the swept keys that no trial could train with: the
-    config it makes does not validate, or its masks cannot be drawn on the model's grid
-    (``masks_checked``: the mask sections already drawn, so each is drawn once, and no more
-    than ``_MAX_MASK_DRAWS`` of them)."""
+def _trial_config(cfg: Config, setting: dict[str, Any]) -> tuple[str, Config]:
+    """The config a trial with ``setting`` of the swept keys trains with, and the setting in
+    words; refused, in those words, where no trial could train with it."""
     from radjepa.config import ConfigError
-    from radjepa.masks import MasksUnsatisfiable, check_masks
 
     said = ", ".join(f"{k} = {v!r}" for k, v in setting.items())
     try:
-        trial = cfg.with_overrides(setting)
+        return said, cfg.with_overrides(setting)
     except ConfigError as err:
         raise SweepError(f"tune.search_space: {said}: {err}") from None
-    drawn = json.dumps(
-        [trial.masks.model_dump(mode="json"), trial.model.grid, trial.train.batch_size],
-        sort_keys=True,
-    )
-    if not draw_masks or drawn in masks_checked or len(masks_checked) >= _MAX_MASK_DRAWS:
-        return
-    masks_checked.add(drawn)
-    try:
-        check_masks(trial.masks, trial.model.grid, trial.train.batch_size, trial.train.seed)
-    except MasksUnsatisfiable as err:
-        raise SweepError(f"tune.search_space: {said}: {err}") from None
+
+
+def _check_masks(trials: list[tuple[str, Config]], masks_checked: set[str]) -> None:
+    """Refuse a trial whose masks cannot be drawn on its model's grid, as pretrain would at
+    its start. Each mask section is drawn once (``masks_checked`` holds those drawn: 1-2.5 s
+    each), and no more than ``_MAX_MASK_DRAWS`` of them."""
+    from radjepa.masks import MasksUnsatisfiable, check_masks
+
+    for said, trial in trials:
+        drawn = json.dumps(
+            [trial.masks.model_dump(mode="json"), trial.model.grid, trial.train.batch_size],
+            sort_keys=True,
+        )
+        if drawn in masks_checked or len(masks_checked) >= _MAX_MASK_DRAWS:
+            continue
+        masks_checked.add(drawn)
+        try:
+            check_masks(trial.masks, trial.model.grid, trial.train.batch_size, trial.train.seed)
+        except MasksUnsatisfiable as err:
+            raise SweepError(f"tune.search_space: {said}: {err}") from None
 
 
 def _takes_integers(key: str) -> bool:
@@ -567,12 +570,13 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
             "point once: leave it out, or add train.seed to tune.search_space as a grid to "
             "repeat each point with other seeds"
         )
-    _check_space(cfg, draw_masks=False)
+    checked = _check_space(cfg)
     try:
         info = inspect_shards(data, cfg)
     except TrainingDataError as err:
         raise SweepError(str(err)) from None
-    _check_space(cfg, draw_masks=True)  # seconds per mask section: after a --data typo's line
+    masks_checked: set[str] = set()
+    _check_masks(checked, masks_checked)  # seconds per mask section: after a --data typo's line
     given = cfg  # what best.yaml starts from (a trial's adjustments below are not the user's)
     if cfg.train.num_workers == 0:
         # trials run side by side, so the cluster is shared out by trials, not by ranks
@@ -584,9 +588,7 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         cfg = cfg.with_overrides({"tune.num_samples": num_samples})
     draws = None if resume else distinct_draws(cfg)
     if draws is not None:  # each setting a trial will get, where the check above sampled
-        masks_checked: set[str] = set()
-        for setting in draws:
-            check_setting(cfg, setting, masks_checked)
+        _check_masks([_trial_config(cfg, setting) for setting in draws], masks_checked)
     if draws is not None and len(draws) < cfg.tune.sample_count:
         log.warning(
             "tune.num_samples=%d but the search space holds %d settings: each runs once "

@@ -1499,3 +1499,20 @@ def test_a_ctrl_c_inside_a_batch_leaves_no_image_known_but_unstored(tmp_path) ->
     assert x not in dest.known_ids() or x in stored  # a re-run reads x again and stores it
     s = out.summary
     assert s.input == s.ok + s.quarantined + s.duplicates
+
+
+def test_an_ingest_says_no_deprecation_its_user_cannot_act_on(ray_session, tmp_path):
+    """The decoders' retry bounds have no named parameter in Ray 2.60, and every ingest
+    printed Ray Data's "`ray_remote_args` is deprecated" for them."""
+    import warnings
+
+    from pipelines.ingest import run_ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "one.dcm").write_bytes(make_dicom(gradient(40, 40, seed=2)))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        summary = run_ingest([str(src)], str(tmp_path / "dst"), _cfg(), progress=False)
+    assert summary.ok == 1
+    assert not [w for w in said if "ray_remote_args" in str(w.message)]
