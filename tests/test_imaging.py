@@ -807,6 +807,33 @@ def test_truncated_png_and_junk(nih_dir) -> None:
 # --- de-identification ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("extra", "spacing"),
+    [
+        ({"PixelSpacing": [0.2, 0.1]}, 0.2),  # row spacing
+        ({"PixelSpacing": None, "ImagerPixelSpacing": [0.15, 0.15]}, 0.15),
+        ({"PixelSpacing": [0.0, 0.1], "ImagerPixelSpacing": [0.3, 0.3]}, 0.3),  # damaged
+        ({"PixelSpacing": 0.143}, None),  # one value says neither axis
+        ({"PixelSpacing": "text"}, None),  # '12' under a text VR was read as 1 mm
+        ({"PixelSpacing": [150.0, 150.0]}, None),  # not a radiograph's
+    ],
+)
+def test_meta_pixel_spacing_is_the_row_spacing_of_a_usable_pair(extra, spacing) -> None:
+    if extra.get("PixelSpacing") == "text":
+        import pydicom
+        from pydicom.dataelem import DataElement
+
+        ds = pydicom.dcmread(io.BytesIO(make_dicom(gradient(N, N))))
+        ds["PixelSpacing"] = DataElement(0x00280030, "LO", "12")
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        data = buf.getvalue()
+    else:
+        data = make_dicom(gradient(N, N), extra=extra)
+    got = decode(data).meta["pixel_spacing_mm"]
+    assert got == (pytest.approx(spacing) if spacing else None)
+
+
 def test_meta_is_the_allow_list_and_holds_no_identifiers() -> None:
     data = make_dicom(gradient(N, N))
     meta = decode(data, source_name="/archive/DOE^JOHN_MARKER/1.dcm").meta

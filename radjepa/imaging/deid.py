@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 from typing import Any, Final
@@ -306,16 +307,25 @@ def _manufacturer(value: Any) -> str | None:
 
 def _spacing(ds: Any) -> float | None:
     for key in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(key)
-        if value is None:
-            continue
-        try:
-            row = float(value[0] if hasattr(value, "__len__") and len(value) else value)
-        except (TypeError, ValueError, IndexError):
-            continue
-        if 0.0 < row < 100.0:
-            return row
+        pair = positive_pair(ds.get(key))
+        if pair is not None and pair[0] < 100.0:
+            return pair[0]
     return None
+
+
+def positive_pair(value: Any) -> tuple[float, float] | None:
+    """Two positive finite numbers from a two-valued element (a spacing: row, then column),
+    else None (absent, one value, which says neither axis, an unparsable or non-positive
+    one)."""
+    if isinstance(value, (str, bytes)):  # one value under a text VR: '12' is not (1, 2)
+        return None
+    try:
+        numbers = [float(v) for v in value]
+    except (TypeError, ValueError, OverflowError):  # absent, a single value, not numbers
+        return None
+    if len(numbers) != 2 or not all(math.isfinite(v) and v > 0 for v in numbers):
+        return None
+    return numbers[0], numbers[1]
 
 
 @without_value_validation

@@ -35,7 +35,7 @@ from pydicom.uid import (
 
 from radjepa.imaging.codestream import declared_size
 from radjepa.imaging.contract import MAX_PIXELS, luma
-from radjepa.imaging.deid import PHOTOMETRICS
+from radjepa.imaging.deid import PHOTOMETRICS, positive_pair
 from radjepa.imaging.errors import ImageRejected
 from radjepa.imaging.value_validation import without_value_validation
 
@@ -549,7 +549,7 @@ def pixel_aspect(ds: Dataset) -> float:
     anatomy looked different to the encoder and to similar-case search than from a square
     detector."""
     for key in _PIXEL_PROPORTIONS:
-        pair = _positive_pair(ds.get(key))
+        pair = positive_pair(ds.get(key))
         if pair is None:
             continue
         ratio = pair[0] / pair[1]
@@ -558,20 +558,6 @@ def pixel_aspect(ds: Dataset) -> float:
             continue
         return 1.0 if abs(ratio - 1.0) <= _SQUARE_WITHIN else ratio
     return 1.0
-
-
-def _positive_pair(value: Any) -> tuple[float, float] | None:
-    """Two positive finite numbers from a two-valued element, else None (absent, one value, an
-    unparsable or non-positive one)."""
-    if isinstance(value, (str, bytes)):  # one value under a text VR: '12' is not (1, 2)
-        return None
-    try:
-        numbers = [float(v) for v in value]
-    except (TypeError, ValueError, OverflowError):  # absent, a single value, not numbers
-        return None
-    if len(numbers) != 2 or not all(math.isfinite(v) and v > 0 for v in numbers):
-        return None
-    return numbers[0], numbers[1]
 
 
 @without_value_validation
