@@ -68,6 +68,8 @@ from radjepa.shards import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from radjepa.config import Config, IngestConfig
 
 __all__ = [
@@ -190,21 +192,23 @@ class _Decoder(FileDecoder):
                 os._exit(70)
 
 
-def _written_here(dst: str, dst_root: str, path: str) -> bool:
+def _outputs_filter(dst: str, dst_root: str) -> Callable[[str], bool]:
     """Whether a listed input is one of DST's own outputs (``is_output``). On a local disk the
     paths are compared as the links resolve: a source named through a symlink listed DST's
     shards, manifest and quarantine under the link's name, and every run read them back as
-    inputs (quarantined ``not_an_image``, duplicates)."""
-    if "://" in dst or "://" in path:
-        return is_output(dst_root, path)
-    return is_output(
-        _resolved(dst_root), os.path.join(_resolved(os.path.dirname(path)), os.path.basename(path))
-    )
+    inputs (quarantined ``not_an_image``, duplicates). Each folder is resolved once per run
+    (a listing holds many files per folder), not across runs: a link may since point
+    elsewhere."""
+    resolved = functools.lru_cache(maxsize=4096)(os.path.realpath)
+    root = resolved(dst_root) if "://" not in dst else dst_root
 
+    def written_here(path: str) -> bool:
+        if "://" in dst or "://" in path:
+            return is_output(dst_root, path)
+        folder, name = os.path.split(path)
+        return is_output(root, os.path.join(resolved(folder), name))
 
-@functools.lru_cache(maxsize=4096)
-def _resolved(folder: str) -> str:
-    return os.path.realpath(folder)
+    return written_here
 
 
 def run_ingest(
@@ -243,7 +247,8 @@ def run_ingest(
         dst_root = filesystem(dst)[1]
     except (OSError, pa.ArrowException) as err:
         raise IngestError(f"cannot use destination {dst}: {err}") from None
-    refs = [r for r in list_inputs(sources) if not _written_here(dst, dst_root, r["path"])]
+    written_here = _outputs_filter(dst, dst_root)
+    refs = [r for r in list_inputs(sources) if not written_here(r["path"])]
     # one run per DST: two at once stored the same new files twice and the later manifest
     # dropped the other's run (dst_lock); taken before the first write, released however it ends
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]

@@ -211,7 +211,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 step = trainer.step
                 n_since += bs * world
                 checkpoint_step = step % cfg.train.checkpoint_every == 0 or step == steps
-                log_step = checkpoint_step or step % cfg.train.log_every == 0
+                # said on the console every log_every steps and at the end; recorded (sink,
+                # report) at those and at every checkpoint
+                said_step = step % cfg.train.log_every == 0 or step == steps
+                log_step = checkpoint_step or said_step
                 if not warmed_up:
                     # the attempt's first step waited for the data pipeline to start and, on a
                     # GPU, for the compile: throughput is measured from the step after it (unless
@@ -236,7 +239,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                         break
                     if sink is not None:
                         sink.log(last, step)
-                    if rank == 0 and (step % cfg.train.log_every == 0 or step == steps):
+                    if rank == 0 and said_step:
                         log.info(
                             "step %d/%d loss %.4f lr %.2e momentum %.5f %.1f img/s",
                             step,

@@ -1516,3 +1516,22 @@ def test_an_ingest_says_no_deprecation_its_user_cannot_act_on(ray_session, tmp_p
         summary = run_ingest([str(src)], str(tmp_path / "dst"), _cfg(), progress=False)
     assert summary.ok == 1
     assert not [w for w in said if "ray_remote_args" in str(w.message)]
+
+
+def test_dst_outputs_are_told_through_links_as_they_point_at_each_run(tmp_path):
+    """Paths are resolved once per run, not once per process: a driver that ran an ingest
+    through a link to DST took a later source named by the same link, now pointing
+    elsewhere, for DST's outputs and skipped its files."""
+    from pipelines.ingest import _outputs_filter
+
+    dst, other = tmp_path / "dst", tmp_path / "other"
+    (dst / "images").mkdir(parents=True)
+    (other / "images").mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(dst)
+    listed = str(link / "images" / "part-0.parquet")
+    assert _outputs_filter(str(dst), str(dst))(listed)
+    link.unlink()
+    link.symlink_to(other)
+    assert not _outputs_filter(str(dst), str(dst))(listed)
+    assert not _outputs_filter(str(dst), str(dst))(str(dst / "raw" / "a.dcm"))

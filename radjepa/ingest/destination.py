@@ -105,8 +105,9 @@ def published_name(name: str) -> str | None:
 def is_output(root: str, path: str) -> bool:
     """Whether ``path`` is a file ingest writes into the DST at ``root`` (its shards, quarantine,
     JSON records and their temporary names, the run lock and its heartbeat's temporary), which
-    a source that holds the DST must not read back. Only those: any other file under DST is input. Skipping all of DST dropped every file
-    of a source inside it (``radjepa ingest /data/raw /data``) with only "no files found"."""
+    a source that holds the DST must not read back. Only those: any other file under DST is
+    input. Skipping all of DST dropped every file of a source inside it (``radjepa ingest
+    /data/raw /data``) with only "no files found"."""
     root = root.rstrip("/")
     if not path.startswith(f"{root}/"):
         return False
