@@ -295,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     record = run_step(step, min(step.timeout_s, left), log)
                 except Exception as exc:  # the suite's own fault: record it, run the rest
-                    record = {"step": step.name, "rc": "error", "wall_s": 0.0,
-                              "argv": step.argv, "tail": f"{type(exc).__name__}: {exc}"}  # fmt: skip
+                    tail = f"{type(exc).__name__}: {exc}"
+                    record = {"step": step.name, "rc": "error", "wall_s": 0.0, "argv": step.argv}
+                    record["tail"] = tail
             records.append(record)
             jsonl.write(json.dumps(record) + "\n")
             jsonl.flush()

@@ -177,7 +177,8 @@ def pretrain(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Pretrain a JEPA encoder with Ray Train on ingested shards (re-run the same run name to resume)."""
+    """Pretrain a JEPA encoder with Ray Train on ingested shards (re-run the same run name to
+    resume)."""
     cfg = load(config, set_)
     from pipelines.pretrain import (
         PretrainError,

@@ -9,10 +9,11 @@ record; null for shards that record none: the server pseudonymises an upload's o
 with them only when its key matches), how the shards' image ids were made
 (``image_id_scheme``: keyed ``hmac-sha256``, or the unkeyed ``sha256`` of DSTs made before
 ids were keyed and of shards that record nothing; the server hashes an upload the same way to
-recognise it in the archive) and a fixed-size-list ``embedding`` column. ``serve.index.EmbeddingIndex``
-reads that output for ``/v1/similar``. The encoder sees exactly what the served model sees:
-stored pixels -> ``radjepa.transforms.prepare_images`` -> ``encoder.embed`` (average-pooled
-patch tokens), in :class:`radjepa.inference.EncoderRunner`, the code the server runs.
+recognise it in the archive) and a fixed-size-list ``embedding`` column.
+``serve.index.EmbeddingIndex`` reads that output for ``/v1/similar``. The encoder sees exactly what
+the served model sees: stored pixels -> ``radjepa.transforms.prepare_images`` ->
+``encoder.embed`` (average-pooled patch tokens), in :class:`radjepa.inference.EncoderRunner`, the
+code the server runs.
 """
 
 from __future__ import annotations

@@ -372,7 +372,10 @@ def secret_problem(
         return f"{', '.join(names)} would be stored with the job"
     urls = sorted(n for n, v in env_vars.items() if _holds_credential(v))
     if urls:
-        return f"{', '.join(urls)} holds a credential (in a URL or a connection string), which would be stored with the job"
+        return (
+            f"{', '.join(urls)} holds a credential (in a URL or a connection string), which "
+            "would be stored with the job"
+        )
     if any(_holds_credential(a) for a in args):
         return (
             "the command holds a credential (in a URL or a connection string), which would "

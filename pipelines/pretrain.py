@@ -2,9 +2,10 @@
 
 Orchestration only: the step, schedules, masks, checkpoint format, hold-out split, resume checks
 and quality metrics live in ``radjepa`` (``engine``, ``training_data``, ``resume``,
-``monitoring``). This module decides where things run (workers, GPUs, CPUs left for Ray Data), where they are stored
-(run folder, checkpoints, MLflow) and how a run survives failures (FailureConfig restarts from
-the latest reported checkpoint; re-running the same command with the same run name resumes).
+``monitoring``). This module decides where things run (workers, GPUs, CPUs left for Ray Data), where
+they are stored (run folder, checkpoints, MLflow) and how a run survives failures (FailureConfig
+restarts from the latest reported checkpoint; re-running the same command with the same run name
+resumes).
 """
 
 from __future__ import annotations
@@ -728,7 +729,8 @@ def check_job_outputs(cfg: Config) -> None:
 
 
 def shards_location(data: str | None, cfg: Config) -> str:
-    """``--data`` wins; else the config's ``data.shards`` (so a sweep's best.yaml is a whole job)."""
+    """``--data`` wins; else the config's ``data.shards`` (so a sweep's best.yaml is a whole
+    job)."""
     location = data or cfg.data.shards
     if not location:
         raise PretrainError("no shards given: pass --data <ingest output> or set data.shards")

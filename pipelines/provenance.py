@@ -70,7 +70,8 @@ def code_tags(
     tracked_file: Path | None = None, environ: Mapping[str, str] | None = None
 ) -> dict[str, str]:
     """MLflow tags naming the code that runs: from git when it runs from a checkout, else from
-    the env vars a submitter or the cluster image set, else none (``radjepa.radjepa_version`` remains)."""
+    the env vars a submitter or the cluster image set, else none (``radjepa.radjepa_version``
+    remains)."""
     state = git_state(tracked_file or Path(__file__).resolve())
     if state is not None:
         commit, dirty = state

@@ -1,9 +1,10 @@
 """Ray Tune sweeps over dotted config keys, ranked by a metric that is comparable across trials.
 
-Imported lazily by the CLI (it pulls in Ray Tune). The JEPA loss cannot rank trials: its scale depends on the mask settings being swept. Trials are
-ranked instead by RankMe of target-encoder embeddings on a fixed image set (label-free), or by
-kNN AUROC on a labelled set when one is given. Each trial is a driver function that runs one
-TorchTrainer (the Ray Train V2 pattern); its reports reach Tune via TuneReportCallback.
+Imported lazily by the CLI (it pulls in Ray Tune). The JEPA loss cannot rank trials: its scale
+depends on the mask settings being swept. Trials are ranked instead by RankMe of target-encoder
+embeddings on a fixed image set (label-free), or by kNN AUROC on a labelled set when one is given.
+Each trial is a driver function that runs one TorchTrainer (the Ray Train V2 pattern); its reports
+reach Tune via TuneReportCallback.
 """
 
 from __future__ import annotations
@@ -450,9 +451,9 @@ class DivergedIsWorst(OptunaSearch):
 
 
 def _searcher(cfg: Config, metric: str, mode: str):
-    """Optuna (:class:`DivergedIsWorst`); for an all-choice random search, the distinct draws; else Tune's variant
-    generator seeded with ``train.seed`` (its default draws from numpy's global state, so
-    reruns of one sweep tried different settings)."""
+    """Optuna (:class:`DivergedIsWorst`); for an all-choice random search, the distinct draws;
+    else Tune's variant generator seeded with ``train.seed`` (its default draws from numpy's
+    global state, so reruns of one sweep tried different settings)."""
     if cfg.tune.search_alg == "optuna":
         return DivergedIsWorst(metric=metric, mode=mode, seed=cfg.train.seed)
     draws = distinct_draws(cfg)

@@ -707,7 +707,8 @@ def _validate(data: Mapping[str, Any]) -> Config:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``a.b=value`` and parse the value as a YAML scalar/list (``0.5``, ``[1,2]``, ``null``)."""
+    """Split ``a.b=value`` and parse the value as a YAML scalar/list (``0.5``, ``[1,2]``,
+    ``null``)."""
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like section.key=value")
     key, raw = item.split("=", 1)

@@ -2,9 +2,9 @@
 
 One row per unique image (``image_id``: an HMAC-SHA256 of the source bytes under the
 pseudonymisation key, or their plain SHA-256 in a destination made before ids were keyed; its
-key record's ``id_scheme`` says which, see ``radjepa.imaging.deid.content_id``). ``pixels`` holds the raw
-row-major array bytes of the value contract in ``radjepa.imaging.contract`` (little-endian for
-uint16), so readers need only numpy to rebuild an image.
+key record's ``id_scheme`` says which, see ``radjepa.imaging.deid.content_id``). ``pixels`` holds
+the raw row-major array bytes of the value contract in ``radjepa.imaging.contract`` (little-endian
+for uint16), so readers need only numpy to rebuild an image.
 """
 
 from __future__ import annotations

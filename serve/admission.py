@@ -75,7 +75,8 @@ class DecodeGate:
         try:
             return await asyncio.wrap_future(work)
         except asyncio.CancelledError:
-            cancelled.set()  # a job not started yet is dropped; a running one stops at its next file
+            # a job not started yet is dropped; a running one stops at its next file
+            cancelled.set()
             raise
 
     def _release(self) -> None:

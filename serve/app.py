@@ -149,8 +149,8 @@ def _multipart_error(err: MultiPartException, max_parts: int) -> ApiError:
     if cause.startswith("Maximum header size"):
         return ApiError(
             400,
-            f"a multipart part header is longer than {_PART_HEADER_BYTES} bytes: keep each part's headers "
-            "(Content-Disposition, Content-Type) short, e.g. a shorter filename",
+            f"a multipart part header is longer than {_PART_HEADER_BYTES} bytes: keep each "
+            "part's headers (Content-Disposition, Content-Type) short, e.g. a shorter filename",
             reason="multipart_header_too_large",
         )
     if cause.startswith("Maximum header count"):

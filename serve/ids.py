@@ -3,12 +3,12 @@
 An index row carries five strings (the image id and four pseudonyms). Held as Python ``str``
 objects in lists, with dicts of row lists to look values up, they took 1-2 KB a row (a 768-d
 float32 embedding is 3 KB): a gigabyte or more per million rows on every replica, for
-bookkeeping (``bench/index.py`` measures both, docs/PERFORMANCE.md). Ingest makes them lowercase hex of one length (64 characters for
-image ids, 32 for pseudonyms), so a column of such values is held as their raw bytes in one
-fixed-width numpy array (16 or 32 bytes a row); any other column (ids of other lengths, test
-ids, mixed case) as its UTF-8 bytes at the width of its longest value. Values are looked up by
-binary search over a sort order kept beside the column (8 bytes a row, only for the columns
-searched), and decoded back to ``str`` only when read.
+bookkeeping (``bench/index.py`` measures both, docs/PERFORMANCE.md). Ingest makes them lowercase hex
+of one length (64 characters for image ids, 32 for pseudonyms), so a column of such values is held
+as their raw bytes in one fixed-width numpy array (16 or 32 bytes a row); any other column (ids of
+other lengths, test ids, mixed case) as its UTF-8 bytes at the width of its longest value. Values
+are looked up by binary search over a sort order kept beside the column (8 bytes a row, only for the
+columns searched), and decoded back to ``str`` only when read.
 """
 
 from __future__ import annotations

@@ -151,9 +151,10 @@ class SamePatientOut(BaseModel):
         description="the upload's own DICOM PatientID: 'used' (pseudonymised with the key and "
         "patient identity scheme the index's shards were ingested with, and its patient's "
         "images left out); 'used_unverified' (used, but the index does not record one key and "
-        "one scheme for all its shards, so it may match nothing or only some of them); 'key_mismatch' (the server's key is not the ingest "
-        "key: it could match no archive patient and was not used, so only archive_row "
-        "applies); 'absent' (a PNG/JPEG, or a DICOM without PatientID)"
+        "one scheme for all its shards, so it may match nothing or only some of them); "
+        "'key_mismatch' (the server's key is not the ingest key: it could match no archive "
+        "patient and was not used, so only archive_row applies); 'absent' (a PNG/JPEG, or a "
+        "DICOM without PatientID)"
     )
 
 

@@ -96,7 +96,8 @@ class ProbeHead:
         f = np.asarray(features, dtype=np.float64)
         if f.ndim != 2 or f.shape[1] != self.feature_dim:
             raise HeadError(
-                f"features of shape {f.shape} do not fit this head: expected [N, {self.feature_dim}]"
+                f"features of shape {f.shape} do not fit this head: expected "
+                f"[N, {self.feature_dim}]"
             )
         logits = ((f - self.mean) / self.scale) @ self.weight + self.bias  # [N, L]
         return 1.0 / (1.0 + np.exp(-logits))

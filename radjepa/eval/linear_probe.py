@@ -218,7 +218,8 @@ def cross_val_probe(
     groups = np.asarray(groups).astype(str)
     if not (len(x) == len(y_all) == len(groups)):
         raise ValueError(
-            f"features ({len(x)}), labels ({len(y_all)}) and groups ({len(groups)}) differ in length"
+            f"features ({len(x)}), labels ({len(y_all)}) and groups ({len(groups)}) differ in "
+            "length"
         )
     if y_all.shape[1] != len(label_names):
         raise ValueError(f"{y_all.shape[1]} label columns but {len(label_names)} names")

@@ -169,7 +169,8 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         f"- checkpoint: `{report['checkpoint']}` ({enc.get('which')} encoder, step "
         f"{enc.get('step')}, {enc.get('arch')}, dim {enc.get('embed_dim')}, sha256 "
         f"`{str(enc.get('sha256', ''))[:12]}`)",
-        f"- data: `{data['csv'] or data['shards']}`: {data['n_images']} images, {data['n_patients']} patients, "
+        f"- data: `{data['csv'] or data['shards']}`: {data['n_images']} images, "
+        f"{data['n_patients']} patients, "
         f"{len(data['rejected'])} left out (listed below)",
         f"- protocol: {proto['pooling']}; standardised logistic regression C={proto['C']}; "
         f"{proto['split_text']}{_pooled(proto)}; {proto['bootstrap']} patient-level bootstrap "

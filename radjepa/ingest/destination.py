@@ -1,10 +1,10 @@
 """An ingest destination (DST): what it holds, and how it is written so that it stays whole.
 
 ``DST/images``, ``DST/quarantine`` and ``DST/duplicates`` hold Parquet files written under a
-temporary name and renamed, ``DST/manifest.json`` reconciles every run's counts, and ``DST/pseudonyms.json`` records
-which key made the pseudonyms before the first shard is written, and ``DST/.ingest.lock``
-says which run writes it now (:mod:`radjepa.ingest.dst_lock`). Any pyarrow filesystem: a
-local folder or a bucket URI.
+temporary name and renamed, ``DST/manifest.json`` reconciles every run's counts, and
+``DST/pseudonyms.json`` records which key made the pseudonyms before the first shard is written, and
+``DST/.ingest.lock`` says which run writes it now (:mod:`radjepa.ingest.dst_lock`). Any pyarrow
+filesystem: a local folder or a bucket URI.
 """
 
 from __future__ import annotations

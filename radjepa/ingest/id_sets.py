@@ -4,12 +4,13 @@ Every incremental run reads the ids of the bytes a DST has seen (``Destination.k
 and its stored DICOM instances (``InstanceIndex``) once. As Python ``str`` in a set or dict
 they took 120-185 bytes an entry, on the driver and, for the ids, again in every decoder actor
 (each unpickled its own copy from Ray's object store): at 10 million stored images 1.7 GiB of
-ids per process, 16 copies on a 16-core node, and 1.1 GiB of instances on the driver. Ingest makes these values lowercase hex of one
-length (a 64-character image id, a 32-character path hash or instance pseudonym), so they are
-held here as their raw bytes, sorted, in one fixed-width numpy array (32 or 16 bytes an entry,
-plus 4 a shard number), and looked up by binary search. Such an object pickles as a few numpy
-buffers, which Ray stores out of band: the actors of a node map one copy read-only instead of
-each building its own (``bench/identity_sets.py`` measures both, docs/PERFORMANCE.md).
+ids per process, 16 copies on a 16-core node, and 1.1 GiB of instances on the driver. Ingest makes
+these values lowercase hex of one length (a 64-character image id, a 32-character path hash or
+instance pseudonym), so they are held here as their raw bytes, sorted, in one fixed-width numpy
+array (32 or 16 bytes an entry, plus 4 a shard number), and looked up by binary search. Such an
+object pickles as a few numpy buffers, which Ray stores out of band: the actors of a node map one
+copy read-only instead of each building its own (``bench/identity_sets.py`` measures both,
+docs/PERFORMANCE.md).
 
 Exact, never lossy: a false positive would skip an image as already ingested. A value of
 another form (a hand-made or damaged id in a shard, upper-case hex) is kept as the ``str`` it
