@@ -230,11 +230,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 # a checkpoint step is a log step: its report (what Tune ranks a trial by, what
                 # a checkpoint's record says) carried the loss of the last log step before it
                 if log_step:
-                    elapsed = time.perf_counter() - t_last
                     out = {**out, "loss": mean_over_ranks(out["loss"])}  # every rank logs this step
                     last = {k: float(v) for k, v in out.items()}  # one host sync per log interval
+                    # timed after the sync: before it, the host had only queued the interval's
+                    # last steps on a GPU, and their time fell in no interval
+                    elapsed = time.perf_counter() - t_last
                     last["img_per_s"] = n_since / max(elapsed, 1e-9)
-                    t_last, n_since = time.perf_counter(), 0
+                    n_since = 0
                     if not np.isfinite(last["loss"]):
                         diverged = f"the loss became {last['loss']}"
                         break
@@ -269,6 +271,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                             )
                             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt_dir))
                         ray.train.report(metrics, checkpoint=checkpoint)
+                if log_step:  # a checkpoint's metrics and upload are not training time
+                    t_last = time.perf_counter()
                 _maybe_inject_failure(cfg, rank, step, run_dir)
                 if step >= steps:
                     break

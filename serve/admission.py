@@ -58,11 +58,8 @@ class DecodeGate:
         unless ``continuing``: a later step of a request the gate already admitted (the search
         after its decode and forward) is never refused, which would throw away work already
         paid for and answer 503 to a request that was let in."""
-        if self._admitted >= self.limit and not continuing:
-            raise Overloaded(
-                f"{self._admitted} requests are already decoding, searching or waiting "
-                f"({self.workers} worker threads)"
-            )
+        if not continuing:
+            self.check()
         cancelled = threading.Event()
         loop = asyncio.get_running_loop()
         work = self._pool.submit(job, cancelled)  # the release below is queued on this loop,
@@ -78,6 +75,16 @@ class DecodeGate:
             # a job not started yet is dropped; a running one stops at its next file
             cancelled.set()
             raise
+
+    def check(self) -> None:
+        """Raise :class:`Overloaded` when the queue is full. Also called before a request's
+        body is read: an overloaded replica then refuses it without taking in its upload (up
+        to ``max_body_mb`` each) first."""
+        if self._admitted >= self.limit:
+            raise Overloaded(
+                f"{self._admitted} requests are already decoding, searching or waiting "
+                f"({self.workers} worker threads)"
+            )
 
     def _release(self) -> None:
         self._admitted -= 1

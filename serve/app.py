@@ -218,7 +218,9 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
     """Raw image body or multipart files -> bytes; 415 for anything else."""
     media = _media_type(request)
     if media in IMAGE_MEDIA_TYPES:
-        data = await request.body()
+        # read here, not by request.body(), which keeps the bytes on the request until its
+        # answer is written: the upload is let go once decoded
+        data = b"".join([chunk async for chunk in request.stream()])
         if not data:
             raise ApiError(422, "empty request body", reason="empty")
         return [_Upload(data, None)]
@@ -320,6 +322,9 @@ def _decode_all(
         up.patient_pid = decoded.meta.get("patient_pid")
         up.instance_pid = decoded.meta.get("instance_pid")
         up.image_id = str(decoded.meta["image_id"])
+        # decoded, its bytes are not used again: held to the answer, through the forward's
+        # queue and the search, a replica's memory grew with every request in flight
+        up.data = b""
         out.append(decoded.pixels)
     return out
 
@@ -553,6 +558,10 @@ def create_app(
             504: "request timed out",
         }.items()
     }
+    image_errors = {
+        **errors,
+        400: {"model": ErrorOut, "description": "malformed or cut-short multipart body"},
+    }
     image_body = {
         "requestBody": {
             "required": True,
@@ -582,6 +591,7 @@ def create_app(
     ) -> tuple[list[_Upload], list[ImageEmbedding]]:
         """Read, decode and embed the uploads; ``check(uploads)`` runs between decoding and
         the forward (a refusal that depends on what the files hold costs no encoder time)."""
+        gate.check()
         uploads = await _read_uploads(request, settings)
         if patch_tokens and len(uploads) * tokens_per_image > settings.max_patch_token_values:
             most = max(1, settings.max_patch_token_values // tokens_per_image)
@@ -666,7 +676,7 @@ def create_app(
         "/v1/embed",
         response_model=EmbedResponse,
         tags=["v1"],
-        responses=errors,
+        responses=image_errors,
         openapi_extra=image_body,
         dependencies=auth,
     )
@@ -706,7 +716,7 @@ def create_app(
         "/v1/classify",
         response_model=ClassifyResponse,
         tags=["v1"],
-        responses=errors,
+        responses=image_errors,
         openapi_extra=image_body,
         dependencies=auth,
     )
@@ -740,7 +750,7 @@ def create_app(
         "/v1/similar",
         response_model=SimilarResponse,
         tags=["v1"],
-        responses=errors,
+        responses=image_errors,
         openapi_extra=image_body,
         dependencies=auth,
     )

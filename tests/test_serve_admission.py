@@ -275,3 +275,68 @@ def test_a_replica_asking_more_cpus_than_any_node_has_is_said_before_deploying(
     with caplog.at_level("WARNING", logger="serve.deployment"):
         check_replica_fits(largest + 1)
     assert "once the autoscaler adds a node that big" in caplog.text
+
+
+def test_a_full_queue_refuses_a_request_before_taking_in_its_body(embedder) -> None:
+    """An overloaded replica read each upload (up to max_body_mb) before answering 503, so
+    its memory grew with the requests it refused."""
+    app = _app(embedder, decode_workers=1, max_pending_decodes=1)
+    gate: DecodeGate = app.state.decode_gate
+    release = threading.Event()
+    chunks_read: list[int] = []
+
+    async def call() -> list[dict]:
+        async def receive() -> dict:
+            chunks_read.append(1)
+            return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
+
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        headers = [
+            (b"authorization", AUTH["Authorization"].encode()),
+            (b"content-type", b"image/png"),
+            (b"content-length", str(64 * 2**20).encode()),
+        ]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v1/embed",
+            "raw_path": b"/v1/embed",
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+        return sent
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        held = [client.portal.start_task_soon(gate.run, lambda c: release.wait(60))]
+        deadline = time.monotonic() + 30
+        while gate.admitted < gate.limit and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sent = client.portal.call(call)
+        release.set()
+        held[0].result(timeout=30)
+    assert sent[0]["status"] == 503
+    assert len(chunks_read) <= 1  # at most the first chunk (a middleware's peek), not 64 MB
+
+
+def test_an_upload_s_bytes_are_let_go_once_decoded(embedder, nih_dir) -> None:
+    """Held to the answer, through the forward's queue and the search, every request in
+    flight kept its whole upload."""
+    from serve.app import _decode_all, _Upload
+
+    app = _app(embedder)
+    uploads = [_Upload(p.read_bytes(), p.name) for p in nih_pngs(nih_dir, 2)]
+    pixels = _decode_all(uploads, app.state, None, threading.Event())
+    assert len(pixels) == 2
+    assert [len(up.data) for up in uploads] == [0, 0]
+    assert all(len(up.image_id) == 64 for up in uploads)  # what is still used: the ids
