@@ -875,6 +875,14 @@ def probe_cmd(
         list[str] | None,
         typer.Option("--structure", help="Mask column of --seg-csv (repeat per structure)."),
     ] = None,
+    seg_group_col: Annotated[
+        str | None,
+        typer.Option(
+            "--seg-group-col",
+            help="Patient-id column of --seg-csv (default: --group-col's with --csv, else "
+            "patient_id).",
+        ),
+    ] = None,
     mlflow: Annotated[
         bool, typer.Option("--mlflow/--no-mlflow", help="Log the run to MLflow.")
     ] = True,
@@ -936,6 +944,7 @@ def probe_cmd(
             seg_csv=seg_file,
             structures=structure or [],
             group_col=group_col or ("patient_id" if csv is not None else "patient_pid"),
+            seg_group_col=seg_group_col,
         )
     except (DatasetError, CheckpointError, FileNotFoundError) as err:
         raise UserError(str(err)) from None

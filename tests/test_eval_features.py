@@ -46,8 +46,25 @@ def test_label_specs_and_binarisation_follow_the_documented_mapping():
         binarise(["PA", "AP"], LabelSpec("view", "LL"))
     with pytest.raises(DatasetError, match="--label grade=a"):
         binarise(["a", "b", "c"], LabelSpec("grade"))
-    with pytest.raises(DatasetError, match="empty in 1 rows"):
+    with pytest.raises(DatasetError, match=r"empty or not known \(''\) in 1 rows"):
         binarise(["F", "", "M"], LabelSpec("sex"))
+
+
+def test_numeric_labels_must_be_0_or_1_or_name_their_positive_value():
+    """Sorted as text, the "second value" of a numeric column was its positive class: NaN in
+    a column of 1 and NaN (every true positive scored as a negative), 0 in a CheXpert-style
+    column of -1 (uncertain) and 0, all under the finding's own name."""
+    with pytest.raises(DatasetError, match=r"not known \('NaN'\) in 2 rows \(first data row 2\)"):
+        binarise(["1", "NaN", "NaN", "1"], LabelSpec("Effusion"))
+    for cells in (["-1", "0", "-1", "0"], ["0", "1", "-1"], ["0.0", "2"]):
+        with pytest.raises(DatasetError, match="numbers other than 0 and 1.*--label Effusion=1"):
+            binarise(cells, LabelSpec("Effusion"))
+    y, pos = binarise(["-1", "0", "1", "1"], LabelSpec("Effusion", "1"))  # uncertain: negative
+    assert pos == "1" and y.tolist() == [0, 0, 1, 1]
+    y, pos = binarise(["0.0", "1.0", "1"], LabelSpec("Effusion"))
+    assert pos is None and y.tolist() == [0, 1, 1]
+    y, pos = binarise(["F", "M"], LabelSpec("sex"))  # categories as before
+    assert pos == "M" and y.tolist() == [0, 1]
 
 
 def test_named_values_match_inside_multi_label_cells(nih_dir):
@@ -104,6 +121,43 @@ def test_csv_dataset_reports_undecodable_images_and_refuses_missing_ones(tmp_pat
         load_csv_dataset(tmp_path / "bad.csv", label_cols=["view"], size=64)
     with pytest.raises(DatasetError, match="missing column"):
         load_csv_dataset(tmp_path / "labels.csv", label_cols=["sex"], size=64)
+
+
+def test_a_label_cell_is_said_by_its_csv_row_before_any_decode(tmp_path, nih_dir):
+    """The check ran on the rows left after undecodable images: an empty cell was said at
+    the wrong row (row 3 for the CSV's row 5 here), and only after every image decoded."""
+    imgs = sorted((nih_dir / "images").glob("*.png"))[:3]
+    for p in imgs:
+        shutil.copy(p, tmp_path / p.name)
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    lines = ["image,patient_id,Effusion", "a.png,1,0", "b.png,2,1"]
+    lines += [f"{p.name},{i + 3},{'' if i == 2 else i % 2}" for i, p in enumerate(imgs)]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"in 1 rows \(first data row 5\)"):
+        load_csv_dataset(tmp_path / "labels.csv", label_cols=["Effusion"], size=64)
+
+
+def test_an_image_listed_twice_with_another_patient_or_label_is_refused(tmp_path, nih_dir):
+    """Under two patients one image sat on both sides of a split and was its own "other
+    patient" neighbour at similarity 1; with two labels it was scored as both classes."""
+    imgs = sorted((nih_dir / "images").glob("*.png"))[:3]
+    for p in imgs:
+        shutil.copy(p, tmp_path / p.name)
+    lines = ["image,patient_id,Effusion"] + [f"{p.name},{i},{i % 2}" for i, p in enumerate(imgs)]
+    for extra, said in (
+        (f"./{imgs[0].name},9,0", "patient_id"),
+        (f"{imgs[1].name},1,0", "Effusion"),
+    ):
+        (tmp_path / "labels.csv").write_text("\n".join([*lines, extra]) + "\n")
+        with pytest.raises(
+            DatasetError, match=f"rows [12] and 4 list the same image with another {said}"
+        ):
+            load_csv_dataset(tmp_path / "labels.csv", label_cols=["Effusion"], size=64)
+    # listed again as it was: kept, with itself
+    (tmp_path / "labels.csv").write_text("\n".join([*lines, lines[1]]) + "\n")
+    ds = load_csv_dataset(tmp_path / "labels.csv", label_cols=["Effusion"], size=64)
+    assert len(ds.images) == 4 and ds.groups.tolist() == ["0", "1", "2", "0"]
 
 
 def test_blank_patient_ids_are_each_their_own_patient_not_one_shared_patient(tmp_path, nih_dir):

@@ -559,10 +559,12 @@ def test_probe_decodes_images_as_serving_does_for_the_checkpoint(tmp_path, nih_d
 
 
 def test_probe_on_shards_of_mixed_formats_leaves_out_images_without_the_label(
-    tmp_path, checkpoint, tiny_cfg, nih_dir
+    tmp_path, checkpoint, tiny_cfg, nih_dir, seg_csv
 ):
     # an archive of DICOMs and PNGs: the PNGs' shard rows carry no view_position, and the
-    # probe refused the whole set ("fill or drop them") although a shard cannot be edited
+    # probe refused the whole set ("fill or drop them") although a shard cannot be edited.
+    # Its mask CSV is split by its patient_id: it was looked up as the shards' patient_pid,
+    # which no mask CSV has, and split image by image
     import hashlib
 
     from shard_tables import write_shard
@@ -584,6 +586,13 @@ def test_probe_on_shards_of_mixed_formats_leaves_out_images_without_the_label(
         sex=[None if i in png else r["sex"] for i, r in enumerate(meta)],
     )
 
+    rows = seg_csv.read_text().splitlines()
+    masks = [
+        f"{seg_csv.parent / a},{seg_csv.parent / b},p{i // 2}"
+        for i, r in enumerate(rows[1:])
+        for a, b in [r.split(",")]
+    ]
+    (tmp_path / "masks.csv").write_text("\n".join(["image,disc,patient_id", *masks]) + "\n")
     report = run_probe(
         checkpoint,
         None,
@@ -592,7 +601,10 @@ def test_probe_on_shards_of_mixed_formats_leaves_out_images_without_the_label(
         tiny_cfg,
         shards=tmp_path / "shards",
         group_col="patient_pid",
+        seg_csv=tmp_path / "masks.csv",
+        structures=["disc"],
     )
+    assert report["segmentation"]["grouped_by"] == "patient_id"
     assert report["data"]["n_images"] == n - len(png)
     assert [r["image_id"] for r in report["data"]["rejected"]] == [ids[i] for i in sorted(png)]
     md = (tmp_path / "out" / "report.md").read_text()

@@ -80,14 +80,23 @@ def parse_label_spec(spec: str | LabelSpec) -> LabelSpec:
     return LabelSpec(col, pos if sep else None)
 
 
+# cells that say a label is not known (pandas writes NaN for an empty cell)
+_MISSING = frozenset({"", "nan", "na", "n/a", "null"})
+
+
 def binarise(values: Sequence[str], spec: LabelSpec) -> tuple[np.ndarray, str | None]:
-    """0/1 targets for one column and the positive class used (None when already 0/1)."""
+    """0/1 targets for one column and the positive class used (None when already 0/1).
+
+    A numeric column must hold 0 and 1 only: as categories its values sorted as text, and the
+    "second value" taken as the positive class was NaN in a column of 1 and NaN (every true
+    positive scored as a negative) or 0 in a CheXpert-style column of -1 (uncertain) and 0,
+    under the finding's own name."""
     vals = [v.strip() for v in values]
-    missing = [i for i, v in enumerate(vals) if v == ""]
+    missing = [i for i, v in enumerate(vals) if v.lower() in _MISSING]
     if missing:
         raise DatasetError(
-            f"label column {spec.column!r} is empty in {len(missing)} rows "
-            f"(first data row {missing[0] + 1}); fill or drop them"
+            f"label column {spec.column!r} is empty or not known ({vals[missing[0]]!r}) in "
+            f"{len(missing)} rows (first data row {missing[0] + 1}); fill or drop them"
         )
     distinct = sorted(set(vals))
     if spec.positive is not None:
@@ -100,14 +109,30 @@ def binarise(values: Sequence[str], spec: LabelSpec) -> tuple[np.ndarray, str | 
                 f"{spec.column!r} (values: {known[:10]})"
             )
         return np.array([spec.positive in m for m in members], dtype=np.int8), spec.positive
-    if set(distinct) <= {"0", "1", "0.0", "1.0"}:
+    numbers = _numbers(distinct)
+    if numbers is not None and numbers <= {0.0, 1.0}:
         return np.array([float(v) for v in vals], dtype=np.int8), None
+    if numbers is not None:
+        raise DatasetError(
+            f"label column {spec.column!r} holds numbers other than 0 and 1 ({distinct[:10]}; "
+            "-1 marks an uncertain finding in CheXpert-style labels): map them to 0 or 1 in "
+            f"the CSV, or name the positive value, e.g. --label {spec.column}=1"
+        )
     if len(distinct) == 2:
         return np.array([v == distinct[1] for v in vals], dtype=np.int8), distinct[1]
     raise DatasetError(
         f"label column {spec.column!r} has {len(distinct)} values {distinct[:10]}; name the "
         f"positive class, e.g. --label {spec.column}={distinct[0]}"
     )
+
+
+def _numbers(values: Sequence[str]) -> set[float] | None:
+    """The values as numbers, or None when one of them is not a finite number."""
+    try:
+        numbers = {float(v) for v in values}
+    except ValueError:
+        return None
+    return numbers if all(np.isfinite(x) for x in numbers) else None
 
 
 def read_csv_rows(csv_path: Path, what: str = "labels CSV") -> list[dict[str, str]]:
@@ -189,6 +214,10 @@ def load_csv_dataset(
     absent = [c for c in needed if c not in rows[0]]
     if absent:
         raise DatasetError(f"{path}: missing column(s) {absent}; has {list(rows[0])}")
+    _check_repeats(rows, path, image_col, [group_col or "", *(s.column for s in specs)])
+    # the labels of every row, before the decode: an unusable cell is said at once, by its
+    # CSV row, and the positive class does not depend on which images decoded
+    labels, positive, names = _labels_for(rows, specs)
     key = secret if secret is not None else os.urandom(32)
     images, kept, rejected = [], [], []
     for i, row in enumerate(rows):
@@ -209,20 +238,37 @@ def load_csv_dataset(
             log.warning("skipping %s row %d: %s", path.name, i + 1, err)
             continue
         images.append(dec.pixels)
-        kept.append(row)
+        kept.append(i)
     if not kept:
         raise DatasetError(f"{path}: no image could be decoded ({len(rejected)} rejected)")
-    labels, positive, names = _labels_for(kept, specs)
-    groups = patient_ids(kept, image_col, group_col, path)
+    groups = patient_ids([rows[i] for i in kept], image_col, group_col, path)
     return Dataset(
         images=np.stack(images),
-        labels=labels,
+        labels=labels[kept],
         label_names=names,
         positive=positive,
         groups=groups,
-        paths=[r[image_col] for r in kept],
+        paths=[rows[i][image_col] for i in kept],
         rejected=rejected,
     )
+
+
+def _check_repeats(
+    rows: Sequence[dict[str, str]], source: Path, image_col: str, columns: Sequence[str]
+) -> None:
+    """Refuse an image listed twice with another patient or label: under two patients it could
+    sit on both sides of a split and find itself as another patient's neighbour at similarity
+    1, and with two labels it was scored as both classes. A row repeated with the same values
+    stays (grouped with itself, as one patient)."""
+    first: dict[Path, int] = {}
+    for i, row in enumerate(rows):
+        j = first.setdefault((source.parent / row[image_col]).resolve(), i)
+        differ = [c for c in columns if c and rows[j][c].strip() != row[c].strip()]
+        if differ:
+            raise DatasetError(
+                f"{source} rows {j + 1} and {i + 1} list the same image with another "
+                f"{' and '.join(differ)}: list each image once, with its one patient and label"
+            )
 
 
 def patient_ids(

@@ -191,6 +191,7 @@ def run_probe(
     pca_images: int = 4,
     seg_csv: str | os.PathLike[str] | None = None,
     structures: Sequence[str] = (),
+    seg_group_col: str | None = None,
 ) -> dict[str, Any]:
     """Probe a checkpoint on a labels CSV; write report.json/.md, ROC/PCA PNGs and ``head/``.
 
@@ -199,7 +200,9 @@ def run_probe(
     written as ``report.json``). The head is fitted on every image with the encoder's
     features, for serving; the reported numbers are out-of-fold. With ``seg_csv`` (image +
     one mask column per name in ``structures``) a segmentation probe runs on the encoder and
-    on the random-init baseline, and the report gains held-out Dice per structure.
+    on the random-init baseline, and the report gains held-out Dice per structure, split by
+    the mask CSV's ``seg_group_col`` (by default ``group_col`` beside a labels CSV, else
+    ``patient_id``).
     """
     from radjepa.checkpoint import CheckpointError, load_encoder, read_meta
 
@@ -246,8 +249,11 @@ def run_probe(
         )
     # read before any feature is extracted or file written: a bad mask CSV found after the
     # probe had overwritten the head and plots of an earlier run in --out, report kept
+    # the mask CSV's patient column: as the labels CSV's, or patient_id beside shards (whose
+    # patient_pid a mask CSV does not have: its patients were split image by image)
+    seg_group_col = seg_group_col or (group_col if csv is not None else "patient_id")
     seg_data = (
-        load_seg_csv(seg_csv, structures, group_col=group_col, **decode)
+        load_seg_csv(seg_csv, structures, group_col=seg_group_col, **decode)
         if seg_csv is not None
         else None
     )
@@ -317,7 +323,7 @@ def run_probe(
             {"ours": encoder, "random_init": random_encoder},
             cfg,
             dev,
-            group_col,
+            seg_group_col,
         )
 
     roc_curves: dict[str, dict[str, Any]] = {}
