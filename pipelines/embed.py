@@ -148,7 +148,7 @@ def run_embed(
     import ray
 
     from pipelines.runtime import ensure_ray, read_parquet, remote_error_message, resolve_use_gpu
-    from radjepa.checkpoint import CheckpointError, read_meta
+    from radjepa.checkpoint import CheckpointError, saved_config
     from radjepa.eval.heads import HeadError, checkpoint_fingerprint
     from radjepa.ingest.destination import id_scheme_of, recorded_pseudonyms
     from radjepa.ingest.errors import IngestError
@@ -171,7 +171,7 @@ def run_embed(
         # every actor reads meta.json first; a folder without one (the shards given as
         # --model, say) failed in each actor after Ray started: ~300 lines of retried actor
         # tracebacks before the one line that says why, and OUT left behind with its marker
-        read_meta(resolved.path)
+        model_cfg = saved_config(resolved.path)
     except (ModelNotFound, CheckpointError) as err:
         raise EmbedError(str(err)) from None
     model_label = f"{resolved.name}:{resolved.version}" if resolved.name else None
@@ -207,6 +207,8 @@ def run_embed(
             "(exclude_same_patient says so in each answer); ingest into a new DST to record it",
             shards_dir,
         )
+
+    _say_decode_mismatch(str(shards_dir), model_cfg)
 
     ensure_ray()
     use_gpu = resolve_use_gpu(cfg.serve.use_gpu)
@@ -279,6 +281,25 @@ def run_embed(
         patient_identity=pseudonyms.get("patient_identity"),
         image_id_scheme=str(pseudonyms["id_scheme"]),
     )
+
+
+def _say_decode_mismatch(shards_dir: str, model_cfg: Config) -> None:
+    """Warn when the shards were made otherwise than the model decodes uploads: the server
+    compares a query decoded its way with rows made the other way (say windowed at other
+    percentiles), and the similar-case search ranks them worse, without a word."""
+    from radjepa.training_data import TrainingDataError, decode_mismatch
+
+    try:
+        mismatch = decode_mismatch(shards_dir, model_cfg)
+    except (TrainingDataError, OSError, ValueError) as err:  # read again, and said, below
+        log.debug("decode settings of %s not compared: %s", shards_dir, err)
+        return
+    if mismatch:
+        log.warning(
+            "%s: the index will hold rows made otherwise than the queries the server decodes "
+            "(ingest with the model's settings into a new DST for matching rows)",
+            mismatch,
+        )
 
 
 def _record_parts(fs: Any, folder: str, counts: dict[str, int]) -> None:

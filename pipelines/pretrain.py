@@ -482,10 +482,11 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
     from pipelines.runtime import ensure_ray
     from radjepa.masks import MasksUnsatisfiable, check_masks
     from radjepa.resume import check_resume_workers, find_resume_point
-    from radjepa.training_data import inspect_shards
+    from radjepa.training_data import inspect_shards, with_stored_decode
 
     try:
         info = inspect_shards(data, cfg)
+        cfg = with_stored_decode(cfg, info)
         log.info(
             "%d images (%d for training, %d held out), %d px %s",
             info.rows,

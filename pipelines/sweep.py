@@ -561,7 +561,7 @@ def run_sweep(
 
 def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool) -> SweepResult:
     from pipelines.pretrain import PretrainError, prepare_outputs
-    from radjepa.training_data import TrainingDataError, inspect_shards
+    from radjepa.training_data import TrainingDataError, inspect_shards, with_stored_decode
 
     if num_samples not in (None, 1) and not resume and cfg.tune.search_alg == "grid":
         # said as the config says tune.num_samples (Tune would repeat each point; the sweep
@@ -576,6 +576,7 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         info = inspect_shards(data, cfg)
     except TrainingDataError as err:
         raise SweepError(str(err)) from None
+    cfg = with_stored_decode(cfg, info)
     masks_checked: set[str] = set()
     _check_masks(checked, masks_checked)  # seconds per mask section: after a --data typo's line
     given = cfg  # what best.yaml starts from (a trial's adjustments below are not the user's)

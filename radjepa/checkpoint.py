@@ -460,6 +460,12 @@ def _load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], what: str
         raise CheckpointError(f"{what} does not match the model: {err}") from None
 
 
+def saved_config(path: str | os.PathLike[str]) -> Config:
+    """The config the checkpoint folder ``path`` was trained with (:func:`_saved_config`),
+    without loading its weights."""
+    return _saved_config(Path(path), read_meta(path))
+
+
 def _saved_config(p: Path, meta: dict[str, Any]) -> Config:
     """The config a checkpoint was trained with. Training and serving are upgraded apart, so a
     key this version does not know is dropped with a warning, unless it is in ``model`` (an

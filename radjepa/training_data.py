@@ -8,6 +8,7 @@ of which images are trained on; ``pipelines.pretrain`` only wires these into Ray
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,17 @@ __all__ = [
     "ShardSummary",
     "TrainingDataError",
     "check_global_batch",
+    "decode_mismatch",
     "decode_training_batch",
     "inspect_shards",
     "is_holdout",
     "shard_dataset",
+    "stored_decode",
     "training_files",
+    "with_stored_decode",
 ]
+
+log = logging.getLogger(__name__)
 
 # the columns a training stream reads (never the metadata the images carry)
 TRAINING_COLUMNS = ["image_id", "pixels", "height", "width", "dtype"]
@@ -57,6 +63,8 @@ class ShardSummary:
     # the content id of its source file, radjepa.imaging.deid.content_id) and the stored size
     # and dtype; MLflow records it per run
     fingerprint: str = ""
+    # the ingest.window_percentiles the DST's manifest records (None: not an ingest DST)
+    window: tuple[float, float] | None = None
 
 
 def training_files(data: str) -> tuple[Any, list[str]]:
@@ -127,7 +135,89 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
     digest = hashlib.sha256(f"{size}\n{dtype}\n".encode())
     for image_id in sorted(ids):
         digest.update(f"{image_id}\n".encode())
-    return ShardSummary(images, len(ids), n_train, held, size, dtype, digest.hexdigest())
+    window = _recorded_window(data)
+    return ShardSummary(images, len(ids), n_train, held, size, dtype, digest.hexdigest(), window)
+
+
+def _recorded_window(data: str) -> tuple[float, float] | None:
+    from radjepa.ingest.destination import recorded_window
+    from radjepa.ingest.errors import IngestError
+
+    try:
+        return recorded_window(data)
+    except (IngestError, OSError, ValueError) as err:  # a damaged manifest: the shards stand
+        log.warning("cannot read the window the shards were ingested with: %s", err)
+        return None
+
+
+def with_stored_decode(cfg: Config, info: ShardSummary) -> Config:
+    """``cfg`` with its ``ingest`` section set to how the shards were made (stored size and
+    dtype, and the DST's window), which the checkpoint records.
+
+    The served model decodes uploads with the checkpoint's ingest settings (as do the probe and
+    the similar-case search's queries): a run trained on shards ingested with settings other
+    than its config's (``--set ingest.image_size=512`` at ingest, the defaults at pretrain)
+    recorded the config's, and served uploads windowed or scaled otherwise than every image
+    it learnt from, without a word."""
+    stored: dict[str, Any] = {"ingest.image_size": info.size, "ingest.dtype": info.dtype}
+    if info.window is not None:
+        stored["ingest.window_percentiles"] = list(info.window)
+    said = _decode_of(cfg)
+    differ = {k: v for k, v in stored.items() if said[k] != v}
+    if not differ:
+        return cfg
+    log.warning(
+        "the shards were ingested with %s, the config says %s: the run records the shards' "
+        "settings, which the served model decodes uploads with",
+        ", ".join(f"{k}={v}" for k, v in differ.items()),
+        ", ".join(f"{k}={said[k]}" for k in differ),
+    )
+    return cfg.with_overrides(differ)
+
+
+def _decode_of(cfg: Config) -> dict[str, Any]:
+    ing = cfg.ingest
+    return {
+        "ingest.image_size": ing.image_size,
+        "ingest.dtype": ing.dtype,
+        "ingest.window_percentiles": [float(v) for v in ing.window_percentiles],
+    }
+
+
+def stored_decode(data: str) -> dict[str, Any]:
+    """How the shards at ``data`` were made, as :func:`with_stored_decode` names it
+    (``ingest.image_size``, ``ingest.dtype`` and, where the DST records it,
+    ``ingest.window_percentiles``); only the size and dtype columns are read."""
+    table = shard_dataset(data).to_table(columns=["height", "width", "dtype"])
+    made: dict[str, Any] = {}
+    sizes = set(table.column("height").to_pylist()) | set(table.column("width").to_pylist())
+    dtypes = set(table.column("dtype").to_pylist())
+    if len(sizes) == 1:
+        made["ingest.image_size"] = sizes.pop()
+    if len(dtypes) == 1:
+        made["ingest.dtype"] = dtypes.pop()
+    window = _recorded_window(data)
+    if window is not None:
+        made["ingest.window_percentiles"] = list(window)
+    return made
+
+
+def decode_mismatch(data: str, cfg: Config) -> str | None:
+    """In words, how the shards at ``data`` were made otherwise than the checkpoint config
+    ``cfg`` decodes uploads; None when they agree. The served model decodes a query with the
+    checkpoint's settings: an index of shards made otherwise compares pixels windowed or
+    scaled otherwise."""
+    served = _decode_of(cfg)
+    made = stored_decode(data)
+    differ = [k for k, v in made.items() if served[k] != v]
+    if not differ:
+        return None
+    return (
+        f"the shards at {data} were made with "
+        + ", ".join(f"{k}={made[k]}" for k in differ)
+        + "; the model decodes uploads with "
+        + ", ".join(f"{k}={served[k]}" for k in differ)
+    )
 
 
 def check_global_batch(n_train: int, cfg: Config) -> None:

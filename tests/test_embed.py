@@ -552,3 +552,19 @@ def test_an_embed_run_starts_no_more_encoder_actors_than_it_has_batches_or_block
     broken = tmp_path / "not-parquet.parquet"
     broken.write_bytes(b"not a parquet file")
     assert default_actors(8, False, [*shards(200, 200, 200, 200), str(broken)], 32) == 4
+
+
+def test_shards_made_otherwise_than_the_model_decodes_are_said(embedded, caplog):
+    """The server decodes a query with the checkpoint's ingest settings; an index of shards
+    made otherwise (another dtype, size or window) ranked its rows worse without a word."""
+    from pipelines.embed import _say_decode_mismatch
+    from radjepa.checkpoint import saved_config
+
+    shards = str(embedded["root"] / "ingest")
+    model_cfg = saved_config(embedded["ckpt"])
+    with caplog.at_level("WARNING", logger="pipelines"):
+        _say_decode_mismatch(shards, model_cfg)
+        assert not caplog.text  # made as the model decodes: nothing to say
+        _say_decode_mismatch(shards, model_cfg.with_overrides({"ingest.dtype": "uint16"}))
+    assert "made with ingest.dtype=uint8" in caplog.text
+    assert "decodes uploads with ingest.dtype=uint16" in caplog.text

@@ -559,7 +559,7 @@ def test_probe_decodes_images_as_serving_does_for_the_checkpoint(tmp_path, nih_d
 
 
 def test_probe_on_shards_of_mixed_formats_leaves_out_images_without_the_label(
-    tmp_path, checkpoint, tiny_cfg, nih_dir, seg_csv
+    tmp_path, checkpoint, tiny_cfg, nih_dir, seg_csv, caplog
 ):
     # an archive of DICOMs and PNGs: the PNGs' shard rows carry no view_position, and the
     # probe refused the whole set ("fill or drop them") although a shard cannot be edited.
@@ -605,6 +605,9 @@ def test_probe_on_shards_of_mixed_formats_leaves_out_images_without_the_label(
         structures=["disc"],
     )
     assert report["segmentation"]["grouped_by"] == "patient_id"
+    # shards stored at 64 px, a model that decodes uploads at its own size: said
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("made with ingest.image_size=64" in m and "the served head" in m for m in said)
     assert report["data"]["n_images"] == n - len(png)
     assert [r["image_id"] for r in report["data"]["rejected"]] == [ids[i] for i in sorted(png)]
     md = (tmp_path / "out" / "report.md").read_text()

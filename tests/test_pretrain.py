@@ -319,6 +319,31 @@ def test_clear_errors_before_any_cluster_work(tmp_path, shards):
     assert err.value.__cause__ is None and not (tmp_path / too_big.train.run_name).exists()
 
 
+def test_a_run_records_the_decode_settings_its_shards_were_made_with(tmp_path, shards, caplog):
+    """The checkpoint recorded the config's ingest section, whatever the shards were made
+    with, and the served model decodes uploads by it: shards ingested at other settings were
+    served otherwise than every image the encoder learnt from."""
+    from radjepa.training_data import inspect_shards, with_stored_decode
+
+    made = json.loads((shards / "manifest.json").read_text())["image"]
+    other = _cfg(
+        tmp_path,
+        **{"ingest.dtype": "uint16", "ingest.window_percentiles": [2.0, 98.0]},
+    )
+    info = inspect_shards(str(shards), other)
+    assert info.window == tuple(made["window_percentiles"])
+    with caplog.at_level("WARNING", logger="radjepa"):
+        adopted = with_stored_decode(other, info)
+    ing = adopted.ingest
+    assert (ing.image_size, ing.dtype) == (made["size"], made["dtype"])
+    assert list(ing.window_percentiles) == made["window_percentiles"]
+    assert "ingest.dtype=uint8" in caplog.text and "ingest.dtype=uint16" in caplog.text
+    # the shard folder given itself finds the DST's window too; the same settings say nothing
+    caplog.clear()
+    assert inspect_shards(str(shards / "images"), adopted).window == info.window
+    assert with_stored_decode(adopted, info) is adopted and not caplog.text
+
+
 def test_relative_outputs_inside_a_ray_job_are_refused(tmp_path, monkeypatch):
     # a job's relative path lands in its temporary, hash-named working dir on the head
     from pipelines.pretrain import PretrainError, prepare_outputs

@@ -205,6 +205,7 @@ def run_probe(
     ``patient_id``).
     """
     from radjepa.checkpoint import CheckpointError, load_encoder, read_meta
+    from radjepa.training_data import decode_mismatch
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -239,6 +240,13 @@ def run_probe(
         )
     else:
         ds = load_shard_dataset(shards, labels, group_col or None, limit=limit)
+        mismatch = decode_mismatch(str(shards), enc_cfg)
+        if mismatch:  # the head is fitted on these pixels, and served on the others
+            log.warning(
+                "%s: the scores and the head are of pixels made otherwise than the uploads "
+                "the served head will see",
+                mismatch,
+            )
     n_patients = len(np.unique(ds.groups))
     if n_patients < 2:
         # every metric here compares patients with other patients (folds, neighbours)

@@ -519,6 +519,30 @@ def check_window(previous: dict[str, Any] | None, settings: dict[str, Any]) -> N
         )
 
 
+def recorded_window(dst: str) -> tuple[float, float] | None:
+    """The ``ingest.window_percentiles`` the ingest output ``dst`` (or its ``images`` folder)
+    windowed its DICOMs with, from its manifest; None where it records none. The stored size
+    and dtype are in every shard row; the window is only here."""
+    fs, places = _record_places(dst)
+    for folder, spelled in places:
+        image = (_read_json(fs, folder, spelled, MANIFEST) or {}).get("image")
+        window = image.get("window_percentiles") if isinstance(image, dict) else None
+        if isinstance(window, list) and len(window) == 2:
+            return float(window[0]), float(window[1])
+    return None
+
+
+def _record_places(dst: str) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
+    """Where ingest's records of ``dst`` may lie (the folder, and the DST above a shard folder
+    given itself), each as a path on the filesystem and as the user spelled it."""
+    fs, root = filesystem(dst)
+    root = root.rstrip("/")
+    places = [(root, dst)]
+    if root.rsplit("/", 1)[-1] == IMAGES_DIR and "/" in root:  # given the shard folder itself
+        places.append((root.rsplit("/", 1)[0], dst.rstrip("/").rsplit("/", 1)[0]))
+    return fs, places
+
+
 def id_scheme_of(record: dict[str, Any] | None) -> str:
     """The image id scheme of shards whose :func:`recorded_pseudonyms` is ``record``: shards
     that record none were made before ids were keyed, so theirs are the unkeyed SHA-256."""
@@ -536,11 +560,7 @@ def recorded_pseudonyms(dst: str) -> dict[str, str | None] | None:
     ``radjepa embed`` copies this into the index: a server can only pseudonymise an upload's
     own PatientID to match archive rows with the same key and scheme, and checks them there.
     """
-    fs, root = filesystem(dst)
-    root = root.rstrip("/")
-    places = [(root, dst)]
-    if root.rsplit("/", 1)[-1] == IMAGES_DIR and "/" in root:  # given the shard folder itself
-        places.append((root.rsplit("/", 1)[0], dst.rstrip("/").rsplit("/", 1)[0]))
+    fs, places = _record_places(dst)
     for folder, spelled in places:
         record = _read_json(fs, folder, spelled, KEY_RECORD)
         if record is None:
