@@ -574,9 +574,9 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
     checked = _check_space(cfg)
     try:
         info = inspect_shards(data, cfg)
+        cfg = with_stored_decode(cfg, info)
     except TrainingDataError as err:
         raise SweepError(str(err)) from None
-    cfg = with_stored_decode(cfg, info)
     masks_checked: set[str] = set()
     _check_masks(checked, masks_checked)  # seconds per mask section: after a --data typo's line
     given = cfg  # what best.yaml starts from (a trial's adjustments below are not the user's)

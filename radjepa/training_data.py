@@ -172,7 +172,12 @@ def with_stored_decode(cfg: Config, info: ShardSummary) -> Config:
         ", ".join(f"{k}={v}" for k, v in differ.items()),
         ", ".join(f"{k}={said[k]}" for k in differ),
     )
-    return cfg.with_overrides(differ)
+    from radjepa.config import ConfigError
+
+    try:
+        return cfg.with_overrides(differ)
+    except ConfigError as err:  # another section bound to them (a crop the size cannot hold)
+        raise TrainingDataError(f"the config cannot take the shards' settings: {err}") from None
 
 
 def _decode_of(cfg: Config) -> dict[str, Any]:

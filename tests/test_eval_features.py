@@ -158,6 +158,15 @@ def test_an_image_listed_twice_with_another_patient_or_label_is_refused(tmp_path
     (tmp_path / "labels.csv").write_text("\n".join([*lines, lines[1]]) + "\n")
     ds = load_csv_dataset(tmp_path / "labels.csv", label_cols=["Effusion"], size=64)
     assert len(ds.images) == 4 and ds.groups.tolist() == ["0", "1", "2", "0"]
+    # without a patient, under another spelling of its path: still one patient, itself
+    blank = ["image,patient_id,Effusion", f"{imgs[0].name},,1", f"{imgs[1].name},p,0"]
+    (tmp_path / "labels.csv").write_text("\n".join([*blank, f"./{imgs[0].name},,1"]) + "\n")
+    for group_col in ("patient_id", None):
+        ds = load_csv_dataset(
+            tmp_path / "labels.csv", label_cols=["Effusion"], size=64, group_col=group_col
+        )
+        g = ds.groups.tolist()
+        assert g[0] == g[2] and len(set(g)) == 2, g
 
 
 def test_blank_patient_ids_are_each_their_own_patient_not_one_shared_patient(tmp_path, nih_dir):

@@ -344,6 +344,25 @@ def test_a_run_records_the_decode_settings_its_shards_were_made_with(tmp_path, s
     assert with_stored_decode(adopted, info) is adopted and not caplog.text
 
 
+@pytest.mark.parametrize("window", [[None, 99.5], [99.5, 0.5], [0.5, 150], "0.5,99.5", [0.5]])
+def test_a_manifest_window_damaged_by_hand_is_not_taken(tmp_path, shards, window, caplog):
+    """Pretrain, sweep and embed read the DST's window: [null, 99.5] ended them with a
+    TypeError traceback, a reversed one with a config traceback."""
+    import shutil
+
+    from radjepa.training_data import inspect_shards, with_stored_decode
+
+    dst = tmp_path / "dst"
+    shutil.copytree(shards, dst, symlinks=True)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["image"]["window_percentiles"] = window
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="radjepa"):
+        info = inspect_shards(str(dst), _cfg(tmp_path))
+    assert info.window is None and "is not a window" in caplog.text
+    assert with_stored_decode(_cfg(tmp_path), info).ingest.window_percentiles == (0.5, 99.5)
+
+
 def test_relative_outputs_inside_a_ray_job_are_refused(tmp_path, monkeypatch):
     # a job's relative path lands in its temporary, hash-named working dir on the head
     from pipelines.pretrain import PretrainError, prepare_outputs

@@ -279,10 +279,12 @@ def patient_ids(
     Taken literally, every blank cell would be one shared id: all images of unknown patients
     merged into one "patient" that fills a fold on its own, resamples as one cluster and hides
     those images from each other's neighbours. Shards without a pseudonym already count as
-    their own patient; a CSV does the same. The image path keeps a row listed twice together.
+    their own patient; a CSV does the same. The image path, as it resolves, keeps a row listed
+    twice together (``a.png`` and ``./a.png`` too: as written they were two patients).
     """
+    images = [str((source.parent / r[image_col]).resolve()) for r in rows]
     if not group_col:
-        return np.array([str(i) for i in range(len(rows))])
+        return np.array([f"<image> {p}" for p in images])
     ids = [r[group_col].strip() for r in rows]
     blank = [i for i, v in enumerate(ids) if not v]
     if blank:
@@ -293,9 +295,7 @@ def patient_ids(
             len(ids),
             group_col,
         )
-    return np.array(
-        [v or f"<no {group_col}> {r[image_col]}" for v, r in zip(ids, rows, strict=True)]
-    )
+    return np.array([v or f"<no {group_col}> {p}" for v, p in zip(ids, images, strict=True)])
 
 
 def _labels_for(

@@ -527,9 +527,21 @@ def recorded_window(dst: str) -> tuple[float, float] | None:
     for folder, spelled in places:
         image = (_read_json(fs, folder, spelled, MANIFEST) or {}).get("image")
         window = image.get("window_percentiles") if isinstance(image, dict) else None
-        if isinstance(window, list) and len(window) == 2:
+        if _is_window(window):
             return float(window[0]), float(window[1])
+        if window is not None:  # damaged by hand: the shards themselves still stand
+            log.warning("%s/%s: window_percentiles %r is not a window", spelled, MANIFEST, window)
     return None
+
+
+def _is_window(value: Any) -> bool:
+    """Two percentiles, low below high, within [0, 100]."""
+    if not isinstance(value, list) or len(value) != 2:
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return False
+    low, high = (float(v) for v in value)
+    return 0.0 <= low < high <= 100.0
 
 
 def _record_places(dst: str) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
