@@ -179,6 +179,7 @@ def _write_folder(path: Path, files: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    old: Path | None = None
     try:
         for name, content in files.items():
             if name.endswith(".safetensors"):
@@ -194,6 +195,10 @@ def _write_folder(path: Path, files: dict[str, Any]) -> Path:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            # the swap failed half-way (a full disk, a permission): the checkpoint that was
+            # there stays under its name, not only under a hidden one nothing reads
+            os.replace(old, path)
         raise
     return path
 

@@ -100,6 +100,31 @@ def test_saving_again_replaces_atomically(trained):
     assert [x.name for x in path.parent.iterdir()] == ["ckpt"]
 
 
+def test_a_replacement_that_fails_half_way_keeps_the_old_checkpoint_under_its_name(
+    trained, monkeypatch
+):
+    """The old folder was moved aside before the new one was moved in: a failure between
+    the two left no checkpoint under the name, only a hidden ``.ckpt.old-*`` nothing reads."""
+    import os
+
+    import radjepa.checkpoint as checkpoint
+
+    p, path = trained
+    p.train_step(_batch(5))
+    real = os.replace
+
+    def fails_to_swap_in(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", fails_to_swap_in)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, p)
+    assert read_meta(path)["step"] == 2
+    assert [x.name for x in path.parent.iterdir()] == ["ckpt"]
+
+
 def test_strict_loading_errors(trained, tmp_path):
     _, path = trained
     weights = load_file(str(path / "weights.safetensors"))
