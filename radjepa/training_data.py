@@ -159,11 +159,7 @@ def with_stored_decode(cfg: Config, info: ShardSummary) -> Config:
     than its config's (``--set ingest.image_size=512`` at ingest, the defaults at pretrain)
     recorded the config's, and served uploads windowed or scaled otherwise than every image
     it learnt from, without a word."""
-    stored: dict[str, Any] = {"ingest.image_size": info.size, "ingest.dtype": info.dtype}
-    if info.window is not None:
-        stored["ingest.window_percentiles"] = list(info.window)
-    said = _decode_of(cfg)
-    differ = {k: v for k, v in stored.items() if said[k] != v}
+    differ, said = _differing(_made_with(info.size, info.dtype, info.window), cfg)
     if not differ:
         return cfg
     log.warning(
@@ -180,13 +176,23 @@ def with_stored_decode(cfg: Config, info: ShardSummary) -> Config:
         raise TrainingDataError(f"the config cannot take the shards' settings: {err}") from None
 
 
-def _decode_of(cfg: Config) -> dict[str, Any]:
+def _made_with(
+    size: int | None, dtype: str | None, window: tuple[float, float] | None
+) -> dict[str, Any]:
+    """Shard settings as the config keys that name them (those known: not None)."""
+    made = {"ingest.image_size": size, "ingest.dtype": dtype, "ingest.window_percentiles": window}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in made.items() if v is not None}
+
+
+def _differing(made: dict[str, Any], cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The settings of ``made`` that ``cfg``'s ingest section says otherwise, and what it says."""
     ing = cfg.ingest
-    return {
+    said = {
         "ingest.image_size": ing.image_size,
         "ingest.dtype": ing.dtype,
         "ingest.window_percentiles": [float(v) for v in ing.window_percentiles],
     }
+    return {k: v for k, v in made.items() if said[k] != v}, said
 
 
 def stored_decode(data: str) -> dict[str, Any]:
@@ -194,17 +200,13 @@ def stored_decode(data: str) -> dict[str, Any]:
     (``ingest.image_size``, ``ingest.dtype`` and, where the DST records it,
     ``ingest.window_percentiles``); only the size and dtype columns are read."""
     table = shard_dataset(data).to_table(columns=["height", "width", "dtype"])
-    made: dict[str, Any] = {}
     sizes = set(table.column("height").to_pylist()) | set(table.column("width").to_pylist())
     dtypes = set(table.column("dtype").to_pylist())
-    if len(sizes) == 1:
-        made["ingest.image_size"] = sizes.pop()
-    if len(dtypes) == 1:
-        made["ingest.dtype"] = dtypes.pop()
-    window = _recorded_window(data)
-    if window is not None:
-        made["ingest.window_percentiles"] = list(window)
-    return made
+    return _made_with(
+        sizes.pop() if len(sizes) == 1 else None,
+        dtypes.pop() if len(dtypes) == 1 else None,
+        _recorded_window(data),
+    )
 
 
 def decode_mismatch(data: str, cfg: Config) -> str | None:
@@ -212,9 +214,8 @@ def decode_mismatch(data: str, cfg: Config) -> str | None:
     ``cfg`` decodes uploads; None when they agree. The served model decodes a query with the
     checkpoint's settings: an index of shards made otherwise compares pixels windowed or
     scaled otherwise."""
-    served = _decode_of(cfg)
     made = stored_decode(data)
-    differ = [k for k, v in made.items() if served[k] != v]
+    differ, served = _differing(made, cfg)
     if not differ:
         return None
     return (

@@ -214,14 +214,14 @@ def load_csv_dataset(
     absent = [c for c in needed if c not in rows[0]]
     if absent:
         raise DatasetError(f"{path}: missing column(s) {absent}; has {list(rows[0])}")
-    _check_repeats(rows, path, image_col, [group_col or "", *(s.column for s in specs)])
+    files = [(path.parent / row[image_col]).resolve() for row in rows]  # resolved once
+    _check_repeats(rows, files, path, [group_col or "", *(s.column for s in specs)])
     # the labels of every row, before the decode: an unusable cell is said at once, by its
     # CSV row, and the positive class does not depend on which images decoded
     labels, positive, names = _labels_for(rows, specs)
     key = secret if secret is not None else os.urandom(32)
     images, kept, rejected = [], [], []
-    for i, row in enumerate(rows):
-        img_path = (path.parent / row[image_col]).resolve()
+    for i, img_path in enumerate(files):
         if not img_path.is_file():
             raise DatasetError(f"{path} row {i + 1}: image not found: {img_path}")
         try:
@@ -241,7 +241,9 @@ def load_csv_dataset(
         kept.append(i)
     if not kept:
         raise DatasetError(f"{path}: no image could be decoded ({len(rejected)} rejected)")
-    groups = patient_ids([rows[i] for i in kept], image_col, group_col, path)
+    groups = patient_ids(
+        [rows[i] for i in kept], image_col, group_col, path, files=[files[i] for i in kept]
+    )
     return Dataset(
         images=np.stack(images),
         labels=labels[kept],
@@ -254,15 +256,15 @@ def load_csv_dataset(
 
 
 def _check_repeats(
-    rows: Sequence[dict[str, str]], source: Path, image_col: str, columns: Sequence[str]
+    rows: Sequence[dict[str, str]], files: Sequence[Path], source: Path, columns: Sequence[str]
 ) -> None:
     """Refuse an image listed twice with another patient or label: under two patients it could
     sit on both sides of a split and find itself as another patient's neighbour at similarity
     1, and with two labels it was scored as both classes. A row repeated with the same values
     stays (grouped with itself, as one patient)."""
     first: dict[Path, int] = {}
-    for i, row in enumerate(rows):
-        j = first.setdefault((source.parent / row[image_col]).resolve(), i)
+    for i, (row, file) in enumerate(zip(rows, files, strict=True)):
+        j = first.setdefault(file, i)
         differ = [c for c in columns if c and rows[j][c].strip() != row[c].strip()]
         if differ:
             raise DatasetError(
@@ -272,7 +274,12 @@ def _check_repeats(
 
 
 def patient_ids(
-    rows: Sequence[dict[str, str]], image_col: str, group_col: str | None, source: Path
+    rows: Sequence[dict[str, str]],
+    image_col: str,
+    group_col: str | None,
+    source: Path,
+    *,
+    files: Sequence[Path] | None = None,
 ) -> np.ndarray:
     """Patient id per row; a blank cell makes the image its own patient.
 
@@ -282,7 +289,9 @@ def patient_ids(
     their own patient; a CSV does the same. The image path, as it resolves, keeps a row listed
     twice together (``a.png`` and ``./a.png`` too: as written they were two patients).
     """
-    images = [str((source.parent / r[image_col]).resolve()) for r in rows]
+    if files is None:  # the rows' image paths, resolved (where the caller has not)
+        files = [(source.parent / r[image_col]).resolve() for r in rows]
+    images = [str(f) for f in files]
     if not group_col:
         return np.array([f"<image> {p}" for p in images])
     ids = [r[group_col].strip() for r in rows]
