@@ -534,7 +534,8 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
 ) -> Checkpoint:
     """Read a checkpoint folder; with ``into`` restore it (strictly) into a Pretrainer (weights,
-    optimizer, step, mask seed) or a JEPA (weights)."""
+    optimizer, step; the betas and the mask seed stay the trainer's config's) or a JEPA
+    (weights)."""
     from radjepa.engine import Pretrainer
 
     p = Path(path)
@@ -584,8 +585,10 @@ def load_checkpoint(
         for group in into.optimizer.param_groups:
             group["betas"] = tuple(into.cfg.optim.betas)
         into.step = ckpt.step
-        if opt.get("mask_sampler"):
-            into.sampler.load_state_dict(opt["mask_sampler"])
+        # the masks are drawn from the trainer's train.seed, as its crops and data order are:
+        # a resume allowed to change the seed draws all three anew, not two of them (the seed
+        # saved beside the optimizer state only says what the checkpoint was trained with)
+        into.sampler.seed = into.cfg.train.seed
     return ckpt
 
 

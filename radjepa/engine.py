@@ -229,9 +229,11 @@ class Pretrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resume restores exactly: weights, optimizer state, step (hence the LR, weight
-        decay and EMA schedules) and the mask seed. The data order and the crop RNG are not
-        here: the training job restarts them from the resume step, so a resumed run sees other
-        batches than an uninterrupted one would and is not bit-identical to it."""
+        decay and EMA schedules) and the mask seed (which a checkpoint only records:
+        :func:`~radjepa.checkpoint.load_checkpoint` keeps the trainer's train.seed). The data
+        order and the crop RNG are not here: the training job restarts them from the resume
+        step, so a resumed run sees other batches than an uninterrupted one would and is not
+        bit-identical to it."""
         return {
             "encoder": self.model.encoder.state_dict(),
             "target_encoder": self.model.target_encoder.state_dict(),

@@ -84,12 +84,27 @@ def test_round_trip_is_bit_exact_and_never_unpickles(trained, monkeypatch):
 
 def test_resumed_run_continues_exactly(trained):
     p, path = trained
-    q = Pretrainer(load_config(TINY, ["train.seed=123"]), "cpu")  # different init and mask seed
+    q = Pretrainer(load_config(TINY), "cpu")
+    with torch.no_grad():  # other weights than the checkpoint's: all of them are restored
+        for param in q.model.parameters():
+            param.add_(torch.randn_like(param))
     load_checkpoint(path, q)
     for i in (2, 3):
         lp, lq = p.train_step(_batch(i)), q.train_step(_batch(i))
         assert torch.equal(lp["loss"], lq["loss"])
     _assert_same_state(p.state_dict(), q.state_dict())
+
+
+def test_a_trainer_with_another_seed_draws_its_masks_from_its_own(trained):
+    """A resume allowed to change train.seed starts new crops and a new data order from it:
+    its masks kept the checkpoint's seed, so one run mixed two seeds."""
+    p, path = trained
+    q = Pretrainer(load_config(TINY, ["train.seed=123"]), "cpu")
+    load_checkpoint(path, q)
+    assert q.step == p.step and p.sampler.seed != 123
+    assert q.sampler.seed == 123
+    theirs, ours = p.sampler.sample(4, q.step), q.sampler.sample(4, q.step)
+    assert not torch.equal(theirs.context, ours.context)
 
 
 def test_saving_again_replaces_atomically(trained):

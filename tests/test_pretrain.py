@@ -550,11 +550,12 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(
     with open(latest / "weights.safetensors", "r+b") as f:  # a disk that filled up
         f.truncate(1000)
 
-    # the re-run also changes optim.betas, which it may only because it says so
+    # the re-run also changes optim.betas and train.seed, which it may only because it says so
     more = {
         **sets,
         "train.steps": 8,
         "optim.betas": [0.8, 0.99],
+        "train.seed": 7,
         "train.allow_config_change": True,
     }
     with caplog.at_level(logging.WARNING, logger="radjepa.resume"):
@@ -568,7 +569,10 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(
     client = mlflow.MlflowClient(again.tracking_uri)
     run = client.get_run(again.mlflow_run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["radjepa.config_changed_at_step_4"] == "optim.betas"
+    assert run.data.tags["radjepa.config_changed_at_step_4"] == "optim.betas, train.seed"
+    # its masks came from the new seed like its crops and data order (they kept the old one)
+    saved = json.loads((Path(again.checkpoint) / "optimizer.json").read_text())
+    assert saved["mask_sampler"] == {"seed": 7}
     arts = {a.path for a in client.list_artifacts(again.mlflow_run_id)}
     assert "config-resumed-at-step-4.yaml" in arts
     resumed = load_config(
