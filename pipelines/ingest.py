@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
 import warnings
@@ -129,9 +128,11 @@ class IngestSummary:
 
 
 class _Decoder(FileDecoder):
-    """Ray Data actor: a :class:`FileDecoder` whose set of known ids comes once per actor from
-    the object store: its arrays (:class:`KnownIds`) are mapped read-only from the node's one
-    copy, not unpickled into each actor.
+    """Ray Data actor: a :class:`FileDecoder` that decodes each file in a child process (a codec
+    crashing or stuck past ``ingest.decode_timeout_s`` on one file quarantines that file; it
+    ended the actor, and its batch was retried until the run stopped), and whose set of known
+    ids comes once per actor from the object store: its arrays (:class:`KnownIds`) are mapped
+    read-only from the node's one copy, not unpickled into each actor.
 
     They are fetched with the actor's first batch, not in its constructor: an autoscaling pool
     still starting an actor when a short run ends drops it, and the run's reference to the ids
@@ -151,11 +152,14 @@ class _Decoder(FileDecoder):
 
         self._known_ref = known if isinstance(known, ray.ObjectRef) else None
         fetched_later = self._known_ref is not None
-        super().__init__(settings, secret, frozenset() if fetched_later else known, keep_paths)
-        self._timeout_s = timeout_s
-        self._busy_since: float | None = None  # when the file being decoded started
-        if timeout_s > 0:
-            threading.Thread(target=self._watch, name="decode-watchdog", daemon=True).start()
+        super().__init__(
+            settings,
+            secret,
+            frozenset() if fetched_later else known,
+            keep_paths,
+            isolate=True,
+            timeout_s=timeout_s,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self._known_ref is not None:
@@ -163,33 +167,6 @@ class _Decoder(FileDecoder):
 
             self.known, self._known_ref = ray.get(self._known_ref), None
         return super().__call__(batch)
-
-    def _one(self, r: dict[str, Any]) -> dict[str, Any]:
-        self._busy_since = time.monotonic()
-        try:
-            return self._decode_one(r)
-        finally:
-            self._busy_since = None
-
-    def _decode_one(self, r: dict[str, Any]) -> dict[str, Any]:
-        """One file's row, as :class:`FileDecoder` makes it: the work the watchdog times."""
-        return super()._one(r)
-
-    def _watch(self) -> None:
-        """End this process when one file's decode runs past ``ingest.decode_timeout_s``: a
-        codec stuck in C (libjpeg spun on a frame without end) cannot be interrupted from
-        Python, and it held the run, and DST's lock, for ever. Ray restarts the decoder and
-        retries its batch; a batch that keeps doing it stops the run (DecoderDied)."""
-        while True:
-            time.sleep(min(5.0, self._timeout_s / 4))
-            since = self._busy_since
-            if since is not None and time.monotonic() - since > self._timeout_s:
-                log.error(
-                    "a file has been decoding for over %.0f s (ingest.decode_timeout_s): "
-                    "ending this decoder process, whose batch Ray retries",
-                    self._timeout_s,
-                )
-                os._exit(70)
 
 
 def _outputs_filter(dst: str, dst_root: str) -> Callable[[str], bool]:
@@ -636,12 +613,10 @@ def _consume(
             raise DecoderDied(f"the decoders could not start: {reason}") from None
         raise DecoderDied(
             f"a decoder process died on one batch of up to {_DECODE_BATCH} files "
-            f"{_DECODER_RETRIES + 1} times (a codec crashing or stuck on a file past "
-            "ingest.decode_timeout_s, or a decode killed for memory: the node's `ray logs` say "
-            "which); the run stopped, and what it stored is kept and recorded. A re-run meets "
-            "the same batch again: for memory, give the decoders more (or lower "
-            "ingest.max_file_mb); for a crash or a stuck codec, split the source to find the "
-            "file"
+            f"{_DECODER_RETRIES + 1} times (killed for memory, most often: the node's `ray logs` "
+            "say which); the run stopped, and what it stored is kept and recorded. A re-run "
+            "meets the same batch again: give the decoders more memory, or lower "
+            "ingest.max_file_mb"
         ) from None
     if conflicts:
         log.warning(
@@ -817,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.ingest SRC... DST [--config] [--set k=v]`` (e.g. in a Ray Job)."""
     from pipelines.runtime import ClusterError, RayStartTimeout, ignore_sigterm_after_the_job
     from radjepa.config import ConfigError, load_config
+    from radjepa.locations import redact
+    from radjepa.log_filters import redact_log_records
 
     p = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__)
     p.add_argument("paths", nargs="+", help="sources..., then the destination folder")
@@ -825,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if len(args.paths) < 2:
         p.error("need at least one source and a destination")
+    redact_log_records()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.sets)
@@ -832,15 +810,15 @@ def main(argv: list[str] | None = None) -> int:
         ignore_sigterm_after_the_job()
         s = run_ingest_until_stopped(args.paths[:-1], args.paths[-1], cfg)
     except (ConfigError, IngestError, ClusterError) as err:  # the user's: one line, like the CLI
-        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
+        print(f"error: {redact(str(err))}", file=sys.stderr)  # noqa: T201 - entry point output
         return 2
     except RayStartTimeout as err:  # a loaded machine, not the user's mistake: as `radjepa`
-        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
+        print(f"error: {redact(str(err))}", file=sys.stderr)  # noqa: T201 - entry point output
         return 1
     except IngestInterrupted as err:  # Ctrl-C, or SIGTERM: `ray job stop`, a pod stopping
         # returned, not os._exit as cli._exit_now does after a SIGTERM in ray.get: main() is
         # also called in-process, and an interrupted ingest exits through teardown cleanly
-        print(err, file=sys.stderr)  # noqa: T201 - entry point output
+        print(redact(str(err)), file=sys.stderr)  # noqa: T201 - entry point output
         return 130
     print(json.dumps(asdict(s), sort_keys=True))  # noqa: T201 - entry point output
     return 0

@@ -147,9 +147,9 @@ class IngestConfig(_Section):
     decode_timeout_s: float = Field(
         300.0,
         ge=0,
-        description="a file whose decode runs longer ends its decoder process (a codec stuck "
-        "on it, which held the run for ever); its batch is retried on a new decoder, and a "
-        "batch that fails 3 times stops the run; 0: no limit",
+        description="a file whose decode runs longer (a codec stuck on it, which held the run "
+        "for ever) has its decode process ended and is quarantined as decode_timeout; "
+        "0: no limit",
     )
     burned_in_annotation: Literal["quarantine", "keep"] = Field(
         "quarantine",

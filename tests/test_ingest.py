@@ -878,28 +878,53 @@ def test_a_decoder_that_keeps_dying_stops_the_run_in_one_line(ray_session, tmp_p
     assert said == "the decoders could not start: no codec plugins on this node"
 
 
-def test_a_decode_stuck_in_its_codec_ends_its_decoder_and_the_run_stops(
+def test_a_file_that_crashes_or_hangs_its_codec_is_quarantined_and_the_run_goes_on(
     ray_session, tmp_path, monkeypatch
 ):
-    """A codec that spins (libjpeg on a frame of 0 lines) cannot be interrupted from Python:
-    the run, and DST's lock, waited for ever. Past ingest.decode_timeout_s the decoder
-    process ends itself; its batch is retried, and the run stops once it kept doing so."""
+    """A codec that segfaults on a file, or spins on it (libjpeg on a frame of 0 lines), cannot
+    be caught or interrupted from Python: it ended the decoder, its batch was retried, and the
+    run stopped over one file (DecoderDied), DST's lock held until then. Each file is now
+    decoded in a child process: that file is quarantined, named, and the others are stored."""
+    import signal
     import time as clock
 
     from pipelines import ingest
+    from pipelines.ingest import run_ingest
 
-    class Stuck(ingest._Decoder):  # local: Ray ships it by value to the decoder actors
-        def _decode_one(self, r):
-            if "stuck" in r["name"]:
+    class Codec(ingest._Decoder):  # local: Ray ships it by value to the decoder actors
+        def _decode(self, data, name):
+            if Path(name).name == "crash.dcm":
+                os.kill(os.getpid(), signal.SIGSEGV)
+            if Path(name).name == "stuck.dcm":
                 clock.sleep(3600)  # as a codec spinning in C would
-            return super()._decode_one(r)
+            return super()._decode(data, name)
 
-    started = clock.monotonic()
-    said, _ = _failing_decoder_run(
-        monkeypatch, tmp_path, Stuck, "stuck.dcm", "ingest.decode_timeout_s=1"
+    monkeypatch.setattr(
+        ingest, "_build_dataset", functools.partial(ingest._build_dataset, decoder=Codec)
     )
-    assert "stuck on a file past ingest.decode_timeout_s" in said
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for seed, name in enumerate(("a.dcm", "crash.dcm", "stuck.dcm", "z.dcm")):
+        (src / name).write_bytes(make_dicom(gradient(40, 40, seed=seed)))
+    started = clock.monotonic()
+    s = run_ingest(
+        [str(src)],
+        str(dst),
+        _cfg("ingest.decode_timeout_s=2", "ingest.keep_source_paths=true"),
+        progress=False,
+    )
     assert clock.monotonic() - started < 120
+    assert (s.input, s.ok, s.quarantined) == (4, 2, 2)
+    assert s.reasons == {"decoder_crashed": 1, "decode_timeout": 1}
+    q = pq.read_table(dst / "quarantine").to_pylist()
+    said = {Path(r["source_path"]).name: (r["reason"], r["message"]) for r in q}
+    assert said["crash.dcm"][0] == "decoder_crashed" and "SIGSEGV" in said["crash.dcm"][1]
+    assert said["stuck.dcm"][0] == "decode_timeout" and "2 s" in said["stuck.dcm"][1]
+    _, meta = read_images(dst)
+    assert sorted(Path(p).name for p in meta.column("source_path").to_pylist()) == [
+        "a.dcm",
+        "z.dcm",
+    ]
 
 
 def test_a_killed_runs_lock_and_temporary_files_are_cleared(ray_session, tmp_path, caplog):

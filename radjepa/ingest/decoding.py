@@ -14,13 +14,21 @@ import pyarrow as pa
 
 from radjepa.imaging.decode import ImageRejected, decode_image
 from radjepa.imaging.deid import ID_SCHEME_KEYED, content_id, keyed_hash
+from radjepa.ingest.decode_process import (
+    DecodeCrashed,
+    DecodeProcess,
+    DecodeTimedOut,
+)
 from radjepa.ingest.packed import NOT_UNPACKED, packed_kind
 from radjepa.ingest.sources import ENCRYPTED, GONE, LINK, LINK_LOOP, UNREACHABLE, ZIP_METHOD
 from radjepa.shards import SHARD_SCHEMA, pixels_to_bytes
 
-__all__ = ["RESULT_SCHEMA", "FileDecoder"]
+__all__ = ["DECODER_CRASHED", "DECODE_TIMEOUT", "RESULT_SCHEMA", "FileDecoder"]
 
 log = logging.getLogger(__name__)
+
+# quarantine reasons of a file that ended its decode process, or ran past ingest.decode_timeout_s
+DECODER_CRASHED, DECODE_TIMEOUT = "decoder_crashed", "decode_timeout"
 
 # what a quarantine row says for each read_error detail the reader names (sources.read_error);
 # any other detail is an exception type: "could not read the file (<type>)"
@@ -84,11 +92,19 @@ class FileDecoder:
         secret: bytes,
         known: Collection[str],
         keep_paths: bool,
+        *,
+        isolate: bool = False,
+        timeout_s: float = 0.0,
     ) -> None:
         self.settings = settings
         self.secret = secret
         self.known = known  # ids (and ``path:<source hash>``) already in DST: not decoded again
         self.keep_paths = keep_paths
+        self.timeout_s = timeout_s
+        # a codec crashing or stuck on a file costs that file, not this process and its batch
+        if timeout_s and not isolate:
+            raise ValueError("a decode time limit needs isolate=True (a child process to end)")
+        self._isolated = DecodeProcess(self._outcome, timeout_s) if isolate else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return pa.Table.from_pylist([self._one(r) for r in batch.to_pylist()], schema=RESULT_SCHEMA)
@@ -137,26 +153,60 @@ class FileDecoder:
                 "opened; unpack it into a folder and ingest that",
             }
         try:
-            img = decode_image(data, secret=self.secret, source_name=name, **self.settings)
+            decode = self._outcome if self._isolated is None else self._isolated
+            outcome = decode(data, name)
+        except DecodeCrashed as err:
+            log.warning("a decode process died on one file (%s)", err.how)
+            return {
+                **out,
+                "status": "quarantined",
+                "reason": DECODER_CRASHED,
+                "message": f"decoding it ended the decode process ({err.how}): a codec crashing "
+                "on the file, or the decode killed for memory",
+            }
+        except DecodeTimedOut:
+            log.warning("a decode ran past %g s (ingest.decode_timeout_s)", self.timeout_s)
+            return {
+                **out,
+                "status": "quarantined",
+                "reason": DECODE_TIMEOUT,
+                "message": f"decoding it ran past {self.timeout_s:g} s (ingest.decode_timeout_s)"
+                ": a codec stuck on the file; the decode was ended",
+            }
+        if isinstance(outcome, tuple):  # (reason, message)
+            return {**out, "status": "quarantined", "reason": outcome[0], "message": outcome[1]}
+        pixels, meta = outcome["pixels"], outcome["meta"]
+        h, w = pixels.shape
+        return {
+            **out,
+            **meta,
+            "status": "ok",
+            "pixels": pixels_to_bytes(pixels),
+            "height": h,
+            "width": w,
+            "dtype": pixels.dtype.name,
+        }
+
+    def _outcome(self, data: bytes, name: str) -> dict[str, Any] | tuple[str, str]:
+        """The decode of one file's bytes, run in the decode process when isolated (so it
+        returns plain values that pickle): ``{"pixels", "meta"}``, or the quarantine
+        ``(reason, message)``."""
+        try:
+            img = self._decode(data, name)
         except ImageRejected as err:
-            return {**out, "status": "quarantined", "reason": err.reason, "message": err.message}
+            return err.reason, err.message
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as err:  # a decoder bug (or codec panic) must not kill the run
             log.warning("unexpected decoder failure on one file: %s", type(err).__name__)
-            return {
-                **out,
-                "status": "quarantined",
-                "reason": "decode_error",
-                "message": f"unexpected decoder failure ({type(err).__name__})",
-            }
-        h, w = img.pixels.shape
-        return {
-            **out,
-            **img.meta,
-            "status": "ok",
-            "pixels": pixels_to_bytes(img.pixels),
-            "height": h,
-            "width": w,
-            "dtype": img.pixels.dtype.name,
-        }
+            return "decode_error", f"unexpected decoder failure ({type(err).__name__})"
+        return {"pixels": img.pixels, "meta": img.meta}
+
+    def _decode(self, data: bytes, name: str) -> Any:
+        """``decode_image`` with this run's settings: the call a crash or a hang happens in."""
+        return decode_image(data, secret=self.secret, source_name=name, **self.settings)
+
+    def close(self) -> None:
+        """End the decode process, if any (the next file starts another)."""
+        if self._isolated is not None:
+            self._isolated.close()
