@@ -33,6 +33,7 @@ from pipelines.stray_checkpoints import (
 )
 from radjepa import locations
 from radjepa.config import Config
+from radjepa.log_filters import redact_log_records
 from radjepa.resume import ResumeError, ResumePoint
 from radjepa.training_data import TrainingDataError
 
@@ -147,6 +148,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from radjepa.transforms import random_resized_crop, to_model_input
 
     cfg = Config.model_validate(loop_config["config"])
+    redact_log_records()  # its lines reach the driver's console through Ray
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -1011,12 +1013,14 @@ def main(argv: list[str] | None = None) -> None:
         process_ends_with_job,
     )
     from radjepa.config import ConfigError, load_config
+    from radjepa.locations import redact
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default=None)
     p.add_argument("--data", default=None, help="ingest output (default: data.shards)")
     p.add_argument("--set", dest="sets", action="append", default=[])
     a = p.parse_args(argv)
+    redact_log_records()
     logging.basicConfig(level=os.environ.get("RADJEPA_LOG_LEVEL", "INFO"))
     try:
         cfg = load_config(a.config, a.sets)
@@ -1025,14 +1029,14 @@ def main(argv: list[str] | None = None) -> None:
         res = run_pretrain(cfg, data)
     except PretrainInterrupted as err:  # `ray job stop`, a pod stopping, Ctrl-C: as `radjepa`
         if process_ends_with_job():
-            _interrupted_module_exit(f"error: {err}")
-        sys.stderr.write(f"error: {err}\n")
+            _interrupted_module_exit(f"error: {redact(str(err))}")
+        sys.stderr.write(f"error: {redact(str(err))}\n")
         sys.exit(130)
     except (ConfigError, PretrainError, ClusterError) as err:  # the user's: one line, as `radjepa`
-        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.write(f"error: {redact(str(err))}\n")
         sys.exit(2)
     except RayStartTimeout as err:  # a loaded machine, not the user's mistake: as `radjepa`
-        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.write(f"error: {redact(str(err))}\n")
         sys.exit(1)
     log.info("checkpoint: %s", res.checkpoint)
 

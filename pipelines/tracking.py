@@ -275,7 +275,9 @@ def redacted_yaml(cfg: Config) -> str:
 
 
 def ui_command(uri: str) -> str:
-    """The command a user runs to look at the runs."""
+    """The command a user runs to look at the runs, printed: the store's credentials are
+    ``***`` (the user has them; the console, job and CI logs must not)."""
+    uri = redact(uri)
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
     return f"mlflow ui --backend-store-uri {uri}"

@@ -214,3 +214,53 @@ def test_counts_below_one_are_usage_errors_before_any_work(tmp_path):
         assert out.returncode == 2, (args, out.stderr)
         said = " ".join(out.stderr.replace("│", " ").split())  # rich wraps it in a box
         assert "Traceback" not in said and "greater than or equal to 1" in said, args
+
+
+def test_a_location_s_credentials_never_reach_the_console(tmp_path):
+    """A config's storage URI may carry credentials (``s3://KEY:SECRET@bucket``); the errors
+    and log lines that name it printed them as typed, into job and CI logs."""
+    from shard_tables import write_metadata_shard
+
+    shards = write_metadata_shard(tmp_path / "shards")
+    out = "s3://AKIAEXAMPLE:TOPSECRET@bucket/runs?endpoint_override=127.0.0.1:9&scheme=http"
+    res = _radjepa(
+        "pretrain",
+        "-c",
+        str(REPO / "configs" / "tiny_cpu.yaml"),
+        "--data",
+        str(shards),
+        "--set",
+        f"train.output_dir={out}",
+    )
+    assert res.returncode == 2, res.stderr
+    assert "TOPSECRET" not in res.stdout + res.stderr
+    assert "AKIAEXAMPLE:***@bucket" in res.stderr
+
+
+def test_log_records_name_a_location_without_its_credentials(caplog):
+    import logging
+
+    from radjepa.log_filters import redact_log_records
+
+    redact_log_records()
+    redact_log_records()  # once is enough; again changes nothing
+    factory = logging.getLogRecordFactory()
+    redact_log_records()
+    assert logging.getLogRecordFactory() is factory
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("radjepa.test").warning(
+            "skipping %s (%d)", "s3://KEY:SECRET@b/run/ckpt?secret_key=zzz&region=x", 3
+        )
+    said = caplog.records[-1].getMessage()
+    assert "SECRET" not in said and "zzz" not in said
+    assert said.startswith("skipping s3://KEY:***@b/run/ckpt?secret_key=***") and said.endswith(
+        "(3)"
+    )
+
+
+def test_the_printed_mlflow_ui_command_names_the_store_without_its_password():
+    from pipelines.tracking import ui_command
+
+    for uri in ("postgresql://mlflow:S3cret@db.internal/mlflow", "https://svc:S3cret@mlflow.org"):
+        said = ui_command(uri)
+        assert "S3cret" not in said and "***@" in said
