@@ -65,6 +65,7 @@ __all__ = [
     "load_checkpoint",
     "load_encoder",
     "read_meta",
+    "CheckpointUnreadable",
     "check_resumable",
     "is_cut_short",
     "export_timm",
@@ -319,7 +320,9 @@ def _checked_meta(text: str, where: object) -> dict[str, Any]:
 
 def check_resumable(location: str | os.PathLike[str]) -> tuple[int, Config]:
     """Step and config of the training checkpoint at ``location`` (a folder or any pyarrow
-    URI), once every file a resume reads is found whole.
+    URI), once every file a resume reads is found whole. Raises :class:`CheckpointError` for a
+    checkpoint proven damaged (a file missing, cut short, not parsing) and
+    :class:`CheckpointUnreadable` when the storage failed a read.
 
     Reads kilobytes, not the weights: the metadata and optimizer JSON must parse, and each
     safetensors file must be exactly as long as its own header says. That is what a full disk
@@ -338,11 +341,22 @@ def check_resumable(location: str | os.PathLike[str]) -> tuple[int, Config]:
         with fs.open_input_stream(f"{root}/{OPTIM_JSON}") as f:
             if not isinstance(json.loads(f.read().decode("utf-8")).get("param_groups"), list):
                 raise CheckpointError(f"{where}/{OPTIM_JSON}: no optimizer param groups")
-    except (OSError, ValueError, AttributeError) as err:
-        if isinstance(err, CheckpointError):
-            raise
-        raise CheckpointError(f"{where}: missing or unreadable file: {err}") from None
+    except CheckpointError:
+        raise
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{where}: a file is missing: {err}") from None
+    except OSError as err:  # the storage's answer, not the checkpoint's: see CheckpointUnreadable
+        raise CheckpointUnreadable(f"cannot read checkpoint {where}: {err}") from None
+    except (ValueError, AttributeError) as err:
+        raise CheckpointError(f"{where}: a damaged file: {err}") from None
     return meta["step"], _saved_config(Path(root), meta)
+
+
+class CheckpointUnreadable(OSError):
+    """The storage holding a checkpoint failed a read (a network error, an object store's
+    throttling, a permission): nothing is known of the checkpoint itself. Taken for damage, it
+    made a resume skip a good newest checkpoint, redo its steps, and delete it later as a
+    stray folder."""
 
 
 def is_cut_short(location: str | os.PathLike[str]) -> bool:

@@ -84,8 +84,9 @@ def newest_intact_checkpoint(run_dir: str, skip: Sequence[str] = ()) -> str | No
     """The newest checkpoint folder of ``run_dir`` that reads cleanly (but those named in
     ``skip``), or None: what a worker group restarted mid-run continues from when it is newer
     than what Ray recorded (``pipelines.pretrain.restore_point``). The folder is this run's,
-    so its config is the run's and is not checked again."""
-    from radjepa.checkpoint import CheckpointError, check_resumable
+    so its config is the run's and is not checked again. A folder the storage failed to read
+    is a :class:`ResumeError`, as a listing that failed is: not a reason to pass over it."""
+    from radjepa.checkpoint import CheckpointError, CheckpointUnreadable, check_resumable
 
     for name, location in checkpoint_dirs(run_dir):
         if name in skip:
@@ -94,6 +95,8 @@ def newest_intact_checkpoint(run_dir: str, skip: Sequence[str] = ()) -> str | No
             check_resumable(location)
         except CheckpointError:  # cut short by the failure that restarted the group
             continue
+        except CheckpointUnreadable as err:
+            raise ResumeError(str(err)) from None
         return location
     return None
 
@@ -101,8 +104,15 @@ def newest_intact_checkpoint(run_dir: str, skip: Sequence[str] = ()) -> str | No
 def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
     """The newest checkpoint of ``run_dir`` that reads cleanly, checked against ``cfg``. A
     damaged one (a disk that filled up, an upload cut short) otherwise failed every retry and
-    every re-run although an intact older checkpoint lay beside it. None for a new run."""
-    from radjepa.checkpoint import CheckpointError, CheckpointVersionError, check_resumable
+    every re-run although an intact older checkpoint lay beside it. None for a new run. A
+    checkpoint the storage fails to read (a network error, throttling) stops the run in one line
+    instead: skipped, its steps were redone and the good folder later removed as a stray."""
+    from radjepa.checkpoint import (
+        CheckpointError,
+        CheckpointUnreadable,
+        CheckpointVersionError,
+        check_resumable,
+    )
 
     damaged: list[str] = []
     for name, location in checkpoint_dirs(run_dir):
@@ -114,6 +124,11 @@ def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
                 f"{_first_line(str(err))}: resume run {run_dir} with the radjepa version that "
                 "wrote it (continuing from an earlier checkpoint would discard its steps), or "
                 "choose another train.run_name"
+            ) from None
+        except CheckpointUnreadable as err:
+            raise ResumeError(
+                f"{_first_line(str(err))}: re-run when the storage answers (a checkpoint that "
+                "cannot be read just now is not skipped, or its steps would be trained again)"
             ) from None
         except CheckpointError as err:
             log.warning("checkpoint %s is damaged, skipping it: %s", location, err)

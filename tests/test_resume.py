@@ -75,6 +75,41 @@ def test_a_restarted_worker_group_finds_the_newest_intact_folder(run_dir, tmp_pa
     assert newest_intact_checkpoint(str(tmp_path / "not-yet")) is None  # a run's first start
 
 
+def test_a_checkpoint_the_storage_fails_to_read_is_not_skipped_as_damaged(run_dir, monkeypatch):
+    """An object store's throttling (or a network error, a permission) on the newest checkpoint
+    made the resume skip it as damaged: its steps were trained again, and the good folder was
+    later removed as a stray. Now the run stops in one line, and a restarted worker group falls
+    back to Ray's offer as it does when the listing fails."""
+    from radjepa import locations
+
+    real = locations.filesystem
+
+    class Throttled:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def open_input_stream(self, path):
+            if "10-05-00" in path:
+                raise OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce")
+            return self.fs.open_input_stream(path)
+
+        def __getattr__(self, name):
+            return getattr(self.fs, name)
+
+    def throttled(location):
+        fs, path = real(location)
+        return Throttled(fs), path
+
+    monkeypatch.setattr(locations, "filesystem", throttled)
+    with pytest.raises(ResumeError) as err:
+        find_resume_point(_cfg(), str(run_dir))
+    said = str(err.value)
+    assert "\n" not in said and "checkpoint_2026-01-01_10-05-00.000001" in said
+    assert "SLOW_DOWN" in said and "re-run when the storage answers" in said
+    with pytest.raises(ResumeError):
+        newest_intact_checkpoint(str(run_dir))
+
+
 def test_no_readable_checkpoint_is_one_line_naming_them(run_dir):
     for ckpt in run_dir.iterdir():
         (ckpt / "optimizer.json").write_text("{not json")
