@@ -327,6 +327,20 @@ def _weights_finite_on_every_rank(trainer: Any, mean_over_ranks: Any) -> bool:
     return bool(mean_over_ranks(ok) == 1.0)
 
 
+def resume_loop_config(run_dir: str, resume: ResumePoint | None) -> dict[str, Any]:
+    """What a run's workers need to resume from the driver's pick (``find_resume_point``)
+    rather than Ray's offer, which may be older or damaged (see :func:`restore_point`); Ray's
+    record is first rid of the folders that are gone, and of the damaged ones, which otherwise
+    count toward train.keep_checkpoints: the run's first new checkpoint made Ray delete the
+    good one it resumed from and keep the damaged one. Pretrain and each sweep trial call it."""
+    unrecord_deleted_checkpoints(run_dir)
+    if resume is None:
+        return {}
+    if resume.damaged:
+        unrecord_checkpoints(run_dir, resume.damaged)
+    return {"resume_from": resume.path, "damaged_checkpoints": list(resume.damaged)}
+
+
 def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str]) -> Any:
     """The checkpoint a (re)started worker group loads: Ray's offer or the newest folder of
     the run that reads cleanly (``resume_from``: rank 0's look at the run folder, else the
@@ -500,11 +514,7 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
         storage = prepare_outputs(cfg)
         run_dir = locations.join_location(storage, cfg.train.run_name)
         resume = find_resume_point(cfg, run_dir)
-        unrecord_deleted_checkpoints(run_dir)
-        if resume is not None and resume.damaged:
-            # else they count toward train.keep_checkpoints: the run's first new checkpoint
-            # made Ray delete the good one it resumed from and keep the damaged one
-            unrecord_checkpoints(run_dir, resume.damaged)
+        resume_loop = resume_loop_config(run_dir, resume)
         restored = resume.path if resume is not None else None
         # before the run: a full disk that stopped the last one is freed of its copy cut short
         pruned = prune_stray_checkpoints(run_dir, restored=restored, finished=False)
@@ -546,10 +556,6 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
         tracking = {"run_id": run_id, "uri": uri}
 
     try:
-        # always the driver's pick: Ray may offer an older checkpoint (see restore_point)
-        skip = None
-        if resume is not None:
-            skip = {"resume_from": resume.path, "damaged_checkpoints": list(resume.damaged)}
         clear_divergence(run_dir)  # the last run's: this one starts from a good checkpoint
         if resume is not None and finished:
             result = already_trained(cfg, run_dir, resume)
@@ -559,7 +565,7 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
                 data,
                 storage=storage,
                 tracking=tracking,
-                extra_loop_config=skip,
+                extra_loop_config=resume_loop,
                 start_step=resume.step if resume is not None else 0,
             )
             result = trainer.fit()
@@ -876,7 +882,7 @@ def start_tracking(
     the originals."""
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import ensure_experiment, log_params, store_uri
-    from pipelines.tracking_runs import reopen
+    from pipelines.tracking_runs import RunGone, reopen
 
     # with remote outputs check_tracking_store made sure a store URI is configured
     uri = uri or store_uri(cfg, create=True)
@@ -899,6 +905,8 @@ def start_tracking(
                     for k, v in provenance.items()
                 ]
                 client.log_batch(run_id, tags=resumed)
+        except RunGone as err:  # nothing to end: one line and the ways on, not 2 tracebacks
+            raise PretrainError(run_gone_message(err, id_file, uri)) from None
         except BaseException as err:  # the caller never learns the id: it ends it here
             _end_unfinished(uri, run_id, err)
             raise
@@ -915,6 +923,16 @@ def start_tracking(
         _end_unfinished(uri, run_id, err)
         raise
     return run_id, uri
+
+
+def run_gone_message(err: Any, id_file: str, uri: str) -> str:
+    """What a re-run says when the MLflow run its folder names is not in the store
+    (:class:`pipelines.tracking_runs.RunGone`): which store, and the two ways on."""
+    return (
+        f"{id_file} names MLflow run {err.run_id}, which is {err.why} the store "
+        f"{locations.redact(uri)}: point tracking.uri (or MLFLOW_TRACKING_URI) at the store "
+        f"that holds it, or delete {id_file} to record the rest of the run as a new MLflow run"
+    )
 
 
 def _end_unfinished(uri: str, run_id: str, err: BaseException) -> None:

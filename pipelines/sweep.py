@@ -307,7 +307,13 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.pretrain import build_trainer, clear_divergence, read_divergence, start_tracking
+    from pipelines.pretrain import (
+        build_trainer,
+        clear_divergence,
+        read_divergence,
+        resume_loop_config,
+        start_tracking,
+    )
     from radjepa.resume import find_resume_point
 
     ctx = ray.tune.get_context()
@@ -337,7 +343,12 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         storage=storage,
         tracking=tracking,
         callbacks=[TuneReportCallback()],
-        extra_loop_config={"probe_set": setup.get("probe_set")},
+        # the driver's pick, as pretrain's: Ray's offer of a damaged checkpoint failed every
+        # attempt of the trial, and every later --resume
+        extra_loop_config={
+            "probe_set": setup.get("probe_set"),
+            **resume_loop_config(run_dir, resume),
+        },
         start_step=resume.step if resume is not None else 0,
     )
     clear_divergence(run_dir)  # a resumed trial's earlier attempt
@@ -821,9 +832,13 @@ def _parent_run(
     id_file = locations.join_location(sweep_dir, "mlflow_parent_run_id")
     previous = locations.read_text(id_file) if resume else None
     if previous:
-        from pipelines.tracking_runs import reopen
+        from pipelines.pretrain import run_gone_message
+        from pipelines.tracking_runs import RunGone, reopen
 
-        reopen(client, previous.strip())  # RUNNING again, and no longer tagged as reaped
+        try:
+            reopen(client, previous.strip())  # RUNNING again, and no longer tagged as reaped
+        except RunGone as err:
+            raise SweepError(run_gone_message(err, id_file, uri)) from None
         return previous.strip(), uri
     run_id = client.create_run(
         exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep", **provenance}

@@ -3,6 +3,7 @@ written for `radjepa pretrain`, and --resume that does not re-run finished trial
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -117,20 +118,36 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
 ):
     from pipelines.sweep import run_sweep
 
-    # one trial dies once at step 6 (no retries allowed), the other finishes
+    # one trial dies once at step 6 (no retries allowed), the other finishes; checkpoints
+    # every 2 steps, the last 2 kept
     space = {"train.fail_at_step": {"type": "grid", "values": [None, 6]}}
-    first = run_sweep(_cfg(tmp_path, "sr", space), str(nih_shards))
+    every2 = {"train.checkpoint_every": 2}
+    first = run_sweep(_cfg(tmp_path, "sr", space, **every2), str(nih_shards))
     assert sorted(t.status for t in first.trials) == ["error", "ok"]
     # a failed trial makes the sweep resumable: every checkpoint stays (the failed trial's
-    # step-4 one is where --resume restarts it)
+    # newest is where --resume restarts it)
     kept = _checkpoints(tmp_path / "sr")
-    assert sorted(len(c) for c in kept.values()) == [1, 2] and first.tidied is None
+    assert sorted(len(c) for c in kept.values()) == [2, 2] and first.tidied is None
     # the crashed trial's child run is closed as FAILED, not left RUNNING
     states = sorted(c.info.status for c in _child_runs(first.tracking_uri, first.parent_run_id))
     assert states == ["FAILED", "FINISHED"]
     done_before = next(t for t in first.trials if t.status == "ok")
+    # the failed trial's newest checkpoint, the newest Ray recorded of it, is damaged (a disk
+    # that filled up): the trial resumes from the one before. Ray's offer of the damaged one
+    # was loaded by every attempt of the trial (pretrain's driver pick was not passed on)
+    failed = next(k for k in kept if k != done_before.trial_id)
+    folder = tmp_path / "sr" / "trials" / f"trial-{failed}"
+    newest, before = (folder / name for name in kept[failed][::-1])
 
-    second = run_sweep(_cfg(tmp_path, "sr", space), str(nih_shards), resume=True)
+    def step(ckpt: Path) -> int:
+        return json.loads((ckpt / "meta.json").read_text())["step"]
+
+    resumed_at = step(before)
+    assert resumed_at < step(newest) <= 6
+    with open(newest / "weights.safetensors", "r+b") as f:
+        f.truncate(1000)
+
+    second = run_sweep(_cfg(tmp_path, "sr", space, **every2), str(nih_shards), resume=True)
     assert [t.status for t in second.trials] == ["ok", "ok"]
     assert second.parent_run_id == first.parent_run_id
     states = {c.info.status for c in _child_runs(second.tracking_uri, second.parent_run_id)}
@@ -143,7 +160,10 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
         assert sorted(steps) == list(range(1, 9))  # one value per step
         replays = {m.step for m in client.get_metric_history(child.info.run_id, "replay/loss")}
-        assert replays <= {5, 6}  # only steps after the step-4 checkpoint of the failed trial
+        # only steps after the checkpoint the failed trial resumed from
+        assert replays <= set(range(resumed_at + 1, 7))
+        if child.data.tags.get("radjepa.trial_id") == failed:
+            assert min(replays) == resumed_at + 1
     assert done_before.trial_id in {t.trial_id for t in second.trials}
     # the resumed sweep ended without failures: only its best trial's checkpoints remain
     left = _checkpoints(tmp_path / "sr")
