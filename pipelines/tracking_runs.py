@@ -21,6 +21,7 @@ from typing import Any
 __all__ = [
     "REAPED_BEFORE_TAG",
     "REAPED_TAG",
+    "RunGone",
     "StaleRun",
     "end_run",
     "parse_duration",
@@ -120,6 +121,16 @@ def reap(client: Any, runs: list[StaleRun], older_than: str, now_ms: int | None 
         client.set_terminated(run.run_id, "KILLED", end_time=run.last_activity_ms)
 
 
+class RunGone(LookupError):
+    """The MLflow run a re-run would continue is not in the store it looked in: ``why`` says
+    "not in" (another store: the team moved to a tracking server, MLFLOW_TRACKING_URI set
+    since) or "deleted in" (from the UI)."""
+
+    def __init__(self, run_id: str, why: str) -> None:
+        super().__init__(f"MLflow run {run_id} is {why} the store")
+        self.run_id, self.why = run_id, why
+
+
 def reopen(client: Any, run_id: str, now_ms: int | None = None) -> None:
     """Set a run that a re-run continues (a pretrain resume, a resumed sweep or trial) RUNNING
     again. A run ``runs reap`` had marked KILLED kept its ``radjepa.reaped`` tag through the
@@ -133,9 +144,20 @@ def reopen(client: Any, run_id: str, now_ms: int | None = None) -> None:
     end_time on, ``set_terminated`` turns a missing one into now, and the stores'
     ``update_run_info`` change end_time only when given one; MLflow's own resume
     (``mlflow.start_run(run_id=...)``) keeps it the same way. So while it runs again the UI
-    shows it RUNNING with the old End Time and a Duration up to that time."""
+    shows it RUNNING with the old End Time and a Duration up to that time. A run the store does
+    not hold, or holds deleted, is :class:`RunGone`."""
+    from mlflow.exceptions import MlflowException
+
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    reaped = client.get_run(run_id).data.tags.get(REAPED_TAG)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RunGone(run_id, "not in") from None
+        raise
+    if run.info.lifecycle_stage == "deleted":  # update_run refuses it
+        raise RunGone(run_id, "deleted in")
+    reaped = run.data.tags.get(REAPED_TAG)
     client.update_run(run_id, status="RUNNING")
     if reaped is None:
         return

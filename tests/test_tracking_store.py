@@ -388,6 +388,38 @@ def test_a_run_whose_id_cannot_be_kept_is_not_left_running(tmp_path, monkeypatch
     assert run.info.status == "FAILED"
 
 
+def test_a_resume_whose_mlflow_run_is_not_in_the_store_says_so_in_one_line(
+    tmp_path, monkeypatch, migrated_store, caplog
+):
+    """A re-run whose folder names an MLflow run the store does not hold (the team moved to a
+    tracking server, the run deleted in the UI) printed two tracebacks from ending a run that
+    is not there, then MLflow's "Run with id=... not found", and no way on."""
+    import logging
+
+    import mlflow
+
+    from pipelines.pretrain import PretrainError, start_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    cfg = load_config(TINY_CONFIG, [f"train.output_dir={runs}"])
+    uri = migrated_store(runs / "mlflow.db")
+    (runs / "tiny").mkdir()
+    id_file = runs / "tiny" / "mlflow_run_id"
+    id_file.write_text("0" * 32)
+    with caplog.at_level(logging.WARNING), pytest.raises(PretrainError) as err:
+        start_tracking(cfg, str(runs), str(runs / "tiny"))
+    said = str(err.value)
+    assert "\n" not in said and not [r for r in caplog.records if r.exc_info]
+    assert said.startswith(f"{id_file} names MLflow run {'0' * 32}, which is not in the store ")
+    assert f"or delete {id_file}" in said
+    # deleted in the UI: the same, said as such
+    run_id, _ = start_tracking(cfg, str(runs), str(runs / "other"))
+    mlflow.MlflowClient(uri).delete_run(run_id)
+    with pytest.raises(PretrainError, match=f"run {run_id}, which is deleted in the store "):
+        start_tracking(cfg, str(runs), str(runs / "other"))
+
+
 def test_the_data_fingerprint_names_the_images_not_the_shard_layout(tmp_path):
     # a run trained with --data recorded `data.shards: None` and nothing else about its data
     import numpy as np
