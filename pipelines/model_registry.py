@@ -145,6 +145,9 @@ def promote(
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise RegistryError(f"{name} has no version {version}") from None
         raise
+    # the registry's spelling from here on: "01" found version 1, which then was tagged as
+    # demoted in favour of itself, its promotion record overwritten
+    version = str(mv.version)
     if str(mv.status) != "READY":
         raise RegistryError(f"{name} version {version} is {mv.status}, not READY: not promoted")
     held = (registered.aliases or {}).get(alias)

@@ -7,6 +7,7 @@ directory. MLFLOW_TRACKING_URI (e.g. an HTTP tracking server on a cluster) overr
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -32,7 +33,10 @@ def client(uri: str, attempts: int = 5) -> Any:
     for attempt in range(attempts):
         try:
             with _first_open_lock(uri):
-                c = mlflow.MlflowClient(uri)
+                # the registry is the store's own, as serve and probe look models up in it:
+                # MLflow's default follows MLFLOW_REGISTRY_URI, which registered versions in
+                # another store than the one they were then looked for in
+                c = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
                 c.search_experiments(max_results=1)  # touch the store so a collision surfaces
             return c
         except Exception as err:  # sqlalchemy OperationalError, wrapped by MLflow differently
@@ -58,7 +62,21 @@ def _first_open_lock(uri: str) -> Iterator[None]:
         return
     path = Path(db)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        lock = open(lock_path, "a")  # noqa: SIM115 - closed below, on every path
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not path.is_file():
+            raise
+        # a store built, and read-only to this user (`models list`, `runs reap --dry-run`
+        # from a reader's account or a read-only mount): the lock is taken read-only (flock
+        # needs no write access); without one there is nothing this user could build anyway
+        try:
+            lock = open(lock_path)  # noqa: SIM115
+        except OSError:
+            yield
+            return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.tracking import client as tracking_client
 from pipelines.tracking import (
     ensure_experiment,
     log_metrics,
@@ -43,13 +44,16 @@ def log_probe_run(
     *,
     register_head: bool = False,
     head_model_name: str = "radjepa-probe-head",
+    model: tuple[str, str, str] | None = None,
 ) -> ProbeTracking:
     """Log a finished probe (the dict ``run_probe`` returned) as one MLflow run.
 
     Artifacts: ``report.json``, ``report.md``, ``plots/`` and ``head/``. Metrics: every AUROC,
     AUPRC (+ CI bounds), precision@k and kNN AUROC, named ``<method>/<label>/<metric>``.
+    ``model``: the registered encoder probed, as (name, version, what the user asked for, say
+    ``models:/enc@champion``), tagged and in the run's name; the checkpoint path alone was the
+    registry cache's, and which version an alias pointed at then was recorded nowhere.
     """
-    import mlflow
     from mlflow.entities import Param
 
     from pipelines.pretrain import storage_root
@@ -69,17 +73,20 @@ def log_probe_run(
         # experiment fixes its artifact root (a database store without a server), and the
         # probe's --out made every later checkpoint and registered encoder land in that folder
         exp_id = ensure_experiment(uri, cfg.tracking.experiment, storage_root(cfg))
-        client = mlflow.MlflowClient(uri)
-        run = client.create_run(
-            exp_id,
-            run_name=f"probe-{Path(str(report['checkpoint'])).name}",
-            tags={
-                "radjepa.job": "probe",
-                "radjepa.checkpoint": redact(str(enc.get("checkpoint", report["checkpoint"]))),
-                "radjepa.checkpoint_sha256": str(enc.get("sha256", "")),
-                "radjepa.encoder": str(enc.get("which", "")),
-            },
-        )
+        client = tracking_client(uri)  # the store's registry, whatever MLFLOW_REGISTRY_URI says
+        tags = {
+            "radjepa.job": "probe",
+            "radjepa.checkpoint": redact(str(enc.get("checkpoint", report["checkpoint"]))),
+            "radjepa.checkpoint_sha256": str(enc.get("sha256", "")),
+            "radjepa.encoder": str(enc.get("which", "")),
+        }
+        name = f"probe-{Path(str(report['checkpoint'])).name}"
+        if model is not None:
+            registered, version, asked = model
+            tags["radjepa.model_ref"] = f"models:/{registered}/{version}"
+            tags["radjepa.model_asked"] = asked
+            name = f"probe-{registered}-v{version}"
+        run = client.create_run(exp_id, run_name=name, tags=tags)
     except Exception as err:  # a store MLflow refuses (file:), an unreachable server, ...
         # one line, as pretrain and sweep say it (the CLI turns ValueError into a message);
         # the report and head are already written, so say where they are
@@ -141,7 +148,10 @@ def log_probe_run(
                 "no probe head was fitted (every label was skipped); nothing to register"
             )
         end_run(client, run_id, "FINISHED")  # as every driver ends its run (reap's tag)
-    except BaseException:
-        mark_run(uri, run_id, "FAILED")  # never raises: the error to report is the first one
+    except BaseException as err:
+        # never raises: the error to report is the first one. Ctrl-C or SIGTERM while the
+        # report uploads is an interruption, as pretrain and sweep mark theirs, not a failure
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        mark_run(uri, run_id, "KILLED" if interrupted else "FAILED")
         raise
     return ProbeTracking(run_id, uri, head_model_name if version else None, version)

@@ -339,6 +339,32 @@ def test_cli_probe_logs_metrics_artifacts_and_registers_head(
     x = np.random.default_rng(0).normal(size=(5, saved.feature_dim))
     assert np.array_equal(fetched.predict_proba(x), saved.predict_proba(x))
 
+    # Ctrl-C while the report is recorded ends the run KILLED, as pretrain and sweep mark an
+    # interruption, not FAILED
+    from pipelines import tracking_probe
+    from radjepa.config import load_config
+
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [f"train.output_dir={tmp_path / 'runs'}"])
+    # a probe of a registered encoder records which version it was: the checkpoint path is
+    # the registry cache's, and an alias moves
+    asked = "models:/tiny-enc@champion"
+    of_version = tracking_probe.log_probe_run(report, out, cfg, model=("tiny-enc", "3", asked))
+    tagged = client.get_run(of_version.run_id)
+    assert tagged.info.run_name == "probe-tiny-enc-v3"
+    assert tagged.data.tags["radjepa.model_ref"] == "models:/tiny-enc/3"
+    assert tagged.data.tags["radjepa.model_asked"] == asked
+    assert "radjepa.model_ref" not in run.data.tags  # the CLI's probe of a folder
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking_probe, "end_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tracking_probe.log_probe_run(report, out, cfg)
+    ended = {run.info.run_id, of_version.run_id}
+    (killed,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in ended]
+    assert killed.info.status == "KILLED"
+
 
 def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_dir, monkeypatch):
     from pipelines.cli import UserError, probe_cmd

@@ -24,12 +24,15 @@ def store(tmp_path, monkeypatch, migrated_store):
     from radjepa.config import load_config
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # MLflow's client follows this, serve's lookup does not: versions were registered in one
+    # store and looked for in the other. The registry is the tracking store's own
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
     runs = tmp_path / "runs"
     cfg = load_config(TINY_CONFIG, [f"train.output_dir={runs}"])
     uri = tracking_uri(cfg.tracking, runs)
     assert migrated_store(runs / "mlflow.db") == uri
     exp = ensure_experiment(uri, cfg.tracking.experiment, str(runs))
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     ckpt = make_checkpoint(tmp_path / "ckpt")
     for step in ("7", "9"):
         run = client.create_run(exp)
@@ -63,11 +66,16 @@ def test_promotion_moves_the_alias_and_both_versions_record_it(store):
     assert rows["2"].promoted.endswith(": AUROC +0.02 on CXR14 (replaced version 1)")
     import mlflow
 
-    tags = mlflow.MlflowClient(uri).get_model_version("tiny-enc", "1").tags
+    tags = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version("tiny-enc", "1").tags
     assert tags["radjepa.demotion"].startswith("champion moved to version 2 by bo at ")
     again = promote(uri, "tiny-enc", "2", "champion", "re-run")
     assert again.previous == again.version == "2"  # nothing moved, nothing recorded
     assert "re-run" not in list_versions(uri, "tiny-enc")[0].promoted
+    # the same version spelled "02": version 2 was tagged as demoted in favour of itself
+    spelled = promote(uri, "tiny-enc", "02", "champion", "leading zero")
+    assert spelled.previous == spelled.version == "2"
+    tags = mlflow.MlflowClient(uri, registry_uri=uri).get_model_version("tiny-enc", "2").tags
+    assert "radjepa.demotion" not in tags and "leading zero" not in tags["radjepa.promotion"]
 
 
 @pytest.mark.parametrize(
@@ -171,7 +179,7 @@ def test_promoting_a_probe_head_says_to_serve_it_with_head(store, tmp_path):
     from serve_helpers import register_probe_head
 
     uri, output_dir = store
-    exp = mlflow.MlflowClient(uri).get_experiment_by_name("radjepa").experiment_id
+    exp = mlflow.MlflowClient(uri, registry_uri=uri).get_experiment_by_name("radjepa").experiment_id
     register_probe_head(uri, exp, "tiny-head", tmp_path / "head")
     common = ["-c", str(TINY_CONFIG), "--set", output_dir]
     done = _radjepa("models", "promote", "1", "-r", "ok", "--name", "tiny-head", *common, cwd=REPO)
@@ -220,3 +228,31 @@ def test_a_registry_reference_into_a_file_without_mlflow_tables_changes_nothing(
         resolve_model("models:/tiny-enc@champion", tracking_uri=f"sqlite:///{other}")
     with closing(sqlite3.connect(other)) as con:
         assert [r[0] for r in con.execute("SELECT name FROM sqlite_master")] == ["notes"]
+
+
+def test_a_store_read_only_to_its_reader_can_be_listed(tmp_path):
+    """`models list` or `runs reap --dry-run` from an account (or a mount) that may only read
+    the store: every open created ``mlflow.db.lock`` first, and failed on it although MLflow
+    itself reads the store fine. The reader's view here is a read-only bind mount."""
+    import subprocess
+
+    from pipelines.tracking import client
+
+    store, view = tmp_path / "store", tmp_path / "view"
+    store.mkdir()
+    view.mkdir()
+    client(f"sqlite:///{store / 'mlflow.db'}").create_registered_model("tiny-enc")
+    if subprocess.run(["mount", "--bind", str(store), str(view)]).returncode != 0:
+        pytest.skip("needs permission to mount (root in a privileged container)")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+        uri = f"sqlite:///{view / 'mlflow.db'}"
+        with pytest.raises(OSError):
+            (view / "probe").write_text("")  # read-only indeed
+        # its lock file is taken read-only
+        assert [m.name for m in client(uri).search_registered_models()] == ["tiny-enc"]
+        (store / "mlflow.db.lock").unlink()
+        # no lock file, and none can be made: nothing this reader could build, none needed
+        assert [m.name for m in client(uri).search_registered_models()] == ["tiny-enc"]
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=False)
