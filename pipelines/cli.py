@@ -468,7 +468,8 @@ def embed_cmd(
         int | None,
         typer.Option(
             min=1,
-            help="Encoder actors (default: by free CPUs, at most 4, and no more than batches).",
+            help="Encoder actors (default: by free CPUs, at most 4, and no more than batches; "
+            "at most the free CPUs less one, and the free GPUs on a GPU run).",
         ),
     ] = None,
 ) -> None:
@@ -996,8 +997,16 @@ def probe_cmd(
         from pipelines.tracking_probe import log_probe_run
 
         try:
+            registered = None
+            if resolved.name and resolved.version:
+                registered = (resolved.name, str(resolved.version), resolved.source)
             tr = log_probe_run(
-                report, out_dir, cfg, register_head=register_head, head_model_name=head_name
+                report,
+                out_dir,
+                cfg,
+                register_head=register_head,
+                head_model_name=head_name,
+                model=registered,
             )
         except ValueError as err:  # no store for remote outputs, no head to register
             raise UserError(str(err)) from None

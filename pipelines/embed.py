@@ -214,13 +214,18 @@ def run_embed(
     use_gpu = resolve_use_gpu(cfg.serve.use_gpu)
     wanted = ["image_id", "pixels", "height", "width", "dtype", *PID_COLUMNS]
     columns = [c for c in wanted if c in present]
-    if not _any_rows(shards):  # an empty index would be written and the run called a success
-        raise EmbedError(f"the {len(shards)} shard(s) in {shards_dir} hold no images")
-
-    free_cpus = int(ray.available_resources().get("CPU", 1))
+    free = ray.available_resources()
+    free_cpus = int(free.get("CPU", 1))
     batch = batch_size or cfg.probe.batch_size
-    n_actors = actors or default_actors(free_cpus, use_gpu, shards, batch)
-    ds = read_parquet(shards, num_files=len(shards), columns=columns)
+    try:  # the shards' footers are read from here on: a damaged one (a copy cut short) was
+        # pyarrow's traceback
+        if not _any_rows(shards):  # an empty index would be written and called a success
+            raise EmbedError(f"the {len(shards)} shard(s) in {shards_dir} hold no images")
+        n_actors = actors or default_actors(free_cpus, use_gpu, shards, batch)
+        check_actors(n_actors, free_cpus, int(free.get("GPU", 0)), use_gpu, chosen=bool(actors))
+        ds = read_parquet(shards, num_files=len(shards), columns=columns)
+    except (OSError, pa.ArrowException) as err:
+        raise EmbedError(f"cannot read shards at {shards_dir}: {err}") from None
     ds = ds.map_batches(
         _EmbedActor,
         fn_constructor_kwargs={
@@ -335,6 +340,22 @@ def _mark_incomplete(fs: Any, marker: str) -> None:
 
 
 MAX_CPU_ACTORS = 4
+
+
+def check_actors(n: int, free_cpus: int, free_gpus: int, use_gpu: bool, chosen: bool) -> None:
+    """Refuse encoder actors the cluster cannot run beside the shards' read and the index's
+    write tasks: each actor holds a CPU (and a GPU) for the whole run, Ray Data's tasks need
+    one more, and a run without it waited for ever with no error (``--actors 2`` on 2 CPUs)."""
+    fix = "lower --actors" if chosen else "free some, or run on a larger cluster"
+    if use_gpu and n > free_gpus:
+        raise EmbedError(
+            f"{n} encoder actor(s) need {n} GPU(s); the cluster has {free_gpus} free: {fix}"
+        )
+    if n + 1 > free_cpus:
+        raise EmbedError(
+            f"{n} encoder actor(s) hold {n} CPU(s) and reading the shards and writing the index "
+            f"needs one more; the cluster has {free_cpus} free: {fix}"
+        )
 
 
 def default_actors(free_cpus: int, use_gpu: bool, shards: list[str], batch_size: int) -> int:

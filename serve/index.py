@@ -724,19 +724,46 @@ def _index_parts(path: str | Path) -> tuple[Path, list[Path], dict[Path, int] | 
     p = Path(path)
     if not p.exists():
         raise IndexLoadError(f"index not found: {p}")
+    if not p.is_dir():
+        return p, [p], _single_part_rows(p)
     # anywhere below: several runs' folders under one parent are one index
-    unfinished = next(iter(sorted(p.rglob(INCOMPLETE_MARKER))), None) if p.is_dir() else None
+    unfinished = next(iter(sorted(p.rglob(INCOMPLETE_MARKER))), None)
     if unfinished is not None:
-        raise IndexLoadError(
-            f"index {unfinished.parent} is incomplete: the `radjepa embed` run writing it did "
-            "not finish (still running, interrupted or failed); remove the folder and run it "
-            "again"
-        )
-    files = sorted(p.rglob("*.parquet")) if p.is_dir() else [p]
-    expected = _recorded_rows(p, files) if p.is_dir() else None
+        raise _incomplete(unfinished.parent)
+    files = sorted(p.rglob("*.parquet"))
+    expected = _recorded_rows(p, files)
     if not files:
         raise IndexLoadError(f"no .parquet files under {p}")
     return p, files, expected
+
+
+def _incomplete(folder: Path) -> IndexLoadError:
+    return IndexLoadError(
+        f"index {folder} is incomplete: the `radjepa embed` run writing it did not finish "
+        "(still running, interrupted or failed); remove the folder and run it again"
+    )
+
+
+def _single_part_rows(p: Path) -> dict[Path, int] | None:
+    """An index given as one Parquet file: the checks a folder gets, made on the folder it lies
+    in. One part of an unfinished run, or one of several parts, loaded as the whole archive,
+    and searches missed every other part's rows without a word."""
+    if (p.parent / INCOMPLETE_MARKER).exists():
+        raise _incomplete(p.parent)
+    parts = recorded_parts(p.parent)
+    if parts is None:
+        return None  # a file made elsewhere, or an index of one file copied alone
+    if p.name not in parts:
+        raise IndexLoadError(
+            f"{p} is not a part the `radjepa embed` run in {p.parent} wrote: give an index "
+            "folder or a part of one"
+        )
+    if len(parts) > 1:
+        raise IndexLoadError(
+            f"{p} is one of the {len(parts)} parts of the index in {p.parent}: give the folder "
+            "(one part alone leaves the others' rows out of every search)"
+        )
+    return {p: parts[p.name]}
 
 
 def _recorded_rows(p: Path, files: list[Path]) -> dict[Path, int] | None:

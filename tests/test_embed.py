@@ -282,6 +282,27 @@ def test_user_errors_are_named(embedded, tmp_path):
         run_embed(embedded["cfg"], empty, tmp_path / "o2", model=embedded["ckpt"])
     assert not (tmp_path / "o2").exists()
 
+    # as many actors as free CPUs: nothing was left to read the shards, and the run waited
+    # for ever without an error
+    import ray
+
+    free = int(ray.available_resources()["CPU"])
+    ingest = embedded["root"] / "ingest"
+    with pytest.raises(EmbedError, match=f"needs one more; the cluster has {free} free: lower"):
+        run_embed(embedded["cfg"], ingest, tmp_path / "o3", model=embedded["ckpt"], actors=free)
+    assert not (tmp_path / "o3").exists()
+    # a shard other than the first damaged (a copy cut short): pyarrow's traceback
+    damaged = tmp_path / "damaged"
+    (damaged / "images").mkdir(parents=True)
+    shards = sorted((ingest / "images").glob("*.parquet"))
+    assert len(shards) >= 2
+    for shard in shards:
+        (damaged / "images" / shard.name).write_bytes(shard.read_bytes())
+    last = damaged / "images" / shards[-1].name
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(EmbedError, match="cannot read shards at .*damaged"):
+        run_embed(embedded["cfg"], damaged, tmp_path / "o4", model=embedded["ckpt"], actors=1)
+
 
 def test_a_model_folder_that_is_no_checkpoint_is_refused_before_ray(tmp_path, nih_dir):
     """`--model` given the ingest output (it holds JSON files, so it hashes like a checkpoint):
@@ -397,6 +418,20 @@ def test_a_copy_of_the_index_that_lost_or_gained_a_part_is_refused(embedded, tmp
     for load in loads:
         with pytest.raises(IndexLoadError, match=re.escape(f"index {running} is incomplete")):
             load(tmp_path / "runs")
+    # an index given as one of its Parquet files is held to its folder's record and marker:
+    # one part alone, or a part of an unfinished run, loaded as the whole archive
+    two = copy("two")
+    (two / PARTS_RECORD).write_text(
+        json.dumps({**record, "parts": {**record["parts"], "other.parquet": 1}})
+    )
+    part = two / sorted(record["parts"])[0]
+    for load in loads:
+        with pytest.raises(IndexLoadError, match=re.escape(f"{part} is one of the ")):
+            load(part)
+        with pytest.raises(IndexLoadError, match="is incomplete"):
+            load(running / sorted(record["parts"])[0])
+    if len(parts) == 1:  # an index of one part given as that part loads as before
+        assert len(EmbeddingIndex.from_parquet(parts[0])) == N_IMAGES
 
 
 def test_actors_that_cannot_load_the_model_are_named_in_one_line(embedded, tmp_path, monkeypatch):
