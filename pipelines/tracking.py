@@ -312,11 +312,13 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | None = None) -> 
     # environment, which would silently redirect every later run in the process to this store
     mc = client(uri)
     exp = mc.get_experiment_by_name(name)
+    db = sqlite_file(uri)
     if exp is not None:
+        if db is not None:
+            _check_not_moved(uri, db, name, exp.artifact_location)
         return exp.experiment_id
     artifact_location = None
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
-    db = sqlite_file(uri)
     if db is not None:
         # sqlite:////abs/mlflow.db is absolute; sqlite:///mlflow.db is relative to the cwd
         artifact_location = (Path(db).resolve().parent / "mlartifacts").as_uri()
@@ -335,6 +337,32 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | None = None) -> 
         if exp is None:
             raise
         return exp.experiment_id
+
+
+class StoreMoved(ValueError):
+    """A sqlite store whose experiment keeps its artifacts in another folder's ``mlartifacts``:
+    the store was moved or copied there, and MLflow would write new runs' artifacts and
+    registered versions into the old folder (re-created if gone)."""
+
+
+def _check_not_moved(uri: str, db: str, name: str, location: str | None) -> None:
+    """Refuse a store folder moved or copied whole (``mv runs /data/runs``): its experiment was
+    created with the artifacts beside the database, by absolute path. Only our own layout is
+    held to it (``<folder>/mlartifacts``); an artifact root another tool chose is left alone."""
+    from urllib.parse import unquote, urlsplit
+
+    if not location or not location.startswith("file:"):
+        return
+    old = Path(unquote(urlsplit(location).path))
+    here = Path(db).resolve().parent / "mlartifacts"
+    if old.name != "mlartifacts" or old.resolve() == here.resolve():
+        return
+    raise StoreMoved(
+        f"the MLflow store {redact(uri)} was moved or copied from {old.parent}: its experiment "
+        f"{name!r} keeps artifacts in {old}, where new runs and registered versions would go "
+        f"too. Move the folder back, or use a new experiment here (--set "
+        "tracking.experiment=NAME; earlier runs' artifacts stay where they were)"
+    )
 
 
 def log_params(run_id: str, uri: str, cfg: Config) -> None:

@@ -642,3 +642,29 @@ def test_a_finished_run_recorded_again_keeps_its_version_s_encoder_tag_true(
     assert finish_tracking(cfg, uri, run_id, str(retrained), {}) == version
     assert tag() == checkpoint_fingerprint(retrained) != checkpoint_fingerprint(ckpt)
     assert f"srv version {version} now holds other weights for step 7" in caplog.text
+
+
+def test_a_store_moved_or_copied_elsewhere_is_refused_before_it_writes_to_the_old_place(
+    tmp_path, migrated_store
+):
+    """The docs call a run folder's store self-contained, but its experiment keeps artifacts by
+    absolute path: after `mv runs /data/runs` new runs and registered versions went to the old
+    folder (re-created), and a copy's went into the original."""
+    import shutil
+
+    from pipelines.tracking import StoreMoved, ensure_experiment
+
+    old = tmp_path / "old"
+    uri = migrated_store(old / "mlflow.db")
+    exp = ensure_experiment(uri, "radjepa")
+    assert ensure_experiment(uri, "radjepa") == exp  # in place: found, as always
+    copy = Path(shutil.copytree(old, tmp_path / "copy"))
+    moved = tmp_path / "moved"
+    old.rename(moved)
+    for folder in (copy, moved):
+        with pytest.raises(StoreMoved, match=f"was moved or copied from {old}: ") as err:
+            ensure_experiment(f"sqlite:///{folder / 'mlflow.db'}", "radjepa")
+        assert "\n" not in str(err.value) and "tracking.experiment=" in str(err.value)
+        assert not old.exists()  # nothing written to the old place
+        # a new experiment in the new place keeps its artifacts there
+        ensure_experiment(f"sqlite:///{folder / 'mlflow.db'}", "radjepa-here")
