@@ -287,45 +287,96 @@ async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload
     return uploads
 
 
+class UploadDecoders:
+    """One decode process (:class:`radjepa.ingest.decode_process.DecodeProcess`) per decode
+    thread: a codec that crashes in C on a hostile upload (a segfault) ended the replica, and
+    every request in flight with it; one stuck on it held a decode thread for good. Now the
+    upload is a 422 (``decoder_crashed``), and a request past its deadline kills its decode."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def decode(
+        self, data: bytes, options: dict[str, Any], rid: str | None, cancelled: threading.Event
+    ) -> Any:
+        from radjepa.ingest.decode_process import DecodeProcess
+
+        proc = getattr(self._local, "proc", None)
+        if proc is None:
+            proc = self._local.proc = DecodeProcess(_decode_upload)
+        return proc.call(data, (options, rid), cancelled=cancelled)
+
+
+def _decode_upload(data: bytes, options: dict[str, Any], rid: str | None) -> tuple[Any, ...]:
+    """In the decode process: ``("ok", pixels, meta)``, ``("rejected", reason, message)``, or
+    ``("failed",)`` (plain values: they cross a pipe)."""
+    from radjepa.imaging.decode import ImageRejected, decode_image
+
+    try:
+        decoded = decode_image(data, **options)
+    except ImageRejected as err:
+        return "rejected", err.reason, err.message
+    except Exception:  # a decoder bug on hostile bytes is still bad input, not a 500
+        log.exception("decoder failed on an upload (%d bytes, request %s)", len(data), rid)
+        return ("failed",)
+    return "ok", decoded.pixels, decoded.meta
+
+
 def _decode_all(
     uploads: list[_Upload], app_state: Any, rid: str | None, cancelled: threading.Event
 ) -> list[np.ndarray]:
     """Decode every upload with the ingest decoder; the first rejection becomes a 422.
 
-    Runs on the decode pool; stops between files once the request has given up."""
-    from radjepa.imaging.decode import ImageRejected, decode_image
+    Runs on the decode pool, each file in the thread's decode process; stops between files
+    once the request has given up, and ends a decode still running then."""
+    from radjepa.ingest.decode_process import DecodeCancelled, DecodeCrashed
 
     pre = app_state.embedder.preprocess
     out = []
     for up in uploads:
         if cancelled.is_set():
             raise Cancelled("request abandoned")
+        options = {
+            "size": pre.image_size,
+            "dtype": pre.dtype,
+            "window_percentiles": pre.window_percentiles,
+            "secret": app_state.decode_secret,
+            "source_name": up.filename,
+            "max_bytes": app_state.settings.max_body_bytes,
+            "patient_identity": app_state.upload_pseudonyms.scheme,
+            "id_scheme": app_state.image_id_scheme,
+        }
         try:
-            decoded = decode_image(
-                up.data,
-                size=pre.image_size,
-                dtype=pre.dtype,
-                window_percentiles=pre.window_percentiles,
-                secret=app_state.decode_secret,
-                source_name=up.filename,
-                max_bytes=app_state.settings.max_body_bytes,
-                patient_identity=app_state.upload_pseudonyms.scheme,
-                id_scheme=app_state.image_id_scheme,
+            outcome = app_state.upload_decoders.decode(up.data, options, rid, cancelled)
+        except DecodeCancelled:
+            raise Cancelled("request abandoned") from None
+        except DecodeCrashed as err:
+            log.warning(
+                "decoding an upload (%d bytes, request %s) ended its decode process (%s)",
+                len(up.data),
+                rid,
+                err.how,
             )
-        except ImageRejected as err:
-            raise ApiError(422, err.message, reason=err.reason, filename=up.filename) from None
-        except Exception:  # a decoder crash on hostile bytes is still bad input, not a 500
-            log.exception("decoder failed on an upload (%d bytes, request %s)", len(up.data), rid)
+            raise ApiError(
+                422,
+                "the image could not be decoded: it ended the decoder",
+                reason="decoder_crashed",
+                filename=up.filename,
+            ) from None
+        if outcome[0] == "rejected":
+            raise ApiError(422, outcome[2], reason=outcome[1], filename=up.filename)
+        if outcome[0] == "failed":
             raise ApiError(
                 422, "the image could not be decoded", reason="decode_error", filename=up.filename
-            ) from None
-        up.patient_pid = decoded.meta.get("patient_pid")
-        up.instance_pid = decoded.meta.get("instance_pid")
-        up.image_id = str(decoded.meta["image_id"])
+            )
+        _, pixels, meta = outcome
+        up.patient_pid = meta.get("patient_pid")
+        up.instance_pid = meta.get("instance_pid")
+        up.image_id = str(meta["image_id"])
         # decoded, its bytes are not used again: held to the answer, through the forward's
         # queue and the search, a replica's memory grew with every request in flight
         up.data = b""
-        out.append(decoded.pixels)
+        out.append(pixels)
     return out
 
 
@@ -496,6 +547,7 @@ def create_app(
         index, app.state.decode_secret, settings
     )
     gate = app.state.decode_gate = DecodeGate(settings.decode_workers, settings.max_pending_decodes)
+    app.state.upload_decoders = UploadDecoders()
     tokens_per_image = (info.img_size // info.patch_size) ** 2 * info.embed_dim
     app.add_middleware(
         GuardMiddleware, max_body_bytes=settings.max_body_bytes, echo_request_id=echo_request_id

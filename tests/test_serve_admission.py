@@ -340,3 +340,45 @@ def test_an_upload_s_bytes_are_let_go_once_decoded(embedder, nih_dir) -> None:
     assert len(pixels) == 2
     assert [len(up.data) for up in uploads] == [0, 0]
     assert all(len(up.image_id) == 64 for up in uploads)  # what is still used: the ids
+
+
+def test_an_upload_that_crashes_or_hangs_its_codec_costs_its_own_request_only(
+    embedder, nih_dir, monkeypatch
+) -> None:
+    """A hostile upload that crashed a codec in C (a segfault) ended the replica, and every
+    request in flight with it; one a codec spun on held a decode thread for good, past the
+    request's 504. Each upload is decoded in its decode thread's own process now: the crash is
+    that request's 422, the hang ends with its deadline, and the next request is served."""
+    import signal
+
+    import radjepa.imaging.decode as decode
+
+    real = decode.decode_image
+
+    def codec(data, **options):  # inherited by the decode processes, which fork from here
+        if data.startswith(b"CRASH"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        if data.startswith(b"HANG"):
+            time.sleep(3600)
+        return real(data, **options)
+
+    monkeypatch.setattr(decode, "decode_image", codec)
+    png = nih_pngs(nih_dir, 1)[0].read_bytes()
+    app = _app(embedder, decode_workers=1, request_timeout_s=2.0)
+    gate: DecodeGate = app.state.decode_gate
+    with TestClient(app, raise_server_exceptions=False) as client:
+        crashed = _post(client, b"CRASH" + png)
+        assert crashed.status_code == 422, crashed.text
+        assert crashed.json()["reason"] == "decoder_crashed"
+        assert _post(client, png).status_code == 200
+        started = time.monotonic()
+        hung = _post(client, b"HANG" + png)
+        assert hung.status_code == 504, hung.text
+        # the one decode thread is free again: the stuck decode was ended, not waited out
+        for _ in range(100):
+            if gate.admitted == 0:
+                break
+            time.sleep(0.05)
+        assert gate.admitted == 0
+        assert _post(client, png).status_code == 200
+        assert time.monotonic() - started < 30

@@ -5,7 +5,8 @@ it without end cannot be caught or interrupted from Python: in the decoder's own
 ended that process, its whole batch was retried, and the batch that kept doing it stopped a run
 of millions of files over one. Here the decoder hands each file to a forked child and waits for
 its answer: a child that dies or runs past the time limit is ended and replaced, and the decoder
-names the file that did it.
+names the file that did it. The HTTP API decodes uploads the same way: a hostile upload that
+crashes a codec is a 422 for its request, not a replica lost with every request in flight.
 
 The child is forked (not spawned) so that it runs the decoder's own method, overrides and all,
 on state it already holds, and starts in milliseconds after a crash; it touches nothing the
@@ -21,11 +22,13 @@ import mmap
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["DecodeCrashed", "DecodeProcess", "DecodeTimedOut"]
+__all__ = ["DecodeCancelled", "DecodeCrashed", "DecodeProcess", "DecodeTimedOut"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,13 @@ class DecodeCrashed(RuntimeError):
 
 class DecodeTimedOut(TimeoutError):
     """The child ran past the time limit on the file it was given, and was killed."""
+
+
+class DecodeCancelled(RuntimeError):
+    """The caller gave up while the child decoded (its ``cancelled`` event set): killed."""
+
+
+_CANCEL_POLL_S = 0.1  # how soon a cancelled call ends its child
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -84,6 +94,14 @@ class DecodeProcess:
         self.restarts = 0  # children replaced after a crash or a timeout
 
     def __call__(self, data: bytes, *args: Any) -> Any:
+        return self.call(data, args)
+
+    def call(
+        self, data: bytes, args: tuple[Any, ...] = (), cancelled: threading.Event | None = None
+    ) -> Any:
+        """``work(data, *args)`` in the child; ``cancelled`` set while it runs (a caller that
+        gave up: an HTTP request past its deadline) kills the child and raises
+        :class:`DecodeCancelled`, so a codec stuck in C no longer holds the caller's thread."""
         for attempt in (1, 2):
             conn, buffer = self._started(len(data))
             buffer[: len(data)] = data  # the child is idle: it wrote its last answer, or is new
@@ -94,9 +112,7 @@ class DecodeProcess:
                 exitcode = self._stop()
                 if attempt == 2:
                     raise DecodeCrashed(describe_exit(exitcode)) from None
-        if not conn.poll(self._timeout_s or None):
-            self._stop(kill=True)
-            raise DecodeTimedOut(f"no answer within {self._timeout_s:g} s")
+        self._wait(conn, cancelled)
         try:
             ok, value = conn.recv()
         except (EOFError, OSError):  # the pipe closed: the child is gone
@@ -105,6 +121,21 @@ class DecodeProcess:
             self._stop(kill=True)
             raise DecodeCrashed(f"it raised {value}")
         return value
+
+    def _wait(self, conn: Connection, cancelled: threading.Event | None) -> None:
+        """Until the child answers (or dies); ends it at the time limit or once cancelled."""
+        deadline = time.monotonic() + self._timeout_s if self._timeout_s else None
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = left if cancelled is None else min(_CANCEL_POLL_S, left or _CANCEL_POLL_S)
+            if conn.poll(step):
+                return
+            if cancelled is not None and cancelled.is_set():
+                self._stop(kill=True)
+                raise DecodeCancelled("the caller gave up")
+            if deadline is not None and time.monotonic() >= deadline:
+                self._stop(kill=True)
+                raise DecodeTimedOut(f"no answer within {self._timeout_s:g} s")
 
     def close(self) -> None:
         """End the child (the decoder is done); the next call starts another."""
@@ -184,7 +215,10 @@ def _serve(
 
 def _die_with_parent() -> None:
     """Linux: SIGKILL this process when the decoder that forked it dies (a child stuck in C
-    never reads the pipe's end-of-file). Elsewhere the pipe alone ends an idle child."""
+    never reads the pipe's end-of-file). The kernel sends it when the *thread* that forked the
+    child ends: the decoders' threads (an ingest actor's, the API's decode pool) live as long
+    as their process, and a child lost with one is replaced at the next call. Elsewhere the
+    pipe alone ends an idle child."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
