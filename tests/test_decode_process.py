@@ -144,3 +144,21 @@ def test_an_isolated_decoder_quarantines_the_file_that_crashed_or_hung_and_goes_
 def test_a_time_limit_without_a_child_to_end_is_refused():
     with pytest.raises(ValueError, match="isolate=True"):
         FileDecoder(SETTINGS, b"k" * 32, frozenset(), keep_paths=True, timeout_s=5)
+
+
+def test_a_caller_that_gives_up_ends_the_decode_it_waits_for():
+    import threading
+
+    from radjepa.ingest.decode_process import DecodeCancelled
+
+    proc = DecodeProcess(_work)
+    cancelled = threading.Event()
+    try:
+        threading.Timer(0.3, cancelled.set).start()
+        started = time.monotonic()
+        with pytest.raises(DecodeCancelled):
+            proc.call(b"hang", (1,), cancelled=cancelled)
+        assert time.monotonic() - started < 10
+        assert proc.call(b"ok", (2,), cancelled=threading.Event())[:2] == ("ok", 4)
+    finally:
+        proc.close()
