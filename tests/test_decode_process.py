@@ -162,3 +162,22 @@ def test_a_caller_that_gives_up_ends_the_decode_it_waits_for():
         assert proc.call(b"ok", (2,), cancelled=threading.Event())[:2] == ("ok", 4)
     finally:
         proc.close()
+
+
+def test_a_call_from_another_thread_gets_a_child_of_its_own():
+    """The kernel kills a child when the thread that forked it ends (PR_SET_PDEATHSIG): a
+    child forked by a thread that has since ended could be met dead, or killed mid-call."""
+    import threading
+
+    proc = DecodeProcess(_work)
+    try:
+        first: list = []
+        worker = threading.Thread(target=lambda: first.append(proc(b"ok", 1)))
+        worker.start()
+        worker.join()
+        here = proc(b"ok", 2)
+        assert here[:2] == ("ok", 4) and here[2] != first[0][2]
+        assert proc(b"ok", 3)[2] == here[2]  # the same thread keeps its child
+        assert proc.restarts == 0
+    finally:
+        proc.close()

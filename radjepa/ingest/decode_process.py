@@ -91,6 +91,7 @@ class DecodeProcess:
         self._buffer: mmap.mmap | None = None
         self._child: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
+        self._forked_by = 0  # the thread that forked the child
         self.restarts = 0  # children replaced after a crash or a timeout
 
     def __call__(self, data: bytes, *args: Any) -> Any:
@@ -144,9 +145,11 @@ class DecodeProcess:
 
     def _started(self, need: int) -> tuple[Connection, mmap.mmap]:
         if self._child is not None and self._conn is not None and self._buffer is not None:
-            if need <= len(self._buffer):
+            if need <= len(self._buffer) and self._forked_by == threading.get_ident():
                 return self._conn, self._buffer
-            self._stop(kill=False)  # a child only sees the buffer it was forked with
+            # a child only sees the buffer it was forked with, and dies with the thread that
+            # forked it (_die_with_parent): another thread's call could meet it killed mid-way
+            self._stop(kill=False)
         if self._buffer is None or need > len(self._buffer):
             self._buffer_bytes = max(self._buffer_bytes, 1 << max(need - 1, 1).bit_length())
             self._buffer = mmap.mmap(-1, self._buffer_bytes)  # anonymous, shared with a fork
@@ -161,6 +164,7 @@ class DecodeProcess:
         child.start()
         child_end.close()
         self._child, self._conn = child, parent_end
+        self._forked_by = threading.get_ident()
         return parent_end, self._buffer
 
     def _stop(self, kill: bool = True) -> int | None:
@@ -216,9 +220,8 @@ def _serve(
 def _die_with_parent() -> None:
     """Linux: SIGKILL this process when the decoder that forked it dies (a child stuck in C
     never reads the pipe's end-of-file). The kernel sends it when the *thread* that forked the
-    child ends: the decoders' threads (an ingest actor's, the API's decode pool) live as long
-    as their process, and a child lost with one is replaced at the next call. Elsewhere the
-    pipe alone ends an idle child."""
+    child ends, so a call from another thread forks a child of its own (DecodeProcess._started).
+    Elsewhere the pipe alone ends an idle child."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
