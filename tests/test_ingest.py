@@ -925,6 +925,12 @@ def test_a_file_that_crashes_or_hangs_its_codec_is_quarantined_and_the_run_goes_
         "a.dcm",
         "z.dcm",
     ]
+    # known by their ids, as every quarantined file is: a re-run does not wait on them again
+    started = clock.monotonic()
+    sets = ("ingest.decode_timeout_s=2", "ingest.keep_source_paths=true")
+    again = run_ingest([str(src)], str(dst), _cfg(*sets), progress=False)
+    assert (again.input, again.already_ingested, again.quarantined) == (4, 4, 0)
+    assert clock.monotonic() - started < 60
 
 
 def test_a_killed_runs_lock_and_temporary_files_are_cleared(ray_session, tmp_path, caplog):
