@@ -1144,7 +1144,9 @@ def main() -> None:
     # Ray Job); not when a caller invokes ``app`` in-process (Click's CliRunner)
     declare_process_ends_with_job()
     from radjepa.locations import redact
+    from radjepa.log_filters import redact_console
 
+    redact_console()  # every line it prints, its own and those Ray forwards from workers
     try:
         app()
     except (UserError, ClusterError) as err:  # a location it names may carry credentials

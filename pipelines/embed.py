@@ -147,7 +147,13 @@ def run_embed(
     import pyarrow.parquet as pq
     import ray
 
-    from pipelines.runtime import ensure_ray, read_parquet, remote_error_message, resolve_use_gpu
+    from pipelines.runtime import (
+        ensure_ray,
+        env_names_cluster,
+        read_parquet,
+        remote_error_message,
+        resolve_use_gpu,
+    )
     from radjepa.checkpoint import CheckpointError, saved_config
     from radjepa.eval.heads import HeadError, checkpoint_fingerprint
     from radjepa.ingest.destination import id_scheme_of, recorded_pseudonyms
@@ -215,14 +221,21 @@ def run_embed(
     wanted = ["image_id", "pixels", "height", "width", "dtype", *PID_COLUMNS]
     columns = [c for c in wanted if c in present]
     free = ray.available_resources()
-    free_cpus = int(free.get("CPU", 1))
+    free_cpus = int(free.get("CPU", 0))  # none free, or none yet (an autoscaled group at 0)
     batch = batch_size or cfg.probe.batch_size
     try:  # the shards' footers are read from here on: a damaged one (a copy cut short) was
         # pyarrow's traceback
         if not _any_rows(shards):  # an empty index would be written and called a success
             raise EmbedError(f"the {len(shards)} shard(s) in {shards_dir} hold no images")
         n_actors = actors or default_actors(free_cpus, use_gpu, shards, batch)
-        check_actors(n_actors, free_cpus, int(free.get("GPU", 0)), use_gpu, chosen=bool(actors))
+        check_actors(
+            n_actors,
+            free_cpus,
+            int(free.get("GPU", 0)),
+            use_gpu,
+            chosen=bool(actors),
+            cluster=env_names_cluster(),
+        )
         ds = read_parquet(shards, num_files=len(shards), columns=columns)
     except (OSError, pa.ArrowException) as err:
         raise EmbedError(f"cannot read shards at {shards_dir}: {err}") from None
@@ -342,20 +355,28 @@ def _mark_incomplete(fs: Any, marker: str) -> None:
 MAX_CPU_ACTORS = 4
 
 
-def check_actors(n: int, free_cpus: int, free_gpus: int, use_gpu: bool, chosen: bool) -> None:
-    """Refuse encoder actors the cluster cannot run beside the shards' read and the index's
-    write tasks: each actor holds a CPU (and a GPU) for the whole run, Ray Data's tasks need
-    one more, and a run without it waited for ever with no error (``--actors 2`` on 2 CPUs)."""
+def check_actors(
+    n: int, free_cpus: int, free_gpus: int, use_gpu: bool, chosen: bool, cluster: bool
+) -> None:
+    """Refuse encoder actors a local Ray instance cannot run beside the shards' read and the
+    index's write tasks: each actor holds a CPU (and a GPU) for the whole run, Ray Data's tasks
+    need one more, and a run without it waited for ever with no error (``--actors 2`` on 2
+    CPUs). On a cluster only a warning: an autoscaler may add the nodes (a CPU group scaled to
+    zero has none free until it does), or running jobs free theirs."""
     fix = "lower --actors" if chosen else "free some, or run on a larger cluster"
+    problem = None
     if use_gpu and n > free_gpus:
-        raise EmbedError(
-            f"{n} encoder actor(s) need {n} GPU(s); the cluster has {free_gpus} free: {fix}"
-        )
-    if n + 1 > free_cpus:
-        raise EmbedError(
+        problem = f"{n} encoder actor(s) need {n} GPU(s); the cluster has {free_gpus} free"
+    elif n + 1 > free_cpus:
+        problem = (
             f"{n} encoder actor(s) hold {n} CPU(s) and reading the shards and writing the index "
-            f"needs one more; the cluster has {free_cpus} free: {fix}"
+            f"needs one more; the cluster has {free_cpus} free"
         )
+    if problem is None:
+        return
+    if not cluster:
+        raise EmbedError(f"{problem}: {fix}")
+    log.warning("%s now: the run waits until the cluster has them", problem)
 
 
 def default_actors(free_cpus: int, use_gpu: bool, shards: list[str], batch_size: int) -> int:

@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.runtime import ClusterError, RayStartTimeout, ignore_sigterm_after_the_job
     from radjepa.config import ConfigError, load_config
     from radjepa.locations import redact
-    from radjepa.log_filters import redact_log_records
+    from radjepa.log_filters import redact_console, redact_log_records
 
     p = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__)
     p.add_argument("paths", nargs="+", help="sources..., then the destination folder")
@@ -803,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args.paths) < 2:
         p.error("need at least one source and a destination")
     redact_log_records()
+    redact_console()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.sets)

@@ -33,7 +33,7 @@ from pipelines.stray_checkpoints import (
 )
 from radjepa import locations
 from radjepa.config import Config
-from radjepa.log_filters import redact_log_records
+from radjepa.log_filters import redact_console, redact_log_records
 from radjepa.resume import ResumeError, ResumePoint
 from radjepa.training_data import TrainingDataError
 
@@ -928,10 +928,11 @@ def start_tracking(
 def run_gone_message(err: Any, id_file: str, uri: str) -> str:
     """What a re-run says when the MLflow run its folder names is not in the store
     (:class:`pipelines.tracking_runs.RunGone`): which store, and the two ways on."""
+    id_file, uri = locations.redact(id_file), locations.redact(uri)
     return (
-        f"{id_file} names MLflow run {err.run_id}, which is {err.why} the store "
-        f"{locations.redact(uri)}: point tracking.uri (or MLFLOW_TRACKING_URI) at the store "
-        f"that holds it, or delete {id_file} to record the rest of the run as a new MLflow run"
+        f"{id_file} names MLflow run {err.run_id}, which is {err.why} the store {uri}: point "
+        "tracking.uri (or MLFLOW_TRACKING_URI) at the store that holds it, or delete "
+        f"{id_file} to record the rest of the run as a new MLflow run"
     )
 
 
@@ -1039,6 +1040,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[])
     a = p.parse_args(argv)
     redact_log_records()
+    redact_console()
     logging.basicConfig(level=os.environ.get("RADJEPA_LOG_LEVEL", "INFO"))
     try:
         cfg = load_config(a.config, a.sets)

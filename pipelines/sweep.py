@@ -29,7 +29,7 @@ from pipelines.pretrain import DIVERGED
 from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints, human_size
 from radjepa import locations
 from radjepa.config import Config, SearchDim, config_to_yaml
-from radjepa.log_filters import lines_dropped
+from radjepa.log_filters import lines_dropped, redact_log_records
 from radjepa.training_data import ShardSummary
 
 log = logging.getLogger(__name__)
@@ -316,6 +316,7 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     )
     from radjepa.resume import find_resume_point
 
+    redact_log_records()  # a trial's lines (a damaged checkpoint skipped) name its storage
     ctx = ray.tune.get_context()
     trial_id = ctx.get_trial_id()
     base = Config.model_validate(setup["config"])

@@ -76,8 +76,12 @@ def _first_open_lock(uri: str) -> Iterator[None]:
         except OSError:
             yield
             return
+    # shared when read-only: NFS emulates flock with byte-range locks, and an exclusive one
+    # needs a file open for writing (EBADF); a reader builds nothing, and a builder's
+    # exclusive lock still keeps it out until the schema is there
+    mode = fcntl.LOCK_EX if lock.mode != "r" else fcntl.LOCK_SH
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, mode)
         try:
             yield
         finally:

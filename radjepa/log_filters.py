@@ -9,11 +9,14 @@ here drop those few lines by their start, on the logger that emits them, and not
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, TextIO
 
-__all__ = ["DropPrefix", "lines_dropped", "redact_log_records"]
+__all__ = ["DropPrefix", "lines_dropped", "redact_console", "redact_log_records"]
 
 
 class DropPrefix(logging.Filter):
@@ -65,3 +68,43 @@ def redact_log_records() -> None:
 
     factory.redacts_credentials = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
+
+
+class _RedactingStream(io.TextIOBase):
+    """A text stream that writes through to ``stream`` with :func:`radjepa.locations.redact`
+    applied to each write (a whole line, or a whole rendered message: what ``print``,
+    ``click.echo``, logging handlers and Rich write at once)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        from radjepa.locations import redact
+
+        self._stream.write(redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, errors, buffer, ...
+        return getattr(self._stream, name)
+
+
+def redact_console() -> None:
+    """From now on, what this process prints to stdout and stderr has the credentials of any
+    URI in it replaced by ``***``: the lines a command prints on success (its run folder, its
+    checkpoint, a sweep's best config, a failed trial's error), the lines of Ray's workers and
+    trials it forwards, and the tracebacks logging attaches, none of which a log record factory
+    sees. Entry points call it once (with :func:`redact_log_records`)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _RedactingStream):
+            setattr(sys, name, _RedactingStream(stream))

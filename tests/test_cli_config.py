@@ -264,3 +264,27 @@ def test_the_printed_mlflow_ui_command_names_the_store_without_its_password():
     for uri in ("postgresql://mlflow:S3cret@db.internal/mlflow", "https://svc:S3cret@mlflow.org"):
         said = ui_command(uri)
         assert "S3cret" not in said and "***@" in said
+
+
+def test_whatever_a_command_prints_names_locations_without_their_credentials():
+    """The lines a command prints on success (its run folder, checkpoint, a sweep's best
+    config), the lines Ray forwards from workers and trials, and the tracebacks logging
+    attaches never pass through a log record's message: the console streams are redacted."""
+    code = (
+        "import logging, sys\n"
+        "from radjepa.log_filters import redact_console\n"
+        "redact_console(); redact_console()\n"
+        "print('checkpoint: s3://AKIA:TOPSECRET@bucket/runs/t/checkpoint_1?scheme=http')\n"
+        "sys.stderr.write('(worker) damaged gs://u:TOPSECRET@b/x\\n')\n"
+        "logging.basicConfig()\n"
+        "try:\n"
+        "    raise OSError('When reading s3://AKIA:TOPSECRET@bucket/x?secret_key=TOPSECRET')\n"
+        "except OSError:\n"
+        "    logging.getLogger('t').exception('store failed')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    said = res.stdout + res.stderr
+    assert "TOPSECRET" not in said
+    assert "checkpoint: s3://AKIA:***@bucket/runs/t/checkpoint_1" in res.stdout
+    assert "OSError: When reading s3://AKIA:***@bucket/x?secret_key=***" in res.stderr

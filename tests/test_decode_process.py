@@ -181,3 +181,22 @@ def test_a_call_from_another_thread_gets_a_child_of_its_own():
         assert proc.restarts == 0
     finally:
         proc.close()
+
+
+def test_a_decode_process_that_cannot_start_leaves_the_file_to_this_one(monkeypatch, caplog):
+    """A pod at its process limit (fork: EAGAIN) or out of memory for the fork: the node's
+    state, not the file's. The OSError left the decoder, and Ray printed its traceback."""
+    import errno
+    import logging
+
+    import pyarrow as pa
+
+    def no_fork(self, need):
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(DecodeProcess, "_started", no_fork)
+    dec = FileDecoder(SETTINGS, b"k" * 32, frozenset(), keep_paths=True, isolate=True, timeout_s=5)
+    with caplog.at_level(logging.WARNING, logger="radjepa.ingest.decoding"):
+        (row,) = dec(pa.Table.from_pylist([_row("a.dcm", 1)])).to_pylist()
+    assert row["status"] == "ok"
+    assert "cannot start a decode process" in caplog.text

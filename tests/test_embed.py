@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 
@@ -603,3 +604,18 @@ def test_shards_made_otherwise_than_the_model_decodes_are_said(embedded, caplog)
         _say_decode_mismatch(shards, model_cfg.with_overrides({"ingest.dtype": "uint16"}))
     assert "made with ingest.dtype=uint8" in caplog.text
     assert "decodes uploads with ingest.dtype=uint16" in caplog.text
+
+
+def test_actors_a_cluster_lacks_now_are_a_warning_there_and_refused_locally(caplog):
+    """A cluster whose CPU group scaled to zero has no CPU free until its autoscaler adds a
+    node: refusing there stopped every embed on it. A local instance never grows."""
+    from pipelines.embed import EmbedError, check_actors
+
+    check_actors(1, 2, 0, False, chosen=False, cluster=False)  # one actor and its I/O: fits
+    with pytest.raises(EmbedError, match="the cluster has 0 free: free some"):
+        check_actors(1, 0, 0, False, chosen=False, cluster=False)
+    with pytest.raises(EmbedError, match="need 2 GPU.s.; the cluster has 1 free: lower --actors"):
+        check_actors(2, 8, 1, True, chosen=True, cluster=False)
+    with caplog.at_level(logging.WARNING, logger="pipelines.embed"):
+        check_actors(1, 0, 0, False, chosen=False, cluster=True)
+    assert "the run waits until the cluster has them" in caplog.text

@@ -153,8 +153,7 @@ class FileDecoder:
                 "opened; unpack it into a folder and ingest that",
             }
         try:
-            decode = self._outcome if self._isolated is None else self._isolated
-            outcome = decode(data, name)
+            outcome = self._decoded(data, name)
         except DecodeCrashed as err:
             log.warning("a decode process died on one file (%s)", err.how)
             return {
@@ -186,6 +185,20 @@ class FileDecoder:
             "width": w,
             "dtype": pixels.dtype.name,
         }
+
+    def _decoded(self, data: bytes, name: str) -> dict[str, Any] | tuple[str, str]:
+        """:meth:`_outcome` in the decode process, or here when there is none or none can be
+        started (a pod at its process limit, no memory for the fork): the node's state, not
+        the file's, so the file is decoded rather than quarantined or the run stopped."""
+        if self._isolated is None:
+            return self._outcome(data, name)
+        try:
+            return self._isolated(data, name)
+        except (DecodeCrashed, DecodeTimedOut):
+            raise
+        except OSError as err:
+            log.warning("cannot start a decode process (%s): decoding this file in-process", err)
+            return self._outcome(data, name)
 
     def _outcome(self, data: bytes, name: str) -> dict[str, Any] | tuple[str, str]:
         """The decode of one file's bytes, run in the decode process when isolated (so it
