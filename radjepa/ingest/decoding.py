@@ -156,22 +156,18 @@ class FileDecoder:
             outcome = self._decoded(data, name)
         except DecodeCrashed as err:
             log.warning("a decode process died on one file (%s)", err.how)
-            return {
-                **out,
-                "status": "quarantined",
-                "reason": DECODER_CRASHED,
-                "message": f"decoding it ended the decode process ({err.how}): a codec crashing "
-                "on the file, or the decode killed for memory",
-            }
+            outcome = (
+                DECODER_CRASHED,
+                f"decoding it ended the decode process ({err.how}): a codec crashing on the "
+                "file, or the decode killed for memory",
+            )
         except DecodeTimedOut:
             log.warning("a decode ran past %g s (ingest.decode_timeout_s)", self.timeout_s)
-            return {
-                **out,
-                "status": "quarantined",
-                "reason": DECODE_TIMEOUT,
-                "message": f"decoding it ran past {self.timeout_s:g} s (ingest.decode_timeout_s)"
-                ": a codec stuck on the file; the decode was ended",
-            }
+            outcome = (
+                DECODE_TIMEOUT,
+                f"decoding it ran past {self.timeout_s:g} s (ingest.decode_timeout_s): a codec "
+                "stuck on the file; the decode was ended",
+            )
         if isinstance(outcome, tuple):  # (reason, message)
             return {**out, "status": "quarantined", "reason": outcome[0], "message": outcome[1]}
         pixels, meta = outcome["pixels"], outcome["meta"]
