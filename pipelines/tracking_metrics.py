@@ -175,8 +175,11 @@ class MetricSink:
                     self._pending.extendleft(reversed(batch))  # retried first, in order
                     if self._closing:  # that was the last try: close() reports the rest
                         self._stopped = True
-                    else:
-                        self._cond.wait(self.retry_s)  # close() wakes it for a last try
+                    else:  # every retry_s, not at every step that logs (log() notifies);
+                        # close() wakes it for a last try
+                        retry_at = time.monotonic() + self.retry_s
+                        while not self._closing and (left := retry_at - time.monotonic()) > 0:
+                            self._cond.wait(left)
                 self._cond.notify_all()
                 if self._stopped:
                     return

@@ -220,3 +220,24 @@ print("lost", sink.close(timeout_s=5), len(sink._pending))
     assert out.stdout.split() == ["lost", "20", "0"], out.stdout + out.stderr
     assert out.stderr.count("MLflow metric logging is off: cannot import MLflow") == 1, out.stderr
     assert "unreachable" not in out.stderr, out.stderr
+
+
+def test_a_failing_store_is_retried_every_retry_s_not_at_every_step_that_logs(monkeypatch):
+    """Each log() woke the writer's wait: a store that failed was retried at every log step
+    (every step at train.log_every=1), each try a request that may itself wait its timeout."""
+    tries: list[float] = []
+
+    def failing(self, batch):
+        tries.append(time.monotonic())
+        return False
+
+    monkeypatch.setattr(MetricSink, "_write", failing)
+    sink = MetricSink("sqlite:///unused.db", "0" * 32, retry_s=1.0)
+    _wait_for(lambda: len(tries) == 1)
+    for step in range(1, 41):  # 40 steps logged within 0.4 s
+        sink.log({"loss": 1.0}, step)
+        time.sleep(0.01)
+    assert len(tries) == 1
+    _wait_for(lambda: len(tries) == 2)
+    assert tries[1] - tries[0] >= 0.95
+    assert sink.close(timeout_s=0) == 40  # a last try on close, then the values are lost
