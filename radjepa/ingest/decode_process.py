@@ -205,6 +205,9 @@ def _serve(
     # stack and a hundred extension modules) reached the console of the run through Ray
     faulthandler.disable()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when a decode stops
+    # the parent's handler (Ray's, the CLI's) would run its shutdown here: a SIGTERM to the
+    # process group (a pod stopping) just ends the child
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     while True:
         try:
             size, args = conn.recv()
