@@ -349,6 +349,18 @@ class StoreMoved(ValueError):
     registered versions into the old folder (re-created if gone)."""
 
 
+def check_store_in_place(uri: str, name: str) -> None:
+    """:class:`StoreMoved` for an existing sqlite store moved or copied since ``name`` was
+    created in it; creates nothing (a command that records only at its end, the probe, asks
+    before its work)."""
+    db = sqlite_file(uri)
+    if db is None or not Path(db).is_file():
+        return
+    exp = client(uri).get_experiment_by_name(name)
+    if exp is not None:
+        _check_not_moved(uri, db, name, exp.artifact_location)
+
+
 def _check_not_moved(uri: str, db: str, name: str, location: str | None) -> None:
     """Refuse a store folder moved or copied whole (``mv runs /data/runs``): its experiment was
     created with the artifacts beside the database, by absolute path. Only our own layout is
