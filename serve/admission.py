@@ -14,9 +14,10 @@ its decode between files (its search between uploads).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -76,14 +77,28 @@ class DecodeGate:
             cancelled.set()
             raise
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Count a request while it reads its body (up to ``max_body_mb``, twice that for a
+        moment while a raw body is joined): checked on arrival and counted only once decoding,
+        any number of requests read their bodies at once under plain uvicorn, where the gate is
+        the only bound. Released where :meth:`run` takes the request over, with no await
+        between the two."""
+        self.check()
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
     def check(self) -> None:
         """Raise :class:`Overloaded` when the queue is full. Also called before a request's
-        body is read: an overloaded replica then refuses it without taking in its upload (up
-        to ``max_body_mb`` each) first."""
+        body is read (:meth:`reading`): an overloaded replica then refuses it without taking in
+        its upload (up to ``max_body_mb`` each) first."""
         if self._admitted >= self.limit:
             raise Overloaded(
-                f"{self._admitted} requests are already decoding, searching or waiting "
-                f"({self.workers} worker threads)"
+                f"{self._admitted} requests are already reading their uploads, decoding, "
+                f"searching or waiting ({self.workers} worker threads)"
             )
 
     def _release(self) -> None:

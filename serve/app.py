@@ -643,8 +643,8 @@ def create_app(
     ) -> tuple[list[_Upload], list[ImageEmbedding]]:
         """Read, decode and embed the uploads; ``check(uploads)`` runs between decoding and
         the forward (a refusal that depends on what the files hold costs no encoder time)."""
-        gate.check()
-        uploads = await _read_uploads(request, settings)
+        with gate.reading():  # counted while the body comes in, not only once decoding
+            uploads = await _read_uploads(request, settings)
         if patch_tokens and len(uploads) * tokens_per_image > settings.max_patch_token_values:
             most = max(1, settings.max_patch_token_values // tokens_per_image)
             raise ApiError(

@@ -200,3 +200,64 @@ def test_a_decode_process_that_cannot_start_leaves_the_file_to_this_one(monkeypa
         (row,) = dec(pa.Table.from_pylist([_row("a.dcm", 1)])).to_pylist()
     assert row["status"] == "ok"
     assert "cannot start a decode process" in caplog.text
+
+
+def _sockets(data: bytes) -> list[int]:
+    import stat
+
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            st = os.fstat(int(fd))
+        except OSError:
+            continue
+        if stat.S_ISSOCK(st.st_mode):
+            found.append(st.st_ino)
+    return found
+
+
+def test_a_child_keeps_none_of_its_parent_s_sockets():
+    """A child holding a server's copies kept a closed keep-alive connection open for its
+    client (the client's next request hung) and the port listening after the server stopped."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    proc = DecodeProcess(_sockets)
+    try:
+        held = proc(b"")
+        assert os.fstat(server.fileno()).st_ino not in held
+        assert len(held) == 1  # its own end of the pipe
+    finally:
+        proc.close()
+        server.close()
+
+
+def _crash_with_a_copy_of_the_pipe_left_behind(data: bytes) -> None:
+    import stat
+
+    if os.fork() == 0:  # a process still holding this child's end of the (socket) pipe, as a
+        # sibling forked meanwhile did; not the exit sentinel (a plain pipe)
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                if stat.S_ISFIFO(os.fstat(int(fd)).st_mode):
+                    os.close(int(fd))
+            except OSError:
+                pass
+        time.sleep(20)
+        os._exit(0)
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_crash_is_seen_by_the_child_s_exit_not_only_by_its_pipe_closing():
+    """Another process holding a copy of the pipe (a sibling forked meanwhile) kept the pipe
+    from closing: the crash went unseen until the caller's deadline."""
+    proc = DecodeProcess(_crash_with_a_copy_of_the_pipe_left_behind)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DecodeCrashed, match="SIGSEGV"):
+            proc(b"")
+        assert time.monotonic() - started < 5
+    finally:
+        proc.close()

@@ -382,3 +382,20 @@ def test_an_upload_that_crashes_or_hangs_its_codec_costs_its_own_request_only(
         assert gate.admitted == 0
         assert _post(client, png).status_code == 200
         assert time.monotonic() - started < 30
+
+
+def test_requests_reading_their_uploads_count_toward_the_gate() -> None:
+    """Under plain uvicorn the gate is the only bound: checked on arrival but counted only once
+    decoding, any number of requests read their bodies (up to max_body_mb each) at once."""
+    gate = DecodeGate(workers=1, limit=2)
+    with gate.reading():
+        assert gate.admitted == 1
+        with gate.reading():
+            with pytest.raises(Overloaded, match="reading their uploads"):
+                with gate.reading():
+                    pass
+            assert gate.admitted == 2
+    assert gate.admitted == 0
+    with pytest.raises(RuntimeError), gate.reading():  # a body that fails to arrive
+        raise RuntimeError("client went away")
+    assert gate.admitted == 0

@@ -15,13 +15,16 @@ parent's other threads own (no Ray, no sockets), only the bytes it is sent.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import faulthandler
 import logging
 import mmap
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +56,7 @@ class DecodeCancelled(RuntimeError):
 
 
 _CANCEL_POLL_S = 0.1  # how soon a cancelled call ends its child
+_FORKING = threading.Lock()  # one fork at a time in a process (see DecodeProcess._started)
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -124,13 +128,20 @@ class DecodeProcess:
         return value
 
     def _wait(self, conn: Connection, cancelled: threading.Event | None) -> None:
-        """Until the child answers (or dies); ends it at the time limit or once cancelled."""
+        """Until the child answers or dies (its exit, not only its pipe's end: another process
+        holding a copy of the pipe kept a crash unseen until the deadline); ends it at the
+        time limit or once cancelled."""
+        assert self._child is not None
+        sentinel = self._child.sentinel
         deadline = time.monotonic() + self._timeout_s if self._timeout_s else None
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             step = left if cancelled is None else min(_CANCEL_POLL_S, left or _CANCEL_POLL_S)
-            if conn.poll(step):
+            ready = multiprocessing.connection.wait([conn, sentinel], step)
+            if conn in ready or (ready and conn.poll(0)):  # an answer, maybe its last act
                 return
+            if ready:  # it exited without an answer
+                raise DecodeCrashed(describe_exit(self._stop()))
             if cancelled is not None and cancelled.is_set():
                 self._stop(kill=True)
                 raise DecodeCancelled("the caller gave up")
@@ -154,15 +165,17 @@ class DecodeProcess:
             self._buffer_bytes = max(self._buffer_bytes, 1 << max(need - 1, 1).bit_length())
             self._buffer = mmap.mmap(-1, self._buffer_bytes)  # anonymous, shared with a fork
         ctx = multiprocessing.get_context("fork")
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        child = ctx.Process(
-            target=_serve,
-            args=(child_end, parent_end, self._buffer, self._work),
-            name="radjepa-decode",
-            daemon=True,
-        )
-        child.start()
-        child_end.close()
+        with _FORKING:  # no sibling forks while this child's end is open here (it would keep a
+            # copy, and this parent never saw its pipe close)
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            child = ctx.Process(
+                target=_serve,
+                args=(child_end, parent_end, self._buffer, self._work),
+                name="radjepa-decode",
+                daemon=True,
+            )
+            child.start()
+            child_end.close()
         self._child, self._conn = child, parent_end
         self._forked_by = threading.get_ident()
         return parent_end, self._buffer
@@ -200,6 +213,7 @@ def _serve(
     """The child: answer each call until the parent closes the pipe (or dies: the kernel then
     kills the child, which may be stuck and never read the pipe again)."""
     parents_end.close()  # forked open: held here, the parent's close would never read as EOF
+    _close_inherited_sockets(keep=conn.fileno())
     _die_with_parent()
     # the crash is said once, as the file's quarantine row: Python's fatal-error dump (the
     # stack and a hundred extension modules) reached the console of the run through Ray
@@ -218,6 +232,29 @@ def _serve(
         except BaseException as err:  # noqa: BLE001 - said as a crash, named by its type
             answer = (False, type(err).__name__)
         conn.send(answer)
+
+
+def _close_inherited_sockets(keep: int) -> None:
+    """Close the sockets the fork copied from the parent, but this child's own pipe: a
+    socket closes for its peer only once every copy is closed, so a child holding a server's
+    copies kept a closed keep-alive connection open for its client (its next request hung)
+    and the listening port bound after the server stopped; and a sibling's decode pipe kept
+    that sibling's crash from reading as end-of-file (the pipes are socket pairs). Files
+    (logs) and pipes stay open. Linux only."""
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in fds:
+        if fd <= 2 or fd == keep:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        if stat.S_ISSOCK(mode):  # not pipes: the write end of this child's own exit sentinel
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _die_with_parent() -> None:
