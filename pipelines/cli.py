@@ -159,9 +159,7 @@ def ingest(
     except IngestError as err:
         raise UserError(str(err)) from None
     except IngestInterrupted as err:
-        from radjepa.locations import redact
-
-        typer.echo(redact(str(err)), err=True)
+        typer.echo(str(err), err=True)
         raise typer.Exit(130) from None
     before = f" ({res.resolved} quarantined by an earlier run)" if res.resolved else ""
     instances = (
@@ -1141,10 +1139,8 @@ def _exit_now(code: int, message: str) -> NoReturn:
     second one (a supervisor repeating itself) must not cut the shutdown or the last line
     short."""
     from pipelines.runtime import exit_after_interruption
-    from radjepa.locations import redact
 
-    said = redact(message)
-    exit_after_interruption(code, lambda: typer.secho(said, fg=typer.colors.RED, err=True))
+    exit_after_interruption(code, lambda: typer.secho(message, fg=typer.colors.RED, err=True))
 
 
 def main() -> None:
@@ -1156,17 +1152,18 @@ def main() -> None:
     # this process ends when the command does (the console script, python -m pipelines.cli, a
     # Ray Job); not when a caller invokes ``app`` in-process (Click's CliRunner)
     declare_process_ends_with_job()
-    from radjepa.locations import redact
     from radjepa.log_filters import redact_console
 
-    redact_console()  # every line it prints, its own and those Ray forwards from workers
+    # every line it prints, error lines included (a location may carry credentials), its own
+    # and those Ray forwards from workers
+    redact_console()
     try:
         app()
-    except (UserError, ClusterError) as err:  # a location it names may carry credentials
-        typer.secho(f"error: {redact(str(err))}", fg=typer.colors.RED, err=True)
+    except (UserError, ClusterError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except (RayStartTimeout, RunFailed) as err:  # not the user's mistake: one line, exit 1
-        typer.secho(f"error: {redact(str(err))}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(1)
 
 

@@ -792,7 +792,6 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m pipelines.ingest SRC... DST [--config] [--set k=v]`` (e.g. in a Ray Job)."""
     from pipelines.runtime import ClusterError, RayStartTimeout, ignore_sigterm_after_the_job
     from radjepa.config import ConfigError, load_config
-    from radjepa.locations import redact
     from radjepa.log_filters import redact_console, redact_log_records
 
     p = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__)
@@ -811,15 +810,15 @@ def main(argv: list[str] | None = None) -> int:
         ignore_sigterm_after_the_job()
         s = run_ingest_until_stopped(args.paths[:-1], args.paths[-1], cfg)
     except (ConfigError, IngestError, ClusterError) as err:  # the user's: one line, like the CLI
-        print(f"error: {redact(str(err))}", file=sys.stderr)  # noqa: T201 - entry point output
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
         return 2
     except RayStartTimeout as err:  # a loaded machine, not the user's mistake: as `radjepa`
-        print(f"error: {redact(str(err))}", file=sys.stderr)  # noqa: T201 - entry point output
+        print(f"error: {err}", file=sys.stderr)  # noqa: T201 - entry point output
         return 1
     except IngestInterrupted as err:  # Ctrl-C, or SIGTERM: `ray job stop`, a pod stopping
         # returned, not os._exit as cli._exit_now does after a SIGTERM in ray.get: main() is
         # also called in-process, and an interrupted ingest exits through teardown cleanly
-        print(redact(str(err)), file=sys.stderr)  # noqa: T201 - entry point output
+        print(err, file=sys.stderr)  # noqa: T201 - entry point output
         return 130
     print(json.dumps(asdict(s), sort_keys=True))  # noqa: T201 - entry point output
     return 0

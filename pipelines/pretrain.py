@@ -1032,7 +1032,6 @@ def main(argv: list[str] | None = None) -> None:
         process_ends_with_job,
     )
     from radjepa.config import ConfigError, load_config
-    from radjepa.locations import redact
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", default=None)
@@ -1049,14 +1048,14 @@ def main(argv: list[str] | None = None) -> None:
         res = run_pretrain(cfg, data)
     except PretrainInterrupted as err:  # `ray job stop`, a pod stopping, Ctrl-C: as `radjepa`
         if process_ends_with_job():
-            _interrupted_module_exit(f"error: {redact(str(err))}")
-        sys.stderr.write(f"error: {redact(str(err))}\n")
+            _interrupted_module_exit(f"error: {err}")
+        sys.stderr.write(f"error: {err}\n")
         sys.exit(130)
     except (ConfigError, PretrainError, ClusterError) as err:  # the user's: one line, as `radjepa`
-        sys.stderr.write(f"error: {redact(str(err))}\n")
+        sys.stderr.write(f"error: {err}\n")
         sys.exit(2)
     except RayStartTimeout as err:  # a loaded machine, not the user's mistake: as `radjepa`
-        sys.stderr.write(f"error: {redact(str(err))}\n")
+        sys.stderr.write(f"error: {err}\n")
         sys.exit(1)
     log.info("checkpoint: %s", res.checkpoint)
 

@@ -88,6 +88,16 @@ class _RedactingStream(io.TextIOBase):
     def flush(self) -> None:
         self._stream.flush()
 
+    # io.TextIOBase answers None for these: click then found the stream "incompatible" and
+    # wrote to the raw stream's buffer under it, past the redaction
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return self._stream.encoding
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return self._stream.errors
+
     def isatty(self) -> bool:
         return self._stream.isatty()
 

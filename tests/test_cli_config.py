@@ -275,6 +275,9 @@ def test_whatever_a_command_prints_names_locations_without_their_credentials():
         "from radjepa.log_filters import redact_console\n"
         "redact_console(); redact_console()\n"
         "print('checkpoint: s3://AKIA:TOPSECRET@bucket/runs/t/checkpoint_1?scheme=http')\n"
+        "import click\n"  # the CLI's own lines: click picks its stream apart from print's
+        "click.echo('run folder: s3://AKIA:TOPSECRET@bucket/runs/t')\n"
+        "click.secho('error: cannot use s3://AKIA:TOPSECRET@bucket/runs', err=True)\n"
         "sys.stderr.write('(worker) damaged gs://u:TOPSECRET@b/x\\n')\n"
         "logging.basicConfig()\n"
         "try:\n"
@@ -287,4 +290,6 @@ def test_whatever_a_command_prints_names_locations_without_their_credentials():
     said = res.stdout + res.stderr
     assert "TOPSECRET" not in said
     assert "checkpoint: s3://AKIA:***@bucket/runs/t/checkpoint_1" in res.stdout
+    assert "run folder: s3://AKIA:***@bucket/runs/t" in res.stdout
+    assert "error: cannot use s3://AKIA:***@bucket/runs" in res.stderr
     assert "OSError: When reading s3://AKIA:***@bucket/x?secret_key=***" in res.stderr
