@@ -924,16 +924,12 @@ def probe_cmd(
     uri = store_uri(cfg)
     if mlflow and cfg.tracking.enabled:
         # what would refuse the run's record at the end, after the whole probe: said first
-        from pipelines.tracking import StoreMoved, check_store_in_place
+        from pipelines.tracking import check_store_in_place
+        from pipelines.tracking_probe import probe_store
 
-        if uri is None:
-            raise UserError(
-                f"train.output_dir is {cfg.train.output_dir}, so there is no local MLflow "
-                "store: set tracking.uri or MLFLOW_TRACKING_URI, or pass --no-mlflow"
-            )
-        try:
-            check_store_in_place(uri, cfg.tracking.experiment)
-        except StoreMoved as err:
+        try:  # no store (ValueError), or one moved or copied (StoreMoved, a ValueError)
+            check_store_in_place(probe_store(cfg), cfg.tracking.experiment)
+        except ValueError as err:
             raise UserError(str(err)) from None
     if mlflow and cfg.tracking.enabled and uri and not str(checkpoint).startswith("models:/"):
         # the run is logged after the whole probe: a server that does not answer was found

@@ -26,7 +26,7 @@ from radjepa.config import Config, flatten
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProbeTracking", "log_probe_run"]
+__all__ = ["ProbeTracking", "log_probe_run", "probe_store"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,19 @@ class ProbeTracking:
     uri: str
     head_model: str | None = None
     head_version: str | None = None
+
+
+def probe_store(cfg: Config, *, create: bool = False) -> str:
+    """The store a probe records in, the one pretrain registers encoders in (serve finds a
+    registered head there too); ValueError when there is none: outputs on object storage and
+    no store configured. The CLI asks before the probe's work, :func:`log_probe_run` again."""
+    uri = store_uri(cfg, create=create)
+    if uri is None:
+        raise ValueError(
+            f"train.output_dir is {cfg.train.output_dir}, so there is no local MLflow store: "
+            "set tracking.uri or MLFLOW_TRACKING_URI, or pass --no-mlflow"
+        )
+    return uri
 
 
 def log_probe_run(
@@ -60,13 +73,7 @@ def log_probe_run(
     from radjepa.eval.report import flat_metrics
 
     out = Path(out_dir).resolve()
-    # the store pretrain registers encoders in: serve finds a registered head there too
-    uri = store_uri(cfg, create=True)
-    if uri is None:
-        raise ValueError(
-            f"train.output_dir is {cfg.train.output_dir}, so there is no local MLflow store: "
-            "set tracking.uri or MLFLOW_TRACKING_URI, or pass --no-mlflow"
-        )
+    uri = probe_store(cfg, create=True)
     enc = report.get("encoder", {})
     try:
         # the output root as pretrain and sweep give it: the first command to create the

@@ -669,31 +669,32 @@ def test_a_store_moved_or_copied_elsewhere_is_refused_before_it_writes_to_the_ol
         # a new experiment in the new place keeps its artifacts there
         ensure_experiment(f"sqlite:///{folder / 'mlflow.db'}", "radjepa-here")
     # the probe records its run only at its end: it says so before its work
-    from pipelines.cli import UserError, probe_cmd
+    from pipelines.cli import UserError
 
     with pytest.raises(UserError, match=f"was moved or copied from {old}: "):
-        probe_cmd(
-            str(tmp_path / "no-checkpoint"),
-            ["sex"],
-            tmp_path / "probe",
-            csv=tmp_path / "no-labels.csv",
-            config=str(TINY_CONFIG),
-            set_=[f"train.output_dir={moved}"],
-        )
+        _probe_of_nothing(tmp_path, moved)
     assert not old.exists() and not (tmp_path / "probe").exists()
+
+
+def _probe_of_nothing(tmp_path: Path, output_dir: Path | str) -> None:
+    """`radjepa probe` of a checkpoint and labels that do not exist, recording under
+    ``output_dir``: only a refusal before its work (MLflow's store) can say other than that."""
+    from pipelines.cli import probe_cmd
+
+    probe_cmd(
+        str(tmp_path / "no-checkpoint"),
+        ["sex"],
+        tmp_path / "probe",
+        csv=tmp_path / "no-labels.csv",
+        config=str(TINY_CONFIG),
+        set_=[f"train.output_dir={output_dir}"],
+    )
 
 
 def test_a_probe_with_no_store_to_record_in_says_so_before_its_work(tmp_path, monkeypatch):
     # outputs on object storage and no store configured: refused only after the whole probe
-    from pipelines.cli import UserError, probe_cmd
+    from pipelines.cli import UserError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(UserError, match="no local MLflow store: set tracking.uri"):
-        probe_cmd(
-            str(tmp_path / "no-checkpoint"),
-            ["sex"],
-            tmp_path / "probe",
-            csv=tmp_path / "no-labels.csv",
-            config=str(TINY_CONFIG),
-            set_=["train.output_dir=s3://bucket/runs"],
-        )
+        _probe_of_nothing(tmp_path, "s3://bucket/runs")
