@@ -58,7 +58,9 @@ _SECRET_SUFFIXES = ("PASSWORD", "PASSWD", "SECRET", "TOKEN", "APIKEY")
 # a name that points at a secret rather than holding one (GOOGLE_APPLICATION_CREDENTIALS=/v/sa.json,
 # AWS_WEB_IDENTITY_TOKEN_FILE, AWS_KMS_KEY_ID), or a switch (HF_HUB_DISABLE_IMPLICIT_TOKEN=1)
 _REFERENCE_PARTS = frozenset({"FILE", "PATH", "DIR", "ID"})
-_PATH_VALUE = re.compile(r"/[A-Za-z0-9_./-]*")
+# a file's absolute path, extension and all (/var/secrets/sa.json): a key or token in base64
+# (AWS secret keys, tokens) may start with "/" and hold more of them, but never a "."
+_PATH_VALUE = re.compile(r"/(?:[A-Za-z0-9_.-]+/)*[A-Za-z0-9_-]+\.[A-Za-z0-9]{1,8}")
 _SWITCH_VALUES = frozenset({"", "0", "1", "true", "false", "yes", "no", "on", "off"})
 # scheme://user:password@host: the password is in the value whatever the variable is called;
 # the user info ends before the first / ? or # (an @ in a query string is not a password)
@@ -79,6 +81,11 @@ WHERE_SECRETS_GO = (
 )
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 EXIT_STOPPED = 3
+# `radjepa submit` / `jobs logs --follow` when the job server stopped answering: the job's own
+# exit code is unknown (1 or 2 would read as the job's failure, and a script would submit again)
+EXIT_SERVER_LOST = 4
+# how long a followed job's server may not answer before the command gives up on it
+SERVER_LOST_GRACE_S = 60.0
 # how long `jobs stop` (Ray's job supervisor) waits after SIGTERM before SIGKILL. Ray's default,
 # 3 s, is shorter than an interrupted pretrain or sweep needs to end its MLflow runs KILLED and
 # let Tune save the sweep's state (a sweep took 3.4 s on 2 cores): killed first, the runs stayed
@@ -138,6 +145,11 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 
 class JobsError(Exception):
     """A submission problem the user can fix (no address, unreachable server, bad file)."""
+
+
+class JobServerLost(JobsError):
+    """The job server stopped answering (a dropped ``kubectl port-forward``, a restarted
+    head): what became of the job is not known here, and it may still be running."""
 
 
 @dataclass(frozen=True)
@@ -581,12 +593,35 @@ def outcome(client: JobSubmissionClient, job_id: str) -> JobOutcome:
 
 
 def wait(
-    client: JobSubmissionClient, job_id: str, *, poll_s: float = 0.5, timeout_s: float | None = None
+    client: JobSubmissionClient,
+    job_id: str,
+    *,
+    poll_s: float = 0.5,
+    timeout_s: float | None = None,
+    lost_grace_s: float | None = None,
 ) -> JobOutcome:
-    """Poll until the job is terminal (after the log stream ends, Ray may lag a moment)."""
+    """Poll until the job is terminal (after the log stream ends, Ray may lag a moment).
+
+    A job server that stops answering is asked again for ``lost_grace_s`` (default
+    ``SERVER_LOST_GRACE_S``: a port-forward that is restarted, a head coming back), then
+    :class:`JobServerLost`."""
+    grace = SERVER_LOST_GRACE_S if lost_grace_s is None else lost_grace_s
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    lost_since: float | None = None
     while True:
-        res = outcome(client, job_id)
+        try:
+            res = outcome(client, job_id)
+        except JobServerLost as err:
+            now = time.monotonic()
+            lost_since = now if lost_since is None else lost_since
+            if now - lost_since >= grace:
+                raise JobServerLost(
+                    f"{err}, for {now - lost_since:.0f} s: job {job_id} may still be running; "
+                    f"once the server answers: radjepa jobs logs {job_id} --follow"
+                ) from None
+            time.sleep(min(5.0, max(poll_s, 1.0)))
+            continue
+        lost_since = None
         if res.status in TERMINAL:
             return res
         if deadline is not None and time.monotonic() > deadline:
@@ -620,13 +655,22 @@ def follow(client: JobSubmissionClient, job_id: str, on_chunk: Callable[[str], N
 def logs(client: JobSubmissionClient, job_id: str) -> str:
     """All logs the job produced so far."""
     _info(client, job_id)  # a clear "no such job" before asking for logs
-    return client.get_job_logs(job_id)
+    return _server_call(client.get_job_logs, job_id)
 
 
 def stop(client: JobSubmissionClient, job_id: str) -> bool:
     """Ask the cluster to stop a job; False when it had already finished."""
     _info(client, job_id)
-    return bool(client.stop_job(job_id))
+    return bool(_server_call(client.stop_job, job_id))
+
+
+def _server_call(call: Callable[..., Any], *args: Any) -> Any:
+    """A job-server request whose connection failure is :class:`JobServerLost`, not a
+    traceback."""
+    try:
+        return call(*args)
+    except OSError as err:
+        raise JobServerLost(_lost(err)) from None
 
 
 def list_jobs(client: JobSubmissionClient) -> list[JobSummary]:
@@ -640,7 +684,7 @@ def list_jobs(client: JobSubmissionClient) -> list[JobSummary]:
             end_time=j.end_time,
             message=j.message,
         )
-        for j in client.list_jobs()
+        for j in _server_call(client.list_jobs)
         if j.submission_id  # drivers started by hand (ray.init) are not ours to manage
     ]
     return sorted(rows, key=lambda r: r.start_time or 0, reverse=True)
@@ -651,3 +695,14 @@ def _info(client: JobSubmissionClient, job_id: str) -> Any:
         return client.get_job_info(job_id)
     except RuntimeError as err:
         raise JobsError(f"job {job_id}: {server_message(err)}") from None
+    except OSError as err:  # requests' errors are OSErrors: the server, not the job, is gone
+        raise JobServerLost(_lost(err)) from None
+
+
+def _lost(err: OSError) -> str:
+    """One line for a job server that stopped answering: requests' message nests the reason
+    in a pool's repr (``HTTPConnectionPool(...): Max retries exceeded ... [Errno 111] ...``)."""
+    text = str(err)
+    errno = re.search(r"\[Errno -?\d+\] [^'\")]*", text)
+    why = errno.group(0) if errno else (text.splitlines() or [type(err).__name__])[0][:200]
+    return f"the job server stopped answering ({why})"

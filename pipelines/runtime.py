@@ -517,18 +517,48 @@ def cluster_has_gpus() -> bool:
     return float(ray.cluster_resources().get("GPU", 0.0)) > 0.0
 
 
-def resolve_use_gpu(setting: str) -> bool:
-    """Map a config's ``use_gpu`` ('auto'|'true'|'false') onto the cluster in hand."""
-    if setting == "true":
-        if not cluster_has_gpus():
-            raise ClusterResourceError(
-                "use_gpu=true but the Ray cluster has no GPUs: the job would wait forever. "
-                "Use --set train.use_gpu=auto or add GPU workers."
-            )
-        return True
+def resolve_use_gpu(setting: str, key: str = "train.use_gpu") -> bool:
+    """Map a config's ``use_gpu`` ('auto'|'true'|'false') onto the cluster in hand.
+
+    ``true`` with no GPU: a Ray this process started never grows, so the job would wait forever
+    (refused); a cluster's GPU group may autoscale from zero or still be starting its pods (a
+    RayService deploys once its head is up), so there the job waits for one, with a warning.
+    ``auto`` takes what the cluster has now and says so on a cluster when that is no GPU: a GPU
+    group at zero is not seen, and the job ran on CPU without a word.
+    """
     if setting == "false":
         return False
-    return cluster_has_gpus()
+    if cluster_has_gpus():
+        return True
+    on_cluster = env_names_cluster()
+    if setting == "true":
+        if not on_cluster:
+            raise ClusterResourceError(
+                f"{key}=true but this local Ray instance has no GPUs: the job would wait "
+                f"forever. Use --set {key}=auto or run on a cluster with GPU workers."
+            )
+        _warn_once(
+            f"{key}=true and the cluster has no GPU yet: the job waits until a GPU node joins "
+            "(an autoscaled GPU group, pods still starting)"
+        )
+        return True
+    if on_cluster:
+        _warn_once(
+            f"{key}=auto and the cluster has no GPU now: running on CPU (a GPU group that "
+            f"autoscales from zero is not counted: --set {key}=true waits for it)"
+        )
+    return False
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning the job's entry points would otherwise each repeat (a pretrain resolves
+    ``use_gpu`` for its worker count, then for its trainer)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 def max_parallel_trials(workers: int, cpus_per_worker: float, use_gpu: bool) -> int:
@@ -601,6 +631,11 @@ def resolve_num_workers(use_gpu: bool, cpus_per_worker: float) -> int:
     else:
         workers = int(cpus / 2 // cpus_per_worker)
     if workers < 1:
+        if use_gpu and not res.get("GPU") and env_names_cluster():
+            raise ClusterResourceError(
+                "train.num_workers=0 counts the cluster's GPUs, and it has none yet (a GPU "
+                "group autoscaled from zero): set train.num_workers to the ranks to wait for"
+            )
         raise ClusterResourceError(
             f"the cluster cannot hold one training worker ({res.get('GPU', 0)} GPUs, {cpus:g} "
             f"CPUs for train.cpus_per_worker={cpus_per_worker:g}); lower train.cpus_per_worker "

@@ -956,7 +956,7 @@ def _finish_parent_run(
     ]
     client.log_text(parent_run_id, redact(json.dumps(table, indent=1, default=str)), TRIALS_FILE)
     if best is not None and best_yaml is not None:
-        client.log_metric(parent_run_id, f"best_{metric}", best.metric)
+        _log_best(client, parent_run_id, f"best_{metric}", best.metric)
         client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
         client.log_text(parent_run_id, redact(best_yaml), "best.yaml")
         end_run(client, parent_run_id, "FINISHED")  # a reap's tag goes: the driver was alive
@@ -970,6 +970,18 @@ def _finish_parent_run(
     )
     client.set_tag(parent_run_id, "radjepa.failure", why)
     end_run(client, parent_run_id, "FAILED")
+
+
+def _log_best(client: Any, run_id: str, key: str, value: float) -> None:
+    """Log the best trial's metric once per value: a ``--resume`` of a sweep whose parent run
+    already holds it (it ended after the log, or it had finished) logged it again at step 0,
+    and the run's chart showed two points where one trial was best. A new best (the resumed
+    trials beat it) is the next step."""
+    history = client.get_metric_history(run_id, key)
+    last = max(history, key=lambda m: (m.step, m.timestamp), default=None)
+    if last is not None and last.value == value:
+        return
+    client.log_metric(run_id, key, value, step=0 if last is None else last.step + 1)
 
 
 def _end_sweep_runs(uri: str | None, parent_run_id: str | None, status: str) -> None:

@@ -230,6 +230,10 @@ class ModelConfig(_Section):
             )
         if self.pred_width % self.resolved_pred_heads:
             raise ValueError("pred_width must be divisible by pred_heads")
+        if self.pred_width % 4:
+            # the predictor's 2-D sin-cos position table splits its width in four; found
+            # wrong only in every Ray Train worker, each retry failing the same way
+            raise ValueError(f"pred_width {self.pred_width} must be a multiple of 4")
         return self
 
     @property

@@ -155,11 +155,41 @@ def _describe(diff: dict[str, tuple[Any, Any]], keys: list[str]) -> str:
     return ", ".join(f"{k} {diff[k][0]!r} -> {diff[k][1]!r}" for k in keys)
 
 
+def _say_schedule_jump(saved: Config, cfg: Config, step: int) -> None:
+    """Warn with the values a new ``train.steps`` moves the schedules by at the resume step.
+
+    Every schedule is a function of ``step / train.steps``: continuing a finished run with more
+    steps restarts the LR from mid-cosine with no warmup and lowers the EMA momentum from its
+    end value (a warm restart, the kind of shock behind a loss that falls, then rises), and a
+    change mid-run moves all three at once. Allowed (the documented way to train on), but said
+    with its numbers, not as a note that the schedules "now span" the new length."""
+    from radjepa.schedules import schedule_at
+
+    was = schedule_at(min(step, saved.train.steps), saved)
+    now = schedule_at(step, cfg)
+    log.warning(
+        "run %s: train.steps %d -> %d re-times the schedules from step %d: lr %.3g -> %.3g, "
+        "weight decay %.3g -> %.3g, EMA momentum %.6g -> %.6g (no new warmup). To train longer "
+        "without this jump, start a new run with the longer train.steps",
+        cfg.train.run_name,
+        saved.train.steps,
+        cfg.train.steps,
+        step,
+        was.lr,
+        now.lr,
+        was.weight_decay,
+        now.weight_decay,
+        was.momentum,
+        now.momentum,
+    )
+
+
 def check_resume_config(saved: Config, cfg: Config, step: int) -> dict[str, tuple[Any, Any]]:
     """What ``cfg`` changes against the config a run's checkpoint was trained with. Another
     model cannot load the weights at all; other masks, EMA, optimizer, crops, seed or batch size
     would silently turn the run into a different experiment, so they need
-    ``train.allow_config_change``; more (or fewer) steps only stretch the schedules."""
+    ``train.allow_config_change``; more (or fewer) steps re-time the schedules, with a
+    warning that gives the jump."""
     old, new = flatten(saved), flatten(cfg)
     diff = {
         k: (old.get(k), new.get(k))
@@ -183,13 +213,7 @@ def check_resume_config(saved: Config, cfg: Config, step: int) -> dict[str, tupl
             "train.run_name"
         )
     if "train.steps" in diff:
-        log.info(
-            "run %s: train.steps %s -> %s; the LR, weight-decay and EMA schedules now span %s "
-            "steps",
-            name,
-            *diff["train.steps"],
-            cfg.train.steps,
-        )
+        _say_schedule_jump(saved, cfg, step)
     if guarded:
         log.warning(
             "run %s resumes at step %d with changed settings (train.allow_config_change): %s",

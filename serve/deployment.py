@@ -200,10 +200,21 @@ def _scaling(cfg_serve: Any) -> dict[str, Any]:
     return {"num_replicas": int(cfg_serve.num_replicas)}
 
 
-def _cluster_has_gpus() -> bool:
+def _resolve_gpu(setting: str) -> bool:
+    """``serve.use_gpu`` on the Ray in hand (``pipelines.runtime.resolve_use_gpu``): ``true``
+    deploys encoder replicas that wait for a GPU node on a cluster (a RayService deploys once
+    its head pod is up, often before its GPU workers join: ``auto`` then chose CPU replicas for
+    good), and is refused on a local Ray without one (ValueError)."""
     import ray
 
-    return ray.is_initialized() and float(ray.cluster_resources().get("GPU", 0.0)) > 0.0
+    from pipelines.runtime import ClusterResourceError, resolve_use_gpu
+
+    if setting == "false" or not ray.is_initialized():
+        return setting == "true"
+    try:
+        return resolve_use_gpu(setting, "serve.use_gpu")
+    except ClusterResourceError as err:
+        raise ValueError(str(err)) from None
 
 
 def check_replica_fits(decode_workers: int) -> None:
@@ -464,9 +475,7 @@ def app_from_config(
             allow_development_key=settings.allow_development_key,
         )
     check_replica_fits(settings.decode_workers)
-    gpu = sc.use_gpu == "true" or (sc.use_gpu == "auto" and _cluster_has_gpus())
-    if sc.use_gpu == "true" and not _cluster_has_gpus():
-        raise ValueError("serve.use_gpu=true but the Ray cluster has no GPUs")
+    gpu = _resolve_gpu(sc.use_gpu)
     retries = {} if start_attempts is None else {"max_constructor_retry_count": start_attempts}
     encoder = EncoderDeployment.options(
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},

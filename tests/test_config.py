@@ -139,6 +139,9 @@ def test_cross_section_check_names_both_keys():
         load_config(None, ["model.img_size=160"])  # data.crop_size stays 224
     with pytest.raises(ConfigError, match="patch_size"):
         load_config(None, ["model.img_size=230", "data.crop_size=230"])
+    # the predictor's sin-cos table needs a multiple of 4: found only in every Train worker
+    with pytest.raises(ConfigError, match="pred_width 90 must be a multiple of 4"):
+        load_config(None, ["model.pred_width=90", "model.pred_heads=2"])
 
 
 def test_override_syntax_errors_are_clear():

@@ -1157,3 +1157,78 @@ def test_proportions_are_judged_in_the_patient() -> None:
             )
         )
     assert err.value.reason == "extreme_aspect" and "of 4:1 (height:width)" in str(err.value)
+
+
+def _with_sbit(png: bytes, bits: int) -> bytes:
+    """A PNG with an sBIT chunk after its header (Pillow writes none)."""
+    head = 8 + 12 + 13  # signature, then the IHDR chunk
+    body = b"sBIT" + bytes([bits])
+    chunk = len(body[4:]).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    return png[:head] + chunk + png[head:]
+
+
+def test_a_16_bit_png_is_scaled_by_the_depth_its_values_use_or_its_sbit() -> None:
+    # 12-bit detector values written into a 16-bit PNG were scaled by 65535: stored at 0..16,
+    # almost black, and taken for training and the index without a word
+    ramp12 = np.tile(np.linspace(0, 4095, N).round().astype(np.uint16), (N, 1))
+    buf = io.BytesIO()
+    Image.fromarray(ramp12).save(buf, format="PNG")
+    out = decode(buf.getvalue())
+    assert np.array_equal(out.pixels, stored(ramp12 / 4095.0))
+    assert len(np.unique(out.pixels)) == N
+    # a file that declares its depth is taken at its word, 16 bits holding small values too
+    assert np.array_equal(decode(_with_sbit(buf.getvalue(), 12)).pixels, out.pixels)
+    dark = decode(_with_sbit(buf.getvalue(), 16)).pixels
+    assert np.array_equal(dark, stored(ramp12 / 65535.0)) and dark.max() == 16
+    # values past 14 bits: a 16-bit image, as before
+    ramp16 = np.tile(np.linspace(0, 40000, N).round().astype(np.uint16), (N, 1))
+    buf = io.BytesIO()
+    Image.fromarray(ramp16).save(buf, format="PNG")
+    assert np.array_equal(decode(buf.getvalue()).pixels, stored(ramp16 / 65535.0))
+
+
+def test_a_jpeg_s_exif_orientation_is_applied_as_viewers_do() -> None:
+    # stored as read, a photo of a film taken with the phone turned lay on its side
+    upright = np.zeros((128, 64), np.uint8)
+    upright[:, :32] = 255  # bright left half
+    turned = np.ascontiguousarray(np.rot90(upright, 1))  # the pixels as a turned camera stores
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    buf = io.BytesIO()
+    Image.fromarray(turned).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    out = decode(buf.getvalue(), size=64)
+    assert (out.meta["orig_height"], out.meta["orig_width"]) == (128, 64)
+    assert out.pixels[:, :8].mean() > 200 and out.pixels[:, -8:].mean() < 40
+
+
+@pytest.mark.parametrize("slope", ["", None])
+def test_an_empty_or_missing_rescale_slope_is_one_and_an_intercept_alone_applies(slope) -> None:
+    # pydicom's modality step needed both: an empty Slope was "malformed dicom (TypeError)", an
+    # Intercept alone was ignored and a window in rescaled units fell on stored values
+    px = gradient(bits=12)
+    window = (1000.0 - 1024.0, 600.0)
+    want = decode(make_dicom(px, rescale=(1.0, -1024.0), window=window)).pixels
+    extra = {"RescaleIntercept": "-1024"} | ({"RescaleSlope": slope} if slope is not None else {})
+    got = decode(make_dicom(px, window=window, extra=extra)).pixels
+    assert np.array_equal(got, want)
+
+
+def test_a_partial_range_ycbcr_jpeg_is_its_luma_and_other_colour_codes_are_named() -> None:
+    # a JPEG labelled YBR_PARTIAL_422 (retired, still in archives) came back as stored YCbCr and
+    # was read as RGB: mid-grey chroma squeezed it into about a quarter of the range
+    ramp = np.tile(np.linspace(16, 235, N).round().astype(np.uint8), (N, 1))
+    rgb = np.repeat(ramp[..., None], 3, axis=2)
+    out = decode(make_dicom(rgb, bits=8, photometric="YBR_PARTIAL_422",
+                            transfer_syntax=JPEGBaseline8Bit))  # fmt: skip
+    want = stored(np.clip((ramp.astype(np.float64) - 16) / 219, 0, 1))
+    assert np.abs(out.pixels.astype(int) - want.astype(int)).max() <= 3
+    assert out.pixels.min() <= 3 and out.pixels.max() >= 252
+    refused = {
+        ("HSV", ExplicitVRLittleEndian): "with 3 samples is not a colour model decoded here",
+        ("YBR_ICT", JPEGBaseline8Bit): "YBR_ICT belongs to JPEG 2000 streams",
+        ("YBR_PARTIAL_422", ExplicitVRLittleEndian): "YBR_PARTIAL_422 in native",
+    }
+    for (photometric, syntax), says in refused.items():
+        with pytest.raises(ImageRejected, match="unsupported_photometric") as err:
+            decode(make_dicom(rgb, bits=8, photometric=photometric, transfer_syntax=syntax))
+        assert says in str(err.value)

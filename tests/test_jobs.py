@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -501,6 +502,11 @@ def test_a_secret_never_goes_into_the_jobs_record(tmp_path: Path) -> None:
         ({"pass_env": ["RADJEPA_DEID_SECRET"]}, "RADJEPA_DEID_SECRET would be stored"),
         ({"pass_env": ["MLFLOW_TRACKING_PASSWORD"]}, "MLFLOW_TRACKING_PASSWORD would be"),
         ({"env": {"AWS_SECRET_ACCESS_KEY": "aws-value"}}, "AWS_SECRET_ACCESS_KEY would be"),
+        # a base64 key may start with "/" and hold more: it looked like a path and was sent
+        (
+            {"env": {"AWS_SECRET_ACCESS_KEY": "/wJalrXUtnFEMI/K7MDENG/bPxRfiCY-value"}},
+            "AWS_SECRET_ACCESS_KEY would be",
+        ),
         ({"runtime_env_file": renv}, "HF_TOKEN would be stored"),
         # a variable the job's config names for the key, whatever it is called
         (
@@ -744,3 +750,89 @@ def test_the_submitted_commit_is_recorded_only_when_it_looks_like_one(tmp_path: 
     assert code_tags(outside, {}) == {}
     here = code_tags(REPO / "pipelines" / "cli.py", {GIT_COMMIT_ENV: sha})
     assert here["mlflow.source.git.commit"] != sha and "radjepa.git_source" not in here
+
+
+class _JobServer:
+    """A stand-in job server on loopback that answers Ray's client as a head does (the version
+    check, one job's info; no log stream), and can go away and come back on its port: what a
+    dropped and restarted ``kubectl port-forward`` looks like to ``radjepa``."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.status, self.server = port, "RUNNING", None
+
+    def start(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path == "/api/version":
+                    body: dict = {"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}
+                    body["session_name"] = "s"
+                elif self.path.startswith("/api/jobs/raysubmit_x") and "logs" not in self.path:
+                    body = {"type": "SUBMISSION", "submission_id": "raysubmit_x"}
+                    body |= {"status": owner.status, "entrypoint": "radjepa pretrain"}
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_job_server_that_stops_answering_is_waited_for_then_one_line_and_exit_4(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a port-forward that dropped while `submit`/`jobs logs --follow` waited ended the command
+    # with requests' traceback and exit 1, which reads as the job's failure (a script submits
+    # again, a second driver on the same run) while the job went on
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    (port,) = _free_ports(1)
+    server = _JobServer(port)
+    server.start()
+    client = jobs.connect(f"http://127.0.0.1:{port}")
+    server.stop()
+    with pytest.raises(jobs.JobServerLost, match="may still be running; once the server"):
+        jobs.wait(client, "raysubmit_x", poll_s=0.05, lost_grace_s=0.3)
+
+    # back within the grace (the port-forward restarted): the wait goes on to the job's end
+    def come_back() -> None:
+        time.sleep(1.0)
+        server.status = "SUCCEEDED"
+        server.start()
+
+    threading.Thread(target=come_back, daemon=True).start()
+    assert jobs.wait(client, "raysubmit_x", poll_s=0.05, lost_grace_s=30).status == "SUCCEEDED"
+
+    server.status = "RUNNING"
+    monkeypatch.setattr(jobs, "SERVER_LOST_GRACE_S", 0.3)
+    stop_soon = threading.Timer(1.0, server.stop)
+    stop_soon.start()
+    res = CliRunner().invoke(
+        app, ["jobs", "logs", "raysubmit_x", "--follow", "--address", f"http://127.0.0.1:{port}"]
+    )
+    stop_soon.join()
+    assert res.exit_code == jobs.EXIT_SERVER_LOST == 4, (res.output, res.exception)
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: the job server stopped answering ([Errno 111] "), last
+    assert "job raysubmit_x may still be running" in last and "Traceback" not in res.output
+    for call in (jobs.list_jobs, lambda c: jobs.logs(c, "raysubmit_x")):
+        with pytest.raises(jobs.JobServerLost, match="stopped answering"):
+            call(client)

@@ -170,11 +170,20 @@ def test_crops_and_batch_size_are_guarded_too(key):
         check_resume_config(_cfg(), _cfg(key), 8)
 
 
-def test_more_steps_and_bookkeeping_changes_resume_freely(caplog):
+def test_more_steps_and_bookkeeping_changes_resume_freely_and_the_schedule_jump_is_said(caplog):
+    # a run continued past its end with more steps restarts its LR mid-cosine (a warm restart,
+    # no warmup): it was an INFO that the schedules "now span" the new length
+    from radjepa.schedules import schedule_at
+
     new = _cfg("train.steps=120", "train.log_every=1", "train.checkpoint_every=7")
-    with caplog.at_level(logging.INFO, logger="radjepa.resume"):
-        assert check_resume_config(_cfg(), new, 8) == {}
-    assert any("train.steps 60 -> 120" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="radjepa.resume"):
+        assert check_resume_config(_cfg(), new, 60) == {}
+    (said,) = [r.getMessage() for r in caplog.records]
+    was, now = schedule_at(60, _cfg()), schedule_at(60, new)
+    assert now.lr > 10 * was.lr and now.momentum < was.momentum
+    assert "train.steps 60 -> 120 re-times the schedules from step 60" in said
+    assert f"lr {was.lr:.3g} -> {now.lr:.3g}" in said
+    assert f"EMA momentum {was.momentum:.6g} -> {now.momentum:.6g} (no new warmup)" in said
 
 
 @pytest.mark.parametrize("name", ["weights.safetensors", "optimizer.safetensors"])

@@ -716,3 +716,45 @@ def test_each_entry_point_run_as_a_process_says_it_ends_with_the_job(entry: str)
     assert res.returncode == 0, res.stderr
     said = [line for line in res.stdout.splitlines() if line.startswith(("imported ", "run "))]
     assert said == ["imported False", "run True"], res.stdout
+
+
+def test_use_gpu_true_waits_for_a_cluster_s_gpu_auto_says_it_runs_on_cpu_and_locally_refuses(
+    ray_session, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GPU group that autoscales from zero (raycluster.yaml), or whose pods join after the
+    head (a RayService deploys then), has no GPU when a job starts: ``true`` was refused there
+    ("would wait forever"), and ``auto`` ran ViT-B on CPU without a word. The session's Ray has
+    no GPU; RAY_ADDRESS naming a cluster is what makes it one here."""
+    import logging
+
+    from pipelines import runtime
+    from pipelines.runtime import ClusterResourceError, resolve_num_workers, resolve_use_gpu
+    from serve.deployment import _resolve_gpu
+
+    monkeypatch.setattr(runtime, "_WARNED", set())
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="pipelines.runtime"):
+        assert resolve_use_gpu("auto") is False and resolve_use_gpu("false") is False
+        assert not caplog.text  # a local Ray without GPUs: CPU is what it has
+        with pytest.raises(ClusterResourceError, match="train.use_gpu=true but this local Ray"):
+            resolve_use_gpu("true")
+        with pytest.raises(ValueError, match="serve.use_gpu=true but this local Ray"):
+            _resolve_gpu("true")
+
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+        assert resolve_use_gpu("true") is True and _resolve_gpu("true") is True
+        assert resolve_use_gpu("true") is True  # said once
+        assert _resolve_gpu("auto") is False
+        assert resolve_use_gpu("false") is False
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "train.use_gpu=true and the cluster has no GPU yet: the job waits until a GPU node "
+        "joins (an autoscaled GPU group, pods still starting)",
+        "serve.use_gpu=true and the cluster has no GPU yet: the job waits until a GPU node "
+        "joins (an autoscaled GPU group, pods still starting)",
+        "serve.use_gpu=auto and the cluster has no GPU now: running on CPU (a GPU group that "
+        "autoscales from zero is not counted: --set serve.use_gpu=true waits for it)",
+    ]
+    # one rank per GPU counts none yet: the ranks to wait for must be given
+    with pytest.raises(ClusterResourceError, match="set train.num_workers to the ranks"):
+        resolve_num_workers(True, 1.0)

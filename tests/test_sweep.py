@@ -532,6 +532,33 @@ def test_an_ended_sweep_ends_its_open_trial_runs_then_its_own(tmp_path):
     assert status == {parent: "FAILED", running: "FAILED", done: "FINISHED"}
 
 
+def test_a_resumed_sweep_logs_its_best_metric_once_and_a_new_best_as_the_next_step(tmp_path):
+    # a --resume of a sweep whose parent run already held best_<metric> logged it again at
+    # step 0: two points for one best trial
+    import mlflow
+
+    from pipelines.sweep import TrialRow, _finish_parent_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("radjepa")).info.run_id
+
+    def row(trial: str, value: float) -> TrialRow:
+        return TrialRow(trial, {"lr": 1e-3}, value, "ok", 6, f"/ckpt/{trial}")
+
+    rows = [row("a", 3.0), row("b", 5.0)]
+    for _ in range(2):  # the sweep and a --resume of it
+        _finish_parent_run(uri, parent, rows, rows[1], "x: 1\n", "rankme")
+    assert [(m.step, m.value) for m in client.get_metric_history(parent, "best_rankme")] == [
+        (0, 5.0)
+    ]
+    rows.append(row("c", 7.0))  # a trial the resumed sweep ran beat it
+    _finish_parent_run(uri, parent, rows, rows[2], "x: 2\n", "rankme")
+    history = sorted((m.step, m.value) for m in client.get_metric_history(parent, "best_rankme"))
+    assert history == [(0, 5.0), (1, 7.0)]
+    assert client.get_run(parent).data.tags["radjepa.best_trial"] == "c"
+
+
 def test_a_store_that_cannot_be_used_fails_in_one_line_before_any_trial(
     nih_shards, tmp_path, monkeypatch
 ):

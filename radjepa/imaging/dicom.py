@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import _read_file_meta_info
-from pydicom.pixels import apply_modality_lut, get_decoder
+from pydicom.pixels import get_decoder
 from pydicom.pixels.processing import apply_color_lut
 from pydicom.uid import (
     UID,
@@ -31,6 +31,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
 )
 
 from radjepa.imaging.codestream import declared_size
@@ -260,6 +261,8 @@ def _check_single_image(ds: Dataset) -> UID:
             "unsupported_transfer_syntax",
             f"transfer syntax {_quoted_syntax(ts)} is not one pydicom can decode",
         )
+    if samples == 3:
+        _check_colour_model(photometric, ts)
     if samples == 3 and ds.get("PlanarConfiguration") in (None, ""):
         _settle_planar_configuration(ds, ts)
     elem = ds["PixelData"]
@@ -290,6 +293,49 @@ def _check_single_image(ds: Dataset) -> UID:
                 "truncated", f"pixel data has {len(ds.PixelData)} of {expected} bytes"
             )
     return ts
+
+
+# what pydicom hands back for each 3-sample photometric: RGB, as RGB; YBR_FULL(_422) converted to
+# RGB; YBR_ICT/RCT, RGB from the JPEG 2000 codec (its inverse colour transform); YBR_PARTIAL_*,
+# the YCbCr as stored (see :func:`_colour_luma`)
+_COLOUR_MODELS = frozenset(
+    {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "YBR_PARTIAL_422"}
+)
+
+
+def _check_colour_model(photometric: str, ts: UID) -> None:
+    """Refuse a 3-sample photometric whose pixels would be read as RGB without being RGB: a
+    retired one (HSV, ARGB, CMYK) or an unknown code reached the RGB path; YBR_ICT/RCT outside
+    JPEG 2000 (the only streams that carry them) kept their YCbCr; a native YBR_PARTIAL_422
+    (retired, sub-sampled) was quarantined as ``truncated``."""
+    if photometric not in _COLOUR_MODELS:
+        raise ImageRejected(
+            "unsupported_photometric",
+            f"photometric {_quoted(photometric, PHOTOMETRICS)} with 3 samples is not a colour "
+            "model decoded here (RGB or YBR_*)",
+        )
+    if photometric in ("YBR_ICT", "YBR_RCT") and ts not in JPEG2000TransferSyntaxes:
+        raise ImageRejected(
+            "unsupported_photometric",
+            f"photometric {photometric} belongs to JPEG 2000 streams, not transfer syntax "
+            f"{_quoted_syntax(ts)}",
+        )
+    if photometric.startswith("YBR_PARTIAL") and not ts.is_compressed:
+        raise ImageRejected(
+            "unsupported_photometric", f"photometric {photometric} in native (uncompressed) pixels"
+        )
+
+
+def _colour_luma(stored: np.ndarray, photometric: str, bits: int) -> np.ndarray:
+    """A colour image's grey: Rec. 601 luma of RGB; for YBR_PARTIAL_*, which pydicom leaves as
+    stored, its Y channel (that luma already), from its partial range (16-235 at 8 bits,
+    PS3.3 C.7.6.3.1.2) onto [0, 1]. Read as RGB, its Cb and Cr at mid-grey had squeezed the
+    image into about a quarter of the range."""
+    if not photometric.startswith("YBR_PARTIAL"):
+        return luma(stored, float(2**bits - 1))
+    unit = float(2 ** (bits - 8))
+    y = (stored[..., 0].astype(np.float32) - 16.0 * unit) / (219.0 * unit)
+    return np.clip(y, 0.0, 1.0)
 
 
 def _check_stream_size(ds: Dataset, rows: int, cols: int) -> None:
@@ -378,7 +424,8 @@ def _window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
         return None
     func = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
     if func == "SIGMOID" and w > 0:
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
+        with np.errstate(over="ignore"):  # exp overflows to inf far below a narrow window: 0
+            return 1.0 / (1.0 + np.exp(-4.0 * (values - c) / w))
     if func == "LINEAR_EXACT" and w > 0:
         return np.clip((values - c) / w + 0.5, 0.0, 1.0)
     if func == "LINEAR" and w >= 1:
@@ -454,9 +501,34 @@ def _modality(stored: np.ndarray, ds: Dataset, signed: bool) -> np.ndarray:
     """Modality LUT Sequence (its input is the stored value, signed by Pixel Representation),
     else rescale slope/intercept, else the stored values unchanged."""
     if not ds.get("ModalityLUTSequence"):
-        return apply_modality_lut(stored, ds)
+        slope, intercept = _rescale(ds)
+        if slope == 1.0 and intercept == 0.0:
+            return stored
+        return stored.astype(np.float64) * slope + intercept
     first, table = _lut(ds, "ModalityLUTSequence", signed)
     return _map_lut(stored, first, table)
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    """Rescale Slope and Intercept, a missing or empty one as the identity's (1, 0).
+
+    pydicom's ``apply_modality_lut`` applied them only when both were present, and multiplied
+    by an empty one: an Intercept alone was ignored (a window written in rescaled units then
+    fell on stored values, 1024 off for CT-like data), an empty Slope was a TypeError."""
+    values = []
+    for key, identity in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = ds.get(key)
+        if raw in (None, "") or (isinstance(raw, (list, tuple)) and not raw):
+            values.append(identity)
+            continue
+        try:
+            value = _first(raw)
+        except (TypeError, ValueError, IndexError):
+            raise ImageRejected("decode_error", f"{key} is not a number") from None
+        if not math.isfinite(value):
+            raise ImageRejected("decode_error", f"{key} is not a finite number")
+        values.append(value)
+    return values[0], values[1]
 
 
 def _voi_sequence(values: np.ndarray, ds: Dataset, signed: bool) -> np.ndarray | None:
@@ -485,12 +557,7 @@ def _signed_modality_output(ds: Dataset, signed: bool, values: np.ndarray) -> bo
         return False
     bits = int(ds.get("BitsStored") or ds.BitsAllocated)
     low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    try:
-        slope = 1.0 if slope in (None, "") else _first(slope)
-        intercept = 0.0 if intercept in (None, "") else _first(intercept)
-    except (TypeError, ValueError, IndexError):  # an unreadable rescale: the pixels tell
-        return signed or float(values.min()) < 0
+    slope, intercept = _rescale(ds)  # read (and refused when unreadable) by _modality first
     return min(slope * low, slope * high) + intercept < 0
 
 
@@ -581,9 +648,8 @@ def dicom_display(ds: Dataset, window_percentiles: tuple[float, float]) -> np.nd
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(stored, ds)
         return luma(rgb, _palette_max(ds, rgb))
-    if stored.ndim == 3 and stored.shape[-1] == 3:
-        # pydicom returns RGB for YBR/RGB photometrics; colour images carry no LUT semantics
-        return luma(stored, float(2**bits - 1))
+    if stored.ndim == 3 and stored.shape[-1] == 3:  # colour images carry no LUT semantics
+        return _colour_luma(stored, photometric, bits)
     if stored.ndim != 2:
         raise ImageRejected("not_2d", f"decoded pixel array has shape {stored.shape}")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):

@@ -1,7 +1,8 @@
 """PNG / JPEG bytes -> display image in [0, 1] via Pillow (8/16-bit grey, colour -> grey).
 
-Raster files are already display-ready (no LUTs), so values are only scaled by the bit depth:
-8-bit by 255, 16-bit ("I;16", "I") by 65535.
+Raster files are already display-ready (no LUTs), so values are only scaled by their bit depth:
+8-bit by 255; 16-bit ("I;16", "I") by the depth the file holds (:func:`sixteen_bit_depth`). EXIF
+orientation is applied, as every viewer does.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from radjepa.imaging.contract import MAX_PIXELS, luma
 from radjepa.imaging.errors import ImageRejected
@@ -31,6 +32,9 @@ def raster_display(data: bytes) -> tuple[np.ndarray, str]:
             if getattr(img, "n_frames", 1) > 1:
                 raise ImageRejected("multi_frame", f"{img.n_frames} frames in one raster file")
             img.load()
+            # a phone photo of a film, or an export tool, stores the pixels turned and says so
+            # in EXIF: stored as read, the image lay on its side where viewers show it upright
+            ImageOps.exif_transpose(img, in_place=True)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -49,9 +53,46 @@ def raster_display(data: bytes) -> tuple[np.ndarray, str]:
         return grey / np.float32(255.0), "MONOCHROME2"
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img).astype(np.float64)
-        return np.clip(arr / 65535.0, 0.0, 1.0), "MONOCHROME2"
+        top = float(2 ** sixteen_bit_depth(data, float(arr.max(initial=0.0))) - 1)
+        return np.clip(arr / top, 0.0, 1.0), "MONOCHROME2"
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr), "MONOCHROME2"
     raise ImageRejected("unsupported_photometric", f"raster mode {mode!r}")
+
+
+# the depths a 16-bit container is found holding: detector data is 10, 12 or 14 bits
+_DEPTHS = (8, 10, 12, 14, 16)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def sixteen_bit_depth(data: bytes, peak: float) -> int:
+    """The bit depth a 16-bit grey raster's values use: its PNG ``sBIT`` chunk when it has
+    one, else the smallest of 8, 10, 12, 14 and 16 bits that holds its brightest pixel.
+
+    A radiograph's 12-bit detector values written as they are into a 16-bit PNG (a common
+    research export) fill 1/16 of the range: scaled by 65535 they were stored almost black,
+    17 grey levels at 8 bits. An image that uses its 16 bits keeps them; one whose brightest
+    pixel is below 2**14 is taken to be a narrower depth (Pillow does not read sBIT)."""
+    declared = _png_significant_bits(data)
+    if declared is not None:
+        return declared
+    return next(d for d in _DEPTHS if peak <= 2**d - 1 or d == 16)
+
+
+def _png_significant_bits(data: bytes) -> int | None:
+    """A greyscale PNG's sBIT (1-16), read from the chunks before its image data."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"sBIT" and length >= 1:
+            bits = data[pos + 8]
+            return bits if 1 <= bits <= 16 else None
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        pos += 12 + length
+    return None
