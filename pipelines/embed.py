@@ -217,7 +217,7 @@ def run_embed(
     _say_decode_mismatch(str(shards_dir), model_cfg)
 
     ensure_ray()
-    use_gpu = resolve_use_gpu(cfg.serve.use_gpu)
+    use_gpu = resolve_use_gpu(cfg.serve.use_gpu, "serve.use_gpu")
     wanted = ["image_id", "pixels", "height", "width", "dtype", *PID_COLUMNS]
     columns = [c for c in wanted if c in present]
     free = ray.available_resources()
