@@ -281,6 +281,7 @@ def _with_lut_data(data: bytes, keyword: str, descriptor: list[int], lut_data, v
         ("words", ImplicitVRLittleEndian),
         ("packed", ExplicitVRLittleEndian),
         ("packed", ImplicitVRLittleEndian),
+        ("packed_us", ExplicitVRLittleEndian),
     ],
 )
 def test_lut_with_8_bit_entries_maps_every_input(keyword: str, layout: str, syntax: str) -> None:
@@ -304,6 +305,8 @@ def test_lut_with_8_bit_entries_maps_every_input(keyword: str, layout: str, synt
         lut_data, vr = [int(v) for v in table], "US"
     elif layout == "words":
         lut_data, vr = table.astype(">u2" if big else "<u2").tobytes(), "OW"
+    elif layout == "packed_us":  # two per word, written as US words: was decode_error
+        lut_data, vr = [int(v) for v in np.frombuffer(table.astype(np.uint8), "<u2")], "US"
     else:
         lut_data, vr = table.astype(np.uint8).tobytes(), "OW"
     base = make_dicom(px, bits=12, transfer_syntax=syntax)

@@ -479,7 +479,11 @@ def _lut_entries(item: Dataset, ds: Dataset, entries: int, bits: int, keyword: s
             count = min(entries, len(value) // 2)
             table = np.frombuffer(value, "<u2" if little else ">u2", count=count)
     else:
-        table = np.asarray([value] if isinstance(value, int) else list(value or ()))
+        table = np.asarray([value] if isinstance(value, int) else list(value or ()), np.int64)
+        if bits == 8 and len(table) == (entries + 1) // 2 < entries:
+            # the same two-per-word packing written with VR US: each word's low byte, then its
+            # high byte (the first entry is the first byte of a little-endian word)
+            table = np.stack([table & 0xFF, table >> 8], axis=1).reshape(-1)[:entries]
     if len(table) < entries:
         raise ImageRejected(
             "decode_error",
