@@ -153,9 +153,10 @@ class IngestConfig(_Section):
     )
     burned_in_annotation: Literal["quarantine", "keep"] = Field(
         "quarantine",
-        description="DICOMs flagged Burned In Annotation YES carry text in their pixels that "
-        "header de-identification cannot remove: quarantined unless 'keep' (only for archives "
-        "already scrubbed of such text)",
+        description="DICOMs flagged Burned In Annotation YES, or not flagged NO on a modality "
+        "that routinely burns text in (US, XA, RF, ES, XC, OT, secondary captures), may carry "
+        "text in their pixels that header de-identification cannot remove: quarantined unless "
+        "'keep' (only for archives already scrubbed of such text)",
     )
 
     @model_validator(mode="after")

@@ -639,6 +639,25 @@ def test_burned_in_annotation_is_refused_only_when_asked() -> None:
     assert decode(clean, reject_burned_in=True).pixels.shape == (N, N)
 
 
+def test_pixels_that_may_hold_text_are_refused_unless_flagged_no() -> None:
+    # only an exact YES was refused: a multi-valued YES\NO, and an ultrasound or a screenshot
+    # without the flag (PS3.15 E.3.1: cleaned data says NO), went into the shards with their text
+    px = gradient(N, N)
+    refused = {
+        "YES\\NO": {"BurnedInAnnotation": ["YES", "NO"]},
+        "US unflagged": {"Modality": "US"},
+        "XA flagged empty": {"Modality": "XA", "BurnedInAnnotation": ""},
+        "secondary capture": {"Modality": "DX", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.7.2"},
+    }
+    for case, extra in refused.items():
+        with pytest.raises(ImageRejected, match="burned_in_annotation") as err:
+            decode(make_dicom(px, extra=extra), reject_burned_in=True)
+        assert "pixels" in err.value.message, case
+    kept = [{"Modality": "US", "BurnedInAnnotation": "NO"}, {"Modality": "CR"}, {}]
+    for extra in kept:  # cleaned data, and radiographs without the flag
+        assert decode(make_dicom(px, extra=extra), reject_burned_in=True).pixels.shape == (N, N)
+
+
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless])
 def test_claimed_pixel_count_is_checked_before_decoding(syntax: str) -> None:
     # a few KB of compressed data can claim gigapixels: the header alone decides
@@ -1000,6 +1019,16 @@ def test_resolve_secret(monkeypatch, caplog) -> None:
     with caplog.at_level("WARNING", logger="radjepa.imaging.deid"):
         assert resolve_secret("RADJEPA_TEST_SECRET", allow_development_key=True) == DEV_SECRET
     assert "PUBLIC development key" in caplog.text
+    # a short key was only a warning, and the fingerprint every destination records confirms
+    # a guess at it offline: refused, unless the config opts in as for the development key
+    monkeypatch.setenv("RADJEPA_TEST_SECRET", "StMarys2024")
+    with pytest.raises(SecretRefused, match="shorter than 16 characters") as refused:
+        resolve_secret("RADJEPA_TEST_SECRET")
+    assert "StMarys" not in str(refused.value)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="radjepa.imaging.deid"):
+        assert resolve_secret("RADJEPA_TEST_SECRET", allow_development_key=True) == b"StMarys2024"
+    assert "weakly keyed" in caplog.text
 
 
 def test_a_secret_that_is_not_utf8_text_is_refused_in_one_line(monkeypatch) -> None:
@@ -1235,3 +1264,22 @@ def test_a_partial_range_ycbcr_jpeg_is_its_luma_and_other_colour_codes_are_named
         with pytest.raises(ImageRejected, match="unsupported_photometric") as err:
             decode(make_dicom(rgb, bits=8, photometric=photometric, transfer_syntax=syntax))
         assert says in str(err.value)
+
+
+def test_exif_text_never_reaches_a_debug_log_and_a_listing_error_names_no_folder(caplog) -> None:
+    # Pillow logs each EXIF tag's value at DEBUG as it parses them (for the orientation): a
+    # name in ImageDescription reached the log of a worker run at DEBUG
+    import logging
+
+    from radjepa.ingest.sources import _reason
+
+    exif = Image.Exif()
+    exif[0x010E] = "MARKER_NAME_7f3a^JANE MRN 12345"  # ImageDescription
+    buf = io.BytesIO()
+    Image.fromarray(gradient(N, N, bits=8)).save(buf, format="JPEG", exif=exif.tobytes())
+    with caplog.at_level(logging.DEBUG):
+        decode(buf.getvalue())
+    assert "MARKER_NAME" not in caplog.text
+    # the OS names the subfolder a listing failed on, and folder names may be patients'
+    said = _reason(PermissionError(13, "Permission denied", "/exports/MARKER_NAME_7f3a"))
+    assert said == "Permission denied (in it or a folder below it)"

@@ -154,7 +154,9 @@ def corpus(tmp_path_factory, nih_dir) -> Corpus:
     c.add("dicom/voi.dcm", make_dicom(px12, voi_lut=np.arange(4096) * 16))
     c.add("dicom/rescale.dcm", make_dicom(px12, rescale=(2.0, -1024.0), window=(1500, 3000)))
     rgb = np.stack([gradient(80, 80, bits=8, seed=s) for s in range(3)], axis=-1)
-    c.add("dicom/rgb_sc.dcm", make_dicom(rgb, bits=8, photometric="RGB"))
+    # a secondary capture is stored only when flagged clean of burned-in text
+    rgb_sc = make_dicom(rgb, bits=8, photometric="RGB", extra={"BurnedInAnnotation": "NO"})
+    c.add("dicom/rgb_sc.dcm", rgb_sc)
     c.add("dicom/copy_of_plain.dcm", plain)  # duplicate bytes
     c.add("dicom/truncated.dcm", plain[: len(plain) - 5000], "truncated")
     c.add("dicom/multi.dcm", make_dicom(px12, frames=2), "multi_frame")

@@ -90,18 +90,15 @@ def _decode_display(
     """Display image in [0, 1] for sniffed bytes and its pixel aspect (see ``DecodedImage``);
     fills the format-specific ``meta`` keys."""
     if fmt == "dicom":
-        from radjepa.imaging.deid import dicom_meta
+        from radjepa.imaging.deid import burned_in_text, dicom_meta
         from radjepa.imaging.dicom import dicom_display, pixel_aspect, read_dataset
         from radjepa.imaging.value_validation import unvalidated_values
 
         with unvalidated_values():  # pydicom's checks quote the values they find wrong
             ds = read_dataset(data)
-            burned_in = str(ds.get("BurnedInAnnotation") or "").strip().upper() == "YES"
-            if reject_burned_in and burned_in:
-                raise ImageRejected(
-                    "burned_in_annotation",
-                    "Burned In Annotation is YES: the pixels carry identifying text",
-                )
+            burned_in = burned_in_text(ds) if reject_burned_in else None
+            if burned_in is not None:
+                raise ImageRejected("burned_in_annotation", burned_in)
             display = dicom_display(ds, window_percentiles)
             ts = ds.file_meta.get("TransferSyntaxUID")
             meta.update(dicom_meta(ds, secret, ts, patient_identity))
@@ -155,15 +152,16 @@ def decode_image(
     """Decode one file's bytes into the stored image contract (see ``imaging.contract``).
 
     ``secret`` keys the pseudonyms and the hash of ``source_name`` (the raw name never appears
-    in the result). ``reject_burned_in`` refuses DICOMs flagged Burned In Annotation YES: text
-    in the pixels escapes header de-identification, so ingest keeps such files out of shards,
-    while the HTTP API (which stores nothing) embeds them. ``patient_identity`` says what the
-    patient pseudonym covers (``radjepa.imaging.deid.PATIENT_IDENTITIES``): the API must use
-    the scheme its index's shards were ingested with, or an upload's patient matches no archive
-    row. ``id_scheme`` says how ``meta["image_id"]`` is made from the bytes
-    (:func:`radjepa.imaging.deid.content_id`): keyed by ``secret`` unless a destination (or
-    the index the API searches) still uses the unkeyed ids it was started with. Raises
-    :class:`ImageRejected` with a stable reason for unusable input.
+    in the result). ``reject_burned_in`` refuses DICOMs whose pixels may hold text
+    (:func:`radjepa.imaging.deid.burned_in_text`): it escapes header de-identification, so
+    ingest keeps such files out of shards, while the HTTP API (which stores nothing) embeds
+    them. ``patient_identity`` says what the patient pseudonym covers
+    (``radjepa.imaging.deid.PATIENT_IDENTITIES``): the API must use the scheme its index's
+    shards were ingested with, or an upload's patient matches no archive row. ``id_scheme`` says
+    how ``meta["image_id"]`` is made from the bytes (:func:`radjepa.imaging.deid.content_id`):
+    keyed by ``secret`` unless a destination (or the index the API searches) still uses the
+    unkeyed ids it was started with. Raises :class:`ImageRejected` with a stable reason for
+    unusable input.
     """
     dtype_max(dtype)  # validates dtype and the schemes before any work
     check_patient_identity(patient_identity)

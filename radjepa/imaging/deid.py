@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from typing import Any, Final
 
 from radjepa.imaging.contract import AGE_CAP_YEARS, PSEUDONYM_HEX_CHARS
@@ -52,6 +53,8 @@ log = logging.getLogger(__name__)
 # (``ingest.allow_development_key``: the bundled sample, tests), because anyone holding this
 # key can test guesses of IDs and link any file to its row.
 DEV_SECRET = b"radjepa-development-key-NOT-A-SECRET"
+# the shortest pseudonymisation key taken for real data (openssl rand -hex 32 gives 64)
+MIN_SECRET_CHARS = 16
 
 # How an image's id (``image_id``, the quarantine's ``sha256``) is made from the file's bytes.
 # The unkeyed SHA-256 was the only scheme before ids were keyed: whoever holds the original
@@ -127,7 +130,8 @@ def resolve_secret(
     (``ingest.allow_development_key``): falling back to the public key with only a warning let
     a forgotten variable pseudonymise real patients with a key anyone can read, and the warning
     scrolls by in a Ray Job log. With the opt-in it is used, still with a loud warning. A value
-    that is not UTF-8 text is refused too (:class:`SecretRefused`, the base of both).
+    that is not UTF-8 text, or shorter than ``MIN_SECRET_CHARS`` without that opt-in, is
+    refused too (:class:`SecretRefused`, the base of both).
     ``warn=False``: the same key, its warnings (public key, short, whitespace) left unsaid, for
     a process whose caller said them already for this environment (refusals still raise).
     """
@@ -142,8 +146,22 @@ def resolve_secret(
                 f"{env_name} is not UTF-8 text: set it to printable characters, e.g. "
                 f"`export {env_name}=$(openssl rand -hex 32)`"
             ) from None
-        if len(value) < 16 and warn:
-            log.warning("%s is shorter than 16 characters: pseudonyms are weakly keyed", env_name)
+        if len(value) < MIN_SECRET_CHARS:
+            # a short key is guessed offline from the key fingerprint every destination and
+            # index records (a site name and a year: 137 guesses), and every pseudonym with it
+            if not allow_development_key:
+                raise SecretRefused(
+                    f"{env_name} is shorter than {MIN_SECRET_CHARS} characters: a key that short "
+                    "can be guessed, and every pseudonym reversed with it; set it to a long "
+                    f"random value, e.g. `export {env_name}=$(openssl rand -hex 32)`"
+                )
+            if warn:
+                log.warning(
+                    "%s is shorter than %d characters: pseudonyms are weakly keyed (accepted "
+                    "only with ingest.allow_development_key)",
+                    env_name,
+                    MIN_SECRET_CHARS,
+                )
         if value != value.strip() and warn:
             # used as is (trimming would re-key existing archives), but a key read from a mounted
             # file on one machine and typed on another differ by that newline: every patient gets
@@ -169,6 +187,39 @@ def resolve_secret(
             env_name,
         )
     return DEV_SECRET
+
+
+# modalities whose images routinely carry identifying text in their pixels (PS3.15 E.3.1,
+# Note 1: "Ultrasound images routinely do"), and screen or film captures
+_BURNS_IN = frozenset({"US", "IVUS", "XA", "RF", "ES", "XC", "OT", "SC"})
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame family (.7.1 ...)
+
+
+def burned_in_text(ds: Any) -> str | None:
+    """Why a DICOM's pixels may hold identifying text header de-identification cannot remove,
+    or None.
+
+    Flagged ``YES`` (in any value of a multi-valued flag: ``YES\\NO`` was read as a list and
+    stored); or unflagged (absent, empty, or neither YES nor NO) on a modality or a secondary
+    capture that routinely burns text in. Cleaned data carries ``NO`` (PS3.15 E.3.1), which
+    passes. A DX or CR without the flag passes: radiographs are not where text is burned in.
+    """
+    raw = ds.get("BurnedInAnnotation")
+    many = isinstance(raw, Sequence) and not isinstance(raw, (str, bytes))  # pydicom MultiValue
+    values = [str(v).strip().upper() for v in (raw if many else [raw])]
+    if "YES" in values:
+        return "Burned In Annotation is YES: the pixels carry identifying text"
+    if "NO" in values:
+        return None
+    modality = str(ds.get("Modality") or "").strip().upper()
+    sop_class = str(ds.get("SOPClassUID") or "").strip()
+    if modality in _BURNS_IN or sop_class.startswith(_SECONDARY_CAPTURE):
+        kind = "a secondary capture" if modality not in _BURNS_IN else f"modality {modality}"
+        return (
+            f"Burned In Annotation is not NO on {kind}, whose pixels routinely carry identifying "
+            "text"
+        )
+    return None
 
 
 def key_fingerprint(secret: bytes) -> str:

@@ -8,6 +8,7 @@ orientation is applied, as every viewer does.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 
 import numpy as np
@@ -17,6 +18,12 @@ from radjepa.imaging.contract import MAX_PIXELS, luma
 from radjepa.imaging.errors import ImageRejected
 
 __all__ = ["raster_display"]
+
+# Pillow logs every EXIF tag it parses with its value at DEBUG (an ImageDescription or Artist
+# holding a patient's name): a worker or replica run at DEBUG wrote them to its log. A level
+# set for Pillow's logger on purpose is left alone.
+if logging.getLogger("PIL").level == logging.NOTSET:
+    logging.getLogger("PIL").setLevel(logging.INFO)
 
 
 def raster_display(data: bytes) -> tuple[np.ndarray, str]:

@@ -122,7 +122,9 @@ def list_inputs(sources: list[str]) -> list[dict[str, str]]:
                 infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
                 paths = sorted(i.path for i in infos if i.type == pafs.FileType.File)
         except (OSError, pa.ArrowException) as err:
-            raise IngestError(f"cannot list source {src}: {err}") from None
+            # the reason without its path: the OS names the subfolder it failed on, and folder
+            # names in an export may be patient names (the source is as the user gave it)
+            raise IngestError(f"cannot list source {src}: {_reason(err)}") from None
         except UnicodeError:  # pyarrow can neither name nor open such a file
             raise IngestError(
                 f"cannot list source {src}: a file name under it is not UTF-8 (e.g. Latin-1 "
@@ -369,3 +371,12 @@ def read_blocks(batch: pa.Table, max_bytes: int) -> Iterator[pa.Table]:
                 rows = []
     if rows:
         yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+def _reason(err: BaseException) -> str:
+    """Why a listing failed, without the path the error names (``[Errno 13] Permission denied:
+    '/exports/DOE_JOHN_12345'``)."""
+    code = getattr(err, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return f"{os.strerror(code)} (in it or a folder below it)"
+    return type(err).__name__
