@@ -959,7 +959,7 @@ def probe_cmd(
             limit=limit,
             seg_csv=seg_file,
             structures=structure or [],
-            group_col=group_col or ("patient_id" if csv is not None else "patient_pid"),
+            group_col=group_col,  # None: the library's patient column for --csv or --shards
             seg_group_col=seg_group_col,
         )
     except (DatasetError, CheckpointError, FileNotFoundError) as err:

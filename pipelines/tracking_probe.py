@@ -138,6 +138,11 @@ def log_probe_run(
         if report.get("head"):
             client.log_artifacts(run_id, str(report["head"]), "head")
             if register_head:
+                from radjepa.eval.heads import load_head
+
+                # the head's own outputs: a label the probe skipped is in the request but
+                # not in the head, and a client reading this tag would ask for it in vain
+                head_labels = load_head(report["head"]).label_names
                 version = register_artifact_dir(
                     uri,
                     run_id,
@@ -146,7 +151,7 @@ def log_probe_run(
                     tags={
                         "radjepa.kind": "probe-head",
                         "radjepa.checkpoint_sha256": enc.get("sha256", ""),
-                        "radjepa.labels": ",".join(lab["name"] for lab in report["data"]["labels"]),
+                        "radjepa.labels": ",".join(head_labels),
                     },
                 )
                 log.info("registered probe head as %s version %s", head_model_name, version)

@@ -488,3 +488,50 @@ def test_shard_images_without_a_requested_label_are_left_out_and_listed(tmp_path
     # listed by id in the report, never by file name
     assert _where(sd.rejected[0]) == "image `0000000000000000`"
     assert _where({"row": "3", "reason": "truncated"}) == "CSV row 3"
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "hpu", "meta"])
+def test_a_device_other_than_cpu_or_cuda_is_refused_in_one_line(device):
+    """``--device mps`` (or xpu, hpu, meta) parsed as a torch device and passed the CLI's
+    check, then failed with a traceback after every image was decoded: it is now the same
+    one-line DatasetError as an unknown name, listing what is accepted."""
+    from radjepa.eval.features import resolve_device
+
+    with pytest.raises(DatasetError, match=r"use cpu, cuda, cuda:N or auto") as err:
+        resolve_device(device)
+    assert "\n" not in str(err.value) and repr(device) in str(err.value)
+    assert resolve_device("cpu").type == "cpu" and resolve_device(None).type in ("cpu", "cuda")
+
+
+def test_an_image_listed_twice_in_a_segmentation_csv_is_refused(tmp_path, nih_dir):
+    """The labels CSV refused an image under two patients, the masks CSV did not: one image
+    listed twice (under two patients, or twice with no patient column, where each row is its
+    own patient) could be trained on and scored as held out. A repeat with one patient and
+    the same masks stays with itself, as in the labels CSV."""
+    from PIL import Image
+
+    from radjepa.eval.segmentation import load_seg_csv
+
+    imgs = sorted((nih_dir / "images").glob("*.png"))[:3]
+    for p in imgs:
+        shutil.copy(p, tmp_path / p.name)
+    Image.fromarray(np.full((256, 256), 255, np.uint8)).save(tmp_path / "m.png")
+    a, b, c = (p.name for p in imgs)
+    cases = {
+        "two_patients": (
+            f"image,lung,patient_id\n{a},m.png,p0\n{b},m.png,p1\n./{a},m.png,p2\n",
+            r"rows 1 and 3 list the same image with another patient_id \(",
+        ),
+        "no_patients": (
+            f"image,lung\n{a},m.png\n{b},m.png\n{c},m.png\n{b},m.png\n",
+            r"rows 2 and 4 list the same image twice \(",
+        ),
+    }
+    for name, (text, match) in cases.items():
+        (tmp_path / f"{name}.csv").write_text(text)
+        with pytest.raises(DatasetError, match=match) as err:
+            load_seg_csv(tmp_path / f"{name}.csv", ["lung"], size=32)
+        assert (a if name == "two_patients" else b) in str(err.value)
+    (tmp_path / "same.csv").write_text(f"image,lung,patient_id\n{a},m.png,p0\n{a},m.png,p0\n")
+    _, _, groups = load_seg_csv(tmp_path / "same.csv", ["lung"], size=32)
+    assert groups is not None and groups.tolist() == ["p0", "p0"]

@@ -211,3 +211,108 @@ def test_paired_difference_p_value_is_the_share_of_draws_across_zero():
     k = min((d <= 0).sum(), (d >= 0).sum())
     assert auc.p_value == pytest.approx(2 * (k + 1) / 201)
     assert np.isnan(paired_difference(y, a, b, groups, draws=0)[0].p_value)
+
+
+def _retrieval_world(kind: str, seed: int = 0):
+    """Features with the ties a real set has (duplicated images, blank images, a collapsed
+    encoder), several images per patient, and label columns of every kind the per-label
+    functions meet: common, rare, one class, a class held by one patient, three values."""
+    rng = np.random.default_rng(seed)
+    n = 240
+    if kind == "collapsed":  # few distinct vectors: most similarities tied
+        feats = rng.integers(0, 2, (n, 3)).astype(float)
+    elif kind == "duplicates":  # a few exact copies and blank rows among distinct vectors
+        feats = rng.normal(size=(n, 12))
+        feats[rng.choice(n, 6, replace=False)] = feats[rng.choice(n, 6, replace=False)]
+        feats[:2] = 0.0
+    else:
+        feats = rng.normal(size=(n, 12))
+    groups = rng.integers(0, 90, n).astype(str)
+    one_patient = (groups == groups[0]).astype(np.int8)  # positives from a single patient
+    labels = np.stack(
+        [
+            (rng.random(n) < 0.4).astype(np.int8),
+            (rng.random(n) < 0.06).astype(np.int8),
+            np.zeros(n, np.int8),
+            one_patient,
+            rng.integers(0, 3, n).astype(np.int8),
+        ],
+        axis=1,
+    )
+    return feats, labels, groups
+
+
+def _or_nan(fn, *args, **kwargs) -> float:
+    try:
+        return fn(*args, **kwargs)
+    except ValueError:
+        return float("nan")
+
+
+@pytest.mark.parametrize("kind", ["collapsed", "duplicates", "distinct"])
+@pytest.mark.parametrize("k", [1, 10, 500])  # 500: more than any query's candidates
+def test_retrieval_scores_equal_the_per_label_functions_bit_for_bit(kind, k):
+    """One ranking for all labels gives exactly the numbers of precision_at_k,
+    mean_average_precision and knn_auroc called label by label (ties, same-patient exclusion
+    and the seeded kNN tie-break included), whatever the block of query rows; a label a
+    per-label function refuses scores NaN."""
+    from radjepa.eval.retrieval import (
+        knn_auroc,
+        mean_average_precision,
+        precision_at_k,
+        retrieval_scores,
+    )
+
+    feats, labels, groups = _retrieval_world(kind)
+    want = np.array(
+        [
+            [
+                _or_nan(precision_at_k, feats, y, groups, k),
+                _or_nan(mean_average_precision, feats, y, groups),
+                _or_nan(knn_auroc, feats, y, groups, k, seed=5),
+            ]
+            for y in labels.T
+        ]
+    )
+    assert np.isnan(want[2:, 2]).all() and np.isfinite(want[:2]).all()  # the refusals happen
+    for block in (2**21, 7 * len(feats), 1):  # all rows at once, 7 rows, one row per block
+        got = retrieval_scores(feats, labels, groups, k, seed=5, block=block)
+        got = np.stack([got.precision_at_k, got.mean_average_precision, got.knn_auroc], 1)
+        assert np.array_equal(got, want, equal_nan=True), (block, got - want)
+
+
+def test_retrieval_scores_key_sort_ranks_as_the_stable_argsort():
+    """The int64-key sort and the stable argsort it replaces give the same places, tie
+    levels and excluded images on rounded similarities with ties and -inf exclusions."""
+    from radjepa.eval.retrieval import _rank_rows, _similarities, _unit_rows
+
+    feats, _, groups = _retrieval_world("duplicates", seed=1)
+    f = _unit_rows(np.round(feats, 1))
+    sim = _similarities(f, f)
+    sim[groups[:, None] == groups[None, :]] = -np.inf
+    order, level, finite = _rank_rows(sim, key_sort=True)
+    order_ref, level_ref, finite_ref = _rank_rows(sim, key_sort=False)
+    assert np.array_equal(order, order_ref) and np.array_equal(finite, finite_ref)
+    assert np.array_equal(level[:, 1:] == level[:, :-1], level_ref[:, 1:] == level_ref[:, :-1])
+    assert (level[:, 1:] == level[:, :-1]).any()  # the case has ties to keep in order
+
+
+def test_retrieval_scores_memory_is_bounded_by_the_query_block():
+    """Queries are ranked a block of rows at a time: the peak allocation stays far below one
+    N x N float64 similarity matrix, which at 50k images would be 20 GB."""
+    import tracemalloc
+
+    from radjepa.eval.retrieval import retrieval_scores
+
+    rng = np.random.default_rng(0)
+    n = 2500
+    feats = rng.normal(size=(n, 8))
+    labels = (rng.random((n, 2)) < 0.3).astype(np.int8)
+    groups = rng.integers(0, 800, n)
+    tracemalloc.start()
+    try:
+        retrieval_scores(feats, labels, groups, 10, block=2**15)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < n * n * 8 / 8, peak / 2**20

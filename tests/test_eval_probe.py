@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from radjepa.eval.heads import HeadError, ProbeHead, load_head, save_head
-from radjepa.eval.linear_probe import cross_val_probe, fit_head, grouped_folds
+from radjepa.eval.linear_probe import LabelResult, cross_val_probe, fit_head, grouped_folds
+from radjepa.eval.metrics import random_ranking_ap
 from radjepa.eval.retrieval import knn_auroc, precision_at_k
 
 
@@ -302,11 +303,13 @@ def test_auprc_is_reported_beside_the_prevalence_of_the_images_it_was_computed_o
         scored = np.isfinite(res.scores[:, 0])
         lab = res.labels[0].to_dict()
         assert lab["n_scored"] == scored.sum() and lab["n_scored_pos"] == y[scored].sum()
-        assert lab["auprc_baseline"] == pytest.approx(y[scored].mean())
-    assert res.labels[0].to_dict()["auprc_baseline"] == pytest.approx(y.mean())  # k-fold: all
+        assert lab["scored_prevalence"] == pytest.approx(y[scored].mean())
+        want = random_ranking_ap(scored.sum(), y[scored].sum())
+        assert lab["auprc_baseline"] == pytest.approx(float(want))
+    assert res.labels[0].to_dict()["scored_prevalence"] == pytest.approx(y.mean())  # k-fold
     holdout = cross_val_probe(x, y, groups, label_names=["y"], split="holdout", bootstrap=0)
     lab = holdout.labels[0].to_dict()
-    assert abs(lab["auprc_baseline"] - lab["prevalence"]) > 0.05  # the case that misled
+    assert abs(lab["scored_prevalence"] - lab["prevalence"]) > 0.05  # the case that misled
     summary = {**holdout.to_dict(), "precision_at_k": {"y": None}, "knn_auroc": {"y": None}}
     report = {
         "checkpoint": "c",
@@ -333,13 +336,41 @@ def test_auprc_is_reported_beside_the_prevalence_of_the_images_it_was_computed_o
     }
     md = render_markdown(report)
     assert f"AUPRC chance level {lab['auprc_baseline']:.3f}" in md
+    assert f"their prevalence {lab['scored_prevalence']:.3f}" in md
     assert f"the {lab['n_scored']} held-out images" in md and "pooled" not in md
     report["methods"]["ours"] = {**res.to_dict(), "precision_at_k": {"y": None}}
     report["methods"]["ours"]["knn_auroc"] = {"y": None}
     report["protocol"]["split"] = "kfold"
     md = render_markdown(report)
-    assert f"(the prevalence of all {len(y)} images, as scored)" in md
+    assert f"(a random ranking's expected AP over all {len(y)} images, as scored;" in md
     assert "pooled over all out-of-fold predictions (not a mean of per-fold values)" in md
+
+
+@pytest.mark.parametrize(("n", "r"), [(16, 1), (120, 4), (9, 5)])
+def test_auprc_chance_level_is_a_random_rankings_mean_average_precision(n, r):
+    """The chance level printed beside AUPRC was the prevalence r/n, but AUPRC is average
+    precision, which a random ranking scores above r/n: 0.211 against 0.0625 for one positive
+    in 16, so a probe no better than chance read as three times chance."""
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(n * 1000 + r)
+    y = np.zeros(n, dtype=int)
+    y[:r] = 1
+    # random rankings as shuffled labels in rank order; AP = mean over positives of the
+    # precision at their rank, checked against sklearn's on the first rankings
+    ranked = rng.permuted(np.tile(y, (20000, 1)), axis=1)
+    ap = (ranked * np.cumsum(ranked, axis=1) / np.arange(1, n + 1)).sum(1) / r
+    for row, want in zip(ranked[:50], ap[:50], strict=True):
+        assert average_precision_score(row, -np.arange(n)) == pytest.approx(want, abs=1e-12)
+    lab = LabelResult(name="y", n=n, n_pos=r, n_patients=n, n_scored=n, n_scored_pos=r)
+    d = lab.to_dict()
+    # AP's standard deviation is below 0.3 here: 20000 rankings pin the mean to ~0.002
+    assert d["auprc_baseline"] == pytest.approx(ap.mean(), abs=0.008)
+    assert d["scored_prevalence"] == pytest.approx(r / n)
+    # the same formula as retrieval's mAP chance (one patient per image, one query's view)
+    assert float(random_ranking_ap(n, r)) == pytest.approx(d["auprc_baseline"], abs=1e-12)
+    none = LabelResult(name="y", n=n, n_pos=0, n_patients=n, n_scored=n, n_scored_pos=0)
+    assert np.isnan(none.to_dict()["auprc_baseline"])
 
 
 def _map_case():

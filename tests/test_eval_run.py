@@ -354,6 +354,14 @@ def test_cli_probe_logs_metrics_artifacts_and_registers_head(
     assert tagged.data.tags["radjepa.model_ref"] == "models:/tiny-enc/3"
     assert tagged.data.tags["radjepa.model_asked"] == asked
     assert "radjepa.model_ref" not in run.data.tags  # the CLI's probe of a folder
+    # the registered head's labels tag named every requested label, also one the probe
+    # skipped (the head has no output for it): it names the head's own outputs
+    asked_labels = [*report["data"]["labels"], {"name": "rare", "positive": None, "n_pos": 1}]
+    with_skipped = {**report, "data": {**report["data"], "labels": asked_labels}}
+    reg = tracking_probe.log_probe_run(with_skipped, out, cfg, register_head=True)
+    assert reg.head_model is not None and reg.head_version is not None
+    tags = client.get_model_version(reg.head_model, reg.head_version).tags
+    assert tags["radjepa.labels"] == ",".join(saved.label_names) == "view=AP,sex=F"
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -361,7 +369,7 @@ def test_cli_probe_logs_metrics_artifacts_and_registers_head(
     monkeypatch.setattr(tracking_probe, "end_run", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tracking_probe.log_probe_run(report, out, cfg)
-    ended = {run.info.run_id, of_version.run_id}
+    ended = {run.info.run_id, of_version.run_id, reg.run_id}
     (killed,) = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_id not in ended]
     assert killed.info.status == "KILLED"
 
@@ -638,6 +646,35 @@ def test_probe_on_shards_of_mixed_formats_leaves_out_images_without_the_label(
     assert [r["image_id"] for r in report["data"]["rejected"]] == [ids[i] for i in sorted(png)]
     md = (tmp_path / "out" / "report.md").read_text()
     assert f"{len(png)} left out" in md and f"- image `{ids[6][:16]}`: no_label" in md
+
+
+def test_probe_on_shards_groups_by_their_patient_column_by_default(
+    tmp_path, checkpoint, tiny_cfg, nih_dir
+):
+    """run_probe's default patient column was the CSV's patient_id also for shards, whose
+    column is patient_pid: called with shards and no group_col it refused them as missing a
+    column (only the CLI put in the right name). Each source now gets its own default."""
+    import hashlib
+
+    from shard_tables import write_shard
+
+    from radjepa.eval.features import load_csv_dataset, read_csv_rows
+    from radjepa.eval.runner import run_probe
+
+    n = 24
+    ds = load_csv_dataset(nih_dir / "labels.csv", size=64, limit=n)
+    meta = read_csv_rows(nih_dir / "labels.csv")[:n]
+    write_shard(
+        tmp_path / "shards",
+        ds.images,
+        image_id=[hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)],
+        patient_pid=[f"pid{i // 2}" for i in range(n)],  # two images per patient
+        sex=[r["sex"] for r in meta],
+    )
+    report = run_probe(
+        checkpoint, None, ["sex=F"], tmp_path / "out", tiny_cfg, shards=tmp_path / "shards"
+    )
+    assert report["data"]["n_images"] == n and report["data"]["n_patients"] == n // 2
 
 
 def test_a_bad_mask_csv_is_refused_before_the_probe_touches_an_earlier_report(

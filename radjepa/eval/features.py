@@ -29,6 +29,7 @@ __all__ = [
     "binarise",
     "load_csv_dataset",
     "load_shard_dataset",
+    "check_repeats",
     "patient_ids",
     "read_csv_rows",
     "extract_features",
@@ -215,7 +216,7 @@ def load_csv_dataset(
     if absent:
         raise DatasetError(f"{path}: missing column(s) {absent}; has {list(rows[0])}")
     files = [(path.parent / row[image_col]).resolve() for row in rows]  # resolved once
-    _check_repeats(rows, files, path, [group_col or "", *(s.column for s in specs)])
+    check_repeats(rows, files, path, [group_col or "", *(s.column for s in specs)])
     # the labels of every row, before the decode: an unusable cell is said at once, by its
     # CSV row, and the positive class does not depend on which images decoded
     labels, positive, names = _labels_for(rows, specs)
@@ -255,21 +256,32 @@ def load_csv_dataset(
     )
 
 
-def _check_repeats(
-    rows: Sequence[dict[str, str]], files: Sequence[Path], source: Path, columns: Sequence[str]
+def check_repeats(
+    rows: Sequence[dict[str, str]],
+    files: Sequence[Path],
+    source: Path,
+    columns: Sequence[str],
+    *,
+    what: str = "label",
+    same_ok: bool = True,
 ) -> None:
     """Refuse an image listed twice with another patient or label: under two patients it could
     sit on both sides of a split and find itself as another patient's neighbour at similarity
     1, and with two labels it was scored as both classes. A row repeated with the same values
-    stays (grouped with itself, as one patient)."""
+    stays (grouped with itself, as one patient) unless ``same_ok`` is False, for a loader
+    whose rows are their own patients without a patient column and so could split a repeat.
+    ``files`` are the rows' image paths as they resolve (``a.png`` and ``./a.png`` are one)."""
     first: dict[Path, int] = {}
     for i, (row, file) in enumerate(zip(rows, files, strict=True)):
         j = first.setdefault(file, i)
+        if j == i:
+            continue
         differ = [c for c in columns if c and rows[j][c].strip() != row[c].strip()]
-        if differ:
+        if differ or not same_ok:
+            said = f" with another {' and '.join(differ)}" if differ else " twice"
             raise DatasetError(
-                f"{source} rows {j + 1} and {i + 1} list the same image with another "
-                f"{' and '.join(differ)}: list each image once, with its one patient and label"
+                f"{source} rows {j + 1} and {i + 1} list the same image{said} ({file.name}): "
+                f"list each image once, with its one patient and {what}"
             )
 
 
@@ -401,15 +413,19 @@ def resolve_device(device: str | None = None) -> Any:
     """``None``/"auto" -> CUDA when present, else CPU. A device this machine cannot use is a
     DatasetError naming it, checked before the encoder loads: ``--device gpu`` was torch's
     RuntimeError listing 20 device types, ``--device cuda`` without a GPU a driver traceback
-    after the images were decoded."""
+    after the images were decoded. Other types torch parses (mps, xpu, meta) are refused too:
+    the encoder is only run and tested on CPU and CUDA, and they failed only after decoding."""
     import torch
 
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    accepted = "use cpu, cuda, cuda:N or auto"
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise DatasetError(f"device {device!r}: use cpu, cuda, cuda:N or auto") from None
+        raise DatasetError(f"device {device!r}: {accepted}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DatasetError(f"device {device!r}: {accepted}")
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (dev.index or 0) >= count:

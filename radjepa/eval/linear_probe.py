@@ -23,6 +23,7 @@ from radjepa.eval.metrics import (
     Spread,
     bootstrap_ci,
     class_patients,
+    random_ranking_ap,
     spread,
     weighted_auroc_auprc,
 )
@@ -47,7 +48,8 @@ class LabelResult:
     folds: int = 0
     skipped: str | None = None
     # the images AUROC/AUPRC were computed on: all of them for k-fold, the held-out patients'
-    # for a holdout split, whose prevalence (not the whole set's) is AUPRC's chance level
+    # for a holdout split: AUPRC's chance level is a random ranking of these (not of the whole
+    # set), see ``auprc_chance``
     n_scored: int = 0
     n_scored_pos: int = 0
     # patients with a positive / a negative among the scored images: the bootstrap resamples
@@ -69,9 +71,10 @@ class LabelResult:
             "prevalence": self.n_pos / self.n if self.n else float("nan"),
             "n_scored": self.n_scored,
             "n_scored_pos": self.n_scored_pos,
-            "auprc_baseline": (
+            "scored_prevalence": (
                 self.n_scored_pos / self.n_scored if self.n_scored else float("nan")
             ),
+            "auprc_baseline": self.auprc_chance,
             "n_scored_pos_patients": self.n_scored_pos_patients,
             "n_scored_neg_patients": self.n_scored_neg_patients,
             "interval_reliable": self.interval_reliable,
@@ -81,6 +84,15 @@ class LabelResult:
             "skipped": self.skipped,
             "seeds": self._seeds_dict(),
         }
+
+    @property
+    def auprc_chance(self) -> float:
+        """AUPRC a random ranking of the scored images would get on average: AP's chance
+        level, which exceeds their prevalence by the harmonic term of the first positive's
+        rank (markedly so with few positives), so prevalence alone flatters a weak probe."""
+        if not self.n_scored or not self.n_scored_pos:
+            return float("nan")
+        return float(random_ranking_ap(self.n_scored, self.n_scored_pos))
 
     @property
     def interval_reliable(self) -> bool | None:

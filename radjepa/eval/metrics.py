@@ -29,6 +29,7 @@ __all__ = [
     "interval_reliable",
     "paired_difference",
     "paired_differences",
+    "random_ranking_ap",
     "spread",
     "weighted_auroc_auprc",
 ]
@@ -201,6 +202,26 @@ def auroc(y: np.ndarray, scores: np.ndarray) -> float:
 def auprc(y: np.ndarray, scores: np.ndarray) -> float:
     """Average precision, the usual AUPRC estimate (NaN when only one class is present)."""
     return float(weighted_auroc_auprc(y, scores, np.ones(len(y)))[1][0])
+
+
+def random_ranking_ap(n: np.ndarray | int, r: np.ndarray | int) -> np.ndarray:
+    """Expected average precision of a random order of ``n`` items, ``r`` of them positive.
+
+    AP is not the prevalence ``r / n`` by chance: the first positive's precision is 1/rank,
+    whose mean over a random rank is the harmonic term, so a random ranking scores
+    (H_n + (r - 1)(n - H_n) / (n - 1)) / n with H_n = 1 + 1/2 + ... + 1/n, well above r / n
+    for few positives (n=16, r=1: 0.211, not 0.0625). Both the probe's AUPRC and retrieval's
+    mAP are read against it. Elementwise over arrays; NaN where ``r`` is 0 (AP undefined).
+    """
+    n_arr = np.asarray(n, dtype=np.int64)
+    r_arr = np.asarray(r, dtype=np.float64)
+    top = int(n_arr.max(initial=0))
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, top + 1))])
+    h = harmonic[np.maximum(n_arr, 0)]
+    nf = n_arr.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = (h + (r_arr - 1) * (nf - h) / np.maximum(nf - 1, 1)) / np.maximum(nf, 1)
+    return np.where((r_arr > 0) & (nf > 0), ap, np.nan)
 
 
 def _group_weights(groups: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:

@@ -408,13 +408,20 @@ def _pooled(proto: dict[str, Any]) -> str:
 
 
 def _chance(label: dict[str, Any]) -> str:
-    """AUPRC's chance level: the prevalence of the images it was computed on, which for a
-    holdout split is the held-out patients' images, not the whole set."""
+    """AUPRC's chance level: a random ranking's expected AP over the images it was computed
+    on (for a holdout split the held-out patients' images, not the whole set). Their
+    prevalence is printed beside it because readers expect it there, and it sits below the
+    chance level: reading AUPRC against it overstates what the probe found."""
     base, n = label.get("auprc_baseline"), label.get("n_scored") or 0
     if base is None or not math.isfinite(base) or not n:
         return ""
     where = f"all {n} images" if n == label.get("n") else f"the {n} held-out images"
-    return f" AUPRC chance level {base:.3f} (the prevalence of {where}, as scored)."
+    prev = label.get("scored_prevalence")
+    prev_text = f"; their prevalence {prev:.3f}" if prev is not None and math.isfinite(prev) else ""
+    return (
+        f" AUPRC chance level {base:.3f} (a random ranking's expected AP over {where}, "
+        f"as scored{prev_text})."
+    )
 
 
 def _where(rejected: dict[str, str]) -> str:

@@ -36,13 +36,7 @@ from radjepa.eval.linear_probe import cross_val_probe, fit_head
 from radjepa.eval.outdir import check_out_dir, staged_out_dir
 from radjepa.eval.plots import plot_pca_map, plot_roc
 from radjepa.eval.report import metric_safe, write_report
-from radjepa.eval.retrieval import (
-    knn_auroc,
-    mean_average_precision,
-    precision_at_k,
-    retrieval_chance,
-    retrieval_ok,
-)
+from radjepa.eval.retrieval import retrieval_chance, retrieval_ok, retrieval_scores
 from radjepa.eval.segmentation import load_seg_csv, seg_probe, tokens_to_grid
 
 log = logging.getLogger(__name__)
@@ -97,15 +91,22 @@ def probe_features(
     # scores near 1 for any features, so each is reported beside its random-ranking level
     prec_chance: dict[str, float | None] = {}
     map_chance: dict[str, float | None] = {}
+    # a label the probe skips (one class, a class in one patient) gets no retrieval
+    # numbers either: they would be 1.0 or <= 0.5 whatever the features
+    usable = [j for j in range(len(ds.label_names)) if retrieval_ok(ds.labels[:, j], ds.groups)]
+    # one ranking of the images scores every label: ranking them per label and metric took
+    # hours on a large set
+    scored = retrieval_scores(feats, ds.labels[:, usable], ds.groups, p.knn_k, seed=p.seed)
+    column = {j: i for i, j in enumerate(usable)}
     for j, name in enumerate(ds.label_names):
-        y = ds.labels[:, j]
-        # a label the probe skips (one class, a class in one patient) gets no retrieval
-        # numbers either: they would be 1.0 or <= 0.5 whatever the features
-        ok = retrieval_ok(y, ds.groups)
-        prec[name] = precision_at_k(feats, y, ds.groups, p.knn_k) if ok else None
-        mean_ap[name] = mean_average_precision(feats, y, ds.groups) if ok else None
-        knn[name] = knn_auroc(feats, y, ds.groups, p.knn_k, seed=p.seed) if ok else None
-        prec_chance[name], map_chance[name] = retrieval_chance(y, ds.groups) if ok else (None, None)
+        i = column.get(j)
+        if i is None:
+            prec[name] = mean_ap[name] = knn[name] = prec_chance[name] = map_chance[name] = None
+            continue
+        prec[name] = float(scored.precision_at_k[i])
+        mean_ap[name] = float(scored.mean_average_precision[i])
+        knn[name] = float(scored.knn_auroc[i])
+        prec_chance[name], map_chance[name] = retrieval_chance(ds.labels[:, j], ds.groups)
     summary = {**res.to_dict(), "precision_at_k": prec, "retrieval_map": mean_ap}
     summary.update(precision_at_k_chance=prec_chance, retrieval_map_chance=map_chance)
     return {**summary, "knn_auroc": knn}, res.scores
@@ -186,7 +187,7 @@ def run_probe(
     shards: str | os.PathLike[str] | None = None,
     device: str | None = None,
     image_col: str = "image",
-    group_col: str | None = "patient_id",
+    group_col: str | None = None,
     limit: int | None = None,
     pca_images: int = 4,
     seg_csv: str | os.PathLike[str] | None = None,
@@ -196,7 +197,9 @@ def run_probe(
     """Probe a checkpoint on a labels CSV; write report.json/.md, ROC/PCA PNGs and ``head/``.
 
     Images come from ``csv`` or, with ``csv=None``, from ingested ``shards`` (labels from
-    their metadata columns, patients from ``patient_pid``). Returns the report dict (also
+    their metadata columns). ``group_col`` names the patient column: by default
+    ``patient_id`` in a CSV and ``patient_pid`` in shards (the column ingest writes); ``""``
+    makes each image its own patient. Returns the report dict (also
     written as ``report.json``). The head is fitted on every image with the encoder's
     features, for serving; the reported numbers are out-of-fold. With ``seg_csv`` (image +
     one mask column per name in ``structures``) a segmentation probe runs on the encoder and
@@ -217,6 +220,8 @@ def run_probe(
     dev = resolve_device(device)
     if (csv is None) == (shards is None):
         raise DatasetError("give exactly one source of labelled images: a CSV or shards")
+    if group_col is None:  # each source's own name: shards have no patient_id column
+        group_col = "patient_id" if csv is not None else "patient_pid"
     if limit is not None and limit < 1:
         raise DatasetError(f"limit {limit}: use at least 1 image (or no limit)")
     _check_label_names([parse_label_spec(s).name for s in labels])

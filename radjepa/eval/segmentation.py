@@ -280,7 +280,7 @@ def load_seg_csv(
     """
     from PIL import Image
 
-    from radjepa.eval.features import DatasetError, patient_ids, read_csv_rows
+    from radjepa.eval.features import DatasetError, check_repeats, patient_ids, read_csv_rows
     from radjepa.imaging.decode import decode_image
     from radjepa.imaging.errors import ImageRejected
     from radjepa.imaging.resize import resize_center_crop
@@ -292,6 +292,17 @@ def load_seg_csv(
         raise DatasetError(f"{path}: missing column(s) {absent}; has {list(rows[0])}")
     if not structures:
         raise DatasetError("name at least one structure (a mask column)")
+    # an image listed twice could be trained on and scored as held out: refused as the labels
+    # CSV refuses it, and also with the same cells where each row is its own patient
+    has_group = bool(group_col) and group_col in rows[0]
+    check_repeats(
+        rows,
+        [(path.parent / row[image_col]).resolve() for row in rows],
+        path,
+        [(group_col or "") if has_group else "", *structures],
+        what="masks",
+        same_ok=has_group,
+    )
     key = os.urandom(32)  # pseudonyms are not used here
     images, masks = [], []
     for i, row in enumerate(rows):
@@ -323,7 +334,7 @@ def load_seg_csv(
         images.append(dec.pixels)
         masks.append(np.stack(chans))
     groups = None
-    if group_col and group_col in rows[0]:
+    if has_group:
         groups = patient_ids(rows, image_col, group_col, path)
     elif group_col:  # a patient's other radiograph in training then flatters the held-out Dice
         log.warning(
