@@ -648,12 +648,16 @@ def jobs_list(address: AddressOpt = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from pipelines.jobs import list_jobs
+    from pipelines.jobs import JobsError, list_jobs
 
     table = Table()
     for col in ("job id", "status", "started (UTC)", "entrypoint"):
         table.add_column(col)
-    for j in list_jobs(_jobs_client(address)):
+    try:
+        listed = list_jobs(_jobs_client(address))
+    except JobsError as err:
+        raise UserError(str(err)) from None
+    for j in listed:
         started = (
             datetime.fromtimestamp(j.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
             if j.start_time

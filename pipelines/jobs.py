@@ -671,6 +671,10 @@ def _server_call(call: Callable[..., Any], *args: Any) -> Any:
         return call(*args)
     except OSError as err:
         raise JobServerLost(_lost(err)) from None
+    except RuntimeError as err:
+        if _gateway_error(err):
+            raise JobServerLost(_gateway_error(err)) from None
+        raise JobsError(server_message(err)) from None
 
 
 def list_jobs(client: JobSubmissionClient) -> list[JobSummary]:
@@ -694,9 +698,21 @@ def _info(client: JobSubmissionClient, job_id: str) -> Any:
     try:
         return client.get_job_info(job_id)
     except RuntimeError as err:
+        if _gateway_error(err):
+            raise JobServerLost(_gateway_error(err)) from None
         raise JobsError(f"job {job_id}: {server_message(err)}") from None
     except OSError as err:  # requests' errors are OSErrors: the server, not the job, is gone
         raise JobServerLost(_lost(err)) from None
+
+
+def _gateway_error(err: RuntimeError) -> str | None:
+    """A proxy's answer for a server behind it that is down (an ingress in front of a
+    restarting head: 502, 503, 504), as Ray's client raises it, in one line; None for the job
+    server's own errors (no such job)."""
+    found = re.match(r"Request failed with status code (50[234])\b", str(err))
+    if found is None:
+        return None
+    return f"the job server stopped answering (its proxy said {found.group(1)})"
 
 
 def _lost(err: OSError) -> str:

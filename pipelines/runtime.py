@@ -530,9 +530,10 @@ def resolve_use_gpu(setting: str, key: str = "train.use_gpu") -> bool:
         return False
     if cluster_has_gpus():
         return True
-    on_cluster = env_names_cluster()
     if setting == "true":
-        if not on_cluster:
+        # a Ray task or actor (Serve's build of a config's app, a sweep trial) cannot know who
+        # started its Ray, and gets no RAY_ADDRESS: the driver that could refuse did
+        if not (env_names_cluster() or in_ray_worker()):
             raise ClusterResourceError(
                 f"{key}=true but this local Ray instance has no GPUs: the job would wait "
                 f"forever. Use --set {key}=auto or run on a cluster with GPU workers."
@@ -542,7 +543,7 @@ def resolve_use_gpu(setting: str, key: str = "train.use_gpu") -> bool:
             "(an autoscaled GPU group, pods still starting)"
         )
         return True
-    if on_cluster:
+    if env_names_cluster():
         _warn_once(
             f"{key}=auto and the cluster has no GPU now: running on CPU (a GPU group that "
             f"autoscales from zero is not counted: --set {key}=true waits for it)"
@@ -551,6 +552,17 @@ def resolve_use_gpu(setting: str, key: str = "train.use_gpu") -> bool:
 
 
 _WARNED: set[str] = set()
+
+
+def in_ray_worker() -> bool:
+    """Whether this process is a Ray worker (a task's or an actor's), not a driver."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    return getattr(ray.get_runtime_context(), "worker", None) is not None and (
+        ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+    )
 
 
 def _warn_once(message: str) -> None:

@@ -163,13 +163,16 @@ def _say_schedule_jump(saved: Config, cfg: Config, step: int) -> None:
     end value (a warm restart, the kind of shock behind a loss that falls, then rises), and a
     change mid-run moves all three at once. Allowed (the documented way to train on), but said
     with its numbers, not as a note that the schedules "now span" the new length."""
-    from radjepa.schedules import schedule_at
+    from radjepa.schedules import schedule_at, warmup_steps
 
     was = schedule_at(min(step, saved.train.steps), saved)
     now = schedule_at(step, cfg)
+    warm = warmup_steps(cfg)
+    # the warmup is a fraction of train.steps: far more steps can put the resume step back in it
+    warmup = f"back in the warmup, to step {warm}" if step < warm else "no new warmup"
     log.warning(
         "run %s: train.steps %d -> %d re-times the schedules from step %d: lr %.3g -> %.3g, "
-        "weight decay %.3g -> %.3g, EMA momentum %.6g -> %.6g (no new warmup). To train longer "
+        "weight decay %.3g -> %.3g, EMA momentum %.6g -> %.6g (%s). To train longer "
         "without this jump, start a new run with the longer train.steps",
         cfg.train.run_name,
         saved.train.steps,
@@ -181,6 +184,7 @@ def _say_schedule_jump(saved: Config, cfg: Config, step: int) -> None:
         now.weight_decay,
         was.momentum,
         now.momentum,
+        warmup,
     )
 
 

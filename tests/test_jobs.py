@@ -773,6 +773,9 @@ class _JobServer:
                 if self.path == "/api/version":
                     body: dict = {"version": "4", "ray_version": "2.60.0", "ray_commit": "x"}
                     body["session_name"] = "s"
+                elif owner.status == "502" and self.path.startswith("/api/jobs/"):
+                    self.send_error(502, "Bad Gateway")  # an ingress before a restarting head
+                    return
                 elif self.path.startswith("/api/jobs/raysubmit_x") and "logs" not in self.path:
                     body = {"type": "SUBMISSION", "submission_id": "raysubmit_x"}
                     body |= {"status": owner.status, "entrypoint": "radjepa pretrain"}
@@ -836,3 +839,11 @@ def test_a_job_server_that_stops_answering_is_waited_for_then_one_line_and_exit_
     for call in (jobs.list_jobs, lambda c: jobs.logs(c, "raysubmit_x")):
         with pytest.raises(jobs.JobServerLost, match="stopped answering"):
             call(client)
+
+    # a proxy before the server answers 502 while the head restarts: the same wait, not a
+    # failure of the job (exit 2 read as a bad config, and a script submitted again)
+    server.status = "502"
+    server.start()
+    with pytest.raises(jobs.JobServerLost, match=r"its proxy said 502.*may still be running"):
+        jobs.wait(client, "raysubmit_x", poll_s=0.05, lost_grace_s=0.3)
+    server.stop()

@@ -184,6 +184,10 @@ def test_more_steps_and_bookkeeping_changes_resume_freely_and_the_schedule_jump_
     assert "train.steps 60 -> 120 re-times the schedules from step 60" in said
     assert f"lr {was.lr:.3g} -> {now.lr:.3g}" in said
     assert f"EMA momentum {was.momentum:.6g} -> {now.momentum:.6g} (no new warmup)" in said
+    caplog.clear()  # a hundred times the steps: the resume step lands in the new warmup
+    with caplog.at_level(logging.WARNING, logger="radjepa.resume"):
+        check_resume_config(_cfg(), _cfg("train.steps=6000"), 60)
+    assert "(back in the warmup, to step " in caplog.records[0].getMessage()
 
 
 @pytest.mark.parametrize("name", ["weights.safetensors", "optimizer.safetensors"])

@@ -758,3 +758,15 @@ def test_use_gpu_true_waits_for_a_cluster_s_gpu_auto_says_it_runs_on_cpu_and_loc
     # one rank per GPU counts none yet: the ranks to wait for must be given
     with pytest.raises(ClusterResourceError, match="set train.num_workers to the ranks"):
         resolve_num_workers(True, 1.0)
+
+    # a Ray worker (Serve building a config's app on the head, a sweep trial) gets no
+    # RAY_ADDRESS and cannot know who started its Ray: `true` waits there (the driver refuses)
+    @ray_session.remote(num_cpus=0)
+    def in_a_task() -> tuple[bool, bool, str | None]:
+        from pipelines.runtime import in_ray_worker
+
+        return in_ray_worker(), resolve_use_gpu("true"), os.environ.get("RAY_ADDRESS")
+
+    assert runtime.in_ray_worker() is False
+    worker, waits, address = ray_session.get(in_a_task.remote())
+    assert (worker, waits) == (True, True), address

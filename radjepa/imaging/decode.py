@@ -105,7 +105,7 @@ def _decode_display(
             return display, pixel_aspect(ds)
     from radjepa.imaging.raster import raster_display
 
-    display, photometric = raster_display(data)
+    display, photometric = raster_display(data, window_percentiles)
     meta["photometric"] = photometric
     return display, 1.0
 

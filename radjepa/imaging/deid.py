@@ -130,8 +130,8 @@ def resolve_secret(
     (``ingest.allow_development_key``): falling back to the public key with only a warning let
     a forgotten variable pseudonymise real patients with a key anyone can read, and the warning
     scrolls by in a Ray Job log. With the opt-in it is used, still with a loud warning. A value
-    that is not UTF-8 text, or shorter than ``MIN_SECRET_CHARS`` without that opt-in, is
-    refused too (:class:`SecretRefused`, the base of both).
+    that is not UTF-8 text is refused too (:class:`SecretRefused`, the base of both); one
+    shorter than ``MIN_SECRET_CHARS`` is warned about.
     ``warn=False``: the same key, its warnings (public key, short, whitespace) left unsaid, for
     a process whose caller said them already for this environment (refusals still raise).
     """
@@ -146,22 +146,17 @@ def resolve_secret(
                 f"{env_name} is not UTF-8 text: set it to printable characters, e.g. "
                 f"`export {env_name}=$(openssl rand -hex 32)`"
             ) from None
-        if len(value) < MIN_SECRET_CHARS:
+        if len(value) < MIN_SECRET_CHARS and warn:
             # a short key is guessed offline from the key fingerprint every destination and
-            # index records (a site name and a year: 137 guesses), and every pseudonym with it
-            if not allow_development_key:
-                raise SecretRefused(
-                    f"{env_name} is shorter than {MIN_SECRET_CHARS} characters: a key that short "
-                    "can be guessed, and every pseudonym reversed with it; set it to a long "
-                    f"random value, e.g. `export {env_name}=$(openssl rand -hex 32)`"
-                )
-            if warn:
-                log.warning(
-                    "%s is shorter than %d characters: pseudonyms are weakly keyed (accepted "
-                    "only with ingest.allow_development_key)",
-                    env_name,
-                    MIN_SECRET_CHARS,
-                )
+            # index records (a site name and a year: 137 guesses), and every pseudonym with it.
+            # Said, not refused: a new key re-keys every archive already pseudonymised with it.
+            log.warning(
+                "%s is shorter than %d characters: pseudonyms are weakly keyed (the key "
+                "fingerprint a destination records confirms a guessed key). For new archives, "
+                "use a long random value, e.g. `openssl rand -hex 32`",
+                env_name,
+                MIN_SECRET_CHARS,
+            )
         if value != value.strip() and warn:
             # used as is (trimming would re-key existing archives), but a key read from a mounted
             # file on one machine and typed on another differ by that newline: every patient gets
@@ -193,6 +188,9 @@ def resolve_secret(
 # Note 1: "Ultrasound images routinely do"), and screen or film captures
 _BURNS_IN = frozenset({"US", "IVUS", "XA", "RF", "ES", "XC", "OT", "SC"})
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame family (.7.1 ...)
+# a secondary capture saying it holds a radiograph (a digitised film, the public CXR sets
+# stored as SC with Modality CR) is judged as a radiograph
+_RADIOGRAPHS = frozenset({"CR", "DX", "RG"})
 
 
 def burned_in_text(ds: Any) -> str | None:
@@ -202,7 +200,8 @@ def burned_in_text(ds: Any) -> str | None:
     Flagged ``YES`` (in any value of a multi-valued flag: ``YES\\NO`` was read as a list and
     stored); or unflagged (absent, empty, or neither YES nor NO) on a modality or a secondary
     capture that routinely burns text in. Cleaned data carries ``NO`` (PS3.15 E.3.1), which
-    passes. A DX or CR without the flag passes: radiographs are not where text is burned in.
+    passes. A DX or CR without the flag passes, a secondary capture of one too: radiographs are
+    not where text is burned in.
     """
     raw = ds.get("BurnedInAnnotation")
     many = isinstance(raw, Sequence) and not isinstance(raw, (str, bytes))  # pydicom MultiValue
@@ -213,7 +212,8 @@ def burned_in_text(ds: Any) -> str | None:
         return None
     modality = str(ds.get("Modality") or "").strip().upper()
     sop_class = str(ds.get("SOPClassUID") or "").strip()
-    if modality in _BURNS_IN or sop_class.startswith(_SECONDARY_CAPTURE):
+    capture = sop_class == _SECONDARY_CAPTURE or sop_class.startswith(_SECONDARY_CAPTURE + ".")
+    if modality in _BURNS_IN or (capture and modality not in _RADIOGRAPHS):
         kind = "a secondary capture" if modality not in _BURNS_IN else f"modality {modality}"
         return (
             f"Burned In Annotation is not NO on {kind}, whose pixels routinely carry identifying "

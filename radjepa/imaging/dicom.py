@@ -39,6 +39,7 @@ from radjepa.imaging.contract import MAX_PIXELS, luma
 from radjepa.imaging.deid import PHOTOMETRICS, positive_pair
 from radjepa.imaging.errors import ImageRejected
 from radjepa.imaging.value_validation import without_value_validation
+from radjepa.imaging.windowing import percentile_window
 
 __all__ = ["dicom_display", "looks_like_raw_dataset", "pixel_aspect", "read_dataset"]
 
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 # Groups a DICOM data set without preamble/meta plausibly starts with (file meta, identifying
 # / SOP common module, patient module). Other bytes are not force-read: junk stays junk.
 _FIRST_GROUPS = (0x0002, 0x0008, 0x0010)
-_PERCENTILE_SAMPLE = 1_000_000  # pixels; the window is estimated on a strided subsample
 # A deflated data set is inflated at most this far: the largest accepted image (3 samples of
 # 16 bits) plus generous room for the other elements. Deflate reaches ~1000:1, so the file-size
 # limit alone would let a 512 MB file claim half a terabyte.
@@ -565,25 +565,6 @@ def _signed_modality_output(ds: Dataset, signed: bool, values: np.ndarray) -> bo
     return min(slope * low, slope * high) + intercept < 0
 
 
-def _percentile_window(
-    values: np.ndarray, mask: np.ndarray | None, pct: tuple[float, float]
-) -> np.ndarray:
-    step = max(1, math.ceil(math.sqrt(values.size / _PERCENTILE_SAMPLE)))
-    sample = values[::step, ::step]
-    if mask is not None:
-        sample = sample[~mask[::step, ::step]]
-    if sample.size == 0:
-        return np.zeros(values.shape, dtype=np.float64)
-    lo, hi = np.percentile(sample, pct)
-    if hi <= lo:
-        return (
-            np.zeros(values.shape, dtype=np.float64)
-            if sample.max() <= lo
-            else ((values > lo).astype(np.float64))
-        )
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
-
-
 def _palette_max(ds: Dataset, rgb: np.ndarray) -> float:
     """Full scale of a palette's entries: its descriptor's bit depth (8 or 16), not the array
     dtype (pydicom returns 8-bit palettes as uint16). Some writers put 8-bit entries in the
@@ -668,7 +649,7 @@ def dicom_display(ds: Dataset, window_percentiles: tuple[float, float]) -> np.nd
     if display is None:
         display = _window(values, ds)
     if display is None:
-        display = _percentile_window(values, mask, window_percentiles)
+        display = percentile_window(values, mask, window_percentiles)
     inverse = str(ds.get("PresentationLUTShape") or "").strip().upper() == "INVERSE"
     if photometric == "MONOCHROME1" or inverse:
         display = 1.0 - display

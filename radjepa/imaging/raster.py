@@ -1,8 +1,8 @@
 """PNG / JPEG bytes -> display image in [0, 1] via Pillow (8/16-bit grey, colour -> grey).
 
 Raster files are already display-ready (no LUTs), so values are only scaled by their bit depth:
-8-bit by 255; 16-bit ("I;16", "I") by the depth the file holds (:func:`sixteen_bit_depth`). EXIF
-orientation is applied, as every viewer does.
+8-bit by 255; 16-bit ("I;16", "I") as :func:`sixteen_bit_display` says. EXIF orientation is
+applied, as every viewer does.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from radjepa.imaging.contract import MAX_PIXELS, luma
 from radjepa.imaging.errors import ImageRejected
+from radjepa.imaging.windowing import percentile_window
 
 __all__ = ["raster_display"]
 
@@ -26,8 +27,12 @@ if logging.getLogger("PIL").level == logging.NOTSET:
     logging.getLogger("PIL").setLevel(logging.INFO)
 
 
-def raster_display(data: bytes) -> tuple[np.ndarray, str]:
-    """Decode PNG/JPEG bytes; returns (float image in [0, 1], photometric-like mode name)."""
+def raster_display(
+    data: bytes, window_percentiles: tuple[float, float] = (0.5, 99.5)
+) -> tuple[np.ndarray, str]:
+    """Decode PNG/JPEG bytes; returns (float image in [0, 1], photometric-like mode name).
+    ``window_percentiles`` (``ingest.window_percentiles``) shows a 16-bit grey image that does
+    not say its depth."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -60,8 +65,7 @@ def raster_display(data: bytes) -> tuple[np.ndarray, str]:
         return grey / np.float32(255.0), "MONOCHROME2"
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img).astype(np.float64)
-        top = float(2 ** sixteen_bit_depth(data, float(arr.max(initial=0.0))) - 1)
-        return np.clip(arr / top, 0.0, 1.0), "MONOCHROME2"
+        return sixteen_bit_display(arr, data, window_percentiles), "MONOCHROME2"
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
@@ -69,23 +73,28 @@ def raster_display(data: bytes) -> tuple[np.ndarray, str]:
     raise ImageRejected("unsupported_photometric", f"raster mode {mode!r}")
 
 
-# the depths a 16-bit container is found holding: detector data is 10, 12 or 14 bits
-_DEPTHS = (8, 10, 12, 14, 16)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def sixteen_bit_depth(data: bytes, peak: float) -> int:
-    """The bit depth a 16-bit grey raster's values use: its PNG ``sBIT`` chunk when it has
-    one, else the smallest of 8, 10, 12, 14 and 16 bits that holds its brightest pixel.
+def sixteen_bit_display(
+    arr: np.ndarray, data: bytes, window_percentiles: tuple[float, float]
+) -> np.ndarray:
+    """A 16-bit grey raster onto [0, 1].
 
-    A radiograph's 12-bit detector values written as they are into a 16-bit PNG (a common
-    research export) fill 1/16 of the range: scaled by 65535 they were stored almost black,
-    17 grey levels at 8 bits. An image that uses its 16 bits keeps them; one whose brightest
-    pixel is below 2**14 is taken to be a narrower depth (Pillow does not read sBIT)."""
+    With a PNG ``sBIT`` chunk (the depth of the source): the samples are scaled up to 16 bits,
+    as the PNG specification has encoders do, so by 65535; a writer that left them unscaled
+    (none above ``2**sBIT - 1``) by that. Without one, the depth the values use cannot be told
+    (12-bit detector values written as they are into a 16-bit PNG, a common research export,
+    fill 1/16 of the range: divided by 65535 they were stored almost black, 17 grey levels at
+    8 bits), so the image is shown as a DICOM without a VOI is: between its
+    ``window_percentiles``.
+    """
     declared = _png_significant_bits(data)
-    if declared is not None:
-        return declared
-    return next(d for d in _DEPTHS if peak <= 2**d - 1 or d == 16)
+    if declared is None:
+        return percentile_window(arr, None, window_percentiles)
+    top = 2.0**declared - 1.0
+    scale = top if 0 < declared < 16 and float(arr.max(initial=0.0)) <= top else 65535.0
+    return np.clip(arr / scale, 0.0, 1.0)
 
 
 def _png_significant_bits(data: bytes) -> int | None:

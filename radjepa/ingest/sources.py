@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 
 from radjepa.ingest.errors import IngestError
 from radjepa.ingest.packed import NOT_UNPACKED, PEEK_INPUT, packed_kind
-from radjepa.locations import StorageUnreachable, filesystem
+from radjepa.locations import StorageUnreachable, filesystem, redact
 
 __all__ = [
     "ENCRYPTED",
@@ -374,9 +374,14 @@ def read_blocks(batch: pa.Table, max_bytes: int) -> Iterator[pa.Table]:
 
 
 def _reason(err: BaseException) -> str:
-    """Why a listing failed, without the path the error names (``[Errno 13] Permission denied:
-    '/exports/DOE_JOHN_12345'``)."""
+    """Why a listing failed, without the local path the OS names (``[Errno 13] Permission
+    denied: '/exports/DOE_JOHN_12345'``: folder names in an export may be patient names). An
+    object store's or pyarrow's own message (access denied, no route, no credentials) names the
+    bucket and key it was given, and says what to fix: kept, credentials redacted."""
     code = getattr(err, "errno", None)
-    if isinstance(code, int) and code > 0:
-        return f"{os.strerror(code)} (in it or a folder below it)"
-    return type(err).__name__
+    if isinstance(err, OSError) and getattr(err, "filename", None) is not None:
+        if isinstance(code, int) and code > 0:
+            return f"{os.strerror(code)} (in it or a folder below it)"
+        return type(err).__name__
+    lines = str(err).strip().splitlines()
+    return redact(lines[0]) if lines else type(err).__name__
