@@ -441,5 +441,14 @@ def mark_run(uri: str, run_id: str, status: str) -> None:
 
     try:
         end_run(client(uri), run_id, status)
-    except Exception:  # noqa: BLE001
-        log.warning("could not mark MLflow run %s as %s", run_id, status, exc_info=True)
+    except Exception as err:  # noqa: BLE001
+        # one line: this is said beside the error that ended the command, not instead of it
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        log.warning(
+            "could not mark MLflow run %s as %s (%s: %s)",
+            run_id,
+            status,
+            type(err).__name__,
+            redact(first),
+        )
+        log.debug("marking MLflow run %s failed", run_id, exc_info=True)

@@ -78,12 +78,15 @@ def signal_once_run_is_made(
     fifo: Path,
     signum: signal.Signals,
     timeout_s: float = 240,
+    params: int = 0,
 ) -> tuple[str, str]:
     """Send ``signum`` to ``proc`` once its sqlite MLflow store ``db`` holds a run named
-    ``run_name``, then let through the write ``proc`` is blocked in: a named pipe ``fifo``
-    standing for the id file the command writes right after creating the run (a reader's open
-    ends the writer's wait). So the signal lands in the window between a run's creation and its
-    id file. Returns the run's id and the process's stderr, once it has exited."""
+    ``run_name`` (with ``params`` params logged: the command logs them after creating the run,
+    and a signal among those writes is not the window meant), then let through the write
+    ``proc`` is blocked in: a named pipe ``fifo`` standing for the id file the command writes
+    right after (a reader's open ends the writer's wait). So the signal lands in the window
+    between a run's set-up and its id file. Returns the run's id and the process's stderr, once
+    it has exited."""
     import sqlite3
 
     try:
@@ -92,12 +95,20 @@ def signal_once_run_is_made(
         while not made and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
             if db.is_file():
+                con = None
                 try:
-                    with sqlite3.connect(db) as con:
-                        query = "select run_uuid from runs where name=?"
-                        made = con.execute(query, (run_name,)).fetchall()
+                    con = sqlite3.connect(db)
+                    query = "select run_uuid from runs where name=?"
+                    made = con.execute(query, (run_name,)).fetchall()
+                    if made and params:
+                        query = "select count(*) from params where run_uuid=?"
+                        if con.execute(query, made[0]).fetchone()[0] < params:
+                            made = []
                 except sqlite3.Error:  # the store is still being created
-                    pass
+                    made = []
+                finally:
+                    if con is not None:
+                        con.close()
         assert made, proc.communicate(timeout=60)[1][-3000:]
         proc.send_signal(signum)
         time.sleep(1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from radjepa.config import load_config
+from radjepa.config import flatten, load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -1353,8 +1353,10 @@ def test_an_interruption_while_tracking_is_set_up_ends_the_run_killed(tmp_path, 
         "data.holdout_fraction": "0.0",
     }
     proc = _pretrain_cli(["pipelines.cli", "pretrain", "-c"], shards, sets)
+    # a param per config key (every config has them all): the signal after the last of them
+    params = len(flatten(load_config(None)))
     run_id, err = signal_once_run_is_made(
-        proc, db, "t", out / "t" / "mlflow_run_id", getattr(signal, sig)
+        proc, db, "t", out / "t" / "mlflow_run_id", getattr(signal, sig), params=params
     )
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err, err[-3000:]

@@ -274,3 +274,21 @@ def test_a_resumed_sweep_ends_the_trials_tune_had_stopped_and_fails_without_a_be
         and (tmp_path / "trials.json").read_text()
     )
     assert [t["error"] for t in listed] == [why, why] and listed[0]["status"] == "error"
+
+
+def test_a_run_that_cannot_be_ended_after_an_error_is_said_in_one_line(
+    tmp_path, migrated_store, caplog
+):
+    # the warning printed the store's whole traceback beside the command's one-line error (a
+    # sqlite store an interrupted write left locked, in one CI run)
+    import logging
+
+    from pipelines.tracking import mark_run
+
+    uri = migrated_store(tmp_path / "mlflow.db")
+    gone = "0" * 32  # a store that cannot end the run: one line, the traceback at DEBUG only
+    with caplog.at_level(logging.DEBUG, logger="pipelines.tracking"):
+        mark_run(uri, gone, "FAILED")
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.exc_info is None and "\n" not in warning.getMessage()
+    assert warning.getMessage().startswith(f"could not mark MLflow run {gone} as FAILED (")
