@@ -216,6 +216,7 @@ def run_ingest(
         "window_percentiles": tuple(ing.window_percentiles),
         "max_bytes": int(ing.max_file_mb * 1024 * 1024),
         "reject_burned_in": ing.burned_in_annotation == "quarantine",
+        "reject_for_processing": ing.for_processing == "quarantine",
         "patient_identity": ing.patient_identity,
     }
     # list first (a missing source fails before DST is touched); a DST inside a source folder
@@ -342,6 +343,7 @@ def _record_run(
         sources=len(sources),
         expected_inputs=expected,
         burned_in_annotation=ing.burned_in_annotation,
+        for_processing=ing.for_processing,
     )
     # a version 1 manifest recorded only finished runs, without a status: said now
     earlier = [{**r, "status": run_status(r)} for r in (previous or {}).get("runs", [])]

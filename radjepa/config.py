@@ -151,6 +151,12 @@ class IngestConfig(_Section):
         "for ever) has its decode process ended and is quarantined as decode_timeout; "
         "0: no limit",
     )
+    for_processing: Literal["quarantine", "keep"] = Field(
+        "quarantine",
+        description="DX, MG and IO images 'for processing' (raw detector data meant for CAD, "
+        "with a 'for presentation' twin of the same exposure in most exports): quarantined "
+        "unless 'keep'",
+    )
     burned_in_annotation: Literal["quarantine", "keep"] = Field(
         "quarantine",
         description="DICOMs flagged Burned In Annotation YES, or not flagged NO on a modality "

@@ -476,6 +476,9 @@ REJECTIONS = {
     "extreme_aspect": lambda nih: _png(np.zeros((40, 200), np.uint8)),
     "blank": lambda nih: make_dicom(np.full((N, N), 300, np.uint16)),
     "decode_error": lambda nih: _bad_j2k(),
+    "for_processing": lambda nih: make_dicom(
+        gradient(N, N), extra={"PresentationIntentType": "FOR PROCESSING"}
+    ),
     "burned_in_annotation": lambda nih: make_dicom(
         gradient(N, N), extra={"BurnedInAnnotation": "YES"}
     ),
@@ -628,7 +631,12 @@ def test_every_reason_has_a_case() -> None:
 def test_rejection_reasons(reason: str, nih_dir) -> None:
     data = REJECTIONS[reason](nih_dir)
     with pytest.raises(ImageRejected) as err:
-        decode(data, max_bytes=100 if reason == "too_large" else None, reject_burned_in=True)
+        decode(
+            data,
+            max_bytes=100 if reason == "too_large" else None,
+            reject_burned_in=True,
+            reject_for_processing=True,
+        )
     assert err.value.reason == reason
     for marker in MARKER_STRINGS:
         assert marker not in err.value.message
@@ -1296,3 +1304,17 @@ def test_exif_text_never_reaches_a_debug_log_and_a_listing_error_names_no_folder
     remote = OSError("When listing objects under key 'raw' in bucket 'b': AWS Error ACCESS_DENIED")
     assert _reason(remote) == str(remote)
     assert "***" in _reason(OSError("cannot open s3://AKIAX:s3cr3t@bucket/raw"))
+
+
+def test_raw_detector_data_is_refused_only_when_asked() -> None:
+    # a DX "for processing" (raw data for CAD) was percentile-windowed into a flat image and
+    # stored beside the processed twin of the same exposure
+    px = gradient(N, N)
+    by_class = make_dicom(px, extra={"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1.1"})
+    by_intent = make_dicom(px, extra={"PresentationIntentType": "FOR PROCESSING"})
+    for data in (by_class, by_intent):
+        with pytest.raises(ImageRejected, match="for_processing: a radiograph's raw detector"):
+            decode(data, reject_for_processing=True)
+        assert decode(data).pixels.shape == (N, N)  # the API, and ingest with `keep`
+    shown = make_dicom(px, extra={"PresentationIntentType": "FOR PRESENTATION"})
+    assert decode(shown, reject_for_processing=True).pixels.shape == (N, N)

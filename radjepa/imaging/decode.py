@@ -86,12 +86,18 @@ def _decode_display(
     meta: dict[str, Any],
     reject_burned_in: bool,
     patient_identity: str,
+    reject_for_processing: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Display image in [0, 1] for sniffed bytes and its pixel aspect (see ``DecodedImage``);
     fills the format-specific ``meta`` keys."""
     if fmt == "dicom":
         from radjepa.imaging.deid import burned_in_text, dicom_meta
-        from radjepa.imaging.dicom import dicom_display, pixel_aspect, read_dataset
+        from radjepa.imaging.dicom import (
+            dicom_display,
+            for_processing,
+            pixel_aspect,
+            read_dataset,
+        )
         from radjepa.imaging.value_validation import unvalidated_values
 
         with unvalidated_values():  # pydicom's checks quote the values they find wrong
@@ -99,6 +105,11 @@ def _decode_display(
             burned_in = burned_in_text(ds) if reject_burned_in else None
             if burned_in is not None:
                 raise ImageRejected("burned_in_annotation", burned_in)
+            if reject_for_processing and for_processing(ds):
+                raise ImageRejected(
+                    "for_processing",
+                    "a radiograph's raw detector data (FOR PROCESSING), not an image to show",
+                )
             display = dicom_display(ds, window_percentiles)
             ts = ds.file_meta.get("TransferSyntaxUID")
             meta.update(dicom_meta(ds, secret, ts, patient_identity))
@@ -148,6 +159,7 @@ def decode_image(
     reject_burned_in: bool = False,
     patient_identity: str = PATIENT_ID,
     id_scheme: str = ID_SCHEME_KEYED,
+    reject_for_processing: bool = False,
 ) -> DecodedImage:
     """Decode one file's bytes into the stored image contract (see ``imaging.contract``).
 
@@ -160,8 +172,9 @@ def decode_image(
     shards were ingested with, or an upload's patient matches no archive row. ``id_scheme`` says
     how ``meta["image_id"]`` is made from the bytes (:func:`radjepa.imaging.deid.content_id`):
     keyed by ``secret`` unless a destination (or the index the API searches) still uses the
-    unkeyed ids it was started with. Raises :class:`ImageRejected` with a stable reason for
-    unusable input.
+    unkeyed ids it was started with. ``reject_for_processing`` refuses a radiograph's raw
+    detector data (:func:`radjepa.imaging.dicom.for_processing`), as ingest does by default.
+    Raises :class:`ImageRejected` with a stable reason for unusable input.
     """
     dtype_max(dtype)  # validates dtype and the schemes before any work
     check_patient_identity(patient_identity)
@@ -181,7 +194,14 @@ def decode_image(
     meta = _empty_meta(image_id, source_hash, fmt)
     try:
         display, aspect = _decode_display(
-            data, fmt, tuple(window_percentiles), secret, meta, reject_burned_in, patient_identity
+            data,
+            fmt,
+            tuple(window_percentiles),
+            secret,
+            meta,
+            reject_burned_in,
+            patient_identity,
+            reject_for_processing,
         )
     except (ImageRejected, KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError):
         raise

@@ -303,6 +303,28 @@ _COLOUR_MODELS = frozenset(
 )
 
 
+# DX, MG and intra-oral X-ray Image Storage - For Processing (PS3.4 B.5)
+_FOR_PROCESSING_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.1.1.1.1",
+        "1.2.840.10008.5.1.4.1.1.1.2.1",
+        "1.2.840.10008.5.1.4.1.1.1.3.1",
+    }
+)
+
+
+def for_processing(ds: Dataset) -> bool:
+    """Whether a DICOM holds a projection radiograph's raw detector data (Presentation Intent
+    Type ``FOR PROCESSING``, or a For Processing SOP class): meant for CAD, not display, and
+    without a display transform it is percentile-windowed into a flat, unprocessed-looking
+    image; exports that carry it usually carry the processed twin of the same exposure (another
+    SOP Instance UID, so not caught as a duplicate), and both went into training."""
+    intent = str(ds.get("PresentationIntentType") or "").strip().upper()
+    return intent == "FOR PROCESSING" or str(ds.get("SOPClassUID") or "").strip() in (
+        _FOR_PROCESSING_CLASSES
+    )
+
+
 def _check_colour_model(photometric: str, ts: UID) -> None:
     """Refuse a 3-sample photometric whose pixels would be read as RGB without being RGB: a
     retired one (HSV, ARGB, CMYK) or an unknown code reached the RGB path; YBR_ICT/RCT outside

@@ -22,6 +22,7 @@ REASONS: frozenset[str] = frozenset(
         "blank",
         "decode_error",
         "burned_in_annotation",
+        "for_processing",
     }
 )
 
