@@ -664,17 +664,19 @@ def stop(client: JobSubmissionClient, job_id: str) -> bool:
     return bool(_server_call(client.stop_job, job_id))
 
 
-def _server_call(call: Callable[..., Any], *args: Any) -> Any:
-    """A job-server request whose connection failure is :class:`JobServerLost`, not a
+def _server_call(call: Callable[..., Any], *args: Any, about: str = "") -> Any:
+    """A job-server request whose connection failure (or a proxy's 502-504) is
+    :class:`JobServerLost`, and whose refusal is :class:`JobsError` led by ``about``, not a
     traceback."""
     try:
         return call(*args)
-    except OSError as err:
+    except OSError as err:  # requests' errors are OSErrors: the server, not the job, is gone
         raise JobServerLost(_lost(err)) from None
     except RuntimeError as err:
-        if _gateway_error(err):
-            raise JobServerLost(_gateway_error(err)) from None
-        raise JobsError(server_message(err)) from None
+        gateway = _gateway_error(err)
+        if gateway:
+            raise JobServerLost(gateway) from None
+        raise JobsError(f"{about}{server_message(err)}") from None
 
 
 def list_jobs(client: JobSubmissionClient) -> list[JobSummary]:
@@ -695,14 +697,7 @@ def list_jobs(client: JobSubmissionClient) -> list[JobSummary]:
 
 
 def _info(client: JobSubmissionClient, job_id: str) -> Any:
-    try:
-        return client.get_job_info(job_id)
-    except RuntimeError as err:
-        if _gateway_error(err):
-            raise JobServerLost(_gateway_error(err)) from None
-        raise JobsError(f"job {job_id}: {server_message(err)}") from None
-    except OSError as err:  # requests' errors are OSErrors: the server, not the job, is gone
-        raise JobServerLost(_lost(err)) from None
+    return _server_call(client.get_job_info, job_id, about=f"job {job_id}: ")
 
 
 def _gateway_error(err: RuntimeError) -> str | None:

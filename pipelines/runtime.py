@@ -560,9 +560,8 @@ def in_ray_worker() -> bool:
 
     if not ray.is_initialized():
         return False
-    return getattr(ray.get_runtime_context(), "worker", None) is not None and (
-        ray.get_runtime_context().worker.mode == ray.WORKER_MODE
-    )
+    worker = getattr(ray.get_runtime_context(), "worker", None)
+    return worker is not None and worker.mode == ray.WORKER_MODE
 
 
 def _warn_once(message: str) -> None:
