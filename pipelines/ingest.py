@@ -455,6 +455,10 @@ class _Outputs:
         while self.pending_rows >= self.shard_rows or (final and self.pending_rows):
             table = pa.concat_tables(self.pending)
             head, rest = table.slice(0, self.shard_rows), table.slice(self.shard_rows)
+            # rows by image id (a keyed hash), not in input order: sorted paths are often
+            # patient names or IDs, and a shard's row order gave their order away (quarantine
+            # and duplicate rows go by path hash, in finish)
+            head = head.sort_by("image_id")
             name = f"part-{self.run_id}-{len(self.summary.shards):05d}.parquet"
             path = self.dest.write(
                 IMAGES_DIR, name, head.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
@@ -534,11 +538,13 @@ class _Outputs:
         keeping it)."""
         self.flush(final=True)
         s = self.summary
-        q = pa.concat_tables(self.rejects) if self.rejects else None
+        # by path hash, as shards by image id: not in the order of the inputs' paths
+        q = pa.concat_tables(self.rejects).sort_by("source_hash") if self.rejects else None
         if q is not None:
             self.dest.write(QUARANTINE_DIR, f"quarantine-{self.run_id}.parquet", q)
         if self.duplicates or self.copies:
             d = pa.Table.from_pylist([*self.duplicates, *self.copies], schema=DUPLICATE_SCHEMA)
+            d = d.sort_by("source_hash")
             self.dest.write(DUPLICATES_DIR, f"duplicates-{self.run_id}.parquet", d)
         reasons = Counter(q["reason"].to_pylist()) if q is not None else Counter()
         s.reasons = dict(sorted(reasons.items()))

@@ -1234,6 +1234,22 @@ def _cxr(nih_dir: Path, k: int) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L").resize((256, 256)))
 
 
+def test_a_shard_keeps_its_rows_in_image_id_order_not_in_the_order_of_their_paths(
+    nih_shards, nih_dir
+) -> None:
+    """Inputs are read in sorted-path order (which copy of an instance is kept depends on it),
+    and a shard stored its rows in that order: exported folders are often named by patient
+    name or ID, so the row order told a reader with the patient list who each row was. Rows
+    are now in image-id order, a keyed hash the reader cannot compute."""
+    paths = sorted((nih_dir / "images").glob("*.png"))[:80]  # what the fixture ingested
+    by_path = [_image_id(p.read_bytes()) for p in paths]
+    shards = sorted((nih_shards / "images").glob("*.parquet"))
+    assert len(shards) == 1
+    stored = pq.read_table(shards[0], columns=["image_id"]).column("image_id").to_pylist()
+    assert sorted(stored) == sorted(by_path)  # the same images, under the key the tests use
+    assert stored == sorted(by_path) != by_path
+
+
 def _same_instance(uid: str) -> dict[str, str]:
     """``extra`` for make_dicom: one instance (and its study and series), as a re-export has."""
     study, series = (generate_uid(entropy_srcs=[uid, part]) for part in ("study", "series"))
@@ -1385,19 +1401,24 @@ def test_inputs_dropped_as_the_same_bytes_are_listed_once_with_their_kind(
         pa.Table.from_pylist([old_row], schema=old_schema),
         dst / "duplicates" / "duplicates-20000101T000000-000000.parquet",
     )
-    assert listed() == [
-        ("same_instance", "0" * 64, "0" * 64),  # the old table, read with its kind
-        ("same_instance", ids["d"], ids["c"]),
-        ("same_bytes", ids["a"], ids["a"]),
-        ("same_bytes", ids["d"], ids["c"]),
-    ]
-    rows = read_duplicates(dst).to_pylist()
-    assert [r["instance_pid"] is None for r in rows[2:]] == [True, True] and rows[1]["instance_pid"]
-    assert len({r["source_hash"] for r in rows[1:]}) == 3  # each its own input's path
+    # the old table, read with its kind, then the run's rows (in path-hash order)
+    assert listed()[0] == ("same_instance", "0" * 64, "0" * 64)
+    assert sorted(listed()[1:]) == sorted(
+        [
+            ("same_bytes", ids["a"], ids["a"]),
+            ("same_bytes", ids["d"], ids["c"]),
+            ("same_instance", ids["d"], ids["c"]),
+        ]
+    )
+    rows = read_duplicates(dst).to_pylist()[1:]
+    assert all((r["instance_pid"] is None) == (r["kind"] == "same_bytes") for r in rows)
+    assert len({r["source_hash"] for r in rows}) == 3  # each its own input's path
 
     second = run_ingest([str(one), str(two)], str(dst), _cfg(), progress=False)
     assert (second.input, second.ok, second.duplicates) == (7, 0, 7)
-    assert listed()[4:] == [("same_bytes", ids["a"], ids["a"]), ("same_bytes", ids["d"], ids["c"])]
+    assert sorted(listed()[4:]) == sorted(
+        [("same_bytes", ids["a"], ids["a"]), ("same_bytes", ids["d"], ids["c"])]
+    )
 
     third = run_ingest([str(one), str(two)], str(dst), _cfg(), progress=False)  # idempotent
     assert (third.input, third.duplicates, third.already_ingested) == (7, 7, 7)
