@@ -102,6 +102,14 @@ class _Exclusions:
     own: np.ndarray  # its own archive row(s), unless include_self
     patients: np.ndarray  # rows of the patients asked to be left out
     same: SamePatientOut | None  # set with exclude_same_patient
+    archived: np.ndarray  # its own archive row(s), left out or not: never counted as a patient's
+
+    @property
+    def excluded_patient(self) -> int:
+        """Rows left out for their patient, other than the upload's own: with include_self
+        and its patient left out, its own row was counted there, one more than the other
+        images of that patient."""
+        return len(np.setdiff1d(self.patients, self.archived))
 
 
 def _media_type(request: Request) -> str:
@@ -214,8 +222,29 @@ class _WholeBodyParser(MultiPartParser):
         self.ended = True
 
 
+def _refuse_content_coding(request: Request) -> None:
+    """415 for a body sent with a Content-Encoding other than identity (gzip, ...), before any
+    of it is read: its compressed bytes went to the decoder as the image (422 not_an_image)
+    or to the multipart parser (400 malformed), neither saying what was wrong."""
+    codings = [
+        c.strip().lower()
+        for header in request.headers.getlist("content-encoding")
+        for c in header.split(",")
+        if c.strip()
+    ]
+    refused = [c for c in codings if c != "identity"]
+    if refused:
+        raise ApiError(
+            415,
+            f"unsupported Content-Encoding {shown(', '.join(refused))}: send the image bytes "
+            "as they are, without compression (DICOM, PNG and JPEG carry their own)",
+            reason="unsupported_content_encoding",
+        )
+
+
 async def _read_uploads(request: Request, settings: ApiSettings) -> list[_Upload]:
     """Raw image body or multipart files -> bytes; 415 for anything else."""
+    _refuse_content_coding(request)
     media = _media_type(request)
     if media in IMAGE_MEDIA_TYPES:
         # read here, not by request.body(), which keeps the bytes on the request until its
@@ -604,7 +633,7 @@ def create_app(
             401: "missing or invalid API key",
             403: "the API key lacks the scope the request needs",
             413: "body too large",
-            415: "unsupported media type",
+            415: "unsupported media type or content encoding",
             422: "undecodable image or invalid parameter",
             503: "feature not configured or service overloaded",
             504: "request timed out",
@@ -864,7 +893,7 @@ def create_app(
                 pids = row_pids | ({up.patient_pid} if by_id.startswith("used") else set())
                 same = SamePatientOut(archive_row=bool(row_pids), patient_id=by_id)
                 patients = np.union1d(patients, index.rows_of_patients(pids))
-            return _Exclusions(own, patients, same)
+            return _Exclusions(own, patients, same, archived)
 
         def search_all(
             uploads: list[_Upload], results: list[ImageEmbedding], cancelled: threading.Event
@@ -890,7 +919,7 @@ def create_app(
                             Neighbour(image_id=h.image_id, score=h.score, **h.pids) for h in hs
                         ],
                         excluded_self=len(e.own),
-                        excluded_patient=len(np.setdiff1d(e.patients, e.own)),
+                        excluded_patient=e.excluded_patient,
                         same_patient=e.same,
                         image_id_match=id_match,
                     )

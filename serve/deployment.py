@@ -37,6 +37,7 @@ __all__ = [
     "check_pseudonym_key",
     "check_references",
     "check_replica_fits",
+    "encoder_queue",
     "ingress_resources",
 ]
 
@@ -106,7 +107,9 @@ class RemoteEmbedder:
     """The :class:`serve.embedder.Embedder` protocol over an encoder deployment handle.
 
     Each image is its own batched call, so the files of one multipart request and images from
-    concurrent requests all merge into the same forward passes.
+    concurrent requests all merge into the same forward passes. A request that fails or gives
+    up cancels its calls still pending: cancelling the task that awaits a Serve response does
+    not cancel the call, which went on holding the encoder for a caller long gone.
     """
 
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, preprocess: Preprocess) -> None:
@@ -122,13 +125,30 @@ class RemoteEmbedder:
         from serve.admission import Overloaded
 
         calls = [self.handle.embed_one.remote(img, patch_tokens) for img in images]
+        # awaited as tasks of our own, to tell which calls are still pending when one fails
+        waits = [asyncio.ensure_future(call) for call in calls]
         try:
-            return list(await asyncio.gather(*calls))
-        except BackPressureError as err:  # the encoder's queue (serve.max_queued_requests)
+            return list(await asyncio.gather(*waits))
+        except BackPressureError as err:  # the encoder's queue (serve.max_queued_requests x 64)
+            _cancel_pending(calls, waits)
             raise Overloaded(f"the encoder is at capacity ({type(err).__name__})") from None
+        except BaseException:  # another call failed, or the request's deadline cancelled it
+            _cancel_pending(calls, waits)
+            raise
 
     async def ready(self) -> bool:
         return bool(await self.handle.ready.remote())
+
+
+def _cancel_pending(calls: list[Any], waits: list[asyncio.Future[Any]]) -> None:
+    """Cancel each Serve call whose answer has not come: its queued or running forward then
+    stops taking the encoder's place (best effort, as Serve's ``cancel`` is). A wait already
+    cancelled counts as unanswered: a request cancelled at its deadline has cancelled every
+    wait (asyncio.gather does) before this runs, and the calls themselves still run."""
+    for call, wait in zip(calls, waits, strict=True):
+        if not wait.done() or wait.cancelled():
+            call.cancel()
+            wait.cancel()
 
 
 @serve.deployment(name="RadjepaAPI")
@@ -481,7 +501,7 @@ def app_from_config(
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
         # the encoder must admit a whole batch at once, or @serve.batch never fills
         max_ongoing_requests=max(sc.max_ongoing_requests, 2 * sc.max_batch_size),
-        max_queued_requests=sc.max_queued_requests,
+        max_queued_requests=encoder_queue(sc.max_queued_requests, settings.max_images_per_request),
         graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         **retries,
         **_scaling(sc),
@@ -501,6 +521,18 @@ def app_from_config(
         **retries,
         **_scaling(sc),
     ).bind(encoder, replica_settings, sc.head, sc.index, store_uri(cfg))
+
+
+def encoder_queue(max_queued_requests: int, max_images_per_request: int) -> int:
+    """The encoder's ``max_queued_requests``, in images, from ``serve.max_queued_requests``, in
+    HTTP requests (-1, unbounded, stays so).
+
+    The API deployment's queue holds requests; the encoder's holds calls, one per image. Given
+    the same number, two concurrent requests of 64 images each overflowed a queue of 64 and
+    one of them got 503 while the API's own limits had let it in."""
+    if max_queued_requests < 0:
+        return max_queued_requests
+    return max_queued_requests * max_images_per_request
 
 
 def ingress_resources(

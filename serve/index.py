@@ -44,6 +44,7 @@ from serve.ids import IdColumn
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
 __all__ = [
     "ENCODER_COLUMN",
@@ -226,7 +227,7 @@ class EmbeddingIndex:
                     _check_index_columns(f, names)
                     columns = [c for c in _LOADED_COLUMNS if c in names]
                     for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=columns):
-                        parts.add(batch)
+                        parts.add(batch, f)
             except (pa.ArrowException, OSError) as err:  # a damaged or truncated part
                 raise IndexLoadError(f"{f}: unreadable: {err}") from None
         matrix = parts.matrix()
@@ -272,6 +273,7 @@ class EmbeddingIndex:
             except (pa.ArrowException, OSError) as err:  # as from_parquet says it
                 raise IndexLoadError(f"{f}: unreadable: {err}") from None
             _check_index_columns(f, schema.names)
+            _check_image_ids(f, _footer_null_ids(meta))
             if schema.names.count("embedding") != 1:
                 raise IndexLoadError(
                     f"{f}: holds {schema.names.count('embedding')} columns named embedding"
@@ -614,10 +616,11 @@ class _Parts:
         # a part without a record column counts as nulls, as when parts were concatenated
         self.seen: dict[str, set[str | None]] = {c: set() for c in _RECORD_COLUMNS}
 
-    def add(self, batch: pa.RecordBatch) -> None:
+    def add(self, batch: pa.RecordBatch, part: Path) -> None:
         n = batch.num_rows
         if n == 0:  # an empty part or row group says nothing about the dimension
             return
+        _check_image_ids(part, batch.column("image_id").null_count)
         values = _embedding_values(self.source, batch.column("embedding"))
         if self._matrix is None:  # the first rows set the dimension the others must have
             self._matrix = np.empty((self.rows, values.size // n), dtype=np.float32)
@@ -683,6 +686,31 @@ def _part_rows(f: Path) -> int:
             return int(pf.metadata.num_rows)
     except (pa.ArrowException, OSError) as err:  # a damaged or truncated part
         raise IndexLoadError(f"{f}: unreadable: {err}") from None
+
+
+def _check_image_ids(part: Path, nulls: int) -> None:
+    """Refuse rows without an image id: a row that cannot be named in an answer nor matched to
+    an upload, and the index's public identity (a hash of its ids) cannot be made: the API
+    failed at start-up with a bare TypeError."""
+    if nulls:
+        raise IndexLoadError(
+            f"{part}: {nulls} row(s) have no image_id: not an index `radjepa embed` wrote; "
+            "embed the shards again"
+        )
+
+
+def _footer_null_ids(meta: pq.FileMetaData) -> int:
+    """Null image ids the footer's statistics count (0 where a writer recorded none)."""
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    if "image_id" not in names:
+        return 0
+    column = names.index("image_id")
+    nulls = 0
+    for group in range(meta.num_row_groups):
+        stats = meta.row_group(group).column(column).statistics
+        if stats is not None and stats.has_null_count:
+            nulls += stats.null_count
+    return nulls
 
 
 def _embedding_values(p: Path, chunk: pa.Array) -> np.ndarray:

@@ -109,12 +109,56 @@ def check_file_mode(path: Path, st: os.stat_result) -> None:
         )
 
 
+def check_file_owner(path: Path, st: os.stat_result) -> None:
+    """Refuse a keys file owned by another user than the service's or root, or lying in a
+    folder others may write, as ssh refuses such a private key.
+
+    The file's owner can make it writable, or write it, whatever its mode says; whoever may
+    write its folder can replace it with a file of their own keys (a rename, needing no right
+    on the file). A sticky folder (``/tmp``) lets each user replace only their own files, so
+    it is safe when root or the service owns it: a Kubernetes Secret volume is such a
+    folder, root-owned, and its files are root's. Both the folder of the path as given and
+    that of the file it resolves to (a Secret volume's ``..data`` links) are checked."""
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        raise KeysError(
+            f"API keys file {path} is owned by uid {st.st_uid}, neither this service's user "
+            f"(uid {uid}) nor root: its owner can add a key; `chown {uid} {path}` or copy it "
+            "to a file of the service's own"
+        )
+    folders = dict.fromkeys([path.absolute().parent, Path(os.path.realpath(path)).parent])
+    for folder in folders:
+        try:
+            fst = folder.stat()
+        except OSError as err:
+            raise KeysError(f"cannot check the folder of API keys file {path}: {err}") from None
+        mode = stat.S_IMODE(fst.st_mode)
+        owned = fst.st_uid in (uid, 0)
+        sticky = bool(mode & stat.S_ISVTX)
+        if not owned:
+            raise KeysError(
+                f"API keys file {path} lies in {folder}, owned by uid {fst.st_uid} (neither "
+                f"this service's user, uid {uid}, nor root): its owner can replace the file; "
+                "keep it in a folder of the service's own"
+            )
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky:
+            raise KeysError(
+                f"API keys file {path} lies in {folder}, which others may write (mode "
+                f"{mode:04o}): anyone who can write it can replace the file with keys of their "
+                f"own; run `chmod go-w {folder}` or move the file to a folder only its owner "
+                "may write"
+            )
+
+
 def read_keys_file(path: str | os.PathLike[str]) -> Keys:
-    """The keys of ``path`` (one ``KEY [SCOPE ...]`` per line), after its permission check."""
+    """The keys of ``path`` (one ``KEY [SCOPE ...]`` per line), after its permission, owner
+    and folder checks."""
     path = Path(path)
     try:
         with path.open(encoding="utf-8") as fh:
-            check_file_mode(path, os.fstat(fh.fileno()))  # the file read, not a later one
+            st = os.fstat(fh.fileno())  # the file read, not a later one
+            check_file_mode(path, st)
+            check_file_owner(path, st)
             text = fh.read()
     except (OSError, UnicodeDecodeError) as err:
         raise KeysError(f"cannot read API keys file {path}: {err}") from None

@@ -2,37 +2,61 @@
 
 Kept apart from the CLI so the foreground loop and the Ray Serve start/stop are plain
 functions; ``build_app`` remains the entry point for ``serve deploy`` and RayService.
+
+With RAY_ADDRESS naming a cluster, the cluster's Serve is shared: its other applications (and
+a production ``radjepa`` a RayService runs) are not this command's to replace or stop, so a
+start refuses a running application of our name and a stop deletes only the one it deployed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from radjepa.config import Config
 from radjepa.log_filters import lines_dropped
-from serve.security import ApiSettings, settings_from_config
+from serve.security import ApiSettings, SecurityConfigError, settings_from_config
 
 __all__ = [
+    "APP_NAME",
     "STOP_BUDGET_S",
+    "AppAlreadyRunning",
     "PortInUse",
     "ServeStartFailed",
+    "base_url",
     "check_port_free",
+    "refuse_keyless_on_cluster",
     "start_failures_said_once",
     "start_local",
     "stop_local",
     "curl_example",
 ]
 
+if TYPE_CHECKING:
+    from ray.serve import Application
+
 log = logging.getLogger(__name__)
 
 APP_NAME = "radjepa"
+
+# Whether this process deployed APP_NAME (set just before serve.run, so a start that failed
+# half-way is removed too): a stop on a cluster deletes only an application it deployed, never
+# one of the same name that ran there before (a start refused by AppAlreadyRunning still goes
+# through the caller's stop).
+_deployed_here = False
+
+
+class AppAlreadyRunning(RuntimeError):
+    """The cluster RAY_ADDRESS names already runs a Serve application named APP_NAME: never
+    replaced (serve.run would replace it in silence), said in one line."""
 
 
 class PortInUse(RuntimeError):
@@ -72,6 +96,47 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def refuse_keyless_on_cluster(settings: ApiSettings, *, on_cluster: bool) -> None:
+    """Refuse keyless (insecure local) mode on a cluster (SecurityConfigError).
+
+    Keyless mode is allowed only on a loopback host, a promise the proxies' http_options keep.
+    On a cluster whose Serve already runs, serve.start's http_options are ignored: its proxies
+    listen where they were started (0.0.0.0 under a RayService), so the keyless API would
+    answer every machine that reaches them."""
+    if on_cluster and settings.insecure_local and not settings.key_digests:
+        raise SecurityConfigError(
+            "insecure local mode (no API keys) is refused on a Ray cluster (RAY_ADDRESS names "
+            "one): its Serve proxies may listen on every interface whatever serve.host says; "
+            "configure API keys, or unset RAY_ADDRESS to serve keyless on this machine"
+        )
+
+
+def _refuse_running_app(address: str) -> None:
+    """Raise AppAlreadyRunning when the cluster's Serve holds an application named APP_NAME
+    (a production one a RayService runs, or a colleague's `radjepa serve`)."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
+        return
+    state = str(app.status).rsplit(".", 1)[-1]
+    raise AppAlreadyRunning(
+        f"the Ray cluster at {address} already runs a Serve application named {APP_NAME!r} "
+        f"({state}), which `radjepa serve` does not replace; if it is truly yours to remove, "
+        f"run `serve delete {APP_NAME} --address http://HEAD:8265` (a RayService recreates its "
+        "own), then start again"
+    )
+
+
+def _deploy(app: Application) -> None:
+    """serve.run of APP_NAME, remembered as this process's own for :func:`stop_local`."""
+    global _deployed_here
+    from ray import serve
+
+    _deployed_here = True
+    serve.run(app, name=APP_NAME, route_prefix="/")
+
+
 def start_local(
     cfg: Config,
     *,
@@ -84,7 +149,8 @@ def start_local(
     """Deploy the API on the connected Ray and return its base URL (port 0 = any free port).
 
     Raises SecurityConfigError before anything starts when no API key is configured and
-    insecure local mode was not asked for, and PortInUse when the port is taken.
+    insecure local mode was not asked for (or was, on a cluster), PortInUse when the port is
+    taken, and AppAlreadyRunning when a cluster RAY_ADDRESS names already runs APP_NAME.
     ``replica_env``: env vars for the ingress replicas (``app_from_config``). ``settings``:
     those a caller already built from ``cfg.serve`` (the keys file is then read, and its
     warnings logged, once). ``references_checked``: the caller ran
@@ -95,6 +161,7 @@ def start_local(
     """
     from ray import serve
 
+    from pipelines.cluster_address import env_names_cluster
     from serve.deployment import app_from_config
 
     settings = settings or settings_from_config(
@@ -102,7 +169,11 @@ def start_local(
         secret_env=cfg.ingest.secret_env,
         allow_development_key=cfg.ingest.allow_development_key,
     )
+    on_cluster = env_names_cluster()
+    refuse_keyless_on_cluster(settings, on_cluster=on_cluster)
     check_port_free(cfg.serve.host, cfg.serve.port)
+    if on_cluster:
+        _refuse_running_app(os.environ.get("RAY_ADDRESS", "").strip())
     port = cfg.serve.port or _free_port(cfg.serve.host)
     serve.start(
         http_options={
@@ -123,10 +194,16 @@ def start_local(
         # serve.run connects to the instance serve.start just made with these http_options and
         # says that "new http_options ... will not be applied": there are none; dropped
         with lines_dropped("ray.serve", "Connecting to existing Serve app"):
-            serve.run(app, name=APP_NAME, route_prefix="/")
+            _deploy(app)
     except RuntimeError as err:  # "Deploying application radjepa failed: ..." (no cause named)
         raise ServeStartFailed(_failed_start(err)) from None
-    return f"http://{cfg.serve.host}:{port}"
+    return base_url(cfg.serve.host, port)
+
+
+def base_url(host: str, port: int) -> str:
+    """``http://HOST:PORT``, an IPv6 literal in brackets (``http://::1:8000`` is no URL)."""
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{shown}:{port}"
 
 
 def _failed_start(err: RuntimeError) -> str:
@@ -236,11 +313,17 @@ STOP_BUDGET_S = 20.0
 SERVE_STOP_TIMEOUT_S = 10.0
 
 
-def stop_local(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
-    """Shut Ray Serve down, waiting ``timeout_s`` at most; returns whether it finished.
+def stop_local(timeout_s: float = SERVE_STOP_TIMEOUT_S, *, on_cluster: bool | None = None) -> bool:
+    """Stop what :func:`start_local` started, waiting ``timeout_s`` at most; returns whether it
+    finished.
 
-    Past the wait the controller goes on shutting the application down by itself (it was told
-    to first), and a local Ray's ``ray.shutdown`` then stops whatever is left. Serve's async
+    On this process's own Ray, Serve is shut down whole. On a cluster (``on_cluster``; None:
+    RAY_ADDRESS names one) only the application this process deployed is deleted: Serve's
+    shutdown would delete every application of the cluster and stop Serve's own actors there,
+    and an application of our name that ran before this process is not ours to delete.
+
+    Past the wait the controller goes on removing the application by itself (it was told to
+    first), and a local Ray's ``ray.shutdown`` then stops whatever is left. Serve's async
     shutdown is awaited so the wait can be cut: abandoning the blocking one in a thread would
     leave that thread inside Ray's core worker while ray.shutdown destroys it.
 
@@ -255,11 +338,29 @@ def stop_local(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
     ``ray start`` on this machine had left, to find no Serve there.
     """
     import ray
-    from ray import serve
+
+    from pipelines.cluster_address import env_names_cluster
 
     if not ray.is_initialized():
         log.info("Ray is not running in this process: no Ray Serve to shut down")
         return True
+    if on_cluster is None:
+        on_cluster = env_names_cluster()
+    if on_cluster:
+        return _delete_own_app(timeout_s)
+    global _deployed_here
+    _deployed_here = False  # Serve goes whole, the application with it
+    return _shutdown_serve(timeout_s)
+
+
+def _said(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0].strip()
+    return f"{type(err).__name__}{f': {first}' if first else ''}"
+
+
+def _shutdown_serve(timeout_s: float) -> bool:
+    """Serve's whole shutdown, bounded (this process's own Ray: nothing else uses it)."""
+    from ray import serve
 
     async def bounded() -> None:
         await asyncio.wait_for(serve.shutdown_async(), timeout_s)
@@ -272,18 +373,54 @@ def stop_local(timeout_s: float = SERVE_STOP_TIMEOUT_S) -> bool:
         return False
     except Exception as err:  # noqa: BLE001 - a stop: Ray's shutdown ends what is left
         shutdown.close()  # not started when asyncio.run refused it: no "never awaited" warning
-        said = (str(err).strip().splitlines() or [""])[0].strip()
-        log.warning(
-            "Ray Serve's shutdown failed (%s%s); stopping it with Ray",
-            type(err).__name__,
-            f": {said}" if said else "",
-        )
+        log.warning("Ray Serve's shutdown failed (%s); stopping it with Ray", _said(err))
         return False
     return True
 
 
-def curl_example(url: str, *, with_key: bool) -> str:
-    auth = '-H "Authorization: Bearer ${RADJEPA_API_KEYS%%,*}" ' if with_key else ""
+# how often a stop on a cluster asks whether its application is gone
+_DELETE_POLL_S = 0.2
+
+
+def _delete_own_app(timeout_s: float) -> bool:
+    """Delete APP_NAME from a cluster's Serve when this process deployed it, and wait
+    ``timeout_s`` at most for the controller to say it is gone (past that, the controller goes
+    on removing it by itself). Serve's delete has no async form, and its blocking one waits up
+    to 60 s: the request is sent without waiting and the application's status polled."""
+    global _deployed_here
+    from ray import serve
+
+    if not _deployed_here:
+        log.info("no Serve application of this process on the cluster: nothing to delete")
+        return True
+    deadline = time.monotonic() + timeout_s
+    try:
+        serve.delete(APP_NAME, _blocking=False)
+        _deployed_here = False  # asked: the controller removes it even if we stop waiting
+        while APP_NAME in serve.status().applications:
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "Serve application %s was not removed within %g s; the cluster's Serve "
+                    "controller goes on removing it",
+                    APP_NAME,
+                    timeout_s,
+                )
+                return False
+            time.sleep(_DELETE_POLL_S)
+    except Exception as err:  # noqa: BLE001 - a stop: said, and the disconnect goes on
+        log.warning("deleting Serve application %s failed (%s)", APP_NAME, _said(err))
+        return False
+    return True
+
+
+def curl_example(url: str, settings: ApiSettings) -> str:
+    """The curl line ``radjepa serve`` prints: an ``Authorization`` header with a placeholder
+    whenever keys are configured (also with ``--insecure-local``, which then changes nothing).
+
+    Never a key, nor a shell expansion of one: keys may come from the keys file, from a
+    variable of another name (``serve.api_keys_env``), and an entry may carry scopes
+    (``KEY patient_linkage``), so no expansion of one variable names a key that works."""
+    auth = '-H "Authorization: Bearer <your API key>" ' if settings.key_digests else ""
     return (
         f"curl -s {auth}-H 'Content-Type: application/dicom' "
         f"--data-binary @image.dcm {url}/v1/embed"

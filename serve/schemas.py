@@ -170,8 +170,9 @@ class SimilarOut(BaseModel):
     excluded_patient: int = Field(
         0,
         description="other archive images left out because their patient was excluded "
-        "(exclude_patient_pid, or the upload's own with exclude_same_patient); an image is "
-        "counted once, as excluded_self if it is both",
+        "(exclude_patient_pid, or the upload's own with exclude_same_patient); the upload's own "
+        "archive rows are never counted here (excluded_self counts them, 0 with "
+        "include_self=true)",
     )
     same_patient: SamePatientOut | None = Field(
         None,
@@ -223,7 +224,7 @@ class ErrorOut(BaseModel):
     """Every error body: a human-readable message and, for rejected images, a machine reason."""
 
     detail: str
-    reason: str | None = Field(None, description="machine-readable cause, e.g. 'not_dicom'")
+    reason: str | None = Field(None, description="machine-readable cause, e.g. 'not_an_image'")
     filename: str | None = Field(
         None,
         description="the multipart file part the error is about: its printable characters, "

@@ -467,7 +467,8 @@ def test_similar_can_leave_out_whole_patients(world, tmp_path):
         "results"
     ]
     assert {h["image_id"] for h in res["neighbours"]} == set(ids[2:])
-    assert (res["excluded_self"], res["excluded_patient"]) == (0, 2)
+    # row 1 only: the upload's own row is never one of "the other rows" of its patient
+    assert (res["excluded_self"], res["excluded_patient"]) == (0, 1)
 
     (res,) = _similar(client, world["pngs"][0], k=3, exclude_patient_pid=pseudonym("nobody"))[
         "results"
@@ -495,12 +496,13 @@ def test_similar_can_leave_out_the_uploads_own_patient(world, tmp_path):
     (res,) = _similar(client, world["pngs"][0], k=6, exclude_same_patient="true")["results"]
     assert {h["image_id"] for h in res["neighbours"]} == set(ids[2:])
     assert (res["excluded_self"], res["excluded_patient"]) == (1, 1)
-    # the option wins over include_self: the upload is its own patient's image
+    # the option wins over include_self: the upload is its own patient's image; its own row
+    # was counted as one of the patient's other images (2, not the 1 other row, row 1)
     (res,) = _similar(
         client, world["pngs"][0], k=6, exclude_same_patient="true", include_self="true"
     )["results"]
     assert {h["image_id"] for h in res["neighbours"]} == set(ids[2:])
-    assert (res["excluded_self"], res["excluded_patient"]) == (0, 2)
+    assert (res["excluded_self"], res["excluded_patient"]) == (0, 1)
 
     # a DICOM the archive does not hold: its own PatientID pseudonym names the patient
     dcm = make_dicom()
@@ -1093,6 +1095,54 @@ def test_a_415_quotes_the_content_type_short_and_printable(world):
     assert "'image/??[31m" in in_part.json()["detail"]
 
 
+@pytest.mark.parametrize("coding", ["gzip", "identity, gzip", "br"])
+@pytest.mark.parametrize("multipart", [False, True], ids=["raw", "multipart"])
+def test_a_compressed_body_is_a_415_naming_its_content_encoding(world, coding, multipart):
+    """A gzip body was answered as an image that is not one (422 not_an_image) or as a
+    malformed multipart body (400): neither said that the server does not take compressed
+    bodies. It is a 415 naming the coding, answered before the body is read (the connection
+    closes, as for every answer given before the body)."""
+    import gzip
+
+    import httpx
+
+    app = create_app(world["embedder"], settings=_settings())
+    png = world["pngs"][0]
+    if multipart:
+        body = _part(FILE_PART + b"\r\nContent-Type: image/png", png) + b"--B--\r\n"
+        media = "multipart/form-data; boundary=B"
+    else:
+        body, media = png, "image/png"
+    headers = {**AUTH, "content-type": media}
+    with on_loopback(app) as (host, port), httpx.Client(base_url=f"http://{host}:{port}") as c:
+        r = c.post(
+            "/v1/embed",
+            content=gzip.compress(body),
+            headers={**headers, "content-encoding": coding},
+        )
+        assert r.status_code == 415, r.text
+        assert r.json()["reason"] == "unsupported_content_encoding"
+        named = coding.split(", ")[-1]
+        assert f"'{named}'" in r.json()["detail"], r.json()["detail"]
+        assert r.headers.get("connection") == "close"
+        # identity is no coding at all: answered as a body sent without the header
+        plain = {**headers, "content-encoding": "identity"}
+        assert c.post("/v1/embed", content=body, headers=plain).status_code == 200
+
+
+def test_error_reason_examples_in_the_openapi_schema_are_real_reasons(client):
+    """ErrorOut.reason's description gave 'not_dicom' as its example, a code no response
+    carries (a DICOM that fails to parse is 'not_an_image' or 'truncated')."""
+    import re
+
+    from radjepa.imaging.errors import REASONS
+
+    described = client.get("/openapi.json").json()["components"]["schemas"]["ErrorOut"]
+    text = described["properties"]["reason"]["description"]
+    examples = re.findall(r"'([a-z_]+)'", text)
+    assert examples and set(examples) <= REASONS, text
+
+
 def test_malformed_multipart_bodies_leave_no_parser_warning_in_the_log(world, caplog):
     """python-multipart logged a WARNING ("Did not find CR at end of boundary (4)", ...) for
     every body that breaks its grammar, before the 400 that names the fault: a client or a
@@ -1621,6 +1671,9 @@ def test_deploy_yaml_is_a_valid_serve_config_whose_builder_binds(world, monkeypa
     monkeypatch.delenv("RADJEPA_API_KEYS", raising=False)
     with pytest.raises(SecurityConfigError):  # production config: no keys, no start
         build_app(args)
+    # the keys file the config names is mounted in the pods only: here the key comes from
+    # the variable, as the config's comment says to do on one machine
+    args["set"] = [*(args.get("set") or []), "serve.api_keys_file=null"]
     monkeypatch.setenv("RADJEPA_API_KEYS", API_KEY)
     # production config: no pseudonymisation key, no start either (it never opts in to the
     # public one), said in one line on the driver before anything deploys

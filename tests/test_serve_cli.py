@@ -112,6 +112,52 @@ def test_serve_refuses_to_start_without_keys(tmp_path):
     assert "set RADJEPA_API_KEYS (serve.api_keys_env)" in out
 
 
+def test_serve_refuses_keyless_mode_on_a_cluster_in_one_line_before_joining_it(tmp_path):
+    # on a cluster whose Serve runs, serve.start's host is ignored: the keyless API answered
+    # wherever the cluster's proxies listen (0.0.0.0 under a RayService)
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    no_ray = f"127.0.0.1:{free_port()}"  # nothing listens: joining it would be said otherwise
+    proc = _radjepa("serve", "--model", str(ckpt), "--insecure-local", env=_env(RAY_ADDRESS=no_ray))
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2, out
+    (line,) = [x for x in out.splitlines() if x.startswith("error: ")]
+    assert "insecure local mode (no API keys) is refused on a Ray cluster" in line, out
+    assert "Traceback" not in out and "cannot reach" not in out
+
+
+@pytest.mark.parametrize(
+    ("keys", "insecure", "header"),
+    [
+        (True, False, True),
+        (True, True, True),  # --insecure-local with keys: the keys are still asked for
+        (False, True, False),
+    ],
+)
+def test_the_printed_curl_example_sends_a_key_placeholder_whenever_keys_are_asked_for(
+    keys, insecure, header
+):
+    """It expanded ${RADJEPA_API_KEYS%%,*}: a scoped entry ("KEY patient_linkage") sent the
+    scope too, keys of the keys file or of a renamed serve.api_keys_env sent nothing, and
+    --insecure-local with keys configured sent no header (401)."""
+    from serve.local import curl_example
+    from serve.security import ApiSettings, key_digest
+
+    settings = ApiSettings(
+        insecure_local=insecure, file_keys={key_digest("k" * 20): ()} if keys else {}
+    )
+    line = curl_example("http://127.0.0.1:8000", settings)
+    assert ('-H "Authorization: Bearer <your API key>"' in line) is header, line
+    assert "$" not in line and line.endswith(" http://127.0.0.1:8000/v1/embed"), line
+
+
+def test_the_printed_url_brackets_an_ipv6_host():
+    from serve.local import base_url
+
+    assert base_url("::1", 8000) == "http://[::1]:8000"
+    assert base_url("127.0.0.1", 0) == "http://127.0.0.1:0"
+    assert base_url("localhost", 8000) == "http://localhost:8000"
+
+
 def test_serve_on_a_taken_port_fails_in_one_line_before_starting_ray(tmp_path):
     # a port another server holds: Ray Serve's proxy would fail to bind inside its actor and
     # print ~150 lines of tracebacks, exit code 1, after ~50 s of Ray start-up
@@ -366,10 +412,11 @@ def test_serve_prints_url_answers_and_stops_cleanly_on_ctrl_c(tmp_path, nih_dir)
         assert sum("readable by every user" in x for x in lines) == 1, "".join(lines)
         # nor Ray's "new http_options ... will not be applied": serve.start applied them
         assert not any("will not be applied" in x for x in lines), "".join(lines)
-        # the printed curl example, pasted into a shell that has the keys, works as printed
+        # the printed curl example works as printed once its placeholder is given a key
         (tmp_path / "image.dcm").write_bytes(dicom_from_png(nih_pngs(nih_dir, 1)[0]))
+        assert "<your API key>" in lines[-1]
         shell = subprocess.run(
-            ["bash", "-c", lines[-1]],
+            ["bash", "-c", lines[-1].replace("<your API key>", KEYS.split(",")[0])],
             cwd=tmp_path,
             env=_env(RADJEPA_API_KEYS=KEYS),
             capture_output=True,

@@ -376,3 +376,29 @@ def test_the_public_index_identity_is_the_hash_of_its_ids_joined():
     assert public_index(index) == _short_hash(b"2", "\n".join(ids).encode())
     text = EmbeddingIndex(np.ones((3, 2), np.float32), ["a", "é", "c"])
     assert public_index(text) == _short_hash(b"2", "a\né\nc".encode())
+
+
+@pytest.mark.parametrize("statistics", [True, False], ids=["footer-stats", "no-stats"])
+def test_rows_without_an_image_id_are_refused_naming_the_part(tmp_path, statistics):
+    """A part whose image_id holds nulls loaded, and the API then died at start-up with a bare
+    TypeError (the index's public identity joins its ids). Refused in one line naming the
+    part: from the footer's statistics by the start-up check when the writer kept them, and by
+    the loader in every case."""
+    folder = tmp_path / "index"
+    _part(folder / "part-0.parquet", np.ones((2, 4), np.float32), ["a", "b"])
+    table = pa.table(
+        {
+            "image_id": pa.array(["c", None, None], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(12, np.float32)), 4),
+        }
+    )
+    pq.write_table(table, folder / "part-1.parquet", write_statistics=statistics)
+    said = "part-1.parquet: 2 row.s. have no image_id"
+    if statistics:
+        with pytest.raises(IndexLoadError, match=said):
+            EmbeddingIndex.check_parts(folder)
+    else:  # nothing in the footer tells: left to the replicas, as damaged pages are
+        assert EmbeddingIndex.check_parts(folder) == (5, 4)
+    with pytest.raises(IndexLoadError, match=said) as err:
+        EmbeddingIndex.from_parquet(folder)
+    assert "\n" not in str(err.value)

@@ -183,6 +183,58 @@ def test_a_keys_file_others_may_write_is_refused(tmp_path, monkeypatch, mode):
         _settings(keys, monkeypatch)
 
 
+OTHER_UID = 54321  # a user the test machine does not run the service as
+
+as_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="only root can give a file to another user (chown)"
+)
+
+
+@as_root
+def test_a_keys_file_another_user_owns_is_refused(tmp_path, monkeypatch):
+    """Its owner can make it writable, or write it, whatever its mode: it was accepted
+    (reproduced on the old code: chown 54321, mode 0600, started). Root's own files stay
+    accepted (a Kubernetes Secret volume's are root's)."""
+    keys = _write(tmp_path / "keys", API_KEY + "\n", 0o400)
+    os.chown(keys, OTHER_UID, -1)
+    with pytest.raises(SecurityConfigError, match=f"owned by uid {OTHER_UID}, neither") as err:
+        _settings(keys, monkeypatch)
+    assert "\n" not in str(err.value) and str(keys) in str(err.value)
+    os.chown(keys, 0, -1)
+    assert _settings(keys, monkeypatch).key_digests == (key_digest(API_KEY),)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757], ids=oct)
+def test_a_keys_file_in_a_folder_others_may_write_is_refused(tmp_path, monkeypatch, mode):
+    """Whoever may write the folder can rename a file of their own keys over the keys file,
+    whatever the file's own mode: it was accepted (reproduced on the old code with the folder
+    at 0777). A sticky folder lets each user replace only their own files: accepted when the
+    service's user or root owns it (/tmp, a Kubernetes Secret volume's folder)."""
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    keys = _write(folder / "keys", API_KEY + "\n")
+    folder.chmod(mode)
+    with pytest.raises(SecurityConfigError, match=f"which others may write \\(mode 0{mode:o}\\)"):
+        _settings(keys, monkeypatch)
+    folder.chmod(mode | stat.S_ISVTX)  # sticky, and ours
+    assert _settings(keys, monkeypatch).key_digests == (key_digest(API_KEY),)
+    folder.chmod(0o755)
+    assert _settings(keys, monkeypatch).key_digests == (key_digest(API_KEY),)
+
+
+@as_root
+def test_a_keys_file_in_a_folder_another_user_owns_is_refused(tmp_path, monkeypatch):
+    """The folder's owner can replace the file, sticky folder or not."""
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    keys = _write(folder / "keys", API_KEY + "\n")
+    for mode in (0o755, 0o1777):
+        folder.chmod(mode)
+        os.chown(folder, OTHER_UID, -1)
+        with pytest.raises(SecurityConfigError, match=f"owned by uid {OTHER_UID} .neither"):
+            _settings(keys, monkeypatch)
+
+
 def test_readable_keys_files_start_and_world_readable_ones_warn(tmp_path, monkeypatch, caplog):
     for mode in (0o400, 0o600, 0o440):  # 0440: a Secret volume with fsGroup
         with caplog.at_level(logging.WARNING, logger="serve.app"):
@@ -199,6 +251,12 @@ def test_kubernetes_secret_volume_layout_is_accepted(tmp_path, monkeypatch):
     from defaultMode). The check follows the links to the file itself."""
     vol = _secret_volume(tmp_path / "vol", "..2026_01", API_KEY + "\n", 0o400)
     assert _settings(vol / "keys", monkeypatch).key_digests == (key_digest(API_KEY),)
+    vol.chmod(0o1777)  # the volume's own folder, as kubelet mounts it: sticky, root's
+    assert _settings(vol / "keys", monkeypatch).key_digests == (key_digest(API_KEY),)
+    os.chmod(vol / "..2026_01", 0o777)  # the folder the links resolve to is checked too
+    with pytest.raises(SecurityConfigError, match=r"lies in .*\.\.2026_01, which others may write"):
+        _settings(vol / "keys", monkeypatch)
+    os.chmod(vol / "..2026_01", 0o755)
     os.chmod(vol / "..2026_01" / "keys", 0o666)
     with pytest.raises(SecurityConfigError, match="writable by others"):
         _settings(vol / "keys", monkeypatch)
@@ -268,6 +326,8 @@ def test_a_key_of_the_env_var_outlives_its_removal_from_the_keys_file(world, tmp
         ("writable", "writable by others"),
         ("unknown_scope", "unknown API key scope"),
         ("missing", "cannot read API keys file"),
+        ("open_folder", "which others may write (mode 0777)"),
+        pytest.param("other_owner", f"owned by uid {OTHER_UID}", marks=as_root),
     ],
 )
 def test_an_unusable_new_keys_file_keeps_the_old_keys_and_says_why(
@@ -275,13 +335,22 @@ def test_an_unusable_new_keys_file_keeps_the_old_keys_and_says_why(
 ):
     """Never open to everyone, never everyone locked out in silence: the keys in force stay,
     and one error record (not one per request) names the problem."""
-    keys = _write(tmp_path / "keys", API_KEY + "\n")
+    folder = tmp_path / "secrets"
+    folder.mkdir()
+    keys = _write(folder / "keys", API_KEY + "\n")
     app = create_app(world["embedder"], settings=_settings(keys, monkeypatch))
     with _on_loopback(app) as url, httpx.Client(base_url=url, timeout=60) as c:
         assert _status(c, API_KEY) == 200
         with caplog.at_level(logging.ERROR, logger="serve.app"):
             if case == "missing":
                 keys.unlink()
+            elif case == "open_folder":  # then a new file: a rename anyone could have made
+                folder.chmod(0o777)
+                _swap(keys, NEW_KEY + "\n")
+            elif case == "other_owner":
+                new = _write(folder / "keys.new", NEW_KEY + "\n")
+                os.chown(new, OTHER_UID, -1)
+                os.replace(new, keys)
             else:
                 text = {
                     "short": "tooshort\n",

@@ -207,3 +207,21 @@ def test_a_head_of_another_encoder_is_refused_for_a_registered_model_too(
         app_from_config(cfg_for(model="models:/tiny-enc/1", head=str(head)))
     own = make_head(tmp_path / "own-head", 192, encoder=tmp_path / "ckpt")
     app_from_config(cfg_for(model="models:/tiny-enc/1", head=str(own)))  # its own: accepted
+
+
+@pytest.mark.parametrize(("api_queue", "encoder_queue"), [(10, 640), (-1, -1)])
+def test_the_encoder_queue_holds_as_many_images_as_the_api_queue_holds_requests(
+    cfg_for, api_queue, encoder_queue
+) -> None:
+    """serve.max_queued_requests counts HTTP requests at the API deployment, each up to 64
+    images; the encoder gets one call per image, and was given the same number: two
+    concurrent requests of 64 images overflowed its queue of 64 (503) although the API had
+    admitted both. -1 (unbounded) stays unbounded."""
+    from serve.security import MAX_IMAGES_PER_REQUEST
+
+    cfg = cfg_for().with_overrides({"serve.max_queued_requests": api_queue})
+    api = app_from_config(cfg)._bound_deployment  # what Serve is given to deploy
+    encoder = api.init_args[0]._bound_deployment
+    assert api.max_queued_requests == api_queue
+    assert encoder.max_queued_requests == encoder_queue
+    assert encoder_queue in (-1, api_queue * MAX_IMAGES_PER_REQUEST)
