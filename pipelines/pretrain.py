@@ -354,28 +354,43 @@ def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str])
     collected every rank's report, so it drops that one although rank 0 wrote it whole, and
     offers the one before (or none: a run killed so after its first checkpoint started over).
     Either way the run redid a whole ``train.checkpoint_every`` interval or more. Ray's offer
-    wins when it is at least as new (folder names sort by report time).
+    wins when its step is at least as high. Steps, not folder names, are compared: Ray names
+    the folders by rank 0's local wall-clock time, which a daylight-saving fall-back or a node
+    in another time zone sets back.
     """
     import ray.train
 
+    from radjepa.resume import checkpoint_step
+
     if not resume_from:
         return offered
-    if offered is not None:
-        name = locations.base_name(offered.path)
-        if name not in damaged and name >= locations.base_name(resume_from):
-            return offered
+    if offered is not None and locations.base_name(offered.path) not in damaged:
+        was, pick = _offered_step(offered), checkpoint_step(resume_from)
+        if pick is None or (was is not None and was >= pick):
+            return offered  # a pick that no longer reads is no reason to pass over Ray's
     return ray.train.Checkpoint(resume_from)
 
 
+def _offered_step(offered: Any) -> int | None:
+    """The step of a checkpoint Ray offers, read where Ray keeps it."""
+    from radjepa.resume import checkpoint_step
+
+    return checkpoint_step(offered.path, offered.filesystem)
+
+
 def _unrecorded(restored: Any, offered: Any, newest: str | None) -> bool:
-    """Whether the group restored the run folder's newest intact checkpoint and it is newer
-    than Ray's offer, the newest Ray recorded: a folder Ray has no record of."""
+    """Whether the group restored the run folder's newest intact checkpoint and its step is
+    higher than that of Ray's offer, the newest Ray recorded: a folder Ray has no record of.
+    An offer whose step cannot be read (damaged) is not known to be older: nothing is
+    reported, which would make an older checkpoint the run's latest."""
     if restored is None or restored is offered or newest is None:
         return False
-    name = locations.base_name(restored.path)
-    if name != locations.base_name(newest):
+    if locations.base_name(restored.path) != locations.base_name(newest):
         return False
-    return offered is None or name > locations.base_name(offered.path)
+    if offered is None:
+        return True
+    was, now = _offered_step(offered), _offered_step(restored)
+    return was is not None and now is not None and now > was
 
 
 def _newest_intact(run_dir: str, damaged: Sequence[str]) -> str | None:

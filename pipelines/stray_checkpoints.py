@@ -11,8 +11,8 @@ re-run.
 What is removed, only among the ``checkpoint_*`` folders directly in the run folder:
 
 - a folder cut short (:func:`radjepa.checkpoint.is_cut_short`): never a good copy;
-- after a run that succeeded, a whole folder older than the newest whole checkpoint Ray
-  recorded: a newer good copy exists, and Ray's retention applies to it.
+- after a run that succeeded, a whole folder of an earlier step than the newest whole
+  checkpoint Ray recorded: a newer good copy exists, and Ray's retention applies to it.
 
 What never is: a folder Ray recorded (its record would name a deleted folder, and Ray refuses to
 start on that), the checkpoint this run resumed from, anything when Ray's record cannot be read,
@@ -288,7 +288,7 @@ def prune_stray_checkpoints(
 
 def _prune(run_dir: str, restored: str | None, finished: bool, now: float) -> Pruned:
     from radjepa.checkpoint import is_cut_short
-    from radjepa.resume import checkpoint_dirs
+    from radjepa.resume import checkpoint_folders
 
     recorded = recorded_checkpoints(run_dir)
     if recorded is None:
@@ -297,17 +297,28 @@ def _prune(run_dir: str, restored: str | None, finished: bool, now: float) -> Pr
     keep = {locations.base_name(restored)} if restored else set()
     fs, root = locations.filesystem(run_dir)
     whole: dict[str, bool] = {}
-    for name, location in sorted(checkpoint_dirs(run_dir)):  # oldest first
+    # by step, not name: Ray's names are local wall-clock times, which a DST fall-back or a
+    # node in another time zone sets back (radjepa.resume.checkpoint_folders)
+    order: dict[str, tuple[int, str] | None] = {}
+    for folder in reversed(checkpoint_folders(run_dir)):  # oldest first
+        name = folder.name
+        order[name] = None if folder.step is None else (folder.step, name)
         try:
-            whole[name] = not is_cut_short(location)
+            whole[name] = not is_cut_short(folder.location)
         except OSError as err:  # unknown: neither removed nor counted as a good copy
-            log.warning("checkpoint %s cannot be read, so it is kept: %s", location, err)
-    newest = max((n for n, ok in whole.items() if ok and n in recorded), default=None)
+            log.warning("checkpoint %s cannot be read, so it is kept: %s", folder.location, err)
+    newest_at = max(
+        (order[n] for n, ok in whole.items() if ok and n in recorded and order[n] is not None),
+        default=None,
+    )
     pruned = Pruned()
     for name, ok in whole.items():
         if name in recorded or name in keep:
             continue
-        if ok and not (finished and newest is not None and name < newest):
+        at = order[name]
+        # a whole folder with no step that reads (another version's?) is not known older: kept
+        older = newest_at is not None and at is not None and at < newest_at
+        if ok and not (finished and older):
             continue
         location = locations.join_location(run_dir, name)
         path = f"{root.rstrip('/')}/{name}"
@@ -315,7 +326,11 @@ def _prune(run_dir: str, restored: str | None, finished: bool, now: float) -> Pr
         if size is None:
             continue
         fs.delete_dir(path)
-        why = f"older than {newest}, which Ray recorded" if ok else "cut short"
+        why = (
+            f"step {at[0]}, older than {newest_at[1]} (step {newest_at[0]}), which Ray recorded"
+            if ok and at is not None and newest_at is not None
+            else "cut short"
+        )
         log.info("removed checkpoint folder %s (%s; not recorded by Ray)", location, why)
         pruned += Pruned((name,), size)
     return pruned

@@ -565,9 +565,10 @@ def load_checkpoint(
         return ckpt
     model = into.model if isinstance(into, Pretrainer) else into
     if isinstance(into, Pretrainer):
-        # attention is a kernel choice, not part of the weights
-        theirs = cfg.model.model_dump(exclude={"attention"})
-        ours = into.cfg.model.model_dump(exclude={"attention"})
+        # attention is a kernel choice and drop_path a regulariser: neither is in the weights
+        # (a drop_path change is a training setting, guarded by radjepa.resume)
+        theirs = cfg.model.model_dump(exclude={"attention", "drop_path"})
+        ours = into.cfg.model.model_dump(exclude={"attention", "drop_path"})
         if theirs != ours:
             raise CheckpointError(
                 f"{p}: checkpoint model {theirs} differs from the trainer's {ours}"

@@ -42,6 +42,24 @@ def _raise_recompile_limit(graphs: int) -> None:
             setattr(dyn, name, max(getattr(dyn, name), graphs))
 
 
+def _say_gpu_only_settings(cfg: Config, device: torch.device) -> None:
+    """Warn of the settings that only act on CUDA: asked for explicitly, they were dropped
+    without a word, and a run's speed or numerics were not what its config says. Rank 0 only,
+    so a run says it once, not once per worker."""
+    if cfg.train.precision == "bf16":
+        log.warning(
+            "train.precision=bf16 is ignored on %s: the step runs in fp32 (bf16 autocast is "
+            "used on CUDA only)",
+            device,
+        )
+    if cfg.train.compile:  # reference_mode has turned it off already
+        log.warning(
+            "train.compile=true is ignored on %s: the step runs eagerly (torch.compile is "
+            "used on CUDA only)",
+            device,
+        )
+
+
 class Pretrainer:
     """Owns the JEPA model, optimizer, mask sampler and step counter on one device/rank."""
 
@@ -66,6 +84,8 @@ class Pretrainer:
         self.amp_dtype = (
             torch.bfloat16 if cuda and cfg.train.precision in ("auto", "bf16") else None
         )
+        if not cuda and rank == 0:
+            _say_gpu_only_settings(cfg, self.device)
 
         # init from train.seed (identical on every rank) without touching the caller's RNG
         with torch.random.fork_rng(devices=[]):

@@ -8,13 +8,19 @@ AUROC to rank trials by.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from radjepa.config import Config
-from radjepa.training_data import TRAINING_COLUMNS, TrainingDataError, is_holdout, shard_dataset
+from radjepa.training_data import (
+    TRAINING_COLUMNS,
+    TrainingDataError,
+    is_holdout,
+    training_files,
+)
 
 if TYPE_CHECKING:
     from radjepa.engine import Pretrainer
@@ -29,35 +35,73 @@ def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.nd
     """A fixed image set for the quality metrics: the hold-out, else the first images.
 
     Hold-out images are preferred (they are never trained on); with a tiny archive there may be
-    too few, and the training images still give a meaningful collapse signal. The ids are read
-    first, then the shards are streamed in small batches keeping only the chosen rows: decoding
-    a block of the archive to pick from it held 16x the set in the driver (a GiB for 256 px
-    uint16) and missed hold-out images beyond the block.
+    too few, and the training images still give a meaningful collapse signal. The set is the
+    first ``limit`` hold-out images in shard order. Only the ``image_id`` column is read to find
+    them, row group by row group and only until they are found; then pixels are read from the
+    row groups that hold them alone. Streaming every shard's pixels to keep a few hundred was a
+    download of the whole archive at every pretrain start and every sweep trial.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from radjepa.shards import pixel_batch
 
-    ds = shard_dataset(data)
-    ids = ds.to_table(columns=["image_id"]).column("image_id").to_pylist()
+    fs, files = training_files(data)
+    groups = _id_groups(fs, files, cfg.data.holdout_fraction, limit)
+    ids = [i for _, _, group in groups for i in group]
     held = [i for i, x in enumerate(ids) if is_holdout(x, cfg.data.holdout_fraction)]
-    pick = held if len(held) >= 32 else list(range(len(ids)))
-    chosen = pa.array([ids[i] for i in pick[:limit]], pa.string())
+    pick = held if len(held) >= _MIN_HOLDOUT else list(range(len(ids)))
+    chosen = {ids[i] for i in pick[:limit]}
+    wanted: dict[str, list[int]] = {}  # file -> its row groups holding chosen images, in order
+    for path, index, group in groups:
+        if not chosen.isdisjoint(group):
+            wanted.setdefault(path, []).append(index)
+    value_set = pa.array(sorted(chosen), pa.string())
     parts = []
-    for path in ds.files:
-        with ds.filesystem.open_input_file(path) as f:
-            batches = pq.ParquetFile(f, pre_buffer=False).iter_batches(
-                batch_size=64, columns=TRAINING_COLUMNS
-            )
-            for rb in batches:
-                keep = pc.is_in(rb.column("image_id"), value_set=chosen)
-                if pc.any(keep).as_py():
-                    parts.append(np.array(pixel_batch(rb.filter(keep))))  # [k, H, W], owned
+    for path, indices in wanted.items():
+        for rows in _read_row_groups(fs, path, indices, TRAINING_COLUMNS):
+            keep = pc.is_in(rows.column("image_id"), value_set=value_set)
+            parts.append(np.array(pixel_batch(rows.filter(keep))))  # [k, H, W], owned
     if not parts:
         raise TrainingDataError(f"no images to monitor quality with under {data}")
     return np.concatenate(parts)  # [n, H, W]
+
+
+# fewer hold-out images than this give no stable spectrum: the first images are taken instead
+_MIN_HOLDOUT = 32
+
+
+def _id_groups(
+    fs: Any, files: list[str], fraction: float, limit: int
+) -> list[tuple[str, int, list[str]]]:
+    """(file, row group, its image ids) in shard order, up to the row group that settles the
+    pick: ``max(limit, _MIN_HOLDOUT)`` hold-out images (the first ``limit`` of them, and
+    enough not to fall back to the first images); short of that, every row group."""
+    need = max(limit, _MIN_HOLDOUT)
+    groups: list[tuple[str, int, list[str]]] = []
+    found = 0
+    for path in files:
+        for index, rows in enumerate(_read_row_groups(fs, path, None, ["image_id"])):
+            group = rows.column(0).to_pylist()
+            groups.append((path, index, group))
+            found += sum(is_holdout(x, fraction) for x in group)
+            if found >= need:
+                return groups
+    return groups
+
+
+def _read_row_groups(
+    fs: Any, path: str, indices: list[int] | None, columns: list[str]
+) -> Iterator[Any]:
+    """``columns`` of the row groups ``indices`` (None: all, lazily) of the shard at ``path``,
+    one table each, through one open file: the row group is the unit the monitor set is read
+    in, so what it costs is the row groups it holds."""
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as f:
+        shard = pq.ParquetFile(f, pre_buffer=False)
+        for index in range(shard.num_row_groups) if indices is None else indices:
+            yield shard.read_row_group(index, columns=columns)
 
 
 def _embed(trainer: Pretrainer, images: np.ndarray, cfg: Config, device: Any) -> torch.Tensor:

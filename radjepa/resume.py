@@ -18,11 +18,14 @@ from radjepa.config import Config, flatten
 
 __all__ = [
     "RESUME_GUARDED",
+    "CheckpointFolder",
     "ResumeError",
     "ResumePoint",
     "check_resume_config",
     "check_resume_workers",
     "checkpoint_dirs",
+    "checkpoint_folders",
+    "checkpoint_step",
     "find_resume_point",
     "newest_intact_checkpoint",
 ]
@@ -30,7 +33,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Settings the optimisation in a checkpoint depends on: a resume with other values continues a
-# different experiment than the one recorded, so it needs train.allow_config_change
+# different experiment than the one recorded, so it needs train.allow_config_change. The
+# hold-out fraction decides which images are trained on and which are held out (the RankMe
+# set): another one swaps seen and unseen images mid-run. Drop-path is a training setting of
+# the model, no part of its weights.
 RESUME_GUARDED = (
     "masks.",
     "ema.",
@@ -38,9 +44,14 @@ RESUME_GUARDED = (
     "data.crop_size",
     "data.crop_scale",
     "data.crop_ratio",
+    "data.holdout_fraction",
+    "model.drop_path",
     "train.seed",
     "train.batch_size",
 )
+
+# model settings that are no part of the weights: another value is no other model
+_NOT_THE_MODEL = ("model.attention", "model.drop_path")
 
 
 class ResumeError(ValueError):
@@ -49,7 +60,7 @@ class ResumeError(ValueError):
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """The checkpoint a re-run continues from, the damaged newer ones it skips, and the guarded
+    """The checkpoint a re-run continues from, the damaged ones it skips, and the guarded
     keys the new config changes (only non-empty with train.allow_config_change)."""
 
     path: str
@@ -59,9 +70,43 @@ class ResumePoint:
     num_workers: int  # the ranks it was trained with (train.num_workers=0 resolves per cluster)
 
 
-def checkpoint_dirs(run_dir: str) -> list[tuple[str, str]]:
-    """(name, location) of the run's checkpoint folders, newest first: Ray Train names them
-    ``checkpoint_<timestamp>``, so the names sort in the order they were reported."""
+@dataclass(frozen=True)
+class CheckpointFolder:
+    """A checkpoint folder of a run and the step its ``meta.json`` records (None: none that
+    reads, as in a folder cut short before its metadata was written, or a damaged one)."""
+
+    name: str
+    location: str
+    step: int | None
+
+
+def checkpoint_step(location: str, fs: Any = None) -> int | None:
+    """The step recorded in the ``meta.json`` of the checkpoint folder at ``location`` (a path
+    on ``fs`` when given, else a folder or URI), or None when there is none that reads. Never
+    raises: a folder whose step cannot be read is one :func:`check_resumable` then calls
+    damaged or unreadable, and says why."""
+    import json
+
+    from radjepa.checkpoint import META
+
+    try:
+        if fs is None:
+            fs, location = locations.filesystem(location)
+        with fs.open_input_stream(f"{location.rstrip('/')}/{META}") as f:
+            step = json.loads(f.read().decode("utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def checkpoint_folders(run_dir: str) -> list[CheckpointFolder]:
+    """The run's checkpoint folders, newest first by the step each records, the name breaking
+    ties. Ray Train names them ``checkpoint_<local wall-clock time>`` of rank 0's node, with no
+    time zone: after a daylight-saving fall-back, or a resume on a node in another zone, the
+    names no longer sort in step order, and a resume picked an older step. Folders whose step
+    cannot be read come first, so that every reader meets them before the intact ones: they
+    are cut short or damaged (skipped with a warning, and taken out of Ray's record), or the
+    storage failed to read them (the resume stops rather than skip a good newest one)."""
     import pyarrow.fs as pafs
 
     try:
@@ -69,15 +114,22 @@ def checkpoint_dirs(run_dir: str) -> list[tuple[str, str]]:
         entries = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), allow_not_found=True))
     except (OSError, ValueError) as err:
         raise ResumeError(f"cannot list the checkpoints in {run_dir}: {err}") from None
-    names = sorted(
-        (
-            e.base_name
-            for e in entries
-            if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")
-        ),
-        reverse=True,
-    )
-    return [(name, locations.join_location(run_dir, name)) for name in names]
+    folders = [
+        CheckpointFolder(
+            e.base_name,
+            locations.join_location(run_dir, e.base_name),
+            checkpoint_step(e.path, fs),
+        )
+        for e in entries
+        if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")
+    ]
+    return sorted(folders, key=lambda c: (c.step is None, c.step or 0, c.name), reverse=True)
+
+
+def checkpoint_dirs(run_dir: str) -> list[tuple[str, str]]:
+    """(name, location) of the run's checkpoint folders, newest first
+    (:func:`checkpoint_folders`' order)."""
+    return [(c.name, c.location) for c in checkpoint_folders(run_dir)]
 
 
 def newest_intact_checkpoint(run_dir: str, skip: Sequence[str] = ()) -> str | None:
@@ -136,7 +188,8 @@ def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
             continue
         if damaged:
             log.warning(
-                "resuming from %s (step %d): the newer %s cannot be read",
+                "resuming from %s (step %d), the newest checkpoint that reads cleanly: %s "
+                "cannot be read",
                 name,
                 step,
                 ", ".join(damaged),
@@ -190,8 +243,8 @@ def _say_schedule_jump(saved: Config, cfg: Config, step: int) -> None:
 
 def check_resume_config(saved: Config, cfg: Config, step: int) -> dict[str, tuple[Any, Any]]:
     """What ``cfg`` changes against the config a run's checkpoint was trained with. Another
-    model cannot load the weights at all; other masks, EMA, optimizer, crops, seed or batch size
-    would silently turn the run into a different experiment, so they need
+    model cannot load the weights at all; other masks, EMA, optimizer, crops, hold-out, drop-path,
+    seed or batch size would silently turn the run into a different experiment, so they need
     ``train.allow_config_change``; more (or fewer) steps re-time the schedules, with a
     warning that gives the jump."""
     old, new = flatten(saved), flatten(cfg)
@@ -201,7 +254,7 @@ def check_resume_config(saved: Config, cfg: Config, step: int) -> dict[str, tupl
         if old.get(k) != new.get(k)
     }
     name = cfg.train.run_name
-    model = [k for k in diff if k.startswith("model.") and k != "model.attention"]
+    model = [k for k in diff if k.startswith("model.") and k not in _NOT_THE_MODEL]
     if model:
         raise ResumeError(
             f"run {name} has a checkpoint at step {step} of another model "

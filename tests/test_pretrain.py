@@ -989,23 +989,6 @@ def test_stray_checkpoint_folders_are_pruned_and_the_run_still_resumes(
     assert left == {ckpts[1].name, restored.name, fresh.name, Path(again.checkpoint).name}
 
 
-def test_restore_point_prefers_what_a_worker_failure_reports(tmp_path):
-    # after a worker failure Ray offers what this run last reported: newer than the driver's
-    # pick, so it wins; an older or damaged offer loses to the driver's pick
-    import ray.train
-
-    from pipelines.pretrain import restore_point
-
-    pick = str(tmp_path / "checkpoint_2026-01-01_10-05-00.000001")
-    newer = ray.train.Checkpoint(str(tmp_path / "checkpoint_2026-01-01_10-09-00.000001"))
-    older = ray.train.Checkpoint(str(tmp_path / "checkpoint_2026-01-01_10-00-00.000001"))
-    assert restore_point(newer, pick, ()) is newer
-    assert restore_point(older, pick, ()).path == pick
-    assert restore_point(newer, pick, (Path(newer.path).name,)).path == pick
-    assert restore_point(None, pick, ()).path == pick
-    assert restore_point(older, None, ()) is older
-
-
 def _enospc() -> OSError:
     """A full disk's error: from the kernel's always-full device where there is one (a
     container's /dev may lack it: opening it for writing there made a plain file of it)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from radjepa.checkpoint import save_checkpoint
+from radjepa.checkpoint import load_checkpoint, save_checkpoint
 from radjepa.config import load_config
 from radjepa.engine import Pretrainer
 from radjepa.resume import (
@@ -150,6 +150,18 @@ def test_another_model_is_refused_in_one_line(run_dir):
     assert find_resume_point(_cfg("model.attention=manual"), str(run_dir)).step == 2
 
 
+def test_another_drop_path_is_a_training_setting_not_another_model(run_dir):
+    # it changes no weight shape: it was refused as "another model" even with permission
+    with pytest.raises(ResumeError, match=r"other settings \(model.drop_path 0.0 -> 0.1\)"):
+        find_resume_point(_cfg("model.drop_path=0.1"), str(run_dir))
+    cfg = _cfg("model.drop_path=0.1", "train.allow_config_change=true")
+    point = find_resume_point(cfg, str(run_dir))
+    assert point.step == 2 and point.changed == {"model.drop_path": (0.0, 0.1)}
+    trainer = Pretrainer(cfg, "cpu")  # what the workers then load it into
+    load_checkpoint(point.path, trainer)
+    assert trainer.step == 2
+
+
 def test_changed_optimisation_settings_need_explicit_permission(run_dir, caplog):
     changes = ["optim.betas=[0.8, 0.99]", "ema.start=0.99", "train.seed=3", "masks.min_keep=5"]
     with pytest.raises(ResumeError) as err:
@@ -164,8 +176,16 @@ def test_changed_optimisation_settings_need_explicit_permission(run_dir, caplog)
     assert point.changed["ema.start"] == (0.996, 0.99)
 
 
-@pytest.mark.parametrize("key", ["data.crop_scale=[0.5, 1.0]", "train.batch_size=4"])
-def test_crops_and_batch_size_are_guarded_too(key):
+@pytest.mark.parametrize(
+    "key",
+    [
+        "data.crop_scale=[0.5, 1.0]",
+        "train.batch_size=4",
+        # which images are trained on and which are held out (RankMe's set): swapped mid-run
+        "data.holdout_fraction=0.2",
+    ],
+)
+def test_crops_batch_size_and_holdout_are_guarded_too(key):
     with pytest.raises(ResumeError, match=key.split("=")[0]):
         check_resume_config(_cfg(), _cfg(key), 8)
 
