@@ -87,6 +87,34 @@ def load(config: str | None, sets: list[str] | None) -> Config:
         raise UserError(str(err)) from None
 
 
+# mask sections drawn by `config validate` (each 0.1-1 s at ViT-B's grid and batch 256)
+MAX_MASK_DRAWS = 16
+
+
+def check_runnable(cfg: Config) -> None:
+    """What pretrain and sweep refuse before their first step, checked without shards or Ray:
+    every setting a sweep's trials can get validates, and each one's masks (the config's own
+    without a sweep) can be drawn on its model's grid. ``config validate`` said ok to configs
+    both refused."""
+    from radjepa.config import ConfigError, swept_configs
+    from radjepa.masks import MasksUnsatisfiable, check_masks
+
+    try:
+        trials = swept_configs(cfg) if cfg.tune.search_space else [("", cfg)]
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    drawn: set[str] = set()
+    for said, trial in trials:
+        key = trial.masks.model_dump_json() + f"{trial.model.grid},{trial.train.batch_size}"
+        if key in drawn or len(drawn) >= MAX_MASK_DRAWS:
+            continue
+        drawn.add(key)
+        try:
+            check_masks(trial.masks, trial.model.grid, trial.train.batch_size, trial.train.seed)
+        except MasksUnsatisfiable as err:
+            raise UserError(f"tune.search_space: {said}: {err}" if said else str(err)) from None
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -122,7 +150,12 @@ def version() -> None:
 
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Print the fully resolved config as YAML (defaults + file + overrides)."""
+    """Print the fully resolved config as YAML (defaults + file + overrides).
+
+    Credentials in locations are printed as *** (user:***@host): a config saved from this
+    output is refused until the real credential is put back (or the key is left out and the
+    environment gives it).
+    """
     from radjepa.config import config_to_yaml
 
     typer.echo(config_to_yaml(load(config, set_)), nl=False)
@@ -130,8 +163,10 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 @config_app.command("validate")
 def config_validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Validate a config; exit 0 when valid, 2 with the offending keys otherwise."""
+    """Validate a config, its sweep's settings and its masks on the model's grid; exit 0 when
+    valid, 2 with the offending keys otherwise."""
     cfg = load(config, set_)
+    check_runnable(cfg)
     typer.echo(
         f"ok: {config or 'defaults'} ({cfg.model.arch}/{cfg.model.patch_size} @ "
         f"{cfg.model.img_size}px)"
@@ -172,6 +207,60 @@ def ingest(
         f"{res.duplicates} duplicates{instances} -> {paths[-1]} ({res.total_images} images in "
         "total)"
     )
+
+
+@app.command()
+def quarantine(
+    paths: Annotated[
+        list[str],
+        typer.Argument(help="DST, then the sources it was ingested from (to find the files)."),
+    ],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    duplicates: Annotated[
+        bool, typer.Option("--duplicates", help="Also list the inputs not stored as duplicates.")
+    ] = False,
+) -> None:
+    """List DST's quarantined inputs and why; given the sources, find each one's file."""
+    # rows name a file only by a keyed hash of its path (raw paths are stored only with
+    # ingest.keep_source_paths): the sources are listed and hashed with the key as ingest did,
+    # and the paths that match are printed here, never stored
+    cfg = load(config, set_)
+    import pyarrow as pa
+    from rich.console import Console
+    from rich.table import Table
+
+    from radjepa.imaging.deid import SecretRefused, resolve_secret
+    from radjepa.ingest.errors import IngestError
+    from radjepa.ingest.locate import locate_rows
+
+    dst, sources = paths[0], paths[1:]
+    try:
+        secret = b""
+        if sources:
+            secret = resolve_secret(
+                cfg.ingest.secret_env, allow_development_key=cfg.ingest.allow_development_key
+            )
+        with Console(stderr=True).status(f"hashing the names under {len(sources)} source(s)"):
+            located = locate_rows(dst, sources, secret, duplicates=duplicates)
+    except (SecretRefused, IngestError) as err:
+        raise UserError(str(err)) from None
+    except (OSError, pa.ArrowException) as err:
+        raise UserError(f"cannot read {dst}: {err}") from None
+    if not located.rows:
+        typer.echo(f"{dst}: nothing quarantined" + (" or duplicated" if duplicates else ""))
+        return
+    table = Table(title=f"{dst}: {len(located.rows)} row(s)")
+    for column in ("file" if sources else "image id", "reason", "message", "run"):
+        table.add_column(column, overflow="fold")
+    for r in located.rows:
+        where = r.path or ("not under the sources" if sources else (r.image_id or "")[:16])
+        table.add_row(where, f"{r.table}: {r.reason}", r.message or "", r.run_id)
+    Console(soft_wrap=False).print(table)
+    if sources:
+        typer.echo(f"found {located.found} of {len(located.rows)} ({located.names_hashed} names)")
+    else:
+        typer.echo("give the sources after DST to find each row's file")
 
 
 @app.command()
@@ -248,6 +337,7 @@ def sweep(
         raise UserError(str(err)) from None
     from pipelines.runtime import ignore_sigterm_after_the_job
     from pipelines.sweep import SweepError, SweepInterrupted, run_sweep
+    from radjepa.eval.features import DatasetError
 
     ignore_sigterm_after_the_job()
     try:
@@ -256,6 +346,8 @@ def sweep(
         _exit_now(130, f"error: {err}")
     except (SweepError, PretrainError) as err:
         raise UserError(str(err)) from None
+    except DatasetError as err:  # the supervised metric's labels: a typo was a traceback
+        raise UserError(f"tune.labels_csv: {err}") from None
     table = Table(title=f"sweep {cfg.tune.name}: {res.metric} (higher is better)")
     keys = sorted({k for t in res.trials for k in t.params})
     for col in ["trial", *keys, res.metric, "steps", "status"]:
@@ -342,10 +434,12 @@ def serve_cmd(
     from pipelines.tracking import store_uri
     from serve.deployment import check_pseudonym_key, check_references
     from serve.local import (
+        AppAlreadyRunning,
         PortInUse,
         ServeStartFailed,
         check_port_free,
         curl_example,
+        refuse_keyless_on_cluster,
         start_failures_said_once,
         start_local,
         stop_local,
@@ -362,6 +456,7 @@ def serve_cmd(
             secret_env=cfg.ingest.secret_env,
             allow_development_key=cfg.ingest.allow_development_key,
         )
+        refuse_keyless_on_cluster(settings, on_cluster=not local_ray)
         check_port_free(cfg.serve.host, cfg.serve.port)
 
         def key_check() -> None:  # the replicas of a Ray this process starts have its key
@@ -416,13 +511,19 @@ def serve_cmd(
                     # cluster's replicas may land on another node, so Serve retries there.
                     start_attempts=1 if local_ray else None,
                 )
-            except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
+            except (
+                SecurityConfigError,
+                PortInUse,
+                AppAlreadyRunning,
+                FileNotFoundError,
+                ValueError,
+            ) as err:
                 raise UserError(str(err)) from None
             except ServeStartFailed as err:
                 raise RunFailed(str(err)) from None
             quiet.active = False  # a replica failing from now on is said by Serve, as before
             typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")
-            typer.echo(curl_example(url, with_key=not cfg.serve.insecure_local))
+            typer.echo(curl_example(url, settings))
             while True:
                 time.sleep(1.0)
         except KeyboardInterrupt:

@@ -34,6 +34,8 @@ from pipelines.provenance import submitter_env
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
+    from radjepa.config import Config
+
 log = logging.getLogger(__name__)
 
 ADDRESS_ENVS = ("RAY_JOB_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -327,6 +329,23 @@ def _option_values(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
     return values
 
 
+def _config_location(args: Sequence[str], working_dir: Path) -> str | None:
+    """The config the radjepa command ``args`` names (the last ``-c``), as the job will read
+    it: a relative path is relative to the uploaded folder."""
+    configs = _option_values(args, ("-c", "--config"))
+    path: str | None = configs[-1] if configs else None
+    if path is not None and "://" not in path and not Path(path).is_absolute():
+        path = str(working_dir / path)
+    return path
+
+
+def _job_config(args: Sequence[str], working_dir: Path) -> Config:
+    """The config the job will load: its file with its ``--set`` overrides (ConfigError)."""
+    from radjepa.config import load_config
+
+    return load_config(_config_location(args, working_dir), _option_values(args, ("-s", "--set")))
+
+
 def secret_envs_of(args: Sequence[str], working_dir: Path) -> tuple[str, str]:
     """The variables that hold the keys of the radjepa command ``args``: ``ingest.secret_env``
     (pseudonyms) and ``serve.api_keys_env`` (the API's bearer keys) of the config it names,
@@ -336,15 +355,9 @@ def secret_envs_of(args: Sequence[str], working_dir: Path) -> tuple[str, str]:
     like a secret can still hold the key: :func:`secret_problem` refuses it too. The config is
     read here as the job will read it: a relative path is relative to the uploaded folder.
     """
-    from radjepa.config import ConfigError, load_config
-
-    configs = _option_values(args, ("-c", "--config"))
-    path: str | None = configs[-1] if configs else None
-    if path is not None and "://" not in path and not Path(path).is_absolute():
-        path = str(working_dir / path)
     try:
-        cfg = load_config(path, _option_values(args, ("-s", "--set")))
-    except (ConfigError, OSError, ValueError) as err:
+        cfg = _job_config(args, working_dir)
+    except (OSError, ValueError) as err:  # a ConfigError is a ValueError
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise JobsError(
             "the job's config names the variable that holds the de-identification key "
@@ -416,6 +429,23 @@ def _holds_credential(text: str) -> bool:
     return False
 
 
+def _refuse_invalid_config(args: Sequence[str], working_dir: Path) -> None:
+    """A job whose config file is here and invalid failed on the cluster after the upload and
+    the driver's start (minutes), with the error this gives in a second. A config named but
+    not here may be a path on the cluster's nodes: the job reads it there."""
+    from radjepa.config import ConfigError
+
+    location = _config_location(args, working_dir)
+    if location is None or not Path(location).is_file():
+        return
+    try:
+        _job_config(args, working_dir)
+    except ConfigError as err:
+        if str(err).startswith(("config file not found:", "cannot read config ")):
+            return  # a file it extends may be on the cluster's nodes or buckets, not here
+        raise JobsError(f"not submitted: the job's config {location}: {err}") from None
+
+
 def build_submission(
     args: Sequence[str],
     *,
@@ -472,6 +502,7 @@ def build_submission(
     # the variable the job's config names, when its config is a local file (a bucket's is not
     # fetched here); a config that cannot be read leaves the name rule alone
     if not any("://" in c for c in _option_values(args, ("-c", "--config"))):
+        _refuse_invalid_config(args, wd)
         with contextlib.suppress(JobsError):
             deid_envs.update(secret_envs_of(args, wd))
     problem = secret_problem(

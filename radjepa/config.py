@@ -8,12 +8,17 @@ offending dotted key so a typo in a 300-trial sweep fails in a second, not after
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import logging
+import math
 import os
 import posixpath
+import re
+import types
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -38,6 +43,7 @@ __all__ = [
     "MODEL_WIDTHS",
     "CompileScope",
     "PatientIdentity",
+    "swept_configs",
 ]
 
 # Encoder sizes (embed dim, depth, heads) as in the ViT/I-JEPA papers; "tiny" is for CPU tests.
@@ -95,10 +101,34 @@ def _no_bool_for_numbers(cls: type[BaseModel], value: Any, info: ValidationInfo)
     return value
 
 
+def _text_annotation(annotation: Any) -> tuple[bool, bool]:
+    """(is a text field, also takes null): ``str`` or ``str | None``, not a Literal."""
+    if annotation is str:
+        return True, False
+    args = get_args(annotation)
+    if get_origin(annotation) is not Literal and str in args and set(args) <= {str, type(None)}:
+        return True, type(None) in args
+    return False, False
+
+
+def _text_as_typed(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A YAML file reads ``run_name: 2025-01-15`` as a date and ``name: 123`` as a number, which
+    a text field refused, while ``--set`` keeps both as the text typed (:func:`_override_item`):
+    a text field takes such scalars as their text, so a file and ``--set`` agree."""
+    field = cls.model_fields.get(info.field_name or "")
+    if field is None or not _text_annotation(field.annotation)[0] or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float | datetime.date):
+        return str(value)
+    return value
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan validated (a YAML .inf, .nan) and failed far later: an OverflowError drawing masks
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     _no_bools = field_validator("*", mode="before")(classmethod(_no_bool_for_numbers))
+    _text = field_validator("*", mode="before")(classmethod(_text_as_typed))
 
 
 def _gpu_setting(value: Any) -> Any:
@@ -143,7 +173,9 @@ class IngestConfig(_Section):
     keep_source_paths: bool = Field(
         False, description="store raw source paths (PHI risk); otherwise only a keyed hash"
     )
-    decode_actors: int = Field(0, ge=0, description="decoder actor-pool size; 0 = one per CPU")
+    decode_actors: int = Field(
+        0, ge=0, description="most decoder actors (grown on demand); 0 = one per cluster CPU"
+    )
     decode_timeout_s: float = Field(
         300.0,
         ge=0,
@@ -620,14 +652,20 @@ class ServeConfig(_Section):
     request_timeout_s: float = Field(30.0, gt=0)
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
-    num_replicas: int | Literal["auto"] = 1
-    max_replicas: int = Field(4, ge=1)
+    num_replicas: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1, description="replicas of the API; 'auto' scales between 1 and max_replicas"
+    )
+    max_replicas: int = Field(
+        4, ge=1, description="the autoscaling ceiling under num_replicas=auto (a count ignores it)"
+    )
     max_ongoing_requests: int = Field(32, ge=1)
     max_queued_requests: int = Field(
         64,
         ge=-1,
-        description="requests Ray Serve queues per caller beyond max_ongoing_requests before "
-        "answering 503 at once; -1 = unbounded (requests then wait into the proxy's timeout)",
+        description="HTTP requests Ray Serve queues per caller (proxy) at the API beyond "
+        "max_ongoing_requests before answering 503 at once; the encoder's queue holds this many "
+        "requests' images (one call per image) per API replica; -1 = unbounded (requests then "
+        "wait into the proxy's timeout)",
     )
     decode_workers: int = Field(
         0,
@@ -691,22 +729,80 @@ class Config(_Section):
 # Loading, overriding, dumping
 
 
-def _format_validation_error(err: ValidationError, prefix: str = "") -> str:
+# what a union's branch is called in its error line, and how it is said to the user
+_FORMS = {int: "a whole number", float: "a number", str: "text", bool: "true or false"}
+_BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+_PYDANTIC_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def _union_at(loc: tuple[Any, ...]) -> tuple[int, list[Any]] | None:
+    """Where pydantic tagged ``loc`` with a union branch (``serve.num_replicas.int``), and the
+    union's members; None when no field on the way is a union of several types."""
+    node: Any = Config
+    i = 0
+    while i < len(loc):
+        fields = getattr(node, "model_fields", None)
+        if not isinstance(fields, dict) or loc[i] not in fields:
+            return None
+        ann = fields[loc[i]].annotation
+        members = [a for a in get_args(ann) if a is not type(None)]
+        if get_origin(ann) in (Union, types.UnionType) and len(members) > 1:
+            return (i + 1, members) if i + 1 < len(loc) else None
+        if get_origin(ann) is dict:  # dict[str, Section]: the next part is a key
+            node, i = get_args(ann)[1], i + 2
+        else:
+            node, i = ann, i + 1
+    return None
+
+
+def _form(member: Any) -> str:
+    """``a whole number >= 1``, ``'auto'``: one allowed form of a union field."""
+    if get_origin(member) is Literal:
+        return " or ".join(repr(a) for a in get_args(member))
+    base, *meta = get_args(member) if get_origin(member) is Annotated else (member,)
+    bounds = []
+    for m in meta:  # a FieldInfo (Field(ge=1)) holds its bounds in .metadata
+        for item in getattr(m, "metadata", None) or [m]:
+            bounds += [f"{op} {getattr(item, n)}" for n, op in _BOUNDS if hasattr(item, n)]
+    return " ".join([_FORMS.get(base, getattr(base, "__name__", str(base))), *bounds])
+
+
+def _error_line(e: Any) -> tuple[str, str]:
+    """(dotted key, what is wrong) for one pydantic error, in the schema's words."""
+    loc = tuple(p for p in e["loc"] if p != "__root__")
+    union = _union_at(loc)
+    if union is not None:
+        # one line per union, naming its forms: pydantic said each branch on its own line,
+        # under keys that do not exist ("serve.num_replicas.literal['auto']")
+        at, members = union
+        forms = " or ".join(_form(m) for m in members)
+        return ".".join(map(str, loc[:at])), f"expected {forms}, got {e.get('input')!r}"
+    key = ".".join(str(p) for p in loc)
+    msg = e["msg"]
+    for noise in _PYDANTIC_PREFIXES:
+        msg = msg.removeprefix(noise)
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing" and loc and isinstance(loc[-1], int):
+        # a range given one value read "masks.target_scale.1: Field required"
+        key, msg = key.rsplit(".", 1)[0], "needs two values [low, high]"
+    elif e["type"] == "too_long" and (e.get("ctx") or {}).get("field_type") == "Tuple":
+        msg = f"needs two values [low, high], got {e['ctx'].get('actual_length')}"
+    elif e["type"] == "tuple_type":
+        msg = f"needs two values [low, high], got {e.get('input')!r}"
+    elif e["type"] == "finite_number":
+        msg = f"must be a finite number, got {e.get('input')!r}"
+        if len(loc) > 1 and loc[-1] in (0, 1):  # a range's low or high
+            key, msg = key.rsplit(".", 1)[0], f"{('low', 'high')[loc[-1]]} {msg}"
+    return key, msg
+
+
+def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if p not in ("__root__",))
-        key = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "<config>")
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing" and e["loc"] and isinstance(e["loc"][-1], int):
-            # a range given one value read "masks.target_scale.1: Field required"
-            key, msg = key.rsplit(".", 1)[0], "needs two values [low, high]"
-        elif e["type"] == "too_long" and (e.get("ctx") or {}).get("field_type") == "Tuple":
-            msg = f"needs two values [low, high], got {e['ctx'].get('actual_length')}"
-        elif e["type"] == "tuple_type":
-            msg = f"needs two values [low, high], got {e.get('input')!r}"
-        lines.append(f"{key}: {msg}")
+        key, msg = _error_line(e)
+        # a check across sections names its keys itself ("data.crop_size (112) must equal ...")
+        lines.append(f"{key}: {msg}" if key else msg)
     return "invalid configuration:\n  " + "\n  ".join(dict.fromkeys(lines))
 
 
@@ -755,15 +851,7 @@ def _text_field(key: str) -> tuple[bool, bool]:
     if not (isinstance(sec_type, type) and issubclass(sec_type, BaseModel)):
         return False, False
     field = sec_type.model_fields.get(name)
-    if field is None:
-        return False, False
-    ann = field.annotation
-    if ann is str:
-        return True, False
-    args = get_args(ann)
-    if get_origin(ann) is not Literal and str in args and set(args) <= {str, type(None)}:
-        return True, type(None) in args
-    return False, False
+    return (False, False) if field is None else _text_annotation(field.annotation)
 
 
 def _override_item(item: str) -> tuple[str, Any]:
@@ -792,13 +880,14 @@ def apply_overrides(cfg: Config, overrides: Mapping[str, Any] | Iterable[str]) -
     tree = _layer_masks(tree, {"masks": {k[6:]: None for k in keys if k.startswith("masks.")}})
     for key, value in items:
         if key.startswith("tune.search_space."):
-            # search-space keys are themselves dotted: tune.search_space.<dotted.key>.<field>
+            # search-space keys are themselves dotted: tune.search_space.<dotted.key>.<field>,
+            # or tune.search_space.<dotted.key> given a whole dimension ({type: choice, ...})
             rest = key[len("tune.search_space.") :]
             dim_key, _, field = rest.rpartition(".")
-            if not dim_key:
-                tree["tune"]["search_space"][rest] = value
-            else:
+            if dim_key and field in SearchDim.model_fields and not isinstance(value, Mapping):
                 tree["tune"]["search_space"].setdefault(dim_key, {})[field] = value
+            else:
+                tree["tune"]["search_space"][rest] = value
             continue
         _set_dotted(tree, key, value)
     return _validate(tree)
@@ -878,8 +967,13 @@ def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if not data:  # a file truncated or saved blank is easy to miss in a job's log
         log.warning("config file %s is empty: every setting is the default", location)
     base = data.pop("extends", None)
+    if base is not None and not isinstance(base, str):
+        # a list read "config file not found: .../['a.yaml']"
+        raise ConfigError(
+            f"{location}: extends takes one config file (a path or URI), got {base!r}"
+        )
     if base is not None:
-        parent = _read_yaml(_parent_location(location, str(base)), (*seen, location))
+        parent = _read_yaml(_parent_location(location, base), (*seen, location))
         data = _deep_merge(parent, data)
     return data
 
@@ -909,6 +1003,37 @@ def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+# a password or query credential that `radjepa config show` (any redacted output) replaced by
+# its placeholder (radjepa.locations.redact; spelled here so loading a config needs no pyarrow)
+_REDACTED_CREDENTIAL = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:\*\*\*@"
+    r"|(?i:[?&][^=&\s]*(?:secret|token|password|passwd|key)[^=&\s]*=)\*\*\*(?=[&\s]|$)"
+)
+
+
+def _refuse_redacted_credentials(cfg: Config) -> None:
+    """``radjepa config show`` prints ``user:***@``: its output saved as a config validated and
+    then failed to log in with the password ``***``, far from where the credential was lost.
+    Checked on what a user loads, not in the schema: a checkpoint keeps its config redacted
+    (``radjepa.checkpoint``) and is validated again when it is loaded."""
+    keys = [
+        key
+        for key, value in flatten(cfg).items()
+        if isinstance(value, str) and _REDACTED_CREDENTIAL.search(value)
+    ]
+    if keys:
+        raise ConfigError(
+            "invalid configuration:\n  "
+            + "\n  ".join(
+                f"{key}: holds the *** placeholder where a credential goes (this config came "
+                "from `radjepa config show`, which hides credentials): put the real credential "
+                "back, or leave it out and give it through the environment (MLFLOW_TRACKING_URI, "
+                "the storage's own variables)"
+                for key in keys
+            )
+        )
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | Iterable[str] = (),
@@ -922,6 +1047,7 @@ def load_config(
     items = overrides.items() if isinstance(overrides, Mapping) else list(overrides)
     if items:
         cfg = apply_overrides(cfg, dict(items) if isinstance(overrides, Mapping) else overrides)
+    _refuse_redacted_credentials(cfg)
     return cfg
 
 
@@ -943,4 +1069,75 @@ def flatten(cfg: Config | Mapping[str, Any], prefix: str = "") -> dict[str, Any]
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What a sweep's trials train with
+
+# combinations of swept values validated before a sweep: each one validates a whole Config
+MAX_SWEPT_CHECKED = 256
+# where in a range the value checked besides its ends sits (a fraction: an integer setting
+# refuses it, as it refuses Tune's draws)
+_INSIDE = 0.382
+
+
+def _holds_integers(key: str) -> bool:
+    """Whether the dotted config ``key`` holds an ``int`` (possibly optional)."""
+    model: Any = Config
+    annotation: Any = None
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        annotation = model = fields[part].annotation
+    kinds = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    return all(kind is int for kind in kinds)
+
+
+def swept_candidates(key: str, dim: SearchDim) -> list[Any]:
+    """The values of one swept key that are checked: its choices, or a range's ends and a
+    value inside it (a randint's high is never drawn)."""
+    if dim.values:
+        return list(dim.values)
+    if dim.type == "randint":
+        return [int(dim.low or 0), int(dim.high or 0) - 1]
+    low, high = float(dim.low or 0), float(dim.high or 0)
+    if _holds_integers(key):
+        raise ConfigError(
+            f"tune.search_space.{key}: '{dim.type}' draws fractions, and {key} takes whole "
+            f"numbers: use 'randint' (low {math.ceil(low)}, high {math.floor(high) + 1}) or "
+            "'choice'"
+        )
+    inside = (
+        low * (high / low) ** _INSIDE if dim.type == "loguniform" else low + (high - low) * _INSIDE
+    )
+    return [low, inside, high]
+
+
+def swept_configs(cfg: Config, limit: int = MAX_SWEPT_CHECKED) -> list[tuple[str, Config]]:
+    """The configs the trials of ``cfg``'s sweep can train with, each with its setting in words
+    (``ema.start = 0.99, ...``); a ConfigError saying the setting where one does not validate.
+
+    Keys bound each other (``ema.start <= ema.end``), so combinations are checked, every one
+    up to ``limit`` and past that every candidate of every key at least once. ``radjepa config
+    validate`` checks a sweep with it, without the Ray that ``pipelines.sweep`` imports; the
+    sweep checks the same candidates again before its trials (a random search over choices
+    only the settings it draws, a larger space a seeded sample of combinations as well).
+    """
+    space = cfg.tune.search_space
+    candidates = {key: swept_candidates(key, dim) for key, dim in space.items()}
+    sizes = [len(c) for c in candidates.values()]
+    if math.prod(sizes) <= limit:
+        points: Iterable[tuple[int, ...]] = itertools.product(*(range(n) for n in sizes))
+    else:
+        points = (tuple(j % n for n in sizes) for j in range(max(sizes)))
+    out = []
+    for point in points:
+        setting = {k: c[j] for (k, c), j in zip(candidates.items(), point, strict=True)}
+        said = ", ".join(f"{k} = {v!r}" for k, v in setting.items())
+        try:
+            out.append((said, cfg.with_overrides(setting)))
+        except ConfigError as err:
+            raise ConfigError(f"tune.search_space: {said}: {err}") from None
     return out

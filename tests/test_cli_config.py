@@ -293,3 +293,66 @@ def test_whatever_a_command_prints_names_locations_without_their_credentials():
     assert "run folder: s3://AKIA:***@bucket/runs/t" in res.stdout
     assert "error: cannot use s3://AKIA:***@bucket/runs" in res.stderr
     assert "OSError: When reading s3://AKIA:***@bucket/x?secret_key=***" in res.stderr
+
+
+def test_config_validate_refuses_what_sweep_and_pretrain_refuse_without_ray():
+    # both said ok, then the sweep refused the swept values and pretrain the masks; checked
+    # here without shards and without importing Ray (seconds at the CLI's start)
+    script = """
+import sys
+from pipelines.cli import UserError, config_validate
+cases = [
+    ("configs/sweep-tiny.yaml", ['tune.search_space.ema.start.values=[1.5, "abc"]']),
+    ("configs/tiny_cpu.yaml", ["masks.min_keep=30", "masks.target_scale=[0.4,0.5]"]),
+    ("configs/sweep-tiny.yaml", ["masks.min_keep=30"]),
+]
+for config, sets in cases:
+    try:
+        config_validate(config, sets)
+    except UserError as err:
+        print(str(err).splitlines()[0])
+    else:
+        print("ok")
+config_validate("configs/sweep-tiny.yaml", None)
+assert "ray" not in sys.modules, "config validate imported Ray"
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    swept, masks, swept_masks = out.stdout.splitlines()[:3]
+    assert swept.startswith("tune.search_space: masks.target_scale = [0.1, 0.15], ema.start = 1.5:")
+    assert masks.startswith("could not keep masks.min_keep=30 context patches on a 6x6 grid")
+    assert swept_masks.startswith("tune.search_space: masks.target_scale = [0.1, 0.15]")
+    assert "could not keep masks.min_keep=30" in swept_masks
+    # through the console script: exit 2, the error and no traceback
+    res = _radjepa(
+        "config", "validate", "-c", "configs/tiny_cpu.yaml", "--set", "masks.min_keep=30"
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.startswith("error: could not keep masks.min_keep=30")
+    assert "Traceback" not in res.stderr
+
+
+def test_config_show_says_its_credentials_are_hidden():
+    out = _radjepa("config", "show", "--help")
+    assert out.returncode == 0, out.stderr
+    said = " ".join(out.stdout.replace("│", " ").split())
+    assert "***" in said and "refused" in said
+
+
+def test_a_sweep_s_labels_csv_typo_is_one_line_naming_the_key(tmp_path):
+    # the supervised metric's labels CSV not found was a DatasetError traceback, exit 1
+    from shard_tables import write_metadata_shard
+
+    shards = str(write_metadata_shard(tmp_path / "shards"))
+    res = _radjepa(
+        *("sweep", "-c", "configs/sweep-tiny.yaml", "--data", shards),
+        *("--set", "tune.metric=knn_auroc", "--set", "tune.label_column=Effusion"),
+        *("--set", f"tune.labels_csv={tmp_path / 'nope.csv'}"),
+        *("--set", f"train.output_dir={tmp_path / 'runs'}"),
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "tune.labels_csv" in last and "not found" in last
+    assert "Traceback" not in res.stderr

@@ -595,6 +595,25 @@ def test_pass_deid_secret_is_a_one_line_refusal_before_any_upload() -> None:
         assert "cannot reach" not in res.stderr
 
 
+def test_an_invalid_local_config_is_refused_before_the_upload(tmp_path: Path) -> None:
+    # it was submitted (the error said only once the job's driver had started on the cluster)
+    (tmp_path / "bad.yaml").write_text("masks:\n  num_targetz: 3\n")
+    (tmp_path / "good.yaml").write_text("train:\n  steps: 3\n")
+    message = _refusal(args=["pretrain", "-c", "bad.yaml"], working_dir=tmp_path, environ={})
+    assert message == (
+        f"not submitted: the job's config {tmp_path / 'bad.yaml'}: invalid configuration:\n"
+        "  masks.num_targetz: unknown key"
+    )
+    # its --set overrides with it
+    args = ["sweep", "--config", "good.yaml", "--set", "optim.lr=.inf"]
+    message = _refusal(args=args, working_dir=tmp_path, environ={})
+    assert "optim.lr: must be a finite number" in message
+    # valid, or not here (a path on the cluster's nodes, a bucket): the job reads it there
+    for config in ("good.yaml", "/cluster/only.yaml", "s3://bucket/bad.yaml"):
+        sub = jobs.build_submission(["pretrain", "-c", config], working_dir=tmp_path, environ={})
+        assert config in sub.entrypoint
+
+
 def test_runtime_env_file_merges_and_bad_input_is_named(tmp_path: Path) -> None:
     f = tmp_path / "re.yaml"
     f.write_text("env_vars:\n  A: '1'\nexcludes: ['bigdir']\npip: ['x']\n")

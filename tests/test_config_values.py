@@ -1,0 +1,167 @@
+"""Values the schema must refuse (or take) the same way from a YAML file and from ``--set``,
+and the one-line errors it gives for them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from radjepa.config import Config, ConfigError, config_to_yaml, load_config
+from radjepa.locations import redact, redact_strings
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _error_lines(path: Path | None = None, overrides: list[str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides or [])
+    head, *lines = str(info.value).splitlines()
+    assert head == "invalid configuration:"
+    return [line.strip() for line in lines]
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("masks.target_aspect=[.nan,.nan]", "masks.target_aspect: low must be a finite number"),
+        ("masks.target_aspect=[0.75,.inf]", "masks.target_aspect: high must be a finite number"),
+        ("masks.context_aspect=[1,.inf]", "masks.context_aspect: high must be a finite number"),
+        ("data.crop_ratio=[.nan,1]", "data.crop_ratio: low must be a finite number, got nan"),
+        ("optim.lr=.inf", "optim.lr: must be a finite number, got inf"),
+        ("optim.weight_decay=.inf", "optim.weight_decay: must be a finite number, got inf"),
+        ("tune.collapse_rankme=.inf", "tune.collapse_rankme: must be a finite number"),
+        ("ingest.max_file_mb=.inf", "ingest.max_file_mb: must be a finite number"),
+        ("serve.request_timeout_s=.inf", "serve.request_timeout_s: must be a finite number"),
+        ("optim.grad_clip=.nan", "optim.grad_clip: must be a finite number, got nan"),
+    ],
+)
+def test_inf_and_nan_are_refused_naming_the_key(override, line, tmp_path):
+    # each validated, and pretrain then died drawing masks (OverflowError) or trained on nan
+    assert _error_lines(CONFIGS / "tiny_cpu.yaml", [override])[0].startswith(line)
+    key, value = override.split("=")
+    section, field = key.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"extends: {CONFIGS / 'tiny_cpu.yaml'}\n{section}:\n  {field}: {value}\n")
+    assert _error_lines(path)[0].startswith(line)
+
+
+def test_serve_replicas_are_at_least_one_or_auto_said_in_one_line():
+    for value in ("0", "-2"):
+        # one line naming the key and its forms, not one per union branch under invented
+        # keys ("serve.num_replicas.int", "serve.num_replicas.literal['auto']")
+        assert _error_lines(None, [f"serve.num_replicas={value}"]) == [
+            f"serve.num_replicas: expected a whole number >= 1 or 'auto', got {value}"
+        ]
+    assert _error_lines(None, ["serve.num_replicas=many"]) == [
+        "serve.num_replicas: expected a whole number >= 1 or 'auto', got 'many'"
+    ]
+    assert load_config(None, ["serve.num_replicas=auto"]).serve.num_replicas == "auto"
+    # a fixed count does not autoscale: max_replicas (the ceiling of 'auto') does not bound it
+    assert load_config(None, ["serve.num_replicas=6"]).serve.num_replicas == 6
+
+
+def test_a_check_s_message_has_no_pydantic_prefix():
+    assert _error_lines(None, ["ema.start=0.999", "ema.end=0.99"]) == [
+        "ema: ema.start must be <= ema.end"
+    ]
+    # a check across sections names its keys itself
+    assert _error_lines(None, ["model.img_size=160"]) == [
+        "data.crop_size (224) must equal model.img_size (160): the encoder is trained on the crops"
+    ]
+
+
+def test_text_fields_read_the_same_from_yaml_as_from_set(tmp_path):
+    # YAML reads these as a date and numbers, which the text fields refused ("Input should be
+    # a valid string"), while --set kept them as typed
+    given = {
+        "train.run_name": "2025-01-15",
+        "tune.name": "123",
+        "data.shards": "2024",
+        "tracking.experiment": "1.5",
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        f"extends: {CONFIGS / 'tiny_cpu.yaml'}\n"
+        + "".join(f"{k.split('.')[0]}:\n  {k.split('.')[1]}: {v}\n" for k, v in given.items())
+    )
+    from_file = load_config(path)
+    from_set = load_config(CONFIGS / "tiny_cpu.yaml", [f"{k}={v}" for k, v in given.items()])
+    assert from_file == from_set
+    assert from_file.train.run_name == "2025-01-15" and from_file.tune.name == "123"
+    # a boolean is still not text, and a number still not a switch
+    path.write_text("train:\n  run_name: true\n")
+    assert _error_lines(path)[0].startswith("train.run_name:")
+
+
+def test_extends_takes_one_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: extends takes one config file (a path or URI), got ['a.yaml']"
+    )
+
+
+def test_a_mapping_set_on_a_swept_key_is_its_whole_dimension():
+    base = CONFIGS / "sweep-tiny.yaml"
+    cfg = load_config(base, ["tune.search_space.masks.num_targets={type: choice, values: [2,4]}"])
+    dim = cfg.tune.search_space["masks.num_targets"]
+    assert dim.type == "choice" and dim.values == [2, 4]
+    assert "masks" not in cfg.tune.search_space  # it was split at the last dot
+    # a field of a dimension is still set on its own
+    cfg = load_config(base, ["tune.search_space.ema.start.values=[0.9, 0.95]"])
+    assert cfg.tune.search_space["ema.start"].values == [0.9, 0.95]
+
+
+def test_a_config_saved_from_config_show_is_refused_until_its_credential_is_back(tmp_path):
+    cfg = load_config(
+        CONFIGS / "tiny_cpu.yaml",
+        ["tracking.uri=postgresql://bob:pw@db/mlflow", "data.shards=s3://b/s?secret_key=k1"],
+    )
+    path = tmp_path / "shown.yaml"
+    path.write_text(redact(config_to_yaml(cfg)))  # what `radjepa config show` prints
+    lines = _error_lines(path)
+    assert [line.split(":")[0] for line in lines] == ["data.shards", "tracking.uri"]
+    assert all("radjepa config show" in line for line in lines)
+    # the same config with its credentials validates, and a *** elsewhere is no placeholder
+    path.write_text(config_to_yaml(cfg))
+    assert load_config(path) == cfg
+    assert load_config(None, ["train.output_dir=runs/***"]).train.output_dir == "runs/***"
+    # a checkpoint keeps its config redacted and validates it again when loaded
+    saved = redact_strings(cfg.model_dump(mode="json"))
+    assert Config.model_validate(saved).tracking.uri == "postgresql://bob:***@db/mlflow"
+
+
+def test_swept_configs_are_every_setting_a_trial_can_get():
+    from radjepa.config import swept_configs
+
+    cfg = load_config(CONFIGS / "sweep-tiny.yaml")
+    settings = swept_configs(cfg)
+    assert len(settings) == 3 * 2
+    assert {c.ema.start for _, c in settings} == {0.99, 0.996}
+    bad = cfg.with_overrides(['tune.search_space.ema.start.values=[0.99, 1.5, "abc"]'])
+    with pytest.raises(ConfigError) as info:
+        swept_configs(bad)
+    assert str(info.value).startswith(
+        "tune.search_space: masks.target_scale = [0.1, 0.15], ema.start = 1.5: invalid "
+        "configuration:\n  ema.start: Input should be less than or equal to 1"
+    )
+    # a range over a whole-number setting draws fractions no trial can take
+    ints = cfg.with_overrides(
+        {"tune.search_space": {"masks.num_targets": {"type": "uniform", "low": 2, "high": 4}}}
+    )
+    with pytest.raises(ConfigError, match="masks.num_targets: 'uniform' draws fractions"):
+        swept_configs(ints)
+    # past the limit each candidate is still checked once
+    many = cfg.with_overrides(
+        {
+            "tune.search_space": {
+                "ema.start": {"type": "choice", "values": [0.9, 0.91, 0.92, 1.5]},
+                "optim.lr": {"type": "choice", "values": [1e-3, 2e-3]},
+            }
+        }
+    )
+    with pytest.raises(ConfigError, match="ema.start = 1.5"):
+        swept_configs(many, limit=2)
