@@ -28,7 +28,10 @@ __all__ = [
     "promote",
 ]
 
-_ALIAS = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,254}$")  # MLflow refuses "v<digits>" and "latest"
+# MLflow's own rule for an alias (word characters and '-', at most 255), and the names it
+# reserves: "latest" and "v<digits>" in any case (they would shadow a version's own alias)
+_ALIAS = re.compile(r"[\w-]{1,255}")
+_RESERVED_ALIAS = re.compile(r"v\d+|latest", re.I)
 _SHOWN = 10  # names or versions an error lists before "..."
 
 
@@ -129,10 +132,10 @@ def promote(
     the reason is what a reviewer of the registry later reads."""
     from mlflow.exceptions import MlflowException
 
-    if not _ALIAS.match(alias) or re.fullmatch(r"v\d+|latest", alias, re.I):
+    if not _ALIAS.fullmatch(alias) or _RESERVED_ALIAS.fullmatch(alias):
         raise RegistryError(
-            f"alias {alias!r}: use letters, digits, '_' and '-' (not 'latest' or 'v<number>', "
-            "which MLflow reserves)"
+            f"alias {alias!r}: use 1 to 255 letters, digits, '_' and '-' (not 'latest' or "
+            "'v<number>', which MLflow reserves)"
         )
     reason = " ".join(reason.split())
     if not reason:

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import numpy as np
 from ray.tune import Callback
@@ -28,7 +28,7 @@ from pipelines.placement_groups import release_orphaned_placement_groups
 from pipelines.pretrain import DIVERGED
 from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints, human_size
 from radjepa import locations
-from radjepa.config import Config, SearchDim, config_to_yaml
+from radjepa.config import MAX_SWEPT_CHECKED, Config, SearchDim, config_to_yaml
 from radjepa.log_filters import lines_dropped, redact_log_records
 from radjepa.training_data import ShardSummary
 
@@ -41,6 +41,23 @@ _TUNE_RESUME_ADVICE = "Experiment has been interrupted, but the most recent stat
 
 # the parent run's artifact listing every trial: settings, metric, status, why it failed
 TRIALS_FILE = "trials.json"
+# in the sweep's folder: the settings its trials train with, which --resume must keep
+SWEEP_CONFIG_FILE = "sweep_config.json"
+# what a --resume may change: ignored by it (num_samples: Tune keeps its trials), resolved per
+# cluster, where the sweep is (found by it already), or no part of what a trial learns
+_RESUME_MAY_CHANGE = (
+    "tune.num_samples",
+    "tune.max_concurrent",
+    "train.allow_config_change",
+    "train.output_dir",
+    "train.use_gpu",
+    "train.cpus_per_worker",
+    "train.max_failures",
+    "train.run_name",  # each trial has its own
+    "data.shards",  # compared as the location the trials read ("data")
+)
+# the sections a sweep's trials (and their probe set) are built from
+_SWEEP_SECTIONS = ("ingest.", "data.", "model.", "masks.", "ema.", "optim.", "train.", "tune.")
 COLLAPSED = "collapsed"
 STOPPED = "stopped early"
 INCOMPLETE = "incomplete"
@@ -168,17 +185,26 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
         raise SweepError(
             f"tune.metric={cfg.tune.metric} needs tune.labels_csv and tune.label_column"
         )
-    from radjepa.eval.features import load_csv_dataset
+    from radjepa.eval.features import DatasetError, load_csv_dataset
     from radjepa.eval.retrieval import retrieval_ok
 
     ing = cfg.ingest
-    ds = load_csv_dataset(
-        cfg.tune.labels_csv,
-        label_cols=[cfg.tune.label_column],
-        size=ing.image_size,
-        dtype=ing.dtype,
-        window_percentiles=tuple(ing.window_percentiles),
-    )
+    try:
+        ds = load_csv_dataset(
+            cfg.tune.labels_csv,
+            label_cols=[cfg.tune.label_column],
+            size=ing.image_size,
+            dtype=ing.dtype,
+            window_percentiles=tuple(ing.window_percentiles),
+        )
+    except DatasetError as err:
+        # a missing file or column escaped as a traceback; its advice names eval's --label,
+        # which here is tune.label_column
+        why = str(err).replace("--label ", "tune.label_column=")
+        raise SweepError(
+            f"tune.metric={cfg.tune.metric} cannot use tune.labels_csv={cfg.tune.labels_csv} "
+            f"with tune.label_column={cfg.tune.label_column}: {why}"
+        ) from None
     labels = np.asarray(ds.labels[:, 0] if np.ndim(ds.labels) == 2 else ds.labels)
     groups = np.asarray(ds.groups)
     if not retrieval_ok(labels, groups):
@@ -194,14 +220,9 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
     return {"images": ds.images, "labels": labels, "groups": groups}
 
 
-# combinations of the swept values checked before a sweep starts (each one validates a config)
-_MAX_CHECKED = 256
 # distinct mask sections drawn on the grid before a sweep: each costs 1-2.5 s at ViT-B/16's
 # 14x14 grid and batch 256 (estimating its context length), so at most ~40 s in all
 _MAX_MASK_DRAWS = 16
-# where in a range the value checked besides its ends sits (a fraction: an integer setting
-# refuses it, as it refuses Tune's draws)
-_INSIDE = 0.382
 
 
 def _check_space(cfg: Config) -> list[tuple[str, Config]]:
@@ -211,46 +232,33 @@ def _check_space(cfg: Config) -> list[tuple[str, Config]]:
 
     A key's candidates are its choices, or a range's ends and a value inside it; a continuous
     range over an integer setting is refused (Tune draws fractions there, and every trial
-    failed). Candidates are checked together, every combination (a seeded sample of
-    ``_MAX_CHECKED`` where there are more), since keys bound each other: ``ema.start`` checked
-    alone against the base ``ema.end`` was refused by a bound the sweep itself moves, or passed
-    where the value swept beside it made every trial with the pair fail. Past
-    ``_MAX_CHECKED`` combinations every candidate of every key is still checked once. A random
-    search over choices only runs the settings :func:`distinct_draws` picks: those are checked
-    (in ``_run_sweep``), not the combinations it never runs."""
+    failed): ``radjepa.config.swept_candidates``. Candidates are checked together, every
+    combination (a seeded sample of ``MAX_SWEPT_CHECKED`` where there are more), since keys
+    bound each other: ``ema.start`` checked alone against the base ``ema.end`` was refused by a
+    bound the sweep itself moves, or passed where the value swept beside it made every trial
+    with the pair fail. Past ``MAX_SWEPT_CHECKED`` combinations every candidate of every key is
+    still checked once. A random search over choices only runs the settings
+    :func:`distinct_draws` picks: those are checked (in ``_run_sweep``), not the combinations
+    it never runs."""
     space = cfg.tune.search_space
     if not space:
         raise SweepError("tune.search_space is empty: nothing to sweep")
     if cfg.tune.search_alg == "random" and all(d.type == "choice" for d in space.values()):
         return []
-    candidates: dict[str, list[Any]] = {}
-    for key, dim in space.items():
-        if dim.values:
-            candidates[key] = list(dim.values)
-        elif dim.type == "randint":  # Tune draws from [low, high): high itself never runs
-            candidates[key] = [int(dim.low or 0), int(dim.high or 0) - 1]
-        else:
-            low, high = float(dim.low or 0), float(dim.high or 0)
-            if _takes_integers(key):
-                raise SweepError(
-                    f"tune.search_space.{key}: '{dim.type}' draws fractions, and {key} takes "
-                    f"whole numbers: use 'randint' (low {math.ceil(low)}, high "
-                    f"{math.floor(high) + 1}) or 'choice'"
-                )
-            inside = (
-                low * (high / low) ** _INSIDE
-                if dim.type == "loguniform"
-                else low + (high - low) * _INSIDE
-            )
-            candidates[key] = [low, inside, high]
+    from radjepa.config import ConfigError, swept_candidates
+
+    try:  # an integer setting swept by a range of fractions is refused there
+        candidates = {key: swept_candidates(key, dim) for key, dim in space.items()}
+    except ConfigError as err:
+        raise SweepError(str(err)) from None
     keys = list(candidates)
     sizes = [len(candidates[k]) for k in keys]
-    if math.prod(sizes) <= _MAX_CHECKED:
+    if math.prod(sizes) <= MAX_SWEPT_CHECKED:
         points = list(itertools.product(*(range(size) for size in sizes)))
     else:  # every candidate of every key at least once, then a seeded sample of the product
         points = [tuple(j % size for size in sizes) for j in range(max(sizes))]
         rng = np.random.default_rng(cfg.train.seed)
-        points += _sample_points(rng, sizes, _MAX_CHECKED)
+        points += _sample_points(rng, sizes, MAX_SWEPT_CHECKED)
     return [
         _trial_config(cfg, {k: candidates[k][j] for k, j in zip(keys, point, strict=True)})
         for point in dict.fromkeys(points)
@@ -287,19 +295,6 @@ def _check_masks(trials: list[tuple[str, Config]], masks_checked: set[str]) -> N
             check_masks(trial.masks, trial.model.grid, trial.train.batch_size, trial.train.seed)
         except MasksUnsatisfiable as err:
             raise SweepError(f"tune.search_space: {said}: {err}") from None
-
-
-def _takes_integers(key: str) -> bool:
-    """Whether the dotted config ``key`` holds an ``int`` (possibly optional)."""
-    model: Any = Config
-    annotation: Any = None
-    for part in key.split("."):
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return False
-        annotation = model = fields[part].annotation
-    kinds = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
-    return all(kind is int for kind in kinds)
 
 
 def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
@@ -646,8 +641,9 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         best_path, best_yaml = (
             _write_best(given, cfg, best, sweep_dir, setup["data"]) if best else (None, None)
         )
+        not_recorded = None
         if parent_run_id and not unfinished:
-            _finish_parent_run(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
+            not_recorded = _record_sweep(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
         if unfinished:  # in the try: a second signal while the runs are ended is said the same
             _end_sweep_runs(uri, parent_run_id, "KILLED")
             raise SweepInterrupted(
@@ -676,6 +672,12 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
             f"sweep '{cfg.tune.name}' finished{written} but was interrupted while deleting "
             f"the other trials' checkpoints: some are left under {setup['trials_dir']}"
         ) from None
+    if not_recorded:
+        done = f"finished (best config: {best_path})" if best_path else "ended without a best trial"
+        raise SweepError(
+            f"sweep '{cfg.tune.name}' {done} but recording it in MLflow failed: {not_recorded}; "
+            "re-run the same command with --resume to record it"
+        )
     return SweepResult(
         sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri, tidied
     )
@@ -692,6 +694,7 @@ def _prepare_sweep(
 
     sweep_dir = locations.join_location(root, cfg.tune.name)
     _check_sweep_dir(cfg, sweep_dir, resume)  # files only: said before Ray's seconds of start
+    _keep_sweep_config(cfg, data, sweep_dir, resume)
     cfg = _start_ray(cfg)
     provenance = provenance_tags(data, info.rows, info.fingerprint)
     try:
@@ -817,6 +820,53 @@ def _check_sweep_dir(cfg: Config, sweep_dir: str, resume: bool) -> None:
         )
 
 
+def _sweep_settings(cfg: Config, data: str) -> dict[str, Any]:
+    """The settings a sweep's trials train with, dotted, credentials ``***`` (the file is
+    plain text beside the checkpoints), and the location of the shards they read."""
+    from radjepa.config import flatten
+
+    kept = {
+        k: v
+        for k, v in flatten(cfg).items()
+        if k.startswith(_SWEEP_SECTIONS) and k not in _RESUME_MAY_CHANGE
+    }
+    where = data if "://" in data else str(Path(data).expanduser().resolve())
+    return locations.redact_strings(json.loads(json.dumps({"data": where, **kept})))
+
+
+def _keep_sweep_config(cfg: Config, data: str, sweep_dir: str, resume: bool) -> None:
+    """Save a new sweep's settings; refuse a ``--resume`` with others, in one line naming the
+    keys. Tune restores its own search space and trials, but the trials it had not started
+    yet, and the ones it restarts, were built from the new config: a sweep resumed with
+    another ``ema.end`` or ``train.steps`` compared trials trained two ways, in silence.
+    ``train.allow_config_change`` lets it go on (warned), as it lets a pretrain run; a sweep
+    started before the file existed is not checked."""
+    path = locations.join_location(sweep_dir, SWEEP_CONFIG_FILE)
+    now = _sweep_settings(cfg, data)
+    saved_text = locations.read_text(path) if resume else None
+    if not saved_text:
+        locations.write_text(path, json.dumps(now, indent=1, sort_keys=True))
+        return
+    saved = json.loads(saved_text)
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if not changed:
+        return
+    said = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+    said += f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+    if not cfg.train.allow_config_change:
+        raise SweepError(
+            f"sweep '{cfg.tune.name}' was started with other settings ({said}): resume it "
+            "with the config it started with, set train.allow_config_change=true to train its "
+            "remaining trials with the new ones, or choose another tune.name"
+        )
+    log.warning(
+        "sweep %s resumes with changed settings (train.allow_config_change): %s",
+        cfg.tune.name,
+        said,
+    )
+    locations.write_text(path, json.dumps(now, indent=1, sort_keys=True))
+
+
 def _parent_run(
     cfg: Config, root: str, sweep_dir: str, resume: bool, provenance: dict[str, str]
 ) -> tuple[str, str]:
@@ -873,21 +923,7 @@ def _tuner(
         return ray.tune.Tuner.restore(
             tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-    scheduler = None
-    if cfg.tune.asha:
-        from ray.tune.schedulers import ASHAScheduler
-
-        # rungs in training steps, which a trial resumed after a failure continues (Tune's
-        # own iteration count would restart at 1 and compare metrics of different steps)
-        every = cfg.train.checkpoint_every
-        max_t = max(every, cfg.train.steps)
-        scheduler = ASHAScheduler(
-            time_attr="step",
-            metric=metric,
-            mode=mode,
-            max_t=max_t,
-            grace_period=min(cfg.tune.grace_period * every, max_t),
-        )
+    scheduler = _scheduler(cfg, metric, mode)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     search, cap = _searcher(cfg, metric, mode), cfg.tune.max_concurrent or None
@@ -909,6 +945,39 @@ def _tuner(
             callbacks=[FreeStoppedTrials()],
         ),
     )
+
+
+def _scheduler(cfg: Config, metric: str, mode: str) -> Any:
+    """ASHA (None without ``tune.asha``), with rungs in training steps, which a trial resumed
+    after a failure continues (Tune's own iteration count would restart at 1 and compare
+    metrics of different steps)."""
+    if not cfg.tune.asha:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    every = cfg.train.checkpoint_every
+    max_t = max(every, _most_steps(cfg))
+    return ASHAScheduler(
+        time_attr="step",
+        metric=metric,
+        mode=mode,
+        max_t=max_t,
+        grace_period=min(cfg.tune.grace_period * every, max_t),
+    )
+
+
+def _most_steps(cfg: Config) -> int:
+    """The most training steps a trial can get: the base ``train.steps``, or the largest the
+    search space gives it. ASHA stops every trial at its ``max_t``: set from the base count,
+    a trial swept to more steps was cut there, marked stopped early and ranked after every
+    trial that finished, and ``best.yaml`` could prescribe a step count no trial trained."""
+    dim = cfg.tune.search_space.get("train.steps")
+    if dim is None:
+        return cfg.train.steps
+    if dim.values:
+        return max(int(v) for v in dim.values)
+    # randint draws from [low, high); a continuous range over it is refused (_check_space)
+    return int(dim.high or 0) - 1 if dim.type == "randint" else math.floor(dim.high or 0)
 
 
 def _write_best(
@@ -970,6 +1039,30 @@ def _finish_parent_run(
     )
     client.set_tag(parent_run_id, "radjepa.failure", why)
     end_run(client, parent_run_id, "FAILED")
+
+
+def _record_sweep(
+    uri: str,
+    parent_run_id: str,
+    rows: list[TrialRow],
+    best: TrialRow | None,
+    best_yaml: str | None,
+    metric: str,
+) -> str | None:
+    """:func:`_finish_parent_run`, or why the store refused it, in one line. The sweep's work
+    is done and ``best.yaml`` written by then: a store failing here (a server restarting, a
+    locked database) escaped as MLflow's traceback, the runs were marked FAILED and the
+    checkpoints were never tidied. The parent run is left as it was (RUNNING): ``--resume``
+    restores the finished sweep without training again and records it then."""
+    from pipelines.runtime import first_line
+    from pipelines.tracking import redact
+
+    try:
+        _finish_parent_run(uri, parent_run_id, rows, best, best_yaml, metric)
+    except Exception as err:  # noqa: BLE001 - any store failure: the sweep itself succeeded
+        log.debug("recording sweep run %s failed", parent_run_id, exc_info=True)
+        return redact(f"{type(err).__name__}: {first_line(str(err))}")
+    return None
 
 
 def _log_best(client: Any, run_id: str, key: str, value: float) -> None:

@@ -298,11 +298,15 @@ def redacted_yaml(cfg: Config) -> str:
 
 def ui_command(uri: str) -> str:
     """The command a user runs to look at the runs, printed: the store's credentials are
-    ``***`` (the user has them; the console, job and CI logs must not)."""
+    ``***`` (the user has them; the console, job and CI logs must not). The store is quoted
+    for the shell: pasted as printed, a path with a space split into two arguments and one
+    with ``#`` lost the rest of the line to a comment."""
+    import shlex
+
     uri = redact(uri)
     if uri.startswith(("http://", "https://")):
         return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
 
 
 def ensure_experiment(uri: str, name: str, artifact_root: str | None = None) -> str:

@@ -8,6 +8,8 @@ counts as abandoned when nothing of it moved for a while: its start, its newest 
 ``radjepa runs reap`` marks such runs KILLED, with a tag saying why and when. The tag stands only
 while reap's KILLED does: a re-run that continues such a run (:func:`reopen`), or its own driver
 ending it after all (:func:`end_run`: it was alive), moves it to ``radjepa.reaped_before``.
+The tags saying why a run failed (:data:`FAILURE_TAGS`) stand only while that failure does: the
+same two steps move each to ``<tag>_before``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 __all__ = [
+    "FAILURE_TAGS",
     "REAPED_BEFORE_TAG",
     "REAPED_TAG",
     "RunGone",
@@ -33,6 +36,8 @@ __all__ = [
 
 REAPED_TAG = "radjepa.reaped"  # the run is KILLED because `runs reap` found it abandoned
 REAPED_BEFORE_TAG = "radjepa.reaped_before"  # it was, then a re-run continued it
+# why a run ended FAILED: a sweep with no best trial, a diverged pretrain run or trial
+FAILURE_TAGS = ("radjepa.failure", "radjepa.diverged", "radjepa.diverged_at_step")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -145,7 +150,11 @@ def reopen(client: Any, run_id: str, now_ms: int | None = None) -> None:
     ``update_run_info`` change end_time only when given one; MLflow's own resume
     (``mlflow.start_run(run_id=...)``) keeps it the same way. So while it runs again the UI
     shows it RUNNING with the old End Time and a Duration up to that time. A run the store does
-    not hold, or holds deleted, is :class:`RunGone`."""
+    not hold, or holds deleted, is :class:`RunGone`.
+
+    The tags of a failure (:data:`FAILURE_TAGS`) move the same way, to ``<tag>_before``: a
+    diverged pretrain run continued with ``train.allow_config_change``, or a sweep whose trials
+    all failed continued with ``--resume``, ended FINISHED still tagged as diverged or failed."""
     from mlflow.exceptions import MlflowException
 
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -159,6 +168,7 @@ def reopen(client: Any, run_id: str, now_ms: int | None = None) -> None:
         raise RunGone(run_id, "deleted in")
     reaped = run.data.tags.get(REAPED_TAG)
     client.update_run(run_id, status="RUNNING")
+    _clear_failure(client, run_id, run.data.tags)
     if reaped is None:
         return
     _unreap(client, run_id, f"{reaped}; resumed by a re-run at {iso_utc(now_ms)}")
@@ -170,10 +180,15 @@ def end_run(client: Any, run_id: str, status: str, now_ms: int | None = None) ->
     alive was set FINISHED by that driver but kept ``radjepa.reaped``, so it looked reaped
     ("its driver died?") while FINISHED. The tag is moved to ``radjepa.reaped_before`` with
     who ended the run when: ``radjepa.reaped`` stays on a run only while reap's KILLED stands.
-    The status is set first, so a store failing in between leaves a reaped run as reap left it."""
+    A run ended FINISHED loses its failure tags too (:func:`reopen` says why), for a run
+    continued without being reopened. The status is set first, so a store failing in between
+    leaves a reaped run as reap left it."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     client.set_terminated(run_id, status, end_time=now_ms)
-    reaped = client.get_run(run_id).data.tags.get(REAPED_TAG)
+    tags = client.get_run(run_id).data.tags
+    if status == "FINISHED":
+        _clear_failure(client, run_id, tags)
+    reaped = tags.get(REAPED_TAG)
     if reaped is not None:
         _unreap(client, run_id, f"{reaped}; its driver ended it {status} at {iso_utc(now_ms)}")
 
@@ -183,6 +198,15 @@ def _unreap(client: Any, run_id: str, note: str) -> None:
     and what undid it; MLflow caps a tag value at 5000 characters)."""
     client.set_tag(run_id, REAPED_BEFORE_TAG, note[:5000])
     client.delete_tag(run_id, REAPED_TAG)
+
+
+def _clear_failure(client: Any, run_id: str, tags: dict[str, str]) -> None:
+    """Move the run's failure tags to ``<tag>_before``, values as they were (the latest
+    failure's): they describe an attempt that a re-run or a success has since replaced."""
+    for tag in FAILURE_TAGS:
+        if tag in tags:
+            client.set_tag(run_id, f"{tag}_before", tags[tag])
+            client.delete_tag(run_id, tag)
 
 
 def iso_utc(ms: int) -> str:

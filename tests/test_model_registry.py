@@ -86,6 +86,10 @@ def test_promotion_moves_the_alias_and_both_versions_record_it(store):
         (("tiny-enc", "1", "champion", "   "), "needs a reason"),
         (("tiny-enc", "1", "latest", "why"), "alias 'latest'"),
         (("tiny-enc", "1", "v2", "why"), "alias 'v2'"),
+        (("tiny-enc", "1", "V2", "why"), "alias 'V2'"),
+        (("tiny-enc", "1", "prod 2026", "why"), "alias 'prod 2026'"),
+        (("tiny-enc", "1", "team/prod", "why"), "alias 'team/prod'"),
+        (("tiny-enc", "1", "", "why"), "alias ''"),
     ],
 )
 def test_a_promotion_that_cannot_be_done_changes_nothing(store, args, match):
@@ -93,6 +97,17 @@ def test_a_promotion_that_cannot_be_done_changes_nothing(store, args, match):
     with pytest.raises(RegistryError, match=match):
         promote(uri, *args)
     assert all(not r.aliases and r.promoted is None for r in list_versions(uri, "tiny-enc"))
+
+
+def test_an_alias_mlflow_accepts_is_accepted(store):
+    """MLflow's rule, not a stricter one: a dated alias starting with a digit was refused."""
+    from serve.registry import registered_version
+
+    uri, _ = store
+    done = promote(uri, "tiny-enc", "2", "2026-12-prod", "December release")
+    assert (done.alias, done.version) == ("2026-12-prod", "2")
+    found = registered_version("models:/tiny-enc@2026-12-prod", tracking_uri=uri)
+    assert str(found.version) == "2"
 
 
 def _radjepa(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -220,7 +220,7 @@ def test_a_randint_range_is_checked_on_the_values_tune_draws(tmp_path):
                 "ema.end": {"type": "choice", "values": [0.998, 1.0]},
             },
             "tune.search_space: ema.start = 0.999, ema.end = 0.998: invalid configuration: "
-            "ema: Value error, ema.start must be <= ema.end",
+            "ema: ema.start must be <= ema.end",
         ),
         # a valid config whose masks cannot be drawn on the model's grid: found in the workers
         (
@@ -299,10 +299,8 @@ def test_a_failed_trial_s_reason_keeps_the_keys_its_error_lists():
     # reason on the lines after it
     from pipelines.runtime import first_line
 
-    text = "invalid configuration:\n  ema: Value error, ema.start must be <= ema.end\n"
-    assert first_line(text) == (
-        "invalid configuration: ema: Value error, ema.start must be <= ema.end"
-    )
+    text = "invalid configuration:\n  ema: ema.start must be <= ema.end\n"
+    assert first_line(text) == ("invalid configuration: ema: ema.start must be <= ema.end")
     many = "bad:\n" + "\n".join(f"  k{i}: no" for i in range(8))
     assert first_line(many) == "bad: k0: no; k1: no; k2: no; k3: no; k4: no (and 3 more)"
     assert first_line("Traceback (most recent call last):\n  File x") == (
@@ -471,6 +469,46 @@ def test_a_trial_that_never_reported_is_incomplete_not_ok(tmp_path):
     rows = _rows([done, silent], "rankme", (1.0, 1e-4), str(tmp_path), 8)
     assert [r.status for r in rows] == ["ok", INCOMPLETE]
     assert _best(rows).trial_id == "a"
+
+
+@pytest.mark.parametrize(
+    "steps, max_t",
+    [
+        (None, 8),  # not swept: the base train.steps
+        ({"type": "choice", "values": [4, 16]}, 16),
+        ({"type": "grid", "values": [16, 4]}, 16),
+        ({"type": "randint", "low": 4, "high": 21}, 20),  # Tune never draws high itself
+    ],
+)
+def test_asha_lets_the_trial_with_the_most_steps_finish(tmp_path, steps, max_t):
+    # ASHA's max_t was the base train.steps: a trial swept to more was cut there, marked
+    # stopped early, and ranked after a shorter, worse trial that finished
+    from ray.tune import Result
+
+    from pipelines.sweep import STOPPED, _best, _rows, _scheduler
+
+    space = {"ema.start": {"type": "choice", "values": [0.99, 0.996]}}
+    if steps is not None:
+        space["train.steps"] = steps
+    cfg = _cfg(tmp_path, "s", space, **{"tune.asha": True, "tune.search_alg": "random"})
+    scheduler = _scheduler(cfg, "rankme", "max")
+    assert scheduler._max_t == max_t and scheduler._time_attr == "step"
+    if steps is None:
+        return
+
+    def result(trial: str, rankme: float, step: int, trial_steps: int) -> Result:
+        # Tune hands a trial's setting over in its last result's "config"
+        metrics = {"rankme": rankme, "step": step, "trial_id": trial}
+        metrics["config"] = {"train.steps": trial_steps}
+        return Result(metrics, None, None, str(tmp_path / trial))
+
+    longest = result("long", 4.0, max_t, max_t)
+    short = result("short", 3.0, 4, 4)
+    cut = result("cut", 5.0, 4, max_t)  # ASHA stopped it at the first rung
+    rows = _rows([longest, short, cut], "rankme", (1.0, 1e-4), str(tmp_path), cfg.train.steps)
+    assert [r.status for r in rows] == ["ok", "ok", STOPPED]
+    assert _best(rows).trial_id == "long"
+    assert _scheduler(cfg.with_overrides({"tune.asha": False}), "rankme", "max") is None
 
 
 def test_a_choice_sweep_tries_distinct_settings_drawn_with_the_seed(ray_session, tmp_path):
@@ -853,3 +891,106 @@ def test_an_interruption_while_the_parent_run_is_set_up_ends_it_killed(tmp_path,
     assert err.strip().splitlines()[-1].startswith("error: sweep 'setup' was interrupted"), err
     status = mlflow.MlflowClient(f"sqlite:///{db}").get_run(run_id).info.status
     assert status == "KILLED"
+
+
+def test_a_labels_csv_or_column_that_is_not_there_is_said_naming_the_tune_keys(tmp_path):
+    # a missing labels CSV or column escaped as a traceback, naming neither tune key
+    from pipelines.sweep import SweepError, _probe_set
+
+    space = {"ema.start": {"type": "choice", "values": [0.99]}}
+    missing = tmp_path / "labels.csv"
+    cfg = _cfg(
+        tmp_path,
+        "s",
+        space,
+        **{"tune.metric": "knn_auroc", "tune.labels_csv": str(missing), "tune.label_column": "x"},
+    )
+    with pytest.raises(SweepError, match=r"tune\.labels_csv=.*labels\.csv.* not found"):
+        _probe_set(cfg)
+    missing.write_text("image,patient_id,Effusion\na.png,p1,1\n")
+    with pytest.raises(SweepError, match=r"tune\.label_column=x: .*missing column\(s\) \['x'\]"):
+        _probe_set(cfg)
+
+
+def test_a_store_failing_as_the_sweep_is_recorded_is_said_and_resume_records_it(
+    nih_shards, tmp_path, monkeypatch
+):
+    # the tracking store failing after best.yaml was written escaped as MLflow's traceback,
+    # marked the finished sweep FAILED and skipped the tidy step
+    import mlflow
+
+    from pipelines import sweep
+    from pipelines.sweep import SweepError, run_sweep
+    from pipelines.tracking import store_uri
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    finish = sweep._finish_parent_run
+
+    def to_a_server_that_is_down(uri, *args):
+        finish("http://127.0.0.1:9", *args)  # a port nothing listens on
+
+    monkeypatch.setattr(sweep, "_finish_parent_run", to_a_server_that_is_down)
+    space = {"masks.target_scale": {"type": "grid", "values": [[0.1, 0.15], [0.2, 0.3]]}}
+    cfg = _cfg(tmp_path, "sf", space)
+    best_yaml = tmp_path / "sf" / "best.yaml"
+    with pytest.raises(SweepError) as said:
+        run_sweep(cfg, str(nih_shards))
+    message = str(said.value)
+    assert message.startswith(f"sweep 'sf' finished (best config: {best_yaml}) but recording")
+    assert "MLflow failed: " in message and "\n" not in message
+    assert message.endswith("re-run the same command with --resume to record it")
+    assert best_yaml.is_file()
+    assert sum(bool(c) for c in _checkpoints(tmp_path / "sf").values()) == 1  # tidied
+    parent_id = (tmp_path / "sf" / "mlflow_parent_run_id").read_text().strip()
+    uri = store_uri(cfg)
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(parent_id).info.status == "RUNNING"  # not FAILED
+
+    monkeypatch.setattr(sweep, "_finish_parent_run", finish)  # the store is back
+    res = run_sweep(cfg, str(nih_shards), resume=True)
+    assert res.parent_run_id == parent_id and res.best is not None
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["radjepa.best_trial"] == res.best.trial_id
+    assert parent.data.metrics["best_rankme"] == res.best.metric
+    for child in _child_runs(uri, parent_id):  # finished once: no step trained again
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        assert sorted(steps) == list(range(1, 9)) and child.info.status == "FINISHED"
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path, caplog):
+    # --resume with another base config trained the trials Tune had not started with it, in
+    # silence: the sweep compared trials trained two ways
+    from pipelines.sweep import SWEEP_CONFIG_FILE, SweepError, _keep_sweep_config
+
+    space = {"ema.start": {"type": "choice", "values": [0.99, 0.996]}}
+    sweep_dir = str(tmp_path / "s")
+    data = str(tmp_path / "shards")
+    secret = {"tracking.uri": "postgresql://u:S3cret@db/mlflow", "tune.search_alg": "random"}
+    started = _cfg(tmp_path, "s", space, **secret)
+    _keep_sweep_config(started, data, sweep_dir, resume=False)
+    saved = (tmp_path / "s" / SWEEP_CONFIG_FILE).read_text()
+    assert "S3cret" not in saved and '"ema.end"' in saved
+
+    # what a resume may change: the trial count (ignored), the cluster's share, retries
+    same = started.with_overrides(
+        {"tune.num_samples": 9, "tune.max_concurrent": 3, "train.max_failures": 2}
+    )
+    _keep_sweep_config(same, data, sweep_dir, resume=True)
+    other = started.with_overrides({"ema.end": 0.999, "train.steps": 16})
+    with pytest.raises(SweepError) as said:
+        _keep_sweep_config(other, data, sweep_dir, resume=True)
+    message = str(said.value)
+    assert message.startswith("sweep 's' was started with other settings (ema.end 1.0 -> 0.999")
+    assert "train.steps 8 -> 16" in message and "\n" not in message
+    assert "tune.num_samples" not in message and "S3cret" not in message
+    with pytest.raises(SweepError, match=r"\(data '.*shards' -> '.*elsewhere'\)"):
+        _keep_sweep_config(started, str(tmp_path / "elsewhere"), sweep_dir, resume=True)
+    assert (tmp_path / "s" / SWEEP_CONFIG_FILE).read_text() == saved  # refused: kept
+
+    allowed = other.with_overrides({"train.allow_config_change": True})
+    with caplog.at_level("WARNING", logger="pipelines.sweep"):
+        _keep_sweep_config(allowed, data, sweep_dir, resume=True)
+    assert "resumes with changed settings" in caplog.text and "ema.end" in caplog.text
+    _keep_sweep_config(other, data, sweep_dir, resume=True)  # now the sweep's settings

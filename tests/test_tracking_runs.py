@@ -276,6 +276,57 @@ def test_a_resumed_sweep_ends_the_trials_tune_had_stopped_and_fails_without_a_be
     assert [t["error"] for t in listed] == [why, why] and listed[0]["status"] == "error"
 
 
+def test_a_failure_s_tags_go_once_a_re_run_continues_or_finishes_the_run(tmp_path):
+    # a diverged pretrain run continued with allow_config_change, and a sweep whose trials
+    # all failed continued with --resume, ended FINISHED still tagged as diverged or failed
+    from pipelines.pretrain import start_tracking
+    from pipelines.sweep import TrialRow, _finish_parent_run, _parent_run
+    from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import mark_run
+    from pipelines.tracking_runs import end_run
+    from radjepa.config import load_config
+
+    failure_tags = {"radjepa.failure", "radjepa.diverged", "radjepa.diverged_at_step"}
+    cfg = load_config(
+        REPO / "configs" / "tiny_cpu.yaml",
+        [f"train.output_dir={tmp_path}", "train.run_name=r1", "tune.name=s1"],
+    )
+    run_id, uri = start_tracking(cfg, str(tmp_path), str(tmp_path / "r1"))
+    client = tracking_client(uri)
+    client.set_tag(run_id, "radjepa.diverged_at_step", "40")  # as pretrain tags it
+    client.set_tag(run_id, "radjepa.diverged", "loss is nan")
+    mark_run(uri, run_id, "FAILED")
+    sweep, _ = _parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), False, {})
+    failed = [TrialRow("t0", {}, None, "error", None, None, "OSError: gone")]
+    _finish_parent_run(uri, sweep, failed, None, None, "rankme")
+    why = client.get_run(sweep).data.tags["radjepa.failure"]
+
+    assert start_tracking(cfg, str(tmp_path), str(tmp_path / "r1"))[0] == run_id  # the re-run
+    assert _parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), True, {})[0] == sweep
+    for resumed in (run_id, sweep):
+        tags = client.get_run(resumed).data.tags
+        assert client.get_run(resumed).info.status == "RUNNING"
+        assert not failure_tags & set(tags), tags
+    tags = client.get_run(run_id).data.tags
+    assert tags["radjepa.diverged_before"] == "loss is nan"
+    assert tags["radjepa.diverged_at_step_before"] == "40"
+    assert client.get_run(sweep).data.tags["radjepa.failure_before"] == why
+    ok = TrialRow("t0", {}, 3.0, "ok", 8, None)
+    _finish_parent_run(uri, sweep, [ok], ok, "x: 1\n", "rankme")
+    assert client.get_run(sweep).info.status == "FINISHED"
+    assert "radjepa.failure" not in client.get_run(sweep).data.tags
+
+    # a run ended FINISHED by its driver without having been reopened loses them too; one
+    # ended FAILED keeps them (they say why)
+    other, _ = start_tracking(cfg, str(tmp_path), str(tmp_path / "r2"))
+    for ended, status in ((run_id, "FAILED"), (other, "FINISHED")):
+        client.set_tag(ended, "radjepa.diverged", "weights are inf")
+        end_run(client, ended, status)
+    assert client.get_run(run_id).data.tags["radjepa.diverged"] == "weights are inf"
+    tags = client.get_run(other).data.tags
+    assert "radjepa.diverged" not in tags and tags["radjepa.diverged_before"] == "weights are inf"
+
+
 def test_a_run_that_cannot_be_ended_after_an_error_is_said_in_one_line(
     tmp_path, migrated_store, caplog
 ):

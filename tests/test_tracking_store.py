@@ -698,3 +698,23 @@ def test_a_probe_with_no_store_to_record_in_says_so_before_its_work(tmp_path, mo
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(UserError, match="no local MLflow store: set tracking.uri"):
         _probe_of_nothing(tmp_path, "s3://bucket/runs")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:////data/chest x-ray runs/mlflow.db",
+        "sqlite:////data/run#3/mlflow.db",
+        "postgresql://mlflow:S3cret@db.internal/mlflow",
+    ],
+)
+def test_the_printed_mlflow_ui_command_runs_as_pasted_into_a_shell(uri):
+    """A space split the store into two arguments, and a '#' cut the rest off as a comment
+    (split here as a shell splits: comments on); quoting keeps the password out."""
+    import shlex
+
+    from pipelines.tracking import redact, ui_command
+
+    said = ui_command(uri)
+    assert "S3cret" not in said
+    assert shlex.split(said, comments=True) == ["mlflow", "ui", "--backend-store-uri", redact(uri)]
