@@ -51,9 +51,9 @@ from radjepa.ingest.destination import (
 )
 from radjepa.ingest.dst_lock import DstLock
 from radjepa.ingest.errors import IngestError
-from radjepa.ingest.id_sets import InputKeys, KnownIds
+from radjepa.ingest.id_sets import PATH_PREFIX, InputKeys, KnownIds
 from radjepa.ingest.instances import CONFLICT, InstanceIndex
-from radjepa.ingest.sources import count_members, list_inputs, read_blocks
+from radjepa.ingest.sources import count_inputs, list_inputs, read_blocks
 from radjepa.locations import filesystem
 from radjepa.shards import (
     DUPLICATE_SAME_BYTES,
@@ -247,7 +247,7 @@ def run_ingest(
         summary = IngestSummary(dst=dst, run_id=run_id)
         expected: int | None = None
         try:
-            counts = [1 if r["kind"] == "file" else count_members(r) for r in refs]
+            counts = [count_inputs(r) for r in refs]
             # None: a large compressed tar is not counted ahead (see count_members), so neither
             # is the run
             expected = None if None in counts else sum(c for c in counts if c is not None)
@@ -259,17 +259,12 @@ def run_ingest(
             known = dest.known_ids()
             unread = dest.unread_quarantined()  # quarantined unread before: stored if readable
             instances = InstanceIndex(dest.shards(), dest.read_columns)  # once per run
-            # decode_actors=0: one per cluster CPU, grown on demand (a small job starts few)
-            actors = ing.decode_actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
-            if expected is not None:  # no more decoders than batches of inputs
-                actors = max(1, min(actors, -(-max(expected, 1) // _DECODE_BATCH)))
-            pool = (
-                ray.data.ActorPoolStrategy(size=actors)
-                if ing.decode_actors
-                else ray.data.ActorPoolStrategy(min_size=1, max_size=actors)
+            first, actors = _decoder_pool(
+                ing.decode_actors, ray.cluster_resources().get("CPU", 1), expected, len(refs)
             )
+            pool = ray.data.ActorPoolStrategy(min_size=first, max_size=actors)
             log.info(
-                "ingest %s inputs (%d refs) into %s with %d decoders; %d ids and %d DICOM "
+                "ingest %s inputs (%d refs) into %s with up to %d decoders; %d ids and %d DICOM "
                 "instances already present",
                 "uncounted" if expected is None else expected,
                 len(refs),
@@ -312,6 +307,24 @@ def run_ingest(
 
         Console(stderr=True).print(summary_table(summary))
     return summary
+
+
+def _decoder_pool(asked: int, cpus: float, expected: int | None, refs: int) -> tuple[int, int]:
+    """The decoder pool's (first, most) sizes: it starts with ``first`` and grows on demand.
+    ``most`` is ``ingest.decode_actors`` as asked, or for 0 one per cluster CPU but no more
+    than batches of the inputs counted; ``first`` is one for 0, else as many as those batches
+    (a small job starts few), the asked size when the inputs are uncounted, and never more
+    than the ``refs`` listed: each is read by the decoder that decodes it (reading is fused
+    into the pool), so more would sit idle (and Ray Data warns of it).
+
+    An asked size was capped by the count, and the count can fall short (an archive on object
+    storage without a suffix counts as one input): 4 such zips of 40 members each got 1 decoder
+    of the 16 asked for. The count now only says how many to start with."""
+    batches = None if expected is None else max(1, -(-expected // _DECODE_BATCH))
+    if asked:
+        return min(asked, batches or asked, max(1, refs)), asked
+    most = max(1, int(cpus))
+    return 1, (most if batches is None else min(most, batches))
 
 
 def _record_run(
@@ -445,6 +458,11 @@ class _Outputs:
         self.copies: list[dict[str, Any]] = []  # same_bytes rows
         # read from DST at the first input it already holds (none on most incremental runs)
         self.recorded: tuple[InputKeys, dict[str, str]] | None = None
+        # image id -> (reason, message) of bytes quarantined: by this run, and by DST (read at
+        # the first input DST already knows)
+        self.quarantined_here: dict[str, tuple[str, str]] = {}
+        self.quarantined_before: dict[str, tuple[str, str]] | None = None
+        self.stored_paths: KnownIds | None = None  # read at the first file over the size limit
 
     def store(self, table: pa.Table) -> None:
         self.pending.append(table)
@@ -486,6 +504,35 @@ class _Outputs:
                 return r["pixels"], r["height"], r["width"], r["dtype"]
         return None
 
+    def quarantined_copy(self, image_id: str, source_hash: str) -> tuple[str, str] | None:
+        """The (reason, message) DST quarantined these bytes with, when this input is another
+        file than any DST holds a row of (same bytes, another path): it is quarantined as they
+        were. Five broken files (zero bytes, say) under five paths were one quarantined and
+        four duplicates of it, and DST said one file was broken. None for bytes DST did not
+        quarantine, or for an input DST holds a row of (a re-run of it: skipped as before)."""
+        if self.quarantined_before is None:
+            self.quarantined_before = self.dest.quarantined_ids()
+        found = self.quarantined_before.get(image_id)
+        if found is None:
+            return None
+        if self.recorded is None:
+            self.recorded = self.dest.recorded_inputs()
+        keys, _ = self.recorded
+        key = input_key(image_id, source_hash)
+        if key in keys:
+            return None
+        keys.add(key)
+        return found
+
+    def stored_from(self, source_hash: str) -> bool:
+        """Whether DST stored an image from this path: lowering ``ingest.max_file_mb`` on a
+        re-run quarantined the files it had stored as ``too_large``, and DST counted them as
+        missing while it held them. Such a file is taken as already ingested (a file replaced
+        there by one over the limit is then not seen: raise the limit to read it)."""
+        if self.stored_paths is None:
+            self.stored_paths = self.dest.stored_path_hashes()
+        return f"{PATH_PREFIX}{source_hash}" in self.stored_paths
+
     def same_bytes(self, row: dict[str, Any], in_run: bool) -> dict[str, Any] | None:
         """The duplicates row of an input dropped because its bytes are already held
         (``in_run``: by an input earlier in this run, else by DST); None for an input DST
@@ -493,7 +540,7 @@ class _Outputs:
         same-instance row. Without these rows such drops were only counted, and an audit of
         which files were not stored and why could not find them."""
         image_id, source_hash = row["image_id"], row["source_hash"]
-        if in_run:  # bytes of an input stored, quarantined or an instance dropped in this run
+        if in_run:  # bytes of an input stored or an instance dropped in this run
             kept = self.instance_kept.get(image_id, image_id)
         else:
             if self.recorded is None:
@@ -662,6 +709,20 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
         )
     ):
         summary.input += 1
+        # bytes quarantined before (by DST, or earlier in this run) from another path: this
+        # file is as broken as that one, and quarantined with its reason in a row of its own
+        copy_of = None
+        if status == "existing" and image_id is not None:
+            copy_of = out.quarantined_copy(image_id, source_hash)
+        elif image_id is not None and image_id in seen:
+            copy_of = out.quarantined_here.get(image_id)
+        if copy_of is not None:
+            summary.quarantined += 1
+            reasons[i], messages[i] = copy_of
+            keep_q.append(i)
+            continue
+        if status == "quarantined" and reasons[i] == "too_large" and out.stored_from(source_hash):
+            status = "existing"  # stored before from this path, under a higher size limit
         if status == "existing":
             summary.duplicates += 1
             summary.already_ingested += 1
@@ -678,6 +739,8 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
         if status != "ok":
             summary.quarantined += 1
             keep_q.append(i)
+            if image_id is not None:
+                out.quarantined_here[image_id] = (reasons[i], messages[i])
             continue
         verdict = out.instances.check(
             pid, image_id, lambda i=i: _row_pixels(table, i), lambda k: out.pixels(k, table)
@@ -709,6 +772,7 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
             reasons[i] = CONFLICT
             messages[i] = _conflict_message(str(verdict.kept_image_id), verdict.difference)
             keep_q.append(i)
+            out.quarantined_here[image_id] = (reasons[i], messages[i])
     if keep_ok:
         out.store(table.take(keep_ok))
     if keep_q:

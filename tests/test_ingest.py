@@ -424,7 +424,7 @@ def test_quarantine_rows(corpus, ingested) -> None:
     assert {r["sha256"]: r["reason"] for r in rows if r["sha256"]} == corpus.bad
     unread = [r for r in rows if r["sha256"] is None]
     assert [r["reason"] for r in unread] == corpus.unread
-    assert all("link inside a tar archive" in r["message"] for r in unread)
+    assert all("link inside an archive" in r["message"] for r in unread)
     assert all(len(h) == 32 for h in q.column("source_hash").to_pylist())
     assert q.column("source_path").null_count == q.num_rows
 
@@ -1010,6 +1010,36 @@ def test_a_large_compressed_tar_is_not_decompressed_twice(ray_session, tmp_path,
     assert manifest["runs"][-1]["expected_inputs"] is None
 
 
+def test_the_decoder_pool_is_sized_by_the_members_and_never_below_what_was_asked(tmp_path):
+    """Four zips without a suffix (a PACS export's ``study1``..) of 40 members each were
+    counted as 4 inputs, and the pool was capped at one decoder per 16 counted inputs: 1
+    decoder, also where ``ingest.decode_actors=16`` asked for 16. Local archives are counted by
+    their members now, and an asked size is the pool's most whatever the count (object-store
+    keys without a suffix still count one input each): the count only says how many decoders
+    to start with."""
+    from pipelines.ingest import _decoder_pool
+    from radjepa.ingest.sources import count_inputs, list_inputs
+
+    dcm = make_dicom(gradient(40, 40, seed=1), markers=False)
+    for k in range(4):
+        with zipfile.ZipFile(tmp_path / f"study{k}", "w") as z:
+            for i in range(40):
+                z.writestr(f"IM{i}", dcm)
+    refs = list_inputs([str(tmp_path)])
+    expected = sum(count_inputs(r) for r in refs)
+    assert expected == 160
+    # automatic (0): one to start, at most one per 16 inputs and one per CPU
+    assert _decoder_pool(0, 16, expected, len(refs)) == (1, 10)
+    assert _decoder_pool(0, 16, 3, 3) == (1, 1)
+    assert _decoder_pool(0, 4, None, 1) == (1, 4)  # uncounted (a large compressed tar)
+    # asked: at most as asked, whatever the count says; started as the count and refs need
+    assert _decoder_pool(16, 2, 4, 4) == (1, 16)
+    assert _decoder_pool(16, 2, expected, len(refs)) == (4, 16)
+    assert _decoder_pool(16, 2, expected, 100) == (10, 16)
+    assert _decoder_pool(3, 16, None, 5) == (3, 3)
+    assert _decoder_pool(3, 16, None, 1) == (1, 3)
+
+
 def test_missing_source_is_a_clear_error(ray_session, tmp_path) -> None:
     from pipelines.ingest import IngestError, run_ingest
 
@@ -1589,3 +1619,81 @@ def test_dst_outputs_are_told_through_links_as_they_point_at_each_run(tmp_path):
     link.symlink_to(other)
     assert not _outputs_filter(str(dst), str(dst))(listed)
     assert not _outputs_filter(str(dst), str(dst))(str(dst / "raw" / "a.dcm"))
+
+
+def _ingest_in_process(sources: list[Path], dst: Path, run: int, max_bytes: int = 10**7):
+    """One run's driver steps on decoder output made in this process: list, read, decode
+    (:class:`FileDecoder`), sort each batch (``_take_batch``) and write, as ``run_ingest`` does
+    with its decoders in Ray (seconds, where a Ray run takes a minute here). Returns the run's
+    summary and DST's totals after it."""
+    import pyarrow as pa
+
+    from pipelines.ingest import IngestSummary, _Outputs, _take_batch
+    from radjepa.ingest.decoding import FileDecoder
+    from radjepa.ingest.destination import Destination
+    from radjepa.ingest.instances import InstanceIndex
+    from radjepa.ingest.sources import list_inputs, read_blocks
+
+    dest = Destination(str(dst))
+    run_id = f"20270101T0000{run:02d}-000000"  # run ids sort by start, as real ones do
+    settings = {"size": 64, "dtype": "uint8", "window_percentiles": (0.5, 99.5)}
+    decoder = FileDecoder({**settings, "max_bytes": max_bytes}, b"k" * 32, dest.known_ids(), False)
+    summary = IngestSummary(dst=str(dst), run_id=run_id)
+    out = _Outputs(dest, summary, 100, run_id, InstanceIndex(dest.shards(), dest.read_columns))
+    refs = pa.Table.from_pylist(list_inputs([str(s) for s in sources]))
+    seen: set[str] = set()
+    unread = dest.unread_quarantined()
+    for block in read_blocks(refs, max_bytes):
+        _take_batch(decoder(block), out, seen, unread)
+    out.finish(interrupted=False)
+    assert summary.input == summary.ok + summary.quarantined + summary.duplicates
+    return summary, dest.totals()
+
+
+def test_identical_broken_files_under_other_paths_are_each_quarantined(tmp_path) -> None:
+    """Zero-byte files (transfers that failed) under several paths were one quarantined input
+    and duplicates of it: a run that met two more said "0 quarantined, 2 duplicates", and DST
+    counted one broken file of five. Each is quarantined with the first one's reason, in a row
+    of its own, within a run and across runs; a copy of a stored file is still a duplicate,
+    and a re-run of the same files adds nothing."""
+    import pyarrow.parquet as pq
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    (src / "a").mkdir(parents=True)
+    good = make_dicom(gradient(40, 40, seed=1), markers=False)
+    for i in range(3):
+        (src / "a" / f"IM{i}.dcm").write_bytes(b"")
+    (src / "a" / "good.dcm").write_bytes(good)
+    (src / "a" / "good_again.dcm").write_bytes(good)
+    one, _ = _ingest_in_process([src], dst, run=1)
+    assert (one.input, one.ok, one.quarantined, one.duplicates) == (5, 1, 3, 1)
+    (src / "b").mkdir()
+    for i in range(2):
+        (src / "b" / f"IM{i}.dcm").write_bytes(b"")
+    two, totals = _ingest_in_process([src], dst, run=2)
+    assert (two.input, two.ok, two.quarantined, two.duplicates) == (7, 0, 2, 5)
+    assert two.already_ingested == 5 and two.reasons == {"empty": 2}
+    assert (totals.quarantined, totals.reasons) == (5, {"empty": 5})
+    rows = pq.read_table(dst / "quarantine").to_pylist()
+    assert len({r["source_hash"] for r in rows}) == 5
+    assert {(r["reason"], r["message"]) for r in rows} == {("empty", rows[0]["message"])}
+    three, totals = _ingest_in_process([src], dst, run=3)
+    assert (three.input, three.quarantined, three.duplicates) == (7, 0, 7)
+    assert totals.quarantined == 5
+
+
+def test_lowering_the_size_limit_leaves_files_already_stored_stored(tmp_path) -> None:
+    """A re-run with a lower ``ingest.max_file_mb`` quarantined the files DST had stored as
+    ``too_large``, and DST counted as missing files it held. A path DST stored from is taken
+    as already ingested; a new file over the limit is still quarantined."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    stored = make_dicom(gradient(256, 256, seed=1), markers=False)
+    (src / "a.dcm").write_bytes(stored)
+    one, _ = _ingest_in_process([src], dst, run=1)
+    assert one.ok == 1
+    (src / "b.dcm").write_bytes(make_dicom(gradient(256, 256, seed=2), markers=False))
+    two, totals = _ingest_in_process([src], dst, run=2, max_bytes=len(stored) // 2)
+    assert (two.input, two.ok, two.quarantined, two.duplicates) == (2, 0, 1, 1)
+    assert two.already_ingested == 1
+    assert (totals.images, totals.reasons) == (1, {"too_large": 1})  # b.dcm only

@@ -8,20 +8,25 @@ import hashlib
 import io
 import json
 import os
+import random
+import stat
 import struct
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 
 from radjepa.imaging.deid import content_id
-from radjepa.ingest.decoding import RESULT_SCHEMA, FileDecoder
+from radjepa.ingest.decoding import _READ_ERRORS, RESULT_SCHEMA, FileDecoder
 from radjepa.ingest.destination import KEY_RECORD, Destination, check_compatible, check_key
 from radjepa.ingest.errors import IngestError
 from radjepa.ingest.sources import (
+    LINK,
     READ_SCHEMA,
+    count_inputs,
     count_members,
     iter_source,
     list_inputs,
@@ -143,6 +148,131 @@ def test_an_empty_zip_is_an_archive_with_no_files_not_an_unreadable_input(tmp_pa
     assert [count_members(refs[n]) for n in ("empty-study.zip", "study.zip")] == [0, 1]
     assert list(iter_source(refs["empty-study.zip"], 10**7)) == []
     assert [r["read_error"] for r in iter_source(refs["study.zip"], 10**7)] == [None]
+
+
+class _CountedReads(io.RawIOBase):
+    """A local file that records the size of every read pyarrow makes of it: on s3:// or
+    gs:// each one is a ranged GET."""
+
+    def __init__(self, path: str, reads: list[int]) -> None:
+        self._f, self._reads = open(path, "rb"), reads  # noqa: SIM115 - closed by close()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._reads.append(len(data))
+        return data
+
+    def readinto(self, b) -> int:  # pyarrow reads through read(); a buffer here would hide it
+        raise AssertionError("read through read()")
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def test_a_tar_is_read_in_large_requests_not_ten_kib_at_a_time(tmp_path, monkeypatch):
+    """tarfile reads its stream 10 KiB at a time and a 512-byte header a member when counting,
+    each a ranged GET on object storage: about a million requests for a 10 GiB tar. Reads are
+    counted at the file a pyarrow filesystem (pyarrow's own Python-backed one, over the local
+    disk) opens, as an object store's would be."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    import radjepa.ingest.sources as sources
+
+    reads: list[int] = []
+
+    class Counting(pafs.FSSpecHandler):
+        def open_input_file(self, path: str) -> pa.NativeFile:
+            return pa.PythonFile(_CountedReads(path, reads), mode="r")
+
+    counted = pafs.PyFileSystem(Counting(LocalFileSystem()))
+    monkeypatch.setattr(sources, "filesystem", lambda source: (counted, source))
+    rng = random.Random(0)
+    members = {f"s/IM{i}.dcm": rng.randbytes(100_000) for i in range(60)}  # 6 MB, incompressible
+    plain, packed = tmp_path / "t.tar", tmp_path / "t.tar.gz"
+    for path, mode in ((plain, "w"), (packed, "w:gz")):
+        with tarfile.open(path, mode, **({"compresslevel": 1} if mode == "w:gz" else {})) as t:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    for path in (plain, packed):
+        ref = {"source": str(path), "path": str(path), "kind": "tar"}
+        reads.clear()
+        assert [r["data"] for r in iter_source(ref, 10**7)] == list(members.values())
+        assert len(reads) <= 4, reads  # 600 reads of 10 KiB before
+        assert max(reads) >= 1 << 20
+        reads.clear()
+        assert count_members(ref) == len(members)
+        # 120 header reads (plain) or ~750 of 8 KiB (compressed) before: here 1 MiB each
+        assert len(reads) <= path.stat().st_size // sources.COUNT_BUFFER + 4, reads
+
+
+def test_a_local_archive_without_a_suffix_is_counted_by_its_members(tmp_path):
+    """A zip without a suffix (a PACS export's ``study1``) was counted as one input, and an
+    automatic decoder pool was sized for that one input. A local file is told by its first
+    bytes, as reading tells it; one named as an image, or on object storage, stays one."""
+    dcm = make_dicom(markers=False)
+    for name in ("study1", "study2.dcm"):
+        with zipfile.ZipFile(tmp_path / name, "w") as z:
+            for i in range(20):
+                z.writestr(f"IM{i}", dcm)
+    (tmp_path / "IM7").write_bytes(dcm)
+    refs = {Path(r["path"]).name: r for r in list_inputs([str(tmp_path)])}
+    assert {n: r["kind"] for n, r in refs.items()} == dict.fromkeys(refs, "file")
+    assert {n: count_inputs(r) for n, r in refs.items()} == {
+        "IM7": 1,
+        "study1": 20,
+        "study2.dcm": 1,  # named as an image: not opened on the driver (reading still opens it)
+    }
+    key = {"source": "s3://bucket/export", "path": "bucket/export/study1", "kind": "file"}
+    assert count_inputs(key) == 1  # no request made: a key's content is not asked for here
+
+
+def test_a_zip_symbolic_link_is_one_link_input_and_tar_links_are_counted(tmp_path):
+    """A zip's symbolic link member holds its target's name: it was decoded and quarantined as
+    ``not_an_image``, where a tar's link says it is a link. And a tar's links are rows of their
+    own when read but were not counted, so ``expected_inputs`` fell short of ``input``."""
+    dcm = make_dicom(markers=False)
+    with zipfile.ZipFile(tmp_path / "a.zip", "w") as z:
+        z.writestr("IM1.dcm", dcm)
+        link = zipfile.ZipInfo("again.dcm")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        z.writestr(link, "IM1.dcm")
+    with tarfile.open(tmp_path / "b.tar", "w") as t:
+        info = tarfile.TarInfo("IM1.dcm")
+        info.size = len(dcm)
+        t.addfile(info, io.BytesIO(dcm))
+        for kind, name in ((tarfile.SYMTYPE, "sym.dcm"), (tarfile.LNKTYPE, "hard.dcm")):
+            member = tarfile.TarInfo(name)
+            member.type, member.linkname = kind, "IM1.dcm"
+            t.addfile(member)
+        folder = tarfile.TarInfo("empty")
+        folder.type = tarfile.DIRTYPE
+        t.addfile(folder)
+    for name in ("a.zip", "b.tar"):
+        (ref,) = list_inputs([str(tmp_path / name)])
+        rows = list(iter_source(ref, 10**7))
+        assert count_members(ref) == len(rows)
+        assert [r["read_error"] for r in rows[1:]] == ["read_error:archive link"] * (len(rows) - 1)
+        assert rows[0]["data"] == dcm
+    (row,) = FileDecoder(SETTINGS, SECRET, frozenset(), keep_paths=False)(
+        pa.Table.from_pylist(rows[1:2], schema=READ_SCHEMA)
+    ).to_pylist()
+    assert (row["reason"], row["message"]) == ("read_error", _READ_ERRORS[LINK])
+    assert "link inside an archive" in row["message"]
 
 
 def test_read_blocks_keep_the_read_schema_and_block_size(tmp_path):

@@ -33,7 +33,8 @@ DECODER_CRASHED, DECODE_TIMEOUT = "decoder_crashed", "decode_timeout"
 # what a quarantine row says for each read_error detail the reader names (sources.read_error);
 # any other detail is an exception type: "could not read the file (<type>)"
 _READ_ERRORS = {
-    LINK: "a link inside a tar archive; its target is read as its own member",
+    LINK: "a link inside an archive (a tar's hard or symbolic link, a zip's symbolic link); "
+    "its target, when the archive holds it, is read as its own member",
     ENCRYPTED: "an encrypted zip member: ingest cannot decrypt it; unpack it with the password "
     "and ingest the files",
     LINK_LOOP: "a symbolic link loop: the link leads back to itself, never to a file",

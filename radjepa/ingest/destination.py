@@ -259,6 +259,34 @@ class Destination:
                     kept.update(zip(ids, table["kept_image_id"].to_pylist(), strict=True))
         return InputKeys(keys), kept
 
+    def quarantined_ids(self) -> dict[str, tuple[str, str]]:
+        """Image id -> (reason, message) of each quarantine row that has one (a file read and
+        found unusable): a copy of those bytes from another path is quarantined as they were,
+        not dropped as a duplicate of a file DST does not hold. Read by a run only once it
+        meets an input DST already knows; a reason and a message are held once however many
+        rows share them."""
+        found: dict[str, tuple[str, str]] = {}
+        said: dict[tuple[str, str], tuple[str, str]] = {}
+        for path in self._parquet(QUARANTINE_DIR):
+            table = pq.read_table(path, columns=["sha256", "reason", "message"], filesystem=self.fs)
+            table = table.filter(pc.is_valid(table.column("sha256")))
+            for image_id, reason, message in zip(
+                table["sha256"].to_pylist(),
+                table["reason"].to_pylist(),
+                table["message"].to_pylist(),
+                strict=True,
+            ):
+                found.setdefault(image_id, said.setdefault((reason, message), (reason, message)))
+        return found
+
+    def stored_path_hashes(self) -> KnownIds:
+        """The path hashes of the stored images, as ``path:<hash>`` in a compact set (16 bytes
+        a stored image): a file over ``ingest.max_file_mb`` at a path DST stored from is not
+        quarantined as ``too_large`` when the limit is lowered. Read only once a run meets
+        such a file."""
+        columns = self._arrow_columns(IMAGES_DIR, "source_hash")
+        return KnownIds.from_arrow([], columns)
+
     def shards(self) -> list[str]:
         """The image shards' paths, sorted (so by run, then by number)."""
         return self._parquet(IMAGES_DIR)

@@ -10,8 +10,10 @@ never an exception that would end a run.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
+import stat
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ __all__ = [
     "UNREACHABLE",
     "archive_kind",
     "archive_kind_of",
+    "count_inputs",
     "count_members",
     "iter_source",
     "list_inputs",
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 READ_CHUNK = 32  # rows per block emitted by read_blocks
 # read_error details (``read_error:<detail>``) that say what happened; any other read failure
 # is named by its exception type (its text may carry a path, i.e. a patient's name)
-LINK = "archive link"  # a tar member that is a hard or symbolic link
+LINK = "archive link"  # a tar member that is a hard or symbolic link, a zip symbolic link
 ENCRYPTED = "encrypted zip member"  # password-protected: zipfile raises a bare RuntimeError
 LINK_LOOP = "symbolic link loop"  # a link that leads back to itself (ELOOP)
 GONE = "file gone"  # deleted since it was listed, or a link whose target does not exist
@@ -57,6 +60,12 @@ UNREACHABLE = "storage unreachable:"
 ZIP_METHOD = "zip method"
 _ERRNO_DETAILS = {errno.ELOOP: LINK_LOOP, errno.ENOENT: GONE}
 HEAD = 512  # bytes read to tell an archive from an image (tar's magic sits at 257)
+# tarfile reads 10 KiB at a time (a stream) or a 512-byte header per member (counting), and on
+# s3:// or gs:// every read of the file is a ranged GET: about a million of them for a 10 GiB
+# tar. Through these buffers a stream is fetched 8 MiB a request, and counting takes the
+# headers of small members from one 1 MiB read (a large member is skipped by a seek).
+STREAM_BUFFER = 8 << 20
+COUNT_BUFFER = 1 << 20
 ARCHIVE_SUFFIXES = {  # only to size the progress bar up front; the content decides
     ".zip": "zip",
     ".tar": "tar",
@@ -186,10 +195,47 @@ COUNT_LIMIT_BYTES = 256 << 20
 _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 
 
+# a local file so named is taken for the one image it says it is, without opening it
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".png", ".jpg", ".jpeg")
+
+
+def count_inputs(ref: dict[str, str]) -> int | None:
+    """The inputs one :func:`list_inputs` ref holds (see :func:`count_members`), for the
+    progress total and the decoder pool's size.
+
+    A ref listed as a plain file may be an archive all the same: a zip without a suffix (an
+    object-store key, a PACS export's ``study1``) was counted as one input, and the pool was
+    sized for that one. A local file is told by its first bytes, as reading tells it, unless
+    its name says an image (a local folder of a million ``.dcm`` files is not also opened on
+    the driver). On object storage it stays one: telling it would cost a request per key."""
+    kind: str | None = ref["kind"]
+    if kind == "file":
+        kind = _local_archive_kind(ref)
+        if kind is None:
+            return 1
+    return count_members({**ref, "kind": kind})
+
+
+def _local_archive_kind(ref: dict[str, str]) -> str | None:
+    """:func:`archive_kind_of` a local file's first bytes; None for an object-store key, a
+    name that says an image, or a file that cannot be opened (reading quarantines it)."""
+    source = ref["source"]
+    if "://" in source and not source.startswith("file://"):
+        return None
+    if ref["path"].lower().endswith(IMAGE_SUFFIXES):
+        return None
+    try:
+        fs, _ = filesystem(source)
+        with fs.open_input_file(ref["path"]) as f:
+            return archive_kind_of(f.read(HEAD))
+    except Exception:
+        return None
+
+
 def count_members(ref: dict[str, str]) -> int | None:
-    """Members of an archive, for the progress total and the decoder pool's size (unreadable
-    archives count 1); None for a compressed tar over :data:`COUNT_LIMIT_BYTES`, which only a
-    full decompression could count."""
+    """Members of an archive that reading makes a row of (files and links), for the progress
+    total and the decoder pool's size (unreadable archives count 1); None for a compressed tar
+    over :data:`COUNT_LIMIT_BYTES`, which only a full decompression could count."""
     try:
         fs, _ = filesystem(ref["source"])
         with fs.open_input_file(ref["path"]) as f:
@@ -199,8 +245,12 @@ def count_members(ref: dict[str, str]) -> int | None:
             if f.size() > COUNT_LIMIT_BYTES and f.read(6).startswith(_COMPRESSED):
                 return None
             f.seek(0)
-            with tarfile.open(fileobj=f, mode="r:*") as t:
-                return sum(1 for m in t if m.isfile())
+            # closes f as it ends, as the with above does again (a second close does nothing)
+            with (
+                io.BufferedReader(f, COUNT_BUFFER) as buffered,
+                tarfile.open(fileobj=buffered, mode="r:*") as t,
+            ):
+                return sum(1 for m in t if m.isfile() or m.islnk() or m.issym())
     except Exception:
         return 1
 
@@ -243,8 +293,10 @@ def iter_source(ref: dict[str, str], max_bytes: int) -> Iterator[dict[str, Any]]
                 yield from _iter_zip(f, path, max_bytes, row)
             else:
                 members = 0
+                # held here until the file closes: a buffer collected early would close f
+                buffered = io.BufferedReader(f, STREAM_BUFFER)
                 try:
-                    for member in _iter_tar(f, path, max_bytes, row):
+                    for member in _iter_tar(buffered, path, max_bytes, row):
                         members += 1
                         yield member
                 except Exception:
@@ -315,6 +367,11 @@ def _iter_zip(f: Any, path: str, max_bytes: int, row: Any) -> Iterator[dict[str,
             if info.is_dir():
                 continue
             name = f"{path}!{info.filename}"
+            # a symbolic link (Unix mode in the high bits): its data is the target's name, which
+            # was decoded and quarantined as not_an_image; as a tar's link, one read_error
+            if stat.S_ISLNK(info.external_attr >> 16):
+                yield row(name, None, None, f"read_error:{LINK}")
+                continue
             if info.file_size > max_bytes:
                 yield row(name, None, info.file_size, "too_large")
                 continue
