@@ -154,21 +154,58 @@ def test_rayjob_entrypoint_is_a_real_cli_call_with_real_configs(name: str) -> No
     assert runtime_env["env_vars"][STOP_GRACE_ENV] == str(STOP_GRACE_S)
 
 
+SERVE_CONFIG = "configs/serve.yaml"  # the one serve config of every cluster manifest
+
+
 def _serve_apps() -> dict[str, dict[str, Any]]:
+    """Every Serve config a cluster is deployed with: the RayService's serveConfigV2,
+    `serve deploy cluster/serve-config.yaml` and `serve deploy serve/deploy.yaml`."""
     from ray.serve.schema import ServeDeploySchema
 
     rayservice = yaml.safe_load(_load("rayservice.yaml")["spec"]["serveConfigV2"])
-    configs = {"rayservice.yaml": rayservice, "serve-config.yaml": _load("serve-config.yaml")}
+    configs = {
+        "rayservice.yaml": rayservice,
+        "serve-config.yaml": _load("serve-config.yaml"),
+        "serve/deploy.yaml": yaml.safe_load((REPO / "serve" / "deploy.yaml").read_text()),
+    }
     for cfg in configs.values():
         ServeDeploySchema.model_validate(cfg)  # what `serve deploy` / KubeRay will accept
     return configs
 
 
+def _effective_serve_config(args: dict[str, Any]) -> Any:
+    """The config ``serve.deployment:build_app`` builds from ``args``, resolved as it does:
+    the ``config`` file, its ``set`` overrides, then the args given as-is."""
+    cfg = load_config(REPO / args["config"], list(args.get("set") or []))
+    direct = {
+        f"serve.{key}": args[key]
+        for key in ("model", "head", "index", "api_keys_file")
+        if args.get(key) is not None
+    }
+    return cfg.with_overrides(direct) if direct else cfg
+
+
 def test_serve_configs_validate_and_agree() -> None:
+    # the manifests ran on the built-in defaults (no `config`) and serve/deploy.yaml on
+    # configs/serve.yaml, which had no keys file (build_app stopped: no API keys) and
+    # use_gpu auto (CPU for good when the GPU group was still at 0)
     configs = _serve_apps()
-    apps = [c["applications"] for c in configs.values()]
-    assert apps[0] == apps[1], "rayservice.yaml and serve-config.yaml deploy different apps"
-    assert all(c["http_options"]["host"] == "0.0.0.0" for c in configs.values())
+    for name, cfg in configs.items():
+        assert cfg["applications"] == configs["rayservice.yaml"]["applications"], (
+            f"{name} and rayservice.yaml deploy different apps"
+        )
+        assert cfg["http_options"] == configs["rayservice.yaml"]["http_options"], name
+        assert cfg["http_options"]["host"] == "0.0.0.0"
+    (app,) = configs["rayservice.yaml"]["applications"]
+    assert app["args"].get("config") == SERVE_CONFIG, "the cluster app reads configs/serve.yaml"
+    assert not app["args"].get("set"), "settings belong in configs/serve.yaml, not the manifests"
+    serve_cfg = _effective_serve_config(app["args"]).serve
+    assert serve_cfg.api_keys_file, "no manifest sets RADJEPA_API_KEYS: keys come from a file"
+    assert serve_cfg.use_gpu == "true", "auto picks CPU for good when the GPU group is at 0"
+    assert not serve_cfg.insecure_local
+    # the app's JSON 504 comes before the proxy's plain-text 408
+    proxy_timeout = configs["rayservice.yaml"]["http_options"]["request_timeout_s"]
+    assert proxy_timeout > serve_cfg.request_timeout_s
 
 
 def test_serve_import_path_resolves_and_builds_the_app(
@@ -426,7 +463,7 @@ def _check_api_keys_volume() -> None:
     a Secret volume defaults to 0644, and the service refuses a keys file others may write and
     warns on one every user may read."""
     (app,) = yaml.safe_load(_load("rayservice.yaml")["spec"]["serveConfigV2"])["applications"]
-    keys_file = Path(app["args"]["api_keys_file"])
+    keys_file = Path(_effective_serve_config(app["args"]).serve.api_keys_file)
     rayservice = _cluster_spec("rayservice.yaml", _load("rayservice.yaml"))
     for group_name, group in _groups(rayservice):
         spec = group["template"]["spec"]
