@@ -87,32 +87,19 @@ def load(config: str | None, sets: list[str] | None) -> Config:
         raise UserError(str(err)) from None
 
 
-# mask sections drawn by `config validate` (each 0.1-1 s at ViT-B's grid and batch 256)
-MAX_MASK_DRAWS = 16
-
-
 def check_runnable(cfg: Config) -> None:
     """What pretrain and sweep refuse before their first step, checked without shards or Ray:
     every setting a sweep's trials can get validates, and each one's masks (the config's own
     without a sweep) can be drawn on its model's grid. ``config validate`` said ok to configs
     both refused."""
     from radjepa.config import ConfigError, swept_configs
-    from radjepa.masks import MasksUnsatisfiable, check_masks
+    from radjepa.masks import MasksUnsatisfiable, check_trial_masks
 
     try:
         trials = swept_configs(cfg) if cfg.tune.search_space else [("", cfg)]
-    except ConfigError as err:
+        check_trial_masks(trials, set())
+    except (ConfigError, MasksUnsatisfiable) as err:
         raise UserError(str(err)) from None
-    drawn: set[str] = set()
-    for said, trial in trials:
-        key = trial.masks.model_dump_json() + f"{trial.model.grid},{trial.train.batch_size}"
-        if key in drawn or len(drawn) >= MAX_MASK_DRAWS:
-            continue
-        drawn.add(key)
-        try:
-            check_masks(trial.masks, trial.model.grid, trial.train.batch_size, trial.train.seed)
-        except MasksUnsatisfiable as err:
-            raise UserError(f"tune.search_space: {said}: {err}" if said else str(err)) from None
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

@@ -220,11 +220,6 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
     return {"images": ds.images, "labels": labels, "groups": groups}
 
 
-# distinct mask sections drawn on the grid before a sweep: each costs 1-2.5 s at ViT-B/16's
-# 14x14 grid and batch 256 (estimating its context length), so at most ~40 s in all
-_MAX_MASK_DRAWS = 16
-
-
 def _check_space(cfg: Config) -> list[tuple[str, Config]]:
     """Every swept key must exist and the settings the trials can get must validate, before
     any trial; returns each setting checked (said, and its trial's config) for
@@ -279,22 +274,13 @@ def _trial_config(cfg: Config, setting: dict[str, Any]) -> tuple[str, Config]:
 
 def _check_masks(trials: list[tuple[str, Config]], masks_checked: set[str]) -> None:
     """Refuse a trial whose masks cannot be drawn on its model's grid, as pretrain would at
-    its start. Each mask section is drawn once (``masks_checked`` holds those drawn: 1-2.5 s
-    each), and no more than ``_MAX_MASK_DRAWS`` of them."""
-    from radjepa.masks import MasksUnsatisfiable, check_masks
+    its start (``radjepa.masks.check_trial_masks``)."""
+    from radjepa.masks import MasksUnsatisfiable, check_trial_masks
 
-    for said, trial in trials:
-        drawn = json.dumps(
-            [trial.masks.model_dump(mode="json"), trial.model.grid, trial.train.batch_size],
-            sort_keys=True,
-        )
-        if drawn in masks_checked or len(masks_checked) >= _MAX_MASK_DRAWS:
-            continue
-        masks_checked.add(drawn)
-        try:
-            check_masks(trial.masks, trial.model.grid, trial.train.batch_size, trial.train.seed)
-        except MasksUnsatisfiable as err:
-            raise SweepError(f"tune.search_space: {said}: {err}") from None
+    try:
+        check_trial_masks(trials, masks_checked)
+    except MasksUnsatisfiable as err:
+        raise SweepError(str(err)) from None
 
 
 def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:

@@ -34,13 +34,13 @@ import hashlib
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
 
-from radjepa.config import MasksConfig
+from radjepa.config import Config, MasksConfig
 
 __all__ = [
     "MaskBatch",
@@ -477,3 +477,26 @@ def check_masks(cfg: MasksConfig, grid: int | tuple[int, int], batch_size: int, 
     a size too large to keep ``min_keep`` fails here, not at the step that first draws it.
     """
     MaskSampler(cfg, grid, seed=seed).sample(batch_size, step=0)
+
+
+# distinct mask sections drawn before a sweep (or by `radjepa config validate`): each costs
+# 1-2.5 s at ViT-B/16's 14x14 grid and batch 256 (estimating its context length), so at most
+# ~40 s in all
+MAX_MASK_DRAWS = 16
+
+
+def check_trial_masks(trials: Iterable[tuple[str, Config]], checked: set[str]) -> None:
+    """:func:`check_masks` for each ``(setting in words, config)`` a run or sweep can train
+    with, each distinct mask section once (``checked`` holds those drawn, across calls) and no
+    more than :data:`MAX_MASK_DRAWS`; the refusal names the setting (none for a plain run)."""
+    for said, trial in trials:
+        drawn = f"{trial.masks.model_dump_json()}|{trial.model.grid}|{trial.train.batch_size}"
+        if drawn in checked or len(checked) >= MAX_MASK_DRAWS:
+            continue
+        checked.add(drawn)
+        try:
+            check_masks(trial.masks, trial.model.grid, trial.train.batch_size, trial.train.seed)
+        except MasksUnsatisfiable as err:
+            if not said:
+                raise
+            raise MasksUnsatisfiable(f"tune.search_space: {said}: {err}") from None
