@@ -53,7 +53,7 @@ from radjepa.ingest.dst_lock import DstLock
 from radjepa.ingest.errors import IngestError
 from radjepa.ingest.id_sets import PATH_PREFIX, InputKeys, KnownIds
 from radjepa.ingest.instances import CONFLICT, InstanceIndex
-from radjepa.ingest.sources import count_inputs, list_inputs, read_blocks
+from radjepa.ingest.sources import SNIFF_LIMIT, count_inputs, list_inputs, read_blocks
 from radjepa.locations import filesystem
 from radjepa.shards import (
     DUPLICATE_SAME_BYTES,
@@ -64,6 +64,7 @@ from radjepa.shards import (
     QUARANTINE_DIR,
     QUARANTINE_SCHEMA,
     SHARD_SCHEMA,
+    rows_sorted_by,
 )
 
 if TYPE_CHECKING:
@@ -247,7 +248,8 @@ def run_ingest(
         summary = IngestSummary(dst=dst, run_id=run_id)
         expected: int | None = None
         try:
-            counts = [count_inputs(r) for r in refs]
+            sniff = len(refs) <= SNIFF_LIMIT  # see SNIFF_LIMIT
+            counts = [count_inputs(r, sniff) for r in refs]
             # None: a large compressed tar is not counted ahead (see count_members), so neither
             # is the run
             expected = None if None in counts else sum(c for c in counts if c is not None)
@@ -476,7 +478,7 @@ class _Outputs:
             # rows by image id (a keyed hash), not in input order: sorted paths are often
             # patient names or IDs, and a shard's row order gave their order away (quarantine
             # and duplicate rows go by path hash, in finish)
-            head = head.sort_by("image_id")
+            head = rows_sorted_by(head, "image_id")
             name = f"part-{self.run_id}-{len(self.summary.shards):05d}.parquet"
             path = self.dest.write(
                 IMAGES_DIR, name, head.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)

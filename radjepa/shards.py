@@ -47,6 +47,7 @@ __all__ = [
     "read_duplicates",
     "read_images",
     "require_columns",
+    "rows_sorted_by",
     "shard_files",
     "shard_folder",
 ]
@@ -323,6 +324,16 @@ def require_columns(names: list[str], where: str | Path, needed: list[str]) -> N
             f"{where} holds Parquet that is not `radjepa ingest` shards (no column "
             f"{', '.join(missing)}): give the DST folder `radjepa ingest` wrote"
         )
+
+
+def rows_sorted_by(table: pa.Table, column: str) -> pa.Table:
+    """``table``'s rows in ``column``'s order, as zero-copy slices: ``Table.sort_by`` takes
+    the rows into one new chunk, and a shard's ``pixels`` (32-bit offsets) past 2 GiB
+    (2048 rows of 1024 px uint8) did not fit one ("offset overflow")."""
+    order = pc.sort_indices(table[column]).to_pylist()
+    if not order:
+        return table
+    return pa.concat_tables([table.slice(i, 1) for i in order])
 
 
 def pixels_to_bytes(pixels: np.ndarray) -> bytes:

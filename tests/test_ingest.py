@@ -828,10 +828,13 @@ def test_source_inside_destination_is_ingested_but_not_the_outputs(ray_session, 
     third = run_ingest([str(dst)], str(dst), _cfg(), progress=False)
     assert (third.input, third.already_ingested) == (3, 3)
     # the source named through a link: DST's shards, manifest and quarantine were listed under
-    # the link's name and read back as inputs (a duplicate, a not_an_image each run)
+    # the link's name and read back as inputs (a duplicate, a not_an_image each run). The
+    # three files are inputs under other names (a path is its spelling, docs/INGEST.md): the
+    # good ones are held, and the broken one is quarantined again, as any copy of broken bytes
     (tmp_path / "link").symlink_to(dst)
     linked = run_ingest([str(tmp_path / "link")], str(dst), _cfg(), progress=False)
-    assert (linked.input, linked.quarantined, linked.already_ingested) == (3, 0, 3)
+    assert (linked.input, linked.quarantined, linked.already_ingested) == (3, 1, 2)
+    assert linked.reasons == {"not_an_image": 1}
 
 
 def _failing_decoder_run(monkeypatch, tmp_path: Path, decoder: type, name: str, *sets: str):

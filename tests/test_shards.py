@@ -135,3 +135,34 @@ def test_files_a_mac_or_spark_leaves_beside_the_shards_are_not_read_as_shards(tm
     assert [p.rsplit("/", 1)[-1] for p in map(str, list_shards(tmp_path))] == ["part-0.parquet"]
     pixels, meta = read_images(tmp_path)
     assert pixels.shape == (3, 4, 4) and int(pixels.max()) == 7 and meta.num_rows == 3
+
+
+def test_rows_sorted_by_a_column_fit_past_two_gib_of_pixels():
+    """A shard's rows are written in image-id order; Table.sort_by took them into one chunk,
+    and 2048 rows of 1024 px uint8 pixels (2 GiB in a 32-bit-offset binary column) raised
+    "offset overflow" at the first shard of such a run. The chunks here share one buffer, so
+    2.4 GiB of rows cost 300 MiB."""
+    import numpy as np
+    import pyarrow as pa
+
+    from radjepa.shards import rows_sorted_by
+
+    size, n, chunks = 1 << 20, 300, 8
+    data = pa.py_buffer(np.zeros(size * n, dtype=np.uint8))
+    offsets = pa.py_buffer(np.arange(0, size * (n + 1), size, dtype=np.int32))
+    pixels = pa.Array.from_buffers(pa.binary(), n, [None, offsets, data])
+    ids = [
+        [f"{(c * 7919 + i * 104729) % 99991:05d}-{c}-{i}" for i in range(n)] for c in range(chunks)
+    ]
+    table = pa.table(
+        {
+            "image_id": pa.chunked_array([pa.array(c) for c in ids]),
+            "pixels": pa.chunked_array([pixels] * chunks),
+        }
+    )
+    assert table["pixels"].nbytes > 2**31
+    out = rows_sorted_by(table, "image_id")
+    got = out["image_id"].to_pylist()
+    assert got == sorted(i for c in ids for i in c)
+    assert out.num_rows == table.num_rows and out["pixels"].nbytes == table["pixels"].nbytes
+    assert rows_sorted_by(table.slice(0, 0), "image_id").num_rows == 0
