@@ -92,8 +92,9 @@ def check_runnable(cfg: Config) -> None:
     every setting a sweep's trials can get validates, and each one's masks (the config's own
     without a sweep) can be drawn on its model's grid. ``config validate`` said ok to configs
     both refused."""
-    from radjepa.config import ConfigError, swept_configs
+    from radjepa.config import ConfigError
     from radjepa.masks import MasksUnsatisfiable, check_trial_masks
+    from radjepa.search_space import swept_configs
 
     try:
         trials = swept_configs(cfg) if cfg.tune.search_space else [("", cfg)]
@@ -427,6 +428,7 @@ def serve_cmd(
         check_port_free,
         curl_example,
         refuse_keyless_on_cluster,
+        remote_cluster,
         start_failures_said_once,
         start_local,
         stop_local,
@@ -443,7 +445,7 @@ def serve_cmd(
             secret_env=cfg.ingest.secret_env,
             allow_development_key=cfg.ingest.allow_development_key,
         )
-        refuse_keyless_on_cluster(settings, on_cluster=not local_ray)
+        refuse_keyless_on_cluster(settings, on_cluster=remote_cluster())
         check_port_free(cfg.serve.host, cfg.serve.port)
 
         def key_check() -> None:  # the replicas of a Ray this process starts have its key

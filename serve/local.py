@@ -11,6 +11,7 @@ start refuses a running application of our name and a stop deletes only the one 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from radjepa.config import Config
 from radjepa.log_filters import lines_dropped
@@ -34,6 +35,7 @@ __all__ = [
     "base_url",
     "check_port_free",
     "refuse_keyless_on_cluster",
+    "remote_cluster",
     "start_failures_said_once",
     "start_local",
     "stop_local",
@@ -52,6 +54,11 @@ APP_NAME = "radjepa"
 # one of the same name that ran there before (a start refused by AppAlreadyRunning still goes
 # through the caller's stop).
 _deployed_here = False
+# Whether this process started Serve (its controller and proxies) on the cluster it joined: a
+# stop then shuts Serve down once no other application runs there. Left running, a `ray start`
+# instance (RAY_ADDRESS=auto) kept the first run's proxies, on its port, and the next run's
+# serve.start ignored its own host and port (Serve warns and keeps the old ones).
+_serve_started_here = False
 
 
 class AppAlreadyRunning(RuntimeError):
@@ -96,13 +103,36 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+def remote_cluster() -> bool:
+    """Whether RAY_ADDRESS names a cluster of other machines: not ``auto`` nor a loopback
+    address (this machine's own `ray start`, which the README suggests for a laptop)."""
+    from pipelines.cluster_address import env_names_cluster
+
+    if not env_names_cluster():
+        return False
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address == "auto":
+        return False
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    return not (host == "localhost" or _is_loopback(host))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def refuse_keyless_on_cluster(settings: ApiSettings, *, on_cluster: bool) -> None:
-    """Refuse keyless (insecure local) mode on a cluster (SecurityConfigError).
+    """Refuse keyless (insecure local) mode on a cluster of other machines
+    (SecurityConfigError; ``on_cluster``: :func:`remote_cluster`).
 
     Keyless mode is allowed only on a loopback host, a promise the proxies' http_options keep.
     On a cluster whose Serve already runs, serve.start's http_options are ignored: its proxies
     listen where they were started (0.0.0.0 under a RayService), so the keyless API would
-    answer every machine that reaches them."""
+    answer every machine that reaches them. This machine's own `ray start` is checked once
+    joined (:func:`start_local`: the host its running Serve listens on)."""
     if on_cluster and settings.insecure_local and not settings.key_digests:
         raise SecurityConfigError(
             "insecure local mode (no API keys) is refused on a Ray cluster (RAY_ADDRESS names "
@@ -169,19 +199,24 @@ def start_local(
         secret_env=cfg.ingest.secret_env,
         allow_development_key=cfg.ingest.allow_development_key,
     )
+    global _serve_started_here
     on_cluster = env_names_cluster()
-    refuse_keyless_on_cluster(settings, on_cluster=on_cluster)
-    check_port_free(cfg.serve.host, cfg.serve.port)
-    if on_cluster:
+    refuse_keyless_on_cluster(settings, on_cluster=remote_cluster())
+    running = _running_serve() if on_cluster else None
+    if running is not None:
         _refuse_running_app(os.environ.get("RAY_ADDRESS", "").strip())
-    port = cfg.serve.port or _free_port(cfg.serve.host)
-    serve.start(
-        http_options={
-            "host": cfg.serve.host,
-            "port": port,
-            "request_timeout_s": cfg.serve.request_timeout_s + 5.0,
-        }
-    )
+        host, port = _listening(running, settings, cfg.serve.host, cfg.serve.port)
+    else:
+        check_port_free(cfg.serve.host, cfg.serve.port)
+        host, port = cfg.serve.host, cfg.serve.port or _free_port(cfg.serve.host)
+        serve.start(
+            http_options={
+                "host": host,
+                "port": port,
+                "request_timeout_s": cfg.serve.request_timeout_s + 5.0,
+            }
+        )
+        _serve_started_here = on_cluster
     app = app_from_config(
         cfg,
         settings=settings,
@@ -197,7 +232,41 @@ def start_local(
             _deploy(app)
     except RuntimeError as err:  # "Deploying application radjepa failed: ..." (no cause named)
         raise ServeStartFailed(_failed_start(err)) from None
-    return base_url(cfg.serve.host, port)
+    return base_url(host, port)
+
+
+def _running_serve() -> Any | None:
+    """The client of the Serve controller running on the cluster this process joined; None
+    when Serve does not run there."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client(raise_if_no_controller_running=False)
+
+
+def _listening(client: Any, settings: ApiSettings, host: str, port: int) -> tuple[str, int]:
+    """Where an already running Serve's proxies listen (its host and port, not ours: Serve
+    ignores another serve.start's), refusing keyless mode when that is not loopback."""
+    http = client.http_config
+    if (
+        settings.insecure_local
+        and not settings.key_digests
+        and not (http.host == "localhost" or _is_loopback(http.host))
+    ):
+        raise SecurityConfigError(
+            f"insecure local mode (no API keys) is refused: Ray Serve already runs on this Ray "
+            f"with its proxies on {http.host}:{http.port}, not a loopback address; configure "
+            "API keys, or stop that Serve first"
+        )
+    if (http.host, http.port) != (host, port or http.port):
+        log.warning(
+            "Ray Serve already runs on this Ray, listening on %s:%d: serve.host/serve.port "
+            "(%s:%d) are not applied",
+            http.host,
+            http.port,
+            host,
+            port,
+        )
+    return str(http.host), int(http.port)
 
 
 def base_url(host: str, port: int) -> str:
@@ -347,7 +416,9 @@ def stop_local(timeout_s: float = SERVE_STOP_TIMEOUT_S, *, on_cluster: bool | No
     if on_cluster is None:
         on_cluster = env_names_cluster()
     if on_cluster:
-        return _delete_own_app(timeout_s)
+        started = time.monotonic()
+        deleted = _delete_own_app(timeout_s)
+        return deleted and _shutdown_if_ours(timeout_s - (time.monotonic() - started))
     global _deployed_here
     _deployed_here = False  # Serve goes whole, the application with it
     return _shutdown_serve(timeout_s)
@@ -411,6 +482,27 @@ def _delete_own_app(timeout_s: float) -> bool:
         log.warning("deleting Serve application %s failed (%s)", APP_NAME, _said(err))
         return False
     return True
+
+
+def _shutdown_if_ours(timeout_s: float) -> bool:
+    """Shut Serve down when this process started it and no application is left on it: a
+    Serve left behind on a `ray start` instance (RAY_ADDRESS=auto) kept its proxies and port,
+    and the next `radjepa serve` or demo found its own host and port ignored."""
+    global _serve_started_here
+    from ray import serve
+
+    if not _serve_started_here:
+        return True
+    try:
+        others = sorted(serve.status().applications)
+    except Exception as err:  # noqa: BLE001 - a stop: said, and the disconnect goes on
+        log.warning("cannot tell whether Ray Serve runs other applications (%s)", _said(err))
+        return False
+    if others:
+        log.info("Ray Serve is left running for its other applications: %s", ", ".join(others))
+        return True
+    _serve_started_here = False
+    return _shutdown_serve(max(timeout_s, 1.0))
 
 
 def curl_example(url: str, settings: ApiSettings) -> str:

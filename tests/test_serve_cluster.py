@@ -95,6 +95,74 @@ def test_on_a_cluster_serve_neither_replaces_nor_stops_applications_not_its_own(
         serve.shutdown()  # this session's Ray goes on
 
 
+@pytest.mark.parametrize(
+    ("address", "remote"),
+    [
+        ("", False),
+        ("local", False),
+        ("auto", False),  # this machine's own `ray start`, as the README suggests
+        ("127.0.0.1:6379", False),
+        ("localhost:6379", False),
+        ("[::1]:6379", False),
+        ("10.0.0.7:6379", True),
+        ("ray://head.example:10001", True),
+    ],
+)
+def test_keyless_mode_is_refused_up_front_only_on_other_machines(monkeypatch, address, remote):
+    from serve.local import remote_cluster
+
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    assert remote_cluster() is remote
+
+
+@pytest.mark.ray
+def test_a_serve_this_process_started_on_a_shared_ray_goes_once_its_last_application_does(
+    ray_session, tmp_path, monkeypatch
+):
+    """On a `ray start` instance (RAY_ADDRESS=auto) the stop deleted only our application and
+    left the Serve it had started: its proxies kept the first run's port, and the next run's
+    serve.start had its own host and port ignored (the demo then called a port nobody held).
+    Serve started here now goes with our application when nothing else runs on it; a Serve
+    that already ran is used where it listens, and keyless mode is refused there when that is
+    not loopback."""
+    from ray import serve
+
+    import serve.local as local
+    from serve.security import ApiSettings
+
+    @serve.deployment(name="Up")
+    class Up:
+        def ready(self) -> bool:
+            return True
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_session.get_runtime_context().gcs_address)
+    monkeypatch.setattr(local, "_deployed_here", False)
+    try:
+        # started here, with a neighbour: left running for it, then stopped with the last one
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        monkeypatch.setattr(local, "_serve_started_here", True)
+        serve.run(Up.bind(), name="neighbour", route_prefix=None)
+        local._deploy(Up.bind())
+        assert local.stop_local() is True
+        assert set(serve.status().applications) == {"neighbour"}
+        assert local._running_serve() is not None
+        serve.delete("neighbour")
+        local._deploy(Up.bind())
+        assert local.stop_local() is True
+        assert local._running_serve() is None  # Serve itself is gone: nothing else ran on it
+
+        # a Serve that already runs: where it listens is what counts
+        port = free_port()
+        serve.start(http_options={"host": "0.0.0.0", "port": port})
+        running = local._running_serve()
+        keyed = ApiSettings(env_keys={"d" * 64: ()})
+        assert local._listening(running, keyed, "127.0.0.1", 0) == ("0.0.0.0", port)
+        with pytest.raises(SecurityConfigError, match="not a loopback address"):
+            local._listening(running, ApiSettings(insecure_local=True), "127.0.0.1", 0)
+    finally:
+        serve.shutdown()  # this session's Ray goes on
+
+
 @pytest.mark.ray
 def test_a_request_that_fails_or_gives_up_cancels_its_pending_encoder_calls(ray_session):
     """Each image is its own call to the encoder; when one failed (the encoder's queue full)
