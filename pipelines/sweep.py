@@ -9,7 +9,6 @@ reach Tune via TuneReportCallback.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -28,8 +27,9 @@ from pipelines.placement_groups import release_orphaned_placement_groups
 from pipelines.pretrain import DIVERGED
 from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints, human_size
 from radjepa import locations
-from radjepa.config import MAX_SWEPT_CHECKED, Config, SearchDim, config_to_yaml
+from radjepa.config import Config, ConfigError, SearchDim, config_to_yaml
 from radjepa.log_filters import lines_dropped, redact_log_records
+from radjepa.search_space import distinct_draws, swept_configs, trial_config
 from radjepa.training_data import ShardSummary
 
 log = logging.getLogger(__name__)
@@ -120,52 +120,6 @@ def search_space(dims: dict[str, SearchDim], alg: str) -> dict[str, Any]:
     return space
 
 
-def distinct_draws(cfg: Config) -> list[dict[str, Any]] | None:
-    """For a random search whose every dimension is a ``choice``: ``tune.num_samples`` distinct
-    settings (all of them when there are fewer), drawn with ``train.seed``.
-
-    Tune draws each trial on its own, with replacement: ``sweep-tiny`` (6 settings, 4 trials)
-    repeats a setting in 72% of sweeps, and two trials with one setting and one seed train the
-    same model twice, so the sweep compares fewer settings than it pays for. None when a
-    dimension is continuous (repeats have probability zero) or the search is grid/optuna.
-    """
-    space = cfg.tune.search_space
-    if cfg.tune.search_alg != "random" or not space:
-        return None
-    if any(dim.type != "choice" for dim in space.values()):
-        return None
-    keys = list(space)
-    sizes = [len(space[k].values or []) for k in keys]
-    rng = np.random.default_rng(cfg.train.seed)
-    return [
-        {k: (space[k].values or [])[j] for k, j in zip(keys, point, strict=True)}
-        for point in _sample_points(rng, sizes, cfg.tune.sample_count)
-    ]
-
-
-def _sample_points(rng: np.random.Generator, sizes: list[int], n: int) -> list[tuple[int, ...]]:
-    """``n`` distinct points of the product of ``sizes`` (each a candidate index per key; all
-    of them when ``n`` covers the product), never listing the product: it may be
-    astronomically large. One index into the product while it fits numpy's integers (the draws
-    sweeps always made), an index per key past that (a flat index past 2**63 raised)."""
-    total = math.prod(sizes)
-    picked: list[tuple[int, ...]] = []
-    seen: set[tuple[int, ...]] = set()
-    while len(picked) < min(n, total):
-        if total < 2**62:
-            index, point = int(rng.integers(total)), []
-            for size in reversed(sizes):
-                index, j = divmod(index, size)
-                point.append(j)
-            drawn = tuple(reversed(point))
-        else:
-            drawn = tuple(int(rng.integers(size)) for size in sizes)
-        if drawn not in seen:
-            seen.add(drawn)
-            picked.append(drawn)
-    return picked
-
-
 def planned_trials(cfg: Config) -> int:
     """The trials a new sweep runs: Tune's count, each grid point times the samples asked for
     (a grid search asks for one sample, so its points each run once)."""
@@ -222,54 +176,27 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
 
 def _check_space(cfg: Config) -> list[tuple[str, Config]]:
     """Every swept key must exist and the settings the trials can get must validate, before
-    any trial; returns each setting checked (said, and its trial's config) for
-    :func:`_check_masks`, which draws their masks once the shards were found.
-
-    A key's candidates are its choices, or a range's ends and a value inside it; a continuous
-    range over an integer setting is refused (Tune draws fractions there, and every trial
-    failed): ``radjepa.config.swept_candidates``. Candidates are checked together, every
-    combination (a seeded sample of ``MAX_SWEPT_CHECKED`` where there are more), since keys
-    bound each other: ``ema.start`` checked alone against the base ``ema.end`` was refused by a
-    bound the sweep itself moves, or passed where the value swept beside it made every trial
-    with the pair fail. Past ``MAX_SWEPT_CHECKED`` combinations every candidate of every key is
-    still checked once. A random search over choices only runs the settings
-    :func:`distinct_draws` picks: those are checked (in ``_run_sweep``), not the combinations
-    it never runs."""
+    any trial (``radjepa.search_space``, which ``radjepa config validate`` checks too);
+    returns each setting checked (said, and its trial's config) for :func:`_check_masks`,
+    which draws their masks once the shards were found. A random search over choices is
+    checked on its draws, in ``_run_sweep``, where they are made."""
     space = cfg.tune.search_space
     if not space:
         raise SweepError("tune.search_space is empty: nothing to sweep")
-    if cfg.tune.search_alg == "random" and all(d.type == "choice" for d in space.values()):
+    if distinct_draws(cfg) is not None:
         return []
-    from radjepa.config import ConfigError, swept_candidates
-
-    try:  # an integer setting swept by a range of fractions is refused there
-        candidates = {key: swept_candidates(key, dim) for key, dim in space.items()}
+    try:
+        return swept_configs(cfg)
     except ConfigError as err:
         raise SweepError(str(err)) from None
-    keys = list(candidates)
-    sizes = [len(candidates[k]) for k in keys]
-    if math.prod(sizes) <= MAX_SWEPT_CHECKED:
-        points = list(itertools.product(*(range(size) for size in sizes)))
-    else:  # every candidate of every key at least once, then a seeded sample of the product
-        points = [tuple(j % size for size in sizes) for j in range(max(sizes))]
-        rng = np.random.default_rng(cfg.train.seed)
-        points += _sample_points(rng, sizes, MAX_SWEPT_CHECKED)
-    return [
-        _trial_config(cfg, {k: candidates[k][j] for k, j in zip(keys, point, strict=True)})
-        for point in dict.fromkeys(points)
-    ]
 
 
 def _trial_config(cfg: Config, setting: dict[str, Any]) -> tuple[str, Config]:
-    """The config a trial with ``setting`` of the swept keys trains with, and the setting in
-    words; refused, in those words, where no trial could train with it."""
-    from radjepa.config import ConfigError
-
-    said = ", ".join(f"{k} = {v!r}" for k, v in setting.items())
+    """:func:`radjepa.search_space.trial_config`, refused as a SweepError."""
     try:
-        return said, cfg.with_overrides(setting)
+        return trial_config(cfg, setting)
     except ConfigError as err:
-        raise SweepError(f"tune.search_space: {said}: {err}") from None
+        raise SweepError(str(err)) from None
 
 
 def _check_masks(trials: list[tuple[str, Config]], masks_checked: set[str]) -> None:
@@ -663,6 +590,11 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         raise SweepError(
             f"sweep '{cfg.tune.name}' {done} but recording it in MLflow failed: {not_recorded}; "
             "re-run the same command with --resume to record it"
+            + (
+                f" (it also retries the {errored} failed trial(s))"
+                if (errored := sum(r.status == "error" for r in rows))
+                else ""
+            )
         )
     return SweepResult(
         sweep_dir, cfg.tune.metric, rows, best, best_path, parent_run_id, uri, tidied
@@ -833,7 +765,14 @@ def _keep_sweep_config(cfg: Config, data: str, sweep_dir: str, resume: bool) -> 
     if not saved_text:
         locations.write_text(path, json.dumps(now, indent=1, sort_keys=True))
         return
-    saved = json.loads(saved_text)
+    try:
+        saved = json.loads(saved_text)
+        if not isinstance(saved, dict):
+            raise ValueError("not a mapping")
+    except ValueError:  # cut short by a full disk or a kill as it was written
+        log.warning("%s cannot be read: the settings are not compared, and are saved again", path)
+        locations.write_text(path, json.dumps(now, indent=1, sort_keys=True))
+        return
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if not changed:
         return

@@ -9,9 +9,7 @@ offending dotted key so a typo in a 300-trial sweep fails in a second, not after
 from __future__ import annotations
 
 import datetime
-import itertools
 import logging
-import math
 import os
 import posixpath
 import re
@@ -43,7 +41,6 @@ __all__ = [
     "MODEL_WIDTHS",
     "CompileScope",
     "PatientIdentity",
-    "swept_configs",
 ]
 
 # Encoder sizes (embed dim, depth, heads) as in the ViT/I-JEPA papers; "tiny" is for CPU tests.
@@ -83,6 +80,8 @@ def _takes_bool(annotation: Any) -> bool:
     would read ``true`` as 1, so ``--set train.steps=true`` trained for one step)."""
     if annotation is bool:
         return True
+    if get_origin(annotation) is Annotated:  # its constraints are no types: the type is first
+        return _takes_bool(get_args(annotation)[0])
     args = get_args(annotation)
     if not args:
         return annotation not in (int, float)
@@ -938,6 +937,36 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_document(self, node: yaml.Node) -> Any:
+        _keep_text_as_typed(node)
+        return super().construct_document(node)
+
+
+# scalars YAML would read as other than text: in a text field, kept as the characters typed
+_RETYPED_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "timestamp"))
+
+
+def _keep_text_as_typed(document: yaml.Node) -> None:
+    """Have a text field (``section.key``) read its scalar as typed: YAML reads
+    ``run_name: 2025_01`` as 202501, ``experiment: 0012`` as the octal 10 and ``1.0e-3`` as
+    0.001, and turned back into text those were another name than the one written."""
+    if not isinstance(document, yaml.MappingNode):
+        return
+    for section_node, section in document.value:
+        if not isinstance(section, yaml.MappingNode):
+            continue
+        model = getattr(Config.model_fields.get(section_node.value), "annotation", None)
+        fields = getattr(model, "model_fields", {})
+        for key_node, value in section.value:
+            field = fields.get(key_node.value)
+            if (
+                field is not None
+                and isinstance(value, yaml.ScalarNode)
+                and value.tag in _RETYPED_TAGS
+                and _text_annotation(field.annotation)[0]
+            ):
+                value.tag = "tag:yaml.org,2002:str"
+
 
 _UniqueKeyLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping
@@ -1069,75 +1098,4 @@ def flatten(cfg: Config | Mapping[str, Any], prefix: str = "") -> dict[str, Any]
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# What a sweep's trials train with
-
-# combinations of swept values validated before a sweep: each one validates a whole Config
-MAX_SWEPT_CHECKED = 256
-# where in a range the value checked besides its ends sits (a fraction: an integer setting
-# refuses it, as it refuses Tune's draws)
-_INSIDE = 0.382
-
-
-def _holds_integers(key: str) -> bool:
-    """Whether the dotted config ``key`` holds an ``int`` (possibly optional)."""
-    model: Any = Config
-    annotation: Any = None
-    for part in key.split("."):
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return False
-        annotation = model = fields[part].annotation
-    kinds = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
-    return all(kind is int for kind in kinds)
-
-
-def swept_candidates(key: str, dim: SearchDim) -> list[Any]:
-    """The values of one swept key that are checked: its choices, or a range's ends and a
-    value inside it (a randint's high is never drawn)."""
-    if dim.values:
-        return list(dim.values)
-    if dim.type == "randint":
-        return [int(dim.low or 0), int(dim.high or 0) - 1]
-    low, high = float(dim.low or 0), float(dim.high or 0)
-    if _holds_integers(key):
-        raise ConfigError(
-            f"tune.search_space.{key}: '{dim.type}' draws fractions, and {key} takes whole "
-            f"numbers: use 'randint' (low {math.ceil(low)}, high {math.floor(high) + 1}) or "
-            "'choice'"
-        )
-    inside = (
-        low * (high / low) ** _INSIDE if dim.type == "loguniform" else low + (high - low) * _INSIDE
-    )
-    return [low, inside, high]
-
-
-def swept_configs(cfg: Config, limit: int = MAX_SWEPT_CHECKED) -> list[tuple[str, Config]]:
-    """The configs the trials of ``cfg``'s sweep can train with, each with its setting in words
-    (``ema.start = 0.99, ...``); a ConfigError saying the setting where one does not validate.
-
-    Keys bound each other (``ema.start <= ema.end``), so combinations are checked, every one
-    up to ``limit`` and past that every candidate of every key at least once. ``radjepa config
-    validate`` checks a sweep with it, without the Ray that ``pipelines.sweep`` imports; the
-    sweep checks the same candidates again before its trials (a random search over choices
-    only the settings it draws, a larger space a seeded sample of combinations as well).
-    """
-    space = cfg.tune.search_space
-    candidates = {key: swept_candidates(key, dim) for key, dim in space.items()}
-    sizes = [len(c) for c in candidates.values()]
-    if math.prod(sizes) <= limit:
-        points: Iterable[tuple[int, ...]] = itertools.product(*(range(n) for n in sizes))
-    else:
-        points = (tuple(j % n for n in sizes) for j in range(max(sizes)))
-    out = []
-    for point in points:
-        setting = {k: c[j] for (k, c), j in zip(candidates.items(), point, strict=True)}
-        said = ", ".join(f"{k} = {v!r}" for k, v in setting.items())
-        try:
-            out.append((said, cfg.with_overrides(setting)))
-        except ConfigError as err:
-            raise ConfigError(f"tune.search_space: {said}: {err}") from None
     return out

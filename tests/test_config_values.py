@@ -57,6 +57,10 @@ def test_serve_replicas_are_at_least_one_or_auto_said_in_one_line():
         "serve.num_replicas: expected a whole number >= 1 or 'auto', got 'many'"
     ]
     assert load_config(None, ["serve.num_replicas=auto"]).serve.num_replicas == "auto"
+    # a boolean is no count (pydantic reads true as 1): the bound must not hide that check
+    assert _error_lines(None, ["serve.num_replicas=true"]) == [
+        "serve.num_replicas: expected a number, got the boolean True"
+    ]
     # a fixed count does not autoscale: max_replicas (the ceiling of 'auto') does not bound it
     assert load_config(None, ["serve.num_replicas=6"]).serve.num_replicas == 6
 
@@ -80,15 +84,30 @@ def test_text_fields_read_the_same_from_yaml_as_from_set(tmp_path):
         "data.shards": "2024",
         "tracking.experiment": "1.5",
     }
+    # and as typed, not as YAML reads the number: 0012 is octal 10, 2025_01 is 202501, 1.0e-3
+    # is 0.001 (a run name turned into text again was another name than the one written)
+    given |= {
+        "tracking.registered_model": "0012",
+        "serve.model": "2025_01",
+        "train.output_dir": "1.0e-3",
+    }
     path = tmp_path / "c.yaml"
     path.write_text(
         f"extends: {CONFIGS / 'tiny_cpu.yaml'}\n"
-        + "".join(f"{k.split('.')[0]}:\n  {k.split('.')[1]}: {v}\n" for k, v in given.items())
+        + "".join(
+            f"{section}:\n"
+            + "".join(
+                f"  {k.split('.')[1]}: {v}\n" for k, v in given.items() if k.startswith(section)
+            )
+            for section in dict.fromkeys(k.split(".")[0] for k in given)
+        )
     )
     from_file = load_config(path)
     from_set = load_config(CONFIGS / "tiny_cpu.yaml", [f"{k}={v}" for k, v in given.items()])
     assert from_file == from_set
     assert from_file.train.run_name == "2025-01-15" and from_file.tune.name == "123"
+    assert from_file.serve.model == "2025_01" and from_file.train.output_dir == "1.0e-3"
+    assert from_file.tracking.registered_model == "0012"
     # a boolean is still not text, and a number still not a switch
     path.write_text("train:\n  run_name: true\n")
     assert _error_lines(path)[0].startswith("train.run_name:")
@@ -135,9 +154,13 @@ def test_a_config_saved_from_config_show_is_refused_until_its_credential_is_back
 
 
 def test_swept_configs_are_every_setting_a_trial_can_get():
-    from radjepa.config import swept_configs
+    from radjepa.search_space import distinct_draws, swept_configs
 
-    cfg = load_config(CONFIGS / "sweep-tiny.yaml")
+    drawn = load_config(CONFIGS / "sweep-tiny.yaml")  # random over choices: what it draws
+    assert [c for _, c in swept_configs(drawn)] == [
+        drawn.with_overrides(d) for d in distinct_draws(drawn) or []
+    ]
+    cfg = drawn.with_overrides({"tune.search_alg": "grid", "tune.num_samples": None})
     settings = swept_configs(cfg)
     assert len(settings) == 3 * 2
     assert {c.ema.start for _, c in settings} == {0.99, 0.996}
@@ -149,7 +172,7 @@ def test_swept_configs_are_every_setting_a_trial_can_get():
         "configuration:\n  ema.start: Input should be less than or equal to 1"
     )
     # a range over a whole-number setting draws fractions no trial can take
-    ints = cfg.with_overrides(
+    ints = drawn.with_overrides(
         {"tune.search_space": {"masks.num_targets": {"type": "uniform", "low": 2, "high": 4}}}
     )
     with pytest.raises(ConfigError, match="masks.num_targets: 'uniform' draws fractions"):

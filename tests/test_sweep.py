@@ -994,3 +994,14 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path, caplog):
         _keep_sweep_config(allowed, data, sweep_dir, resume=True)
     assert "resumes with changed settings" in caplog.text and "ema.end" in caplog.text
     _keep_sweep_config(other, data, sweep_dir, resume=True)  # now the sweep's settings
+
+    # a file cut short as it was written (a full disk, a kill): said, and saved again, not a
+    # JSONDecodeError traceback
+    (tmp_path / "s" / SWEEP_CONFIG_FILE).write_text('{"ema.start": "0.9')
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipelines.sweep"):
+        _keep_sweep_config(started, data, sweep_dir, resume=True)
+    assert "cannot be read" in caplog.text
+    _keep_sweep_config(other, data, sweep_dir, resume=False)  # a new sweep writes it afresh
+    with pytest.raises(SweepError):
+        _keep_sweep_config(started, data, sweep_dir, resume=True)
