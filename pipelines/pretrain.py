@@ -158,18 +158,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     monitor = loop_config.get("monitor_images")
     run_dir = loop_config["run_dir"]
     damaged = loop_config.get("damaged_checkpoints") or ()
-    # rank 0 looks, every rank loads what it found: ranks that listed the folder apart (an
-    # object store's listing is not atomic) would resume at different steps and hang in DDP
-    newest = _newest_intact(run_dir, damaged) if rank == 0 else None
-    newest = broadcast_from_rank_zero(newest)
+    # rank 0 looks and decides, every rank loads what it decided: ranks that listed the folder
+    # apart (an object store's listing is not atomic), or read a checkpoint's step apart (one
+    # failed request), would resume at different steps, rank 0 alone would report, and DDP hung
     offered = ray.train.get_checkpoint()
-    restored = restore_point(offered, newest or loop_config.get("resume_from"), damaged)
+    decision = None
+    if rank == 0:
+        newest = _newest_intact(run_dir, damaged)
+        pick = restore_point(offered, newest or loop_config.get("resume_from"), damaged)
+        decision = (
+            pick is not None and pick is offered,
+            None if pick is None or pick is offered else pick.path,
+            _unrecorded(pick, offered, newest),
+        )
+    use_offered, path, unrecorded = broadcast_from_rank_zero(decision)
+    restored = offered if use_offered else (ray.train.Checkpoint(path) if path else None)
     if restored is not None:
         with restored.as_directory() as ckpt_dir:
             load_checkpoint(ckpt_dir, trainer)
         if rank == 0:
             log.info("resumed from %s at step %d", restored.path, trainer.step)
-    if _unrecorded(restored, offered, newest):
+    if unrecorded:
         # a folder newer than all Ray recorded (see restore_point): reported again, in place,
         # so Ray records it (a restart at the last step reports nothing else, and the run's
         # result was an older checkpoint) and prunes it with the others (keep_checkpoints)
