@@ -1671,9 +1671,9 @@ def test_deploy_yaml_is_a_valid_serve_config_whose_builder_binds(world, monkeypa
     monkeypatch.delenv("RADJEPA_API_KEYS", raising=False)
     with pytest.raises(SecurityConfigError):  # production config: no keys, no start
         build_app(args)
-    # the keys file the config names is mounted in the pods only: here the key comes from
-    # the variable, as the config's comment says to do on one machine
-    args["set"] = [*(args.get("set") or []), "serve.api_keys_file=null"]
+    # the keys file the config names is mounted in the pods only, and their GPU is not here:
+    # the key comes from the variable, as the config's comment says to do on one machine
+    args["set"] = [*(args.get("set") or []), "serve.api_keys_file=null", "serve.use_gpu=auto"]
     monkeypatch.setenv("RADJEPA_API_KEYS", API_KEY)
     # production config: no pseudonymisation key, no start either (it never opts in to the
     # public one), said in one line on the driver before anything deploys

@@ -116,8 +116,10 @@ def test_serve_refuses_keyless_mode_on_a_cluster_in_one_line_before_joining_it(t
     # on a cluster whose Serve runs, serve.start's host is ignored: the keyless API answered
     # wherever the cluster's proxies listen (0.0.0.0 under a RayService)
     ckpt = make_checkpoint(tmp_path / "ckpt")
-    no_ray = f"127.0.0.1:{free_port()}"  # nothing listens: joining it would be said otherwise
-    proc = _radjepa("serve", "--model", str(ckpt), "--insecure-local", env=_env(RAY_ADDRESS=no_ray))
+    # a cluster of other machines (TEST-NET: nothing answers, and joining it would be said
+    # otherwise); this machine's own `ray start` is checked once joined (test_serve_cluster)
+    remote = "192.0.2.1:6379"
+    proc = _radjepa("serve", "--model", str(ckpt), "--insecure-local", env=_env(RAY_ADDRESS=remote))
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2, out
     (line,) = [x for x in out.splitlines() if x.startswith("error: ")]
