@@ -165,14 +165,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     decision = None
     if rank == 0:
         newest = _newest_intact(run_dir, damaged)
-        pick = restore_point(offered, newest or loop_config.get("resume_from"), damaged)
-        decision = (
-            pick is not None and pick is offered,
-            None if pick is None or pick is offered else pick.path,
-            _unrecorded(pick, offered, newest),
-        )
-    use_offered, path, unrecorded = broadcast_from_rank_zero(decision)
-    restored = offered if use_offered else (ray.train.Checkpoint(path) if path else None)
+        decision = restore_decision(offered, newest, loop_config.get("resume_from"), damaged)
+    use_offered, location, unrecorded = broadcast_from_rank_zero(decision)
+    restored = offered if use_offered else (ray.train.Checkpoint(location) if location else None)
     if restored is not None:
         with restored.as_directory() as ckpt_dir:
             load_checkpoint(ckpt_dir, trainer)
@@ -350,6 +345,20 @@ def resume_loop_config(run_dir: str, resume: ResumePoint | None) -> dict[str, An
     return {"resume_from": resume.path, "damaged_checkpoints": list(resume.damaged)}
 
 
+def restore_decision(
+    offered: Any, newest: str | None, resume_from: str | None, damaged: Sequence[str]
+) -> tuple[bool, str | None, bool]:
+    """Rank 0's decision, which every rank acts on: whether to load Ray's offer, else the
+    location of the folder to load (None: start afresh), and whether to report it again
+    (:func:`_unrecorded`). A location, not the picked Checkpoint's ``path``: on an object store
+    that path has lost its scheme (``bucket/run/checkpoint_...``), which no rank could open."""
+    location = newest or resume_from
+    pick = restore_point(offered, location, damaged)
+    if pick is None or pick is offered:
+        return pick is not None, None, False
+    return False, location, _unrecorded(pick, offered, newest)
+
+
 def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str]) -> Any:
     """The checkpoint a (re)started worker group loads: Ray's offer or the newest folder of
     the run that reads cleanly (``resume_from``: rank 0's look at the run folder, else the
@@ -369,12 +378,19 @@ def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str])
     """
     import ray.train
 
+    from radjepa.checkpoint import CheckpointUnreadable
     from radjepa.resume import checkpoint_step
 
     if not resume_from:
         return offered
     if offered is not None and locations.base_name(offered.path) not in damaged:
-        was, pick = _offered_step(offered), checkpoint_step(resume_from)
+        try:
+            was, pick = _offered_step(offered), checkpoint_step(resume_from)
+        except CheckpointUnreadable as err:
+            # a step not known is no reason to pass over Ray's offer (an unreadable offer
+            # taken for a damaged one restored an older folder)
+            log.warning("%s; continuing from the checkpoint Ray recorded", err)
+            return offered
         if pick is None or (was is not None and was >= pick):
             return offered  # a pick that no longer reads is no reason to pass over Ray's
     return ray.train.Checkpoint(resume_from)
@@ -398,7 +414,12 @@ def _unrecorded(restored: Any, offered: Any, newest: str | None) -> bool:
         return False
     if offered is None:
         return True
-    was, now = _offered_step(offered), _offered_step(restored)
+    from radjepa.checkpoint import CheckpointUnreadable
+
+    try:
+        was, now = _offered_step(offered), _offered_step(restored)
+    except CheckpointUnreadable:  # not known to be newer: not reported
+        return False
     return was is not None and now is not None and now > was
 
 

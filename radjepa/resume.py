@@ -8,6 +8,7 @@ object storage are read the same way.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,20 +83,30 @@ class CheckpointFolder:
 
 def checkpoint_step(location: str, fs: Any = None) -> int | None:
     """The step recorded in the ``meta.json`` of the checkpoint folder at ``location`` (a path
-    on ``fs`` when given, else a folder or URI), or None when there is none that reads. Never
-    raises: a folder whose step cannot be read is one :func:`check_resumable` then calls
-    damaged or unreadable, and says why."""
+    on ``fs`` when given, else a folder or URI), or None when there is none: the file is
+    missing or holds no step (a folder cut short, or a damaged one, which
+    :func:`check_resumable` then names and says why). A read the storage failed (a network
+    error, throttling) raises :class:`~radjepa.checkpoint.CheckpointUnreadable`: nothing is
+    known of that folder's step, and taken for none it sorted the folder with the cut-short
+    ones, where a resume that then read it whole continued from its older step."""
     import json
 
-    from radjepa.checkpoint import META
+    from radjepa.checkpoint import META, CheckpointUnreadable
 
     try:
         if fs is None:
             fs, location = locations.filesystem(location)
         with fs.open_input_stream(f"{location.rstrip('/')}/{META}") as f:
             step = json.loads(f.read().decode("utf-8")).get("step")
-    except (OSError, ValueError, AttributeError):
+    except FileNotFoundError:
         return None
+    except (ValueError, AttributeError):  # not JSON, not UTF-8, not an object
+        return None
+    except OSError as err:
+        if err.errno == errno.ENOENT:
+            return None
+        said = f"cannot read the step of checkpoint {location}: {err}"
+        raise CheckpointUnreadable(said) from None
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
@@ -103,10 +114,11 @@ def checkpoint_folders(run_dir: str) -> list[CheckpointFolder]:
     """The run's checkpoint folders, newest first by the step each records, the name breaking
     ties. Ray Train names them ``checkpoint_<local wall-clock time>`` of rank 0's node, with no
     time zone: after a daylight-saving fall-back, or a resume on a node in another zone, the
-    names no longer sort in step order, and a resume picked an older step. Folders whose step
-    cannot be read come first, so that every reader meets them before the intact ones: they
-    are cut short or damaged (skipped with a warning, and taken out of Ray's record), or the
-    storage failed to read them (the resume stops rather than skip a good newest one)."""
+    names no longer sort in step order, and a resume picked an older step. Folders that record
+    no step come first, so that every reader meets them before the intact ones: they are cut
+    short or damaged (skipped with a warning, and taken out of Ray's record). A step the
+    storage failed to read is a :class:`ResumeError`, as a listing that failed is: the folder
+    may be the newest, and a resume stops rather than pass over it."""
     import pyarrow.fs as pafs
 
     try:
@@ -114,15 +126,23 @@ def checkpoint_folders(run_dir: str) -> list[CheckpointFolder]:
         entries = fs.get_file_info(pafs.FileSelector(root.rstrip("/"), allow_not_found=True))
     except (OSError, ValueError) as err:
         raise ResumeError(f"cannot list the checkpoints in {run_dir}: {err}") from None
-    folders = [
-        CheckpointFolder(
-            e.base_name,
-            locations.join_location(run_dir, e.base_name),
-            checkpoint_step(e.path, fs),
-        )
-        for e in entries
-        if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")
-    ]
+    from radjepa.checkpoint import CheckpointUnreadable
+
+    try:
+        folders = [
+            CheckpointFolder(
+                e.base_name,
+                locations.join_location(run_dir, e.base_name),
+                checkpoint_step(e.path, fs),
+            )
+            for e in entries
+            if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_")
+        ]
+    except CheckpointUnreadable as err:
+        raise ResumeError(
+            f"{err}: re-run when the storage answers (the checkpoints cannot be put in step "
+            "order without it)"
+        ) from None
     return sorted(folders, key=lambda c: (c.step is None, c.step or 0, c.name), reverse=True)
 
 

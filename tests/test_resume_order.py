@@ -135,3 +135,77 @@ def test_a_restored_folder_is_reported_again_only_above_ray_s_step(run_dir):
     assert not _unrecorded(at_20, at_60, str(run_dir / AT_20))  # named later, a lower step
     assert _unrecorded(at_60, None, str(run_dir / AT_60))
     assert not _unrecorded(at_60, at_60, str(run_dir / AT_60))
+
+
+class _ReadFailsOnce:
+    """The run folder's filesystem, failing the first read of one file as an object store's
+    throttled GET does (a retry reads it whole)."""
+
+    def __init__(self, fs, failing: str, failed: list[str]) -> None:
+        self._fs, self._failing, self._failed = fs, failing, failed
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def open_input_stream(self, path):
+        if path.endswith(self._failing) and not self._failed:
+            self._failed.append(path)
+            raise OSError("When reading information for key: AWS Error SLOW_DOWN (503)")
+        return self._fs.open_input_stream(path)
+
+
+def test_a_step_the_storage_failed_to_read_stops_the_resume(run_dir, monkeypatch):
+    # one failed read of step 20's meta.json sorted its folder with the cut-short ones, first;
+    # the resume then read it whole and continued from step 20, passing over step 60
+    from radjepa import locations
+    from radjepa.resume import ResumeError
+
+    real = locations.filesystem
+    failed: list[str] = []
+
+    def flaky(location):
+        fs, root = real(location)
+        return _ReadFailsOnce(fs, f"{AT_20}/meta.json", failed), root
+
+    monkeypatch.setattr(locations, "filesystem", flaky)
+    with pytest.raises(ResumeError, match=f"cannot read the step of checkpoint .*{AT_20}"):
+        find_resume_point(_cfg(), str(run_dir))
+    assert failed
+    failed.clear()
+    with pytest.raises(ResumeError, match="re-run when the storage answers"):
+        newest_intact_checkpoint(str(run_dir))
+    # a folder with no meta.json at all records no step: cut short, not a storage failure
+    (run_dir / AT_20 / "meta.json").unlink()
+    assert find_resume_point(_cfg(), str(run_dir)).step == 60
+
+
+def test_an_offer_whose_step_cannot_be_read_is_not_passed_over(run_dir):
+    # Ray's offer (step 60) whose meta.json the storage fails to read is not known to be
+    # older: restoring the driver's older pick (step 40) redid 20 steps
+    import ray.train
+
+    from pipelines.pretrain import _unrecorded, restore_point
+
+    meta = run_dir / AT_60 / "meta.json"
+    meta.unlink()
+    meta.mkdir()  # a read the storage refuses (not a missing file)
+    offered = ray.train.Checkpoint(str(run_dir / AT_60))
+    assert restore_point(offered, str(run_dir / AT_40), ()) is offered
+    at_40 = ray.train.Checkpoint(str(run_dir / AT_40))
+    assert not _unrecorded(at_40, offered, str(run_dir / AT_40))
+
+
+def test_every_rank_gets_a_location_it_can_open_on_an_object_store():
+    # rank 0 passed on the picked Checkpoint's path, which on an object store has lost its
+    # scheme ("bucket/runs/..."): every rank failed to open it, on every retry
+    import ray.train
+
+    from pipelines.pretrain import restore_decision
+
+    newest = "gs://bucket/runs/r/checkpoint_2026-10-25_01-15-00.000001"
+    use_offered, location, unrecorded = restore_decision(None, newest, None, ())
+    assert (use_offered, location, unrecorded) == (False, newest, True)
+    assert ray.train.Checkpoint(location).path == newest.removeprefix("gs://")
+    pick = "gs://bucket/runs/r/checkpoint_2026-10-25_01-05-00.000001"
+    assert restore_decision(None, None, pick, ()) == (False, pick, False)
+    assert restore_decision(None, None, None, ()) == (False, None, False)
