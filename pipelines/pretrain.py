@@ -143,7 +143,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     from pipelines.tracking_metrics import MetricSink
     from radjepa.checkpoint import load_checkpoint, save_checkpoint
-    from radjepa.engine import Pretrainer, mean_over_ranks
+    from radjepa.engine import IntervalLoss, Pretrainer, mean_over_ranks
     from radjepa.monitoring import quality_metrics
     from radjepa.transforms import random_resized_crop, to_model_input
 
@@ -199,6 +199,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     t_last, n_since, warmed_up = time.perf_counter(), 0, False
     last: dict[str, float] = {}
     diverged: str | None = None  # why training cannot go on (non-finite loss or weights)
+    interval_loss = IntervalLoss(device)  # the logged loss: the mean since the last log
 
     try:
         while trainer.step < steps:
@@ -215,6 +216,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     x, cfg.data.crop_size, cfg.data.crop_scale, cfg.data.crop_ratio, generator=gen
                 )
                 out = trainer.train_step(x)
+                interval_loss.add(out["loss"])
                 step = trainer.step
                 n_since += bs * world
                 checkpoint_step = step % cfg.train.checkpoint_every == 0 or step == steps
@@ -236,7 +238,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 # a checkpoint step is a log step: its report (what Tune ranks a trial by, what
                 # a checkpoint's record says) carried the loss of the last log step before it
                 if log_step:
-                    out = {**out, "loss": mean_over_ranks(out["loss"])}  # every rank logs this step
+                    out = {**out, "loss": interval_loss.take()}  # every rank logs this step
                     last = {k: float(v) for k, v in out.items()}  # one host sync per log interval
                     # timed after the sync: before it, the host had only queued the interval's
                     # last steps on a GPU, and their time fell in no interval

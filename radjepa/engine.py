@@ -29,7 +29,7 @@ from radjepa.masks import MaskSampler
 from radjepa.optim import build_optimizer, set_hparams
 from radjepa.schedules import schedule_at
 
-__all__ = ["Pretrainer", "mean_over_ranks"]
+__all__ = ["IntervalLoss", "Pretrainer", "mean_over_ranks"]
 
 log = logging.getLogger(__name__)
 
@@ -286,3 +286,30 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total)
     return total / dist.get_world_size()
+
+
+class IntervalLoss:
+    """The training loss averaged over the steps since it was last taken, and over the ranks.
+
+    One step's loss swings with the sizes of its random target blocks: logged alone every
+    ``train.log_every`` steps, it sampled that noise and hid the fall-then-rise of a partial
+    collapse. Summed where the loss lives, so the steps between logs add no host sync."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self._sum = torch.zeros((), dtype=torch.float32, device=device)
+        self._steps = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        """Count one step's loss (a 0-d tensor)."""
+        self._sum += loss.detach().float()
+        self._steps += 1
+
+    def take(self) -> torch.Tensor:
+        """The mean since the last take over every rank (a collective: every rank calls it at
+        the same step), and start the next interval."""
+        if self._steps == 0:
+            raise RuntimeError("no training step since the loss was last taken")
+        mean = mean_over_ranks(self._sum / self._steps)
+        self._sum.zero_()
+        self._steps = 0
+        return mean

@@ -41,3 +41,27 @@ def test_settings_a_cpu_honours_say_nothing(caplog):
         Pretrainer(load_config(TINY, ["train.precision=auto"]), "cpu")  # auto: bf16 on GPU
         Pretrainer(load_config(TINY, ["train.compile=true"]), "cpu", reference_mode=True)
     assert _said(caplog) == []
+
+
+def test_the_logged_loss_is_the_mean_over_the_steps_since_the_last_log():
+    # one step's loss swings with its target blocks' sizes: the loss logged every log_every
+    # steps was that one step's, a noisy sample, not the interval's mean
+    import torch
+
+    from radjepa.engine import IntervalLoss
+
+    trainer = Pretrainer(load_config(TINY), "cpu")
+    images = torch.randn(4, 1, 96, 96, generator=torch.Generator().manual_seed(0))
+    interval = IntervalLoss("cpu")
+    losses = []
+    for _ in range(3):
+        loss = trainer.train_step(images)["loss"]
+        interval.add(loss)
+        losses.append(float(loss))
+    assert len(set(losses)) == 3
+    assert float(interval.take()) == pytest.approx(sum(losses) / 3, rel=1e-6)
+    loss = trainer.train_step(images)["loss"]
+    interval.add(loss)
+    assert float(interval.take()) == pytest.approx(float(loss), rel=1e-6)  # a new interval
+    with pytest.raises(RuntimeError, match="no training step"):
+        interval.take()
