@@ -109,6 +109,15 @@ def read_dataset(data: bytes) -> Dataset:
     except BaseException as err:  # pydicom raises many types on hostile bytes
         raise ImageRejected("decode_error", f"DICOM parse failed ({type(err).__name__})") from None
     if len(ds) == 0:
+        if (has_magic or looks_like_raw_dataset(data)) and _reads_before_pixels(
+            read, force=deflated is not None or not has_magic
+        ):
+            # pydicom drops every element it read, without a word, where the bytes end inside
+            # an undefined-length Pixel Data: a compressed image cut off in transfer read as
+            # junk ("no DICOM data elements found", not_an_image without a preamble)
+            raise ImageRejected(
+                "truncated", "the encapsulated Pixel Data ends early: the file is cut off"
+            )
         # a DICM preamble followed by nothing usable is a cut-off transfer, not junk
         raise ImageRejected(
             "truncated" if has_magic else "not_an_image", "no DICOM data elements found"
@@ -124,6 +133,18 @@ def read_dataset(data: bytes) -> Dataset:
         )
     _settle_transfer_syntax(ds)
     return ds
+
+
+def _reads_before_pixels(data: bytes, force: bool) -> bool:
+    """Whether the data set read up to its Pixel Data holds elements: what tells a compressed
+    image cut inside its pixels from bytes that hold no data set at all."""
+    try:
+        head = pydicom.dcmread(io.BytesIO(data), force=force, stop_before_pixels=True)
+    except _FATAL:
+        raise
+    except BaseException:  # unreadable before its pixels too: nothing to tell
+        return False
+    return len(head) > 0
 
 
 def _read_to_the_end(ds: Dataset, data: bytes) -> bool:
@@ -444,6 +465,10 @@ def _window(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
         c, w = _first(ds.WindowCenter), _first(ds.WindowWidth)
     except (TypeError, ValueError, IndexError):
         return None
+    if not (math.isfinite(c) and math.isfinite(w)):
+        # "NaN" or "inf" in a DS: every pixel NaN or one value (quarantined as blank), where a
+        # window that says nothing usable means the percentile window, as an absent one does
+        return None
     func = str(ds.get("VOILUTFunction") or "LINEAR").strip().upper()
     if func == "SIGMOID" and w > 0:
         with np.errstate(over="ignore"):  # exp overflows to inf far below a narrow window: 0
@@ -463,9 +488,16 @@ def _us_or_ss(value: int, vr: str, signed: bool) -> int:
     63488), which pydicom keeps as written. For a signed domain a US value of 32768 or more is
     that negative number; for an unsigned domain it is the value it says (a LUT may start at
     40000 of a 16-bit range).
+
+    The other way round too: a VOI LUT's descriptor follows Pixel Representation, so signed
+    stored values whose rescale makes the modality output unsigned (intercept +32768) have a
+    first-mapped value of 40000 written, or read under implicit VR, as SS -25536; kept
+    negative, every pixel mapped to the LUT's last entry.
     """
     if signed and vr == "US" and value >= 32768:
         return value - 65536
+    if not signed and vr == "SS" and value < 0:
+        return value + 65536
     return value
 
 
@@ -666,7 +698,10 @@ def dicom_display(ds: Dataset, window_percentiles: tuple[float, float]) -> np.nd
         )
     signed = int(ds.get("PixelRepresentation") or 0) == 1
     mask = _padding_mask(stored, ds, signed)
-    values = _modality(stored, ds, signed).astype(np.float32, copy=False)  # ample for 16-bit
+    # float32 is exact for 16-bit stored values and halves the memory of a large radiograph;
+    # 32-bit ones above 2**24 lose their low bits in it, which a narrow window shows as steps
+    work = np.float32 if stored.dtype.itemsize <= 2 else np.float64
+    values = _modality(stored, ds, signed).astype(work, copy=False)
     display = _voi_sequence(values, ds, signed)
     if display is None:
         display = _window(values, ds)
