@@ -36,8 +36,10 @@ def test_label_specs_and_binarisation_follow_the_documented_mapping():
     assert parse_label_spec(" Effusion ") == LabelSpec("Effusion")
     with pytest.raises(DatasetError, match="COLUMN=POSITIVE"):
         parse_label_spec("view=")
-    y, pos = binarise(["F", "M", "M"], LabelSpec("sex"))  # second in sorted order
+    y, pos = binarise(["F", "M", "M"], LabelSpec("sex", "M"))
     assert pos == "M" and y.tolist() == [0, 1, 1]
+    with pytest.raises(DatasetError, match="--label sex=F or --label sex=M"):
+        binarise(["F", "M", "M"], LabelSpec("sex"))  # a text column names its positive value
     y, pos = binarise(["PA", "AP", "PA"], LabelSpec("view", "AP"))
     assert pos == "AP" and y.tolist() == [0, 1, 0]
     y, pos = binarise(["0", "1", "1"], LabelSpec("Effusion"))
@@ -63,7 +65,7 @@ def test_numeric_labels_must_be_0_or_1_or_name_their_positive_value():
     assert pos == "1" and y.tolist() == [0, 0, 1, 1]
     y, pos = binarise(["0.0", "1.0", "1"], LabelSpec("Effusion"))
     assert pos is None and y.tolist() == [0, 1, 1]
-    y, pos = binarise(["F", "M"], LabelSpec("sex"))  # categories as before
+    y, pos = binarise(["F", "M"], LabelSpec("sex", "M"))  # categories as before
     assert pos == "M" and y.tolist() == [0, 1]
 
 
@@ -89,11 +91,11 @@ def test_csv_dataset_decodes_like_ingest_and_groups_by_patient(nih_dir):
     from radjepa.imaging.decode import decode_image
 
     ds = load_csv_dataset(
-        nih_dir / "labels.csv", label_cols=["view=AP", "sex", "Effusion"], size=128, limit=30
+        nih_dir / "labels.csv", label_cols=["view=AP", "sex=M", "Effusion"], size=128, limit=30
     )
     assert ds.images.shape == (30, 128, 128) and ds.images.dtype == np.uint8
     assert ds.labels.shape == (30, 3) and set(np.unique(ds.labels)) <= {0, 1}
-    assert ds.label_names == ["view=AP", "sex", "Effusion"] and ds.positive == ["AP", "M", None]
+    assert ds.label_names == ["view=AP", "sex=M", "Effusion"] and ds.positive == ["AP", "M", None]
     rows = (nih_dir / "labels.csv").read_text().splitlines()[1:31]
     assert [r.split(",")[1] for r in rows] == ds.groups.tolist()
     assert [r.split(",")[3] == "M" for r in rows] == ds.labels[:, 1].astype(bool).tolist()
@@ -111,14 +113,14 @@ def test_csv_dataset_reports_undecodable_images_and_refuses_missing_ones(tmp_pat
         f"{p.name},{i},{'AP' if i % 2 else 'PA'}" for i, p in enumerate(imgs)
     ]
     (tmp_path / "labels.csv").write_text("\n".join([*lines, f"{broken},9,AP"]) + "\n")
-    ds = load_csv_dataset(tmp_path / "labels.csv", label_cols=["view"], size=64)
+    ds = load_csv_dataset(tmp_path / "labels.csv", label_cols=["view=AP"], size=64)
     assert len(ds.images) == 4 and ds.paths == [p.name for p in imgs]
     # listed by CSV row (report.json and MLflow get this list), never by the file's name
     assert [r["row"] for r in ds.rejected] == ["5"]
     assert ds.rejected[0]["reason"] and "Smith" not in str(ds.rejected)
     (tmp_path / "bad.csv").write_text("\n".join([*lines, "missing.png,9,AP"]) + "\n")
     with pytest.raises(DatasetError, match="missing.png"):
-        load_csv_dataset(tmp_path / "bad.csv", label_cols=["view"], size=64)
+        load_csv_dataset(tmp_path / "bad.csv", label_cols=["view=AP"], size=64)
     with pytest.raises(DatasetError, match="missing column"):
         load_csv_dataset(tmp_path / "labels.csv", label_cols=["sex"], size=64)
 
@@ -182,7 +184,7 @@ def test_blank_patient_ids_are_each_their_own_patient_not_one_shared_patient(tmp
     ]
     lines.append(f"{imgs[1].name},,AP")  # the same image listed again stays with itself
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
-    ds = load_csv_dataset(tmp_path / "labels.csv", label_cols=["view"], size=64)
+    ds = load_csv_dataset(tmp_path / "labels.csv", label_cols=["view=AP"], size=64)
     g = ds.groups.tolist()
     assert g[0] == g[3] == "7"
     assert len({g[1], g[2], g[4], "7"}) == 4 and g[5] == g[1]
@@ -202,7 +204,7 @@ def test_csvs_saved_by_spreadsheets_with_a_byte_order_mark_are_read(tmp_path, ni
     rows = [f"{p.name},p{i},{'FM'[i % 2]},m{i}.png" for i, p in enumerate(imgs)]
     text = "\n".join(["image,patient_id,sex,lung", *rows]) + "\n"
     (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
-    ds = load_csv_dataset(tmp_path / "bom.csv", label_cols=["sex"], size=64)
+    ds = load_csv_dataset(tmp_path / "bom.csv", label_cols=["sex=M"], size=64)
     assert ds.paths == [p.name for p in imgs] and ds.labels[:, 0].tolist() == [0, 1, 0, 1]
     images, masks, groups = load_seg_csv(tmp_path / "bom.csv", ["lung"], size=64)
     assert images.shape == (4, 64, 64) and masks.shape == (4, 1, 64, 64)
@@ -271,7 +273,7 @@ def test_extract_features_is_the_mean_pooled_embedding_in_eval_mode(tiny_encoder
 
     from radjepa.transforms import prepare_images
 
-    ds = load_csv_dataset(nih_dir / "labels.csv", label_cols=["sex"], size=256, limit=7)
+    ds = load_csv_dataset(nih_dir / "labels.csv", label_cols=["sex=M"], size=256, limit=7)
     tiny_encoder.train()
     feats = extract_features(tiny_encoder, ds.images, batch_size=3, device="cpu")
     assert tiny_encoder.training  # mode restored
@@ -444,7 +446,7 @@ def test_plots_write_valid_pngs(tmp_path, tiny_encoder):
 def test_shard_dataset_takes_labels_from_metadata_and_patients_from_pseudonyms(tmp_path, nih_dir):
     from radjepa.eval.features import load_shard_dataset
 
-    ds = load_csv_dataset(nih_dir / "labels.csv", label_cols=["sex"], size=64, limit=6)
+    ds = load_csv_dataset(nih_dir / "labels.csv", label_cols=["sex=M"], size=64, limit=6)
     rows = (nih_dir / "labels.csv").read_text().splitlines()[1:7]
     write_shard(
         tmp_path,
@@ -454,7 +456,7 @@ def test_shard_dataset_takes_labels_from_metadata_and_patients_from_pseudonyms(t
         sex=[r.split(",")[3] for r in rows],
         view_position=["AP", "PA", "PA", "AP", "PA", "AP"],
     )
-    sd = load_shard_dataset(tmp_path, ["view_position=AP", "sex"])
+    sd = load_shard_dataset(tmp_path, ["view_position=AP", "sex=M"])
     assert np.array_equal(sd.images, ds.images)
     assert sd.labels[:, 0].tolist() == [1, 0, 0, 1, 0, 1]
     assert np.array_equal(sd.labels[:, 1], ds.labels[:, 0]) and sd.positive == ["AP", "M"]

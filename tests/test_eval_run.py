@@ -434,7 +434,7 @@ def test_cli_says_in_one_line_when_mlflow_refuses_the_store_and_keeps_the_report
     with pytest.raises(UserError, match=r"cannot record the probe in MLflow: .*--no-mlflow"):
         probe_cmd(
             checkpoint,
-            ["sex"],
+            ["sex=F"],
             out,
             csv=nih_dir / "labels.csv",
             limit=20,

@@ -1,10 +1,10 @@
 """Evaluation inputs: labelled images from a CSV (decoded exactly as ingest does) and features.
 
-Label columns become 0/1 targets. A column already holding 0/1 is used as is; a categorical
-column with two values (``sex`` M/F, ``view`` AP/PA) takes the second value in sorted order as
-the positive class (``sex`` F/M -> M, ``view`` AP/PA -> PA), unless the spec names it:
-``view=AP``. A named value also matches inside multi-label cells such as NIH ``findings``
-(``findings=Effusion`` is positive for ``Atelectasis|Effusion``).
+Label columns become 0/1 targets. A column already holding 0/1 (or true/false) is used as is;
+any other column needs its positive value named, ``view=AP``: which of two text values is
+"positive" cannot be read off the values, and the label goes downstream (report, MLflow, the
+served head) under the name given. A named value also matches inside multi-label cells such as
+NIH ``findings`` (``findings=Effusion`` is positive for ``Atelectasis|Effusion``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
+import shlex
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,9 +69,6 @@ class Dataset:
     rejected: list[dict[str, str]] = field(default_factory=list)
 
 
-MULTI_SEP = "|"  # separator of multi-label cells
-
-
 def parse_label_spec(spec: str | LabelSpec) -> LabelSpec:
     """``"view=AP"`` -> LabelSpec("view", "AP"); ``"Effusion"`` -> LabelSpec("Effusion")."""
     if isinstance(spec, LabelSpec):
@@ -91,7 +90,10 @@ def binarise(values: Sequence[str], spec: LabelSpec) -> tuple[np.ndarray, str | 
     A numeric column must hold 0 and 1 only: as categories its values sorted as text, and the
     "second value" taken as the positive class was NaN in a column of 1 and NaN (every true
     positive scored as a negative) or 0 in a CheXpert-style column of -1 (uncertain) and 0,
-    under the finding's own name."""
+    under the finding's own name. A text column must name its positive value for the same
+    reason: sorted, ``normal``/``abnormal`` made ``normal`` positive and ``TRUE``/``false``
+    made ``false`` positive, while the report, MLflow and ``/v1/classify`` said only the
+    column's name. True/false (any case) is the one text pair read as 0/1."""
     vals = [v.strip() for v in values]
     missing = [i for i, v in enumerate(vals) if v.lower() in _MISSING]
     if missing:
@@ -99,17 +101,9 @@ def binarise(values: Sequence[str], spec: LabelSpec) -> tuple[np.ndarray, str | 
             f"label column {spec.column!r} is empty or not known ({vals[missing[0]]!r}) in "
             f"{len(missing)} rows (first data row {missing[0] + 1}); fill or drop them"
         )
-    distinct = sorted(set(vals))
     if spec.positive is not None:
-        # multi-label cells ("Atelectasis|Effusion", as NIH `findings`) match on any member
-        members = [{m.strip() for m in v.split(MULTI_SEP)} for v in vals]  # 'A | B' too
-        if not any(spec.positive in m for m in members):
-            known = sorted(set().union(*members))
-            raise DatasetError(
-                f"label {spec.name!r}: value {spec.positive!r} never occurs in column "
-                f"{spec.column!r} (values: {known[:10]})"
-            )
-        return np.array([spec.positive in m for m in members], dtype=np.int8), spec.positive
+        return _named_positive(vals, spec), spec.positive
+    distinct = sorted(set(vals))
     numbers = _numbers(distinct)
     if numbers is not None and numbers <= {0.0, 1.0}:
         return np.array([float(v) for v in vals], dtype=np.int8), None
@@ -119,12 +113,52 @@ def binarise(values: Sequence[str], spec: LabelSpec) -> tuple[np.ndarray, str | 
             "-1 marks an uncertain finding in CheXpert-style labels): map them to 0 or 1 in "
             f"the CSV, or name the positive value, e.g. --label {spec.column}=1"
         )
-    if len(distinct) == 2:
-        return np.array([v == distinct[1] for v in vals], dtype=np.int8), distinct[1]
+    if {v.lower() for v in distinct} <= {"true", "false"}:
+        return np.array([v.lower() == "true" for v in vals], dtype=np.int8), None
+    choices = distinct if len(distinct) == 2 else distinct[:1]
+    example = " or ".join(f"--label {shlex.quote(f'{spec.column}={v}')}" for v in choices)
     raise DatasetError(
-        f"label column {spec.column!r} has {len(distinct)} values {distinct[:10]}; name the "
-        f"positive class, e.g. --label {spec.column}={distinct[0]}"
+        f"label column {spec.column!r} holds {len(distinct)} text values {distinct[:10]}, not "
+        f"0/1: name the positive one, e.g. {example} (the label is reported and served "
+        "under that name)"
     )
+
+
+MULTI_SEP = "|"  # separator of multi-label cells
+_NEAR_SEP = re.compile(r"[|;,/]")  # separators a hand-made multi-label cell may use instead
+
+
+def _named_positive(vals: Sequence[str], spec: LabelSpec) -> np.ndarray:
+    """1 where a cell is the named value or holds it as a ``|``-separated member.
+
+    A cell holding it otherwise (``effusion|Mass``, ``Atelectasis;Effusion``) is refused: read
+    as written it was a silent negative whenever the value appeared alone in another cell."""
+    want = str(spec.positive)
+    members = [{m.strip() for m in v.split(MULTI_SEP)} for v in vals]  # 'A | B' too
+    key = want.casefold()
+    near = [
+        i
+        for i, (cell, m) in enumerate(zip(vals, members, strict=True))
+        if want not in m
+        and (
+            key in {x.casefold() for x in m}
+            or key in {p.strip().casefold() for p in _NEAR_SEP.split(cell)}
+        )
+    ]
+    if near:
+        raise DatasetError(
+            f"label {spec.name!r}: {len(near)} cells of column {spec.column!r} hold {want!r} "
+            f"in another case or beside ';', ',' or '/' (first data row {near[0] + 1}: "
+            f"{vals[near[0]]!r}), and would count as negatives: separate multi-label values "
+            "with '|' and spell the value one way, as named"
+        )
+    if not any(want in m for m in members):
+        known = sorted(set().union(*members))
+        raise DatasetError(
+            f"label {spec.name!r}: value {want!r} never occurs in column "
+            f"{spec.column!r} (values: {known[:10]})"
+        )
+    return np.array([want in m for m in members], dtype=np.int8)
 
 
 def _numbers(values: Sequence[str]) -> set[float] | None:
@@ -293,13 +327,15 @@ def patient_ids(
     *,
     files: Sequence[Path] | None = None,
 ) -> np.ndarray:
-    """Patient id per row; a blank cell makes the image its own patient.
+    """Patient id per row; a blank cell, or a placeholder for none (``nan``, ``NA``, ``null``,
+    ``None``, any case), makes the image its own patient.
 
     Taken literally, every blank cell would be one shared id: all images of unknown patients
     merged into one "patient" that fills a fold on its own, resamples as one cluster and hides
-    those images from each other's neighbours. Shards without a pseudonym already count as
-    their own patient; a CSV does the same. The image path, as it resolves, keeps a row listed
-    twice together (``a.png`` and ``./a.png`` too: as written they were two patients).
+    those images from each other's neighbours; the placeholder pandas writes for a missing id
+    (``nan``) merged them just the same. Shards without a pseudonym already count as their own
+    patient; a CSV does the same. The image path, as it resolves, keeps a row listed twice
+    together (``a.png`` and ``./a.png`` too: as written they were two patients).
     """
     if files is None:  # the rows' image paths, resolved (where the caller has not)
         files = [(source.parent / r[image_col]).resolve() for r in rows]
@@ -307,16 +343,22 @@ def patient_ids(
     if not group_col:
         return np.array([f"<image> {p}" for p in images])
     ids = [r[group_col].strip() for r in rows]
+    ids = ["" if v.lower() in _NO_PATIENT else v for v in ids]
     blank = [i for i, v in enumerate(ids) if not v]
     if blank:
         log.warning(
-            "%s: %d of %d rows have no %s; each of those images counts as its own patient",
+            "%s: %d of %d rows have no %s (blank, or a placeholder such as nan); each of "
+            "those images counts as its own patient",
             source,
             len(blank),
             len(ids),
             group_col,
         )
     return np.array([v or f"<no {group_col}> {p}" for v, p in zip(ids, images, strict=True)])
+
+
+# patient cells that say the patient is not known: the label placeholders, and Python's None
+_NO_PATIENT = _MISSING | {"none"}
 
 
 def _labels_for(
