@@ -235,8 +235,13 @@ def quarantine(
         raise UserError(str(err)) from None
     except (OSError, pa.ArrowException) as err:
         raise UserError(f"cannot read {dst}: {err}") from None
+    # rows of files a later run stored: DST's totals no longer count them as quarantined
+    resolved = (
+        f"; {located.resolved} resolved by a later run, not listed" if located.resolved else ""
+    )
     if not located.rows:
-        typer.echo(f"{dst}: nothing quarantined" + (" or duplicated" if duplicates else ""))
+        nothing = f"{dst}: nothing quarantined" + (" or duplicated" if duplicates else "")
+        typer.echo(nothing + resolved)
         return
     table = Table(title=f"{dst}: {len(located.rows)} row(s)")
     for column in ("file" if sources else "image id", "reason", "message", "run"):
@@ -246,9 +251,10 @@ def quarantine(
         table.add_row(where, f"{r.table}: {r.reason}", r.message or "", r.run_id)
     Console(soft_wrap=False).print(table)
     if sources:
-        typer.echo(f"found {located.found} of {len(located.rows)} ({located.names_hashed} names)")
+        found = f"found {located.found} of {len(located.rows)} ({located.names_hashed} names)"
+        typer.echo(found + resolved)
     else:
-        typer.echo("give the sources after DST to find each row's file")
+        typer.echo("give the sources after DST to find each row's file" + resolved)
 
 
 @app.command()

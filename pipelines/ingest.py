@@ -53,8 +53,14 @@ from radjepa.ingest.dst_lock import DstLock
 from radjepa.ingest.errors import IngestError
 from radjepa.ingest.id_sets import PATH_PREFIX, InputKeys, KnownIds
 from radjepa.ingest.instances import CONFLICT, InstanceIndex
-from radjepa.ingest.sources import SNIFF_LIMIT, count_inputs, list_inputs, read_blocks
-from radjepa.locations import filesystem
+from radjepa.ingest.sources import (
+    IMAGE_SUFFIXES,
+    SNIFF_LIMIT,
+    count_inputs,
+    list_inputs,
+    read_blocks,
+)
+from radjepa.locations import filesystem, local_path
 from radjepa.shards import (
     DUPLICATE_SAME_BYTES,
     DUPLICATE_SAME_INSTANCE,
@@ -262,7 +268,11 @@ def run_ingest(
             unread = dest.unread_quarantined()  # quarantined unread before: stored if readable
             instances = InstanceIndex(dest.shards(), dest.read_columns)  # once per run
             first, actors = _decoder_pool(
-                ing.decode_actors, ray.cluster_resources().get("CPU", 1), expected, len(refs)
+                ing.decode_actors,
+                ray.cluster_resources().get("CPU", 1),
+                expected,
+                len(refs),
+                undercounted=any(_may_hold_more(r, sniff) for r in refs),
             )
             pool = ray.data.ActorPoolStrategy(min_size=first, max_size=actors)
             log.info(
@@ -311,10 +321,23 @@ def run_ingest(
     return summary
 
 
-def _decoder_pool(asked: int, cpus: float, expected: int | None, refs: int) -> tuple[int, int]:
+def _may_hold_more(ref: dict[str, str], sniff: bool) -> bool:
+    """Whether ``ref`` may hold more inputs than :func:`count_inputs` counted it as: a file not
+    named as an image that it did not open (an object-store key, or any file of a run of more
+    than :data:`SNIFF_LIMIT` refs) counts one, and may be a zip of thousands."""
+    if ref["kind"] != "file" or ref["path"].lower().endswith(IMAGE_SUFFIXES):
+        return False
+    return not sniff or local_path(ref["source"]) is None
+
+
+def _decoder_pool(
+    asked: int, cpus: float, expected: int | None, refs: int, undercounted: bool = False
+) -> tuple[int, int]:
     """The decoder pool's (first, most) sizes: it starts with ``first`` and grows on demand.
     ``most`` is ``ingest.decode_actors`` as asked, or for 0 one per cluster CPU but no more
-    than batches of the inputs counted; ``first`` is one for 0, else as many as those batches
+    than batches of the inputs counted, or than the ``refs`` where a ref may hold more than
+    it was counted as (``undercounted``: 4 suffix-less zips on object storage counted 4
+    inputs, so 1 decoder); ``first`` is one for 0, else as many as those batches
     (a small job starts few), the asked size when the inputs are uncounted, and never more
     than the ``refs`` listed: each is read by the decoder that decodes it (reading is fused
     into the pool), so more would sit idle (and Ray Data warns of it).
@@ -326,6 +349,8 @@ def _decoder_pool(asked: int, cpus: float, expected: int | None, refs: int) -> t
     if asked:
         return min(asked, batches or asked, max(1, refs)), asked
     most = max(1, int(cpus))
+    if undercounted:
+        return 1, min(most, max(1, refs))
     return 1, (most if batches is None else min(most, batches))
 
 
@@ -463,6 +488,7 @@ class _Outputs:
         # image id -> (reason, message) of bytes quarantined: by this run, and by DST (read at
         # the first input DST already knows)
         self.quarantined_here: dict[str, tuple[str, str]] = {}
+        self._said: dict[tuple[str, str], tuple[str, str]] = {}  # each (reason, message) once
         self.quarantined_before: dict[str, tuple[str, str]] | None = None
         self.stored_paths: KnownIds | None = None  # read at the first file over the size limit
 
@@ -525,6 +551,13 @@ class _Outputs:
             return None
         keys.add(key)
         return found
+
+    def quarantine_here(self, image_id: str, reason: str, message: str) -> None:
+        """Remember bytes this run quarantined, for a copy of them met later in the run. Each
+        (reason, message) is held once however many files share it: a run over a folder of
+        a million broken files held one tuple and two strings per file (about 540 bytes)."""
+        said = (reason, message)
+        self.quarantined_here[image_id] = self._said.setdefault(said, said)
 
     def stored_from(self, source_hash: str) -> bool:
         """Whether DST stored an image from this path: lowering ``ingest.max_file_mb`` on a
@@ -742,7 +775,7 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
             summary.quarantined += 1
             keep_q.append(i)
             if image_id is not None:
-                out.quarantined_here[image_id] = (reasons[i], messages[i])
+                out.quarantine_here(image_id, reasons[i], messages[i])
             continue
         verdict = out.instances.check(
             pid, image_id, lambda i=i: _row_pixels(table, i), lambda k: out.pixels(k, table)
@@ -774,7 +807,7 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
             reasons[i] = CONFLICT
             messages[i] = _conflict_message(str(verdict.kept_image_id), verdict.difference)
             keep_q.append(i)
-            out.quarantined_here[image_id] = (reasons[i], messages[i])
+            out.quarantine_here(image_id, reasons[i], messages[i])
     if keep_ok:
         out.store(table.take(keep_ok))
     if keep_q:

@@ -4,21 +4,30 @@ keyed path hash."""
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
+import random
+import tarfile
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 from dicom_factory import make_dicom
 
 from radjepa.config import load_config
-from radjepa.imaging.deid import resolve_secret
+from radjepa.imaging.deid import key_fingerprint, resolve_secret
 from radjepa.ingest.errors import IngestError
 from radjepa.ingest.locate import locate_rows
-
-pytestmark = [pytest.mark.ray]
+from radjepa.shards import KEY_RECORD
+from tests.test_ingest import _ingest_in_process
+from tests.test_ingest_library import _CountedReads
 
 REPO = Path(__file__).resolve().parents[1]
+KEY = b"k" * 32  # the key _ingest_in_process hashes with
 
 
 def _secret() -> bytes:
@@ -54,6 +63,7 @@ def ingested(tmp_path_factory, ray_session) -> tuple[Path, Path, dict[str, str]]
     return src, dst, expected
 
 
+@pytest.mark.ray
 def test_each_quarantined_row_is_found_under_the_sources_with_the_key(ingested):
     src, dst, expected = ingested
     located = locate_rows(str(dst), [str(src)], _secret())
@@ -63,6 +73,7 @@ def test_each_quarantined_row_is_found_under_the_sources_with_the_key(ingested):
     assert all(r.table == "quarantine" and r.message and r.run_id for r in located.rows)
 
 
+@pytest.mark.ray
 def test_duplicate_rows_are_found_on_request(ingested):
     src, dst, _ = ingested
     located = locate_rows(str(dst), [str(src)], _secret(), duplicates=True)
@@ -72,6 +83,7 @@ def test_duplicate_rows_are_found_on_request(ingested):
     assert dup[0].path == str(src / "ok.dcm")
 
 
+@pytest.mark.ray
 def test_a_row_whose_file_is_not_under_the_sources_has_no_path(ingested, tmp_path):
     src, dst, _ = ingested
     located = locate_rows(str(dst), [str(src / "DOE^JANE")], _secret())
@@ -81,12 +93,14 @@ def test_a_row_whose_file_is_not_under_the_sources_has_no_path(ingested, tmp_pat
     }
 
 
+@pytest.mark.ray
 def test_another_key_is_refused_rather_than_finding_nothing(ingested):
     src, dst, _ = ingested
     with pytest.raises(IngestError, match="key differs from the one"):
         locate_rows(str(dst), [str(src)], b"another key, long enough to be a real one........")
 
 
+@pytest.mark.ray
 def test_the_cli_prints_each_file_with_its_reason_and_refuses_a_missing_dst(ingested, tmp_path):
     import subprocess
     import sys
@@ -122,3 +136,104 @@ def test_the_cli_prints_each_file_with_its_reason_and_refuses_a_missing_dst(inge
     missing = cli(str(tmp_path / "nowhere"), str(src))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
     assert "is no ingest output" in missing.stderr
+
+
+def _record_key(dst: Path, **more: object) -> None:
+    """The key record a run writes before its first shard (``check_key``)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    record = {"key": "secret", "key_fingerprint": key_fingerprint(KEY), **more}
+    (dst / KEY_RECORD).write_text(json.dumps(record))
+
+
+def test_a_row_a_later_run_resolved_is_left_out_and_counted(tmp_path):
+    """A file quarantined unread (over ``ingest.max_file_mb``) and stored by a later run is
+    resolved: DST's totals count it so, but the listing printed the stored file as
+    quarantined and its count disagreed with the manifest. A file still broken is listed."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    good = make_dicom(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), bits=12)
+    (src / "a.dcm").write_bytes(good)
+    (src / "b.dcm").write_bytes(b"not an image")
+    _record_key(dst)
+    _ingest_in_process([src], dst, run=1, max_bytes=100)  # a.dcm too large, unread
+    _, totals = _ingest_in_process([src], dst, run=2)  # a.dcm stored
+    assert (totals.images, totals.quarantined, totals.resolved) == (1, 1, 1)
+    for sources in ([str(src)], []):
+        located = locate_rows(str(dst), sources, KEY)
+        assert [r.reason for r in located.rows] == ["not_an_image"]
+        assert located.resolved == 1
+    assert located.rows[0].path is None
+    assert locate_rows(str(dst), [str(src)], KEY).rows[0].path == str(src / "b.dcm")
+    # and the command says how many it left out, beside the count the manifest gives
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    res = CliRunner().invoke(app, ["quarantine", str(dst)])
+    assert res.exit_code == 0, res.output
+    assert "1 row(s)" in res.output
+    assert "1 resolved by a later run, not listed" in res.output.splitlines()[-1]
+
+
+def test_a_key_recorded_after_older_shards_still_locates_with_a_warning(tmp_path, caplog):
+    """A DST made before the key was recorded has its key marked ``unchecked_shards`` when a
+    current run adopts it: locating was refused as "records no pseudonymisation key", though
+    the record names the key every later run hashed its paths with."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "bad.dcm").write_bytes(b"junk")
+    _record_key(dst, id_scheme="sha256", unchecked_shards=True)
+    _ingest_in_process([src], dst, run=1)
+    with caplog.at_level(logging.WARNING, logger="radjepa.ingest.locate"):
+        located = locate_rows(str(dst), [str(src)], KEY)
+    assert [r.path for r in located.rows] == [str(src / "bad.dcm")]
+    assert "before its pseudonymisation key was recorded" in caplog.text
+    with pytest.raises(IngestError, match="key differs from the one"):
+        locate_rows(str(dst), [str(src)], b"another key, long enough to be a real one........")
+
+
+def test_an_uncompressed_tar_is_listed_from_its_headers(tmp_path, monkeypatch):
+    """Listing a tar's member names streamed it whole, as reading does (every byte read, a
+    second download of a large tar on object storage): an uncompressed tar is listed from its
+    headers, its members' data seeked over. Reads are counted at the file pyarrow opens, as
+    an object store's requests would be."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    import radjepa.ingest.locate as locate
+    import radjepa.ingest.sources as sources
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    rng = random.Random(0)
+    members = {f"s/IM{i}.dcm": rng.randbytes(100_000) for i in range(60)}  # 6 MB, no images
+    tar, packed = src / "t.tar", src / "t.tar.gz"  # a compressed one is still streamed
+    for path, mode, names in ((tar, "w", members), (packed, "w:gz", ["p/1.dcm", "p/2.dcm"])):
+        with tarfile.open(path, mode) as t:
+            for name in names:
+                data = members.get(name, b"not an image")
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    _record_key(dst)
+    _ingest_in_process([src], dst, run=1)
+
+    reads: dict[str, list[int]] = {}
+
+    class Counting(pafs.FSSpecHandler):
+        def open_input_file(self, path: str) -> pa.NativeFile:
+            return pa.PythonFile(_CountedReads(path, reads.setdefault(path, [])), mode="r")
+
+    counted = pafs.PyFileSystem(Counting(LocalFileSystem()))
+    real = locate.filesystem
+
+    def counted_for_sources(location: str | Path) -> tuple[pafs.FileSystem, str]:
+        return (counted, str(location)) if str(location).startswith(str(src)) else real(location)
+
+    monkeypatch.setattr(locate, "filesystem", counted_for_sources)
+    monkeypatch.setattr(sources, "filesystem", counted_for_sources)
+    located = locate_rows(str(dst), [str(src)], KEY)
+    assert sorted(r.path for r in located.rows) == sorted(
+        [f"{tar}!{n}" for n in members] + [f"{packed}!p/1.dcm", f"{packed}!p/2.dcm"]
+    )
+    plain = reads[str(tar)]
+    assert plain and sum(plain) < 64 * len(members) * 512, (len(plain), sum(plain))

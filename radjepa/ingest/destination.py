@@ -54,6 +54,7 @@ __all__ = [
     "input_key",
     "is_output",
     "recorded_pseudonyms",
+    "resolved_rows",
     "run_status",
 ]
 
@@ -348,21 +349,6 @@ class Destination:
             rows.extend(table.select(columns).to_pylist())
         return rows
 
-    def _stored_paths(self, rows: list[dict[str, Any]]) -> dict[str, str]:
-        """Path hash -> the latest run that stored an image from it (run ids sort by start
-        time; a shard is ``part-<run_id>-<n>.parquet``). Read only when a row was quarantined
-        unread."""
-        if not any(r.get("sha256") is None for r in rows):
-            return {}
-        latest: dict[str, str] = {}
-        for path in self._parquet(IMAGES_DIR):
-            run = path.rsplit("/", 1)[-1].removeprefix("part-").rsplit("-", 1)[0]
-            table = pq.read_table(path, columns=["source_hash"], filesystem=self.fs)
-            for h in table.column("source_hash").to_pylist():
-                if h and run > latest.get(h, ""):
-                    latest[h] = run
-        return latest
-
     @staticmethod
     def _resolved(row: dict[str, Any], stored: dict[str, str]) -> bool:
         """A row quarantined unread whose path a LATER run stored: a path stored first and
@@ -376,7 +362,7 @@ class Destination:
         """Path hashes of inputs quarantined without being read and not stored since: this
         run stores one that it can read now (``IngestSummary.resolved``)."""
         rows = self._quarantine_rows()
-        stored = self._stored_paths(rows)
+        stored = _stored_paths(self.fs, self.root, rows)
         return {
             r["source_hash"]
             for r in rows
@@ -393,7 +379,7 @@ class Destination:
             for p in self._parquet(IMAGES_DIR)
         )
         rows = self._quarantine_rows()
-        stored = self._stored_paths(rows)
+        stored = _stored_paths(self.fs, self.root, rows)
         reasons: Counter[str] = Counter()
         resolved = 0
         for r in rows:
@@ -402,6 +388,32 @@ class Destination:
             else:
                 reasons[r["reason"]] += 1
         return Totals(images, sum(reasons.values()), dict(sorted(reasons.items())), resolved)
+
+
+def _stored_paths(fs: pafs.FileSystem, root: str, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Path hash -> the latest run that stored an image from it (run ids sort by start
+    time; a shard is ``part-<run_id>-<n>.parquet``). Read only when a row was quarantined
+    unread."""
+    if not any(r.get("sha256") is None for r in rows):
+        return {}
+    latest: dict[str, str] = {}
+    for path in output_files(fs, root, IMAGES_DIR):
+        run = path.rsplit("/", 1)[-1].removeprefix("part-").rsplit("-", 1)[0]
+        table = pq.read_table(path, columns=["source_hash"], filesystem=fs)
+        for h in table.column("source_hash").to_pylist():
+            if h and run > latest.get(h, ""):
+                latest[h] = run
+    return latest
+
+
+def resolved_rows(dst: str, rows: list[dict[str, Any]]) -> list[bool]:
+    """Which of DST's quarantine ``rows`` (with ``sha256``, ``source_hash`` and ``run_id``) a
+    later run resolved, as :meth:`Destination.totals` counts them: for a reader that must
+    leave DST untouched (``radjepa quarantine``), where a :class:`Destination` would create
+    its folders. A lister that showed resolved rows named stored files as quarantined."""
+    fs, root = filesystem(dst)
+    stored = _stored_paths(fs, root, rows)
+    return [Destination._resolved(r, stored) for r in rows]
 
 
 def _read_json(fs: pafs.FileSystem, root: str, uri: str, name: str) -> dict[str, Any] | None:

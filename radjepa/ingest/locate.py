@@ -11,7 +11,8 @@ written: the paths are for the operator's console only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -19,11 +20,18 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from radjepa.imaging.deid import key_fingerprint, keyed_hash
-from radjepa.ingest.destination import recorded_pseudonyms
+from radjepa.ingest.destination import _read_json, recorded_pseudonyms, resolved_rows
 from radjepa.ingest.errors import IngestError
-from radjepa.ingest.sources import iter_source, list_inputs
+from radjepa.ingest.sources import iter_source, list_inputs, tar_row_members, utf8_name
 from radjepa.locations import filesystem
-from radjepa.shards import INGEST_RECORDS, QUARANTINE_DIR, output_files, read_duplicates
+from radjepa.shards import (
+    INGEST_RECORDS,
+    KEY_RECORD,
+    MANIFEST,
+    QUARANTINE_DIR,
+    output_files,
+    read_duplicates,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,9 @@ class LocatedRow:
 class Located:
     rows: list[LocatedRow] = field(default_factory=list)
     names_hashed: int = 0  # files and archive members listed under the sources
+    # quarantine rows left out: a later run stored an image from their path, so DST holds the
+    # file (its totals count them as resolved, not quarantined)
+    resolved: int = 0
 
     @property
     def found(self) -> int:
@@ -59,10 +70,13 @@ def _quarantine(dst: str) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="default") if tables else None
 
 
-def _rows(dst: str, duplicates: bool) -> list[LocatedRow]:
+def _rows(dst: str, duplicates: bool) -> tuple[list[LocatedRow], int]:
+    """The rows to list, and how many quarantine rows were left out as resolved."""
     rows: list[LocatedRow] = []
     quarantine = _quarantine(dst)
-    for r in quarantine.to_pylist() if quarantine is not None else []:
+    found = quarantine.to_pylist() if quarantine is not None else []
+    resolved = resolved_rows(dst, found)
+    for r in (r for r, done in zip(found, resolved, strict=True) if not done):
         rows.append(
             LocatedRow(
                 "quarantine", r["reason"], r["message"], r["sha256"], r["run_id"], r["source_hash"]
@@ -75,7 +89,7 @@ def _rows(dst: str, duplicates: bool) -> list[LocatedRow]:
                     "duplicates", r["kind"], None, r["image_id"], r["run_id"], r["source_hash"]
                 )
             )
-    return rows
+    return rows, sum(resolved)
 
 
 def _check_ingested(dst: str) -> None:
@@ -87,10 +101,25 @@ def _check_ingested(dst: str) -> None:
         raise IngestError(f"{dst} is no ingest output (no {' or '.join(INGEST_RECORDS)} in it)")
 
 
+def _recorded_fingerprint(dst: str) -> tuple[str | None, bool]:
+    """The key fingerprint DST records, and whether it was recorded only after some shards were
+    written (``unchecked_shards``). :func:`recorded_pseudonyms` vouches for no key there, as a
+    server must not; but the runs since then did hash their paths under the recorded key, so
+    their rows can still be located with it."""
+    recorded = recorded_pseudonyms(dst)
+    if recorded is None or recorded["key_fingerprint"] is not None:
+        return (recorded or {}).get("key_fingerprint"), False
+    fs, root = filesystem(dst)
+    root = root.rstrip("/")
+    record = _read_json(fs, root, dst, KEY_RECORD)
+    if record is None:
+        record = (_read_json(fs, root, dst, MANIFEST) or {}).get("pseudonyms") or {}
+    return str(record.get("key_fingerprint")), True
+
+
 def _check_key(dst: str, secret: bytes) -> None:
     """Hashes under another key match nothing: say so, rather than "found 0 of 37"."""
-    recorded = recorded_pseudonyms(dst)
-    fingerprint = (recorded or {}).get("key_fingerprint")
+    fingerprint, unchecked = _recorded_fingerprint(dst)
     if fingerprint is None:
         raise IngestError(
             f"{dst} records no pseudonymisation key: its path hashes cannot be checked against "
@@ -102,6 +131,32 @@ def _check_key(dst: str, secret: bytes) -> None:
             f"fingerprint {key_fingerprint(secret)}, DST records {fingerprint}): set the "
             "variable ingest.secret_env names to the key used for it"
         )
+    if unchecked:
+        log.warning(
+            "%s held images before its pseudonymisation key was recorded: rows of the runs "
+            "before that may have been hashed under another key and not be found",
+            dst,
+        )
+
+
+def _names(ref: dict[str, str]) -> Iterator[str]:
+    """The names ingest hashed for ``ref``: its own path (its row when it could not be opened),
+    then each member's as ingest spelled it. An uncompressed tar is listed from its headers, its
+    members' data seeked over as ``count_members`` does: streamed, as reading does, every byte
+    of it was read (a second download of a large tar on object storage) for names alone."""
+    yield ref["path"]
+    if ref["kind"] == "tar":
+        try:
+            fs, _ = filesystem(ref["source"])
+            with fs.open_input_file(ref["path"]) as f, tarfile.open(fileobj=f, mode="r:") as t:
+                # the members reading makes a row of: files and links
+                read = [m.name for m in tar_row_members(t)]
+            yield from (utf8_name(f"{ref['path']}!{name}") for name in read)
+            return
+        except Exception:  # compressed, unreadable, or no tar after all: read as ingest does
+            pass
+    # max_bytes=0 reports every non-empty member too large, unread
+    yield from (row["name"] for row in iter_source(ref, max_bytes=0))
 
 
 def locate_rows(
@@ -121,13 +176,12 @@ def locate_rows(
     _check_ingested(dst)
     if sources:
         _check_key(dst, secret)
-    out = Located(rows=_rows(dst, duplicates))
+    rows, resolved = _rows(dst, duplicates)
+    out = Located(rows=rows, resolved=resolved)
     wanted = {r.source_hash for r in out.rows}
     paths: dict[str, str] = {}
     for ref in list_inputs(sources) if wanted else []:
-        # the archive's own name (a row when it could not be opened), then each member's as
-        # ingest spelled it; max_bytes=0 reports every non-empty member too large, unread
-        names = {ref["path"]} | {row["name"] for row in iter_source(ref, max_bytes=0)}
+        names = set(_names(ref))
         for name in names:
             h = keyed_hash(secret, "source", name)
             if h in wanted:

@@ -41,6 +41,7 @@ __all__ = [
     "list_inputs",
     "read_blocks",
     "read_error",
+    "tar_row_members",
     "utf8_name",
 ]
 
@@ -238,6 +239,12 @@ def _local_archive_kind(ref: dict[str, str]) -> str | None:
         return None
 
 
+def tar_row_members(t: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of ``t`` that reading makes a row of: files, and links (each quarantined as
+    one input, :func:`_iter_tar`); directories, devices and fifos hold no file data."""
+    return (m for m in t if m.isfile() or m.islnk() or m.issym())
+
+
 def count_members(ref: dict[str, str]) -> int | None:
     """Members of an archive that reading makes a row of (files and links), for the progress
     total and the decoder pool's size (unreadable archives count 1); None for a compressed tar
@@ -255,14 +262,14 @@ def count_members(ref: dict[str, str]) -> int | None:
             if not compressed:  # a 512-byte header per member, the data seeked over: a
                 # buffer would read a whole refill past each member (1 MiB of every DICOM)
                 with tarfile.open(fileobj=f, mode="r:") as t:
-                    return sum(1 for m in t if m.isfile() or m.islnk() or m.issym())
+                    return sum(1 for _ in tar_row_members(t))
             # decompressed whole anyway: in large reads (one request each on object storage);
             # closes f as it ends, as the with above does again (a second close does nothing)
             with (
                 io.BufferedReader(f, COUNT_BUFFER) as buffered,
                 tarfile.open(fileobj=buffered, mode="r:*") as t,
             ):
-                return sum(1 for m in t if m.isfile() or m.islnk() or m.issym())
+                return sum(1 for _ in tar_row_members(t))
     except Exception:
         return 1
 

@@ -1,0 +1,81 @@
+"""The ingest driver's own bookkeeping, run without Ray: how large a decoder pool it asks for,
+and what it holds per input while a run streams."""
+
+from __future__ import annotations
+
+import sys
+
+import pyarrow as pa
+
+from pipelines.ingest import (
+    IngestSummary,
+    _decoder_pool,
+    _may_hold_more,
+    _Outputs,
+    _take_batch,
+)
+from radjepa.ingest.decoding import FileDecoder
+from radjepa.ingest.destination import Destination
+from radjepa.ingest.instances import InstanceIndex
+from radjepa.ingest.sources import count_inputs, list_inputs, read_blocks
+
+SETTINGS = {"size": 64, "dtype": "uint8", "window_percentiles": (0.5, 99.5), "max_bytes": 10**7}
+
+
+def test_an_automatic_pool_is_not_capped_by_a_count_that_may_fall_short(tmp_path):
+    """An automatic pool (``ingest.decode_actors=0``) had at most one decoder per 16 inputs
+    counted, and a key on object storage without an image suffix counts one input without
+    being opened: 4 such zips got 1 decoder, whatever they held. Where a ref may hold more than
+    it was counted as, the most is one per CPU and per ref (a ref is read and decoded by one
+    decoder)."""
+    keys = [
+        {"source": "s3://bucket/export", "path": f"bucket/export/study{k}", "kind": "file"}
+        for k in range(4)
+    ]
+    counted = sum(count_inputs(r) for r in keys)
+    assert counted == 4
+    assert all(_may_hold_more(r, sniff=True) for r in keys)
+    undercounted = any(_may_hold_more(r, sniff=True) for r in keys)
+    assert _decoder_pool(0, 16, counted, len(keys), undercounted=undercounted) == (1, 4)
+    assert _decoder_pool(0, 2, counted, len(keys), undercounted=undercounted) == (1, 2)
+    assert _decoder_pool(0, 16, counted, len(keys)) == (1, 1)  # a count that holds: as before
+    assert _decoder_pool(8, 16, counted, len(keys), undercounted=undercounted) == (1, 8)
+
+    # what the count does hold: a key named as an image, an archive counted by its members, a
+    # local file opened to count it; a local file of a run too large to open each one does not
+    named = {"source": "s3://bucket/export", "path": "bucket/export/IM1.DCM", "kind": "file"}
+    zipped = {"source": "s3://bucket/export", "path": "bucket/export/a.zip", "kind": "zip"}
+    (tmp_path / "study1").write_bytes(b"x")
+    (local,) = list_inputs([str(tmp_path / "study1")])
+    assert not any(_may_hold_more(r, sniff=True) for r in (named, zipped, local))
+    assert _may_hold_more(local, sniff=False)
+
+
+def test_a_run_holds_each_quarantine_reason_once_not_once_per_file(tmp_path):
+    """Bytes quarantined in a run are remembered to quarantine a later copy of them alike, with
+    their (reason, message): a tuple and two strings per quarantined file (about 540 bytes),
+    held to the run's end, for a folder of a million broken files. Files quarantined alike
+    now share one."""
+    src = tmp_path / "src"
+    src.mkdir()
+    n = 300
+    for i in range(n):
+        (src / f"f{i:04d}.dcm").write_bytes(b"not an image %d" % i)  # other bytes each
+    dest = Destination(str(tmp_path / "dst"))
+    decoder = FileDecoder(SETTINGS, b"k" * 32, dest.known_ids(), False)
+    out = _Outputs(
+        dest,
+        IngestSummary(dst=dest.uri, run_id="r1"),
+        100,
+        "r1",
+        InstanceIndex([], dest.read_columns),
+    )
+    seen: set[str] = set()
+    for block in read_blocks(pa.Table.from_pylist(list_inputs([str(src)])), SETTINGS["max_bytes"]):
+        _take_batch(decoder(block), out, seen, set())
+    held = out.quarantined_here
+    assert len(held) == n and {v[0] for v in held.values()} == {"not_an_image"}
+    # the values' own objects (the ids are the same strings the run's `seen` holds)
+    objects = {id(o): o for v in held.values() for o in (v, *v)}
+    per_file = sum(sys.getsizeof(o) for o in objects.values()) / n
+    assert per_file < 16, per_file
