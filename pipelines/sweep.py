@@ -29,6 +29,7 @@ from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints,
 from radjepa import locations
 from radjepa.config import Config, ConfigError, SearchDim, config_to_yaml
 from radjepa.log_filters import lines_dropped, redact_log_records
+from radjepa.resume import NOT_THE_MODEL, RESUME_GUARDED
 from radjepa.search_space import distinct_draws, swept_configs, trial_config
 from radjepa.training_data import ShardSummary
 
@@ -43,21 +44,43 @@ _TUNE_RESUME_ADVICE = "Experiment has been interrupted, but the most recent stat
 TRIALS_FILE = "trials.json"
 # in the sweep's folder: the settings its trials train with, which --resume must keep
 SWEEP_CONFIG_FILE = "sweep_config.json"
-# what a --resume may change: ignored by it (num_samples: Tune keeps its trials), resolved per
-# cluster, where the sweep is (found by it already), or no part of what a trial learns
-_RESUME_MAY_CHANGE = (
-    "tune.num_samples",
-    "tune.max_concurrent",
-    "train.allow_config_change",
-    "train.output_dir",
-    "train.use_gpu",
-    "train.cpus_per_worker",
-    "train.max_failures",
-    "train.run_name",  # each trial has its own
-    "data.shards",  # compared as the location the trials read ("data")
+# What decides what a sweep's trials learn and how they are ranked: a --resume with another value
+# of one of these would rank trials trained or scored two ways. A list of what matters, so that
+# the rest may change, as a pretrain resume lets it: how fast trials run and are fed
+# (ingest.decode_actors, train.data_loader_threads, train.compile, model.attention), what they
+# keep and log, the cluster's share, where outputs go. tune.num_samples is left out too: a
+# resume ignores it (Tune keeps its trials), and a new sweep sets it from --num-samples and from
+# its distinct draws, which a resume does not, so comparing it refused such a sweep's resume.
+_SWEEP_COMPARED = (
+    *RESUME_GUARDED,  # the optimisation, as a pretrain resume guards it
+    "model.",  # the network (but NOT_THE_MODEL: drop-path is guarded above, attention a kernel)
+    "data.",  # data.shards is compared as the location the trials read ("data")
+    "train.steps",
+    "train.num_workers",  # ranks per trial: with train.batch_size, the global batch
+    "train.checkpoint_every",  # the steps trials report at, where ASHA compares them
+    # the probe set the supervised metrics score on, decoded as the shards were stored
+    "ingest.image_size",
+    "ingest.dtype",
+    "ingest.window_percentiles",
+    # which trials run, what ranks them, and which count as collapsed or stopped early
+    "tune.search_space",
+    "tune.search_alg",
+    "tune.metric",
+    "tune.asha",
+    "tune.grace_period",
+    "tune.collapse_rankme",
+    "tune.collapse_feature_std",
 )
-# the sections a sweep's trials (and their probe set) are built from
-_SWEEP_SECTIONS = ("ingest.", "data.", "model.", "masks.", "ema.", "optim.", "train.", "tune.")
+# what a supervised metric scores a trial on, and how (radjepa.monitoring.quality_metrics):
+# compared under those metrics only, since RankMe uses none of it
+_LABELLED_SCORING = (
+    "tune.labels_csv",
+    "tune.label_column",
+    "probe.knn_k",
+    "probe.seed",
+    "probe.logreg_c",
+    "probe.folds",
+)
 COLLAPSED = "collapsed"
 STOPPED = "stopped early"
 INCOMPLETE = "incomplete"
@@ -738,16 +761,21 @@ def _check_sweep_dir(cfg: Config, sweep_dir: str, resume: bool) -> None:
         )
 
 
+def _compared(key: str, cfg: Config) -> bool:
+    """Whether a sweep's ``--resume`` compares the dotted ``key`` (see ``_SWEEP_COMPARED``)."""
+    if key == "data.shards" or (key in NOT_THE_MODEL and not key.startswith(RESUME_GUARDED)):
+        return False
+    wanted = _SWEEP_COMPARED + (_LABELLED_SCORING if cfg.tune.metric != "rankme" else ())
+    return any(key.startswith(w) if w.endswith(".") else key == w for w in wanted)
+
+
 def _sweep_settings(cfg: Config, data: str) -> dict[str, Any]:
-    """The settings a sweep's trials train with, dotted, credentials ``***`` (the file is
-    plain text beside the checkpoints), and the location of the shards they read."""
+    """The settings that decide what a sweep's trials learn and how they are ranked, dotted,
+    credentials ``***`` (the file is plain text beside the checkpoints), and the location of
+    the shards they read."""
     from radjepa.config import flatten
 
-    kept = {
-        k: v
-        for k, v in flatten(cfg).items()
-        if k.startswith(_SWEEP_SECTIONS) and k not in _RESUME_MAY_CHANGE
-    }
+    kept = {k: v for k, v in flatten(cfg).items() if _compared(k, cfg)}
     where = data if "://" in data else str(Path(data).expanduser().resolve())
     return locations.redact_strings(json.loads(json.dumps({"data": where, **kept})))
 
@@ -773,6 +801,8 @@ def _keep_sweep_config(cfg: Config, data: str, sweep_dir: str, resume: bool) -> 
         log.warning("%s cannot be read: the settings are not compared, and are saved again", path)
         locations.write_text(path, json.dumps(now, indent=1, sort_keys=True))
         return
+    # a sweep started by an earlier version saved every setting: only these are compared
+    saved = {k: v for k, v in saved.items() if k == "data" or _compared(k, cfg)}
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
     if not changed:
         return

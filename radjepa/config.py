@@ -248,7 +248,13 @@ class ModelConfig(_Section):
     pred_heads: int | None = Field(
         None, ge=1, description="predictor attention heads; default: the encoder's, as in I-JEPA"
     )
-    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    drop_path: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="stochastic depth of the encoder and of the predictor: each one's blocks "
+        "are dropped at rates rising linearly to this over its depth (training only)",
+    )
     attention: Literal["sdpa", "manual"] = Field(
         "sdpa", description="'manual' is the reference's q@k^T path, for benchmarks only"
     )
@@ -556,6 +562,27 @@ class TuneConfig(_Section):
                 "search_space as a grid to repeat each point with other seeds"
             )
         return self
+
+    def labels_problem(self) -> str | None:
+        """Why ``labels_csv`` and ``label_column`` do not fit ``metric``, as a line of a config
+        error, or None. A supervised metric without them stopped the sweep only once it had
+        read the shards; with RankMe, which is label-free, they were ignored in silence."""
+        given = [f"tune.{k}" for k in ("labels_csv", "label_column") if getattr(self, k)]
+        if self.metric == "rankme" and given:
+            return (
+                f"{' and '.join(given)}: used only by tune.metric=knn_auroc or probe_auroc "
+                "(which rank trials on the labels), and tune.metric is rankme (label-free): set "
+                "tune.metric to one of those, or leave the labels out"
+            )
+        if self.metric != "rankme" and len(given) < 2:
+            missing = " and ".join(
+                f"tune.{k}" for k in ("labels_csv", "label_column") if not getattr(self, k)
+            )
+            return (
+                f"tune.metric: {self.metric} needs tune.labels_csv and tune.label_column (the "
+                f"labelled images and the label it ranks trials on): set {missing}"
+            )
+        return None
 
     @property
     def sample_count(self) -> int:
@@ -943,13 +970,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 # scalars YAML would read as other than text: in a text field, kept as the characters typed
-_RETYPED_TAGS = frozenset(f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "timestamp"))
+# (as ``--set`` keeps them); null only where the field takes no null, an optional one's is None
+_RETYPED_TAGS = frozenset(
+    f"tag:yaml.org,2002:{kind}" for kind in ("int", "float", "timestamp", "bool")
+)
+_NULL_TAG = "tag:yaml.org,2002:null"
 
 
 def _keep_text_as_typed(document: yaml.Node) -> None:
     """Have a text field (``section.key``) read its scalar as typed: YAML reads
     ``run_name: 2025_01`` as 202501, ``experiment: 0012`` as the octal 10 and ``1.0e-3`` as
-    0.001, and turned back into text those were another name than the one written."""
+    0.001, and turned back into text those were another name than the one written; it reads
+    ``run_name: off`` as false and ``experiment: null`` as None, which a text field refused
+    while ``--set`` took the text."""
     if not isinstance(document, yaml.MappingNode):
         return
     for section_node, section in document.value:
@@ -959,12 +992,12 @@ def _keep_text_as_typed(document: yaml.Node) -> None:
         fields = getattr(model, "model_fields", {})
         for key_node, value in section.value:
             field = fields.get(key_node.value)
-            if (
-                field is not None
-                and isinstance(value, yaml.ScalarNode)
-                and value.tag in _RETYPED_TAGS
-                and _text_annotation(field.annotation)[0]
-            ):
+            if field is None or not isinstance(value, yaml.ScalarNode):
+                continue
+            text, nullable = _text_annotation(field.annotation)
+            # a null written out (null, ~) is text as --set takes it; an empty value is no text
+            spelled_null = value.tag == _NULL_TAG and value.value != ""
+            if text and (value.tag in _RETYPED_TAGS or (spelled_null and not nullable)):
                 value.tag = "tag:yaml.org,2002:str"
 
 
@@ -981,12 +1014,17 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return f"{problem}{where}"
 
 
-def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def _read_yaml(location: str, seen: tuple[str, ...] = (), named_by: str = "") -> dict[str, Any]:
+    """The YAML tree of the config at ``location`` over the ones it extends. ``named_by``
+    (`` (named by child.yaml: extends: base.yaml)``) ends the not-found line of an extended
+    file: the resolved path alone did not say which config named it, nor how. The line still
+    starts "config file not found:", which ``radjepa submit`` lets pass (the file may be on the
+    cluster's nodes)."""
     if location in seen:
         raise ConfigError(f"config files extend each other in a loop: {' -> '.join(seen)}")
     text = _read_text(location)
     if text is None:
-        raise ConfigError(f"config file not found: {location}")
+        raise ConfigError(f"config file not found: {location}{named_by}")
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
@@ -1002,7 +1040,11 @@ def _read_yaml(location: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
             f"{location}: extends takes one config file (a path or URI), got {base!r}"
         )
     if base is not None:
-        parent = _read_yaml(_parent_location(location, base), (*seen, location))
+        parent = _read_yaml(
+            _parent_location(location, base),
+            (*seen, location),
+            f" (named by {location}: extends: {base})",
+        )
         data = _deep_merge(parent, data)
     return data
 
@@ -1063,6 +1105,15 @@ def _refuse_redacted_credentials(cfg: Config) -> None:
         )
 
 
+def _refuse_labels_not_fitting_the_metric(cfg: Config) -> None:
+    """:meth:`TuneConfig.labels_problem`, for every command's config. Checked on what a user
+    loads, not in the schema: a checkpoint's config is validated again when it is loaded, and
+    one trained by an earlier version with labels under RankMe (which ignored them) must load."""
+    problem = cfg.tune.labels_problem()
+    if problem:
+        raise ConfigError(f"invalid configuration:\n  {problem}")
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | Iterable[str] = (),
@@ -1077,6 +1128,7 @@ def load_config(
     if items:
         cfg = apply_overrides(cfg, dict(items) if isinstance(overrides, Mapping) else overrides)
     _refuse_redacted_credentials(cfg)
+    _refuse_labels_not_fitting_the_metric(cfg)
     return cfg
 
 

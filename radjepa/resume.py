@@ -18,6 +18,7 @@ from radjepa import locations
 from radjepa.config import Config, flatten
 
 __all__ = [
+    "NOT_THE_MODEL",
     "RESUME_GUARDED",
     "CheckpointFolder",
     "ResumeError",
@@ -52,7 +53,7 @@ RESUME_GUARDED = (
 )
 
 # model settings that are no part of the weights: another value is no other model
-_NOT_THE_MODEL = ("model.attention", "model.drop_path")
+NOT_THE_MODEL = ("model.attention", "model.drop_path")
 
 
 class ResumeError(ValueError):
@@ -274,7 +275,7 @@ def check_resume_config(saved: Config, cfg: Config, step: int) -> dict[str, tupl
         if old.get(k) != new.get(k)
     }
     name = cfg.train.run_name
-    model = [k for k in diff if k.startswith("model.") and k not in _NOT_THE_MODEL]
+    model = [k for k in diff if k.startswith("model.") and k not in NOT_THE_MODEL]
     if model:
         raise ResumeError(
             f"run {name} has a checkpoint at step {step} of another model "

@@ -108,9 +108,41 @@ def test_text_fields_read_the_same_from_yaml_as_from_set(tmp_path):
     assert from_file.train.run_name == "2025-01-15" and from_file.tune.name == "123"
     assert from_file.serve.model == "2025_01" and from_file.train.output_dir == "1.0e-3"
     assert from_file.tracking.registered_model == "0012"
-    # a boolean is still not text, and a number still not a switch
-    path.write_text("train:\n  run_name: true\n")
-    assert _error_lines(path)[0].startswith("train.run_name:")
+    # a number field still takes no boolean
+    path.write_text("train:\n  steps: true\n")
+    assert _error_lines(path)[0].startswith("train.steps: expected a number")
+
+
+def test_text_fields_read_yaml_booleans_and_null_as_set_does(tmp_path):
+    # YAML reads off, no and true as booleans and null as None, which the text fields refused
+    # ("Input should be a valid string") while --set kept the text typed
+    given = {
+        "train.run_name": "off",
+        "tracking.experiment": "no",
+        "tune.name": "True",
+        "tracking.registered_model": "null",
+        "ingest.secret_env": "~",
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "".join(
+            f"{section}:\n"
+            + "".join(
+                f"  {k.split('.')[1]}: {v}\n" for k, v in given.items() if k.startswith(section)
+            )
+            for section in dict.fromkeys(k.split(".")[0] for k in given)
+        )
+    )
+    from_file = load_config(path)
+    assert from_file == load_config(None, [f"{k}={v}" for k, v in given.items()])
+    assert from_file.train.run_name == "off" and from_file.tracking.experiment == "no"
+    assert from_file.tune.name == "True" and from_file.tracking.registered_model == "null"
+    assert from_file.ingest.secret_env == "~"
+    # an optional text field's null is still None, from a file as from --set
+    path.write_text("serve:\n  model: null\n  head: ~\n  index: off\n")
+    cfg = load_config(path)
+    assert cfg.serve.model is None and cfg.serve.head is None and cfg.serve.index == "off"
+    assert cfg == load_config(None, ["serve.model=null", "serve.head=~", "serve.index=off"])
 
 
 def test_extends_takes_one_file(tmp_path):
@@ -121,6 +153,54 @@ def test_extends_takes_one_file(tmp_path):
     assert str(info.value) == (
         f"{path}: extends takes one config file (a path or URI), got ['a.yaml']"
     )
+
+
+def test_an_extended_file_not_found_is_said_with_the_config_naming_it(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text("extends: ../missing.yaml\n")
+    path = tmp_path / "ext.yaml"
+    path.write_text("extends: sub/mid.yaml\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    # still "config file not found: ..." first, which submit lets pass for a file it extends
+    # (it may be on the cluster's nodes)
+    assert str(info.value) == (
+        f"config file not found: {tmp_path / 'missing.yaml'} "
+        f"(named by {tmp_path / 'sub' / 'mid.yaml'}: extends: ../missing.yaml)"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert str(info.value) == f"config file not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_sweep_labels_are_refused_where_the_metric_does_not_use_them_or_needs_them(tmp_path):
+    # config validate said ok to a supervised metric without labels, and the sweep stopped
+    # only once it had read the shards; labels under RankMe (label-free) were ignored in silence
+    base = CONFIGS / "sweep-tiny.yaml"
+    needs = "needs tune.labels_csv and tune.label_column (the labelled images and the label it "
+    assert _error_lines(base, ["tune.metric=probe_auroc"]) == [
+        f"tune.metric: probe_auroc {needs}ranks trials on): set tune.labels_csv and "
+        "tune.label_column"
+    ]
+    assert _error_lines(base, ["tune.metric=knn_auroc", "tune.labels_csv=l.csv"]) == [
+        f"tune.metric: knn_auroc {needs}ranks trials on): set tune.label_column"
+    ]
+    unused = (
+        ": used only by tune.metric=knn_auroc or probe_auroc (which rank trials on the labels), "
+        "and tune.metric is rankme (label-free): set tune.metric to one of those, or leave the "
+        "labels out"
+    )
+    assert _error_lines(base, ["tune.label_column=male"]) == [f"tune.label_column{unused}"]
+    path = tmp_path / "c.yaml"
+    path.write_text("tune:\n  labels_csv: l.csv\n  label_column: male\n")
+    assert _error_lines(path) == [f"tune.labels_csv and tune.label_column{unused}"]
+    cfg = load_config(path, ["tune.metric=knn_auroc"])
+    assert (cfg.tune.labels_csv, cfg.tune.label_column) == ("l.csv", "male")
+    # a checkpoint's config is validated again when it is loaded: one written with labels
+    # under RankMe, which an earlier version took, still loads
+    stored = cfg.model_dump(mode="json")
+    stored["tune"]["metric"] = "rankme"
+    assert Config.model_validate(stored).tune.label_column == "male"
 
 
 def test_a_mapping_set_on_a_swept_key_is_its_whole_dimension():

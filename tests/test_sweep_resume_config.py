@@ -1,0 +1,92 @@
+"""What a sweep's ``--resume`` compares with the settings the sweep started with: what its trials
+learn and how they are ranked, not how fast they run (``pipelines.sweep._keep_sweep_config``).
+No Ray is started: the comparison is made before it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.sweep import SWEEP_CONFIG_FILE, SweepError, _keep_sweep_config
+from radjepa.config import Config, flatten, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SPACE = {"optim.lr": {"type": "choice", "values": [1e-3, 5e-4]}}
+LABELLED = {"tune.metric": "knn_auroc", "tune.label_column": "male"}
+
+
+def _started(tmp_path: Path, **extra) -> tuple[Config, str, str]:
+    """A sweep's config, its shards and its folder, its settings saved as a new sweep does."""
+    cfg = load_config(
+        CONFIGS / "tiny_cpu.yaml",
+        {"tune.name": "s", "tune.search_space": SPACE, "train.output_dir": str(tmp_path), **extra},
+    )
+    data, sweep_dir = str(tmp_path / "shards"), str(tmp_path / "s")
+    _keep_sweep_config(cfg, data, sweep_dir, resume=False)
+    return cfg, data, sweep_dir
+
+
+def test_a_sweep_resume_may_change_how_fast_its_trials_run(tmp_path):
+    # the pretrain resume guard lets these change; the sweep's refused every one of them, so a
+    # sweep interrupted on one machine could not go on with another's decode or loader settings
+    started, data, sweep_dir = _started(tmp_path)
+    saved = (tmp_path / "s" / SWEEP_CONFIG_FILE).read_text()
+    for key, value in {
+        "ingest.decode_actors": 8,
+        "ingest.decode_timeout_s": 10.0,
+        "ingest.shard_rows": 16,
+        "train.data_loader_threads": 0,
+        "train.keep_checkpoints": 1,
+        "train.log_every": 1,
+        "train.compile": True,
+        "train.precision": "bf16",
+        "model.attention": "manual",
+        "tune.trial_checkpoints": "all",
+        "tune.num_samples": 9,  # ignored by a resume: Tune keeps its trials
+        # RankMe ranks these trials: the labels and probe settings score nothing
+        "tune.label_column": "male",
+        "probe.knn_k": 3,
+    }.items():
+        _keep_sweep_config(started.with_overrides({key: value}), data, sweep_dir, resume=True)
+    assert (tmp_path / "s" / SWEEP_CONFIG_FILE).read_text() == saved
+
+
+def test_a_sweep_resume_refuses_what_its_trials_learn_and_how_they_are_ranked(tmp_path):
+    labels = {**LABELLED, "tune.labels_csv": str(tmp_path / "labels.csv")}
+    started, data, sweep_dir = _started(tmp_path, **labels)
+    for key, value in {
+        "masks.num_targets": 2,
+        "model.depth": 2,
+        "model.drop_path": 0.1,
+        "data.holdout_fraction": 0.2,
+        "train.steps": 16,
+        "train.num_workers": 2,  # the global batch
+        "train.checkpoint_every": 5,  # where ASHA compares trials
+        "ingest.image_size": 128,  # the probe set's images
+        "tune.search_space": {"ema.start": {"type": "choice", "values": [0.9, 0.99]}},
+        "tune.search_alg": "grid",
+        "tune.collapse_rankme": 3.0,
+        "tune.label_column": "female",
+        # how the kNN AUROC the trials are ranked by is computed
+        "probe.knn_k": 3,
+        "probe.seed": 1,
+    }.items():
+        with pytest.raises(SweepError, match=rf"\({key} .* -> .*\): resume it with the config"):
+            _keep_sweep_config(started.with_overrides({key: value}), data, sweep_dir, resume=True)
+    with pytest.raises(SweepError, match=r"tune\.metric 'knn_auroc' -> 'probe_auroc'"):
+        ranked = started.with_overrides({"tune.metric": "probe_auroc"})
+        _keep_sweep_config(ranked, data, sweep_dir, resume=True)
+
+
+def test_a_sweep_started_by_an_earlier_version_compares_only_what_matters(tmp_path, caplog):
+    # an earlier version saved every setting of the sections its trials were built from: a
+    # resume of such a sweep is compared on the same settings as a new one
+    started, data, sweep_dir = _started(tmp_path)
+    every = {"data": str(Path(data).resolve()), **flatten(started)}
+    (tmp_path / "s" / SWEEP_CONFIG_FILE).write_text(json.dumps(every))
+    faster = started.with_overrides({"ingest.decode_actors": 8, "train.data_loader_threads": 0})
+    _keep_sweep_config(faster, data, sweep_dir, resume=True)
+    with pytest.raises(SweepError, match=r"\(ema\.end 1\.0 -> 0\.999\)"):
+        _keep_sweep_config(faster.with_overrides({"ema.end": 0.999}), data, sweep_dir, True)
