@@ -2,7 +2,8 @@
 
     python bench/data_path.py [--rows 4096] [--batch 256] [--workers N] [--device cpu|cuda]
 
-A temporary shard set is built at run time from the NIH PNG sample (256x256, uint8): the 621
+A temporary shard set is built at run time from a folder of same-size PNGs (``--images``, else
+the 621-image NIH sample beside the checkout, else the 8 bundled demo PNGs; 256x256, uint8): the
 images are replicated to ``--rows`` rows (each copy stamped so every row is unique, as after
 ingest's dedup) and written with the shard schema of ``radjepa.shards`` and zstd, 2048 rows a
 file, as ingest writes them. Nothing is downloaded. Both paths produce the same thing, a
@@ -54,10 +55,10 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-NIH = REPO.parent / "shared" / "data" / "nih-cxr14-621" / "images"
 
 sys.path.insert(0, str(REPO))
 
+from bench.sample_images import find_pngs  # noqa: E402
 from radjepa.shards import SHARD_SCHEMA, pixel_batch, pixels_from_bytes  # noqa: E402
 from radjepa.transforms import MEAN, STD, random_resized_crop, to_model_input  # noqa: E402
 
@@ -318,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--crop", type=int, default=224)
     ap.add_argument("--shard-rows", type=int, default=2048, help="rows per shard file (ingest)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--images", type=Path, default=NIH, help="folder of same-size PNGs")
+    ap.add_argument(
+        "--images", type=Path, help="folder of same-size PNGs (default: the NIH or bundled ones)"
+    )
     return ap
 
 
@@ -331,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)  # torchvision's crop draws from the global generator
 
-    pngs = sorted(args.images.glob("*.png"))
-    if not pngs:
-        raise SystemExit(f"no PNGs found under {args.images}")
+    pngs = find_pngs(args.images)
     work = Path(tempfile.mkdtemp(prefix="radjepa-bench-data-"))
     try:
         t0 = time.perf_counter()
@@ -379,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 "decode_img_per_s": round(decode_ours, 1),
                 "decode_per_row_img_per_s": round(decode_rows, 1),
                 "decode_speedup": round(decode_ours / decode_rows, 2),
+                "source_pngs": len(pngs),  # 621 for the recorded figures
                 "shard_mb": round(shard_mb, 1),
                 "build_s": round(build_s, 2),
                 "torch": torch.__version__,

@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source-size", type=int, default=2048, help="side of the DICOMs")
     ap.add_argument("--size", type=int, default=256, help="stored size")
     ap.add_argument("--repeats", type=int, default=4, help="passes of each, taken in turns")
+    ap.add_argument("--png-dir", type=Path, help="folder of PNGs the corpus is made from")
     ap.add_argument(
         "--threads",
         type=int,
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     secret = b"bench-key-" * 4
     with tempfile.TemporaryDirectory() as tmp:
-        rows = _rows(build_corpus(Path(tmp), args.images, args.source_size))
+        rows = _rows(build_corpus(Path(tmp), args.images, args.source_size, args.png_dir))
     isolated = FileDecoder(settings, secret, frozenset(), False, isolate=True, timeout_s=300)
     in_process = FileDecoder(settings, secret, frozenset(), False)
     try:

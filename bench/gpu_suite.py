@@ -33,7 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-NIH_IMAGES = REPO.parent / "shared" / "data" / "nih-cxr14-621" / "images"
+sys.path.insert(0, str(REPO))  # run as a script: ``bench`` is a folder of the checkout
+
+from bench.sample_images import image_folder  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -260,15 +262,16 @@ def _verdict(met: bool | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-suite-out")))
-    ap.add_argument("--images", type=Path, default=NIH_IMAGES, help="folder of NIH PNGs")
+    ap.add_argument(
+        "--images", type=Path, help="folder of NIH PNGs (default: ../shared's, else the bundled)"
+    )
     ap.add_argument("--budget", type=float, default=420.0, help="seconds for all steps")
     ap.add_argument("--only", nargs="*", default=None, help="run only these step names")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU version of the sequence")
     args = ap.parse_args(argv)
-    if not any(args.images.glob("*.png")):
-        ap.error(f"no PNGs under {args.images} (scripts/gpu_carry.sh copies some into .gpu/)")
+    images = image_folder(args.images)  # scripts/gpu_carry.sh copies 64 NIH PNGs into .gpu/
     plan = smoke_steps if args.smoke else gpu_steps
-    steps = plan(args.images, args.out)
+    steps = plan(images, args.out)
     if args.only is not None:
         if not args.only:
             ap.error("--only needs at least one step name")

@@ -1,8 +1,9 @@
 """Benchmark: ingest images/s per core (our Ray pipeline) vs a naive single-process loop.
 
-The corpus is built at run time from the NIH PNG sample: each PNG is upsampled to a CR-like
-size, widened to 12 bits and written as DICOM (half uncompressed, a quarter RLE Lossless, a
-quarter JPEG 2000 Lossless). Nothing is downloaded. Both paths process the SAME files:
+The corpus is built at run time from PNG radiographs (``--png-dir``, else the NIH sample beside
+the checkout, else the bundled demo PNGs: ``bench/sample_images.py``): each PNG is upsampled to
+a CR-like size, widened to 12 bits and written as DICOM (half uncompressed, a quarter RLE
+Lossless, a quarter JPEG 2000 Lossless). Nothing is downloaded. Both paths process the SAME files:
 
 - naive: one process, ``pydicom.dcmread`` -> ``pixel_array`` -> percentile window -> Pillow
   resize to ``--size`` (the loop most prototypes start with; no LUTs, no metadata, no output);
@@ -32,17 +33,18 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-NIH = REPO.parent / "shared" / "data" / "nih-cxr14-621" / "images"
+sys.path.insert(0, str(REPO))  # run as a script: ``bench`` is a folder of the checkout
 
 
-def build_corpus(out: Path, n: int, side: int) -> list[Path]:
-    """``n`` DICOM files from the NIH PNGs (cycled), ``side`` x ``side`` 12-bit MONOCHROME2."""
+def build_corpus(out: Path, n: int, side: int, images: Path | None = None) -> list[Path]:
+    """``n`` DICOM files from the PNGs of ``images`` (or the NIH/bundled ones; cycled), ``side``
+    x ``side`` 12-bit MONOCHROME2."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
-    pngs = sorted(NIH.glob("*.png"))
-    if not pngs:
-        raise SystemExit(f"NIH sample not found under {NIH}")
+    from bench.sample_images import find_pngs
+
+    pngs = find_pngs(images, flag="--png-dir")
     paths = []
     for i in range(n):
         grey = Image.open(pngs[i % len(pngs)]).convert("L").resize((side, side), Image.BICUBIC)
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source-size", type=int, default=1024, help="side of the DICOMs")
     ap.add_argument("--size", type=int, default=256, help="stored size")
     ap.add_argument("--actors", type=int, default=0, help="decoder actors (0: one per core)")
+    ap.add_argument("--png-dir", type=Path, help="folder of PNGs the corpus is made from")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
@@ -128,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         src = work / "src"
         src.mkdir()
-        paths = build_corpus(src, args.images, args.source_size)
+        paths = build_corpus(src, args.images, args.source_size, args.png_dir)
         naive(paths[:4], args.size)  # warm imports and caches for both paths
         library_only(paths[:4], args.size)
         t_naive = naive(paths, args.size)

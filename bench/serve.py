@@ -3,14 +3,17 @@
 Both serve the SAME checkpoint through the SAME ``create_app`` routes and decoder; the naive
 one runs under plain uvicorn with one forward per request (``LocalEmbedder``), ours behind
 Ray Serve with ``@serve.batch``. For each concurrency (1, 8, 32) a bounded number of
-``POST /v1/embed`` requests with a real NIH PNG is sent on loopback; we report throughput and
-p50/p99 latency for both, and their ratios, as ONE JSON line. Ray is joined as every entry point
+``POST /v1/embed`` requests with a real radiograph PNG (the first of ``--images``, else of the
+NIH sample beside the checkout, else of the bundled demo archive: ``bench/sample_images.py``)
+is sent on loopback; we report throughput and p50/p99 latency for both, and their ratios, as
+ONE JSON line. Ray is joined as every entry point
 joins it (``pipelines.runtime.ensure_ray``): a RAY_ADDRESS that names no cluster it can join is
 one line on stderr and exit status 2. It measures this machine only: a RAY_ADDRESS naming a
 running cluster is refused the same way, since serving the bench there would replace and then
 shut down that cluster's own Serve applications.
 
     python bench/serve.py [--config configs/tiny_cpu.yaml] [--model CKPT] [--requests 96]
+                          [--images DIR]
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-NIH = REPO.parent / "shared" / "data" / "nih-cxr14-621" / "images"
 
 
 def free_port() -> int:
@@ -119,6 +121,7 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-s", type=float, default=0.01)
+    p.add_argument("--images", type=Path, help="folder of PNGs; the request sends the first")
     p.add_argument("--naive-server", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.naive_server:
@@ -129,7 +132,9 @@ def main() -> int:
 
     logging.basicConfig(level=logging.WARNING)
     levels = [int(c) for c in args.concurrency.split(",")]
-    body = sorted(NIH.glob("*.png"))[0].read_bytes()
+    from bench.sample_images import find_pngs  # REPO is on sys.path by now (see __main__)
+
+    body = find_pngs(args.images)[0].read_bytes()
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     try:  # the random checkpoint is a few MB to GBs (by --config): never left behind
         return _run(args, levels, body, tmp)

@@ -432,18 +432,21 @@ def _holds_credential(text: str) -> bool:
 def _refuse_invalid_config(args: Sequence[str], working_dir: Path) -> None:
     """A job whose config file is here and invalid failed on the cluster after the upload and
     the driver's start (minutes), with the error this gives in a second. A config named but
-    not here may be a path on the cluster's nodes: the job reads it there."""
+    not here may be a path on the cluster's nodes: the job reads it there. With no config
+    named, the job reads the built-in defaults, which are here too: its ``--set`` overrides
+    (a mistyped key, a value of the wrong type) are checked against them the same way."""
     from radjepa.config import ConfigError
 
     location = _config_location(args, working_dir)
-    if location is None or not Path(location).is_file():
+    if location is not None and not Path(location).is_file():
         return
     try:
         _job_config(args, working_dir)
     except ConfigError as err:
         if str(err).startswith(("config file not found:", "cannot read config ")):
             return  # a file it extends may be on the cluster's nodes or buckets, not here
-        raise JobsError(f"not submitted: the job's config {location}: {err}") from None
+        what = f"config {location}" if location else "--set overrides of the default config"
+        raise JobsError(f"not submitted: the job's {what}: {err}") from None
 
 
 def build_submission(

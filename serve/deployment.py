@@ -419,11 +419,28 @@ def check_pseudonym_key(
 def _key_fingerprint_of(env: str, allow_development_key: bool) -> str:
     """The fingerprint of the key this process resolves from ``env`` (run here, or in a
     replica's environment as a Ray task), or ``refused: <why>`` when it has none and the public
-    key is not allowed (a string, so that a Ray task returns it rather than a traceback)."""
-    from radjepa.imaging.deid import SecretRefused, key_fingerprint, resolve_secret
+    key is not allowed (a string, so that a Ray task returns it rather than a traceback).
+
+    A missing key gets the server's own advice, not ingest's: ingest is told to make a new
+    random key, but a server with a new key gives uploads pseudonyms that match none of the
+    archive's, so ``exclude_same_patient`` silently excludes nobody."""
+    from radjepa.imaging.deid import (
+        DevelopmentKeyRefused,
+        SecretRefused,
+        key_fingerprint,
+        resolve_secret,
+    )
 
     try:
         return key_fingerprint(resolve_secret(env, allow_development_key=allow_development_key))
+    except DevelopmentKeyRefused:
+        return (
+            f"refused: {env} is not set: set it to the key the archive was ingested with "
+            "(`radjepa ingest` pseudonymised the shards, and so the index, with it; a new key "
+            "gives uploads pseudonyms that match none of the index's), or, to try the API "
+            "locally without an index, opt in to the PUBLIC development key with "
+            "`--set ingest.allow_development_key=true`"
+        )
     except SecretRefused as err:
         return f"refused: {err}"
 

@@ -258,7 +258,8 @@ def test_submit_runs_ingest_to_succeeded_and_jobs_commands_see_it(
 
 @pytest.mark.slow
 def test_failing_job_exits_nonzero_and_prints_its_error(ray_head: dict[str, str]) -> None:
-    res = _radjepa(["submit", "config", "validate", "--set", "bogus.key=1"], ray_head)
+    # a config the cluster lacks: a local one, or a --set, is checked before it is submitted
+    res = _radjepa(["submit", "config", "validate", "-c", "/cluster-only/bogus.yaml"], ray_head)
 
     assert res.returncode == 2, res.stdout + res.stderr  # the driver's own user-error code
     assert re.search(r"job \S+ FAILED", res.stderr)

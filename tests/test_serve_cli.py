@@ -196,7 +196,10 @@ def test_serve_with_a_mistyped_path_fails_in_one_line_before_starting_ray(tmp_pa
 @pytest.mark.parametrize(
     ("secret", "says"),
     [
-        (None, "error: RADJEPA_DEID_SECRET is not set: set it to a long random value"),
+        (
+            None,
+            "error: RADJEPA_DEID_SECRET is not set: set it to the key the archive was ingested with",
+        ),
         # bytes that are not UTF-8 (a key file pasted with its binary bytes): a UnicodeEncodeError
         # traceback from a Ray task, ~30 s after Ray and Serve had started
         (
