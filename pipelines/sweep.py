@@ -71,16 +71,13 @@ _SWEEP_COMPARED = (
     "tune.collapse_rankme",
     "tune.collapse_feature_std",
 )
-# what a supervised metric scores a trial on, and how (radjepa.monitoring.quality_metrics):
-# compared under those metrics only, since RankMe uses none of it
-_LABELLED_SCORING = (
-    "tune.labels_csv",
-    "tune.label_column",
-    "probe.knn_k",
-    "probe.seed",
-    "probe.logreg_c",
-    "probe.folds",
-)
+# what each supervised metric scores a trial on, and how (radjepa.monitoring.quality_metrics):
+# RankMe uses none of it, kNN AUROC no probe fit, the probe's AUROC no kNN
+_LABELS = ("tune.labels_csv", "tune.label_column")
+_LABELLED_SCORING = {
+    "knn_auroc": (*_LABELS, "probe.knn_k", "probe.seed"),
+    "probe_auroc": (*_LABELS, "probe.logreg_c", "probe.folds", "probe.seed"),
+}
 COLLAPSED = "collapsed"
 STOPPED = "stopped early"
 INCOMPLETE = "incomplete"
@@ -765,7 +762,7 @@ def _compared(key: str, cfg: Config) -> bool:
     """Whether a sweep's ``--resume`` compares the dotted ``key`` (see ``_SWEEP_COMPARED``)."""
     if key == "data.shards" or (key in NOT_THE_MODEL and not key.startswith(RESUME_GUARDED)):
         return False
-    wanted = _SWEEP_COMPARED + (_LABELLED_SCORING if cfg.tune.metric != "rankme" else ())
+    wanted = _SWEEP_COMPARED + _LABELLED_SCORING.get(cfg.tune.metric, ())
     return any(key.startswith(w) if w.endswith(".") else key == w for w in wanted)
 
 
@@ -776,8 +773,15 @@ def _sweep_settings(cfg: Config, data: str) -> dict[str, Any]:
     from radjepa.config import flatten
 
     kept = {k: v for k, v in flatten(cfg).items() if _compared(k, cfg)}
-    where = data if "://" in data else str(Path(data).expanduser().resolve())
-    return locations.redact_strings(json.loads(json.dumps({"data": where, **kept})))
+    if kept.get("tune.labels_csv"):  # read where the driver runs: the file, not the text typed
+        kept["tune.labels_csv"] = _absolute(kept["tune.labels_csv"])
+    return locations.redact_strings(json.loads(json.dumps({"data": _absolute(data), **kept})))
+
+
+def _absolute(location: str) -> str:
+    """A local path made absolute (a --resume from another folder reads other files by the same
+    relative text); a URI as given."""
+    return location if "://" in location else str(Path(location).expanduser().resolve())
 
 
 def _keep_sweep_config(cfg: Config, data: str, sweep_dir: str, resume: bool) -> None:
@@ -801,9 +805,17 @@ def _keep_sweep_config(cfg: Config, data: str, sweep_dir: str, resume: bool) -> 
         log.warning("%s cannot be read: the settings are not compared, and are saved again", path)
         locations.write_text(path, json.dumps(now, indent=1, sort_keys=True))
         return
-    # a sweep started by an earlier version saved every setting: only these are compared
+    # a sweep started by an earlier version saved every setting of its sections, as typed, and
+    # none of probe.*: only what is compared now, and none of what it never held
     saved = {k: v for k, v in saved.items() if k == "data" or _compared(k, cfg)}
-    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if isinstance(saved.get("tune.labels_csv"), str):  # as typed, then
+        saved["tune.labels_csv"] = _absolute(saved["tune.labels_csv"])
+    held = any(k.startswith("probe.") for k in saved)
+    changed = sorted(
+        k
+        for k in saved.keys() | now.keys()
+        if saved.get(k) != now.get(k) and (held or not k.startswith("probe."))
+    )
     if not changed:
         return
     said = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])

@@ -80,13 +80,48 @@ def test_a_sweep_resume_refuses_what_its_trials_learn_and_how_they_are_ranked(tm
         _keep_sweep_config(ranked, data, sweep_dir, resume=True)
 
 
-def test_a_sweep_started_by_an_earlier_version_compares_only_what_matters(tmp_path, caplog):
-    # an earlier version saved every setting of the sections its trials were built from: a
-    # resume of such a sweep is compared on the same settings as a new one
-    started, data, sweep_dir = _started(tmp_path)
-    every = {"data": str(Path(data).resolve()), **flatten(started)}
+# the sections an earlier version saved every setting of (never probe.*), as typed
+_EARLIER_SECTIONS = ("ingest.", "data.", "model.", "masks.", "ema.", "optim.", "train.", "tune.")
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_a_sweep_started_by_an_earlier_version_compares_only_what_matters(tmp_path, labelled):
+    # an earlier version saved every setting of the sections its trials were built from, and
+    # none of probe.*: a resume of such a sweep is compared on the settings a new one saves, but
+    # those it never held (a labelled sweep's probe settings were all "changed" from None)
+    labels = {**LABELLED, "tune.labels_csv": "labels.csv"} if labelled else {}
+    started, data, sweep_dir = _started(tmp_path, **labels)
+    every = {"data": str(Path(data).resolve())}
+    every.update({k: v for k, v in flatten(started).items() if k.startswith(_EARLIER_SECTIONS)})
     (tmp_path / "s" / SWEEP_CONFIG_FILE).write_text(json.dumps(every))
     faster = started.with_overrides({"ingest.decode_actors": 8, "train.data_loader_threads": 0})
     _keep_sweep_config(faster, data, sweep_dir, resume=True)
     with pytest.raises(SweepError, match=r"\(ema\.end 1\.0 -> 0\.999\)"):
         _keep_sweep_config(faster.with_overrides({"ema.end": 0.999}), data, sweep_dir, True)
+
+
+def test_each_supervised_metric_compares_only_the_probe_settings_it_scores_with(tmp_path):
+    # kNN AUROC fits no probe, and the probe's AUROC uses no kNN: refusing those settings' changes
+    # refused resumes that rank trials exactly as before
+    labels = {**LABELLED, "tune.labels_csv": str(tmp_path / "labels.csv")}
+    knn, data, sweep_dir = _started(tmp_path, **labels)
+    for key, value in {"probe.folds": 3, "probe.logreg_c": 1.0}.items():
+        _keep_sweep_config(knn.with_overrides({key: value}), data, sweep_dir, resume=True)
+    probe, data, sweep_dir = _started(tmp_path / "p", **{**labels, "tune.metric": "probe_auroc"})
+    _keep_sweep_config(probe.with_overrides({"probe.knn_k": 3}), data, sweep_dir, resume=True)
+    with pytest.raises(SweepError, match=r"\(probe\.folds 5 -> 3\)"):
+        _keep_sweep_config(probe.with_overrides({"probe.folds": 3}), data, sweep_dir, True)
+
+
+def test_the_labels_are_compared_as_the_file_they_name(tmp_path, monkeypatch):
+    # compared as typed, a resume from another folder with the same relative text ranked the
+    # remaining trials on another file, and the same file named absolutely was refused
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    started, data, sweep_dir = _started(tmp_path, **LABELLED, **{"tune.labels_csv": "labels.csv"})
+    same = started.with_overrides({"tune.labels_csv": str(tmp_path / "a" / "labels.csv")})
+    _keep_sweep_config(same, data, sweep_dir, resume=True)
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(SweepError, match=r"tune\.labels_csv '.*/a/labels\.csv' -> '.*/b/labels"):
+        _keep_sweep_config(started, data, sweep_dir, resume=True)
