@@ -557,7 +557,9 @@ class _Outputs:
         (reason, message) is held once however many files share it: a run over a folder of
         a million broken files held one tuple and two strings per file (about 540 bytes)."""
         said = (reason, message)
-        self.quarantined_here[image_id] = self._said.setdefault(said, said)
+        if reason != CONFLICT:  # a conflict's message names the image kept: one per file
+            said = self._said.setdefault(said, said)
+        self.quarantined_here[image_id] = said
 
     def stored_from(self, source_hash: str) -> bool:
         """Whether DST stored an image from this path: lowering ``ingest.max_file_mb`` on a

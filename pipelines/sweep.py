@@ -175,6 +175,7 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
         # a missing file or column escaped as a traceback; its advice names eval's --label,
         # which here is tune.label_column
         why = str(err).replace("--label ", "tune.label_column=")
+        why = why.replace(" (the label is reported and served under that name)", "")
         raise SweepError(
             f"tune.metric={cfg.tune.metric} cannot use tune.labels_csv={cfg.tune.labels_csv} "
             f"with tune.label_column={cfg.tune.label_column}: {why}"
@@ -824,7 +825,7 @@ def _keep_sweep_config(cfg: Config, data: str, sweep_dir: str, resume: bool) -> 
         raise SweepError(
             f"sweep '{cfg.tune.name}' was started with other settings ({said}): resume it "
             "with the config it started with, set train.allow_config_change=true to train its "
-            "remaining trials with the new ones, or choose another tune.name"
+            f"remaining trials with the new ones, or choose another tune.name{_named(saved, now)}"
         )
     log.warning(
         "sweep %s resumes with changed settings (train.allow_config_change): %s",
@@ -832,6 +833,21 @@ def _keep_sweep_config(cfg: Config, data: str, sweep_dir: str, resume: bool) -> 
         said,
     )
     locations.write_text(path, json.dumps(now, indent=1, sort_keys=True))
+
+
+def _named(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """What to say of a text label column an earlier version took as given (its positive: the
+    second of its two values in sorted order) and this one needs named (``sex`` -> ``sex=M``)."""
+    was, new = saved.get("tune.label_column"), now.get("tune.label_column")
+    if not (isinstance(was, str) and isinstance(new, str)) or "=" in was:
+        return ""
+    if not new.startswith(f"{was}="):
+        return ""
+    return (
+        f". The sweep started when a text column given alone took the second of its two "
+        f"values in sorted order as positive: if {new.split('=', 1)[1]!r} is that value, the "
+        "trials are ranked as before, and train.allow_config_change=true lets them go on"
+    )
 
 
 def _parent_run(

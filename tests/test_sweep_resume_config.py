@@ -125,3 +125,19 @@ def test_the_labels_are_compared_as_the_file_they_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "b")
     with pytest.raises(SweepError, match=r"tune\.labels_csv '.*/a/labels\.csv' -> '.*/b/labels"):
         _keep_sweep_config(started, data, sweep_dir, resume=True)
+
+
+def test_a_label_column_given_alone_before_names_its_positive_value_on_resume(tmp_path):
+    # a sweep started when `sex` alone meant "sex=M" (the second value sorted) must now name it:
+    # the refusal says why the key changed and that the ranking is the same
+    started, data, sweep_dir = _started(tmp_path, **LABELLED, **{"tune.labels_csv": "l.csv"})
+    saved = json.loads((tmp_path / "s" / SWEEP_CONFIG_FILE).read_text())
+    saved["tune.label_column"] = "sex"
+    (tmp_path / "s" / SWEEP_CONFIG_FILE).write_text(json.dumps(saved))
+    named = started.with_overrides({"tune.label_column": "sex=M"})
+    with pytest.raises(SweepError, match=r"second of its two values .* if 'M' is that value"):
+        _keep_sweep_config(named, data, sweep_dir, resume=True)
+    other = started.with_overrides({"tune.label_column": "view=AP"})
+    with pytest.raises(SweepError) as err:
+        _keep_sweep_config(other, data, sweep_dir, resume=True)
+    assert "sorted order" not in str(err.value)
