@@ -56,14 +56,19 @@ class EncoderDeployment:
         tracking_uri: str | None = None,
         max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.01,
+        source: str | None = None,
     ) -> None:
         # an error here is said by the driver in one line (serve.startup), not as Ray's traceback
         with replica_startup():
-            self._start(model_ref, use_gpu, tracking_uri)
+            self._start(model_ref, use_gpu, tracking_uri, source)
         self.embed_batch.set_max_batch_size(max_batch_size)
         self.embed_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    def _start(self, model_ref: str, use_gpu: str, tracking_uri: str | None) -> None:
+    def _start(
+        self, model_ref: str, use_gpu: str, tracking_uri: str | None, source: str | None
+    ) -> None:
+        """``model_ref``: the pinned reference (``app_from_config``); ``source``: what the
+        operator asked for (an alias, a run folder), for the log."""
         from serve.registry import resolve_model
 
         resolved = resolve_model(model_ref, tracking_uri=tracking_uri)
@@ -79,7 +84,7 @@ class EncoderDeployment:
             device=device,
             name=resolved.name,
             version=resolved.version,
-            source=resolved.source,
+            source=source or resolved.source,
         )
 
     def describe(self) -> tuple[ModelInfo, Preprocess]:
@@ -310,11 +315,12 @@ def check_references(
     and index only by the replicas (~2 minutes and ~220 lines, exit 1). A head is read in full,
     with the resolver the API replicas use (:func:`serve.registry.resolve_head`). Weights
     left to the replicas (a cluster's) are not read: a registered version's
-    ``radjepa.encoder_sha256`` tag stands for them when it has one. The replicas
-    still resolve every reference themselves: on a cluster they may see another store than
-    this process. ``before_fetch`` runs once the references are known to exist, before the
-    model's weights are read or fetched: ``radjepa serve`` checks its pseudonymisation key
-    there, which was said only after a fetch that can take minutes."""
+    ``radjepa.encoder_sha256`` tag stands for them when it has one. The replicas still fetch
+    and read the weights themselves, bound to the version or checkpoint folder checked here
+    (``pinned_reference``): a cluster's replicas fetch into their own caches. ``before_fetch``
+    runs once the references are known to exist, before the model's weights are read or
+    fetched: ``radjepa serve`` checks its pseudonymisation key there, which was said only
+    after a fetch that can take minutes."""
     from serve.index import EmbeddingIndex
     from serve.registry import ModelNotFound, registered_version, resolve_head
 
@@ -495,6 +501,7 @@ def app_from_config(
             "folder or models:/<name>@<alias>"
         )
     from pipelines.tracking import store_uri  # where pretrain registered the models
+    from serve.registry import pinned_reference
 
     if not references_checked:
         check_references(sc.model, sc.head, sc.index, store_uri(cfg))
@@ -514,6 +521,12 @@ def app_from_config(
     check_replica_fits(settings.decode_workers)
     gpu = _resolve_gpu(sc.use_gpu)
     retries = {} if start_attempts is None else {"max_constructor_retry_count": start_attempts}
+    # the weights and head checked above, for every replica whenever it starts (not an alias
+    # or a run folder, which may name others by then: serve.registry.pinned_reference)
+    model = pinned_reference(sc.model, tracking_uri=store_uri(cfg))
+    head = pinned_reference(sc.head, tracking_uri=store_uri(cfg)) if sc.head else None
+    if model != sc.model:
+        log.info("serving %s as %s", sc.model, model)
     encoder = EncoderDeployment.options(
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
         # the encoder must admit a whole batch at once, or @serve.batch never fills
@@ -523,9 +536,10 @@ def app_from_config(
         **retries,
         **_scaling(sc),
     ).bind(
-        sc.model,
+        model,
         use_gpu="true" if gpu else "false",
         tracking_uri=store_uri(cfg),
+        source=sc.model,
         max_batch_size=sc.max_batch_size,
         batch_wait_timeout_s=sc.batch_wait_timeout_s,
     )
@@ -537,7 +551,7 @@ def app_from_config(
         graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
         **retries,
         **_scaling(sc),
-    ).bind(encoder, replica_settings, sc.head, sc.index, store_uri(cfg))
+    ).bind(encoder, replica_settings, head, sc.index, store_uri(cfg))
 
 
 def encoder_queue(max_queued_requests: int, max_images_per_request: int) -> int:

@@ -9,6 +9,7 @@ an alias is a download of that folder, after which loading is the same strict pa
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ __all__ = [
     "ServedHead",
     "ModelNotFound",
     "latest_checkpoint",
+    "pinned_reference",
     "refuse_run_artifact",
     "registered_version",
     "resolve_head",
@@ -321,6 +323,30 @@ def _existing_store(ref: str, tracking_uri: str | None) -> str:
     if problem is not None:
         raise ModelNotFound(f"cannot resolve {ref}: {problem}")
     return uri
+
+
+def pinned_reference(ref: str, *, tracking_uri: str | None = None) -> str:
+    """``ref`` with what may move fixed: a registry alias or ``latest`` as the version it names
+    now, a run folder as its newest checkpoint.
+
+    Every replica resolves the reference it is bound to when it starts, those Serve adds (an
+    autoscaled encoder) or restarts later too. Bound to ``@champion``, or to a run folder a
+    training job still writes into, a replica started after ``radjepa models promote`` or a new
+    checkpoint loaded other weights than the index and head were checked against, and
+    ``/v1/similar`` compared new embeddings with old ones in silence. A local path keeps its
+    spelling (relative stays relative: a Ray Job's replicas read it in their own copy of the
+    working folder)."""
+    if ref.startswith("models:/"):
+        if _REGISTRY.match(ref) is None:
+            return ref  # resolve_model says what is wrong with it
+        mv = registered_version(ref, tracking_uri=tracking_uri)
+        return f"models:/{mv.name}/{mv.version}"
+    if "://" in ref:
+        return latest_checkpoint(ref)
+    given = os.path.expanduser(ref)
+    folder = os.path.abspath(given)
+    chosen = latest_checkpoint(folder)
+    return given if chosen == folder else os.path.join(given, os.path.relpath(chosen, folder))
 
 
 def latest_checkpoint(location: str) -> str:

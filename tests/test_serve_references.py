@@ -225,3 +225,37 @@ def test_the_encoder_queue_holds_as_many_images_as_the_api_queue_holds_requests(
     assert api.max_queued_requests == api_queue
     assert encoder.max_queued_requests == encoder_queue
     assert encoder_queue in (-1, api_queue * MAX_IMAGES_PER_REQUEST)
+
+
+def test_every_replica_is_bound_to_the_weights_checked_not_an_alias_or_run_folder(
+    cfg_for, tmp_path, migrated_store, monkeypatch
+):
+    # each replica resolved the reference it was bound to when it started, those Serve adds or
+    # restarts later too: after a `models promote`, or a new checkpoint in a run folder, they
+    # served other weights than the index and head were checked against, in silence
+    import mlflow
+
+    from pipelines.tracking import ensure_experiment, register_artifact_dir
+
+    def bound(cfg):
+        api = app_from_config(cfg)._bound_deployment
+        encoder = api.init_args[0]._bound_deployment
+        return encoder.init_args[0], encoder.init_kwargs["source"], api.init_args[2]
+
+    uri = migrated_store(tmp_path / "mlflow.db")
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(ensure_experiment(uri, "radjepa"))
+    client.log_artifacts(run.info.run_id, str(tmp_path / "ckpt"), "checkpoint-step-7")
+    register_artifact_dir(uri, run.info.run_id, "checkpoint-step-7", "tiny-enc")
+    client.set_registered_model_alias("tiny-enc", "champion", "1")
+    for ref in ("models:/tiny-enc@champion", "models:/tiny-enc/latest", "models:/tiny-enc"):
+        assert bound(cfg_for(model=ref)) == ("models:/tiny-enc/1", ref, None)
+
+    runs = tmp_path / "runs" / "r"
+    make_checkpoint(runs / "checkpoint_2026-10-25_01-55-00.000001", step=3)
+    make_checkpoint(runs / "checkpoint_2026-10-25_01-05-00.000001", step=7)  # the newest step
+    newest = "checkpoint_2026-10-25_01-05-00.000001"
+    assert bound(cfg_for(model=str(runs)))[0] == str(runs / newest)
+    monkeypatch.chdir(tmp_path)  # a relative folder stays relative (a Ray Job's working copy)
+    assert bound(cfg_for(model="runs/r"))[:2] == (f"runs/r/{newest}", "runs/r")
+    assert bound(cfg_for(model=f"runs/r/{newest}"))[0] == f"runs/r/{newest}"
