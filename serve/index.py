@@ -748,8 +748,10 @@ def _index_files(path: str | Path) -> tuple[Path, list[Path]]:
 
 def _index_parts(path: str | Path) -> tuple[Path, list[Path], dict[Path, int] | None]:
     """:func:`_index_files`, and the rows each file holds by the embed runs' records (read
-    once, with the check of the names: None when the folder holds no record)."""
-    p = Path(path)
+    once, with the check of the names: None when the folder holds no record). ``~`` is the
+    home folder, as for the model and head (the driver's check expanded it, then this said
+    "index not found: ~/...")."""
+    p = Path(path).expanduser()
     if not p.exists():
         raise IndexLoadError(f"index not found: {p}")
     if not p.is_dir():

@@ -402,3 +402,12 @@ def test_rows_without_an_image_id_are_refused_naming_the_part(tmp_path, statisti
     with pytest.raises(IndexLoadError, match=said) as err:
         EmbeddingIndex.from_parquet(folder)
     assert "\n" not in str(err.value)
+
+
+def test_an_index_under_the_home_folder_may_be_given_with_a_tilde(tmp_path, monkeypatch):
+    # the driver's check expanded ~ and passed it; the loader did not: "index not found: ~/..."
+    monkeypatch.setenv("HOME", str(tmp_path))
+    emb = np.eye(3, 4, dtype=np.float32)
+    _part(tmp_path / "idx" / "part-0.parquet", emb, ["a", "b", "c"])
+    assert EmbeddingIndex.check_parts("~/idx")[0] == 3
+    assert EmbeddingIndex.from_parquet("~/idx").image_ids == ["a", "b", "c"]
