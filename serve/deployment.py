@@ -328,7 +328,15 @@ def check_references(
     if index:
         # footers only (milliseconds for a million rows): a part cut short was found here only
         # when the model was on this disk, or by check_pseudonym_key on a local Ray
-        EmbeddingIndex.check_parts(index)
+        rows, dim = EmbeddingIndex.check_parts(index)
+        if dim:  # what each API replica will hold: said before Ray places them by CPU alone
+            log.info(
+                "index %s: %d images x %d dims, %.2f GiB of embeddings in each API replica",
+                index,
+                rows,
+                dim,
+                rows * dim * 4 / 2**30,
+            )
     model_version = None
     if model.startswith("models:/"):
         # a tracking server that does not answer is refused here in seconds (MLflow retried it
