@@ -119,8 +119,10 @@ def test_csv_dataset_reports_undecodable_images_and_refuses_missing_ones(tmp_pat
     assert [r["row"] for r in ds.rejected] == ["5"]
     assert ds.rejected[0]["reason"] and "Smith" not in str(ds.rejected)
     (tmp_path / "bad.csv").write_text("\n".join([*lines, "missing.png,9,AP"]) + "\n")
-    with pytest.raises(DatasetError, match="missing.png"):
+    # by its row, not its path: file names may carry patient names
+    with pytest.raises(DatasetError, match=r"row \d+: image not found \(the file column") as err:
         load_csv_dataset(tmp_path / "bad.csv", label_cols=["view=AP"], size=64)
+    assert "missing.png" not in str(err.value)
     with pytest.raises(DatasetError, match="missing column"):
         load_csv_dataset(tmp_path / "labels.csv", label_cols=["sex"], size=64)
 
@@ -522,18 +524,41 @@ def test_an_image_listed_twice_in_a_segmentation_csv_is_refused(tmp_path, nih_di
     cases = {
         "two_patients": (
             f"image,lung,patient_id\n{a},m.png,p0\n{b},m.png,p1\n./{a},m.png,p2\n",
-            r"rows 1 and 3 list the same image with another patient_id \(",
+            r"rows 1 and 3 list the same image with another patient_id: ",
         ),
         "no_patients": (
             f"image,lung\n{a},m.png\n{b},m.png\n{c},m.png\n{b},m.png\n",
-            r"rows 2 and 4 list the same image twice \(",
+            r"rows 2 and 4 list the same image twice: ",
         ),
     }
     for name, (text, match) in cases.items():
         (tmp_path / f"{name}.csv").write_text(text)
         with pytest.raises(DatasetError, match=match) as err:
             load_seg_csv(tmp_path / f"{name}.csv", ["lung"], size=32)
-        assert (a if name == "two_patients" else b) in str(err.value)
+        assert (a if name == "two_patients" else b) not in str(err.value)  # rows, not names
     (tmp_path / "same.csv").write_text(f"image,lung,patient_id\n{a},m.png,p0\n{a},m.png,p0\n")
     _, _, groups = load_seg_csv(tmp_path / "same.csv", ["lung"], size=32)
     assert groups is not None and groups.tolist() == ["p0", "p0"]
+
+
+def test_a_csv_image_ingest_would_quarantine_for_burned_in_text_is_left_out(tmp_path, nih_dir):
+    # the probe draws its first images into a plot MLflow keeps: a DICOM flagged as carrying
+    # burned-in text (a patient's name in the pixels) went there, where ingest quarantines it
+    from dicom_factory import gradient, make_dicom
+
+    imgs = sorted((nih_dir / "images").glob("*.png"))[:4]
+    for p in imgs:
+        shutil.copy(p, tmp_path / p.name)
+    (tmp_path / "named.dcm").write_bytes(
+        make_dicom(gradient(64, 64), extra={"BurnedInAnnotation": "YES"})
+    )
+    lines = ["image,patient_id,view"] + [f"{p.name},{i},AP" for i, p in enumerate(imgs)]
+    (tmp_path / "labels.csv").write_text("\n".join([*lines, "named.dcm,9,PA"]) + "\n")
+    ds = load_csv_dataset(tmp_path / "labels.csv", label_cols=["view=AP"], size=64)
+    assert ds.rejected == [
+        {"row": "5", "reason": "burned_in_annotation", "message": ds.rejected[0]["message"]}
+    ]
+    kept = load_csv_dataset(
+        tmp_path / "labels.csv", label_cols=["view=AP"], size=64, reject_burned_in=False
+    )
+    assert len(kept.images) == 5 and kept.rejected == []

@@ -228,8 +228,15 @@ def load_csv_dataset(
     window_percentiles: tuple[float, float] = (0.5, 99.5),
     limit: int | None = None,
     secret: bytes | None = None,
+    reject_burned_in: bool = True,
+    reject_for_processing: bool = True,
 ) -> Dataset:
     """Images listed in a CSV (paths relative to it), decoded with ingest's ``decode_image``.
+
+    Refused as ingest refuses them by default (``reject_*``; the probe passes the ingest policy
+    saved with the checkpoint): a DICOM whose pixels may hold burned-in text, and raw detector
+    data. The probe draws its first images into a plot MLflow keeps, which every MLflow user
+    can open: a file ingest would have quarantined for its burned-in name went there.
 
     Undecodable images are left out and listed in ``Dataset.rejected`` by CSV row (1 = the
     first image row) with the decoder's reason, not by path: the list goes into the report and
@@ -258,7 +265,12 @@ def load_csv_dataset(
     images, kept, rejected = [], [], []
     for i, img_path in enumerate(files):
         if not img_path.is_file():
-            raise DatasetError(f"{path} row {i + 1}: image not found: {img_path}")
+            # by row, not path (hospital file names often carry patient names): the message
+            # reaches a console or a Ray job's log
+            raise DatasetError(
+                f"{path} row {i + 1}: image not found (the file column {image_col!r} names, "
+                "relative to the CSV)"
+            )
         try:
             dec = decode_image(
                 img_path.read_bytes(),
@@ -267,6 +279,8 @@ def load_csv_dataset(
                 window_percentiles=tuple(window_percentiles),
                 secret=key,
                 source_name=img_path.name,
+                reject_burned_in=reject_burned_in,
+                reject_for_processing=reject_for_processing,
             )
         except ImageRejected as err:
             rejected.append({"row": str(i + 1), "reason": err.reason, "message": str(err)})
@@ -314,7 +328,7 @@ def check_repeats(
         if differ or not same_ok:
             said = f" with another {' and '.join(differ)}" if differ else " twice"
             raise DatasetError(
-                f"{source} rows {j + 1} and {i + 1} list the same image{said} ({file.name}): "
+                f"{source} rows {j + 1} and {i + 1} list the same image{said}: "
                 f"list each image once, with its one patient and {what}"
             )
 

@@ -241,6 +241,8 @@ def run_probe(
             label_cols=labels,
             group_col=group_col,
             limit=limit,
+            reject_burned_in=enc_cfg.ingest.burned_in_annotation == "quarantine",
+            reject_for_processing=enc_cfg.ingest.for_processing == "quarantine",
             **decode,
         )
     else:

@@ -110,7 +110,6 @@ PHOTOMETRICS = frozenset(
 _SEX = frozenset({"M", "F", "O"})
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _AGE = re.compile(r"^(\d{1,3})([DWMY])$")
-_MANUFACTURER_OK = re.compile(r"[^A-Za-z0-9 .,&()/_+-]")
 
 
 class SecretRefused(ValueError):
@@ -347,13 +346,45 @@ def _vocab(value: Any, allowed: frozenset[str]) -> str | None:
     return text if text in allowed else "OTHER"
 
 
+# Manufacturer (LO) is free text: some writers (secondary capture, scanning software, a site's
+# own tools) put the site's or PACS's name there, or worse. Only a vendor of this closed list
+# leaves the decoder, as its canonical name; anything else is OTHER. (vendor, its words: the
+# first word for GE alone, any word for the rest, a prefix for Fuji)
+_VENDORS: Final = (
+    ("SIEMENS", ("SIEMENS",)),
+    ("PHILIPS", ("PHILIPS",)),
+    ("CARESTREAM", ("CARESTREAM", "KODAK")),
+    ("FUJIFILM", ("FUJI",)),
+    ("AGFA", ("AGFA",)),
+    ("CANON", ("CANON", "TOSHIBA")),
+    ("KONICA MINOLTA", ("KONICA", "MINOLTA")),
+    ("SAMSUNG", ("SAMSUNG",)),
+    ("HOLOGIC", ("HOLOGIC",)),
+    ("SHIMADZU", ("SHIMADZU",)),
+    ("HITACHI", ("HITACHI",)),
+    ("DRGEM", ("DRGEM",)),
+    ("VIEWORKS", ("VIEWORKS",)),
+    ("RAYENCE", ("RAYENCE",)),
+    ("SWISSRAY", ("SWISSRAY",)),
+    ("MINDRAY", ("MINDRAY",)),
+    ("VAREX", ("VAREX", "VARIAN")),
+    ("TRIXELL", ("TRIXELL", "THALES")),
+)
+
+
 def _manufacturer(value: Any) -> str | None:
-    # Manufacturer is free text by VR (LO) but names a vendor, not a person; keep it short and
-    # restricted to plain characters so it cannot smuggle arbitrary content.
+    """The vendor ``value`` names, from :data:`_VENDORS`, else ``OTHER``; None when absent."""
     if value is None:
         return None
-    text = _MANUFACTURER_OK.sub("", str(value)).strip()[:64]
-    return text or None
+    words = re.findall(r"[A-Z0-9]+", str(value).upper())
+    if not words:
+        return None
+    if words[0] in ("GE", "GEMS") or "GENERAL ELECTRIC" in " ".join(words):
+        return "GE"
+    for vendor, names in _VENDORS:
+        if any(w.startswith(n) if n == "FUJI" else w == n for w in words for n in names):
+            return vendor
+    return "OTHER"
 
 
 def _spacing(ds: Any) -> float | None:
