@@ -239,11 +239,35 @@ def build_entrypoint(args: Sequence[str], python: str = "python") -> str:
         raise JobsError("nothing to run: give a radjepa command, e.g. `radjepa submit ingest ...`")
     if name in {"submit", "jobs"}:
         raise JobsError(f"`radjepa {name}` cannot itself be submitted as a job")
+    if name == "quarantine" and len(_positionals(args, ("-c", "--config", "-s", "--set"))) > 2:
+        # it prints the source path of each row it finds: patient-named folders, kept in the
+        # job's log on the head, which every dashboard user can read
+        raise JobsError(
+            "`radjepa quarantine DST SRC...` prints the paths it finds and is not submitted as a "
+            "job (its log is kept on the head, readable by every dashboard user): run it on a "
+            "machine that reads the sources, or submit `radjepa quarantine DST` alone to list "
+            "the rows"
+        )
     return shlex.join([python, "-m", "pipelines.cli", *args])
 
 
 # the options radjepa itself takes before a command (its root callback), each with a value
 ROOT_OPTIONS = ("--log-level",)
+
+
+def _positionals(args: Sequence[str], valued: tuple[str, ...]) -> list[str]:
+    """The arguments of a command line that are no option nor an option's value (``valued``:
+    the options that take one), the command's name first."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in valued or arg in ROOT_OPTIONS
+        else:
+            out.append(arg)
+    return out
 
 
 def command_name(args: Sequence[str]) -> str | None:
@@ -449,6 +473,23 @@ def _refuse_invalid_config(args: Sequence[str], working_dir: Path) -> None:
         raise JobsError(f"not submitted: the job's {what}: {err}") from None
 
 
+def _refuse_patient_files(wd: Path, excludes: Sequence[str]) -> None:
+    """Refuse an upload that would carry patient images or archives (``pipelines.upload_check``):
+    the job's package is unpacked on every node that runs it, readable by everyone there. One
+    path is named, on this console only: the user's own checkout."""
+    from pipelines.upload_check import patient_files
+
+    found = patient_files(wd, excludes)
+    if found:
+        raise JobsError(
+            f"not submitted: {len(found)} file(s) in {wd} look like medical images or archives "
+            f"(by name or content), e.g. {found[0]}: the job's upload is unpacked on every node "
+            "that runs it, readable by everyone there. Move them out of the checkout (data "
+            "belongs in the bucket), or list them in .gitignore, a .rayignore, or excludes: in "
+            f"{RUNTIME_ENV_FILE}"
+        )
+
+
 def build_submission(
     args: Sequence[str],
     *,
@@ -520,6 +561,7 @@ def build_submission(
     runtime_env: dict[str, Any] = {k: v for k, v in base.items() if k not in {"env_vars"}}
     runtime_env["working_dir"] = str(wd)
     runtime_env["excludes"] = list(DEFAULT_EXCLUDES) + list(base.get("excludes") or [])
+    _refuse_patient_files(wd, runtime_env["excludes"])
     if env_vars:
         runtime_env["env_vars"] = env_vars
     return Submission(build_entrypoint(args), runtime_env, list(env_vars))
