@@ -17,20 +17,23 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
-from pipelines.storage_errors import storage_error, storage_message
-from pipelines.stray_checkpoints import (
-    Pruned,
-    prune_stray_checkpoints,
-    unrecord_checkpoints,
-    unrecord_deleted_checkpoints,
+from pipelines.divergence import (
+    DIVERGED,
+    DIVERGED_MARKER,
+    clear_divergence,
+    divergence_message,
+    read_divergence,
+    record_divergence,
 )
+from pipelines.restore import newest_intact, restore_decision, resume_loop_config
+from pipelines.storage_errors import storage_error, storage_message
+from pipelines.stray_checkpoints import Pruned, prune_stray_checkpoints
 from radjepa import locations
 from radjepa.config import Config
 from radjepa.log_filters import redact_console, redact_log_records
@@ -43,10 +46,6 @@ log = logging.getLogger(__name__)
 RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 FAILURE_MARKER = ".radjepa-injected-failure"
-# the key of the last report of a run whose loss or weights became non-finite: why, in words
-DIVERGED = "diverged"
-# written into the run folder by rank 0 when training diverged; removed when the run starts again
-DIVERGED_MARKER = "diverged.json"
 # how long rank 0 waits at the end of training for metric values the store has not taken yet.
 # A write that meets a stopped tracking server sits in MLflow's own request retries (7, with
 # back-off, 247 s in all): with 60 s, a server restarted 67 s after it went down, while the
@@ -164,7 +163,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     offered = ray.train.get_checkpoint()
     decision = None
     if rank == 0:
-        newest = _newest_intact(run_dir, damaged)
+        newest = newest_intact(run_dir, damaged)
         decision = restore_decision(offered, newest, loop_config.get("resume_from"), damaged)
     use_offered, location, unrecorded = broadcast_from_rank_zero(decision)
     restored = offered if use_offered else (ray.train.Checkpoint(location) if location else None)
@@ -174,7 +173,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("resumed from %s at step %d", restored.path, trainer.step)
     if unrecorded:
-        # a folder newer than all Ray recorded (see restore_point): reported again, in place,
+        # a folder newer than all Ray recorded (see pipelines.restore): reported again, in place,
         # so Ray records it (a restart at the last step reports nothing else, and the run's
         # result was an older checkpoint) and prunes it with the others (keep_checkpoints)
         metrics: dict[str, Any] = {"step": trainer.step}
@@ -333,110 +332,6 @@ def _weights_finite_on_every_rank(trainer: Any, mean_over_ranks: Any) -> bool:
     return bool(mean_over_ranks(ok) == 1.0)
 
 
-def resume_loop_config(run_dir: str, resume: ResumePoint | None) -> dict[str, Any]:
-    """What a run's workers need to resume from the driver's pick (``find_resume_point``)
-    rather than Ray's offer, which may be older or damaged (see :func:`restore_point`); Ray's
-    record is first rid of the folders that are gone, and of the damaged ones, which otherwise
-    count toward train.keep_checkpoints: the run's first new checkpoint made Ray delete the
-    good one it resumed from and keep the damaged one. Pretrain and each sweep trial call it."""
-    unrecord_deleted_checkpoints(run_dir)
-    if resume is None:
-        return {}
-    if resume.damaged:
-        unrecord_checkpoints(run_dir, resume.damaged)
-    return {"resume_from": resume.path, "damaged_checkpoints": list(resume.damaged)}
-
-
-def restore_decision(
-    offered: Any, newest: str | None, resume_from: str | None, damaged: Sequence[str]
-) -> tuple[bool, str | None, bool]:
-    """Rank 0's decision, which every rank acts on: whether to load Ray's offer, else the
-    location of the folder to load (None: start afresh), and whether to report it again
-    (:func:`_unrecorded`). A location, not the picked Checkpoint's ``path``: on an object store
-    that path has lost its scheme (``bucket/run/checkpoint_...``), which no rank could open."""
-    location = newest or resume_from
-    pick = restore_point(offered, location, damaged)
-    if pick is None or pick is offered:
-        return pick is not None, None, False
-    return False, location, _unrecorded(pick, offered, newest)
-
-
-def restore_point(offered: Any, resume_from: str | None, damaged: Sequence[str]) -> Any:
-    """The checkpoint a (re)started worker group loads: Ray's offer or the newest folder of
-    the run that reads cleanly (``resume_from``: rank 0's look at the run folder, else the
-    driver's pick, ``find_resume_point``).
-
-    Ray offers the newest checkpoint it recorded, and the two differ when Ray's offer is
-    damaged, when Ray's record was set aside (unreadable, ``unrecord_deleted_checkpoints``: no
-    offer) or every folder it named was deleted (no offer), when a driver died between copying
-    a checkpoint into the run folder and recording it, and when a worker died within a poll of
-    the controller (2 s) after reporting one: Ray records a checkpoint only once a poll has
-    collected every rank's report, so it drops that one although rank 0 wrote it whole, and
-    offers the one before (or none: a run killed so after its first checkpoint started over).
-    Either way the run redid a whole ``train.checkpoint_every`` interval or more. Ray's offer
-    wins when its step is at least as high. Steps, not folder names, are compared: Ray names
-    the folders by rank 0's local wall-clock time, which a daylight-saving fall-back or a node
-    in another time zone sets back.
-    """
-    import ray.train
-
-    from radjepa.checkpoint import CheckpointUnreadable
-    from radjepa.resume import checkpoint_step
-
-    if not resume_from:
-        return offered
-    if offered is not None and locations.base_name(offered.path) not in damaged:
-        try:
-            was, pick = _offered_step(offered), checkpoint_step(resume_from)
-        except CheckpointUnreadable as err:
-            # a step not known is no reason to pass over Ray's offer (an unreadable offer
-            # taken for a damaged one restored an older folder)
-            log.warning("%s; continuing from the checkpoint Ray recorded", err)
-            return offered
-        if pick is None or (was is not None and was >= pick):
-            return offered  # a pick that no longer reads is no reason to pass over Ray's
-    return ray.train.Checkpoint(resume_from)
-
-
-def _offered_step(offered: Any) -> int | None:
-    """The step of a checkpoint Ray offers, read where Ray keeps it."""
-    from radjepa.resume import checkpoint_step
-
-    return checkpoint_step(offered.path, offered.filesystem)
-
-
-def _unrecorded(restored: Any, offered: Any, newest: str | None) -> bool:
-    """Whether the group restored the run folder's newest intact checkpoint and its step is
-    higher than that of Ray's offer, the newest Ray recorded: a folder Ray has no record of.
-    An offer whose step cannot be read (damaged) is not known to be older: nothing is
-    reported, which would make an older checkpoint the run's latest."""
-    if restored is None or restored is offered or newest is None:
-        return False
-    if locations.base_name(restored.path) != locations.base_name(newest):
-        return False
-    if offered is None:
-        return True
-    from radjepa.checkpoint import CheckpointUnreadable
-
-    try:
-        was, now = _offered_step(offered), _offered_step(restored)
-    except CheckpointUnreadable:  # not known to be newer: not reported
-        return False
-    return was is not None and now is not None and now > was
-
-
-def _newest_intact(run_dir: str, damaged: Sequence[str]) -> str | None:
-    """``newest_intact_checkpoint``, or None when the run folder cannot be listed just now (an
-    object store's hiccup): Ray's offer then, rather than one more failure of the group."""
-    from radjepa.resume import ResumeError, newest_intact_checkpoint
-
-    try:
-        return newest_intact_checkpoint(run_dir, damaged)
-    except ResumeError as err:
-        log.warning("%s; continuing from the checkpoint Ray recorded", err)
-        return None
-
-
 def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: str) -> None:
     """Test switch (off by default): rank 0 fails once at ``train.fail_at_step``, by an error
     or (``train.fail_by=kill``) by losing its process, as the OOM killer or a lost node does:
@@ -577,6 +472,7 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
     except (*_LIBRARY_ERRORS, MasksUnsatisfiable) as err:
         raise PretrainError(str(err)) from None
 
+    from pipelines.pretrain_tracking import finish_tracking, record_config_change, start_tracking
     from pipelines.runtime import ClusterResourceError
     from pipelines.tracking import mark_run
 
@@ -621,7 +517,7 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
         diverged = read_divergence(run_dir)
         if diverged is not None:
             if tracking:
-                _record_divergence(uri, run_id, diverged)
+                record_divergence(uri, run_id, diverged)
             raise PretrainError(divergence_message(diverged, result.checkpoint, storage))
         pruned += prune_stray_checkpoints(run_dir, restored=restored, finished=True)
     except (KeyboardInterrupt, SystemExit):
@@ -700,21 +596,6 @@ def already_trained(cfg: Config, run_dir: str, resume: ResumePoint) -> AlreadyTr
         resume.path,
     )
     return AlreadyTrained(ray.train.Checkpoint(resume.path), metrics)
-
-
-def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint) -> None:
-    """Leave a trace of an allowed config change on the MLflow run: its params were logged when
-    the run was created and keep the old values."""
-    from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import redacted_yaml
-
-    client = tracking_client(uri)
-    keys = ", ".join(resume.changed)
-    client.set_tag(run_id, f"radjepa.config_changed_at_step_{resume.step}", keys[:5000])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"config-resumed-at-step-{resume.step}.yaml"
-        path.write_text(redacted_yaml(cfg))
-        client.log_artifact(run_id, str(path))
 
 
 def _resolve_workers(cfg: Config, train_rows: int) -> Config:
@@ -824,61 +705,6 @@ def check_tracking_store(cfg: Config, storage: str) -> None:
         )
 
 
-def read_divergence(run_dir: str) -> dict[str, Any] | None:
-    """What rank 0 recorded when the run's loss or weights became non-finite, or None."""
-    text = locations.read_text(locations.join_location(run_dir, DIVERGED_MARKER))
-    if text is None:
-        return None
-    try:
-        record = json.loads(text)
-    except ValueError:
-        record = {}
-    return {"step": record.get("step"), DIVERGED: record.get(DIVERGED) or "non-finite values"}
-
-
-def clear_divergence(run_dir: str) -> None:
-    """Remove the divergence record of an earlier attempt of the run (a re-run that resumes)."""
-    marker = locations.join_location(run_dir, DIVERGED_MARKER)
-    if locations.read_text(marker) is not None:
-        fs, path = locations.filesystem(marker)
-        fs.delete_file(path)
-
-
-def divergence_message(metrics: dict[str, Any], checkpoint: Any, storage: str) -> str:
-    """One line for a run that stopped because its loss or weights became non-finite."""
-    step = metrics.get("step")
-    where = "no checkpoint was written before it"
-    if checkpoint is not None:
-        from radjepa.checkpoint import read_meta
-
-        path = locations.spell_like(storage, checkpoint.path)
-        try:
-            with checkpoint.as_directory() as local:
-                where = f"the last good checkpoint is {path} (step {read_meta(local)['step']})"
-        except Exception:  # noqa: BLE001 - the path alone still says where
-            where = f"the last good checkpoint is {path}"
-    return (
-        f"training diverged at step {step}: {metrics.get(DIVERGED)}. It was stopped without "
-        f"retries (a retry from the last checkpoint repeats the same steps); {where}, and no "
-        "checkpoint of the diverged weights was kept. Lower optim.lr (or raise "
-        "optim.warmup_fraction, or check the data), then re-run with "
-        "--set train.allow_config_change=true to continue from it, or choose a new "
-        "train.run_name"
-    )
-
-
-def _record_divergence(uri: str, run_id: str, metrics: dict[str, Any]) -> None:
-    """Tag the MLflow run with where and why it diverged (it is then marked FAILED)."""
-    from pipelines.tracking import client as tracking_client
-
-    try:
-        client = tracking_client(uri)
-        client.set_tag(run_id, "radjepa.diverged_at_step", str(metrics.get("step")))
-        client.set_tag(run_id, "radjepa.diverged", str(metrics.get(DIVERGED))[:5000])
-    except Exception:  # noqa: BLE001 - the FAILED status and the message still say it
-        log.warning("could not tag MLflow run %s as diverged", run_id, exc_info=True)
-
-
 def _explain_failure(
     err: BaseException, run_dir: str, max_failures: int = 0, keep_checkpoints: int | None = None
 ) -> str:
@@ -910,162 +736,6 @@ def _explain_failure(
             "to resume from the latest checkpoint"
         )
     return f"training failed: {text[-4000:]}"
-
-
-def start_tracking(
-    cfg: Config,
-    storage: str,
-    run_dir: str,
-    *,
-    parent_run_id: str | None = None,
-    tags: dict[str, str] | None = None,
-    uri: str | None = None,
-    provenance: dict[str, str] | None = None,
-) -> tuple[str, str]:
-    """Create the MLflow run once per run name; a resumed run continues the same MLflow run
-    (its id is kept in ``run_dir``, a local folder or a URI). ``provenance``
-    (``tracking.provenance_tags``) is set when the run is created; a resume, which may run
-    other code or read other shards, records its own as ``radjepa.resumed_with.*`` and leaves
-    the originals."""
-    from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import ensure_experiment, log_params, store_uri
-    from pipelines.tracking_runs import RunGone, reopen
-
-    # with remote outputs check_tracking_store made sure a store URI is configured
-    uri = uri or store_uri(cfg, create=True)
-    if uri is None:
-        raise PretrainError(f"no MLflow store for outputs at {storage}: set tracking.uri")
-    exp_id = ensure_experiment(uri, cfg.tracking.experiment, storage)
-    client = tracking_client(uri)
-    id_file = locations.join_location(run_dir, "mlflow_run_id")
-    previous = locations.read_text(id_file)
-    if previous:
-        run_id = previous.strip()
-        try:
-            reopen(client, run_id)  # RUNNING again, and no longer tagged as reaped
-            log.info("resuming MLflow run %s", run_id)
-            if provenance:
-                from mlflow.entities import RunTag
-
-                resumed = [
-                    RunTag(f"radjepa.resumed_with.{k.removeprefix('radjepa.')}", v)
-                    for k, v in provenance.items()
-                ]
-                client.log_batch(run_id, tags=resumed)
-        except RunGone as err:  # nothing to end: one line and the ways on, not 2 tracebacks
-            raise PretrainError(run_gone_message(err, id_file, uri)) from None
-        except BaseException as err:  # the caller never learns the id: it ends it here
-            _end_unfinished(uri, run_id, err)
-            raise
-        return run_id, uri
-    all_tags = {"radjepa.job": "pretrain", **(provenance or {}), **(tags or {})}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run_id = client.create_run(exp_id, run_name=cfg.train.run_name, tags=all_tags).info.run_id
-    try:
-        log_params(run_id, uri, cfg)
-        locations.write_text(id_file, run_id)
-    except BaseException as err:
-        # without its id file no re-run continues this run: it would stay RUNNING for good
-        _end_unfinished(uri, run_id, err)
-        raise
-    return run_id, uri
-
-
-def run_gone_message(err: Any, id_file: str, uri: str) -> str:
-    """What a re-run says when the MLflow run its folder names is not in the store
-    (:class:`pipelines.tracking_runs.RunGone`): which store, and the two ways on."""
-    id_file, uri = locations.redact(id_file), locations.redact(uri)
-    return (
-        f"{id_file} names MLflow run {err.run_id}, which is {err.why} the store {uri}: point "
-        "tracking.uri (or MLFLOW_TRACKING_URI) at the store that holds it, or delete "
-        f"{id_file} to record the rest of the run as a new MLflow run"
-    )
-
-
-def _end_unfinished(uri: str, run_id: str, err: BaseException) -> None:
-    """End the MLflow run ``run_id``, which :func:`start_tracking` made (or set RUNNING again)
-    and could not hand to its caller because ``err`` stopped it: KILLED after Ctrl-C or a
-    SIGTERM (routed as Ctrl-C), as an interruption during training ends it, else FAILED. An
-    interruption there ended the run FAILED under the command's "interrupted" line, and one
-    (or an error) while a resumed run's provenance was recorded left it RUNNING for good."""
-    from pipelines.tracking import mark_run
-
-    interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
-    mark_run(uri, run_id, "KILLED" if interrupted else "FAILED")
-
-
-def finish_tracking(
-    cfg: Config, uri: str, run_id: str, ckpt: str, metrics: dict[str, Any]
-) -> str | None:
-    from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import redacted_yaml, register_artifact_dir
-
-    client = tracking_client(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_path = Path(tmp) / "config.yaml"
-        cfg_path.write_text(redacted_yaml(cfg))
-        client.log_artifact(run_id, str(cfg_path))
-    # the model is the weights and their metadata; the optimizer state (as large again) only
-    # matters for resuming, and that reads the checkpoint in the run folder
-    from radjepa.checkpoint import META, WEIGHTS, read_meta
-
-    # from the checkpoint itself: a re-run of a finished run reports no new metrics
-    step = str(read_meta(ckpt)["step"])
-    artifact = f"checkpoint-step-{step}"
-    for name in (WEIGHTS, META):
-        client.log_artifact(run_id, str(Path(ckpt) / name), artifact)
-    version = None
-    if cfg.tracking.register_model:
-        from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
-
-        name = cfg.tracking.registered_model
-        # the registered files are the ones fingerprinted: a server whose cluster fetches the
-        # weights checks a head and an index against this tag without them
-        fingerprint = checkpoint_fingerprint(ckpt)
-        found = _registered_version(client, name, run_id, step)
-        if found is None:
-            tags = {"run_name": cfg.train.run_name, "step": step, ENCODER_TAG: fingerprint}
-            version = register_artifact_dir(uri, run_id, artifact, name, tags=tags)
-        else:
-            version, recorded = found
-            log.info("%s version %s already holds step %s of this run", name, version, step)
-            # its files were just uploaded again (this checkpoint's); a version registered
-            # before the tag, or from a checkpoint retrained since, is tagged with these
-            if recorded != fingerprint:
-                if recorded:
-                    log.warning(
-                        "%s version %s now holds other weights for step %s (encoder %s, was %s)",
-                        name,
-                        version,
-                        step,
-                        fingerprint[:12],
-                        recorded[:12],
-                    )
-                client.set_model_version_tag(name, version, ENCODER_TAG, fingerprint)
-    from pipelines.tracking_runs import end_run
-
-    end_run(client, run_id, "FINISHED")  # a reap's tag goes: the driver was alive after all
-    return version
-
-
-def _registered_version(
-    client: Any, name: str, run_id: str, step: str
-) -> tuple[str, str | None] | None:
-    """A version of ``name`` this run already registered at ``step`` (a re-run of a finished
-    run has no new weights, so it must not add a duplicate version), with its encoder tag."""
-    try:  # filter on the run only (every registry accepts it; a name may hold quotes)
-        versions = client.search_model_versions(f"run_id = '{run_id}'")
-    except Exception as err:  # noqa: BLE001 - the check is a courtesy; registering is the job
-        log.warning("could not list the model versions of run %s: %s", run_id, err)
-        return None
-    from radjepa.eval.heads import ENCODER_TAG
-
-    for mv in versions:
-        tags = mv.tags or {}
-        if mv.name == name and tags.get("step") == step:
-            return str(mv.version), tags.get(ENCODER_TAG)
-    return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,6 @@ reach Tune via TuneReportCallback.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -18,18 +17,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ray.tune import Callback
-from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
-from ray.tune.stopper import Stopper
 
+from pipelines.divergence import DIVERGED
 from pipelines.placement_groups import release_orphaned_placement_groups
-from pipelines.pretrain import DIVERGED
 from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints, human_size
+from pipelines.sweep_search import (
+    CollapseStopper,
+    FreeStoppedTrials,
+    is_collapsed,
+    search_space,
+    tune_scheduler,
+    tune_searcher,
+)
+from pipelines.sweep_settings import check_sweep_dir, keep_sweep_config
+from pipelines.sweep_tracking import end_sweep_runs, parent_run, record_sweep
 from radjepa import locations
-from radjepa.config import Config, ConfigError, SearchDim, config_to_yaml
+from radjepa.config import Config, ConfigError, config_to_yaml
 from radjepa.log_filters import lines_dropped, redact_log_records
-from radjepa.resume import NOT_THE_MODEL, RESUME_GUARDED
 from radjepa.search_space import distinct_draws, swept_configs, trial_config
 from radjepa.training_data import ShardSummary
 
@@ -40,44 +44,6 @@ log = logging.getLogger(__name__)
 _TUNE_LOGGER = "ray.tune.tune"
 _TUNE_RESUME_ADVICE = "Experiment has been interrupted, but the most recent state was saved."
 
-# the parent run's artifact listing every trial: settings, metric, status, why it failed
-TRIALS_FILE = "trials.json"
-# in the sweep's folder: the settings its trials train with, which --resume must keep
-SWEEP_CONFIG_FILE = "sweep_config.json"
-# What decides what a sweep's trials learn and how they are ranked: a --resume with another value
-# of one of these would rank trials trained or scored two ways. A list of what matters, so that
-# the rest may change, as a pretrain resume lets it: how fast trials run and are fed
-# (ingest.decode_actors, train.data_loader_threads, train.compile, model.attention), what they
-# keep and log, the cluster's share, where outputs go. tune.num_samples is left out too: a
-# resume ignores it (Tune keeps its trials), and a new sweep sets it from --num-samples and from
-# its distinct draws, which a resume does not, so comparing it refused such a sweep's resume.
-_SWEEP_COMPARED = (
-    *RESUME_GUARDED,  # the optimisation, as a pretrain resume guards it
-    "model.",  # the network (but NOT_THE_MODEL: drop-path is guarded above, attention a kernel)
-    "data.",  # data.shards is compared as the location the trials read ("data")
-    "train.steps",
-    "train.num_workers",  # ranks per trial: with train.batch_size, the global batch
-    "train.checkpoint_every",  # the steps trials report at, where ASHA compares them
-    # the probe set the supervised metrics score on, decoded as the shards were stored
-    "ingest.image_size",
-    "ingest.dtype",
-    "ingest.window_percentiles",
-    # which trials run, what ranks them, and which count as collapsed or stopped early
-    "tune.search_space",
-    "tune.search_alg",
-    "tune.metric",
-    "tune.asha",
-    "tune.grace_period",
-    "tune.collapse_rankme",
-    "tune.collapse_feature_std",
-)
-# what each supervised metric scores a trial on, and how (radjepa.monitoring.quality_metrics):
-# RankMe uses none of it, kNN AUROC no probe fit, the probe's AUROC no kNN
-_LABELS = ("tune.labels_csv", "tune.label_column")
-_LABELLED_SCORING = {
-    "knn_auroc": (*_LABELS, "probe.knn_k", "probe.seed"),
-    "probe_auroc": (*_LABELS, "probe.logreg_c", "probe.folds", "probe.seed"),
-}
 COLLAPSED = "collapsed"
 STOPPED = "stopped early"
 INCOMPLETE = "incomplete"
@@ -119,25 +85,6 @@ class SweepResult:
     parent_run_id: str | None
     tracking_uri: str | None
     tidied: Tidied | None = None  # the other trials' checkpoints deleted after the sweep
-
-
-def search_space(dims: dict[str, SearchDim], alg: str) -> dict[str, Any]:
-    """Tune's param space keyed by dotted config keys (grid dims become grid_search)."""
-    from ray import tune
-
-    space: dict[str, Any] = {}
-    for key, dim in dims.items():
-        if dim.type == "grid" or (alg == "grid" and dim.type == "choice"):
-            space[key] = tune.grid_search(list(dim.values or []))
-        elif dim.type == "choice":
-            space[key] = tune.choice(list(dim.values or []))
-        elif dim.type == "uniform":
-            space[key] = tune.uniform(dim.low, dim.high)
-        elif dim.type == "loguniform":
-            space[key] = tune.loguniform(dim.low, dim.high)
-        else:
-            space[key] = tune.randint(int(dim.low), int(dim.high))
-    return space
 
 
 def planned_trials(cfg: Config) -> int:
@@ -236,13 +183,10 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.pretrain import (
-        build_trainer,
-        clear_divergence,
-        read_divergence,
-        resume_loop_config,
-        start_tracking,
-    )
+    from pipelines.divergence import clear_divergence, read_divergence
+    from pipelines.pretrain import build_trainer
+    from pipelines.pretrain_tracking import start_tracking
+    from pipelines.restore import resume_loop_config
     from radjepa.resume import find_resume_point
 
     redact_log_records()  # a trial's lines (a damaged checkpoint skipped) name its storage
@@ -293,119 +237,6 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             client.set_tag(tracking["run_id"], "radjepa.diverged_at_step", str(diverged["step"]))
             client.set_tag(tracking["run_id"], "radjepa.diverged", str(diverged[DIVERGED]))
         end_run(client, tracking["run_id"], "FINISHED" if diverged is None else "FAILED")
-
-
-def is_collapsed(metrics: dict[str, Any], rankme_floor: float, std_floor: float) -> bool:
-    """Collapse as the monitors show it: effective rank near 1 (every image maps to a few
-    directions) or per-dimension spread near 0 (every image maps to one point)."""
-    rk, std = metrics.get("rankme"), metrics.get("feature_std")
-    return (rk is not None and rk < rankme_floor) or (std is not None and std < std_floor)
-
-
-class CollapseStopper(Stopper):
-    """Stop a trial whose embeddings collapsed: more steps cannot rescue it, and its slot is
-    better spent on another configuration."""
-
-    def __init__(self, rankme_floor: float, std_floor: float) -> None:
-        self.floors = (rankme_floor, std_floor)
-
-    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
-        return is_collapsed(result, *self.floors)
-
-    def stop_all(self) -> bool:
-        return False
-
-
-class FreeStoppedTrials(Callback):
-    """Frees, every few seconds of the sweep, the resources of trials Tune stopped (see
-    :mod:`pipelines.placement_groups`): without it a local sweep with ASHA or the collapse
-    stopper waited forever once stopped trials held the CPUs a new trial needed."""
-
-    def __init__(self, every_s: float = 2.0) -> None:
-        self.every_s = every_s
-        self.last = 0.0
-
-    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        if time.monotonic() - self.last >= self.every_s:
-            self.last = time.monotonic()
-            release_orphaned_placement_groups()
-
-
-class DrawnSettings(Searcher):
-    """Hands out settings drawn beforehand, one per trial (see :func:`distinct_draws`).
-
-    Tune's variant generator cannot take them as its first points: it reads a list value, such
-    as a ``masks.target_scale`` pair, as a path into the search space and fails.
-    """
-
-    def __init__(self, draws: list[dict[str, Any]]) -> None:
-        super().__init__()
-        self.draws = draws
-        self.handed = 0
-
-    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec):
-        return True  # the space was sampled up front; every key of it is in each draw
-
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if self.handed >= len(self.draws):
-            return Searcher.FINISHED
-        self.handed += 1
-        return dict(self.draws[self.handed - 1])
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-        pass  # nothing adapts: the draws are fixed
-
-    def get_state(self) -> dict[str, Any]:
-        return {"draws": self.draws, "handed": self.handed}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.draws, self.handed = state["draws"], state["handed"]
-
-    def save(self, checkpoint_path: str) -> None:
-        Path(checkpoint_path).write_text(json.dumps(self.get_state()))
-
-    def restore(self, checkpoint_path: str) -> None:
-        self.set_state(json.loads(Path(checkpoint_path).read_text()))
-
-
-class DivergedIsWorst(OptunaSearch):
-    """Optuna, told that a diverged trial scored the worst value there is.
-
-    A diverged trial's last report carries a NaN metric (the worker reports it as it stops;
-    Tune and ASHA let it end there). Optuna refuses NaN in ``tell`` ("The value nan is not
-    acceptable", a warning), so the trial stayed RUNNING in the study, and TPE, which learns
-    from finished trials only, never learned that the region diverges. Told PRUNED instead
-    (what Tune's OptunaSearch does for a result without the metric), TPE would rank it by its
-    step among the pruned trials: one diverging late ranked ahead of trials ASHA cut early and
-    could land in TPE's "good" group. So Optuna alone is told the trial completed at -inf
-    (+inf when minimising), which it accepts and TPE sorts after every finite value; Tune and
-    ASHA still see NaN, so the trial ends itself and tags its MLflow run diverged (an -inf
-    there made ASHA stop the trial before it could)."""
-
-    def on_trial_complete(
-        self, trial_id: str, result: dict | None = None, error: bool = False
-    ) -> None:
-        if result and result.get(DIVERGED) and not error:
-            worst = -math.inf if self.mode == "max" else math.inf
-            result = {**result, self.metric: worst}
-        super().on_trial_complete(trial_id, result, error)
-
-
-def _searcher(cfg: Config, metric: str, mode: str):
-    """Optuna (:class:`DivergedIsWorst`); for an all-choice random search, the distinct draws;
-    else Tune's variant generator seeded with ``train.seed`` (its default draws from numpy's
-    global state, so reruns of one sweep tried different settings)."""
-    if cfg.tune.search_alg == "optuna":
-        return DivergedIsWorst(metric=metric, mode=mode, seed=cfg.train.seed)
-    draws = distinct_draws(cfg)
-    if draws is not None:
-        return DrawnSettings(draws)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    # a generator takes its concurrency cap itself: Tune ignores max_concurrent_trials for one
-    return BasicVariantGenerator(
-        max_concurrent=cfg.tune.max_concurrent, random_state=cfg.train.seed
-    )
 
 
 def _rows(
@@ -577,9 +408,9 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         )
         not_recorded = None
         if parent_run_id and not unfinished:
-            not_recorded = _record_sweep(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
+            not_recorded = record_sweep(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
         if unfinished:  # in the try: a second signal while the runs are ended is said the same
-            _end_sweep_runs(uri, parent_run_id, "KILLED")
+            end_sweep_runs(uri, parent_run_id, "KILLED")
             raise SweepInterrupted(
                 f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of {len(grid)} "
                 f"trials unfinished (no best.yaml was written); {_resumable(cfg.tune.name)}"
@@ -591,12 +422,12 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         # so does one outside Tune's loop (a SystemExit from a handler of Ray's): resumable
         # all the same, and said as a first one is, without the exit code Ray's handler chose
         # (meaningless to the user, as in pretrain's)
-        _end_sweep_runs(uri, parent_run_id, "KILLED")
+        end_sweep_runs(uri, parent_run_id, "KILLED")
         raise SweepInterrupted(
             f"sweep '{cfg.tune.name}' was interrupted; {_resumable(cfg.tune.name)}"
         ) from None
     except BaseException:
-        _end_sweep_runs(uri, parent_run_id, "FAILED")  # its runs must not look alive
+        end_sweep_runs(uri, parent_run_id, "FAILED")  # its runs must not look alive
         raise
     try:
         rows, tidied = _tidy_checkpoints(cfg, rows, best, setup["trials_dir"])
@@ -632,13 +463,13 @@ def _prepare_sweep(
     from pipelines.tracking import provenance_tags
 
     sweep_dir = locations.join_location(root, cfg.tune.name)
-    _check_sweep_dir(cfg, sweep_dir, resume)  # files only: said before Ray's seconds of start
-    _keep_sweep_config(cfg, data, sweep_dir, resume)
+    check_sweep_dir(cfg, sweep_dir, resume)  # files only: said before Ray's seconds of start
+    keep_sweep_config(cfg, data, sweep_dir, resume)
     cfg = _start_ray(cfg)
     provenance = provenance_tags(data, info.rows, info.fingerprint)
     try:
         parent = (
-            _parent_run(cfg, root, sweep_dir, resume, provenance)
+            parent_run(cfg, root, sweep_dir, resume, provenance)
             if cfg.tracking.enabled
             else (None, None)
         )
@@ -741,156 +572,6 @@ def _unfinished(grid: Any, tune_dir: str) -> int:
     return sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
 
 
-def _check_sweep_dir(cfg: Config, sweep_dir: str, resume: bool) -> None:
-    """A new sweep needs a free name, ``--resume`` a sweep to restore: checked before the
-    parent MLflow run is made or continued. Checked after it, each refused attempt left a
-    FAILED parent run, and a new sweep started on a taken name replaced the sweep's parent run
-    id with its own, so the ``--resume`` that followed continued that empty run while the
-    trials it resumed stayed children of the original one (never closed by the driver)."""
-    import ray.tune
-
-    tune_dir = locations.join_location(sweep_dir, "tune")
-    if resume and not ray.tune.Tuner.can_restore(tune_dir):
-        raise SweepError(f"nothing to resume at {tune_dir}: run the sweep without --resume")
-    if not resume and locations.has_entries(tune_dir):
-        raise SweepError(
-            f"sweep '{cfg.tune.name}' already exists at {sweep_dir}: pass --resume to "
-            "continue it, or choose another tune.name"
-        )
-
-
-def _compared(key: str, cfg: Config) -> bool:
-    """Whether a sweep's ``--resume`` compares the dotted ``key`` (see ``_SWEEP_COMPARED``)."""
-    if key == "data.shards" or (key in NOT_THE_MODEL and not key.startswith(RESUME_GUARDED)):
-        return False
-    wanted = _SWEEP_COMPARED + _LABELLED_SCORING.get(cfg.tune.metric, ())
-    return any(key.startswith(w) if w.endswith(".") else key == w for w in wanted)
-
-
-def _sweep_settings(cfg: Config, data: str) -> dict[str, Any]:
-    """The settings that decide what a sweep's trials learn and how they are ranked, dotted,
-    credentials ``***`` (the file is plain text beside the checkpoints), and the location of
-    the shards they read."""
-    from radjepa.config import flatten
-
-    kept = {k: v for k, v in flatten(cfg).items() if _compared(k, cfg)}
-    if kept.get("tune.labels_csv"):  # read where the driver runs: the file, not the text typed
-        kept["tune.labels_csv"] = _absolute(kept["tune.labels_csv"])
-    return locations.redact_strings(json.loads(json.dumps({"data": _absolute(data), **kept})))
-
-
-def _absolute(location: str) -> str:
-    """A local path made absolute (a --resume from another folder reads other files by the same
-    relative text); a URI as given."""
-    return location if "://" in location else str(Path(location).expanduser().resolve())
-
-
-def _keep_sweep_config(cfg: Config, data: str, sweep_dir: str, resume: bool) -> None:
-    """Save a new sweep's settings; refuse a ``--resume`` with others, in one line naming the
-    keys. Tune restores its own search space and trials, but the trials it had not started
-    yet, and the ones it restarts, were built from the new config: a sweep resumed with
-    another ``ema.end`` or ``train.steps`` compared trials trained two ways, in silence.
-    ``train.allow_config_change`` lets it go on (warned), as it lets a pretrain run; a sweep
-    started before the file existed is not checked."""
-    path = locations.join_location(sweep_dir, SWEEP_CONFIG_FILE)
-    now = _sweep_settings(cfg, data)
-    saved_text = locations.read_text(path) if resume else None
-    if not saved_text:
-        locations.write_text(path, json.dumps(now, indent=1, sort_keys=True))
-        return
-    try:
-        saved = json.loads(saved_text)
-        if not isinstance(saved, dict):
-            raise ValueError("not a mapping")
-    except ValueError:  # cut short by a full disk or a kill as it was written
-        log.warning("%s cannot be read: the settings are not compared, and are saved again", path)
-        locations.write_text(path, json.dumps(now, indent=1, sort_keys=True))
-        return
-    # a sweep started by an earlier version saved every setting of its sections, as typed, and
-    # none of probe.*: only what is compared now, and none of what it never held
-    saved = {k: v for k, v in saved.items() if k == "data" or _compared(k, cfg)}
-    if isinstance(saved.get("tune.labels_csv"), str):  # as typed, then
-        saved["tune.labels_csv"] = _absolute(saved["tune.labels_csv"])
-    held = any(k.startswith("probe.") for k in saved)
-    changed = sorted(
-        k
-        for k in saved.keys() | now.keys()
-        if saved.get(k) != now.get(k) and (held or not k.startswith("probe."))
-    )
-    if not changed:
-        return
-    said = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
-    said += f" and {len(changed) - 8} more" if len(changed) > 8 else ""
-    if not cfg.train.allow_config_change:
-        raise SweepError(
-            f"sweep '{cfg.tune.name}' was started with other settings ({said}): resume it "
-            "with the config it started with, set train.allow_config_change=true to train its "
-            f"remaining trials with the new ones, or choose another tune.name{_named(saved, now)}"
-        )
-    log.warning(
-        "sweep %s resumes with changed settings (train.allow_config_change): %s",
-        cfg.tune.name,
-        said,
-    )
-    locations.write_text(path, json.dumps(now, indent=1, sort_keys=True))
-
-
-def _named(saved: dict[str, Any], now: dict[str, Any]) -> str:
-    """What to say of a text label column an earlier version took as given (its positive: the
-    second of its two values in sorted order) and this one needs named (``sex`` -> ``sex=M``)."""
-    was, new = saved.get("tune.label_column"), now.get("tune.label_column")
-    if not (isinstance(was, str) and isinstance(new, str)) or "=" in was:
-        return ""
-    if not new.startswith(f"{was}="):
-        return ""
-    return (
-        f". The sweep started when a text column given alone took the second of its two "
-        f"values in sorted order as positive: if {new.split('=', 1)[1]!r} is that value, the "
-        "trials are ranked as before, and train.allow_config_change=true lets them go on"
-    )
-
-
-def _parent_run(
-    cfg: Config, root: str, sweep_dir: str, resume: bool, provenance: dict[str, str]
-) -> tuple[str, str]:
-    """The sweep's MLflow parent run: created once, continued by ``--resume``."""
-    from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import ensure_experiment, log_params, store_uri
-
-    # the store pretrain uses (prepare_outputs made sure remote outputs have one configured)
-    uri = store_uri(cfg, create=True)
-    if uri is None:
-        raise SweepError(f"no MLflow store for outputs at {root}: set tracking.uri")
-    exp = ensure_experiment(uri, cfg.tracking.experiment, root)
-    client = tracking_client(uri)
-    id_file = locations.join_location(sweep_dir, "mlflow_parent_run_id")
-    previous = locations.read_text(id_file) if resume else None
-    if previous:
-        from pipelines.pretrain import run_gone_message
-        from pipelines.tracking_runs import RunGone, reopen
-
-        try:
-            reopen(client, previous.strip())  # RUNNING again, and no longer tagged as reaped
-        except RunGone as err:
-            raise SweepError(run_gone_message(err, id_file, uri)) from None
-        return previous.strip(), uri
-    run_id = client.create_run(
-        exp, run_name=cfg.tune.name, tags={"radjepa.job": "sweep", **provenance}
-    ).info.run_id
-    try:
-        log_params(run_id, uri, cfg)
-        locations.write_text(id_file, run_id)
-    except BaseException as err:
-        # the sweep ends before its trials: the run it made must not stay RUNNING for good (a
-        # Ctrl-C or SIGTERM here left it so, and without its id file no --resume finds it)
-        from pipelines.tracking import mark_run
-
-        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
-        mark_run(uri, run_id, "KILLED" if interrupted else "FAILED")
-        raise
-    return run_id, uri
-
-
 def _tuner(
     cfg: Config, sweep_dir: str, setup: dict[str, Any], floors: tuple[float, float], resume: bool
 ) -> Any:
@@ -902,14 +583,14 @@ def _tuner(
     # the trial driver only waits on its TorchTrainer: a fraction of a CPU is enough
     trainable = ray.tune.with_resources(trainable, {"CPU": 0.25})
     tune_dir = locations.join_location(sweep_dir, "tune")
-    if resume:  # _check_sweep_dir made sure there is a sweep to restore
+    if resume:  # check_sweep_dir made sure there is a sweep to restore
         return ray.tune.Tuner.restore(
             tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True
         )
-    scheduler = _scheduler(cfg, metric, mode)
+    scheduler = tune_scheduler(cfg, metric, mode)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    search, cap = _searcher(cfg, metric, mode), cfg.tune.max_concurrent or None
+    search, cap = tune_searcher(cfg, metric, mode), cfg.tune.max_concurrent or None
     return ray.tune.Tuner(
         trainable,
         param_space=search_space(cfg.tune.search_space, cfg.tune.search_alg),
@@ -928,39 +609,6 @@ def _tuner(
             callbacks=[FreeStoppedTrials()],
         ),
     )
-
-
-def _scheduler(cfg: Config, metric: str, mode: str) -> Any:
-    """ASHA (None without ``tune.asha``), with rungs in training steps, which a trial resumed
-    after a failure continues (Tune's own iteration count would restart at 1 and compare
-    metrics of different steps)."""
-    if not cfg.tune.asha:
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    every = cfg.train.checkpoint_every
-    max_t = max(every, _most_steps(cfg))
-    return ASHAScheduler(
-        time_attr="step",
-        metric=metric,
-        mode=mode,
-        max_t=max_t,
-        grace_period=min(cfg.tune.grace_period * every, max_t),
-    )
-
-
-def _most_steps(cfg: Config) -> int:
-    """The most training steps a trial can get: the base ``train.steps``, or the largest the
-    search space gives it. ASHA stops every trial at its ``max_t``: set from the base count,
-    a trial swept to more steps was cut there, marked stopped early and ranked after every
-    trial that finished, and ``best.yaml`` could prescribe a step count no trial trained."""
-    dim = cfg.tune.search_space.get("train.steps")
-    if dim is None:
-        return cfg.train.steps
-    if dim.values:
-        return max(int(v) for v in dim.values)
-    # randint draws from [low, high); a continuous range over it is refused (_check_space)
-    return int(dim.high or 0) - 1 if dim.type == "randint" else math.floor(dim.high or 0)
 
 
 def _write_best(
@@ -983,137 +631,3 @@ def _write_best(
     )
     locations.write_text(best_path, text)
     return best_path, text
-
-
-def _finish_parent_run(
-    uri: str,
-    parent_run_id: str,
-    rows: list[TrialRow],
-    best: TrialRow | None,
-    best_yaml: str | None,
-    metric: str,
-) -> None:
-    from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import redact
-    from pipelines.tracking_runs import end_run
-
-    client = tracking_client(uri)
-    _close_trial_runs(client, parent_run_id, rows)
-    # every trial's outcome, the reasons of failed ones included: a trial that failed before
-    # its own run was made (a setting its workers refused) left no trace in MLflow
-    table = [
-        {"trial": r.trial_id, "params": r.params, metric: r.metric, "status": r.status}
-        | ({"error": r.error} if r.error else {})
-        for r in rows
-    ]
-    client.log_text(parent_run_id, redact(json.dumps(table, indent=1, default=str)), TRIALS_FILE)
-    if best is not None and best_yaml is not None:
-        _log_best(client, parent_run_id, f"best_{metric}", best.metric)
-        client.set_tag(parent_run_id, "radjepa.best_trial", best.trial_id)
-        client.log_text(parent_run_id, redact(best_yaml), "best.yaml")
-        end_run(client, parent_run_id, "FINISHED")  # a reap's tag goes: the driver was alive
-        return
-    # the command fails (no best trial): its run was FINISHED, with nothing saying why
-    failed = sum(r.status == "error" for r in rows)
-    why = (
-        f"every trial failed ({failed}); the reasons are in {TRIALS_FILE}"
-        if failed == len(rows)
-        else f"no trial finished without collapsing or failing ({TRIALS_FILE})"
-    )
-    client.set_tag(parent_run_id, "radjepa.failure", why)
-    end_run(client, parent_run_id, "FAILED")
-
-
-def _record_sweep(
-    uri: str,
-    parent_run_id: str,
-    rows: list[TrialRow],
-    best: TrialRow | None,
-    best_yaml: str | None,
-    metric: str,
-) -> str | None:
-    """:func:`_finish_parent_run`, or why the store refused it, in one line. The sweep's work
-    is done and ``best.yaml`` written by then: a store failing here (a server restarting, a
-    locked database) escaped as MLflow's traceback, the runs were marked FAILED and the
-    checkpoints were never tidied. The parent run is left as it was (RUNNING): ``--resume``
-    restores the finished sweep without training again and records it then."""
-    from pipelines.runtime import first_line
-    from pipelines.tracking import redact
-
-    try:
-        _finish_parent_run(uri, parent_run_id, rows, best, best_yaml, metric)
-    except Exception as err:  # noqa: BLE001 - any store failure: the sweep itself succeeded
-        log.debug("recording sweep run %s failed", parent_run_id, exc_info=True)
-        return redact(f"{type(err).__name__}: {first_line(str(err))}")
-    return None
-
-
-def _log_best(client: Any, run_id: str, key: str, value: float) -> None:
-    """Log the best trial's metric once per value: a ``--resume`` of a sweep whose parent run
-    already holds it (it ended after the log, or it had finished) logged it again at step 0,
-    and the run's chart showed two points where one trial was best. A new best (the resumed
-    trials beat it) is the next step."""
-    history = client.get_metric_history(run_id, key)
-    last = max(history, key=lambda m: (m.step, m.timestamp), default=None)
-    if last is not None and last.value == value:
-        return
-    client.log_metric(run_id, key, value, step=0 if last is None else last.step + 1)
-
-
-def _end_sweep_runs(uri: str | None, parent_run_id: str | None, status: str) -> None:
-    """End an interrupted or failed sweep's MLflow runs with ``status``: the trials still
-    RUNNING, then the sweep's own run (none without tracking). Never raises, as neither step
-    does: the interruption or the failure is what to report."""
-    if not parent_run_id:
-        return
-    from pipelines.tracking import mark_run
-
-    _end_open_trial_runs(uri, parent_run_id, status)
-    mark_run(uri, parent_run_id, status)
-
-
-def _end_open_trial_runs(uri: str, parent_run_id: str, status: str) -> None:
-    """End the child runs of an interrupted sweep that are still RUNNING: the trials Tune
-    stopped never reach the end of ``_trial``. ``--resume`` sets them RUNNING again. Never
-    raises: the interruption is what to report."""
-    from pipelines.tracking import client as tracking_client
-    from pipelines.tracking import mark_run
-
-    try:
-        client = tracking_client(uri)
-        exp_id = client.get_run(parent_run_id).info.experiment_id
-        children = client.search_runs(
-            [exp_id],
-            f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'",
-            max_results=50000,
-        )
-    except Exception:  # noqa: BLE001
-        log.warning("could not list the trial runs of sweep run %s", parent_run_id, exc_info=True)
-        return
-    for run in children:
-        mark_run(uri, run.info.run_id, status)
-
-
-def _close_trial_runs(client: Any, parent_run_id: str, rows: list[TrialRow]) -> None:
-    """Tag every child run with the status the table shows. A trial stopped by the scheduler
-    or the collapse stopper, or one that crashed, never reaches the end of ``_trial``: close
-    its run too, so the MLflow UI does not list it as RUNNING forever. A run ``runs reap``
-    marked KILLED while the sweep was alive (trials waiting for nodes log nothing) is ended
-    as the table shows it too, and loses the reap's tag (``tracking_runs.end_run``)."""
-    from pipelines.tracking_runs import REAPED_TAG, end_run
-
-    by_trial = {r.trial_id: r for r in rows}
-    exp_id = client.get_run(parent_run_id).info.experiment_id
-    children = client.search_runs(
-        [exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=50000
-    )
-    for run in children:
-        row = by_trial.get(run.data.tags.get("radjepa.trial_id", ""))
-        if row is None:
-            continue
-        client.set_tag(run.info.run_id, "radjepa.status", row.status)
-        # KILLED: an interruption ended it (_end_open_trial_runs), and the resumed sweep did
-        # not run it again (Tune had stopped it already): it ends as the table says
-        if run.info.status in ("RUNNING", "KILLED") or REAPED_TAG in run.data.tags:
-            state = "FAILED" if row.status in ("error", DIVERGED_STATUS) else "FINISHED"
-            end_run(client, run.info.run_id, state)

@@ -156,7 +156,7 @@ def checkpoint_dirs(run_dir: str) -> list[tuple[str, str]]:
 def newest_intact_checkpoint(run_dir: str, skip: Sequence[str] = ()) -> str | None:
     """The newest checkpoint folder of ``run_dir`` that reads cleanly (but those named in
     ``skip``), or None: what a worker group restarted mid-run continues from when it is newer
-    than what Ray recorded (``pipelines.pretrain.restore_point``). The folder is this run's,
+    than what Ray recorded (``pipelines.restore.restore_point``). The folder is this run's,
     so its config is the run's and is not checked again. A folder the storage failed to read
     is a :class:`ResumeError`, as a listing that failed is: not a reason to pass over it."""
     from radjepa.checkpoint import CheckpointError, CheckpointUnreadable, check_resumable

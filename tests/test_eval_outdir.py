@@ -35,7 +35,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def _probe(checkpoint, out, nih_dir, *, label, limit, sets=(), mlflow=False, **kw):
-    from pipelines.cli import probe_cmd
+    from pipelines.cli_probe import probe_cmd
 
     probe_cmd(
         checkpoint,

@@ -636,7 +636,7 @@ def test_differences_that_round_to_zero_print_as_zero_not_minus_zero():
     """A paired difference of -0.00036 (two nearly identical probes, a real bootstrap) printed
     as ``-0.000`` in report.md and in the CLI's summary line, and an exact 0 (a method against
     itself) as ``+0.000``: a sign with no number behind it. Both now print ``0.000``."""
-    from pipelines.cli import _paired_cells
+    from pipelines.cli_probe import _paired_cells
     from radjepa.eval.compare import difference_dict
     from radjepa.eval.metrics import paired_difference
     from radjepa.eval.report import render_markdown
@@ -791,7 +791,7 @@ def test_a_label_with_few_patients_shows_its_counted_draws_and_gets_no_dagger():
     the report printed "95% CI" and marked the difference *† (Holm) like any other, and never
     said that 13 of the 300 draws had been dropped. Now the label says how many draws counted
     and that its interval is unreliable, and neither report.md nor the CLI gives it the †."""
-    from pipelines.cli import _paired_cells
+    from pipelines.cli_probe import _paired_cells
     from radjepa.eval.report import render_markdown
 
     x, y, groups = _rare_world(3)

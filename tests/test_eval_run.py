@@ -375,7 +375,8 @@ def test_cli_probe_logs_metrics_artifacts_and_registers_head(
 
 
 def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_dir, monkeypatch):
-    from pipelines.cli import UserError, probe_cmd
+    from pipelines.cli import UserError
+    from pipelines.cli_probe import probe_cmd
 
     with pytest.raises(UserError, match="never occurs"):
         probe_cmd(
@@ -414,7 +415,7 @@ def test_cli_refuses_bad_input_with_a_readable_error(tmp_path, checkpoint, nih_d
             probe_cmd(checkpoint, ["sex"], mlflow=False, **args)
     assert list(work.iterdir()) == [] and not (tmp_path / "o").exists()
     # a local name with a colon is a path
-    from pipelines.cli import _refuse_uri
+    from pipelines.cli_probe import _refuse_uri
 
     for name in ("data:v2/out", "out:/x", "s3:b/out"):
         _refuse_uri("--out", name)
@@ -426,7 +427,8 @@ def test_cli_says_in_one_line_when_mlflow_refuses_the_store_and_keeps_the_report
     # MLflow refuses a file: store (`tracking.uri=file:///...`, an old ./mlruns habit): pretrain
     # and sweep said so in one line, but probe, having written its report, ended in a
     # 60-line MlflowException traceback with exit code 1
-    from pipelines.cli import UserError, probe_cmd
+    from pipelines.cli import UserError
+    from pipelines.cli_probe import probe_cmd
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
@@ -450,7 +452,8 @@ def test_cli_refuses_labels_that_would_overwrite_each_other_and_an_empty_limit(
     # second label's numbers silently replaced the first's; --limit 0 was an IndexError
     from typer.testing import CliRunner
 
-    from pipelines.cli import UserError, app, probe_cmd
+    from pipelines.cli import UserError, app
+    from pipelines.cli_probe import probe_cmd
 
     labels = tmp_path / "labels.csv"
     rows = (nih_dir / "labels.csv").read_text().splitlines()
@@ -480,7 +483,8 @@ def test_cli_refuses_labels_that_would_overwrite_each_other_and_an_empty_limit(
 def test_cli_refuses_a_single_patient_set_in_one_line(tmp_path, checkpoint, nih_dir):
     """Every image of one patient (or every patient_id blank before blanks became their own
     patients) ended in a ValueError traceback from precision@k after all labels were skipped."""
-    from pipelines.cli import UserError, probe_cmd
+    from pipelines.cli import UserError
+    from pipelines.cli_probe import probe_cmd
 
     rows = (nih_dir / "labels.csv").read_text().splitlines()
     header, body = rows[0], rows[1:21]
@@ -500,7 +504,8 @@ def test_cli_refuses_a_device_this_machine_cannot_use_in_one_line(tmp_path, chec
     machine without a GPU a driver traceback; both are refused before the encoder loads."""
     import torch
 
-    from pipelines.cli import UserError, probe_cmd
+    from pipelines.cli import UserError
+    from pipelines.cli_probe import probe_cmd
 
     csv = nih_dir / "labels.csv"
     with pytest.raises(UserError, match="device 'gpu': use cpu, cuda, cuda:N or auto"):
@@ -518,7 +523,8 @@ def test_cli_refuses_a_diverged_checkpoint_in_one_line(tmp_path, tiny_cfg, nih_d
     ("Input X contains NaN ... consider HistGradientBoostingClassifier")."""
     import torch
 
-    from pipelines.cli import UserError, probe_cmd
+    from pipelines.cli import UserError
+    from pipelines.cli_probe import probe_cmd
     from radjepa.checkpoint import save_checkpoint
     from radjepa.engine import Pretrainer
 
@@ -684,7 +690,8 @@ def test_a_bad_mask_csv_is_refused_before_the_probe_touches_an_earlier_report(
     the folder of an earlier run with a mask column misspelt overwrote that run's head and
     ROC plot, kept its report.json, and exited with the CSV error, leaving a head the report
     does not describe. The CSV is now read first, so nothing in --out changes."""
-    from pipelines.cli import UserError, probe_cmd
+    from pipelines.cli import UserError
+    from pipelines.cli_probe import probe_cmd
 
     out = tmp_path / "probe"
     args = {"csv": nih_dir / "labels.csv", "mlflow": False, "set_": ["probe.bootstrap=0"]}

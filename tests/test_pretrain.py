@@ -1356,7 +1356,7 @@ def test_a_resumed_run_whose_provenance_cannot_be_recorded_does_not_stay_running
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipelines.pretrain import start_tracking
+    from pipelines.pretrain_tracking import start_tracking
     from pipelines.tracking_runs import end_run
 
     cfg = _cfg(tmp_path)

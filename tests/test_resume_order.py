@@ -106,7 +106,7 @@ def test_restore_point_compares_steps_not_names(run_dir):
     # driver's pick wins whatever its name; a lower or damaged one loses to the pick
     import ray.train
 
-    from pipelines.pretrain import restore_point
+    from pipelines.restore import restore_point
 
     pick = str(run_dir / AT_40)
     newer = ray.train.Checkpoint(str(run_dir / AT_60))  # its name sorts before the pick's...
@@ -127,7 +127,7 @@ def test_a_restored_folder_is_reported_again_only_above_ray_s_step(run_dir):
     # than Ray's offer; reporting an older one made it the run's latest checkpoint
     import ray.train
 
-    from pipelines.pretrain import _unrecorded
+    from pipelines.restore import _unrecorded
 
     at_60 = ray.train.Checkpoint(str(run_dir / AT_60))
     at_20 = ray.train.Checkpoint(str(run_dir / AT_20))
@@ -184,7 +184,7 @@ def test_an_offer_whose_step_cannot_be_read_is_not_passed_over(run_dir):
     # older: restoring the driver's older pick (step 40) redid 20 steps
     import ray.train
 
-    from pipelines.pretrain import _unrecorded, restore_point
+    from pipelines.restore import _unrecorded, restore_point
 
     meta = run_dir / AT_60 / "meta.json"
     meta.unlink()
@@ -200,7 +200,7 @@ def test_every_rank_gets_a_location_it_can_open_on_an_object_store():
     # scheme ("bucket/runs/..."): every rank failed to open it, on every retry
     import ray.train
 
-    from pipelines.pretrain import restore_decision
+    from pipelines.restore import restore_decision
 
     newest = "gs://bucket/runs/r/checkpoint_2026-10-25_01-15-00.000001"
     use_offered, location, unrecorded = restore_decision(None, newest, None, ())

@@ -607,7 +607,7 @@ def test_serve_checks_head_and_index_against_a_registered_fingerprint_when_a_clu
     import numpy as np
     from serve_helpers import make_head, write_index
 
-    from pipelines.pretrain import finish_tracking
+    from pipelines.pretrain_tracking import finish_tracking
     from pipelines.tracking import client, ensure_experiment
     from radjepa.config import load_config
     from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint

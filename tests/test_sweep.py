@@ -435,7 +435,7 @@ def test_failed_trials_say_why_and_the_sweep_says_every_trial_failed(nih_shards,
 
 
 def test_collapse_is_a_tiny_rank_or_a_vanishing_spread():
-    from pipelines.sweep import CollapseStopper, is_collapsed
+    from pipelines.sweep_search import CollapseStopper, is_collapsed
 
     healthy = {"rankme": 4.45, "feature_std": 0.0156}  # a tiny ViT after 8 steps
     assert not is_collapsed(healthy, 1.5, 1e-4)
@@ -485,13 +485,14 @@ def test_asha_lets_the_trial_with_the_most_steps_finish(tmp_path, steps, max_t):
     # stopped early, and ranked after a shorter, worse trial that finished
     from ray.tune import Result
 
-    from pipelines.sweep import STOPPED, _best, _rows, _scheduler
+    from pipelines.sweep import STOPPED, _best, _rows
+    from pipelines.sweep_search import tune_scheduler
 
     space = {"ema.start": {"type": "choice", "values": [0.99, 0.996]}}
     if steps is not None:
         space["train.steps"] = steps
     cfg = _cfg(tmp_path, "s", space, **{"tune.asha": True, "tune.search_alg": "random"})
-    scheduler = _scheduler(cfg, "rankme", "max")
+    scheduler = tune_scheduler(cfg, "rankme", "max")
     assert scheduler._max_t == max_t and scheduler._time_attr == "step"
     if steps is None:
         return
@@ -508,14 +509,15 @@ def test_asha_lets_the_trial_with_the_most_steps_finish(tmp_path, steps, max_t):
     rows = _rows([longest, short, cut], "rankme", (1.0, 1e-4), str(tmp_path), cfg.train.steps)
     assert [r.status for r in rows] == ["ok", "ok", STOPPED]
     assert _best(rows).trial_id == "long"
-    assert _scheduler(cfg.with_overrides({"tune.asha": False}), "rankme", "max") is None
+    assert tune_scheduler(cfg.with_overrides({"tune.asha": False}), "rankme", "max") is None
 
 
 def test_a_choice_sweep_tries_distinct_settings_drawn_with_the_seed(ray_session, tmp_path):
     # sweep-tiny: 6 settings, 4 trials; Tune's own draws repeated a setting in 72% of sweeps
     import ray.tune
 
-    from pipelines.sweep import _searcher, distinct_draws, search_space
+    from pipelines.sweep_search import search_space, tune_searcher
+    from radjepa.search_space import distinct_draws
 
     cfg = load_config(CONFIGS / "sweep-tiny.yaml", {"tune.max_concurrent": 2})
     draws = distinct_draws(cfg)
@@ -533,7 +535,7 @@ def test_a_choice_sweep_tries_distinct_settings_drawn_with_the_seed(ray_session,
         trial,
         param_space=search_space(cfg.tune.search_space, "random"),
         tune_config=ray.tune.TuneConfig(
-            num_samples=4, search_alg=_searcher(cfg, "score", "max"), metric="score", mode="max"
+            num_samples=4, search_alg=tune_searcher(cfg, "score", "max"), metric="score", mode="max"
         ),
         run_config=ray.tune.RunConfig(name="draws", storage_path=str(tmp_path)),
     )
@@ -553,7 +555,7 @@ def test_an_ended_sweep_ends_its_open_trial_runs_then_its_own(tmp_path):
     # trial run that already ended keeps its status, and without tracking nothing is done
     import mlflow
 
-    from pipelines.sweep import _end_sweep_runs
+    from pipelines.sweep_tracking import end_sweep_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -563,9 +565,9 @@ def test_an_ended_sweep_ends_its_open_trial_runs_then_its_own(tmp_path):
     running, done = (client.create_run(exp, tags=tag).info.run_id for _ in range(2))
     client.set_terminated(done, "FINISHED")
 
-    _end_sweep_runs(uri, None, "FAILED")  # tracking off
+    end_sweep_runs(uri, None, "FAILED")  # tracking off
     assert client.get_run(parent).info.status == "RUNNING"
-    _end_sweep_runs(uri, parent, "FAILED")
+    end_sweep_runs(uri, parent, "FAILED")
     status = {r: client.get_run(r).info.status for r in (parent, running, done)}
     assert status == {parent: "FAILED", running: "FAILED", done: "FINISHED"}
 
@@ -575,7 +577,8 @@ def test_a_resumed_sweep_logs_its_best_metric_once_and_a_new_best_as_the_next_st
     # step 0: two points for one best trial
     import mlflow
 
-    from pipelines.sweep import TrialRow, _finish_parent_run
+    from pipelines.sweep import TrialRow
+    from pipelines.sweep_tracking import _finish_parent_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)
@@ -919,18 +922,18 @@ def test_a_store_failing_as_the_sweep_is_recorded_is_said_and_resume_records_it(
     # marked the finished sweep FAILED and skipped the tidy step
     import mlflow
 
-    from pipelines import sweep
+    from pipelines import sweep_tracking
     from pipelines.sweep import SweepError, run_sweep
     from pipelines.tracking import store_uri
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-    finish = sweep._finish_parent_run
+    finish = sweep_tracking._finish_parent_run
 
     def to_a_server_that_is_down(uri, *args):
         finish("http://127.0.0.1:9", *args)  # a port nothing listens on
 
-    monkeypatch.setattr(sweep, "_finish_parent_run", to_a_server_that_is_down)
+    monkeypatch.setattr(sweep_tracking, "_finish_parent_run", to_a_server_that_is_down)
     space = {"masks.target_scale": {"type": "grid", "values": [[0.1, 0.15], [0.2, 0.3]]}}
     cfg = _cfg(tmp_path, "sf", space)
     best_yaml = tmp_path / "sf" / "best.yaml"
@@ -947,7 +950,7 @@ def test_a_store_failing_as_the_sweep_is_recorded_is_said_and_resume_records_it(
     client = mlflow.MlflowClient(uri)
     assert client.get_run(parent_id).info.status == "RUNNING"  # not FAILED
 
-    monkeypatch.setattr(sweep, "_finish_parent_run", finish)  # the store is back
+    monkeypatch.setattr(sweep_tracking, "_finish_parent_run", finish)  # the store is back
     res = run_sweep(cfg, str(nih_shards), resume=True)
     assert res.parent_run_id == parent_id and res.best is not None
     parent = client.get_run(parent_id)
@@ -962,14 +965,15 @@ def test_a_store_failing_as_the_sweep_is_recorded_is_said_and_resume_records_it(
 def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path, caplog):
     # --resume with another base config trained the trials Tune had not started with it, in
     # silence: the sweep compared trials trained two ways
-    from pipelines.sweep import SWEEP_CONFIG_FILE, SweepError, _keep_sweep_config
+    from pipelines.sweep import SweepError
+    from pipelines.sweep_settings import SWEEP_CONFIG_FILE, keep_sweep_config
 
     space = {"ema.start": {"type": "choice", "values": [0.99, 0.996]}}
     sweep_dir = str(tmp_path / "s")
     data = str(tmp_path / "shards")
     secret = {"tracking.uri": "postgresql://u:S3cret@db/mlflow", "tune.search_alg": "random"}
     started = _cfg(tmp_path, "s", space, **secret)
-    _keep_sweep_config(started, data, sweep_dir, resume=False)
+    keep_sweep_config(started, data, sweep_dir, resume=False)
     saved = (tmp_path / "s" / SWEEP_CONFIG_FILE).read_text()
     assert "S3cret" not in saved and '"ema.end"' in saved
 
@@ -977,31 +981,31 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path, caplog):
     same = started.with_overrides(
         {"tune.num_samples": 9, "tune.max_concurrent": 3, "train.max_failures": 2}
     )
-    _keep_sweep_config(same, data, sweep_dir, resume=True)
+    keep_sweep_config(same, data, sweep_dir, resume=True)
     other = started.with_overrides({"ema.end": 0.999, "train.steps": 16})
     with pytest.raises(SweepError) as said:
-        _keep_sweep_config(other, data, sweep_dir, resume=True)
+        keep_sweep_config(other, data, sweep_dir, resume=True)
     message = str(said.value)
     assert message.startswith("sweep 's' was started with other settings (ema.end 1.0 -> 0.999")
     assert "train.steps 8 -> 16" in message and "\n" not in message
     assert "tune.num_samples" not in message and "S3cret" not in message
     with pytest.raises(SweepError, match=r"\(data '.*shards' -> '.*elsewhere'\)"):
-        _keep_sweep_config(started, str(tmp_path / "elsewhere"), sweep_dir, resume=True)
+        keep_sweep_config(started, str(tmp_path / "elsewhere"), sweep_dir, resume=True)
     assert (tmp_path / "s" / SWEEP_CONFIG_FILE).read_text() == saved  # refused: kept
 
     allowed = other.with_overrides({"train.allow_config_change": True})
-    with caplog.at_level("WARNING", logger="pipelines.sweep"):
-        _keep_sweep_config(allowed, data, sweep_dir, resume=True)
+    with caplog.at_level("WARNING", logger="pipelines.sweep_settings"):
+        keep_sweep_config(allowed, data, sweep_dir, resume=True)
     assert "resumes with changed settings" in caplog.text and "ema.end" in caplog.text
-    _keep_sweep_config(other, data, sweep_dir, resume=True)  # now the sweep's settings
+    keep_sweep_config(other, data, sweep_dir, resume=True)  # now the sweep's settings
 
     # a file cut short as it was written (a full disk, a kill): said, and saved again, not a
     # JSONDecodeError traceback
     (tmp_path / "s" / SWEEP_CONFIG_FILE).write_text('{"ema.start": "0.9')
     caplog.clear()
-    with caplog.at_level("WARNING", logger="pipelines.sweep"):
-        _keep_sweep_config(started, data, sweep_dir, resume=True)
+    with caplog.at_level("WARNING", logger="pipelines.sweep_settings"):
+        keep_sweep_config(started, data, sweep_dir, resume=True)
     assert "cannot be read" in caplog.text
-    _keep_sweep_config(other, data, sweep_dir, resume=False)  # a new sweep writes it afresh
+    keep_sweep_config(other, data, sweep_dir, resume=False)  # a new sweep writes it afresh
     with pytest.raises(SweepError):
-        _keep_sweep_config(started, data, sweep_dir, resume=True)
+        keep_sweep_config(started, data, sweep_dir, resume=True)

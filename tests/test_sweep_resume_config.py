@@ -1,5 +1,5 @@
 """What a sweep's ``--resume`` compares with the settings the sweep started with: what its trials
-learn and how they are ranked, not how fast they run (``pipelines.sweep._keep_sweep_config``).
+learn and how they are ranked, not how fast they run (``pipelines.sweep_settings.keep_sweep_config``).
 No Ray is started: the comparison is made before it."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.sweep import SWEEP_CONFIG_FILE, SweepError, _keep_sweep_config
+from pipelines.sweep import SweepError
+from pipelines.sweep_settings import SWEEP_CONFIG_FILE, keep_sweep_config
 from radjepa.config import Config, flatten, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -24,7 +25,7 @@ def _started(tmp_path: Path, **extra) -> tuple[Config, str, str]:
         {"tune.name": "s", "tune.search_space": SPACE, "train.output_dir": str(tmp_path), **extra},
     )
     data, sweep_dir = str(tmp_path / "shards"), str(tmp_path / "s")
-    _keep_sweep_config(cfg, data, sweep_dir, resume=False)
+    keep_sweep_config(cfg, data, sweep_dir, resume=False)
     return cfg, data, sweep_dir
 
 
@@ -49,7 +50,7 @@ def test_a_sweep_resume_may_change_how_fast_its_trials_run(tmp_path):
         "tune.label_column": "male",
         "probe.knn_k": 3,
     }.items():
-        _keep_sweep_config(started.with_overrides({key: value}), data, sweep_dir, resume=True)
+        keep_sweep_config(started.with_overrides({key: value}), data, sweep_dir, resume=True)
     assert (tmp_path / "s" / SWEEP_CONFIG_FILE).read_text() == saved
 
 
@@ -74,10 +75,10 @@ def test_a_sweep_resume_refuses_what_its_trials_learn_and_how_they_are_ranked(tm
         "probe.seed": 1,
     }.items():
         with pytest.raises(SweepError, match=rf"\({key} .* -> .*\): resume it with the config"):
-            _keep_sweep_config(started.with_overrides({key: value}), data, sweep_dir, resume=True)
+            keep_sweep_config(started.with_overrides({key: value}), data, sweep_dir, resume=True)
     with pytest.raises(SweepError, match=r"tune\.metric 'knn_auroc' -> 'probe_auroc'"):
         ranked = started.with_overrides({"tune.metric": "probe_auroc"})
-        _keep_sweep_config(ranked, data, sweep_dir, resume=True)
+        keep_sweep_config(ranked, data, sweep_dir, resume=True)
 
 
 # the sections an earlier version saved every setting of (never probe.*), as typed
@@ -95,9 +96,9 @@ def test_a_sweep_started_by_an_earlier_version_compares_only_what_matters(tmp_pa
     every.update({k: v for k, v in flatten(started).items() if k.startswith(_EARLIER_SECTIONS)})
     (tmp_path / "s" / SWEEP_CONFIG_FILE).write_text(json.dumps(every))
     faster = started.with_overrides({"ingest.decode_actors": 8, "train.data_loader_threads": 0})
-    _keep_sweep_config(faster, data, sweep_dir, resume=True)
+    keep_sweep_config(faster, data, sweep_dir, resume=True)
     with pytest.raises(SweepError, match=r"\(ema\.end 1\.0 -> 0\.999\)"):
-        _keep_sweep_config(faster.with_overrides({"ema.end": 0.999}), data, sweep_dir, True)
+        keep_sweep_config(faster.with_overrides({"ema.end": 0.999}), data, sweep_dir, True)
 
 
 def test_each_supervised_metric_compares_only_the_probe_settings_it_scores_with(tmp_path):
@@ -106,11 +107,11 @@ def test_each_supervised_metric_compares_only_the_probe_settings_it_scores_with(
     labels = {**LABELLED, "tune.labels_csv": str(tmp_path / "labels.csv")}
     knn, data, sweep_dir = _started(tmp_path, **labels)
     for key, value in {"probe.folds": 3, "probe.logreg_c": 1.0}.items():
-        _keep_sweep_config(knn.with_overrides({key: value}), data, sweep_dir, resume=True)
+        keep_sweep_config(knn.with_overrides({key: value}), data, sweep_dir, resume=True)
     probe, data, sweep_dir = _started(tmp_path / "p", **{**labels, "tune.metric": "probe_auroc"})
-    _keep_sweep_config(probe.with_overrides({"probe.knn_k": 3}), data, sweep_dir, resume=True)
+    keep_sweep_config(probe.with_overrides({"probe.knn_k": 3}), data, sweep_dir, resume=True)
     with pytest.raises(SweepError, match=r"\(probe\.folds 5 -> 3\)"):
-        _keep_sweep_config(probe.with_overrides({"probe.folds": 3}), data, sweep_dir, True)
+        keep_sweep_config(probe.with_overrides({"probe.folds": 3}), data, sweep_dir, True)
 
 
 def test_the_labels_are_compared_as_the_file_they_name(tmp_path, monkeypatch):
@@ -121,10 +122,10 @@ def test_the_labels_are_compared_as_the_file_they_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "a")
     started, data, sweep_dir = _started(tmp_path, **LABELLED, **{"tune.labels_csv": "labels.csv"})
     same = started.with_overrides({"tune.labels_csv": str(tmp_path / "a" / "labels.csv")})
-    _keep_sweep_config(same, data, sweep_dir, resume=True)
+    keep_sweep_config(same, data, sweep_dir, resume=True)
     monkeypatch.chdir(tmp_path / "b")
     with pytest.raises(SweepError, match=r"tune\.labels_csv '.*/a/labels\.csv' -> '.*/b/labels"):
-        _keep_sweep_config(started, data, sweep_dir, resume=True)
+        keep_sweep_config(started, data, sweep_dir, resume=True)
 
 
 def test_a_label_column_given_alone_before_names_its_positive_value_on_resume(tmp_path):
@@ -136,8 +137,8 @@ def test_a_label_column_given_alone_before_names_its_positive_value_on_resume(tm
     (tmp_path / "s" / SWEEP_CONFIG_FILE).write_text(json.dumps(saved))
     named = started.with_overrides({"tune.label_column": "sex=M"})
     with pytest.raises(SweepError, match=r"second of its two values .* if 'M' is that value"):
-        _keep_sweep_config(named, data, sweep_dir, resume=True)
+        keep_sweep_config(named, data, sweep_dir, resume=True)
     other = started.with_overrides({"tune.label_column": "view=AP"})
     with pytest.raises(SweepError) as err:
-        _keep_sweep_config(other, data, sweep_dir, resume=True)
+        keep_sweep_config(other, data, sweep_dir, resume=True)
     assert "sorted order" not in str(err.value)

@@ -124,8 +124,8 @@ def test_a_reaped_run_that_is_resumed_is_no_longer_tagged_reaped(tmp_path):
     # the pretrain resume (and a sweep's --resume) set the run RUNNING again but left
     # `radjepa.reaped` on it: the UI, and a search on the tag, showed a run training again (and
     # later FINISHED) as "marked KILLED ... its driver died?"
-    from pipelines.pretrain import start_tracking
-    from pipelines.sweep import _parent_run
+    from pipelines.pretrain_tracking import start_tracking
+    from pipelines.sweep_tracking import parent_run
     from pipelines.tracking import client as tracking_client
     from radjepa.config import load_config
 
@@ -134,7 +134,7 @@ def test_a_reaped_run_that_is_resumed_is_no_longer_tagged_reaped(tmp_path):
         [f"train.output_dir={tmp_path}", "train.run_name=r1", "tune.name=s1"],
     )
     run_id, uri = start_tracking(cfg, str(tmp_path), str(tmp_path / "r1"))
-    sweep_id, _ = _parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), False, {})
+    sweep_id, _ = parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), False, {})
     time.sleep(1.1)  # both idle for longer than the threshold below
     reaped = _radjepa(
         "runs", "reap", "--older-than", "1s", "--set", f"train.output_dir={tmp_path}", cwd=tmp_path
@@ -145,7 +145,7 @@ def test_a_reaped_run_that_is_resumed_is_no_longer_tagged_reaped(tmp_path):
     reaped_end = client.get_run(run_id).info.end_time
 
     assert start_tracking(cfg, str(tmp_path), str(tmp_path / "r1"))[0] == run_id  # the resume
-    assert _parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), True, {})[0] == sweep_id
+    assert parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), True, {})[0] == sweep_id
     for resumed in (run_id, sweep_id):
         run = client.get_run(resumed)
         assert run.info.status == "RUNNING"
@@ -166,8 +166,9 @@ def test_a_reaped_run_its_driver_ends_after_all_is_no_longer_tagged_reaped(tmp_p
     # driver but kept `radjepa.reaped`: FINISHED, and tagged "marked KILLED ... its driver died?"
     from serve_helpers import make_checkpoint
 
-    from pipelines.pretrain import finish_tracking, start_tracking
-    from pipelines.sweep import TrialRow, _finish_parent_run, _parent_run
+    from pipelines.pretrain_tracking import finish_tracking, start_tracking
+    from pipelines.sweep import TrialRow
+    from pipelines.sweep_tracking import _finish_parent_run, parent_run
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import mark_run
     from pipelines.tracking_runs import reap, stale_runs
@@ -179,7 +180,7 @@ def test_a_reaped_run_its_driver_ends_after_all_is_no_longer_tagged_reaped(tmp_p
 
     done, uri = start_tracking(cfg("done"), str(tmp_path), str(tmp_path / "done"))
     failed, _ = start_tracking(cfg("failed"), str(tmp_path), str(tmp_path / "failed"))
-    sweep, _ = _parent_run(cfg("x"), str(tmp_path), str(tmp_path / "s1"), False, {})
+    sweep, _ = parent_run(cfg("x"), str(tmp_path), str(tmp_path / "s1"), False, {})
     trial, _ = start_tracking(  # as a sweep trial opens its run
         cfg("trial-t1"),
         str(tmp_path),
@@ -222,8 +223,9 @@ def test_a_resumed_sweep_ends_the_trials_tune_had_stopped_and_fails_without_a_be
     # trace of why: trials failing before their own run was made left nothing in MLflow
     import json
 
-    from pipelines.pretrain import start_tracking
-    from pipelines.sweep import STOPPED, TrialRow, _end_sweep_runs, _finish_parent_run, _parent_run
+    from pipelines.pretrain_tracking import start_tracking
+    from pipelines.sweep import STOPPED, TrialRow
+    from pipelines.sweep_tracking import _finish_parent_run, end_sweep_runs, parent_run
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking_runs import end_run, reopen
     from radjepa.config import load_config
@@ -232,7 +234,7 @@ def test_a_resumed_sweep_ends_the_trials_tune_had_stopped_and_fails_without_a_be
         sets = [f"train.output_dir={tmp_path}", f"train.run_name={run}", "tune.name=s1"]
         return load_config(REPO / "configs" / "tiny_cpu.yaml", sets)
 
-    sweep, uri = _parent_run(cfg("x"), str(tmp_path), str(tmp_path / "s1"), False, {})
+    sweep, uri = parent_run(cfg("x"), str(tmp_path), str(tmp_path / "s1"), False, {})
     trials = {}
     for t in ("t0", "t1", "t2"):
         trials[t], _ = start_tracking(
@@ -244,7 +246,7 @@ def test_a_resumed_sweep_ends_the_trials_tune_had_stopped_and_fails_without_a_be
         )
     client = tracking_client(uri)
     end_run(client, trials["t0"], "FINISHED")  # ran to its end; t1 stopped by ASHA; t2 running
-    _end_sweep_runs(uri, sweep, "KILLED")  # Ctrl-C
+    end_sweep_runs(uri, sweep, "KILLED")  # Ctrl-C
     assert client.get_run(trials["t1"]).info.status == "KILLED"
     reopen(client, sweep)  # --resume: t2 runs again and ends its own run
     reopen(client, trials["t2"])
@@ -260,7 +262,7 @@ def test_a_resumed_sweep_ends_the_trials_tune_had_stopped_and_fails_without_a_be
     assert client.get_run(trials["t1"]).data.tags["radjepa.status"] == STOPPED
     assert client.get_run(sweep).info.status == "FINISHED"
 
-    failed, _ = _parent_run(cfg("y"), str(tmp_path), str(tmp_path / "s2"), False, {})
+    failed, _ = parent_run(cfg("y"), str(tmp_path), str(tmp_path / "s2"), False, {})
     why = "ConfigError: invalid configuration: ema: Value error, ema.start must be <= ema.end"
     rows = [TrialRow(f"f{i}", {"ema.start": 0.999}, None, "error", None, None, why) for i in (0, 1)]
     _finish_parent_run(uri, failed, rows, None, None, "rankme")
@@ -279,8 +281,9 @@ def test_a_resumed_sweep_ends_the_trials_tune_had_stopped_and_fails_without_a_be
 def test_a_failure_s_tags_go_once_a_re_run_continues_or_finishes_the_run(tmp_path):
     # a diverged pretrain run continued with allow_config_change, and a sweep whose trials
     # all failed continued with --resume, ended FINISHED still tagged as diverged or failed
-    from pipelines.pretrain import start_tracking
-    from pipelines.sweep import TrialRow, _finish_parent_run, _parent_run
+    from pipelines.pretrain_tracking import start_tracking
+    from pipelines.sweep import TrialRow
+    from pipelines.sweep_tracking import _finish_parent_run, parent_run
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import mark_run
     from pipelines.tracking_runs import end_run
@@ -296,13 +299,13 @@ def test_a_failure_s_tags_go_once_a_re_run_continues_or_finishes_the_run(tmp_pat
     client.set_tag(run_id, "radjepa.diverged_at_step", "40")  # as pretrain tags it
     client.set_tag(run_id, "radjepa.diverged", "loss is nan")
     mark_run(uri, run_id, "FAILED")
-    sweep, _ = _parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), False, {})
+    sweep, _ = parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), False, {})
     failed = [TrialRow("t0", {}, None, "error", None, None, "OSError: gone")]
     _finish_parent_run(uri, sweep, failed, None, None, "rankme")
     why = client.get_run(sweep).data.tags["radjepa.failure"]
 
     assert start_tracking(cfg, str(tmp_path), str(tmp_path / "r1"))[0] == run_id  # the re-run
-    assert _parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), True, {})[0] == sweep
+    assert parent_run(cfg, str(tmp_path), str(tmp_path / "s1"), True, {})[0] == sweep
     for resumed in (run_id, sweep):
         tags = client.get_run(resumed).data.tags
         assert client.get_run(resumed).info.status == "RUNNING"

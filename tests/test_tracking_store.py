@@ -71,7 +71,8 @@ def test_serve_checks_registry_references_in_that_store(registered, monkeypatch)
 
 
 def test_embed_and_probe_resolve_in_that_store(registered, tmp_path):
-    from pipelines.cli import UserError, embed_cmd, probe_cmd
+    from pipelines.cli import UserError, embed_cmd
+    from pipelines.cli_probe import probe_cmd
 
     cfg, _ = registered
     sets = [f"train.output_dir={cfg.train.output_dir}"]
@@ -103,7 +104,7 @@ def test_credentials_in_uris_are_not_logged(tmp_path, monkeypatch, migrated_stor
     # logged config.yaml are readable by anyone with access to the runs
     import mlflow
 
-    from pipelines.pretrain import finish_tracking
+    from pipelines.pretrain_tracking import finish_tracking
     from pipelines.tracking import ensure_experiment, log_params
     from radjepa.checkpoint import load_encoder, read_meta, save
     from radjepa.models.encoder import build_encoder
@@ -155,7 +156,7 @@ def test_registry_downloads_from_a_server_are_cached_not_leaked(
 
     import mlflow
 
-    from pipelines.pretrain import finish_tracking, start_tracking
+    from pipelines.pretrain_tracking import finish_tracking, start_tracking
     from pipelines.tracking import check_reachable
     from serve.registry import resolve_model
 
@@ -302,7 +303,7 @@ def test_a_relative_sqlite_store_is_the_one_in_the_folder_the_command_ran_from(
 
     import mlflow
 
-    from pipelines.pretrain import start_tracking
+    from pipelines.pretrain_tracking import start_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -339,7 +340,8 @@ def test_a_relative_sqlite_store_is_the_one_in_the_folder_the_command_ran_from(
 def test_a_registry_reference_into_a_store_that_does_not_exist_says_so(tmp_path, monkeypatch):
     # MLflow opens a missing sqlite store by creating an empty one: a mistyped output_dir
     # answered "Model Version ... not found" and left a new mlflow.db and its folders behind
-    from pipelines.cli import UserError, probe_cmd
+    from pipelines.cli import UserError
+    from pipelines.cli_probe import probe_cmd
     from serve.registry import ModelNotFound, resolve_model
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -372,7 +374,7 @@ def test_a_run_whose_id_cannot_be_kept_is_not_left_running(tmp_path, monkeypatch
     # could continue it, and it stayed RUNNING in the UI for good
     import mlflow
 
-    from pipelines.pretrain import start_tracking
+    from pipelines.pretrain_tracking import start_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = tmp_path / "runs"
@@ -398,7 +400,8 @@ def test_a_resume_whose_mlflow_run_is_not_in_the_store_says_so_in_one_line(
 
     import mlflow
 
-    from pipelines.pretrain import PretrainError, start_tracking
+    from pipelines.pretrain import PretrainError
+    from pipelines.pretrain_tracking import start_tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     runs = tmp_path / "runs"
@@ -617,7 +620,7 @@ def test_a_finished_run_recorded_again_keeps_its_version_s_encoder_tag_true(
     import mlflow
     import torch
 
-    from pipelines.pretrain import finish_tracking
+    from pipelines.pretrain_tracking import finish_tracking
     from pipelines.tracking import ensure_experiment
     from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
 
@@ -679,7 +682,7 @@ def test_a_store_moved_or_copied_elsewhere_is_refused_before_it_writes_to_the_ol
 def _probe_of_nothing(tmp_path: Path, output_dir: Path | str) -> None:
     """`radjepa probe` of a checkpoint and labels that do not exist, recording under
     ``output_dir``: only a refusal before its work (MLflow's store) can say other than that."""
-    from pipelines.cli import probe_cmd
+    from pipelines.cli_probe import probe_cmd
 
     probe_cmd(
         str(tmp_path / "no-checkpoint"),
