@@ -117,6 +117,8 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
             size=ing.image_size,
             dtype=ing.dtype,
             window_percentiles=tuple(ing.window_percentiles),
+            reject_burned_in=ing.burned_in_annotation == "quarantine",
+            reject_for_processing=ing.for_processing == "quarantine",
         )
     except DatasetError as err:
         # a missing file or column escaped as a traceback; its advice names eval's --label,

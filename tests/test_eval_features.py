@@ -562,3 +562,37 @@ def test_a_csv_image_ingest_would_quarantine_for_burned_in_text_is_left_out(tmp_
         tmp_path / "labels.csv", label_cols=["view=AP"], size=64, reject_burned_in=False
     )
     assert len(kept.images) == 5 and kept.rejected == []
+
+
+def test_a_csv_refused_whole_by_ingest_s_policy_names_the_setting(tmp_path):
+    # "no image could be decoded" pointed at the decoder, not at the setting that refused them
+    from dicom_factory import gradient, make_dicom
+
+    flagged = make_dicom(gradient(64, 64), extra={"BurnedInAnnotation": "YES"})
+    for i in range(2):
+        (tmp_path / f"{i}.dcm").write_bytes(flagged)
+    (tmp_path / "l.csv").write_text("image,patient_id,view\n0.dcm,a,AP\n1.dcm,b,PA\n")
+    with pytest.raises(DatasetError, match=r"burned_in_annotation: refused by ingest\.burned_in"):
+        load_csv_dataset(tmp_path / "l.csv", label_cols=["view=AP"], size=64)
+
+
+def test_the_probe_keeps_what_its_own_config_or_the_checkpoint_s_keeps():
+    from radjepa.config import load_config
+    from radjepa.eval.runner import _quarantines
+
+    default, keep = load_config(None), load_config(None, ["ingest.for_processing=keep"])
+    assert _quarantines(default, default, "for_processing")
+    assert not _quarantines(keep, default, "for_processing")  # the checkpoint's ingest kept them
+    assert not _quarantines(default, keep, "for_processing")  # the probe is told to keep them
+
+
+def test_a_missing_segmentation_file_is_named_by_row_and_column_not_path(tmp_path, nih_dir):
+    from radjepa.eval.segmentation import load_seg_csv
+
+    img = sorted((nih_dir / "images").glob("*.png"))[0]
+    (tmp_path / "DOE_JOHN").mkdir()
+    shutil.copy(img, tmp_path / "DOE_JOHN" / "cxr.png")
+    (tmp_path / "seg.csv").write_text("image,lung\nDOE_JOHN/cxr.png,DOE_JOHN/mask.png\n")
+    with pytest.raises(DatasetError, match=r"row 1: the file\(s\) of column\(s\) \['lung'\]") as e:
+        load_seg_csv(tmp_path / "seg.csv", ["lung"], size=32)
+    assert "DOE_JOHN" not in str(e.value).split("row 1")[1]

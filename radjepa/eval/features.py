@@ -217,6 +217,13 @@ def _check_cells(row: dict[str, Any], width: int, where: str) -> None:
         )
 
 
+# rejections by ingest's policy rather than by the bytes: the setting that decides each
+_POLICY_REASONS = {
+    "burned_in_annotation": "ingest.burned_in_annotation",
+    "for_processing": "ingest.for_processing",
+}
+
+
 def load_csv_dataset(
     csv_path: str | os.PathLike[str],
     image_col: str = "image",
@@ -289,7 +296,13 @@ def load_csv_dataset(
         images.append(dec.pixels)
         kept.append(i)
     if not kept:
-        raise DatasetError(f"{path}: no image could be decoded ({len(rejected)} rejected)")
+        policy = {r["reason"] for r in rejected} & _POLICY_REASONS.keys()
+        why = "; ".join(f"{r}: refused by {_POLICY_REASONS[r]}" for r in sorted(policy))
+        raise DatasetError(
+            f"{path}: no image could be decoded ({len(rejected)} rejected"
+            + (f"; {why}, which =keep allows for an archive known to be clean" if why else "")
+            + ")"
+        )
     groups = patient_ids(
         [rows[i] for i in kept], image_col, group_col, path, files=[files[i] for i in kept]
     )

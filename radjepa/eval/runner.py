@@ -139,6 +139,13 @@ def _decode_settings(enc_cfg: Config) -> dict[str, Any]:
     }
 
 
+def _quarantines(enc_cfg: Config, cfg: Config, policy: str) -> bool:
+    """Whether the probe refuses the images ingest's ``policy`` setting quarantines: as the
+    checkpoint's ingest did, unless the probe's own config keeps them (an archive of scrubbed
+    secondary captures, say)."""
+    return all(getattr(c.ingest, policy) == "quarantine" for c in (enc_cfg, cfg))
+
+
 def _segmentation(
     seg_csv: str | os.PathLike[str],
     seg_data: tuple[np.ndarray, np.ndarray, np.ndarray | None],
@@ -241,8 +248,10 @@ def run_probe(
             label_cols=labels,
             group_col=group_col,
             limit=limit,
-            reject_burned_in=enc_cfg.ingest.burned_in_annotation == "quarantine",
-            reject_for_processing=enc_cfg.ingest.for_processing == "quarantine",
+            # refused when ingest refused them for this checkpoint and the probe's own
+            # config (--set ingest.burned_in_annotation=keep) does not let them through
+            reject_burned_in=_quarantines(enc_cfg, cfg, "burned_in_annotation"),
+            reject_for_processing=_quarantines(enc_cfg, cfg, "for_processing"),
             **decode,
         )
     else:

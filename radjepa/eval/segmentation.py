@@ -306,10 +306,15 @@ def load_seg_csv(
     key = os.urandom(32)  # pseudonyms are not used here
     images, masks = [], []
     for i, row in enumerate(rows):
-        files = [path.parent / row[c] for c in [image_col, *structures]]
-        missing = [str(f) for f in files if not f.is_file()]
+        columns = [image_col, *structures]
+        files = [path.parent / row[c] for c in columns]
+        # by row and column, not path: file names often carry patient names
+        missing = [c for c, f in zip(columns, files, strict=True) if not f.is_file()]
         if missing:
-            raise DatasetError(f"{path} row {i + 1}: file(s) not found: {missing}")
+            raise DatasetError(
+                f"{path} row {i + 1}: the file(s) of column(s) {missing} not found (paths are "
+                "relative to the CSV)"
+            )
         try:
             dec = decode_image(
                 files[0].read_bytes(),
@@ -322,13 +327,13 @@ def load_seg_csv(
             raise DatasetError(f"{path} row {i + 1}: image rejected: {err}") from None
         chans = []
         shape = (int(dec.meta["orig_height"]), int(dec.meta["orig_width"]))
-        for f in files[1:]:
+        for structure, f in zip(structures, files[1:], strict=True):
             with Image.open(f) as im:
                 fg = (np.asarray(im.convert("L")) > 0).astype(np.float32)
             if not _same_aspect(fg.shape, shape):
                 raise DatasetError(
-                    f"{path} row {i + 1}: mask {f.name} is {fg.shape[1]}x{fg.shape[0]} but the "
-                    f"image is {shape[1]}x{shape[0]}: other proportions cannot be aligned"
+                    f"{path} row {i + 1}: the {structure} mask is {fg.shape[1]}x{fg.shape[0]} "
+                    f"but the image is {shape[1]}x{shape[0]}: other proportions cannot be aligned"
                 )
             chans.append(resize_center_crop(fg, size, dec.pixel_aspect) > 0.5)
         images.append(dec.pixels)

@@ -369,6 +369,20 @@ _VENDORS: Final = (
     ("MINDRAY", ("MINDRAY",)),
     ("VAREX", ("VAREX", "VARIAN")),
     ("TRIXELL", ("TRIXELL", "THALES")),
+    ("DRTECH", ("DRTECH",)),
+    ("ICRCO", ("ICRCO",)),
+    ("SEDECAL", ("SEDECAL",)),
+    ("IMAGING DYNAMICS", ("IDC",)),
+    ("UNITED IMAGING", ("UIH",)),
+    ("PERLOVE", ("PERLOVE",)),
+    ("WANDONG", ("WANDONG",)),
+)
+# vendors written as two words (or as one: KonicaMinolta): matched on the words joined
+_VENDOR_PHRASES: Final = (
+    ("GE", ("GENERAL ELECTRIC", "GEHC")),
+    ("KONICA MINOLTA", ("KONICAMINOLTA",)),
+    ("IMAGING DYNAMICS", ("IMAGING DYNAMICS",)),
+    ("UNITED IMAGING", ("UNITED IMAGING",)),
 )
 
 
@@ -379,8 +393,12 @@ def _manufacturer(value: Any) -> str | None:
     words = re.findall(r"[A-Z0-9]+", str(value).upper())
     if not words:
         return None
-    if words[0] in ("GE", "GEMS") or "GENERAL ELECTRIC" in " ".join(words):
+    if words[0] in ("GE", "GEMS", "GEHC"):
         return "GE"
+    said = " ".join(words)
+    for vendor, phrases in _VENDOR_PHRASES:
+        if any(f" {p} " in f" {said} " for p in phrases):
+            return vendor
     for vendor, names in _VENDORS:
         if any(w.startswith(n) if n == "FUJI" else w == n for w in words for n in names):
             return vendor
