@@ -479,13 +479,16 @@ def _refuse_patient_files(wd: Path, excludes: Sequence[str]) -> None:
     path is named, on this console only: the user's own checkout."""
     from pipelines.upload_check import patient_files
 
-    found = patient_files(wd, excludes)
+    most = 20
+    found = patient_files(wd, excludes, most)
     if found:
+        count = f"{most} or more" if len(found) >= most else str(len(found))
         raise JobsError(
-            f"not submitted: {len(found)} file(s) in {wd} look like medical images or archives "
-            f"(by name or content), e.g. {found[0]}: the job's upload is unpacked on every node "
+            f"not submitted: {count} file(s) in {wd} look like medical images or archives (by "
+            f"name or content), e.g. {found[0]}: the job's upload is unpacked on every node "
             "that runs it, readable by everyone there. Move them out of the checkout (data "
-            "belongs in the bucket), or list them in .gitignore, a .rayignore, or excludes: in "
+            "belongs in the bucket; a virtualenv other than .venv or venv belongs outside it "
+            "too), or list them in .gitignore, a .rayignore, or excludes: in "
             f"{RUNTIME_ENV_FILE}"
         )
 

@@ -74,10 +74,15 @@ def looks_like_patient_data(path: Path) -> bool:
     return any(head[at : at + len(magic)] == magic for at, magic in _MAGIC)
 
 
-def patient_files(working_dir: Path, excludes: Sequence[str]) -> list[Path]:
+class _Enough(Exception):
+    """Ends the walk: enough files were found to refuse the upload."""
+
+
+def patient_files(working_dir: Path, excludes: Sequence[str], most: int = 20) -> list[Path]:
     """The files Ray would upload from ``working_dir`` with ``excludes`` (and the folder's
     ``.gitignore``/``.rayignore``, as Ray reads them) that look like patient data, outside
-    :data:`BUNDLED_DATA`; paths relative to ``working_dir``, in walk order."""
+    :data:`BUNDLED_DATA`; paths relative to ``working_dir``, in walk order, ``most`` at most:
+    the walk stops there (a link into a mounted archive would have every header of it read)."""
     # Ray-private (pinned 2.60): the walk its working-dir upload makes, so that what is judged
     # here is exactly what would be uploaded
     from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
@@ -92,12 +97,17 @@ def patient_files(working_dir: Path, excludes: Sequence[str]) -> list[Path]:
             return
         if looks_like_patient_data(path):
             found.append(path.relative_to(root))
+            if len(found) >= most:
+                raise _Enough
 
-    _dir_travel(
-        root,
-        [_get_excludes(root, list(excludes))],
-        judge,
-        include_gitignore=os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
-        logger=_WALK_LOG,
-    )
+    try:
+        _dir_travel(
+            root,
+            [_get_excludes(root, list(excludes))],
+            judge,
+            include_gitignore=os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1",
+            logger=_WALK_LOG,
+        )
+    except _Enough:
+        pass
     return found

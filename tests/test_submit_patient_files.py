@@ -52,3 +52,15 @@ def test_quarantine_with_sources_is_not_run_as_a_job(args, refused):
             jobs.build_entrypoint(args)
     else:
         assert jobs.build_entrypoint(args).startswith("python -m pipelines.cli quarantine")
+
+
+def test_the_walk_stops_once_enough_files_are_found(tmp_path):
+    # a link into a mounted archive would have every header of it read before the refusal
+    from pipelines.upload_check import patient_files
+
+    (tmp_path / "export").mkdir()
+    for i in range(30):
+        (tmp_path / "export" / f"IM{i:06d}.DCM").write_bytes(b"")
+    assert len(patient_files(tmp_path, [], most=5)) == 5
+    with pytest.raises(jobs.JobsError, match=r"not submitted: 20 or more file\(s\)"):
+        _submit(tmp_path)
