@@ -407,6 +407,7 @@ def serve_cmd(
         start_local,
         stop_local,
     )
+    from serve.registry import pinned_reference
     from serve.security import SecurityConfigError, settings_from_config
 
     # refuse an unprotected service, a taken port, a mistyped path, a registry version that does
@@ -433,6 +434,15 @@ def serve_cmd(
         # a local Ray's replicas share this machine's cache: a model this check fetches is
         # not fetched again by them, so the head and index are checked against it here too;
         # the key is checked before that fetch (minutes for a large encoder)
+        # checked as pinned, which the replicas are bound to (app_from_config pins again: the
+        # same version, the same checkpoint folder)
+        cfg = cfg.with_overrides(
+            {
+                "serve.model": pinned_reference(cfg.serve.model, tracking_uri=store_uri(cfg)),
+                "serve.head": cfg.serve.head
+                and pinned_reference(cfg.serve.head, tracking_uri=store_uri(cfg)),
+            }
+        )
         check_references(
             cfg.serve.model,
             cfg.serve.head,

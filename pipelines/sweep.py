@@ -23,6 +23,8 @@ from pipelines.placement_groups import release_orphaned_placement_groups
 from pipelines.sweep_checkpoints import Tidied, delete_other_trials_checkpoints, human_size
 from pipelines.sweep_search import (
     CollapseStopper,
+    DivergedIsWorst,
+    DrawnSettings,
     FreeStoppedTrials,
     is_collapsed,
     search_space,
@@ -38,6 +40,10 @@ from radjepa.search_space import distinct_draws, swept_configs, trial_config
 from radjepa.training_data import ShardSummary
 
 log = logging.getLogger(__name__)
+
+# a sweep started before the searchers moved to pipelines.sweep_search saved its Tune state
+# (tune/tuner.pkl) naming them pipelines.sweep.<class>: its --resume unpickles them from here
+PICKLED_BY_EARLIER_SWEEPS = (DivergedIsWorst, DrawnSettings)
 
 # Tune's own advice after an interrupted fit, a Python call (Tuner.restore(...)) a few lines
 # above the CLI's last line, which says to re-run with --resume: two instructions for one thing

@@ -1,10 +1,11 @@
 """A sweep's MLflow runs, as the driver keeps them.
 
-Each trial makes its own child run as it trains (``pipelines.pretrain.start_tracking``); the
-driver, which sees every trial, keeps the rest: the parent run, made once and continued by
-``--resume``; the table of every trial's outcome and ``best.yaml``, logged to it when the sweep
-ends; the child runs closed with the status the table shows; and, when the sweep is interrupted
-or fails, its runs ended KILLED or FAILED rather than left RUNNING.
+Each trial makes its own child run as it trains
+(``pipelines.pretrain_tracking.start_tracking``); the driver, which sees every trial, keeps the
+rest: the parent run, made once and continued by ``--resume``; the table of every trial's
+outcome and ``best.yaml``, logged to it when the sweep ends; the child runs closed with the
+status the table shows; and, when the sweep is interrupted or fails, its runs ended KILLED or
+FAILED rather than left RUNNING.
 """
 
 from __future__ import annotations

@@ -496,8 +496,8 @@ def app_from_config(
     ``replica_env`` adds env vars to the ingress replicas' runtime env: the demo's public key,
     which its replicas would otherwise lack on a Ray started before the demo set it (Ray keeps
     a runtime env in plain text: never a real secret). ``references_checked``: the caller ran
-    :func:`check_references` on this config already (``radjepa serve``, before starting Ray),
-    so the registry is not asked, and a local checkpoint not hashed, twice. ``key_checked``: the
+    :func:`check_references` on this config already (``radjepa serve``, before starting Ray,
+    on references it pinned), so a local checkpoint is not hashed twice. ``key_checked``: the
     caller ran :func:`check_pseudonym_key` for the replicas' environment already (``radjepa
     serve`` on a local Ray, whose replicas have its environment). ``start_attempts``: how many
     replica start-ups of a deployment may fail before Serve gives the deployment up
@@ -511,8 +511,15 @@ def app_from_config(
     from pipelines.tracking import store_uri  # where pretrain registered the models
     from serve.registry import pinned_reference
 
+    # the weights and head every replica loads whenever it starts, checked as such: an alias
+    # as its version, a run folder as its newest checkpoint (serve.registry.pinned_reference);
+    # a head folder or URI is read as it is at each replica's start
+    model = pinned_reference(sc.model, tracking_uri=store_uri(cfg))
+    head = pinned_reference(sc.head, tracking_uri=store_uri(cfg)) if sc.head else None
+    if model != sc.model:
+        log.info("serving %s as %s", sc.model, model)
     if not references_checked:
-        check_references(sc.model, sc.head, sc.index, store_uri(cfg))
+        check_references(model, head, sc.index, store_uri(cfg))
     settings = settings or settings_from_config(
         sc,
         secret_env=cfg.ingest.secret_env,
@@ -529,12 +536,15 @@ def app_from_config(
     check_replica_fits(settings.decode_workers)
     gpu = _resolve_gpu(sc.use_gpu)
     retries = {} if start_attempts is None else {"max_constructor_retry_count": start_attempts}
-    # the weights and head checked above, for every replica whenever it starts (not an alias
-    # or a run folder, which may name others by then: serve.registry.pinned_reference)
+    # the weights and head every replica loads whenever it starts, checked as such: an alias
+    # as its version, a run folder as its newest checkpoint (serve.registry.pinned_reference);
+    # a head folder or URI is read as it is at each replica's start
     model = pinned_reference(sc.model, tracking_uri=store_uri(cfg))
     head = pinned_reference(sc.head, tracking_uri=store_uri(cfg)) if sc.head else None
     if model != sc.model:
         log.info("serving %s as %s", sc.model, model)
+    if not references_checked:
+        check_references(model, head, sc.index, store_uri(cfg))
     encoder = EncoderDeployment.options(
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
         # the encoder must admit a whole batch at once, or @serve.batch never fills

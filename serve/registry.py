@@ -342,7 +342,19 @@ def pinned_reference(ref: str, *, tracking_uri: str | None = None) -> str:
         mv = registered_version(ref, tracking_uri=tracking_uri)
         return f"models:/{mv.name}/{mv.version}"
     if "://" in ref:
-        return latest_checkpoint(ref)
+        try:
+            return latest_checkpoint(ref)
+        except ModelNotFound as err:
+            # a cluster's nodes may hold the bucket's credentials where this process does not:
+            # not read here before, and not refused now
+            log.warning(
+                "%s; the replicas resolve %s themselves when they start (a run folder still "
+                "written to may give later replicas a newer checkpoint: name a checkpoint "
+                "folder to serve one)",
+                err,
+                ref,
+            )
+            return ref
     given = os.path.expanduser(ref)
     folder = os.path.abspath(given)
     chosen = latest_checkpoint(folder)

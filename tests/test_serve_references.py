@@ -250,6 +250,17 @@ def test_every_replica_is_bound_to_the_weights_checked_not_an_alias_or_run_folde
     client.set_registered_model_alias("tiny-enc", "champion", "1")
     for ref in ("models:/tiny-enc@champion", "models:/tiny-enc/latest", "models:/tiny-enc"):
         assert bound(cfg_for(model=ref)) == ("models:/tiny-enc/1", ref, None)
+    # a registered head's alias too: each API replica resolved it at its own start
+    from serve_helpers import make_head
+
+    head = make_head(tmp_path / "head", 192, encoder=tmp_path / "ckpt")
+    run = client.create_run(ensure_experiment(uri, "radjepa"))
+    client.log_artifacts(run.info.run_id, str(head), "head")
+    kind = {"radjepa.kind": "probe-head"}
+    register_artifact_dir(uri, run.info.run_id, "head", "tiny-head", tags=kind)
+    client.set_registered_model_alias("tiny-head", "champion", "1")
+    asked = cfg_for(model="models:/tiny-enc@champion", head="models:/tiny-head@champion")
+    assert bound(asked)[2] == "models:/tiny-head/1"
 
     runs = tmp_path / "runs" / "r"
     make_checkpoint(runs / "checkpoint_2026-10-25_01-55-00.000001", step=3)
@@ -259,3 +270,17 @@ def test_every_replica_is_bound_to_the_weights_checked_not_an_alias_or_run_folde
     monkeypatch.chdir(tmp_path)  # a relative folder stays relative (a Ray Job's working copy)
     assert bound(cfg_for(model="runs/r"))[:2] == (f"runs/r/{newest}", "runs/r")
     assert bound(cfg_for(model=f"runs/r/{newest}"))[0] == f"runs/r/{newest}"
+
+
+def test_a_bucket_this_machine_cannot_read_is_left_to_the_replicas(caplog):
+    # a cluster's nodes may hold the bucket's credentials where the driver does not: never
+    # read here before pinning, and not refused now; said, since a run folder is then not pinned
+    import logging
+
+    from serve.registry import pinned_reference
+
+    # nothing listens there; a short retry limit (a bucket's default is minutes)
+    ref = "gs://models/run1?endpoint_override=127.0.0.1:9&scheme=http&retry_limit_seconds=1"
+    with caplog.at_level(logging.WARNING, logger="serve.registry"):
+        assert pinned_reference(ref) == ref
+    assert "the replicas resolve gs://models/run1" in caplog.text

@@ -142,3 +142,15 @@ def test_a_label_column_given_alone_before_names_its_positive_value_on_resume(tm
     with pytest.raises(SweepError) as err:
         keep_sweep_config(other, data, sweep_dir, resume=True)
     assert "sorted order" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["DivergedIsWorst", "DrawnSettings"])
+def test_a_sweep_started_before_the_searchers_moved_still_unpickles_them(name):
+    # Tune saved the searcher by its module path (tune/tuner.pkl); once the classes moved to
+    # pipelines.sweep_search, every --resume of such a sweep failed in Tuner.restore
+    import pickle
+
+    from pipelines import sweep_search
+
+    saved = f"cpipelines.sweep\n{name}\n.".encode()  # a class reference, as pickle writes it
+    assert pickle.loads(saved) is getattr(sweep_search, name)  # noqa: S301 - our own bytes
