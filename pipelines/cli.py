@@ -394,7 +394,7 @@ def serve_cmd(
         stop_ray_ignoring_sigterm,
     )
     from pipelines.tracking import store_uri
-    from serve.deployment import check_pseudonym_key, check_references
+    from serve.deployment import check_pseudonym_key, check_references, pin_references
     from serve.local import (
         AppAlreadyRunning,
         PortInUse,
@@ -407,7 +407,6 @@ def serve_cmd(
         start_local,
         stop_local,
     )
-    from serve.registry import pinned_reference
     from serve.security import SecurityConfigError, settings_from_config
 
     # refuse an unprotected service, a taken port, a mistyped path, a registry version that does
@@ -434,15 +433,6 @@ def serve_cmd(
         # a local Ray's replicas share this machine's cache: a model this check fetches is
         # not fetched again by them, so the head and index are checked against it here too;
         # the key is checked before that fetch (minutes for a large encoder)
-        # checked as pinned, which the replicas are bound to (app_from_config pins again: the
-        # same version, the same checkpoint folder)
-        cfg = cfg.with_overrides(
-            {
-                "serve.model": pinned_reference(cfg.serve.model, tracking_uri=store_uri(cfg)),
-                "serve.head": cfg.serve.head
-                and pinned_reference(cfg.serve.head, tracking_uri=store_uri(cfg)),
-            }
-        )
         check_references(
             cfg.serve.model,
             cfg.serve.head,
@@ -451,6 +441,9 @@ def serve_cmd(
             fetch_model=local_ray,
             before_fetch=key_check if local_ray else None,
         )
+        # what the replicas are bound to, pinned right after its check (an alias as its
+        # version, a run folder as its newest checkpoint), not once Ray has started
+        pinned = pin_references(cfg)
     except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     # said above, on this terminal, where the local API replicas' log lines also arrive: they
@@ -478,6 +471,7 @@ def serve_cmd(
                     cfg,
                     settings=settings,
                     references_checked=True,
+                    pinned=pinned,
                     key_checked=local_ray,
                     # the replicas of a local Ray all read this machine's files: a retry only
                     # repeats the failure (Serve's default, 3 tries, took 1-2 minutes). A

@@ -57,9 +57,11 @@ _MAGIC = (
     (0, b"MM\x00*"),
 )
 _HEAD = 264  # enough bytes for every magic above
-# Ray's walk says at INFO which ignore files it read, a line per folder: not for this check
+# Ray's walk says at INFO which ignore files it read, a line per folder, and at ERROR "Issue
+# with path: <file>" when the walk is ended on purpose (_Enough), naming a patient file: not
+# for this check, which says what it found itself
 _WALK_LOG = logging.getLogger(f"{__name__}.walk")
-_WALK_LOG.setLevel(logging.WARNING)
+_WALK_LOG.disabled = True
 
 
 def looks_like_patient_data(path: Path) -> bool:

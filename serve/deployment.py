@@ -482,6 +482,24 @@ def _replica_key_fingerprint(
     return found
 
 
+def pin_references(cfg: Any) -> tuple[str, str | None]:
+    """The model and head every replica loads whenever it starts (``cfg.serve``'s): an alias
+    as its version, a run folder as its newest checkpoint (:func:`serve.registry.
+    pinned_reference`). A head folder or URI is read as it is at each replica's start."""
+    from pipelines.tracking import store_uri
+    from serve.registry import pinned_reference
+
+    sc = cfg.serve
+    model = pinned_reference(sc.model, tracking_uri=store_uri(cfg))
+    head = sc.head
+    if head and head.startswith("models:/"):
+        head = pinned_reference(head, tracking_uri=store_uri(cfg))
+    for asked, pinned in ((sc.model, model), (sc.head, head)):
+        if pinned != asked:
+            log.info("serving %s as %s", asked, pinned)
+    return model, head
+
+
 def app_from_config(
     cfg: Any,
     *,
@@ -490,14 +508,17 @@ def app_from_config(
     references_checked: bool = False,
     key_checked: bool = False,
     start_attempts: int | None = None,
+    pinned: tuple[str, str | None] | None = None,
 ) -> Application:
     """Bind the two deployments from a validated Config (``cfg.serve`` says what to serve).
 
     ``replica_env`` adds env vars to the ingress replicas' runtime env: the demo's public key,
     which its replicas would otherwise lack on a Ray started before the demo set it (Ray keeps
     a runtime env in plain text: never a real secret). ``references_checked``: the caller ran
-    :func:`check_references` on this config already (``radjepa serve``, before starting Ray,
-    on references it pinned), so a local checkpoint is not hashed twice. ``key_checked``: the
+    :func:`check_references` on this config already (``radjepa serve``, before starting Ray),
+    so a local checkpoint is not hashed twice; ``pinned``: what :func:`pin_references` gave
+    the caller right after its check (not pinned again, which could name a newer version
+    than the one checked). ``key_checked``: the
     caller ran :func:`check_pseudonym_key` for the replicas' environment already (``radjepa
     serve`` on a local Ray, whose replicas have its environment). ``start_attempts``: how many
     replica start-ups of a deployment may fail before Serve gives the deployment up
@@ -509,17 +530,11 @@ def app_from_config(
             "folder or models:/<name>@<alias>"
         )
     from pipelines.tracking import store_uri  # where pretrain registered the models
-    from serve.registry import pinned_reference
 
-    # the weights and head every replica loads whenever it starts, checked as such: an alias
-    # as its version, a run folder as its newest checkpoint (serve.registry.pinned_reference);
-    # a head folder or URI is read as it is at each replica's start
-    model = pinned_reference(sc.model, tracking_uri=store_uri(cfg))
-    head = pinned_reference(sc.head, tracking_uri=store_uri(cfg)) if sc.head else None
-    if model != sc.model:
-        log.info("serving %s as %s", sc.model, model)
     if not references_checked:
-        check_references(model, head, sc.index, store_uri(cfg))
+        check_references(sc.model, sc.head, sc.index, store_uri(cfg))
+    # checked just above, or by the caller a moment before it passed ``pinned``
+    model, head = pinned or pin_references(cfg)
     settings = settings or settings_from_config(
         sc,
         secret_env=cfg.ingest.secret_env,
@@ -536,15 +551,6 @@ def app_from_config(
     check_replica_fits(settings.decode_workers)
     gpu = _resolve_gpu(sc.use_gpu)
     retries = {} if start_attempts is None else {"max_constructor_retry_count": start_attempts}
-    # the weights and head every replica loads whenever it starts, checked as such: an alias
-    # as its version, a run folder as its newest checkpoint (serve.registry.pinned_reference);
-    # a head folder or URI is read as it is at each replica's start
-    model = pinned_reference(sc.model, tracking_uri=store_uri(cfg))
-    head = pinned_reference(sc.head, tracking_uri=store_uri(cfg)) if sc.head else None
-    if model != sc.model:
-        log.info("serving %s as %s", sc.model, model)
-    if not references_checked:
-        check_references(model, head, sc.index, store_uri(cfg))
     encoder = EncoderDeployment.options(
         ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0},
         # the encoder must admit a whole batch at once, or @serve.batch never fills

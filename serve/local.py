@@ -175,6 +175,7 @@ def start_local(
     references_checked: bool = False,
     key_checked: bool = False,
     start_attempts: int | None = None,
+    pinned: tuple[str, str | None] | None = None,
 ) -> str:
     """Deploy the API on the connected Ray and return its base URL (port 0 = any free port).
 
@@ -185,7 +186,8 @@ def start_local(
     those a caller already built from ``cfg.serve`` (the keys file is then read, and its
     warnings logged, once). ``references_checked``: the caller ran
     ``serve.deployment.check_references`` before starting Ray (``app_from_config``), and
-    ``key_checked`` ``serve.deployment.check_pseudonym_key`` for this local Ray.
+    ``key_checked`` ``serve.deployment.check_pseudonym_key`` for this local Ray; ``pinned``:
+    the references it pinned after its check (``serve.deployment.pin_references``).
     ``start_attempts``: replica start-ups a deployment may fail before Serve gives it up
     (``app_from_config``). Raises ServeStartFailed when a deployment's replicas do not start.
     """
@@ -222,6 +224,7 @@ def start_local(
         settings=settings,
         replica_env=replica_env,
         references_checked=references_checked,
+        pinned=pinned,
         key_checked=key_checked,
         start_attempts=start_attempts,
     )

@@ -596,3 +596,16 @@ def test_a_missing_segmentation_file_is_named_by_row_and_column_not_path(tmp_pat
     with pytest.raises(DatasetError, match=r"row 1: the file\(s\) of column\(s\) \['lung'\]") as e:
         load_seg_csv(tmp_path / "seg.csv", ["lung"], size=32)
     assert "DOE_JOHN" not in str(e.value).split("row 1")[1]
+
+
+def test_a_mask_that_is_no_image_is_named_by_row_and_structure(tmp_path, nih_dir):
+    # PIL's error named the file (a patient-named folder), as a traceback past the CLI
+    from radjepa.eval.segmentation import load_seg_csv
+
+    img = sorted((nih_dir / "images").glob("*.png"))[0]
+    (tmp_path / "DOE_JOHN").mkdir()
+    shutil.copy(img, tmp_path / "DOE_JOHN" / "cxr.png")
+    (tmp_path / "DOE_JOHN" / "mask.png").write_bytes(b"not a png")
+    (tmp_path / "seg.csv").write_text("image,lung\nDOE_JOHN/cxr.png,DOE_JOHN/mask.png\n")
+    with pytest.raises(DatasetError, match=r"row 1: the lung mask is not a readable image$"):
+        load_seg_csv(tmp_path / "seg.csv", ["lung"], size=32)

@@ -284,3 +284,36 @@ def test_a_bucket_this_machine_cannot_read_is_left_to_the_replicas(caplog):
     with caplog.at_level(logging.WARNING, logger="serve.registry"):
         assert pinned_reference(ref) == ref
     assert "the replicas resolve gs://models/run1" in caplog.text
+
+
+def test_references_are_checked_and_pinned_once_and_a_caller_s_pin_is_bound_as_given(
+    cfg_for, tmp_path, monkeypatch
+):
+    # the pin-and-check ran twice per build (a local checkpoint hashed twice, each line said
+    # twice); and radjepa serve, which checks and pins before Ray starts, must have its pin
+    # bound, not one made once Ray is up, which may name a newer version than it checked
+    from serve import deployment
+
+    calls = {"check": 0, "pin": 0}
+    check, pin = deployment.check_references, deployment.pin_references
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(deployment, "check_references", counted("check", check))
+    monkeypatch.setattr(deployment, "pin_references", counted("pin", pin))
+    app_from_config(cfg_for())
+    assert calls == {"check": 1, "pin": 1}
+    other = make_checkpoint(tmp_path / "other", step=3)
+    api = app_from_config(
+        cfg_for(), references_checked=True, pinned=(str(other), None)
+    )._bound_deployment
+    encoder = api.init_args[0]._bound_deployment
+    assert encoder.init_args[0] == str(other) and encoder.init_kwargs["source"] == str(
+        tmp_path / "ckpt"
+    )
+    assert calls == {"check": 1, "pin": 1}

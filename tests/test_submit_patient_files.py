@@ -54,13 +54,24 @@ def test_quarantine_with_sources_is_not_run_as_a_job(args, refused):
         assert jobs.build_entrypoint(args).startswith("python -m pipelines.cli quarantine")
 
 
-def test_the_walk_stops_once_enough_files_are_found(tmp_path):
-    # a link into a mounted archive would have every header of it read before the refusal
-    from pipelines.upload_check import patient_files
+def test_the_walk_stops_once_enough_files_are_found(tmp_path, monkeypatch, caplog):
+    # a link into a mounted archive would have every header of it read before the refusal; and
+    # the walk's end was logged by Ray as "ERROR Issue with path: <a patient file>"
+    import logging
+
+    from pipelines import upload_check
 
     (tmp_path / "export").mkdir()
     for i in range(30):
         (tmp_path / "export" / f"IM{i:06d}.DCM").write_bytes(b"")
-    assert len(patient_files(tmp_path, [], most=5)) == 5
+    judged: list[Path] = []
+    looks = upload_check.looks_like_patient_data
+    monkeypatch.setattr(
+        upload_check, "looks_like_patient_data", lambda p: judged.append(p) or looks(p)
+    )
+    with caplog.at_level(logging.DEBUG):
+        assert len(upload_check.patient_files(tmp_path, [], most=5)) == 5
+    assert len(judged) == 5
+    assert "Issue with path" not in caplog.text and "IM0000" not in caplog.text
     with pytest.raises(jobs.JobsError, match=r"not submitted: 20 or more file\(s\)"):
         _submit(tmp_path)

@@ -328,8 +328,13 @@ def load_seg_csv(
         chans = []
         shape = (int(dec.meta["orig_height"]), int(dec.meta["orig_width"]))
         for structure, f in zip(structures, files[1:], strict=True):
-            with Image.open(f) as im:
-                fg = (np.asarray(im.convert("L")) > 0).astype(np.float32)
+            try:
+                with Image.open(f) as im:
+                    fg = (np.asarray(im.convert("L")) > 0).astype(np.float32)
+            except OSError:  # PIL names the file: its name may carry the patient's
+                raise DatasetError(
+                    f"{path} row {i + 1}: the {structure} mask is not a readable image"
+                ) from None
             if not _same_aspect(fg.shape, shape):
                 raise DatasetError(
                     f"{path} row {i + 1}: the {structure} mask is {fg.shape[1]}x{fg.shape[0]} "
