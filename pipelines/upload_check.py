@@ -59,9 +59,10 @@ _MAGIC = (
 _HEAD = 264  # enough bytes for every magic above
 # Ray's walk says at INFO which ignore files it read, a line per folder, and at ERROR "Issue
 # with path: <file>" when the walk is ended on purpose (_Enough), naming a patient file: not
-# for this check, which says what it found itself
+# for this check, which says what it found itself. A filter, not `disabled`: a logging
+# dictConfig (Ray's and MLflow's own) enables every existing logger again.
 _WALK_LOG = logging.getLogger(f"{__name__}.walk")
-_WALK_LOG.disabled = True
+_WALK_LOG.addFilter(lambda _record: False)
 
 
 def looks_like_patient_data(path: Path) -> bool:

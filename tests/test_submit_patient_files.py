@@ -58,6 +58,7 @@ def test_the_walk_stops_once_enough_files_are_found(tmp_path, monkeypatch, caplo
     # a link into a mounted archive would have every header of it read before the refusal; and
     # the walk's end was logged by Ray as "ERROR Issue with path: <a patient file>"
     import logging
+    import logging.config
 
     from pipelines import upload_check
 
@@ -69,6 +70,8 @@ def test_the_walk_stops_once_enough_files_are_found(tmp_path, monkeypatch, caplo
     monkeypatch.setattr(
         upload_check, "looks_like_patient_data", lambda p: judged.append(p) or looks(p)
     )
+    # as Ray and MLflow configure logging in a process: every existing logger enabled again
+    logging.config.dictConfig({"version": 1, "disable_existing_loggers": False})
     with caplog.at_level(logging.DEBUG):
         assert len(upload_check.patient_files(tmp_path, [], most=5)) == 5
     assert len(judged) == 5
