@@ -348,13 +348,19 @@ def _vocab(value: Any, allowed: frozenset[str]) -> str | None:
 
 # Manufacturer (LO) is free text: some writers (secondary capture, scanning software, a site's
 # own tools) put the site's or PACS's name there, or worse. Only a vendor of this closed list
-# leaves the decoder, as its canonical name; anything else is OTHER. (vendor, its words: the
-# first word for GE alone, any word for the rest, a prefix for Fuji)
+# leaves the decoder, as its canonical name; anything else is OTHER. Each vendor's names are
+# whole words, or runs of them (GENERAL ELECTRIC), in the value's words; a name ending in *
+# is a prefix of a word (FUJIFILM, Fuji Photo Film). GE alone is a word too common in other
+# text, so it counts only as the first word.
 _VENDORS: Final = (
+    ("GE", ("GENERAL ELECTRIC", "GEHC")),
+    ("KONICA MINOLTA", ("KONICAMINOLTA",)),
+    ("IMAGING DYNAMICS", ("IMAGING DYNAMICS",)),
+    ("UNITED IMAGING", ("UNITED IMAGING",)),
     ("SIEMENS", ("SIEMENS",)),
     ("PHILIPS", ("PHILIPS",)),
     ("CARESTREAM", ("CARESTREAM", "KODAK")),
-    ("FUJIFILM", ("FUJI",)),
+    ("FUJIFILM", ("FUJI*",)),
     ("AGFA", ("AGFA",)),
     ("CANON", ("CANON", "TOSHIBA")),
     ("KONICA MINOLTA", ("KONICA", "MINOLTA")),
@@ -377,13 +383,6 @@ _VENDORS: Final = (
     ("PERLOVE", ("PERLOVE",)),
     ("WANDONG", ("WANDONG",)),
 )
-# vendors written as two words (or as one: KonicaMinolta): matched on the words joined
-_VENDOR_PHRASES: Final = (
-    ("GE", ("GENERAL ELECTRIC", "GEHC")),
-    ("KONICA MINOLTA", ("KONICAMINOLTA",)),
-    ("IMAGING DYNAMICS", ("IMAGING DYNAMICS",)),
-    ("UNITED IMAGING", ("UNITED IMAGING",)),
-)
 
 
 def _manufacturer(value: Any) -> str | None:
@@ -395,14 +394,14 @@ def _manufacturer(value: Any) -> str | None:
         return None
     if words[0] in ("GE", "GEMS", "GEHC"):
         return "GE"
-    said = " ".join(words)
-    for vendor, phrases in _VENDOR_PHRASES:
-        if any(f" {p} " in f" {said} " for p in phrases):
-            return vendor
-    for vendor, names in _VENDORS:
-        if any(w.startswith(n) if n == "FUJI" else w == n for w in words for n in names):
-            return vendor
-    return "OTHER"
+    said = f" {' '.join(words)} "
+
+    def named(name: str) -> bool:
+        if name.endswith("*"):
+            return any(w.startswith(name[:-1]) for w in words)
+        return f" {name} " in said
+
+    return next((vendor for vendor, names in _VENDORS if any(map(named, names))), "OTHER")
 
 
 def _spacing(ds: Any) -> float | None:
