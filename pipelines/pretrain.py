@@ -353,7 +353,7 @@ def _maybe_inject_failure(cfg: Config, rank: int, step: int, run_dir: str) -> No
 
 def storage_root(cfg: Config) -> str:
     out = cfg.train.output_dir
-    return out if "://" in out else str(Path(out).expanduser().resolve())
+    return locations.absolute(out)
 
 
 def build_trainer(

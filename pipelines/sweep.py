@@ -396,7 +396,7 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
     try:  # from the parent run's existence on: an interruption ends it KILLED, not RUNNING
         setup = {
             "config": cfg.model_dump(mode="json"),
-            "data": data if "://" in data else str(Path(data).expanduser().resolve()),
+            "data": locations.absolute(data),
             "trials_dir": locations.join_location(sweep_dir, "trials"),
             "tracking_root": root,
             "parent_run_id": parent_run_id,

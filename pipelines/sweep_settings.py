@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from radjepa import locations
@@ -95,14 +94,9 @@ def _sweep_settings(cfg: Config, data: str) -> dict[str, Any]:
 
     kept = {k: v for k, v in flatten(cfg).items() if _compared(k, cfg)}
     if kept.get("tune.labels_csv"):  # read where the driver runs: the file, not the text typed
-        kept["tune.labels_csv"] = _absolute(kept["tune.labels_csv"])
-    return locations.redact_strings(json.loads(json.dumps({"data": _absolute(data), **kept})))
-
-
-def _absolute(location: str) -> str:
-    """A local path made absolute (a --resume from another folder reads other files by the same
-    relative text); a URI as given."""
-    return location if "://" in location else str(Path(location).expanduser().resolve())
+        kept["tune.labels_csv"] = locations.absolute(kept["tune.labels_csv"])
+    settings = {"data": locations.absolute(data), **kept}
+    return locations.redact_strings(json.loads(json.dumps(settings)))
 
 
 def keep_sweep_config(cfg: Config, data: str, sweep_dir: str, resume: bool) -> None:
@@ -132,7 +126,7 @@ def keep_sweep_config(cfg: Config, data: str, sweep_dir: str, resume: bool) -> N
     # none of probe.*: only what is compared now, and none of what it never held
     saved = {k: v for k, v in saved.items() if k == "data" or _compared(k, cfg)}
     if isinstance(saved.get("tune.labels_csv"), str):  # as typed, then
-        saved["tune.labels_csv"] = _absolute(saved["tune.labels_csv"])
+        saved["tune.labels_csv"] = locations.absolute(saved["tune.labels_csv"])
     held = any(k.startswith("probe.") for k in saved)
     changed = sorted(
         k

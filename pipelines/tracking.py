@@ -17,7 +17,7 @@ from typing import Any
 
 from pipelines.provenance import code_tags
 from radjepa.config import Config, TrackingConfig
-from radjepa.locations import join_location, local_path, redact
+from radjepa.locations import absolute, join_location, local_path, redact
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def provenance_tags(data: str, images: int, fingerprint: str) -> dict[str, str]:
     import importlib.metadata
     import platform
 
-    where = data if "://" in data else str(Path(data).expanduser().resolve())
+    where = absolute(data)
     tags = {
         "radjepa.data": redact(where),
         "radjepa.data_images": str(images),

@@ -213,6 +213,12 @@ def spell_like(location: str | Path, fs_path: str) -> str:
     return f"{parts.scheme}://{fs_path}{query}"  # object stores: the bucket leads the path
 
 
+def absolute(location: str) -> str:
+    """A local path made absolute (``~`` expanded, links resolved), a URI as given: the one
+    spelling of a location a later command, run from another folder, finds the same files by."""
+    return location if "://" in location else str(Path(location).expanduser().resolve())
+
+
 def join_location(root: str | Path, *names: str) -> str:
     """``root/name/...`` for a path or a URI (``Path`` would fold ``s3://`` into ``s3:/``, and
     a plain string join would put the names after a URI's query)."""
