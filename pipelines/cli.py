@@ -393,8 +393,7 @@ def serve_cmd(
         sigterm_as_ctrl_c,
         stop_ray_ignoring_sigterm,
     )
-    from pipelines.tracking import store_uri
-    from serve.deployment import check_pseudonym_key, check_references, pin_references
+    from serve.deployment import check_pseudonym_key, pin_and_check
     from serve.local import (
         AppAlreadyRunning,
         PortInUse,
@@ -433,17 +432,11 @@ def serve_cmd(
         # a local Ray's replicas share this machine's cache: a model this check fetches is
         # not fetched again by them, so the head and index are checked against it here too;
         # the key is checked before that fetch (minutes for a large encoder)
-        check_references(
-            cfg.serve.model,
-            cfg.serve.head,
-            cfg.serve.index,
-            store_uri(cfg),
-            fetch_model=local_ray,
-            before_fetch=key_check if local_ray else None,
+        # what the replicas are bound to (an alias as its version, a run folder as its newest
+        # checkpoint), pinned before the check and the fetch, not once Ray has started
+        pinned = pin_and_check(
+            cfg, fetch_model=local_ray, before_fetch=key_check if local_ray else None
         )
-        # what the replicas are bound to, pinned right after its check (an alias as its
-        # version, a run folder as its newest checkpoint), not once Ray has started
-        pinned = pin_references(cfg)
     except (SecurityConfigError, PortInUse, FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     # said above, on this terminal, where the local API replicas' log lines also arrive: they

@@ -39,6 +39,7 @@ __all__ = [
     "check_replica_fits",
     "encoder_queue",
     "ingress_resources",
+    "pin_and_check",
 ]
 
 log = logging.getLogger(__name__)
@@ -500,6 +501,27 @@ def pin_references(cfg: Any) -> tuple[str, str | None]:
     return model, head
 
 
+def pin_and_check(
+    cfg: Any, *, fetch_model: bool = False, before_fetch: Callable[[], None] | None = None
+) -> tuple[str, str | None]:
+    """:func:`pin_references`, then :func:`check_references` of what it pinned, which the
+    replicas are then bound to. Pinned after the check, an alias promoted or a checkpoint
+    written while the check ran (a fetch of the weights takes minutes) bound the replicas to
+    other weights than the head and index were checked against."""
+    from pipelines.tracking import store_uri
+
+    model, head = pin_references(cfg)
+    check_references(
+        model,
+        head,
+        cfg.serve.index,
+        store_uri(cfg),
+        fetch_model=fetch_model,
+        before_fetch=before_fetch,
+    )
+    return model, head
+
+
 def app_from_config(
     cfg: Any,
     *,
@@ -516,9 +538,9 @@ def app_from_config(
     which its replicas would otherwise lack on a Ray started before the demo set it (Ray keeps
     a runtime env in plain text: never a real secret). ``references_checked``: the caller ran
     :func:`check_references` on this config already (``radjepa serve``, before starting Ray),
-    so a local checkpoint is not hashed twice; ``pinned``: what :func:`pin_references` gave
-    the caller right after its check (not pinned again, which could name a newer version
-    than the one checked). ``key_checked``: the
+    so a local checkpoint is not hashed twice; ``pinned``: what the caller's
+    :func:`pin_and_check` gave it (not pinned again, which could name a newer version than
+    the one checked). ``key_checked``: the
     caller ran :func:`check_pseudonym_key` for the replicas' environment already (``radjepa
     serve`` on a local Ray, whose replicas have its environment). ``start_attempts``: how many
     replica start-ups of a deployment may fail before Serve gives the deployment up
@@ -531,10 +553,9 @@ def app_from_config(
         )
     from pipelines.tracking import store_uri  # where pretrain registered the models
 
-    if not references_checked:
-        check_references(sc.model, sc.head, sc.index, store_uri(cfg))
-    # checked just above, or by the caller a moment before it passed ``pinned``
-    model, head = pinned or pin_references(cfg)
+    if pinned is None:
+        pinned = pin_references(cfg) if references_checked else pin_and_check(cfg)
+    model, head = pinned
     settings = settings or settings_from_config(
         sc,
         secret_env=cfg.ingest.secret_env,

@@ -187,7 +187,7 @@ def start_local(
     warnings logged, once). ``references_checked``: the caller ran
     ``serve.deployment.check_references`` before starting Ray (``app_from_config``), and
     ``key_checked`` ``serve.deployment.check_pseudonym_key`` for this local Ray; ``pinned``:
-    the references it pinned after its check (``serve.deployment.pin_references``).
+    the references it pinned and checked (``serve.deployment.pin_and_check``).
     ``start_attempts``: replica start-ups a deployment may fail before Serve gives it up
     (``app_from_config``). Raises ServeStartFailed when a deployment's replicas do not start.
     """

@@ -317,3 +317,30 @@ def test_references_are_checked_and_pinned_once_and_a_caller_s_pin_is_bound_as_g
         tmp_path / "ckpt"
     )
     assert calls == {"check": 1, "pin": 1}
+
+
+def test_what_is_checked_is_what_the_replicas_are_bound_to_when_a_checkpoint_lands_meanwhile(
+    cfg_for, tmp_path
+):
+    # `radjepa serve` checked the run folder (fetching its weights: minutes for a large encoder
+    # on a bucket) and pinned it after: a checkpoint written meanwhile bound the replicas to
+    # weights the head was never checked against. Pinned first, the check reads the pin.
+    import torch
+    from serve_helpers import make_head
+
+    from radjepa.eval.heads import HeadError
+    from serve.deployment import pin_and_check
+
+    runs = tmp_path / "runs" / "r"
+    first = make_checkpoint(runs / "checkpoint_2026-12-07_01-00-00.000001", step=3)
+    head = make_head(tmp_path / "head", 192, encoder=first)
+
+    def training_goes_on() -> None:
+        torch.manual_seed(5)
+        make_checkpoint(runs / "checkpoint_2026-12-07_02-00-00.000001", step=9)
+
+    cfg = cfg_for(model=str(runs), head=str(head))
+    assert pin_and_check(cfg, before_fetch=training_goes_on) == (str(first), str(head))
+    # the newer checkpoint is another encoder: pinned now, the same head is refused
+    with pytest.raises(HeadError, match="train a head on this encoder"):
+        pin_and_check(cfg)
