@@ -482,7 +482,8 @@ def serve_cmd(
             except ServeStartFailed as err:
                 raise RunFailed(str(err)) from None
             quiet.active = False  # a replica failing from now on is said by Serve, as before
-            typer.echo(f"RadJEPA API at {url}  (docs: {url}/docs)")
+            docs = f"{url}/docs" if settings.docs_page else f"{url}/openapi.json"
+            typer.echo(f"RadJEPA API at {url}  (docs: {docs})")
             typer.echo(curl_example(url, settings))
             while True:
                 time.sleep(1.0)

@@ -674,6 +674,11 @@ class ServeConfig(_Section):
     api_keys_env: str = "RADJEPA_API_KEYS"
     api_keys_file: str | None = None
     insecure_local: bool = Field(False, description="allow running with no API keys (local only)")
+    docs_page: bool = Field(
+        True,
+        description="serve the interactive Swagger UI at /docs, whose scripts a browser loads "
+        "from a public CDN on the API's own origin; /openapi.json is served either way",
+    )
     max_body_mb: float = Field(64.0, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     max_batch_size: int = Field(16, ge=1)

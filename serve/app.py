@@ -113,7 +113,12 @@ class _Exclusions:
 
 
 def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    given = request.headers.getlist("content-type")
+    if len(given) > 1:  # which one a proxy in front inspected is not known here
+        raise ApiError(
+            415, "several Content-Type headers: send one", reason="unsupported_media_type"
+        )
+    return given[0].split(";")[0].strip().lower() if given else ""
 
 
 try:  # the multipart parser's limits on each part's headers (python-multipart's defaults)
@@ -564,6 +569,11 @@ def create_app(
         # and the scheme uvicorn saw (http behind a TLS-terminating ingress), which a client
         # follows by sending the image again, before any key check: paths are exact instead
         redirect_slashes=False,
+        # the Swagger UI's scripts, and ReDoc's with Google's fonts, come from public CDNs:
+        # /docs only where the operator wants it (serve.docs_page), ReDoc never
+        docs_url="/docs" if settings.docs_page else None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,  # no OAuth2 here: the bearer key is typed in
     )
     app.state.settings = settings
     app.state.keyring = settings.keyring()

@@ -72,7 +72,10 @@ def parse_entries(entries: list[tuple[str, str]]) -> Keys:
         if not key.isascii():
             # HTTP headers arrive as Latin-1 and are compared as UTF-8 digests: such a key
             # could never match, and every client holding it would get 401
-            raise KeysError(f"{where}: an API key must be ASCII characters only")
+            odd = next(c for c in key if not c.isascii())
+            raise KeysError(
+                f"{where}: an API key must be ASCII characters only (it holds U+{ord(odd):04X})"
+            )
         if len(key) < MIN_KEY_CHARS:
             short += 1
             continue
@@ -155,7 +158,9 @@ def read_keys_file(path: str | os.PathLike[str]) -> Keys:
     and folder checks."""
     path = Path(path)
     try:
-        with path.open(encoding="utf-8") as fh:
+        # -sig: an editor's byte-order mark (Notepad, PowerShell 5's utf8) is no part of the
+        # first key, which was refused as not ASCII (a rotation file: the old keys kept)
+        with path.open(encoding="utf-8-sig") as fh:
             st = os.fstat(fh.fileno())  # the file read, not a later one
             check_file_mode(path, st)
             check_file_owner(path, st)

@@ -62,6 +62,7 @@ class ApiSettings(BaseModel):
     keys_file: str | None = Field(None, description="re-read by each replica when it changes")
     keys_recheck_s: float = Field(1.0, ge=0, description="how often the keys file is stat'ed")
     insecure_local: bool = False
+    docs_page: bool = Field(True, description="/docs (serve.docs_page)")
     max_body_bytes: int = Field(64 * 1024**2, gt=0)
     request_timeout_s: float = Field(30.0, gt=0)
     max_images_per_request: int = Field(MAX_IMAGES_PER_REQUEST, ge=1)
@@ -156,6 +157,7 @@ def settings_from_config(
         if serve_cfg.api_keys_file
         else None,
         insecure_local=serve_cfg.insecure_local,
+        docs_page=serve_cfg.docs_page,
         max_body_bytes=int(serve_cfg.max_body_mb * 1024**2),
         request_timeout_s=serve_cfg.request_timeout_s,
         decode_workers=serve_cfg.decode_workers,
@@ -215,7 +217,11 @@ def require_api_key(
             request.state.scopes = SCOPES
             return
         raise _unauthorized("invalid API key")  # unreachable: start and reloads refuse no keys
-    header = request.headers.get("authorization", "")
+    given = request.headers.getlist("authorization")
+    if len(given) > 1:
+        # a proxy or audit layer in front may read another of them than this first one
+        raise _unauthorized("several Authorization headers: send one")
+    header = given[0] if given else ""
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")

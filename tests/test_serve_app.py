@@ -1067,6 +1067,50 @@ def test_a_malformed_multipart_body_is_a_json_error_saying_what_to_fix(world):
         assert r.json()["reason"] == "too_many_images" and "at most 64" in r.json()["detail"]
 
 
+def test_the_swagger_page_is_the_operators_choice_and_redoc_is_never_served(client, world):
+    # /redoc and /docs/oauth2-redirect were open and undocumented, ReDoc pulling scripts and
+    # Google's fonts from public CDNs; /docs (Swagger UI from a CDN, where users type their key)
+    # could not be turned off for a production service
+    from radjepa.config import ServeConfig, load_config
+    from serve.security import settings_from_config
+
+    for path in ("/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 404, path
+    with TestClient(create_app(world["embedder"], settings=_settings(docs_page=False))) as c:
+        assert c.get("/docs").status_code == 404
+        assert "/v1/embed" in c.get("/openapi.json").json()["paths"]
+    # the setting reaches the app; the cluster's config turns the page off
+    local = ServeConfig(docs_page=False, insecure_local=True)
+    assert not settings_from_config(local, secret_env="X", allow_development_key=True).docs_page
+    assert ServeConfig().docs_page
+    cluster = Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
+    assert not load_config(cluster).serve.docs_page
+
+
+def test_two_authorization_or_content_type_headers_are_refused_whichever_comes_first(client, world):
+    # the first of each was used: a proxy, WAF or audit layer in front reading the last one
+    # authenticated, or inspected, something other than what the service acted on
+    png, bad = world["pngs"][0], "Bearer not-a-key-of-this-service"
+    for order in ((AUTH["Authorization"], bad), (bad, AUTH["Authorization"])):
+        headers = [("authorization", v) for v in order] + [("content-type", "image/png")]
+        r = client.post("/v1/embed", content=png, headers=headers)
+        assert r.status_code == 401, r.text
+        assert r.json()["detail"].startswith("several Authorization headers"), r.text
+    for order in (("image/png", "text/plain"), ("text/plain", "image/png")):
+        headers = [("authorization", AUTH["Authorization"])]
+        r = client.post(
+            "/v1/embed", content=png, headers=headers + [("content-type", t) for t in order]
+        )
+        assert r.status_code == 415 and r.json()["reason"] == "unsupported_media_type", r.text
+        assert "several Content-Type headers" in r.json()["detail"]
+    assert (
+        client.post(
+            "/v1/embed", content=png, headers={**AUTH, "content-type": "image/png"}
+        ).status_code
+        == 200
+    )
+
+
 def test_a_415_quotes_the_content_type_short_and_printable(world):
     """The 415 repeated the client's Content-Type whole: a 12 KB header came back in the body,
     bytes outside printable ASCII included (and would land in any log of error bodies). It is

@@ -174,6 +174,24 @@ def test_key_lines_and_env_entries_take_scopes_and_refuse_unknown_ones(tmp_path,
     assert NEW_KEY not in str(err.value)
 
 
+def test_a_keys_file_an_editor_saved_with_a_byte_order_mark_is_read(tmp_path):
+    # Notepad and PowerShell 5 (`Out-File -Encoding utf8`) start the file with U+FEFF: its
+    # first key was refused as not ASCII, and a rotation written so kept the revoked keys
+    from radjepa.config import ServeConfig
+
+    keys = _write(tmp_path / "keys", "")
+    keys.write_bytes(f"\ufeff{API_KEY}\r\n{LINKAGE_KEY} patient_linkage\r\n".encode())
+    s = settings_from_config(
+        ServeConfig(api_keys_file=str(keys)), secret_env="X", allow_development_key=False
+    )
+    assert set(s.file_keys) == {key_digest(API_KEY), key_digest(LINKAGE_KEY)}
+    keys.write_bytes(f"{API_KEY}\nnot-\u00e4scii-key-of-twenty\n".encode())
+    with pytest.raises(SecurityConfigError, match=r"line 2: .* ASCII .* U\+00E4"):
+        settings_from_config(
+            ServeConfig(api_keys_file=str(keys)), secret_env="X", allow_development_key=False
+        )
+
+
 @pytest.mark.parametrize("mode", [0o620, 0o602, 0o666, 0o660], ids=oct)
 def test_a_keys_file_others_may_write_is_refused(tmp_path, monkeypatch, mode):
     """Whoever can write the file can add a key: it was accepted (reproduced on the old code
