@@ -721,6 +721,30 @@ def test_colour_decode_memory_stays_near_the_grey_decode() -> None:
     assert peak / side**2 < 16
 
 
+@pytest.mark.parametrize("sbit", [None, 12])
+def test_sixteen_bit_decode_memory_holds_no_float64_copy(sbit: int | None) -> None:
+    # a compressible 16-bit grey PNG of ~700 KB near MAX_PIXELS peaked at 1.7 GB in one decode:
+    # a float64 copy of the raster and the window's float64 temporaries, ~24 bytes per pixel
+    import tracemalloc
+
+    from radjepa.imaging.raster import raster_display
+
+    side = 2048
+    ramp = np.arange(side, dtype=np.uint32)
+    grey16 = ((ramp[:, None] * 7 + ramp[None, :] * 3) % 4096).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(grey16).save(buf, format="PNG")
+    data = buf.getvalue() if sbit is None else _with_sbit(buf.getvalue(), sbit)
+    tracemalloc.start()
+    try:
+        grey, _ = raster_display(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / side**2 < 10  # the integers (2), the float32 image (4), a few MB of blocks
+    assert grey.dtype == np.float32
+
+
 def _deflated_with_padding(padding_bytes: int) -> bytes:
     """A deflated DICOM whose data set ends in ``padding_bytes`` of trailing padding (FFFC,FFFC),
     compressed in chunks: a deflate bomb that never exists inflated in the test."""
@@ -969,6 +993,49 @@ def test_a_header_cut_by_a_damaged_length_reaches_no_log(caplog, recwarn) -> Non
         assert "MARKER" not in str(err)
     said = _said(caplog, recwarn)
     assert not [line for line in said if any(v in line for v in MARKER_STRINGS)], said
+
+
+@pytest.mark.parametrize(
+    "charset",
+    [
+        "ISO_IR 100 DOE^JOHN",  # free text after the term: unknown
+        "ISO 2022 IR 6\\DOE^JOHN",  # an unknown code extension
+        "ISO_IR 192\\DOE^JOHN",  # a stand-alone set with an extension: "ignoring: DOE^JOHN"
+    ],
+)
+def test_a_specific_character_set_pydicom_cannot_use_reaches_no_log(
+    charset: str, caplog, recwarn
+) -> None:
+    """pydicom's charset look-up warns and logs the (0008,0005) value it cannot use, three
+    times per file and whatever the validation mode: ``Unknown encoding 'ISO_IR 100
+    DOE^JOHN'``. One line without the value is said instead, once per file; threads decoding
+    at once say nothing either, and pydicom still warns the process's own reads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dicom_factory import MARKERS
+    from pydicom import config
+    from pydicom.charset import convert_encodings
+
+    with config.disable_value_validation():  # pydicom would not write the value otherwise
+        data = make_dicom(gradient(N, N), extra={"SpecificCharacterSet": charset})
+    caplog.clear()
+    recwarn.clear()
+    caplog.set_level("DEBUG")
+    meta = decode(data).meta
+    said = _said(caplog, recwarn)
+    assert not [line for line in said if "DOE" in line or "JOHN" in line], said
+    assert [r.name for r in caplog.records if "Specific Character Set" in r.getMessage()] == [
+        "radjepa.imaging.value_validation"
+    ]
+    assert meta["patient_pid"] == keyed_hash(SECRET, "patient", MARKERS["PatientID"])
+    caplog.clear()
+    recwarn.clear()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: decode(data), range(8)))
+    said = _said(caplog, recwarn)
+    assert not [line for line in said if "DOE" in line or "JOHN" in line], said
+    with pytest.warns(UserWarning, match="Unknown encoding 'DOE JANE'"):
+        convert_encodings(["DOE JANE"])  # not inside the decoder: pydicom's lines as they are
 
 
 def test_the_callers_pydicom_validation_mode_is_kept_and_not_applied_to_decoding() -> None:

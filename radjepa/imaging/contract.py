@@ -44,9 +44,11 @@ __all__ = [
 DTYPES: Final = ("uint8", "uint16")
 # Largest source image decoded (rows x columns). Chest radiographs are at most ~4300 px a side;
 # the limit is checked from the header before any pixel is decoded, because a few KB of
-# compressed data can claim gigapixels. A grey decode holds ~9 bytes per pixel at its peak (raw
-# value, modality LUT, display float), a colour one ~15 (see ``luma``): 8192^2 bounds one
-# decode near 0.6-1 GB.
+# compressed data can claim gigapixels. Measured as RSS over the decode's start, a 16-bit grey
+# raster peaks near 8.5 bytes per pixel (decoded integers, float32 display, the resize's copy;
+# see ``windowing.percentile_window``), a colour one ~15 (see ``luma``), a 16-bit DICOM ~15-18
+# (codec buffers, float32 values and display, MONOCHROME1's inversion): 8192^2 bounds one decode
+# near 0.55-1.2 GB.
 MAX_PIXELS: Final = 8192 * 8192
 DEFAULT_SIZE: Final = 256
 DEFAULT_WINDOW_PERCENTILES: Final = (0.5, 99.5)

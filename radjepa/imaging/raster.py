@@ -64,7 +64,11 @@ def raster_display(
         grey = np.asarray(img.convert("L"), dtype=np.float32)
         return grey / np.float32(255.0), "MONOCHROME2"
     if mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img).astype(np.float64)
+        # the integers as decoded (2 bytes a pixel for "I;16"), and the image let go of: a
+        # float64 copy and the window's float64 temporaries held ~26 bytes a pixel, 1.7 GB for
+        # a compressible 690 KB upload near MAX_PIXELS
+        arr = np.asarray(img)
+        del img
         return sixteen_bit_display(arr, data, window_percentiles), "MONOCHROME2"
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -79,7 +83,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def sixteen_bit_display(
     arr: np.ndarray, data: bytes, window_percentiles: tuple[float, float]
 ) -> np.ndarray:
-    """A 16-bit grey raster onto [0, 1].
+    """A 16-bit grey raster (its integers) onto [0, 1], float32.
 
     With a PNG ``sBIT`` chunk (the depth of the source): the samples are scaled up to 16 bits,
     as the PNG specification has encoders do, so by 65535; a writer that left them unscaled
@@ -93,8 +97,11 @@ def sixteen_bit_display(
     if declared is None:
         return percentile_window(arr, None, window_percentiles)
     top = 2.0**declared - 1.0
-    scale = top if 0 < declared < 16 and float(arr.max(initial=0.0)) <= top else 65535.0
-    return np.clip(arr / scale, 0.0, 1.0)
+    scale = top if 0 < declared < 16 and float(arr.max(initial=0)) <= top else 65535.0
+    # divided in float64 a buffer at a time and stored as float32: no full-size float64 copy
+    out = np.empty(arr.shape, dtype=np.float32)
+    np.divide(arr, np.float64(scale), out=out, casting="same_kind")
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def _png_significant_bits(data: bytes) -> int | None:
