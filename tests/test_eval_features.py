@@ -609,3 +609,38 @@ def test_a_mask_that_is_no_image_is_named_by_row_and_structure(tmp_path, nih_dir
     (tmp_path / "seg.csv").write_text("image,lung\nDOE_JOHN/cxr.png,DOE_JOHN/mask.png\n")
     with pytest.raises(DatasetError, match=r"row 1: the lung mask is not a readable image$"):
         load_seg_csv(tmp_path / "seg.csv", ["lung"], size=32)
+
+
+def _unreadable_file(link: Path) -> None:
+    """``link``: a file whose read fails for root too (a mode-000 file does not): the start of
+    this process's memory, which is unmapped (EIO)."""
+    mem = Path("/proc/self/mem")
+    try:
+        mem.read_bytes()
+    except OSError:
+        link.symlink_to(mem)
+        return
+    pytest.skip("no /proc/self/mem whose read fails here")
+
+
+def test_an_image_the_file_system_fails_on_is_named_by_row_not_path(tmp_path, nih_dir):
+    # the OSError (or pathlib's RuntimeError for a link loop) named the absolute path, a
+    # patient-named folder, in a traceback no caller caught: the console, a Ray job's log
+    from radjepa.eval.segmentation import load_seg_csv
+
+    img = sorted((nih_dir / "images").glob("*.png"))[0]
+    (tmp_path / "DOE_JOHN").mkdir()
+    shutil.copy(img, tmp_path / "DOE_JOHN" / "cxr.png")
+    _unreadable_file(tmp_path / "DOE_JOHN" / "io.png")
+    (tmp_path / "DOE_JOHN" / "loop.png").symlink_to("loop.png")
+    for name, why in (("io.png", r"cannot be read \(Input/output error\)"), ("loop.png", "loop")):
+        (tmp_path / "labels.csv").write_text(
+            f"image,patient_id,view\nDOE_JOHN/cxr.png,1,AP\nDOE_JOHN/{name},2,PA\n"
+        )
+        with pytest.raises(DatasetError, match=rf"labels\.csv row 2: .*{why}") as err:
+            load_csv_dataset(tmp_path / "labels.csv", label_cols=["view=AP"], size=32)
+        assert "DOE_JOHN" not in str(err.value) and "/proc" not in str(err.value)
+        (tmp_path / "seg.csv").write_text(f"image,lung\nDOE_JOHN/{name},DOE_JOHN/cxr.png\n")
+        with pytest.raises(DatasetError, match=rf"seg\.csv row 1: .*{why}") as err:
+            load_seg_csv(tmp_path / "seg.csv", ["lung"], size=32)
+        assert "DOE_JOHN" not in str(err.value) and "/proc" not in str(err.value)

@@ -494,9 +494,24 @@ def test_cli_refuses_a_single_patient_set_in_one_line(tmp_path, checkpoint, nih_
     for p in {r.split(",")[0] for r in body}:
         (tmp_path / p).parent.mkdir(exist_ok=True)
         (tmp_path / p).write_bytes((nih_dir / p).read_bytes())
-    with pytest.raises(UserError, match=r"20 images belong to one patient \('42'\): "):
+    one_patient = r"20 images have the same 'patient_id' \(one patient\): "
+    with pytest.raises(UserError, match=one_patient) as exc:
         probe_cmd(checkpoint, ["view=AP"], tmp_path / "out", csv=one_csv, mlflow=False)
     assert not (tmp_path / "out" / "report.json").exists()
+    # not the patient id (an MRN), nor, for an image that is its own patient, its path (a
+    # file name often holds the patient's name): the message reaches a console or a job's log
+    assert "42" not in str(exc.value)
+    with pytest.raises(UserError, match=r"only 1 image: ") as exc:
+        probe_cmd(
+            checkpoint,
+            ["view=PA"],
+            tmp_path / "out",
+            csv=one_csv,
+            mlflow=False,
+            limit=1,
+            group_col="",
+        )
+    assert str(tmp_path) not in str(exc.value) and ".png" not in str(exc.value)
 
 
 def test_cli_refuses_a_device_this_machine_cannot_use_in_one_line(tmp_path, checkpoint, nih_dir):

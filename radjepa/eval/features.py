@@ -34,6 +34,9 @@ __all__ = [
     "check_repeats",
     "patient_ids",
     "read_csv_rows",
+    "read_image_bytes",
+    "resolve_listed",
+    "listed_file_exists",
     "extract_features",
     "require_finite",
     "resolve_device",
@@ -263,7 +266,7 @@ def load_csv_dataset(
     absent = [c for c in needed if c not in rows[0]]
     if absent:
         raise DatasetError(f"{path}: missing column(s) {absent}; has {list(rows[0])}")
-    files = [(path.parent / row[image_col]).resolve() for row in rows]  # resolved once
+    files = resolve_listed(rows, image_col, path)  # resolved once
     check_repeats(rows, files, path, [group_col or "", *(s.column for s in specs)])
     # the labels of every row, before the decode: an unusable cell is said at once, by its
     # CSV row, and the positive class does not depend on which images decoded
@@ -271,16 +274,17 @@ def load_csv_dataset(
     key = secret if secret is not None else os.urandom(32)
     images, kept, rejected = [], [], []
     for i, img_path in enumerate(files):
-        if not img_path.is_file():
+        if not listed_file_exists(img_path, f"{path} row {i + 1}"):
             # by row, not path (hospital file names often carry patient names): the message
             # reaches a console or a Ray job's log
             raise DatasetError(
                 f"{path} row {i + 1}: image not found (the file column {image_col!r} names, "
                 "relative to the CSV)"
             )
+        data = read_image_bytes(img_path, f"{path} row {i + 1}")
         try:
             dec = decode_image(
-                img_path.read_bytes(),
+                data,
                 size=size,
                 dtype=dtype,
                 window_percentiles=tuple(window_percentiles),
@@ -315,6 +319,53 @@ def load_csv_dataset(
         paths=[rows[i][image_col] for i in kept],
         rejected=rejected,
     )
+
+
+# A CSV's files are named by row, never by path, also where the file system fails: an OSError
+# (and pathlib's RuntimeError for a symbolic link loop) names the absolute path, hospital file
+# names often carry patient names, and the traceback reached the console or a Ray job's log.
+
+
+def _failure(err: OSError | RuntimeError) -> str:
+    """What went wrong, without the path the exception's text holds."""
+    if isinstance(err, RuntimeError):  # pathlib's only one here (before Python 3.13)
+        return "a symbolic link loop"
+    return os.strerror(err.errno) if err.errno else type(err).__name__
+
+
+def resolve_listed(rows: Sequence[dict[str, str]], column: str, source: Path) -> list[Path]:
+    """The file each row's ``column`` names (relative to the CSV ``source``), resolved; a
+    failure is a DatasetError naming the row."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append((source.parent / row[column]).resolve())
+        except (OSError, RuntimeError) as err:
+            raise DatasetError(
+                f"{source} row {i + 1}: the file column {column!r} names cannot be resolved "
+                f"({_failure(err)})"
+            ) from None
+    return out
+
+
+def listed_file_exists(file: Path, where: str) -> bool:
+    """Whether ``file`` is a file; a storage that fails to say is a DatasetError naming
+    ``where`` (the CSV row)."""
+    try:
+        return file.is_file()
+    except OSError as err:  # is_file answers False only for a missing file or a link loop
+        raise DatasetError(
+            f"{where}: a file it lists cannot be looked up ({_failure(err)})"
+        ) from None
+
+
+def read_image_bytes(file: Path, where: str) -> bytes:
+    """The bytes of a listed image, or DatasetError naming ``where`` (the CSV row) and the
+    kind of failure (unreadable, storage that stops answering)."""
+    try:
+        return file.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"{where}: the image cannot be read ({_failure(err)})") from None
 
 
 def check_repeats(
@@ -365,7 +416,7 @@ def patient_ids(
     together (``a.png`` and ``./a.png`` too: as written they were two patients).
     """
     if files is None:  # the rows' image paths, resolved (where the caller has not)
-        files = [(source.parent / r[image_col]).resolve() for r in rows]
+        files = resolve_listed(rows, image_col, source)
     images = [str(f) for f in files]
     if not group_col:
         return np.array([f"<image> {p}" for p in images])

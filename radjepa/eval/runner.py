@@ -266,10 +266,18 @@ def run_probe(
     n_patients = len(np.unique(ds.groups))
     if n_patients < 2:
         # every metric here compares patients with other patients (folds, neighbours)
+        # not the id itself: an MRN, or for an image without one its absolute path, and
+        # hospital file names often carry patient names (the message reaches a console, a
+        # Ray job's log)
+        n = len(ds.images)
+        if n == 1:
+            what = "only 1 image"
+        elif group_col:
+            what = f"all {n} images have the same {group_col!r} (one patient)"
+        else:
+            what = f"all {n} images count as one patient"
         raise DatasetError(
-            # str(): numpy's repr of a group is np.str_('42'), not what the CSV or shard holds
-            f"all {len(ds.images)} images belong to one patient ({str(ds.groups[0])!r}): "
-            "patient-grouped evaluation needs images of at least 2 patients"
+            f"{what}: patient-grouped evaluation needs images of at least 2 patients"
         )
     # read before any feature is extracted or file written: a bad mask CSV found after the
     # probe had overwritten the head and plots of an earlier run in --out, report kept

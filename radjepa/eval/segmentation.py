@@ -280,7 +280,15 @@ def load_seg_csv(
     """
     from PIL import Image
 
-    from radjepa.eval.features import DatasetError, check_repeats, patient_ids, read_csv_rows
+    from radjepa.eval.features import (
+        DatasetError,
+        check_repeats,
+        listed_file_exists,
+        patient_ids,
+        read_csv_rows,
+        read_image_bytes,
+        resolve_listed,
+    )
     from radjepa.imaging.decode import decode_image
     from radjepa.imaging.errors import ImageRejected
     from radjepa.imaging.resize import resize_center_crop
@@ -297,7 +305,7 @@ def load_seg_csv(
     has_group = bool(group_col) and group_col in rows[0]
     check_repeats(
         rows,
-        [(path.parent / row[image_col]).resolve() for row in rows],
+        resolve_listed(rows, image_col, path),
         path,
         [(group_col or "") if has_group else "", *structures],
         what="masks",
@@ -309,15 +317,19 @@ def load_seg_csv(
         columns = [image_col, *structures]
         files = [path.parent / row[c] for c in columns]
         # by row and column, not path: file names often carry patient names
-        missing = [c for c, f in zip(columns, files, strict=True) if not f.is_file()]
+        where = f"{path} row {i + 1}"
+        missing = [
+            c for c, f in zip(columns, files, strict=True) if not listed_file_exists(f, where)
+        ]
         if missing:
             raise DatasetError(
                 f"{path} row {i + 1}: the file(s) of column(s) {missing} not found (paths are "
                 "relative to the CSV)"
             )
+        data = read_image_bytes(files[0], where)
         try:
             dec = decode_image(
-                files[0].read_bytes(),
+                data,
                 size=size,
                 dtype=dtype,
                 window_percentiles=tuple(window_percentiles),
