@@ -77,8 +77,13 @@ def submit(
         bool, typer.Option("--no-wait", help="Print the job id and return at once.")
     ] = False,
     working_dir: Annotated[
-        Path, typer.Option("--working-dir", help="Folder uploaded as the job's working dir.")
-    ] = Path("."),
+        Path | None,
+        typer.Option(
+            "--working-dir",
+            help="Folder uploaded as the job's working dir (default: the current folder, "
+            "which must be a radjepa checkout).",
+        ),
+    ] = None,
     runtime_env: Annotated[
         Path | None,
         typer.Option(
@@ -118,7 +123,13 @@ def submit(
 ) -> None:
     """Run a radjepa command as a Ray Job on a cluster; stream its logs and exit with its status."""
     from pipelines.cli import app  # here: pipelines.cli imports this module to register it
-    from pipelines.jobs import JobsError, build_submission, command_name
+    from pipelines.jobs import (
+        EXIT_SERVER_LOST,
+        JobsError,
+        JobServerLost,
+        build_submission,
+        command_name,
+    )
     from pipelines.jobs import submit as submit_job
 
     try:
@@ -145,6 +156,9 @@ def submit(
             entrypoint_num_cpus=entrypoint_num_cpus,
             entrypoint_num_gpus=entrypoint_num_gpus,
         )
+    except JobServerLost as err:  # no answer to the submission: the job may have started
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(EXIT_SERVER_LOST) from None
     except JobsError as err:
         raise UserError(str(err)) from None
     if no_wait:

@@ -23,7 +23,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,6 +124,12 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "*.tar.gz",
     "/build",
     "/dist",
+    "data/*",
+    # the folder, then everything in it: the folder alone leaves "*.dcm" excluding its DICOMs,
+    # and without the folder its contents are never visited. Before the secrets below, which a
+    # later pattern wins over: data/sample/.env stays behind
+    "!data/sample",
+    "!data/sample/**",
     # secrets kept as files beside the checkout (dotenv files; the API keys file and the VMs'
     # env file that docs/CLUSTER.md has you write): a job's working dir is unpacked readable by
     # everyone on every node that runs it, and no job needs them (the cluster has its own)
@@ -137,11 +143,57 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
     "api-keys",
     "radjepa-api-keys",
     "radjepa-env",
-    "data/*",
-    # the folder, then (last) everything in it: the folder alone leaves "*.dcm" excluding
-    # its DICOMs, and without the folder its contents are never visited
-    "!data/sample",
-    "!data/sample/**",
+    # ...and the logins a home folder holds, named as --working-dir: ssh keys, cloud, cluster,
+    # registry and package-index credentials, tokens (~/.ray/auth_token, ~/.cache/huggingface),
+    # app settings with tokens in them (~/.config/gh), shell histories (secrets typed inline)
+    ".ssh",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*.ppk",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "*.keystore",
+    "*.kdbx",
+    ".gnupg",
+    ".password-store",
+    ".aws",
+    ".azure",
+    ".oci",
+    ".gsutil",
+    ".boto",
+    ".s3cfg",
+    ".mc",
+    ".databrickscfg",
+    ".terraform.d",
+    "*.tfstate",
+    "*.tfstate.backup",
+    ".kube",
+    "kubeconfig",
+    "*.kubeconfig",
+    ".docker",
+    ".ray",
+    ".config",
+    ".cache",
+    ".local",
+    ".huggingface",
+    ".ipython",
+    ".jupyter",
+    "*credentials*",
+    "client_secret*.json",
+    ".git-credentials",
+    ".gitconfig",
+    ".npmrc",
+    ".pypirc",
+    ".pgpass",
+    ".my.cnf",
+    ".vault-token",
+    ".*history",
+    ".histfile",
+    ".lesshst",
+    ".viminfo",
 )
 
 
@@ -337,18 +389,26 @@ def parse_env_assignments(items: Iterable[str]) -> dict[str, str]:
 
 
 def _option_values(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
-    """The values given to any of ``names`` in a command line (``-c X``, ``--config X`` or
-    ``--config=X``), in order."""
+    """The values given to any of ``names`` in a command line, in order, in every spelling the
+    command's parser (click) takes: ``-c X``, ``--config X``, ``--config=X`` and the short
+    option glued to its value, ``-cX`` (``-sKEY=V``). A spelling missed here let the checks
+    before the upload read another config than the job would."""
     values, i = [], 0
     while i < len(args):
         arg = args[i]
-        if arg in names and i + 1 < len(args):
-            values.append(args[i + 1])
+        if arg == "--":  # the rest are arguments, as click reads them
+            break
+        if arg in names:
+            if i + 1 < len(args):
+                values.append(args[i + 1])
             i += 2
             continue
         for name in names:
-            if name.startswith("--") and arg.startswith(name + "="):
-                values.append(arg[len(name) + 1 :])
+            if name.startswith("--"):
+                if arg.startswith(name + "="):
+                    values.append(arg[len(name) + 1 :])
+            elif len(name) == 2 and not arg.startswith("--") and arg.startswith(name):
+                values.append(arg[2:])
         i += 1
     return values
 
@@ -473,30 +533,160 @@ def _refuse_invalid_config(args: Sequence[str], working_dir: Path) -> None:
         raise JobsError(f"not submitted: the job's {what}: {err}") from None
 
 
-def _refuse_patient_files(wd: Path, excludes: Sequence[str]) -> None:
+# the patient files a refusal counts before it stops looking (see upload_check.scan_upload)
+_MOST_PATIENT_FILES = 20
+
+
+def _counted(found: Sequence[object]) -> str:
+    """How many patient files a refusal says it found: the walk stops at the most it counts."""
+    most = _MOST_PATIENT_FILES
+    return f"{most} or more" if len(found) >= most else str(len(found))
+
+
+def _refuse_patient_files(
+    wd: Path, excludes: Sequence[str], wanted: Collection[Path] = ()
+) -> frozenset[Path]:
     """Refuse an upload that would carry patient images or archives (``pipelines.upload_check``):
     the job's package is unpacked on every node that runs it, readable by everyone there. One
-    path is named, on this console only: the user's own checkout."""
-    from pipelines.upload_check import patient_files
+    path is named, on this console only: the user's own checkout. Returns which of ``wanted``
+    (resolved paths) the upload carries, found in the same walk."""
+    from pipelines.upload_check import BUNDLED_DATA, bundled_files, scan_upload
 
-    most = 20
-    found = patient_files(wd, excludes, most)
+    bundled = bundled_files(wd)
+    scan = scan_upload(wd, excludes, wanted=wanted, exempt=bundled or (), most=_MOST_PATIENT_FILES)
+    found = scan.patient
     if found:
-        count = f"{most} or more" if len(found) >= most else str(len(found))
+        sample = ""
+        if any(p.is_relative_to(BUNDLED_DATA) for p in found):
+            # an export dropped beside the sample, or the sample where git cannot list it
+            unknown = " (git could not list them here)" if bundled is None else ""
+            sample = f"; of {BUNDLED_DATA}, only the files git tracks unchanged pass{unknown}"
         raise JobsError(
-            f"not submitted: {count} file(s) in {wd} look like medical images or archives (by "
-            f"name or content), e.g. {found[0]}: the job's upload is unpacked on every node "
-            "that runs it, readable by everyone there. Move them out of the checkout (data "
-            "belongs in the bucket; a virtualenv other than .venv or venv belongs outside it "
-            "too), or list them in .gitignore, a .rayignore, or excludes: in "
+            f"not submitted: {_counted(found)} file(s) in {wd} look like medical images or "
+            f"archives (by name or content), e.g. {found[0]}{sample}: the job's upload is "
+            "unpacked on every node that runs it, readable by everyone there. Move them out of "
+            "the checkout (data belongs in the bucket; a virtualenv other than .venv or venv "
+            "belongs outside it too), or list them in .gitignore, a .rayignore, or excludes: in "
             f"{RUNTIME_ENV_FILE}"
+        )
+    return scan.carried
+
+
+def _refuse_patient_py_modules(py_modules: object, excludes: Sequence[str]) -> None:
+    """The runtime env's local ``py_modules`` travel with the job too, unpacked on its nodes
+    like the working dir: a folder zipped with the same excludes (and its own ``.gitignore``
+    and ``.rayignore``), a ``.py`` file, a wheel as it is. Each is refused as the working dir
+    is. Relative paths are the submitting shell's, as Ray reads them; a URI is not uploaded
+    from here, and an entry Ray cannot use is left to its own error."""
+    from pipelines.upload_check import looks_like_patient_data, patient_members, scan_upload
+
+    if not isinstance(py_modules, list):
+        return
+    for entry in py_modules:
+        if not isinstance(entry, str) or "://" in entry:
+            continue
+        path = Path(entry)
+        remedy = "list them in a .gitignore or .rayignore in it, or in the runtime env's excludes:"
+        if path.is_dir():
+            found = [str(p) for p in scan_upload(path, excludes, most=_MOST_PATIENT_FILES).patient]
+        elif path.suffix == ".whl" and path.is_file():
+            found = patient_members(path, _MOST_PATIENT_FILES)
+            remedy = "build the wheel without them"
+        elif path.suffix == ".py" and path.is_file():
+            found = [path.name] if looks_like_patient_data(path) else []
+        else:
+            continue
+        if found:
+            raise JobsError(
+                f"not submitted: {_counted(found)} file(s) in the runtime env's py_modules entry "
+                f"{entry} look like medical images or archives (by name or content), e.g. "
+                f"{found[0]}: Ray uploads it with the job, unpacked on every node that runs it, "
+                "readable by everyone there. Move them out of it (data belongs in the bucket) "
+                f"or {remedy}"
+            )
+
+
+@dataclass(frozen=True)
+class _LocalConfig:
+    """A config file of the job that is here: as the command (or the file extending it) names
+    it, where it is (resolved), whether it is named by an absolute path, and the folder a
+    relative name would be read from (the working dir; the extending file's folder)."""
+
+    named: str
+    path: Path
+    absolute: bool
+    base: Path
+
+
+def _local_configs(args: Sequence[str], working_dir: Path) -> list[_LocalConfig]:
+    """The job's config and the files it extends (``extends:``, resolved as
+    :func:`radjepa.config.load_config` resolves it), as long as they are files here: a URI, or
+    a path not here (the cluster's nodes may have it), ends the chain."""
+    import yaml
+
+    from radjepa.config import _parent_location
+
+    location = _config_location(args, working_dir)
+    named = (_option_values(args, ("-c", "--config")) or [""])[-1]
+    base = working_dir
+    found: list[_LocalConfig] = []
+    while location is not None and "://" not in location and Path(location).is_file():
+        path = Path(location).resolve()
+        if any(c.path == path for c in found):  # a loop: load_config says so
+            break
+        found.append(_LocalConfig(named, path, Path(named).is_absolute(), base))
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            break  # the config check has said what is wrong with it
+        parent = data.get("extends") if isinstance(data, dict) else None
+        if not isinstance(parent, str):
+            break
+        location, base = _parent_location(location, parent), Path(location).parent
+        named = f"{parent} (extends: in {named})"
+    return found
+
+
+def _refuse_configs_not_uploaded(
+    configs: Sequence[_LocalConfig], carried: Collection[Path], working_dir: Path
+) -> None:
+    """A config file that is here but that the job cannot read on the cluster (left out of the
+    upload: under runs/, .gitignore'd, outside the working dir; or named by an absolute path,
+    which the job reads on its node) passed the config check here, then failed on the cluster,
+    after the upload and the driver's start, with "config file not found"."""
+    for config in configs:
+        if config.path in carried and config.absolute:
+            relative = os.path.relpath(config.path, config.base)
+            raise JobsError(
+                f"not submitted: the job's config {config.named} is an absolute path, which the "
+                "job reads on the cluster's node, not in its upload (unpacked elsewhere there): "
+                f"give it as {relative}"
+            )
+        if config.path in carried:
+            continue
+        if config.absolute:
+            where = (
+                "an absolute path to a file here, which the job would read on the cluster's "
+                "node (for a file the nodes mount at that path, give file://PATH)"
+            )
+        elif config.path.is_relative_to(working_dir):
+            where = (
+                "left out of the upload (runs/ is never uploaded; .gitignore, a .rayignore or "
+                "excludes: leave out others)"
+            )
+        else:
+            where = f"outside the working dir {working_dir}, which is all the upload carries"
+        raise JobsError(
+            f"not submitted: the job's config {config.named} is {where}: the job would fail on "
+            "the cluster with 'config file not found'. Put it in the bucket and give its URI, "
+            "or copy it into the working dir (outside runs/) and give its path relative to it"
         )
 
 
 def build_submission(
     args: Sequence[str],
     *,
-    working_dir: Path,
+    working_dir: Path | None = None,
     runtime_env_file: Path | None = None,
     env: Mapping[str, str] | None = None,
     pass_env: Sequence[str] = (),
@@ -512,12 +702,25 @@ def build_submission(
     the local folder being uploaded. A submission that would carry a secret, from any of those
     or ``pass_deid_secret``, is refused (:func:`secret_problem`): the job record is public to
     every dashboard user.
+
+    ``working_dir`` None is the current folder, which must be a radjepa checkout: run from a
+    home folder with radjepa installed, its keys and logins were uploaded, unpacked readable by
+    everyone on the nodes, for a job that runs the image's code anyway. A folder the user names
+    is theirs to choose (a warning when it is no checkout).
     """
     local = os.environ if environ is None else environ
-    wd = working_dir.resolve()
+    wd = (Path() if working_dir is None else working_dir).resolve()
     if not wd.is_dir():
         raise JobsError(f"working dir {wd} is not a directory")
     if not (wd / "pipelines" / "cli.py").is_file():
+        if working_dir is None:
+            raise JobsError(
+                f"not submitted: {wd} is not a radjepa checkout, and all of it would be "
+                "uploaded with the job, unpacked readable by everyone on every node that runs "
+                "it; the job runs the code installed in the cluster image anyway. Run `radjepa "
+                "submit` from your radjepa checkout, or name a folder that holds only what the "
+                "job reads with --working-dir"
+            )
         log.warning(
             "%s is not a radjepa checkout: the job will run the copy installed in the cluster "
             "image, not your local code",
@@ -564,33 +767,187 @@ def build_submission(
     runtime_env: dict[str, Any] = {k: v for k, v in base.items() if k not in {"env_vars"}}
     runtime_env["working_dir"] = str(wd)
     runtime_env["excludes"] = list(DEFAULT_EXCLUDES) + list(base.get("excludes") or [])
-    _refuse_patient_files(wd, runtime_env["excludes"])
+    configs = _local_configs(args, wd)
+    carried = _refuse_patient_files(wd, runtime_env["excludes"], [c.path for c in configs])
+    _refuse_patient_py_modules(base.get("py_modules"), runtime_env["excludes"])
+    _refuse_configs_not_uploaded(configs, carried, wd)
     if env_vars:
         runtime_env["env_vars"] = env_vars
     return Submission(build_entrypoint(args), runtime_env, list(env_vars))
 
 
+# How long a job-server request may take to connect, then to answer: Ray's client sets no
+# timeout, so a server that took the connection and never answered (a hung head behind a
+# port-forward, a proxy holding the request) hung `submit`, `jobs list/logs/stop` for good.
+# Ray's own server-side waits (GCS, the head's agent) end within 30 s. The log stream of
+# `--follow` is a websocket of its own (aiohttp), not bounded by these.
+JOB_SERVER_CONNECT_TIMEOUT_S = 10.0
+JOB_SERVER_READ_TIMEOUT_S = 60.0
+# JSON object of HTTP headers sent with every request, as `ray job submit` reads it: the
+# credentials of an authenticating proxy in front of the dashboard
+HEADERS_ENV = "RAY_JOB_HEADERS"
+# requests reads it; passed to Ray's client too so the log stream (aiohttp) trusts the same CA
+CA_BUNDLE_ENV = "REQUESTS_CA_BUNDLE"
+
+
 def connect(address: str | None) -> JobSubmissionClient:
-    """A client for the job server; an unreachable server becomes one readable JobsError."""
+    """A client for the job server; an unreachable server, a proxy's refusal or an answer that
+    is not Ray's becomes one readable JobsError."""
+    import requests
+
+    url = resolve_address(address)
+    headers = _request_headers(os.environ)
+    ca_bundle = os.environ.get(CA_BUNDLE_ENV) if url.startswith("https://") else None
+    try:
+        with _without_env(RAY_ADDRESS_OVERRIDES):  # the address chosen here, not Ray's env's
+            return _client_class()(url, headers=headers, verify=ca_bundle or True)
+    except requests.HTTPError as err:  # Ray's version check raises the status of /api/version
+        gateway = _gateway_error(err)
+        if gateway:
+            raise JobsError(
+                f"{gateway.replace('the job server', f'the job server at {url}', 1)}: a head "
+                "restarting behind it answers again within minutes"
+            ) from None
+        code = err.response.status_code if err.response is not None else "?"
+        raise JobsError(
+            f"not a Ray job server at {url}: /api/version answered HTTP {code} (the job server "
+            "is the dashboard's port, 8265 by default)"
+        ) from None
+    except (requests.JSONDecodeError, KeyError):
+        raise JobsError(
+            f"not a Ray job server at {url}: /api/version did not answer Ray's version (JSON); "
+            "the job server is the dashboard's port, 8265 by default"
+        ) from None
+    except FileNotFoundError as err:  # Ray checks the CA bundle it is given
+        raise JobsError(f"{CA_BUNDLE_ENV}: {err}") from None
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise JobsError(
+            f"cannot reach the Ray job server at {url}: {err}{_tls_hint(err)} (the job server "
+            "is the dashboard's port, 8265 by default; HOST:6379 or `auto` are not job servers)"
+        ) from None
+
+
+def _request_headers(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The headers :data:`HEADERS_ENV` holds (a JSON object of strings), or None. Its value is
+    never printed: it holds credentials."""
+    text = environ.get(HEADERS_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        headers = json.loads(text)
+    except ValueError:
+        headers = None
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise JobsError(
+            f"{HEADERS_ENV} must be a JSON object of header names and string values, e.g. "
+            '\'{"Authorization": "Basic <base64 of user:password>"}\''
+        )
+    return headers
+
+
+def _client_class() -> type[JobSubmissionClient]:
+    """Ray's client with a timeout on each request, and a proxy's refusal or sign-in page named
+    as such (Ray takes any 401/403 for its own token check, and fails on HTML with a JSON
+    parser's message)."""
+    import requests
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    url = resolve_address(address)
-    try:
-        with _without_env(RAY_ADDRESS_OVERRIDES):  # the address chosen here, not Ray's env's
-            return JobSubmissionClient(url)
-    except AuthenticationError:
-        # Ray 2.60 heads enable token auth when a token exists; the SDK sends it only in token mode
-        raise JobsError(
+    class Client(JobSubmissionClient):
+        # Ray 2.60's private request method, which every request of the client goes through
+        def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> requests.Response:
+            kwargs.setdefault("timeout", (JOB_SERVER_CONNECT_TIMEOUT_S, JOB_SERVER_READ_TIMEOUT_S))
+            answers: list[requests.Response] = []
+            kwargs.setdefault("hooks", {"response": lambda r, *_, **__: answers.append(r)})
+            try:
+                response = super()._do_request(method, endpoint, **kwargs)
+            except AuthenticationError:
+                raise JobsError(
+                    _auth_refusal(self.get_address(), answers[-1] if answers else None)
+                ) from None
+            except requests.Timeout as err:
+                raise JobServerLost(_timed_out(self.get_address(), method, endpoint, err)) from None
+            html = _html_answer(self.get_address(), response)
+            if html:
+                raise JobsError(html)
+            return response
+
+    return Client
+
+
+def _timed_out(url: str, method: str, endpoint: str, err: Exception) -> str:
+    """One line for a request that got no connection or no answer in time."""
+    import requests
+
+    if isinstance(err, requests.ConnectTimeout):
+        what = f"no connection within {JOB_SERVER_CONNECT_TIMEOUT_S:.0f} s"
+    else:
+        what = f"connected, no answer within {JOB_SERVER_READ_TIMEOUT_S:.0f} s"
+    started = (
+        "; the job may have been submitted all the same: radjepa jobs list"
+        if method == "POST" and endpoint == "/api/jobs/"
+        else ""
+    )
+    return f"the job server stopped answering ({url}: {what}){started}"
+
+
+def _auth_refusal(url: str, response: Any) -> str:
+    """What a 401/403 means: Ray's own token check (its plain-text reply names the
+    authentication token, with no challenge), or an authenticating proxy in front of it (an
+    ingress with Basic auth or single sign-on), whose credentials go in :data:`HEADERS_ENV`."""
+    status = getattr(response, "status_code", "401/403")
+    challenge = response.headers.get("WWW-Authenticate", "") if response is not None else ""
+    body = response.text if response is not None else ""
+    if not challenge and "authentication token" in body:
+        if status == 403:
+            return (
+                f"the job server at {url} refused the token it was sent (RAY_AUTH_TOKEN, "
+                f"~/.ray/auth_token or an Authorization header in {HEADERS_ENV}): on the head, "
+                "`ray get-auth-token` prints the right one"
+            )
+        # Ray 2.60 heads enable token auth when a token exists; the SDK sends it only in
+        # token mode
+        return (
             f"the job server at {url} requires a token: set RAY_AUTH_MODE=token and "
             "RAY_AUTH_TOKEN (or put it in ~/.ray/auth_token); on the head, "
             "`ray get-auth-token` prints it"
-        ) from None
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise JobsError(
-            f"cannot reach the Ray job server at {url}: {err} (the job server is the "
-            "dashboard's port, 8265 by default; HOST:6379 or `auto` are not job servers)"
-        ) from None
+        )
+    said = f"{status}, WWW-Authenticate: {challenge[:80]}" if challenge else f"{status}"
+    return (
+        f"an authenticating proxy in front of the job server at {url} answered ({said}): put "
+        f"its credentials in {HEADERS_ENV}, a JSON object of headers, e.g. "
+        '\'{"Authorization": "Basic ..."}\' (docs/CLUSTER.md, section 7)'
+    )
+
+
+def _html_answer(url: str, response: Any) -> str | None:
+    """Why a successful answer that is a web page (a proxy's sign-in page, after its
+    redirects) is no job server's; None for any other answer. Ray's job API never answers
+    HTML."""
+    ctype = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if not response.ok or ctype not in {"text/html", "application/xhtml+xml"}:
+        return None
+    final = urlsplit(response.url or "")
+    page = f"{final.scheme}://{final.netloc}{final.path}"  # no query: it may hold a state token
+    where = "" if page.startswith(url) else f" from {page}"
+    return (
+        f"not a Ray job server at {url}: it answered HTML{where} (a proxy's sign-in page? "
+        f"put its credentials in {HEADERS_ENV}: docs/CLUSTER.md, section 7)"
+    )
+
+
+def _tls_hint(err: BaseException) -> str:
+    """Why Ray's "Failed to connect" was a TLS failure (Ray drops the reason), and the fix."""
+    import requests
+
+    if not isinstance(err.__context__, requests.exceptions.SSLError):
+        return ""
+    return (
+        f" (TLS failed: for a server on plain HTTP use http://; for a private CA set "
+        f"{CA_BUNDLE_ENV}=/path/to/ca.pem)"
+    )
 
 
 @contextlib.contextmanager
@@ -779,14 +1136,17 @@ def _info(client: JobSubmissionClient, job_id: str) -> Any:
     return _server_call(client.get_job_info, job_id, about=f"job {job_id}: ")
 
 
-def _gateway_error(err: RuntimeError) -> str | None:
+def _gateway_error(err: Exception) -> str | None:
     """A proxy's answer for a server behind it that is down (an ingress in front of a
-    restarting head: 502, 503, 504), as Ray's client raises it, in one line; None for the job
-    server's own errors (no such job)."""
+    restarting head: 502, 503, 504), as Ray's client raises it (a RuntimeError; requests'
+    HTTPError from its version check), in one line; None for the job server's own errors
+    (no such job)."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
     found = re.match(r"Request failed with status code (50[234])\b", str(err))
-    if found is None:
+    code = found.group(1) if found else str(status) if status in (502, 503, 504) else None
+    if code is None:
         return None
-    return f"the job server stopped answering (its proxy said {found.group(1)})"
+    return f"the job server stopped answering (its proxy said {code})"
 
 
 def _lost(err: OSError) -> str:

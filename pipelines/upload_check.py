@@ -1,26 +1,40 @@
-"""Patient files a job's working-dir upload would carry to the cluster.
+"""Patient files a job's upload would carry to the cluster.
 
-`radjepa submit` zips the checkout into the job's package, which Ray unpacks on every node that
-runs the job, readable by everyone there. The default excludes name the usual suffixes, but
-patient exports rarely keep to them: DICOM media and PACS CD exports name their files
-``IM000001`` with no suffix, or ``.DCM`` (the excludes match case by case), archives come as
-``.tgz`` or ``.tar.bz2``, and a probe's plots show radiographs. So the files the upload would
-carry are listed the way Ray lists them (its own walk, with the excludes, ``.gitignore`` and
-``.rayignore``), and each is judged by its name in any case and by its first bytes. The repo's
-bundled sample (public NIH images, synthetic DICOMs) is uploaded on purpose.
+`radjepa submit` zips the checkout into the job's package (and each local folder of the runtime
+env's ``py_modules`` into one of its own), which Ray unpacks on every node that runs the job,
+readable by everyone there. The default excludes name the usual suffixes, but patient exports
+rarely keep to them: DICOM media and PACS CD exports name their files ``IM000001`` with no
+suffix, or ``.DCM`` (the excludes match case by case), old archives write data sets with no
+preamble at all, archives come as ``.tgz``, ``.tar.zst`` or ``.rar``, and a probe's plots show
+radiographs. So the files the upload would carry are listed the way Ray lists them (its own
+walk, with the excludes, ``.gitignore`` and ``.rayignore``), and each is judged by its name in
+any case and by its first bytes. The repo's bundled sample (public NIH images, synthetic DICOMs)
+is uploaded on purpose: the files of it git tracks unchanged, nothing else dropped beside them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import subprocess
+import zipfile
+import zlib
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BUNDLED_DATA", "looks_like_patient_data", "patient_files"]
+__all__ = [
+    "BUNDLED_DATA",
+    "UploadScan",
+    "bundled_files",
+    "looks_like_patient_data",
+    "patient_files",
+    "patient_members",
+    "scan_upload",
+]
 
-# the project's own sample data, which jobs (the demo, tests on a cluster) read
-BUNDLED_DATA = ("data/sample",)
+# the folder of the project's own sample data, which jobs (the demo, tests on a cluster) read
+BUNDLED_DATA = "data/sample"
 
 _SUFFIXES = (
     ".dcm",
@@ -31,10 +45,15 @@ _SUFFIXES = (
     ".tgz",
     ".tbz2",
     ".txz",
+    ".tzst",
     ".gz",
     ".bz2",
     ".xz",
+    ".zst",
+    ".zstd",
+    ".lz4",
     ".7z",
+    ".rar",
     ".png",
     ".jpg",
     ".jpeg",
@@ -50,19 +69,34 @@ _MAGIC = (
     (0, b"BZh"),
     (0, b"\xfd7zXZ\x00"),
     (0, b"7z\xbc\xaf\x27\x1c"),
+    (0, b"\x28\xb5\x2f\xfd"),  # zstd
+    (0, b"\x04\x22\x4d\x18"),  # lz4 frame
+    (0, b"Rar!\x1a\x07"),  # RAR 4 and 5
     (257, b"ustar"),
     (0, b"\x89PNG"),
     (0, b"\xff\xd8\xff"),
     (0, b"II*\x00"),
     (0, b"MM\x00*"),
 )
-_HEAD = 264  # enough bytes for every magic above
+_HEAD = 264  # enough bytes for every magic above (a raw data set needs 8)
+_GIT_TIMEOUT_S = 10
 # Ray's walk says at INFO which ignore files it read, a line per folder, and at ERROR "Issue
 # with path: <file>" when the walk is ended on purpose (_Enough), naming a patient file: not
 # for this check, which says what it found itself. A filter, not `disabled`: a logging
 # dictConfig (Ray's and MLflow's own) enables every existing logger again.
 _WALK_LOG = logging.getLogger(f"{__name__}.walk")
 _WALK_LOG.addFilter(lambda _record: False)
+
+
+def _begins_like_patient_data(head: bytes) -> bool:
+    """Whether a file's first bytes are those of a medical image or an archive."""
+    # the ingest's own test: it reads a data set without preamble (ACR-NEMA, a bare
+    # implicit-VR export) as DICOM, so the upload takes one for a DICOM too
+    from radjepa.imaging.dicom import looks_like_raw_dataset
+
+    return any(head[at : at + len(magic)] == magic for at, magic in _MAGIC) or (
+        looks_like_raw_dataset(head)
+    )
 
 
 def looks_like_patient_data(path: Path) -> bool:
@@ -74,35 +108,115 @@ def looks_like_patient_data(path: Path) -> bool:
             head = f.read(_HEAD)
     except OSError:  # unreadable here: Ray's own upload says so
         return False
-    return any(head[at : at + len(magic)] == magic for at, magic in _MAGIC)
+    return _begins_like_patient_data(head)
+
+
+def patient_members(archive: Path, most: int = 20) -> list[str]:
+    """The members of a wheel (a zip) that look like patient data, ``most`` at most: a local
+    ``.whl`` in ``py_modules`` is uploaded as it is, whatever it packs. A file that is no zip
+    lists nothing (Ray's own upload says what is wrong with it)."""
+    found: list[str] = []
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                if not info.filename.lower().endswith(_SUFFIXES):
+                    with zf.open(info) as member:
+                        if not _begins_like_patient_data(member.read(_HEAD)):
+                            continue
+                found.append(info.filename)
+                if len(found) >= most:
+                    break
+    # a broken or encrypted (RuntimeError) member, a compression zipfile cannot read
+    except (OSError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error):
+        return found
+    return found
+
+
+def bundled_files(root: Path) -> frozenset[Path] | None:
+    """The files of :data:`BUNDLED_DATA` under ``root`` that git tracks and that are unchanged,
+    as absolute paths under ``root.absolute()``; None where git cannot say (no git, not a
+    repository, a repository another user owns).
+
+    By file, not by folder: an export dropped in ``data/sample/mine/`` would be uploaded with the
+    sample. Git, not a list kept here: every clone (CI's included) has the sample tracked, and a
+    change to the sample needs no second list kept in step."""
+    root = root.absolute()
+
+    def listed(*options: str) -> set[str]:
+        done = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", *options, "--", BUNDLED_DATA],
+            capture_output=True,
+            timeout=_GIT_TIMEOUT_S,
+            check=True,
+        )
+        return {os.fsdecode(p) for p in done.stdout.split(b"\0") if p}
+
+    try:
+        tracked = listed("--cached") - listed("--modified")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return frozenset(root / p for p in tracked)
+
+
+@dataclass(frozen=True)
+class UploadScan:
+    """What one walk of an upload found: the files that look like patient data (relative to
+    the folder, in walk order, ``most`` at most) and, of the files asked about, those the upload
+    carries (resolved paths). ``complete`` is False when the walk stopped at ``most``: then the
+    upload is refused anyway, and ``carried`` may miss files the rest of the walk would have
+    seen."""
+
+    patient: list[Path]
+    carried: frozenset[Path]
+    complete: bool
 
 
 class _Enough(Exception):
     """Ends the walk: enough files were found to refuse the upload."""
 
 
-def patient_files(working_dir: Path, excludes: Sequence[str], most: int = 20) -> list[Path]:
-    """The files Ray would upload from ``working_dir`` with ``excludes`` (and the folder's
-    ``.gitignore``/``.rayignore``, as Ray reads them) that look like patient data, outside
-    :data:`BUNDLED_DATA`; paths relative to ``working_dir``, in walk order, ``most`` at most:
-    the walk stops there (a link into a mounted archive would have every header of it read)."""
-    # Ray-private (pinned 2.60): the walk its working-dir upload makes, so that what is judged
-    # here is exactly what would be uploaded
+def scan_upload(
+    root: Path,
+    excludes: Sequence[str],
+    *,
+    wanted: Collection[Path] = (),
+    exempt: Collection[Path] = (),
+    most: int = 20,
+) -> UploadScan:
+    """Walk what Ray would upload from ``root`` with ``excludes`` (and the folders'
+    ``.gitignore``/``.rayignore``, as Ray reads them): judge each file but those in ``exempt``
+    (absolute paths under ``root.absolute()``), and say which of ``wanted`` (resolved paths) it
+    carries. One walk for both: a checkout is walked once per submit.
+
+    The walk stops after ``most`` patient files: a link into a mounted archive would have every
+    header of it read."""
+    # Ray-private (pinned 2.60): the walk its working-dir and py_modules uploads make, so that
+    # what is judged here is exactly what would be uploaded
     from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
     from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
 
-    root = working_dir.absolute()
-    bundled = [root / b for b in BUNDLED_DATA]
+    root = root.absolute()
+    exempt = frozenset(exempt)
+    wanted = frozenset(wanted)
+    wanted_names = {p.name for p in wanted}
     found: list[Path] = []
+    carried: set[Path] = set()
 
     def judge(path: Path) -> None:
-        if not path.is_file() or any(path.is_relative_to(b) for b in bundled):
+        if not path.is_file():
+            return
+        if path.name in wanted_names and path.resolve() in wanted:
+            carried.add(path.resolve())
+        if path in exempt:
             return
         if looks_like_patient_data(path):
             found.append(path.relative_to(root))
             if len(found) >= most:
                 raise _Enough
 
+    complete = True
     try:
         _dir_travel(
             root,
@@ -112,5 +226,13 @@ def patient_files(working_dir: Path, excludes: Sequence[str], most: int = 20) ->
             logger=_WALK_LOG,
         )
     except _Enough:
-        pass
-    return found
+        complete = False
+    return UploadScan(found, frozenset(carried), complete)
+
+
+def patient_files(working_dir: Path, excludes: Sequence[str], most: int = 20) -> list[Path]:
+    """The files Ray would upload from ``working_dir`` with ``excludes`` that look like patient
+    data, apart from the bundled sample's (:func:`bundled_files`); paths relative to
+    ``working_dir``, in walk order, ``most`` at most."""
+    exempt = bundled_files(working_dir) or frozenset()
+    return scan_upload(working_dir, excludes, exempt=exempt, most=most).patient

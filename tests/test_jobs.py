@@ -418,7 +418,8 @@ def test_a_working_dir_too_large_to_upload_is_named_with_what_to_do(
     # working dir came back as "status code 413: Maximum request body size 104857600 exceeded.."
     wd = tmp_path / "checkout"
     wd.mkdir()
-    (wd / "weights.onnx").write_bytes(os.urandom(101 * 1024**2))  # random: the zip keeps it
+    # random, so the zip keeps it; its first bytes fixed, so it never begins like a DICOM
+    (wd / "weights.onnx").write_bytes(b"ONNX" + os.urandom(101 * 1024**2))
 
     res = _radjepa(["submit", "--working-dir", str(wd), "--", "config", "show"], ray_head)
 

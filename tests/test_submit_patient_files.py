@@ -27,8 +27,6 @@ def test_patient_files_the_default_excludes_miss_are_refused(tmp_path):
     (tmp_path / "scratch").mkdir()
     (tmp_path / "scratch" / "SMITH.tgz").write_bytes(b"\x1f\x8b" + bytes(64))
     (tmp_path / "notes.txt").write_text("not an image")
-    (tmp_path / "data" / "sample").mkdir(parents=True)  # the repo's bundled sample: uploaded
-    (tmp_path / "data" / "sample" / "x.dcm").write_bytes(dicom)
     (tmp_path / "copy.dcm").write_bytes(dicom)  # a default exclude already leaves it out
     with pytest.raises(jobs.JobsError, match=r"not submitted: 3 file\(s\) in .* look like medical"):
         _submit(tmp_path)
@@ -78,3 +76,203 @@ def test_the_walk_stops_once_enough_files_are_found(tmp_path, monkeypatch, caplo
     assert "Issue with path" not in caplog.text and "IM0000" not in caplog.text
     with pytest.raises(jobs.JobsError, match=r"not submitted: 20 or more file\(s\)"):
         _submit(tmp_path)
+
+
+REPO = Path(__file__).resolve().parents[1]
+# what a home folder holds: keys, cloud and cluster logins, tokens, histories
+HOME_SECRETS = [
+    ".ssh/id_ed25519", ".ssh/config", ".aws/credentials", ".kube/config", ".ray/auth_token",
+    ".docker/config.json", ".gnupg/private-keys-v1.d/k.key", ".config/gcloud/credentials.db",
+    ".config/gh/hosts.yml", ".cache/huggingface/token", ".git-credentials", ".netrc", ".pgpass",
+    ".pypirc", ".bash_history", ".zsh_history", ".python_history", "keys/id_rsa",
+    "keys/id_ecdsa.pub", "backup/client_secret_123.json", "old/aws-credentials.csv",
+    # a later pattern wins: the sample's re-inclusion took these along
+    "data/sample/.ssh/id_ed25519", "data/sample/.env",
+]  # fmt: skip
+
+
+def _zipped(wd: Path, sub: jobs.Submission, out: Path) -> set[str]:
+    """The files Ray's own runtime-env zip step packs for ``sub``."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    _zip_files(str(wd), sub.runtime_env["excludes"], str(out), include_gitignore=True)
+    return {n for n in zipfile.ZipFile(out).namelist() if not n.endswith("/")}
+
+
+def _checkout(root: Path) -> Path:
+    (root / "pipelines").mkdir(parents=True)
+    (root / "pipelines" / "cli.py").write_text("")
+    return root
+
+
+def test_a_folder_that_is_no_checkout_is_uploaded_only_when_named(tmp_path, monkeypatch):
+    # `radjepa submit` from $HOME with radjepa pip-installed warned, then uploaded all of it
+    # (--working-dir defaulted to "."), unpacked readable by everyone on every node
+    import subprocess
+
+    from ray._private.runtime_env.packaging import _get_excludes
+    from typer.testing import CliRunner
+
+    from pipelines.cli import UserError, app
+
+    home = tmp_path / "home"
+    (home / "project").mkdir(parents=True)
+    (home / "project" / "notes.txt").write_text("mine\n")
+    for name in HOME_SECRETS:
+        (home / name).parent.mkdir(parents=True, exist_ok=True)
+        (home / name).write_text("s3cr3t\n")
+    # named, a folder is the user's choice: uploaded without the credentials a home holds
+    sub = jobs.build_submission(["version"], working_dir=home, environ={})
+    names = _zipped(home, sub, tmp_path / "pkg.zip")
+    assert names == {"project/notes.txt"}, names
+    # the current folder, by default: refused
+    monkeypatch.chdir(home)
+    with pytest.raises(jobs.JobsError, match=r"is not a radjepa checkout, and all of it would"):
+        jobs.build_submission(["version"], environ={})
+    # the command's default is "not given", not "."
+    res = CliRunner().invoke(app, ["submit", "--address", "http://127.0.0.1:1", "--", "version"])
+    assert isinstance(res.exception, UserError), res.output
+    assert "is not a radjepa checkout" in str(res.exception)
+    assert "code installed in the cluster image" in str(res.exception)
+
+    # gitignore-style patterns match at any depth: none may take a file of the repo
+    tracked = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "pipelines/cli.py" in tracked
+    excluded = _get_excludes(REPO, list(jobs.DEFAULT_EXCLUDES))
+    assert [f for f in tracked if excluded(REPO / f)] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        # a data set without preamble (ACR-NEMA, a bare implicit-VR export): ingest reads it
+        ("IM000002", make_dicom(np.zeros((8, 8), np.uint16), raw=True)),
+        ("study.tar.zst", b"not read"),
+        ("SMITH_2024.TZST", b"not read"),
+        ("study.rar", b"not read"),
+        ("export-1", b"\x28\xb5\x2f\xfd" + bytes(60)),  # zstd
+        ("export-2", b"Rar!\x1a\x07\x01\x00" + bytes(60)),  # RAR 5
+        ("export-3", b"Rar!\x1a\x07\x00" + bytes(60)),  # RAR 4
+    ],
+    ids=["raw-dicom", "tar.zst", "TZST", "rar", "zstd-magic", "rar5-magic", "rar4-magic"],
+)
+def test_raw_dicoms_and_zstd_and_rar_archives_are_refused(tmp_path, name, content):
+    from pipelines import upload_check
+
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / name).write_bytes(content)
+    assert upload_check.looks_like_patient_data(tmp_path / "exports" / name)
+    with pytest.raises(jobs.JobsError, match=rf"1 file\(s\) .* e\.g\. exports/{name}"):
+        _submit(tmp_path)
+
+
+def test_the_checkout_itself_holds_nothing_that_looks_like_patient_data():
+    # the content test on every file the repo would upload: only the bundled sample matches
+    from pipelines import upload_check
+
+    scan = upload_check.scan_upload(REPO, jobs.DEFAULT_EXCLUDES, most=10_000)
+    assert scan.complete and scan.patient
+    assert [p for p in scan.patient if not p.is_relative_to("data/sample")] == []
+    assert upload_check.patient_files(REPO, jobs.DEFAULT_EXCLUDES) == []
+
+
+def test_py_modules_with_patient_files_are_refused(tmp_path):
+    # a local py_modules folder (or wheel) is zipped and unpacked on the nodes like the
+    # working dir, and was not checked
+    import zipfile
+
+    wd = _checkout(tmp_path / "checkout")
+    module = tmp_path / "site_utils"
+    module.mkdir()
+    (module / "__init__.py").write_text("")
+    (module / "IM000009").write_bytes(make_dicom(np.zeros((8, 8), np.uint16)))
+    env_file = wd / "cluster" / "runtime_env.yaml"
+    env_file.parent.mkdir()
+    env_file.write_text(f"py_modules: ['{module}', 's3://bucket/mod.zip']\n")
+    with pytest.raises(jobs.JobsError, match=r"py_modules entry .*site_utils .* e\.g\. IM000009"):
+        _submit(wd)
+    (module / ".rayignore").write_text("IM*\n")  # the way the message names
+    assert _submit(wd).runtime_env["py_modules"][0] == str(module)
+
+    wheel = tmp_path / "site_utils-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("site_utils/__init__.py", "")
+        zf.writestr("site_utils/fixtures/IM000001", make_dicom(np.zeros((8, 8), np.uint16)))
+    env_file.write_text(f"py_modules: ['{wheel}']\n")
+    with pytest.raises(jobs.JobsError, match=r"e\.g\. site_utils/fixtures/IM000001: .*wheel"):
+        _submit(wd)
+
+
+def test_a_local_config_the_upload_leaves_out_is_refused(tmp_path):
+    # it passed the check here, then failed on the cluster ("config file not found") after the
+    # upload and the driver's start: the README's own `pretrain -c runs/my-sweep/best.yaml`
+    wd = _checkout(tmp_path / "checkout")
+    config = "train:\n  steps: 3\n"
+    for name in ("runs/my-sweep/best.yaml", "configs/ok.yaml", "scratch/mine.yaml"):
+        (wd / name).parent.mkdir(parents=True, exist_ok=True)
+        (wd / name).write_text(config)
+    (wd / ".gitignore").write_text("scratch/\n")
+    (wd / "configs" / "child.yaml").write_text("extends: ../runs/my-sweep/best.yaml\n")
+    (wd / "configs" / "abs.yaml").write_text(f"extends: {wd / 'configs' / 'ok.yaml'}\n")
+    (tmp_path / "laptop.yaml").write_text(config)
+
+    def refusal(path: str) -> str:
+        with pytest.raises(jobs.JobsError) as err:
+            _submit(wd, "pretrain", "-c", path, "--data", "s3://b/shards")
+        assert str(err.value).startswith("not submitted: the job's config ")
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    message = refusal("runs/my-sweep/best.yaml")
+    assert "config runs/my-sweep/best.yaml is left out of the upload (runs/ is never" in message
+    assert "left out of the upload" in refusal("scratch/mine.yaml")
+    assert "an absolute path to a file here" in refusal(str(tmp_path / "laptop.yaml"))
+    assert "outside the working dir" in refusal("../laptop.yaml")
+    assert "Put it in the bucket and give its URI" in refusal("runs/my-sweep/best.yaml")
+    assert refusal(str(wd / "configs" / "ok.yaml")).endswith("give it as configs/ok.yaml")
+    message = refusal("configs/child.yaml")
+    assert "../runs/my-sweep/best.yaml (extends: in configs/child.yaml) is left out" in message
+    assert refusal("configs/abs.yaml").endswith("give it as ok.yaml")
+    # in the upload, or not here (a path on the cluster's nodes, a bucket): submitted
+    for path in ("configs/ok.yaml", "/cluster-only/x.yaml", "s3://b/best.yaml"):
+        _submit(wd, "pretrain", "-c", path, "--data", "s3://b/shards")
+    _submit(wd, "pretrain", "--config=configs/ok.yaml", "--data", "s3://b/shards")
+
+
+def _git(wd: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(
+        ["git", "-C", str(wd), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_only_the_sample_files_git_tracks_pass(tmp_path):
+    # anything under data/sample/ was exempt: a user's export dropped in data/sample/mine/ was
+    # uploaded with the sample
+    dicom = make_dicom(np.zeros((8, 8), np.uint16))
+    wd = _checkout(tmp_path / "checkout")
+    (wd / "data" / "sample").mkdir(parents=True)
+    (wd / "data" / "sample" / "x.dcm").write_bytes(dicom)
+    # no repository here: the sample is checked like any other file
+    with pytest.raises(jobs.JobsError, match=r"e\.g\. data/sample/x\.dcm.*could not list"):
+        _submit(wd)
+    _git(wd, "init", "-q")
+    _git(wd, "add", "-A")
+    _git(wd, "commit", "-qm", "sample")
+    assert _submit(wd).entrypoint.endswith("pipelines.cli version")
+
+    (wd / "data" / "sample" / "mine").mkdir()
+    (wd / "data" / "sample" / "mine" / "IM000003").write_bytes(dicom)
+    with pytest.raises(jobs.JobsError, match=r"1 file\(s\) .* e\.g\. data/sample/mine/IM000003"):
+        _submit(wd)
+    (wd / "data" / "sample" / "mine" / "IM000003").unlink()
+    (wd / "data" / "sample" / "x.dcm").write_bytes(dicom + b"changed")  # no longer the sample
+    with pytest.raises(jobs.JobsError, match=r"e\.g\. data/sample/x\.dcm; of data/sample, only"):
+        _submit(wd)
