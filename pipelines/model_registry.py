@@ -129,7 +129,13 @@ def promote(
     """Point ``alias`` of ``name`` at ``version`` and record the move on both versions.
 
     Refuses a version that is not READY (its files may not all be there) and an empty reason:
-    the reason is what a reviewer of the registry later reads."""
+    the reason is what a reviewer of the registry later reads.
+
+    MLflow moves an alias with no compare-and-set, so two promotes at once can interleave: the
+    replaced version is read just before the move (not from the first look-up), and the alias
+    just after it. A promote another one overtook records its own move (it did happen) and
+    raises RegistryError saying where the alias points now; a record that cannot be written
+    after the move raises one saying the alias moved all the same."""
     from mlflow.exceptions import MlflowException
 
     if not _ALIAS.fullmatch(alias) or _RESERVED_ALIAS.fullmatch(alias):
@@ -141,7 +147,7 @@ def promote(
     if not reason:
         raise RegistryError("a promotion needs a reason (--reason): the registry records it")
     client = _client(uri)
-    registered = _registered(client, name)
+    _registered(client, name)  # refused, naming the models there are, when it is not one
     try:
         mv = client.get_model_version(name, str(version))
     except MlflowException as err:
@@ -153,24 +159,46 @@ def promote(
     version = str(mv.version)
     if str(mv.status) != "READY":
         raise RegistryError(f"{name} version {version} is {mv.status}, not READY: not promoted")
-    held = (registered.aliases or {}).get(alias)
-    previous = None if held is None else str(held)
     kind = (mv.tags or {}).get("radjepa.kind", "encoder")  # the probe tags its heads
-    if previous == str(version):
+    # read again right before the move, not from the look-up above: the version that held the
+    # alias when it moved is the one a promote running meanwhile left there
+    previous = _holder(client, name, alias)
+    if previous == version:
         log.info("%s@%s already points to version %s", name, alias, version)
-        return Promotion(name, alias, str(version), previous, kind)
+        return Promotion(name, alias, version, previous, kind)
     who = actor or _user()
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     record = f"{alias} by {who} at {when}: {reason}"
     if previous is not None:
         record += f" (replaced version {previous})"
-    client.set_registered_model_alias(name, alias, str(version))
-    client.set_model_version_tag(name, str(version), "radjepa.promotion", record[:5000])
-    if previous is not None:
-        demotion = f"{alias} moved to version {version} by {who} at {when}: {reason}"
-        client.set_model_version_tag(name, previous, "radjepa.demotion", demotion[:5000])
+    client.set_registered_model_alias(name, alias, version)
+    try:
+        # MLflow has no compare-and-set of an alias: another promote may have moved it since
+        now = _holder(client, name, alias)
+        client.set_model_version_tag(name, version, "radjepa.promotion", record[:5000])
+        if previous is not None:
+            demotion = f"{alias} moved to version {version} by {who} at {when}: {reason}"
+            client.set_model_version_tag(name, previous, "radjepa.demotion", demotion[:5000])
+    except Exception as err:  # MlflowException, sqlalchemy, requests: no common base
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RegistryError(
+            f"{name}@{alias} moved to version {version}, but recording it failed: {first}"
+        ) from err
+    if now != version:
+        where = "nowhere" if now is None else f"version {now}"
+        raise RegistryError(
+            f"{name}@{alias} moved to version {version}, but something else moved it on at once "
+            f"(another promote?): it points to {where} now; check `radjepa models list` and "
+            "promote again if that is not right"
+        )
     log.info("%s@%s -> version %s (was %s)", name, alias, version, previous or "unset")
-    return Promotion(name, alias, str(version), previous, kind)
+    return Promotion(name, alias, version, previous, kind)
+
+
+def _holder(client: Any, name: str, alias: str) -> str | None:
+    """The version ``alias`` of ``name`` points to now, None when it points nowhere."""
+    held = (client.get_registered_model(name).aliases or {}).get(alias)
+    return None if held is None else str(held)
 
 
 def _user() -> str:

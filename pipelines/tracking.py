@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -100,29 +101,45 @@ def sqlite_file(uri: str) -> str | None:
     return path
 
 
+# what a proxy or ingress answers for a server behind it that is down; MLflow's /health never does
+_PROXY_DOWN = frozenset({502, 503, 504})
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0, *, can_disable: bool = True) -> None:
     """Raise ``ConnectionError`` (one line) when ``uri`` is a tracking server that does not
     answer. MLflow retries each request 7 times with back-off: against a server that was down,
     ``radjepa pretrain`` started Ray, then said so after about 4 minutes. This one GET, without
     retries and with MLflow's own retries left as they are for the run, says it in seconds.
-    Any HTTP answer (even 401 or 404: auth and paths are for MLflow's own calls to report) or a
-    TLS handshake means a server is there; only no answer at all is refused. ``can_disable``:
-    whether the command can run without tracking (a registry command cannot)."""
+    An HTTP answer (even 401 or 404: auth and paths are for MLflow's own calls to report) or a
+    TLS handshake means a server is there. Refused: no answer at all, and 502, 503 or 504 (a
+    proxy or ingress in front of a server that is down: MLflow's /health never answers those,
+    and its client retries them for about 4 minutes). ``can_disable``: whether the command can
+    run without tracking (a registry command cannot)."""
     import requests
 
     if not uri.lower().startswith(("http://", "https://")):
         return  # a database or a local store: opening it fails fast by itself
     try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s, allow_redirects=False)
+        with requests.get(
+            uri.rstrip("/") + "/health", timeout=timeout_s, allow_redirects=False, stream=True
+        ) as answer:
+            status = answer.status_code
     except requests.exceptions.SSLError:
         return  # something answered the handshake: certificates are MLflow's to check
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as err:
         reason = _reason(err)
-        raise ConnectionError(
-            f"the MLflow tracking server {redact(uri)} does not answer ({reason}); start it, "
-            "or point tracking.uri / MLFLOW_TRACKING_URI at one that runs"
-            + (", or --set tracking.enabled=false" if can_disable else "")
-        ) from None
+    else:
+        if status not in _PROXY_DOWN:
+            return
+        phrase = HTTPStatus(status).phrase
+        reason = (
+            f"its /health answered {status} {phrase}, a proxy's answer for a server that is down"
+        )
+    raise ConnectionError(
+        f"the MLflow tracking server {redact(uri)} does not answer ({reason}); start it, "
+        "or point tracking.uri / MLFLOW_TRACKING_URI at one that runs"
+        + (", or --set tracking.enabled=false" if can_disable else "")
+    ) from None
 
 
 def _reason(err: Exception) -> str:

@@ -4,7 +4,8 @@ A driver killed with SIGKILL (the OOM killer, a lost node or pod, a preempted VM
 the handlers that mark its run KILLED or FAILED, and the run stays RUNNING in the UI for good
 unless someone re-runs the same command (which continues it). MLflow has no heartbeat, so a run
 counts as abandoned when nothing of it moved for a while: its start, its newest metric value
-(the time its step ran), and for a sweep's parent run the same of every trial run under it.
+(the time its step ran), the latest re-run that continued it (:data:`REOPENED_TAG`), and for a
+sweep's parent run the same of every trial run under it.
 ``radjepa runs reap`` marks such runs KILLED, with a tag saying why and when. The tag stands only
 while reap's KILLED does: a re-run that continues such a run (:func:`reopen`), or its own driver
 ending it after all (:func:`end_run`: it was alive), moves it to ``radjepa.reaped_before``.
@@ -24,6 +25,7 @@ __all__ = [
     "FAILURE_TAGS",
     "REAPED_BEFORE_TAG",
     "REAPED_TAG",
+    "REOPENED_TAG",
     "RunGone",
     "StaleRun",
     "end_run",
@@ -38,6 +40,9 @@ REAPED_TAG = "radjepa.reaped"  # the run is KILLED because `runs reap` found it 
 REAPED_BEFORE_TAG = "radjepa.reaped_before"  # it was, then a re-run continued it
 # why a run ended FAILED: a sweep with no best trial, a diverged pretrain run or trial
 FAILURE_TAGS = ("radjepa.failure", "radjepa.diverged", "radjepa.diverged_at_step")
+# when a re-run last continued the run (ISO 8601, UTC): its sign of life until its first new step
+REOPENED_TAG = "radjepa.reopened_at"
+_ISO_UTC = "%Y-%m-%dT%H:%M:%SZ"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -46,7 +51,7 @@ class StaleRun:
     run_id: str
     name: str
     experiment: str
-    last_activity_ms: int  # the newest sign of life: start, a metric value, a child run's
+    last_activity_ms: int  # the newest sign of life: start, a metric value, a resume, a child's
 
     def idle_s(self, now_ms: int) -> float:
         return (now_ms - self.last_activity_ms) / 1000
@@ -67,10 +72,23 @@ def parse_duration(text: str) -> float:
 
 def _activity(run: Any) -> int:
     """The newest time (ms) the run itself shows: its start, its end, its newest metric value
-    per key (MLflow's latest value of a key is its highest step, the newest one we log)."""
+    per key (MLflow's latest value of a key is its highest step, the newest one we log), and
+    when a re-run last continued it. Without the last, a run resumed after days looked idle
+    since its last step before the resume (reopening cannot move its start or clear its end),
+    and a reap before the resumed attempt's first logged step marked it KILLED while it
+    trained."""
     times = [run.info.start_time or 0, run.info.end_time or 0]
     times += [m.timestamp for m in run.data.to_proto().metrics]
+    times.append(_iso_ms(run.data.tags.get(REOPENED_TAG, "")))
     return max(times)
+
+
+def _iso_ms(text: str) -> int:
+    """:func:`iso_utc` read back; 0 for anything else (a tag edited by hand counts as no sign)."""
+    try:
+        return int(datetime.strptime(text, _ISO_UTC).replace(tzinfo=UTC).timestamp()) * 1000
+    except ValueError:
+        return 0
 
 
 def _search(client: Any, experiment_ids: list[str], query: str) -> list[Any]:
@@ -144,6 +162,10 @@ def reopen(client: Any, run_id: str, now_ms: int | None = None) -> None:
     of the resume: ``radjepa.reaped`` is on a run only while it is KILLED by reap, and the
     history stays on the run (the latest reap, when several).
 
+    Every reopen sets :data:`REOPENED_TAG` to now, before the run is RUNNING again: the resumed
+    attempt's sign of life for :func:`stale_runs` until it logs its first step (a tag, not a
+    metric, so that no chart in the UI shows it as a training value).
+
     The run keeps the end time reap (or its last end) gave it until its driver ends it again:
     MLflow has no way to clear one. ``MlflowClient.update_run`` passes the run's current
     end_time on, ``set_terminated`` turns a missing one into now, and the stores'
@@ -167,6 +189,7 @@ def reopen(client: Any, run_id: str, now_ms: int | None = None) -> None:
     if run.info.lifecycle_stage == "deleted":  # update_run refuses it
         raise RunGone(run_id, "deleted in")
     reaped = run.data.tags.get(REAPED_TAG)
+    client.set_tag(run_id, REOPENED_TAG, iso_utc(now_ms))
     client.update_run(run_id, status="RUNNING")
     _clear_failure(client, run_id, run.data.tags)
     if reaped is None:
@@ -211,4 +234,4 @@ def _clear_failure(client: Any, run_id: str, tags: dict[str, str]) -> None:
 
 def iso_utc(ms: int) -> str:
     """A store's millisecond timestamp as ISO 8601 in UTC (runs outlive the operator's zone)."""
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime(_ISO_UTC)
