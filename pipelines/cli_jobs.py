@@ -39,11 +39,11 @@ def _jobs_client(address: str | None):
 
 def _follow_and_exit(client, job_id: str) -> None:
     """Stream a job's logs, then exit with its status (Ctrl-C detaches; the job keeps going)."""
-    from pipelines.jobs import EXIT_SERVER_LOST, JobsError, JobServerLost, follow
+    from pipelines.jobs import EXIT_SERVER_LOST, JobsError, JobServerLost, JobServerRefused, follow
 
     try:
         res = follow(client, job_id, lambda chunk: typer.echo(chunk, nl=False))
-    except JobServerLost as err:
+    except (JobServerLost, JobServerRefused) as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(EXIT_SERVER_LOST) from None
     except KeyboardInterrupt:

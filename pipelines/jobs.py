@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
@@ -206,6 +207,13 @@ class JobServerLost(JobsError):
     head): what became of the job is not known here, and it may still be running."""
 
 
+class JobServerRefused(JobsError):
+    """What answered is no job server taking this command: Ray's token check, an
+    authenticating proxy in front of it, a sign-in page. While a job is followed (a proxy's
+    login expiring an hour into a pretrain) the job, still running, is not known to have
+    failed: the command exits as for a lost server."""
+
+
 @dataclass(frozen=True)
 class JobOutcome:
     """How a job ended; ``exit_code`` is what ``radjepa submit`` exits with."""
@@ -388,11 +396,22 @@ def parse_env_assignments(items: Iterable[str]) -> dict[str, str]:
     return out
 
 
+# what a value glued to -c / -s looks like (see _option_values)
+_GLUED = {
+    "-c": re.compile(r"(?i).*(\.ya?ml|://.*)$"),
+    "-s": re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)+="),
+}
+
+
 def _option_values(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
     """The values given to any of ``names`` in a command line, in order, in every spelling the
     command's parser (click) takes: ``-c X``, ``--config X``, ``--config=X`` and the short
     option glued to its value, ``-cX`` (``-sKEY=V``). A spelling missed here let the checks
-    before the upload read another config than the job would."""
+    before the upload read another config than the job would.
+
+    A glued value counts only when it looks like one (a YAML file or a URI; ``section.key=``):
+    which arguments are other options' values is the command's parser's to know, and
+    ``--reason "-see INC-42"`` was read as an override ``ee INC-42``."""
     values, i = [], 0
     while i < len(args):
         arg = args[i]
@@ -407,7 +426,7 @@ def _option_values(args: Sequence[str], names: tuple[str, ...]) -> list[str]:
             if name.startswith("--"):
                 if arg.startswith(name + "="):
                     values.append(arg[len(name) + 1 :])
-            elif len(name) == 2 and not arg.startswith("--") and arg.startswith(name):
+            elif len(name) == 2 and arg.startswith(name) and _GLUED[name].match(arg[2:]):
                 values.append(arg[2:])
         i += 1
     return values
@@ -550,17 +569,24 @@ def _refuse_patient_files(
     the job's package is unpacked on every node that runs it, readable by everyone there. One
     path is named, on this console only: the user's own checkout. Returns which of ``wanted``
     (resolved paths) the upload carries, found in the same walk."""
-    from pipelines.upload_check import BUNDLED_DATA, bundled_files, scan_upload
+    from pipelines.upload_check import (
+        BUNDLED_DATA,
+        SAMPLE_MANIFEST,
+        bundled_files,
+        scan_upload,
+    )
 
     bundled = bundled_files(wd)
-    scan = scan_upload(wd, excludes, wanted=wanted, exempt=bundled or (), most=_MOST_PATIENT_FILES)
+    scan = scan_upload(wd, excludes, wanted=wanted, exempt=bundled, most=_MOST_PATIENT_FILES)
     found = scan.patient
     if found:
         sample = ""
         if any(p.is_relative_to(BUNDLED_DATA) for p in found):
-            # an export dropped beside the sample, or the sample where git cannot list it
-            unknown = " (git could not list them here)" if bundled is None else ""
-            sample = f"; of {BUNDLED_DATA}, only the files git tracks unchanged pass{unknown}"
+            # an export dropped beside the sample, or a sample file changed
+            sample = (
+                f"; of {BUNDLED_DATA}, only the files {BUNDLED_DATA}/{SAMPLE_MANIFEST} lists, "
+                "as it lists them, pass"
+            )
         raise JobsError(
             f"not submitted: {_counted(found)} file(s) in {wd} look like medical images or "
             f"archives (by name or content), e.g. {found[0]}{sample}: the job's upload is "
@@ -859,19 +885,24 @@ def _client_class() -> type[JobSubmissionClient]:
         # Ray 2.60's private request method, which every request of the client goes through
         def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> requests.Response:
             kwargs.setdefault("timeout", (JOB_SERVER_CONNECT_TIMEOUT_S, JOB_SERVER_READ_TIMEOUT_S))
+            if isinstance(kwargs.get("data"), bytes):
+                # the package upload: sent as one sendall, under the connect timeout, which then
+                # bounded the whole upload (10 s: a 6 MB checkout needed 5 Mbit/s); a stream is
+                # sent in chunks, each with its own 10 s
+                kwargs["data"] = io.BytesIO(kwargs["data"])
             answers: list[requests.Response] = []
             kwargs.setdefault("hooks", {"response": lambda r, *_, **__: answers.append(r)})
             try:
                 response = super()._do_request(method, endpoint, **kwargs)
             except AuthenticationError:
-                raise JobsError(
+                raise JobServerRefused(
                     _auth_refusal(self.get_address(), answers[-1] if answers else None)
                 ) from None
             except requests.Timeout as err:
                 raise JobServerLost(_timed_out(self.get_address(), method, endpoint, err)) from None
             html = _html_answer(self.get_address(), response)
             if html:
-                raise JobsError(html)
+                raise JobServerRefused(html)
             return response
 
     return Client
@@ -885,12 +916,14 @@ def _timed_out(url: str, method: str, endpoint: str, err: Exception) -> str:
         what = f"no connection within {JOB_SERVER_CONNECT_TIMEOUT_S:.0f} s"
     else:
         what = f"connected, no answer within {JOB_SERVER_READ_TIMEOUT_S:.0f} s"
-    started = (
-        "; the job may have been submitted all the same: radjepa jobs list"
-        if method == "POST" and endpoint == "/api/jobs/"
-        else ""
-    )
-    return f"the job server stopped answering ({url}: {what}){started}"
+    return f"the job server stopped answering ({url}: {what}){_maybe_started(method, endpoint)}"
+
+
+def _maybe_started(method: str, endpoint: str) -> str:
+    """For the submission request itself: that the job may have started all the same."""
+    if method == "POST" and endpoint == "/api/jobs/":
+        return "; the job may have been submitted all the same: radjepa jobs list"
+    return ""
 
 
 def _auth_refusal(url: str, response: Any) -> str:
@@ -979,8 +1012,20 @@ def submit(
             entrypoint_num_gpus=entrypoint_num_gpus,
             metadata={"tool": "radjepa"},
         )
+    except OSError as err:  # requests' errors: the upload or the submission cut short
+        raise JobServerLost(
+            f"{_lost(err)}{_maybe_started('POST', '/api/jobs/')}"
+            if not _uploading(err)
+            else f"{_lost(err)}, while the working dir was uploaded; the job was not submitted"
+        ) from None
     except (RuntimeError, ValueError) as err:
         raise JobsError(f"submission failed: {submission_problem(err, submission)}") from None
+
+
+def _uploading(err: OSError) -> bool:
+    """Whether requests' error was the package upload's (a PUT), not the submission's."""
+    request = getattr(err, "request", None)
+    return getattr(request, "method", None) == "PUT"
 
 
 def submission_problem(err: BaseException, submission: Submission) -> str:

@@ -9,14 +9,15 @@ preamble at all, archives come as ``.tgz``, ``.tar.zst`` or ``.rar``, and a prob
 radiographs. So the files the upload would carry are listed the way Ray lists them (its own
 walk, with the excludes, ``.gitignore`` and ``.rayignore``), and each is judged by its name in
 any case and by its first bytes. The repo's bundled sample (public NIH images, synthetic DICOMs)
-is uploaded on purpose: the files of it git tracks unchanged, nothing else dropped beside them.
+is uploaded on purpose: the files its manifest lists with their content, nothing dropped beside
+them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import subprocess
 import zipfile
 import zlib
 from collections.abc import Collection, Sequence
@@ -25,6 +26,7 @@ from pathlib import Path
 
 __all__ = [
     "BUNDLED_DATA",
+    "SAMPLE_MANIFEST",
     "UploadScan",
     "bundled_files",
     "looks_like_patient_data",
@@ -35,6 +37,8 @@ __all__ = [
 
 # the folder of the project's own sample data, which jobs (the demo, tests on a cluster) read
 BUNDLED_DATA = "data/sample"
+# `sha256sum` lines (relative to BUNDLED_DATA) of the sample files: only those pass
+SAMPLE_MANIFEST = "SHA256SUMS"
 
 _SUFFIXES = (
     ".dcm",
@@ -79,7 +83,6 @@ _MAGIC = (
     (0, b"MM\x00*"),
 )
 _HEAD = 264  # enough bytes for every magic above (a raw data set needs 8)
-_GIT_TIMEOUT_S = 10
 # Ray's walk says at INFO which ignore files it read, a line per folder, and at ERROR "Issue
 # with path: <file>" when the walk is ended on purpose (_Enough), naming a patient file: not
 # for this check, which says what it found itself. A filter, not `disabled`: a logging
@@ -134,30 +137,41 @@ def patient_members(archive: Path, most: int = 20) -> list[str]:
     return found
 
 
-def bundled_files(root: Path) -> frozenset[Path] | None:
-    """The files of :data:`BUNDLED_DATA` under ``root`` that git tracks and that are unchanged,
-    as absolute paths under ``root.absolute()``; None where git cannot say (no git, not a
-    repository, a repository another user owns).
+def bundled_files(root: Path) -> frozenset[Path]:
+    """The files of :data:`BUNDLED_DATA` under ``root`` that :data:`SAMPLE_MANIFEST` lists with
+    the SHA-256 they have, as absolute paths under ``root.absolute()``.
 
     By file, not by folder: an export dropped in ``data/sample/mine/`` would be uploaded with the
-    sample. Git, not a list kept here: every clone (CI's included) has the sample tracked, and a
-    change to the sample needs no second list kept in step."""
+    sample. By content, not by what git tracks: the cluster image's checkout, an archive of the
+    repo and a clone another user owns have no git that answers, and a mode change (a Windows
+    or FAT copy) is no change of content. ``tests/test_submit_patient_files.py`` keeps the
+    manifest in step with the sample git tracks."""
     root = root.absolute()
-
-    def listed(*options: str) -> set[str]:
-        done = subprocess.run(
-            ["git", "-C", str(root), "ls-files", "-z", *options, "--", BUNDLED_DATA],
-            capture_output=True,
-            timeout=_GIT_TIMEOUT_S,
-            check=True,
-        )
-        return {os.fsdecode(p) for p in done.stdout.split(b"\0") if p}
-
+    folder = root / BUNDLED_DATA
     try:
-        tracked = listed("--cached") - listed("--modified")
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return frozenset(root / p for p in tracked)
+        lines = (folder / SAMPLE_MANIFEST).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return frozenset()
+    listed: set[Path] = set()
+    for line in lines:
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            continue
+        path = folder / name
+        try:
+            if path.is_file() and not path.is_symlink() and _sha256(path) == digest:
+                listed.add(path)
+        except OSError:
+            continue
+    return frozenset(listed)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -207,7 +221,8 @@ def scan_upload(
     def judge(path: Path) -> None:
         if not path.is_file():
             return
-        if path.name in wanted_names and path.resolve() in wanted:
+        # a link is uploaded as what it points at (configs/site.yaml -> a shared file)
+        if (path.name in wanted_names or path.is_symlink()) and path.resolve() in wanted:
             carried.add(path.resolve())
         if path in exempt:
             return
@@ -234,5 +249,5 @@ def patient_files(working_dir: Path, excludes: Sequence[str], most: int = 20) ->
     """The files Ray would upload from ``working_dir`` with ``excludes`` that look like patient
     data, apart from the bundled sample's (:func:`bundled_files`); paths relative to
     ``working_dir``, in walk order, ``most`` at most."""
-    exempt = bundled_files(working_dir) or frozenset()
+    exempt = bundled_files(working_dir)
     return scan_upload(working_dir, excludes, exempt=exempt, most=most).patient

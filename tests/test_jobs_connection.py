@@ -218,9 +218,10 @@ def test_an_answer_that_is_not_rays_says_so(serve) -> None:
 def test_glued_and_equals_spellings_of_config_and_set_are_read(tmp_path: Path) -> None:
     # click takes `-cFILE` and `-sKEY=V`: the checks before the upload read the defaults
     # instead of the job's config, and missed the variable a glued --set names
-    args = ["pretrain", "-cA.yaml", "--config=B.yaml", "-c", "C.yaml", "-sx=1", "--set=y=2"]
+    args = ["pretrain", "-cA.yaml", "--config=B.yaml", "-c", "C.yaml", "-sa.x=1", "--set=a.y=2"]
     assert jobs._option_values(args, ("-c", "--config")) == ["A.yaml", "B.yaml", "C.yaml"]
-    assert jobs._option_values([*args, "-s", "z=3"], ("-s", "--set")) == ["x=1", "y=2", "z=3"]
+    got = jobs._option_values([*args, "-s", "a.z=3"], ("-s", "--set"))
+    assert got == ["a.x=1", "a.y=2", "a.z=3"]
     assert jobs._option_values(["sweep", "--set-x", "--setting=1"], ("-s", "--set")) == []
 
     (tmp_path / "bad.yaml").write_text("masks:\n  num_targetz: 3\n")
@@ -258,3 +259,67 @@ def test_a_submission_left_unanswered_exits_4_not_as_a_failed_job(
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == jobs.EXIT_SERVER_LOST == 4, (res.output, res.exception)
     assert "may have been submitted all the same: radjepa jobs list" in res.output
+
+
+def test_an_upload_slower_than_the_connect_timeout_still_goes_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the package went up as one sendall under the 10 s connect timeout, which then bounded the
+    # whole upload: a 6 MB checkout needed 5 Mbit/s, and a slower link ended in a traceback
+    import os
+
+    rate, size = 4_000_000, 12_000_000  # bytes/s the server reads; the upload: ~3 s
+    monkeypatch.setattr(jobs, "JOB_SERVER_CONNECT_TIMEOUT_S", 1.0)
+    received: list[int] = []
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _send(self, status: int, body: object) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # the version, and "no such package yet"
+            self._send(200, RAY_VERSION) if self.path == "/api/version" else self._send(404, {})
+
+        def do_PUT(self) -> None:
+            left = int(self.headers["Content-Length"])
+            while left:
+                left -= len(self.rfile.read(min(rate // 20, left)))
+                time.sleep(0.05)
+            received.append(int(self.headers["Content-Length"]))
+            self._send(200, {})
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self._send(200, {"submission_id": "raysubmit_slow", "job_id": None})
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def server_bind(self) -> None:  # a small window: the client waits on the reader
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            super().server_bind()
+
+    server = Server(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wd = tmp_path / "checkout"
+        (wd / "pipelines").mkdir(parents=True)
+        (wd / "pipelines" / "cli.py").write_text("")
+        (wd / "weights.bin").write_bytes(b"RJ" + os.urandom(size))  # random: the zip keeps it
+        submission = jobs.build_submission(["version"], working_dir=wd, environ={})
+        client = jobs.connect(f"http://127.0.0.1:{server.server_address[1]}")
+        started = time.monotonic()
+        assert jobs.submit(client, submission) == "raysubmit_slow"
+        assert time.monotonic() - started > 1.5 and received and received[0] > size
+    finally:
+        server.shutdown()
+        server.server_close()

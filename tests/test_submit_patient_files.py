@@ -4,6 +4,7 @@ there, and its log is kept on the head for every dashboard user."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -243,36 +244,81 @@ def test_a_local_config_the_upload_leaves_out_is_refused(tmp_path):
     _submit(wd, "pretrain", "--config=configs/ok.yaml", "--data", "s3://b/shards")
 
 
-def _git(wd: Path, *args: str) -> None:
+def test_only_the_sample_files_the_manifest_lists_pass(tmp_path):
+    # anything under data/sample/ was exempt: a user's export dropped in data/sample/mine/ was
+    # uploaded with the sample. Then only what git tracked passed, which refused every submit
+    # where git does not answer (the cluster image's checkout, a repo archive, another user's
+    # clone) and where a mode change (a Windows copy) counted as a change
+    import hashlib
+
+    dicom = make_dicom(np.zeros((8, 8), np.uint16))
+    wd = _checkout(tmp_path / "checkout")
+    sample = wd / "data" / "sample"
+    sample.mkdir(parents=True)
+    (sample / "x.dcm").write_bytes(dicom)
+    with pytest.raises(jobs.JobsError, match=r"e\.g\. data/sample/x\.dcm; .*SHA256SUMS lists"):
+        _submit(wd)  # no manifest: the sample is checked like any other file
+    (sample / "SHA256SUMS").write_text(f"{hashlib.sha256(dicom).hexdigest()}  x.dcm\n")
+    (sample / "x.dcm").chmod(0o755)  # a mode is no content
+    assert _submit(wd).entrypoint.endswith("pipelines.cli version")
+
+    (sample / "mine").mkdir()
+    (sample / "mine" / "IM000003").write_bytes(dicom)
+    with pytest.raises(jobs.JobsError, match=r"1 file\(s\) .* e\.g\. data/sample/mine/IM000003"):
+        _submit(wd)
+    (sample / "mine" / "IM000003").unlink()
+    (sample / "x.dcm").write_bytes(dicom + b"changed")  # no longer the sample
+    with pytest.raises(jobs.JobsError, match=r"e\.g\. data/sample/x\.dcm; of data/sample, only"):
+        _submit(wd)
+
+
+def test_the_sample_manifest_lists_every_sample_file_git_tracks_as_it_is():
+    # the exemption above reads it: a sample file added or changed without it is refused
+    import hashlib
     import subprocess
 
-    subprocess.run(
-        ["git", "-C", str(wd), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-        check=True,
-        capture_output=True,
+    from pipelines.upload_check import BUNDLED_DATA, SAMPLE_MANIFEST
+
+    repo = Path(__file__).resolve().parents[1]
+    folder = repo / BUNDLED_DATA
+    try:
+        tracked = subprocess.run(
+            ["git", "-C", str(folder), "ls-files", "-z", "."],
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    names = sorted(os.fsdecode(n) for n in tracked.split(b"\0") if n)
+    expected = [
+        f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}"
+        for n in names
+        if n != SAMPLE_MANIFEST
+    ]
+    listed = (folder / SAMPLE_MANIFEST).read_text(encoding="utf-8").splitlines()
+    assert listed == expected, (
+        f"regenerate it: cd {BUNDLED_DATA} && git ls-files . | grep -v '^{SAMPLE_MANIFEST}$' | "
+        f"sort | xargs -d '\\n' sha256sum > {SAMPLE_MANIFEST}"
     )
 
 
-def test_only_the_sample_files_git_tracks_pass(tmp_path):
-    # anything under data/sample/ was exempt: a user's export dropped in data/sample/mine/ was
-    # uploaded with the sample
-    dicom = make_dicom(np.zeros((8, 8), np.uint16))
+def test_a_config_linked_into_the_checkout_is_carried(tmp_path):
+    # Ray zips a link as the file it points at; the check took it for a file outside the
+    # working dir ("config file not found" on the cluster) and refused it
     wd = _checkout(tmp_path / "checkout")
-    (wd / "data" / "sample").mkdir(parents=True)
-    (wd / "data" / "sample" / "x.dcm").write_bytes(dicom)
-    # no repository here: the sample is checked like any other file
-    with pytest.raises(jobs.JobsError, match=r"e\.g\. data/sample/x\.dcm.*could not list"):
-        _submit(wd)
-    _git(wd, "init", "-q")
-    _git(wd, "add", "-A")
-    _git(wd, "commit", "-qm", "sample")
-    assert _submit(wd).entrypoint.endswith("pipelines.cli version")
+    shared = tmp_path / "shared" / "plain.yaml"
+    shared.parent.mkdir()
+    shared.write_text("train:\n  steps: 3\n")
+    (wd / "configs").mkdir()
+    (wd / "configs" / "site.yaml").symlink_to(shared)
+    _submit(wd, "pretrain", "-c", "configs/site.yaml", "--data", "s3://b/shards")
 
-    (wd / "data" / "sample" / "mine").mkdir()
-    (wd / "data" / "sample" / "mine" / "IM000003").write_bytes(dicom)
-    with pytest.raises(jobs.JobsError, match=r"1 file\(s\) .* e\.g\. data/sample/mine/IM000003"):
-        _submit(wd)
-    (wd / "data" / "sample" / "mine" / "IM000003").unlink()
-    (wd / "data" / "sample" / "x.dcm").write_bytes(dicom + b"changed")  # no longer the sample
-    with pytest.raises(jobs.JobsError, match=r"e\.g\. data/sample/x\.dcm; of data/sample, only"):
-        _submit(wd)
+
+def test_a_value_that_only_starts_like_a_glued_option_is_no_override(tmp_path):
+    # `--reason "-see INC-42"` was read as a glued --set: "override 'ee INC-42' must look like
+    # section.key=value", and the submission refused
+    wd = _checkout(tmp_path / "checkout")
+    _submit(wd, "models", "promote", "enc", "3", "--reason", "-see INC-42")
+    assert jobs._option_values(["x", "-strain.lr=1", "-cconfigs/a.yaml"], ("-s", "--set")) == [
+        "train.lr=1"
+    ]
