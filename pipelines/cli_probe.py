@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from pipelines.cli_common import ConfigOpt, SetOpt, UserError, load
+from pipelines.cli_common import ConfigOpt, RunFailed, SetOpt, UserError, load
 
 
 def _refuse_uri(option: str, value: str | Path | None) -> None:
@@ -115,6 +115,13 @@ def probe_cmd(
     cfg = load(config, set_)
     if register_head and not (mlflow and cfg.tracking.enabled):
         raise UserError("--register-head needs MLflow tracking (drop --no-mlflow)")
+    if register_head:  # MLflow refuses a bad name only at the end, after the whole probe
+        from radjepa.config import check_registry_name
+
+        try:
+            check_registry_name(head_name)
+        except ValueError as err:
+            raise UserError(f"--head-name: {err}") from None
     if (csv is None) == (shards is None):
         raise UserError("give exactly one of --csv or --shards")
     for option, value in (("--out", out), ("--csv", csv), ("--seg-csv", seg_csv)):
@@ -231,6 +238,14 @@ def probe_cmd(
             )
         except ValueError as err:  # no store for remote outputs, no head to register
             raise UserError(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - the store failed after the probe's work
+            # log_probe_run marked the run FAILED; one line saying where the results are, not
+            # a traceback after a probe that may have taken hours
+            first = (str(err).strip().splitlines() or [""])[0][:500]
+            raise RunFailed(
+                f"cannot record the probe in MLflow: {type(err).__name__}: {first}; the report "
+                f"and head are in {out_dir.resolve()}"
+            ) from None
         typer.echo(f"mlflow run:  {tr.run_id}")
         if tr.head_version:
             typer.echo(f"head model:  models:/{tr.head_model}/{tr.head_version}")

@@ -109,74 +109,132 @@ def _end_unfinished(uri: str, run_id: str, err: BaseException) -> None:
 def finish_tracking(
     cfg: Config, uri: str, run_id: str, ckpt: str, metrics: dict[str, Any]
 ) -> str | None:
+    """Record the end of a pretraining run: its config, the checkpoint's weights and, with
+    ``tracking.register_model``, a model version of them; the run ends FINISHED.
+
+    The files under a registered version never change: a replica that fetches the version
+    afresh and one serving its cached copy must load the same weights. So a re-run whose
+    checkpoint a version of this run holds already uploads and registers nothing, and other
+    weights at the same step (the run retrained from an earlier checkpoint) go to a folder of
+    their own, ``checkpoint-step-N-<fingerprint>``, as a new version.
+    """
     from pipelines.tracking import client as tracking_client
     from pipelines.tracking import redacted_yaml, register_artifact_dir
+    from pipelines.tracking_runs import end_run
+    from radjepa.checkpoint import META, WEIGHTS, read_meta
+    from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
 
     client = tracking_client(uri)
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "config.yaml"
         cfg_path.write_text(redacted_yaml(cfg))
         client.log_artifact(run_id, str(cfg_path))
-    # the model is the weights and their metadata; the optimizer state (as large again) only
-    # matters for resuming, and that reads the checkpoint in the run folder
-    from radjepa.checkpoint import META, WEIGHTS, read_meta
-
     # from the checkpoint itself: a re-run of a finished run reports no new metrics
     step = str(read_meta(ckpt)["step"])
-    artifact = f"checkpoint-step-{step}"
-    for name in (WEIGHTS, META):
-        client.log_artifact(run_id, str(Path(ckpt) / name), artifact)
+    name = cfg.tracking.registered_model if cfg.tracking.register_model else None
+    versions = _run_versions(client, run_id)
+    # the registered files are the ones fingerprinted: a server whose cluster fetches the
+    # weights checks a head and an index against this tag without them
+    fingerprint = checkpoint_fingerprint(ckpt)
+    if name is not None:
+        held = _holding(client, uri, versions or [], name, step, fingerprint)
+        if held is not None:
+            log.info("%s version %s already holds this checkpoint (step %s)", name, held, step)
+            end_run(client, run_id, "FINISHED")  # a reap's tag goes: the driver was alive
+            return held
+        for mv in versions or []:
+            tags = mv.tags or {}
+            if mv.name == name and tags.get("step") == step:
+                log.warning(
+                    "%s version %s holds other weights for step %s of this run (encoder %s): "
+                    "this checkpoint (encoder %s) becomes a new version beside it",
+                    name,
+                    mv.version,
+                    step,
+                    (tags.get(ENCODER_TAG) or "not recorded")[:12],
+                    fingerprint[:12],
+                )
+    artifact, upload = _artifact_path(versions, step, fingerprint)
+    # the model is the weights and their metadata; the optimizer state (as large again) only
+    # matters for resuming, and that reads the checkpoint in the run folder
+    if upload:
+        for file in (WEIGHTS, META):
+            client.log_artifact(run_id, str(Path(ckpt) / file), artifact)
     version = None
-    if cfg.tracking.register_model:
-        from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
-
-        name = cfg.tracking.registered_model
-        # the registered files are the ones fingerprinted: a server whose cluster fetches the
-        # weights checks a head and an index against this tag without them
-        fingerprint = checkpoint_fingerprint(ckpt)
-        found = _registered_version(client, name, run_id, step)
-        if found is None:
-            tags = {"run_name": cfg.train.run_name, "step": step, ENCODER_TAG: fingerprint}
-            version = register_artifact_dir(uri, run_id, artifact, name, tags=tags)
-        else:
-            version, recorded = found
-            log.info("%s version %s already holds step %s of this run", name, version, step)
-            # its files were just uploaded again (this checkpoint's); a version registered
-            # before the tag, or from a checkpoint retrained since, is tagged with these
-            if recorded != fingerprint:
-                if recorded:
-                    log.warning(
-                        "%s version %s now holds other weights for step %s (encoder %s, was %s)",
-                        name,
-                        version,
-                        step,
-                        fingerprint[:12],
-                        recorded[:12],
-                    )
-                client.set_model_version_tag(name, version, ENCODER_TAG, fingerprint)
-    from pipelines.tracking_runs import end_run
-
+    if name is not None:
+        tags = {"run_name": cfg.train.run_name, "step": step, ENCODER_TAG: fingerprint}
+        version = register_artifact_dir(uri, run_id, artifact, name, tags=tags)
     end_run(client, run_id, "FINISHED")  # a reap's tag goes: the driver was alive after all
     return version
 
 
-def _registered_version(
-    client: Any, name: str, run_id: str, step: str
-) -> tuple[str, str | None] | None:
-    """A version of ``name`` this run already registered at ``step`` (a re-run of a finished
-    run has no new weights, so it must not add a duplicate version), with its encoder tag."""
+def _run_versions(client: Any, run_id: str) -> list[Any] | None:
+    """The model versions registered from this run under any name; None when the registry
+    cannot be listed (then no folder is known to be free of a version)."""
     try:  # filter on the run only (every registry accepts it; a name may hold quotes)
-        versions = client.search_model_versions(f"run_id = '{run_id}'")
-    except Exception as err:  # noqa: BLE001 - the check is a courtesy; registering is the job
+        return list(client.search_model_versions(f"run_id = '{run_id}'"))
+    except Exception as err:  # noqa: BLE001 - the folder chosen then is one no version reuses
         log.warning("could not list the model versions of run %s: %s", run_id, err)
         return None
+
+
+def _holding(
+    client: Any, uri: str, versions: list[Any], name: str, step: str, fingerprint: str
+) -> str | None:
+    """The version of ``name`` among ``versions`` that holds this checkpoint (``step``, the
+    encoder ``fingerprint``): a re-run of a finished run has no new weights, and registering
+    them again would add a duplicate version. A version registered before the encoder tag is
+    fingerprinted from its own files, and tagged when they are these."""
     from radjepa.eval.heads import ENCODER_TAG
 
     for mv in versions:
         tags = mv.tags or {}
-        if mv.name == name and tags.get("step") == step:
-            return str(mv.version), tags.get(ENCODER_TAG)
+        if mv.name != name or tags.get("step") != step:
+            continue
+        recorded = tags.get(ENCODER_TAG) or _registered_fingerprint(uri, str(mv.source))
+        if recorded == fingerprint:
+            if not tags.get(ENCODER_TAG):  # a cluster's serve checks heads against this tag
+                client.set_model_version_tag(name, str(mv.version), ENCODER_TAG, fingerprint)
+            return str(mv.version)
     return None
+
+
+def _registered_fingerprint(uri: str, source: str) -> str | None:
+    """The encoder fingerprint of a version's files (MLflow hands a local source over in
+    place, a remote one is fetched to a temporary folder); None when they cannot be read."""
+    import mlflow
+
+    from radjepa.eval.heads import checkpoint_fingerprint
+    from serve.registry import local_source
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=source,
+                tracking_uri=uri,
+                dst_path=None if local_source(source) else tmp,
+            )
+            return checkpoint_fingerprint(local)
+    except Exception as err:  # noqa: BLE001 - unknown files are not these: a new version
+        log.warning("could not read the files of %s: %s", source, err)
+        return None
+
+
+def _artifact_path(versions: list[Any] | None, step: str, fingerprint: str) -> tuple[str, bool]:
+    """The run's artifact folder for this checkpoint and whether its files must be uploaded.
+
+    ``checkpoint-step-N`` unless a version's source is that folder; then (or when the versions
+    could not be listed) ``checkpoint-step-N-<fingerprint[:12]>``, which only ever holds these
+    weights: when a version's source is that one too, its files are these, and none is
+    uploaded."""
+    plain = f"checkpoint-step-{step}"
+    own = f"{plain}-{fingerprint[:12]}"
+    if versions is None:
+        return own, True
+    taken = {str(mv.source).rstrip("/").rsplit("/", 1)[-1] for mv in versions}
+    if plain not in taken:
+        return plain, True
+    return own, own not in taken
 
 
 def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint) -> None:

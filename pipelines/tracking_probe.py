@@ -22,7 +22,7 @@ from pipelines.tracking import (
     store_uri,
 )
 from pipelines.tracking_runs import end_run
-from radjepa.config import Config, flatten
+from radjepa.config import Config, check_registry_name, flatten
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def log_probe_run(
     from radjepa.eval.report import flat_metrics
 
     out = Path(out_dir).resolve()
+    if register_head:  # before a run is made: MLflow would refuse it only at the end
+        check_registry_name(head_model_name)
     uri = probe_store(cfg, create=True)
     enc = report.get("encoder", {})
     try:

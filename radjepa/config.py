@@ -33,6 +33,7 @@ from pydantic import (
 __all__ = [
     "Config",
     "ConfigError",
+    "check_registry_name",
     "load_config",
     "apply_overrides",
     "parse_override",
@@ -592,6 +593,42 @@ class TuneConfig(_Section):
         return self.num_samples or 4
 
 
+REGISTRY_NAME_MAX = 256  # the width of the name column in MLflow's registry tables
+
+
+def check_registry_name(name: str) -> str:
+    """``name`` if MLflow's registry and our ``models:/`` references can both hold it, else a
+    ValueError saying why. Checked when the config or a command's option is read: MLflow
+    refuses a bad name only when the version is registered, after the training or the probe.
+
+    MLflow's own rules (``mlflow.utils.validation._validate_model_name``): not blank, no '/'
+    or ':', and not a name that would resolve to another one as a path ('.', '..' and names
+    beginning with '..'). Ours on top: no '@', which splits ``models:/<name>@<alias>``, not
+    both kinds of quote, which no registry filter can search, and at most
+    ``REGISTRY_NAME_MAX`` characters, what a database-backed registry stores."""
+    if not name.strip():
+        raise ValueError("a registered model name must not be blank")
+    bad = [c for c in ("/", ":", "@") if c in name]
+    if bad:
+        shown = " or ".join(repr(c) for c in bad)
+        raise ValueError(
+            f"{name!r}: a registered model name cannot contain {shown} (they split models:/ "
+            "references)"
+        )
+    if name == "." or name.startswith(".."):
+        raise ValueError(
+            f"{name!r}: MLflow refuses a registered model name that reads as a path ('.', "
+            "'..' or one beginning with '..')"
+        )
+    if "'" in name and '"' in name:
+        raise ValueError(f"{name!r}: a registered model name cannot hold both ' and \"")
+    if len(name) > REGISTRY_NAME_MAX:
+        raise ValueError(
+            f"a registered model name holds at most {REGISTRY_NAME_MAX} characters, not {len(name)}"
+        )
+    return name
+
+
 class TrackingConfig(_Section):
     """MLflow. ``uri`` None means sqlite in the run folder; MLFLOW_TRACKING_URI overrides."""
 
@@ -601,7 +638,8 @@ class TrackingConfig(_Section):
     registered_model: str = Field(
         "radjepa-encoder",
         min_length=1,
-        description="registry name; '/' and ':' are not allowed (they split models:/ URIs)",
+        description="registry name; no '/', ':' or '@' (they split models:/ URIs), not '.', "
+        "'..' or beginning with '..', not both kinds of quote, at most 256 characters",
     )
     register_model: bool = True
 
@@ -615,9 +653,7 @@ class TrackingConfig(_Section):
     @field_validator("registered_model")
     @classmethod
     def _registry_name(cls, v: str) -> str:
-        if "/" in v or ":" in v:
-            raise ValueError(f"{v!r}: a registered model name cannot contain '/' or ':'")
-        return v
+        return check_registry_name(v)
 
 
 class ProbeConfig(_Section):

@@ -255,6 +255,8 @@ def registered_version(ref: str, *, tracking_uri: str | None = None) -> Any:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from pipelines.model_registry import _name_filter
+
     m = _REGISTRY.match(ref)
     if m is None:
         raise ValueError(f"not a registry reference (models:/<name>@<alias>): {ref}")
@@ -266,7 +268,8 @@ def registered_version(ref: str, *, tracking_uri: str | None = None) -> Any:
             return client.get_model_version_by_alias(name, alias)
         if version and version != "latest":
             return client.get_model_version(name, version)
-        versions = client.search_model_versions(f"name='{name}'")
+        # quoted as the registry commands quote it: a name holding a ' broke name='{name}'
+        versions = client.search_model_versions(_name_filter(name))
     except MlflowException as err:
         # MLflow says "alias nope not found" with INVALID_PARAMETER_VALUE
         if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):

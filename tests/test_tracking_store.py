@@ -615,8 +615,8 @@ def test_a_finished_run_recorded_again_keeps_its_version_s_encoder_tag_true(
     tmp_path, migrated_store, caplog
 ):
     # the tag a cluster's serve checks head and index against: a version registered before
-    # the tag got none when its run was recorded again, and one whose step-N checkpoint was
-    # retrained (its files uploaded again over the version's) kept the old weights' fingerprint
+    # the tag got none when its run was recorded again; a retrained step-N checkpoint is a
+    # new version with its own tag, the first keeping its files and tag
     import mlflow
     import torch
 
@@ -642,9 +642,10 @@ def test_a_finished_run_recorded_again_keeps_its_version_s_encoder_tag_true(
 
     torch.manual_seed(1)
     retrained = make_checkpoint(tmp_path / "retrained")  # the same step, other weights
-    assert finish_tracking(cfg, uri, run_id, str(retrained), {}) == version
-    assert tag() == checkpoint_fingerprint(retrained) != checkpoint_fingerprint(ckpt)
-    assert f"srv version {version} now holds other weights for step 7" in caplog.text
+    newer = finish_tracking(cfg, uri, run_id, str(retrained), {})
+    assert newer != version and tag() == checkpoint_fingerprint(ckpt)
+    assert mc.get_model_version("srv", newer).tags[ENCODER_TAG] == checkpoint_fingerprint(retrained)
+    assert f"srv version {version} holds other weights for step 7" in caplog.text
 
 
 def test_a_store_moved_or_copied_elsewhere_is_refused_before_it_writes_to_the_old_place(

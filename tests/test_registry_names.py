@@ -1,0 +1,185 @@
+"""Registered model names and versions against a real MLflow registry on sqlite: a name is
+checked when it is read (not refused by MLflow after the training or the probe), one MLflow
+takes is found again by serve, a registered version's files never change, and a probe whose
+record fails says so in one line."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from serve_helpers import REPO, TINY_CONFIG, make_checkpoint
+
+from radjepa.config import ConfigError, check_registry_name, load_config
+
+# refused by MLflow when the version is registered ('/' and ':' too), or unusable after
+REFUSED = ["enc/v1", "enc:v1", "enc@prod", ".", "..", "..enc", "a'b\"c", "x" * 257, " "]
+TAKEN = ["radjepa-encoder", "bob's-head", 'the "big" one', ".enc", "enc.", "a b", "é", "x" * 256]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_a_registry_name_the_registry_or_a_reference_cannot_hold_is_refused_with_the_config(
+    name,
+):
+    with pytest.raises(ConfigError, match="tracking.registered_model"):
+        load_config(TINY_CONFIG, [f"tracking.registered_model={name}"])
+
+
+def test_every_name_mlflow_refuses_is_refused_and_the_names_taken_register(
+    tmp_path, migrated_store
+):
+    # MLflow's own check, run when a version is registered: nothing it refuses gets past the
+    # config, and each name the config takes registers and is found again by serve
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    from pipelines.tracking import client, ensure_experiment, register_artifact_dir
+    from serve.registry import registered_version
+
+    for name in REFUSED:
+        with pytest.raises(ValueError):
+            check_registry_name(name)
+    for name in ["enc/v1", "enc:v1", ".", "..", "..enc", " "]:
+        with pytest.raises(MlflowException):
+            _validate_model_name(name)
+    uri = migrated_store(tmp_path / "mlflow.db")
+    exp = ensure_experiment(uri, "names", str(tmp_path))
+    run = client(uri).create_run(exp).info.run_id
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    client(uri).log_artifacts(run, str(ckpt), "checkpoint-step-7")
+    for name in TAKEN:
+        assert check_registry_name(name) == name
+        _validate_model_name(name)
+        version = register_artifact_dir(uri, run, "checkpoint-step-7", name)
+        for ref in (f"models:/{name}/latest", f"models:/{name}", f"models:/{name}/{version}"):
+            assert str(registered_version(ref, tracking_uri=uri).version) == version, ref
+
+
+def test_a_second_checkpoint_at_a_registered_step_becomes_a_new_version_beside_it(
+    tmp_path, migrated_store
+):
+    # the registered version's folder was written again with the other weights: a replica that
+    # fetched it afresh served them, one with a cached copy the old ones, under one version
+    import torch
+
+    from pipelines.pretrain_tracking import finish_tracking
+    from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import ensure_experiment
+    from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
+
+    uri = migrated_store(tmp_path / "mlflow.db")
+    client = tracking_client(uri)
+    cfg = load_config(TINY_CONFIG, ["tracking.registered_model=enc", "train.run_name=r"])
+    run = client.create_run(ensure_experiment(uri, "rewrite", str(tmp_path))).info.run_id
+    torch.manual_seed(0)
+    first = make_checkpoint(tmp_path / "a", step=7)
+    torch.manual_seed(1)
+    second = make_checkpoint(tmp_path / "b", step=7)  # retrained to the same step
+
+    def files(version: str) -> tuple[Path, str]:
+        """A version's folder and the sha256 of the weights in it."""
+        source = Path(client.get_model_version("enc", version).source.removeprefix("file://"))
+        return source, hashlib.sha256((source / "weights.safetensors").read_bytes()).hexdigest()
+
+    assert finish_tracking(cfg, uri, run, str(first), {}) == "1"
+    client.set_registered_model_alias("enc", "champion", "1")
+    folder, digest = files("1")
+    assert folder.name == "checkpoint-step-7"
+    assert finish_tracking(cfg, uri, run, str(second), {}) == "2"
+    assert files("1")[1] == digest  # @champion's files as they were
+    other, other_digest = files("2")
+    want = hashlib.sha256((second / "weights.safetensors").read_bytes()).hexdigest()
+    assert other != folder and other_digest == want
+    assert other.name == f"checkpoint-step-7-{checkpoint_fingerprint(second)[:12]}"
+    tags = client.get_model_version("enc", "2").tags
+    assert tags[ENCODER_TAG] == checkpoint_fingerprint(second) and tags["step"] == "7"
+    # a re-run of either finished run adds no version and writes no file
+    before = {p: p.stat().st_mtime_ns for p in (*folder.iterdir(), *other.iterdir())}
+    assert finish_tracking(cfg, uri, run, str(first), {}) == "1"
+    assert finish_tracking(cfg, uri, run, str(second), {}) == "2"
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert len(client.search_model_versions("name='enc'")) == 2
+    # not registering: the weights still go beside a version's folder, never into it
+    unregistered = load_config(TINY_CONFIG, ["tracking.register_model=false"])
+    torch.manual_seed(2)
+    third = make_checkpoint(tmp_path / "c", step=7)
+    assert finish_tracking(unregistered, uri, run, str(third), {}) is None
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert files("1")[1] == digest
+    assert str(client.get_model_version_by_alias("enc", "champion").version) == "1"
+    beside = f"checkpoint-step-7-{checkpoint_fingerprint(third)[:12]}"
+    assert beside in {a.path for a in client.list_artifacts(run)}
+
+
+@pytest.fixture(scope="module")
+def probe_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised tiny JEPA saved with the core's own checkpoint writer."""
+    from radjepa.checkpoint import save_checkpoint
+    from radjepa.engine import Pretrainer
+
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", ["model.depth=2", "train.seed=1"])
+    folder = tmp_path_factory.mktemp("ckpt") / "step-0"
+    save_checkpoint(folder, Pretrainer(cfg, "cpu"))
+    return folder
+
+
+@pytest.mark.parametrize("name", ["bad/name", "enc@prod", "..enc"])
+def test_probe_refuses_a_head_name_before_the_probe(
+    name, tmp_path, probe_checkpoint, nih_dir, monkeypatch
+):
+    # MLflow refused it only when the head was registered, after the whole probe, in a
+    # 58-line traceback
+    from pipelines.cli import UserError
+    from pipelines.cli_probe import probe_cmd
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "probe"
+    with pytest.raises(UserError, match="--head-name: .*registered model name"):
+        probe_cmd(
+            str(probe_checkpoint),
+            ["sex=F"],
+            str(out),
+            csv=str(nih_dir / "labels.csv"),
+            limit=20,
+            set_=[f"train.output_dir={tmp_path / 'runs'}", "probe.bootstrap=0"],
+            register_head=True,
+            head_name=name,
+        )
+    assert not (out / "report.json").exists()
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_a_store_failing_after_the_probe_is_one_line_naming_the_results(
+    tmp_path, probe_checkpoint, nih_dir, monkeypatch, migrated_store
+):
+    # the experiment's artifact root cannot be written (a regular file where its folder
+    # goes): the store fails when the report is uploaded, after the probe's work
+    from pipelines.cli import RunFailed
+    from pipelines.cli_probe import probe_cmd
+    from pipelines.tracking import client
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    runs = tmp_path / "runs"
+    uri = migrated_store(runs / "mlflow.db")
+    (tmp_path / "blocker").write_text("")
+    exp = client(uri).create_experiment(
+        "radjepa", artifact_location=(tmp_path / "blocker" / "artifacts").as_uri()
+    )
+    out = tmp_path / "probe"
+    with pytest.raises(RunFailed) as raised:
+        probe_cmd(
+            str(probe_checkpoint),
+            ["sex=F"],
+            str(out),
+            csv=str(nih_dir / "labels.csv"),
+            limit=20,
+            set_=[f"train.output_dir={runs}", "probe.bootstrap=0"],
+            register_head=True,
+        )
+    said = str(raised.value)
+    assert said.startswith("cannot record the probe in MLflow: ") and "\n" not in said
+    assert said.endswith(f"the report and head are in {out.resolve()}")
+    assert (out / "report.json").is_file() and (out / "head" / "head.json").is_file()
+    (run,) = client(uri).search_runs([exp])
+    assert run.info.status == "FAILED"
