@@ -598,8 +598,9 @@ REGISTRY_NAME_MAX = 256  # the width of the name column in MLflow's registry tab
 
 def check_registry_name(name: str) -> str:
     """``name`` if MLflow's registry and our ``models:/`` references can both hold it, else a
-    ValueError saying why. Checked when the config or a command's option is read: MLflow
-    refuses a bad name only when the version is registered, after the training or the probe.
+    ValueError saying why. Checked when a user's config (with ``tracking.register_model``) or a
+    command's option is read: MLflow refuses a bad name only when the version is registered,
+    after the training or the probe.
 
     MLflow's own rules (``mlflow.utils.validation._validate_model_name``): not blank, no '/'
     or ':', and not a name that would resolve to another one as a path ('.', '..' and names
@@ -639,7 +640,8 @@ class TrackingConfig(_Section):
         "radjepa-encoder",
         min_length=1,
         description="registry name; no '/', ':' or '@' (they split models:/ URIs), not '.', "
-        "'..' or beginning with '..', not both kinds of quote, at most 256 characters",
+        "'..' or beginning with '..', not both kinds of quote, at most 256 characters (all but "
+        "the first two checked only with register_model)",
     )
     register_model: bool = True
 
@@ -653,7 +655,12 @@ class TrackingConfig(_Section):
     @field_validator("registered_model")
     @classmethod
     def _registry_name(cls, v: str) -> str:
-        return check_registry_name(v)
+        # the schema's rule stays the earlier one: a checkpoint's config is validated again
+        # when it is loaded, and one saved under a name check_registry_name refuses must load
+        # (load_config applies that check to what a user runs)
+        if "/" in v or ":" in v:
+            raise ValueError(f"{v!r}: a registered model name cannot contain '/' or ':'")
+        return v
 
 
 class ProbeConfig(_Section):
@@ -1155,6 +1162,18 @@ def _refuse_labels_not_fitting_the_metric(cfg: Config) -> None:
         raise ConfigError(f"invalid configuration:\n  {problem}")
 
 
+def _refuse_unregistrable_name(cfg: Config) -> None:
+    """:func:`check_registry_name` for a config that registers its model. Checked on what a
+    user loads, not in the schema: a checkpoint saved under a name it refuses (an earlier
+    version took '@') must load, and a name never registered is none of the registry's."""
+    if not cfg.tracking.register_model:
+        return
+    try:
+        check_registry_name(cfg.tracking.registered_model)
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration:\n  tracking.registered_model: {err}") from None
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     overrides: Mapping[str, Any] | Iterable[str] = (),
@@ -1170,6 +1189,7 @@ def load_config(
         cfg = apply_overrides(cfg, dict(items) if isinstance(overrides, Mapping) else overrides)
     _refuse_redacted_credentials(cfg)
     _refuse_labels_not_fitting_the_metric(cfg)
+    _refuse_unregistrable_name(cfg)
     return cfg
 
 

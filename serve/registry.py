@@ -70,7 +70,7 @@ def resolve_model(ref: str, *, tracking_uri: str | None = None) -> ResolvedModel
         return ResolvedModel(path=path, name=None, version=None, source=ref, pinned=str(path))
 
     mv = registered_version(ref, tracking_uri=tracking_uri)
-    local = _download_version(ref, mv.source, tracking_uri)
+    local = _download_version(ref, mv.source, tracking_uri, _encoder_tag(mv))
     log.info("resolved %s -> version %s at %s", ref, mv.version, local)
     return ResolvedModel(
         path=local,
@@ -183,14 +183,26 @@ def local_source(source: str) -> bool:
     return urlparse(source).scheme in ("", "file")
 
 
-def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:
+def _encoder_tag(mv: Any) -> str:
+    """The encoder fingerprint a version records (``radjepa pretrain`` tags it), or ""."""
+    from radjepa.eval.heads import ENCODER_TAG
+
+    return str((mv.tags or {}).get(ENCODER_TAG) or "")
+
+
+def _download_version(
+    ref: str, source: str, tracking_uri: str | None, fingerprint: str = ""
+) -> Path:
     """A local folder holding the artifacts of a model version's ``source``.
 
     A source on local disk (the default sqlite store keeps artifacts beside its database) is
     used in place. Any other (a tracking server's ``mlflow-artifacts:``, a bucket) is
-    downloaded once into ``RADJEPA_CACHE`` keyed by store and source, which a version never
-    changes: MLflow's own default is a fresh temporary folder per call, never removed, so
-    every serve replica start, probe and embed copied the whole weights again and left them.
+    downloaded once into ``RADJEPA_CACHE`` keyed by store, source and the version's recorded
+    encoder ``fingerprint``: MLflow's own default is a fresh temporary folder per call, never
+    removed, so every serve replica start, probe and embed copied the whole weights again and
+    left them. The fingerprint is in the key because a source is reused: a version deleted
+    and its run retrained to the same step registers other weights at the same folder, and a
+    cache keyed by source alone served the deleted version's weights as the new one.
     """
     import hashlib
     import os
@@ -213,7 +225,8 @@ def _download_version(ref: str, source: str, tracking_uri: str | None) -> Path:
     if local_source(source):
         return download(None)  # MLflow returns the local folder itself, no copy
     cache = Path(os.environ.get("RADJEPA_CACHE", "~/.cache/radjepa")).expanduser()
-    key = hashlib.sha256(f"{tracking_uri}\n{source}".encode()).hexdigest()[:24]
+    identity = f"{tracking_uri}\n{source}" + (f"\n{fingerprint}" if fingerprint else "")
+    key = hashlib.sha256(identity.encode()).hexdigest()[:24]
     local = cache / "registry" / key
     if _complete(local):
         return local  # complete: copies are only ever renamed into place whole

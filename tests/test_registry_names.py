@@ -183,3 +183,25 @@ def test_a_store_failing_after_the_probe_is_one_line_naming_the_results(
     assert (out / "report.json").is_file() and (out / "head" / "head.json").is_file()
     (run,) = client(uri).search_runs([exp])
     assert run.info.status == "FAILED"
+
+
+def test_a_checkpoint_saved_under_a_name_the_registry_refuses_still_loads(tmp_path):
+    # the stricter name check ran in the schema, so the config saved in a checkpoint trained
+    # under an earlier version ('@' in the name, register_model=false with '..x') no longer
+    # validated: probe, embed, serve and resume all refused the checkpoint as of another version
+    import json
+
+    from radjepa.checkpoint import saved_config
+
+    for name in ("team@radjepa-encoder", "..radjepa", "x" * 300):
+        unregistered = load_config(
+            TINY_CONFIG,
+            [f"tracking.registered_model={name}", "tracking.register_model=false"],
+        )
+        assert unregistered.tracking.registered_model == name
+        ckpt = make_checkpoint(tmp_path / f"ckpt-{len(name)}-{name[:2]}")
+        meta = ckpt / "meta.json"
+        data = json.loads(meta.read_text())
+        data["config"]["tracking"]["registered_model"] = name
+        meta.write_text(json.dumps(data))
+        assert saved_config(ckpt).tracking.registered_model == name

@@ -184,6 +184,38 @@ def test_registry_downloads_from_a_server_are_cached_not_leaked(
     assert not any(scratch.rglob("weights.safetensors"))  # no stray copies
 
 
+def test_a_version_deleted_and_retrained_at_its_step_is_not_served_from_the_old_copy(
+    mlflow_server, tmp_path, monkeypatch
+):
+    # the new version's source is the deleted one's folder, and the cache was keyed by store
+    # and source alone: a machine that had fetched the deleted version served its weights as
+    # the new one
+    import mlflow
+    import torch
+
+    from pipelines.pretrain_tracking import finish_tracking, start_tracking
+    from radjepa.eval.heads import checkpoint_fingerprint
+    from serve.registry import resolve_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("RADJEPA_CACHE", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    cfg = load_config(TINY_CONFIG, [f"train.output_dir={runs}", "tracking.registered_model=re"])
+    run_id, uri = start_tracking(cfg, str(runs), str(runs / "tiny"))
+    client = mlflow.MlflowClient(uri)
+    torch.manual_seed(1)
+    first = finish_tracking(cfg, uri, run_id, str(make_checkpoint(tmp_path / "a")), {})
+    source = client.get_model_version("re", first).source
+    resolve_model(f"models:/re/{first}", tracking_uri=uri)  # cached on this machine
+    client.delete_model_version("re", first)
+    torch.manual_seed(2)
+    retrained = make_checkpoint(tmp_path / "b")  # the same step, other weights
+    second = finish_tracking(cfg, uri, run_id, str(retrained), {})
+    assert client.get_model_version("re", second).source == source
+    served = resolve_model(f"models:/re/{second}", tracking_uri=uri)
+    assert checkpoint_fingerprint(served.path) == checkpoint_fingerprint(retrained)
+
+
 def test_jobs_opening_a_new_store_at_once_all_get_it(tmp_path):
     # two jobs started together on a fresh output folder: MLflow builds the sqlite schema on
     # first open, and concurrent builds failed (6 of 6 processes) and left the store broken
