@@ -323,3 +323,22 @@ def test_an_upload_slower_than_the_connect_timeout_still_goes_up(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_proxy_refusing_while_a_job_is_followed_exits_as_for_a_lost_server(serve) -> None:
+    # an SSO login expiring an hour into a pretrain ended `submit`/`logs --follow` with exit 2,
+    # which says the job failed on a bad config: the job, still running, is not known to have
+    # failed
+    import typer
+
+    from pipelines.cli_jobs import _follow_and_exit
+
+    def expired(method: str, path: str, headers: dict[str, str]) -> Answer:
+        if path == "/api/version":
+            return _ray(method, path, headers)
+        return 401, {"WWW-Authenticate": 'Bearer realm="sso"'}, "login required"
+
+    client = jobs.connect(serve(expired))
+    with pytest.raises(typer.Exit) as ended:
+        _follow_and_exit(client, "raysubmit_followed")
+    assert ended.value.exit_code == jobs.EXIT_SERVER_LOST
