@@ -55,7 +55,38 @@ def copy_run(src: Path, dst: Path) -> dict[str, str]:
         for old, new in changes.items():
             data = data.replace(old.encode(), new.encode())
         path.write_bytes(data)
+    for db in dst.rglob("*.db"):
+        _refingerprint_versions(db)
     return changes
+
+
+def _refingerprint_versions(db: Path) -> None:
+    """A registered version's encoder tag as training into the copy would have recorded it:
+    the copy's meta.json names the copy's paths, so its fingerprint is not the original's, and
+    a re-run found "other weights" for the same checkpoint."""
+    from urllib.parse import unquote, urlparse
+
+    from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
+
+    con = sqlite3.connect(db)
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"model_versions", "model_version_tags"} <= tables:
+            return
+        for name, version, source in con.execute(
+            "SELECT name, version, source FROM model_versions"
+        ).fetchall():
+            folder = Path(unquote(urlparse(source).path)) if source.startswith("file:") else None
+            if folder is None or not (folder / "weights.safetensors").is_file():
+                continue
+            con.execute(
+                "UPDATE model_version_tags SET value = ? WHERE name = ? AND version = ? "
+                "AND key = ?",
+                (checkpoint_fingerprint(folder), name, version, ENCODER_TAG),
+            )
+        con.commit()
+    finally:
+        con.close()
 
 
 def _rewrite_sqlite(db: Path, changes: dict[str, str]) -> None:
