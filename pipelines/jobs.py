@@ -556,10 +556,39 @@ def _refuse_invalid_config(args: Sequence[str], working_dir: Path) -> None:
 _MOST_PATIENT_FILES = 20
 
 
-def _counted(found: Sequence[object]) -> str:
-    """How many patient files a refusal says it found: the walk stops at the most it counts."""
+def _names_this_machine(uri: str) -> bool:
+    """Whether a server URI names a loopback host (``localhost``, 127.0.0.0/8, ``::1``): the
+    same text means another machine to every node of the cluster."""
+    import ipaddress
+
+    try:
+        host = (urlsplit(uri).hostname or "").rstrip(".").lower()
+    except ValueError:  # a malformed URI is the tracking client's to refuse
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _patient_refusal(found: Sequence[object], where: str, remedy: str) -> JobsError:
+    """The one refusal of an upload carrying patient images or archives, wherever they were
+    found (``where``: the working dir, a py_modules entry). The walk stops at the most it
+    counts, so the count says so."""
     most = _MOST_PATIENT_FILES
-    return f"{most} or more" if len(found) >= most else str(len(found))
+    counted = f"{most} or more" if len(found) >= most else str(len(found))
+    return JobsError(
+        f"not submitted: {counted} file(s) in {where} look like medical images or archives "
+        f"(by name or content), e.g. {found[0]}: {remedy}"
+    )
+
+
+# why an upload with patient files is refused, said once for every place they were found
+_UNPACKED = (
+    "uploaded with the job and unpacked on every node that runs it, readable by everyone there"
+)
 
 
 def _refuse_patient_files(
@@ -576,24 +605,25 @@ def _refuse_patient_files(
         scan_upload,
     )
 
-    bundled = bundled_files(wd)
-    scan = scan_upload(wd, excludes, wanted=wanted, exempt=bundled, most=_MOST_PATIENT_FILES)
+    scan = scan_upload(
+        wd, excludes, wanted=wanted, exempt=bundled_files(wd), most=_MOST_PATIENT_FILES
+    )
     found = scan.patient
     if found:
         sample = ""
         if any(p.is_relative_to(BUNDLED_DATA) for p in found):
             # an export dropped beside the sample, or a sample file changed
             sample = (
-                f"; of {BUNDLED_DATA}, only the files {BUNDLED_DATA}/{SAMPLE_MANIFEST} lists, "
-                "as it lists them, pass"
+                f"Of {BUNDLED_DATA}, only the files {BUNDLED_DATA}/{SAMPLE_MANIFEST} lists, "
+                "as it lists them, pass. "
             )
-        raise JobsError(
-            f"not submitted: {_counted(found)} file(s) in {wd} look like medical images or "
-            f"archives (by name or content), e.g. {found[0]}{sample}: the job's upload is "
-            "unpacked on every node that runs it, readable by everyone there. Move them out of "
-            "the checkout (data belongs in the bucket; a virtualenv other than .venv or venv "
-            "belongs outside it too), or list them in .gitignore, a .rayignore, or excludes: in "
-            f"{RUNTIME_ENV_FILE}"
+        raise _patient_refusal(
+            found,
+            str(wd),
+            f"the working dir is {_UNPACKED}. {sample}Move them out of the checkout "
+            "(data belongs in the bucket; a virtualenv other than .venv or venv belongs outside "
+            "it too), or list them in .gitignore, a .rayignore, or excludes: in "
+            f"{RUNTIME_ENV_FILE}",
         )
     return scan.carried
 
@@ -623,12 +653,11 @@ def _refuse_patient_py_modules(py_modules: object, excludes: Sequence[str]) -> N
         else:
             continue
         if found:
-            raise JobsError(
-                f"not submitted: {_counted(found)} file(s) in the runtime env's py_modules entry "
-                f"{entry} look like medical images or archives (by name or content), e.g. "
-                f"{found[0]}: Ray uploads it with the job, unpacked on every node that runs it, "
-                "readable by everyone there. Move them out of it (data belongs in the bucket) "
-                f"or {remedy}"
+            raise _patient_refusal(
+                found,
+                f"the runtime env's py_modules entry {entry}",
+                f"the entry is {_UNPACKED}. Move them out of it (data belongs in the bucket) "
+                f"or {remedy}",
             )
 
 
@@ -761,11 +790,28 @@ def build_submission(
         submitter_env(wd) | {STOP_GRACE_ENV: str(STOP_GRACE_S)} | dict(base.get("env_vars") or {})
     )
     for name in PASSTHROUGH_ENVS:
-        if local.get(name):
-            env_vars[name] = local[name]
+        value = local.get(name)
+        if value and _names_this_machine(value):
+            # a port-forward to the tracking server, set for `radjepa models` here: on the
+            # cluster it names the driver's own loopback, and every run failed to log
+            log.warning(
+                "%s in this shell names this machine's loopback: not passed to the job, which "
+                "logs to the cluster's own tracking server (--pass-env %s to pass a server the "
+                "cluster reaches)",
+                name,
+                name,
+            )
+        elif value:
+            log.info("%s from this shell is passed to the job (it overrides the cluster's)", name)
+            env_vars[name] = value
     for name in pass_env:
         if name not in local:
             raise JobsError(f"--pass-env {name}: not set in this shell")
+        if name in PASSTHROUGH_ENVS and _names_this_machine(local[name]):
+            raise JobsError(
+                f"--pass-env {name}: it names this machine's loopback, which on the cluster is "
+                "the job's own node: give the tracking server's address the cluster reaches"
+            )
         env_vars[name] = local[name]
     if pass_deid_secret:
         raise JobsError(
@@ -1013,11 +1059,11 @@ def submit(
             metadata={"tool": "radjepa"},
         )
     except OSError as err:  # requests' errors: the upload or the submission cut short
-        raise JobServerLost(
-            f"{_lost(err)}{_maybe_started('POST', '/api/jobs/')}"
-            if not _uploading(err)
-            else f"{_lost(err)}, while the working dir was uploaded; the job was not submitted"
-        ) from None
+        if _uploading(err):
+            what = ", while the working dir was uploaded; the job was not submitted"
+        else:
+            what = _maybe_started("POST", "/api/jobs/")
+        raise JobServerLost(f"{_lost(err)}{what}") from None
     except (RuntimeError, ValueError) as err:
         raise JobsError(f"submission failed: {submission_problem(err, submission)}") from None
 

@@ -30,7 +30,6 @@ __all__ = [
     "UploadScan",
     "bundled_files",
     "looks_like_patient_data",
-    "patient_files",
     "patient_members",
     "scan_upload",
 ]
@@ -243,11 +242,3 @@ def scan_upload(
     except _Enough:
         complete = False
     return UploadScan(found, frozenset(carried), complete)
-
-
-def patient_files(working_dir: Path, excludes: Sequence[str], most: int = 20) -> list[Path]:
-    """The files Ray would upload from ``working_dir`` with ``excludes`` that look like patient
-    data, apart from the bundled sample's (:func:`bundled_files`); paths relative to
-    ``working_dir``, in walk order, ``most`` at most."""
-    exempt = bundled_files(working_dir)
-    return scan_upload(working_dir, excludes, exempt=exempt, most=most).patient

@@ -474,6 +474,28 @@ def test_submission_uploads_checkout_without_venv_and_no_secret(tmp_path: Path) 
     assert "s3cr3t" not in sub.describe()
 
 
+@pytest.mark.parametrize(
+    "uri",
+    ["http://127.0.0.1:5000", "http://localhost:5000/", "https://[::1]:5000", "http://127.0.1.1"],
+)
+def test_a_loopback_tracking_uri_is_not_passed_to_the_job(uri: str, caplog) -> None:
+    # a laptop's port-forward to MLflow (set for `radjepa models promote`) replaced the
+    # cluster's tracking server: on the head it is the driver's own loopback, and the job's
+    # runs failed to log with "does not answer" and no word of where the URI came from
+    environ = {"MLFLOW_TRACKING_URI": uri}
+    with caplog.at_level("WARNING", logger="pipelines.jobs"):
+        sub = jobs.build_submission(["pretrain"], working_dir=REPO, environ=environ)
+    assert "MLFLOW_TRACKING_URI" not in sub.runtime_env.get("env_vars", {})
+    assert "not passed to the job" in caplog.text
+    with pytest.raises(jobs.JobsError, match="--pass-env MLFLOW_TRACKING_URI: .*loopback"):
+        jobs.build_submission(
+            ["pretrain"], working_dir=REPO, environ=environ, pass_env=["MLFLOW_TRACKING_URI"]
+        )
+    remote = {"MLFLOW_TRACKING_URI": "http://mlflow.mlflow:5000"}
+    sub = jobs.build_submission(["pretrain"], working_dir=REPO, environ=remote)
+    assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow:5000"
+
+
 def _refusal(**kwargs) -> str:
     kwargs.setdefault("working_dir", REPO)
     kwargs.setdefault("args", ["ingest", "a", "b"])
