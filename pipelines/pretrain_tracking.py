@@ -132,17 +132,17 @@ def finish_tracking(
     # from the checkpoint itself: a re-run of a finished run reports no new metrics
     step = str(read_meta(ckpt)["step"])
     name = cfg.tracking.registered_model if cfg.tracking.register_model else None
-    versions = _run_versions(client, run_id)
     # the registered files are the ones fingerprinted: a server whose cluster fetches the
     # weights checks a head and an index against this tag without them
     fingerprint = checkpoint_fingerprint(ckpt)
     if name is not None:
-        held = _holding(client, uri, versions or [], name, step, fingerprint)
+        versions = _run_versions(client, run_id)
+        held = _holding(client, uri, versions, name, step, fingerprint)
         if held is not None:
             log.info("%s version %s already holds this checkpoint (step %s)", name, held, step)
             end_run(client, run_id, "FINISHED")  # a reap's tag goes: the driver was alive
             return held
-        for mv in versions or []:
+        for mv in versions:
             tags = mv.tags or {}
             if mv.name == name and tags.get("step") == step:
                 log.warning(
@@ -154,7 +154,7 @@ def finish_tracking(
                     (tags.get(ENCODER_TAG) or "not recorded")[:12],
                     fingerprint[:12],
                 )
-    artifact, upload = _artifact_path(versions, step, fingerprint)
+    artifact, upload = _artifact_path(_run_folders(client, run_id), step, fingerprint)
     # the model is the weights and their metadata; the optimizer state (as large again) only
     # matters for resuming, and that reads the checkpoint in the run folder
     if upload:
@@ -168,14 +168,14 @@ def finish_tracking(
     return version
 
 
-def _run_versions(client: Any, run_id: str) -> list[Any] | None:
-    """The model versions registered from this run under any name; None when the registry
-    cannot be listed (then no folder is known to be free of a version)."""
+def _run_versions(client: Any, run_id: str) -> list[Any]:
+    """The model versions registered from this run under any name; none when the registry
+    cannot be listed (then a version holding this checkpoint is not found, and one is added)."""
     try:  # filter on the run only (every registry accepts it; a name may hold quotes)
         return list(client.search_model_versions(f"run_id = '{run_id}'"))
-    except Exception as err:  # noqa: BLE001 - the folder chosen then is one no version reuses
+    except Exception as err:  # noqa: BLE001 - a duplicate version is no harm; lost weights are
         log.warning("could not list the model versions of run %s: %s", run_id, err)
-        return None
+        return []
 
 
 def _holding(
@@ -220,21 +220,33 @@ def _registered_fingerprint(uri: str, source: str) -> str | None:
         return None
 
 
-def _artifact_path(versions: list[Any] | None, step: str, fingerprint: str) -> tuple[str, bool]:
+def _run_folders(client: Any, run_id: str) -> set[str] | None:
+    """The top-level artifact folders of the run; None when they cannot be listed (then no
+    folder is known to be free)."""
+    try:
+        return {info.path for info in client.list_artifacts(run_id) if info.is_dir}
+    except Exception as err:  # noqa: BLE001 - the folder chosen then is one only these fill
+        log.warning("could not list the artifacts of run %s: %s", run_id, err)
+        return None
+
+
+def _artifact_path(folders: set[str] | None, step: str, fingerprint: str) -> tuple[str, bool]:
     """The run's artifact folder for this checkpoint and whether its files must be uploaded.
 
-    ``checkpoint-step-N`` unless a version's source is that folder; then (or when the versions
-    could not be listed) ``checkpoint-step-N-<fingerprint[:12]>``, which only ever holds these
-    weights: when a version's source is that one too, its files are these, and none is
-    uploaded."""
+    A folder the run holds already is never written again, registered or not: a version may
+    be its source now, or be registered from it later (a ``runs:/`` URI), and a replica with
+    a cached copy would serve other weights than one fetching it afresh. The run's own folders
+    say it without the registry, which a run that registers nothing need not reach. So
+    ``checkpoint-step-N`` while the run has none, else (or when the run's folders could not
+    be listed) ``checkpoint-step-N-<fingerprint[:12]>``, which only ever holds these weights:
+    when the run has it already, nothing is uploaded."""
     plain = f"checkpoint-step-{step}"
     own = f"{plain}-{fingerprint[:12]}"
-    if versions is None:
+    if folders is None:
         return own, True
-    taken = {str(mv.source).rstrip("/").rsplit("/", 1)[-1] for mv in versions}
-    if plain not in taken:
+    if plain not in folders:
         return plain, True
-    return own, own not in taken
+    return own, own not in folders
 
 
 def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint) -> None:

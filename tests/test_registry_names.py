@@ -112,6 +112,41 @@ def test_a_second_checkpoint_at_a_registered_step_becomes_a_new_version_beside_i
     assert beside in {a.path for a in client.list_artifacts(run)}
 
 
+def test_a_run_that_registers_nothing_writes_no_folder_of_it_again(tmp_path, migrated_store):
+    # the folder was chosen by the registry's versions: a run that registered nothing wrote its
+    # checkpoint-step-N again with retrained weights, which a version registered from it by
+    # hand (a runs:/ URI) had as its files; and the registry was asked though never used
+    import torch
+
+    from pipelines.pretrain_tracking import finish_tracking
+    from pipelines.tracking import client as tracking_client
+    from pipelines.tracking import ensure_experiment
+    from radjepa.eval.heads import checkpoint_fingerprint
+
+    uri = migrated_store(tmp_path / "mlflow.db")
+    client = tracking_client(uri)
+    cfg = load_config(TINY_CONFIG, ["tracking.register_model=false", "train.run_name=r"])
+    run = client.create_run(ensure_experiment(uri, "unregistered", str(tmp_path))).info.run_id
+    torch.manual_seed(0)
+    first = make_checkpoint(tmp_path / "a", step=7)
+    torch.manual_seed(1)
+    second = make_checkpoint(tmp_path / "b", step=7)
+    assert finish_tracking(cfg, uri, run, str(first), {}) is None
+    folder = Path(client.get_run(run).info.artifact_uri.removeprefix("file://"))
+    plain = folder / "checkpoint-step-7" / "weights.safetensors"
+    digest = hashlib.sha256(plain.read_bytes()).hexdigest()
+    assert finish_tracking(cfg, uri, run, str(second), {}) is None
+    assert hashlib.sha256(plain.read_bytes()).hexdigest() == digest
+    own = folder / f"checkpoint-step-7-{checkpoint_fingerprint(second)[:12]}"
+    assert (own / "weights.safetensors").read_bytes() == (
+        second / "weights.safetensors"
+    ).read_bytes()
+    # a re-run of the finished run writes nothing
+    before = {p: p.stat().st_mtime_ns for p in (*plain.parent.iterdir(), *own.iterdir())}
+    assert finish_tracking(cfg, uri, run, str(second), {}) is None
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
 @pytest.fixture(scope="module")
 def probe_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny JEPA saved with the core's own checkpoint writer."""
@@ -124,6 +159,23 @@ def probe_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+def _probe_sex(ckpt: Path, nih_dir: Path, out: Path, runs: Path, **options: str) -> None:
+    """The CLI's probe of the sample's sex label with a head registered, tracked under
+    ``runs``: small and fast (20 images, no bootstrap)."""
+    from pipelines.cli_probe import probe_cmd
+
+    probe_cmd(
+        str(ckpt),
+        ["sex=F"],
+        str(out),
+        csv=str(nih_dir / "labels.csv"),
+        limit=20,
+        set_=[f"train.output_dir={runs}", "probe.bootstrap=0"],
+        register_head=True,
+        **options,
+    )
+
+
 @pytest.mark.parametrize("name", ["bad/name", "enc@prod", "..enc"])
 def test_probe_refuses_a_head_name_before_the_probe(
     name, tmp_path, probe_checkpoint, nih_dir, monkeypatch
@@ -131,21 +183,11 @@ def test_probe_refuses_a_head_name_before_the_probe(
     # MLflow refused it only when the head was registered, after the whole probe, in a
     # 58-line traceback
     from pipelines.cli import UserError
-    from pipelines.cli_probe import probe_cmd
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "probe"
     with pytest.raises(UserError, match="--head-name: .*registered model name"):
-        probe_cmd(
-            str(probe_checkpoint),
-            ["sex=F"],
-            str(out),
-            csv=str(nih_dir / "labels.csv"),
-            limit=20,
-            set_=[f"train.output_dir={tmp_path / 'runs'}", "probe.bootstrap=0"],
-            register_head=True,
-            head_name=name,
-        )
+        _probe_sex(probe_checkpoint, nih_dir, out, tmp_path / "runs", head_name=name)
     assert not (out / "report.json").exists()
     assert not (tmp_path / "runs" / "mlflow.db").exists()
 
@@ -156,7 +198,6 @@ def test_a_store_failing_after_the_probe_is_one_line_naming_the_results(
     # the experiment's artifact root cannot be written (a regular file where its folder
     # goes): the store fails when the report is uploaded, after the probe's work
     from pipelines.cli import RunFailed
-    from pipelines.cli_probe import probe_cmd
     from pipelines.tracking import client
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -168,15 +209,7 @@ def test_a_store_failing_after_the_probe_is_one_line_naming_the_results(
     )
     out = tmp_path / "probe"
     with pytest.raises(RunFailed) as raised:
-        probe_cmd(
-            str(probe_checkpoint),
-            ["sex=F"],
-            str(out),
-            csv=str(nih_dir / "labels.csv"),
-            limit=20,
-            set_=[f"train.output_dir={runs}", "probe.bootstrap=0"],
-            register_head=True,
-        )
+        _probe_sex(probe_checkpoint, nih_dir, out, runs)
     said = str(raised.value)
     assert said.startswith("cannot record the probe in MLflow: ") and "\n" not in said
     assert said.endswith(f"the report and head are in {out.resolve()}")

@@ -187,14 +187,15 @@ def test_registry_downloads_from_a_server_are_cached_not_leaked(
 def test_a_version_deleted_and_retrained_at_its_step_is_not_served_from_the_old_copy(
     mlflow_server, tmp_path, monkeypatch
 ):
-    # the new version's source is the deleted one's folder, and the cache was keyed by store
-    # and source alone: a machine that had fetched the deleted version served its weights as
-    # the new one
+    # the new version's source is the deleted one's folder (written again by hand: training
+    # never writes a folder of its run twice), and the cache was keyed by store and source
+    # alone: a machine that had fetched the deleted version served its weights as the new one
     import mlflow
     import torch
 
     from pipelines.pretrain_tracking import finish_tracking, start_tracking
-    from radjepa.eval.heads import checkpoint_fingerprint
+    from pipelines.tracking import register_artifact_dir
+    from radjepa.eval.heads import ENCODER_TAG, checkpoint_fingerprint
     from serve.registry import resolve_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
@@ -210,7 +211,11 @@ def test_a_version_deleted_and_retrained_at_its_step_is_not_served_from_the_old_
     client.delete_model_version("re", first)
     torch.manual_seed(2)
     retrained = make_checkpoint(tmp_path / "b")  # the same step, other weights
-    second = finish_tracking(cfg, uri, run_id, str(retrained), {})
+    folder = source.rstrip("/").rsplit("/", 1)[-1]
+    for name in ("weights.safetensors", "meta.json"):
+        client.log_artifact(run_id, str(retrained / name), folder)
+    tags = {ENCODER_TAG: checkpoint_fingerprint(retrained)}
+    second = register_artifact_dir(uri, run_id, folder, "re", tags=tags)
     assert client.get_model_version("re", second).source == source
     served = resolve_model(f"models:/re/{second}", tracking_uri=uri)
     assert checkpoint_fingerprint(served.path) == checkpoint_fingerprint(retrained)
