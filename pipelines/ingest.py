@@ -8,7 +8,7 @@ instances (:mod:`radjepa.ingest.instances`), and writes fixed-size zstd Parquet 
 ``DST/images/``, rejects to ``DST/quarantine/``, inputs dropped as duplicates (same instance in
 other bytes, or same bytes from another path) to ``DST/duplicates/`` and a reconciling
 ``DST/manifest.json`` (input = ok + quarantined + duplicates), which records every run, also
-one Ctrl-C or SIGTERM stopped.
+one Ctrl-C, SIGTERM or a storage error (a full disk, expired credentials) stopped.
 
 Idempotence: image ids (HMAC-SHA256 of the bytes under the pseudonymisation key; the unkeyed
 SHA-256 in a DST made before ids were keyed) already in ``DST`` (images or quarantine) are
@@ -22,6 +22,8 @@ from before its first write to its end, and removes what killed runs left mid-wr
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import functools
 import json
 import logging
@@ -74,7 +76,7 @@ from radjepa.shards import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from radjepa.config import Config, IngestConfig
 
@@ -82,6 +84,7 @@ __all__ = [
     "IngestError",
     "IngestInterrupted",
     "IngestSummary",
+    "StorageFailed",
     "list_inputs",
     "main",
     "run_ingest",
@@ -99,6 +102,63 @@ class DecoderDied(IngestError):
 
 
 _DECODE_BATCH = 16  # files per decoder call
+
+
+class StorageFailed(IngestError):
+    """DST refused a read or write (a full disk, expired object-store credentials, an NFS
+    error): the run stops in one line, keeping what DST still takes. It printed a traceback,
+    and the run's quarantine and duplicate rows, written at its end, were lost. ``recordable``:
+    whether the run's counts are what DST holds, so that it can be recorded as interrupted."""
+
+    def __init__(self, message: str, *, recordable: bool = True) -> None:
+        super().__init__(message)
+        self.recordable = recordable
+
+
+# what to do about the commonest storage errors; any other: the generic advice
+_STORAGE_REMEDIES = {
+    errno.ENOSPC: "free space there",
+    errno.EDQUOT: "free space there or raise the quota",
+    errno.EACCES: "let this user write there",
+    errno.EPERM: "let this user write there",
+    errno.EROFS: "make it writable",
+}
+
+
+def _is_storage_error(err: BaseException) -> bool:
+    """An error of DST's storage, not of the program: OSError or pyarrow's own. A Ray task's
+    error is re-raised as an instance of its cause's type too, and is not DST's."""
+    from ray.exceptions import RayError
+
+    return isinstance(err, (OSError, pa.ArrowException)) and not isinstance(err, RayError)
+
+
+def _storage_failed(
+    err: BaseException, dst: str, lost: str = "", *, recordable: bool = True
+) -> StorageFailed:
+    """One line: the cause (an OSError's reason without its file name, else the first line of
+    pyarrow's message, which names DST's own object at most), what was kept and the remedy.
+    ``lost``: what the run could not write after the error, said after what it kept."""
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else ""
+    lines = str(err).strip().splitlines()
+    cause = reason or (lines[0][:300] if lines else type(err).__name__)
+    remedy = _STORAGE_REMEDIES.get(getattr(err, "errno", None) or 0, "fix the storage")
+    return StorageFailed(
+        f"ingest stopped: {dst} failed: {cause}; the images stored so far are kept{lost}. "
+        f"{remedy.capitalize()} and re-run the same command: stored images are skipped",
+        recordable=recordable,
+    )
+
+
+@contextlib.contextmanager
+def _dst_errors(dst: str, *, recordable: bool) -> Iterator[None]:
+    """DST's storage errors in the block raised as :class:`StorageFailed` (one line)."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as err:
+        if not _is_storage_error(err):
+            raise
+        raise _storage_failed(err, dst, recordable=recordable) from err
 
 
 @dataclass
@@ -238,18 +298,22 @@ def run_ingest(
     # dropped the other's run (dst_lock); taken before the first write, released however it ends
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     with DstLock(dst, run_id) as lock:
-        dest = Destination(dst)
-        dest.before_write = lock.check_held
-        dest.remove_leftovers()  # of runs killed mid-write: ours now that we hold the lock
-        dest.warn_foreign_files()  # which training would refuse: said before the run, not after
-        previous = dest.read_manifest()
-        key = {
-            "key": "development" if secret == DEV_SECRET else "secret",
-            "key_fingerprint": key_fingerprint(secret),
-            "patient_identity": ing.patient_identity,
-        }
-        check_compatible(dest, previous, settings)
-        key = check_key(dest, previous, key, ing.secret_env)
+        # DST's storage errors (here, and in the reads before the run and its record after it,
+        # which are not recorded; those mid-run are): one line, not a traceback; Ray's and the
+        # program's own errors stay as they are
+        with _dst_errors(dst, recordable=False):
+            dest = Destination(dst)
+            dest.before_write = lock.check_held
+            dest.remove_leftovers()  # of runs killed mid-write: ours now that we hold the lock
+            dest.warn_foreign_files()  # which training refuses: said before the run, not after
+            previous = dest.read_manifest()
+            key = {
+                "key": "development" if secret == DEV_SECRET else "secret",
+                "key_fingerprint": key_fingerprint(secret),
+                "patient_identity": ing.patient_identity,
+            }
+            check_compatible(dest, previous, settings)
+            key = check_key(dest, previous, key, ing.secret_env)
         settings["id_scheme"] = key["id_scheme"]  # the DST's: re-runs recognise its files
         summary = IngestSummary(dst=dst, run_id=run_id)
         expected: int | None = None
@@ -264,9 +328,10 @@ def run_ingest(
                 from pipelines.runtime import ensure_ray
 
                 ensure_ray()
-            known = dest.known_ids()
-            unread = dest.unread_quarantined()  # quarantined unread before: stored if readable
-            instances = InstanceIndex(dest.shards(), dest.read_columns)  # once per run
+            with _dst_errors(dst, recordable=False):
+                known = dest.known_ids()
+                unread = dest.unread_quarantined()  # quarantined unread before: stored if readable
+                instances = InstanceIndex(dest.shards(), dest.read_columns)  # once per run
             first, actors = _decoder_pool(
                 ing.decode_actors,
                 ray.cluster_resources().get("CPU", 1),
@@ -302,15 +367,19 @@ def run_ingest(
             else:
                 log.warning("no files found under the given sources; writing an empty run")
             summary.seconds = round(time.perf_counter() - started, 3)
-            _record_run(dest, previous, summary, settings, key, sources, expected, ing, started_at)
-        except (KeyboardInterrupt, DecoderDied):  # Ctrl-C, SIGTERM routed as one, or a
-            # decoder that kept dying: record what it kept
-            summary.status = RUN_INTERRUPTED
-            summary.seconds = round(time.perf_counter() - started, 3)
-            try:
+            with _dst_errors(dst, recordable=False):
                 _record_run(
                     dest, previous, summary, settings, key, sources, expected, ing, started_at
                 )
+        except (KeyboardInterrupt, DecoderDied, StorageFailed) as stopped:  # Ctrl-C, SIGTERM
+            # routed as one, a decoder that kept dying, DST failing: record what it kept
+            summary.status = RUN_INTERRUPTED
+            summary.seconds = round(time.perf_counter() - started, 3)
+            try:
+                if getattr(stopped, "recordable", True):
+                    _record_run(
+                        dest, previous, summary, settings, key, sources, expected, ing, started_at
+                    )
             except (OSError, IngestError, pa.ArrowException) as err:
                 log.warning("could not record the interrupted run in manifest.json: %s", err)
             raise
@@ -641,6 +710,32 @@ class _Outputs:
             s.resolved = min(s.resolved, s.ok)
             s.input = s.ok + s.quarantined + s.duplicates
 
+    def salvage(self) -> tuple[str, bool]:
+        """:meth:`finish` as an interrupted run's, after DST refused a write: returns what it
+        could not write, said after what the run kept (empty when nothing), and whether the
+        run's counts are then those of what DST holds (a record of it says what it kept).
+
+        A full disk refuses the last shard again, and the quarantine rows, written after it,
+        were lost with it: they are then written without it. The duplicate rows are not: one
+        may name an image of that shard as the copy kept, and a re-run would skip that image
+        for good; a re-run lists them again."""
+        try:
+            self.finish(interrupted=True)
+            return "", True
+        except (OSError, pa.ArrowException, IngestError) as err:
+            if not self.pending_rows:  # the last shard went: a later write failed
+                log.warning("could not write the run's quarantine or duplicate rows: %s", err)
+                return "; the run's quarantine and duplicate rows may be missing", False
+            unwritten = self.pending_rows
+        self.pending, self.pending_rows = [], 0
+        self.duplicates, self.copies = [], []
+        try:
+            self.finish(interrupted=True)
+        except (OSError, pa.ArrowException, IngestError) as err:
+            log.warning("could not write the run's quarantine rows: %s", err)
+            return f"; {unwritten} images decoded last and the quarantine rows were not", False
+        return f"; {unwritten} images decoded last were not", True
+
 
 def _conflict_message(kept_image_id: str, apart: float | None) -> str:
     by = f" (by {apart:.0%} of full scale)" if apart is not None else ""
@@ -661,7 +756,8 @@ def _consume(
     """Stream decoder output on the driver: drop duplicate bytes and duplicate DICOM instances,
     fill shards, collect quarantine rows; count the stored inputs that ``unread`` names
     (quarantined unread by an earlier run). On Ctrl-C (or SIGTERM routed as one) what was
-    decoded so far is written before the interrupt goes on."""
+    decoded so far is written before the interrupt goes on, and so is what DST still takes
+    after it failed (:class:`StorageFailed`)."""
     from ray.exceptions import RayActorError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -710,6 +806,11 @@ def _consume(
             "meets the same batch again: give the decoders more memory, or lower "
             "ingest.max_file_mb"
         ) from None
+    except (OSError, pa.ArrowException) as err:  # DST failed: a full disk, expired credentials
+        if not _is_storage_error(err):
+            raise
+        lost, recordable = out.salvage()
+        raise _storage_failed(err, out.dest.uri, lost, recordable=recordable) from err
     if conflicts:
         log.warning(
             "%d files hold a DICOM instance already stored with other pixels: quarantined as %s",
@@ -723,7 +824,7 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
     how many were instance conflicts.
 
     The batch's duplicate rows are handed over after its stored and quarantined rows: a
-    duplicate row makes re-runs skip its image id unread, and one naming a copy kept in this
+    duplicate row makes re-runs skip its image id undecoded, and one naming a copy kept in this
     batch, written by a run interrupted before that copy was stored, made every re-run skip
     the image for good. Interrupted anywhere here, a row is at worst left unlisted (a re-run
     lists it)."""
@@ -810,10 +911,11 @@ def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]
             messages[i] = _conflict_message(str(verdict.kept_image_id), verdict.difference)
             keep_q.append(i)
             out.quarantine_here(image_id, reasons[i], messages[i])
-    if keep_ok:
-        out.store(table.take(keep_ok))
+    # quarantine rows first: a shard write that fails in store loses none of them
     if keep_q:
         out.reject(table.take(keep_q), [reasons[i] for i in keep_q], [messages[i] for i in keep_q])
+    if keep_ok:
+        out.store(table.take(keep_ok))
     out.duplicates.extend(instance_rows)
     out.copies.extend(r for r in copy_rows if r is not None)
     return conflicts

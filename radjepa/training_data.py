@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,14 +104,15 @@ def is_holdout(image_id: str, fraction: float) -> bool:
 def inspect_shards(data: str, cfg: Config) -> ShardSummary:
     """Read shard metadata (not pixels) to fail in seconds, before a cluster is asked for
     workers, when the config cannot train on this data."""
-    ds = shard_dataset(data)
-    images = shard_folder(data)
     columns = ["image_id", "height", "width", "dtype"]
-    try:
-        require_columns(ds.schema.names, data, columns)
-    except ShardError as exc:
-        raise TrainingDataError(str(exc)) from None
-    table = ds.to_table(columns=columns)
+    with _named_damage(data):
+        ds = shard_dataset(data)
+        images = shard_folder(data)
+        try:
+            require_columns(ds.schema.names, data, columns)
+        except ShardError as exc:
+            raise TrainingDataError(str(exc)) from None
+        table = ds.to_table(columns=columns)
     if table.num_rows == 0:
         raise TrainingDataError(f"{images} has shards but no images (everything was quarantined?)")
     heights = set(table.column("height").to_pylist())
@@ -137,6 +140,32 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
         digest.update(f"{image_id}\n".encode())
     window = _recorded_window(data)
     return ShardSummary(images, len(ids), n_train, held, size, dtype, digest.hexdigest(), window)
+
+
+@contextmanager
+def _named_damage(data: str) -> Iterator[None]:
+    """Turn pyarrow's ``ArrowInvalid`` for a shard that is no whole Parquet file (zero bytes or
+    cut short, as a crash or a lost node leaves one) into a :class:`TrainingDataError` naming
+    it and how to go on: training stopped on a traceback that named neither. The footers are
+    read only once a read has failed; any other ``ArrowInvalid`` is left as it was."""
+    import pyarrow as pa
+
+    from radjepa.ingest.destination import damaged_file, footer_error
+
+    try:
+        yield
+    except pa.ArrowInvalid:
+        fs, files = training_files(data)
+        folder = shard_folder(data).rstrip("/")
+        damaged = [
+            (f"{folder}/{path.rsplit('/', 1)[-1]}", reason)
+            for path in files
+            if (reason := footer_error(fs, path)) is not None
+        ]
+        if not damaged:
+            raise
+        more = f" (damaged too: {', '.join(n for n, _ in damaged[1:])})" if damaged[1:] else ""
+        raise TrainingDataError(damaged_file(*damaged[0]) + more) from None
 
 
 def _recorded_window(data: str) -> tuple[float, float] | None:
@@ -199,7 +228,8 @@ def stored_decode(data: str) -> dict[str, Any]:
     """How the shards at ``data`` were made, as :func:`with_stored_decode` names it
     (``ingest.image_size``, ``ingest.dtype`` and, where the DST records it,
     ``ingest.window_percentiles``); only the size and dtype columns are read."""
-    table = shard_dataset(data).to_table(columns=["height", "width", "dtype"])
+    with _named_damage(data):
+        table = shard_dataset(data).to_table(columns=["height", "width", "dtype"])
     sizes = set(table.column("height").to_pylist()) | set(table.column("width").to_pylist())
     dtypes = set(table.column("dtype").to_pylist())
     return _made_with(

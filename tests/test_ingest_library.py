@@ -825,7 +825,7 @@ def _lock_record(**fields) -> dict:
     import socket
     from datetime import UTC, datetime
 
-    from radjepa.ingest.dst_lock import _pid_namespace
+    from radjepa.ingest.dst_lock import _boot_id, _pid_namespace
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
     return {
@@ -833,6 +833,7 @@ def _lock_record(**fields) -> dict:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "pid_namespace": _pid_namespace(),
+        "boot_id": _boot_id(),
         "started_at": now,
         "heartbeat": now,
         **fields,
@@ -901,6 +902,19 @@ def test_a_stale_or_dead_runs_lock_is_taken_over_with_a_warning(tmp_path, caplog
         "killed-run" in caplog.text
         and f"process {gone.stdout.strip()} no longer runs" in caplog.text
     )
+
+    # the same hostname and pid namespace on another machine (cloned VMs, or any two hosts
+    # outside containers, whose init pid namespace is one number): its pid means nothing here,
+    # and the live run there was taken over at once
+    other = _lock_record(pid=int(gone.stdout), run_id="live-elsewhere", boot_id="another-boot")
+    lock.write_text(json.dumps(other))
+    with pytest.raises(IngestError, match="live-elsewhere"):
+        DstLock(str(dst), "new").acquire()
+    # a lock written before the boot was recorded is judged by host and namespace as before
+    older = {k: v for k, v in other.items() if k != "boot_id"} | {"run_id": "older-version"}
+    lock.write_text(json.dumps(older))
+    with DstLock(str(dst), "new"):
+        pass
 
     # a lock cut short while being written: its age is the file's; fresh is refused, old is not
     lock.write_bytes(b"")

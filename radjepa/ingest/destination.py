@@ -2,7 +2,8 @@
 
 ``DST/images``, ``DST/quarantine`` and ``DST/duplicates`` hold Parquet files written under a
 temporary name and renamed, ``DST/manifest.json`` reconciles every run's counts, and
-``DST/pseudonyms.json`` records which key made the pseudonyms before the first shard is written, and
+``DST/pseudonyms.json`` records which key made the pseudonyms and ``DST/decode.json`` how its
+images are decoded (size, dtype, window), both before the first shard is written, and
 ``DST/.ingest.lock`` says which run writes it now (:mod:`radjepa.ingest.dst_lock`). Any pyarrow
 filesystem: a local folder or a bucket URI.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -41,6 +43,7 @@ from radjepa.shards import (
 )
 
 __all__ = [
+    "DECODE_RECORD",
     "KEY_RECORD",
     "MANIFEST",
     "MANIFEST_VERSION",
@@ -60,6 +63,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# how DST's images are decoded (size, dtype, ingest.window_percentiles): written, like KEY_RECORD,
+# before the first shard, so that a run killed before its manifest still fixes the window the next
+# run must use (check_compatible); the manifest's ``image`` says the same once a run finishes
+DECODE_RECORD = "decode.json"
 # in KEY_RECORD: the key was first recorded on a DST that already held shards (see check_key)
 UNCHECKED = "unchecked_shards"
 # 2: every run record has a ``status`` (RUN_FINISHED or RUN_INTERRUPTED). Version 1 recorded
@@ -117,7 +124,65 @@ def is_output(root: str, path: str) -> bool:
         return True
     if rel == LOCK or is_lock_temporary(rel):
         return True
-    return rel in {name for n in (MANIFEST, KEY_RECORD) for name in (n, temporary_name(n))}
+    records = (MANIFEST, KEY_RECORD, DECODE_RECORD)
+    return rel in {name for n in records for name in (n, temporary_name(n))}
+
+
+# what a re-run of the same sources does for the inputs a damaged file of each folder recorded
+_REDONE = {
+    IMAGES_DIR: "stores its images again",
+    QUARANTINE_DIR: "quarantines its files again",
+    DUPLICATES_DIR: "lists its duplicates again",
+}
+
+
+def damaged_file(shown: str, reason: str) -> str:
+    """The message for a Parquet file of DST that is no whole Parquet file (zero bytes, or cut
+    short: the rename of a write reached the disk and its data did not, as after a crash or a
+    lost node): which file, and how to go on. Every later ingest and training run read it and
+    stopped on a pyarrow traceback that named neither."""
+    parts = shown.rsplit("/", 2)
+    redone = _REDONE.get(parts[-2] if len(parts) > 1 else "", "reads its inputs again")
+    return (
+        f"{shown} is damaged, no whole Parquet file ({reason}): a write cut short by a crash "
+        f"or a lost node leaves one. Move it out of the DST; a re-run of `radjepa ingest` over "
+        f"the same sources {redone}"
+    )
+
+
+def footer_error(fs: pafs.FileSystem, path: str) -> str | None:
+    """Why ``path`` is no whole Parquet file (its footer cannot be read), None when it is one.
+    Told apart from other ``ArrowInvalid`` errors of a read (a column the file lacks), which
+    are no damage to report."""
+    try:
+        pq.read_metadata(path, filesystem=fs)
+    except pa.ArrowInvalid as err:
+        return str(err)
+    return None
+
+
+def read_dst_table(
+    fs: pafs.FileSystem, path: str, columns: list[str] | None, shown: str
+) -> pa.Table:
+    """``columns`` (None: all) of the Parquet file ``path`` of a DST (``shown`` as the user
+    spells it); :class:`IngestError` (:func:`damaged_file`) when the file is damaged."""
+    try:
+        return pq.read_table(path, columns=columns, filesystem=fs)
+    except pa.ArrowInvalid:
+        reason = footer_error(fs, path)
+        if reason is None:
+            raise
+        raise IngestError(damaged_file(shown, reason)) from None
+
+
+def dst_file_rows(fs: pafs.FileSystem, path: str, shown: str) -> int:
+    """Rows of the Parquet file ``path`` of a DST, from its footer; :class:`IngestError`
+    (:func:`damaged_file`) when it has none to read."""
+    try:
+        with fs.open_input_file(path) as f:
+            return int(pq.ParquetFile(f).metadata.num_rows)
+    except pa.ArrowInvalid as err:
+        raise IngestError(damaged_file(shown, str(err))) from None
 
 
 class Destination:
@@ -179,7 +244,7 @@ class Destination:
             sub: partial(is_output_name, sub)
             for sub in (IMAGES_DIR, QUARANTINE_DIR, DUPLICATES_DIR)
         }
-        places[""] = lambda n: n in {MANIFEST, KEY_RECORD}
+        places[""] = lambda n: n in {MANIFEST, KEY_RECORD, DECODE_RECORD}
         removed = 0
         for sub, ours in places.items():
             folder = f"{self.root}/{sub}".rstrip("/")
@@ -194,7 +259,7 @@ class Destination:
 
     def _arrow_columns(self, sub: str, column: str) -> Iterator[pa.ChunkedArray]:
         for path in self._parquet(sub):
-            yield pq.read_table(path, columns=[column], filesystem=self.fs).column(column)
+            yield self.read_columns(path, [column]).column(column)
 
     def known_ids(self) -> KnownIds:
         """Ids of the bytes DST has seen: stored, quarantined, or a duplicate of an instance
@@ -227,7 +292,7 @@ class Destination:
         there that cannot be read now (over ``ingest.max_file_mb``) count as already in DST,
         which never held it, on every run."""
         for path in self._parquet(QUARANTINE_DIR):
-            table = pq.read_table(path, columns=["sha256", "source_hash"], filesystem=self.fs)
+            table = self.read_columns(path, ["sha256", "source_hash"])
             yield table.filter(pc.is_null(table.column("sha256"))).column("source_hash")
 
     def recorded_inputs(self) -> tuple[InputKeys, dict[str, str]]:
@@ -253,7 +318,7 @@ class Destination:
                 columns = [id_column, "source_hash"]
                 if sub == DUPLICATES_DIR:
                     columns.append("kept_image_id")
-                table = pq.read_table(path, columns=columns, filesystem=self.fs)
+                table = self.read_columns(path, columns)
                 keys.append(input_keys(table[id_column], table["source_hash"]))
                 if sub == DUPLICATES_DIR:
                     ids = table[id_column].to_pylist()
@@ -269,7 +334,7 @@ class Destination:
         found: dict[str, tuple[str, str]] = {}
         said: dict[tuple[str, str], tuple[str, str]] = {}
         for path in self._parquet(QUARANTINE_DIR):
-            table = pq.read_table(path, columns=["sha256", "reason", "message"], filesystem=self.fs)
+            table = self.read_columns(path, ["sha256", "reason", "message"])
             table = table.filter(pc.is_valid(table.column("sha256")))
             for image_id, reason, message in zip(
                 table["sha256"].to_pylist(),
@@ -292,9 +357,15 @@ class Destination:
         """The image shards' paths, sorted (so by run, then by number)."""
         return self._parquet(IMAGES_DIR)
 
-    def read_columns(self, path: str, columns: list[str]) -> pa.Table:
-        """``columns`` of one Parquet file of DST (a path from :meth:`shards`)."""
-        return pq.read_table(path, columns=columns, filesystem=self.fs)
+    def read_columns(self, path: str, columns: list[str] | None) -> pa.Table:
+        """``columns`` (None: all) of one Parquet file of DST (a path from :meth:`shards`); an
+        :class:`IngestError` naming the file when it is no whole Parquet file
+        (:func:`read_dst_table`)."""
+        return read_dst_table(self.fs, path, columns, self._shown(path))
+
+    def _shown(self, path: str) -> str:
+        """``path`` (on :attr:`fs`) as the user spelled DST."""
+        return self.uri.rstrip("/") + path[len(self.root.rstrip("/")) :]
 
     def num_rows(self, name: str) -> int:
         """Rows of the Parquet file ``name`` (``images/part-...``, as :meth:`write` returns it),
@@ -302,7 +373,7 @@ class Destination:
         path = f"{self.root}/{name}"
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return 0
-        return int(pq.ParquetFile(self.fs.open_input_file(path)).metadata.num_rows)
+        return dst_file_rows(self.fs, path, self._shown(path))
 
     def write(self, sub: str, name: str, table: pa.Table) -> str:
         self.before_write()
@@ -311,8 +382,21 @@ class Destination:
         tmp = f"{self.root}/{sub}/{temporary_name(name)}"
         with self.fs.open_output_stream(tmp) as f:
             pq.write_table(table, f, compression="zstd")
-        self.fs.move(tmp, final)
+        self._publish(tmp, final)
         return f"{sub}/{name}"
+
+    def _publish(self, tmp: str, final: str) -> None:
+        """Rename the written ``tmp`` to ``final``. On a local or mounted filesystem the file's
+        data reaches the disk first and the rename after it: a rename alone could reach the
+        disk before the data, and a node lost then left a zero-byte or cut-short
+        ``part-*.parquet`` that every later run read and stopped on. An object store publishes
+        a whole object or none, so there is nothing to flush."""
+        local = isinstance(self.fs, pafs.LocalFileSystem)
+        if local:
+            _fsync(tmp)
+        self.fs.move(tmp, final)
+        if local:
+            _fsync_folder(os.path.dirname(final))
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         return _read_json(self.fs, self.root, self.uri, name)
@@ -322,13 +406,13 @@ class Destination:
         tmp, final = f"{self.root}/{temporary_name(name)}", f"{self.root}/{name}"
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
-        self.fs.move(tmp, final)
+        self._publish(tmp, final)
 
     def stored_image(self) -> dict[str, Any] | None:
         """Size and dtype of the images already in DST, read from a shard (None when empty):
         a run that died before its manifest leaves shards that still fix both."""
         for path in self._parquet(IMAGES_DIR):
-            first = pq.read_table(path, columns=["height", "dtype"], filesystem=self.fs).slice(0, 1)
+            first = self.read_columns(path, ["height", "dtype"]).slice(0, 1)
             if first.num_rows:
                 return {"size": first["height"][0].as_py(), "dtype": first["dtype"][0].as_py()}
         return None
@@ -342,7 +426,7 @@ class Destination:
     def _quarantine_rows(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
         for path in self._parquet(QUARANTINE_DIR):
-            table = pq.read_table(path, filesystem=self.fs)
+            table = self.read_columns(path, None)
             columns = [
                 c for c in ("sha256", "source_hash", "reason", "run_id") if c in table.column_names
             ]
@@ -374,10 +458,7 @@ class Destination:
         counts (see :class:`Totals`). A row quarantined unread is resolved once a later run
         stores an image from the same path: counting it as quarantined said a file was missing
         that DST holds."""
-        images = sum(
-            pq.ParquetFile(self.fs.open_input_file(p)).metadata.num_rows
-            for p in self._parquet(IMAGES_DIR)
-        )
+        images = sum(dst_file_rows(self.fs, p, self._shown(p)) for p in self._parquet(IMAGES_DIR))
         rows = self._quarantine_rows()
         stored = _stored_paths(self.fs, self.root, rows)
         reasons: Counter[str] = Counter()
@@ -390,6 +471,25 @@ class Destination:
         return Totals(images, sum(reasons.values()), dict(sorted(reasons.items())), resolved)
 
 
+def _fsync(path: str) -> None:
+    """Flush the file ``path``'s data to the disk (any descriptor of it will do)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Flush ``folder``'s entries (a rename just made in it) where the system can: not every
+    platform opens a folder (Windows) or flushes one (some network filesystems), and there
+    the rename stands as it always did."""
+    try:
+        _fsync(folder)
+    except OSError as err:
+        log.debug("cannot flush folder %s: %s", folder, err)
+
+
 def _stored_paths(fs: pafs.FileSystem, root: str, rows: list[dict[str, Any]]) -> dict[str, str]:
     """Path hash -> the latest run that stored an image from it (run ids sort by start
     time; a shard is ``part-<run_id>-<n>.parquet``). Read only when a row was quarantined
@@ -399,7 +499,7 @@ def _stored_paths(fs: pafs.FileSystem, root: str, rows: list[dict[str, Any]]) ->
     latest: dict[str, str] = {}
     for path in output_files(fs, root, IMAGES_DIR):
         run = path.rsplit("/", 1)[-1].removeprefix("part-").rsplit("-", 1)[0]
-        table = pq.read_table(path, columns=["source_hash"], filesystem=fs)
+        table = read_dst_table(fs, path, ["source_hash"], path)
         for h in table.column("source_hash").to_pylist():
             if h and run > latest.get(h, ""):
                 latest[h] = run
@@ -530,8 +630,12 @@ def check_compatible(
     dest: Destination, previous: dict[str, Any] | None, settings: dict[str, Any]
 ) -> None:
     """Shards in one DST must share image size and dtype (training and the index read them as
-    one array); the manifest says which, else a stored shard does (a run that died first)."""
-    old = (previous or {}).get("image") or dest.stored_image()
+    one array); the manifest says which, else a stored shard does (a run that died first).
+    And one window (:func:`check_window`): checked against the manifest and against
+    :data:`DECODE_RECORD`, which a DST without images takes from this run before its first
+    shard."""
+    stored = dest.stored_image()
+    old = (previous or {}).get("image") or stored
     new = {"size": settings["size"], "dtype": settings["dtype"]}
     if old and {k: old.get(k) for k in new} != new:
         raise IngestError(
@@ -539,6 +643,7 @@ def check_compatible(
             "Use a new DST (shards in one folder must share size and dtype)."
         )
     check_window(previous, settings)
+    _check_decode_record(dest, previous, settings, holds_images=stored is not None)
 
 
 def check_window(previous: dict[str, Any] | None, settings: dict[str, Any]) -> None:
@@ -549,28 +654,84 @@ def check_window(previous: dict[str, Any] | None, settings: dict[str, Any]) -> N
     recorded = ((previous or {}).get("image") or {}).get("window_percentiles")
     if not recorded or not (previous or {}).get("images"):
         return
-    old = [float(v) for v in recorded]
+    _same_window([float(v) for v in recorded], settings)
+
+
+def _same_window(old: list[float], settings: dict[str, Any]) -> None:
     new = [float(v) for v in settings["window_percentiles"]]
     if old != new:
         raise IngestError(
             f"destination holds images windowed with ingest.window_percentiles={old}; this run "
             f"asks for {new}. Set ingest.window_percentiles={old}, or ingest into a new DST "
-            "(the manifest records one window for all of its images)."
+            "(it records one window for all of its images)."
         )
+
+
+def _check_decode_record(
+    dest: Destination,
+    previous: dict[str, Any] | None,
+    settings: dict[str, Any],
+    *,
+    holds_images: bool,
+) -> None:
+    """The window DST's images were made with, recorded before its first shard: the manifest
+    alone came too late. A first run killed after some shards, before its manifest, left
+    nothing that named its window; the next run with another one was let through, the manifest
+    then gave its window to every image (training recorded it in the checkpoint, serving
+    windowed uploads with it) and a run with the true window was refused.
+
+    A DST that holds images fixes its record; one without takes this run's, written before
+    anything else. Images without a record were made by an older version: the manifest's
+    window (:func:`check_window`) is checked where there is one; a run of that version killed
+    before its first manifest left none, and the window its images were made with cannot be
+    known."""
+    recorded = dest.read_json(DECODE_RECORD)
+    images = holds_images or bool((previous or {}).get("images"))
+    if recorded is not None and images:
+        window = recorded.get("window_percentiles")
+        if not _is_window(window):
+            raise IngestError(
+                f"{dest.uri}/{DECODE_RECORD}: window_percentiles {window!r} is not a window "
+                "(two percentiles, low below high, within [0, 100]); restore it"
+            )
+        _same_window([float(v) for v in window], settings)
+        return
+    if images:
+        if not ((previous or {}).get("image") or {}).get("window_percentiles"):
+            log.warning(
+                "%s holds images but no record of the ingest.window_percentiles they were "
+                "made with (a run of an older version was interrupted before its manifest): "
+                "the window cannot be checked; the manifest will record this run's %s",
+                dest.uri,
+                list(settings["window_percentiles"]),
+            )
+        return
+    decode = {
+        "size": int(settings["size"]),
+        "dtype": str(settings["dtype"]),
+        "window_percentiles": [float(v) for v in settings["window_percentiles"]],
+    }
+    if recorded != decode:
+        dest.write_json(DECODE_RECORD, decode)
 
 
 def recorded_window(dst: str) -> tuple[float, float] | None:
     """The ``ingest.window_percentiles`` the ingest output ``dst`` (or its ``images`` folder)
-    windowed its DICOMs with, from its manifest; None where it records none. The stored size
-    and dtype are in every shard row; the window is only here."""
+    windowed its DICOMs with, from its manifest, else from :data:`DECODE_RECORD` (a first run
+    that died before its manifest); None where neither records one, or where the one found is
+    no window (damaged by hand: said in a warning). The stored size and dtype are in every
+    shard row; the window is only here."""
     fs, places = _record_places(dst)
     for folder, spelled in places:
-        image = (_read_json(fs, folder, spelled, MANIFEST) or {}).get("image")
-        window = image.get("window_percentiles") if isinstance(image, dict) else None
-        if _is_window(window):
-            return float(window[0]), float(window[1])
-        if window is not None:  # damaged by hand: the shards themselves still stand
-            log.warning("%s/%s: window_percentiles %r is not a window", spelled, MANIFEST, window)
+        for name in (MANIFEST, DECODE_RECORD):
+            record = _read_json(fs, folder, spelled, name) or {}
+            image = record.get("image") if name == MANIFEST else record
+            window = image.get("window_percentiles") if isinstance(image, dict) else None
+            if _is_window(window):
+                return float(window[0]), float(window[1])
+            if window is not None:  # damaged by hand: the shards themselves still stand
+                log.warning("%s/%s: window_percentiles %r is not a window", spelled, name, window)
+                break
     return None
 
 

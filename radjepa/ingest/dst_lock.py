@@ -5,8 +5,8 @@ stored, so both stored the same new files; and each rewrote the manifest as "the
 at its start + itself", so the later one dropped the other's record and the counts no longer
 reconciled. A run therefore holds this lock from before its first write to DST until it ends.
 
-The lock is a small JSON record (run_id, host, pid, started_at, heartbeat) that a thread
-rewrites every :data:`HEARTBEAT_S` seconds. A run killed without cleaning up (``kill -9``, an
+The lock is a small JSON record (run_id, host, pid, boot_id, started_at, heartbeat) that a
+thread rewrites every :data:`HEARTBEAT_S` seconds. A run killed without cleaning up (``kill -9``, an
 evicted pod) leaves it behind; the next run takes it over, with a warning naming the dead run,
 when its heartbeat is older than :data:`STALE_S` or its owner is a dead process on this host.
 A live lock is refused in one line before anything is written.
@@ -75,6 +75,17 @@ def _pid_namespace() -> str | None:
         return None
 
 
+def _boot_id() -> str | None:
+    """This boot of this host (Linux): unlike the hostname (cloned VMs, ``localhost``, one
+    ``--hostname`` given to containers on several nodes) and the init pid namespace (the same
+    number on every host), it tells two machines apart; containers on one host share it."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -111,6 +122,7 @@ class DstLock:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "pid_namespace": _pid_namespace(),
+            "boot_id": _boot_id(),
             "started_at": started,
             "heartbeat": started,
         }
@@ -249,6 +261,8 @@ class DstLock:
             return f"no heartbeat for {age:.0f} s (stale after {self.stale_s:.0f} s)"
         pid = held.get("pid")
         here = all(held.get(k) == self.record[k] for k in ("host", "pid_namespace"))
+        # a lock written before the boot was recorded is judged by host and namespace alone
+        here = here and held.get("boot_id", self.record["boot_id"]) == self.record["boot_id"]
         if here and isinstance(pid, int):
             if not _pid_alive(pid):
                 return f"process {pid} no longer runs on this host"
