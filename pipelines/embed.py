@@ -19,6 +19,7 @@ code the server runs.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,7 @@ def run_embed(
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
     import ray
+    from ray.data.datasource import FilenameProvider
 
     from pipelines.runtime import (
         ensure_ray,
@@ -185,12 +187,19 @@ def run_embed(
     try:
         out_fs, out_path = filesystem(out)
         marker = f"{out_path.rstrip('/')}/{INCOMPLETE_MARKER}"
-        if _parquet_files(out_fs, out_path):
-            unfinished = out_fs.get_file_info(marker).type != pafs.FileType.NotFound
+        unfinished = out_fs.get_file_info(marker).type != pafs.FileType.NotFound
+        if unfinished or _parquet_files(out_fs, out_path):
+            # a marker alone is a run still starting (its actors waiting for nodes): a second
+            # run beside it wrote its parts into the same folder, and both were recorded
             what = (
-                "the parts of an embed run that did not finish" if unfinished else "Parquet files"
+                "the parts of an embed run that is writing there or did not finish"
+                if unfinished
+                else "Parquet files"
             )
-            raise EmbedError(f"{out} already holds {what}: choose a new folder or remove it")
+            raise EmbedError(
+                f"{out} already holds {what}: choose a new folder, or remove it once no run "
+                "writes there"
+            )
     except (OSError, ValueError) as err:
         if isinstance(err, EmbedError):
             raise
@@ -257,18 +266,30 @@ def run_embed(
         udf_modifying_row_count=False,
     )
     out_fs.create_dir(out_path, recursive=True)
-    _mark_incomplete(out_fs, marker)
+    run = uuid.uuid4().hex[:12]  # names this run's parts and its marker
+    _mark_incomplete(out_fs, marker, run)
     try:
-        ds.write_parquet(out)
+        ds.write_parquet(out, filename_provider=FilenameProvider(run, "parquet"))
     except ray.exceptions.RayActorError as err:
         # an actor that cannot load the model on its node (another copy, no copy, unreadable):
         # Ray's error is the worker's whole traceback; the user needs its last line
         if not getattr(err, "actor_init_failed", False):
             raise
+        if not _parquet_files(out_fs, out_path) and _marked_by(out_fs, marker) == run:
+            out_fs.delete_file(marker)  # nothing written: the same folder may be used again
         reason = remote_error_message(err) or "see the worker log above"
         raise EmbedError(f"the encoder actors could not start: {reason}") from None
     try:  # the storage failing now leaves the marker: the folder is refused as unfinished
         files = _parquet_files(out_fs, out_path)
+        if _marked_by(out_fs, marker) != run or any(
+            not f.rsplit("/", 1)[-1].startswith(f"{run}_") for f in files
+        ):
+            # two runs started together past the check above: neither's parts are the index
+            _mark_incomplete(out_fs, marker, run)
+            raise EmbedError(
+                f"another embed run wrote into {out} while this one ran: their parts are mixed "
+                "there; remove the folder and embed again, one run per folder"
+            )
         counts = {f: pq.read_metadata(f, filesystem=out_fs).num_rows for f in files}
         rows = sum(counts.values())
         _record_parts(out_fs, out_path, counts)
@@ -337,7 +358,17 @@ def _record_parts(fs: Any, folder: str, counts: dict[str, int]) -> None:
         f.write(json.dumps(record, indent=1, sort_keys=True).encode())
 
 
-def _mark_incomplete(fs: Any, marker: str) -> None:
+def _marked_by(fs: Any, marker: str) -> str | None:
+    """The run whose marker ``marker`` is (its last line), None when there is none."""
+    try:
+        with fs.open_input_stream(marker) as f:
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    except FileNotFoundError:
+        return None
+    return lines[-1].removeprefix("run ") if lines else None
+
+
+def _mark_incomplete(fs: Any, marker: str, run: str) -> None:
     """Mark the index folder as being written until every part is in it.
 
     Ray Data writes each part straight into the folder as its task ends, so a run stopped
@@ -348,7 +379,7 @@ def _mark_incomplete(fs: Any, marker: str) -> None:
     with fs.open_output_stream(marker) as f:
         f.write(
             b"radjepa embed is writing this index, or a run writing it did not finish: "
-            b"its parts are not the whole archive\n"
+            b"its parts are not the whole archive\n" + f"run {run}\n".encode()
         )
 
 

@@ -177,6 +177,17 @@ class IdColumn(Sequence):
         kind = f"hex{self.hex_chars}" if self.hex_chars else f"text{self.values.itemsize}"
         return f"IdColumn({len(self)} rows, {kind}, {self.nbytes} bytes)"
 
+    def repeated_rows(self) -> np.ndarray:
+        """Rows holding a value an earlier row holds (int64, ascending; nulls aside): with the
+        stable sort order, the first row of each value is kept and the others returned."""
+        if self._order is None:
+            raise TypeError("this column was built without searchable=True")
+        ordered = self.values[self._order]
+        again = ordered[1:] == ordered[:-1]
+        if self.valid is not None:
+            again &= self.valid[self._order[1:]]
+        return np.sort(self._order[1:][again]).astype(np.int64)
+
     def rows_of(self, value: str | None) -> np.ndarray:
         """Rows holding ``value``, ascending (int64; empty for None and unknown values)."""
         if self._order is None:

@@ -184,6 +184,17 @@ class EmbeddingIndex:
         except ValueError as err:  # a pseudonym column of another length than the ids
             raise IndexLoadError(f"index {source}: {err}") from None
         self.matrix = _unit_rows(np.array(embeddings, dtype=np.float32, copy=copy))  # [N, D]
+        # runs over one DST each embed all of it: served under one parent, every image they
+        # share took two places in a neighbour list, the same case shown twice
+        self._repeats = self.image_ids.repeated_rows()
+        if len(self._repeats):
+            log.warning(
+                "index %s holds %d row(s) whose image another row holds (embed runs over the "
+                "same shards under one folder?): each image is answered once; serve the newest "
+                "run's folder alone to save their memory",
+                source,
+                len(self._repeats),
+            )
         self.source = source
         self.encoder_fingerprint = encoder_fingerprint  # None: built before it was recorded
         self.model = model
@@ -215,6 +226,15 @@ class EmbeddingIndex:
         import pyarrow.parquet as pq
 
         p, files, expected = _index_parts(path)
+        if expected is None:
+            # a copy that left out the underscore files (`cp *.parquet`, a sync of *.parquet)
+            # and a part is served as a smaller archive without a word
+            log.warning(
+                "index %s has no %s: that no part is missing cannot be checked; serve the "
+                "folder `radjepa embed` wrote, copied whole",
+                p,
+                PARTS_RECORD,
+            )
         counts = [_part_rows(f) for f in files]
         for f, n in zip(files, counts, strict=True):
             _check_part_rows(f, n, expected)
@@ -414,7 +434,8 @@ class EmbeddingIndex:
         return [self._top(row, k, exclude) for row, exclude in zip(scores, excludes, strict=True)]
 
     def _top(self, scores: np.ndarray, k: int, exclude: np.ndarray | None) -> list[Hit]:
-        skipped = np.unique(np.asarray(exclude if exclude is not None else (), np.int64))
+        asked = np.asarray(exclude if exclude is not None else (), np.int64)
+        skipped = np.unique(np.concatenate([asked, self._repeats]))
         k = min(k, len(self) - len(skipped))
         if k <= 0:
             return []
@@ -627,6 +648,7 @@ class _Parts:
         dim = self._matrix.shape[1]
         if values.size != n * dim or dim == 0 or self.filled + n > self.rows:
             raise IndexLoadError(f"{self.source}: embeddings are empty or ragged")
+        _check_list_lengths(part, batch.column("embedding"), dim)
         self._matrix[self.filled : self.filled + n] = values.reshape(n, dim)
         self.filled += n
         names = batch.schema.names
@@ -721,6 +743,22 @@ def _embedding_values(p: Path, chunk: pa.Array) -> np.ndarray:
     if values.null_count:
         raise IndexLoadError(f"{p}: embeddings hold null values")
     return values.to_numpy(zero_copy_only=False)
+
+
+def _check_list_lengths(part: Path, chunk: pa.Array, dim: int) -> None:
+    """Refuse rows of a variable-list column that are not ``dim`` long: lengths 3, 5 and 4
+    fill 3 rows of 4 values, each row then mixing values of its neighbours."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_fixed_size_list(chunk.type):
+        return  # its footer fixes the size of every row
+    lengths = pc.min_max(pc.list_value_length(chunk)).as_py()
+    if (lengths["min"], lengths["max"]) != (dim, dim):
+        raise IndexLoadError(
+            f"{part}: embeddings of {lengths['min']} to {lengths['max']} values where the "
+            f"index's are {dim}: not an index `radjepa embed` wrote; embed the shards again"
+        )
 
 
 def _nulls(n: int) -> pa.Array:

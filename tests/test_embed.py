@@ -354,11 +354,45 @@ def test_an_interrupted_run_leaves_an_index_the_server_refuses(embedded, tmp_pat
         with pytest.raises(IndexLoadError, match="is incomplete: the `radjepa embed` run"):
             load(out)
     monkeypatch.undo()
-    with pytest.raises(EmbedError, match="holds the parts of an embed run that did not finish"):
+    with pytest.raises(EmbedError, match="holds the parts of an embed run that is writing"):
         run_embed(embedded["cfg"], embedded["root"] / "ingest", out, model=embedded["ckpt"])
     from serve.index import INCOMPLETE_MARKER
 
     assert not (embedded["out"] / INCOMPLETE_MARKER).exists()  # a finished run leaves none
+    # a marker alone (a run whose actors still wait for nodes) is a run writing there too
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    (starting / INCOMPLETE_MARKER).write_text("run 0123456789ab\n")
+    with pytest.raises(EmbedError, match="holds the parts of an embed run that is writing"):
+        run_embed(embedded["cfg"], embedded["root"] / "ingest", starting, model=embedded["ckpt"])
+
+
+def test_two_runs_writing_into_one_folder_leave_it_refused(embedded, tmp_path, monkeypatch):
+    """A second run started while the first waited for its actors passed the check of OUT:
+    both wrote their parts there, the first to finish recorded both runs' files and removed
+    the marker (served while the other still wrote), and the second recorded every image
+    twice. Here another run's part lands in OUT during this run's write."""
+    import shutil
+
+    import ray.data
+
+    from pipelines.embed import EmbedError, run_embed
+    from serve.index import INCOMPLETE_MARKER, EmbeddingIndex, IndexLoadError
+
+    write_parquet = ray.data.Dataset.write_parquet
+    other = sorted(embedded["out"].glob("*.parquet"))[0]
+
+    def beside_another_run(self, path, **kwargs):
+        write_parquet(self, path, **kwargs)
+        shutil.copy(other, Path(path) / "0123456789ab_0_000000.parquet")
+
+    monkeypatch.setattr(ray.data.Dataset, "write_parquet", beside_another_run)
+    out = tmp_path / "index"
+    with pytest.raises(EmbedError, match="another embed run wrote into .* while this one ran"):
+        run_embed(embedded["cfg"], embedded["root"] / "ingest", out, model=embedded["ckpt"])
+    assert (out / INCOMPLETE_MARKER).exists()
+    with pytest.raises(IndexLoadError, match="is incomplete"):
+        EmbeddingIndex.from_parquet(out)
 
 
 def test_a_copy_of_the_index_that_lost_or_gained_a_part_is_refused(embedded, tmp_path):

@@ -75,6 +75,7 @@ def test_parts_load_in_order_as_unit_rows_with_their_ids_and_pseudonyms(tmp_path
         ("null embedding", "1 row.s. have no embedding"),
         ("other dimension", "empty or ragged"),
         ("ragged lists", "empty or ragged"),
+        ("lists ragged to a whole", "embeddings of 3 to 5 values where the index's are 4"),
         ("empty", "empty or ragged"),
         ("damaged", "part-1.parquet: unreadable"),
         # scored null for every query (a response outside the API's float schema)
@@ -100,6 +101,10 @@ def test_a_wrong_part_is_refused_in_one_line(tmp_path, problem, match):
     elif problem == "ragged lists":
         lists = pa.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0]], pa.list_(pa.float32()))
         pq.write_table(pa.table({"image_id": ["d", "e"], "embedding": lists}), second)
+    elif problem == "lists ragged to a whole":
+        # 3 + 5 + 4 values fill 3 rows of 4: each row then held its neighbours' values
+        lists = pa.array([[1.0] * 3, [2.0] * 5, [3.0] * 4], pa.list_(pa.float32()))
+        pq.write_table(pa.table({"image_id": ["d", "e", "f"], "embedding": lists}), second)
     elif problem == "non-finite":  # an encoder that diverged
         _part(second, np.array([[np.nan, 1, 1, 1], [1, 1, np.inf, 1]], np.float32), ["d", "e"])
     elif problem == "damaged":  # cut short, as a copy that ran out of disk leaves it
@@ -411,3 +416,30 @@ def test_an_index_under_the_home_folder_may_be_given_with_a_tilde(tmp_path, monk
     _part(tmp_path / "idx" / "part-0.parquet", emb, ["a", "b", "c"])
     assert EmbeddingIndex.check_parts("~/idx")[0] == 3
     assert EmbeddingIndex.from_parquet("~/idx").image_ids == ["a", "b", "c"]
+
+
+def test_an_image_held_by_two_runs_under_one_parent_is_one_neighbour(tmp_path, caplog):
+    # last month's run and this month's over one DST (each embeds all of it) served under one
+    # parent: every older image took two places in a neighbour list, the same case twice
+    rng = np.random.default_rng(3)
+    old = rng.standard_normal((10, 8)).astype(np.float32)
+    new = np.concatenate([old, rng.standard_normal((10, 8)).astype(np.float32)])
+    _part(tmp_path / "index" / "jan" / "part-0.parquet", old, [f"i{i}" for i in range(10)])
+    _part(tmp_path / "index" / "feb" / "part-0.parquet", new, [f"i{i}" for i in range(20)])
+    with caplog.at_level(logging.WARNING, logger="serve.index"):
+        index = EmbeddingIndex.from_parquet(tmp_path / "index")
+    assert len(index) == 30 and "10 row(s) whose image another row holds" in caplog.text
+    hits = index.search(old[4], 20)
+    assert sorted(h.image_id for h in hits) == sorted(f"i{i}" for i in range(20))
+    assert hits[0].image_id == "i4"
+    assert len(index.search(old[4], 100)) == 20  # every image once, however many are asked
+    assert len(index.rows_with_image_id("i4")) == 2  # its own upload still excludes both
+
+
+def test_a_folder_without_its_record_of_parts_loads_with_a_warning(tmp_path, caplog):
+    # a copy that left out the underscore files (`cp *.parquet`) and a part was served as a
+    # smaller archive without a word
+    _part(tmp_path / "index" / "part-0.parquet", np.ones((2, 4), np.float32), ["a", "b"])
+    with caplog.at_level(logging.WARNING, logger="serve.index"):
+        EmbeddingIndex.from_parquet(tmp_path / "index")
+    assert "has no _index.json: that no part is missing cannot be checked" in caplog.text
