@@ -888,12 +888,14 @@ def create_app(
         # instance pseudonyms are keyed like the PatientID's: comparable only under that key
         by_instance = _ANSWERED[upload_pids.status].startswith("used")
 
-        def exclusions(up: _Upload, patient_rows: np.ndarray, query: np.ndarray) -> _Exclusions:
+        def exclusions(up: _Upload, patient_rows: np.ndarray, scores: np.ndarray) -> _Exclusions:
             archived = index.rows_with_image_id(up.image_id)
             if up.instance_pid is not None and by_instance:
                 # the archived DICOM instance in other bytes: found by its SOP Instance UID's
-                # pseudonym, as ingest found it, when its embedding is the archived one's
-                archived = np.union1d(archived, index.rows_of_instance(up.instance_pid, query))
+                # pseudonym, as ingest found it, when its embedding is the archived one's (from
+                # the search's own scores: no second pass over the matrix)
+                same = index.rows_of_instance(up.instance_pid, scores=scores)
+                archived = np.union1d(archived, same)
             own = np.empty(0, np.int64) if include_self else archived
             patients = patient_rows
             same = None
@@ -919,8 +921,12 @@ def create_app(
                     raise Cancelled("request abandoned")
                 block = uploads[start : start + SEARCH_BLOCK]
                 queries = np.stack([r.embedding for r in results[start : start + SEARCH_BLOCK]])
-                ex = [exclusions(up, patient_rows, q) for up, q in zip(block, queries, strict=True)]
-                hits = index.search_many(queries, k, [np.union1d(e.own, e.patients) for e in ex])
+                scores = index.scores(queries)  # the one pass over the matrix for the block
+                ex = [exclusions(up, patient_rows, s) for up, s in zip(block, scores, strict=True)]
+                hits = [
+                    index.top(s, k, np.union1d(e.own, e.patients))
+                    for s, e in zip(scores, ex, strict=True)
+                ]
                 found += [
                     SimilarOut(
                         image_id=up.image_id,

@@ -226,7 +226,7 @@ class EmbeddingIndex:
         import pyarrow.parquet as pq
 
         p, files, expected = _index_parts(path)
-        if expected is None:
+        if expected is None and p.is_dir():
             # a copy that left out the underscore files (`cp *.parquet`, a sync of *.parquet)
             # and a part is served as a smaller archive without a word
             log.warning(
@@ -384,24 +384,33 @@ class EmbeddingIndex:
         overlapping embed runs)."""
         return self.image_ids.rows_of(image_id)
 
-    def rows_of_instance(self, instance_pid: str | None, query: np.ndarray) -> np.ndarray:
+    def rows_of_instance(
+        self,
+        instance_pid: str | None,
+        query: np.ndarray | None = None,
+        *,
+        scores: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Rows of the DICOM instance ``instance_pid`` (its keyed SOP Instance UID pseudonym,
         as ingest identifies instances) that are the upload's ``query`` ([D]) itself: the
         archived instance re-sent in other bytes (another transfer syntax, a re-written header),
         which :meth:`rows_with_image_id` cannot find. Itself means within
         :data:`SAME_INSTANCE_MIN_COSINE` of the query and :data:`SAME_INSTANCE_MIN_MARGIN`
-        closer to it than any row of another instance (the whole matrix is read for that, only
-        for an upload whose instance the archive holds)."""
+        closer to it than any row of another instance. That reads the whole matrix: give the
+        query's ``scores`` ([N], a row of :meth:`scores`) where the search made them already,
+        or every archived upload read it a second time."""
         instance = self.pids[INSTANCE_PID].rows_of(instance_pid)
         if not len(instance):
             return instance
-        q = np.asarray(query, dtype=np.float32).reshape(-1)
-        q = q / max(float(np.linalg.norm(q)), 1e-12)
-        own = self.matrix[instance] @ q
+        if scores is None:
+            if query is None:
+                raise TypeError("rows_of_instance needs the query or its scores")
+            scores = self.scores(np.asarray(query).reshape(1, -1))[0]
+        own = scores[instance]
         close = own >= SAME_INSTANCE_MIN_COSINE
         if not close.any() or len(instance) == len(self):
             return instance[close]
-        others = self.matrix @ q
+        others = scores.copy()  # the caller's scores stay as they are, for its search
         others[instance] = -np.inf
         return instance[close & (own >= float(others.max()) + SAME_INSTANCE_MIN_MARGIN)]
 
@@ -424,16 +433,24 @@ class EmbeddingIndex:
         in one pass over the matrix: a search is bound by reading the matrix (3 GiB at a
         million rows), so the images of one request share that read instead of repeating it
         (``bench/index.py`` times both ways)."""
+        if len(excludes) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(excludes)} exclusion lists")
+        scores = self.scores(queries)
+        return [self.top(row, k, exclude) for row, exclude in zip(scores, excludes, strict=True)]
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each query ([Q, D]) to every row: [Q, N], one read of the
+        matrix for all of them. What a search needs of the matrix: the exclusions that depend
+        on the query (:meth:`rows_of_instance`) and :meth:`top` then read these alone."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise IndexLoadError(f"query dim {q.shape[-1]} != index dim {self.dim}")
-        if len(excludes) != len(q):
-            raise ValueError(f"{len(q)} queries but {len(excludes)} exclusion lists")
-        q = _unit_rows(q.copy())
-        scores = q @ self.matrix.T  # [Q, N]: one read of the matrix for every query
-        return [self._top(row, k, exclude) for row, exclude in zip(scores, excludes, strict=True)]
+        return _unit_rows(q.copy()) @ self.matrix.T
 
-    def _top(self, scores: np.ndarray, k: int, exclude: np.ndarray | None) -> list[Hit]:
+    def top(self, scores: np.ndarray, k: int, exclude: np.ndarray | None) -> list[Hit]:
+        """The ``k`` best rows of one query's ``scores`` ([N], a row of :meth:`scores`; set to
+        -inf where excluded, in place), best first, never a row of ``exclude``; fewer than
+        ``k`` only when fewer rows remain."""
         asked = np.asarray(exclude if exclude is not None else (), np.int64)
         skipped = np.unique(np.concatenate([asked, self._repeats]))
         k = min(k, len(self) - len(skipped))

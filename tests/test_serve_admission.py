@@ -191,7 +191,7 @@ class _ParkedIndex(EmbeddingIndex):
         self.finished = threading.Event()
         self.on_event_loop: list[bool] = []
 
-    def search_many(self, queries, k, excludes):
+    def scores(self, queries):
         try:
             asyncio.get_running_loop()
             self.on_event_loop.append(True)
@@ -200,7 +200,7 @@ class _ParkedIndex(EmbeddingIndex):
         self.started.set()
         self.release.wait(timeout=60)
         try:
-            return super().search_many(queries, k, excludes)
+            return super().scores(queries)
         finally:
             self.finished.set()
 

@@ -443,3 +443,27 @@ def test_a_folder_without_its_record_of_parts_loads_with_a_warning(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="serve.index"):
         EmbeddingIndex.from_parquet(tmp_path / "index")
     assert "has no _index.json: that no part is missing cannot be checked" in caplog.text
+
+
+def test_the_same_instance_check_reads_the_search_scores_and_answers_as_from_the_query():
+    # the API found an archived DICOM instance re-sent in other bytes with a second pass over
+    # the whole matrix per upload, on top of the search's own: it now reads the search's scores
+    rng = np.random.default_rng(5)
+    emb = rng.standard_normal((50, 16)).astype(np.float32)
+    instances = [f"{i % 40:064x}" for i in range(50)]  # rows 40..49 repeat instances 0..9
+    index = EmbeddingIndex(emb, [f"r{i}" for i in range(50)], {"instance_pid": instances})
+    queries = np.stack([emb[3] + 0.01, emb[45], rng.standard_normal(16).astype(np.float32)])
+    scores = index.scores(queries)
+    before = scores.copy()
+    asked = [instances[3], instances[45], instances[7]]
+    for pid, query, row in zip(asked, queries, scores, strict=True):
+        by_query = index.rows_of_instance(pid, query)
+        assert list(index.rows_of_instance(pid, scores=row)) == list(by_query)
+    assert list(index.rows_of_instance(instances[3], queries[0])) == [3]
+    assert list(index.rows_of_instance(instances[45], queries[1])) == [45]  # not its twin 5
+    assert not len(index.rows_of_instance(instances[7], queries[2]))  # another image
+    np.testing.assert_array_equal(scores, before)  # the search's scores are left as they were
+    hits = index.top(scores[0], 3, np.array([3]))
+    assert [h.image_id for h in hits] == [
+        h.image_id for h in index.search(queries[0], 3, exclude=np.array([3]))
+    ]
