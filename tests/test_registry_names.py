@@ -56,6 +56,16 @@ def test_every_name_mlflow_refuses_is_refused_and_the_names_taken_register(
             assert str(registered_version(ref, tracking_uri=uri).version) == version, ref
 
 
+def _retrained_at_step_7(tmp_path: Path) -> tuple[Path, Path]:
+    """Two checkpoints of step 7 with other weights: a run retrained from an earlier one."""
+    import torch
+
+    torch.manual_seed(0)
+    first = make_checkpoint(tmp_path / "a", step=7)
+    torch.manual_seed(1)
+    return first, make_checkpoint(tmp_path / "b", step=7)
+
+
 def test_a_second_checkpoint_at_a_registered_step_becomes_a_new_version_beside_it(
     tmp_path, migrated_store
 ):
@@ -72,10 +82,7 @@ def test_a_second_checkpoint_at_a_registered_step_becomes_a_new_version_beside_i
     client = tracking_client(uri)
     cfg = load_config(TINY_CONFIG, ["tracking.registered_model=enc", "train.run_name=r"])
     run = client.create_run(ensure_experiment(uri, "rewrite", str(tmp_path))).info.run_id
-    torch.manual_seed(0)
-    first = make_checkpoint(tmp_path / "a", step=7)
-    torch.manual_seed(1)
-    second = make_checkpoint(tmp_path / "b", step=7)  # retrained to the same step
+    first, second = _retrained_at_step_7(tmp_path)
 
     def files(version: str) -> tuple[Path, str]:
         """A version's folder and the sha256 of the weights in it."""
@@ -116,7 +123,6 @@ def test_a_run_that_registers_nothing_writes_no_folder_of_it_again(tmp_path, mig
     # the folder was chosen by the registry's versions: a run that registered nothing wrote its
     # checkpoint-step-N again with retrained weights, which a version registered from it by
     # hand (a runs:/ URI) had as its files; and the registry was asked though never used
-    import torch
 
     from pipelines.pretrain_tracking import finish_tracking
     from pipelines.tracking import client as tracking_client
@@ -127,10 +133,7 @@ def test_a_run_that_registers_nothing_writes_no_folder_of_it_again(tmp_path, mig
     client = tracking_client(uri)
     cfg = load_config(TINY_CONFIG, ["tracking.register_model=false", "train.run_name=r"])
     run = client.create_run(ensure_experiment(uri, "unregistered", str(tmp_path))).info.run_id
-    torch.manual_seed(0)
-    first = make_checkpoint(tmp_path / "a", step=7)
-    torch.manual_seed(1)
-    second = make_checkpoint(tmp_path / "b", step=7)
+    first, second = _retrained_at_step_7(tmp_path)
     assert finish_tracking(cfg, uri, run, str(first), {}) is None
     folder = Path(client.get_run(run).info.artifact_uri.removeprefix("file://"))
     plain = folder / "checkpoint-step-7" / "weights.safetensors"
