@@ -222,6 +222,7 @@ def test_the_index_bench_runs_both_ways_and_prints_one_json_line():
         and out["peak_ratio"] > 0
         and out["load_speedup"] > 0
         and out["search_speedup"] > 0
+        and out["archived_speedup"] > 0
         and out["ours_ids_mib"] > 0
         and out["ids_as_lists_mib"] > 0
     )
