@@ -532,9 +532,12 @@ def _build_dataset(
 
 
 class _Outputs:
-    """What a run keeps as it streams: shards written as they fill; quarantine rows and
-    duplicate rows (same instance, same bytes) written at the end, also of a run that is
-    interrupted."""
+    """What a run keeps as it streams: shards written as they fill; quarantine rows with each
+    shard (and every ``shard_rows`` of them), so that a driver killed at 99% (``kill -9``, an
+    OOM, a lost head) keeps them and its re-run does not decode every broken file again (a
+    stuck codec costs ``decode_timeout`` each time); duplicate rows (same instance, same bytes)
+    at the end, also of a run that is interrupted: one may name as the copy kept an image of a
+    shard not written yet, and a re-run would then skip that image for good."""
 
     def __init__(
         self,
@@ -549,6 +552,9 @@ class _Outputs:
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.rejects: list[pa.Table] = []
+        self.reject_rows = 0  # in ``rejects``, not written yet
+        self.quarantine_parts = 0  # quarantine files written
+        self.reasons_written: Counter[str] = Counter()  # of the rows in them
         self.duplicates: list[dict[str, Any]] = []  # same_instance rows
         self.instance_kept: dict[str, str] = {}  # same_instance rows: image id -> kept id
         self.copies: list[dict[str, Any]] = []  # same_bytes rows
@@ -588,6 +594,24 @@ class _Outputs:
             self.instances.written(f"{self.dest.root}/{path}", head)
             # progress where the bar does not show (a Ray Job's log is no terminal)
             log.info("wrote %s (%d images)", path, head.num_rows)
+            self.write_rejects()
+
+    def write_rejects(self) -> None:
+        """Write the quarantine rows held so far as the run's next quarantine file. A Ctrl-C
+        after the write and before the rows are let go writes them again under the same name
+        (the count moves in the same statement), not twice."""
+        if not self.rejects:
+            return
+        # by path hash, as shards by image id: not in the order of the inputs' paths
+        q = pa.concat_tables(self.rejects).sort_by("source_hash")
+        name = f"quarantine-{self.run_id}-{self.quarantine_parts:05d}.parquet"
+        self.dest.write(QUARANTINE_DIR, name, q)
+        self.rejects, self.reject_rows, self.quarantine_parts, self.reasons_written = (
+            [],
+            0,
+            self.quarantine_parts + 1,
+            self.reasons_written + Counter(q["reason"].to_pylist()),
+        )
 
     def pixels(self, image_id: str, batch: pa.Table) -> tuple[bytes, int, int, str] | None:
         """A row this run stored but has not written yet (in a pending shard or in ``batch``)."""
@@ -683,6 +707,9 @@ class _Outputs:
                 }
             ).cast(QUARANTINE_SCHEMA)
         )
+        self.reject_rows += table.num_rows
+        if self.reject_rows >= self.shard_rows:  # a run of mostly broken files fills no shard
+            self.write_rejects()
 
     def finish(self, interrupted: bool) -> None:
         """Write what is left: the last shard, the quarantine and duplicate rows. After an
@@ -690,16 +717,13 @@ class _Outputs:
         record says exactly what it kept (a Ctrl-C may land between counting a row and
         keeping it)."""
         self.flush(final=True)
+        self.write_rejects()
         s = self.summary
-        # by path hash, as shards by image id: not in the order of the inputs' paths
-        q = pa.concat_tables(self.rejects).sort_by("source_hash") if self.rejects else None
-        if q is not None:
-            self.dest.write(QUARANTINE_DIR, f"quarantine-{self.run_id}.parquet", q)
         if self.duplicates or self.copies:
             d = pa.Table.from_pylist([*self.duplicates, *self.copies], schema=DUPLICATE_SCHEMA)
             d = d.sort_by("source_hash")
             self.dest.write(DUPLICATES_DIR, f"duplicates-{self.run_id}.parquet", d)
-        reasons = Counter(q["reason"].to_pylist()) if q is not None else Counter()
+        reasons = self.reasons_written
         s.reasons = dict(sorted(reasons.items()))
         if interrupted:
             s.ok = sum(self.dest.num_rows(name) for name in s.shards)

@@ -4,6 +4,7 @@ and what it holds per input while a run streams."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -19,6 +20,7 @@ from radjepa.ingest.destination import Destination
 from radjepa.ingest.instances import InstanceIndex
 from radjepa.ingest.sources import count_inputs, list_inputs, read_blocks
 
+REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"size": 64, "dtype": "uint8", "window_percentiles": (0.5, 99.5), "max_bytes": 10**7}
 
 
@@ -79,3 +81,47 @@ def test_a_run_holds_each_quarantine_reason_once_not_once_per_file(tmp_path):
     objects = {id(o): o for v in held.values() for o in (v, *v)}
     per_file = sum(sys.getsizeof(o) for o in objects.values()) / n
     assert per_file < 16, per_file
+
+
+def test_quarantine_rows_are_written_with_each_shard_not_only_at_the_end(tmp_path):
+    """The run's quarantine rows were written once, at its end: a driver killed at 99% of an
+    archive (kill -9, an OOM, a lost head) kept its shards and lost every row, and its re-run
+    decoded each broken file again (a stuck codec costing its timeout again). Now they go with
+    each shard, and every ``shard_rows`` of them in a run of mostly broken files."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    sample = sorted(REPO.joinpath("data", "sample", "archive", "export").glob("*.dcm"))[:4]
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, f in enumerate(sample):  # good and broken files in turn
+        shutil.copy(f, src / f"f{i}0.dcm")
+        (src / f"f{i}1.dcm").write_bytes(b"not an image %d" % i)
+    dest = Destination(str(tmp_path / "dst"))
+    decoder = FileDecoder(SETTINGS, b"k" * 32, dest.known_ids(), False)
+    out = _Outputs(
+        dest,
+        IngestSummary(dst=dest.uri, run_id="r1"),
+        2,
+        "r1",
+        InstanceIndex([], dest.read_columns),
+    )
+    inputs = pa.Table.from_pylist(list_inputs([str(src)]))
+    quarantine = tmp_path / "dst" / "quarantine"
+
+    def rows() -> list[int]:
+        return [pq.read_metadata(f).num_rows for f in sorted(quarantine.glob("*.parquet"))]
+
+    for block in read_blocks(inputs.slice(0, 3), SETTINGS["max_bytes"]):  # good, broken, good
+        _take_batch(decoder(block), out, set(), set())
+    assert len(out.summary.shards) == 1 and rows() == [1]  # written with the shard
+    for block in read_blocks(inputs.slice(3, 5), SETTINGS["max_bytes"]):
+        _take_batch(decoder(block), out, set(), set())
+    # killed here: every quarantine row is kept
+    assert sum(rows()) == 4 and len(out.summary.shards) == 2
+    assert all(f.name.startswith("quarantine-r1-") for f in quarantine.glob("*.parquet"))
+    files = rows()
+    out.finish(interrupted=True)
+    assert out.summary.quarantined == 4 and out.summary.reasons == {"not_an_image": 4}
+    assert rows() == files  # nothing left to write, and none written again
