@@ -556,21 +556,34 @@ def _refuse_invalid_config(args: Sequence[str], working_dir: Path) -> None:
 _MOST_PATIENT_FILES = 20
 
 
+# names every resolver gives this machine (glibc's /etc/hosts defaults included)
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+
 def _names_this_machine(uri: str) -> bool:
-    """Whether a server URI names a loopback host (``localhost``, 127.0.0.0/8, ``::1``): the
-    same text means another machine to every node of the cluster."""
+    """Whether a server URI names the machine it is read on: a loopback host (``localhost``,
+    127.0.0.0/8, ``::1``, also as ``::ffff:127.0.0.1`` or the short ``127.1``) or the
+    unspecified address (``0.0.0.0``, which ``mlflow server --host 0.0.0.0`` prints). The same
+    text names another machine to every node of the cluster."""
     import ipaddress
+    import socket
 
     try:
         host = (urlsplit(uri).hostname or "").rstrip(".").lower()
     except ValueError:  # a malformed URI is the tracking client's to refuse
         return False
-    if host == "localhost" or host.endswith(".localhost"):
+    if host in _LOCAL_NAMES or host.endswith(".localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        try:  # 127.1, 2130706433: forms the resolver reads as IPv4 addresses
+            address = ipaddress.ip_address(socket.inet_aton(host))
+        except OSError:
+            return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    address = mapped or address
+    return address.is_loopback or address.is_unspecified
 
 
 def _patient_refusal(found: Sequence[object], where: str, remedy: str) -> JobsError:
@@ -790,14 +803,15 @@ def build_submission(
         submitter_env(wd) | {STOP_GRACE_ENV: str(STOP_GRACE_S)} | dict(base.get("env_vars") or {})
     )
     for name in PASSTHROUGH_ENVS:
-        value = local.get(name)
+        value = None if name in (env or {}) else local.get(name)  # --env sets it after
         if value and _names_this_machine(value):
             # a port-forward to the tracking server, set for `radjepa models` here: on the
             # cluster it names the driver's own loopback, and every run failed to log
             log.warning(
-                "%s in this shell names this machine's loopback: not passed to the job, which "
-                "logs to the cluster's own tracking server (--pass-env %s to pass a server the "
-                "cluster reaches)",
+                "%s in this shell names this machine: not passed to the job, which uses the "
+                "cluster's own setting (--pass-env %s to pass a server the cluster reaches; "
+                "--env %s=... for a Ray instance on this machine)",
+                name,
                 name,
                 name,
             )
@@ -809,8 +823,9 @@ def build_submission(
             raise JobsError(f"--pass-env {name}: not set in this shell")
         if name in PASSTHROUGH_ENVS and _names_this_machine(local[name]):
             raise JobsError(
-                f"--pass-env {name}: it names this machine's loopback, which on the cluster is "
-                "the job's own node: give the tracking server's address the cluster reaches"
+                f"--pass-env {name}: it names this machine, which on the cluster is the job's "
+                "own node: give the tracking server's address the cluster reaches (for a Ray "
+                f"instance on this machine: --env {name}=...)"
             )
         env_vars[name] = local[name]
     if pass_deid_secret:

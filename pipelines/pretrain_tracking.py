@@ -22,6 +22,11 @@ from radjepa.resume import ResumePoint
 
 log = logging.getLogger(__name__)
 
+# run tag per artifact folder (``radjepa.folder_encoder.checkpoint-step-N``): the encoder
+# fingerprint of the checkpoint uploaded whole into it, so that a re-run of a finished run
+# finds its weights there without fetching them
+FOLDER_TAG = "radjepa.folder_encoder."
+
 
 def start_tracking(
     cfg: Config,
@@ -160,6 +165,9 @@ def finish_tracking(
     if upload:
         for file in (WEIGHTS, META):
             client.log_artifact(run_id, str(Path(ckpt) / file), artifact)
+        # said once every file is there: a folder cut short has no tag, and is not taken as
+        # holding these weights
+        client.set_tag(run_id, FOLDER_TAG + artifact, fingerprint)
     version = None
     if name is not None:
         tags = {"run_name": cfg.train.run_name, "step": step, ENCODER_TAG: fingerprint}
@@ -220,33 +228,42 @@ def _registered_fingerprint(uri: str, source: str) -> str | None:
         return None
 
 
-def _run_folders(client: Any, run_id: str) -> set[str] | None:
-    """The top-level artifact folders of the run; None when they cannot be listed (then no
-    folder is known to be free)."""
+def _run_folders(client: Any, run_id: str) -> dict[str, str | None] | None:
+    """The run's top-level artifact folders, each with the encoder fingerprint of the
+    checkpoint uploaded whole into it (:data:`FOLDER_TAG`; None: not known); None when they
+    cannot be listed (then no folder is known to be free)."""
     try:
-        return {info.path for info in client.list_artifacts(run_id) if info.is_dir}
+        tags = client.get_run(run_id).data.tags
+        return {
+            info.path: tags.get(FOLDER_TAG + info.path)
+            for info in client.list_artifacts(run_id)
+            if info.is_dir
+        }
     except Exception as err:  # noqa: BLE001 - the folder chosen then is one only these fill
         log.warning("could not list the artifacts of run %s: %s", run_id, err)
         return None
 
 
-def _artifact_path(folders: set[str] | None, step: str, fingerprint: str) -> tuple[str, bool]:
+def _artifact_path(
+    folders: dict[str, str | None] | None, step: str, fingerprint: str
+) -> tuple[str, bool]:
     """The run's artifact folder for this checkpoint and whether its files must be uploaded.
 
-    A folder the run holds already is never written again, registered or not: a version may
-    be its source now, or be registered from it later (a ``runs:/`` URI), and a replica with
-    a cached copy would serve other weights than one fetching it afresh. The run's own folders
-    say it without the registry, which a run that registers nothing need not reach. So
-    ``checkpoint-step-N`` while the run has none, else (or when the run's folders could not
-    be listed) ``checkpoint-step-N-<fingerprint[:12]>``, which only ever holds these weights:
-    when the run has it already, nothing is uploaded."""
+    A folder is never written with other weights than it holds, registered or not: a version
+    may be its source now, or be registered from it later (a ``runs:/`` URI), and a replica
+    with a cached copy would serve other weights than one fetching it afresh. The run's own
+    folders say it without the registry, which a run that registers nothing need not reach.
+    So ``checkpoint-step-N`` while the run has none or it holds these weights whole (a re-run
+    of a finished run: nothing uploaded), else (or when the run's folders could not be
+    listed) ``checkpoint-step-N-<fingerprint[:12]>``, which only ever holds these weights,
+    uploaded unless they are there whole."""
     plain = f"checkpoint-step-{step}"
     own = f"{plain}-{fingerprint[:12]}"
     if folders is None:
         return own, True
-    if plain not in folders:
-        return plain, True
-    return own, own not in folders
+    if plain not in folders or folders[plain] == fingerprint:
+        return plain, folders.get(plain) != fingerprint
+    return own, folders.get(own) != fingerprint
 
 
 def record_config_change(cfg: Config, uri: str, run_id: str, resume: ResumePoint) -> None:

@@ -187,6 +187,8 @@ class EmbeddingIndex:
         # runs over one DST each embed all of it: served under one parent, every image they
         # share took two places in a neighbour list, the same case shown twice
         self._repeats = self.image_ids.repeated_rows()
+        self._is_repeat = np.zeros(n, bool)
+        self._is_repeat[self._repeats] = True
         if len(self._repeats):
             log.warning(
                 "index %s holds %d row(s) whose image another row holds (embed runs over the "
@@ -451,12 +453,15 @@ class EmbeddingIndex:
         """The ``k`` best rows of one query's ``scores`` ([N], a row of :meth:`scores`; set to
         -inf where excluded, in place), best first, never a row of ``exclude``; fewer than
         ``k`` only when fewer rows remain."""
-        asked = np.asarray(exclude if exclude is not None else (), np.int64)
-        skipped = np.unique(np.concatenate([asked, self._repeats]))
-        k = min(k, len(self) - len(skipped))
+        asked = np.unique(np.asarray(exclude if exclude is not None else (), np.int64))
+        # the repeats are many where two runs over one DST are served together: counted from
+        # the mask built at load, not sorted again with each query's exclusions
+        left = len(self) - len(self._repeats) - int(np.count_nonzero(~self._is_repeat[asked]))
+        k = min(k, left)
         if k <= 0:
             return []
-        scores[skipped] = -np.inf  # below every real cosine, so never among the top k
+        scores[self._repeats] = -np.inf  # below every real cosine, so never among the top k
+        scores[asked] = -np.inf
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
         return [

@@ -476,7 +476,16 @@ def test_submission_uploads_checkout_without_venv_and_no_secret(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     "uri",
-    ["http://127.0.0.1:5000", "http://localhost:5000/", "https://[::1]:5000", "http://127.0.1.1"],
+    [
+        "http://127.0.0.1:5000",
+        "http://localhost:5000/",
+        "https://[::1]:5000",
+        "http://127.0.1.1",
+        "http://0.0.0.0:5000",  # what `mlflow server --host 0.0.0.0` prints
+        "http://[::ffff:127.0.0.1]:5000",
+        "http://127.1:5000",
+        "http://localhost.localdomain:5000",
+    ],
 )
 def test_a_loopback_tracking_uri_is_not_passed_to_the_job(uri: str, caplog) -> None:
     # a laptop's port-forward to MLflow (set for `radjepa models promote`) replaced the
@@ -487,13 +496,22 @@ def test_a_loopback_tracking_uri_is_not_passed_to_the_job(uri: str, caplog) -> N
         sub = jobs.build_submission(["pretrain"], working_dir=REPO, environ=environ)
     assert "MLFLOW_TRACKING_URI" not in sub.runtime_env.get("env_vars", {})
     assert "not passed to the job" in caplog.text
-    with pytest.raises(jobs.JobsError, match="--pass-env MLFLOW_TRACKING_URI: .*loopback"):
+    with pytest.raises(jobs.JobsError, match="--pass-env MLFLOW_TRACKING_URI: it names this machine.* --env "):
         jobs.build_submission(
             ["pretrain"], working_dir=REPO, environ=environ, pass_env=["MLFLOW_TRACKING_URI"]
         )
-    remote = {"MLFLOW_TRACKING_URI": "http://mlflow.mlflow:5000"}
-    sub = jobs.build_submission(["pretrain"], working_dir=REPO, environ=remote)
-    assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow:5000"
+    # a Ray instance on this machine: --env sets it, and nothing says it is not passed
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipelines.jobs"):
+        sub = jobs.build_submission(
+            ["pretrain"], working_dir=REPO, environ=environ, env={"MLFLOW_TRACKING_URI": uri}
+        )
+    assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == uri and not caplog.text
+    for remote in ("http://mlflow.mlflow:5000", "http://localhost@mlflow:5000", "http://10.0.0.7"):
+        sub = jobs.build_submission(
+            ["pretrain"], working_dir=REPO, environ={"MLFLOW_TRACKING_URI": remote}
+        )
+        assert sub.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == remote
 
 
 def _refusal(**kwargs) -> str:

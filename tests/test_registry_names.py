@@ -144,10 +144,20 @@ def test_a_run_that_registers_nothing_writes_no_folder_of_it_again(tmp_path, mig
     assert (own / "weights.safetensors").read_bytes() == (
         second / "weights.safetensors"
     ).read_bytes()
-    # a re-run of the finished run writes nothing
+    # a re-run of either finished run writes nothing (a second copy of its weights was
+    # uploaded beside the first)
     before = {p: p.stat().st_mtime_ns for p in (*plain.parent.iterdir(), *own.iterdir())}
     assert finish_tracking(cfg, uri, run, str(second), {}) is None
+    assert finish_tracking(cfg, uri, run, str(first), {}) is None
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert len([a for a in client.list_artifacts(run) if a.is_dir]) == 2
+    # a folder cut short (its upload stopped before meta.json, so untagged) is not taken as
+    # holding them
+    third = make_checkpoint(tmp_path / "c", step=9)
+    client.log_artifact(run, str(third / "weights.safetensors"), "checkpoint-step-9")
+    assert finish_tracking(cfg, uri, run, str(third), {}) is None
+    beside = folder / f"checkpoint-step-9-{checkpoint_fingerprint(third)[:12]}"
+    assert sorted(p.name for p in beside.iterdir()) == ["meta.json", "weights.safetensors"]
 
 
 @pytest.fixture(scope="module")
