@@ -28,6 +28,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -126,11 +127,25 @@ _STORAGE_REMEDIES = {
 
 
 def _is_storage_error(err: BaseException) -> bool:
-    """An error of DST's storage, not of the program: OSError or pyarrow's own. A Ray task's
-    error is re-raised as an instance of its cause's type too, and is not DST's."""
+    """An error of DST's storage, not of the program: an OSError (pyarrow raises its I/O
+    errors as ones). Not a Ray task's error, re-raised as an instance of its cause's type;
+    not Ray Client's ConnectionError for a dropped connection to the cluster, nor a broken
+    pipe of the console; not pyarrow's other errors (a column missing, memory exhausted)."""
     from ray.exceptions import RayError
 
-    return isinstance(err, (OSError, pa.ArrowException)) and not isinstance(err, RayError)
+    if type(err) in (ConnectionError, BrokenPipeError):
+        return False
+    return isinstance(err, OSError) and not isinstance(err, RayError)
+
+
+def _errno(err: BaseException) -> int | None:
+    """The errno of an OSError, also where pyarrow gives it only in its text (``Error writing
+    bytes to file. Detail: [errno 28] No space left on device``)."""
+    code = getattr(err, "errno", None)
+    if code:
+        return int(code)
+    found = re.search(r"\[errno (\d+)\]", str(err))
+    return int(found[1]) if found else None
 
 
 def _storage_failed(
@@ -139,10 +154,11 @@ def _storage_failed(
     """One line: the cause (an OSError's reason without its file name, else the first line of
     pyarrow's message, which names DST's own object at most), what was kept and the remedy.
     ``lost``: what the run could not write after the error, said after what it kept."""
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else ""
+    code = _errno(err)
+    reason = os.strerror(code) if code else getattr(err, "strerror", None) or ""
     lines = str(err).strip().splitlines()
     cause = reason or (lines[0][:300] if lines else type(err).__name__)
-    remedy = _STORAGE_REMEDIES.get(getattr(err, "errno", None) or 0, "fix the storage")
+    remedy = _STORAGE_REMEDIES.get(code or 0, "fix the storage")
     return StorageFailed(
         f"ingest stopped: {dst} failed: {cause}; the images stored so far are kept{lost}. "
         f"{remedy.capitalize()} and re-run the same command: stored images are skipped",
@@ -155,7 +171,7 @@ def _dst_errors(dst: str, *, recordable: bool) -> Iterator[None]:
     """DST's storage errors in the block raised as :class:`StorageFailed` (one line)."""
     try:
         yield
-    except (OSError, pa.ArrowException) as err:
+    except OSError as err:
         if not _is_storage_error(err):
             raise
         raise _storage_failed(err, dst, recordable=recordable) from err
@@ -757,8 +773,12 @@ class _Outputs:
             self.finish(interrupted=True)
         except (OSError, pa.ArrowException, IngestError) as err:
             log.warning("could not write the run's quarantine rows: %s", err)
-            return f"; {unwritten} images decoded last and the quarantine rows were not", False
-        return f"; {unwritten} images decoded last were not", True
+            return f"; {_images(unwritten)} decoded last and the quarantine rows were not", False
+        return f"; {_images(unwritten)} decoded last were not", True
+
+
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
 
 
 def _conflict_message(kept_image_id: str, apart: float | None) -> str:
@@ -814,10 +834,10 @@ def _consume(
                 )
         out.finish(interrupted=False)
     except KeyboardInterrupt:  # again if it came while finishing: each write is idempotent
-        out.finish(interrupted=True)
+        _finish_stopped(out)
         raise
     except RayActorError as err:  # a decoder process died on one batch, and on each retry
-        out.finish(interrupted=True)
+        _finish_stopped(out)
         if getattr(err, "actor_init_failed", False):  # one that could not start: no file's doing
             from pipelines.runtime import remote_error_message
 
@@ -830,10 +850,13 @@ def _consume(
             "meets the same batch again: give the decoders more memory, or lower "
             "ingest.max_file_mb"
         ) from None
-    except (OSError, pa.ArrowException) as err:  # DST failed: a full disk, expired credentials
+    except OSError as err:  # DST failed: a full disk, expired credentials
         if not _is_storage_error(err):
             raise
-        lost, recordable = out.salvage()
+        try:
+            lost, recordable = out.salvage()
+        except KeyboardInterrupt:  # stopped while it wrote what it could: counts unknown
+            lost, recordable = _STOPPED_WRITING, False
         raise _storage_failed(err, out.dest.uri, lost, recordable=recordable) from err
     if conflicts:
         log.warning(
@@ -841,6 +864,22 @@ def _consume(
             conflicts,
             CONFLICT,
         )
+
+
+# what an error said while the run's last writes were made adds to its message
+_STOPPED_WRITING = "; stopped while its last writes were made, which may be missing"
+
+
+def _finish_stopped(out: _Outputs) -> None:
+    """Write what a run stopped by an interrupt or its decoders keeps. DST failing then is
+    said as a storage failure in one line (a traceback, and no record of the run, before); the
+    run is not recorded, as what its writes kept is not known."""
+    try:
+        out.finish(interrupted=True)
+    except OSError as err:
+        if not _is_storage_error(err):
+            raise
+        raise _storage_failed(err, out.dest.uri, _STOPPED_WRITING, recordable=False) from err
 
 
 def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]) -> int:

@@ -144,18 +144,21 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
 
 @contextmanager
 def _named_damage(data: str) -> Iterator[None]:
-    """Turn pyarrow's ``ArrowInvalid`` for a shard that is no whole Parquet file (zero bytes or
-    cut short, as a crash or a lost node leaves one) into a :class:`TrainingDataError` naming
-    it and how to go on: training stopped on a traceback that named neither. The footers are
-    read only once a read has failed; any other ``ArrowInvalid`` is left as it was."""
+    """Turn pyarrow's error for a shard that is no whole Parquet file (zero bytes, cut short or
+    zeroed, as a crash or a lost node leaves one: ``is_damage_error``) into a
+    :class:`TrainingDataError` naming it and how to go on: training stopped on a traceback that
+    named neither. The footers are read only once a read has failed; any other error is left
+    as it was."""
     import pyarrow as pa
 
-    from radjepa.ingest.destination import damaged_file, footer_error
+    from radjepa.ingest.destination import damaged_file, footer_error, is_damage_error
 
     try:
         yield
-    except pa.ArrowInvalid:
+    except (pa.ArrowInvalid, OSError) as err:
         fs, files = training_files(data)
+        if not is_damage_error(fs, err):
+            raise
         folder = shard_folder(data).rstrip("/")
         damaged = [
             (f"{folder}/{path.rsplit('/', 1)[-1]}", reason)

@@ -139,6 +139,11 @@ def test_a_dst_without_images_takes_any_window_and_records_it_first(tmp_path):
     dest.write("images", "part-20261205T132317-e6250c-00000.parquet", _shard())
     with pytest.raises(IngestError, match=r"window_percentiles=\[5.0, 95.0\]; this run asks"):
         check_compatible(dest, None, SETTINGS)
+    # a finished first run that stored nothing left a manifest naming its window for no image:
+    # training reads the window the images were made with, not that one
+    image = {"size": 64, "dtype": "uint8", "window_percentiles": [0.5, 99.5]}
+    (dst / MANIFEST).write_text(json.dumps({"images": 0, "image": image}))
+    assert recorded_window(str(dst)) == (5.0, 95.0)
 
 
 def test_images_without_a_window_record_are_let_through_with_a_warning(tmp_path, caplog):
@@ -174,18 +179,23 @@ def test_the_window_record_is_an_output_and_its_leftover_is_removed(tmp_path):
 
 def _damaged_dst(tmp_path: Path, cut: int | None) -> tuple[Path, str]:
     """A DST of two whole shards whose second is then cut to ``cut`` bytes (None: a third of
-    it), as a node lost after the rename and before the data reached the disk leaves it."""
+    it; -1: its whole length, every byte zero but the footer's length and magic, as a crash's
+    partial writeback leaves it), as a node lost after the rename and before the data reached
+    the disk leaves it."""
     dst = tmp_path / "dst"
     _run_killed_before_its_manifest(dst, (0.5, 99.5))
     dest = Destination(str(dst))
     name = dest.write("images", "part-20261205T132317-e6250c-00001.parquet", _shard(1))
     path = dst / name
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 3 if cut is None else cut])
+    if cut == -1:
+        path.write_bytes(bytes(len(data) - 8) + data[-8:])
+    else:
+        path.write_bytes(data[: len(data) // 3 if cut is None else cut])
     return dst, name
 
 
-@pytest.mark.parametrize("cut", [0, None], ids=["zero-bytes", "truncated"])
+@pytest.mark.parametrize("cut", [0, None, -1], ids=["zero-bytes", "truncated", "zeroed"])
 def test_a_damaged_shard_stops_ingest_with_its_name_and_the_way_on(tmp_path, cut):
     dst, name = _damaged_dst(tmp_path, cut)
     dest = Destination(str(dst))
@@ -211,11 +221,33 @@ def test_a_damaged_shard_stops_ingest_with_its_name_and_the_way_on(tmp_path, cut
         read_dst_table(pafs.LocalFileSystem(), shard, ["no_such_column"], shard)
 
 
+def test_a_damaged_shard_moved_out_is_stored_again_though_a_copy_of_it_was_listed(tmp_path):
+    # a copy of the image under another path is a same_bytes duplicate row holding the image's
+    # own id: counted as known, it kept the id known after the shard was moved out as the
+    # message advises, and the re-run skipped the image for good
+    from radjepa.shards import DUPLICATE_SCHEMA
+
+    dst, name = _damaged_dst(tmp_path, 0)
+    lost = _shard(1)["image_id"][0].as_py()
+    kept = _shard(0)["image_id"][0].as_py()
+    row = {"kept_image_id": lost, "source_hash": "h", "size_bytes": 1, "run_id": "r"}
+    rows = [
+        {**row, "image_id": lost, "kind": "same_bytes"},
+        {**row, "image_id": "other-bytes", "kept_image_id": kept, "kind": "same_instance"},
+    ]
+    dest = Destination(str(dst))
+    dest.write("duplicates", "duplicates-r.parquet", pa.Table.from_pylist(rows, DUPLICATE_SCHEMA))
+    shutil.move(dst / name, tmp_path / "aside.parquet")
+    known = Destination(str(dst)).known_ids()
+    assert lost not in known  # decoded and stored again by the re-run
+    assert kept in known and "other-bytes" in known  # the instance's other bytes stay skipped
+
+
 def test_a_damaged_shard_stops_training_with_its_name(tmp_path):
     from radjepa.config import load_config
     from radjepa.training_data import TrainingDataError, inspect_shards, stored_decode
 
-    dst, name = _damaged_dst(tmp_path, 0)
+    dst, name = _damaged_dst(tmp_path, -1)
     cfg = load_config(None, ["data.crop_size=32", "model.img_size=32", "model.patch_size=8"])
     for read in (lambda: inspect_shards(str(dst), cfg), lambda: stored_decode(str(dst))):
         with pytest.raises(TrainingDataError) as stopped:

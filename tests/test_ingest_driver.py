@@ -3,10 +3,14 @@ and what it holds per input while a run streams."""
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from pipelines.ingest import (
     IngestSummary,
@@ -125,3 +129,35 @@ def test_quarantine_rows_are_written_with_each_shard_not_only_at_the_end(tmp_pat
     out.finish(interrupted=True)
     assert out.summary.quarantined == 4 and out.summary.reasons == {"not_an_image": 4}
     assert rows() == files  # nothing left to write, and none written again
+
+
+def test_dst_failing_while_a_stopped_run_writes_what_it_kept_is_one_line(tmp_path, monkeypatch):
+    """Ctrl-C (or decoders that kept dying), then the disk full as the run wrote what it kept:
+    the OSError went past the run's handlers as a traceback, with no exit code of its own."""
+    from pipelines.ingest import StorageFailed, _finish_stopped
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(sorted(REPO.joinpath("data", "sample", "archive", "export").glob("*.dcm"))[0], src)
+    dest = Destination(str(tmp_path / "dst"))
+    decoder = FileDecoder(SETTINGS, b"k" * 32, dest.known_ids(), False)
+    out = _Outputs(
+        dest,
+        IngestSummary(dst=dest.uri, run_id="r1"),
+        100,
+        "r1",
+        InstanceIndex([], dest.read_columns),
+    )
+    for block in read_blocks(pa.Table.from_pylist(list_inputs([str(src)])), SETTINGS["max_bytes"]):
+        _take_batch(decoder(block), out, set(), set())
+    assert out.pending_rows == 1  # the shard a stopped run writes at its end
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Destination, "write", full)
+    with pytest.raises(StorageFailed) as raised:
+        _finish_stopped(out)
+    said = str(raised.value)
+    assert "\n" not in said and said.startswith(f"ingest stopped: {dest.uri} failed: No space")
+    assert "stopped while its last writes were made" in said and not raised.value.recordable

@@ -55,8 +55,12 @@ def _disk_full_after_the_first_shard(monkeypatch, stays_full: bool) -> None:
         if sub == IMAGES_DIR:
             shards.append(name)
             if len(shards) == 2 or (stays_full and len(shards) > 2):
-                tmp = f"{self.root}/{sub}/.{name}.tmp"
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp)
+                # as pyarrow raises it: the errno in its text only, with a path the message
+                # must not repeat
+                raise OSError(
+                    f"Error writing bytes to file {self.root}/{sub}/.{name}.tmp. Detail: "
+                    f"[errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
+                )
         return write(self, sub, name, table)
 
     monkeypatch.setattr(Destination, "write", full)
@@ -80,7 +84,8 @@ def test_a_destination_failing_mid_run_stops_it_in_one_line_keeping_what_it_wrot
         run_ingest([str(src)], str(dst), _cfg(), progress=False)
     said = str(raised.value)
     assert "\n" not in said and str(src) not in said
-    assert said.startswith(f"ingest stopped: {dst} failed: No space left on device")
+    assert said.startswith(f"ingest stopped: {dst} failed: No space left on device; ")
+    assert "Free space there and re-run" in said and ".tmp" not in said
     assert "re-run the same command: stored images are skipped" in said
     assert ("decoded last were not" in said) is stays_full
     assert not (dst / LOCK).exists()

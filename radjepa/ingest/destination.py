@@ -32,6 +32,7 @@ from radjepa.ingest.id_sets import InputKeys, KnownIds
 from radjepa.ingest.input_keys import input_key, input_keys
 from radjepa.locations import filesystem
 from radjepa.shards import (
+    DUPLICATE_SAME_BYTES,
     DUPLICATES_DIR,
     IMAGES_DIR,
     KEY_RECORD,
@@ -53,9 +54,14 @@ __all__ = [
     "Totals",
     "check_compatible",
     "check_key",
+    "damaged_file",
+    "dst_file_rows",
+    "footer_error",
     "id_scheme_of",
     "input_key",
+    "is_damage_error",
     "is_output",
+    "read_dst_table",
     "recorded_pseudonyms",
     "resolved_rows",
     "run_status",
@@ -153,12 +159,28 @@ def damaged_file(shown: str, reason: str) -> str:
 def footer_error(fs: pafs.FileSystem, path: str) -> str | None:
     """Why ``path`` is no whole Parquet file (its footer cannot be read), None when it is one.
     Told apart from other ``ArrowInvalid`` errors of a read (a column the file lacks), which
-    are no damage to report."""
+    are no damage to report. A footer of zeroed blocks (a crash's partial writeback) fails as
+    an OSError without an errno (``Couldn't deserialize thrift``), on a local disk damage too;
+    one with an errno, or from an object store, is the storage's own error."""
     try:
         pq.read_metadata(path, filesystem=fs)
     except pa.ArrowInvalid as err:
         return str(err)
+    except OSError as err:
+        if is_damage_error(fs, err):
+            return str(err)
+        raise
     return None
+
+
+def is_damage_error(fs: pafs.FileSystem, err: BaseException) -> bool:
+    """Whether an error reading a file of ``fs`` says the file's bytes are wrong, not that the
+    storage failed to give them: pyarrow's ``ArrowInvalid``, or on a local disk an OSError of
+    pyarrow's without an errno."""
+    if isinstance(err, pa.ArrowInvalid):
+        return True
+    local = isinstance(fs, pafs.LocalFileSystem)
+    return local and isinstance(err, OSError) and not getattr(err, "errno", None)
 
 
 def read_dst_table(
@@ -168,7 +190,9 @@ def read_dst_table(
     spells it); :class:`IngestError` (:func:`damaged_file`) when the file is damaged."""
     try:
         return pq.read_table(path, columns=columns, filesystem=fs)
-    except pa.ArrowInvalid:
+    except (pa.ArrowInvalid, OSError) as err:
+        if not is_damage_error(fs, err):
+            raise
         reason = footer_error(fs, path)
         if reason is None:
             raise
@@ -181,7 +205,9 @@ def dst_file_rows(fs: pafs.FileSystem, path: str, shown: str) -> int:
     try:
         with fs.open_input_file(path) as f:
             return int(pq.ParquetFile(f).metadata.num_rows)
-    except pa.ArrowInvalid as err:
+    except (pa.ArrowInvalid, OSError) as err:
+        if not is_damage_error(fs, err):
+            raise
         raise IngestError(damaged_file(shown, str(err))) from None
 
 
@@ -282,9 +308,23 @@ class Destination:
         ids = chain(
             self._arrow_columns(IMAGES_DIR, "image_id"),
             self._arrow_columns(QUARANTINE_DIR, "sha256"),
-            self._arrow_columns(DUPLICATES_DIR, "image_id"),
+            self._other_instance_ids(),
         )
         return KnownIds.from_arrow(ids, self._unread_path_hashes())
+
+    def _other_instance_ids(self) -> Iterator[pa.ChunkedArray]:
+        """The ids of the duplicate rows of an instance stored from other bytes. A row of the
+        same bytes stored from another path has the stored image's own id, known while its
+        shard is there: counted too, it kept that id known after the shard was moved out (a
+        damaged one, as :func:`damaged_file` advises), and a re-run skipped the image for
+        good."""
+        for path in self._parquet(DUPLICATES_DIR):
+            try:
+                table = self.read_columns(path, ["image_id", "kind"])
+            except pa.ArrowInvalid:  # a file written before ``kind``: instances only
+                yield self.read_columns(path, ["image_id"]).column("image_id")
+                continue
+            yield table.filter(pc.not_equal(table["kind"], DUPLICATE_SAME_BYTES))["image_id"]
 
     def _unread_path_hashes(self) -> Iterator[pa.ChunkedArray]:
         """The path hashes of the quarantine rows of files never read (no ``sha256``): a file
@@ -393,7 +433,10 @@ class Destination:
         a whole object or none, so there is nothing to flush."""
         local = isinstance(self.fs, pafs.LocalFileSystem)
         if local:
-            _fsync(tmp)
+            try:
+                _fsync(tmp)
+            except OSError as err:  # a share refusing a flush (SMB, Windows): as it was
+                log.debug("cannot flush %s: %s", tmp, err)
         self.fs.move(tmp, final)
         if local:
             _fsync_folder(os.path.dirname(final))
@@ -717,13 +760,16 @@ def _check_decode_record(
 
 def recorded_window(dst: str) -> tuple[float, float] | None:
     """The ``ingest.window_percentiles`` the ingest output ``dst`` (or its ``images`` folder)
-    windowed its DICOMs with, from its manifest, else from :data:`DECODE_RECORD` (a first run
-    that died before its manifest); None where neither records one, or where the one found is
+    windowed its DICOMs with, from :data:`DECODE_RECORD`, else from its manifest (a DST of an
+    older version); None where neither records one, or where the one found is
     no window (damaged by hand: said in a warning). The stored size and dtype are in every
     shard row; the window is only here."""
     fs, places = _record_places(dst)
     for folder, spelled in places:
-        for name in (MANIFEST, DECODE_RECORD):
+        # the decode record first: it is written before the first image and never changed
+        # while DST holds one, and a manifest of runs that stored no image (all quarantined,
+        # an empty source) names the window of none
+        for name in (DECODE_RECORD, MANIFEST):
             record = _read_json(fs, folder, spelled, name) or {}
             image = record.get("image") if name == MANIFEST else record
             window = image.get("window_percentiles") if isinstance(image, dict) else None
