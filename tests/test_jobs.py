@@ -496,7 +496,9 @@ def test_a_loopback_tracking_uri_is_not_passed_to_the_job(uri: str, caplog) -> N
         sub = jobs.build_submission(["pretrain"], working_dir=REPO, environ=environ)
     assert "MLFLOW_TRACKING_URI" not in sub.runtime_env.get("env_vars", {})
     assert "not passed to the job" in caplog.text
-    with pytest.raises(jobs.JobsError, match="--pass-env MLFLOW_TRACKING_URI: it names this machine.* --env "):
+    with pytest.raises(
+        jobs.JobsError, match="--pass-env MLFLOW_TRACKING_URI: it names this machine.* --env "
+    ):
         jobs.build_submission(
             ["pretrain"], working_dir=REPO, environ=environ, pass_env=["MLFLOW_TRACKING_URI"]
         )
