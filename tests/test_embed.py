@@ -367,6 +367,27 @@ def test_an_interrupted_run_leaves_an_index_the_server_refuses(embedded, tmp_pat
         run_embed(embedded["cfg"], embedded["root"] / "ingest", starting, model=embedded["ckpt"])
 
 
+def test_a_run_stopped_before_its_first_part_leaves_the_folder_usable(
+    embedded, tmp_path, monkeypatch
+):
+    """A marker alone refuses OUT (a run may be starting there): a run stopped while its actors
+    waited for nodes left one, and the folder had to be removed by hand."""
+    import ray.data
+
+    from pipelines.embed import run_embed
+    from serve.index import INCOMPLETE_MARKER
+
+    def stopped_at_once(self, path, **kwargs):
+        assert (Path(path) / INCOMPLETE_MARKER).exists()  # marked while the run writes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray.data.Dataset, "write_parquet", stopped_at_once)
+    out = tmp_path / "index"
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(embedded["cfg"], embedded["root"] / "ingest", out, model=embedded["ckpt"])
+    assert out.is_dir() and not list(out.iterdir())
+
+
 def test_two_runs_writing_into_one_folder_leave_it_refused(embedded, tmp_path, monkeypatch):
     """A second run started while the first waited for its actors passed the check of OUT:
     both wrote their parts there, the first to finish recorded both runs' files and removed
