@@ -270,16 +270,16 @@ def run_embed(
     _mark_incomplete(out_fs, marker, run)
     try:
         ds.write_parquet(out, filename_provider=FilenameProvider(run, "parquet"))
-    except BaseException as err:
-        # stopped before its first part (Ctrl-C or `radjepa jobs stop` while its actors
-        # waited for nodes, actors that could not start): the same folder may be used again
-        _unmark_if_empty(out_fs, out_path, marker, run)
+    except ray.exceptions.RayActorError as err:
         # an actor that cannot load the model on its node (another copy, no copy, unreadable):
         # Ray's error is the worker's whole traceback; the user needs its last line
-        if not isinstance(err, ray.exceptions.RayActorError):
-            raise
         if not getattr(err, "actor_init_failed", False):
             raise
+        # no actor ran, so nothing writes: the same folder may be used again. Not after a
+        # Ctrl-C: Ray Data does not wait for its write tasks, whose parts may appear after
+        # the folder was found empty (on a bucket, once their upload ends), and would then
+        # be served without a marker as the whole archive
+        _unmark_if_empty(out_fs, out_path, marker, run)
         reason = remote_error_message(err) or "see the worker log above"
         raise EmbedError(f"the encoder actors could not start: {reason}") from None
     try:  # the storage failing now leaves the marker: the folder is refused as unfinished
@@ -362,10 +362,10 @@ def _record_parts(fs: Any, folder: str, counts: dict[str, int]) -> None:
 
 
 def _unmark_if_empty(fs: Any, folder: str, marker: str, run: str) -> None:
-    """Remove this run's marker from ``folder`` when it holds no part: a run stopped before
-    writing one leaves nothing a server could take for the archive, and the folder refused
-    would have to be removed by hand. The storage failing here leaves the marker, said in a
-    warning: the run's own error is the one to report."""
+    """Remove this run's marker from ``folder`` when it holds no part and none can appear (its
+    actors never started): the folder refused would have to be removed by hand. The storage
+    failing here leaves the marker, said in a warning: the run's own error is the one to
+    report."""
     try:
         if not _parquet_files(fs, folder) and _marked_by(fs, marker) == run:
             fs.delete_file(marker)

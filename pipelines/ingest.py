@@ -99,7 +99,19 @@ _DECODER_RETRIES = 2
 
 
 class DecoderDied(IngestError):
-    """A decoder process died on the same batch at every retry: the run stops, recorded."""
+    """A decoder process died on the same batch at every retry: the run stops, recorded
+    (``recordable``: unless DST failed as it wrote what the run kept)."""
+
+    def __init__(self, message: str, *, recordable: bool = True) -> None:
+        super().__init__(message)
+        self.recordable = recordable
+
+
+class _StoppedUnrecorded(KeyboardInterrupt):
+    """A Ctrl-C (or SIGTERM) after which DST failed as the run wrote what it kept: stopped as
+    interrupted, not recorded (what its writes kept is not known)."""
+
+    recordable = False
 
 
 _DECODE_BATCH = 16  # files per decoder call
@@ -148,17 +160,23 @@ def _errno(err: BaseException) -> int | None:
     return int(found[1]) if found else None
 
 
+def _cause(err: BaseException) -> str:
+    """A storage error's reason without its file name: the errno's text, else the first line
+    of pyarrow's message (which names DST's own object at most)."""
+    code = _errno(err)
+    reason = os.strerror(code) if code else getattr(err, "strerror", None) or ""
+    lines = str(err).strip().splitlines()
+    return reason or (lines[0][:300] if lines else type(err).__name__)
+
+
 def _storage_failed(
     err: BaseException, dst: str, lost: str = "", *, recordable: bool = True
 ) -> StorageFailed:
     """One line: the cause (an OSError's reason without its file name, else the first line of
     pyarrow's message, which names DST's own object at most), what was kept and the remedy.
     ``lost``: what the run could not write after the error, said after what it kept."""
-    code = _errno(err)
-    reason = os.strerror(code) if code else getattr(err, "strerror", None) or ""
-    lines = str(err).strip().splitlines()
-    cause = reason or (lines[0][:300] if lines else type(err).__name__)
-    remedy = _STORAGE_REMEDIES.get(code or 0, "fix the storage")
+    cause = _cause(err)
+    remedy = _STORAGE_REMEDIES.get(_errno(err) or 0, "fix the storage")
     return StorageFailed(
         f"ingest stopped: {dst} failed: {cause}; the images stored so far are kept{lost}. "
         f"{remedy.capitalize()} and re-run the same command: stored images are skipped",
@@ -547,13 +565,18 @@ def _build_dataset(
         )
 
 
+# the most seconds of a run's quarantine rows a killed driver loses (but for the last ones)
+REJECTS_EVERY_S = 60.0
+
+
 class _Outputs:
-    """What a run keeps as it streams: shards written as they fill; quarantine rows with each
-    shard (and every ``shard_rows`` of them), so that a driver killed at 99% (``kill -9``, an
-    OOM, a lost head) keeps them and its re-run does not decode every broken file again (a
-    stuck codec costs ``decode_timeout`` each time); duplicate rows (same instance, same bytes)
-    at the end, also of a run that is interrupted: one may name as the copy kept an image of a
-    shard not written yet, and a re-run would then skip that image for good."""
+    """What a run keeps as it streams: shards written as they fill; quarantine rows with a
+    shard at most every :data:`REJECTS_EVERY_S` (and every ``shard_rows`` of them), so that a
+    driver killed at 99% (``kill -9``, an OOM, a lost head) keeps them and its re-run does not
+    decode every broken file again (a stuck codec costs ``decode_timeout`` each time);
+    duplicate rows (same instance, same bytes) at the end, also of a run that is interrupted:
+    one may name as the copy kept an image of a shard not written yet, and a re-run would then
+    skip that image for good."""
 
     def __init__(
         self,
@@ -571,10 +594,14 @@ class _Outputs:
         self.reject_rows = 0  # in ``rejects``, not written yet
         self.quarantine_parts = 0  # quarantine files written
         self.reasons_written: Counter[str] = Counter()  # of the rows in them
+        # with a shard at most this often: a file per shard was ~5,000 small files for 10M
+        # images with 1% broken, each read by every later run
+        self.rejects_every_s = REJECTS_EVERY_S
+        self.rejects_written_at = time.monotonic()
         self.duplicates: list[dict[str, Any]] = []  # same_instance rows
         self.instance_kept: dict[str, str] = {}  # same_instance rows: image id -> kept id
         self.copies: list[dict[str, Any]] = []  # same_bytes rows
-        # read from DST at the first input it already holds (none on most incremental runs)
+        # read from DST at the first duplicate of the run (none on most incremental runs)
         self.recorded: tuple[InputKeys, dict[str, str]] | None = None
         # image id -> (reason, message) of bytes quarantined: by this run, and by DST (read at
         # the first input DST already knows)
@@ -610,7 +637,8 @@ class _Outputs:
             self.instances.written(f"{self.dest.root}/{path}", head)
             # progress where the bar does not show (a Ray Job's log is no terminal)
             log.info("wrote %s (%d images)", path, head.num_rows)
-            self.write_rejects()
+            if time.monotonic() - self.rejects_written_at >= self.rejects_every_s:
+                self.write_rejects()
 
     def write_rejects(self) -> None:
         """Write the quarantine rows held so far as the run's next quarantine file. A Ctrl-C
@@ -628,6 +656,7 @@ class _Outputs:
             self.quarantine_parts + 1,
             self.reasons_written + Counter(q["reason"].to_pylist()),
         )
+        self.rejects_written_at = time.monotonic()
 
     def pixels(self, image_id: str, batch: pa.Table) -> tuple[bytes, int, int, str] | None:
         """A row this run stored but has not written yet (in a pending shard or in ``batch``)."""
@@ -686,16 +715,18 @@ class _Outputs:
         same-instance row. Without these rows such drops were only counted, and an audit of
         which files were not stored and why could not find them."""
         image_id, source_hash = row["image_id"], row["source_hash"]
+        if self.recorded is None:
+            self.recorded = self.dest.recorded_inputs()
+        keys, listed = self.recorded
+        key = input_key(image_id, source_hash)
+        # an input DST holds a row of: a re-run adds none; also when the bytes were stored in
+        # this run (a damaged shard moved out: its images stored again, their copies listed)
+        if key in keys:
+            return None
+        keys.add(key)  # the same input twice in one run is listed once
         if in_run:  # bytes of an input stored or an instance dropped in this run
             kept = self.instance_kept.get(image_id, image_id)
         else:
-            if self.recorded is None:
-                self.recorded = self.dest.recorded_inputs()
-            keys, listed = self.recorded
-            key = input_key(image_id, source_hash)
-            if key in keys:
-                return None
-            keys.add(key)  # the same input twice in one run is listed once
             kept = listed.get(image_id, image_id)
         return {
             "image_id": image_id,
@@ -834,22 +865,25 @@ def _consume(
                 )
         out.finish(interrupted=False)
     except KeyboardInterrupt:  # again if it came while finishing: each write is idempotent
-        _finish_stopped(out)
+        if _finish_stopped(out):
+            raise _StoppedUnrecorded from None
         raise
     except RayActorError as err:  # a decoder process died on one batch, and on each retry
-        _finish_stopped(out)
+        lost = _finish_stopped(out)
         if getattr(err, "actor_init_failed", False):  # one that could not start: no file's doing
             from pipelines.runtime import remote_error_message
 
             reason = remote_error_message(err) or "see the worker log above"
-            raise DecoderDied(f"the decoders could not start: {reason}") from None
-        raise DecoderDied(
-            f"a decoder process died on one batch of up to {_DECODE_BATCH} files "
-            f"{_DECODER_RETRIES + 1} times (killed for memory, most often: the node's `ray logs` "
-            "say which); the run stopped, and what it stored is kept and recorded. A re-run "
-            "meets the same batch again: give the decoders more memory, or lower "
-            "ingest.max_file_mb"
-        ) from None
+            message = f"the decoders could not start: {reason}"
+        else:
+            message = (
+                f"a decoder process died on one batch of up to {_DECODE_BATCH} files "
+                f"{_DECODER_RETRIES + 1} times (killed for memory, most often: the node's `ray "
+                "logs` say which); the run stopped, and what it stored is kept and recorded. A "
+                "re-run meets the same batch again: give the decoders more memory, or lower "
+                "ingest.max_file_mb"
+            )
+        raise DecoderDied(message + lost, recordable=not lost) from None
     except OSError as err:  # DST failed: a full disk, expired credentials
         if not _is_storage_error(err):
             raise
@@ -870,16 +904,21 @@ def _consume(
 _STOPPED_WRITING = "; stopped while its last writes were made, which may be missing"
 
 
-def _finish_stopped(out: _Outputs) -> None:
-    """Write what a run stopped by an interrupt or its decoders keeps. DST failing then is
-    said as a storage failure in one line (a traceback, and no record of the run, before); the
-    run is not recorded, as what its writes kept is not known."""
+def _finish_stopped(out: _Outputs) -> str:
+    """Write what a run stopped by an interrupt or its decoders keeps; returns what could not
+    be written, said after the stop's own message ("" when all was). DST failing then went
+    past the run's handlers as a traceback, in place of the stop (exit 130 after a Ctrl-C, the
+    decoders' message): it is said in a warning, and the run is not recorded, as what its
+    writes kept is not known."""
     try:
         out.finish(interrupted=True)
     except OSError as err:
         if not _is_storage_error(err):
             raise
-        raise _storage_failed(err, out.dest.uri, _STOPPED_WRITING, recordable=False) from err
+        said = str(_storage_failed(err, out.dest.uri, _STOPPED_WRITING, recordable=False))
+        log.warning("%s", said)
+        return f"; DST failed as it wrote what it kept ({_cause(err)}), and it is not recorded"
+    return ""
 
 
 def _take_batch(batch: pa.Table, out: _Outputs, seen: set[str], unread: set[str]) -> int:

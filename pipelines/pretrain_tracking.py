@@ -159,7 +159,14 @@ def finish_tracking(
                     (tags.get(ENCODER_TAG) or "not recorded")[:12],
                     fingerprint[:12],
                 )
-    artifact, upload = _artifact_path(_run_folders(client, run_id), step, fingerprint)
+    folders = _run_folders(client, run_id)
+    plain = f"checkpoint-step-{step}"
+    if folders is not None and plain in folders and folders[plain] is None:
+        # uploaded by a version before the tag (or its tag lost): its own files say, once
+        if _registered_fingerprint(uri, f"runs:/{run_id}/{plain}") == fingerprint:
+            client.set_tag(run_id, FOLDER_TAG + plain, fingerprint)
+            folders[plain] = fingerprint
+    artifact, upload = _artifact_path(folders, step, fingerprint)
     # the model is the weights and their metadata; the optimizer state (as large again) only
     # matters for resuming, and that reads the checkpoint in the run folder
     if upload:

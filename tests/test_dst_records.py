@@ -144,6 +144,9 @@ def test_a_dst_without_images_takes_any_window_and_records_it_first(tmp_path):
     image = {"size": 64, "dtype": "uint8", "window_percentiles": [0.5, 99.5]}
     (dst / MANIFEST).write_text(json.dumps({"images": 0, "image": image}))
     assert recorded_window(str(dst)) == (5.0, 95.0)
+    # a decode record damaged by hand: the manifest's window still stands
+    (dst / DECODE_RECORD).write_text(json.dumps({"window_percentiles": [99, 1]}))
+    assert recorded_window(str(dst)) == (0.5, 99.5)
 
 
 def test_images_without_a_window_record_are_let_through_with_a_warning(tmp_path, caplog):

@@ -367,25 +367,26 @@ def test_an_interrupted_run_leaves_an_index_the_server_refuses(embedded, tmp_pat
         run_embed(embedded["cfg"], embedded["root"] / "ingest", starting, model=embedded["ckpt"])
 
 
-def test_a_run_stopped_before_its_first_part_leaves_the_folder_usable(
-    embedded, tmp_path, monkeypatch
-):
-    """A marker alone refuses OUT (a run may be starting there): a run stopped while its actors
-    waited for nodes left one, and the folder had to be removed by hand."""
+def test_a_run_stopped_by_the_user_leaves_its_folder_refused(embedded, tmp_path, monkeypatch):
+    """Ray Data does not wait for its write tasks after a Ctrl-C: a part may appear after the
+    folder was found empty (on a bucket, once its upload ends). Its marker stays, so that such
+    a part is never served as the whole archive; another run is refused until it is removed."""
     import ray.data
 
-    from pipelines.embed import run_embed
+    from pipelines.embed import EmbedError, run_embed
     from serve.index import INCOMPLETE_MARKER
 
     def stopped_at_once(self, path, **kwargs):
-        assert (Path(path) / INCOMPLETE_MARKER).exists()  # marked while the run writes
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ray.data.Dataset, "write_parquet", stopped_at_once)
     out = tmp_path / "index"
     with pytest.raises(KeyboardInterrupt):
         run_embed(embedded["cfg"], embedded["root"] / "ingest", out, model=embedded["ckpt"])
-    assert out.is_dir() and not list(out.iterdir())
+    assert [p.name for p in out.iterdir()] == [INCOMPLETE_MARKER]
+    monkeypatch.undo()
+    with pytest.raises(EmbedError, match="remove it once no run writes there"):
+        run_embed(embedded["cfg"], embedded["root"] / "ingest", out, model=embedded["ckpt"])
 
 
 def test_two_runs_writing_into_one_folder_leave_it_refused(embedded, tmp_path, monkeypatch):
@@ -510,7 +511,7 @@ def test_actors_that_cannot_load_the_model_are_named_in_one_line(embedded, tmp_p
     message = str(err.value)
     assert "is not the checkpoint the driver resolved (encoder " in message
     assert "\n" not in message and "Traceback" not in message and err.value.__cause__ is None
-    assert not list((tmp_path / "o").glob("*.parquet"))
+    assert not list((tmp_path / "o").iterdir())  # no part, and no marker: the folder is usable
 
 
 def test_the_last_line_of_a_worker_traceback_is_its_reason():

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pyarrow as pa
-import pytest
 
 from pipelines.ingest import (
     IngestSummary,
@@ -111,6 +110,7 @@ def test_quarantine_rows_are_written_with_each_shard_not_only_at_the_end(tmp_pat
         "r1",
         InstanceIndex([], dest.read_columns),
     )
+    out.rejects_every_s = 0  # with each shard (a minute apart at most, by default)
     inputs = pa.Table.from_pylist(list_inputs([str(src)]))
     quarantine = tmp_path / "dst" / "quarantine"
 
@@ -131,10 +131,14 @@ def test_quarantine_rows_are_written_with_each_shard_not_only_at_the_end(tmp_pat
     assert rows() == files  # nothing left to write, and none written again
 
 
-def test_dst_failing_while_a_stopped_run_writes_what_it_kept_is_one_line(tmp_path, monkeypatch):
+def test_dst_failing_while_a_stopped_run_writes_what_it_kept_leaves_the_stop_as_it_was(
+    tmp_path, monkeypatch, caplog
+):
     """Ctrl-C (or decoders that kept dying), then the disk full as the run wrote what it kept:
-    the OSError went past the run's handlers as a traceback, with no exit code of its own."""
-    from pipelines.ingest import StorageFailed, _finish_stopped
+    the OSError went past the run's handlers as a traceback, in place of the stop. Now the
+    stop goes on as it was (exit 130, the decoders' message), the storage failure is said in
+    one warning and added to the stop's message, and the run is not recorded."""
+    from pipelines.ingest import _finish_stopped
 
     src = tmp_path / "src"
     src.mkdir()
@@ -156,8 +160,49 @@ def test_dst_failing_while_a_stopped_run_writes_what_it_kept_is_one_line(tmp_pat
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(Destination, "write", full)
-    with pytest.raises(StorageFailed) as raised:
-        _finish_stopped(out)
-    said = str(raised.value)
-    assert "\n" not in said and said.startswith(f"ingest stopped: {dest.uri} failed: No space")
-    assert "stopped while its last writes were made" in said and not raised.value.recordable
+    with caplog.at_level("WARNING", logger="pipelines.ingest"):
+        lost = _finish_stopped(out)
+    assert (
+        lost
+        == "; DST failed as it wrote what it kept (No space left on device), and it is not recorded"
+    )
+    assert f"ingest stopped: {dest.uri} failed: No space left on device" in caplog.text
+    monkeypatch.undo()
+    assert _finish_stopped(out) == ""  # written whole: nothing to add
+
+
+def test_a_copy_listed_before_is_not_listed_again_when_its_image_is_stored_again(tmp_path):
+    """A shard moved out of DST (a damaged one, as the error advises): the re-run stores its
+    images again, and listed each copy of them (same bytes, another path) a second time."""
+    from radjepa.shards import read_duplicates
+
+    src = tmp_path / "src"
+    src.mkdir()
+    dicom = sorted(REPO.joinpath("data", "sample", "archive", "export").glob("*.dcm"))[0]
+    shutil.copy(dicom, src / "a.dcm")
+    shutil.copy(dicom, src / "b.dcm")  # the same bytes under another name
+
+    def run(run_id: str) -> IngestSummary:
+        dest = Destination(str(tmp_path / "dst"))
+        decoder = FileDecoder(SETTINGS, b"k" * 32, dest.known_ids(), False)
+        out = _Outputs(
+            dest,
+            IngestSummary(dst=dest.uri, run_id=run_id),
+            8,
+            run_id,
+            InstanceIndex(dest.shards(), dest.read_columns),
+        )
+        inputs = pa.Table.from_pylist(list_inputs([str(src)]))
+        seen: set[str] = set()
+        for block in read_blocks(inputs, SETTINGS["max_bytes"]):
+            _take_batch(decoder(block), out, seen, set())
+        out.finish(interrupted=False)
+        return out.summary
+
+    first = run("r1")
+    assert (first.ok, first.duplicates_in_run) == (1, 1)
+    for shard in (tmp_path / "dst" / "images").glob("*.parquet"):
+        shutil.move(shard, tmp_path / shard.name)
+    again = run("r2")
+    assert again.ok == 1  # stored again
+    assert [r["run_id"] for r in read_duplicates(str(tmp_path / "dst")).to_pylist()] == ["r1"]

@@ -408,7 +408,7 @@ def test_dst_files_other_than_ingests_own_are_read_by_no_reader(tmp_path):
     and the two readers disagreed on which files DST/duplicates holds. Both now list only the
     regular files named as ingest names them: no hidden or temporary file, no folder."""
     from radjepa.shards import (
-        DUPLICATE_SAME_BYTES,
+        DUPLICATE_SAME_INSTANCE,
         DUPLICATE_SCHEMA,
         QUARANTINE_SCHEMA,
         read_duplicates,
@@ -418,7 +418,7 @@ def test_dst_files_other_than_ingests_own_are_read_by_no_reader(tmp_path):
     dest = Destination(str(root))
     png = _store_one_png(dest, "part-r1-00000.parquet")
     stored = content_id(png, SECRET)
-    copy = {"image_id": "c" * 64, "kept_image_id": stored, "kind": DUPLICATE_SAME_BYTES}
+    copy = {"image_id": "c" * 64, "kept_image_id": stored, "kind": DUPLICATE_SAME_INSTANCE}
     copy |= {"source_hash": "d" * 32, "size_bytes": 1, "run_id": "r1"}
     dest.write(
         "duplicates", "duplicates-r1.parquet", pa.Table.from_pylist([copy], DUPLICATE_SCHEMA)

@@ -151,6 +151,11 @@ def test_a_run_that_registers_nothing_writes_no_folder_of_it_again(tmp_path, mig
     assert finish_tracking(cfg, uri, run, str(first), {}) is None
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert len([a for a in client.list_artifacts(run) if a.is_dir]) == 2
+    # a folder uploaded before the tag existed: its own files say it holds these weights
+    client.delete_tag(run, "radjepa.folder_encoder.checkpoint-step-7")
+    assert finish_tracking(cfg, uri, run, str(first), {}) is None
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert len([a for a in client.list_artifacts(run) if a.is_dir]) == 2
     # a folder cut short (its upload stopped before meta.json, so untagged) is not taken as
     # holding them
     third = make_checkpoint(tmp_path / "c", step=9)

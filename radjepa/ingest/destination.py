@@ -777,7 +777,8 @@ def recorded_window(dst: str) -> tuple[float, float] | None:
                 return float(window[0]), float(window[1])
             if window is not None:  # damaged by hand: the shards themselves still stand
                 log.warning("%s/%s: window_percentiles %r is not a window", spelled, name, window)
-                break
+                if name == MANIFEST:
+                    break
     return None
 
 
