@@ -27,6 +27,22 @@ REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"size": 64, "dtype": "uint8", "window_percentiles": (0.5, 99.5), "max_bytes": 10**7}
 
 
+def _outputs(dst: Path, shard_rows: int, run_id: str = "r1") -> tuple[FileDecoder, _Outputs]:
+    """A run's decoder and outputs into ``dst``, as the driver makes them (without Ray)."""
+    dest = Destination(str(dst))
+    decoder = FileDecoder(SETTINGS, b"k" * 32, dest.known_ids(), False)
+    summary = IngestSummary(dst=dest.uri, run_id=run_id)
+    instances = InstanceIndex(dest.shards(), dest.read_columns)
+    return decoder, _Outputs(dest, summary, shard_rows, run_id, instances)
+
+
+def _take(inputs: pa.Table, decoder: FileDecoder, out: _Outputs) -> None:
+    """Decode ``inputs`` (rows of ``list_inputs``) and hand each batch to ``out``."""
+    seen: set[str] = set()
+    for block in read_blocks(inputs, SETTINGS["max_bytes"]):
+        _take_batch(decoder(block), out, seen, set())
+
+
 def test_an_automatic_pool_is_not_capped_by_a_count_that_may_fall_short(tmp_path):
     """An automatic pool (``ingest.decode_actors=0``) had at most one decoder per 16 inputs
     counted, and a key on object storage without an image suffix counts one input without
@@ -66,18 +82,8 @@ def test_a_run_holds_each_quarantine_reason_once_not_once_per_file(tmp_path):
     n = 300
     for i in range(n):
         (src / f"f{i:04d}.dcm").write_bytes(b"not an image %d" % i)  # other bytes each
-    dest = Destination(str(tmp_path / "dst"))
-    decoder = FileDecoder(SETTINGS, b"k" * 32, dest.known_ids(), False)
-    out = _Outputs(
-        dest,
-        IngestSummary(dst=dest.uri, run_id="r1"),
-        100,
-        "r1",
-        InstanceIndex([], dest.read_columns),
-    )
-    seen: set[str] = set()
-    for block in read_blocks(pa.Table.from_pylist(list_inputs([str(src)])), SETTINGS["max_bytes"]):
-        _take_batch(decoder(block), out, seen, set())
+    decoder, out = _outputs(tmp_path / "dst", 100)
+    _take(pa.Table.from_pylist(list_inputs([str(src)])), decoder, out)
     held = out.quarantined_here
     assert len(held) == n and {v[0] for v in held.values()} == {"not_an_image"}
     # the values' own objects (the ids are the same strings the run's `seen` holds)
@@ -101,15 +107,7 @@ def test_quarantine_rows_are_written_with_each_shard_not_only_at_the_end(tmp_pat
     for i, f in enumerate(sample):  # good and broken files in turn
         shutil.copy(f, src / f"f{i}0.dcm")
         (src / f"f{i}1.dcm").write_bytes(b"not an image %d" % i)
-    dest = Destination(str(tmp_path / "dst"))
-    decoder = FileDecoder(SETTINGS, b"k" * 32, dest.known_ids(), False)
-    out = _Outputs(
-        dest,
-        IngestSummary(dst=dest.uri, run_id="r1"),
-        2,
-        "r1",
-        InstanceIndex([], dest.read_columns),
-    )
+    decoder, out = _outputs(tmp_path / "dst", 2)
     out.rejects_every_s = 0  # with each shard (a minute apart at most, by default)
     inputs = pa.Table.from_pylist(list_inputs([str(src)]))
     quarantine = tmp_path / "dst" / "quarantine"
@@ -117,11 +115,9 @@ def test_quarantine_rows_are_written_with_each_shard_not_only_at_the_end(tmp_pat
     def rows() -> list[int]:
         return [pq.read_metadata(f).num_rows for f in sorted(quarantine.glob("*.parquet"))]
 
-    for block in read_blocks(inputs.slice(0, 3), SETTINGS["max_bytes"]):  # good, broken, good
-        _take_batch(decoder(block), out, set(), set())
+    _take(inputs.slice(0, 3), decoder, out)  # good, broken, good
     assert len(out.summary.shards) == 1 and rows() == [1]  # written with the shard
-    for block in read_blocks(inputs.slice(3, 5), SETTINGS["max_bytes"]):
-        _take_batch(decoder(block), out, set(), set())
+    _take(inputs.slice(3, 5), decoder, out)
     # killed here: every quarantine row is kept
     assert sum(rows()) == 4 and len(out.summary.shards) == 2
     assert all(f.name.startswith("quarantine-r1-") for f in quarantine.glob("*.parquet"))
@@ -143,17 +139,8 @@ def test_dst_failing_while_a_stopped_run_writes_what_it_kept_leaves_the_stop_as_
     src = tmp_path / "src"
     src.mkdir()
     shutil.copy(sorted(REPO.joinpath("data", "sample", "archive", "export").glob("*.dcm"))[0], src)
-    dest = Destination(str(tmp_path / "dst"))
-    decoder = FileDecoder(SETTINGS, b"k" * 32, dest.known_ids(), False)
-    out = _Outputs(
-        dest,
-        IngestSummary(dst=dest.uri, run_id="r1"),
-        100,
-        "r1",
-        InstanceIndex([], dest.read_columns),
-    )
-    for block in read_blocks(pa.Table.from_pylist(list_inputs([str(src)])), SETTINGS["max_bytes"]):
-        _take_batch(decoder(block), out, set(), set())
+    decoder, out = _outputs(tmp_path / "dst", 100)
+    _take(pa.Table.from_pylist(list_inputs([str(src)])), decoder, out)
     assert out.pending_rows == 1  # the shard a stopped run writes at its end
 
     def full(*_args, **_kwargs):
@@ -166,7 +153,7 @@ def test_dst_failing_while_a_stopped_run_writes_what_it_kept_leaves_the_stop_as_
         lost
         == "; DST failed as it wrote what it kept (No space left on device), and it is not recorded"
     )
-    assert f"ingest stopped: {dest.uri} failed: No space left on device" in caplog.text
+    assert f"ingest stopped: {out.dest.uri} failed: No space left on device" in caplog.text
     monkeypatch.undo()
     assert _finish_stopped(out) == ""  # written whole: nothing to add
 
@@ -183,19 +170,8 @@ def test_a_copy_listed_before_is_not_listed_again_when_its_image_is_stored_again
     shutil.copy(dicom, src / "b.dcm")  # the same bytes under another name
 
     def run(run_id: str) -> IngestSummary:
-        dest = Destination(str(tmp_path / "dst"))
-        decoder = FileDecoder(SETTINGS, b"k" * 32, dest.known_ids(), False)
-        out = _Outputs(
-            dest,
-            IngestSummary(dst=dest.uri, run_id=run_id),
-            8,
-            run_id,
-            InstanceIndex(dest.shards(), dest.read_columns),
-        )
-        inputs = pa.Table.from_pylist(list_inputs([str(src)]))
-        seen: set[str] = set()
-        for block in read_blocks(inputs, SETTINGS["max_bytes"]):
-            _take_batch(decoder(block), out, seen, set())
+        decoder, out = _outputs(tmp_path / "dst", 8, run_id)
+        _take(pa.Table.from_pylist(list_inputs([str(src)])), decoder, out)
         out.finish(interrupted=False)
         return out.summary
 
