@@ -347,9 +347,11 @@ def test_a_run_records_the_decode_settings_its_shards_were_made_with(tmp_path, s
 @pytest.mark.parametrize("window", [[None, 99.5], [99.5, 0.5], [0.5, 150], "0.5,99.5", [0.5]])
 def test_a_manifest_window_damaged_by_hand_is_not_taken(tmp_path, shards, window, caplog):
     """Pretrain, sweep and embed read the DST's window: [null, 99.5] ended them with a
-    TypeError traceback, a reversed one with a config traceback."""
+    TypeError traceback, a reversed one with a config traceback. The DST's decode.json, written
+    before its first shard, says it first; a DST of an older version has only the manifest."""
     import shutil
 
+    from radjepa.ingest.destination import DECODE_RECORD
     from radjepa.training_data import inspect_shards, with_stored_decode
 
     dst = tmp_path / "dst"
@@ -357,6 +359,8 @@ def test_a_manifest_window_damaged_by_hand_is_not_taken(tmp_path, shards, window
     manifest = json.loads((dst / "manifest.json").read_text())
     manifest["image"]["window_percentiles"] = window
     (dst / "manifest.json").write_text(json.dumps(manifest))
+    assert inspect_shards(str(dst), _cfg(tmp_path)).window == (0.5, 99.5)  # the record's
+    (dst / DECODE_RECORD).unlink()
     with caplog.at_level("WARNING", logger="radjepa"):
         info = inspect_shards(str(dst), _cfg(tmp_path))
     assert info.window is None and "is not a window" in caplog.text
