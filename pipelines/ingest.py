@@ -36,7 +36,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pyarrow as pa
 
@@ -98,13 +98,18 @@ log = logging.getLogger(__name__)
 _DECODER_RETRIES = 2
 
 
-class DecoderDied(IngestError):
-    """A decoder process died on the same batch at every retry: the run stops, recorded
-    (``recordable``: unless DST failed as it wrote what the run kept)."""
+class _RunStopped(IngestError):
+    """A run stopped mid-way, keeping what it wrote; ``recordable``: whether its counts are
+    what DST holds, so that it can be recorded as interrupted."""
 
     def __init__(self, message: str, *, recordable: bool = True) -> None:
         super().__init__(message)
         self.recordable = recordable
+
+
+class DecoderDied(_RunStopped):
+    """A decoder process died on the same batch at every retry: the run stops, recorded
+    unless DST failed as it wrote what the run kept."""
 
 
 class _StoppedUnrecorded(KeyboardInterrupt):
@@ -117,15 +122,10 @@ class _StoppedUnrecorded(KeyboardInterrupt):
 _DECODE_BATCH = 16  # files per decoder call
 
 
-class StorageFailed(IngestError):
+class StorageFailed(_RunStopped):
     """DST refused a read or write (a full disk, expired object-store credentials, an NFS
     error): the run stops in one line, keeping what DST still takes. It printed a traceback,
-    and the run's quarantine and duplicate rows, written at its end, were lost. ``recordable``:
-    whether the run's counts are what DST holds, so that it can be recorded as interrupted."""
-
-    def __init__(self, message: str, *, recordable: bool = True) -> None:
-        super().__init__(message)
-        self.recordable = recordable
+    and the run's quarantine and duplicate rows, written at its end, were lost."""
 
 
 # what to do about the commonest storage errors; any other: the generic advice
@@ -184,15 +184,34 @@ def _storage_failed(
     )
 
 
+def _raise_storage_failed(
+    err: OSError,
+    dst: str,
+    *,
+    recordable: bool = True,
+    salvage: Callable[[], tuple[str, bool]] | None = None,
+) -> NoReturn:
+    """Raise DST's storage error ``err`` as :class:`StorageFailed` (one line), after
+    ``salvage`` wrote what DST still takes (it returns what was lost and whether the run is
+    recordable; a Ctrl-C as it writes leaves both unknown); any other error as it is."""
+    if not _is_storage_error(err):
+        raise err
+    lost = ""
+    if salvage is not None:
+        try:
+            lost, recordable = salvage()
+        except KeyboardInterrupt:  # stopped while it wrote what it could: counts unknown
+            lost, recordable = _STOPPED_WRITING, False
+    raise _storage_failed(err, dst, lost, recordable=recordable) from err
+
+
 @contextlib.contextmanager
 def _dst_errors(dst: str, *, recordable: bool) -> Iterator[None]:
     """DST's storage errors in the block raised as :class:`StorageFailed` (one line)."""
     try:
         yield
     except OSError as err:
-        if not _is_storage_error(err):
-            raise
-        raise _storage_failed(err, dst, recordable=recordable) from err
+        _raise_storage_failed(err, dst, recordable=recordable)
 
 
 @dataclass
@@ -590,8 +609,7 @@ class _Outputs:
         self.instances = instances
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
-        self.rejects: list[pa.Table] = []
-        self.reject_rows = 0  # in ``rejects``, not written yet
+        self.rejects: list[pa.Table] = []  # not written yet
         self.quarantine_parts = 0  # quarantine files written
         self.reasons_written: Counter[str] = Counter()  # of the rows in them
         # with a shard at most this often: a file per shard was ~5,000 small files for 10M
@@ -601,8 +619,11 @@ class _Outputs:
         self.duplicates: list[dict[str, Any]] = []  # same_instance rows
         self.instance_kept: dict[str, str] = {}  # same_instance rows: image id -> kept id
         self.copies: list[dict[str, Any]] = []  # same_bytes rows
-        # read from DST at the first duplicate of the run (none on most incremental runs)
-        self.recorded: tuple[InputKeys, dict[str, str]] | None = None
+        # the keys of DST's duplicate rows, with the inputs this run lists, and each listed
+        # id's kept image: read at the run's first duplicate (none on most incremental runs)
+        self.listed: tuple[InputKeys, dict[str, str]] | None = None
+        # the keys of DST's stored and quarantine rows: read at the first input DST knows
+        self.held: InputKeys | None = None
         # image id -> (reason, message) of bytes quarantined: by this run, and by DST (read at
         # the first input DST already knows)
         self.quarantined_here: dict[str, tuple[str, str]] = {}
@@ -650,9 +671,8 @@ class _Outputs:
         q = pa.concat_tables(self.rejects).sort_by("source_hash")
         name = f"quarantine-{self.run_id}-{self.quarantine_parts:05d}.parquet"
         self.dest.write(QUARANTINE_DIR, name, q)
-        self.rejects, self.reject_rows, self.quarantine_parts, self.reasons_written = (
+        self.rejects, self.quarantine_parts, self.reasons_written = (
             [],
-            0,
             self.quarantine_parts + 1,
             self.reasons_written + Counter(q["reason"].to_pylist()),
         )
@@ -681,14 +701,30 @@ class _Outputs:
         found = self.quarantined_before.get(image_id)
         if found is None:
             return None
-        if self.recorded is None:
-            self.recorded = self.dest.recorded_inputs()
-        keys, _ = self.recorded
         key = input_key(image_id, source_hash)
-        if key in keys:
+        if self.listed_before(key, held_too=True):
             return None
-        keys.add(key)
         return found
+
+    def listed_before(self, key: int, held_too: bool) -> bool:
+        """Whether DST holds a row of the input keyed ``key`` (``held_too``: also a stored or
+        quarantine row, else only a duplicate row) or this run listed it; if not, this run
+        lists it now (the same input twice is listed once)."""
+        keys = self._listed()[0]
+        if key in keys:
+            return True
+        if held_too:
+            if self.held is None:
+                self.held = self.dest.recorded_held()
+            if key in self.held:
+                return True
+        keys.add(key)
+        return False
+
+    def _listed(self) -> tuple[InputKeys, dict[str, str]]:
+        if self.listed is None:
+            self.listed = self.dest.recorded_copies()
+        return self.listed
 
     def quarantine_here(self, image_id: str, reason: str, message: str) -> None:
         """Remember bytes this run quarantined, for a copy of them met later in the run. Each
@@ -715,19 +751,17 @@ class _Outputs:
         same-instance row. Without these rows such drops were only counted, and an audit of
         which files were not stored and why could not find them."""
         image_id, source_hash = row["image_id"], row["source_hash"]
-        if self.recorded is None:
-            self.recorded = self.dest.recorded_inputs()
-        keys, listed = self.recorded
         key = input_key(image_id, source_hash)
         # an input DST holds a row of: a re-run adds none; also when the bytes were stored in
-        # this run (a damaged shard moved out: its images stored again, their copies listed)
-        if key in keys:
+        # this run (a damaged shard moved out: its images stored again, their copies listed).
+        # Bytes first met in this run are in no stored or quarantine row of DST (the decoders
+        # would have called them existing): only its duplicate rows are read for them
+        if self.listed_before(key, held_too=not in_run):
             return None
-        keys.add(key)  # the same input twice in one run is listed once
         if in_run:  # bytes of an input stored or an instance dropped in this run
             kept = self.instance_kept.get(image_id, image_id)
         else:
-            kept = listed.get(image_id, image_id)
+            kept = self._listed()[1].get(image_id, image_id)
         return {
             "image_id": image_id,
             "kept_image_id": kept,
@@ -754,8 +788,8 @@ class _Outputs:
                 }
             ).cast(QUARANTINE_SCHEMA)
         )
-        self.reject_rows += table.num_rows
-        if self.reject_rows >= self.shard_rows:  # a run of mostly broken files fills no shard
+        # a run of mostly broken files fills no shard
+        if sum(t.num_rows for t in self.rejects) >= self.shard_rows:
             self.write_rejects()
 
     def finish(self, interrupted: bool) -> None:
@@ -885,13 +919,7 @@ def _consume(
             )
         raise DecoderDied(message + lost, recordable=not lost) from None
     except OSError as err:  # DST failed: a full disk, expired credentials
-        if not _is_storage_error(err):
-            raise
-        try:
-            lost, recordable = out.salvage()
-        except KeyboardInterrupt:  # stopped while it wrote what it could: counts unknown
-            lost, recordable = _STOPPED_WRITING, False
-        raise _storage_failed(err, out.dest.uri, lost, recordable=recordable) from err
+        _raise_storage_failed(err, out.dest.uri, salvage=out.salvage)
     if conflicts:
         log.warning(
             "%d files hold a DICOM instance already stored with other pixels: quarantined as %s",

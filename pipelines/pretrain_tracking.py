@@ -160,7 +160,7 @@ def finish_tracking(
                     fingerprint[:12],
                 )
     folders = _run_folders(client, run_id)
-    plain = f"checkpoint-step-{step}"
+    plain = _plain_folder(step)
     if folders is not None and plain in folders and folders[plain] is None:
         # uploaded by a version before the tag (or its tag lost): its own files say, once
         if _registered_fingerprint(uri, f"runs:/{run_id}/{plain}") == fingerprint:
@@ -251,6 +251,11 @@ def _run_folders(client: Any, run_id: str) -> dict[str, str | None] | None:
         return None
 
 
+def _plain_folder(step: str) -> str:
+    """The artifact folder of a step's checkpoint while no other weights hold it."""
+    return f"checkpoint-step-{step}"
+
+
 def _artifact_path(
     folders: dict[str, str | None] | None, step: str, fingerprint: str
 ) -> tuple[str, bool]:
@@ -264,7 +269,7 @@ def _artifact_path(
     of a finished run: nothing uploaded), else (or when the run's folders could not be
     listed) ``checkpoint-step-N-<fingerprint[:12]>``, which only ever holds these weights,
     uploaded unless they are there whole."""
-    plain = f"checkpoint-step-{step}"
+    plain = _plain_folder(step)
     own = f"{plain}-{fingerprint[:12]}"
     if folders is None:
         return own, True

@@ -31,11 +31,8 @@ from radjepa.ingest.destination import (
 from radjepa.ingest.errors import IngestError
 from radjepa.ingest.sources import READ_SCHEMA
 from radjepa.shards import SHARD_SCHEMA
+from tests.ingest_inputs import REPO, SAMPLE, SECRET, SETTINGS
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample" / "archive" / "export"  # real NIH radiographs
-SETTINGS = {"size": 64, "dtype": "uint8", "window_percentiles": (0.5, 99.5), "max_bytes": 10**7}
-SECRET = b"k" * 32
 KEY = {"key": "secret", "key_fingerprint": "abc", "patient_identity": "patient_id"}
 ENV = "RADJEPA_DEID_SECRET"
 

@@ -22,15 +22,13 @@ from radjepa.ingest.decoding import FileDecoder
 from radjepa.ingest.destination import Destination
 from radjepa.ingest.instances import InstanceIndex
 from radjepa.ingest.sources import count_inputs, list_inputs, read_blocks
-
-REPO = Path(__file__).resolve().parents[1]
-SETTINGS = {"size": 64, "dtype": "uint8", "window_percentiles": (0.5, 99.5), "max_bytes": 10**7}
+from tests.ingest_inputs import SAMPLE, SECRET, SETTINGS
 
 
 def _outputs(dst: Path, shard_rows: int, run_id: str = "r1") -> tuple[FileDecoder, _Outputs]:
     """A run's decoder and outputs into ``dst``, as the driver makes them (without Ray)."""
     dest = Destination(str(dst))
-    decoder = FileDecoder(SETTINGS, b"k" * 32, dest.known_ids(), False)
+    decoder = FileDecoder(SETTINGS, SECRET, dest.known_ids(), False)
     summary = IngestSummary(dst=dest.uri, run_id=run_id)
     instances = InstanceIndex(dest.shards(), dest.read_columns)
     return decoder, _Outputs(dest, summary, shard_rows, run_id, instances)
@@ -101,7 +99,7 @@ def test_quarantine_rows_are_written_with_each_shard_not_only_at_the_end(tmp_pat
 
     import pyarrow.parquet as pq
 
-    sample = sorted(REPO.joinpath("data", "sample", "archive", "export").glob("*.dcm"))[:4]
+    sample = sorted(SAMPLE.glob("*.dcm"))[:4]
     src = tmp_path / "src"
     src.mkdir()
     for i, f in enumerate(sample):  # good and broken files in turn
@@ -138,7 +136,7 @@ def test_dst_failing_while_a_stopped_run_writes_what_it_kept_leaves_the_stop_as_
 
     src = tmp_path / "src"
     src.mkdir()
-    shutil.copy(sorted(REPO.joinpath("data", "sample", "archive", "export").glob("*.dcm"))[0], src)
+    shutil.copy(sorted(SAMPLE.glob("*.dcm"))[0], src)
     decoder, out = _outputs(tmp_path / "dst", 100)
     _take(pa.Table.from_pylist(list_inputs([str(src)])), decoder, out)
     assert out.pending_rows == 1  # the shard a stopped run writes at its end
@@ -165,7 +163,7 @@ def test_a_copy_listed_before_is_not_listed_again_when_its_image_is_stored_again
 
     src = tmp_path / "src"
     src.mkdir()
-    dicom = sorted(REPO.joinpath("data", "sample", "archive", "export").glob("*.dcm"))[0]
+    dicom = sorted(SAMPLE.glob("*.dcm"))[0]
     shutil.copy(dicom, src / "a.dcm")
     shutil.copy(dicom, src / "b.dcm")  # the same bytes under another name
 
@@ -182,3 +180,41 @@ def test_a_copy_listed_before_is_not_listed_again_when_its_image_is_stored_again
     again = run("r2")
     assert again.ok == 1  # stored again
     assert [r["run_id"] for r in read_duplicates(str(tmp_path / "dst")).to_pylist()] == ["r1"]
+
+
+def test_a_copy_met_in_the_same_run_reads_only_dsts_duplicate_rows(tmp_path):
+    """Bytes first met in this run are in no stored or quarantine row of DST: listing their
+    copy read every stored image's columns (an incremental run into a DST of millions of
+    images, for one file copied twice in the new batch). The copy is still listed, and listed
+    once when met twice."""
+    from radjepa.shards import IMAGES_DIR, QUARANTINE_DIR, read_duplicates
+
+    dicoms = sorted(SAMPLE.glob("*.dcm"))
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    shutil.copy(dicoms[0], old / "a.dcm")
+    decoder, out = _outputs(tmp_path / "dst", 8, "r1")
+    _take(pa.Table.from_pylist(list_inputs([str(old)])), decoder, out)
+    out.finish(interrupted=False)
+
+    shutil.copy(dicoms[1], new / "b.dcm")
+    shutil.copy(dicoms[1], new / "c.dcm")  # the same bytes under another name
+    decoder, out = _outputs(tmp_path / "dst", 8, "r2")
+    read: list[str] = []
+    reads = out.dest.read_columns
+
+    def spy(path: str, columns: list[str] | None) -> pa.Table:
+        read.append(path)
+        return reads(path, columns)
+
+    out.dest.read_columns = spy  # type: ignore[method-assign]
+    inputs = pa.Table.from_pylist(list_inputs([str(new)]))
+    _take(pa.concat_tables([inputs, inputs.slice(1)]), decoder, out)  # the copy twice
+    out.finish(interrupted=False)
+    assert not [p for p in read if f"/{IMAGES_DIR}/" in p or f"/{QUARANTINE_DIR}/" in p]
+    copies = [r for r in read_duplicates(str(tmp_path / "dst")).to_pylist() if r["run_id"] == "r2"]
+    stored = pa.concat_tables(
+        out.dest.read_columns(f"{out.dest.root}/{p}", ["image_id"]) for p in out.summary.shards
+    )
+    assert [r["kept_image_id"] for r in copies] == stored["image_id"].to_pylist()

@@ -34,11 +34,7 @@ from radjepa.ingest.sources import (
 )
 from radjepa.shards import SHARD_SCHEMA
 from tests.dicom_factory import gradient, issuer_tags, make_dicom
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "data" / "sample" / "archive" / "export"  # real NIH radiographs
-SETTINGS = {"size": 64, "dtype": "uint8", "window_percentiles": (0.5, 99.5), "max_bytes": 10**7}
-SECRET = b"k" * 32
+from tests.ingest_inputs import SAMPLE, SECRET, SETTINGS
 
 
 def _rows(path: Path, max_bytes: int = 10**7) -> list[dict]:

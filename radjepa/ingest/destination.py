@@ -347,23 +347,37 @@ class Destination:
         by every re-run that meets an input DST already holds (a run resumed after an
         interruption), at 10 million stored images a set of Python ints would hold ~600 MiB
         on the driver (a clash of two 64-bit keys leaves one duplicate unlisted)."""
-        keys: list[np.ndarray] = []
         kept: dict[str, str] = {}
-        for sub, id_column in (
-            (IMAGES_DIR, "image_id"),
-            (QUARANTINE_DIR, "sha256"),
-            (DUPLICATES_DIR, "image_id"),
-        ):
+        return InputKeys([*self._held_keys(), *self._listed_keys(kept)]), kept
+
+    def recorded_held(self) -> InputKeys:
+        """:meth:`recorded_inputs` of the stored images and quarantine rows only."""
+        return InputKeys(self._held_keys())
+
+    def recorded_copies(self) -> tuple[InputKeys, dict[str, str]]:
+        """:meth:`recorded_inputs` of the duplicate rows only: a copy of an image stored in
+        the same run can be listed in DST only there (an image DST stores or quarantined is
+        no new image), and an incremental run into a large DST need not read every stored
+        image's columns to list it."""
+        kept: dict[str, str] = {}
+        return InputKeys(self._listed_keys(kept)), kept
+
+    def _listed_keys(self, kept: dict[str, str]) -> list[np.ndarray]:
+        """The keys of the duplicate rows; each listed id's ``kept_image_id`` put in ``kept``."""
+        keys = []
+        for path in self._parquet(DUPLICATES_DIR):
+            table = self.read_columns(path, ["image_id", "source_hash", "kept_image_id"])
+            keys.append(input_keys(table["image_id"], table["source_hash"]))
+            ids = table["image_id"].to_pylist()
+            kept.update(zip(ids, table["kept_image_id"].to_pylist(), strict=True))
+        return keys
+
+    def _held_keys(self) -> Iterator[np.ndarray]:
+        """The keys of the stored images' rows and of the quarantine rows."""
+        for sub, id_column in ((IMAGES_DIR, "image_id"), (QUARANTINE_DIR, "sha256")):
             for path in self._parquet(sub):
-                columns = [id_column, "source_hash"]
-                if sub == DUPLICATES_DIR:
-                    columns.append("kept_image_id")
-                table = self.read_columns(path, columns)
-                keys.append(input_keys(table[id_column], table["source_hash"]))
-                if sub == DUPLICATES_DIR:
-                    ids = table[id_column].to_pylist()
-                    kept.update(zip(ids, table["kept_image_id"].to_pylist(), strict=True))
-        return InputKeys(keys), kept
+                table = self.read_columns(path, [id_column, "source_hash"])
+                yield input_keys(table[id_column], table["source_hash"])
 
     def quarantined_ids(self) -> dict[str, tuple[str, str]]:
         """Image id -> (reason, message) of each quarantine row that has one (a file read and
