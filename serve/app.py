@@ -744,7 +744,7 @@ def create_app(
             head=head_id,
             labels=labels,
             index=index_id,
-            index_size=len(index) if index is not None else 0,
+            index_size=index.images if index is not None else 0,
         )
 
     # HEAD of every GET route (a load balancer's or uptime monitor's probe, `curl -I`): FastAPI
@@ -971,7 +971,7 @@ def create_app(
         async def work() -> SimilarResponse:
             uploads, results = await images_and_embeddings(request, check=check_linkage)
             found = await gate.run(partial(search_all, uploads, results), continuing=True)
-            return SimilarResponse(model=model_out, index_size=len(index), results=found)
+            return SimilarResponse(model=model_out, index_size=index.images, results=found)
 
         return await deadline(work())
 

@@ -212,6 +212,12 @@ class EmbeddingIndex:
         return int(self.matrix.shape[0])
 
     @property
+    def images(self) -> int:
+        """The images the index answers: its rows, a row whose image another row holds (two
+        embed runs under one parent) counted once, as a search counts it."""
+        return len(self) - len(self._repeats)
+
+    @property
     def ids_nbytes(self) -> int:
         """Bytes held by the ids and pseudonyms with their lookups (the matrix aside)."""
         return self.image_ids.nbytes + sum(c.nbytes for c in self.pids.values())

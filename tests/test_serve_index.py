@@ -430,6 +430,7 @@ def test_an_image_held_by_two_runs_under_one_parent_is_one_neighbour(tmp_path, c
     with caplog.at_level(logging.WARNING, logger="serve.index"):
         index = EmbeddingIndex.from_parquet(tmp_path / "index")
     assert len(index) == 30 and "10 row(s) whose image another row holds" in caplog.text
+    assert index.images == 20  # what the API says it holds (index_size)
     hits = index.search(old[4], 20)
     assert sorted(h.image_id for h in hits) == sorted(f"i{i}" for i in range(20))
     assert hits[0].image_id == "i4"
