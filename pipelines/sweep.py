@@ -9,8 +9,11 @@ reach Tune via TuneReportCallback.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +34,7 @@ from pipelines.sweep_search import (
     tune_scheduler,
     tune_searcher,
 )
-from pipelines.sweep_settings import check_sweep_dir, keep_sweep_config
+from pipelines.sweep_settings import check_sweep_dir, keep_sweep_config, saved_trials
 from pipelines.sweep_tracking import end_sweep_runs, parent_run, record_sweep
 from radjepa import locations
 from radjepa.config import Config, ConfigError, config_to_yaml
@@ -333,10 +336,7 @@ def run_sweep(
         except KeyboardInterrupt:  # before the first trial: reading shards, starting Ray, ...
             # (those during and after the trials are said in _run_sweep); it escaped as a bare
             # KeyboardInterrupt, which the CLI ended with exit 130 and no last line
-            raise SweepInterrupted(
-                f"sweep '{cfg.tune.name}' was interrupted before its trials started; re-run "
-                "the same command"
-            ) from None
+            raise SweepInterrupted(_interrupted_before_trials(cfg.tune.name)) from None
 
 
 def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool) -> SweepResult:
@@ -404,12 +404,20 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
             "probe_set": probe_set,
             "provenance": provenance,
         }
-        with lines_dropped(_TUNE_LOGGER, _TUNE_RESUME_ADVICE):
+        planned = _planned(cfg, sweep_dir, resume)
+        sigint = signal.getsignal(signal.SIGINT)
+        with lines_dropped(_TUNE_LOGGER, _TUNE_RESUME_ADVICE) as advice:
             grid = _tuner(cfg, sweep_dir, setup, floors, resume).fit()
+        _put_back(sigint)
         _free_last_trials()
         rows = _rows(grid, cfg.tune.metric, floors, root, cfg.train.steps)
-        # Ctrl-C makes fit() return, not raise, and a "best" would be a partial sweep's
-        unfinished = _unfinished(grid, locations.join_location(sweep_dir, "tune"))
+        # Ctrl-C makes fit() return, not raise, and a "best" would be a partial sweep's; Tune
+        # says it was interrupted only in the advice dropped above, which is what counts the
+        # trials it never made
+        interrupted = advice.dropped > 0
+        never_made = _never_made(planned, len(grid)) if interrupted else 0
+        tune_dir = locations.join_location(sweep_dir, "tune")
+        unfinished = _unfinished(grid, tune_dir, interrupted) + never_made
         best = _best(rows) if not unfinished else None
         best_path, best_yaml = (
             _write_best(given, cfg, best, sweep_dir, setup["data"]) if best else (None, None)
@@ -419,9 +427,12 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
             not_recorded = record_sweep(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
         if unfinished:  # in the try: a second signal while the runs are ended is said the same
             end_sweep_runs(uri, parent_run_id, "KILLED")
+            if not len(grid):  # no trial to restore: the same command starts it again
+                raise SweepInterrupted(_interrupted_before_trials(cfg.tune.name))
             raise SweepInterrupted(
-                f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of {len(grid)} "
-                f"trials unfinished (no best.yaml was written); {_resumable(cfg.tune.name)}"
+                f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of "
+                f"{len(grid) + never_made} trials unfinished (no best.yaml was written); "
+                f"{_resumable(cfg.tune.name)}"
             )
     except SweepInterrupted:
         raise
@@ -431,6 +442,8 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         # all the same, and said as a first one is, without the exit code Ray's handler chose
         # (meaningless to the user, as in pretrain's)
         end_sweep_runs(uri, parent_run_id, "KILLED")
+        if not resume and _no_trial_saved(locations.join_location(sweep_dir, "tune")):
+            raise SweepInterrupted(_interrupted_before_trials(cfg.tune.name)) from None
         raise SweepInterrupted(
             f"sweep '{cfg.tune.name}' was interrupted; {_resumable(cfg.tune.name)}"
         ) from None
@@ -565,10 +578,63 @@ def _free_last_trials(wait_s: float = 10.0) -> None:
         time.sleep(0.5)
 
 
-def _unfinished(grid: Any, tune_dir: str) -> int:
+def _interrupted_before_trials(name: str) -> str:
+    return f"sweep '{name}' was interrupted before its trials started; re-run the same command"
+
+
+def _no_trial_saved(tune_dir: str) -> bool:
+    """Whether Tune saved no trial of this sweep (stopped before its loop's first step): a
+    ``--resume`` has nothing to restore, and a new sweep of the name replaces it."""
+    try:
+        return saved_trials(tune_dir)[1] == 0
+    except OSError as err:  # the storage is out: said resumable, which --resume then checks
+        log.warning("could not read the state of %s: %s", tune_dir, err)
+        return False
+
+
+# in the sweep's folder: the trials a new sweep plans, which a resumed one counts its own by
+_PLANNED_FILE = "planned_trials.json"
+
+
+def _planned(cfg: Config, sweep_dir: str, resume: bool) -> int | None:
+    """The trials the sweep plans (:func:`planned_trials` when it was started; None where a
+    resumed sweep's start did not save it). Tune makes its trials as its loop steps, one at a
+    time where a searcher is limited to ``tune.max_concurrent``: a sweep interrupted between
+    two trials held only finished ones, and ended as finished with its best of those."""
+    path = locations.join_location(sweep_dir, _PLANNED_FILE)
+    if not resume:
+        n = planned_trials(cfg)
+        locations.write_text(path, json.dumps({"trials": n}))
+        return n
+    try:
+        saved = json.loads(locations.read_text(path) or "null")
+        return int(saved["trials"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _never_made(planned: int | None, made: int) -> int:
+    """The trials an interrupted sweep never made; where the count was not saved (a sweep
+    started by an earlier version), one when Tune made none."""
+    if planned is None:
+        return 0 if made else 1
+    return max(planned - made, 0)
+
+
+def _put_back(handler: Any) -> None:
+    """Put back the SIGINT handler found before Tune's fit: Tune leaves its own after a sweep
+    nobody interrupted, and a Ctrl-C or SIGTERM while the driver wrote the results, recorded
+    them in MLflow or deleted checkpoints (minutes on an object store) only made it say it was
+    ending a Tune run long over."""
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+
+
+def _unfinished(grid: Any, tune_dir: str, interrupted: bool) -> int:
     """Trials that did not finish. After Ctrl-C, Tune saves its state (the running trials as
     RUNNING, which ``--resume`` continues) and then stops those trials, which the returned grid
-    lists as TERMINATED like finished ones: so read the saved state, not the grid."""
+    lists as TERMINATED like finished ones: so read the saved state, not the grid, which after
+    an interruption (Tune said so) counts at least one."""
     from ray.tune import ExperimentAnalysis
     from ray.tune.experiment import Trial
 
@@ -576,7 +642,8 @@ def _unfinished(grid: Any, tune_dir: str) -> int:
         trials = ExperimentAnalysis(tune_dir).trials
     except Exception as err:  # noqa: BLE001 - fall back to what the grid says
         log.warning("cannot read the sweep state at %s: %s", tune_dir, err)
-        return len(grid) - grid.num_terminated - grid.num_errors
+        left = len(grid) - grid.num_terminated - grid.num_errors
+        return max(left, 1) if interrupted else left
     return sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
 
 

@@ -63,7 +63,11 @@ def check_sweep_dir(cfg: Config, sweep_dir: str, resume: bool) -> None:
     parent MLflow run is made or continued. Checked after it, each refused attempt left a
     FAILED parent run, and a new sweep started on a taken name replaced the sweep's parent run
     id with its own, so the ``--resume`` that followed continued that empty run while the
-    trials it resumed stayed children of the original one (never closed by the driver)."""
+    trials it resumed stayed children of the original one (never closed by the driver).
+
+    A sweep stopped before Tune made a trial holds no trial to restore: Tune's restore of it
+    failed, and Tune went on with a sweep of one trial of the base config, reported finished
+    with its best. ``--resume`` of one is refused; a new sweep of the name takes its place."""
     import ray.tune
 
     from pipelines.sweep import SweepError  # pipelines.sweep imports this module
@@ -71,11 +75,53 @@ def check_sweep_dir(cfg: Config, sweep_dir: str, resume: bool) -> None:
     tune_dir = locations.join_location(sweep_dir, "tune")
     if resume and not ray.tune.Tuner.can_restore(tune_dir):
         raise SweepError(f"nothing to resume at {tune_dir}: run the sweep without --resume")
+    state, trials = saved_trials(tune_dir)
+    if resume and trials is None:
+        raise SweepError(
+            f"sweep '{cfg.tune.name}' cannot be resumed: Tune's newest state {state} cannot be "
+            "read (cut short as its driver was killed?); remove it to resume from the state "
+            f"saved before it, if {tune_dir} holds one, or choose another tune.name"
+        )
+    if resume and not trials:
+        raise SweepError(
+            f"sweep '{cfg.tune.name}' was stopped before Tune made its first trial: nothing to "
+            "resume; run the sweep without --resume"
+        )
     if not resume and locations.has_entries(tune_dir):
+        if trials == 0:  # stopped before its first trial: nothing of it to keep
+            log.info("%s holds no trial of an earlier start of this sweep: replaced", tune_dir)
+            fs, path = locations.filesystem(tune_dir)
+            fs.delete_dir(path)
+            return
         raise SweepError(
             f"sweep '{cfg.tune.name}' already exists at {sweep_dir}: pass --resume to "
             "continue it, or choose another tune.name"
         )
+
+
+# the experiment state Tune saves (TuneController.CKPT_FILE_TMPL), one file per driver session
+_TUNE_STATE = "experiment_state-*.json"
+
+
+def saved_trials(tune_dir: str) -> tuple[str | None, int | None]:
+    """Tune's newest saved state of a sweep and the trials it holds, which is what its restore
+    reads: (None, 0) when it saved none (stopped before its loop's first step), (the file,
+    None) when that file cannot be read (a driver killed as it was written)."""
+    import fnmatch
+
+    import pyarrow.fs as pafs
+
+    fs, path = locations.filesystem(tune_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(i.base_name for i in infos if fnmatch.fnmatch(i.base_name, _TUNE_STATE))
+    if not names:
+        return None, 0
+    state = locations.join_location(tune_dir, names[-1])
+    try:
+        trials = json.loads(locations.read_text(state) or "")["trial_data"]
+    except (ValueError, KeyError, TypeError):
+        return state, None
+    return state, len(trials) if isinstance(trials, list) else None
 
 
 def _compared(key: str, cfg: Config) -> bool:

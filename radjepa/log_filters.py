@@ -20,24 +20,29 @@ __all__ = ["DropPrefix", "lines_dropped", "redact_console", "redact_log_records"
 
 
 class DropPrefix(logging.Filter):
-    """A filter that drops the records whose message starts with ``prefix``."""
+    """A filter that drops the records whose message starts with ``prefix``; ``dropped``
+    counts them (a dropped line may be the only sign of what the library did)."""
 
     def __init__(self, prefix: str) -> None:
         super().__init__()
         self.prefix = prefix
+        self.dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+        if record.getMessage().startswith(self.prefix):
+            self.dropped += 1
+            return False
+        return True
 
 
 @contextmanager
-def lines_dropped(logger: str, prefix: str) -> Iterator[None]:
+def lines_dropped(logger: str, prefix: str) -> Iterator[DropPrefix]:
     """Within the block, ``logger``'s records whose message starts with ``prefix`` are dropped;
-    the filter is removed however the block ends."""
+    the filter is removed however the block ends. Yields the filter."""
     drop = DropPrefix(prefix)
     logging.getLogger(logger).addFilter(drop)
     try:
-        yield
+        yield drop
     finally:
         logging.getLogger(logger).removeFilter(drop)
 

@@ -1009,3 +1009,108 @@ def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path, caplog):
     keep_sweep_config(other, data, sweep_dir, resume=False)  # a new sweep writes it afresh
     with pytest.raises(SweepError):
         keep_sweep_config(started, data, sweep_dir, resume=True)
+
+
+@pytest.mark.timeout(300)
+def test_a_ctrl_c_before_tune_made_a_trial_is_an_interruption_not_an_empty_sweep(
+    nih_shards, tmp_path, monkeypatch
+):
+    # Tune makes its trials as its loop steps: a Ctrl-C (or a SIGTERM, routed as one) after it
+    # set its handler and before its first step left no trial at all, and the sweep returned
+    # as finished with none (no error, exit 0). The signal is raised right after Tune's
+    # handler is set.
+    import importlib
+    import signal
+
+    from pipelines.sweep import SweepInterrupted, run_sweep
+
+    tune_run = importlib.import_module("ray.tune.tune")
+    setup = tune_run._setup_signal_catching
+
+    def then_ctrl_c():
+        event = setup()
+        signal.raise_signal(signal.SIGINT)  # to Tune's handler, just set
+        return event
+
+    monkeypatch.setattr(tune_run, "_setup_signal_catching", then_ctrl_c)
+    space = {"ema.start": {"type": "grid", "values": [0.99, 0.996]}}
+    with pytest.raises(SweepInterrupted, match="before its trials started; re-run the same"):
+        run_sweep(_cfg(tmp_path, "early", space), str(nih_shards))
+    monkeypatch.setattr(tune_run, "_setup_signal_catching", setup)
+    # Tune cannot restore a sweep without trials (it restarted with one of the two): its
+    # state is gone, and the same command runs the sweep
+    again = run_sweep(_cfg(tmp_path, "early", space), str(nih_shards))
+    assert [t.status for t in again.trials] == ["ok", "ok"] and again.best is not None
+
+
+def test_an_interrupted_sweep_counts_the_trials_tune_never_made(tmp_path):
+    # Tune makes trials as its loop steps, one at a time where the searcher is limited to
+    # tune.max_concurrent: a sweep interrupted between two trials held only finished ones, and
+    # ended as finished with a best of those. The count planned at the start is what a
+    # resumed sweep counts its own by (its config may no longer say it: Tune keeps its trials)
+    from pipelines.sweep import _never_made, _planned
+
+    space = {"ema.start": {"type": "grid", "values": [0.99, 0.996, 0.998]}}
+    assert _planned(_cfg(tmp_path, "n", space), str(tmp_path), resume=False) == 3
+    other = {"ema.start": {"type": "grid", "values": [0.99]}}
+    planned = _planned(_cfg(tmp_path, "n", other), str(tmp_path), resume=True)
+    assert [_never_made(planned, made) for made in (0, 1, 3)] == [3, 2, 0]
+    # a sweep started before the count was saved: one missing only when it holds no trial
+    unknown = _planned(_cfg(tmp_path, "n", other), str(tmp_path / "older"), resume=True)
+    assert unknown is None and [_never_made(None, made) for made in (0, 2)] == [1, 0]
+
+
+@pytest.mark.parametrize("state", ["none", "no trials", "cut short"])
+def test_a_sweep_tune_cannot_restore_is_refused_by_resume_and_replaced_when_empty(tmp_path, state):
+    # Tune writes tuner.pkl when the Tuner is made and its state only as its loop steps: a
+    # sweep stopped between the two (or whose newest state a killed driver cut short) passed
+    # the --resume check, Tune's restore failed and it went on with one trial of the base
+    # config, reported finished with its best; and a new sweep of the name was refused
+    from pipelines.sweep import SweepError
+    from pipelines.sweep_settings import check_sweep_dir
+
+    tune = tmp_path / "s" / "tune"
+    tune.mkdir(parents=True)
+    (tune / "tuner.pkl").write_bytes(b"\x80\x04N.")
+    if state == "no trials":
+        (tune / "experiment_state-2026-12-07_10-00-00.json").write_text('{"trial_data": []}')
+    if state == "cut short":
+        (tune / "experiment_state-2026-12-07_09-00-00.json").write_text('{"trial_data": [1]}')
+        (tune / "experiment_state-2026-12-07_10-00-00.json").write_text('{"trial_da')
+    cfg = _cfg(tmp_path, "s", {"ema.start": {"type": "grid", "values": [0.99]}})
+    said = "cannot be read" if state == "cut short" else "before Tune made its first trial"
+    with pytest.raises(SweepError, match=said):
+        check_sweep_dir(cfg, str(tmp_path / "s"), resume=True)
+    if state == "cut short":  # trials Tune may restore from the state before: kept, refused
+        with pytest.raises(SweepError, match="already exists"):
+            check_sweep_dir(cfg, str(tmp_path / "s"), resume=False)
+        assert (tune / "tuner.pkl").exists()
+    else:  # nothing of it to keep: a new sweep of the name takes its place
+        check_sweep_dir(cfg, str(tmp_path / "s"), resume=False)
+        assert not tune.exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_ctrl_c_after_tune_s_fit_stops_the_sweep_not_a_tune_run_long_over(tmp_path, monkeypatch):
+    # Tune leaves its SIGINT handler after a fit nobody interrupted: a Ctrl-C (or a SIGTERM of
+    # `radjepa jobs stop`, routed as one) while the driver wrote the results, recorded them or
+    # deleted checkpoints only made Tune say it was ending its run, and the sweep went on
+    import signal
+
+    from shard_tables import write_blank_shards
+
+    import pipelines.sweep as sweep
+
+    free = sweep._free_last_trials
+
+    def then_ctrl_c():
+        free()
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(sweep, "_free_last_trials", then_ctrl_c)
+    shards = write_blank_shards(tmp_path / "shards")
+    cfg = _cfg(tmp_path, "after", {"ema.start": {"type": "grid", "values": [0.99]}})
+    cfg = cfg.with_overrides({"train.steps": 2, "train.checkpoint_every": 2})
+    with pytest.raises(sweep.SweepInterrupted, match="interrupted; the sweep is resumable"):
+        sweep.run_sweep(cfg, str(shards))
+    assert not (tmp_path / "after" / "best.yaml").exists()
