@@ -26,7 +26,7 @@ from radjepa.config import Config, check_registry_name, flatten
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProbeTracking", "log_probe_run", "probe_store"]
+__all__ = ["ProbeTracking", "log_probe_run", "probe_params", "probe_store"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,46 @@ def probe_store(cfg: Config, *, create: bool = False) -> str:
             "set tracking.uri or MLFLOW_TRACKING_URI, or pass --no-mlflow"
         )
     return uri
+
+
+def probe_params(report: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """The run's params: the ``probe.*`` config, ``ingest.*`` as the settings that made the
+    pixels scored, and what was probed.
+
+    ``ingest.*`` is not the probe command's own config: CSV images are decoded with the
+    checkpoint's settings, and shards were decoded at ingest with theirs (``unknown`` where the
+    shards do not record one). Logged as the checkpoint's, a probe over shards made otherwise
+    named pixels it never scored; ``decode_mismatch`` then says in words how the shards differ
+    from what the served head decodes uploads with.
+    """
+    enc = report.get("encoder", {})
+    data = report["data"]
+    params: dict[str, Any] = {
+        k: v for k, v in flatten(cfg).items() if k.startswith(("probe.", "ingest."))
+    }
+    decode = data.get("shards_decode") or data.get("decode")
+    if decode:
+        window = decode["window_percentiles"]
+        params.update(
+            {
+                "ingest.image_size": decode["size"] or "unknown",
+                "ingest.dtype": decode["dtype"] or "unknown",
+                "ingest.window_percentiles": "unknown" if window is None else tuple(window),
+            }
+        )
+    if data.get("decode_mismatch"):
+        params["decode_mismatch"] = data["decode_mismatch"]
+    params.update(
+        {
+            "checkpoint": report["checkpoint"],
+            "checkpoint_step": enc.get("step"),
+            "labels_csv": data["csv"],
+            "labels": ",".join(lab["name"] for lab in data["labels"]),
+            "n_images": data["n_images"],
+            "n_patients": data["n_patients"],
+        }
+    )
+    return params
 
 
 def log_probe_run(
@@ -105,26 +145,7 @@ def log_probe_run(
         ) from None
     run_id = run.info.run_id
     try:
-        params = {k: v for k, v in flatten(cfg).items() if k.startswith(("probe.", "ingest."))}
-        decode = report["data"].get("decode")
-        if decode:  # images were decoded with the checkpoint's ingest settings, not cfg's
-            params.update(
-                {
-                    "ingest.image_size": decode["size"],
-                    "ingest.dtype": decode["dtype"],
-                    "ingest.window_percentiles": tuple(decode["window_percentiles"]),
-                }
-            )
-        params.update(
-            {
-                "checkpoint": report["checkpoint"],
-                "checkpoint_step": enc.get("step"),
-                "labels_csv": report["data"]["csv"],
-                "labels": ",".join(lab["name"] for lab in report["data"]["labels"]),
-                "n_images": report["data"]["n_images"],
-                "n_patients": report["data"]["n_patients"],
-            }
-        )
+        params = probe_params(report, cfg)
         client.log_batch(
             run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         )

@@ -92,6 +92,33 @@ def test_single_class_and_single_patient_labels_are_skipped_with_reason():
     assert d["labels"][1]["skipped"] == none.skipped
 
 
+def test_a_fold_that_trains_on_one_class_skips_the_label_instead_of_scoring_it():
+    """Three patients in two folds: one fold trains on a single patient. When that patient's
+    images are all positive, its test images got the constant 1.0, which outranked every
+    other fold's probabilities: perfectly separable features scored an AUROC of 0.29 (folds
+    that each train on both classes score it above 0.5; their calibrations differ)."""
+    y = np.array([1, 1, 1, 0] + [1, 1, 1] + [1, 0, 0, 0])  # patients: 3+/1-, 3+, 1+/3-
+    groups = np.repeat(["a", "b", "c"], [4, 3, 4])
+    x = np.c_[y + 0.01 * np.random.default_rng(0).normal(size=len(y)), np.zeros(len(y))]
+    outcomes, scored = set(), []
+    for seed in range(12):
+        pairs = grouped_folds(y, groups, seed=seed)
+        one_class = any(len(np.unique(y[train])) < 2 for train, _ in pairs)
+        lab = cross_val_probe(x, y, groups, label_names=["y"], bootstrap=0, seed=seed).labels[0]
+        if one_class:
+            assert lab.skipped is not None and "training side holds one class" in lab.skipped
+            assert lab.auroc is None and lab.n_scored == 0
+        else:
+            assert lab.skipped is None and lab.auroc.estimate > 0.5
+            scored.append(seed)
+        outcomes.add(one_class)
+    assert outcomes == {True, False}  # both kinds of split were drawn
+    # a later probe seed whose folds train on one class counts as no estimate, not a wrong one
+    lab = cross_val_probe(x, y, groups, label_names=["y"], bootstrap=0, seed=scored[0], seeds=6)
+    values = lab.labels[0].seed_auroc.values
+    assert np.isnan(values).any() and all(v > 0.5 for v in values if np.isfinite(v))
+
+
 def test_non_binary_labels_are_refused():
     x, y, groups = _world()
     with pytest.raises(ValueError, match="0/1"):

@@ -717,3 +717,56 @@ def test_a_bad_mask_csv_is_refused_before_the_probe_touches_an_earlier_report(
         probe_cmd(checkpoint, ["sex=F"], out, limit=30, seg_csv=seg_csv, structure=["lung"], **args)
     after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     assert after == before
+
+
+def test_a_probe_over_shards_records_how_the_shards_pixels_were_made(
+    tmp_path, checkpoint, tiny_cfg, nih_dir
+):
+    """report.json's data.decode and MLflow's ingest.* params gave the checkpoint's decode
+    settings (256 px here) for a probe over shards stored at 64 px: they named pixels the
+    probe never scored, and the mismatch was only a log line. The shards' settings, and the
+    mismatch, are now in the report and its markdown, and are the ingest.* params."""
+    import hashlib
+
+    from shard_tables import write_shard
+
+    from pipelines.tracking_probe import probe_params
+    from radjepa.eval.features import load_csv_dataset, read_csv_rows
+    from radjepa.eval.runner import run_probe
+
+    n = 24
+    ds = load_csv_dataset(nih_dir / "labels.csv", size=64, limit=n)
+    meta = read_csv_rows(nih_dir / "labels.csv")[:n]
+    write_shard(
+        tmp_path / "shards",
+        ds.images,
+        image_id=[hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)],
+        patient_pid=[f"pid{i // 2}" for i in range(n)],
+        sex=[r["sex"] for r in meta],
+    )
+    report = run_probe(
+        checkpoint, None, ["sex=F"], tmp_path / "out", tiny_cfg, shards=tmp_path / "shards"
+    )
+    data = report["data"]
+    assert data["decode"]["size"] == tiny_cfg.ingest.image_size == 256  # the checkpoint's
+    # no manifest records a window for these shards: unknown, not the checkpoint's
+    assert data["shards_decode"] == {"size": 64, "dtype": "uint8", "window_percentiles": None}
+    assert "made with ingest.image_size=64" in data["decode_mismatch"]
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())["data"]
+    assert saved["shards_decode"] == data["shards_decode"]
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"- **decode mismatch**: {data['decode_mismatch']}" in md
+    params = probe_params(report, tiny_cfg)
+    assert params["ingest.image_size"] == 64 and params["ingest.dtype"] == "uint8"
+    assert params["ingest.window_percentiles"] == "unknown"
+    assert params["decode_mismatch"] == data["decode_mismatch"]
+    # a labels CSV is decoded with the checkpoint's settings: those are the params, no mismatch
+    csv_report = run_probe(
+        checkpoint, nih_dir / "labels.csv", ["sex=F"], tmp_path / "csv", tiny_cfg, limit=24
+    )
+    assert csv_report["data"]["shards_decode"] is None
+    assert csv_report["data"]["decode_mismatch"] is None
+    assert "decode mismatch" not in (tmp_path / "csv" / "report.md").read_text()
+    params = probe_params(csv_report, tiny_cfg)
+    assert params["ingest.image_size"] == 256 and "decode_mismatch" not in params
+    assert params["ingest.window_percentiles"] == (0.5, 99.5)

@@ -82,6 +82,30 @@ def test_only_exact_members_count_in_multi_and_single_value_columns():
     assert binarise(["AP", "PA", "PA"], LabelSpec("view", "AP"))[0].tolist() == [1, 0, 0]
 
 
+def test_a_named_number_matches_every_spelling_of_it():
+    """Compared as text, ``Effusion=1`` found no positive in a column pandas wrote as ``1.0``
+    and scored every ``1.0`` row negative in a column mixing ``1`` and ``1.0``."""
+    y, pos = binarise(["1", "0", "-1", "1.0", "1.0"], LabelSpec("Effusion", "1"))
+    assert pos == "1" and y.tolist() == [1, 0, 0, 1, 1]
+    y, _ = binarise(["1.0", "0.0", "-1.0", "1.00"], LabelSpec("Effusion", "1"))
+    assert y.tolist() == [1, 0, 0, 1]
+    y, _ = binarise(["1", "0", "-1"], LabelSpec("Effusion", "1.0"))
+    assert y.tolist() == [1, 0, 0]
+    y, _ = binarise(["-1.0", "0.0", "1.0"], LabelSpec("Effusion", "-1"))  # uncertain positive
+    assert y.tolist() == [1, 0, 0]
+    assert binarise(["2|1.0", "2", "0"], LabelSpec("grade", "1"))[0].tolist() == [1, 0, 0]
+    with pytest.raises(DatasetError, match=r"value '1' never occurs .*'0.0', '2.0'"):
+        binarise(["0.0", "2.0"], LabelSpec("Effusion", "1"))
+    # the advice for an unnamed column quotes the positive as the column writes it
+    with pytest.raises(DatasetError, match=r"e\.g\. --label Effusion=1\.0$"):
+        binarise(["1.0", "0.0", "-1.0"], LabelSpec("Effusion"))
+    with pytest.raises(DatasetError, match=r"e\.g\. --label Effusion=1$"):
+        binarise(["1", "0", "-1"], LabelSpec("Effusion"))
+    # the case and separator checks still hold beside numbers
+    with pytest.raises(DatasetError, match=re.escape("first data row 1: '1.0;2'")):
+        binarise(["1.0;2", "1", "0"], LabelSpec("grade", "1.0"))
+
+
 def test_placeholder_patient_ids_make_each_image_its_own_patient(tmp_path, nih_dir, caplog):
     """``nan`` (pandas' missing id), ``NA``, ``null``, ``None`` were one shared "patient": in
     one fold, one bootstrap cluster, and never each other's retrieval neighbours."""

@@ -111,10 +111,14 @@ def binarise(values: Sequence[str], spec: LabelSpec) -> tuple[np.ndarray, str | 
     if numbers is not None and numbers <= {0.0, 1.0}:
         return np.array([float(v) for v in vals], dtype=np.int8), None
     if numbers is not None:
+        # the advice writes 1 as the column does (``1.0`` from pandas), so it is recognisably
+        # the column's own value; any spelling of the number would match it
+        example = next((v for v in distinct if float(v) == 1.0), "1")
         raise DatasetError(
             f"label column {spec.column!r} holds numbers other than 0 and 1 ({distinct[:10]}; "
             "-1 marks an uncertain finding in CheXpert-style labels): map them to 0 or 1 in "
-            f"the CSV, or name the positive value, e.g. --label {spec.column}=1"
+            "the CSV, or name the positive value, e.g. "
+            f"--label {shlex.quote(f'{spec.column}={example}')}"
         )
     if {v.lower() for v in distinct} <= {"true", "false"}:
         return np.array([v.lower() == "true" for v in vals], dtype=np.int8), None
@@ -134,15 +138,26 @@ _NEAR_SEP = re.compile(r"[|;,/]")  # separators a hand-made multi-label cell may
 def _named_positive(vals: Sequence[str], spec: LabelSpec) -> np.ndarray:
     """1 where a cell is the named value or holds it as a ``|``-separated member.
 
-    A cell holding it otherwise (``effusion|Mass``, ``Atelectasis;Effusion``) is refused: read
-    as written it was a silent negative whenever the value appeared alone in another cell."""
+    A named number matches by value: ``=1`` matches ``1``, ``1.0`` and ``1.00``, as pandas and
+    CheXpert CSVs write ``1.0``; compared as text, a column of ``1.0`` had no positive and one
+    mixing ``1`` and ``1.0`` scored every ``1.0`` row as a negative. A cell holding the value
+    otherwise (``effusion|Mass``, ``Atelectasis;Effusion``) is refused: read as written it was
+    a silent negative whenever the value appeared alone in another cell."""
     want = str(spec.positive)
     members = [{m.strip() for m in v.split(MULTI_SEP)} for v in vals]  # 'A | B' too
+    want_number = _number(want)
+
+    def holds(m: set[str]) -> bool:
+        if want in m:
+            return True
+        return want_number is not None and any(_number(x) == want_number for x in m)
+
+    hit = [holds(m) for m in members]
     key = want.casefold()
     near = [
         i
         for i, (cell, m) in enumerate(zip(vals, members, strict=True))
-        if want not in m
+        if not hit[i]
         and (
             key in {x.casefold() for x in m}
             or key in {p.strip().casefold() for p in _NEAR_SEP.split(cell)}
@@ -155,13 +170,22 @@ def _named_positive(vals: Sequence[str], spec: LabelSpec) -> np.ndarray:
             f"{vals[near[0]]!r}), and would count as negatives: separate multi-label values "
             "with '|' and spell the value one way, as named"
         )
-    if not any(want in m for m in members):
+    if not any(hit):
         known = sorted(set().union(*members))
         raise DatasetError(
             f"label {spec.name!r}: value {want!r} never occurs in column "
             f"{spec.column!r} (values: {known[:10]})"
         )
-    return np.array([want in m for m in members], dtype=np.int8)
+    return np.array(hit, dtype=np.int8)
+
+
+def _number(value: str) -> float | None:
+    """The value as a finite number, or None when it is not one."""
+    try:
+        x = float(value)
+    except ValueError:
+        return None
+    return x if np.isfinite(x) else None
 
 
 def _numbers(values: Sequence[str]) -> set[float] | None:

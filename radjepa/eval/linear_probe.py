@@ -188,15 +188,37 @@ def _out_of_fold(
     c: float,
     seed: int,
 ) -> np.ndarray:
-    """[N] probabilities from the fold that held each image out (NaN where none did)."""
+    """[N] probabilities from the fold that held each image out (NaN where none did, or where
+    its training side holds one class: callers skip such labels, see ``_one_class_fold``)."""
     scores = np.full(len(y), np.nan)
     for train, test in pairs:
-        if len(np.unique(y[train])) < 2:  # cannot fit; a constant score is the honest guess
-            scores[test] = y[train].mean()
+        if len(np.unique(y[train])) < 2:
             continue
         model = _logreg(c, seed).fit(x[train], y[train])
         scores[test] = model.predict_proba(x[test])[:, 1]
     return scores
+
+
+def _one_class_fold(
+    y: np.ndarray, groups: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]
+) -> str | None:
+    """Why the folds cannot be probed, when a fold's training side holds one class; else None.
+
+    No probe can be fitted on such a side, and the constant a fold could give its test images
+    instead (the training side's prevalence, exactly 0 or 1) ties them at an extreme of the
+    pooled out-of-fold scores, where they outrank or trail every other fold's images whatever
+    the features: perfectly separable features scored an AUROC far below 0.5 that way."""
+    for i, (train, _test) in enumerate(pairs):
+        classes = np.unique(y[train])
+        if len(classes) < 2:
+            kind = "positive" if classes.size and classes[0] == 1 else "negative"
+            n_pat = len(np.unique(groups[train]))
+            return (
+                f"a fold's training side holds one class (fold {i + 1} of {len(pairs)} trains "
+                f"on {len(train)} images of {n_pat} patient{'' if n_pat == 1 else 's'}, all "
+                f"{kind}): too few patients of a class for grouped folds"
+            )
+    return None
 
 
 def cross_val_probe(
@@ -250,6 +272,11 @@ def cross_val_probe(
             res.skipped = str(err)
             log.warning("label %s skipped: %s", name, err)
             continue
+        one_class = _one_class_fold(y, groups, pairs)
+        if one_class is not None:
+            res.skipped = one_class
+            log.warning("label %s skipped: %s", name, one_class)
+            continue
         scores[:, j] = _out_of_fold(x, y, pairs, c, seed)
         res.folds = len(pairs)
         evaluated = np.isfinite(scores[:, j])
@@ -280,7 +307,12 @@ def _seed_spread(
         return
     aucs, aps = [res.auroc.estimate], [res.auprc.estimate]
     for s in seeds[1:]:
-        sc = _out_of_fold(x, y, grouped_folds(y, groups, seed=s, **fold_args), c, s)
+        pairs = grouped_folds(y, groups, seed=s, **fold_args)
+        if _one_class_fold(y, groups, pairs) is not None:  # as the first seed's would be skipped
+            aucs.append(float("nan"))
+            aps.append(float("nan"))
+            continue
+        sc = _out_of_fold(x, y, pairs, c, s)
         ok = np.isfinite(sc)
         a, p = weighted_auroc_auprc(y[ok], sc[ok], np.ones(int(ok.sum())))
         aucs.append(float(a[0]))  # NaN when a held-out split drew one class only

@@ -172,6 +172,7 @@ def render_markdown(report: dict[str, Any], out_dir: str | os.PathLike[str] | No
         f"- data: `{data['csv'] or data['shards']}`: {data['n_images']} images, "
         f"{data['n_patients']} patients, "
         f"{len(data['rejected'])} left out (listed below)",
+        *_decode_mismatch(data),
         f"- protocol: {proto['pooling']}; standardised logistic regression C={proto['C']}; "
         f"{proto['split_text']}{_pooled(proto)}; {proto['bootstrap']} patient-level bootstrap "
         "draws, "
@@ -422,6 +423,18 @@ def _chance(label: dict[str, Any]) -> str:
         f" AUPRC chance level {base:.3f} (a random ranking's expected AP over {where}, "
         f"as scored{prev_text})."
     )
+
+
+def _decode_mismatch(data: dict[str, Any]) -> list[str]:
+    """The line saying the shards probed were made otherwise than the served head decodes
+    uploads (none when they agree): the numbers are of those pixels, not of the uploads'."""
+    mismatch = data.get("decode_mismatch")
+    if not mismatch:
+        return []
+    return [
+        f"- **decode mismatch**: {mismatch}; the scores and the head are of the shards' pixels, "
+        "not of the uploads the served head will see"
+    ]
 
 
 def _where(rejected: dict[str, str]) -> str:

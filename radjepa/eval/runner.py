@@ -139,6 +139,18 @@ def _decode_settings(enc_cfg: Config) -> dict[str, Any]:
     }
 
 
+def _shard_decode_settings(stored: dict[str, Any]) -> dict[str, Any]:
+    """``stored_decode``'s record of how shards were made, in the keys of
+    :func:`_decode_settings` (None where the shards do not say: mixed sizes, no window in
+    their manifest), so report.json names the pixels scored the way it names a CSV's."""
+    window = stored.get("ingest.window_percentiles")
+    return {
+        "size": stored.get("ingest.image_size"),
+        "dtype": stored.get("ingest.dtype"),
+        "window_percentiles": None if window is None else [float(v) for v in window],
+    }
+
+
 def _quarantines(enc_cfg: Config, cfg: Config, policy: str) -> bool:
     """Whether the probe refuses the images ingest's ``policy`` setting quarantines: as the
     checkpoint's ingest did, unless the probe's own config keeps them (an archive of scrubbed
@@ -215,7 +227,7 @@ def run_probe(
     ``patient_id``).
     """
     from radjepa.checkpoint import CheckpointError, load_encoder, read_meta
-    from radjepa.training_data import decode_mismatch
+    from radjepa.training_data import decode_mismatch, stored_decode
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -241,6 +253,8 @@ def run_probe(
             p.encoder,
         )
     decode = _decode_settings(enc_cfg)
+    shards_decode: dict[str, Any] | None = None
+    mismatch: str | None = None
     if csv is not None:
         ds = load_csv_dataset(
             csv,
@@ -256,6 +270,7 @@ def run_probe(
         )
     else:
         ds = load_shard_dataset(shards, labels, group_col or None, limit=limit)
+        shards_decode = _shard_decode_settings(stored_decode(str(shards)))
         mismatch = decode_mismatch(str(shards), enc_cfg)
         if mismatch:  # the head is fitted on these pixels, and served on the others
             log.warning(
@@ -405,8 +420,13 @@ def run_probe(
             "n_images": int(len(ds.images)),
             "n_patients": int(len(np.unique(ds.groups))),
             "rejected": ds.rejected,
-            # how CSV images (labels and segmentation) were decoded; shards come decoded
+            # how CSV images (labels and segmentation) were decoded, and how the served head
+            # decodes uploads: the checkpoint's ingest settings
             "decode": {**decode, "window_percentiles": list(decode["window_percentiles"])},
+            # shards come decoded: how ingest made the pixels scored here (None: unrecorded),
+            # and in words how that differs from ``decode``
+            "shards_decode": shards_decode,
+            "decode_mismatch": mismatch,
             "labels": [
                 {"name": n, "positive": pos, "n_pos": int(ds.labels[:, j].sum())}
                 for j, (n, pos) in enumerate(zip(ds.label_names, ds.positive, strict=True))
