@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from radjepa.config import Config
+from radjepa.locations import spell_like
+from radjepa.shards import ShardError, corrupted_shard, is_checksum_error, pixel_batch
 from radjepa.training_data import (
     TRAINING_COLUMNS,
     TrainingDataError,
@@ -44,10 +46,8 @@ def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.nd
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from radjepa.shards import pixel_batch
-
     fs, files = training_files(data)
-    groups = _id_groups(fs, files, cfg.data.holdout_fraction, limit)
+    groups = _id_groups(data, fs, files, cfg.data.holdout_fraction, limit)
     ids = [i for _, _, group in groups for i in group]
     held = [i for i, x in enumerate(ids) if is_holdout(x, cfg.data.holdout_fraction)]
     pick = held if len(held) >= _MIN_HOLDOUT else list(range(len(ids)))
@@ -59,9 +59,12 @@ def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.nd
     value_set = pa.array(sorted(chosen), pa.string())
     parts = []
     for path, indices in wanted.items():
-        for rows in _read_row_groups(fs, path, indices, TRAINING_COLUMNS):
+        for rows in _read_row_groups(data, fs, path, indices, TRAINING_COLUMNS):
             keep = pc.is_in(rows.column("image_id"), value_set=value_set)
-            parts.append(np.array(pixel_batch(rows.filter(keep))))  # [k, H, W], owned
+            try:
+                parts.append(np.array(pixel_batch(rows.filter(keep))))  # [k, H, W], owned
+            except ShardError as err:
+                raise ShardError(f"{spell_like(data, path)}: {err}") from None
     if not parts:
         raise TrainingDataError(f"no images to monitor quality with under {data}")
     return np.concatenate(parts)  # [n, H, W]
@@ -72,36 +75,51 @@ _MIN_HOLDOUT = 32
 
 
 def _id_groups(
-    fs: Any, files: list[str], fraction: float, limit: int
+    data: str, fs: Any, files: list[str], fraction: float, limit: int
 ) -> list[tuple[str, int, list[str]]]:
-    """(file, row group, its image ids) in shard order, up to the row group that settles the
-    pick: ``max(limit, _MIN_HOLDOUT)`` hold-out images (the first ``limit`` of them, and
-    enough not to fall back to the first images); short of that, every row group."""
+    """(file, row group, the image ids it may give the set) in shard order, up to the row group
+    that settles the pick: ``max(limit, _MIN_HOLDOUT)`` hold-out images (the first ``limit`` of
+    them, and enough not to fall back to the first images); short of that, every row group.
+    Without a hold-out (``fraction <= 0``, as the demo runs) the first ``limit`` images settle
+    it: reading on opened every shard of the archive for nothing.
+
+    Past the first ``limit`` ids only hold-out ids can be picked, so only they are kept: a
+    hold-out too small to use kept every id of the archive as a Python string."""
     need = max(limit, _MIN_HOLDOUT)
     groups: list[tuple[str, int, list[str]]] = []
-    found = 0
+    found = seen = 0
     for path in files:
-        for index, rows in enumerate(_read_row_groups(fs, path, None, ["image_id"])):
+        for index, rows in enumerate(_read_row_groups(data, fs, path, None, ["image_id"])):
             group = rows.column(0).to_pylist()
-            groups.append((path, index, group))
-            found += sum(is_holdout(x, fraction) for x in group)
-            if found >= need:
+            first = max(0, limit - seen)  # how many of them are among the first ``limit``
+            held = [x for x in group[first:] if is_holdout(x, fraction)]
+            groups.append((path, index, group[:first] + held))
+            seen += len(group)
+            found += len(held) + sum(is_holdout(x, fraction) for x in group[:first])
+            if found >= need or (fraction <= 0 and seen >= limit):
                 return groups
     return groups
 
 
 def _read_row_groups(
-    fs: Any, path: str, indices: list[int] | None, columns: list[str]
+    data: str, fs: Any, path: str, indices: list[int] | None, columns: list[str]
 ) -> Iterator[Any]:
-    """``columns`` of the row groups ``indices`` (None: all, lazily) of the shard at ``path``,
-    one table each, through one open file: the row group is the unit the monitor set is read
-    in, so what it costs is the row groups it holds."""
+    """``columns`` of the row groups ``indices`` (None: all, lazily) of the shard at ``path``
+    (of the shards at ``data``), one table each, through one open file: the row group is the
+    unit the monitor set is read in, so what it costs is the row groups it holds. Pages are
+    checked against their checksums, and one that fails names its shard."""
     import pyarrow.parquet as pq
 
     with fs.open_input_file(path) as f:
-        shard = pq.ParquetFile(f, pre_buffer=False)
+        shard = pq.ParquetFile(f, pre_buffer=False, page_checksum_verification=True)
         for index in range(shard.num_row_groups) if indices is None else indices:
-            yield shard.read_row_group(index, columns=columns)
+            try:
+                rows = shard.read_row_group(index, columns=columns)
+            except OSError as err:
+                if not is_checksum_error(err):
+                    raise
+                raise TrainingDataError(corrupted_shard(spell_like(data, path), str(err))) from None
+            yield rows
 
 
 def _embed(trainer: Pretrainer, images: np.ndarray, cfg: Config, device: Any) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +21,9 @@ import pyarrow.parquet as pq
 
 from radjepa.imaging.contract import DTYPES, META_FIELDS
 from radjepa.locations import filesystem, spell_like
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as pads
 
 __all__ = [
     "DUPLICATES_DIR",
@@ -40,8 +44,10 @@ __all__ = [
     "pixels_from_bytes",
     "pixels_to_bytes",
     "duplicate_rows",
+    "corrupted_shard",
     "foreign_files",
     "ingest_root",
+    "is_checksum_error",
     "is_output_name",
     "output_files",
     "read_duplicates",
@@ -50,6 +56,7 @@ __all__ = [
     "rows_sorted_by",
     "shard_files",
     "shard_folder",
+    "shard_scan_options",
 ]
 
 IMAGES_DIR = "images"
@@ -403,6 +410,33 @@ def _pixel_view(rb: pa.RecordBatch) -> np.ndarray:
     return flat.reshape(n, h, w)
 
 
+def shard_scan_options() -> pads.ParquetFragmentScanOptions:
+    """How a ``pyarrow.dataset`` (or ``ray.data.read_parquet``'s ``fragment_scan_options``)
+    reads shards: each page checked against the CRC ingest writes with it. Without it, bytes
+    changed inside a shard's pixel pages (a failing disk, a bad copy) decoded as images and
+    were trained on, as nothing else checks them. A page written without a checksum (shards
+    made before ingest wrote them) is read unchecked."""
+    import pyarrow.dataset as pads
+
+    return pads.ParquetFragmentScanOptions(page_checksum_verification=True)
+
+
+def is_checksum_error(err: BaseException) -> bool:
+    """Whether a read failed because a page's bytes no longer match their checksum: pyarrow's
+    OSError, which names no file and has no errno (a damaged file, not a storage outage)."""
+    return isinstance(err, OSError) and "CRC checksum verification failed" in str(err)
+
+
+def corrupted_shard(shown: str, reason: str) -> str:
+    """The message for the shard ``shown`` whose pages fail their checksums (its footer is
+    whole, so no other check notices): which file, and how to go on."""
+    return (
+        f"{shown} is damaged: its bytes changed after ingest wrote them ({reason}), as a failing "
+        "disk or a bad copy leaves a file. Move it out of the DST; a re-run of `radjepa ingest` "
+        "over the same sources stores its images again"
+    )
+
+
 def read_images(dst: str | Path, limit: int | None = None) -> tuple[np.ndarray, pa.Table]:
     """All (or the first ``limit``) images as one array [N, H, W] plus their metadata table.
 
@@ -414,7 +448,12 @@ def read_images(dst: str | Path, limit: int | None = None) -> tuple[np.ndarray, 
         if limit is not None and rows >= limit:
             break
         require_columns(pq.read_schema(path).names, dst, ["pixels", "height", "width", "dtype"])
-        t = pq.read_table(path)
+        try:
+            t = pq.read_table(path, page_checksum_verification=True)
+        except OSError as err:
+            if not is_checksum_error(err):
+                raise
+            raise ShardError(corrupted_shard(path, str(err))) from None
         tables.append(t)
         rows += t.num_rows
     table = pa.concat_tables(tables)

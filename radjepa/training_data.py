@@ -17,13 +17,17 @@ from typing import Any
 import numpy as np
 
 from radjepa.config import Config
+from radjepa.locations import spell_like
 from radjepa.shards import (
     ForeignFilesError,
     ShardError,
+    corrupted_shard,
+    is_checksum_error,
     pixel_batch,
     require_columns,
     shard_files,
     shard_folder,
+    shard_scan_options,
 )
 
 __all__ = [
@@ -85,11 +89,13 @@ def training_files(data: str) -> tuple[Any, list[str]]:
 
 
 def shard_dataset(data: str) -> Any:
-    """A ``pyarrow.dataset`` over exactly :func:`training_files`."""
+    """A ``pyarrow.dataset`` over exactly :func:`training_files`, its pages checked against
+    their checksums (:func:`radjepa.shards.shard_scan_options`)."""
     import pyarrow.dataset as pads
 
     fs, files = training_files(data)
-    return pads.dataset(files, format="parquet", filesystem=fs)
+    parquet = pads.ParquetFileFormat(default_fragment_scan_options=shard_scan_options())
+    return pads.dataset(files, format=parquet, filesystem=fs)
 
 
 def is_holdout(image_id: str, fraction: float) -> bool:
@@ -105,7 +111,7 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
     """Read shard metadata (not pixels) to fail in seconds, before a cluster is asked for
     workers, when the config cannot train on this data."""
     columns = ["image_id", "height", "width", "dtype"]
-    with _named_damage(data):
+    with _named_damage(data, columns):
         ds = shard_dataset(data)
         images = shard_folder(data)
         try:
@@ -143,32 +149,63 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
 
 
 @contextmanager
-def _named_damage(data: str) -> Iterator[None]:
-    """Turn pyarrow's error for a shard that is no whole Parquet file (zero bytes, cut short or
-    zeroed, as a crash or a lost node leaves one: ``is_damage_error``) into a
-    :class:`TrainingDataError` naming it and how to go on: training stopped on a traceback that
-    named neither. The footers are read only once a read has failed; any other error is left
-    as it was."""
+def _named_damage(data: str, columns: list[str]) -> Iterator[None]:
+    """Turn pyarrow's errors reading the shards' ``columns`` into a :class:`TrainingDataError`
+    that names what to do: training stopped on a traceback that named neither the file nor
+    the cause. A damaged shard is named (one that is no whole Parquet file, zero bytes, cut
+    short or zeroed, as a crash or a lost node leaves one: ``is_damage_error``; or one whose
+    pages fail their checksums); any other error is the storage's (an object store's
+    SLOW_DOWN, a network failure) or pyarrow's, said in one line."""
     import pyarrow as pa
-
-    from radjepa.ingest.destination import damaged_file, footer_error, is_damage_error
 
     try:
         yield
-    except (pa.ArrowInvalid, OSError) as err:
-        fs, files = training_files(data)
-        if not is_damage_error(fs, err):
-            raise
-        folder = shard_folder(data).rstrip("/")
-        damaged = [
-            (f"{folder}/{path.rsplit('/', 1)[-1]}", reason)
-            for path in files
-            if (reason := footer_error(fs, path)) is not None
-        ]
-        if not damaged:
-            raise
-        more = f" (damaged too: {', '.join(n for n, _ in damaged[1:])})" if damaged[1:] else ""
-        raise TrainingDataError(damaged_file(*damaged[0]) + more) from None
+    except (pa.ArrowException, OSError) as err:
+        try:
+            damage = _damaged_shard(data, columns, err)
+        except (pa.ArrowException, OSError):  # the storage fails the search too: say the first
+            damage = None
+        if damage is not None:
+            raise TrainingDataError(damage) from None
+        text = str(err).strip()
+        cause = text.splitlines()[0].rstrip(".") if text else type(err).__name__
+        storage = isinstance(err, OSError) and not is_checksum_error(err)
+        advice = "; re-run when the storage answers" if storage else ""
+        raise TrainingDataError(f"cannot read the shards at {data}: {cause}{advice}") from None
+
+
+def _damaged_shard(data: str, columns: list[str], err: BaseException) -> str | None:
+    """The message naming the shard that made a read of ``columns`` fail with ``err``, when
+    the error says a file is damaged and one is; None otherwise. Only read once a read has
+    failed, file by file up to the first damaged one (each file is a request on an object
+    store: tens of thousands of them to name every damaged one)."""
+    from radjepa.ingest.destination import damaged_file, footer_error, is_damage_error
+
+    fs, files = training_files(data)
+    pages = is_checksum_error(err)  # the footer is whole: only reading the pages again tells
+    if not pages and not is_damage_error(fs, err):
+        return None
+    for path in files:
+        reason = footer_error(fs, path)
+        if reason is not None:
+            return damaged_file(spell_like(data, path), reason)
+        if pages and (reason := _page_error(fs, path, columns)) is not None:
+            return corrupted_shard(spell_like(data, path), reason)
+    return None
+
+
+def _page_error(fs: Any, path: str, columns: list[str]) -> str | None:
+    """Why the pages of ``columns`` of the shard ``path`` fail their checksums; None when they
+    pass. Any other error is the storage's, and raised."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_table(path, columns=columns, filesystem=fs, page_checksum_verification=True)
+    except OSError as err:
+        if is_checksum_error(err):
+            return str(err)
+        raise
+    return None
 
 
 def _recorded_window(data: str) -> tuple[float, float] | None:
@@ -231,8 +268,9 @@ def stored_decode(data: str) -> dict[str, Any]:
     """How the shards at ``data`` were made, as :func:`with_stored_decode` names it
     (``ingest.image_size``, ``ingest.dtype`` and, where the DST records it,
     ``ingest.window_percentiles``); only the size and dtype columns are read."""
-    with _named_damage(data):
-        table = shard_dataset(data).to_table(columns=["height", "width", "dtype"])
+    columns = ["height", "width", "dtype"]
+    with _named_damage(data, columns):
+        table = shard_dataset(data).to_table(columns=columns)
     sizes = set(table.column("height").to_pylist()) | set(table.column("width").to_pylist())
     dtypes = set(table.column("dtype").to_pylist())
     return _made_with(

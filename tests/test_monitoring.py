@@ -4,6 +4,7 @@ every sweep trial to keep a few hundred images)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 
 from radjepa.config import load_config
 from radjepa.monitoring import monitor_images
-from radjepa.shards import pixel_batch
+from radjepa.shards import ShardError, pixel_batch
 from radjepa.training_data import TRAINING_COLUMNS, is_holdout, shard_dataset
 
 SIDE = 64  # 4 KiB of incompressible pixels per image: they dominate the shards' bytes
@@ -112,7 +113,7 @@ class _CountingFs(pafs.FileSystemHandler):
     so the datasets and Parquet readers under test read through it unchanged)."""
 
     def __init__(self) -> None:
-        self.fs, self.read = pafs.LocalFileSystem(), 0
+        self.fs, self.read, self.opened = pafs.LocalFileSystem(), 0, set()
 
     def get_type_name(self) -> str:
         return "counting"
@@ -130,6 +131,7 @@ class _CountingFs(pafs.FileSystemHandler):
         return self.fs.get_file_info(selector)
 
     def open_input_file(self, path: str):
+        self.opened.add(path)
         return pa.PythonFile(_CountingFile(self.fs.open_input_file(path), self), mode="r")
 
     def open_input_stream(self, path: str):
@@ -164,3 +166,109 @@ def test_only_the_row_groups_holding_the_set_are_read(archive, monkeypatch):
     # theirs, and one more row group's worth for the ids and the footers
     assert 0 < counting.read < (len(groups) + 1) * GROUP * SIDE * SIDE
     assert counting.read < pixels / 5
+
+
+def _counted_shards(monkeypatch) -> _CountingFs:
+    """Make the readers under test read every shard through a :class:`_CountingFs`."""
+    from radjepa import training_data
+
+    real = training_data.shard_files
+    counting = _CountingFs()
+
+    def counted(data: str):
+        _, files = real(data)
+        return pafs.PyFileSystem(counting), files
+
+    monkeypatch.setattr(training_data, "shard_files", counted)
+    return counting
+
+
+def _small_shards(root: Path) -> None:
+    """40 shards of 10 images of 4 x 4 pixels, every pixel of shard ``s`` = ``s``."""
+    (root / "images").mkdir()
+    for s in range(40):
+        ids = [f"{s:05d}-{i:03d}" for i in range(10)]
+        table = pa.table(
+            {
+                "image_id": ids,
+                "pixels": pa.array([bytes([s]) * 16] * 10, pa.binary()),
+                "height": pa.array([4] * 10, pa.int32()),
+                "width": pa.array([4] * 10, pa.int32()),
+                "dtype": ["uint8"] * 10,
+            }
+        )
+        pq.write_table(table, root / "images" / f"part-{s:05d}.parquet")
+
+
+def test_without_a_hold_out_only_the_shards_holding_the_first_images_are_opened(
+    tmp_path, monkeypatch
+):
+    # data.holdout_fraction=0 (the demo's): the first images are the set, and the shards past
+    # them were each opened (every shard of the archive) to look for hold-out ids none can be
+    _small_shards(tmp_path)
+    counting = _counted_shards(monkeypatch)
+    cfg = load_config(None, ["data.holdout_fraction=0"])
+    got = monitor_images(str(tmp_path), cfg, limit=25)
+    assert [int(im[0, 0]) for im in got] == [i // 10 for i in range(25)]  # the first 25
+    assert sorted(Path(p).name for p in counting.opened) == [
+        f"part-{s:05d}.parquet" for s in range(3)
+    ]
+
+
+def test_a_hold_out_too_small_to_use_keeps_only_the_ids_that_can_be_picked(tmp_path):
+    # every shard is read to learn that the hold-out is too small (under 32 images), and every
+    # id was kept as a Python string on the way: ~1.4 GB for ten million images
+    from radjepa.monitoring import _id_groups
+    from radjepa.training_data import training_files
+
+    _small_shards(tmp_path)
+    fs, files = training_files(str(tmp_path))
+    fraction = 0.01
+    held = [f"{s:05d}-{i:03d}" for s in range(40) for i in range(10)]
+    held = [x for x in held if is_holdout(x, fraction)]
+    assert 0 < len(held) < 32
+    groups = _id_groups(str(tmp_path), fs, files, fraction, 25)
+    assert len(groups) == 40  # every shard's ids were read
+    kept = [x for _, _, ids in groups for x in ids]
+    first = [f"{i // 10:05d}-{i % 10:03d}" for i in range(25)]
+    assert kept == first + [x for x in held if x not in first]
+    cfg = load_config(None, [f"data.holdout_fraction={fraction}"])
+    got = monitor_images(str(tmp_path), cfg, limit=25)  # the first images all the same
+    assert [int(im[0, 0]) for im in got] == [i // 10 for i in range(25)]
+
+
+def test_a_monitor_image_changed_inside_its_shard_stops_naming_the_shard(tmp_path):
+    # the set's pixels decoded whatever bytes the pages held: a shard a disk or a copy changed
+    # gave the quality metrics of other images, or an error naming no file
+    from radjepa.training_data import TrainingDataError
+    from tests.test_shards import corrupt_pages, ingest_written_shard
+
+    rng = np.random.default_rng(0)
+    images = (rng.integers(0, 16, (64, SIDE, SIDE)) * 8).astype(np.uint8)
+    path = ingest_written_shard(tmp_path, images, [f"{i:064x}" for i in range(64)])
+    cfg = load_config(None, ["data.holdout_fraction=0"])
+    np.testing.assert_array_equal(monitor_images(str(tmp_path), cfg, limit=64), images)
+    corrupt_pages(path, "pixels")
+    with pytest.raises(TrainingDataError) as stopped:
+        monitor_images(str(tmp_path), cfg, limit=64)
+    assert str(stopped.value).startswith(f"{path} is damaged: its bytes changed after ingest")
+
+
+def test_pixel_bytes_of_another_size_name_their_shard(tmp_path):
+    (tmp_path / "images").mkdir()
+    table = pa.table(
+        {
+            "image_id": ["a", "b"],
+            "pixels": pa.array([bytes(16), bytes(15)], pa.binary()),
+            "height": pa.array([4, 4], pa.int32()),
+            "width": pa.array([4, 4], pa.int32()),
+            "dtype": ["uint8", "uint8"],
+        }
+    )
+    path = tmp_path / "images" / "part-00000.parquet"
+    pq.write_table(table, path)
+    cfg = load_config(None, ["data.holdout_fraction=0"])
+    with pytest.raises(
+        ShardError, match="^" + re.escape(f"{path}: pixel buffers are not all 4x4 uint8")
+    ):
+        monitor_images(str(tmp_path), cfg, limit=2)

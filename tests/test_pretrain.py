@@ -319,6 +319,127 @@ def test_clear_errors_before_any_cluster_work(tmp_path, shards):
     assert err.value.__cause__ is None and not (tmp_path / too_big.train.run_name).exists()
 
 
+def test_a_storage_failure_reading_the_shards_is_one_line_saying_to_re_run(tmp_path, monkeypatch):
+    # an object store's SLOW_DOWN or a network error while the shards were inspected escaped
+    # run_pretrain (and run_sweep) as a traceback: only damaged files were said in one line
+    import pyarrow.fs as pafs
+
+    from pipelines.pretrain import PretrainError, run_pretrain
+    from radjepa import training_data
+    from tests.shard_tables import write_blank_shards
+
+    class FailingStorage(pafs.FileSystemHandler):
+        """The local disk, whose reads of file contents fail as an object store's do when it
+        throttles (listing still answers)."""
+
+        def __init__(self) -> None:
+            self.fs = pafs.LocalFileSystem()
+
+        def get_type_name(self) -> str:
+            return "failing"
+
+        def normalize_path(self, path: str) -> str:
+            return path
+
+        def equals(self, other) -> bool:
+            return other is self
+
+        def get_file_info(self, paths):
+            return self.fs.get_file_info(paths)
+
+        def get_file_info_selector(self, selector):
+            return self.fs.get_file_info(selector)
+
+        def open_input_file(self, path: str):
+            raise OSError(
+                "When reading information for key 'images/part-0.parquet' in bucket "
+                "'pacs-dst': AWS Error SLOW_DOWN during GetObject operation: Please reduce "
+                "your request rate.\nmore"
+            )
+
+        open_input_stream = open_input_file
+
+        def _writes(self, *args, **kwargs):
+            raise NotImplementedError("the shards are only read")
+
+        create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _writes
+        delete_file = move = copy_file = open_output_stream = open_append_stream = _writes
+
+    data = str(write_blank_shards(tmp_path, n=64, size=64))
+    real = training_data.shard_files
+
+    def failing(where: str):
+        _, files = real(where)
+        return pafs.PyFileSystem(FailingStorage()), files
+
+    monkeypatch.setattr(training_data, "shard_files", failing)
+    cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64})
+    with pytest.raises(PretrainError) as stopped:
+        run_pretrain(cfg, data)
+    assert str(stopped.value) == (
+        f"cannot read the shards at {data}: When reading information for key "
+        "'images/part-0.parquet' in bucket 'pacs-dst': AWS Error SLOW_DOWN during GetObject "
+        "operation: Please reduce your request rate; re-run when the storage answers"
+    )
+    assert stopped.value.__cause__ is None
+
+
+def test_a_damaged_shard_is_named_without_reading_every_footer_after_it(tmp_path):
+    # once a read failed, every shard's footer was read to list every damaged one: one
+    # request per shard on an object store, tens of thousands of them, before the message
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from radjepa.training_data import TrainingDataError, inspect_shards
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for s in range(6):
+        n = 16
+        table = pa.table(
+            {
+                "image_id": [f"{s}-{i}" for i in range(n)],
+                "height": [64] * n,
+                "width": [64] * n,
+                "dtype": ["uint8"] * n,
+            }
+        )
+        pq.write_table(table, folder / f"part-{s}.parquet")
+    for s in (2, 4):  # zero bytes, as a write a crash cut short leaves them
+        (folder / f"part-{s}.parquet").write_bytes(b"")
+    cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64})
+    with pytest.raises(TrainingDataError) as stopped:
+        inspect_shards(str(tmp_path), cfg)
+    message = str(stopped.value)
+    assert message.startswith(f"{folder}/part-2.parquet is damaged, no whole Parquet file")
+    assert "part-4" not in message
+
+
+def test_shard_pages_changed_after_ingest_are_named_as_damage_not_as_storage(tmp_path):
+    # ingest writes page checksums and the reads check them: an id page a disk or a copy
+    # changed read as other ids (other hold-out, other fingerprint), or failed naming no file
+    import numpy as np
+
+    from radjepa.training_data import TrainingDataError, inspect_shards, shard_dataset
+    from tests.test_shards import corrupt_pages, ingest_written_shard
+
+    rng = np.random.default_rng(0)
+    images = (rng.integers(0, 16, (40, 64, 64)) * 8).astype(np.uint8)
+    path = ingest_written_shard(tmp_path, images, [f"{i:064x}" for i in range(40)])
+    cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64, "train.batch_size": 4})
+    assert inspect_shards(str(tmp_path), cfg).rows == 40
+    corrupt_pages(path, "image_id")
+    with pytest.raises(TrainingDataError) as stopped:
+        inspect_shards(str(tmp_path), cfg)
+    message = str(stopped.value)
+    assert message.startswith(f"{path} is damaged: its bytes changed after ingest wrote them (")
+    assert "CRC checksum verification failed" in message and "storage" not in message
+    # the dataset every library reader takes checks the pixel pages too
+    corrupt_pages(path, "pixels")
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        shard_dataset(str(tmp_path)).to_table(columns=["pixels"])
+
+
 def test_a_run_records_the_decode_settings_its_shards_were_made_with(tmp_path, shards, caplog):
     """The checkpoint recorded the config's ingest section, whatever the shards were made
     with, and the served model decodes uploads by it: shards ingested at other settings were

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -166,3 +168,62 @@ def test_rows_sorted_by_a_column_fit_past_two_gib_of_pixels():
     assert got == sorted(i for c in ids for i in c)
     assert out.num_rows == table.num_rows and out["pixels"].nbytes == table["pixels"].nbytes
     assert rows_sorted_by(table.slice(0, 0), "image_id").num_rows == 0
+
+
+def ingest_written_shard(dst, images: np.ndarray, ids: list[str]):
+    """``images`` (N x H x W uint8) stored by ingest's own shard writer (the Parquet options
+    it writes with) as ``dst/images/part-...-00000.parquet``; returns its path."""
+    from radjepa.ingest.destination import Destination
+    from radjepa.shards import SHARD_SCHEMA
+
+    n, height, width = images.shape
+    cols = {
+        "image_id": ids,
+        "pixels": [pixels_to_bytes(im) for im in images],
+        "height": [height] * n,
+        "width": [width] * n,
+        "dtype": [images.dtype.name] * n,
+    }
+    table = pa.table({f.name: pa.array(cols.get(f.name, [None] * n), f.type) for f in SHARD_SCHEMA})
+    name = Destination(str(dst)).write("images", "part-20261205T132317-e6250c-00000.parquet", table)
+    return Path(dst) / name
+
+
+def corrupt_pages(path, column: str) -> None:
+    """Zero 64 bytes in the middle of ``column``'s data in the Parquet file ``path``, as a
+    failing disk or a bad copy changes a file: its footer stays whole."""
+    import pyarrow.parquet as pq
+
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    (chunk,) = [
+        group.column(i)
+        for i in range(group.num_columns)
+        if group.column(i).path_in_schema == column
+    ]
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(Path(path).read_bytes())
+    middle = start + chunk.total_compressed_size // 2
+    data[middle : middle + 64] = bytes(64)
+    Path(path).write_bytes(bytes(data))
+
+
+def test_pixels_changed_inside_a_shard_stop_the_read_naming_the_shard(tmp_path):
+    # nothing checked a shard's pages: bytes changed in its pixels decoded as images (or as
+    # a row count that does not fit) and were trained on, or failed naming no file
+    import pyarrow.parquet as pq
+
+    from radjepa.shards import read_images
+
+    rng = np.random.default_rng(0)
+    images = (rng.integers(0, 16, (50, 32, 32)) * 8).astype(np.uint8)
+    path = ingest_written_shard(tmp_path, images, [f"{i:064x}" for i in range(50)])
+    assert np.array_equal(read_images(tmp_path)[0], images)
+    corrupt_pages(path, "pixels")
+    with pytest.raises(ShardError) as stopped:
+        read_images(tmp_path)
+    message = str(stopped.value)
+    assert message.startswith(f"{path} is damaged: its bytes changed after ingest wrote them")
+    assert "CRC checksum verification failed" in message and "Move it out of the DST" in message
+    # shards written before ingest wrote checksums are read as before
+    pq.write_table(pa.Table.from_batches([_rows(list(images))]), path)
+    assert np.array_equal(read_images(tmp_path)[0], images)

@@ -435,7 +435,8 @@ class Destination:
         final = f"{self.root}/{sub}/{name}"
         tmp = f"{self.root}/{sub}/{temporary_name(name)}"
         with self.fs.open_output_stream(tmp) as f:
-            pq.write_table(table, f, compression="zstd")
+            # page checksums: readers see bytes changed in a page (shards.shard_scan_options)
+            pq.write_table(table, f, compression="zstd", write_page_checksum=True)
         self._publish(tmp, final)
         return f"{sub}/{name}"
 
