@@ -427,7 +427,8 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
             not_recorded = record_sweep(uri, parent_run_id, rows, best, best_yaml, cfg.tune.metric)
         if unfinished:  # in the try: a second signal while the runs are ended is said the same
             end_sweep_runs(uri, parent_run_id, "KILLED")
-            if not len(grid):  # no trial to restore: the same command starts it again
+            if not len(grid) and not resume:  # the same command starts it again
+                _forget_if_empty(tune_dir)
                 raise SweepInterrupted(_interrupted_before_trials(cfg.tune.name))
             raise SweepInterrupted(
                 f"sweep '{cfg.tune.name}' was interrupted with {unfinished} of "
@@ -441,8 +442,12 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         # so does one outside Tune's loop (a SystemExit from a handler of Ray's): resumable
         # all the same, and said as a first one is, without the exit code Ray's handler chose
         # (meaningless to the user, as in pretrain's)
-        end_sweep_runs(uri, parent_run_id, "KILLED")
-        if not resume and _no_trial_saved(locations.join_location(sweep_dir, "tune")):
+        try:
+            end_sweep_runs(uri, parent_run_id, "KILLED")
+            before = not resume and _forget_if_empty(locations.join_location(sweep_dir, "tune"))
+        except KeyboardInterrupt:  # pressed again as the runs were ended: resumable still
+            before = False
+        if before:
             raise SweepInterrupted(_interrupted_before_trials(cfg.tune.name)) from None
         raise SweepInterrupted(
             f"sweep '{cfg.tune.name}' was interrupted; {_resumable(cfg.tune.name)}"
@@ -582,14 +587,20 @@ def _interrupted_before_trials(name: str) -> str:
     return f"sweep '{name}' was interrupted before its trials started; re-run the same command"
 
 
-def _no_trial_saved(tune_dir: str) -> bool:
-    """Whether Tune saved no trial of this sweep (stopped before its loop's first step): a
-    ``--resume`` has nothing to restore, and a new sweep of the name replaces it."""
+def _forget_if_empty(tune_dir: str) -> bool:
+    """Remove what this run's Tune saved of the sweep when it holds no trial (interrupted
+    before Tune's loop made one), and say whether it did: Tune cannot restore such a sweep, a
+    new one of the name was refused while it was there, and, this run's own, no other run is
+    using it. A storage error leaves it (said resumable, which ``--resume`` then checks)."""
     try:
-        return saved_trials(tune_dir)[1] == 0
-    except OSError as err:  # the storage is out: said resumable, which --resume then checks
-        log.warning("could not read the state of %s: %s", tune_dir, err)
+        if saved_trials(tune_dir)[1] != 0:
+            return False
+        fs, path = locations.filesystem(tune_dir)
+        fs.delete_dir(path)
+    except OSError as err:
+        log.warning("could not read or remove the state of %s: %s", tune_dir, err)
         return False
+    return True
 
 
 # in the sweep's folder: the trials a new sweep plans, which a resumed one counts its own by
@@ -644,7 +655,10 @@ def _unfinished(grid: Any, tune_dir: str, interrupted: bool) -> int:
         log.warning("cannot read the sweep state at %s: %s", tune_dir, err)
         left = len(grid) - grid.num_terminated - grid.num_errors
         return max(left, 1) if interrupted else left
-    return sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+    left = sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+    # a state older than the grid (Tune's last save after the interruption failed, which it
+    # only logs) lacks the trials made since: unfinished too
+    return left + (max(len(grid) - len(trials), 0) if interrupted else 0)
 
 
 def _tuner(

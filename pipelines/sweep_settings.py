@@ -67,7 +67,9 @@ def check_sweep_dir(cfg: Config, sweep_dir: str, resume: bool) -> None:
 
     A sweep stopped before Tune made a trial holds no trial to restore: Tune's restore of it
     failed, and Tune went on with a sweep of one trial of the base config, reported finished
-    with its best. ``--resume`` of one is refused; a new sweep of the name takes its place."""
+    with its best. ``--resume`` of one is refused; a new sweep of the name takes the place of
+    one whose state Tune saved without trials (it ended so), and is refused where Tune saved
+    none yet (a run of it may be starting: a second start deleted its folder under it)."""
     import ray.tune
 
     from pipelines.sweep import SweepError  # pipelines.sweep imports this module
@@ -82,17 +84,28 @@ def check_sweep_dir(cfg: Config, sweep_dir: str, resume: bool) -> None:
             "read (cut short as its driver was killed?); remove it to resume from the state "
             f"saved before it, if {tune_dir} holds one, or choose another tune.name"
         )
+    # no state at all: a run of the sweep starting now (Tune saves its first state once its
+    # loop has made trials), or one killed before that; a state without trials: an ended one
+    unsaved = (
+        f"sweep '{cfg.tune.name}' has no state saved at {tune_dir}: another run of it may be "
+        "starting, or one was killed before Tune saved any; if none is running, remove "
+        f"{tune_dir} and run the sweep without --resume"
+    )
     if resume and not trials:
+        if state is None:
+            raise SweepError(unsaved)
         raise SweepError(
             f"sweep '{cfg.tune.name}' was stopped before Tune made its first trial: nothing to "
             "resume; run the sweep without --resume"
         )
     if not resume and locations.has_entries(tune_dir):
-        if trials == 0:  # stopped before its first trial: nothing of it to keep
+        if state is not None and trials == 0:  # an earlier start ended before its first trial
             log.info("%s holds no trial of an earlier start of this sweep: replaced", tune_dir)
             fs, path = locations.filesystem(tune_dir)
             fs.delete_dir(path)
             return
+        if state is None and ray.tune.Tuner.can_restore(tune_dir):
+            raise SweepError(unsaved)
         raise SweepError(
             f"sweep '{cfg.tune.name}' already exists at {sweep_dir}: pass --resume to "
             "continue it, or choose another tune.name"

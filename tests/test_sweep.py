@@ -1078,16 +1078,23 @@ def test_a_sweep_tune_cannot_restore_is_refused_by_resume_and_replaced_when_empt
         (tune / "experiment_state-2026-12-07_09-00-00.json").write_text('{"trial_data": [1]}')
         (tune / "experiment_state-2026-12-07_10-00-00.json").write_text('{"trial_da')
     cfg = _cfg(tmp_path, "s", {"ema.start": {"type": "grid", "values": [0.99]}})
-    said = "cannot be read" if state == "cut short" else "before Tune made its first trial"
+    said = {
+        "none": "no state saved at .*remove .* without --resume",
+        "no trials": "before Tune made its first trial",
+        "cut short": "cannot be read",
+    }[state]
     with pytest.raises(SweepError, match=said):
         check_sweep_dir(cfg, str(tmp_path / "s"), resume=True)
-    if state == "cut short":  # trials Tune may restore from the state before: kept, refused
-        with pytest.raises(SweepError, match="already exists"):
-            check_sweep_dir(cfg, str(tmp_path / "s"), resume=False)
-        assert (tune / "tuner.pkl").exists()
-    else:  # nothing of it to keep: a new sweep of the name takes its place
+    if state == "no trials":  # it ended so, nothing of it to keep: a new sweep takes its place
         check_sweep_dir(cfg, str(tmp_path / "s"), resume=False)
         assert not tune.exists()
+        return
+    # none: a run of it may be starting (a second start deleted its folder under it); cut
+    # short: Tune may restore trials from the state before it
+    refused = "no state saved" if state == "none" else "already exists"
+    with pytest.raises(SweepError, match=refused):
+        check_sweep_dir(cfg, str(tmp_path / "s"), resume=False)
+    assert (tune / "tuner.pkl").exists()
 
 
 @pytest.mark.timeout(300)
@@ -1108,9 +1115,20 @@ def test_a_ctrl_c_after_tune_s_fit_stops_the_sweep_not_a_tune_run_long_over(tmp_
         signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(sweep, "_free_last_trials", then_ctrl_c)
+    # pressed again as the sweep's runs are ended: resumable still (it was said to have been
+    # interrupted before its trials started, and the re-run it advised was refused)
+    end_runs, pressed = sweep.end_sweep_runs, []
+
+    def again(*args):
+        if not pressed:
+            pressed.append(True)
+            raise KeyboardInterrupt
+        return end_runs(*args)
+
+    monkeypatch.setattr(sweep, "end_sweep_runs", again)
     shards = write_blank_shards(tmp_path / "shards")
     cfg = _cfg(tmp_path, "after", {"ema.start": {"type": "grid", "values": [0.99]}})
     cfg = cfg.with_overrides({"train.steps": 2, "train.checkpoint_every": 2})
     with pytest.raises(sweep.SweepInterrupted, match="interrupted; the sweep is resumable"):
         sweep.run_sweep(cfg, str(shards))
-    assert not (tmp_path / "after" / "best.yaml").exists()
+    assert pressed and not (tmp_path / "after" / "best.yaml").exists()
