@@ -669,29 +669,37 @@ def test_probe_on_shards_of_mixed_formats_leaves_out_images_without_the_label(
     assert f"{len(png)} left out" in md and f"- image `{ids[6][:16]}`: no_label" in md
 
 
+def _nih_shards(nih_dir: Path, out: Path, n: int = 24) -> int:
+    """Shards of the first ``n`` NIH images at 64 px, two images per patient, with their sex
+    as a label column; returns ``n``."""
+    import hashlib
+
+    from shard_tables import write_shard
+
+    from radjepa.eval.features import load_csv_dataset, read_csv_rows
+
+    ds = load_csv_dataset(nih_dir / "labels.csv", size=64, limit=n)
+    meta = read_csv_rows(nih_dir / "labels.csv")[:n]
+    write_shard(
+        out,
+        ds.images,
+        image_id=[hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)],
+        patient_pid=[f"pid{i // 2}" for i in range(n)],  # two images per patient
+        sex=[r["sex"] for r in meta],
+    )
+    return n
+
+
 def test_probe_on_shards_groups_by_their_patient_column_by_default(
     tmp_path, checkpoint, tiny_cfg, nih_dir
 ):
     """run_probe's default patient column was the CSV's patient_id also for shards, whose
     column is patient_pid: called with shards and no group_col it refused them as missing a
     column (only the CLI put in the right name). Each source now gets its own default."""
-    import hashlib
 
-    from shard_tables import write_shard
-
-    from radjepa.eval.features import load_csv_dataset, read_csv_rows
     from radjepa.eval.runner import run_probe
 
-    n = 24
-    ds = load_csv_dataset(nih_dir / "labels.csv", size=64, limit=n)
-    meta = read_csv_rows(nih_dir / "labels.csv")[:n]
-    write_shard(
-        tmp_path / "shards",
-        ds.images,
-        image_id=[hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)],
-        patient_pid=[f"pid{i // 2}" for i in range(n)],  # two images per patient
-        sex=[r["sex"] for r in meta],
-    )
+    n = _nih_shards(nih_dir, tmp_path / "shards")
     report = run_probe(
         checkpoint, None, ["sex=F"], tmp_path / "out", tiny_cfg, shards=tmp_path / "shards"
     )
@@ -726,24 +734,11 @@ def test_a_probe_over_shards_records_how_the_shards_pixels_were_made(
     settings (256 px here) for a probe over shards stored at 64 px: they named pixels the
     probe never scored, and the mismatch was only a log line. The shards' settings, and the
     mismatch, are now in the report and its markdown, and are the ingest.* params."""
-    import hashlib
-
-    from shard_tables import write_shard
 
     from pipelines.tracking_probe import probe_params
-    from radjepa.eval.features import load_csv_dataset, read_csv_rows
     from radjepa.eval.runner import run_probe
 
-    n = 24
-    ds = load_csv_dataset(nih_dir / "labels.csv", size=64, limit=n)
-    meta = read_csv_rows(nih_dir / "labels.csv")[:n]
-    write_shard(
-        tmp_path / "shards",
-        ds.images,
-        image_id=[hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)],
-        patient_pid=[f"pid{i // 2}" for i in range(n)],
-        sex=[r["sex"] for r in meta],
-    )
+    _nih_shards(nih_dir, tmp_path / "shards")
     report = run_probe(
         checkpoint, None, ["sex=F"], tmp_path / "out", tiny_cfg, shards=tmp_path / "shards"
     )

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -18,6 +17,7 @@ from radjepa.config import load_config
 from radjepa.monitoring import monitor_images
 from radjepa.shards import ShardError, pixel_batch
 from radjepa.training_data import TRAINING_COLUMNS, is_holdout, shard_dataset
+from tests.read_only_fs import ReadOnlyLocalFs, read_shards_through
 
 SIDE = 64  # 4 KiB of incompressible pixels per image: they dominate the shards' bytes
 SHARDS, ROWS, GROUP = 3, 800, 100  # 8 row groups per shard
@@ -108,55 +108,24 @@ class _CountingFile:
         return self.f.closed
 
 
-class _CountingFs(pafs.FileSystemHandler):
-    """The local filesystem, counting the bytes read through it (pyarrow's own handler API,
-    so the datasets and Parquet readers under test read through it unchanged)."""
+class _CountingFs(ReadOnlyLocalFs):
+    """The local filesystem, counting the bytes read through it and the files opened."""
+
+    name = "counting"
 
     def __init__(self) -> None:
-        self.fs, self.read, self.opened = pafs.LocalFileSystem(), 0, set()
-
-    def get_type_name(self) -> str:
-        return "counting"
-
-    def normalize_path(self, path: str) -> str:
-        return self.fs.normalize_path(path)
-
-    def equals(self, other) -> bool:
-        return other is self
-
-    def get_file_info(self, paths):
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.fs.get_file_info(selector)
+        super().__init__()
+        self.read, self.opened = 0, set()
 
     def open_input_file(self, path: str):
         self.opened.add(path)
         return pa.PythonFile(_CountingFile(self.fs.open_input_file(path), self), mode="r")
 
-    def open_input_stream(self, path: str):
-        return self.open_input_file(path)
-
-    def _writes(self, *args, **kwargs):
-        raise NotImplementedError("the monitor set is only ever read")
-
-    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _writes
-    delete_file = move = copy_file = open_output_stream = open_append_stream = _writes
-
 
 def test_only_the_row_groups_holding_the_set_are_read(archive, monkeypatch):
     # the first 8 hold-out images lie in the first shard's first row groups: what is read is
     # bounded by them and the ids, not by the archive
-    from radjepa import training_data
-
-    real = training_data.shard_files
-    counting = _CountingFs()
-
-    def counted(data: str):
-        _, files = real(data)
-        return pafs.PyFileSystem(counting), files
-
-    monkeypatch.setattr(training_data, "shard_files", counted)
+    counting = _counted_shards(monkeypatch)
     cfg = load_config(None, ["data.holdout_fraction=0.05"])
     got = monitor_images(str(archive), cfg, limit=8)
     assert len(got) == 8
@@ -170,16 +139,8 @@ def test_only_the_row_groups_holding_the_set_are_read(archive, monkeypatch):
 
 def _counted_shards(monkeypatch) -> _CountingFs:
     """Make the readers under test read every shard through a :class:`_CountingFs`."""
-    from radjepa import training_data
-
-    real = training_data.shard_files
     counting = _CountingFs()
-
-    def counted(data: str):
-        _, files = real(data)
-        return pafs.PyFileSystem(counting), files
-
-    monkeypatch.setattr(training_data, "shard_files", counted)
+    read_shards_through(monkeypatch, counting)
     return counting
 
 

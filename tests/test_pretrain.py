@@ -322,33 +322,15 @@ def test_clear_errors_before_any_cluster_work(tmp_path, shards):
 def test_a_storage_failure_reading_the_shards_is_one_line_saying_to_re_run(tmp_path, monkeypatch):
     # an object store's SLOW_DOWN or a network error while the shards were inspected escaped
     # run_pretrain (and run_sweep) as a traceback: only damaged files were said in one line
-    import pyarrow.fs as pafs
-
     from pipelines.pretrain import PretrainError, run_pretrain
-    from radjepa import training_data
+    from tests.read_only_fs import ReadOnlyLocalFs, read_shards_through
     from tests.shard_tables import write_blank_shards
 
-    class FailingStorage(pafs.FileSystemHandler):
+    class FailingStorage(ReadOnlyLocalFs):
         """The local disk, whose reads of file contents fail as an object store's do when it
         throttles (listing still answers)."""
 
-        def __init__(self) -> None:
-            self.fs = pafs.LocalFileSystem()
-
-        def get_type_name(self) -> str:
-            return "failing"
-
-        def normalize_path(self, path: str) -> str:
-            return path
-
-        def equals(self, other) -> bool:
-            return other is self
-
-        def get_file_info(self, paths):
-            return self.fs.get_file_info(paths)
-
-        def get_file_info_selector(self, selector):
-            return self.fs.get_file_info(selector)
+        name = "failing"
 
         def open_input_file(self, path: str):
             raise OSError(
@@ -357,22 +339,8 @@ def test_a_storage_failure_reading_the_shards_is_one_line_saying_to_re_run(tmp_p
                 "your request rate.\nmore"
             )
 
-        open_input_stream = open_input_file
-
-        def _writes(self, *args, **kwargs):
-            raise NotImplementedError("the shards are only read")
-
-        create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _writes
-        delete_file = move = copy_file = open_output_stream = open_append_stream = _writes
-
     data = str(write_blank_shards(tmp_path, n=64, size=64))
-    real = training_data.shard_files
-
-    def failing(where: str):
-        _, files = real(where)
-        return pafs.PyFileSystem(FailingStorage()), files
-
-    monkeypatch.setattr(training_data, "shard_files", failing)
+    read_shards_through(monkeypatch, FailingStorage())
     cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64})
     with pytest.raises(PretrainError) as stopped:
         run_pretrain(cfg, data)
