@@ -121,6 +121,13 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
         table = ds.to_table(columns=columns)
     if table.num_rows == 0:
         raise TrainingDataError(f"{images} has shards but no images (everything was quarantined?)")
+    # the schema is the first shard's: a later one without a column reads as nulls there
+    lacking = [c for c in columns if table.column(c).null_count]
+    if lacking:
+        raise TrainingDataError(
+            f"shards at {data} hold images without {', '.join(lacking)}: a shard of another "
+            "schema is among them (ingest writes every column); move it out of the folder"
+        )
     heights = set(table.column("height").to_pylist())
     widths = set(table.column("width").to_pylist())
     dtypes = set(table.column("dtype").to_pylist())
@@ -161,49 +168,57 @@ def _named_damage(data: str, columns: list[str]) -> Iterator[None]:
     try:
         yield
     except (pa.ArrowException, OSError) as err:
+        from radjepa.ingest.destination import is_damage_error
+
         try:
-            damage = _damaged_shard(data, columns, err)
+            fs, files = training_files(data)
+            damaged = is_checksum_error(err) or is_damage_error(fs, err)
+            found = _damaged_shard(data, fs, files, columns) if damaged else None
         except (pa.ArrowException, OSError):  # the storage fails the search too: say the first
-            damage = None
-        if damage is not None:
-            raise TrainingDataError(damage) from None
+            damaged, found = False, None
+        if found is not None:
+            raise TrainingDataError(found) from None
         text = str(err).strip()
         cause = text.splitlines()[0].rstrip(".") if text else type(err).__name__
-        storage = isinstance(err, OSError) and not is_checksum_error(err)
-        advice = "; re-run when the storage answers" if storage else ""
+        if damaged:  # a file's bytes are wrong, though none could be named: no outage
+            advice = " (a damaged shard?)"
+        else:
+            advice = "; re-run when the storage answers" if isinstance(err, OSError) else ""
         raise TrainingDataError(f"cannot read the shards at {data}: {cause}{advice}") from None
 
 
-def _damaged_shard(data: str, columns: list[str], err: BaseException) -> str | None:
-    """The message naming the shard that made a read of ``columns`` fail with ``err``, when
-    the error says a file is damaged and one is; None otherwise. Only read once a read has
-    failed, file by file up to the first damaged one (each file is a request on an object
-    store: tens of thousands of them to name every damaged one)."""
-    from radjepa.ingest.destination import damaged_file, footer_error, is_damage_error
+def _damaged_shard(data: str, fs: Any, files: list[str], columns: list[str]) -> str | None:
+    """The message naming the first shard whose footer, or whose pages of ``columns``, cannot
+    be read as written (a file cut short or zeroed, bytes changed after ingest: checksums, a
+    page header or compressed block that no longer decodes); None when none is found. Read
+    only once a read has failed with an error of damage, file by file up to the first damaged
+    one (each file is a request on an object store: tens of thousands to name every one)."""
+    from radjepa.ingest.destination import damaged_file, footer_error
 
-    fs, files = training_files(data)
-    pages = is_checksum_error(err)  # the footer is whole: only reading the pages again tells
-    if not pages and not is_damage_error(fs, err):
-        return None
     for path in files:
         reason = footer_error(fs, path)
         if reason is not None:
             return damaged_file(spell_like(data, path), reason)
-        if pages and (reason := _page_error(fs, path, columns)) is not None:
+        if (reason := _page_error(fs, path, columns)) is not None:
             return corrupted_shard(spell_like(data, path), reason)
     return None
 
 
 def _page_error(fs: Any, path: str, columns: list[str]) -> str | None:
-    """Why the pages of ``columns`` of the shard ``path`` fail their checksums; None when they
-    pass. Any other error is the storage's, and raised."""
+    """Why the pages of ``columns`` of the shard ``path`` cannot be read as written (their
+    checksums fail, or they no longer decode); None when they read. The storage's errors are
+    raised."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from radjepa.ingest.destination import is_damage_error
 
     try:
         pq.read_table(path, columns=columns, filesystem=fs, page_checksum_verification=True)
-    except OSError as err:
-        if is_checksum_error(err):
-            return str(err)
+    except (pa.ArrowException, OSError) as err:
+        if is_checksum_error(err) or is_damage_error(fs, err):
+            text = str(err).strip()
+            return text.splitlines()[0] if text else type(err).__name__
         raise
     return None
 

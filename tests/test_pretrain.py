@@ -408,6 +408,48 @@ def test_shard_pages_changed_after_ingest_are_named_as_damage_not_as_storage(tmp
         shard_dataset(str(tmp_path)).to_table(columns=["pixels"])
 
 
+def test_a_damaged_page_header_names_its_shard_and_is_not_called_an_outage(tmp_path):
+    # a page header (which no checksum covers) or a compressed block of a shard written
+    # before checksums no longer decoding: the footer is whole, so no shard was named, and the
+    # message advised re-running "when the storage answers", which never helps
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from radjepa.training_data import TrainingDataError, inspect_shards
+    from tests.test_shards import ingest_written_shard
+
+    images = np.random.default_rng(0).integers(0, 256, (500, 64, 64)).astype(np.uint8)
+    path = ingest_written_shard(tmp_path, images, [f"{i:064x}" for i in range(500)])
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(0)  # image_id
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + 2 : start + 4] = b"\xff\xff"
+    path.write_bytes(bytes(data))
+    cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64, "train.batch_size": 4})
+    with pytest.raises(TrainingDataError) as stopped:
+        inspect_shards(str(tmp_path), cfg)
+    message = str(stopped.value)
+    assert message.startswith(f"{path} is damaged: its bytes changed after ingest wrote them (")
+    assert "storage" not in message
+
+
+def test_a_shard_without_a_column_the_first_has_is_refused_in_one_line(tmp_path):
+    # the dataset's schema is the first shard's: a later shard without `dtype` read as nulls,
+    # and the check of the dtypes failed sorting them (a TypeError traceback)
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from radjepa.training_data import TrainingDataError, inspect_shards
+    from tests.test_shards import ingest_written_shard
+
+    images = np.random.default_rng(0).integers(0, 256, (8, 64, 64)).astype(np.uint8)
+    path = ingest_written_shard(tmp_path, images, [f"{i:064x}" for i in range(8)])
+    pq.write_table(pq.read_table(path).drop(["dtype"]), str(path).replace("00000", "00001"))
+    cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64, "train.batch_size": 4})
+    with pytest.raises(TrainingDataError, match="hold images without dtype: a shard of another"):
+        inspect_shards(str(tmp_path), cfg)
+
+
 def test_a_run_records_the_decode_settings_its_shards_were_made_with(tmp_path, shards, caplog):
     """The checkpoint recorded the config's ingest section, whatever the shards were made
     with, and the served model decodes uploads by it: shards ingested at other settings were
