@@ -150,6 +150,20 @@ def _probe_set(cfg: Config) -> dict[str, Any] | None:
             f"{patients[0]} patient(s) and its negatives from {patients[1]}, and each class "
             "needs at least 2 (scores are taken across patients)"
         )
+    if cfg.tune.metric == "probe_auroc":
+        from radjepa.eval.linear_probe import grouped_folds, one_class_fold
+
+        # the probe's folds depend on the labels, the patients and probe.seed alone: one that
+        # trains on one class skips the label at every report of every trial (the metric NaN,
+        # the sweep ended without a best after spending all its compute)
+        folds = grouped_folds(labels, groups, folds=cfg.probe.folds, seed=cfg.probe.seed)
+        why = one_class_fold(labels, groups, folds)
+        if why is not None:
+            raise SweepError(
+                f"tune.metric=probe_auroc cannot rank trials on tune.label_column="
+                f"{cfg.tune.label_column} of {cfg.tune.labels_csv}: {why}; another probe.seed "
+                "splits the patients otherwise, or use tune.metric=knn_auroc"
+            )
     return {"images": ds.images, "labels": labels, "groups": groups}
 
 

@@ -104,6 +104,9 @@ def test_a_named_number_matches_every_spelling_of_it():
     # the case and separator checks still hold beside numbers
     with pytest.raises(DatasetError, match=re.escape("first data row 1: '1.0;2'")):
         binarise(["1.0;2", "1", "0"], LabelSpec("grade", "1.0"))
+    # also where the number is spelt otherwise than named: a silent negative before
+    with pytest.raises(DatasetError, match=re.escape("first data row 1: '1.0;2'")):
+        binarise(["1.0;2", "0", "1"], LabelSpec("grade", "1"))
 
 
 def test_placeholder_patient_ids_make_each_image_its_own_patient(tmp_path, nih_dir, caplog):

@@ -1132,3 +1132,27 @@ def test_a_ctrl_c_after_tune_s_fit_stops_the_sweep_not_a_tune_run_long_over(tmp_
     with pytest.raises(sweep.SweepInterrupted, match="interrupted; the sweep is resumable"):
         sweep.run_sweep(cfg, str(shards))
     assert pressed and not (tmp_path / "after" / "best.yaml").exists()
+
+
+def test_a_probe_set_whose_folds_train_on_one_class_is_refused_before_any_trial(tmp_path, nih_dir):
+    # the probe skips a label whose fold trains on one class (its constant scores decided the
+    # AUROC): with probe_auroc that fixed by the data, every report of every trial was NaN and
+    # the sweep ended without a best after spending its compute. Three patients, one of them
+    # all positive: at probe.seed=0 a fold trains on it alone
+    from pipelines.sweep import SweepError, _probe_set
+
+    images = sorted((nih_dir / "images").glob("*.png"))
+    y = [1, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0]
+    patients = ["a"] * 4 + ["b"] * 3 + ["c"] * 4
+    rows = "".join(
+        f"{images[i]},{p},{v}\n" for i, (p, v) in enumerate(zip(patients, y, strict=True))
+    )
+    csv = tmp_path / "labels.csv"
+    csv.write_text("image,patient_id,Effusion\n" + rows)
+    space = {"ema.start": {"type": "choice", "values": [0.99]}}
+    sets = {"tune.labels_csv": str(csv), "tune.label_column": "Effusion", "probe.seed": 0}
+    cfg = _cfg(tmp_path, "s", space, **{"tune.metric": "probe_auroc", **sets})
+    with pytest.raises(SweepError, match="a fold's training side holds one class.*probe.seed"):
+        _probe_set(cfg)
+    # kNN AUROC fits no probe: the same set ranks trials
+    assert _probe_set(cfg.with_overrides({"tune.metric": "knn_auroc"})) is not None

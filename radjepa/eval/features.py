@@ -161,6 +161,11 @@ def _named_positive(vals: Sequence[str], spec: LabelSpec) -> np.ndarray:
         and (
             key in {x.casefold() for x in m}
             or key in {p.strip().casefold() for p in _NEAR_SEP.split(cell)}
+            # the number spelt otherwise beside a separator (``1.0;2`` for ``=1``)
+            or (
+                want_number is not None
+                and any(_number(p) == want_number for p in _NEAR_SEP.split(cell))
+            )
         )
     ]
     if near:

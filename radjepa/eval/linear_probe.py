@@ -30,7 +30,14 @@ from radjepa.eval.metrics import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LabelResult", "ProbeResult", "grouped_folds", "cross_val_probe", "fit_head"]
+__all__ = [
+    "LabelResult",
+    "ProbeResult",
+    "cross_val_probe",
+    "fit_head",
+    "grouped_folds",
+    "one_class_fold",
+]
 
 Split = Literal["kfold", "holdout"]
 
@@ -189,7 +196,7 @@ def _out_of_fold(
     seed: int,
 ) -> np.ndarray:
     """[N] probabilities from the fold that held each image out (NaN where none did, or where
-    its training side holds one class: callers skip such labels, see ``_one_class_fold``)."""
+    its training side holds one class: callers skip such labels, see ``one_class_fold``)."""
     scores = np.full(len(y), np.nan)
     for train, test in pairs:
         if len(np.unique(y[train])) < 2:
@@ -199,7 +206,7 @@ def _out_of_fold(
     return scores
 
 
-def _one_class_fold(
+def one_class_fold(
     y: np.ndarray, groups: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]
 ) -> str | None:
     """Why the folds cannot be probed, when a fold's training side holds one class; else None.
@@ -272,7 +279,7 @@ def cross_val_probe(
             res.skipped = str(err)
             log.warning("label %s skipped: %s", name, err)
             continue
-        one_class = _one_class_fold(y, groups, pairs)
+        one_class = one_class_fold(y, groups, pairs)
         if one_class is not None:
             res.skipped = one_class
             log.warning("label %s skipped: %s", name, one_class)
@@ -308,7 +315,7 @@ def _seed_spread(
     aucs, aps = [res.auroc.estimate], [res.auprc.estimate]
     for s in seeds[1:]:
         pairs = grouped_folds(y, groups, seed=s, **fold_args)
-        if _one_class_fold(y, groups, pairs) is not None:  # as the first seed's would be skipped
+        if one_class_fold(y, groups, pairs) is not None:  # as the first seed's would be skipped
             aucs.append(float("nan"))
             aps.append(float("nan"))
             continue
