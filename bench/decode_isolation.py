@@ -2,10 +2,11 @@
 
 Ingest's decoders hand every file to a child process (radjepa.ingest.decode_process), so that a
 codec crashing or stuck on one file quarantines that file instead of ending the decoder and its
-batch. The price is one pipe round trip per file: the file's bytes go to the child, the
-resized pixels come back. Both paths run the library's ``FileDecoder`` in this one process on
-the SAME files (the CR-like DICOM corpus of bench/ingest.py: 12-bit, half uncompressed, a
-quarter RLE, a quarter JPEG 2000), in alternating passes, after one warm-up file each:
+batch. The price is one round trip per file: the file's bytes go to the child through a buffer
+the two processes share, the resized pixels come back through the pipe. Both paths run the
+library's ``FileDecoder`` in this one process on the SAME files (the CR-like DICOM corpus of
+bench/ingest.py: 12-bit, half uncompressed, a quarter RLE, a quarter JPEG 2000), in alternating
+passes, after one warm-up file each:
 
 - ours: ``FileDecoder(..., isolate=True, timeout_s=300)`` (what the ingest job runs);
 - baseline: ``FileDecoder(...)`` decoding in its own process (what it ran before).

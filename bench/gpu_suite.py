@@ -4,8 +4,8 @@
 
 A lent GPU machine is held for minutes, not hours, and each start costs minutes of it, so the
 benches and the bf16 correctness test run here as ONE prepared sequence in priority order: the
-eager ViT-B/16 comparison first (the headline figure), then masks, ViT-H/14, the GPU tests,
-the data path, and the compiled runs (whose graph builds are the slowest part) last, the
+eager ViT-B/16 comparison first (the headline figure), then masks, ViT-H/14, the data path,
+the GPU tests, and the compiled runs (whose graph builds are the slowest part) last, the
 block-compiled ViT-B/16 (quick to build) before the whole-module one. Each step
 is a subprocess with its own time limit, cut to what is left of ``--budget``; a step that fails
 or runs out of time is recorded and the suite goes on. Results land as they arrive in

@@ -279,7 +279,9 @@ def baseline_known(dst: str) -> set[str]:
     ids = set(column("images", "image_id"))
     ids.update(x for x in column("quarantine", "sha256") if x)
     ids.update(column("duplicates", "image_id"))
-    ids.update(f"path:{h}" for h in column("quarantine", "source_hash") if h)
+    # a file quarantined unread (no sha256) is known by its path
+    unread = zip(column("quarantine", "sha256"), column("quarantine", "source_hash"), strict=True)
+    ids.update(f"path:{h}" for sha, h in unread if h and not sha)
     return ids
 
 
@@ -305,7 +307,10 @@ def queries(dst: str, seed: int) -> dict[str, list[str]]:
     table = pq.read_table(shards[0], columns=["image_id", "instance_pid"])
     quarantine = pq.read_table(next(Path(dst, "quarantine").glob("*.parquet")))
     stored = table["image_id"].to_pylist()
-    paths = [f"path:{h}" for h in quarantine["source_hash"].to_pylist()]
+    unread = zip(
+        quarantine["sha256"].to_pylist(), quarantine["source_hash"].to_pylist(), strict=True
+    )
+    paths = [f"path:{h}" for sha, h in unread if not sha]  # what known_ids keeps by path
     pids = table["instance_pid"].to_pylist()
 
     def pick(values: list[str]) -> list[str]:

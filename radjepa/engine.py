@@ -9,8 +9,9 @@ Masks are drawn by the vectorised sampler on the CPU (``mask_device``) and copie
 device from pinned memory without blocking: the equal-length context cut needs the batch minimum
 as a host integer, which on the GPU would be a device sync every step.
 
-``reference_mode=True`` reproduces the reference's slow choices for benchmarks: manual q@k^T
-attention, unfused per-tensor AdamW, GradScaler (CUDA), python-loop EMA, no compile.
+``reference_mode=True`` reproduces the reference's choices for benchmarks: manual q@k^T
+attention, torch's default AdamW (foreach on CUDA, not fused), GradScaler (CUDA), python-loop
+EMA, no compile.
 """
 
 from __future__ import annotations

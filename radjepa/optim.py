@@ -34,11 +34,12 @@ def param_groups(modules: Iterable[nn.Module]) -> list[dict]:
 def build_optimizer(
     modules: Iterable[nn.Module], cfg: OptimConfig, device: torch.device, fast: bool = True
 ) -> torch.optim.AdamW:
-    """AdamW over ``modules``; fused on CUDA when ``fast``, the plain per-tensor loop if not."""
+    """AdamW over ``modules``; fused on CUDA when ``fast``, else torch's own choice, as the
+    reference builds it (``AdamW(param_groups)``: foreach on CUDA, per-tensor on CPU). The
+    reference mode forced the per-tensor loop on CUDA too, a baseline slower than the
+    reference itself, which overstated the speedup measured against it."""
     kwargs: dict = {"lr": cfg.lr, "betas": tuple(cfg.betas)}
-    if not fast:
-        kwargs.update(foreach=False, fused=False)
-    elif device.type == "cuda":
+    if fast and device.type == "cuda":
         kwargs["fused"] = True
     return torch.optim.AdamW(param_groups(modules), **kwargs)
 

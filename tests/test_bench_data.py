@@ -122,3 +122,20 @@ def test_the_data_path_bench_runs_on_the_bundled_pngs():
     record = json.loads(res.stdout)
     assert record["source_pngs"] == len(list(work.glob("*.png")))
     assert record["ours_img_per_s"] > 0 and record["baseline_img_per_s"] > 0
+
+
+def test_the_identity_sets_bench_runs_and_agrees_with_its_baseline(tmp_path):
+    """The bench kept the path entries of every quarantine row after ``known_ids`` kept only
+    those of files quarantined unread: it stopped on "wrong answers" at every size, and the
+    figures recorded from it could not be measured again."""
+    res = subprocess.run(
+        [sys.executable, "bench/identity_sets.py", "--images", "5000", "--no-ray"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = json.loads(res.stdout.strip().splitlines()[-1])
+    assert line["bench"] == "identity_sets" and line["images"] == 5000
+    assert line["known_entries"] > 5000  # the stored images and the unread quarantined paths
