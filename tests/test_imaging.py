@@ -910,16 +910,17 @@ def test_meta_is_the_allow_list_and_holds_no_identifiers() -> None:
         if n not in ("pixels", "height", "width", "dtype", "source_path")
     ]
     assert sorted(metadata_columns) == sorted(META_FIELDS)
-    text = repr(meta)
+    hashed = ("patient_pid", "study_pid", "series_pid", "instance_pid", "source_hash")
+    # the pseudonyms of fresh UIDs held "1945" in 6 of 3,000 runs: the hashed fields are checked
+    # to be hex, the others for the markers
+    assert all(set(meta[k]) <= set("0123456789abcdef") for k in hashed)
+    text = repr({k: v for k, v in meta.items() if k not in hashed})
     for marker in [*MARKER_STRINGS, "DOE", "JOHN", "1945"]:
         assert marker not in text
     assert meta["sex"] == "F" and meta["age_years"] == 45 and meta["view_position"] == "PA"
     assert meta["modality"] == "DX" and meta["manufacturer"] == "OTHER"  # no vendor known
     assert meta["pixel_spacing_mm"] == pytest.approx(0.143)
-    assert all(
-        len(meta[k]) == 32
-        for k in ("patient_pid", "study_pid", "series_pid", "instance_pid", "source_hash")
-    )
+    assert all(len(meta[k]) == 32 for k in hashed)
     pa.Table.from_pylist([meta])  # arrow-compatible values
 
 
