@@ -1129,8 +1129,14 @@ def test_a_ctrl_c_after_tune_s_fit_stops_the_sweep_not_a_tune_run_long_over(tmp_
     shards = write_blank_shards(tmp_path / "shards")
     cfg = _cfg(tmp_path, "after", {"ema.start": {"type": "grid", "values": [0.99]}})
     cfg = cfg.with_overrides({"train.steps": 2, "train.checkpoint_every": 2})
-    with pytest.raises(sweep.SweepInterrupted, match="interrupted; the sweep is resumable"):
-        sweep.run_sweep(cfg, str(shards))
+    # Ctrl-C raises, as in a terminal (a job started in the background, as CI may run this
+    # suite, starts with SIGINT ignored, which the sweep rightly puts back)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(sweep.SweepInterrupted, match="interrupted; the sweep is resumable"):
+            sweep.run_sweep(cfg, str(shards))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert pressed and not (tmp_path / "after" / "best.yaml").exists()
 
 
