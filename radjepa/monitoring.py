@@ -16,7 +16,7 @@ import torch
 
 from radjepa.config import Config
 from radjepa.locations import spell_like
-from radjepa.shards import ShardError, corrupted_shard, is_checksum_error, pixel_batch
+from radjepa.shards import ShardError, corrupted_shard, is_damage_error, pixel_batch
 from radjepa.training_data import (
     TRAINING_COLUMNS,
     TrainingDataError,
@@ -107,7 +107,9 @@ def _read_row_groups(
     """``columns`` of the row groups ``indices`` (None: all, lazily) of the shard at ``path``
     (of the shards at ``data``), one table each, through one open file: the row group is the
     unit the monitor set is read in, so what it costs is the row groups it holds. Pages are
-    checked against their checksums, and one that fails names its shard."""
+    checked against their checksums, and one that fails, or no longer decodes, names its
+    shard."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with fs.open_input_file(path) as f:
@@ -115,8 +117,8 @@ def _read_row_groups(
         for index in range(shard.num_row_groups) if indices is None else indices:
             try:
                 rows = shard.read_row_group(index, columns=columns)
-            except OSError as err:
-                if not is_checksum_error(err):
+            except (pa.ArrowException, OSError) as err:
+                if not is_damage_error(fs, err):
                     raise
                 raise TrainingDataError(corrupted_shard(spell_like(data, path), str(err))) from None
             yield rows

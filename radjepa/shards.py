@@ -48,6 +48,7 @@ __all__ = [
     "foreign_files",
     "ingest_root",
     "is_checksum_error",
+    "is_damage_error",
     "is_output_name",
     "output_files",
     "read_duplicates",
@@ -425,6 +426,17 @@ def is_checksum_error(err: BaseException) -> bool:
     """Whether a read failed because a page's bytes no longer match their checksum: pyarrow's
     OSError, which names no file and has no errno (a damaged file, not a storage outage)."""
     return isinstance(err, OSError) and "CRC checksum verification failed" in str(err)
+
+
+def is_damage_error(fs: pafs.FileSystem, err: BaseException) -> bool:
+    """Whether an error reading a file of ``fs`` says the file's bytes are wrong, not that the
+    storage failed to give them: pyarrow's ``ArrowInvalid``, a page failing its checksum (on
+    any filesystem: the bytes arrived, and they are not those written), or on a local disk an
+    OSError of pyarrow's without an errno (a footer or page header that no longer decodes)."""
+    if isinstance(err, pa.ArrowInvalid) or is_checksum_error(err):
+        return True
+    local = isinstance(fs, pafs.LocalFileSystem)
+    return local and isinstance(err, OSError) and not getattr(err, "errno", None)
 
 
 def corrupted_shard(shown: str, reason: str) -> str:

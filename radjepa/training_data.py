@@ -22,7 +22,7 @@ from radjepa.shards import (
     ForeignFilesError,
     ShardError,
     corrupted_shard,
-    is_checksum_error,
+    is_damage_error,
     pixel_batch,
     require_columns,
     shard_files,
@@ -159,20 +159,18 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
 def _named_damage(data: str, columns: list[str]) -> Iterator[None]:
     """Turn pyarrow's errors reading the shards' ``columns`` into a :class:`TrainingDataError`
     that names what to do: training stopped on a traceback that named neither the file nor
-    the cause. A damaged shard is named (one that is no whole Parquet file, zero bytes, cut
-    short or zeroed, as a crash or a lost node leaves one: ``is_damage_error``; or one whose
-    pages fail their checksums); any other error is the storage's (an object store's
-    SLOW_DOWN, a network failure) or pyarrow's, said in one line."""
+    the cause. A damaged shard is named (``is_damage_error``: one that is no whole Parquet
+    file, zero bytes, cut short or zeroed, as a crash or a lost node leaves one; or one whose
+    pages fail their checksums or no longer decode); any other error is the storage's (an
+    object store's SLOW_DOWN, a network failure) or pyarrow's, said in one line."""
     import pyarrow as pa
 
     try:
         yield
     except (pa.ArrowException, OSError) as err:
-        from radjepa.ingest.destination import is_damage_error
-
         try:
             fs, files = training_files(data)
-            damaged = is_checksum_error(err) or is_damage_error(fs, err)
+            damaged = is_damage_error(fs, err)
             found = _damaged_shard(data, fs, files, columns) if damaged else None
         except (pa.ArrowException, OSError):  # the storage fails the search too: say the first
             damaged, found = False, None
@@ -211,12 +209,10 @@ def _page_error(fs: Any, path: str, columns: list[str]) -> str | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from radjepa.ingest.destination import is_damage_error
-
     try:
         pq.read_table(path, columns=columns, filesystem=fs, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as err:
-        if is_checksum_error(err) or is_damage_error(fs, err):
+        if is_damage_error(fs, err):
             text = str(err).strip()
             return text.splitlines()[0] if text else type(err).__name__
         raise

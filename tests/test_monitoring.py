@@ -215,6 +215,22 @@ def test_a_monitor_image_changed_inside_its_shard_stops_naming_the_shard(tmp_pat
     assert str(stopped.value).startswith(f"{path} is damaged: its bytes changed after ingest")
 
 
+def test_a_monitor_page_header_that_no_longer_decodes_names_its_shard(tmp_path):
+    # only checksum failures were named: a page header (no checksum covers it) that no
+    # longer decodes stopped the run on pyarrow's error, naming no file
+    from radjepa.training_data import TrainingDataError
+    from tests.test_shards import corrupt_page_header, ingest_written_shard
+
+    images = np.random.default_rng(0).integers(0, 256, (64, SIDE, SIDE)).astype(np.uint8)
+    path = ingest_written_shard(tmp_path, images, [f"{i:064x}" for i in range(64)])
+    corrupt_page_header(path, "pixels")
+    cfg = load_config(None, ["data.holdout_fraction=0"])
+    with pytest.raises(TrainingDataError) as stopped:
+        monitor_images(str(tmp_path), cfg, limit=64)
+    assert str(stopped.value).startswith(f"{path} is damaged: its bytes changed after ingest")
+    assert stopped.value.__cause__ is None
+
+
 def test_pixel_bytes_of_another_size_name_their_shard(tmp_path):
     (tmp_path / "images").mkdir()
     table = pa.table(

@@ -358,8 +358,6 @@ def test_a_damaged_shard_is_named_without_reading_every_footer_after_it(tmp_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from radjepa.training_data import TrainingDataError, inspect_shards
-
     folder = tmp_path / "images"
     folder.mkdir()
     for s in range(6):
@@ -376,9 +374,7 @@ def test_a_damaged_shard_is_named_without_reading_every_footer_after_it(tmp_path
     for s in (2, 4):  # zero bytes, as a write a crash cut short leaves them
         (folder / f"part-{s}.parquet").write_bytes(b"")
     cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64})
-    with pytest.raises(TrainingDataError) as stopped:
-        inspect_shards(str(tmp_path), cfg)
-    message = str(stopped.value)
+    message = _inspection_refused(tmp_path, cfg)
     assert message.startswith(f"{folder}/part-2.parquet is damaged, no whole Parquet file")
     assert "part-4" not in message
 
@@ -388,7 +384,7 @@ def test_shard_pages_changed_after_ingest_are_named_as_damage_not_as_storage(tmp
     # changed read as other ids (other hold-out, other fingerprint), or failed naming no file
     import numpy as np
 
-    from radjepa.training_data import TrainingDataError, inspect_shards, shard_dataset
+    from radjepa.training_data import inspect_shards, shard_dataset
     from tests.test_shards import corrupt_pages, ingest_written_shard
 
     rng = np.random.default_rng(0)
@@ -397,9 +393,7 @@ def test_shard_pages_changed_after_ingest_are_named_as_damage_not_as_storage(tmp
     cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64, "train.batch_size": 4})
     assert inspect_shards(str(tmp_path), cfg).rows == 40
     corrupt_pages(path, "image_id")
-    with pytest.raises(TrainingDataError) as stopped:
-        inspect_shards(str(tmp_path), cfg)
-    message = str(stopped.value)
+    message = _inspection_refused(tmp_path, cfg)
     assert message.startswith(f"{path} is damaged: its bytes changed after ingest wrote them (")
     assert "CRC checksum verification failed" in message and "storage" not in message
     # the dataset every library reader takes checks the pixel pages too
@@ -413,24 +407,26 @@ def test_a_damaged_page_header_names_its_shard_and_is_not_called_an_outage(tmp_p
     # before checksums no longer decoding: the footer is whole, so no shard was named, and the
     # message advised re-running "when the storage answers", which never helps
     import numpy as np
-    import pyarrow.parquet as pq
 
-    from radjepa.training_data import TrainingDataError, inspect_shards
-    from tests.test_shards import ingest_written_shard
+    from tests.test_shards import corrupt_page_header, ingest_written_shard
 
     images = np.random.default_rng(0).integers(0, 256, (500, 64, 64)).astype(np.uint8)
     path = ingest_written_shard(tmp_path, images, [f"{i:064x}" for i in range(500)])
-    chunk = pq.ParquetFile(path).metadata.row_group(0).column(0)  # image_id
-    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
-    data = bytearray(path.read_bytes())
-    data[start + 2 : start + 4] = b"\xff\xff"
-    path.write_bytes(bytes(data))
+    corrupt_page_header(path, "image_id")
     cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64, "train.batch_size": 4})
-    with pytest.raises(TrainingDataError) as stopped:
-        inspect_shards(str(tmp_path), cfg)
-    message = str(stopped.value)
+    message = _inspection_refused(tmp_path, cfg)
     assert message.startswith(f"{path} is damaged: its bytes changed after ingest wrote them (")
     assert "storage" not in message
+
+
+def _inspection_refused(data, cfg) -> str:
+    """The message ``inspect_shards`` refuses the shards at ``data`` with."""
+    from radjepa.training_data import TrainingDataError, inspect_shards
+
+    with pytest.raises(TrainingDataError) as stopped:
+        inspect_shards(str(data), cfg)
+    assert stopped.value.__cause__ is None
+    return str(stopped.value)
 
 
 def test_a_shard_without_a_column_the_first_has_is_refused_in_one_line(tmp_path):

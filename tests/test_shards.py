@@ -189,9 +189,9 @@ def ingest_written_shard(dst, images: np.ndarray, ids: list[str]):
     return Path(dst) / name
 
 
-def corrupt_pages(path, column: str) -> None:
-    """Zero 64 bytes in the middle of ``column``'s data in the Parquet file ``path``, as a
-    failing disk or a bad copy changes a file: its footer stays whole."""
+def _column_start(path, column: str) -> tuple[int, int]:
+    """Where ``column``'s first page starts in the Parquet file ``path`` (one row group), and
+    how many bytes its pages take."""
     import pyarrow.parquet as pq
 
     group = pq.ParquetFile(path).metadata.row_group(0)
@@ -201,10 +201,27 @@ def corrupt_pages(path, column: str) -> None:
         if group.column(i).path_in_schema == column
     ]
     start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    return start, chunk.total_compressed_size
+
+
+def _overwrite(path, offset: int, new: bytes) -> None:
     data = bytearray(Path(path).read_bytes())
-    middle = start + chunk.total_compressed_size // 2
-    data[middle : middle + 64] = bytes(64)
+    data[offset : offset + len(new)] = new
     Path(path).write_bytes(bytes(data))
+
+
+def corrupt_pages(path, column: str) -> None:
+    """Zero 64 bytes in the middle of ``column``'s data in the Parquet file ``path``, as a
+    failing disk or a bad copy changes a file: its footer stays whole."""
+    start, size = _column_start(path, column)
+    _overwrite(path, start + size // 2, bytes(64))
+
+
+def corrupt_page_header(path, column: str) -> None:
+    """Change the header of ``column``'s first page in the Parquet file ``path``, which no
+    checksum covers: the page no longer decodes, and the footer stays whole."""
+    start, _ = _column_start(path, column)
+    _overwrite(path, start + 2, b"\xff\xff")
 
 
 def test_pixels_changed_inside_a_shard_stop_the_read_naming_the_shard(tmp_path):

@@ -39,6 +39,7 @@ from radjepa.shards import (
     MANIFEST,
     QUARANTINE_DIR,
     foreign_files,
+    is_damage_error,
     is_output_name,
     output_files,
 )
@@ -59,7 +60,6 @@ __all__ = [
     "footer_error",
     "id_scheme_of",
     "input_key",
-    "is_damage_error",
     "is_output",
     "read_dst_table",
     "recorded_pseudonyms",
@@ -171,16 +171,6 @@ def footer_error(fs: pafs.FileSystem, path: str) -> str | None:
             return str(err)
         raise
     return None
-
-
-def is_damage_error(fs: pafs.FileSystem, err: BaseException) -> bool:
-    """Whether an error reading a file of ``fs`` says the file's bytes are wrong, not that the
-    storage failed to give them: pyarrow's ``ArrowInvalid``, or on a local disk an OSError of
-    pyarrow's without an errno."""
-    if isinstance(err, pa.ArrowInvalid):
-        return True
-    local = isinstance(fs, pafs.LocalFileSystem)
-    return local and isinstance(err, OSError) and not getattr(err, "errno", None)
 
 
 def read_dst_table(
