@@ -152,21 +152,22 @@ def run_embed(
     from pipelines.runtime import (
         ensure_ray,
         env_names_cluster,
-        read_parquet,
         remote_error_message,
         resolve_use_gpu,
     )
+    from pipelines.shard_source import read_shards
     from radjepa.checkpoint import CheckpointError, saved_config
     from radjepa.eval.heads import HeadError, checkpoint_fingerprint
     from radjepa.ingest.destination import id_scheme_of, recorded_pseudonyms
     from radjepa.ingest.errors import IngestError
-    from radjepa.locations import filesystem
-    from radjepa.shards import ShardError, list_shards, require_columns
+    from radjepa.locations import filesystem, spell_like
+    from radjepa.shards import ShardError, require_columns, shard_files
     from serve.index import INCOMPLETE_MARKER
     from serve.registry import ModelNotFound, resolve_model
 
     try:
-        shards = [str(p) for p in list_shards(shards_dir)]
+        shard_fs, shard_paths = shard_files(shards_dir)
+        shards = [spell_like(str(shards_dir), p) for p in shard_paths]
         # before Ray: an embeddings index given as SHARDS was refused only once Ray had started
         present = pq.read_schema(shards[0]).names
         require_columns(present, shards_dir, ["image_id", "pixels", "height", "width", "dtype"])
@@ -245,7 +246,7 @@ def run_embed(
             chosen=bool(actors),
             cluster=env_names_cluster(),
         )
-        ds = read_parquet(shards, num_files=len(shards), columns=columns)
+        ds = read_shards(shard_paths, filesystem=shard_fs, shown=str(shards_dir), columns=columns)
     except (OSError, pa.ArrowException) as err:
         raise EmbedError(f"cannot read shards at {shards_dir}: {err}") from None
     ds = ds.map_batches(
@@ -282,6 +283,12 @@ def run_embed(
         _unmark_if_empty(out_fs, out_path, marker, run)
         reason = remote_error_message(err) or "see the worker log above"
         raise EmbedError(f"the encoder actors could not start: {reason}") from None
+    except ShardError as err:  # a read task's (Ray's task error carries it): named, one line
+        reason = remote_error_message(err) or str(err)
+        raise EmbedError(
+            f"{reason}. {out} holds the parts written so far, marked unfinished (never "
+            "served): remove it before embedding again"
+        ) from None
     try:  # the storage failing now leaves the marker: the folder is refused as unfinished
         files = _parquet_files(out_fs, out_path)
         if _marked_by(out_fs, marker) != run or any(

@@ -4,7 +4,8 @@ Ray Train (pinned 2.60) retries every worker-group failure ``train.max_failures`
 takes no policy from its public config; the trainer builds its default one in ``fit()`` and
 hands it to the controller actor. :class:`Trainer` hands over :class:`StopOnFullStorage`
 instead: the same decisions, except that a worker group that failed on a full, over-quota or
-read-only storage (:func:`pipelines.storage_errors.is_not_retryable`) is not retried. Imported
+read-only storage, or on a damaged shard (:func:`pipelines.storage_errors.is_not_retryable`),
+is not retried. Imported
 by the driver only when it builds a trainer (this module imports Ray).
 """
 
@@ -34,8 +35,8 @@ class StopOnFullStorage(DefaultFailurePolicy):
             training_failed_error
         ):
             log.error(
-                "a worker failed on a full, over-quota or read-only storage: no retry "
-                "(train.max_failures=%s is for transient failures)",
+                "a worker failed on a full, over-quota or read-only storage, or a damaged "
+                "shard: no retry (train.max_failures=%s is for transient failures)",
                 self.failure_config.max_failures,
             )
             return FailureDecision.RAISE

@@ -17,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -32,7 +33,7 @@ from pipelines.divergence import (
     record_divergence,
 )
 from pipelines.restore import newest_intact, restore_decision, resume_loop_config
-from pipelines.storage_errors import storage_error, storage_message
+from pipelines.storage_errors import damaged_shard, storage_error, storage_message
 from pipelines.stray_checkpoints import Pruned, prune_stray_checkpoints
 from radjepa import locations
 from radjepa.config import Config
@@ -86,7 +87,7 @@ class PretrainResult:
 # Data
 
 
-def build_train_dataset(data: str, cfg: Config, *, start_step: int = 0):
+def build_train_dataset(data: str, cfg: Config, *, start_step: int = 0, files: Sequence[str] = ()):
     """Ray Data pipeline: read shards in a shuffled order, decode pixels, drop the hold-out.
 
     The order of the shard files is drawn again for every pass (Ray numbers each execution of
@@ -94,20 +95,21 @@ def build_train_dataset(data: str, cfg: Config, *, start_step: int = 0):
     before Ray groups files into read tasks, so each epoch also groups them differently. It
     streams: ``randomize_block_order`` waits for the whole dataset in the object store before
     the first batch, every epoch. ``start_step`` (a resumed run's step) enters the seed so that
-    a resume does not replay the first run's order of passes.
+    a resume does not replay the first run's order of passes. ``files``: the shards the run
+    was inspected with (``ShardSummary.files``; none: the folder is listed).
     """
     from ray.data import FileShuffleConfig
 
-    from pipelines.runtime import read_parquet
+    from pipelines.shard_source import read_shards
     from radjepa.training_data import TRAINING_COLUMNS, decode_training_batch, training_files
 
-    fs, files = training_files(data)  # the files, not the folder: ingest's listing
+    fs, files = training_files(data, files)  # the files, not the folder: ingest's listing
     seed = (cfg.train.seed + start_step * 1_000_003) % 2**32
-    ds = read_parquet(
+    ds = read_shards(
         files,
-        num_files=len(files),
-        columns=TRAINING_COLUMNS,
         filesystem=fs,
+        shown=data,
+        columns=TRAINING_COLUMNS,
         shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
     )
     # the training stream is re-read every epoch: per-epoch progress bars would bury the step
@@ -365,9 +367,11 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     extra_loop_config: dict[str, Any] | None = None,
     start_step: int = 0,
+    files: Sequence[str] = (),
 ):
     """The TorchTrainer for one run; ``run_pretrain`` and every sweep trial use this.
-    ``start_step``: the step a re-run resumes from (see :func:`build_train_dataset`)."""
+    ``start_step``: the step a re-run resumes from, ``files`` the shards the run was inspected
+    with (see :func:`build_train_dataset`)."""
     import ray.train
 
     from pipelines.failure_policy import Trainer  # a TorchTrainer that never retries a full disk
@@ -379,7 +383,7 @@ def build_trainer(
         train_loop_config={
             "config": cfg.model_dump(mode="json"),
             "tracking": tracking,
-            "monitor_images": monitor_images(data, cfg),
+            "monitor_images": monitor_images(data, cfg, files=files),
             "run_dir": locations.join_location(storage, cfg.train.run_name),
             **(extra_loop_config or {}),
         },
@@ -395,7 +399,7 @@ def build_trainer(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks,
         ),
-        datasets={"train": build_train_dataset(data, cfg, start_step=start_step)},
+        datasets={"train": build_train_dataset(data, cfg, start_step=start_step, files=files)},
         dataset_config=ray.train.DataConfig(execution_options=_ingest_options()),
     )
 
@@ -510,6 +514,7 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
                 tracking=tracking,
                 extra_loop_config=resume_loop,
                 start_step=resume.step if resume is not None else 0,
+                files=info.files,
             )
             result = trainer.fit()
         if result.error is not None:
@@ -711,6 +716,12 @@ def _explain_failure(
     full = storage_error(err)
     if full is not None:  # a full storage was not retried (pipelines.failure_policy)
         return storage_message(full, run_dir, keep_checkpoints)
+    damaged = damaged_shard(err)
+    if damaged is not None:  # not retried either: Ray's rendering of it is a traceback
+        from pipelines.runtime import remote_error_message
+
+        reason = remote_error_message(damaged) or str(damaged)
+        return f"training stopped: {reason}; then re-run the same command to resume"
     text = str(err)
     lower = text.lower()
     # CUDA ("CUDA out of memory"), torch CPU allocator, and Ray's memory monitor killing a worker
@@ -723,12 +734,10 @@ def _explain_failure(
     if failures:
         # Ray Train's WorkerGroupError: its text is every failed rank's traceback (40 lines in
         # the CLI's one-line error); each rank's own exception says it in a line
-        from pipelines.runtime import first_line
+        from pipelines.runtime import rank_failure
 
         rank = min(failures)
-        first = failures[rank]
-        reason = first_line(str(first))
-        reason = f"{type(first).__name__}: {reason}" if reason else type(first).__name__
+        reason = rank_failure(failures[rank])
         restarts = "no restart" if max_failures == 0 else "restarts exhausted"
         return (
             f"training failed on rank {rank}: {reason} (train.max_failures={max_failures}: "

@@ -459,57 +459,6 @@ def ensure_ray(
         raise RayStartTimeout(message) from None
 
 
-# Ray Data's Parquet reader (2.60) lists its input through a pool of footer-reading actors that
-# it provisions for every execution of a dataset (each epoch of a training run, each
-# take_batch) and kills after it: RAY_DATA_PARQUET_FOOTER_NUM_ACTORS of them, 32 by default,
-# whatever the number of files. The footers go to those actors in batches of
-# RAY_DATA_PARQUET_FOOTER_BATCH_SIZE files (10), one batch per actor in turn, so an actor past
-# the number of batches never gets work; it is still a new worker process. On a 2-core laptop
-# the 32 start-ups made each pass over a one-shard dataset take 10-25 s instead of 1.6 s.
-_FOOTER_ACTORS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-_FOOTER_BATCH = "RAY_DATA_PARQUET_FOOTER_BATCH_SIZE"
-_DEFAULT_FOOTER_ACTORS, _DEFAULT_FOOTER_BATCH = 32, 10
-
-
-def footer_reader_actors(num_files: int) -> int:
-    """Footer readers a Parquet read of ``num_files`` files can use: one per batch of files,
-    at most Ray's default pool (the one large inputs get, as before)."""
-    try:
-        batch = max(1, int(os.environ.get(_FOOTER_BATCH, _DEFAULT_FOOTER_BATCH)))
-    except ValueError:
-        batch = _DEFAULT_FOOTER_BATCH
-    return max(1, min(_DEFAULT_FOOTER_ACTORS, -(-num_files // batch)))
-
-
-# read_parquet sets the variable around one call: calls from two threads of one process must
-# not see each other's value, nor restore the other's
-_FOOTER_ACTORS_LOCK = threading.Lock()
-
-
-def read_parquet(
-    paths: str | list[str], *, num_files: int, columns: list[str] | None = None, **kwargs: Any
-):
-    """``ray.data.read_parquet`` with the footer-reader pool sized to ``num_files`` (see
-    :func:`footer_reader_actors`); a RAY_DATA_PARQUET_FOOTER_NUM_ACTORS the user set wins.
-
-    Ray reads the variable once, when read_parquet builds the dataset's plan (in this process),
-    so it is set for that call only. ``columns`` is applied with ``select_columns``, which Ray
-    2.60 pushes down into the scan (``read_parquet(columns=)`` is deprecated there).
-    """
-    import ray.data
-
-    with _FOOTER_ACTORS_LOCK:
-        if _FOOTER_ACTORS in os.environ:
-            ds = ray.data.read_parquet(paths, **kwargs)
-        else:
-            os.environ[_FOOTER_ACTORS] = str(footer_reader_actors(num_files))
-            try:
-                ds = ray.data.read_parquet(paths, **kwargs)
-            finally:
-                os.environ.pop(_FOOTER_ACTORS, None)
-    return ds.select_columns(columns) if columns is not None else ds
-
-
 def cluster_has_gpus() -> bool:
     """Whether the connected cluster advertises any GPU (never request one that is absent)."""
     import ray
@@ -696,6 +645,22 @@ def remote_error_message(err: BaseException) -> str | None:
 # lines of a list a first line introduces that the one-line form keeps (a ConfigError names one
 # invalid key per line)
 _LISTED = 5
+
+
+def rank_failure(err: BaseException) -> str:
+    """``Class: message`` in one line for the exception a Train rank failed with. Ray's task
+    error (a rank's read of the training stream failed in a Ray Data task) is said as the
+    exception it carries: its own text is the task's traceback, whose first line named an
+    actor, not the cause."""
+    from ray.exceptions import RayTaskError
+
+    if isinstance(err, RayTaskError):
+        cause = getattr(err, "cause", None)
+        name = type(cause).__name__ if cause is not None else type(err).__name__
+        text = remote_error_message(err) or ""
+    else:
+        name, text = type(err).__name__, first_line(str(err))
+    return f"{name}: {text}" if text else name
 
 
 def first_line(message: str) -> str:

@@ -7,6 +7,9 @@ same full disk at the next save and left one more checkpoint folder cut short (s
 retries, 86 s, three folders cut short instead of one). :mod:`pipelines.failure_policy` makes
 Ray stop at the first one; :func:`storage_message` says which folder, what it needs, and what to
 do. No Ray import here: the driver reads errors with it before Ray starts.
+
+A shard whose bytes are damaged (:func:`damaged_shard`, named by the training stream's reader,
+:mod:`pipelines.shard_source`) is not transient either: every retry read it again.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import shutil
 
 from radjepa import locations
+from radjepa.shards import ShardError
 
 # a worker's write refused by the storage: what it says about the storage
 STORAGE_ERRNOS = {
@@ -52,11 +56,23 @@ def storage_error(err: BaseException) -> OSError | None:
     return None
 
 
+def damaged_shard(err: BaseException) -> ShardError | None:
+    """The error naming a damaged shard behind a failed run (a rank's read of the training
+    stream: Ray's task error, which is a :class:`ShardError` too), if that is what failed."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for e in (err, *(failures[rank] for rank in sorted(failures))):
+        if isinstance(e, ShardError):
+            return e
+    return None
+
+
 def is_not_retryable(err: BaseException) -> bool:
     """Whether ``err`` (a worker group's or the controller's failure) is a storage that a retry
-    would find just as full, over quota or read-only."""
+    would find just as full, over quota or read-only, or a shard a retry would read damaged."""
     found = storage_error(err)
-    return found is not None and found.errno in NOT_RETRYABLE
+    if found is not None and found.errno in NOT_RETRYABLE:
+        return True
+    return damaged_shard(err) is not None
 
 
 def storage_message(err: OSError, run_dir: str, keep_checkpoints: int | None = None) -> str:

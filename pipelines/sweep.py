@@ -249,6 +249,7 @@ def _trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
             **resume_loop_config(run_dir, resume),
         },
         start_step=resume.step if resume is not None else 0,
+        files=setup.get("files") or (),
     )
     clear_divergence(run_dir)  # a resumed trial's earlier attempt
     trainer.fit()
@@ -308,13 +309,11 @@ def _failure_reason(err: BaseException) -> str:
     """One line for a failed trial: the exception that ended its training worker (Tune hands
     over the trial actor's error, whose text is the whole remote traceback; the table only
     said "error", and the reason was in a file under /tmp/ray on the head node)."""
-    from pipelines.runtime import first_line, remote_error_message
+    from pipelines.runtime import rank_failure, remote_error_message
 
     failures = getattr(getattr(err, "cause", err), "worker_failures", None) or {}
     if failures:  # Ray Train's WorkerGroupError: each failed rank's own exception
-        first = failures[min(failures)]
-        text = first_line(str(first))
-        return f"{type(first).__name__}: {text}" if text else type(first).__name__
+        return rank_failure(failures[min(failures)])
     return remote_error_message(err) or type(err).__name__
 
 
@@ -411,6 +410,7 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         setup = {
             "config": cfg.model_dump(mode="json"),
             "data": locations.absolute(data),
+            "files": list(info.files),  # every trial trains on the shards inspected here
             "trials_dir": locations.join_location(sweep_dir, "trials"),
             "tracking_root": root,
             "parent_run_id": parent_run_id,

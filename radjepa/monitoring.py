@@ -8,7 +8,7 @@ AUROC to rank trials by.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,7 +33,9 @@ MONITOR_IMAGES = 256  # images for RankMe / feature std; enough rows for a stabl
 _EMBED_BATCH = 64
 
 
-def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.ndarray:
+def monitor_images(
+    data: str, cfg: Config, limit: int = MONITOR_IMAGES, files: Sequence[str] = ()
+) -> np.ndarray:
     """A fixed image set for the quality metrics: the hold-out, else the first images.
 
     Hold-out images are preferred (they are never trained on); with a tiny archive there may be
@@ -46,8 +48,8 @@ def monitor_images(data: str, cfg: Config, limit: int = MONITOR_IMAGES) -> np.nd
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    fs, files = training_files(data)
-    groups = _id_groups(data, fs, files, cfg.data.holdout_fraction, limit)
+    fs, listed = training_files(data, files)
+    groups = _id_groups(data, fs, listed, cfg.data.holdout_fraction, limit)
     ids = [i for _, _, group in groups for i in group]
     held = [i for i, x in enumerate(ids) if is_holdout(x, cfg.data.holdout_fraction)]
     pick = held if len(held) >= _MIN_HOLDOUT else list(range(len(ids)))

@@ -10,6 +10,7 @@ for uint16), so readers need only numpy to rebuild an image.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -273,11 +274,14 @@ def list_shards(dst: str | Path) -> list[str]:
     return [spell_like(dst, p) for p in paths]
 
 
-def shard_files(dst: str | Path) -> tuple[pafs.FileSystem, list[str]]:
+def shard_files(dst: str | Path, listed: Sequence[str] = ()) -> tuple[pafs.FileSystem, list[str]]:
     """:func:`list_shards`' files as paths on their filesystem, for readers that take a
-    ``filesystem`` (pyarrow datasets, ``ray.data.read_parquet``)."""
+    ``filesystem`` (pyarrow datasets, Ray Data). ``listed``: files an earlier call gave, taken
+    as they are (nothing is listed), with the filesystem to read them on."""
     folder = shard_folder(dst)
     fs, path = filesystem(folder)
+    if listed:
+        return fs, list(listed)
     files: list[str] = []
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         root = ingest_root(fs, path)

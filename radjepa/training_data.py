@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -71,15 +71,23 @@ class ShardSummary:
     fingerprint: str = ""
     # the ingest.window_percentiles the DST's manifest records (None: not an ingest DST)
     window: tuple[float, float] | None = None
+    # the shard files these images are in (:func:`training_files`): the run reads these, not
+    # a later listing, which an ingest adding to the DST meanwhile would make another set
+    files: tuple[str, ...] = ()
 
 
-def training_files(data: str) -> tuple[Any, list[str]]:
+def training_files(data: str, files: Sequence[str] = ()) -> tuple[Any, list[str]]:
     """The shard files a run trains on (:func:`radjepa.shards.shard_files`: in an ingest DST
     exactly those ingest wrote) and their pyarrow filesystem. Every reader of a run takes this
     list rather than the folder: Ray Data and pyarrow read every ``*.parquet`` of a folder
-    (and of its subfolders), which the listing refuses or leaves out."""
+    (and of its subfolders), which the listing refuses or leaves out.
+
+    ``files`` (``ShardSummary.files``, the listing the run was inspected with) are taken as
+    they are: a sweep trial starting hours after its driver's inspection listed the folder
+    again, and trained on shards an ingest had added since, which the run's data fingerprint
+    and row counts did not cover and the sweep's other trials never saw."""
     try:
-        return shard_files(data)
+        return shard_files(data, files)
     except ForeignFilesError as exc:  # there are shards: the message says what else is there
         raise TrainingDataError(str(exc)) from None
     except ShardError as exc:
@@ -88,12 +96,12 @@ def training_files(data: str) -> tuple[Any, list[str]]:
         raise TrainingDataError(f"cannot read shards at {data}: {exc}") from None
 
 
-def shard_dataset(data: str) -> Any:
+def shard_dataset(data: str, files: Sequence[str] = ()) -> Any:
     """A ``pyarrow.dataset`` over exactly :func:`training_files`, its pages checked against
     their checksums (:func:`radjepa.shards.shard_scan_options`)."""
     import pyarrow.dataset as pads
 
-    fs, files = training_files(data)
+    fs, files = training_files(data, files)
     parquet = pads.ParquetFileFormat(default_fragment_scan_options=shard_scan_options())
     return pads.dataset(files, format=parquet, filesystem=fs)
 
@@ -111,8 +119,9 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
     """Read shard metadata (not pixels) to fail in seconds, before a cluster is asked for
     workers, when the config cannot train on this data."""
     columns = ["image_id", "height", "width", "dtype"]
-    with _named_damage(data, columns):
-        ds = shard_dataset(data)
+    files = training_files(data)[1]
+    with _named_damage(data, columns, files):
+        ds = shard_dataset(data, files)
         images = shard_folder(data)
         try:
             require_columns(ds.schema.names, data, columns)
@@ -152,11 +161,13 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
     for image_id in sorted(ids):
         digest.update(f"{image_id}\n".encode())
     window = _recorded_window(data)
-    return ShardSummary(images, len(ids), n_train, held, size, dtype, digest.hexdigest(), window)
+    return ShardSummary(
+        images, len(ids), n_train, held, size, dtype, digest.hexdigest(), window, tuple(files)
+    )
 
 
 @contextmanager
-def _named_damage(data: str, columns: list[str]) -> Iterator[None]:
+def _named_damage(data: str, columns: list[str], files: Sequence[str] = ()) -> Iterator[None]:
     """Turn pyarrow's errors reading the shards' ``columns`` into a :class:`TrainingDataError`
     that names what to do: training stopped on a traceback that named neither the file nor
     the cause. A damaged shard is named (``is_damage_error``: one that is no whole Parquet
@@ -169,9 +180,9 @@ def _named_damage(data: str, columns: list[str]) -> Iterator[None]:
         yield
     except (pa.ArrowException, OSError) as err:
         try:
-            fs, files = training_files(data)
+            fs, listed = training_files(data, files)
             damaged = is_damage_error(fs, err)
-            found = _damaged_shard(data, fs, files, columns) if damaged else None
+            found = _damaged_shard(data, fs, listed, columns) if damaged else None
         except (pa.ArrowException, OSError):  # the storage fails the search too: say the first
             damaged, found = False, None
         if found is not None:

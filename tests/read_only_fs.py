@@ -51,8 +51,8 @@ def read_shards_through(monkeypatch: Any, handler: ReadOnlyLocalFs) -> None:
 
     real = training_data.shard_files
 
-    def through(data: str) -> tuple[Any, list[str]]:
-        _, files = real(data)
+    def through(data: str, listed: Any = ()) -> tuple[Any, list[str]]:
+        _, files = real(data, listed)
         return pafs.PyFileSystem(handler), files
 
     monkeypatch.setattr(training_data, "shard_files", through)

@@ -675,3 +675,25 @@ def test_actors_a_cluster_lacks_now_are_a_warning_there_and_refused_locally(capl
     with caplog.at_level(logging.WARNING, logger="pipelines.embed"):
         check_actors(1, 0, 0, False, chosen=False, cluster=True)
     assert "the run waits until the cluster has them" in caplog.text
+
+
+def test_a_damaged_shard_stops_the_run_naming_it_and_leaves_no_servable_index(embedded, tmp_path):
+    # Ray Data's Parquet reader checked no page: a page that no longer decodes failed the run
+    # in Ray's traceback, and a checksum failure was not seen at all (its pixels embedded)
+    import shutil
+
+    from pipelines.embed import EmbedError, run_embed
+    from tests.test_shards import corrupt_page_header
+
+    shards = tmp_path / "ingest"
+    shutil.copytree(embedded["root"] / "ingest", shards)
+    damaged = shards / "images" / "part-00001.parquet"
+    corrupt_page_header(damaged, "pixels")
+    with pytest.raises(EmbedError) as stopped:
+        run_embed(embedded["cfg"], shards, tmp_path / "o", model=embedded["ckpt"], actors=1)
+    message = str(stopped.value)
+    assert message.startswith(f"{damaged} is damaged: its bytes changed after ingest wrote them")
+    assert "\n" not in message and stopped.value.__cause__ is None
+    assert "marked unfinished" in message
+    with pytest.raises(EmbedError, match="did not finish"):  # the folder is not taken as done
+        run_embed(embedded["cfg"], shards, tmp_path / "o", model=embedded["ckpt"], actors=1)

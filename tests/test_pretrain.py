@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -623,31 +622,51 @@ def test_every_epoch_reads_the_shards_in_a_new_order(shards, tmp_path):
     assert set(epochs(12, 1)).isdisjoint(first)  # a resume at step 12 does not replay them
 
 
-def test_a_pass_over_the_shards_starts_a_footer_reader_per_batch_of_files(
-    shards, tmp_path, monkeypatch
-):
-    # Ray Data starts its Parquet footer readers (32 actors by default) for every pass over a
-    # dataset, each epoch of a run included, whatever the number of files: on a 2-core machine
-    # a pass over one shard took 10-25 s of process start-ups
+def test_the_training_stream_checks_shard_pages_and_names_a_damaged_shard(tmp_path, ray_session):
+    # Ray Data's Parquet reader drops the scan options it is given: no page checksum was
+    # verified on the stream, so pixel bytes a disk or a copy changed were trained on
+    import numpy as np
+
     from pipelines.pretrain import build_train_dataset
-    from pipelines.runtime import footer_reader_actors
+    from tests.test_shards import corrupt_pages, ingest_written_shard
 
-    assert [footer_reader_actors(n) for n in (1, 10, 11, 320, 5000)] == [1, 1, 2, 32, 32]
+    rng = np.random.default_rng(0)
+    images = (rng.integers(0, 16, (40, 64, 64)) * 8).astype(np.uint8)
+    path = ingest_written_shard(tmp_path, images, [f"{i:064x}" for i in range(40)])
+    cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64, "data.holdout_fraction": 0})
+    got = build_train_dataset(str(tmp_path), cfg).take_batch(40)["image"]
+    assert sorted(a.tobytes() for a in got) == sorted(a.tobytes() for a in images)
+    corrupt_pages(path, "pixels")
+    with pytest.raises(Exception) as stopped:  # Ray's task error, carrying the shard's
+        build_train_dataset(str(tmp_path), cfg).take_batch(4)
+    from pipelines.runtime import remote_error_message
+    from radjepa.shards import ShardError
 
-    def readers(ds) -> int:
-        op = ds._logical_plan.dag
-        while op.input_dependencies:
-            op = op.input_dependencies[0]
-        return op.file_indexer._num_actors  # Ray-private (pinned 2.60.0): the ListFiles op's
+    assert isinstance(stopped.value, ShardError)
+    line = remote_error_message(stopped.value)
+    assert line.startswith(f"{path} is damaged: its bytes changed after ingest wrote them (")
+    assert "CRC checksum verification failed" in line
 
-    cfg = _cfg(tmp_path)
-    with warnings.catch_warnings():  # read_parquet(columns=) is deprecated in Ray 2.60
-        warnings.filterwarnings("error", message=".*columns=.*deprecated")
-        ds = build_train_dataset(str(shards), cfg)
-    assert readers(ds) == 1
-    assert "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS" not in os.environ  # set for the read only
-    monkeypatch.setenv("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "3")  # the user's setting wins
-    assert readers(build_train_dataset(str(shards), cfg)) == 3
+
+def test_a_shard_of_another_schema_in_the_stream_is_named(tmp_path, ray_session):
+    # a file without the pixel column among the shards (inspect_shards reads the metadata
+    # columns only) failed the stream as pyarrow's "No match for FieldRef"
+    import pyarrow.parquet as pq
+
+    from pipelines.pretrain import build_train_dataset
+    from pipelines.runtime import remote_error_message
+    from tests.shard_tables import write_blank_shards
+
+    data = write_blank_shards(tmp_path, n=8, size=64)
+    table = pq.read_table(data / "images" / "part-0.parquet").drop_columns(["pixels"])
+    pq.write_table(table, data / "images" / "part-1.parquet")
+    cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64})
+    with pytest.raises(Exception) as stopped:
+        build_train_dataset(str(data), cfg).take_all()
+    assert remote_error_message(stopped.value) == (
+        f"{data}/images/part-1.parquet has no pixels column: a file of another schema among "
+        "the shards (ingest writes every column); move it out"
+    )
 
 
 def test_shards_are_read_from_a_uri(shards, tmp_path):
@@ -1499,3 +1518,70 @@ def test_a_resumed_run_whose_provenance_cannot_be_recorded_does_not_stay_running
     with pytest.raises(MlflowException):
         start_tracking(cfg, str(tmp_path), run_dir, provenance={"radjepa.no way!": "b"})
     assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_a_run_reads_the_shards_it_was_inspected_with(tmp_path, ray_session):
+    # the stream and the monitor set listed the folder again: a shard written after the
+    # inspection was trained on, outside the run's row counts and data fingerprint
+    import shutil
+
+    from pipelines.pretrain import build_train_dataset
+    from radjepa.monitoring import monitor_images
+    from radjepa.training_data import inspect_shards
+    from tests.shard_tables import write_blank_shards
+
+    data = write_blank_shards(tmp_path, n=24, size=64)
+    cfg = _cfg(tmp_path, **{"data.crop_size": 64, "model.img_size": 64, "train.batch_size": 4})
+    info = inspect_shards(str(data), cfg)
+    assert info.files == (str(data / "images" / "part-0.parquet"),)
+    shutil.copy(data / "images" / "part-0.parquet", data / "images" / "part-1.parquet")
+    assert build_train_dataset(str(data), cfg, files=info.files).count() == info.train_rows
+    assert len(monitor_images(str(data), cfg, limit=100, files=info.files)) == info.rows
+    assert build_train_dataset(str(data), cfg).count() == 2 * info.train_rows  # a new listing
+
+
+def test_a_shard_damaged_past_the_inspection_stops_training_in_one_line_without_retries(
+    tmp_path, ray_session
+):
+    # the stream's reader names a shard whose pixel pages fail their checksums (the monitor
+    # set, read before, holds none of its images): Ray Train retried it train.max_failures
+    # times, then the run said "RayTaskError(ShardError): ray::SplitCoordinator.get()"
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.pretrain import PretrainError, run_pretrain
+    from pipelines.storage_errors import is_not_retryable
+    from radjepa.shards import ShardError, pixels_to_bytes
+    from tests.test_shards import corrupt_pages
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n, first in (("part-0.parquet", 300, 0), ("part-1.parquet", 40, 1000)):
+        images = rng.integers(0, 256, (n, 64, 64)).astype(np.uint8)
+        table = pa.table(
+            {
+                "image_id": [f"{first + i:064x}" for i in range(n)],
+                "pixels": pa.array([pixels_to_bytes(a) for a in images], pa.binary()),
+                "height": [64] * n,
+                "width": [64] * n,
+                "dtype": ["uint8"] * n,
+            }
+        )
+        pq.write_table(table, data / name, write_page_checksum=True)
+    corrupt_pages(data / "part-1.parquet", "pixels")
+    sets = {"data.crop_size": 64, "model.img_size": 64, "data.holdout_fraction": 0}
+    cfg = _cfg(tmp_path, **sets, **{"train.steps": 200, "train.max_failures": 1})
+    with pytest.raises(PretrainError) as stopped:
+        run_pretrain(cfg, str(data))
+    assert str(stopped.value).startswith(
+        f"training stopped: {data}/part-1.parquet is damaged: its bytes changed after ingest "
+        "wrote them (could not verify page integrity, CRC checksum verification failed"
+    )
+    assert str(stopped.value).endswith("; then re-run the same command to resume")
+
+    class GroupFailed(Exception):  # Ray Train's WorkerGroupError carries each rank's error
+        worker_failures = {1: ShardError("part-1 is damaged")}
+
+    assert is_not_retryable(GroupFailed()) and not is_not_retryable(RuntimeError("other"))

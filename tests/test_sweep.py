@@ -1162,3 +1162,30 @@ def test_a_probe_set_whose_folds_train_on_one_class_is_refused_before_any_trial(
         _probe_set(cfg)
     # kNN AUROC fits no probe: the same set ranks trials
     assert _probe_set(cfg.with_overrides({"tune.metric": "knn_auroc"})) is not None
+
+
+def test_trials_train_on_the_shards_the_sweep_inspected_not_a_later_listing(
+    nih_shards, tmp_path, monkeypatch
+):
+    # each trial listed the folder again as it started (hours after the driver's inspection
+    # on a busy cluster): a shard written meanwhile was trained on, though the sweep's row
+    # counts and data fingerprint did not cover it; a damaged one failed every trial
+    import shutil
+
+    import pipelines.sweep as sweep
+
+    plain = tmp_path / "plain"  # a folder of shards (no DST manifest: any Parquet is a shard)
+    plain.mkdir()
+    for shard in sorted((nih_shards / "images").glob("*.parquet")):
+        shutil.copy(shard, plain / shard.name)
+    after_inspection = sweep._probe_set
+
+    def then_a_shard_lands(cfg):  # the driver's step after inspect_shards
+        (plain / "zz-late.parquet").write_bytes(b"")  # a copy still on its way
+        return after_inspection(cfg)
+
+    monkeypatch.setattr(sweep, "_probe_set", then_a_shard_lands)
+    space = {"masks.target_scale": {"type": "grid", "values": [[0.1, 0.15]]}}
+    cfg = _cfg(tmp_path, "late", space, **{"train.steps": 2, "train.checkpoint_every": 2})
+    res = sweep.run_sweep(cfg, str(plain))
+    assert [(t.status, t.error) for t in res.trials] == [("ok", None)]

@@ -1,0 +1,108 @@
+"""The Ray Data source every cluster read of the shards goes through (the training stream,
+``radjepa embed``): each shard read row group by row group, its pages checked against the
+checksums ingest writes with them.
+
+Ray Data's own Parquet reader (2.60, datasource v2) sets the scan's fragment options itself
+and drops any given to ``read_parquet``: no page checksum was verified, so bytes a failing
+disk or a bad copy changed inside a shard's pixel pages decoded as images and were trained
+on, or embedded and served as similar cases, with nothing said. A file-based source reads
+each file with pyarrow's checks on and names the damaged shard. It also lists nothing: it
+reads the files it is given (``ShardSummary.files``, :func:`radjepa.shards.list_shards`),
+and it has no footer-reading actors to start for every pass over the data (Ray's reader
+started 32 per epoch, whatever the number of files).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
+
+from radjepa.locations import spell_like
+from radjepa.shards import ShardError, corrupted_shard, is_damage_error
+
+__all__ = ["ShardSource", "read_shards"]
+
+# rows per block: a shard is one row group of thousands of images (128 MiB at 2048 x 256 px),
+# which as one block left the decode step idle until the whole group was read
+_BLOCK_ROWS = 256
+
+
+class ShardSource(FileBasedDatasource):
+    """``columns`` of the shard ``files`` (paths on ``filesystem``), in blocks of
+    ``_BLOCK_ROWS`` rows, in an order ``shuffle`` draws again for every pass (Ray numbers
+    each execution)."""
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        *,
+        filesystem: pafs.FileSystem,
+        columns: Sequence[str] | None,
+        shown: str,
+        shuffle: FileShuffleConfig | None = None,
+    ) -> None:
+        super().__init__(list(files), filesystem=filesystem, shuffle=shuffle)
+        self._columns = list(columns) if columns is not None else None
+        self._shown = shown  # the location as the user spells it, for the shard's name
+        self._shard_fs = filesystem
+
+    def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
+        # a Parquet file is read from its footer back: random access, not Ray's input stream
+        return filesystem.open_input_file(path)
+
+    def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
+        try:
+            shard = pq.ParquetFile(f, page_checksum_verification=True)
+        except (pa.ArrowException, OSError) as err:
+            raise self._damaged(err, path, footer=True) from None
+        lacking = [c for c in self._columns or () if c not in shard.schema_arrow.names]
+        if lacking:  # read, it failed as pyarrow's "No match for FieldRef" (ArrowInvalid)
+            raise ShardError(
+                f"{spell_like(self._shown, path)} has no {', '.join(lacking)} column: a file "
+                "of another schema among the shards (ingest writes every column); move it out"
+            )
+        batches = shard.iter_batches(batch_size=_BLOCK_ROWS, columns=self._columns)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (pa.ArrowException, OSError) as err:
+                raise self._damaged(err, path, footer=False) from None
+            yield pa.Table.from_batches([batch])
+
+    def _damaged(self, err: BaseException, path: str, *, footer: bool) -> BaseException:
+        """The error to stop the read with: one naming the shard when its bytes are wrong
+        (``footer``: it is no whole Parquet file, as a write cut short leaves one; else its
+        pages fail their checksums or no longer decode), else the storage's own, which Ray
+        retries where it may."""
+        if not is_damage_error(self._shard_fs, err):
+            return err
+        from radjepa.ingest.destination import damaged_file
+
+        text = str(err).strip()
+        reason = text.splitlines()[0] if text else type(err).__name__
+        shown = spell_like(self._shown, path)
+        return ShardError(damaged_file(shown, reason) if footer else corrupted_shard(shown, reason))
+
+
+def read_shards(
+    files: Sequence[str],
+    *,
+    filesystem: pafs.FileSystem,
+    shown: str,
+    columns: Sequence[str] | None = None,
+    shuffle: FileShuffleConfig | None = None,
+) -> Any:
+    """A Ray Dataset of ``columns`` of the shard ``files`` (see :class:`ShardSource`)."""
+    import ray.data
+
+    source = ShardSource(
+        files, filesystem=filesystem, columns=columns, shown=shown, shuffle=shuffle
+    )
+    return ray.data.read_datasource(source)
