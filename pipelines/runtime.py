@@ -652,12 +652,19 @@ def rank_failure(err: BaseException) -> str:
     error (a rank's read of the training stream failed in a Ray Data task) is said as the
     exception it carries: its own text is the task's traceback, whose first line named an
     actor, not the cause."""
-    from ray.exceptions import RayTaskError
+    from ray.exceptions import RayError, RayTaskError
 
     if isinstance(err, RayTaskError):
-        cause = getattr(err, "cause", None)
-        name = type(cause).__name__ if cause is not None else type(err).__name__
+        cause: BaseException | None = err
+        while isinstance(cause, RayTaskError):  # a task's error another task re-raised
+            cause = getattr(cause, "cause", None)
+        # Ray's own classes (a UDF's wrapper, its stand-in for what it could not pickle)
+        # name nothing the user knows: the remote message then says the class itself
+        named = cause is not None and not isinstance(cause, RayError)
+        name = type(cause).__name__ if named else ""
         text = remote_error_message(err) or ""
+        if not name:
+            return text or type(err).__name__
     else:
         name, text = type(err).__name__, first_line(str(err))
     return f"{name}: {text}" if text else name

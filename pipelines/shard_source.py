@@ -6,10 +6,10 @@ Ray Data's own Parquet reader (2.60, datasource v2) sets the scan's fragment opt
 and drops any given to ``read_parquet``: no page checksum was verified, so bytes a failing
 disk or a bad copy changed inside a shard's pixel pages decoded as images and were trained
 on, or embedded and served as similar cases, with nothing said. A file-based source reads
-each file with pyarrow's checks on and names the damaged shard. It also lists nothing: it
-reads the files it is given (``ShardSummary.files``, :func:`radjepa.shards.list_shards`),
-and it has no footer-reading actors to start for every pass over the data (Ray's reader
-started 32 per epoch, whatever the number of files).
+each file with pyarrow's checks on and names the damaged shard. It reads the files it is
+given (``ShardSummary.files``, :func:`radjepa.shards.shard_files`), looking up their sizes
+once when the dataset is made, and has no footer-reading actors to start for every pass
+over the data (Ray's reader started 32 per epoch, whatever the number of files).
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ from radjepa.shards import ShardError, corrupted_shard, is_damage_error
 
 __all__ = ["ShardSource", "read_shards"]
 
-# rows per block: a shard is one row group of thousands of images (128 MiB at 2048 x 256 px),
-# which as one block left the decode step idle until the whole group was read
+# rows per read: a shard is one row group of thousands of images (128 MiB at 2048 x 256 px),
+# read a batch of pages at a time rather than materialised whole (Ray still shapes what is
+# read into blocks of its target size, 128 MiB)
 _BLOCK_ROWS = 256
 
 
 class ShardSource(FileBasedDatasource):
-    """``columns`` of the shard ``files`` (paths on ``filesystem``), in blocks of
-    ``_BLOCK_ROWS`` rows, in an order ``shuffle`` draws again for every pass (Ray numbers
-    each execution)."""
+    """``columns`` of the shard ``files`` (paths on ``filesystem``), read ``_BLOCK_ROWS``
+    rows at a time, in an order ``shuffle`` draws again for every pass (Ray numbers each
+    execution)."""
 
     def __init__(
         self,
@@ -102,7 +103,13 @@ def read_shards(
     """A Ray Dataset of ``columns`` of the shard ``files`` (see :class:`ShardSource`)."""
     import ray.data
 
-    source = ShardSource(
-        files, filesystem=filesystem, columns=columns, shown=shown, shuffle=shuffle
-    )
+    try:
+        source = ShardSource(
+            files, filesystem=filesystem, columns=columns, shown=shown, shuffle=shuffle
+        )
+    except FileNotFoundError as err:  # Ray's message is the bare path
+        raise ShardError(
+            f"a shard listed when the run started is gone ({spell_like(shown, str(err))}): "
+            "shards were moved or removed meanwhile; run again to list them anew"
+        ) from None
     return ray.data.read_datasource(source)

@@ -276,12 +276,14 @@ def list_shards(dst: str | Path) -> list[str]:
 
 def shard_files(dst: str | Path, listed: Sequence[str] = ()) -> tuple[pafs.FileSystem, list[str]]:
     """:func:`list_shards`' files as paths on their filesystem, for readers that take a
-    ``filesystem`` (pyarrow datasets, Ray Data). ``listed``: files an earlier call gave, taken
-    as they are (nothing is listed), with the filesystem to read them on."""
+    ``filesystem`` (pyarrow datasets, Ray Data). ``listed``: the files an earlier call gave,
+    taken as they are (nothing is listed) in the folder as ``dst`` spells it now: a sweep
+    trial's ``dst`` has its links resolved (another node may lack the link its driver read
+    through), and the shards lie straight in the folder."""
     folder = shard_folder(dst)
     fs, path = filesystem(folder)
     if listed:
-        return fs, list(listed)
+        return fs, [f"{path.rstrip('/')}/{f.rsplit('/', 1)[-1]}" for f in listed]
     files: list[str] = []
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         root = ingest_root(fs, path)

@@ -1581,7 +1581,22 @@ def test_a_shard_damaged_past_the_inspection_stops_training_in_one_line_without_
     )
     assert str(stopped.value).endswith("; then re-run the same command to resume")
 
-    class GroupFailed(Exception):  # Ray Train's WorkerGroupError carries each rank's error
-        worker_failures = {1: ShardError("part-1 is damaged")}
+    # not retried: Ray Train's policy gets the group's error, each rank's a task error
+    from ray.exceptions import RayTaskError
+    from ray.train.v2._internal.execution.failure_handling import FailureDecision
+    from ray.train.v2.api.exceptions import WorkerGroupError
 
-    assert is_not_retryable(GroupFailed()) and not is_not_retryable(RuntimeError("other"))
+    from pipelines.failure_policy import StopOnFullStorage
+    from pipelines.runtime import rank_failure
+
+    read = RayTaskError("ReadShardSource", "Traceback ...", ShardError("part-1 is damaged"))
+    read = read.as_instanceof_cause()
+    group = WorkerGroupError("rank 1 failed", {1: read})
+    assert is_not_retryable(group) and not is_not_retryable(RuntimeError("other"))
+    import ray.train
+
+    policy = StopOnFullStorage(ray.train.FailureConfig(max_failures=3))
+    assert policy.make_decision(group) == FailureDecision.RAISE
+    other = WorkerGroupError("rank 1 failed", {1: RuntimeError("a lost node")})
+    assert policy.make_decision(other) != FailureDecision.RAISE
+    assert rank_failure(read) == "ShardError: part-1 is damaged"

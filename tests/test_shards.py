@@ -244,3 +244,24 @@ def test_pixels_changed_inside_a_shard_stop_the_read_naming_the_shard(tmp_path):
     # shards written before ingest wrote checksums are read as before
     pq.write_table(pa.Table.from_batches([_rows(list(images))]), path)
     assert np.array_equal(read_images(tmp_path)[0], images)
+
+
+def test_files_listed_before_are_found_in_the_folder_as_spelled_now(tmp_path):
+    # a sweep trial gets the files its driver listed through a link another node may lack;
+    # the trial's location has its links resolved, and the files are read there
+    import pyarrow.parquet as pq
+
+    from radjepa.shards import shard_files
+
+    real = tmp_path / "real" / "images"
+    real.mkdir(parents=True)
+    for name in ("part-0.parquet", "part-1.parquet"):
+        pq.write_table(pa.table({"image_id": ["a"]}), real / name)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    _, listed = shard_files(str(tmp_path / "link"))
+    assert listed == [
+        str(tmp_path / "link" / "images" / n) for n in ("part-0.parquet", "part-1.parquet")
+    ]
+    (real / "part-2.parquet").write_bytes(b"")  # written after the listing: not taken
+    _, again = shard_files(str((tmp_path / "link").resolve()), listed)
+    assert again == [str(real / n) for n in ("part-0.parquet", "part-1.parquet")]
