@@ -174,20 +174,31 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             load_checkpoint(ckpt_dir, trainer)
         if rank == 0:
             log.info("resumed from %s at step %d", restored.path, trainer.step)
-    if unrecorded:
-        # a folder newer than all Ray recorded (see pipelines.restore): reported again, in place,
-        # so Ray records it (a restart at the last step reports nothing else, and the run's
-        # result was an older checkpoint) and prunes it with the others (keep_checkpoints)
+    at_end = restored is not None and trainer.step >= cfg.train.steps
+    if unrecorded or at_end:
         metrics: dict[str, Any] = {"step": trainer.step}
         if rank == 0 and monitor is not None and len(monitor) >= 2:
             metrics.update(
                 quality_metrics(trainer, monitor, cfg, device, loop_config.get("probe_set"))
             )
-        ray.train.report(
-            metrics,
-            checkpoint=restored if rank == 0 else None,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
-        )
+        if unrecorded:
+            # a folder newer than all Ray recorded (see pipelines.restore): reported again, in
+            # place, so Ray records it (a restart at the last step reports nothing else, and
+            # the run's result was an older checkpoint) and prunes it with the others
+            ray.train.report(
+                metrics,
+                checkpoint=restored if rank == 0 else None,
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+            )
+        else:
+            # the last checkpoint, recorded: a sweep trial resumed there (its driver stopped
+            # after the checkpoint, before Tune saved the report) trained nothing and reported
+            # nothing, so Tune kept its result from before, ranked it "stopped early" on an
+            # older metric and knew no checkpoint of it. Said again without the checkpoint,
+            # which Ray would otherwise record twice; its path as Tune's callback gives it
+            if rank == 0:
+                metrics["checkpoint_path"] = restored.path
+            ray.train.report(metrics)
 
     # rank 0 writes metrics from a background thread: a slow or unreachable store never holds
     # up a step (pipelines.tracking_metrics)

@@ -1600,3 +1600,57 @@ def test_a_shard_damaged_past_the_inspection_stops_training_in_one_line_without_
     other = WorkerGroupError("rank 1 failed", {1: RuntimeError("a lost node")})
     assert policy.make_decision(other) != FailureDecision.RAISE
     assert rank_failure(read) == "ShardError: part-1 is damaged"
+
+
+def test_a_trainer_restored_at_its_last_checkpoint_says_its_result_once(
+    shards, first_runs, tmp_path
+):
+    # a sweep trial resumed at its last checkpoint (its driver stopped after Ray recorded it,
+    # before Tune saved the report) trained nothing and reported nothing: Tune kept the result
+    # from before, ranked the trial "stopped early" on an older metric, with no checkpoint
+    import json
+    import signal
+
+    import ray.train
+
+    from pipelines.pretrain import build_trainer, prepare_outputs
+    from pipelines.restore import resume_loop_config
+    from radjepa.locations import join_location
+    from radjepa.resume import find_resume_point
+
+    sets = {"train.num_workers": 1, "train.steps": 6, "train.checkpoint_every": 2}
+    first = _trained(first_runs, tmp_path, **sets)
+    cfg = _cfg(tmp_path, **sets)
+    storage = prepare_outputs(cfg)
+    run_dir = join_location(storage, cfg.train.run_name)
+    resume = find_resume_point(cfg, run_dir)
+    assert resume.step == 6
+    said = tmp_path / "reports.jsonl"
+
+    class Reports(ray.train.UserCallback):
+        """What Tune's callback is given (it runs in Ray Train's controller)."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(said, "a") as f:
+                f.write(json.dumps({"metrics": metrics[0], "checkpoint": bool(checkpoint)}))
+                f.write("\n")
+
+    trainer = build_trainer(
+        cfg,
+        str(shards),
+        storage=storage,
+        tracking=None,
+        callbacks=[Reports()],
+        extra_loop_config=resume_loop_config(run_dir, resume),
+        start_step=resume.step,
+    )
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:  # fit() installs Ray Train's Ctrl-C handler (run_pretrain puts it back too)
+        signal.signal(signal.SIGINT, handler)
+    (report,) = [json.loads(line) for line in said.read_text().splitlines()]
+    assert report["checkpoint"] is False  # Ray recorded it once, at step 6
+    assert report["metrics"]["step"] == 6 and report["metrics"]["rankme"] > 1
+    assert Path(report["metrics"]["checkpoint_path"]) == Path(first.checkpoint)
+    assert Path(result.checkpoint.path) == Path(first.checkpoint)
