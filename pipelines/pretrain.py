@@ -191,11 +191,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
             )
         else:
-            # the last checkpoint, recorded: a sweep trial resumed there (its driver stopped
-            # after the checkpoint, before Tune saved the report) trained nothing and reported
-            # nothing, so Tune kept its result from before, ranked it "stopped early" on an
-            # older metric and knew no checkpoint of it. Said again without the checkpoint,
-            # which Ray would otherwise record twice; its path as Tune's callback gives it
+            # the last checkpoint, not one to report again (Ray recorded it, or rank 0 could
+            # not tell it apart from Ray's offer): a sweep trial resumed there (its driver
+            # stopped after the checkpoint, before Tune saved the report) trained nothing and
+            # reported nothing, so Tune kept its result from before, ranked it "stopped early"
+            # on an older metric and knew no checkpoint of it. Said again without the
+            # checkpoint, which Ray would record twice; its path as Tune's callback gives it
             if rank == 0:
                 metrics["checkpoint_path"] = restored.path
             ray.train.report(metrics)

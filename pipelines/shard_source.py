@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
 from radjepa.locations import spell_like
-from radjepa.shards import ShardError, corrupted_shard, is_damage_error
+from radjepa.shards import DamagedShardError, ShardError, corrupted_shard, is_damage_error
 
 __all__ = ["ShardSource", "read_shards"]
 
@@ -54,7 +54,12 @@ class ShardSource(FileBasedDatasource):
 
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
         # a Parquet file is read from its footer back: random access, not Ray's input stream
-        return filesystem.open_input_file(path)
+        try:
+            return filesystem.open_input_file(path)
+        except FileNotFoundError:  # pyarrow's names the path alone, in a task's traceback
+            raise ShardError(
+                f"{spell_like(self._shown, path)} was removed while the shards were read"
+            ) from None
 
     def _read_stream(self, f: Any, path: str) -> Iterator[pa.Table]:
         try:
@@ -63,7 +68,7 @@ class ShardSource(FileBasedDatasource):
             raise self._damaged(err, path, footer=True) from None
         lacking = [c for c in self._columns or () if c not in shard.schema_arrow.names]
         if lacking:  # read, it failed as pyarrow's "No match for FieldRef" (ArrowInvalid)
-            raise ShardError(
+            raise DamagedShardError(
                 f"{spell_like(self._shown, path)} has no {', '.join(lacking)} column: a file "
                 "of another schema among the shards (ingest writes every column); move it out"
             )
@@ -89,7 +94,8 @@ class ShardSource(FileBasedDatasource):
         text = str(err).strip()
         reason = text.splitlines()[0] if text else type(err).__name__
         shown = spell_like(self._shown, path)
-        return ShardError(damaged_file(shown, reason) if footer else corrupted_shard(shown, reason))
+        message = damaged_file(shown, reason) if footer else corrupted_shard(shown, reason)
+        return DamagedShardError(message)
 
 
 def read_shards(
@@ -103,13 +109,7 @@ def read_shards(
     """A Ray Dataset of ``columns`` of the shard ``files`` (see :class:`ShardSource`)."""
     import ray.data
 
-    try:
-        source = ShardSource(
-            files, filesystem=filesystem, columns=columns, shown=shown, shuffle=shuffle
-        )
-    except FileNotFoundError as err:  # Ray's message is the bare path
-        raise ShardError(
-            f"a shard listed when the run started is gone ({spell_like(shown, str(err))}): "
-            "shards were moved or removed meanwhile; run again to list them anew"
-        ) from None
+    source = ShardSource(
+        files, filesystem=filesystem, columns=columns, shown=shown, shuffle=shuffle
+    )
     return ray.data.read_datasource(source)

@@ -19,7 +19,7 @@ import os
 import shutil
 
 from radjepa import locations
-from radjepa.shards import ShardError
+from radjepa.shards import DamagedShardError
 
 # a worker's write refused by the storage: what it says about the storage
 STORAGE_ERRNOS = {
@@ -56,12 +56,13 @@ def storage_error(err: BaseException) -> OSError | None:
     return None
 
 
-def damaged_shard(err: BaseException) -> ShardError | None:
+def damaged_shard(err: BaseException) -> DamagedShardError | None:
     """The error naming a damaged shard behind a failed run (a rank's read of the training
-    stream: Ray's task error, which is a :class:`ShardError` too), if that is what failed."""
+    stream: Ray's task error, which is a :class:`DamagedShardError` too), if that is what
+    failed."""
     failures = getattr(err, "worker_failures", None) or {}
     for e in (err, *(failures[rank] for rank in sorted(failures))):
-        if isinstance(e, ShardError):
+        if isinstance(e, DamagedShardError):
             return e
     return None
 

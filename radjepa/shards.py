@@ -40,6 +40,7 @@ __all__ = [
     "QUARANTINE_SCHEMA",
     "SHARD_SCHEMA",
     "ShardError",
+    "DamagedShardError",
     "list_shards",
     "pixel_batch",
     "pixels_from_bytes",
@@ -236,6 +237,11 @@ class ShardError(FileNotFoundError):
     """No usable shards where some were expected."""
 
 
+class DamagedShardError(ShardError):
+    """A shard whose bytes cannot be read as the shard ingest wrote (cut short, pages changed,
+    another schema): every read of it fails the same way, so a run does not retry it."""
+
+
 class ForeignFilesError(ShardError):
     """An ingest DST's ``images/`` holds Parquet files ingest did not write (the message
     names them)."""
@@ -283,7 +289,16 @@ def shard_files(dst: str | Path, listed: Sequence[str] = ()) -> tuple[pafs.FileS
     folder = shard_folder(dst)
     fs, path = filesystem(folder)
     if listed:
-        return fs, [f"{path.rstrip('/')}/{f.rsplit('/', 1)[-1]}" for f in listed]
+        files = [f"{path.rstrip('/')}/{f.rsplit('/', 1)[-1]}" for f in listed]
+        there = {e.path for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
+        gone = [f for f in files if f not in there]
+        if gone:  # one listing: pyarrow's FileNotFoundError named a path, not the cause
+            raise ShardError(
+                f"{len(gone)} shard(s) listed when the run started are gone from {folder} "
+                f"(first: {gone[0].rsplit('/', 1)[-1]}): moved or removed meanwhile; start "
+                "the run again to list the shards anew"
+            )
+        return fs, files
     files: list[str] = []
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         root = ingest_root(fs, path)

@@ -640,9 +640,9 @@ def test_the_training_stream_checks_shard_pages_and_names_a_damaged_shard(tmp_pa
     with pytest.raises(Exception) as stopped:  # Ray's task error, carrying the shard's
         build_train_dataset(str(tmp_path), cfg).take_batch(4)
     from pipelines.runtime import remote_error_message
-    from radjepa.shards import ShardError
+    from radjepa.shards import DamagedShardError
 
-    assert isinstance(stopped.value, ShardError)
+    assert isinstance(stopped.value, DamagedShardError)
     line = remote_error_message(stopped.value)
     assert line.startswith(f"{path} is damaged: its bytes changed after ingest wrote them (")
     assert "CRC checksum verification failed" in line
@@ -1552,7 +1552,7 @@ def test_a_shard_damaged_past_the_inspection_stops_training_in_one_line_without_
 
     from pipelines.pretrain import PretrainError, run_pretrain
     from pipelines.storage_errors import is_not_retryable
-    from radjepa.shards import ShardError, pixels_to_bytes
+    from radjepa.shards import DamagedShardError, ShardError, pixels_to_bytes
     from tests.test_shards import corrupt_pages
 
     data = tmp_path / "data"
@@ -1589,7 +1589,8 @@ def test_a_shard_damaged_past_the_inspection_stops_training_in_one_line_without_
     from pipelines.failure_policy import StopOnFullStorage
     from pipelines.runtime import rank_failure
 
-    read = RayTaskError("ReadShardSource", "Traceback ...", ShardError("part-1 is damaged"))
+    damage = DamagedShardError("part-1 is damaged")
+    read = RayTaskError("ReadShardSource", "Traceback ...", damage)
     read = read.as_instanceof_cause()
     group = WorkerGroupError("rank 1 failed", {1: read})
     assert is_not_retryable(group) and not is_not_retryable(RuntimeError("other"))
@@ -1599,7 +1600,9 @@ def test_a_shard_damaged_past_the_inspection_stops_training_in_one_line_without_
     assert policy.make_decision(group) == FailureDecision.RAISE
     other = WorkerGroupError("rank 1 failed", {1: RuntimeError("a lost node")})
     assert policy.make_decision(other) != FailureDecision.RAISE
-    assert rank_failure(read) == "ShardError: part-1 is damaged"
+    assert rank_failure(read) == "DamagedShardError: part-1 is damaged"
+    gone = WorkerGroupError("rank 1 failed", {1: ShardError("part-1 was removed")})
+    assert not is_not_retryable(gone)  # a shard that may come back: Ray's retries apply
 
 
 def test_a_trainer_restored_at_its_last_checkpoint_says_its_result_once(

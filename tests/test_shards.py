@@ -265,3 +265,6 @@ def test_files_listed_before_are_found_in_the_folder_as_spelled_now(tmp_path):
     (real / "part-2.parquet").write_bytes(b"")  # written after the listing: not taken
     _, again = shard_files(str((tmp_path / "link").resolve()), listed)
     assert again == [str(real / n) for n in ("part-0.parquet", "part-1.parquet")]
+    (real / "part-1.parquet").unlink()  # moved away since the listing: said, not read
+    with pytest.raises(ShardError, match=r"1 shard\(s\) listed when the run started are gone"):
+        shard_files(str(real.parent), listed)
