@@ -283,9 +283,10 @@ def list_shards(dst: str | Path) -> list[str]:
 def shard_files(dst: str | Path, listed: Sequence[str] = ()) -> tuple[pafs.FileSystem, list[str]]:
     """:func:`list_shards`' files as paths on their filesystem, for readers that take a
     ``filesystem`` (pyarrow datasets, Ray Data). ``listed``: the files an earlier call gave,
-    taken as they are (nothing is listed) in the folder as ``dst`` spells it now: a sweep
-    trial's ``dst`` has its links resolved (another node may lack the link its driver read
-    through), and the shards lie straight in the folder."""
+    taken as they are in the folder as ``dst`` spells it now (a sweep trial's ``dst`` has its
+    links resolved: another node may lack the link its driver read through; the shards lie
+    straight in the folder); the folder is listed only to check that they are all still
+    there, and files added since are not taken."""
     folder = shard_folder(dst)
     fs, path = filesystem(folder)
     if listed:

@@ -96,14 +96,17 @@ def training_files(data: str, files: Sequence[str] = ()) -> tuple[Any, list[str]
         raise TrainingDataError(f"cannot read shards at {data}: {exc}") from None
 
 
-def shard_dataset(data: str, files: Sequence[str] = ()) -> Any:
+def shard_dataset(data: str) -> Any:
     """A ``pyarrow.dataset`` over exactly :func:`training_files`, its pages checked against
     their checksums (:func:`radjepa.shards.shard_scan_options`)."""
+    return _checked_dataset(*training_files(data))
+
+
+def _checked_dataset(fs: Any, files: Sequence[str]) -> Any:
     import pyarrow.dataset as pads
 
-    fs, files = training_files(data, files)
     parquet = pads.ParquetFileFormat(default_fragment_scan_options=shard_scan_options())
-    return pads.dataset(files, format=parquet, filesystem=fs)
+    return pads.dataset(list(files), format=parquet, filesystem=fs)
 
 
 def is_holdout(image_id: str, fraction: float) -> bool:
@@ -119,9 +122,9 @@ def inspect_shards(data: str, cfg: Config) -> ShardSummary:
     """Read shard metadata (not pixels) to fail in seconds, before a cluster is asked for
     workers, when the config cannot train on this data."""
     columns = ["image_id", "height", "width", "dtype"]
-    files = training_files(data)[1]
+    fs, files = training_files(data)  # listed once: the files the run then reads
     with _named_damage(data, columns, files):
-        ds = shard_dataset(data, files)
+        ds = _checked_dataset(fs, files)
         images = shard_folder(data)
         try:
             require_columns(ds.schema.names, data, columns)
