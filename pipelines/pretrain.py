@@ -138,6 +138,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # own), which then starts while this worker imports the model code and builds the model
     # (~2 s). Asked for after them, the first batch waited for both, one after the other
     shard = ray.train.get_dataset_shard("train")
+    from pipelines.shard_source import hide_shard_errors
+
+    hide_shard_errors(training_worker=True)  # a damaged shard: the driver says it in one line
     import ray.train.torch
     import torch
     from ray.train.collective import broadcast_from_rank_zero

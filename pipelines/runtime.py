@@ -28,6 +28,7 @@ from pipelines.cluster_address import (
     env_names_cluster,
     names_cluster,
 )
+from radjepa.error_text import error_line, first_line
 from radjepa.log_filters import DropPrefix
 
 log = logging.getLogger(__name__)
@@ -430,7 +431,7 @@ def ensure_ray(
             with _keep_sigterm_routing():
                 ray.init(address=address, log_to_driver=log_to_driver)
         except ConnectionError as err:  # e.g. a Ray Client server that accepts but never serves
-            first = first_line(str(err)) or type(err).__name__
+            first = error_line(err)
             raise ClusterConnectionError(
                 f"cannot join the Ray cluster at {address}: {first}; {WHAT_TO_CHECK}"
             ) from None
@@ -642,11 +643,6 @@ def remote_error_message(err: BaseException) -> str | None:
     return _traceback_reason(_ANSI.sub("", getattr(err, "error_msg", None) or str(err)))
 
 
-# lines of a list a first line introduces that the one-line form keeps (a ConfigError names one
-# invalid key per line)
-_LISTED = 5
-
-
 def rank_failure(err: BaseException) -> str:
     """``Class: message`` in one line for the exception a Train rank failed with. Ray's task
     error (a rank's read of the training stream failed in a Ray Data task) is said as the
@@ -668,21 +664,6 @@ def rank_failure(err: BaseException) -> str:
     else:
         name, text = type(err).__name__, first_line(str(err))
     return f"{name}: {text}" if text else name
-
-
-def first_line(message: str) -> str:
-    """An error's text in one line: its first line, stripped (tracebacks and Ray's renderings
-    are long). A first line that ends in ':' introduces what follows, as a ConfigError's
-    "invalid configuration:" does its keys: up to five following lines are joined to it with
-    '; ' (said alone, a failed sweep trial's reason was "invalid configuration:")."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
-    if not lines:
-        return ""
-    head, listed = lines[0], lines[1 : 1 + _LISTED]
-    if not head.endswith(":") or not listed or head.startswith("Traceback"):
-        return head
-    more = len(lines) - 1 - len(listed)
-    return f"{head} {'; '.join(listed)}" + (f" (and {more} more)" if more else "")
 
 
 def _traceback_reason(text: str) -> str | None:

@@ -14,6 +14,7 @@ over the data (Ray's reader started 32 per epoch, whatever the number of files).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -22,10 +23,24 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
+from radjepa.error_text import error_line
 from radjepa.locations import spell_like
+from radjepa.log_filters import HideErrors
 from radjepa.shards import DamagedShardError, ShardError, corrupted_shard, is_damage_error
 
 __all__ = ["ShardSource", "read_shards"]
+
+# the loggers Ray Data says a read task's error on, where it runs the dataset (the driver for
+# `radjepa embed`, the training stream's coordinator actor): "Ray Data or Ray Core internal
+# code ... open an issue" and the whole traceback, for errors of ours that name the shard
+_READ_ERROR_LOGGERS = (
+    "ray.data.exceptions",
+    "ray.data._internal.execution.streaming_executor_state",
+    "ray.data._internal.execution.streaming_executor",
+    "ray.data._internal.iterator.stream_split_iterator",
+)
+# where a Ray Train worker says its training function's error, with the whole traceback
+_TRAIN_ERROR_LOGGER = "ray.train.v2._internal.util"
 
 # rows per read: a shard is one row group of thousands of images (128 MiB at 2048 x 256 px),
 # read a batch of pages at a time rather than materialised whole (Ray still shapes what is
@@ -51,6 +66,11 @@ class ShardSource(FileBasedDatasource):
         self._columns = list(columns) if columns is not None else None
         self._shown = shown  # the location as the user spells it, for the shard's name
         self._shard_fs = filesystem
+
+    def get_read_tasks(self, parallelism: int, **kwargs: Any) -> Any:
+        # called where the dataset runs: the process whose Ray Data logs the read's errors
+        hide_shard_errors()
+        return super().get_read_tasks(parallelism, **kwargs)
 
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
         # a Parquet file is read from its footer back: random access, not Ray's input stream
@@ -91,8 +111,7 @@ class ShardSource(FileBasedDatasource):
             return err
         from radjepa.ingest.destination import damaged_file
 
-        text = str(err).strip()
-        reason = text.splitlines()[0] if text else type(err).__name__
+        reason = error_line(err)
         shown = spell_like(self._shown, path)
         message = damaged_file(shown, reason) if footer else corrupted_shard(shown, reason)
         return DamagedShardError(message)
@@ -113,3 +132,19 @@ def read_shards(
         files, filesystem=filesystem, columns=columns, shown=shown, shuffle=shuffle
     )
     return ray.data.read_datasource(source)
+
+
+def hide_shard_errors(*, training_worker: bool = False) -> None:
+    """Keep Ray Data's report of a shard error (:class:`ShardError`: damaged, gone, of another
+    schema) off this process's terminal, in its log file only: Ray Data takes it for an
+    internal error of its own (advice to open an issue, then the whole stack trace), above
+    the one line the command says it in. ``training_worker``: a Ray Train worker's report of
+    it (the training function's error, its traceback through Ray Data) is dropped too. Every
+    other error is reported as Ray does."""
+    loggers = [(name, False) for name in _READ_ERROR_LOGGERS]
+    if training_worker:
+        loggers.append((_TRAIN_ERROR_LOGGER, True))
+    for name, drop in loggers:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, HideErrors) for f in logger.filters):
+            logger.addFilter(HideErrors(ShardError, drop=drop))

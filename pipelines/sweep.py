@@ -35,6 +35,7 @@ from pipelines.sweep_search import (
     tune_searcher,
 )
 from pipelines.sweep_settings import check_sweep_dir, keep_sweep_config, saved_trials
+from pipelines.sweep_shards import keep_shards, sweep_shards
 from pipelines.sweep_tracking import end_sweep_runs, parent_run, record_sweep
 from radjepa import locations
 from radjepa.config import Config, ConfigError, config_to_yaml
@@ -354,7 +355,7 @@ def run_sweep(
 
 def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool) -> SweepResult:
     from pipelines.pretrain import PretrainError, prepare_outputs
-    from radjepa.training_data import TrainingDataError, inspect_shards, with_stored_decode
+    from radjepa.training_data import TrainingDataError, with_stored_decode
 
     if num_samples not in (None, 1) and not resume and cfg.tune.search_alg == "grid":
         # said as the config says tune.num_samples (Tune would repeat each point; the sweep
@@ -365,8 +366,8 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
             "repeat each point with other seeds"
         )
     checked = _check_space(cfg)
-    try:
-        info = inspect_shards(data, cfg)
+    try:  # a resume trains on the images the sweep started on, not on what the folder holds
+        info = sweep_shards(cfg, data, _sweep_dir(cfg), resume)
         cfg = with_stored_decode(cfg, info)
     except TrainingDataError as err:
         raise SweepError(str(err)) from None
@@ -405,6 +406,7 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
     except PretrainError as err:
         raise SweepError(str(err)) from None
     cfg, sweep_dir, provenance, (parent_run_id, uri) = _prepare_sweep(cfg, data, info, root, resume)
+    keep_shards(sweep_dir, data, info)
     floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
     try:  # from the parent run's existence on: an interruption ends it KILLED, not RUNNING
         setup = {
@@ -502,7 +504,7 @@ def _prepare_sweep(
     nothing to resume (the Tuner has not started)."""
     from pipelines.tracking import provenance_tags
 
-    sweep_dir = locations.join_location(root, cfg.tune.name)
+    sweep_dir = _sweep_dir(cfg)
     check_sweep_dir(cfg, sweep_dir, resume)  # files only: said before Ray's seconds of start
     keep_sweep_config(cfg, data, sweep_dir, resume)
     cfg = _start_ray(cfg)
@@ -521,6 +523,13 @@ def _prepare_sweep(
             f"cannot record the sweep in MLflow: {type(err).__name__}: {err}"
         ) from None
     return cfg, sweep_dir, provenance, parent
+
+
+def _sweep_dir(cfg: Config) -> str:
+    """The sweep's folder: its Tune state, settings, trials' checkpoints."""
+    from pipelines.pretrain import storage_root
+
+    return locations.join_location(storage_root(cfg), cfg.tune.name)
 
 
 def _start_ray(cfg: Config) -> Config:

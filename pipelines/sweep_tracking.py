@@ -121,8 +121,8 @@ def record_sweep(
     locked database) escaped as MLflow's traceback, the runs were marked FAILED and the
     checkpoints were never tidied. The parent run is left as it was (RUNNING): ``--resume``
     restores the finished sweep without training again and records it then."""
-    from pipelines.runtime import first_line
     from pipelines.tracking import redact
+    from radjepa.error_text import first_line
 
     try:
         _finish_parent_run(uri, parent_run_id, rows, best, best_yaml, metric)

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-__all__ = ["DropPrefix", "lines_dropped", "redact_console", "redact_log_records"]
+__all__ = ["DropPrefix", "HideErrors", "lines_dropped", "redact_console", "redact_log_records"]
 
 
 class DropPrefix(logging.Filter):
@@ -33,6 +33,49 @@ class DropPrefix(logging.Filter):
             self.dropped += 1
             return False
         return True
+
+
+class HideErrors(logging.Filter):
+    """A filter that marks ``hide`` (the attribute Ray Data's console handler drops records
+    by; its log file keeps them) the records about an error of one of ``kinds``: the one the
+    record carries, or, for a line logged while an error is handled, that error, found
+    anywhere in its chain (a Ray task error wraps the task's own). Ray Data takes an error a
+    datasource raises for an internal one of its own: "please open an issue on the Ray
+    project", then its whole stack trace, printed above the one line the command says it in.
+    ``drop``: drop them instead, for loggers without that handler (Ray Train's report of a
+    training function's error, whose message already says all). ``hidden`` counts them."""
+
+    def __init__(self, *kinds: type[BaseException], drop: bool = False) -> None:
+        super().__init__()
+        self.kinds = kinds
+        self.drop = drop
+        self.hidden = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        err = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        if err is None or not self._carries(err):
+            return True
+        self.hidden += 1
+        record.hide = True
+        return not self.drop
+
+    def _carries(self, err: BaseException) -> bool:
+        seen: set[int] = set()
+        pending: list[BaseException | None] = [err]
+        while pending:
+            e = pending.pop()
+            if e is None or id(e) in seen:
+                continue
+            if isinstance(e, self.kinds):
+                return True
+            seen.add(id(e))
+            cause = getattr(e, "cause", None)  # a RayTaskError's: the task's own error
+            pending += [
+                e.__cause__,
+                e.__context__,
+                cause if isinstance(cause, BaseException) else None,
+            ]
+        return False
 
 
 @contextmanager

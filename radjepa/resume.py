@@ -16,6 +16,7 @@ from typing import Any
 
 from radjepa import locations
 from radjepa.config import Config, flatten
+from radjepa.error_text import error_line
 
 __all__ = [
     "NOT_THE_MODEL",
@@ -194,13 +195,13 @@ def find_resume_point(cfg: Config, run_dir: str) -> ResumePoint | None:
         except CheckpointVersionError as err:
             # whole, but not this version's to read: an older checkpoint would drop its steps
             raise ResumeError(
-                f"{_first_line(str(err))}: resume run {run_dir} with the radjepa version that "
+                f"{error_line(err)}: resume run {run_dir} with the radjepa version that "
                 "wrote it (continuing from an earlier checkpoint would discard its steps), or "
                 "choose another train.run_name"
             ) from None
         except CheckpointUnreadable as err:
             raise ResumeError(
-                f"{_first_line(str(err))}: re-run when the storage answers (a checkpoint that "
+                f"{error_line(err)}: re-run when the storage answers (a checkpoint that "
                 "cannot be read just now is not skipped, or its steps would be trained again)"
             ) from None
         except CheckpointError as err:
@@ -323,7 +324,3 @@ def check_resume_workers(resume: ResumePoint, cfg: Config) -> None:
         now,
         was,
     )
-
-
-def _first_line(message: str) -> str:
-    return (message.strip().splitlines() or [""])[0]

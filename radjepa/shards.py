@@ -40,6 +40,7 @@ __all__ = [
     "QUARANTINE_SCHEMA",
     "SHARD_SCHEMA",
     "ShardError",
+    "ShardsGoneError",
     "DamagedShardError",
     "list_shards",
     "pixel_batch",
@@ -242,6 +243,15 @@ class DamagedShardError(ShardError):
     another schema): every read of it fails the same way, so a run does not retry it."""
 
 
+class ShardsGoneError(ShardError):
+    """Shard files listed when a run (or a sweep) started are no longer in their folder:
+    moved or removed since. ``gone``: their names."""
+
+    def __init__(self, message: str, gone: Sequence[str]) -> None:
+        super().__init__(message)
+        self.gone = list(gone)
+
+
 class ForeignFilesError(ShardError):
     """An ingest DST's ``images/`` holds Parquet files ingest did not write (the message
     names them)."""
@@ -294,10 +304,12 @@ def shard_files(dst: str | Path, listed: Sequence[str] = ()) -> tuple[pafs.FileS
         there = {e.path for e in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
         gone = [f for f in files if f not in there]
         if gone:  # one listing: pyarrow's FileNotFoundError named a path, not the cause
-            raise ShardError(
+            names = [f.rsplit("/", 1)[-1] for f in gone]
+            raise ShardsGoneError(
                 f"{len(gone)} shard(s) listed when the run started are gone from {folder} "
-                f"(first: {gone[0].rsplit('/', 1)[-1]}): moved or removed meanwhile; start "
-                "the run again to list the shards anew"
+                f"(first: {names[0]}): moved or removed meanwhile; start the run again to "
+                "list the shards anew",
+                names,
             )
         return fs, files
     files: list[str] = []

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from radjepa.config import Config
+from radjepa.error_text import error_line
 from radjepa.locations import spell_like
 from radjepa.shards import (
     ForeignFilesError,
@@ -118,11 +119,13 @@ def is_holdout(image_id: str, fraction: float) -> bool:
     return h / 0xFFFFFFFF < fraction
 
 
-def inspect_shards(data: str, cfg: Config) -> ShardSummary:
+def inspect_shards(data: str, cfg: Config, files: Sequence[str] = ()) -> ShardSummary:
     """Read shard metadata (not pixels) to fail in seconds, before a cluster is asked for
-    workers, when the config cannot train on this data."""
+    workers, when the config cannot train on this data. ``files``: the shard files to inspect
+    (a resumed sweep's, as it was started on them; :func:`training_files`), else the folder's
+    listing."""
     columns = ["image_id", "height", "width", "dtype"]
-    fs, files = training_files(data)  # listed once: the files the run then reads
+    fs, files = training_files(data, files)  # listed once: the files the run then reads
     with _named_damage(data, columns, files):
         ds = _checked_dataset(fs, files)
         images = shard_folder(data)
@@ -190,8 +193,7 @@ def _named_damage(data: str, columns: list[str], files: Sequence[str] = ()) -> I
             damaged, found = False, None
         if found is not None:
             raise TrainingDataError(found) from None
-        text = str(err).strip()
-        cause = text.splitlines()[0].rstrip(".") if text else type(err).__name__
+        cause = error_line(err).rstrip(".")
         if damaged:  # a file's bytes are wrong, though none could be named: no outage
             advice = " (a damaged shard?)"
         else:
@@ -227,8 +229,7 @@ def _page_error(fs: Any, path: str, columns: list[str]) -> str | None:
         pq.read_table(path, columns=columns, filesystem=fs, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as err:
         if is_damage_error(fs, err):
-            text = str(err).strip()
-            return text.splitlines()[0] if text else type(err).__name__
+            return error_line(err)
         raise
     return None
 

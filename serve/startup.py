@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from radjepa.error_text import first_line
+
 __all__ = ["ReplicaStartupError", "replica_startup", "startup_message"]
 
 # a message is cut there: the line is for a terminal, the whole traceback stays in Ray's logs
@@ -37,14 +39,10 @@ _MARKER = re.compile(
 )
 
 
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
 def one_line(err: BaseException) -> str:
     """``err`` in one line: its first line, after its type's name unless it is one of ours
     (their messages say what failed; a bare KeyError's ``'x'`` does not)."""
-    first = _first_line(str(err))
+    first = first_line(str(err))
     ours = type(err).__module__.split(".")[0] in ("serve", "radjepa")
     if ours and first:
         return first[:MAX_CHARS]

@@ -692,11 +692,33 @@ def test_a_damaged_shard_stops_the_run_naming_it_and_leaves_no_servable_index(em
     shutil.copytree(embedded["root"] / "ingest", shards)
     damaged = shards / "images" / "part-00001.parquet"
     corrupt_page_header(damaged, "pixels")
-    with pytest.raises(EmbedError) as stopped:
-        run_embed(embedded["cfg"], shards, tmp_path / "o", model=embedded["ckpt"], actors=1)
+    seen = _RecordsKept()  # what Ray Data logs, as its console handler would be handed it
+    logging.getLogger("ray.data").addHandler(seen)
+    try:
+        with pytest.raises(EmbedError) as stopped:
+            run_embed(embedded["cfg"], shards, tmp_path / "o", model=embedded["ckpt"], actors=1)
+    finally:
+        logging.getLogger("ray.data").removeHandler(seen)
     message = str(stopped.value)
     assert message.startswith(f"{damaged} is damaged: its bytes changed after ingest wrote them")
     assert "\n" not in message and stopped.value.__cause__ is None
     assert "marked unfinished" in message
+    # Ray Data took the read's error for its own: "open an issue" and its whole traceback on
+    # the terminal, above the one line; now only in its log file (``hide``: off the console)
+    shown = [r for r in seen.records if r.levelno >= logging.INFO and not getattr(r, "hide", 0)]
+    hidden = [r for r in seen.records if getattr(r, "hide", False)]
+    assert any("Ray Core internal code" in r.getMessage() for r in hidden)
+    assert not [r for r in shown if r.exc_info or "internal code" in r.getMessage()]
     with pytest.raises(EmbedError, match="did not finish"):  # the folder is not taken as done
         run_embed(embedded["cfg"], shards, tmp_path / "o", model=embedded["ckpt"], actors=1)
+
+
+class _RecordsKept(logging.Handler):
+    """Keeps every record handed to it, after the logger's own filters."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

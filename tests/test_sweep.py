@@ -124,6 +124,9 @@ def test_resume_finishes_an_interrupted_sweep_without_rerunning_finished_trials(
     every2 = {"train.checkpoint_every": 2}
     first = run_sweep(_cfg(tmp_path, "sr", space, **every2), str(nih_shards))
     assert sorted(t.status for t in first.trials) == ["error", "ok"]
+    # the files its trials read, which --resume reads again (tests/test_sweep_shards.py)
+    listed = json.loads((tmp_path / "sr" / "sweep_shards.json").read_text())["files"]
+    assert listed == sorted(p.name for p in (nih_shards / "images").glob("*.parquet"))
     # a failed trial makes the sweep resumable: every checkpoint stays (the failed trial's
     # newest is where --resume restarts it)
     kept = _checkpoints(tmp_path / "sr")
@@ -292,21 +295,6 @@ def test_a_space_valid_only_with_its_other_swept_values_is_taken(tmp_path):
     fractional = {"masks.num_targets": {"type": "randint", "low": 0.5, "high": 3.5}}
     with pytest.raises(ConfigError, match="'randint' needs whole-number low and high"):
         _cfg(tmp_path, "ri", fractional)
-
-
-def test_a_failed_trial_s_reason_keeps_the_keys_its_error_lists():
-    # a trial ended by a ConfigError was said as "invalid configuration:", the key and the
-    # reason on the lines after it
-    from pipelines.runtime import first_line
-
-    text = "invalid configuration:\n  ema: ema.start must be <= ema.end\n"
-    assert first_line(text) == ("invalid configuration: ema: ema.start must be <= ema.end")
-    many = "bad:\n" + "\n".join(f"  k{i}: no" for i in range(8))
-    assert first_line(many) == "bad: k0: no; k1: no; k2: no; k3: no; k4: no (and 3 more)"
-    assert first_line("Traceback (most recent call last):\n  File x") == (
-        "Traceback (most recent call last):"
-    )
-    assert first_line("one line\nsecond") == "one line"
 
 
 def test_num_samples_a_grid_cannot_use_is_refused_and_the_trial_count_is_tune_s(tmp_path):
