@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from pipelines.cli_common import ConfigOpt, SetOpt, UserError, load
+from radjepa.error_text import error_line
 
 if TYPE_CHECKING:
     from radjepa.config import Config
@@ -49,7 +50,7 @@ def _reading_store(uri: str) -> Iterator[None]:
     except (UserError, typer.Exit):
         raise
     except Exception as err:  # sqlalchemy, MlflowException, requests: no common base
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = error_line(err)
         raise UserError(f"cannot read the MLflow store {redact(uri)}: {first}") from None
 
 

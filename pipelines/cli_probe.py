@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from pipelines.cli_common import ConfigOpt, RunFailed, SetOpt, UserError, load
+from radjepa.error_text import first_line
 
 
 def _refuse_uri(option: str, value: str | Path | None) -> None:
@@ -241,7 +242,7 @@ def probe_cmd(
         except Exception as err:  # noqa: BLE001 - the store failed after the probe's work
             # log_probe_run marked the run FAILED; one line saying where the results are, not
             # a traceback after a probe that may have taken hours
-            first = (str(err).strip().splitlines() or [""])[0][:500]
+            first = first_line(str(err))[:500]
             raise RunFailed(
                 f"cannot record the probe in MLflow: {type(err).__name__}: {first}; the report "
                 f"and head are in {out_dir.resolve()}"

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from pipelines.provenance import submitter_env
+from radjepa.error_text import error_line
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -461,7 +462,7 @@ def secret_envs_of(args: Sequence[str], working_dir: Path) -> tuple[str, str]:
     try:
         cfg = _job_config(args, working_dir)
     except (OSError, ValueError) as err:  # a ConfigError is a ValueError
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = error_line(err)
         raise JobsError(
             "the job's config names the variable that holds the de-identification key "
             f"(ingest.secret_env), and it cannot be read here: {first}"

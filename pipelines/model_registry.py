@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from radjepa.error_text import error_line
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -180,7 +182,7 @@ def promote(
             demotion = f"{alias} moved to version {version} by {who} at {when}: {reason}"
             client.set_model_version_tag(name, previous, "radjepa.demotion", demotion[:5000])
     except Exception as err:  # MlflowException, sqlalchemy, requests: no common base
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = error_line(err)
         raise RegistryError(
             f"{name}@{alias} moved to version {version}, but recording it failed: {first}"
         ) from err

@@ -37,6 +37,7 @@ from pipelines.storage_errors import damaged_shard, storage_error, storage_messa
 from pipelines.stray_checkpoints import Pruned, prune_stray_checkpoints
 from radjepa import locations
 from radjepa.config import Config
+from radjepa.error_text import first_line
 from radjepa.log_filters import redact_console, redact_log_records
 from radjepa.resume import ResumeError, ResumePoint
 from radjepa.training_data import TrainingDataError
@@ -571,7 +572,7 @@ def _run_pretrain(cfg: Config, data: str) -> PretrainResult:
                 raise
             except Exception as err:  # the weights are safe: say where, and end the run
                 mark_run(uri, run_id, "FAILED")
-                first = (str(err).strip().splitlines() or [""])[0]
+                first = first_line(str(err))
                 raise PretrainError(
                     f"training finished (checkpoint {ckpt}) but recording it in MLflow failed: "
                     f"{type(err).__name__}: {first}"

@@ -67,10 +67,15 @@ class ShardSource(FileBasedDatasource):
         self._shown = shown  # the location as the user spells it, for the shard's name
         self._shard_fs = filesystem
 
-    def get_read_tasks(self, parallelism: int, **kwargs: Any) -> Any:
+    def get_read_tasks(
+        self,
+        parallelism: int,
+        per_task_row_limit: int | None = None,
+        data_context: Any = None,
+    ) -> Any:
         # called where the dataset runs: the process whose Ray Data logs the read's errors
         hide_shard_errors()
-        return super().get_read_tasks(parallelism, **kwargs)
+        return super().get_read_tasks(parallelism, per_task_row_limit, data_context)
 
     def _open_input_source(self, filesystem: Any, path: str, **open_args: Any) -> Any:
         # a Parquet file is read from its footer back: random access, not Ray's input stream

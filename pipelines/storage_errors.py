@@ -19,6 +19,7 @@ import os
 import shutil
 
 from radjepa import locations
+from radjepa.error_text import error_line
 from radjepa.shards import DamagedShardError
 
 # a worker's write refused by the storage: what it says about the storage
@@ -81,7 +82,7 @@ def storage_message(err: OSError, run_dir: str, keep_checkpoints: int | None = N
     checkpoint cut short in ``run_dir``, or a worker's local folder the checkpoint is saved to
     first), the newest intact checkpoint, the room a run needs, and what to do."""
     what = STORAGE_ERRNOS[err.errno]
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    first = error_line(err)
     stopped = (
         "so training stopped at once (a retry would meet it again)"
         if err.errno in NOT_RETRYABLE

@@ -367,7 +367,7 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
         )
     checked = _check_space(cfg)
     try:  # a resume trains on the images the sweep started on, not on what the folder holds
-        info = sweep_shards(cfg, data, _sweep_dir(cfg), resume)
+        info = sweep_shards(cfg, data, resume)
         cfg = with_stored_decode(cfg, info)
     except TrainingDataError as err:
         raise SweepError(str(err)) from None
@@ -406,7 +406,6 @@ def _run_sweep(cfg: Config, data: str, *, num_samples: int | None, resume: bool)
     except PretrainError as err:
         raise SweepError(str(err)) from None
     cfg, sweep_dir, provenance, (parent_run_id, uri) = _prepare_sweep(cfg, data, info, root, resume)
-    keep_shards(sweep_dir, data, info)
     floors = (cfg.tune.collapse_rankme, cfg.tune.collapse_feature_std)
     try:  # from the parent run's existence on: an interruption ends it KILLED, not RUNNING
         setup = {
@@ -504,9 +503,10 @@ def _prepare_sweep(
     nothing to resume (the Tuner has not started)."""
     from pipelines.tracking import provenance_tags
 
-    sweep_dir = _sweep_dir(cfg)
+    sweep_dir = locations.join_location(root, cfg.tune.name)
     check_sweep_dir(cfg, sweep_dir, resume)  # files only: said before Ray's seconds of start
     keep_sweep_config(cfg, data, sweep_dir, resume)
+    keep_shards(sweep_dir, data, info)  # what --resume trains on again
     cfg = _start_ray(cfg)
     provenance = provenance_tags(data, info.rows, info.fingerprint)
     try:
@@ -523,13 +523,6 @@ def _prepare_sweep(
             f"cannot record the sweep in MLflow: {type(err).__name__}: {err}"
         ) from None
     return cfg, sweep_dir, provenance, parent
-
-
-def _sweep_dir(cfg: Config) -> str:
-    """The sweep's folder: its Tune state, settings, trials' checkpoints."""
-    from pipelines.pretrain import storage_root
-
-    return locations.join_location(storage_root(cfg), cfg.tune.name)
 
 
 def _start_ray(cfg: Config) -> Config:

@@ -38,14 +38,14 @@ def keep_shards(sweep_dir: str, data: str, info: ShardSummary) -> None:
     """Save the files the sweep's trials train on and their images' fingerprint, for its
     next ``--resume``."""
     saved = {
-        "data": locations.absolute(data),
+        "data": _spelled(data),
         "files": [f.rsplit("/", 1)[-1] for f in info.files],
         "fingerprint": info.fingerprint,
     }
     locations.write_text(locations.join_location(sweep_dir, SWEEP_SHARDS_FILE), json.dumps(saved))
 
 
-def sweep_shards(cfg: Config, data: str, sweep_dir: str, resume: bool) -> ShardSummary:
+def sweep_shards(cfg: Config, data: str, resume: bool) -> ShardSummary:
     """The shards the sweep's trials train on, inspected: a new sweep's (the folder's listing
     now), or a resumed one's, which must hold the images it started on. Those are the files it
     saved where they are all still there; else, where the folder's files now hold the same
@@ -54,7 +54,7 @@ def sweep_shards(cfg: Config, data: str, sweep_dir: str, resume: bool) -> ShardS
     sets. Raises :class:`TrainingDataError` for shards that cannot be trained on."""
     from pipelines.sweep import SweepError  # pipelines.sweep imports this module
 
-    kept = _kept_shards(sweep_dir, data) if resume else None
+    kept = _kept_shards(cfg, data) if resume else None
     if kept is None:
         return inspect_shards(data, cfg)
     try:
@@ -87,14 +87,26 @@ def sweep_shards(cfg: Config, data: str, sweep_dir: str, resume: bool) -> ShardS
     return info
 
 
-def _kept_shards(sweep_dir: str, data: str) -> KeptShards | None:
+def _kept_shards(cfg: Config, data: str) -> KeptShards | None:
     """What a sweep being resumed saved of its shards; None where it saved nothing (started by
     an earlier version, or the file was cut short as the driver was killed: the folder is
-    listed anew, warned) or read another folder (``keep_sweep_config`` refuses that resume,
-    naming both)."""
-    path = locations.join_location(sweep_dir, SWEEP_SHARDS_FILE)
-    text = locations.read_text(path)
+    listed anew, said) or read another folder (``keep_sweep_config`` refuses that resume,
+    naming both). Read before the output store is checked: a store that cannot be read is
+    said in one line."""
+    from pipelines.pretrain import storage_root
+    from pipelines.sweep import SweepError  # pipelines.sweep imports this module
+
+    path = ""
+    try:
+        path = locations.join_location(storage_root(cfg), cfg.tune.name, SWEEP_SHARDS_FILE)
+        text = locations.read_text(path)
+    except (OSError, ValueError) as err:  # an unknown scheme, an unreachable bucket, ...
+        where = locations.redact(path or cfg.train.output_dir)
+        raise SweepError(f"cannot read sweep '{cfg.tune.name}' at {where}: {err}") from None
     if text is None:
+        log.info(
+            "sweep %s saved no shard listing: the shards at %s are listed", cfg.tune.name, data
+        )
         return None
     try:
         raw = json.loads(text)
@@ -102,6 +114,12 @@ def _kept_shards(sweep_dir: str, data: str) -> KeptShards | None:
     except (ValueError, KeyError, TypeError):
         log.warning("%s cannot be read: the shards at %s are listed anew", path, data)
         return None
-    if kept.data != locations.absolute(data) or not kept.files or not kept.fingerprint:
+    if kept.data != _spelled(data) or not kept.files or not kept.fingerprint:
         return None
     return kept
+
+
+def _spelled(data: str) -> str:
+    """The shard location as saved and compared: absolute, credentials ``***`` (the file lies
+    beside the checkpoints; keys rotated since do not make it another folder)."""
+    return locations.redact(locations.absolute(data))

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipelines.provenance import code_tags
 from radjepa.config import Config, TrackingConfig
+from radjepa.error_text import first_line
 from radjepa.locations import absolute, join_location, local_path, redact
 
 log = logging.getLogger(__name__)
@@ -464,7 +465,7 @@ def mark_run(uri: str, run_id: str, status: str) -> None:
         end_run(client(uri), run_id, status)
     except Exception as err:  # noqa: BLE001
         # one line: this is said beside the error that ended the command, not instead of it
-        first = (str(err).strip().splitlines() or [""])[0][:300]
+        first = first_line(str(err))[:300]
         log.warning(
             "could not mark MLflow run %s as %s (%s: %s)",
             run_id,

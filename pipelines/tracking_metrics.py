@@ -27,6 +27,8 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from radjepa.error_text import first_line
+
 log = logging.getLogger(__name__)
 
 __all__ = ["MetricSink"]
@@ -196,7 +198,7 @@ class MetricSink:
                 self._client.log_batch(self.run_id, metrics=[self._placed(m) for m in batch])
         except Exception as err:  # noqa: BLE001 - tracking must never kill a training run
             if not self._failing:
-                first = (str(err).strip().splitlines() or [""])[0][:300]
+                first = first_line(str(err))[:300]
                 log.warning(
                     "MLflow metric logging failed (%s: %s); training goes on, the values are "
                     "kept and retried every %.0f s",

@@ -38,12 +38,13 @@ class DropPrefix(logging.Filter):
 class HideErrors(logging.Filter):
     """A filter that marks ``hide`` (the attribute Ray Data's console handler drops records
     by; its log file keeps them) the records about an error of one of ``kinds``: the one the
-    record carries, or, for a line logged while an error is handled, that error, found
-    anywhere in its chain (a Ray task error wraps the task's own). Ray Data takes an error a
-    datasource raises for an internal one of its own: "please open an issue on the Ray
-    project", then its whole stack trace, printed above the one line the command says it in.
-    ``drop``: drop them instead, for loggers without that handler (Ray Train's report of a
-    training function's error, whose message already says all). ``hidden`` counts them."""
+    record carries, or, for a warning or error logged while an error is handled, that
+    error; it, or what it was raised from (a Ray task error holds the task's own). Ray Data
+    takes an error a datasource raises for an internal one of its own: "please open an issue
+    on the Ray project", then its whole stack trace, printed above the one line the command
+    says it in. ``drop``: drop them instead, for loggers without that handler (Ray Train's
+    report of a training function's error, whose message already says all). ``hidden``
+    counts them."""
 
     def __init__(self, *kinds: type[BaseException], drop: bool = False) -> None:
         super().__init__()
@@ -52,7 +53,9 @@ class HideErrors(logging.Filter):
         self.hidden = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        err = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        err = record.exc_info[1] if record.exc_info else None
+        if err is None and record.levelno >= logging.WARNING:  # said while it is handled
+            err = sys.exc_info()[1]
         if err is None or not self._carries(err):
             return True
         self.hidden += 1
@@ -69,12 +72,10 @@ class HideErrors(logging.Filter):
             if isinstance(e, self.kinds):
                 return True
             seen.add(id(e))
-            cause = getattr(e, "cause", None)  # a RayTaskError's: the task's own error
-            pending += [
-                e.__cause__,
-                e.__context__,
-                cause if isinstance(cause, BaseException) else None,
-            ]
+            # what it was raised from, or a Ray task error's own: not an error met while one
+            # of ours was handled (a teardown's, an unrelated bug's), which would be hidden
+            cause = getattr(e, "cause", None)
+            pending += [e.__cause__, cause if isinstance(cause, BaseException) else None]
         return False
 
 

@@ -307,8 +307,8 @@ def shard_files(dst: str | Path, listed: Sequence[str] = ()) -> tuple[pafs.FileS
             names = [f.rsplit("/", 1)[-1] for f in gone]
             raise ShardsGoneError(
                 f"{len(gone)} shard(s) listed when the run started are gone from {folder} "
-                f"(first: {names[0]}): moved or removed meanwhile; start the run again to "
-                "list the shards anew",
+                f"(first: {names[0]}): moved or removed meanwhile; put them back, or start "
+                "the run again to list the shards anew",
                 names,
             )
         return fs, files

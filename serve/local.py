@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from radjepa.config import Config
+from radjepa.error_text import error_line, first_line
 from radjepa.log_filters import lines_dropped
 from serve.security import ApiSettings, SecurityConfigError, settings_from_config
 
@@ -287,7 +288,7 @@ def _failed_start(err: RuntimeError) -> str:
 
     from serve.startup import startup_message
 
-    said = (str(err).strip().splitlines() or [""])[0].strip() or type(err).__name__
+    said = error_line(err)
     try:
         app = serve.status().applications.get(APP_NAME)
     except Exception as status_err:  # noqa: BLE001 - Ray's own words are the fallback
@@ -428,7 +429,7 @@ def stop_local(timeout_s: float = SERVE_STOP_TIMEOUT_S, *, on_cluster: bool | No
 
 
 def _said(err: BaseException) -> str:
-    first = (str(err).strip().splitlines() or [""])[0].strip()
+    first = first_line(str(err))
     return f"{type(err).__name__}{f': {first}' if first else ''}"
 
 

@@ -16,7 +16,12 @@ class _Wrapped(Exception):
         self.cause = cause
 
 
-def _record(logger: logging.Logger, message: str, exc: BaseException | None = None):
+def _record(
+    logger: logging.Logger,
+    message: str,
+    exc: BaseException | None = None,
+    level: int = logging.ERROR,
+):
     kept: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
@@ -26,7 +31,7 @@ def _record(logger: logging.Logger, message: str, exc: BaseException | None = No
     handler = Keep()
     logger.addHandler(handler)
     try:
-        logger.error(message, exc_info=exc)
+        logger.log(level, message, exc_info=exc)
     finally:
         logger.removeHandler(handler)
     return kept[0]
@@ -35,6 +40,7 @@ def _record(logger: logging.Logger, message: str, exc: BaseException | None = No
 def test_records_about_the_errors_named_are_marked_hidden_and_kept():
     logger = logging.getLogger("test.hide_errors")
     logger.propagate = False
+    logger.setLevel(logging.DEBUG)
     hide = HideErrors(ShardError)
     logger.addFilter(hide)
     try:
@@ -51,8 +57,17 @@ def test_records_about_the_errors_named_are_marked_hidden_and_kept():
         assert not hasattr(_record(logger, "other", ValueError("x")), "hide")
         assert not hasattr(_record(logger, "no error"), "hide")
         looped = ValueError("a")
-        looped.__context__ = looped  # a cycle ends the search
+        looped.__cause__ = looped  # a cycle ends the search
         assert not hasattr(_record(logger, "cycle", looped), "hide")
+        # an error met while one of ours was handled (a teardown's) is not ours: shown
+        teardown = ValueError("executor shutdown failed")
+        teardown.__context__ = damaged
+        assert not hasattr(_record(logger, "shutdown failed", teardown), "hide")
+        try:  # nor is a routine line logged while ours is handled
+            raise damaged
+        except DamagedShardError:
+            routine = _record(logger, "Shutting down executor", level=logging.INFO)
+        assert not hasattr(routine, "hide")
         assert hide.hidden == 3
     finally:
         logger.removeFilter(hide)
